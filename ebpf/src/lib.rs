@@ -1,0 +1,1 @@
+//! Kernel probes: see ARCHITECTURE.md.

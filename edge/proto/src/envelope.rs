@@ -1,0 +1,401 @@
+//! The push envelope and the signalling messages.
+//!
+//! Two encodings of the same types, chosen per connection by WebSocket subprotocol:
+//!
+//! - `roomcast.json.v1` (text frames): serde JSON, internally tagged by `"type"` (server to client)
+//!   and `"op"` (client to server). A message body is arbitrary JSON and travels as raw JSON.
+//! - `roomcast.rkyv.v1` (binary frames): rkyv 0.8 archives, little-endian, *unaligned* primitives
+//!   and 32-bit relative pointers, so a client can validate and read an archive in place, straight
+//!   out of a frame payload at any offset, without copying. A body is the JSON text, as a string.
+//!
+//! The edge serializes one [`ServerMsg::Batch`] per room flush and per encoding in use; the bytes
+//! are then wrapped once into a WebSocket frame and shared by every member socket.
+
+use serde_json::value::RawValue;
+
+/// WebSocket subprotocol a connection negotiated. It picks the envelope encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subprotocol {
+    /// `roomcast.json.v1`: JSON in text frames. The default, for browsers.
+    Json,
+    /// `roomcast.rkyv.v1`: rkyv archives in binary frames, for native clients.
+    Rkyv,
+}
+
+impl Subprotocol {
+    /// Token of the JSON subprotocol in `Sec-WebSocket-Protocol`.
+    pub const JSON_TOKEN: &'static str = "roomcast.json.v1";
+    /// Token of the rkyv subprotocol in `Sec-WebSocket-Protocol`.
+    pub const RKYV_TOKEN: &'static str = "roomcast.rkyv.v1";
+    /// Both, in a fixed order (index = [`Subprotocol::index`]).
+    pub const ALL: [Subprotocol; 2] = [Subprotocol::Json, Subprotocol::Rkyv];
+
+    /// Parses one token (exact, case-sensitive, as RFC 6455 asks).
+    pub fn from_token(token: &str) -> Option<Self> {
+        match token {
+            Self::JSON_TOKEN => Some(Self::Json),
+            Self::RKYV_TOKEN => Some(Self::Rkyv),
+            _ => None,
+        }
+    }
+
+    /// The token to echo in the handshake response.
+    pub fn token(self) -> &'static str {
+        match self {
+            Self::Json => Self::JSON_TOKEN,
+            Self::Rkyv => Self::RKYV_TOKEN,
+        }
+    }
+
+    /// Dense index, for per-encoding arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Json => 0,
+            Self::Rkyv => 1,
+        }
+    }
+
+    /// Whether frames of this encoding are binary (else text).
+    pub fn is_binary(self) -> bool {
+        matches!(self, Self::Rkyv)
+    }
+}
+
+/// One published message, as every member receives it.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[rkyv(derive(Debug))]
+pub struct PushMessage {
+    /// Per-room sequence number, assigned by the edge (or the bus) at publish; starts at 1,
+    /// increases by one per accepted message of the room, whatever its kind.
+    pub seq: u64,
+    /// Server timestamp at publish, microseconds since the Unix epoch.
+    pub ts_us: u64,
+    /// Message kind (`gift`, `chat`, `system`, or an operator-defined kind).
+    pub kind: String,
+    /// Publishing user, as given by the publisher (may be empty).
+    pub user: String,
+    /// The body: JSON text. Raw JSON in the JSON encoding, a string in the rkyv encoding.
+    #[serde(with = "raw_json")]
+    pub body: String,
+}
+
+/// Everything the edge sends to a client.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[rkyv(derive(Debug))]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// The messages of one room merged within one window, in seq order.
+    Batch { room: String, messages: Vec<PushMessage> },
+    /// The connection is now a member of `room`. `seq` is the last seq the room had assigned
+    /// when the join took effect: live batches carry seqs above it.
+    Joined { room: String, seq: u64 },
+    /// The connection left `room` (on request, or before joining another).
+    Left { room: String },
+    /// Answer to a publish sent over the socket.
+    Published { room: String, seq: u64, ts_us: u64 },
+    /// A signalling message was refused; the connection stays open.
+    Error { code: String, message: String },
+    /// The edge is draining: reconnect through `url` (the dispatch endpoint) after
+    /// `reconnect_after_ms`, with `since` set to the last seq seen.
+    Goaway { url: String, reason: String, reconnect_after_ms: u32 },
+    /// Messages with seq in `from..=to` of `room` cannot be recovered (older than history, or
+    /// lost by the bus). Said explicitly, never silently.
+    Gap { room: String, from: u64, to: u64 },
+}
+
+/// Everything a client may send (text JSON in both subprotocols; binary rkyv in `rkyv.v1`).
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[rkyv(derive(Debug))]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// Join `room`, leaving the current room first (so this is also "switch").
+    /// `since`: deliver what is still in history after this seq first.
+    #[serde(alias = "switch")]
+    Join {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+    },
+    /// Leave the current room; the connection stays open.
+    Leave,
+    /// Publish to the current room over the long connection.
+    Publish {
+        kind: String,
+        #[serde(default)]
+        user: String,
+        #[serde(with = "raw_json")]
+        body: String,
+    },
+}
+
+/// Why an envelope could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("invalid JSON envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid rkyv envelope: {0}")]
+    Rkyv(String),
+}
+
+/// Serializes a server message as JSON (`roomcast.json.v1`).
+///
+/// # Panics
+/// Never for messages built by the edge: bodies are validated JSON at publish.
+pub fn encode_json(msg: &ServerMsg, out: &mut Vec<u8>) -> Result<(), EnvelopeError> {
+    serde_json::to_writer(out, msg)?;
+    Ok(())
+}
+
+/// Serializes a server message as an rkyv archive (`roomcast.rkyv.v1`).
+pub fn encode_rkyv(msg: &ServerMsg) -> Result<Vec<u8>, EnvelopeError> {
+    rkyv::to_bytes::<rkyv::rancor::Error>(msg)
+        .map(|v| v.into_vec())
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+}
+
+/// Serializes a message in the given encoding.
+pub fn encode(proto: Subprotocol, msg: &ServerMsg) -> Result<Vec<u8>, EnvelopeError> {
+    match proto {
+        Subprotocol::Json => {
+            let mut v = Vec::with_capacity(128);
+            encode_json(msg, &mut v)?;
+            Ok(v)
+        }
+        Subprotocol::Rkyv => encode_rkyv(msg),
+    }
+}
+
+/// Parses a JSON server message.
+pub fn decode_json(bytes: &[u8]) -> Result<ServerMsg, EnvelopeError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// Validates an rkyv server message in place (any alignment) and returns a view of it.
+pub fn access_rkyv(bytes: &[u8]) -> Result<&ArchivedServerMsg, EnvelopeError> {
+    rkyv::access::<ArchivedServerMsg, rkyv::rancor::Error>(bytes)
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+}
+
+/// Validates and deserializes an rkyv server message.
+pub fn decode_rkyv(bytes: &[u8]) -> Result<ServerMsg, EnvelopeError> {
+    let archived = access_rkyv(bytes)?;
+    rkyv::deserialize::<ServerMsg, rkyv::rancor::Error>(archived)
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+}
+
+/// Decodes a server message in the given encoding.
+pub fn decode(proto: Subprotocol, bytes: &[u8]) -> Result<ServerMsg, EnvelopeError> {
+    match proto {
+        Subprotocol::Json => decode_json(bytes),
+        Subprotocol::Rkyv => decode_rkyv(bytes),
+    }
+}
+
+/// Parses a client message from a text frame (JSON, both subprotocols).
+pub fn decode_client_json(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// Parses a client message from a binary frame (rkyv, `roomcast.rkyv.v1` only).
+pub fn decode_client_rkyv(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
+    let archived = rkyv::access::<ArchivedClientMsg, rkyv::rancor::Error>(bytes)
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))?;
+    let msg = rkyv::deserialize::<ClientMsg, rkyv::rancor::Error>(archived)
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))?;
+    if let ClientMsg::Publish { body, .. } = &msg {
+        // The JSON encoding checks bodies while parsing; do the same for rkyv.
+        serde_json::from_str::<&RawValue>(body)?;
+    }
+    Ok(msg)
+}
+
+/// Serializes a client message as JSON (for clients and tests).
+pub fn encode_client_json(msg: &ClientMsg) -> Vec<u8> {
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+/// Serializes a client message as rkyv (for clients and tests).
+pub fn encode_client_rkyv(msg: &ClientMsg) -> Result<Vec<u8>, EnvelopeError> {
+    rkyv::to_bytes::<rkyv::rancor::Error>(msg)
+        .map(|v| v.into_vec())
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+}
+
+/// Longest room name accepted.
+pub const MAX_ROOM_LEN: usize = 64;
+
+/// Checks a room name: 1 to 64 bytes of `[A-Za-z0-9_.:-]`.
+pub fn validate_room(room: &str) -> Result<(), &'static str> {
+    if room.is_empty() {
+        return Err("room name is empty");
+    }
+    if room.len() > MAX_ROOM_LEN {
+        return Err("room name is longer than 64 bytes");
+    }
+    if !room
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+    {
+        return Err("room name may only hold A-Z a-z 0-9 _ . : -");
+    }
+    Ok(())
+}
+
+/// Longest kind name accepted.
+pub const MAX_KIND_LEN: usize = 32;
+
+/// Checks a message kind: 1 to 32 bytes of `[a-z0-9_]`.
+pub fn validate_kind(kind: &str) -> Result<(), &'static str> {
+    if kind.is_empty() || kind.len() > MAX_KIND_LEN {
+        return Err("kind must be 1 to 32 bytes");
+    }
+    if !kind
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err("kind may only hold a-z 0-9 _");
+    }
+    Ok(())
+}
+
+/// Serde adapter: a `String` holding JSON text travels as raw JSON.
+mod raw_json {
+    use super::RawValue;
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(body: &str, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(body).map_err(S::Error::custom)?;
+        raw.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        // Internally tagged enums buffer their fields, which `RawValue` cannot read back from;
+        // go through `Value` (insertion order preserved) and print it compactly.
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(value.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> ServerMsg {
+        ServerMsg::Batch {
+            room: "r1".into(),
+            messages: vec![
+                PushMessage {
+                    seq: 7,
+                    ts_us: 1_700_000_000_000_001,
+                    kind: "gift".into(),
+                    user: "alice".into(),
+                    body: r#"{"rose":3}"#.into(),
+                },
+                PushMessage {
+                    seq: 8,
+                    ts_us: 1_700_000_000_000_002,
+                    kind: "chat".into(),
+                    user: "bob".into(),
+                    body: r#""hi""#.into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn json_batch_has_raw_bodies_and_round_trips() {
+        let mut out = Vec::new();
+        encode_json(&batch(), &mut out).unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.starts_with(r#"{"type":"batch","room":"r1","messages":[{"seq":7"#), "{text}");
+        assert!(text.contains(r#""body":{"rose":3}"#), "{text}");
+        assert_eq!(decode_json(&out).unwrap(), batch());
+    }
+
+    #[test]
+    fn rkyv_round_trips_at_any_offset() {
+        let bytes = encode_rkyv(&batch()).unwrap();
+        for pad in 0..8 {
+            // A payload sits after a 2, 4 or 10 byte frame header: unaligned access must work.
+            let mut buf = vec![0u8; pad];
+            buf.extend_from_slice(&bytes);
+            let view = access_rkyv(&buf[pad..]).unwrap();
+            match view {
+                ArchivedServerMsg::Batch { room, messages } => {
+                    assert_eq!(room.as_str(), "r1");
+                    assert_eq!(messages.len(), 2);
+                    assert_eq!(messages[1].seq.to_native(), 8);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            assert_eq!(decode_rkyv(&buf[pad..]).unwrap(), batch());
+        }
+    }
+
+    #[test]
+    fn rkyv_rejects_garbage() {
+        assert!(decode_rkyv(&[0xff; 3]).is_err());
+        assert!(decode_rkyv(&[0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08]).is_err());
+    }
+
+    #[test]
+    fn client_messages() {
+        let j = decode_client_json(br#"{"op":"join","room":"a"}"#).unwrap();
+        assert_eq!(j, ClientMsg::Join { room: "a".into(), since: None });
+        let s = decode_client_json(br#"{"op":"switch","room":"b","since":5}"#).unwrap();
+        assert_eq!(s, ClientMsg::Join { room: "b".into(), since: Some(5) });
+        assert_eq!(decode_client_json(br#"{"op":"leave"}"#).unwrap(), ClientMsg::Leave);
+        let p = decode_client_json(br#"{"op":"publish","kind":"chat","body":{"t":1}}"#).unwrap();
+        assert_eq!(
+            p,
+            ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() }
+        );
+        assert!(decode_client_json(br#"{"op":"dance"}"#).is_err());
+        assert!(decode_client_json(b"not json").is_err());
+        let bin = encode_client_rkyv(&p).unwrap();
+        assert_eq!(decode_client_rkyv(&bin).unwrap(), p);
+        let bad_body = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: "{".into() };
+        assert!(decode_client_rkyv(&encode_client_rkyv(&bad_body).unwrap()).is_err());
+    }
+
+    #[test]
+    fn room_and_kind_names() {
+        assert!(validate_room("room-1.a:b_c").is_ok());
+        assert!(validate_room("").is_err());
+        assert!(validate_room("a b").is_err());
+        assert!(validate_room(&"x".repeat(65)).is_err());
+        assert!(validate_kind("gift").is_ok());
+        assert!(validate_kind("Gift").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! roomcast wire formats.
+//!
+//! Everything in this crate parses from `&[u8]` and encodes into buffers. It opens no socket and
+//! reads no clock: callers pass the time in. That keeps every format unit-testable and fuzzable,
+//! and lets the edge (io_uring) and the load generator (its own client) share one implementation.
+//!
+//! - [`envelope`]: what the edge pushes (`roomcast.json.v1` and `roomcast.rkyv.v1`) and the
+//!   signalling messages a client sends.
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+
+pub use envelope::{ClientMsg, PushMessage, ServerMsg, Subprotocol};

@@ -1,0 +1,1 @@
+//! roomcast edge: see ARCHITECTURE.md.
