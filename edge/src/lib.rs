@@ -1,1 +1,16 @@
-//! roomcast edge: see ARCHITECTURE.md.
+//! roomcast edge: a thread-per-core io_uring WebSocket gateway for live rooms.
+//!
+//! See ARCHITECTURE.md for the data path. In short: [`shard`]s (one pinned thread and one
+//! io_uring each) hold connections and their part of every room; the [`bus`] numbers, merges and
+//! serializes each room's messages once and hands the same frame bytes to every shard with
+//! members; [`ingest`] is the publish API on its own runtime.
+
+pub mod bus;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod room;
+pub mod server;
+pub mod shard;
+pub mod sys;
+pub mod uring;

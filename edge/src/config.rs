@@ -1,0 +1,300 @@
+//! One config struct, read from TOML, overridden by flags, validated up front.
+//!
+//! Every default is documented on its field with the trade-off it makes. `edge --check-config`
+//! validates a file and exits; errors name the key (`fanout.merge_window_ms: ...`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// WebSocket listen address. Every shard listens on it with SO_REUSEPORT.
+    pub listen: SocketAddr,
+    /// Publish API, /healthz, /metrics. Separate port so that the push path is isolated from
+    /// publishers; loopback by default because it is an internal API.
+    pub http: SocketAddr,
+    /// Shard threads, one io_uring each. 0 = one per CPU this process may use.
+    pub shards: usize,
+    /// Pin shard i to the i-th allowed CPU. Off only helps when sharing a box with other work.
+    pub pin: bool,
+    /// Conformance mode: every connection echoes what it receives (for the Autobahn suite).
+    pub echo: bool,
+    pub ws: WsConfig,
+    pub fanout: FanoutConfig,
+    pub send: SendConfig,
+    pub uring: UringConfig,
+    pub ingest: IngestConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Largest message a client may send (bytes). Clients send signalling and chat, not media:
+    /// 64 KiB bounds memory per connection while fitting any real message.
+    pub max_message: usize,
+    /// A connection that has not completed its upgrade within this time is closed.
+    pub handshake_timeout_ms: u64,
+    /// The server pings each open connection this often; 0 disables pings.
+    pub ping_interval_ms: u64,
+    /// A connection that has sent nothing (not even a pong) for this long is closed (1001).
+    pub idle_timeout_ms: u64,
+    /// Connections per shard; 0 = as many as the kernel allows (RLIMIT_NOFILE caps each ring's
+    /// direct-descriptor table: 20000 here, so 10^5 connections need 6 shards).
+    pub max_connections_per_shard: u32,
+    /// Listen backlog per shard.
+    pub backlog: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FanoutConfig {
+    /// Merge window: a room's messages arriving within it go out as one frame.
+    /// 100 ms: a UI renders tens of updates per second at most, so 10 frames/s per member loses
+    /// nothing visible; it adds at most 100 ms to a gift's latency (the promise is 10 s); and it
+    /// caps the kernel's cost at 10 writes/s per member, whatever the message rate.
+    /// 0 = no merging: every message is flushed as soon as the bus thread sees it (messages that
+    /// are already queued together still share a frame).
+    pub merge_window_ms: u64,
+    /// A batch is flushed early when it holds this many messages ...
+    pub max_batch_messages: usize,
+    /// ... or this many bytes of bodies.
+    pub max_batch_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendConfig {
+    /// Bytes queued for one connection before it counts as a slow consumer and is closed with
+    /// 4000 (it reconnects with `since`). Bounds memory per connection whatever the client does.
+    pub max_queue_bytes: usize,
+    /// Frames queued for one connection, same rule.
+    pub max_queue_frames: usize,
+    /// Frames gathered into one writev when a connection has several queued.
+    pub max_iov: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UringConfig {
+    /// Submission queue entries per shard (the completion queue is 4x).
+    pub sq_entries: u32,
+    /// Receive buffers per shard (power of two), shared by all its connections.
+    pub recv_buffers: u16,
+    /// Size of one receive buffer.
+    pub recv_buffer_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest publish request body (413 above).
+    pub max_body_bytes: usize,
+    /// Threads of the HTTP runtime (publish API, metrics). Never the shards' CPUs' work.
+    pub threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("literal"),
+            http: "127.0.0.1:8081".parse().expect("literal"),
+            shards: 0,
+            pin: true,
+            echo: false,
+            ws: WsConfig::default(),
+            fanout: FanoutConfig::default(),
+            send: SendConfig::default(),
+            uring: UringConfig::default(),
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            max_message: 64 * 1024,
+            handshake_timeout_ms: 10_000,
+            ping_interval_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            max_connections_per_shard: 0,
+            backlog: 4096,
+        }
+    }
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self { merge_window_ms: 100, max_batch_messages: 256, max_batch_bytes: 64 * 1024 }
+    }
+}
+
+impl Default for SendConfig {
+    fn default() -> Self {
+        Self { max_queue_bytes: 1024 * 1024, max_queue_frames: 1024, max_iov: 16 }
+    }
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        Self { sq_entries: 4096, recv_buffers: 1024, recv_buffer_size: 4096 }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 64 * 1024, threads: 1 }
+    }
+}
+
+/// A config that cannot be used, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+impl Config {
+    /// Reads a TOML file. Unknown keys are errors (a typo must not silently fall back).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => {
+                ConfigError::Parse { path: path.display().to_string(), message }
+            }
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: String::from("<config>"), message: e.to_string() })
+    }
+
+    /// Checks every value; the first problem is returned, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.shards > 64 {
+            return Err(invalid("shards", "at most 64"));
+        }
+        let ws = &self.ws;
+        if ws.max_message < 125 || ws.max_message > 64 * 1024 * 1024 {
+            return Err(invalid("ws.max_message", "must be between 125 and 67108864 bytes"));
+        }
+        if ws.handshake_timeout_ms == 0 {
+            return Err(invalid("ws.handshake_timeout_ms", "must be above 0"));
+        }
+        if ws.idle_timeout_ms == 0 {
+            return Err(invalid("ws.idle_timeout_ms", "must be above 0"));
+        }
+        if ws.ping_interval_ms != 0 && ws.ping_interval_ms >= ws.idle_timeout_ms {
+            return Err(invalid(
+                "ws.ping_interval_ms",
+                "must be below ws.idle_timeout_ms, or pings cannot keep a connection alive",
+            ));
+        }
+        if ws.backlog <= 0 {
+            return Err(invalid("ws.backlog", "must be above 0"));
+        }
+        let f = &self.fanout;
+        if f.merge_window_ms > 5_000 {
+            return Err(invalid(
+                "fanout.merge_window_ms",
+                "at most 5000: gifts must reach members within 10 s",
+            ));
+        }
+        if f.max_batch_messages == 0 {
+            return Err(invalid("fanout.max_batch_messages", "must be above 0"));
+        }
+        if f.max_batch_bytes < 1024 {
+            return Err(invalid("fanout.max_batch_bytes", "must be at least 1024"));
+        }
+        let s = &self.send;
+        if s.max_queue_bytes < f.max_batch_bytes * 2 {
+            return Err(invalid(
+                "send.max_queue_bytes",
+                "must hold at least two full batches (2 x fanout.max_batch_bytes)",
+            ));
+        }
+        if s.max_queue_frames < 2 {
+            return Err(invalid("send.max_queue_frames", "must be at least 2"));
+        }
+        if s.max_iov == 0 || s.max_iov > 1024 {
+            return Err(invalid("send.max_iov", "must be between 1 and 1024 (IOV_MAX)"));
+        }
+        let u = &self.uring;
+        if !u.sq_entries.is_power_of_two() || !(64..=32768).contains(&u.sq_entries) {
+            return Err(invalid("uring.sq_entries", "must be a power of two between 64 and 32768"));
+        }
+        if !u.recv_buffers.is_power_of_two() || u.recv_buffers < 16 || u.recv_buffers > 32768 {
+            return Err(invalid("uring.recv_buffers", "must be a power of two between 16 and 32768"));
+        }
+        if u.recv_buffer_size < 512 || u.recv_buffer_size > 1024 * 1024 {
+            return Err(invalid("uring.recv_buffer_size", "must be between 512 and 1048576"));
+        }
+        if self.ingest.max_body_bytes < 256 {
+            return Err(invalid("ingest.max_body_bytes", "must be at least 256"));
+        }
+        if self.ingest.threads == 0 || self.ingest.threads > 64 {
+            return Err(invalid("ingest.threads", "must be between 1 and 64"));
+        }
+        Ok(())
+    }
+
+    /// Shard count after resolving 0 = one per allowed CPU.
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 { crate::sys::allowed_cpus().len().max(1) } else { self.shards }
+    }
+
+    pub fn merge_window(&self) -> Duration {
+        Duration::from_millis(self.fanout.merge_window_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let c = Config::from_toml("shards = 3\n[fanout]\nmerge_window_ms = 0\n").unwrap();
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.fanout.merge_window_ms, 0);
+        assert_eq!(c.fanout.max_batch_messages, 256);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[fanout]\nmerge_windw_ms = 5\n").unwrap_err().to_string();
+        assert!(e.contains("merge_windw_ms"), "{e}");
+        let e = Config::from_toml("[ws]\nmax_message = \"big\"\n").unwrap_err().to_string();
+        assert!(e.contains("max_message"), "{e}");
+        let c = Config::from_toml("[fanout]\nmerge_window_ms = 60000\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("fanout.merge_window_ms:"), "{e}");
+        let c = Config::from_toml("[uring]\nrecv_buffers = 1000\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().starts_with("uring.recv_buffers:"));
+    }
+}

@@ -1,0 +1,131 @@
+//! Starts and stops an edge: bus thread, shard threads, publish API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::bus::local::{BusConfig, LocalBus};
+use crate::bus::{BusCmd, BusHandle, Mailbox, ShardCmd};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::shard::{self, ShardSpec};
+
+/// Descriptors of the direct-descriptor table kept free of connections, per shard.
+const RESERVED_SLOTS: u64 = 16;
+
+/// A running edge's data plane (shards + bus). The publish API runs on the caller's runtime.
+pub struct Edge {
+    pub ws_addr: SocketAddr,
+    pub bus: BusHandle,
+    pub metrics: Arc<Metrics>,
+    pub shards: usize,
+    pub started: Instant,
+    mailboxes: Vec<Mailbox>,
+    shard_threads: Vec<JoinHandle<()>>,
+    bus_thread: Option<JoinHandle<()>>,
+}
+
+impl Edge {
+    /// Binds the WebSocket port on every shard and starts the threads. Fails with a clear error
+    /// when the kernel lacks a needed io_uring feature.
+    pub fn start(cfg: Arc<Config>) -> anyhow::Result<Self> {
+        let nofile = crate::sys::raise_nofile().unwrap_or(1024);
+        let n = cfg.shard_count();
+        let table = if cfg.ws.max_connections_per_shard == 0 {
+            nofile
+        } else {
+            u64::from(cfg.ws.max_connections_per_shard).min(nofile)
+        };
+        let max_conns = u32::try_from(table.max(RESERVED_SLOTS * 2)).unwrap_or(u32::MAX);
+        let cpus = crate::sys::allowed_cpus();
+
+        // The first listener picks the port when 0 is asked for; the others share it.
+        let first = crate::sys::listener(cfg.listen, cfg.ws.backlog)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", cfg.listen))?;
+        let ws_addr = first
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| anyhow::anyhow!("listen address is not an inet address"))?;
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(
+                crate::sys::listener(ws_addr, cfg.ws.backlog)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {ws_addr} (listen): {e}"))?,
+            );
+        }
+
+        let metrics = Arc::new(Metrics::new());
+        let (bus_tx, bus_rx) = crossbeam_channel::unbounded();
+        let bus = BusHandle::new(bus_tx);
+        let mut mailboxes = Vec::new();
+        let mut specs = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let doorbell = Arc::new(crate::sys::eventfd()?);
+            let parked = Arc::new(AtomicBool::new(false));
+            mailboxes.push(Mailbox::new(tx, doorbell.clone(), parked.clone()));
+            specs.push(ShardSpec {
+                id: i as u16,
+                cpu: if cfg.pin { cpus.get(i % cpus.len().max(1)).copied() } else { None },
+                listener,
+                cfg: cfg.clone(),
+                bus: bus.clone(),
+                mailbox: rx,
+                doorbell,
+                parked,
+                stats: metrics.shard(i),
+                max_conns,
+            });
+        }
+
+        let bus_cfg = BusConfig {
+            window: cfg.merge_window(),
+            max_batch_messages: cfg.fanout.max_batch_messages,
+            max_batch_bytes: cfg.fanout.max_batch_bytes,
+        };
+        let local = LocalBus::new(bus_rx, mailboxes.clone(), bus_cfg, metrics.bus.clone());
+        let bus_thread = std::thread::Builder::new().name("roomcast-bus".into()).spawn(move || local.run())?;
+
+        let mut shard_threads = Vec::new();
+        for spec in specs {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let id = spec.id;
+            let cpu = spec.cpu;
+            let h = std::thread::Builder::new()
+                .name(format!("roomcast-shard-{id}"))
+                .spawn(move || shard::run(spec, ready_tx))?;
+            match ready_rx.recv() {
+                Ok(Ok(())) => tracing::info!(shard = id, ?cpu, max_conns, "shard ready"),
+                Ok(Err(e)) => return Err(anyhow::anyhow!("shard {id} cannot start: {e}")),
+                Err(_) => return Err(anyhow::anyhow!("shard {id} died during start-up")),
+            }
+            shard_threads.push(h);
+        }
+        Ok(Self {
+            ws_addr,
+            bus,
+            metrics,
+            shards: n,
+            started: Instant::now(),
+            mailboxes,
+            shard_threads,
+            bus_thread: Some(bus_thread),
+        })
+    }
+
+    /// Closes every connection with 1001, waits for the shards (bounded), then stops the bus.
+    pub fn shutdown(mut self) {
+        for mb in &self.mailboxes {
+            mb.send(ShardCmd::Shutdown);
+        }
+        for h in self.shard_threads.drain(..) {
+            let _ = h.join();
+        }
+        self.bus.send(BusCmd::Shutdown);
+        if let Some(h) = self.bus_thread.take() {
+            let _ = h.join();
+        }
+    }
+}

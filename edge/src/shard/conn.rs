@@ -1,0 +1,194 @@
+//! One connection's state inside its shard.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use roomcast_proto::Subprotocol;
+use roomcast_proto::ws::{Decoder, OpCode};
+
+use crate::bus::RoomName;
+
+/// A frame queued for a connection. Deliveries share one per shard (an `Rc`, so queueing it on
+/// 10^4 members costs no atomic operation); control frames are the connection's own.
+pub struct OutFrame {
+    pub bytes: Bytes,
+    /// Published messages inside (0 for control frames), for delivery counters.
+    pub messages: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the HTTP upgrade request.
+    Handshake,
+    /// WebSocket frames flow.
+    Open,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    No,
+    /// Write what is queued (ending with a close frame or an HTTP error), then close.
+    AfterFlush { deadline_ms: u64 },
+    /// Close without writing anything more.
+    Abort,
+}
+
+/// What the decoder asked the shard to do (owned: the receive buffer goes back to the kernel
+/// before the shard acts).
+pub enum Action {
+    Message(OpCode, Vec<u8>),
+    Ping(Vec<u8>),
+    Close(Option<u16>, Vec<u8>),
+}
+
+pub struct Conn {
+    pub generation: u32,
+    pub phase: Phase,
+    pub closing: Closing,
+    pub proto: Subprotocol,
+    /// The upgrade request as it arrives (freed once parsed).
+    pub hs: Vec<u8>,
+    pub decoder: Option<Box<Decoder>>,
+    pub room: Option<RoomName>,
+    pub room_idx: u32,
+    /// A join sent to the bus and not yet acknowledged.
+    pub joining: Option<RoomName>,
+    pub out: VecDeque<Rc<OutFrame>>,
+    pub out_bytes: usize,
+    /// Bytes of `out[0]` already written.
+    pub head_off: usize,
+    /// Frames at the front of `out` that an in-flight send points into (0: none in flight).
+    pub in_flight: u16,
+    pub iov: Vec<libc::iovec>,
+    pub recv_armed: bool,
+    pub dirty: bool,
+    pub cancel_issued: bool,
+    pub close_issued: bool,
+    pub opened_ms: u64,
+    pub last_rx_ms: u64,
+    pub next_ping_ms: u64,
+}
+
+impl Conn {
+    pub fn new(generation: u32, now_ms: u64) -> Self {
+        Self {
+            generation,
+            phase: Phase::Handshake,
+            closing: Closing::No,
+            proto: Subprotocol::Json,
+            hs: Vec::new(),
+            decoder: None,
+            room: None,
+            room_idx: 0,
+            joining: None,
+            out: VecDeque::new(),
+            out_bytes: 0,
+            head_off: 0,
+            in_flight: 0,
+            iov: Vec::new(),
+            recv_armed: false,
+            dirty: false,
+            cancel_issued: false,
+            close_issued: false,
+            opened_ms: now_ms,
+            last_rx_ms: now_ms,
+            next_ping_ms: now_ms,
+        }
+    }
+
+    pub fn push(&mut self, f: Rc<OutFrame>) {
+        self.out_bytes += f.bytes.len();
+        self.out.push_back(f);
+    }
+
+    /// The unsent part of the front frame.
+    pub fn head_slice(&self) -> (*const u8, usize) {
+        let f = &self.out[0].bytes;
+        (f[self.head_off..].as_ptr(), f.len() - self.head_off)
+    }
+
+    /// Points `iov` at the unsent parts of the first `n` frames.
+    pub fn fill_iov(&mut self, n: usize) {
+        self.iov.clear();
+        for (i, f) in self.out.iter().take(n).enumerate() {
+            let off = if i == 0 { self.head_off } else { 0 };
+            let rest = &f.bytes[off..];
+            self.iov.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+        }
+    }
+
+    /// Accounts `written` bytes of the `in_flight` frames at the front. Returns (frames, messages)
+    /// fully written.
+    pub fn consume(&mut self, mut written: usize, in_flight: u16) -> (u64, u64) {
+        let (mut frames, mut messages) = (0u64, 0u64);
+        for _ in 0..in_flight {
+            let Some(front) = self.out.front() else { break };
+            let left = front.bytes.len() - self.head_off;
+            if written >= left {
+                written -= left;
+                self.out_bytes -= front.bytes.len();
+                frames += 1;
+                messages += u64::from(front.messages);
+                self.out.pop_front();
+                self.head_off = 0;
+            } else {
+                self.head_off += written;
+                break;
+            }
+        }
+        (frames, messages)
+    }
+
+    /// Drops queued frames beyond the first `keep` (those may be in flight).
+    pub fn drop_unsent(&mut self, keep: usize) {
+        while self.out.len() > keep.max(usize::from(self.in_flight)) {
+            if let Some(f) = self.out.pop_back() {
+                self.out_bytes -= f.bytes.len();
+            }
+        }
+        if self.out.is_empty() {
+            self.head_off = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Rc<OutFrame> {
+        Rc::new(OutFrame { bytes: Bytes::from(vec![7u8; n]), messages: 2 })
+    }
+
+    #[test]
+    fn partial_writes_resume_where_they_stopped() {
+        let mut c = Conn::new(1, 0);
+        c.push(frame(10));
+        c.push(frame(5));
+        c.push(frame(3));
+        c.fill_iov(3);
+        assert_eq!(c.iov.len(), 3);
+        // 12 bytes: the first frame and 2 bytes of the second.
+        assert_eq!(c.consume(12, 3), (1, 2));
+        assert_eq!((c.out.len(), c.head_off, c.out_bytes), (2, 2, 8));
+        let (_, len) = c.head_slice();
+        assert_eq!(len, 3);
+        c.fill_iov(2);
+        assert_eq!(c.iov[0].iov_len, 3);
+        assert_eq!(c.consume(6, 2), (2, 4));
+        assert!(c.out.is_empty());
+        assert_eq!(c.out_bytes, 0);
+    }
+
+    #[test]
+    fn drop_unsent_keeps_in_flight_frames() {
+        let mut c = Conn::new(1, 0);
+        for n in [4, 4, 4] {
+            c.push(frame(n));
+        }
+        c.in_flight = 1;
+        c.drop_unsent(0);
+        assert_eq!((c.out.len(), c.out_bytes), (1, 4));
+    }
+}

@@ -1,0 +1,917 @@
+//! One shard: a thread pinned to a CPU that owns one io_uring, its listening socket (SO_REUSEPORT),
+//! its connections (direct descriptors, never normal fds) and its part of every room.
+//!
+//! A loop turn: drain the mailbox (deliveries, join acks), reap completions (accepts, receives,
+//! sends, closes), start a send on every connection that got something to write and has none in
+//! flight, run the timers once in a while, then submit everything queued with one
+//! `io_uring_enter` that also waits for the next completion.
+//!
+//! A delivery is one frame shared by every member: the shard wraps it once in an `Rc` (no atomic
+//! traffic per member) and each member's queue holds a clone. A connection has at most one send
+//! in flight; frames queued behind it go out together in one `writev`. That keeps per-connection
+//! order without locks and turns bursts into fewer, fuller writes, which is what the kernel's
+//! per-write cost rewards.
+
+mod conn;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use io_uring::{IoUring, cqueue, types};
+use roomcast_proto::envelope::{self, ClientMsg, ServerMsg};
+use roomcast_proto::handshake::{self, HandshakeError, Upgrade};
+use roomcast_proto::ws::{self, CloseReason, Decoder, Event, Limits, OpCode};
+use roomcast_proto::{Subprotocol, envelope::validate_room};
+use socket2::Socket;
+
+use crate::bus::{BusCmd, BusHandle, Delivery, NewMessage, Reply, RoomName, ShardCmd};
+use crate::config::Config;
+use crate::metrics::ShardStats;
+use crate::room::{Interest, Rooms};
+use crate::uring::{BufRing, OpKind, Sq, Token, UringError};
+
+use conn::{Action, Closing, Conn, OutFrame, Phase};
+
+/// Buffer group id of the shard's receive buffers.
+const BGID: u16 = 0;
+/// How long a closing connection may take to flush its close frame before it is cut.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long shutdown waits for connections to take their 1001 close.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a shard sleeps in the kernel without a completion (drives the timers).
+const TICK: Duration = Duration::from_millis(100);
+
+/// Everything a shard thread needs; built on the main thread.
+pub struct ShardSpec {
+    pub id: u16,
+    pub cpu: Option<usize>,
+    pub listener: Socket,
+    pub cfg: Arc<Config>,
+    pub bus: BusHandle,
+    pub mailbox: Receiver<ShardCmd>,
+    pub doorbell: Arc<OwnedFd>,
+    pub parked: Arc<AtomicBool>,
+    pub stats: ShardStats,
+    pub max_conns: u32,
+}
+
+/// Builds the ring, probes it and registers its tables. Done on the shard thread itself
+/// (SINGLE_ISSUER ties the ring to the thread that creates it), but errors come back to `main`
+/// through `ready` so a missing kernel feature fails the start with a clear message.
+pub fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), UringError>>) {
+    if let Some(cpu) = spec.cpu
+        && let Err(e) = crate::sys::pin_current_thread(cpu)
+    {
+        tracing::warn!(shard = spec.id, cpu, error = %e, "cannot pin shard thread");
+    }
+    let mut shard = match Shard::new(spec) {
+        Ok(s) => {
+            let _ = ready.send(Ok(()));
+            s
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if let Err(e) = shard.run() {
+        tracing::error!(shard = shard.id, error = %e, "shard stopped on an io_uring error");
+    }
+}
+
+struct Shard {
+    // Field order matters: the ring is dropped before the buffers it may still point into.
+    ring: IoUring,
+    bufring: BufRing,
+    id: u16,
+    cfg: Arc<Config>,
+    limits: Limits,
+    listener: Socket,
+    bus: BusHandle,
+    mailbox: Receiver<ShardCmd>,
+    doorbell: Arc<OwnedFd>,
+    doorbell_buf: Box<u64>,
+    parked: Arc<AtomicBool>,
+    stats: ShardStats,
+    conns: Vec<Option<Conn>>,
+    rooms: Rooms,
+    dirty: Vec<u32>,
+    cqes: Vec<(u64, i32, u32)>,
+    actions: Vec<Action>,
+    next_gen: u32,
+    accept_armed: bool,
+    accepting: bool,
+    shutdown_at: Option<Instant>,
+    epoch: Instant,
+    last_sweep: Instant,
+    open: u32,
+}
+
+impl Shard {
+    fn new(spec: ShardSpec) -> Result<Self, UringError> {
+        let ring = crate::uring::build_ring(spec.cfg.uring.sq_entries)?;
+        crate::uring::probe(&ring)?;
+        crate::uring::register_files(&ring, spec.max_conns)?;
+        let bufring = BufRing::new(&ring, BGID, spec.cfg.uring.recv_buffers, spec.cfg.uring.recv_buffer_size)?;
+        let limits = Limits { max_frame: spec.cfg.ws.max_message, max_message: spec.cfg.ws.max_message };
+        let now = Instant::now();
+        Ok(Self {
+            ring,
+            bufring,
+            id: spec.id,
+            cfg: spec.cfg,
+            limits,
+            listener: spec.listener,
+            bus: spec.bus,
+            mailbox: spec.mailbox,
+            doorbell: spec.doorbell,
+            doorbell_buf: Box::new(0),
+            parked: spec.parked,
+            stats: spec.stats,
+            conns: Vec::new(),
+            rooms: Rooms::default(),
+            dirty: Vec::new(),
+            cqes: Vec::with_capacity(1024),
+            actions: Vec::new(),
+            next_gen: 1,
+            accept_armed: false,
+            accepting: true,
+            shutdown_at: None,
+            epoch: now,
+            last_sweep: now,
+            open: 0,
+        })
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        self.arm_accept();
+        self.arm_doorbell();
+        tracing::debug!(shard = self.id, "shard running");
+        loop {
+            self.drain_mailbox();
+            self.reap();
+            self.flush_dirty();
+            self.tick();
+            if let Some(at) = self.shutdown_at
+                && (self.open == 0 || Instant::now() >= at)
+            {
+                tracing::info!(shard = self.id, left = self.open, "shard stopped");
+                return Ok(());
+            }
+            // Park: announce it, then re-check the mailbox so a message sent just before the
+            // announcement is not missed (the sender rings the doorbell only if it saw us parked).
+            self.parked.store(true, Ordering::SeqCst);
+            let wait = if self.mailbox.is_empty() { 1 } else { 0 };
+            if wait == 0 {
+                self.parked.store(false, Ordering::SeqCst);
+            }
+            let ts = types::Timespec::from(TICK);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(wait, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            self.parked.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    // ---- arming -------------------------------------------------------------------------------
+
+    fn arm_accept(&mut self) {
+        if self.accept_armed || !self.accepting {
+            return;
+        }
+        let fd = self.listener.as_raw_fd();
+        match Sq::new(&mut self.ring).accept_multi(fd, Token::new(OpKind::Accept, 0, 0)) {
+            Ok(()) => self.accept_armed = true,
+            Err(e) => tracing::error!(shard = self.id, error = %e, "cannot arm accept"),
+        }
+    }
+
+    fn arm_doorbell(&mut self) {
+        let fd = self.doorbell.as_raw_fd();
+        let buf: *mut u64 = &mut *self.doorbell_buf;
+        // SAFETY: `doorbell_buf` is a heap allocation owned by the shard, which outlives the ring's
+        // operations (the ring is dropped first); it is only re-armed after the last read completed.
+        if let Err(e) = unsafe { Sq::new(&mut self.ring).read_eventfd(fd, buf, Token::new(OpKind::Wake, 0, 0)) } {
+            tracing::error!(shard = self.id, error = %e, "cannot arm doorbell");
+        }
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        if c.recv_armed || c.closing != Closing::No {
+            return;
+        }
+        let tok = Token::new(OpKind::Recv, c.generation, slot);
+        match Sq::new(&mut self.ring).recv_multi(slot, BGID, tok) {
+            Ok(()) => c.recv_armed = true,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "cannot arm recv");
+                self.abort(slot);
+            }
+        }
+    }
+
+    // ---- mailbox ------------------------------------------------------------------------------
+
+    fn drain_mailbox(&mut self) {
+        while let Ok(cmd) = self.mailbox.try_recv() {
+            match cmd {
+                ShardCmd::Deliver(d) => self.deliver(&d),
+                ShardCmd::JoinAck { slot, generation, room, seq } => self.join_ack(slot, generation, room, seq),
+                ShardCmd::Published { slot, generation, room, result } => {
+                    let msg = match result {
+                        Ok(ack) => ServerMsg::Published { room: room.to_string(), seq: ack.seq, ts_us: ack.ts_us },
+                        Err(e) => ServerMsg::Error { code: "publish_refused".into(), message: e.to_string() },
+                    };
+                    if self.live(slot, generation) {
+                        self.send_msg(slot, &msg);
+                    }
+                }
+                ShardCmd::Shutdown => self.begin_shutdown(),
+            }
+        }
+    }
+
+    fn live(&self, slot: u32, generation: u32) -> bool {
+        matches!(self.conns.get(slot as usize), Some(Some(c)) if c.generation == generation && c.closing == Closing::No)
+    }
+
+    fn deliver(&mut self, d: &Delivery) {
+        let Some(members) = self.rooms.members(&d.room) else { return };
+        let frames: [Option<Rc<OutFrame>>; 2] = [
+            d.frames[0].clone().map(|b| Rc::new(OutFrame { bytes: b, messages: d.messages })),
+            d.frames[1].clone().map(|b| Rc::new(OutFrame { bytes: b, messages: d.messages })),
+        ];
+        let max_bytes = self.cfg.send.max_queue_bytes;
+        let max_frames = self.cfg.send.max_queue_frames;
+        let mut slow = Vec::new();
+        for &slot in members {
+            let Some(Some(c)) = self.conns.get_mut(slot as usize) else { continue };
+            if c.closing != Closing::No {
+                continue;
+            }
+            let Some(f) = &frames[c.proto.index()] else { continue };
+            if c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
+                slow.push(slot);
+                continue;
+            }
+            c.push(f.clone());
+            if !c.dirty && c.in_flight == 0 {
+                c.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+        for slot in slow {
+            self.stats.slow_consumer_closes.inc();
+            tracing::info!(shard = self.id, slot, "closing slow consumer (4000)");
+            self.close_with(slot, 4000, "slow consumer: reconnect with since");
+        }
+    }
+
+    // ---- completions --------------------------------------------------------------------------
+
+    fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|e| (e.user_data(), e.result(), e.flags())));
+        for &(ud, res, flags) in &cqes {
+            let Some(tok) = Token::decode(ud) else { continue };
+            match tok.kind {
+                OpKind::Accept => self.on_accept(res, flags),
+                OpKind::Recv => self.on_recv(tok, res, flags),
+                OpKind::Send => self.on_send(tok, res),
+                OpKind::Close => self.on_close(tok, res),
+                OpKind::Wake => {
+                    if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+                        tracing::error!(shard = self.id, error = %io::Error::from_raw_os_error(-res), "doorbell read failed");
+                    }
+                    self.arm_doorbell();
+                }
+                OpKind::Cancel | OpKind::Shutdown => {}
+            }
+        }
+        self.cqes = cqes;
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res < 0 {
+            self.stats.accept_errors.inc();
+            if res == -libc::ENFILE {
+                tracing::warn!(shard = self.id, open = self.open, "direct descriptor table full; connection refused");
+            } else if res != -libc::ECANCELED {
+                tracing::warn!(shard = self.id, error = %io::Error::from_raw_os_error(-res), "accept failed");
+            }
+            if res != -libc::ECANCELED {
+                self.arm_accept();
+            }
+            return;
+        }
+        let slot = res as u32;
+        if !self.accepting {
+            // Shutting down: the connection got in before the cancel. Close it.
+            let _ = Sq::new(&mut self.ring).close_fixed(slot, Token::new(OpKind::Cancel, 0, slot));
+            return;
+        }
+        let generation = self.next_gen;
+        self.next_gen = (self.next_gen + 1) & Token::GENERATION_MASK;
+        if self.next_gen == 0 {
+            self.next_gen = 1;
+        }
+        let idx = slot as usize;
+        if idx >= self.conns.len() {
+            self.conns.resize_with(idx + 1, || None);
+        }
+        debug_assert!(self.conns[idx].is_none(), "kernel reused a slot we have not released");
+        self.conns[idx] = Some(Conn::new(generation, self.now_ms()));
+        self.open += 1;
+        self.stats.accepted.inc();
+        self.stats.connections.inc();
+        self.arm_recv(slot);
+        if !self.accept_armed {
+            self.arm_accept();
+        }
+    }
+
+    fn on_recv(&mut self, tok: Token, res: i32, flags: u32) {
+        let slot = tok.slot;
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else {
+            if let Some(bid) = bid {
+                self.bufring.recycle(bid);
+            }
+            return;
+        };
+        if c.generation != tok.generation {
+            if let Some(bid) = bid {
+                self.bufring.recycle(bid);
+            }
+            return;
+        }
+        if !more {
+            c.recv_armed = false;
+        }
+        if res <= 0 {
+            if let Some(bid) = bid {
+                self.bufring.recycle(bid);
+            }
+            if res == -libc::ENOBUFS {
+                // Every receive buffer is in use: this shard is behind. Re-arm; the buffers
+                // come back as soon as the completions ahead of this one are processed.
+                if !more {
+                    self.arm_recv(slot);
+                }
+            } else if c.closing != Closing::No {
+                self.maybe_release(slot);
+            } else {
+                // 0: the peer closed; <0: reset or error.
+                self.abort(slot);
+            }
+            return;
+        }
+        let Some(bid) = bid else {
+            self.abort(slot);
+            return;
+        };
+        c.last_rx_ms = self.epoch.elapsed().as_millis() as u64;
+        if c.closing != Closing::No {
+            // Input after we decided to close is ignored (the close handshake is best effort).
+            self.bufring.recycle(bid);
+            self.maybe_release(slot);
+            return;
+        }
+        let data = self.bufring.get_mut(bid, res as usize);
+        match c.phase {
+            Phase::Handshake => {
+                let room = handshake::MAX_REQUEST.saturating_sub(c.hs.len());
+                let take = data.len().min(room + 1);
+                c.hs.extend_from_slice(&data[..take]);
+                self.bufring.recycle(bid);
+                self.on_handshake_bytes(slot);
+            }
+            Phase::Open => {
+                let mut actions = std::mem::take(&mut self.actions);
+                let r = c.decode(data, &mut actions);
+                self.bufring.recycle(bid);
+                self.handle_actions(slot, &mut actions, r);
+                self.actions = actions;
+            }
+        }
+        if !more {
+            self.arm_recv(slot);
+        }
+    }
+
+    fn on_send(&mut self, tok: Token, res: i32) {
+        let slot = tok.slot;
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.generation != tok.generation {
+            return;
+        }
+        let in_flight = c.in_flight;
+        c.in_flight = 0;
+        if res <= 0 {
+            if res != -libc::ECANCELED {
+                self.stats.send_errors.inc();
+            }
+            c.drop_unsent(0);
+            self.abort(slot);
+            return;
+        }
+        let (frames, messages) = c.consume(res as usize, in_flight);
+        self.stats.bytes_written.inc_by(res as u64);
+        self.stats.frames_written.inc_by(frames);
+        self.stats.messages_delivered.inc_by(messages);
+        if c.closing == Closing::Abort {
+            c.drop_unsent(0);
+            self.maybe_release(slot);
+        } else if !c.out.is_empty() {
+            self.issue_send(slot);
+        } else if c.closing != Closing::No {
+            self.maybe_release(slot);
+        }
+    }
+
+    fn on_close(&mut self, tok: Token, res: i32) {
+        let slot = tok.slot as usize;
+        if res < 0 {
+            tracing::warn!(shard = self.id, slot, error = %io::Error::from_raw_os_error(-res), "close failed");
+        }
+        if let Some(c) = self.conns.get(slot).and_then(Option::as_ref)
+            && c.generation == tok.generation
+        {
+            self.conns[slot] = None;
+            self.open -= 1;
+            self.stats.connections.dec();
+            self.stats.closed.inc();
+            // A free slot again: if accepting stopped on a full table, resume.
+            self.arm_accept();
+        }
+    }
+
+    // ---- WebSocket ----------------------------------------------------------------------------
+
+    fn on_handshake_bytes(&mut self, slot: u32) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        match handshake::parse_request(&c.hs) {
+            Ok(None) => {}
+            Ok(Some((up, consumed))) => {
+                let rest = c.hs.split_off(consumed);
+                c.hs = Vec::new();
+                self.on_upgrade(slot, up, rest);
+            }
+            Err(e) => self.refuse(slot, &e),
+        }
+    }
+
+    fn refuse(&mut self, slot: u32, e: &HandshakeError) {
+        self.stats.handshake_failures.inc();
+        tracing::info!(shard = self.id, slot, status = e.status, reason = %e.reason, "handshake refused");
+        let bytes = Bytes::from(handshake::error_response(e));
+        self.finish_with(slot, Some(bytes));
+    }
+
+    fn on_upgrade(&mut self, slot: u32, up: Upgrade, mut rest: Vec<u8>) {
+        let bad = |reason: &str| HandshakeError { status: 400, reason: reason.to_owned() };
+        if !self.cfg.echo && up.path != "/ws" {
+            return self.refuse(slot, &HandshakeError { status: 404, reason: "no such endpoint: connect to /ws?room=ROOM".into() });
+        }
+        let proto = match up.select_subprotocol() {
+            Ok(p) => p,
+            Err(e) => return self.refuse(slot, &e),
+        };
+        let room = match up.query_param("room") {
+            Some(r) => match validate_room(r) {
+                Ok(()) => Some(RoomName::from(r)),
+                Err(why) => return self.refuse(slot, &bad(&format!("bad room: {why}"))),
+            },
+            None => None,
+        };
+        if let Some(s) = up.query_param("since")
+            && s.parse::<u64>().is_err()
+        {
+            return self.refuse(slot, &bad("bad since: not an unsigned integer"));
+        }
+        let response = Bytes::from(handshake::response_101(&up.key, proto));
+        let limits = self.limits;
+        {
+            let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+            c.phase = Phase::Open;
+            c.proto = proto.unwrap_or(Subprotocol::Json);
+            c.decoder = Some(Box::new(Decoder::new(limits)));
+            c.push(Rc::new(OutFrame { bytes: response, messages: 0 }));
+        }
+        self.mark_dirty(slot);
+        if let Some(room) = room {
+            self.join(slot, room);
+        }
+        if !rest.is_empty() {
+            let mut actions = std::mem::take(&mut self.actions);
+            let r = match self.conns.get_mut(slot as usize) {
+                Some(Some(c)) => c.decode(&mut rest, &mut actions),
+                _ => Ok(()),
+            };
+            self.handle_actions(slot, &mut actions, r);
+            self.actions = actions;
+        }
+    }
+
+    fn handle_actions(&mut self, slot: u32, actions: &mut Vec<Action>, result: Result<(), CloseReason>) {
+        for action in actions.drain(..) {
+            if !matches!(self.conns.get(slot as usize), Some(Some(c)) if c.closing == Closing::No) {
+                break;
+            }
+            match action {
+                Action::Ping(payload) => self.send_control(slot, ws::encode_frame(OpCode::Pong, &payload)),
+                Action::Close(code, reason) => {
+                    // Echo the peer's code (RFC 6455 5.5.1), then close the TCP connection.
+                    let frame = match code {
+                        Some(code) => ws::close_frame(code, std::str::from_utf8(&reason).unwrap_or("")),
+                        None => ws::encode_frame(OpCode::Close, &[]),
+                    };
+                    self.finish_with(slot, Some(Bytes::from(frame)));
+                }
+                Action::Message(opcode, payload) => {
+                    if self.cfg.echo {
+                        self.send_control(slot, ws::encode_frame(opcode, &payload));
+                    } else {
+                        self.on_client_message(slot, opcode, &payload);
+                    }
+                }
+            }
+        }
+        if let Err(reason) = result {
+            self.stats.protocol_errors.inc();
+            tracing::info!(shard = self.id, slot, code = reason.code, reason = reason.reason, "protocol violation");
+            self.close_with(slot, reason.code, reason.reason);
+        }
+    }
+
+    fn on_client_message(&mut self, slot: u32, opcode: OpCode, payload: &[u8]) {
+        let Some(Some(c)) = self.conns.get(slot as usize) else { return };
+        let parsed = match opcode {
+            OpCode::Text => envelope::decode_client_json(payload),
+            OpCode::Binary if c.proto == Subprotocol::Rkyv => envelope::decode_client_rkyv(payload),
+            _ => {
+                return self.send_error(slot, "unsupported", "binary signalling needs roomcast.rkyv.v1; send JSON text");
+            }
+        };
+        let msg = match parsed {
+            Ok(m) => m,
+            Err(e) => return self.send_error(slot, "bad_message", &e.to_string()),
+        };
+        match msg {
+            ClientMsg::Join { room, since: _ } => match validate_room(&room) {
+                Ok(()) => {
+                    let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
+                    self.join(slot, name);
+                }
+                Err(why) => self.send_error(slot, "bad_room", why),
+            },
+            ClientMsg::Leave => {
+                if let Some(room) = self.leave(slot) {
+                    self.send_msg(slot, &ServerMsg::Left { room: room.to_string() });
+                } else {
+                    self.send_error(slot, "not_in_room", "leave: not in a room");
+                }
+            }
+            ClientMsg::Publish { kind, user, body } => {
+                let room = match self.conns.get(slot as usize) {
+                    Some(Some(c)) => c.room.clone(),
+                    _ => None,
+                };
+                let Some(room) = room else {
+                    return self.send_error(slot, "not_in_room", "publish: join a room first");
+                };
+                if let Err(why) = envelope::validate_kind(&kind) {
+                    return self.send_error(slot, "bad_kind", why);
+                }
+                let generation = self.conns[slot as usize].as_ref().map_or(0, |c| c.generation);
+                let reply = Reply::Conn { shard: self.id, slot, generation };
+                self.bus.send(BusCmd::Publish { room, msg: NewMessage { kind, user, body }, reply });
+            }
+        }
+    }
+
+    /// Joins `room`, leaving the current one first. Membership starts when the bus acknowledges.
+    fn join(&mut self, slot: u32, room: RoomName) {
+        if let Some(old) = self.leave(slot) {
+            self.send_msg(slot, &ServerMsg::Left { room: old.to_string() });
+        }
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        let proto = c.proto;
+        let generation = c.generation;
+        c.joining = Some(room.clone());
+        self.rooms.begin_join(&room, proto);
+        self.bus.send(BusCmd::Join { room, shard: self.id, slot, generation, proto });
+    }
+
+    fn join_ack(&mut self, slot: u32, generation: u32, room: RoomName, seq: u64) {
+        let waiting = matches!(
+            self.conns.get(slot as usize),
+            Some(Some(c)) if c.generation == generation && c.closing == Closing::No
+                && c.joining.as_deref() == Some(&*room)
+        );
+        if !waiting {
+            // The connection left, switched or closed while the join was in flight. Its
+            // cancel_join already ran (leave/close), so there is nothing to undo here.
+            return;
+        }
+        let idx = self.rooms.complete_join(&room, slot);
+        self.stats.rooms.set(self.rooms.len() as i64);
+        if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+            c.joining = None;
+            c.room = Some(room.clone());
+            c.room_idx = idx;
+        }
+        self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq });
+    }
+
+    /// Leaves the current room (or cancels a join in flight). Returns the room left.
+    fn leave(&mut self, slot: u32) -> Option<RoomName> {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return None };
+        let proto = c.proto;
+        let mut left = None;
+        if let Some(room) = c.joining.take() {
+            if self.rooms.cancel_join(&room, proto) == Interest::Dropped {
+                self.bus.send(BusCmd::NoInterest { room: room.clone(), shard: self.id, proto });
+            }
+            left = Some(room);
+        }
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return left };
+        if let Some(room) = c.room.take() {
+            let idx = c.room_idx;
+            let (interest, moved) = self.rooms.leave(&room, slot, idx, proto);
+            if let Some(m) = moved
+                && let Some(Some(mc)) = self.conns.get_mut(m as usize)
+            {
+                mc.room_idx = idx;
+            }
+            if interest == Interest::Dropped {
+                self.bus.send(BusCmd::NoInterest { room: room.clone(), shard: self.id, proto });
+            }
+            left = Some(room);
+        }
+        self.stats.rooms.set(self.rooms.len() as i64);
+        left
+    }
+
+    // ---- sending ------------------------------------------------------------------------------
+
+    fn send_msg(&mut self, slot: u32, msg: &ServerMsg) {
+        let Some(Some(c)) = self.conns.get(slot as usize) else { return };
+        let proto = c.proto;
+        match envelope::encode(proto, msg) {
+            Ok(payload) => {
+                let frame = crate::bus::frame(proto, &payload);
+                self.push_frame(slot, frame);
+            }
+            Err(e) => tracing::error!(shard = self.id, error = %e, "cannot encode message"),
+        }
+    }
+
+    fn send_error(&mut self, slot: u32, code: &str, message: &str) {
+        self.send_msg(slot, &ServerMsg::Error { code: code.into(), message: message.into() });
+    }
+
+    fn send_control(&mut self, slot: u32, frame: Vec<u8>) {
+        self.push_frame(slot, Bytes::from(frame));
+    }
+
+    fn push_frame(&mut self, slot: u32, bytes: Bytes) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.closing != Closing::No {
+            return;
+        }
+        c.push(Rc::new(OutFrame { bytes, messages: 0 }));
+        self.mark_dirty(slot);
+    }
+
+    fn mark_dirty(&mut self, slot: u32) {
+        if let Some(Some(c)) = self.conns.get_mut(slot as usize)
+            && !c.dirty
+            && c.in_flight == 0
+        {
+            c.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+                c.dirty = false;
+                if c.in_flight == 0 && !c.out.is_empty() && c.closing != Closing::Abort {
+                    self.issue_send(slot);
+                }
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    fn issue_send(&mut self, slot: u32) {
+        let max_iov = self.cfg.send.max_iov;
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        debug_assert_eq!(c.in_flight, 0);
+        let tok = Token::new(OpKind::Send, c.generation, slot);
+        let n = c.out.len().min(max_iov);
+        let r = if n == 1 {
+            let (ptr, len) = c.head_slice();
+            // SAFETY: the frame is the front of `c.out` and stays there (not popped, not
+            // mutated: `Bytes` is immutable) until `on_send` reaps this token's completion.
+            unsafe { Sq::new(&mut self.ring).send(slot, ptr, len as u32, tok) }
+        } else {
+            c.fill_iov(n);
+            // SAFETY: `c.iov` and the first `n` frames of `c.out` are left untouched while
+            // `in_flight > 0`, i.e. until `on_send` reaps this token's completion.
+            unsafe { Sq::new(&mut self.ring).writev(slot, c.iov.as_ptr(), n as u32, tok) }
+        };
+        match r {
+            Ok(()) => c.in_flight = n as u16,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "cannot queue send");
+                self.abort(slot);
+            }
+        }
+    }
+
+    // ---- closing ------------------------------------------------------------------------------
+
+    /// Sends a close frame with `code`, then closes once it is written.
+    fn close_with(&mut self, slot: u32, code: u16, reason: &str) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.closing != Closing::No {
+            return;
+        }
+        // The close frame replaces whatever was not yet handed to the kernel.
+        c.drop_unsent(c.in_flight as usize);
+        let frame = (c.phase == Phase::Open).then(|| Bytes::from(ws::close_frame(code, reason)));
+        self.finish_with(slot, frame);
+    }
+
+    /// Queues `last` (a close frame or an HTTP error), stops reading, and closes after the flush.
+    fn finish_with(&mut self, slot: u32, last: Option<Bytes>) {
+        self.leave(slot);
+        let deadline = self.now_ms() + CLOSE_FLUSH_TIMEOUT.as_millis() as u64;
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.closing != Closing::No {
+            return;
+        }
+        if let Some(bytes) = last {
+            c.push(Rc::new(OutFrame { bytes, messages: 0 }));
+        }
+        c.closing = Closing::AfterFlush { deadline_ms: deadline };
+        c.decoder = None;
+        if c.in_flight == 0 && !c.out.is_empty() {
+            self.issue_send(slot);
+        } else {
+            self.maybe_release(slot);
+        }
+    }
+
+    /// Closes at once: nothing more is sent.
+    fn abort(&mut self, slot: u32) {
+        self.leave(slot);
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        c.closing = Closing::Abort;
+        c.decoder = None;
+        c.drop_unsent(c.in_flight as usize);
+        self.maybe_release(slot);
+    }
+
+    /// Moves a closing connection along: cancel its operations, then close the descriptor once
+    /// none is in flight (an operation owns its file and buffers until it completes).
+    fn maybe_release(&mut self, slot: u32) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.closing == Closing::No || c.close_issued {
+            return;
+        }
+        let flushed = c.closing == Closing::Abort || (c.out.is_empty() && c.in_flight == 0);
+        if !flushed {
+            return;
+        }
+        if c.recv_armed || c.in_flight > 0 {
+            if !c.cancel_issued {
+                c.cancel_issued = true;
+                let tok = Token::new(OpKind::Cancel, c.generation, slot);
+                if let Err(e) = Sq::new(&mut self.ring).cancel_fixed(slot, tok) {
+                    tracing::error!(shard = self.id, error = %e, "cannot cancel");
+                }
+            }
+            return;
+        }
+        c.close_issued = true;
+        let tok = Token::new(OpKind::Close, c.generation, slot);
+        if let Err(e) = Sq::new(&mut self.ring).close_fixed(slot, tok) {
+            tracing::error!(shard = self.id, error = %e, "cannot close");
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        self.shutdown_at = Some(Instant::now() + SHUTDOWN_TIMEOUT);
+        self.accepting = false;
+        let fd = self.listener.as_raw_fd();
+        let _ = Sq::new(&mut self.ring).cancel_listener(fd, Token::new(OpKind::Cancel, 0, 0));
+        for slot in 0..self.conns.len() as u32 {
+            let phase = match &self.conns[slot as usize] {
+                Some(c) if c.closing == Closing::No => c.phase,
+                _ => continue,
+            };
+            match phase {
+                Phase::Open => self.close_with(slot, 1001, "server shutting down"),
+                Phase::Handshake => self.abort(slot),
+            }
+        }
+    }
+
+    // ---- timers -------------------------------------------------------------------------------
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) < Duration::from_millis(250) {
+            return;
+        }
+        self.last_sweep = now;
+        let now_ms = self.now_ms();
+        let ws = &self.cfg.ws;
+        let (hs_to, idle_to, ping_every) = (ws.handshake_timeout_ms, ws.idle_timeout_ms, ws.ping_interval_ms);
+        let mut queued = 0usize;
+        let mut to_abort = Vec::new();
+        let mut to_close = Vec::new();
+        let mut to_ping = Vec::new();
+        for (slot, c) in self.conns.iter_mut().enumerate() {
+            let Some(c) = c else { continue };
+            queued += c.out_bytes;
+            match c.closing {
+                Closing::AfterFlush { deadline_ms } if now_ms >= deadline_ms && !c.close_issued => {
+                    to_abort.push(slot as u32);
+                    continue;
+                }
+                Closing::No => {}
+                _ => continue,
+            }
+            match c.phase {
+                Phase::Handshake if now_ms.saturating_sub(c.opened_ms) >= hs_to => {
+                    to_abort.push(slot as u32);
+                }
+                Phase::Open if now_ms.saturating_sub(c.last_rx_ms) >= idle_to => {
+                    to_close.push(slot as u32);
+                }
+                Phase::Open if ping_every > 0 && now_ms >= c.next_ping_ms => {
+                    c.next_ping_ms = now_ms + ping_every;
+                    to_ping.push(slot as u32);
+                }
+                _ => {}
+            }
+        }
+        self.stats.send_queue_bytes.set(queued as i64);
+        for slot in to_abort {
+            if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No) {
+                self.stats.handshake_failures.inc();
+            }
+            self.abort(slot);
+        }
+        for slot in to_close {
+            self.close_with(slot, 1001, "idle timeout");
+        }
+        for slot in to_ping {
+            self.send_control(slot, ws::encode_frame(OpCode::Ping, b""));
+        }
+        self.flush_dirty();
+    }
+}
+
+impl Conn {
+    /// Runs the decoder over `data`, collecting what the shard must act on.
+    fn decode(&mut self, data: &mut [u8], actions: &mut Vec<Action>) -> Result<(), CloseReason> {
+        let Some(dec) = self.decoder.as_mut() else { return Ok(()) };
+        dec.feed(data, &mut |ev| match ev {
+            Event::Text(p) => actions.push(Action::Message(OpCode::Text, p.to_vec())),
+            Event::Binary(p) => actions.push(Action::Message(OpCode::Binary, p.to_vec())),
+            Event::Ping(p) => actions.push(Action::Ping(p.to_vec())),
+            Event::Pong(_) => {}
+            Event::Close { code, reason } => actions.push(Action::Close(code, reason.to_vec())),
+        })
+    }
+}

@@ -1,0 +1,309 @@
+//! io_uring plumbing: ring set-up, the kernel probe, operation tokens, the provided-buffer ring
+//! and SQE builders. This module and `sys` are the only places in the edge with `unsafe`.
+//!
+//! Ownership rule (after monoio's `driver/op`): an operation in flight owns its file and its
+//! buffer until its completion arrives. The builders that take a raw buffer are `unsafe` and
+//! say so; the shard discharges the contract by keeping the frame (an `Rc<Bytes>`) at the front
+//! of the connection's send queue until the completion for that send is reaped, and by closing
+//! a connection's direct descriptor only once no operation on it is in flight.
+
+pub mod bufring;
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{IoUring, Probe, opcode, squeue, types};
+
+pub use bufring::BufRing;
+
+/// What an operation is, carried in the top byte of `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OpKind {
+    Accept = 1,
+    Recv = 2,
+    Send = 3,
+    Close = 4,
+    Cancel = 5,
+    Wake = 6,
+    Shutdown = 7,
+}
+
+impl OpKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Accept,
+            2 => Self::Recv,
+            3 => Self::Send,
+            4 => Self::Close,
+            5 => Self::Cancel,
+            6 => Self::Wake,
+            7 => Self::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// `user_data` of an operation: kind (8 bits) | generation (24 bits) | slot (32 bits).
+/// The generation tells a completion for a connection that has since been replaced in its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    pub kind: OpKind,
+    pub generation: u32,
+    pub slot: u32,
+}
+
+impl Token {
+    pub const GENERATION_MASK: u32 = 0x00ff_ffff;
+
+    pub fn new(kind: OpKind, generation: u32, slot: u32) -> Self {
+        Self { kind, generation: generation & Self::GENERATION_MASK, slot }
+    }
+
+    pub fn encode(self) -> u64 {
+        (u64::from(self.kind as u8) << 56) | (u64::from(self.generation) << 32) | u64::from(self.slot)
+    }
+
+    pub fn decode(v: u64) -> Option<Self> {
+        let kind = OpKind::from_u8((v >> 56) as u8)?;
+        Some(Self {
+            kind,
+            generation: ((v >> 32) as u32) & Self::GENERATION_MASK,
+            slot: v as u32,
+        })
+    }
+}
+
+/// Why the data plane cannot run on this kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum UringError {
+    #[error("io_uring_setup failed: {0} (io_uring needs Linux 5.1+, and must not be disabled by kernel.io_uring_disabled)")]
+    Setup(#[source] io::Error),
+    #[error("this kernel lacks io_uring opcode {name}: {needed}")]
+    MissingOpcode { name: &'static str, needed: &'static str },
+    #[error("this kernel ({release}) is too old: roomcast needs {needed}")]
+    KernelTooOld { release: String, needed: &'static str },
+    #[error("cannot register {what}: {source}")]
+    Register {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The oldest kernel with every feature the shards use: multishot recv with provided-buffer
+/// rings (6.0), multishot accept into direct descriptors (5.19), DEFER_TASKRUN (6.1).
+pub const MIN_KERNEL: (u32, u32) = (6, 1);
+
+/// Builds one shard's ring: single issuer, deferred task work (completions are processed only
+/// when the shard enters the kernel to wait, so nothing interrupts it mid-turn), a CQ four times
+/// the SQ because multishot operations post many completions per submission.
+pub fn build_ring(sq_entries: u32) -> Result<IoUring, UringError> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .setup_cqsize(sq_entries * 4)
+        .build(sq_entries)
+        .map_err(UringError::Setup)
+}
+
+/// Checks the running kernel for what the shards need, naming what is missing.
+pub fn probe(ring: &IoUring) -> Result<(), UringError> {
+    let release = crate::sys::kernel_release();
+    if let Some(v) = parse_release(&release)
+        && v < MIN_KERNEL
+    {
+        return Err(UringError::KernelTooOld {
+            release,
+            needed: "Linux 6.1 (multishot recv with provided-buffer rings, multishot accept into direct descriptors, DEFER_TASKRUN)",
+        });
+    }
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|source| UringError::Register { what: "probe", source })?;
+    let needed: [(u8, &'static str, &'static str); 7] = [
+        (opcode::AcceptMulti::CODE, "ACCEPT", "Linux 5.5 (multishot: 5.19)"),
+        (opcode::RecvMulti::CODE, "RECV", "Linux 5.6 (multishot: 6.0)"),
+        (opcode::Send::CODE, "SEND", "Linux 5.6"),
+        (opcode::Writev::CODE, "WRITEV", "Linux 5.1"),
+        (opcode::Close::CODE, "CLOSE", "Linux 5.6 (direct descriptors: 5.15)"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL", "Linux 5.5 (by fd: 5.19)"),
+        (opcode::Read::CODE, "READ", "Linux 5.6"),
+    ];
+    for (code, name, needed) in needed {
+        if !probe.is_supported(code) {
+            return Err(UringError::MissingOpcode { name, needed });
+        }
+    }
+    Ok(())
+}
+
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Pushes SQEs, submitting when the queue is full, so callers never lose an entry.
+pub struct Sq<'a> {
+    ring: &'a mut IoUring,
+}
+
+impl<'a> Sq<'a> {
+    pub fn new(ring: &'a mut IoUring) -> Self {
+        Self { ring }
+    }
+
+    /// # Safety
+    /// Every buffer and file the entry refers to must stay valid until its completion is reaped.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            // The SQ is full: hand what is queued to the kernel and retry.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The CQ is overflowing; the caller reaps completions at the top of its loop.
+                    // Submitting again after that is the only way forward; report it.
+                    return Err(e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Arms multishot accept on a listening socket, allocating a direct descriptor per
+    /// connection (the connection never has a normal fd, so RLIMIT_NOFILE does not count it).
+    pub fn accept_multi(&mut self, listener: RawFd, token: Token) -> io::Result<()> {
+        let e = opcode::AcceptMulti::new(types::Fd(listener))
+            .allocate_file_index(true)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: no buffer; the listener fd is owned by the shard and outlives the ring.
+        unsafe { self.push(&e) }
+    }
+
+    /// Arms multishot recv on a direct descriptor, picking buffers from group `bgid`.
+    pub fn recv_multi(&mut self, fixed: u32, bgid: u16, token: Token) -> io::Result<()> {
+        let e = opcode::RecvMulti::new(types::Fixed(fixed), bgid)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: the buffers belong to the shard's `BufRing`, registered for the ring's life.
+        unsafe { self.push(&e) }
+    }
+
+    /// Sends one buffer on a direct descriptor.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid and unchanged until the completion of `token` is reaped.
+    pub unsafe fn send(&mut self, fixed: u32, ptr: *const u8, len: u32, token: Token) -> io::Result<()> {
+        let e = opcode::Send::new(types::Fixed(fixed), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e) }
+    }
+
+    /// Gathers several buffers into one write on a direct descriptor.
+    ///
+    /// # Safety
+    /// The iovec array and every buffer it points to must stay valid and unchanged until the
+    /// completion of `token` is reaped.
+    pub unsafe fn writev(
+        &mut self,
+        fixed: u32,
+        iov: *const libc::iovec,
+        n: u32,
+        token: Token,
+    ) -> io::Result<()> {
+        let e = opcode::Writev::new(types::Fixed(fixed), iov, n)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e) }
+    }
+
+    /// Cancels every operation on a direct descriptor (its multishot recv, above all).
+    pub fn cancel_fixed(&mut self, fixed: u32, token: Token) -> io::Result<()> {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(fixed)).all())
+            .build()
+            .user_data(token.encode());
+        // SAFETY: no buffer.
+        unsafe { self.push(&e) }
+    }
+
+    /// Cancels the multishot accept on a (normal) listening fd.
+    pub fn cancel_listener(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+            .build()
+            .user_data(token.encode());
+        // SAFETY: no buffer.
+        unsafe { self.push(&e) }
+    }
+
+    /// Half-closes the write side (FIN after what is queued), used after a close frame.
+    pub fn shutdown_write(&mut self, fixed: u32, token: Token) -> io::Result<()> {
+        let e = opcode::Shutdown::new(types::Fixed(fixed), libc::SHUT_WR)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: no buffer.
+        unsafe { self.push(&e) }
+    }
+
+    /// Closes a direct descriptor, freeing its slot in the file table.
+    pub fn close_fixed(&mut self, fixed: u32, token: Token) -> io::Result<()> {
+        let e = opcode::Close::new(types::Fixed(fixed)).build().user_data(token.encode());
+        // SAFETY: no buffer.
+        unsafe { self.push(&e) }
+    }
+
+    /// Reads the shard's wake-up eventfd into `buf`.
+    ///
+    /// # Safety
+    /// `buf` must stay valid until the completion is reaped.
+    pub unsafe fn read_eventfd(&mut self, fd: RawFd, buf: *mut u64, token: Token) -> io::Result<()> {
+        let e = opcode::Read::new(types::Fd(fd), buf.cast(), 8)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e) }
+    }
+}
+
+/// Registers a sparse table of `n` direct descriptors. The kernel caps `n` at RLIMIT_NOFILE.
+pub fn register_files(ring: &IoUring, n: u32) -> Result<(), UringError> {
+    ring.submitter()
+        .register_files_sparse(n)
+        .map_err(|source| UringError::Register { what: "sparse file table", source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip() {
+        for kind in [OpKind::Accept, OpKind::Recv, OpKind::Send, OpKind::Close, OpKind::Wake] {
+            let t = Token::new(kind, 0x12_3456, 0xdead_beef);
+            assert_eq!(Token::decode(t.encode()), Some(t));
+        }
+        // Generations wrap at 24 bits.
+        assert_eq!(Token::new(OpKind::Send, 0x0100_0001, 3).generation, 1);
+        assert_eq!(Token::decode(0), None);
+    }
+
+    #[test]
+    fn release_parsing() {
+        assert_eq!(parse_release("6.18.0-1-amd64"), Some((6, 18)));
+        assert_eq!(parse_release("5.15.0"), Some((5, 15)));
+        assert_eq!(parse_release("garbage"), None);
+    }
+}
