@@ -1,0 +1,227 @@
+//! Every bad input gets its answer, and the other connections keep receiving.
+
+mod util;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use roomcast_proto::envelope::ServerMsg;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use util::*;
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Sends raw bytes, returns everything the edge sends back before closing.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+fn upgrade(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Masked client frame.
+fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    roomcast_proto::ws::encode_client_frame(
+        match first & 0x0f {
+            1 => roomcast_proto::ws::OpCode::Text,
+            2 => roomcast_proto::ws::OpCode::Binary,
+            _ => unreachable!(),
+        },
+        payload,
+        [1, 2, 3, 4],
+    )
+}
+
+/// The close code in the server's close frame, after the 101 response.
+fn close_code_in(bytes: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(bytes);
+    let end = text.find("\r\n\r\n")? + 4;
+    let mut f = &bytes[end..];
+    // Skip frames until the close frame (opcode 8).
+    while f.len() >= 2 {
+        let len = (f[1] & 0x7f) as usize;
+        let (hdr, len) = if len == 126 { (4, u16::from_be_bytes([f[2], f[3]]) as usize) } else { (2, len) };
+        if f[0] & 0x0f == 8 {
+            return Some(u16::from_be_bytes([f[hdr], f[hdr + 1]]));
+        }
+        f = &f[hdr + len..];
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_their_answers_and_others_keep_receiving() {
+    let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "0", "--max-message", "4096"]);
+    let publisher = Publisher::new(edge.http);
+    let mut bystander = connect(&edge.url("?room=calm"), None).await;
+    expect_joined(&mut bystander, "calm").await;
+
+    // Malformed handshakes: HTTP 4xx with a reason.
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), "HTTP/1.1 400"),
+        (upgrade("/nope").into_bytes(), "HTTP/1.1 404"),
+        (upgrade("/ws?room=bad%20room").into_bytes(), "HTTP/1.1 400"),
+        (upgrade("/ws?room=ok&since=x").into_bytes(), "HTTP/1.1 400"),
+        (upgrade("/ws").replace("Version: 13", "Version: 8").into_bytes(), "HTTP/1.1 426"),
+        (upgrade("/ws").replace("Upgrade: websocket\r\n", "").into_bytes(), "HTTP/1.1 400"),
+        (
+            upgrade("/ws").replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").into_bytes(),
+            "HTTP/1.1 400",
+        ),
+        (format!("GET /ws HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000)).into_bytes(), "HTTP/1.1 431"),
+    ];
+    for (req, want) in cases {
+        let resp = raw_exchange(edge.ws, &req).await;
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.starts_with(want), "request {:?}: got {text:?}", String::from_utf8_lossy(&req[..req.len().min(60)]));
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(!body.trim().is_empty(), "a reason in the body: {text:?}");
+    }
+
+    // Protocol violations: the right close code.
+    let open = upgrade("/ws?room=calm").into_bytes();
+    let mut unmasked = open.clone();
+    unmasked.extend_from_slice(&[0x81, 0x02, b'h', b'i']);
+    assert_eq!(close_code_in(&raw_exchange(edge.ws, &unmasked).await), Some(1002), "unmasked frame");
+    let mut bad_utf8 = open.clone();
+    bad_utf8.extend_from_slice(&client_frame(0x81, &[0xff, 0xfe, 0xfd]));
+    assert_eq!(close_code_in(&raw_exchange(edge.ws, &bad_utf8).await), Some(1007), "invalid UTF-8");
+    let mut too_big = open.clone();
+    too_big.extend_from_slice(&client_frame(0x82, &vec![0u8; 5000]));
+    assert_eq!(close_code_in(&raw_exchange(edge.ws, &too_big).await), Some(1009), "over max message");
+    let mut reserved = open.clone();
+    reserved.extend_from_slice(&[0x83, 0x80, 0, 0, 0, 0]);
+    assert_eq!(close_code_in(&raw_exchange(edge.ws, &reserved).await), Some(1002), "reserved opcode");
+
+    // Unknown signalling: an error message, the connection stays open.
+    let mut ws = connect(&edge.url("?room=calm"), None).await;
+    expect_joined(&mut ws, "calm").await;
+    send_json(&mut ws, json!({"op": "dance"})).await;
+    match next_msg_within(&mut ws, Duration::from_secs(5)).await {
+        Some(ServerMsg::Error { code, .. }) => assert_eq!(code, "bad_message"),
+        other => panic!("{other:?}"),
+    }
+    ws.send(Message::text("not json at all")).await.unwrap();
+    assert!(matches!(next_msg_within(&mut ws, Duration::from_secs(5)).await, Some(ServerMsg::Error { .. })));
+    send_json(&mut ws, json!({"op": "join", "room": "no spaces"})).await;
+    match next_msg_within(&mut ws, Duration::from_secs(5)).await {
+        Some(ServerMsg::Error { code, .. }) => assert_eq!(code, "bad_room"),
+        other => panic!("{other:?}"),
+    }
+
+    // Bad publish requests: 4xx with a reason.
+    let ok = json!({"kind": "chat", "body": 1}).to_string().into_bytes();
+    let cases: Vec<(String, Vec<u8>, u16)> = vec![
+        ("/v1/rooms/calm/messages".into(), b"{not json".to_vec(), 400),
+        ("/v1/rooms/calm/messages".into(), br#"{"kind":"chat"}"#.to_vec(), 400),
+        ("/v1/rooms/calm/messages".into(), br#"{"kind":"Chat!","body":1}"#.to_vec(), 400),
+        ("/v1/rooms/calm/messages".into(), br#"{"kind":"chat","body":1,"extra":2}"#.to_vec(), 400),
+        (format!("/v1/rooms/{}/messages", "r".repeat(65)), ok.clone(), 400),
+        ("/v1/rooms/bad$room/messages".into(), ok.clone(), 400),
+        ("/v1/rooms/calm/messages".into(), format!(r#"{{"kind":"chat","body":"{}"}}"#, "x".repeat(70_000)).into_bytes(), 413),
+    ];
+    for (path, body, want) in cases {
+        let (status, v) = publisher.post_raw(&path, body).await;
+        assert_eq!(status, want, "{path}: {v}");
+        if want != 413 {
+            assert!(v["error"].as_str().is_some_and(|s| !s.is_empty()), "reason for {path}: {v}");
+        }
+    }
+
+    // After all that, the bystander still gets every message.
+    for n in 0..10 {
+        let seq = publisher.publish("calm", "gift", json!(n)).await;
+        match next_msg_within(&mut bystander, Duration::from_secs(5)).await {
+            Some(ServerMsg::Batch { messages, .. }) => assert_eq!(messages[0].seq, seq),
+            other => panic!("bystander: {other:?}"),
+        }
+    }
+    assert!(metric(&publisher, "roomcast_protocol_errors_total").await >= 4.0);
+    assert!(metric(&publisher, "roomcast_handshake_failures_total").await >= 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_time_out() {
+    let dir = std::env::temp_dir().join(format!("roomcast-timeouts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, "[ws]\nhandshake_timeout_ms = 300\nidle_timeout_ms = 600\nping_interval_ms = 0\n").unwrap();
+    let edge = EdgeProc::start(&["--shards", "1", "--config", cfg.to_str().unwrap()]);
+    // Never sends a request: cut after the handshake timeout.
+    let resp = raw_exchange(edge.ws, b"").await;
+    assert!(resp.is_empty());
+    // Upgraded but silent: closed with 1001 after the idle timeout. tungstenite answers pings
+    // but sends nothing on its own, so the edge sees an idle connection.
+    let mut ws = connect(&edge.url("?room=idle"), None).await;
+    expect_joined(&mut ws, "idle").await;
+    assert_eq!(close_code(&mut ws, Duration::from_secs(10)).await, Some(1001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_a_connection_alive_and_are_answered() {
+    let dir = std::env::temp_dir().join(format!("roomcast-pings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, "[ws]\nidle_timeout_ms = 800\nping_interval_ms = 200\n").unwrap();
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", cfg.to_str().unwrap()]);
+    let publisher = Publisher::new(edge.http);
+    let mut ws = connect(&edge.url("?room=p"), None).await;
+    expect_joined(&mut ws, "p").await;
+    // Our pong answers (sent by tungstenite while we read) keep us alive past the idle timeout.
+    ws.send(Message::Ping(b"hello".to_vec().into())).await.unwrap();
+    let mut pong = false;
+    let end = std::time::Instant::now() + Duration::from_millis(2000);
+    while std::time::Instant::now() < end {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
+            Ok(Some(Ok(Message::Pong(p)))) => pong |= &p[..] == b"hello",
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => panic!("closed while answering pings"),
+            _ => {}
+        }
+    }
+    assert!(pong, "the edge answers pings with the same payload");
+    let seq = publisher.publish("p", "chat", json!(1)).await;
+    match next_msg_within(&mut ws, Duration::from_secs(5)).await {
+        Some(ServerMsg::Batch { messages, .. }) => assert_eq!(messages[0].seq, seq),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = std::env::temp_dir().join(format!("roomcast-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[fanout]\nmerge_window_ms = 99999\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--check-config", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fanout.merge_window_ms"), "{err}");
+    std::fs::write(&cfg, "[ws]\nmax_mesage = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--check-config", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_mesage"));
+    std::fs::write(&cfg, "shards = 2\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--check-config", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}

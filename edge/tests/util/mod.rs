@@ -1,0 +1,199 @@
+//! Shared helpers for the edge's integration tests: start the real `edge` binary on ephemeral
+//! loopback ports, connect real WebSocket clients (tokio-tungstenite), publish over HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use roomcast_proto::envelope::{self, ServerMsg};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A running edge process, stopped with SIGTERM when dropped.
+pub struct EdgeProc {
+    pub child: Child,
+    pub ws: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl EdgeProc {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn edge");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("roomcast edge ready") => break l,
+                Some(Ok(_)) => continue,
+                _ => panic!("edge exited before it was ready (status {:?})", child.wait()),
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+        };
+        Self { ws: field("ws="), http: field("http="), child }
+    }
+
+    pub fn url(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.ws)
+    }
+
+    pub fn sigterm(&mut self) {
+        // SAFETY-free: kill(1) via the command line keeps the tests free of unsafe.
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Waits for exit; returns the status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for EdgeProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.sigterm();
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// Connects with the given subprotocol (None: offer none).
+pub async fn connect(url: &str, proto: Option<&str>) -> Ws {
+    let mut req = url.into_client_request().expect("request");
+    if let Some(p) = proto {
+        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(p).expect("header"));
+    }
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("connect");
+    if let Some(p) = proto {
+        assert_eq!(resp.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok()), Some(p));
+    }
+    ws
+}
+
+/// Next envelope (JSON text or rkyv binary), skipping pings; None on close or end.
+pub async fn next_msg(ws: &mut Ws) -> Option<ServerMsg> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => return Some(envelope::decode_json(t.as_bytes()).expect("json envelope")),
+            Ok(Message::Binary(b)) => return Some(envelope::decode_rkyv(&b).expect("rkyv envelope")),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// Like `next_msg` with a deadline.
+pub async fn next_msg_within(ws: &mut Ws, d: Duration) -> Option<ServerMsg> {
+    tokio::time::timeout(d, next_msg(ws)).await.ok().flatten()
+}
+
+/// Waits for the close frame and returns its code.
+pub async fn close_code(ws: &mut Ws, d: Duration) -> Option<u16> {
+    let fut = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(Message::Close(None))) => return None,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    };
+    tokio::time::timeout(d, fut).await.ok().flatten()
+}
+
+pub async fn send_json(ws: &mut Ws, v: serde_json::Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+/// Expects `Joined` for `room` and returns its seq.
+pub async fn expect_joined(ws: &mut Ws, room: &str) -> u64 {
+    match next_msg_within(ws, Duration::from_secs(10)).await {
+        Some(ServerMsg::Joined { room: r, seq }) if r == room => seq,
+        other => panic!("expected joined {room}, got {other:?}"),
+    }
+}
+
+pub struct Publisher {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Publisher {
+    pub fn new(http: SocketAddr) -> Self {
+        Self { client: reqwest::Client::new(), base: format!("http://{http}") }
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+        let r = self.client.post(format!("{}{path}", self.base)).body(body).send().await.expect("http");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    /// Publishes and returns the assigned seq (panics unless 200).
+    pub async fn publish(&self, room: &str, kind: &str, body: serde_json::Value) -> u64 {
+        let req = serde_json::json!({ "kind": kind, "user": "tester", "body": body });
+        let (status, v) = self.post_raw(&format!("/v1/rooms/{room}/messages"), req.to_string().into_bytes()).await;
+        assert_eq!(status, 200, "publish failed: {v}");
+        v["seq"].as_u64().expect("seq")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.client.get(format!("{}{path}", self.base)).send().await.expect("http");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+}
+
+/// Polls `f` until it returns true or the deadline passes.
+pub async fn wait_until<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(d: Duration, mut f: F) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Reads one metric's value summed over its label sets from /metrics.
+pub async fn metric(p: &Publisher, name: &str) -> f64 {
+    let (_, text) = p.get("/metrics").await;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything roomcast needs on a fresh Debian/Ubuntu box and builds it.
+# Idempotent: run it again at any time. Needs root (apt, mounts) and a Rust toolchain (rustup).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages:
+#   clang llvm libbpf-dev   compile the eBPF C programs (ebpf/build.rs)
+#   bpftool                 inspect loaded programs (operators; not needed to build)
+#   redis-server            the multi-edge bus and its tests
+#   nginx libnginx-mod-nchan  the peer in scripts/bench-peers.sh
+#   iproute2                `ss`, which the probe tests compare against
+#   python3-venv            virtualenvs for the conformance suite
+PKGS=(clang llvm libbpf-dev redis-server nginx libnginx-mod-nchan iproute2 python3-venv curl)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Debian starts services on install; roomcast's tests and benches start their own instances.
+systemctl disable --now redis-server nginx >/dev/null 2>&1 || true
+pkill -x redis-server 2>/dev/null || true
+pkill -x nginx 2>/dev/null || true
+
+# Kernel filesystems the probes use (tracepoints need tracefs; pinned maps need bpffs).
+mountpoint -q /sys/fs/bpf 2>/dev/null || mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
+mountpoint -q /sys/kernel/tracing 2>/dev/null || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
+
+command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust with rustup first" >&2; exit 1; }
+cargo build --release --workspace
+echo "setup: done. Start an edge with: cargo run --release -p edge"

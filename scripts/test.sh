@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: unit and integration tests of every crate (real io_uring edge, real
+# kernel probes, real redis-server), then the Autobahn conformance run against the echo mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --workspace --bins
+cargo test --workspace
+./scripts/autobahn.sh
