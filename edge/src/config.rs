@@ -3,6 +3,7 @@
 //! Every default is documented on its field with the trade-off it makes. `edge --check-config`
 //! validates a file and exits; errors name the key (`fanout.merge_window_ms: ...`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -28,7 +29,61 @@ pub struct Config {
     pub send: SendConfig,
     pub uring: UringConfig,
     pub ingest: IngestConfig,
+    /// Message kinds and whether each must be delivered. Publishing an unlisted kind is a 400.
+    pub kinds: BTreeMap<String, KindConfig>,
+    pub limits: LimitsConfig,
+    pub history: HistoryConfig,
+    pub adaptive: AdaptiveConfig,
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindConfig {
+    /// Never sampled, merged away or dropped by any policy; recovered after reconnects.
+    pub must_deliver: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Droppable messages per second per room (token bucket); over it: 429, counted as dropped.
+    pub room_rate: f64,
+    pub room_burst: f64,
+    /// Droppable messages per second per user, across rooms.
+    pub user_rate: f64,
+    pub user_burst: f64,
+    /// Must-deliver messages per second per room: a separate, higher limit that rejects (429,
+    /// the publisher retries) and never silently drops.
+    pub must_deliver_room_rate: f64,
+    pub must_deliver_room_burst: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Must-deliver messages kept per room for `since` recovery.
+    pub must_deliver: usize,
+    /// Droppable messages kept per room (only for the last-K replay on join).
+    pub droppable: usize,
+    /// Nothing older than this is kept.
+    pub max_age_ms: u64,
+    /// Messages replayed to a join without `since`.
+    pub join_last: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveConfig {
+    /// Widen hot rooms' merge windows when shards fall behind.
+    pub enabled: bool,
+    /// Widest window (the bound that keeps gift latency well inside the 10 s promise).
+    pub max_window_ms: u64,
+    /// A shard whose queued bytes exceed this is behind (widen) ...
+    pub high_water_bytes: usize,
+    /// ... and below this it has caught up (narrow).
+    pub low_water_bytes: usize,
+    /// Droppable messages per second a room shows once its window is at the widest.
+    pub visible_rate: f64,
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -110,6 +165,10 @@ impl Default for Config {
             send: SendConfig::default(),
             uring: UringConfig::default(),
             ingest: IngestConfig::default(),
+            kinds: default_kinds(),
+            limits: LimitsConfig::default(),
+            history: HistoryConfig::default(),
+            adaptive: AdaptiveConfig::default(),
         }
     }
 }
@@ -142,6 +201,44 @@ impl Default for SendConfig {
 impl Default for UringConfig {
     fn default() -> Self {
         Self { sq_entries: 4096, recv_buffers: 1024, recv_buffer_size: 4096 }
+    }
+}
+
+fn default_kinds() -> BTreeMap<String, KindConfig> {
+    [("gift", true), ("chat", false), ("system", true), ("like", false)]
+        .into_iter()
+        .map(|(k, must_deliver)| (k.to_owned(), KindConfig { must_deliver }))
+        .collect()
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            room_rate: 2000.0,
+            room_burst: 4000.0,
+            user_rate: 10.0,
+            user_burst: 20.0,
+            must_deliver_room_rate: 5000.0,
+            must_deliver_room_burst: 10000.0,
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self { must_deliver: 10_000, droppable: 200, max_age_ms: 600_000, join_last: 0 }
+    }
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_window_ms: 2000,
+            high_water_bytes: 64 * 1024 * 1024,
+            low_water_bytes: 8 * 1024 * 1024,
+            visible_rate: 50.0,
+        }
     }
 }
 
@@ -254,7 +351,58 @@ impl Config {
         if self.ingest.threads == 0 || self.ingest.threads > 64 {
             return Err(invalid("ingest.threads", "must be between 1 and 64"));
         }
+        if self.kinds.is_empty() {
+            return Err(invalid("kinds", "at least one kind must be configured"));
+        }
+        for name in self.kinds.keys() {
+            if roomcast_proto::envelope::validate_kind(name).is_err() {
+                return Err(invalid("kinds", format!("bad kind name {name:?}: 1 to 32 bytes of a-z 0-9 _")));
+            }
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.room_rate", l.room_rate),
+            ("limits.user_rate", l.user_rate),
+            ("limits.must_deliver_room_rate", l.must_deliver_room_rate),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(key, "must be a positive number"));
+            }
+        }
+        for (key, v) in [
+            ("limits.room_burst", l.room_burst),
+            ("limits.user_burst", l.user_burst),
+            ("limits.must_deliver_room_burst", l.must_deliver_room_burst),
+        ] {
+            if !(v >= 1.0 && v.is_finite()) {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.history.must_deliver > 1_000_000 {
+            return Err(invalid("history.must_deliver", "at most 1000000 per room"));
+        }
+        if self.history.join_last > self.history.must_deliver + self.history.droppable {
+            return Err(invalid("history.join_last", "cannot exceed what history keeps"));
+        }
+        let a = &self.adaptive;
+        if a.max_window_ms < self.fanout.merge_window_ms || a.max_window_ms > 5_000 {
+            return Err(invalid(
+                "adaptive.max_window_ms",
+                "must be between fanout.merge_window_ms and 5000 (gifts within 10 s)",
+            ));
+        }
+        if a.low_water_bytes >= a.high_water_bytes {
+            return Err(invalid("adaptive.low_water_bytes", "must be below adaptive.high_water_bytes"));
+        }
+        if !(a.visible_rate > 0.0) {
+            return Err(invalid("adaptive.visible_rate", "must be above 0"));
+        }
         Ok(())
+    }
+
+    /// Whether `kind` must be delivered; None if the kind is not configured.
+    pub fn must_deliver(&self, kind: &str) -> Option<bool> {
+        self.kinds.get(kind).map(|k| k.must_deliver)
     }
 
     /// Shard count after resolving 0 = one per allowed CPU.

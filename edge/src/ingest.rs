@@ -34,6 +34,7 @@ pub struct AppState {
 pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/rooms/{room}/messages", post(publish))
+        .route("/v1/rooms/{room}", get(room_stats))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body))
@@ -80,9 +81,48 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, body: Byt
     let msg = NewMessage { kind: req.kind, user: req.user, body: req.body.get().to_owned() };
     match st.bus.publish(room.clone(), msg).await {
         Ok(ack) => Json(serde_json::json!({ "room": &*room, "seq": ack.seq, "ts_us": ack.ts_us })).into_response(),
-        Err(e @ (PublishError::ShuttingDown | PublishError::TooManyRooms(_))) => {
+        Err(e) => publish_error(&e),
+    }
+}
+
+/// Maps a refused publish to its HTTP answer. Over a limit is 429 with `Retry-After`, for both
+/// classes of kinds: a droppable message was dropped (`"dropped": true`), a must-deliver one was
+/// rejected and must be retried (`"dropped": false`); the status tells the publisher to slow
+/// down either way, and the flag tells it whether retrying is worth it.
+fn publish_error(e: &PublishError) -> Response {
+    match e {
+        PublishError::ShuttingDown | PublishError::TooManyRooms(_) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
+        PublishError::UnknownKind(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        PublishError::RateLimited { retry_after_ms, must_deliver, .. } => {
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.to_string())],
+                Json(serde_json::json!({
+                    "error": e.to_string(),
+                    "dropped": !must_deliver,
+                    "retry_after_ms": retry_after_ms,
+                })),
+            )
+                .into_response()
+        }
+        PublishError::Sampled => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "dropped": true, "reason": "sampled", "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Response {
+    if let Err(why) = validate_room(&room) {
+        return error(StatusCode::BAD_REQUEST, format!("bad room: {why}"));
+    }
+    match st.bus.room_stats(RoomName::from(room.as_str())).await {
+        Some(stats) => Json(stats).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no such room"),
     }
 }
 

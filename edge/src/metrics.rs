@@ -24,6 +24,7 @@ struct ShardFamilies {
     bytes_written: IntCounterVec,
     messages_delivered: IntCounterVec,
     slow_consumer_closes: IntCounterVec,
+    shed_bytes: IntCounterVec,
     send_errors: IntCounterVec,
     rooms: IntGaugeVec,
     send_queue_bytes: IntGaugeVec,
@@ -42,6 +43,7 @@ pub struct ShardStats {
     pub bytes_written: IntCounter,
     pub messages_delivered: IntCounter,
     pub slow_consumer_closes: IntCounter,
+    pub shed_bytes: IntCounter,
     pub send_errors: IntCounter,
     pub rooms: IntGauge,
     pub send_queue_bytes: IntGauge,
@@ -57,6 +59,8 @@ pub struct BusStats {
     pub batch_messages: IntCounter,
     pub rooms: IntGauge,
     pub publish_rejected: IntCounterVec,
+    pub hot_window_ms: IntGauge,
+    pub sampling: IntGauge,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -86,6 +90,7 @@ impl Metrics {
             bytes_written: counter(r, "bytes_written_total", "Bytes written to sockets.", s),
             messages_delivered: counter(r, "messages_delivered_total", "Published messages written to member sockets (one per message per member).", s),
             slow_consumer_closes: counter(r, "slow_consumer_closes_total", "Connections closed (4000) because their send queue passed its bound.", s),
+            shed_bytes: counter(r, "shed_bytes_total", "Queued bytes of droppable messages dropped for connections that fell behind.", s),
             send_errors: counter(r, "send_errors_total", "Sends that failed (peer reset, broken pipe).", s),
             rooms: gauge(r, "shard_rooms", "Rooms with at least one member on this shard.", s),
             send_queue_bytes: gauge(r, "send_queue_bytes", "Bytes queued for sending, all connections of the shard (sampled each tick).", s),
@@ -101,6 +106,10 @@ impl Metrics {
             rooms: gauge(r, "rooms", "Rooms known to the bus (with members or a sequence).", &[])
                 .with_label_values(&[] as &[&str]),
             publish_rejected: counter(r, "publish_rejected_total", "Publish requests refused, by reason.", &["reason"]),
+            hot_window_ms: gauge(r, "hot_room_merge_window_ms", "Merge window hot rooms use now (adaptive: widened while shards are behind).", &[])
+                .with_label_values(&[] as &[&str]),
+            sampling: gauge(r, "chat_sampling", "1 while hot rooms' droppable messages are sampled down to the visible rate.", &[])
+                .with_label_values(&[] as &[&str]),
         };
         Self { registry, shard, bus }
     }
@@ -120,6 +129,7 @@ impl Metrics {
             bytes_written: f.bytes_written.with_label_values(&l),
             messages_delivered: f.messages_delivered.with_label_values(&l),
             slow_consumer_closes: f.slow_consumer_closes.with_label_values(&l),
+            shed_bytes: f.shed_bytes.with_label_values(&l),
             send_errors: f.send_errors.with_label_values(&l),
             rooms: f.rooms.with_label_values(&l),
             send_queue_bytes: f.send_queue_bytes.with_label_values(&l),

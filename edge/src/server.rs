@@ -80,11 +80,8 @@ impl Edge {
             });
         }
 
-        let bus_cfg = BusConfig {
-            window: cfg.merge_window(),
-            max_batch_messages: cfg.fanout.max_batch_messages,
-            max_batch_bytes: cfg.fanout.max_batch_bytes,
-        };
+        let bus_cfg = BusConfig::from_config(&cfg);
+        metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
         let local = LocalBus::new(bus_rx, mailboxes.clone(), bus_cfg, metrics.bus.clone());
         let bus_thread = std::thread::Builder::new().name("roomcast-bus".into()).spawn(move || local.run())?;
 

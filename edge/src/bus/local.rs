@@ -1,36 +1,92 @@
 //! The in-process bus: one thread that owns every room's publish state.
 //!
 //! Per room it keeps the next seq, the last seq flushed to members, which shards want which
-//! encoding (a bit per shard), and the messages waiting for the current merge window. A flush
+//! encoding (a bit per shard), the messages waiting for the current merge window, the bounded
+//! history for `since` recovery, and the token buckets of the upstream limits. A flush
 //! serializes the batch once per encoding that some shard wants, wraps it into one frame and
 //! sends one `Arc<Delivery>` to each interested shard: no per-member work happens here.
 //!
-//! Windows all have the same length, so deadlines are reached in the order rooms opened them:
-//! a FIFO of (deadline, room) is the whole timer structure.
+//! Policy, in the order a publish meets it:
+//! 1. the kind must be configured (else 400);
+//! 2. must-deliver kinds: the room's must-deliver bucket, which *rejects* (429) when empty: the
+//!    publisher retries, nothing is silently lost;
+//! 3. droppable kinds: the room bucket and the user bucket drop (429, counted), and when the
+//!    room's window is at its widest and shards are still behind, sampling keeps at most
+//!    `visible_rate` per second (the rest answered `sampled`, counted);
+//! 4. a seq and a timestamp; history; the pending batch.
+//!
+//! Adaptive merging: shards report their send backlog every tick. While the largest backlog is
+//! above the high-water mark, the window of hot rooms (at least one message per base window)
+//! doubles, up to `adaptive.max_window_ms`; below the low-water mark it halves back.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 use roomcast_proto::Subprotocol;
+use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 
-use super::{Ack, BusCmd, Delivery, Mailbox, NewMessage, PublishError, Reply, RoomName, ShardCmd, frame, now_us};
+use super::policy::{Bucket, History, HistoryLimits};
+use super::{
+    Ack, BusCmd, Delivery, Mailbox, MustDeliver, NewMessage, PublishError, Reply, RoomName, RoomStats,
+    ShardCmd, frame, now_us,
+};
+use crate::config::{AdaptiveConfig, LimitsConfig};
 use crate::metrics::BusStats;
 
-/// Rooms idle this long with no member anywhere are forgotten (their seq restarts).
+/// Rooms idle this long with no member anywhere (and nothing left in history) are forgotten.
 const ROOM_IDLE_TTL: Duration = Duration::from_secs(600);
 /// Upper bound on rooms, so publishers cannot grow memory without limit.
 pub const MAX_ROOMS: usize = 1_000_000;
+/// Upper bound on tracked users (rate limits); idle users are forgotten first.
+const MAX_USERS: usize = 1_000_000;
 /// Commands handled before flushing due rooms, so a flood cannot starve the timers.
 const MAX_CMDS_PER_TURN: usize = 4096;
+/// The adaptive level moves at most this often.
+const ADAPT_EVERY: Duration = Duration::from_millis(250);
+/// Smallest window adaptive merging widens from when the configured window is 0.
+const MIN_ADAPTIVE_BASE: Duration = Duration::from_millis(10);
+/// A room publishing at least this many messages per second counts as hot.
+const HOT_ROOM_RATE: f64 = 5.0;
 
 #[derive(Debug, Clone)]
 pub struct BusConfig {
     pub window: Duration,
     pub max_batch_messages: usize,
     pub max_batch_bytes: usize,
+    /// kind -> must deliver.
+    pub kinds: HashMap<String, bool>,
+    pub limits: LimitsConfig,
+    pub history: HistoryLimits,
+    pub join_last: usize,
+    pub adaptive: AdaptiveConfig,
+}
+
+impl BusConfig {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            window: cfg.merge_window(),
+            max_batch_messages: cfg.fanout.max_batch_messages,
+            max_batch_bytes: cfg.fanout.max_batch_bytes,
+            kinds: cfg.kinds.iter().map(|(k, v)| (k.clone(), v.must_deliver)).collect(),
+            limits: cfg.limits.clone(),
+            history: HistoryLimits {
+                must_deliver: cfg.history.must_deliver,
+                droppable: cfg.history.droppable,
+                max_age: Duration::from_millis(cfg.history.max_age_ms),
+            },
+            join_last: cfg.history.join_last,
+            adaptive: cfg.adaptive.clone(),
+        }
+    }
+}
+
+struct Pending {
+    msg: PushMessage,
+    must_deliver: bool,
 }
 
 struct Room {
@@ -41,14 +97,21 @@ struct Room {
     flushed_seq: u64,
     /// Bit `s` of `interest[p]`: shard `s` has members (or joins in flight) wanting encoding `p`.
     interest: [u64; 2],
-    pending: Vec<PushMessage>,
+    pending: Vec<Pending>,
     pending_bytes: usize,
     deadline: Option<Instant>,
     last_active: Instant,
+    history: History,
+    droppable_bucket: Bucket,
+    must_bucket: Bucket,
+    visible_bucket: Bucket,
+    /// Publish rate, messages per second (EWMA over ~1 s).
+    rate: f64,
+    rate_at: Instant,
 }
 
 impl Room {
-    fn new(name: RoomName, now: Instant) -> Self {
+    fn new(name: RoomName, now: Instant, cfg: &BusConfig) -> Self {
         Self {
             name,
             seq: 0,
@@ -58,11 +121,29 @@ impl Room {
             pending_bytes: 0,
             deadline: None,
             last_active: now,
+            history: History::default(),
+            droppable_bucket: Bucket::full(cfg.limits.room_burst, now),
+            must_bucket: Bucket::full(cfg.limits.must_deliver_room_burst, now),
+            visible_bucket: Bucket::full(cfg.adaptive.visible_rate, now),
+            rate: 0.0,
+            rate_at: now,
         }
     }
 
     fn interested(&self) -> bool {
         self.interest[0] | self.interest[1] != 0
+    }
+
+    fn bump_rate(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
+        self.rate_at = now;
+        // Exponential decay with a 1 s time constant, plus this event.
+        self.rate = self.rate * (-dt).exp() + 1.0;
+    }
+
+    fn current_rate(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
+        self.rate * (-dt).exp()
     }
 }
 
@@ -72,22 +153,44 @@ pub struct LocalBus {
     cfg: BusConfig,
     stats: BusStats,
     rooms: HashMap<RoomName, Room>,
-    timers: VecDeque<(Instant, RoomName)>,
+    users: HashMap<String, Bucket>,
+    timers: BinaryHeap<Reverse<(Instant, RoomName)>>,
     immediate: Vec<RoomName>,
     last_sweep: Instant,
+    /// Latest send backlog per shard.
+    shard_backlog: Vec<usize>,
+    /// Adaptive level: hot rooms use `base << level`.
+    level: u32,
+    max_level: u32,
+    last_adapt: Instant,
+    /// Level at max and still behind: sample droppable messages.
+    sampling: bool,
 }
 
 impl LocalBus {
     pub fn new(rx: Receiver<BusCmd>, shards: Vec<Mailbox>, cfg: BusConfig, stats: BusStats) -> Self {
+        let base = cfg.window.max(MIN_ADAPTIVE_BASE);
+        let max = Duration::from_millis(cfg.adaptive.max_window_ms).max(base);
+        let mut max_level = 0;
+        while base * (1 << (max_level + 1)) <= max && max_level < 16 {
+            max_level += 1;
+        }
+        let n = shards.len();
         Self {
             rx,
             shards,
             cfg,
             stats,
             rooms: HashMap::new(),
-            timers: VecDeque::new(),
+            users: HashMap::new(),
+            timers: BinaryHeap::new(),
             immediate: Vec::new(),
             last_sweep: Instant::now(),
+            shard_backlog: vec![0; n],
+            level: 0,
+            max_level,
+            last_adapt: Instant::now(),
+            sampling: false,
         }
     }
 
@@ -95,9 +198,9 @@ impl LocalBus {
     pub fn run(mut self) {
         loop {
             let now = Instant::now();
-            let first = match self.timers.front() {
-                Some(&(deadline, _)) => self.rx.recv_timeout(deadline.saturating_duration_since(now)),
-                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            let first = match self.timers.peek() {
+                Some(Reverse((deadline, _))) => self.rx.recv_timeout(deadline.saturating_duration_since(now)),
+                None => self.rx.recv_timeout(Duration::from_secs(1)),
             };
             match first {
                 Ok(BusCmd::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
@@ -129,17 +232,8 @@ impl LocalBus {
                 let result = self.publish(room, msg);
                 self.answer(reply, result);
             }
-            BusCmd::Join { room, shard, slot, generation, proto } => {
-                let now = Instant::now();
-                let r = self.rooms.entry(room.clone()).or_insert_with(|| Room::new(room.clone(), now));
-                r.interest[proto.index()] |= 1u64 << shard;
-                r.last_active = now;
-                let seq = r.flushed_seq;
-                let name = r.name.clone();
-                self.stats.rooms.set(self.rooms.len() as i64);
-                if let Some(mb) = self.shards.get(usize::from(shard)) {
-                    mb.send(ShardCmd::JoinAck { slot, generation, room: name, seq });
-                }
+            BusCmd::Join { room, shard, slot, generation, proto, since } => {
+                self.join(room, shard, slot, generation, proto, since);
             }
             BusCmd::NoInterest { room, shard, proto } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
@@ -147,7 +241,56 @@ impl LocalBus {
                     r.last_active = Instant::now();
                 }
             }
+            BusCmd::Load { shard, queued_bytes } => {
+                if let Some(b) = self.shard_backlog.get_mut(usize::from(shard)) {
+                    *b = queued_bytes;
+                }
+                self.adapt(Instant::now());
+            }
+            BusCmd::RoomStats { room, reply } => {
+                let _ = reply.send(self.room_stats(&room));
+            }
             BusCmd::Shutdown => {}
+        }
+    }
+
+    fn join(&mut self, room: RoomName, shard: u16, slot: u32, generation: u32, proto: Subprotocol, since: Option<u64>) {
+        let now = Instant::now();
+        if !self.rooms.contains_key(&room) {
+            let r = Room::new(room.clone(), now, &self.cfg);
+            self.rooms.insert(room.clone(), r);
+            self.stats.rooms.set(self.rooms.len() as i64);
+        }
+        let r = self.rooms.get_mut(&room).expect("inserted above");
+        r.interest[proto.index()] |= 1u64 << shard;
+        r.last_active = now;
+        r.history.trim(now, &self.cfg.history);
+        let seq = r.flushed_seq;
+        let name = r.name.clone();
+        let mut replay = Vec::new();
+        let mut frames_for = |msg: &ServerMsg| match envelope::encode(proto, msg) {
+            Ok(payload) => replay.push(frame(proto, &payload)),
+            Err(e) => tracing::error!(room = %name, error = %e, "cannot encode replay"),
+        };
+        match since {
+            Some(since) => {
+                let rec = r.history.recover(since, seq);
+                if let Some((from, to)) = rec.gap {
+                    frames_for(&ServerMsg::Gap { room: name.to_string(), from, to });
+                }
+                if !rec.messages.is_empty() {
+                    frames_for(&ServerMsg::Batch { room: name.to_string(), messages: rec.messages });
+                }
+            }
+            None => {
+                let last = r.history.last(self.cfg.join_last, seq);
+                if !last.is_empty() {
+                    frames_for(&ServerMsg::Batch { room: name.to_string(), messages: last });
+                }
+            }
+        }
+        if let Some(mb) = self.shards.get(usize::from(shard)) {
+            mb.send(ShardCmd::JoinAck { slot, generation, room: name, seq, replay });
         }
     }
 
@@ -157,65 +300,161 @@ impl LocalBus {
                 let _ = tx.send(result.map(|(_, ack)| ack));
             }
             Reply::Conn { shard, slot, generation } => {
-                if let (Some(mb), Ok((room, ack))) = (self.shards.get(usize::from(shard)), &result) {
-                    mb.send(ShardCmd::Published { slot, generation, room: room.clone(), result: Ok(*ack) });
-                } else if let (Some(mb), Err(e)) = (self.shards.get(usize::from(shard)), &result) {
-                    mb.send(ShardCmd::Published {
-                        slot,
-                        generation,
-                        room: RoomName::from(""),
-                        result: Err(e.clone()),
-                    });
-                }
+                let Some(mb) = self.shards.get(usize::from(shard)) else { return };
+                let (room, result) = match result {
+                    Ok((room, ack)) => (room, Ok(ack)),
+                    Err(e) => (RoomName::from(""), Err(e)),
+                };
+                mb.send(ShardCmd::Published { slot, generation, room, result });
             }
             Reply::None => {}
         }
     }
 
+    fn drop_counted(&self, kind: &str, reason: &str) {
+        self.stats.messages_dropped.with_label_values(&[kind, reason]).inc();
+    }
+
     fn publish(&mut self, room: RoomName, msg: NewMessage) -> Result<(RoomName, Ack), PublishError> {
         let now = Instant::now();
+        let Some(&must_deliver) = self.cfg.kinds.get(&msg.kind) else {
+            self.stats.publish_rejected.with_label_values(&["unknown_kind"]).inc();
+            return Err(PublishError::UnknownKind(msg.kind));
+        };
         if !self.rooms.contains_key(&room) {
             if self.rooms.len() >= MAX_ROOMS {
                 self.stats.publish_rejected.with_label_values(&["too_many_rooms"]).inc();
                 return Err(PublishError::TooManyRooms(MAX_ROOMS));
             }
-            self.rooms.insert(room.clone(), Room::new(room.clone(), now));
+            let r = Room::new(room.clone(), now, &self.cfg);
+            self.rooms.insert(room.clone(), r);
             self.stats.rooms.set(self.rooms.len() as i64);
+        }
+        let lim = &self.cfg.limits;
+        let r = self.rooms.get_mut(&room).expect("inserted above");
+        let ms = |d: Duration| d.as_millis().max(1) as u64;
+        if must_deliver {
+            if let Err(wait) = r.must_bucket.take(lim.must_deliver_room_rate, lim.must_deliver_room_burst, now) {
+                self.stats.publish_rejected.with_label_values(&["must_deliver_rate"]).inc();
+                return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: true });
+            }
+        } else {
+            if let Err(wait) = r.droppable_bucket.take(lim.room_rate, lim.room_burst, now) {
+                self.drop_counted(&msg.kind, "room_rate");
+                return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: false });
+            }
+            if !msg.user.is_empty() {
+                if self.users.len() >= MAX_USERS && !self.users.contains_key(&msg.user) {
+                    let (rate, burst) = (lim.user_rate, lim.user_burst);
+                    self.users.retain(|_, b| !b.is_full(rate, burst, now));
+                }
+                let b = self.users.entry(msg.user.clone()).or_insert_with(|| Bucket::full(lim.user_burst, now));
+                if let Err(wait) = b.take(lim.user_rate, lim.user_burst, now) {
+                    self.drop_counted(&msg.kind, "user_rate");
+                    return Err(PublishError::RateLimited {
+                        scope: "user",
+                        retry_after_ms: ms(wait),
+                        must_deliver: false,
+                    });
+                }
+            }
+            let r = self.rooms.get_mut(&room).expect("inserted above");
+            if self.sampling
+                && r.current_rate(now) >= HOT_ROOM_RATE
+                && r.visible_bucket.take(self.cfg.adaptive.visible_rate, self.cfg.adaptive.visible_rate, now).is_err()
+            {
+                self.drop_counted(&msg.kind, "sampled");
+                return Err(PublishError::Sampled);
+            }
         }
         let r = self.rooms.get_mut(&room).expect("inserted above");
         r.seq += 1;
         r.last_active = now;
+        r.bump_rate(now);
         let ack = Ack { seq: r.seq, ts_us: now_us() };
         self.stats.messages_in.with_label_values(&[msg.kind.as_str()]).inc();
         let name = r.name.clone();
+        let pm = PushMessage { seq: ack.seq, ts_us: ack.ts_us, kind: msg.kind, user: msg.user, body: msg.body };
+        r.history.push(pm.clone(), must_deliver, now, &self.cfg.history);
         if !r.interested() {
-            // No member on any shard: nothing to deliver. (History, for `since`, keeps it
-            // once that lands; until then the seq still advances so gaps stay visible.)
+            // No member on any shard: nothing to deliver now; history keeps it for `since`.
             r.flushed_seq = r.seq;
             return Ok((name, ack));
         }
-        r.pending_bytes += msg.body.len() + msg.kind.len() + msg.user.len() + 32;
-        r.pending.push(PushMessage {
-            seq: ack.seq,
-            ts_us: ack.ts_us,
-            kind: msg.kind,
-            user: msg.user,
-            body: msg.body,
-        });
+        r.pending_bytes += pm.body.len() + pm.kind.len() + pm.user.len() + 32;
+        r.pending.push(Pending { msg: pm, must_deliver });
         let full = r.pending.len() >= self.cfg.max_batch_messages || r.pending_bytes >= self.cfg.max_batch_bytes;
         if full {
             self.flush(&name);
         } else if r.deadline.is_none() {
-            if self.cfg.window.is_zero() {
+            let window = self.window_for(r.current_rate(now));
+            if window.is_zero() {
                 r.deadline = Some(now);
                 self.immediate.push(name.clone());
             } else {
-                let d = now + self.cfg.window;
+                let d = now + window;
                 r.deadline = Some(d);
-                self.timers.push_back((d, name.clone()));
+                self.timers.push(Reverse((d, name.clone())));
             }
         }
         Ok((name, ack))
+    }
+
+    /// The window a room publishing at `rate` messages/s uses now.
+    fn window_for(&self, rate: f64) -> Duration {
+        if self.level == 0 || rate < HOT_ROOM_RATE {
+            return self.cfg.window;
+        }
+        let base = self.cfg.window.max(MIN_ADAPTIVE_BASE);
+        (base * (1 << self.level)).min(Duration::from_millis(self.cfg.adaptive.max_window_ms))
+    }
+
+    fn adapt(&mut self, now: Instant) {
+        if !self.cfg.adaptive.enabled || now.duration_since(self.last_adapt) < ADAPT_EVERY {
+            return;
+        }
+        self.last_adapt = now;
+        let backlog = self.shard_backlog.iter().copied().max().unwrap_or(0);
+        let before = (self.level, self.sampling);
+        if backlog > self.cfg.adaptive.high_water_bytes {
+            if self.level < self.max_level {
+                self.level += 1;
+            } else {
+                self.sampling = true;
+            }
+        } else if backlog < self.cfg.adaptive.low_water_bytes {
+            if self.sampling {
+                self.sampling = false;
+            } else if self.level > 0 {
+                self.level -= 1;
+            }
+        }
+        if before != (self.level, self.sampling) {
+            let w = self.window_for(HOT_ROOM_RATE);
+            tracing::info!(backlog, level = self.level, window_ms = w.as_millis() as u64, sampling = self.sampling, "adaptive merge window");
+            self.stats.hot_window_ms.set(w.as_millis() as i64);
+            self.stats.sampling.set(i64::from(self.sampling));
+        }
+    }
+
+    fn room_stats(&self, room: &str) -> Option<RoomStats> {
+        let r = self.rooms.get(room)?;
+        let now = Instant::now();
+        let (md, dr) = r.history.len();
+        let rate = r.current_rate(now);
+        Some(RoomStats {
+            room: r.name.to_string(),
+            seq: r.seq,
+            flushed_seq: r.flushed_seq,
+            shards_json: r.interest[0].count_ones(),
+            shards_rkyv: r.interest[1].count_ones(),
+            window_ms: self.window_for(rate).as_millis() as u64,
+            sampling_visible_rate: (self.sampling && rate >= HOT_ROOM_RATE).then_some(self.cfg.adaptive.visible_rate),
+            history_must_deliver: md,
+            history_droppable: dr,
+            history_evicted_upto: r.history.must_evicted_upto,
+            publish_rate: rate,
+        })
     }
 
     fn flush_immediate(&mut self) {
@@ -228,11 +467,11 @@ impl LocalBus {
     }
 
     fn flush_due(&mut self, now: Instant) {
-        while let Some(&(deadline, _)) = self.timers.front() {
-            if deadline > now {
+        while let Some(Reverse((deadline, _))) = self.timers.peek() {
+            if *deadline > now {
                 break;
             }
-            let (deadline, room) = self.timers.pop_front().expect("front exists");
+            let Reverse((deadline, room)) = self.timers.pop().expect("peeked");
             // A room flushed early (full batch) leaves a stale timer: skip it.
             if self.rooms.get(&room).and_then(|r| r.deadline) == Some(deadline) {
                 self.flush(&room);
@@ -255,26 +494,28 @@ impl LocalBus {
         if r.pending.is_empty() {
             return;
         }
-        let messages = std::mem::take(&mut r.pending);
+        let pending = std::mem::take(&mut r.pending);
         r.pending_bytes = 0;
-        let last_seq = messages.last().map_or(r.flushed_seq, |m| m.seq);
+        let last_seq = pending.last().map_or(r.flushed_seq, |p| p.msg.seq);
         r.flushed_seq = last_seq;
         if !r.interested() {
             return;
         }
-        let count = messages.len() as u32;
-        let msg = ServerMsg::Batch { room: r.name.to_string(), messages };
-        let mut frames: [Option<bytes::Bytes>; 2] = [None, None];
-        for proto in Subprotocol::ALL {
-            if r.interest[proto.index()] == 0 {
-                continue;
-            }
-            match envelope::encode(proto, &msg) {
-                Ok(payload) => frames[proto.index()] = Some(frame(proto, &payload)),
-                Err(e) => tracing::error!(room = %r.name, error = %e, "cannot encode batch"),
-            }
-        }
-        let delivery = Arc::new(Delivery { room: r.name.clone(), frames, messages: count, last_seq });
+        let count = pending.len() as u32;
+        let must = pending.iter().filter(|p| p.must_deliver).count() as u32;
+        let must_msgs: Vec<PushMessage> =
+            if must > 0 && must < count { pending.iter().filter(|p| p.must_deliver).map(|p| p.msg.clone()).collect() } else { Vec::new() };
+        let all = ServerMsg::Batch { room: r.name.to_string(), messages: pending.into_iter().map(|p| p.msg).collect() };
+        let frames = encode_frames(&r.name, r.interest, &all);
+        let must_deliver = if must == count {
+            MustDeliver::All
+        } else if must == 0 {
+            MustDeliver::None
+        } else {
+            let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs };
+            MustDeliver::Some { frames: encode_frames(&r.name, r.interest, &only), messages: must }
+        };
+        let delivery = Arc::new(Delivery { room: r.name.clone(), frames, messages: count, last_seq, must_deliver });
         let mut shards = r.interest[0] | r.interest[1];
         while shards != 0 {
             let s = shards.trailing_zeros() as usize;
@@ -293,41 +534,74 @@ impl LocalBus {
             return;
         }
         self.last_sweep = now;
+        let lim = self.cfg.history;
         self.rooms.retain(|_, r| {
-            r.interested() || !r.pending.is_empty() || now.duration_since(r.last_active) < ROOM_IDLE_TTL
+            r.history.trim(now, &lim);
+            r.interested()
+                || !r.pending.is_empty()
+                || r.history.len() != (0, 0)
+                || now.duration_since(r.last_active) < ROOM_IDLE_TTL
         });
+        let (rate, burst) = (self.cfg.limits.user_rate, self.cfg.limits.user_burst);
+        self.users.retain(|_, b| !b.is_full(rate, burst, now));
         self.stats.rooms.set(self.rooms.len() as i64);
     }
+}
+
+/// One frame per encoding some shard wants.
+fn encode_frames(room: &str, interest: [u64; 2], msg: &ServerMsg) -> [Option<Bytes>; 2] {
+    let mut frames: [Option<Bytes>; 2] = [None, None];
+    for proto in Subprotocol::ALL {
+        if interest[proto.index()] == 0 {
+            continue;
+        }
+        match envelope::encode(proto, msg) {
+            Ok(payload) => frames[proto.index()] = Some(frame(proto, &payload)),
+            Err(e) => tracing::error!(room, error = %e, "cannot encode batch"),
+        }
+    }
+    frames
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::metrics::Metrics;
     use std::sync::atomic::AtomicBool;
 
-    fn setup(window_ms: u64) -> (LocalBus, crossbeam_channel::Receiver<ShardCmd>) {
+    fn setup_with(cfg: Config) -> (LocalBus, crossbeam_channel::Receiver<ShardCmd>) {
         let (_btx, brx) = crossbeam_channel::unbounded();
         let (stx, srx) = crossbeam_channel::unbounded();
         let fd = Arc::new(crate::sys::eventfd().unwrap());
         let mb = Mailbox::new(stx, fd, Arc::new(AtomicBool::new(false)));
-        let cfg = BusConfig {
-            window: Duration::from_millis(window_ms),
-            max_batch_messages: 3,
-            max_batch_bytes: 1 << 20,
-        };
-        (LocalBus::new(brx, vec![mb], cfg, Metrics::new().bus.clone()), srx)
+        let mut bc = BusConfig::from_config(&cfg);
+        bc.max_batch_messages = 3;
+        (LocalBus::new(brx, vec![mb], bc, Metrics::new().bus.clone()), srx)
+    }
+
+    fn setup(window_ms: u64) -> (LocalBus, crossbeam_channel::Receiver<ShardCmd>) {
+        let mut cfg = Config::default();
+        cfg.fanout.merge_window_ms = window_ms;
+        setup_with(cfg)
     }
 
     fn msg(kind: &str, n: u32) -> NewMessage {
-        NewMessage { kind: kind.into(), user: "u".into(), body: format!("{{\"n\":{n}}}") }
+        NewMessage { kind: kind.into(), user: String::new(), body: format!("{{\"n\":{n}}}") }
     }
 
-    fn decode_batch(d: &Delivery) -> Vec<u64> {
-        let f = d.frames[0].as_ref().unwrap();
+    fn join(bus: &mut LocalBus, room: &RoomName, proto: Subprotocol, since: Option<u64>) {
+        bus.handle(BusCmd::Join { room: room.clone(), shard: 0, slot: 5, generation: 1, proto, since });
+    }
+
+    fn decode(f: &Bytes) -> ServerMsg {
         // 2-byte header for payloads under 126 bytes, else 4.
         let off = if f[1] & 0x7f == 126 { 4 } else { 2 };
-        match envelope::decode_json(&f[off..]).unwrap() {
+        envelope::decode_json(&f[off..]).unwrap()
+    }
+
+    fn seqs(msg: &ServerMsg) -> Vec<u64> {
+        match msg {
             ServerMsg::Batch { messages, .. } => messages.iter().map(|m| m.seq).collect(),
             other => panic!("{other:?}"),
         }
@@ -337,11 +611,14 @@ mod tests {
     fn join_ack_then_batches_in_seq_order_and_merged() {
         let (mut bus, srx) = setup(50);
         let room: RoomName = "r".into();
-        // Published before anyone joined: numbered, not delivered.
+        // Published before anyone joined: numbered, kept in history, not delivered.
         assert_eq!(bus.publish(room.clone(), msg("chat", 0)).unwrap().1.seq, 1);
-        bus.handle(BusCmd::Join { room: room.clone(), shard: 0, slot: 5, generation: 1, proto: Subprotocol::Json });
+        join(&mut bus, &room, Subprotocol::Json, None);
         match srx.try_recv().unwrap() {
-            ShardCmd::JoinAck { slot, seq, .. } => assert_eq!((slot, seq), (5, 1)),
+            ShardCmd::JoinAck { slot, seq, replay, .. } => {
+                assert_eq!((slot, seq), (5, 1));
+                assert!(replay.is_empty(), "join_last defaults to 0");
+            }
             _ => panic!("expected JoinAck"),
         }
         for n in 1..=2 {
@@ -353,8 +630,9 @@ mod tests {
         match srx.try_recv().unwrap() {
             ShardCmd::Deliver(d) => {
                 assert_eq!(d.messages, 2);
-                assert_eq!(decode_batch(&d), vec![2, 3]);
+                assert_eq!(seqs(&decode(d.frames[0].as_ref().unwrap())), vec![2, 3]);
                 assert!(d.frames[1].is_none(), "no rkyv member: rkyv not serialized");
+                assert_eq!(d.must_deliver, MustDeliver::All);
             }
             _ => panic!("expected Deliver"),
         }
@@ -364,7 +642,7 @@ mod tests {
     fn full_batch_flushes_early_and_window_zero_flushes_per_turn() {
         let (mut bus, srx) = setup(1000);
         let room: RoomName = "r".into();
-        bus.handle(BusCmd::Join { room: room.clone(), shard: 0, slot: 1, generation: 1, proto: Subprotocol::Rkyv });
+        join(&mut bus, &room, Subprotocol::Rkyv, None);
         let _ack = srx.try_recv().unwrap();
         for n in 0..3 {
             bus.publish(room.clone(), msg("chat", n)).unwrap();
@@ -372,33 +650,161 @@ mod tests {
         let ShardCmd::Deliver(d) = srx.try_recv().unwrap() else { panic!("expected Deliver") };
         assert_eq!(d.messages, 3);
         assert!(d.frames[0].is_none() && d.frames[1].is_some());
+        assert_eq!(d.must_deliver, MustDeliver::None);
 
         let (mut bus, srx) = setup(0);
-        bus.handle(BusCmd::Join { room: room.clone(), shard: 0, slot: 1, generation: 1, proto: Subprotocol::Json });
+        join(&mut bus, &room, Subprotocol::Json, None);
         let _ack = srx.try_recv().unwrap();
         bus.publish(room.clone(), msg("chat", 0)).unwrap();
         bus.flush_immediate();
         bus.publish(room.clone(), msg("chat", 1)).unwrap();
         bus.flush_immediate();
-        let seqs: Vec<Vec<u64>> = srx
+        let got: Vec<Vec<u64>> = srx
             .try_iter()
             .map(|c| match c {
-                ShardCmd::Deliver(d) => decode_batch(&d),
+                ShardCmd::Deliver(d) => seqs(&decode(d.frames[0].as_ref().unwrap())),
                 _ => panic!("expected Deliver"),
             })
             .collect();
-        assert_eq!(seqs, vec![vec![1], vec![2]]);
+        assert_eq!(got, vec![vec![1], vec![2]]);
+    }
+
+    #[test]
+    fn mixed_batch_carries_a_must_deliver_only_variant() {
+        let (mut bus, srx) = setup(1000);
+        let room: RoomName = "r".into();
+        join(&mut bus, &room, Subprotocol::Json, None);
+        let _ack = srx.try_recv().unwrap();
+        bus.publish(room.clone(), msg("chat", 0)).unwrap();
+        bus.publish(room.clone(), msg("gift", 1)).unwrap();
+        bus.publish(room.clone(), msg("chat", 2)).unwrap();
+        let ShardCmd::Deliver(d) = srx.try_recv().unwrap() else { panic!("expected Deliver") };
+        let MustDeliver::Some { frames, messages } = &d.must_deliver else { panic!("{:?}", d.must_deliver) };
+        assert_eq!(*messages, 1);
+        assert_eq!(seqs(&decode(frames[0].as_ref().unwrap())), vec![2]);
     }
 
     #[test]
     fn no_interest_stops_deliveries() {
         let (mut bus, srx) = setup(0);
         let room: RoomName = "r".into();
-        bus.handle(BusCmd::Join { room: room.clone(), shard: 0, slot: 1, generation: 1, proto: Subprotocol::Json });
+        join(&mut bus, &room, Subprotocol::Json, None);
         let _ack = srx.try_recv().unwrap();
         bus.handle(BusCmd::NoInterest { room: room.clone(), shard: 0, proto: Subprotocol::Json });
         bus.publish(room.clone(), msg("chat", 0)).unwrap();
         bus.flush_immediate();
         assert!(srx.try_recv().is_err());
+    }
+
+    #[test]
+    fn since_recovers_gifts_and_reports_gaps() {
+        let mut cfg = Config::default();
+        cfg.history.must_deliver = 3;
+        let (mut bus, srx) = setup_with(cfg);
+        let room: RoomName = "r".into();
+        for n in 0..6 {
+            bus.publish(room.clone(), msg(if n % 2 == 0 { "gift" } else { "chat" }, n)).unwrap();
+        }
+        // Gifts are seqs 1, 3, 5; all kept (limit 3). Since 1: gifts 3 and 5, no gap.
+        join(&mut bus, &room, Subprotocol::Json, Some(1));
+        let ShardCmd::JoinAck { seq, replay, .. } = srx.try_recv().unwrap() else { panic!() };
+        assert_eq!(seq, 6);
+        assert_eq!(replay.len(), 1);
+        assert_eq!(seqs(&decode(&replay[0])), vec![3, 5]);
+        // Two more gifts evict gifts 1 and 3: since 0 now has a gap up to 3.
+        bus.publish(room.clone(), msg("gift", 7)).unwrap();
+        bus.publish(room.clone(), msg("gift", 8)).unwrap();
+        bus.flush_all();
+        let _ = srx.try_iter().count();
+        join(&mut bus, &room, Subprotocol::Json, Some(0));
+        let ShardCmd::JoinAck { replay, .. } = srx.try_recv().unwrap() else { panic!() };
+        assert_eq!(decode(&replay[0]), ServerMsg::Gap { room: "r".into(), from: 1, to: 3 });
+        assert_eq!(seqs(&decode(&replay[1])), vec![5, 7, 8]);
+    }
+
+    #[test]
+    fn limits_drop_chat_but_reject_gifts() {
+        let mut cfg = Config::default();
+        cfg.limits.room_rate = 1.0;
+        cfg.limits.room_burst = 2.0;
+        cfg.limits.must_deliver_room_rate = 1.0;
+        cfg.limits.must_deliver_room_burst = 3.0;
+        let (mut bus, _srx) = setup_with(cfg);
+        let room: RoomName = "r".into();
+        assert!(bus.publish(room.clone(), msg("chat", 0)).is_ok());
+        assert!(bus.publish(room.clone(), msg("chat", 1)).is_ok());
+        match bus.publish(room.clone(), msg("chat", 2)) {
+            Err(PublishError::RateLimited { must_deliver: false, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        // Gifts have their own bucket: the chat flood does not touch it.
+        for n in 0..3 {
+            assert!(bus.publish(room.clone(), msg("gift", n)).is_ok());
+        }
+        match bus.publish(room.clone(), msg("gift", 9)) {
+            Err(PublishError::RateLimited { must_deliver: true, retry_after_ms, .. }) => assert!(retry_after_ms > 0),
+            other => panic!("{other:?}"),
+        }
+        // Rejected messages take no seq: seqs stay dense.
+        assert_eq!(bus.rooms[&room].seq, 5);
+        assert!(matches!(bus.publish(room.clone(), msg("nope", 0)), Err(PublishError::UnknownKind(_))));
+    }
+
+    #[test]
+    fn per_user_limit() {
+        let mut cfg = Config::default();
+        cfg.limits.user_rate = 1.0;
+        cfg.limits.user_burst = 1.0;
+        let (mut bus, _srx) = setup_with(cfg);
+        let m = |u: &str| NewMessage { kind: "chat".into(), user: u.into(), body: "1".into() };
+        assert!(bus.publish("a".into(), m("u1")).is_ok());
+        assert!(matches!(bus.publish("b".into(), m("u1")), Err(PublishError::RateLimited { scope: "user", .. })));
+        assert!(bus.publish("b".into(), m("u2")).is_ok());
+    }
+
+    #[test]
+    fn backlog_widens_hot_windows_then_samples_then_recovers() {
+        let mut cfg = Config::default();
+        cfg.fanout.merge_window_ms = 100;
+        cfg.adaptive.max_window_ms = 400;
+        cfg.adaptive.visible_rate = 2.0;
+        let (mut bus, _srx) = setup_with(cfg);
+        let room: RoomName = "hot".into();
+        for n in 0..20 {
+            bus.publish(room.clone(), msg("gift", n)).unwrap();
+        }
+        let t0 = Instant::now();
+        let mut t = t0;
+        let high = bus.cfg.adaptive.high_water_bytes + 1;
+        let mut step = |bus: &mut LocalBus, backlog: usize| {
+            t += ADAPT_EVERY;
+            bus.shard_backlog[0] = backlog;
+            bus.adapt(t);
+        };
+        assert_eq!(bus.window_for(100.0), Duration::from_millis(100));
+        step(&mut bus, high);
+        assert_eq!(bus.window_for(100.0), Duration::from_millis(200));
+        assert_eq!(bus.window_for(0.1), Duration::from_millis(100), "cold rooms keep the base window");
+        step(&mut bus, high);
+        assert_eq!(bus.window_for(100.0), Duration::from_millis(400));
+        assert!(!bus.sampling);
+        step(&mut bus, high);
+        assert!(bus.sampling, "at the widest window and still behind: sample");
+        // Sampling drops chat beyond the visible rate, never gifts.
+        let mut sampled = 0;
+        for n in 0..20 {
+            if matches!(bus.publish(room.clone(), msg("chat", n)), Err(PublishError::Sampled)) {
+                sampled += 1;
+            }
+        }
+        assert!(sampled >= 15, "{sampled}");
+        for n in 0..20 {
+            bus.publish(room.clone(), msg("gift", n)).unwrap();
+        }
+        step(&mut bus, 0);
+        assert!(!bus.sampling);
+        step(&mut bus, 0);
+        step(&mut bus, 0);
+        assert_eq!(bus.window_for(100.0), Duration::from_millis(100));
     }
 }

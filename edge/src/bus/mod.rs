@@ -7,6 +7,7 @@
 //! answer carries the exact seq. Shards and the publish API talk to it over a channel.
 
 pub mod local;
+pub mod policy;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -42,6 +43,16 @@ pub enum PublishError {
     ShuttingDown,
     #[error("too many rooms ({0}); refusing to create another")]
     TooManyRooms(usize),
+    #[error("unknown kind {0:?}: publish one of the configured kinds")]
+    UnknownKind(String),
+    /// Over a token bucket. Droppable kinds: the message is dropped (and counted). Must-deliver
+    /// kinds: rejected, so the publisher retries; never silently dropped.
+    #[error("rate limited ({scope}); retry after {retry_after_ms} ms")]
+    RateLimited { scope: &'static str, retry_after_ms: u64, must_deliver: bool },
+    /// The room is so hot that even the widest merge window is not enough: droppable messages
+    /// are sampled down to the visible rate and this one was not kept.
+    #[error("sampled out: the room shows at most its visible rate of droppable messages")]
+    Sampled,
 }
 
 /// Where the answer to a publish goes.
@@ -54,6 +65,18 @@ pub enum Reply {
     None,
 }
 
+/// What a batch holds of must-deliver messages: decides what a slow consumer keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MustDeliver {
+    /// Every message in the batch is must-deliver: keep the frame whole.
+    All,
+    /// None is: a slow consumer may drop the frame.
+    None,
+    /// Some are: a slow consumer gets this frame instead (must-deliver messages only), one per
+    /// encoding, with the count of messages it holds.
+    Some { frames: [Option<Bytes>; 2], messages: u32 },
+}
+
 /// One room flush, shared by every shard with members of the room.
 #[derive(Debug)]
 pub struct Delivery {
@@ -63,13 +86,16 @@ pub struct Delivery {
     /// Messages in the batch (for delivery counters).
     pub messages: u32,
     pub last_seq: u64,
+    pub must_deliver: MustDeliver,
 }
 
 /// What a shard's mailbox carries.
 pub enum ShardCmd {
     Deliver(Arc<Delivery>),
-    /// The join of connection `slot` took effect after `seq`.
-    JoinAck { slot: u32, generation: u32, room: RoomName, seq: u64 },
+    /// The join of connection `slot` took effect after `seq`; `replay` (frames in the
+    /// connection's encoding: a gap notice and/or recovered messages) goes out right after
+    /// `Joined` and before any live batch.
+    JoinAck { slot: u32, generation: u32, room: RoomName, seq: u64, replay: Vec<Bytes> },
     /// The answer to a publish over a socket.
     Published { slot: u32, generation: u32, room: RoomName, result: Result<Ack, PublishError> },
     /// Close every connection with 1001 and stop.
@@ -81,10 +107,38 @@ pub enum BusCmd {
     Publish { room: RoomName, msg: NewMessage, reply: Reply },
     /// A connection asks to join; the bus answers `JoinAck` on the shard's mailbox, in order
     /// with the room's deliveries, and counts the shard as interested in `proto` frames.
-    Join { room: RoomName, shard: u16, slot: u32, generation: u32, proto: Subprotocol },
+    Join { room: RoomName, shard: u16, slot: u32, generation: u32, proto: Subprotocol, since: Option<u64> },
     /// The shard has no more members (joined or joining) of `room` in `proto`.
     NoInterest { room: RoomName, shard: u16, proto: Subprotocol },
+    /// A shard's send backlog, reported every tick: drives adaptive merging.
+    Load { shard: u16, queued_bytes: usize },
+    /// Room figures for `GET /v1/rooms/{room}`.
+    RoomStats { room: RoomName, reply: tokio::sync::oneshot::Sender<Option<RoomStats>> },
     Shutdown,
+}
+
+/// What `GET /v1/rooms/{room}` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomStats {
+    pub room: String,
+    /// Last seq assigned.
+    pub seq: u64,
+    /// Last seq handed to shards.
+    pub flushed_seq: u64,
+    /// Shards with members, per encoding.
+    pub shards_json: u32,
+    pub shards_rkyv: u32,
+    /// The merge window the room uses now (widened when shards fall behind).
+    pub window_ms: u64,
+    /// Droppable messages per second shown when sampling is on, else null.
+    pub sampling_visible_rate: Option<f64>,
+    /// Messages kept for recovery: must-deliver, droppable.
+    pub history_must_deliver: usize,
+    pub history_droppable: usize,
+    /// Highest must-deliver seq evicted from history (a `since` below it gets a gap).
+    pub history_evicted_upto: u64,
+    /// Published messages per second (EWMA).
+    pub publish_rate: f64,
 }
 
 /// A shard's mailbox: a channel plus an eventfd doorbell, rung only when the shard is parked
@@ -121,6 +175,15 @@ impl BusHandle {
 
     pub fn send(&self, cmd: BusCmd) -> bool {
         self.tx.send(cmd).is_ok()
+    }
+
+    /// Room figures (from async code).
+    pub async fn room_stats(&self, room: RoomName) -> Option<RoomStats> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.send(BusCmd::RoomStats { room, reply: tx }) {
+            return None;
+        }
+        rx.await.ok().flatten()
     }
 
     /// Publishes and waits for the seq (from async code).

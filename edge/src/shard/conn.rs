@@ -15,6 +15,24 @@ pub struct OutFrame {
     pub bytes: Bytes,
     /// Published messages inside (0 for control frames), for delivery counters.
     pub messages: u32,
+    /// What a slow consumer keeps of this frame.
+    pub must: Keep,
+}
+
+/// What of a queued frame survives when its connection falls behind.
+pub enum Keep {
+    /// All of it: control frames, and batches of must-deliver messages only.
+    Whole,
+    /// Nothing: a batch of droppable messages only.
+    Nothing,
+    /// This smaller frame, with only the must-deliver messages.
+    Instead(Rc<OutFrame>),
+}
+
+impl OutFrame {
+    pub fn control(bytes: Bytes) -> Rc<Self> {
+        Rc::new(Self { bytes, messages: 0, must: Keep::Whole })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +158,23 @@ impl Conn {
         (frames, messages)
     }
 
+    /// The connection is behind: every queued frame not yet handed to the kernel is replaced by
+    /// its must-deliver part (or dropped if it has none). Returns the bytes shed.
+    pub fn shed(&mut self) -> usize {
+        let keep = usize::from(self.in_flight);
+        let before = self.out_bytes;
+        let tail: Vec<Rc<OutFrame>> = self.out.drain(keep..).collect();
+        for f in tail {
+            self.out_bytes -= f.bytes.len();
+            match &f.must {
+                Keep::Whole => self.push(f),
+                Keep::Nothing => {}
+                Keep::Instead(g) => self.push(g.clone()),
+            }
+        }
+        before - self.out_bytes
+    }
+
     /// Drops queued frames beyond the first `keep` (those may be in flight).
     pub fn drop_unsent(&mut self, keep: usize) {
         while self.out.len() > keep.max(usize::from(self.in_flight)) {
@@ -158,7 +193,22 @@ mod tests {
     use super::*;
 
     fn frame(n: usize) -> Rc<OutFrame> {
-        Rc::new(OutFrame { bytes: Bytes::from(vec![7u8; n]), messages: 2 })
+        Rc::new(OutFrame { bytes: Bytes::from(vec![7u8; n]), messages: 2, must: Keep::Nothing })
+    }
+
+    #[test]
+    fn shedding_keeps_in_flight_and_must_deliver_parts() {
+        let mut c = Conn::new(1, 0);
+        c.push(frame(100)); // in flight
+        c.push(frame(100)); // droppable: goes
+        let gift = Rc::new(OutFrame { bytes: Bytes::from(vec![1u8; 10]), messages: 1, must: Keep::Whole });
+        c.push(Rc::new(OutFrame { bytes: Bytes::from(vec![2u8; 100]), messages: 3, must: Keep::Instead(gift) }));
+        c.push(OutFrame::control(Bytes::from_static(b"ctl")));
+        c.in_flight = 1;
+        assert_eq!(c.shed(), 187);
+        let sizes: Vec<usize> = c.out.iter().map(|f| f.bytes.len()).collect();
+        assert_eq!(sizes, vec![100, 10, 3]);
+        assert_eq!(c.out_bytes, 113);
     }
 
     #[test]

@@ -30,13 +30,13 @@ use roomcast_proto::ws::{self, CloseReason, Decoder, Event, Limits, OpCode};
 use roomcast_proto::{Subprotocol, envelope::validate_room};
 use socket2::Socket;
 
-use crate::bus::{BusCmd, BusHandle, Delivery, NewMessage, Reply, RoomName, ShardCmd};
+use crate::bus::{BusCmd, BusHandle, Delivery, MustDeliver, NewMessage, Reply, RoomName, ShardCmd};
 use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::room::{Interest, Rooms};
 use crate::uring::{BufRing, OpKind, Sq, Token, UringError};
 
-use conn::{Action, Closing, Conn, OutFrame, Phase};
+use conn::{Action, Closing, Conn, Keep, OutFrame, Phase};
 
 /// Buffer group id of the shard's receive buffers.
 const BGID: u16 = 0;
@@ -230,7 +230,9 @@ impl Shard {
         while let Ok(cmd) = self.mailbox.try_recv() {
             match cmd {
                 ShardCmd::Deliver(d) => self.deliver(&d),
-                ShardCmd::JoinAck { slot, generation, room, seq } => self.join_ack(slot, generation, room, seq),
+                ShardCmd::JoinAck { slot, generation, room, seq, replay } => {
+                    self.join_ack(slot, generation, room, seq, replay);
+                }
                 ShardCmd::Published { slot, generation, room, result } => {
                     let msg = match result {
                         Ok(ack) => ServerMsg::Published { room: room.to_string(), seq: ack.seq, ts_us: ack.ts_us },
@@ -251,10 +253,18 @@ impl Shard {
 
     fn deliver(&mut self, d: &Delivery) {
         let Some(members) = self.rooms.members(&d.room) else { return };
-        let frames: [Option<Rc<OutFrame>>; 2] = [
-            d.frames[0].clone().map(|b| Rc::new(OutFrame { bytes: b, messages: d.messages })),
-            d.frames[1].clone().map(|b| Rc::new(OutFrame { bytes: b, messages: d.messages })),
-        ];
+        let frames: [Option<Rc<OutFrame>>; 2] = std::array::from_fn(|p| {
+            let bytes = d.frames[p].clone()?;
+            let must = match &d.must_deliver {
+                MustDeliver::All => Keep::Whole,
+                MustDeliver::None => Keep::Nothing,
+                MustDeliver::Some { frames, messages } => match &frames[p] {
+                    Some(b) => Keep::Instead(Rc::new(OutFrame { bytes: b.clone(), messages: *messages, must: Keep::Whole })),
+                    None => Keep::Nothing,
+                },
+            };
+            Some(Rc::new(OutFrame { bytes, messages: d.messages, must }))
+        });
         let max_bytes = self.cfg.send.max_queue_bytes;
         let max_frames = self.cfg.send.max_queue_frames;
         let mut slow = Vec::new();
@@ -264,11 +274,22 @@ impl Shard {
                 continue;
             }
             let Some(f) = &frames[c.proto.index()] else { continue };
+            let mut f = f.clone();
             if c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
-                slow.push(slot);
-                continue;
+                // Behind: keep only what must be delivered, of the queue and of this frame.
+                let shed = c.shed();
+                self.stats.shed_bytes.inc_by(shed as u64);
+                f = match &f.must {
+                    Keep::Whole => f,
+                    Keep::Nothing => continue,
+                    Keep::Instead(g) => g.clone(),
+                };
+                if c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
+                    slow.push(slot);
+                    continue;
+                }
             }
-            c.push(f.clone());
+            c.push(f);
             if !c.dirty && c.in_flight == 0 {
                 c.dirty = true;
                 self.dirty.push(slot);
@@ -503,11 +524,13 @@ impl Shard {
             },
             None => None,
         };
-        if let Some(s) = up.query_param("since")
-            && s.parse::<u64>().is_err()
-        {
-            return self.refuse(slot, &bad("bad since: not an unsigned integer"));
-        }
+        let since = match up.query_param("since") {
+            Some(s) => match s.parse::<u64>() {
+                Ok(v) => Some(v),
+                Err(_) => return self.refuse(slot, &bad("bad since: not an unsigned integer")),
+            },
+            None => None,
+        };
         let response = Bytes::from(handshake::response_101(&up.key, proto));
         let limits = self.limits;
         {
@@ -515,11 +538,11 @@ impl Shard {
             c.phase = Phase::Open;
             c.proto = proto.unwrap_or(Subprotocol::Json);
             c.decoder = Some(Box::new(Decoder::new(limits)));
-            c.push(Rc::new(OutFrame { bytes: response, messages: 0 }));
+            c.push(OutFrame::control(response));
         }
         self.mark_dirty(slot);
         if let Some(room) = room {
-            self.join(slot, room);
+            self.join(slot, room, since);
         }
         if !rest.is_empty() {
             let mut actions = std::mem::take(&mut self.actions);
@@ -577,10 +600,10 @@ impl Shard {
             Err(e) => return self.send_error(slot, "bad_message", &e.to_string()),
         };
         match msg {
-            ClientMsg::Join { room, since: _ } => match validate_room(&room) {
+            ClientMsg::Join { room, since } => match validate_room(&room) {
                 Ok(()) => {
                     let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
-                    self.join(slot, name);
+                    self.join(slot, name, since);
                 }
                 Err(why) => self.send_error(slot, "bad_room", why),
             },
@@ -610,7 +633,7 @@ impl Shard {
     }
 
     /// Joins `room`, leaving the current one first. Membership starts when the bus acknowledges.
-    fn join(&mut self, slot: u32, room: RoomName) {
+    fn join(&mut self, slot: u32, room: RoomName, since: Option<u64>) {
         if let Some(old) = self.leave(slot) {
             self.send_msg(slot, &ServerMsg::Left { room: old.to_string() });
         }
@@ -619,10 +642,10 @@ impl Shard {
         let generation = c.generation;
         c.joining = Some(room.clone());
         self.rooms.begin_join(&room, proto);
-        self.bus.send(BusCmd::Join { room, shard: self.id, slot, generation, proto });
+        self.bus.send(BusCmd::Join { room, shard: self.id, slot, generation, proto, since });
     }
 
-    fn join_ack(&mut self, slot: u32, generation: u32, room: RoomName, seq: u64) {
+    fn join_ack(&mut self, slot: u32, generation: u32, room: RoomName, seq: u64, replay: Vec<Bytes>) {
         let waiting = matches!(
             self.conns.get(slot as usize),
             Some(Some(c)) if c.generation == generation && c.closing == Closing::No
@@ -641,6 +664,10 @@ impl Shard {
             c.room_idx = idx;
         }
         self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq });
+        for f in replay {
+            // Recovered must-deliver messages: kept whole if the connection falls behind.
+            self.push_frame(slot, f);
+        }
     }
 
     /// Leaves the current room (or cancels a join in flight). Returns the room left.
@@ -699,7 +726,7 @@ impl Shard {
         if c.closing != Closing::No {
             return;
         }
-        c.push(Rc::new(OutFrame { bytes, messages: 0 }));
+        c.push(OutFrame::control(bytes));
         self.mark_dirty(slot);
     }
 
@@ -776,7 +803,7 @@ impl Shard {
             return;
         }
         if let Some(bytes) = last {
-            c.push(Rc::new(OutFrame { bytes, messages: 0 }));
+            c.push(OutFrame::control(bytes));
         }
         c.closing = Closing::AfterFlush { deadline_ms: deadline };
         c.decoder = None;
@@ -886,6 +913,7 @@ impl Shard {
             }
         }
         self.stats.send_queue_bytes.set(queued as i64);
+        self.bus.send(BusCmd::Load { shard: self.id, queued_bytes: queued });
         for slot in to_abort {
             if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No) {
                 self.stats.handshake_failures.inc();

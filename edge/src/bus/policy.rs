@@ -1,0 +1,217 @@
+//! Delivery policy state kept per room by the bus: token buckets for upstream limits, and the
+//! bounded history that `since` recovery reads. Pure data structures: callers pass `now`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use roomcast_proto::envelope::PushMessage;
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn full(burst: f64, now: Instant) -> Self {
+        Self { tokens: burst, last: now }
+    }
+
+    /// Takes one token, or says how long until one is available.
+    pub fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else if rate <= 0.0 {
+            Err(Duration::from_secs(3600))
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+
+    /// Whether the bucket would be full now (an idle user: safe to forget).
+    pub fn is_full(&self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * rate >= burst
+    }
+}
+
+/// Limits on a room's history.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub must_deliver: usize,
+    pub droppable: usize,
+    pub max_age: Duration,
+}
+
+/// A room's recent messages, must-deliver apart from droppable so that a chat flood never evicts
+/// a gift a reconnecting client may still need.
+#[derive(Debug, Default)]
+pub struct History {
+    must: VecDeque<(Instant, PushMessage)>,
+    droppable: VecDeque<(Instant, PushMessage)>,
+    /// Highest seq of a must-deliver message that was evicted (0: none).
+    pub must_evicted_upto: u64,
+}
+
+/// What a `since` recovery yields.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Must-deliver messages with `since < seq <= upto`, in order.
+    pub messages: Vec<PushMessage>,
+    /// Seqs `from..=to` may have held must-deliver messages that are gone.
+    pub gap: Option<(u64, u64)>,
+}
+
+impl History {
+    pub fn push(&mut self, msg: PushMessage, must_deliver: bool, now: Instant, lim: &HistoryLimits) {
+        if must_deliver {
+            if lim.must_deliver == 0 {
+                self.must_evicted_upto = msg.seq;
+                return;
+            }
+            self.must.push_back((now, msg));
+        } else if lim.droppable > 0 {
+            self.droppable.push_back((now, msg));
+        }
+        self.trim(now, lim);
+    }
+
+    /// Drops what is over the count or older than the age limit.
+    pub fn trim(&mut self, now: Instant, lim: &HistoryLimits) {
+        let old = |t: &Instant| now.saturating_duration_since(*t) > lim.max_age;
+        while self.must.len() > lim.must_deliver || self.must.front().is_some_and(|(t, _)| old(t)) {
+            if let Some((_, m)) = self.must.pop_front() {
+                self.must_evicted_upto = self.must_evicted_upto.max(m.seq);
+            }
+        }
+        while self.droppable.len() > lim.droppable || self.droppable.front().is_some_and(|(t, _)| old(t)) {
+            self.droppable.pop_front();
+        }
+    }
+
+    pub fn len(&self) -> (usize, usize) {
+        (self.must.len(), self.droppable.len())
+    }
+
+    /// Every must-deliver message after `since` up to `upto`, and the gap if some are gone.
+    pub fn recover(&self, since: u64, upto: u64) -> Recovery {
+        let messages = self
+            .must
+            .iter()
+            .map(|(_, m)| m)
+            .filter(|m| m.seq > since && m.seq <= upto)
+            .cloned()
+            .collect();
+        let gap = (since < self.must_evicted_upto).then(|| (since + 1, self.must_evicted_upto.min(upto)));
+        Recovery { messages, gap: gap.filter(|(a, b)| a <= b) }
+    }
+
+    /// The last `k` messages of any kind up to `upto`, in order.
+    pub fn last(&self, k: usize, upto: u64) -> Vec<PushMessage> {
+        if k == 0 {
+            return Vec::new();
+        }
+        let mut a = self.must.iter().rev().map(|(_, m)| m).filter(|m| m.seq <= upto).peekable();
+        let mut b = self.droppable.iter().rev().map(|(_, m)| m).filter(|m| m.seq <= upto).peekable();
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) => {
+                    if x.seq > y.seq {
+                        a.next()
+                    } else {
+                        b.next()
+                    }
+                }
+                (Some(_), None) => a.next(),
+                (None, Some(_)) => b.next(),
+                (None, None) => None,
+            };
+            match next {
+                Some(m) => out.push(m.clone()),
+                None => break,
+            }
+        }
+        out.reverse();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(seq: u64, kind: &str) -> PushMessage {
+        PushMessage { seq, ts_us: seq, kind: kind.into(), user: String::new(), body: "1".into() }
+    }
+
+    #[test]
+    fn bucket_refills_at_rate_and_caps_at_burst() {
+        let t0 = Instant::now();
+        let mut b = Bucket::full(2.0, t0);
+        assert!(b.take(1.0, 2.0, t0).is_ok());
+        assert!(b.take(1.0, 2.0, t0).is_ok());
+        let wait = b.take(1.0, 2.0, t0).unwrap_err();
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
+        assert!(b.take(1.0, 2.0, t0 + Duration::from_millis(1001)).is_ok());
+        // Ten idle seconds still only save `burst` tokens.
+        let t1 = t0 + Duration::from_secs(11);
+        assert!(b.is_full(1.0, 2.0, t1));
+        assert!(b.take(1.0, 2.0, t1).is_ok() && b.take(1.0, 2.0, t1).is_ok());
+        assert!(b.take(1.0, 2.0, t1).is_err());
+    }
+
+    #[test]
+    fn chat_flood_never_evicts_gifts() {
+        let now = Instant::now();
+        let lim = HistoryLimits { must_deliver: 100, droppable: 10, max_age: Duration::from_secs(60) };
+        let mut h = History::default();
+        h.push(m(1, "gift"), true, now, &lim);
+        for s in 2..10_000 {
+            h.push(m(s, "chat"), false, now, &lim);
+        }
+        h.push(m(10_000, "gift"), true, now, &lim);
+        assert_eq!(h.len(), (2, 10));
+        let r = h.recover(0, 10_000);
+        assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 10_000]);
+        assert_eq!(r.gap, None);
+        // Recovery stops at `upto` (what the joiner will get live comes after it).
+        assert_eq!(h.recover(0, 9_999).messages.len(), 1);
+    }
+
+    #[test]
+    fn evicted_gifts_are_reported_as_a_gap() {
+        let now = Instant::now();
+        let lim = HistoryLimits { must_deliver: 2, droppable: 0, max_age: Duration::from_secs(60) };
+        let mut h = History::default();
+        for s in 1..=5 {
+            h.push(m(s, "gift"), true, now, &lim);
+        }
+        let r = h.recover(1, 5);
+        assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(r.gap, Some((2, 3)));
+        // A client that saw everything up to 3 has no gap.
+        assert_eq!(h.recover(3, 5).gap, None);
+        // Age limit.
+        h.trim(now + Duration::from_secs(61), &lim);
+        assert_eq!(h.len(), (0, 0));
+        assert_eq!(h.recover(3, 5).gap, Some((4, 5)));
+    }
+
+    #[test]
+    fn last_k_merges_both_kinds_in_order() {
+        let now = Instant::now();
+        let lim = HistoryLimits { must_deliver: 10, droppable: 10, max_age: Duration::from_secs(60) };
+        let mut h = History::default();
+        for s in 1..=6 {
+            h.push(m(s, if s % 3 == 0 { "gift" } else { "chat" }), s % 3 == 0, now, &lim);
+        }
+        assert_eq!(h.last(4, 6).iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+        assert_eq!(h.last(4, 4).iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert!(h.last(0, 6).is_empty());
+    }
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Autobahn|Testsuite fuzzingclient against the edge's echo mode. Fails if any case is FAILED
+# (or missing). Cases 12.* and 13.* (permessage-deflate) are excluded: the edge does not
+# negotiate compression (frames are serialized once and shared; per-connection deflate would
+# undo that).
+#
+# Needs Python 2.7 (pyenv 2.7.18 on our machines); makes its own virtualenv under scripts/.
+# Writes the report to $AUTOBAHN_OUT (default target/autobahn) and a summary next to it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${AUTOBAHN_OUT:-$ROOT/target/autobahn}
+VENV=$ROOT/scripts/.venv-autobahn
+PORT=${AUTOBAHN_PORT:-9001}
+
+PY2=${PYTHON2:-}
+if [[ -z "$PY2" ]]; then
+  for c in "$HOME/.pyenv/versions/2.7.18/bin/python" "$(command -v python2.7 || true)"; do
+    [[ -n "$c" && -x "$c" ]] && { PY2=$c; break; }
+  done
+fi
+[[ -n "$PY2" ]] || { echo "autobahn: Python 2.7 not found (install it with: pyenv install 2.7.18)" >&2; exit 1; }
+
+if [[ ! -x "$VENV/bin/wstest" ]]; then
+  echo "autobahn: creating virtualenv with $PY2"
+  "$PY2" -m pip install -q "virtualenv==20.15.1" 2>&1 | grep -v DEPRECATION || true
+  "$PY2" -m virtualenv -q "$VENV"
+  "$VENV/bin/pip" install -q -r scripts/autobahn/requirements.txt 2>&1 | grep -v DEPRECATION || true
+fi
+
+cargo build -q -p edge
+EDGE=${CARGO_TARGET_DIR:-$ROOT/target}/debug/edge
+rm -rf "$OUT" && mkdir -p "$OUT"
+"$EDGE" --echo --listen "127.0.0.1:$PORT" --http 127.0.0.1:0 --shards 1 \
+  --max-message 16777216 --max-queue-bytes 67108864 >"$OUT/edge.log" 2>&1 &
+EDGE_PID=$!
+trap 'kill $EDGE_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  grep -q "roomcast edge ready" "$OUT/edge.log" && break
+  sleep 0.1
+done
+grep -q "roomcast edge ready" "$OUT/edge.log" || { cat "$OUT/edge.log"; echo "autobahn: edge did not start" >&2; exit 1; }
+
+sed -e "s#REPORT_DIR#$OUT/report#" -e "s#PORT#$PORT#" scripts/autobahn/fuzzingclient.json >"$OUT/fuzzingclient.json"
+(cd "$OUT" && "$VENV/bin/wstest" -m fuzzingclient -s "$OUT/fuzzingclient.json" >"$OUT/wstest.log" 2>&1)
+
+python3 - "$OUT/report/index.json" "$OUT/summary.txt" <<'PY'
+import json, sys, collections
+index = json.load(open(sys.argv[1]))["roomcast"]
+counts = collections.Counter()
+bad = []
+lines = []
+def key(c):
+    return [int(p) for p in c.split(".")]
+for case in sorted(index, key=key):
+    r = index[case]
+    b, bc = r["behavior"], r["behaviorClose"]
+    counts[b] += 1
+    lines.append("%-8s %-13s %s" % (case, b, bc))
+    if b == "FAILED" or bc == "FAILED":
+        bad.append(case)
+with open(sys.argv[2], "w") as f:
+    f.write("Autobahn|Testsuite fuzzingclient against `edge --echo` (cases 12.*, 13.* excluded: no permessage-deflate)\n")
+    f.write("totals: %s\n\n" % ", ".join("%s=%d" % kv for kv in sorted(counts.items())))
+    f.write("\n".join(lines) + "\n")
+print("autobahn: %d cases: %s" % (len(index), dict(counts)))
+if bad:
+    print("autobahn: FAILED cases: %s" % " ".join(bad))
+    sys.exit(1)
+if len(index) < 300:
+    print("autobahn: only %d cases ran" % len(index))
+    sys.exit(1)
+PY
+echo "autobahn: summary in $OUT/summary.txt"
