@@ -164,7 +164,7 @@ impl Publisher {
 
     /// Publishes and returns the assigned seq (panics unless 200).
     pub async fn publish(&self, room: &str, kind: &str, body: serde_json::Value) -> u64 {
-        let req = serde_json::json!({ "kind": kind, "user": "tester", "body": body });
+        let req = serde_json::json!({ "kind": kind, "body": body });
         let (status, v) = self.post_raw(&format!("/v1/rooms/{room}/messages"), req.to_string().into_bytes()).await;
         assert_eq!(status, 200, "publish failed: {v}");
         v["seq"].as_u64().expect("seq")
