@@ -84,6 +84,7 @@ pub struct AdaptiveConfig {
     pub low_water_bytes: usize,
     /// Droppable messages per second a room shows once its window is at the widest.
     pub visible_rate: f64,
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -394,7 +395,7 @@ impl Config {
         if a.low_water_bytes >= a.high_water_bytes {
             return Err(invalid("adaptive.low_water_bytes", "must be below adaptive.high_water_bytes"));
         }
-        if !(a.visible_rate > 0.0) {
+        if a.visible_rate.is_nan() || a.visible_rate <= 0.0 {
             return Err(invalid("adaptive.visible_rate", "must be above 0"));
         }
         Ok(())

@@ -14,3 +14,4 @@ pub mod server;
 pub mod shard;
 pub mod sys;
 pub mod uring;
+pub mod dispatch;

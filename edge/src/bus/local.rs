@@ -387,7 +387,7 @@ impl LocalBus {
         if full {
             self.flush(&name);
         } else if r.deadline.is_none() {
-            let window = self.window_for(r.current_rate(now));
+            let window = window_at(&self.cfg, self.level, r.current_rate(now));
             if window.is_zero() {
                 r.deadline = Some(now);
                 self.immediate.push(name.clone());
@@ -402,11 +402,7 @@ impl LocalBus {
 
     /// The window a room publishing at `rate` messages/s uses now.
     fn window_for(&self, rate: f64) -> Duration {
-        if self.level == 0 || rate < HOT_ROOM_RATE {
-            return self.cfg.window;
-        }
-        let base = self.cfg.window.max(MIN_ADAPTIVE_BASE);
-        (base * (1 << self.level)).min(Duration::from_millis(self.cfg.adaptive.max_window_ms))
+        window_at(&self.cfg, self.level, rate)
     }
 
     fn adapt(&mut self, now: Instant) {
@@ -546,6 +542,15 @@ impl LocalBus {
         self.users.retain(|_, b| !b.is_full(rate, burst, now));
         self.stats.rooms.set(self.rooms.len() as i64);
     }
+}
+
+/// The window of a room publishing at `rate` messages/s, at adaptive `level`.
+fn window_at(cfg: &BusConfig, level: u32, rate: f64) -> Duration {
+    if level == 0 || rate < HOT_ROOM_RATE {
+        return cfg.window;
+    }
+    let base = cfg.window.max(MIN_ADAPTIVE_BASE);
+    (base * (1 << level)).min(Duration::from_millis(cfg.adaptive.max_window_ms))
 }
 
 /// One frame per encoding some shard wants.

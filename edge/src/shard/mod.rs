@@ -167,13 +167,16 @@ impl Shard {
             // Park: announce it, then re-check the mailbox so a message sent just before the
             // announcement is not missed (the sender rings the doorbell only if it saw us parked).
             self.parked.store(true, Ordering::SeqCst);
-            let wait = if self.mailbox.is_empty() { 1 } else { 0 };
-            if wait == 0 {
+            // Always enter with GETEVENTS (want = 1): with DEFER_TASKRUN that is the only way
+            // completions get posted. With mail waiting, the timeout is zero: just a poll.
+            let ts = if self.mailbox.is_empty() {
+                types::Timespec::from(TICK)
+            } else {
                 self.parked.store(false, Ordering::SeqCst);
-            }
-            let ts = types::Timespec::from(TICK);
+                types::Timespec::new()
+            };
             let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(wait, &args) {
+            match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
                 Err(e) => return Err(e),
@@ -420,9 +423,9 @@ impl Shard {
         let data = self.bufring.get_mut(bid, res as usize);
         match c.phase {
             Phase::Handshake => {
-                let room = handshake::MAX_REQUEST.saturating_sub(c.hs.len());
-                let take = data.len().min(room + 1);
-                c.hs.extend_from_slice(&data[..take]);
+                // Bounded: the parser refuses (431) a request that passes MAX_REQUEST without
+                // ending, so `hs` never holds more than that plus one receive buffer.
+                c.hs.extend_from_slice(data);
                 self.bufring.recycle(bid);
                 self.on_handshake_bytes(slot);
             }

@@ -1,0 +1,166 @@
+//! Entry dispatch: which edge a new client should connect to.
+//!
+//! Edges publish an [`EdgeLoad`] report with a TTL; dispatch reads the live reports and answers
+//! with the least-loaded healthy edge. Pure selection logic lives here (callers pass `now` and
+//! the random numbers), the Redis plumbing in `bus::redis`.
+//!
+//! Simultaneous arrivals must not all land on the one least-loaded edge (the report is up to a
+//! period old, so they would all see the same "least loaded" edge and stampede it). Two guards:
+//! - *power of two choices*: pick two candidates at random, weighted toward lighter edges, and
+//!   keep the lighter one: provably near-balanced without global coordination;
+//! - *local accounting*: each answer adds one expected connection to the chosen edge's figures
+//!   until the edge's next report replaces them.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Health as the edge judges it (from the kernel probes when present).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EdgeHealth {
+    Ok,
+    Degraded,
+    Overloaded,
+}
+
+/// One edge's load report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeLoad {
+    pub id: String,
+    /// Where clients connect (`ws://host:port/ws`).
+    pub ws_url: String,
+    pub connections: u64,
+    /// Most connections this edge should hold (shards x table size, or configured).
+    pub capacity: u64,
+    pub frames_per_s: f64,
+    pub bytes_per_s: f64,
+    pub health: EdgeHealth,
+    pub draining: bool,
+    /// When the report was made, ms since the epoch.
+    pub at_ms: u64,
+}
+
+impl EdgeLoad {
+    /// Load in [0, inf): connection fill, with bandwidth pressure and health folded in.
+    pub fn score(&self) -> f64 {
+        let fill = self.connections as f64 / self.capacity.max(1) as f64;
+        let health = match self.health {
+            EdgeHealth::Ok => 0.0,
+            EdgeHealth::Degraded => 0.5,
+            EdgeHealth::Overloaded => 10.0,
+        };
+        fill + health
+    }
+
+    /// Whether dispatch may send new clients here.
+    pub fn eligible(&self, now_ms: u64, max_age_ms: u64) -> bool {
+        !self.draining
+            && self.health != EdgeHealth::Overloaded
+            && now_ms.saturating_sub(self.at_ms) <= max_age_ms
+            && self.connections < self.capacity
+    }
+}
+
+/// Chooses edges for arriving clients.
+#[derive(Debug, Default)]
+pub struct Dispatcher {
+    /// Clients sent to each edge since its last report.
+    assigned: HashMap<String, (u64, u64)>,
+}
+
+impl Dispatcher {
+    /// Picks an edge for one client. `r1`, `r2` are uniform random numbers in [0, 1).
+    pub fn pick<'a>(&mut self, edges: &'a [EdgeLoad], now_ms: u64, max_age_ms: u64, r1: f64, r2: f64) -> Option<&'a EdgeLoad> {
+        let live: Vec<&EdgeLoad> = edges.iter().filter(|e| e.eligible(now_ms, max_age_ms)).collect();
+        if live.is_empty() {
+            return None;
+        }
+        let score = |e: &EdgeLoad, assigned: &HashMap<String, (u64, u64)>| {
+            let extra = match assigned.get(&e.id) {
+                Some(&(at, n)) if at == e.at_ms => n,
+                _ => 0,
+            };
+            let mut e2 = e.clone();
+            e2.connections += extra;
+            e2.score()
+        };
+        let a = live[((r1 * live.len() as f64) as usize).min(live.len() - 1)];
+        let b = live[((r2 * live.len() as f64) as usize).min(live.len() - 1)];
+        let best = if score(a, &self.assigned) <= score(b, &self.assigned) { a } else { b };
+        let entry = self.assigned.entry(best.id.clone()).or_insert((best.at_ms, 0));
+        if entry.0 != best.at_ms {
+            *entry = (best.at_ms, 0);
+        }
+        entry.1 += 1;
+        Some(best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge(id: &str, connections: u64) -> EdgeLoad {
+        EdgeLoad {
+            id: id.into(),
+            ws_url: format!("ws://{id}/ws"),
+            connections,
+            capacity: 1000,
+            frames_per_s: 0.0,
+            bytes_per_s: 0.0,
+            health: EdgeHealth::Ok,
+            draining: false,
+            at_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn never_draining_expired_full_or_overloaded() {
+        let mut d = Dispatcher::default();
+        let mut draining = edge("a", 0);
+        draining.draining = true;
+        let mut old = edge("b", 0);
+        old.at_ms = 0;
+        let mut hot = edge("c", 0);
+        hot.health = EdgeHealth::Overloaded;
+        let full = edge("d", 1000);
+        let edges = vec![draining, old, hot, full, edge("e", 900)];
+        for i in 0..100 {
+            let r = f64::from(i) / 100.0;
+            assert_eq!(d.pick(&edges, 1500, 600, r, 1.0 - r).unwrap().id, "e");
+        }
+        assert!(d.pick(&edges[..4], 1500, 600, 0.1, 0.2).is_none());
+    }
+
+    #[test]
+    fn a_burst_spreads_instead_of_stampeding_the_lightest() {
+        let mut d = Dispatcher::default();
+        let edges = vec![edge("a", 100), edge("b", 110), edge("c", 120)];
+        let mut counts: HashMap<String, u32> = HashMap::new();
+        let mut x: u64 = 12345;
+        let mut rnd = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for _ in 0..300 {
+            let e = d.pick(&edges, 1000, 600, rnd(), rnd()).unwrap();
+            *counts.entry(e.id.clone()).or_default() += 1;
+        }
+        // With local accounting the three converge on equal totals (100+a, 110+b, 120+c).
+        let total = |id: &str, base: u32| base + counts.get(id).copied().unwrap_or(0);
+        let (a, b, c) = (total("a", 100), total("b", 110), total("c", 120));
+        assert!(a.abs_diff(b) < 40 && b.abs_diff(c) < 40 && a.abs_diff(c) < 40, "{a} {b} {c}");
+        assert!(counts.len() == 3, "{counts:?}");
+    }
+
+    #[test]
+    fn degraded_edges_are_used_only_when_much_lighter() {
+        let mut healthy = edge("h", 500);
+        healthy.capacity = 1000;
+        let mut degraded = edge("d", 10);
+        degraded.health = EdgeHealth::Degraded;
+        assert!(healthy.score() < degraded.score() + 0.5);
+        assert!(degraded.score() > 0.5);
+    }
+}
