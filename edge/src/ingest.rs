@@ -94,6 +94,12 @@ fn publish_error(e: &PublishError) -> Response {
         PublishError::ShuttingDown | PublishError::TooManyRooms(_) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
+        PublishError::BusUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1".to_owned())],
+            Json(serde_json::json!({ "error": e.to_string(), "dropped": false })),
+        )
+            .into_response(),
         PublishError::UnknownKind(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
         PublishError::RateLimited { retry_after_ms, must_deliver, .. } => {
             let secs = retry_after_ms.div_ceil(1000).max(1);

@@ -20,7 +20,7 @@
 //! doubles, up to `adaptive.max_window_ms`; below the low-water mark it halves back.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,9 +30,10 @@ use roomcast_proto::Subprotocol;
 use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 
 use super::policy::{Bucket, History, HistoryLimits};
+use super::redis::{Bridge, BridgeCmd};
 use super::{
-    Ack, BusCmd, Delivery, Mailbox, MustDeliver, NewMessage, PublishError, Reply, RoomName, RoomStats,
-    ShardCmd, frame, now_us,
+    Ack, BusCmd, Delivery, Mailbox, MustDeliver, NewMessage, PendingJoin, PublishError, Reply, RoomName,
+    RoomStats, ShardCmd, frame, now_us,
 };
 use crate::config::{AdaptiveConfig, LimitsConfig};
 use crate::metrics::BusStats;
@@ -108,6 +109,17 @@ struct Room {
     /// Publish rate, messages per second (EWMA over ~1 s).
     rate: f64,
     rate_at: Instant,
+    /// Redis mode: the room's seq is known (subscribed and read). Always true in local mode.
+    synced: bool,
+    /// Redis mode: seq at which this edge started following the room; local history covers
+    /// only what came after it.
+    base_seq: u64,
+    /// Redis mode: joins waiting for the room to sync.
+    waiting: Vec<(PendingJoin, Option<u64>)>,
+    /// Redis mode: messages that arrived ahead of a gap, by seq.
+    ahead: BTreeMap<u64, (PushMessage, bool)>,
+    /// Redis mode: a fill is in flight.
+    filling: bool,
 }
 
 impl Room {
@@ -127,6 +139,11 @@ impl Room {
             visible_bucket: Bucket::full(cfg.adaptive.visible_rate, now),
             rate: 0.0,
             rate_at: now,
+            synced: true,
+            base_seq: 0,
+            waiting: Vec::new(),
+            ahead: BTreeMap::new(),
+            filling: false,
         }
     }
 
@@ -165,6 +182,9 @@ pub struct LocalBus {
     last_adapt: Instant,
     /// Level at max and still behind: sample droppable messages.
     sampling: bool,
+    /// Redis mode: the bridge to Redis, and whether Redis is reachable.
+    remote: Option<Bridge>,
+    remote_up: bool,
 }
 
 impl LocalBus {
@@ -191,7 +211,15 @@ impl LocalBus {
             max_level,
             last_adapt: Instant::now(),
             sampling: false,
+            remote: None,
+            remote_up: false,
         }
+    }
+
+    /// Redis mode: seqs come from Redis through `bridge`.
+    pub fn with_remote(mut self, bridge: Bridge) -> Self {
+        self.remote = Some(bridge);
+        self
     }
 
     /// Runs until `BusCmd::Shutdown` or every sender is gone.
@@ -228,18 +256,53 @@ impl LocalBus {
 
     fn handle(&mut self, cmd: BusCmd) {
         match cmd {
-            BusCmd::Publish { room, msg, reply } => {
-                let result = self.publish(room, msg);
-                self.answer(reply, result);
-            }
+            BusCmd::Publish { room, msg, reply } => match &self.remote {
+                None => {
+                    let result = self.publish(room, msg);
+                    self.answer(reply, result);
+                }
+                Some(bridge) => {
+                    let bridge = bridge.clone();
+                    match self.admit(&room, &msg) {
+                        Err(e) => self.answer(reply, Err(e)),
+                        Ok(_) if !self.remote_up => self.answer(reply, Err(PublishError::BusUnavailable)),
+                        Ok(must_deliver) => bridge.send(BridgeCmd::Publish { room, msg, must_deliver, reply }),
+                    }
+                }
+            },
             BusCmd::Join { room, shard, slot, generation, proto, since } => {
-                self.join(room, shard, slot, generation, proto, since);
+                self.join(room, PendingJoin { shard, slot, generation, proto }, since);
             }
             BusCmd::NoInterest { room, shard, proto } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.interest[proto.index()] &= !(1u64 << shard);
                     r.last_active = Instant::now();
+                    if !r.interested()
+                        && let Some(bridge) = &self.remote
+                    {
+                        // No member left here: stop receiving the room. Local history would
+                        // have a hole from now on, so it is dropped with the subscription.
+                        bridge.send(BridgeCmd::Unsubscribe(room.clone()));
+                        r.synced = false;
+                        r.history = History::default();
+                        r.ahead.clear();
+                        r.pending.clear();
+                        r.pending_bytes = 0;
+                    }
                 }
+            }
+            BusCmd::Remote { room, msg, must_deliver } => self.remote_msg(&room, msg, must_deliver),
+            BusCmd::Synced { room, seq } => self.synced(&room, seq),
+            BusCmd::Filled { room, from, to, messages, ok } => self.filled(&room, from, to, messages, ok),
+            BusCmd::Recovered { room, since, upto, join, messages, evicted_upto, ok } => {
+                self.recovered(&room, since, upto, join, messages, evicted_upto, ok);
+            }
+            BusCmd::PublishDone { reply, result } => self.answer(reply, result),
+            BusCmd::Redis { up } => {
+                if up != self.remote_up {
+                    tracing::info!(up, "redis bus state");
+                }
+                self.remote_up = up;
             }
             BusCmd::Load { shard, queued_bytes } => {
                 if let Some(b) = self.shard_backlog.get_mut(usize::from(shard)) {
@@ -254,43 +317,235 @@ impl LocalBus {
         }
     }
 
-    fn join(&mut self, room: RoomName, shard: u16, slot: u32, generation: u32, proto: Subprotocol, since: Option<u64>) {
+    fn join(&mut self, room: RoomName, join: PendingJoin, since: Option<u64>) {
         let now = Instant::now();
         if !self.rooms.contains_key(&room) {
-            let r = Room::new(room.clone(), now, &self.cfg);
+            let mut r = Room::new(room.clone(), now, &self.cfg);
+            r.synced = self.remote.is_none();
             self.rooms.insert(room.clone(), r);
             self.stats.rooms.set(self.rooms.len() as i64);
         }
+        let remote = self.remote.clone();
         let r = self.rooms.get_mut(&room).expect("inserted above");
-        r.interest[proto.index()] |= 1u64 << shard;
+        let was_interested = r.interested();
+        r.interest[join.proto.index()] |= 1u64 << join.shard;
         r.last_active = now;
+        if let Some(bridge) = &remote {
+            if !was_interested {
+                bridge.send(BridgeCmd::Subscribe(r.name.clone()));
+            }
+            if !r.synced {
+                r.waiting.push((join, since));
+                return;
+            }
+        }
+        self.answer_join(&room, join, since);
+    }
+
+    /// Acknowledges a join on a synced room: from local history, or through a remote recovery
+    /// when `since` is older than what this edge has followed.
+    fn answer_join(&mut self, room: &RoomName, join: PendingJoin, since: Option<u64>) {
+        let now = Instant::now();
+        let Some(r) = self.rooms.get_mut(room) else { return };
         r.history.trim(now, &self.cfg.history);
+        if let (Some(bridge), Some(since)) = (&self.remote, since)
+            && (since < r.base_seq || since < r.history.must_evicted_upto)
+            && since < r.flushed_seq
+        {
+            bridge.send(BridgeCmd::Recover { room: r.name.clone(), since, upto: r.flushed_seq, join });
+            return;
+        }
         let seq = r.flushed_seq;
-        let name = r.name.clone();
         let mut replay = Vec::new();
-        let mut frames_for = |msg: &ServerMsg| match envelope::encode(proto, msg) {
-            Ok(payload) => replay.push(frame(proto, &payload)),
-            Err(e) => tracing::error!(room = %name, error = %e, "cannot encode replay"),
-        };
         match since {
             Some(since) => {
                 let rec = r.history.recover(since, seq);
                 if let Some((from, to)) = rec.gap {
-                    frames_for(&ServerMsg::Gap { room: name.to_string(), from, to });
+                    push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
                 }
                 if !rec.messages.is_empty() {
-                    frames_for(&ServerMsg::Batch { room: name.to_string(), messages: rec.messages });
+                    push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: rec.messages });
                 }
             }
             None => {
                 let last = r.history.last(self.cfg.join_last, seq);
                 if !last.is_empty() {
-                    frames_for(&ServerMsg::Batch { room: name.to_string(), messages: last });
+                    push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: last });
                 }
             }
         }
-        if let Some(mb) = self.shards.get(usize::from(shard)) {
-            mb.send(ShardCmd::JoinAck { slot, generation, room: name, seq, replay });
+        let name = r.name.clone();
+        self.ack_join(name, join, seq, replay);
+    }
+
+    fn ack_join(&self, room: RoomName, join: PendingJoin, seq: u64, replay: Vec<Bytes>) {
+        if let Some(mb) = self.shards.get(usize::from(join.shard)) {
+            mb.send(ShardCmd::JoinAck { slot: join.slot, generation: join.generation, room, seq, replay });
+        }
+    }
+
+    /// Redis answered a recovery: Redis's must-deliver messages in `(since, upto]`, then this
+    /// edge's own for what was flushed meanwhile, so the join's seam is exact.
+    #[allow(clippy::too_many_arguments)]
+    fn recovered(
+        &mut self,
+        room: &RoomName,
+        since: u64,
+        upto: u64,
+        join: PendingJoin,
+        messages: Vec<PushMessage>,
+        evicted_upto: u64,
+        ok: bool,
+    ) {
+        let Some(r) = self.rooms.get(room) else { return };
+        let seq = r.flushed_seq;
+        let mut replay = Vec::new();
+        let gap = if ok { (since < evicted_upto).then(|| (since + 1, evicted_upto.min(upto))) } else { Some((since + 1, upto)) };
+        if let Some((from, to)) = gap.filter(|(a, b)| a <= b) {
+            push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
+        }
+        let mut all: Vec<PushMessage> = messages.into_iter().filter(|m| m.seq > since && m.seq <= upto).collect();
+        all.extend(r.history.recover(upto, seq).messages);
+        if !all.is_empty() {
+            push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: all });
+        }
+        self.ack_join(r.name.clone(), join, seq, replay);
+    }
+
+    /// Redis mode: the room's seq in Redis, right after (re)subscribing.
+    fn synced(&mut self, room: &RoomName, seq: u64) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if !r.interested() {
+            return;
+        }
+        if !r.synced {
+            r.synced = true;
+            r.seq = seq;
+            r.flushed_seq = seq;
+            r.base_seq = seq;
+            r.ahead.retain(|&s, _| s > seq);
+            let waiting = std::mem::take(&mut r.waiting);
+            for (join, since) in waiting {
+                self.answer_join(room, join, since);
+            }
+            self.drain_ahead(room);
+        } else if seq > r.seq {
+            // Reconnected after missing messages: fetch them.
+            let from = r.seq + 1;
+            self.request_fill(room, from, seq);
+        }
+    }
+
+    fn request_fill(&mut self, room: &RoomName, from: u64, to: u64) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if r.filling || from > to {
+            return;
+        }
+        r.filling = true;
+        if let Some(bridge) = &self.remote {
+            bridge.send(BridgeCmd::Fill { room: room.clone(), from, to });
+        }
+    }
+
+    /// Redis mode: a message numbered by Redis. Accepted in seq order; ahead of a gap it waits
+    /// while the gap is filled.
+    fn remote_msg(&mut self, room: &RoomName, msg: PushMessage, must_deliver: bool) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if !r.interested() {
+            return;
+        }
+        if !r.synced {
+            r.ahead.insert(msg.seq, (msg, must_deliver));
+            return;
+        }
+        if msg.seq <= r.seq {
+            return; // duplicate (already filled)
+        }
+        if msg.seq == r.seq + 1 && r.ahead.is_empty() {
+            self.accept(room, msg, must_deliver);
+            return;
+        }
+        let from = r.seq + 1;
+        let to = msg.seq - 1;
+        r.ahead.insert(msg.seq, (msg, must_deliver));
+        self.drain_ahead(room);
+        if let Some(r) = self.rooms.get(room)
+            && !r.ahead.is_empty()
+        {
+            self.request_fill(room, from, to);
+        }
+    }
+
+    /// Accepts every message that is next in line.
+    fn drain_ahead(&mut self, room: &RoomName) {
+        loop {
+            let Some(r) = self.rooms.get_mut(room) else { return };
+            let next = r.seq + 1;
+            let Some((msg, md)) = r.ahead.remove(&next) else { return };
+            self.accept(room, msg, md);
+        }
+    }
+
+    /// Redis mode: the fill of `from..=to` came back. What it lacks is announced as a gap.
+    fn filled(&mut self, room: &RoomName, from: u64, to: u64, messages: Vec<(PushMessage, bool)>, ok: bool) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        r.filling = false;
+        if !ok {
+            tracing::warn!(room = %room, from, to, "gap could not be filled from redis");
+        }
+        for (m, md) in messages {
+            if m.seq > r.seq {
+                r.ahead.insert(m.seq, (m, md));
+            }
+        }
+        let _ = from;
+        loop {
+            self.drain_ahead(room);
+            let Some(r) = self.rooms.get_mut(room) else { return };
+            // Whatever is still missing up to `to` (or up to the next message we hold) is lost.
+            let next_held = r.ahead.keys().next().copied();
+            let missing_to = match next_held {
+                Some(h) => h - 1,
+                None if to > r.seq => to,
+                None => break,
+            };
+            if missing_to <= r.seq {
+                break;
+            }
+            let gap_from = r.seq + 1;
+            r.seq = missing_to;
+            self.flush(room);
+            let r = self.rooms.get_mut(room).expect("present");
+            r.flushed_seq = missing_to;
+            let notice = ServerMsg::Gap { room: r.name.to_string(), from: gap_from, to: missing_to };
+            self.notify(room, &notice);
+            if next_held.is_none() {
+                break;
+            }
+        }
+    }
+
+    /// Sends a notice (not a message: no seq of its own) to every member of a room.
+    fn notify(&mut self, room: &RoomName, msg: &ServerMsg) {
+        let Some(r) = self.rooms.get(room) else { return };
+        let frames = encode_frames(&r.name, r.interest, msg);
+        let delivery = Arc::new(Delivery {
+            room: r.name.clone(),
+            frames,
+            messages: 0,
+            last_seq: r.flushed_seq,
+            must_deliver: MustDeliver::All,
+        });
+        self.send_to_shards(r.interest[0] | r.interest[1], &delivery);
+    }
+
+    fn send_to_shards(&self, mut shards: u64, delivery: &Arc<Delivery>) {
+        while shards != 0 {
+            let s = shards.trailing_zeros() as usize;
+            shards &= shards - 1;
+            if let Some(mb) = self.shards.get(s) {
+                mb.send(ShardCmd::Deliver(delivery.clone()));
+            }
         }
     }
 
@@ -315,89 +570,107 @@ impl LocalBus {
         self.stats.messages_dropped.with_label_values(&[kind, reason]).inc();
     }
 
-    fn publish(&mut self, room: RoomName, msg: NewMessage) -> Result<(RoomName, Ack), PublishError> {
+    /// Checks kind, limits and sampling; creates the room. Returns whether the kind must be
+    /// delivered.
+    fn admit(&mut self, room: &RoomName, msg: &NewMessage) -> Result<bool, PublishError> {
         let now = Instant::now();
         let Some(&must_deliver) = self.cfg.kinds.get(&msg.kind) else {
             self.stats.publish_rejected.with_label_values(&["unknown_kind"]).inc();
-            return Err(PublishError::UnknownKind(msg.kind));
+            return Err(PublishError::UnknownKind(msg.kind.clone()));
         };
-        if !self.rooms.contains_key(&room) {
+        if !self.rooms.contains_key(room) {
             if self.rooms.len() >= MAX_ROOMS {
                 self.stats.publish_rejected.with_label_values(&["too_many_rooms"]).inc();
                 return Err(PublishError::TooManyRooms(MAX_ROOMS));
             }
-            let r = Room::new(room.clone(), now, &self.cfg);
+            let mut r = Room::new(room.clone(), now, &self.cfg);
+            r.synced = self.remote.is_none();
             self.rooms.insert(room.clone(), r);
             self.stats.rooms.set(self.rooms.len() as i64);
         }
         let lim = &self.cfg.limits;
-        let r = self.rooms.get_mut(&room).expect("inserted above");
+        let r = self.rooms.get_mut(room).expect("inserted above");
         let ms = |d: Duration| d.as_millis().max(1) as u64;
         if must_deliver {
             if let Err(wait) = r.must_bucket.take(lim.must_deliver_room_rate, lim.must_deliver_room_burst, now) {
                 self.stats.publish_rejected.with_label_values(&["must_deliver_rate"]).inc();
                 return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: true });
             }
-        } else {
-            if let Err(wait) = r.droppable_bucket.take(lim.room_rate, lim.room_burst, now) {
-                self.drop_counted(&msg.kind, "room_rate");
-                return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: false });
+            return Ok(true);
+        }
+        if let Err(wait) = r.droppable_bucket.take(lim.room_rate, lim.room_burst, now) {
+            self.drop_counted(&msg.kind, "room_rate");
+            return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: false });
+        }
+        if !msg.user.is_empty() {
+            if self.users.len() >= MAX_USERS && !self.users.contains_key(&msg.user) {
+                let (rate, burst) = (lim.user_rate, lim.user_burst);
+                self.users.retain(|_, b| !b.is_full(rate, burst, now));
             }
-            if !msg.user.is_empty() {
-                if self.users.len() >= MAX_USERS && !self.users.contains_key(&msg.user) {
-                    let (rate, burst) = (lim.user_rate, lim.user_burst);
-                    self.users.retain(|_, b| !b.is_full(rate, burst, now));
-                }
-                let b = self.users.entry(msg.user.clone()).or_insert_with(|| Bucket::full(lim.user_burst, now));
-                if let Err(wait) = b.take(lim.user_rate, lim.user_burst, now) {
-                    self.drop_counted(&msg.kind, "user_rate");
-                    return Err(PublishError::RateLimited {
-                        scope: "user",
-                        retry_after_ms: ms(wait),
-                        must_deliver: false,
-                    });
-                }
-            }
-            let r = self.rooms.get_mut(&room).expect("inserted above");
-            if self.sampling
-                && r.current_rate(now) >= HOT_ROOM_RATE
-                && r.visible_bucket.take(self.cfg.adaptive.visible_rate, self.cfg.adaptive.visible_rate, now).is_err()
-            {
-                self.drop_counted(&msg.kind, "sampled");
-                return Err(PublishError::Sampled);
+            let b = self.users.entry(msg.user.clone()).or_insert_with(|| Bucket::full(lim.user_burst, now));
+            if let Err(wait) = b.take(lim.user_rate, lim.user_burst, now) {
+                self.drop_counted(&msg.kind, "user_rate");
+                return Err(PublishError::RateLimited { scope: "user", retry_after_ms: ms(wait), must_deliver: false });
             }
         }
-        let r = self.rooms.get_mut(&room).expect("inserted above");
-        r.seq += 1;
-        r.last_active = now;
+        let r = self.rooms.get_mut(room).expect("inserted above");
         r.bump_rate(now);
-        let ack = Ack { seq: r.seq, ts_us: now_us() };
-        self.stats.messages_in.with_label_values(&[msg.kind.as_str()]).inc();
+        if self.sampling
+            && r.current_rate(now) >= HOT_ROOM_RATE
+            && r.visible_bucket.take(self.cfg.adaptive.visible_rate, self.cfg.adaptive.visible_rate, now).is_err()
+        {
+            self.drop_counted(&msg.kind, "sampled");
+            return Err(PublishError::Sampled);
+        }
+        Ok(false)
+    }
+
+    /// Local mode: admit, number, accept.
+    fn publish(&mut self, room: RoomName, msg: NewMessage) -> Result<(RoomName, Ack), PublishError> {
+        let must_deliver = self.admit(&room, &msg)?;
+        let r = self.rooms.get_mut(&room).expect("admit creates the room");
+        if must_deliver {
+            r.bump_rate(Instant::now());
+        }
+        let ack = Ack { seq: r.seq + 1, ts_us: now_us() };
         let name = r.name.clone();
         let pm = PushMessage { seq: ack.seq, ts_us: ack.ts_us, kind: msg.kind, user: msg.user, body: msg.body };
+        self.accept(&name, pm, must_deliver);
+        Ok((name, ack))
+    }
+
+    /// A numbered message becomes the room's latest: history, then the pending batch.
+    fn accept(&mut self, room: &RoomName, pm: PushMessage, must_deliver: bool) {
+        let now = Instant::now();
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        r.seq = pm.seq;
+        r.last_active = now;
+        if self.remote.is_some() {
+            r.bump_rate(now);
+        }
+        self.stats.messages_in.with_label_values(&[pm.kind.as_str()]).inc();
         r.history.push(pm.clone(), must_deliver, now, &self.cfg.history);
         if !r.interested() {
             // No member on any shard: nothing to deliver now; history keeps it for `since`.
             r.flushed_seq = r.seq;
-            return Ok((name, ack));
+            return;
         }
         r.pending_bytes += pm.body.len() + pm.kind.len() + pm.user.len() + 32;
         r.pending.push(Pending { msg: pm, must_deliver });
         let full = r.pending.len() >= self.cfg.max_batch_messages || r.pending_bytes >= self.cfg.max_batch_bytes;
         if full {
-            self.flush(&name);
+            self.flush(room);
         } else if r.deadline.is_none() {
             let window = window_at(&self.cfg, self.level, r.current_rate(now));
             if window.is_zero() {
                 r.deadline = Some(now);
-                self.immediate.push(name.clone());
+                self.immediate.push(room.clone());
             } else {
                 let d = now + window;
                 r.deadline = Some(d);
-                self.timers.push(Reverse((d, name.clone())));
+                self.timers.push(Reverse((d, room.clone())));
             }
         }
-        Ok((name, ack))
     }
 
     /// The window a room publishing at `rate` messages/s uses now.
@@ -512,14 +785,8 @@ impl LocalBus {
             MustDeliver::Some { frames: encode_frames(&r.name, r.interest, &only), messages: must }
         };
         let delivery = Arc::new(Delivery { room: r.name.clone(), frames, messages: count, last_seq, must_deliver });
-        let mut shards = r.interest[0] | r.interest[1];
-        while shards != 0 {
-            let s = shards.trailing_zeros() as usize;
-            shards &= shards - 1;
-            if let Some(mb) = self.shards.get(s) {
-                mb.send(ShardCmd::Deliver(delivery.clone()));
-            }
-        }
+        let interest = r.interest[0] | r.interest[1];
+        self.send_to_shards(interest, &delivery);
         self.stats.batches.inc();
         self.stats.batch_messages.inc_by(u64::from(count));
     }
@@ -551,6 +818,14 @@ fn window_at(cfg: &BusConfig, level: u32, rate: f64) -> Duration {
     }
     let base = cfg.window.max(MIN_ADAPTIVE_BASE);
     (base * (1 << level)).min(Duration::from_millis(cfg.adaptive.max_window_ms))
+}
+
+/// Encodes `msg` in `proto` and appends its frame.
+fn push_frame(out: &mut Vec<Bytes>, proto: Subprotocol, msg: &ServerMsg) {
+    match envelope::encode(proto, msg) {
+        Ok(payload) => out.push(frame(proto, &payload)),
+        Err(e) => tracing::error!(error = %e, "cannot encode message"),
+    }
 }
 
 /// One frame per encoding some shard wants.

@@ -8,6 +8,7 @@
 
 pub mod local;
 pub mod policy;
+pub mod redis;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use roomcast_proto::Subprotocol;
+use roomcast_proto::envelope::PushMessage;
 
 /// Room names are shared between the bus and every shard without copying.
 pub type RoomName = Arc<str>;
@@ -53,6 +55,18 @@ pub enum PublishError {
     /// are sampled down to the visible rate and this one was not kept.
     #[error("sampled out: the room shows at most its visible rate of droppable messages")]
     Sampled,
+    /// Redis (the seq authority in cluster mode) is unreachable; retry.
+    #[error("the message bus (redis) is unavailable; retry shortly")]
+    BusUnavailable,
+}
+
+/// A join waiting for the bus (room sync or remote recovery) before it can be acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingJoin {
+    pub shard: u16,
+    pub slot: u32,
+    pub generation: u32,
+    pub proto: Subprotocol,
 }
 
 /// Where the answer to a publish goes.
@@ -112,6 +126,26 @@ pub enum BusCmd {
     NoInterest { room: RoomName, shard: u16, proto: Subprotocol },
     /// A shard's send backlog, reported every tick: drives adaptive merging.
     Load { shard: u16, queued_bytes: usize },
+    /// Redis mode: a message numbered by Redis, from the room's channel.
+    Remote { room: RoomName, msg: PushMessage, must_deliver: bool },
+    /// Redis mode: the room's seq in Redis, read right after (re)subscribing.
+    Synced { room: RoomName, seq: u64 },
+    /// Redis mode: the answer to a fill of `from..=to` (`ok: false`: Redis could not answer).
+    Filled { room: RoomName, from: u64, to: u64, messages: Vec<(PushMessage, bool)>, ok: bool },
+    /// Redis mode: must-deliver messages for a joining connection's `since`.
+    Recovered {
+        room: RoomName,
+        since: u64,
+        upto: u64,
+        join: PendingJoin,
+        messages: Vec<PushMessage>,
+        evicted_upto: u64,
+        ok: bool,
+    },
+    /// Redis mode: the outcome of a publish, to answer.
+    PublishDone { reply: Reply, result: Result<(RoomName, Ack), PublishError> },
+    /// Redis mode: the connection to Redis went down or came back.
+    Redis { up: bool },
     /// Room figures for `GET /v1/rooms/{room}`.
     RoomStats { room: RoomName, reply: tokio::sync::oneshot::Sender<Option<RoomStats>> },
     Shutdown,

@@ -1,0 +1,382 @@
+//! The Redis bus: several edges share rooms through one Redis (or one Redis Cluster slot per
+//! room).
+//!
+//! The bus thread (`local.rs`) stays the room engine on every edge: merging, interest,
+//! serialize-once frames, history cache. What changes in Redis mode is who numbers messages and
+//! where they come from:
+//!
+//! - **Publish** (any edge): one atomic script: `INCR` the room's seq, `XADD` the message to the
+//!   room's must-deliver or droppable stream (bounded; evicted must-deliver seqs are remembered
+//!   so recovery can report a gap), `PUBLISH` it on the room's channel, return seq and Redis's
+//!   clock. Every key of a room carries the hash tag `{room}`, so the script is also valid on
+//!   Redis Cluster (one slot per room).
+//! - **Interest:** an edge subscribes to a room's channel when its first member (on any shard)
+//!   joins and unsubscribes when the last leaves: edges receive only rooms they serve.
+//! - **Order and gaps:** the engine expects seq `n + 1` after `n`. A message further ahead
+//!   triggers a fill from the streams (`XRANGE`); what the streams no longer hold is announced
+//!   to members as an explicit `gap`.
+//! - **Faults:** if Redis goes away, connections keep being served; publishes are refused (503)
+//!   until it is back: Redis is the seq authority, and numbering locally would fork the room's
+//!   seq space between edges. On reconnect the bridge resubscribes and re-reads every room's
+//!   seq; the engine fills whatever it missed.
+//!
+//! Redis Cluster's sharded pub/sub (SSUBSCRIBE/SPUBLISH) is what would let the bus itself scale
+//! out; the keys are already slot-local. What stands in the way: redis-rs 1.x offers
+//! `ssubscribe` only on its cluster connection (RESP3 push), not on the stand-alone `PubSub` we
+//! use here, so cluster mode needs a second transport; see ARCHITECTURE.md.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ::redis::AsyncCommands;
+use ::redis::aio::ConnectionManager;
+use roomcast_proto::envelope::PushMessage;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use super::{Ack, BusCmd, BusHandle, NewMessage, PendingJoin, PublishError, Reply, RoomName};
+
+/// What the engine asks of Redis.
+pub enum BridgeCmd {
+    Subscribe(RoomName),
+    Unsubscribe(RoomName),
+    Publish { room: RoomName, msg: NewMessage, must_deliver: bool, reply: Reply },
+    /// Fetch seqs `from..=to` of `room` (both streams).
+    Fill { room: RoomName, from: u64, to: u64 },
+    /// Fetch must-deliver messages after `since` up to `upto` for a joining connection.
+    Recover { room: RoomName, since: u64, upto: u64, join: PendingJoin },
+}
+
+/// The engine's handle on the bridge.
+#[derive(Clone)]
+pub struct Bridge {
+    tx: UnboundedSender<BridgeCmd>,
+}
+
+impl Bridge {
+    pub fn send(&self, cmd: BridgeCmd) {
+        let _ = self.tx.send(cmd);
+    }
+}
+
+/// Limits the bridge applies to the room streams.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub must_deliver: usize,
+    pub droppable: usize,
+}
+
+const PUBLISH_LUA: &str = r#"
+-- KEYS: seq, must-deliver stream, droppable stream, channel, evicted-seq key
+-- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max
+local seq = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local ts = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local msg = '{"seq":' .. string.format('%d', seq) .. ',"ts_us":' .. string.format('%d', ts)
+  .. ',"kind":' .. cjson.encode(ARGV[1]) .. ',"user":' .. cjson.encode(ARGV[2])
+  .. ',"md":' .. ARGV[4] .. ',"body":' .. ARGV[3] .. '}'
+local id = string.format('%d', seq) .. '-0'
+if ARGV[4] == '1' then
+  redis.call('XADD', KEYS[2], id, 'm', msg)
+  local over = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[5])
+  if over > 0 then
+    local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)
+    local last = string.match(old[#old][1], '^(%d+)')
+    redis.call('SET', KEYS[5], last)
+    redis.call('XTRIM', KEYS[2], 'MAXLEN', tonumber(ARGV[5]))
+  end
+else
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[6]), id, 'm', msg)
+end
+redis.call('PUBLISH', KEYS[4], msg)
+return {seq, ts}
+"#;
+
+fn keys(room: &str) -> [String; 5] {
+    [
+        format!("rc:{{{room}}}:seq"),
+        format!("rc:{{{room}}}:md"),
+        format!("rc:{{{room}}}:dr"),
+        format!("rc:{{{room}}}:ch"),
+        format!("rc:{{{room}}}:evicted"),
+    ]
+}
+
+fn room_of_channel(ch: &str) -> Option<&str> {
+    ch.strip_prefix("rc:{")?.strip_suffix("}:ch")
+}
+
+/// A message as the script writes it.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    seq: u64,
+    ts_us: u64,
+    kind: String,
+    user: String,
+    md: u8,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+fn parse(bytes: &[u8]) -> Option<(PushMessage, bool)> {
+    let w: Wire<'_> = serde_json::from_slice(bytes).ok()?;
+    Some((
+        PushMessage { seq: w.seq, ts_us: w.ts_us, kind: w.kind, user: w.user, body: w.body.get().to_owned() },
+        w.md == 1,
+    ))
+}
+
+/// Starts the bridge on the current tokio runtime.
+pub fn start(url: &str, bus: BusHandle, limits: StreamLimits) -> Result<Bridge, ::redis::RedisError> {
+    let client = ::redis::Client::open(url)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(run(client, rx, bus, limits));
+    Ok(Bridge { tx })
+}
+
+async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus: BusHandle, limits: StreamLimits) {
+    let script = ::redis::Script::new(PUBLISH_LUA);
+    let mut rooms: HashSet<RoomName> = HashSet::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // (Re)connect: a command connection and a subscriber connection.
+        let conn = async {
+            let cm = ConnectionManager::new(client.clone()).await?;
+            let ps = client.get_async_pubsub().await?;
+            Ok::<_, ::redis::RedisError>((cm, ps))
+        }
+        .await;
+        let (cm, ps) = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                bus.send(BusCmd::Redis { up: false });
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis unreachable");
+                // Keep answering commands (publishes get 503) while we wait.
+                let sleep = tokio::time::sleep(backoff);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        cmd = rx.recv() => match cmd {
+                            None => return,
+                            Some(cmd) => offline(cmd, &mut rooms, &bus),
+                        },
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let (mut sink, mut stream) = ps.split();
+        // Resubscribe everything, then re-read each room's seq: the engine fills any gap.
+        let mut ok = true;
+        for room in &rooms {
+            if let Err(e) = sink.subscribe(&keys(room)[3]).await {
+                tracing::warn!(error = %e, "redis resubscribe failed");
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            continue;
+        }
+        bus.send(BusCmd::Redis { up: true });
+        for room in rooms.clone() {
+            tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
+        }
+        tracing::info!(rooms = rooms.len(), "redis bus connected");
+        use futures_util::StreamExt;
+        loop {
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(m) => {
+                        let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
+                        match parse(m.get_payload_bytes()) {
+                            Some((msg, must_deliver)) => {
+                                bus.send(BusCmd::Remote { room: RoomName::from(room), msg, must_deliver });
+                            }
+                            None => tracing::warn!(room, "unreadable message on the redis channel"),
+                        }
+                    }
+                    None => {
+                        tracing::warn!("redis subscriber connection lost; reconnecting");
+                        bus.send(BusCmd::Redis { up: false });
+                        break;
+                    }
+                },
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    match cmd {
+                        BridgeCmd::Subscribe(room) => {
+                            if rooms.insert(room.clone()) {
+                                if let Err(e) = sink.subscribe(&keys(&room)[3]).await {
+                                    tracing::warn!(error = %e, "redis subscribe failed");
+                                }
+                                // Read the seq only once subscribed: nothing after it is missed.
+                                tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
+                            }
+                        }
+                        BridgeCmd::Unsubscribe(room) => {
+                            if rooms.remove(&room) {
+                                let _ = sink.unsubscribe(&keys(&room)[3]).await;
+                            }
+                        }
+                        BridgeCmd::Publish { room, msg, must_deliver, reply } => {
+                            tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, reply, bus.clone(), limits));
+                        }
+                        BridgeCmd::Fill { room, from, to } => {
+                            tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
+                        }
+                        BridgeCmd::Recover { room, since, upto, join } => {
+                            tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// While Redis is away: track interest, refuse publishes, fail fills and recoveries explicitly.
+fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
+    match cmd {
+        BridgeCmd::Subscribe(room) => {
+            rooms.insert(room);
+        }
+        BridgeCmd::Unsubscribe(room) => {
+            rooms.remove(&room);
+        }
+        BridgeCmd::Publish { reply, .. } => {
+            bus.send(BusCmd::PublishDone { reply, result: Err(PublishError::BusUnavailable) });
+        }
+        BridgeCmd::Fill { room, from, to } => {
+            bus.send(BusCmd::Filled { room, from, to, messages: Vec::new(), ok: false });
+        }
+        BridgeCmd::Recover { room, since, upto, join } => {
+            bus.send(BusCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false });
+        }
+    }
+}
+
+async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
+    let seq: Result<Option<u64>, _> = cm.get(&keys(&room)[0]).await;
+    match seq {
+        Ok(seq) => {
+            bus.send(BusCmd::Synced { room, seq: seq.unwrap_or(0) });
+        }
+        Err(e) => tracing::warn!(room = %room, error = %e, "cannot read room seq"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    mut cm: ConnectionManager,
+    script: ::redis::Script,
+    room: RoomName,
+    msg: NewMessage,
+    must_deliver: bool,
+    reply: Reply,
+    bus: BusHandle,
+    limits: StreamLimits,
+) {
+    let k = keys(&room);
+    let r: Result<(u64, u64), _> = script
+        .key(&k[0])
+        .key(&k[1])
+        .key(&k[2])
+        .key(&k[3])
+        .key(&k[4])
+        .arg(&msg.kind)
+        .arg(&msg.user)
+        .arg(&msg.body)
+        .arg(if must_deliver { "1" } else { "0" })
+        .arg(limits.must_deliver.max(1))
+        .arg(limits.droppable.max(1))
+        .invoke_async(&mut cm)
+        .await;
+    let result = match r {
+        Ok((seq, ts_us)) => Ok((room, Ack { seq, ts_us })),
+        Err(e) => {
+            tracing::warn!(error = %e, "redis publish failed");
+            Err(PublishError::BusUnavailable)
+        }
+    };
+    bus.send(BusCmd::PublishDone { reply, result });
+}
+
+/// Reads `from..=to` from a stream (ids are `seq-0`).
+async fn range(cm: &mut ConnectionManager, key: &str, from: u64, to: u64) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
+    let reply: ::redis::streams::StreamRangeReply = cm.xrange(key, format!("{from}-0"), format!("{to}-0")).await?;
+    let mut out = Vec::with_capacity(reply.ids.len());
+    for id in reply.ids {
+        if let Some(::redis::Value::BulkString(b)) = id.map.get("m")
+            && let Some(m) = parse(b)
+        {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus: BusHandle) {
+    let k = keys(&room);
+    let md = range(&mut cm, &k[1], from, to).await;
+    let dr = range(&mut cm, &k[2], from, to).await;
+    match (md, dr) {
+        (Ok(mut a), Ok(b)) => {
+            a.extend(b);
+            a.sort_by_key(|(m, _)| m.seq);
+            bus.send(BusCmd::Filled { room, from, to, messages: a, ok: true });
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(room = %room, error = %e, "redis fill failed");
+            bus.send(BusCmd::Filled { room, from, to, messages: Vec::new(), ok: false });
+        }
+    }
+}
+
+async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
+    let k = keys(&room);
+    let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
+    let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
+    match (md, evicted) {
+        (Ok(md), Ok(ev)) => {
+            bus.send(BusCmd::Recovered {
+                room,
+                since,
+                upto,
+                join,
+                messages: md.into_iter().map(|(m, _)| m).collect(),
+                evicted_upto: ev.unwrap_or(0),
+                ok: true,
+            });
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(room = %room, error = %e, "redis recovery failed");
+            bus.send(BusCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_round_trip() {
+        let k = keys("lobby-1");
+        assert_eq!(k[3], "rc:{lobby-1}:ch");
+        assert_eq!(room_of_channel(&k[3]), Some("lobby-1"));
+        assert_eq!(room_of_channel("other"), None);
+    }
+
+    #[test]
+    fn wire_messages_parse() {
+        let (m, md) = parse(br#"{"seq":7,"ts_us":12,"kind":"gift","user":"a\"b","md":1,"body":{"x":[1,2]}}"#).unwrap();
+        assert!(md);
+        assert_eq!((m.seq, m.ts_us, m.kind.as_str(), m.user.as_str(), m.body.as_str()), (7, 12, "gift", "a\"b", r#"{"x":[1,2]}"#));
+        assert!(parse(b"{").is_none());
+    }
+}
