@@ -24,6 +24,17 @@ pub struct Config {
     pub pin: bool,
     /// Conformance mode: every connection echoes what it receives (for the Autobahn suite).
     pub echo: bool,
+    /// Message bus shared by several edges: `redis://HOST:PORT`. Unset: the embedded
+    /// single-node bus (no other service needed).
+    pub bus: Option<String>,
+    /// This edge's name in load reports (default: the advertised URL).
+    pub edge_id: Option<String>,
+    /// The WebSocket URL clients should use to reach this edge, as dispatch hands it out
+    /// (default: `ws://<listen>/ws`, with 127.0.0.1 for an unspecified address).
+    pub advertise: Option<String>,
+    /// Bearer token for `POST /v1/admin/*`. Unset: admin endpoints are refused (403).
+    pub admin_token: Option<String>,
+    pub drain: DrainConfig,
     pub ws: WsConfig,
     pub fanout: FanoutConfig,
     pub send: SendConfig,
@@ -84,6 +95,27 @@ pub struct AdaptiveConfig {
     pub low_water_bytes: usize,
     /// Droppable messages per second a room shows once its window is at the widest.
     pub visible_rate: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// `goaway` messages are spread uniformly over this period, so reconnects do not stampede
+    /// the other edges or dispatch.
+    pub period_ms: u64,
+    /// The drain ends (the rest are closed with 1001) when connections fall to this ...
+    pub threshold: u64,
+    /// ... or when this much time has passed since it began.
+    pub deadline_ms: u64,
+    /// Where `goaway` sends clients (a dispatch endpoint); default: this edge's `/v1/route`,
+    /// which answers with another edge once this one is draining.
+    pub dispatch_url: Option<String>,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { period_ms: 10_000, threshold: 0, deadline_ms: 30_000, dispatch_url: None }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +193,11 @@ impl Default for Config {
             shards: 0,
             pin: true,
             echo: false,
+            bus: None,
+            edge_id: None,
+            advertise: None,
+            admin_token: None,
+            drain: DrainConfig::default(),
             ws: WsConfig::default(),
             fanout: FanoutConfig::default(),
             send: SendConfig::default(),
@@ -352,6 +389,22 @@ impl Config {
         if self.ingest.threads == 0 || self.ingest.threads > 64 {
             return Err(invalid("ingest.threads", "must be between 1 and 64"));
         }
+        if let Some(bus) = &self.bus
+            && !bus.starts_with("redis://")
+        {
+            return Err(invalid("bus", "must be a redis://HOST:PORT URL (or unset for the embedded bus)"));
+        }
+        if let Some(a) = &self.advertise
+            && !(a.starts_with("ws://") || a.starts_with("wss://"))
+        {
+            return Err(invalid("advertise", "must be a ws:// or wss:// URL"));
+        }
+        if self.drain.deadline_ms < self.drain.period_ms {
+            return Err(invalid("drain.deadline_ms", "must be at least drain.period_ms"));
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("admin_token", "must be at least 16 characters"));
+        }
         if self.kinds.is_empty() {
             return Err(invalid("kinds", "at least one kind must be configured"));
         }
@@ -399,6 +452,15 @@ impl Config {
             return Err(invalid("adaptive.visible_rate", "must be above 0"));
         }
         Ok(())
+    }
+
+    /// The URL dispatch hands out for this edge.
+    pub fn advertised_url(&self, ws: SocketAddr) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        let host = if ws.ip().is_unspecified() { "127.0.0.1".to_owned() } else { ws.ip().to_string() };
+        format!("ws://{host}:{}/ws", ws.port())
     }
 
     /// Whether `kind` must be delivered; None if the kind is not configured.

@@ -164,3 +164,49 @@ mod tests {
         assert!(degraded.score() > 0.5);
     }
 }
+
+/// Load reports in Redis: `rc:edge:{id}` holds the JSON report with a TTL, and the sorted set
+/// `rc:edges` scores each id by its last report time, so dispatch reads live edges with one
+/// range query and one MGET, without SCAN.
+pub mod registry {
+    use redis::AsyncCommands;
+    use redis::aio::ConnectionManager;
+
+    use super::EdgeLoad;
+
+    pub const EDGES: &str = "rc:edges";
+
+    pub fn key(id: &str) -> String {
+        format!("rc:edge:{id}")
+    }
+
+    /// Publishes one report, valid for `ttl_ms`.
+    pub async fn report(cm: &mut ConnectionManager, load: &EdgeLoad, ttl_ms: u64) -> redis::RedisResult<()> {
+        let json = serde_json::to_string(load).unwrap_or_default();
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(key(&load.id))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl_ms)
+            .ignore()
+            .zadd(EDGES, &load.id, load.at_ms)
+            .ignore()
+            .zrembyscore(EDGES, 0, load.at_ms.saturating_sub(ttl_ms * 10))
+            .ignore()
+            .query_async(cm)
+            .await
+    }
+
+    /// Reports younger than `max_age_ms`.
+    pub async fn live(cm: &mut ConnectionManager, now_ms: u64, max_age_ms: u64) -> redis::RedisResult<Vec<EdgeLoad>> {
+        let ids: Vec<String> = cm.zrangebyscore(EDGES, now_ms.saturating_sub(max_age_ms), "+inf").await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|i| key(i)).collect();
+        let vals: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(cm).await?;
+        Ok(vals.into_iter().flatten().filter_map(|v| serde_json::from_str(&v).ok()).collect())
+    }
+}

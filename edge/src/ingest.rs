@@ -4,11 +4,12 @@
 //! - `POST /v1/rooms/{room}/messages` `{"kind","user","body"}` -> `{"room","seq","ts_us"}`
 //! - `GET /healthz`, `GET /metrics` (Prometheus text)
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,7 +18,10 @@ use roomcast_proto::envelope::{validate_kind, validate_room};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use ::redis::aio::ConnectionManager;
+
 use crate::bus::{BusHandle, NewMessage, PublishError, RoomName};
+use crate::dispatch::{Dispatcher, registry};
 use crate::metrics::Metrics;
 
 /// Longest `user` accepted.
@@ -29,16 +33,99 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub shards: usize,
     pub started: Instant,
+    pub route: Arc<RouteSource>,
+    /// Bearer token for admin endpoints (None: refused).
+    pub admin_token: Option<String>,
+    /// Asks the main thread to start a drain.
+    pub drain: tokio::sync::mpsc::UnboundedSender<()>,
+    pub draining: Arc<AtomicBool>,
+}
+
+/// Where `GET /v1/route` finds edges.
+pub enum RouteSource {
+    /// Single node: this edge, unless it drains.
+    Embedded { url: String },
+    /// Every edge's load report in Redis.
+    Redis { cm: ConnectionManager, dispatcher: Mutex<Dispatcher>, max_age_ms: u64 },
 }
 
 pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/rooms/{room}/messages", post(publish))
         .route("/v1/rooms/{room}", get(room_stats))
+        .route("/v1/route", get(route))
+        .route("/v1/admin/drain", post(admin_drain))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+#[derive(Deserialize)]
+pub struct RouteQuery {
+    room: Option<String>,
+}
+
+/// Answers with the WebSocket URL of the least-loaded healthy edge (never a draining or
+/// expired one), with the room already in the query.
+pub async fn route_answer(src: &RouteSource, draining: bool, room: Option<&str>) -> Response {
+    if let Some(r) = room
+        && let Err(why) = validate_room(r)
+    {
+        return error(StatusCode::BAD_REQUEST, format!("bad room: {why}"));
+    }
+    let (url, id) = match src {
+        RouteSource::Embedded { url } => {
+            if draining {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "no edge available: this edge is draining");
+            }
+            (url.clone(), String::from("local"))
+        }
+        RouteSource::Redis { cm, dispatcher, max_age_ms } => {
+            let now = crate::bus::now_us() / 1000;
+            let mut cm = cm.clone();
+            let edges = match registry::live(&mut cm, now, *max_age_ms).await {
+                Ok(e) => e,
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("load reports unavailable: {e}")),
+            };
+            let (r1, r2) = (rand01(), rand01());
+            let mut d = dispatcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match d.pick(&edges, now, *max_age_ms, r1, r2) {
+                Some(e) => (e.ws_url.clone(), e.id.clone()),
+                None => return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy edge available"),
+            }
+        }
+    };
+    let url = match room {
+        Some(r) => format!("{url}?room={r}"),
+        None => url,
+    };
+    Json(serde_json::json!({ "url": url, "edge": id })).into_response()
+}
+
+fn rand01() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh SipHash key per call (std's RandomState): enough entropy to spread arrivals.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(crate::bus::now_us());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn route(State(st): State<AppState>, Query(q): Query<RouteQuery>) -> Response {
+    route_answer(&st.route, st.draining.load(Ordering::Relaxed), q.room.as_deref()).await
+}
+
+async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(token) = &st.admin_token else {
+        return error(StatusCode::FORBIDDEN, "admin endpoints are disabled: set admin_token in the config");
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given != Some(token.as_str()) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let already = st.draining.load(Ordering::Relaxed);
+    let _ = st.drain.send(());
+    (StatusCode::ACCEPTED, Json(serde_json::json!({ "draining": true, "already": already }))).into_response()
 }
 
 #[derive(Deserialize)]
@@ -50,7 +137,7 @@ struct PublishRequest {
     body: Box<RawValue>,
 }
 
-fn error(status: StatusCode, reason: impl Into<String>) -> Response {
+pub fn error(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
 }
 
@@ -135,6 +222,7 @@ async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Res
 async fn healthz(State(st): State<AppState>) -> Response {
     Json(serde_json::json!({
         "status": "ok",
+        "draining": st.draining.load(Ordering::Relaxed),
         "shards": st.shards,
         "connections": st.metrics.connections(),
         "uptime_s": st.started.elapsed().as_secs(),

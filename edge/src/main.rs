@@ -1,19 +1,32 @@
-//! The `edge` binary: flags and config, logging, start, and graceful stop on SIGTERM/SIGINT.
+//! The `edge` binary: flags and config, logging, start, drain and graceful stop.
+//!
+//! - `edge [flags]`: run an edge.
+//! - `edge dispatch --redis URL --http ADDR`: run only the dispatch endpoint (`GET /v1/route`),
+//!   reading every edge's load report from Redis.
+//!
+//! Signals: SIGTERM drains (out of dispatch, stop accepting, `goaway` spread over
+//! `drain.period_ms`, then 1001 for the rest) and exits 0; SIGINT closes everything with 1001 at
+//! once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use edge::config::Config;
-use edge::ingest::{self, AppState};
+use edge::dispatch::Dispatcher;
+use edge::ingest::{self, AppState, RouteSource};
 use edge::server::Edge;
 
 /// roomcast push edge.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// TOML config file; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -35,6 +48,15 @@ struct Cli {
     /// Bytes queued per connection before it is closed as a slow consumer.
     #[arg(long)]
     max_queue_bytes: Option<usize>,
+    /// Shared bus for several edges (redis://HOST:PORT); unset: embedded single node.
+    #[arg(long)]
+    bus: Option<String>,
+    /// The ws:// URL dispatch hands out for this edge.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Spread goaway messages over this many milliseconds when draining.
+    #[arg(long)]
+    drain_period_ms: Option<u64>,
     /// Echo every message back (conformance testing with the Autobahn suite).
     #[arg(long)]
     echo: bool,
@@ -44,6 +66,19 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run only the dispatch endpoint, from the load reports in Redis.
+    Dispatch {
+        /// Redis holding the edges' load reports.
+        #[arg(long)]
+        redis: String,
+        /// Listen address for GET /v1/route.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        http: SocketAddr,
+    },
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
@@ -62,12 +97,23 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = cli.merge_window_ms {
         cfg.fanout.merge_window_ms = v;
+        cfg.adaptive.max_window_ms = cfg.adaptive.max_window_ms.max(v);
     }
     if let Some(v) = cli.max_message {
         cfg.ws.max_message = v;
     }
     if let Some(v) = cli.max_queue_bytes {
         cfg.send.max_queue_bytes = v;
+    }
+    if let Some(v) = &cli.bus {
+        cfg.bus = Some(v.clone());
+    }
+    if let Some(v) = &cli.advertise {
+        cfg.advertise = Some(v.clone());
+    }
+    if let Some(v) = cli.drain_period_ms {
+        cfg.drain.period_ms = v;
+        cfg.drain.deadline_ms = cfg.drain.deadline_ms.max(v);
     }
     if cli.echo {
         cfg.echo = true;
@@ -85,6 +131,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
+    if let Some(Cmd::Dispatch { redis, http }) = &cli.cmd {
+        return dispatch_only(redis, *http);
+    }
     let cfg = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -97,24 +146,48 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let cfg = Arc::new(cfg);
-    let edge = Edge::start(cfg.clone())?;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.ingest.threads)
         .thread_name("roomcast-http")
         .enable_all()
         .build()?;
+    let edge = Edge::start(cfg.clone(), rt.handle())?;
+    let ws_url = cfg.advertised_url(edge.ws_addr);
+    let draining = Arc::new(AtomicBool::new(false));
+
+    let route = match &cfg.bus {
+        None => RouteSource::Embedded { url: ws_url.clone() },
+        Some(url) => {
+            let client = redis::Client::open(url.as_str())?;
+            let cm = rt.block_on(redis::aio::ConnectionManager::new(client)).context("bus: cannot connect to redis")?;
+            let id = cfg.edge_id.clone().unwrap_or_else(|| ws_url.clone());
+            rt.spawn(edge::server::report_load(
+                cm.clone(),
+                id,
+                ws_url.clone(),
+                edge.metrics.clone(),
+                edge.capacity,
+                draining.clone(),
+            ));
+            RouteSource::Redis { cm, dispatcher: std::sync::Mutex::new(Dispatcher::default()), max_age_ms: 3000 }
+        }
+    };
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(cfg.http))
+        .with_context(|| format!("cannot listen on {} (http)", cfg.http))?;
+    let http_addr = listener.local_addr()?;
+    let (drain_tx, mut drain_rx) = tokio::sync::mpsc::unbounded_channel();
     let state = AppState {
         bus: edge.bus.clone(),
         metrics: edge.metrics.clone(),
         shards: edge.shards,
         started: edge.started,
+        route: Arc::new(route),
+        admin_token: cfg.admin_token.clone(),
+        drain: drain_tx,
+        draining: draining.clone(),
     };
     let app = ingest::router(state, cfg.ingest.max_body_bytes);
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(cfg.http))
-        .with_context(|| format!("cannot listen on {} (http)", cfg.http))?;
-    let http_addr = listener.local_addr()?;
     rt.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "publish API stopped");
@@ -124,16 +197,75 @@ fn main() -> anyhow::Result<()> {
     // A line for scripts and tests that start the edge on port 0.
     println!("roomcast edge ready ws={} http={}", edge.ws_addr, http_addr);
 
-    rt.block_on(async {
+    let drain = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: closing connections (1001)"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: closing connections (1001)"),
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); true }
+            _ = drain_rx.recv() => { tracing::info!("drain requested"); true }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: closing connections (1001)"); false }
         }
     });
+    if drain {
+        run_drain(&cfg, &edge, &draining, &format!("http://{http_addr}/v1/route"));
+    }
     edge.shutdown();
-    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    rt.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Leaves dispatch, stops accepting, spreads goaway over the period, waits for connections to
+/// fall to the threshold (or the deadline), logging progress; the caller then closes the rest.
+fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, own_route: &str) {
+    draining.store(true, Ordering::Relaxed);
+    edge.metrics.draining.set(1);
+    let url = cfg.drain.dispatch_url.clone().unwrap_or_else(|| own_route.to_owned());
+    let start = Instant::now();
+    let before = edge.metrics.connections();
+    tracing::info!(connections = before, period_ms = cfg.drain.period_ms, dispatch = %url, "drain started");
+    edge.drain(&url, cfg.drain.period_ms);
+    let deadline = start + Duration::from_millis(cfg.drain.deadline_ms);
+    let mut last_log = Instant::now();
+    loop {
+        let open = edge.metrics.connections();
+        if open.max(0) as u64 <= cfg.drain.threshold {
+            tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, "drain complete");
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::info!(left = open, "drain deadline reached: closing the rest (1001)");
+            break;
+        }
+        if last_log.elapsed() >= Duration::from_secs(1) {
+            tracing::info!(left = open, of = before, "draining");
+            last_log = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn dispatch_only(redis_url: &str, http: SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async {
+        let client = redis::Client::open(redis_url)?;
+        let cm = redis::aio::ConnectionManager::new(client).await.context("cannot connect to redis")?;
+        let src = Arc::new(RouteSource::Redis { cm, dispatcher: std::sync::Mutex::new(Dispatcher::default()), max_age_ms: 3000 });
+        let app = axum::Router::new()
+            .route(
+                "/v1/route",
+                axum::routing::get(
+                    |axum::extract::State(src): axum::extract::State<Arc<RouteSource>>,
+                     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>| async move {
+                        ingest::route_answer(&src, false, q.get("room").map(String::as_str)).await
+                    },
+                ),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .with_state(src);
+        let listener = tokio::net::TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http}"))?;
+        println!("roomcast dispatch ready http={}", listener.local_addr()?);
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
 }

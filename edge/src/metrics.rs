@@ -12,6 +12,8 @@ pub struct Metrics {
     registry: Registry,
     shard: ShardFamilies,
     pub bus: BusStats,
+    /// 1 while the edge drains.
+    pub draining: IntGauge,
 }
 
 struct ShardFamilies {
@@ -29,6 +31,7 @@ struct ShardFamilies {
     rooms: IntGaugeVec,
     send_queue_bytes: IntGaugeVec,
     accept_errors: IntCounterVec,
+    goaways: IntCounterVec,
 }
 
 /// One shard's handles (cheap clones of the shared atomics).
@@ -48,6 +51,7 @@ pub struct ShardStats {
     pub rooms: IntGauge,
     pub send_queue_bytes: IntGauge,
     pub accept_errors: IntCounter,
+    pub goaways: IntCounter,
 }
 
 /// The bus thread's figures (and the publish API's).
@@ -95,6 +99,7 @@ impl Metrics {
             rooms: gauge(r, "shard_rooms", "Rooms with at least one member on this shard.", s),
             send_queue_bytes: gauge(r, "send_queue_bytes", "Bytes queued for sending, all connections of the shard (sampled each tick).", s),
             accept_errors: counter(r, "accept_errors_total", "Accept completions with an error (ENFILE: direct descriptor table full).", s),
+            goaways: counter(r, "goaway_sent_total", "goaway messages sent while draining.", s),
         };
         let bus = BusStats {
             messages_in: counter(r, "messages_in_total", "Messages accepted for publishing, by kind.", &["kind"]),
@@ -111,7 +116,9 @@ impl Metrics {
             sampling: gauge(r, "chat_sampling", "1 while hot rooms' droppable messages are sampled down to the visible rate.", &[])
                 .with_label_values(&[] as &[&str]),
         };
-        Self { registry, shard, bus }
+        let draining = gauge(r, "draining", "1 while this edge drains (out of dispatch, not accepting, sending goaway).", &[])
+            .with_label_values(&[] as &[&str]);
+        Self { registry, shard, bus, draining }
     }
 
     /// The handles shard `id` increments.
@@ -134,6 +141,7 @@ impl Metrics {
             rooms: f.rooms.with_label_values(&l),
             send_queue_bytes: f.send_queue_bytes.with_label_values(&l),
             accept_errors: f.accept_errors.with_label_values(&l),
+            goaways: f.goaways.with_label_values(&l),
         }
     }
 
@@ -146,6 +154,14 @@ impl Metrics {
             }
         }
         total
+    }
+
+    /// Frames and bytes written so far, all shards.
+    pub fn written(&self) -> (u64, u64) {
+        let sum = |c: &IntCounterVec| -> u64 {
+            c.collect().iter().flat_map(|mf| mf.get_metric().iter().map(|m| m.get_counter().get_value() as u64)).sum()
+        };
+        (sum(&self.shard.frames_written), sum(&self.shard.bytes_written))
     }
 
     /// The Prometheus text exposition of every family.

@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::bus::local::{BusConfig, LocalBus};
+use crate::bus::redis::StreamLimits;
 use crate::bus::{BusCmd, BusHandle, Mailbox, ShardCmd};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -21,6 +22,8 @@ pub struct Edge {
     pub bus: BusHandle,
     pub metrics: Arc<Metrics>,
     pub shards: usize,
+    /// Connections this edge can hold (shards x direct-descriptor table).
+    pub capacity: u64,
     pub started: Instant,
     mailboxes: Vec<Mailbox>,
     shard_threads: Vec<JoinHandle<()>>,
@@ -30,7 +33,7 @@ pub struct Edge {
 impl Edge {
     /// Binds the WebSocket port on every shard and starts the threads. Fails with a clear error
     /// when the kernel lacks a needed io_uring feature.
-    pub fn start(cfg: Arc<Config>) -> anyhow::Result<Self> {
+    pub fn start(cfg: Arc<Config>, rt: &tokio::runtime::Handle) -> anyhow::Result<Self> {
         let nofile = crate::sys::raise_nofile().unwrap_or(1024);
         let n = cfg.shard_count();
         let table = if cfg.ws.max_connections_per_shard == 0 {
@@ -82,7 +85,15 @@ impl Edge {
 
         let bus_cfg = BusConfig::from_config(&cfg);
         metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
-        let local = LocalBus::new(bus_rx, mailboxes.clone(), bus_cfg, metrics.bus.clone());
+        let mut local = LocalBus::new(bus_rx, mailboxes.clone(), bus_cfg, metrics.bus.clone());
+        if let Some(url) = &cfg.bus {
+            let _guard = rt.enter();
+            let limits = StreamLimits { must_deliver: cfg.history.must_deliver, droppable: cfg.history.droppable };
+            let bridge = crate::bus::redis::start(url, bus.clone(), limits)
+                .map_err(|e| anyhow::anyhow!("bus: cannot use {url}: {e}"))?;
+            local = local.with_remote(bridge);
+            tracing::info!(url, "shared bus: redis");
+        }
         let bus_thread = std::thread::Builder::new().name("roomcast-bus".into()).spawn(move || local.run())?;
 
         let mut shard_threads = Vec::new();
@@ -104,12 +115,21 @@ impl Edge {
             ws_addr,
             bus,
             metrics,
+            capacity: u64::from(max_conns) * n as u64,
             shards: n,
             started: Instant::now(),
             mailboxes,
             shard_threads,
             bus_thread: Some(bus_thread),
         })
+    }
+
+    /// Starts a drain on every shard: stop accepting, spread `goaway` over `period_ms`.
+    pub fn drain(&self, url: &str, period_ms: u64) {
+        let url: Arc<str> = Arc::from(url);
+        for mb in &self.mailboxes {
+            mb.send(ShardCmd::Drain { url: url.clone(), period_ms });
+        }
     }
 
     /// Closes every connection with 1001, waits for the shards (bounded), then stops the bus.
@@ -123,6 +143,40 @@ impl Edge {
         self.bus.send(BusCmd::Shutdown);
         if let Some(h) = self.bus_thread.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// Publishes this edge's load to Redis every second, until the process ends.
+pub async fn report_load(
+    mut cm: ::redis::aio::ConnectionManager,
+    id: String,
+    ws_url: String,
+    metrics: Arc<Metrics>,
+    capacity: u64,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use crate::dispatch::{EdgeHealth, EdgeLoad, registry};
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let (mut last_frames, mut last_bytes, mut last_at) = (0u64, 0u64, Instant::now());
+    loop {
+        tick.tick().await;
+        let (frames, bytes) = metrics.written();
+        let dt = last_at.elapsed().as_secs_f64().max(1e-3);
+        let load = EdgeLoad {
+            id: id.clone(),
+            ws_url: ws_url.clone(),
+            connections: metrics.connections().max(0) as u64,
+            capacity,
+            frames_per_s: frames.saturating_sub(last_frames) as f64 / dt,
+            bytes_per_s: bytes.saturating_sub(last_bytes) as f64 / dt,
+            health: EdgeHealth::Ok,
+            draining: draining.load(std::sync::atomic::Ordering::Relaxed),
+            at_ms: crate::bus::now_us() / 1000,
+        };
+        (last_frames, last_bytes, last_at) = (frames, bytes, Instant::now());
+        if let Err(e) = registry::report(&mut cm, &load, 3000).await {
+            tracing::warn!(error = %e, "cannot publish load report");
         }
     }
 }

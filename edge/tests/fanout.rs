@@ -167,7 +167,7 @@ async fn join_switch_leave_over_the_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_clients_with_1001() {
-    let mut edge = EdgeProc::start(&["--shards", "2"]);
+    let mut edge = EdgeProc::start(&["--shards", "2", "--drain-period-ms", "300"]);
     let mut clients = Vec::new();
     for _ in 0..20 {
         let mut ws = connect(&edge.url("?room=t"), None).await;

@@ -112,6 +112,9 @@ pub enum ShardCmd {
     JoinAck { slot: u32, generation: u32, room: RoomName, seq: u64, replay: Vec<Bytes> },
     /// The answer to a publish over a socket.
     Published { slot: u32, generation: u32, room: RoomName, result: Result<Ack, PublishError> },
+    /// Drain: stop accepting, and send every connection a `goaway` to `url` at a random moment
+    /// within `period_ms`, then close it (1001).
+    Drain { url: Arc<str>, period_ms: u64 },
     /// Close every connection with 1001 and stop.
     Shutdown,
 }

@@ -86,6 +86,8 @@ pub struct Conn {
     pub opened_ms: u64,
     pub last_rx_ms: u64,
     pub next_ping_ms: u64,
+    /// Draining: when this connection gets its `goaway`.
+    pub goaway_at_ms: Option<u64>,
 }
 
 impl Conn {
@@ -112,6 +114,7 @@ impl Conn {
             opened_ms: now_ms,
             last_rx_ms: now_ms,
             next_ping_ms: now_ms,
+            goaway_at_ms: None,
         }
     }
 

@@ -92,7 +92,8 @@ struct Shard {
     id: u16,
     cfg: Arc<Config>,
     limits: Limits,
-    listener: Socket,
+    /// Dropped (closed) when draining starts.
+    listener: Option<Socket>,
     bus: BusHandle,
     mailbox: Receiver<ShardCmd>,
     doorbell: Arc<OwnedFd>,
@@ -111,6 +112,9 @@ struct Shard {
     epoch: Instant,
     last_sweep: Instant,
     open: u32,
+    /// Draining: where `goaway` sends clients.
+    drain_url: Option<Arc<str>>,
+    rng: u64,
 }
 
 impl Shard {
@@ -127,7 +131,7 @@ impl Shard {
             id: spec.id,
             cfg: spec.cfg,
             limits,
-            listener: spec.listener,
+            listener: Some(spec.listener),
             bus: spec.bus,
             mailbox: spec.mailbox,
             doorbell: spec.doorbell,
@@ -146,6 +150,8 @@ impl Shard {
             epoch: now,
             last_sweep: now,
             open: 0,
+            drain_url: None,
+            rng: (u64::from(spec.id) << 32) ^ (now.elapsed().as_nanos() as u64) ^ 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64,
         })
     }
 
@@ -195,7 +201,7 @@ impl Shard {
         if self.accept_armed || !self.accepting {
             return;
         }
-        let fd = self.listener.as_raw_fd();
+        let Some(fd) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else { return };
         match Sq::new(&mut self.ring).accept_multi(fd, Token::new(OpKind::Accept, 0, 0)) {
             Ok(()) => self.accept_armed = true,
             Err(e) => tracing::error!(shard = self.id, error = %e, "cannot arm accept"),
@@ -245,6 +251,7 @@ impl Shard {
                         self.send_msg(slot, &msg);
                     }
                 }
+                ShardCmd::Drain { url, period_ms } => self.begin_drain(url, period_ms),
                 ShardCmd::Shutdown => self.begin_shutdown(),
             }
         }
@@ -855,14 +862,50 @@ impl Shard {
         }
     }
 
+    /// Stops accepting: cancels the multishot accept and closes the listening socket, so the
+    /// kernel sends new connections to the other shards' sockets, or refuses them once all
+    /// shards are draining.
+    fn stop_accepting(&mut self) {
+        self.accepting = false;
+        if let Some(l) = self.listener.take() {
+            let _ = Sq::new(&mut self.ring).cancel_listener(l.as_raw_fd(), Token::new(OpKind::Cancel, 0, 0));
+            // The in-flight accept holds its own reference to the socket until it is cancelled.
+            drop(l);
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: good enough to spread goaways, no dependency.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn begin_drain(&mut self, url: Arc<str>, period_ms: u64) {
+        if self.drain_url.is_some() {
+            return;
+        }
+        tracing::info!(shard = self.id, open = self.open, period_ms, "draining");
+        self.drain_url = Some(url);
+        self.stop_accepting();
+        let now = self.now_ms();
+        for slot in 0..self.conns.len() {
+            let jitter = if period_ms == 0 { 0 } else { self.next_random() % period_ms };
+            if let Some(Some(c)) = self.conns.get_mut(slot) {
+                c.goaway_at_ms = Some(now + jitter);
+            }
+        }
+    }
+
     fn begin_shutdown(&mut self) {
         if self.shutdown_at.is_some() {
             return;
         }
         self.shutdown_at = Some(Instant::now() + SHUTDOWN_TIMEOUT);
-        self.accepting = false;
-        let fd = self.listener.as_raw_fd();
-        let _ = Sq::new(&mut self.ring).cancel_listener(fd, Token::new(OpKind::Cancel, 0, 0));
+        self.stop_accepting();
         for slot in 0..self.conns.len() as u32 {
             let phase = match &self.conns[slot as usize] {
                 Some(c) if c.closing == Closing::No => c.phase,
@@ -890,9 +933,14 @@ impl Shard {
         let mut to_abort = Vec::new();
         let mut to_close = Vec::new();
         let mut to_ping = Vec::new();
+        let mut to_goaway = Vec::new();
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let Some(c) = c else { continue };
             queued += c.out_bytes;
+            if c.closing == Closing::No && c.goaway_at_ms.is_some_and(|t| now_ms >= t) {
+                to_goaway.push(slot as u32);
+                continue;
+            }
             match c.closing {
                 Closing::AfterFlush { deadline_ms } if now_ms >= deadline_ms && !c.close_issued => {
                     to_abort.push(slot as u32);
@@ -928,6 +976,20 @@ impl Shard {
         }
         for slot in to_ping {
             self.send_control(slot, ws::encode_frame(OpCode::Ping, b""));
+        }
+        if let Some(url) = self.drain_url.clone() {
+            for slot in to_goaway {
+                let phase = self.conns[slot as usize].as_ref().map(|c| c.phase);
+                if phase == Some(Phase::Open) {
+                    let reconnect_after_ms = (self.next_random() % 1000) as u32;
+                    let msg = ServerMsg::Goaway { url: url.to_string(), reason: "edge draining".into(), reconnect_after_ms };
+                    self.send_msg(slot, &msg);
+                    self.stats.goaways.inc();
+                    self.close_with(slot, 1001, "edge draining");
+                } else {
+                    self.abort(slot);
+                }
+            }
         }
         self.flush_dirty();
     }
