@@ -433,6 +433,15 @@ impl LocalBus {
             // Reconnected after missing messages: fetch them.
             let from = r.seq + 1;
             self.request_fill(room, from, seq);
+        } else if seq < r.seq {
+            // Redis came back without the room's state (no persistence): its numbering restarts.
+            // Follow it, and say so: clients see seqs go back and must treat it as a new epoch.
+            tracing::error!(room = %room, ours = r.seq, redis = seq, "redis lost this room's seq (run redis with appendonly)");
+            r.seq = seq;
+            r.flushed_seq = seq;
+            r.base_seq = seq;
+            r.history = History::default();
+            r.ahead.clear();
         }
     }
 

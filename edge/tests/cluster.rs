@@ -1,0 +1,271 @@
+//! Several edges on one real Redis: shared rooms, dispatch, drain without loss, Redis restarts.
+
+mod util;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use roomcast_proto::envelope::ServerMsg;
+use serde_json::json;
+use tokio::sync::Mutex;
+use util::*;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn edge_on(redis: &RedisProc, extra: &[&str]) -> EdgeProc {
+    let dir = std::env::temp_dir().join(format!("roomcast-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n")).unwrap();
+    let url = redis.url();
+    let mut args = vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url.as_str(), "--config", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    EdgeProc::start(&args)
+}
+
+async fn route(p: &Publisher, room: &str) -> Option<String> {
+    let (status, body) = p.get(&format!("/v1/route?room={room}")).await;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["url"].as_str().map(str::to_owned)
+}
+
+/// Publishes a gift, retrying while the bus is unavailable (503) so nothing is lost.
+async fn publish_gift(p: &Publisher, room: &str, n: u64) -> u64 {
+    let body = json!({ "kind": "gift", "body": { "n": n } }).to_string().into_bytes();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, v) = p.post_raw(&format!("/v1/rooms/{room}/messages"), body.clone()).await;
+        match status {
+            200 => return v["seq"].as_u64().unwrap(),
+            503 if Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => panic!("publish failed: {status} {v}"),
+        }
+    }
+}
+
+/// A member that follows goaway through dispatch and reconnects with `since`.
+struct Member {
+    seen: Vec<u64>,
+    edges: Vec<String>,
+    goaways: u32,
+}
+
+async fn member(first_url: String, room: &'static str, stop: Arc<AtomicBool>, want: Arc<AtomicU64>) -> Member {
+    let mut m = Member { seen: Vec::new(), edges: vec![first_url.clone()], goaways: 0 };
+    let mut url = first_url;
+    let mut since: Option<u64> = None;
+    loop {
+        let full = match since {
+            Some(s) => format!("{url}&since={s}"),
+            None => url.clone(),
+        };
+        let mut ws = connect(&full, None).await;
+        let joined = expect_joined(&mut ws, room).await;
+        since.get_or_insert(joined);
+        let next: Option<String>;
+        loop {
+            if stop.load(Ordering::Relaxed) && m.seen.last().copied().unwrap_or(0) >= want.load(Ordering::Relaxed) {
+                return m;
+            }
+            match next_msg_within(&mut ws, Duration::from_millis(200)).await {
+                Some(ServerMsg::Batch { messages, .. }) => {
+                    for msg in messages {
+                        m.seen.push(msg.seq);
+                        since = Some(msg.seq);
+                    }
+                }
+                Some(ServerMsg::Goaway { url: dispatch, .. }) => {
+                    m.goaways += 1;
+                    // Ask dispatch for another edge.
+                    let u = reqwest::get(format!("{dispatch}?room={room}")).await.unwrap();
+                    let v: serde_json::Value = u.json().await.unwrap();
+                    next = Some(v["url"].as_str().expect("dispatch url").to_owned());
+                    break;
+                }
+                Some(ServerMsg::Gap { .. }) => panic!("unexpected gap"),
+                Some(_) => {}
+                None => {
+                    if stop.load(Ordering::Relaxed) && m.seen.last().copied().unwrap_or(0) >= want.load(Ordering::Relaxed) {
+                        return m;
+                    }
+                }
+            }
+        }
+        url = next.expect("reconnect target");
+        m.edges.push(url.clone());
+    }
+}
+
+fn assert_every_gift_once(seen: &[u64], gifts: &BTreeSet<u64>, who: usize) {
+    let got: Vec<u64> = seen.iter().copied().filter(|s| gifts.contains(s)).collect();
+    let want: Vec<u64> = gifts.iter().copied().filter(|&s| s > *got.first().unwrap_or(&0) - 1).collect();
+    assert_eq!(got, want, "member {who}: every gift once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_edges_share_rooms_and_dispatch_spreads_clients() {
+    let redis = RedisProc::start();
+    let edges: Vec<EdgeProc> = (0..3).map(|_| edge_on(&redis, &[])).collect();
+    let pubs: Vec<Publisher> = edges.iter().map(|e| Publisher::new(e.http)).collect();
+    // Load reports are published every second: wait until dispatch knows all three.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let mut set = BTreeSet::new();
+            for _ in 0..30 {
+                if let Some(u) = route(&pubs[0], "shared").await {
+                    set.insert(u);
+                }
+            }
+            set.len() == 3
+        })
+        .await,
+        "dispatch answers with all three edges"
+    );
+    let mut clients = Vec::new();
+    let mut per_edge: HashMap<String, u32> = HashMap::new();
+    for i in 0..60 {
+        let url = route(&pubs[i % 3], "shared").await.expect("route");
+        *per_edge.entry(url.split('?').next().unwrap().to_owned()).or_default() += 1;
+        let mut ws = connect(&url, None).await;
+        expect_joined(&mut ws, "shared").await;
+        clients.push(ws);
+    }
+    assert_eq!(per_edge.len(), 3, "arrivals spread over the edges: {per_edge:?}");
+    assert!(per_edge.values().all(|&n| n >= 10), "{per_edge:?}");
+    // Gifts published at every edge reach every member once, in order.
+    let mut gifts = Vec::new();
+    for n in 0..30u64 {
+        gifts.push(publish_gift(&pubs[n as usize % 3], "shared", n).await);
+    }
+    assert_eq!(gifts, (1..=30).collect::<Vec<_>>(), "one seq space across edges");
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < 30 {
+            match next_msg_within(ws, Duration::from_secs(10)).await {
+                Some(ServerMsg::Batch { messages, .. }) => got.extend(messages.iter().map(|m| m.seq)),
+                other => panic!("client {i}: {other:?} after {got:?}"),
+            }
+        }
+        assert_eq!(got, gifts, "client {i}");
+    }
+    // Edges subscribe only to rooms with local members: a room nobody joined is not delivered.
+    let (status, _) = pubs[1].get("/v1/rooms/shared").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_an_edge_under_load_loses_no_gift() {
+    let redis = RedisProc::start();
+    let mut edges: Vec<EdgeProc> = (0..3).map(|_| edge_on(&redis, &[])).collect();
+    let pubs: Vec<Arc<Publisher>> = edges.iter().map(|e| Arc::new(Publisher::new(e.http))).collect();
+    let drained_url = format!("ws://{}/ws", edges[0].ws);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let mut set = BTreeSet::new();
+            for _ in 0..30 {
+                if let Some(u) = route(&pubs[1], "d").await {
+                    set.insert(u);
+                }
+            }
+            set.len() == 3
+        })
+        .await
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let want = Arc::new(AtomicU64::new(u64::MAX));
+    let mut members = Vec::new();
+    // 30 members on the edge to drain, 15 on each other.
+    for i in 0..60 {
+        let url = if i < 30 { format!("{drained_url}?room=d") } else { format!("ws://{}/ws?room=d", edges[1 + i % 2].ws) };
+        members.push(tokio::spawn(member(url, "d", stop.clone(), want.clone())));
+    }
+    // Let them join.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gifts = Arc::new(Mutex::new(BTreeSet::new()));
+    let publisher = {
+        let gifts = gifts.clone();
+        let (p1, p2) = (pubs[1].clone(), pubs[2].clone());
+        tokio::spawn(async move {
+            for n in 0..200u64 {
+                let p = if n % 2 == 0 { &p1 } else { &p2 };
+                let seq = publish_gift(p, "d", n).await;
+                gifts.lock().await.insert(seq);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = pubs[0].post_raw("/v1/admin/drain", Vec::new()).await;
+    assert_eq!(status, 401, "drain needs the token");
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/admin/drain", edges[0].http))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // A draining edge is never returned by dispatch.
+    for _ in 0..20 {
+        if let Some(u) = route(&pubs[1], "d").await {
+            assert!(!u.starts_with(&drained_url), "dispatch returned the draining edge");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publisher.await.unwrap();
+    let gifts = gifts.lock().await.clone();
+    want.store(*gifts.iter().max().unwrap(), Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let mut moved = 0;
+    for (i, m) in members.into_iter().enumerate() {
+        let m = tokio::time::timeout(Duration::from_secs(30), m).await.expect("member finished").unwrap();
+        let set: BTreeSet<u64> = m.seen.iter().copied().collect();
+        assert_eq!(set.len(), m.seen.len(), "member {i}: no duplicate");
+        assert_every_gift_once(&m.seen, &gifts, i);
+        if i < 30 {
+            assert!(m.goaways >= 1 && m.edges.len() >= 2, "member {i} moved off the drained edge");
+            assert!(!m.edges.last().unwrap().starts_with(&drained_url));
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, 30);
+    assert_eq!(edges[0].wait_exit(Duration::from_secs(15)), Some(0), "the drained edge exits 0");
+    edges.remove(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_stream_loses_no_gift() {
+    let mut redis = RedisProc::start();
+    let edges: Vec<EdgeProc> = (0..2).map(|_| edge_on(&redis, &[])).collect();
+    let pubs: Vec<Publisher> = edges.iter().map(|e| Publisher::new(e.http)).collect();
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let mut ws = connect(&format!("ws://{}/ws?room=rr", edges[i % 2].ws), None).await;
+        expect_joined(&mut ws, "rr").await;
+        clients.push(ws);
+    }
+    let mut gifts = Vec::new();
+    for n in 0..20u64 {
+        gifts.push(publish_gift(&pubs[n as usize % 2], "rr", n).await);
+    }
+    redis.restart();
+    // Publishing retries through the outage and the reconnection.
+    for n in 20..40u64 {
+        gifts.push(publish_gift(&pubs[n as usize % 2], "rr", n).await);
+    }
+    assert_eq!(gifts, (1..=40).collect::<Vec<_>>(), "seqs continue across the restart");
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < 40 {
+            match next_msg_within(ws, Duration::from_secs(15)).await {
+                Some(ServerMsg::Batch { messages, .. }) => got.extend(messages.iter().map(|m| m.seq)),
+                other => panic!("client {i}: {other:?} after {got:?}"),
+            }
+        }
+        assert_eq!(got, gifts, "client {i} sees every gift once, in order");
+    }
+}
