@@ -4,10 +4,15 @@
 //! reads no clock: callers pass the time in. That keeps every format unit-testable and fuzzable,
 //! and lets the edge (io_uring) and the load generator (its own client) share one implementation.
 //!
+//! - [`ws`]: RFC 6455 frames: the server's per-connection decoder, server frame encoders, and
+//!   client-side helpers.
+//! - [`handshake`]: the HTTP upgrade.
 //! - [`envelope`]: what the edge pushes (`roomcast.json.v1` and `roomcast.rkyv.v1`) and the
 //!   signalling messages a client sends.
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod handshake;
+pub mod ws;
 
 pub use envelope::{ClientMsg, PushMessage, ServerMsg, Subprotocol};
