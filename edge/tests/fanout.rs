@@ -53,10 +53,11 @@ async fn thousand_clients_two_rooms_every_message_once_in_order() {
     }
     let results = join_all(clients.into_iter().map(|(i, mut ws, joined_seq)| async move {
         let got = collect(&mut ws, N as usize).await;
-        (i, joined_seq, got)
+        (i, joined_seq, got, ws)
     }))
     .await;
-    for (i, joined_seq, got) in results {
+    for (i, joined_seq, got, _ws) in &results {
+        let (i, joined_seq) = (*i, *joined_seq);
         let r = i % 2;
         assert!(got.iter().all(|(room, _, _)| room == rooms[r]), "client {i} got another room's message");
         let seqs: Vec<u64> = got.iter().map(|g| g.1).collect();
