@@ -308,6 +308,11 @@ impl Shard {
         for slot in slow {
             self.stats.slow_consumer_closes.inc();
             tracing::info!(shard = self.id, slot, "closing slow consumer (4000)");
+            // The close frame replaces whatever was not yet handed to the kernel: the client
+            // recovers it with `since`.
+            if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+                c.drop_unsent(c.in_flight as usize);
+            }
             self.close_with(slot, 4000, "slow consumer: reconnect with since");
         }
     }
@@ -798,8 +803,7 @@ impl Shard {
         if c.closing != Closing::No {
             return;
         }
-        // The close frame replaces whatever was not yet handed to the kernel.
-        c.drop_unsent(c.in_flight as usize);
+        // The close frame goes after what is queued (the 101 answer among it, possibly).
         let frame = (c.phase == Phase::Open).then(|| Bytes::from(ws::close_frame(code, reason)));
         self.finish_with(slot, frame);
     }
