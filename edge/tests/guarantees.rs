@@ -176,38 +176,53 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_keep_up_then_recovers() {
         expect_joined(&mut ws, "slow").await;
         fast.push(ws);
     }
+    // Readers stop at the sentinel gift, published last.
+    let sentinel = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
     let readers: Vec<_> = fast
         .into_iter()
         .map(|mut ws| {
+            let sentinel = sentinel.clone();
             tokio::spawn(async move {
-                read_until(&mut ws, Duration::from_secs(60), |g| g.iter().filter(|x| x.1 == "gift").count() >= 300).await
+                read_until(&mut ws, Duration::from_secs(90), |g| {
+                    g.last().is_some_and(|x| x.0 >= sentinel.load(std::sync::atomic::Ordering::Relaxed))
+                })
+                .await
             })
         })
         .collect();
     let rss_before = rss_kb(edge.child.id());
-    let big = "g".repeat(2000);
+    let big = "g".repeat(4000);
     let mut gifts = Vec::new();
-    for n in 0..300 {
+    // Publish until the edge cuts the reader that never reads: its kernel buffers absorb a few
+    // MiB first (send buffers autotune up to tcp_wmem's maximum), then its queue passes 256 KiB.
+    let mut cut = false;
+    for n in 0..3000 {
         gifts.push(publisher.publish("slow", "gift", json!({ "n": n, "pad": big })).await);
         publisher.publish("slow", "chat", json!(n)).await;
+        if n % 50 == 49 && metric(&publisher, "roomcast_slow_consumer_closes_total").await >= 1.0 {
+            cut = true;
+            break;
+        }
     }
+    assert!(cut, "the reader that never reads is cut off");
+    let last = publisher.publish("slow", "gift", json!("end")).await;
+    gifts.push(last);
+    sentinel.store(last, std::sync::atomic::Ordering::Relaxed);
     for r in readers {
         let got = r.await.unwrap();
         let g: Vec<u64> = got.iter().filter(|x| x.1 == "gift").map(|x| x.0).collect();
         assert_eq!(g, gifts, "fast readers get every gift in order");
     }
-    assert!(
-        wait_until(Duration::from_secs(10), || async { metric(&publisher, "roomcast_slow_consumer_closes_total").await >= 1.0 }).await,
-        "the reader that never reads is cut off"
-    );
     let rss_after = rss_kb(edge.child.id());
-    // 500 connections x 256 KiB queue bound = 128 MiB worst case; the edge stays far below.
-    assert!(rss_after < rss_before + 128 * 1024, "RSS grew from {rss_before} kB to {rss_after} kB");
+    // Bound: 501 connections x 256 KiB queue = 128 MiB worst case, plus history (10,000 gifts
+    // of 4 KB = 40 MiB). The edge must stay below their sum.
+    assert!(rss_after < rss_before + 168 * 1024, "RSS grew from {rss_before} kB to {rss_after} kB");
     drop(slow);
     // It reconnects with since = the seq it had joined at (it never read) and gets every gift.
     let mut ws = connect(&edge.url("?room=slow&since=0"), None).await;
     expect_joined(&mut ws, "slow").await;
-    let got = read_until(&mut ws, Duration::from_secs(10), |g| g.len() >= 300).await;
+    let want = gifts.len();
+    let got = read_until(&mut ws, Duration::from_secs(20), |g| g.len() >= want).await;
     assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), gifts);
 }
 
