@@ -39,6 +39,21 @@ pub struct AppState {
     /// Asks the main thread to start a drain.
     pub drain: tokio::sync::mpsc::UnboundedSender<()>,
     pub draining: Arc<AtomicBool>,
+    /// Asks the load reporter to publish now (None: no shared bus).
+    pub report_now: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl AppState {
+    /// Marks the edge draining and waits (bounded) until dispatch can see it.
+    pub async fn leave_dispatch(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        if let Some(tx) = &self.report_now {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if tx.send(done).is_ok() {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await;
+            }
+        }
+    }
 }
 
 /// Where `GET /v1/route` finds edges.
@@ -124,6 +139,7 @@ async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let already = st.draining.load(Ordering::Relaxed);
+    st.leave_dispatch().await;
     let _ = st.drain.send(());
     (StatusCode::ACCEPTED, Json(serde_json::json!({ "draining": true, "already": already }))).into_response()
 }

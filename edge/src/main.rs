@@ -155,6 +155,8 @@ fn main() -> anyhow::Result<()> {
     let ws_url = cfg.advertised_url(edge.ws_addr);
     let draining = Arc::new(AtomicBool::new(false));
 
+    let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut report_now = None;
     let route = match &cfg.bus {
         None => RouteSource::Embedded { url: ws_url.clone() },
         Some(url) => {
@@ -168,7 +170,9 @@ fn main() -> anyhow::Result<()> {
                 edge.metrics.clone(),
                 edge.capacity,
                 draining.clone(),
+                report_rx,
             ));
+            report_now = Some(report_tx);
             RouteSource::Redis { cm, dispatcher: std::sync::Mutex::new(Dispatcher::default()), max_age_ms: 3000 }
         }
     };
@@ -186,8 +190,9 @@ fn main() -> anyhow::Result<()> {
         admin_token: cfg.admin_token.clone(),
         drain: drain_tx,
         draining: draining.clone(),
+        report_now,
     };
-    let app = ingest::router(state, cfg.ingest.max_body_bytes);
+    let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);
     rt.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "publish API stopped");
@@ -207,6 +212,7 @@ fn main() -> anyhow::Result<()> {
         }
     });
     if drain {
+        rt.block_on(state.leave_dispatch());
         run_drain(&cfg, &edge, &draining, &format!("http://{http_addr}/v1/route"));
     }
     edge.shutdown();

@@ -155,12 +155,17 @@ pub async fn report_load(
     metrics: Arc<Metrics>,
     capacity: u64,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    mut now: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
 ) {
     use crate::dispatch::{EdgeHealth, EdgeLoad, registry};
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let (mut last_frames, mut last_bytes, mut last_at) = (0u64, 0u64, Instant::now());
     loop {
-        tick.tick().await;
+        // Every second, or at once when asked (a drain must leave dispatch before it starts).
+        let done = tokio::select! {
+            _ = tick.tick() => None,
+            req = now.recv() => req,
+        };
         let (frames, bytes) = metrics.written();
         let dt = last_at.elapsed().as_secs_f64().max(1e-3);
         let load = EdgeLoad {
@@ -177,6 +182,9 @@ pub async fn report_load(
         (last_frames, last_bytes, last_at) = (frames, bytes, Instant::now());
         if let Err(e) = registry::report(&mut cm, &load, 3000).await {
             tracing::warn!(error = %e, "cannot publish load report");
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
         }
     }
 }

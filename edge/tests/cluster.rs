@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use roomcast_proto::envelope::ServerMsg;
 use serde_json::json;
 use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use util::*;
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -64,7 +65,21 @@ async fn member(first_url: String, room: &'static str, stop: Arc<AtomicBool>, wa
             Some(s) => format!("{url}&since={s}"),
             None => url.clone(),
         };
-        let mut ws = connect(&full, None).await;
+        // Like a real client: if the edge refuses (it may have just started draining), ask
+        // dispatch again.
+        let mut ws = None;
+        for _ in 0..50 {
+            let mut req = full.as_str().into_client_request().unwrap();
+            req.headers_mut().remove("Sec-WebSocket-Protocol");
+            match tokio_tungstenite::connect_async(req).await {
+                Ok((w, _)) => {
+                    ws = Some(w);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let mut ws = ws.expect("connected within 5 s");
         let joined = expect_joined(&mut ws, room).await;
         since.get_or_insert(joined);
         let next: Option<String>;
