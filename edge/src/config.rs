@@ -311,16 +311,13 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => {
-                ConfigError::Parse { path: path.display().to_string(), message }
-            }
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
             other => other,
         })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: String::from("<config>"), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: String::from("<config>"), message: e.to_string() })
     }
 
     /// Checks every value; the first problem is returned, naming its key.
@@ -349,10 +346,7 @@ impl Config {
         }
         let f = &self.fanout;
         if f.merge_window_ms > 5_000 {
-            return Err(invalid(
-                "fanout.merge_window_ms",
-                "at most 5000: gifts must reach members within 10 s",
-            ));
+            return Err(invalid("fanout.merge_window_ms", "at most 5000: gifts must reach members within 10 s"));
         }
         if f.max_batch_messages == 0 {
             return Err(invalid("fanout.max_batch_messages", "must be above 0"));

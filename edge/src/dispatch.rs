@@ -71,7 +71,14 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Picks an edge for one client. `r1`, `r2` are uniform random numbers in [0, 1).
-    pub fn pick<'a>(&mut self, edges: &'a [EdgeLoad], now_ms: u64, max_age_ms: u64, r1: f64, r2: f64) -> Option<&'a EdgeLoad> {
+    pub fn pick<'a>(
+        &mut self,
+        edges: &'a [EdgeLoad],
+        now_ms: u64,
+        max_age_ms: u64,
+        r1: f64,
+        r2: f64,
+    ) -> Option<&'a EdgeLoad> {
         let live: Vec<&EdgeLoad> = edges.iter().filter(|e| e.eligible(now_ms, max_age_ms)).collect();
         if live.is_empty() {
             return None;

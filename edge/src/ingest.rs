@@ -134,7 +134,8 @@ async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response
     let Some(token) = &st.admin_token else {
         return error(StatusCode::FORBIDDEN, "admin endpoints are disabled: set admin_token in the config");
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if given != Some(token.as_str()) {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }

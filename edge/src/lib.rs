@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod config;
+pub mod dispatch;
 pub mod ingest;
 pub mod metrics;
 pub mod room;
@@ -14,4 +15,3 @@ pub mod server;
 pub mod shard;
 pub mod sys;
 pub mod uring;
-pub mod dispatch;

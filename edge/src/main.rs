@@ -203,8 +203,8 @@ fn main() -> anyhow::Result<()> {
     println!("roomcast edge ready ws={} http={}", edge.ws_addr, http_addr);
 
     let drain = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); true }
             _ = drain_rx.recv() => { tracing::info!("drain requested"); true }

@@ -88,36 +88,97 @@ impl Metrics {
             connections: gauge(r, "connections", "Open WebSocket connections (accepted, not yet closed).", s),
             accepted: counter(r, "connections_accepted_total", "TCP connections accepted.", s),
             closed: counter(r, "connections_closed_total", "Connections closed, for any reason.", s),
-            handshake_failures: counter(r, "handshake_failures_total", "Upgrades refused with an HTTP error or timed out.", s),
-            protocol_errors: counter(r, "protocol_errors_total", "Connections closed for a WebSocket protocol violation (1002, 1007, 1009).", s),
+            handshake_failures: counter(
+                r,
+                "handshake_failures_total",
+                "Upgrades refused with an HTTP error or timed out.",
+                s,
+            ),
+            protocol_errors: counter(
+                r,
+                "protocol_errors_total",
+                "Connections closed for a WebSocket protocol violation (1002, 1007, 1009).",
+                s,
+            ),
             frames_written: counter(r, "frames_written_total", "WebSocket frames fully written to sockets.", s),
             bytes_written: counter(r, "bytes_written_total", "Bytes written to sockets.", s),
-            messages_delivered: counter(r, "messages_delivered_total", "Published messages written to member sockets (one per message per member).", s),
-            slow_consumer_closes: counter(r, "slow_consumer_closes_total", "Connections closed (4000) because their send queue passed its bound.", s),
-            shed_bytes: counter(r, "shed_bytes_total", "Queued bytes of droppable messages dropped for connections that fell behind.", s),
+            messages_delivered: counter(
+                r,
+                "messages_delivered_total",
+                "Published messages written to member sockets (one per message per member).",
+                s,
+            ),
+            slow_consumer_closes: counter(
+                r,
+                "slow_consumer_closes_total",
+                "Connections closed (4000) because their send queue passed its bound.",
+                s,
+            ),
+            shed_bytes: counter(
+                r,
+                "shed_bytes_total",
+                "Queued bytes of droppable messages dropped for connections that fell behind.",
+                s,
+            ),
             send_errors: counter(r, "send_errors_total", "Sends that failed (peer reset, broken pipe).", s),
             rooms: gauge(r, "shard_rooms", "Rooms with at least one member on this shard.", s),
-            send_queue_bytes: gauge(r, "send_queue_bytes", "Bytes queued for sending, all connections of the shard (sampled each tick).", s),
-            accept_errors: counter(r, "accept_errors_total", "Accept completions with an error (ENFILE: direct descriptor table full).", s),
+            send_queue_bytes: gauge(
+                r,
+                "send_queue_bytes",
+                "Bytes queued for sending, all connections of the shard (sampled each tick).",
+                s,
+            ),
+            accept_errors: counter(
+                r,
+                "accept_errors_total",
+                "Accept completions with an error (ENFILE: direct descriptor table full).",
+                s,
+            ),
             goaways: counter(r, "goaway_sent_total", "goaway messages sent while draining.", s),
         };
         let bus = BusStats {
             messages_in: counter(r, "messages_in_total", "Messages accepted for publishing, by kind.", &["kind"]),
-            messages_dropped: counter(r, "messages_dropped_total", "Messages dropped, by kind and reason.", &["kind", "reason"]),
-            batches: counter(r, "batches_total", "Merged batches flushed (each serialized once per encoding in use).", &[])
-                .with_label_values(&[] as &[&str]),
-            batch_messages: counter(r, "batch_messages_total", "Messages flushed in batches (ratio to batches_total = merge factor).", &[])
-                .with_label_values(&[] as &[&str]),
+            messages_dropped: counter(
+                r,
+                "messages_dropped_total",
+                "Messages dropped, by kind and reason.",
+                &["kind", "reason"],
+            ),
+            batches: counter(
+                r,
+                "batches_total",
+                "Merged batches flushed (each serialized once per encoding in use).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            batch_messages: counter(
+                r,
+                "batch_messages_total",
+                "Messages flushed in batches (ratio to batches_total = merge factor).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             rooms: gauge(r, "rooms", "Rooms known to the bus (with members or a sequence).", &[])
                 .with_label_values(&[] as &[&str]),
             publish_rejected: counter(r, "publish_rejected_total", "Publish requests refused, by reason.", &["reason"]),
-            hot_window_ms: gauge(r, "hot_room_merge_window_ms", "Merge window hot rooms use now (adaptive: widened while shards are behind).", &[])
-                .with_label_values(&[] as &[&str]),
-            sampling: gauge(r, "chat_sampling", "1 while hot rooms' droppable messages are sampled down to the visible rate.", &[])
-                .with_label_values(&[] as &[&str]),
+            hot_window_ms: gauge(
+                r,
+                "hot_room_merge_window_ms",
+                "Merge window hot rooms use now (adaptive: widened while shards are behind).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            sampling: gauge(
+                r,
+                "chat_sampling",
+                "1 while hot rooms' droppable messages are sampled down to the visible rate.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
         };
-        let draining = gauge(r, "draining", "1 while this edge drains (out of dispatch, not accepting, sending goaway).", &[])
-            .with_label_values(&[] as &[&str]);
+        let draining =
+            gauge(r, "draining", "1 while this edge drains (out of dispatch, not accepting, sending goaway).", &[])
+                .with_label_values(&[] as &[&str]);
         Self { registry, shard, bus, draining }
     }
 

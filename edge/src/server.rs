@@ -47,10 +47,8 @@ impl Edge {
         // The first listener picks the port when 0 is asked for; the others share it.
         let first = crate::sys::listener(cfg.listen, cfg.ws.backlog)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", cfg.listen))?;
-        let ws_addr = first
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| anyhow::anyhow!("listen address is not an inet address"))?;
+        let ws_addr =
+            first.local_addr()?.as_socket().ok_or_else(|| anyhow::anyhow!("listen address is not an inet address"))?;
         let mut listeners = vec![first];
         for _ in 1..n {
             listeners.push(

@@ -75,16 +75,17 @@ async fn bad_inputs_get_their_answers_and_others_keep_receiving() {
         (upgrade("/ws?room=ok&since=x").into_bytes(), "HTTP/1.1 400"),
         (upgrade("/ws").replace("Version: 13", "Version: 8").into_bytes(), "HTTP/1.1 426"),
         (upgrade("/ws").replace("Upgrade: websocket\r\n", "").into_bytes(), "HTTP/1.1 400"),
-        (
-            upgrade("/ws").replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").into_bytes(),
-            "HTTP/1.1 400",
-        ),
+        (upgrade("/ws").replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").into_bytes(), "HTTP/1.1 400"),
         (format!("GET /ws HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000)).into_bytes(), "HTTP/1.1 431"),
     ];
     for (req, want) in cases {
         let resp = raw_exchange(edge.ws, &req).await;
         let text = String::from_utf8_lossy(&resp);
-        assert!(text.starts_with(want), "request {:?}: got {text:?}", String::from_utf8_lossy(&req[..req.len().min(60)]));
+        assert!(
+            text.starts_with(want),
+            "request {:?}: got {text:?}",
+            String::from_utf8_lossy(&req[..req.len().min(60)])
+        );
         let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
         assert!(!body.trim().is_empty(), "a reason in the body: {text:?}");
     }
@@ -129,7 +130,11 @@ async fn bad_inputs_get_their_answers_and_others_keep_receiving() {
         ("/v1/rooms/calm/messages".into(), br#"{"kind":"chat","body":1,"extra":2}"#.to_vec(), 400),
         (format!("/v1/rooms/{}/messages", "r".repeat(65)), ok.clone(), 400),
         ("/v1/rooms/bad$room/messages".into(), ok.clone(), 400),
-        ("/v1/rooms/calm/messages".into(), format!(r#"{{"kind":"chat","body":"{}"}}"#, "x".repeat(70_000)).into_bytes(), 413),
+        (
+            "/v1/rooms/calm/messages".into(),
+            format!(r#"{{"kind":"chat","body":"{}"}}"#, "x".repeat(70_000)).into_bytes(),
+            413,
+        ),
     ];
     for (path, body, want) in cases {
         let (status, v) = publisher.post_raw(&path, body).await;

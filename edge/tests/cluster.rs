@@ -19,9 +19,11 @@ fn edge_on(redis: &RedisProc, extra: &[&str]) -> EdgeProc {
     let dir = std::env::temp_dir().join(format!("roomcast-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
-    std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n")).unwrap();
+    std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n"))
+        .unwrap();
     let url = redis.url();
-    let mut args = vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url.as_str(), "--config", cfg.to_str().unwrap()];
+    let mut args =
+        vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url.as_str(), "--config", cfg.to_str().unwrap()];
     args.extend_from_slice(extra);
     EdgeProc::start(&args)
 }
@@ -105,7 +107,9 @@ async fn member(first_url: String, room: &'static str, stop: Arc<AtomicBool>, wa
                 Some(ServerMsg::Gap { .. }) => panic!("unexpected gap"),
                 Some(_) => {}
                 None => {
-                    if stop.load(Ordering::Relaxed) && m.seen.last().copied().unwrap_or(0) >= want.load(Ordering::Relaxed) {
+                    if stop.load(Ordering::Relaxed)
+                        && m.seen.last().copied().unwrap_or(0) >= want.load(Ordering::Relaxed)
+                    {
                         return m;
                     }
                 }
@@ -196,7 +200,8 @@ async fn draining_an_edge_under_load_loses_no_gift() {
     let mut members = Vec::new();
     // 30 members on the edge to drain, 15 on each other.
     for i in 0..60 {
-        let url = if i < 30 { format!("{drained_url}?room=d") } else { format!("ws://{}/ws?room=d", edges[1 + i % 2].ws) };
+        let url =
+            if i < 30 { format!("{drained_url}?room=d") } else { format!("ws://{}/ws?room=d", edges[1 + i % 2].ws) };
         members.push(tokio::spawn(member(url, "d", stop.clone(), want.clone())));
     }
     // Let them join.

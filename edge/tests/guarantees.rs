@@ -36,7 +36,8 @@ async fn read_until(ws: &mut Ws, d: Duration, mut done: impl FnMut(&[(u64, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gifts_survive_a_chat_flood_past_the_limit() {
-    let cfg = config("flood", "[limits]\nroom_rate = 50.0\nroom_burst = 50.0\nuser_rate = 1000.0\nuser_burst = 1000.0\n");
+    let cfg =
+        config("flood", "[limits]\nroom_rate = 50.0\nroom_burst = 50.0\nuser_rate = 1000.0\nuser_burst = 1000.0\n");
     let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "20", "--config", &cfg]);
     let publisher = Publisher::new(edge.http);
     let mut clients = Vec::new();
@@ -68,7 +69,8 @@ async fn gifts_survive_a_chat_flood_past_the_limit() {
     assert!(limited > 300, "chat was cut to the limit ({limited} refused)");
     assert!(chats.len() < 300, "{} chats accepted", chats.len());
     let total = gifts.len() + chats.len();
-    let results = join_all(clients.iter_mut().map(|ws| read_until(ws, Duration::from_secs(20), move |g| g.len() >= total))).await;
+    let results =
+        join_all(clients.iter_mut().map(|ws| read_until(ws, Duration::from_secs(20), move |g| g.len() >= total))).await;
     for got in results {
         let gift_seqs: BTreeSet<u64> = got.iter().filter(|g| g.1 == "gift").map(|g| g.0).collect();
         assert_eq!(gift_seqs, gifts, "every client gets every gift");
@@ -138,15 +140,15 @@ async fn since_older_than_history_is_told_explicitly() {
     let (status, body) = publisher.get("/v1/rooms/old").await;
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((v["seq"].as_u64(), v["history_must_deliver"].as_u64(), v["history_evicted_upto"].as_u64()), (Some(20), Some(5), Some(15)));
+    assert_eq!(
+        (v["seq"].as_u64(), v["history_must_deliver"].as_u64(), v["history_evicted_upto"].as_u64()),
+        (Some(20), Some(5), Some(15))
+    );
 }
 
 fn rss_kb(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
 /// A client that upgrades and then never reads, with a tiny receive buffer.

@@ -63,15 +63,7 @@ impl Subprotocol {
 
 /// One published message, as every member receives it.
 #[derive(
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
+    Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize, serde::Deserialize,
 )]
 #[rkyv(derive(Debug))]
 pub struct PushMessage {
@@ -91,15 +83,7 @@ pub struct PushMessage {
 
 /// Everything the edge sends to a client.
 #[derive(
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
+    Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize, serde::Deserialize,
 )]
 #[rkyv(derive(Debug))]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -125,15 +109,7 @@ pub enum ServerMsg {
 
 /// Everything a client may send (text JSON in both subprotocols; binary rkyv in `rkyv.v1`).
 #[derive(
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
+    Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize, serde::Deserialize,
 )]
 #[rkyv(derive(Debug))]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -178,9 +154,7 @@ pub fn encode_json(msg: &ServerMsg, out: &mut Vec<u8>) -> Result<(), EnvelopeErr
 
 /// Serializes a server message as an rkyv archive (`roomcast.rkyv.v1`).
 pub fn encode_rkyv(msg: &ServerMsg) -> Result<Vec<u8>, EnvelopeError> {
-    rkyv::to_bytes::<rkyv::rancor::Error>(msg)
-        .map(|v| v.into_vec())
-        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+    rkyv::to_bytes::<rkyv::rancor::Error>(msg).map(|v| v.into_vec()).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
 
 /// Serializes a message in the given encoding.
@@ -202,15 +176,13 @@ pub fn decode_json(bytes: &[u8]) -> Result<ServerMsg, EnvelopeError> {
 
 /// Validates an rkyv server message in place (any alignment) and returns a view of it.
 pub fn access_rkyv(bytes: &[u8]) -> Result<&ArchivedServerMsg, EnvelopeError> {
-    rkyv::access::<ArchivedServerMsg, rkyv::rancor::Error>(bytes)
-        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+    rkyv::access::<ArchivedServerMsg, rkyv::rancor::Error>(bytes).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
 
 /// Validates and deserializes an rkyv server message.
 pub fn decode_rkyv(bytes: &[u8]) -> Result<ServerMsg, EnvelopeError> {
     let archived = access_rkyv(bytes)?;
-    rkyv::deserialize::<ServerMsg, rkyv::rancor::Error>(archived)
-        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+    rkyv::deserialize::<ServerMsg, rkyv::rancor::Error>(archived).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
 
 /// Decodes a server message in the given encoding.
@@ -246,9 +218,7 @@ pub fn encode_client_json(msg: &ClientMsg) -> Vec<u8> {
 
 /// Serializes a client message as rkyv (for clients and tests).
 pub fn encode_client_rkyv(msg: &ClientMsg) -> Result<Vec<u8>, EnvelopeError> {
-    rkyv::to_bytes::<rkyv::rancor::Error>(msg)
-        .map(|v| v.into_vec())
-        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+    rkyv::to_bytes::<rkyv::rancor::Error>(msg).map(|v| v.into_vec()).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
 
 /// Longest room name accepted.
@@ -262,10 +232,7 @@ pub fn validate_room(room: &str) -> Result<(), &'static str> {
     if room.len() > MAX_ROOM_LEN {
         return Err("room name is longer than 64 bytes");
     }
-    if !room
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-    {
+    if !room.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')) {
         return Err("room name may only hold A-Z a-z 0-9 _ . : -");
     }
     Ok(())
@@ -279,10 +246,7 @@ pub fn validate_kind(kind: &str) -> Result<(), &'static str> {
     if kind.is_empty() || kind.len() > MAX_KIND_LEN {
         return Err("kind must be 1 to 32 bytes");
     }
-    if !kind
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
+    if !kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
         return Err("kind may only hold a-z 0-9 _");
     }
     Ok(())
@@ -377,10 +341,7 @@ mod tests {
         assert_eq!(s, ClientMsg::Join { room: "b".into(), since: Some(5) });
         assert_eq!(decode_client_json(br#"{"op":"leave"}"#).unwrap(), ClientMsg::Leave);
         let p = decode_client_json(br#"{"op":"publish","kind":"chat","body":{"t":1}}"#).unwrap();
-        assert_eq!(
-            p,
-            ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() }
-        );
+        assert_eq!(p, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() });
         assert!(decode_client_json(br#"{"op":"dance"}"#).is_err());
         assert!(decode_client_json(b"not json").is_err());
         let bin = encode_client_rkyv(&p).unwrap();

@@ -57,9 +57,7 @@ impl Upgrade {
 }
 
 fn header_has_token(value: &[u8], token: &str) -> bool {
-    std::str::from_utf8(value)
-        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
+    std::str::from_utf8(value).map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
 }
 
 fn percent_decode(s: &str) -> Result<String, HandshakeError> {
@@ -70,7 +68,8 @@ fn percent_decode(s: &str) -> Result<String, HandshakeError> {
         match b[i] {
             b'%' => {
                 let hex = |c: u8| (c as char).to_digit(16);
-                let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) else {
+                let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex))
+                else {
                     return Err(refuse(400, "bad percent-encoding in the query"));
                 };
                 out.push((h * 16 + l) as u8);

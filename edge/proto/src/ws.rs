@@ -88,7 +88,10 @@ pub enum Event<'a> {
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// The peer's close: its code (checked to be one a peer may send) and reason (UTF-8).
-    Close { code: Option<u16>, reason: &'a [u8] },
+    Close {
+        code: Option<u16>,
+        reason: &'a [u8],
+    },
 }
 
 /// A parsed frame header.
@@ -243,14 +246,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-            partial: Vec::new(),
-            message: Vec::new(),
-            message_op: None,
-            utf8_valid: 0,
-            closed: false,
-        }
+        Self { limits, partial: Vec::new(), message: Vec::new(), message_op: None, utf8_valid: 0, closed: false }
     }
 
     /// Bytes held for partial frames and messages.
@@ -330,7 +326,12 @@ impl Decoder {
         Ok(())
     }
 
-    fn frame(&mut self, h: FrameHeader, payload: &[u8], on_event: &mut dyn FnMut(Event<'_>)) -> Result<(), CloseReason> {
+    fn frame(
+        &mut self,
+        h: FrameHeader,
+        payload: &[u8],
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<(), CloseReason> {
         match h.opcode {
             OpCode::Ping => on_event(Event::Ping(payload)),
             OpCode::Pong => on_event(Event::Pong(payload)),
@@ -451,7 +452,16 @@ mod tests {
         for len in [0usize, 1, 125, 126, 65535, 65536, 1 << 20] {
             let mut hdr = [0u8; 10];
             let n = encode_header(true, OpCode::Binary, len, &mut hdr);
-            assert_eq!(n, if len < 126 { 2 } else if len <= 65535 { 4 } else { 10 });
+            assert_eq!(
+                n,
+                if len < 126 {
+                    2
+                } else if len <= 65535 {
+                    4
+                } else {
+                    10
+                }
+            );
             let h = parse_header(&hdr[..n]).unwrap().unwrap();
             assert_eq!((h.payload_len, h.header_len, h.fin, h.masked), (len as u64, n, true, false));
             // Any shorter prefix asks for more.

@@ -32,8 +32,8 @@ use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 use super::policy::{Bucket, History, HistoryLimits};
 use super::redis::{Bridge, BridgeCmd};
 use super::{
-    Ack, BusCmd, Delivery, Mailbox, MustDeliver, NewMessage, PendingJoin, PublishError, Reply, RoomName,
-    RoomStats, ShardCmd, frame, now_us,
+    Ack, BusCmd, Delivery, Mailbox, MustDeliver, NewMessage, PendingJoin, PublishError, Reply, RoomName, RoomStats,
+    ShardCmd, frame, now_us,
 };
 use crate::config::{AdaptiveConfig, LimitsConfig};
 use crate::metrics::BusStats;
@@ -364,7 +364,11 @@ impl LocalBus {
                     push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
                 }
                 if !rec.messages.is_empty() {
-                    push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: rec.messages });
+                    push_frame(
+                        &mut replay,
+                        join.proto,
+                        &ServerMsg::Batch { room: r.name.to_string(), messages: rec.messages },
+                    );
                 }
             }
             None => {
@@ -400,7 +404,11 @@ impl LocalBus {
         let Some(r) = self.rooms.get(room) else { return };
         let seq = r.flushed_seq;
         let mut replay = Vec::new();
-        let gap = if ok { (since < evicted_upto).then(|| (since + 1, evicted_upto.min(upto))) } else { Some((since + 1, upto)) };
+        let gap = if ok {
+            (since < evicted_upto).then(|| (since + 1, evicted_upto.min(upto)))
+        } else {
+            Some((since + 1, upto))
+        };
         if let Some((from, to)) = gap.filter(|(a, b)| a <= b) {
             push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
         }
@@ -709,7 +717,13 @@ impl LocalBus {
         }
         if before != (self.level, self.sampling) {
             let w = self.window_for(HOT_ROOM_RATE);
-            tracing::info!(backlog, level = self.level, window_ms = w.as_millis() as u64, sampling = self.sampling, "adaptive merge window");
+            tracing::info!(
+                backlog,
+                level = self.level,
+                window_ms = w.as_millis() as u64,
+                sampling = self.sampling,
+                "adaptive merge window"
+            );
             self.stats.hot_window_ms.set(w.as_millis() as i64);
             self.stats.sampling.set(i64::from(self.sampling));
         }
@@ -781,8 +795,11 @@ impl LocalBus {
         }
         let count = pending.len() as u32;
         let must = pending.iter().filter(|p| p.must_deliver).count() as u32;
-        let must_msgs: Vec<PushMessage> =
-            if must > 0 && must < count { pending.iter().filter(|p| p.must_deliver).map(|p| p.msg.clone()).collect() } else { Vec::new() };
+        let must_msgs: Vec<PushMessage> = if must > 0 && must < count {
+            pending.iter().filter(|p| p.must_deliver).map(|p| p.msg.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let all = ServerMsg::Batch { room: r.name.to_string(), messages: pending.into_iter().map(|p| p.msg).collect() };
         let frames = encode_frames(&r.name, r.interest, &all);
         let must_deliver = if must == count {

@@ -109,32 +109,77 @@ pub enum ShardCmd {
     /// The join of connection `slot` took effect after `seq`; `replay` (frames in the
     /// connection's encoding: a gap notice and/or recovered messages) goes out right after
     /// `Joined` and before any live batch.
-    JoinAck { slot: u32, generation: u32, room: RoomName, seq: u64, replay: Vec<Bytes> },
+    JoinAck {
+        slot: u32,
+        generation: u32,
+        room: RoomName,
+        seq: u64,
+        replay: Vec<Bytes>,
+    },
     /// The answer to a publish over a socket.
-    Published { slot: u32, generation: u32, room: RoomName, result: Result<Ack, PublishError> },
+    Published {
+        slot: u32,
+        generation: u32,
+        room: RoomName,
+        result: Result<Ack, PublishError>,
+    },
     /// Drain: stop accepting, and send every connection a `goaway` to `url` at a random moment
     /// within `period_ms`, then close it (1001).
-    Drain { url: Arc<str>, period_ms: u64 },
+    Drain {
+        url: Arc<str>,
+        period_ms: u64,
+    },
     /// Close every connection with 1001 and stop.
     Shutdown,
 }
 
 /// What the bus thread's channel carries.
 pub enum BusCmd {
-    Publish { room: RoomName, msg: NewMessage, reply: Reply },
+    Publish {
+        room: RoomName,
+        msg: NewMessage,
+        reply: Reply,
+    },
     /// A connection asks to join; the bus answers `JoinAck` on the shard's mailbox, in order
     /// with the room's deliveries, and counts the shard as interested in `proto` frames.
-    Join { room: RoomName, shard: u16, slot: u32, generation: u32, proto: Subprotocol, since: Option<u64> },
+    Join {
+        room: RoomName,
+        shard: u16,
+        slot: u32,
+        generation: u32,
+        proto: Subprotocol,
+        since: Option<u64>,
+    },
     /// The shard has no more members (joined or joining) of `room` in `proto`.
-    NoInterest { room: RoomName, shard: u16, proto: Subprotocol },
+    NoInterest {
+        room: RoomName,
+        shard: u16,
+        proto: Subprotocol,
+    },
     /// A shard's send backlog, reported every tick: drives adaptive merging.
-    Load { shard: u16, queued_bytes: usize },
+    Load {
+        shard: u16,
+        queued_bytes: usize,
+    },
     /// Redis mode: a message numbered by Redis, from the room's channel.
-    Remote { room: RoomName, msg: PushMessage, must_deliver: bool },
+    Remote {
+        room: RoomName,
+        msg: PushMessage,
+        must_deliver: bool,
+    },
     /// Redis mode: the room's seq in Redis, read right after (re)subscribing.
-    Synced { room: RoomName, seq: u64 },
+    Synced {
+        room: RoomName,
+        seq: u64,
+    },
     /// Redis mode: the answer to a fill of `from..=to` (`ok: false`: Redis could not answer).
-    Filled { room: RoomName, from: u64, to: u64, messages: Vec<(PushMessage, bool)>, ok: bool },
+    Filled {
+        room: RoomName,
+        from: u64,
+        to: u64,
+        messages: Vec<(PushMessage, bool)>,
+        ok: bool,
+    },
     /// Redis mode: must-deliver messages for a joining connection's `since`.
     Recovered {
         room: RoomName,
@@ -146,11 +191,19 @@ pub enum BusCmd {
         ok: bool,
     },
     /// Redis mode: the outcome of a publish, to answer.
-    PublishDone { reply: Reply, result: Result<(RoomName, Ack), PublishError> },
+    PublishDone {
+        reply: Reply,
+        result: Result<(RoomName, Ack), PublishError>,
+    },
     /// Redis mode: the connection to Redis went down or came back.
-    Redis { up: bool },
+    Redis {
+        up: bool,
+    },
     /// Room figures for `GET /v1/rooms/{room}`.
-    RoomStats { room: RoomName, reply: tokio::sync::oneshot::Sender<Option<RoomStats>> },
+    RoomStats {
+        room: RoomName,
+        reply: tokio::sync::oneshot::Sender<Option<RoomStats>>,
+    },
     Shutdown,
 }
 
@@ -235,11 +288,7 @@ impl BusHandle {
 
 /// Wraps a payload into one complete, unmasked server frame: the bytes every member gets.
 pub fn frame(proto: Subprotocol, payload: &[u8]) -> Bytes {
-    let opcode = if proto.is_binary() {
-        roomcast_proto::ws::OpCode::Binary
-    } else {
-        roomcast_proto::ws::OpCode::Text
-    };
+    let opcode = if proto.is_binary() { roomcast_proto::ws::OpCode::Binary } else { roomcast_proto::ws::OpCode::Text };
     let mut hdr = [0u8; 10];
     let n = roomcast_proto::ws::encode_header(true, opcode, payload.len(), &mut hdr);
     let mut v = Vec::with_capacity(n + payload.len());
@@ -250,7 +299,5 @@ pub fn frame(proto: Subprotocol, payload: &[u8]) -> Bytes {
 
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }

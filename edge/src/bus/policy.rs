@@ -99,13 +99,7 @@ impl History {
 
     /// Every must-deliver message after `since` up to `upto`, and the gap if some are gone.
     pub fn recover(&self, since: u64, upto: u64) -> Recovery {
-        let messages = self
-            .must
-            .iter()
-            .map(|(_, m)| m)
-            .filter(|m| m.seq > since && m.seq <= upto)
-            .cloned()
-            .collect();
+        let messages = self.must.iter().map(|(_, m)| m).filter(|m| m.seq > since && m.seq <= upto).cloned().collect();
         let gap = (since < self.must_evicted_upto).then(|| (since + 1, self.must_evicted_upto.min(upto)));
         Recovery { messages, gap: gap.filter(|(a, b)| a <= b) }
     }

@@ -41,11 +41,25 @@ use super::{Ack, BusCmd, BusHandle, NewMessage, PendingJoin, PublishError, Reply
 pub enum BridgeCmd {
     Subscribe(RoomName),
     Unsubscribe(RoomName),
-    Publish { room: RoomName, msg: NewMessage, must_deliver: bool, reply: Reply },
+    Publish {
+        room: RoomName,
+        msg: NewMessage,
+        must_deliver: bool,
+        reply: Reply,
+    },
     /// Fetch seqs `from..=to` of `room` (both streams).
-    Fill { room: RoomName, from: u64, to: u64 },
+    Fill {
+        room: RoomName,
+        from: u64,
+        to: u64,
+    },
     /// Fetch must-deliver messages after `since` up to `upto` for a joining connection.
-    Recover { room: RoomName, since: u64, upto: u64, join: PendingJoin },
+    Recover {
+        room: RoomName,
+        since: u64,
+        upto: u64,
+        join: PendingJoin,
+    },
 }
 
 /// The engine's handle on the bridge.
@@ -307,7 +321,12 @@ async fn publish(
 }
 
 /// Reads `from..=to` from a stream (ids are `seq-0`).
-async fn range(cm: &mut ConnectionManager, key: &str, from: u64, to: u64) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
+async fn range(
+    cm: &mut ConnectionManager,
+    key: &str,
+    from: u64,
+    to: u64,
+) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
     let reply: ::redis::streams::StreamRangeReply = cm.xrange(key, format!("{from}-0"), format!("{to}-0")).await?;
     let mut out = Vec::with_capacity(reply.ids.len());
     for id in reply.ids {
@@ -376,7 +395,10 @@ mod tests {
     fn wire_messages_parse() {
         let (m, md) = parse(br#"{"seq":7,"ts_us":12,"kind":"gift","user":"a\"b","md":1,"body":{"x":[1,2]}}"#).unwrap();
         assert!(md);
-        assert_eq!((m.seq, m.ts_us, m.kind.as_str(), m.user.as_str(), m.body.as_str()), (7, 12, "gift", "a\"b", r#"{"x":[1,2]}"#));
+        assert_eq!(
+            (m.seq, m.ts_us, m.kind.as_str(), m.user.as_str(), m.body.as_str()),
+            (7, 12, "gift", "a\"b", r#"{"x":[1,2]}"#)
+        );
         assert!(parse(b"{").is_none());
     }
 }

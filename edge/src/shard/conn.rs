@@ -47,7 +47,9 @@ pub enum Phase {
 pub enum Closing {
     No,
     /// Write what is queued (ending with a close frame or an HTTP error), then close.
-    AfterFlush { deadline_ms: u64 },
+    AfterFlush {
+        deadline_ms: u64,
+    },
     /// Close without writing anything more.
     Abort,
 }

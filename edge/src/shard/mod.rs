@@ -151,7 +151,10 @@ impl Shard {
             last_sweep: now,
             open: 0,
             drain_url: None,
-            rng: (u64::from(spec.id) << 32) ^ (now.elapsed().as_nanos() as u64) ^ 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64,
+            rng: (u64::from(spec.id) << 32)
+                ^ (now.elapsed().as_nanos() as u64)
+                ^ 0x9e37_79b9_7f4a_7c15
+                ^ std::process::id() as u64,
         })
     }
 
@@ -269,7 +272,9 @@ impl Shard {
                 MustDeliver::All => Keep::Whole,
                 MustDeliver::None => Keep::Nothing,
                 MustDeliver::Some { frames, messages } => match &frames[p] {
-                    Some(b) => Keep::Instead(Rc::new(OutFrame { bytes: b.clone(), messages: *messages, must: Keep::Whole })),
+                    Some(b) => {
+                        Keep::Instead(Rc::new(OutFrame { bytes: b.clone(), messages: *messages, must: Keep::Whole }))
+                    }
                     None => Keep::Nothing,
                 },
             };
@@ -526,7 +531,10 @@ impl Shard {
     fn on_upgrade(&mut self, slot: u32, up: Upgrade, mut rest: Vec<u8>) {
         let bad = |reason: &str| HandshakeError { status: 400, reason: reason.to_owned() };
         if !self.cfg.echo && up.path != "/ws" {
-            return self.refuse(slot, &HandshakeError { status: 404, reason: "no such endpoint: connect to /ws?room=ROOM".into() });
+            return self.refuse(
+                slot,
+                &HandshakeError { status: 404, reason: "no such endpoint: connect to /ws?room=ROOM".into() },
+            );
         }
         let proto = match up.select_subprotocol() {
             Ok(p) => p,
@@ -607,7 +615,11 @@ impl Shard {
             OpCode::Text => envelope::decode_client_json(payload),
             OpCode::Binary if c.proto == Subprotocol::Rkyv => envelope::decode_client_rkyv(payload),
             _ => {
-                return self.send_error(slot, "unsupported", "binary signalling needs roomcast.rkyv.v1; send JSON text");
+                return self.send_error(
+                    slot,
+                    "unsupported",
+                    "binary signalling needs roomcast.rkyv.v1; send JSON text",
+                );
             }
         };
         let msg = match parsed {
@@ -970,7 +982,8 @@ impl Shard {
         self.stats.send_queue_bytes.set(queued as i64);
         self.bus.send(BusCmd::Load { shard: self.id, queued_bytes: queued });
         for slot in to_abort {
-            if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No) {
+            if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No)
+            {
                 self.stats.handshake_failures.inc();
             }
             self.abort(slot);
@@ -986,7 +999,8 @@ impl Shard {
                 let phase = self.conns[slot as usize].as_ref().map(|c| c.phase);
                 if phase == Some(Phase::Open) {
                     let reconnect_after_ms = (self.next_random() % 1000) as u32;
-                    let msg = ServerMsg::Goaway { url: url.to_string(), reason: "edge draining".into(), reconnect_after_ms };
+                    let msg =
+                        ServerMsg::Goaway { url: url.to_string(), reason: "edge draining".into(), reconnect_after_ms };
                     self.send_msg(slot, &msg);
                     self.stats.goaways.inc();
                     self.close_with(slot, 1001, "edge draining");

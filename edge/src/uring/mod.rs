@@ -66,18 +66,16 @@ impl Token {
 
     pub fn decode(v: u64) -> Option<Self> {
         let kind = OpKind::from_u8((v >> 56) as u8)?;
-        Some(Self {
-            kind,
-            generation: ((v >> 32) as u32) & Self::GENERATION_MASK,
-            slot: v as u32,
-        })
+        Some(Self { kind, generation: ((v >> 32) as u32) & Self::GENERATION_MASK, slot: v as u32 })
     }
 }
 
 /// Why the data plane cannot run on this kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum UringError {
-    #[error("io_uring_setup failed: {0} (io_uring needs Linux 5.1+, and must not be disabled by kernel.io_uring_disabled)")]
+    #[error(
+        "io_uring_setup failed: {0} (io_uring needs Linux 5.1+, and must not be disabled by kernel.io_uring_disabled)"
+    )]
     Setup(#[source] io::Error),
     #[error("this kernel lacks io_uring opcode {name}: {needed}")]
     MissingOpcode { name: &'static str, needed: &'static str },
@@ -120,9 +118,7 @@ pub fn probe(ring: &IoUring) -> Result<(), UringError> {
         });
     }
     let mut probe = Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(|source| UringError::Register { what: "probe", source })?;
+    ring.submitter().register_probe(&mut probe).map_err(|source| UringError::Register { what: "probe", source })?;
     let needed: [(u8, &'static str, &'static str); 7] = [
         (opcode::AcceptMulti::CODE, "ACCEPT", "Linux 5.5 (multishot: 5.19)"),
         (opcode::RecvMulti::CODE, "RECV", "Linux 5.6 (multishot: 6.0)"),
@@ -182,19 +178,15 @@ impl<'a> Sq<'a> {
     /// Arms multishot accept on a listening socket, allocating a direct descriptor per
     /// connection (the connection never has a normal fd, so RLIMIT_NOFILE does not count it).
     pub fn accept_multi(&mut self, listener: RawFd, token: Token) -> io::Result<()> {
-        let e = opcode::AcceptMulti::new(types::Fd(listener))
-            .allocate_file_index(true)
-            .build()
-            .user_data(token.encode());
+        let e =
+            opcode::AcceptMulti::new(types::Fd(listener)).allocate_file_index(true).build().user_data(token.encode());
         // SAFETY: no buffer; the listener fd is owned by the shard and outlives the ring.
         unsafe { self.push(&e) }
     }
 
     /// Arms multishot recv on a direct descriptor, picking buffers from group `bgid`.
     pub fn recv_multi(&mut self, fixed: u32, bgid: u16, token: Token) -> io::Result<()> {
-        let e = opcode::RecvMulti::new(types::Fixed(fixed), bgid)
-            .build()
-            .user_data(token.encode());
+        let e = opcode::RecvMulti::new(types::Fixed(fixed), bgid).build().user_data(token.encode());
         // SAFETY: the buffers belong to the shard's `BufRing`, registered for the ring's life.
         unsafe { self.push(&e) }
     }
@@ -217,16 +209,8 @@ impl<'a> Sq<'a> {
     /// # Safety
     /// The iovec array and every buffer it points to must stay valid and unchanged until the
     /// completion of `token` is reaped.
-    pub unsafe fn writev(
-        &mut self,
-        fixed: u32,
-        iov: *const libc::iovec,
-        n: u32,
-        token: Token,
-    ) -> io::Result<()> {
-        let e = opcode::Writev::new(types::Fixed(fixed), iov, n)
-            .build()
-            .user_data(token.encode());
+    pub unsafe fn writev(&mut self, fixed: u32, iov: *const libc::iovec, n: u32, token: Token) -> io::Result<()> {
+        let e = opcode::Writev::new(types::Fixed(fixed), iov, n).build().user_data(token.encode());
         // SAFETY: forwarded from the caller.
         unsafe { self.push(&e) }
     }
@@ -242,18 +226,15 @@ impl<'a> Sq<'a> {
 
     /// Cancels the multishot accept on a (normal) listening fd.
     pub fn cancel_listener(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
-        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-            .build()
-            .user_data(token.encode());
+        let e =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build().user_data(token.encode());
         // SAFETY: no buffer.
         unsafe { self.push(&e) }
     }
 
     /// Half-closes the write side (FIN after what is queued), used after a close frame.
     pub fn shutdown_write(&mut self, fixed: u32, token: Token) -> io::Result<()> {
-        let e = opcode::Shutdown::new(types::Fixed(fixed), libc::SHUT_WR)
-            .build()
-            .user_data(token.encode());
+        let e = opcode::Shutdown::new(types::Fixed(fixed), libc::SHUT_WR).build().user_data(token.encode());
         // SAFETY: no buffer.
         unsafe { self.push(&e) }
     }
@@ -270,9 +251,7 @@ impl<'a> Sq<'a> {
     /// # Safety
     /// `buf` must stay valid until the completion is reaped.
     pub unsafe fn read_eventfd(&mut self, fd: RawFd, buf: *mut u64, token: Token) -> io::Result<()> {
-        let e = opcode::Read::new(types::Fd(fd), buf.cast(), 8)
-            .build()
-            .user_data(token.encode());
+        let e = opcode::Read::new(types::Fd(fd), buf.cast(), 8).build().user_data(token.encode());
         // SAFETY: forwarded from the caller.
         unsafe { self.push(&e) }
     }
