@@ -120,6 +120,9 @@ struct Room {
     ahead: BTreeMap<u64, (PushMessage, bool)>,
     /// Redis mode: a fill is in flight.
     filling: bool,
+    /// Redis mode: joins whose `since` is ahead of what this edge has received (the client saw
+    /// it on another edge), waiting until it has, so the seam has no duplicate.
+    parked: Vec<(PendingJoin, u64, Instant)>,
 }
 
 impl Room {
@@ -144,6 +147,7 @@ impl Room {
             waiting: Vec::new(),
             ahead: BTreeMap::new(),
             filling: false,
+            parked: Vec::new(),
         }
     }
 
@@ -185,6 +189,8 @@ pub struct LocalBus {
     /// Redis mode: the bridge to Redis, and whether Redis is reachable.
     remote: Option<Bridge>,
     remote_up: bool,
+    /// Rooms with parked joins.
+    parked_rooms: Vec<RoomName>,
 }
 
 impl LocalBus {
@@ -213,6 +219,7 @@ impl LocalBus {
             sampling: false,
             remote: None,
             remote_up: false,
+            parked_rooms: Vec::new(),
         }
     }
 
@@ -249,6 +256,7 @@ impl LocalBus {
             }
             self.flush_immediate();
             self.flush_due(Instant::now());
+            self.expire_parked(Instant::now());
             self.sweep();
         }
         self.flush_all();
@@ -348,6 +356,23 @@ impl LocalBus {
         let now = Instant::now();
         let Some(r) = self.rooms.get_mut(room) else { return };
         r.history.trim(now, &self.cfg.history);
+        if let Some(since) = since
+            && since > r.flushed_seq
+        {
+            // The client has seen more than this edge has handed out (it comes from another
+            // edge, whose window closed earlier). Flush what we have; if even that is not far
+            // enough, wait for the rest to arrive from the bus.
+            if since <= r.seq {
+                self.flush(room);
+            } else if self.remote.is_some() {
+                r.parked.push((join, since, now + Duration::from_secs(2)));
+                if !self.parked_rooms.contains(room) {
+                    self.parked_rooms.push(room.clone());
+                }
+                return;
+            }
+        }
+        let Some(r) = self.rooms.get_mut(room) else { return };
         if let (Some(bridge), Some(since)) = (&self.remote, since)
             && (since < r.base_seq || since < r.history.must_evicted_upto)
             && since < r.flushed_seq
@@ -418,6 +443,42 @@ impl LocalBus {
             push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: all });
         }
         self.ack_join(r.name.clone(), join, seq, replay);
+    }
+
+    /// Answers parked joins whose `since` has been reached (or, with `expire`, whose wait is
+    /// over: they are answered with what this edge has).
+    fn unpark(&mut self, room: &RoomName, now: Instant, expire: bool) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        let seq = r.seq;
+        let (ready, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut r.parked)
+            .into_iter()
+            .partition(|&(_, since, at)| since <= seq || (expire && now >= at));
+        r.parked = keep;
+        for (join, since, _) in ready {
+            if since > seq {
+                tracing::warn!(room = %room, since, seq, "since is ahead of the bus; answering with what is here");
+                if let Some(r) = self.rooms.get_mut(room) {
+                    let flushed = r.flushed_seq;
+                    let name = r.name.clone();
+                    self.flush(room);
+                    self.ack_join(name, join, flushed.max(seq), Vec::new());
+                }
+                continue;
+            }
+            self.answer_join(room, join, Some(since));
+        }
+    }
+
+    fn expire_parked(&mut self, now: Instant) {
+        if self.parked_rooms.is_empty() {
+            return;
+        }
+        for room in std::mem::take(&mut self.parked_rooms) {
+            self.unpark(&room, now, true);
+            if self.rooms.get(&room).is_some_and(|r| !r.parked.is_empty()) {
+                self.parked_rooms.push(room);
+            }
+        }
     }
 
     /// Redis mode: the room's seq in Redis, right after (re)subscribing.
@@ -665,6 +726,10 @@ impl LocalBus {
         if self.remote.is_some() {
             r.bump_rate(now);
         }
+        if r.parked.iter().any(|&(_, since, _)| since <= r.seq) {
+            self.unpark(room, now, false);
+        }
+        let Some(r) = self.rooms.get_mut(room) else { return };
         self.stats.messages_in.with_label_values(&[pm.kind.as_str()]).inc();
         r.history.push(pm.clone(), must_deliver, now, &self.cfg.history);
         if !r.interested() {

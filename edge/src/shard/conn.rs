@@ -210,7 +210,7 @@ mod tests {
         c.push(Rc::new(OutFrame { bytes: Bytes::from(vec![2u8; 100]), messages: 3, must: Keep::Instead(gift) }));
         c.push(OutFrame::control(Bytes::from_static(b"ctl")));
         c.in_flight = 1;
-        assert_eq!(c.shed(), 187);
+        assert_eq!(c.shed(), 190);
         let sizes: Vec<usize> = c.out.iter().map(|f| f.bytes.len()).collect();
         assert_eq!(sizes, vec![100, 10, 3]);
         assert_eq!(c.out_bytes, 113);
