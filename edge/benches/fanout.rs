@@ -8,7 +8,8 @@
 //! message received, and reads the edge's CPU (user and system) from /proc. The floor runs in a
 //! child process (the fd limit: 20000 per process) and measures itself with getrusage.
 //!
-//! Results are printed as JSON and written to `$OUT/result.json` when `OUT` is set.
+//! Results are printed as JSON and written to `$OUT/result.json` when `OUT` is set (an absolute
+//! path: cargo runs benches from the package directory).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
