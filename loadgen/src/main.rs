@@ -1,1 +1,400 @@
-fn main() {}
+//! roomcast load generator.
+//!
+//! `loadgen run` opens N WebSocket connections to one or more edges (or to Nchan, the peer),
+//! spread over R rooms, through worker processes (each holds fewer sockets than RLIMIT_NOFILE),
+//! publishes at configured rates per kind, and measures end-to-end latency, loss, throughput and
+//! the server's CPU and memory. Results go to `bench-results/<date>-<scenario>/`.
+
+mod publish;
+mod report;
+mod stats;
+mod worker;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+
+use stats::{decode_hist, histogram, merge};
+use worker::{Final, Progress, Stop, Target, WorkerArgs};
+
+#[derive(Parser)]
+#[command(version, about = "roomcast load generator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a load test and write its results.
+    Run(RunArgs),
+    /// Internal: one worker process (started by `run`).
+    #[command(hide = true)]
+    Worker { json: String },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Dist {
+    /// Every connection in room 0.
+    Hot,
+    /// Rooms by a Zipf law (s = 1).
+    Zipf,
+    /// Round robin.
+    Uniform,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct RunArgs {
+    /// What the connections talk to.
+    #[arg(long, value_enum, default_value = "edge")]
+    target: Target,
+    /// WebSocket addresses (host:port), comma separated; connections are spread over them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ws: Vec<SocketAddr>,
+    /// Publish endpoint (host:port): the edge's HTTP API or Nchan's server.
+    #[arg(long)]
+    http: SocketAddr,
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    #[arg(long, default_value_t = 1)]
+    rooms: u32,
+    #[arg(long, value_enum, default_value = "hot")]
+    dist: Dist,
+    /// Connections per second (all workers together).
+    #[arg(long, default_value_t = 5000.0)]
+    ramp: f64,
+    /// Use roomcast.json.v1 instead of roomcast.rkyv.v1.
+    #[arg(long)]
+    json: bool,
+    /// Gifts per second per room.
+    #[arg(long, default_value_t = 10.0)]
+    gift_rate: f64,
+    /// Chat messages per second per room.
+    #[arg(long, default_value_t = 100.0)]
+    chat_rate: f64,
+    /// Publishing duration (seconds).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Body padding, bytes (message size).
+    #[arg(long, default_value_t = 64)]
+    pad: usize,
+    /// Worker processes (0: one per 15,000 connections).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N).
+    #[arg(long, default_value_t = 8)]
+    src_addrs: u8,
+    /// Server process to measure (CPU, RSS): the edge, or Nchan's worker.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Results folder root.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Scenario name (folder: <date>-<scenario>).
+    #[arg(long, default_value = "run")]
+    scenario: String,
+    /// Free text recorded in the summary (the command that started the server, say).
+    #[arg(long, default_value = "")]
+    note: String,
+}
+
+const KINDS: [&str; 2] = ["gift", "chat"];
+
+fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
+    match dist {
+        Dist::Hot => 0,
+        Dist::Uniform => (i as u32) % rooms.max(1),
+        Dist::Zipf => {
+            // Deterministic Zipf(1) by inverse CDF on a low-discrepancy sequence.
+            let n = rooms.max(1) as usize;
+            let h: f64 = (1..=n).map(|k| 1.0 / k as f64).sum();
+            let u = ((i as f64) * 0.618_033_988_749_895).fract() * h;
+            let mut acc = 0.0;
+            for k in 1..=n {
+                acc += 1.0 / k as f64;
+                if u <= acc {
+                    return (k - 1) as u32;
+                }
+            }
+            (n - 1) as u32
+        }
+    }
+}
+
+pub fn proc_cpu_rss(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(((t(11) + t(12)) / 100.0, rss_kb * 1024))
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: std::process::ChildStdin,
+}
+
+enum Msg {
+    Progress(Progress),
+    Final(Box<Final>),
+}
+
+/// Per-second sample for the plots.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sample {
+    pub t_s: f64,
+    pub connected: u64,
+    pub deliveries_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Worker { json } => worker::run(serde_json::from_str(&json)?),
+        Cmd::Run(a) => run(a),
+    }
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let workers = if a.workers == 0 { a.connections.div_ceil(15_000).max(1) } else { a.workers };
+    let exe = std::env::current_exe()?;
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let server_before = a.server_pid.and_then(proc_cpu_rss);
+    let mut procs = Vec::new();
+    let per = a.connections.div_ceil(workers);
+    for w in 0..workers {
+        let lo = w * per;
+        let hi = ((w + 1) * per).min(a.connections);
+        if lo >= hi {
+            break;
+        }
+        let wa = WorkerArgs {
+            id: w,
+            target: a.target,
+            addrs: a.ws.clone(),
+            rooms: (lo..hi).map(|i| room_of(i, a.rooms, a.dist)).collect(),
+            rkyv: !a.json,
+            ramp: a.ramp / workers as f64,
+            src_first: 2 + ((w as u8).wrapping_mul(a.src_addrs.max(1))) % 200,
+            src_count: a.src_addrs.max(1),
+            kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
+        };
+        let mut child = Command::new(&exe)
+            .args(["worker", &serde_json::to_string(&wa)?])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn worker")?;
+        let stdout = child.stdout.take().expect("piped");
+        let stdin = child.stdin.take().expect("piped");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let msg = match v["type"].as_str() {
+                    Some("progress") => serde_json::from_value(v["data"].clone()).ok().map(Msg::Progress),
+                    Some("final") => serde_json::from_value(v["data"].clone()).ok().map(|f| Msg::Final(Box::new(f))),
+                    _ => None,
+                };
+                if let Some(m) = msg
+                    && tx.send(m).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        procs.push(WorkerProc { child, stdin });
+    }
+    drop(tx);
+    let n_workers = procs.len();
+    let mut progress: Vec<Progress> = (0..n_workers).map(|_| Progress::default()).collect();
+    let start = Instant::now();
+    let mut samples = Vec::new();
+
+    // 1. Connect.
+    let connect_deadline = Instant::now() + Duration::from_secs_f64(a.connections as f64 / a.ramp * 2.0 + 30.0);
+    loop {
+        drain(&rx, &mut progress, &mut Vec::new());
+        let connected: u64 = progress.iter().map(|p| p.connected).sum();
+        let failed: u64 = progress.iter().map(|p| p.failed).sum();
+        if connected + failed >= a.connections as u64 {
+            println!("connected {connected} (failed {failed}) in {:.1}s", start.elapsed().as_secs_f64());
+            break;
+        }
+        anyhow::ensure!(Instant::now() < connect_deadline, "connect phase timed out at {connected}/{}", a.connections);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let connect_s = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let server_connected = a.server_pid.and_then(proc_cpu_rss);
+    let gen_cpu_before: f64 = progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
+
+    // 2. Publish (on this thread), sampling progress every second.
+    let mut publisher = publish::Publisher::new(a.target, a.http, a.rooms, &KINDS, a.pad)?;
+    let rates = [a.gift_rate, a.chat_rate];
+    let pub_start = Instant::now();
+    let deliveries_before: u64 = progress.iter().map(|p| p.deliveries).sum();
+    let mut last_sample = Instant::now();
+    let mut last_deliveries = deliveries_before;
+    let end = pub_start + Duration::from_secs(a.duration);
+    let sample =
+        |progress: &[Progress], last_deliveries: &mut u64, last_sample: &mut Instant, samples: &mut Vec<Sample>| {
+            let d: u64 = progress.iter().map(|p| p.deliveries).sum();
+            let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
+            let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
+            let p99 = progress.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64 / 1000.0;
+            let s = Sample {
+                t_s: pub_start.elapsed().as_secs_f64(),
+                connected: progress.iter().map(|p| p.connected).sum(),
+                deliveries_per_s: (d - *last_deliveries) as f64 / dt,
+                p50_ms: p50,
+                p99_ms: p99,
+            };
+            println!(
+                "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms",
+                s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms
+            );
+            samples.push(s);
+            *last_deliveries = d;
+            *last_sample = Instant::now();
+        };
+    while Instant::now() < end {
+        publisher.tick(pub_start, &rates)?;
+        drain(&rx, &mut progress, &mut Vec::new());
+        if last_sample.elapsed() >= Duration::from_secs(1) {
+            sample(&progress, &mut last_deliveries, &mut last_sample, &mut samples);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let pub_secs = pub_start.elapsed().as_secs_f64();
+    // 3. Let the last windows flush, then stop the workers with the published counts.
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        drain(&rx, &mut progress, &mut Vec::new());
+        if last_sample.elapsed() >= Duration::from_secs(1) {
+            sample(&progress, &mut last_deliveries, &mut last_sample, &mut samples);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server_after = a.server_pid.and_then(proc_cpu_rss);
+    let stop = Stop { published: publisher.published.clone() };
+    let line = serde_json::to_string(&stop)?;
+    for p in &mut procs {
+        writeln!(p.stdin, "{line}")?;
+        p.stdin.flush()?;
+    }
+    let run_secs = start.elapsed().as_secs_f64();
+    let mut finals = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while finals.len() < n_workers && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Msg::Final(f)) => finals.push(*f),
+            Ok(Msg::Progress(_)) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for mut p in procs {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+    anyhow::ensure!(finals.len() == n_workers, "only {}/{} workers reported", finals.len(), n_workers);
+
+    // 4. Merge and report.
+    let mut hists: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
+    let mut connect_hist = histogram();
+    let mut lost = [0u64; 2];
+    let mut dup = [0u64; 2];
+    let mut received = [0u64; 2];
+    let (mut deliveries, mut frames, mut bytes, mut connected, mut failed, mut closed, mut gen_cpu) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
+    for f in &finals {
+        for k in 0..KINDS.len() {
+            merge(&mut hists[k], &decode_hist(&f.hist[k])?);
+            lost[k] += f.lost[k];
+            dup[k] += f.dup[k];
+            received[k] += f.received[k];
+        }
+        merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
+        deliveries += f.deliveries;
+        frames += f.frames;
+        bytes += f.bytes;
+        connected += f.connected;
+        failed += f.failed;
+        closed += f.closed;
+        gen_cpu += f.cpu_s;
+    }
+    let measured_deliveries = deliveries.saturating_sub(deliveries_before);
+    let r = report::Report {
+        scenario: a.scenario.clone(),
+        target: a.target,
+        connections: connected,
+        failed_connections: failed,
+        closed_during_run: closed,
+        rooms: a.rooms,
+        dist: format!("{:?}", a.dist).to_lowercase(),
+        encoding: if a.json { "json" } else { "rkyv" }.into(),
+        workers: n_workers,
+        connect_s,
+        connect_per_s: connected as f64 / connect_s.max(1e-3),
+        publish_secs: pub_secs,
+        published: KINDS.iter().enumerate().map(|(k, name)| ((*name).to_owned(), publisher.total(k))).collect(),
+        publish_refused: publisher.refused,
+        deliveries,
+        deliveries_per_s: measured_deliveries as f64 / pub_secs,
+        frames,
+        bytes,
+        received: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), received[k])).collect(),
+        lost: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), lost[k])).collect(),
+        duplicates: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), dup[k])).collect(),
+        latency_ms: KINDS
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&hists[k])))
+            .collect(),
+        handshake_ms: report::Percentiles::of(&connect_hist),
+        server: report::ServerFigures::new(
+            server_before,
+            server_connected,
+            server_after,
+            connected,
+            measured_deliveries,
+        ),
+        generator_cpu_s: gen_cpu - gen_cpu_before.min(gen_cpu),
+        generator_max_worker_core_share: finals.iter().map(|f| f.cpu_s / run_secs).fold(0.0, f64::max),
+        samples,
+        note: a.note.clone(),
+        args: format!("{a:?}"),
+    };
+    let dir = report::write(&a.out, &r)?;
+    println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
+    println!("results in {}", dir.display());
+    Ok(())
+}
+
+fn drain(rx: &mpsc::Receiver<Msg>, progress: &mut [Progress], finals: &mut Vec<Final>) {
+    while let Ok(m) = rx.try_recv() {
+        match m {
+            Msg::Progress(p) => {
+                let id = p.id;
+                if let Some(slot) = progress.get_mut(id) {
+                    *slot = p;
+                }
+            }
+            Msg::Final(f) => finals.push(*f),
+        }
+    }
+}

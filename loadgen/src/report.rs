@@ -1,0 +1,255 @@
+//! Result files: `result.json` (machine-readable), `README.md` (environment, command, figures),
+//! `latency.svg` and `throughput.svg` (over time).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::Sample;
+use crate::worker::Target;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// From a histogram in microseconds, in milliseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |v: u64| v as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ServerFigures {
+    pub measured: bool,
+    pub cpu_s_publishing: f64,
+    pub cpu_us_per_delivery: Option<f64>,
+    pub rss_idle_bytes: u64,
+    pub rss_connected_bytes: u64,
+    pub rss_bytes_per_connection: Option<f64>,
+}
+
+impl ServerFigures {
+    pub fn new(
+        before: Option<(f64, u64)>,
+        connected: Option<(f64, u64)>,
+        after: Option<(f64, u64)>,
+        conns: u64,
+        deliveries: u64,
+    ) -> Self {
+        match (before, connected, after) {
+            (Some((_, rss0)), Some((cpu1, rss1)), Some((cpu2, _))) => {
+                let cpu = cpu2 - cpu1;
+                Self {
+                    measured: true,
+                    cpu_s_publishing: cpu,
+                    cpu_us_per_delivery: (deliveries > 0).then(|| cpu * 1e6 / deliveries as f64),
+                    rss_idle_bytes: rss0,
+                    rss_connected_bytes: rss1,
+                    rss_bytes_per_connection: (conns > 0).then(|| (rss1 as f64 - rss0 as f64) / conns as f64),
+                }
+            }
+            _ => Self::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub target: Target,
+    pub connections: u64,
+    pub failed_connections: u64,
+    pub closed_during_run: u64,
+    pub rooms: u32,
+    pub dist: String,
+    pub encoding: String,
+    pub workers: usize,
+    pub connect_s: f64,
+    pub connect_per_s: f64,
+    pub publish_secs: f64,
+    pub published: BTreeMap<String, u64>,
+    pub publish_refused: u64,
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+    pub frames: u64,
+    pub bytes: u64,
+    pub received: BTreeMap<String, u64>,
+    pub lost: BTreeMap<String, u64>,
+    pub duplicates: BTreeMap<String, u64>,
+    pub latency_ms: BTreeMap<String, Percentiles>,
+    pub handshake_ms: Percentiles,
+    pub server: ServerFigures,
+    pub generator_cpu_s: f64,
+    pub generator_max_worker_core_share: f64,
+    pub samples: Vec<Sample>,
+    pub note: String,
+    pub args: String,
+}
+
+impl Report {
+    /// The keys other tools read, flat.
+    pub fn summary_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "scenario": self.scenario,
+            "target": self.target,
+            "connections": self.connections,
+            "deliveries": self.deliveries,
+            "deliveries_per_s": self.deliveries_per_s,
+            "lost": self.lost,
+            "duplicates": self.duplicates,
+            "latency_ms": self.latency_ms,
+            "edge_cpu_us_per_delivery": self.server.cpu_us_per_delivery,
+            "edge_rss_bytes_per_connection": self.server.rss_bytes_per_connection,
+            "generator_cpu_s": self.generator_cpu_s,
+            "generator_saturated": self.generator_max_worker_core_share > 0.9,
+        })
+    }
+}
+
+fn date() -> String {
+    let out = std::process::Command::new("date").arg("+%Y-%m-%d").output();
+    out.ok().and_then(|o| String::from_utf8(o.stdout).ok()).map_or_else(|| "undated".into(), |s| s.trim().to_owned())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} vCPUs ({model}), Linux {}", kernel.trim())
+}
+
+pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
+    let dir = root.join(format!("{}-{}", date(), r.scenario));
+    std::fs::create_dir_all(&dir)?;
+    let mut full = serde_json::to_value(r)?;
+    if let (Some(obj), serde_json::Value::Object(sum)) = (full.as_object_mut(), r.summary_json()) {
+        for (k, v) in sum {
+            obj.insert(k, v);
+        }
+    }
+    std::fs::write(dir.join("result.json"), serde_json::to_string_pretty(&full)?)?;
+    plot(&dir, r)?;
+    let lat = |k: &str| {
+        r.latency_ms
+            .get(k)
+            .map_or(String::from("-"), |p| format!("{:.1} / {:.1} / {:.1} / {:.1}", p.p50, p.p99, p.p999, p.max))
+    };
+    let cpu = r.server.cpu_us_per_delivery.map_or("not measured".into(), |v| format!("{v:.3}"));
+    let rss = r.server.rss_bytes_per_connection.map_or("not measured".into(), |v| format!("{v:.0}"));
+    let md = format!(
+        "# {scenario}\n\n- Date: {date}\n- Machine: {machine}\n- Target: {target:?}; {note}\n- loadgen: {args}\n\n\
+         | figure | value |\n|---|---|\n\
+         | connections (failed) | {conns} ({failed}) |\n\
+         | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
+         | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
+         | deliveries, per second | {deliv} , {dps:.0}/s |\n\
+         | lost gift / chat | {lg} / {lc} |\n\
+         | duplicates gift / chat | {dg} / {dc} |\n\
+         | gift latency p50 / p99 / p99.9 / max (ms) | {lgift} |\n\
+         | chat latency p50 / p99 / p99.9 / max (ms) | {lchat} |\n\
+         | server CPU µs per delivery | {cpu} |\n\
+         | server RSS bytes per connection | {rss} |\n\
+         | generator CPU s (max worker share of a core) | {gcpu:.1} ({gshare:.0}%) |\n\n\
+         Raw data: result.json. Plots: latency.svg, throughput.svg.\n",
+        scenario = r.scenario,
+        date = date(),
+        machine = machine(),
+        target = r.target,
+        note = r.note,
+        args = r.args,
+        conns = r.connections,
+        failed = r.failed_connections,
+        cps = r.connect_per_s,
+        hs50 = r.handshake_ms.p50,
+        hs99 = r.handshake_ms.p99,
+        pg = r.published.get("gift").copied().unwrap_or(0),
+        pc = r.published.get("chat").copied().unwrap_or(0),
+        refused = r.publish_refused,
+        deliv = r.deliveries,
+        dps = r.deliveries_per_s,
+        lg = r.lost.get("gift").copied().unwrap_or(0),
+        lc = r.lost.get("chat").copied().unwrap_or(0),
+        dg = r.duplicates.get("gift").copied().unwrap_or(0),
+        dc = r.duplicates.get("chat").copied().unwrap_or(0),
+        lgift = lat("gift"),
+        lchat = lat("chat"),
+        gcpu = r.generator_cpu_s,
+        gshare = r.generator_max_worker_core_share * 100.0,
+    );
+    let warn = if r.generator_max_worker_core_share > 0.9 {
+        "\n**Warning:** a load generator worker used over 90% of a core: it may be the bottleneck.\n"
+    } else {
+        ""
+    };
+    std::fs::write(dir.join("README.md"), format!("{md}{warn}"))?;
+    if !warn.is_empty() {
+        eprintln!("warning: a load generator worker saturated a core; figures may understate the server");
+    }
+    Ok(dir)
+}
+
+fn plot(dir: &Path, r: &Report) -> anyhow::Result<()> {
+    let xmax = r.samples.last().map_or(1.0, |s| s.t_s).max(1.0);
+    {
+        let path = dir.join("latency.svg");
+        let root = SVGBackend::new(&path, (800, 400)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let ymax = r.samples.iter().map(|s| s.p99_ms).fold(1.0, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{}: latency over time (all kinds, per second)", r.scenario), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
+        chart.configure_mesh().x_desc("seconds").y_desc("ms").draw()?;
+        chart
+            .draw_series(LineSeries::new(r.samples.iter().map(|s| (s.t_s, s.p50_ms)), &BLUE))?
+            .label("p50")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(r.samples.iter().map(|s| (s.t_s, s.p99_ms)), &RED))?
+            .label("p99")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart.configure_series_labels().border_style(BLACK).draw()?;
+        root.present()?;
+    }
+    {
+        let path = dir.join("throughput.svg");
+        let root = SVGBackend::new(&path, (800, 400)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let ymax = r.samples.iter().map(|s| s.deliveries_per_s).fold(1.0, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{}: deliveries per second", r.scenario), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
+        chart.configure_mesh().x_desc("seconds").y_desc("deliveries/s").draw()?;
+        chart.draw_series(LineSeries::new(r.samples.iter().map(|s| (s.t_s, s.deliveries_per_s)), &BLUE))?;
+        root.present()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Statistics that must be right: loss and duplicate detection per kind, histogram merging
+//! across worker processes, and rate pacing. Pure, unit-tested.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+
+/// Per connection and kind: the publisher numbers each kind's messages 0, 1, 2, ... per room
+/// (`k` in the body), so a receiver detects loss and duplicates without knowing what else was
+/// published.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KindTrack {
+    pub next: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub dup: u64,
+}
+
+impl KindTrack {
+    pub fn on_message(&mut self, k: u64) {
+        self.received += 1;
+        if k == self.next {
+            self.next += 1;
+        } else if k > self.next {
+            self.lost += k - self.next;
+            self.next = k + 1;
+        } else {
+            // Seen before (or out of order, which the edge must never do): a duplicate.
+            self.dup += 1;
+            self.received -= 1;
+        }
+    }
+
+    /// At the end: everything up to `published` that never arrived is lost.
+    pub fn finish(&mut self, published: u64) {
+        if published > self.next {
+            self.lost += published - self.next;
+            self.next = published;
+        }
+    }
+}
+
+/// A latency histogram in microseconds, 1 µs to 10 min, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+pub fn encode_hist(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    V2Serializer::new().serialize(h, &mut buf).expect("in-memory serialization");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+pub fn decode_hist(s: &str) -> anyhow::Result<Histogram<u64>> {
+    let raw = base64::engine::general_purpose::STANDARD.decode(s)?;
+    let h: Histogram<u64> = Deserializer::new().deserialize(&mut raw.as_slice())?;
+    Ok(h)
+}
+
+/// Merges `b` into `a`.
+pub fn merge(a: &mut Histogram<u64>, b: &Histogram<u64>) {
+    a.add(b).expect("same bounds");
+}
+
+/// Paces events at `rate` per second from `start`: how long to wait before event `n`.
+pub struct Pacer {
+    start: Instant,
+    interval_ns: u64,
+}
+
+impl Pacer {
+    pub fn new(start: Instant, rate: f64) -> Self {
+        Self { start, interval_ns: if rate > 0.0 { (1e9 / rate) as u64 } else { u64::MAX } }
+    }
+
+    pub fn due(&self, n: u64) -> Instant {
+        self.start + Duration::from_nanos(n.saturating_mul(self.interval_ns))
+    }
+
+    /// Events due by `now`.
+    pub fn due_count(&self, now: Instant) -> u64 {
+        if self.interval_ns == u64::MAX {
+            return 0;
+        }
+        (now.saturating_duration_since(self.start).as_nanos() as u64) / self.interval_ns + 1
+    }
+}
+
+/// Reads `"t":N` and `"k":N` from a body the publisher wrote (`{"t":..,"k":..,"kind":".."}`).
+pub fn body_fields(body: &[u8]) -> Option<(u64, u64)> {
+    fn num(body: &[u8], key: &[u8]) -> Option<u64> {
+        let i = body.windows(key.len()).position(|w| w == key)? + key.len();
+        let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&body[i..i + digits]).ok()?.parse().ok()
+    }
+    Some((num(body, b"\"t\":")?, num(body, b"\"k\":")?))
+}
+
+/// Reads `"kind":"..."` from a body (Nchan frames carry no envelope).
+pub fn body_kind(body: &[u8]) -> Option<&str> {
+    let key = b"\"kind\":\"";
+    let i = body.windows(key.len()).position(|w| w == key)? + key.len();
+    let n = body[i..].iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&body[i..i + n]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_duplicates_and_tail_loss() {
+        let mut t = KindTrack::default();
+        for k in [0, 1, 2, 5, 6, 6, 3, 7] {
+            t.on_message(k);
+        }
+        assert_eq!((t.received, t.lost, t.dup, t.next), (6, 2, 2, 8));
+        t.finish(10);
+        assert_eq!(t.lost, 4);
+        let mut clean = KindTrack::default();
+        (0..100).for_each(|k| clean.on_message(k));
+        clean.finish(100);
+        assert_eq!((clean.received, clean.lost, clean.dup), (100, 0, 0));
+    }
+
+    #[test]
+    fn histograms_merge_across_processes() {
+        let mut a = histogram();
+        let mut b = histogram();
+        for v in 1..=1000 {
+            a.record(v).unwrap();
+            b.record(v * 1000).unwrap();
+        }
+        let b2 = decode_hist(&encode_hist(&b)).unwrap();
+        assert_eq!(b2.len(), 1000);
+        merge(&mut a, &b2);
+        assert_eq!(a.len(), 2000);
+        assert!(a.value_at_quantile(0.25) <= 510);
+        assert!(a.value_at_quantile(0.99) >= 980_000);
+        assert!(a.max() >= 999_000);
+    }
+
+    #[test]
+    fn pacing() {
+        let t0 = Instant::now();
+        let p = Pacer::new(t0, 100.0);
+        assert_eq!(p.due(0), t0);
+        assert_eq!(p.due(100), t0 + Duration::from_secs(1));
+        assert_eq!(p.due_count(t0 + Duration::from_millis(995)), 100);
+        assert_eq!(Pacer::new(t0, 0.0).due_count(t0 + Duration::from_secs(5)), 0);
+    }
+
+    #[test]
+    fn body_parsing() {
+        assert_eq!(body_fields(br#"{"t":1764000000123456,"k":42,"kind":"gift"}"#), Some((1_764_000_000_123_456, 42)));
+        assert_eq!(body_kind(br#"{"t":1,"k":2,"kind":"chat"}"#), Some("chat"));
+        assert_eq!(body_fields(b"{}"), None);
+    }
+}

@@ -1,0 +1,420 @@
+//! A worker process: opens its share of the connections (spread over source addresses), then
+//! reads every frame with one epoll thread, measuring latency and loss per kind.
+//!
+//! Workers are separate processes because RLIMIT_NOFILE (20000 here) bounds each process's
+//! sockets; the coordinator starts as many as the connection count needs. Each reports progress
+//! every second and its final figures on stdout as JSON lines, and takes commands on stdin.
+
+use std::io::{BufRead, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use roomcast_proto::envelope::{self, ArchivedServerMsg};
+use roomcast_proto::ws;
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Socket, Type};
+
+use crate::stats::{KindTrack, body_fields, body_kind, encode_hist, histogram};
+
+/// What the worker connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// roomcast edge: `GET /ws?room=R`, envelope batches.
+    Edge,
+    /// Nchan: `GET /sub/R`, one text frame per message (the body).
+    Nchan,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerArgs {
+    pub id: usize,
+    pub target: Target,
+    /// ws addresses (host:port) to spread over.
+    pub addrs: Vec<SocketAddr>,
+    /// Room of each of this worker's connections.
+    pub rooms: Vec<u32>,
+    pub rkyv: bool,
+    /// Connections per second (this worker's share).
+    pub ramp: f64,
+    /// First source address (127.0.0.x), and how many to use.
+    pub src_first: u8,
+    pub src_count: u8,
+    pub kinds: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub id: usize,
+    pub connected: u64,
+    pub failed: u64,
+    pub deliveries: u64,
+    pub frames: u64,
+    pub bytes: u64,
+    /// Interval latency percentiles (µs), all kinds.
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub cpu_s: f64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Final {
+    pub id: usize,
+    pub connected: u64,
+    pub failed: u64,
+    pub closed: u64,
+    pub deliveries: u64,
+    pub frames: u64,
+    pub bytes: u64,
+    /// Per kind: latency histogram (base64 V2), received, lost, duplicates.
+    pub hist: Vec<String>,
+    pub received: Vec<u64>,
+    pub lost: Vec<u64>,
+    pub dup: Vec<u64>,
+    pub connect_hist: String,
+    pub cpu_s: f64,
+}
+
+/// Stop: the final `k` published per (room, kind).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stop {
+    pub published: Vec<Vec<u64>>,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+pub fn own_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+fn open(args: &WorkerArgs, i: usize, room: u32) -> anyhow::Result<TcpStream> {
+    let dst = args.addrs[i % args.addrs.len()];
+    let src_octet = args.src_first + (i % usize::from(args.src_count.max(1))) as u8;
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    // Let the kernel pick the port per 4-tuple, not per source address: with many source
+    // addresses this is what lifts the 28k ephemeral-port limit.
+    let one: libc::c_int = 1;
+    // SAFETY: valid socket fd, option value pointer and length.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
+    sock.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, src_octet)), 0).into())?;
+    sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (path, proto) = match args.target {
+        Target::Edge => (format!("/ws?room=r{room}"), if args.rkyv { "roomcast.rkyv.v1" } else { "roomcast.json.v1" }),
+        Target::Nchan => (format!("/sub/r{room}"), ""),
+    };
+    let proto_hdr = if proto.is_empty() { String::new() } else { format!("Sec-WebSocket-Protocol: {proto}\r\n") };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{proto_hdr}\r\n"
+    );
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::with_capacity(256);
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b)?;
+        buf.push(b[0]);
+        anyhow::ensure!(buf.len() < 4096, "handshake answer too long");
+    }
+    anyhow::ensure!(buf.starts_with(b"HTTP/1.1 101"), "upgrade refused: {}", String::from_utf8_lossy(&buf));
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+struct Conn {
+    sock: TcpStream,
+    buf: Vec<u8>,
+    tracks: Vec<KindTrack>,
+    room: u32,
+    open: bool,
+}
+
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    fn new() -> Self {
+        // SAFETY: returns a new descriptor or -1 (checked).
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(fd >= 0, "epoll_create1");
+        // SAFETY: a fresh descriptor nothing else owns.
+        Self(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn add(&self, fd: i32, token: u64) {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: valid descriptors and event pointer.
+        unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    }
+
+    fn wait(&self, out: &mut Vec<usize>, ms: i32) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 1024];
+        // SAFETY: the buffer holds 1024 events.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 1024, ms) };
+        out.clear();
+        out.extend(evs[..n.max(0) as usize].iter().map(|e| e.u64 as usize));
+    }
+}
+
+struct Reader {
+    target: Target,
+    kinds: Vec<String>,
+    hist: Vec<Histogram<u64>>,
+    interval: Histogram<u64>,
+    deliveries: u64,
+    frames: u64,
+    bytes: u64,
+    closed: u64,
+}
+
+impl Reader {
+    fn kind_index(&self, kind: &str) -> Option<usize> {
+        self.kinds.iter().position(|k| k == kind)
+    }
+
+    fn message(&mut self, tracks: &mut [KindTrack], kind: &str, body: &[u8], now: u64) {
+        let Some(ki) = self.kind_index(kind) else { return };
+        let Some((t, k)) = body_fields(body) else { return };
+        tracks[ki].on_message(k);
+        let lat = now.saturating_sub(t).max(1);
+        let _ = self.hist[ki].record(lat);
+        let _ = self.interval.record(lat);
+        self.deliveries += 1;
+    }
+
+    /// Handles the complete frames at the front of `c.buf`; returns bytes used.
+    fn frames(&mut self, c: &mut Conn) -> usize {
+        let now = now_us();
+        let mut off = 0;
+        let buf = std::mem::take(&mut c.buf);
+        while let Ok(Some(h)) = ws::parse_header(&buf[off..]) {
+            let total = h.header_len + h.payload_len as usize;
+            if buf.len() - off < total {
+                break;
+            }
+            let payload = &buf[off + h.header_len..off + total];
+            off += total;
+            self.frames += 1;
+            match (self.target, h.opcode) {
+                (_, ws::OpCode::Close) => c.open = false,
+                (Target::Nchan, ws::OpCode::Text) => {
+                    if let Some(kind) = body_kind(payload) {
+                        let kind = kind.to_owned();
+                        self.message(&mut c.tracks, &kind, payload, now);
+                    }
+                }
+                (Target::Edge, ws::OpCode::Binary) => {
+                    if let Ok(ArchivedServerMsg::Batch { messages, .. }) = envelope::access_rkyv(payload) {
+                        for m in messages.iter() {
+                            self.message(&mut c.tracks, m.kind.as_str(), m.body.as_bytes(), now);
+                        }
+                    }
+                }
+                (Target::Edge, ws::OpCode::Text) => {
+                    if let Ok(roomcast_proto::ServerMsg::Batch { messages, .. }) = envelope::decode_json(payload) {
+                        for m in messages {
+                            self.message(&mut c.tracks, &m.kind, m.body.as_bytes(), now);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        c.buf = buf;
+        off
+    }
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let out = std::io::stdout();
+    let emit = |v: &dyn erased::Json| {
+        let mut o = out.lock();
+        let _ = writeln!(o, "{}", v.json());
+        let _ = o.flush();
+    };
+    let ep = Epoll::new();
+    let mut conns: Vec<Conn> = Vec::with_capacity(args.rooms.len());
+    let mut connect_hist = histogram();
+    let mut failed = 0u64;
+    let mut reader = Reader {
+        target: args.target,
+        kinds: args.kinds.clone(),
+        hist: args.kinds.iter().map(|_| histogram()).collect(),
+        interval: histogram(),
+        deliveries: 0,
+        frames: 0,
+        bytes: 0,
+        closed: 0,
+    };
+    let t0 = Instant::now();
+    let pacer = crate::stats::Pacer::new(t0, args.ramp);
+    let mut last_progress = Instant::now();
+    let mut ready = Vec::new();
+    let mut tmp = vec![0u8; 256 * 1024];
+    let mut next = 0usize;
+    let mut stop: Option<Stop> = None;
+    let mut stop_at: Option<Instant> = None;
+    loop {
+        // Connect what is due.
+        while next < args.rooms.len() && pacer.due(next as u64) <= Instant::now() {
+            let started = Instant::now();
+            match open(&args, next, args.rooms[next]) {
+                Ok(sock) => {
+                    let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
+                    ep.add(sock.as_raw_fd(), conns.len() as u64);
+                    conns.push(Conn {
+                        sock,
+                        buf: Vec::new(),
+                        tracks: vec![KindTrack::default(); args.kinds.len()],
+                        room: args.rooms[next],
+                        open: true,
+                    });
+                }
+                Err(e) => {
+                    failed += 1;
+                    if failed <= 3 {
+                        eprintln!("worker {}: connection {next} failed: {e}", args.id);
+                    }
+                }
+            }
+            next += 1;
+            if last_progress.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
+        }
+        ep.wait(&mut ready, 50);
+        for &i in &ready {
+            let c = &mut conns[i];
+            loop {
+                match c.sock.read(&mut tmp) {
+                    Ok(0) => {
+                        if c.open {
+                            c.open = false;
+                            reader.closed += 1;
+                        }
+                        break;
+                    }
+                    Ok(n) => {
+                        reader.bytes += n as u64;
+                        c.buf.extend_from_slice(&tmp[..n]);
+                        let used = reader.frames(c);
+                        c.buf.drain(..used);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        if c.open {
+                            c.open = false;
+                            reader.closed += 1;
+                        }
+                        break;
+                    }
+                }
+            }
+            if !c.open {
+                // Stop watching it (dropping the socket would reuse its fd under epoll's token).
+                // SAFETY: valid descriptors; a null event is allowed for EPOLL_CTL_DEL.
+                unsafe {
+                    libc::epoll_ctl(ep.0.as_raw_fd(), libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), std::ptr::null_mut());
+                }
+            }
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            let p = Progress {
+                id: args.id,
+                connected: conns.len() as u64,
+                failed,
+                deliveries: reader.deliveries,
+                frames: reader.frames,
+                bytes: reader.bytes,
+                p50_us: reader.interval.value_at_quantile(0.5),
+                p99_us: reader.interval.value_at_quantile(0.99),
+                cpu_s: own_cpu_s(),
+            };
+            reader.interval.reset();
+            emit(&erased::Tagged("progress", &p));
+        }
+        while let Ok(line) = rx.try_recv() {
+            if let Ok(s) = serde_json::from_str::<Stop>(&line) {
+                stop = Some(s);
+                // Let in-flight frames arrive.
+                stop_at = Some(Instant::now() + Duration::from_millis(200));
+            }
+        }
+        if let (Some(s), Some(at)) = (&stop, stop_at)
+            && Instant::now() >= at
+        {
+            let mut lost = vec![0u64; args.kinds.len()];
+            let mut dup = vec![0u64; args.kinds.len()];
+            let mut received = vec![0u64; args.kinds.len()];
+            for c in &mut conns {
+                for (ki, t) in c.tracks.iter_mut().enumerate() {
+                    let published = s.published.get(c.room as usize).and_then(|r| r.get(ki)).copied().unwrap_or(0);
+                    t.finish(published);
+                    lost[ki] += t.lost;
+                    dup[ki] += t.dup;
+                    received[ki] += t.received;
+                }
+            }
+            let f = Final {
+                id: args.id,
+                connected: conns.len() as u64,
+                failed,
+                closed: reader.closed,
+                deliveries: reader.deliveries,
+                frames: reader.frames,
+                bytes: reader.bytes,
+                hist: reader.hist.iter().map(encode_hist).collect(),
+                received,
+                lost,
+                dup,
+                connect_hist: encode_hist(&connect_hist),
+                cpu_s: own_cpu_s(),
+            };
+            emit(&erased::Tagged("final", &f));
+            return Ok(());
+        }
+    }
+}
+
+/// JSON lines tagged with a type, without boxing serde traits.
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+
+    pub struct Tagged<'a, T>(pub &'static str, pub &'a T);
+
+    impl<T: serde::Serialize> Json for Tagged<'_, T> {
+        fn json(&self) -> String {
+            serde_json::json!({ "type": self.0, "data": self.1 }).to_string()
+        }
+    }
+}
