@@ -40,9 +40,9 @@ enum Cmd {
     Worker { json: String },
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug, serde::Serialize)]
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Dist {
+pub enum Dist {
     /// Every connection in room 0.
     Hot,
     /// Rooms by a Zipf law (s = 1).
@@ -108,7 +108,7 @@ struct RunArgs {
 
 const KINDS: [&str; 2] = ["gift", "chat"];
 
-fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
+pub fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
     match dist {
         Dist::Hot => 0,
         Dist::Uniform => (i as u32) % rooms.max(1),
@@ -183,7 +183,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             id: w,
             target: a.target,
             addrs: a.ws.clone(),
-            rooms: (lo..hi).map(|i| room_of(i, a.rooms, a.dist)).collect(),
+            first: lo,
+            count: hi - lo,
+            rooms: a.rooms,
+            dist: a.dist,
             rkyv: !a.json,
             ramp: a.ramp / workers as f64,
             src_first: 2 + ((w as u8).wrapping_mul(a.src_addrs.max(1))) % 200,

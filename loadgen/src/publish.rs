@@ -77,8 +77,12 @@ impl Publisher {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             let r = self.client.post(&url).header("Content-Type", "application/json").body(payload.clone()).send();
+            // Nchan answers 201 (delivered to subscribers) or 202 (queued): both accepted. The
+            // edge answers 202 only for a droppable message it sampled out.
+            let accepted =
+                |s: reqwest::StatusCode| s.is_success() && (self.target == Target::Nchan || s.as_u16() != 202);
             match r {
-                Ok(resp) if resp.status().is_success() && resp.status().as_u16() != 202 => {
+                Ok(resp) if accepted(resp.status()) => {
                     self.published[room as usize][ki] += 1;
                     return Ok(());
                 }

@@ -35,8 +35,12 @@ pub struct WorkerArgs {
     pub target: Target,
     /// ws addresses (host:port) to spread over.
     pub addrs: Vec<SocketAddr>,
-    /// Room of each of this worker's connections.
-    pub rooms: Vec<u32>,
+    /// This worker's connections are global indexes `first..first + count`.
+    pub first: usize,
+    pub count: usize,
+    /// Rooms and how connections are spread over them.
+    pub rooms: u32,
+    pub dist: crate::Dist,
     pub rkyv: bool,
     /// Connections per second (this worker's share).
     pub ramp: f64,
@@ -260,7 +264,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let _ = o.flush();
     };
     let ep = Epoll::new();
-    let mut conns: Vec<Conn> = Vec::with_capacity(args.rooms.len());
+    let rooms: Vec<u32> =
+        (args.first..args.first + args.count).map(|i| crate::room_of(i, args.rooms, args.dist)).collect();
+    let mut conns: Vec<Conn> = Vec::with_capacity(rooms.len());
     let mut connect_hist = histogram();
     let mut failed = 0u64;
     let mut reader = Reader {
@@ -283,9 +289,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut stop_at: Option<Instant> = None;
     loop {
         // Connect what is due.
-        while next < args.rooms.len() && pacer.due(next as u64) <= Instant::now() {
+        while next < rooms.len() && pacer.due(next as u64) <= Instant::now() {
             let started = Instant::now();
-            match open(&args, next, args.rooms[next]) {
+            match open(&args, next, rooms[next]) {
                 Ok(sock) => {
                     let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
                     ep.add(sock.as_raw_fd(), conns.len() as u64);
@@ -293,7 +299,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         sock,
                         buf: Vec::new(),
                         tracks: vec![KindTrack::default(); args.kinds.len()],
-                        room: args.rooms[next],
+                        room: rooms[next],
                         open: true,
                     });
                 }
