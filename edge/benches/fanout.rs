@@ -60,7 +60,12 @@ fn connect(addr: SocketAddr, path: &str) -> TcpStream {
 }
 
 /// Reads frames from every connection (epoll, one thread per share), counting messages.
-fn readers(conns: Vec<TcpStream>, threads: usize, delivered: Arc<AtomicU64>, stop: Arc<AtomicU64>) -> Vec<std::thread::JoinHandle<()>> {
+fn readers(
+    conns: Vec<TcpStream>,
+    threads: usize,
+    delivered: Arc<AtomicU64>,
+    stop: Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<()>> {
     let per = conns.len().div_ceil(threads);
     let mut conns = conns;
     let mut hs = Vec::new();
@@ -204,7 +209,8 @@ fn edge_run(conns: usize, secs: u64, rate: u64, window: u64) -> Run {
         .expect("edge");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let field = |p: &str| -> SocketAddr { line.split_whitespace().find_map(|w| w.strip_prefix(p)).unwrap().parse().unwrap() };
+    let field =
+        |p: &str| -> SocketAddr { line.split_whitespace().find_map(|w| w.strip_prefix(p)).unwrap().parse().unwrap() };
     let (wsa, http) = (field("ws="), field("http="));
     let socks: Vec<TcpStream> = (0..conns).map(|_| connect(wsa, "/ws?room=bench")).collect();
     let delivered = Arc::new(AtomicU64::new(0));

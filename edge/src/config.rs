@@ -161,6 +161,15 @@ pub struct SendConfig {
     pub max_queue_bytes: usize,
     /// Frames queued for one connection, same rule.
     pub max_queue_frames: usize,
+    /// A connection whose oldest unsent frame has waited this long is behind: its queued
+    /// droppable content is shed (must-deliver messages stay). Keeps gifts from queueing behind
+    /// seconds of chat for a reader that cannot keep up.
+    pub max_queue_delay_ms: u64,
+    /// SO_SNDBUF of every connection (set on the listeners, inherited). A fixed, modest kernel
+    /// buffer keeps backpressure in user space, where policy applies (droppable content is shed,
+    /// gifts are kept); with autotuning a slow reader can hide megabytes of chat in the kernel,
+    /// which nothing can take back. 0 = kernel autotuning.
+    pub socket_send_buffer: usize,
     /// Frames gathered into one writev when a connection has several queued.
     pub max_iov: usize,
 }
@@ -232,7 +241,13 @@ impl Default for FanoutConfig {
 
 impl Default for SendConfig {
     fn default() -> Self {
-        Self { max_queue_bytes: 1024 * 1024, max_queue_frames: 1024, max_iov: 16 }
+        Self {
+            max_queue_bytes: 1024 * 1024,
+            max_queue_frames: 1024,
+            max_queue_delay_ms: 1000,
+            socket_send_buffer: 256 * 1024,
+            max_iov: 16,
+        }
     }
 }
 
@@ -363,6 +378,9 @@ impl Config {
         }
         if s.max_queue_frames < 2 {
             return Err(invalid("send.max_queue_frames", "must be at least 2"));
+        }
+        if s.max_queue_delay_ms < 100 {
+            return Err(invalid("send.max_queue_delay_ms", "must be at least 100"));
         }
         if s.max_iov == 0 || s.max_iov > 1024 {
             return Err(invalid("send.max_iov", "must be between 1 and 1024 (IOV_MAX)"));

@@ -92,6 +92,10 @@ struct RunArgs {
     /// Source addresses 127.0.0.2 .. 127.0.0.(1+N).
     #[arg(long, default_value_t = 8)]
     src_addrs: u8,
+    /// SO_RCVBUF per connection, like a mobile client's window (0: kernel autotuning, which on
+    /// loopback grows to tens of MiB and hides a slow generator's backlog in the kernel).
+    #[arg(long, default_value_t = 131072)]
+    rcvbuf: usize,
     /// Server process to measure (CPU, RSS): the edge, or Nchan's worker.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -192,6 +196,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             src_first: 2 + ((w as u8).wrapping_mul(a.src_addrs.max(1))) % 200,
             src_count: a.src_addrs.max(1),
             kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
+            rcvbuf: a.rcvbuf,
         };
         let mut child = Command::new(&exe)
             .args(["worker", &serde_json::to_string(&wa)?])
@@ -283,10 +288,18 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_micros(200));
     }
     let pub_secs = pub_start.elapsed().as_secs_f64();
-    // 3. Let the last windows flush, then stop the workers with the published counts.
-    let settle = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < settle {
+    // 3. Let everything in flight arrive (until deliveries stop moving for 3 s, at most 60 s),
+    // then stop the workers with the published counts: late is not lost.
+    let settle_end = Instant::now() + Duration::from_secs(60);
+    let mut quiet_since = Instant::now();
+    let mut seen: u64 = progress.iter().map(|p| p.deliveries).sum();
+    while Instant::now() < settle_end && quiet_since.elapsed() < Duration::from_secs(3) {
         drain(&rx, &mut progress, &mut Vec::new());
+        let now_seen: u64 = progress.iter().map(|p| p.deliveries).sum();
+        if now_seen != seen {
+            seen = now_seen;
+            quiet_since = Instant::now();
+        }
         if last_sample.elapsed() >= Duration::from_secs(1) {
             sample(&progress, &mut last_deliveries, &mut last_sample, &mut samples);
         }

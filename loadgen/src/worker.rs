@@ -48,6 +48,8 @@ pub struct WorkerArgs {
     pub src_first: u8,
     pub src_count: u8,
     pub kinds: Vec<String>,
+    /// SO_RCVBUF of each connection (0: kernel autotuning).
+    pub rcvbuf: usize,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -105,6 +107,9 @@ fn open(args: &WorkerArgs, i: usize, room: u32) -> anyhow::Result<TcpStream> {
     let dst = args.addrs[i % args.addrs.len()];
     let src_octet = args.src_first + (i % usize::from(args.src_count.max(1))) as u8;
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    if args.rcvbuf > 0 {
+        sock.set_recv_buffer_size(args.rcvbuf)?;
+    }
     // Let the kernel pick the port per 4-tuple, not per source address: with many source
     // addresses this is what lifts the 28k ephemeral-port limit.
     let one: libc::c_int = 1;

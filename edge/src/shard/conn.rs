@@ -17,6 +17,8 @@ pub struct OutFrame {
     pub messages: u32,
     /// What a slow consumer keeps of this frame.
     pub must: Keep,
+    /// When the shard queued it (ms since the shard started): how far behind a reader is.
+    pub queued_ms: u64,
 }
 
 /// What of a queued frame survives when its connection falls behind.
@@ -31,7 +33,7 @@ pub enum Keep {
 
 impl OutFrame {
     pub fn control(bytes: Bytes) -> Rc<Self> {
-        Rc::new(Self { bytes, messages: 0, must: Keep::Whole })
+        Rc::new(Self { bytes, messages: 0, must: Keep::Whole, queued_ms: 0 })
     }
 }
 
@@ -163,6 +165,11 @@ impl Conn {
         (frames, messages)
     }
 
+    /// When the oldest frame not yet handed to the kernel was queued.
+    pub fn oldest_unsent_ms(&self) -> Option<u64> {
+        self.out.get(usize::from(self.in_flight)).map(|f| f.queued_ms)
+    }
+
     /// The connection is behind: every queued frame not yet handed to the kernel is replaced by
     /// its must-deliver part (or dropped if it has none). Returns the bytes shed.
     pub fn shed(&mut self) -> usize {
@@ -198,7 +205,7 @@ mod tests {
     use super::*;
 
     fn frame(n: usize) -> Rc<OutFrame> {
-        Rc::new(OutFrame { bytes: Bytes::from(vec![7u8; n]), messages: 2, must: Keep::Nothing })
+        Rc::new(OutFrame { bytes: Bytes::from(vec![7u8; n]), messages: 2, must: Keep::Nothing, queued_ms: 0 })
     }
 
     #[test]
@@ -206,8 +213,14 @@ mod tests {
         let mut c = Conn::new(1, 0);
         c.push(frame(100)); // in flight
         c.push(frame(100)); // droppable: goes
-        let gift = Rc::new(OutFrame { bytes: Bytes::from(vec![1u8; 10]), messages: 1, must: Keep::Whole });
-        c.push(Rc::new(OutFrame { bytes: Bytes::from(vec![2u8; 100]), messages: 3, must: Keep::Instead(gift) }));
+        let gift =
+            Rc::new(OutFrame { bytes: Bytes::from(vec![1u8; 10]), messages: 1, must: Keep::Whole, queued_ms: 0 });
+        c.push(Rc::new(OutFrame {
+            bytes: Bytes::from(vec![2u8; 100]),
+            messages: 3,
+            must: Keep::Instead(gift),
+            queued_ms: 0,
+        }));
         c.push(OutFrame::control(Bytes::from_static(b"ctl")));
         c.in_flight = 1;
         assert_eq!(c.shed(), 190);

@@ -115,6 +115,18 @@ struct Shard {
     /// Draining: where `goaway` sends clients.
     drain_url: Option<Arc<str>>,
     rng: u64,
+    /// Operations the SQ could not take this turn (the kernel pushed back): retried next turn.
+    retry: Vec<(Retry, u32)>,
+}
+
+/// An operation to queue again next turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Send,
+    Recv,
+    Release,
+    Accept,
+    Doorbell,
 }
 
 impl Shard {
@@ -151,6 +163,7 @@ impl Shard {
             last_sweep: now,
             open: 0,
             drain_url: None,
+            retry: Vec::new(),
             rng: (u64::from(spec.id) << 32)
                 ^ (now.elapsed().as_nanos() as u64)
                 ^ 0x9e37_79b9_7f4a_7c15
@@ -165,6 +178,7 @@ impl Shard {
         loop {
             self.drain_mailbox();
             self.reap();
+            self.run_retries();
             self.flush_dirty();
             self.tick();
             if let Some(at) = self.shutdown_at
@@ -188,9 +202,35 @@ impl Shard {
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => {
+                    // The kernel is short of resources: back off a little, keep serving.
+                    tracing::warn!(shard = self.id, error = %e, "io_uring_enter pushed back");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 Err(e) => return Err(e),
             }
             self.parked.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn run_retries(&mut self) {
+        if self.retry.is_empty() {
+            return;
+        }
+        for (what, slot) in std::mem::take(&mut self.retry) {
+            match what {
+                Retry::Send => {
+                    let ready = matches!(self.conns.get(slot as usize), Some(Some(c))
+                        if c.in_flight == 0 && !c.out.is_empty() && c.closing != Closing::Abort && !c.close_issued);
+                    if ready {
+                        self.issue_send(slot);
+                    }
+                }
+                Retry::Recv => self.arm_recv(slot),
+                Retry::Release => self.maybe_release(slot),
+                Retry::Accept => self.arm_accept(),
+                Retry::Doorbell => self.arm_doorbell(),
+            }
         }
     }
 
@@ -207,7 +247,7 @@ impl Shard {
         let Some(fd) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else { return };
         match Sq::new(&mut self.ring).accept_multi(fd, Token::new(OpKind::Accept, 0, 0)) {
             Ok(()) => self.accept_armed = true,
-            Err(e) => tracing::error!(shard = self.id, error = %e, "cannot arm accept"),
+            Err(_) => self.retry.push((Retry::Accept, 0)),
         }
     }
 
@@ -216,8 +256,8 @@ impl Shard {
         let buf: *mut u64 = &mut *self.doorbell_buf;
         // SAFETY: `doorbell_buf` is a heap allocation owned by the shard, which outlives the ring's
         // operations (the ring is dropped first); it is only re-armed after the last read completed.
-        if let Err(e) = unsafe { Sq::new(&mut self.ring).read_eventfd(fd, buf, Token::new(OpKind::Wake, 0, 0)) } {
-            tracing::error!(shard = self.id, error = %e, "cannot arm doorbell");
+        if unsafe { Sq::new(&mut self.ring).read_eventfd(fd, buf, Token::new(OpKind::Wake, 0, 0)) }.is_err() {
+            self.retry.push((Retry::Doorbell, 0));
         }
     }
 
@@ -229,10 +269,7 @@ impl Shard {
         let tok = Token::new(OpKind::Recv, c.generation, slot);
         match Sq::new(&mut self.ring).recv_multi(slot, BGID, tok) {
             Ok(()) => c.recv_armed = true,
-            Err(e) => {
-                tracing::error!(shard = self.id, error = %e, "cannot arm recv");
-                self.abort(slot);
-            }
+            Err(_) => self.retry.push((Retry::Recv, slot)),
         }
     }
 
@@ -265,6 +302,7 @@ impl Shard {
     }
 
     fn deliver(&mut self, d: &Delivery) {
+        let now_ms = self.now_ms();
         let Some(members) = self.rooms.members(&d.room) else { return };
         let frames: [Option<Rc<OutFrame>>; 2] = std::array::from_fn(|p| {
             let bytes = d.frames[p].clone()?;
@@ -272,16 +310,20 @@ impl Shard {
                 MustDeliver::All => Keep::Whole,
                 MustDeliver::None => Keep::Nothing,
                 MustDeliver::Some { frames, messages } => match &frames[p] {
-                    Some(b) => {
-                        Keep::Instead(Rc::new(OutFrame { bytes: b.clone(), messages: *messages, must: Keep::Whole }))
-                    }
+                    Some(b) => Keep::Instead(Rc::new(OutFrame {
+                        bytes: b.clone(),
+                        messages: *messages,
+                        must: Keep::Whole,
+                        queued_ms: now_ms,
+                    })),
                     None => Keep::Nothing,
                 },
             };
-            Some(Rc::new(OutFrame { bytes, messages: d.messages, must }))
+            Some(Rc::new(OutFrame { bytes, messages: d.messages, must, queued_ms: now_ms }))
         });
         let max_bytes = self.cfg.send.max_queue_bytes;
         let max_frames = self.cfg.send.max_queue_frames;
+        let max_delay = self.cfg.send.max_queue_delay_ms;
         let mut slow = Vec::new();
         for &slot in members {
             let Some(Some(c)) = self.conns.get_mut(slot as usize) else { continue };
@@ -290,7 +332,10 @@ impl Shard {
             }
             let Some(f) = &frames[c.proto.index()] else { continue };
             let mut f = f.clone();
-            if c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
+            // Behind by bytes, by frames, or by time (the oldest unsent frame waited too long:
+            // its reader cannot keep up, and gifts must not queue behind seconds of chat).
+            let late = c.oldest_unsent_ms().is_some_and(|t| now_ms.saturating_sub(t) > max_delay);
+            if late || c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
                 // Behind: keep only what must be delivered, of the queue and of this frame.
                 let shed = c.shed();
                 self.stats.shed_bytes.inc_by(shed as u64);
@@ -800,10 +845,8 @@ impl Shard {
         };
         match r {
             Ok(()) => c.in_flight = n as u16,
-            Err(e) => {
-                tracing::error!(shard = self.id, error = %e, "cannot queue send");
-                self.abort(slot);
-            }
+            // The SQ is full and the kernel pushed back: the frames stay queued; next turn.
+            Err(_) => self.retry.push((Retry::Send, slot)),
         }
     }
 
@@ -865,16 +908,18 @@ impl Shard {
             if !c.cancel_issued {
                 c.cancel_issued = true;
                 let tok = Token::new(OpKind::Cancel, c.generation, slot);
-                if let Err(e) = Sq::new(&mut self.ring).cancel_fixed(slot, tok) {
-                    tracing::error!(shard = self.id, error = %e, "cannot cancel");
+                if Sq::new(&mut self.ring).cancel_fixed(slot, tok).is_err() {
+                    c.cancel_issued = false;
+                    self.retry.push((Retry::Release, slot));
                 }
             }
             return;
         }
         c.close_issued = true;
         let tok = Token::new(OpKind::Close, c.generation, slot);
-        if let Err(e) = Sq::new(&mut self.ring).close_fixed(slot, tok) {
-            tracing::error!(shard = self.id, error = %e, "cannot close");
+        if Sq::new(&mut self.ring).close_fixed(slot, tok).is_err() {
+            c.close_issued = false;
+            self.retry.push((Retry::Release, slot));
         }
     }
 

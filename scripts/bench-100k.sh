@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# 10^5 connections in one room, held by one edge process (6 shards: this kernel caps each ring's
+# direct-descriptor table at RLIMIT_NOFILE = 20000), gifts 10/s and chat 1000/s published.
+# The edge's adaptive merging widens the hot room's window and samples chat to the visible rate
+# when its shards fall behind; gifts are never sampled. Results: bench-results/<date>-100k/.
+#
+# Env: CONNS (100000), SECS (20), GIFT (10), CHAT (1000), VISIBLE (50: chat/s shown once sampling
+# is on), SCEN (folder suffix).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONNS=${CONNS:-100000}
+SECS=${SECS:-20}
+GIFT=${GIFT:-10}
+CHAT=${CHAT:-1000}
+VISIBLE=${VISIBLE:-50}
+SCEN=${SCEN:-100k}
+cargo build -q --release -p edge -p loadgen
+TMP=$(mktemp -d)
+cat >"$TMP/edge.toml" <<TOML
+shards = 6
+[ws]
+backlog = 16384
+[send]
+max_queue_bytes = 4194304
+max_queue_frames = 4096
+[adaptive]
+high_water_bytes = 16777216
+low_water_bytes = 2097152
+max_window_ms = 2000
+visible_rate = $VISIBLE
+[limits]
+room_rate = 5000.0
+room_burst = 10000.0
+TOML
+"$ROOT/target/release/edge" --config "$TMP/edge.toml" --listen 127.0.0.1:18711 --http 127.0.0.1:18712 >"$TMP/edge.log" 2>&1 &
+EPID=$!
+trap 'kill -INT $EPID 2>/dev/null || true; sleep 1; rm -rf $TMP' EXIT
+sleep 1
+"$ROOT/target/release/loadgen" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
+  --connections "$CONNS" --ramp 10000 --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
+  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
+  --note "edge --shards 6, adaptive merging (base window 100 ms, max 2 s, visible chat $VISIBLE/s)"
+curl -s 127.0.0.1:18712/v1/rooms/r0 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/room-stats.json" || true
+grep -E "adaptive merge window" "$TMP/edge.log" | tail -20 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/adaptive.log" || true
+sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/edge-warnings.log" || true
