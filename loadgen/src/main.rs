@@ -96,6 +96,12 @@ struct RunArgs {
     /// loopback grows to tens of MiB and hides a slow generator's backlog in the kernel).
     #[arg(long, default_value_t = 131072)]
     rcvbuf: usize,
+    /// Every n-th connection reads slowly (0: none; 10: one in ten).
+    #[arg(long, default_value_t = 0)]
+    slow_every: usize,
+    /// Bytes a slow reader reads per half second.
+    #[arg(long, default_value_t = 4096)]
+    slow_bytes: usize,
     /// Server process to measure (CPU, RSS): the edge, or Nchan's worker.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -156,6 +162,9 @@ enum Msg {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Sample {
     pub t_s: f64,
+    /// The edge's merge window and sampling for room r0 (edge target only).
+    pub window_ms: Option<u64>,
+    pub sampling_visible_rate: Option<f64>,
     pub connected: u64,
     pub deliveries_per_s: f64,
     pub p50_ms: f64,
@@ -197,6 +206,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             src_count: a.src_addrs.max(1),
             kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
             rcvbuf: a.rcvbuf,
+            slow_every: a.slow_every,
+            slow_bytes: a.slow_bytes,
         };
         let mut child = Command::new(&exe)
             .args(["worker", &serde_json::to_string(&wa)?])
@@ -264,7 +275,21 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
             let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
             let p99 = progress.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64 / 1000.0;
+            let stats: Option<serde_json::Value> = (a.target == Target::Edge)
+                .then(|| {
+                    reqwest::blocking::Client::new()
+                        .get(format!("http://{}/v1/rooms/r0", a.http))
+                        .timeout(Duration::from_millis(500))
+                        .send()
+                        .ok()?
+                        .text()
+                        .ok()
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                })
+                .flatten();
             let s = Sample {
+                window_ms: stats.as_ref().and_then(|v| v["window_ms"].as_u64()),
+                sampling_visible_rate: stats.as_ref().and_then(|v| v["sampling_visible_rate"].as_f64()),
                 t_s: pub_start.elapsed().as_secs_f64(),
                 connected: progress.iter().map(|p| p.connected).sum(),
                 deliveries_per_s: (d - *last_deliveries) as f64 / dt,
@@ -333,6 +358,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut hists: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
     let mut connect_hist = histogram();
     let mut lost = [0u64; 2];
+    let mut fast_lost = [0u64; 2];
+    let mut slow = 0u64;
     let mut dup = [0u64; 2];
     let mut received = [0u64; 2];
     let (mut deliveries, mut frames, mut bytes, mut connected, mut failed, mut closed, mut gen_cpu) =
@@ -341,10 +368,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         for k in 0..KINDS.len() {
             merge(&mut hists[k], &decode_hist(&f.hist[k])?);
             lost[k] += f.lost[k];
+            fast_lost[k] += f.fast_lost[k];
             dup[k] += f.dup[k];
             received[k] += f.received[k];
         }
         merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
+        slow += f.slow;
         deliveries += f.deliveries;
         frames += f.frames;
         bytes += f.bytes;
@@ -375,6 +404,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         bytes,
         received: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), received[k])).collect(),
         lost: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), lost[k])).collect(),
+        lost_fast_readers: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), fast_lost[k])).collect(),
+        slow_readers: slow,
         duplicates: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), dup[k])).collect(),
         latency_ms: KINDS
             .iter()

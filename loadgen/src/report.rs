@@ -93,6 +93,9 @@ pub struct Report {
     pub bytes: u64,
     pub received: BTreeMap<String, u64>,
     pub lost: BTreeMap<String, u64>,
+    /// Loss on the connections that read at full speed (the others may be cut off as slow).
+    pub lost_fast_readers: BTreeMap<String, u64>,
+    pub slow_readers: u64,
     pub duplicates: BTreeMap<String, u64>,
     pub latency_ms: BTreeMap<String, Percentiles>,
     pub handshake_ms: Percentiles,
@@ -167,6 +170,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
          | deliveries, per second | {deliv} , {dps:.0}/s |\n\
          | lost gift / chat | {lg} / {lc} |\n\
+         | slow readers; lost gift / chat on the others | {slow}; {flg} / {flc} |\n\
          | duplicates gift / chat | {dg} / {dc} |\n\
          | gift latency p50 / p99 / p99.9 / max (ms) | {lgift} |\n\
          | chat latency p50 / p99 / p99.9 / max (ms) | {lchat} |\n\
@@ -191,6 +195,9 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         deliv = r.deliveries,
         dps = r.deliveries_per_s,
         lg = r.lost.get("gift").copied().unwrap_or(0),
+        slow = r.slow_readers,
+        flg = r.lost_fast_readers.get("gift").copied().unwrap_or(0),
+        flc = r.lost_fast_readers.get("chat").copied().unwrap_or(0),
         lc = r.lost.get("chat").copied().unwrap_or(0),
         dg = r.duplicates.get("gift").copied().unwrap_or(0),
         dc = r.duplicates.get("chat").copied().unwrap_or(0),
@@ -234,6 +241,28 @@ fn plot(dir: &Path, r: &Report) -> anyhow::Result<()> {
             .label("p99")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         chart.configure_series_labels().border_style(BLACK).draw()?;
+        root.present()?;
+    }
+    if r.samples.iter().any(|s| s.window_ms.is_some()) {
+        let path = dir.join("window.svg");
+        let root = SVGBackend::new(&path, (800, 400)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let ymax = r.samples.iter().filter_map(|s| s.window_ms).max().unwrap_or(100) as f64 * 1.2;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{}: merge window of room r0 (red: chat sampled)", r.scenario), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
+        chart.configure_mesh().x_desc("seconds").y_desc("window ms").draw()?;
+        chart
+            .draw_series(LineSeries::new(r.samples.iter().filter_map(|s| Some((s.t_s, s.window_ms? as f64))), &BLUE))?;
+        chart.draw_series(
+            r.samples
+                .iter()
+                .filter(|s| s.sampling_visible_rate.is_some())
+                .filter_map(|s| Some(Circle::new((s.t_s, s.window_ms? as f64), 4, RED.filled()))),
+        )?;
         root.present()?;
     }
     {

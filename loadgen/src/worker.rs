@@ -50,6 +50,10 @@ pub struct WorkerArgs {
     pub kinds: Vec<String>,
     /// SO_RCVBUF of each connection (0: kernel autotuning).
     pub rcvbuf: usize,
+    /// Every n-th connection (0: none) is a slow reader: it reads at most `slow_bytes` twice a
+    /// second instead of as fast as data comes.
+    pub slow_every: usize,
+    pub slow_bytes: usize,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -79,6 +83,10 @@ pub struct Final {
     pub hist: Vec<String>,
     pub received: Vec<u64>,
     pub lost: Vec<u64>,
+    /// Loss on connections that read at full speed.
+    pub fast_lost: Vec<u64>,
+    /// Slow-reader connections in this worker.
+    pub slow: u64,
     pub dup: Vec<u64>,
     pub connect_hist: String,
     pub cpu_s: f64,
@@ -150,6 +158,7 @@ fn open(args: &WorkerArgs, i: usize, room: u32) -> anyhow::Result<TcpStream> {
 }
 
 struct Conn {
+    slow: bool,
     sock: TcpStream,
     buf: Vec<u8>,
     tracks: Vec<KindTrack>,
@@ -292,15 +301,44 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut next = 0usize;
     let mut stop: Option<Stop> = None;
     let mut stop_at: Option<Instant> = None;
+    let mut next_slow_read = Instant::now();
     loop {
+        // Slow readers: a bounded read twice a second, outside epoll.
+        if args.slow_every > 0 && Instant::now() >= next_slow_read {
+            next_slow_read = Instant::now() + Duration::from_millis(500);
+            for c in conns.iter_mut().filter(|c| c.slow && c.open) {
+                let budget = args.slow_bytes.min(tmp.len());
+                match c.sock.read(&mut tmp[..budget]) {
+                    Ok(0) => {
+                        c.open = false;
+                        reader.closed += 1;
+                    }
+                    Ok(n) => {
+                        reader.bytes += n as u64;
+                        c.buf.extend_from_slice(&tmp[..n]);
+                        let used = reader.frames(c);
+                        c.buf.drain(..used);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        c.open = false;
+                        reader.closed += 1;
+                    }
+                }
+            }
+        }
         // Connect what is due.
         while next < rooms.len() && pacer.due(next as u64) <= Instant::now() {
             let started = Instant::now();
             match open(&args, next, rooms[next]) {
                 Ok(sock) => {
                     let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
-                    ep.add(sock.as_raw_fd(), conns.len() as u64);
+                    let slow = args.slow_every > 0 && (args.first + next) % args.slow_every == 0;
+                    if !slow {
+                        ep.add(sock.as_raw_fd(), conns.len() as u64);
+                    }
                     conns.push(Conn {
+                        slow,
                         sock,
                         buf: Vec::new(),
                         tracks: vec![KindTrack::default(); args.kinds.len()],
@@ -385,11 +423,15 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             let mut lost = vec![0u64; args.kinds.len()];
             let mut dup = vec![0u64; args.kinds.len()];
             let mut received = vec![0u64; args.kinds.len()];
+            let mut fast_lost = vec![0u64; args.kinds.len()];
             for c in &mut conns {
                 for (ki, t) in c.tracks.iter_mut().enumerate() {
                     let published = s.published.get(c.room as usize).and_then(|r| r.get(ki)).copied().unwrap_or(0);
                     t.finish(published);
                     lost[ki] += t.lost;
+                    if !c.slow {
+                        fast_lost[ki] += t.lost;
+                    }
                     dup[ki] += t.dup;
                     received[ki] += t.received;
                 }
@@ -405,6 +447,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 hist: reader.hist.iter().map(encode_hist).collect(),
                 received,
                 lost,
+                fast_lost,
+                slow: conns.iter().filter(|c| c.slow).count() as u64,
                 dup,
                 connect_hist: encode_hist(&connect_hist),
                 cpu_s: own_cpu_s(),

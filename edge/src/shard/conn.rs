@@ -165,15 +165,22 @@ impl Conn {
         (frames, messages)
     }
 
+    /// Frames at the front that must stay as they are: those an in-flight send points into, and
+    /// a frame partly written already (`head_off` counts into it; replacing or dropping it would
+    /// splice half a frame into the stream).
+    pub fn pinned(&self) -> usize {
+        usize::from(self.in_flight).max(usize::from(self.head_off > 0))
+    }
+
     /// When the oldest frame not yet handed to the kernel was queued.
     pub fn oldest_unsent_ms(&self) -> Option<u64> {
-        self.out.get(usize::from(self.in_flight)).map(|f| f.queued_ms)
+        self.out.get(self.pinned()).map(|f| f.queued_ms)
     }
 
     /// The connection is behind: every queued frame not yet handed to the kernel is replaced by
     /// its must-deliver part (or dropped if it has none). Returns the bytes shed.
     pub fn shed(&mut self) -> usize {
-        let keep = usize::from(self.in_flight);
+        let keep = self.pinned().min(self.out.len());
         let before = self.out_bytes;
         let tail: Vec<Rc<OutFrame>> = self.out.drain(keep..).collect();
         for f in tail {
@@ -187,9 +194,9 @@ impl Conn {
         before - self.out_bytes
     }
 
-    /// Drops queued frames beyond the first `keep` (those may be in flight).
+    /// Drops queued frames beyond the first `keep` (and beyond the pinned ones).
     pub fn drop_unsent(&mut self, keep: usize) {
-        while self.out.len() > keep.max(usize::from(self.in_flight)) {
+        while self.out.len() > keep.max(self.pinned()) {
             if let Some(f) = self.out.pop_back() {
                 self.out_bytes -= f.bytes.len();
             }
@@ -247,6 +254,25 @@ mod tests {
         assert_eq!(c.consume(6, 2), (2, 4));
         assert!(c.out.is_empty());
         assert_eq!(c.out_bytes, 0);
+    }
+
+    #[test]
+    fn a_partly_written_frame_is_never_replaced_or_dropped() {
+        let mut c = Conn::new(1, 0);
+        c.push(frame(100));
+        c.push(frame(100));
+        c.fill_iov(2);
+        // 30 bytes of the first frame went out; nothing is in flight now.
+        assert_eq!(c.consume(30, 2), (0, 0));
+        c.in_flight = 0;
+        assert_eq!(c.head_off, 30);
+        c.shed();
+        assert_eq!(c.out.len(), 1, "the droppable second frame goes, the partial first stays");
+        assert_eq!((c.out[0].bytes.len(), c.head_off, c.out_bytes), (100, 30, 100));
+        c.drop_unsent(0);
+        assert_eq!(c.out.len(), 1);
+        let (_, len) = c.head_slice();
+        assert_eq!(len, 70);
     }
 
     #[test]
