@@ -339,7 +339,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let run_secs = start.elapsed().as_secs_f64();
     let mut finals = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while finals.len() < n_workers && Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(Msg::Final(f)) => finals.push(*f),
@@ -360,6 +360,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut lost = [0u64; 2];
     let mut fast_lost = [0u64; 2];
     let mut slow = 0u64;
+    let (mut corrupt, mut partial) = (0u64, 0u64);
     let mut dup = [0u64; 2];
     let mut received = [0u64; 2];
     let (mut deliveries, mut frames, mut bytes, mut connected, mut failed, mut closed, mut gen_cpu) =
@@ -374,6 +375,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
         slow += f.slow;
+        corrupt += f.corrupt;
+        partial += f.partial;
         deliveries += f.deliveries;
         frames += f.frames;
         bytes += f.bytes;
@@ -406,6 +409,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         lost: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), lost[k])).collect(),
         lost_fast_readers: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), fast_lost[k])).collect(),
         slow_readers: slow,
+        corrupt_streams: corrupt,
+        partial_frames_at_end: partial,
         duplicates: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), dup[k])).collect(),
         latency_ms: KINDS
             .iter()

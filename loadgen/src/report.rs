@@ -96,6 +96,9 @@ pub struct Report {
     /// Loss on the connections that read at full speed (the others may be cut off as slow).
     pub lost_fast_readers: BTreeMap<String, u64>,
     pub slow_readers: u64,
+    /// Connections whose byte stream stopped parsing (must be 0), or ended mid-frame.
+    pub corrupt_streams: u64,
+    pub partial_frames_at_end: u64,
     pub duplicates: BTreeMap<String, u64>,
     pub latency_ms: BTreeMap<String, Percentiles>,
     pub handshake_ms: Percentiles,
@@ -121,6 +124,7 @@ impl Report {
             "latency_ms": self.latency_ms,
             "edge_cpu_us_per_delivery": self.server.cpu_us_per_delivery,
             "edge_rss_bytes_per_connection": self.server.rss_bytes_per_connection,
+            "corrupt_streams": self.corrupt_streams,
             "generator_cpu_s": self.generator_cpu_s,
             "generator_saturated": self.generator_max_worker_core_share > 0.9,
         })

@@ -72,6 +72,9 @@ pub struct Progress {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Final {
+    /// Connections whose stream does not parse (a server bug), or ends in a partial frame.
+    pub corrupt: u64,
+    pub partial: u64,
     pub id: usize,
     pub connected: u64,
     pub failed: u64,
@@ -302,6 +305,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut stop: Option<Stop> = None;
     let mut stop_at: Option<Instant> = None;
     let mut next_slow_read = Instant::now();
+    let mut last_bytes = 0u64;
+    let mut last_bytes_at = Instant::now();
     loop {
         // Slow readers: a bounded read twice a second, outside epoll.
         if args.slow_every > 0 && Instant::now() >= next_slow_read {
@@ -410,15 +415,26 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             reader.interval.reset();
             emit(&erased::Tagged("progress", &p));
         }
+        if reader.bytes != last_bytes {
+            last_bytes = reader.bytes;
+            last_bytes_at = Instant::now();
+        }
         while let Ok(line) = rx.try_recv() {
             if let Ok(s) = serde_json::from_str::<Stop>(&line) {
                 stop = Some(s);
-                // Let in-flight frames arrive.
-                stop_at = Some(Instant::now() + Duration::from_millis(200));
+                // Keep reading until every open connection has the last gift of its room (what
+                // is still queued or in kernel buffers is late, not lost), at most 60 s.
+                stop_at = Some(Instant::now() + Duration::from_secs(60));
             }
         }
+        let complete = |s: &Stop, conns: &[Conn]| {
+            conns.iter().filter(|c| c.open && !c.slow).all(|c| {
+                let want = s.published.get(c.room as usize).and_then(|r| r.first()).copied().unwrap_or(0);
+                c.tracks[0].next >= want
+            })
+        };
         if let (Some(s), Some(at)) = (&stop, stop_at)
-            && Instant::now() >= at
+            && (Instant::now() >= at || (complete(s, &conns) && last_bytes_at.elapsed() >= Duration::from_millis(300)))
         {
             let mut lost = vec![0u64; args.kinds.len()];
             let mut dup = vec![0u64; args.kinds.len()];
@@ -436,7 +452,22 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     received[ki] += t.received;
                 }
             }
+            // Diagnose connections whose stream stopped: a header that does not parse is a
+            // corrupt stream; a partial frame is data still arriving.
+            let (mut corrupt, mut partial) = (0u64, 0u64);
+            for c in &conns {
+                match ws::parse_header(&c.buf) {
+                    Err(_) => corrupt += 1,
+                    Ok(_) if !c.buf.is_empty() => partial += 1,
+                    Ok(_) => {}
+                }
+            }
+            if corrupt > 0 {
+                eprintln!("worker {}: {corrupt} connections with a corrupt stream", args.id);
+            }
             let f = Final {
+                corrupt,
+                partial,
                 id: args.id,
                 connected: conns.len() as u64,
                 failed,
