@@ -1,1 +1,103 @@
-//! Kernel probes: see ARCHITECTURE.md.
+//! roomcast kernel probes: what the kernel knows about the edge's TCP sockets.
+//!
+//! Two sources give the same [`Snapshot`]:
+//! - [`Source::Ebpf`]: C programs (`bpf/tcp_probes.bpf.c`, built by `build.rs` with clang,
+//!   loaded with aya) aggregate in the kernel: an `iter/tcp` walk returns one summary of every
+//!   watched socket per read, and BTF tracepoints count retransmits and state transitions.
+//! - [`Source::SockDiag`]: a netlink sock_diag dump (what `ss` uses) plus /proc/net/netstat,
+//!   for hosts where BPF cannot load (no BTF, no privileges, old kernel).
+//!
+//! [`Probes::open`] tries eBPF first and falls back with one log line naming the reason; it
+//! never fails. Sockets count when their local port is one of the watched ports.
+
+pub mod bpf;
+pub mod procfs;
+pub mod snapshot;
+pub mod sock_diag;
+mod sys;
+
+pub use snapshot::{Listener, QueueStats, RemoteRetransmits, STATE_NAMES, Snapshot, Source, state};
+
+/// How many peers [`Snapshot::top_retransmits`] lists.
+pub const TOP_REMOTES: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("this build has no eBPF object (clang was missing when it was compiled)")]
+    NotBuilt,
+    #[error("at most {max} ports can be watched, {0} asked", max = bpf::MAX_PORTS)]
+    TooManyPorts(usize),
+    #[error("kernel BTF unavailable (/sys/kernel/btf/vmlinux): {0}")]
+    Btf(String),
+    #[error("the kernel refused to load or attach {program}: {detail}")]
+    Load { program: &'static str, detail: String },
+    #[error("map {map}: {detail}")]
+    Map { map: &'static str, detail: String },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("the tcp iterator wrote {0} bytes, not one summary (object and loader out of step?)")]
+    BadSummary(usize),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sock_diag: {0}")]
+    Netlink(String),
+}
+
+/// The probes for a set of local ports, from whichever source could be opened.
+pub enum Probes {
+    Ebpf(Box<bpf::BpfProbe>),
+    SockDiag(sock_diag::SockDiag),
+}
+
+impl Probes {
+    /// eBPF when the kernel takes the programs, else sock_diag. Logs which, and why.
+    /// `None` only when neither works (no netlink either: the error is logged).
+    pub fn open(ports: &[u16]) -> Option<Self> {
+        match Self::open_ebpf(ports) {
+            Ok(p) => {
+                tracing::info!(source = "ebpf", ?ports, "kernel probes: eBPF (iter/tcp + BTF tracepoints)");
+                Some(p)
+            }
+            Err(ebpf_err) => match Self::open_sock_diag(ports) {
+                Ok(p) => {
+                    tracing::warn!(
+                        source = "sock_diag", ?ports, reason = %ebpf_err,
+                        "kernel probes: sock_diag fallback (eBPF unavailable)"
+                    );
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::error!(ebpf = %ebpf_err, sock_diag = %e, "kernel probes unavailable");
+                    None
+                }
+            },
+        }
+    }
+
+    pub fn open_ebpf(ports: &[u16]) -> Result<Self, ProbeError> {
+        Ok(Self::Ebpf(Box::new(bpf::BpfProbe::load(ports)?)))
+    }
+
+    pub fn open_sock_diag(ports: &[u16]) -> Result<Self, ProbeError> {
+        Ok(Self::SockDiag(sock_diag::SockDiag::open(ports)?))
+    }
+
+    pub fn source(&self) -> Source {
+        match self {
+            Self::Ebpf(_) => Source::Ebpf,
+            Self::SockDiag(_) => Source::SockDiag,
+        }
+    }
+
+    /// Looks at the kernel now.
+    pub fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
+        match self {
+            Self::Ebpf(p) => p.snapshot(),
+            Self::SockDiag(p) => p.snapshot(),
+        }
+    }
+}
