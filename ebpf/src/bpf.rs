@@ -47,7 +47,8 @@ struct Summary {
     listen_backlog_max: [u64; MAX_PORTS],
     retrans_live: u64,
 }
-const _: () = assert!(std::mem::size_of::<Summary>() == 8 * (3 + TCP_STATES + 4 + 2 * QUEUE_BUCKETS + 3 * MAX_PORTS + 1));
+const _: () =
+    assert!(std::mem::size_of::<Summary>() == 8 * (3 + TCP_STATES + 4 + 2 * QUEUE_BUCKETS + 3 * MAX_PORTS + 1));
 
 impl Summary {
     /// Decodes the iterator's bytes field by field (native endian, as the kernel wrote them).
@@ -167,11 +168,8 @@ impl BpfProbe {
             ("rc_retransmit_synack", "tcp_retransmit_synack"),
             ("rc_set_state", "inet_sock_set_state"),
         ] {
-            let p: &mut BtfTracePoint = ebpf
-                .program_mut(prog)
-                .ok_or(ProbeError::Missing(prog))?
-                .try_into()
-                .map_err(load_err(prog))?;
+            let p: &mut BtfTracePoint =
+                ebpf.program_mut(prog).ok_or(ProbeError::Missing(prog))?.try_into().map_err(load_err(prog))?;
             p.load(tracepoint, &btf).map_err(load_err(prog))?;
             p.attach().map_err(load_err(prog))?;
         }
@@ -196,15 +194,16 @@ impl BpfProbe {
 
     /// Walks every TCP socket once (one read of a fresh iterator).
     fn scan(&mut self) -> Result<Summary, ProbeError> {
-        let it: &mut Iter =
-            self.ebpf.program_mut("rc_tcp_summary").ok_or(ProbeError::Missing("rc_tcp_summary"))?.try_into().map_err(
-                load_err("rc_tcp_summary"),
-            )?;
+        let it: &mut Iter = self
+            .ebpf
+            .program_mut("rc_tcp_summary")
+            .ok_or(ProbeError::Missing("rc_tcp_summary"))?
+            .try_into()
+            .map_err(load_err("rc_tcp_summary"))?;
         let link = it.attach().map_err(load_err("rc_tcp_summary"))?;
         let link = it.take_link(link).map_err(load_err("rc_tcp_summary"))?;
-        let mut file = link
-            .into_file()
-            .map_err(|e| ProbeError::Load { program: "rc_tcp_summary", detail: error_chain(&e) })?;
+        let mut file =
+            link.into_file().map_err(|e| ProbeError::Load { program: "rc_tcp_summary", detail: error_chain(&e) })?;
         self.buf.clear();
         loop {
             let mut chunk = [0u8; 4096];
@@ -220,10 +219,8 @@ impl BpfProbe {
     }
 
     fn counter(&self, index: u32) -> Result<u64, ProbeError> {
-        let per_cpu = self
-            .counters
-            .get(&index, 0)
-            .map_err(|e| ProbeError::Map { map: "counters", detail: error_chain(&e) })?;
+        let per_cpu =
+            self.counters.get(&index, 0).map_err(|e| ProbeError::Map { map: "counters", detail: error_chain(&e) })?;
         Ok(per_cpu.iter().sum())
     }
 
@@ -258,11 +255,9 @@ impl BpfProbe {
         snap.closed = Some(self.counter(CNT_CLOSED)?);
         snap.close_wait_entered = Some(self.counter(CNT_TO_CLOSE_WAIT)?);
         let mut remotes = Vec::new();
-        for item in self.remotes.iter() {
-            // An entry evicted between listing and lookup is simply gone.
-            if let Ok((k, v)) = item {
-                remotes.push(RemoteRetransmits { addr: k.ip(), retransmits: v });
-            }
+        // An entry evicted between listing and lookup is simply gone (an Err here).
+        for (k, v) in self.remotes.iter().flatten() {
+            remotes.push(RemoteRetransmits { addr: k.ip(), retransmits: v });
         }
         snap.top_retransmits = top_n(remotes, TOP_REMOTES);
         (snap.listen_overflows, snap.listen_drops) =

@@ -175,10 +175,7 @@ impl Snapshot {
             states: [0; 12],
             send_queue: QueueStats::default(),
             recv_queue: QueueStats::default(),
-            listeners: ports
-                .iter()
-                .map(|&port| Listener { port, sockets: 0, backlog: 0, backlog_max: 0 })
-                .collect(),
+            listeners: ports.iter().map(|&port| Listener { port, sockets: 0, backlog: 0, backlog_max: 0 }).collect(),
             retransmits: 0,
             retransmits_live: 0,
             synack_retransmits: None,

@@ -195,7 +195,8 @@ impl SockDiag {
             let req = dump_request(family, &self.ports, self.seq);
             self.nl.send(&req).map_err(|source| ProbeError::Io { what: "sock_diag request", source })?;
             loop {
-                let n = self.nl.recv(&mut self.buf).map_err(|source| ProbeError::Io { what: "sock_diag recv", source })?;
+                let n =
+                    self.nl.recv(&mut self.buf).map_err(|source| ProbeError::Io { what: "sock_diag recv", source })?;
                 if n == 0 || parse_batch(&self.buf[..n], self.seq, &mut each)? {
                     break;
                 }

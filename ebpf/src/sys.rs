@@ -11,7 +11,8 @@ pub(crate) struct NetlinkSocket {
 impl NetlinkSocket {
     pub(crate) fn sock_diag() -> io::Result<Self> {
         // SAFETY: socket(2) takes no pointers; a non-negative result is a new descriptor we own.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }

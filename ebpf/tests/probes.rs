@@ -31,7 +31,9 @@ fn ss(ports: &[u16]) -> Vec<SsRow> {
     let mut rows: Vec<SsRow> = Vec::new();
     for line in text.lines().skip(1) {
         if line.starts_with(char::is_whitespace) {
-            if let (Some(last), Some(r)) = (rows.last_mut(), line.split_whitespace().find(|w| w.starts_with("retrans:"))) {
+            if let (Some(last), Some(r)) =
+                (rows.last_mut(), line.split_whitespace().find(|w| w.starts_with("retrans:")))
+            {
                 last.retrans = r.rsplit('/').next().and_then(|n| n.parse().ok()).unwrap_or(0);
             }
             continue;

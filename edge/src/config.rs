@@ -45,6 +45,84 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub history: HistoryConfig,
     pub adaptive: AdaptiveConfig,
+    pub probes: ProbesConfig,
+    pub health: HealthConfig,
+}
+
+/// Where the kernel figures (CLOSE_WAIT, Send-Q/Recv-Q, accept queues, retransmits) come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeSource {
+    /// eBPF when the kernel takes the programs, else sock_diag (logged once at start).
+    Auto,
+    /// eBPF only: without it the figures are absent (the edge still starts).
+    Ebpf,
+    /// netlink sock_diag + /proc/net/netstat only.
+    SockDiag,
+    /// No kernel probes: health stays `ok`.
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    pub source: ProbeSource,
+    /// How often the probe thread looks at the kernel (and the health policy runs). A look at
+    /// 10^5 sockets costs a few ms of one core (bench-results/*-probes); 1 s keeps that under 1%.
+    pub interval_ms: u64,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        Self { source: ProbeSource::Auto, interval_ms: 1000 }
+    }
+}
+
+/// The health policy (ARCHITECTURE.md, "Health"): each figure has a `degraded` and an
+/// `overloaded` threshold; the worst rule wins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Sockets in CLOSE_WAIT: the peer has gone and the edge has not closed. A few are normal for
+    /// an instant; thousands mean a shard is not getting round to its closes.
+    pub close_wait_degraded: u64,
+    pub close_wait_overloaded: u64,
+    /// The 99th percentile of Send-Q over the edge's sockets, bytes: clients falling behind.
+    /// The defaults sit at 1/4 and 3/4 of the default socket send buffer (send.socket_send_buffer).
+    pub send_queue_p99_degraded_bytes: u64,
+    pub send_queue_p99_overloaded_bytes: u64,
+    /// The fullest accept queue as a fraction of its limit: shards not accepting fast enough.
+    pub accept_queue_degraded: f64,
+    pub accept_queue_overloaded: f64,
+    /// Retransmitted segments per second on the edge's sockets: a lossy or congested path.
+    pub retransmits_degraded_per_s: f64,
+    pub retransmits_overloaded_per_s: f64,
+    /// Consecutive better looks needed before the state improves (it worsens at once), so a
+    /// state at a threshold does not flap.
+    pub recover_after: u32,
+    /// While overloaded, WebSocket handshakes are answered 503 (dispatch also stops sending
+    /// clients here as soon as the load report says overloaded).
+    pub refuse_when_overloaded: bool,
+    /// Overloaded this long (seconds) starts a drain, as `POST /v1/admin/drain` would. 0: never.
+    pub drain_after_overloaded_s: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            close_wait_degraded: 256,
+            close_wait_overloaded: 4096,
+            send_queue_p99_degraded_bytes: 64 * 1024,
+            send_queue_p99_overloaded_bytes: 192 * 1024,
+            accept_queue_degraded: 0.5,
+            accept_queue_overloaded: 0.9,
+            retransmits_degraded_per_s: 200.0,
+            retransmits_overloaded_per_s: 2000.0,
+            recover_after: 3,
+            refuse_when_overloaded: true,
+            drain_after_overloaded_s: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +294,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             history: HistoryConfig::default(),
             adaptive: AdaptiveConfig::default(),
+            probes: ProbesConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -463,6 +543,44 @@ impl Config {
         if a.visible_rate.is_nan() || a.visible_rate <= 0.0 {
             return Err(invalid("adaptive.visible_rate", "must be above 0"));
         }
+        if !(10..=60_000).contains(&self.probes.interval_ms) {
+            return Err(invalid("probes.interval_ms", "must be between 10 and 60000"));
+        }
+        let h = &self.health;
+        if h.close_wait_degraded > h.close_wait_overloaded {
+            return Err(invalid("health.close_wait_degraded", "must not exceed health.close_wait_overloaded"));
+        }
+        if h.send_queue_p99_degraded_bytes > h.send_queue_p99_overloaded_bytes {
+            return Err(invalid(
+                "health.send_queue_p99_degraded_bytes",
+                "must not exceed health.send_queue_p99_overloaded_bytes",
+            ));
+        }
+        for (key, v) in [
+            ("health.accept_queue_degraded", h.accept_queue_degraded),
+            ("health.accept_queue_overloaded", h.accept_queue_overloaded),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(key, "must be a fraction above 0 (1.0 = the queue's limit)"));
+            }
+        }
+        if h.accept_queue_degraded > h.accept_queue_overloaded {
+            return Err(invalid("health.accept_queue_degraded", "must not exceed health.accept_queue_overloaded"));
+        }
+        for (key, v) in [
+            ("health.retransmits_degraded_per_s", h.retransmits_degraded_per_s),
+            ("health.retransmits_overloaded_per_s", h.retransmits_overloaded_per_s),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(key, "must be a positive number"));
+            }
+        }
+        if h.retransmits_degraded_per_s > h.retransmits_overloaded_per_s {
+            return Err(invalid(
+                "health.retransmits_degraded_per_s",
+                "must not exceed health.retransmits_overloaded_per_s",
+            ));
+        }
         Ok(())
     }
 
@@ -519,5 +637,9 @@ mod tests {
         assert!(e.starts_with("fanout.merge_window_ms:"), "{e}");
         let c = Config::from_toml("[uring]\nrecv_buffers = 1000\n").unwrap();
         assert!(c.validate().unwrap_err().to_string().starts_with("uring.recv_buffers:"));
+        let c = Config::from_toml("[health]\nclose_wait_degraded = 10\nclose_wait_overloaded = 5\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().starts_with("health.close_wait_degraded:"));
+        let e = Config::from_toml("[probes]\nsource = \"dtrace\"\n").unwrap_err().to_string();
+        assert!(e.contains("source"), "{e}");
     }
 }

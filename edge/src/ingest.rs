@@ -21,7 +21,8 @@ use serde_json::value::RawValue;
 use ::redis::aio::ConnectionManager;
 
 use crate::bus::{BusHandle, NewMessage, PublishError, RoomName};
-use crate::dispatch::{Dispatcher, registry};
+use crate::dispatch::{Dispatcher, EdgeHealth, registry};
+use crate::health::{KernelView, level_name};
 use crate::metrics::Metrics;
 
 /// Longest `user` accepted.
@@ -31,6 +32,8 @@ pub const MAX_USER_LEN: usize = 64;
 pub struct AppState {
     pub bus: BusHandle,
     pub metrics: Arc<Metrics>,
+    /// Kernel probes and health (crate::health).
+    pub kernel: Arc<KernelView>,
     pub shards: usize,
     pub started: Instant,
     pub route: Arc<RouteSource>,
@@ -70,6 +73,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/rooms/{room}", get(room_stats))
         .route("/v1/route", get(route))
         .route("/v1/admin/drain", post(admin_drain))
+        .route("/v1/kernel", get(kernel))
+        .route("/dashboard", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body))
@@ -83,7 +88,7 @@ pub struct RouteQuery {
 
 /// Answers with the WebSocket URL of the least-loaded healthy edge (never a draining or
 /// expired one), with the room already in the query.
-pub async fn route_answer(src: &RouteSource, draining: bool, room: Option<&str>) -> Response {
+pub async fn route_answer(src: &RouteSource, draining: bool, overloaded: bool, room: Option<&str>) -> Response {
     if let Some(r) = room
         && let Err(why) = validate_room(r)
     {
@@ -93,6 +98,9 @@ pub async fn route_answer(src: &RouteSource, draining: bool, room: Option<&str>)
         RouteSource::Embedded { url } => {
             if draining {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "no edge available: this edge is draining");
+            }
+            if overloaded {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "no edge available: this edge is overloaded");
             }
             (url.clone(), String::from("local"))
         }
@@ -127,7 +135,8 @@ fn rand01() -> f64 {
 }
 
 async fn route(State(st): State<AppState>, Query(q): Query<RouteQuery>) -> Response {
-    route_answer(&st.route, st.draining.load(Ordering::Relaxed), q.room.as_deref()).await
+    let overloaded = st.kernel.status() == EdgeHealth::Overloaded;
+    route_answer(&st.route, st.draining.load(Ordering::Relaxed), overloaded, q.room.as_deref()).await
 }
 
 async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response {
@@ -236,19 +245,40 @@ async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Res
     }
 }
 
+/// 200 while `ok` or `degraded`, 503 while `overloaded` (a readiness answer: send no new
+/// clients), with the policy's reasons either way.
 async fn healthz(State(st): State<AppState>) -> Response {
-    Json(serde_json::json!({
-        "status": "ok",
+    let h = st.kernel.report();
+    let code = if h.status == EdgeHealth::Overloaded { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let body = Json(serde_json::json!({
+        "status": level_name(h.status),
+        "reasons": h.reasons,
+        "probes": h.source.unwrap_or("none"),
         "draining": st.draining.load(Ordering::Relaxed),
         "shards": st.shards,
         "connections": st.metrics.connections(),
         "uptime_s": st.started.elapsed().as_secs(),
+    }));
+    (code, body).into_response()
+}
+
+/// The latest kernel snapshot and health verdict, for dashboards and `edge top`.
+async fn kernel(State(st): State<AppState>) -> Response {
+    Json(serde_json::json!({
+        "health": st.kernel.report(),
+        "snapshot": st.kernel.snapshot().as_deref(),
+        "connections": st.metrics.connections(),
+        "draining": st.draining.load(Ordering::Relaxed),
     }))
     .into_response()
 }
 
+async fn dashboard() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard.html")).into_response()
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
-    let mut out = String::with_capacity(8192);
-    st.metrics.render(&mut out);
+    let mut out = String::with_capacity(16384);
+    st.metrics.render(&st.kernel, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }

@@ -8,10 +8,12 @@
 pub mod bus;
 pub mod config;
 pub mod dispatch;
+pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod room;
 pub mod server;
 pub mod shard;
 pub mod sys;
+pub mod top;
 pub mod uring;

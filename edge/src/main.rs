@@ -79,6 +79,16 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8090")]
         http: SocketAddr,
     },
+    /// Watch a running edge's kernel figures and health, refreshed every second (like `ss` +
+    /// `top`): TCP states, Send-Q/Recv-Q histograms, accept queues, retransmits.
+    Top {
+        /// The edge's HTTP address (its --http).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        http: SocketAddr,
+        /// Print one screen and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
@@ -131,8 +141,10 @@ fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
-    if let Some(Cmd::Dispatch { redis, http }) = &cli.cmd {
-        return dispatch_only(redis, *http);
+    match &cli.cmd {
+        Some(Cmd::Dispatch { redis, http }) => return dispatch_only(redis, *http),
+        Some(Cmd::Top { http, once }) => return edge::top::run(*http, *once),
+        None => {}
     }
     let cfg = match load(&cli) {
         Ok(c) => c,
@@ -168,6 +180,7 @@ fn main() -> anyhow::Result<()> {
                 id,
                 ws_url.clone(),
                 edge.metrics.clone(),
+                edge.kernel.clone(),
                 edge.capacity,
                 draining.clone(),
                 report_rx,
@@ -184,6 +197,7 @@ fn main() -> anyhow::Result<()> {
     let state = AppState {
         bus: edge.bus.clone(),
         metrics: edge.metrics.clone(),
+        kernel: edge.kernel.clone(),
         shards: edge.shards,
         started: edge.started,
         route: Arc::new(route),
@@ -192,6 +206,7 @@ fn main() -> anyhow::Result<()> {
         draining: draining.clone(),
         report_now,
     };
+    edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);
     rt.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -263,7 +278,7 @@ fn dispatch_only(redis_url: &str, http: SocketAddr) -> anyhow::Result<()> {
                 axum::routing::get(
                     |axum::extract::State(src): axum::extract::State<Arc<RouteSource>>,
                      axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>| async move {
-                        ingest::route_answer(&src, false, q.get("room").map(String::as_str)).await
+                        ingest::route_answer(&src, false, false, q.get("room").map(String::as_str)).await
                     },
                 ),
             )

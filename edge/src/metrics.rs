@@ -5,7 +5,11 @@
 //! them all; the kernel probes append their own families after.
 
 use prometheus::core::Collector;
+use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use roomcast_ebpf::{QueueStats, Snapshot};
+
+use crate::health::{HealthReport, KernelView};
 
 /// Every family the edge exports.
 pub struct Metrics {
@@ -225,13 +229,192 @@ impl Metrics {
         (sum(&self.shard.frames_written), sum(&self.shard.bytes_written))
     }
 
-    /// The Prometheus text exposition of every family.
-    pub fn render(&self, out: &mut String) {
+    /// The Prometheus text exposition of every family, the kernel probes' after the edge's.
+    pub fn render(&self, kernel: &KernelView, out: &mut String) {
+        let mut families = self.registry.gather();
+        families.extend(kernel_families(kernel.snapshot().as_deref(), &kernel.report()));
         let mut buf = Vec::new();
-        // Encoding our own registry into a Vec cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        // Encoding well-formed families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         out.push_str(&String::from_utf8_lossy(&buf));
     }
+}
+
+fn family(name: &str, help: &str, ty: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(format!("roomcast_{name}"));
+    f.set_help(help.to_owned());
+    f.set_field_type(ty);
+    *f.mut_metric() = metrics;
+    f
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).to_owned());
+            l.set_value((*v).to_owned());
+            l
+        })
+        .collect()
+}
+
+fn gauge_m(pairs: &[(&str, &str)], v: f64) -> Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn counter_m(pairs: &[(&str, &str)], v: f64) -> Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(v);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn histogram_m(q: &QueueStats) -> Metric {
+    let mut h = proto::Histogram::default();
+    let mut cumulative = 0;
+    let mut buckets = Vec::new();
+    for (i, n) in q.buckets.iter().enumerate() {
+        cumulative += n;
+        // The last bucket is unbounded: it is the +Inf line the encoder adds from the count.
+        if let Some(le) = QueueStats::upper_bound(i) {
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(le as f64);
+            b.set_cumulative_count(cumulative);
+            buckets.push(b);
+        }
+    }
+    h.set_bucket(buckets);
+    h.set_sample_count(cumulative);
+    h.set_sample_sum(q.sum as f64);
+    let mut m = Metric::default();
+    m.set_histogram(h);
+    m
+}
+
+/// The kernel probes' families (all present, empty when there is no snapshot, so dashboards
+/// see the names).
+pub fn kernel_families(snap: Option<&Snapshot>, report: &HealthReport) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+    let mut out = Vec::new();
+    let source = snap.map(|s| s.source.as_str()).or(report.source).unwrap_or("none");
+    out.push(family(
+        "probe_info",
+        "Where the kernel figures come from: ebpf (iter/tcp + tracepoints), sock_diag (netlink + /proc), none.",
+        GAUGE,
+        vec![gauge_m(&[("source", source)], 1.0)],
+    ));
+    let status = crate::health::level_name(report.status);
+    out.push(family(
+        "health",
+        "The health policy's state (1 on the current one): ok, degraded, overloaded.",
+        GAUGE,
+        ["ok", "degraded", "overloaded"]
+            .iter()
+            .map(|s| gauge_m(&[("state", s)], f64::from(u8::from(*s == status))))
+            .collect(),
+    ));
+    let Some(s) = snap else { return out };
+    out.push(family(
+        "probe_scan_seconds",
+        "How long the last look at the kernel took.",
+        GAUGE,
+        vec![gauge_m(&[], s.scan_us as f64 / 1e6)],
+    ));
+    out.push(family(
+        "tcp_sockets",
+        "TCP sockets on the edge's port, by state (ss names; close_wait: peer gone, edge not closed yet).",
+        GAUGE,
+        s.states_by_name().map(|(name, n)| gauge_m(&[("state", name)], n as f64)).collect(),
+    ));
+    out.push(family(
+        "tcp_send_queue_bytes",
+        "Send-Q (write_seq - snd_una) of the edge's connected sockets: bytes sent but not acknowledged.",
+        HISTOGRAM,
+        vec![histogram_m(&s.send_queue)],
+    ));
+    out.push(family(
+        "tcp_recv_queue_bytes",
+        "Recv-Q (rcv_nxt - copied_seq) of the edge's connected sockets: bytes received but not read.",
+        HISTOGRAM,
+        vec![histogram_m(&s.recv_queue)],
+    ));
+    out.push(family(
+        "tcp_send_queue_max_bytes",
+        "The largest Send-Q of any of the edge's sockets.",
+        GAUGE,
+        vec![gauge_m(&[], s.send_queue.max as f64)],
+    ));
+    out.push(family(
+        "tcp_recv_queue_max_bytes",
+        "The largest Recv-Q of any of the edge's sockets.",
+        GAUGE,
+        vec![gauge_m(&[], s.recv_queue.max as f64)],
+    ));
+    let ports: Vec<String> = s.listeners.iter().map(|l| l.port.to_string()).collect();
+    out.push(family(
+        "listen_backlog",
+        "Connections completed but not yet accepted, per listening port (sum over SO_REUSEPORT listeners).",
+        GAUGE,
+        s.listeners.iter().zip(&ports).map(|(l, p)| gauge_m(&[("port", p)], l.backlog as f64)).collect(),
+    ));
+    out.push(family(
+        "listen_backlog_max",
+        "The accept queues' limit per listening port (sum over SO_REUSEPORT listeners).",
+        GAUGE,
+        s.listeners.iter().zip(&ports).map(|(l, p)| gauge_m(&[("port", p)], l.backlog_max as f64)).collect(),
+    ));
+    out.push(family(
+        "listen_overflows_total",
+        "TcpExt ListenOverflows of the network namespace: handshakes dropped on a full accept queue.",
+        COUNTER,
+        vec![counter_m(&[], s.listen_overflows as f64)],
+    ));
+    out.push(family(
+        "listen_drops_total",
+        "TcpExt ListenDrops of the network namespace: SYNs a listener dropped for any reason.",
+        COUNTER,
+        vec![counter_m(&[], s.listen_drops as f64)],
+    ));
+    out.push(family(
+        "tcp_retransmits_total",
+        "Segments retransmitted on the edge's sockets since the probes started.",
+        COUNTER,
+        vec![counter_m(&[], s.retransmits as f64)],
+    ));
+    let peers: Vec<String> = s.top_retransmits.iter().map(|r| r.addr.to_string()).collect();
+    out.push(family(
+        "tcp_retransmits_by_peer",
+        "Retransmits towards the worst peers (at most 10 series).",
+        GAUGE,
+        s.top_retransmits.iter().zip(&peers).map(|(r, p)| gauge_m(&[("peer", p)], r.retransmits as f64)).collect(),
+    ));
+    for (name, help, v) in [
+        (
+            "tcp_synack_retransmits_total",
+            "SYN-ACKs retransmitted by the edge's listeners (eBPF source only).",
+            s.synack_retransmits,
+        ),
+        ("tcp_opened_total", "Connections to the edge's port that reached ESTABLISHED (eBPF source only).", s.opened),
+        ("tcp_closed_total", "Connections on the edge's port that reached CLOSE (eBPF source only).", s.closed),
+        (
+            "tcp_close_wait_entered_total",
+            "Transitions into CLOSE_WAIT on the edge's port (eBPF source only).",
+            s.close_wait_entered,
+        ),
+    ] {
+        if let Some(v) = v {
+            out.push(family(name, help, COUNTER, vec![counter_m(&[], v as f64)]));
+        }
+    }
+    out
 }
 
 impl Default for Metrics {

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -10,6 +10,7 @@ use crate::bus::local::{BusConfig, LocalBus};
 use crate::bus::redis::StreamLimits;
 use crate::bus::{BusCmd, BusHandle, Mailbox, ShardCmd};
 use crate::config::Config;
+use crate::health::{KernelView, Monitor};
 use crate::metrics::Metrics;
 use crate::shard::{self, ShardSpec};
 
@@ -25,6 +26,9 @@ pub struct Edge {
     /// Connections this edge can hold (shards x direct-descriptor table).
     pub capacity: u64,
     pub started: Instant,
+    /// The kernel probes' latest figures and the health policy's verdict.
+    pub kernel: Arc<KernelView>,
+    monitor: Monitor,
     mailboxes: Vec<Mailbox>,
     shard_threads: Vec<JoinHandle<()>>,
     bus_thread: Option<JoinHandle<()>>,
@@ -58,6 +62,7 @@ impl Edge {
         }
 
         let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(AtomicU8::new(0));
         let (bus_tx, bus_rx) = crossbeam_channel::unbounded();
         let bus = BusHandle::new(bus_tx);
         let mut mailboxes = Vec::new();
@@ -78,6 +83,8 @@ impl Edge {
                 parked,
                 stats: metrics.shard(i),
                 max_conns,
+                health: health.clone(),
+                refuse_when_overloaded: cfg.health.refuse_when_overloaded,
             });
         }
 
@@ -109,6 +116,8 @@ impl Edge {
             }
             shard_threads.push(h);
         }
+        // The probes watch the WebSocket port: the sockets of the members, and its listeners.
+        let monitor = Monitor::start(cfg.probes.clone(), cfg.health.clone(), vec![ws_addr.port()], health);
         Ok(Self {
             ws_addr,
             bus,
@@ -116,6 +125,8 @@ impl Edge {
             capacity: u64::from(max_conns) * n as u64,
             shards: n,
             started: Instant::now(),
+            kernel: monitor.view.clone(),
+            monitor,
             mailboxes,
             shard_threads,
             bus_thread: Some(bus_thread),
@@ -132,6 +143,7 @@ impl Edge {
 
     /// Closes every connection with 1001, waits for the shards (bounded), then stops the bus.
     pub fn shutdown(mut self) {
+        self.monitor.stop();
         for mb in &self.mailboxes {
             mb.send(ShardCmd::Shutdown);
         }
@@ -146,16 +158,18 @@ impl Edge {
 }
 
 /// Publishes this edge's load to Redis every second, until the process ends.
+#[expect(clippy::too_many_arguments, reason = "each is a separate handle the spawned task owns")]
 pub async fn report_load(
     mut cm: ::redis::aio::ConnectionManager,
     id: String,
     ws_url: String,
     metrics: Arc<Metrics>,
+    kernel: Arc<KernelView>,
     capacity: u64,
     draining: Arc<std::sync::atomic::AtomicBool>,
     mut now: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
 ) {
-    use crate::dispatch::{EdgeHealth, EdgeLoad, registry};
+    use crate::dispatch::{EdgeLoad, registry};
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let (mut last_frames, mut last_bytes, mut last_at) = (0u64, 0u64, Instant::now());
     loop {
@@ -173,7 +187,7 @@ pub async fn report_load(
             capacity,
             frames_per_s: frames.saturating_sub(last_frames) as f64 / dt,
             bytes_per_s: bytes.saturating_sub(last_bytes) as f64 / dt,
-            health: EdgeHealth::Ok,
+            health: kernel.status(),
             draining: draining.load(std::sync::atomic::Ordering::Relaxed),
             at_ms: crate::bus::now_us() / 1000,
         };

@@ -8,16 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use roomcast_proto::envelope::ServerMsg;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
 use util::*;
-
-fn config(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("roomcast-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("edge.toml");
-    std::fs::write(&p, text).unwrap();
-    p.to_str().unwrap().to_owned()
-}
 
 /// Reads batches until `done` says so or the deadline passes; returns (seq, kind) in order.
 async fn read_until(ws: &mut Ws, d: Duration, mut done: impl FnMut(&[(u64, String)]) -> bool) -> Vec<(u64, String)> {
@@ -152,19 +143,6 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 /// A client that upgrades and then never reads, with a tiny receive buffer.
-async fn never_reader(addr: std::net::SocketAddr, room: &str) -> tokio::net::TcpStream {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(4096).unwrap();
-    s.connect(&addr.into()).unwrap();
-    s.set_nonblocking(true).unwrap();
-    let mut s = tokio::net::TcpStream::from_std(s.into()).unwrap();
-    let req = format!(
-        "GET /ws?room={room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    s
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_cut_off_while_fast_readers_keep_up_then_recovers() {

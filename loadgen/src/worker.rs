@@ -338,7 +338,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             match open(&args, next, rooms[next]) {
                 Ok(sock) => {
                     let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
-                    let slow = args.slow_every > 0 && (args.first + next) % args.slow_every == 0;
+                    let slow = args.slow_every > 0 && (args.first + next).is_multiple_of(args.slow_every);
                     if !slow {
                         ep.add(sock.as_raw_fd(), conns.len() as u64);
                     }

@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -59,6 +59,10 @@ pub struct ShardSpec {
     pub parked: Arc<AtomicBool>,
     pub stats: ShardStats,
     pub max_conns: u32,
+    /// The health policy's state (crate::health), and whether to refuse handshakes while it is
+    /// `overloaded` (2).
+    pub health: Arc<AtomicU8>,
+    pub refuse_when_overloaded: bool,
 }
 
 /// Builds the ring, probes it and registers its tables. Done on the shard thread itself
@@ -114,6 +118,8 @@ struct Shard {
     open: u32,
     /// Draining: where `goaway` sends clients.
     drain_url: Option<Arc<str>>,
+    health: Arc<AtomicU8>,
+    refuse_when_overloaded: bool,
     rng: u64,
     /// Operations the SQ could not take this turn (the kernel pushed back): retried next turn.
     retry: Vec<(Retry, u32)>,
@@ -163,6 +169,8 @@ impl Shard {
             last_sweep: now,
             open: 0,
             drain_url: None,
+            health: spec.health,
+            refuse_when_overloaded: spec.refuse_when_overloaded,
             retry: Vec::new(),
             rng: (u64::from(spec.id) << 32)
                 ^ (now.elapsed().as_nanos() as u64)
@@ -579,6 +587,15 @@ impl Shard {
             return self.refuse(
                 slot,
                 &HandshakeError { status: 404, reason: "no such endpoint: connect to /ws?room=ROOM".into() },
+            );
+        }
+        if self.refuse_when_overloaded && self.health.load(Ordering::Relaxed) >= 2 {
+            return self.refuse(
+                slot,
+                &HandshakeError {
+                    status: 503,
+                    reason: "edge overloaded: ask dispatch (GET /v1/route) for another edge".into(),
+                },
             );
         }
         let proto = match up.select_subprotocol() {

@@ -17,6 +17,30 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Writes a config file for one test and returns its path.
+pub fn config(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("roomcast-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("edge.toml");
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+/// A WebSocket client (raw TCP, 4 KiB receive buffer) that joins `room` and never reads.
+pub async fn never_reader(addr: std::net::SocketAddr, room: &str) -> tokio::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&addr.into()).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let mut s = tokio::net::TcpStream::from_std(s.into()).unwrap();
+    let req = format!(
+        "GET /ws?room={room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await.unwrap();
+    s
+}
+
 /// A running edge process, stopped with SIGTERM when dropped.
 pub struct EdgeProc {
     pub child: Child,

@@ -1,0 +1,162 @@
+//! `edge top`: the kernel's view of a running edge, refreshed every second, like `ss` + `top`.
+//!
+//! It reads the edge's `GET /v1/kernel` (so it needs no privileges and shows exactly what the
+//! health policy sees) and renders one screen of text.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Fetches `/v1/kernel` from the edge's HTTP address.
+pub fn fetch(http: SocketAddr) -> anyhow::Result<Value> {
+    let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /v1/kernel HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let n = match resp.parse(&buf)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => anyhow::bail!("truncated answer from {http}"),
+    };
+    if resp.code != Some(200) {
+        anyhow::bail!("{http} answered {:?}", resp.code);
+    }
+    Ok(serde_json::from_slice(&buf[n..])?)
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+fn bytes(n: f64) -> String {
+    match n {
+        n if n >= 1024.0 * 1024.0 => format!("{:.1}M", n / 1024.0 / 1024.0),
+        n if n >= 1024.0 => format!("{:.1}K", n / 1024.0),
+        n => format!("{n:.0}"),
+    }
+}
+
+/// One screen from a `/v1/kernel` answer.
+pub fn render(k: &Value, http: SocketAddr) -> String {
+    let h = &k["health"];
+    let mut o = String::new();
+    let status = h["status"].as_str().unwrap_or("?");
+    o.push_str(&format!(
+        "roomcast edge {http}   health: {}   probes: {}   connections: {}{}\n",
+        status.to_uppercase(),
+        h["source"].as_str().unwrap_or("none"),
+        k["connections"],
+        if k["draining"].as_bool() == Some(true) { "   DRAINING" } else { "" },
+    ));
+    for r in h["reasons"].as_array().into_iter().flatten() {
+        o.push_str(&format!("  - {}\n", r.as_str().unwrap_or("")));
+    }
+    let s = &k["snapshot"];
+    if s.is_null() {
+        o.push_str("\n(no kernel snapshot yet)\n");
+        return o;
+    }
+    let rates = &h["rates"];
+    let rate = |v: &Value| if v.is_null() { "-".to_string() } else { format!("{:.1}/s", num(v)) };
+    o.push_str(&format!(
+        "\nsockets {}   scan {} µs   opened {}   closed {}   ->close_wait {}   retransmits {} ({})   listen drops {}\n",
+        s["sockets"],
+        s["scan_us"],
+        rate(&rates["opened_per_s"]),
+        rate(&rates["closed_per_s"]),
+        rate(&rates["close_wait_entered_per_s"]),
+        s["retransmits"],
+        rate(&rates["retransmits_per_s"]),
+        rate(&rates["listen_drops_per_s"]),
+    ));
+    o.push_str("\nSTATE         SOCKETS\n");
+    let names = roomcast_ebpf::STATE_NAMES;
+    for (i, n) in s["states"].as_array().into_iter().flatten().enumerate().skip(1) {
+        if num(n) > 0.0 {
+            o.push_str(&format!("{:<12} {:>8}\n", names.get(i).copied().unwrap_or("?"), num(n) as u64));
+        }
+    }
+    for (name, q) in [("Send-Q", &s["send_queue"]), ("Recv-Q", &s["recv_queue"])] {
+        let count = num(&q["sockets"]).max(1.0);
+        o.push_str(&format!(
+            "\n{name}: sum {}  mean {}  max {}\n",
+            bytes(num(&q["sum"])),
+            bytes(num(&q["sum"]) / count),
+            bytes(num(&q["max"]))
+        ));
+        let buckets: Vec<f64> = q["buckets"].as_array().into_iter().flatten().map(num).collect();
+        let peak = buckets.iter().copied().fold(1.0, f64::max);
+        for (i, n) in buckets.iter().enumerate().filter(|(_, n)| **n > 0.0) {
+            let upto = roomcast_ebpf::QueueStats::upper_bound(i).map_or("inf".into(), |u| bytes(u as f64));
+            let bar = "#".repeat(((n / peak) * 40.0).ceil() as usize);
+            o.push_str(&format!("  <= {upto:>7} {n:>8} {bar}\n"));
+        }
+    }
+    o.push_str("\nLISTEN PORT   ACCEPT QUEUE   LIMIT   SOCKETS\n");
+    for l in s["listeners"].as_array().into_iter().flatten() {
+        let [port, backlog, max, socks] = [&l["port"], &l["backlog"], &l["backlog_max"], &l["sockets"]].map(num);
+        o.push_str(&format!("{port:<13} {backlog:>12} {max:>7} {socks:>9}\n"));
+    }
+    o.push_str(&format!("ListenOverflows {}   ListenDrops {}\n", s["listen_overflows"], s["listen_drops"]));
+    let peers = s["top_retransmits"].as_array().cloned().unwrap_or_default();
+    if !peers.is_empty() {
+        o.push_str("\nPEER                                     RETRANSMITS\n");
+        for p in peers {
+            o.push_str(&format!("{:<40} {:>11}\n", p["addr"].as_str().unwrap_or("?"), num(&p["retransmits"])));
+        }
+    }
+    o
+}
+
+/// Refreshes once a second until interrupted (`once`: print one screen and return).
+pub fn run(http: SocketAddr, once: bool) -> anyhow::Result<()> {
+    loop {
+        let screen = match fetch(http) {
+            Ok(k) => render(&k, http),
+            Err(e) if once => return Err(e),
+            Err(e) => format!("roomcast edge {http}: {e}\n"),
+        };
+        if once {
+            print!("{screen}");
+            return Ok(());
+        }
+        // Clear the screen and home the cursor, then draw.
+        print!("\x1b[H\x1b[2J{screen}");
+        std::io::stdout().flush()?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_states_queues_and_listeners() {
+        let k = serde_json::json!({
+            "connections": 3, "draining": false,
+            "health": { "status": "degraded", "reasons": ["close_wait 300 >= 256 (degraded)"], "source": "ebpf",
+                        "rates": { "retransmits_per_s": 1.5, "opened_per_s": 2.0, "closed_per_s": 0.0,
+                                   "close_wait_entered_per_s": 0.0, "listen_drops_per_s": 0.0 } },
+            "snapshot": { "sockets": 4, "scan_us": 120, "retransmits": 7,
+                          "states": [0, 2, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0],
+                          "send_queue": { "sockets": 3, "sum": 2048, "max": 2048, "buckets": [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] },
+                          "recv_queue": { "sockets": 3, "sum": 0, "max": 0, "buckets": [3] },
+                          "listeners": [{ "port": 8080, "backlog": 1, "backlog_max": 4096, "sockets": 2 }],
+                          "listen_overflows": 0, "listen_drops": 0,
+                          "top_retransmits": [{ "addr": "10.0.0.1", "retransmits": 7 }] }
+        });
+        let out = render(&k, "127.0.0.1:8081".parse().unwrap());
+        assert!(out.contains("health: DEGRADED"), "{out}");
+        assert!(out.contains("close_wait 300 >= 256"));
+        assert!(out.contains("close_wait          1"), "{out}");
+        assert!(out.contains("<=    4.0K        1"), "{out}");
+        assert!(out.contains("8080"));
+        assert!(out.contains("10.0.0.1"));
+        assert!(out.contains("retransmits 7 (1.5/s)"));
+    }
+}
