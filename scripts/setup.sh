@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 #   nginx libnginx-mod-nchan  the peer in scripts/bench-peers.sh
 #   iproute2                `ss`, which the probe tests compare against
 #   python3-venv            virtualenvs for the conformance suite
-PKGS=(clang llvm libbpf-dev redis-server nginx libnginx-mod-nchan iproute2 python3-venv curl)
+PKGS=(clang llvm libbpf-dev bpftool redis-server nginx libnginx-mod-nchan iproute2 python3-venv curl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Cost of the kernel probes (issue: eBPF probes).
+#  1. One look at the kernel (a scrape's worth) with the eBPF source and with the sock_diag
+#     fallback, while an edge holds 10^3, 10^4 and 10^5 connections made by the load generator
+#     on this box (so the namespace holds twice as many TCP sockets: the clients' too).
+#  2. The edge's CPU per delivered message with the probes off and on (default 1 s interval),
+#     same load, alternating runs.
+# Results: bench-results/<date>-probes/.   Env: SIZES ("1000 10000 100000"), ROUNDS (30),
+# DELIVERY_CONNS (10000), DELIVERY_SECS (20), REPEAT (2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SIZES=${SIZES:-"1000 10000 100000"}
+ROUNDS=${ROUNDS:-30}
+DELIVERY_CONNS=${DELIVERY_CONNS:-10000}
+DELIVERY_SECS=${DELIVERY_SECS:-20}
+REPEAT=${REPEAT:-2}
+OUT="$ROOT/bench-results/$(date +%Y-%m-%d)-probes"
+mkdir -p "$OUT"
+cargo build -q --release -p edge -p loadgen
+cargo build -q --release -p roomcast-ebpf --example probe_bench
+TMP=$(mktemp -d)
+EPID=
+cleanup() { [ -n "$EPID" ] && kill -INT "$EPID" 2>/dev/null || true; sleep 1; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+start_edge() { # $1: probes.source
+  cat >"$TMP/edge.toml" <<TOML
+shards = 6
+[ws]
+backlog = 16384
+[probes]
+source = "$1"
+TOML
+  "$ROOT/target/release/edge" --config "$TMP/edge.toml" --listen 127.0.0.1:18721 --http 127.0.0.1:18722 >"$TMP/edge.log" 2>&1 &
+  EPID=$!
+  for _ in $(seq 50); do curl -sf 127.0.0.1:18722/healthz >/dev/null && return; sleep 0.2; done
+  echo "edge did not start"; cat "$TMP/edge.log"; exit 1
+}
+stop_edge() { kill -INT "$EPID" 2>/dev/null || true; wait "$EPID" 2>/dev/null || true; EPID=; }
+
+: >"$OUT/scrape.jsonl"
+for n in $SIZES; do
+  start_edge auto
+  # Hold n connections long enough to measure; 1 gift/s keeps them honest.
+  secs=$(( n / 5000 + 40 ))
+  "$ROOT/target/release/loadgen" run --target edge --ws 127.0.0.1:18721 --http 127.0.0.1:18722 \
+    --connections "$n" --ramp 10000 --src-addrs 16 --duration "$secs" --gift-rate 1 --chat-rate 0 \
+    --out "$TMP" --scenario "hold-$n" >"$TMP/loadgen-$n.log" 2>&1 &
+  LPID=$!
+  "$ROOT/target/release/examples/probe_bench" --port 18721 --expect "$n" --rounds "$ROUNDS" | tee -a "$OUT/scrape.jsonl"
+  kill -INT "$LPID" 2>/dev/null || true; wait "$LPID" 2>/dev/null || true
+  stop_edge
+done
+
+: >"$OUT/delivery.jsonl"
+for r in $(seq "$REPEAT"); do
+  for src in off auto; do
+    start_edge "$src"
+    "$ROOT/target/release/loadgen" run --target edge --ws 127.0.0.1:18721 --http 127.0.0.1:18722 \
+      --connections "$DELIVERY_CONNS" --ramp 10000 --src-addrs 4 --duration "$DELIVERY_SECS" \
+      --gift-rate 10 --chat-rate 200 --server-pid "$EPID" --out "$TMP" --scenario "delivery-$src-$r" \
+      >"$TMP/loadgen-delivery.log" 2>&1 || { cat "$TMP/loadgen-delivery.log"; exit 1; }
+    res=$(ls -d "$TMP"/*-delivery-$src-$r)/result.json
+    python3 - "$res" "$src" "$r" <<'PY' | tee -a "$OUT/delivery.jsonl"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(json.dumps({"probes": sys.argv[2], "run": int(sys.argv[3]),
+                  "edge_cpu_us_per_delivery": r.get("edge_cpu_us_per_delivery"),
+                  "deliveries": r.get("deliveries")}))
+PY
+    stop_edge
+  done
+done
+echo "results in $OUT"
