@@ -37,7 +37,7 @@ TOML
   for _ in $(seq 50); do curl -sf 127.0.0.1:18722/healthz >/dev/null && return; sleep 0.2; done
   echo "edge did not start"; cat "$TMP/edge.log"; exit 1
 }
-stop_edge() { kill -INT "$EPID" 2>/dev/null || true; wait "$EPID" 2>/dev/null || true; EPID=; }
+stop_edge() { kill -INT "$EPID" 2>/dev/null || true; wait "$EPID" 2>/dev/null || true; EPID=; sleep 2; }
 
 : >"$OUT/scrape.jsonl"
 for n in $SIZES; do
@@ -49,11 +49,23 @@ for n in $SIZES; do
     --out "$TMP" --scenario "hold-$n" >"$TMP/loadgen-$n.log" 2>&1 &
   LPID=$!
   "$ROOT/target/release/examples/probe_bench" --port 18721 --expect "$n" --rounds "$ROUNDS" | tee -a "$OUT/scrape.jsonl"
-  kill -INT "$LPID" 2>/dev/null || true; wait "$LPID" 2>/dev/null || true
+  # And what a Prometheus scrape of the edge costs (it reads the probe thread's last look).
+  python3 - "$n" <<'PY' | tee -a "$OUT/scrape.jsonl"
+import json, sys, time, urllib.request
+ts = []
+for _ in range(30):
+    t = time.perf_counter(); body = urllib.request.urlopen("http://127.0.0.1:18722/metrics").read(); ts.append((time.perf_counter() - t) * 1e3)
+ts.sort()
+print(json.dumps({"source": "edge /metrics", "connections": int(sys.argv[1]), "bytes": len(body), "wall_ms_p50": ts[15], "wall_ms_max": ts[-1]}))
+PY
+  # (a script's background jobs ignore SIGINT: TERM, and the workers too)
+  kill -TERM "$LPID" 2>/dev/null || true; wait "$LPID" 2>/dev/null || true
+  pkill -TERM -f "loadgen worker" 2>/dev/null || true
   stop_edge
 done
 
 : >"$OUT/delivery.jsonl"
+[ -n "${SKIP_DELIVERY:-}" ] && exit 0
 for r in $(seq "$REPEAT"); do
   for src in off auto; do
     start_edge "$src"

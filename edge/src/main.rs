@@ -229,6 +229,11 @@ fn main() -> anyhow::Result<()> {
     if drain {
         rt.block_on(state.leave_dispatch());
         run_drain(&cfg, &edge, &draining, &format!("http://{http_addr}/v1/route"));
+        if cfg.drain.dispatch_url.is_none() {
+            // Our own /v1/route is the dispatch URL in the goaways just sent, and clients wait
+            // up to a second (reconnect_after_ms) before asking it: keep answering a while.
+            std::thread::sleep(Duration::from_millis(edge::shard::GOAWAY_MAX_DELAY_MS + 1000));
+        }
     }
     edge.shutdown();
     rt.shutdown_timeout(Duration::from_secs(1));

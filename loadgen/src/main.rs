@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a load test and write its results.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Internal: one worker process (started by `run`).
     #[command(hide = true)]
     Worker { json: String },
@@ -111,6 +111,10 @@ struct RunArgs {
     /// Scenario name (folder: <date>-<scenario>).
     #[arg(long, default_value = "run")]
     scenario: String,
+    /// Do not follow the edge's `goaway` (by default a connection told to go asks the dispatch
+    /// URL in it for another edge and reconnects there with `since`).
+    #[arg(long)]
+    no_follow_goaway: bool,
     /// Free text recorded in the summary (the command that started the server, say).
     #[arg(long, default_value = "")]
     note: String,
@@ -169,13 +173,17 @@ pub struct Sample {
     pub deliveries_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// p99 of gifts alone in this second.
+    pub gift_p99_ms: f64,
+    /// Connections moved to another edge after a goaway, so far.
+    pub reconnects: u64,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Worker { json } => worker::run(serde_json::from_str(&json)?),
-        Cmd::Run(a) => run(a),
+        Cmd::Run(a) => run(*a),
     }
 }
 
@@ -208,6 +216,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             rcvbuf: a.rcvbuf,
             slow_every: a.slow_every,
             slow_bytes: a.slow_bytes,
+            follow_goaway: !a.no_follow_goaway && a.target == Target::Edge,
         };
         let mut child = Command::new(&exe)
             .args(["worker", &serde_json::to_string(&wa)?])
@@ -275,6 +284,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
             let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
             let p99 = progress.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64 / 1000.0;
+            let gift_p99 = progress.iter().map(|p| p.first_kind_p99_us).max().unwrap_or(0) as f64 / 1000.0;
             let stats: Option<serde_json::Value> = (a.target == Target::Edge)
                 .then(|| {
                     reqwest::blocking::Client::new()
@@ -295,10 +305,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 deliveries_per_s: (d - *last_deliveries) as f64 / dt,
                 p50_ms: p50,
                 p99_ms: p99,
+                gift_p99_ms: gift_p99,
+                reconnects: progress.iter().map(|p| p.reconnects).sum(),
             };
             println!(
-                "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms",
-                s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms
+                "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={}",
+                s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms, s.gift_p99_ms, s.reconnects
             );
             samples.push(s);
             *last_deliveries = d;
@@ -357,6 +369,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     // 4. Merge and report.
     let mut hists: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
     let mut connect_hist = histogram();
+    let mut reconnect_hist = histogram();
+    let (mut reconnects, mut reconnect_failed) = (0u64, 0u64);
     let mut lost = [0u64; 2];
     let mut fast_lost = [0u64; 2];
     let mut slow = 0u64;
@@ -374,6 +388,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             received[k] += f.received[k];
         }
         merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
+        merge(&mut reconnect_hist, &decode_hist(&f.reconnect_hist)?);
+        reconnects += f.reconnects;
+        reconnect_failed += f.reconnect_failed;
         slow += f.slow;
         corrupt += f.corrupt;
         partial += f.partial;
@@ -418,6 +435,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&hists[k])))
             .collect(),
         handshake_ms: report::Percentiles::of(&connect_hist),
+        reconnects,
+        reconnect_failed,
+        reconnect_ms: report::Percentiles::of(&reconnect_hist),
         server: report::ServerFigures::new(
             server_before,
             server_connected,

@@ -102,6 +102,11 @@ pub struct Report {
     pub duplicates: BTreeMap<String, u64>,
     pub latency_ms: BTreeMap<String, Percentiles>,
     pub handshake_ms: Percentiles,
+    /// Connections that followed a goaway to another edge (reconnecting with `since`), those
+    /// that could not, and the time from goaway to the new upgrade.
+    pub reconnects: u64,
+    pub reconnect_failed: u64,
+    pub reconnect_ms: Percentiles,
     pub server: ServerFigures,
     pub generator_cpu_s: f64,
     pub generator_max_worker_core_share: f64,
@@ -171,6 +176,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | figure | value |\n|---|---|\n\
          | connections (failed) | {conns} ({failed}) |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
+         | moved after goaway (failed); goaway to upgraded p50/p99 | {moved} ({mfail}); {rc50:.1}/{rc99:.1} ms |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
          | deliveries, per second | {deliv} , {dps:.0}/s |\n\
          | lost gift / chat | {lg} / {lc} |\n\
@@ -193,6 +199,10 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         cps = r.connect_per_s,
         hs50 = r.handshake_ms.p50,
         hs99 = r.handshake_ms.p99,
+        moved = r.reconnects,
+        mfail = r.reconnect_failed,
+        rc50 = r.reconnect_ms.p50,
+        rc99 = r.reconnect_ms.p99,
         pg = r.published.get("gift").copied().unwrap_or(0),
         pc = r.published.get("chat").copied().unwrap_or(0),
         refused = r.publish_refused,

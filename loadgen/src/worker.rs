@@ -54,6 +54,9 @@ pub struct WorkerArgs {
     /// second instead of as fast as data comes.
     pub slow_every: usize,
     pub slow_bytes: usize,
+    /// Follow the edge's `goaway`: ask its dispatch URL for another edge and reconnect there with
+    /// `since` = the last seq seen, keeping the connection's loss accounting across the move.
+    pub follow_goaway: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -67,6 +70,9 @@ pub struct Progress {
     /// Interval latency percentiles (µs), all kinds.
     pub p50_us: u64,
     pub p99_us: u64,
+    /// Interval p99 of the first kind (gifts), µs.
+    pub first_kind_p99_us: u64,
+    pub reconnects: u64,
     pub cpu_s: f64,
 }
 
@@ -92,6 +98,10 @@ pub struct Final {
     pub slow: u64,
     pub dup: Vec<u64>,
     pub connect_hist: String,
+    /// Reconnects after goaway, those that failed, and goaway-to-upgraded times (base64 V2).
+    pub reconnects: u64,
+    pub reconnect_failed: u64,
+    pub reconnect_hist: String,
     pub cpu_s: f64,
 }
 
@@ -116,6 +126,36 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 fn open(args: &WorkerArgs, i: usize, room: u32) -> anyhow::Result<TcpStream> {
     let dst = args.addrs[i % args.addrs.len()];
+    let path = match args.target {
+        Target::Edge => format!("/ws?room=r{room}"),
+        Target::Nchan => format!("/sub/r{room}"),
+    };
+    open_to(args, i, dst, &path)
+}
+
+/// Asks a dispatch URL (`http://HOST:PORT/v1/route`) where room `room` should connect; a
+/// `ws://` URL is used as it is. Returns the address and the request path.
+fn resolve(url: &str, room: u32) -> anyhow::Result<(SocketAddr, String)> {
+    let ws = if url.starts_with("http://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let resp = reqwest::blocking::Client::new()
+            .get(format!("{url}{sep}room=r{room}"))
+            .timeout(Duration::from_secs(5))
+            .send()?;
+        anyhow::ensure!(resp.status().is_success(), "dispatch answered {}", resp.status());
+        let v: serde_json::Value = serde_json::from_str(&resp.text()?)?;
+        v["url"].as_str().ok_or_else(|| anyhow::anyhow!("dispatch answer without url: {v}"))?.to_owned()
+    } else {
+        url.to_owned()
+    };
+    let rest = ws.strip_prefix("ws://").ok_or_else(|| anyhow::anyhow!("not a ws:// URL: {ws}"))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr = host.parse().map_err(|e| anyhow::anyhow!("bad address in {ws}: {e}"))?;
+    let path = if path.contains("room=") { path.to_owned() } else { format!("/ws?room=r{room}") };
+    Ok((addr, path))
+}
+
+fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str) -> anyhow::Result<TcpStream> {
     let src_octet = args.src_first + (i % usize::from(args.src_count.max(1))) as u8;
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     if args.rcvbuf > 0 {
@@ -138,9 +178,10 @@ fn open(args: &WorkerArgs, i: usize, room: u32) -> anyhow::Result<TcpStream> {
     sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let (path, proto) = match args.target {
-        Target::Edge => (format!("/ws?room=r{room}"), if args.rkyv { "roomcast.rkyv.v1" } else { "roomcast.json.v1" }),
-        Target::Nchan => (format!("/sub/r{room}"), ""),
+    let proto = match args.target {
+        Target::Edge if args.rkyv => "roomcast.rkyv.v1",
+        Target::Edge => "roomcast.json.v1",
+        Target::Nchan => "",
     };
     let proto_hdr = if proto.is_empty() { String::new() } else { format!("Sec-WebSocket-Protocol: {proto}\r\n") };
     let req = format!(
@@ -167,6 +208,13 @@ struct Conn {
     tracks: Vec<KindTrack>,
     room: u32,
     open: bool,
+    /// Highest seq seen in the room (batches, and the first join), for `since` on reconnect.
+    last_seq: u64,
+    joined: bool,
+    /// A goaway received: where to go and when (its `reconnect_after_ms`), and when it came.
+    goaway: Option<(String, Instant, Instant)>,
+    /// Failed attempts at following the current goaway.
+    attempts: u32,
 }
 
 struct Epoll(OwnedFd);
@@ -186,6 +234,11 @@ impl Epoll {
         unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
     }
 
+    fn del(&self, fd: i32) {
+        // SAFETY: valid descriptors; a null event is allowed for EPOLL_CTL_DEL.
+        unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+
     fn wait(&self, out: &mut Vec<usize>, ms: i32) {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 1024];
         // SAFETY: the buffer holds 1024 events.
@@ -195,11 +248,43 @@ impl Epoll {
     }
 }
 
+impl Conn {
+    fn new(sock: TcpStream, slow: bool, room: u32, kinds: usize) -> Self {
+        Self {
+            slow,
+            sock,
+            buf: Vec::new(),
+            tracks: vec![KindTrack::default(); kinds],
+            room,
+            open: true,
+            last_seq: 0,
+            joined: false,
+            goaway: None,
+            attempts: 0,
+        }
+    }
+
+    /// The first join sets where the stream starts; a join after a move (with `since`) does
+    /// not, since history after `since` is still to come.
+    fn on_joined(&mut self, seq: u64) {
+        if !self.joined {
+            self.last_seq = self.last_seq.max(seq);
+            self.joined = true;
+        }
+    }
+
+    fn on_goaway(&mut self, url: &str, after_ms: u32) {
+        let now = Instant::now();
+        self.goaway = Some((url.to_owned(), now + Duration::from_millis(u64::from(after_ms)), now));
+    }
+}
+
 struct Reader {
     target: Target,
     kinds: Vec<String>,
     hist: Vec<Histogram<u64>>,
     interval: Histogram<u64>,
+    interval_first: Histogram<u64>,
     deliveries: u64,
     frames: u64,
     bytes: u64,
@@ -218,6 +303,9 @@ impl Reader {
         let lat = now.saturating_sub(t).max(1);
         let _ = self.hist[ki].record(lat);
         let _ = self.interval.record(lat);
+        if ki == 0 {
+            let _ = self.interval_first.record(lat);
+        }
         self.deliveries += 1;
     }
 
@@ -242,20 +330,32 @@ impl Reader {
                         self.message(&mut c.tracks, &kind, payload, now);
                     }
                 }
-                (Target::Edge, ws::OpCode::Binary) => {
-                    if let Ok(ArchivedServerMsg::Batch { messages, .. }) = envelope::access_rkyv(payload) {
+                (Target::Edge, ws::OpCode::Binary) => match envelope::access_rkyv(payload) {
+                    Ok(ArchivedServerMsg::Batch { messages, .. }) => {
                         for m in messages.iter() {
+                            c.last_seq = c.last_seq.max(m.seq.to_native());
                             self.message(&mut c.tracks, m.kind.as_str(), m.body.as_bytes(), now);
                         }
                     }
-                }
-                (Target::Edge, ws::OpCode::Text) => {
-                    if let Ok(roomcast_proto::ServerMsg::Batch { messages, .. }) = envelope::decode_json(payload) {
+                    Ok(ArchivedServerMsg::Joined { seq, .. }) => c.on_joined(seq.to_native()),
+                    Ok(ArchivedServerMsg::Goaway { url, reconnect_after_ms, .. }) => {
+                        c.on_goaway(url.as_str(), reconnect_after_ms.to_native());
+                    }
+                    _ => {}
+                },
+                (Target::Edge, ws::OpCode::Text) => match envelope::decode_json(payload) {
+                    Ok(roomcast_proto::ServerMsg::Batch { messages, .. }) => {
                         for m in messages {
+                            c.last_seq = c.last_seq.max(m.seq);
                             self.message(&mut c.tracks, &m.kind, m.body.as_bytes(), now);
                         }
                     }
-                }
+                    Ok(roomcast_proto::ServerMsg::Joined { seq, .. }) => c.on_joined(seq),
+                    Ok(roomcast_proto::ServerMsg::Goaway { url, reconnect_after_ms, .. }) => {
+                        c.on_goaway(&url, reconnect_after_ms);
+                    }
+                    _ => {}
+                },
                 _ => {}
             }
         }
@@ -291,6 +391,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         kinds: args.kinds.clone(),
         hist: args.kinds.iter().map(|_| histogram()).collect(),
         interval: histogram(),
+        interval_first: histogram(),
         deliveries: 0,
         frames: 0,
         bytes: 0,
@@ -307,6 +408,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut next_slow_read = Instant::now();
     let mut last_bytes = 0u64;
     let mut last_bytes_at = Instant::now();
+    let mut reconnects = 0u64;
+    let mut reconnect_failed = 0u64;
+    let mut reconnect_hist = histogram();
     loop {
         // Slow readers: a bounded read twice a second, outside epoll.
         if args.slow_every > 0 && Instant::now() >= next_slow_read {
@@ -342,14 +446,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     if !slow {
                         ep.add(sock.as_raw_fd(), conns.len() as u64);
                     }
-                    conns.push(Conn {
-                        slow,
-                        sock,
-                        buf: Vec::new(),
-                        tracks: vec![KindTrack::default(); args.kinds.len()],
-                        room: rooms[next],
-                        open: true,
-                    });
+                    conns.push(Conn::new(sock, slow, rooms[next], args.kinds.len()));
                 }
                 Err(e) => {
                     failed += 1;
@@ -371,7 +468,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Ok(0) => {
                         if c.open {
                             c.open = false;
-                            reader.closed += 1;
+                            if c.goaway.is_none() {
+                                reader.closed += 1;
+                            }
                         }
                         break;
                     }
@@ -385,7 +484,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Err(_) => {
                         if c.open {
                             c.open = false;
-                            reader.closed += 1;
+                            if c.goaway.is_none() {
+                                reader.closed += 1;
+                            }
                         }
                         break;
                     }
@@ -393,9 +494,51 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             }
             if !c.open {
                 // Stop watching it (dropping the socket would reuse its fd under epoll's token).
-                // SAFETY: valid descriptors; a null event is allowed for EPOLL_CTL_DEL.
-                unsafe {
-                    libc::epoll_ctl(ep.0.as_raw_fd(), libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), std::ptr::null_mut());
+                ep.del(c.sock.as_raw_fd());
+            }
+        }
+        // Follow due goaways: dispatch picks another edge; reconnect there with `since`.
+        if args.follow_goaway {
+            let now = Instant::now();
+            let mut moved = 0;
+            for (i, c) in conns.iter_mut().enumerate() {
+                let Some((url, at, got_at)) = c.goaway.clone() else { continue };
+                if at > now || moved >= 200 {
+                    continue;
+                }
+                moved += 1;
+                if c.open && !c.slow {
+                    ep.del(c.sock.as_raw_fd());
+                }
+                c.open = false;
+                let since = c.last_seq;
+                let attempt = resolve(&url, c.room)
+                    .and_then(|(addr, path)| open_to(&args, args.first + i, addr, &format!("{path}&since={since}")));
+                match attempt {
+                    Ok(sock) => {
+                        if !c.slow {
+                            ep.add(sock.as_raw_fd(), i as u64);
+                        }
+                        c.sock = sock;
+                        c.buf.clear();
+                        c.open = true;
+                        c.goaway = None;
+                        c.attempts = 0;
+                        reconnects += 1;
+                        let _ = reconnect_hist.record(got_at.elapsed().as_micros().max(1) as u64);
+                    }
+                    Err(e) => {
+                        c.attempts += 1;
+                        if c.attempts >= 10 {
+                            eprintln!("worker {}: giving up reconnecting connection {i}: {e}", args.id);
+                            c.goaway = None;
+                            reconnect_failed += 1;
+                            reader.closed += 1;
+                        } else {
+                            let backoff = Duration::from_millis(100 << c.attempts.min(5));
+                            c.goaway = Some((url, now + backoff, got_at));
+                        }
+                    }
                 }
             }
         }
@@ -410,9 +553,12 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 bytes: reader.bytes,
                 p50_us: reader.interval.value_at_quantile(0.5),
                 p99_us: reader.interval.value_at_quantile(0.99),
+                first_kind_p99_us: reader.interval_first.value_at_quantile(0.99),
+                reconnects,
                 cpu_s: own_cpu_s(),
             };
             reader.interval.reset();
+            reader.interval_first.reset();
             emit(&erased::Tagged("progress", &p));
         }
         if reader.bytes != last_bytes {
@@ -482,6 +628,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 slow: conns.iter().filter(|c| c.slow).count() as u64,
                 dup,
                 connect_hist: encode_hist(&connect_hist),
+                reconnects,
+                reconnect_failed,
+                reconnect_hist: encode_hist(&reconnect_hist),
                 cpu_s: own_cpu_s(),
             };
             emit(&erased::Tagged("final", &f));

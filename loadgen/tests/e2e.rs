@@ -60,3 +60,113 @@ fn two_thousand_connections_no_loss_and_a_complete_result() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A real redis-server on a free loopback port, killed when dropped.
+struct Redis(std::process::Child, u16);
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self(child, port);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server did not start");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts an edge with `args`; returns it and its (ws, http) addresses.
+fn edge(args: &[&str]) -> (std::process::Child, String, String) {
+    let mut child = Command::new(edge_binary())
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "1"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("edge");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let field = |p: &str| line.split_whitespace().find_map(|w| w.strip_prefix(p)).expect("address").to_owned();
+    let (ws, http) = (field("ws="), field("http="));
+    (child, ws, http)
+}
+
+#[test]
+fn connections_follow_goaway_to_another_edge_without_losing_a_gift() {
+    const TOKEN: &str = "loadgen-e2e-drain-token";
+    let redis = Redis::start();
+    let bus = format!("redis://127.0.0.1:{}", redis.1);
+    let dir = std::env::temp_dir().join(format!("loadgen-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 1000\ndeadline_ms = 10000\n"))
+        .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (mut a, a_ws, a_http) = edge(&["--bus", &bus, "--config", cfg]);
+    let (mut b, _, b_http) = edge(&["--bus", &bus, "--config", cfg]);
+    // Every connection starts on A; publishes go through B (A leaves mid-run).
+    let out = dir.join("out");
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &a_ws, "--http", &b_http, "--connections", "600", "--workers", "2"])
+        .args(["--duration", "7", "--gift-rate", "10", "--chat-rate", "20", "--scenario", "drain"])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("loadgen");
+    // Drain A once publishing has run for a couple of seconds.
+    let mut lines = BufReader::new(lg.stdout.take().unwrap()).lines();
+    let mut drained = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if !drained && line.starts_with("t=") && line.contains("s conns=") {
+            let t: f64 = line[2..].split('s').next().unwrap().trim().parse().unwrap();
+            if t >= 2.0 {
+                let mut s = std::net::TcpStream::connect(&a_http).unwrap();
+                std::io::Write::write_all(
+                    &mut s,
+                    format!(
+                        "POST /v1/admin/drain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+                         Content-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .unwrap();
+                let mut answer = String::new();
+                std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+                assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+                drained = true;
+            }
+        }
+    }
+    assert!(drained, "the run reached the drain point");
+    assert!(lg.wait().unwrap().success(), "loadgen run");
+    assert_eq!(a.wait().unwrap().code(), Some(0), "the drained edge exits 0");
+    let _ = Command::new("kill").args(["-INT", &b.id().to_string()]).status();
+    let _ = b.wait();
+    let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    assert_eq!(v["reconnects"], 600, "every connection moved: {v}");
+    assert_eq!(v["reconnect_failed"], 0);
+    assert_eq!(v["lost"]["gift"], 0, "no gift lost across the move: {v}");
+    assert_eq!(v["duplicates"]["gift"], 0, "none twice: {v}");
+    assert_eq!(v["published"]["gift"], 70);
+    assert!(v["reconnect_ms"]["p99"].as_f64().unwrap() > 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -47,6 +47,10 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a shard sleeps in the kernel without a completion (drives the timers).
 const TICK: Duration = Duration::from_millis(100);
 
+/// A goaway tells its client to wait a random time below this before reconnecting, so the
+/// clients of one shard's turn do not arrive at dispatch in the same millisecond.
+pub const GOAWAY_MAX_DELAY_MS: u64 = 1000;
+
 /// Everything a shard thread needs; built on the main thread.
 pub struct ShardSpec {
     pub id: u16,
@@ -1060,7 +1064,7 @@ impl Shard {
             for slot in to_goaway {
                 let phase = self.conns[slot as usize].as_ref().map(|c| c.phase);
                 if phase == Some(Phase::Open) {
-                    let reconnect_after_ms = (self.next_random() % 1000) as u32;
+                    let reconnect_after_ms = (self.next_random() % GOAWAY_MAX_DELAY_MS) as u32;
                     let msg =
                         ServerMsg::Goaway { url: url.to_string(), reason: "edge draining".into(), reconnect_after_ms };
                     self.send_msg(slot, &msg);
