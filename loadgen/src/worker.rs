@@ -135,13 +135,10 @@ fn open(args: &WorkerArgs, i: usize, room: u32) -> anyhow::Result<TcpStream> {
 
 /// Asks a dispatch URL (`http://HOST:PORT/v1/route`) where room `room` should connect; a
 /// `ws://` URL is used as it is. Returns the address and the request path.
-fn resolve(url: &str, room: u32) -> anyhow::Result<(SocketAddr, String)> {
+fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32) -> anyhow::Result<(SocketAddr, String)> {
     let ws = if url.starts_with("http://") {
         let sep = if url.contains('?') { '&' } else { '?' };
-        let resp = reqwest::blocking::Client::new()
-            .get(format!("{url}{sep}room=r{room}"))
-            .timeout(Duration::from_secs(5))
-            .send()?;
+        let resp = http.get(format!("{url}{sep}room=r{room}")).timeout(Duration::from_secs(5)).send()?;
         anyhow::ensure!(resp.status().is_success(), "dispatch answered {}", resp.status());
         let v: serde_json::Value = serde_json::from_str(&resp.text()?)?;
         v["url"].as_str().ok_or_else(|| anyhow::anyhow!("dispatch answer without url: {v}"))?.to_owned()
@@ -213,8 +210,8 @@ struct Conn {
     joined: bool,
     /// A goaway received: where to go and when (its `reconnect_after_ms`), and when it came.
     goaway: Option<(String, Instant, Instant)>,
-    /// Failed attempts at following the current goaway.
-    attempts: u32,
+    /// Handed to a mover: its new socket is being made.
+    moving: bool,
 }
 
 struct Epoll(OwnedFd);
@@ -260,7 +257,7 @@ impl Conn {
             last_seq: 0,
             joined: false,
             goaway: None,
-            attempts: 0,
+            moving: false,
         }
     }
 
@@ -276,6 +273,66 @@ impl Conn {
     fn on_goaway(&mut self, url: &str, after_ms: u32) {
         let now = Instant::now();
         self.goaway = Some((url.to_owned(), now + Duration::from_millis(u64::from(after_ms)), now));
+    }
+}
+
+/// A connection to move: ask `url` (dispatch) where to go, connect there with `since`.
+struct MoveJob {
+    i: usize,
+    url: String,
+    room: u32,
+    since: u64,
+    got_at: Instant,
+}
+
+struct MoveDone {
+    i: usize,
+    result: anyhow::Result<TcpStream>,
+    got_at: Instant,
+}
+
+/// Threads that make the new sockets for connections told to go: a dispatch request, a connect
+/// and an upgrade block for a millisecond or more, which the reading loop must not wait for
+/// (at 1,000 moves a second it would stop reading everyone else). 32 per worker: on a loaded
+/// 2-vCPU box one move waits 5-30 ms for the scheduler, and 8 movers fell behind a 10 s drain
+/// of 15,000 connections (bench-results/2026-11-25-drain).
+struct Movers {
+    jobs: mpsc::Sender<MoveJob>,
+    done: mpsc::Receiver<MoveDone>,
+}
+
+impl Movers {
+    fn start(args: &WorkerArgs, threads: usize) -> Self {
+        let (jobs, job_rx) = mpsc::channel::<MoveJob>();
+        let (done_tx, done) = mpsc::channel();
+        let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
+        for _ in 0..threads {
+            let (job_rx, done_tx, args) = (job_rx.clone(), done_tx.clone(), args.clone());
+            std::thread::spawn(move || {
+                // One client per thread: keep-alive to dispatch.
+                let http = reqwest::blocking::Client::new();
+                loop {
+                    let job = match job_rx.lock().map(|rx| rx.recv()) {
+                        Ok(Ok(job)) => job,
+                        _ => return,
+                    };
+                    let mut result = Err(anyhow::anyhow!("not tried"));
+                    for attempt in 0..10u32 {
+                        result = resolve(&http, &job.url, job.room).and_then(|(addr, path)| {
+                            open_to(&args, args.first + job.i, addr, &format!("{path}&since={}", job.since))
+                        });
+                        if result.is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100 << attempt.min(5)));
+                    }
+                    if done_tx.send(MoveDone { i: job.i, result, got_at: job.got_at }).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Self { jobs, done }
     }
 }
 
@@ -411,6 +468,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut reconnects = 0u64;
     let mut reconnect_failed = 0u64;
     let mut reconnect_hist = histogram();
+    let movers = Movers::start(&args, 32);
     loop {
         // Slow readers: a bounded read twice a second, outside epoll.
         if args.slow_every > 0 && Instant::now() >= next_slow_read {
@@ -468,7 +526,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Ok(0) => {
                         if c.open {
                             c.open = false;
-                            if c.goaway.is_none() {
+                            if c.goaway.is_none() && !c.moving {
                                 reader.closed += 1;
                             }
                         }
@@ -484,7 +542,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Err(_) => {
                         if c.open {
                             c.open = false;
-                            if c.goaway.is_none() {
+                            if c.goaway.is_none() && !c.moving {
                                 reader.closed += 1;
                             }
                         }
@@ -499,45 +557,35 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
         // Follow due goaways: dispatch picks another edge; reconnect there with `since`.
         if args.follow_goaway {
+            // Hand due goaways to the movers; install the sockets they bring back.
             let now = Instant::now();
-            let mut moved = 0;
             for (i, c) in conns.iter_mut().enumerate() {
-                let Some((url, at, got_at)) = c.goaway.clone() else { continue };
-                if at > now || moved >= 200 {
-                    continue;
-                }
-                moved += 1;
+                let Some((url, _, got_at)) = c.goaway.take_if(|g| g.1 <= now) else { continue };
                 if c.open && !c.slow {
                     ep.del(c.sock.as_raw_fd());
                 }
                 c.open = false;
-                let since = c.last_seq;
-                let attempt = resolve(&url, c.room)
-                    .and_then(|(addr, path)| open_to(&args, args.first + i, addr, &format!("{path}&since={since}")));
-                match attempt {
+                c.moving = true;
+                let _ = movers.jobs.send(MoveJob { i, url, room: c.room, since: c.last_seq, got_at });
+            }
+            while let Ok(done) = movers.done.try_recv() {
+                let c = &mut conns[done.i];
+                c.moving = false;
+                match done.result {
                     Ok(sock) => {
                         if !c.slow {
-                            ep.add(sock.as_raw_fd(), i as u64);
+                            ep.add(sock.as_raw_fd(), done.i as u64);
                         }
                         c.sock = sock;
                         c.buf.clear();
                         c.open = true;
-                        c.goaway = None;
-                        c.attempts = 0;
                         reconnects += 1;
-                        let _ = reconnect_hist.record(got_at.elapsed().as_micros().max(1) as u64);
+                        let _ = reconnect_hist.record(done.got_at.elapsed().as_micros().max(1) as u64);
                     }
                     Err(e) => {
-                        c.attempts += 1;
-                        if c.attempts >= 10 {
-                            eprintln!("worker {}: giving up reconnecting connection {i}: {e}", args.id);
-                            c.goaway = None;
-                            reconnect_failed += 1;
-                            reader.closed += 1;
-                        } else {
-                            let backoff = Duration::from_millis(100 << c.attempts.min(5));
-                            c.goaway = Some((url, now + backoff, got_at));
-                        }
+                        eprintln!("worker {}: giving up moving connection {}: {e}", args.id, done.i);
+                        reconnect_failed += 1;
+                        reader.closed += 1;
                     }
                 }
             }
