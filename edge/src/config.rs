@@ -88,7 +88,8 @@ pub struct HealthConfig {
     pub close_wait_degraded: u64,
     pub close_wait_overloaded: u64,
     /// The 99th percentile of Send-Q over the edge's sockets, bytes: clients falling behind.
-    /// The defaults sit at 1/4 and 3/4 of the default socket send buffer (send.socket_send_buffer).
+    /// The defaults sit at 1/4 and 3/4 of the kernel's buffer for the default
+    /// send.socket_send_buffer (16 KiB, doubled by the kernel).
     pub send_queue_p99_degraded_bytes: u64,
     pub send_queue_p99_overloaded_bytes: u64,
     /// The fullest accept queue as a fraction of its limit: shards not accepting fast enough.
@@ -112,8 +113,8 @@ impl Default for HealthConfig {
         Self {
             close_wait_degraded: 256,
             close_wait_overloaded: 4096,
-            send_queue_p99_degraded_bytes: 64 * 1024,
-            send_queue_p99_overloaded_bytes: 192 * 1024,
+            send_queue_p99_degraded_bytes: 8 * 1024,
+            send_queue_p99_overloaded_bytes: 24 * 1024,
             accept_queue_degraded: 0.5,
             accept_queue_overloaded: 0.9,
             retransmits_degraded_per_s: 200.0,
@@ -171,8 +172,14 @@ pub struct AdaptiveConfig {
     pub high_water_bytes: usize,
     /// ... and below this it has caught up (narrow).
     pub low_water_bytes: usize,
-    /// Droppable messages per second a room shows once its window is at the widest.
+    /// Droppable messages per second a room shows once sampling is on.
     pub visible_rate: f64,
+    /// A room whose offered messages per second times its members exceeds this is sampled to
+    /// `visible_rate` at once, without waiting for shards to fall behind (off again below half).
+    /// Backlog-driven sampling reacts only after the socket buffers, which shedding cannot
+    /// reach, are already full of chat that gifts must queue behind. 500,000 deliveries/s is
+    /// about a fifth of what one core delivers merged (bench-results/2026-11-24-fanout).
+    pub room_deliveries_per_s: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,10 +250,12 @@ pub struct SendConfig {
     /// droppable content is shed (must-deliver messages stay). Keeps gifts from queueing behind
     /// seconds of chat for a reader that cannot keep up.
     pub max_queue_delay_ms: u64,
-    /// SO_SNDBUF of every connection (set on the listeners, inherited). A fixed, modest kernel
-    /// buffer keeps backpressure in user space, where policy applies (droppable content is shed,
-    /// gifts are kept); with autotuning a slow reader can hide megabytes of chat in the kernel,
-    /// which nothing can take back. 0 = kernel autotuning.
+    /// SO_SNDBUF of every connection (set on the listeners, inherited; the kernel doubles it).
+    /// A small, fixed kernel buffer keeps backpressure in user space, where policy applies
+    /// (droppable content is shed, gifts are kept): whatever sits in the kernel buffer is sent
+    /// in order, so a gift waits behind all of it. 16 KiB (32 KiB in the kernel) is ~4 s of a
+    /// sampled room's stream for a reader taking 8 KB/s, and still 320 KB/s per connection at
+    /// a 100 ms round trip. 0 = kernel autotuning (megabytes of chat no policy can take back).
     pub socket_send_buffer: usize,
     /// Frames gathered into one writev when a connection has several queued.
     pub max_iov: usize,
@@ -325,7 +334,7 @@ impl Default for SendConfig {
             max_queue_bytes: 1024 * 1024,
             max_queue_frames: 1024,
             max_queue_delay_ms: 1000,
-            socket_send_buffer: 256 * 1024,
+            socket_send_buffer: 16 * 1024,
             max_iov: 16,
         }
     }
@@ -371,6 +380,7 @@ impl Default for AdaptiveConfig {
             high_water_bytes: 64 * 1024 * 1024,
             low_water_bytes: 8 * 1024 * 1024,
             visible_rate: 50.0,
+            room_deliveries_per_s: 500_000.0,
         }
     }
 }
@@ -542,6 +552,9 @@ impl Config {
         }
         if a.visible_rate.is_nan() || a.visible_rate <= 0.0 {
             return Err(invalid("adaptive.visible_rate", "must be above 0"));
+        }
+        if !(a.room_deliveries_per_s > 0.0) {
+            return Err(invalid("adaptive.room_deliveries_per_s", "must be above 0"));
         }
         if !(10..=60_000).contains(&self.probes.interval_ms) {
             return Err(invalid("probes.interval_ms", "must be between 10 and 60000"));

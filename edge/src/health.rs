@@ -398,8 +398,8 @@ mod tests {
         assert_eq!(l, EdgeHealth::Degraded);
         assert_eq!(r, vec!["close_wait 300 >= 256 (degraded)".to_string()]);
         assert_eq!(assess(&cfg, &inputs(5000, 0, 0.0, 0.0)).0, EdgeHealth::Overloaded);
-        assert_eq!(assess(&cfg, &inputs(0, 70_000, 0.0, 0.0)).0, EdgeHealth::Degraded);
-        assert_eq!(assess(&cfg, &inputs(0, 200_000, 0.0, 0.0)).0, EdgeHealth::Overloaded);
+        assert_eq!(assess(&cfg, &inputs(0, 10_000, 0.0, 0.0)).0, EdgeHealth::Degraded);
+        assert_eq!(assess(&cfg, &inputs(0, 30_000, 0.0, 0.0)).0, EdgeHealth::Overloaded);
         assert_eq!(assess(&cfg, &inputs(0, 0, 0.6, 0.0)).0, EdgeHealth::Degraded);
         assert_eq!(assess(&cfg, &inputs(0, 0, 1.0, 0.0)).0, EdgeHealth::Overloaded);
         assert_eq!(assess(&cfg, &inputs(0, 0, 0.0, 250.0)).0, EdgeHealth::Degraded);
@@ -409,10 +409,10 @@ mod tests {
     #[test]
     fn the_worst_rule_wins_and_all_are_named() {
         let cfg = HealthConfig::default();
-        let (l, r) = assess(&cfg, &inputs(300, 200_000, 0.0, 0.0));
+        let (l, r) = assess(&cfg, &inputs(300, 30_000, 0.0, 0.0));
         assert_eq!(l, EdgeHealth::Overloaded);
         assert_eq!(r.len(), 2);
-        assert!(r[1].starts_with("send_queue_p99_bytes 200000 >= 196608"), "{r:?}");
+        assert!(r[1].starts_with("send_queue_p99_bytes 30000 >= 24576"), "{r:?}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ async fn handshake(url: &str) -> Result<(), u16> {
 
 /// Slow readers: Send-Q thresholds low, the edge's own slow-consumer cut-off out of the way.
 const SLOW_CONFIG: &str = "[probes]\ninterval_ms = 100\n\
-    [health]\nsend_queue_p99_degraded_bytes = 16384\nsend_queue_p99_overloaded_bytes = 65536\nrecover_after = 2\n\
+    [health]\nsend_queue_p99_degraded_bytes = 4096\nsend_queue_p99_overloaded_bytes = 12288\nrecover_after = 2\n\
     [send]\nmax_queue_bytes = 67108864\nmax_queue_delay_ms = 600000\n";
 
 async fn publish_until_overloaded(p: &Publisher, room: &str) -> Value {
@@ -70,7 +70,7 @@ async fn send_queue_overload_refuses_new_clients_then_recovers() {
     assert_eq!(metric(&p, "roomcast_health").await, 1.0);
     let (_, text) = p.get("/metrics").await;
     assert!(text.contains("roomcast_health{state=\"overloaded\"} 1"), "{text}");
-    assert!(metric(&p, "roomcast_tcp_send_queue_max_bytes").await >= 65536.0);
+    assert!(metric(&p, "roomcast_tcp_send_queue_max_bytes").await >= 12288.0);
 
     // The slow readers go: their sockets close, Send-Q empties, and after `recover_after`
     // looks the edge is ok again.

@@ -99,6 +99,10 @@ struct RunArgs {
     /// Every n-th connection reads slowly (0: none; 10: one in ten).
     #[arg(long, default_value_t = 0)]
     slow_every: usize,
+    /// SO_RCVBUF of the slow readers (a constrained client: what its kernel holds unread is
+    /// latency the reader adds itself).
+    #[arg(long, default_value_t = 16384)]
+    slow_rcvbuf: usize,
     /// Bytes a slow reader reads per half second.
     #[arg(long, default_value_t = 4096)]
     slow_bytes: usize,
@@ -214,6 +218,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             src_count: a.src_addrs.max(1),
             kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
             rcvbuf: a.rcvbuf,
+            slow_rcvbuf: a.slow_rcvbuf,
             slow_every: a.slow_every,
             slow_bytes: a.slow_bytes,
             follow_goaway: !a.no_follow_goaway && a.target == Target::Edge,
@@ -368,6 +373,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
 
     // 4. Merge and report.
     let mut hists: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
+    let mut hists_fast: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
+    let mut hists_slow: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
     let mut connect_hist = histogram();
     let mut reconnect_hist = histogram();
     let (mut reconnects, mut reconnect_failed) = (0u64, 0u64);
@@ -381,7 +388,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
     for f in &finals {
         for k in 0..KINDS.len() {
-            merge(&mut hists[k], &decode_hist(&f.hist[k])?);
+            let (fast, slow) = (decode_hist(&f.hist[k])?, decode_hist(&f.hist_slow[k])?);
+            merge(&mut hists[k], &fast);
+            merge(&mut hists[k], &slow);
+            merge(&mut hists_fast[k], &fast);
+            merge(&mut hists_slow[k], &slow);
             lost[k] += f.lost[k];
             fast_lost[k] += f.fast_lost[k];
             dup[k] += f.dup[k];
@@ -433,6 +444,16 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             .iter()
             .enumerate()
             .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&hists[k])))
+            .collect(),
+        latency_fast_readers_ms: KINDS
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&hists_fast[k])))
+            .collect(),
+        latency_slow_readers_ms: KINDS
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&hists_slow[k])))
             .collect(),
         handshake_ms: report::Percentiles::of(&connect_hist),
         reconnects,

@@ -101,6 +101,9 @@ pub struct Report {
     pub partial_frames_at_end: u64,
     pub duplicates: BTreeMap<String, u64>,
     pub latency_ms: BTreeMap<String, Percentiles>,
+    /// The same, for the connections that read at full speed and for the slow readers.
+    pub latency_fast_readers_ms: BTreeMap<String, Percentiles>,
+    pub latency_slow_readers_ms: BTreeMap<String, Percentiles>,
     pub handshake_ms: Percentiles,
     /// Connections that followed a goaway to another edge (reconnecting with `since`), those
     /// that could not, and the time from goaway to the new upgrade.
@@ -164,11 +167,12 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
     }
     std::fs::write(dir.join("result.json"), serde_json::to_string_pretty(&full)?)?;
     plot(&dir, r)?;
-    let lat = |k: &str| {
-        r.latency_ms
-            .get(k)
+    let lat_of = |m: &BTreeMap<String, Percentiles>, k: &str| {
+        m.get(k)
+            .filter(|p| p.count > 0)
             .map_or(String::from("-"), |p| format!("{:.1} / {:.1} / {:.1} / {:.1}", p.p50, p.p99, p.p999, p.max))
     };
+    let lat = |k: &str| lat_of(&r.latency_ms, k);
     let cpu = r.server.cpu_us_per_delivery.map_or("not measured".into(), |v| format!("{v:.3}"));
     let rss = r.server.rss_bytes_per_connection.map_or("not measured".into(), |v| format!("{v:.0}"));
     let md = format!(
@@ -183,6 +187,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | slow readers; lost gift / chat on the others | {slow}; {flg} / {flc} |\n\
          | duplicates gift / chat | {dg} / {dc} |\n\
          | gift latency p50 / p99 / p99.9 / max (ms) | {lgift} |\n\
+         | gift latency, full-speed readers / slow readers (same percentiles) | {lgf} ; {lgs} |\n\
          | chat latency p50 / p99 / p99.9 / max (ms) | {lchat} |\n\
          | server CPU µs per delivery | {cpu} |\n\
          | server RSS bytes per connection | {rss} |\n\
@@ -216,6 +221,8 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         dg = r.duplicates.get("gift").copied().unwrap_or(0),
         dc = r.duplicates.get("chat").copied().unwrap_or(0),
         lgift = lat("gift"),
+        lgf = lat_of(&r.latency_fast_readers_ms, "gift"),
+        lgs = lat_of(&r.latency_slow_readers_ms, "gift"),
         lchat = lat("chat"),
         gcpu = r.generator_cpu_s,
         gshare = r.generator_max_worker_core_share * 100.0,

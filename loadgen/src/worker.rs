@@ -48,8 +48,9 @@ pub struct WorkerArgs {
     pub src_first: u8,
     pub src_count: u8,
     pub kinds: Vec<String>,
-    /// SO_RCVBUF of each connection (0: kernel autotuning).
+    /// SO_RCVBUF of each connection (0: kernel autotuning), and of the slow readers.
     pub rcvbuf: usize,
+    pub slow_rcvbuf: usize,
     /// Every n-th connection (0: none) is a slow reader: it reads at most `slow_bytes` twice a
     /// second instead of as fast as data comes.
     pub slow_every: usize,
@@ -88,8 +89,10 @@ pub struct Final {
     pub deliveries: u64,
     pub frames: u64,
     pub bytes: u64,
-    /// Per kind: latency histogram (base64 V2), received, lost, duplicates.
+    /// Per kind: latency histogram (base64 V2) on the full-speed readers, and on the slow
+    /// readers; received, lost, duplicates.
     pub hist: Vec<String>,
+    pub hist_slow: Vec<String>,
     pub received: Vec<u64>,
     pub lost: Vec<u64>,
     /// Loss on connections that read at full speed.
@@ -124,13 +127,13 @@ pub fn own_cpu_s() -> f64 {
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-fn open(args: &WorkerArgs, i: usize, room: u32) -> anyhow::Result<TcpStream> {
+fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool) -> anyhow::Result<TcpStream> {
     let dst = args.addrs[i % args.addrs.len()];
     let path = match args.target {
         Target::Edge => format!("/ws?room=r{room}"),
         Target::Nchan => format!("/sub/r{room}"),
     };
-    open_to(args, i, dst, &path)
+    open_to(args, i, dst, &path, slow)
 }
 
 /// Asks a dispatch URL (`http://HOST:PORT/v1/route`) where room `room` should connect; a
@@ -152,11 +155,12 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32) -> anyhow::Re
     Ok((addr, path))
 }
 
-fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str) -> anyhow::Result<TcpStream> {
+fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<TcpStream> {
     let src_octet = args.src_first + (i % usize::from(args.src_count.max(1))) as u8;
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    if args.rcvbuf > 0 {
-        sock.set_recv_buffer_size(args.rcvbuf)?;
+    let rcvbuf = if slow { args.slow_rcvbuf } else { args.rcvbuf };
+    if rcvbuf > 0 {
+        sock.set_recv_buffer_size(rcvbuf)?;
     }
     // Let the kernel pick the port per 4-tuple, not per source address: with many source
     // addresses this is what lifts the 28k ephemeral-port limit.
@@ -279,6 +283,7 @@ impl Conn {
 /// A connection to move: ask `url` (dispatch) where to go, connect there with `since`.
 struct MoveJob {
     i: usize,
+    slow: bool,
     url: String,
     room: u32,
     since: u64,
@@ -319,7 +324,7 @@ impl Movers {
                     let mut result = Err(anyhow::anyhow!("not tried"));
                     for attempt in 0..10u32 {
                         result = resolve(&http, &job.url, job.room).and_then(|(addr, path)| {
-                            open_to(&args, args.first + job.i, addr, &format!("{path}&since={}", job.since))
+                            open_to(&args, args.first + job.i, addr, &format!("{path}&since={}", job.since), job.slow)
                         });
                         if result.is_ok() {
                             break;
@@ -340,6 +345,7 @@ struct Reader {
     target: Target,
     kinds: Vec<String>,
     hist: Vec<Histogram<u64>>,
+    hist_slow: Vec<Histogram<u64>>,
     interval: Histogram<u64>,
     interval_first: Histogram<u64>,
     deliveries: u64,
@@ -353,12 +359,12 @@ impl Reader {
         self.kinds.iter().position(|k| k == kind)
     }
 
-    fn message(&mut self, tracks: &mut [KindTrack], kind: &str, body: &[u8], now: u64) {
+    fn message(&mut self, tracks: &mut [KindTrack], slow: bool, kind: &str, body: &[u8], now: u64) {
         let Some(ki) = self.kind_index(kind) else { return };
         let Some((t, k)) = body_fields(body) else { return };
         tracks[ki].on_message(k);
         let lat = now.saturating_sub(t).max(1);
-        let _ = self.hist[ki].record(lat);
+        let _ = if slow { self.hist_slow[ki].record(lat) } else { self.hist[ki].record(lat) };
         let _ = self.interval.record(lat);
         if ki == 0 {
             let _ = self.interval_first.record(lat);
@@ -384,14 +390,14 @@ impl Reader {
                 (Target::Nchan, ws::OpCode::Text) => {
                     if let Some(kind) = body_kind(payload) {
                         let kind = kind.to_owned();
-                        self.message(&mut c.tracks, &kind, payload, now);
+                        self.message(&mut c.tracks, c.slow, &kind, payload, now);
                     }
                 }
                 (Target::Edge, ws::OpCode::Binary) => match envelope::access_rkyv(payload) {
                     Ok(ArchivedServerMsg::Batch { messages, .. }) => {
                         for m in messages.iter() {
                             c.last_seq = c.last_seq.max(m.seq.to_native());
-                            self.message(&mut c.tracks, m.kind.as_str(), m.body.as_bytes(), now);
+                            self.message(&mut c.tracks, c.slow, m.kind.as_str(), m.body.as_bytes(), now);
                         }
                     }
                     Ok(ArchivedServerMsg::Joined { seq, .. }) => c.on_joined(seq.to_native()),
@@ -404,7 +410,7 @@ impl Reader {
                     Ok(roomcast_proto::ServerMsg::Batch { messages, .. }) => {
                         for m in messages {
                             c.last_seq = c.last_seq.max(m.seq);
-                            self.message(&mut c.tracks, &m.kind, m.body.as_bytes(), now);
+                            self.message(&mut c.tracks, c.slow, &m.kind, m.body.as_bytes(), now);
                         }
                     }
                     Ok(roomcast_proto::ServerMsg::Joined { seq, .. }) => c.on_joined(seq),
@@ -447,6 +453,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         target: args.target,
         kinds: args.kinds.clone(),
         hist: args.kinds.iter().map(|_| histogram()).collect(),
+        hist_slow: args.kinds.iter().map(|_| histogram()).collect(),
         interval: histogram(),
         interval_first: histogram(),
         deliveries: 0,
@@ -497,10 +504,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         // Connect what is due.
         while next < rooms.len() && pacer.due(next as u64) <= Instant::now() {
             let started = Instant::now();
-            match open(&args, next, rooms[next]) {
+            let slow = args.slow_every > 0 && (args.first + next).is_multiple_of(args.slow_every);
+            match open(&args, next, rooms[next], slow) {
                 Ok(sock) => {
                     let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
-                    let slow = args.slow_every > 0 && (args.first + next).is_multiple_of(args.slow_every);
                     if !slow {
                         ep.add(sock.as_raw_fd(), conns.len() as u64);
                     }
@@ -566,7 +573,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
                 c.open = false;
                 c.moving = true;
-                let _ = movers.jobs.send(MoveJob { i, url, room: c.room, since: c.last_seq, got_at });
+                let _ = movers.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.last_seq, got_at });
             }
             while let Ok(done) = movers.done.try_recv() {
                 let c = &mut conns[done.i];
@@ -670,6 +677,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 frames: reader.frames,
                 bytes: reader.bytes,
                 hist: reader.hist.iter().map(encode_hist).collect(),
+                hist_slow: reader.hist_slow.iter().map(encode_hist).collect(),
                 received,
                 lost,
                 fast_lost,

@@ -123,6 +123,10 @@ struct Room {
     /// Redis mode: joins whose `since` is ahead of what this edge has received (the client saw
     /// it on another edge), waiting until it has, so the seam has no duplicate.
     parked: Vec<(PendingJoin, u64, Instant)>,
+    /// Members on every shard (joined or joining).
+    members: u64,
+    /// Sampled because offered rate x members is over `adaptive.room_deliveries_per_s`.
+    demand_sampling: bool,
 }
 
 impl Room {
@@ -148,6 +152,8 @@ impl Room {
             ahead: BTreeMap::new(),
             filling: false,
             parked: Vec::new(),
+            members: 0,
+            demand_sampling: false,
         }
     }
 
@@ -281,6 +287,11 @@ impl LocalBus {
             BusCmd::Join { room, shard, slot, generation, proto, since } => {
                 self.join(room, PendingJoin { shard, slot, generation, proto }, since);
             }
+            BusCmd::Left { room } => {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.members = r.members.saturating_sub(1);
+                }
+            }
             BusCmd::NoInterest { room, shard, proto } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.interest[proto.index()] &= !(1u64 << shard);
@@ -336,6 +347,7 @@ impl LocalBus {
         let remote = self.remote.clone();
         let r = self.rooms.get_mut(&room).expect("inserted above");
         let was_interested = r.interested();
+        r.members += 1;
         r.interest[join.proto.index()] |= 1u64 << join.shard;
         r.last_active = now;
         if let Some(bridge) = &remote {
@@ -693,7 +705,17 @@ impl LocalBus {
         }
         let r = self.rooms.get_mut(room).expect("inserted above");
         r.bump_rate(now);
-        if self.sampling
+        let a = &self.cfg.adaptive;
+        if a.enabled {
+            // Offered messages/s x members: the deliveries this room asks of the edge.
+            let demand = r.current_rate(now) * r.members as f64;
+            if demand > a.room_deliveries_per_s {
+                r.demand_sampling = true;
+            } else if demand < a.room_deliveries_per_s / 2.0 {
+                r.demand_sampling = false;
+            }
+        }
+        if (self.sampling || r.demand_sampling)
             && r.current_rate(now) >= HOT_ROOM_RATE
             && r.visible_bucket.take(self.cfg.adaptive.visible_rate, self.cfg.adaptive.visible_rate, now).is_err()
         {
@@ -806,7 +828,9 @@ impl LocalBus {
             shards_json: r.interest[0].count_ones(),
             shards_rkyv: r.interest[1].count_ones(),
             window_ms: self.window_for(rate).as_millis() as u64,
-            sampling_visible_rate: (self.sampling && rate >= HOT_ROOM_RATE).then_some(self.cfg.adaptive.visible_rate),
+            sampling_visible_rate: ((self.sampling || r.demand_sampling) && rate >= HOT_ROOM_RATE)
+                .then_some(self.cfg.adaptive.visible_rate),
+            members: r.members,
             history_must_deliver: md,
             history_droppable: dr,
             history_evicted_upto: r.history.must_evicted_upto,
@@ -1131,6 +1155,44 @@ mod tests {
         assert!(bus.publish("a".into(), m("u1")).is_ok());
         assert!(matches!(bus.publish("b".into(), m("u1")), Err(PublishError::RateLimited { scope: "user", .. })));
         assert!(bus.publish("b".into(), m("u2")).is_ok());
+    }
+
+    #[test]
+    fn a_room_whose_demand_is_over_budget_is_sampled_without_backlog() {
+        let mut cfg = Config::default();
+        cfg.adaptive.visible_rate = 5.0;
+        cfg.adaptive.room_deliveries_per_s = 1000.0;
+        let (mut bus, _srx) = setup_with(cfg);
+        let room: RoomName = "big".into();
+        let sampled = |bus: &mut LocalBus, n: u32| {
+            (0..n).filter(|&i| matches!(bus.publish(room.clone(), msg("chat", i)), Err(PublishError::Sampled))).count()
+        };
+        // 10 members: 200 chat at once is a high rate, but 10 x rate stays under the budget
+        // for a while; with 200 members the same flood is over it at once.
+        for _ in 0..10 {
+            join(&mut bus, &room, Subprotocol::Json, None);
+        }
+        assert_eq!(bus.rooms[&room].members, 10);
+        let few = sampled(&mut bus, 20);
+        assert_eq!(few, 0, "10 members x a modest rate: under budget");
+        for _ in 0..190 {
+            join(&mut bus, &room, Subprotocol::Json, None);
+        }
+        let many = sampled(&mut bus, 200);
+        assert!(many >= 150, "200 members x the flood is over budget: sampled to the visible rate ({many})");
+        assert!(!bus.sampling, "no backlog was reported: this is the demand rule");
+        assert!(bus.room_stats("big").unwrap().sampling_visible_rate.is_some());
+        // Gifts are never sampled.
+        for n in 0..50 {
+            bus.publish(room.clone(), msg("gift", n)).unwrap();
+        }
+        // Members leave: demand falls under half the budget and sampling stops.
+        for _ in 0..199 {
+            bus.handle(BusCmd::Left { room: room.clone() });
+        }
+        assert_eq!(bus.rooms[&room].members, 1);
+        assert!(bus.publish(room.clone(), msg("chat", 0)).is_ok());
+        assert!(!bus.rooms[&room].demand_sampling);
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub enum BusCmd {
         proto: Subprotocol,
         since: Option<u64>,
     },
+    /// One member (joined or joining) of `room` left a shard: the bus counts members per room
+    /// (joins in, these out) to know a room's fan-out demand.
+    Left { room: RoomName },
     /// The shard has no more members (joined or joining) of `room` in `proto`.
     NoInterest {
         room: RoomName,
@@ -229,6 +232,8 @@ pub struct RoomStats {
     pub history_evicted_upto: u64,
     /// Published messages per second (EWMA).
     pub publish_rate: f64,
+    /// Members on this edge (joined or joining, every shard).
+    pub members: u64,
 }
 
 /// A shard's mailbox: a channel plus an eventfd doorbell, rung only when the shard is parked

@@ -769,6 +769,7 @@ impl Shard {
         let proto = c.proto;
         let mut left = None;
         if let Some(room) = c.joining.take() {
+            self.bus.send(BusCmd::Left { room: room.clone() });
             if self.rooms.cancel_join(&room, proto) == Interest::Dropped {
                 self.bus.send(BusCmd::NoInterest { room: room.clone(), shard: self.id, proto });
             }
@@ -776,6 +777,7 @@ impl Shard {
         }
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return left };
         if let Some(room) = c.room.take() {
+            self.bus.send(BusCmd::Left { room: room.clone() });
             let idx = c.room_idx;
             let (interest, moved) = self.rooms.leave(&room, slot, idx, proto);
             if let Some(m) = moved
