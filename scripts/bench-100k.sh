@@ -25,8 +25,6 @@ backlog = 16384
 max_queue_bytes = 4194304
 max_queue_frames = 4096
 [adaptive]
-high_water_bytes = 16777216
-low_water_bytes = 2097152
 max_window_ms = 2000
 visible_rate = $VISIBLE
 [limits]

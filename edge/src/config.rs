@@ -172,14 +172,22 @@ pub struct AdaptiveConfig {
     pub high_water_bytes: usize,
     /// ... and below this it has caught up (narrow).
     pub low_water_bytes: usize,
-    /// Droppable messages per second a room shows once sampling is on.
+    /// Droppable messages per second a room shows once sampling is on ...
     pub visible_rate: f64,
+    /// ... lowered for rooms so large that even that exceeds `room_deliveries_per_s` (a room
+    /// of N members shows room_deliveries_per_s / N), but never below this.
+    pub min_visible_rate: f64,
     /// A room whose offered messages per second times its members exceeds this is sampled to
     /// `visible_rate` at once, without waiting for shards to fall behind (off again below half).
     /// Backlog-driven sampling reacts only after the socket buffers, which shedding cannot
     /// reach, are already full of chat that gifts must queue behind. 500,000 deliveries/s is
     /// about a fifth of what one core delivers merged (bench-results/2026-11-24-fanout).
     pub room_deliveries_per_s: f64,
+    /// A hot room's merge window is at least members / this, seconds (up to `max_window_ms`), so
+    /// its fan-out costs at most this many writes a second: 100,000 is half of what one core
+    /// writes (5 µs each, bench-results/2026-11-24-fanout). A room of 10^4 keeps the 100 ms
+    /// base; one of 10^5 merges over 1 s.
+    pub room_frames_per_s: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -380,7 +388,9 @@ impl Default for AdaptiveConfig {
             high_water_bytes: 64 * 1024 * 1024,
             low_water_bytes: 8 * 1024 * 1024,
             visible_rate: 50.0,
+            min_visible_rate: 5.0,
             room_deliveries_per_s: 500_000.0,
+            room_frames_per_s: 100_000.0,
         }
     }
 }
@@ -552,6 +562,12 @@ impl Config {
         }
         if a.visible_rate.is_nan() || a.visible_rate <= 0.0 {
             return Err(invalid("adaptive.visible_rate", "must be above 0"));
+        }
+        if !(a.min_visible_rate > 0.0 && a.min_visible_rate <= a.visible_rate) {
+            return Err(invalid("adaptive.min_visible_rate", "must be above 0 and at most adaptive.visible_rate"));
+        }
+        if !(a.room_frames_per_s > 0.0) {
+            return Err(invalid("adaptive.room_frames_per_s", "must be above 0"));
         }
         if !(a.room_deliveries_per_s > 0.0) {
             return Err(invalid("adaptive.room_deliveries_per_s", "must be above 0"));

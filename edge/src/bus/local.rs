@@ -53,6 +53,13 @@ const MIN_ADAPTIVE_BASE: Duration = Duration::from_millis(10);
 /// A room publishing at least this many messages per second counts as hot.
 const HOT_ROOM_RATE: f64 = 5.0;
 
+/// Droppable messages per second a sampled room of `members` shows: the configured visible
+/// rate, lowered so the room stays within its delivery budget, never below the minimum.
+fn visible_rate(a: &AdaptiveConfig, members: u64) -> f64 {
+    let floor = a.min_visible_rate.min(a.visible_rate);
+    (a.room_deliveries_per_s / members.max(1) as f64).max(floor).min(a.visible_rate)
+}
+
 #[derive(Debug, Clone)]
 pub struct BusConfig {
     pub window: Duration,
@@ -715,9 +722,10 @@ impl LocalBus {
                 r.demand_sampling = false;
             }
         }
+        let visible = visible_rate(a, r.members);
         if (self.sampling || r.demand_sampling)
             && r.current_rate(now) >= HOT_ROOM_RATE
-            && r.visible_bucket.take(self.cfg.adaptive.visible_rate, self.cfg.adaptive.visible_rate, now).is_err()
+            && r.visible_bucket.take(visible, visible, now).is_err()
         {
             self.drop_counted(&msg.kind, "sampled");
             return Err(PublishError::Sampled);
@@ -765,7 +773,7 @@ impl LocalBus {
         if full {
             self.flush(room);
         } else if r.deadline.is_none() {
-            let window = window_at(&self.cfg, self.level, r.current_rate(now));
+            let window = room_window(&self.cfg, self.level, r.current_rate(now), r.members);
             if window.is_zero() {
                 r.deadline = Some(now);
                 self.immediate.push(room.clone());
@@ -827,9 +835,9 @@ impl LocalBus {
             flushed_seq: r.flushed_seq,
             shards_json: r.interest[0].count_ones(),
             shards_rkyv: r.interest[1].count_ones(),
-            window_ms: self.window_for(rate).as_millis() as u64,
+            window_ms: room_window(&self.cfg, self.level, rate, r.members).as_millis() as u64,
             sampling_visible_rate: ((self.sampling || r.demand_sampling) && rate >= HOT_ROOM_RATE)
-                .then_some(self.cfg.adaptive.visible_rate),
+                .then(|| visible_rate(&self.cfg.adaptive, r.members)),
             members: r.members,
             history_must_deliver: md,
             history_droppable: dr,
@@ -927,6 +935,18 @@ impl LocalBus {
 }
 
 /// The window of a room publishing at `rate` messages/s, at adaptive `level`.
+/// A hot room's window is also at least long enough that its members receive no more than
+/// `adaptive.room_frames_per_s` frames a second in all: writes, not bytes, are what a shard
+/// pays for (bench-results/2026-11-24-fanout), so a room of 10^5 must merge more than one of 10^3.
+fn room_window(cfg: &BusConfig, level: u32, rate: f64, members: u64) -> Duration {
+    let w = window_at(cfg, level, rate);
+    if !cfg.adaptive.enabled || rate < HOT_ROOM_RATE {
+        return w;
+    }
+    let demand = Duration::from_secs_f64(members as f64 / cfg.adaptive.room_frames_per_s);
+    w.max(demand.min(Duration::from_millis(cfg.adaptive.max_window_ms)))
+}
+
 fn window_at(cfg: &BusConfig, level: u32, rate: f64) -> Duration {
     if level == 0 || rate < HOT_ROOM_RATE {
         return cfg.window;
@@ -1181,6 +1201,20 @@ mod tests {
         let many = sampled(&mut bus, 200);
         assert!(many >= 150, "200 members x the flood is over budget: sampled to the visible rate ({many})");
         assert!(!bus.sampling, "no backlog was reported: this is the demand rule");
+        assert_eq!(visible_rate(&bus.cfg.adaptive, 200), 5.0, "budget / members, within the configured range");
+        let mut a = bus.cfg.adaptive.clone();
+        a.visible_rate = 50.0;
+        a.min_visible_rate = 2.0;
+        assert_eq!(visible_rate(&a, 10), 50.0, "a small room shows the configured rate");
+        assert_eq!(visible_rate(&a, 100), 10.0, "budget 1000 / 100 members");
+        assert_eq!(visible_rate(&a, 100_000), 2.0, "never below the minimum");
+        // The window follows the members too: 200 members at 1,000 frames/s -> 200 ms.
+        let mut bc = bus.cfg.clone();
+        bc.adaptive.room_frames_per_s = 1000.0;
+        assert_eq!(room_window(&bc, 0, 100.0, 200), Duration::from_millis(200));
+        assert_eq!(room_window(&bc, 0, 100.0, 10), bc.window, "small rooms keep the base window");
+        assert_eq!(room_window(&bc, 0, 1.0, 200), bc.window, "quiet rooms too");
+        assert_eq!(room_window(&bc, 0, 100.0, 1_000_000), Duration::from_millis(bc.adaptive.max_window_ms));
         assert!(bus.room_stats("big").unwrap().sampling_visible_rate.is_some());
         // Gifts are never sampled.
         for n in 0..50 {
