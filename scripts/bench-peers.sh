@@ -29,13 +29,17 @@ trap cleanup EXIT
 
 run_edge() { # name window chat
   local name=$1 window=$2 chat=$3
+  # Same deliveries as Nchan: the edge's demand sampling (which would cut chat to 50/s here) is
+  # set out of reach, so both servers deliver every message and CPU per delivery compares like
+  # with like.
+  printf '[adaptive]\nroom_deliveries_per_s = 1e12\n' >"$TMP/edge.toml"
   "$EDGE" --listen 127.0.0.1:18701 --http 127.0.0.1:18702 --shards 1 --merge-window-ms "$window" \
-    --max-queue-bytes 16777216 >"$TMP/edge.log" 2>&1 &
+    --max-queue-bytes 16777216 --config "$TMP/edge.toml" >"$TMP/edge.log" 2>&1 &
   local pid=$!
   sleep 1
   "$LG" run --target edge --ws 127.0.0.1:18701 --http 127.0.0.1:18702 --connections "$CONNS" \
     --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$chat" --server-pid "$pid" --out "$OUT" \
-    --scenario "peers-$name" --note "edge --shards 1 --merge-window-ms $window" | tail -n 3
+    --scenario "peers-$name" --note "edge --shards 1 --merge-window-ms $window, demand sampling off" | tail -n 3
   kill -INT $pid; wait $pid || true
 }
 
