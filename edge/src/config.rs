@@ -566,10 +566,10 @@ impl Config {
         if !(a.min_visible_rate > 0.0 && a.min_visible_rate <= a.visible_rate) {
             return Err(invalid("adaptive.min_visible_rate", "must be above 0 and at most adaptive.visible_rate"));
         }
-        if !(a.room_frames_per_s > 0.0) {
+        if a.room_frames_per_s.is_nan() || a.room_frames_per_s <= 0.0 {
             return Err(invalid("adaptive.room_frames_per_s", "must be above 0"));
         }
-        if !(a.room_deliveries_per_s > 0.0) {
+        if a.room_deliveries_per_s.is_nan() || a.room_deliveries_per_s <= 0.0 {
             return Err(invalid("adaptive.room_deliveries_per_s", "must be above 0"));
         }
         if !(10..=60_000).contains(&self.probes.interval_ms) {

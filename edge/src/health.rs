@@ -322,6 +322,7 @@ fn run(cfg: &ProbesConfig, health: &HealthConfig, ports: &[u16], view: &KernelVi
     let mut overloaded_since: Option<Instant> = None;
     let mut drain_sent = false;
     let mut failing = false;
+    let mut stretched = false;
     while !view.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         match probes.snapshot() {
@@ -378,9 +379,24 @@ fn run(cfg: &ProbesConfig, health: &HealthConfig, ports: &[u16], view: &KernelVi
                 view.note(format!("kernel probe snapshot failed: {e}"));
             }
         }
-        std::thread::park_timeout(interval.saturating_sub(started.elapsed()));
+        // A look at 10^5 sockets takes tens of ms: keep the probe thread under 5% of a core by
+        // looking less often when a look is that long.
+        let took = started.elapsed();
+        let period = interval.max(took * LOOK_SHARE_INVERSE);
+        if period > interval && !stretched {
+            tracing::info!(
+                took_ms = took.as_millis() as u64,
+                period_ms = period.as_millis() as u64,
+                "kernel probes: looking less often than probes.interval_ms (a look takes over 5% of it)"
+            );
+        }
+        stretched = period > interval;
+        std::thread::park_timeout(period.saturating_sub(took));
     }
 }
+
+/// The probe thread spends at most 1/this of its time looking.
+const LOOK_SHARE_INVERSE: u32 = 20;
 
 #[cfg(test)]
 mod tests {

@@ -89,9 +89,13 @@ struct RunArgs {
     /// Worker processes (0: one per 15,000 connections).
     #[arg(long, default_value_t = 0)]
     workers: usize,
-    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N).
+    /// Source addresses NET.2 .. NET.(1+N) (each worker its own range), NET from --src-net.
     #[arg(long, default_value_t = 8)]
     src_addrs: u8,
+    /// The first three octets of the source addresses: 127.0.0 (loopback), or a network the
+    /// generator has addresses on (a veth in its own namespace, say).
+    #[arg(long, default_value = "127.0.0")]
+    src_net: String,
     /// SO_RCVBUF per connection, like a mobile client's window (0: kernel autotuning, which on
     /// loopback grows to tens of MiB and hides a slow generator's backlog in the kernel).
     #[arg(long, default_value_t = 131072)]
@@ -216,6 +220,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             ramp: a.ramp / workers as f64,
             src_first: 2 + ((w as u8).wrapping_mul(a.src_addrs.max(1))) % 200,
             src_count: a.src_addrs.max(1),
+            src_net: parse_net(&a.src_net)?,
             kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
             rcvbuf: a.rcvbuf,
             slow_rcvbuf: a.slow_rcvbuf,
@@ -476,6 +481,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     println!("results in {}", dir.display());
     Ok(())
+}
+
+/// "A.B.C" -> [A, B, C].
+fn parse_net(s: &str) -> anyhow::Result<[u8; 3]> {
+    let parts: Vec<u8> = s.split('.').map(str::parse).collect::<Result<_, _>>().context("--src-net: A.B.C")?;
+    anyhow::ensure!(parts.len() == 3, "--src-net: three octets, like 127.0.0");
+    Ok([parts[0], parts[1], parts[2]])
 }
 
 fn drain(rx: &mpsc::Receiver<Msg>, progress: &mut [Progress], finals: &mut Vec<Final>) {

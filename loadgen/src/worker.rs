@@ -47,6 +47,8 @@ pub struct WorkerArgs {
     /// First source address (127.0.0.x), and how many to use.
     pub src_first: u8,
     pub src_count: u8,
+    /// First three octets of the source addresses.
+    pub src_net: [u8; 3],
     pub kinds: Vec<String>,
     /// SO_RCVBUF of each connection (0: kernel autotuning), and of the slow readers.
     pub rcvbuf: usize,
@@ -175,7 +177,8 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
             std::mem::size_of::<libc::c_int>() as u32,
         );
     }
-    sock.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, src_octet)), 0).into())?;
+    let [a, b, c] = args.src_net;
+    sock.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, src_octet)), 0).into())?;
     sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10)))?;

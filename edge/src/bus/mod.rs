@@ -152,7 +152,9 @@ pub enum BusCmd {
     },
     /// One member (joined or joining) of `room` left a shard: the bus counts members per room
     /// (joins in, these out) to know a room's fan-out demand.
-    Left { room: RoomName },
+    Left {
+        room: RoomName,
+    },
     /// The shard has no more members (joined or joining) of `room` in `proto`.
     NoInterest {
         room: RoomName,
