@@ -92,6 +92,9 @@ pub struct HealthConfig {
     /// send.socket_send_buffer (16 KiB, doubled by the kernel).
     pub send_queue_p99_degraded_bytes: u64,
     pub send_queue_p99_overloaded_bytes: u64,
+    /// The Send-Q rule applies from this many connected sockets: the 99th percentile of a
+    /// handful of sockets is simply the busiest one (a single bulk transfer would flag the edge).
+    pub send_queue_min_sockets: u64,
     /// The fullest accept queue as a fraction of its limit: shards not accepting fast enough.
     pub accept_queue_degraded: f64,
     pub accept_queue_overloaded: f64,
@@ -115,6 +118,7 @@ impl Default for HealthConfig {
             close_wait_overloaded: 4096,
             send_queue_p99_degraded_bytes: 8 * 1024,
             send_queue_p99_overloaded_bytes: 24 * 1024,
+            send_queue_min_sockets: 100,
             accept_queue_degraded: 0.5,
             accept_queue_overloaded: 0.9,
             retransmits_degraded_per_s: 200.0,

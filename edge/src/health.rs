@@ -33,6 +33,8 @@ use crate::dispatch::EdgeHealth;
 pub struct Inputs {
     pub close_wait: u64,
     pub send_queue_p99_bytes: u64,
+    /// Connected sockets the Send-Q percentile is taken over.
+    pub send_queue_sockets: u64,
     pub accept_queue_fill: f64,
     pub retransmits_per_s: f64,
 }
@@ -67,6 +69,7 @@ impl Inputs {
         Self {
             close_wait: s.in_state(state::CLOSE_WAIT),
             send_queue_p99_bytes: s.send_queue.quantile(0.99),
+            send_queue_sockets: s.send_queue.sockets,
             accept_queue_fill: s.accept_queue_fill(),
             retransmits_per_s: rates.retransmits_per_s,
         }
@@ -96,13 +99,15 @@ pub fn assess(cfg: &HealthConfig, i: &Inputs) -> (EdgeHealth, Vec<String>) {
         cfg.close_wait_overloaded as f64,
         i.close_wait.to_string(),
     );
-    rule(
-        "send_queue_p99_bytes",
-        i.send_queue_p99_bytes as f64,
-        cfg.send_queue_p99_degraded_bytes as f64,
-        cfg.send_queue_p99_overloaded_bytes as f64,
-        i.send_queue_p99_bytes.to_string(),
-    );
+    if i.send_queue_sockets >= cfg.send_queue_min_sockets {
+        rule(
+            "send_queue_p99_bytes",
+            i.send_queue_p99_bytes as f64,
+            cfg.send_queue_p99_degraded_bytes as f64,
+            cfg.send_queue_p99_overloaded_bytes as f64,
+            i.send_queue_p99_bytes.to_string(),
+        );
+    }
     rule(
         "accept_queue_fill",
         i.accept_queue_fill,
@@ -403,7 +408,23 @@ mod tests {
     use super::*;
 
     fn inputs(close_wait: u64, p99: u64, fill: f64, retr: f64) -> Inputs {
-        Inputs { close_wait, send_queue_p99_bytes: p99, accept_queue_fill: fill, retransmits_per_s: retr }
+        Inputs {
+            close_wait,
+            send_queue_p99_bytes: p99,
+            send_queue_sockets: 1000,
+            accept_queue_fill: fill,
+            retransmits_per_s: retr,
+        }
+    }
+
+    #[test]
+    fn a_few_sockets_do_not_make_a_send_queue_percentile() {
+        let cfg = HealthConfig::default();
+        let mut i = inputs(0, 1 << 20, 0.0, 0.0);
+        i.send_queue_sockets = 3;
+        assert_eq!(assess(&cfg, &i).0, EdgeHealth::Ok, "one bulk transfer is not an overloaded edge");
+        i.send_queue_sockets = 100;
+        assert_eq!(assess(&cfg, &i).0, EdgeHealth::Overloaded);
     }
 
     #[test]

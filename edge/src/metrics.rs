@@ -322,6 +322,7 @@ pub fn kernel_families(snap: Option<&Snapshot>, report: &HealthReport) -> Vec<Me
             .collect(),
     ));
     let Some(s) = snap else { return out };
+    let first_kernel_family = out.len();
     out.push(family(
         "probe_scan_seconds",
         "How long the last look at the kernel took.",
@@ -412,6 +413,15 @@ pub fn kernel_families(snap: Option<&Snapshot>, report: &HealthReport) -> Vec<Me
     ] {
         if let Some(v) = v {
             out.push(family(name, help, COUNTER, vec![counter_m(&[], v as f64)]));
+        }
+    }
+    // Every kernel figure says where it came from (the sources differ in detail: retransmits
+    // are counted as they happen with eBPF, from live sockets with sock_diag).
+    for f in &mut out[first_kernel_family..] {
+        for m in f.mut_metric() {
+            let mut l = labels(&[("source", s.source.as_str())]);
+            l.extend(m.take_label());
+            m.set_label(l);
         }
     }
     out

@@ -27,7 +27,7 @@ async fn handshake(url: &str) -> Result<(), u16> {
 
 /// Slow readers: Send-Q thresholds low, the edge's own slow-consumer cut-off out of the way.
 const SLOW_CONFIG: &str = "[probes]\ninterval_ms = 100\n\
-    [health]\nsend_queue_p99_degraded_bytes = 4096\nsend_queue_p99_overloaded_bytes = 12288\nrecover_after = 2\n\
+    [health]\nsend_queue_p99_degraded_bytes = 4096\nsend_queue_p99_overloaded_bytes = 12288\nsend_queue_min_sockets = 1\nrecover_after = 2\n\
     [send]\nmax_queue_bytes = 67108864\nmax_queue_delay_ms = 600000\n";
 
 async fn publish_until_overloaded(p: &Publisher, room: &str) -> Value {
@@ -139,8 +139,8 @@ async fn sock_diag_source_exports_the_same_figures() {
         metric(&p, "roomcast_tcp_sockets").await
     );
     let (_, text) = p.get("/metrics").await;
-    assert!(text.contains("roomcast_tcp_sockets{state=\"established\"} 3"), "{text}");
-    assert!(text.contains("roomcast_tcp_sockets{state=\"listen\"} 2"), "{text}");
+    assert!(text.contains("roomcast_tcp_sockets{source=\"sock_diag\",state=\"established\"} 3"), "{text}");
+    assert!(text.contains("roomcast_tcp_sockets{source=\"sock_diag\",state=\"listen\"} 2"), "{text}");
     let (queue, limit) = ss_listen(edge.ws.port());
     assert_eq!(metric(&p, "roomcast_listen_backlog").await, queue as f64);
     assert_eq!(metric(&p, "roomcast_listen_backlog_max").await, limit as f64);
