@@ -20,16 +20,7 @@ fn edge_binary() -> PathBuf {
 
 #[test]
 fn two_thousand_connections_no_loss_and_a_complete_result() {
-    let mut edge = Command::new(edge_binary())
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("edge");
-    let mut line = String::new();
-    BufReader::new(edge.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let field = |p: &str| line.split_whitespace().find_map(|w| w.strip_prefix(p)).expect("address").to_owned();
-    let (ws, http) = (field("ws="), field("http="));
+    let (mut edge, ws, http) = edge(&["--shards", "2"]);
     let out = std::env::temp_dir().join(format!("loadgen-e2e-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &ws, "--http", &http, "--connections", "2000", "--workers", "2"])
@@ -91,10 +82,10 @@ impl Drop for Redis {
     }
 }
 
-/// Starts an edge with `args`; returns it and its (ws, http) addresses.
+/// Starts an edge with `args` (later flags win); returns it and its (ws, http) addresses.
 fn edge(args: &[&str]) -> (std::process::Child, String, String) {
     let mut child = Command::new(edge_binary())
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "1"])
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -118,8 +109,8 @@ fn connections_follow_goaway_to_another_edge_without_losing_a_gift() {
     std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 1000\ndeadline_ms = 10000\n"))
         .unwrap();
     let cfg = cfg.to_str().unwrap();
-    let (mut a, a_ws, a_http) = edge(&["--bus", &bus, "--config", cfg]);
-    let (mut b, _, b_http) = edge(&["--bus", &bus, "--config", cfg]);
+    let (mut a, a_ws, a_http) = edge(&["--shards", "1", "--bus", &bus, "--config", cfg]);
+    let (mut b, _, b_http) = edge(&["--shards", "1", "--bus", &bus, "--config", cfg]);
     // Every connection starts on A; publishes go through B (A leaves mid-run).
     let out = dir.join("out");
     let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
