@@ -164,10 +164,16 @@ int rc_tcp_summary(struct bpf_iter__tcp *ctx)
 		return 0;
 	if (state == TCP_LISTEN) {
 		struct sock *sk = (struct sock *)tp;
+		__u64 q = sk->sk_ack_backlog, max = sk->sk_max_ack_backlog;
 
 		s->listen_sockets[idx]++;
-		s->listen_backlog[idx] += sk->sk_ack_backlog;
-		s->listen_backlog_max[idx] += sk->sk_max_ack_backlog;
+		s->listen_backlog[idx] += q;
+		s->listen_backlog_max[idx] += max;
+		/* fuller means a larger q / max; compare q * other_max with other_q * max */
+		if (s->listen_sockets[idx] == 1 || q * s->listen_fullest_max[idx] > s->listen_fullest[idx] * max) {
+			s->listen_fullest[idx] = q;
+			s->listen_fullest_max[idx] = max;
+		}
 		return 0;
 	}
 	/* The same arithmetic as tcp_diag_get_info(), which `ss` shows. */

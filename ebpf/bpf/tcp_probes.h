@@ -37,6 +37,10 @@ struct rc_tcp_summary {
 	__u64 listen_sockets[RC_MAX_PORTS];
 	__u64 listen_backlog[RC_MAX_PORTS];
 	__u64 listen_backlog_max[RC_MAX_PORTS];
+	/* the single fullest listener per port (one shard not accepting shows here, not in the
+	 * sum): its accept queue and that queue's limit */
+	__u64 listen_fullest[RC_MAX_PORTS];
+	__u64 listen_fullest_max[RC_MAX_PORTS];
 	/* tcp_sock.total_retrans summed over the live matched sockets */
 	__u64 retrans_live;
 };

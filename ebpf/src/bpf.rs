@@ -45,10 +45,12 @@ struct Summary {
     listen_sockets: [u64; MAX_PORTS],
     listen_backlog: [u64; MAX_PORTS],
     listen_backlog_max: [u64; MAX_PORTS],
+    listen_fullest: [u64; MAX_PORTS],
+    listen_fullest_max: [u64; MAX_PORTS],
     retrans_live: u64,
 }
 const _: () =
-    assert!(std::mem::size_of::<Summary>() == 8 * (3 + TCP_STATES + 4 + 2 * QUEUE_BUCKETS + 3 * MAX_PORTS + 1));
+    assert!(std::mem::size_of::<Summary>() == 8 * (3 + TCP_STATES + 4 + 2 * QUEUE_BUCKETS + 5 * MAX_PORTS + 1));
 
 impl Summary {
     /// Decodes the iterator's bytes field by field (native endian, as the kernel wrote them).
@@ -73,6 +75,8 @@ impl Summary {
             listen_sockets: [0; MAX_PORTS],
             listen_backlog: [0; MAX_PORTS],
             listen_backlog_max: [0; MAX_PORTS],
+            listen_fullest: [0; MAX_PORTS],
+            listen_fullest_max: [0; MAX_PORTS],
             retrans_live: 0,
         };
         let mut head = [0u64; 3];
@@ -87,6 +91,8 @@ impl Summary {
         arr(&mut s.listen_sockets);
         arr(&mut s.listen_backlog);
         arr(&mut s.listen_backlog_max);
+        arr(&mut s.listen_fullest);
+        arr(&mut s.listen_fullest_max);
         let mut tail = [0u64; 1];
         arr(&mut tail);
         s.retrans_live = tail[0];
@@ -247,6 +253,8 @@ impl BpfProbe {
             l.sockets = s.listen_sockets[i];
             l.backlog = s.listen_backlog[i];
             l.backlog_max = s.listen_backlog_max[i];
+            l.fullest = s.listen_fullest[i];
+            l.fullest_max = s.listen_fullest_max[i];
         }
         snap.retransmits_live = s.retrans_live;
         snap.retransmits = self.counter(CNT_RETRANS)?;

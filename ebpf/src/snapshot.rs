@@ -121,6 +121,25 @@ pub struct Listener {
     pub backlog: u64,
     /// The accept queues' limits (`ss` Send-Q of a listener).
     pub backlog_max: u64,
+    /// The fullest single listener (by queue / limit): its queue and its limit. With one
+    /// listener per shard, a shard that stops accepting shows here while the sums look fine.
+    pub fullest: u64,
+    pub fullest_max: u64,
+}
+
+impl Listener {
+    /// Counts one listening socket.
+    pub(crate) fn add(&mut self, backlog: u64, max: u64) {
+        self.sockets += 1;
+        self.backlog += backlog;
+        self.backlog_max += max;
+        if self.sockets == 1
+            || u128::from(backlog) * u128::from(self.fullest_max) > u128::from(self.fullest) * u128::from(max)
+        {
+            self.fullest = backlog;
+            self.fullest_max = max;
+        }
+    }
 }
 
 /// Retransmits towards one peer.
@@ -175,7 +194,10 @@ impl Snapshot {
             states: [0; 12],
             send_queue: QueueStats::default(),
             recv_queue: QueueStats::default(),
-            listeners: ports.iter().map(|&port| Listener { port, sockets: 0, backlog: 0, backlog_max: 0 }).collect(),
+            listeners: ports
+                .iter()
+                .map(|&port| Listener { port, sockets: 0, backlog: 0, backlog_max: 0, fullest: 0, fullest_max: 0 })
+                .collect(),
             retransmits: 0,
             retransmits_live: 0,
             synack_retransmits: None,
@@ -203,12 +225,12 @@ impl Snapshot {
         self.states.get(st).copied().unwrap_or(0)
     }
 
-    /// The fullest accept queue, as a fraction of its limit (0 with no listener).
+    /// The fullest single accept queue, as a fraction of its limit (0 with no listener).
     pub fn accept_queue_fill(&self) -> f64 {
         self.listeners
             .iter()
-            .filter(|l| l.backlog_max > 0)
-            .map(|l| l.backlog as f64 / l.backlog_max as f64)
+            .filter(|l| l.fullest_max > 0)
+            .map(|l| l.fullest as f64 / l.fullest_max as f64)
             .fold(0.0, f64::max)
     }
 
@@ -278,10 +300,15 @@ mod tests {
     #[test]
     fn accept_queue_fill_takes_the_fullest() {
         let mut s = Snapshot::empty(Source::Ebpf, &[1, 2]);
-        s.listeners[0].backlog = 1;
-        s.listeners[0].backlog_max = 4;
-        s.listeners[1].backlog = 9;
-        s.listeners[1].backlog_max = 10;
+        s.listeners[0].add(1, 4);
+        s.listeners[1].add(9, 10);
         assert!((s.accept_queue_fill() - 0.9).abs() < 1e-9);
+        // Six shard listeners, one of them stuck: the sum says 17%, the fullest 100%.
+        let mut l = Snapshot::empty(Source::Ebpf, &[3]);
+        for q in [0, 0, 4096, 0, 0, 0] {
+            l.listeners[0].add(q, 4096);
+        }
+        assert_eq!((l.listeners[0].backlog, l.listeners[0].backlog_max), (4096, 6 * 4096));
+        assert!((l.accept_queue_fill() - 1.0).abs() < 1e-9);
     }
 }

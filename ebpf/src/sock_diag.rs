@@ -218,9 +218,7 @@ impl SockDiag {
             snap.count_state(st, 1);
             if st == state::LISTEN {
                 if let Some(l) = snap.listeners.iter_mut().find(|l| l.port == s.sport) {
-                    l.sockets += 1;
-                    l.backlog += u64::from(s.rqueue);
-                    l.backlog_max += u64::from(s.wqueue);
+                    l.add(u64::from(s.rqueue), u64::from(s.wqueue));
                 }
                 return;
             }

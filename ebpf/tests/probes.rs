@@ -98,6 +98,13 @@ fn assert_matches_ss(snap: &Snapshot, rows: &[SsRow]) {
         assert_eq!(l.sockets, ls.len() as u64, "{src}: listeners on {}", l.port);
         assert_eq!(l.backlog, ls.iter().map(|r| r.recvq).sum::<u64>(), "{src}: accept queue on {}", l.port);
         assert_eq!(l.backlog_max, ls.iter().map(|r| r.sendq).sum::<u64>(), "{src}: backlog limit on {}", l.port);
+        let fullest = ls.iter().max_by(|a, b| (a.recvq * b.sendq).cmp(&(b.recvq * a.sendq)));
+        assert_eq!(
+            (l.fullest, l.fullest_max),
+            fullest.map_or((0, 0), |r| (r.recvq, r.sendq)),
+            "{src}: fullest listener on {}",
+            l.port
+        );
     }
     let live: u64 = rows.iter().filter(|r| r.state != "LISTEN").map(|r| r.retrans).sum();
     assert_eq!(snap.retransmits_live, live, "{src}: retransmits of live sockets vs ss");
@@ -251,6 +258,41 @@ fn ebpf_full_backlog_and_syn_retransmits() {
 #[test]
 fn sock_diag_full_backlog_and_syn_retransmits() {
     full_backlog_and_syn_retransmits(Source::SockDiag);
+}
+
+/// Two SO_REUSEPORT listeners on one port (as the edge's shards have), neither accepting: the
+/// sums and the fullest single queue both equal `ss`.
+fn reuseport_listeners(source: Source) {
+    let a = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    a.set_reuse_port(true).unwrap();
+    a.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let addr = a.local_addr().unwrap();
+    let port = addr.as_socket().unwrap().port();
+    a.listen(16).unwrap();
+    let b = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    b.set_reuse_port(true).unwrap();
+    b.bind(&addr).unwrap();
+    b.listen(4).unwrap();
+    let mut probes = open(source, &[port]);
+    let waiting: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    wait_for("queued connections", || {
+        ss(&[port]).iter().filter(|r| r.state == "LISTEN").map(|r| r.recvq).sum::<u64>() == 6
+    });
+    let (snap, _) = settled(&mut probes, &[port]);
+    assert_eq!(snap.listeners[0].sockets, 2);
+    assert_eq!(snap.listeners[0].backlog, 6);
+    assert_eq!(snap.listeners[0].backlog_max, 20);
+    drop((a, b, waiting));
+}
+
+#[test]
+fn ebpf_reuseport_listeners() {
+    reuseport_listeners(Source::Ebpf);
+}
+
+#[test]
+fn sock_diag_reuseport_listeners() {
+    reuseport_listeners(Source::SockDiag);
 }
 
 #[test]

@@ -373,6 +373,16 @@ pub fn kernel_families(snap: Option<&Snapshot>, report: &HealthReport) -> Vec<Me
         s.listeners.iter().zip(&ports).map(|(l, p)| gauge_m(&[("port", p)], l.backlog_max as f64)).collect(),
     ));
     out.push(family(
+        "listen_backlog_fullest_ratio",
+        "The fullest single listener's accept queue over its limit, per port (one per shard: a shard not accepting shows here).",
+        GAUGE,
+        s.listeners
+            .iter()
+            .zip(&ports)
+            .map(|(l, p)| gauge_m(&[("port", p)], if l.fullest_max > 0 { l.fullest as f64 / l.fullest_max as f64 } else { 0.0 }))
+            .collect(),
+    ));
+    out.push(family(
         "listen_overflows_total",
         "TcpExt ListenOverflows of the network namespace: handshakes dropped on a full accept queue.",
         COUNTER,

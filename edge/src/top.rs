@@ -96,10 +96,11 @@ pub fn render(k: &Value, http: SocketAddr) -> String {
             o.push_str(&format!("  <= {upto:>7} {n:>8} {bar}\n"));
         }
     }
-    o.push_str("\nLISTEN PORT   ACCEPT QUEUE   LIMIT   SOCKETS\n");
+    o.push_str("\nLISTEN PORT   ACCEPT QUEUE   LIMIT   SOCKETS   FULLEST\n");
     for l in s["listeners"].as_array().into_iter().flatten() {
         let [port, backlog, max, socks] = [&l["port"], &l["backlog"], &l["backlog_max"], &l["sockets"]].map(num);
-        o.push_str(&format!("{port:<13} {backlog:>12} {max:>7} {socks:>9}\n"));
+        let (f, fm) = (num(&l["fullest"]), num(&l["fullest_max"]));
+        o.push_str(&format!("{port:<13} {backlog:>12} {max:>7} {socks:>9}   {f}/{fm}\n"));
     }
     o.push_str(&format!("ListenOverflows {}   ListenDrops {}\n", s["listen_overflows"], s["listen_drops"]));
     let peers = s["top_retransmits"].as_array().cloned().unwrap_or_default();
