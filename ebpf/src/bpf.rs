@@ -52,50 +52,44 @@ struct Summary {
 const _: () =
     assert!(std::mem::size_of::<Summary>() == 8 * (3 + TCP_STATES + 4 + 2 * QUEUE_BUCKETS + 5 * MAX_PORTS + 1));
 
+/// Reads consecutive native-endian u64 words (the summary is nothing else).
+struct Words<'a>(std::slice::ChunksExact<'a, u8>);
+
+impl Words<'_> {
+    fn one(&mut self) -> u64 {
+        self.0.next().map_or(0, |c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+    }
+
+    fn array<const N: usize>(&mut self) -> [u64; N] {
+        std::array::from_fn(|_| self.one())
+    }
+}
+
 impl Summary {
-    /// Decodes the iterator's bytes field by field (native endian, as the kernel wrote them).
+    /// Decodes the iterator's bytes in field order, as the kernel wrote them.
     fn from_bytes(b: &[u8]) -> Option<Self> {
         if b.len() != std::mem::size_of::<Self>() {
             return None;
         }
-        let mut words = b.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])));
-        let mut next = || words.next().unwrap_or(0);
-        let mut arr = |out: &mut [u64]| out.iter_mut().for_each(|w| *w = next());
-        let mut s = Self {
-            magic: 0,
-            visited: 0,
-            matched: 0,
-            states: [0; TCP_STATES],
-            sendq_sum: 0,
-            sendq_max: 0,
-            recvq_sum: 0,
-            recvq_max: 0,
-            sendq_hist: [0; QUEUE_BUCKETS],
-            recvq_hist: [0; QUEUE_BUCKETS],
-            listen_sockets: [0; MAX_PORTS],
-            listen_backlog: [0; MAX_PORTS],
-            listen_backlog_max: [0; MAX_PORTS],
-            listen_fullest: [0; MAX_PORTS],
-            listen_fullest_max: [0; MAX_PORTS],
-            retrans_live: 0,
+        let mut w = Words(b.chunks_exact(8));
+        let s = Self {
+            magic: w.one(),
+            visited: w.one(),
+            matched: w.one(),
+            states: w.array(),
+            sendq_sum: w.one(),
+            sendq_max: w.one(),
+            recvq_sum: w.one(),
+            recvq_max: w.one(),
+            sendq_hist: w.array(),
+            recvq_hist: w.array(),
+            listen_sockets: w.array(),
+            listen_backlog: w.array(),
+            listen_backlog_max: w.array(),
+            listen_fullest: w.array(),
+            listen_fullest_max: w.array(),
+            retrans_live: w.one(),
         };
-        let mut head = [0u64; 3];
-        arr(&mut head);
-        [s.magic, s.visited, s.matched] = head;
-        arr(&mut s.states);
-        let mut q = [0u64; 4];
-        arr(&mut q);
-        [s.sendq_sum, s.sendq_max, s.recvq_sum, s.recvq_max] = q;
-        arr(&mut s.sendq_hist);
-        arr(&mut s.recvq_hist);
-        arr(&mut s.listen_sockets);
-        arr(&mut s.listen_backlog);
-        arr(&mut s.listen_backlog_max);
-        arr(&mut s.listen_fullest);
-        arr(&mut s.listen_fullest_max);
-        let mut tail = [0u64; 1];
-        arr(&mut tail);
-        s.retrans_live = tail[0];
         (s.magic == SUMMARY_MAGIC).then_some(s)
     }
 }
@@ -272,5 +266,26 @@ impl BpfProbe {
             crate::procfs::listen_counters().map_err(|source| ProbeError::Io { what: "/proc/net/netstat", source })?;
         snap.scan_us = started.elapsed().as_micros() as u64;
         Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_decodes_in_field_order_and_checks_magic_and_size() {
+        let n = std::mem::size_of::<Summary>() / 8;
+        let mut words: Vec<u64> = (0..n as u64).collect();
+        words[0] = SUMMARY_MAGIC;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let s = Summary::from_bytes(&bytes).unwrap();
+        assert_eq!((s.visited, s.matched, s.states[0]), (1, 2, 3));
+        assert_eq!(s.sendq_sum, 3 + TCP_STATES as u64);
+        assert_eq!(s.retrans_live, n as u64 - 1);
+        assert!(Summary::from_bytes(&bytes[..bytes.len() - 8]).is_none(), "short");
+        let mut bad = bytes.clone();
+        bad[0] ^= 1;
+        assert!(Summary::from_bytes(&bad).is_none(), "wrong magic");
     }
 }
