@@ -116,7 +116,7 @@ struct RunArgs {
     /// Results folder root.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
-    /// Scenario name (folder: <date>-<scenario>).
+    /// Scenario name (folder: `<date>-<scenario>`).
     #[arg(long, default_value = "run")]
     scenario: String,
     /// Do not follow the edge's `goaway` (by default a connection told to go asks the dispatch
