@@ -53,6 +53,25 @@ const MIN_ADAPTIVE_BASE: Duration = Duration::from_millis(10);
 /// A room publishing at least this many messages per second counts as hot.
 const HOT_ROOM_RATE: f64 = 5.0;
 
+/// Redis mode, on the fan-out side: whether this edge holds back one droppable message of room
+/// `r` (demand from this edge's own members, the same rule the publishing edge applies).
+fn fanout_sampled(r: &mut Room, a: &AdaptiveConfig, backlog_sampling: bool, now: Instant) -> bool {
+    if !a.enabled {
+        return false;
+    }
+    let rate = r.current_rate(now);
+    let demand = rate * r.members as f64;
+    if demand > a.room_deliveries_per_s {
+        r.demand_sampling = true;
+    } else if demand < a.room_deliveries_per_s / 2.0 {
+        r.demand_sampling = false;
+    }
+    let visible = visible_rate(a, r.members);
+    (backlog_sampling || r.demand_sampling)
+        && rate >= HOT_ROOM_RATE
+        && r.fanout_bucket.take(visible, visible, now).is_err()
+}
+
 /// Droppable messages per second a sampled room of `members` shows: the configured visible
 /// rate, lowered so the room stays within its delivery budget, never below the minimum.
 fn visible_rate(a: &AdaptiveConfig, members: u64) -> f64 {
@@ -113,6 +132,9 @@ struct Room {
     droppable_bucket: Bucket,
     must_bucket: Bucket,
     visible_bucket: Bucket,
+    /// Redis mode: the visible rate on this edge's fan-out (apart from `visible_bucket`, which
+    /// the publishing edge spends at admission).
+    fanout_bucket: Bucket,
     /// Publish rate, messages per second (EWMA over ~1 s).
     rate: f64,
     rate_at: Instant,
@@ -151,6 +173,7 @@ impl Room {
             droppable_bucket: Bucket::full(cfg.limits.room_burst, now),
             must_bucket: Bucket::full(cfg.limits.must_deliver_room_burst, now),
             visible_bucket: Bucket::full(cfg.adaptive.visible_rate, now),
+            fanout_bucket: Bucket::full(cfg.adaptive.visible_rate, now),
             rate: 0.0,
             rate_at: now,
             synced: true,
@@ -767,6 +790,16 @@ impl LocalBus {
             r.flushed_seq = r.seq;
             return;
         }
+        if !must_deliver && self.remote.is_some() && fanout_sampled(r, &self.cfg.adaptive, self.sampling, now) {
+            // Redis mode: the publishing edge sampled by its own members; this edge's members
+            // may be many more. Droppable content beyond this edge's visible rate is not fanned
+            // out (it stays in history; seqs of droppable messages may be skipped, as documented).
+            if r.pending.is_empty() {
+                r.flushed_seq = r.seq;
+            }
+            self.drop_counted(&pm.kind, "sampled_fanout");
+            return;
+        }
         r.pending_bytes += pm.body.len() + pm.kind.len() + pm.user.len() + 32;
         r.pending.push(Pending { msg: pm, must_deliver });
         let full = r.pending.len() >= self.cfg.max_batch_messages || r.pending_bytes >= self.cfg.max_batch_bytes;
@@ -1227,6 +1260,56 @@ mod tests {
         assert_eq!(bus.rooms[&room].members, 1);
         assert!(bus.publish(room.clone(), msg("chat", 0)).is_ok());
         assert!(!bus.rooms[&room].demand_sampling);
+    }
+
+    #[test]
+    fn redis_mode_fan_out_samples_by_this_edges_members() {
+        let mut cfg = Config::default();
+        cfg.fanout.merge_window_ms = 0;
+        cfg.adaptive.visible_rate = 5.0;
+        cfg.adaptive.room_deliveries_per_s = 1000.0;
+        let (bus, srx) = setup_with(cfg);
+        let (tx, _bridge_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut bus = bus.with_remote(super::super::redis::Bridge::to_channel(tx));
+        let room: RoomName = "wide".into();
+        for _ in 0..200 {
+            join(&mut bus, &room, Subprotocol::Json, None);
+        }
+        bus.handle(BusCmd::Synced { room: room.clone(), seq: 0 });
+        let acks = srx.try_iter().count();
+        assert_eq!(acks, 200, "joins answered once the room is synced");
+        // Messages numbered elsewhere arrive through Redis: 300 chat, then 20 gifts.
+        let remote = |seq: u64, kind: &str| BusCmd::Remote {
+            room: room.clone(),
+            msg: PushMessage { seq, ts_us: 1, kind: kind.into(), user: String::new(), body: format!("{seq}") },
+            must_deliver: kind == "gift",
+        };
+        for seq in 1..=300 {
+            bus.handle(remote(seq, "chat"));
+            bus.flush_immediate();
+        }
+        for seq in 301..=320 {
+            bus.handle(remote(seq, "gift"));
+            bus.flush_immediate();
+        }
+        // A hot room of 200 gets a window of members / room_frames_per_s: let it close.
+        std::thread::sleep(Duration::from_millis(20));
+        bus.flush_due(Instant::now());
+        let delivered: Vec<u64> = srx
+            .try_iter()
+            .flat_map(|c| match c {
+                ShardCmd::Deliver(d) => seqs(&decode(d.frames[0].as_ref().unwrap())),
+                _ => vec![],
+            })
+            .collect();
+        let chat = delivered.iter().filter(|&&s| s <= 300).count();
+        let gifts: Vec<u64> = delivered.iter().copied().filter(|&s| s > 300).collect();
+        assert!(chat < 100, "200 members x the flood is over budget: chat held back on fan-out ({chat})");
+        assert!(chat >= 5, "the visible rate still shows ({chat})");
+        assert_eq!(gifts, (301..=320).collect::<Vec<_>>(), "gifts are never held back");
+        let r = &bus.rooms[&room];
+        assert_eq!(r.seq, 320, "seqs advance past what was held back");
+        assert_eq!(r.flushed_seq, 320);
     }
 
     #[test]

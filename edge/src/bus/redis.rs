@@ -72,6 +72,12 @@ impl Bridge {
     pub fn send(&self, cmd: BridgeCmd) {
         let _ = self.tx.send(cmd);
     }
+
+    /// A bridge whose commands go to `tx` (tests drive the engine's Redis mode without Redis).
+    #[cfg(test)]
+    pub(crate) fn to_channel(tx: UnboundedSender<BridgeCmd>) -> Self {
+        Self { tx }
+    }
 }
 
 /// Limits the bridge applies to the room streams.
