@@ -149,3 +149,60 @@ async fn sock_diag_source_exports_the_same_figures() {
     assert!(!text.contains("roomcast_tcp_opened_total"));
     drop(members);
 }
+
+/// The policy on real kernel figures: a socket left in CLOSE_WAIT and a listener whose accept
+/// queue is full, read through the eBPF probes, move the verdict as `[health]` says.
+#[test]
+fn the_policy_moves_on_real_close_wait_and_accept_queue_figures() {
+    use std::net::{TcpListener, TcpStream};
+
+    use edge::config::HealthConfig;
+    use edge::dispatch::EdgeHealth;
+    use edge::health::{Inputs, Rates, assess};
+    use roomcast_ebpf::Probes;
+
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut probes = Probes::open_ebpf(&[port]).expect("eBPF probes load here");
+    let cfg = HealthConfig {
+        close_wait_degraded: 1,
+        close_wait_overloaded: 2,
+        accept_queue_degraded: 0.5,
+        accept_queue_overloaded: 2.0,
+        ..HealthConfig::default()
+    };
+    let look = |probes: &mut Probes| {
+        let snap = probes.snapshot().unwrap();
+        assess(&cfg, &Inputs::from_snapshot(&snap, &Rates::default()))
+    };
+    assert_eq!(look(&mut probes).0, EdgeHealth::Ok);
+
+    // One peer goes away and the server side never closes: CLOSE_WAIT.
+    let gone = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (half_closed, _) = l.accept().unwrap();
+    drop(gone);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (level, reasons) = loop {
+        let v = look(&mut probes);
+        if v.0 != EdgeHealth::Ok || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(level, EdgeHealth::Degraded, "{reasons:?}");
+    assert!(reasons[0].starts_with("close_wait 1 >= 1"), "{reasons:?}");
+
+    // Connections the listener never accepts: the default backlog is far from full, so fill
+    // a second, small listener on another port instead and watch both.
+    let small = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    small.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    small.listen(2).unwrap();
+    let small_port = small.local_addr().unwrap().as_socket().unwrap().port();
+    let mut both = Probes::open_ebpf(&[port, small_port]).unwrap();
+    let queued: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", small_port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let (level, reasons) = look(&mut both);
+    assert_eq!(level, EdgeHealth::Degraded, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("accept_queue_fill 1.00 >= 0.5")), "{reasons:?}");
+    drop((half_closed, queued, small));
+}
