@@ -1,5 +1,7 @@
 //! Namespace-wide TCP counters from /proc/net/netstat (the `TcpExt:` lines `nstat` reads).
 
+#![forbid(unsafe_code)]
+
 /// The listen-queue counters: `(ListenOverflows, ListenDrops)`.
 pub fn listen_counters() -> std::io::Result<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/net/netstat")?;

@@ -1,5 +1,7 @@
 //! What one look at the kernel returns, whichever source took it. Pure data: no I/O.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 
 use serde::Serialize;

@@ -5,6 +5,8 @@
 //! messages are parsed in place from the receive buffer: nothing is allocated per socket except
 //! for the few that have retransmitted.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
