@@ -173,8 +173,9 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_keep_up_then_recovers() {
     let rss_before = rss_kb(edge.child.id());
     let big = "g".repeat(4000);
     let mut gifts = Vec::new();
-    // Publish until the edge cuts the reader that never reads: its kernel buffers absorb a few
-    // MiB first (send buffers autotune up to tcp_wmem's maximum), then its queue passes 256 KiB.
+    // Publish until the edge cuts the reader that never reads: its kernel buffers absorb a little
+    // first (the edge's fixed SO_SNDBUF, the reader's 4 KiB receive buffer), then its queue
+    // passes 256 KiB.
     let mut cut = false;
     for n in 0..3000 {
         gifts.push(publisher.publish("slow", "gift", json!({ "n": n, "pad": big })).await);
