@@ -326,6 +326,15 @@ impl LocalBus {
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.interest[proto.index()] &= !(1u64 << shard);
                     r.last_active = Instant::now();
+                    if !r.interested() {
+                        // Nobody to send the waiting batch to: history keeps it, and everything
+                        // up to the room's seq counts as handed out. Left pending, it would go
+                        // out after a later join had already been given it from history.
+                        r.pending.clear();
+                        r.pending_bytes = 0;
+                        r.deadline = None;
+                        r.flushed_seq = r.seq;
+                    }
                     if !r.interested()
                         && let Some(bridge) = &self.remote
                     {
@@ -919,7 +928,7 @@ impl LocalBus {
         let pending = std::mem::take(&mut r.pending);
         r.pending_bytes = 0;
         let last_seq = pending.last().map_or(r.flushed_seq, |p| p.msg.seq);
-        r.flushed_seq = last_seq;
+        r.flushed_seq = r.flushed_seq.max(last_seq);
         if !r.interested() {
             return;
         }
@@ -1115,6 +1124,40 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![vec![1], vec![2]]);
+    }
+
+    /// The member leaves while a batch waits for its window, the room goes on without members,
+    /// then a client joins with `since`: history gives it everything once; the old batch must
+    /// not follow (it did: a duplicate at the seam, found by the integration test under load).
+    #[test]
+    fn a_batch_waiting_when_the_last_member_leaves_is_not_sent_after_a_later_join() {
+        let (mut bus, srx) = setup(50);
+        let room: RoomName = "seam".into();
+        join(&mut bus, &room, Subprotocol::Json, None);
+        let _ack = srx.try_recv().unwrap();
+        bus.publish(room.clone(), msg("gift", 1)).unwrap(); // pending, window open
+        bus.handle(BusCmd::Left { room: room.clone() });
+        bus.handle(BusCmd::NoInterest { room: room.clone(), shard: 0, proto: Subprotocol::Json });
+        bus.publish(room.clone(), msg("gift", 2)).unwrap(); // nobody interested
+        join(&mut bus, &room, Subprotocol::Json, Some(0));
+        std::thread::sleep(Duration::from_millis(80));
+        bus.flush_due(Instant::now());
+        bus.flush_immediate();
+        let mut seen = Vec::new();
+        for cmd in srx.try_iter() {
+            match cmd {
+                ShardCmd::Deliver(d) => seen.extend(seqs(&decode(d.frames[0].as_ref().unwrap()))),
+                ShardCmd::JoinAck { replay, .. } => {
+                    for f in replay.iter() {
+                        if let ServerMsg::Batch { messages, .. } = decode(f) {
+                            seen.extend(messages.iter().map(|m| m.seq));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(seen, vec![1, 2], "each gift once, in order");
     }
 
     #[test]
