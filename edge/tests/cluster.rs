@@ -58,7 +58,18 @@ struct Member {
     goaways: u32,
 }
 
-async fn member(first_url: String, room: &'static str, stop: Arc<AtomicBool>, want: Arc<AtomicU64>) -> Member {
+/// What a member needs besides its first URL: where to ask for an edge after a bare close, and
+/// the test's counters.
+#[derive(Clone)]
+struct Ctl {
+    dispatch: String,
+    stop: Arc<AtomicBool>,
+    want: Arc<AtomicU64>,
+    joined: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn member(first_url: String, room: &'static str, ctl: Ctl) -> Member {
+    let Ctl { dispatch: fallback, stop, want, joined: joined_count } = ctl;
     let mut m = Member { seen: Vec::new(), edges: vec![first_url.clone()], goaways: 0 };
     let mut url = first_url;
     let mut since: Option<u64> = None;
@@ -83,13 +94,29 @@ async fn member(first_url: String, room: &'static str, stop: Arc<AtomicBool>, wa
         }
         let mut ws = ws.expect("connected within 5 s");
         let joined = expect_joined(&mut ws, room).await;
+        if since.is_none() {
+            joined_count.fetch_add(1, Ordering::Relaxed);
+        }
         since.get_or_insert(joined);
         let next: Option<String>;
         loop {
             if stop.load(Ordering::Relaxed) && m.seen.last().copied().unwrap_or(0) >= want.load(Ordering::Relaxed) {
                 return m;
             }
-            match next_msg_within(&mut ws, Duration::from_millis(200)).await {
+            let got = match tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws)).await {
+                Ok(Some(msg)) => Some(msg),
+                Ok(None) => {
+                    // Closed without a goaway (an edge stopped): a real client asks dispatch
+                    // again. Never spin on a dead socket.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let r = reqwest::get(format!("{fallback}?room={room}")).await.unwrap();
+                    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap();
+                    next = Some(v["url"].as_str().expect("dispatch url").to_owned());
+                    break;
+                }
+                Err(_) => None,
+            };
+            match got {
                 Some(ServerMsg::Batch { messages, .. }) => {
                     for msg in messages {
                         m.seen.push(msg.seq);
@@ -208,15 +235,24 @@ async fn draining_an_edge_under_load_loses_no_gift() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let want = Arc::new(AtomicU64::new(u64::MAX));
+    let ctl = Ctl {
+        dispatch: format!("http://{}/v1/route", edges[1].http),
+        stop: stop.clone(),
+        want: want.clone(),
+        joined: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    };
     let mut members = Vec::new();
     // 30 members on the edge to drain, 15 on each other.
     for i in 0..60 {
         let url =
             if i < 30 { format!("{drained_url}?room=d") } else { format!("ws://{}/ws?room=d", edges[1 + i % 2].ws) };
-        members.push(tokio::spawn(member(url, "d", stop.clone(), want.clone())));
+        members.push(tokio::spawn(member(url, "d", ctl.clone())));
     }
-    // Let them join.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let them all join (a drain aborts connections still in their handshake).
+    assert!(
+        wait_until(Duration::from_secs(20), || async { ctl.joined.load(Ordering::Relaxed) == 60 }).await,
+        "members joined"
+    );
     let gifts = Arc::new(Mutex::new(BTreeSet::new()));
     let publisher = {
         let gifts = gifts.clone();
