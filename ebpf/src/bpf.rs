@@ -262,9 +262,7 @@ impl BpfProbe {
             remotes.push(RemoteRetransmits { addr: k.ip(), retransmits: v });
         }
         snap.top_retransmits = top_n(remotes, TOP_REMOTES);
-        (snap.listen_overflows, snap.listen_drops) =
-            crate::procfs::listen_counters().map_err(|source| ProbeError::Io { what: "/proc/net/netstat", source })?;
-        snap.scan_us = started.elapsed().as_micros() as u64;
+        crate::finish(&mut snap, started)?;
         Ok(snap)
     }
 }

@@ -47,6 +47,14 @@ pub enum ProbeError {
     Netlink(String),
 }
 
+/// What every source adds last: the namespace's listen counters, and how long the look took.
+fn finish(snap: &mut Snapshot, started: std::time::Instant) -> Result<(), ProbeError> {
+    (snap.listen_overflows, snap.listen_drops) =
+        procfs::listen_counters().map_err(|source| ProbeError::Io { what: "/proc/net/netstat", source })?;
+    snap.scan_us = started.elapsed().as_micros() as u64;
+    Ok(())
+}
+
 /// The probes for a set of local ports, from whichever source could be opened.
 pub enum Probes {
     Ebpf(Box<bpf::BpfProbe>),

@@ -249,9 +249,7 @@ impl SockDiag {
             by_remote.into_iter().map(|(addr, retransmits)| RemoteRetransmits { addr, retransmits }).collect(),
             TOP_REMOTES,
         );
-        (snap.listen_overflows, snap.listen_drops) =
-            crate::procfs::listen_counters().map_err(|source| ProbeError::Io { what: "/proc/net/netstat", source })?;
-        snap.scan_us = started.elapsed().as_micros() as u64;
+        crate::finish(&mut snap, started)?;
         Ok(snap)
     }
 }
