@@ -53,25 +53,6 @@ const MIN_ADAPTIVE_BASE: Duration = Duration::from_millis(10);
 /// A room publishing at least this many messages per second counts as hot.
 const HOT_ROOM_RATE: f64 = 5.0;
 
-/// Redis mode, on the fan-out side: whether this edge holds back one droppable message of room
-/// `r` (demand from this edge's own members, the same rule the publishing edge applies).
-fn fanout_sampled(r: &mut Room, a: &AdaptiveConfig, backlog_sampling: bool, now: Instant) -> bool {
-    if !a.enabled {
-        return false;
-    }
-    let rate = r.current_rate(now);
-    let demand = rate * r.members as f64;
-    if demand > a.room_deliveries_per_s {
-        r.demand_sampling = true;
-    } else if demand < a.room_deliveries_per_s / 2.0 {
-        r.demand_sampling = false;
-    }
-    let visible = visible_rate(a, r.members);
-    (backlog_sampling || r.demand_sampling)
-        && rate >= HOT_ROOM_RATE
-        && r.fanout_bucket.take(visible, visible, now).is_err()
-}
-
 /// Droppable messages per second a sampled room of `members` shows: the configured visible
 /// rate, lowered so the room stays within its delivery budget, never below the minimum.
 fn visible_rate(a: &AdaptiveConfig, members: u64) -> f64 {
@@ -159,6 +140,22 @@ struct Room {
 }
 
 impl Room {
+    /// Whether droppable content of this room is sampled now: the shards are behind
+    /// (`backlog_sampling`), or the room's demand (offered messages/s x members) is over
+    /// `adaptive.room_deliveries_per_s` (on above it, off below half of it); hot rooms only.
+    fn sampling_now(&mut self, a: &AdaptiveConfig, backlog_sampling: bool, now: Instant) -> bool {
+        let rate = self.current_rate(now);
+        if a.enabled {
+            let demand = rate * self.members as f64;
+            if demand > a.room_deliveries_per_s {
+                self.demand_sampling = true;
+            } else if demand < a.room_deliveries_per_s / 2.0 {
+                self.demand_sampling = false;
+            }
+        }
+        (backlog_sampling || self.demand_sampling) && rate >= HOT_ROOM_RATE
+    }
+
     fn new(name: RoomName, now: Instant, cfg: &BusConfig) -> Self {
         Self {
             name,
@@ -745,20 +742,8 @@ impl LocalBus {
         let r = self.rooms.get_mut(room).expect("inserted above");
         r.bump_rate(now);
         let a = &self.cfg.adaptive;
-        if a.enabled {
-            // Offered messages/s x members: the deliveries this room asks of the edge.
-            let demand = r.current_rate(now) * r.members as f64;
-            if demand > a.room_deliveries_per_s {
-                r.demand_sampling = true;
-            } else if demand < a.room_deliveries_per_s / 2.0 {
-                r.demand_sampling = false;
-            }
-        }
         let visible = visible_rate(a, r.members);
-        if (self.sampling || r.demand_sampling)
-            && r.current_rate(now) >= HOT_ROOM_RATE
-            && r.visible_bucket.take(visible, visible, now).is_err()
-        {
+        if r.sampling_now(a, self.sampling, now) && r.visible_bucket.take(visible, visible, now).is_err() {
             self.drop_counted(&msg.kind, "sampled");
             return Err(PublishError::Sampled);
         }
@@ -799,7 +784,13 @@ impl LocalBus {
             r.flushed_seq = r.seq;
             return;
         }
-        if !must_deliver && self.remote.is_some() && fanout_sampled(r, &self.cfg.adaptive, self.sampling, now) {
+        let a = &self.cfg.adaptive;
+        let visible = visible_rate(a, r.members);
+        if !must_deliver
+            && self.remote.is_some()
+            && r.sampling_now(a, self.sampling, now)
+            && r.fanout_bucket.take(visible, visible, now).is_err()
+        {
             // Redis mode: the publishing edge sampled by its own members; this edge's members
             // may be many more. Droppable content beyond this edge's visible rate is not fanned
             // out (it stays in history; seqs of droppable messages may be skipped, as documented).
