@@ -24,6 +24,11 @@ pub struct Config {
     pub pin: bool,
     /// Conformance mode: every connection echoes what it receives (for the Autobahn suite).
     pub echo: bool,
+    /// Start even when another process already listens on `listen` (a rolling restart: the new
+    /// edge starts, then the old one drains). Default off: the edge refuses to start and names the
+    /// process holding the port, because with SO_REUSEPORT the kernel would otherwise split new
+    /// connections between the two silently (`edge --takeover`).
+    pub takeover: bool,
     /// Message bus shared by several edges: `redis://HOST:PORT`. Unset: the embedded
     /// single-node bus (no other service needed).
     pub bus: Option<String>,
@@ -39,6 +44,7 @@ pub struct Config {
     pub fanout: FanoutConfig,
     pub send: SendConfig,
     pub uring: UringConfig,
+    pub engine: EngineSection,
     pub ingest: IngestConfig,
     /// Message kinds and whether each must be delivered. Publishing an unlisted kind is a 400.
     pub kinds: BTreeMap<String, KindConfig>,
@@ -130,6 +136,11 @@ impl Default for HealthConfig {
     }
 }
 
+/// Most shards an edge runs. Nothing in the engine caps it (interest sets are sized to the
+/// shard count); each shard is a thread with its own ring, direct-descriptor table and receive
+/// buffers (4 MiB by default), so past this a box runs out of memory before it runs out of cores.
+pub const MAX_SHARDS: usize = 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KindConfig {
@@ -150,6 +161,10 @@ pub struct LimitsConfig {
     /// the publisher retries) and never silently drops.
     pub must_deliver_room_rate: f64,
     pub must_deliver_room_burst: f64,
+    /// Rooms this edge keeps at most (split evenly over its engines), whether they were
+    /// created by a publish or by a client's join: beyond it, publishes get 503 and joins an
+    /// `error` (`join_refused`). A room costs about 1 KiB plus its history.
+    pub max_rooms: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +247,12 @@ pub struct WsConfig {
     pub max_connections_per_shard: u32,
     /// Listen backlog per shard.
     pub backlog: i32,
+    /// Signalling messages (join, switch, leave, publish) a connection may send per second,
+    /// and its burst. Over it, the message is refused with an `error` (`rate_limited`) and
+    /// counted: one client cannot keep an engine busy with joins. Default 20/s, burst 40: a
+    /// person switches rooms and chats far slower; a bot that needs more gets its own limits.
+    pub signal_rate: f64,
+    pub signal_burst: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +294,32 @@ pub struct SendConfig {
     pub max_iov: usize,
 }
 
+/// Where the room engines run (ARCHITECTURE.md, "Room engines": both were measured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Engine i runs inside shard thread i (the default): a room whose members are all on the
+    /// engine's own shard costs no cross-thread message at all, and a loop turn ships one mail
+    /// per peer.
+    Shard,
+    /// Engine i runs on a thread of its own, pinned to the same CPU as shard i: every join and
+    /// every delivery crosses a thread, and the two threads of a core compete for it.
+    Beside,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// `shard` (default) or `beside`.
+    pub placement: Placement,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self { placement: Placement::Shard }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UringConfig {
@@ -301,6 +348,7 @@ impl Default for Config {
             shards: 0,
             pin: true,
             echo: false,
+            takeover: false,
             bus: None,
             edge_id: None,
             advertise: None,
@@ -310,6 +358,7 @@ impl Default for Config {
             fanout: FanoutConfig::default(),
             send: SendConfig::default(),
             uring: UringConfig::default(),
+            engine: EngineSection::default(),
             ingest: IngestConfig::default(),
             kinds: default_kinds(),
             limits: LimitsConfig::default(),
@@ -330,6 +379,8 @@ impl Default for WsConfig {
             idle_timeout_ms: 90_000,
             max_connections_per_shard: 0,
             backlog: 4096,
+            signal_rate: 20.0,
+            signal_burst: 40.0,
         }
     }
 }
@@ -374,6 +425,7 @@ impl Default for LimitsConfig {
             user_burst: 20.0,
             must_deliver_room_rate: 5000.0,
             must_deliver_room_burst: 10000.0,
+            max_rooms: 1_000_000,
         }
     }
 }
@@ -441,8 +493,14 @@ impl Config {
 
     /// Checks every value; the first problem is returned, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.shards > 64 {
-            return Err(invalid("shards", "at most 64"));
+        if self.shards > MAX_SHARDS {
+            return Err(invalid("shards", "at most 1024 (each shard is a thread, a ring and its receive buffers)"));
+        }
+        if self.limits.max_rooms == 0 {
+            return Err(invalid("limits.max_rooms", "must be above 0"));
+        }
+        if !(self.ws.signal_rate > 0.0 && self.ws.signal_burst >= 1.0) {
+            return Err(invalid("ws.signal_rate", "must be above 0, with ws.signal_burst at least 1"));
         }
         let ws = &self.ws;
         if ws.max_message < 125 || ws.max_message > 64 * 1024 * 1024 {
@@ -633,7 +691,7 @@ impl Config {
 
     /// Shard count after resolving 0 = one per allowed CPU.
     pub fn shard_count(&self) -> usize {
-        if self.shards == 0 { crate::sys::allowed_cpus().len().max(1) } else { self.shards }
+        if self.shards == 0 { crate::sys::allowed_cpus().len().clamp(1, MAX_SHARDS) } else { self.shards }
     }
 
     pub fn merge_window(&self) -> Duration {
@@ -657,6 +715,12 @@ mod tests {
         assert_eq!(c.fanout.merge_window_ms, 0);
         assert_eq!(c.fanout.max_batch_messages, 256);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn takeover_is_off_unless_asked() {
+        assert!(!Config::default().takeover);
+        assert!(Config::from_toml("takeover = true\n").unwrap().takeover);
     }
 
     #[test]

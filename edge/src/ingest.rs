@@ -207,6 +207,12 @@ fn publish_error(e: &PublishError) -> Response {
         PublishError::ShuttingDown | PublishError::TooManyRooms(_) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
+        PublishError::Busy { retry_after_ms } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, retry_after_ms.div_ceil(1000).max(1).to_string())],
+            Json(serde_json::json!({ "error": e.to_string(), "dropped": false, "retry_after_ms": retry_after_ms })),
+        )
+            .into_response(),
         PublishError::BusUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1".to_owned())],

@@ -8,8 +8,10 @@
 pub mod bus;
 pub mod config;
 pub mod dispatch;
+pub mod engine;
 pub mod health;
 pub mod ingest;
+pub mod listen_guard;
 pub mod metrics;
 pub mod room;
 pub mod server;

@@ -57,9 +57,16 @@ struct Cli {
     /// Spread goaway messages over this many milliseconds when draining.
     #[arg(long)]
     drain_period_ms: Option<u64>,
+    /// Pin shard i to the i-th allowed CPU (`pin` in the config; default true).
+    #[arg(long, value_name = "BOOL")]
+    pin: Option<bool>,
     /// Echo every message back (conformance testing with the Autobahn suite).
     #[arg(long)]
     echo: bool,
+    /// Start even when another process listens on the WebSocket port (rolling restart; the
+    /// kernel splits new connections between the two until the old one stops).
+    #[arg(long)]
+    takeover: bool,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -105,6 +112,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(v) = cli.shards {
         cfg.shards = v;
     }
+    if let Some(v) = cli.pin {
+        cfg.pin = v;
+    }
     if let Some(v) = cli.merge_window_ms {
         cfg.fanout.merge_window_ms = v;
         cfg.adaptive.max_window_ms = cfg.adaptive.max_window_ms.max(v);
@@ -127,6 +137,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if cli.echo {
         cfg.echo = true;
+    }
+    if cli.takeover {
+        cfg.takeover = true;
     }
     cfg.validate()?;
     Ok(cfg)

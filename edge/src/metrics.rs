@@ -36,6 +36,7 @@ struct ShardFamilies {
     send_queue_bytes: IntGaugeVec,
     accept_errors: IntCounterVec,
     goaways: IntCounterVec,
+    signals_refused: IntCounterVec,
 }
 
 /// One shard's handles (cheap clones of the shared atomics).
@@ -56,6 +57,8 @@ pub struct ShardStats {
     pub send_queue_bytes: IntGauge,
     pub accept_errors: IntCounter,
     pub goaways: IntCounter,
+    /// Signalling messages refused: over the connection's rate, or a join the engine refused.
+    pub signals_refused: IntCounter,
 }
 
 /// The bus thread's figures (and the publish API's).
@@ -139,6 +142,12 @@ impl Metrics {
                 s,
             ),
             goaways: counter(r, "goaway_sent_total", "goaway messages sent while draining.", s),
+            signals_refused: counter(
+                r,
+                "signals_refused_total",
+                "Client signalling refused: over ws.signal_rate, or a join over limits.max_rooms.",
+                s,
+            ),
         };
         let bus = BusStats {
             messages_in: counter(r, "messages_in_total", "Messages accepted for publishing, by kind.", &["kind"]),
@@ -207,6 +216,7 @@ impl Metrics {
             send_queue_bytes: f.send_queue_bytes.with_label_values(&l),
             accept_errors: f.accept_errors.with_label_values(&l),
             goaways: f.goaways.with_label_values(&l),
+            signals_refused: f.signals_refused.with_label_values(&l),
         }
     }
 

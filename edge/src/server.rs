@@ -1,4 +1,4 @@
-//! Starts and stops an edge: bus thread, shard threads, publish API.
+//! Starts and stops an edge: shard threads (each with its room engine), publish API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,16 +6,21 @@ use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::bus::local::{BusConfig, LocalBus};
 use crate::bus::redis::StreamLimits;
-use crate::bus::{BusCmd, BusHandle, Mailbox, ShardCmd};
-use crate::config::Config;
+use crate::bus::{BusHandle, Mail, Mailbox, ShardCmd};
+use crate::config::{Config, Placement};
+use crate::engine::host::BesideSpec;
+use crate::engine::{Engine, EngineConfig, LoadBoard};
 use crate::health::{KernelView, Monitor};
 use crate::metrics::Metrics;
 use crate::shard::{self, ShardSpec};
 
 /// Descriptors of the direct-descriptor table kept free of connections, per shard.
 const RESERVED_SLOTS: u64 = 16;
+/// Mails a shard's mailbox holds. A shard drains it completely every turn and each peer sends
+/// at most one mail per turn, so this is reached only when a shard is stuck, or when the
+/// publish API offers more than an engine turn can take: publishes then get 503 + Retry-After.
+const MAILBOX_CAPACITY: usize = 8192;
 
 /// A running edge's data plane (shards + bus). The publish API runs on the caller's runtime.
 pub struct Edge {
@@ -30,8 +35,10 @@ pub struct Edge {
     pub kernel: Arc<KernelView>,
     monitor: Monitor,
     mailboxes: Vec<Mailbox>,
+    /// Engines on threads of their own (`engine.placement = "beside"`), else empty.
+    engine_mailboxes: Vec<Mailbox>,
     shard_threads: Vec<JoinHandle<()>>,
-    bus_thread: Option<JoinHandle<()>>,
+    engine_threads: Vec<JoinHandle<()>>,
 }
 
 impl Edge {
@@ -48,6 +55,14 @@ impl Edge {
         let max_conns = u32::try_from(table.max(RESERVED_SLOTS * 2)).unwrap_or(u32::MAX);
         let cpus = crate::sys::allowed_cpus();
 
+        // Another process on the port would silently get part of the new connections.
+        if let Some(held) = crate::listen_guard::check_port(cfg.listen, cfg.takeover)? {
+            tracing::warn!(
+                port = cfg.listen.port(),
+                holders = %held,
+                "taking over the port: new connections are shared with the holder until it stops"
+            );
+        }
         // The first listener picks the port when 0 is asked for; the others share it.
         let first = crate::sys::listener(cfg.listen, cfg.ws.backlog, cfg.send.socket_send_buffer)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", cfg.listen))?;
@@ -63,21 +78,81 @@ impl Edge {
 
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(AtomicU8::new(0));
-        let (bus_tx, bus_rx) = crossbeam_channel::unbounded();
-        let bus = BusHandle::new(bus_tx);
+        // One mailbox per shard; the shard's engine reads the same one.
         let mut mailboxes = Vec::new();
-        let mut specs = Vec::new();
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::unbounded();
+        let mut receivers = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = crossbeam_channel::bounded::<Mail>(MAILBOX_CAPACITY);
             let doorbell = Arc::new(crate::sys::eventfd()?);
             let parked = Arc::new(AtomicBool::new(false));
             mailboxes.push(Mailbox::new(tx, doorbell.clone(), parked.clone()));
+            receivers.push((rx, doorbell, parked));
+        }
+        let beside = cfg.engine.placement == Placement::Beside;
+        // Beside: each engine gets a mailbox of its own (no doorbell: its thread blocks on the
+        // channel). Hosted: engine i reads shard i's mailbox.
+        let mut engine_rx = Vec::new();
+        let engine_mailboxes = if beside {
+            let mut v = Vec::new();
+            for _ in 0..n {
+                let (tx, rx) = crossbeam_channel::bounded::<Mail>(MAILBOX_CAPACITY);
+                v.push(Mailbox::new(tx, Arc::new(crate::sys::eventfd()?), Arc::new(AtomicBool::new(false))));
+                engine_rx.push(rx);
+            }
+            v
+        } else {
+            mailboxes.clone()
+        };
+        let busy = metrics.bus.publish_rejected.with_label_values(&["engine_busy"]);
+        let bus = BusHandle::new(engine_mailboxes.clone(), busy);
+        let bridge = match &cfg.bus {
+            Some(url) => {
+                let _guard = rt.enter();
+                let limits = StreamLimits { must_deliver: cfg.history.must_deliver, droppable: cfg.history.droppable };
+                let bridge = crate::bus::redis::start(url, bus.clone(), limits)
+                    .map_err(|e| anyhow::anyhow!("bus: cannot use {url}: {e}"))?;
+                tracing::info!(url, "shared bus: redis");
+                Some(bridge)
+            }
+            None => None,
+        };
+        let engine_cfg = EngineConfig::from_config(&cfg);
+        metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
+        let load = Arc::new(LoadBoard::new(n));
+        let (now, wall) = (Instant::now(), crate::bus::now_us());
+        let cpu_of = |i: usize| if cfg.pin { cpus.get(i % cpus.len().max(1)).copied() } else { None };
+        let mut engines = Vec::new();
+        for i in 0..n {
+            let mut engine =
+                Engine::new(i as u16, n, n, engine_cfg.clone(), metrics.bus.clone(), load.clone(), now, wall);
+            if let Some(b) = &bridge {
+                engine = engine.with_remote(b.clone());
+            }
+            engines.push(engine);
+        }
+        let mut engine_threads = Vec::new();
+        if beside {
+            for (i, (engine, rx)) in engines.drain(..).zip(engine_rx).enumerate() {
+                let spec = BesideSpec { engine, mailbox: rx, shards: mailboxes.clone(), cpu: cpu_of(i) };
+                engine_threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("roomcast-engine-{i}"))
+                        .spawn(move || crate::engine::host::run_beside(spec))?,
+                );
+            }
+        }
+        tracing::info!(engines = n, placement = ?cfg.engine.placement, "room engines");
+        let mut engines = engines.into_iter();
+        let mut specs = Vec::new();
+        for (i, (listener, (rx, doorbell, parked))) in listeners.into_iter().zip(receivers).enumerate() {
             specs.push(ShardSpec {
                 id: i as u16,
-                cpu: if cfg.pin { cpus.get(i % cpus.len().max(1)).copied() } else { None },
+                cpu: cpu_of(i),
                 listener,
                 cfg: cfg.clone(),
-                bus: bus.clone(),
+                engine: engines.next(),
+                engines: engine_mailboxes.clone(),
+                load: load.clone(),
                 mailbox: rx,
                 doorbell,
                 parked,
@@ -87,19 +162,6 @@ impl Edge {
                 refuse_when_overloaded: cfg.health.refuse_when_overloaded,
             });
         }
-
-        let bus_cfg = BusConfig::from_config(&cfg);
-        metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
-        let mut local = LocalBus::new(bus_rx, mailboxes.clone(), bus_cfg, metrics.bus.clone());
-        if let Some(url) = &cfg.bus {
-            let _guard = rt.enter();
-            let limits = StreamLimits { must_deliver: cfg.history.must_deliver, droppable: cfg.history.droppable };
-            let bridge = crate::bus::redis::start(url, bus.clone(), limits)
-                .map_err(|e| anyhow::anyhow!("bus: cannot use {url}: {e}"))?;
-            local = local.with_remote(bridge);
-            tracing::info!(url, "shared bus: redis");
-        }
-        let bus_thread = std::thread::Builder::new().name("roomcast-bus".into()).spawn(move || local.run())?;
 
         let mut shard_threads = Vec::new();
         for spec in specs {
@@ -128,8 +190,9 @@ impl Edge {
             kernel: monitor.view.clone(),
             monitor,
             mailboxes,
+            engine_mailboxes: if beside { engine_mailboxes } else { Vec::new() },
             shard_threads,
-            bus_thread: Some(bus_thread),
+            engine_threads,
         })
     }
 
@@ -137,21 +200,23 @@ impl Edge {
     pub fn drain(&self, url: &str, period_ms: u64) {
         let url: Arc<str> = Arc::from(url);
         for mb in &self.mailboxes {
-            mb.send(ShardCmd::Drain { url: url.clone(), period_ms });
+            mb.send_blocking(Mail::Shard(ShardCmd::Drain { url: url.clone(), period_ms }));
         }
     }
 
-    /// Closes every connection with 1001, waits for the shards (bounded), then stops the bus.
+    /// Closes every connection with 1001 and waits for the shards (bounded).
     pub fn shutdown(mut self) {
         self.monitor.stop();
         for mb in &self.mailboxes {
-            mb.send(ShardCmd::Shutdown);
+            mb.send_blocking(Mail::Shard(ShardCmd::Shutdown));
         }
         for h in self.shard_threads.drain(..) {
             let _ = h.join();
         }
-        self.bus.send(BusCmd::Shutdown);
-        if let Some(h) = self.bus_thread.take() {
+        for mb in &self.engine_mailboxes {
+            mb.send_blocking(Mail::Shard(ShardCmd::Shutdown));
+        }
+        for h in self.engine_threads.drain(..) {
             let _ = h.join();
         }
     }

@@ -76,7 +76,11 @@ async fn bad_inputs_get_their_answers_and_others_keep_receiving() {
         (upgrade("/ws").replace("Version: 13", "Version: 8").into_bytes(), "HTTP/1.1 426"),
         (upgrade("/ws").replace("Upgrade: websocket\r\n", "").into_bytes(), "HTTP/1.1 400"),
         (upgrade("/ws").replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").into_bytes(), "HTTP/1.1 400"),
-        (format!("GET /ws HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000)).into_bytes(), "HTTP/1.1 431"),
+        (
+            format!("GET /ws HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(roomcast_proto::handshake::MAX_REQUEST + 1))
+                .into_bytes(),
+            "HTTP/1.1 431",
+        ),
     ];
     for (req, want) in cases {
         let resp = raw_exchange(edge.ws, &req).await;

@@ -82,9 +82,10 @@ pub struct PushMessage {
 }
 
 /// Everything the edge sends to a client.
-#[derive(
-    Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize, serde::Deserialize,
-)]
+///
+/// `Deserialize` is written by hand (module `wire`) so that message bodies come back as the exact
+/// JSON text that was sent.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize)]
 #[rkyv(derive(Debug))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
@@ -108,18 +109,20 @@ pub enum ServerMsg {
 }
 
 /// Everything a client may send (text JSON in both subprotocols; binary rkyv in `rkyv.v1`).
-#[derive(
-    Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize, serde::Deserialize,
-)]
+///
+/// `Deserialize` is written by hand (module `wire`) so that a published body is the exact JSON
+/// text the client sent: `op` may be `join` or its alias `switch`, `leave`, `publish`; `since`
+/// may be absent or null, `user` absent (empty); fields that do not belong to the op are
+/// ignored, as are unknown fields.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize)]
 #[rkyv(derive(Debug))]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ClientMsg {
     /// Join `room`, leaving the current room first (so this is also "switch").
     /// `since`: deliver what is still in history after this seq first.
-    #[serde(alias = "switch")]
     Join {
         room: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<u64>,
     },
     /// Leave the current room; the connection stays open.
@@ -127,9 +130,9 @@ pub enum ClientMsg {
     /// Publish to the current room over the long connection.
     Publish {
         kind: String,
-        #[serde(default)]
         user: String,
-        #[serde(with = "raw_json")]
+        /// The body: JSON text, exactly as the client sent it (validated, not re-encoded).
+        #[serde(serialize_with = "raw_json::serialize")]
         body: String,
     },
 }
@@ -193,12 +196,14 @@ pub fn decode(proto: Subprotocol, bytes: &[u8]) -> Result<ServerMsg, EnvelopeErr
     }
 }
 
-/// Parses a client message from a text frame (JSON, both subprotocols).
+/// Parses a client message from a text frame (JSON, both subprotocols). A publish body is the
+/// exact JSON text of the `body` field as sent, numbers and escapes untouched.
 pub fn decode_client_json(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
     Ok(serde_json::from_slice(bytes)?)
 }
 
-/// Parses a client message from a binary frame (rkyv, `roomcast.rkyv.v1` only).
+/// Parses a client message from a binary frame (rkyv, `roomcast.rkyv.v1` only). A publish body
+/// must be JSON text; it is validated and kept as sent, never rewritten.
 pub fn decode_client_rkyv(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
     let archived = rkyv::access::<ArchivedClientMsg, rkyv::rancor::Error>(bytes)
         .map_err(|e| EnvelopeError::Rkyv(e.to_string()))?;
@@ -263,11 +268,130 @@ mod raw_json {
         raw.serialize(s)
     }
 
+    /// The JSON text of the value as it stands in the input. Needs the JSON parser itself: inside
+    /// an internally tagged enum or a flattened struct serde buffers values first (numbers become
+    /// `f64`, escapes are decoded) and this fails rather than hand back re-encoded text; that is
+    /// why [`ServerMsg`](super::ServerMsg) and [`ClientMsg`](super::ClientMsg) read through
+    /// [`wire`](super::wire).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        // Internally tagged enums buffer their fields, which `RawValue` cannot read back from;
-        // go through `Value` (insertion order preserved) and print it compactly.
-        let value = serde_json::Value::deserialize(d)?;
-        Ok(value.to_string())
+        let raw = Box::<RawValue>::deserialize(d)?;
+        Ok(String::from(Box::<str>::from(raw)))
+    }
+}
+
+/// Hand-written `Deserialize` for the two tagged enums.
+///
+/// serde's derived deserializer for an internally tagged enum (`"type"`, `"op"`) buffers every
+/// field into its generic `Content` before it knows the variant. Bodies did not survive that:
+/// numbers became `f64` and escapes were decoded, so `12345678901234567890123` came back as
+/// `1.2345678901234568e+22`, `1e2` as `100.0`. Here each enum is read as one flat struct of all
+/// its variants' fields, straight from the parser, so a body is a `RawValue`: the bytes sent.
+/// Then the tag picks the variant and its fields. One pass, no buffering. Fields of other
+/// variants and unknown fields are ignored as before; a field of another variant must still
+/// have that variant's type.
+mod wire {
+    use super::{ClientMsg, PushMessage, ServerMsg};
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    fn need<T, E: Error>(v: Option<T>, field: &'static str) -> Result<T, E> {
+        v.ok_or_else(|| E::missing_field(field))
+    }
+
+    /// A present `body` is always `Some`, also when it is `null` (a valid body).
+    fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        super::raw_json::deserialize(d).map(Some)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Op {
+        #[serde(alias = "switch")]
+        Join,
+        Leave,
+        Publish,
+    }
+
+    #[derive(Deserialize)]
+    struct Client {
+        op: Op,
+        room: Option<String>,
+        since: Option<u64>,
+        kind: Option<String>,
+        user: Option<String>,
+        #[serde(default, deserialize_with = "raw")]
+        body: Option<String>,
+    }
+
+    impl<'de> Deserialize<'de> for ClientMsg {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let w = Client::deserialize(d)?;
+            Ok(match w.op {
+                Op::Join => ClientMsg::Join { room: need(w.room, "room")?, since: w.since },
+                Op::Leave => ClientMsg::Leave,
+                Op::Publish => ClientMsg::Publish {
+                    kind: need(w.kind, "kind")?,
+                    user: w.user.unwrap_or_default(),
+                    body: need(w.body, "body")?,
+                },
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Type {
+        Batch,
+        Joined,
+        Left,
+        Published,
+        Error,
+        Goaway,
+        Gap,
+    }
+
+    #[derive(Deserialize)]
+    struct Server {
+        #[serde(rename = "type")]
+        ty: Type,
+        room: Option<String>,
+        messages: Option<Vec<PushMessage>>,
+        seq: Option<u64>,
+        ts_us: Option<u64>,
+        code: Option<String>,
+        message: Option<String>,
+        url: Option<String>,
+        reason: Option<String>,
+        reconnect_after_ms: Option<u32>,
+        from: Option<u64>,
+        to: Option<u64>,
+    }
+
+    impl<'de> Deserialize<'de> for ServerMsg {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let w = Server::deserialize(d)?;
+            Ok(match w.ty {
+                Type::Batch => {
+                    ServerMsg::Batch { room: need(w.room, "room")?, messages: need(w.messages, "messages")? }
+                }
+                Type::Joined => ServerMsg::Joined { room: need(w.room, "room")?, seq: need(w.seq, "seq")? },
+                Type::Left => ServerMsg::Left { room: need(w.room, "room")? },
+                Type::Published => ServerMsg::Published {
+                    room: need(w.room, "room")?,
+                    seq: need(w.seq, "seq")?,
+                    ts_us: need(w.ts_us, "ts_us")?,
+                },
+                Type::Error => ServerMsg::Error { code: need(w.code, "code")?, message: need(w.message, "message")? },
+                Type::Goaway => ServerMsg::Goaway {
+                    url: need(w.url, "url")?,
+                    reason: need(w.reason, "reason")?,
+                    reconnect_after_ms: need(w.reconnect_after_ms, "reconnect_after_ms")?,
+                },
+                Type::Gap => {
+                    ServerMsg::Gap { room: need(w.room, "room")?, from: need(w.from, "from")?, to: need(w.to, "to")? }
+                }
+            })
+        }
     }
 }
 
@@ -348,6 +472,124 @@ mod tests {
         assert_eq!(decode_client_rkyv(&bin).unwrap(), p);
         let bad_body = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: "{".into() };
         assert!(decode_client_rkyv(&encode_client_rkyv(&bad_body).unwrap()).is_err());
+    }
+
+    /// Failed before the fix: the body went through `serde_json::Value`, so the first came back
+    /// as `1.2345678901234568e+22`, the second as `100.0`, and the escapes decoded.
+    #[test]
+    fn socket_publish_bodies_are_kept_byte_for_byte() {
+        for body in [
+            "12345678901234567890123",
+            "1e2",
+            r#"{"gift": {"id": 18446744073709551616123, "price": 1.50, "tiny": -0.0, "sci": 6.02E+23},
+                "text": "caf\u00e9 \ud83c\udf39 \"q\" \/ \n", "list": [ 1 , 2.0e-7 , [] , {} ], "z": null}"#,
+            "null",
+            r#""\u00e9""#,
+        ] {
+            for (user, gap) in [("", ""), (r#","user":"u""#, " ")] {
+                let text = format!(r#"{{"op":"publish","kind":"chat","body":{gap}{body}{gap}{user}}}"#);
+                match decode_client_json(text.as_bytes()) {
+                    Ok(ClientMsg::Publish { kind, body: got, .. }) => {
+                        assert_eq!(kind, "chat");
+                        assert_eq!(got, body, "{text}");
+                    }
+                    other => panic!("{text}: {other:?}"),
+                }
+            }
+        }
+        // Wherever the tag stands.
+        let p = decode_client_json(br#"{"body":1e2,"kind":"chat","op":"publish"}"#).unwrap();
+        assert_eq!(p, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: "1e2".into() });
+    }
+
+    /// Failed before the fix: a client decoding a batch got re-encoded bodies (same cause).
+    #[test]
+    fn batch_bodies_decode_byte_for_byte() {
+        let body = r#"{"n":12345678901234567890123,"e":1e2,"s":"\u00e9"}"#;
+        let msg = ServerMsg::Batch {
+            room: "r".into(),
+            messages: vec![PushMessage {
+                seq: 1,
+                ts_us: 2,
+                kind: "chat".into(),
+                user: String::new(),
+                body: body.into(),
+            }],
+        };
+        let mut out = Vec::new();
+        encode_json(&msg, &mut out).unwrap();
+        assert_eq!(decode_json(&out).unwrap(), msg);
+        let text = format!(
+            r#"{{"room":"r","messages":[{{"seq":1,"ts_us":2,"kind":"chat","user":"","body":{body}}}],"type":"batch"}}"#
+        );
+        assert_eq!(decode_json(text.as_bytes()).unwrap(), msg);
+    }
+
+    /// Passed before the fix (a check of the rkyv path): the body is validated, kept as sent.
+    #[test]
+    fn rkyv_publish_bodies_are_validated_not_rewritten() {
+        for body in ["12345678901234567890123", "1e2", r#" { "a" : [1.0, "\u00e9"] } "#] {
+            let p = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: body.into() };
+            assert_eq!(decode_client_rkyv(&encode_client_rkyv(&p).unwrap()).unwrap(), p);
+        }
+    }
+
+    fn every_server_msg() -> Vec<ServerMsg> {
+        let all = vec![
+            batch(),
+            ServerMsg::Joined { room: "r".into(), seq: 9 },
+            ServerMsg::Left { room: "r".into() },
+            ServerMsg::Published { room: "r".into(), seq: 3, ts_us: 4 },
+            ServerMsg::Error { code: "bad".into(), message: "m".into() },
+            ServerMsg::Goaway { url: "http://d/v1/route".into(), reason: "drain".into(), reconnect_after_ms: 5 },
+            ServerMsg::Gap { room: "r".into(), from: 1, to: 2 },
+        ];
+        for m in &all {
+            // No wildcard: a new variant must be added here, and to `wire`.
+            match m {
+                ServerMsg::Batch { .. }
+                | ServerMsg::Joined { .. }
+                | ServerMsg::Left { .. }
+                | ServerMsg::Published { .. }
+                | ServerMsg::Error { .. }
+                | ServerMsg::Goaway { .. }
+                | ServerMsg::Gap { .. } => {}
+            }
+        }
+        all
+    }
+
+    /// A guard for the hand-written deserializers (passed before, with the derived ones).
+    #[test]
+    fn every_message_round_trips_and_bad_ones_are_refused() {
+        for m in every_server_msg() {
+            let mut out = Vec::new();
+            encode_json(&m, &mut out).unwrap();
+            assert_eq!(decode_json(&out).unwrap(), m, "{}", String::from_utf8_lossy(&out));
+        }
+        for m in [
+            ClientMsg::Join { room: "a".into(), since: Some(u64::MAX) },
+            ClientMsg::Join { room: "a".into(), since: None },
+            ClientMsg::Leave,
+            ClientMsg::Publish { kind: "k".into(), user: "u".into(), body: "[1,2]".into() },
+        ] {
+            assert_eq!(decode_client_json(&encode_client_json(&m)).unwrap(), m);
+        }
+        let j = decode_client_json(br#"{"op":"join","room":"a","since":null,"body":[1],"x":{}}"#).unwrap();
+        assert_eq!(j, ClientMsg::Join { room: "a".into(), since: None });
+        for bad in [
+            &br#"{"op":"join"}"#[..],
+            br#"{"room":"a"}"#,
+            br#"{"op":"join","room":"a","room":"b"}"#,
+            br#"{"op":"publish","kind":"chat"}"#,
+            br#"{"op":"publish","body":1}"#,
+            br#"{"op":"publish","kind":"chat","body":}"#,
+            br#"{"op":"publish","kind":"chat","body":1"#,
+        ] {
+            assert!(decode_client_json(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(decode_json(br#"{"type":"joined","room":"r"}"#).is_err());
+        assert!(decode_json(br#"{"type":"nope"}"#).is_err());
     }
 
     #[test]

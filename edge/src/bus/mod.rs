@@ -1,12 +1,12 @@
-//! The bus: where a room's messages get their sequence numbers, are merged within the window,
-//! serialized once per encoding in use, wrapped once into a WebSocket frame, and handed to every
-//! shard that has members of the room.
+//! The fabric between threads: what shards, room engines, the publish API and the Redis bridge
+//! say to each other, and the bounded mailboxes that carry it.
 //!
-//! The embedded default is [`local::LocalBus`]: one thread owns every room's publish state, so
-//! ordering is trivial (the order it assigns seqs is the order it delivers them) and the HTTP
-//! answer carries the exact seq. Shards and the publish API talk to it over a channel.
+//! Rooms live on engines ([`crate::engine`]), one per shard thread, placed by a stable hash of
+//! the room name ([`engine_of`]). Every command about a room goes to its engine through
+//! [`BusHandle`] (publish API, Redis bridge) or through a shard's per-turn [`Mail::Turn`]
+//! (connections' signalling), so one engine sees all of a room's events in one order. Every
+//! mailbox is bounded; nothing on the data path blocks on a full one.
 
-pub mod local;
 pub mod policy;
 pub mod redis;
 
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TrySendError};
 use roomcast_proto::Subprotocol;
 use roomcast_proto::envelope::PushMessage;
 
@@ -55,6 +55,10 @@ pub enum PublishError {
     /// are sampled down to the visible rate and this one was not kept.
     #[error("sampled out: the room shows at most its visible rate of droppable messages")]
     Sampled,
+    /// The room's engine is behind (its mailbox, or its output to some shard, is at its
+    /// bound): nothing was numbered; retry after the given time.
+    #[error("the room engine is busy; retry after {retry_after_ms} ms")]
+    Busy { retry_after_ms: u64 },
     /// Redis (the seq authority in cluster mode) is unreachable; retry.
     #[error("the message bus (redis) is unavailable; retry shortly")]
     BusUnavailable,
@@ -123,6 +127,13 @@ pub enum ShardCmd {
         room: RoomName,
         result: Result<Ack, PublishError>,
     },
+    /// The join of connection `slot` was refused (the edge is at its room bound).
+    JoinRefused {
+        slot: u32,
+        generation: u32,
+        room: RoomName,
+        reason: &'static str,
+    },
     /// Drain: stop accepting, and send every connection a `goaway` to `url` at a random moment
     /// within `period_ms`, then close it (1001).
     Drain {
@@ -133,14 +144,15 @@ pub enum ShardCmd {
     Shutdown,
 }
 
-/// What the bus thread's channel carries.
-pub enum BusCmd {
+/// What a room engine handles. Every command about a room goes to the engine that owns the room
+/// (see [`engine_of`]), so one engine sees all of a room's events in one order.
+pub enum EngineCmd {
     Publish {
         room: RoomName,
         msg: NewMessage,
         reply: Reply,
     },
-    /// A connection asks to join; the bus answers `JoinAck` on the shard's mailbox, in order
+    /// A connection asks to join; the engine answers `JoinAck` on the shard's link, in order
     /// with the room's deliveries, and counts the shard as interested in `proto` frames.
     Join {
         room: RoomName,
@@ -150,8 +162,8 @@ pub enum BusCmd {
         proto: Subprotocol,
         since: Option<u64>,
     },
-    /// One member (joined or joining) of `room` left a shard: the bus counts members per room
-    /// (joins in, these out) to know a room's fan-out demand.
+    /// One member (joined or joining) of `room` left a shard: the engine counts members per
+    /// room (joins in, these out) to know a room's fan-out demand.
     Left {
         room: RoomName,
     },
@@ -160,11 +172,6 @@ pub enum BusCmd {
         room: RoomName,
         shard: u16,
         proto: Subprotocol,
-    },
-    /// A shard's send backlog, reported every tick: drives adaptive merging.
-    Load {
-        shard: u16,
-        queued_bytes: usize,
     },
     /// Redis mode: a message numbered by Redis, from the room's channel.
     Remote {
@@ -197,10 +204,11 @@ pub enum BusCmd {
     },
     /// Redis mode: the outcome of a publish, to answer.
     PublishDone {
+        room: RoomName,
         reply: Reply,
-        result: Result<(RoomName, Ack), PublishError>,
+        result: Result<Ack, PublishError>,
     },
-    /// Redis mode: the connection to Redis went down or came back.
+    /// Redis mode: the connection to Redis went down or came back (sent to every engine).
     Redis {
         up: bool,
     },
@@ -209,7 +217,25 @@ pub enum BusCmd {
         room: RoomName,
         reply: tokio::sync::oneshot::Sender<Option<RoomStats>>,
     },
-    Shutdown,
+}
+
+impl EngineCmd {
+    /// The room whose engine must handle this command (None: every engine).
+    pub fn room(&self) -> Option<&RoomName> {
+        match self {
+            Self::Publish { room, .. }
+            | Self::Join { room, .. }
+            | Self::Left { room }
+            | Self::NoInterest { room, .. }
+            | Self::Remote { room, .. }
+            | Self::Synced { room, .. }
+            | Self::Filled { room, .. }
+            | Self::Recovered { room, .. }
+            | Self::RoomStats { room, .. }
+            | Self::PublishDone { room, .. } => Some(room),
+            Self::Redis { .. } => None,
+        }
+    }
 }
 
 /// What `GET /v1/rooms/{room}` shows.
@@ -238,56 +264,170 @@ pub struct RoomStats {
     pub members: u64,
 }
 
-/// A shard's mailbox: a channel plus an eventfd doorbell, rung only when the shard is parked
-/// in the kernel (so a burst of deliveries costs one write, not one per message).
+/// What travels between threads to a shard (which hosts a room engine too).
+pub enum Mail {
+    /// Everything one shard thread produced for this one during a turn: its connections'
+    /// signalling for this shard's engine, and its engine's output for this shard's
+    /// connections. One message (and at most one doorbell) per peer per turn.
+    Turn { engine: Vec<EngineCmd>, shard: Vec<ShardCmd> },
+    /// From outside the shards (publish API, Redis bridge).
+    Engine(EngineCmd),
+    /// Control from the main thread (drain, shutdown).
+    Shard(ShardCmd),
+}
+
+/// Why a mail was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MailError {
+    /// The mailbox is at its bound: the receiver is behind. Retry later.
+    Full,
+    /// The receiver has stopped.
+    Gone,
+}
+
+/// A shard's mailbox: a bounded channel plus an eventfd doorbell, rung only when the shard is
+/// parked in the kernel (so a burst of mail costs one write, not one per message).
 #[derive(Clone)]
 pub struct Mailbox {
-    tx: Sender<ShardCmd>,
+    tx: Sender<Mail>,
     doorbell: Arc<OwnedFd>,
     parked: Arc<AtomicBool>,
 }
 
 impl Mailbox {
-    pub fn new(tx: Sender<ShardCmd>, doorbell: Arc<OwnedFd>, parked: Arc<AtomicBool>) -> Self {
+    pub fn new(tx: Sender<Mail>, doorbell: Arc<OwnedFd>, parked: Arc<AtomicBool>) -> Self {
         Self { tx, doorbell, parked }
     }
 
-    pub fn send(&self, cmd: ShardCmd) {
-        if self.tx.send(cmd).is_ok() && self.parked.swap(false, Ordering::SeqCst) {
+    fn ring(&self) {
+        if self.parked.swap(false, Ordering::SeqCst) {
             crate::sys::eventfd_ring(self.doorbell.as_raw_fd());
         }
     }
+
+    /// Never blocks: a full mailbox hands the mail back.
+    pub fn try_send(&self, mail: Mail) -> Result<(), (MailError, Mail)> {
+        match self.tx.try_send(mail) {
+            Ok(()) => {
+                self.ring();
+                Ok(())
+            }
+            Err(TrySendError::Full(m)) => {
+                self.ring();
+                Err((MailError::Full, m))
+            }
+            Err(TrySendError::Disconnected(m)) => Err((MailError::Gone, m)),
+        }
+    }
+
+    /// Blocks while the mailbox is full (control from the main thread only, never a shard).
+    pub fn send_blocking(&self, mail: Mail) -> bool {
+        let ok = self.tx.send(mail).is_ok();
+        self.ring();
+        ok
+    }
 }
 
-/// The handle publishers and shards use to reach the bus.
+/// The stable hash that places a room on an engine: FNV-1a 64 of the name, reduced by
+/// multiply-shift. Stable across processes and versions (not `DefaultHasher`).
+pub fn engine_of(room: &str, engines: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    ((u128::from(h) * engines as u128) >> 64) as usize
+}
+
+/// The handle publishers, the Redis bridge and the main thread use to reach the engines: each
+/// command goes to the engine that owns its room, without blocking.
 #[derive(Clone)]
 pub struct BusHandle {
-    tx: Sender<BusCmd>,
+    engines: Arc<[Mailbox]>,
+    rejected_busy: prometheus::IntCounter,
 }
 
 impl BusHandle {
-    pub fn new(tx: Sender<BusCmd>) -> Self {
-        Self { tx }
+    pub fn new(engines: Vec<Mailbox>, rejected_busy: prometheus::IntCounter) -> Self {
+        Self { engines: engines.into(), rejected_busy }
     }
 
-    pub fn send(&self, cmd: BusCmd) -> bool {
-        self.tx.send(cmd).is_ok()
+    pub fn engines(&self) -> usize {
+        self.engines.len()
+    }
+
+    pub fn mailbox(&self, i: usize) -> Option<&Mailbox> {
+        self.engines.get(i)
+    }
+
+    /// Sends to the room's engine (or to every engine for room-less commands). `Err(Full)`:
+    /// the engine is behind; the command is handed back.
+    pub fn try_send(&self, cmd: EngineCmd) -> Result<(), (MailError, EngineCmd)> {
+        let n = self.engines.len();
+        match cmd.room() {
+            Some(room) => {
+                let e = engine_of(room, n);
+                self.engines[e].try_send(Mail::Engine(cmd)).map_err(|(err, m)| match m {
+                    Mail::Engine(c) => (err, c),
+                    _ => unreachable!("handed back what was sent"),
+                })
+            }
+            None => {
+                // Best effort here; the Redis bridge uses `send_async`, which waits for room.
+                let EngineCmd::Redis { up } = cmd else { unreachable!("only Redis has no room") };
+                for mb in self.engines.iter() {
+                    let _ = mb.try_send(Mail::Engine(EngineCmd::Redis { up }));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends, waiting (asynchronously) while the engine's mailbox is full: for the Redis
+    /// bridge, whose answers must not be lost. Gives up only when the engine has stopped.
+    pub async fn send_async(&self, mut cmd: EngineCmd) {
+        let mut wait = std::time::Duration::from_micros(200);
+        if let EngineCmd::Redis { up } = cmd {
+            // Every engine must learn it: wait for room in each mailbox.
+            for mb in self.engines.iter() {
+                let mut mail = Mail::Engine(EngineCmd::Redis { up });
+                while let Err((MailError::Full, m)) = mb.try_send(mail) {
+                    mail = m;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            return;
+        }
+        loop {
+            match self.try_send(cmd) {
+                Ok(()) | Err((MailError::Gone, _)) => return,
+                Err((MailError::Full, c)) => {
+                    cmd = c;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_millis(50));
+                }
+            }
+        }
     }
 
     /// Room figures (from async code).
     pub async fn room_stats(&self, room: RoomName) -> Option<RoomStats> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.send(BusCmd::RoomStats { room, reply: tx }) {
-            return None;
-        }
+        self.try_send(EngineCmd::RoomStats { room, reply: tx }).ok()?;
         rx.await.ok().flatten()
     }
 
-    /// Publishes and waits for the seq (from async code).
+    /// Publishes and waits for the seq (from async code). A full engine mailbox is refused at
+    /// once (503 with Retry-After): publishers back off, memory stays bounded.
     pub async fn publish(&self, room: RoomName, msg: NewMessage) -> Result<Ack, PublishError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.send(BusCmd::Publish { room, msg, reply: Reply::Http(tx) }) {
-            return Err(PublishError::ShuttingDown);
+        match self.try_send(EngineCmd::Publish { room, msg, reply: Reply::Http(tx) }) {
+            Ok(()) => {}
+            Err((MailError::Full, _)) => {
+                self.rejected_busy.inc();
+                return Err(PublishError::Busy { retry_after_ms: 100 });
+            }
+            Err((MailError::Gone, _)) => return Err(PublishError::ShuttingDown),
         }
         rx.await.unwrap_or(Err(PublishError::ShuttingDown))
     }

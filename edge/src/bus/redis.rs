@@ -33,9 +33,12 @@ use ::redis::aio::ConnectionManager;
 use roomcast_proto::envelope::PushMessage;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use std::sync::Arc;
 
-use super::{Ack, BusCmd, BusHandle, NewMessage, PendingJoin, PublishError, Reply, RoomName};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::{Ack, BusHandle, EngineCmd, NewMessage, PendingJoin, PublishError, Reply, RoomName};
 
 /// What the engine asks of Redis.
 pub enum BridgeCmd {
@@ -46,6 +49,8 @@ pub enum BridgeCmd {
         msg: NewMessage,
         must_deliver: bool,
         reply: Reply,
+        /// Held until Redis answers: bounds publishes in flight.
+        permit: Option<OwnedSemaphorePermit>,
     },
     /// Fetch seqs `from..=to` of `room` (both streams).
     Fill {
@@ -62,21 +67,39 @@ pub enum BridgeCmd {
     },
 }
 
-/// The engine's handle on the bridge.
+/// Publishes waiting for Redis beyond which the engines refuse more (503, Retry-After).
+pub const MAX_PUBLISHES_IN_FLIGHT: usize = 16_384;
+
+/// The engines' handle on the bridge. Publishes, whose volume is the publishers', are bounded
+/// (a full queue refuses the publish); subscriptions, fills and recoveries are bounded by the
+/// engines themselves (one state change, at most one fill in flight per room; one recovery per
+/// joining connection), so they never wait behind a publish flood.
 #[derive(Clone)]
 pub struct Bridge {
     tx: UnboundedSender<BridgeCmd>,
+    publishes: Arc<Semaphore>,
 }
 
 impl Bridge {
-    pub fn send(&self, cmd: BridgeCmd) {
-        let _ = self.tx.send(cmd);
+    /// Sends `cmd`; a publish over the bound is handed back so the engine can refuse it.
+    pub fn send(&self, cmd: BridgeCmd) -> Result<(), BridgeCmd> {
+        if let BridgeCmd::Publish { permit, .. } = &cmd
+            && permit.is_none()
+        {
+            let Ok(p) = self.publishes.clone().try_acquire_owned() else { return Err(cmd) };
+            let BridgeCmd::Publish { room, msg, must_deliver, reply, .. } = cmd else { unreachable!() };
+            return self
+                .tx
+                .send(BridgeCmd::Publish { room, msg, must_deliver, reply, permit: Some(p) })
+                .map_err(|e| e.0);
+        }
+        self.tx.send(cmd).map_err(|e| e.0)
     }
 
     /// A bridge whose commands go to `tx` (tests drive the engine's Redis mode without Redis).
     #[cfg(test)]
     pub(crate) fn to_channel(tx: UnboundedSender<BridgeCmd>) -> Self {
-        Self { tx }
+        Self { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) }
     }
 }
 
@@ -152,7 +175,7 @@ pub fn start(url: &str, bus: BusHandle, limits: StreamLimits) -> Result<Bridge, 
     let client = ::redis::Client::open(url)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(run(client, rx, bus, limits));
-    Ok(Bridge { tx })
+    Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
 }
 
 async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus: BusHandle, limits: StreamLimits) {
@@ -170,7 +193,7 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
         let (cm, ps) = match conn {
             Ok(c) => c,
             Err(e) => {
-                bus.send(BusCmd::Redis { up: false });
+                bus.send_async(EngineCmd::Redis { up: false }).await;
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis unreachable");
                 // Keep answering commands (publishes get 503) while we wait.
                 let sleep = tokio::time::sleep(backoff);
@@ -180,7 +203,7 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                         () = &mut sleep => break,
                         cmd = rx.recv() => match cmd {
                             None => return,
-                            Some(cmd) => offline(cmd, &mut rooms, &bus),
+                            Some(cmd) => offline(cmd, &mut rooms, &bus).await,
                         },
                     }
                 }
@@ -202,7 +225,7 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
         if !ok {
             continue;
         }
-        bus.send(BusCmd::Redis { up: true });
+        bus.send_async(EngineCmd::Redis { up: true }).await;
         for room in rooms.clone() {
             tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
         }
@@ -215,14 +238,14 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                         let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
                         match parse(m.get_payload_bytes()) {
                             Some((msg, must_deliver)) => {
-                                bus.send(BusCmd::Remote { room: RoomName::from(room), msg, must_deliver });
+                                bus.send_async(EngineCmd::Remote { room: RoomName::from(room), msg, must_deliver }).await;
                             }
                             None => tracing::warn!(room, "unreadable message on the redis channel"),
                         }
                     }
                     None => {
                         tracing::warn!("redis subscriber connection lost; reconnecting");
-                        bus.send(BusCmd::Redis { up: false });
+                        bus.send_async(EngineCmd::Redis { up: false }).await;
                         break;
                     }
                 },
@@ -243,8 +266,8 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                                 let _ = sink.unsubscribe(&keys(&room)[3]).await;
                             }
                         }
-                        BridgeCmd::Publish { room, msg, must_deliver, reply } => {
-                            tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, reply, bus.clone(), limits));
+                        BridgeCmd::Publish { room, msg, must_deliver, reply, permit } => {
+                            tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, reply, bus.clone(), limits, permit));
                         }
                         BridgeCmd::Fill { room, from, to } => {
                             tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
@@ -260,7 +283,7 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
 }
 
 /// While Redis is away: track interest, refuse publishes, fail fills and recoveries explicitly.
-fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
+async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
     match cmd {
         BridgeCmd::Subscribe(room) => {
             rooms.insert(room);
@@ -268,14 +291,23 @@ fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
         BridgeCmd::Unsubscribe(room) => {
             rooms.remove(&room);
         }
-        BridgeCmd::Publish { reply, .. } => {
-            bus.send(BusCmd::PublishDone { reply, result: Err(PublishError::BusUnavailable) });
+        BridgeCmd::Publish { room, reply, .. } => {
+            bus.send_async(EngineCmd::PublishDone { room, reply, result: Err(PublishError::BusUnavailable) }).await;
         }
         BridgeCmd::Fill { room, from, to } => {
-            bus.send(BusCmd::Filled { room, from, to, messages: Vec::new(), ok: false });
+            bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
         }
         BridgeCmd::Recover { room, since, upto, join } => {
-            bus.send(BusCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false });
+            bus.send_async(EngineCmd::Recovered {
+                room,
+                since,
+                upto,
+                join,
+                messages: Vec::new(),
+                evicted_upto: 0,
+                ok: false,
+            })
+            .await;
         }
     }
 }
@@ -284,7 +316,7 @@ async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
     let seq: Result<Option<u64>, _> = cm.get(&keys(&room)[0]).await;
     match seq {
         Ok(seq) => {
-            bus.send(BusCmd::Synced { room, seq: seq.unwrap_or(0) });
+            bus.send_async(EngineCmd::Synced { room, seq: seq.unwrap_or(0) }).await;
         }
         Err(e) => tracing::warn!(room = %room, error = %e, "cannot read room seq"),
     }
@@ -300,6 +332,7 @@ async fn publish(
     reply: Reply,
     bus: BusHandle,
     limits: StreamLimits,
+    permit: Option<OwnedSemaphorePermit>,
 ) {
     let k = keys(&room);
     let r: Result<(u64, u64), _> = script
@@ -316,14 +349,15 @@ async fn publish(
         .arg(limits.droppable.max(1))
         .invoke_async(&mut cm)
         .await;
+    drop(permit);
     let result = match r {
-        Ok((seq, ts_us)) => Ok((room, Ack { seq, ts_us })),
+        Ok((seq, ts_us)) => Ok(Ack { seq, ts_us }),
         Err(e) => {
             tracing::warn!(error = %e, "redis publish failed");
             Err(PublishError::BusUnavailable)
         }
     };
-    bus.send(BusCmd::PublishDone { reply, result });
+    bus.send_async(EngineCmd::PublishDone { room, reply, result }).await;
 }
 
 /// Reads `from..=to` from a stream (ids are `seq-0`).
@@ -353,11 +387,11 @@ async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus
         (Ok(mut a), Ok(b)) => {
             a.extend(b);
             a.sort_by_key(|(m, _)| m.seq);
-            bus.send(BusCmd::Filled { room, from, to, messages: a, ok: true });
+            bus.send_async(EngineCmd::Filled { room, from, to, messages: a, ok: true }).await;
         }
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(room = %room, error = %e, "redis fill failed");
-            bus.send(BusCmd::Filled { room, from, to, messages: Vec::new(), ok: false });
+            bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
         }
     }
 }
@@ -368,7 +402,7 @@ async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u6
     let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
     match (md, evicted) {
         (Ok(md), Ok(ev)) => {
-            bus.send(BusCmd::Recovered {
+            bus.send_async(EngineCmd::Recovered {
                 room,
                 since,
                 upto,
@@ -376,11 +410,21 @@ async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u6
                 messages: md.into_iter().map(|(m, _)| m).collect(),
                 evicted_upto: ev.unwrap_or(0),
                 ok: true,
-            });
+            })
+            .await;
         }
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(room = %room, error = %e, "redis recovery failed");
-            bus.send(BusCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false });
+            bus.send_async(EngineCmd::Recovered {
+                room,
+                since,
+                upto,
+                join,
+                messages: Vec::new(),
+                evicted_upto: 0,
+                ok: false,
+            })
+            .await;
         }
     }
 }

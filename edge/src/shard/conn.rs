@@ -92,6 +92,9 @@ pub struct Conn {
     pub next_ping_ms: u64,
     /// Draining: when this connection gets its `goaway`.
     pub goaway_at_ms: Option<u64>,
+    /// Signalling token bucket (`ws.signal_rate`): tokens, and when they were last counted.
+    pub signal_tokens: f64,
+    pub signal_at_ms: u64,
 }
 
 impl Conn {
@@ -119,6 +122,21 @@ impl Conn {
             last_rx_ms: now_ms,
             next_ping_ms: now_ms,
             goaway_at_ms: None,
+            signal_tokens: f64::INFINITY,
+            signal_at_ms: now_ms,
+        }
+    }
+
+    /// Takes a signalling token (`rate` per second, at most `burst` saved up).
+    pub fn take_signal(&mut self, rate: f64, burst: f64, now_ms: u64) -> bool {
+        let dt = now_ms.saturating_sub(self.signal_at_ms) as f64 / 1000.0;
+        self.signal_at_ms = now_ms;
+        self.signal_tokens = (self.signal_tokens + dt * rate).min(burst);
+        if self.signal_tokens >= 1.0 {
+            self.signal_tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 

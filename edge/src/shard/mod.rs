@@ -30,8 +30,11 @@ use roomcast_proto::ws::{self, CloseReason, Decoder, Event, Limits, OpCode};
 use roomcast_proto::{Subprotocol, envelope::validate_room};
 use socket2::Socket;
 
-use crate::bus::{BusCmd, BusHandle, Delivery, MustDeliver, NewMessage, Reply, RoomName, ShardCmd};
+use crate::bus::{
+    Delivery, EngineCmd, Mail, MailError, Mailbox, MustDeliver, NewMessage, Reply, RoomName, ShardCmd, engine_of,
+};
 use crate::config::Config;
+use crate::engine::{Engine, LoadBoard, Out};
 use crate::metrics::ShardStats;
 use crate::room::{Interest, Rooms};
 use crate::uring::{BufRing, OpKind, Sq, Token, UringError};
@@ -46,6 +49,8 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a shard sleeps in the kernel without a completion (drives the timers).
 const TICK: Duration = Duration::from_millis(100);
+/// How soon a shard retries mail a full peer mailbox refused.
+const STALLED_RETRY: Duration = Duration::from_millis(1);
 
 /// A goaway tells its client to wait a random time below this before reconnecting, so the
 /// clients of one shard's turn do not arrive at dispatch in the same millisecond.
@@ -57,8 +62,14 @@ pub struct ShardSpec {
     pub cpu: Option<usize>,
     pub listener: Socket,
     pub cfg: Arc<Config>,
-    pub bus: BusHandle,
-    pub mailbox: Receiver<ShardCmd>,
+    /// This shard's room engine (engine `id`: the rooms that hash to it), or None when the
+    /// engines run beside the shards on threads of their own.
+    pub engine: Option<Engine>,
+    /// Every engine's mailbox, by engine id: the shards' own mailboxes when the shards host
+    /// the engines (this one's included).
+    pub engines: Vec<Mailbox>,
+    pub load: Arc<LoadBoard>,
+    pub mailbox: Receiver<Mail>,
     pub doorbell: Arc<OwnedFd>,
     pub parked: Arc<AtomicBool>,
     pub stats: ShardStats,
@@ -102,8 +113,19 @@ struct Shard {
     limits: Limits,
     /// Dropped (closed) when draining starts.
     listener: Option<Socket>,
-    bus: BusHandle,
-    mailbox: Receiver<ShardCmd>,
+    /// A listener being retired: kept open until its multishot accept's last completion (an
+    /// in-flight operation owns its file), then closed.
+    retiring: Option<Socket>,
+    engine: Option<Engine>,
+    /// The engine's output, per shard; what a full mailbox refused waits here.
+    out: Out,
+    /// Connections' signalling for each engine, gathered during the turn.
+    sig: Vec<Vec<EngineCmd>>,
+    engines: Vec<Mailbox>,
+    load: Arc<LoadBoard>,
+    /// A peer's mailbox was full this turn: come back soon to retry.
+    stalled: bool,
+    mailbox: Receiver<Mail>,
     doorbell: Arc<OwnedFd>,
     doorbell_buf: Box<u64>,
     parked: Arc<AtomicBool>,
@@ -154,7 +176,13 @@ impl Shard {
             cfg: spec.cfg,
             limits,
             listener: Some(spec.listener),
-            bus: spec.bus,
+            retiring: None,
+            engine: spec.engine,
+            out: Out::new(spec.engines.len()),
+            sig: (0..spec.engines.len()).map(|_| Vec::new()).collect(),
+            engines: spec.engines,
+            load: spec.load,
+            stalled: false,
             mailbox: spec.mailbox,
             doorbell: spec.doorbell,
             doorbell_buf: Box::new(0),
@@ -191,6 +219,7 @@ impl Shard {
             self.drain_mailbox();
             self.reap();
             self.run_retries();
+            self.engine_turn();
             self.flush_dirty();
             self.tick();
             if let Some(at) = self.shutdown_at
@@ -204,8 +233,16 @@ impl Shard {
             self.parked.store(true, Ordering::SeqCst);
             // Always enter with GETEVENTS (want = 1): with DEFER_TASKRUN that is the only way
             // completions get posted. With mail waiting, the timeout is zero: just a poll.
-            let ts = if self.mailbox.is_empty() {
-                types::Timespec::from(TICK)
+            let own_sig = self.engine.is_some() && !self.sig[usize::from(self.id)].is_empty();
+            let ts = if self.mailbox.is_empty() && !own_sig {
+                let mut wait = TICK;
+                if let Some(at) = self.engine.as_ref().and_then(Engine::poll_timeout) {
+                    wait = wait.min(at.saturating_duration_since(Instant::now()));
+                }
+                if self.stalled {
+                    wait = wait.min(STALLED_RETRY);
+                }
+                types::Timespec::from(wait)
             } else {
                 self.parked.store(false, Ordering::SeqCst);
                 types::Timespec::new()
@@ -288,7 +325,74 @@ impl Shard {
     // ---- mailbox ------------------------------------------------------------------------------
 
     fn drain_mailbox(&mut self) {
-        while let Ok(cmd) = self.mailbox.try_recv() {
+        let now = Instant::now();
+        while let Ok(mail) = self.mailbox.try_recv() {
+            match mail {
+                Mail::Turn { engine, shard } => {
+                    if let Some(e) = self.engine.as_mut() {
+                        for cmd in engine {
+                            e.handle(cmd, now, &mut self.out);
+                        }
+                    }
+                    for cmd in shard {
+                        self.apply(cmd);
+                    }
+                }
+                Mail::Engine(cmd) => {
+                    if let Some(e) = self.engine.as_mut() {
+                        e.handle(cmd, now, &mut self.out);
+                    }
+                }
+                Mail::Shard(cmd) => self.apply(cmd),
+            }
+        }
+    }
+
+    /// One engine turn: this shard's own signalling for its engine, what is due, then the
+    /// output: applied here for this shard, one mail per peer for the others.
+    fn engine_turn(&mut self) {
+        let now = Instant::now();
+        let me = usize::from(self.id);
+        let hosted = self.engine.is_some();
+        if let Some(e) = self.engine.as_mut() {
+            for cmd in std::mem::take(&mut self.sig[me]) {
+                e.handle(cmd, now, &mut self.out);
+            }
+            e.poll(now, &mut self.out);
+            for cmd in std::mem::take(&mut self.out.shard[me]) {
+                self.apply(cmd);
+            }
+        }
+        self.stalled = false;
+        for d in 0..self.engines.len() {
+            if (hosted && d == me) || (self.sig[d].is_empty() && self.out.shard[d].is_empty()) {
+                continue;
+            }
+            // Hosted: engine d lives on shard d, so this one mail carries both our signalling for
+            // its engine and our engine's output for its connections. Beside: only signalling.
+            let mail =
+                Mail::Turn { engine: std::mem::take(&mut self.sig[d]), shard: std::mem::take(&mut self.out.shard[d]) };
+            match self.engines[d].try_send(mail) {
+                Ok(()) => {}
+                Err((MailError::Full, Mail::Turn { engine, shard })) => {
+                    // The peer is behind: keep the mail (in order) for the next turn.
+                    self.sig[d] = engine;
+                    self.out.shard[d] = shard;
+                    self.stalled = true;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Sends a connection's signalling to the engine that owns `room` (this turn's mail).
+    fn signal(&mut self, room: &str, cmd: EngineCmd) {
+        let e = engine_of(room, self.engines.len());
+        self.sig[e].push(cmd);
+    }
+
+    fn apply(&mut self, cmd: ShardCmd) {
+        {
             match cmd {
                 ShardCmd::Deliver(d) => self.deliver(&d),
                 ShardCmd::JoinAck { slot, generation, room, seq, replay } => {
@@ -302,6 +406,9 @@ impl Shard {
                     if self.live(slot, generation) {
                         self.send_msg(slot, &msg);
                     }
+                }
+                ShardCmd::JoinRefused { slot, generation, room, reason } => {
+                    self.join_refused(slot, generation, &room, reason);
                 }
                 ShardCmd::Drain { url, period_ms } => self.begin_drain(url, period_ms),
                 ShardCmd::Shutdown => self.begin_shutdown(),
@@ -407,6 +514,11 @@ impl Shard {
     fn on_accept(&mut self, res: i32, flags: u32) {
         if !cqueue::more(flags) {
             self.accept_armed = false;
+            // The accept's last completion: a retired listener can be closed now.
+            if let Some(l) = self.retiring.take() {
+                drop(l);
+                tracing::debug!(shard = self.id, "listener closed");
+            }
         }
         if res < 0 {
             self.stats.accept_errors.inc();
@@ -469,14 +581,17 @@ impl Shard {
             if let Some(bid) = bid {
                 self.bufring.recycle(bid);
             }
-            if res == -libc::ENOBUFS {
+            if c.closing != Closing::No {
+                // Whatever ended the receive (ECANCELED, ENOBUFS, EOF...), a closing
+                // connection moves on to its release: re-arming is refused while closing, so
+                // waiting for anything else here would leak the slot.
+                self.maybe_release(slot);
+            } else if res == -libc::ENOBUFS {
                 // Every receive buffer is in use: this shard is behind. Re-arm; the buffers
                 // come back as soon as the completions ahead of this one are processed.
                 if !more {
                     self.arm_recv(slot);
                 }
-            } else if c.closing != Closing::No {
-                self.maybe_release(slot);
             } else {
                 // 0: the peer closed; <0: reset or error.
                 self.abort(slot);
@@ -676,6 +791,13 @@ impl Shard {
     }
 
     fn on_client_message(&mut self, slot: u32, opcode: OpCode, payload: &[u8]) {
+        let now_ms = self.now_ms();
+        let (rate, burst) = (self.cfg.ws.signal_rate, self.cfg.ws.signal_burst);
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if !c.take_signal(rate, burst, now_ms) {
+            self.stats.signals_refused.inc();
+            return self.send_error(slot, "rate_limited", "signalling over ws.signal_rate: slow down");
+        }
         let Some(Some(c)) = self.conns.get(slot as usize) else { return };
         let parsed = match opcode {
             OpCode::Text => envelope::decode_client_json(payload),
@@ -708,8 +830,10 @@ impl Shard {
                 }
             }
             ClientMsg::Publish { kind, user, body } => {
+                // A join still in flight counts: the join and this publish go to the same engine
+                // on the same link, in the order the client sent them.
                 let room = match self.conns.get(slot as usize) {
-                    Some(Some(c)) => c.room.clone(),
+                    Some(Some(c)) => c.joining.clone().or_else(|| c.room.clone()),
                     _ => None,
                 };
                 let Some(room) = room else {
@@ -720,7 +844,7 @@ impl Shard {
                 }
                 let generation = self.conns[slot as usize].as_ref().map_or(0, |c| c.generation);
                 let reply = Reply::Conn { shard: self.id, slot, generation };
-                self.bus.send(BusCmd::Publish { room, msg: NewMessage { kind, user, body }, reply });
+                self.signal(&room.clone(), EngineCmd::Publish { room, msg: NewMessage { kind, user, body }, reply });
             }
         }
     }
@@ -735,7 +859,7 @@ impl Shard {
         let generation = c.generation;
         c.joining = Some(room.clone());
         self.rooms.begin_join(&room, proto);
-        self.bus.send(BusCmd::Join { room, shard: self.id, slot, generation, proto, since });
+        self.signal(&room.clone(), EngineCmd::Join { room, shard: self.id, slot, generation, proto, since });
     }
 
     fn join_ack(&mut self, slot: u32, generation: u32, room: RoomName, seq: u64, replay: Vec<Bytes>) {
@@ -758,8 +882,29 @@ impl Shard {
         }
         self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq });
         for f in replay {
-            // Recovered must-deliver messages: kept whole if the connection falls behind.
-            self.push_frame(slot, f);
+            // Recovered must-deliver messages: kept whole if the connection falls behind, and
+            // let in whatever the queue holds (their size is bounded by the history limits).
+            if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+                c.push(OutFrame::control(f));
+            }
+        }
+        self.mark_dirty(slot);
+    }
+
+    /// The engine refused a join (the edge is at its room bound): undo it and tell the client.
+    fn join_refused(&mut self, slot: u32, generation: u32, room: &RoomName, reason: &str) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.generation != generation || c.joining.as_deref() != Some(&**room) {
+            return;
+        }
+        c.joining = None;
+        let proto = c.proto;
+        // The engine created nothing for this join: only the local count is undone.
+        let _ = self.rooms.cancel_join(room, proto);
+        self.stats.rooms.set(self.rooms.len() as i64);
+        self.stats.signals_refused.inc();
+        if c.closing == Closing::No {
+            self.send_error(slot, "join_refused", reason);
         }
     }
 
@@ -769,16 +914,16 @@ impl Shard {
         let proto = c.proto;
         let mut left = None;
         if let Some(room) = c.joining.take() {
-            self.bus.send(BusCmd::Left { room: room.clone() });
+            self.signal(&room, EngineCmd::Left { room: room.clone() });
             if self.rooms.cancel_join(&room, proto) == Interest::Dropped {
-                self.bus.send(BusCmd::NoInterest { room: room.clone(), shard: self.id, proto });
+                self.signal(&room, EngineCmd::NoInterest { room: room.clone(), shard: self.id, proto });
             }
             left = Some(room);
         }
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return left };
         if let Some(room) = c.room.take() {
-            self.bus.send(BusCmd::Left { room: room.clone() });
             let idx = c.room_idx;
+            self.signal(&room, EngineCmd::Left { room: room.clone() });
             let (interest, moved) = self.rooms.leave(&room, slot, idx, proto);
             if let Some(m) = moved
                 && let Some(Some(mc)) = self.conns.get_mut(m as usize)
@@ -786,7 +931,7 @@ impl Shard {
                 mc.room_idx = idx;
             }
             if interest == Interest::Dropped {
-                self.bus.send(BusCmd::NoInterest { room: room.clone(), shard: self.id, proto });
+                self.signal(&room, EngineCmd::NoInterest { room: room.clone(), shard: self.id, proto });
             }
             left = Some(room);
         }
@@ -816,10 +961,30 @@ impl Shard {
         self.push_frame(slot, Bytes::from(frame));
     }
 
+    /// Queues a frame of the connection's own (101 answer, pong, joined, published, error,
+    /// replay...). It counts against `send.max_queue_bytes` / `max_queue_frames` like any
+    /// delivery: a client that sends pings and never reads fills its own queue, is shed, and
+    /// is closed as a slow consumer (4000) rather than growing the edge.
     fn push_frame(&mut self, slot: u32, bytes: Bytes) {
+        let (max_bytes, max_frames) = (self.cfg.send.max_queue_bytes, self.cfg.send.max_queue_frames);
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
         if c.closing != Closing::No {
             return;
+        }
+        let over = |c: &Conn| c.out_bytes + bytes.len() > max_bytes || c.out.len() >= max_frames;
+        if over(c) {
+            let shed = c.shed();
+            self.stats.shed_bytes.inc_by(shed as u64);
+            if over(c) {
+                self.stats.slow_consumer_closes.inc();
+                tracing::info!(
+                    shard = self.id,
+                    slot,
+                    "closing slow consumer (4000): its own frames over the queue bound"
+                );
+                c.drop_unsent(c.in_flight as usize);
+                return self.close_with(slot, 4000, "slow consumer: reconnect with since");
+            }
         }
         c.push(OutFrame::control(bytes));
         self.mark_dirty(slot);
@@ -951,11 +1116,21 @@ impl Shard {
     /// shards are draining.
     fn stop_accepting(&mut self) {
         self.accepting = false;
-        if let Some(l) = self.listener.take() {
-            let _ = Sq::new(&mut self.ring).cancel_listener(l.as_raw_fd(), Token::new(OpKind::Cancel, 0, 0));
-            // The in-flight accept holds its own reference to the socket until it is cancelled.
-            drop(l);
+        let Some(l) = self.listener.take() else { return };
+        if !self.accept_armed {
+            return; // nothing in flight owns it: close now
         }
+        // Cancel the multishot accept by its token and keep the socket open until the accept's
+        // last completion (on_accept drops it). Closing the fd first, as this once did, left
+        // the cancel nothing to find by fd: the accept kept the listener alive in the kernel
+        // and new connections were accepted and dropped with EOF during a drain.
+        let accept = Token::new(OpKind::Accept, 0, 0);
+        if Sq::new(&mut self.ring).cancel_token(accept, Token::new(OpKind::Cancel, 0, 0)).is_err() {
+            // The SQ is full: submit what is queued and try again once.
+            let _ = self.ring.submit();
+            let _ = Sq::new(&mut self.ring).cancel_token(accept, Token::new(OpKind::Cancel, 0, 0));
+        }
+        self.retiring = Some(l);
     }
 
     fn next_random(&mut self) -> u64 {
@@ -1048,7 +1223,7 @@ impl Shard {
             }
         }
         self.stats.send_queue_bytes.set(queued as i64);
-        self.bus.send(BusCmd::Load { shard: self.id, queued_bytes: queued });
+        self.load.set(self.id, queued);
         for slot in to_abort {
             if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No)
             {

@@ -222,10 +222,13 @@ impl<'a> Sq<'a> {
         unsafe { self.push(&e) }
     }
 
-    /// Cancels the multishot accept on a (normal) listening fd.
-    pub fn cancel_listener(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
-        let e =
-            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build().user_data(token.encode());
+    /// Cancels every operation submitted with `target` as its user_data (the multishot accept:
+    /// cancelling by token, not by fd, works whatever the fd's fate, and the caller keeps the
+    /// socket until the operation's last completion).
+    pub fn cancel_token(&mut self, target: Token, token: Token) -> io::Result<()> {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target.encode()).all())
+            .build()
+            .user_data(token.encode());
         // SAFETY: no buffer.
         unsafe { self.push(&e) }
     }

@@ -1,0 +1,100 @@
+//! Admission: a publish meets, in order, the kind check, the room's must-deliver bucket (which
+//! *rejects*: the publisher retries, nothing is silently lost), the room and user buckets for
+//! droppable kinds (which *drop*, counted), and sampling when the room is over its delivery
+//! budget. Only then does it get a seq: refused messages take none, so a gap always means loss.
+
+use std::time::{Duration, Instant};
+
+use roomcast_proto::envelope::PushMessage;
+
+use super::adaptive::visible_rate;
+use super::{Engine, MAX_USERS, Out};
+use crate::bus::policy::Bucket;
+use crate::bus::{Ack, NewMessage, PublishError, Reply, RoomName, ShardCmd};
+
+impl Engine {
+    pub(super) fn drop_counted(&self, kind: &str, reason: &str) {
+        self.stats.messages_dropped.with_label_values(&[kind, reason]).inc();
+    }
+
+    /// Checks kind, limits and sampling; creates the room. Returns whether the kind must be
+    /// delivered.
+    pub(super) fn admit(&mut self, room: &RoomName, msg: &NewMessage, now: Instant) -> Result<bool, PublishError> {
+        let Some(&must_deliver) = self.cfg.kinds.get(&msg.kind) else {
+            self.stats.publish_rejected.with_label_values(&["unknown_kind"]).inc();
+            return Err(PublishError::UnknownKind(msg.kind.clone()));
+        };
+        if let Err(e) = self.ensure_room(room, now) {
+            self.stats.publish_rejected.with_label_values(&["too_many_rooms"]).inc();
+            return Err(e);
+        }
+        let lim = &self.cfg.limits;
+        let r = self.rooms.get_mut(room).expect("ensured above");
+        let ms = |d: Duration| d.as_millis().max(1) as u64;
+        if must_deliver {
+            if let Err(wait) = r.must_bucket.take(lim.must_deliver_room_rate, lim.must_deliver_room_burst, now) {
+                self.stats.publish_rejected.with_label_values(&["must_deliver_rate"]).inc();
+                return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: true });
+            }
+            return Ok(true);
+        }
+        if let Err(wait) = r.droppable_bucket.take(lim.room_rate, lim.room_burst, now) {
+            self.drop_counted(&msg.kind, "room_rate");
+            return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: false });
+        }
+        if !msg.user.is_empty() {
+            if self.users.len() >= MAX_USERS.div_ceil(self.engines) && !self.users.contains_key(&msg.user) {
+                let (rate, burst) = (lim.user_rate, lim.user_burst);
+                self.users.retain(|_, b| !b.is_full(rate, burst, now));
+            }
+            let b = self.users.entry(msg.user.clone()).or_insert_with(|| Bucket::full(lim.user_burst, now));
+            if let Err(wait) = b.take(lim.user_rate, lim.user_burst, now) {
+                self.drop_counted(&msg.kind, "user_rate");
+                return Err(PublishError::RateLimited { scope: "user", retry_after_ms: ms(wait), must_deliver: false });
+            }
+        }
+        let r = self.rooms.get_mut(room).expect("ensured above");
+        r.bump_rate(now);
+        let a = &self.cfg.adaptive;
+        let visible = visible_rate(a, r.members);
+        if r.sampling_now(a, self.sampling, now) && r.visible_bucket.take(visible, visible, now).is_err() {
+            self.drop_counted(&msg.kind, "sampled");
+            return Err(PublishError::Sampled);
+        }
+        Ok(false)
+    }
+
+    /// Local mode: admit, number, accept.
+    pub(super) fn publish(
+        &mut self,
+        room: &RoomName,
+        msg: NewMessage,
+        now: Instant,
+        out: &mut Out,
+    ) -> Result<Ack, PublishError> {
+        let must_deliver = self.admit(room, &msg, now)?;
+        let ts_us = self.wall_us(now);
+        let r = self.rooms.get_mut(room).expect("admit creates the room");
+        if must_deliver {
+            r.bump_rate(now);
+        }
+        let ack = Ack { seq: r.seq + 1, ts_us };
+        let name = r.name.clone();
+        let pm = PushMessage { seq: ack.seq, ts_us: ack.ts_us, kind: msg.kind, user: msg.user, body: msg.body };
+        self.accept(&name, pm, must_deliver, now, out);
+        Ok(ack)
+    }
+
+    /// Answers a publish: the HTTP handler's oneshot, or the publishing connection's shard.
+    pub(super) fn answer(&self, out: &mut Out, reply: Reply, room: &RoomName, result: Result<Ack, PublishError>) {
+        match reply {
+            Reply::Http(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Conn { shard, slot, generation } => {
+                out.push(shard, ShardCmd::Published { slot, generation, room: room.clone(), result });
+            }
+            Reply::None => {}
+        }
+    }
+}

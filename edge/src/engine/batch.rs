@@ -1,0 +1,167 @@
+//! The pending batch: a numbered message joins its room's history and batch; the first message
+//! arms the room's window; at the deadline (or when the batch is full) the batch is serialized
+//! **once per encoding some shard wants**, wrapped once into a complete WebSocket frame, and one
+//! `Arc<Delivery>` goes to every interested shard. No per-member work happens here.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use roomcast_proto::Subprotocol;
+use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
+
+use super::adaptive::{room_window, visible_rate};
+use super::room::{Pending, ShardSet};
+use super::{Engine, Out};
+use crate::bus::{Delivery, MustDeliver, RoomName, ShardCmd, frame};
+
+impl Engine {
+    /// A numbered message becomes the room's latest: history, then the pending batch.
+    pub(super) fn accept(&mut self, room: &RoomName, pm: PushMessage, must_deliver: bool, now: Instant, out: &mut Out) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        r.seq = pm.seq;
+        r.last_active = now;
+        if self.remote.is_some() {
+            r.bump_rate(now);
+        }
+        if r.parked.iter().any(|&(_, since, _)| since <= r.seq) {
+            self.unpark(room, now, false, out);
+        }
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        self.stats.messages_in.with_label_values(&[pm.kind.as_str()]).inc();
+        r.history.push(pm.clone(), must_deliver, now, &self.cfg.history);
+        if !r.interested() {
+            // No member on any shard: nothing to deliver now; history keeps it for `since`.
+            r.flushed_seq = r.seq;
+            return;
+        }
+        let a = &self.cfg.adaptive;
+        let visible = visible_rate(a, r.members);
+        if !must_deliver
+            && self.remote.is_some()
+            && r.sampling_now(a, self.sampling, now)
+            && r.fanout_bucket.take(visible, visible, now).is_err()
+        {
+            // Redis mode: the publishing edge sampled by its own members; this edge's members
+            // may be many more. Droppable content beyond this edge's visible rate is not fanned
+            // out (it stays in history; seqs of droppable messages may be skipped, as documented).
+            if r.pending.is_empty() {
+                r.flushed_seq = r.seq;
+            }
+            self.drop_counted(&pm.kind, "sampled_fanout");
+            return;
+        }
+        r.pending_bytes += pm.body.len() + pm.kind.len() + pm.user.len() + 32;
+        r.pending.push(Pending { msg: pm, must_deliver });
+        let full = r.pending.len() >= self.cfg.max_batch_messages || r.pending_bytes >= self.cfg.max_batch_bytes;
+        if full {
+            self.flush(room, out);
+        } else if r.deadline.is_none() {
+            let window = room_window(&self.cfg, self.level, r.current_rate(now), r.members);
+            if window.is_zero() {
+                r.deadline = Some(now);
+                self.immediate.push(room.clone());
+            } else {
+                let d = now + window;
+                r.deadline = Some(d);
+                self.timers.push(Reverse((d, room.clone())));
+            }
+        }
+    }
+
+    pub(super) fn flush_immediate(&mut self, out: &mut Out) {
+        let rooms = std::mem::take(&mut self.immediate);
+        for room in &rooms {
+            self.flush(room, out);
+        }
+        self.immediate = rooms;
+        self.immediate.clear();
+    }
+
+    pub(super) fn flush_due(&mut self, now: Instant, out: &mut Out) {
+        while let Some(Reverse((deadline, _))) = self.timers.peek() {
+            if *deadline > now {
+                break;
+            }
+            let Reverse((deadline, room)) = self.timers.pop().expect("peeked");
+            // A room flushed early (full batch) leaves a stale timer: skip it.
+            if self.rooms.get(&room).and_then(|r| r.deadline) == Some(deadline) {
+                self.flush(&room, out);
+            }
+        }
+    }
+
+    /// Serializes the room's pending messages once per encoding in use and hands the frames to
+    /// every interested shard.
+    pub(super) fn flush(&mut self, room: &RoomName, out: &mut Out) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        r.deadline = None;
+        if r.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut r.pending);
+        r.pending_bytes = 0;
+        let last_seq = pending.last().map_or(r.flushed_seq, |p| p.msg.seq);
+        r.flushed_seq = r.flushed_seq.max(last_seq);
+        if !r.interested() {
+            return;
+        }
+        let count = pending.len() as u32;
+        let must = pending.iter().filter(|p| p.must_deliver).count() as u32;
+        let must_msgs: Vec<PushMessage> = if must > 0 && must < count {
+            pending.iter().filter(|p| p.must_deliver).map(|p| p.msg.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let all = ServerMsg::Batch { room: r.name.to_string(), messages: pending.into_iter().map(|p| p.msg).collect() };
+        let frames = encode_frames(&r.name, &r.interest, &all);
+        let must_deliver = if must == count {
+            MustDeliver::All
+        } else if must == 0 {
+            MustDeliver::None
+        } else {
+            let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs };
+            MustDeliver::Some { frames: encode_frames(&r.name, &r.interest, &only), messages: must }
+        };
+        let delivery = Arc::new(Delivery { room: r.name.clone(), frames, messages: count, last_seq, must_deliver });
+        send_to_shards(out, &r.interest, &delivery);
+        self.stats.batches.inc();
+        self.stats.batch_messages.inc_by(u64::from(count));
+    }
+
+    /// Sends a notice (not a message: no seq of its own) to every member of a room.
+    pub(super) fn notify(&mut self, room: &RoomName, msg: &ServerMsg, out: &mut Out) {
+        let Some(r) = self.rooms.get(room) else { return };
+        let frames = encode_frames(&r.name, &r.interest, msg);
+        let delivery = Arc::new(Delivery {
+            room: r.name.clone(),
+            frames,
+            messages: 0,
+            last_seq: r.flushed_seq,
+            must_deliver: MustDeliver::All,
+        });
+        send_to_shards(out, &r.interest, &delivery);
+    }
+}
+
+fn send_to_shards(out: &mut Out, interest: &[ShardSet; 2], delivery: &Arc<Delivery>) {
+    for s in interest[0].union_iter(&interest[1]) {
+        out.push(s, ShardCmd::Deliver(delivery.clone()));
+    }
+}
+
+/// One frame per encoding some shard wants.
+fn encode_frames(room: &str, interest: &[ShardSet; 2], msg: &ServerMsg) -> [Option<Bytes>; 2] {
+    let mut frames: [Option<Bytes>; 2] = [None, None];
+    for proto in Subprotocol::ALL {
+        if interest[proto.index()].is_empty() {
+            continue;
+        }
+        match envelope::encode(proto, msg) {
+            Ok(payload) => frames[proto.index()] = Some(frame(proto, &payload)),
+            Err(e) => tracing::error!(room, error = %e, "cannot encode batch"),
+        }
+    }
+    frames
+}

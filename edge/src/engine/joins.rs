@@ -1,0 +1,197 @@
+//! Joins: a connection becomes a member when its shard processes the engine's `JoinAck`, which
+//! travels on the same link (engine -> shard, FIFO) as the room's deliveries. Every batch
+//! flushed before the ack is ahead of it on that link, every batch after it behind: the member
+//! receives exactly the batches after the ack's seq, with no gap and no duplicate. A `since`
+//! join is answered from history inside the ack, so replay and live meet at the same seq.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use roomcast_proto::Subprotocol;
+use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
+
+use super::{Engine, Out};
+use crate::bus::redis::BridgeCmd;
+use crate::bus::{PendingJoin, RoomName, ShardCmd, frame};
+
+/// How long a join whose `since` is ahead of this edge waits for the bus to catch up.
+const PARK_FOR: Duration = Duration::from_secs(2);
+
+impl Engine {
+    pub(super) fn join(&mut self, room: RoomName, join: PendingJoin, since: Option<u64>, now: Instant, out: &mut Out) {
+        if let Err(e) = self.ensure_room(&room, now) {
+            self.stats.publish_rejected.with_label_values(&["too_many_rooms"]).inc();
+            tracing::warn!(room = %room, error = %e, "join refused");
+            out.push(
+                join.shard,
+                ShardCmd::JoinRefused {
+                    slot: join.slot,
+                    generation: join.generation,
+                    room,
+                    reason: "too many rooms on this edge",
+                },
+            );
+            return;
+        }
+        let remote = self.remote.clone();
+        let r = self.rooms.get_mut(&room).expect("ensured above");
+        let was_interested = r.interested();
+        r.members += 1;
+        r.interest[join.proto.index()].insert(join.shard);
+        r.last_active = now;
+        if let Some(bridge) = &remote {
+            if !was_interested {
+                let _ = bridge.send(BridgeCmd::Subscribe(r.name.clone()));
+            }
+            if !r.synced {
+                r.waiting.push((join, since));
+                return;
+            }
+        }
+        self.answer_join(&room, join, since, now, out);
+    }
+
+    /// Acknowledges a join on a synced room: from local history, or through a remote recovery
+    /// when `since` is older than what this edge has followed.
+    pub(super) fn answer_join(
+        &mut self,
+        room: &RoomName,
+        join: PendingJoin,
+        since: Option<u64>,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        r.history.trim(now, &self.cfg.history);
+        if let Some(since) = since
+            && since > r.flushed_seq
+        {
+            // The client has seen more than this edge has handed out (it comes from another
+            // edge, whose window closed earlier). Flush what we have; if even that is not far
+            // enough, wait for the rest to arrive from the bus.
+            if since <= r.seq {
+                self.flush(room, out);
+            } else if self.remote.is_some() {
+                r.parked.push((join, since, now + PARK_FOR));
+                if !self.parked_rooms.contains(room) {
+                    self.parked_rooms.push(room.clone());
+                }
+                return;
+            }
+        }
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if let (Some(bridge), Some(since)) = (&self.remote, since)
+            && (since < r.base_seq || since < r.history.must_evicted_upto)
+            && since < r.flushed_seq
+        {
+            let _ = bridge.send(BridgeCmd::Recover { room: r.name.clone(), since, upto: r.flushed_seq, join });
+            return;
+        }
+        let seq = r.flushed_seq;
+        let mut replay = Vec::new();
+        match since {
+            Some(since) => {
+                let rec = r.history.recover(since, seq);
+                if let Some((from, to)) = rec.gap {
+                    push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
+                }
+                if !rec.messages.is_empty() {
+                    push_frame(
+                        &mut replay,
+                        join.proto,
+                        &ServerMsg::Batch { room: r.name.to_string(), messages: rec.messages },
+                    );
+                }
+            }
+            None => {
+                let last = r.history.last(self.cfg.join_last, seq);
+                if !last.is_empty() {
+                    push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: last });
+                }
+            }
+        }
+        let name = r.name.clone();
+        ack_join(out, name, join, seq, replay);
+    }
+
+    /// Redis answered a recovery: Redis's must-deliver messages in `(since, upto]`, then this
+    /// edge's own for what was flushed meanwhile, so the join's seam is exact.
+    #[expect(clippy::too_many_arguments, reason = "the fields of EngineCmd::Recovered")]
+    pub(super) fn recovered(
+        &mut self,
+        room: &RoomName,
+        since: u64,
+        upto: u64,
+        join: PendingJoin,
+        messages: Vec<PushMessage>,
+        evicted_upto: u64,
+        ok: bool,
+        out: &mut Out,
+    ) {
+        let Some(r) = self.rooms.get(room) else { return };
+        let seq = r.flushed_seq;
+        let mut replay = Vec::new();
+        let gap = if ok {
+            (since < evicted_upto).then(|| (since + 1, evicted_upto.min(upto)))
+        } else {
+            Some((since + 1, upto))
+        };
+        if let Some((from, to)) = gap.filter(|(a, b)| a <= b) {
+            push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
+        }
+        let mut all: Vec<PushMessage> = messages.into_iter().filter(|m| m.seq > since && m.seq <= upto).collect();
+        all.extend(r.history.recover(upto, seq).messages);
+        if !all.is_empty() {
+            push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: all });
+        }
+        ack_join(out, r.name.clone(), join, seq, replay);
+    }
+
+    /// Answers parked joins whose `since` has been reached (or, with `expire`, whose wait is
+    /// over: they are answered with what this edge has).
+    pub(super) fn unpark(&mut self, room: &RoomName, now: Instant, expire: bool, out: &mut Out) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        let seq = r.seq;
+        let (ready, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut r.parked)
+            .into_iter()
+            .partition(|&(_, since, at)| since <= seq || (expire && now >= at));
+        r.parked = keep;
+        for (join, since, _) in ready {
+            if since > seq {
+                tracing::warn!(room = %room, since, seq, "since is ahead of the bus; answering with what is here");
+                if let Some(r) = self.rooms.get_mut(room) {
+                    let flushed = r.flushed_seq;
+                    let name = r.name.clone();
+                    self.flush(room, out);
+                    ack_join(out, name, join, flushed.max(seq), Vec::new());
+                }
+                continue;
+            }
+            self.answer_join(room, join, Some(since), now, out);
+        }
+    }
+
+    pub(super) fn expire_parked(&mut self, now: Instant, out: &mut Out) {
+        if self.parked_rooms.is_empty() {
+            return;
+        }
+        for room in std::mem::take(&mut self.parked_rooms) {
+            self.unpark(&room, now, true, out);
+            if self.rooms.get(&room).is_some_and(|r| !r.parked.is_empty()) {
+                self.parked_rooms.push(room);
+            }
+        }
+    }
+}
+
+pub(super) fn ack_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, replay: Vec<Bytes>) {
+    out.push(join.shard, ShardCmd::JoinAck { slot: join.slot, generation: join.generation, room, seq, replay });
+}
+
+/// Encodes `msg` in `proto` and appends its frame.
+pub(super) fn push_frame(out: &mut Vec<Bytes>, proto: Subprotocol, msg: &ServerMsg) {
+    match envelope::encode(proto, msg) {
+        Ok(payload) => out.push(frame(proto, &payload)),
+        Err(e) => tracing::error!(error = %e, "cannot encode message"),
+    }
+}

@@ -1,0 +1,387 @@
+//! The room engine: where a room's messages get their sequence numbers, pass the upstream
+//! limits, are merged within the window, serialized once per encoding in use, wrapped once into
+//! a WebSocket frame, and handed to every shard that has members of the room.
+//!
+//! Rooms are partitioned over engines by a stable hash of their name
+//! ([`crate::bus::engine_of`]); each engine runs on a shard thread (pinned to its core) and owns
+//! its rooms' seq, window, history, buckets and serialization outright. No thread sits between
+//! all publishers and all members.
+//!
+//! The engine is a deterministic state machine in the style of quinn-proto: the host passes
+//! `now` to [`Engine::handle`] and [`Engine::poll`], asks [`Engine::poll_timeout`] when to come
+//! back, and ships what the engine wrote into [`Out`] (one vector of commands per shard). It
+//! never reads the clock, never blocks and never touches a socket, so its tests drive time.
+//!
+//! Files, in the order a message meets them: [`room`] (a room's state), `admission` (kind,
+//! limits, sampling, numbering), `joins` (join acknowledgements and `since` recovery), `batch`
+//! (the pending batch, windows, flush, serialize-once), [`adaptive`] (windows and sampling from
+//! demand and backlog), `remote` (Redis mode: order, fills, gaps).
+
+pub mod adaptive;
+mod admission;
+mod batch;
+pub mod host;
+mod joins;
+mod remote;
+pub mod room;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::bus::policy::{Bucket, HistoryLimits};
+use crate::bus::redis::{Bridge, BridgeCmd};
+use crate::bus::{EngineCmd, PendingJoin, RoomName, RoomStats, ShardCmd};
+use crate::config::{AdaptiveConfig, LimitsConfig};
+use crate::metrics::BusStats;
+
+use room::Room;
+
+/// Rooms idle this long with no member anywhere (and nothing left in history) are forgotten.
+const ROOM_IDLE_TTL: Duration = Duration::from_secs(600);
+/// Upper bound on tracked users (rate limits) per edge; idle users are forgotten first.
+const MAX_USERS: usize = 1_000_000;
+/// Commands queued for one shard beyond which the engine refuses publishes (503, Retry-After):
+/// that shard's mailbox is full and its output waits here, so more input would only grow it.
+pub const OUT_BOUND: usize = 65_536;
+/// How often idle rooms and users are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// The engine's share of the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub window: Duration,
+    pub max_batch_messages: usize,
+    pub max_batch_bytes: usize,
+    /// kind -> must deliver.
+    pub kinds: HashMap<String, bool>,
+    pub limits: LimitsConfig,
+    pub history: HistoryLimits,
+    pub join_last: usize,
+    pub adaptive: AdaptiveConfig,
+}
+
+impl EngineConfig {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            window: cfg.merge_window(),
+            max_batch_messages: cfg.fanout.max_batch_messages,
+            max_batch_bytes: cfg.fanout.max_batch_bytes,
+            kinds: cfg.kinds.iter().map(|(k, v)| (k.clone(), v.must_deliver)).collect(),
+            limits: cfg.limits.clone(),
+            history: HistoryLimits {
+                must_deliver: cfg.history.must_deliver,
+                droppable: cfg.history.droppable,
+                max_age: Duration::from_millis(cfg.history.max_age_ms),
+            },
+            join_last: cfg.history.join_last,
+            adaptive: cfg.adaptive.clone(),
+        }
+    }
+}
+
+/// What an engine has for each shard: appended during a turn, shipped by the host (one mail
+/// per shard per turn). A shard whose mailbox is full keeps its vector here until it has room.
+pub struct Out {
+    pub shard: Vec<Vec<ShardCmd>>,
+}
+
+impl Out {
+    pub fn new(shards: usize) -> Self {
+        Self { shard: (0..shards).map(|_| Vec::new()).collect() }
+    }
+
+    fn push(&mut self, shard: u16, cmd: ShardCmd) {
+        if let Some(v) = self.shard.get_mut(usize::from(shard)) {
+            v.push(cmd);
+        }
+    }
+
+    /// The longest queue waiting for one shard.
+    pub fn backlog(&self) -> usize {
+        self.shard.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+/// Every shard's send backlog in bytes, written by the shards each tick and read by every
+/// engine's adaptive merging: shared atomics rather than S x S messages.
+pub struct LoadBoard(Box<[AtomicUsize]>);
+
+impl LoadBoard {
+    pub fn new(shards: usize) -> Self {
+        Self((0..shards).map(|_| AtomicUsize::new(0)).collect())
+    }
+
+    pub fn set(&self, shard: u16, bytes: usize) {
+        if let Some(a) = self.0.get(usize::from(shard)) {
+            a.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.0.iter().map(|a| a.load(Ordering::Relaxed)).max().unwrap_or(0)
+    }
+}
+
+/// One engine: the rooms that hash to it.
+pub struct Engine {
+    id: u16,
+    /// Engines on this edge (bounds on rooms and users are split evenly among them).
+    engines: usize,
+    shards: usize,
+    cfg: EngineConfig,
+    stats: BusStats,
+    rooms: HashMap<RoomName, Room>,
+    max_rooms: usize,
+    users: HashMap<String, Bucket>,
+    timers: BinaryHeap<Reverse<(Instant, RoomName)>>,
+    immediate: Vec<RoomName>,
+    last_sweep: Instant,
+    load: Arc<LoadBoard>,
+    /// Adaptive level: hot rooms use `base << level`.
+    level: u32,
+    max_level: u32,
+    last_adapt: Instant,
+    /// Level at max and still behind: sample droppable messages.
+    sampling: bool,
+    /// Redis mode: the bridge to Redis, and whether Redis is reachable.
+    remote: Option<Bridge>,
+    remote_up: bool,
+    /// Rooms with parked joins.
+    parked_rooms: Vec<RoomName>,
+    /// Wall clock at `epoch` (µs since the Unix epoch): message timestamps are
+    /// `wall_at_epoch + (now - epoch)`, so the engine never reads a clock itself.
+    epoch: Instant,
+    wall_at_epoch: u64,
+}
+
+impl Engine {
+    /// Engine `id` of `engines`, for an edge of `shards` shards. `now` and `wall_us` read the
+    /// two clocks once, at the same moment: message timestamps derive from them.
+    #[expect(clippy::too_many_arguments, reason = "each is a separate input the host owns; none has a default")]
+    pub fn new(
+        id: u16,
+        engines: usize,
+        shards: usize,
+        cfg: EngineConfig,
+        stats: BusStats,
+        load: Arc<LoadBoard>,
+        now: Instant,
+        wall_us: u64,
+    ) -> Self {
+        let max_level = adaptive::max_level(&cfg);
+        Self {
+            id,
+            engines: engines.max(1),
+            shards,
+            stats,
+            rooms: HashMap::new(),
+            max_rooms: cfg.limits.max_rooms.div_ceil(engines.max(1)),
+            users: HashMap::new(),
+            timers: BinaryHeap::new(),
+            immediate: Vec::new(),
+            last_sweep: now,
+            load,
+            level: 0,
+            max_level,
+            last_adapt: now,
+            sampling: false,
+            remote: None,
+            remote_up: false,
+            parked_rooms: Vec::new(),
+            epoch: now,
+            wall_at_epoch: wall_us,
+            cfg,
+        }
+    }
+
+    /// Redis mode: seqs come from Redis through `bridge`.
+    pub fn with_remote(mut self, bridge: Bridge) -> Self {
+        self.remote = Some(bridge);
+        self
+    }
+
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    fn wall_us(&self, now: Instant) -> u64 {
+        self.wall_at_epoch + now.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// Handles one command. Whatever it produces for shards is appended to `out`.
+    pub fn handle(&mut self, cmd: EngineCmd, now: Instant, out: &mut Out) {
+        match cmd {
+            EngineCmd::Publish { room, msg, reply } => {
+                if out.backlog() > OUT_BOUND {
+                    self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
+                    self.answer(out, reply, &room, Err(crate::bus::PublishError::Busy { retry_after_ms: 100 }));
+                    return;
+                }
+                match self.remote.clone() {
+                    None => {
+                        let result = self.publish(&room, msg, now, out);
+                        self.answer(out, reply, &room, result);
+                    }
+                    Some(bridge) => match self.admit(&room, &msg, now) {
+                        Err(e) => self.answer(out, reply, &room, Err(e)),
+                        Ok(_) if !self.remote_up => {
+                            self.answer(out, reply, &room, Err(crate::bus::PublishError::BusUnavailable));
+                        }
+                        Ok(must_deliver) => {
+                            let cmd = BridgeCmd::Publish { room, msg, must_deliver, reply, permit: None };
+                            if let Err(BridgeCmd::Publish { room, reply, .. }) = bridge.send(cmd) {
+                                // Too many publishes waiting for Redis already.
+                                self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
+                                let busy = crate::bus::PublishError::Busy { retry_after_ms: 100 };
+                                self.answer(out, reply, &room, Err(busy));
+                            }
+                        }
+                    },
+                }
+            }
+            EngineCmd::Join { room, shard, slot, generation, proto, since } => {
+                self.join(room, PendingJoin { shard, slot, generation, proto }, since, now, out);
+            }
+            EngineCmd::Left { room } => {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.members = r.members.saturating_sub(1);
+                }
+            }
+            EngineCmd::NoInterest { room, shard, proto } => self.no_interest(&room, shard, proto, now),
+            EngineCmd::Remote { room, msg, must_deliver } => self.remote_msg(&room, msg, must_deliver, now, out),
+            EngineCmd::Synced { room, seq } => self.synced(&room, seq, now, out),
+            EngineCmd::Filled { room, from, to, messages, ok } => self.filled(&room, from, to, messages, ok, now, out),
+            EngineCmd::Recovered { room, since, upto, join, messages, evicted_upto, ok } => {
+                self.recovered(&room, since, upto, join, messages, evicted_upto, ok, out);
+            }
+            EngineCmd::PublishDone { room, reply, result } => self.answer(out, reply, &room, result),
+            EngineCmd::Redis { up } => {
+                if up != self.remote_up && self.id == 0 {
+                    tracing::info!(up, "redis bus state");
+                }
+                self.remote_up = up;
+            }
+            EngineCmd::RoomStats { room, reply } => {
+                let _ = reply.send(self.room_stats(&room, now));
+            }
+        }
+    }
+
+    /// Runs what is due at `now`: batches whose window closed, parked joins whose wait is over,
+    /// the adaptive step and the idle sweep.
+    pub fn poll(&mut self, now: Instant, out: &mut Out) {
+        self.flush_immediate(out);
+        self.flush_due(now, out);
+        self.expire_parked(now, out);
+        self.adapt(now);
+        self.sweep(now);
+    }
+
+    /// When [`Engine::poll`] has something to do next (None: only new commands matter). The
+    /// adaptive step and the sweep ride on the host's own tick (at least every 100 ms).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.timers.peek().map(|Reverse((d, _))| *d);
+        if !self.immediate.is_empty() {
+            t = Some(self.epoch);
+        }
+        for room in &self.parked_rooms {
+            if let Some(p) = self.rooms.get(room).and_then(|r| r.parked.iter().map(|&(_, _, at)| at).min()) {
+                t = Some(t.map_or(p, |t| t.min(p)));
+            }
+        }
+        t
+    }
+
+    /// Hands every waiting batch out (the edge is stopping).
+    pub fn shutdown(&mut self, out: &mut Out) {
+        let names: Vec<RoomName> = self.rooms.keys().cloned().collect();
+        for n in names {
+            self.flush(&n, out);
+        }
+    }
+
+    /// The last member on shard `shard` wanting `proto` frames of `room` is gone.
+    fn no_interest(&mut self, room: &RoomName, shard: u16, proto: roomcast_proto::Subprotocol, now: Instant) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        r.interest[proto.index()].remove(shard);
+        r.last_active = now;
+        if r.interested() {
+            return;
+        }
+        // Nobody to send the waiting batch to: history keeps it, and everything up to the
+        // room's seq counts as handed out. Left pending, it would go out after a later join had
+        // already been given it from history.
+        r.pending.clear();
+        r.pending_bytes = 0;
+        r.deadline = None;
+        r.flushed_seq = r.seq;
+        if let Some(bridge) = &self.remote {
+            // No member left here: stop receiving the room. Local history would have a hole
+            // from now on, so it is dropped with the subscription.
+            let _ = bridge.send(BridgeCmd::Unsubscribe(room.clone()));
+            r.synced = false;
+            r.history = crate::bus::policy::History::default();
+            r.ahead.clear();
+        }
+    }
+
+    /// Creates the room if there is room for it.
+    fn ensure_room(&mut self, room: &RoomName, now: Instant) -> Result<(), crate::bus::PublishError> {
+        if self.rooms.contains_key(room) {
+            return Ok(());
+        }
+        if self.rooms.len() >= self.max_rooms {
+            return Err(crate::bus::PublishError::TooManyRooms(self.cfg.limits.max_rooms));
+        }
+        let mut r = Room::new(room.clone(), self.shards, now, &self.cfg);
+        r.synced = self.remote.is_none();
+        self.rooms.insert(room.clone(), r);
+        self.stats.rooms.inc();
+        Ok(())
+    }
+
+    fn room_stats(&self, room: &str, now: Instant) -> Option<RoomStats> {
+        let r = self.rooms.get(room)?;
+        let (md, dr) = r.history.len();
+        let rate = r.current_rate(now);
+        Some(RoomStats {
+            room: r.name.to_string(),
+            seq: r.seq,
+            flushed_seq: r.flushed_seq,
+            shards_json: r.interest[0].len(),
+            shards_rkyv: r.interest[1].len(),
+            window_ms: adaptive::room_window(&self.cfg, self.level, rate, r.members).as_millis() as u64,
+            sampling_visible_rate: ((self.sampling || r.demand_sampling) && rate >= room::HOT_ROOM_RATE)
+                .then(|| adaptive::visible_rate(&self.cfg.adaptive, r.members)),
+            members: r.members,
+            history_must_deliver: md,
+            history_droppable: dr,
+            history_evicted_upto: r.history.must_evicted_upto,
+            publish_rate: rate,
+        })
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_sweep) < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = now;
+        let lim = self.cfg.history;
+        let before = self.rooms.len();
+        self.rooms.retain(|_, r| {
+            r.history.trim(now, &lim);
+            r.interested()
+                || !r.pending.is_empty()
+                || r.history.len() != (0, 0)
+                || now.saturating_duration_since(r.last_active) < ROOM_IDLE_TTL
+        });
+        let (rate, burst) = (self.cfg.limits.user_rate, self.cfg.limits.user_burst);
+        self.users.retain(|_, b| !b.is_full(rate, burst, now));
+        self.stats.rooms.sub((before - self.rooms.len()) as i64);
+    }
+}

@@ -1,0 +1,152 @@
+//! Redis mode: Redis numbers messages; the engine accepts them strictly in seq order. A message
+//! ahead of a gap waits while the bridge fills the gap from the room's streams; what Redis no
+//! longer has is announced to members as an explicit `gap`.
+
+use std::time::Instant;
+
+use roomcast_proto::envelope::{PushMessage, ServerMsg};
+
+use super::{Engine, Out};
+use crate::bus::RoomName;
+use crate::bus::policy::History;
+use crate::bus::redis::BridgeCmd;
+
+impl Engine {
+    /// The room's seq in Redis, right after (re)subscribing.
+    pub(super) fn synced(&mut self, room: &RoomName, seq: u64, now: Instant, out: &mut Out) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if !r.interested() {
+            return;
+        }
+        if !r.synced {
+            r.synced = true;
+            r.seq = seq;
+            r.flushed_seq = seq;
+            r.base_seq = seq;
+            r.ahead.retain(|&s, _| s > seq);
+            let waiting = std::mem::take(&mut r.waiting);
+            for (join, since) in waiting {
+                self.answer_join(room, join, since, now, out);
+            }
+            self.drain_ahead(room, now, out);
+        } else if seq > r.seq {
+            // Reconnected after missing messages: fetch them.
+            let from = r.seq + 1;
+            self.request_fill(room, from, seq);
+        } else if seq < r.seq {
+            // Redis came back without the room's state (no persistence): its numbering restarts.
+            // Follow it, and say so: clients see seqs go back and must treat it as a new epoch.
+            tracing::error!(room = %room, ours = r.seq, redis = seq, "redis lost this room's seq (run redis with appendonly)");
+            r.seq = seq;
+            r.flushed_seq = seq;
+            r.base_seq = seq;
+            r.history = History::default();
+            r.ahead.clear();
+        }
+    }
+
+    fn request_fill(&mut self, room: &RoomName, from: u64, to: u64) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if r.filling || from > to {
+            return;
+        }
+        r.filling = true;
+        if let Some(bridge) = &self.remote {
+            let _ = bridge.send(BridgeCmd::Fill { room: room.clone(), from, to });
+        }
+    }
+
+    /// A message numbered by Redis. Accepted in seq order; ahead of a gap it waits while the
+    /// gap is filled.
+    pub(super) fn remote_msg(
+        &mut self,
+        room: &RoomName,
+        msg: PushMessage,
+        must_deliver: bool,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if !r.interested() {
+            return;
+        }
+        if !r.synced {
+            r.ahead.insert(msg.seq, (msg, must_deliver));
+            return;
+        }
+        if msg.seq <= r.seq {
+            return; // duplicate (already filled)
+        }
+        if msg.seq == r.seq + 1 && r.ahead.is_empty() {
+            self.accept(room, msg, must_deliver, now, out);
+            return;
+        }
+        let from = r.seq + 1;
+        let to = msg.seq - 1;
+        r.ahead.insert(msg.seq, (msg, must_deliver));
+        self.drain_ahead(room, now, out);
+        if let Some(r) = self.rooms.get(room)
+            && !r.ahead.is_empty()
+        {
+            self.request_fill(room, from, to);
+        }
+    }
+
+    /// Accepts every message that is next in line.
+    fn drain_ahead(&mut self, room: &RoomName, now: Instant, out: &mut Out) {
+        loop {
+            let Some(r) = self.rooms.get_mut(room) else { return };
+            let next = r.seq + 1;
+            let Some((msg, md)) = r.ahead.remove(&next) else { return };
+            self.accept(room, msg, md, now, out);
+        }
+    }
+
+    /// The fill of `from..=to` came back. What it lacks is announced as a gap.
+    #[expect(clippy::too_many_arguments, reason = "the fields of EngineCmd::Filled")]
+    pub(super) fn filled(
+        &mut self,
+        room: &RoomName,
+        from: u64,
+        to: u64,
+        messages: Vec<(PushMessage, bool)>,
+        ok: bool,
+        now: Instant,
+        out: &mut Out,
+    ) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        r.filling = false;
+        if !ok {
+            tracing::warn!(room = %room, from, to, "gap could not be filled from redis");
+        }
+        for (m, md) in messages {
+            if m.seq > r.seq {
+                r.ahead.insert(m.seq, (m, md));
+            }
+        }
+        loop {
+            self.drain_ahead(room, now, out);
+            let Some(r) = self.rooms.get_mut(room) else { return };
+            // Whatever is still missing up to `to` (or up to the next message we hold) is lost.
+            let next_held = r.ahead.keys().next().copied();
+            let missing_to = match next_held {
+                Some(h) => h - 1,
+                None if to > r.seq => to,
+                None => break,
+            };
+            if missing_to <= r.seq {
+                break;
+            }
+            let gap_from = r.seq + 1;
+            r.seq = missing_to;
+            self.flush(room, out);
+            let r = self.rooms.get_mut(room).expect("present");
+            r.flushed_seq = missing_to;
+            let notice = ServerMsg::Gap { room: r.name.to_string(), from: gap_from, to: missing_to };
+            self.notify(room, &notice, out);
+            if next_held.is_none() {
+                break;
+            }
+        }
+    }
+}

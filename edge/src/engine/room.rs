@@ -1,0 +1,203 @@
+//! A room's state inside its engine, and the set of shards interested in it.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use roomcast_proto::envelope::PushMessage;
+
+use super::EngineConfig;
+use crate::bus::policy::{Bucket, History};
+use crate::bus::{PendingJoin, RoomName};
+use crate::config::AdaptiveConfig;
+
+/// A room publishing at least this many messages per second counts as hot.
+pub const HOT_ROOM_RATE: f64 = 5.0;
+
+/// A set of shard ids, sized to the edge's shard count (no cap at 64: a bitset of as many
+/// words as the shards need).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSet(Box<[u64]>);
+
+impl ShardSet {
+    pub fn new(shards: usize) -> Self {
+        Self(vec![0; shards.div_ceil(64).max(1)].into_boxed_slice())
+    }
+
+    pub fn insert(&mut self, s: u16) {
+        let s = usize::from(s);
+        if let Some(w) = self.0.get_mut(s / 64) {
+            *w |= 1 << (s % 64);
+        }
+    }
+
+    pub fn remove(&mut self, s: u16) {
+        let s = usize::from(s);
+        if let Some(w) = self.0.get_mut(s / 64) {
+            *w &= !(1 << (s % 64));
+        }
+    }
+
+    pub fn contains(&self, s: u16) -> bool {
+        let s = usize::from(s);
+        self.0.get(s / 64).is_some_and(|w| w & (1 << (s % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    pub fn len(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// The shards in `self` or `other`, in increasing order.
+    pub fn union_iter<'a>(&'a self, other: &'a ShardSet) -> impl Iterator<Item = u16> + 'a {
+        self.0.iter().zip(other.0.iter()).enumerate().flat_map(|(i, (&a, &b))| {
+            let mut w = a | b;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some((i * 64 + bit) as u16)
+            })
+        })
+    }
+}
+
+/// A message waiting in the room's batch.
+pub struct Pending {
+    pub msg: PushMessage,
+    pub must_deliver: bool,
+}
+
+pub struct Room {
+    pub name: RoomName,
+    /// Last seq assigned.
+    pub seq: u64,
+    /// Last seq handed to shards (members that join now see seqs above it).
+    pub flushed_seq: u64,
+    /// Per encoding (`Subprotocol::index`): shards with members (or joins in flight) wanting it.
+    pub interest: [ShardSet; 2],
+    pub pending: Vec<Pending>,
+    pub pending_bytes: usize,
+    pub deadline: Option<Instant>,
+    pub last_active: Instant,
+    pub history: History,
+    pub droppable_bucket: Bucket,
+    pub must_bucket: Bucket,
+    pub visible_bucket: Bucket,
+    /// Redis mode: the visible rate on this edge's fan-out (apart from `visible_bucket`, which
+    /// the publishing edge spends at admission).
+    pub fanout_bucket: Bucket,
+    /// Publish rate, messages per second (EWMA over ~1 s).
+    rate: f64,
+    rate_at: Instant,
+    /// Redis mode: the room's seq is known (subscribed and read). Always true in local mode.
+    pub synced: bool,
+    /// Redis mode: seq at which this edge started following the room; local history covers
+    /// only what came after it.
+    pub base_seq: u64,
+    /// Redis mode: joins waiting for the room to sync.
+    pub waiting: Vec<(PendingJoin, Option<u64>)>,
+    /// Redis mode: messages that arrived ahead of a gap, by seq.
+    pub ahead: BTreeMap<u64, (PushMessage, bool)>,
+    /// Redis mode: a fill is in flight.
+    pub filling: bool,
+    /// Redis mode: joins whose `since` is ahead of what this edge has received (the client saw
+    /// it on another edge), waiting until it has, so the seam has no duplicate.
+    pub parked: Vec<(PendingJoin, u64, Instant)>,
+    /// Members on every shard (joined or joining).
+    pub members: u64,
+    /// Sampled because offered rate x members is over `adaptive.room_deliveries_per_s`.
+    pub demand_sampling: bool,
+}
+
+impl Room {
+    pub fn new(name: RoomName, shards: usize, now: Instant, cfg: &EngineConfig) -> Self {
+        Self {
+            name,
+            seq: 0,
+            flushed_seq: 0,
+            interest: [ShardSet::new(shards), ShardSet::new(shards)],
+            pending: Vec::new(),
+            pending_bytes: 0,
+            deadline: None,
+            last_active: now,
+            history: History::default(),
+            droppable_bucket: Bucket::full(cfg.limits.room_burst, now),
+            must_bucket: Bucket::full(cfg.limits.must_deliver_room_burst, now),
+            visible_bucket: Bucket::full(cfg.adaptive.visible_rate, now),
+            fanout_bucket: Bucket::full(cfg.adaptive.visible_rate, now),
+            rate: 0.0,
+            rate_at: now,
+            synced: true,
+            base_seq: 0,
+            waiting: Vec::new(),
+            ahead: BTreeMap::new(),
+            filling: false,
+            parked: Vec::new(),
+            members: 0,
+            demand_sampling: false,
+        }
+    }
+
+    pub fn interested(&self) -> bool {
+        !self.interest[0].is_empty() || !self.interest[1].is_empty()
+    }
+
+    /// Whether droppable content of this room is sampled now: the shards are behind
+    /// (`backlog_sampling`), or the room's demand (offered messages/s x members) is over
+    /// `adaptive.room_deliveries_per_s` (on above it, off below half of it); hot rooms only.
+    pub fn sampling_now(&mut self, a: &AdaptiveConfig, backlog_sampling: bool, now: Instant) -> bool {
+        let rate = self.current_rate(now);
+        if a.enabled {
+            let demand = rate * self.members as f64;
+            if demand > a.room_deliveries_per_s {
+                self.demand_sampling = true;
+            } else if demand < a.room_deliveries_per_s / 2.0 {
+                self.demand_sampling = false;
+            }
+        }
+        (backlog_sampling || self.demand_sampling) && rate >= HOT_ROOM_RATE
+    }
+
+    pub fn bump_rate(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
+        self.rate_at = now;
+        // Exponential decay with a 1 s time constant, plus this event.
+        self.rate = self.rate * (-dt).exp() + 1.0;
+    }
+
+    pub fn current_rate(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
+        self.rate * (-dt).exp()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShardSet;
+
+    #[test]
+    fn shard_sets_hold_any_shard_count() {
+        let mut a = ShardSet::new(200);
+        let mut b = ShardSet::new(200);
+        for s in [0u16, 63, 64, 127, 199] {
+            a.insert(s);
+        }
+        b.insert(5);
+        b.insert(64);
+        assert_eq!(a.len(), 5);
+        assert!(a.contains(199) && !a.contains(198));
+        assert_eq!(a.union_iter(&b).collect::<Vec<_>>(), vec![0, 5, 63, 64, 127, 199]);
+        for s in [0u16, 63, 64, 127, 199] {
+            a.remove(s);
+        }
+        assert!(a.is_empty() && !b.is_empty());
+        // Out of range is ignored, never a panic.
+        a.insert(500);
+        assert!(a.is_empty());
+    }
+}

@@ -1,0 +1,464 @@
+//! The engine's unit tests: a virtual clock, one shard, the engine's output read in order.
+
+use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use roomcast_proto::Subprotocol;
+use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
+
+use super::adaptive::{ADAPT_EVERY, room_window, visible_rate};
+use super::{Engine, EngineConfig, LoadBoard, Out};
+use crate::bus::{Ack, EngineCmd, MustDeliver, NewMessage, PublishError, RoomName, ShardCmd};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// An engine driven by hand: `now` moves only when a test says so.
+pub(super) struct H {
+    e: Engine,
+    out: Out,
+    now: Instant,
+    inbox: VecDeque<ShardCmd>,
+    pub load: Arc<LoadBoard>,
+}
+
+impl Deref for H {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.e
+    }
+}
+
+impl DerefMut for H {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.e
+    }
+}
+
+impl H {
+    pub(super) fn new(cfg: &Config, shards: usize) -> Self {
+        let mut ec = EngineConfig::from_config(cfg);
+        ec.max_batch_messages = 3;
+        let load = Arc::new(LoadBoard::new(shards));
+        let now = Instant::now();
+        let e = Engine::new(0, 1, shards, ec, Metrics::new().bus.clone(), load.clone(), now, 1_700_000_000_000_000);
+        Self { e, out: Out::new(shards), now, inbox: VecDeque::new(), load }
+    }
+
+    fn with_remote(mut self, bridge: crate::bus::redis::Bridge) -> Self {
+        self.e = self.e.with_remote(bridge);
+        self
+    }
+
+    /// The next command the engine sent to shard 0.
+    pub(super) fn recv(&mut self) -> Result<ShardCmd, ()> {
+        self.inbox.extend(self.out.shard[0].drain(..));
+        self.inbox.pop_front().ok_or(())
+    }
+
+    pub(super) fn drain(&mut self) -> Vec<ShardCmd> {
+        self.inbox.extend(self.out.shard[0].drain(..));
+        self.inbox.drain(..).collect()
+    }
+
+    pub(super) fn publish(&mut self, room: RoomName, msg: NewMessage) -> Result<(RoomName, Ack), PublishError> {
+        self.e.publish(&room, msg, self.now, &mut self.out).map(|a| (room, a))
+    }
+
+    pub(super) fn handle(&mut self, cmd: EngineCmd) {
+        self.e.handle(cmd, self.now, &mut self.out);
+    }
+
+    pub(super) fn sleep(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    fn flush_due_now(&mut self) {
+        self.e.flush_due(self.now, &mut self.out);
+    }
+
+    fn flush_immediate(&mut self) {
+        self.e.flush_immediate(&mut self.out);
+    }
+
+    fn flush_all(&mut self) {
+        self.e.shutdown(&mut self.out);
+    }
+
+    fn room_stats(&self, room: &str) -> Option<crate::bus::RoomStats> {
+        self.e.room_stats(room, self.now)
+    }
+}
+
+fn setup_with(cfg: Config) -> (H, ()) {
+    (H::new(&cfg, 1), ())
+}
+
+fn setup(window_ms: u64) -> (H, ()) {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = window_ms;
+    setup_with(cfg)
+}
+
+fn msg(kind: &str, n: u32) -> NewMessage {
+    NewMessage { kind: kind.into(), user: String::new(), body: format!("{{\"n\":{n}}}") }
+}
+
+fn join(bus: &mut H, room: &RoomName, proto: Subprotocol, since: Option<u64>) {
+    bus.handle(EngineCmd::Join { room: room.clone(), shard: 0, slot: 5, generation: 1, proto, since });
+}
+
+fn decode(f: &Bytes) -> ServerMsg {
+    // 2-byte header for payloads under 126 bytes, else 4.
+    let off = if f[1] & 0x7f == 126 { 4 } else { 2 };
+    envelope::decode_json(&f[off..]).unwrap()
+}
+
+fn seqs(msg: &ServerMsg) -> Vec<u64> {
+    match msg {
+        ServerMsg::Batch { messages, .. } => messages.iter().map(|m| m.seq).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn join_ack_then_batches_in_seq_order_and_merged() {
+    let (mut bus, _srx) = setup(50);
+    let room: RoomName = "r".into();
+    // Published before anyone joined: numbered, kept in history, not delivered.
+    assert_eq!(bus.publish(room.clone(), msg("chat", 0)).unwrap().1.seq, 1);
+    join(&mut bus, &room, Subprotocol::Json, None);
+    match bus.recv().unwrap() {
+        ShardCmd::JoinAck { slot, seq, replay, .. } => {
+            assert_eq!((slot, seq), (5, 1));
+            assert!(replay.is_empty(), "join_last defaults to 0");
+        }
+        _ => panic!("expected JoinAck"),
+    }
+    for n in 1..=2 {
+        bus.publish(room.clone(), msg("gift", n)).unwrap();
+    }
+    // Still inside the window: nothing sent yet.
+    assert!(bus.recv().is_err());
+    bus.sleep(Duration::from_millis(60));
+    bus.flush_due_now();
+    match bus.recv().unwrap() {
+        ShardCmd::Deliver(d) => {
+            assert_eq!(d.messages, 2);
+            assert_eq!(seqs(&decode(d.frames[0].as_ref().unwrap())), vec![2, 3]);
+            assert!(d.frames[1].is_none(), "no rkyv member: rkyv not serialized");
+            assert_eq!(d.must_deliver, MustDeliver::All);
+        }
+        _ => panic!("expected Deliver"),
+    }
+}
+
+#[test]
+fn full_batch_flushes_early_and_window_zero_flushes_per_turn() {
+    let (mut bus, _srx) = setup(1000);
+    let room: RoomName = "r".into();
+    join(&mut bus, &room, Subprotocol::Rkyv, None);
+    let _ack = bus.recv().unwrap();
+    for n in 0..3 {
+        bus.publish(room.clone(), msg("chat", n)).unwrap();
+    }
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    assert_eq!(d.messages, 3);
+    assert!(d.frames[0].is_none() && d.frames[1].is_some());
+    assert_eq!(d.must_deliver, MustDeliver::None);
+
+    let (mut bus, _srx) = setup(0);
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    bus.publish(room.clone(), msg("chat", 0)).unwrap();
+    bus.flush_immediate();
+    bus.publish(room.clone(), msg("chat", 1)).unwrap();
+    bus.flush_immediate();
+    let got: Vec<Vec<u64>> = bus
+        .drain()
+        .into_iter()
+        .map(|c| match c {
+            ShardCmd::Deliver(d) => seqs(&decode(d.frames[0].as_ref().unwrap())),
+            _ => panic!("expected Deliver"),
+        })
+        .collect();
+    assert_eq!(got, vec![vec![1], vec![2]]);
+}
+
+/// The member leaves while a batch waits for its window, the room goes on without members,
+/// then a client joins with `since`: history gives it everything once; the old batch must
+/// not follow (it did: a duplicate at the seam, found by the integration test under load).
+#[test]
+fn a_batch_waiting_when_the_last_member_leaves_is_not_sent_after_a_later_join() {
+    let (mut bus, _srx) = setup(50);
+    let room: RoomName = "seam".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    bus.publish(room.clone(), msg("gift", 1)).unwrap(); // pending, window open
+    bus.handle(EngineCmd::Left { room: room.clone() });
+    bus.handle(EngineCmd::NoInterest { room: room.clone(), shard: 0, proto: Subprotocol::Json });
+    bus.publish(room.clone(), msg("gift", 2)).unwrap(); // nobody interested
+    join(&mut bus, &room, Subprotocol::Json, Some(0));
+    bus.sleep(Duration::from_millis(80));
+    bus.flush_due_now();
+    bus.flush_immediate();
+    let mut seen = Vec::new();
+    for cmd in bus.drain().into_iter() {
+        match cmd {
+            ShardCmd::Deliver(d) => seen.extend(seqs(&decode(d.frames[0].as_ref().unwrap()))),
+            ShardCmd::JoinAck { replay, .. } => {
+                for f in replay.iter() {
+                    if let ServerMsg::Batch { messages, .. } = decode(f) {
+                        seen.extend(messages.iter().map(|m| m.seq));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen, vec![1, 2], "each gift once, in order");
+}
+
+#[test]
+fn mixed_batch_carries_a_must_deliver_only_variant() {
+    let (mut bus, _srx) = setup(1000);
+    let room: RoomName = "r".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    bus.publish(room.clone(), msg("chat", 0)).unwrap();
+    bus.publish(room.clone(), msg("gift", 1)).unwrap();
+    bus.publish(room.clone(), msg("chat", 2)).unwrap();
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    let MustDeliver::Some { frames, messages } = &d.must_deliver else { panic!("{:?}", d.must_deliver) };
+    assert_eq!(*messages, 1);
+    assert_eq!(seqs(&decode(frames[0].as_ref().unwrap())), vec![2]);
+}
+
+#[test]
+fn no_interest_stops_deliveries() {
+    let (mut bus, _srx) = setup(0);
+    let room: RoomName = "r".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    bus.handle(EngineCmd::NoInterest { room: room.clone(), shard: 0, proto: Subprotocol::Json });
+    bus.publish(room.clone(), msg("chat", 0)).unwrap();
+    bus.flush_immediate();
+    assert!(bus.recv().is_err());
+}
+
+#[test]
+fn since_recovers_gifts_and_reports_gaps() {
+    let mut cfg = Config::default();
+    cfg.history.must_deliver = 3;
+    let (mut bus, _srx) = setup_with(cfg);
+    let room: RoomName = "r".into();
+    for n in 0..6 {
+        bus.publish(room.clone(), msg(if n % 2 == 0 { "gift" } else { "chat" }, n)).unwrap();
+    }
+    // Gifts are seqs 1, 3, 5; all kept (limit 3). Since 1: gifts 3 and 5, no gap.
+    join(&mut bus, &room, Subprotocol::Json, Some(1));
+    let ShardCmd::JoinAck { seq, replay, .. } = bus.recv().unwrap() else { panic!() };
+    assert_eq!(seq, 6);
+    assert_eq!(replay.len(), 1);
+    assert_eq!(seqs(&decode(&replay[0])), vec![3, 5]);
+    // Two more gifts evict gifts 1 and 3: since 0 now has a gap up to 3.
+    bus.publish(room.clone(), msg("gift", 7)).unwrap();
+    bus.publish(room.clone(), msg("gift", 8)).unwrap();
+    bus.flush_all();
+    let _ = bus.drain().len();
+    join(&mut bus, &room, Subprotocol::Json, Some(0));
+    let ShardCmd::JoinAck { replay, .. } = bus.recv().unwrap() else { panic!() };
+    assert_eq!(decode(&replay[0]), ServerMsg::Gap { room: "r".into(), from: 1, to: 3 });
+    assert_eq!(seqs(&decode(&replay[1])), vec![5, 7, 8]);
+}
+
+#[test]
+fn limits_drop_chat_but_reject_gifts() {
+    let mut cfg = Config::default();
+    cfg.limits.room_rate = 1.0;
+    cfg.limits.room_burst = 2.0;
+    cfg.limits.must_deliver_room_rate = 1.0;
+    cfg.limits.must_deliver_room_burst = 3.0;
+    let (mut bus, _srx) = setup_with(cfg);
+    let room: RoomName = "r".into();
+    assert!(bus.publish(room.clone(), msg("chat", 0)).is_ok());
+    assert!(bus.publish(room.clone(), msg("chat", 1)).is_ok());
+    match bus.publish(room.clone(), msg("chat", 2)) {
+        Err(PublishError::RateLimited { must_deliver: false, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Gifts have their own bucket: the chat flood does not touch it.
+    for n in 0..3 {
+        assert!(bus.publish(room.clone(), msg("gift", n)).is_ok());
+    }
+    match bus.publish(room.clone(), msg("gift", 9)) {
+        Err(PublishError::RateLimited { must_deliver: true, retry_after_ms, .. }) => assert!(retry_after_ms > 0),
+        other => panic!("{other:?}"),
+    }
+    // Rejected messages take no seq: seqs stay dense.
+    assert_eq!(bus.rooms[&room].seq, 5);
+    assert!(matches!(bus.publish(room.clone(), msg("nope", 0)), Err(PublishError::UnknownKind(_))));
+}
+
+#[test]
+fn per_user_limit() {
+    let mut cfg = Config::default();
+    cfg.limits.user_rate = 1.0;
+    cfg.limits.user_burst = 1.0;
+    let (mut bus, _srx) = setup_with(cfg);
+    let m = |u: &str| NewMessage { kind: "chat".into(), user: u.into(), body: "1".into() };
+    assert!(bus.publish("a".into(), m("u1")).is_ok());
+    assert!(matches!(bus.publish("b".into(), m("u1")), Err(PublishError::RateLimited { scope: "user", .. })));
+    assert!(bus.publish("b".into(), m("u2")).is_ok());
+}
+
+#[test]
+fn a_room_whose_demand_is_over_budget_is_sampled_without_backlog() {
+    let mut cfg = Config::default();
+    cfg.adaptive.visible_rate = 5.0;
+    cfg.adaptive.room_deliveries_per_s = 1000.0;
+    let (mut bus, _srx) = setup_with(cfg);
+    let room: RoomName = "big".into();
+    let sampled = |bus: &mut H, n: u32| {
+        (0..n).filter(|&i| matches!(bus.publish(room.clone(), msg("chat", i)), Err(PublishError::Sampled))).count()
+    };
+    // 10 members: 200 chat at once is a high rate, but 10 x rate stays under the budget
+    // for a while; with 200 members the same flood is over it at once.
+    for _ in 0..10 {
+        join(&mut bus, &room, Subprotocol::Json, None);
+    }
+    assert_eq!(bus.rooms[&room].members, 10);
+    let few = sampled(&mut bus, 20);
+    assert_eq!(few, 0, "10 members x a modest rate: under budget");
+    for _ in 0..190 {
+        join(&mut bus, &room, Subprotocol::Json, None);
+    }
+    let many = sampled(&mut bus, 200);
+    assert!(many >= 150, "200 members x the flood is over budget: sampled to the visible rate ({many})");
+    assert!(!bus.sampling, "no backlog was reported: this is the demand rule");
+    assert_eq!(visible_rate(&bus.cfg.adaptive, 200), 5.0, "budget / members, within the configured range");
+    let mut a = bus.cfg.adaptive.clone();
+    a.visible_rate = 50.0;
+    a.min_visible_rate = 2.0;
+    assert_eq!(visible_rate(&a, 10), 50.0, "a small room shows the configured rate");
+    assert_eq!(visible_rate(&a, 100), 10.0, "budget 1000 / 100 members");
+    assert_eq!(visible_rate(&a, 100_000), 2.0, "never below the minimum");
+    // The window follows the members too: 200 members at 1,000 frames/s -> 200 ms.
+    let mut bc = bus.cfg.clone();
+    bc.adaptive.room_frames_per_s = 1000.0;
+    assert_eq!(room_window(&bc, 0, 100.0, 200), Duration::from_millis(200));
+    assert_eq!(room_window(&bc, 0, 100.0, 10), bc.window, "small rooms keep the base window");
+    assert_eq!(room_window(&bc, 0, 1.0, 200), bc.window, "quiet rooms too");
+    assert_eq!(room_window(&bc, 0, 100.0, 1_000_000), Duration::from_millis(bc.adaptive.max_window_ms));
+    assert!(bus.room_stats("big").unwrap().sampling_visible_rate.is_some());
+    // Gifts are never sampled.
+    for n in 0..50 {
+        bus.publish(room.clone(), msg("gift", n)).unwrap();
+    }
+    // Members leave: demand falls under half the budget and sampling stops.
+    for _ in 0..199 {
+        bus.handle(EngineCmd::Left { room: room.clone() });
+    }
+    assert_eq!(bus.rooms[&room].members, 1);
+    assert!(bus.publish(room.clone(), msg("chat", 0)).is_ok());
+    assert!(!bus.rooms[&room].demand_sampling);
+}
+
+#[test]
+fn redis_mode_fan_out_samples_by_this_edges_members() {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 0;
+    cfg.adaptive.visible_rate = 5.0;
+    cfg.adaptive.room_deliveries_per_s = 1000.0;
+    let (bus, _srx) = setup_with(cfg);
+    let (tx, _bridge_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel(tx));
+    let room: RoomName = "wide".into();
+    for _ in 0..200 {
+        join(&mut bus, &room, Subprotocol::Json, None);
+    }
+    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 0 });
+    let acks = bus.drain().len();
+    assert_eq!(acks, 200, "joins answered once the room is synced");
+    // Messages numbered elsewhere arrive through Redis: 300 chat, then 20 gifts.
+    let remote = |seq: u64, kind: &str| EngineCmd::Remote {
+        room: room.clone(),
+        msg: PushMessage { seq, ts_us: 1, kind: kind.into(), user: String::new(), body: format!("{seq}") },
+        must_deliver: kind == "gift",
+    };
+    for seq in 1..=300 {
+        bus.handle(remote(seq, "chat"));
+        bus.flush_immediate();
+    }
+    for seq in 301..=320 {
+        bus.handle(remote(seq, "gift"));
+        bus.flush_immediate();
+    }
+    // A hot room of 200 gets a window of members / room_frames_per_s: let it close.
+    bus.sleep(Duration::from_millis(20));
+    bus.flush_due_now();
+    let delivered: Vec<u64> = bus
+        .drain()
+        .into_iter()
+        .flat_map(|c| match c {
+            ShardCmd::Deliver(d) => seqs(&decode(d.frames[0].as_ref().unwrap())),
+            _ => vec![],
+        })
+        .collect();
+    let chat = delivered.iter().filter(|&&s| s <= 300).count();
+    let gifts: Vec<u64> = delivered.iter().copied().filter(|&s| s > 300).collect();
+    assert!(chat < 100, "200 members x the flood is over budget: chat held back on fan-out ({chat})");
+    assert!(chat >= 5, "the visible rate still shows ({chat})");
+    assert_eq!(gifts, (301..=320).collect::<Vec<_>>(), "gifts are never held back");
+    let r = &bus.rooms[&room];
+    assert_eq!(r.seq, 320, "seqs advance past what was held back");
+    assert_eq!(r.flushed_seq, 320);
+}
+
+#[test]
+fn backlog_widens_hot_windows_then_samples_then_recovers() {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 100;
+    cfg.adaptive.max_window_ms = 400;
+    cfg.adaptive.visible_rate = 2.0;
+    let (mut bus, _srx) = setup_with(cfg);
+    let room: RoomName = "hot".into();
+    for n in 0..20 {
+        bus.publish(room.clone(), msg("gift", n)).unwrap();
+    }
+    let t0 = Instant::now();
+    let mut t = t0;
+    let high = bus.cfg.adaptive.high_water_bytes + 1;
+    let mut step = |bus: &mut H, backlog: usize| {
+        t += ADAPT_EVERY;
+        bus.load.set(0, backlog);
+        bus.adapt(t);
+    };
+    assert_eq!(bus.window_for(100.0), Duration::from_millis(100));
+    step(&mut bus, high);
+    assert_eq!(bus.window_for(100.0), Duration::from_millis(200));
+    assert_eq!(bus.window_for(0.1), Duration::from_millis(100), "cold rooms keep the base window");
+    step(&mut bus, high);
+    assert_eq!(bus.window_for(100.0), Duration::from_millis(400));
+    assert!(!bus.sampling);
+    step(&mut bus, high);
+    assert!(bus.sampling, "at the widest window and still behind: sample");
+    // Sampling drops chat beyond the visible rate, never gifts.
+    let mut sampled = 0;
+    for n in 0..20 {
+        if matches!(bus.publish(room.clone(), msg("chat", n)), Err(PublishError::Sampled)) {
+            sampled += 1;
+        }
+    }
+    assert!(sampled >= 15, "{sampled}");
+    for n in 0..20 {
+        bus.publish(room.clone(), msg("gift", n)).unwrap();
+    }
+    step(&mut bus, 0);
+    assert!(!bus.sampling);
+    step(&mut bus, 0);
+    step(&mut bus, 0);
+    assert_eq!(bus.window_for(100.0), Duration::from_millis(100));
+}

@@ -1,0 +1,496 @@
+//! Refuses to share the WebSocket port with another process by accident.
+//!
+//! Every shard listens with SO_REUSEPORT, so the kernel lets a second edge (or any process of the
+//! same user that sets SO_REUSEPORT) bind the same port, and then quietly gives it part of the new
+//! connections. Before the first listener is bound, [`check_port`] binds a probe socket *without*
+//! SO_REUSEPORT (with SO_REUSEADDR, so TIME_WAIT sockets do not count): EADDRINUSE means some
+//! listener already holds the port. That listener is then looked up in /proc/net/tcp and
+//! /proc/net/tcp6 (LISTEN state, same port, an overlapping address) and its process found by the
+//! socket's inode among the /proc/[pid]/fd links. Starting anyway takes an explicit `takeover`
+//! (a rolling restart: the new edge starts, then the old one drains).
+//!
+//! The /proc text is parsed by pure functions ([`parse_proc_net_tcp`], [`listening_inodes`],
+//! [`socket_inode`], [`cmdline_text`]); only [`check_port`] and the readers below it do I/O.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// The `st` column of /proc/net/tcp for a listening socket (`TCP_LISTEN`).
+pub const TCP_LISTEN: u8 = 0x0A;
+
+/// The most of a holder's command line kept for messages, in characters.
+const CMDLINE_MAX_CHARS: usize = 200;
+
+/// One socket line of /proc/net/tcp or /proc/net/tcp6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpEntry {
+    pub local: SocketAddr,
+    /// Kernel TCP state (`TCP_ESTABLISHED` = 0x01 ... [`TCP_LISTEN`] = 0x0A).
+    pub state: u8,
+    /// The socket's inode: `socket:[inode]` in the owner's /proc/[pid]/fd links. 0 for sockets
+    /// no file refers to any more (TIME_WAIT, orphans).
+    pub inode: u64,
+}
+
+/// A process holding a listening socket on the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// /proc/[pid]/comm ("?" when unreadable).
+    pub comm: String,
+    /// /proc/[pid]/cmdline with spaces for NULs, cut to 200 characters (empty when unreadable).
+    pub cmdline: String,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.cmdline.is_empty() {
+            write!(f, "pid {} ({})", self.pid, self.comm)
+        } else {
+            write!(f, "pid {} ({}: {})", self.pid, self.comm, self.cmdline)
+        }
+    }
+}
+
+/// Who listens on the port, as far as this process can see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// The processes with one of the listening sockets open, by pid. Empty when none is visible
+    /// (another user's process without the privilege to read its fds, another PID namespace, or
+    /// /proc not readable).
+    pub procs: Vec<Holder>,
+    /// Inodes of the listening sockets found in /proc/net/tcp{,6}.
+    pub inodes: Vec<u64>,
+}
+
+impl fmt::Display for Holders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.procs.is_empty() {
+            f.write_str("an unknown process")?;
+            if let Some(inode) = self.inodes.first() {
+                write!(
+                    f,
+                    " (listening socket inode {inode} is in no /proc/*/fd this process can read: \
+                     another user or PID namespace)"
+                )?;
+            }
+            return Ok(());
+        }
+        for (i, p) in self.procs.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// Another listener holds the port and no takeover was asked for.
+    #[error(
+        "port {addr} is already served by {holders}; refusing to share it (SO_REUSEPORT would split \
+         new connections between the two). Stop that process, or pass --takeover for a rolling restart"
+    )]
+    PortHeld { addr: SocketAddr, holders: Holders },
+    /// Not even a probe socket could be made, so whether the port is free is unknown.
+    #[error("cannot check whether {addr} is free (listen): probe socket: {source}")]
+    Probe {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Checks that no other process listens on `addr` before the shards bind it with SO_REUSEPORT.
+///
+/// - Port 0, or the port is free: `Ok(None)`.
+/// - Held, `takeover` false: [`GuardError::PortHeld`], naming the holders.
+/// - Held, `takeover` true: `Ok(Some(holders))`, for the caller to log that it shares the port.
+///
+/// A probe bind failing for another reason than EADDRINUSE (a privileged port, an address that is
+/// not local) is left to the real bind, which fails the same way with its own message. A probe
+/// EADDRINUSE with no listener in /proc/net/tcp{,6} (an outgoing connection using the port, say)
+/// is also left to it: there is nothing to take over.
+pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, GuardError> {
+    if addr.port() == 0 {
+        return Ok(None);
+    }
+    match probe(addr)? {
+        Probe::Free => return Ok(None),
+        Probe::Other(e) => {
+            tracing::debug!(%addr, error = %e, "listen guard: probe bind failed; the real bind will say why");
+            return Ok(None);
+        }
+        Probe::InUse => {}
+    }
+    let holders = match listeners_in_proc(addr) {
+        Some(inodes) if inodes.is_empty() => {
+            tracing::debug!(%addr, "listen guard: port in use but no listener on it in /proc/net/tcp{{,6}}");
+            return Ok(None);
+        }
+        Some(inodes) => Holders { procs: processes_holding(&inodes), inodes },
+        None => Holders::default(),
+    };
+    if takeover { Ok(Some(holders)) } else { Err(GuardError::PortHeld { addr, holders }) }
+}
+
+enum Probe {
+    Free,
+    InUse,
+    Other(io::Error),
+}
+
+/// Binds and listens on `addr` without SO_REUSEPORT, then closes the socket at once.
+fn probe(addr: SocketAddr) -> Result<Probe, GuardError> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))
+        .map_err(|source| GuardError::Probe { addr, source })?;
+    s.set_reuse_address(true).map_err(|source| GuardError::Probe { addr, source })?;
+    let r = s.bind(&SockAddr::from(addr)).and_then(|()| s.listen(1));
+    drop(s);
+    Ok(match r {
+        Ok(()) => Probe::Free,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Probe::InUse,
+        Err(e) => Probe::Other(e),
+    })
+}
+
+/// Inodes of the listening sockets that overlap `addr`; None if neither table could be read.
+fn listeners_in_proc(addr: SocketAddr) -> Option<Vec<u64>> {
+    let mut read_any = false;
+    let mut inodes = Vec::new();
+    for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                read_any = true;
+                inodes.extend(listening_inodes(&parse_proc_net_tcp(&text), addr));
+            }
+            // tcp6 is absent when IPv6 is disabled.
+            Err(e) => tracing::debug!(path, error = %e, "listen guard: cannot read"),
+        }
+    }
+    inodes.sort_unstable();
+    inodes.dedup();
+    read_any.then_some(inodes)
+}
+
+/// The processes with any of `inodes` among their open files. A socket can be open in several
+/// processes (inherited over fork), so every process is looked at.
+fn processes_holding(inodes: &[u64]) -> Vec<Holder> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        // Unreadable for other users' processes without CAP_SYS_PTRACE; they stay unknown.
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .ok()
+                .and_then(|link| link.to_str().and_then(socket_inode))
+                .is_some_and(|inode| inodes.contains(&inode))
+        });
+        if holds {
+            let comm = std::fs::read_to_string(entry.path().join("comm"))
+                .map(|c| c.trim_end().to_owned())
+                .unwrap_or_else(|_| "?".to_owned());
+            let cmdline = std::fs::read(entry.path().join("cmdline")).map(|c| cmdline_text(&c)).unwrap_or_default();
+            out.push(Holder { pid, comm, cmdline });
+        }
+    }
+    out.sort_by_key(|h| h.pid);
+    out
+}
+
+/// Parses the text of /proc/net/tcp or /proc/net/tcp6; the header and malformed lines are
+/// skipped.
+///
+/// A line is `sl: local rem st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ...`.
+/// Addresses are `IP:PORT` in hex: the port as a number, the IP as the kernel prints its
+/// network-order bytes, one native-endian 32-bit word at a time (8 hex digits for IPv4, 32 for
+/// IPv6), so `0100007F` is 127.0.0.1 on a little-endian machine.
+pub fn parse_proc_net_tcp(text: &str) -> Vec<TcpEntry> {
+    text.lines().filter_map(parse_tcp_line).collect()
+}
+
+fn parse_tcp_line(line: &str) -> Option<TcpEntry> {
+    let mut fields = line.split_whitespace();
+    if !fields.next()?.ends_with(':') {
+        return None;
+    }
+    let local = parse_hex_addr(fields.next()?)?;
+    let _remote = fields.next()?;
+    let state = u8::from_str_radix(fields.next()?, 16).ok()?;
+    // tx_queue:rx_queue, tr:tm->when, retrnsmt, uid, timeout, then the inode.
+    let inode = fields.nth(5)?.parse().ok()?;
+    Some(TcpEntry { local, state, inode })
+}
+
+fn parse_hex_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    if !ip.bytes().all(|b| b.is_ascii_hexdigit()) || !port.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(hex_word(ip)?)),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+                chunk.copy_from_slice(&hex_word(&ip[i * 8..i * 8 + 8])?);
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Eight hex digits printed from a native-endian u32 holding four address bytes: those bytes.
+fn hex_word(hex: &str) -> Option<[u8; 4]> {
+    Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+}
+
+/// The inodes of LISTEN sockets whose address overlaps `want` (see [`overlaps`]).
+pub fn listening_inodes(entries: &[TcpEntry], want: SocketAddr) -> Vec<u64> {
+    entries
+        .iter()
+        .filter(|e| e.state == TCP_LISTEN && e.inode != 0 && overlaps(want, e.local))
+        .map(|e| e.inode)
+        .collect()
+}
+
+/// Whether a listener on `held` takes connections that a listener on `want` would: same port,
+/// and the same address or a wildcard on either side. An IPv6 wildcard is taken as dual-stack
+/// (the default) and IPv4-mapped IPv6 addresses as their IPv4 address.
+pub fn overlaps(want: SocketAddr, held: SocketAddr) -> bool {
+    if want.port() != held.port() {
+        return false;
+    }
+    let (a, b) = (want.ip().to_canonical(), held.ip().to_canonical());
+    if a.is_ipv4() == b.is_ipv4() {
+        a.is_unspecified() || b.is_unspecified() || a == b
+    } else {
+        let v6_any = |ip: IpAddr| ip.is_ipv6() && ip.is_unspecified();
+        v6_any(a) || v6_any(b)
+    }
+}
+
+/// The inode in an fd link's target `socket:[12345]`; None for other files.
+pub fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// /proc/[pid]/cmdline (arguments separated by NULs) as one line, cut to 200 characters.
+pub fn cmdline_text(raw: &[u8]) -> String {
+    let joined =
+        raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(String::from_utf8_lossy).collect::<Vec<_>>().join(" ");
+    match joined.char_indices().nth(CMDLINE_MAX_CHARS) {
+        Some((cut, _)) => format!("{}...", &joined[..cut]),
+        None => joined,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    // Lines as a little-endian x86_64 kernel prints them.
+    const TCP4: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 41234 1 0000000000000000 100 0 0 10 0
+   1: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1060 1 000000002fa96050 100 0 0 10 0
+   2: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 41240 1 0000000000000000 20 4 30 10 -1
+   3: 0100007F:1F91 0100007F:C352 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 52001 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 52002 1 0000000000000000 100 0 0 10 0
+   2: 0000000000000000FFFF00000100007F:1F90 0000000000000000FFFF00000100007F:D431 01 00000000:00000000 00:00000000 00000000  1000        0 52003 1 0000000000000000 20 4 30 10 -1
+";
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn parses_ipv4_lines() {
+        let e = parse_proc_net_tcp(TCP4);
+        assert_eq!(e.len(), 4, "the header is skipped: {e:?}");
+        assert_eq!(e[0], TcpEntry { local: sa("127.0.0.1:8080"), state: TCP_LISTEN, inode: 41234 });
+        assert_eq!(e[1], TcpEntry { local: sa("0.0.0.0:2024"), state: TCP_LISTEN, inode: 1060 });
+        assert_eq!(e[2], TcpEntry { local: sa("127.0.0.1:8080"), state: 0x01, inode: 41240 });
+        assert_eq!(e[3], TcpEntry { local: sa("127.0.0.1:8081"), state: 0x06, inode: 0 });
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn parses_ipv6_lines() {
+        let e = parse_proc_net_tcp(TCP6);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert_eq!(e[0], TcpEntry { local: sa("[::1]:8080"), state: TCP_LISTEN, inode: 52001 });
+        assert_eq!(e[1], TcpEntry { local: sa("[::]:80"), state: TCP_LISTEN, inode: 52002 });
+        assert_eq!(e[2], TcpEntry { local: sa("[::ffff:127.0.0.1]:8080"), state: 0x01, inode: 52003 });
+    }
+
+    #[test]
+    fn port_is_plain_hex_whatever_the_byte_order() {
+        let line = "   0: 00000000:FFFF 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 7 1";
+        assert_eq!(parse_proc_net_tcp(line)[0].local.port(), 65535);
+        let line = "   0: 00000000:0001 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 7 1";
+        assert_eq!(parse_proc_net_tcp(line)[0].local.port(), 1);
+    }
+
+    #[test]
+    fn malformed_lines_are_skipped() {
+        for line in [
+            "",
+            "garbage",
+            "   0: 0100007F 00000000:0000 0A",
+            "   0: 0100007G:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 7 1",
+            "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0",
+            "   0: 01007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 7 1",
+            "   0: 0100007F:11F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 7 1",
+            "   0: 0100007F:+F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 7 1",
+        ] {
+            assert!(parse_proc_net_tcp(line).is_empty(), "{line:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn only_overlapping_listeners_count() {
+        let mut e = parse_proc_net_tcp(TCP4);
+        e.extend(parse_proc_net_tcp(TCP6));
+        // 127.0.0.1:8080: its own listener and the IPv6 ::1 one does not overlap; the
+        // established socket on 8080 and the TIME_WAIT one on 8081 are no listeners.
+        assert_eq!(listening_inodes(&e, sa("127.0.0.1:8080")), vec![41234]);
+        // The IPv4 wildcard overlaps every IPv4 listener on the port, not IPv6 ::1.
+        assert_eq!(listening_inodes(&e, sa("0.0.0.0:8080")), vec![41234]);
+        // A dual-stack IPv6 wildcard overlaps both.
+        assert_eq!(listening_inodes(&e, sa("[::]:8080")), vec![41234, 52001]);
+        assert_eq!(listening_inodes(&e, sa("10.1.2.3:2024")), vec![1060]);
+        assert_eq!(listening_inodes(&e, sa("10.1.2.3:80")), vec![52002]);
+        assert!(listening_inodes(&e, sa("127.0.0.1:8081")).is_empty());
+        assert!(listening_inodes(&e, sa("10.1.2.3:8080")).is_empty());
+    }
+
+    #[test]
+    fn overlap_rules() {
+        assert!(overlaps(sa("127.0.0.1:1"), sa("127.0.0.1:1")));
+        assert!(!overlaps(sa("127.0.0.1:1"), sa("127.0.0.1:2")));
+        assert!(!overlaps(sa("127.0.0.1:1"), sa("127.0.0.2:1")));
+        assert!(overlaps(sa("0.0.0.0:1"), sa("127.0.0.2:1")));
+        assert!(overlaps(sa("127.0.0.2:1"), sa("0.0.0.0:1")));
+        assert!(overlaps(sa("127.0.0.1:1"), sa("[::ffff:127.0.0.1]:1")));
+        assert!(overlaps(sa("127.0.0.1:1"), sa("[::]:1")));
+        assert!(!overlaps(sa("0.0.0.0:1"), sa("[::1]:1")));
+    }
+
+    #[test]
+    fn socket_links() {
+        assert_eq!(socket_inode("socket:[41234]"), Some(41234));
+        assert_eq!(socket_inode("pipe:[41234]"), None);
+        assert_eq!(socket_inode("/dev/null"), None);
+        assert_eq!(socket_inode("socket:[]"), None);
+    }
+
+    #[test]
+    fn cmdlines_are_joined_and_cut() {
+        assert_eq!(cmdline_text(b"/usr/bin/edge\0--listen\x000.0.0.0:8080\0"), "/usr/bin/edge --listen 0.0.0.0:8080");
+        assert_eq!(cmdline_text(b""), "");
+        let long = "é".repeat(300);
+        let cut = cmdline_text(long.as_bytes());
+        assert_eq!(cut.chars().count(), CMDLINE_MAX_CHARS + 3);
+        assert!(cut.ends_with("..."));
+    }
+
+    #[test]
+    fn messages_name_the_holder() {
+        let holders = Holders {
+            procs: vec![Holder { pid: 1234, comm: "edge".into(), cmdline: "/path/edge --listen 0.0.0.0:8080".into() }],
+            inodes: vec![41234],
+        };
+        let e = GuardError::PortHeld { addr: sa("127.0.0.1:8080"), holders }.to_string();
+        assert!(
+            e.starts_with(
+                "port 127.0.0.1:8080 is already served by pid 1234 (edge: /path/edge --listen 0.0.0.0:8080); \
+                 refusing to share it (SO_REUSEPORT would split new connections between the two)."
+            ),
+            "{e}"
+        );
+        assert!(e.ends_with("pass --takeover for a rolling restart"), "{e}");
+        let unknown = Holders { procs: Vec::new(), inodes: vec![7] }.to_string();
+        assert!(unknown.starts_with("an unknown process (listening socket inode 7"), "{unknown}");
+        assert_eq!(Holders::default().to_string(), "an unknown process");
+    }
+
+    #[test]
+    fn port_zero_is_not_checked() {
+        assert!(check_port(sa("127.0.0.1:0"), false).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_held_port_names_this_process() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let me = std::process::id();
+        match check_port(addr, false) {
+            Err(GuardError::PortHeld { addr: a, holders }) => {
+                assert_eq!(a, addr);
+                assert!(holders.procs.iter().any(|h| h.pid == me), "{holders:?}");
+                let msg = GuardError::PortHeld { addr, holders }.to_string();
+                assert!(msg.contains(&format!("pid {me} (")), "{msg}");
+            }
+            other => panic!("expected PortHeld, got {other:?}"),
+        }
+        // The wildcard address overlaps the loopback listener (the kernel says so).
+        let any = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port());
+        assert!(matches!(check_port(any, false), Err(GuardError::PortHeld { .. })));
+        let taken = check_port(addr, true).unwrap().expect("holders with takeover");
+        assert!(taken.procs.iter().any(|h| h.pid == me), "{taken:?}");
+        // The probe closed its socket: the listener still works.
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        drop(l.accept().unwrap());
+    }
+
+    #[test]
+    fn a_free_port_passes() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(check_port(addr, false).unwrap().is_none());
+        assert!(check_port(addr, true).unwrap().is_none());
+    }
+
+    #[test]
+    fn time_wait_sockets_do_not_hold_the_port() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        // The server side closes first, so its socket (local port = addr's) ends in TIME_WAIT.
+        drop(l.accept().unwrap());
+        drop(l);
+        assert_eq!(client.read(&mut [0u8; 1]).unwrap(), 0);
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            if parse_proc_net_tcp(&text).iter().any(|e| e.local == addr && e.state == 0x06) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no TIME_WAIT socket on {addr}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(check_port(addr, false).unwrap().is_none());
+    }
+}

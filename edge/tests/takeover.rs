@@ -1,0 +1,100 @@
+//! A second edge on a port another edge serves refuses to start and names it, unless
+//! `--takeover` asks for a rolling restart.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use util::EdgeProc;
+
+/// Starts another edge on `ws` with both outputs piped; lines arrive on the receivers.
+fn second_edge(ws: std::net::SocketAddr, extra: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--listen", &ws.to_string(), "--http", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn edge");
+    let out = child_lines(child.stdout.take().expect("stdout"));
+    let err = child_lines(child.stderr.take().expect("stderr"));
+    (child, out, err)
+}
+
+/// Reads a pipe on a thread (so the child never blocks on it) and forwards its lines.
+fn child_lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn kill(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+#[test]
+fn second_edge_refuses_the_port_unless_taking_over() {
+    let mut first = EdgeProc::start(&["--shards", "1"]);
+    let first_pid = first.child.id();
+
+    // Without --takeover: exits non-zero and names the first edge.
+    let (mut second, _out, err) = second_edge(first.ws, &["--shards", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = second.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            kill(&mut second);
+            panic!("the second edge on {} did not exit within 20 s", first.ws);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "the second edge started on a port the first serves: {status:?}");
+    // The process has exited, so its stderr reaches end of file soon.
+    let mut stderr = String::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while let Ok(line) = err.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    assert!(stderr.contains(&format!("pid {first_pid} (")), "stderr does not name pid {first_pid}:\n{stderr}");
+    assert!(stderr.contains("--takeover"), "stderr does not mention --takeover:\n{stderr}");
+    assert!(first.child.try_wait().expect("try_wait").is_none(), "the first edge stopped");
+
+    // With --takeover: starts, sharing the port.
+    let (mut third, out, _err) = second_edge(first.ws, &["--shards", "1", "--takeover"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match out.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) if line.starts_with("roomcast edge ready") => break,
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let st = third.wait();
+                panic!("the edge with --takeover exited before it was ready: {st:?}");
+            }
+        }
+        if let Some(st) = third.try_wait().expect("try_wait") {
+            panic!("the edge with --takeover exited before it was ready: {st:?}");
+        }
+        if Instant::now() >= deadline {
+            kill(&mut third);
+            panic!("the edge with --takeover was not ready within 20 s");
+        }
+    }
+    kill(&mut third);
+    assert!(first.child.try_wait().expect("try_wait").is_none(), "the first edge stopped");
+}
