@@ -1,0 +1,228 @@
+//! A connection's end, and the shard's: close handshakes, staged release of the direct
+//! descriptor, drain (goaway spread over the period) and shutdown, and the timers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use roomcast_proto::envelope::ServerMsg;
+use roomcast_proto::ws::{self, OpCode};
+
+use super::conn::{Closing, OutFrame, Phase};
+use super::{CLOSE_FLUSH_TIMEOUT, GOAWAY_MAX_DELAY_MS, Retry, SHUTDOWN_TIMEOUT, Shard};
+use crate::uring::{OpKind, Sq, Token};
+
+impl Shard {
+    /// Sends a close frame with `code`, then closes once it is written.
+    pub(super) fn close_with(&mut self, slot: u32, code: u16, reason: &str) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.closing != Closing::No {
+            return;
+        }
+        // The close frame goes after what is queued (the 101 answer among it, possibly).
+        let frame = (c.phase == Phase::Open).then(|| Bytes::from(ws::close_frame(code, reason)));
+        self.finish_with(slot, frame);
+    }
+
+    /// Queues `last` (a close frame or an HTTP error), stops reading, and closes after the flush.
+    pub(super) fn finish_with(&mut self, slot: u32, last: Option<Bytes>) {
+        self.leave(slot);
+        let deadline = self.now_ms() + CLOSE_FLUSH_TIMEOUT.as_millis() as u64;
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.closing != Closing::No {
+            return;
+        }
+        if let Some(bytes) = last {
+            c.push(OutFrame::control(bytes));
+        }
+        c.closing = Closing::AfterFlush { deadline_ms: deadline };
+        c.decoder = None;
+        if c.in_flight == 0 && !c.out.is_empty() {
+            self.issue_send(slot);
+        } else {
+            self.maybe_release(slot);
+        }
+    }
+
+    /// Closes at once: nothing more is sent.
+    pub(super) fn abort(&mut self, slot: u32) {
+        self.leave(slot);
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        c.closing = Closing::Abort;
+        c.decoder = None;
+        c.drop_unsent(c.in_flight as usize);
+        self.maybe_release(slot);
+    }
+
+    /// Moves a closing connection along: cancel its operations, then close the descriptor once
+    /// none is in flight (an operation owns its file and buffers until it completes).
+    pub(super) fn maybe_release(&mut self, slot: u32) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.closing == Closing::No || c.close_issued {
+            return;
+        }
+        let flushed = c.closing == Closing::Abort || (c.out.is_empty() && c.in_flight == 0);
+        if !flushed {
+            return;
+        }
+        if c.recv_armed || c.in_flight > 0 {
+            if !c.cancel_issued {
+                c.cancel_issued = true;
+                let tok = Token::new(OpKind::Cancel, c.generation, slot);
+                if Sq::new(&mut self.ring).cancel_fixed(slot, tok).is_err() {
+                    c.cancel_issued = false;
+                    self.retry.push((Retry::Release, slot));
+                }
+            }
+            return;
+        }
+        c.close_issued = true;
+        let tok = Token::new(OpKind::Close, c.generation, slot);
+        if Sq::new(&mut self.ring).close_fixed(slot, tok).is_err() {
+            c.close_issued = false;
+            self.retry.push((Retry::Release, slot));
+        }
+    }
+
+    /// Stops accepting: cancels the multishot accept and closes the listening socket, so the
+    /// kernel sends new connections to the other shards' sockets, or refuses them once all
+    /// shards are draining.
+    pub(super) fn stop_accepting(&mut self) {
+        self.accepting = false;
+        let Some(l) = self.listener.take() else { return };
+        if !self.accept_armed {
+            return; // nothing in flight owns it: close now
+        }
+        // Cancel the multishot accept by its token and keep the socket open until the accept's
+        // last completion (on_accept drops it). Closing the fd first, as this once did, left
+        // the cancel nothing to find by fd: the accept kept the listener alive in the kernel
+        // and new connections were accepted and dropped with EOF during a drain.
+        let accept = Token::new(OpKind::Accept, 0, 0);
+        if Sq::new(&mut self.ring).cancel_token(accept, Token::new(OpKind::Cancel, 0, 0)).is_err() {
+            // The SQ is full: submit what is queued and try again once.
+            let _ = self.ring.submit();
+            let _ = Sq::new(&mut self.ring).cancel_token(accept, Token::new(OpKind::Cancel, 0, 0));
+        }
+        self.retiring = Some(l);
+    }
+
+    pub(super) fn next_random(&mut self) -> u64 {
+        // xorshift64*: good enough to spread goaways, no dependency.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub(super) fn begin_drain(&mut self, url: Arc<str>, period_ms: u64) {
+        if self.drain_url.is_some() {
+            return;
+        }
+        tracing::info!(shard = self.id, open = self.open, period_ms, "draining");
+        self.drain_url = Some(url);
+        self.stop_accepting();
+        let now = self.now_ms();
+        for slot in 0..self.conns.len() {
+            let jitter = if period_ms == 0 { 0 } else { self.next_random() % period_ms };
+            if let Some(Some(c)) = self.conns.get_mut(slot) {
+                c.goaway_at_ms = Some(now + jitter);
+            }
+        }
+    }
+
+    pub(super) fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        self.shutdown_at = Some(Instant::now() + SHUTDOWN_TIMEOUT);
+        self.stop_accepting();
+        for slot in 0..self.conns.len() as u32 {
+            let phase = match &self.conns[slot as usize] {
+                Some(c) if c.closing == Closing::No => c.phase,
+                _ => continue,
+            };
+            match phase {
+                Phase::Open => self.close_with(slot, 1001, "server shutting down"),
+                Phase::Handshake => self.abort(slot),
+            }
+        }
+    }
+
+    pub(super) fn tick(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) < Duration::from_millis(250) {
+            return;
+        }
+        self.last_sweep = now;
+        let now_ms = self.now_ms();
+        let ws = &self.cfg.ws;
+        let (hs_to, idle_to, ping_every) = (ws.handshake_timeout_ms, ws.idle_timeout_ms, ws.ping_interval_ms);
+        let mut queued = 0usize;
+        let mut to_abort = Vec::new();
+        let mut to_close = Vec::new();
+        let mut to_ping = Vec::new();
+        let mut to_goaway = Vec::new();
+        for (slot, c) in self.conns.iter_mut().enumerate() {
+            let Some(c) = c else { continue };
+            queued += c.out_bytes;
+            if c.closing == Closing::No && c.goaway_at_ms.is_some_and(|t| now_ms >= t) {
+                to_goaway.push(slot as u32);
+                continue;
+            }
+            match c.closing {
+                Closing::AfterFlush { deadline_ms } if now_ms >= deadline_ms && !c.close_issued => {
+                    to_abort.push(slot as u32);
+                    continue;
+                }
+                Closing::No => {}
+                _ => continue,
+            }
+            match c.phase {
+                Phase::Handshake if now_ms.saturating_sub(c.opened_ms) >= hs_to => {
+                    to_abort.push(slot as u32);
+                }
+                Phase::Open if now_ms.saturating_sub(c.last_rx_ms) >= idle_to => {
+                    to_close.push(slot as u32);
+                }
+                Phase::Open if ping_every > 0 && now_ms >= c.next_ping_ms => {
+                    c.next_ping_ms = now_ms + ping_every;
+                    to_ping.push(slot as u32);
+                }
+                _ => {}
+            }
+        }
+        self.stats.send_queue_bytes.set(queued as i64);
+        self.load.set(self.id, queued);
+        for slot in to_abort {
+            if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No)
+            {
+                self.stats.handshake_failures.inc();
+            }
+            self.abort(slot);
+        }
+        for slot in to_close {
+            self.close_with(slot, 1001, "idle timeout");
+        }
+        for slot in to_ping {
+            self.send_control(slot, ws::encode_frame(OpCode::Ping, b""));
+        }
+        if let Some(url) = self.drain_url.clone() {
+            for slot in to_goaway {
+                let phase = self.conns[slot as usize].as_ref().map(|c| c.phase);
+                if phase == Some(Phase::Open) {
+                    let reconnect_after_ms = (self.next_random() % GOAWAY_MAX_DELAY_MS) as u32;
+                    let msg =
+                        ServerMsg::Goaway { url: url.to_string(), reason: "edge draining".into(), reconnect_after_ms };
+                    self.send_msg(slot, &msg);
+                    self.stats.goaways.inc();
+                    self.close_with(slot, 1001, "edge draining");
+                } else {
+                    self.abort(slot);
+                }
+            }
+        }
+        self.flush_dirty();
+    }
+}

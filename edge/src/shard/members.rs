@@ -1,0 +1,170 @@
+//! Room membership on this shard: joins and their acknowledgements, leaves, and fan-out of a
+//! delivery to the local members (one shared frame, an `Rc` clone per member).
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use roomcast_proto::envelope::ServerMsg;
+
+use super::Shard;
+use super::conn::{Closing, Keep, OutFrame};
+use crate::bus::{Delivery, EngineCmd, MustDeliver, RoomName};
+use crate::room::Interest;
+
+impl Shard {
+    pub(super) fn deliver(&mut self, d: &Delivery) {
+        let now_ms = self.now_ms();
+        let Some(members) = self.rooms.members(&d.room) else { return };
+        let frames: [Option<Rc<OutFrame>>; 2] = std::array::from_fn(|p| {
+            let bytes = d.frames[p].clone()?;
+            let must = match &d.must_deliver {
+                MustDeliver::All => Keep::Whole,
+                MustDeliver::None => Keep::Nothing,
+                MustDeliver::Some { frames, messages } => match &frames[p] {
+                    Some(b) => Keep::Instead(Rc::new(OutFrame {
+                        bytes: b.clone(),
+                        messages: *messages,
+                        must: Keep::Whole,
+                        queued_ms: now_ms,
+                    })),
+                    None => Keep::Nothing,
+                },
+            };
+            Some(Rc::new(OutFrame { bytes, messages: d.messages, must, queued_ms: now_ms }))
+        });
+        let max_bytes = self.cfg.send.max_queue_bytes;
+        let max_frames = self.cfg.send.max_queue_frames;
+        let max_delay = self.cfg.send.max_queue_delay_ms;
+        let mut slow = Vec::new();
+        for &slot in members {
+            let Some(Some(c)) = self.conns.get_mut(slot as usize) else { continue };
+            if c.closing != Closing::No {
+                continue;
+            }
+            let Some(f) = &frames[c.proto.index()] else { continue };
+            let mut f = f.clone();
+            // Behind by bytes, by frames, or by time (the oldest unsent frame waited too long:
+            // its reader cannot keep up, and gifts must not queue behind seconds of chat).
+            let late = c.oldest_unsent_ms().is_some_and(|t| now_ms.saturating_sub(t) > max_delay);
+            if late || c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
+                // Behind: keep only what must be delivered, of the queue and of this frame.
+                let shed = c.shed();
+                self.stats.shed_bytes.inc_by(shed as u64);
+                f = match &f.must {
+                    Keep::Whole => f,
+                    Keep::Nothing => continue,
+                    Keep::Instead(g) => g.clone(),
+                };
+                if c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
+                    slow.push(slot);
+                    continue;
+                }
+            }
+            c.push(f);
+            if !c.dirty && c.in_flight == 0 {
+                c.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+        for slot in slow {
+            self.stats.slow_consumer_closes.inc();
+            tracing::info!(shard = self.id, slot, "closing slow consumer (4000)");
+            // The close frame replaces whatever was not yet handed to the kernel: the client
+            // recovers it with `since`.
+            if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+                c.drop_unsent(c.in_flight as usize);
+            }
+            self.close_with(slot, 4000, "slow consumer: reconnect with since");
+        }
+    }
+
+    /// Joins `room`, leaving the current one first. Membership starts when the bus acknowledges.
+    pub(super) fn join(&mut self, slot: u32, room: RoomName, since: Option<u64>) {
+        if let Some(old) = self.leave(slot) {
+            self.send_msg(slot, &ServerMsg::Left { room: old.to_string() });
+        }
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        let proto = c.proto;
+        let generation = c.generation;
+        c.joining = Some(room.clone());
+        self.rooms.begin_join(&room, proto);
+        self.signal(&room.clone(), EngineCmd::Join { room, shard: self.id, slot, generation, proto, since });
+    }
+
+    pub(super) fn join_ack(&mut self, slot: u32, generation: u32, room: RoomName, seq: u64, replay: Vec<Bytes>) {
+        let waiting = matches!(
+            self.conns.get(slot as usize),
+            Some(Some(c)) if c.generation == generation && c.closing == Closing::No
+                && c.joining.as_deref() == Some(&*room)
+        );
+        if !waiting {
+            // The connection left, switched or closed while the join was in flight. Its
+            // cancel_join already ran (leave/close), so there is nothing to undo here.
+            return;
+        }
+        let idx = self.rooms.complete_join(&room, slot);
+        self.stats.rooms.set(self.rooms.len() as i64);
+        if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+            c.joining = None;
+            c.room = Some(room.clone());
+            c.room_idx = idx;
+        }
+        self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq });
+        for f in replay {
+            // Recovered must-deliver messages: kept whole if the connection falls behind, and
+            // let in whatever the queue holds (their size is bounded by the history limits).
+            if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+                c.push(OutFrame::control(f));
+            }
+        }
+        self.mark_dirty(slot);
+    }
+
+    /// The engine refused a join (the edge is at its room bound): undo it and tell the client.
+    pub(super) fn join_refused(&mut self, slot: u32, generation: u32, room: &RoomName, reason: &str) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.generation != generation || c.joining.as_deref() != Some(&**room) {
+            return;
+        }
+        c.joining = None;
+        let proto = c.proto;
+        // The engine created nothing for this join: only the local count is undone.
+        let _ = self.rooms.cancel_join(room, proto);
+        self.stats.rooms.set(self.rooms.len() as i64);
+        self.stats.signals_refused.inc();
+        if c.closing == Closing::No {
+            self.send_error(slot, "join_refused", reason);
+        }
+    }
+
+    /// Leaves the current room (or cancels a join in flight). Returns the room left.
+    pub(super) fn leave(&mut self, slot: u32) -> Option<RoomName> {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return None };
+        let proto = c.proto;
+        let mut left = None;
+        if let Some(room) = c.joining.take() {
+            self.signal(&room, EngineCmd::Left { room: room.clone() });
+            if self.rooms.cancel_join(&room, proto) == Interest::Dropped {
+                self.signal(&room, EngineCmd::NoInterest { room: room.clone(), shard: self.id, proto });
+            }
+            left = Some(room);
+        }
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return left };
+        if let Some(room) = c.room.take() {
+            let idx = c.room_idx;
+            self.signal(&room, EngineCmd::Left { room: room.clone() });
+            let (interest, moved) = self.rooms.leave(&room, slot, idx, proto);
+            if let Some(m) = moved
+                && let Some(Some(mc)) = self.conns.get_mut(m as usize)
+            {
+                mc.room_idx = idx;
+            }
+            if interest == Interest::Dropped {
+                self.signal(&room, EngineCmd::NoInterest { room: room.clone(), shard: self.id, proto });
+            }
+            left = Some(room);
+        }
+        self.stats.rooms.set(self.rooms.len() as i64);
+        left
+    }
+}

@@ -1,0 +1,237 @@
+//! The ring: arming the shard's long-lived operations (multishot accept, multishot recv, the
+//! doorbell read) and handling every completion. An operation owns its file and buffer until
+//! its last completion arrives.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use io_uring::cqueue;
+
+use super::conn::{Closing, Conn, Phase};
+use super::{BGID, Retry, Shard};
+use crate::uring::{OpKind, Sq, Token};
+
+impl Shard {
+    pub(super) fn arm_accept(&mut self) {
+        if self.accept_armed || !self.accepting {
+            return;
+        }
+        let Some(fd) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else { return };
+        match Sq::new(&mut self.ring).accept_multi(fd, Token::new(OpKind::Accept, 0, 0)) {
+            Ok(()) => self.accept_armed = true,
+            Err(_) => self.retry.push((Retry::Accept, 0)),
+        }
+    }
+
+    pub(super) fn arm_doorbell(&mut self) {
+        let fd = self.doorbell.as_raw_fd();
+        let buf: *mut u64 = &mut *self.doorbell_buf;
+        // SAFETY: `doorbell_buf` is a heap allocation owned by the shard, which outlives the ring's
+        // operations (the ring is dropped first); it is only re-armed after the last read completed.
+        if unsafe { Sq::new(&mut self.ring).read_eventfd(fd, buf, Token::new(OpKind::Wake, 0, 0)) }.is_err() {
+            self.retry.push((Retry::Doorbell, 0));
+        }
+    }
+
+    pub(super) fn arm_recv(&mut self, slot: u32) {
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        if c.recv_armed || c.closing != Closing::No {
+            return;
+        }
+        let tok = Token::new(OpKind::Recv, c.generation, slot);
+        match Sq::new(&mut self.ring).recv_multi(slot, BGID, tok) {
+            Ok(()) => c.recv_armed = true,
+            Err(_) => self.retry.push((Retry::Recv, slot)),
+        }
+    }
+
+    pub(super) fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|e| (e.user_data(), e.result(), e.flags())));
+        for &(ud, res, flags) in &cqes {
+            let Some(tok) = Token::decode(ud) else { continue };
+            match tok.kind {
+                OpKind::Accept => self.on_accept(res, flags),
+                OpKind::Recv => self.on_recv(tok, res, flags),
+                OpKind::Send => self.on_send(tok, res),
+                OpKind::Close => self.on_close(tok, res),
+                OpKind::Wake => {
+                    if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+                        tracing::error!(shard = self.id, error = %io::Error::from_raw_os_error(-res), "doorbell read failed");
+                    }
+                    self.arm_doorbell();
+                }
+                OpKind::Cancel | OpKind::Shutdown => {}
+            }
+        }
+        self.cqes = cqes;
+    }
+
+    pub(super) fn on_accept(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+            // The accept's last completion: a retired listener can be closed now.
+            if let Some(l) = self.retiring.take() {
+                drop(l);
+                tracing::debug!(shard = self.id, "listener closed");
+            }
+        }
+        if res < 0 {
+            self.stats.accept_errors.inc();
+            if res == -libc::ENFILE {
+                tracing::warn!(shard = self.id, open = self.open, "direct descriptor table full; connection refused");
+            } else if res != -libc::ECANCELED {
+                tracing::warn!(shard = self.id, error = %io::Error::from_raw_os_error(-res), "accept failed");
+            }
+            if res != -libc::ECANCELED {
+                self.arm_accept();
+            }
+            return;
+        }
+        let slot = res as u32;
+        if !self.accepting {
+            // Shutting down: the connection got in before the cancel. Close it.
+            let _ = Sq::new(&mut self.ring).close_fixed(slot, Token::new(OpKind::Cancel, 0, slot));
+            return;
+        }
+        let generation = self.next_gen;
+        self.next_gen = (self.next_gen + 1) & Token::GENERATION_MASK;
+        if self.next_gen == 0 {
+            self.next_gen = 1;
+        }
+        let idx = slot as usize;
+        if idx >= self.conns.len() {
+            self.conns.resize_with(idx + 1, || None);
+        }
+        debug_assert!(self.conns[idx].is_none(), "kernel reused a slot we have not released");
+        self.conns[idx] = Some(Conn::new(generation, self.now_ms()));
+        self.open += 1;
+        self.stats.accepted.inc();
+        self.stats.connections.inc();
+        self.arm_recv(slot);
+        if !self.accept_armed {
+            self.arm_accept();
+        }
+    }
+
+    pub(super) fn on_recv(&mut self, tok: Token, res: i32, flags: u32) {
+        let slot = tok.slot;
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else {
+            if let Some(bid) = bid {
+                self.bufring.recycle(bid);
+            }
+            return;
+        };
+        if c.generation != tok.generation {
+            if let Some(bid) = bid {
+                self.bufring.recycle(bid);
+            }
+            return;
+        }
+        if !more {
+            c.recv_armed = false;
+        }
+        if res <= 0 {
+            if let Some(bid) = bid {
+                self.bufring.recycle(bid);
+            }
+            if c.closing != Closing::No {
+                // Whatever ended the receive (ECANCELED, ENOBUFS, EOF...), a closing
+                // connection moves on to its release: re-arming is refused while closing, so
+                // waiting for anything else here would leak the slot.
+                self.maybe_release(slot);
+            } else if res == -libc::ENOBUFS {
+                // Every receive buffer is in use: this shard is behind. Re-arm; the buffers
+                // come back as soon as the completions ahead of this one are processed.
+                if !more {
+                    self.arm_recv(slot);
+                }
+            } else {
+                // 0: the peer closed; <0: reset or error.
+                self.abort(slot);
+            }
+            return;
+        }
+        let Some(bid) = bid else {
+            self.abort(slot);
+            return;
+        };
+        c.last_rx_ms = self.epoch.elapsed().as_millis() as u64;
+        if c.closing != Closing::No {
+            // Input after we decided to close is ignored (the close handshake is best effort).
+            self.bufring.recycle(bid);
+            self.maybe_release(slot);
+            return;
+        }
+        let data = self.bufring.get_mut(bid, res as usize);
+        match c.phase {
+            Phase::Handshake => {
+                // Bounded: the parser refuses (431) a request that passes MAX_REQUEST without
+                // ending, so `hs` never holds more than that plus one receive buffer.
+                c.hs.extend_from_slice(data);
+                self.bufring.recycle(bid);
+                self.on_handshake_bytes(slot);
+            }
+            Phase::Open => {
+                let mut actions = std::mem::take(&mut self.actions);
+                let r = c.decode(data, &mut actions);
+                self.bufring.recycle(bid);
+                self.handle_actions(slot, &mut actions, r);
+                self.actions = actions;
+            }
+        }
+        if !more {
+            self.arm_recv(slot);
+        }
+    }
+
+    pub(super) fn on_send(&mut self, tok: Token, res: i32) {
+        let slot = tok.slot;
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.generation != tok.generation {
+            return;
+        }
+        let in_flight = c.in_flight;
+        c.in_flight = 0;
+        if res <= 0 {
+            if res != -libc::ECANCELED {
+                self.stats.send_errors.inc();
+            }
+            c.drop_unsent(0);
+            self.abort(slot);
+            return;
+        }
+        let (frames, messages) = c.consume(res as usize, in_flight);
+        self.stats.bytes_written.inc_by(res as u64);
+        self.stats.frames_written.inc_by(frames);
+        self.stats.messages_delivered.inc_by(messages);
+        if c.closing == Closing::Abort {
+            c.drop_unsent(0);
+            self.maybe_release(slot);
+        } else if !c.out.is_empty() {
+            self.issue_send(slot);
+        } else if c.closing != Closing::No {
+            self.maybe_release(slot);
+        }
+    }
+
+    pub(super) fn on_close(&mut self, tok: Token, res: i32) {
+        let slot = tok.slot as usize;
+        if res < 0 {
+            tracing::warn!(shard = self.id, slot, error = %io::Error::from_raw_os_error(-res), "close failed");
+        }
+        if let Some(c) = self.conns.get(slot).and_then(Option::as_ref)
+            && c.generation == tok.generation
+        {
+            self.conns[slot] = None;
+            self.open -= 1;
+            self.stats.connections.dec();
+            self.stats.closed.inc();
+            // A free slot again: if accepting stopped on a full table, resume.
+            self.arm_accept();
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! A connection's session: the HTTP upgrade, WebSocket frames, and client signalling.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use roomcast_proto::envelope::{self, ClientMsg, ServerMsg};
+use roomcast_proto::handshake::{self, HandshakeError, Upgrade};
+use roomcast_proto::ws::{self, CloseReason, Decoder, Event, OpCode};
+use roomcast_proto::{Subprotocol, envelope::validate_room};
+
+use super::Shard;
+use super::conn::{Action, Closing, Conn, OutFrame, Phase};
+use crate::bus::{EngineCmd, NewMessage, Reply, RoomName};
+
+impl Shard {
+    pub(super) fn on_handshake_bytes(&mut self, slot: u32) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        match handshake::parse_request(&c.hs) {
+            Ok(None) => {}
+            Ok(Some((up, consumed))) => {
+                let rest = c.hs.split_off(consumed);
+                c.hs = Vec::new();
+                self.on_upgrade(slot, up, rest);
+            }
+            Err(e) => self.refuse(slot, &e),
+        }
+    }
+
+    pub(super) fn refuse(&mut self, slot: u32, e: &HandshakeError) {
+        self.stats.handshake_failures.inc();
+        tracing::info!(shard = self.id, slot, status = e.status, reason = %e.reason, "handshake refused");
+        let bytes = Bytes::from(handshake::error_response(e));
+        self.finish_with(slot, Some(bytes));
+    }
+
+    pub(super) fn on_upgrade(&mut self, slot: u32, up: Upgrade, mut rest: Vec<u8>) {
+        let bad = |reason: &str| HandshakeError { status: 400, reason: reason.to_owned() };
+        if !self.cfg.echo && up.path != "/ws" {
+            return self.refuse(
+                slot,
+                &HandshakeError { status: 404, reason: "no such endpoint: connect to /ws?room=ROOM".into() },
+            );
+        }
+        if self.refuse_when_overloaded && self.health.load(Ordering::Relaxed) >= 2 {
+            return self.refuse(
+                slot,
+                &HandshakeError {
+                    status: 503,
+                    reason: "edge overloaded: ask dispatch (GET /v1/route) for another edge".into(),
+                },
+            );
+        }
+        let proto = match up.select_subprotocol() {
+            Ok(p) => p,
+            Err(e) => return self.refuse(slot, &e),
+        };
+        let room = match up.query_param("room") {
+            Some(r) => match validate_room(r) {
+                Ok(()) => Some(RoomName::from(r)),
+                Err(why) => return self.refuse(slot, &bad(&format!("bad room: {why}"))),
+            },
+            None => None,
+        };
+        let since = match up.query_param("since") {
+            Some(s) => match s.parse::<u64>() {
+                Ok(v) => Some(v),
+                Err(_) => return self.refuse(slot, &bad("bad since: not an unsigned integer")),
+            },
+            None => None,
+        };
+        let response = Bytes::from(handshake::response_101(&up.key, proto));
+        let limits = self.limits;
+        {
+            let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+            c.phase = Phase::Open;
+            c.proto = proto.unwrap_or(Subprotocol::Json);
+            c.decoder = Some(Box::new(Decoder::new(limits)));
+            c.push(OutFrame::control(response));
+        }
+        self.mark_dirty(slot);
+        if let Some(room) = room {
+            self.join(slot, room, since);
+        }
+        if !rest.is_empty() {
+            let mut actions = std::mem::take(&mut self.actions);
+            let r = match self.conns.get_mut(slot as usize) {
+                Some(Some(c)) => c.decode(&mut rest, &mut actions),
+                _ => Ok(()),
+            };
+            self.handle_actions(slot, &mut actions, r);
+            self.actions = actions;
+        }
+    }
+
+    pub(super) fn handle_actions(&mut self, slot: u32, actions: &mut Vec<Action>, result: Result<(), CloseReason>) {
+        for action in actions.drain(..) {
+            if !matches!(self.conns.get(slot as usize), Some(Some(c)) if c.closing == Closing::No) {
+                break;
+            }
+            match action {
+                Action::Ping(payload) => self.send_control(slot, ws::encode_frame(OpCode::Pong, &payload)),
+                Action::Close(code, reason) => {
+                    // Echo the peer's code (RFC 6455 5.5.1), then close the TCP connection.
+                    let frame = match code {
+                        Some(code) => ws::close_frame(code, std::str::from_utf8(&reason).unwrap_or("")),
+                        None => ws::encode_frame(OpCode::Close, &[]),
+                    };
+                    self.finish_with(slot, Some(Bytes::from(frame)));
+                }
+                Action::Message(opcode, payload) => {
+                    if self.cfg.echo {
+                        self.send_control(slot, ws::encode_frame(opcode, &payload));
+                    } else {
+                        self.on_client_message(slot, opcode, &payload);
+                    }
+                }
+            }
+        }
+        if let Err(reason) = result {
+            self.stats.protocol_errors.inc();
+            tracing::info!(shard = self.id, slot, code = reason.code, reason = reason.reason, "protocol violation");
+            self.close_with(slot, reason.code, reason.reason);
+        }
+    }
+
+    pub(super) fn on_client_message(&mut self, slot: u32, opcode: OpCode, payload: &[u8]) {
+        let now_ms = self.now_ms();
+        let (rate, burst) = (self.cfg.ws.signal_rate, self.cfg.ws.signal_burst);
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if !c.take_signal(rate, burst, now_ms) {
+            self.stats.signals_refused.inc();
+            return self.send_error(slot, "rate_limited", "signalling over ws.signal_rate: slow down");
+        }
+        let Some(Some(c)) = self.conns.get(slot as usize) else { return };
+        let parsed = match opcode {
+            OpCode::Text => envelope::decode_client_json(payload),
+            OpCode::Binary if c.proto == Subprotocol::Rkyv => envelope::decode_client_rkyv(payload),
+            _ => {
+                return self.send_error(
+                    slot,
+                    "unsupported",
+                    "binary signalling needs roomcast.rkyv.v1; send JSON text",
+                );
+            }
+        };
+        let msg = match parsed {
+            Ok(m) => m,
+            Err(e) => return self.send_error(slot, "bad_message", &e.to_string()),
+        };
+        match msg {
+            ClientMsg::Join { room, since } => match validate_room(&room) {
+                Ok(()) => {
+                    let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
+                    self.join(slot, name, since);
+                }
+                Err(why) => self.send_error(slot, "bad_room", why),
+            },
+            ClientMsg::Leave => {
+                if let Some(room) = self.leave(slot) {
+                    self.send_msg(slot, &ServerMsg::Left { room: room.to_string() });
+                } else {
+                    self.send_error(slot, "not_in_room", "leave: not in a room");
+                }
+            }
+            ClientMsg::Publish { kind, user, body } => {
+                // A join still in flight counts: the join and this publish go to the same engine
+                // on the same link, in the order the client sent them.
+                let room = match self.conns.get(slot as usize) {
+                    Some(Some(c)) => c.joining.clone().or_else(|| c.room.clone()),
+                    _ => None,
+                };
+                let Some(room) = room else {
+                    return self.send_error(slot, "not_in_room", "publish: join a room first");
+                };
+                if let Err(why) = envelope::validate_kind(&kind) {
+                    return self.send_error(slot, "bad_kind", why);
+                }
+                let generation = self.conns[slot as usize].as_ref().map_or(0, |c| c.generation);
+                let reply = Reply::Conn { shard: self.id, slot, generation };
+                self.signal(&room.clone(), EngineCmd::Publish { room, msg: NewMessage { kind, user, body }, reply });
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Runs the decoder over `data`, collecting what the shard must act on.
+    pub(super) fn decode(&mut self, data: &mut [u8], actions: &mut Vec<Action>) -> Result<(), CloseReason> {
+        let Some(dec) = self.decoder.as_mut() else { return Ok(()) };
+        dec.feed(data, &mut |ev| match ev {
+            Event::Text(p) => actions.push(Action::Message(OpCode::Text, p.to_vec())),
+            Event::Binary(p) => actions.push(Action::Message(OpCode::Binary, p.to_vec())),
+            Event::Ping(p) => actions.push(Action::Ping(p.to_vec())),
+            Event::Pong(_) => {}
+            Event::Close { code, reason } => actions.push(Action::Close(code, reason.to_vec())),
+        })
+    }
+}
