@@ -253,3 +253,55 @@ async fn a_drained_edge_refuses_new_connections() {
         "no listener left on the port"
     );
 }
+
+/// Connections that close while the shard is out of receive buffers are all released: a
+/// closing connection whose multishot recv ended with ENOBUFS (not ECANCELED) was never closed,
+/// its slot leaked for good. 16 receive buffers for 150 clients that flood pings, never read,
+/// and then reset.
+#[test]
+fn connections_closing_while_receive_buffers_run_out_are_released() {
+    let cfg = config("enobufs", "[uring]\nrecv_buffers = 16\nrecv_buffer_size = 512\n");
+    let edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let ws = edge.ws;
+    let stop = Instant::now() + Duration::from_secs(3);
+    let clients: Vec<_> = (0..150)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                sock.set_recv_buffer_size(4096).unwrap();
+                sock.connect(&ws.into()).unwrap();
+                let mut s: std::net::TcpStream = sock.into();
+                let _ = s.write_all(
+                    b"GET /ws?room=flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                );
+                let ping = [0x89u8, 0x84, 1, 2, 3, 4, b'p' ^ 1, b'i' ^ 2, b'n' ^ 3, b'g' ^ 4];
+                let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 200).collect();
+                let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                while Instant::now() < stop {
+                    if s.write_all(&burst).is_err() {
+                        break;
+                    }
+                }
+                // Reset, not FIN: the edge's sends fail while its receives may still be armed.
+                let sock = socket2::Socket::from(s);
+                let _ = sock.set_linger(Some(Duration::ZERO));
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let publisher = Publisher::new(edge.http);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let released = rt.block_on(async {
+        wait_until(Duration::from_secs(15), || async { metric(&publisher, "roomcast_connections").await == 0.0 }).await
+    });
+    let left = rt.block_on(metric(&publisher, "roomcast_connections"));
+    assert!(released, "{left} connections never released");
+    // The edge still serves.
+    rt.block_on(async {
+        let mut ws = connect(&edge.url("?room=after"), None).await;
+        expect_joined(&mut ws, "after").await;
+    });
+}

@@ -462,3 +462,214 @@ fn backlog_widens_hot_windows_then_samples_then_recovers() {
     step(&mut bus, 0);
     assert_eq!(bus.window_for(100.0), Duration::from_millis(100));
 }
+
+/// The seam with many producers and several shards: random joins (some with `since`), leaves,
+/// switches and gift publishes, with each link (shard -> engine, engine -> shard) delayed by a
+/// random number of turns but kept in order, as the mailboxes keep them. Every member sees each
+/// gift of its room from its join on exactly once, in seq order, with no gap.
+#[test]
+fn joins_and_publishes_from_many_producers_meet_without_gap_or_duplicate() {
+    use crate::room::{Interest, Rooms};
+
+    const SHARDS: usize = 3;
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 5;
+    cfg.adaptive.enabled = false;
+    let mut h = H::new(&cfg, SHARDS);
+    h.e.cfg.max_batch_messages = 4;
+    let rooms: [RoomName; 2] = ["a".into(), "b".into()];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    // Per shard: its room index, its connections (slot -> state), its link to the engine.
+    #[derive(Default, Clone)]
+    struct Member {
+        joining: Option<RoomName>,
+        room: Option<RoomName>,
+        idx: u32,
+        generation: u32,
+        /// Seqs seen in the current membership (from the ack's replay and live batches).
+        seen: Vec<u64>,
+        ack: u64,
+        since: Option<u64>,
+    }
+    let mut shard_rooms: Vec<Rooms> = (0..SHARDS).map(|_| Rooms::default()).collect();
+    let mut conns: Vec<Vec<Member>> = vec![vec![Member::default(); 6]; SHARDS];
+    let mut to_engine: Vec<VecDeque<EngineCmd>> = (0..SHARDS).map(|_| VecDeque::new()).collect();
+    let mut to_shard: Vec<VecDeque<ShardCmd>> = (0..SHARDS).map(|_| VecDeque::new()).collect();
+    let mut finished: Vec<(RoomName, u64, Option<u64>, Vec<u64>)> = Vec::new();
+
+    let leave = |s: usize, slot: usize, m: &mut Member, rooms: &mut Rooms, link: &mut VecDeque<EngineCmd>| {
+        let mut left = None;
+        if let Some(r) = m.joining.take() {
+            link.push_back(EngineCmd::Left { room: r.clone() });
+            if rooms.cancel_join(&r, Subprotocol::Json) == Interest::Dropped {
+                link.push_back(EngineCmd::NoInterest { room: r.clone(), shard: s as u16, proto: Subprotocol::Json });
+            }
+        }
+        if let Some(r) = m.room.take() {
+            link.push_back(EngineCmd::Left { room: r.clone() });
+            let (interest, moved) = rooms.leave(&r, slot as u32, m.idx, Subprotocol::Json);
+            if interest == Interest::Dropped {
+                link.push_back(EngineCmd::NoInterest { room: r.clone(), shard: s as u16, proto: Subprotocol::Json });
+            }
+            left = Some((r, moved));
+        }
+        left
+    };
+
+    for step in 0..4000u32 {
+        match next(10) {
+            // A publish from some producer (HTTP, another shard's connection): straight to the engine.
+            0..=2 => {
+                let room = rooms[next(2) as usize].clone();
+                h.handle(EngineCmd::Publish { room, msg: msg("gift", step), reply: crate::bus::Reply::None });
+            }
+            // A connection joins (or switches), maybe with `since`.
+            3 | 4 => {
+                let (s, slot) = (next(SHARDS as u64) as usize, next(6) as usize);
+                let room = rooms[next(2) as usize].clone();
+                let mut m = std::mem::take(&mut conns[s][slot]);
+                if let Some((old, moved)) = leave(s, slot, &mut m, &mut shard_rooms[s], &mut to_engine[s]) {
+                    finished.push((old, m.ack, m.since, std::mem::take(&mut m.seen)));
+                    if let Some(mv) = moved {
+                        conns[s][mv as usize].idx = m.idx;
+                    }
+                }
+                let since = (next(3) == 0).then(|| h.e.rooms.get(&room).map_or(0, |r| r.seq.saturating_sub(next(4))));
+                m.generation += 1;
+                m.joining = Some(room.clone());
+                m.seen.clear();
+                m.since = since;
+                shard_rooms[s].begin_join(&room, Subprotocol::Json);
+                to_engine[s].push_back(EngineCmd::Join {
+                    room,
+                    shard: s as u16,
+                    slot: slot as u32,
+                    generation: m.generation,
+                    proto: Subprotocol::Json,
+                    since,
+                });
+                conns[s][slot] = m;
+            }
+            // A connection leaves.
+            5 => {
+                let (s, slot) = (next(SHARDS as u64) as usize, next(6) as usize);
+                let mut m = std::mem::take(&mut conns[s][slot]);
+                if let Some((old, moved)) = leave(s, slot, &mut m, &mut shard_rooms[s], &mut to_engine[s]) {
+                    finished.push((old, m.ack, m.since, std::mem::take(&mut m.seen)));
+                    if let Some(mv) = moved {
+                        conns[s][mv as usize].idx = m.idx;
+                    }
+                }
+                conns[s][slot] = m;
+            }
+            // Time passes; the engine's turn.
+            6 => {
+                h.sleep(Duration::from_millis(next(8)));
+                h.e.poll(h.now, &mut h.out);
+            }
+            // Links move: some of a shard's signalling reaches the engine, some engine output
+            // reaches a shard; each in order.
+            _ => {
+                let s = next(SHARDS as u64) as usize;
+                for _ in 0..next(4) {
+                    if let Some(cmd) = to_engine[s].pop_front() {
+                        h.handle(cmd);
+                    }
+                }
+                to_shard[s].extend(h.out.shard[s].drain(..));
+                for _ in 0..next(6) {
+                    let Some(cmd) = to_shard[s].pop_front() else { break };
+                    apply(s, cmd, &mut conns[s], &mut shard_rooms[s]);
+                }
+            }
+        }
+    }
+    // Everything in flight arrives; the last windows close.
+    for link in &mut to_engine {
+        while let Some(cmd) = link.pop_front() {
+            h.handle(cmd);
+        }
+    }
+    h.sleep(Duration::from_secs(1));
+    h.e.poll(h.now, &mut h.out);
+    for s in 0..SHARDS {
+        to_shard[s].extend(h.out.shard[s].drain(..));
+        while let Some(cmd) = to_shard[s].pop_front() {
+            apply(s, cmd, &mut conns[s], &mut shard_rooms[s]);
+        }
+        for m in &mut conns[s] {
+            if let Some(r) = m.room.clone() {
+                let last = h.e.rooms[&r].seq;
+                finished.push((r, m.ack, m.since, std::mem::take(&mut m.seen)));
+                // Still a member: it must have everything up to the room's last seq.
+                assert_eq!(finished.last().unwrap().3.last().copied().unwrap_or(m.ack.max(m.since.unwrap_or(0))), last);
+            }
+        }
+    }
+    let mut checked = 0;
+    for (room, ack, since, seen) in finished {
+        // Gifts only, no limits hit: seqs are dense. From `since` (if given and not past the ack)
+        // or from the ack on, each seq once, in order.
+        let from = since.filter(|&s| s <= ack).unwrap_or(ack) + 1;
+        let want: Vec<u64> = (from..from + seen.len() as u64).collect();
+        assert_eq!(seen, want, "room {room}: ack {ack}, since {since:?}");
+        checked += seen.len();
+    }
+    assert!(checked > 1000, "the run exercised the seam ({checked} deliveries checked)");
+
+    fn apply(s: usize, cmd: ShardCmd, conns: &mut [Member], rooms: &mut Rooms) {
+        let _ = s;
+        match cmd {
+            ShardCmd::JoinAck { slot, generation, room, seq, replay } => {
+                let m = &mut conns[slot as usize];
+                if m.generation != generation || m.joining.as_deref() != Some(&*room) {
+                    return;
+                }
+                m.joining = None;
+                m.idx = rooms.complete_join(&room, slot);
+                m.room = Some(room);
+                m.ack = seq;
+                for f in &replay {
+                    if let ServerMsg::Batch { messages, .. } = decode(f) {
+                        m.seen.extend(messages.iter().map(|x| x.seq));
+                    }
+                }
+            }
+            ShardCmd::Deliver(d) => {
+                let Some(members) = rooms.members(&d.room) else { return };
+                let got = seqs(&decode(d.frames[0].as_ref().unwrap()));
+                for &slot in members {
+                    conns[slot as usize].seen.extend(&got);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Time comes from the caller: `poll_timeout` names the window's deadline, nothing is flushed a
+/// microsecond before it, and a poll at it flushes.
+#[test]
+fn poll_timeout_names_the_window_deadline() {
+    let (mut bus, _srx) = setup(40);
+    let room: RoomName = "t".into();
+    assert_eq!(bus.poll_timeout(), None, "nothing pending: only new commands matter");
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    let t0 = bus.now;
+    bus.publish(room.clone(), msg("gift", 1)).unwrap();
+    let due = bus.poll_timeout().expect("a window is open");
+    assert_eq!(due, t0 + Duration::from_millis(40));
+    let before = due - Duration::from_micros(1);
+    bus.e.poll(before, &mut bus.out);
+    assert!(bus.recv().is_err(), "not before the deadline");
+    bus.e.poll(due, &mut bus.out);
+    assert!(matches!(bus.recv(), Ok(ShardCmd::Deliver(_))), "at the deadline");
+    assert_eq!(bus.poll_timeout(), None);
+}

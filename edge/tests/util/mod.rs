@@ -41,6 +41,12 @@ pub async fn never_reader(addr: std::net::SocketAddr, room: &str) -> tokio::net:
     s
 }
 
+/// The edge binary under test: this build's, or `ROOMCAST_EDGE_BIN` (to show that a test fails
+/// on an older build: `ROOMCAST_EDGE_BIN=/path/to/old/edge cargo test --test NAME`).
+pub fn edge_bin() -> String {
+    std::env::var("ROOMCAST_EDGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge").to_owned())
+}
+
 /// A running edge process, stopped with SIGTERM when dropped.
 pub struct EdgeProc {
     pub child: Child,
@@ -50,7 +56,7 @@ pub struct EdgeProc {
 
 impl EdgeProc {
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+        let mut child = Command::new(edge_bin())
             .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
