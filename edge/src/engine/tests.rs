@@ -673,3 +673,24 @@ fn poll_timeout_names_the_window_deadline() {
     assert!(matches!(bus.recv(), Ok(ShardCmd::Deliver(_))), "at the deadline");
     assert_eq!(bus.poll_timeout(), None);
 }
+
+/// An engine whose output for some shard is at its bound (that shard's mailbox refuses mail)
+/// refuses publishes with `Busy` (503 + Retry-After) and counts them, instead of growing.
+#[test]
+fn an_engine_behind_on_a_shard_refuses_publishes() {
+    let (mut bus, _srx) = setup(0);
+    let room: RoomName = "r".into();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    for _ in 0..=super::OUT_BOUND {
+        bus.out.shard[0].push(ShardCmd::Shutdown);
+    }
+    bus.handle(EngineCmd::Publish { room: room.clone(), msg: msg("gift", 1), reply: crate::bus::Reply::Http(tx) });
+    match rx.try_recv() {
+        Ok(Err(PublishError::Busy { retry_after_ms })) => assert!(retry_after_ms > 0),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(bus.stats.publish_rejected.with_label_values(&["engine_busy"]).get(), 1);
+    assert!(!bus.rooms.contains_key(&room), "nothing numbered, nothing created");
+    bus.out.shard[0].clear();
+    assert!(bus.publish(room, msg("gift", 2)).is_ok(), "accepted again once the shard caught up");
+}
