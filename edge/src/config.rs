@@ -249,7 +249,8 @@ pub struct WsConfig {
     pub backlog: i32,
     /// Signalling messages (join, switch, leave, publish) a connection may send per second,
     /// and its burst. Over it, the message is refused with an `error` (`rate_limited`) and
-    /// counted: one client cannot keep an engine busy with joins. Default 20/s, burst 40: a
+    /// counted: one client cannot keep an engine busy with joins; one that sends more than a burst
+    /// of refused messages in a row is closed with 1008. Default 20/s, burst 40: a
     /// person switches rooms and chats far slower; a bot that needs more gets its own limits.
     pub signal_rate: f64,
     pub signal_burst: f64,

@@ -219,6 +219,16 @@ async fn joins_respect_the_room_bound_and_signalling_is_rate_limited() {
     }
     assert!(limited >= 10, "60 signals at once with a burst of 40: {limited} refused");
     assert!(metric(&publisher, "roomcast_signals_refused_total").await >= 16.0);
+    // Going on past a burst's worth of refusals is a flood: closed with 1008.
+    for _ in 0..200 {
+        if futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text(r#"{"op":"leave"}"#))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws, Duration::from_secs(10)).await, Some(1008), "a signalling flood is closed");
 }
 
 /// A drain closes the listeners: new connections are refused by the kernel, not accepted and

@@ -95,6 +95,8 @@ pub struct Conn {
     /// Signalling token bucket (`ws.signal_rate`): tokens, and when they were last counted.
     pub signal_tokens: f64,
     pub signal_at_ms: u64,
+    /// Signalling messages refused in a row (reset by one that is taken).
+    pub signals_refused: u32,
 }
 
 impl Conn {
@@ -124,6 +126,7 @@ impl Conn {
             goaway_at_ms: None,
             signal_tokens: f64::INFINITY,
             signal_at_ms: now_ms,
+            signals_refused: 0,
         }
     }
 
@@ -134,8 +137,10 @@ impl Conn {
         self.signal_tokens = (self.signal_tokens + dt * rate).min(burst);
         if self.signal_tokens >= 1.0 {
             self.signal_tokens -= 1.0;
+            self.signals_refused = 0;
             true
         } else {
+            self.signals_refused = self.signals_refused.saturating_add(1);
             false
         }
     }

@@ -129,6 +129,12 @@ impl Shard {
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
         if !c.take_signal(rate, burst, now_ms) {
             self.stats.signals_refused.inc();
+            // A client that keeps going after a burst's worth of refusals is flooding: close
+            // it (1008) rather than answer every message with an error.
+            if f64::from(c.signals_refused) > burst {
+                tracing::info!(shard = self.id, slot, "closing a signalling flood (1008)");
+                return self.close_with(slot, 1008, "signalling flood");
+            }
             return self.send_error(slot, "rate_limited", "signalling over ws.signal_rate: slow down");
         }
         let Some(Some(c)) = self.conns.get(slot as usize) else { return };
