@@ -60,6 +60,9 @@ shards = 6
 backlog = 16384
 [probes]
 source = "$1"
+[ingest]
+# The API listens on the bench's private veth address (not loopback) and takes no keys here.
+insecure_no_keys = true
 TOML
   "$ROOT/target/release/edge" --config "$TMP/edge.toml" --listen $HOST:18721 --http $HOST:18722 >"$TMP/edge.log" 2>&1 &
   EPID=$!

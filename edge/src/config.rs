@@ -37,8 +37,9 @@ pub struct Config {
     /// The WebSocket URL clients should use to reach this edge, as dispatch hands it out
     /// (default: `ws://<listen>/ws`, with 127.0.0.1 for an unspecified address).
     pub advertise: Option<String>,
-    /// Bearer token for `POST /v1/admin/*`. Unset: admin endpoints are refused (403).
-    pub admin_token: Option<String>,
+    /// Bearer token for `POST /v1/admin/*`. Unset: admin endpoints are refused (403). Never
+    /// printed (`Debug` shows `<redacted>`); compared in constant time.
+    pub admin_token: Option<Secret>,
     pub drain: DrainConfig,
     pub ws: WsConfig,
     pub fanout: FanoutConfig,
@@ -53,6 +54,7 @@ pub struct Config {
     pub adaptive: AdaptiveConfig,
     pub probes: ProbesConfig,
     pub health: HealthConfig,
+    pub auth: AuthConfig,
 }
 
 /// Where the kernel figures (CLOSE_WAIT, Send-Q/Recv-Q, accept queues, retransmits) come from.
@@ -146,6 +148,80 @@ pub const MAX_SHARDS: usize = 1024;
 pub struct KindConfig {
     /// Never sampled, merged away or dropped by any policy; recovered after reconnects.
     pub must_deliver: bool,
+    /// Who may publish this kind: `api` (the publish API only), `clients` (over the socket
+    /// only) or `both`. Default: `api` for must-deliver kinds (gifts are money: only the back
+    /// end, or a user whose token's `pub` claim names the kind, publishes them), `both` for
+    /// the others.
+    #[serde(default)]
+    pub publishers: Option<Publishers>,
+}
+
+impl KindConfig {
+    pub fn publishers(&self) -> Publishers {
+        self.publishers.unwrap_or(if self.must_deliver { Publishers::Api } else { Publishers::Both })
+    }
+}
+
+/// Who may publish a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Publishers {
+    Api,
+    Clients,
+    Both,
+}
+
+impl Publishers {
+    pub fn clients(self) -> bool {
+        matches!(self, Self::Clients | Self::Both)
+    }
+
+    pub fn api(self) -> bool {
+        matches!(self, Self::Api | Self::Both)
+    }
+}
+
+/// Connection tokens (see `auth.rs` and the README's "Security"). No key configured (and no
+/// `ROOMCAST_AUTH_SECRET` in the environment): anonymous mode, every connection gets a
+/// server-made id and may publish only the kinds configured for clients. A key configured: a
+/// connection without a valid token is refused (401).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 shared secret (at least 32 bytes). Prefer the environment: `ROOMCAST_AUTH_SECRET`.
+    pub hs256_secret: Option<Secret>,
+    /// Public keys for RS256/ES256 tokens; several for rotation, picked by the token's `kid`.
+    pub keys: Vec<PublicKeyConfig>,
+    /// Required `iss` claim, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`, seconds (default 5).
+    pub leeway_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { hs256_secret: None, keys: Vec::new(), issuer: None, audience: None, leeway_s: 5 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyConfig {
+    /// Matched against the token header's `kid` (absent: tried for every token of its alg).
+    pub kid: Option<String>,
+    pub alg: KeyAlg,
+    /// PEM file with the public key.
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KeyAlg {
+    #[serde(rename = "RS256")]
+    Rs256,
+    #[serde(rename = "ES256")]
+    Es256,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +330,11 @@ pub struct WsConfig {
     /// person switches rooms and chats far slower; a bot that needs more gets its own limits.
     pub signal_rate: f64,
     pub signal_burst: f64,
+    /// Origins browsers may connect from (RFC 6455 §10.2): exact (`https://example.com`) or a
+    /// wildcard subdomain (`https://*.example.com`). Empty (default): any. A request whose
+    /// `Origin` is not listed gets 403; one without `Origin` (not a browser: Origin protects
+    /// only against pages in browsers) is let through to token checks.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +420,58 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// Threads of the HTTP runtime (publish API, metrics). Never the shards' CPUs' work.
     pub threads: usize,
+    /// Publish API keys (`[[ingest.keys]]`), added to those in the environment variable
+    /// `ROOMCAST_API_KEYS` (`name1:key1,name2:key2`, unrestricted). With any key,
+    /// `POST /v1/rooms/{room}/messages` needs `Authorization: Bearer KEY` (401 without or with
+    /// an unknown key, 403 outside the key's rooms or kinds). With none, the publish API is open:
+    /// allowed only when `http` is a loopback address (only local processes can reach it) or
+    /// with `insecure_no_keys`; otherwise the edge refuses to start. The GET endpoints stay open.
+    pub keys: Vec<ApiKeyConfig>,
+    /// Serve an open publish API (no key) on a non-loopback `http` address: for a network where
+    /// something in front already authenticates publishers. Logged at WARN at start-up.
+    pub insecure_no_keys: bool,
+}
+
+/// One publish API key (`[[ingest.keys]]`). Checked by `crate::ingest::PublishKeys`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds the key: 1 to 64 bytes of `A-Z a-z 0-9 _ . -`, unique. Refusals and logs name
+    /// it, never the key.
+    pub name: String,
+    /// The key itself: at least 16 printable ASCII characters, no spaces. Exactly one of `key`
+    /// and `key_env`.
+    pub key: Option<Secret>,
+    /// The name of an environment variable holding the key (keeps it out of the file).
+    pub key_env: Option<String>,
+    /// Rooms it may publish to: exact names, or prefixes ending in `*` (`"match-*"`; `"*"` is
+    /// every room). Unset: every room.
+    pub rooms: Option<Vec<String>>,
+    /// Kinds it may publish (each a configured kind). Unset: every kind.
+    pub kinds: Option<Vec<String>>,
+}
+
+/// A credential from the config (an API key, the admin token). `Debug` prints `<redacted>`, so
+/// neither `{:?}` of the config nor a log line shows it; read it with `expose`. No `PartialEq`:
+/// compare in constant time (`crate::ingest::ct_eq`).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Default for Config {
@@ -367,6 +500,7 @@ impl Default for Config {
             adaptive: AdaptiveConfig::default(),
             probes: ProbesConfig::default(),
             health: HealthConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -382,6 +516,7 @@ impl Default for WsConfig {
             backlog: 4096,
             signal_rate: 20.0,
             signal_burst: 40.0,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -413,7 +548,7 @@ impl Default for UringConfig {
 fn default_kinds() -> BTreeMap<String, KindConfig> {
     [("gift", true), ("chat", false), ("system", true), ("like", false)]
         .into_iter()
-        .map(|(k, must_deliver)| (k.to_owned(), KindConfig { must_deliver }))
+        .map(|(k, must_deliver)| (k.to_owned(), KindConfig { must_deliver, publishers: None }))
         .collect()
 }
 
@@ -454,7 +589,7 @@ impl Default for AdaptiveConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 64 * 1024, threads: 1 }
+        Self { max_body_bytes: 64 * 1024, threads: 1, keys: Vec::new(), insecure_no_keys: false }
     }
 }
 
@@ -499,6 +634,18 @@ impl Config {
         }
         if self.limits.max_rooms == 0 {
             return Err(invalid("limits.max_rooms", "must be above 0"));
+        }
+        for o in &self.ws.allowed_origins {
+            let rest = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains('/') || r[1..].contains('*')) {
+                return Err(invalid(
+                    "ws.allowed_origins",
+                    "each is scheme://host[:port], optionally scheme://*.domain (no path)",
+                ));
+            }
+        }
+        if self.auth.hs256_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
+            return Err(invalid("auth.hs256_secret", "at least 32 bytes"));
         }
         if !(self.ws.signal_rate > 0.0 && self.ws.signal_burst >= 1.0) {
             return Err(invalid("ws.signal_rate", "must be above 0, with ws.signal_burst at least 1"));
@@ -564,6 +711,9 @@ impl Config {
         if self.ingest.threads == 0 || self.ingest.threads > 64 {
             return Err(invalid("ingest.threads", "must be between 1 and 64"));
         }
+        // Publish keys (file and ROOMCAST_API_KEYS) well-formed; none only on loopback `http`
+        // or with ingest.insecure_no_keys.
+        crate::ingest::PublishKeys::from_config(self)?;
         if let Some(bus) = &self.bus
             && !bus.starts_with("redis://")
         {
@@ -577,7 +727,7 @@ impl Config {
         if self.drain.deadline_ms < self.drain.period_ms {
             return Err(invalid("drain.deadline_ms", "must be at least drain.period_ms"));
         }
-        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        if self.admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             return Err(invalid("admin_token", "must be at least 16 characters"));
         }
         if self.kinds.is_empty() {

@@ -1,14 +1,16 @@
 //! The publish API and the operator endpoints, on their own tokio runtime and port, never on
 //! the shards' threads: publishers use short HTTP connections, isolated from the push path.
 //!
-//! - `POST /v1/rooms/{room}/messages` `{"kind","user","body"}` -> `{"room","seq","ts_us"}`
-//! - `GET /healthz`, `GET /metrics` (Prometheus text)
+//! - `POST /v1/rooms/{room}/messages` `{"kind","user","body"}` -> `{"room","seq","ts_us"}`,
+//!   with `Authorization: Bearer KEY` once any publish key is configured ([`PublishKeys`])
+//! - `GET /healthz`, `GET /metrics` (Prometheus text), and the other GET endpoints: open
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +23,7 @@ use serde_json::value::RawValue;
 use ::redis::aio::ConnectionManager;
 
 use crate::bus::{BusHandle, NewMessage, PublishError, RoomName};
+use crate::config::{Config, ConfigError, Secret};
 use crate::dispatch::{Dispatcher, EdgeHealth, registry};
 use crate::health::{KernelView, level_name};
 use crate::metrics::Metrics;
@@ -38,7 +41,11 @@ pub struct AppState {
     pub started: Instant,
     pub route: Arc<RouteSource>,
     /// Bearer token for admin endpoints (None: refused).
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
+    /// Keys for the publish API (none: open, allowed only on loopback or when insecure_no_keys).
+    pub keys: Arc<PublishKeys>,
+    /// Kinds configured `publishers = "clients"`: refused here (403).
+    pub clients_only_kinds: Arc<Vec<String>>,
     /// Asks the main thread to start a drain.
     pub drain: tokio::sync::mpsc::UnboundedSender<()>,
     pub draining: Arc<AtomicBool>,
@@ -143,10 +150,13 @@ async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response
     let Some(token) = &st.admin_token else {
         return error(StatusCode::FORBIDDEN, "admin endpoints are disabled: set admin_token in the config");
     };
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(token.as_str()) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    if !bearer(&headers).is_some_and(|given| ct_eq(given.as_bytes(), token.expose().as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"roomcast\"")],
+            Json(serde_json::json!({ "error": "missing or wrong bearer token" })),
+        )
+            .into_response();
     }
     let already = st.draining.load(Ordering::Relaxed);
     st.leave_dispatch().await;
@@ -167,14 +177,34 @@ pub fn error(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
 }
 
-async fn publish(State(st): State<AppState>, Path(room): Path<String>, body: Bytes) -> Response {
+/// Takes the whole request rather than `Bytes` so that the key is checked before the body is
+/// read: a caller without a key gets 401 whatever it sends, and costs no body buffering.
+async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: Request) -> Response {
     let reject = |reason: &str| {
         st.metrics.bus.publish_rejected.with_label_values(&[reason]).inc();
+    };
+    let key = match st.keys.authenticate(request.headers()) {
+        Ok(k) => k,
+        Err(r) => {
+            reject(r.reason());
+            return r.into_response();
+        }
     };
     if let Err(why) = validate_room(&room) {
         reject("bad_room");
         return error(StatusCode::BAD_REQUEST, format!("bad room: {why}"));
     }
+    if let Some(k) = key
+        && !k.allows_room(&room)
+    {
+        let r = KeyRefusal::Room { key: k.name.clone(), room };
+        reject(r.reason());
+        return r.into_response();
+    }
+    let body = match Bytes::from_request(request, &st).await {
+        Ok(b) => b,
+        Err(rejection) => return rejection.into_response(),
+    };
     let req: PublishRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -185,6 +215,17 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, body: Byt
     if let Err(why) = validate_kind(&req.kind) {
         reject("bad_kind");
         return error(StatusCode::BAD_REQUEST, format!("bad kind: {why}"));
+    }
+    if let Some(k) = key
+        && !k.allows_kind(&req.kind)
+    {
+        let r = KeyRefusal::Kind { key: k.name.clone(), kind: req.kind };
+        reject(r.reason());
+        return r.into_response();
+    }
+    if st.clients_only_kinds.contains(&req.kind) {
+        reject("kind_clients_only");
+        return error(StatusCode::FORBIDDEN, format!("kind {} is published by clients only", req.kind));
     }
     if req.user.len() > MAX_USER_LEN {
         reject("bad_user");
@@ -287,4 +328,510 @@ async fn metrics(State(st): State<AppState>) -> Response {
     let mut out = String::with_capacity(16384);
     st.metrics.render(&st.kernel, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publish API keys
+
+/// Environment variable with more publish keys, unrestricted: `name1:key1,name2:key2` (for
+/// container deployments, where a secret arrives as an environment variable).
+pub const API_KEYS_ENV: &str = "ROOMCAST_API_KEYS";
+
+/// Shortest key accepted, as for `admin_token`.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// Longest key name.
+pub const MAX_KEY_NAME_LEN: usize = 64;
+
+/// Compares a presented credential with a configured one. The time taken depends only on the
+/// configured secret's length (the same for every request), never on where the two differ nor
+/// on the presented length, so timing tells a caller nothing about the secret. `subtle`'s
+/// `ConstantTimeEq` does the byte comparisons and keeps the result a `Choice` (no branch) until
+/// the end (Cargo.toml says why that crate).
+pub fn ct_eq(given: &[u8], secret: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    let mut same = (given.len() as u64).ct_eq(&(secret.len() as u64));
+    for (i, s) in secret.iter().enumerate() {
+        same &= given.get(i).copied().unwrap_or(0).ct_eq(s);
+    }
+    bool::from(same)
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header (RFC 6750 §2.1; the scheme is
+/// case-insensitive). None when absent, repeated, not ASCII, another scheme, or no token.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+    let token = token.trim_matches(' ');
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(' ') {
+        return None;
+    }
+    Some(token)
+}
+
+/// Whether `addr` is a loopback address (127.0.0.0/8, ::1, or 127.x mapped into IPv6): only
+/// processes on this machine can reach a server listening there.
+pub fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// One publish key, resolved (`key_env` read) and checked.
+pub struct PublishKey {
+    pub name: String,
+    secret: Secret,
+    /// Exact names, or prefixes ending in `*`; None: every room.
+    rooms: Option<Vec<String>>,
+    /// None: every kind.
+    kinds: Option<Vec<String>>,
+}
+
+impl PublishKey {
+    pub fn allows_room(&self, room: &str) -> bool {
+        self.rooms.as_ref().is_none_or(|pats| pats.iter().any(|p| crate::auth::room_matches(p, room)))
+    }
+
+    pub fn allows_kind(&self, kind: &str) -> bool {
+        self.kinds.as_ref().is_none_or(|ks| ks.iter().any(|k| k == kind))
+    }
+}
+
+/// The publish API's keys: `[[ingest.keys]]` and `ROOMCAST_API_KEYS`. Empty: the publish API is
+/// open (config validation allows that only on a loopback `http` address or with
+/// `ingest.insecure_no_keys`). `Debug` shows the names only.
+#[derive(Default)]
+pub struct PublishKeys {
+    keys: Vec<PublishKey>,
+}
+
+impl std::fmt::Debug for PublishKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishKeys").field("names", &self.names()).finish()
+    }
+}
+
+/// Why a publish was refused for its key. The answer names the key, never its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// No `Authorization: Bearer` header, or a malformed one.
+    NoKey,
+    /// A key that is not configured.
+    BadKey,
+    /// A known key, not for this room.
+    Room { key: String, room: String },
+    /// A known key, not for this kind.
+    Kind { key: String, kind: String },
+}
+
+impl KeyRefusal {
+    /// The `reason` label in `roomcast_publish_rejected_total` and the answer's body.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoKey => "no_key",
+            Self::BadKey => "bad_key",
+            Self::Room { .. } => "key_room",
+            Self::Kind { .. } => "key_kind",
+        }
+    }
+}
+
+impl IntoResponse for KeyRefusal {
+    /// 401 (with `WWW-Authenticate: Bearer`, as RFC 7235 requires) for no key or an unknown
+    /// one, 403 for a key used outside its rooms or kinds (RFC 6750 §3.1 error codes).
+    fn into_response(self) -> Response {
+        let (status, challenge, message) = match &self {
+            Self::NoKey => (
+                StatusCode::UNAUTHORIZED,
+                "Bearer realm=\"roomcast\"",
+                "missing or malformed Authorization header: send Authorization: Bearer KEY".to_owned(),
+            ),
+            Self::BadKey => (
+                StatusCode::UNAUTHORIZED,
+                "Bearer realm=\"roomcast\", error=\"invalid_token\"",
+                "unknown key".to_owned(),
+            ),
+            Self::Room { key, room } => (
+                StatusCode::FORBIDDEN,
+                "Bearer realm=\"roomcast\", error=\"insufficient_scope\"",
+                format!("key {key:?} may not publish to room {room:?}"),
+            ),
+            Self::Kind { key, kind } => (
+                StatusCode::FORBIDDEN,
+                "Bearer realm=\"roomcast\", error=\"insufficient_scope\"",
+                format!("key {key:?} may not publish kind {kind:?}"),
+            ),
+        };
+        (
+            status,
+            [(header::WWW_AUTHENTICATE, challenge)],
+            Json(serde_json::json!({ "error": message, "reason": self.reason() })),
+        )
+            .into_response()
+    }
+}
+
+fn key_error(key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid { key, message }
+}
+
+fn check_key_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_KEY_NAME_LEN {
+        return Err(format!("name must be 1 to {MAX_KEY_NAME_LEN} bytes"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+        return Err(format!("name {name:?} may only hold A-Z a-z 0-9 _ . -"));
+    }
+    Ok(())
+}
+
+/// A key must be sendable as a bearer token and not guessable; the message never quotes it.
+fn check_secret(secret: &str) -> Result<(), &'static str> {
+    if secret.len() < MIN_KEY_LEN {
+        return Err("the key must be at least 16 characters");
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the key may only hold printable ASCII characters, no spaces");
+    }
+    Ok(())
+}
+
+fn check_room_pattern(p: &str) -> Result<(), String> {
+    let (stem, prefix) = match p.strip_suffix('*') {
+        Some(stem) => (stem, true),
+        None => (p, false),
+    };
+    if prefix && stem.is_empty() {
+        return Ok(());
+    }
+    validate_room(stem)
+        .map_err(|why| format!("bad room pattern {p:?} ({why}; a pattern is a room name, or a prefix ending in *)"))
+}
+
+impl PublishKeys {
+    /// Resolves and checks the keys of `cfg.ingest.keys` and `ROOMCAST_API_KEYS`, reading the
+    /// process environment. `Config::validate` calls it, so `--check-config` reports every
+    /// problem, naming the setting (`ingest.keys` or `ROOMCAST_API_KEYS`).
+    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+        Self::from_config_env(cfg, &|name| std::env::var(name).ok())
+    }
+
+    /// As [`Self::from_config`], with `env` in place of the process environment.
+    pub fn from_config_env(cfg: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut keys = Vec::new();
+        for (i, k) in cfg.ingest.keys.iter().enumerate() {
+            let bad = |m: String| key_error("ingest.keys", format!("entry {} ({:?}): {m}", i + 1, k.name));
+            check_key_name(&k.name).map_err(bad)?;
+            let secret = match (&k.key, &k.key_env) {
+                (Some(s), None) => s.clone(),
+                (None, Some(var)) => match env(var) {
+                    Some(v) if !v.is_empty() => Secret::new(v),
+                    _ => return Err(bad(format!("key_env: environment variable {var} is not set"))),
+                },
+                _ => return Err(bad("set exactly one of key and key_env".to_owned())),
+            };
+            check_secret(secret.expose()).map_err(|m| bad(m.to_owned()))?;
+            if let Some(rooms) = &k.rooms {
+                if rooms.is_empty() {
+                    return Err(bad("rooms is empty: list rooms, or leave it out for every room".to_owned()));
+                }
+                for p in rooms {
+                    check_room_pattern(p).map_err(bad)?;
+                }
+            }
+            if let Some(kinds) = &k.kinds {
+                if kinds.is_empty() {
+                    return Err(bad("kinds is empty: list kinds, or leave it out for every kind".to_owned()));
+                }
+                for kind in kinds {
+                    if !cfg.kinds.contains_key(kind) {
+                        return Err(bad(format!("kinds: {kind:?} is not a configured kind")));
+                    }
+                }
+            }
+            keys.push(PublishKey { name: k.name.clone(), secret, rooms: k.rooms.clone(), kinds: k.kinds.clone() });
+        }
+        if let Some(list) = env(API_KEYS_ENV) {
+            let entries = list.split(',').map(str::trim).filter(|e| !e.is_empty());
+            for (j, entry) in entries.enumerate() {
+                // Never quote the entry: it holds a key.
+                let bad = |m: &str| key_error(API_KEYS_ENV, format!("entry {}: {m}", j + 1));
+                let Some((name, secret)) = entry.split_once(':') else {
+                    return Err(bad("not name:key"));
+                };
+                check_key_name(name).map_err(|m| bad(&m))?;
+                check_secret(secret).map_err(bad)?;
+                keys.push(PublishKey { name: name.to_owned(), secret: Secret::new(secret), rooms: None, kinds: None });
+            }
+        }
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[..i] {
+                if a.name == b.name {
+                    return Err(key_error("ingest.keys", format!("key name {:?} is used twice", a.name)));
+                }
+                if a.secret.expose() == b.secret.expose() {
+                    return Err(key_error(
+                        "ingest.keys",
+                        format!("keys {:?} and {:?} are the same key: give each holder its own", b.name, a.name),
+                    ));
+                }
+            }
+        }
+        if keys.is_empty() && !cfg.ingest.insecure_no_keys && !is_loopback(cfg.http) {
+            return Err(key_error(
+                "ingest.keys",
+                format!(
+                    "no publish key, and http = {} is not a loopback address, so anyone who reaches it could \
+                     publish: configure [[ingest.keys]] (or {API_KEYS_ENV}), serve the API on 127.0.0.1, or set \
+                     ingest.insecure_no_keys = true",
+                    cfg.http
+                ),
+            ));
+        }
+        Ok(Self { keys })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.keys.iter().map(|k| k.name.as_str()).collect()
+    }
+
+    /// The key a request presents. `Ok(None)` when no key is configured (open API); otherwise
+    /// the matching key, or why not. Every configured key is compared, in constant time and
+    /// without stopping at a match, so timing does not tell which key (or how many) matched.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&PublishKey>, KeyRefusal> {
+        if self.keys.is_empty() {
+            return Ok(None);
+        }
+        let given = bearer(headers).ok_or(KeyRefusal::NoKey)?;
+        let mut found = None;
+        for k in &self.keys {
+            if ct_eq(given.as_bytes(), k.secret.expose().as_bytes()) {
+                found = Some(k);
+            }
+        }
+        found.map(Some).ok_or(KeyRefusal::BadKey)
+    }
+
+    /// Says at start-up, once, how the publish API is protected: the key names (never the
+    /// keys), or a WARN when it is open.
+    pub fn log_mode(&self, cfg: &Config, bound: SocketAddr) {
+        if !self.is_empty() {
+            tracing::info!(keys = ?self.names(), "publish API: Authorization: Bearer KEY required");
+        } else if is_loopback(bound) {
+            tracing::warn!(
+                http = %bound,
+                "publish API has no keys: any local process can publish (loopback only); \
+                 configure [[ingest.keys]] or {API_KEYS_ENV}"
+            );
+        } else {
+            debug_assert!(cfg.ingest.insecure_no_keys, "validation refuses this");
+            tracing::warn!(
+                http = %bound,
+                "INSECURE: publish API has no keys and listens on a non-loopback address \
+                 (ingest.insecure_no_keys = true): anyone who reaches {bound} can publish to any room"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    const K1: &str = "k1-0123456789abcdef";
+    const K2: &str = "k2-0123456789abcdef";
+
+    fn cfg(toml: &str) -> Config {
+        Config::from_toml(toml).unwrap()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn auth(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    fn err(c: &Config, env: &dyn Fn(&str) -> Option<String>) -> String {
+        PublishKeys::from_config_env(c, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(ct_eq(b"abcdefgh", b"abcdefgh"));
+        assert!(!ct_eq(b"abcdefgh", b"abcdefgX"));
+        assert!(!ct_eq(b"abcdefg", b"abcdefgh"));
+        assert!(!ct_eq(b"abcdefgh\0", b"abcdefgh"));
+        assert!(!ct_eq(b"", b"a"));
+        assert!(ct_eq(b"", b""));
+    }
+
+    #[test]
+    fn bearer_header() {
+        assert_eq!(bearer(&auth("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&auth("bearer  abc")), Some("abc"));
+        assert_eq!(bearer(&auth("Basic abc")), None);
+        assert_eq!(bearer(&auth("Bearer")), None);
+        assert_eq!(bearer(&auth("Bearer ")), None);
+        assert_eq!(bearer(&auth("Bearer a b")), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
+        let mut two = auth("Bearer abc");
+        two.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer def"));
+        assert_eq!(bearer(&two), None);
+    }
+
+    #[test]
+    fn loopback_addresses() {
+        for a in ["127.0.0.1:1", "127.9.8.7:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+            assert!(is_loopback(a.parse().unwrap()), "{a}");
+        }
+        for a in ["0.0.0.0:1", "10.0.0.1:1", "[::]:1", "[::ffff:10.0.0.1]:1"] {
+            assert!(!is_loopback(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn keys_restrict_rooms_and_kinds() {
+        let c = cfg(&format!(
+            "[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\nrooms = [\"a*\", \"lobby\"]\nkinds = [\"chat\"]\n\
+             [[ingest.keys]]\nname = \"all\"\nkey = \"{K2}\"\n"
+        ));
+        let keys = PublishKeys::from_config_env(&c, &no_env).unwrap();
+        let a = keys.authenticate(&auth(&format!("Bearer {K1}"))).unwrap().unwrap();
+        assert_eq!(a.name, "a");
+        assert!(a.allows_room("a") && a.allows_room("a1") && a.allows_room("lobby"));
+        assert!(!a.allows_room("b") && !a.allows_room("lobby2") && !a.allows_room("ba"));
+        assert!(a.allows_kind("chat") && !a.allows_kind("gift"));
+        let all = keys.authenticate(&auth(&format!("Bearer {K2}"))).unwrap().unwrap();
+        assert!(all.allows_room("b") && all.allows_kind("gift"));
+        assert_eq!(keys.authenticate(&HeaderMap::new()).err(), Some(KeyRefusal::NoKey));
+        assert_eq!(keys.authenticate(&auth("Token x")).err(), Some(KeyRefusal::NoKey));
+        assert_eq!(keys.authenticate(&auth(&format!("Bearer {K1}x"))).err(), Some(KeyRefusal::BadKey));
+        assert_eq!(keys.authenticate(&auth(&format!("Bearer {}", &K1[1..]))).err(), Some(KeyRefusal::BadKey));
+    }
+
+    #[test]
+    fn no_keys_is_open_on_loopback_only() {
+        let keys = PublishKeys::from_config_env(&Config::default(), &no_env).unwrap();
+        assert!(keys.is_empty());
+        assert!(keys.authenticate(&HeaderMap::new()).unwrap().is_none());
+        let c = cfg("http = \"[::1]:8081\"\n");
+        assert!(PublishKeys::from_config_env(&c, &no_env).unwrap().is_empty());
+        let c = cfg("http = \"0.0.0.0:8081\"\n");
+        let e = err(&c, &no_env);
+        assert!(e.starts_with("ingest.keys:") && e.contains("insecure_no_keys"), "{e}");
+        assert!(c.validate().is_err() || std::env::var(API_KEYS_ENV).is_ok());
+        let c = cfg("http = \"0.0.0.0:8081\"\n[ingest]\ninsecure_no_keys = true\n");
+        assert!(PublishKeys::from_config_env(&c, &no_env).unwrap().is_empty());
+        let c = cfg(&format!("http = \"0.0.0.0:8081\"\n[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\n"));
+        assert_eq!(PublishKeys::from_config_env(&c, &no_env).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn environment_keys() {
+        let env = |n: &str| match n {
+            API_KEYS_ENV => Some(format!(" one:{K1}, two:{K2}:more ,")),
+            "PUB_KEY" => Some("env-0123456789abcdef".to_owned()),
+            _ => None,
+        };
+        let c = cfg("http = \"0.0.0.0:8081\"\n[[ingest.keys]]\nname = \"f\"\nkey_env = \"PUB_KEY\"\nrooms = [\"x\"]\n");
+        let keys = PublishKeys::from_config_env(&c, &env).unwrap();
+        assert_eq!(keys.names(), ["f", "one", "two"]);
+        assert_eq!(keys.authenticate(&auth("Bearer env-0123456789abcdef")).unwrap().unwrap().name, "f");
+        let one = keys.authenticate(&auth(&format!("Bearer {K1}"))).unwrap().unwrap();
+        assert!(one.allows_room("anything") && one.allows_kind("gift"));
+        let two = keys.authenticate(&auth(&format!("Bearer {K2}:more"))).unwrap().unwrap();
+        assert_eq!(two.name, "two");
+        // Only the environment's keys: not open.
+        let only_env = |n: &str| (n == API_KEYS_ENV).then(|| format!("one:{K1}"));
+        let c = cfg("http = \"0.0.0.0:8081\"\n");
+        assert_eq!(PublishKeys::from_config_env(&c, &only_env).unwrap().len(), 1);
+    }
+
+    fn env_no_name(n: &str) -> Option<String> {
+        (n == API_KEYS_ENV).then(|| K1.to_owned())
+    }
+
+    fn env_short(n: &str) -> Option<String> {
+        (n == API_KEYS_ENV).then(|| "a:short-key".to_owned())
+    }
+
+    fn env_empty_name(n: &str) -> Option<String> {
+        (n == API_KEYS_ENV).then(|| format!(":{K1}"))
+    }
+
+    #[test]
+    fn bad_keys_are_refused_naming_the_setting_not_the_key() {
+        let short = "short-key";
+        type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+        let cases: Vec<(String, Env<'_>, &str)> = vec![
+            (format!("[[ingest.keys]]\nname = \"a\"\nkey = \"{short}\"\n"), &no_env, "ingest.keys:"),
+            (format!("[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\nkey_env = \"X\"\n"), &no_env, "ingest.keys:"),
+            ("[[ingest.keys]]\nname = \"a\"\n".to_owned(), &no_env, "ingest.keys:"),
+            ("[[ingest.keys]]\nname = \"a\"\nkey_env = \"NOPE\"\n".to_owned(), &no_env, "ingest.keys:"),
+            (format!("[[ingest.keys]]\nname = \"a b\"\nkey = \"{K1}\"\n"), &no_env, "ingest.keys:"),
+            (format!("[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\nrooms = [\"a*b\"]\n"), &no_env, "ingest.keys:"),
+            (format!("[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\nrooms = []\n"), &no_env, "ingest.keys:"),
+            (format!("[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\nkinds = [\"tip\"]\n"), &no_env, "ingest.keys:"),
+            (
+                format!(
+                    "[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\n[[ingest.keys]]\nname = \"a\"\nkey = \"{K2}\"\n"
+                ),
+                &no_env,
+                "ingest.keys:",
+            ),
+            (
+                format!(
+                    "[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\n[[ingest.keys]]\nname = \"b\"\nkey = \"{K1}\"\n"
+                ),
+                &no_env,
+                "ingest.keys:",
+            ),
+            (String::new(), &env_no_name, "ROOMCAST_API_KEYS:"),
+            (String::new(), &env_short, "ROOMCAST_API_KEYS:"),
+            (String::new(), &env_empty_name, "ROOMCAST_API_KEYS:"),
+        ];
+        for (toml, env, key) in cases {
+            let e = err(&cfg(&toml), env);
+            assert!(e.starts_with(key), "{toml:?}: {e}");
+            assert!(!e.contains(K1) && !e.contains(short), "the key is never quoted: {e}");
+        }
+        assert!(Config::from_toml("[[ingest.keys]]\nname = \"a\"\nkey = \"x\"\nroom = [\"a\"]\n").is_err());
+    }
+
+    #[test]
+    fn keys_and_admin_token_are_not_in_debug() {
+        let c = cfg(&format!(
+            "admin_token = \"admin-0123456789abcdef\"\n[[ingest.keys]]\nname = \"pub\"\nkey = \"{K1}\"\n\
+             [[ingest.keys]]\nname = \"env\"\nkey_env = \"SOME_VAR\"\n"
+        ));
+        let env = |n: &str| match n {
+            "SOME_VAR" => Some(K2.to_owned()),
+            API_KEYS_ENV => Some("ops:ops-0123456789abcdef".to_owned()),
+            _ => None,
+        };
+        let keys = PublishKeys::from_config_env(&c, &env).unwrap();
+        for text in [format!("{c:?}"), format!("{c:#?}"), format!("{keys:?}"), format!("{:?}", c.ingest)] {
+            for secret in [K1, K2, "admin-0123456789abcdef", "ops-0123456789abcdef"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+        }
+        let text = format!("{c:?}");
+        assert!(text.contains("\"pub\"") && text.contains("<redacted>") && text.contains("SOME_VAR"), "{text}");
+        assert!(format!("{keys:?}").contains("ops"));
+    }
 }

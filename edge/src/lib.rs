@@ -5,6 +5,7 @@
 //! serializes each room's messages once and hands the same frame bytes to every shard with
 //! members; [`ingest`] is the publish API on its own runtime.
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod dispatch;

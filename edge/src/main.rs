@@ -96,6 +96,61 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Print an HS256 connection token signed with the configured secret (`auth.hs256_secret`
+    /// in --config, or ROOMCAST_AUTH_SECRET), for tests and back ends without a JWT library.
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// A room the token allows (repeat; exact names or prefixes ending in `*`). None: any.
+        #[arg(long = "room")]
+        rooms: Vec<String>,
+        /// A kind the user may publish over the socket (repeat). None: the kinds for clients.
+        #[arg(long = "pub")]
+        publish: Vec<String>,
+        /// Lifetime: seconds, or with a unit (90s, 15m, 1h, 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// `edge token`: signs and prints a token.
+fn print_token(cli: &Cli, sub: &str, rooms: &[String], publish: &[String], ttl: &str) -> anyhow::Result<()> {
+    let cfg = match &cli.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    let secret = cfg
+        .auth
+        .hs256_secret
+        .as_ref()
+        .map(|s| s.expose().to_owned())
+        .or_else(|| std::env::var("ROOMCAST_AUTH_SECRET").ok())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("no secret: set auth.hs256_secret in --config, or ROOMCAST_AUTH_SECRET"))?;
+    if secret.len() < 32 {
+        anyhow::bail!("auth.hs256_secret: at least 32 bytes");
+    }
+    let (num, unit) = ttl.find(|c: char| !c.is_ascii_digit()).map_or((ttl, ""), |i| ttl.split_at(i));
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--ttl: a number with an optional unit s, m, h, d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => anyhow::bail!("--ttl: unit is s, m, h or d"),
+    };
+    if sub.is_empty() || sub.len() > edge::auth::MAX_SUB_LEN {
+        anyhow::bail!("--sub: 1 to 64 bytes");
+    }
+    let claims = edge::auth::Claims {
+        sub: sub.to_owned(),
+        exp: edge::bus::now_us() / 1_000_000 + secs,
+        rooms: (!rooms.is_empty()).then(|| rooms.to_vec()),
+        publish: (!publish.is_empty()).then(|| publish.to_vec()),
+    };
+    println!("{}", edge::auth::sign_hs256(secret.as_bytes(), &claims)?);
+    Ok(())
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
@@ -157,6 +212,7 @@ fn main() -> anyhow::Result<()> {
     match &cli.cmd {
         Some(Cmd::Dispatch { redis, http }) => return dispatch_only(redis, *http),
         Some(Cmd::Top { http, once }) => return edge::top::run(*http, *once),
+        Some(Cmd::Token { sub, rooms, publish, ttl }) => return print_token(&cli, sub, rooms, publish, ttl),
         None => {}
     }
     let cfg = match load(&cli) {
@@ -206,6 +262,9 @@ fn main() -> anyhow::Result<()> {
         .block_on(tokio::net::TcpListener::bind(cfg.http))
         .with_context(|| format!("cannot listen on {} (http)", cfg.http))?;
     let http_addr = listener.local_addr()?;
+    // Checked by cfg.validate() already; read again here for the live table.
+    let keys = ingest::PublishKeys::from_config(&cfg)?;
+    keys.log_mode(&cfg, http_addr);
     let (drain_tx, mut drain_rx) = tokio::sync::mpsc::unbounded_channel();
     let state = AppState {
         bus: edge.bus.clone(),
@@ -215,6 +274,10 @@ fn main() -> anyhow::Result<()> {
         started: edge.started,
         route: Arc::new(route),
         admin_token: cfg.admin_token.clone(),
+        keys: Arc::new(keys),
+        clients_only_kinds: Arc::new(
+            cfg.kinds.iter().filter(|(_, k)| !k.publishers().api()).map(|(name, _)| name.clone()).collect(),
+        ),
         drain: drain_tx,
         draining: draining.clone(),
         report_now,

@@ -37,6 +37,7 @@ struct ShardFamilies {
     accept_errors: IntCounterVec,
     goaways: IntCounterVec,
     signals_refused: IntCounterVec,
+    refused: IntCounterVec,
 }
 
 /// One shard's handles (cheap clones of the shared atomics).
@@ -59,6 +60,15 @@ pub struct ShardStats {
     pub goaways: IntCounter,
     /// Signalling messages refused: over the connection's rate, or a join the engine refused.
     pub signals_refused: IntCounter,
+    refused: IntCounterVec,
+    shard_label: String,
+}
+
+impl ShardStats {
+    /// Counts a refusal by the trust rules (`roomcast_connections_refused_total{reason}`).
+    pub fn refused(&self, reason: &str) {
+        self.refused.with_label_values(&[self.shard_label.as_str(), reason]).inc();
+    }
 }
 
 /// The bus thread's figures (and the publish API's).
@@ -142,6 +152,12 @@ impl Metrics {
                 s,
             ),
             goaways: counter(r, "goaway_sent_total", "goaway messages sent while draining.", s),
+            refused: counter(
+                r,
+                "connections_refused_total",
+                "Upgrades and signalling refused by the trust rules, by reason (token_missing, token_invalid, token_expired, origin, room_forbidden, publish_forbidden, refresh_other_user).",
+                &["shard", "reason"],
+            ),
             signals_refused: counter(
                 r,
                 "signals_refused_total",
@@ -217,6 +233,8 @@ impl Metrics {
             accept_errors: f.accept_errors.with_label_values(&l),
             goaways: f.goaways.with_label_values(&l),
             signals_refused: f.signals_refused.with_label_values(&l),
+            refused: f.refused.clone(),
+            shard_label: l[0].to_owned(),
         }
     }
 

@@ -120,6 +120,15 @@ impl Edge {
         metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
         let load = Arc::new(LoadBoard::new(n));
         let (now, wall) = (Instant::now(), crate::bus::now_us());
+        let auth = crate::auth::Verifier::from_config(&cfg.auth, std::env::var("ROOMCAST_AUTH_SECRET").ok())
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map(Arc::new);
+        if auth.is_none() {
+            tracing::warn!(
+                "auth is off: connections get anonymous ids and may publish only client kinds \
+                 (set auth.hs256_secret, ROOMCAST_AUTH_SECRET or auth.keys to require tokens)"
+            );
+        }
         let cpu_of = |i: usize| if cfg.pin { cpus.get(i % cpus.len().max(1)).copied() } else { None };
         let mut engines = Vec::new();
         for i in 0..n {
@@ -160,6 +169,7 @@ impl Edge {
                 max_conns,
                 health: health.clone(),
                 refuse_when_overloaded: cfg.health.refuse_when_overloaded,
+                auth: auth.clone(),
             });
         }
 

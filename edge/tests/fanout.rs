@@ -144,10 +144,11 @@ async fn join_switch_leave_over_the_socket() {
     assert_eq!(next_msg_within(&mut ws, Duration::from_secs(5)).await, Some(ServerMsg::Left { room: "two".into() }));
     publisher.publish("two", "chat", json!("gone")).await;
     assert_eq!(next_msg_within(&mut ws, Duration::from_millis(300)).await, None);
-    // Publish over the socket after re-joining.
+    // Publish over the socket after re-joining (a client kind: gifts come from the publish API
+    // unless a token allows them).
     send_json(&mut ws, json!({"op": "join", "room": "two"})).await;
     expect_joined(&mut ws, "two").await;
-    send_json(&mut ws, json!({"op": "publish", "kind": "gift", "user": "u9", "body": {"rose": 1}})).await;
+    send_json(&mut ws, json!({"op": "publish", "kind": "like", "user": "u9", "body": {"rose": 1}})).await;
     let mut saw_ack = false;
     let mut saw_batch = false;
     while !(saw_ack && saw_batch) {
@@ -157,8 +158,9 @@ async fn join_switch_leave_over_the_socket() {
                 saw_ack = true;
             }
             Some(ServerMsg::Batch { messages, .. }) => {
-                assert_eq!(messages[0].kind, "gift");
+                assert_eq!(messages[0].kind, "like");
                 assert_eq!(messages[0].body, r#"{"rose":1}"#);
+                assert!(messages[0].user.starts_with("anon-"), "the server's user, not the client's");
                 saw_batch = true;
             }
             other => panic!("{other:?}"),

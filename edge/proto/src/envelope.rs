@@ -106,6 +106,9 @@ pub enum ServerMsg {
     /// Messages with seq in `from..=to` of `room` cannot be recovered (older than history, or
     /// lost by the bus). Said explicitly, never silently.
     Gap { room: String, from: u64, to: u64 },
+    /// A `refresh` was accepted: the connection's token now expires at `exp` (seconds since the
+    /// Unix epoch).
+    Refreshed { exp: u64 },
 }
 
 /// Everything a client may send (text JSON in both subprotocols; binary rkyv in `rkyv.v1`).
@@ -135,6 +138,8 @@ pub enum ClientMsg {
         #[serde(serialize_with = "raw_json::serialize")]
         body: String,
     },
+    /// A new token for the same user, before the current one expires.
+    Refresh { token: String },
 }
 
 /// Why an envelope could not be read.
@@ -310,6 +315,7 @@ mod wire {
         Join,
         Leave,
         Publish,
+        Refresh,
     }
 
     #[derive(Deserialize)]
@@ -321,6 +327,7 @@ mod wire {
         user: Option<String>,
         #[serde(default, deserialize_with = "raw")]
         body: Option<String>,
+        token: Option<String>,
     }
 
     impl<'de> Deserialize<'de> for ClientMsg {
@@ -334,6 +341,7 @@ mod wire {
                     user: w.user.unwrap_or_default(),
                     body: need(w.body, "body")?,
                 },
+                Op::Refresh => ClientMsg::Refresh { token: need(w.token, "token")? },
             })
         }
     }
@@ -348,6 +356,7 @@ mod wire {
         Error,
         Goaway,
         Gap,
+        Refreshed,
     }
 
     #[derive(Deserialize)]
@@ -365,6 +374,7 @@ mod wire {
         reconnect_after_ms: Option<u32>,
         from: Option<u64>,
         to: Option<u64>,
+        exp: Option<u64>,
     }
 
     impl<'de> Deserialize<'de> for ServerMsg {
@@ -390,6 +400,7 @@ mod wire {
                 Type::Gap => {
                     ServerMsg::Gap { room: need(w.room, "room")?, from: need(w.from, "from")?, to: need(w.to, "to")? }
                 }
+                Type::Refreshed => ServerMsg::Refreshed { exp: need(w.exp, "exp")? },
             })
         }
     }
@@ -543,6 +554,7 @@ mod tests {
             ServerMsg::Error { code: "bad".into(), message: "m".into() },
             ServerMsg::Goaway { url: "http://d/v1/route".into(), reason: "drain".into(), reconnect_after_ms: 5 },
             ServerMsg::Gap { room: "r".into(), from: 1, to: 2 },
+            ServerMsg::Refreshed { exp: 1_900_000_000 },
         ];
         for m in &all {
             // No wildcard: a new variant must be added here, and to `wire`.
@@ -553,7 +565,8 @@ mod tests {
                 | ServerMsg::Published { .. }
                 | ServerMsg::Error { .. }
                 | ServerMsg::Goaway { .. }
-                | ServerMsg::Gap { .. } => {}
+                | ServerMsg::Gap { .. }
+                | ServerMsg::Refreshed { .. } => {}
             }
         }
         all
@@ -572,6 +585,7 @@ mod tests {
             ClientMsg::Join { room: "a".into(), since: None },
             ClientMsg::Leave,
             ClientMsg::Publish { kind: "k".into(), user: "u".into(), body: "[1,2]".into() },
+            ClientMsg::Refresh { token: "a.b.c".into() },
         ] {
             assert_eq!(decode_client_json(&encode_client_json(&m)).unwrap(), m);
         }
@@ -583,6 +597,7 @@ mod tests {
             br#"{"op":"join","room":"a","room":"b"}"#,
             br#"{"op":"publish","kind":"chat"}"#,
             br#"{"op":"publish","body":1}"#,
+            br#"{"op":"refresh"}"#,
             br#"{"op":"publish","kind":"chat","body":}"#,
             br#"{"op":"publish","kind":"chat","body":1"#,
         ] {

@@ -71,6 +71,9 @@ pub struct Upgrade {
     /// `Sec-WebSocket-Protocol` field in order.
     pub protocols: Vec<String>,
     pub origin: Option<String>,
+    /// The token of an `Authorization: Bearer TOKEN` header (native clients; browsers pass
+    /// `?token=` instead, as they cannot set headers on an upgrade).
+    pub bearer: Option<String>,
 }
 
 /// Why an upgrade is refused: the HTTP status and a reason for the body.
@@ -318,7 +321,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
         return Err(refuse(431, "request header fields too large"));
     }
 
-    let (mut host, mut version, mut key, mut origin) = (None, None, None, None);
+    let (mut host, mut version, mut key, mut origin, mut auth) = (None, None, None, None, None);
     let (mut upgrade, mut connection, mut body) = (false, false, false);
     let mut protocols = Vec::new();
     for h in fields {
@@ -338,6 +341,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
             protocols.extend(v.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()));
         } else if name.eq_ignore_ascii_case("origin") {
             once(&mut origin, value, "more than one Origin header (RFC 6454 §7.3)")?;
+        } else if name.eq_ignore_ascii_case("authorization") {
+            once(&mut auth, value, "more than one Authorization header")?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             body = true;
         } else if name.eq_ignore_ascii_case("content-length") {
@@ -369,12 +374,17 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
         return Err(refuse(400, "an upgrade request has no body (Content-Length or Transfer-Encoding)"));
     }
     let origin = origin.and_then(|o| std::str::from_utf8(o).ok()).map(str::to_owned);
+    // Only the Bearer scheme carries a token; anything else is as if absent.
+    let bearer = auth.and_then(|a| std::str::from_utf8(a).ok()).and_then(|a| {
+        let (scheme, token) = a.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    });
     let mut query = Vec::new();
     for pair in query_str.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         query.push((percent_decode(k)?, percent_decode(v)?));
     }
-    Ok(Some((Upgrade { path: path.to_owned(), query, key: key.to_owned(), protocols, origin }, n)))
+    Ok(Some((Upgrade { path: path.to_owned(), query, key: key.to_owned(), protocols, origin, bearer }, n)))
 }
 
 /// `Sec-WebSocket-Accept` for a key.
@@ -403,6 +413,8 @@ pub fn response_101(key: &str, subprotocol: Option<Subprotocol>) -> Vec<u8> {
 fn status_text(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         414 => "URI Too Long",
@@ -422,6 +434,7 @@ pub fn error_response(err: &HandshakeError) -> Vec<u8> {
     let extra = match err.status {
         426 => "Sec-WebSocket-Version: 13\r\n",
         405 => "Allow: GET\r\n",
+        401 => "WWW-Authenticate: Bearer\r\n",
         _ => "",
     };
     format!(

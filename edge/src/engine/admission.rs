@@ -38,10 +38,8 @@ impl Engine {
             }
             return Ok(true);
         }
-        if let Err(wait) = r.droppable_bucket.take(lim.room_rate, lim.room_burst, now) {
-            self.drop_counted(&msg.kind, "room_rate");
-            return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: false });
-        }
+        // The user's own bucket first: a user over its limit must not spend the room's budget,
+        // or one spammer starves everyone else in the room.
         if !msg.user.is_empty() {
             if self.users.len() >= MAX_USERS.div_ceil(self.engines) && !self.users.contains_key(&msg.user) {
                 let (rate, burst) = (lim.user_rate, lim.user_burst);
@@ -52,6 +50,11 @@ impl Engine {
                 self.drop_counted(&msg.kind, "user_rate");
                 return Err(PublishError::RateLimited { scope: "user", retry_after_ms: ms(wait), must_deliver: false });
             }
+        }
+        let r = self.rooms.get_mut(room).expect("ensured above");
+        if let Err(wait) = r.droppable_bucket.take(lim.room_rate, lim.room_burst, now) {
+            self.drop_counted(&msg.kind, "room_rate");
+            return Err(PublishError::RateLimited { scope: "room", retry_after_ms: ms(wait), must_deliver: false });
         }
         let r = self.rooms.get_mut(room).expect("ensured above");
         r.bump_rate(now);

@@ -20,8 +20,10 @@ const PARK_FOR: Duration = Duration::from_secs(2);
 impl Engine {
     pub(super) fn join(&mut self, room: RoomName, join: PendingJoin, since: Option<u64>, now: Instant, out: &mut Out) {
         if let Err(e) = self.ensure_room(&room, now) {
+            // Counted (here and as the shard's signals_refused); a client can cause many, so
+            // no log line each.
             self.stats.publish_rejected.with_label_values(&["too_many_rooms"]).inc();
-            tracing::warn!(room = %room, error = %e, "join refused");
+            tracing::debug!(room = %room, error = %e, "join refused");
             out.push(
                 join.shard,
                 ShardCmd::JoinRefused {

@@ -107,23 +107,37 @@ impl Out {
     }
 }
 
-/// Every shard's send backlog in bytes, written by the shards each tick and read by every
-/// engine's adaptive merging: shared atomics rather than S x S messages.
-pub struct LoadBoard(Box<[AtomicUsize]>);
+/// What every engine and shard shares: each shard's send backlog in bytes (written by the
+/// shards each tick, read by every engine's adaptive merging: shared atomics rather than S x S
+/// messages), and the edge's room count, so `limits.max_rooms` holds for the edge as a whole
+/// however the rooms hash over engines (one atomic per room created or forgotten).
+pub struct LoadBoard {
+    backlog: Box<[AtomicUsize]>,
+    rooms: AtomicUsize,
+}
 
 impl LoadBoard {
     pub fn new(shards: usize) -> Self {
-        Self((0..shards).map(|_| AtomicUsize::new(0)).collect())
+        Self { backlog: (0..shards).map(|_| AtomicUsize::new(0)).collect(), rooms: AtomicUsize::new(0) }
     }
 
     pub fn set(&self, shard: u16, bytes: usize) {
-        if let Some(a) = self.0.get(usize::from(shard)) {
+        if let Some(a) = self.backlog.get(usize::from(shard)) {
             a.store(bytes, Ordering::Relaxed);
         }
     }
 
     pub fn max(&self) -> usize {
-        self.0.iter().map(|a| a.load(Ordering::Relaxed)).max().unwrap_or(0)
+        self.backlog.iter().map(|a| a.load(Ordering::Relaxed)).max().unwrap_or(0)
+    }
+
+    /// Takes a room slot if the edge holds fewer than `max` rooms.
+    fn try_add_room(&self, max: usize) -> bool {
+        self.rooms.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    fn remove_rooms(&self, n: usize) {
+        self.rooms.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -136,7 +150,6 @@ pub struct Engine {
     cfg: EngineConfig,
     stats: BusStats,
     rooms: HashMap<RoomName, Room>,
-    max_rooms: usize,
     users: HashMap<String, Bucket>,
     timers: BinaryHeap<Reverse<(Instant, RoomName)>>,
     immediate: Vec<RoomName>,
@@ -180,7 +193,6 @@ impl Engine {
             shards,
             stats,
             rooms: HashMap::new(),
-            max_rooms: cfg.limits.max_rooms.div_ceil(engines.max(1)),
             users: HashMap::new(),
             timers: BinaryHeap::new(),
             immediate: Vec::new(),
@@ -335,7 +347,7 @@ impl Engine {
         if self.rooms.contains_key(room) {
             return Ok(());
         }
-        if self.rooms.len() >= self.max_rooms {
+        if !self.load.try_add_room(self.cfg.limits.max_rooms) {
             return Err(crate::bus::PublishError::TooManyRooms(self.cfg.limits.max_rooms));
         }
         let mut r = Room::new(room.clone(), self.shards, now, &self.cfg);
@@ -382,6 +394,8 @@ impl Engine {
         });
         let (rate, burst) = (self.cfg.limits.user_rate, self.cfg.limits.user_burst);
         self.users.retain(|_, b| !b.is_full(rate, burst, now));
-        self.stats.rooms.sub((before - self.rooms.len()) as i64);
+        let forgotten = before - self.rooms.len();
+        self.load.remove_rooms(forgotten);
+        self.stats.rooms.sub(forgotten as i64);
     }
 }

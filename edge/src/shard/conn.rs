@@ -97,6 +97,8 @@ pub struct Conn {
     pub signal_at_ms: u64,
     /// Signalling messages refused in a row (reset by one that is taken).
     pub signals_refused: u32,
+    /// Who this connection is (from its token, or anonymous): set at the upgrade.
+    pub identity: Option<crate::auth::Identity>,
 }
 
 impl Conn {
@@ -127,6 +129,7 @@ impl Conn {
             signal_tokens: f64::INFINITY,
             signal_at_ms: now_ms,
             signals_refused: 0,
+            identity: None,
         }
     }
 

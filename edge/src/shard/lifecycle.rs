@@ -164,6 +164,8 @@ impl Shard {
         let mut to_close = Vec::new();
         let mut to_ping = Vec::new();
         let mut to_goaway = Vec::new();
+        let mut to_expire = Vec::new();
+        let now_s = super::session::now_s();
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let Some(c) = c else { continue };
             queued += c.out_bytes;
@@ -186,6 +188,9 @@ impl Shard {
                 Phase::Open if now_ms.saturating_sub(c.last_rx_ms) >= idle_to => {
                     to_close.push(slot as u32);
                 }
+                Phase::Open if c.identity.as_ref().and_then(|i| i.exp).is_some_and(|exp| exp <= now_s) => {
+                    to_expire.push(slot as u32);
+                }
                 Phase::Open if ping_every > 0 && now_ms >= c.next_ping_ms => {
                     c.next_ping_ms = now_ms + ping_every;
                     to_ping.push(slot as u32);
@@ -204,6 +209,12 @@ impl Shard {
         }
         for slot in to_close {
             self.close_with(slot, 1001, "idle timeout");
+        }
+        for slot in to_expire {
+            // No refresh before `exp`: say so, then close with 4001 (reconnect with a new token).
+            self.stats.refused("token_expired");
+            self.send_error(slot, "token_expired", "the connection's token expired: reconnect with a new one");
+            self.close_with(slot, 4001, "token expired");
         }
         for slot in to_ping {
             self.send_control(slot, ws::encode_frame(OpCode::Ping, b""));

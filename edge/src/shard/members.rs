@@ -80,7 +80,12 @@ impl Shard {
 
     /// Joins `room`, leaving the current one first. Membership starts when the bus acknowledges.
     pub(super) fn join(&mut self, slot: u32, room: RoomName, since: Option<u64>) {
-        if let Some(old) = self.leave(slot) {
+        // `left` only for a room the client was told it `joined`: a join still in flight is
+        // cancelled silently (its `joined` never comes either).
+        let was_member = matches!(self.conns.get(slot as usize), Some(Some(c)) if c.room.is_some());
+        if let Some(old) = self.leave(slot)
+            && was_member
+        {
             self.send_msg(slot, &ServerMsg::Left { room: old.to_string() });
         }
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };

@@ -85,6 +85,8 @@ pub struct ShardSpec {
     /// `overloaded` (2).
     pub health: Arc<AtomicU8>,
     pub refuse_when_overloaded: bool,
+    /// Token verification; None: anonymous mode.
+    pub auth: Option<Arc<crate::auth::Verifier>>,
 }
 
 /// Builds the ring, probes it and registers its tables. Done on the shard thread itself
@@ -153,6 +155,7 @@ struct Shard {
     drain_url: Option<Arc<str>>,
     health: Arc<AtomicU8>,
     refuse_when_overloaded: bool,
+    auth: Option<Arc<crate::auth::Verifier>>,
     rng: u64,
     /// Operations the SQ could not take this turn (the kernel pushed back): retried next turn.
     retry: Vec<(Retry, u32)>,
@@ -210,6 +213,7 @@ impl Shard {
             drain_url: None,
             health: spec.health,
             refuse_when_overloaded: spec.refuse_when_overloaded,
+            auth: spec.auth,
             retry: Vec::new(),
             rng: (u64::from(spec.id) << 32)
                 ^ (now.elapsed().as_nanos() as u64)

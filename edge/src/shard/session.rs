@@ -50,12 +50,40 @@ impl Shard {
                 },
             );
         }
+        if let Some(origin) = up.origin.as_deref()
+            && !crate::auth::origin_allowed(&self.cfg.ws.allowed_origins, origin)
+        {
+            self.stats.refused("origin");
+            return self
+                .refuse(slot, &HandshakeError { status: 403, reason: format!("origin {origin} is not allowed") });
+        }
         let proto = match up.select_subprotocol() {
             Ok(p) => p,
             Err(e) => return self.refuse(slot, &e),
         };
+        // Identity is the server's: from a verified token, or a server-made anonymous id.
+        let identity = match &self.auth {
+            Some(v) => {
+                let token = up.query_param("token").or(up.bearer.as_deref());
+                match token.map_or(Err(crate::auth::AuthError::Missing), |t| v.verify(t, now_s())) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        self.stats.refused(auth_reason(&e));
+                        return self.refuse(slot, &HandshakeError { status: 401, reason: e.to_string() });
+                    }
+                }
+            }
+            None => crate::auth::Identity::anonymous(self.next_random()),
+        };
         let room = match up.query_param("room") {
             Some(r) => match validate_room(r) {
+                Ok(()) if !identity.may_join(r) => {
+                    self.stats.refused("room_forbidden");
+                    return self.refuse(
+                        slot,
+                        &HandshakeError { status: 403, reason: format!("room {r} is not allowed by your token") },
+                    );
+                }
                 Ok(()) => Some(RoomName::from(r)),
                 Err(why) => return self.refuse(slot, &bad(&format!("bad room: {why}"))),
             },
@@ -75,6 +103,7 @@ impl Shard {
             c.phase = Phase::Open;
             c.proto = proto.unwrap_or(Subprotocol::Json);
             c.decoder = Some(Box::new(Decoder::new(limits)));
+            c.identity = Some(identity);
             c.push(OutFrame::control(response));
         }
         self.mark_dirty(slot);
@@ -155,6 +184,10 @@ impl Shard {
         };
         match msg {
             ClientMsg::Join { room, since } => match validate_room(&room) {
+                Ok(()) if !self.identity(slot).is_some_and(|id| id.may_join(&room)) => {
+                    self.stats.refused("room_forbidden");
+                    self.send_error(slot, "room_forbidden", "this room is not allowed by your token");
+                }
                 Ok(()) => {
                     let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
                     self.join(slot, name, since);
@@ -168,7 +201,8 @@ impl Shard {
                     self.send_error(slot, "not_in_room", "leave: not in a room");
                 }
             }
-            ClientMsg::Publish { kind, user, body } => {
+            ClientMsg::Refresh { token } => self.refresh(slot, &token),
+            ClientMsg::Publish { kind, user: _, body } => {
                 // A join still in flight counts: the join and this publish go to the same engine
                 // on the same link, in the order the client sent them.
                 let room = match self.conns.get(slot as usize) {
@@ -181,11 +215,71 @@ impl Shard {
                 if let Err(why) = envelope::validate_kind(&kind) {
                     return self.send_error(slot, "bad_kind", why);
                 }
+                // Who may publish which kind: the kind's configured publishers, or the token's
+                // `pub` claim. Gifts default to the publish API only.
+                let for_clients = self.cfg.kinds.get(&kind).is_none_or(|k| k.publishers().clients());
+                let Some(id) = self.identity(slot).cloned() else { return };
+                if !id.may_publish(&kind, for_clients) {
+                    self.stats.refused("publish_forbidden");
+                    return self.send_error(
+                        slot,
+                        "publish_forbidden",
+                        &format!("kind {kind} may not be published by you over the socket"),
+                    );
+                }
+                // The user is the connection's identity; whatever the client wrote is ignored.
+                let user = id.user.to_string();
                 let generation = self.conns[slot as usize].as_ref().map_or(0, |c| c.generation);
                 let reply = Reply::Conn { shard: self.id, slot, generation };
                 self.signal(&room.clone(), EngineCmd::Publish { room, msg: NewMessage { kind, user, body }, reply });
             }
         }
+    }
+}
+
+impl Shard {
+    fn identity(&self, slot: u32) -> Option<&crate::auth::Identity> {
+        self.conns.get(slot as usize)?.as_ref()?.identity.as_ref()
+    }
+
+    /// `{"op":"refresh","token":...}`: a new token for the same user moves the expiry.
+    fn refresh(&mut self, slot: u32, token: &str) {
+        let Some(v) = self.auth.clone() else {
+            return self.send_error(slot, "refresh_refused", "this edge runs without tokens");
+        };
+        let Some(current) = self.identity(slot).cloned() else { return };
+        match v.verify(token, now_s()) {
+            Ok(id) if id.user == current.user => {
+                let exp = id.exp.unwrap_or(0);
+                if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+                    // The new token's claims apply from now on (rooms already joined stay).
+                    c.identity = Some(id);
+                }
+                self.send_msg(slot, &ServerMsg::Refreshed { exp });
+            }
+            Ok(_) => {
+                self.stats.refused("refresh_other_user");
+                self.send_error(slot, "refresh_refused", "the new token is for another user");
+            }
+            Err(e) => {
+                self.stats.refused(auth_reason(&e));
+                self.send_error(slot, "refresh_refused", &e.to_string());
+            }
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (token expiry).
+pub(super) fn now_s() -> u64 {
+    crate::bus::now_us() / 1_000_000
+}
+
+fn auth_reason(e: &crate::auth::AuthError) -> &'static str {
+    use crate::auth::AuthError;
+    match e {
+        AuthError::Missing => "token_missing",
+        AuthError::Expired => "token_expired",
+        AuthError::Invalid(_) | AuthError::UnknownKid(_) | AuthError::BadSub => "token_invalid",
     }
 }
 

@@ -1,0 +1,358 @@
+//! Connection tokens (JWT, RFC 7519) and the identity the server makes from them.
+//!
+//! A connection's identity comes from a signed token, never from what the client says: the
+//! `sub` claim is the user every message it publishes carries, `rooms` bounds what it may join,
+//! `pub` which kinds it may publish over the socket. Verification uses `jsonwebtoken` (HS256
+//! with a shared secret; RS256/ES256 with public keys, several at once for rotation, chosen by
+//! `kid`). Expiry is checked here against the `now` the caller passes (the library's own clock
+//! check is off), so an open connection's `exp` is enforced the same way as a handshake's.
+//!
+//! With no key configured the edge runs in anonymous mode: every connection gets a server-made
+//! id and may publish only the kinds configured for clients.
+
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AuthConfig, KeyAlg};
+
+/// Longest `sub` accepted (it is the `user` of every message the connection publishes).
+pub const MAX_SUB_LEN: usize = 64;
+
+/// Why a token was refused. The text goes to the client (401 body or `error` message): it
+/// names the problem, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing token: pass ?token=JWT or Authorization: Bearer JWT")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("token expired")]
+    Expired,
+    #[error("token has no usable key: unknown kid {0:?}")]
+    UnknownKid(String),
+    #[error("bad sub: 1 to 64 bytes")]
+    BadSub,
+}
+
+/// Why the auth configuration cannot be used (start-up errors name the key).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("auth.keys[{index}].file: cannot read {path}: {source}")]
+    ReadKey {
+        index: usize,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("auth.keys[{index}].file: not a {alg:?} public key in PEM: {message}")]
+    BadKey { index: usize, alg: KeyAlg, message: String },
+    #[error("auth.hs256_secret: at least 32 bytes (a shorter HMAC secret can be brute-forced)")]
+    ShortSecret,
+}
+
+/// Room patterns: an exact name, or a prefix ending in `*`.
+pub fn room_matches(pattern: &str, room: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => room.starts_with(prefix),
+        None => pattern == room,
+    }
+}
+
+/// Whether a browser page from `origin` may connect: any when `allowed` is empty, else an exact
+/// match (ASCII case-insensitive) or `scheme://*.domain` matching any subdomain of `domain`
+/// (not `domain` itself) with the same scheme and port.
+pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    allowed.iter().any(|a| {
+        if a.eq_ignore_ascii_case(origin) {
+            return true;
+        }
+        let Some((scheme, rest)) = a.split_once("://*.") else { return false };
+        let Some((oscheme, ohost)) = origin.split_once("://") else { return false };
+        let suffix = format!(".{}", rest.to_ascii_lowercase());
+        let ohost = ohost.to_ascii_lowercase();
+        scheme.eq_ignore_ascii_case(oscheme) && ohost.len() > suffix.len() && ohost.ends_with(&suffix)
+    })
+}
+
+/// Who a connection is, as the server established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user every message this connection publishes carries.
+    pub user: Arc<str>,
+    /// Token expiry, seconds since the Unix epoch (None: anonymous, never expires).
+    pub exp: Option<u64>,
+    /// Rooms the connection may join (None: every room).
+    pub rooms: Option<Arc<[String]>>,
+    /// Kinds the connection may publish over the socket (None: the kinds configured for clients).
+    pub publish: Option<Arc<[String]>>,
+    pub anonymous: bool,
+}
+
+impl Identity {
+    /// An anonymous identity with a server-made id.
+    pub fn anonymous(id: u64) -> Self {
+        Self { user: Arc::from(format!("anon-{id:016x}")), exp: None, rooms: None, publish: None, anonymous: true }
+    }
+
+    pub fn may_join(&self, room: &str) -> bool {
+        self.rooms.as_ref().is_none_or(|r| r.iter().any(|p| room_matches(p, room)))
+    }
+
+    /// Whether this connection may publish `kind` over its socket; `for_clients` is the kind's
+    /// configured default.
+    pub fn may_publish(&self, kind: &str, for_clients: bool) -> bool {
+        match &self.publish {
+            Some(kinds) => kinds.iter().any(|k| k == kind),
+            None => for_clients,
+        }
+    }
+}
+
+/// The claims a connection token carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+    #[serde(default, rename = "pub", skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+}
+
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies connection tokens against the configured keys.
+pub struct Verifier {
+    keys: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway_s: u64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.debug_struct("Verifier").field("keys", &self.keys.len()).finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// The verifier for `cfg`, or None when no key is configured (anonymous mode). The HS256
+    /// secret comes from `auth.hs256_secret` or the environment (`ROOMCAST_AUTH_SECRET`).
+    pub fn from_config(cfg: &AuthConfig, env_secret: Option<String>) -> Result<Option<Self>, AuthConfigError> {
+        let mut keys = Vec::new();
+        let configured = cfg.hs256_secret.as_ref().map(|s| s.expose().to_owned());
+        if let Some(secret) = configured.or(env_secret).filter(|s| !s.is_empty()) {
+            if secret.len() < 32 {
+                return Err(AuthConfigError::ShortSecret);
+            }
+            let key = DecodingKey::from_secret(secret.as_bytes()).map_err(|_| AuthConfigError::ShortSecret)?;
+            keys.push(Key { kid: None, alg: Algorithm::HS256, key });
+        }
+        for (index, k) in cfg.keys.iter().enumerate() {
+            let pem = std::fs::read(&k.file).map_err(|source| AuthConfigError::ReadKey {
+                index,
+                path: k.file.clone(),
+                source,
+            })?;
+            let (alg, key) = match k.alg {
+                KeyAlg::Rs256 => (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem)),
+                KeyAlg::Es256 => (Algorithm::ES256, DecodingKey::from_ec_pem(&pem)),
+            };
+            let key = key.map_err(|e| AuthConfigError::BadKey { index, alg: k.alg, message: e.to_string() })?;
+            keys.push(Key { kid: k.kid.clone(), alg, key });
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self { keys, issuer: cfg.issuer.clone(), audience: cfg.audience.clone(), leeway_s: cfg.leeway_s }))
+    }
+
+    /// Verifies `token` at `now_s` (seconds since the Unix epoch) and makes the identity.
+    pub fn verify(&self, token: &str, now_s: u64) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let candidates: Vec<&Key> = match &header.kid {
+            Some(kid) => {
+                let by_kid: Vec<&Key> = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect();
+                if by_kid.is_empty() {
+                    return Err(AuthError::UnknownKid(kid.clone()));
+                }
+                by_kid
+            }
+            None => self.keys.iter().collect(),
+        };
+        let mut last = AuthError::Invalid(format!("no key for algorithm {:?}", header.alg));
+        for k in candidates.into_iter().filter(|k| k.alg == header.alg) {
+            let mut v = Validation::new(k.alg);
+            v.validate_exp = false; // checked below against the caller's `now`
+            v.leeway = 0;
+            v.set_required_spec_claims(&["exp", "sub"]);
+            if let Some(iss) = &self.issuer {
+                v.set_issuer(&[iss]);
+            }
+            match &self.audience {
+                Some(aud) => v.set_audience(&[aud]),
+                None => v.validate_aud = false,
+            }
+            match jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
+                Ok(data) => return identity(data.claims, now_s, self.leeway_s),
+                Err(e) => last = AuthError::Invalid(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+}
+
+fn identity(c: Claims, now_s: u64, leeway_s: u64) -> Result<Identity, AuthError> {
+    if c.exp.saturating_add(leeway_s) <= now_s {
+        return Err(AuthError::Expired);
+    }
+    if c.sub.is_empty() || c.sub.len() > MAX_SUB_LEN {
+        return Err(AuthError::BadSub);
+    }
+    Ok(Identity {
+        user: Arc::from(c.sub),
+        exp: Some(c.exp),
+        rooms: c.rooms.map(Arc::from),
+        publish: c.publish.map(Arc::from),
+        anonymous: false,
+    })
+}
+
+/// Signs an HS256 token (`edge token`, and tests).
+pub fn sign_hs256(secret: &[u8], claims: &Claims) -> Result<String, AuthError> {
+    let key = EncodingKey::from_secret(secret).map_err(|e| AuthError::Invalid(e.to_string()))?;
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &key).map_err(|e| AuthError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn verifier() -> Verifier {
+        let cfg = AuthConfig { hs256_secret: Some(crate::config::Secret::new(SECRET)), ..AuthConfig::default() };
+        Verifier::from_config(&cfg, None).unwrap().unwrap()
+    }
+
+    fn token(sub: &str, exp: u64, rooms: Option<Vec<&str>>, publish: Option<Vec<&str>>) -> String {
+        let c = Claims {
+            sub: sub.into(),
+            exp,
+            rooms: rooms.map(|r| r.into_iter().map(String::from).collect()),
+            publish: publish.map(|p| p.into_iter().map(String::from).collect()),
+        };
+        sign_hs256(SECRET.as_bytes(), &c).unwrap()
+    }
+
+    #[test]
+    fn a_valid_token_makes_the_identity() {
+        let id = verifier().verify(&token("alice", 2000, Some(vec!["lobby", "show-*"]), Some(vec!["gift"])), 1000);
+        let id = id.unwrap();
+        assert_eq!(&*id.user, "alice");
+        assert_eq!(id.exp, Some(2000));
+        assert!(id.may_join("lobby") && id.may_join("show-42") && !id.may_join("lobby2") && !id.may_join("other"));
+        assert!(id.may_publish("gift", false) && !id.may_publish("chat", true), "pub replaces the kind defaults");
+    }
+
+    #[test]
+    fn expiry_is_checked_against_the_callers_clock() {
+        let v = verifier();
+        let t = token("bob", 1000, None, None);
+        // The default leeway (5 s) tolerates clock skew, no more.
+        assert!(v.verify(&t, 1004).is_ok());
+        assert_eq!(v.verify(&t, 1005), Err(AuthError::Expired));
+        let id = v.verify(&t, 10).unwrap();
+        assert!(id.may_join("anything") && id.may_publish("chat", true) && !id.may_publish("gift", false));
+    }
+
+    #[test]
+    fn forged_and_malformed_tokens_are_refused() {
+        let v = verifier();
+        let other = sign_hs256(
+            b"another secret, also 32 bytes long",
+            &Claims { sub: "mallory".into(), exp: 5000, rooms: None, publish: None },
+        )
+        .unwrap();
+        assert!(matches!(v.verify(&other, 1), Err(AuthError::Invalid(_))), "wrong signature");
+        assert!(matches!(v.verify("not.a.jwt", 1), Err(AuthError::Invalid(_))));
+        assert!(matches!(v.verify("", 1), Err(AuthError::Invalid(_))));
+        // alg=none is never accepted.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.";
+        assert!(v.verify(none, 1).is_err());
+        assert_eq!(v.verify(&token(&"x".repeat(65), 5000, None, None), 1), Err(AuthError::BadSub));
+        assert_eq!(v.verify(&token("", 5000, None, None), 1), Err(AuthError::BadSub));
+    }
+
+    /// ES256 with two public keys (rotation): the token's `kid` picks the key; a token signed
+    /// by a key that is not configured is refused whatever its `kid` says.
+    #[test]
+    fn es256_keys_rotate_by_kid() {
+        use crate::config::PublicKeyConfig;
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+        let cfg = AuthConfig {
+            keys: vec![
+                PublicKeyConfig { kid: Some("a".into()), alg: KeyAlg::Es256, file: format!("{dir}/es256-a.pub.pem") },
+                PublicKeyConfig { kid: Some("b".into()), alg: KeyAlg::Es256, file: format!("{dir}/es256-b.pub.pem") },
+            ],
+            ..AuthConfig::default()
+        };
+        let v = Verifier::from_config(&cfg, None).unwrap().unwrap();
+        let sign = |key: &str, kid: &str| {
+            let pem = std::fs::read(format!("{dir}/es256-{key}.key.pem")).unwrap();
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = Some(kid.into());
+            let c = Claims { sub: "carol".into(), exp: 5000, rooms: None, publish: None };
+            jsonwebtoken::encode(&h, &c, &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap()
+        };
+        assert_eq!(&*v.verify(&sign("a", "a"), 1).unwrap().user, "carol");
+        assert_eq!(&*v.verify(&sign("b", "b"), 1).unwrap().user, "carol");
+        assert!(matches!(v.verify(&sign("a", "b"), 1), Err(AuthError::Invalid(_))), "kid b, signed by a");
+        assert_eq!(v.verify(&sign("a", "c"), 1), Err(AuthError::UnknownKid("c".into())));
+        // An HS256 token is not accepted where only ES256 keys are configured.
+        let hs = sign_hs256(SECRET.as_bytes(), &Claims { sub: "x".into(), exp: 5000, rooms: None, publish: None });
+        assert!(v.verify(&hs.unwrap(), 1).is_err());
+        let bad = AuthConfig {
+            keys: vec![PublicKeyConfig { kid: None, alg: KeyAlg::Es256, file: format!("{dir}/missing.pem") }],
+            ..AuthConfig::default()
+        };
+        let e = Verifier::from_config(&bad, None).unwrap_err().to_string();
+        assert!(e.starts_with("auth.keys[0].file"), "{e}");
+    }
+
+    #[test]
+    fn origins_exact_and_wildcard_subdomains() {
+        let list = vec!["https://live.example.com".to_owned(), "https://*.example.org".to_owned()];
+        assert!(origin_allowed(&[], "https://evil.test"), "no list: any");
+        assert!(origin_allowed(&list, "https://live.example.com"));
+        assert!(origin_allowed(&list, "HTTPS://LIVE.EXAMPLE.COM"));
+        assert!(origin_allowed(&list, "https://a.example.org") && origin_allowed(&list, "https://a.b.example.org"));
+        assert!(!origin_allowed(&list, "https://example.org"), "the wildcard is for subdomains");
+        assert!(!origin_allowed(&list, "https://evilexample.org"));
+        assert!(!origin_allowed(&list, "http://a.example.org"), "scheme must match");
+        assert!(!origin_allowed(&list, "https://a.example.org:8443"), "port must match");
+        assert!(!origin_allowed(&list, "https://live.example.com.evil.test"));
+        assert!(!origin_allowed(&list, "null"));
+    }
+
+    #[test]
+    fn no_key_is_anonymous_mode_and_short_secrets_are_refused() {
+        assert!(Verifier::from_config(&AuthConfig::default(), None).unwrap().is_none());
+        let short = AuthConfig { hs256_secret: Some(crate::config::Secret::new("short")), ..AuthConfig::default() };
+        assert!(matches!(Verifier::from_config(&short, None), Err(AuthConfigError::ShortSecret)));
+        assert!(Verifier::from_config(&AuthConfig::default(), Some(SECRET.into())).unwrap().is_some(), "env secret");
+        let a = Identity::anonymous(7);
+        assert!(a.anonymous && a.user.starts_with("anon-") && a.exp.is_none());
+        assert!(format!("{:?}", verifier()).find(SECRET).is_none(), "the secret is never printed");
+    }
+}

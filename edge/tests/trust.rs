@@ -1,0 +1,199 @@
+//! Trust through the real edge: identity from a signed token, who may publish which kind,
+//! rooms a token allows, refresh and expiry, origins, and the anonymous quick start.
+
+mod util;
+
+use std::time::Duration;
+
+use roomcast_proto::envelope::ServerMsg;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use util::*;
+
+const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
+
+fn token(sub: &str, ttl_s: i64, rooms: &[&str], publish: &[&str]) -> String {
+    let now = roomcast_now_s() as i64;
+    let claims = edge::auth::Claims {
+        sub: sub.into(),
+        exp: (now + ttl_s) as u64,
+        rooms: (!rooms.is_empty()).then(|| rooms.iter().map(|r| r.to_string()).collect()),
+        publish: (!publish.is_empty()).then(|| publish.iter().map(|r| r.to_string()).collect()),
+    };
+    edge::auth::sign_hs256(SECRET.as_bytes(), &claims).unwrap()
+}
+
+fn roomcast_now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// The status line of an upgrade attempt (101 or the refusal).
+async fn status(url: &str, origin: Option<&str>) -> u16 {
+    let mut req = url.into_client_request().unwrap();
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", HeaderValue::from_str(o).unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Reads until a batch arrives; returns its messages as (kind, user, body).
+async fn next_batch(ws: &mut Ws) -> Vec<(String, String, String)> {
+    loop {
+        match next_msg_within(ws, Duration::from_secs(10)).await {
+            Some(ServerMsg::Batch { messages, .. }) => {
+                return messages.into_iter().map(|m| (m.kind, m.user, m.body)).collect();
+            }
+            Some(_) => {}
+            None => panic!("no batch"),
+        }
+    }
+}
+
+/// Reads until an `error` or `published` answer arrives.
+async fn answer(ws: &mut Ws) -> ServerMsg {
+    loop {
+        match next_msg_within(ws, Duration::from_secs(10)).await {
+            Some(m @ (ServerMsg::Error { .. } | ServerMsg::Published { .. } | ServerMsg::Refreshed { .. })) => {
+                return m;
+            }
+            Some(_) => {}
+            None => panic!("no answer"),
+        }
+    }
+}
+
+/// The quick start (no auth configured): anonymous ids, client kinds only. A forged gift over
+/// the socket is refused and reaches nobody; a client's `user` is never used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_mode_cannot_forge_gifts_or_users() {
+    let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "0"]);
+    let publisher = Publisher::new(edge.http);
+    let mut watcher = connect(&edge.url("?room=lobby"), None).await;
+    expect_joined(&mut watcher, "lobby").await;
+    let mut ws = connect(&edge.url("?room=lobby"), None).await;
+    expect_joined(&mut ws, "lobby").await;
+    send_json(&mut ws, json!({"op":"publish","kind":"gift","user":"alice","body":{"rose":1000}})).await;
+    match answer(&mut ws).await {
+        ServerMsg::Error { code, .. } => assert_eq!(code, "publish_forbidden"),
+        other => panic!("a forged gift was accepted: {other:?}"),
+    }
+    send_json(&mut ws, json!({"op":"publish","kind":"system","body":"room closed by moderator"})).await;
+    assert!(matches!(answer(&mut ws).await, ServerMsg::Error { code, .. } if code == "publish_forbidden"));
+    send_json(&mut ws, json!({"op":"publish","kind":"chat","user":"alice","body":"hi"})).await;
+    assert!(matches!(answer(&mut ws).await, ServerMsg::Published { .. }));
+    // The watcher gets the chat only, under the server's anonymous id.
+    let got = next_batch(&mut watcher).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "chat");
+    assert!(got[0].1.starts_with("anon-"), "server-made user, not the client's: {:?}", got[0].1);
+    // Gifts still come from the publish API.
+    publisher.publish("lobby", "gift", json!({"rose":1})).await;
+    assert_eq!(next_batch(&mut watcher).await[0].0, "gift");
+    assert!(metric(&publisher, "roomcast_connections_refused_total").await >= 2.0, "refusals counted");
+}
+
+/// With a key configured: no token, a forged or expired token get 401; a valid one connects
+/// (query or Authorization header); its rooms and pub claims are enforced; the user is `sub`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_who_connects_joins_and_publishes() {
+    let cfg = config("trust-tokens", &format!("[auth]\nhs256_secret = \"{SECRET}\"\n"));
+    let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "0", "--config", &cfg]);
+    let base = edge.url("?room=show-1");
+    assert_eq!(status(&base, None).await, 401, "no token");
+    assert_eq!(status(&format!("{base}&token=not.a.jwt"), None).await, 401, "garbage");
+    let forged = {
+        let c = edge::auth::Claims { sub: "mallory".into(), exp: roomcast_now_s() + 600, rooms: None, publish: None };
+        edge::auth::sign_hs256(b"another-secret-0123456789abcdef-0123", &c).unwrap()
+    };
+    assert_eq!(status(&format!("{base}&token={forged}"), None).await, 401, "wrong signature");
+    assert_eq!(status(&format!("{base}&token={}", token("bob", -60, &[], &[])), None).await, 401, "expired");
+    assert_eq!(
+        status(&format!("{base}&token={}", token("bob", 600, &["lobby"], &[])), None).await,
+        403,
+        "a room outside the token's rooms"
+    );
+
+    let mut watcher = connect(&format!("{base}&token={}", token("watcher", 600, &["show-*"], &[])), None).await;
+    expect_joined(&mut watcher, "show-1").await;
+    // A native client: Authorization: Bearer.
+    let mut req = edge.url("?room=show-1").into_client_request().unwrap();
+    let t = token("alice", 600, &["show-*"], &["gift", "chat"]);
+    req.headers_mut().insert("Authorization", HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
+    let (mut alice, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    expect_joined(&mut alice, "show-1").await;
+    // The token's pub claim lets alice send gifts; the user is hers whatever she writes.
+    send_json(&mut alice, json!({"op":"publish","kind":"gift","user":"bob","body":{"rose":3}})).await;
+    assert!(matches!(answer(&mut alice).await, ServerMsg::Published { .. }));
+    let got = next_batch(&mut watcher).await;
+    assert_eq!((got[0].0.as_str(), got[0].1.as_str(), got[0].2.as_str()), ("gift", "alice", r#"{"rose":3}"#));
+    // The watcher's token has no pub claim: client kinds only.
+    send_json(&mut watcher, json!({"op":"publish","kind":"gift","body":1})).await;
+    assert!(matches!(answer(&mut watcher).await, ServerMsg::Error { code, .. } if code == "publish_forbidden"));
+    // Joining a room outside the token's rooms: an error, no join.
+    send_json(&mut alice, json!({"op":"join","room":"lobby"})).await;
+    assert!(matches!(answer(&mut alice).await, ServerMsg::Error { code, .. } if code == "room_forbidden"));
+    send_json(&mut alice, json!({"op":"publish","kind":"chat","body":"still in show-1"})).await;
+    match answer(&mut alice).await {
+        ServerMsg::Published { room, .. } => assert_eq!(room, "show-1"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A token refreshed before `exp` keeps the connection; one that is not is told and closed 4001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_keeps_a_connection_past_its_first_exp() {
+    let cfg = config("trust-refresh", &format!("[auth]\nhs256_secret = \"{SECRET}\"\nleeway_s = 0\n"));
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", &cfg]);
+    let publisher = Publisher::new(edge.http);
+    let mut keeps = connect(&edge.url(&format!("?room=r&token={}", token("keeper", 3, &[], &[]))), None).await;
+    expect_joined(&mut keeps, "r").await;
+    let mut lapses = connect(&edge.url(&format!("?room=r&token={}", token("lapser", 3, &[], &[]))), None).await;
+    expect_joined(&mut lapses, "r").await;
+    // A refresh for another user is refused.
+    send_json(&mut keeps, json!({"op":"refresh","token": token("someone-else", 600, &[], &[])})).await;
+    assert!(matches!(answer(&mut keeps).await, ServerMsg::Error { code, .. } if code == "refresh_refused"));
+    send_json(&mut keeps, json!({"op":"refresh","token": token("keeper", 600, &[], &[])})).await;
+    match answer(&mut keeps).await {
+        ServerMsg::Refreshed { exp } => assert!(exp > roomcast_now_s() + 500),
+        other => panic!("{other:?}"),
+    }
+    // The lapsing one is told and closed with 4001.
+    let mut told = false;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut lapses)).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                told |= t.contains("token_expired");
+            }
+            Ok(Some(Ok(Message::Close(Some(f))))) => break Some(u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            _ => break None,
+        }
+    };
+    assert!(told, "an error token_expired before the close");
+    assert_eq!(code, Some(4001));
+    // The refreshed one is still served after its first exp.
+    publisher.publish("r", "gift", json!({"after":"exp"})).await;
+    assert_eq!(next_batch(&mut keeps).await[0].2, r#"{"after":"exp"}"#);
+    let _ = keeps.close(None).await;
+}
+
+/// With an allow-list, a page from another origin gets 403; listed and wildcard subdomains
+/// connect; a client without Origin (not a browser) is left to the token checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_outside_the_allow_list_get_403() {
+    let cfg =
+        config("trust-origin", "[ws]\nallowed_origins = [\"https://live.example.com\", \"https://*.example.org\"]\n");
+    let edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let url = edge.url("?room=r");
+    assert_eq!(status(&url, Some("https://evil.test")).await, 403);
+    assert_eq!(status(&url, Some("https://example.org")).await, 403);
+    assert_eq!(status(&url, Some("https://live.example.com")).await, 101);
+    assert_eq!(status(&url, Some("https://m.example.org")).await, 101);
+    assert_eq!(status(&url, None).await, 101);
+}
