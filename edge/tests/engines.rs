@@ -183,7 +183,9 @@ fn a_ping_flood_that_never_reads_is_closed_not_buffered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_respect_the_room_bound_and_signalling_is_rate_limited() {
     let cfg = config("roombound", "[limits]\nmax_rooms = 4\n[ws]\nsignal_rate = 5.0\nsignal_burst = 40.0\n");
-    let edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    // Several engines: the bound holds for the edge, not per engine (split per engine, 80
+    // shards once allowed 8x the rooms).
+    let edge = EdgeProc::start(&["--shards", "4", "--config", &cfg]);
     let publisher = Publisher::new(edge.http);
     let mut ws = connect(&edge.url(""), None).await;
     let mut joined = 0;

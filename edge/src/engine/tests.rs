@@ -302,6 +302,24 @@ fn limits_drop_chat_but_reject_gifts() {
     assert!(matches!(bus.publish(room.clone(), msg("nope", 0)), Err(PublishError::UnknownKind(_))));
 }
 
+/// A user over its own limit does not spend the room's budget: everyone else still gets in.
+#[test]
+fn a_user_over_its_limit_does_not_starve_the_room() {
+    let mut cfg = Config::default();
+    cfg.limits.user_rate = 1.0;
+    cfg.limits.user_burst = 1.0;
+    cfg.limits.room_rate = 1.0;
+    cfg.limits.room_burst = 3.0;
+    let (mut bus, _srx) = setup_with(cfg);
+    let m = |u: &str| NewMessage { kind: "chat".into(), user: u.into(), body: "1".into() };
+    assert!(bus.publish("r".into(), m("spam")).is_ok());
+    for _ in 0..50 {
+        assert!(matches!(bus.publish("r".into(), m("spam")), Err(PublishError::RateLimited { scope: "user", .. })));
+    }
+    assert!(bus.publish("r".into(), m("good")).is_ok(), "the room's budget is still there");
+    assert!(bus.publish("r".into(), m("fine")).is_ok());
+}
+
 #[test]
 fn per_user_limit() {
     let mut cfg = Config::default();
