@@ -23,7 +23,11 @@ fn verify(c: &mut Criterion) {
     let t = edge::auth::sign_hs256(SECRET.as_bytes(), &claims()).unwrap();
     g.bench_function("HS256", |b| b.iter(|| v.verify(&t, 1_800_000_000).unwrap()));
     let es = AuthConfig {
-        keys: vec![PublicKeyConfig { kid: Some("a".into()), alg: KeyAlg::Es256, file: format!("{dir}/es256-a.pub.pem") }],
+        keys: vec![PublicKeyConfig {
+            kid: Some("a".into()),
+            alg: KeyAlg::Es256,
+            file: format!("{dir}/es256-a.pub.pem"),
+        }],
         ..AuthConfig::default()
     };
     let v = Verifier::from_config(&es, None).unwrap().unwrap();

@@ -298,18 +298,14 @@ async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle)
             bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
         }
         BridgeCmd::Recover { room, since, upto, join } => {
-            bus.send_async(EngineCmd::Recovered {
-                room,
-                since,
-                upto,
-                join,
-                messages: Vec::new(),
-                evicted_upto: 0,
-                ok: false,
-            })
-            .await;
+            bus.send_async(recovery_failed(room, since, upto, join)).await;
         }
     }
+}
+
+/// Redis could not answer a recovery: the engine reports the whole range as a gap.
+fn recovery_failed(room: RoomName, since: u64, upto: u64, join: PendingJoin) -> EngineCmd {
+    EngineCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false }
 }
 
 async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
@@ -415,16 +411,7 @@ async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u6
         }
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(room = %room, error = %e, "redis recovery failed");
-            bus.send_async(EngineCmd::Recovered {
-                room,
-                since,
-                upto,
-                join,
-                messages: Vec::new(),
-                evicted_upto: 0,
-                ok: false,
-            })
-            .await;
+            bus.send_async(recovery_failed(room, since, upto, join)).await;
         }
     }
 }
