@@ -12,7 +12,13 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
 
 fn claims() -> Claims {
-    Claims { sub: "user-12345".into(), exp: 4_000_000_000, rooms: Some(vec!["show-*".into()]), publish: None }
+    Claims {
+        sub: "user-12345".into(),
+        exp: 4_000_000_000,
+        rooms: Some(vec!["show-*".into()]),
+        publish: None,
+        nbf: None,
+    }
 }
 
 fn verify(c: &mut Criterion) {

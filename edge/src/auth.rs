@@ -30,6 +30,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf)")]
+    NotYet,
     #[error("token has no usable key: unknown kid {0:?}")]
     UnknownKid(String),
     #[error("bad sub: 1 to 64 bytes")]
@@ -66,6 +68,11 @@ pub fn room_matches(pattern: &str, room: &str) -> bool {
 pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
     if allowed.is_empty() {
         return true;
+    }
+    // An origin is scheme://host[:port]: nothing that could hide another host in it.
+    let Some((_, host)) = origin.split_once("://") else { return false };
+    if host.is_empty() || host.contains(['/', '?', '#', '@', '\\', ' ']) {
+        return false;
     }
     allowed.iter().any(|a| {
         if a.eq_ignore_ascii_case(origin) {
@@ -122,6 +129,9 @@ pub struct Claims {
     pub rooms: Option<Vec<String>>,
     #[serde(default, rename = "pub", skip_serializing_if = "Option::is_none")]
     pub publish: Option<Vec<String>>,
+    /// Not before (RFC 7519 §4.1.5), seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 struct Key {
@@ -151,7 +161,7 @@ impl Verifier {
     pub fn from_config(cfg: &AuthConfig, env_secret: Option<String>) -> Result<Option<Self>, AuthConfigError> {
         let mut keys = Vec::new();
         let configured = cfg.hs256_secret.as_ref().map(|s| s.expose().to_owned());
-        if let Some(secret) = configured.or(env_secret).filter(|s| !s.is_empty()) {
+        if let Some(secret) = configured.or(env_secret) {
             if secret.len() < 32 {
                 return Err(AuthConfigError::ShortSecret);
             }
@@ -216,6 +226,9 @@ fn identity(c: Claims, now_s: u64, leeway_s: u64) -> Result<Identity, AuthError>
     if c.exp.saturating_add(leeway_s) <= now_s {
         return Err(AuthError::Expired);
     }
+    if c.nbf.is_some_and(|nbf| nbf > now_s.saturating_add(leeway_s)) {
+        return Err(AuthError::NotYet);
+    }
     if c.sub.is_empty() || c.sub.len() > MAX_SUB_LEN {
         return Err(AuthError::BadSub);
     }
@@ -251,6 +264,7 @@ mod tests {
             exp,
             rooms: rooms.map(|r| r.into_iter().map(String::from).collect()),
             publish: publish.map(|p| p.into_iter().map(String::from).collect()),
+            nbf: None,
         };
         sign_hs256(SECRET.as_bytes(), &c).unwrap()
     }
@@ -281,7 +295,7 @@ mod tests {
         let v = verifier();
         let other = sign_hs256(
             b"another secret, also 32 bytes long",
-            &Claims { sub: "mallory".into(), exp: 5000, rooms: None, publish: None },
+            &Claims { sub: "mallory".into(), exp: 5000, rooms: None, publish: None, nbf: None },
         )
         .unwrap();
         assert!(matches!(v.verify(&other, 1), Err(AuthError::Invalid(_))), "wrong signature");
@@ -292,6 +306,10 @@ mod tests {
         assert!(v.verify(none, 1).is_err());
         assert_eq!(v.verify(&token(&"x".repeat(65), 5000, None, None), 1), Err(AuthError::BadSub));
         assert_eq!(v.verify(&token("", 5000, None, None), 1), Err(AuthError::BadSub));
+        let later = Claims { sub: "early".into(), exp: 5000, rooms: None, publish: None, nbf: Some(2000) };
+        let later = sign_hs256(SECRET.as_bytes(), &later).unwrap();
+        assert_eq!(v.verify(&later, 1000), Err(AuthError::NotYet), "nbf in the future");
+        assert!(v.verify(&later, 2000).is_ok());
     }
 
     /// ES256 with two public keys (rotation): the token's `kid` picks the key; a token signed
@@ -312,7 +330,7 @@ mod tests {
             let pem = std::fs::read(format!("{dir}/es256-{key}.key.pem")).unwrap();
             let mut h = Header::new(Algorithm::ES256);
             h.kid = Some(kid.into());
-            let c = Claims { sub: "carol".into(), exp: 5000, rooms: None, publish: None };
+            let c = Claims { sub: "carol".into(), exp: 5000, rooms: None, publish: None, nbf: None };
             jsonwebtoken::encode(&h, &c, &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap()
         };
         assert_eq!(&*v.verify(&sign("a", "a"), 1).unwrap().user, "carol");
@@ -320,7 +338,10 @@ mod tests {
         assert!(matches!(v.verify(&sign("a", "b"), 1), Err(AuthError::Invalid(_))), "kid b, signed by a");
         assert_eq!(v.verify(&sign("a", "c"), 1), Err(AuthError::UnknownKid("c".into())));
         // An HS256 token is not accepted where only ES256 keys are configured.
-        let hs = sign_hs256(SECRET.as_bytes(), &Claims { sub: "x".into(), exp: 5000, rooms: None, publish: None });
+        let hs = sign_hs256(
+            SECRET.as_bytes(),
+            &Claims { sub: "x".into(), exp: 5000, rooms: None, publish: None, nbf: None },
+        );
         assert!(v.verify(&hs.unwrap(), 1).is_err());
         let bad = AuthConfig {
             keys: vec![PublicKeyConfig { kid: None, alg: KeyAlg::Es256, file: format!("{dir}/missing.pem") }],
@@ -343,6 +364,15 @@ mod tests {
         assert!(!origin_allowed(&list, "https://a.example.org:8443"), "port must match");
         assert!(!origin_allowed(&list, "https://live.example.com.evil.test"));
         assert!(!origin_allowed(&list, "null"));
+        for sneaky in [
+            "https://evil.com/.example.org",
+            "https://evil.com?.example.org",
+            "https://evil.com#.example.org",
+            "https://evil.com\\.example.org",
+            "https://user@x.example.org",
+        ] {
+            assert!(!origin_allowed(&list, sneaky), "{sneaky}");
+        }
     }
 
     #[test]

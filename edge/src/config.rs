@@ -623,8 +623,29 @@ impl Config {
         })
     }
 
+    /// Parses TOML. A parse error names the line and the problem but never quotes the line:
+    /// the line may hold a secret (an API key, the token secret) and errors end up in logs.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: String::from("<config>"), message: e.to_string() })
+        const SECRET_KEYS: [&str; 3] = ["key", "hs256_secret", "admin_token"];
+        toml::from_str(text).map_err(|e| {
+            let Some(span) = e.span() else {
+                return ConfigError::Parse { path: String::from("<config>"), message: e.message().to_owned() };
+            };
+            let start = span.start.min(text.len());
+            let line_no = text[..start].matches('\n').count() + 1;
+            let line = text[..start].rsplit('\n').next().unwrap_or("").to_owned()
+                + text[start..].split('\n').next().unwrap_or("");
+            let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_owned());
+            let message = match key {
+                // The value may be a credential, and serde's message quotes it: say only where.
+                Some(k) if SECRET_KEYS.contains(&k.as_str()) => {
+                    format!("line {line_no} ({k}): invalid value (not shown: it may be a secret)")
+                }
+                Some(k) => format!("line {line_no} ({k}): {}", e.message()),
+                None => format!("line {line_no}: {}", e.message()),
+            };
+            ConfigError::Parse { path: String::from("<config>"), message }
+        })
     }
 
     /// Checks every value; the first problem is returned, naming its key.
@@ -646,6 +667,13 @@ impl Config {
         }
         if self.auth.hs256_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
             return Err(invalid("auth.hs256_secret", "at least 32 bytes"));
+        }
+        // Set but empty or short is an error, never "auth off": a secret store that failed to
+        // load must not open the edge.
+        if let Ok(env) = std::env::var("ROOMCAST_AUTH_SECRET")
+            && env.len() < 32
+        {
+            return Err(invalid("ROOMCAST_AUTH_SECRET", "set, so at least 32 bytes (unset it to run without tokens)"));
         }
         if !(self.ws.signal_rate > 0.0 && self.ws.signal_burst >= 1.0) {
             return Err(invalid("ws.signal_rate", "must be above 0, with ws.signal_burst at least 1"));
@@ -880,6 +908,17 @@ mod tests {
         assert!(e.contains("merge_windw_ms"), "{e}");
         let e = Config::from_toml("[ws]\nmax_message = \"big\"\n").unwrap_err().to_string();
         assert!(e.contains("max_message"), "{e}");
+        // A bad line holding a credential is located, never quoted (it used to be, whole).
+        for text in [
+            "[[ingest.keys]]\nname = \"k\"\nkey = \"TOPSECRET-VALUE-1234\\q\"\n",
+            "[[ingest.keys]]\nname = \"k\"\nkey = 12345678901234567890\n",
+            "[auth]\nhs256_secret = [\"TOPSECRET-VALUE-1234\"]\n",
+            "admin_token = 1234567890123456789\n",
+        ] {
+            let e = Config::from_toml(text).unwrap_err().to_string();
+            assert!(!e.contains("TOPSECRET") && !e.contains("1234567890"), "{e}");
+            assert!(e.contains("line"), "{e}");
+        }
         let c = Config::from_toml("[fanout]\nmerge_window_ms = 60000\n").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("fanout.merge_window_ms:"), "{e}");

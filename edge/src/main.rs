@@ -28,7 +28,7 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     /// TOML config file; flags override its values.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// WebSocket listen address [default: 0.0.0.0:8080].
     #[arg(long)]
@@ -133,13 +133,27 @@ fn print_token(cli: &Cli, sub: &str, rooms: &[String], publish: &[String], ttl: 
     }
     let (num, unit) = ttl.find(|c: char| !c.is_ascii_digit()).map_or((ttl, ""), |i| ttl.split_at(i));
     let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--ttl: a number with an optional unit s, m, h, d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => anyhow::bail!("--ttl: unit is s, m, h or d"),
     };
+    // Ten years at most: a longer-lived connection token is a leaked credential waiting.
+    let secs = n.checked_mul(scale).filter(|&s| s > 0 && s <= 10 * 365 * 86_400);
+    let secs = secs.ok_or_else(|| anyhow::anyhow!("--ttl: above 0 and at most 10 years"))?;
+    for r in rooms {
+        let name = r.strip_suffix('*').unwrap_or(r);
+        if !name.is_empty() || !r.ends_with('*') {
+            roomcast_proto::envelope::validate_room(name).map_err(|why| anyhow::anyhow!("--room {r:?}: {why}"))?;
+        }
+    }
+    for k in publish {
+        if !cfg.kinds.contains_key(k) {
+            anyhow::bail!("--pub {k:?}: not a configured kind");
+        }
+    }
     if sub.is_empty() || sub.len() > edge::auth::MAX_SUB_LEN {
         anyhow::bail!("--sub: 1 to 64 bytes");
     }
@@ -148,6 +162,7 @@ fn print_token(cli: &Cli, sub: &str, rooms: &[String], publish: &[String], ttl: 
         exp: edge::bus::now_us() / 1_000_000 + secs,
         rooms: (!rooms.is_empty()).then(|| rooms.to_vec()),
         publish: (!publish.is_empty()).then(|| publish.to_vec()),
+        nbf: None,
     };
     println!("{}", edge::auth::sign_hs256(secret.as_bytes(), &claims)?);
     Ok(())

@@ -21,6 +21,7 @@ fn token(sub: &str, ttl_s: i64, rooms: &[&str], publish: &[&str]) -> String {
         exp: (now + ttl_s) as u64,
         rooms: (!rooms.is_empty()).then(|| rooms.iter().map(|r| r.to_string()).collect()),
         publish: (!publish.is_empty()).then(|| publish.iter().map(|r| r.to_string()).collect()),
+        nbf: None,
     };
     edge::auth::sign_hs256(SECRET.as_bytes(), &claims).unwrap()
 }
@@ -108,7 +109,13 @@ async fn tokens_decide_who_connects_joins_and_publishes() {
     assert_eq!(status(&base, None).await, 401, "no token");
     assert_eq!(status(&format!("{base}&token=not.a.jwt"), None).await, 401, "garbage");
     let forged = {
-        let c = edge::auth::Claims { sub: "mallory".into(), exp: roomcast_now_s() + 600, rooms: None, publish: None };
+        let c = edge::auth::Claims {
+            sub: "mallory".into(),
+            exp: roomcast_now_s() + 600,
+            rooms: None,
+            publish: None,
+            nbf: None,
+        };
         edge::auth::sign_hs256(b"another-secret-0123456789abcdef-0123", &c).unwrap()
     };
     assert_eq!(status(&format!("{base}&token={forged}"), None).await, 401, "wrong signature");
@@ -196,4 +203,22 @@ async fn origins_outside_the_allow_list_get_403() {
     assert_eq!(status(&url, Some("https://live.example.com")).await, 101);
     assert_eq!(status(&url, Some("https://m.example.org")).await, 101);
     assert_eq!(status(&url, None).await, 101);
+}
+
+/// A token secret that is set but empty or short is a configuration error, never "auth off"
+/// (an empty ROOMCAST_AUTH_SECRET used to start the edge with no auth at all); `--check-config`
+/// says so too.
+#[test]
+fn an_empty_or_short_secret_in_the_environment_refuses_to_start() {
+    for secret in ["", "short"] {
+        let out = std::process::Command::new(edge_bin())
+            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--check-config"])
+            .env("ROOMCAST_AUTH_SECRET", secret)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{secret:?}: {err}");
+        assert!(err.contains("ROOMCAST_AUTH_SECRET"), "{err}");
+        assert!(!err.contains("short") || secret.is_empty(), "the value is not echoed: {err}");
+    }
 }

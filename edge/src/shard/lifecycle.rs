@@ -165,7 +165,8 @@ impl Shard {
         let mut to_ping = Vec::new();
         let mut to_goaway = Vec::new();
         let mut to_expire = Vec::new();
-        let now_s = super::session::now_s();
+        // Expiry with the same clock-skew leeway the handshake and refresh allow.
+        let now_s = super::session::now_s().saturating_sub(self.cfg.auth.leeway_s);
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let Some(c) = c else { continue };
             queued += c.out_bytes;

@@ -279,7 +279,7 @@ fn auth_reason(e: &crate::auth::AuthError) -> &'static str {
     match e {
         AuthError::Missing => "token_missing",
         AuthError::Expired => "token_expired",
-        AuthError::Invalid(_) | AuthError::UnknownKid(_) | AuthError::BadSub => "token_invalid",
+        AuthError::Invalid(_) | AuthError::UnknownKid(_) | AuthError::BadSub | AuthError::NotYet => "token_invalid",
     }
 }
 
