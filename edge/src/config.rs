@@ -344,7 +344,7 @@ pub struct FanoutConfig {
     /// 100 ms: a UI renders tens of updates per second at most, so 10 frames/s per member loses
     /// nothing visible; it adds at most 100 ms to a gift's latency (the promise is 10 s); and it
     /// caps the kernel's cost at 10 writes/s per member, whatever the message rate.
-    /// 0 = no merging: every message is flushed as soon as the bus thread sees it (messages that
+    /// 0 = no merging: every message is flushed at the end of its engine's turn (messages that
     /// are already queued together still share a frame).
     pub merge_window_ms: u64,
     /// A batch is flushed early when it holds this many messages ...

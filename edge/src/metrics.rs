@@ -71,7 +71,7 @@ impl ShardStats {
     }
 }
 
-/// The bus thread's figures (and the publish API's).
+/// The room engines' figures (all engines add to the same children) and the publish API's.
 #[derive(Clone)]
 pub struct BusStats {
     pub messages_in: IntCounterVec,
@@ -187,7 +187,7 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
-            rooms: gauge(r, "rooms", "Rooms known to the bus (with members or a sequence).", &[])
+            rooms: gauge(r, "rooms", "Rooms known to the engines (with members or a sequence).", &[])
                 .with_label_values(&[] as &[&str]),
             publish_rejected: counter(r, "publish_rejected_total", "Publish requests refused, by reason.", &["reason"]),
             hot_window_ms: gauge(

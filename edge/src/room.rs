@@ -51,7 +51,7 @@ impl Rooms {
         self.map.entry(room.clone()).or_default().wanted[proto.index()] += 1;
     }
 
-    /// The bus acknowledged the join: `slot` is a member from now on; returns its index.
+    /// The engine acknowledged the join: `slot` is a member from now on; returns its index.
     pub fn complete_join(&mut self, room: &RoomName, slot: u32) -> u32 {
         let r = self.map.entry(room.clone()).or_default();
         r.members.push(slot);

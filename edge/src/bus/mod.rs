@@ -19,10 +19,10 @@ use crossbeam_channel::{Sender, TrySendError};
 use roomcast_proto::Subprotocol;
 use roomcast_proto::envelope::PushMessage;
 
-/// Room names are shared between the bus and every shard without copying.
+/// Room names are shared between the engines and every shard without copying.
 pub type RoomName = Arc<str>;
 
-/// A message as a publisher sent it, before the bus numbers it.
+/// A message as a publisher sent it, before its engine (or Redis) numbers it.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub kind: String,
@@ -64,7 +64,7 @@ pub enum PublishError {
     BusUnavailable,
 }
 
-/// A join waiting for the bus (room sync or remote recovery) before it can be acknowledged.
+/// A join waiting for its engine (room sync or remote recovery) before it can be acknowledged.
 #[derive(Debug, Clone, Copy)]
 pub struct PendingJoin {
     pub shard: u16,

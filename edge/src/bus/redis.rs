@@ -1,8 +1,8 @@
 //! The Redis bus: several edges share rooms through one Redis (or one Redis Cluster slot per
 //! room).
 //!
-//! The bus thread (`local.rs`) stays the room engine on every edge: merging, interest,
-//! serialize-once frames, history cache. What changes in Redis mode is who numbers messages and
+//! The room engines (`crate::engine`, one per shard) stay the room engines on every edge:
+//! merging, interest, serialize-once frames, history cache. What changes in Redis mode is who numbers messages and
 //! where they come from:
 //!
 //! - **Publish** (any edge): one atomic script: `INCR` the room's seq, `XADD` the message to the

@@ -14,7 +14,7 @@ use super::{Engine, Out};
 use crate::bus::redis::BridgeCmd;
 use crate::bus::{PendingJoin, RoomName, ShardCmd, frame};
 
-/// How long a join whose `since` is ahead of this edge waits for the bus to catch up.
+/// How long a join whose `since` is ahead of this edge waits for Redis to catch up.
 const PARK_FOR: Duration = Duration::from_secs(2);
 
 impl Engine {

@@ -74,7 +74,7 @@ pub struct Conn {
     pub decoder: Option<Box<Decoder>>,
     pub room: Option<RoomName>,
     pub room_idx: u32,
-    /// A join sent to the bus and not yet acknowledged.
+    /// A join sent to the room's engine and not yet acknowledged.
     pub joining: Option<RoomName>,
     pub out: VecDeque<Rc<OutFrame>>,
     pub out_bytes: usize,

@@ -78,7 +78,7 @@ impl Shard {
         }
     }
 
-    /// Joins `room`, leaving the current one first. Membership starts when the bus acknowledges.
+    /// Joins `room`, leaving the current one first. Membership starts when the room's engine acknowledges.
     pub(super) fn join(&mut self, slot: u32, room: RoomName, since: Option<u64>) {
         // `left` only for a room the client was told it `joined`: a join still in flight is
         // cancelled silently (its `joined` never comes either).
