@@ -3,7 +3,7 @@
 //! Publishing is linear in the room's local members and touches nothing else. Membership
 //! changes are O(1): members sit in a Vec and each connection remembers its index, so a leave is
 //! a `swap_remove` plus one index fix-up. `wanted` counts members plus joins still waiting for
-//! the bus's acknowledgement, per encoding: it is what the bus's interest bits mirror, so a room
+//! the engine's acknowledgement, per encoding: it is what the engine's interest sets mirror, so a room
 //! is unsubscribed only when nobody here has it or is about to.
 
 use std::collections::HashMap;
@@ -18,12 +18,12 @@ pub struct LocalRoom {
     wanted: [u32; 2],
 }
 
-/// What a membership change means for the bus.
+/// What a membership change means for the room's engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interest {
     /// Still wanted in this encoding here.
     Kept,
-    /// Nobody here wants `proto` frames of the room any more: tell the bus.
+    /// Nobody here wants `proto` frames of the room any more: tell the engine.
     Dropped,
 }
 
