@@ -66,18 +66,19 @@ impl Shard {
             Some(v) => {
                 let token = up.query_param("token").or(up.bearer.as_deref());
                 match token.map_or(Err(crate::auth::AuthError::Missing), |t| v.verify(t, now_s())) {
-                    Ok(id) => id,
+                    Ok(id) => Some(Box::new(id)),
                     Err(e) => {
                         self.stats.refused(auth_reason(&e));
                         return self.refuse(slot, &HandshakeError { status: 401, reason: e.to_string() });
                     }
                 }
             }
-            None => crate::auth::Identity::anonymous(self.next_random()),
+            None => None,
         };
+        let anon_id = if identity.is_none() { self.next_random() } else { 0 };
         let room = match up.query_param("room") {
             Some(r) => match validate_room(r) {
-                Ok(()) if !identity.may_join(r) => {
+                Ok(()) if !identity.as_ref().is_none_or(|id| id.may_join(r)) => {
                     self.stats.refused("room_forbidden");
                     return self.refuse(
                         slot,
@@ -103,7 +104,8 @@ impl Shard {
             c.phase = Phase::Open;
             c.proto = proto.unwrap_or(Subprotocol::Json);
             c.decoder = Some(Box::new(Decoder::new(limits)));
-            c.identity = Some(identity);
+            c.identity = identity;
+            c.anon_id = anon_id;
             c.push(OutFrame::control(response));
         }
         self.mark_dirty(slot);
@@ -184,7 +186,7 @@ impl Shard {
         };
         match msg {
             ClientMsg::Join { room, since } => match validate_room(&room) {
-                Ok(()) if !self.identity(slot).is_some_and(|id| id.may_join(&room)) => {
+                Ok(()) if !self.identity(slot).is_none_or(|id| id.may_join(&room)) => {
                     self.stats.refused("room_forbidden");
                     self.send_error(slot, "room_forbidden", "this room is not allowed by your token");
                 }
@@ -218,8 +220,12 @@ impl Shard {
                 // Who may publish which kind: the kind's configured publishers, or the token's
                 // `pub` claim. Gifts default to the publish API only.
                 let for_clients = self.cfg.kinds.get(&kind).is_none_or(|k| k.publishers().clients());
-                let Some(id) = self.identity(slot).cloned() else { return };
-                if !id.may_publish(&kind, for_clients) {
+                let Some(Some(c)) = self.conns.get(slot as usize) else { return };
+                let (allowed, user) = match c.identity.as_deref() {
+                    Some(id) => (id.may_publish(&kind, for_clients), id.user.to_string()),
+                    None => (for_clients, crate::auth::Identity::anonymous(c.anon_id).user.to_string()),
+                };
+                if !allowed {
                     self.stats.refused("publish_forbidden");
                     return self.send_error(
                         slot,
@@ -228,7 +234,6 @@ impl Shard {
                     );
                 }
                 // The user is the connection's identity; whatever the client wrote is ignored.
-                let user = id.user.to_string();
                 let generation = self.conns[slot as usize].as_ref().map_or(0, |c| c.generation);
                 let reply = Reply::Conn { shard: self.id, slot, generation };
                 self.signal(&room.clone(), EngineCmd::Publish { room, msg: NewMessage { kind, user, body }, reply });
@@ -238,8 +243,9 @@ impl Shard {
 }
 
 impl Shard {
+    /// The connection's token identity (None: anonymous, or no such connection).
     fn identity(&self, slot: u32) -> Option<&crate::auth::Identity> {
-        self.conns.get(slot as usize)?.as_ref()?.identity.as_ref()
+        self.conns.get(slot as usize)?.as_ref()?.identity.as_deref()
     }
 
     /// `{"op":"refresh","token":...}`: a new token for the same user moves the expiry.
@@ -253,7 +259,7 @@ impl Shard {
                 let exp = id.exp.unwrap_or(0);
                 if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
                     // The new token's claims apply from now on (rooms already joined stay).
-                    c.identity = Some(id);
+                    c.identity = Some(Box::new(id));
                 }
                 self.send_msg(slot, &ServerMsg::Refreshed { exp });
             }
