@@ -96,7 +96,7 @@ impl Setup {
         }
         for (s, v) in out.shard.iter_mut().enumerate() {
             assert_eq!(v.len(), rooms, "one JoinAck per room on shard {s}");
-            assert!(v.iter().all(|c| matches!(c, ShardCmd::JoinAck { .. })), "only JoinAcks after setup");
+            assert!(v.iter().all(|c| matches!(c, ShardCmd::JoinAck(_))), "only JoinAcks after setup");
             v.clear();
         }
         Self { engine, out, now, rooms: names, shards, cmds: Vec::with_capacity(rooms) }

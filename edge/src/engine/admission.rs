@@ -95,7 +95,8 @@ impl Engine {
                 let _ = tx.send(result);
             }
             Reply::Conn { shard, slot, generation } => {
-                out.push(shard, ShardCmd::Published { slot, generation, room: room.clone(), result });
+                let p = crate::bus::Published { slot, generation, room: room.clone(), result };
+                out.push(shard, ShardCmd::Published(Box::new(p)));
             }
             Reply::None => {}
         }

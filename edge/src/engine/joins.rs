@@ -26,12 +26,12 @@ impl Engine {
             tracing::debug!(room = %room, error = %e, "join refused");
             out.push(
                 join.shard,
-                ShardCmd::JoinRefused {
+                ShardCmd::JoinRefused(Box::new(crate::bus::JoinRefused {
                     slot: join.slot,
                     generation: join.generation,
                     room,
                     reason: "too many rooms on this edge",
-                },
+                })),
             );
             return;
         }
@@ -187,7 +187,8 @@ impl Engine {
 }
 
 pub(super) fn ack_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, replay: Vec<Bytes>) {
-    out.push(join.shard, ShardCmd::JoinAck { slot: join.slot, generation: join.generation, room, seq, replay });
+    let ack = crate::bus::JoinAck { slot: join.slot, generation: join.generation, room, seq, replay };
+    out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
 }
 
 /// Encodes `msg` in `proto` and appends its frame.

@@ -131,9 +131,9 @@ fn join_ack_then_batches_in_seq_order_and_merged() {
     assert_eq!(bus.publish(room.clone(), msg("chat", 0)).unwrap().1.seq, 1);
     join(&mut bus, &room, Subprotocol::Json, None);
     match bus.recv().unwrap() {
-        ShardCmd::JoinAck { slot, seq, replay, .. } => {
-            assert_eq!((slot, seq), (5, 1));
-            assert!(replay.is_empty(), "join_last defaults to 0");
+        ShardCmd::JoinAck(a) => {
+            assert_eq!((a.slot, a.seq), (5, 1));
+            assert!(a.replay.is_empty(), "join_last defaults to 0");
         }
         _ => panic!("expected JoinAck"),
     }
@@ -208,8 +208,8 @@ fn a_batch_waiting_when_the_last_member_leaves_is_not_sent_after_a_later_join() 
     for cmd in bus.drain().into_iter() {
         match cmd {
             ShardCmd::Deliver(d) => seen.extend(seqs(&decode(d.frames[0].as_ref().unwrap()))),
-            ShardCmd::JoinAck { replay, .. } => {
-                for f in replay.iter() {
+            ShardCmd::JoinAck(a) => {
+                for f in a.replay.iter() {
                     if let ServerMsg::Batch { messages, .. } = decode(f) {
                         seen.extend(messages.iter().map(|m| m.seq));
                     }
@@ -259,7 +259,8 @@ fn since_recovers_gifts_and_reports_gaps() {
     }
     // Gifts are seqs 1, 3, 5; all kept (limit 3). Since 1: gifts 3 and 5, no gap.
     join(&mut bus, &room, Subprotocol::Json, Some(1));
-    let ShardCmd::JoinAck { seq, replay, .. } = bus.recv().unwrap() else { panic!() };
+    let ShardCmd::JoinAck(a) = bus.recv().unwrap() else { panic!() };
+    let (seq, replay) = (a.seq, a.replay);
     assert_eq!(seq, 6);
     assert_eq!(replay.len(), 1);
     assert_eq!(seqs(&decode(&replay[0])), vec![3, 5]);
@@ -269,7 +270,8 @@ fn since_recovers_gifts_and_reports_gaps() {
     bus.flush_all();
     let _ = bus.drain().len();
     join(&mut bus, &room, Subprotocol::Json, Some(0));
-    let ShardCmd::JoinAck { replay, .. } = bus.recv().unwrap() else { panic!() };
+    let ShardCmd::JoinAck(a) = bus.recv().unwrap() else { panic!() };
+    let replay = a.replay;
     assert_eq!(decode(&replay[0]), ServerMsg::Gap { room: "r".into(), from: 1, to: 3 });
     assert_eq!(seqs(&decode(&replay[1])), vec![5, 7, 8]);
 }
@@ -644,7 +646,8 @@ fn joins_and_publishes_from_many_producers_meet_without_gap_or_duplicate() {
     fn apply(s: usize, cmd: ShardCmd, conns: &mut [Member], rooms: &mut Rooms) {
         let _ = s;
         match cmd {
-            ShardCmd::JoinAck { slot, generation, room, seq, replay } => {
+            ShardCmd::JoinAck(a) => {
+                let crate::bus::JoinAck { slot, generation, room, seq, replay } = *a;
                 let m = &mut conns[slot as usize];
                 if m.generation != generation || m.joining.as_deref() != Some(&*room) {
                     return;

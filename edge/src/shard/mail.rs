@@ -81,10 +81,12 @@ impl Shard {
         {
             match cmd {
                 ShardCmd::Deliver(d) => self.deliver(&d),
-                ShardCmd::JoinAck { slot, generation, room, seq, replay } => {
+                ShardCmd::JoinAck(a) => {
+                    let crate::bus::JoinAck { slot, generation, room, seq, replay } = *a;
                     self.join_ack(slot, generation, room, seq, replay);
                 }
-                ShardCmd::Published { slot, generation, room, result } => {
+                ShardCmd::Published(p) => {
+                    let crate::bus::Published { slot, generation, room, result } = *p;
                     let msg = match result {
                         Ok(ack) => ServerMsg::Published { room: room.to_string(), seq: ack.seq, ts_us: ack.ts_us },
                         Err(e) => ServerMsg::Error { code: "publish_refused".into(), message: e.to_string() },
@@ -93,8 +95,8 @@ impl Shard {
                         self.send_msg(slot, &msg);
                     }
                 }
-                ShardCmd::JoinRefused { slot, generation, room, reason } => {
-                    self.join_refused(slot, generation, &room, reason);
+                ShardCmd::JoinRefused(r) => {
+                    self.join_refused(r.slot, r.generation, &r.room, r.reason);
                 }
                 ShardCmd::Drain { url, period_ms } => self.begin_drain(url, period_ms),
                 ShardCmd::Shutdown => self.begin_shutdown(),
