@@ -78,29 +78,21 @@ impl Shard {
     }
 
     pub(super) fn apply(&mut self, cmd: ShardCmd) {
-        {
-            match cmd {
-                ShardCmd::Deliver(d) => self.deliver(&d),
-                ShardCmd::JoinAck(a) => {
-                    let crate::bus::JoinAck { slot, generation, room, seq, replay } = *a;
-                    self.join_ack(slot, generation, room, seq, replay);
-                }
-                ShardCmd::Published(p) => {
-                    let crate::bus::Published { slot, generation, room, result } = *p;
-                    let msg = match result {
-                        Ok(ack) => ServerMsg::Published { room: room.to_string(), seq: ack.seq, ts_us: ack.ts_us },
+        match cmd {
+            ShardCmd::Deliver(d) => self.deliver(&d),
+            ShardCmd::JoinAck(a) => self.join_ack(*a),
+            ShardCmd::Published(p) => {
+                if self.live(p.slot, p.generation) {
+                    let msg = match &p.result {
+                        Ok(ack) => ServerMsg::Published { room: p.room.to_string(), seq: ack.seq, ts_us: ack.ts_us },
                         Err(e) => ServerMsg::Error { code: "publish_refused".into(), message: e.to_string() },
                     };
-                    if self.live(slot, generation) {
-                        self.send_msg(slot, &msg);
-                    }
+                    self.send_msg(p.slot, &msg);
                 }
-                ShardCmd::JoinRefused(r) => {
-                    self.join_refused(r.slot, r.generation, &r.room, r.reason);
-                }
-                ShardCmd::Drain { url, period_ms } => self.begin_drain(url, period_ms),
-                ShardCmd::Shutdown => self.begin_shutdown(),
             }
+            ShardCmd::JoinRefused(r) => self.join_refused(&r),
+            ShardCmd::Drain { url, period_ms } => self.begin_drain(url, period_ms),
+            ShardCmd::Shutdown => self.begin_shutdown(),
         }
     }
 }

@@ -3,12 +3,11 @@
 
 use std::rc::Rc;
 
-use bytes::Bytes;
 use roomcast_proto::envelope::ServerMsg;
 
 use super::Shard;
 use super::conn::{Closing, Keep, OutFrame};
-use crate::bus::{Delivery, EngineCmd, MustDeliver, RoomName};
+use crate::bus::{Delivery, EngineCmd, JoinAck, JoinRefused, MustDeliver, RoomName};
 use crate::room::Interest;
 
 impl Shard {
@@ -96,7 +95,8 @@ impl Shard {
         self.signal(&room.clone(), EngineCmd::Join { room, shard: self.id, slot, generation, proto, since });
     }
 
-    pub(super) fn join_ack(&mut self, slot: u32, generation: u32, room: RoomName, seq: u64, replay: Vec<Bytes>) {
+    pub(super) fn join_ack(&mut self, ack: JoinAck) {
+        let JoinAck { slot, generation, room, seq, replay } = ack;
         let waiting = matches!(
             self.conns.get(slot as usize),
             Some(Some(c)) if c.generation == generation && c.closing == Closing::No
@@ -126,7 +126,8 @@ impl Shard {
     }
 
     /// The engine refused a join (the edge is at its room bound): undo it and tell the client.
-    pub(super) fn join_refused(&mut self, slot: u32, generation: u32, room: &RoomName, reason: &str) {
+    pub(super) fn join_refused(&mut self, refused: &JoinRefused) {
+        let JoinRefused { slot, generation, ref room, reason } = *refused;
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
         if c.generation != generation || c.joining.as_deref() != Some(&**room) {
             return;
