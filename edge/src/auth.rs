@@ -189,12 +189,13 @@ impl Verifier {
 
     /// Verifies `token` at `now_s` (seconds since the Unix epoch) and makes the identity.
     pub fn verify(&self, token: &str, now_s: u64) -> Result<Identity, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(jwt_reason(&e)))?;
         let candidates: Vec<&Key> = match &header.kid {
             Some(kid) => {
                 let by_kid: Vec<&Key> = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect();
                 if by_kid.is_empty() {
-                    return Err(AuthError::UnknownKid(kid.clone()));
+                    // The kid is the client's text: quoted (escaped) and cut short in the reason.
+                    return Err(AuthError::UnknownKid(kid.chars().take(64).collect()));
                 }
                 by_kid
             }
@@ -215,10 +216,30 @@ impl Verifier {
             }
             match jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
                 Ok(data) => return identity(data.claims, now_s, self.leeway_s),
-                Err(e) => last = AuthError::Invalid(e.to_string()),
+                Err(e) => last = AuthError::Invalid(jwt_reason(&e)),
             }
         }
         Err(last)
+    }
+}
+
+/// A stable, short reason for a token the library refused: the client reads it (401 body,
+/// `error` message) and operators grep logs for it, so it names the kind of fault and never
+/// carries the library's wording, which changes between versions and can quote the input.
+fn jwt_reason(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::InvalidSignature => "bad signature".into(),
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => "algorithm not accepted".into(),
+        K::InvalidIssuer => "wrong issuer (iss)".into(),
+        K::InvalidAudience => "wrong audience (aud)".into(),
+        K::MissingRequiredClaim(c) if matches!(c.as_str(), "exp" | "sub" | "iss" | "aud") => {
+            format!("missing claim {c}")
+        }
+        K::ImmatureSignature => "token not valid yet (nbf)".into(),
+        K::ExpiredSignature => "token expired".into(),
+        K::Json(_) => "malformed claims (sub and exp are required; rooms and pub are lists of strings)".into(),
+        _ => "malformed token (expected header.payload.signature in base64url)".into(),
     }
 }
 

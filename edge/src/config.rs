@@ -241,6 +241,15 @@ pub struct LimitsConfig {
     /// created by a publish or by a client's join: beyond it, publishes get 503 and joins an
     /// `error` (`join_refused`). A room costs about 1 KiB plus its history.
     pub max_rooms: usize,
+    /// Connections one client address may hold open (0: no cap). IPv6 counts by /64.
+    pub per_ip_connections: u32,
+    /// New connections per second one address may open (token bucket; 0: no limit). Over
+    /// either bound the connection gets a 429 and is closed at once, before its request is read.
+    pub per_ip_connect_rate: f64,
+    pub per_ip_connect_burst: f64,
+    /// Networks the per-address bounds skip. Loopback by default: behind a TLS terminator on
+    /// the same host every client would look like 127.0.0.1.
+    pub ip_exempt: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -562,6 +571,10 @@ impl Default for LimitsConfig {
             must_deliver_room_rate: 5000.0,
             must_deliver_room_burst: 10000.0,
             max_rooms: 1_000_000,
+            per_ip_connections: 2000,
+            per_ip_connect_rate: 50.0,
+            per_ip_connect_burst: 500.0,
+            ip_exempt: ["127.0.0.0/8", "::1/128"].iter().filter_map(|n| n.parse().ok()).collect(),
         }
     }
 }
@@ -655,6 +668,12 @@ impl Config {
         }
         if self.limits.max_rooms == 0 {
             return Err(invalid("limits.max_rooms", "must be above 0"));
+        }
+        if !(self.limits.per_ip_connect_rate >= 0.0 && self.limits.per_ip_connect_rate.is_finite()) {
+            return Err(invalid("limits.per_ip_connect_rate", "must be a finite number >= 0 (0: no limit)"));
+        }
+        if !(self.limits.per_ip_connect_burst >= 1.0 && self.limits.per_ip_connect_burst.is_finite()) {
+            return Err(invalid("limits.per_ip_connect_burst", "must be a finite number >= 1"));
         }
         for o in &self.ws.allowed_origins {
             let rest = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));

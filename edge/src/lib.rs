@@ -1,9 +1,10 @@
 //! roomcast edge: a thread-per-core io_uring WebSocket gateway for live rooms.
 //!
 //! See ARCHITECTURE.md for the data path. In short: [`shard`]s (one pinned thread and one
-//! io_uring each) hold connections and their part of every room; the [`bus`] numbers, merges and
-//! serializes each room's messages once and hands the same frame bytes to every shard with
-//! members; [`ingest`] is the publish API on its own runtime.
+//! io_uring each) hold connections and their part of every room; each shard also hosts one room
+//! [`engine`], which numbers, merges and serializes its rooms' messages once and hands the same
+//! frame bytes to every shard with members, over the [`bus`] mailboxes; [`ingest`] is the
+//! publish API on its own runtime; [`auth`] and [`ipguard`] decide who gets in.
 
 pub mod auth;
 pub mod bus;
@@ -12,6 +13,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod health;
 pub mod ingest;
+pub mod ipguard;
 pub mod listen_guard;
 pub mod metrics;
 pub mod room;

@@ -120,6 +120,7 @@ impl Edge {
         metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
         let load = Arc::new(LoadBoard::new(n));
         let (now, wall) = (Instant::now(), crate::bus::now_us());
+        let ipguard = crate::ipguard::IpGuard::new(&cfg.limits).map(Arc::new);
         let auth = crate::auth::Verifier::from_config(&cfg.auth, std::env::var("ROOMCAST_AUTH_SECRET").ok())
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map(Arc::new);
@@ -170,6 +171,7 @@ impl Edge {
                 health: health.clone(),
                 refuse_when_overloaded: cfg.health.refuse_when_overloaded,
                 auth: auth.clone(),
+                ipguard: ipguard.clone(),
             });
         }
 

@@ -222,3 +222,119 @@ fn an_empty_or_short_secret_in_the_environment_refuses_to_start() {
         assert!(!err.contains("short") || secret.is_empty(), "the value is not echoed: {err}");
     }
 }
+
+/// An upgrade attempt from the source address `src`: 101, the refusal's status, or 0 when the
+/// edge closed the connection before an answer could be read.
+async fn status_from(src: &str, url: &str) -> (u16, Option<Ws>) {
+    let req = url.into_client_request().unwrap();
+    let host = req.uri().authority().unwrap().as_str().to_owned();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(host.parse().unwrap()).await.unwrap();
+    match tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream)).await {
+        Ok((ws, _)) => (101, Some(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (resp.status().as_u16(), None),
+        Err(_) => (0, None),
+    }
+}
+
+/// `roomcast_connections_refused_total` for one reason, over the shards.
+async fn refused(p: &Publisher, reason: &str) -> f64 {
+    let (_, text) = p.get("/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with("roomcast_connections_refused_total{") && l.contains(&format!("reason=\"{reason}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One address may hold `limits.per_ip_connections` connections: the next gets 429 before its
+/// request is read, other addresses are not affected, and a closed connection frees its place.
+/// Counted by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_connection_cap() {
+    let cfg = config("trust-ipcap", "[limits]\nper_ip_connections = 3\nper_ip_connect_rate = 0\nip_exempt = []\n");
+    let edge = EdgeProc::start(&["--shards", "2", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    let url = edge.url("?room=r");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (st, ws) = status_from("127.0.0.5", &url).await;
+        assert_eq!(st, 101);
+        held.push(ws.unwrap());
+    }
+    for _ in 0..3 {
+        let (st, _) = status_from("127.0.0.5", &url).await;
+        assert_ne!(st, 101, "a fourth connection from one address is refused");
+        assert!(st == 429 || st == 0, "429 or closed, got {st}");
+    }
+    assert_eq!(status_from("127.0.0.6", &url).await.0, 101, "another address has its own count");
+    assert!(refused(&p, "ip_connections").await >= 3.0);
+    // Closing one frees its place (the edge sees the close, then counts it out).
+    let mut ws = held.pop().unwrap();
+    ws.close(None).await.unwrap();
+    let freed = wait_until(Duration::from_secs(10), || async { status_from("127.0.0.5", &url).await.0 == 101 }).await;
+    assert!(freed, "a closed connection frees its address's place");
+}
+
+/// One address may open `per_ip_connect_burst` connections at once and then
+/// `per_ip_connect_rate` a second: a reconnect storm from one host is refused (429) and
+/// counted; the default exemption lets loopback (a local TLS terminator) through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_connect_rate_and_loopback_exemption() {
+    let cfg = config(
+        "trust-iprate",
+        "[limits]\nper_ip_connections = 0\nper_ip_connect_rate = 0.2\nper_ip_connect_burst = 4\nip_exempt = [\"127.0.0.9/32\"]\n",
+    );
+    let edge = EdgeProc::start(&["--shards", "2", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    let url = edge.url("?room=r");
+    let mut ok = 0;
+    let mut refusals = 0;
+    for _ in 0..10 {
+        match status_from("127.0.0.7", &url).await.0 {
+            101 => ok += 1,
+            429 | 0 => refusals += 1,
+            st => panic!("unexpected status {st}"),
+        }
+    }
+    assert_eq!(ok, 4, "the burst, then refusals");
+    assert_eq!(refusals, 6);
+    assert_eq!(refused(&p, "ip_connect_rate").await, 6.0);
+    // An exempt address is not limited.
+    for _ in 0..10 {
+        assert_eq!(status_from("127.0.0.9", &url).await.0, 101);
+    }
+    // Connections that were refused do not count against the open cap either (it is off
+    // here); and an address that waited gets a token back (0.2/s: within 6 s).
+    let back = wait_until(Duration::from_secs(8), || async { status_from("127.0.0.7", &url).await.0 == 101 }).await;
+    assert!(back, "the bucket refills");
+}
+
+/// The socket path validates a publish as the publish API does: a body over
+/// `ingest.max_body_bytes` is refused (`too_large`) and reaches nobody, though the frame fits
+/// in `ws.max_message`; the same body over HTTP gets 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_publishes_are_bounded_like_the_publish_api() {
+    let cfg = config("trust-parity", "[ws]\nmax_message = 65536\n[ingest]\nmax_body_bytes = 1024\n");
+    let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "0", "--config", &cfg]);
+    let publisher = Publisher::new(edge.http);
+    let mut watcher = connect(&edge.url("?room=lobby"), None).await;
+    expect_joined(&mut watcher, "lobby").await;
+    let mut ws = connect(&edge.url("?room=lobby"), None).await;
+    expect_joined(&mut ws, "lobby").await;
+    let big = "x".repeat(4000);
+    send_json(&mut ws, json!({"op":"publish","kind":"chat","body":big})).await;
+    match answer(&mut ws).await {
+        ServerMsg::Error { code, .. } => assert_eq!(code, "too_large"),
+        other => panic!("an oversized body was accepted: {other:?}"),
+    }
+    let (st, _) = publisher
+        .post_raw("/v1/rooms/lobby/messages", serde_json::to_vec(&json!({"kind":"chat","body":big})).unwrap())
+        .await;
+    assert_eq!(st, 413, "the publish API's answer to the same body");
+    send_json(&mut ws, json!({"op":"publish","kind":"chat","body":"small"})).await;
+    assert!(matches!(answer(&mut ws).await, ServerMsg::Published { .. }));
+    let got = next_batch(&mut watcher).await;
+    assert_eq!(got.len(), 1, "only the small chat is delivered: {got:?}");
+    assert_eq!(got[0].2, "\"small\"");
+}

@@ -419,6 +419,7 @@ fn status_text(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         414 => "URI Too Long",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         505 => "HTTP Version Not Supported",
@@ -435,6 +436,8 @@ pub fn error_response(err: &HandshakeError) -> Vec<u8> {
         426 => "Sec-WebSocket-Version: 13\r\n",
         405 => "Allow: GET\r\n",
         401 => "WWW-Authenticate: Bearer\r\n",
+        // Over a rate or a capacity bound: come back later (seconds, RFC 9110 §10.2.3).
+        429 | 503 => "Retry-After: 1\r\n",
         _ => "",
     };
     format!(

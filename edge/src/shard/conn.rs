@@ -103,6 +103,10 @@ pub struct Conn {
     pub identity: Option<Box<crate::auth::Identity>>,
     /// A server-made id for an anonymous connection (its user is `anon-` + this, in hex).
     pub anon_id: u64,
+    /// The client's address (for the logs), and whether the per-address guard counts this
+    /// connection (then it is released on close).
+    pub peer: Option<std::net::IpAddr>,
+    pub peer_counted: bool,
 }
 
 impl Conn {
@@ -135,6 +139,8 @@ impl Conn {
             signals_refused: 0,
             identity: None,
             anon_id: 0,
+            peer: None,
+            peer_counted: false,
         }
     }
 

@@ -1,6 +1,7 @@
 //! A connection's end, and the shard's: close handshakes, staged release of the direct
 //! descriptor, drain (goaway spread over the period) and shutdown, and the timers.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,24 +85,24 @@ impl Shard {
         }
     }
 
-    /// Stops accepting: cancels the multishot accept and closes the listening socket, so the
-    /// kernel sends new connections to the other shards' sockets, or refuses them once all
-    /// shards are draining.
+    /// Stops accepting: cancels the accepts and closes the listening socket, so the kernel
+    /// sends new connections to the other shards' sockets, or refuses them once all shards are
+    /// draining.
     pub(super) fn stop_accepting(&mut self) {
         self.accepting = false;
         let Some(l) = self.listener.take() else { return };
-        if !self.accept_armed {
+        if self.accepts_armed == 0 {
             return; // nothing in flight owns it: close now
         }
-        // Cancel the multishot accept by its token and keep the socket open until the accept's
-        // last completion (on_accept drops it). Closing the fd first, as this once did, left
-        // the cancel nothing to find by fd: the accept kept the listener alive in the kernel
-        // and new connections were accepted and dropped with EOF during a drain.
-        let accept = Token::new(OpKind::Accept, 0, 0);
-        if Sq::new(&mut self.ring).cancel_token(accept, Token::new(OpKind::Cancel, 0, 0)).is_err() {
+        // Cancel the accepts by the listener's fd and keep the socket open until their last
+        // completion (on_accept drops it). Closing the fd first, as this once did, left the
+        // cancel nothing to find: the accepts kept the listener alive in the kernel and new
+        // connections were accepted and dropped with EOF during a drain.
+        let fd = l.as_raw_fd();
+        if Sq::new(&mut self.ring).cancel_fd(fd, Token::new(OpKind::Cancel, 0, 0)).is_err() {
             // The SQ is full: submit what is queued and try again once.
             let _ = self.ring.submit();
-            let _ = Sq::new(&mut self.ring).cancel_token(accept, Token::new(OpKind::Cancel, 0, 0));
+            let _ = Sq::new(&mut self.ring).cancel_fd(fd, Token::new(OpKind::Cancel, 0, 0));
         }
         self.retiring = Some(l);
     }
@@ -156,6 +157,11 @@ impl Shard {
             return;
         }
         self.last_sweep = now;
+        if let Some(g) = &self.ipguard {
+            // The shards take the address table's stripes in turn, one each per sweep.
+            g.sweep(self.sweep_stripe);
+            self.sweep_stripe = self.sweep_stripe.wrapping_add(self.engines.len().max(1));
+        }
         let now_ms = self.now_ms();
         let ws = &self.cfg.ws;
         let (hs_to, idle_to, ping_every) = (ws.handshake_timeout_ms, ws.idle_timeout_ms, ws.ping_interval_ms);

@@ -56,6 +56,10 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a shard sleeps in the kernel without a completion (drives the timers).
 const TICK: Duration = Duration::from_millis(100);
+/// Refusals (handshakes, protocol errors, floods) a shard logs per second; the rest are
+/// counted in one line a second later (they are all in `roomcast_connections_refused_total` and
+/// friends): a storm of bad clients must not become a storm of log lines.
+const LOG_BUDGET: u32 = 20;
 /// How soon a shard retries mail a full peer mailbox refused.
 const STALLED_RETRY: Duration = Duration::from_millis(1);
 
@@ -87,6 +91,8 @@ pub struct ShardSpec {
     pub refuse_when_overloaded: bool,
     /// Token verification; None: anonymous mode.
     pub auth: Option<Arc<crate::auth::Verifier>>,
+    /// Per-address connection bounds, shared by every shard; None when off.
+    pub ipguard: Option<Arc<crate::ipguard::IpGuard>>,
 }
 
 /// Builds the ring, probes it and registers its tables. Done on the shard thread itself
@@ -122,8 +128,8 @@ struct Shard {
     limits: Limits,
     /// Dropped (closed) when draining starts.
     listener: Option<Socket>,
-    /// A listener being retired: kept open until its multishot accept's last completion (an
-    /// in-flight operation owns its file), then closed.
+    /// A listener being retired: kept open until its accepts' last completion (an in-flight
+    /// operation owns its file), then closed.
     retiring: Option<Socket>,
     engine: Option<Engine>,
     /// The engine's output, per shard; what a full mailbox refused waits here.
@@ -145,8 +151,17 @@ struct Shard {
     cqes: Vec<(u64, i32, u32)>,
     actions: Vec<Action>,
     next_gen: u32,
-    accept_armed: bool,
+    /// The accepts kept in flight, each with its own peer-address buffer; which are armed.
+    accepts: Box<[ring::AcceptBuf]>,
+    accepts_armed: u32,
     accepting: bool,
+    /// Per-address connection bounds (shared by the shards), None when off.
+    ipguard: Option<Arc<crate::ipguard::IpGuard>>,
+    /// Refusal log lines left in this second, and how many were not written.
+    log_budget: u32,
+    log_window_ms: u64,
+    log_suppressed: u64,
+    sweep_stripe: usize,
     shutdown_at: Option<Instant>,
     epoch: Instant,
     last_sweep: Instant,
@@ -204,8 +219,14 @@ impl Shard {
             cqes: Vec::with_capacity(1024),
             actions: Vec::new(),
             next_gen: 1,
-            accept_armed: false,
+            accepts: (0..ring::ACCEPTS).map(|_| ring::AcceptBuf::default()).collect(),
+            accepts_armed: 0,
             accepting: true,
+            ipguard: spec.ipguard,
+            log_budget: LOG_BUDGET,
+            log_window_ms: 0,
+            log_suppressed: 0,
+            sweep_stripe: usize::from(spec.id),
             shutdown_at: None,
             epoch: now,
             last_sweep: now,
@@ -296,6 +317,30 @@ impl Shard {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether to log one more refusal now (LOG_BUDGET a second; then one summary line).
+    fn log_refusal(&mut self) -> bool {
+        let now = self.now_ms();
+        if now.saturating_sub(self.log_window_ms) >= 1000 {
+            if self.log_suppressed > 0 {
+                tracing::info!(
+                    shard = self.id,
+                    not_logged = self.log_suppressed,
+                    "more refusals in the last second (counted in /metrics)"
+                );
+            }
+            self.log_window_ms = now;
+            self.log_budget = LOG_BUDGET;
+            self.log_suppressed = 0;
+        }
+        if self.log_budget > 0 {
+            self.log_budget -= 1;
+            true
+        } else {
+            self.log_suppressed += 1;
+            false
+        }
     }
 
     fn live(&self, slot: u32, generation: u32) -> bool {

@@ -7,19 +7,51 @@ use std::os::fd::AsRawFd;
 
 use io_uring::cqueue;
 
+use roomcast_proto::handshake::HandshakeError;
+
 use super::conn::{Closing, Conn, Phase};
 use super::{BGID, Retry, Shard};
+use crate::ipguard::Verdict;
 use crate::uring::{OpKind, Sq, Token};
+
+/// Accepts kept in flight on the listener. Single-shot, each with its own address buffer:
+/// multishot accept reports no peer address, and the per-address bounds need one. A loop turn
+/// takes up to this many new connections; the next turn re-arms them.
+pub(super) const ACCEPTS: usize = 16;
+
+/// Where one accept writes its peer's address.
+pub(super) struct AcceptBuf {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl Default for AcceptBuf {
+    fn default() -> Self {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        Self { addr: unsafe { std::mem::zeroed() }, len: 0 }
+    }
+}
 
 impl Shard {
     pub(super) fn arm_accept(&mut self) {
-        if self.accept_armed || !self.accepting {
+        if !self.accepting {
             return;
         }
         let Some(fd) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else { return };
-        match Sq::new(&mut self.ring).accept_multi(fd, Token::new(OpKind::Accept, 0, 0)) {
-            Ok(()) => self.accept_armed = true,
-            Err(_) => self.retry.push((Retry::Accept, 0)),
+        for i in 0..ACCEPTS {
+            if self.accepts_armed & (1 << i) != 0 {
+                continue;
+            }
+            let b = &mut self.accepts[i];
+            b.len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let (addr, len) = (&raw mut b.addr, &raw mut b.len);
+            let tok = Token::new(OpKind::Accept, 0, i as u32);
+            // SAFETY: the buffers live in a boxed slice owned by the shard, which outlives the
+            // ring's operations; an armed buffer is not touched until its completion.
+            match unsafe { Sq::new(&mut self.ring).accept(fd, addr, len, tok) } {
+                Ok(()) => self.accepts_armed |= 1 << i,
+                Err(_) => return self.retry.push((Retry::Accept, 0)),
+            }
         }
     }
 
@@ -52,7 +84,7 @@ impl Shard {
         for &(ud, res, flags) in &cqes {
             let Some(tok) = Token::decode(ud) else { continue };
             match tok.kind {
-                OpKind::Accept => self.on_accept(res, flags),
+                OpKind::Accept => self.on_accept(tok.slot as usize, res),
                 OpKind::Recv => self.on_recv(tok, res, flags),
                 OpKind::Send => self.on_send(tok, res),
                 OpKind::Close => self.on_close(tok, res),
@@ -68,14 +100,14 @@ impl Shard {
         self.cqes = cqes;
     }
 
-    pub(super) fn on_accept(&mut self, res: i32, flags: u32) {
-        if !cqueue::more(flags) {
-            self.accept_armed = false;
-            // The accept's last completion: a retired listener can be closed now.
-            if let Some(l) = self.retiring.take() {
-                drop(l);
-                tracing::debug!(shard = self.id, "listener closed");
-            }
+    pub(super) fn on_accept(&mut self, idx: usize, res: i32) {
+        self.accepts_armed &= !(1 << idx);
+        if self.accepts_armed == 0
+            && let Some(l) = self.retiring.take()
+        {
+            // The accepts' last completion: a retired listener can be closed now.
+            drop(l);
+            tracing::debug!(shard = self.id, "listener closed");
         }
         if res < 0 {
             self.stats.accept_errors.inc();
@@ -95,6 +127,11 @@ impl Shard {
             let _ = Sq::new(&mut self.ring).close_fixed(slot, Token::new(OpKind::Cancel, 0, slot));
             return;
         }
+        let peer = self.accepts.get(idx).and_then(|b| crate::ipguard::peer_of(&b.addr, b.len)).map(|a| a.ip());
+        let verdict = match (&self.ipguard, peer) {
+            (Some(g), Some(ip)) => g.admit(ip),
+            _ => Verdict::Admit { counted: false },
+        };
         let generation = self.next_gen;
         self.next_gen = (self.next_gen + 1) & Token::GENERATION_MASK;
         if self.next_gen == 0 {
@@ -105,14 +142,27 @@ impl Shard {
             self.conns.resize_with(idx + 1, || None);
         }
         debug_assert!(self.conns[idx].is_none(), "kernel reused a slot we have not released");
-        self.conns[idx] = Some(Conn::new(generation, self.now_ms()));
+        let mut conn = Conn::new(generation, self.now_ms());
+        conn.peer = peer;
+        conn.peer_counted = verdict == Verdict::Admit { counted: true };
+        self.conns[idx] = Some(conn);
         self.open += 1;
         self.stats.accepted.inc();
         self.stats.connections.inc();
-        self.arm_recv(slot);
-        if !self.accept_armed {
-            self.arm_accept();
+        match verdict.reason() {
+            None => self.arm_recv(slot),
+            // Over a per-address bound: answer 429 at once and close, without reading the
+            // request (a refused client must not hold a slot while it takes its time).
+            Some(reason) => {
+                self.stats.refused(reason);
+                let why = match verdict {
+                    Verdict::TooMany => "too many connections from your address",
+                    _ => "connecting too fast from your address",
+                };
+                self.refuse(slot, &HandshakeError { status: 429, reason: why.into() });
+            }
         }
+        self.arm_accept();
     }
 
     pub(super) fn on_recv(&mut self, tok: Token, res: i32, flags: u32) {
@@ -226,7 +276,12 @@ impl Shard {
         if let Some(c) = self.conns.get(slot).and_then(Option::as_ref)
             && c.generation == tok.generation
         {
-            self.conns[slot] = None;
+            if let Some(c) = self.conns[slot].take()
+                && c.peer_counted
+                && let (Some(g), Some(ip)) = (&self.ipguard, c.peer)
+            {
+                g.release(ip);
+            }
             self.open -= 1;
             self.stats.connections.dec();
             self.stats.closed.inc();

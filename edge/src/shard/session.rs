@@ -28,7 +28,10 @@ impl Shard {
 
     pub(super) fn refuse(&mut self, slot: u32, e: &HandshakeError) {
         self.stats.handshake_failures.inc();
-        tracing::info!(shard = self.id, slot, status = e.status, reason = %e.reason, "handshake refused");
+        if self.log_refusal() {
+            let peer = self.conns.get(slot as usize).and_then(|c| c.as_ref()?.peer);
+            tracing::info!(shard = self.id, slot, peer = ?peer, status = e.status, reason = %e.reason, "handshake refused");
+        }
         let bytes = Bytes::from(handshake::error_response(e));
         self.finish_with(slot, Some(bytes));
     }
@@ -149,7 +152,9 @@ impl Shard {
         }
         if let Err(reason) = result {
             self.stats.protocol_errors.inc();
-            tracing::info!(shard = self.id, slot, code = reason.code, reason = reason.reason, "protocol violation");
+            if self.log_refusal() {
+                tracing::info!(shard = self.id, slot, code = reason.code, reason = reason.reason, "protocol violation");
+            }
             self.close_with(slot, reason.code, reason.reason);
         }
     }
@@ -163,7 +168,9 @@ impl Shard {
             // A client that keeps going after a burst's worth of refusals is flooding: close
             // it (1008) rather than answer every message with an error.
             if f64::from(c.signals_refused) > burst {
-                tracing::info!(shard = self.id, slot, "closing a signalling flood (1008)");
+                if self.log_refusal() {
+                    tracing::info!(shard = self.id, slot, "closing a signalling flood (1008)");
+                }
                 return self.close_with(slot, 1008, "signalling flood");
             }
             return self.send_error(slot, "rate_limited", "signalling over ws.signal_rate: slow down");
@@ -216,6 +223,16 @@ impl Shard {
                 };
                 if let Err(why) = envelope::validate_kind(&kind) {
                     return self.send_error(slot, "bad_kind", why);
+                }
+                // The publish API's bound on a body holds here too, whatever ws.max_message
+                // lets through for other signalling.
+                if body.len() > self.cfg.ingest.max_body_bytes {
+                    self.stats.refused("publish_too_large");
+                    return self.send_error(
+                        slot,
+                        "too_large",
+                        &format!("publish body over ingest.max_body_bytes ({})", self.cfg.ingest.max_body_bytes),
+                    );
                 }
                 // Who may publish which kind: the kind's configured publishers, or the token's
                 // `pub` claim. Gifts default to the publish API only.

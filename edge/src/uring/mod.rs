@@ -173,12 +173,31 @@ impl<'a> Sq<'a> {
         }
     }
 
-    /// Arms multishot accept on a listening socket, allocating a direct descriptor per
-    /// connection (the connection never has a normal fd, so RLIMIT_NOFILE does not count it).
-    pub fn accept_multi(&mut self, listener: RawFd, token: Token) -> io::Result<()> {
+    /// Accepts one connection into a direct descriptor, writing the peer's address to
+    /// `addr`/`len` (multishot accept cannot: its completions would share one buffer).
+    ///
+    /// # Safety
+    /// `addr` and `len` must stay valid and untouched until the completion of `token` is reaped.
+    pub unsafe fn accept(
+        &mut self,
+        listener: RawFd,
+        addr: *mut libc::sockaddr_storage,
+        len: *mut libc::socklen_t,
+        token: Token,
+    ) -> io::Result<()> {
+        let e = opcode::Accept::new(types::Fd(listener), addr.cast(), len)
+            .file_index(Some(types::DestinationSlot::auto_target()))
+            .build()
+            .user_data(token.encode());
+        // SAFETY: forwarded from the caller; the listener fd outlives the operation.
+        unsafe { self.push(&e) }
+    }
+
+    /// Cancels every operation on the (normal) file `fd`, e.g. a listener's accepts.
+    pub fn cancel_fd(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
         let e =
-            opcode::AcceptMulti::new(types::Fd(listener)).allocate_file_index(true).build().user_data(token.encode());
-        // SAFETY: no buffer; the listener fd is owned by the shard and outlives the ring.
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build().user_data(token.encode());
+        // SAFETY: no buffer.
         unsafe { self.push(&e) }
     }
 
