@@ -4,10 +4,12 @@
 //! spread over R rooms, through worker processes (each holds fewer sockets than RLIMIT_NOFILE),
 //! publishes at configured rates per kind, and measures end-to-end latency, loss, throughput and
 //! the server's CPU and memory. Results go to `bench-results/<date>-<scenario>/`.
+//! `loadgen tokens` signs a connection token (JWT) per connection for `run --tokens`.
 
 mod publish;
 mod report;
 mod stats;
+mod tokens;
 mod worker;
 
 use std::io::{BufRead, BufReader, Write};
@@ -35,6 +37,8 @@ struct Cli {
 enum Cmd {
     /// Run a load test and write its results.
     Run(Box<RunArgs>),
+    /// Sign one connection token (JWT) per connection into a file, for `run --tokens`.
+    Tokens(tokens::TokensArgs),
     /// Internal: one worker process (started by `run`).
     #[command(hide = true)]
     Worker { json: String },
@@ -126,6 +130,10 @@ struct RunArgs {
     /// Free text recorded in the summary (the command that started the server, say).
     #[arg(long, default_value = "")]
     note: String,
+    /// Connection tokens (JWT), one per line (`loadgen tokens` writes such a file): connection N
+    /// sends line N as `&token=` (edge target). A refused upgrade (401) counts as failed.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
 }
 
 const KINDS: [&str; 2] = ["gift", "chat"];
@@ -192,11 +200,16 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Worker { json } => worker::run(serde_json::from_str(&json)?),
         Cmd::Run(a) => run(*a),
+        Cmd::Tokens(a) => tokens::sign(&a),
     }
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let workers = if a.workers == 0 { a.connections.div_ceil(15_000).max(1) } else { a.workers };
+    if let Some(path) = &a.tokens {
+        anyhow::ensure!(a.target == Target::Edge, "--tokens: the edge target only");
+        tokens::load(path, 0, a.connections)?;
+    }
     let exe = std::env::current_exe()?;
     let (tx, rx) = mpsc::channel::<Msg>();
     let server_before = a.server_pid.and_then(proc_cpu_rss);
@@ -227,6 +240,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             slow_every: a.slow_every,
             slow_bytes: a.slow_bytes,
             follow_goaway: !a.no_follow_goaway && a.target == Target::Edge,
+            tokens: a.tokens.clone(),
         };
         let mut child = Command::new(&exe)
             .args(["worker", &serde_json::to_string(&wa)?])
@@ -273,7 +287,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             break;
         }
         anyhow::ensure!(Instant::now() < connect_deadline, "connect phase timed out at {connected}/{}", a.connections);
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let connect_s = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));

@@ -39,6 +39,10 @@ impl Percentiles {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ServerFigures {
     pub measured: bool,
+    /// Server CPU from before the first connect to 0.5 s after the last upgrade, and per
+    /// connection that completed it: what a handshake costs (accept, upgrade, token, join).
+    pub cpu_s_connecting: f64,
+    pub cpu_us_per_connection: Option<f64>,
     pub cpu_s_publishing: f64,
     pub cpu_us_per_delivery: Option<f64>,
     pub rss_idle_bytes: u64,
@@ -55,10 +59,12 @@ impl ServerFigures {
         deliveries: u64,
     ) -> Self {
         match (before, connected, after) {
-            (Some((_, rss0)), Some((cpu1, rss1)), Some((cpu2, _))) => {
+            (Some((cpu0, rss0)), Some((cpu1, rss1)), Some((cpu2, _))) => {
                 let cpu = cpu2 - cpu1;
                 Self {
                     measured: true,
+                    cpu_s_connecting: cpu1 - cpu0,
+                    cpu_us_per_connection: (conns > 0).then(|| (cpu1 - cpu0) * 1e6 / conns as f64),
                     cpu_s_publishing: cpu,
                     cpu_us_per_delivery: (deliveries > 0).then(|| cpu * 1e6 / deliveries as f64),
                     rss_idle_bytes: rss0,
@@ -131,6 +137,7 @@ impl Report {
             "duplicates": self.duplicates,
             "latency_ms": self.latency_ms,
             "edge_cpu_us_per_delivery": self.server.cpu_us_per_delivery,
+            "edge_cpu_us_per_connection": self.server.cpu_us_per_connection,
             "edge_rss_bytes_per_connection": self.server.rss_bytes_per_connection,
             "corrupt_streams": self.corrupt_streams,
             "generator_cpu_s": self.generator_cpu_s,
@@ -174,6 +181,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
     };
     let lat = |k: &str| lat_of(&r.latency_ms, k);
     let cpu = r.server.cpu_us_per_delivery.map_or("not measured".into(), |v| format!("{v:.3}"));
+    let cpu_conn = r.server.cpu_us_per_connection.map_or("not measured".into(), |v| format!("{v:.1}"));
     let rss = r.server.rss_bytes_per_connection.map_or("not measured".into(), |v| format!("{v:.0}"));
     let md = format!(
         "# {scenario}\n\n- Date: {date}\n- Machine: {machine}\n- Target: {target:?}; {note}\n- loadgen: {args}\n\n\
@@ -190,6 +198,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | gift latency, full-speed readers / slow readers (same percentiles) | {lgf} ; {lgs} |\n\
          | chat latency p50 / p99 / p99.9 / max (ms) | {lchat} |\n\
          | server CPU µs per delivery | {cpu} |\n\
+         | server CPU µs per connection (connect phase) | {cpu_conn} |\n\
          | server RSS bytes per connection | {rss} |\n\
          | generator CPU s (max worker share of a core) | {gcpu:.1} ({gshare:.0}%) |\n\n\
          Raw data: result.json. Plots: latency.svg, throughput.svg.\n",

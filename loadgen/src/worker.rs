@@ -8,7 +8,8 @@
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::path::PathBuf;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -60,6 +61,8 @@ pub struct WorkerArgs {
     /// Follow the edge's `goaway`: ask its dispatch URL for another edge and reconnect there with
     /// `since` = the last seq seen, keeping the connection's loss accounting across the move.
     pub follow_goaway: bool,
+    /// Connection tokens, one per line; connection N (global index) sends line N as `&token=`.
+    pub tokens: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -129,13 +132,18 @@ pub fn own_cpu_s() -> f64 {
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool) -> anyhow::Result<TcpStream> {
+fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool, tokens: &[String]) -> anyhow::Result<TcpStream> {
     let dst = args.addrs[i % args.addrs.len()];
     let path = match args.target {
-        Target::Edge => format!("/ws?room=r{room}"),
+        Target::Edge => format!("/ws?room=r{room}{}", token_param(tokens, i)),
         Target::Nchan => format!("/sub/r{room}"),
     };
     open_to(args, i, dst, &path, slow)
+}
+
+/// `&token=JWT` for this worker's connection `i`, or nothing when the run has no tokens.
+fn token_param(tokens: &[String], i: usize) -> String {
+    tokens.get(i).map_or_else(String::new, |t| format!("&token={t}"))
 }
 
 /// Asks a dispatch URL (`http://HOST:PORT/v1/route`) where room `room` should connect; a
@@ -310,12 +318,12 @@ struct Movers {
 }
 
 impl Movers {
-    fn start(args: &WorkerArgs, threads: usize) -> Self {
+    fn start(args: &WorkerArgs, threads: usize, tokens: &Arc<[String]>) -> Self {
         let (jobs, job_rx) = mpsc::channel::<MoveJob>();
         let (done_tx, done) = mpsc::channel();
         let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
         for _ in 0..threads {
-            let (job_rx, done_tx, args) = (job_rx.clone(), done_tx.clone(), args.clone());
+            let (job_rx, done_tx, args, tokens) = (job_rx.clone(), done_tx.clone(), args.clone(), tokens.clone());
             std::thread::spawn(move || {
                 // One client per thread: keep-alive to dispatch.
                 let http = reqwest::blocking::Client::new();
@@ -327,7 +335,8 @@ impl Movers {
                     let mut result = Err(anyhow::anyhow!("not tried"));
                     for attempt in 0..10u32 {
                         result = resolve(&http, &job.url, job.room).and_then(|(addr, path)| {
-                            open_to(&args, args.first + job.i, addr, &format!("{path}&since={}", job.since), job.slow)
+                            let path = format!("{path}&since={}{}", job.since, token_param(&tokens, job.i));
+                            open_to(&args, args.first + job.i, addr, &path, job.slow)
                         });
                         if result.is_ok() {
                             break;
@@ -447,6 +456,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let _ = o.flush();
     };
     let ep = Epoll::new();
+    let tokens: Arc<[String]> = match &args.tokens {
+        Some(path) => crate::tokens::load(path, args.first, args.count)?.into(),
+        None => Arc::from([]),
+    };
     let rooms: Vec<u32> =
         (args.first..args.first + args.count).map(|i| crate::room_of(i, args.rooms, args.dist)).collect();
     let mut conns: Vec<Conn> = Vec::with_capacity(rooms.len());
@@ -478,7 +491,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut reconnects = 0u64;
     let mut reconnect_failed = 0u64;
     let mut reconnect_hist = histogram();
-    let movers = Movers::start(&args, 32);
+    let movers = Movers::start(&args, 32, &tokens);
+    // The progress line that says the last connection is done goes out at once (the
+    // coordinator times the connect phase by it), not at the next whole second.
+    let mut connects_reported = false;
     loop {
         // Slow readers: a bounded read twice a second, outside epoll.
         if args.slow_every > 0 && Instant::now() >= next_slow_read {
@@ -508,7 +524,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         while next < rooms.len() && pacer.due(next as u64) <= Instant::now() {
             let started = Instant::now();
             let slow = args.slow_every > 0 && (args.first + next).is_multiple_of(args.slow_every);
-            match open(&args, next, rooms[next], slow) {
+            match open(&args, next, rooms[next], slow, &tokens) {
                 Ok(sock) => {
                     let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
                     if !slow {
@@ -528,7 +544,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        ep.wait(&mut ready, 50);
+        ep.wait(&mut ready, if next == rooms.len() && !connects_reported { 0 } else { 50 });
         for &i in &ready {
             let c = &mut conns[i];
             loop {
@@ -600,7 +616,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        if last_progress.elapsed() >= Duration::from_secs(1) {
+        let connects_done = next == rooms.len() && !connects_reported;
+        if last_progress.elapsed() >= Duration::from_secs(1) || connects_done {
+            connects_reported |= connects_done;
             last_progress = Instant::now();
             let p = Progress {
                 id: args.id,
