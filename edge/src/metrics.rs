@@ -36,6 +36,7 @@ struct ShardFamilies {
     send_queue_bytes: IntGaugeVec,
     accept_errors: IntCounterVec,
     goaways: IntCounterVec,
+    resets: IntCounterVec,
     signals_refused: IntCounterVec,
     refused: IntCounterVec,
 }
@@ -58,6 +59,8 @@ pub struct ShardStats {
     pub send_queue_bytes: IntGauge,
     pub accept_errors: IntCounter,
     pub goaways: IntCounter,
+    /// Joins answered with a `reset` (the client's epoch or since was void).
+    pub resets: IntCounter,
     /// Signalling messages refused: over the connection's rate, or a join the engine refused.
     pub signals_refused: IntCounter,
     refused: IntCounterVec,
@@ -152,10 +155,16 @@ impl Metrics {
                 s,
             ),
             goaways: counter(r, "goaway_sent_total", "goaway messages sent while draining.", s),
+            resets: counter(
+                r,
+                "join_resets_total",
+                "Joins answered with a reset: the client's epoch was not the room's, or its since was ahead of the room.",
+                s,
+            ),
             refused: counter(
                 r,
                 "connections_refused_total",
-                "Upgrades and signalling refused by the trust rules, by reason (token_missing, token_invalid, token_expired, origin, room_forbidden, publish_forbidden, refresh_other_user).",
+                "Upgrades and signalling refused by the trust rules, by reason (token_missing, token_invalid, token_expired, origin, room_forbidden, publish_forbidden, publish_too_large, refresh_other_user, ip_connections, ip_connect_rate).",
                 &["shard", "reason"],
             ),
             signals_refused: counter(
@@ -232,6 +241,7 @@ impl Metrics {
             send_queue_bytes: f.send_queue_bytes.with_label_values(&l),
             accept_errors: f.accept_errors.with_label_values(&l),
             goaways: f.goaways.with_label_values(&l),
+            resets: f.resets.with_label_values(&l),
             signals_refused: f.signals_refused.with_label_values(&l),
             refused: f.refused.clone(),
             shard_label: l[0].to_owned(),

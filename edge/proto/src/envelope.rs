@@ -92,8 +92,10 @@ pub enum ServerMsg {
     /// The messages of one room merged within one window, in seq order.
     Batch { room: String, messages: Vec<PushMessage> },
     /// The connection is now a member of `room`. `seq` is the last seq the room had assigned
-    /// when the join took effect: live batches carry seqs above it.
-    Joined { room: String, seq: u64 },
+    /// when the join took effect: live batches carry seqs above it. `epoch` names the room's
+    /// numbering (opaque): pass it back with `since` so the edge can tell a seq of this
+    /// numbering from one of an earlier one.
+    Joined { room: String, seq: u64, epoch: String },
     /// The connection left `room` (on request, or before joining another).
     Left { room: String },
     /// Answer to a publish sent over the socket.
@@ -109,6 +111,12 @@ pub enum ServerMsg {
     /// A `refresh` was accepted: the connection's token now expires at `exp` (seconds since the
     /// Unix epoch).
     Refreshed { exp: u64 },
+    /// The client's position in `room` is void: the room's numbering restarted (the `epoch`
+    /// the client sent is not the room's), or its `since` is ahead of the room. What it missed
+    /// of the old numbering cannot be recovered. From now on its position is `seq` in `epoch`:
+    /// what follows (replay, then live batches) carries seqs above it. Sent before anything
+    /// else of the room: on a join, before `joined`.
+    Reset { room: String, epoch: String, seq: u64, reason: String },
 }
 
 /// Everything a client may send (text JSON in both subprotocols; binary rkyv in `rkyv.v1`).
@@ -127,6 +135,10 @@ pub enum ClientMsg {
         room: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<u64>,
+        /// The room's `epoch` from the `joined` that `since` counts in (optional; with it, a
+        /// restarted numbering is told apart from the one the client saw).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
     },
     /// Leave the current room; the connection stays open.
     Leave,
@@ -323,6 +335,7 @@ mod wire {
         op: Op,
         room: Option<String>,
         since: Option<u64>,
+        epoch: Option<String>,
         kind: Option<String>,
         user: Option<String>,
         #[serde(default, deserialize_with = "raw")]
@@ -334,7 +347,7 @@ mod wire {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             let w = Client::deserialize(d)?;
             Ok(match w.op {
-                Op::Join => ClientMsg::Join { room: need(w.room, "room")?, since: w.since },
+                Op::Join => ClientMsg::Join { room: need(w.room, "room")?, since: w.since, epoch: w.epoch },
                 Op::Leave => ClientMsg::Leave,
                 Op::Publish => ClientMsg::Publish {
                     kind: need(w.kind, "kind")?,
@@ -357,6 +370,7 @@ mod wire {
         Goaway,
         Gap,
         Refreshed,
+        Reset,
     }
 
     #[derive(Deserialize)]
@@ -375,6 +389,7 @@ mod wire {
         from: Option<u64>,
         to: Option<u64>,
         exp: Option<u64>,
+        epoch: Option<String>,
     }
 
     impl<'de> Deserialize<'de> for ServerMsg {
@@ -384,7 +399,11 @@ mod wire {
                 Type::Batch => {
                     ServerMsg::Batch { room: need(w.room, "room")?, messages: need(w.messages, "messages")? }
                 }
-                Type::Joined => ServerMsg::Joined { room: need(w.room, "room")?, seq: need(w.seq, "seq")? },
+                Type::Joined => ServerMsg::Joined {
+                    room: need(w.room, "room")?,
+                    seq: need(w.seq, "seq")?,
+                    epoch: need(w.epoch, "epoch")?,
+                },
                 Type::Left => ServerMsg::Left { room: need(w.room, "room")? },
                 Type::Published => ServerMsg::Published {
                     room: need(w.room, "room")?,
@@ -401,6 +420,12 @@ mod wire {
                     ServerMsg::Gap { room: need(w.room, "room")?, from: need(w.from, "from")?, to: need(w.to, "to")? }
                 }
                 Type::Refreshed => ServerMsg::Refreshed { exp: need(w.exp, "exp")? },
+                Type::Reset => ServerMsg::Reset {
+                    room: need(w.room, "room")?,
+                    epoch: need(w.epoch, "epoch")?,
+                    seq: need(w.seq, "seq")?,
+                    reason: need(w.reason, "reason")?,
+                },
             })
         }
     }
@@ -471,9 +496,11 @@ mod tests {
     #[test]
     fn client_messages() {
         let j = decode_client_json(br#"{"op":"join","room":"a"}"#).unwrap();
-        assert_eq!(j, ClientMsg::Join { room: "a".into(), since: None });
+        assert_eq!(j, ClientMsg::Join { room: "a".into(), since: None, epoch: None });
         let s = decode_client_json(br#"{"op":"switch","room":"b","since":5}"#).unwrap();
-        assert_eq!(s, ClientMsg::Join { room: "b".into(), since: Some(5) });
+        assert_eq!(s, ClientMsg::Join { room: "b".into(), since: Some(5), epoch: None });
+        let e = decode_client_json(br#"{"op":"join","room":"b","since":5,"epoch":"00ab"}"#).unwrap();
+        assert_eq!(e, ClientMsg::Join { room: "b".into(), since: Some(5), epoch: Some("00ab".into()) });
         assert_eq!(decode_client_json(br#"{"op":"leave"}"#).unwrap(), ClientMsg::Leave);
         let p = decode_client_json(br#"{"op":"publish","kind":"chat","body":{"t":1}}"#).unwrap();
         assert_eq!(p, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() });
@@ -548,7 +575,13 @@ mod tests {
     fn every_server_msg() -> Vec<ServerMsg> {
         let all = vec![
             batch(),
-            ServerMsg::Joined { room: "r".into(), seq: 9 },
+            ServerMsg::Joined { room: "r".into(), seq: 9, epoch: "1f2e3d4c5b6a7980".into() },
+            ServerMsg::Reset {
+                room: "r".into(),
+                epoch: "1f2e3d4c5b6a7981".into(),
+                seq: 0,
+                reason: "epoch changed".into(),
+            },
             ServerMsg::Left { room: "r".into() },
             ServerMsg::Published { room: "r".into(), seq: 3, ts_us: 4 },
             ServerMsg::Error { code: "bad".into(), message: "m".into() },
@@ -566,7 +599,8 @@ mod tests {
                 | ServerMsg::Error { .. }
                 | ServerMsg::Goaway { .. }
                 | ServerMsg::Gap { .. }
-                | ServerMsg::Refreshed { .. } => {}
+                | ServerMsg::Refreshed { .. }
+                | ServerMsg::Reset { .. } => {}
             }
         }
         all
@@ -581,8 +615,8 @@ mod tests {
             assert_eq!(decode_json(&out).unwrap(), m, "{}", String::from_utf8_lossy(&out));
         }
         for m in [
-            ClientMsg::Join { room: "a".into(), since: Some(u64::MAX) },
-            ClientMsg::Join { room: "a".into(), since: None },
+            ClientMsg::Join { room: "a".into(), since: Some(u64::MAX), epoch: Some("00ff".into()) },
+            ClientMsg::Join { room: "a".into(), since: None, epoch: None },
             ClientMsg::Leave,
             ClientMsg::Publish { kind: "k".into(), user: "u".into(), body: "[1,2]".into() },
             ClientMsg::Refresh { token: "a.b.c".into() },
@@ -590,7 +624,7 @@ mod tests {
             assert_eq!(decode_client_json(&encode_client_json(&m)).unwrap(), m);
         }
         let j = decode_client_json(br#"{"op":"join","room":"a","since":null,"body":[1],"x":{}}"#).unwrap();
-        assert_eq!(j, ClientMsg::Join { room: "a".into(), since: None });
+        assert_eq!(j, ClientMsg::Join { room: "a".into(), since: None, epoch: None });
         for bad in [
             &br#"{"op":"join"}"#[..],
             br#"{"room":"a"}"#,

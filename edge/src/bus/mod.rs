@@ -71,6 +71,29 @@ pub struct PendingJoin {
     pub slot: u32,
     pub generation: u32,
     pub proto: Subprotocol,
+    /// The client's position was void (why): its answer starts with a `reset`.
+    pub reset: Option<&'static str>,
+}
+
+/// A room's numbering: changes whenever the room's seq restarts (never 0).
+pub type Epoch = u64;
+
+/// An epoch as clients see it: 16 hex digits (a string, so JavaScript keeps every bit).
+pub fn epoch_text(e: Epoch) -> String {
+    format!("{e:016x}")
+}
+
+/// A client's epoch text, back: anything that is not one of ours reads as 0, which no room has.
+pub fn parse_epoch(s: &str) -> Epoch {
+    if s.len() == 16 { u64::from_str_radix(s, 16).unwrap_or(0) } else { 0 }
+}
+
+/// Where a joining client says it was: the last seq it saw, and (optionally) in which
+/// numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    pub seq: u64,
+    pub epoch: Option<Epoch>,
 }
 
 /// Where the answer to a publish goes.
@@ -116,6 +139,9 @@ pub struct JoinAck {
     pub generation: u32,
     pub room: RoomName,
     pub seq: u64,
+    pub epoch: Epoch,
+    /// The client's position was void: a `reset` (position 0 in `epoch`) goes before `joined`.
+    pub reset: Option<&'static str>,
     pub replay: Vec<Bytes>,
 }
 
@@ -174,7 +200,7 @@ pub enum EngineCmd {
         slot: u32,
         generation: u32,
         proto: Subprotocol,
-        since: Option<u64>,
+        since: Option<Since>,
     },
     /// One member (joined or joining) of `room` left a shard: the engine counts members per
     /// room (joins in, these out) to know a room's fan-out demand.
@@ -192,11 +218,13 @@ pub enum EngineCmd {
         room: RoomName,
         msg: PushMessage,
         must_deliver: bool,
+        epoch: Epoch,
     },
-    /// Redis mode: the room's seq in Redis, read right after (re)subscribing.
+    /// Redis mode: the room's seq and epoch in Redis, read right after (re)subscribing.
     Synced {
         room: RoomName,
         seq: u64,
+        epoch: Epoch,
     },
     /// Redis mode: the answer to a fill of `from..=to` (`ok: false`: Redis could not answer).
     Filled {
@@ -256,6 +284,8 @@ impl EngineCmd {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoomStats {
     pub room: String,
+    /// The room's numbering (as clients see it in `joined`).
+    pub epoch: String,
     /// Last seq assigned.
     pub seq: u64,
     /// Last seq handed to shards.

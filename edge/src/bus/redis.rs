@@ -38,7 +38,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{Ack, BusHandle, EngineCmd, NewMessage, PendingJoin, PublishError, Reply, RoomName};
+use super::{Ack, BusHandle, EngineCmd, Epoch, NewMessage, PendingJoin, PublishError, Reply, RoomName};
 
 /// What the engine asks of Redis.
 pub enum BridgeCmd {
@@ -111,12 +111,20 @@ pub struct StreamLimits {
 }
 
 const PUBLISH_LUA: &str = r#"
--- KEYS: seq, must-deliver stream, droppable stream, channel, evicted-seq key
+-- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key
 -- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max
-local seq = redis.call('INCR', KEYS[1])
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local msg = '{"seq":' .. string.format('%d', seq) .. ',"ts_us":' .. string.format('%d', ts)
+local ep = redis.call('HGET', KEYS[1], 'epoch')
+if not ep then
+  -- A new numbering (first publish, or Redis lost the room): a new epoch, and whatever the
+  -- old numbering left is void.
+  ep = string.format('%d', ts)
+  redis.call('HSET', KEYS[1], 'epoch', ep)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local msg = '{"ep":' .. ep .. ',"seq":' .. string.format('%d', seq) .. ',"ts_us":' .. string.format('%d', ts)
   .. ',"kind":' .. cjson.encode(ARGV[1]) .. ',"user":' .. cjson.encode(ARGV[2])
   .. ',"md":' .. ARGV[4] .. ',"body":' .. ARGV[3] .. '}'
 local id = string.format('%d', seq) .. '-0'
@@ -136,9 +144,23 @@ redis.call('PUBLISH', KEYS[4], msg)
 return {seq, ts}
 "#;
 
+/// Reads a room's seq and epoch, making the epoch if the room has none yet (so a member that
+/// joins before the first publish is told the numbering the first publish will use).
+const SYNC_LUA: &str = r#"
+-- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key
+local ep = redis.call('HGET', KEYS[1], 'epoch')
+if not ep then
+  local t = redis.call('TIME')
+  ep = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('HSET', KEYS[1], 'epoch', ep)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+end
+return {redis.call('HGET', KEYS[1], 'seq') or '0', ep}
+"#;
+
 fn keys(room: &str) -> [String; 5] {
     [
-        format!("rc:{{{room}}}:seq"),
+        format!("rc:{{{room}}}:meta"),
         format!("rc:{{{room}}}:md"),
         format!("rc:{{{room}}}:dr"),
         format!("rc:{{{room}}}:ch"),
@@ -153,6 +175,7 @@ fn room_of_channel(ch: &str) -> Option<&str> {
 /// A message as the script writes it.
 #[derive(Deserialize)]
 struct Wire<'a> {
+    ep: u64,
     seq: u64,
     ts_us: u64,
     kind: String,
@@ -162,11 +185,13 @@ struct Wire<'a> {
     body: &'a RawValue,
 }
 
-fn parse(bytes: &[u8]) -> Option<(PushMessage, bool)> {
+/// A message as the script wrote it: the message, whether it must be delivered, its epoch.
+fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     let w: Wire<'_> = serde_json::from_slice(bytes).ok()?;
     Some((
         PushMessage { seq: w.seq, ts_us: w.ts_us, kind: w.kind, user: w.user, body: w.body.get().to_owned() },
         w.md == 1,
+        w.ep,
     ))
 }
 
@@ -237,8 +262,9 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                     Some(m) => {
                         let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
                         match parse(m.get_payload_bytes()) {
-                            Some((msg, must_deliver)) => {
-                                bus.send_async(EngineCmd::Remote { room: RoomName::from(room), msg, must_deliver }).await;
+                            Some((msg, must_deliver, epoch)) => {
+                                let room = RoomName::from(room);
+                                bus.send_async(EngineCmd::Remote { room, msg, must_deliver, epoch }).await;
                             }
                             None => tracing::warn!(room, "unreadable message on the redis channel"),
                         }
@@ -309,11 +335,11 @@ fn recovery_failed(room: RoomName, since: u64, upto: u64, join: PendingJoin) -> 
 }
 
 async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
-    let seq: Result<Option<u64>, _> = cm.get(&keys(&room)[0]).await;
-    match seq {
-        Ok(seq) => {
-            bus.send_async(EngineCmd::Synced { room, seq: seq.unwrap_or(0) }).await;
-        }
+    let k = keys(&room);
+    let r: Result<(u64, u64), _> =
+        ::redis::Script::new(SYNC_LUA).key(&k[0]).key(&k[1]).key(&k[2]).key(&k[4]).invoke_async(&mut cm).await;
+    match r {
+        Ok((seq, epoch)) => bus.send_async(EngineCmd::Synced { room, seq, epoch }).await,
         Err(e) => tracing::warn!(room = %room, error = %e, "cannot read room seq"),
     }
 }
@@ -367,9 +393,10 @@ async fn range(
     let mut out = Vec::with_capacity(reply.ids.len());
     for id in reply.ids {
         if let Some(::redis::Value::BulkString(b)) = id.map.get("m")
-            && let Some(m) = parse(b)
+            && let Some((m, md, _)) = parse(b)
         {
-            out.push(m);
+            // The streams hold one numbering: the scripts empty them when the epoch changes.
+            out.push((m, md));
         }
     }
     Ok(out)
@@ -430,8 +457,12 @@ mod tests {
 
     #[test]
     fn wire_messages_parse() {
-        let (m, md) = parse(br#"{"seq":7,"ts_us":12,"kind":"gift","user":"a\"b","md":1,"body":{"x":[1,2]}}"#).unwrap();
+        let (m, md, ep) = parse(
+            br#"{"ep":1764000000000001,"seq":7,"ts_us":12,"kind":"gift","user":"a\"b","md":1,"body":{"x":[1,2]}}"#,
+        )
+        .unwrap();
         assert!(md);
+        assert_eq!(ep, 1_764_000_000_000_001);
         assert_eq!(
             (m.seq, m.ts_us, m.kind.as_str(), m.user.as_str(), m.body.as_str()),
             (7, 12, "gift", "a\"b", r#"{"x":[1,2]}"#)

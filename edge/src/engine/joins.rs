@@ -3,6 +3,10 @@
 //! flushed before the ack is ahead of it on that link, every batch after it behind: the member
 //! receives exactly the batches after the ack's seq, with no gap and no duplicate. A `since`
 //! join is answered from history inside the ack, so replay and live meet at the same seq.
+//!
+//! A position the room cannot honour (an epoch that is not the room's, a `since` ahead of the
+//! room) is never answered silently: the ack carries a reset, the client's position becomes 0
+//! in the room's epoch, and what history holds of that numbering is replayed.
 
 use std::time::{Duration, Instant};
 
@@ -12,13 +16,24 @@ use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 
 use super::{Engine, Out};
 use crate::bus::redis::BridgeCmd;
-use crate::bus::{PendingJoin, RoomName, ShardCmd, frame};
+use crate::bus::{Epoch, PendingJoin, RoomName, ShardCmd, Since, frame};
+
+/// Reasons a join's position was void (the `reset` message's `reason`).
+pub const RESET_EPOCH: &str = "epoch changed: the room's numbering restarted";
+pub const RESET_AHEAD: &str = "since is ahead of the room: its numbering restarted";
 
 /// How long a join whose `since` is ahead of this edge waits for Redis to catch up.
 const PARK_FOR: Duration = Duration::from_secs(2);
 
 impl Engine {
-    pub(super) fn join(&mut self, room: RoomName, join: PendingJoin, since: Option<u64>, now: Instant, out: &mut Out) {
+    pub(super) fn join(
+        &mut self,
+        room: RoomName,
+        join: PendingJoin,
+        since: Option<Since>,
+        now: Instant,
+        out: &mut Out,
+    ) {
         if let Err(e) = self.ensure_room(&room, now) {
             // Counted (here and as the shard's signals_refused); a client can cause many, so
             // no log line each.
@@ -58,13 +73,28 @@ impl Engine {
     pub(super) fn answer_join(
         &mut self,
         room: &RoomName,
-        join: PendingJoin,
-        since: Option<u64>,
+        mut join: PendingJoin,
+        since: Option<Since>,
         now: Instant,
         out: &mut Out,
     ) {
         let Some(r) = self.rooms.get_mut(room) else { return };
         r.history.trim(now, &self.cfg.history);
+        // A position in another numbering, or past the end of this one (in local mode; in
+        // Redis mode the client may come from an edge that is ahead: wait for it below), is
+        // void: reset, and replay this numbering from its start.
+        let since = match since {
+            Some(s) if s.epoch.is_some_and(|e| e != r.epoch) => {
+                join.reset = Some(RESET_EPOCH);
+                Some(0)
+            }
+            Some(s) if s.seq > r.seq && self.remote.is_none() => {
+                join.reset = Some(RESET_AHEAD);
+                Some(0)
+            }
+            Some(s) => Some(s.seq),
+            None => None,
+        };
         if let Some(since) = since
             && since > r.flushed_seq
         {
@@ -113,7 +143,7 @@ impl Engine {
             }
         }
         let name = r.name.clone();
-        ack_join(out, name, join, seq, replay);
+        ack_join(out, name, join, seq, r.epoch, replay);
     }
 
     /// Redis answered a recovery: Redis's must-deliver messages in `(since, upto]`, then this
@@ -146,7 +176,7 @@ impl Engine {
         if !all.is_empty() {
             push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: all });
         }
-        ack_join(out, r.name.clone(), join, seq, replay);
+        ack_join(out, r.name.clone(), join, seq, r.epoch, replay);
     }
 
     /// Answers parked joins whose `since` has been reached (or, with `expire`, whose wait is
@@ -158,18 +188,15 @@ impl Engine {
             .into_iter()
             .partition(|&(_, since, at)| since <= seq || (expire && now >= at));
         r.parked = keep;
-        for (join, since, _) in ready {
+        for (mut join, since, _) in ready {
             if since > seq {
-                tracing::warn!(room = %room, since, seq, "since is ahead of the bus; answering with what is here");
-                if let Some(r) = self.rooms.get_mut(room) {
-                    let flushed = r.flushed_seq;
-                    let name = r.name.clone();
-                    self.flush(room, out);
-                    ack_join(out, name, join, flushed.max(seq), Vec::new());
-                }
+                // No edge has numbered that far in this epoch: the client's position is void.
+                tracing::debug!(room = %room, since, seq, "since is ahead of the bus: reset");
+                join.reset = Some(RESET_AHEAD);
+                self.answer_join(room, join, Some(Since { seq: 0, epoch: None }), now, out);
                 continue;
             }
-            self.answer_join(room, join, Some(since), now, out);
+            self.answer_join(room, join, Some(Since { seq: since, epoch: None }), now, out);
         }
     }
 
@@ -186,8 +213,16 @@ impl Engine {
     }
 }
 
-pub(super) fn ack_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, replay: Vec<Bytes>) {
-    let ack = crate::bus::JoinAck { slot: join.slot, generation: join.generation, room, seq, replay };
+pub(super) fn ack_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, epoch: Epoch, replay: Vec<Bytes>) {
+    let ack = crate::bus::JoinAck {
+        slot: join.slot,
+        generation: join.generation,
+        room,
+        seq,
+        epoch,
+        reset: join.reset,
+        replay,
+    };
     out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
 }
 

@@ -170,6 +170,8 @@ pub struct Engine {
     /// `wall_at_epoch + (now - epoch)`, so the engine never reads a clock itself.
     epoch: Instant,
     wall_at_epoch: u64,
+    /// Epochs made so far (an input of the next).
+    epochs_made: u64,
 }
 
 impl Engine {
@@ -207,6 +209,7 @@ impl Engine {
             parked_rooms: Vec::new(),
             epoch: now,
             wall_at_epoch: wall_us,
+            epochs_made: 0,
             cfg,
         }
     }
@@ -219,6 +222,18 @@ impl Engine {
 
     pub fn id(&self) -> u16 {
         self.id
+    }
+
+    /// A fresh epoch: unique across rooms, engines and restarts (the wall clock, the engine and
+    /// a counter, mixed), never 0.
+    fn new_epoch(&mut self, now: Instant) -> crate::bus::Epoch {
+        self.epochs_made += 1;
+        let mut x =
+            self.wall_us(now) ^ (u64::from(self.id) << 52) ^ self.epochs_made.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // splitmix64's finalizer: neighbouring inputs give unrelated epochs.
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (x ^ (x >> 31)).max(1)
     }
 
     fn wall_us(&self, now: Instant) -> u64 {
@@ -257,7 +272,7 @@ impl Engine {
                 }
             }
             EngineCmd::Join { room, shard, slot, generation, proto, since } => {
-                self.join(room, PendingJoin { shard, slot, generation, proto }, since, now, out);
+                self.join(room, PendingJoin { shard, slot, generation, proto, reset: None }, since, now, out);
             }
             EngineCmd::Left { room } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
@@ -265,8 +280,10 @@ impl Engine {
                 }
             }
             EngineCmd::NoInterest { room, shard, proto } => self.no_interest(&room, shard, proto, now),
-            EngineCmd::Remote { room, msg, must_deliver } => self.remote_msg(&room, msg, must_deliver, now, out),
-            EngineCmd::Synced { room, seq } => self.synced(&room, seq, now, out),
+            EngineCmd::Remote { room, msg, must_deliver, epoch } => {
+                self.remote_msg(&room, msg, must_deliver, epoch, now, out);
+            }
+            EngineCmd::Synced { room, seq, epoch } => self.synced(&room, seq, epoch, now, out),
             EngineCmd::Filled { room, from, to, messages, ok } => self.filled(&room, from, to, messages, ok, now, out),
             EngineCmd::Recovered { room, since, upto, join, messages, evicted_upto, ok } => {
                 self.recovered(&room, since, upto, join, messages, evicted_upto, ok, out);
@@ -352,6 +369,9 @@ impl Engine {
         }
         let mut r = Room::new(room.clone(), self.shards, now, &self.cfg);
         r.synced = self.remote.is_none();
+        if self.remote.is_none() {
+            r.epoch = self.new_epoch(now);
+        }
         self.rooms.insert(room.clone(), r);
         self.stats.rooms.inc();
         Ok(())
@@ -363,6 +383,7 @@ impl Engine {
         let rate = r.current_rate(now);
         Some(RoomStats {
             room: r.name.to_string(),
+            epoch: crate::bus::epoch_text(r.epoch),
             seq: r.seq,
             flushed_seq: r.flushed_seq,
             shards_json: r.interest[0].len(),

@@ -6,20 +6,22 @@ use std::time::Instant;
 
 use roomcast_proto::envelope::{PushMessage, ServerMsg};
 
+use super::joins::RESET_EPOCH;
 use super::{Engine, Out};
-use crate::bus::RoomName;
 use crate::bus::policy::History;
 use crate::bus::redis::BridgeCmd;
+use crate::bus::{Epoch, RoomName, Since, epoch_text};
 
 impl Engine {
-    /// The room's seq in Redis, right after (re)subscribing.
-    pub(super) fn synced(&mut self, room: &RoomName, seq: u64, now: Instant, out: &mut Out) {
+    /// The room's seq and epoch in Redis, right after (re)subscribing.
+    pub(super) fn synced(&mut self, room: &RoomName, seq: u64, epoch: Epoch, now: Instant, out: &mut Out) {
         let Some(r) = self.rooms.get_mut(room) else { return };
         if !r.interested() {
             return;
         }
         if !r.synced {
             r.synced = true;
+            r.epoch = epoch;
             r.seq = seq;
             r.flushed_seq = seq;
             r.base_seq = seq;
@@ -29,19 +31,42 @@ impl Engine {
                 self.answer_join(room, join, since, now, out);
             }
             self.drain_ahead(room, now, out);
+        } else if epoch != r.epoch || seq < r.seq {
+            // Redis came back without the room's state (emptied, or no persistence): a new
+            // numbering. Follow it from its start, and say so.
+            self.restart_numbering(room, epoch, now, out);
+            if seq > 0 {
+                self.request_fill(room, 1, seq);
+            }
         } else if seq > r.seq {
             // Reconnected after missing messages: fetch them.
             let from = r.seq + 1;
             self.request_fill(room, from, seq);
-        } else if seq < r.seq {
-            // Redis came back without the room's state (no persistence): its numbering restarts.
-            // Follow it, and say so: clients see seqs go back and must treat it as a new epoch.
-            tracing::error!(room = %room, ours = r.seq, redis = seq, "redis lost this room's seq (run redis with appendonly)");
-            r.seq = seq;
-            r.flushed_seq = seq;
-            r.base_seq = seq;
-            r.history = History::default();
-            r.ahead.clear();
+        }
+    }
+
+    /// The room's numbering restarted in Redis under `epoch`: what is pending goes out, history
+    /// of the old numbering is dropped, members get a `reset` (position 0 in `epoch`), and joins
+    /// waiting for a seq of the old numbering are answered with a reset too. Messages of the
+    /// new numbering then arrive (or are filled) from seq 1.
+    fn restart_numbering(&mut self, room: &RoomName, epoch: Epoch, now: Instant, out: &mut Out) {
+        self.flush(room, out);
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        tracing::error!(room = %room, old_seq = r.seq, old_epoch = r.epoch, epoch, "redis lost this room's numbering (run redis with appendonly): members are reset");
+        r.epoch = epoch;
+        r.seq = 0;
+        r.flushed_seq = 0;
+        r.base_seq = 0;
+        r.history = History::default();
+        r.ahead.clear();
+        r.filling = false;
+        let parked = std::mem::take(&mut r.parked);
+        let notice =
+            ServerMsg::Reset { room: r.name.to_string(), epoch: epoch_text(epoch), seq: 0, reason: RESET_EPOCH.into() };
+        self.notify(room, &notice, out);
+        for (mut join, _, _) in parked {
+            join.reset = Some(RESET_EPOCH);
+            self.answer_join(room, join, Some(Since { seq: 0, epoch: None }), now, out);
         }
     }
 
@@ -63,6 +88,7 @@ impl Engine {
         room: &RoomName,
         msg: PushMessage,
         must_deliver: bool,
+        epoch: Epoch,
         now: Instant,
         out: &mut Out,
     ) {
@@ -74,6 +100,11 @@ impl Engine {
             r.ahead.insert(msg.seq, (msg, must_deliver));
             return;
         }
+        if epoch != r.epoch {
+            // Redis was emptied under us: this message is of a new numbering.
+            self.restart_numbering(room, epoch, now, out);
+        }
+        let Some(r) = self.rooms.get_mut(room) else { return };
         if msg.seq <= r.seq {
             return; // duplicate (already filled)
         }

@@ -7,7 +7,7 @@ use roomcast_proto::envelope::PushMessage;
 
 use super::EngineConfig;
 use crate::bus::policy::{Bucket, History};
-use crate::bus::{PendingJoin, RoomName};
+use crate::bus::{Epoch, PendingJoin, RoomName, Since};
 use crate::config::AdaptiveConfig;
 
 /// A room publishing at least this many messages per second counts as hot.
@@ -74,6 +74,9 @@ pub struct Pending {
 
 pub struct Room {
     pub name: RoomName,
+    /// The room's numbering: a new one whenever its seq restarts (a room made anew in local
+    /// mode; Redis's in Redis mode, 0 until synced).
+    pub epoch: Epoch,
     /// Last seq assigned.
     pub seq: u64,
     /// Last seq handed to shards (members that join now see seqs above it).
@@ -100,7 +103,7 @@ pub struct Room {
     /// only what came after it.
     pub base_seq: u64,
     /// Redis mode: joins waiting for the room to sync.
-    pub waiting: Vec<(PendingJoin, Option<u64>)>,
+    pub waiting: Vec<(PendingJoin, Option<Since>)>,
     /// Redis mode: messages that arrived ahead of a gap, by seq.
     pub ahead: BTreeMap<u64, (PushMessage, bool)>,
     /// Redis mode: a fill is in flight.
@@ -118,6 +121,7 @@ impl Room {
     pub fn new(name: RoomName, shards: usize, now: Instant, cfg: &EngineConfig) -> Self {
         Self {
             name,
+            epoch: 0,
             seq: 0,
             flushed_seq: 0,
             interest: [ShardSet::new(shards), ShardSet::new(shards)],

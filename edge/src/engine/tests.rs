@@ -11,7 +11,7 @@ use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 
 use super::adaptive::{ADAPT_EVERY, room_window, visible_rate};
 use super::{Engine, EngineConfig, LoadBoard, Out};
-use crate::bus::{Ack, EngineCmd, MustDeliver, NewMessage, PublishError, RoomName, ShardCmd};
+use crate::bus::{Ack, EngineCmd, MustDeliver, NewMessage, PublishError, RoomName, ShardCmd, Since};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -107,6 +107,10 @@ fn msg(kind: &str, n: u32) -> NewMessage {
 }
 
 fn join(bus: &mut H, room: &RoomName, proto: Subprotocol, since: Option<u64>) {
+    join_at(bus, room, proto, since.map(|seq| Since { seq, epoch: None }));
+}
+
+fn join_at(bus: &mut H, room: &RoomName, proto: Subprotocol, since: Option<Since>) {
     bus.handle(EngineCmd::Join { room: room.clone(), shard: 0, slot: 5, generation: 1, proto, since });
 }
 
@@ -399,7 +403,7 @@ fn redis_mode_fan_out_samples_by_this_edges_members() {
     for _ in 0..200 {
         join(&mut bus, &room, Subprotocol::Json, None);
     }
-    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 0 });
+    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 0, epoch: 7 });
     let acks = bus.drain().len();
     assert_eq!(acks, 200, "joins answered once the room is synced");
     // Messages numbered elsewhere arrive through Redis: 300 chat, then 20 gifts.
@@ -407,6 +411,7 @@ fn redis_mode_fan_out_samples_by_this_edges_members() {
         room: room.clone(),
         msg: PushMessage { seq, ts_us: 1, kind: kind.into(), user: String::new(), body: format!("{seq}") },
         must_deliver: kind == "gift",
+        epoch: 7,
     };
     for seq in 1..=300 {
         bus.handle(remote(seq, "chat"));
@@ -572,7 +577,7 @@ fn joins_and_publishes_from_many_producers_meet_without_gap_or_duplicate() {
                     slot: slot as u32,
                     generation: m.generation,
                     proto: Subprotocol::Json,
-                    since,
+                    since: since.map(|seq| Since { seq, epoch: None }),
                 });
                 conns[s][slot] = m;
             }
@@ -647,7 +652,7 @@ fn joins_and_publishes_from_many_producers_meet_without_gap_or_duplicate() {
         let _ = s;
         match cmd {
             ShardCmd::JoinAck(a) => {
-                let crate::bus::JoinAck { slot, generation, room, seq, replay } = *a;
+                let crate::bus::JoinAck { slot, generation, room, seq, replay, .. } = *a;
                 let m = &mut conns[slot as usize];
                 if m.generation != generation || m.joining.as_deref() != Some(&*room) {
                     return;
@@ -714,4 +719,114 @@ fn an_engine_behind_on_a_shard_refuses_publishes() {
     assert!(!bus.rooms.contains_key(&room), "nothing numbered, nothing created");
     bus.out.shard[0].clear();
     assert!(bus.publish(room, msg("gift", 2)).is_ok(), "accepted again once the shard caught up");
+}
+
+fn ack(bus: &mut H) -> crate::bus::JoinAck {
+    loop {
+        match bus.recv() {
+            Ok(ShardCmd::JoinAck(a)) => return *a,
+            Ok(_) => {}
+            Err(()) => panic!("no JoinAck"),
+        }
+    }
+}
+
+/// Every room has an epoch; a join that names it with a `since` inside the numbering is
+/// answered as before; another epoch, or a `since` ahead of the room, is answered with a reset
+/// and the room's must-deliver history from its start: never silently.
+#[test]
+fn epochs_void_positions_of_another_numbering_explicitly() {
+    let (mut bus, _) = setup(0);
+    let room: RoomName = "r".into();
+    for n in 1..=3 {
+        bus.publish(room.clone(), msg("gift", n)).unwrap();
+    }
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let first = ack(&mut bus);
+    assert_ne!(first.epoch, 0);
+    assert_eq!((first.seq, first.reset), (3, None));
+    // The same numbering: normal recovery after seq 1.
+    join_at(&mut bus, &room, Subprotocol::Json, Some(Since { seq: 1, epoch: Some(first.epoch) }));
+    let a = ack(&mut bus);
+    assert_eq!(a.reset, None);
+    assert_eq!(seqs(&decode(&a.replay[0])), vec![2, 3]);
+    // Another numbering: reset, then everything history has of this one.
+    join_at(&mut bus, &room, Subprotocol::Json, Some(Since { seq: 2, epoch: Some(first.epoch ^ 1) }));
+    let a = ack(&mut bus);
+    assert_eq!(a.reset, Some(super::joins::RESET_EPOCH));
+    assert_eq!(a.epoch, first.epoch);
+    assert_eq!(seqs(&decode(&a.replay[0])), vec![1, 2, 3]);
+    // Ahead of the room (no epoch given: an older client): reset too.
+    join(&mut bus, &room, Subprotocol::Json, Some(9));
+    let a = ack(&mut bus);
+    assert_eq!(a.reset, Some(super::joins::RESET_AHEAD));
+    assert_eq!(seqs(&decode(&a.replay[0])), vec![1, 2, 3]);
+    // Other rooms have other epochs.
+    let other: RoomName = "o".into();
+    join(&mut bus, &other, Subprotocol::Json, None);
+    assert_ne!(ack(&mut bus).epoch, first.epoch);
+}
+
+/// A room forgotten after its idle time comes back with a new epoch, so a client holding a
+/// seq of the old numbering is reset rather than answered as if nothing happened.
+#[test]
+fn a_forgotten_room_comes_back_with_a_new_epoch() {
+    let mut cfg = Config::default();
+    cfg.history.max_age_ms = 1000;
+    let (mut bus, _) = setup_with(cfg);
+    let room: RoomName = "idle".into();
+    bus.publish(room.clone(), msg("gift", 1)).unwrap();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let before = ack(&mut bus);
+    bus.handle(EngineCmd::NoInterest { room: room.clone(), shard: 0, proto: Subprotocol::Json });
+    bus.sleep(Duration::from_secs(700));
+    let now = bus.now;
+    bus.e.sweep(now);
+    assert!(bus.room_stats("idle").is_none(), "forgotten");
+    join_at(&mut bus, &room, Subprotocol::Json, Some(Since { seq: 1, epoch: Some(before.epoch) }));
+    let after = ack(&mut bus);
+    assert_ne!(after.epoch, before.epoch);
+    assert_eq!(after.reset, Some(super::joins::RESET_EPOCH));
+}
+
+/// Redis mode: a message of another epoch (Redis emptied under the edges) resets the members
+/// (a `reset` frame with the new epoch, position 0) before it is delivered.
+#[test]
+fn redis_numbering_restart_resets_members() {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 0;
+    let (bus, _) = setup_with(cfg);
+    let (tx, _bridge_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel(tx));
+    let room: RoomName = "re".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 5, epoch: 7 });
+    assert_eq!(ack(&mut bus).epoch, 7);
+    let remote = |seq: u64, epoch: u64| EngineCmd::Remote {
+        room: room.clone(),
+        msg: PushMessage { seq, ts_us: 1, kind: "gift".into(), user: String::new(), body: format!("{seq}") },
+        must_deliver: true,
+        epoch,
+    };
+    bus.handle(remote(6, 7));
+    bus.flush_immediate();
+    bus.handle(remote(1, 8));
+    bus.flush_immediate();
+    let frames: Vec<ServerMsg> = bus
+        .drain()
+        .into_iter()
+        .filter_map(|c| match c {
+            ShardCmd::Deliver(d) => Some(decode(d.frames[0].as_ref().unwrap())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert_eq!(seqs(&frames[0]), vec![6]);
+    assert!(
+        matches!(&frames[1], ServerMsg::Reset { epoch, seq: 0, .. } if epoch == &crate::bus::epoch_text(8)),
+        "{:?}",
+        frames[1]
+    );
+    assert_eq!(seqs(&frames[2]), vec![1]);
+    assert_eq!(bus.room_stats("re").unwrap().epoch, crate::bus::epoch_text(8));
 }

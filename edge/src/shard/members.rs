@@ -7,7 +7,7 @@ use roomcast_proto::envelope::ServerMsg;
 
 use super::Shard;
 use super::conn::{Closing, Keep, OutFrame};
-use crate::bus::{Delivery, EngineCmd, JoinAck, JoinRefused, MustDeliver, RoomName};
+use crate::bus::{Delivery, EngineCmd, JoinAck, JoinRefused, MustDeliver, RoomName, Since, epoch_text};
 use crate::room::Interest;
 
 impl Shard {
@@ -78,7 +78,7 @@ impl Shard {
     }
 
     /// Joins `room`, leaving the current one first. Membership starts when the room's engine acknowledges.
-    pub(super) fn join(&mut self, slot: u32, room: RoomName, since: Option<u64>) {
+    pub(super) fn join(&mut self, slot: u32, room: RoomName, since: Option<Since>) {
         // `left` only for a room the client was told it `joined`: a join still in flight is
         // cancelled silently (its `joined` never comes either).
         let was_member = matches!(self.conns.get(slot as usize), Some(Some(c)) if c.room.is_some());
@@ -96,7 +96,7 @@ impl Shard {
     }
 
     pub(super) fn join_ack(&mut self, ack: JoinAck) {
-        let JoinAck { slot, generation, room, seq, replay } = ack;
+        let JoinAck { slot, generation, room, seq, epoch, reset, replay } = ack;
         let waiting = matches!(
             self.conns.get(slot as usize),
             Some(Some(c)) if c.generation == generation && c.closing == Closing::No
@@ -114,7 +114,15 @@ impl Shard {
             c.room = Some(room.clone());
             c.room_idx = idx;
         }
-        self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq });
+        let epoch = epoch_text(epoch);
+        if let Some(reason) = reset {
+            // The client's position is void: said before anything else of the room.
+            self.stats.resets.inc();
+            let reset =
+                ServerMsg::Reset { room: room.to_string(), epoch: epoch.clone(), seq: 0, reason: reason.into() };
+            self.send_msg(slot, &reset);
+        }
+        self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq, epoch });
         for f in replay {
             // Recovered must-deliver messages: kept whole if the connection falls behind, and
             // let in whatever the queue holds (their size is bounded by the history limits).

@@ -10,7 +10,7 @@ use roomcast_proto::{Subprotocol, envelope::validate_room};
 
 use super::Shard;
 use super::conn::{Action, Closing, Conn, OutFrame, Phase};
-use crate::bus::{EngineCmd, NewMessage, Reply, RoomName};
+use crate::bus::{EngineCmd, NewMessage, Reply, RoomName, Since, parse_epoch};
 
 impl Shard {
     pub(super) fn on_handshake_bytes(&mut self, slot: u32) {
@@ -95,7 +95,7 @@ impl Shard {
         };
         let since = match up.query_param("since") {
             Some(s) => match s.parse::<u64>() {
-                Ok(v) => Some(v),
+                Ok(seq) => Some(Since { seq, epoch: up.query_param("epoch").map(parse_epoch) }),
                 Err(_) => return self.refuse(slot, &bad("bad since: not an unsigned integer")),
             },
             None => None,
@@ -192,13 +192,14 @@ impl Shard {
             Err(e) => return self.send_error(slot, "bad_message", &e.to_string()),
         };
         match msg {
-            ClientMsg::Join { room, since } => match validate_room(&room) {
+            ClientMsg::Join { room, since, epoch } => match validate_room(&room) {
                 Ok(()) if !self.identity(slot).is_none_or(|id| id.may_join(&room)) => {
                     self.stats.refused("room_forbidden");
                     self.send_error(slot, "room_forbidden", "this room is not allowed by your token");
                 }
                 Ok(()) => {
                     let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
+                    let since = since.map(|seq| Since { seq, epoch: epoch.as_deref().map(parse_epoch) });
                     self.join(slot, name, since);
                 }
                 Err(why) => self.send_error(slot, "bad_room", why),

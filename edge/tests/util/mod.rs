@@ -170,7 +170,7 @@ pub async fn send_json(ws: &mut Ws, v: serde_json::Value) {
 /// Expects `Joined` for `room` and returns its seq.
 pub async fn expect_joined(ws: &mut Ws, room: &str) -> u64 {
     match next_msg_within(ws, Duration::from_secs(10)).await {
-        Some(ServerMsg::Joined { room: r, seq }) if r == room => seq,
+        Some(ServerMsg::Joined { room: r, seq, .. }) if r == room => seq,
         other => panic!("expected joined {room}, got {other:?}"),
     }
 }
