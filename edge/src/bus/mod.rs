@@ -216,7 +216,8 @@ pub enum EngineCmd {
     /// Redis mode: a message numbered by Redis, from the room's channel.
     Remote {
         room: RoomName,
-        msg: PushMessage,
+        /// Boxed: the one large variant would make every mail larger.
+        msg: Box<PushMessage>,
         must_deliver: bool,
         epoch: Epoch,
     },
@@ -509,6 +510,13 @@ mod tests {
     #[test]
     fn shard_commands_stay_small() {
         assert!(std::mem::size_of::<ShardCmd>() <= 32, "{}", std::mem::size_of::<ShardCmd>());
+    }
+
+    /// Engine commands travel in every shard's signalling batch: the rare large ones are boxed,
+    /// so a command is no larger than a publish (room, kind, user, body, reply).
+    #[test]
+    fn engine_commands_stay_small() {
+        assert!(std::mem::size_of::<EngineCmd>() <= 112, "{}", std::mem::size_of::<EngineCmd>());
     }
 
     #[test]

@@ -264,7 +264,7 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                         match parse(m.get_payload_bytes()) {
                             Some((msg, must_deliver, epoch)) => {
                                 let room = RoomName::from(room);
-                                bus.send_async(EngineCmd::Remote { room, msg, must_deliver, epoch }).await;
+                                bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
                             }
                             None => tracing::warn!(room, "unreadable message on the redis channel"),
                         }

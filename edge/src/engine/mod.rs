@@ -281,7 +281,7 @@ impl Engine {
             }
             EngineCmd::NoInterest { room, shard, proto } => self.no_interest(&room, shard, proto, now),
             EngineCmd::Remote { room, msg, must_deliver, epoch } => {
-                self.remote_msg(&room, msg, must_deliver, epoch, now, out);
+                self.remote_msg(&room, *msg, must_deliver, epoch, now, out);
             }
             EngineCmd::Synced { room, seq, epoch } => self.synced(&room, seq, epoch, now, out),
             EngineCmd::Filled { room, from, to, messages, ok } => self.filled(&room, from, to, messages, ok, now, out),

@@ -409,7 +409,7 @@ fn redis_mode_fan_out_samples_by_this_edges_members() {
     // Messages numbered elsewhere arrive through Redis: 300 chat, then 20 gifts.
     let remote = |seq: u64, kind: &str| EngineCmd::Remote {
         room: room.clone(),
-        msg: PushMessage { seq, ts_us: 1, kind: kind.into(), user: String::new(), body: format!("{seq}") },
+        msg: Box::new(PushMessage { seq, ts_us: 1, kind: kind.into(), user: String::new(), body: format!("{seq}") }),
         must_deliver: kind == "gift",
         epoch: 7,
     };
@@ -804,7 +804,7 @@ fn redis_numbering_restart_resets_members() {
     assert_eq!(ack(&mut bus).epoch, 7);
     let remote = |seq: u64, epoch: u64| EngineCmd::Remote {
         room: room.clone(),
-        msg: PushMessage { seq, ts_us: 1, kind: "gift".into(), user: String::new(), body: format!("{seq}") },
+        msg: Box::new(PushMessage { seq, ts_us: 1, kind: "gift".into(), user: String::new(), body: format!("{seq}") }),
         must_deliver: true,
         epoch,
     };
