@@ -31,7 +31,7 @@ fi
 cargo build -q -p edge
 EDGE=${CARGO_TARGET_DIR:-$ROOT/target}/debug/edge
 rm -rf "$OUT" && mkdir -p "$OUT"
-"$EDGE" --echo --listen "127.0.0.1:$PORT" --http 127.0.0.1:0 --shards 1 \
+"$EDGE" --echo --no-store --listen "127.0.0.1:$PORT" --http 127.0.0.1:0 --shards 1 \
   --max-message 16777216 --max-queue-bytes 67108864 >"$OUT/edge.log" 2>&1 &
 EDGE_PID=$!
 trap 'kill $EDGE_PID 2>/dev/null || true' EXIT

@@ -31,7 +31,7 @@ visible_rate = $VISIBLE
 room_rate = 5000.0
 room_burst = 10000.0
 TOML
-"$ROOT/target/release/edge" --config "$TMP/edge.toml" --listen 127.0.0.1:18711 --http 127.0.0.1:18712 >"$TMP/edge.log" 2>&1 &
+"$ROOT/target/release/edge" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen 127.0.0.1:18711 --http 127.0.0.1:18712 >"$TMP/edge.log" 2>&1 &
 EPID=$!
 trap 'kill -INT $EPID 2>/dev/null || true; sleep 1; rm -rf $TMP' EXIT
 sleep 1

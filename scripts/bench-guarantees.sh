@@ -13,7 +13,7 @@ GIFT=${GIFT:-20}
 SECS=${SECS:-20}
 cargo build -q --release -p edge -p loadgen
 TMP=$(mktemp -d)
-"$ROOT/target/release/edge" --shards 2 --listen 127.0.0.1:18771 --http 127.0.0.1:18772 >"$TMP/edge.log" 2>&1 &
+"$ROOT/target/release/edge" --data-dir "$TMP/data" --shards 2 --listen 127.0.0.1:18771 --http 127.0.0.1:18772 >"$TMP/edge.log" 2>&1 &
 EPID=$!
 trap 'kill -INT $EPID 2>/dev/null || true; sleep 1; rm -rf $TMP' EXIT
 for _ in $(seq 50); do curl -sf 127.0.0.1:18772/healthz >/dev/null && break; sleep 0.2; done

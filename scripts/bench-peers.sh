@@ -33,7 +33,7 @@ run_edge() { # name window chat
   # set out of reach, so both servers deliver every message and CPU per delivery compares like
   # with like.
   printf '[adaptive]\nroom_deliveries_per_s = 1e12\n' >"$TMP/edge.toml"
-  "$EDGE" --listen 127.0.0.1:18701 --http 127.0.0.1:18702 --shards 1 --merge-window-ms "$window" \
+  "$EDGE" --listen 127.0.0.1:18701 --http 127.0.0.1:18702 --data-dir "$TMP/data-$window" --shards 1 --merge-window-ms "$window" \
     --max-queue-bytes 16777216 --config "$TMP/edge.toml" >"$TMP/edge.log" 2>&1 &
   local pid=$!
   sleep 1

@@ -64,7 +64,7 @@ source = "$1"
 # The API listens on the bench's private veth address (not loopback) and takes no keys here.
 insecure_no_keys = true
 TOML
-  "$ROOT/target/release/edge" --config "$TMP/edge.toml" --listen $HOST:18721 --http $HOST:18722 >"$TMP/edge.log" 2>&1 &
+  "$ROOT/target/release/edge" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen $HOST:18721 --http $HOST:18722 >"$TMP/edge.log" 2>&1 &
   EPID=$!
   for _ in $(seq 50); do curl -sf $HOST:18722/healthz >/dev/null && return; sleep 0.2; done
   echo "edge did not start"; cat "$TMP/edge.log"; exit 1

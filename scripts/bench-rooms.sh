@@ -71,6 +71,9 @@ for p in "$PORT" "$HPORT"; do
 done
 
 TMP=$(mktemp -d)
+# Builds from before the store have no --data-dir (and would reject it).
+DATA_ARGS=()
+if "$EDGE_BIN" --help | grep -q -- --data-dir; then DATA_ARGS=(--data-dir "$TMP/data"); fi
 cat >"$TMP/edge.toml" <<TOML
 shards = $SHARDS
 [ws]
@@ -82,7 +85,7 @@ must_deliver_room_rate = 1000000.0
 must_deliver_room_burst = 1000000.0
 TOML
 if [[ -n ${EXTRA_TOML:-} ]]; then printf '%b\n' "$EXTRA_TOML" >>"$TMP/edge.toml"; fi
-"$EDGE_BIN" --config "$TMP/edge.toml" --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HPORT" >"$TMP/edge.log" 2>&1 &
+"$EDGE_BIN" "${DATA_ARGS[@]}" --config "$TMP/edge.toml" --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HPORT" >"$TMP/edge.log" 2>&1 &
 EPID=$!
 stop_edge() {
   if kill -0 "$EPID" 2>/dev/null; then

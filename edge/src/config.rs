@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -55,6 +55,64 @@ pub struct Config {
     pub probes: ProbesConfig,
     pub health: HealthConfig,
     pub auth: AuthConfig,
+    /// Where the single-node edge keeps its durable state (rooms' epochs and seqs, must-deliver
+    /// history): `--data-dir`. Relative paths are from the working directory. Unused in Redis
+    /// mode (Redis, run with AOF, is the authority).
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+}
+
+/// When a must-deliver message counts as stored: `"always"` (fsync before the publish is
+/// acknowledged; one fsync covers every message that arrived meanwhile), an interval in
+/// milliseconds (acknowledged once written; fsync at most that often: a process crash loses
+/// nothing, a power cut up to the interval), or `"never"` (written, the kernel flushes when it
+/// likes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    IntervalMs(u64),
+    Never,
+}
+
+impl<'de> Deserialize<'de> for Fsync {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Ms(u64),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected \"always\", \"never\" or an interval in milliseconds"))?
+        {
+            Raw::Word(w) if w == "always" => Ok(Self::Always),
+            Raw::Word(w) if w == "never" => Ok(Self::Never),
+            Raw::Ms(ms) if ms > 0 => Ok(Self::IntervalMs(ms)),
+            _ => Err(serde::de::Error::custom("expected \"always\", \"never\" or an interval in milliseconds above 0")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Keep rooms' numbering and must-deliver history on disk (single-node mode). Off: a
+    /// restart gives every room a new epoch (clients are told with `reset`).
+    pub enabled: bool,
+    pub fsync: Fsync,
+    /// Disk the store may use. At the bound, must-deliver publishes are refused (507, the
+    /// publisher retries or alerts) until retention frees space; nothing stored is dropped
+    /// early and droppable kinds keep flowing.
+    pub max_bytes: u64,
+    /// A room untouched this long (no publish, no member) is forgotten on disk too: its
+    /// numbering then restarts under a new epoch.
+    pub room_ttl_s: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { enabled: true, fsync: Fsync::Always, max_bytes: 1 << 30, room_ttl_s: 7 * 24 * 3600 }
+    }
 }
 
 /// Where the kernel figures (CLOSE_WAIT, Send-Q/Recv-Q, accept queues, retransmits) come from.
@@ -263,6 +321,10 @@ pub struct HistoryConfig {
     pub max_age_ms: u64,
     /// Messages replayed to a join without `since`.
     pub join_last: usize,
+    /// A room with no member, nothing pending and nothing left in history leaves memory after
+    /// this long without activity. With the store it stays on disk (its numbering continues
+    /// when it comes back); without, it is forgotten (a new epoch next time).
+    pub room_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -510,6 +572,8 @@ impl Default for Config {
             probes: ProbesConfig::default(),
             health: HealthConfig::default(),
             auth: AuthConfig::default(),
+            data_dir: PathBuf::from("roomcast-data"),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -581,7 +645,7 @@ impl Default for LimitsConfig {
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        Self { must_deliver: 10_000, droppable: 200, max_age_ms: 600_000, join_last: 0 }
+        Self { must_deliver: 10_000, droppable: 200, max_age_ms: 600_000, join_last: 0, room_idle_ms: 600_000 }
     }
 }
 

@@ -254,7 +254,11 @@ fn publish_error(e: &PublishError) -> Response {
             Json(serde_json::json!({ "error": e.to_string(), "dropped": false, "retry_after_ms": retry_after_ms })),
         )
             .into_response(),
-        PublishError::BusUnavailable => (
+        PublishError::StoreFull => {
+            (StatusCode::INSUFFICIENT_STORAGE, Json(serde_json::json!({ "error": e.to_string(), "dropped": false })))
+                .into_response()
+        }
+        PublishError::BusUnavailable | PublishError::StoreUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1".to_owned())],
             Json(serde_json::json!({ "error": e.to_string(), "dropped": false })),

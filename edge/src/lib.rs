@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod room;
 pub mod server;
 pub mod shard;
+pub mod store;
 pub mod sys;
 pub mod top;
 pub mod uring;

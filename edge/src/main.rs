@@ -67,6 +67,13 @@ struct Cli {
     /// kernel splits new connections between the two until the old one stops).
     #[arg(long)]
     takeover: bool,
+    /// Where rooms' numbering and must-deliver history are kept (single-node mode)
+    /// [default: roomcast-data, in the working directory].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Keep nothing on disk: a restart gives every room a new epoch (`store.enabled = false`).
+    #[arg(long)]
+    no_store: bool,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -210,6 +217,12 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if cli.takeover {
         cfg.takeover = true;
+    }
+    if let Some(v) = &cli.data_dir {
+        cfg.data_dir = v.clone();
+    }
+    if cli.no_store {
+        cfg.store.enabled = false;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -85,6 +85,10 @@ pub struct BusStats {
     pub publish_rejected: IntCounterVec,
     pub hot_window_ms: IntGauge,
     pub sampling: IntGauge,
+    /// Rooms read back from the store (after a restart, or after leaving memory when idle).
+    pub rooms_restored: IntCounter,
+    /// Bytes the store uses on disk.
+    pub store_bytes: IntGauge,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -210,6 +214,20 @@ impl Metrics {
                 r,
                 "chat_sampling",
                 "1 while hot rooms' droppable messages are sampled down to the visible rate.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            rooms_restored: counter(
+                r,
+                "rooms_restored_total",
+                "Rooms read back from the store: their numbering and must-deliver history continue.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            store_bytes: gauge(
+                r,
+                "store_bytes",
+                "Bytes the durable store uses on disk (store.max_bytes bounds it).",
                 &[],
             )
             .with_label_values(&[] as &[&str]),

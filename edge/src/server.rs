@@ -39,6 +39,8 @@ pub struct Edge {
     engine_mailboxes: Vec<Mailbox>,
     shard_threads: Vec<JoinHandle<()>>,
     engine_threads: Vec<JoinHandle<()>>,
+    /// Ends once every engine is gone and the last records are durable.
+    store_thread: Option<JoinHandle<()>>,
 }
 
 impl Edge {
@@ -116,6 +118,24 @@ impl Edge {
             }
             None => None,
         };
+        // The durable store: single-node mode only (in Redis mode, Redis with AOF is the
+        // authority for numbering and history; a local copy could only disagree with it).
+        let mut store_handles = Vec::new();
+        let store_thread = if cfg.bus.is_none() && cfg.store.enabled {
+            let store = crate::store::Store::open(&cfg.data_dir, &cfg.store)
+                .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
+            tracing::info!(dir = %cfg.data_dir.display(), fsync = ?cfg.store.fsync, bytes = store.bytes(), "store open");
+            let max_age = std::time::Duration::from_millis(cfg.history.max_age_ms);
+            let (handles, h) = store.start(engine_mailboxes.clone(), max_age, metrics.bus.store_bytes.clone())?;
+            store_handles = handles;
+            Some(h)
+        } else {
+            if cfg.bus.is_none() {
+                tracing::warn!("store off: a restart gives every room a new epoch (clients are told with reset)");
+            }
+            None
+        };
+        let mut store_handles = store_handles.into_iter();
         let engine_cfg = EngineConfig::from_config(&cfg);
         metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
         let load = Arc::new(LoadBoard::new(n));
@@ -137,6 +157,9 @@ impl Edge {
                 Engine::new(i as u16, n, n, engine_cfg.clone(), metrics.bus.clone(), load.clone(), now, wall);
             if let Some(b) = &bridge {
                 engine = engine.with_remote(b.clone());
+            }
+            if let Some(h) = store_handles.next() {
+                engine = engine.with_store(h);
             }
             engines.push(engine);
         }
@@ -205,6 +228,7 @@ impl Edge {
             engine_mailboxes: if beside { engine_mailboxes } else { Vec::new() },
             shard_threads,
             engine_threads,
+            store_thread,
         })
     }
 
@@ -229,6 +253,9 @@ impl Edge {
             mb.send_blocking(Mail::Shard(ShardCmd::Shutdown));
         }
         for h in self.engine_threads.drain(..) {
+            let _ = h.join();
+        }
+        if let Some(h) = self.store_thread.take() {
             let _ = h.join();
         }
     }

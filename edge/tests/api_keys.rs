@@ -28,7 +28,7 @@ type Log = Arc<Mutex<String>>;
 /// collecting its stderr; panics with the log if it exits before it is ready.
 fn spawn(args: &[&str], env: &[(&str, &str)]) -> (EdgeProc, Log) {
     let mut cmd = Command::new(edge_bin());
-    cmd.args(args).env_remove("ROOMCAST_API_KEYS").env("RUST_LOG", "warn");
+    cmd.args(args).arg("--no-store").env_remove("ROOMCAST_API_KEYS").env("RUST_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -49,7 +49,7 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> (EdgeProc, Log) {
     let field = |name: &str| -> SocketAddr {
         line.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.parse().ok()).expect("address")
     };
-    (EdgeProc { ws: field("ws="), http: field("http="), child }, log)
+    (EdgeProc { ws: field("ws="), http: field("http="), child, own_data: None }, log)
 }
 
 fn collect_stderr(child: &mut Child) -> Log {
@@ -72,6 +72,7 @@ fn collect_stderr(child: &mut Child) -> Log {
 fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
     let mut child = Command::new(edge_bin())
         .args(args)
+        .arg("--no-store")
         .env_remove("ROOMCAST_API_KEYS")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

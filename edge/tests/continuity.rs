@@ -130,3 +130,221 @@ async fn redis_emptied_under_the_edges_resets_members() {
     assert!(matches!(&got[0], ServerMsg::Reset { epoch, .. } if epoch == &new_epoch), "{got:?}");
     assert_eq!(batch_seqs(&mut late, 1).await, vec![1]);
 }
+
+/// Publishes a gift; returns its seq (panics on anything but 200).
+async fn gift(p: &Publisher, room: &str, n: u64) -> u64 {
+    p.publish(room, "gift", json!({ "n": n })).await
+}
+
+/// Joins with `since`/`epoch`; returns what came before `joined` (resets), `joined`'s seq and
+/// epoch, and the seqs replayed (read until `replay` of them arrived).
+async fn rejoin(
+    edge: &EdgeProc,
+    room: &str,
+    since: u64,
+    epoch: &str,
+    replay: usize,
+) -> (Vec<ServerMsg>, u64, String, Vec<u64>) {
+    let mut ws = connect(&edge.url(&format!("?room={room}&since={since}&epoch={epoch}")), None).await;
+    let mut got = until_joined(&mut ws).await;
+    let Some(ServerMsg::Joined { seq, epoch, .. }) = got.pop() else { unreachable!() };
+    let seqs = if replay > 0 { batch_seqs(&mut ws, replay).await } else { Vec::new() };
+    (got, seq, epoch, seqs)
+}
+
+/// A clean restart (SIGTERM) keeps every room's epoch, seq and must-deliver history: a member
+/// that saw gifts 1-5 and was away for 6-7 recovers them with `since` after the restart, and
+/// numbering continues at 8 (a clean stop writes the exact seq: no skip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_restart_keeps_numbering_and_gifts() {
+    let dir = data_dir("sigterm");
+    let args = ["--shards", "2", "--merge-window-ms", "0"];
+    let (mut edge, _) = EdgeProc::start_on(&dir, &args, "warn");
+    let p = Publisher::new(edge.http);
+    let mut ws = connect(&edge.url("?room=show"), None).await;
+    let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+    for n in 1..=5 {
+        assert_eq!(gift(&p, "show", n).await, n);
+    }
+    assert_eq!(batch_seqs(&mut ws, 5).await, vec![1, 2, 3, 4, 5]);
+    drop(ws);
+    for n in 6..=7 {
+        gift(&p, "show", n).await;
+    }
+    edge.sigterm();
+    assert_eq!(edge.wait_exit(Duration::from_secs(15)), Some(0));
+
+    let (edge, _) = EdgeProc::start_on(&dir, &args, "warn");
+    let p = Publisher::new(edge.http);
+    let (before, seq, e, replay) = rejoin(&edge, "show", 5, &epoch, 2).await;
+    assert!(before.is_empty(), "no reset: same numbering ({before:?})");
+    assert_eq!((seq, e.as_str(), replay), (7, epoch.as_str(), vec![6, 7]));
+    assert_eq!(gift(&p, "show", 8).await, 8, "numbering continues without a skip");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `kill -9` in the middle of a burst of gifts: after the restart every gift whose publish was
+/// acknowledged is recovered with `since`, in the same epoch, and no seq is used twice (the
+/// next one is above everything handed out before the crash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_loses_no_acknowledged_gift() {
+    let dir = data_dir("kill9");
+    let args = ["--shards", "2", "--merge-window-ms", "5"];
+    let (mut edge, _) = EdgeProc::start_on(&dir, &args, "warn");
+    let http = edge.http;
+    let mut ws = connect(&edge.url("?room=burst"), None).await;
+    let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+    // Four publishers; each remembers the seqs it got a 200 for.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let p = Publisher::new(http);
+            for n in 0.. {
+                let body = json!({ "kind": "gift", "body": { "t": t, "n": n } }).to_string().into_bytes();
+                match tokio::time::timeout(Duration::from_secs(2), p.post_raw("/v1/rooms/burst/messages", body)).await {
+                    Ok((200, v)) => acked.lock().unwrap().push(v["seq"].as_u64().unwrap()),
+                    _ => return,
+                }
+            }
+        }));
+    }
+    let enough = wait_until(Duration::from_secs(20), || async { acked.lock().unwrap().len() >= 300 }).await;
+    assert!(enough, "the burst did not get going");
+    edge.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked: std::collections::BTreeSet<u64> = acked.lock().unwrap().iter().copied().collect();
+    let max_acked = *acked.last().unwrap();
+    // Everything the member saw before the crash, acknowledged or not yet.
+    let mut seen_max = 0;
+    while let Some(m) = next_msg_within(&mut ws, Duration::from_millis(200)).await {
+        if let ServerMsg::Batch { messages, .. } = m {
+            seen_max = seen_max.max(messages.iter().map(|m| m.seq).max().unwrap_or(0));
+        }
+    }
+
+    let (edge, log) = EdgeProc::start_on(&dir, &args, "warn");
+    let p = Publisher::new(edge.http);
+    let mut ws = connect(&edge.url(&format!("?room=burst&since=0&epoch={epoch}")), None).await;
+    let got = until_joined(&mut ws).await;
+    assert_eq!(got.len(), 1, "same epoch, no reset: {got:?}");
+    let mut recovered = std::collections::BTreeSet::new();
+    while let Some(m) = next_msg_within(&mut ws, Duration::from_millis(500)).await {
+        if let ServerMsg::Batch { messages, .. } = m {
+            recovered.extend(messages.iter().map(|m| m.seq));
+        }
+    }
+    let lost: Vec<u64> = acked.difference(&recovered).copied().collect();
+    assert!(lost.is_empty(), "acknowledged gifts lost: {lost:?} (of {})", acked.len());
+    let next = gift(&p, "burst", 0).await;
+    assert!(next > max_acked && next > seen_max, "seq {next} reused (acked up to {max_acked}, seen {seen_max})");
+    // A plain crash leaves no torn batch (the journal's preallocated zeros are not one).
+    assert!(!log.lock().unwrap().contains("torn write"), "{}", log.lock().unwrap());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A room that leaves memory when idle stays on disk: its numbering continues in the same
+/// epoch when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_eviction_continues_the_numbering() {
+    let cfg = config("idle", "[history]\nmax_age_ms = 300\nroom_idle_ms = 400\n");
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    for n in 1..=3 {
+        gift(&p, "quiet", n).await;
+    }
+    let (_, stats) = p.get("/v1/rooms/quiet").await;
+    let epoch = serde_json::from_str::<serde_json::Value>(&stats).unwrap()["epoch"].as_str().unwrap().to_owned();
+    let gone = wait_until(Duration::from_secs(10), || async { p.get("/v1/rooms/quiet").await.0 == 404 }).await;
+    assert!(gone, "the idle room left memory");
+    assert_eq!(gift(&p, "quiet", 4).await, 4, "numbering continues");
+    let (_, stats) = p.get("/v1/rooms/quiet").await;
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["epoch"].as_str().unwrap(), epoch);
+    assert!(metric(&p, "roomcast_rooms_restored_total").await >= 1.0);
+}
+
+/// At `store.max_bytes` must-deliver publishes get 507 and take no seq; droppable kinds flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_gifts_explicitly() {
+    let cfg = config("full", "[store]\nmax_bytes = 1\n");
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    let body = json!({ "kind": "gift", "body": { "n": 1 } }).to_string().into_bytes();
+    let (st, v) = p.post_raw("/v1/rooms/r/messages", body).await;
+    assert_eq!(st, 507, "{v}");
+    assert_eq!(v["dropped"], false);
+    assert_eq!(p.publish("r", "chat", json!("hi")).await, 1, "chat flows, and the refused gift took no seq");
+    let (_, text) = p.get("/metrics").await;
+    assert!(text.contains("roomcast_publish_rejected_total{reason=\"store_full\"} 1"), "{text}");
+}
+
+/// A torn write at the journal's tail (garbage after the last good batch) is cut off at the
+/// next start, with a log line; every gift written before it is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_truncated_and_logged() {
+    let dir = data_dir("torn");
+    let args = ["--shards", "1", "--merge-window-ms", "0"];
+    let (mut edge, _) = EdgeProc::start_on(&dir, &args, "warn");
+    let p = Publisher::new(edge.http);
+    let mut ws = connect(&edge.url("?room=t"), None).await;
+    let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+    for n in 1..=4 {
+        gift(&p, "t", n).await;
+    }
+    edge.kill9();
+    // Append a partial batch to the newest journal file, as a crash mid-write would leave.
+    let mut journals = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|x| x == "jnl") {
+                journals.push(path);
+            }
+        }
+    }
+    let newest = journals.iter().max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap()).expect("a journal");
+    {
+        // Journals are preallocated with zeros: the torn batch goes right after the last
+        // written byte, where the next batch would have started.
+        use std::io::{Seek, SeekFrom, Write};
+        let data = std::fs::read(newest).unwrap();
+        let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let mut f = std::fs::OpenOptions::new().write(true).open(newest).unwrap();
+        f.seek(SeekFrom::Start(end as u64)).unwrap();
+        f.write_all(&[0x5a; 37]).unwrap();
+    }
+    let (edge, log) = EdgeProc::start_on(&dir, &args, "warn");
+    let (before, seq, e, replay) = rejoin(&edge, "t", 0, &epoch, 4).await;
+    assert!(before.is_empty(), "{before:?}");
+    // After a crash the numbering resumes past the reservation: no seq can be reused.
+    assert!(seq >= 4, "{seq}");
+    assert_eq!((e.as_str(), replay), (epoch.as_str(), vec![1, 2, 3, 4]));
+    assert!(log.lock().unwrap().contains("torn write"), "{}", log.lock().unwrap());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Without the store (`--no-store`), a restart is a new numbering, and clients are told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_store_a_restart_resets_clients() {
+    let args = ["--shards", "1", "--merge-window-ms", "0", "--no-store"];
+    let mut edge = EdgeProc::start(&args);
+    let p = Publisher::new(edge.http);
+    let mut ws = connect(&edge.url("?room=m"), None).await;
+    let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+    gift(&p, "m", 1).await;
+    edge.sigterm();
+    edge.wait_exit(Duration::from_secs(15));
+    let edge = EdgeProc::start(&args);
+    let p = Publisher::new(edge.http);
+    gift(&p, "m", 1).await;
+    let (before, _, e, _) = rejoin(&edge, "m", 1, &epoch, 0).await;
+    assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{before:?}");
+    assert_ne!(e, epoch);
+}

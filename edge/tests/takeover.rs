@@ -14,6 +14,9 @@ use util::EdgeProc;
 fn second_edge(ws: std::net::SocketAddr, extra: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
         .args(["--listen", &ws.to_string(), "--http", "127.0.0.1:0"])
+        // Its own data directory: the first edge holds the lock on its own.
+        .arg("--data-dir")
+        .arg(util::data_dir("takeover"))
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

@@ -62,6 +62,14 @@ pub enum PublishError {
     /// Redis (the seq authority in cluster mode) is unreachable; retry.
     #[error("the message bus (redis) is unavailable; retry shortly")]
     BusUnavailable,
+    /// The store is at `store.max_bytes` (must-deliver kinds only: nothing was numbered).
+    #[error(
+        "the edge's store is full (store.max_bytes); must-deliver messages are refused until retention frees space"
+    )]
+    StoreFull,
+    /// The store cannot write (disk error): must-deliver kinds are refused, nothing numbered.
+    #[error("the edge's store cannot write; retry shortly")]
+    StoreUnavailable,
 }
 
 /// A join waiting for its engine (room sync or remote recovery) before it can be acknowledged.
@@ -255,6 +263,11 @@ pub enum EngineCmd {
     Redis {
         up: bool,
     },
+    /// The store made every record batch of this engine up to `token` durable (as the fsync
+    /// policy says).
+    Durable {
+        token: u64,
+    },
     /// Room figures for `GET /v1/rooms/{room}`.
     RoomStats {
         room: RoomName,
@@ -276,7 +289,7 @@ impl EngineCmd {
             | Self::Recovered { room, .. }
             | Self::RoomStats { room, .. }
             | Self::PublishDone { room, .. } => Some(room),
-            Self::Redis { .. } => None,
+            Self::Redis { .. } | Self::Durable { .. } => None,
         }
     }
 }
@@ -426,7 +439,8 @@ impl BusHandle {
             }
             None => {
                 // Best effort here; the Redis bridge uses `send_async`, which waits for room.
-                let EngineCmd::Redis { up } = cmd else { unreachable!("only Redis has no room") };
+                // Other room-less commands name their engine: they go to its mailbox directly.
+                let EngineCmd::Redis { up } = cmd else { return Err((MailError::Gone, cmd)) };
                 for mb in self.engines.iter() {
                     let _ = mb.try_send(Mail::Engine(EngineCmd::Redis { up }));
                 }

@@ -97,6 +97,27 @@ impl History {
         (self.must.len(), self.droppable.len())
     }
 
+    /// Must-deliver messages read back from the store (seq order), each aged by its timestamp
+    /// against `wall_us` (the wall clock at `now`); then the limits apply.
+    pub fn restore(
+        &mut self,
+        msgs: Vec<PushMessage>,
+        evicted_upto: u64,
+        now: Instant,
+        wall_us: u64,
+        lim: &HistoryLimits,
+    ) {
+        self.must_evicted_upto = self.must_evicted_upto.max(evicted_upto);
+        for m in msgs {
+            let age = Duration::from_micros(wall_us.saturating_sub(m.ts_us));
+            match now.checked_sub(age) {
+                Some(at) if age <= lim.max_age => self.must.push_back((at, m)),
+                _ => self.must_evicted_upto = self.must_evicted_upto.max(m.seq),
+            }
+        }
+        self.trim(now, lim);
+    }
+
     /// Every must-deliver message after `since` up to `upto`, and the gap if some are gone.
     pub fn recover(&self, since: u64, upto: u64) -> Recovery {
         let messages = self.must.iter().map(|(_, m)| m).filter(|m| m.seq > since && m.seq <= upto).cloned().collect();

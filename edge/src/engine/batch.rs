@@ -28,6 +28,9 @@ impl Engine {
         if r.parked.iter().any(|&(_, since, _)| since <= r.seq) {
             self.unpark(room, now, false, out);
         }
+        if self.store.is_some() {
+            self.store_message(room, &pm, must_deliver, now);
+        }
         let Some(r) = self.rooms.get_mut(room) else { return };
         self.stats.messages_in.with_label_values(&[pm.kind.as_str()]).inc();
         r.history.push(pm.clone(), must_deliver, now, &self.cfg.history);
@@ -70,6 +73,26 @@ impl Engine {
         }
     }
 
+    /// With a store: a must-deliver message is written, and a seq past the room's reservation
+    /// reserves the next block first. Either makes the room's deliveries and joins wait for
+    /// this turn's batch to be durable.
+    fn store_message(&mut self, room: &RoomName, pm: &PushMessage, must_deliver: bool, now: Instant) {
+        let token = self.store_sent + 1;
+        let touched_s = self.wall_us(now) / 1_000_000;
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if pm.seq > r.seq_hi {
+            r.seq_hi = pm.seq + crate::store::SEQ_RESERVE - 1;
+            let meta =
+                crate::store::RoomMeta { epoch: r.epoch, seq_hi: r.seq_hi, evicted_upto: r.stored_evicted, touched_s };
+            self.store_out.push(crate::store::Record::Meta(room.clone(), meta));
+            r.wait_token = token;
+        }
+        if must_deliver {
+            self.store_out.push(crate::store::Record::Msg(room.clone(), pm.clone()));
+            r.wait_token = token;
+        }
+    }
+
     pub(super) fn flush_immediate(&mut self, out: &mut Out) {
         let rooms = std::mem::take(&mut self.immediate);
         for room in &rooms {
@@ -95,6 +118,13 @@ impl Engine {
     /// Serializes the room's pending messages once per encoding in use and hands the frames to
     /// every interested shard.
     pub(super) fn flush(&mut self, room: &RoomName, out: &mut Out) {
+        if self.rooms.get(room).is_some_and(|r| !r.pending.is_empty()) && self.waits_for_store(room) {
+            // Not before the store has what this batch carries: resumed by `durable`.
+            let Some(r) = self.rooms.get_mut(room) else { return };
+            r.flush_after_store = true;
+            r.deadline = None;
+            return;
+        }
         let Some(r) = self.rooms.get_mut(room) else { return };
         r.deadline = None;
         if r.pending.is_empty() {

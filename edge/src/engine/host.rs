@@ -81,6 +81,6 @@ pub fn run_beside(spec: BesideSpec) {
             }
         }
     }
-    engine.shutdown(&mut out);
+    engine.shutdown(Instant::now(), &mut out);
     tracing::debug!(engine = engine.id(), "engine stopped");
 }

@@ -78,6 +78,13 @@ impl Engine {
         now: Instant,
         out: &mut Out,
     ) {
+        if self.waits_for_store(room) {
+            // Its latest messages are not durable yet: the join's replay and seam wait with them.
+            if let Some(r) = self.rooms.get_mut(room) {
+                r.joins_after_store.push((join, since));
+            }
+            return;
+        }
         let Some(r) = self.rooms.get_mut(room) else { return };
         r.history.trim(now, &self.cfg.history);
         // A position in another numbering, or past the end of this one (in local mode; in

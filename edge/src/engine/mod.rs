@@ -28,21 +28,20 @@ pub mod room;
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bus::policy::{Bucket, HistoryLimits};
 use crate::bus::redis::{Bridge, BridgeCmd};
-use crate::bus::{EngineCmd, PendingJoin, RoomName, RoomStats, ShardCmd};
+use crate::bus::{Ack, EngineCmd, PendingJoin, Reply, RoomName, RoomStats, ShardCmd};
 use crate::config::{AdaptiveConfig, LimitsConfig};
 use crate::metrics::BusStats;
+use crate::store::{Record, RoomMeta, StoreHandle};
 
 use room::Room;
 
-/// Rooms idle this long with no member anywhere (and nothing left in history) are forgotten.
-const ROOM_IDLE_TTL: Duration = Duration::from_secs(600);
 /// Upper bound on tracked users (rate limits) per edge; idle users are forgotten first.
 const MAX_USERS: usize = 1_000_000;
 /// Commands queued for one shard beyond which the engine refuses publishes (503, Retry-After):
@@ -63,6 +62,8 @@ pub struct EngineConfig {
     pub history: HistoryLimits,
     pub join_last: usize,
     pub adaptive: AdaptiveConfig,
+    /// Rooms idle this long with no member anywhere (and nothing left in history) leave memory.
+    pub room_idle: Duration,
 }
 
 impl EngineConfig {
@@ -79,6 +80,7 @@ impl EngineConfig {
                 max_age: Duration::from_millis(cfg.history.max_age_ms),
             },
             join_last: cfg.history.join_last,
+            room_idle: Duration::from_millis(cfg.history.room_idle_ms),
             adaptive: cfg.adaptive.clone(),
         }
     }
@@ -172,6 +174,15 @@ pub struct Engine {
     wall_at_epoch: u64,
     /// Epochs made so far (an input of the next).
     epochs_made: u64,
+    /// The durable store (single-node mode, `store.enabled`): this turn's records, the token
+    /// of the last batch sent to it and of the last it made durable, the must-deliver
+    /// acknowledgements waiting for their batch, and the rooms whose flush or joins wait.
+    store: Option<StoreHandle>,
+    store_out: Vec<Record>,
+    store_sent: u64,
+    store_durable: u64,
+    held: VecDeque<(u64, Reply, RoomName, Ack)>,
+    store_blocked: Vec<RoomName>,
 }
 
 impl Engine {
@@ -210,8 +221,20 @@ impl Engine {
             epoch: now,
             wall_at_epoch: wall_us,
             epochs_made: 0,
+            store: None,
+            store_out: Vec::new(),
+            store_sent: 0,
+            store_durable: 0,
+            held: VecDeque::new(),
+            store_blocked: Vec::new(),
             cfg,
         }
+    }
+
+    /// Single-node mode with a store: rooms' numbering and must-deliver history are kept there.
+    pub fn with_store(mut self, store: StoreHandle) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Redis mode: seqs come from Redis through `bridge`.
@@ -251,8 +274,25 @@ impl Engine {
                 }
                 match self.remote.clone() {
                     None => {
-                        let result = self.publish(&room, msg, now, out);
-                        self.answer(out, reply, &room, result);
+                        let must = self.cfg.kinds.get(&msg.kind).copied().unwrap_or(false);
+                        let refusal = self.store.as_ref().filter(|_| must).and_then(StoreHandle::refusal);
+                        if let Some(e) = refusal {
+                            let reason = if matches!(e, crate::bus::PublishError::StoreFull) {
+                                "store_full"
+                            } else {
+                                "store_unavailable"
+                            };
+                            self.stats.publish_rejected.with_label_values(&[reason]).inc();
+                            self.answer(out, reply, &room, Err(e));
+                            return;
+                        }
+                        match self.publish(&room, msg, now, out) {
+                            // Acknowledged once stored, as the fsync policy says.
+                            Ok(ack) if must && self.store.is_some() => {
+                                self.held.push_back((self.store_sent + 1, reply, room, ack));
+                            }
+                            result => self.answer(out, reply, &room, result),
+                        }
                     }
                     Some(bridge) => match self.admit(&room, &msg, now) {
                         Err(e) => self.answer(out, reply, &room, Err(e)),
@@ -295,6 +335,7 @@ impl Engine {
                 }
                 self.remote_up = up;
             }
+            EngineCmd::Durable { token } => self.durable(token, now, out),
             EngineCmd::RoomStats { room, reply } => {
                 let _ = reply.send(self.room_stats(&room, now));
             }
@@ -309,6 +350,68 @@ impl Engine {
         self.expire_parked(now, out);
         self.adapt(now);
         self.sweep(now);
+        self.send_store();
+    }
+
+    /// Hands this turn's records to the store (one batch per turn, whatever it holds).
+    fn send_store(&mut self) {
+        if self.store_out.is_empty() {
+            return;
+        }
+        if let Some(store) = &self.store {
+            self.store_sent += 1;
+            store.send(self.store_sent, std::mem::take(&mut self.store_out));
+        }
+    }
+
+    /// The store made batches up to `token` durable: acknowledge what waited for them, deliver
+    /// the batches and answer the joins that did.
+    fn durable(&mut self, token: u64, now: Instant, out: &mut Out) {
+        self.store_durable = self.store_durable.max(token);
+        while self.held.front().is_some_and(|(t, ..)| *t <= self.store_durable) {
+            let (_, reply, room, ack) = self.held.pop_front().expect("peeked");
+            self.answer(out, reply, &room, Ok(ack));
+        }
+        let durable = self.store_durable;
+        let (ready, wait): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut self.store_blocked)
+            .into_iter()
+            .partition(|room| self.rooms.get(room).is_none_or(|r| r.wait_token <= durable));
+        self.store_blocked = wait;
+        for room in ready {
+            let Some(r) = self.rooms.get_mut(&room) else { continue };
+            let flush = std::mem::take(&mut r.flush_after_store);
+            let joins = std::mem::take(&mut r.joins_after_store);
+            if flush {
+                self.flush(&room, out);
+            }
+            for (join, since) in joins {
+                self.answer_join(&room, join, since, now, out);
+            }
+        }
+    }
+
+    /// Whether `room` has records the store has not made durable yet (its deliveries and joins
+    /// wait). Registers the room to be resumed when they are.
+    fn waits_for_store(&mut self, room: &RoomName) -> bool {
+        let durable = self.store_durable;
+        let Some(r) = self.rooms.get(room) else { return false };
+        if self.store.is_none() || r.wait_token <= durable {
+            return false;
+        }
+        if !r.flush_after_store && r.joins_after_store.is_empty() {
+            self.store_blocked.push(room.clone());
+        }
+        true
+    }
+
+    /// What the store keeps of a room's numbering now.
+    fn meta_of(&self, r: &Room, now: Instant) -> RoomMeta {
+        RoomMeta {
+            epoch: r.epoch,
+            seq_hi: r.seq_hi,
+            evicted_upto: r.history.must_evicted_upto,
+            touched_s: self.wall_us(now) / 1_000_000,
+        }
     }
 
     /// When [`Engine::poll`] has something to do next (None: only new commands matter). The
@@ -326,8 +429,25 @@ impl Engine {
         t
     }
 
-    /// Hands every waiting batch out (the edge is stopping).
-    pub fn shutdown(&mut self, out: &mut Out) {
+    /// Hands every waiting batch out (the edge is stopping). With a store, each room's exact
+    /// seq is written first (so a clean restart numbers on without skipping) and the engine
+    /// waits (bounded) until the store has it all, then acknowledges what was held.
+    pub fn shutdown(&mut self, now: Instant, out: &mut Out) {
+        if let Some(store) = self.store.clone() {
+            let names: Vec<RoomName> = self.rooms.keys().cloned().collect();
+            for n in &names {
+                let Some(r) = self.rooms.get_mut(n) else { continue };
+                r.seq_hi = r.seq;
+                let meta = self.meta_of(&self.rooms[n], now);
+                self.store_out.push(Record::Meta(n.clone(), meta));
+            }
+            self.send_store();
+            let durable = store.wait_durable(self.store_sent, std::time::Duration::from_secs(5));
+            if durable < self.store_sent {
+                tracing::error!(engine = self.id, "the store did not confirm the last records in time");
+            }
+            self.durable(durable, now, out);
+        }
         let names: Vec<RoomName> = self.rooms.keys().cloned().collect();
         for n in names {
             self.flush(&n, out);
@@ -370,7 +490,38 @@ impl Engine {
         let mut r = Room::new(room.clone(), self.shards, now, &self.cfg);
         r.synced = self.remote.is_none();
         if self.remote.is_none() {
-            r.epoch = self.new_epoch(now);
+            let loaded = match &self.store {
+                Some(store) => match store.load(room) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // Its numbering is unknown: making it anew could reuse seqs.
+                        self.load.remove_rooms(1);
+                        tracing::error!(room = %room, error = %e, "cannot read the room from the store");
+                        return Err(crate::bus::PublishError::StoreUnavailable);
+                    }
+                },
+                None => None,
+            };
+            match loaded {
+                Some(l) => {
+                    // The numbering continues after whatever may have been handed out.
+                    r.epoch = l.meta.epoch;
+                    r.seq = l.meta.seq_hi;
+                    r.flushed_seq = l.meta.seq_hi;
+                    r.seq_hi = l.meta.seq_hi;
+                    r.stored_evicted = l.meta.evicted_upto;
+                    let wall = self.wall_us(now);
+                    r.history.restore(l.messages, l.meta.evicted_upto, now, wall, &self.cfg.history);
+                    self.stats.rooms_restored.inc();
+                }
+                None => {
+                    r.epoch = self.new_epoch(now);
+                    if self.store.is_some() {
+                        let meta = self.meta_of(&r, now);
+                        self.store_out.push(Record::Meta(room.clone(), meta));
+                    }
+                }
+            }
         }
         self.rooms.insert(room.clone(), r);
         self.stats.rooms.inc();
@@ -400,18 +551,37 @@ impl Engine {
     }
 
     fn sweep(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.last_sweep) < SWEEP_EVERY {
+        if now.saturating_duration_since(self.last_sweep) < SWEEP_EVERY.min(self.cfg.room_idle) {
             return;
         }
         self.last_sweep = now;
         let lim = self.cfg.history;
         let before = self.rooms.len();
-        self.rooms.retain(|_, r| {
+        let durable = self.store_durable;
+        let stored = self.store.is_some();
+        let touched_s = self.wall_us(now) / 1_000_000;
+        let idle = self.cfg.room_idle;
+        let store_out = &mut self.store_out;
+        self.rooms.retain(|name, r| {
             r.history.trim(now, &lim);
-            r.interested()
+            if stored && r.history.must_evicted_upto > r.stored_evicted {
+                // The store drops what history no longer holds.
+                r.stored_evicted = r.history.must_evicted_upto;
+                let meta = RoomMeta { epoch: r.epoch, seq_hi: r.seq_hi, evicted_upto: r.stored_evicted, touched_s };
+                store_out.push(Record::Meta(name.clone(), meta));
+            }
+            // A room leaves memory only once the store has all of it; its exact seq is written
+            // as it goes, so its numbering continues without a skip when it comes back.
+            let keep = r.interested()
                 || !r.pending.is_empty()
                 || r.history.len() != (0, 0)
-                || now.saturating_duration_since(r.last_active) < ROOM_IDLE_TTL
+                || r.wait_token > durable
+                || now.saturating_duration_since(r.last_active) < idle;
+            if !keep && stored && r.seq_hi > r.seq {
+                let meta = RoomMeta { epoch: r.epoch, seq_hi: r.seq, evicted_upto: r.stored_evicted, touched_s };
+                store_out.push(Record::Meta(name.clone(), meta));
+            }
+            keep
         });
         let (rate, burst) = (self.cfg.limits.user_rate, self.cfg.limits.user_burst);
         self.users.retain(|_, b| !b.is_full(rate, burst, now));

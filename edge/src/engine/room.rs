@@ -113,6 +113,16 @@ pub struct Room {
     pub parked: Vec<(PendingJoin, u64, Instant)>,
     /// Members on every shard (joined or joining).
     pub members: u64,
+    /// With a store: the highest seq reserved on disk (numbering past it needs a new
+    /// reservation first), must-deliver seqs evicted as the store last heard, and the store
+    /// batch this room's latest records went in: its batches are not delivered, nor its joins
+    /// answered, before that batch is durable.
+    pub seq_hi: u64,
+    pub stored_evicted: u64,
+    pub wait_token: u64,
+    /// A flush or joins that wait for the store.
+    pub flush_after_store: bool,
+    pub joins_after_store: Vec<(PendingJoin, Option<Since>)>,
     /// Sampled because offered rate x members is over `adaptive.room_deliveries_per_s`.
     pub demand_sampling: bool,
 }
@@ -143,6 +153,11 @@ impl Room {
             filling: false,
             parked: Vec::new(),
             members: 0,
+            seq_hi: 0,
+            stored_evicted: 0,
+            wait_token: 0,
+            flush_after_store: false,
+            joins_after_store: Vec::new(),
             demand_sampling: false,
         }
     }

@@ -84,7 +84,7 @@ impl H {
     }
 
     fn flush_all(&mut self) {
-        self.e.shutdown(&mut self.out);
+        self.e.shutdown(self.now, &mut self.out);
     }
 
     fn room_stats(&self, room: &str) -> Option<crate::bus::RoomStats> {

@@ -117,6 +117,10 @@ pub fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), UringError
     if let Err(e) = shard.run() {
         tracing::error!(shard = shard.id, error = %e, "shard stopped on an io_uring error");
     }
+    // The hosted engine's last words: exact seqs to the store, held acknowledgements answered.
+    if let Some(e) = shard.engine.as_mut() {
+        e.shutdown(Instant::now(), &mut shard.out);
+    }
 }
 
 struct Shard {

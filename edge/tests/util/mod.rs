@@ -52,18 +52,74 @@ pub struct EdgeProc {
     pub child: Child,
     pub ws: SocketAddr,
     pub http: SocketAddr,
+    /// The data directory this helper made for the edge (removed on drop).
+    pub own_data: Option<std::path::PathBuf>,
+}
+
+/// A fresh data directory for one edge of one test.
+pub fn data_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "roomcast-data-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
 }
 
 impl EdgeProc {
+    /// Starts the real edge on ephemeral loopback ports. Unless `args` name a data directory
+    /// (or `--no-store`), the edge gets a fresh one of its own, removed when it is dropped.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(edge_bin())
-            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        let own = (!args.iter().any(|a| *a == "--data-dir" || *a == "--no-store")).then(|| data_dir("edge"));
+        let mut e = Self::spawn(args, own.as_deref(), None);
+        e.own_data = own;
+        e
+    }
+
+    /// Starts the edge on `data` (kept when the edge stops: for restarts), collecting its log
+    /// (stderr, at `level`) into the returned buffer.
+    pub fn start_on(
+        data: &std::path::Path,
+        args: &[&str],
+        level: &str,
+    ) -> (Self, std::sync::Arc<std::sync::Mutex<String>>) {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let e = Self::spawn(args, Some(data), Some((log.clone(), level)));
+        (e, log)
+    }
+
+    fn spawn(
+        args: &[&str],
+        data: Option<&std::path::Path>,
+        log: Option<(std::sync::Arc<std::sync::Mutex<String>>, &str)>,
+    ) -> Self {
+        let mut cmd = Command::new(edge_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
+        if let Some(d) = data {
+            cmd.arg("--data-dir").arg(d);
+        }
+        let level = log
+            .as_ref()
+            .map_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()), |(_, l)| (*l).to_owned());
+        let mut child = cmd
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if log.is_some() { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
             .expect("spawn edge");
+        if let Some((buf, _)) = log {
+            let err = child.stderr.take().expect("stderr");
+            std::thread::spawn(move || {
+                for l in BufReader::new(err).lines().map_while(Result::ok) {
+                    eprintln!("{l}");
+                    buf.lock().unwrap().push_str(&(l + "\n"));
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let line = loop {
@@ -81,7 +137,13 @@ impl EdgeProc {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| panic!("no {name} in {line:?}"))
         };
-        Self { ws: field("ws="), http: field("http="), child }
+        Self { ws: field("ws="), http: field("http="), child, own_data: None }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn url(&self, query: &str) -> String {
@@ -114,6 +176,9 @@ impl Drop for EdgeProc {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
             }
+        }
+        if let Some(d) = self.own_data.take() {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }

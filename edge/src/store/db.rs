@@ -1,0 +1,372 @@
+//! The store's database: fjall (an LSM tree with a checksummed journal), two keyspaces.
+//!
+//! - `meta`: room name -> epoch, seq_hi, evicted_upto, touched_s (four little-endian u64).
+//! - `msgs`: room name, 0x00, seq (big-endian u64) -> ts_us (u64), kind, user (u16-length
+//!   prefixed), body. Room names never hold 0x00, so a room's messages are one key range in
+//!   seq order.
+//!
+//! Why fjall (bench-results/2026-11-30-store-choice): writes go to its journal, which reaches
+//! the kernel at each commit (a process crash loses nothing written) and is fsynced only when
+//! asked, which is exactly the `store.fsync` policies; a torn batch at the journal's tail is
+//! detected by checksum and cut off on open. FIFO deletes are tombstones that compaction drops.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use roomcast_proto::envelope::PushMessage;
+
+use super::{Loaded, Record, RoomMeta};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{0}")]
+    Db(#[from] fjall::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("in use by another edge (lock {0}): give each edge its own data_dir")]
+    Locked(PathBuf),
+    #[error("unreadable record for room {0}")]
+    Corrupt(String),
+}
+
+pub struct Db {
+    db: Database,
+    meta: Keyspace,
+    msgs: Keyspace,
+    /// Held for the process's life: one edge per directory.
+    _lock: File,
+    /// Where the sweep's walk over the rooms resumes.
+    cursor: std::sync::Mutex<Vec<u8>>,
+}
+
+/// Rooms the retention sweep visits per call (it runs every few seconds; a walk over very many
+/// rooms is spread over several calls).
+const SWEEP_ROOMS: usize = 20_000;
+
+impl Db {
+    pub fn open(dir: &Path) -> Result<Self, DbError> {
+        std::fs::create_dir_all(dir)?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path)?;
+        // SAFETY: flock on a file we own; no memory is involved.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(DbError::Locked(lock_path));
+        }
+        let path = dir.join("db");
+        let before = journal_data_ends(&path);
+        // Two workers are plenty for a store written by one thread: flushes and compaction.
+        let db = Database::builder(&path).worker_threads(2).open()?;
+        // fjall checks each journal batch's checksum on open and cuts the file after the last
+        // whole one. Journals are preallocated with zeros, so a cut over zeros is just an
+        // unclean stop; a cut over written bytes is a torn (or corrupt) write: say so.
+        let mut torn = 0;
+        for (file, data_end) in before {
+            if let Ok(m) = std::fs::metadata(&file) {
+                torn += data_end.saturating_sub(m.len());
+            }
+        }
+        if torn > 0 {
+            tracing::warn!(
+                dropped_bytes = torn,
+                "store: a torn write at the journal's tail (a crash during a write) was detected and cut off; every batch before it is kept"
+            );
+        }
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let msgs = db.keyspace("msgs", KeyspaceCreateOptions::default)?;
+        Ok(Self { db, meta, msgs, _lock: lock, cursor: std::sync::Mutex::new(Vec::new()) })
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Applies `records` atomically; with `sync`, fsynced (fdatasync) before returning, else
+    /// handed to the kernel.
+    pub fn write(&self, records: &[&Record], sync: bool) -> Result<(), DbError> {
+        let mut batch =
+            self.db.batch().durability(Some(if sync { PersistMode::SyncData } else { PersistMode::Buffer }));
+        for r in records {
+            match r {
+                Record::Meta(room, m) => {
+                    let prev = self.meta.get(room.as_bytes())?.and_then(|v| decode_meta(&v));
+                    match prev {
+                        // A new numbering: the old one's messages are void.
+                        Some(p) if p.epoch != m.epoch => {
+                            for k in self.msgs.prefix(room_prefix(room)).map(|g| g.key()) {
+                                batch.remove(&self.msgs, k?);
+                            }
+                        }
+                        Some(p) if m.evicted_upto > p.evicted_upto => {
+                            let from = msg_key(room, 0);
+                            let to = msg_key(room, m.evicted_upto);
+                            for k in self.msgs.range(from..=to).map(|g| g.key()) {
+                                batch.remove(&self.msgs, k?);
+                            }
+                        }
+                        _ => {}
+                    }
+                    batch.insert(&self.meta, room.as_bytes(), encode_meta(m));
+                }
+                Record::Msg(room, msg) => batch.insert(&self.msgs, msg_key(room, msg.seq), encode_msg(msg)),
+            }
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<(), DbError> {
+        self.db.persist(PersistMode::SyncData)?;
+        Ok(())
+    }
+
+    /// The room as stored.
+    pub fn load(&self, room: &str) -> Result<Option<Loaded>, DbError> {
+        let Some(meta) = self.meta.get(room.as_bytes())? else { return Ok(None) };
+        let meta = decode_meta(&meta).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
+        let mut messages = Vec::new();
+        for kv in self.msgs.prefix(room_prefix(room)) {
+            let (k, v) = kv.into_inner()?;
+            let seq = seq_of(&k).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
+            let m = decode_msg(seq, &v).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
+            messages.push(m);
+        }
+        Ok(Some(Loaded { meta, messages }))
+    }
+
+    /// Retention on disk: messages older than `older_than_us` go (the room's `evicted_upto`
+    /// follows, so a `since` below them gets a gap), and rooms untouched since `untouched_s`
+    /// go whole. Walks up to `SWEEP_ROOMS` rooms from where the last call stopped.
+    pub fn sweep(&self, older_than_us: u64, untouched_s: u64) -> Result<(), DbError> {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = self.db.batch();
+        let mut next = Vec::new();
+        for (seen, kv) in self.meta.range(cursor.clone()..).enumerate() {
+            let (room, v) = kv.into_inner()?;
+            if seen == SWEEP_ROOMS {
+                next = room.to_vec();
+                break;
+            }
+            let Some(mut m) = decode_meta(&v) else { continue };
+            let name = String::from_utf8_lossy(&room).into_owned();
+            if m.touched_s < untouched_s {
+                for k in self.msgs.prefix(room_prefix(&name)).map(|g| g.key()) {
+                    batch.remove(&self.msgs, k?);
+                }
+                batch.remove(&self.meta, room.clone());
+                continue;
+            }
+            let mut evicted = m.evicted_upto;
+            for kv in self.msgs.prefix(room_prefix(&name)) {
+                let (k, v) = kv.into_inner()?;
+                let (Some(seq), Some(ts)) =
+                    (seq_of(&k), v.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))))
+                else {
+                    break;
+                };
+                if ts >= older_than_us {
+                    break;
+                }
+                batch.remove(&self.msgs, k);
+                evicted = evicted.max(seq);
+            }
+            if evicted > m.evicted_upto {
+                m.evicted_upto = evicted;
+                batch.insert(&self.meta, room, encode_meta(&m));
+            }
+        }
+        *cursor = next;
+        batch.commit()?;
+        Ok(())
+    }
+}
+
+/// Each journal file under `path` and where its written bytes end (past the last non-zero
+/// byte: journals are preallocated with zeros).
+fn journal_data_ends(path: &Path) -> Vec<(PathBuf, u64)> {
+    fn data_end(file: &Path) -> std::io::Result<u64> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = File::open(file)?;
+        let mut end = f.metadata()?.len();
+        let mut buf = vec![0u8; 64 * 1024];
+        while end > 0 {
+            let n = (end as usize).min(buf.len());
+            f.seek(SeekFrom::Start(end - n as u64))?;
+            f.read_exact(&mut buf[..n])?;
+            if let Some(i) = buf[..n].iter().rposition(|&b| b != 0) {
+                return Ok(end - n as u64 + i as u64 + 1);
+            }
+            end -= n as u64;
+        }
+        Ok(0)
+    }
+    fn walk(p: &Path, out: &mut Vec<(PathBuf, u64)>) {
+        let Ok(rd) = std::fs::read_dir(p) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "jnl")
+                && let Ok(end) = data_end(&p)
+            {
+                out.push((p, end));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(path, &mut out);
+    out
+}
+
+fn room_prefix(room: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(room.len() + 1);
+    k.extend_from_slice(room.as_bytes());
+    k.push(0);
+    k
+}
+
+fn msg_key(room: &str, seq: u64) -> Vec<u8> {
+    let mut k = room_prefix(room);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+fn encode_meta(m: &RoomMeta) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32);
+    for x in [m.epoch, m.seq_hi, m.evicted_upto, m.touched_s] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+fn decode_meta(v: &[u8]) -> Option<RoomMeta> {
+    let u = |i: usize| Some(u64::from_le_bytes(v.get(i * 8..i * 8 + 8)?.try_into().ok()?));
+    Some(RoomMeta { epoch: u(0)?, seq_hi: u(1)?, evicted_upto: u(2)?, touched_s: u(3)? })
+}
+
+fn encode_msg(m: &PushMessage) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12 + m.kind.len() + m.user.len() + m.body.len());
+    v.extend_from_slice(&m.ts_us.to_le_bytes());
+    for s in [&m.kind, &m.user] {
+        // Kinds are at most 32 bytes and users 64 (validated before they get here).
+        v.extend_from_slice(&(s.len().min(usize::from(u16::MAX)) as u16).to_le_bytes());
+        v.extend_from_slice(&s.as_bytes()[..s.len().min(usize::from(u16::MAX))]);
+    }
+    v.extend_from_slice(m.body.as_bytes());
+    v
+}
+
+fn decode_msg(seq: u64, v: &[u8]) -> Option<PushMessage> {
+    let ts_us = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let mut at = 8;
+    let mut text = || {
+        let n = usize::from(u16::from_le_bytes(v.get(at..at + 2)?.try_into().ok()?));
+        let s = std::str::from_utf8(v.get(at + 2..at + 2 + n)?).ok()?.to_owned();
+        at += 2 + n;
+        Some(s)
+    };
+    let kind = text()?;
+    let user = text()?;
+    let body = std::str::from_utf8(v.get(at..)?).ok()?.to_owned();
+    Some(PushMessage { seq, ts_us, kind, user, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::RoomName;
+
+    fn msg(seq: u64, ts_us: u64) -> PushMessage {
+        PushMessage { seq, ts_us, kind: "gift".into(), user: "alice".into(), body: format!("{{\"n\":{seq}}}") }
+    }
+
+    fn meta(epoch: u64, seq_hi: u64, evicted_upto: u64) -> RoomMeta {
+        RoomMeta { epoch, seq_hi, evicted_upto, touched_s: 1_800_000_000 }
+    }
+
+    #[test]
+    fn rooms_round_trip_and_survive_a_reopen() {
+        let dir = tempdir("roundtrip");
+        let room = RoomName::from("show-1");
+        {
+            let db = Db::open(&dir).unwrap();
+            assert!(db.load("show-1").unwrap().is_none());
+            let recs = [
+                Record::Meta(room.clone(), meta(7, 1024, 0)),
+                Record::Msg(room.clone(), msg(1, 10)),
+                Record::Msg(room.clone(), msg(2, 20)),
+            ];
+            db.write(&recs.iter().collect::<Vec<_>>(), true).unwrap();
+            // Another room with a prefix of this one's name stays apart.
+            let other = RoomName::from("show");
+            db.write(&[&Record::Meta(other.clone(), meta(8, 5, 0)), &Record::Msg(other, msg(3, 30))], true).unwrap();
+        }
+        let db = Db::open(&dir).unwrap();
+        let l = db.load("show-1").unwrap().unwrap();
+        assert_eq!(l.meta, meta(7, 1024, 0));
+        assert_eq!(l.messages, vec![msg(1, 10), msg(2, 20)]);
+        assert_eq!(db.load("show").unwrap().unwrap().messages, vec![msg(3, 30)]);
+    }
+
+    #[test]
+    fn a_second_edge_on_the_same_directory_is_refused() {
+        let dir = tempdir("lock");
+        let _a = Db::open(&dir).unwrap();
+        assert!(matches!(Db::open(&dir), Err(DbError::Locked(_))));
+    }
+
+    #[test]
+    fn eviction_and_new_epochs_drop_messages() {
+        let dir = tempdir("evict");
+        let db = Db::open(&dir).unwrap();
+        let room = RoomName::from("r");
+        let mut recs = vec![Record::Meta(room.clone(), meta(1, 1024, 0))];
+        recs.extend((1..=5).map(|s| Record::Msg(room.clone(), msg(s, s * 10))));
+        db.write(&recs.iter().collect::<Vec<_>>(), false).unwrap();
+        db.write(&[&Record::Meta(room.clone(), meta(1, 1024, 3))], false).unwrap();
+        assert_eq!(db.load("r").unwrap().unwrap().messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
+        db.write(&[&Record::Meta(room.clone(), meta(2, 0, 0))], false).unwrap();
+        assert!(db.load("r").unwrap().unwrap().messages.is_empty(), "a new epoch starts empty");
+    }
+
+    #[test]
+    fn sweep_ages_messages_out_and_forgets_untouched_rooms() {
+        let dir = tempdir("sweep");
+        let db = Db::open(&dir).unwrap();
+        let (a, b) = (RoomName::from("a"), RoomName::from("b"));
+        let mut recs = vec![Record::Meta(a.clone(), meta(1, 1024, 0))];
+        recs.extend((1..=4).map(|s| Record::Msg(a.clone(), msg(s, s * 100))));
+        let mut old = meta(2, 9, 0);
+        old.touched_s = 10;
+        recs.push(Record::Meta(b.clone(), old));
+        recs.push(Record::Msg(b, msg(1, 1)));
+        db.write(&recs.iter().collect::<Vec<_>>(), false).unwrap();
+        db.sweep(250, 1_000).unwrap();
+        let l = db.load("a").unwrap().unwrap();
+        assert_eq!(l.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(l.meta.evicted_upto, 2, "a since below the aged-out messages gets a gap");
+        assert!(db.load("b").unwrap().is_none(), "untouched past the ttl: forgotten");
+    }
+
+    #[test]
+    fn corrupt_values_are_errors_not_panics() {
+        assert!(decode_msg(1, &[1, 2, 3]).is_none());
+        assert!(decode_msg(1, &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, b'a']).is_none());
+        assert!(decode_meta(&[0; 31]).is_none());
+    }
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "roomcast-db-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+}

@@ -1,0 +1,315 @@
+//! The durable store of the single-node edge: each room's numbering (epoch, the highest seq
+//! that may have been handed out) and its must-deliver history, so that a restart or a long
+//! quiet spell continues a room's numbering and `since` still recovers every acknowledged gift.
+//!
+//! One store thread owns all writes. Engines hand it, once per turn, the records their turn
+//! produced, tagged with a token; the thread takes whatever every engine sent since its last
+//! commit, writes it in one transaction and makes it durable as `store.fsync` says (one fsync
+//! for the whole group: group commit), then tells each engine the highest token now durable.
+//! Engines hold must-deliver acknowledgements, and the deliveries of batches that carry them,
+//! until then. Reads (a room loaded when an engine first touches it) go straight to the
+//! database from the engine's thread: they are rare and short.
+//!
+//! Seqs are reserved ahead in blocks (`SEQ_RESERVE`): a room's record says the highest seq that
+//! may have been used, so the store is written once per block for droppable traffic, and a
+//! crash can skip at most a block of numbers but never reuse one. A clean stop writes the
+//! exact seq.
+
+mod db;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use roomcast_proto::envelope::PushMessage;
+
+use crate::bus::{EngineCmd, Epoch, Mail, Mailbox, RoomName};
+use crate::config::{Fsync, StoreConfig};
+
+pub use db::{Db, DbError};
+
+/// Seqs reserved at a time: the store is written once per this many messages of a room (beyond
+/// its must-deliver messages, which are written one by one), and a crash skips at most this
+/// many numbers.
+pub const SEQ_RESERVE: u64 = 1024;
+
+/// A room's numbering as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomMeta {
+    pub epoch: Epoch,
+    /// Every seq handed out is at or below it (a reservation while the edge runs; exact after
+    /// a clean stop).
+    pub seq_hi: u64,
+    /// Must-deliver seqs at or below it left history (a `since` below it gets a gap).
+    pub evicted_upto: u64,
+    /// Last time (Unix seconds) the room was written: rooms untouched for `store.room_ttl_s`
+    /// are forgotten.
+    pub touched_s: u64,
+}
+
+/// What a room has on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub meta: RoomMeta,
+    /// Its must-deliver messages, in seq order.
+    pub messages: Vec<PushMessage>,
+}
+
+/// One change to the store.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// The room's numbering. A new epoch also drops whatever the room had under an old one.
+    Meta(RoomName, RoomMeta),
+    /// A must-deliver message.
+    Msg(RoomName, PushMessage),
+}
+
+/// What an engine sends at the end of a turn.
+struct Batch {
+    engine: u16,
+    token: u64,
+    records: Vec<Record>,
+}
+
+/// Shared by the store thread and the engines.
+pub struct Store {
+    db: Db,
+    cfg: StoreConfig,
+    /// At `store.max_bytes`: must-deliver publishes are refused.
+    full: AtomicBool,
+    /// The last commit failed: must-deliver publishes are refused until one succeeds.
+    failed: AtomicBool,
+    bytes: AtomicU64,
+    gauge: std::sync::OnceLock<prometheus::IntGauge>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, which it locks: a second edge on the same
+    /// directory is refused.
+    pub fn open(dir: &Path, cfg: &StoreConfig) -> Result<Arc<Self>, DbError> {
+        let db = Db::open(dir)?;
+        let bytes = db.disk_bytes();
+        let s = Arc::new(Self {
+            db,
+            cfg: cfg.clone(),
+            full: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            bytes: AtomicU64::new(bytes),
+            gauge: std::sync::OnceLock::new(),
+        });
+        s.check_full();
+        Ok(s)
+    }
+
+    fn check_full(&self) {
+        let b = self.db.disk_bytes();
+        self.bytes.store(b, Ordering::Relaxed);
+        if let Some(g) = self.gauge.get() {
+            g.set(b as i64);
+        }
+        let full = b >= self.cfg.max_bytes;
+        if full != self.full.swap(full, Ordering::Relaxed) {
+            if full {
+                tracing::error!(
+                    bytes = b,
+                    max = self.cfg.max_bytes,
+                    "store full: must-deliver publishes are refused (507) until retention frees space"
+                );
+            } else {
+                tracing::info!(bytes = b, "store has room again");
+            }
+        }
+    }
+
+    /// Bytes the store uses on disk (sampled after each commit and sweep).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Starts the store thread. `engines`: every engine's mailbox, by engine id (where the
+    /// durable acknowledgements go). Returns the per-engine handles and the thread, which ends
+    /// once every handle is dropped and the last records are durable.
+    pub fn start(
+        self: &Arc<Self>,
+        engines: Vec<Mailbox>,
+        history_max_age: Duration,
+        bytes_gauge: prometheus::IntGauge,
+    ) -> std::io::Result<(Vec<StoreHandle>, JoinHandle<()>)> {
+        bytes_gauge.set(self.bytes() as i64);
+        let _ = self.gauge.set(bytes_gauge);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let progress = Arc::new(Progress {
+            durable: (0..engines.len()).map(|_| AtomicU64::new(0)).collect(),
+            lock: std::sync::Mutex::new(()),
+            cond: std::sync::Condvar::new(),
+        });
+        let handles = (0..engines.len())
+            .map(|i| StoreHandle { store: self.clone(), tx: tx.clone(), engine: i as u16, progress: progress.clone() })
+            .collect();
+        let store = self.clone();
+        let h = std::thread::Builder::new()
+            .name("roomcast-store".into())
+            .spawn(move || store.run(&rx, &engines, &progress, history_max_age))?;
+        Ok((handles, h))
+    }
+
+    fn run(&self, rx: &Receiver<Batch>, engines: &[Mailbox], progress: &Progress, max_age: Duration) {
+        let mut durable = vec![0u64; engines.len()];
+        let mut written = vec![0u64; engines.len()];
+        let mut last_sync = Instant::now();
+        let mut dirty = false;
+        let mut last_sweep = Instant::now();
+        let mut pending: Vec<Batch> = Vec::new();
+        loop {
+            let wait = match self.cfg.fsync {
+                Fsync::IntervalMs(ms) if dirty => Duration::from_millis(ms).saturating_sub(last_sync.elapsed()),
+                _ => Duration::from_secs(1),
+            };
+            let closed = match rx.recv_timeout(wait) {
+                Ok(b) => {
+                    pending.push(b);
+                    pending.extend(rx.try_iter());
+                    false
+                }
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            if !pending.is_empty() {
+                let records: Vec<&Record> = pending.iter().flat_map(|b| b.records.iter()).collect();
+                let sync_now = matches!(self.cfg.fsync, Fsync::Always) || closed;
+                match self.db.write(&records, sync_now) {
+                    Ok(()) => {
+                        if self.failed.swap(false, Ordering::Relaxed) {
+                            tracing::info!("store writes again");
+                        }
+                        for b in pending.drain(..) {
+                            let e = usize::from(b.engine);
+                            written[e] = written[e].max(b.token);
+                        }
+                        dirty = !sync_now;
+                        if sync_now {
+                            last_sync = Instant::now();
+                        }
+                    }
+                    Err(e) => {
+                        if !self.failed.swap(true, Ordering::Relaxed) {
+                            tracing::error!(error = %e, "store write failed: must-deliver publishes are refused until it works again");
+                        }
+                        // Keep the batches and try again shortly.
+                        std::thread::sleep(Duration::from_millis(100));
+                        if !closed {
+                            continue;
+                        }
+                        return;
+                    }
+                }
+            }
+            if let Fsync::IntervalMs(ms) = self.cfg.fsync
+                && dirty
+                && last_sync.elapsed() >= Duration::from_millis(ms)
+            {
+                if let Err(e) = self.db.sync() {
+                    tracing::error!(error = %e, "store fsync failed");
+                } else {
+                    dirty = false;
+                    last_sync = Instant::now();
+                }
+            }
+            // Written counts as durable for `interval` and `never` (a process crash loses
+            // nothing the kernel has); for `always` it was synced in the same step.
+            for (e, mb) in engines.iter().enumerate() {
+                if written[e] > durable[e] {
+                    durable[e] = written[e];
+                    progress.durable[e].store(durable[e], Ordering::Release);
+                    mb.send_blocking(Mail::Engine(EngineCmd::Durable { token: durable[e] }));
+                }
+            }
+            {
+                let _g = progress.lock.lock().unwrap_or_else(|p| p.into_inner());
+                progress.cond.notify_all();
+            }
+            if last_sweep.elapsed() >= Duration::from_secs(10) || closed {
+                last_sweep = Instant::now();
+                let now_us = crate::bus::now_us();
+                let older = now_us.saturating_sub(max_age.as_micros() as u64);
+                let untouched = now_us / 1_000_000 - self.cfg.room_ttl_s.min(now_us / 1_000_000);
+                if let Err(e) = self.db.sweep(older, untouched) {
+                    tracing::warn!(error = %e, "store retention sweep failed");
+                }
+                self.check_full();
+            } else if !pending.is_empty() || dirty {
+                self.check_full();
+            }
+            if closed {
+                if let Err(e) = self.db.sync() {
+                    tracing::error!(error = %e, "store fsync at stop failed");
+                }
+                tracing::info!(bytes = self.db.disk_bytes(), "store closed");
+                return;
+            }
+        }
+    }
+}
+
+/// How far each engine's batches are durable, for an engine that must wait (at its stop).
+struct Progress {
+    durable: Box<[AtomicU64]>,
+    lock: std::sync::Mutex<()>,
+    cond: std::sync::Condvar,
+}
+
+/// An engine's way to the store.
+#[derive(Clone)]
+pub struct StoreHandle {
+    store: Arc<Store>,
+    tx: Sender<Batch>,
+    engine: u16,
+    progress: Arc<Progress>,
+}
+
+impl StoreHandle {
+    /// The room as stored, if it is.
+    pub fn load(&self, room: &str) -> Result<Option<Loaded>, DbError> {
+        self.store.db.load(room)
+    }
+
+    /// Hands a turn's records to the store thread.
+    pub fn send(&self, token: u64, records: Vec<Record>) {
+        let _ = self.tx.send(Batch { engine: self.engine, token, records });
+    }
+
+    /// Waits (at most `timeout`) until this engine's batches up to `token` are durable; returns
+    /// the durable token. For the engine's stop only: engines never wait on the store otherwise.
+    pub fn wait_durable(&self, token: u64, timeout: Duration) -> u64 {
+        let d = &self.progress.durable[usize::from(self.engine)];
+        let end = Instant::now() + timeout;
+        let mut g = self.progress.lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = d.load(Ordering::Acquire);
+            let left = end.saturating_duration_since(Instant::now());
+            if now >= token || left.is_zero() {
+                return now;
+            }
+            g = self
+                .progress
+                .cond
+                .wait_timeout(g, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Why must-deliver publishes are refused now, if they are.
+    pub fn refusal(&self) -> Option<crate::bus::PublishError> {
+        if self.store.failed.load(Ordering::Relaxed) {
+            Some(crate::bus::PublishError::StoreUnavailable)
+        } else if self.store.full.load(Ordering::Relaxed) {
+            Some(crate::bus::PublishError::StoreFull)
+        } else {
+            None
+        }
+    }
+}
