@@ -69,21 +69,63 @@ pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
     if allowed.is_empty() {
         return true;
     }
-    // An origin is scheme://host[:port]: nothing that could hide another host in it.
-    let Some((_, host)) = origin.split_once("://") else { return false };
-    if host.is_empty() || host.contains(['/', '?', '#', '@', '\\', ' ']) {
-        return false;
-    }
+    // An origin is scheme://host[:port], the host made of DNS labels (or an IP literal):
+    // nothing else is compared, so nothing can hide another host in it.
+    let Some((oscheme, oauth)) = origin.split_once("://") else { return false };
+    let Some((ohost, oport)) = host_port(oauth) else { return false };
+    let ohost = ohost.to_ascii_lowercase();
     allowed.iter().any(|a| {
-        if a.eq_ignore_ascii_case(origin) {
-            return true;
+        let Some((scheme, auth)) = a.split_once("://") else { return false };
+        if !scheme.eq_ignore_ascii_case(oscheme) {
+            return false;
         }
-        let Some((scheme, rest)) = a.split_once("://*.") else { return false };
-        let Some((oscheme, ohost)) = origin.split_once("://") else { return false };
-        let suffix = format!(".{}", rest.to_ascii_lowercase());
-        let ohost = ohost.to_ascii_lowercase();
-        scheme.eq_ignore_ascii_case(oscheme) && ohost.len() > suffix.len() && ohost.ends_with(&suffix)
+        let (wild, auth) = match auth.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, auth),
+        };
+        let Some((host, port)) = host_port(auth) else { return false };
+        let host = host.to_ascii_lowercase();
+        let host_ok = if wild {
+            ohost.len() > host.len() + 1
+                && ohost.ends_with(&host)
+                && ohost.as_bytes()[ohost.len() - host.len() - 1] == b'.'
+        } else {
+            ohost == host
+        };
+        host_ok && port == oport
     })
+}
+
+/// `host[:port]` of an origin or an allow-list entry: the host is DNS labels (letters, digits,
+/// hyphens, dots) or a bracketed IPv6 literal; the port, digits. None for anything else.
+pub fn host_port(s: &str) -> Option<(&str, Option<&str>)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let (v6, after) = (&rest[..end], &rest[end + 1..]);
+        if v6.is_empty() || !v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return None;
+        }
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        (&s[..end + 2], port)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if let Some(p) = port
+        && (p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let labels_ok = !host.starts_with('[')
+        && !host.is_empty()
+        && host.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    (labels_ok || host.starts_with('[')).then_some((host, port))
 }
 
 /// Who a connection is, as the server established it.
@@ -189,7 +231,7 @@ impl Verifier {
 
     /// Verifies `token` at `now_s` (seconds since the Unix epoch) and makes the identity.
     pub fn verify(&self, token: &str, now_s: u64) -> Result<Identity, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(jwt_reason(&e)))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(header_reason(&e)))?;
         let candidates: Vec<&Key> = match &header.kid {
             Some(kid) => {
                 let by_kid: Vec<&Key> = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect();
@@ -201,19 +243,26 @@ impl Verifier {
             }
             None => self.keys.iter().collect(),
         };
-        let mut last = AuthError::Invalid(format!("no key for algorithm {:?}", header.alg));
+        let mut last = AuthError::Invalid(format!("algorithm not accepted ({:?}: no key for it)", header.alg));
         for k in candidates.into_iter().filter(|k| k.alg == header.alg) {
             let mut v = Validation::new(k.alg);
             v.validate_exp = false; // checked below against the caller's `now`
             v.leeway = 0;
-            v.set_required_spec_claims(&["exp", "sub"]);
+            // A configured issuer or audience is required, not only checked when present: a
+            // token minted by the same key for another service has neither ours nor, often, any.
+            let mut required = vec!["exp", "sub"];
             if let Some(iss) = &self.issuer {
                 v.set_issuer(&[iss]);
+                required.push("iss");
             }
             match &self.audience {
-                Some(aud) => v.set_audience(&[aud]),
+                Some(aud) => {
+                    v.set_audience(&[aud]);
+                    required.push("aud");
+                }
                 None => v.validate_aud = false,
             }
+            v.set_required_spec_claims(&required);
             match jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
                 Ok(data) => return identity(data.claims, now_s, self.leeway_s),
                 Err(e) => last = AuthError::Invalid(jwt_reason(&e)),
@@ -226,6 +275,17 @@ impl Verifier {
 /// A stable, short reason for a token the library refused: the client reads it (401 body,
 /// `error` message) and operators grep logs for it, so it names the kind of fault and never
 /// carries the library's wording, which changes between versions and can quote the input.
+/// The reason for a header the library could not read: an algorithm it does not know (`none`
+/// among them) is "not accepted"; anything else is malformed.
+fn header_reason(e: &jsonwebtoken::errors::Error) -> String {
+    match e.kind() {
+        jsonwebtoken::errors::ErrorKind::Json(j) if j.to_string().contains("unknown variant") => {
+            "algorithm not accepted".into()
+        }
+        _ => jwt_reason(e),
+    }
+}
+
 fn jwt_reason(e: &jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
@@ -238,7 +298,13 @@ fn jwt_reason(e: &jsonwebtoken::errors::Error) -> String {
         }
         K::ImmatureSignature => "token not valid yet (nbf)".into(),
         K::ExpiredSignature => "token expired".into(),
-        K::Json(_) => "malformed claims (sub and exp are required; rooms and pub are lists of strings)".into(),
+        K::Json(j) => {
+            let j = j.to_string();
+            match ["exp", "sub"].into_iter().find(|c| j.contains(&format!("missing field `{c}`"))) {
+                Some(c) => format!("missing claim {c}"),
+                None => "malformed claims (sub and exp are required; rooms and pub are lists of strings)".into(),
+            }
+        }
         _ => "malformed token (expected header.payload.signature in base64url)".into(),
     }
 }
@@ -298,6 +364,48 @@ mod tests {
         assert_eq!(id.exp, Some(2000));
         assert!(id.may_join("lobby") && id.may_join("show-42") && !id.may_join("lobby2") && !id.may_join("other"));
         assert!(id.may_publish("gift", false) && !id.may_publish("chat", true), "pub replaces the kind defaults");
+    }
+
+    /// With an issuer and an audience configured, a token must carry both (a token the same
+    /// key signed for another service, with neither claim, used to pass).
+    #[test]
+    fn configured_issuer_and_audience_are_required() {
+        let cfg = AuthConfig {
+            hs256_secret: Some(crate::config::Secret::new(SECRET)),
+            issuer: Some("https://auth.example".into()),
+            audience: Some("roomcast".into()),
+            ..AuthConfig::default()
+        };
+        let v = Verifier::from_config(&cfg, None).unwrap().unwrap();
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        };
+        let good = sign(serde_json::json!({"sub":"a","exp":2000,"iss":"https://auth.example","aud":"roomcast"}));
+        assert!(v.verify(&good, 1000).is_ok());
+        let no_iss = sign(serde_json::json!({"sub":"a","exp":2000,"aud":"roomcast"}));
+        assert_eq!(v.verify(&no_iss, 1000), Err(AuthError::Invalid("missing claim iss".into())));
+        let no_aud = sign(serde_json::json!({"sub":"a","exp":2000,"iss":"https://auth.example"}));
+        assert_eq!(v.verify(&no_aud, 1000), Err(AuthError::Invalid("missing claim aud".into())));
+        let null_aud = sign(serde_json::json!({"sub":"a","exp":2000,"iss":"https://auth.example","aud":null}));
+        assert!(v.verify(&null_aud, 1000).is_err());
+        let wrong = sign(serde_json::json!({"sub":"a","exp":2000,"iss":"https://evil","aud":"roomcast"}));
+        assert_eq!(v.verify(&wrong, 1000), Err(AuthError::Invalid("wrong issuer (iss)".into())));
+        // The documented phrases for the common faults.
+        let no_exp = sign(serde_json::json!({"sub":"a","iss":"https://auth.example","aud":"roomcast"}));
+        assert_eq!(v.verify(&no_exp, 1000), Err(AuthError::Invalid("missing claim exp".into())));
+        // {"alg":"none","typ":"JWT"} . {"sub":"a","exp":2000} . (no signature)
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwiZXhwIjoyMDAwfQ.";
+        assert_eq!(v.verify(none, 1000), Err(AuthError::Invalid("algorithm not accepted".into())));
+        let hs384 = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS384),
+            &serde_json::json!({"sub":"a","exp":2000}),
+            &key,
+        )
+        .unwrap();
+        assert!(
+            matches!(v.verify(&hs384, 1000), Err(AuthError::Invalid(r)) if r.starts_with("algorithm not accepted"))
+        );
     }
 
     #[test]
@@ -385,12 +493,21 @@ mod tests {
         assert!(!origin_allowed(&list, "https://a.example.org:8443"), "port must match");
         assert!(!origin_allowed(&list, "https://live.example.com.evil.test"));
         assert!(!origin_allowed(&list, "null"));
+        let v6 = vec!["http://[::1]:8080".to_owned()];
+        assert!(origin_allowed(&v6, "http://[::1]:8080") && !origin_allowed(&v6, "http://[::1]:8081"));
+        assert!(!origin_allowed(&v6, "http://[::1]x"));
         for sneaky in [
             "https://evil.com/.example.org",
             "https://evil.com?.example.org",
             "https://evil.com#.example.org",
             "https://evil.com\\.example.org",
             "https://user@x.example.org",
+            "https://evil.com:.example.org",
+            "https://evil.com%2f.example.org",
+            "https://*.example.org",
+            "https://a..example.org",
+            "https://a.example.org:",
+            "https://a.example.org:99999x",
         ] {
             assert!(!origin_allowed(&list, sneaky), "{sneaky}");
         }

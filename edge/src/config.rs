@@ -115,6 +115,51 @@ impl Default for StoreConfig {
     }
 }
 
+/// Serde's messages quote the offending value after "invalid type: KIND" or "invalid value:
+/// KIND" (in backticks, or double quotes for strings), up to ", expected ...": that part is
+/// cut. Field names (after "unknown field", "missing field") are kept.
+fn scrub_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) =
+        ["invalid type: ", "invalid value: "].iter().filter_map(|p| rest.find(p).map(|i| (i, p.len()))).min()
+    {
+        let (at, plen) = i;
+        out.push_str(&rest[..at + plen]);
+        let tail = &rest[at + plen..];
+        // The kind ("integer", "string", ...) is one word; the value follows it.
+        let kind_end = tail.find(' ').unwrap_or(tail.len());
+        out.push_str(&tail[..kind_end]);
+        let after = &tail[kind_end..];
+        rest = after.find(", expected").map_or("", |e| &after[e..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+impl LimitsConfig {
+    /// Rooms joins may create: `max_rooms_by_joins`, or half of `max_rooms`.
+    pub fn rooms_by_joins(&self) -> usize {
+        self.max_rooms_by_joins.unwrap_or(self.max_rooms / 2).min(self.max_rooms)
+    }
+}
+
+/// A URL as logs may show it: a password in its user info is replaced (`redis://:pw@h` ->
+/// `redis://:<redacted>@h`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let shown = if userinfo.contains(':') { format!("{user}:<redacted>") } else { "<redacted>".into() };
+            format!("{scheme}://{shown}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// Where the kernel figures (CLOSE_WAIT, Send-Q/Recv-Q, accept queues, retransmits) come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -299,6 +344,10 @@ pub struct LimitsConfig {
     /// created by a publish or by a client's join: beyond it, publishes get 503 and joins an
     /// `error` (`join_refused`). A room costs about 1 KiB plus its history.
     pub max_rooms: usize,
+    /// Rooms clients may bring into existence by joining (the rest of `max_rooms` is kept for
+    /// the publish API, so a join flood cannot lock the back end out); default half of
+    /// `max_rooms`. A room nobody published to is forgotten as soon as its last member leaves.
+    pub max_rooms_by_joins: Option<usize>,
     /// Connections one client address may hold open (0: no cap). IPv6 counts by /64.
     pub per_ip_connections: u32,
     /// New connections per second one address may open (token bucket; 0: no limit). Over
@@ -315,8 +364,16 @@ pub struct LimitsConfig {
 pub struct HistoryConfig {
     /// Must-deliver messages kept per room for `since` recovery.
     pub must_deliver: usize,
-    /// Droppable messages kept per room (only for the last-K replay on join).
+    /// Droppable messages kept per room. They serve only the last-`join_last` replay on join,
+    /// so no more than `join_last` are kept (none by default).
     pub droppable: usize,
+    /// Bytes of must-deliver (droppable) history per room: the oldest go first (an evicted
+    /// must-deliver seq is a `gap` to a `since` below it).
+    pub must_deliver_bytes: usize,
+    pub droppable_bytes: usize,
+    /// Bytes of droppable history the whole edge keeps: beyond, new droppable messages are
+    /// delivered but not kept (rooms times `droppable_bytes` could otherwise be anything).
+    pub max_droppable_bytes: usize,
     /// Nothing older than this is kept.
     pub max_age_ms: u64,
     /// Messages replayed to a join without `since`.
@@ -635,6 +692,7 @@ impl Default for LimitsConfig {
             must_deliver_room_rate: 5000.0,
             must_deliver_room_burst: 10000.0,
             max_rooms: 1_000_000,
+            max_rooms_by_joins: None,
             per_ip_connections: 2000,
             per_ip_connect_rate: 50.0,
             per_ip_connect_burst: 500.0,
@@ -645,7 +703,16 @@ impl Default for LimitsConfig {
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        Self { must_deliver: 10_000, droppable: 200, max_age_ms: 600_000, join_last: 0, room_idle_ms: 600_000 }
+        Self {
+            must_deliver: 10_000,
+            droppable: 200,
+            max_age_ms: 600_000,
+            join_last: 0,
+            room_idle_ms: 600_000,
+            must_deliver_bytes: 64 << 20,
+            droppable_bytes: 256 << 10,
+            max_droppable_bytes: 256 << 20,
+        }
     }
 }
 
@@ -700,26 +767,30 @@ impl Config {
         })
     }
 
-    /// Parses TOML. A parse error names the line and the problem but never quotes the line:
-    /// the line may hold a secret (an API key, the token secret) and errors end up in logs.
+    /// Parses TOML. A parse error names the line and the problem but never quotes the line,
+    /// nor a value: the line may hold a secret (an API key, the token secret, a password in the
+    /// bus URL), however the key is spelled (quoted, dotted, in an inline table), and errors end
+    /// up in logs. Serde's "invalid type/value" messages quote the value: that part is cut.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        const SECRET_KEYS: [&str; 3] = ["key", "hs256_secret", "admin_token"];
+        const SECRET_WORDS: [&str; 5] = ["key", "secret", "token", "password", "bus"];
         toml::from_str(text).map_err(|e| {
+            let message = scrub_values(e.message());
             let Some(span) = e.span() else {
-                return ConfigError::Parse { path: String::from("<config>"), message: e.message().to_owned() };
+                return ConfigError::Parse { path: String::from("<config>"), message };
             };
             let start = span.start.min(text.len());
             let line_no = text[..start].matches('\n').count() + 1;
             let line = text[..start].rsplit('\n').next().unwrap_or("").to_owned()
                 + text[start..].split('\n').next().unwrap_or("");
-            let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_owned());
+            let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches(['"', '\'']).to_owned());
+            let lower = line.to_ascii_lowercase();
             let message = match key {
-                // The value may be a credential, and serde's message quotes it: say only where.
-                Some(k) if SECRET_KEYS.contains(&k.as_str()) => {
+                // The line may carry a credential: say only where, and what key.
+                Some(k) if SECRET_WORDS.iter().any(|w| lower.contains(w)) => {
                     format!("line {line_no} ({k}): invalid value (not shown: it may be a secret)")
                 }
-                Some(k) => format!("line {line_no} ({k}): {}", e.message()),
-                None => format!("line {line_no}: {}", e.message()),
+                Some(k) => format!("line {line_no} ({k}): {message}"),
+                None => format!("line {line_no}: {message}"),
             };
             ConfigError::Parse { path: String::from("<config>"), message }
         })
@@ -733,6 +804,9 @@ impl Config {
         if self.limits.max_rooms == 0 {
             return Err(invalid("limits.max_rooms", "must be above 0"));
         }
+        if self.limits.max_rooms_by_joins.is_some_and(|j| j > self.limits.max_rooms) {
+            return Err(invalid("limits.max_rooms_by_joins", "at most limits.max_rooms"));
+        }
         if !(self.limits.per_ip_connect_rate >= 0.0 && self.limits.per_ip_connect_rate.is_finite()) {
             return Err(invalid("limits.per_ip_connect_rate", "must be a finite number >= 0 (0: no limit)"));
         }
@@ -741,7 +815,9 @@ impl Config {
         }
         for o in &self.ws.allowed_origins {
             let rest = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
-            if rest.is_none_or(|r| r.is_empty() || r.contains('/') || r[1..].contains('*')) {
+            // scheme://host[:port], or scheme://*.domain[:port] with a real domain after "*.".
+            let host = rest.map(|r| r.strip_prefix("*.").unwrap_or(r));
+            if host.is_none_or(|h| crate::auth::host_port(h).is_none()) {
                 return Err(invalid(
                     "ws.allowed_origins",
                     "each is scheme://host[:port], optionally scheme://*.domain (no path)",
@@ -964,6 +1040,59 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However a secret is spelled, a config error never quotes it (the value appeared through
+    /// serde's "invalid type: integer `...`" for quoted keys, inline tables and dotted keys).
+    #[test]
+    fn config_errors_never_quote_a_secret() {
+        let secret = "98765432109876543210";
+        for text in [
+            format!("admin_token = {secret}\n"),
+            format!("'admin_token' = {secret}\n"),
+            format!("[ingest]\nkeys = [{{ name = \"k\", key = {secret} }}]\n"),
+            format!("auth.hs256_secret = {secret}\n"),
+            format!("[auth]\n\"hs256_secret\" = {secret}\n"),
+            format!("bus = {secret}\n"),
+            format!("shards = \"{secret}\"\n"),
+        ] {
+            let e = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(!e.contains(secret), "{text:?} -> {e}");
+            assert!(e.contains("line"), "still says where: {e}");
+        }
+        // Names stay: a typo is still named.
+        let e = Config::from_toml("[ws]\nmax_mesage = 1\n").unwrap_err().to_string();
+        assert!(e.contains("max_mesage"), "{e}");
+    }
+
+    #[test]
+    fn origin_patterns_must_name_a_host() {
+        for bad in [
+            "https://*",
+            "https://*example.com",
+            "https://*.",
+            "http://a b",
+            "https://x.com/",
+            "ftp://x.com",
+            "https://x.com:port",
+        ] {
+            let c = Config::from_toml(&format!("[ws]\nallowed_origins = [\"{bad}\"]\n")).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        for good in ["https://*.example.com", "http://localhost:3000", "https://live.example.com", "http://[::1]:8080"]
+        {
+            let c = Config::from_toml(&format!("[ws]\nallowed_origins = [\"{good}\"]\n")).unwrap();
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn urls_in_logs_hide_their_password() {
+        assert_eq!(redact_url("redis://:pw-secret@10.0.0.1:6379/0"), "redis://:<redacted>@10.0.0.1:6379/0");
+        assert_eq!(redact_url("redis://user:pw@h"), "redis://user:<redacted>@h");
+        assert_eq!(redact_url("redis://onlyone@h"), "redis://<redacted>@h");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact_url("redis://h/?password=x@y"), "redis://h/?password=x@y".to_string());
+    }
 
     #[test]
     fn defaults_are_valid() {

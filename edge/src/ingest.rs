@@ -203,7 +203,11 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: 
     }
     let body = match Bytes::from_request(request, &st).await {
         Ok(b) => b,
-        Err(rejection) => return rejection.into_response(),
+        Err(rejection) => {
+            // Over ingest.max_body_bytes (413), or a body that could not be read.
+            reject(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_body" });
+            return rejection.into_response();
+        }
     };
     let req: PublishRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -226,6 +230,10 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: 
     if st.clients_only_kinds.contains(&req.kind) {
         reject("kind_clients_only");
         return error(StatusCode::FORBIDDEN, format!("kind {} is published by clients only", req.kind));
+    }
+    if let Err(why) = roomcast_proto::envelope::check_body_depth(req.body.get()) {
+        reject("bad_body");
+        return error(StatusCode::BAD_REQUEST, format!("bad body: {why}"));
     }
     if req.user.len() > MAX_USER_LEN {
         reject("bad_user");

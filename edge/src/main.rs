@@ -250,6 +250,11 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    // The token keys are files: read them now, so --check-config says what start-up would.
+    if let Err(e) = edge::auth::Verifier::from_config(&cfg.auth, std::env::var("ROOMCAST_AUTH_SECRET").ok()) {
+        eprintln!("edge: invalid configuration: {e}");
+        std::process::exit(2);
+    }
     if cli.check_config {
         println!("configuration ok");
         return Ok(());

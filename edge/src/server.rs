@@ -112,8 +112,8 @@ impl Edge {
                 let _guard = rt.enter();
                 let limits = StreamLimits { must_deliver: cfg.history.must_deliver, droppable: cfg.history.droppable };
                 let bridge = crate::bus::redis::start(url, bus.clone(), limits)
-                    .map_err(|e| anyhow::anyhow!("bus: cannot use {url}: {e}"))?;
-                tracing::info!(url, "shared bus: redis");
+                    .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
+                tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");
                 Some(bridge)
             }
             None => None,

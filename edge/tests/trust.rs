@@ -338,3 +338,95 @@ async fn socket_publishes_are_bounded_like_the_publish_api() {
     assert_eq!(got.len(), 1, "only the small chat is delivered: {got:?}");
     assert_eq!(got[0].2, "\"small\"");
 }
+
+/// Chat history serves only the last-`join_last` replay, so by default none is kept (a client
+/// could fill every room it made with 64 KiB chats); with a replay it is bounded in bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_history_is_bounded_by_what_it_serves() {
+    let history = |p: &Publisher, room: &'static str| {
+        let p = p.clone();
+        async move {
+            let (_, text) = p.get(&format!("/v1/rooms/{room}")).await;
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["history_droppable"].as_u64().unwrap()
+        }
+    };
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0"]);
+    let p = Publisher::new(edge.http);
+    for n in 0..5 {
+        p.publish("c", "chat", json!({ "n": n, "pad": "x".repeat(1500) })).await;
+    }
+    assert_eq!(history(&p, "c").await, 0, "join_last = 0: nothing to replay, nothing kept");
+
+    let cfg = config("chat-history", "[history]\njoin_last = 3\ndroppable_bytes = 4000\n");
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    for n in 0..5 {
+        p.publish("c", "chat", json!({ "n": n, "pad": "x".repeat(1500) })).await;
+    }
+    assert_eq!(history(&p, "c").await, 2, "4,000 bytes hold two 1.5 KB chats");
+    for n in 0..5 {
+        p.publish("d", "chat", json!(n)).await;
+    }
+    assert_eq!(history(&p, "d").await, 3, "no more than join_last");
+}
+
+/// A body nested deeper than 32 levels is refused on both paths (it broke common JSON parsers
+/// in every member's client, and the gifts batched beside it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_bodies_are_refused_on_both_paths() {
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0"]);
+    let p = Publisher::new(edge.http);
+    let deep = "[".repeat(3000) + &"]".repeat(3000);
+    let body = format!(r#"{{"kind":"chat","body":{deep}}}"#).into_bytes();
+    let (st, v) = p.post_raw("/v1/rooms/n/messages", body).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("nested"), "{v}");
+    let mut ws = connect(&edge.url("?room=n"), None).await;
+    expect_joined(&mut ws, "n").await;
+    let frame = format!(r#"{{"op":"publish","kind":"chat","body":{deep}}}"#);
+    futures_util::SinkExt::send(&mut ws, Message::text(frame)).await.unwrap();
+    assert!(matches!(answer(&mut ws).await, ServerMsg::Error { code, .. } if code == "bad_body"));
+    let shallow = "[".repeat(32) + &"]".repeat(32);
+    send_json(
+        &mut ws,
+        json!({"op":"publish","kind":"chat","body": serde_json::from_str::<serde_json::Value>(&shallow).unwrap()}),
+    )
+    .await;
+    assert!(matches!(answer(&mut ws).await, ServerMsg::Published { .. }));
+}
+
+/// A password in the bus URL never reaches the log, nor the error when Redis cannot be
+/// reached at start-up.
+#[test]
+fn the_bus_password_is_not_logged() {
+    let dir = data_dir("buspw");
+    // Nothing listens on port 1: the edge says it cannot reach Redis and exits.
+    let out = std::process::Command::new(edge_bin())
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "1", "--data-dir"])
+        .arg(&dir)
+        .args(["--bus", "redis://:BUS-PW-SECRET-777@127.0.0.1:1"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(log.contains("redis"), "{log}");
+    assert!(!log.contains("BUS-PW-SECRET-777"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `--check-config` reads the token key files as start-up does: a missing one, or a private
+/// key where a public one belongs, is reported (exit 2, naming the key) instead of "ok".
+#[test]
+fn check_config_reads_the_key_files() {
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+    for (file, why) in
+        [("/nonexistent/key.pem", "cannot read"), (keys.join("es256-a.key.pem").to_str().unwrap(), "not a")]
+    {
+        let cfg = config("checkkeys", &format!("[auth]\nkeys = [{{ alg = \"ES256\", file = \"{file}\" }}]\n"));
+        let out = std::process::Command::new(edge_bin()).args(["--check-config", "--config", &cfg]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {err}");
+        assert!(err.contains("auth.keys[0].file") && err.contains(why), "{err}");
+    }
+}

@@ -84,8 +84,17 @@ impl Drop for Redis {
 
 /// Starts an edge with `args` (later flags win); returns it and its (ws, http) addresses.
 fn edge(args: &[&str]) -> (std::process::Child, String, String) {
+    // Each edge its own data directory (the default would be in the working directory).
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let data = std::env::temp_dir().join(format!(
+        "roomcast-lg-data-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&data);
     let mut child = Command::new(edge_binary())
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

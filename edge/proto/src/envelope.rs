@@ -274,6 +274,40 @@ pub fn validate_kind(kind: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Deepest nesting of arrays and objects a published body may have. Every member's client
+/// parses the batch a body travels in: a body nested thousands deep breaks common parsers
+/// (Python's recursion limit, serde_json's 128, Go's 10,000) and with them the gifts batched
+/// beside it. 32 levels is far more than any payload needs.
+pub const MAX_BODY_DEPTH: usize = 32;
+
+/// Checks a body's (valid JSON text) nesting depth.
+pub fn check_body_depth(body: &str) -> Result<(), &'static str> {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for b in body.bytes() {
+        if in_str {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_BODY_DEPTH {
+                    return Err("body nested deeper than 32 levels");
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Serde adapter: a `String` holding JSON text travels as raw JSON.
 mod raw_json {
     use super::RawValue;
@@ -491,6 +525,19 @@ mod tests {
     fn rkyv_rejects_garbage() {
         assert!(decode_rkyv(&[0xff; 3]).is_err());
         assert!(decode_rkyv(&[0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08]).is_err());
+    }
+
+    #[test]
+    fn body_depth_is_bounded_outside_strings_only() {
+        let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        assert!(check_body_depth(&deep(32)).is_ok());
+        assert!(check_body_depth(&deep(33)).is_err());
+        assert!(check_body_depth(&format!("{{\"a\":{}}}", deep(31))).is_ok());
+        assert!(check_body_depth(&format!("{{\"a\":{}}}", deep(32))).is_err());
+        // Brackets inside strings (escaped quotes included) do not count.
+        let s = format!("\"{}\\\"{}\"", "[".repeat(100), "{".repeat(100));
+        assert!(check_body_depth(&s).is_ok(), "{s}");
+        assert!(check_body_depth("12345").is_ok());
     }
 
     #[test]

@@ -373,7 +373,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
     if body {
         return Err(refuse(400, "an upgrade request has no body (Content-Length or Transfer-Encoding)"));
     }
-    let origin = origin.and_then(|o| std::str::from_utf8(o).ok()).map(str::to_owned);
+    // An Origin that is not UTF-8 is still an Origin: kept (lossily) so that an allow-list
+    // refuses it, rather than read as absent (a non-browser client, left to the token).
+    let origin = origin.map(|o| String::from_utf8_lossy(o).into_owned());
     // Only the Bearer scheme carries a token; anything else is as if absent.
     let bearer = auth.and_then(|a| std::str::from_utf8(a).ok()).and_then(|a| {
         let (scheme, token) = a.trim().split_once(' ')?;

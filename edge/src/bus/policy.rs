@@ -45,6 +45,22 @@ pub struct HistoryLimits {
     pub must_deliver: usize,
     pub droppable: usize,
     pub max_age: Duration,
+    /// Bytes a room's must-deliver (droppable) history may hold; the oldest go first (an
+    /// evicted must-deliver seq is reported as a gap to a `since` below it).
+    pub must_deliver_bytes: usize,
+    pub droppable_bytes: usize,
+}
+
+impl HistoryLimits {
+    /// Counts only, no byte bounds (tests).
+    pub fn counts(must_deliver: usize, droppable: usize, max_age: Duration) -> Self {
+        Self { must_deliver, droppable, max_age, must_deliver_bytes: usize::MAX, droppable_bytes: usize::MAX }
+    }
+}
+
+/// What a message costs in history, roughly: its text plus the queue entry.
+fn cost(m: &PushMessage) -> usize {
+    m.body.len() + m.kind.len() + m.user.len() + 64
 }
 
 /// A room's recent messages, must-deliver apart from droppable so that a chat flood never evicts
@@ -55,6 +71,9 @@ pub struct History {
     droppable: VecDeque<(Instant, PushMessage)>,
     /// Highest seq of a must-deliver message that was evicted (0: none).
     pub must_evicted_upto: u64,
+    /// Bytes held (see `cost`).
+    pub must_bytes: usize,
+    pub droppable_bytes: usize,
 }
 
 /// What a `since` recovery yields.
@@ -67,14 +86,25 @@ pub struct Recovery {
 }
 
 impl History {
-    pub fn push(&mut self, msg: PushMessage, must_deliver: bool, now: Instant, lim: &HistoryLimits) {
+    /// Keeps `msg` (a droppable one only if `keep_droppable`: the engine's budget for droppable
+    /// history may be spent), then applies the limits.
+    pub fn push(
+        &mut self,
+        msg: PushMessage,
+        must_deliver: bool,
+        keep_droppable: bool,
+        now: Instant,
+        lim: &HistoryLimits,
+    ) {
         if must_deliver {
             if lim.must_deliver == 0 {
                 self.must_evicted_upto = msg.seq;
                 return;
             }
+            self.must_bytes += cost(&msg);
             self.must.push_back((now, msg));
-        } else if lim.droppable > 0 {
+        } else if lim.droppable > 0 && keep_droppable {
+            self.droppable_bytes += cost(&msg);
             self.droppable.push_back((now, msg));
         }
         self.trim(now, lim);
@@ -83,13 +113,20 @@ impl History {
     /// Drops what is over the count or older than the age limit.
     pub fn trim(&mut self, now: Instant, lim: &HistoryLimits) {
         let old = |t: &Instant| now.saturating_duration_since(*t) > lim.max_age;
-        while self.must.len() > lim.must_deliver || self.must.front().is_some_and(|(t, _)| old(t)) {
-            if let Some((_, m)) = self.must.pop_front() {
-                self.must_evicted_upto = self.must_evicted_upto.max(m.seq);
-            }
+        while self.must.len() > lim.must_deliver
+            || self.must_bytes > lim.must_deliver_bytes
+            || self.must.front().is_some_and(|(t, _)| old(t))
+        {
+            let Some((_, m)) = self.must.pop_front() else { break };
+            self.must_bytes -= cost(&m);
+            self.must_evicted_upto = self.must_evicted_upto.max(m.seq);
         }
-        while self.droppable.len() > lim.droppable || self.droppable.front().is_some_and(|(t, _)| old(t)) {
-            self.droppable.pop_front();
+        while self.droppable.len() > lim.droppable
+            || self.droppable_bytes > lim.droppable_bytes
+            || self.droppable.front().is_some_and(|(t, _)| old(t))
+        {
+            let Some((_, m)) = self.droppable.pop_front() else { break };
+            self.droppable_bytes -= cost(&m);
         }
     }
 
@@ -111,7 +148,10 @@ impl History {
         for m in msgs {
             let age = Duration::from_micros(wall_us.saturating_sub(m.ts_us));
             match now.checked_sub(age) {
-                Some(at) if age <= lim.max_age => self.must.push_back((at, m)),
+                Some(at) if age <= lim.max_age => {
+                    self.must_bytes += cost(&m);
+                    self.must.push_back((at, m));
+                }
                 _ => self.must_evicted_upto = self.must_evicted_upto.max(m.seq),
             }
         }
@@ -183,13 +223,13 @@ mod tests {
     #[test]
     fn chat_flood_never_evicts_gifts() {
         let now = Instant::now();
-        let lim = HistoryLimits { must_deliver: 100, droppable: 10, max_age: Duration::from_secs(60) };
+        let lim = HistoryLimits::counts(100, 10, Duration::from_secs(60));
         let mut h = History::default();
-        h.push(m(1, "gift"), true, now, &lim);
+        h.push(m(1, "gift"), true, true, now, &lim);
         for s in 2..10_000 {
-            h.push(m(s, "chat"), false, now, &lim);
+            h.push(m(s, "chat"), false, true, now, &lim);
         }
-        h.push(m(10_000, "gift"), true, now, &lim);
+        h.push(m(10_000, "gift"), true, true, now, &lim);
         assert_eq!(h.len(), (2, 10));
         let r = h.recover(0, 10_000);
         assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 10_000]);
@@ -201,10 +241,10 @@ mod tests {
     #[test]
     fn evicted_gifts_are_reported_as_a_gap() {
         let now = Instant::now();
-        let lim = HistoryLimits { must_deliver: 2, droppable: 0, max_age: Duration::from_secs(60) };
+        let lim = HistoryLimits::counts(2, 0, Duration::from_secs(60));
         let mut h = History::default();
         for s in 1..=5 {
-            h.push(m(s, "gift"), true, now, &lim);
+            h.push(m(s, "gift"), true, true, now, &lim);
         }
         let r = h.recover(1, 5);
         assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
@@ -220,13 +260,40 @@ mod tests {
     #[test]
     fn last_k_merges_both_kinds_in_order() {
         let now = Instant::now();
-        let lim = HistoryLimits { must_deliver: 10, droppable: 10, max_age: Duration::from_secs(60) };
+        let lim = HistoryLimits::counts(10, 10, Duration::from_secs(60));
         let mut h = History::default();
         for s in 1..=6 {
-            h.push(m(s, if s % 3 == 0 { "gift" } else { "chat" }), s % 3 == 0, now, &lim);
+            h.push(m(s, if s % 3 == 0 { "gift" } else { "chat" }), s % 3 == 0, true, now, &lim);
         }
         assert_eq!(h.last(4, 6).iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
         assert_eq!(h.last(4, 4).iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert!(h.last(0, 6).is_empty());
+    }
+
+    /// A room's history is bounded in bytes too: a few huge messages cannot hold megabytes
+    /// (a client could fill chat history with 64 KiB bodies, 200 deep, in every room it made).
+    #[test]
+    fn byte_bounds_evict_the_oldest_and_report_gaps() {
+        let now = Instant::now();
+        let lim = HistoryLimits {
+            must_deliver_bytes: 3 * (1000 + 4 + 64),
+            droppable_bytes: 2000,
+            ..HistoryLimits::counts(100, 100, Duration::from_secs(60))
+        };
+        let mut h = History::default();
+        let big = |s: u64, kind: &str| PushMessage { body: "x".repeat(1000), ..m(s, kind) };
+        for s in 1..=10 {
+            h.push(big(s, "chat"), false, true, now, &lim);
+        }
+        assert_eq!(h.len().1, 1, "2,000 bytes hold one 1 KB chat");
+        assert!(h.droppable_bytes <= 2000);
+        for s in 11..=15 {
+            h.push(big(s, "gift"), true, true, now, &lim);
+        }
+        assert_eq!(h.len().0, 3);
+        assert_eq!(h.recover(10, 15).gap, Some((11, 12)), "evicted gifts are a gap, never silent");
+        // Not kept when the engine's budget is spent.
+        h.push(big(16, "chat"), false, false, now, &lim);
+        assert_eq!(h.last(1, 16)[0].seq, 15);
     }
 }

@@ -24,7 +24,7 @@ impl Engine {
             self.stats.publish_rejected.with_label_values(&["unknown_kind"]).inc();
             return Err(PublishError::UnknownKind(msg.kind.clone()));
         };
-        if let Err(e) = self.ensure_room(room, now) {
+        if let Err(e) = self.ensure_room(room, now, false) {
             self.stats.publish_rejected.with_label_values(&["too_many_rooms"]).inc();
             return Err(e);
         }

@@ -31,9 +31,12 @@ impl Engine {
         if self.store.is_some() {
             self.store_message(room, &pm, must_deliver, now);
         }
+        let keep_droppable = self.droppable_held < self.cfg.max_droppable_bytes / self.engines;
         let Some(r) = self.rooms.get_mut(room) else { return };
         self.stats.messages_in.with_label_values(&[pm.kind.as_str()]).inc();
-        r.history.push(pm.clone(), must_deliver, now, &self.cfg.history);
+        let before = r.history.droppable_bytes;
+        r.history.push(pm.clone(), must_deliver, keep_droppable, now, &self.cfg.history);
+        self.droppable_held = (self.droppable_held + r.history.droppable_bytes).saturating_sub(before);
         if !r.interested() {
             // No member on any shard: nothing to deliver now; history keeps it for `since`.
             r.flushed_seq = r.seq;

@@ -34,7 +34,7 @@ impl Engine {
         now: Instant,
         out: &mut Out,
     ) {
-        if let Err(e) = self.ensure_room(&room, now) {
+        if let Err(e) = self.ensure_room(&room, now, true) {
             // Counted (here and as the shard's signals_refused); a client can cause many, so
             // no log line each.
             self.stats.publish_rejected.with_label_values(&["too_many_rooms"]).inc();

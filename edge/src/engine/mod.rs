@@ -64,6 +64,8 @@ pub struct EngineConfig {
     pub adaptive: AdaptiveConfig,
     /// Rooms idle this long with no member anywhere (and nothing left in history) leave memory.
     pub room_idle: Duration,
+    /// Droppable history the edge keeps, all rooms (split evenly over the engines).
+    pub max_droppable_bytes: usize,
 }
 
 impl EngineConfig {
@@ -76,9 +78,13 @@ impl EngineConfig {
             limits: cfg.limits.clone(),
             history: HistoryLimits {
                 must_deliver: cfg.history.must_deliver,
-                droppable: cfg.history.droppable,
+                // Droppable history serves only the replay of the last join_last on join.
+                droppable: cfg.history.droppable.min(cfg.history.join_last),
                 max_age: Duration::from_millis(cfg.history.max_age_ms),
+                must_deliver_bytes: cfg.history.must_deliver_bytes,
+                droppable_bytes: cfg.history.droppable_bytes,
             },
+            max_droppable_bytes: cfg.history.max_droppable_bytes,
             join_last: cfg.history.join_last,
             room_idle: Duration::from_millis(cfg.history.room_idle_ms),
             adaptive: cfg.adaptive.clone(),
@@ -174,6 +180,9 @@ pub struct Engine {
     wall_at_epoch: u64,
     /// Epochs made so far (an input of the next).
     epochs_made: u64,
+    /// Bytes of droppable history held by this engine's rooms (exact after each sweep, an
+    /// overestimate between: trims by age are counted at the next sweep).
+    droppable_held: usize,
     /// The durable store (single-node mode, `store.enabled`): this turn's records, the token
     /// of the last batch sent to it and of the last it made durable, the must-deliver
     /// acknowledgements waiting for their batch, and the rooms whose flush or joins wait.
@@ -221,6 +230,7 @@ impl Engine {
             epoch: now,
             wall_at_epoch: wall_us,
             epochs_made: 0,
+            droppable_held: 0,
             store: None,
             store_out: Vec::new(),
             store_sent: 0,
@@ -469,6 +479,23 @@ impl Engine {
         r.pending_bytes = 0;
         r.deadline = None;
         r.flushed_seq = r.seq;
+        // A room that never had a message (joins only) is forgotten at once: clients cannot
+        // keep rooms alive, nor fill `limits.max_rooms`, by joining and leaving.
+        let unused = r.seq == 0
+            && r.history.len() == (0, 0)
+            && r.waiting.is_empty()
+            && r.parked.is_empty()
+            && r.joins_after_store.is_empty()
+            && r.wait_token <= self.store_durable;
+        if unused {
+            if let Some(bridge) = &self.remote {
+                let _ = bridge.send(BridgeCmd::Unsubscribe(room.clone()));
+            }
+            self.rooms.remove(room);
+            self.load.remove_rooms(1);
+            self.stats.rooms.dec();
+            return;
+        }
         if let Some(bridge) = &self.remote {
             // No member left here: stop receiving the room. Local history would have a hole
             // from now on, so it is dropped with the subscription.
@@ -480,12 +507,15 @@ impl Engine {
     }
 
     /// Creates the room if there is room for it.
-    fn ensure_room(&mut self, room: &RoomName, now: Instant) -> Result<(), crate::bus::PublishError> {
+    /// Creates the room if there is room for it: up to `limits.max_rooms`, or up to
+    /// `limits.max_rooms_by_joins` when a client's join would create it.
+    fn ensure_room(&mut self, room: &RoomName, now: Instant, by_join: bool) -> Result<(), crate::bus::PublishError> {
         if self.rooms.contains_key(room) {
             return Ok(());
         }
-        if !self.load.try_add_room(self.cfg.limits.max_rooms) {
-            return Err(crate::bus::PublishError::TooManyRooms(self.cfg.limits.max_rooms));
+        let max = if by_join { self.cfg.limits.rooms_by_joins() } else { self.cfg.limits.max_rooms };
+        if !self.load.try_add_room(max) {
+            return Err(crate::bus::PublishError::TooManyRooms(max));
         }
         let mut r = Room::new(room.clone(), self.shards, now, &self.cfg);
         r.synced = self.remote.is_none();
@@ -514,13 +544,9 @@ impl Engine {
                     r.history.restore(l.messages, l.meta.evicted_upto, now, wall, &self.cfg.history);
                     self.stats.rooms_restored.inc();
                 }
-                None => {
-                    r.epoch = self.new_epoch(now);
-                    if self.store.is_some() {
-                        let meta = self.meta_of(&r, now);
-                        self.store_out.push(Record::Meta(room.clone(), meta));
-                    }
-                }
+                // Written to the store with its first message (a room nobody publishes to
+                // costs the disk nothing: joins alone cannot grow it).
+                None => r.epoch = self.new_epoch(now),
             }
         }
         self.rooms.insert(room.clone(), r);
@@ -558,6 +584,7 @@ impl Engine {
         let lim = self.cfg.history;
         let before = self.rooms.len();
         let durable = self.store_durable;
+        let mut droppable_held = 0;
         let stored = self.store.is_some();
         let touched_s = self.wall_us(now) / 1_000_000;
         let idle = self.cfg.room_idle;
@@ -572,6 +599,7 @@ impl Engine {
             }
             // A room leaves memory only once the store has all of it; its exact seq is written
             // as it goes, so its numbering continues without a skip when it comes back.
+            droppable_held += r.history.droppable_bytes;
             let keep = r.interested()
                 || !r.pending.is_empty()
                 || r.history.len() != (0, 0)
@@ -583,6 +611,7 @@ impl Engine {
             }
             keep
         });
+        self.droppable_held = droppable_held;
         let (rate, burst) = (self.cfg.limits.user_rate, self.cfg.limits.user_burst);
         self.users.retain(|_, b| !b.is_full(rate, burst, now));
         let forgotten = before - self.rooms.len();

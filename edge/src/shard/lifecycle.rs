@@ -157,6 +157,7 @@ impl Shard {
             return;
         }
         self.last_sweep = now;
+        self.roll_refusal_log();
         if let Some(g) = &self.ipguard {
             // The shards take the address table's stripes in turn, one each per sweep.
             g.sweep(self.sweep_stripe);

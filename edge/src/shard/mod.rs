@@ -323,21 +323,28 @@ impl Shard {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Once a second: the summary of what was not logged, and a fresh budget. Called on each
+    /// refusal and from the timers, so the summary comes even when the refusals stop.
+    fn roll_refusal_log(&mut self) {
+        let now = self.now_ms();
+        if now.saturating_sub(self.log_window_ms) < 1000 {
+            return;
+        }
+        if self.log_suppressed > 0 {
+            tracing::info!(
+                shard = self.id,
+                not_logged = self.log_suppressed,
+                "more refusals in the last second (counted in /metrics)"
+            );
+        }
+        self.log_window_ms = now;
+        self.log_budget = LOG_BUDGET;
+        self.log_suppressed = 0;
+    }
+
     /// Whether to log one more refusal now (LOG_BUDGET a second; then one summary line).
     fn log_refusal(&mut self) -> bool {
-        let now = self.now_ms();
-        if now.saturating_sub(self.log_window_ms) >= 1000 {
-            if self.log_suppressed > 0 {
-                tracing::info!(
-                    shard = self.id,
-                    not_logged = self.log_suppressed,
-                    "more refusals in the last second (counted in /metrics)"
-                );
-            }
-            self.log_window_ms = now;
-            self.log_budget = LOG_BUDGET;
-            self.log_suppressed = 0;
-        }
+        self.roll_refusal_log();
         if self.log_budget > 0 {
             self.log_budget -= 1;
             true

@@ -225,6 +225,10 @@ impl Shard {
                 if let Err(why) = envelope::validate_kind(&kind) {
                     return self.send_error(slot, "bad_kind", why);
                 }
+                if let Err(why) = envelope::check_body_depth(&body) {
+                    self.stats.refused("publish_bad_body");
+                    return self.send_error(slot, "bad_body", why);
+                }
                 // The publish API's bound on a body holds here too, whatever ws.max_message
                 // lets through for other signalling.
                 if body.len() > self.cfg.ingest.max_body_bytes {

@@ -240,6 +240,7 @@ pub async fn expect_joined(ws: &mut Ws, room: &str) -> u64 {
     }
 }
 
+#[derive(Clone)]
 pub struct Publisher {
     client: reqwest::Client,
     base: String,
