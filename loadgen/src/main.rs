@@ -5,8 +5,10 @@
 //! publishes at configured rates per kind, and measures end-to-end latency, loss, throughput and
 //! the server's CPU and memory. Results go to `bench-results/<date>-<scenario>/`.
 //! `loadgen tokens` signs a connection token (JWT) per connection for `run --tokens`.
+//! `loadgen pubbench` finds the publish rate the edge sustains (closed loop, over HTTP).
 
 mod publish;
+mod pubbench;
 mod report;
 mod stats;
 mod tokens;
@@ -39,6 +41,8 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Sign one connection token (JWT) per connection into a file, for `run --tokens`.
     Tokens(tokens::TokensArgs),
+    /// Closed-loop publish benchmark: concurrent clients publishing back to back over HTTP.
+    Pubbench(pubbench::PubbenchArgs),
     /// Internal: one worker process (started by `run`).
     #[command(hide = true)]
     Worker { json: String },
@@ -90,6 +94,15 @@ struct RunArgs {
     /// Body padding, bytes (message size).
     #[arg(long, default_value_t = 64)]
     pad: usize,
+    /// Publishing threads for gifts, each with its own connection and one request in flight
+    /// (its share of the rate): with the store on, a gift is acknowledged once fsynced, so one
+    /// stream offers at most 1 / (fsync + round trip) gifts a second. Receivers check order and
+    /// loss per stream.
+    #[arg(long, default_value_t = 1)]
+    gift_streams: usize,
+    /// Publishing threads for chat (as for gifts).
+    #[arg(long, default_value_t = 1)]
+    chat_streams: usize,
     /// Worker processes (0: one per 15,000 connections).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -201,6 +214,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Worker { json } => worker::run(serde_json::from_str(&json)?),
         Cmd::Run(a) => run(*a),
         Cmd::Tokens(a) => tokens::sign(&a),
+        Cmd::Pubbench(a) => pubbench::run(&a),
     }
 }
 
@@ -241,6 +255,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             slow_bytes: a.slow_bytes,
             follow_goaway: !a.no_follow_goaway && a.target == Target::Edge,
             tokens: a.tokens.clone(),
+            streams: vec![a.gift_streams.max(1), a.chat_streams.max(1)],
         };
         let mut child = Command::new(&exe)
             .args(["worker", &serde_json::to_string(&wa)?])
@@ -294,14 +309,24 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let server_connected = a.server_pid.and_then(proc_cpu_rss);
     let gen_cpu_before: f64 = progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
 
-    // 2. Publish (on this thread), sampling progress every second.
-    let mut publisher = publish::Publisher::new(a.target, a.http, a.rooms, &KINDS, a.pad)?;
+    // 2. Publish (stream threads), sampling progress every second on this thread.
     let rates = [a.gift_rate, a.chat_rate];
     let pub_start = Instant::now();
+    let end = pub_start + Duration::from_secs(a.duration);
+    let publisher = publish::Publisher::start(
+        a.target,
+        a.http,
+        a.rooms,
+        &KINDS,
+        a.pad,
+        &rates,
+        &[a.gift_streams, a.chat_streams],
+        pub_start,
+        end,
+    )?;
     let deliveries_before: u64 = progress.iter().map(|p| p.deliveries).sum();
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
-    let end = pub_start + Duration::from_secs(a.duration);
     let sample =
         |progress: &[Progress], last_deliveries: &mut u64, last_sample: &mut Instant, samples: &mut Vec<Sample>| {
             let d: u64 = progress.iter().map(|p| p.deliveries).sum();
@@ -340,14 +365,15 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             *last_deliveries = d;
             *last_sample = Instant::now();
         };
-    while Instant::now() < end {
-        publisher.tick(pub_start, &rates)?;
+    while Instant::now() < end && !publisher.failed() {
         drain(&rx, &mut progress, &mut Vec::new());
         if last_sample.elapsed() >= Duration::from_secs(1) {
             sample(&progress, &mut last_deliveries, &mut last_sample, &mut samples);
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_millis(5));
     }
+    // Streams stop at `end`; one may be waiting for an acknowledgement (at most 10 s).
+    let outcome = publisher.finish()?;
     let pub_secs = pub_start.elapsed().as_secs_f64();
     // 3. Let everything in flight arrive (until deliveries stop moving for 3 s, at most 60 s),
     // then stop the workers with the published counts: late is not lost.
@@ -367,7 +393,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let server_after = a.server_pid.and_then(proc_cpu_rss);
-    let stop = Stop { published: publisher.published.clone() };
+    let stop = Stop { published: outcome.published.clone() };
     let line = serde_json::to_string(&stop)?;
     for p in &mut procs {
         writeln!(p.stdin, "{line}")?;
@@ -446,8 +472,31 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         connect_s,
         connect_per_s: connected as f64 / connect_s.max(1e-3),
         publish_secs: pub_secs,
-        published: KINDS.iter().enumerate().map(|(k, name)| ((*name).to_owned(), publisher.total(k))).collect(),
-        publish_refused: publisher.refused,
+        published: KINDS.iter().enumerate().map(|(k, name)| ((*name).to_owned(), outcome.total(k))).collect(),
+        publish_refused: outcome.refused_total(),
+        publish_offered: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), outcome.offered[k])).collect(),
+        publish_offered_per_s: KINDS
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ((*n).to_owned(), outcome.offered[k] as f64 / pub_secs.max(1e-3)))
+            .collect(),
+        publish_refused_by_status: outcome.refused.clone(),
+        publish_not_accepted: KINDS
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ((*n).to_owned(), outcome.not_accepted[k]))
+            .collect(),
+        publish_gave_up: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), outcome.gave_up[k])).collect(),
+        publish_ack_ms: KINDS
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&outcome.ack[k])))
+            .collect(),
+        publish_streams: KINDS
+            .iter()
+            .zip([a.gift_streams.max(1), a.chat_streams.max(1)])
+            .map(|(n, s)| ((*n).to_owned(), s))
+            .collect(),
         deliveries,
         deliveries_per_s: measured_deliveries as f64 / pub_secs,
         frames,

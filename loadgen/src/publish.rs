@@ -1,73 +1,217 @@
 //! Publishing at fixed rates per room and kind, over HTTP (keep-alive, `reqwest` blocking).
-//! Each body carries its send time and a per-(room, kind) counter: `{"t":..,"k":..,"kind":..}`.
+//!
+//! Each kind is published by `streams` threads of its own (one by default), each paced at its
+//! share of the kind's rate and sending one request at a time, so a slow acknowledgement (a gift
+//! held until it is fsynced) delays only its own stream, not the other kind nor the other
+//! streams. Each body carries its send time, its stream and a per-(room, kind, stream) counter:
+//! `{"t":..,"k":..,"s":..,"kind":..}`. Within a stream the next message is sent only once the
+//! previous one is acknowledged, so `k` follows the room's seq order per stream and receivers
+//! check order and loss per stream; across streams the order is not defined.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::stats::Pacer;
+use hdrhistogram::Histogram;
+
+use crate::stats::{Pacer, histogram};
 use crate::worker::Target;
 
+/// What the stream threads did, merged.
+pub struct Outcome {
+    /// Messages accepted, per room, kind and stream (the next `k`).
+    pub published: Vec<Vec<Vec<u64>>>,
+    /// Messages attempted (accepted, dropped by the server, or given up), per kind.
+    pub offered: Vec<u64>,
+    /// Refusals (every answer that was not an acceptance, retries included), by "kind status".
+    pub refused: BTreeMap<String, u64>,
+    /// Messages never accepted, per kind: droppables the server dropped (429/503/202) and
+    /// must-deliver messages given up after 10 s of refusals or on an answer not worth retrying.
+    /// They take no `k`: receivers do not expect them.
+    pub not_accepted: Vec<u64>,
+    /// Must-deliver messages given up (a subset of `not_accepted`), per kind.
+    pub gave_up: Vec<u64>,
+    /// Send-to-acknowledgement latency of accepted messages (µs), per kind, first attempt to
+    /// acceptance (retries included).
+    pub ack: Vec<Histogram<u64>>,
+}
+
+impl Outcome {
+    pub fn total(&self, kind: usize) -> u64 {
+        self.published.iter().map(|r| r[kind].iter().sum::<u64>()).sum()
+    }
+
+    /// Refusals, all kinds and statuses.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.values().sum()
+    }
+}
+
+struct Shared {
+    outcome: Mutex<Outcome>,
+    /// Set by the first stream that fails for good; the others stop.
+    failed: AtomicBool,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
 pub struct Publisher {
-    client: reqwest::blocking::Client,
-    target: Target,
-    base: String,
-    rooms: u32,
-    kinds: Vec<String>,
-    pad: String,
-    /// Messages accepted, per room and kind (the next `k`).
-    pub published: Vec<Vec<u64>>,
-    /// Attempts per kind (accepted or not), for pacing.
-    sent: Vec<u64>,
-    pub refused: u64,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// One stream: kind `ki`, stream `s` of `streams`, paced at `rate` per second (all rooms).
+struct Stream {
+    client: reqwest::blocking::Client,
+    target: Target,
+    base: String,
+    rooms: u32,
+    kind: String,
+    /// The first kind is must-deliver (gifts): refusals are retried, nothing is skipped.
+    must_deliver: bool,
+    s: usize,
+    pad: String,
+    published: Vec<u64>,
+    refused: BTreeMap<String, u64>,
+    not_accepted: u64,
+    gave_up: u64,
+    offered: u64,
+    ack: Histogram<u64>,
+}
+
 impl Publisher {
-    pub fn new(target: Target, http: SocketAddr, rooms: u32, kinds: &[&str], pad: usize) -> anyhow::Result<Self> {
-        let client =
-            reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(4).build()?;
-        Ok(Self {
-            client,
-            target,
-            base: format!("http://{http}"),
-            rooms: rooms.max(1),
-            kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
-            pad: "x".repeat(pad),
-            published: vec![vec![0; kinds.len()]; rooms.max(1) as usize],
-            sent: vec![0; kinds.len()],
-            refused: 0,
-        })
-    }
-
-    pub fn total(&self, kind: usize) -> u64 {
-        self.published.iter().map(|r| r[kind]).sum()
-    }
-
-    /// Sends whatever is due by now; `rates` per room and second, per kind.
-    pub fn tick(&mut self, start: Instant, rates: &[f64]) -> anyhow::Result<()> {
+    /// Starts one thread per (kind, stream) with a non-zero rate; each publishes from `start`
+    /// until `end`. `rates` are per room and second, `streams` the threads per kind.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        target: Target,
+        http: SocketAddr,
+        rooms: u32,
+        kinds: &[&str],
+        pad: usize,
+        rates: &[f64],
+        streams: &[usize],
+        start: Instant,
+        end: Instant,
+    ) -> anyhow::Result<Self> {
+        let rooms = rooms.max(1);
+        let max_streams = streams.iter().copied().max().unwrap_or(1).max(1);
+        let shared = Arc::new(Shared {
+            outcome: Mutex::new(Outcome {
+                published: vec![vec![vec![0; max_streams]; kinds.len()]; rooms as usize],
+                offered: vec![0; kinds.len()],
+                refused: BTreeMap::new(),
+                not_accepted: vec![0; kinds.len()],
+                gave_up: vec![0; kinds.len()],
+                ack: kinds.iter().map(|_| histogram()).collect(),
+            }),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+        });
+        let mut threads = Vec::new();
         for (ki, &rate) in rates.iter().enumerate() {
-            let pacer = Pacer::new(start, rate * f64::from(self.rooms));
-            let due = pacer.due_count(Instant::now());
-            // At most 64 per call: the caller samples progress between calls, even when the
-            // server answers slowly and the publisher falls behind its schedule.
-            let due = due.min(self.sent[ki] + 64);
-            while self.sent[ki] < due {
-                let n = self.sent[ki];
-                self.sent[ki] += 1;
-                let room = (n % u64::from(self.rooms)) as u32;
-                self.send(room, ki)?;
+            let n = streams.get(ki).copied().unwrap_or(1).max(1);
+            if rate <= 0.0 {
+                continue;
+            }
+            for s in 0..n {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .pool_max_idle_per_host(2)
+                    .build()?;
+                let mut st = Stream {
+                    client,
+                    target,
+                    base: format!("http://{http}"),
+                    rooms,
+                    kind: kinds[ki].to_owned(),
+                    must_deliver: ki == 0,
+                    s,
+                    pad: "x".repeat(pad),
+                    published: vec![0; rooms as usize],
+                    refused: BTreeMap::new(),
+                    not_accepted: 0,
+                    gave_up: 0,
+                    offered: 0,
+                    ack: histogram(),
+                };
+                let shared = shared.clone();
+                let pacer = Pacer::new(start, rate * f64::from(rooms) / n as f64);
+                threads.push(std::thread::spawn(move || {
+                    let result = st.run(&pacer, end, &shared.failed);
+                    let mut o = shared.outcome.lock().expect("not poisoned");
+                    for (room, &k) in st.published.iter().enumerate() {
+                        o.published[room][ki][s] = k;
+                    }
+                    o.offered[ki] += st.offered;
+                    o.not_accepted[ki] += st.not_accepted;
+                    o.gave_up[ki] += st.gave_up;
+                    for (key, v) in &st.refused {
+                        *o.refused.entry(key.clone()).or_default() += v;
+                    }
+                    o.ack[ki].add(&st.ack).expect("same bounds");
+                    drop(o);
+                    if let Err(e) = result {
+                        shared.failed.store(true, Ordering::Relaxed);
+                        shared.error.lock().expect("not poisoned").get_or_insert(e);
+                    }
+                }));
             }
         }
-        Ok(())
+        Ok(Self { threads, shared })
     }
 
-    fn send(&mut self, room: u32, ki: usize) -> anyhow::Result<()> {
-        let kind = &self.kinds[ki];
-        let k = self.published[room as usize][ki];
-        let body = format!(r#"{{"t":{},"k":{k},"kind":"{kind}","p":"{}"}}"#, now_us(), self.pad);
+    /// Whether a stream failed for good (the run should stop).
+    pub fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits for every stream (they stop at `end`) and returns what they did.
+    pub fn finish(self) -> anyhow::Result<Outcome> {
+        for t in self.threads {
+            let _ = t.join();
+        }
+        if let Some(e) = self.shared.error.lock().expect("not poisoned").take() {
+            return Err(e);
+        }
+        let shared = Arc::try_unwrap(self.shared).map_err(|_| anyhow::anyhow!("publisher still shared"))?;
+        Ok(shared.outcome.into_inner().expect("not poisoned"))
+    }
+}
+
+impl Stream {
+    fn run(&mut self, pacer: &Pacer, end: Instant, failed: &AtomicBool) -> anyhow::Result<()> {
+        let mut n = 0u64;
+        loop {
+            let due = pacer.due(n);
+            if due >= end || failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let room = (n % u64::from(self.rooms)) as u32;
+            n += 1;
+            self.offered += 1;
+            self.send(room)?;
+        }
+    }
+
+    fn refusal(&mut self, status: &str) {
+        *self.refused.entry(format!("{} {status}", self.kind)).or_default() += 1;
+    }
+
+    fn send(&mut self, room: u32) -> anyhow::Result<()> {
+        let kind = self.kind.clone();
+        let k = self.published[room as usize];
+        let s = self.s;
+        let body = format!(r#"{{"t":{},"k":{k},"s":{s},"kind":"{kind}","p":"{}"}}"#, now_us(), self.pad);
         let (url, payload) = match self.target {
             Target::Edge => (
                 format!("{}/v1/rooms/r{room}/messages", self.base),
@@ -75,9 +219,11 @@ impl Publisher {
             ),
             Target::Nchan => (format!("{}/pub/r{room}", self.base), body),
         };
-        // Must-deliver messages are retried while the server says so; nothing is skipped, so
-        // the receivers' `k` sequence has no hole the publisher made.
-        let end = Instant::now() + Duration::from_secs(10);
+        // Must-deliver messages are retried while the server says so (429, 503, 507), for up
+        // to 10 s; a message given up takes no `k`, so the receivers' sequence has no hole the
+        // publisher made. Droppable ones refused are dropped by the server: not numbered either.
+        let first = Instant::now();
+        let end = first + Duration::from_secs(10);
         loop {
             let r = self.client.post(&url).header("Content-Type", "application/json").body(payload.clone()).send();
             // Nchan answers 201 (delivered to subscribers) or 202 (queued): both accepted. The
@@ -86,25 +232,28 @@ impl Publisher {
                 |s: reqwest::StatusCode| s.is_success() && (self.target == Target::Nchan || s.as_u16() != 202);
             match r {
                 Ok(resp) if accepted(resp.status()) => {
-                    self.published[room as usize][ki] += 1;
+                    self.published[room as usize] += 1;
+                    let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
                     return Ok(());
                 }
-                Ok(resp)
-                    if Instant::now() < end && (resp.status().as_u16() == 429 || resp.status().as_u16() == 503) =>
-                {
-                    self.refused += 1;
-                    if ki != 0 {
-                        // Droppable: dropped by the server; do not number it.
+                Ok(resp) => {
+                    let code = resp.status().as_u16();
+                    self.refusal(&code.to_string());
+                    let retriable = matches!(code, 429 | 503 | 507);
+                    if !self.must_deliver || code == 202 {
+                        self.not_accepted += 1;
+                        return Ok(());
+                    }
+                    if !retriable || Instant::now() >= end {
+                        eprintln!("publish {kind} to r{room}: given up after {code}");
+                        self.not_accepted += 1;
+                        self.gave_up += 1;
                         return Ok(());
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Ok(resp) if resp.status().as_u16() == 202 => {
-                    self.refused += 1;
-                    return Ok(());
-                }
-                Ok(resp) => anyhow::bail!("publish refused: {}", resp.status()),
                 Err(e) if Instant::now() < end => {
+                    self.refusal("error");
                     eprintln!("publish error (retrying): {e}");
                     std::thread::sleep(Duration::from_millis(50));
                 }

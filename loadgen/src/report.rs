@@ -92,7 +92,22 @@ pub struct Report {
     pub connect_per_s: f64,
     pub publish_secs: f64,
     pub published: BTreeMap<String, u64>,
+    /// Refusals of every kind (retries of must-deliver messages included).
     pub publish_refused: u64,
+    /// Messages the publisher tried, per kind, and per second over the publishing time (the
+    /// offered load actually reached: a stream behind its pace sends back to back).
+    pub publish_offered: BTreeMap<String, u64>,
+    pub publish_offered_per_s: BTreeMap<String, f64>,
+    /// Refusals by "kind status" ("gift 429", "chat 202", "gift error" for a transport error).
+    pub publish_refused_by_status: BTreeMap<String, u64>,
+    /// Messages never accepted (dropped by the server, or must-deliver given up), per kind, and
+    /// the must-deliver ones given up after 10 s of refusals or on a final answer.
+    pub publish_not_accepted: BTreeMap<String, u64>,
+    pub publish_gave_up: BTreeMap<String, u64>,
+    /// Publish to acknowledgement, accepted messages (first attempt to acceptance), per kind.
+    pub publish_ack_ms: BTreeMap<String, Percentiles>,
+    /// Publishing threads per kind.
+    pub publish_streams: BTreeMap<String, usize>,
     pub deliveries: u64,
     pub deliveries_per_s: f64,
     pub frames: u64,
@@ -140,6 +155,10 @@ impl Report {
             "edge_cpu_us_per_connection": self.server.cpu_us_per_connection,
             "edge_rss_bytes_per_connection": self.server.rss_bytes_per_connection,
             "corrupt_streams": self.corrupt_streams,
+            "publish_offered_per_s": self.publish_offered_per_s,
+            "publish_refused_by_status": self.publish_refused_by_status,
+            "publish_gave_up": self.publish_gave_up,
+            "publish_ack_ms": self.publish_ack_ms,
             "generator_cpu_s": self.generator_cpu_s,
             "generator_saturated": self.generator_max_worker_core_share > 0.9,
         })
@@ -180,6 +199,12 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
             .map_or(String::from("-"), |p| format!("{:.1} / {:.1} / {:.1} / {:.1}", p.p50, p.p99, p.p999, p.max))
     };
     let lat = |k: &str| lat_of(&r.latency_ms, k);
+    let ack = |k: &str| {
+        r.publish_ack_ms
+            .get(k)
+            .filter(|p| p.count > 0)
+            .map_or(String::from("-"), |p| format!("{:.2} / {:.2} / {:.2}", p.p50, p.p99, p.max))
+    };
     let cpu = r.server.cpu_us_per_delivery.map_or("not measured".into(), |v| format!("{v:.3}"));
     let cpu_conn = r.server.cpu_us_per_connection.map_or("not measured".into(), |v| format!("{v:.1}"));
     let rss = r.server.rss_bytes_per_connection.map_or("not measured".into(), |v| format!("{v:.0}"));
@@ -190,6 +215,10 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
          | moved after goaway (failed); goaway to upgraded p50/p99 | {moved} ({mfail}); {rc50:.1}/{rc99:.1} ms |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
+         | offered gift / chat per second (streams) | {og:.1} ({sg}) / {oc:.1} ({sc}) |\n\
+         | refusals by status | {by_status} |\n\
+         | gifts given up (never accepted) | {gave_up} |\n\
+         | gift / chat acknowledgement p50 / p99 / max (ms) | {ackg} ; {ackc} |\n\
          | deliveries, per second | {deliv} , {dps:.0}/s |\n\
          | lost gift / chat | {lg} / {lc} |\n\
          | slow readers; lost gift / chat on the others | {slow}; {flg} / {flc} |\n\
@@ -220,6 +249,18 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         pg = r.published.get("gift").copied().unwrap_or(0),
         pc = r.published.get("chat").copied().unwrap_or(0),
         refused = r.publish_refused,
+        og = r.publish_offered_per_s.get("gift").copied().unwrap_or(0.0),
+        oc = r.publish_offered_per_s.get("chat").copied().unwrap_or(0.0),
+        sg = r.publish_streams.get("gift").copied().unwrap_or(1),
+        sc = r.publish_streams.get("chat").copied().unwrap_or(1),
+        by_status = if r.publish_refused_by_status.is_empty() {
+            "none".to_owned()
+        } else {
+            r.publish_refused_by_status.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        },
+        gave_up = r.publish_gave_up.get("gift").copied().unwrap_or(0),
+        ackg = ack("gift"),
+        ackc = ack("chat"),
         deliv = r.deliveries,
         dps = r.deliveries_per_s,
         lg = r.lost.get("gift").copied().unwrap_or(0),

@@ -80,6 +80,7 @@ impl Pacer {
     }
 
     /// Events due by `now`.
+    #[cfg(test)]
     pub fn due_count(&self, now: Instant) -> u64 {
         if self.interval_ns == u64::MAX {
             return 0;
@@ -96,6 +97,14 @@ pub fn body_fields(body: &[u8]) -> Option<(u64, u64)> {
         std::str::from_utf8(&body[i..i + digits]).ok()?.parse().ok()
     }
     Some((num(body, b"\"t\":")?, num(body, b"\"k\":")?))
+}
+
+/// Reads the publishing stream `"s":N` from a body (0 when absent: one stream).
+pub fn body_stream(body: &[u8]) -> usize {
+    let key = b"\"s\":";
+    let Some(i) = body.windows(key.len()).position(|w| w == key).map(|i| i + key.len()) else { return 0 };
+    let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&body[i..i + digits]).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Reads `"kind":"..."` from a body (Nchan frames carry no envelope).
@@ -157,5 +166,7 @@ mod tests {
         assert_eq!(body_fields(br#"{"t":1764000000123456,"k":42,"kind":"gift"}"#), Some((1_764_000_000_123_456, 42)));
         assert_eq!(body_kind(br#"{"t":1,"k":2,"kind":"chat"}"#), Some("chat"));
         assert_eq!(body_fields(b"{}"), None);
+        assert_eq!(body_stream(br#"{"t":1,"k":2,"s":13,"kind":"gift","p":"xx"}"#), 13);
+        assert_eq!(body_stream(br#"{"t":1,"k":2,"kind":"gift"}"#), 0);
     }
 }

@@ -18,7 +18,7 @@ use roomcast_proto::ws;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
-use crate::stats::{KindTrack, body_fields, body_kind, encode_hist, histogram};
+use crate::stats::{KindTrack, body_fields, body_kind, body_stream, encode_hist, histogram};
 
 /// What the worker connects to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -63,6 +63,9 @@ pub struct WorkerArgs {
     pub follow_goaway: bool,
     /// Connection tokens, one per line; connection N (global index) sends line N as `&token=`.
     pub tokens: Option<PathBuf>,
+    /// Publishing streams per kind (`"s"` in the body): order and loss are checked per stream.
+    #[serde(default)]
+    pub streams: Vec<usize>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -113,10 +116,10 @@ pub struct Final {
     pub cpu_s: f64,
 }
 
-/// Stop: the final `k` published per (room, kind).
+/// Stop: the final `k` published per (room, kind, stream).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stop {
-    pub published: Vec<Vec<u64>>,
+    pub published: Vec<Vec<Vec<u64>>>,
 }
 
 fn now_us() -> u64 {
@@ -217,7 +220,8 @@ struct Conn {
     slow: bool,
     sock: TcpStream,
     buf: Vec<u8>,
-    tracks: Vec<KindTrack>,
+    /// Per kind and publishing stream.
+    tracks: Vec<Vec<KindTrack>>,
     room: u32,
     open: bool,
     /// Highest seq seen in the room (batches, and the first join), for `since` on reconnect.
@@ -261,12 +265,12 @@ impl Epoll {
 }
 
 impl Conn {
-    fn new(sock: TcpStream, slow: bool, room: u32, kinds: usize) -> Self {
+    fn new(sock: TcpStream, slow: bool, room: u32, streams: &[usize]) -> Self {
         Self {
             slow,
             sock,
             buf: Vec::new(),
-            tracks: vec![KindTrack::default(); kinds],
+            tracks: streams.iter().map(|&n| vec![KindTrack::default(); n.max(1)]).collect(),
             room,
             open: true,
             last_seq: 0,
@@ -371,10 +375,11 @@ impl Reader {
         self.kinds.iter().position(|k| k == kind)
     }
 
-    fn message(&mut self, tracks: &mut [KindTrack], slow: bool, kind: &str, body: &[u8], now: u64) {
+    fn message(&mut self, tracks: &mut [Vec<KindTrack>], slow: bool, kind: &str, body: &[u8], now: u64) {
         let Some(ki) = self.kind_index(kind) else { return };
         let Some((t, k)) = body_fields(body) else { return };
-        tracks[ki].on_message(k);
+        let Some(track) = tracks[ki].get_mut(body_stream(body)) else { return };
+        track.on_message(k);
         let lat = now.saturating_sub(t).max(1);
         let _ = if slow { self.hist_slow[ki].record(lat) } else { self.hist[ki].record(lat) };
         let _ = self.interval.record(lat);
@@ -462,6 +467,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let rooms: Vec<u32> =
         (args.first..args.first + args.count).map(|i| crate::room_of(i, args.rooms, args.dist)).collect();
+    let streams: Vec<usize> = (0..args.kinds.len()).map(|k| args.streams.get(k).copied().unwrap_or(1).max(1)).collect();
     let mut conns: Vec<Conn> = Vec::with_capacity(rooms.len());
     let mut connect_hist = histogram();
     let mut failed = 0u64;
@@ -530,7 +536,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     if !slow {
                         ep.add(sock.as_raw_fd(), conns.len() as u64);
                     }
-                    conns.push(Conn::new(sock, slow, rooms[next], args.kinds.len()));
+                    conns.push(Conn::new(sock, slow, rooms[next], &streams));
                 }
                 Err(e) => {
                     failed += 1;
@@ -651,8 +657,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
         let complete = |s: &Stop, conns: &[Conn]| {
             conns.iter().filter(|c| c.open && !c.slow).all(|c| {
-                let want = s.published.get(c.room as usize).and_then(|r| r.first()).copied().unwrap_or(0);
-                c.tracks[0].next >= want
+                let want = s.published.get(c.room as usize).and_then(|r| r.first());
+                c.tracks[0].iter().enumerate().all(|(st, t)| t.next >= want.and_then(|w| w.get(st)).copied().unwrap_or(0))
             })
         };
         if let (Some(s), Some(at)) = (&stop, stop_at)
@@ -663,15 +669,23 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             let mut received = vec![0u64; args.kinds.len()];
             let mut fast_lost = vec![0u64; args.kinds.len()];
             for c in &mut conns {
-                for (ki, t) in c.tracks.iter_mut().enumerate() {
-                    let published = s.published.get(c.room as usize).and_then(|r| r.get(ki)).copied().unwrap_or(0);
-                    t.finish(published);
-                    lost[ki] += t.lost;
-                    if !c.slow {
-                        fast_lost[ki] += t.lost;
+                for (ki, ts) in c.tracks.iter_mut().enumerate() {
+                    for (st, t) in ts.iter_mut().enumerate() {
+                        let published = s
+                            .published
+                            .get(c.room as usize)
+                            .and_then(|r| r.get(ki))
+                            .and_then(|r| r.get(st))
+                            .copied()
+                            .unwrap_or(0);
+                        t.finish(published);
+                        lost[ki] += t.lost;
+                        if !c.slow {
+                            fast_lost[ki] += t.lost;
+                        }
+                        dup[ki] += t.dup;
+                        received[ki] += t.received;
                     }
-                    dup[ki] += t.dup;
-                    received[ki] += t.received;
                 }
             }
             // Diagnose connections whose stream stopped: a header that does not parse is a
