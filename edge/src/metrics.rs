@@ -6,7 +6,10 @@
 
 use prometheus::core::Collector;
 use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
 use roomcast_ebpf::{QueueStats, Snapshot};
 
 use crate::health::{HealthReport, KernelView};
@@ -31,6 +34,9 @@ struct ShardFamilies {
     messages_delivered: IntCounterVec,
     slow_consumer_closes: IntCounterVec,
     shed_bytes: IntCounterVec,
+    latency: HistogramVec,
+    frames_per_cpu_s: GaugeVec,
+    busy: GaugeVec,
     send_errors: IntCounterVec,
     rooms: IntGaugeVec,
     send_queue_bytes: IntGaugeVec,
@@ -54,6 +60,14 @@ pub struct ShardStats {
     pub messages_delivered: IntCounter,
     pub slow_consumer_closes: IntCounter,
     pub shed_bytes: IntCounter,
+    /// Delivery latency (flush to the completion of the write to a member), sampled: frames
+    /// carrying must-deliver messages, and droppable-only frames.
+    pub latency_must: Histogram,
+    pub latency_droppable: Histogram,
+    /// The shard's measured capacity: frames written per second of its thread's CPU time
+    /// (EWMA), and the share of wall time its thread was busy.
+    pub frames_per_cpu_s: Gauge,
+    pub busy: Gauge,
     pub send_errors: IntCounter,
     pub rooms: IntGauge,
     pub send_queue_bytes: IntGauge,
@@ -95,6 +109,12 @@ fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounte
     let c = IntCounterVec::new(Opts::new(name, help).namespace("roomcast"), labels).expect("valid metric");
     reg.register(Box::new(c.clone())).expect("unique metric");
     c
+}
+
+fn fgauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help).namespace("roomcast"), labels).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("unique metric");
+    g
 }
 
 fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -144,6 +164,24 @@ impl Metrics {
                 "Queued bytes of droppable messages dropped for connections that fell behind.",
                 s,
             ),
+            latency: {
+                let opts = HistogramOpts::new(
+                    "delivery_latency_seconds",
+                    "Time from a batch's flush to the completion of its write to a member (sampled 1 in 16), by class: frames carrying must-deliver messages, and droppable-only frames.",
+                )
+                .namespace("roomcast")
+                .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]);
+                let h = HistogramVec::new(opts, &["shard", "class"]).expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            frames_per_cpu_s: fgauge(
+                r,
+                "shard_frames_per_cpu_second",
+                "Frames the shard writes per second of its thread's CPU time (EWMA): its measured capacity.",
+                s,
+            ),
+            busy: fgauge(r, "shard_busy_ratio", "Share of wall time the shard's thread spent on the CPU (EWMA).", s),
             send_errors: counter(r, "send_errors_total", "Sends that failed (peer reset, broken pipe).", s),
             rooms: gauge(r, "shard_rooms", "Rooms with at least one member on this shard.", s),
             send_queue_bytes: gauge(
@@ -254,6 +292,10 @@ impl Metrics {
             messages_delivered: f.messages_delivered.with_label_values(&l),
             slow_consumer_closes: f.slow_consumer_closes.with_label_values(&l),
             shed_bytes: f.shed_bytes.with_label_values(&l),
+            latency_must: f.latency.with_label_values(&[l[0], "must_deliver"]),
+            latency_droppable: f.latency.with_label_values(&[l[0], "droppable"]),
+            frames_per_cpu_s: f.frames_per_cpu_s.with_label_values(&l),
+            busy: f.busy.with_label_values(&l),
             send_errors: f.send_errors.with_label_values(&l),
             rooms: f.rooms.with_label_values(&l),
             send_queue_bytes: f.send_queue_bytes.with_label_values(&l),

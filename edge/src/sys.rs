@@ -100,3 +100,13 @@ pub fn listener(addr: SocketAddr, backlog: i32, send_buffer: usize) -> io::Resul
 pub fn raw(s: &Socket) -> RawFd {
     s.as_raw_fd()
 }
+
+/// CPU time the calling thread has used (user + system).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer for the call's duration.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}

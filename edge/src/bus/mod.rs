@@ -136,6 +136,9 @@ pub struct Delivery {
     pub messages: u32,
     pub last_seq: u64,
     pub must_deliver: MustDeliver,
+    /// When the engine flushed it: delivery latency is measured from here to the completion of
+    /// the write to each member.
+    pub flushed: std::time::Instant,
 }
 
 /// The join of connection `slot` took effect after `seq`; `replay` (frames in the

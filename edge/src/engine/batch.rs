@@ -157,7 +157,9 @@ impl Engine {
             let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs };
             MustDeliver::Some { frames: encode_frames(&r.name, &r.interest, &only), messages: must }
         };
-        let delivery = Arc::new(Delivery { room: r.name.clone(), frames, messages: count, last_seq, must_deliver });
+        let flushed = self.now;
+        let delivery =
+            Arc::new(Delivery { room: r.name.clone(), frames, messages: count, last_seq, must_deliver, flushed });
         send_to_shards(out, &r.interest, &delivery);
         self.stats.batches.inc();
         self.stats.batch_messages.inc_by(u64::from(count));
@@ -173,6 +175,7 @@ impl Engine {
             messages: 0,
             last_seq: r.flushed_seq,
             must_deliver: MustDeliver::All,
+            flushed: self.now,
         });
         send_to_shards(out, &r.interest, &delivery);
     }

@@ -180,6 +180,8 @@ pub struct Engine {
     wall_at_epoch: u64,
     /// Epochs made so far (an input of the next).
     epochs_made: u64,
+    /// The host's `now` at the latest `handle`/`poll` (flushes stamp their deliveries with it).
+    now: Instant,
     /// Bytes of droppable history held by this engine's rooms (exact after each sweep, an
     /// overestimate between: trims by age are counted at the next sweep).
     droppable_held: usize,
@@ -230,6 +232,7 @@ impl Engine {
             epoch: now,
             wall_at_epoch: wall_us,
             epochs_made: 0,
+            now,
             droppable_held: 0,
             store: None,
             store_out: Vec::new(),
@@ -275,6 +278,7 @@ impl Engine {
 
     /// Handles one command. Whatever it produces for shards is appended to `out`.
     pub fn handle(&mut self, cmd: EngineCmd, now: Instant, out: &mut Out) {
+        self.now = now;
         match cmd {
             EngineCmd::Publish { room, msg, reply } => {
                 if out.backlog() > OUT_BOUND {
@@ -355,6 +359,7 @@ impl Engine {
     /// Runs what is due at `now`: batches whose window closed, parked joins whose wait is over,
     /// the adaptive step and the idle sweep.
     pub fn poll(&mut self, now: Instant, out: &mut Out) {
+        self.now = now;
         self.flush_immediate(out);
         self.flush_due(now, out);
         self.expire_parked(now, out);
@@ -443,6 +448,7 @@ impl Engine {
     /// seq is written first (so a clean restart numbers on without skipping) and the engine
     /// waits (bounded) until the store has it all, then acknowledges what was held.
     pub fn shutdown(&mut self, now: Instant, out: &mut Out) {
+        self.now = now;
         if let Some(store) = self.store.clone() {
             let names: Vec<RoomName> = self.rooms.keys().cloned().collect();
             for n in &names {

@@ -19,6 +19,8 @@ pub struct OutFrame {
     pub must: Keep,
     /// When the shard queued it (ms since the shard started): how far behind a reader is.
     pub queued_ms: u64,
+    /// When its batch was flushed (deliveries only): the start of its delivery latency.
+    pub flushed: Option<std::time::Instant>,
 }
 
 /// What of a queued frame survives when its connection falls behind.
@@ -33,7 +35,12 @@ pub enum Keep {
 
 impl OutFrame {
     pub fn control(bytes: Bytes) -> Rc<Self> {
-        Rc::new(Self { bytes, messages: 0, must: Keep::Whole, queued_ms: 0 })
+        Rc::new(Self { bytes, messages: 0, must: Keep::Whole, queued_ms: 0, flushed: None })
+    }
+
+    /// Whether it carries must-deliver messages (the latency class it counts in).
+    pub fn carries_must_deliver(&self) -> bool {
+        !matches!(self.must, Keep::Nothing)
     }
 }
 
@@ -180,9 +187,9 @@ impl Conn {
         }
     }
 
-    /// Accounts `written` bytes of the `in_flight` frames at the front. Returns (frames, messages)
-    /// fully written.
-    pub fn consume(&mut self, mut written: usize, in_flight: u16) -> (u64, u64) {
+    /// Accounts `written` bytes of the `in_flight` frames at the front; `done` sees each frame
+    /// fully written. Returns (frames, messages) fully written.
+    pub fn consume(&mut self, mut written: usize, in_flight: u16, mut done: impl FnMut(&OutFrame)) -> (u64, u64) {
         let (mut frames, mut messages) = (0u64, 0u64);
         for _ in 0..in_flight {
             let Some(front) = self.out.front() else { break };
@@ -192,6 +199,7 @@ impl Conn {
                 self.out_bytes -= front.bytes.len();
                 frames += 1;
                 messages += u64::from(front.messages);
+                done(front);
                 self.out.pop_front();
                 self.head_off = 0;
             } else {
@@ -249,7 +257,13 @@ mod tests {
     use super::*;
 
     fn frame(n: usize) -> Rc<OutFrame> {
-        Rc::new(OutFrame { bytes: Bytes::from(vec![7u8; n]), messages: 2, must: Keep::Nothing, queued_ms: 0 })
+        Rc::new(OutFrame {
+            bytes: Bytes::from(vec![7u8; n]),
+            messages: 2,
+            must: Keep::Nothing,
+            queued_ms: 0,
+            flushed: None,
+        })
     }
 
     #[test]
@@ -257,13 +271,19 @@ mod tests {
         let mut c = Conn::new(1, 0);
         c.push(frame(100)); // in flight
         c.push(frame(100)); // droppable: goes
-        let gift =
-            Rc::new(OutFrame { bytes: Bytes::from(vec![1u8; 10]), messages: 1, must: Keep::Whole, queued_ms: 0 });
+        let gift = Rc::new(OutFrame {
+            bytes: Bytes::from(vec![1u8; 10]),
+            messages: 1,
+            must: Keep::Whole,
+            queued_ms: 0,
+            flushed: None,
+        });
         c.push(Rc::new(OutFrame {
             bytes: Bytes::from(vec![2u8; 100]),
             messages: 3,
             must: Keep::Instead(gift),
             queued_ms: 0,
+            flushed: None,
         }));
         c.push(OutFrame::control(Bytes::from_static(b"ctl")));
         c.in_flight = 1;
@@ -282,13 +302,13 @@ mod tests {
         c.fill_iov(3);
         assert_eq!(c.iov.len(), 3);
         // 12 bytes: the first frame and 2 bytes of the second.
-        assert_eq!(c.consume(12, 3), (1, 2));
+        assert_eq!(c.consume(12, 3, |_| {}), (1, 2));
         assert_eq!((c.out.len(), c.head_off, c.out_bytes), (2, 2, 8));
         let (_, len) = c.head_slice();
         assert_eq!(len, 3);
         c.fill_iov(2);
         assert_eq!(c.iov[0].iov_len, 3);
-        assert_eq!(c.consume(6, 2), (2, 4));
+        assert_eq!(c.consume(6, 2, |_| {}), (2, 4));
         assert!(c.out.is_empty());
         assert_eq!(c.out_bytes, 0);
     }
@@ -300,7 +320,7 @@ mod tests {
         c.push(frame(100));
         c.fill_iov(2);
         // 30 bytes of the first frame went out; nothing is in flight now.
-        assert_eq!(c.consume(30, 2), (0, 0));
+        assert_eq!(c.consume(30, 2, |_| {}), (0, 0));
         c.in_flight = 0;
         assert_eq!(c.head_off, 30);
         c.shed();

@@ -107,6 +107,29 @@ impl Shard {
         self.retiring = Some(l);
     }
 
+    /// The shard's measured capacity, from its own thread's CPU time: frames written per
+    /// CPU-second and the busy share of wall time, both smoothed (EWMA, a few seconds). What the
+    /// latency controller can spend is what this machine, under this load, does.
+    fn estimate_capacity(&mut self, now: Instant) {
+        const ALPHA: f64 = 0.3;
+        let cpu = crate::sys::thread_cpu_time();
+        let frames = self.stats.frames_written.get();
+        if let Some((cpu0, f0, t0)) = self.capacity_at {
+            let dcpu = cpu.saturating_sub(cpu0).as_secs_f64();
+            let dwall = now.saturating_duration_since(t0).as_secs_f64();
+            let ewma = |old: f64, new: f64| if old == 0.0 { new } else { old + ALPHA * (new - old) };
+            if dwall > 0.0 {
+                self.stats.busy.set(ewma(self.stats.busy.get(), (dcpu / dwall).min(1.0)));
+            }
+            // Only a turn with real work says what a CPU-second buys.
+            if dcpu >= 0.02 && frames > f0 {
+                let fps = (frames - f0) as f64 / dcpu;
+                self.stats.frames_per_cpu_s.set(ewma(self.stats.frames_per_cpu_s.get(), fps));
+            }
+        }
+        self.capacity_at = Some((cpu, frames, now));
+    }
+
     pub(super) fn next_random(&mut self) -> u64 {
         // xorshift64*: good enough to spread goaways, no dependency.
         let mut x = self.rng;
@@ -158,6 +181,7 @@ impl Shard {
         }
         self.last_sweep = now;
         self.roll_refusal_log();
+        self.estimate_capacity(now);
         if let Some(g) = &self.ipguard {
             // The shards take the address table's stripes in turn, one each per sweep.
             g.sweep(self.sweep_stripe);

@@ -25,11 +25,12 @@ impl Shard {
                         messages: *messages,
                         must: Keep::Whole,
                         queued_ms: now_ms,
+                        flushed: Some(d.flushed),
                     })),
                     None => Keep::Nothing,
                 },
             };
-            Some(Rc::new(OutFrame { bytes, messages: d.messages, must, queued_ms: now_ms }))
+            Some(Rc::new(OutFrame { bytes, messages: d.messages, must, queued_ms: now_ms, flushed: Some(d.flushed) }))
         });
         let max_bytes = self.cfg.send.max_queue_bytes;
         let max_frames = self.cfg.send.max_queue_frames;

@@ -60,6 +60,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// counted in one line a second later (they are all in `roomcast_connections_refused_total` and
 /// friends): a storm of bad clients must not become a storm of log lines.
 const LOG_BUDGET: u32 = 20;
+/// One message frame in this many has its delivery latency recorded.
+const LATENCY_SAMPLE: u32 = 16;
 /// How soon a shard retries mail a full peer mailbox refused.
 const STALLED_RETRY: Duration = Duration::from_millis(1);
 
@@ -166,6 +168,10 @@ struct Shard {
     log_window_ms: u64,
     log_suppressed: u64,
     sweep_stripe: usize,
+    /// Message frames fully written (the latency sample counter).
+    latency_n: u32,
+    /// The capacity estimate's last reading: thread CPU time and frames written at a time.
+    capacity_at: Option<(Duration, u64, Instant)>,
     shutdown_at: Option<Instant>,
     epoch: Instant,
     last_sweep: Instant,
@@ -231,6 +237,8 @@ impl Shard {
             log_window_ms: 0,
             log_suppressed: 0,
             sweep_stripe: usize::from(spec.id),
+            latency_n: 0,
+            capacity_at: None,
             shutdown_at: None,
             epoch: now,
             last_sweep: now,

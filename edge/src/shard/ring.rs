@@ -10,7 +10,7 @@ use io_uring::cqueue;
 use roomcast_proto::handshake::HandshakeError;
 
 use super::conn::{Closing, Conn, Phase};
-use super::{BGID, Retry, Shard};
+use super::{BGID, LATENCY_SAMPLE, Retry, Shard};
 use crate::ipguard::Verdict;
 use crate::uring::{OpKind, Sq, Token};
 
@@ -254,7 +254,23 @@ impl Shard {
             self.abort(slot);
             return;
         }
-        let (frames, messages) = c.consume(res as usize, in_flight);
+        // Delivery latency, sampled: one message frame in LATENCY_SAMPLE, the clock read only
+        // for those.
+        let (stats, n) = (&self.stats, &mut self.latency_n);
+        let mut now = None;
+        let (frames, messages) = c.consume(res as usize, in_flight, |f| {
+            let Some(flushed) = f.flushed.filter(|_| f.messages > 0) else { return };
+            *n = n.wrapping_add(1);
+            if *n % LATENCY_SAMPLE != 0 {
+                return;
+            }
+            let secs = now.get_or_insert_with(std::time::Instant::now).saturating_duration_since(flushed).as_secs_f64();
+            if f.carries_must_deliver() {
+                stats.latency_must.observe(secs);
+            } else {
+                stats.latency_droppable.observe(secs);
+            }
+        });
         self.stats.bytes_written.inc_by(res as u64);
         self.stats.frames_written.inc_by(frames);
         self.stats.messages_delivered.inc_by(messages);

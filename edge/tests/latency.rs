@@ -1,0 +1,56 @@
+//! What users feel, measured by the edge: delivery latency from flush to the completion of the
+//! write to each member (sampled), by class, and each shard's capacity (frames per CPU-second).
+
+mod util;
+
+use std::time::Duration;
+
+use roomcast_proto::envelope::ServerMsg;
+use serde_json::json;
+use util::*;
+
+/// One metric's value for the series whose labels contain `labels`.
+async fn series(p: &Publisher, name: &str, labels: &str) -> f64 {
+    let (_, text) = p.get("/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_latency_and_capacity_are_measured() {
+    let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "0"]);
+    let p = Publisher::new(edge.http);
+    let mut members = Vec::new();
+    for _ in 0..8 {
+        let mut ws = connect(&edge.url("?room=lat"), None).await;
+        expect_joined(&mut ws, "lat").await;
+        members.push(ws);
+    }
+    // 40 gifts and 40 chats to 8 members: 640 message frames, 40 of them sampled.
+    for n in 0..40 {
+        p.publish("lat", "gift", json!({ "n": n })).await;
+        p.publish("lat", "chat", json!(n)).await;
+    }
+    for ws in &mut members {
+        let mut got = 0;
+        while got < 80 {
+            match next_msg_within(ws, Duration::from_secs(10)).await {
+                Some(ServerMsg::Batch { messages, .. }) => got += messages.len(),
+                Some(_) => {}
+                None => panic!("only {got} of 80 messages"),
+            }
+        }
+    }
+    let must = series(&p, "roomcast_delivery_latency_seconds_count", "class=\"must_deliver\"").await;
+    let chat = series(&p, "roomcast_delivery_latency_seconds_count", "class=\"droppable\"").await;
+    assert!(must >= 10.0 && chat >= 10.0, "sampled 1 in 16 of 320 frames each: {must} {chat}");
+    let sum = series(&p, "roomcast_delivery_latency_seconds_sum", "class=\"must_deliver\"").await;
+    assert!(sum / must < 5.0, "mean latency on loopback is well under 5 s: {}", sum / must);
+    // The capacity estimate updates on the shards' timers (every 250 ms).
+    let measured =
+        wait_until(Duration::from_secs(5), || async { series(&p, "roomcast_shard_busy_ratio", "shard=").await > 0.0 })
+            .await;
+    assert!(measured, "the busy share is measured");
+}
