@@ -326,6 +326,7 @@ async fn kernel(State(st): State<AppState>) -> Response {
     Json(serde_json::json!({
         "health": st.kernel.report(),
         "snapshot": st.kernel.snapshot().as_deref(),
+        "delivery": st.metrics.delivery(),
         "connections": st.metrics.connections(),
         "draining": st.draining.load(Ordering::Relaxed),
     }))

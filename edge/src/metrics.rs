@@ -327,6 +327,46 @@ impl Metrics {
         (sum(&self.shard.frames_written), sum(&self.shard.bytes_written))
     }
 
+    /// Delivery latency and capacity, for the dashboard: the histogram's bucket bounds and
+    /// cumulative counts per class (all shards; a reader takes differences between two reads
+    /// for a window), and each shard's capacity estimate.
+    pub fn delivery(&self) -> serde_json::Value {
+        let mut bounds: Vec<f64> = Vec::new();
+        let mut classes: std::collections::BTreeMap<String, Vec<u64>> = std::collections::BTreeMap::new();
+        for mf in self.shard.latency.collect() {
+            for m in mf.get_metric() {
+                let class = m.get_label().iter().find(|l| l.name() == "class").map_or("", |l| l.value()).to_owned();
+                let buckets = m.get_histogram().get_bucket();
+                if bounds.is_empty() {
+                    bounds = buckets.iter().map(|b| b.upper_bound()).collect();
+                }
+                let counts = classes.entry(class).or_insert_with(|| vec![0; buckets.len() + 1]);
+                for (i, b) in buckets.iter().enumerate() {
+                    counts[i] += b.cumulative_count();
+                }
+                counts[buckets.len()] += m.get_histogram().get_sample_count();
+            }
+        }
+        let per_shard = |g: &GaugeVec| -> Vec<(String, f64)> {
+            g.collect()
+                .iter()
+                .flat_map(|mf| {
+                    mf.get_metric().iter().map(|m| {
+                        let shard = m.get_label().first().map_or("", |l| l.value()).to_owned();
+                        (shard, m.get_gauge().get_value())
+                    })
+                })
+                .collect()
+        };
+        let busy: std::collections::HashMap<String, f64> = per_shard(&self.shard.busy).into_iter().collect();
+        let mut shards: Vec<serde_json::Value> = per_shard(&self.shard.frames_per_cpu_s)
+            .into_iter()
+            .map(|(s, fps)| serde_json::json!({ "shard": s, "frames_per_cpu_s": fps, "busy": busy.get(&s).copied().unwrap_or(0.0) }))
+            .collect();
+        shards.sort_by_key(|v| v["shard"].as_str().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0));
+        serde_json::json!({ "bounds_s": bounds, "cumulative": classes, "shards": shards })
+    }
+
     /// The Prometheus text exposition of every family, the kernel probes' after the edge's.
     pub fn render(&self, kernel: &KernelView, out: &mut String) {
         let mut families = self.registry.gather();

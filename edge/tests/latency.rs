@@ -53,4 +53,13 @@ async fn delivery_latency_and_capacity_are_measured() {
         wait_until(Duration::from_secs(5), || async { series(&p, "roomcast_shard_busy_ratio", "shard=").await > 0.0 })
             .await;
     assert!(measured, "the busy share is measured");
+    // The dashboard's source has them too: cumulative counts per class, capacity per shard.
+    let (_, k) = p.get("/v1/kernel").await;
+    let k: serde_json::Value = serde_json::from_str(&k).unwrap();
+    let counts = k["delivery"]["cumulative"]["must_deliver"].as_array().unwrap();
+    assert_eq!(counts.len(), k["delivery"]["bounds_s"].as_array().unwrap().len() + 1);
+    assert!(counts.last().unwrap().as_u64().unwrap() >= 10);
+    assert_eq!(k["delivery"]["shards"].as_array().unwrap().len(), 2);
+    let (_, page) = p.get("/dashboard").await;
+    assert!(page.contains("Gift delivery latency"));
 }
