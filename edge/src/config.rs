@@ -406,11 +406,16 @@ pub struct AdaptiveConfig {
     /// reach, are already full of chat that gifts must queue behind. 500,000 deliveries/s is
     /// about a fifth of what one core delivers merged (bench-results/2026-11-24-fanout).
     pub room_deliveries_per_s: f64,
-    /// A hot room's merge window is at least members / this, seconds (up to `max_window_ms`), so
+    /// Until the shards have measured their capacity (the first seconds after start), a hot
+    /// room's merge window is at least members / this, seconds (up to `max_window_ms`), so
     /// its fan-out costs at most this many writes a second: 100,000 is half of what one core
     /// writes (5 µs each, bench-results/2026-11-24-fanout). A room of 10^4 keeps the 100 ms
     /// base; one of 10^5 merges over 1 s.
     pub room_frames_per_s: f64,
+    /// The latency the controller steers gifts to (p99, from a batch's flush to the completion
+    /// of its write to a member, measured by the shards). Over it, hot rooms merge over longer
+    /// windows and chat is sampled harder; well under it (below half), they relax again.
+    pub gift_latency_target_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -727,6 +732,7 @@ impl Default for AdaptiveConfig {
             min_visible_rate: 5.0,
             room_deliveries_per_s: 500_000.0,
             room_frames_per_s: 100_000.0,
+            gift_latency_target_ms: 2000,
         }
     }
 }

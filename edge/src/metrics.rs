@@ -170,7 +170,9 @@ impl Metrics {
                     "Time from a batch's flush to the completion of its write to a member (sampled 1 in 16), by class: frames carrying must-deliver messages, and droppable-only frames.",
                 )
                 .namespace("roomcast")
-                .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]);
+                .buckets(vec![
+                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0,
+                ]);
                 let h = HistogramVec::new(opts, &["shard", "class"]).expect("valid metric");
                 r.register(Box::new(h.clone())).expect("unique metric");
                 h

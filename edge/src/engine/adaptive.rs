@@ -1,11 +1,28 @@
-//! Adaptive merging: a room's window and sampling from its demand (members x offered rate) and,
-//! as a safety net, from the shards' send backlog.
+//! Adaptive merging: a room's window and sampling from its demand (members x offered rate),
+//! steered by measured delivery latency against `adaptive.gift_latency_target_ms`, with the
+//! shards' send backlog as a safety net.
 //!
-//! Shards publish their send backlog on the [`super::LoadBoard`] every tick. While the largest
-//! backlog is above the high-water mark, the window of hot rooms doubles, up to
-//! `adaptive.max_window_ms`; at the widest it samples droppable kinds too; below the low-water
-//! mark it steps back.
-
+//! The latency controller (once a second). A gift reaches a member of a hot room after the
+//! room's window W (it waits for the flush), then after the frames queued ahead of it on its
+//! shard: at least members / capacity, since a flush writes one frame to every member. The
+//! shards measure their capacity (frames written per CPU-second), how busy they are, and the
+//! p99 of must-deliver delivery latency over the last second, and post them on the
+//! [`super::LoadBoard`]. Feedforward: hot rooms may spend a share rho of the measured capacity
+//! on frames, shared by every hot member on the edge, so each hot room merges over
+//! W = hot members / (rho x capacity): the window follows the machine, not a constant.
+//! Feedback on the measured p99 against `adaptive.gift_latency_target_ms`, by cause:
+//! - late and a shard saturated (busy over `BUSY_HIGH`): the frames are too many for the
+//!   machine: rho falls 30% (wider windows) and chat's deliveries budget falls 30% (harder
+//!   sampling, cheaper frames);
+//! - late and no shard saturated: the window itself is the delay: rho rises 0.05 (narrower
+//!   windows), up to `RHO_MAX`, which keeps headroom;
+//! - early (p99 under half the target): chat's budget recovers by 0.05 a second;
+//! - between half the target and the target: hold. That band, multiplicative decrease and
+//!   additive increase keep it from flapping (the backlog-only rule did).
+//!
+//! Must-deliver kinds are never sampled. Until the shards have measured, the configured
+//! `room_frames_per_s` stands in for the capacity share.
+//!
 use std::time::{Duration, Instant};
 
 use super::room::HOT_ROOM_RATE;
@@ -16,6 +33,18 @@ use crate::config::AdaptiveConfig;
 pub const ADAPT_EVERY: Duration = Duration::from_millis(250);
 /// Smallest window adaptive merging widens from when the configured window is 0.
 pub const MIN_ADAPTIVE_BASE: Duration = Duration::from_millis(10);
+
+/// The share of measured capacity hot rooms' frames start with, its bounds (the top keeps
+/// headroom for bursts, joins and signalling), and the busy share over which a shard counts as
+/// saturated.
+pub const RHO_START: f64 = 0.5;
+pub const RHO_MIN: f64 = 0.05;
+pub const RHO_MAX: f64 = 0.8;
+pub const BUSY_HIGH: f64 = 0.85;
+/// The floor of chat's deliveries-budget factor.
+pub const CHAT_MIN: f64 = 0.05;
+/// How often the latency controller moves.
+pub const CONTROL_EVERY: Duration = Duration::from_secs(1);
 
 /// Highest level: `base << level` stays within `adaptive.max_window_ms`.
 pub fn max_level(cfg: &EngineConfig) -> u32 {
@@ -60,6 +89,47 @@ impl Engine {
     /// The window a room publishing at `rate` messages/s uses now.
     pub(super) fn window_for(&self, rate: f64) -> Duration {
         window_at(&self.cfg, self.level, rate)
+    }
+
+    /// The window of a room of `members` publishing at `rate`: the backlog level's, and for a
+    /// hot room at least its share of the frame budget (hot members on the edge / budget), or,
+    /// before the capacity is measured, members / `room_frames_per_s`.
+    pub(super) fn window_of(&self, rate: f64, members: u64) -> Duration {
+        let Some(budget) = self.budget.filter(|_| self.cfg.adaptive.enabled && rate >= HOT_ROOM_RATE) else {
+            return room_window(&self.cfg, self.level, rate, members);
+        };
+        let hot = self.load.hot_members().max(members) as f64;
+        let share = Duration::from_secs_f64(hot / budget.max(1.0));
+        window_at(&self.cfg, self.level, rate).max(share.min(Duration::from_millis(self.cfg.adaptive.max_window_ms)))
+    }
+
+    /// One step of the latency controller, at most every [`CONTROL_EVERY`] (see the module
+    /// comment).
+    pub(super) fn control(&mut self, now: Instant) {
+        if !self.cfg.adaptive.enabled || now.saturating_duration_since(self.last_control) < CONTROL_EVERY {
+            return;
+        }
+        self.last_control = now;
+        let hot: u64 = self.rooms.values().filter(|r| r.current_rate(now) >= HOT_ROOM_RATE).map(|r| r.members).sum();
+        self.load.set_hot_members(self.id, hot);
+        let target = Duration::from_millis(self.cfg.adaptive.gift_latency_target_ms);
+        let before = (self.rho, self.chat_factor);
+        let saturated = self.load.busy() > BUSY_HIGH;
+        match self.load.gift_p99() {
+            Some(p99) if p99 > target && saturated => {
+                self.rho = (self.rho * 0.7).max(RHO_MIN);
+                self.chat_factor = (self.chat_factor * 0.7).max(CHAT_MIN);
+            }
+            Some(p99) if p99 > target => self.rho = (self.rho + 0.05).min(RHO_MAX),
+            Some(p99) if p99 < target / 2 => self.chat_factor = (self.chat_factor + 0.05).min(1.0),
+            _ => {}
+        }
+        let capacity = self.load.capacity();
+        self.budget = (capacity > 0.0).then_some(capacity * self.rho);
+        self.cfg.adaptive.room_deliveries_per_s = self.deliveries_base * self.chat_factor;
+        if self.id == 0 && before != (self.rho, self.chat_factor) {
+            tracing::debug!(rho = self.rho, chat = self.chat_factor, budget = ?self.budget, "latency controller");
+        }
     }
 
     /// One step of the backlog rule, at most every [`ADAPT_EVERY`].

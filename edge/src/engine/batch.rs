@@ -11,7 +11,7 @@ use bytes::Bytes;
 use roomcast_proto::Subprotocol;
 use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 
-use super::adaptive::{room_window, visible_rate};
+use super::adaptive::visible_rate;
 use super::room::{Pending, ShardSet};
 use super::{Engine, Out};
 use crate::bus::{Delivery, MustDeliver, RoomName, ShardCmd, frame};
@@ -64,7 +64,9 @@ impl Engine {
         if full {
             self.flush(room, out);
         } else if r.deadline.is_none() {
-            let window = room_window(&self.cfg, self.level, r.current_rate(now), r.members);
+            let (rate, members) = (r.current_rate(now), r.members);
+            let window = self.window_of(rate, members);
+            let Some(r) = self.rooms.get_mut(room) else { return };
             if window.is_zero() {
                 r.deadline = Some(now);
                 self.immediate.push(room.clone());

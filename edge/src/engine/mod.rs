@@ -30,7 +30,7 @@ mod tests;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bus::policy::{Bucket, HistoryLimits};
@@ -122,11 +122,68 @@ impl Out {
 pub struct LoadBoard {
     backlog: Box<[AtomicUsize]>,
     rooms: AtomicUsize,
+    /// Per shard: measured capacity (frames per CPU-second, f64 bits; 0 until measured) and the
+    /// p99 of its must-deliver delivery latency over the last second (µs; 0: no sample).
+    capacity: Box<[AtomicU64]>,
+    busy: Box<[AtomicU64]>,
+    gift_p99_us: Box<[AtomicU64]>,
+    /// Per engine: members of its hot rooms (the latency controller splits the frame budget
+    /// over every hot member of the edge).
+    hot_members: Box<[AtomicU64]>,
 }
 
 impl LoadBoard {
     pub fn new(shards: usize) -> Self {
-        Self { backlog: (0..shards).map(|_| AtomicUsize::new(0)).collect(), rooms: AtomicUsize::new(0) }
+        let zeros = || (0..shards).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            backlog: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            rooms: AtomicUsize::new(0),
+            capacity: zeros(),
+            busy: zeros(),
+            gift_p99_us: zeros(),
+            hot_members: zeros(),
+        }
+    }
+
+    /// A shard's measured capacity (frames per CPU-second), busy share and last-second gift p99.
+    pub fn set_delivery(&self, shard: u16, frames_per_cpu_s: f64, busy: f64, gift_p99: Option<Duration>) {
+        let i = usize::from(shard);
+        if let Some(a) = self.capacity.get(i) {
+            a.store(frames_per_cpu_s.to_bits(), Ordering::Relaxed);
+        }
+        if let Some(a) = self.busy.get(i) {
+            a.store(busy.to_bits(), Ordering::Relaxed);
+        }
+        if let Some(a) = self.gift_p99_us.get(i) {
+            a.store(gift_p99.map_or(0, |d| d.as_micros() as u64), Ordering::Relaxed);
+        }
+    }
+
+    /// Frames per second the edge's shards can write if each spent all its CPU on it (0 until
+    /// every... any shard has measured).
+    pub fn capacity(&self) -> f64 {
+        self.capacity.iter().map(|a| f64::from_bits(a.load(Ordering::Relaxed))).sum()
+    }
+
+    /// The busiest shard's busy share.
+    pub fn busy(&self) -> f64 {
+        self.busy.iter().map(|a| f64::from_bits(a.load(Ordering::Relaxed))).fold(0.0, f64::max)
+    }
+
+    /// The worst shard's gift p99 over the last second (None: no gift was delivered).
+    pub fn gift_p99(&self) -> Option<Duration> {
+        let us = self.gift_p99_us.iter().map(|a| a.load(Ordering::Relaxed)).max().unwrap_or(0);
+        (us > 0).then(|| Duration::from_micros(us))
+    }
+
+    fn set_hot_members(&self, engine: u16, n: u64) {
+        if let Some(a) = self.hot_members.get(usize::from(engine)) {
+            a.store(n, Ordering::Relaxed);
+        }
+    }
+
+    fn hot_members(&self) -> u64 {
+        self.hot_members.iter().map(|a| a.load(Ordering::Relaxed)).sum()
     }
 
     pub fn set(&self, shard: u16, bytes: usize) {
@@ -169,6 +226,15 @@ pub struct Engine {
     last_adapt: Instant,
     /// Level at max and still behind: sample droppable messages.
     sampling: bool,
+    /// The latency controller (adaptive.rs): the share of measured capacity hot rooms' frames
+    /// may use, the factor on the chat deliveries budget, the frame budget they give (frames/s
+    /// for the whole edge; None until the shards have measured), and when it last moved.
+    rho: f64,
+    chat_factor: f64,
+    budget: Option<f64>,
+    last_control: Instant,
+    /// The configured room_deliveries_per_s (the controller scales the one in `cfg`).
+    deliveries_base: f64,
     /// Redis mode: the bridge to Redis, and whether Redis is reachable.
     remote: Option<Bridge>,
     remote_up: bool,
@@ -225,6 +291,11 @@ impl Engine {
             level: 0,
             max_level,
             last_adapt: now,
+            rho: adaptive::RHO_START,
+            chat_factor: 1.0,
+            budget: None,
+            last_control: now,
+            deliveries_base: cfg.adaptive.room_deliveries_per_s,
             sampling: false,
             remote: None,
             remote_up: false,
@@ -364,6 +435,7 @@ impl Engine {
         self.flush_due(now, out);
         self.expire_parked(now, out);
         self.adapt(now);
+        self.control(now);
         self.sweep(now);
         self.send_store();
     }
@@ -571,7 +643,7 @@ impl Engine {
             flushed_seq: r.flushed_seq,
             shards_json: r.interest[0].len(),
             shards_rkyv: r.interest[1].len(),
-            window_ms: adaptive::room_window(&self.cfg, self.level, rate, r.members).as_millis() as u64,
+            window_ms: self.window_of(rate, r.members).as_millis() as u64,
             sampling_visible_rate: ((self.sampling || r.demand_sampling) && rate >= room::HOT_ROOM_RATE)
                 .then(|| adaptive::visible_rate(&self.cfg.adaptive, r.members)),
             members: r.members,

@@ -128,6 +128,38 @@ impl Shard {
             }
         }
         self.capacity_at = Some((cpu, frames, now));
+        self.post_delivery(now);
+    }
+
+    /// Once a second: this shard's capacity and its gift p99 over the last second, for the
+    /// engines' latency controller (adaptive.rs).
+    fn post_delivery(&mut self, now: Instant) {
+        use prometheus::core::Metric as _;
+        if self.latency_snap.as_ref().is_some_and(|(_, t)| now.saturating_duration_since(*t) < Duration::from_secs(1)) {
+            return;
+        }
+        let m = self.stats.latency_must.metric();
+        let h = m.get_histogram();
+        let counts: Vec<u64> =
+            h.get_bucket().iter().map(|b| b.cumulative_count()).chain([h.get_sample_count()]).collect();
+        let bounds: Vec<f64> = h.get_bucket().iter().map(|b| b.upper_bound()).collect();
+        let p99 = self.latency_snap.as_ref().and_then(|(before, _)| {
+            let d: Vec<u64> = counts.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)).collect();
+            let total = *d.last()?;
+            if total == 0 {
+                return None;
+            }
+            let rank = (total as f64 * 0.99).ceil() as u64;
+            // Past the last bound: report twice it (the controller only needs "too late").
+            let secs = bounds
+                .iter()
+                .zip(&d)
+                .find(|&(_, &c)| c >= rank)
+                .map_or(bounds.last().copied().unwrap_or(20.0) * 2.0, |(b, _)| *b);
+            Some(Duration::from_secs_f64(secs))
+        });
+        self.load.set_delivery(self.id, self.stats.frames_per_cpu_s.get(), self.stats.busy.get(), p99);
+        self.latency_snap = Some((counts, now));
     }
 
     pub(super) fn next_random(&mut self) -> u64 {

@@ -168,10 +168,13 @@ struct Shard {
     log_window_ms: u64,
     log_suppressed: u64,
     sweep_stripe: usize,
-    /// Message frames fully written (the latency sample counter).
+    /// The latency sampler's random state (xorshift32, never 0).
     latency_n: u32,
     /// The capacity estimate's last reading: thread CPU time and frames written at a time.
     capacity_at: Option<(Duration, u64, Instant)>,
+    /// The gift-latency histogram's cumulative bucket counts a second ago (the controller
+    /// reads the p99 of the last second from the difference).
+    latency_snap: Option<(Vec<u64>, Instant)>,
     shutdown_at: Option<Instant>,
     epoch: Instant,
     last_sweep: Instant,
@@ -237,8 +240,9 @@ impl Shard {
             log_window_ms: 0,
             log_suppressed: 0,
             sweep_stripe: usize::from(spec.id),
-            latency_n: 0,
+            latency_n: 0x9e37_79b9 ^ u32::from(spec.id),
             capacity_at: None,
+            latency_snap: None,
             shutdown_at: None,
             epoch: now,
             last_sweep: now,
