@@ -344,9 +344,9 @@ pub struct LimitsConfig {
     /// created by a publish or by a client's join: beyond it, publishes get 503 and joins an
     /// `error` (`join_refused`). A room costs about 1 KiB plus its history.
     pub max_rooms: usize,
-    /// Rooms clients may bring into existence by joining (the rest of `max_rooms` is kept for
-    /// the publish API, so a join flood cannot lock the back end out); default half of
-    /// `max_rooms`. A room nobody published to is forgotten as soon as its last member leaves.
+    /// A join may create a room only while the edge holds fewer rooms than this (the rest of
+    /// `max_rooms` is kept for the publish API, so a join flood cannot lock the back end out);
+    /// default half of `max_rooms`. A room nobody published to is forgotten as soon as its last member leaves.
     pub max_rooms_by_joins: Option<usize>,
     /// Connections one client address may hold open (0: no cap). IPv6 counts by /64.
     pub per_ip_connections: u32,
@@ -809,6 +809,21 @@ impl Config {
         }
         if self.limits.max_rooms == 0 {
             return Err(invalid("limits.max_rooms", "must be above 0"));
+        }
+        if self.store.max_bytes < 256 << 20 {
+            return Err(invalid(
+                "store.max_bytes",
+                "at least 268435456 (256 MiB: the store's journal alone preallocates 64 MiB)",
+            ));
+        }
+        if self.store.room_ttl_s < 60 || self.store.room_ttl_s * 1000 <= self.history.max_age_ms {
+            return Err(invalid("store.room_ttl_s", "at least 60, and longer than history.max_age_ms"));
+        }
+        if self.history.max_age_ms == 0 {
+            return Err(invalid("history.max_age_ms", "must be above 0"));
+        }
+        if self.history.room_idle_ms == 0 {
+            return Err(invalid("history.room_idle_ms", "must be above 0"));
         }
         if self.limits.max_rooms_by_joins.is_some_and(|j| j > self.limits.max_rooms) {
             return Err(invalid("limits.max_rooms_by_joins", "at most limits.max_rooms"));

@@ -267,19 +267,53 @@ async fn idle_eviction_continues_the_numbering() {
     assert!(metric(&p, "roomcast_rooms_restored_total").await >= 1.0);
 }
 
-/// At `store.max_bytes` must-deliver publishes get 507 and take no seq; droppable kinds flow.
+/// At `store.max_bytes` must-deliver publishes get 507 and take no seq while droppable kinds
+/// flow; once retention has aged the gifts out, the space is reclaimed (retention deletes by
+/// marking: the store compacts when it finds itself full) and gifts are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_store_refuses_gifts_explicitly() {
-    let cfg = config("full", "[store]\nmax_bytes = 1\n");
+async fn a_full_store_refuses_gifts_explicitly_until_retention_frees_space() {
+    let cfg = config("full", "[store]\nmax_bytes = 268435456\n[history]\nmax_age_ms = 15000\n");
     let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", &cfg]);
     let p = Publisher::new(edge.http);
-    let body = json!({ "kind": "gift", "body": { "n": 1 } }).to_string().into_bytes();
-    let (st, v) = p.post_raw("/v1/rooms/r/messages", body).await;
-    assert_eq!(st, 507, "{v}");
-    assert_eq!(v["dropped"], false);
-    assert_eq!(p.publish("r", "chat", json!("hi")).await, 1, "chat flows, and the refused gift took no seq");
+    // Incompressible bodies (the store compresses its tables).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut pad = move || -> String {
+        (0..60_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"[(x % 62) as usize])
+            })
+            .collect()
+    };
+    let mut refused = None;
+    for n in 0..8000u64 {
+        let body = json!({ "kind": "gift", "body": { "n": n, "pad": pad() } }).to_string().into_bytes();
+        let (st, v) = p.post_raw(&format!("/v1/rooms/f{}/messages", n % 16), body).await;
+        match st {
+            200 => {}
+            507 => {
+                assert_eq!(v["dropped"], false);
+                refused = Some(n);
+                break;
+            }
+            other => panic!("{other}: {v}"),
+        }
+    }
+    let n = refused.expect("the store filled up");
+    assert!(n > 1000, "the bound is the data's, not the journal's preallocation: refused after {n}");
+    let seq_before = p.publish("f0", "chat", json!("hi")).await;
     let (_, text) = p.get("/metrics").await;
     assert!(text.contains("roomcast_publish_rejected_total{reason=\"store_full\"} 1"), "{text}");
+    // Retention (15 s) ages the gifts out; the store reclaims the space and takes gifts again.
+    let back = wait_until(Duration::from_secs(60), || async {
+        let body = json!({ "kind": "gift", "body": 1 }).to_string().into_bytes();
+        p.post_raw("/v1/rooms/f0/messages", body).await.0 == 200
+    })
+    .await;
+    assert!(back, "gifts are taken again once retention freed space");
+    assert!(p.publish("f0", "chat", json!("after")).await > seq_before);
 }
 
 /// A torn write at the journal's tail (garbage after the last good batch) is cut off at the
@@ -347,4 +381,50 @@ async fn without_the_store_a_restart_resets_clients() {
     let (before, _, e, _) = rejoin(&edge, "m", 1, &epoch, 0).await;
     assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{before:?}");
     assert_ne!(e, epoch);
+}
+
+/// A run that did not stop cleanly, followed by a reboot (the page cache is gone), under a
+/// policy that acknowledges before fsync, may have lost acknowledged gifts: every room comes
+/// back under a new epoch (clients are reset, never told a silent story), numbering above
+/// every seq handed out. Under "always", or after a mere process crash, nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly() {
+    for (policy, reboot, renumbered) in [("10", true, true), ("10", false, false), ("\"always\"", true, false)] {
+        let dir = data_dir("reboot");
+        let cfg = config("reboot", &format!("[store]\nfsync = {policy}\n"));
+        let args = ["--shards", "1", "--merge-window-ms", "0", "--config", &cfg];
+        let (mut edge, _) = EdgeProc::start_on(&dir, &args, "warn");
+        let p = Publisher::new(edge.http);
+        let mut ws = connect(&edge.url("?room=pc"), None).await;
+        let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+        for n in 1..=3 {
+            gift(&p, "pc", n).await;
+        }
+        edge.kill9();
+        if reboot {
+            // As a reboot would leave it: the run marker names another boot.
+            let run = std::fs::read_to_string(dir.join("RUN")).unwrap();
+            let other: String = run
+                .lines()
+                .map(|l| if l.starts_with("boot=") { "boot=another-boot".into() } else { l.to_owned() })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(dir.join("RUN"), other).unwrap();
+        }
+        let (edge, log) = EdgeProc::start_on(&dir, &args, "warn");
+        let p = Publisher::new(edge.http);
+        let (before, _, e, _) = rejoin(&edge, "pc", 3, &epoch, 0).await;
+        let log = log.lock().unwrap().clone();
+        if renumbered {
+            assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{policy} reboot={reboot}: {before:?}");
+            assert_ne!(e, epoch);
+            assert!(log.contains("new epoch"), "{log}");
+        } else {
+            assert!(before.is_empty(), "{policy} reboot={reboot}: {before:?}");
+            assert_eq!(e, epoch);
+        }
+        assert!(gift(&p, "pc", 4).await > 3, "no seq reused");
+        drop(edge);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

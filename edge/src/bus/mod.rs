@@ -93,7 +93,12 @@ pub fn epoch_text(e: Epoch) -> String {
 
 /// A client's epoch text, back: anything that is not one of ours reads as 0, which no room has.
 pub fn parse_epoch(s: &str) -> Epoch {
-    if s.len() == 16 { u64::from_str_radix(s, 16).unwrap_or(0) } else { 0 }
+    // Exactly the text the edge sent: 16 lowercase hex digits.
+    if s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        u64::from_str_radix(s, 16).unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// Where a joining client says it was: the last seq it saw, and (optionally) in which

@@ -87,6 +87,7 @@ impl Engine {
         let Some(r) = self.rooms.get_mut(room) else { return };
         if pm.seq > r.seq_hi {
             r.seq_hi = pm.seq + crate::store::SEQ_RESERVE - 1;
+            r.meta_s = touched_s;
             let meta =
                 crate::store::RoomMeta { epoch: r.epoch, seq_hi: r.seq_hi, evicted_upto: r.stored_evicted, touched_s };
             self.store_out.push(crate::store::Record::Meta(room.clone(), meta));

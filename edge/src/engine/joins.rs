@@ -45,7 +45,10 @@ impl Engine {
                     slot: join.slot,
                     generation: join.generation,
                     room,
-                    reason: "too many rooms on this edge",
+                    reason: match e {
+                        crate::bus::PublishError::StoreUnavailable => "the edge cannot read this room from its store",
+                        _ => "too many rooms on this edge",
+                    },
                 })),
             );
             return;

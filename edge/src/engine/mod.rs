@@ -66,6 +66,8 @@ pub struct EngineConfig {
     pub room_idle: Duration,
     /// Droppable history the edge keeps, all rooms (split evenly over the engines).
     pub max_droppable_bytes: usize,
+    /// The store forgets rooms untouched this long (`store.room_ttl_s`).
+    pub room_ttl_s: u64,
 }
 
 impl EngineConfig {
@@ -85,6 +87,7 @@ impl EngineConfig {
                 droppable_bytes: cfg.history.droppable_bytes,
             },
             max_droppable_bytes: cfg.history.max_droppable_bytes,
+            room_ttl_s: cfg.store.room_ttl_s,
             join_last: cfg.history.join_last,
             room_idle: Duration::from_millis(cfg.history.room_idle_ms),
             adaptive: cfg.adaptive.clone(),
@@ -610,7 +613,21 @@ impl Engine {
                 },
                 None => None,
             };
+            let renumber = self.store.as_ref().and_then(StoreHandle::renumber_before);
             match loaded {
+                // Written before an unclean stop and a reboot, under a lossy policy: what it
+                // holds may lack acknowledged gifts. A new epoch (clients are reset, never told
+                // a silent story), numbering above every seq handed out, no history.
+                Some(l) if renumber.is_some_and(|t| l.meta.touched_s < t) => {
+                    r.epoch = self.new_epoch(now);
+                    r.seq = l.meta.seq_hi;
+                    r.flushed_seq = l.meta.seq_hi;
+                    r.seq_hi = l.meta.seq_hi;
+                    r.history.must_evicted_upto = l.meta.seq_hi;
+                    r.stored_evicted = l.meta.seq_hi;
+                    let meta = self.meta_of(&r, now);
+                    self.store_out.push(Record::Meta(room.clone(), meta));
+                }
                 Some(l) => {
                     // The numbering continues after whatever may have been handed out.
                     r.epoch = l.meta.epoch;
@@ -618,6 +635,7 @@ impl Engine {
                     r.flushed_seq = l.meta.seq_hi;
                     r.seq_hi = l.meta.seq_hi;
                     r.stored_evicted = l.meta.evicted_upto;
+                    r.meta_s = l.meta.touched_s;
                     let wall = self.wall_us(now);
                     r.history.restore(l.messages, l.meta.evicted_upto, now, wall, &self.cfg.history);
                     self.stats.rooms_restored.inc();
@@ -666,10 +684,15 @@ impl Engine {
         let stored = self.store.is_some();
         let touched_s = self.wall_us(now) / 1_000_000;
         let idle = self.cfg.room_idle;
+        let refresh_s = self.cfg.room_ttl_s / 4;
         let store_out = &mut self.store_out;
         self.rooms.retain(|name, r| {
             r.history.trim(now, &lim);
-            if stored && r.history.must_evicted_upto > r.stored_evicted {
+            // A numbered room in memory is alive, however quiet: its record is touched well
+            // before the store's room_ttl_s would forget it under a live room.
+            let stale = r.seq > 0 && touched_s.saturating_sub(r.meta_s) > refresh_s;
+            if stored && (r.history.must_evicted_upto > r.stored_evicted || stale) {
+                r.meta_s = touched_s;
                 // The store drops what history no longer holds.
                 r.stored_evicted = r.history.must_evicted_upto;
                 let meta = RoomMeta { epoch: r.epoch, seq_hi: r.seq_hi, evicted_upto: r.stored_evicted, touched_s };

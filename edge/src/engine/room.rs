@@ -119,6 +119,8 @@ pub struct Room {
     /// answered, before that batch is durable.
     pub seq_hi: u64,
     pub stored_evicted: u64,
+    /// When (Unix seconds) the room's record was last written.
+    pub meta_s: u64,
     pub wait_token: u64,
     /// A flush or joins that wait for the store.
     pub flush_after_store: bool,
@@ -155,6 +157,7 @@ impl Room {
             members: 0,
             seq_hi: 0,
             stored_evicted: 0,
+            meta_s: 0,
             wait_token: 0,
             flush_after_store: false,
             joins_after_store: Vec::new(),

@@ -28,6 +28,8 @@ pub enum DbError {
     Locked(PathBuf),
     #[error("unreadable record for room {0}")]
     Corrupt(String),
+    #[error("cannot open the store: {0}")]
+    Open(String),
 }
 
 pub struct Db {
@@ -56,7 +58,13 @@ impl Db {
         let path = dir.join("db");
         let before = journal_data_ends(&path);
         // Two workers are plenty for a store written by one thread: flushes and compaction.
-        let db = Database::builder(&path).worker_threads(2).open()?;
+        // Journals are flushed into tables by 128 MiB (fjall's default lets them reach 512 MiB,
+        // which would count against store.max_bytes long after retention deleted their data).
+        let db = Database::builder(&path).worker_threads(2).max_journaling_size(128 << 20).open().map_err(|e| {
+            DbError::Open(format!(
+                "{e}: if the data directory is damaged, move it aside; the edge then starts empty and every room takes a new epoch (clients are told with reset)"
+            ))
+        })?;
         // fjall checks each journal batch's checksum on open and cuts the file after the last
         // whole one. Journals are preallocated with zeros, so a cut over zeros is just an
         // unclean stop; a cut over written bytes is a torn (or corrupt) write: say so.
@@ -91,7 +99,13 @@ impl Db {
                 Record::Meta(room, m) => {
                     let prev = self.meta.get(room.as_bytes())?.and_then(|v| decode_meta(&v));
                     match prev {
-                        // A new numbering: the old one's messages are void.
+                        // A new numbering (or a first record while messages of a forgotten
+                        // numbering linger): the old messages are void.
+                        None => {
+                            for k in self.msgs.prefix(room_prefix(room)).map(|g| g.key()) {
+                                batch.remove(&self.msgs, k?);
+                            }
+                        }
                         Some(p) if p.epoch != m.epoch => {
                             for k in self.msgs.prefix(room_prefix(room)).map(|g| g.key()) {
                                 batch.remove(&self.msgs, k?);
@@ -113,6 +127,22 @@ impl Db {
         }
         batch.commit()?;
         Ok(())
+    }
+
+    /// Rewrites the tables without what retention deleted (tombstones take space until a
+    /// compaction reaches them): what `store.max_bytes` needs when it is reached.
+    pub fn compact(&self) -> Result<(), DbError> {
+        self.db.persist(PersistMode::SyncData)?;
+        self.meta.rotate_memtable_and_wait()?;
+        self.msgs.rotate_memtable_and_wait()?;
+        self.meta.major_compact()?;
+        self.msgs.major_compact()?;
+        Ok(())
+    }
+
+    /// Rooms on disk (approximate).
+    pub fn rooms(&self) -> usize {
+        self.meta.approximate_len()
     }
 
     pub fn sync(&self) -> Result<(), DbError> {
@@ -332,6 +362,19 @@ mod tests {
         assert_eq!(db.load("r").unwrap().unwrap().messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
         db.write(&[&Record::Meta(room.clone(), meta(2, 0, 0))], false).unwrap();
         assert!(db.load("r").unwrap().unwrap().messages.is_empty(), "a new epoch starts empty");
+    }
+
+    /// Messages left under a room whose record is gone (forgotten by the ttl sweep while
+    /// still written to) must not come back inside the next numbering of that room.
+    #[test]
+    fn a_first_record_drops_orphaned_messages() {
+        let dir = tempdir("orphans");
+        let db = Db::open(&dir).unwrap();
+        let room = RoomName::from("o");
+        db.write(&[&Record::Msg(room.clone(), msg(4, 40)), &Record::Msg(room.clone(), msg(5, 50))], false).unwrap();
+        db.write(&[&Record::Meta(room.clone(), meta(9, 1024, 0)), &Record::Msg(room.clone(), msg(1, 60))], false)
+            .unwrap();
+        assert_eq!(db.load("o").unwrap().unwrap().messages, vec![msg(1, 60)]);
     }
 
     #[test]

@@ -84,6 +84,45 @@ pub struct Store {
     failed: AtomicBool,
     bytes: AtomicU64,
     gauge: std::sync::OnceLock<prometheus::IntGauge>,
+    /// What is on disk may lack acknowledged messages (see `unclean_after_reboot`): rooms read
+    /// back get a new epoch.
+    renumber: bool,
+    opened_s: u64,
+    last_compact: std::sync::Mutex<Option<Instant>>,
+    dir: std::path::PathBuf,
+}
+
+/// The run marker (`data_dir/RUN`): the boot this store was last opened in, the fsync policy,
+/// and whether that run stopped cleanly. A run that did not stop cleanly, under a policy that
+/// acknowledges before fsync, followed by a reboot (a power cut or a kernel crash: the page
+/// cache is gone), may have lost acknowledged messages; after a mere process crash the kernel
+/// still had everything. Returns whether that happened, and marks this run as running.
+fn unclean_after_reboot(dir: &Path, fsync: Fsync) -> Result<bool, DbError> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned();
+    let path = dir.join("RUN");
+    let prev = std::fs::read_to_string(&path).unwrap_or_default();
+    let field = |k: &str| prev.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("").to_owned();
+    let lossy = field("fsync=") != "always" && !prev.is_empty();
+    let unsafe_stop = !prev.is_empty() && field("clean=") != "1" && field("boot=") != boot && lossy;
+    write_run(&path, &boot, fsync, false)?;
+    Ok(unsafe_stop)
+}
+
+fn write_run(path: &Path, boot: &str, fsync: Fsync, clean: bool) -> Result<(), DbError> {
+    let policy = match fsync {
+        Fsync::Always => "always".to_owned(),
+        Fsync::Never => "never".to_owned(),
+        Fsync::IntervalMs(ms) => ms.to_string(),
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "boot={boot}\nfsync={policy}\nclean={}", u8::from(clean))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 impl Store {
@@ -91,6 +130,13 @@ impl Store {
     /// directory is refused.
     pub fn open(dir: &Path, cfg: &StoreConfig) -> Result<Arc<Self>, DbError> {
         let db = Db::open(dir)?;
+        tracing::info!(rooms = db.rooms(), "store: rooms on disk");
+        let renumber = unclean_after_reboot(dir, cfg.fsync)?;
+        if renumber {
+            tracing::warn!(
+                "store: the last run did not stop cleanly and the machine restarted since, under a policy that acknowledges before fsync: acknowledged gifts may be lost, so every room starts a new epoch (clients are told with reset); numbering continues above every seq handed out"
+            );
+        }
         let bytes = db.disk_bytes();
         let s = Arc::new(Self {
             db,
@@ -99,13 +145,30 @@ impl Store {
             failed: AtomicBool::new(false),
             bytes: AtomicU64::new(bytes),
             gauge: std::sync::OnceLock::new(),
+            renumber,
+            // Everything up to the end of this second counts as the last run's (a room this
+            // run writes in its first second and reloads at once would only be reset twice).
+            opened_s: crate::bus::now_us() / 1_000_000 + 1,
+            last_compact: std::sync::Mutex::new(None),
+            dir: dir.to_owned(),
         });
         s.check_full();
         Ok(s)
     }
 
     fn check_full(&self) {
-        let b = self.db.disk_bytes();
+        let mut b = self.db.disk_bytes();
+        if b >= self.cfg.max_bytes {
+            // Retention deletes by marking: reclaim what it marked before calling it full.
+            let mut last = self.last_compact.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                *last = Some(Instant::now());
+                if let Err(e) = self.db.compact() {
+                    tracing::warn!(error = %e, "store compaction failed");
+                }
+                b = self.db.disk_bytes();
+            }
+        }
         self.bytes.store(b, Ordering::Relaxed);
         if let Some(g) = self.gauge.get() {
             g.set(b as i64);
@@ -162,6 +225,7 @@ impl Store {
         let mut last_sync = Instant::now();
         let mut dirty = false;
         let mut last_sweep = Instant::now();
+        let (mut wrote, mut last_check) = (false, Instant::now());
         let mut pending: Vec<Batch> = Vec::new();
         loop {
             let wait = match self.cfg.fsync {
@@ -179,7 +243,11 @@ impl Store {
             };
             if !pending.is_empty() {
                 let records: Vec<&Record> = pending.iter().flat_map(|b| b.records.iter()).collect();
-                let sync_now = matches!(self.cfg.fsync, Fsync::Always) || closed;
+                // A room's numbering (its seq reservation, its epoch) is fsynced whatever the
+                // policy: it is written once per 1,024 seqs, and a reservation lost to a power
+                // cut would let the numbering restart below seqs clients already hold.
+                let numbering = records.iter().any(|r| matches!(r, Record::Meta(..)));
+                let sync_now = matches!(self.cfg.fsync, Fsync::Always) || closed || numbering;
                 match self.db.write(&records, sync_now) {
                     Ok(()) => {
                         if self.failed.swap(false, Ordering::Relaxed) {
@@ -189,6 +257,7 @@ impl Store {
                             let e = usize::from(b.engine);
                             written[e] = written[e].max(b.token);
                         }
+                        wrote = true;
                         dirty = !sync_now;
                         if sync_now {
                             last_sync = Instant::now();
@@ -240,12 +309,20 @@ impl Store {
                     tracing::warn!(error = %e, "store retention sweep failed");
                 }
                 self.check_full();
-            } else if !pending.is_empty() || dirty {
+            } else if wrote && last_check.elapsed() >= Duration::from_millis(100) {
+                // The bound is looked at as the store grows (at most ten times a second).
+                wrote = false;
+                last_check = Instant::now();
                 self.check_full();
             }
             if closed {
                 if let Err(e) = self.db.sync() {
                     tracing::error!(error = %e, "store fsync at stop failed");
+                } else {
+                    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+                    if let Err(e) = write_run(&self.dir.join("RUN"), boot.trim(), self.cfg.fsync, true) {
+                        tracing::warn!(error = %e, "store: cannot mark the clean stop");
+                    }
                 }
                 tracing::info!(bytes = self.db.disk_bytes(), "store closed");
                 return;
@@ -274,6 +351,12 @@ impl StoreHandle {
     /// The room as stored, if it is.
     pub fn load(&self, room: &str) -> Result<Option<Loaded>, DbError> {
         self.store.db.load(room)
+    }
+
+    /// Rooms last written before this second must take a new epoch when read back (the last
+    /// run may have lost acknowledged messages: see `unclean_after_reboot`); None: no need.
+    pub fn renumber_before(&self) -> Option<u64> {
+        self.store.renumber.then_some(self.store.opened_s)
     }
 
     /// Hands a turn's records to the store thread.
