@@ -507,6 +507,12 @@ pub struct SendConfig {
     pub socket_send_buffer: usize,
     /// Frames gathered into one writev when a connection has several queued.
     pub max_iov: usize,
+    /// A join's `since` replay may exceed `max_queue_bytes` (a reader catching up on many
+    /// gifts must not be closed as slow for it): its bytes are credit on top of the bound until
+    /// written. This many replay bytes may wait unsent per shard, all connections together;
+    /// a join whose replay would go past it is closed with 1013 (try again later: it reconnects
+    /// with the same `since` and loses nothing).
+    pub max_replay_bytes: usize,
 }
 
 /// Where the room engines run (ARCHITECTURE.md, "Room engines": both were measured).
@@ -670,6 +676,7 @@ impl Default for SendConfig {
             max_queue_delay_ms: 1000,
             socket_send_buffer: 16 * 1024,
             max_iov: 16,
+            max_replay_bytes: 256 << 20,
         }
     }
 }

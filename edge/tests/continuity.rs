@@ -428,3 +428,38 @@ async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly(
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A slow reader catching up on more than the send-queue bound of gifts (`since` replay of
+/// ~1.1 MB against a 1 MiB bound) gets all of it: the replay is credit on top of the bound,
+/// not a reason to close it as a slow consumer (it was closed with 4000 on every attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_catches_up_on_a_replay_larger_than_the_queue_bound() {
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0"]);
+    let p = Publisher::new(edge.http);
+    let pad = "g".repeat(1000);
+    for n in 0..1100 {
+        p.publish("big", "gift", json!({ "n": n, "pad": pad })).await;
+    }
+    // Raw TCP with a small receive buffer, reading ~300 KB/s.
+    let mut s = never_reader(edge.ws, "big&since=0").await;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 4096];
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while total < 1_100_000 && std::time::Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await {
+            Ok(Ok(0)) => panic!("closed after {total} bytes"),
+            Ok(Ok(n)) => {
+                // A close frame from the edge (0x88) with 4000 would end the replay.
+                assert!(
+                    !buf[..n].windows(4).any(|w| w == [0x88, 0x02, 0x0f, 0xa0]),
+                    "closed with 4000 after {total} bytes"
+                );
+                total += n;
+            }
+            Ok(Err(e)) => panic!("{e} after {total} bytes"),
+            Err(_) => panic!("stalled after {total} bytes"),
+        }
+        tokio::time::sleep(Duration::from_millis(12)).await;
+    }
+    assert!(total >= 1_100_000, "only {total} bytes of the replay");
+}

@@ -114,6 +114,8 @@ pub struct Conn {
     /// connection (then it is released on close).
     pub peer: Option<std::net::IpAddr>,
     pub peer_counted: bool,
+    /// Bytes of a `since` replay not yet written: allowed on top of the queue bound.
+    pub replay_credit: usize,
 }
 
 impl Conn {
@@ -148,6 +150,7 @@ impl Conn {
             anon_id: 0,
             peer: None,
             peer_counted: false,
+            replay_credit: 0,
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::rc::Rc;
 
+use bytes::Bytes;
+
 use roomcast_proto::envelope::ServerMsg;
 
 use super::Shard;
@@ -46,6 +48,7 @@ impl Shard {
             // Behind by bytes, by frames, or by time (the oldest unsent frame waited too long:
             // its reader cannot keep up, and gifts must not queue behind seconds of chat).
             let late = c.oldest_unsent_ms().is_some_and(|t| now_ms.saturating_sub(t) > max_delay);
+            let max_bytes = max_bytes + c.replay_credit;
             if late || c.out_bytes + f.bytes.len() > max_bytes || c.out.len() >= max_frames {
                 // Behind: keep only what must be delivered, of the queue and of this frame.
                 let shed = c.shed();
@@ -114,6 +117,19 @@ impl Shard {
             c.joining = None;
             c.room = Some(room.clone());
             c.room_idx = idx;
+        }
+        // The replay (a `since` catching up) may go past the queue bound as credit, within the
+        // shard's replay budget; past the budget the join is closed with 1013 (try again).
+        let replay_len: usize = replay.iter().map(Bytes::len).sum();
+        if replay_len > 0 {
+            if self.replay_held + replay_len > self.cfg.send.max_replay_bytes {
+                self.stats.refused("replay_budget");
+                return self.close_with(slot, 1013, "busy replaying: reconnect with the same since shortly");
+            }
+            self.replay_held += replay_len;
+            if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+                c.replay_credit += replay_len;
+            }
         }
         let epoch = epoch_text(epoch);
         if let Some(reason) = reset {

@@ -168,6 +168,8 @@ struct Shard {
     log_window_ms: u64,
     log_suppressed: u64,
     sweep_stripe: usize,
+    /// Replay bytes not yet written, all connections (bounded by `send.max_replay_bytes`).
+    replay_held: usize,
     /// The latency sampler's random state (xorshift32, never 0).
     latency_n: u32,
     /// The capacity estimate's last reading: thread CPU time and frames written at a time.
@@ -241,6 +243,7 @@ impl Shard {
             log_suppressed: 0,
             sweep_stripe: usize::from(spec.id),
             latency_n: 0x9e37_79b9 ^ u32::from(spec.id),
+            replay_held: 0,
             capacity_at: None,
             latency_snap: None,
             shutdown_at: None,

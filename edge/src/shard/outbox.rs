@@ -39,7 +39,7 @@ impl Shard {
         if c.closing != Closing::No {
             return;
         }
-        let over = |c: &Conn| c.out_bytes + bytes.len() > max_bytes || c.out.len() >= max_frames;
+        let over = |c: &Conn| c.out_bytes + bytes.len() > max_bytes + c.replay_credit || c.out.len() >= max_frames;
         if over(c) {
             let shed = c.shed();
             self.stats.shed_bytes.inc_by(shed as u64);

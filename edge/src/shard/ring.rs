@@ -276,6 +276,10 @@ impl Shard {
             }
         });
         self.stats.bytes_written.inc_by(res as u64);
+        // Written bytes pay the replay credit back first (the replay was queued ahead).
+        let paid = c.replay_credit.min(res as usize);
+        c.replay_credit -= paid;
+        self.replay_held -= paid;
         self.stats.frames_written.inc_by(frames);
         self.stats.messages_delivered.inc_by(messages);
         if c.closing == Closing::Abort {
@@ -296,11 +300,13 @@ impl Shard {
         if let Some(c) = self.conns.get(slot).and_then(Option::as_ref)
             && c.generation == tok.generation
         {
-            if let Some(c) = self.conns[slot].take()
-                && c.peer_counted
-                && let (Some(g), Some(ip)) = (&self.ipguard, c.peer)
-            {
-                g.release(ip);
+            if let Some(c) = self.conns[slot].take() {
+                self.replay_held -= c.replay_credit;
+                if c.peer_counted
+                    && let (Some(g), Some(ip)) = (&self.ipguard, c.peer)
+                {
+                    g.release(ip);
+                }
             }
             self.open -= 1;
             self.stats.connections.dec();
