@@ -20,7 +20,8 @@
 //! - between half the target and the target: hold. That band, multiplicative decrease and
 //!   additive increase keep it from flapping (the backlog-only rule did).
 //!
-//! Must-deliver kinds are never sampled. Until the shards have measured, the configured
+//! Must-deliver kinds are never sampled. Until the shards have measured, and whenever they
+//! are under a third busy (the estimate is then mostly fixed costs), the configured
 //! `room_frames_per_s` stands in for the capacity share.
 //!
 use std::time::{Duration, Instant};
@@ -124,8 +125,17 @@ impl Engine {
             Some(p99) if p99 < target / 2 => self.chat_factor = (self.chat_factor + 0.05).min(1.0),
             _ => {}
         }
+        // The capacity estimate (frames per CPU-second) is trustworthy only when frames are
+        // most of what the shards do: at low load fixed costs dominate it and it would widen
+        // windows for nothing. Apply the budget from half busy, drop it under a third (the
+        // configured rule then stands), hold in between.
         let capacity = self.load.capacity();
-        self.budget = (capacity > 0.0).then_some(capacity * self.rho);
+        let busy = self.load.busy();
+        if capacity > 0.0 && (busy >= 0.5 || (self.budget.is_some() && busy >= 0.33)) {
+            self.budget = Some(capacity * self.rho);
+        } else if busy < 0.33 {
+            self.budget = None;
+        }
         self.cfg.adaptive.room_deliveries_per_s = self.deliveries_base * self.chat_factor;
         if self.id == 0 && before != (self.rho, self.chat_factor) {
             tracing::debug!(rho = self.rho, chat = self.chat_factor, budget = ?self.budget, "latency controller");
