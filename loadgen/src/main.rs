@@ -7,8 +7,8 @@
 //! `loadgen tokens` signs a connection token (JWT) per connection for `run --tokens`.
 //! `loadgen pubbench` finds the publish rate the edge sustains (closed loop, over HTTP).
 
-mod publish;
 mod pubbench;
+mod publish;
 mod report;
 mod stats;
 mod tokens;

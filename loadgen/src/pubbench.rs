@@ -66,6 +66,8 @@ struct Second {
     t_s: f64,
     accepted: u64,
     other: u64,
+    /// Slowest acknowledgement answered in this second, ms (a stall shows here).
+    max_ack_ms: f64,
 }
 
 /// One client's figures over the measured window.
@@ -102,10 +104,8 @@ pub fn run(a: &PubbenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(a.concurrency)
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(a.concurrency).timeout(Duration::from_secs(10)).build()?;
     // `{"kind":K,"user":"","body":{"p":"xxx"}}`, the body value exactly body_bytes long.
     let body = format!(r#"{{"p":"{}"}}"#, "x".repeat(a.body_bytes - 8));
     let payload = format!(r#"{{"kind":"{}","user":"","body":{body}}}"#, a.kind);
@@ -117,11 +117,12 @@ async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let accepted_now = Arc::new(AtomicU64::new(0));
     let other_now = Arc::new(AtomicU64::new(0));
+    let max_now = Arc::new(AtomicU64::new(0));
 
     let mut tasks = Vec::with_capacity(a.concurrency);
     for _ in 0..a.concurrency {
         let (client, urls, payload, next) = (client.clone(), urls.clone(), payload.clone(), next.clone());
-        let (accepted_now, other_now) = (accepted_now.clone(), other_now.clone());
+        let (accepted_now, other_now, max_now) = (accepted_now.clone(), other_now.clone(), max_now.clone());
         tasks.push(tokio::spawn(async move {
             let mut r = ClientResult { hist: Some(histogram()), ..ClientResult::default() };
             loop {
@@ -146,6 +147,7 @@ async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
                 };
                 let done = Instant::now();
                 let counted = sent >= measure_from && done <= end;
+                max_now.fetch_max(done.duration_since(sent).as_micros() as u64, Ordering::Relaxed);
                 match status {
                     Some(200) => {
                         accepted_now.fetch_add(1, Ordering::Relaxed);
@@ -178,8 +180,8 @@ async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
     let mut seconds = Vec::new();
     tokio::time::sleep_until(measure_from.into()).await;
     let (edge0, own0) = (ticks(a.server_pid), ticks(None));
-    let (mut last_acc, mut last_other) =
-        (accepted_now.load(Ordering::Relaxed), other_now.load(Ordering::Relaxed));
+    let (mut last_acc, mut last_other) = (accepted_now.load(Ordering::Relaxed), other_now.load(Ordering::Relaxed));
+    max_now.store(0, Ordering::Relaxed);
     let mut tick = measure_from;
     while tick < end {
         tick = (tick + Duration::from_secs(1)).min(end);
@@ -189,8 +191,9 @@ async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
             t_s: tick.duration_since(measure_from).as_secs_f64(),
             accepted: acc - last_acc,
             other: other - last_other,
+            max_ack_ms: max_now.swap(0, Ordering::Relaxed) as f64 / 1000.0,
         };
-        eprintln!("t={:5.1}s accepted={} other={}", s.t_s, s.accepted, s.other);
+        eprintln!("t={:5.1}s accepted={} other={} max_ack={:.1}ms", s.t_s, s.accepted, s.other, s.max_ack_ms);
         seconds.push(s);
         (last_acc, last_other) = (acc, other);
     }

@@ -658,7 +658,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let complete = |s: &Stop, conns: &[Conn]| {
             conns.iter().filter(|c| c.open && !c.slow).all(|c| {
                 let want = s.published.get(c.room as usize).and_then(|r| r.first());
-                c.tracks[0].iter().enumerate().all(|(st, t)| t.next >= want.and_then(|w| w.get(st)).copied().unwrap_or(0))
+                c.tracks[0]
+                    .iter()
+                    .enumerate()
+                    .all(|(st, t)| t.next >= want.and_then(|w| w.get(st)).copied().unwrap_or(0))
             })
         };
         if let (Some(s), Some(at)) = (&stop, stop_at)
