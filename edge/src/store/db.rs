@@ -112,7 +112,10 @@ impl Db {
                             }
                         }
                         Some(p) if m.evicted_upto > p.evicted_upto => {
-                            let from = msg_key(room, 0);
+                            // From past the last eviction: what lies below is tombstones, and
+                            // walking them on every eviction made each one slower than the last
+                            // until a compaction (0.3-0.5 s stalls every 10 s at 38k gifts/s).
+                            let from = msg_key(room, p.evicted_upto.saturating_add(1));
                             let to = msg_key(room, m.evicted_upto);
                             for k in self.msgs.range(from..=to).map(|g| g.key()) {
                                 batch.remove(&self.msgs, k?);
@@ -155,7 +158,8 @@ impl Db {
         let Some(meta) = self.meta.get(room.as_bytes())? else { return Ok(None) };
         let meta = decode_meta(&meta).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
         let mut messages = Vec::new();
-        for kv in self.msgs.prefix(room_prefix(room)) {
+        let from = msg_key(room, meta.evicted_upto.saturating_add(1));
+        for kv in self.msgs.range(from..=msg_key(room, u64::MAX)) {
             let (k, v) = kv.into_inner()?;
             let seq = seq_of(&k).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
             let m = decode_msg(seq, &v).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
@@ -187,7 +191,9 @@ impl Db {
                 continue;
             }
             let mut evicted = m.evicted_upto;
-            for kv in self.msgs.prefix(room_prefix(&name)) {
+            let from = msg_key(&name, m.evicted_upto.saturating_add(1));
+            let to = msg_key(&name, u64::MAX);
+            for kv in self.msgs.range(from..=to) {
                 let (k, v) = kv.into_inner()?;
                 let (Some(seq), Some(ts)) =
                     (seq_of(&k), v.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))))
