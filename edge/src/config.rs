@@ -935,9 +935,14 @@ impl Config {
             return Err(invalid("bus", "must be a redis://HOST:PORT URL (or unset for the embedded bus)"));
         }
         if let Some(a) = &self.advertise
-            && !(a.starts_with("ws://") || a.starts_with("wss://"))
+            && let Err(why) = check_url(a, &["ws://", "wss://"], false)
         {
-            return Err(invalid("advertise", "must be a ws:// or wss:// URL"));
+            return Err(invalid("advertise", &format!("must be a ws:// or wss:// URL with a host: {why}")));
+        }
+        if let Some(d) = &self.drain.dispatch_url
+            && let Err(why) = check_url(d, &["http://", "https://"], true)
+        {
+            return Err(invalid("drain.dispatch_url", &format!("must be an http:// or https:// URL with a host: {why}")));
         }
         if self.drain.deadline_ms < self.drain.period_ms {
             return Err(invalid("drain.deadline_ms", "must be at least drain.period_ms"));
@@ -1041,13 +1046,36 @@ impl Config {
         Ok(())
     }
 
-    /// The URL dispatch hands out for this edge.
+    /// The URL dispatch hands out for this edge (a bare `ws://host:port` gets the `/ws` path).
     pub fn advertised_url(&self, ws: SocketAddr) -> String {
         if let Some(a) = &self.advertise {
-            return a.clone();
+            let a = a.trim_end_matches('/');
+            let after_scheme = a.split_once("://").map_or(a, |(_, rest)| rest);
+            return if after_scheme.contains('/') { a.to_owned() } else { format!("{a}/ws") };
         }
         let host = if ws.ip().is_unspecified() { "127.0.0.1".to_owned() } else { ws.ip().to_string() };
         format!("ws://{host}:{}/ws", ws.port())
+    }
+
+    /// The dispatch endpoint `goaway` sends clients to: `drain.dispatch_url`, else this edge's
+    /// own `/v1/route` on the host clients already reach (the HTTP listen address, or the
+    /// advertised host when HTTP listens on every interface). The bool says whether that
+    /// address is only a guess that clients elsewhere cannot use.
+    pub fn dispatch_url(&self, http: SocketAddr) -> (String, bool) {
+        if let Some(d) = &self.drain.dispatch_url {
+            return (d.clone(), false);
+        }
+        if !http.ip().is_unspecified() {
+            let host = match http.ip() {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 => v4.to_string(),
+            };
+            return (format!("http://{host}:{}/v1/route", http.port()), false);
+        }
+        match self.advertise.as_deref().and_then(url_host) {
+            Some(host) => (format!("http://{host}:{}/v1/route", http.port()), false),
+            None => (format!("http://127.0.0.1:{}/v1/route", http.port()), true),
+        }
     }
 
     /// Whether `kind` must be delivered; None if the kind is not configured.
@@ -1065,9 +1093,65 @@ impl Config {
     }
 }
 
+/// A URL with one of `schemes`, a host, no fragment, and a query only with `query` (the edge
+/// appends `?room=` to an advertised URL).
+fn check_url(url: &str, schemes: &[&str], query: bool) -> Result<(), &'static str> {
+    let Some(scheme) = schemes.iter().find(|s| url.starts_with(**s)) else { return Err("wrong scheme") };
+    let rest = &url[scheme.len()..];
+    if url_host(url).is_none_or(|h| h.is_empty()) || rest.starts_with(':') {
+        return Err("no host");
+    }
+    if rest.contains('#') || rest.contains(char::is_whitespace) || (!query && rest.contains('?')) {
+        return Err("a query, fragment or space");
+    }
+    Ok(())
+}
+
+/// `host` of `scheme://host[:port][/path]` (brackets kept for IPv6).
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if authority.starts_with('[') {
+        return authority.find(']').map(|i| &authority[..=i]);
+    }
+    Some(authority.split(':').next().unwrap_or(authority))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn advertised_and_dispatch_urls_must_be_usable_as_they_are() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        for bad in ["http://h:1/ws", "ws://", "ws://:9000/ws", "ws://h/ws?x=1", "ws://h/ws#f", "ws://h /ws"] {
+            let e = err(&format!("advertise = \"{bad}\"\n")).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains("advertise"), "{e}");
+        }
+        for bad in ["ws://h/v1/route", "https://", "http://h/r#x"] {
+            let e = err(&format!("[drain]\ndispatch_url = \"{bad}\"\n")).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains("drain.dispatch_url"), "{e}");
+        }
+        assert_eq!(err("[drain]\ndispatch_url = \"https://d.example/v1/route?region=eu\"\n"), None);
+        let c = |text: &str| Config::from_toml(text).unwrap();
+        let ws: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        assert_eq!(c("advertise = \"wss://live.example\"\n").advertised_url(ws), "wss://live.example/ws");
+        assert_eq!(c("advertise = \"ws://[::1]:9/\"\n").advertised_url(ws), "ws://[::1]:9/ws");
+        assert_eq!(c("advertise = \"wss://e.example/edge7/ws\"\n").advertised_url(ws), "wss://e.example/edge7/ws");
+        // goaway's dispatch URL: the HTTP address, or the advertised host when HTTP is on every
+        // interface, or a loopback guess that is flagged.
+        let http: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(
+            c("advertise = \"wss://live.example:443/ws\"\n").dispatch_url(http),
+            ("http://live.example:8080/v1/route".to_owned(), false)
+        );
+        assert_eq!(c("").dispatch_url(http), ("http://127.0.0.1:8080/v1/route".to_owned(), true));
+        assert_eq!(
+            c("").dispatch_url("[::1]:8080".parse().unwrap()),
+            ("http://[::1]:8080/v1/route".to_owned(), false)
+        );
+    }
 
     /// However a secret is spelled, a config error never quotes it (the value appeared through
     /// serde's "invalid type: integer `...`" for quoted keys, inline tables and dotted keys).

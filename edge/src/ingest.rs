@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -51,6 +51,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Asks the load reporter to publish now (None: no shared bus).
     pub report_now: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,
+    /// Browser origins that may read `/v1/route` (CORS): `ws.allowed_origins`, any when empty.
+    pub cors_origins: Arc<[String]>,
 }
 
 impl AppState {
@@ -78,7 +80,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/rooms/{room}/messages", post(publish))
         .route("/v1/rooms/{room}", get(room_stats))
-        .route("/v1/route", get(route))
+        .route("/v1/route", get(route).options(route_options))
         .route("/v1/admin/drain", post(admin_drain))
         .route("/v1/kernel", get(kernel))
         .route("/dashboard", get(dashboard))
@@ -141,9 +143,41 @@ fn rand01() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn route(State(st): State<AppState>, Query(q): Query<RouteQuery>) -> Response {
+async fn route(State(st): State<AppState>, headers: HeaderMap, Query(q): Query<RouteQuery>) -> Response {
     let overloaded = st.kernel.status() == EdgeHealth::Overloaded;
-    route_answer(&st.route, st.draining.load(Ordering::Relaxed), overloaded, q.room.as_deref()).await
+    let answer = route_answer(&st.route, st.draining.load(Ordering::Relaxed), overloaded, q.room.as_deref()).await;
+    with_cors(answer, &st.cors_origins, &headers)
+}
+
+async fn route_options(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    route_preflight(&st.cors_origins, &headers)
+}
+
+/// CORS on the dispatch answer: a page served from the app's origin asks dispatch on the edge's
+/// (goaway sends browsers there too). The origins allowed are those allowed to open a socket
+/// (`ws.allowed_origins`; any when the list is empty, as for the upgrade); no credentials.
+pub fn with_cors(mut answer: Response, allowed: &[String], headers: &HeaderMap) -> Response {
+    let h = answer.headers_mut();
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    if allowed.is_empty() {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    } else if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
+        && crate::auth::origin_allowed(allowed, origin)
+        && let Ok(v) = HeaderValue::from_str(origin)
+    {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    answer
+}
+
+/// The preflight a browser sends when the app adds headers of its own to the route request.
+pub fn route_preflight(allowed: &[String], headers: &HeaderMap) -> Response {
+    let mut answer = StatusCode::NO_CONTENT.into_response();
+    let h = answer.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    with_cors(answer, allowed, headers)
 }
 
 async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response {

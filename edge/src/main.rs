@@ -54,6 +54,10 @@ struct Cli {
     /// The ws:// URL dispatch hands out for this edge.
     #[arg(long)]
     advertise: Option<String>,
+    /// The public dispatch endpoint `goaway` sends clients to (`drain.dispatch_url`; default:
+    /// this edge's own /v1/route).
+    #[arg(long)]
+    dispatch_url: Option<String>,
     /// Spread goaway messages over this many milliseconds when draining.
     #[arg(long)]
     drain_period_ms: Option<u64>,
@@ -92,6 +96,10 @@ enum Cmd {
         /// Listen address for GET /v1/route.
         #[arg(long, default_value = "127.0.0.1:8090")]
         http: SocketAddr,
+        /// Browser origins allowed to read the answer (CORS), as `ws.allowed_origins`; repeat
+        /// the flag for several. None: any origin.
+        #[arg(long = "allow-origin")]
+        allow_origins: Vec<String>,
     },
     /// Watch a running edge's kernel figures and health, refreshed every second (like `ss` +
     /// `top`): TCP states, Send-Q/Recv-Q histograms, accept queues, retransmits.
@@ -208,6 +216,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(v) = &cli.advertise {
         cfg.advertise = Some(v.clone());
     }
+    if let Some(v) = &cli.dispatch_url {
+        cfg.drain.dispatch_url = Some(v.clone());
+    }
     if let Some(v) = cli.drain_period_ms {
         cfg.drain.period_ms = v;
         cfg.drain.deadline_ms = cfg.drain.deadline_ms.max(v);
@@ -238,7 +249,7 @@ fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     match &cli.cmd {
-        Some(Cmd::Dispatch { redis, http }) => return dispatch_only(redis, *http),
+        Some(Cmd::Dispatch { redis, http, allow_origins }) => return dispatch_only(redis, *http, allow_origins),
         Some(Cmd::Top { http, once }) => return edge::top::run(*http, *once),
         Some(Cmd::Token { sub, rooms, publish, ttl }) => return print_token(&cli, sub, rooms, publish, ttl),
         None => {}
@@ -265,6 +276,21 @@ fn main() -> anyhow::Result<()> {
         .thread_name("roomcast-http")
         .enable_all()
         .build()?;
+    // What dispatch hands out must reach this edge from wherever clients are: an edge on every
+    // interface without --advertise would register ws://127.0.0.1, usable only on this machine.
+    // With a shared bus other machines' clients get it from dispatch: refuse; alone, warn.
+    if cfg.advertise.is_none() && cfg.listen.ip().is_unspecified() {
+        if cfg.bus.is_some() {
+            eprintln!(
+                "edge: invalid configuration: advertise: required when listening on {} with a shared bus (dispatch would hand out ws://127.0.0.1:...); set --advertise ws://HOST:PORT/ws",
+                cfg.listen
+            );
+            std::process::exit(2);
+        }
+        tracing::warn!(listen = %cfg.listen, "no advertise URL: /v1/route answers ws://127.0.0.1:..., which only clients on this machine can use (set advertise / --advertise)");
+    } else if cfg.advertise.is_none() && cfg.listen.ip().is_loopback() && cfg.bus.is_some() {
+        tracing::warn!(listen = %cfg.listen, "listening on loopback with a shared bus: only clients on this machine can reach this edge through dispatch");
+    }
     let edge = Edge::start(cfg.clone(), rt.handle())?;
     let ws_url = cfg.advertised_url(edge.ws_addr);
     let draining = Arc::new(AtomicBool::new(false));
@@ -314,6 +340,7 @@ fn main() -> anyhow::Result<()> {
         drain: drain_tx,
         draining: draining.clone(),
         report_now,
+        cors_origins: cfg.ws.allowed_origins.clone().into(),
     };
     edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);
@@ -322,7 +349,11 @@ fn main() -> anyhow::Result<()> {
             tracing::error!(error = %e, "publish API stopped");
         }
     });
-    tracing::info!(ws = %edge.ws_addr, http = %http_addr, shards = edge.shards, echo = cfg.echo, "roomcast edge ready");
+    let (dispatch_url, guessed) = cfg.dispatch_url(http_addr);
+    if guessed {
+        tracing::warn!(http = %http_addr, dispatch = %dispatch_url, "goaway will send clients to a loopback dispatch URL: set drain.dispatch_url (--dispatch-url) or advertise");
+    }
+    tracing::info!(ws = %edge.ws_addr, http = %http_addr, advertise = %ws_url, dispatch = %dispatch_url, shards = edge.shards, echo = cfg.echo, "roomcast edge ready");
     // A line for scripts and tests that start the edge on port 0.
     println!("roomcast edge ready ws={} http={}", edge.ws_addr, http_addr);
 
@@ -337,7 +368,7 @@ fn main() -> anyhow::Result<()> {
     });
     if drain {
         rt.block_on(state.leave_dispatch());
-        run_drain(&cfg, &edge, &draining, &format!("http://{http_addr}/v1/route"));
+        run_drain(&cfg, &edge, &draining, &dispatch_url);
         if cfg.drain.dispatch_url.is_none() {
             // Our own /v1/route is the dispatch URL in the goaways just sent, and clients wait
             // up to a second (reconnect_after_ms) before asking it: keep answering a while.
@@ -352,14 +383,13 @@ fn main() -> anyhow::Result<()> {
 
 /// Leaves dispatch, stops accepting, spreads goaway over the period, waits for connections to
 /// fall to the threshold (or the deadline), logging progress; the caller then closes the rest.
-fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, own_route: &str) {
+fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str) {
     draining.store(true, Ordering::Relaxed);
     edge.metrics.draining.set(1);
-    let url = cfg.drain.dispatch_url.clone().unwrap_or_else(|| own_route.to_owned());
     let start = Instant::now();
     let before = edge.metrics.connections();
     tracing::info!(connections = before, period_ms = cfg.drain.period_ms, dispatch = %url, "drain started");
-    edge.drain(&url, cfg.drain.period_ms);
+    edge.drain(url, cfg.drain.period_ms);
     let deadline = start + Duration::from_millis(cfg.drain.deadline_ms);
     let mut last_log = Instant::now();
     loop {
@@ -380,21 +410,35 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, own_route: &str) 
     }
 }
 
-fn dispatch_only(redis_url: &str, http: SocketAddr) -> anyhow::Result<()> {
+fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyhow::Result<()> {
+    // The same checks as ws.allowed_origins in a config file.
+    let mut check = Config::default();
+    check.ws.allowed_origins = origins.to_vec();
+    if let Err(e) = check.validate() {
+        eprintln!("edge dispatch: invalid --allow-origin: {e:#}");
+        std::process::exit(2);
+    }
+    let origins: Arc<[String]> = origins.into();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
         let client = redis::Client::open(redis_url)?;
         let cm = redis::aio::ConnectionManager::new(client).await.context("cannot connect to redis")?;
         let src = Arc::new(RouteSource::Redis { cm, dispatcher: std::sync::Mutex::new(Dispatcher::default()), max_age_ms: 3000 });
+        let preflight_origins = origins.clone();
         let app = axum::Router::new()
             .route(
                 "/v1/route",
                 axum::routing::get(
-                    |axum::extract::State(src): axum::extract::State<Arc<RouteSource>>,
-                     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>| async move {
-                        ingest::route_answer(&src, false, false, q.get("room").map(String::as_str)).await
+                    move |axum::extract::State(src): axum::extract::State<Arc<RouteSource>>,
+                          headers: axum::http::HeaderMap,
+                          axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>| async move {
+                        let answer = ingest::route_answer(&src, false, false, q.get("room").map(String::as_str)).await;
+                        ingest::with_cors(answer, &origins, &headers)
                     },
-                ),
+                )
+                .options(move |headers: axum::http::HeaderMap| async move {
+                    ingest::route_preflight(&preflight_origins, &headers)
+                }),
             )
             .route("/healthz", axum::routing::get(|| async { "ok\n" }))
             .with_state(src);

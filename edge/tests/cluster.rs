@@ -131,8 +131,10 @@ async fn member(first_url: String, room: &'static str, ctl: Ctl) -> Member {
                     // Ask dispatch for another edge (retrying, like a real client).
                     let mut target = None;
                     let mut last = String::new();
+                    // The goaway's URL is usable as is: it names the room already.
+                    assert!(dispatch.ends_with(&format!("?room={room}")), "goaway url {dispatch}");
                     for _ in 0..50 {
-                        let r = reqwest::get(format!("{dispatch}?room={room}")).await.unwrap();
+                        let r = reqwest::get(dispatch.as_str()).await.unwrap();
                         let status = r.status().as_u16();
                         last = r.text().await.unwrap_or_default();
                         if status == 200 {

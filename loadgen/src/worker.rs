@@ -153,8 +153,13 @@ fn token_param(tokens: &[String], i: usize) -> String {
 /// `ws://` URL is used as it is. Returns the address and the request path.
 fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32) -> anyhow::Result<(SocketAddr, String)> {
     let ws = if url.starts_with("http://") {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let resp = http.get(format!("{url}{sep}room=r{room}")).timeout(Duration::from_secs(5)).send()?;
+        // A goaway's URL names the room already; a configured dispatch URL does not.
+        let ask = if url.contains("room=") {
+            url.to_owned()
+        } else {
+            format!("{url}{}room=r{room}", if url.contains('?') { '&' } else { '?' })
+        };
+        let resp = http.get(ask).timeout(Duration::from_secs(5)).send()?;
         anyhow::ensure!(resp.status().is_success(), "dispatch answered {}", resp.status());
         let v: serde_json::Value = serde_json::from_str(&resp.text()?)?;
         v["url"].as_str().ok_or_else(|| anyhow::anyhow!("dispatch answer without url: {v}"))?.to_owned()

@@ -285,11 +285,14 @@ impl Shard {
         }
         if let Some(url) = self.drain_url.clone() {
             for slot in to_goaway {
-                let phase = self.conns[slot as usize].as_ref().map(|c| c.phase);
+                let (phase, room) = match self.conns[slot as usize].as_ref() {
+                    Some(c) => (Some(c.phase), c.room.clone()),
+                    None => (None, None),
+                };
                 if phase == Some(Phase::Open) {
                     let reconnect_after_ms = (self.next_random() % GOAWAY_MAX_DELAY_MS) as u32;
-                    let msg =
-                        ServerMsg::Goaway { url: url.to_string(), reason: "edge draining".into(), reconnect_after_ms };
+                    let url = goaway_url(&url, room.as_deref());
+                    let msg = ServerMsg::Goaway { url, reason: "edge draining".into(), reconnect_after_ms };
                     self.send_msg(slot, &msg);
                     self.stats.goaways.inc();
                     self.close_with(slot, 1001, "edge draining");
@@ -299,5 +302,15 @@ impl Shard {
             }
         }
         self.flush_dirty();
+    }
+}
+
+/// The dispatch URL a draining connection is sent to, with its room in the query, so that
+/// asking it answers a WebSocket URL for that room (the client adds `since` and `epoch`).
+pub(crate) fn goaway_url(dispatch: &str, room: Option<&str>) -> String {
+    match room {
+        // Room names are URL-safe (A-Z a-z 0-9 _ . : -): no escaping needed.
+        Some(r) => format!("{dispatch}{}room={r}", if dispatch.contains('?') { '&' } else { '?' }),
+        None => dispatch.to_owned(),
     }
 }

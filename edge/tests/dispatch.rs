@@ -1,0 +1,145 @@
+//! Dispatch as a client meets it: the URLs in `/v1/route` answers and in `goaway` are usable as
+//! they are (room included), browsers on other origins may read the route answer (CORS), and an
+//! edge whose advertised address nobody else could use says so, or refuses with a shared bus.
+
+mod util;
+
+use std::process::Command;
+use std::time::Duration;
+
+use roomcast_proto::envelope::ServerMsg;
+use util::*;
+
+async fn get(url: &str, origin: Option<&str>) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(o) = origin {
+        req = req.header("Origin", o);
+    }
+    let r = req.send().await.expect("request");
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, headers, r.text().await.unwrap_or_default())
+}
+
+fn acao(h: &reqwest::header::HeaderMap) -> Option<&str> {
+    h.get("access-control-allow-origin").and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goaway_url_leads_back_to_the_same_room() {
+    let mut edge = EdgeProc::start(&["--shards", "1", "--drain-period-ms", "300"]);
+    let mut ws = connect(&edge.url("?room=stage.1"), None).await;
+    expect_joined(&mut ws, "stage.1").await;
+    // The route answer for a room is a WebSocket URL that joins it as is.
+    let (status, _, body) = get(&format!("http://{}/v1/route?room=stage.1", edge.http), None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let url = v["url"].as_str().unwrap().to_owned();
+    assert_eq!(url, format!("ws://{}/ws?room=stage.1", edge.ws));
+    let mut other = connect(&url, None).await;
+    expect_joined(&mut other, "stage.1").await;
+    drop(other);
+
+    edge.sigterm();
+    let mut goaway = None;
+    while let Some(m) = next_msg_within(&mut ws, Duration::from_secs(5)).await {
+        if let ServerMsg::Goaway { url, .. } = m {
+            goaway = Some(url);
+            break;
+        }
+    }
+    let goaway = goaway.expect("a goaway while draining");
+    // This edge's own dispatch endpoint on the address clients reach, with the room.
+    assert_eq!(goaway, format!("http://{}/v1/route?room=stage.1", edge.http));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_dispatch_url_and_a_bare_advertise_url_are_completed() {
+    let dispatch = "https://dispatch.example/v1/route?region=eu";
+    let edge = EdgeProc::start(&["--shards", "1", "--advertise", "ws://live.example:9000", "--dispatch-url", dispatch]);
+    let (status, _, body) = get(&format!("http://{}/v1/route?room=r", edge.http), None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["url"], "ws://live.example:9000/ws?room=r", "a bare ws://host:port gets the /ws path");
+    let mut edge = edge;
+    let mut ws = connect(&edge.url("?room=r"), None).await;
+    expect_joined(&mut ws, "r").await;
+    edge.sigterm();
+    let mut goaway = None;
+    while let Some(m) = next_msg_within(&mut ws, Duration::from_secs(15)).await {
+        if let ServerMsg::Goaway { url, .. } = m {
+            goaway = Some(url);
+            break;
+        }
+    }
+    assert_eq!(goaway.as_deref(), Some("https://dispatch.example/v1/route?region=eu&room=r"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_answer_is_readable_by_allowed_browser_origins() {
+    // No allow-list: any page may read it (as any may open a socket).
+    let open = EdgeProc::start(&["--shards", "1"]);
+    let route = format!("http://{}/v1/route?room=a", open.http);
+    let (status, h, _) = get(&route, Some("https://app.example")).await;
+    assert_eq!((status, acao(&h)), (200, Some("*")));
+
+    let cfg = config("dispatch-cors", "[ws]\nallowed_origins = [\"https://app.example\", \"https://*.fans.example\"]\n");
+    let edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let route = format!("http://{}/v1/route?room=a", edge.http);
+    for allowed in ["https://app.example", "https://eu.fans.example"] {
+        let (status, h, body) = get(&route, Some(allowed)).await;
+        assert_eq!((status, acao(&h)), (200, Some(allowed)), "{body}");
+        assert!(h.get_all("vary").iter().any(|v| v.to_str().unwrap_or("").contains("Origin")));
+    }
+    let (status, h, _) = get(&route, Some("https://evil.example")).await;
+    assert_eq!((status, acao(&h)), (200, None), "another origin's page cannot read the answer");
+    // The preflight a browser sends when the app adds a header of its own.
+    let r = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, &route)
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "GET")
+        .header("Access-Control-Request-Headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(acao(r.headers()), Some("https://app.example"));
+    assert!(r.headers().get("access-control-allow-methods").is_some_and(|v| v == "GET"));
+}
+
+#[test]
+fn an_unusable_advertised_address_is_refused_with_a_shared_bus_and_warned_about_alone() {
+    // Every interface, a shared bus, no --advertise: dispatch would hand out ws://127.0.0.1.
+    // The refusal comes before any connection to Redis (the URL below has no server).
+    let out = Command::new(edge_bin())
+        .args(["--listen", "0.0.0.0:0", "--http", "127.0.0.1:0", "--bus", "redis://127.0.0.1:1", "--no-store"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("advertise") && err.contains("0.0.0.0"), "{err}");
+
+    // Alone, the edge starts and says what dispatch and goaway will hand out.
+    let data = data_dir("dispatch-warn");
+    let mut child = Command::new(edge_bin())
+        .args(["--listen", "0.0.0.0:0", "--http", "0.0.0.0:0", "--shards", "1", "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        // A publish API on every interface needs keys.
+        .env("ROOMCAST_API_KEYS", "test:0123456789abcdef0123456789abcdef")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    if !line.starts_with("roomcast edge ready") {
+        let out = child.wait_with_output().unwrap();
+        panic!("did not start: {line} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no advertise URL"), "{err}");
+    assert!(err.contains("loopback dispatch URL"), "{err}");
+}
