@@ -942,7 +942,10 @@ impl Config {
         if let Some(d) = &self.drain.dispatch_url
             && let Err(why) = check_url(d, &["http://", "https://"], true)
         {
-            return Err(invalid("drain.dispatch_url", &format!("must be an http:// or https:// URL with a host: {why}")));
+            return Err(invalid(
+                "drain.dispatch_url",
+                &format!("must be an http:// or https:// URL with a host: {why}"),
+            ));
         }
         if self.drain.deadline_ms < self.drain.period_ms {
             return Err(invalid("drain.deadline_ms", "must be at least drain.period_ms"));
@@ -1147,10 +1150,7 @@ mod tests {
             ("http://live.example:8080/v1/route".to_owned(), false)
         );
         assert_eq!(c("").dispatch_url(http), ("http://127.0.0.1:8080/v1/route".to_owned(), true));
-        assert_eq!(
-            c("").dispatch_url("[::1]:8080".parse().unwrap()),
-            ("http://[::1]:8080/v1/route".to_owned(), false)
-        );
+        assert_eq!(c("").dispatch_url("[::1]:8080".parse().unwrap()), ("http://[::1]:8080/v1/route".to_owned(), false));
     }
 
     /// However a secret is spelled, a config error never quotes it (the value appeared through

@@ -423,25 +423,33 @@ fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyho
     rt.block_on(async {
         let client = redis::Client::open(redis_url)?;
         let cm = redis::aio::ConnectionManager::new(client).await.context("cannot connect to redis")?;
-        let src = Arc::new(RouteSource::Redis { cm, dispatcher: std::sync::Mutex::new(Dispatcher::default()), max_age_ms: 3000 });
+        let src = Arc::new(RouteSource::Redis {
+            cm,
+            dispatcher: std::sync::Mutex::new(Dispatcher::default()),
+            max_age_ms: 3000,
+        });
         let preflight_origins = origins.clone();
-        let app = axum::Router::new()
-            .route(
-                "/v1/route",
-                axum::routing::get(
-                    move |axum::extract::State(src): axum::extract::State<Arc<RouteSource>>,
-                          headers: axum::http::HeaderMap,
-                          axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>| async move {
-                        let answer = ingest::route_answer(&src, false, false, q.get("room").map(String::as_str)).await;
-                        ingest::with_cors(answer, &origins, &headers)
-                    },
+        let app =
+            axum::Router::new()
+                .route(
+                    "/v1/route",
+                    axum::routing::get(
+                        move |axum::extract::State(src): axum::extract::State<Arc<RouteSource>>,
+                              headers: axum::http::HeaderMap,
+                              axum::extract::Query(q): axum::extract::Query<
+                            std::collections::HashMap<String, String>,
+                        >| async move {
+                            let answer =
+                                ingest::route_answer(&src, false, false, q.get("room").map(String::as_str)).await;
+                            ingest::with_cors(answer, &origins, &headers)
+                        },
+                    )
+                    .options(move |headers: axum::http::HeaderMap| async move {
+                        ingest::route_preflight(&preflight_origins, &headers)
+                    }),
                 )
-                .options(move |headers: axum::http::HeaderMap| async move {
-                    ingest::route_preflight(&preflight_origins, &headers)
-                }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-            .with_state(src);
+                .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+                .with_state(src);
         let listener = tokio::net::TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http}"))?;
         println!("roomcast dispatch ready http={}", listener.local_addr()?);
         axum::serve(listener, app).await?;

@@ -82,7 +82,8 @@ async fn the_route_answer_is_readable_by_allowed_browser_origins() {
     let (status, h, _) = get(&route, Some("https://app.example")).await;
     assert_eq!((status, acao(&h)), (200, Some("*")));
 
-    let cfg = config("dispatch-cors", "[ws]\nallowed_origins = [\"https://app.example\", \"https://*.fans.example\"]\n");
+    let cfg =
+        config("dispatch-cors", "[ws]\nallowed_origins = [\"https://app.example\", \"https://*.fans.example\"]\n");
     let edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
     let route = format!("http://{}/v1/route?room=a", edge.http);
     for allowed in ["https://app.example", "https://eu.fans.example"] {
