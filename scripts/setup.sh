@@ -11,11 +11,16 @@ cd "$(dirname "$0")/.."
 #   nginx libnginx-mod-nchan  the peer in scripts/bench-peers.sh
 #   iproute2                `ss`, which the probe tests compare against
 #   python3-venv            virtualenvs for the conformance suite
-PKGS=(clang llvm libbpf-dev bpftool redis-server nginx libnginx-mod-nchan iproute2 python3-venv curl)
+#   chromium                the TypeScript client's browser test (clients/ts, driven by playwright-core)
+#   nodejs npm              the TypeScript client (only when no node/npm is on the PATH: an
+#                           existing Node.js, e.g. a newer one from elsewhere, is left alone)
+PKGS=(clang llvm libbpf-dev bpftool redis-server nginx libnginx-mod-nchan iproute2 python3-venv curl chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -30,6 +35,11 @@ pkill -x nginx 2>/dev/null || true
 # Kernel filesystems the probes use (tracepoints need tracefs; pinned maps need bpffs).
 mountpoint -q /sys/fs/bpf 2>/dev/null || mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
 mountpoint -q /sys/kernel/tracing 2>/dev/null || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
+
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if ((node_major < 20)); then
+  echo "setup: warning: Node.js $(node --version 2>/dev/null) is older than 20, which clients/ts supports" >&2
+fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust with rustup first" >&2; exit 1; }
 cargo build --release --workspace

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins
 cargo test --workspace
+./scripts/test-clients-ts.sh
 ./scripts/autobahn.sh
