@@ -87,7 +87,7 @@ function redisPing(port) {
  * Starts an edge. `opts.bus`: a Redis URL (several edges); `opts.ws`/`opts.http`: fixed ports
  * (a restart on the same address), else free ones; `opts.config`: TOML text;
  * `opts.dataDir`: keep the store there (survives restarts), else `--no-store` in Redis mode and
- * a temp dir otherwise. Resolves once the edge prints its ready line.
+ * a temp dir otherwise; `opts.env`: extra environment. Resolves once the edge prints its ready line.
  */
 export async function startEdge(opts = {}) {
   const wsPort = opts.ws ?? (await freePort());
@@ -117,7 +117,7 @@ export async function startEdge(opts = {}) {
   args.push(...(opts.args ?? []));
   const child = spawn(EDGE_BIN, args, {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" },
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn", ...(opts.env ?? {}) },
   });
   let log = "";
   child.stderr.on("data", (d) => {
@@ -203,4 +203,14 @@ export async function route(http, room) {
   const res = await fetch(`http://${http}/v1/route?room=${encodeURIComponent(room)}`);
   if (!res.ok) return null;
   return (await res.json()).url;
+}
+
+/** An HS256 connection token from `edge token` (signed with `secret`). */
+export async function edgeToken(secret, sub, ttl) {
+  const { execFile } = await import("node:child_process");
+  return new Promise((ok, fail) =>
+    execFile(EDGE_BIN, ["token", "--sub", sub, "--ttl", ttl], { env: { ...process.env, ROOMCAST_AUTH_SECRET: secret } }, (e, out) =>
+      e ? fail(e) : ok(out.trim()),
+    ),
+  );
 }
