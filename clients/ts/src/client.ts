@@ -248,6 +248,8 @@ export class RoomcastClient extends Emitter<ClientEvents> {
   private goawayPlan: { at: number; delay: number } | undefined;
   private lastRx = 0;
   private probeOutstanding = false;
+  /** A probe sent on a hint (offline, visible again) must be answered by then. */
+  private probeDeadline: number | undefined;
   /** Probes sent on this connection whose own answer (`pong`, or `bad_message` from an edge without the op) is still due. */
   private probeAnswersDue = 0;
   private publishes: PendingPublish[] = [];
@@ -572,7 +574,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     if (this.conn !== conn) return;
     this.lastRx = this.sched.now();
     this.probeOutstanding = false;
-    this.armLiveness(conn);
+    this.probeDeadline = undefined;
   }
 
   private onMessage(conn: Conn, data: unknown): void {
@@ -774,35 +776,40 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     return Math.min(5_000, Math.floor(this.opts.livenessTimeoutMs / 3));
   }
 
+  /**
+   * The liveness timer: one pending timeout per connection, not re-armed per message (traffic
+   * only moves `lastRx`); each time it fires it looks at the silence so far and probes, declares
+   * the connection dead, or sleeps until the next moment that matters.
+   */
   private armLiveness(conn: Conn): void {
     this.sched.clearTimeout(this.livenessTimer);
-    const bound = this.opts.livenessTimeoutMs;
-    const probeAt = this.lastRx + bound - this.probeWindow();
+    this.livenessTimer = undefined;
+    if (this.conn !== conn || !conn.opened) return;
     const now = this.sched.now();
-    if (!this.probeOutstanding && now < probeAt) {
-      this.livenessTimer = this.sched.setTimeout(() => this.probe(conn), probeAt - now);
-    } else {
-      this.livenessTimer = this.sched.setTimeout(() => this.checkDead(conn), Math.max(0, this.lastRx + bound - now));
-    }
+    let deadAt = this.lastRx + this.opts.livenessTimeoutMs;
+    if (this.probeDeadline !== undefined) deadAt = Math.min(deadAt, this.probeDeadline);
+    if (now >= deadAt) return this.dead(conn);
+    const probeAt = this.lastRx + this.opts.livenessTimeoutMs - this.probeWindow();
+    if (!this.probeOutstanding && now >= probeAt) this.sendProbe();
+    const next = this.probeOutstanding ? deadAt : probeAt;
+    this.livenessTimer = this.sched.setTimeout(() => this.armLiveness(conn), Math.max(0, next - now));
   }
 
-  /** Sends a liveness probe now; the connection is dead if nothing answers within the probe window. */
-  private probe(conn: Conn, window?: number): void {
-    if (this.conn !== conn || !conn.opened) return;
+  private sendProbe(): void {
     this.probeOutstanding = true;
     this.probeAnswersDue++;
     this.sendRaw({ op: "ping" });
-    this.sched.clearTimeout(this.livenessTimer);
-    const now = this.sched.now();
-    const until = window !== undefined ? now + window : this.lastRx + this.opts.livenessTimeoutMs;
-    this.livenessTimer = this.sched.setTimeout(() => this.checkDead(conn), Math.max(0, until - now));
   }
 
-  private checkDead(conn: Conn): void {
-    if (this.conn !== conn) return;
-    if (!this.probeOutstanding && this.sched.now() - this.lastRx < this.opts.livenessTimeoutMs) {
-      return this.armLiveness(conn);
-    }
+  /** Probes now (back online, page visible again): dead unless something arrives within the probe window. */
+  private probeNow(conn: Conn): void {
+    if (this.conn !== conn || !conn.opened) return;
+    this.sendProbe();
+    this.probeDeadline = this.sched.now() + this.probeWindow();
+    this.armLiveness(conn);
+  }
+
+  private dead(conn: Conn): void {
     this.stats.deadConnections++;
     this.emitError(
       new RoomcastError("dead_connection", `nothing received for ${this.sched.now() - this.lastRx} ms`, "liveness"),
@@ -880,7 +887,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
       if (!this.wanted) return;
       if (this.conn?.opened) {
         // Back from sleep or a network change: check the connection now, not at the next probe.
-        this.probe(this.conn, this.probeWindow());
+        this.probeNow(this.conn);
       } else if (this.reconnectTimer !== undefined) {
         this.sched.clearTimeout(this.reconnectTimer);
         this.reconnectTimer = undefined;
@@ -888,7 +895,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
       }
     };
     const offline = () => {
-      if (this.wanted && this.conn?.opened) this.probe(this.conn, this.probeWindow());
+      if (this.wanted && this.conn?.opened) this.probeNow(this.conn);
     };
     const visibility = () => {
       if (doc?.visibilityState === undefined || doc.visibilityState === "visible") wake();
@@ -932,6 +939,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     }
     this.connectTimer = this.livenessTimer = this.refreshTimer = this.goawayTimer = undefined;
     this.probeOutstanding = false;
+    this.probeDeadline = undefined;
   }
 
   private clearTimers(): void {
