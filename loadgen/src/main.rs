@@ -137,7 +137,8 @@ struct RunArgs {
     #[arg(long, default_value = "run")]
     scenario: String,
     /// Do not follow the edge's `goaway` (by default a connection told to go asks the dispatch
-    /// URL in it for another edge and reconnects there with `since`).
+    /// URL in it for another edge and reconnects there with `since`), nor come back with `since`
+    /// after a close with 4000 (slow consumer) or 1013 (try again later).
     #[arg(long)]
     no_follow_goaway: bool,
     /// Free text recorded in the summary (the command that started the server, say).
@@ -375,14 +376,18 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     // Streams stop at `end`; one may be waiting for an acknowledgement (at most 10 s).
     let outcome = publisher.finish()?;
     let pub_secs = pub_start.elapsed().as_secs_f64();
-    // 3. Let everything in flight arrive (until deliveries stop moving for 3 s, at most 60 s),
-    // then stop the workers with the published counts: late is not lost.
+    // 3. Let everything in flight arrive (until deliveries and bytes stop moving for 3 s, at
+    // most 60 s), then stop the workers with the published counts: late is not lost. Bytes
+    // too: a slow reader spends seconds inside one large replay frame, delivering nothing.
     let settle_end = Instant::now() + Duration::from_secs(60);
     let mut quiet_since = Instant::now();
-    let mut seen: u64 = progress.iter().map(|p| p.deliveries).sum();
+    let moved = |progress: &[Progress]| {
+        progress.iter().map(|p| (p.deliveries, p.bytes)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let mut seen = moved(&progress);
     while Instant::now() < settle_end && quiet_since.elapsed() < Duration::from_secs(3) {
         drain(&rx, &mut progress, &mut Vec::new());
-        let now_seen: u64 = progress.iter().map(|p| p.deliveries).sum();
+        let now_seen = moved(&progress);
         if now_seen != seen {
             seen = now_seen;
             quiet_since = Instant::now();
@@ -422,7 +427,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut hists_slow: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
     let mut connect_hist = histogram();
     let mut reconnect_hist = histogram();
-    let (mut reconnects, mut reconnect_failed) = (0u64, 0u64);
+    let (mut reconnects, mut reconnect_failed, mut resumed) = (0u64, 0u64, 0u64);
     let mut lost = [0u64; 2];
     let mut fast_lost = [0u64; 2];
     let mut slow = 0u64;
@@ -446,6 +451,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
         merge(&mut reconnect_hist, &decode_hist(&f.reconnect_hist)?);
         reconnects += f.reconnects;
+        resumed += f.resumed;
         reconnect_failed += f.reconnect_failed;
         slow += f.slow;
         corrupt += f.corrupt;
@@ -526,6 +532,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         handshake_ms: report::Percentiles::of(&connect_hist),
         reconnects,
         reconnect_failed,
+        resumed_after_close: resumed,
         reconnect_ms: report::Percentiles::of(&reconnect_hist),
         server: report::ServerFigures::new(
             server_before,

@@ -130,6 +130,9 @@ pub struct Report {
     /// that could not, and the time from goaway to the new upgrade.
     pub reconnects: u64,
     pub reconnect_failed: u64,
+    /// Of `reconnects`, those that came back with `since` after a close with 4000 or 1013.
+    #[serde(default)]
+    pub resumed_after_close: u64,
     pub reconnect_ms: Percentiles,
     pub server: ServerFigures,
     pub generator_cpu_s: f64,
@@ -213,7 +216,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | figure | value |\n|---|---|\n\
          | connections (failed) | {conns} ({failed}) |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
-         | moved after goaway (failed); goaway to upgraded p50/p99 | {moved} ({mfail}); {rc50:.1}/{rc99:.1} ms |\n\
+         | reconnected with since: after goaway or 4000/1013 close (failed; of which after a close); to upgraded p50/p99 | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
          | offered gift / chat per second (streams) | {og:.1} ({sg}) / {oc:.1} ({sc}) |\n\
          | refusals by status | {by_status} |\n\
@@ -243,6 +246,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         hs50 = r.handshake_ms.p50,
         hs99 = r.handshake_ms.p99,
         moved = r.reconnects,
+        resumed = r.resumed_after_close,
         mfail = r.reconnect_failed,
         rc50 = r.reconnect_ms.p50,
         rc99 = r.reconnect_ms.p99,

@@ -113,6 +113,10 @@ pub struct Final {
     pub reconnects: u64,
     pub reconnect_failed: u64,
     pub reconnect_hist: String,
+    /// Of the reconnects, those after a close with 4000 (slow consumer) or 1013 (try again
+    /// later) rather than a goaway: a real client resumes with `since` after those too.
+    #[serde(default)]
+    pub resumed: u64,
     pub cpu_s: f64,
 }
 
@@ -236,6 +240,10 @@ struct Conn {
     goaway: Option<(String, Instant, Instant)>,
     /// Handed to a mover: its new socket is being made.
     moving: bool,
+    /// The edge this connection reached (where it resumes after a 4000 or 1013 close).
+    peer: Option<SocketAddr>,
+    /// The pending move follows a 4000/1013 close, not a goaway.
+    resuming: bool,
 }
 
 struct Epoll(OwnedFd);
@@ -273,7 +281,6 @@ impl Conn {
     fn new(sock: TcpStream, slow: bool, room: u32, streams: &[usize]) -> Self {
         Self {
             slow,
-            sock,
             buf: Vec::new(),
             tracks: streams.iter().map(|&n| vec![KindTrack::default(); n.max(1)]).collect(),
             room,
@@ -282,6 +289,9 @@ impl Conn {
             joined: false,
             goaway: None,
             moving: false,
+            peer: sock.peer_addr().ok(),
+            resuming: false,
+            sock,
         }
     }
 
@@ -297,6 +307,19 @@ impl Conn {
     fn on_goaway(&mut self, url: &str, after_ms: u32) {
         let now = Instant::now();
         self.goaway = Some((url.to_owned(), now + Duration::from_millis(u64::from(after_ms)), now));
+    }
+
+    /// A close frame: after 4000 (slow consumer) or 1013 (replay budget), come back to the same
+    /// edge with `since` after a random delay under a second, as a client would.
+    fn on_close(&mut self, payload: &[u8]) {
+        self.open = false;
+        let code = payload.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        if let (Some(4000 | 1013), Some(peer), None) = (code, self.peer, &self.goaway) {
+            let now = Instant::now();
+            let jitter = Duration::from_micros(now_us() % 1_000_000);
+            self.goaway = Some((format!("ws://{peer}/ws?room=r{}", self.room), now + jitter, now));
+            self.resuming = true;
+        }
     }
 }
 
@@ -373,6 +396,8 @@ struct Reader {
     frames: u64,
     bytes: u64,
     closed: u64,
+    /// Follow goaways and resume after 4000/1013 closes.
+    follow: bool,
 }
 
 impl Reader {
@@ -408,6 +433,7 @@ impl Reader {
             off += total;
             self.frames += 1;
             match (self.target, h.opcode) {
+                (Target::Edge, ws::OpCode::Close) if self.follow => c.on_close(payload),
                 (_, ws::OpCode::Close) => c.open = false,
                 (Target::Nchan, ws::OpCode::Text) => {
                     if let Some(kind) = body_kind(payload) {
@@ -487,6 +513,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         frames: 0,
         bytes: 0,
         closed: 0,
+        follow: args.follow_goaway,
     };
     let t0 = Instant::now();
     let pacer = crate::stats::Pacer::new(t0, args.ramp);
@@ -500,6 +527,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut last_bytes = 0u64;
     let mut last_bytes_at = Instant::now();
     let mut reconnects = 0u64;
+    let mut resumed = 0u64;
     let mut reconnect_failed = 0u64;
     let mut reconnect_hist = histogram();
     let movers = Movers::start(&args, 32, &tokens);
@@ -515,7 +543,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 match c.sock.read(&mut tmp[..budget]) {
                     Ok(0) => {
                         c.open = false;
-                        reader.closed += 1;
+                        if c.goaway.is_none() {
+                            reader.closed += 1;
+                        }
                     }
                     Ok(n) => {
                         reader.bytes += n as u64;
@@ -613,10 +643,12 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         if !c.slow {
                             ep.add(sock.as_raw_fd(), done.i as u64);
                         }
+                        c.peer = sock.peer_addr().ok();
                         c.sock = sock;
                         c.buf.clear();
                         c.open = true;
                         reconnects += 1;
+                        resumed += u64::from(std::mem::take(&mut c.resuming));
                         let _ = reconnect_hist.record(done.got_at.elapsed().as_micros().max(1) as u64);
                     }
                     Err(e) => {
@@ -730,6 +762,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 reconnects,
                 reconnect_failed,
                 reconnect_hist: encode_hist(&reconnect_hist),
+                resumed,
                 cpu_s: own_cpu_s(),
             };
             emit(&erased::Tagged("final", &f));

@@ -170,3 +170,39 @@ fn connections_follow_goaway_to_another_edge_without_losing_a_gift() {
     assert!(v["reconnect_ms"]["p99"].as_f64().unwrap() > 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Slow readers closed as slow consumers (4000) come back with `since`, as a real client does,
+/// and end with every gift: loss in a result means gifts no client could get, not closes.
+#[test]
+fn readers_closed_as_slow_consumers_resume_and_lose_no_gift() {
+    let dir = std::env::temp_dir().join(format!("loadgen-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    // A tiny queue and kernel buffer: 30 KB/s of gifts overflow an 8 KB/s reader within a second.
+    std::fs::write(
+        &cfg,
+        "[fanout]\nmax_batch_bytes = 2048\n[send]\nmax_queue_bytes = 4096\nsocket_send_buffer = 4096\n",
+    )
+    .unwrap();
+    let (mut edge, ws, http) = edge(&["--shards", "1", "--config", cfg.to_str().unwrap()]);
+    let out = dir.join("out");
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &ws, "--http", &http, "--connections", "300", "--workers", "1"])
+        .args(["--duration", "2", "--gift-rate", "50", "--chat-rate", "0", "--pad", "512", "--scenario", "resume"])
+        .args(["--slow-every", "3", "--slow-rcvbuf", "4096", "--slow-bytes", "4096"])
+        .args(["--out", out.to_str().unwrap()])
+        .status()
+        .expect("loadgen");
+    let _ = Command::new("kill").args(["-INT", &edge.id().to_string()]).status();
+    let _ = edge.wait();
+    assert!(status.success());
+    let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    assert!(v["resumed_after_close"].as_u64().unwrap() > 0, "slow readers were closed and resumed: {v}");
+    assert_eq!(v["reconnect_failed"], 0, "{v}");
+    assert_eq!(v["lost"]["gift"], 0, "every gift reached every reader: {v}");
+    assert_eq!(v["duplicates"]["gift"], 0, "{v}");
+    assert_eq!(v["published"]["gift"], 100);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -48,6 +48,10 @@ impl Shard {
                 tracing::info!(
                     shard = self.id,
                     slot,
+                    out_bytes = c.out_bytes,
+                    frames = c.out.len(),
+                    credit = c.replay_credit,
+                    adding = bytes.len(),
                     "closing slow consumer (4000): its own frames over the queue bound"
                 );
                 c.drop_unsent(c.in_flight as usize);

@@ -259,6 +259,7 @@ impl Shard {
         // shard put every 16th frame on chat), the clock read only for those.
         let (stats, n) = (&self.stats, &mut self.latency_n);
         let mut now = None;
+        let queued_before = c.out_bytes;
         let (frames, messages) = c.consume(res as usize, in_flight, |f| {
             let Some(flushed) = f.flushed.filter(|_| f.messages > 0) else { return };
             // xorshift32
@@ -276,8 +277,11 @@ impl Shard {
             }
         });
         self.stats.bytes_written.inc_by(res as u64);
-        // Written bytes pay the replay credit back first (the replay was queued ahead).
-        let paid = c.replay_credit.min(res as usize);
+        // Frames written whole pay the replay credit back first (the replay was queued
+        // ahead). By frames, not bytes: a frame partly written still counts whole in
+        // `out_bytes`, and paying for its written part early left a slow reader catching up
+        // on a large replay over the bound: closed with 4000 on every attempt.
+        let paid = c.replay_credit.min(queued_before - c.out_bytes);
         c.replay_credit -= paid;
         self.replay_held -= paid;
         self.stats.frames_written.inc_by(frames);
