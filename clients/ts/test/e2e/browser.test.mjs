@@ -128,3 +128,60 @@ test("demo page in Chromium: gifts, drain to the other edge, restart, every gift
   assert.ok(existsSync(shot));
   t.diagnostic(`screenshot: ${shot}; gifts ${d.gifts.length}, recovered ${d.recovered.length}, edges ${d.edges.join(" -> ")}`);
 });
+
+test("demo page in Chromium: offline is detected within the probe window, online reconnects at once and recovers", { timeout: 60_000 }, async (t) => {
+  const server = await serve(0, "127.0.0.1");
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+  });
+  t.after(async () => {
+    await browser.close().catch(() => {});
+    server.close();
+    await cleanup();
+  });
+  // The single-node default (embedded store), no Redis.
+  const edge = await startEdge({});
+  const room = `net-${process.pid}`;
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  const { port } = server.address();
+  // Liveness bound 6 s (probe window 2 s); retries at least 3 s apart, so a reconnect within a
+  // second of coming back online can only be the `online` handler's doing.
+  await page.goto(
+    `http://127.0.0.1:${port}/demo/?room=${room}&dispatch=http://${edge.http}&liveness_ms=6000&min_delay_ms=3000&max_delay_ms=10000`,
+  );
+  const demo = () =>
+    page.evaluate(() => {
+      const d = window.roomcastDemo;
+      return { state: d.state, gifts: d.gifts.map((g) => [g.seq, g.recovered]), errors: d.errors.map((e) => e.code), stats: { ...d.client.stats } };
+    });
+  await waitFor(async () => (await demo()).state === "connected", 15_000, "the page to connect");
+  const first = await publishGift(edge.http, room, { rose: 1 });
+  await waitFor(async () => (await demo()).gifts.length === 1, 10_000, "the first gift");
+
+  await ctx.setOffline(true);
+  const offAt = Date.now();
+  const second = await publishGift(edge.http, room, { rose: 2 });
+  await waitFor(async () => (await demo()).stats.deadConnections === 1, 4_000, "the dead connection to be noticed");
+  const noticedMs = Date.now() - offAt;
+  let d = await demo();
+  assert.ok(d.errors.includes("dead_connection"));
+  assert.equal(d.state, "connecting");
+  await sleep(3_500); // offline: attempts fail (dispatch unreachable)
+  d = await demo();
+  assert.equal(d.stats.connects, 1, "no connection while offline");
+
+  await ctx.setOffline(false);
+  const onAt = Date.now();
+  await waitFor(async () => (await demo()).state === "connected", 2_500, "reconnect right after `online`");
+  const backMs = Date.now() - onAt;
+  await waitFor(async () => (await demo()).gifts.length === 2, 5_000, "the gift published while offline");
+  d = await demo();
+  assert.deepEqual(d.gifts, [
+    [first, false],
+    [second, true],
+  ]);
+  t.diagnostic(`offline noticed in ${noticedMs} ms, reconnected ${backMs} ms after online`);
+});
