@@ -47,12 +47,16 @@ test(`${N} TS clients through a drain: no gift lost or duplicated`, { timeout: 1
       gifts: [],
       joined: 0,
       goaways: 0,
+      goawayUrl: undefined,
       urls: [],
       errors: [],
     };
     c.client.on("gift", (m) => c.gifts.push(m.seq));
     c.client.on("joined", () => c.joined++);
-    c.client.on("goaway", () => c.goaways++);
+    c.client.on("goaway", (g) => {
+      c.goaways++;
+      c.goawayUrl = g.url;
+    });
     c.client.on("connected", (x) => c.urls.push(x.url));
     c.client.on("error", (e) => c.errors.push(`${e.source}:${e.code}`));
     c.client.connect();
@@ -103,6 +107,7 @@ test(`${N} TS clients through a drain: no gift lost or duplicated`, { timeout: 1
   const moved = movers.filter((c) => c.goaways >= 1 && onEdge(c, 1 - drained)).length;
   assert.equal(moved, movers.length, `every client of the drained edge moved (${moved}/${movers.length})`);
   const dropped = clients.reduce((n, c) => n + c.client.stats.duplicatesDropped, 0);
+  t.diagnostic(`goaway url as the edge sent it: ${movers[0].goawayUrl}`);
   t.diagnostic(
     `${N} clients, ${published.length} gifts, ${movers.length} moved off the drained edge, ` +
       `${dropped} duplicates dropped by the clients, errors: ${[...new Set(clients.flatMap((c) => c.errors))].join(" ") || "none"}`,
