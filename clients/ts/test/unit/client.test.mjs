@@ -443,3 +443,39 @@ test("options are checked", () => {
   assert.throws(() => new RoomcastClient({ WebSocket: FakeWebSocket }), /dispatch/);
   assert.throws(() => new RoomcastClient({ url: "ws://x/ws", WebSocket: undefined }), /WebSocket/);
 });
+
+test("a page becoming visible probes the connection; hidden does nothing", async () => {
+  const handlers = {};
+  const doc = {
+    visibilityState: "hidden",
+    addEventListener: (t, fn) => (handlers[t] = fn),
+    removeEventListener: (t) => delete handlers[t],
+  };
+  const { c, clock } = make({ browserEvents: { document: doc } });
+  c.connect();
+  await clock.advance(0);
+  const ws = accept();
+  handlers.visibilitychange();
+  assert.equal(ws.sent.filter((m) => m.op === "ping").length, 0, "hidden: no probe");
+  doc.visibilityState = "visible";
+  handlers.visibilitychange();
+  assert.equal(ws.sent.filter((m) => m.op === "ping").length, 1, "visible: probe at once");
+  ws.recv({ type: "error", code: "bad_message", message: "unknown variant `ping`" });
+  await clock.advance(10_000);
+  assert.equal(c.stats.deadConnections, 0, "answered: alive");
+  c.disconnect();
+});
+
+test("disconnect then connect resumes from the position kept", async () => {
+  const { c, clock } = make();
+  c.connect();
+  await clock.advance(0);
+  const ws = accept(0, "E");
+  ws.recv(batch("lobby", 1, 2));
+  c.disconnect();
+  assert.deepEqual(c.position("lobby"), { epoch: "E", seq: 2 });
+  c.connect();
+  await clock.advance(0);
+  assert.equal(FakeWebSocket.last.params.get("since"), "2");
+  assert.equal(FakeWebSocket.last.params.get("epoch"), "E");
+});
