@@ -175,7 +175,7 @@ async fn keys_guard_the_publish_api() {
     assert_eq!(ok.status, 200, "{}", ok.body);
     let seq = ok.body["seq"].as_u64().expect("seq");
     match next_msg_within(&mut ws, Duration::from_secs(5)).await {
-        Some(ServerMsg::Batch { room, messages }) => {
+        Some(ServerMsg::Batch { room, messages, .. }) => {
             assert_eq!(room, "lobby");
             assert_eq!(messages.len(), 1);
             assert_eq!((messages[0].seq, messages[0].kind.as_str()), (seq, "gift"));

@@ -76,7 +76,7 @@ async fn every_shard_every_gift(args: &[&str], nshards: usize) {
         let mut seqs = Vec::new();
         while (seqs.len() as u64) < gifts {
             match next_msg_within(&mut ws, Duration::from_secs(30)).await {
-                Some(ServerMsg::Batch { room: r, messages }) => {
+                Some(ServerMsg::Batch { room: r, messages, .. }) => {
                     assert_eq!(r, room);
                     seqs.extend(messages.iter().map(|m| m.seq));
                 }

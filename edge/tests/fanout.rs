@@ -14,7 +14,7 @@ async fn collect(ws: &mut Ws, count: usize) -> Vec<(String, u64, String)> {
     let mut got = Vec::new();
     while got.len() < count {
         match next_msg_within(ws, Duration::from_secs(20)).await {
-            Some(ServerMsg::Batch { room, messages }) => {
+            Some(ServerMsg::Batch { room, messages, .. }) => {
                 for m in messages {
                     got.push((room.clone(), m.seq, m.kind));
                 }
@@ -122,7 +122,7 @@ async fn join_switch_leave_over_the_socket() {
     expect_joined(&mut ws, "one").await;
     let s1 = publisher.publish("one", "chat", json!("to one")).await;
     match next_msg_within(&mut ws, Duration::from_secs(5)).await {
-        Some(ServerMsg::Batch { room, messages }) => assert_eq!((room.as_str(), messages[0].seq), ("one", s1)),
+        Some(ServerMsg::Batch { room, messages, .. }) => assert_eq!((room.as_str(), messages[0].seq), ("one", s1)),
         other => panic!("{other:?}"),
     }
     // Switch: leave "one", join "two".
@@ -132,7 +132,7 @@ async fn join_switch_leave_over_the_socket() {
     publisher.publish("one", "chat", json!("not for us")).await;
     let s2 = publisher.publish("two", "chat", json!("to two")).await;
     match next_msg_within(&mut ws, Duration::from_secs(5)).await {
-        Some(ServerMsg::Batch { room, messages }) => {
+        Some(ServerMsg::Batch { room, messages, .. }) => {
             assert_eq!(room, "two");
             assert_eq!(messages.len(), 1);
             assert_eq!(messages[0].seq, s2);

@@ -89,8 +89,15 @@ pub struct PushMessage {
 #[rkyv(derive(Debug))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
-    /// The messages of one room merged within one window, in seq order.
-    Batch { room: String, messages: Vec<PushMessage> },
+    /// The messages of one room merged within one window, in seq order. `online`: the room's
+    /// members across every edge, when it changed (at most every `presence.interval_ms`); a
+    /// batch may carry only that (`messages` empty).
+    Batch {
+        room: String,
+        messages: Vec<PushMessage>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        online: Option<u64>,
+    },
     /// The connection is now a member of `room`. `seq` is the last seq the room had assigned
     /// when the join took effect: live batches carry seqs above it. `epoch` names the room's
     /// numbering (opaque): pass it back with `since` so the edge can tell a seq of this
@@ -424,15 +431,18 @@ mod wire {
         to: Option<u64>,
         exp: Option<u64>,
         epoch: Option<String>,
+        online: Option<u64>,
     }
 
     impl<'de> Deserialize<'de> for ServerMsg {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             let w = Server::deserialize(d)?;
             Ok(match w.ty {
-                Type::Batch => {
-                    ServerMsg::Batch { room: need(w.room, "room")?, messages: need(w.messages, "messages")? }
-                }
+                Type::Batch => ServerMsg::Batch {
+                    room: need(w.room, "room")?,
+                    messages: need(w.messages, "messages")?,
+                    online: w.online,
+                },
                 Type::Joined => ServerMsg::Joined {
                     room: need(w.room, "room")?,
                     seq: need(w.seq, "seq")?,
@@ -488,6 +498,7 @@ mod tests {
                     body: r#""hi""#.into(),
                 },
             ],
+            online: Some(100_000),
         }
     }
 
@@ -510,7 +521,7 @@ mod tests {
             buf.extend_from_slice(&bytes);
             let view = access_rkyv(&buf[pad..]).unwrap();
             match view {
-                ArchivedServerMsg::Batch { room, messages } => {
+                ArchivedServerMsg::Batch { room, messages, .. } => {
                     assert_eq!(room.as_str(), "r1");
                     assert_eq!(messages.len(), 2);
                     assert_eq!(messages[1].seq.to_native(), 8);
@@ -600,6 +611,7 @@ mod tests {
                 user: String::new(),
                 body: body.into(),
             }],
+            online: None,
         };
         let mut out = Vec::new();
         encode_json(&msg, &mut out).unwrap();

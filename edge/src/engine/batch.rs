@@ -150,14 +150,18 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let all = ServerMsg::Batch { room: r.name.to_string(), messages: pending.into_iter().map(|p| p.msg).collect() };
+        let all = ServerMsg::Batch {
+            room: r.name.to_string(),
+            messages: pending.into_iter().map(|p| p.msg).collect(),
+            online: None,
+        };
         let frames = encode_frames(&r.name, &r.interest, &all);
         let must_deliver = if must == count {
             MustDeliver::All
         } else if must == 0 {
             MustDeliver::None
         } else {
-            let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs };
+            let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs, online: None };
             MustDeliver::Some { frames: encode_frames(&r.name, &r.interest, &only), messages: must }
         };
         let flushed = self.now;

@@ -141,14 +141,18 @@ impl Engine {
                     push_frame(
                         &mut replay,
                         join.proto,
-                        &ServerMsg::Batch { room: r.name.to_string(), messages: rec.messages },
+                        &ServerMsg::Batch { room: r.name.to_string(), messages: rec.messages, online: None },
                     );
                 }
             }
             None => {
                 let last = r.history.last(self.cfg.join_last, seq);
                 if !last.is_empty() {
-                    push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: last });
+                    push_frame(
+                        &mut replay,
+                        join.proto,
+                        &ServerMsg::Batch { room: r.name.to_string(), messages: last, online: None },
+                    );
                 }
             }
         }
@@ -184,7 +188,11 @@ impl Engine {
         let mut all: Vec<PushMessage> = messages.into_iter().filter(|m| m.seq > since && m.seq <= upto).collect();
         all.extend(r.history.recover(upto, seq).messages);
         if !all.is_empty() {
-            push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages: all });
+            push_frame(
+                &mut replay,
+                join.proto,
+                &ServerMsg::Batch { room: r.name.to_string(), messages: all, online: None },
+            );
         }
         ack_join(out, r.name.clone(), join, seq, r.epoch, replay);
     }
