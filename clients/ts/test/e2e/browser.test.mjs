@@ -73,6 +73,15 @@ test("demo page in Chromium: gifts, drain to the other edge, restart, every gift
   assert.deepEqual(d.gifts, published);
   assert.match(d.banner, /e2e sent rose ×5/);
   assert.equal(d.giftCount, "5");
+  // A chat typed into the page goes out over the socket and comes back to the room.
+  await page.fill("#say-text", "hello from chromium");
+  await page.click("#say button");
+  await waitFor(
+    () => page.evaluate(() => window.roomcastDemo.chats.some((c) => c.body === "hello from chromium")),
+    10_000,
+    "the page's own chat",
+    why,
+  );
 
   // 2. Drain the page's edge (SIGTERM) while gifts are published through the other one.
   const onEdge = (url) => edges.findIndex((e) => url.includes(`:${e.wsPort}/`));
