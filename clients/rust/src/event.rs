@@ -162,6 +162,8 @@ pub enum Event {
     Left { room: String },
     /// A room message. Never a duplicate; in seq order within a room's epoch.
     Message(Message),
+    /// The room's members across every edge (sent by the edge when it changes).
+    Online { room: String, count: u64 },
     /// Messages `from..=to` of `room` cannot be recovered: said by the edge, never guessed.
     Gap { room: String, from: u64, to: u64 },
     /// The room's numbering restarted (its `epoch` changed: edge restarted without its store,

@@ -119,12 +119,15 @@ impl Rooms {
     /// other types return nothing.
     pub fn on_server(&mut self, msg: ServerMsg, events: &mut Vec<Event>) {
         match msg {
-            ServerMsg::Joined { room, seq, epoch } => self.on_joined(room, seq, epoch, events),
-            ServerMsg::Batch { room, messages } => {
+            ServerMsg::Joined { room, seq, epoch, .. } => self.on_joined(room, seq, epoch, events),
+            ServerMsg::Batch { room, messages, online } => {
                 let Some(st) = self.state.get_mut(&room) else {
                     // A room the client has left: nobody wants these.
                     return;
                 };
+                if let Some(count) = online {
+                    events.push(Event::Online { room: room.clone(), count });
+                }
                 for m in messages {
                     if m.seq <= st.floor {
                         self.duplicates += 1;
@@ -222,11 +225,12 @@ mod tests {
                     body: format!("{{\"n\":{seq}}}"),
                 })
                 .collect(),
+            online: None,
         }
     }
 
     fn joined(room: &str, seq: u64, epoch: &str) -> ServerMsg {
-        ServerMsg::Joined { room: room.into(), seq, epoch: epoch.into() }
+        ServerMsg::Joined { room: room.into(), seq, epoch: epoch.into(), online: None }
     }
 
     fn feed(r: &mut Rooms, msgs: Vec<ServerMsg>) -> Vec<Event> {
@@ -402,6 +406,21 @@ mod tests {
         // Not in any room: connect without one.
         r.want_leave();
         assert_eq!(r.on_connect().0, None);
+    }
+
+    #[test]
+    fn online_count_is_passed_on() {
+        let mut r = Rooms::default();
+        r.want_join("a", None);
+        let ev = feed(
+            &mut r,
+            vec![
+                joined("a", 0, "e"),
+                ServerMsg::Batch { room: "a".into(), messages: vec![], online: Some(120_000) },
+                ServerMsg::Batch { room: "b".into(), messages: vec![], online: Some(5) },
+            ],
+        );
+        assert_eq!(ev[1..], [Event::Online { room: "a".into(), count: 120_000 }]);
     }
 
     #[test]
