@@ -530,16 +530,20 @@ impl Driver {
         let mut last_rx = Instant::now();
         let mut pinged = false;
         let mut close_code: Option<u16> = None;
+        let mut closing: Option<Instant> = None;
         let mut goaway: Option<(String, Instant)> = None;
         let mut refresh_at = self.refresh_deadline();
         let mut refreshing: Option<crate::token::TokenFuture> = None;
         let mut sent_token: Option<String> = None;
         let far = || Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
-            let timer = match &goaway {
-                Some((_, at)) => *at,
-                None if pinged => last_rx + liveness,
-                None => last_rx + liveness / 2,
+            let timer = match (&goaway, closing) {
+                // The edge sent its close frame: it closes the TCP connection next; a peer
+                // that does not is not waited for.
+                (_, Some(by)) => by,
+                (Some((_, at)), None) => *at,
+                (None, None) if pinged => last_rx + liveness,
+                (None, None) => last_rx + liveness / 2,
             };
             tokio::select! {
                 biased;
@@ -592,6 +596,7 @@ impl Driver {
                         WsMessage::Close(f) => {
                             let (code, reason) = f.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
                             close_code = Some(code);
+                            closing = Some(Instant::now() + CLOSE_GRACE);
                             // A close after a goaway is the drain's: expected, not an error.
                             if goaway.is_none()
                                 && !self.emit(Event::Error(ErrorEvent::Closed { code, reason })).await
@@ -651,6 +656,9 @@ impl Driver {
                     }
                 }
                 _ = sleep_until(timer) => {
+                    if closing.is_some() {
+                        return self.lost(goaway, close_code);
+                    }
                     if let Some((url, at)) = goaway.take() {
                         let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
                         let _ = timeout(CLOSE_GRACE, ws.close(Some(frame))).await;
