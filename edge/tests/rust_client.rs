@@ -29,6 +29,8 @@ struct Record {
     resets: Vec<(String, u64, String)>,
     gaps: Vec<(u64, u64)>,
     goaways: u32,
+    /// The `url` of the last goaway.
+    goaway_url: Option<String>,
     /// URLs of the connections opened.
     connected: Vec<String>,
     errors: Vec<String>,
@@ -58,7 +60,10 @@ fn collect(mut events: Events, rec: Arc<Mutex<Record>>) -> tokio::task::JoinHand
                 Event::Joined { epoch, seq, resumed, .. } => r.joined.push((epoch, seq, resumed, Instant::now())),
                 Event::Reset { epoch, seq, reason, .. } => r.resets.push((epoch, seq, reason)),
                 Event::Gap { from, to, .. } => r.gaps.push((from, to)),
-                Event::Goaway { .. } => r.goaways += 1,
+                Event::Goaway { url, .. } => {
+                    r.goaways += 1;
+                    r.goaway_url = Some(url);
+                }
                 Event::State(ConnectionState::Connected { url, .. }) => r.connected.push(url),
                 Event::Error(e) => r.errors.push(e.to_string()),
                 _ => {}
@@ -190,6 +195,10 @@ async fn clients_follow_a_drain_with_every_gift_once() {
         assert!(r.gaps.is_empty() && r.resets.is_empty(), "client {i}: {r:?}");
         if on_a[i] {
             assert!(r.goaways >= 1, "client {i} was on the drained edge and got no goaway: {r:?}");
+            // The edge names its dispatch endpoint with the room already in it (the client sets
+            // the room itself anyway).
+            let want = format!("http://{}/v1/route?room={ROOM}", a.http);
+            assert_eq!(r.goaway_url.as_deref(), Some(want.as_str()), "client {i}");
             assert!(r.connected.last().unwrap().contains(&b_ws), "client {i} ended on {:?}", r.connected);
             assert!(r.joined.iter().skip(1).all(|j| j.2), "client {i}: reconnects resume with since: {r:?}");
             moved += 1;
