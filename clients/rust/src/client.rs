@@ -621,13 +621,13 @@ impl Driver {
                     };
                     let mut evs = Vec::new();
                     match msg {
-                        ServerMsg::Goaway { url, reason, reconnect_after_ms } => {
+                        ServerMsg::Goaway { url, reason, reconnect_after_ms, .. } => {
                             let after = Duration::from_millis(u64::from(reconnect_after_ms));
                             let wait = goaway_delay(after, self.rng.f64());
                             goaway = Some((url.clone(), Instant::now() + wait));
                             evs.push(Event::Goaway { url, reason, reconnect_after: wait });
                         }
-                        ServerMsg::Refreshed { exp } => {
+                        ServerMsg::Refreshed { exp, .. } => {
                             match (sent_token.take(), self.token.as_mut()) {
                                 (Some(v), _) => self.token = Some(Token { value: v, exp: Some(exp) }),
                                 (None, Some(t)) => t.exp = Some(exp),
@@ -636,7 +636,7 @@ impl Driver {
                             refresh_at = self.refresh_deadline();
                             evs.push(Event::Refreshed { exp });
                         }
-                        ServerMsg::Error { code, message } => {
+                        ServerMsg::Error { code, message, .. } => {
                             match code.as_str() {
                                 "bad_room" | "room_forbidden" | "join_refused" => self.rooms.join_refused(),
                                 "refresh_refused" => {
@@ -648,7 +648,7 @@ impl Driver {
                             }
                             evs.push(Event::Error(ErrorEvent::Server { code, message }));
                         }
-                        ServerMsg::Published { room, seq, ts_us } => evs.push(Event::Published { room, seq, ts_us }),
+                        ServerMsg::Published { room, seq, ts_us, .. } => evs.push(Event::Published { room, seq, ts_us }),
                         other => self.rooms.on_server(other, &mut evs),
                     }
                     if !self.emit_all(evs).await {

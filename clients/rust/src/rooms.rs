@@ -146,14 +146,14 @@ impl Rooms {
                     }));
                 }
             }
-            ServerMsg::Gap { room, from, to } => {
+            ServerMsg::Gap { room, from, to, .. } => {
                 if let Some(st) = self.state.get_mut(&room) {
                     st.floor = st.floor.max(to);
                     st.seq = st.seq.max(to);
                 }
                 events.push(Event::Gap { room, from, to });
             }
-            ServerMsg::Reset { room, epoch, seq, reason } => {
+            ServerMsg::Reset { room, epoch, seq, reason, .. } => {
                 // On a join: sent before `joined`; the join in flight keeps asking for the replay
                 // of the new numbering. Under live members: the new numbering follows live.
                 let asked_since = self.state.get(&room).is_some_and(|s| s.asked_since);
@@ -161,7 +161,7 @@ impl Rooms {
                 self.state.insert(room.clone(), st);
                 events.push(Event::Reset { room, epoch, seq, reason });
             }
-            ServerMsg::Left { room } => {
+            ServerMsg::Left { room, .. } => {
                 // A `left` for a room the application wants again (leave then join at once)
                 // belongs to the old membership: keep the new one's position.
                 if self.want.as_deref() != Some(room.as_str()) {
@@ -229,8 +229,10 @@ mod tests {
         }
     }
 
+    /// From its JSON text: stays valid whatever optional fields `Joined` gains.
     fn joined(room: &str, seq: u64, epoch: &str) -> ServerMsg {
-        ServerMsg::Joined { room: room.into(), seq, epoch: epoch.into(), online: None }
+        let text = format!(r#"{{"type":"joined","room":"{room}","seq":{seq},"epoch":"{epoch}"}}"#);
+        roomcast_proto::envelope::decode_json(text.as_bytes()).unwrap()
     }
 
     fn feed(r: &mut Rooms, msgs: Vec<ServerMsg>) -> Vec<Event> {
