@@ -60,6 +60,27 @@ pub struct Config {
     /// mode (Redis, run with AOF, is the authority).
     pub data_dir: PathBuf,
     pub store: StoreConfig,
+    pub presence: PresenceConfig,
+}
+
+/// The online count (occupancy) members see and `GET /v1/rooms/{room}` reports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// A room's count goes to its members in a batch at most this often, and only when it
+    /// changed (0: never pushed; still in `GET /v1/rooms/{room}`). With a shared bus, each edge
+    /// reports its own count to Redis at most this often per room.
+    pub interval_ms: u64,
+    /// With a shared bus: an edge's count for a room expires in Redis after this long unless
+    /// the edge reports it again (it re-reports every third of it), so a crashed edge's members
+    /// leave the total within `ttl_ms`.
+    pub ttl_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { interval_ms: 1000, ttl_ms: 15_000 }
+    }
 }
 
 /// When a must-deliver message counts as stored: `"always"` (fsync before the publish is
@@ -642,6 +663,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             data_dir: PathBuf::from("roomcast-data"),
             store: StoreConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -828,6 +850,12 @@ impl Config {
         }
         if self.history.max_age_ms == 0 {
             return Err(invalid("history.max_age_ms", "must be above 0"));
+        }
+        if self.presence.ttl_ms < 3_000 || self.presence.ttl_ms > 3_600_000 {
+            return Err(invalid("presence.ttl_ms", "must be between 3000 and 3600000"));
+        }
+        if self.presence.interval_ms > 0 && self.presence.interval_ms < 100 {
+            return Err(invalid("presence.interval_ms", "must be 0 (off) or at least 100"));
         }
         if self.history.room_idle_ms == 0 {
             return Err(invalid("history.room_idle_ms", "must be above 0"));
@@ -1058,6 +1086,11 @@ impl Config {
         }
         let host = if ws.ip().is_unspecified() { "127.0.0.1".to_owned() } else { ws.ip().to_string() };
         format!("ws://{host}:{}/ws", ws.port())
+    }
+
+    /// This edge's name in load reports and online counts: `edge_id`, else the advertised URL.
+    pub fn edge_name(&self, ws: SocketAddr) -> String {
+        self.edge_id.clone().unwrap_or_else(|| self.advertised_url(ws))
     }
 
     /// The dispatch endpoint `goaway` sends clients to: `drain.dispatch_url`, else this edge's

@@ -332,10 +332,44 @@ async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Res
     if let Err(why) = validate_room(&room) {
         return error(StatusCode::BAD_REQUEST, format!("bad room: {why}"));
     }
-    match st.bus.room_stats(RoomName::from(room.as_str())).await {
-        Some(stats) => Json(stats).into_response(),
-        None => error(StatusCode::NOT_FOUND, "no such room"),
+    let local = st.bus.room_stats(RoomName::from(room.as_str())).await;
+    let RouteSource::Redis { cm, .. } = &*st.route else {
+        return match local {
+            Some(stats) => Json(stats).into_response(),
+            None => error(StatusCode::NOT_FOUND, "no such room"),
+        };
+    };
+    // With a shared bus the room is the cluster's: its count over every edge (and each edge's
+    // share) and, when no member is here, its numbering, from Redis.
+    let mut cm = cm.clone();
+    let now_ms = crate::bus::now_us() / 1000;
+    let (online, edges) = match crate::bus::redis::online(&mut cm, &room, now_ms).await {
+        Ok(o) => o,
+        Err(e) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("the message bus (redis) is unavailable: {e}"));
+        }
+    };
+    // Redis numbers the room: its seq and epoch are Redis's (an edge that only publishes to
+    // a room, with no member of it, does not follow its numbering).
+    let (seq, epoch) = match crate::bus::redis::room_meta(&mut cm, &room).await {
+        Ok(Some((seq, epoch))) => (seq, epoch.parse::<u64>().map(crate::bus::epoch_text).unwrap_or(epoch)),
+        Ok(None) if local.is_some() => (0, String::new()),
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such room"),
+        Err(e) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("the message bus (redis) is unavailable: {e}"));
+        }
+    };
+    let mut v = match local {
+        Some(stats) => serde_json::to_value(stats).unwrap_or_default(),
+        None => serde_json::json!({ "room": room, "members": 0 }),
+    };
+    if !epoch.is_empty() {
+        v["seq"] = seq.into();
+        v["epoch"] = epoch.into();
     }
+    v["online"] = online.into();
+    v["online_edges"] = edges.into_iter().map(|(edge, n)| (edge, serde_json::Value::from(n))).collect();
+    Json(v).into_response()
 }
 
 /// 200 while `ok` or `degraded`, 503 while `overloaded` (a readiness answer: send no new

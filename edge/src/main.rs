@@ -302,7 +302,7 @@ fn main() -> anyhow::Result<()> {
         Some(url) => {
             let client = redis::Client::open(url.as_str())?;
             let cm = rt.block_on(redis::aio::ConnectionManager::new(client)).context("bus: cannot connect to redis")?;
-            let id = cfg.edge_id.clone().unwrap_or_else(|| ws_url.clone());
+            let id = cfg.edge_name(edge.ws_addr);
             rt.spawn(edge::server::report_load(
                 cm.clone(),
                 id,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bus::redis::StreamLimits;
 use crate::bus::{BusHandle, Mail, Mailbox, ShardCmd};
@@ -111,7 +111,11 @@ impl Edge {
             Some(url) => {
                 let _guard = rt.enter();
                 let limits = StreamLimits { must_deliver: cfg.history.must_deliver, droppable: cfg.history.droppable };
-                let bridge = crate::bus::redis::start(url, bus.clone(), limits)
+                let presence = crate::bus::redis::Presence {
+                    edge_id: cfg.edge_name(ws_addr),
+                    ttl: Duration::from_millis(cfg.presence.ttl_ms),
+                };
+                let bridge = crate::bus::redis::start(url, bus.clone(), limits, presence)
                     .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
                 tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");
                 Some(bridge)

@@ -102,7 +102,15 @@ pub enum ServerMsg {
     /// when the join took effect: live batches carry seqs above it. `epoch` names the room's
     /// numbering (opaque): pass it back with `since` so the edge can tell a seq of this
     /// numbering from one of an earlier one.
-    Joined { room: String, seq: u64, epoch: String },
+    /// `online`: the room's members over every edge when the edge shows counts
+    /// (`presence.interval_ms` above 0); later changes come in batches.
+    Joined {
+        room: String,
+        seq: u64,
+        epoch: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        online: Option<u64>,
+    },
     /// The connection left `room` (on request, or before joining another).
     Left { room: String },
     /// Answer to a publish sent over the socket.
@@ -447,6 +455,7 @@ mod wire {
                     room: need(w.room, "room")?,
                     seq: need(w.seq, "seq")?,
                     epoch: need(w.epoch, "epoch")?,
+                    online: w.online,
                 },
                 Type::Left => ServerMsg::Left { room: need(w.room, "room")? },
                 Type::Published => ServerMsg::Published {
@@ -634,7 +643,7 @@ mod tests {
     fn every_server_msg() -> Vec<ServerMsg> {
         let all = vec![
             batch(),
-            ServerMsg::Joined { room: "r".into(), seq: 9, epoch: "1f2e3d4c5b6a7980".into() },
+            ServerMsg::Joined { room: "r".into(), seq: 9, epoch: "1f2e3d4c5b6a7980".into(), online: Some(3) },
             ServerMsg::Reset {
                 room: "r".into(),
                 epoch: "1f2e3d4c5b6a7981".into(),

@@ -159,6 +159,8 @@ pub struct JoinAck {
     /// The client's position was void: a `reset` (position 0 in `epoch`) goes before `joined`.
     pub reset: Option<&'static str>,
     pub replay: Vec<Bytes>,
+    /// The room's online count for `joined` (None: counts are not shown).
+    pub online: Option<u64>,
 }
 
 /// The answer to a publish over a socket.
@@ -276,6 +278,11 @@ pub enum EngineCmd {
     Durable {
         token: u64,
     },
+    /// Redis mode: the room's members over every edge changed (announced on its channel).
+    Online {
+        room: RoomName,
+        total: u64,
+    },
     /// Room figures for `GET /v1/rooms/{room}`.
     RoomStats {
         room: RoomName,
@@ -296,6 +303,7 @@ impl EngineCmd {
             | Self::Filled { room, .. }
             | Self::Recovered { room, .. }
             | Self::RoomStats { room, .. }
+            | Self::Online { room, .. }
             | Self::PublishDone { room, .. } => Some(room),
             Self::Redis { .. } | Self::Durable { .. } => None,
         }
@@ -328,6 +336,9 @@ pub struct RoomStats {
     pub publish_rate: f64,
     /// Members on this edge (joined or joining, every shard).
     pub members: u64,
+    /// Members on every edge: this edge's count alone, or with a shared bus the total the
+    /// edges last announced (the HTTP answer replaces it with Redis's own figures).
+    pub online: u64,
 }
 
 /// What travels between threads to a shard (which hosts a room engine too).

@@ -65,6 +65,12 @@ pub enum BridgeCmd {
         upto: u64,
         join: PendingJoin,
     },
+    /// This edge's members of `room` (0: none left): written to the room's online hash, kept
+    /// fresh by the bridge until it says 0.
+    Occupancy {
+        room: RoomName,
+        count: u64,
+    },
 }
 
 /// Publishes waiting for Redis beyond which the engines refuse more (503, Retry-After).
@@ -158,6 +164,80 @@ end
 return {redis.call('HGET', KEYS[1], 'seq') or '0', ep}
 "#;
 
+/// One edge's count of a room's members, and the room's total over every edge.
+///
+/// The room's online hash holds `e:<edge>` = `<count>:<expiry ms>` per edge and `total`, the
+/// last total announced. The script writes this edge's field (or deletes it at 0), sums the
+/// fields not expired (deleting expired ones: a crashed edge's members leave the total within
+/// the TTL, at the next report of any edge), and publishes `{"online":N}` on the room's channel
+/// only when the total changed. Cost per call: O(edges serving the room).
+const ONLINE_LUA: &str = r#"
+-- KEYS: online hash, channel
+-- ARGV: edge id, count, ttl ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local field = 'e:' .. ARGV[1]
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], field, ARGV[2] .. ':' .. string.format('%d', now + tonumber(ARGV[3])))
+else
+  redis.call('HDEL', KEYS[1], field)
+end
+local total = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, 1, 2) == 'e:' then
+    local c, e = string.match(all[i + 1], '^(%d+):(%d+)$')
+    if c and tonumber(e) > now then
+      total = total + tonumber(c)
+    else
+      redis.call('HDEL', KEYS[1], f)
+    end
+  end
+end
+local prev = redis.call('HGET', KEYS[1], 'total')
+if prev ~= string.format('%d', total) then
+  redis.call('HSET', KEYS[1], 'total', total)
+  redis.call('PUBLISH', KEYS[2], '{"online":' .. string.format('%d', total) .. '}')
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return total
+"#;
+
+/// The online hash of `room` (beside its other keys, same hash tag).
+pub fn online_key(room: &str) -> String {
+    format!("rc:{{{room}}}:online")
+}
+
+/// A room's members per edge and in total, as the online hash holds them at `now_ms` (expired
+/// fields left out): for `GET /v1/rooms/{room}` on any edge.
+pub async fn online(
+    cm: &mut ConnectionManager,
+    room: &str,
+    now_ms: u64,
+) -> ::redis::RedisResult<(u64, Vec<(String, u64)>)> {
+    let all: Vec<(String, String)> = cm.hgetall(online_key(room)).await?;
+    let mut edges = Vec::new();
+    for (field, value) in all {
+        let Some(edge) = field.strip_prefix("e:") else { continue };
+        let Some((count, expiry)) = value.split_once(':') else { continue };
+        if let (Ok(count), Ok(expiry)) = (count.parse::<u64>(), expiry.parse::<u64>())
+            && expiry > now_ms
+        {
+            edges.push((edge.to_owned(), count));
+        }
+    }
+    edges.sort();
+    Ok((edges.iter().map(|(_, c)| c).sum(), edges))
+}
+
+/// A room's seq and epoch as Redis holds them (None: Redis has no such room).
+pub async fn room_meta(cm: &mut ConnectionManager, room: &str) -> ::redis::RedisResult<Option<(u64, String)>> {
+    let (seq, epoch): (Option<u64>, Option<String>) =
+        ::redis::cmd("HMGET").arg(&keys(room)[0]).arg("seq").arg("epoch").query_async(cm).await?;
+    Ok(epoch.map(|e| (seq.unwrap_or(0), e)))
+}
+
 fn keys(room: &str) -> [String; 5] {
     [
         format!("rc:{{{room}}}:meta"),
@@ -185,6 +265,13 @@ struct Wire<'a> {
     body: &'a RawValue,
 }
 
+/// A presence announcement on a room's channel (ONLINE_LUA).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnlineWire {
+    online: u64,
+}
+
 /// A message as the script wrote it: the message, whether it must be delivered, its epoch.
 fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     let w: Wire<'_> = serde_json::from_slice(bytes).ok()?;
@@ -196,15 +283,60 @@ fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
 }
 
 /// Starts the bridge on the current tokio runtime.
-pub fn start(url: &str, bus: BusHandle, limits: StreamLimits) -> Result<Bridge, ::redis::RedisError> {
+pub fn start(
+    url: &str,
+    bus: BusHandle,
+    limits: StreamLimits,
+    presence: Presence,
+) -> Result<Bridge, ::redis::RedisError> {
     let client = ::redis::Client::open(url)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(run(client, rx, bus, limits));
+    tokio::spawn(run(client, rx, bus, limits, presence));
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
 }
 
-async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus: BusHandle, limits: StreamLimits) {
+/// Who this edge is in the rooms' online hashes, and how long its counts live there.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    pub edge_id: String,
+    pub ttl: Duration,
+}
+
+/// Writes this edge's count of `room` and lets the script announce a changed total.
+async fn report_online(
+    mut cm: ConnectionManager,
+    script: ::redis::Script,
+    room: RoomName,
+    count: u64,
+    presence: Arc<Presence>,
+) {
+    let k = keys(&room);
+    let r: ::redis::RedisResult<u64> = script
+        .key(online_key(&room))
+        .key(&k[3])
+        .arg(&presence.edge_id)
+        .arg(count)
+        .arg(presence.ttl.as_millis() as u64)
+        .invoke_async(&mut cm)
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(room = %room, error = %e, "online count not written");
+    }
+}
+
+async fn run(
+    client: ::redis::Client,
+    mut rx: UnboundedReceiver<BridgeCmd>,
+    bus: BusHandle,
+    limits: StreamLimits,
+    presence: Presence,
+) {
     let script = ::redis::Script::new(PUBLISH_LUA);
+    let online_script = ::redis::Script::new(ONLINE_LUA);
+    let presence = Arc::new(presence);
+    // This edge's last count per room with members here: re-reported every third of the TTL
+    // (and after a reconnect) so that the counts of live edges never expire.
+    let mut occupancy: std::collections::HashMap<RoomName, u64> = std::collections::HashMap::new();
     let mut rooms: HashSet<RoomName> = HashSet::new();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -228,6 +360,10 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                         () = &mut sleep => break,
                         cmd = rx.recv() => match cmd {
                             None => return,
+                            Some(BridgeCmd::Occupancy { room, count }) => {
+                                // Written when Redis is back (the refresh after connecting).
+                                if count > 0 { occupancy.insert(room, count); } else { occupancy.remove(&room); }
+                            }
                             Some(cmd) => offline(cmd, &mut rooms, &bus).await,
                         },
                     }
@@ -256,8 +392,23 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
         }
         tracing::info!(rooms = rooms.len(), "redis bus connected");
         use futures_util::StreamExt;
+        let mut refresh = tokio::time::interval(presence.ttl / 3);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = refresh.tick() => {
+                    // One task walks every room with members here, a bounded number of scripts
+                    // in flight: the counts of a live edge never expire.
+                    let (cm, script, presence) = (cm.clone(), online_script.clone(), presence.clone());
+                    let todo: Vec<(RoomName, u64)> = occupancy.iter().map(|(r, c)| (r.clone(), *c)).collect();
+                    tokio::spawn(async move {
+                        let mut calls = futures_util::stream::iter(todo.into_iter().map(|(room, count)| {
+                            report_online(cm.clone(), script.clone(), room, count, presence.clone())
+                        }))
+                        .buffer_unordered(64);
+                        while calls.next().await.is_some() {}
+                    });
+                }
                 msg = stream.next() => match msg {
                     Some(m) => {
                         let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
@@ -266,7 +417,10 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                                 let room = RoomName::from(room);
                                 bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
                             }
-                            None => tracing::warn!(room, "unreadable message on the redis channel"),
+                            None => match serde_json::from_slice::<OnlineWire>(m.get_payload_bytes()) {
+                                Ok(o) => bus.send_async(EngineCmd::Online { room: RoomName::from(room), total: o.online }).await,
+                                Err(_) => tracing::warn!(room, "unreadable message on the redis channel"),
+                            },
                         }
                     }
                     None => {
@@ -301,6 +455,14 @@ async fn run(client: ::redis::Client, mut rx: UnboundedReceiver<BridgeCmd>, bus:
                         BridgeCmd::Recover { room, since, upto, join } => {
                             tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
                         }
+                        BridgeCmd::Occupancy { room, count } => {
+                            if count > 0 {
+                                occupancy.insert(room.clone(), count);
+                            } else {
+                                occupancy.remove(&room);
+                            }
+                            tokio::spawn(report_online(cm.clone(), online_script.clone(), room, count, presence.clone()));
+                        }
                     }
                 }
             }
@@ -326,6 +488,7 @@ async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle)
         BridgeCmd::Recover { room, since, upto, join } => {
             bus.send_async(recovery_failed(room, since, upto, join)).await;
         }
+        BridgeCmd::Occupancy { .. } => {}
     }
 }
 

@@ -143,6 +143,8 @@ impl Engine {
         if !r.interested() {
             return;
         }
+        let online = self.online_update(room);
+        let Some(r) = self.rooms.get_mut(room) else { return };
         let count = pending.len() as u32;
         let must = pending.iter().filter(|p| p.must_deliver).count() as u32;
         let must_msgs: Vec<PushMessage> = if must > 0 && must < count {
@@ -153,7 +155,7 @@ impl Engine {
         let all = ServerMsg::Batch {
             room: r.name.to_string(),
             messages: pending.into_iter().map(|p| p.msg).collect(),
-            online: None,
+            online,
         };
         let frames = encode_frames(&r.name, &r.interest, &all);
         let must_deliver = if must == count {
@@ -161,7 +163,7 @@ impl Engine {
         } else if must == 0 {
             MustDeliver::None
         } else {
-            let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs, online: None };
+            let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs, online };
             MustDeliver::Some { frames: encode_frames(&r.name, &r.interest, &only), messages: must }
         };
         let flushed = self.now;
@@ -188,14 +190,14 @@ impl Engine {
     }
 }
 
-fn send_to_shards(out: &mut Out, interest: &[ShardSet; 2], delivery: &Arc<Delivery>) {
+pub(super) fn send_to_shards(out: &mut Out, interest: &[ShardSet; 2], delivery: &Arc<Delivery>) {
     for s in interest[0].union_iter(&interest[1]) {
         out.push(s, ShardCmd::Deliver(delivery.clone()));
     }
 }
 
 /// One frame per encoding some shard wants.
-fn encode_frames(room: &str, interest: &[ShardSet; 2], msg: &ServerMsg) -> [Option<Bytes>; 2] {
+pub(super) fn encode_frames(room: &str, interest: &[ShardSet; 2], msg: &ServerMsg) -> [Option<Bytes>; 2] {
     let mut frames: [Option<Bytes>; 2] = [None, None];
     for proto in Subprotocol::ALL {
         if interest[proto.index()].is_empty() {

@@ -53,6 +53,7 @@ impl Engine {
             );
             return;
         }
+        self.presence_changed(&room, now);
         let remote = self.remote.clone();
         let r = self.rooms.get_mut(&room).expect("ensured above");
         let was_interested = r.interested();
@@ -131,33 +132,23 @@ impl Engine {
         }
         let seq = r.flushed_seq;
         let mut replay = Vec::new();
-        match since {
+        // A joiner is shown the room's count at once, in `joined`.
+        let online = (!self.cfg.presence_interval.is_zero()).then(|| r.online());
+        let messages = match since {
             Some(since) => {
                 let rec = r.history.recover(since, seq);
                 if let Some((from, to)) = rec.gap {
                     push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
                 }
-                if !rec.messages.is_empty() {
-                    push_frame(
-                        &mut replay,
-                        join.proto,
-                        &ServerMsg::Batch { room: r.name.to_string(), messages: rec.messages, online: None },
-                    );
-                }
+                rec.messages
             }
-            None => {
-                let last = r.history.last(self.cfg.join_last, seq);
-                if !last.is_empty() {
-                    push_frame(
-                        &mut replay,
-                        join.proto,
-                        &ServerMsg::Batch { room: r.name.to_string(), messages: last, online: None },
-                    );
-                }
-            }
+            None => r.history.last(self.cfg.join_last, seq),
+        };
+        if !messages.is_empty() {
+            push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages, online: None });
         }
         let name = r.name.clone();
-        ack_join(out, name, join, seq, r.epoch, replay);
+        ack_join(out, name, join, seq, r.epoch, replay, online);
     }
 
     /// Redis answered a recovery: Redis's must-deliver messages in `(since, upto]`, then this
@@ -187,6 +178,7 @@ impl Engine {
         }
         let mut all: Vec<PushMessage> = messages.into_iter().filter(|m| m.seq > since && m.seq <= upto).collect();
         all.extend(r.history.recover(upto, seq).messages);
+        let online = (!self.cfg.presence_interval.is_zero()).then(|| r.online());
         if !all.is_empty() {
             push_frame(
                 &mut replay,
@@ -194,7 +186,7 @@ impl Engine {
                 &ServerMsg::Batch { room: r.name.to_string(), messages: all, online: None },
             );
         }
-        ack_join(out, r.name.clone(), join, seq, r.epoch, replay);
+        ack_join(out, r.name.clone(), join, seq, r.epoch, replay, online);
     }
 
     /// Answers parked joins whose `since` has been reached (or, with `expire`, whose wait is
@@ -231,7 +223,15 @@ impl Engine {
     }
 }
 
-pub(super) fn ack_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, epoch: Epoch, replay: Vec<Bytes>) {
+pub(super) fn ack_join(
+    out: &mut Out,
+    room: RoomName,
+    join: PendingJoin,
+    seq: u64,
+    epoch: Epoch,
+    replay: Vec<Bytes>,
+    online: Option<u64>,
+) {
     let ack = crate::bus::JoinAck {
         slot: join.slot,
         generation: join.generation,
@@ -240,6 +240,7 @@ pub(super) fn ack_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u6
         epoch,
         reset: join.reset,
         replay,
+        online,
     };
     out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
 }

@@ -22,6 +22,7 @@ mod admission;
 mod batch;
 pub mod host;
 mod joins;
+mod presence;
 mod remote;
 pub mod room;
 #[cfg(test)]
@@ -68,6 +69,9 @@ pub struct EngineConfig {
     pub max_droppable_bytes: usize,
     /// The store forgets rooms untouched this long (`store.room_ttl_s`).
     pub room_ttl_s: u64,
+    /// Online count pushes at most this often (zero: never pushed); in Redis mode also how
+    /// often this edge's count is reported per room (one second when pushes are off).
+    pub presence_interval: Duration,
 }
 
 impl EngineConfig {
@@ -91,6 +95,7 @@ impl EngineConfig {
             join_last: cfg.history.join_last,
             room_idle: Duration::from_millis(cfg.history.room_idle_ms),
             adaptive: cfg.adaptive.clone(),
+            presence_interval: Duration::from_millis(cfg.presence.interval_ms),
         }
     }
 }
@@ -220,6 +225,8 @@ pub struct Engine {
     rooms: HashMap<RoomName, Room>,
     users: HashMap<String, Bucket>,
     timers: BinaryHeap<Reverse<(Instant, RoomName)>>,
+    /// Presence steps due (online count pushes and reports), by time.
+    presence_timers: BinaryHeap<Reverse<(Instant, RoomName)>>,
     immediate: Vec<RoomName>,
     last_sweep: Instant,
     load: Arc<LoadBoard>,
@@ -288,6 +295,7 @@ impl Engine {
             rooms: HashMap::new(),
             users: HashMap::new(),
             timers: BinaryHeap::new(),
+            presence_timers: BinaryHeap::new(),
             immediate: Vec::new(),
             last_sweep: now,
             load,
@@ -405,6 +413,15 @@ impl Engine {
             EngineCmd::Left { room } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.members = r.members.saturating_sub(1);
+                    self.presence_changed(&room, now);
+                }
+            }
+            EngineCmd::Online { room, total } => {
+                if let Some(r) = self.rooms.get_mut(&room)
+                    && r.cluster_online != Some(total)
+                {
+                    r.cluster_online = Some(total);
+                    self.presence_changed(&room, now);
                 }
             }
             EngineCmd::NoInterest { room, shard, proto } => self.no_interest(&room, shard, proto, now),
@@ -436,6 +453,7 @@ impl Engine {
         self.now = now;
         self.flush_immediate(out);
         self.flush_due(now, out);
+        self.presence_due(now, out);
         self.expire_parked(now, out);
         self.adapt(now);
         self.control(now);
@@ -508,6 +526,9 @@ impl Engine {
     /// adaptive step and the sweep ride on the host's own tick (at least every 100 ms).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t = self.timers.peek().map(|Reverse((d, _))| *d);
+        if let Some(Reverse((p, _))) = self.presence_timers.peek() {
+            t = Some(t.map_or(*p, |t| t.min(*p)));
+        }
         if !self.immediate.is_empty() {
             t = Some(self.epoch);
         }
@@ -560,6 +581,18 @@ impl Engine {
         r.pending_bytes = 0;
         r.deadline = None;
         r.flushed_seq = r.seq;
+        // No member here any more: out of the room's online total now (not at the next
+        // presence step: the room may leave memory first), and no announcement reaches this
+        // edge once it unsubscribes.
+        r.cluster_online = None;
+        r.online_shown = None;
+        if r.reported > 0
+            && let Some(bridge) = &self.remote
+        {
+            r.reported = 0;
+            r.reported_at = Some(now);
+            let _ = bridge.send(BridgeCmd::Occupancy { room: room.clone(), count: 0 });
+        }
         // A room that never had a message (joins only) is forgotten at once: clients cannot
         // keep rooms alive, nor fill `limits.max_rooms`, by joining and leaving.
         let unused = r.seq == 0
@@ -665,6 +698,7 @@ impl Engine {
             sampling_visible_rate: ((self.sampling || r.demand_sampling) && rate >= room::HOT_ROOM_RATE)
                 .then(|| adaptive::visible_rate(&self.cfg.adaptive, r.members)),
             members: r.members,
+            online: r.online(),
             history_must_deliver: md,
             history_droppable: dr,
             history_evicted_upto: r.history.must_evicted_upto,

@@ -127,6 +127,16 @@ pub struct Room {
     pub joins_after_store: Vec<(PendingJoin, Option<Since>)>,
     /// Sampled because offered rate x members is over `adaptive.room_deliveries_per_s`.
     pub demand_sampling: bool,
+    /// Redis mode: the room's members over every edge, as last announced.
+    pub cluster_online: Option<u64>,
+    /// The count members were last shown, and when (presence).
+    pub online_shown: Option<u64>,
+    pub online_at: Option<Instant>,
+    /// Redis mode: this edge's count as last reported to Redis, and when.
+    pub reported: u64,
+    pub reported_at: Option<Instant>,
+    /// A presence step is scheduled for then.
+    pub presence_due: Option<Instant>,
 }
 
 impl Room {
@@ -162,7 +172,19 @@ impl Room {
             flush_after_store: false,
             joins_after_store: Vec::new(),
             demand_sampling: false,
+            cluster_online: None,
+            online_shown: None,
+            online_at: None,
+            reported: 0,
+            reported_at: None,
+            presence_due: None,
         }
+    }
+
+    /// The online count members see: the total over every edge in Redis mode (once announced),
+    /// else this edge's members.
+    pub fn online(&self) -> u64 {
+        self.cluster_online.unwrap_or(self.members)
     }
 
     pub fn interested(&self) -> bool {

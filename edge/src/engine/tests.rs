@@ -99,6 +99,8 @@ fn setup_with(cfg: Config) -> (H, ()) {
 fn setup(window_ms: u64) -> (H, ()) {
     let mut cfg = Config::default();
     cfg.fanout.merge_window_ms = window_ms;
+    // Windows and batches alone: the presence tests turn online counts on.
+    cfg.presence.interval_ms = 0;
     setup_with(cfg)
 }
 
@@ -926,4 +928,68 @@ fn the_latency_controller_converges_without_flapping() {
         let reversals = moves.windows(2).filter(|w| w[0].signum() != w[1].signum()).count();
         assert!(reversals <= 2, "flapping between {from} and {to} s: {:?}", &rhos[from..to]);
     }
+}
+
+/// Online counts: a change is pushed no sooner than the interval after the last push, a burst
+/// of joins and leaves costs one push per interval, an unchanged count is not pushed again,
+/// and a pending batch carries the count instead of a batch of its own.
+#[test]
+fn online_counts_are_pushed_on_change_at_most_once_per_interval() {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 50;
+    cfg.presence.interval_ms = 300;
+    let (mut bus, _) = setup_with(cfg);
+    let room: RoomName = "p".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    match bus.recv().unwrap() {
+        ShardCmd::JoinAck(a) => assert_eq!(a.online, Some(1), "the joiner is told at once"),
+        _ => panic!("expected JoinAck"),
+    }
+    let online_pushes = |bus: &mut H| -> Vec<(usize, Option<u64>)> {
+        bus.drain()
+            .into_iter()
+            .filter_map(|c| match c {
+                ShardCmd::Deliver(d) => match decode(d.frames[0].as_ref().unwrap()) {
+                    ServerMsg::Batch { messages, online, .. } => Some((messages.len(), online)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    let now = bus.now;
+    bus.e.poll(now, &mut bus.out);
+    assert_eq!(online_pushes(&mut bus), vec![(0, Some(1))]);
+    // Ten joins and nine leaves within the interval: one push, of the count at its time.
+    for _ in 0..10 {
+        join(&mut bus, &room, Subprotocol::Json, None);
+    }
+    for _ in 0..9 {
+        bus.handle(EngineCmd::Left { room: room.clone() });
+    }
+    let _acks = bus.drain();
+    let due = bus.poll_timeout().expect("a presence step is scheduled");
+    assert_eq!(due, now + Duration::from_millis(300));
+    bus.e.poll(due - Duration::from_millis(1), &mut bus.out);
+    assert!(online_pushes(&mut bus).is_empty(), "not before the interval");
+    bus.sleep(Duration::from_millis(300));
+    let now = bus.now;
+    bus.e.poll(now, &mut bus.out);
+    assert_eq!(online_pushes(&mut bus), vec![(0, Some(2))]);
+    // A join and a leave: the count is back where members saw it: nothing pushed.
+    join(&mut bus, &room, Subprotocol::Json, None);
+    bus.handle(EngineCmd::Left { room: room.clone() });
+    let _ = bus.drain();
+    bus.sleep(Duration::from_millis(400));
+    let now = bus.now;
+    bus.e.poll(now, &mut bus.out);
+    assert!(online_pushes(&mut bus).is_empty());
+    // A change while a batch is pending: the batch carries it.
+    join(&mut bus, &room, Subprotocol::Json, None);
+    bus.publish(room.clone(), msg("gift", 1)).unwrap();
+    let _ = bus.drain();
+    bus.sleep(Duration::from_millis(50));
+    let now = bus.now;
+    bus.e.poll(now, &mut bus.out);
+    assert_eq!(online_pushes(&mut bus), vec![(1, Some(3))]);
 }

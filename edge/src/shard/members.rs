@@ -100,7 +100,7 @@ impl Shard {
     }
 
     pub(super) fn join_ack(&mut self, ack: JoinAck) {
-        let JoinAck { slot, generation, room, seq, epoch, reset, replay } = ack;
+        let JoinAck { slot, generation, room, seq, epoch, reset, replay, online } = ack;
         let waiting = matches!(
             self.conns.get(slot as usize),
             Some(Some(c)) if c.generation == generation && c.closing == Closing::No
@@ -139,7 +139,7 @@ impl Shard {
                 ServerMsg::Reset { room: room.to_string(), epoch: epoch.clone(), seq: 0, reason: reason.into() };
             self.send_msg(slot, &reset);
         }
-        self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq, epoch });
+        self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq, epoch, online });
         for f in replay {
             // Recovered must-deliver messages: kept whole if the connection falls behind, and
             // let in whatever the queue holds (their size is bounded by the history limits).

@@ -196,8 +196,19 @@ pub async fn connect(url: &str, proto: Option<&str>) -> Ws {
     ws
 }
 
-/// Next envelope (JSON text or rkyv binary), skipping pings; None on close or end.
+/// Next envelope (JSON text or rkyv binary), skipping pings and batches that carry only an
+/// online count (presence tests read those with `next_any`); None on close or end.
 pub async fn next_msg(ws: &mut Ws) -> Option<ServerMsg> {
+    loop {
+        match next_any(ws).await? {
+            ServerMsg::Batch { messages, online: Some(_), .. } if messages.is_empty() => continue,
+            m => return Some(m),
+        }
+    }
+}
+
+/// Next envelope, whatever it is (pings skipped); None on close or end.
+pub async fn next_any(ws: &mut Ws) -> Option<ServerMsg> {
     loop {
         match ws.next().await? {
             Ok(Message::Text(t)) => return Some(envelope::decode_json(t.as_bytes()).expect("json envelope")),
