@@ -20,6 +20,7 @@ fn batch(n: usize) -> ServerMsg {
                 body: format!(r#"{{"text":"message number {i} in this window","t":{i}}}"#),
             })
             .collect(),
+        online: None,
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p edge --bench fanout` (env: `CONNS`, `SECS`, `RATE`, `OUT`). It starts the
 //! release `edge` binary, opens the connections from this process (raw TCP + a real upgrade,
-//! `roomcast.rkyv.v1`), publishes `RATE` messages/s for `SECS` seconds over HTTP, counts every
+//! `roomcast.rkyv.v2`), publishes `RATE` messages/s for `SECS` seconds over HTTP, counts every
 //! message received, and reads the edge's CPU (user and system) from /proc. The floor runs in a
 //! child process (the fd limit: 20000 per process) and measures itself with getrusage.
 //!
@@ -46,7 +46,7 @@ fn connect(addr: SocketAddr, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: roomcast.rkyv.v1\r\n\r\n"
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: roomcast.rkyv.v2\r\n\r\n"
     );
     s.write_all(req.as_bytes()).unwrap();
     let mut buf = Vec::new();
@@ -291,6 +291,7 @@ fn floor_child(conns: usize) {
                 user: String::new(),
                 body: format!(r#"{{"n":{n},"t":0}}"#),
             }],
+            online: None,
         };
         let payload = envelope::encode_rkyv(&msg).unwrap();
         let frame = ws::encode_frame(ws::OpCode::Binary, &payload);

@@ -35,7 +35,7 @@ async fn thousand_clients_two_rooms_every_message_once_in_order() {
     let clients = join_all((0..1000).map(|i| {
         let url = edge.url(&format!("?room={}", rooms[i % 2]));
         async move {
-            let proto = if i % 4 < 2 { "roomcast.json.v1" } else { "roomcast.rkyv.v1" };
+            let proto = if i % 4 < 2 { "roomcast.json.v1" } else { "roomcast.rkyv.v2" };
             let mut ws = connect(&url, Some(proto)).await;
             let seq = expect_joined(&mut ws, rooms[i % 2]).await;
             (i, ws, seq)
@@ -96,7 +96,7 @@ async fn messages_within_a_window_share_one_frame() {
 async fn window_zero_sends_each_message_without_waiting() {
     let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "0"]);
     let publisher = Publisher::new(edge.http);
-    let mut ws = connect(&edge.url("?room=z"), Some("roomcast.rkyv.v1")).await;
+    let mut ws = connect(&edge.url("?room=z"), Some("roomcast.rkyv.v2")).await;
     expect_joined(&mut ws, "z").await;
     for n in 0..20u64 {
         let seq = publisher.publish("z", "chat", json!(n)).await;
@@ -182,4 +182,18 @@ async fn sigterm_closes_clients_with_1001() {
         assert_eq!(close_code(ws, Duration::from_secs(10)).await, Some(1001));
     }
     assert_eq!(edge.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// Browsers cannot send WebSocket pings: `{"op":"ping"}` is answered with `pong`, in a room
+/// or not, and the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_level_ping_gets_a_pong() {
+    let edge = EdgeProc::start(&["--shards", "1"]);
+    let mut ws = connect(&edge.url(""), None).await;
+    send_json(&mut ws, serde_json::json!({ "op": "ping" })).await;
+    assert_eq!(next_msg_within(&mut ws, Duration::from_secs(5)).await, Some(ServerMsg::Pong));
+    send_json(&mut ws, serde_json::json!({ "op": "join", "room": "p" })).await;
+    expect_joined(&mut ws, "p").await;
+    send_json(&mut ws, serde_json::json!({ "op": "ping" })).await;
+    assert_eq!(next_msg_within(&mut ws, Duration::from_secs(5)).await, Some(ServerMsg::Pong));
 }

@@ -119,7 +119,7 @@ async fn since_older_than_history_is_told_explicitly() {
     for n in 0..20 {
         publisher.publish("old", "gift", json!(n)).await;
     }
-    let mut ws = connect(&edge.url("?room=old&since=0"), Some("roomcast.rkyv.v1")).await;
+    let mut ws = connect(&edge.url("?room=old&since=0"), Some("roomcast.rkyv.v2")).await;
     assert_eq!(expect_joined(&mut ws, "old").await, 20);
     assert_eq!(
         next_msg_within(&mut ws, Duration::from_secs(5)).await,
@@ -152,7 +152,7 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_keep_up_then_recovers() {
     let slow = never_reader(edge.ws, "slow").await;
     let mut fast = Vec::new();
     for _ in 0..500 {
-        let mut ws = connect(&edge.url("?room=slow"), Some("roomcast.rkyv.v1")).await;
+        let mut ws = connect(&edge.url("?room=slow"), Some("roomcast.rkyv.v2")).await;
         expect_joined(&mut ws, "slow").await;
         fast.push(ws);
     }

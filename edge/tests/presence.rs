@@ -48,7 +48,7 @@ async fn members_see_the_count_change_and_a_reconnect_storm_costs_one_push_per_i
     let p = Publisher::new(edge.http);
     let mut a = connect(&edge.url("?room=live"), None).await;
     assert_eq!(joined_online(&mut a).await, Some(1), "the joiner is told the count at once");
-    let mut b = connect(&edge.url("?room=live"), Some("roomcast.rkyv.v1")).await;
+    let mut b = connect(&edge.url("?room=live"), Some("roomcast.rkyv.v2")).await;
     assert_eq!(joined_online(&mut b).await, Some(2));
     assert_eq!(until_online(&mut a, 2, Duration::from_secs(5)).await.last(), Some(&2));
 

@@ -79,7 +79,7 @@ struct RunArgs {
     /// Connections per second (all workers together).
     #[arg(long, default_value_t = 5000.0)]
     ramp: f64,
-    /// Use roomcast.json.v1 instead of roomcast.rkyv.v1.
+    /// Use roomcast.json.v1 instead of roomcast.rkyv.v2.
     #[arg(long)]
     json: bool,
     /// Gifts per second per room.

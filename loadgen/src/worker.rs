@@ -203,7 +203,7 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let proto = match args.target {
-        Target::Edge if args.rkyv => "roomcast.rkyv.v1",
+        Target::Edge if args.rkyv => "roomcast.rkyv.v2",
         Target::Edge => "roomcast.json.v1",
         Target::Nchan => "",
     };

@@ -22,7 +22,7 @@ struct Args {
     /// Room to join.
     #[arg(long)]
     room: String,
-    /// Use the rkyv encoding (roomcast.rkyv.v1) instead of JSON.
+    /// Use the rkyv encoding (roomcast.rkyv.v2) instead of JSON.
     #[arg(long)]
     rkyv: bool,
     /// Connection token (JWT), e.g. from `edge token --sub me`.

@@ -29,7 +29,7 @@ pub struct Config {
     /// Where to find an edge.
     pub endpoint: Endpoint,
     /// Envelope encoding: [`Encoding::Json`] (`roomcast.json.v1`, default) or
-    /// [`Encoding::Rkyv`] (`roomcast.rkyv.v1`, binary archives: less CPU to read).
+    /// [`Encoding::Rkyv`] (`roomcast.rkyv.v2`, binary archives: less CPU to read).
     pub encoding: Encoding,
     /// A room to join at once (in the first connection's URL). Default: none.
     pub room: Option<String>,
@@ -90,7 +90,7 @@ impl Config {
         Self::with(Endpoint::Url(url.into()))
     }
 
-    /// Use the rkyv encoding (`roomcast.rkyv.v1`).
+    /// Use the rkyv encoding (`roomcast.rkyv.v2`).
     #[must_use]
     pub fn rkyv(mut self) -> Self {
         self.encoding = Encoding::Rkyv;

@@ -6,7 +6,7 @@
 //! full jitter, resumes with `since` and `epoch`, reports recovered messages, explicit gaps and
 //! resets, and never hands the application a duplicate.
 //!
-//! The wire formats (JSON `roomcast.json.v1`, rkyv `roomcast.rkyv.v1`) are the edge's own
+//! The wire formats (JSON `roomcast.json.v1`, rkyv `roomcast.rkyv.v2`) are the edge's own
 //! ([`roomcast_proto`]); this crate adds the connection's life around them.
 //!
 //! ```no_run

@@ -119,7 +119,12 @@ impl Rooms {
     /// other types return nothing.
     pub fn on_server(&mut self, msg: ServerMsg, events: &mut Vec<Event>) {
         match msg {
-            ServerMsg::Joined { room, seq, epoch, .. } => self.on_joined(room, seq, epoch, events),
+            ServerMsg::Joined { room, seq, epoch, online } => {
+                self.on_joined(room.clone(), seq, epoch, events);
+                if let Some(count) = online {
+                    events.push(Event::Online { room, count });
+                }
+            }
             ServerMsg::Batch { room, messages, online } => {
                 let Some(st) = self.state.get_mut(&room) else {
                     // A room the client has left: nobody wants these.
@@ -172,7 +177,8 @@ impl Rooms {
             ServerMsg::Published { .. }
             | ServerMsg::Error { .. }
             | ServerMsg::Goaway { .. }
-            | ServerMsg::Refreshed { .. } => {}
+            | ServerMsg::Refreshed { .. }
+            | ServerMsg::Pong => {}
         }
     }
 

@@ -115,6 +115,9 @@ client.on("chat", (m) => {
   figures();
 });
 
+client.on("online", (o) => {
+  document.getElementById("online").textContent = String(o.count);
+});
 client.on("gap", (g) => notice("gap", `gap: messages ${g.from}–${g.to} of ${g.room} could not be recovered`));
 client.on("reset", (r) =>
   notice("reset", `reset: ${r.room} restarted its numbering (${r.previousEpoch ?? "?"} → ${r.epoch}, ${r.reason})`),

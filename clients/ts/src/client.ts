@@ -156,6 +156,9 @@ export interface ClientEvents {
   reset: ResetInfo;
   goaway: GoawayInfo;
   refreshed: { exp: number };
+  /** The room's members over every edge: on join, then when it changes (at most every
+   * `presence.interval_ms` of the edge). */
+  online: { room: string; count: number };
   error: RoomcastError;
 }
 
@@ -617,6 +620,9 @@ export class RoomcastClient extends Emitter<ClientEvents> {
           }
         }
         this.stats.duplicatesDropped += this.tracker.duplicates - before;
+        if ((msg.type === "batch" || msg.type === "joined") && typeof msg.online === "number" && msg.room === this._room) {
+          this.emit("online", { room: msg.room, count: msg.online });
+        }
         return;
       }
       case "left":

@@ -15,8 +15,8 @@ export interface PushMessage<B = unknown> {
 
 /** Server-to-client envelopes (`type` field). */
 export type ServerMsg =
-  | { type: "batch"; room: string; messages: PushMessage[] }
-  | { type: "joined"; room: string; seq: number; epoch?: string }
+  | { type: "batch"; room: string; messages: PushMessage[]; online?: number }
+  | { type: "joined"; room: string; seq: number; epoch?: string; online?: number }
   | { type: "left"; room: string }
   | { type: "published"; room: string; seq: number; ts_us: number }
   | { type: "error"; code: string; message: string }

@@ -4,7 +4,7 @@
 //!
 //! - `roomcast.json.v1` (text frames): serde JSON, internally tagged by `"type"` (server to client)
 //!   and `"op"` (client to server). A message body is arbitrary JSON and travels as raw JSON.
-//! - `roomcast.rkyv.v1` (binary frames): rkyv 0.8 archives, little-endian, *unaligned* primitives
+//! - `roomcast.rkyv.v2` (binary frames): rkyv 0.8 archives, little-endian, *unaligned* primitives
 //!   and 32-bit relative pointers, so a client can validate and read an archive in place, straight
 //!   out of a frame payload at any offset, without copying. A body is the JSON text, as a string.
 //!
@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 pub enum Subprotocol {
     /// `roomcast.json.v1`: JSON in text frames. The default, for browsers.
     Json,
-    /// `roomcast.rkyv.v1`: rkyv archives in binary frames, for native clients.
+    /// `roomcast.rkyv.v2`: rkyv archives in binary frames, for native clients.
     Rkyv,
 }
 
@@ -26,7 +26,7 @@ impl Subprotocol {
     /// Token of the JSON subprotocol in `Sec-WebSocket-Protocol`.
     pub const JSON_TOKEN: &'static str = "roomcast.json.v1";
     /// Token of the rkyv subprotocol in `Sec-WebSocket-Protocol`.
-    pub const RKYV_TOKEN: &'static str = "roomcast.rkyv.v1";
+    pub const RKYV_TOKEN: &'static str = "roomcast.rkyv.v2";
     /// Both, in a fixed order (index = [`Subprotocol::index`]).
     pub const ALL: [Subprotocol; 2] = [Subprotocol::Json, Subprotocol::Rkyv];
 
@@ -126,6 +126,8 @@ pub enum ServerMsg {
     /// A `refresh` was accepted: the connection's token now expires at `exp` (seconds since the
     /// Unix epoch).
     Refreshed { exp: u64 },
+    /// The answer to a client's `ping`.
+    Pong,
     /// The client's position in `room` is void: the room's numbering restarted (the `epoch`
     /// the client sent is not the room's), or its `since` is ahead of the room. What it missed
     /// of the old numbering cannot be recovered. From now on its position is `seq` in `epoch`:
@@ -167,6 +169,9 @@ pub enum ClientMsg {
     },
     /// A new token for the same user, before the current one expires.
     Refresh { token: String },
+    /// Liveness probe for clients that cannot send WebSocket pings (browsers): answered with
+    /// `pong`. Counts against the signalling rate like any message.
+    Ping,
 }
 
 /// Why an envelope could not be read.
@@ -187,7 +192,7 @@ pub fn encode_json(msg: &ServerMsg, out: &mut Vec<u8>) -> Result<(), EnvelopeErr
     Ok(())
 }
 
-/// Serializes a server message as an rkyv archive (`roomcast.rkyv.v1`).
+/// Serializes a server message as an rkyv archive (`roomcast.rkyv.v2`).
 pub fn encode_rkyv(msg: &ServerMsg) -> Result<Vec<u8>, EnvelopeError> {
     rkyv::to_bytes::<rkyv::rancor::Error>(msg).map(|v| v.into_vec()).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
@@ -234,7 +239,7 @@ pub fn decode_client_json(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
     Ok(serde_json::from_slice(bytes)?)
 }
 
-/// Parses a client message from a binary frame (rkyv, `roomcast.rkyv.v1` only). A publish body
+/// Parses a client message from a binary frame (rkyv, `roomcast.rkyv.v2` only). A publish body
 /// must be JSON text; it is validated and kept as sent, never rewritten.
 pub fn decode_client_rkyv(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
     let archived = rkyv::access::<ArchivedClientMsg, rkyv::rancor::Error>(bytes)
@@ -377,6 +382,7 @@ mod wire {
         Leave,
         Publish,
         Refresh,
+        Ping,
     }
 
     #[derive(Deserialize)]
@@ -404,6 +410,7 @@ mod wire {
                     body: need(w.body, "body")?,
                 },
                 Op::Refresh => ClientMsg::Refresh { token: need(w.token, "token")? },
+                Op::Ping => ClientMsg::Ping,
             })
         }
     }
@@ -420,6 +427,7 @@ mod wire {
         Gap,
         Refreshed,
         Reset,
+        Pong,
     }
 
     #[derive(Deserialize)]
@@ -473,6 +481,7 @@ mod wire {
                     ServerMsg::Gap { room: need(w.room, "room")?, from: need(w.from, "from")?, to: need(w.to, "to")? }
                 }
                 Type::Refreshed => ServerMsg::Refreshed { exp: need(w.exp, "exp")? },
+                Type::Pong => ServerMsg::Pong,
                 Type::Reset => ServerMsg::Reset {
                     room: need(w.room, "room")?,
                     epoch: need(w.epoch, "epoch")?,
@@ -569,6 +578,7 @@ mod tests {
         let e = decode_client_json(br#"{"op":"join","room":"b","since":5,"epoch":"00ab"}"#).unwrap();
         assert_eq!(e, ClientMsg::Join { room: "b".into(), since: Some(5), epoch: Some("00ab".into()) });
         assert_eq!(decode_client_json(br#"{"op":"leave"}"#).unwrap(), ClientMsg::Leave);
+        assert_eq!(decode_client_json(br#"{"op":"ping"}"#).unwrap(), ClientMsg::Ping);
         let p = decode_client_json(br#"{"op":"publish","kind":"chat","body":{"t":1}}"#).unwrap();
         assert_eq!(p, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() });
         assert!(decode_client_json(br#"{"op":"dance"}"#).is_err());
@@ -656,6 +666,7 @@ mod tests {
             ServerMsg::Goaway { url: "http://d/v1/route".into(), reason: "drain".into(), reconnect_after_ms: 5 },
             ServerMsg::Gap { room: "r".into(), from: 1, to: 2 },
             ServerMsg::Refreshed { exp: 1_900_000_000 },
+            ServerMsg::Pong,
         ];
         for m in &all {
             // No wildcard: a new variant must be added here, and to `wire`.
@@ -668,6 +679,7 @@ mod tests {
                 | ServerMsg::Goaway { .. }
                 | ServerMsg::Gap { .. }
                 | ServerMsg::Refreshed { .. }
+                | ServerMsg::Pong
                 | ServerMsg::Reset { .. } => {}
             }
         }

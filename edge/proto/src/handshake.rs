@@ -103,7 +103,7 @@ impl Upgrade {
             .iter()
             .find_map(|p| Subprotocol::from_token(p))
             .map(Some)
-            .ok_or_else(|| refuse(400, "unsupported subprotocol: offer roomcast.json.v1 or roomcast.rkyv.v1"))
+            .ok_or_else(|| refuse(400, "unsupported subprotocol: offer roomcast.json.v1 or roomcast.rkyv.v2"))
     }
 }
 
@@ -484,7 +484,7 @@ mod tests {
 
     #[test]
     fn parses_a_valid_upgrade_and_leaves_following_bytes() {
-        let mut r = req("Sec-WebSocket-Protocol: mqtt, roomcast.rkyv.v1\r\nOrigin: http://x\r\n").into_bytes();
+        let mut r = req("Sec-WebSocket-Protocol: mqtt, roomcast.rkyv.v2\r\nOrigin: http://x\r\n").into_bytes();
         let n0 = r.len();
         r.extend_from_slice(&[0x81, 0x80]);
         let (up, n) = parse_request(&r).unwrap().unwrap();
@@ -498,7 +498,7 @@ mod tests {
         let resp = String::from_utf8(response_101(&up.key, Some(Subprotocol::Rkyv))).unwrap();
         assert!(resp.starts_with("HTTP/1.1 101 "));
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
-        assert!(resp.contains("Sec-WebSocket-Protocol: roomcast.rkyv.v1\r\n"));
+        assert!(resp.contains("Sec-WebSocket-Protocol: roomcast.rkyv.v2\r\n"));
     }
 
     #[test]
@@ -597,9 +597,9 @@ mod tests {
     /// Passed before the fix (a guard): every Sec-WebSocket-Protocol field counts, in order.
     #[test]
     fn repeated_subprotocol_fields_are_all_considered() {
-        let r = req("Sec-WebSocket-Protocol: mqtt\r\nSec-WebSocket-Protocol: x, roomcast.rkyv.v1\r\n");
+        let r = req("Sec-WebSocket-Protocol: mqtt\r\nSec-WebSocket-Protocol: x, roomcast.rkyv.v2\r\n");
         let (up, _) = parse_request(r.as_bytes()).unwrap().unwrap();
-        assert_eq!(up.protocols, ["mqtt", "x", "roomcast.rkyv.v1"]);
+        assert_eq!(up.protocols, ["mqtt", "x", "roomcast.rkyv.v2"]);
         assert_eq!(up.select_subprotocol().unwrap(), Some(Subprotocol::Rkyv));
     }
 

@@ -7,7 +7,7 @@
 //! - [`ws`]: RFC 6455 frames: the server's per-connection decoder, server frame encoders, and
 //!   client-side helpers.
 //! - [`handshake`]: the HTTP upgrade.
-//! - [`envelope`]: what the edge pushes (`roomcast.json.v1` and `roomcast.rkyv.v1`) and the
+//! - [`envelope`]: what the edge pushes (`roomcast.json.v1` and `roomcast.rkyv.v2`) and the
 //!   signalling messages a client sends.
 #![forbid(unsafe_code)]
 

@@ -183,7 +183,7 @@ impl Shard {
                 return self.send_error(
                     slot,
                     "unsupported",
-                    "binary signalling needs roomcast.rkyv.v1; send JSON text",
+                    "binary signalling needs roomcast.rkyv.v2; send JSON text",
                 );
             }
         };
@@ -212,6 +212,7 @@ impl Shard {
                 }
             }
             ClientMsg::Refresh { token } => self.refresh(slot, &token),
+            ClientMsg::Ping => self.send_msg(slot, &ServerMsg::Pong),
             ClientMsg::Publish { kind, user: _, body } => {
                 // A join still in flight counts: the join and this publish go to the same engine
                 // on the same link, in the order the client sent them.

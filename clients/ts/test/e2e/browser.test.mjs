@@ -55,12 +55,14 @@ test("demo page in Chromium: gifts, drain to the other edge, restart, every gift
         banner: document.getElementById("banner-text").textContent,
         stateText: document.getElementById("state").textContent,
         giftCount: document.getElementById("gift-count").textContent,
+        online: document.getElementById("online").textContent,
       };
     });
   const why = () => `\npage log:\n${pageLog.slice(-30).join("\n")}`;
   await waitFor(async () => (await demo()).joins >= 1, 15_000, "the page to join", why);
   let d = await demo();
   assert.equal(d.stateText, "connected");
+  assert.equal(d.online, "1", "the page shows the room's online count (its own member)");
 
   // 1. Gifts arrive and show.
   const published = [];

@@ -479,3 +479,19 @@ test("disconnect then connect resumes from the position kept", async () => {
   assert.equal(FakeWebSocket.last.params.get("since"), "2");
   assert.equal(FakeWebSocket.last.params.get("epoch"), "E");
 });
+
+test("online counts from joined and from batches (with or without messages) reach the app", async () => {
+  const { c, clock } = make();
+  const counts = [];
+  c.on("online", (o) => counts.push([o.room, o.count]));
+  c.connect();
+  await clock.advance(0);
+  const ws = FakeWebSocket.last;
+  ws.open();
+  ws.recv({ type: "joined", room: "lobby", seq: 0, epoch: "E1", online: 7 });
+  ws.recv({ type: "batch", room: "lobby", messages: [], online: 9 });
+  ws.recv(batch("lobby", 1, 1));
+  ws.recv({ type: "batch", room: "other", messages: [], online: 99 });
+  assert.deepEqual(counts, [["lobby", 7], ["lobby", 9]]);
+  c.disconnect();
+});
