@@ -397,8 +397,11 @@ async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly(
         let p = Publisher::new(edge.http);
         let mut ws = connect(&edge.url("?room=pc"), None).await;
         let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+        let mut ws2 = connect(&edge.url("?room=pd"), None).await;
+        let epoch2 = epoch_of(until_joined(&mut ws2).await.last().unwrap());
         for n in 1..=3 {
             gift(&p, "pc", n).await;
+            gift(&p, "pd", n).await;
         }
         edge.kill9();
         if reboot {
@@ -424,6 +427,24 @@ async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly(
             assert_eq!(e, epoch);
         }
         assert!(gift(&p, "pc", 4).await > 3, "no seq reused");
+        // Room pd was not read in that run: after another restart (clean this time) it still
+        // must be renumbered (the first run after the reboot used to forget it).
+        let mut edge = edge;
+        edge.sigterm();
+        assert_eq!(edge.wait_exit(Duration::from_secs(20)), Some(0));
+        let (edge, _) = EdgeProc::start_on(&dir, &args, "warn");
+        let (before, _, e2, _) = rejoin(&edge, "pd", 3, &epoch2, 0).await;
+        if renumbered {
+            assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{policy} reboot={reboot}, pd: {before:?}");
+            assert_ne!(e2, epoch2);
+        } else {
+            assert!(before.is_empty(), "{policy} reboot={reboot}, pd: {before:?}");
+            assert_eq!(e2, epoch2);
+        }
+        // pc, renumbered once, keeps its new epoch.
+        let (before, _, e_again, _) = rejoin(&edge, "pc", 0, &e, 0).await;
+        assert!(before.is_empty(), "{policy} reboot={reboot}, pc again: {before:?}");
+        assert_eq!(e_again, e);
         drop(edge);
         let _ = std::fs::remove_dir_all(dir);
     }

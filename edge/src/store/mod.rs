@@ -84,10 +84,11 @@ pub struct Store {
     failed: AtomicBool,
     bytes: AtomicU64,
     gauge: std::sync::OnceLock<prometheus::IntGauge>,
-    /// What is on disk may lack acknowledged messages (see `unclean_after_reboot`): rooms read
-    /// back get a new epoch.
-    renumber: bool,
-    opened_s: u64,
+    /// What is on disk may lack acknowledged messages (see `unclean_after_reboot`): rooms last
+    /// written before this second get a new epoch when read back. Kept in `RUN` until then:
+    /// a room nobody loads in the first run after the reboot must still be renumbered in a
+    /// later one.
+    renumber_before: Option<u64>,
     last_compact: std::sync::Mutex<Option<Instant>>,
     dir: std::path::PathBuf,
 }
@@ -97,18 +98,24 @@ pub struct Store {
 /// acknowledges before fsync, followed by a reboot (a power cut or a kernel crash: the page
 /// cache is gone), may have lost acknowledged messages; after a mere process crash the kernel
 /// still had everything. Returns whether that happened, and marks this run as running.
-fn unclean_after_reboot(dir: &Path, fsync: Fsync) -> Result<bool, DbError> {
+///
+/// Returns the second before which rooms on disk must be renumbered: now after such a stop,
+/// else what an earlier run recorded (carried on in `RUN`: renumbering is lazy, per room as it
+/// is read, and a room not read in the first run after the reboot still needs it), else None.
+fn unclean_after_reboot(dir: &Path, fsync: Fsync, opened_s: u64) -> Result<(bool, Option<u64>), DbError> {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned();
     let path = dir.join("RUN");
     let prev = std::fs::read_to_string(&path).unwrap_or_default();
     let field = |k: &str| prev.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("").to_owned();
     let lossy = field("fsync=") != "always" && !prev.is_empty();
     let unsafe_stop = !prev.is_empty() && field("clean=") != "1" && field("boot=") != boot && lossy;
-    write_run(&path, &boot, fsync, false)?;
-    Ok(unsafe_stop)
+    let carried = field("renumber_before=").parse::<u64>().ok();
+    let before = if unsafe_stop { Some(opened_s) } else { carried };
+    write_run(&path, &boot, fsync, false, before)?;
+    Ok((unsafe_stop, before))
 }
 
-fn write_run(path: &Path, boot: &str, fsync: Fsync, clean: bool) -> Result<(), DbError> {
+fn write_run(path: &Path, boot: &str, fsync: Fsync, clean: bool, renumber_before: Option<u64>) -> Result<(), DbError> {
     let policy = match fsync {
         Fsync::Always => "always".to_owned(),
         Fsync::Never => "never".to_owned(),
@@ -119,6 +126,9 @@ fn write_run(path: &Path, boot: &str, fsync: Fsync, clean: bool) -> Result<(), D
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
         writeln!(f, "boot={boot}\nfsync={policy}\nclean={}", u8::from(clean))?;
+        if let Some(b) = renumber_before {
+            writeln!(f, "renumber_before={b}")?;
+        }
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -131,7 +141,10 @@ impl Store {
     pub fn open(dir: &Path, cfg: &StoreConfig) -> Result<Arc<Self>, DbError> {
         let db = Db::open(dir)?;
         tracing::info!(rooms = db.rooms(), "store: rooms on disk");
-        let renumber = unclean_after_reboot(dir, cfg.fsync)?;
+        // Everything up to the end of this second counts as the last run's (a room this run
+        // writes in its first second and reloads at once would only be reset twice).
+        let opened_s = crate::bus::now_us() / 1_000_000 + 1;
+        let (renumber, renumber_before) = unclean_after_reboot(dir, cfg.fsync, opened_s)?;
         if renumber {
             tracing::warn!(
                 "store: the last run did not stop cleanly and the machine restarted since, under a policy that acknowledges before fsync: acknowledged gifts may be lost, so every room starts a new epoch (clients are told with reset); numbering continues above every seq handed out"
@@ -145,10 +158,7 @@ impl Store {
             failed: AtomicBool::new(false),
             bytes: AtomicU64::new(bytes),
             gauge: std::sync::OnceLock::new(),
-            renumber,
-            // Everything up to the end of this second counts as the last run's (a room this
-            // run writes in its first second and reloads at once would only be reset twice).
-            opened_s: crate::bus::now_us() / 1_000_000 + 1,
+            renumber_before,
             last_compact: std::sync::Mutex::new(None),
             dir: dir.to_owned(),
         });
@@ -320,7 +330,9 @@ impl Store {
                     tracing::error!(error = %e, "store fsync at stop failed");
                 } else {
                     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-                    if let Err(e) = write_run(&self.dir.join("RUN"), boot.trim(), self.cfg.fsync, true) {
+                    if let Err(e) =
+                        write_run(&self.dir.join("RUN"), boot.trim(), self.cfg.fsync, true, self.renumber_before)
+                    {
                         tracing::warn!(error = %e, "store: cannot mark the clean stop");
                     }
                 }
@@ -356,7 +368,7 @@ impl StoreHandle {
     /// Rooms last written before this second must take a new epoch when read back (the last
     /// run may have lost acknowledged messages: see `unclean_after_reboot`); None: no need.
     pub fn renumber_before(&self) -> Option<u64> {
-        self.store.renumber.then_some(self.store.opened_s)
+        self.store.renumber_before
     }
 
     /// Hands a turn's records to the store thread.
