@@ -341,3 +341,60 @@ async fn redis_restart_mid_stream_loses_no_gift() {
         assert_eq!(got, gifts, "client {i} sees every gift once, in order");
     }
 }
+
+/// Redis loses its last writes (an AOF without `appendfsync always`, a lagging replica
+/// promoted): the room is back under the same epoch at a lower seq. Numbering on would hand out
+/// seqs 6 and 7 again under the epoch clients hold them in, and a client resuming with
+/// `since=7` would silently miss the new 6 and 7. The edge that sees it starts a new epoch:
+/// members are reset, and the next gift is seq 1 of the new numbering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
+    let redis = RedisProc::start();
+    let edge = edge_on(&redis, &[]);
+    let p = Publisher::new(edge.http);
+    let mut ws = connect(&edge.url("?room=lossy"), None).await;
+    expect_joined(&mut ws, "lossy").await;
+    for n in 1..=7 {
+        publish_gift(&p, "lossy", n).await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 7 {
+        match next_msg_within(&mut ws, Duration::from_secs(5)).await {
+            Some(ServerMsg::Batch { messages, .. }) => seen.extend(messages.iter().map(|m| m.seq)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let old_epoch = {
+        let (_, body) = p.get("/v1/rooms/lossy").await;
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["epoch"].as_str().unwrap().to_owned()
+    };
+    // What a restart from an AOF a second behind leaves: seqs 6 and 7 forgotten. Then the
+    // edge's subscriber connection drops (as at a Redis restart) and it reads the room again.
+    let cli = |args: &[&str]| {
+        let out =
+            std::process::Command::new("redis-cli").args(["-p", &redis.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["HSET", "rc:{lossy}:meta", "seq", "5"]);
+    cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let reset = loop {
+        match next_msg_within(&mut ws, Duration::from_secs(10)).await {
+            Some(ServerMsg::Reset { epoch, .. }) => break epoch,
+            Some(ServerMsg::Batch { .. }) => continue,
+            other => panic!("expected a reset, got {other:?}"),
+        }
+    };
+    assert_ne!(reset, old_epoch, "a new epoch, not the one clients hold seqs 6-7 in");
+    let seq = publish_gift(&p, "lossy", 8).await;
+    assert_eq!(seq, 1, "the new numbering starts at 1");
+    match next_msg_within(&mut ws, Duration::from_secs(5)).await {
+        Some(ServerMsg::Batch { messages, .. }) => assert_eq!(messages[0].seq, 1),
+        other => panic!("{other:?}"),
+    }
+    // A client that saw 7 in the old epoch is reset too, never joined silently.
+    let mut late = connect(&edge.url(&format!("?room=lossy&since=7&epoch={old_epoch}")), None).await;
+    match next_msg_within(&mut late, Duration::from_secs(5)).await {
+        Some(ServerMsg::Reset { epoch, .. }) => assert_eq!(epoch, reset),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}

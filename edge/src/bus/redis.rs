@@ -65,6 +65,15 @@ pub enum BridgeCmd {
         upto: u64,
         join: PendingJoin,
     },
+    /// Redis holds `room` under the epoch this edge knows but below a seq it handed out
+    /// (Redis lost its last writes: AOF without `appendfsync always`, or a lagging replica
+    /// promoted): numbering on would reuse seqs clients hold. Start a new epoch in Redis (if
+    /// the room is still in that state), then read the room again.
+    Renumber {
+        room: RoomName,
+        epoch: Epoch,
+        below: u64,
+    },
     /// This edge's members of `room` (0: none left): written to the room's online hash, kept
     /// fresh by the bridge until it says 0.
     Occupancy {
@@ -162,6 +171,22 @@ if not ep then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
 return {redis.call('HGET', KEYS[1], 'seq') or '0', ep}
+"#;
+
+/// A new epoch for a room whose seq in Redis went below what an edge handed out under the
+/// same epoch (Redis lost writes). Only if it is still so: another edge may have done it.
+const RENUMBER_LUA: &str = r#"
+-- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key
+-- ARGV: the epoch seen, the seq handed out under it
+local ep = redis.call('HGET', KEYS[1], 'epoch')
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'epoch', string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])), 'seq', 0)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  return 1
+end
+return 0
 "#;
 
 /// One edge's count of a room's members, and the room's total over every edge.
@@ -391,6 +416,7 @@ async fn run(
             tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
         }
         tracing::info!(rooms = rooms.len(), "redis bus connected");
+        tokio::spawn(check_persistence(cm.clone()));
         use futures_util::StreamExt;
         let mut refresh = tokio::time::interval(presence.ttl / 3);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -455,6 +481,9 @@ async fn run(
                         BridgeCmd::Recover { room, since, upto, join } => {
                             tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
                         }
+                        BridgeCmd::Renumber { room, epoch, below } => {
+                            tokio::spawn(renumber(cm.clone(), room, epoch, below, bus.clone()));
+                        }
                         BridgeCmd::Occupancy { room, count } => {
                             if count > 0 {
                                 occupancy.insert(room.clone(), count);
@@ -488,8 +517,50 @@ async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle)
         BridgeCmd::Recover { room, since, upto, join } => {
             bus.send_async(recovery_failed(room, since, upto, join)).await;
         }
-        BridgeCmd::Occupancy { .. } => {}
+        // Done when Redis is back: the resync after reconnecting sees the same state again.
+        BridgeCmd::Occupancy { .. } | BridgeCmd::Renumber { .. } => {}
     }
+}
+
+/// Says (once per connection) when Redis can lose acknowledged writes at a restart: only
+/// `appendonly yes` with `appendfsync always` keeps every acknowledged gift (with `everysec`,
+/// up to a second of them; edges then start a new epoch and reset members, see `Renumber`).
+async fn check_persistence(mut cm: ConnectionManager) {
+    let get = |key: &'static str| ::redis::cmd("CONFIG").arg("GET").arg(key).clone();
+    let aof: ::redis::RedisResult<Vec<String>> = get("appendonly").query_async(&mut cm).await;
+    let fsync: ::redis::RedisResult<Vec<String>> = get("appendfsync").query_async(&mut cm).await;
+    match (aof, fsync) {
+        (Ok(a), Ok(f)) => {
+            let (a, f) = (a.get(1).cloned().unwrap_or_default(), f.get(1).cloned().unwrap_or_default());
+            if a != "yes" || f != "always" {
+                tracing::warn!(appendonly = %a, appendfsync = %f, "redis can lose acknowledged publishes at a restart (only appendonly yes with appendfsync always cannot): rooms that lose writes take a new epoch and their members are reset");
+            }
+        }
+        _ => tracing::info!(
+            "redis persistence settings unreadable (CONFIG GET refused): make sure it runs with appendonly yes and appendfsync always"
+        ),
+    }
+}
+
+async fn renumber(mut cm: ConnectionManager, room: RoomName, epoch: Epoch, below: u64, bus: BusHandle) {
+    let k = keys(&room);
+    let r: ::redis::RedisResult<u8> = ::redis::Script::new(RENUMBER_LUA)
+        .key(&k[0])
+        .key(&k[1])
+        .key(&k[2])
+        .key(&k[4])
+        .arg(epoch)
+        .arg(below)
+        .invoke_async(&mut cm)
+        .await;
+    match r {
+        Ok(1) => {
+            tracing::error!(room = %room, below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(room = %room, error = %e, "cannot start a new epoch in redis"),
+    }
+    sync_room(cm, room, bus).await;
 }
 
 /// Redis could not answer a recovery: the engine reports the whole range as a gap.

@@ -31,6 +31,13 @@ impl Engine {
                 self.answer_join(room, join, since, now, out);
             }
             self.drain_ahead(room, now, out);
+        } else if epoch == r.epoch && seq < r.seq {
+            // Same epoch, lower seq: Redis lost its last writes. Numbering on from here would
+            // hand out seqs clients already hold, under the epoch they hold them in: a new
+            // epoch first (the resync that follows resets members).
+            if let Some(bridge) = &self.remote {
+                let _ = bridge.send(BridgeCmd::Renumber { room: room.clone(), epoch, below: r.seq });
+            }
         } else if epoch != r.epoch || seq < r.seq {
             // Redis came back without the room's state (emptied, or no persistence): a new
             // numbering. Follow it from its start, and say so.
