@@ -53,6 +53,8 @@ pub struct AppState {
     pub report_now: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,
     /// Browser origins that may read `/v1/route` (CORS): `ws.allowed_origins`, any when empty.
     pub cors_origins: Arc<[String]>,
+    /// The single-node store, for `/healthz` (None: Redis mode or `--no-store`).
+    pub store: Option<Arc<crate::store::Store>>,
 }
 
 impl AppState {
@@ -377,9 +379,22 @@ async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Res
 async fn healthz(State(st): State<AppState>) -> Response {
     let h = st.kernel.report();
     let code = if h.status == EdgeHealth::Overloaded { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let store = st.store.as_ref().map_or("off", |s| s.state());
+    let mut status = level_name(h.status);
+    let mut reasons = serde_json::to_value(&h.reasons).unwrap_or_default();
+    if store != "ok" && store != "off" {
+        // Members are still served; gifts are refused (503 failing, 507 full): say so.
+        if status == "ok" {
+            status = "degraded";
+        }
+        if let Some(list) = reasons.as_array_mut() {
+            list.push(format!("store {store}: must-deliver publishes are refused").into());
+        }
+    }
     let body = Json(serde_json::json!({
-        "status": level_name(h.status),
-        "reasons": h.reasons,
+        "status": status,
+        "store": store,
+        "reasons": reasons,
         "probes": h.source.unwrap_or("none"),
         "draining": st.draining.load(Ordering::Relaxed),
         "shards": st.shards,

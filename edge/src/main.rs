@@ -341,6 +341,7 @@ fn main() -> anyhow::Result<()> {
         draining: draining.clone(),
         report_now,
         cors_origins: cfg.ws.allowed_origins.clone().into(),
+        store: edge.store.clone(),
     };
     edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);

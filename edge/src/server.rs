@@ -41,6 +41,8 @@ pub struct Edge {
     engine_threads: Vec<JoinHandle<()>>,
     /// Ends once every engine is gone and the last records are durable.
     store_thread: Option<JoinHandle<()>>,
+    /// The single-node store (None: Redis mode or `--no-store`).
+    pub store: Option<Arc<crate::store::Store>>,
 }
 
 impl Edge {
@@ -125,9 +127,11 @@ impl Edge {
         // The durable store: single-node mode only (in Redis mode, Redis with AOF is the
         // authority for numbering and history; a local copy could only disagree with it).
         let mut store_handles = Vec::new();
+        let mut store_ref = None;
         let store_thread = if cfg.bus.is_none() && cfg.store.enabled {
             let store = crate::store::Store::open(&cfg.data_dir, &cfg.store)
                 .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
+            store_ref = Some(store.clone());
             tracing::info!(dir = %cfg.data_dir.display(), fsync = ?cfg.store.fsync, bytes = store.bytes(), "store open");
             let max_age = std::time::Duration::from_millis(cfg.history.max_age_ms);
             let (handles, h) = store.start(engine_mailboxes.clone(), max_age, metrics.bus.store_bytes.clone())?;
@@ -233,6 +237,7 @@ impl Edge {
             shard_threads,
             engine_threads,
             store_thread,
+            store: store_ref,
         })
     }
 

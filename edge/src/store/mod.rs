@@ -67,6 +67,9 @@ pub enum Record {
     Msg(RoomName, PushMessage),
 }
 
+/// How long writes keep failing before the store is reopened (and then between reopens).
+const REOPEN_AFTER: Duration = Duration::from_secs(2);
+
 /// What an engine sends at the end of a turn.
 struct Batch {
     engine: u16,
@@ -76,7 +79,9 @@ struct Batch {
 
 /// Shared by the store thread and the engines.
 pub struct Store {
-    db: Db,
+    /// None only while the store thread reopens it after a write failure (fjall refuses every
+    /// write after one failed persist, such as a full disk: only a reopen recovers).
+    db: std::sync::RwLock<Option<Db>>,
     cfg: StoreConfig,
     /// At `store.max_bytes`: must-deliver publishes are refused.
     full: AtomicBool,
@@ -140,7 +145,7 @@ impl Store {
     /// directory is refused.
     pub fn open(dir: &Path, cfg: &StoreConfig) -> Result<Arc<Self>, DbError> {
         let db = Db::open(dir)?;
-        tracing::info!(rooms = db.rooms(), "store: rooms on disk");
+        tracing::info!(rooms_approx = db.rooms(), "store: rooms on disk (approximate until compaction)");
         // Everything up to the end of this second counts as the last run's (a room this run
         // writes in its first second and reloads at once would only be reset twice).
         let opened_s = crate::bus::now_us() / 1_000_000 + 1;
@@ -152,7 +157,7 @@ impl Store {
         }
         let bytes = db.disk_bytes();
         let s = Arc::new(Self {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
             cfg: cfg.clone(),
             full: AtomicBool::new(false),
             failed: AtomicBool::new(false),
@@ -166,17 +171,53 @@ impl Store {
         Ok(s)
     }
 
+    /// For `/healthz`: "ok", "full" (at `store.max_bytes`: must-deliver publishes get 507) or
+    /// "failing" (writes fail: they get 503 until a write works again).
+    pub fn state(&self) -> &'static str {
+        if self.failed.load(Ordering::Relaxed) {
+            "failing"
+        } else if self.full.load(Ordering::Relaxed) {
+            "full"
+        } else {
+            "ok"
+        }
+    }
+
+    fn with_db<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, DbError> {
+        let g = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match g.as_ref() {
+            Some(db) => f(db),
+            None => Err(DbError::Open("the store is being reopened after a write failure".into())),
+        }
+    }
+
+    fn disk_bytes_now(&self) -> u64 {
+        self.with_db(|db| Ok(db.disk_bytes())).unwrap_or(0)
+    }
+
+    /// Closes and opens the database again (after a failed write: fjall refuses every write
+    /// once a persist failed, so a full disk that has room again needs this). What the failed
+    /// write left at the journal's tail is cut on open; the store thread then writes the
+    /// batches it kept.
+    fn reopen(&self) -> Result<(), DbError> {
+        let mut g = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The old database goes first: it holds the directory's lock.
+        drop(g.take());
+        *g = Some(Db::open(&self.dir)?);
+        Ok(())
+    }
+
     fn check_full(&self) {
-        let mut b = self.db.disk_bytes();
+        let mut b = self.disk_bytes_now();
         if b >= self.cfg.max_bytes {
             // Retention deletes by marking: reclaim what it marked before calling it full.
             let mut last = self.last_compact.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 *last = Some(Instant::now());
-                if let Err(e) = self.db.compact() {
+                if let Err(e) = self.with_db(Db::compact) {
                     tracing::warn!(error = %e, "store compaction failed");
                 }
-                b = self.db.disk_bytes();
+                b = self.disk_bytes_now();
             }
         }
         self.bytes.store(b, Ordering::Relaxed);
@@ -237,6 +278,7 @@ impl Store {
         let mut last_sweep = Instant::now();
         let (mut wrote, mut last_check) = (false, Instant::now());
         let mut pending: Vec<Batch> = Vec::new();
+        let (mut failed_since, mut last_reopen): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             let wait = match self.cfg.fsync {
                 Fsync::IntervalMs(ms) if dirty => Duration::from_millis(ms).saturating_sub(last_sync.elapsed()),
@@ -258,10 +300,11 @@ impl Store {
                 // cut would let the numbering restart below seqs clients already hold.
                 let numbering = records.iter().any(|r| matches!(r, Record::Meta(..)));
                 let sync_now = matches!(self.cfg.fsync, Fsync::Always) || closed || numbering;
-                match self.db.write(&records, sync_now) {
+                match self.with_db(|db| db.write(&records, sync_now)) {
                     Ok(()) => {
                         if self.failed.swap(false, Ordering::Relaxed) {
                             tracing::info!("store writes again");
+                            failed_since = None;
                         }
                         for b in pending.drain(..) {
                             let e = usize::from(b.engine);
@@ -276,9 +319,20 @@ impl Store {
                     Err(e) => {
                         if !self.failed.swap(true, Ordering::Relaxed) {
                             tracing::error!(error = %e, "store write failed: must-deliver publishes are refused until it works again");
+                            failed_since = Some(Instant::now());
                         }
-                        // Keep the batches and try again shortly.
+                        // Keep the batches and try again shortly; every few seconds from a
+                        // fresh open (after one failed persist fjall refuses every write).
                         std::thread::sleep(Duration::from_millis(100));
+                        if failed_since.is_some_and(|t| t.elapsed() >= REOPEN_AFTER)
+                            && last_reopen.is_none_or(|t: Instant| t.elapsed() >= REOPEN_AFTER)
+                        {
+                            last_reopen = Some(Instant::now());
+                            match self.reopen() {
+                                Ok(()) => tracing::info!("store reopened after a write failure"),
+                                Err(e) => tracing::warn!(error = %e, "store reopen failed; trying again"),
+                            }
+                        }
                         if !closed {
                             continue;
                         }
@@ -290,7 +344,7 @@ impl Store {
                 && dirty
                 && last_sync.elapsed() >= Duration::from_millis(ms)
             {
-                if let Err(e) = self.db.sync() {
+                if let Err(e) = self.with_db(Db::sync) {
                     tracing::error!(error = %e, "store fsync failed");
                 } else {
                     dirty = false;
@@ -315,7 +369,7 @@ impl Store {
                 let now_us = crate::bus::now_us();
                 let older = now_us.saturating_sub(max_age.as_micros() as u64);
                 let untouched = now_us / 1_000_000 - self.cfg.room_ttl_s.min(now_us / 1_000_000);
-                if let Err(e) = self.db.sweep(older, untouched) {
+                if let Err(e) = self.with_db(|db| db.sweep(older, untouched)) {
                     tracing::warn!(error = %e, "store retention sweep failed");
                 }
                 self.check_full();
@@ -326,7 +380,7 @@ impl Store {
                 self.check_full();
             }
             if closed {
-                if let Err(e) = self.db.sync() {
+                if let Err(e) = self.with_db(Db::sync) {
                     tracing::error!(error = %e, "store fsync at stop failed");
                 } else {
                     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
@@ -336,7 +390,7 @@ impl Store {
                         tracing::warn!(error = %e, "store: cannot mark the clean stop");
                     }
                 }
-                tracing::info!(bytes = self.db.disk_bytes(), "store closed");
+                tracing::info!(bytes = self.disk_bytes_now(), "store closed");
                 return;
             }
         }
@@ -362,7 +416,7 @@ pub struct StoreHandle {
 impl StoreHandle {
     /// The room as stored, if it is.
     pub fn load(&self, room: &str) -> Result<Option<Loaded>, DbError> {
-        self.store.db.load(room)
+        self.store.with_db(|db| db.load(room))
     }
 
     /// Rooms last written before this second must take a new epoch when read back (the last
