@@ -845,6 +845,14 @@ impl Config {
                 "at least 268435456 (256 MiB: the store's journal alone preallocates 64 MiB)",
             ));
         }
+        if self.store.enabled && self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must name a directory (or run with --no-store)"));
+        }
+        if let Fsync::IntervalMs(ms) = self.store.fsync
+            && ms > 60_000
+        {
+            return Err(invalid("store.fsync", "an interval of at most 60000 ms (or \"always\", \"never\")"));
+        }
         if self.store.room_ttl_s < 60 || self.store.room_ttl_s * 1000 <= self.history.max_age_ms {
             return Err(invalid("store.room_ttl_s", "at least 60, and longer than history.max_age_ms"));
         }
@@ -1157,6 +1165,15 @@ pub fn url_host(url: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_settings_that_cannot_work_are_refused() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        assert!(err("data_dir = \"\"\n").is_some_and(|e| e.contains("data_dir")));
+        assert!(err("data_dir = \"\"\n[store]\nenabled = false\n").is_none(), "no store, no directory needed");
+        assert!(err("[store]\nfsync = 18446744073709551615\n").is_some_and(|e| e.contains("store.fsync")));
+        assert!(err("[store]\nfsync = 60000\n").is_none());
+    }
 
     #[test]
     fn advertised_and_dispatch_urls_must_be_usable_as_they_are() {

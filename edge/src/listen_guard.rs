@@ -117,6 +117,24 @@ pub enum GuardError {
 /// EADDRINUSE with no listener in /proc/net/tcp{,6} (an outgoing connection using the port, say)
 /// is also left to it: there is nothing to take over.
 pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, GuardError> {
+    // A listener held by no process is one being torn down (a process just killed: its
+    // io_uring lets go of the sockets a few milliseconds later). A supervisor restarting at once
+    // meets it: look again for up to half a second before calling the port held.
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    loop {
+        match check_port_once(addr, takeover) {
+            Err(GuardError::PortHeld { holders, .. })
+                if holders.procs.is_empty() && std::time::Instant::now() < end =>
+            {
+                drop(holders);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn check_port_once(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, GuardError> {
     if addr.port() == 0 {
         return Ok(None);
     }

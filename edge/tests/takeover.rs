@@ -12,7 +12,7 @@ use util::EdgeProc;
 
 /// Starts another edge on `ws` with both outputs piped; lines arrive on the receivers.
 fn second_edge(ws: std::net::SocketAddr, extra: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+    let mut child = Command::new(util::edge_bin())
         .args(["--listen", &ws.to_string(), "--http", "127.0.0.1:0"])
         // Its own data directory: the first edge holds the lock on its own.
         .arg("--data-dir")
@@ -100,4 +100,21 @@ fn second_edge_refuses_the_port_unless_taking_over() {
     }
     kill(&mut third);
     assert!(first.child.try_wait().expect("try_wait").is_none(), "the first edge stopped");
+}
+
+/// A supervisor restarting an edge at once after `kill -9`: the dead process's listening
+/// sockets linger in the kernel for a few milliseconds while its io_uring is torn down, held by
+/// no process. The new edge waits that out instead of refusing the port as held.
+#[test]
+fn a_restart_right_after_kill_9_gets_the_port() {
+    for _ in 0..3 {
+        let mut first = EdgeProc::start(&["--shards", "2"]);
+        let ws = first.ws;
+        first.kill9();
+        let (mut again, out, err) = second_edge(ws, &["--shards", "2"]);
+        let ready = out.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let errs: Vec<String> = err.try_iter().collect();
+        kill(&mut again);
+        assert!(ready.starts_with("roomcast edge ready"), "{ready}\n{}", errs.join("\n"));
+    }
 }
