@@ -278,6 +278,16 @@ pub struct KindConfig {
     /// the others.
     #[serde(default)]
     pub publishers: Option<Publishers>,
+    /// Latest state (leaderboards, stream status, pinned notices): only the newest message of
+    /// this kind per room (and per `conflate_key` value) is kept. Within a merge window a newer
+    /// one replaces the older in the batch, and a joining member is given the newest before
+    /// live messages. Not sampled (conflation already bounds it). Droppable kinds only.
+    #[serde(default)]
+    pub conflate: bool,
+    /// A top-level field of the body (a string or a number) whose value tells entries apart:
+    /// one latest message per value (e.g. `"slot"` for pinned notices). None: one per room.
+    #[serde(default)]
+    pub conflate_key: Option<String>,
 }
 
 impl KindConfig {
@@ -712,7 +722,9 @@ impl Default for UringConfig {
 fn default_kinds() -> BTreeMap<String, KindConfig> {
     [("gift", true), ("chat", false), ("system", true), ("like", false)]
         .into_iter()
-        .map(|(k, must_deliver)| (k.to_owned(), KindConfig { must_deliver, publishers: None }))
+        .map(|(k, must_deliver)| {
+            (k.to_owned(), KindConfig { must_deliver, publishers: None, conflate: false, conflate_key: None })
+        })
         .collect()
 }
 
@@ -867,6 +879,20 @@ impl Config {
         }
         if self.history.room_idle_ms == 0 {
             return Err(invalid("history.room_idle_ms", "must be above 0"));
+        }
+        for (name, k) in &self.kinds {
+            if k.conflate && k.must_deliver {
+                return Err(invalid(
+                    "kinds",
+                    format!("kinds.{name}.conflate: must-deliver kinds are never conflated (every one is delivered)"),
+                ));
+            }
+            if k.conflate_key.is_some() && !k.conflate {
+                return Err(invalid("kinds", format!("kinds.{name}.conflate_key: needs conflate = true")));
+            }
+            if k.conflate_key.as_ref().is_some_and(|f| f.is_empty() || f.len() > 64) {
+                return Err(invalid("kinds", format!("kinds.{name}.conflate_key: a body field name of 1 to 64 bytes")));
+            }
         }
         if self.limits.max_rooms_by_joins.is_some_and(|j| j > self.limits.max_rooms) {
             return Err(invalid("limits.max_rooms_by_joins", "at most limits.max_rooms"));

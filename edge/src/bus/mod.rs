@@ -244,6 +244,8 @@ pub enum EngineCmd {
         room: RoomName,
         seq: u64,
         epoch: Epoch,
+        /// The room's latest-state messages (conflated kinds) in Redis, of this epoch.
+        latest: Vec<PushMessage>,
     },
     /// Redis mode: the answer to a fill of `from..=to` (`ok: false`: Redis could not answer).
     Filled {

@@ -48,6 +48,9 @@ pub enum BridgeCmd {
         room: RoomName,
         msg: NewMessage,
         must_deliver: bool,
+        /// A conflated kind's entry key: the message is also the room's latest of its kind and
+        /// key in Redis (what edges give joiners).
+        conflate: Option<String>,
         reply: Reply,
         /// Held until Redis answers: bounds publishes in flight.
         permit: Option<OwnedSemaphorePermit>,
@@ -102,10 +105,10 @@ impl Bridge {
             && permit.is_none()
         {
             let Ok(p) = self.publishes.clone().try_acquire_owned() else { return Err(cmd) };
-            let BridgeCmd::Publish { room, msg, must_deliver, reply, .. } = cmd else { unreachable!() };
+            let BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, .. } = cmd else { unreachable!() };
             return self
                 .tx
-                .send(BridgeCmd::Publish { room, msg, must_deliver, reply, permit: Some(p) })
+                .send(BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit: Some(p) })
                 .map_err(|e| e.0);
         }
         self.tx.send(cmd).map_err(|e| e.0)
@@ -126,8 +129,9 @@ pub struct StreamLimits {
 }
 
 const PUBLISH_LUA: &str = r#"
--- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key
--- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max
+-- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
+--       latest hash
+-- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max, conflate (0|1), entry key
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
@@ -136,7 +140,7 @@ if not ep then
   -- old numbering left is void.
   ep = string.format('%d', ts)
   redis.call('HSET', KEYS[1], 'epoch', ep)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[5], KEYS[6])
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local msg = '{"ep":' .. ep .. ',"seq":' .. string.format('%d', seq) .. ',"ts_us":' .. string.format('%d', ts)
@@ -155,6 +159,14 @@ if ARGV[4] == '1' then
 else
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[6]), id, 'm', msg)
 end
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[6], ARGV[1] .. '\n' .. ARGV[8], msg)
+  if redis.call('HLEN', KEYS[6]) > 256 then
+    -- Bounded: what a publisher inventing keys can make every joiner receive.
+    local f = redis.call('HRANDFIELD', KEYS[6])
+    if f ~= ARGV[1] .. '\n' .. ARGV[8] then redis.call('HDEL', KEYS[6], f) end
+  end
+end
 redis.call('PUBLISH', KEYS[4], msg)
 return {seq, ts}
 "#;
@@ -162,28 +174,30 @@ return {seq, ts}
 /// Reads a room's seq and epoch, making the epoch if the room has none yet (so a member that
 /// joins before the first publish is told the numbering the first publish will use).
 const SYNC_LUA: &str = r#"
--- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key
+-- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
+--       latest hash
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 if not ep then
   local t = redis.call('TIME')
   ep = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
   redis.call('HSET', KEYS[1], 'epoch', ep)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 end
-return {redis.call('HGET', KEYS[1], 'seq') or '0', ep}
+return {redis.call('HGET', KEYS[1], 'seq') or '0', ep, redis.call('HVALS', KEYS[5])}
 "#;
 
 /// A new epoch for a room whose seq in Redis went below what an edge handed out under the
 /// same epoch (Redis lost writes). Only if it is still so: another edge may have done it.
 const RENUMBER_LUA: &str = r#"
--- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key
+-- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
+--       latest hash
 -- ARGV: the epoch seen, the seq handed out under it
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'epoch', string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])), 'seq', 0)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
   return 1
 end
 return 0
@@ -263,13 +277,15 @@ pub async fn room_meta(cm: &mut ConnectionManager, room: &str) -> ::redis::Redis
     Ok(epoch.map(|e| (seq.unwrap_or(0), e)))
 }
 
-fn keys(room: &str) -> [String; 5] {
+fn keys(room: &str) -> [String; 6] {
     [
         format!("rc:{{{room}}}:meta"),
         format!("rc:{{{room}}}:md"),
         format!("rc:{{{room}}}:dr"),
         format!("rc:{{{room}}}:ch"),
         format!("rc:{{{room}}}:evicted"),
+        // Latest state: conflated kinds' newest message per kind and key.
+        format!("rc:{{{room}}}:latest"),
     ]
 }
 
@@ -472,8 +488,8 @@ async fn run(
                                 let _ = sink.unsubscribe(&keys(&room)[3]).await;
                             }
                         }
-                        BridgeCmd::Publish { room, msg, must_deliver, reply, permit } => {
-                            tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, reply, bus.clone(), limits, permit));
+                        BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
+                            tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
                         }
                         BridgeCmd::Fill { room, from, to } => {
                             tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
@@ -549,6 +565,7 @@ async fn renumber(mut cm: ConnectionManager, room: RoomName, epoch: Epoch, below
         .key(&k[1])
         .key(&k[2])
         .key(&k[4])
+        .key(&k[5])
         .arg(epoch)
         .arg(below)
         .invoke_async(&mut cm)
@@ -570,10 +587,25 @@ fn recovery_failed(room: RoomName, since: u64, upto: u64, join: PendingJoin) -> 
 
 async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
     let k = keys(&room);
-    let r: Result<(u64, u64), _> =
-        ::redis::Script::new(SYNC_LUA).key(&k[0]).key(&k[1]).key(&k[2]).key(&k[4]).invoke_async(&mut cm).await;
+    let r: Result<(u64, u64, Vec<Vec<u8>>), _> = ::redis::Script::new(SYNC_LUA)
+        .key(&k[0])
+        .key(&k[1])
+        .key(&k[2])
+        .key(&k[4])
+        .key(&k[5])
+        .invoke_async(&mut cm)
+        .await;
     match r {
-        Ok((seq, epoch)) => bus.send_async(EngineCmd::Synced { room, seq, epoch }).await,
+        Ok((seq, epoch, latest)) => {
+            // The latest state of this numbering (an entry of another epoch is void).
+            let latest = latest
+                .iter()
+                .filter_map(|b| parse(b))
+                .filter(|(m, _, ep)| *ep == epoch && m.seq <= seq)
+                .map(|(m, _, _)| m)
+                .collect();
+            bus.send_async(EngineCmd::Synced { room, seq, epoch, latest }).await;
+        }
         Err(e) => tracing::warn!(room = %room, error = %e, "cannot read room seq"),
     }
 }
@@ -585,6 +617,7 @@ async fn publish(
     room: RoomName,
     msg: NewMessage,
     must_deliver: bool,
+    conflate: Option<String>,
     reply: Reply,
     bus: BusHandle,
     limits: StreamLimits,
@@ -597,12 +630,15 @@ async fn publish(
         .key(&k[2])
         .key(&k[3])
         .key(&k[4])
+        .key(&k[5])
         .arg(&msg.kind)
         .arg(&msg.user)
         .arg(&msg.body)
         .arg(if must_deliver { "1" } else { "0" })
         .arg(limits.must_deliver.max(1))
         .arg(limits.droppable.max(1))
+        .arg(if conflate.is_some() { "1" } else { "0" })
+        .arg(conflate.unwrap_or_default())
         .invoke_async(&mut cm)
         .await;
     drop(permit);

@@ -58,6 +58,11 @@ impl Engine {
         }
         let r = self.rooms.get_mut(room).expect("ensured above");
         r.bump_rate(now);
+        if self.cfg.conflate.contains_key(&msg.kind) {
+            // Latest state is not sampled: conflation already bounds it to one per window.
+            return Ok(false);
+        }
+        let r = self.rooms.get_mut(room).expect("ensured above");
         let a = &self.cfg.adaptive;
         let visible = visible_rate(a, r.members);
         if r.sampling_now(a, self.sampling, now) && r.visible_bucket.take(visible, visible, now).is_err() {

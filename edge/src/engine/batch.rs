@@ -31,6 +31,7 @@ impl Engine {
         if self.store.is_some() {
             self.store_message(room, &pm, must_deliver, now);
         }
+        let conflate = self.conflate(room, &pm);
         let keep_droppable = self.droppable_held < self.cfg.max_droppable_bytes / self.engines;
         let Some(r) = self.rooms.get_mut(room) else { return };
         self.stats.messages_in.with_label_values(&[pm.kind.as_str()]).inc();
@@ -45,6 +46,7 @@ impl Engine {
         let a = &self.cfg.adaptive;
         let visible = visible_rate(a, r.members);
         if !must_deliver
+            && conflate.is_none()
             && self.remote.is_some()
             && r.sampling_now(a, self.sampling, now)
             && r.fanout_bucket.take(visible, visible, now).is_err()
@@ -58,8 +60,17 @@ impl Engine {
             self.drop_counted(&pm.kind, "sampled_fanout");
             return;
         }
+        if let Some(key) = &conflate
+            && let Some(i) = r.pending.iter().position(|p| p.conflate.as_ref() == Some(key) && p.msg.kind == pm.kind)
+        {
+            // Latest state: the newer message replaces the older in the batch (its seq is
+            // skipped for members, as a droppable message's may be).
+            let old = r.pending.remove(i);
+            r.pending_bytes -= old.msg.body.len() + old.msg.kind.len() + old.msg.user.len() + 32;
+            self.stats.messages_dropped.with_label_values(&[pm.kind.as_str(), "conflated"]).inc();
+        }
         r.pending_bytes += pm.body.len() + pm.kind.len() + pm.user.len() + 32;
-        r.pending.push(Pending { msg: pm, must_deliver });
+        r.pending.push(Pending { msg: pm, must_deliver, conflate });
         let full = r.pending.len() >= self.cfg.max_batch_messages || r.pending_bytes >= self.cfg.max_batch_bytes;
         if full {
             self.flush(room, out);

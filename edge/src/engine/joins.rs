@@ -144,6 +144,7 @@ impl Engine {
             }
             None => r.history.last(self.cfg.join_last, seq),
         };
+        let messages = r.with_latest(messages, since, seq);
         if !messages.is_empty() {
             push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages, online: None });
         }
@@ -178,6 +179,7 @@ impl Engine {
         }
         let mut all: Vec<PushMessage> = messages.into_iter().filter(|m| m.seq > since && m.seq <= upto).collect();
         all.extend(r.history.recover(upto, seq).messages);
+        let all = r.with_latest(all, Some(since), seq);
         let online = (!self.cfg.presence_interval.is_zero()).then(|| r.online());
         if !all.is_empty() {
             push_frame(

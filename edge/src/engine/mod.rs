@@ -22,6 +22,7 @@ mod admission;
 mod batch;
 pub mod host;
 mod joins;
+mod latest;
 mod presence;
 mod remote;
 pub mod room;
@@ -59,6 +60,9 @@ pub struct EngineConfig {
     pub max_batch_bytes: usize,
     /// kind -> must deliver.
     pub kinds: HashMap<String, bool>,
+    /// Conflated (latest-state) kinds -> the body field telling entries apart (None: one per
+    /// room).
+    pub conflate: HashMap<String, Option<String>>,
     pub limits: LimitsConfig,
     pub history: HistoryLimits,
     pub join_last: usize,
@@ -81,6 +85,12 @@ impl EngineConfig {
             max_batch_messages: cfg.fanout.max_batch_messages,
             max_batch_bytes: cfg.fanout.max_batch_bytes,
             kinds: cfg.kinds.iter().map(|(k, v)| (k.clone(), v.must_deliver)).collect(),
+            conflate: cfg
+                .kinds
+                .iter()
+                .filter(|(_, v)| v.conflate)
+                .map(|(k, v)| (k.clone(), v.conflate_key.clone()))
+                .collect(),
             limits: cfg.limits.clone(),
             history: HistoryLimits {
                 must_deliver: cfg.history.must_deliver,
@@ -396,7 +406,12 @@ impl Engine {
                             self.answer(out, reply, &room, Err(crate::bus::PublishError::BusUnavailable));
                         }
                         Ok(must_deliver) => {
-                            let cmd = BridgeCmd::Publish { room, msg, must_deliver, reply, permit: None };
+                            let conflate = self
+                                .cfg
+                                .conflate
+                                .get(&msg.kind)
+                                .map(|field| latest::entry_key(field.as_deref(), &msg.body));
+                            let cmd = BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit: None };
                             if let Err(BridgeCmd::Publish { room, reply, .. }) = bridge.send(cmd) {
                                 // Too many publishes waiting for Redis already.
                                 self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
@@ -428,7 +443,7 @@ impl Engine {
             EngineCmd::Remote { room, msg, must_deliver, epoch } => {
                 self.remote_msg(&room, *msg, must_deliver, epoch, now, out);
             }
-            EngineCmd::Synced { room, seq, epoch } => self.synced(&room, seq, epoch, now, out),
+            EngineCmd::Synced { room, seq, epoch, latest } => self.synced(&room, seq, epoch, latest, now, out),
             EngineCmd::Filled { room, from, to, messages, ok } => self.filled(&room, from, to, messages, ok, now, out),
             EngineCmd::Recovered { room, since, upto, join, messages, evicted_upto, ok } => {
                 self.recovered(&room, since, upto, join, messages, evicted_upto, ok, out);

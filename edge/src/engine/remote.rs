@@ -14,12 +14,24 @@ use crate::bus::{Epoch, RoomName, Since, epoch_text};
 
 impl Engine {
     /// The room's seq and epoch in Redis, right after (re)subscribing.
-    pub(super) fn synced(&mut self, room: &RoomName, seq: u64, epoch: Epoch, now: Instant, out: &mut Out) {
+    pub(super) fn synced(
+        &mut self,
+        room: &RoomName,
+        seq: u64,
+        epoch: Epoch,
+        latest: Vec<PushMessage>,
+        now: Instant,
+        out: &mut Out,
+    ) {
         let Some(r) = self.rooms.get_mut(room) else { return };
         if !r.interested() {
             return;
         }
         if !r.synced {
+            // Latest state as Redis holds it (other edges may have published it before this
+            // one followed the room), before the waiting joins are answered.
+            self.apply_latest(room, latest);
+            let Some(r) = self.rooms.get_mut(room) else { return };
             r.synced = true;
             r.epoch = epoch;
             r.seq = seq;
@@ -42,6 +54,7 @@ impl Engine {
             // Redis came back without the room's state (emptied, or no persistence): a new
             // numbering. Follow it from its start, and say so.
             self.restart_numbering(room, epoch, now, out);
+            self.apply_latest(room, latest);
             if seq > 0 {
                 self.request_fill(room, 1, seq);
             }
@@ -49,6 +62,19 @@ impl Engine {
             // Reconnected after missing messages: fetch them.
             let from = r.seq + 1;
             self.request_fill(room, from, seq);
+        }
+    }
+
+    /// Conflated kinds' latest messages read from Redis become the room's (a newer one that
+    /// arrives live replaces its entry).
+    fn apply_latest(&mut self, room: &RoomName, latest: Vec<PushMessage>) {
+        for m in latest {
+            let Some(field) = self.cfg.conflate.get(&m.kind) else { continue };
+            let key = super::latest::entry_key(field.as_deref(), &m.body);
+            if let Some(r) = self.rooms.get_mut(room) {
+                let kind = m.kind.clone();
+                r.set_latest(&kind, key, m);
+            }
         }
     }
 
@@ -66,6 +92,7 @@ impl Engine {
         r.base_seq = 0;
         r.history = History::default();
         r.ahead.clear();
+        r.latest.clear();
         r.filling = false;
         let parked = std::mem::take(&mut r.parked);
         let notice =

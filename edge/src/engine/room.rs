@@ -70,7 +70,20 @@ impl ShardSet {
 pub struct Pending {
     pub msg: PushMessage,
     pub must_deliver: bool,
+    /// A conflated kind's entry key: a newer message with the same kind and key replaces it.
+    pub conflate: Option<String>,
 }
+
+/// The newest message of a conflated kind (and key) in a room.
+pub struct Latest {
+    pub kind: String,
+    pub key: String,
+    pub msg: PushMessage,
+}
+
+/// Latest-state entries a room keeps (the oldest goes past it): bounds what a publisher
+/// inventing keys can make every joiner receive.
+pub const MAX_LATEST: usize = 64;
 
 pub struct Room {
     pub name: RoomName,
@@ -137,6 +150,8 @@ pub struct Room {
     pub reported_at: Option<Instant>,
     /// A presence step is scheduled for then.
     pub presence_due: Option<Instant>,
+    /// Conflated kinds' newest messages, given to joiners before live messages.
+    pub latest: Vec<Latest>,
 }
 
 impl Room {
@@ -178,6 +193,7 @@ impl Room {
             reported: 0,
             reported_at: None,
             presence_due: None,
+            latest: Vec::new(),
         }
     }
 

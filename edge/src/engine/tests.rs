@@ -405,7 +405,7 @@ fn redis_mode_fan_out_samples_by_this_edges_members() {
     for _ in 0..200 {
         join(&mut bus, &room, Subprotocol::Json, None);
     }
-    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 0, epoch: 7 });
+    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 0, epoch: 7, latest: Vec::new() });
     let acks = bus.drain().len();
     assert_eq!(acks, 200, "joins answered once the room is synced");
     // Messages numbered elsewhere arrive through Redis: 300 chat, then 20 gifts.
@@ -802,7 +802,7 @@ fn redis_numbering_restart_resets_members() {
     let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel(tx));
     let room: RoomName = "re".into();
     join(&mut bus, &room, Subprotocol::Json, None);
-    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 5, epoch: 7 });
+    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 5, epoch: 7, latest: Vec::new() });
     assert_eq!(ack(&mut bus).epoch, 7);
     let remote = |seq: u64, epoch: u64| EngineCmd::Remote {
         room: room.clone(),
@@ -992,4 +992,74 @@ fn online_counts_are_pushed_on_change_at_most_once_per_interval() {
     let now = bus.now;
     bus.e.poll(now, &mut bus.out);
     assert_eq!(online_pushes(&mut bus), vec![(1, Some(3))]);
+}
+
+/// A conflated kind: within a window a newer message replaces the older one of the same key
+/// (others stay), it is never sampled, and a joiner gets the newest of each key (and only what
+/// it has not seen with `since`) in its replay, before live messages.
+#[test]
+fn conflated_kinds_keep_only_the_newest_per_key_and_joiners_get_it() {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 100;
+    cfg.presence.interval_ms = 0;
+    cfg.kinds.insert(
+        "board".into(),
+        crate::config::KindConfig {
+            must_deliver: false,
+            publishers: None,
+            conflate: true,
+            conflate_key: Some("slot".into()),
+        },
+    );
+    let (mut bus, _) = setup_with(cfg);
+    let room: RoomName = "c".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    let board = |slot: &str, n: u32| NewMessage {
+        kind: "board".into(),
+        user: String::new(),
+        body: format!(r#"{{"slot":"{slot}","n":{n}}}"#),
+    };
+    for n in 1..=5 {
+        bus.publish(room.clone(), board("a", n)).unwrap();
+    }
+    bus.publish(room.clone(), board("b", 1)).unwrap();
+    bus.publish(room.clone(), msg("gift", 9)).unwrap();
+    bus.sleep(Duration::from_millis(100));
+    let now = bus.now;
+    bus.e.poll(now, &mut bus.out);
+    let delivered: Vec<(String, String)> = bus
+        .drain()
+        .into_iter()
+        .filter_map(|c| match c {
+            ShardCmd::Deliver(d) => Some(decode(d.frames[0].as_ref().unwrap())),
+            _ => None,
+        })
+        .flat_map(|m| match m {
+            ServerMsg::Batch { messages, .. } => messages,
+            _ => Vec::new(),
+        })
+        .map(|m| (m.kind, m.body))
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![
+            ("board".into(), r#"{"slot":"a","n":5}"#.into()),
+            ("board".into(), r#"{"slot":"b","n":1}"#.into()),
+            ("gift".into(), r#"{"n":9}"#.into()),
+        ],
+        "one message per key and window, the newest; other kinds untouched"
+    );
+    // A joiner gets the newest of each key with its join (seq 5 is a:5, 6 is b:1).
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let replayed = |bus: &mut H| -> Vec<u64> {
+        match bus.recv().unwrap() {
+            ShardCmd::JoinAck(a) => a.replay.iter().flat_map(|f| seqs(&decode(f))).collect(),
+            _ => panic!("expected JoinAck"),
+        }
+    };
+    assert_eq!(replayed(&mut bus), vec![5, 6]);
+    // With since past a:5: b:1 is new to it, and the gift (7) is recovered as always.
+    join(&mut bus, &room, Subprotocol::Json, Some(5));
+    assert_eq!(replayed(&mut bus), vec![6, 7]);
 }
