@@ -633,7 +633,11 @@ impl Driver {
                                 (None, Some(t)) => t.exp = Some(exp),
                                 (None, None) => {}
                             }
-                            refresh_at = self.refresh_deadline();
+                            // At least REFRESH_RETRY between refreshes: a token callback that
+                            // returns a token no newer than the last (a cache) would otherwise
+                            // be asked again and again as expiry nears.
+                            refresh_at =
+                                self.refresh_deadline().map(|t| t.max(Instant::now() + REFRESH_RETRY));
                             evs.push(Event::Refreshed { exp });
                         }
                         ServerMsg::Error { code, message, .. } => {

@@ -237,6 +237,12 @@ export class RoomcastClient extends Emitter<ClientEvents> {
   private targetIndex = 0;
   /** Where the next attempt goes instead (a goaway's URL): used once. */
   private override: Target | undefined;
+  /** A fixed-URL client that followed a goaway: the edge dispatch gave it replaces the URL it
+   * was configured with (that edge is going away). */
+  private adoptedUrl: string | undefined;
+  private lastRefreshAt: number | undefined;
+  /** The online count last told to the app, per room (told again only when it changes). */
+  private onlineShown = new Map<string, number>();
   private token: string | undefined;
   private tokenStale = false;
   private switchFrom: string | undefined;
@@ -269,6 +275,14 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     if (this.dispatch.length === 0 && !this.fixedUrl) {
       throw new TypeError("roomcast: give `dispatch` (an http endpoint) or `url` (a ws:// URL)");
     }
+    // Mistakes that no retry can fix are refused here, not retried forever.
+    for (const u of this.dispatch) {
+      if (!/^https?:\/\/[^/?#\s]+/.test(u)) throw new TypeError(`roomcast: dispatch must be an http(s) URL: ${u}`);
+    }
+    if (this.fixedUrl !== undefined && !/^wss?:\/\/[^/?#\s]+/.test(this.fixedUrl)) {
+      throw new TypeError(`roomcast: url must be a ws:// or wss:// URL: ${this.fixedUrl}`);
+    }
+    if (options.room !== undefined) checkRoom(options.room);
     const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WS) {
       throw new TypeError("roomcast: no global WebSocket here (Node 20): pass `WebSocket` (e.g. from the `ws` package)");
@@ -357,6 +371,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
    * time). Coming back to a room resumes from the position held for it.
    */
   switch(room: string): void {
+    checkRoom(room);
     if (room === this._room && (this.tracker.room === room || !this.isOpen())) return;
     this.switchFrom = this._room;
     this.switching = true;
@@ -430,6 +445,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     }
     // 2. Where to connect.
     const room = this._room;
+    const fromGoaway = this.override !== undefined;
     const target = this.override ?? this.currentTarget();
     this.override = undefined;
     let base: string;
@@ -444,6 +460,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
       }
       base = r.url;
       edge = r.edge;
+      if (fromGoaway && this.dispatch.length === 0) this.adoptedUrl = base;
     } else {
       base = target.url;
     }
@@ -516,7 +533,8 @@ export class RoomcastClient extends Emitter<ClientEvents> {
 
   private targets(): Target[] {
     const t: Target[] = this.dispatch.map((url) => ({ kind: "dispatch" as const, url }));
-    if (this.fixedUrl) t.push({ kind: "ws", url: this.fixedUrl });
+    const url = this.adoptedUrl ?? this.fixedUrl;
+    if (url) t.push({ kind: "ws", url });
     return t;
   }
 
@@ -621,7 +639,10 @@ export class RoomcastClient extends Emitter<ClientEvents> {
         }
         this.stats.duplicatesDropped += this.tracker.duplicates - before;
         if ((msg.type === "batch" || msg.type === "joined") && typeof msg.online === "number" && msg.room === this._room) {
-          this.emit("online", { room: msg.room, count: msg.online });
+          if (this.onlineShown.get(msg.room) !== msg.online) {
+            this.onlineShown.set(msg.room, msg.online);
+            this.emit("online", { room: msg.room, count: msg.online });
+          }
         }
         return;
       }
@@ -688,9 +709,20 @@ export class RoomcastClient extends Emitter<ClientEvents> {
       }
     }
     if (JOIN_ERRORS.has(code)) {
-      // The join was refused: the connection is in no room.
-      this.tracker.endSession();
+      // The join was refused. The edge keeps the connection where it was: after a refused
+      // switch, that is the previous room, which the client goes back to (a join with its
+      // position: anything published meanwhile is replayed); after a refused first join, no
+      // room (and a reconnect would be refused too: the room is dropped).
+      const back = this.switching ? this.switchFrom : undefined;
       this.switching = false;
+      this.tracker.endSession();
+      this._room = undefined;
+      if (back !== undefined && back !== this.tracker.room) {
+        this.emitError(err);
+        this.switch(back);
+        this.switching = false;
+        return;
+      }
     }
     if (code === "refresh_refused") this.tokenStale = true;
     if (code === "token_expired") this.tokenStale = true;
@@ -743,7 +775,14 @@ export class RoomcastClient extends Emitter<ClientEvents> {
         ),
       );
       this.rotateTarget();
-      return this.scheduleReconnect(this.nextDelay(), code, reason || "connect failed");
+      // 403 (a room or origin the token does not allow) and 400 (a bad room) will not change
+      // by retrying soon: back off as far as the bounds allow.
+      const refused = status === 403 || status === 400;
+      return this.scheduleReconnect(
+        this.nextDelay(refused ? this.opts.maxReconnectDelayMs : 0),
+        code,
+        reason || "connect failed",
+      );
     }
     if (code === CloseCode.TokenExpired) {
       this.tokenStale = true;
@@ -830,13 +869,17 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     if (!this.tokenFn || this.token === undefined) return;
     const e = exp ?? jwtExp(this.token);
     if (e === undefined) return;
-    const delay = refreshDelay(e, this.sched.now(), this.opts.refreshBeforeMs);
+    // At least 5 s between refreshes: a token callback that returns a token no newer than the
+    // last (a cache) would otherwise be asked again and again as expiry nears.
+    const floor = this.lastRefreshAt === undefined ? 0 : this.lastRefreshAt + 5_000 - this.sched.now();
+    const delay = Math.max(refreshDelay(e, this.sched.now(), this.opts.refreshBeforeMs), floor);
     const conn = this.conn;
     this.refreshTimer = this.sched.setTimeout(() => void this.refresh(conn), delay);
   }
 
   private async refresh(conn: Conn | undefined): Promise<void> {
     if (!conn || this.conn !== conn || !this.tokenFn) return;
+    this.lastRefreshAt = this.sched.now();
     let token: string;
     try {
       token = await this.tokenFn({ reason: "refresh" });
@@ -991,4 +1034,11 @@ function decodeText(data: unknown): string | undefined {
 function baseHref(): string | undefined {
   const loc = (globalThis as { location?: { href?: string } }).location;
   return typeof loc?.href === "string" ? loc.href : undefined;
+}
+
+/** Room names the edge accepts (1 to 64 bytes of A-Z a-z 0-9 _ . : -). */
+function checkRoom(room: string): void {
+  if (!/^[A-Za-z0-9_.:-]{1,64}$/.test(room)) {
+    throw new TypeError(`roomcast: bad room name ${JSON.stringify(room)}: 1 to 64 of A-Z a-z 0-9 _ . : -`);
+  }
 }

@@ -193,8 +193,10 @@ export class RoomTracker {
     const prev = this.positions.get(room);
     this.store(room, { epoch, delivered: seq, floor: seq });
     // The `joined` that follows carries the new epoch: what comes up to its seq is history of
-    // the new numbering, replayed.
+    // the new numbering, replayed. A reset of a live membership has no `joined` after it:
+    // what follows is live, not recovered.
     s.since = seq;
+    s.replayUpTo = 0;
     return [
       {
         type: "reset",

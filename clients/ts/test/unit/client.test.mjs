@@ -495,3 +495,68 @@ test("online counts from joined and from batches (with or without messages) reac
   assert.deepEqual(counts, [["lobby", 7], ["lobby", 9]]);
   c.disconnect();
 });
+
+test("a fixed-URL client that followed a goaway keeps the edge dispatch gave it, not the drained one", async () => {
+  const fetch = routeTo(() => 2);
+  const { c, clock } = make({ dispatch: undefined, url: "ws://edge-1:8080/ws", fetch });
+  c.connect();
+  await clock.advance(0);
+  let ws = FakeWebSocket.last;
+  assert.equal(ws.url, "ws://edge-1:8080/ws?room=lobby");
+  ws = accept(3, "E1");
+  ws.recv({ type: "goaway", url: "http://edge-1:8081/v1/route?room=lobby", reason: "edge draining", reconnect_after_ms: 0 });
+  ws.serverClose(1001);
+  await clock.advance(1_000);
+  ws = FakeWebSocket.last;
+  assert.equal(ws.url, "ws://edge-2:8080/ws?room=lobby&since=3&epoch=E1");
+  accept(3, "E1");
+  // That edge is lost later: the client comes back to it, never to the drained one.
+  FakeWebSocket.last.serverClose(1006);
+  await clock.advance(20_000);
+  assert.match(FakeWebSocket.last.url, /^ws:\/\/edge-2:8080\/ws\?room=lobby/);
+});
+
+test("a refused switch goes back to the room the edge kept the connection in", async () => {
+  const { c, clock, log } = make();
+  c.connect();
+  await clock.advance(0);
+  const ws = accept(4, "E1");
+  ws.recv(batch("lobby", 5));
+  c.switch("vip");
+  ws.recv({ type: "error", code: "room_forbidden", message: "this room is not allowed by your token" });
+  assert.equal(log.errors.at(-1).code, "room_forbidden");
+  assert.equal(c.room, "lobby", "back in the room it is still in");
+  assert.deepEqual(ws.sent.at(-1), { op: "join", room: "lobby", since: 5, epoch: "E1" });
+  ws.recv({ type: "left", room: "lobby" });
+  ws.recv({ type: "joined", room: "lobby", seq: 6, epoch: "E1" });
+  ws.recv(batch("lobby", 6, 7));
+  assert.deepEqual(log.messages.map((m) => m.seq), [5, 6, 7], "nothing dropped, nothing twice");
+});
+
+test("a token callback that returns no newer token is not asked in a hot loop", async () => {
+  const exp = Math.floor(1_800_000_000_000 / 1000) + 10;
+  const token = `x.${Buffer.from(JSON.stringify({ exp })).toString("base64url")}.y`;
+  let asked = 0;
+  const { c, clock } = make({ token: async () => (asked++, token) });
+  c.connect();
+  await clock.advance(0);
+  const ws = accept(0, "E1");
+  for (let i = 0; i < 100; i++) {
+    await clock.advance(100);
+    const last = ws.sent.at(-1);
+    if (last?.op === "refresh" && !last.answered) {
+      last.answered = true;
+      ws.recv({ type: "refreshed", exp });
+    }
+  }
+  assert.ok(asked <= 4, `asked ${asked} times in 10 s`);
+  c.disconnect();
+});
+
+test("options no retry could fix are refused at construction", () => {
+  assert.throws(() => make({ dispatch: "ws://127.0.0.1:8080/ws" }), /dispatch must be an http/);
+  assert.throws(() => make({ dispatch: undefined, url: "not a url" }), /url must be a ws/);
+  assert.throws(() => make({ room: "bad room!" }), /bad room name/);
+  const { c } = make();
+  assert.throws(() => c.switch(""), /bad room name/);
+});
