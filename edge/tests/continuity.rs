@@ -484,3 +484,24 @@ async fn a_slow_reader_catches_up_on_a_replay_larger_than_the_queue_bound() {
     }
     assert!(total >= 1_100_000, "only {total} bytes of the replay");
 }
+
+/// A member of a quiet room (nothing published) leaves; the room is forgotten and made anew
+/// under another epoch when it comes back with `since=0` and the old epoch. It held nothing, so
+/// it is not told `reset` (every returning member of a quiet room was, for nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_at_seq_0_is_not_reset_when_a_quiet_room_comes_back_anew() {
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0"]);
+    let mut ws = connect(&edge.url("?room=quiet"), None).await;
+    let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (before, seq, new_epoch, _) = rejoin(&edge, "quiet", 0, &epoch, 0).await;
+    assert!(before.is_empty(), "no reset for a client that held nothing: {before:?}");
+    assert_eq!(seq, 0);
+    assert_ne!(new_epoch, epoch, "the room was made anew (the case this covers)");
+    // A client that did hold seqs of the old numbering still is reset.
+    let p = Publisher::new(edge.http);
+    gift(&p, "quiet", 1).await;
+    let (before, _, _, _) = rejoin(&edge, "quiet", 1, &epoch, 0).await;
+    assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{before:?}");
+}

@@ -95,6 +95,10 @@ impl Engine {
         // Redis mode the client may come from an edge that is ahead: wait for it below), is
         // void: reset, and replay this numbering from its start.
         let since = match since {
+            // A client at 0 holds nothing of any numbering: no position to void, no reset (a
+            // quiet room forgotten and made anew would reset every returning member for
+            // nothing).
+            Some(s) if s.seq == 0 => Some(0),
             Some(s) if s.epoch.is_some_and(|e| e != r.epoch) => {
                 join.reset = Some(RESET_EPOCH);
                 Some(0)
