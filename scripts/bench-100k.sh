@@ -5,7 +5,9 @@
 # when its shards fall behind; gifts are never sampled. Results: bench-results/<date>-100k/.
 #
 # Env: CONNS (100000), SECS (20), GIFT (10), CHAT (1000), VISIBLE (50: chat/s shown once sampling
-# is on), SCEN (folder suffix).
+# is on), SCEN (folder suffix), EDGE_CPUS / LG_CPUS (taskset CPU lists for the edge and the load
+# generator; default: no pinning), HOG (1: a busy loop pinned to EDGE_CPUS competes with the
+# edge for its CPU), EDGE_BIN / LG_BIN (prebuilt binaries; default: cargo build --release here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -15,7 +17,15 @@ GIFT=${GIFT:-10}
 CHAT=${CHAT:-1000}
 VISIBLE=${VISIBLE:-50}
 SCEN=${SCEN:-100k}
-cargo build -q --release -p edge -p loadgen
+EDGE_CPUS=${EDGE_CPUS:-}
+LG_CPUS=${LG_CPUS:-}
+HOG=${HOG:-0}
+if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
+  cargo build -q --release -p edge -p loadgen
+fi
+EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
+LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
+pin() { if [[ -n $1 ]]; then echo "taskset -c $1"; fi; }
 TMP=$(mktemp -d)
 cat >"$TMP/edge.toml" <<TOML
 shards = 6
@@ -31,14 +41,19 @@ visible_rate = $VISIBLE
 room_rate = 5000.0
 room_burst = 10000.0
 TOML
-"$ROOT/target/release/edge" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen 127.0.0.1:18711 --http 127.0.0.1:18712 >"$TMP/edge.log" 2>&1 &
+$(pin "$EDGE_CPUS") "$EDGE_BIN" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen 127.0.0.1:18711 --http 127.0.0.1:18712 >"$TMP/edge.log" 2>&1 &
 EPID=$!
-trap 'kill -INT $EPID 2>/dev/null || true; sleep 1; rm -rf $TMP' EXIT
+HPID=
+if [[ $HOG == 1 ]]; then
+  $(pin "$EDGE_CPUS") sh -c 'while :; do :; done' &
+  HPID=$!
+fi
+trap 'kill -INT $EPID 2>/dev/null || true; [[ -n $HPID ]] && kill $HPID 2>/dev/null; sleep 1; rm -rf $TMP' EXIT
 sleep 1
-"$ROOT/target/release/loadgen" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
+$(pin "$LG_CPUS") "$LG_BIN" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
   --connections "$CONNS" --ramp 10000 --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
-  --note "edge --shards 6, adaptive merging (base window 100 ms, max 2 s, visible chat $VISIBLE/s)"
+  --note "edge --shards 6, adaptive merging (base window 100 ms, max 2 s, visible chat $VISIBLE/s); edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}, hog $HOG"
 curl -s 127.0.0.1:18712/v1/rooms/r0 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/room-stats.json" || true
 grep -E "adaptive merge window" "$TMP/edge.log" | tail -20 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/adaptive.log" || true
 sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/edge-warnings.log" || true

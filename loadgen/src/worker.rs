@@ -314,12 +314,37 @@ impl Conn {
     fn on_close(&mut self, payload: &[u8]) {
         self.open = false;
         let code = payload.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-        if let (Some(4000 | 1013), Some(peer), None) = (code, self.peer, &self.goaway) {
-            let now = Instant::now();
-            let jitter = Duration::from_micros(now_us() % 1_000_000);
-            self.goaway = Some((format!("ws://{peer}/ws?room=r{}", self.room), now + jitter, now));
-            self.resuming = true;
+        if matches!(code, Some(4000 | 1013)) {
+            self.resume();
         }
+    }
+
+    /// Comes back to the same edge with `since` after a random delay under a second (unless a
+    /// goaway already says where to go). Returns whether it will.
+    fn resume(&mut self) -> bool {
+        if self.goaway.is_some() {
+            return true;
+        }
+        let Some(peer) = self.peer else { return false };
+        let now = Instant::now();
+        let jitter = Duration::from_micros(now_us() % 1_000_000);
+        self.goaway = Some((format!("ws://{peer}/ws?room=r{}", self.room), now + jitter, now));
+        self.resuming = true;
+        true
+    }
+
+    /// The socket ended (EOF or error): a client that follows the edge resumes, as real clients
+    /// do after any lost connection (a slow consumer whose close frame could not be written is
+    /// reset); one that does not counts as closed. Returns whether it counts as closed.
+    fn on_lost(&mut self, follow: bool) -> bool {
+        let was_open = std::mem::replace(&mut self.open, false);
+        if self.moving || self.goaway.is_some() {
+            return false;
+        }
+        if follow && self.resume() {
+            return false;
+        }
+        was_open
     }
 }
 
@@ -542,8 +567,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 let budget = args.slow_bytes.min(tmp.len());
                 match c.sock.read(&mut tmp[..budget]) {
                     Ok(0) => {
-                        c.open = false;
-                        if c.goaway.is_none() {
+                        if c.on_lost(args.follow_goaway) {
                             reader.closed += 1;
                         }
                     }
@@ -555,8 +579,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => {
-                        c.open = false;
-                        reader.closed += 1;
+                        if c.on_lost(args.follow_goaway) {
+                            reader.closed += 1;
+                        }
                     }
                 }
             }
@@ -591,11 +616,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             loop {
                 match c.sock.read(&mut tmp) {
                     Ok(0) => {
-                        if c.open {
-                            c.open = false;
-                            if c.goaway.is_none() && !c.moving {
-                                reader.closed += 1;
-                            }
+                        if c.on_lost(args.follow_goaway) {
+                            reader.closed += 1;
                         }
                         break;
                     }
@@ -607,11 +629,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(_) => {
-                        if c.open {
-                            c.open = false;
-                            if c.goaway.is_none() && !c.moving {
-                                reader.closed += 1;
-                            }
+                        if c.on_lost(args.follow_goaway) {
+                            reader.closed += 1;
                         }
                         break;
                     }
