@@ -7,7 +7,8 @@
 # Env: CONNS (100000), SECS (20), GIFT (10), CHAT (1000), VISIBLE (50: chat/s shown once sampling
 # is on), SCEN (folder suffix), EDGE_CPUS / LG_CPUS (taskset CPU lists for the edge and the load
 # generator; default: no pinning), HOG (1: a busy loop pinned to EDGE_CPUS competes with the
-# edge for its CPU), EDGE_BIN / LG_BIN (prebuilt binaries; default: cargo build --release here).
+# edge for its CPU), EDGE_BIN / LG_BIN (prebuilt binaries; default: cargo build --release here),
+# RAMP (connections per second, 10000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,6 +21,7 @@ SCEN=${SCEN:-100k}
 EDGE_CPUS=${EDGE_CPUS:-}
 LG_CPUS=${LG_CPUS:-}
 HOG=${HOG:-0}
+RAMP=${RAMP:-10000}
 if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
   cargo build -q --release -p edge -p loadgen
 fi
@@ -49,9 +51,9 @@ if [[ $HOG == 1 ]]; then
   HPID=$!
 fi
 trap 'kill -INT $EPID 2>/dev/null || true; [[ -n $HPID ]] && kill $HPID 2>/dev/null; sleep 1; rm -rf $TMP' EXIT
-sleep 1
+for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:18712/healthz && break; sleep 0.1; done
 $(pin "$LG_CPUS") "$LG_BIN" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
-  --connections "$CONNS" --ramp 10000 --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
+  --connections "$CONNS" --ramp "$RAMP" --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
   --note "edge --shards 6, adaptive merging (base window 100 ms, max 2 s, visible chat $VISIBLE/s); edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}, hog $HOG"
 curl -s 127.0.0.1:18712/v1/rooms/r0 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/room-stats.json" || true

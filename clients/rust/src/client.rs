@@ -453,12 +453,7 @@ impl Driver {
             }
             Ok(Err(tungstenite::Error::Http(resp))) => {
                 let status = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get("Retry-After")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                let retry_after = retry_after(resp.headers().get("Retry-After").and_then(|v| v.to_str().ok()));
                 let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().trim().to_owned();
                 self.fail(ErrorEvent::Refused { status, body }, after_refusal(status, retry_after)).await
             }
@@ -482,12 +477,7 @@ impl Driver {
             .map_err(|e| fail(0, e.to_string(), Retry { protocol: true, ..Retry::default() }))?;
         let resp = http.get(url).send().await.map_err(|e| fail(0, e.to_string(), Retry::default()))?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("Retry-After")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(resp.headers().get("Retry-After").and_then(|v| v.to_str().ok()));
         let text = resp.text().await.map_err(|e| fail(status, e.to_string(), Retry::default()))?;
         if status != 200 {
             let retry = Retry { floor: retry_after.unwrap_or_default(), ..Retry::default() };
@@ -727,4 +717,9 @@ impl Driver {
             None => End::Lost(after_close(close_code)),
         }
     }
+}
+
+/// A `Retry-After` header in seconds (the edge and dispatch send seconds, never dates).
+fn retry_after(value: Option<&str>) -> Option<Duration> {
+    value.and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs)
 }

@@ -13,8 +13,8 @@ import { OUT_DIR, cleanup, publishGift, sleep, startEdge, startRedis, waitFor } 
 const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
 const DRAIN = "[drain]\nperiod_ms = 1500\ndeadline_ms = 10000\n";
 
-test("demo page in Chromium: gifts, drain to the other edge, restart, every gift exactly once", { timeout: 120_000 }, async (t) => {
-  assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (scripts/setup.sh installs Debian's chromium)`);
+/** The demo's static server and a headless Chromium, both closed (with the edges) after the test. */
+async function demoServerAndBrowser(t) {
   const server = await serve(0, "127.0.0.1");
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -26,6 +26,12 @@ test("demo page in Chromium: gifts, drain to the other edge, restart, every gift
     server.close();
     await cleanup();
   });
+  return { server, browser };
+}
+
+test("demo page in Chromium: gifts, drain to the other edge, restart, every gift exactly once", { timeout: 120_000 }, async (t) => {
+  assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (scripts/setup.sh installs Debian's chromium)`);
+  const { server, browser } = await demoServerAndBrowser(t);
 
   const redis = await startRedis();
   let edges = [await startEdge({ bus: redis.url, config: DRAIN }), await startEdge({ bus: redis.url, config: DRAIN })];
@@ -141,17 +147,7 @@ test("demo page in Chromium: gifts, drain to the other edge, restart, every gift
 });
 
 test("demo page in Chromium: offline is detected within the probe window, online reconnects at once and recovers", { timeout: 60_000 }, async (t) => {
-  const server = await serve(0, "127.0.0.1");
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-  });
-  t.after(async () => {
-    await browser.close().catch(() => {});
-    server.close();
-    await cleanup();
-  });
+  const { server, browser } = await demoServerAndBrowser(t);
   // The single-node default (embedded store), no Redis.
   const edge = await startEdge({});
   const room = `net-${process.pid}`;
