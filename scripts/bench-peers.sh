@@ -6,6 +6,7 @@
 # Env: CONNS (10000), SECS (10), GIFT (5), CHAT (15), HEAVY_CHAT (200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup-peers.sh
 ROOT=$PWD
 CONNS=${CONNS:-10000}
 SECS=${SECS:-10}

@@ -8,13 +8,12 @@ cd "$(dirname "$0")/.."
 #   clang llvm libbpf-dev   compile the eBPF C programs (ebpf/build.rs)
 #   bpftool                 inspect loaded programs (operators; not needed to build)
 #   redis-server            the multi-edge bus and its tests
-#   nginx libnginx-mod-nchan  the peer in scripts/bench-peers.sh
 #   iproute2                `ss`, which the probe tests compare against
 #   python3-venv            virtualenvs for the conformance suite
 #   chromium                the TypeScript client's browser test (clients/ts, driven by playwright-core)
 #   nodejs npm              the TypeScript client (only when no node/npm is on the PATH: an
 #                           existing Node.js, e.g. a newer one from elsewhere, is left alone)
-PKGS=(clang llvm libbpf-dev bpftool redis-server nginx libnginx-mod-nchan iproute2 python3-venv curl chromium)
+PKGS=(clang llvm libbpf-dev bpftool redis-server iproute2 python3-venv curl chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -27,10 +26,15 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# Debian starts services on install; roomcast's tests and benches start their own instances.
-systemctl disable --now redis-server nginx >/dev/null 2>&1 || true
-pkill -x redis-server 2>/dev/null || true
-pkill -x nginx 2>/dev/null || true
+# Debian starts redis-server when it installs it; roomcast's tests and benches start their own
+# on free ports. Only a service this run installed (and so started) is stopped: one that was
+# there before is the operator's and is left alone. (nginx + Nchan, the peer in the benchmark,
+# are installed by scripts/setup-peers.sh, which scripts/bench-peers.sh calls.)
+for svc in redis-server; do
+  if [[ " ${missing[*]} " == *" $svc "* ]]; then
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
+done
 
 # Kernel filesystems the probes use (tracepoints need tracefs; pinned maps need bpffs).
 mountpoint -q /sys/fs/bpf 2>/dev/null || mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
