@@ -118,9 +118,10 @@ pub enum GuardError {
 /// is also left to it: there is nothing to take over.
 pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, GuardError> {
     // A listener held by no process is one being torn down (a process just killed: its
-    // io_uring lets go of the sockets a few milliseconds later). A supervisor restarting at once
-    // meets it: look again for up to half a second before calling the port held.
-    let end = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    // io_uring lets go of the sockets a few milliseconds later, longer on a loaded machine). A
+    // supervisor restarting at once meets it: look again for up to 5 s before calling the port
+    // held (only a holder in another user's or PID namespace's process waits that long).
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match check_port_once(addr, takeover) {
             Err(GuardError::PortHeld { holders, .. })
