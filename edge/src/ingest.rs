@@ -87,6 +87,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/kernel", get(kernel))
         .route("/dashboard", get(dashboard))
         .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -378,25 +379,43 @@ async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Res
 /// clients), with the policy's reasons either way.
 async fn healthz(State(st): State<AppState>) -> Response {
     let h = st.kernel.report();
-    let code = if h.status == EdgeHealth::Overloaded { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let draining = st.draining.load(Ordering::Relaxed);
+    // Readiness: send this edge no new clients while it is overloaded or draining.
+    let code =
+        if h.status == EdgeHealth::Overloaded || draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let store = st.store.as_ref().map_or("off", |s| s.state());
+    let bus = match &*st.route {
+        RouteSource::Redis { .. } if st.metrics.bus.bus_up.get() == 1 => "up",
+        RouteSource::Redis { .. } => "down",
+        RouteSource::Embedded { .. } => "embedded",
+    };
     let mut status = level_name(h.status);
     let mut reasons = serde_json::to_value(&h.reasons).unwrap_or_default();
-    if store != "ok" && store != "off" {
-        // Members are still served; gifts are refused (503 failing, 507 full): say so.
+    let mut degrade = |why: String| {
+        // Members are still served; publishes are refused: say so.
         if status == "ok" {
             status = "degraded";
         }
         if let Some(list) = reasons.as_array_mut() {
-            list.push(format!("store {store}: must-deliver publishes are refused").into());
+            list.push(why.into());
         }
+    };
+    if store != "ok" && store != "off" {
+        degrade(format!("store {store}: must-deliver publishes are refused"));
+    }
+    if bus == "down" {
+        degrade("bus down: redis is unreachable, publishes are refused (503)".to_owned());
+    }
+    if draining {
+        degrade("draining: out of dispatch, sending goaway".to_owned());
     }
     let body = Json(serde_json::json!({
         "status": status,
         "store": store,
+        "bus": bus,
         "reasons": reasons,
         "probes": h.source.unwrap_or("none"),
-        "draining": st.draining.load(Ordering::Relaxed),
+        "draining": draining,
         "shards": st.shards,
         "connections": st.metrics.connections(),
         "uptime_s": st.started.elapsed().as_secs(),

@@ -103,6 +103,8 @@ pub struct BusStats {
     pub rooms_restored: IntCounter,
     /// Bytes the store uses on disk.
     pub store_bytes: IntGauge,
+    /// With a shared bus: 1 while Redis is reachable (publishes get 503 while it is not).
+    pub bus_up: IntGauge,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -268,6 +270,13 @@ impl Metrics {
                 r,
                 "store_bytes",
                 "Bytes the durable store uses on disk (store.max_bytes bounds it).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            bus_up: gauge(
+                r,
+                "bus_up",
+                "With a shared bus (Redis): 1 while it is reachable, 0 while not (publishes get 503). Absent value 0 without one.",
                 &[],
             )
             .with_label_values(&[] as &[&str]),

@@ -398,3 +398,50 @@ async fn redis_losing_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
         other => panic!("expected a reset, got {other:?}"),
     }
 }
+
+/// /healthz tells the truth about what the edge can do: Redis down is `degraded` with the
+/// reason and `roomcast_bus_up 0` (publishes get 503), Redis back is `ok` again; a draining edge
+/// answers 503 (send it no new clients) while /livez stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_reports_the_bus_and_draining() {
+    let mut redis = RedisProc::start();
+    let mut edge = edge_on(&redis, &[]);
+    let p = Publisher::new(edge.http);
+    let health = |p: &Publisher| {
+        let p = p.clone();
+        async move {
+            let (code, body) = p.get("/healthz").await;
+            (code, serde_json::from_str::<serde_json::Value>(&body).unwrap())
+        }
+    };
+    let metric = |p: &Publisher| {
+        let p = p.clone();
+        async move {
+            let (_, text) = p.get("/metrics").await;
+            text.lines().find_map(|l| l.strip_prefix("roomcast_bus_up ").map(str::to_owned))
+        }
+    };
+    assert!(wait_until(Duration::from_secs(10), || async { health(&p).await.1["bus"] == "up" }).await);
+    assert_eq!(metric(&p).await.as_deref(), Some("1"));
+    redis.kill();
+    assert!(
+        wait_until(Duration::from_secs(10), || async { health(&p).await.1["bus"] == "down" }).await,
+        "{:?}",
+        health(&p).await
+    );
+    let (code, h) = health(&p).await;
+    assert_eq!((code, h["status"].as_str()), (200, Some("degraded")), "{h}");
+    assert!(h["reasons"].to_string().contains("redis is unreachable"), "{h}");
+    assert_eq!(metric(&p).await.as_deref(), Some("0"));
+    redis.restart();
+    assert!(wait_until(Duration::from_secs(15), || async { health(&p).await.1["bus"] == "up" }).await);
+    assert_eq!(health(&p).await.1["status"], "ok");
+    // Draining: readiness says no, liveness yes.
+    let mut ws = connect(&edge.url("?room=h"), None).await;
+    expect_joined(&mut ws, "h").await;
+    edge.sigterm();
+    assert!(wait_until(Duration::from_secs(5), || async { health(&p).await.0 == 503 }).await);
+    let (_, h) = health(&p).await;
+    assert_eq!(h["draining"], true, "{h}");
+    assert_eq!(p.get("/livez").await.0, 200);
+}

@@ -329,10 +329,11 @@ pub fn start(
     bus: BusHandle,
     limits: StreamLimits,
     presence: Presence,
+    up: prometheus::IntGauge,
 ) -> Result<Bridge, ::redis::RedisError> {
     let client = ::redis::Client::open(url)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(run(client, rx, bus, limits, presence));
+    tokio::spawn(run(client, rx, bus, limits, presence, up));
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
 }
 
@@ -371,6 +372,7 @@ async fn run(
     bus: BusHandle,
     limits: StreamLimits,
     presence: Presence,
+    up: prometheus::IntGauge,
 ) {
     let script = ::redis::Script::new(PUBLISH_LUA);
     let online_script = ::redis::Script::new(ONLINE_LUA);
@@ -391,6 +393,7 @@ async fn run(
         let (cm, ps) = match conn {
             Ok(c) => c,
             Err(e) => {
+                up.set(0);
                 bus.send_async(EngineCmd::Redis { up: false }).await;
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis unreachable");
                 // Keep answering commands (publishes get 503) while we wait.
@@ -427,6 +430,7 @@ async fn run(
         if !ok {
             continue;
         }
+        up.set(1);
         bus.send_async(EngineCmd::Redis { up: true }).await;
         for room in rooms.clone() {
             tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
@@ -467,7 +471,8 @@ async fn run(
                     }
                     None => {
                         tracing::warn!("redis subscriber connection lost; reconnecting");
-                        bus.send_async(EngineCmd::Redis { up: false }).await;
+                        up.set(0);
+                bus.send_async(EngineCmd::Redis { up: false }).await;
                         break;
                     }
                 },
