@@ -42,6 +42,8 @@ pub(crate) struct Rooms {
     want: Option<String>,
     /// Positions of the rooms the client is (or is becoming, or was until a `left`) a member of.
     state: HashMap<String, RoomState>,
+    /// The room the connection is a member of: its last `joined`, no `left` since.
+    member_of: Option<String>,
     /// Duplicates dropped so far (tests and diagnostics).
     pub duplicates: u64,
 }
@@ -88,11 +90,16 @@ impl Rooms {
     }
 
     /// A join was refused by the edge (`bad_room`, `room_forbidden`, `join_refused`): the client
-    /// stops asking for it (the application decides whether to try again).
+    /// stops asking for it (the application decides whether to try again). The edge keeps the
+    /// connection where it was: after a refused switch that is the previous room, which becomes
+    /// the wanted one again (a reconnect resumes it); after a refused first join, none.
     pub fn join_refused(&mut self) {
-        if let Some(r) = self.want.take() {
+        if let Some(r) = self.want.take()
+            && self.member_of.as_ref() != Some(&r)
+        {
             self.state.remove(&r);
         }
+        self.want = self.member_of.clone();
     }
 
     /// A new connection opens: what it should ask for. Rooms other than the wanted one were left
@@ -167,6 +174,9 @@ impl Rooms {
                 events.push(Event::Reset { room, epoch, seq, reason });
             }
             ServerMsg::Left { room, .. } => {
+                if self.member_of.as_deref() == Some(room.as_str()) {
+                    self.member_of = None;
+                }
                 // A `left` for a room the application wants again (leave then join at once)
                 // belongs to the old membership: keep the new one's position.
                 if self.want.as_deref() != Some(room.as_str()) {
@@ -183,6 +193,7 @@ impl Rooms {
     }
 
     fn on_joined(&mut self, room: String, seq: u64, epoch: String, events: &mut Vec<Event>) {
+        self.member_of = Some(room.clone());
         let resumed = match self.state.get_mut(&room) {
             Some(st) if st.asked_since => {
                 if st.epoch.as_ref().is_some_and(|e| *e != epoch) {
@@ -429,6 +440,20 @@ mod tests {
             ],
         );
         assert_eq!(ev[1..], [Event::Online { room: "a".into(), count: 120_000 }]);
+    }
+
+    #[test]
+    fn a_refused_switch_keeps_the_room_the_connection_is_in() {
+        let mut r = Rooms::default();
+        r.want_join("a", None);
+        let mut ev = Vec::new();
+        r.on_server(joined("a", 4, "e"), &mut ev);
+        r.want_join("vip", None);
+        r.join_refused();
+        assert_eq!(r.wanted(), Some("a"));
+        let (params, _) = r.on_connect();
+        let p = params.expect("resumes a");
+        assert_eq!((p.room.as_str(), p.since), ("a", Some(4)));
     }
 
     #[test]
