@@ -391,7 +391,9 @@ async fn without_the_store_a_restart_resets_clients() {
 async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly() {
     for (policy, reboot, renumbered) in [("10", true, true), ("10", false, false), ("\"always\"", true, false)] {
         let dir = data_dir("reboot");
-        let cfg = config("reboot", &format!("[store]\nfsync = {policy}\n"));
+        // A short drain: the clean stop below must not wait out the default 10 s spread.
+        let cfg =
+            config("reboot", &format!("[store]\nfsync = {policy}\n[drain]\nperiod_ms = 200\ndeadline_ms = 2000\n"));
         let args = ["--shards", "1", "--merge-window-ms", "0", "--config", &cfg];
         let (mut edge, _) = EdgeProc::start_on(&dir, &args, "warn");
         let p = Publisher::new(edge.http);
@@ -431,7 +433,7 @@ async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly(
         // must be renumbered (the first run after the reboot used to forget it).
         let mut edge = edge;
         edge.sigterm();
-        assert_eq!(edge.wait_exit(Duration::from_secs(20)), Some(0));
+        assert_eq!(edge.wait_exit(Duration::from_secs(60)), Some(0));
         let (edge, _) = EdgeProc::start_on(&dir, &args, "warn");
         let (before, _, e2, _) = rejoin(&edge, "pd", 3, &epoch2, 0).await;
         if renumbered {
