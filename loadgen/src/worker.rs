@@ -703,12 +703,25 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             last_bytes = reader.bytes;
             last_bytes_at = Instant::now();
         }
-        while let Ok(line) = rx.try_recv() {
-            if let Ok(s) = serde_json::from_str::<Stop>(&line) {
-                stop = Some(s);
-                // Keep reading until every open connection has the last gift of its room (what
-                // is still queued or in kernel buffers is late, not lost), at most 60 s.
-                stop_at = Some(Instant::now() + Duration::from_secs(60));
+        loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    if let Ok(s) = serde_json::from_str::<Stop>(&line) {
+                        stop = Some(s);
+                        // Keep reading until every open connection has the last gift of its
+                        // room (what is still queued or in kernel buffers is late, not lost),
+                        // at most 60 s.
+                        stop_at = Some(Instant::now() + Duration::from_secs(60));
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                // The coordinator is gone (it ended the run on an error): nobody will read a
+                // result, and a worker left behind would hold its 14,000 sockets.
+                Err(mpsc::TryRecvError::Disconnected) if stop.is_none() => {
+                    eprintln!("worker {}: the coordinator went away; stopping", args.id);
+                    std::process::exit(1);
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
             }
         }
         let complete = |s: &Stop, conns: &[Conn]| {
