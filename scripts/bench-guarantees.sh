@@ -40,31 +40,11 @@ WAIT_QUIET=${WAIT_QUIET:-20}
 LOAD_MAX=${LOAD_MAX:-1.0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-bench}
 
-MADE_WT=0
-if [[ ! -e $WT ]]; then
-  git -C "$ROOT" worktree add --detach "$WT" HEAD
-  MADE_WT=1
-else
-  git -C "$WT" checkout -q --detach "$(git -C "$ROOT" rev-parse HEAD)"
-fi
-COMMIT=$(git -C "$WT" rev-parse HEAD)
-echo "building edge and loadgen at $COMMIT ($WT) into $CARGO_TARGET_DIR"
-(cd "$WT" && cargo build -q --release -p edge -p loadgen)
-EDGE=$CARGO_TARGET_DIR/release/edge
-LG=$CARGO_TARGET_DIR/release/loadgen
+# shellcheck source=lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+snapshot_build
 
-busy() { pgrep -f 'cargo (test|bench|build|clippy)|rustc|/deps/|target/debug/edge' || true; }
-load1() { cut -d' ' -f1 /proc/loadavg; }
-waited=0
-while [[ -n $(busy) ]] || awk -v l="$(load1)" -v m="$LOAD_MAX" 'BEGIN { exit !(l >= m) }'; do
-  if ((waited >= WAIT_QUIET * 60)); then
-    echo "box not quiet after ${waited}s; running anyway" >&2
-    break
-  fi
-  sleep 10
-  waited=$((waited + 10))
-done
-BOX="load average $(cut -d' ' -f1-3 /proc/loadavg) at start after ${waited}s of waiting; others busy: $(busy | wc -l) processes"
+BOX=$(wait_quiet)
 echo "$BOX"
 
 TMP=$(mktemp -d)
@@ -75,7 +55,7 @@ cleanup() {
   kill -INT "$EPID" 2>/dev/null || true
   sleep 1
   rm -rf "$TMP"
-  if [[ $MADE_WT == 1 && $KEEP_WT != 1 ]]; then git -C "$ROOT" worktree remove --force "$WT" || true; fi
+  snapshot_remove
 }
 trap cleanup EXIT
 for _ in $(seq 50); do curl -sf 127.0.0.1:18772/healthz >/dev/null && break; sleep 0.2; done

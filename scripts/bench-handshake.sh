@@ -43,25 +43,12 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-bench}
 OUT=${OUT:-$ROOT/bench-results/$(date +%Y-%m-%d)-handshake}
 mkdir -p "$OUT/raw"
 
-for p in "$PORT" "$HPORT"; do
-  if ss -Htln "sport = :$p" | grep -q .; then
-    echo "port $p is in use; set PORT" >&2
-    exit 1
-  fi
-done
+# shellcheck source=lib/bench.sh
+LOAD_MAX=
+. "$ROOT/scripts/lib/bench.sh"
+ports_free "$PORT" "$HPORT"
 
-MADE_WT=0
-if [[ ! -e $WT ]]; then
-  git -C "$ROOT" worktree add --detach "$WT" HEAD
-  MADE_WT=1
-else
-  git -C "$WT" checkout -q --detach "$(git -C "$ROOT" rev-parse HEAD)"
-fi
-COMMIT=$(git -C "$WT" rev-parse HEAD)
-echo "building edge and loadgen at $COMMIT ($WT) into $CARGO_TARGET_DIR"
-(cd "$WT" && cargo build -q --release -p edge -p loadgen)
-EDGE=$CARGO_TARGET_DIR/release/edge
-LG=$CARGO_TARGET_DIR/release/loadgen
+snapshot_build
 
 TMP=$(mktemp -d)
 EPID=
@@ -77,7 +64,7 @@ stop_edge() {
 cleanup() {
   stop_edge
   rm -rf "$TMP"
-  if [[ $MADE_WT == 1 && $KEEP_WT != 1 ]]; then git -C "$ROOT" worktree remove --force "$WT" || true; fi
+  snapshot_remove
 }
 trap cleanup EXIT
 
@@ -130,8 +117,7 @@ run_one() { # $1: run name, $2: mode, $3: rate (0: unpaced), $4: connections, $5
   local name=$1 mode=$2 rate=$3 n=$4 tok=$5 dir=$OUT/raw/$1
   rm -rf "$dir"
   mkdir -p "$dir"
-  wait_quiet
-  { echo "loadavg $(cut -d' ' -f1-3 /proc/loadavg)"; echo "others busy: $(busy | wc -l) processes"; } >"$dir/box-at-start.txt"
+  wait_quiet >"$dir/box-at-start.txt"
   start_edge "$mode"
   local c0 ramp=$rate
   c0=$(cpu_ticks "$EPID")
@@ -157,22 +143,7 @@ run_one() { # $1: run name, $2: mode, $3: rate (0: unpaced), $4: connections, $5
   grep -E '^connected|failed:' "$dir/loadgen.out" | head -n 4 || true
 }
 
-# A quiet box: nobody else compiling or running tests (their edges included).
-busy() { pgrep -f 'cargo (test|bench|build|clippy)|rustc|/deps/|target/debug/edge' || true; }
-QUIET_DEADLINE=$((SECONDS + WAIT_QUIET * 60))
-WAITED=0
-wait_quiet() {
-  while [[ -n $(busy) ]]; do
-    if ((SECONDS >= QUIET_DEADLINE)); then
-      echo "box not quiet (waited ${WAITED}s in all); running anyway" >&2
-      return 0
-    fi
-    sleep 10
-    WAITED=$((WAITED + 10))
-  done
-}
-wait_quiet
-echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (waited ${WAITED}s for a quiet box)" | tee "$OUT/raw/env.txt"
+wait_quiet | tee "$OUT/raw/env.txt"
 { echo "commit $COMMIT"; uname -sr; nproc; lscpu | grep -E 'Model name|^CPU\(s\)'; } >>"$OUT/raw/env.txt"
 
 # Negative control: tokens signed with another secret must all be refused.
@@ -192,7 +163,7 @@ for rep in $(seq "$REPS"); do
     done
   done
 done
-echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg); waited ${WAITED}s in all for a quiet box" |
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg) (each case's wait for a quiet box: raw/*/box-at-start.txt)" |
   tee -a "$OUT/raw/env.txt"
 
 python3 - "$OUT" "$CONNS" "$NEG_CONNS" "$COMMIT" "$MODES" "$RATES" "$REPS" <<'PY'

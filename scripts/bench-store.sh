@@ -51,25 +51,11 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-bench}
 OUT=${OUT:-$ROOT/bench-results/$(date +%Y-%m-%d)-store}
 mkdir -p "$OUT/raw"
 
-for p in "$PORT" "$HPORT"; do
-  if ss -Htln "sport = :$p" | grep -q .; then
-    echo "port $p is in use; set PORT" >&2
-    exit 1
-  fi
-done
+# shellcheck source=lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+ports_free "$PORT" "$HPORT"
 
-MADE_WT=0
-if [[ ! -e $WT ]]; then
-  git -C "$ROOT" worktree add --detach "$WT" HEAD
-  MADE_WT=1
-else
-  git -C "$WT" checkout -q --detach "$(git -C "$ROOT" rev-parse HEAD)"
-fi
-COMMIT=$(git -C "$WT" rev-parse HEAD)
-echo "building edge and loadgen at $COMMIT ($WT) into $CARGO_TARGET_DIR"
-(cd "$WT" && cargo build -q --release -p edge -p loadgen)
-EDGE=$CARGO_TARGET_DIR/release/edge
-LG=$CARGO_TARGET_DIR/release/loadgen
+snapshot_build
 
 TMP=${DATA_ROOT:-$(mktemp -d /tmp/bench-store.XXXXXX)}
 mkdir -p "$TMP"
@@ -86,24 +72,10 @@ stop_edge() {
 cleanup() {
   stop_edge
   rm -rf "$TMP"
-  if [[ $MADE_WT == 1 && $KEEP_WT != 1 ]]; then git -C "$ROOT" worktree remove --force "$WT" || true; fi
+  snapshot_remove
 }
 trap cleanup EXIT
 
-# A quiet box: nobody else compiling or running tests, and the load average down.
-busy() { pgrep -f 'cargo (test|bench|build|clippy)|rustc|/deps/|target/debug/edge' || true; }
-wait_quiet() { # prints what it found
-  local waited=0
-  while [[ -n $(busy) ]] || awk -v l="$(cut -d' ' -f1 /proc/loadavg)" -v m="$LOAD_MAX" 'BEGIN { exit !(l >= m) }'; do
-    if ((waited >= WAIT_QUIET * 60)); then
-      echo "NOT QUIET after ${waited}s (ran anyway); load average $(cut -d' ' -f1-3 /proc/loadavg); others busy: $(busy | wc -l) processes"
-      return 0
-    fi
-    sleep 5
-    waited=$((waited + 5))
-  done
-  echo "quiet after ${waited}s; load average $(cut -d' ' -f1-3 /proc/loadavg); others busy: 0 processes"
-}
 
 # Raw fdatasync latency of the filesystem the data dirs are on: N appends of 200 bytes, each
 # followed by fdatasync (what a group commit of one small record costs at least).
