@@ -185,8 +185,9 @@ impl Engine {
         self.stats.batch_messages.inc_by(u64::from(count));
     }
 
-    /// Sends a notice (not a message: no seq of its own) to every member of a room.
-    pub(super) fn notify(&mut self, room: &RoomName, msg: &ServerMsg, out: &mut Out) {
+    /// Sends a notice (not a message: no seq of its own) to every member of a room; `must`:
+    /// whether a member that is behind keeps it (a reset) or sheds it like chat (a count).
+    pub(super) fn notify(&mut self, room: &RoomName, msg: &ServerMsg, must: MustDeliver, out: &mut Out) {
         let Some(r) = self.rooms.get(room) else { return };
         let frames = encode_frames(&r.name, &r.interest, msg);
         let delivery = Arc::new(Delivery {
@@ -194,21 +195,21 @@ impl Engine {
             frames,
             messages: 0,
             last_seq: r.flushed_seq,
-            must_deliver: MustDeliver::All,
+            must_deliver: must,
             flushed: self.now,
         });
         send_to_shards(out, &r.interest, &delivery);
     }
 }
 
-pub(super) fn send_to_shards(out: &mut Out, interest: &[ShardSet; 2], delivery: &Arc<Delivery>) {
+fn send_to_shards(out: &mut Out, interest: &[ShardSet; 2], delivery: &Arc<Delivery>) {
     for s in interest[0].union_iter(&interest[1]) {
         out.push(s, ShardCmd::Deliver(delivery.clone()));
     }
 }
 
 /// One frame per encoding some shard wants.
-pub(super) fn encode_frames(room: &str, interest: &[ShardSet; 2], msg: &ServerMsg) -> [Option<Bytes>; 2] {
+fn encode_frames(room: &str, interest: &[ShardSet; 2], msg: &ServerMsg) -> [Option<Bytes>; 2] {
     let mut frames: [Option<Bytes>; 2] = [None, None];
     for proto in Subprotocol::ALL {
         if interest[proto.index()].is_empty() {

@@ -12,14 +12,13 @@
 //!   batch is droppable: a member behind sheds it like chat.
 
 use std::cmp::Reverse;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roomcast_proto::envelope::ServerMsg;
 
 use super::{Engine, Out};
 use crate::bus::redis::BridgeCmd;
-use crate::bus::{Delivery, MustDeliver, RoomName};
+use crate::bus::{MustDeliver, RoomName};
 
 impl Engine {
     /// How often a room's presence step may run: the push interval, or a second when pushes
@@ -101,15 +100,6 @@ impl Engine {
             return;
         }
         let msg = ServerMsg::Batch { room: r.name.to_string(), messages: Vec::new(), online: Some(online) };
-        let frames = super::batch::encode_frames(&r.name, &r.interest, &msg);
-        let delivery = Arc::new(Delivery {
-            room: r.name.clone(),
-            frames,
-            messages: 0,
-            last_seq: r.flushed_seq,
-            must_deliver: MustDeliver::None,
-            flushed: self.now,
-        });
-        super::batch::send_to_shards(out, &r.interest, &delivery);
+        self.notify(room, &msg, MustDeliver::None, out);
     }
 }

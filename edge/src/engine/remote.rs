@@ -10,7 +10,7 @@ use super::joins::RESET_EPOCH;
 use super::{Engine, Out};
 use crate::bus::policy::History;
 use crate::bus::redis::BridgeCmd;
-use crate::bus::{Epoch, RoomName, Since, epoch_text};
+use crate::bus::{Epoch, MustDeliver, RoomName, Since, epoch_text};
 
 impl Engine {
     /// The room's seq and epoch in Redis, right after (re)subscribing.
@@ -68,13 +68,8 @@ impl Engine {
     /// Conflated kinds' latest messages read from Redis become the room's (a newer one that
     /// arrives live replaces its entry).
     fn apply_latest(&mut self, room: &RoomName, latest: Vec<PushMessage>) {
-        for m in latest {
-            let Some(field) = self.cfg.conflate.get(&m.kind) else { continue };
-            let key = super::latest::entry_key(field.as_deref(), &m.body);
-            if let Some(r) = self.rooms.get_mut(room) {
-                let kind = m.kind.clone();
-                r.set_latest(&kind, key, m);
-            }
+        for m in &latest {
+            self.conflate(room, m);
         }
     }
 
@@ -97,7 +92,7 @@ impl Engine {
         let parked = std::mem::take(&mut r.parked);
         let notice =
             ServerMsg::Reset { room: r.name.to_string(), epoch: epoch_text(epoch), seq: 0, reason: RESET_EPOCH.into() };
-        self.notify(room, &notice, out);
+        self.notify(room, &notice, MustDeliver::All, out);
         for (mut join, _, _) in parked {
             join.reset = Some(RESET_EPOCH);
             self.answer_join(room, join, Some(Since { seq: 0, epoch: None }), now, out);
@@ -208,7 +203,7 @@ impl Engine {
             let r = self.rooms.get_mut(room).expect("present");
             r.flushed_seq = missing_to;
             let notice = ServerMsg::Gap { room: r.name.to_string(), from: gap_from, to: missing_to };
-            self.notify(room, &notice, out);
+            self.notify(room, &notice, MustDeliver::All, out);
             if next_held.is_none() {
                 break;
             }
