@@ -28,7 +28,9 @@ if [[ ! -x "$VENV/bin/wstest" ]]; then
   "$VENV/bin/pip" install -q -r scripts/autobahn/requirements.txt 2>&1 | grep -v DEPRECATION || true
 fi
 
-cargo build -q -p edge
+# The same build configuration as `cargo test --workspace` (dev-dependency features unified), so
+# after scripts/test.sh this is a no-op instead of a second compile of every dependency.
+cargo build -q --workspace --bins --tests
 EDGE=${CARGO_TARGET_DIR:-$ROOT/target}/debug/edge
 rm -rf "$OUT" && mkdir -p "$OUT"
 "$EDGE" --echo --no-store --listen "127.0.0.1:$PORT" --http 127.0.0.1:0 --shards 1 \

@@ -3,7 +3,9 @@
 # kernel probes, real redis-server), then the Autobahn conformance run against the echo mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --workspace --bins
+# One build configuration for everything: `cargo test` builds every binary the later steps run
+# (a separate `cargo build --bins` resolves features without dev-dependencies and compiles the
+# whole dependency tree a second time).
 cargo test --workspace
 ./scripts/test-clients-ts.sh
 ./scripts/autobahn.sh
