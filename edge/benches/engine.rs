@@ -106,7 +106,7 @@ impl Setup {
         self.cmds.clear();
         self.cmds.extend(self.rooms.iter().map(|room| EngineCmd::Publish {
             room: room.clone(),
-            msg: NewMessage { kind: "gift".into(), user: String::new(), body: BODY.into() },
+            msg: Box::new(NewMessage { kind: "gift".into(), user: String::new(), body: BODY.into(), idem: None }),
             reply: Reply::None,
         }));
     }

@@ -600,6 +600,11 @@ pub struct IngestConfig {
     /// Serve an open publish API (no key) on a non-loopback `http` address: for a network where
     /// something in front already authenticates publishers. Logged at WARN at start-up.
     pub insecure_no_keys: bool,
+    /// A publish with an `Idempotency-Key` header already used in the room within this many
+    /// seconds gets the first answer (its seq, `"replayed": true`) and publishes nothing.
+    pub idempotency_ttl_s: u64,
+    /// At most this many keys remembered per room (the oldest go first).
+    pub idempotency_keys: usize,
 }
 
 /// One publish API key (`[[ingest.keys]]`). Checked by `crate::ingest::PublishKeys`.
@@ -780,7 +785,14 @@ impl Default for AdaptiveConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 64 * 1024, threads: 1, keys: Vec::new(), insecure_no_keys: false }
+        Self {
+            max_body_bytes: 64 * 1024,
+            threads: 1,
+            keys: Vec::new(),
+            insecure_no_keys: false,
+            idempotency_ttl_s: 600,
+            idempotency_keys: 100_000,
+        }
     }
 }
 
@@ -987,6 +999,12 @@ impl Config {
         }
         if self.ingest.threads == 0 || self.ingest.threads > 64 {
             return Err(invalid("ingest.threads", "must be between 1 and 64"));
+        }
+        if self.ingest.idempotency_ttl_s > 7 * 86_400 {
+            return Err(invalid("ingest.idempotency_ttl_s", "must be at most 604800 (a week)"));
+        }
+        if self.ingest.idempotency_keys > 10_000_000 {
+            return Err(invalid("ingest.idempotency_keys", "must be at most 10000000"));
         }
         // Publish keys (file and ROOMCAST_API_KEYS) well-formed; none only on loopback `http`
         // or with ingest.insecure_no_keys.

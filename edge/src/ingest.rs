@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -238,6 +238,21 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: 
         reject(r.reason());
         return r.into_response();
     }
+    // Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): a retry with the same key
+    // gets the first answer and publishes nothing.
+    let idem = match request.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str().map_err(|_| "must be visible ASCII characters").and_then(|k| {
+            crate::engine::idem::check_key(k)?;
+            Ok(Box::<str>::from(k))
+        }) {
+            Ok(k) => Some(k),
+            Err(why) => {
+                reject("bad_idempotency_key");
+                return error(StatusCode::BAD_REQUEST, format!("bad Idempotency-Key: {why}"));
+            }
+        },
+    };
     let body = match Bytes::from_request(request, &st).await {
         Ok(b) => b,
         Err(rejection) => {
@@ -277,9 +292,21 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: 
         return error(StatusCode::BAD_REQUEST, "bad user: longer than 64 bytes");
     }
     let room: RoomName = RoomName::from(room.as_str());
-    let msg = NewMessage { kind: req.kind, user: req.user, body: req.body.get().to_owned() };
+    let msg = NewMessage { kind: req.kind, user: req.user, body: req.body.get().to_owned(), idem };
     match st.bus.publish(room.clone(), msg).await {
-        Ok(ack) => Json(serde_json::json!({ "room": &*room, "seq": ack.seq, "ts_us": ack.ts_us })).into_response(),
+        Ok(ack) => {
+            let body = Json(serde_json::json!({
+                "room": &*room,
+                "seq": ack.seq,
+                "ts_us": ack.ts_us,
+                "replayed": ack.replayed,
+            }));
+            if ack.replayed {
+                ([(HeaderName::from_static("idempotent-replayed"), "true")], body).into_response()
+            } else {
+                body.into_response()
+            }
+        }
         Err(e) => publish_error(&e),
     }
 }

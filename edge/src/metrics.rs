@@ -60,7 +60,8 @@ pub struct ShardStats {
     pub messages_delivered: IntCounter,
     pub slow_consumer_closes: IntCounter,
     pub shed_bytes: IntCounter,
-    /// Delivery latency (flush to the completion of the write to a member), sampled: frames
+    /// Delivery latency (the oldest message's arrival at its batch to the completion of the
+    /// write to a member), sampled: frames
     /// carrying must-deliver messages, and droppable-only frames.
     pub latency_must: Histogram,
     pub latency_droppable: Histogram,
@@ -101,6 +102,8 @@ pub struct BusStats {
     pub sampling: IntGauge,
     /// Rooms read back from the store (after a restart, or after leaving memory when idle).
     pub rooms_restored: IntCounter,
+    /// Publishes answered from an earlier one with the same idempotency key (nothing published).
+    pub publish_replayed: IntCounter,
     /// Bytes the store uses on disk.
     pub store_bytes: IntGauge,
     /// With a shared bus: 1 while Redis is reachable (publishes get 503 while it is not).
@@ -169,11 +172,11 @@ impl Metrics {
             latency: {
                 let opts = HistogramOpts::new(
                     "delivery_latency_seconds",
-                    "Time from a batch's flush to the completion of its write to a member (sampled 1 in 16), by class: frames carrying must-deliver messages, and droppable-only frames.",
+                    "What a member waits at this edge: from the arrival of the oldest message a frame carries at its room's batch (for frames carrying must-deliver messages, the oldest of those) to the completion of the frame's write to the member, so the merge window, the shard's queue and the socket (sampled 1 in 16), by class: frames carrying must-deliver messages, and droppable-only frames.",
                 )
                 .namespace("roomcast")
                 .buckets(vec![
-                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0,
+                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 7.5, 10.0, 20.0,
                 ]);
                 let h = HistogramVec::new(opts, &["shard", "class"]).expect("valid metric");
                 r.register(Box::new(h.clone())).expect("unique metric");
@@ -263,6 +266,13 @@ impl Metrics {
                 r,
                 "rooms_restored_total",
                 "Rooms read back from the store: their numbering and must-deliver history continue.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            publish_replayed: counter(
+                r,
+                "publish_replayed_total",
+                "Publishes answered with the seq of an earlier one carrying the same Idempotency-Key (nothing published again).",
                 &[],
             )
             .with_label_values(&[] as &[&str]),

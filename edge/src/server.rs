@@ -112,7 +112,11 @@ impl Edge {
         let bridge = match &cfg.bus {
             Some(url) => {
                 let _guard = rt.enter();
-                let limits = StreamLimits { must_deliver: cfg.history.must_deliver, droppable: cfg.history.droppable };
+                let limits = StreamLimits {
+                    must_deliver: cfg.history.must_deliver,
+                    droppable: cfg.history.droppable,
+                    idempotency_ttl_s: cfg.ingest.idempotency_ttl_s,
+                };
                 let presence = crate::bus::redis::Presence {
                     edge_id: cfg.edge_name(ws_addr),
                     ttl: Duration::from_millis(cfg.presence.ttl_ms),

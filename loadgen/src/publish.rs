@@ -82,6 +82,8 @@ struct Stream {
     gave_up: u64,
     offered: u64,
     ack: Histogram<u64>,
+    /// Makes this run's idempotency keys its own.
+    run_id: u64,
 }
 
 impl Publisher {
@@ -120,8 +122,10 @@ impl Publisher {
                 continue;
             }
             for s in 0..n {
+                // A request not answered in 3 s is sent again (with the same idempotency key,
+                // so the edge publishes it once), within the message's 30 s.
                 let client = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(10))
+                    .timeout(Duration::from_secs(3))
                     .pool_max_idle_per_host(2)
                     .build()?;
                 let mut st = Stream {
@@ -139,6 +143,7 @@ impl Publisher {
                     gave_up: 0,
                     offered: 0,
                     ack: histogram(),
+                    run_id: now_us(),
                 };
                 let shared = shared.clone();
                 let pacer = Pacer::new(start, rate * f64::from(rooms) / n as f64);
@@ -219,13 +224,22 @@ impl Stream {
             ),
             Target::Nchan => (format!("{}/pub/r{room}", self.base), body),
         };
-        // Must-deliver messages are retried while the server says so (429, 503, 507), for up
-        // to 10 s; a message given up takes no `k`, so the receivers' sequence has no hole the
-        // publisher made. Droppable ones refused are dropped by the server: not numbered either.
+        // Must-deliver messages are retried while the server says so (429, 503, 507) or does
+        // not answer, for up to 30 s, with the same Idempotency-Key (a retry of a publish that
+        // went through but whose answer was lost is not a second message); a message given up
+        // takes no `k`, so the receivers' sequence has no hole the publisher made. Droppable
+        // ones refused are dropped by the server: not numbered either.
         let first = Instant::now();
-        let end = first + Duration::from_secs(10);
+        let end = first + Duration::from_secs(30);
+        // Unique per message offered (a message given up does not take a `k`: the next reuses
+        // it), and per run (the edge remembers keys for minutes).
+        let idem = format!("lg-{}-{kind}-{s}-{}", self.run_id, self.offered);
         loop {
-            let r = self.client.post(&url).header("Content-Type", "application/json").body(payload.clone()).send();
+            let mut req = self.client.post(&url).header("Content-Type", "application/json");
+            if self.target == Target::Edge {
+                req = req.header("Idempotency-Key", &idem);
+            }
+            let r = req.body(payload.clone()).send();
             // Nchan answers 201 (delivered to subscribers) or 202 (queued): both accepted. The
             // edge answers 202 only for a droppable message it sampled out.
             let accepted =

@@ -29,6 +29,9 @@ pub struct NewMessage {
     pub user: String,
     /// Validated JSON text.
     pub body: String,
+    /// The publisher's `Idempotency-Key` (checked by `engine::idem::check_key`): a publish
+    /// with a key seen recently in the room gets the first answer again, and publishes nothing.
+    pub idem: Option<Box<str>>,
 }
 
 /// What a publisher learns.
@@ -36,6 +39,8 @@ pub struct NewMessage {
 pub struct Ack {
     pub seq: u64,
     pub ts_us: u64,
+    /// The answer to an earlier publish with the same idempotency key: nothing was published.
+    pub replayed: bool,
 }
 
 /// Why a publish was refused.
@@ -141,9 +146,12 @@ pub struct Delivery {
     pub messages: u32,
     pub last_seq: u64,
     pub must_deliver: MustDeliver,
-    /// When the engine flushed it: delivery latency is measured from here to the completion of
-    /// the write to each member.
-    pub flushed: std::time::Instant,
+    /// When the oldest message it carries reached its room's batch, and the oldest must-deliver
+    /// one (`since` when it carries none): delivery latency, what a member waits for a message at
+    /// this edge (the merge window, then the shard's queue and the socket), is measured from
+    /// here to the completion of the write to each member.
+    pub since: std::time::Instant,
+    pub must_since: std::time::Instant,
 }
 
 /// The join of connection `slot` took effect after `seq`; `replay` (frames in the
@@ -207,7 +215,8 @@ pub enum ShardCmd {
 pub enum EngineCmd {
     Publish {
         room: RoomName,
-        msg: NewMessage,
+        /// Boxed: commands stay small (the mailboxes hold them by value).
+        msg: Box<NewMessage>,
         reply: Reply,
     },
     /// A connection asks to join; the engine answers `JoinAck` on the shard's link, in order
@@ -508,7 +517,7 @@ impl BusHandle {
     /// once (503 with Retry-After): publishers back off, memory stays bounded.
     pub async fn publish(&self, room: RoomName, msg: NewMessage) -> Result<Ack, PublishError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match self.try_send(EngineCmd::Publish { room, msg, reply: Reply::Http(tx) }) {
+        match self.try_send(EngineCmd::Publish { room, msg: Box::new(msg), reply: Reply::Http(tx) }) {
             Ok(()) => {}
             Err((MailError::Full, _)) => {
                 self.rejected_busy.inc();
@@ -579,14 +588,14 @@ mod tests {
         let (otx, _orx) = tokio::sync::oneshot::channel();
         let first = EngineCmd::RoomStats { room: "r".into(), reply: otx };
         assert!(bus.try_send(first).is_ok());
-        let msg = NewMessage { kind: "gift".into(), user: String::new(), body: "1".into() };
+        let msg = NewMessage { kind: "gift".into(), user: String::new(), body: "1".into(), idem: None };
         match bus.publish("r".into(), msg).await {
             Err(PublishError::Busy { retry_after_ms }) => assert!(retry_after_ms > 0),
             other => panic!("{other:?}"),
         }
         assert_eq!(busy.get(), 1);
         drop(rx);
-        let msg = NewMessage { kind: "gift".into(), user: String::new(), body: "1".into() };
+        let msg = NewMessage { kind: "gift".into(), user: String::new(), body: "1".into(), idem: None };
         assert_eq!(bus.publish("r".into(), msg).await, Err(PublishError::ShuttingDown), "engine gone");
     }
 }

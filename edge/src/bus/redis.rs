@@ -126,12 +126,23 @@ impl Bridge {
 pub struct StreamLimits {
     pub must_deliver: usize,
     pub droppable: usize,
+    /// How long a publish's idempotency key is remembered (`ingest.idempotency_ttl_s`).
+    pub idempotency_ttl_s: u64,
 }
 
 const PUBLISH_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
---       latest hash
--- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max, conflate (0|1), entry key
+--       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none)
+-- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max, conflate (0|1), entry key,
+--       idempotency TTL in seconds (0: no key)
+-- Returns {seq, ts_us, replayed (0|1)}.
+if ARGV[9] ~= '0' then
+  local prev = redis.call('GET', KEYS[7])
+  if prev then
+    local s, t0 = string.match(prev, '^(%d+):(%d+)$')
+    return {tonumber(s), tonumber(t0), 1}
+  end
+end
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
@@ -168,7 +179,10 @@ if ARGV[7] == '1' then
   end
 end
 redis.call('PUBLISH', KEYS[4], msg)
-return {seq, ts}
+if ARGV[9] ~= '0' then
+  redis.call('SET', KEYS[7], string.format('%d', seq) .. ':' .. string.format('%d', ts), 'EX', tonumber(ARGV[9]))
+end
+return {seq, ts, 0}
 "#;
 
 /// Reads a room's seq and epoch, making the epoch if the room has none yet (so a member that
@@ -629,13 +643,17 @@ async fn publish(
     permit: Option<OwnedSemaphorePermit>,
 ) {
     let k = keys(&room);
-    let r: Result<(u64, u64), _> = script
+    // The key's own name, in the room's hash slot; with no key the script does not read it.
+    let idem = msg.idem.as_deref().map_or_else(|| k[0].clone(), |key| format!("rc:{{{room}}}:idem:{key}"));
+    let ttl = if msg.idem.is_some() { limits.idempotency_ttl_s } else { 0 };
+    let r: Result<(u64, u64, u8), _> = script
         .key(&k[0])
         .key(&k[1])
         .key(&k[2])
         .key(&k[3])
         .key(&k[4])
         .key(&k[5])
+        .key(idem)
         .arg(&msg.kind)
         .arg(&msg.user)
         .arg(&msg.body)
@@ -644,11 +662,12 @@ async fn publish(
         .arg(limits.droppable.max(1))
         .arg(if conflate.is_some() { "1" } else { "0" })
         .arg(conflate.unwrap_or_default())
+        .arg(ttl)
         .invoke_async(&mut cm)
         .await;
     drop(permit);
     let result = match r {
-        Ok((seq, ts_us)) => Ok(Ack { seq, ts_us }),
+        Ok((seq, ts_us, replayed)) => Ok(Ack { seq, ts_us, replayed: replayed == 1 }),
         Err(e) => {
             tracing::warn!(error = %e, "redis publish failed");
             Err(PublishError::BusUnavailable)

@@ -86,11 +86,44 @@ impl Engine {
         if must_deliver {
             r.bump_rate(now);
         }
-        let ack = Ack { seq: r.seq + 1, ts_us };
+        let ack = Ack { seq: r.seq + 1, ts_us, replayed: false };
+        if let Some(key) = &msg.idem {
+            r.idem.insert(key.clone(), ack, now, self.cfg.idem_keys);
+        }
         let name = r.name.clone();
         let pm = PushMessage { seq: ack.seq, ts_us: ack.ts_us, kind: msg.kind, user: msg.user, body: msg.body };
-        self.accept(&name, pm, must_deliver, now, out);
+        self.accept(&name, pm, must_deliver, msg.idem, now, out);
         Ok(ack)
+    }
+
+    /// A publish whose idempotency key the room remembers gets the first answer again (after
+    /// the store has made it durable, when the first one had to wait for that) and publishes
+    /// nothing; any other publish gets its reply back to go on with.
+    pub(super) fn replay(
+        &mut self,
+        room: &RoomName,
+        msg: &NewMessage,
+        reply: Reply,
+        now: Instant,
+        out: &mut Out,
+    ) -> Option<Reply> {
+        let Some(key) = msg.idem.as_deref() else { return Some(reply) };
+        if self.ensure_room(room, now, false).is_err() {
+            return Some(reply);
+        }
+        let ttl = self.cfg.idem_ttl;
+        let Some(ack) = self.rooms.get_mut(room).and_then(|r| r.idem.get(key, now, ttl)) else { return Some(reply) };
+        self.stats.publish_replayed.inc();
+        let ack = Ack { replayed: true, ..ack };
+        // The first publish may still be on its way to the disk, in this turn's batch or one
+        // sent: the replay is answered no sooner.
+        let token = if self.store_out.is_empty() { self.store_sent } else { self.store_sent + 1 };
+        if self.store.is_some() && token > self.store_durable {
+            self.held.push_back((token, reply, room.clone(), ack));
+        } else {
+            self.answer(out, reply, room, Ok(ack));
+        }
+        None
     }
 
     /// Answers a publish: the HTTP handler's oneshot, or the publishing connection's shard.

@@ -18,7 +18,15 @@ use crate::bus::{Delivery, MustDeliver, RoomName, ShardCmd, frame};
 
 impl Engine {
     /// A numbered message becomes the room's latest: history, then the pending batch.
-    pub(super) fn accept(&mut self, room: &RoomName, pm: PushMessage, must_deliver: bool, now: Instant, out: &mut Out) {
+    pub(super) fn accept(
+        &mut self,
+        room: &RoomName,
+        pm: PushMessage,
+        must_deliver: bool,
+        idem: Option<Box<str>>,
+        now: Instant,
+        out: &mut Out,
+    ) {
         let Some(r) = self.rooms.get_mut(room) else { return };
         r.seq = pm.seq;
         r.last_active = now;
@@ -29,7 +37,7 @@ impl Engine {
             self.unpark(room, now, false, out);
         }
         if self.store.is_some() {
-            self.store_message(room, &pm, must_deliver, now);
+            self.store_message(room, &pm, must_deliver, idem, now);
         }
         let conflate = self.conflate(room, &pm);
         let keep_droppable = self.droppable_held < self.cfg.max_droppable_bytes / self.engines;
@@ -70,6 +78,13 @@ impl Engine {
             self.stats.messages_dropped.with_label_values(&[pm.kind.as_str(), "conflated"]).inc();
         }
         r.pending_bytes += pm.body.len() + pm.kind.len() + pm.user.len() + 32;
+        if r.pending.is_empty() {
+            r.opened = Some(now);
+            r.must_opened = None;
+        }
+        if must_deliver && r.must_opened.is_none() {
+            r.must_opened = Some(now);
+        }
         r.pending.push(Pending { msg: pm, must_deliver, conflate });
         let full = r.pending.len() >= self.cfg.max_batch_messages || r.pending_bytes >= self.cfg.max_batch_bytes;
         if full {
@@ -92,7 +107,14 @@ impl Engine {
     /// With a store: a must-deliver message is written, and a seq past the room's reservation
     /// reserves the next block first. Either makes the room's deliveries and joins wait for
     /// this turn's batch to be durable.
-    fn store_message(&mut self, room: &RoomName, pm: &PushMessage, must_deliver: bool, now: Instant) {
+    fn store_message(
+        &mut self,
+        room: &RoomName,
+        pm: &PushMessage,
+        must_deliver: bool,
+        idem: Option<Box<str>>,
+        now: Instant,
+    ) {
         let token = self.store_sent + 1;
         let touched_s = self.wall_us(now) / 1_000_000;
         let Some(r) = self.rooms.get_mut(room) else { return };
@@ -105,7 +127,10 @@ impl Engine {
             r.wait_token = token;
         }
         if must_deliver {
-            self.store_out.push(crate::store::Record::Msg(room.clone(), pm.clone()));
+            self.store_out.push(match idem {
+                Some(key) => crate::store::Record::KeyedMsg(room.clone(), pm.clone(), key),
+                None => crate::store::Record::Msg(room.clone(), pm.clone()),
+            });
             r.wait_token = token;
         }
     }
@@ -149,6 +174,8 @@ impl Engine {
         }
         let pending = std::mem::take(&mut r.pending);
         r.pending_bytes = 0;
+        let opened = r.opened.take().unwrap_or(self.now);
+        let must_opened = r.must_opened.take();
         let last_seq = pending.last().map_or(r.flushed_seq, |p| p.msg.seq);
         r.flushed_seq = r.flushed_seq.max(last_seq);
         if !r.interested() {
@@ -177,9 +204,15 @@ impl Engine {
             let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs, online };
             MustDeliver::Some { frames: encode_frames(&r.name, &r.interest, &only), messages: must }
         };
-        let flushed = self.now;
-        let delivery =
-            Arc::new(Delivery { room: r.name.clone(), frames, messages: count, last_seq, must_deliver, flushed });
+        let delivery = Arc::new(Delivery {
+            room: r.name.clone(),
+            frames,
+            messages: count,
+            last_seq,
+            must_deliver,
+            since: opened,
+            must_since: must_opened.unwrap_or(opened),
+        });
         send_to_shards(out, &r.interest, &delivery);
         self.stats.batches.inc();
         self.stats.batch_messages.inc_by(u64::from(count));
@@ -196,7 +229,8 @@ impl Engine {
             messages: 0,
             last_seq: r.flushed_seq,
             must_deliver: must,
-            flushed: self.now,
+            since: self.now,
+            must_since: self.now,
         });
         send_to_shards(out, &r.interest, &delivery);
     }

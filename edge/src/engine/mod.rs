@@ -20,6 +20,7 @@
 pub mod adaptive;
 mod admission;
 mod batch;
+pub mod idem;
 pub mod host;
 mod joins;
 mod latest;
@@ -76,6 +77,9 @@ pub struct EngineConfig {
     /// Online count pushes at most this often (zero: never pushed); in Redis mode also how
     /// often this edge's count is reported per room (one second when pushes are off).
     pub presence_interval: Duration,
+    /// Idempotency keys each room remembers: for how long, and how many at most.
+    pub idem_ttl: Duration,
+    pub idem_keys: usize,
 }
 
 impl EngineConfig {
@@ -106,6 +110,8 @@ impl EngineConfig {
             room_idle: Duration::from_millis(cfg.history.room_idle_ms),
             adaptive: cfg.adaptive.clone(),
             presence_interval: Duration::from_millis(cfg.presence.interval_ms),
+            idem_ttl: Duration::from_secs(cfg.ingest.idempotency_ttl_s),
+            idem_keys: cfg.ingest.idempotency_keys,
         }
     }
 }
@@ -380,6 +386,7 @@ impl Engine {
                 }
                 match self.remote.clone() {
                     None => {
+                        let Some(reply) = self.replay(&room, &msg, reply, now, out) else { return };
                         let must = self.cfg.kinds.get(&msg.kind).copied().unwrap_or(false);
                         let refusal = self.store.as_ref().filter(|_| must).and_then(StoreHandle::refusal);
                         if let Some(e) = refusal {
@@ -392,7 +399,7 @@ impl Engine {
                             self.answer(out, reply, &room, Err(e));
                             return;
                         }
-                        match self.publish(&room, msg, now, out) {
+                        match self.publish(&room, *msg, now, out) {
                             // Acknowledged once stored, as the fsync policy says.
                             Ok(ack) if must && self.store.is_some() => {
                                 self.held.push_back((self.store_sent + 1, reply, room, ack));
@@ -411,7 +418,7 @@ impl Engine {
                                 .conflate
                                 .get(&msg.kind)
                                 .map(|field| latest::entry_key(field.as_deref(), &msg.body));
-                            let cmd = BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit: None };
+                            let cmd = BridgeCmd::Publish { room, msg: *msg, must_deliver, conflate, reply, permit: None };
                             if let Err(BridgeCmd::Publish { room, reply, .. }) = bridge.send(cmd) {
                                 // Too many publishes waiting for Redis already.
                                 self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
@@ -685,6 +692,19 @@ impl Engine {
                     r.stored_evicted = l.meta.evicted_upto;
                     r.meta_s = l.meta.touched_s;
                     let wall = self.wall_us(now);
+                    // The keys of publishes still within the idempotency window, as if made
+                    // at their time.
+                    let ttl = self.cfg.idem_ttl;
+                    for (seq, key) in l.keys {
+                        let Ok(i) = l.messages.binary_search_by_key(&seq, |m| m.seq) else { continue };
+                        let m = &l.messages[i];
+                        let age = Duration::from_micros(wall.saturating_sub(m.ts_us));
+                        if age < ttl {
+                            let ack = crate::bus::Ack { seq, ts_us: m.ts_us, replayed: false };
+                            let at = now.checked_sub(age).unwrap_or(now);
+                            r.idem.insert(key, ack, at, self.cfg.idem_keys);
+                        }
+                    }
                     r.history.restore(l.messages, l.meta.evicted_upto, now, wall, &self.cfg.history);
                     self.stats.rooms_restored.inc();
                 }

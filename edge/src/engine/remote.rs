@@ -138,7 +138,7 @@ impl Engine {
             return; // duplicate (already filled)
         }
         if msg.seq == r.seq + 1 && r.ahead.is_empty() {
-            self.accept(room, msg, must_deliver, now, out);
+            self.accept(room, msg, must_deliver, None, now, out);
             return;
         }
         let from = r.seq + 1;
@@ -158,7 +158,7 @@ impl Engine {
             let Some(r) = self.rooms.get_mut(room) else { return };
             let next = r.seq + 1;
             let Some((msg, md)) = r.ahead.remove(&next) else { return };
-            self.accept(room, msg, md, now, out);
+            self.accept(room, msg, md, None, now, out);
         }
     }
 

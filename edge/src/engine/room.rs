@@ -98,6 +98,12 @@ pub struct Room {
     pub interest: [ShardSet; 2],
     pub pending: Vec<Pending>,
     pub pending_bytes: usize,
+    /// When the oldest pending message, and the oldest pending must-deliver one, arrived: the
+    /// start of their delivery latency (`Delivery::since`).
+    pub opened: Option<Instant>,
+    pub must_opened: Option<Instant>,
+    /// Idempotency keys of recent publishes, with their answers.
+    pub idem: super::idem::Keys,
     pub deadline: Option<Instant>,
     pub last_active: Instant,
     pub history: History,
@@ -164,6 +170,9 @@ impl Room {
             interest: [ShardSet::new(shards), ShardSet::new(shards)],
             pending: Vec::new(),
             pending_bytes: 0,
+            opened: None,
+            must_opened: None,
+            idem: Default::default(),
             deadline: None,
             last_active: now,
             history: History::default(),

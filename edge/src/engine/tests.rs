@@ -105,7 +105,7 @@ fn setup(window_ms: u64) -> (H, ()) {
 }
 
 fn msg(kind: &str, n: u32) -> NewMessage {
-    NewMessage { kind: kind.into(), user: String::new(), body: format!("{{\"n\":{n}}}") }
+    NewMessage { kind: kind.into(), user: String::new(), body: format!("{{\"n\":{n}}}"), idem: None }
 }
 
 fn join(bus: &mut H, room: &RoomName, proto: Subprotocol, since: Option<u64>) {
@@ -319,7 +319,7 @@ fn a_user_over_its_limit_does_not_starve_the_room() {
     cfg.limits.room_rate = 1.0;
     cfg.limits.room_burst = 3.0;
     let (mut bus, _srx) = setup_with(cfg);
-    let m = |u: &str| NewMessage { kind: "chat".into(), user: u.into(), body: "1".into() };
+    let m = |u: &str| NewMessage { kind: "chat".into(), user: u.into(), body: "1".into(), idem: None };
     assert!(bus.publish("r".into(), m("spam")).is_ok());
     for _ in 0..50 {
         assert!(matches!(bus.publish("r".into(), m("spam")), Err(PublishError::RateLimited { scope: "user", .. })));
@@ -334,7 +334,7 @@ fn per_user_limit() {
     cfg.limits.user_rate = 1.0;
     cfg.limits.user_burst = 1.0;
     let (mut bus, _srx) = setup_with(cfg);
-    let m = |u: &str| NewMessage { kind: "chat".into(), user: u.into(), body: "1".into() };
+    let m = |u: &str| NewMessage { kind: "chat".into(), user: u.into(), body: "1".into(), idem: None };
     assert!(bus.publish("a".into(), m("u1")).is_ok());
     assert!(matches!(bus.publish("b".into(), m("u1")), Err(PublishError::RateLimited { scope: "user", .. })));
     assert!(bus.publish("b".into(), m("u2")).is_ok());
@@ -554,7 +554,7 @@ fn joins_and_publishes_from_many_producers_meet_without_gap_or_duplicate() {
             // A publish from some producer (HTTP, another shard's connection): straight to the engine.
             0..=2 => {
                 let room = rooms[next(2) as usize].clone();
-                h.handle(EngineCmd::Publish { room, msg: msg("gift", step), reply: crate::bus::Reply::None });
+                h.handle(EngineCmd::Publish { room, msg: Box::new(msg("gift", step)), reply: crate::bus::Reply::None });
             }
             // A connection joins (or switches), maybe with `since`.
             3 | 4 => {
@@ -712,7 +712,7 @@ fn an_engine_behind_on_a_shard_refuses_publishes() {
     for _ in 0..=super::OUT_BOUND {
         bus.out.shard[0].push(ShardCmd::Shutdown);
     }
-    bus.handle(EngineCmd::Publish { room: room.clone(), msg: msg("gift", 1), reply: crate::bus::Reply::Http(tx) });
+    bus.handle(EngineCmd::Publish { room: room.clone(), msg: Box::new(msg("gift", 1)), reply: crate::bus::Reply::Http(tx) });
     match rx.try_recv() {
         Ok(Err(PublishError::Busy { retry_after_ms })) => assert!(retry_after_ms > 0),
         other => panic!("{other:?}"),
@@ -1019,6 +1019,7 @@ fn conflated_kinds_keep_only_the_newest_per_key_and_joiners_get_it() {
         kind: "board".into(),
         user: String::new(),
         body: format!(r#"{{"slot":"{slot}","n":{n}}}"#),
+        idem: None,
     };
     for n in 1..=5 {
         bus.publish(room.clone(), board("a", n)).unwrap();

@@ -19,8 +19,9 @@ pub struct OutFrame {
     pub must: Keep,
     /// When the shard queued it (ms since the shard started): how far behind a reader is.
     pub queued_ms: u64,
-    /// When its batch was flushed (deliveries only): the start of its delivery latency.
-    pub flushed: Option<std::time::Instant>,
+    /// When the oldest message it carries (of its class) reached its room's batch (deliveries
+    /// only): the start of its delivery latency (`Delivery::since`).
+    pub since: Option<std::time::Instant>,
 }
 
 /// What of a queued frame survives when its connection falls behind.
@@ -35,7 +36,7 @@ pub enum Keep {
 
 impl OutFrame {
     pub fn control(bytes: Bytes) -> Rc<Self> {
-        Rc::new(Self { bytes, messages: 0, must: Keep::Whole, queued_ms: 0, flushed: None })
+        Rc::new(Self { bytes, messages: 0, must: Keep::Whole, queued_ms: 0, since: None })
     }
 
     /// Whether it carries must-deliver messages (the latency class it counts in).
@@ -265,7 +266,7 @@ mod tests {
             messages: 2,
             must: Keep::Nothing,
             queued_ms: 0,
-            flushed: None,
+            since: None,
         })
     }
 
@@ -279,14 +280,14 @@ mod tests {
             messages: 1,
             must: Keep::Whole,
             queued_ms: 0,
-            flushed: None,
+            since: None,
         });
         c.push(Rc::new(OutFrame {
             bytes: Bytes::from(vec![2u8; 100]),
             messages: 3,
             must: Keep::Instead(gift),
             queued_ms: 0,
-            flushed: None,
+            since: None,
         }));
         c.push(OutFrame::control(Bytes::from_static(b"ctl")));
         c.in_flight = 1;

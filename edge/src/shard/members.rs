@@ -27,12 +27,14 @@ impl Shard {
                         messages: *messages,
                         must: Keep::Whole,
                         queued_ms: now_ms,
-                        flushed: Some(d.flushed),
+                        since: Some(d.must_since),
                     })),
                     None => Keep::Nothing,
                 },
             };
-            Some(Rc::new(OutFrame { bytes, messages: d.messages, must, queued_ms: now_ms, flushed: Some(d.flushed) }))
+            // A frame carrying must-deliver messages is timed from the oldest of those.
+            let since = if matches!(d.must_deliver, MustDeliver::None) { d.since } else { d.must_since };
+            Some(Rc::new(OutFrame { bytes, messages: d.messages, must, queued_ms: now_ms, since: Some(since) }))
         });
         let max_bytes = self.cfg.send.max_queue_bytes;
         let max_frames = self.cfg.send.max_queue_frames;

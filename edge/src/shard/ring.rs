@@ -261,7 +261,7 @@ impl Shard {
         let mut now = None;
         let queued_before = c.out_bytes;
         let (frames, messages) = c.consume(res as usize, in_flight, |f| {
-            let Some(flushed) = f.flushed.filter(|_| f.messages > 0) else { return };
+            let Some(since) = f.since.filter(|_| f.messages > 0) else { return };
             // xorshift32
             *n ^= *n << 13;
             *n ^= *n >> 17;
@@ -269,7 +269,7 @@ impl Shard {
             if *n % LATENCY_SAMPLE != 0 {
                 return;
             }
-            let secs = now.get_or_insert_with(std::time::Instant::now).saturating_duration_since(flushed).as_secs_f64();
+            let secs = now.get_or_insert_with(std::time::Instant::now).saturating_duration_since(since).as_secs_f64();
             if f.carries_must_deliver() {
                 stats.latency_must.observe(secs);
             } else {

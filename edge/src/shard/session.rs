@@ -259,7 +259,7 @@ impl Shard {
                 // The user is the connection's identity; whatever the client wrote is ignored.
                 let generation = self.conns[slot as usize].as_ref().map_or(0, |c| c.generation);
                 let reply = Reply::Conn { shard: self.id, slot, generation };
-                self.signal(&room.clone(), EngineCmd::Publish { room, msg: NewMessage { kind, user, body }, reply });
+                self.signal(&room.clone(), EngineCmd::Publish { room, msg: Box::new(NewMessage { kind, user, body, idem: None }), reply });
             }
         }
     }

@@ -125,7 +125,10 @@ impl Db {
                     }
                     batch.insert(&self.meta, room.as_bytes(), encode_meta(m));
                 }
-                Record::Msg(room, msg) => batch.insert(&self.msgs, msg_key(room, msg.seq), encode_msg(msg)),
+                Record::Msg(room, msg) => batch.insert(&self.msgs, msg_key(room, msg.seq), encode_msg(msg, None)),
+                Record::KeyedMsg(room, msg, key) => {
+                    batch.insert(&self.msgs, msg_key(room, msg.seq), encode_msg(msg, Some(key)));
+                }
             }
         }
         batch.commit()?;
@@ -157,15 +160,18 @@ impl Db {
     pub fn load(&self, room: &str) -> Result<Option<Loaded>, DbError> {
         let Some(meta) = self.meta.get(room.as_bytes())? else { return Ok(None) };
         let meta = decode_meta(&meta).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
-        let mut messages = Vec::new();
+        let (mut messages, mut keys) = (Vec::new(), Vec::new());
         let from = msg_key(room, meta.evicted_upto.saturating_add(1));
         for kv in self.msgs.range(from..=msg_key(room, u64::MAX)) {
             let (k, v) = kv.into_inner()?;
             let seq = seq_of(&k).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
-            let m = decode_msg(seq, &v).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
+            let (m, key) = decode_msg(seq, &v).ok_or_else(|| DbError::Corrupt(room.to_owned()))?;
+            if let Some(key) = key {
+                keys.push((seq, key));
+            }
             messages.push(m);
         }
-        Ok(Some(Loaded { meta, messages }))
+        Ok(Some(Loaded { meta, messages, keys }))
     }
 
     /// Retention on disk: messages older than `older_than_us` go (the room's `evicted_upto`
@@ -285,31 +291,42 @@ fn decode_meta(v: &[u8]) -> Option<RoomMeta> {
     Some(RoomMeta { epoch: u(0)?, seq_hi: u(1)?, evicted_upto: u(2)?, touched_s: u(3)? })
 }
 
-fn encode_msg(m: &PushMessage) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12 + m.kind.len() + m.user.len() + m.body.len());
+/// Set in the kind's length field when an idempotency key follows the user (kinds are at most
+/// 32 bytes, so values written before keys existed never have it).
+const KEYED: u16 = 0x8000;
+
+/// ts (u64 LE), kind and user (u16 LE length, bytes each; the kind's length carries `KEYED`),
+/// the key if any (u16 LE length, bytes), then the body.
+fn encode_msg(m: &PushMessage, key: Option<&str>) -> Vec<u8> {
+    let extra = key.map_or(0, |k| 2 + k.len());
+    let mut v = Vec::with_capacity(12 + m.kind.len() + m.user.len() + m.body.len() + extra);
     v.extend_from_slice(&m.ts_us.to_le_bytes());
-    for s in [&m.kind, &m.user] {
-        // Kinds are at most 32 bytes and users 64 (validated before they get here).
-        v.extend_from_slice(&(s.len().min(usize::from(u16::MAX)) as u16).to_le_bytes());
-        v.extend_from_slice(&s.as_bytes()[..s.len().min(usize::from(u16::MAX))]);
+    for (i, s) in [m.kind.as_str(), m.user.as_str()].into_iter().chain(key).enumerate() {
+        // Kinds are at most 32 bytes, users and keys 64 (validated before they get here).
+        let n = s.len().min(usize::from(u16::MAX >> 1));
+        let flag = if i == 0 && key.is_some() { KEYED } else { 0 };
+        v.extend_from_slice(&(n as u16 | flag).to_le_bytes());
+        v.extend_from_slice(&s.as_bytes()[..n]);
     }
     v.extend_from_slice(m.body.as_bytes());
     v
 }
 
-fn decode_msg(seq: u64, v: &[u8]) -> Option<PushMessage> {
+fn decode_msg(seq: u64, v: &[u8]) -> Option<(PushMessage, Option<Box<str>>)> {
     let ts_us = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
     let mut at = 8;
-    let mut text = || {
-        let n = usize::from(u16::from_le_bytes(v.get(at..at + 2)?.try_into().ok()?));
-        let s = std::str::from_utf8(v.get(at + 2..at + 2 + n)?).ok()?.to_owned();
-        at += 2 + n;
-        Some(s)
+    let mut text = |mask: u16| {
+        let n = u16::from_le_bytes(v.get(at..at + 2)?.try_into().ok()?);
+        let len = usize::from(n & !mask);
+        let s = std::str::from_utf8(v.get(at + 2..at + 2 + len)?).ok()?.to_owned();
+        at += 2 + len;
+        Some((s, n & mask != 0))
     };
-    let kind = text()?;
-    let user = text()?;
+    let (kind, keyed) = text(KEYED)?;
+    let (user, _) = text(0)?;
+    let key = if keyed { Some(text(0)?.0.into_boxed_str()) } else { None };
     let body = std::str::from_utf8(v.get(at..)?).ok()?.to_owned();
-    Some(PushMessage { seq, ts_us, kind, user, body })
+    Some((PushMessage { seq, ts_us, kind, user, body }, key))
 }
 
 #[cfg(test)]
@@ -400,6 +417,28 @@ mod tests {
         assert_eq!(l.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4]);
         assert_eq!(l.meta.evicted_upto, 2, "a since below the aged-out messages gets a gap");
         assert!(db.load("b").unwrap().is_none(), "untouched past the ttl: forgotten");
+    }
+
+    /// A message's idempotency key is kept with it and read back; values written before keys
+    /// existed (no flag) read as before.
+    #[test]
+    fn idempotency_keys_are_kept_with_their_messages() {
+        let dir = tempdir("keys");
+        let db = Db::open(&dir).unwrap();
+        let room = RoomName::from("k");
+        let recs = [
+            Record::Meta(room.clone(), meta(1, 1024, 0)),
+            Record::KeyedMsg(room.clone(), msg(1, 10), "order-1".into()),
+            Record::Msg(room.clone(), msg(2, 20)),
+            Record::KeyedMsg(room.clone(), msg(3, 30), "x".repeat(64).into()),
+        ];
+        db.write(&recs.iter().collect::<Vec<_>>(), true).unwrap();
+        let l = db.load("k").unwrap().unwrap();
+        assert_eq!(l.messages, vec![msg(1, 10), msg(2, 20), msg(3, 30)]);
+        assert_eq!(l.keys, vec![(1, "order-1".into()), (3, "x".repeat(64).into())]);
+        let old = [&[20u8, 0, 0, 0, 0, 0, 0, 0][..], &[4, 0], b"gift", &[1, 0], b"u", b"{}"].concat();
+        let (m, key) = decode_msg(7, &old).unwrap();
+        assert_eq!((m.kind.as_str(), m.user.as_str(), m.body.as_str(), key), ("gift", "u", "{}", None));
     }
 
     #[test]

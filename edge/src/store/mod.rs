@@ -56,6 +56,8 @@ pub struct Loaded {
     pub meta: RoomMeta,
     /// Its must-deliver messages, in seq order.
     pub messages: Vec<PushMessage>,
+    /// The idempotency keys they were published with (seq, key), in seq order.
+    pub keys: Vec<(u64, Box<str>)>,
 }
 
 /// One change to the store.
@@ -65,6 +67,9 @@ pub enum Record {
     Meta(RoomName, RoomMeta),
     /// A must-deliver message.
     Msg(RoomName, PushMessage),
+    /// A must-deliver message published with an idempotency key (kept with it, so that a
+    /// retry after a restart is still recognised).
+    KeyedMsg(RoomName, PushMessage, Box<str>),
 }
 
 /// How long writes keep failing before the store is reopened (and then between reopens).

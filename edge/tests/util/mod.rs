@@ -269,6 +269,26 @@ impl Publisher {
         (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
     }
 
+    /// Publishes with extra request headers; returns the status, the response's headers and
+    /// its JSON body.
+    pub async fn publish_with(
+        &self,
+        room: &str,
+        kind: &str,
+        body: serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+        let req = serde_json::json!({ "kind": kind, "body": body });
+        let mut r = self.client.post(format!("{}/v1/rooms/{room}/messages", self.base)).body(req.to_string());
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let r = r.send().await.expect("http");
+        let (status, h) = (r.status().as_u16(), r.headers().clone());
+        let text = r.text().await.unwrap_or_default();
+        (status, h, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
     /// Publishes and returns the assigned seq (panics unless 200).
     pub async fn publish(&self, room: &str, kind: &str, body: serde_json::Value) -> u64 {
         let req = serde_json::json!({ "kind": kind, "body": body });
