@@ -50,12 +50,33 @@ if [[ $HOG == 1 ]]; then
   $(pin "$EDGE_CPUS") sh -c 'while :; do :; done' &
   HPID=$!
 fi
-trap 'kill -INT $EPID 2>/dev/null || true; [[ -n $HPID ]] && kill $HPID 2>/dev/null; sleep 1; rm -rf $TMP' EXIT
+# The edge's log outlives the run (a failed run leaves no result folder to put it in).
+trap 'kill -INT $EPID 2>/dev/null || true; [[ -n $HPID ]] && kill $HPID 2>/dev/null; sleep 1; cp $TMP/edge.log /tmp/$SCEN-edge.log 2>/dev/null; rm -rf $TMP' EXIT
 for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:18712/healthz && break; sleep 0.1; done
 $(pin "$LG_CPUS") "$LG_BIN" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
   --note "edge --shards 6, adaptive merging (base window 100 ms, max 2 s, visible chat $VISIBLE/s); edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}, hog $HOG"
 curl -s 127.0.0.1:18712/v1/rooms/r0 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/room-stats.json" || true
+# What the edge itself measured (a message's arrival at its room's batch to the completion of
+# the write, sampled): the part of the generator's end-to-end figure the edge controls.
+curl -s 127.0.0.1:18712/metrics | python3 -c '
+import re, sys
+b = {}
+for l in sys.stdin:
+    m = re.match(r"roomcast_delivery_latency_seconds_bucket\{class=\"(\w+)\",le=\"([^\"]+)\",shard=\"\d+\"\} (\S+)", l) or \
+        re.match(r"roomcast_delivery_latency_seconds_bucket\{class=\"(\w+)\",shard=\"\d+\",le=\"([^\"]+)\"\} (\S+)", l)
+    if m:
+        k = (m.group(1), float(m.group(2)))
+        b[k] = b.get(k, 0) + float(m.group(3))
+print("edge-measured delivery latency (bucket upper bounds, whole run, sampled 1 in 16):")
+for c in ("must_deliver", "droppable"):
+    bs = sorted((le, n) for (cl, le), n in b.items() if cl == c)
+    if not bs or bs[-1][1] == 0:
+        continue
+    total = bs[-1][1]
+    q = lambda p: next(le for le, n in bs if n >= p * total)
+    print(f"  {c}: samples {int(total)}, p50 <= {q(0.5)} s, p99 <= {q(0.99)} s, p99.9 <= {q(0.999)} s")
+' >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/edge-latency.txt" || true
 grep -E "adaptive merge window" "$TMP/edge.log" | tail -20 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/adaptive.log" || true
 sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/edge-warnings.log" || true

@@ -11,29 +11,35 @@ cd "$(dirname "$0")/.."
 #   iproute2                `ss`, which the probe tests compare against
 #   python3-venv            virtualenvs for the conformance suite
 #   chromium                the TypeScript client's browser test (clients/ts, driven by playwright-core)
+#   prometheus              promtool and a real Prometheus for the deploy tests (scripts/test-deploy.sh)
 #   nodejs npm              the TypeScript client (only when no node/npm is on the PATH: an
 #                           existing Node.js, e.g. a newer one from elsewhere, is left alone)
-PKGS=(clang llvm libbpf-dev bpftool redis-server iproute2 python3-venv curl chromium)
+PKGS=(clang llvm libbpf-dev bpftool redis-server iproute2 python3-venv curl chromium prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+had_node_exporter=$(dpkg -s prometheus-node-exporter >/dev/null 2>&1 && echo yes || true)
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# Debian starts redis-server when it installs it; roomcast's tests and benches start their own
-# on free ports. Only a service this run installed (and so started) is stopped: one that was
-# there before is the operator's and is left alone. (nginx + Nchan, the peer in the benchmark,
+# Debian starts redis-server and prometheus (with its node exporter) when it installs them;
+# roomcast's tests and benches start their own on free ports. Only a service this run installed
+# (and so started) is stopped: one that was there before is the operator's and is left alone. (nginx + Nchan, the peer in the benchmark,
 # are installed by scripts/setup-peers.sh, which scripts/bench-peers.sh calls.)
-for svc in redis-server; do
-  if [[ " ${missing[*]} " == *" $svc "* ]]; then
-    systemctl disable --now "$svc" >/dev/null 2>&1 || true
-  fi
+started=()
+for pkg in redis-server prometheus; do
+  [[ " ${missing[*]} " == *" $pkg "* ]] && started+=("$pkg")
+done
+# prometheus pulls in the node exporter: stopped too if it came with this run.
+[[ " ${started[*]} " == *" prometheus "* && -z $had_node_exporter ]] && started+=(prometheus-node-exporter)
+for svc in "${started[@]}"; do
+  systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 
 # Kernel filesystems the probes use (tracepoints need tracefs; pinned maps need bpffs).

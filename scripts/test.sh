@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit and integration tests of every crate (real io_uring edge, real
-# kernel probes, real redis-server), then the Autobahn conformance run against the echo mode.
+# kernel probes, real redis-server), the clients' tests, the deploy files checked by the tools
+# that read them (and a real Prometheus scraping a real edge), then the Autobahn conformance run
+# against the echo mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One build configuration for everything: `cargo test` builds every binary the later steps run
@@ -8,4 +10,5 @@ cd "$(dirname "$0")/.."
 # whole dependency tree a second time).
 cargo test --workspace
 ./scripts/test-clients-ts.sh
+./scripts/test-deploy.sh
 ./scripts/autobahn.sh

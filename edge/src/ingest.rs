@@ -217,6 +217,14 @@ pub fn error(status: StatusCode, reason: impl Into<String>) -> Response {
 /// Takes the whole request rather than `Bytes` so that the key is checked before the body is
 /// read: a caller without a key gets 401 whatever it sends, and costs no body buffering.
 async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: Request) -> Response {
+    let started = Instant::now();
+    let answer = publish_inner(&st, room, request).await;
+    let outcome = if answer.status() == StatusCode::OK { "accepted" } else { "refused" };
+    st.metrics.bus.publish_seconds.with_label_values(&[outcome]).observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+async fn publish_inner(st: &AppState, room: String, request: Request) -> Response {
     let reject = |reason: &str| {
         st.metrics.bus.publish_rejected.with_label_values(&[reason]).inc();
     };
@@ -253,7 +261,7 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: 
             }
         },
     };
-    let body = match Bytes::from_request(request, &st).await {
+    let body = match Bytes::from_request(request, st).await {
         Ok(b) => b,
         Err(rejection) => {
             // Over ingest.max_body_bytes (413), or a body that could not be read.

@@ -37,6 +37,7 @@ struct ShardFamilies {
     latency: HistogramVec,
     frames_per_cpu_s: GaugeVec,
     busy: GaugeVec,
+    cpu_share: GaugeVec,
     send_errors: IntCounterVec,
     rooms: IntGaugeVec,
     send_queue_bytes: IntGaugeVec,
@@ -69,6 +70,8 @@ pub struct ShardStats {
     /// (EWMA), and the share of wall time its thread was busy.
     pub frames_per_cpu_s: Gauge,
     pub busy: Gauge,
+    /// The share of the CPU the shard's thread got while it wanted to run (EWMA).
+    pub cpu_share: Gauge,
     pub send_errors: IntCounter,
     pub rooms: IntGauge,
     pub send_queue_bytes: IntGauge,
@@ -98,12 +101,14 @@ pub struct BusStats {
     pub batch_messages: IntCounter,
     pub rooms: IntGauge,
     pub publish_rejected: IntCounterVec,
-    pub hot_window_ms: IntGauge,
+    pub hot_window_seconds: Gauge,
     pub sampling: IntGauge,
     /// Rooms read back from the store (after a restart, or after leaving memory when idle).
     pub rooms_restored: IntCounter,
     /// Publishes answered from an earlier one with the same idempotency key (nothing published).
     pub publish_replayed: IntCounter,
+    /// Publish API requests, from the handler's start to its answer, by outcome.
+    pub publish_seconds: HistogramVec,
     /// Bytes the store uses on disk.
     pub store_bytes: IntGauge,
     /// With a shared bus: 1 while Redis is reachable (publishes get 503 while it is not).
@@ -188,7 +193,18 @@ impl Metrics {
                 "Frames the shard writes per second of its thread's CPU time (EWMA): its measured capacity.",
                 s,
             ),
-            busy: fgauge(r, "shard_busy_ratio", "Share of wall time the shard's thread spent on the CPU (EWMA).", s),
+            busy: fgauge(
+                r,
+                "shard_busy_ratio",
+                "Share of wall time the shard's thread wanted the CPU: running, or runnable and waiting for a CPU (EWMA).",
+                s,
+            ),
+            cpu_share: fgauge(
+                r,
+                "shard_cpu_share_ratio",
+                "Share of the CPU the shard's thread got while it wanted to run (the rest went to other threads; EWMA).",
+                s,
+            ),
             send_errors: counter(r, "send_errors_total", "Sends that failed (peer reset, broken pipe).", s),
             rooms: gauge(r, "shard_rooms", "Rooms with at least one member on this shard.", s),
             send_queue_bytes: gauge(
@@ -248,9 +264,9 @@ impl Metrics {
             rooms: gauge(r, "rooms", "Rooms known to the engines (with members or a sequence).", &[])
                 .with_label_values(&[] as &[&str]),
             publish_rejected: counter(r, "publish_rejected_total", "Publish requests refused, by reason.", &["reason"]),
-            hot_window_ms: gauge(
+            hot_window_seconds: fgauge(
                 r,
-                "hot_room_merge_window_ms",
+                "hot_room_merge_window_seconds",
                 "Merge window hot rooms use now (adaptive: widened while shards are behind).",
                 &[],
             )
@@ -269,6 +285,19 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            publish_seconds: {
+                let opts = HistogramOpts::new(
+                    "publish_duration_seconds",
+                    "Publish API requests from their arrival to their answer (a must-deliver message is answered once stored), by outcome: accepted (200) or refused (any other status).",
+                )
+                .namespace("roomcast")
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]);
+                let h = HistogramVec::new(opts, &["outcome"]).expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             publish_replayed: counter(
                 r,
                 "publish_replayed_total",
@@ -294,6 +323,15 @@ impl Metrics {
         let draining =
             gauge(r, "draining", "1 while this edge drains (out of dispatch, not accepting, sending goaway).", &[])
                 .with_label_values(&[] as &[&str]);
+        // The process's own figures (CPU seconds, resident memory, open descriptors and their
+        // limit, threads, start time), read from /proc at each scrape.
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("unique metric");
+        // Which build is running: a constant 1 with the version as a label (the Prometheus
+        // convention for joining versions onto other series).
+        gauge(r, "build_info", "The running build: always 1, its version in the labels.", &["version"])
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Self { registry, shard, bus, draining }
     }
 
@@ -317,6 +355,7 @@ impl Metrics {
             latency_droppable: f.latency.with_label_values(&[l[0], "droppable"]),
             frames_per_cpu_s: f.frames_per_cpu_s.with_label_values(&l),
             busy: f.busy.with_label_values(&l),
+            cpu_share: f.cpu_share.with_label_values(&l),
             send_errors: f.send_errors.with_label_values(&l),
             rooms: f.rooms.with_label_values(&l),
             send_queue_bytes: f.send_queue_bytes.with_label_values(&l),

@@ -149,8 +149,9 @@ impl Edge {
         };
         let mut store_handles = store_handles.into_iter();
         let engine_cfg = EngineConfig::from_config(&cfg);
-        metrics.bus.hot_window_ms.set(cfg.fanout.merge_window_ms as i64);
-        let load = Arc::new(LoadBoard::new(n));
+        metrics.bus.hot_window_seconds.set(cfg.fanout.merge_window_ms as f64 / 1000.0);
+        let parallel = std::thread::available_parallelism().map_or(n, std::num::NonZeroUsize::get);
+        let load = Arc::new(LoadBoard::new(n).with_cpus(parallel));
         let (now, wall) = (Instant::now(), crate::bus::now_us());
         let ipguard = crate::ipguard::IpGuard::new(&cfg.limits).map(Arc::new);
         let auth = crate::auth::Verifier::from_config(&cfg.auth, std::env::var("ROOMCAST_AUTH_SECRET").ok())

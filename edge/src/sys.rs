@@ -102,6 +102,16 @@ pub fn raw(s: &Socket) -> RawFd {
 }
 
 /// CPU time the calling thread has used (user + system).
+/// How long the calling thread has waited on a run queue, runnable but not running
+/// (/proc/thread-self/schedstat, second field): CPU it wanted and did not get, because other
+/// threads (its sibling shards, other processes) had the CPUs. None where the kernel does not
+/// keep it.
+pub fn thread_run_delay() -> Option<std::time::Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(std::time::Duration::from_nanos(ns))
+}
+
 pub fn thread_cpu_time() -> std::time::Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid out-pointer for the call's duration.

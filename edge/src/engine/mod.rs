@@ -149,11 +149,17 @@ pub struct LoadBoard {
     /// Per shard: measured capacity (frames per CPU-second, f64 bits; 0 until measured) and the
     /// p99 of its must-deliver delivery latency over the last second (µs; 0: no sample).
     capacity: Box<[AtomicU64]>,
+    /// Per shard: the share of the CPU it gets when it wants it (f64 bits).
+    share: Box<[AtomicU64]>,
     busy: Box<[AtomicU64]>,
     gift_p99_us: Box<[AtomicU64]>,
     /// Per engine: members of its hot rooms (the latency controller splits the frame budget
     /// over every hot member of the edge).
     hot_members: Box<[AtomicU64]>,
+    /// CPUs the shards may run on: with more shards than CPUs (10^5 connections need several
+    /// rings: each ring's descriptor table is bounded by RLIMIT_NOFILE), they share them, and
+    /// per-shard figures alone would say "a sixth busy" of a machine that is full.
+    cpus: usize,
 }
 
 impl LoadBoard {
@@ -163,17 +169,34 @@ impl LoadBoard {
             backlog: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             rooms: AtomicUsize::new(0),
             capacity: zeros(),
+            share: zeros(),
             busy: zeros(),
             gift_p99_us: zeros(),
             hot_members: zeros(),
+            cpus: shards.max(1),
         }
     }
 
-    /// A shard's measured capacity (frames per CPU-second), busy share and last-second gift p99.
-    pub fn set_delivery(&self, shard: u16, frames_per_cpu_s: f64, busy: f64, gift_p99: Option<Duration>) {
+    /// The CPUs the shards share (the process's allowed CPUs, `available_parallelism`).
+    pub fn with_cpus(mut self, cpus: usize) -> Self {
+        self.cpus = cpus.max(1);
+        self
+    }
+
+    /// CPUs the shards can use at once.
+    fn usable_cpus(&self) -> f64 {
+        (self.capacity.len().min(self.cpus)).max(1) as f64
+    }
+
+    /// A shard's measured capacity (frames per CPU-second), the share of the CPU it gets when it
+    /// wants it, its demand (busy share) and last-second gift p99.
+    pub fn set_delivery(&self, shard: u16, frames_per_cpu_s: f64, share: f64, busy: f64, gift_p99: Option<Duration>) {
         let i = usize::from(shard);
         if let Some(a) = self.capacity.get(i) {
             a.store(frames_per_cpu_s.to_bits(), Ordering::Relaxed);
+        }
+        if let Some(a) = self.share.get(i) {
+            a.store(share.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
         }
         if let Some(a) = self.busy.get(i) {
             a.store(busy.to_bits(), Ordering::Relaxed);
@@ -183,15 +206,34 @@ impl LoadBoard {
         }
     }
 
-    /// Frames per second the edge's shards can write if each spent all its CPU on it (0 until
-    /// every... any shard has measured).
+    /// Frames per second the edge's shards can write if they spent on it all the CPU they can
+    /// get (0 until any shard has measured): each shard's rate per CPU-second times the share of
+    /// the CPU it gets when it wants it (other processes, and sibling shards on the same CPU,
+    /// take the rest), summed; never more than the CPUs the shards can use at once allow.
     pub fn capacity(&self) -> f64 {
-        self.capacity.iter().map(|a| f64::from_bits(a.load(Ordering::Relaxed))).sum()
+        let load = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
+        let (mut sum, mut raw, mut measured) = (0.0, 0.0, 0usize);
+        for (c, s) in self.capacity.iter().zip(self.share.iter()) {
+            let fps = load(c);
+            if fps > 0.0 {
+                let share = if load(s) > 0.0 { load(s) } else { 1.0 };
+                sum += fps * share;
+                raw += fps;
+                measured += 1;
+            }
+        }
+        if measured == 0 {
+            return 0.0;
+        }
+        sum.min(raw / measured as f64 * self.usable_cpus())
     }
 
-    /// The busiest shard's busy share.
+    /// How busy the edge is: the busiest shard's share of its CPU, or, when shards share CPUs,
+    /// their total over the CPUs if that is more.
     pub fn busy(&self) -> f64 {
-        self.busy.iter().map(|a| f64::from_bits(a.load(Ordering::Relaxed))).fold(0.0, f64::max)
+        let each = self.busy.iter().map(|a| f64::from_bits(a.load(Ordering::Relaxed)));
+        let (max, sum) = each.fold((0.0f64, 0.0f64), |(m, s), b| (m.max(b), s + b));
+        max.max((sum / self.usable_cpus()).min(1.0))
     }
 
     /// The worst shard's gift p99 over the last second (None: no gift was delivered).

@@ -107,19 +107,27 @@ impl Shard {
         self.retiring = Some(l);
     }
 
-    /// The shard's measured capacity, from its own thread's CPU time: frames written per
-    /// CPU-second and the busy share of wall time, both smoothed (EWMA, a few seconds). What the
-    /// latency controller can spend is what this machine, under this load, does.
+    /// The shard's measured capacity, from its own thread's CPU time and run-queue wait: frames
+    /// written per CPU-second, the share of the CPU it gets when it wants it (other shards and
+    /// other processes take the rest), and its demand (running or waiting to run) as a share of
+    /// wall time, all smoothed (EWMA, a few seconds). What the latency controller can spend is
+    /// what this machine, under this load, does.
     fn estimate_capacity(&mut self, now: Instant) {
         const ALPHA: f64 = 0.3;
         let cpu = crate::sys::thread_cpu_time();
+        let wait = crate::sys::thread_run_delay().unwrap_or_default();
         let frames = self.stats.frames_written.get();
-        if let Some((cpu0, f0, t0)) = self.capacity_at {
+        if let Some((cpu0, wait0, f0, t0)) = self.capacity_at {
             let dcpu = cpu.saturating_sub(cpu0).as_secs_f64();
+            let dwait = wait.saturating_sub(wait0).as_secs_f64();
             let dwall = now.saturating_duration_since(t0).as_secs_f64();
             let ewma = |old: f64, new: f64| if old == 0.0 { new } else { old + ALPHA * (new - old) };
             if dwall > 0.0 {
-                self.stats.busy.set(ewma(self.stats.busy.get(), (dcpu / dwall).min(1.0)));
+                self.stats.busy.set(ewma(self.stats.busy.get(), ((dcpu + dwait) / dwall).min(1.0)));
+            }
+            if dcpu + dwait >= 0.02 {
+                let got = dcpu / (dcpu + dwait);
+                self.stats.cpu_share.set(ewma(self.stats.cpu_share.get(), got));
             }
             // Only a turn with real work says what a CPU-second buys.
             if dcpu >= 0.02 && frames > f0 {
@@ -127,7 +135,7 @@ impl Shard {
                 self.stats.frames_per_cpu_s.set(ewma(self.stats.frames_per_cpu_s.get(), fps));
             }
         }
-        self.capacity_at = Some((cpu, frames, now));
+        self.capacity_at = Some((cpu, wait, frames, now));
         self.post_delivery(now);
     }
 
@@ -158,7 +166,8 @@ impl Shard {
                 .map_or(bounds.last().copied().unwrap_or(20.0) * 2.0, |(b, _)| *b);
             Some(Duration::from_secs_f64(secs))
         });
-        self.load.set_delivery(self.id, self.stats.frames_per_cpu_s.get(), self.stats.busy.get(), p99);
+        let share = if self.stats.cpu_share.get() > 0.0 { self.stats.cpu_share.get() } else { 1.0 };
+        self.load.set_delivery(self.id, self.stats.frames_per_cpu_s.get(), share, self.stats.busy.get(), p99);
         self.latency_snap = Some((counts, now));
     }
 

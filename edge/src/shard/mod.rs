@@ -173,7 +173,7 @@ struct Shard {
     /// The latency sampler's random state (xorshift32, never 0).
     latency_n: u32,
     /// The capacity estimate's last reading: thread CPU time and frames written at a time.
-    capacity_at: Option<(Duration, u64, Instant)>,
+    capacity_at: Option<(Duration, Duration, u64, Instant)>,
     /// The gift-latency histogram's cumulative bucket counts a second ago (the controller
     /// reads the p99 of the last second from the difference).
     latency_snap: Option<(Vec<u64>, Instant)>,
