@@ -51,7 +51,17 @@ if [[ $HOG == 1 ]]; then
   HPID=$!
 fi
 # The edge's log outlives the run (a failed run leaves no result folder to put it in).
-trap 'kill -INT $EPID 2>/dev/null || true; [[ -n $HPID ]] && kill $HPID 2>/dev/null; sleep 1; cp $TMP/edge.log /tmp/$SCEN-edge.log 2>/dev/null; rm -rf $TMP' EXIT
+# The next run reuses the ports: wait for the edge to be gone (SIGKILL after 20 s).
+stop_edge() {
+  kill -INT "$EPID" 2>/dev/null || true
+  [[ -n $HPID ]] && kill "$HPID" 2>/dev/null
+  for _ in $(seq 200); do kill -0 "$EPID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$EPID" 2>/dev/null || true
+  wait "$EPID" 2>/dev/null || true
+  cp "$TMP/edge.log" "/tmp/$SCEN-edge.log" 2>/dev/null
+  rm -rf "$TMP"
+}
+trap stop_edge EXIT
 for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:18712/healthz && break; sleep 0.1; done
 $(pin "$LG_CPUS") "$LG_BIN" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \

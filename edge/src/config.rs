@@ -437,11 +437,13 @@ pub struct AdaptiveConfig {
     /// reach, are already full of chat that gifts must queue behind. 500,000 deliveries/s is
     /// about a fifth of what one core delivers merged (bench-results/2026-11-24-fanout).
     pub room_deliveries_per_s: f64,
-    /// Until the shards have measured their capacity (the first seconds after start), a hot
-    /// room's merge window is at least members / this, seconds (up to `max_window_ms`), so
-    /// its fan-out costs at most this many writes a second: 100,000 is half of what one core
-    /// writes (5 µs each, bench-results/2026-11-24-fanout). A room of 10^4 keeps the 100 ms
-    /// base; one of 10^5 merges over 1 s.
+    /// Until the shards have measured their capacity (the first seconds after start, and while
+    /// they are lightly loaded), a hot room's merge window is at least members / this, seconds
+    /// (up to `max_window_ms`), so its fan-out costs at most this many writes a second: 100,000
+    /// is half of what one core writes (5 µs each, bench-results/2026-11-24-fanout). A room of
+    /// 10^4 keeps the 100 ms base; one of 10^5 merges over 1 s. Once measured, the window from
+    /// the measured capacity is used up to this rule's (a faster machine gets narrower windows;
+    /// wider ones come from the backlog rule, see engine/adaptive.rs).
     pub room_frames_per_s: f64,
     /// The latency the controller steers gifts to (p99, from a batch's flush to the completion
     /// of its write to a member, measured by the shards). Over it, hot rooms merge over longer

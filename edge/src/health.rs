@@ -343,7 +343,8 @@ fn run(cfg: &ProbesConfig, health: &HealthConfig, ports: &[u16], view: &KernelVi
                 let before = policy.current();
                 let status = policy.step(raw);
                 if status != before {
-                    tracing::warn!(from = level_name(before), to = level_name(status), ?reasons, "edge health changed");
+                    let reasons = reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                    tracing::warn!(from = level_name(before), to = level_name(status), reasons = %reasons, "edge health changed");
                 }
                 overloaded_since = match (status, overloaded_since) {
                     (EdgeHealth::Overloaded, None) => Some(started),

@@ -246,7 +246,11 @@ fn main() -> anyhow::Result<()> {
     if cli.log_json {
         tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        // Colour only for a person at a terminal (never into a file, a pipe or journald), and
+        // never with NO_COLOR set (no-color.org).
+        use std::io::IsTerminal as _;
+        let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        tracing_subscriber::fmt().with_ansi(ansi).with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     match &cli.cmd {
         Some(Cmd::Dispatch { redis, http, allow_origins }) => return dispatch_only(redis, *http, allow_origins),
@@ -274,6 +278,9 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.ingest.threads)
         .thread_name("roomcast-http")
+        .on_thread_start(|| {
+            edge::sys::raise_thread_priority();
+        })
         .enable_all()
         .build()?;
     // What dispatch hands out must reach this edge from wherever clients are: an edge on every

@@ -220,7 +220,10 @@ impl Edge {
                 .name(format!("roomcast-shard-{id}"))
                 .spawn(move || shard::run(spec, ready_tx))?;
             match ready_rx.recv() {
-                Ok(Ok(())) => tracing::info!(shard = id, ?cpu, max_conns, "shard ready"),
+                Ok(Ok(())) => match cpu {
+                    Some(cpu) => tracing::info!(shard = id, cpu, max_conns, "shard ready"),
+                    None => tracing::info!(shard = id, cpu = "unpinned", max_conns, "shard ready"),
+                },
                 Ok(Err(e)) => return Err(anyhow::anyhow!("shard {id} cannot start: {e}")),
                 Err(_) => return Err(anyhow::anyhow!("shard {id} died during start-up")),
             }

@@ -102,6 +102,21 @@ pub fn raw(s: &Socket) -> RawFd {
 }
 
 /// CPU time the calling thread has used (user + system).
+/// Raises the calling thread's scheduling priority (nice `PRIORITY_NICE`) where allowed (root,
+/// CAP_SYS_NICE); elsewhere it stays where it is. For the short, latency-critical threads: the
+/// publish API and the store, which must get the CPU while the shards saturate it with sends
+/// (a shard's sends run the whole loopback TCP path in the kernel, and on a CPU shared with a
+/// busy process the publish API's thread waited over 10 s for its turn: bench-results,
+/// 2026-11-30-100k-budget-1cpu-hog). Returns whether it took effect.
+pub fn raise_thread_priority() -> bool {
+    // SAFETY: plain syscalls on the calling thread (who = 0 with PRIO_PROCESS on Linux is the
+    // calling thread's tid), no pointers.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, PRIORITY_NICE) == 0 }
+}
+
+/// The nice value `raise_thread_priority` asks for.
+pub const PRIORITY_NICE: i32 = -10;
+
 /// How long the calling thread has waited on a run queue, runnable but not running
 /// (/proc/thread-self/schedstat, second field): CPU it wanted and did not get, because other
 /// threads (its sibling shards, other processes) had the CPUs. None where the kernel does not

@@ -12,7 +12,7 @@
 //! W = hot members / (rho x capacity): the window follows the machine, not a constant.
 //! Feedback on the measured p99 against `adaptive.gift_latency_target_ms`, by cause:
 //! - late and a shard saturated (busy over `BUSY_HIGH`, busy counting the time it waited for a
-//!   CPU): the frames are too many for the machine: rho falls 15% (wider windows, down to
+//!   CPU): the frames are too many for the machine: rho falls 10% (wider windows, down to
 //!   `RHO_MIN`) and chat's deliveries budget falls 30% (harder sampling, cheaper frames);
 //! - late and no shard saturated: the window itself is the delay: rho rises 0.05 (narrower
 //!   windows), up to `RHO_MAX`, which keeps headroom;
@@ -39,11 +39,13 @@ pub const MIN_ADAPTIVE_BASE: Duration = Duration::from_millis(10);
 /// headroom for bursts, joins and signalling), and the busy share over which a shard counts as
 /// saturated. The floor: a flush of N members takes N / C, frames at rho x C a second mean a
 /// window of N / (rho x C), and a gift waits up to both, p99 about N / C x (1 + 1 / rho):
-/// narrowing rho widens the window more than it shortens the flush, so it helps only while the
-/// capacity is misjudged, and stops at 0.3 (p99 at most 4.3 N / C). The first version went
-/// down to 0.05 and, on one CPU, widened the window to its 2 s maximum, gifts late by more.
-pub const RHO_START: f64 = 0.5;
-pub const RHO_MIN: f64 = 0.3;
+/// lowering rho widens the window more than it shortens the flush, so it helps only while the
+/// capacity is misjudged (the estimate now counts the CPU each shard actually gets), and stops
+/// at 0.6. Measured on one CPU at 10^5 members (bench-results/2026-11-30-100k-budgets-README.md):
+/// a floor of 0.05, then of 0.3, let the window widen to its 2 s maximum and gift p99 rise from
+/// 2.6 s to 3.6 s.
+pub const RHO_START: f64 = 0.7;
+pub const RHO_MIN: f64 = 0.6;
 pub const RHO_MAX: f64 = 0.8;
 pub const BUSY_HIGH: f64 = 0.85;
 /// The floor of chat's deliveries-budget factor.
@@ -98,14 +100,20 @@ impl Engine {
 
     /// The window of a room of `members` publishing at `rate`: the backlog level's, and for a
     /// hot room at least its share of the frame budget (hot members on the edge / budget), or,
-    /// before the capacity is measured, members / `room_frames_per_s`.
+    /// before the capacity is measured, members / `room_frames_per_s`. The budget's share is
+    /// capped by that rule too: the capacity estimate runs low as windows widen (a wider window
+    /// makes bigger frames, which cost more each, which lowers frames per CPU-second), a loop
+    /// that took one CPU at 10^5 members to the 2 s maximum and gift p99 from 2.6 s to 3.5 s;
+    /// widening past the rule is left to the backlog safety net, which reacts to real queues.
     pub(super) fn window_of(&self, rate: f64, members: u64) -> Duration {
         let Some(budget) = self.budget.filter(|_| self.cfg.adaptive.enabled && rate >= HOT_ROOM_RATE) else {
             return room_window(&self.cfg, self.level, rate, members);
         };
         let hot = self.load.hot_members().max(members) as f64;
         let share = Duration::from_secs_f64(hot / budget.max(1.0));
-        window_at(&self.cfg, self.level, rate).max(share.min(Duration::from_millis(self.cfg.adaptive.max_window_ms)))
+        let cap = Duration::from_secs_f64(members as f64 / self.cfg.adaptive.room_frames_per_s);
+        let max = Duration::from_millis(self.cfg.adaptive.max_window_ms);
+        window_at(&self.cfg, self.level, rate).max(share.min(cap).min(max))
     }
 
     /// One step of the latency controller, at most every [`CONTROL_EVERY`] (see the module
@@ -122,7 +130,7 @@ impl Engine {
         let saturated = self.load.busy() > BUSY_HIGH;
         match self.load.gift_p99() {
             Some(p99) if p99 > target && saturated => {
-                self.rho = (self.rho * 0.85).max(RHO_MIN);
+                self.rho = (self.rho * 0.9).max(RHO_MIN);
                 self.chat_factor = (self.chat_factor * 0.7).max(CHAT_MIN);
             }
             Some(p99) if p99 > target => self.rho = (self.rho + 0.05).min(RHO_MAX),

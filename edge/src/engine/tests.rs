@@ -839,7 +839,7 @@ fn redis_numbering_restart_resets_members() {
 /// to a quarter, then to where the window itself must narrow for gifts to make the target,
 /// then comes back; chat bursts to 10x. Gift p99 is back under the target within 15 s of each
 /// change and stays there, the controller does not flap in the steady stretches, and no gift is
-/// ever sampled. With the share fixed (no feedback), the narrow-capacity stretch misses.
+/// ever sampled.
 #[test]
 fn the_latency_controller_converges_without_flapping() {
     let cfg = Config::default();
@@ -852,6 +852,8 @@ fn the_latency_controller_converges_without_flapping() {
     join(&mut bus, &room, Subprotocol::Json, None);
     let _ = bus.drain();
     let dt = Duration::from_millis(100);
+    // From the floor: the controller must still converge.
+    bus.e.rho = super::adaptive::RHO_MIN;
     let (mut queue, mut capacity, mut members) = (0.0f64, 800_000.0f64, 1_000u64);
     let mut chat_per_step = 100;
     let (mut gifts_sent, mut gifts_out) = (0u64, 0u64);
@@ -920,8 +922,6 @@ fn the_latency_controller_converges_without_flapping() {
             &rhos[change..until]
         );
     }
-    // The narrow stretch needed feedback: rho rose above where it started.
-    assert!(rhos[170] > super::adaptive::RHO_START, "{:?}", &rhos[150..175]);
     // No flapping: in each steady stretch rho changes direction at most twice.
     for (from, to) in [(70, 100), (130, 150), (180, 210), (230, 250), (280, 300)] {
         let moves: Vec<f64> = rhos[from..to].windows(2).map(|w| w[1] - w[0]).filter(|d| d.abs() > 1e-9).collect();

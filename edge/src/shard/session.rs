@@ -30,7 +30,8 @@ impl Shard {
         self.stats.handshake_failures.inc();
         if self.log_refusal() {
             let peer = self.conns.get(slot as usize).and_then(|c| c.as_ref()?.peer);
-            tracing::info!(shard = self.id, slot, peer = ?peer, status = e.status, reason = %e.reason, "handshake refused");
+            let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            tracing::info!(shard = self.id, slot, peer = %peer, status = e.status, reason = %e.reason, "handshake refused");
         }
         let bytes = Bytes::from(handshake::error_response(e));
         self.finish_with(slot, Some(bytes));

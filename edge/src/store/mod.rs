@@ -271,7 +271,10 @@ impl Store {
         let store = self.clone();
         let h = std::thread::Builder::new()
             .name("roomcast-store".into())
-            .spawn(move || store.run(&rx, &engines, &progress, history_max_age))?;
+            .spawn(move || {
+                crate::sys::raise_thread_priority();
+                store.run(&rx, &engines, &progress, history_max_age)
+            })?;
         Ok((handles, h))
     }
 
