@@ -247,12 +247,16 @@ async fn publish_inner(st: &AppState, room: String, request: Request) -> Respons
         return r.into_response();
     }
     // Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): a retry with the same key
-    // gets the first answer and publishes nothing.
+    // gets the first answer and publishes nothing. Keys are the publisher's own: with API keys,
+    // one publisher's key never answers another's request (the key name goes in front).
     let idem = match request.headers().get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str().map_err(|_| "must be visible ASCII characters").and_then(|k| {
             crate::engine::idem::check_key(k)?;
-            Ok(Box::<str>::from(k))
+            Ok(match key {
+                Some(pk) => Box::<str>::from(format!("{}:{k}", pk.name)),
+                None => Box::<str>::from(k),
+            })
         }) {
             Ok(k) => Some(k),
             Err(why) => {

@@ -91,3 +91,25 @@ async fn a_retry_that_reaches_another_edge_is_not_a_second_gift() {
     let got = received(&mut ws, Duration::from_millis(700)).await;
     assert_eq!(got, vec![(first["seq"].as_u64().unwrap(), "gift".to_owned())], "one gift on the other edge");
 }
+
+/// Keys belong to their publisher: with publish API keys, the same Idempotency-Key from two
+/// publishers is two messages, and each publisher's retry is answered from its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_belong_to_their_publisher() {
+    let cfg = config(
+        "idem-keys",
+        "[[ingest.keys]]\nname = \"shop\"\nkey = \"shop-key-0123456789\"\n\n[[ingest.keys]]\nname = \"game\"\nkey = \"game-key-0123456789\"\n",
+    );
+    let edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    let shop = [("Authorization", "Bearer shop-key-0123456789"), ("Idempotency-Key", "order-1")];
+    let game = [("Authorization", "Bearer game-key-0123456789"), ("Idempotency-Key", "order-1")];
+    let (s, _, a) = p.publish_with("r", "gift", json!(1), &shop).await;
+    assert_eq!(s, 200, "{a}");
+    let (s, _, b) = p.publish_with("r", "gift", json!(2), &game).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["replayed"], false, "another publisher's key is another message");
+    assert_ne!(a["seq"], b["seq"]);
+    let (_, _, again) = p.publish_with("r", "gift", json!(1), &shop).await;
+    assert_eq!((again["seq"].clone(), again["replayed"].clone()), (a["seq"].clone(), json!(true)));
+}
