@@ -20,6 +20,7 @@ pub mod room;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod perfcount;
 pub mod sys;
 pub mod top;
 pub mod uring;

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub bus: BusStats,
     /// 1 while the edge drains.
     pub draining: IntGauge,
+    /// Per-thread perf counters (crate::perfcount).
+    pub perf: crate::perfcount::PerfFamilies,
 }
 
 struct ShardFamilies {
@@ -51,6 +53,8 @@ struct ShardFamilies {
 /// One shard's handles (cheap clones of the shared atomics).
 #[derive(Clone)]
 pub struct ShardStats {
+    /// The perf counter families: the shard opens its own counters on its thread.
+    pub perf: crate::perfcount::PerfFamilies,
     pub connections: IntGauge,
     pub accepted: IntCounter,
     pub closed: IntCounter,
@@ -332,7 +336,8 @@ impl Metrics {
         gauge(r, "build_info", "The running build: always 1, its version in the labels.", &["version"])
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        Self { registry, shard, bus, draining }
+        let perf = crate::perfcount::PerfFamilies::register(r);
+        Self { registry, shard, bus, draining, perf }
     }
 
     /// The handles shard `id` increments.
@@ -341,6 +346,7 @@ impl Metrics {
         let l: [&str; 1] = [l[0].as_str()];
         let f = &self.shard;
         ShardStats {
+            perf: self.perf.clone(),
             connections: f.connections.with_label_values(&l),
             accepted: f.accepted.with_label_values(&l),
             closed: f.closed.with_label_values(&l),

@@ -173,6 +173,27 @@ pub fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
     }
 }
 
+/// The edge's CPU time per thread from its perf counters (`roomcast_thread_cpu_seconds_total`
+/// on /metrics): task-clock, kernel included, per shard thread.
+pub fn edge_thread_cpu(http: std::net::SocketAddr) -> Option<std::collections::BTreeMap<String, f64>> {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("http://{http}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    let m: std::collections::BTreeMap<String, f64> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("roomcast_thread_cpu_seconds_total{thread=\"")?;
+            let (thread, value) = rest.split_once("\"} ")?;
+            Some((thread.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect();
+    (!m.is_empty()).then_some(m)
+}
+
 pub fn proc_cpu_rss(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
@@ -308,6 +329,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let connect_s = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
     let server_connected = a.server_pid.and_then(proc_cpu_rss);
+    let threads_connected = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
     let gen_cpu_before: f64 = progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
 
     // 2. Publish (stream threads), sampling progress every second on this thread.
@@ -398,6 +420,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let server_after = a.server_pid.and_then(proc_cpu_rss);
+    let threads_after = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
     let stop = Stop { published: outcome.published.clone() };
     let line = serde_json::to_string(&stop)?;
     for p in &mut procs {
@@ -540,7 +563,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             server_after,
             connected,
             measured_deliveries,
-        ),
+        )
+        .with_threads(threads_connected.as_ref(), threads_after.as_ref(), measured_deliveries),
         generator_cpu_s: gen_cpu - gen_cpu_before.min(gen_cpu),
         generator_max_worker_core_share: finals.iter().map(|f| f.cpu_s / run_secs).fold(0.0, f64::max),
         samples,

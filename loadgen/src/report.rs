@@ -48,6 +48,10 @@ pub struct ServerFigures {
     pub rss_idle_bytes: u64,
     pub rss_connected_bytes: u64,
     pub rss_bytes_per_connection: Option<f64>,
+    /// From the edge's perf counters (task-clock per thread, kernel included) over the
+    /// publishing phase: µs of CPU per delivery, per thread and summed over the threads.
+    pub task_clock_us_per_delivery: Option<f64>,
+    pub task_clock_us_per_delivery_by_thread: std::collections::BTreeMap<String, f64>,
 }
 
 impl ServerFigures {
@@ -70,10 +74,30 @@ impl ServerFigures {
                     rss_idle_bytes: rss0,
                     rss_connected_bytes: rss1,
                     rss_bytes_per_connection: (conns > 0).then(|| (rss1 as f64 - rss0 as f64) / conns as f64),
+                    ..Self::default()
                 }
             }
             _ => Self::default(),
         }
+    }
+
+    /// Adds CPU per delivery per thread from the edge's task-clock readings.
+    pub fn with_threads(
+        mut self,
+        before: Option<&std::collections::BTreeMap<String, f64>>,
+        after: Option<&std::collections::BTreeMap<String, f64>>,
+        deliveries: u64,
+    ) -> Self {
+        if let (Some(b), Some(a)) = (before, after)
+            && deliveries > 0
+        {
+            for (t, v) in a {
+                let d = v - b.get(t).copied().unwrap_or(0.0);
+                self.task_clock_us_per_delivery_by_thread.insert(t.clone(), d * 1e6 / deliveries as f64);
+            }
+            self.task_clock_us_per_delivery = Some(self.task_clock_us_per_delivery_by_thread.values().sum());
+        }
+        self
     }
 }
 
@@ -155,6 +179,8 @@ impl Report {
             "duplicates": self.duplicates,
             "latency_ms": self.latency_ms,
             "edge_cpu_us_per_delivery": self.server.cpu_us_per_delivery,
+            "edge_shards_task_clock_us_per_delivery": self.server.task_clock_us_per_delivery,
+            "edge_task_clock_us_per_delivery_by_thread": self.server.task_clock_us_per_delivery_by_thread,
             "edge_cpu_us_per_connection": self.server.cpu_us_per_connection,
             "edge_rss_bytes_per_connection": self.server.rss_bytes_per_connection,
             "corrupt_streams": self.corrupt_streams,
@@ -209,6 +235,11 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
             .map_or(String::from("-"), |p| format!("{:.2} / {:.2} / {:.2}", p.p50, p.p99, p.max))
     };
     let cpu = r.server.cpu_us_per_delivery.map_or("not measured".into(), |v| format!("{v:.3}"));
+    let tclock = r.server.task_clock_us_per_delivery.map_or("not measured".into(), |v| {
+        let per: Vec<String> =
+            r.server.task_clock_us_per_delivery_by_thread.iter().map(|(t, u)| format!("{t} {u:.3}")).collect();
+        format!("{v:.3} ({})", per.join(", "))
+    });
     let cpu_conn = r.server.cpu_us_per_connection.map_or("not measured".into(), |v| format!("{v:.1}"));
     let rss = r.server.rss_bytes_per_connection.map_or("not measured".into(), |v| format!("{v:.0}"));
     let md = format!(
@@ -230,6 +261,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | gift latency, full-speed readers / slow readers (same percentiles) | {lgf} ; {lgs} |\n\
          | chat latency p50 / p99 / p99.9 / max (ms) | {lchat} |\n\
          | server CPU µs per delivery | {cpu} |\n\
+         | edge shards' CPU µs per delivery from task-clock (per thread) | {tclock} |\n\
          | server CPU µs per connection (connect phase) | {cpu_conn} |\n\
          | server RSS bytes per connection | {rss} |\n\
          | generator CPU s (max worker share of a core) | {gcpu:.1} ({gshare:.0}%) |\n\n\

@@ -45,6 +45,9 @@ fn two_thousand_connections_no_loss_and_a_complete_result() {
         assert!(v["latency_ms"]["gift"][key].as_f64().unwrap() > 0.0);
     }
     assert!(v["edge_cpu_us_per_delivery"].as_f64().unwrap() > 0.0);
+    // And from the edge's perf counters (task-clock is a software counter: every kernel).
+    assert!(v["edge_shards_task_clock_us_per_delivery"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["edge_task_clock_us_per_delivery_by_thread"]["shard-0"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["edge_rss_bytes_per_connection"].is_number());
     for f in ["README.md", "latency.svg", "throughput.svg"] {
         assert!(dir.join(f).metadata().unwrap().len() > 100, "{f}");

@@ -174,6 +174,8 @@ struct Shard {
     latency_n: u32,
     /// The capacity estimate's last reading: thread CPU time and frames written at a time.
     capacity_at: Option<(Duration, Duration, u64, Instant)>,
+    /// This shard's thread's perf counters, opened on its first capacity tick (on its thread).
+    perf: Option<crate::perfcount::ThreadCounters>,
     /// The gift-latency histogram's cumulative bucket counts a second ago (the controller
     /// reads the p99 of the last second from the difference).
     latency_snap: Option<(Vec<u64>, Instant)>,
@@ -245,6 +247,7 @@ impl Shard {
             latency_n: 0x9e37_79b9 ^ u32::from(spec.id),
             replay_held: 0,
             capacity_at: None,
+            perf: None,
             latency_snap: None,
             shutdown_at: None,
             epoch: now,
