@@ -86,6 +86,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/admin/drain", post(admin_drain))
         .route("/v1/kernel", get(kernel))
         .route("/dashboard", get(dashboard))
+        .route("/dashboard/uplot.js", get(dashboard_js))
+        .route("/dashboard/uplot.css", get(dashboard_css))
         .route("/healthz", get(healthz))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -469,13 +471,32 @@ async fn kernel(State(st): State<AppState>) -> Response {
         "snapshot": st.kernel.snapshot().as_deref(),
         "delivery": st.metrics.delivery(),
         "connections": st.metrics.connections(),
+        "totals": st.metrics.totals(),
+        "top_rooms": st.bus.top_rooms(5).await,
         "draining": st.draining.load(Ordering::Relaxed),
     }))
     .into_response()
 }
 
 async fn dashboard() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard.html")).into_response()
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard/index.html")).into_response()
+}
+
+/// uPlot (MIT, vendored in edge/src/dashboard/): the dashboard's charts, from the binary.
+async fn dashboard_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "max-age=86400")],
+        include_str!("dashboard/uplot.iife.min.js"),
+    )
+        .into_response()
+}
+
+async fn dashboard_css() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "max-age=86400")],
+        include_str!("dashboard/uplot.min.css"),
+    )
+        .into_response()
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {

@@ -433,6 +433,42 @@ impl Metrics {
         serde_json::json!({ "bounds_s": bounds, "cumulative": classes, "shards": shards })
     }
 
+    /// Cumulative counters and current gauges the dashboard and `edge top` turn into rates: the
+    /// edge's own families summed over shards (and split by `reason` where they have one).
+    pub fn totals(&self) -> serde_json::Value {
+        use std::collections::BTreeMap;
+        let (mut sums, mut reasons): (BTreeMap<String, f64>, BTreeMap<String, BTreeMap<String, f64>>) =
+            (BTreeMap::new(), BTreeMap::new());
+        for mf in self.registry.gather() {
+            let name = mf.name().strip_prefix("roomcast_").unwrap_or(mf.name()).to_owned();
+            let value = |m: &Metric| match mf.get_field_type() {
+                MetricType::COUNTER => m.get_counter().get_value(),
+                MetricType::GAUGE => m.get_gauge().get_value(),
+                _ => 0.0,
+            };
+            for m in mf.get_metric() {
+                let v = value(m);
+                *sums.entry(name.clone()).or_default() += v;
+                if let Some(r) = m.get_label().iter().find(|l| l.name() == "reason") {
+                    *reasons.entry(name.clone()).or_default().entry(r.value().to_owned()).or_default() += v;
+                }
+            }
+        }
+        let pick = |n: &str| sums.get(n).copied().unwrap_or(0.0);
+        serde_json::json!({
+            "messages_in": pick("messages_in_total"),
+            "messages_delivered": pick("messages_delivered_total"),
+            "frames_written": pick("frames_written_total"),
+            "bytes_written": pick("bytes_written_total"),
+            "goaways": pick("goaway_sent_total"),
+            "slow_consumer_closes": pick("slow_consumer_closes_total"),
+            "rooms": pick("rooms"),
+            "publish_rejected": reasons.get("publish_rejected_total").cloned().unwrap_or_default(),
+            "messages_dropped": reasons.get("messages_dropped_total").cloned().unwrap_or_default(),
+            "connections_refused": reasons.get("connections_refused_total").cloned().unwrap_or_default(),
+        })
+    }
+
     /// The Prometheus text exposition of every family, the kernel probes' after the edge's.
     pub fn render(&self, kernel: &KernelView, out: &mut String) {
         let mut families = self.registry.gather();

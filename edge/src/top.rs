@@ -40,8 +40,8 @@ fn bytes(n: f64) -> String {
     }
 }
 
-/// One screen from a `/v1/kernel` answer.
-pub fn render(k: &Value, http: SocketAddr) -> String {
+/// One screen from a `/v1/kernel` answer (and the one before it, `secs` earlier, for rates).
+pub fn render(k: &Value, prev: Option<(&Value, f64)>, http: SocketAddr) -> String {
     let h = &k["health"];
     let mut o = String::new();
     let status = h["status"].as_str().unwrap_or("?");
@@ -54,6 +54,39 @@ pub fn render(k: &Value, http: SocketAddr) -> String {
     ));
     for r in h["reasons"].as_array().into_iter().flatten() {
         o.push_str(&format!("  - {}\n", r.as_str().unwrap_or("")));
+    }
+    // Traffic: rates from the cumulative totals of two answers.
+    let t = &k["totals"];
+    let total = |v: &Value, name: &str| -> f64 {
+        match &v["totals"][name] {
+            Value::Object(m) => m.values().map(num).sum(),
+            x => num(x),
+        }
+    };
+    let per_s = |name: &str| match prev {
+        Some((p, secs)) if secs > 0.0 => format!("{:.0}/s", ((total(k, name) - total(p, name)) / secs).max(0.0)),
+        _ => "-".to_owned(),
+    };
+    if !t.is_null() {
+        o.push_str(&format!(
+            "\nrooms {}   messages in {}   deliveries {}   publishes refused {}   dropped {}   goaways {}   slow closes {}\n",
+            t["rooms"],
+            per_s("messages_in"),
+            per_s("messages_delivered"),
+            per_s("publish_rejected"),
+            per_s("messages_dropped"),
+            per_s("goaways"),
+            per_s("slow_consumer_closes"),
+        ));
+        for r in k["top_rooms"].as_array().into_iter().flatten().take(5) {
+            o.push_str(&format!(
+                "  {:<24} {:>8} members {:>8.1} msgs/s  window {} ms\n",
+                r["room"].as_str().unwrap_or("?"),
+                r["members"],
+                num(&r["publish_rate"]),
+                r["window_ms"],
+            ));
+        }
     }
     let s = &k["snapshot"];
     if s.is_null() {
@@ -115,9 +148,15 @@ pub fn render(k: &Value, http: SocketAddr) -> String {
 
 /// Refreshes once a second until interrupted (`once`: print one screen and return).
 pub fn run(http: SocketAddr, once: bool) -> anyhow::Result<()> {
+    let mut prev: Option<(Value, std::time::Instant)> = None;
     loop {
         let screen = match fetch(http) {
-            Ok(k) => render(&k, http),
+            Ok(k) => {
+                let now = std::time::Instant::now();
+                let screen = render(&k, prev.as_ref().map(|(p, at)| (p, now.duration_since(*at).as_secs_f64())), http);
+                prev = Some((k, now));
+                screen
+            }
             Err(e) if once => return Err(e),
             Err(e) => format!("roomcast edge {http}: {e}\n"),
         };
@@ -151,7 +190,16 @@ mod tests {
                           "listen_overflows": 0, "listen_drops": 0,
                           "top_retransmits": [{ "addr": "10.0.0.1", "retransmits": 7 }] }
         });
-        let out = render(&k, "127.0.0.1:8081".parse().unwrap());
+        let mut before = k.clone();
+        before["totals"] = serde_json::json!({ "rooms": 2, "messages_in": 100, "messages_delivered": 1000,
+            "publish_rejected": { "bad_json": 1 }, "messages_dropped": {}, "goaways": 0, "slow_consumer_closes": 0 });
+        let mut k = k;
+        k["totals"] = serde_json::json!({ "rooms": 2, "messages_in": 150, "messages_delivered": 3000,
+            "publish_rejected": { "bad_json": 3 }, "messages_dropped": {}, "goaways": 0, "slow_consumer_closes": 0 });
+        k["top_rooms"] = serde_json::json!([{ "room": "lobby", "members": 40, "publish_rate": 9.5, "window_ms": 100, "seq": 7 }]);
+        let out = render(&k, Some((&before, 2.0)), "127.0.0.1:8081".parse().unwrap());
+        assert!(out.contains("messages in 25/s   deliveries 1000/s   publishes refused 1/s"), "{out}");
+        assert!(out.contains("lobby") && out.contains("40 members"), "{out}");
         assert!(out.contains("health: DEGRADED"), "{out}");
         assert!(out.contains("close_wait 300 >= 256"));
         assert!(out.contains("close_wait          1"), "{out}");

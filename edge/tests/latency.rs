@@ -63,7 +63,13 @@ async fn delivery_latency_and_capacity_are_measured() {
     assert!(counts.last().unwrap().as_u64().unwrap() >= 10);
     assert_eq!(k["delivery"]["shards"].as_array().unwrap().len(), 2);
     let (_, page) = p.get("/dashboard").await;
-    assert!(page.contains("Gift delivery latency"));
+    assert!(page.contains("Delivery latency at the edge"));
+    let (status, js) = p.get("/dashboard/uplot.js").await;
+    assert_eq!(status, 200, "the chart library is served from the binary");
+    assert!(js.contains("uPlot"));
+    assert!(k["totals"]["messages_in"].as_f64().unwrap() >= 160.0, "{}", k["totals"]);
+    assert_eq!(k["top_rooms"][0]["room"], "lat");
+    assert_eq!(k["top_rooms"][0]["members"], 8);
 }
 
 /// The merge window is part of what a member waits: with a 300 ms window, a gift alone in its

@@ -299,6 +299,22 @@ pub enum EngineCmd {
         room: RoomName,
         reply: tokio::sync::oneshot::Sender<Option<RoomStats>>,
     },
+    /// This engine's largest rooms by members (the dashboard's hottest rooms).
+    TopRooms {
+        n: usize,
+        reply: tokio::sync::oneshot::Sender<Vec<RoomBrief>>,
+    },
+}
+
+/// A room in the dashboard's list of hottest rooms.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomBrief {
+    pub room: String,
+    pub members: u64,
+    /// Messages published per second (EWMA).
+    pub publish_rate: f64,
+    pub window_ms: u64,
+    pub seq: u64,
 }
 
 impl EngineCmd {
@@ -316,7 +332,7 @@ impl EngineCmd {
             | Self::RoomStats { room, .. }
             | Self::Online { room, .. }
             | Self::PublishDone { room, .. } => Some(room),
-            Self::Redis { .. } | Self::Durable { .. } => None,
+            Self::Redis { .. } | Self::Durable { .. } | Self::TopRooms { .. } => None,
         }
     }
 }
@@ -507,6 +523,24 @@ impl BusHandle {
     }
 
     /// Room figures (from async code).
+    /// The `n` largest rooms by members over every engine.
+    pub async fn top_rooms(&self, n: usize) -> Vec<RoomBrief> {
+        let mut waits = Vec::new();
+        for mb in self.engines.iter() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if mb.try_send(Mail::Engine(EngineCmd::TopRooms { n, reply: tx })).is_ok() {
+                waits.push(rx);
+            }
+        }
+        let mut all = Vec::new();
+        for rx in waits {
+            all.extend(rx.await.unwrap_or_default());
+        }
+        all.sort_by(|a, b| b.members.cmp(&a.members).then(b.publish_rate.total_cmp(&a.publish_rate)));
+        all.truncate(n);
+        all
+    }
+
     pub async fn room_stats(&self, room: RoomName) -> Option<RoomStats> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.try_send(EngineCmd::RoomStats { room, reply: tx }).ok()?;

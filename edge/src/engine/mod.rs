@@ -508,6 +508,9 @@ impl Engine {
             EngineCmd::RoomStats { room, reply } => {
                 let _ = reply.send(self.room_stats(&room, now));
             }
+            EngineCmd::TopRooms { n, reply } => {
+                let _ = reply.send(self.top_rooms(n, now));
+            }
         }
     }
 
@@ -758,6 +761,32 @@ impl Engine {
         self.rooms.insert(room.clone(), r);
         self.stats.rooms.inc();
         Ok(())
+    }
+
+    /// This engine's `n` largest rooms by members (a partial selection: no full sort of many
+    /// rooms once a second).
+    fn top_rooms(&self, n: usize, now: Instant) -> Vec<crate::bus::RoomBrief> {
+        let mut rooms: Vec<&Room> = self.rooms.values().collect();
+        if n == 0 {
+            return Vec::new();
+        }
+        if rooms.len() > n {
+            rooms.select_nth_unstable_by(n - 1, |a, b| b.members.cmp(&a.members));
+            rooms.truncate(n);
+        }
+        rooms
+            .into_iter()
+            .map(|r| {
+                let rate = r.current_rate(now);
+                crate::bus::RoomBrief {
+                    room: r.name.to_string(),
+                    members: r.members,
+                    publish_rate: rate,
+                    window_ms: self.window_of(rate, r.members).as_millis() as u64,
+                    seq: r.seq,
+                }
+            })
+            .collect()
     }
 
     fn room_stats(&self, room: &str, now: Instant) -> Option<RoomStats> {
