@@ -117,6 +117,8 @@ pub struct BusStats {
     pub store_bytes: IntGauge,
     /// With a shared bus: 1 while Redis is reachable (publishes get 503 while it is not).
     pub bus_up: IntGauge,
+    /// Redis commands that failed, by operation.
+    pub redis_errors: IntCounterVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -316,6 +318,12 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            redis_errors: counter(
+                r,
+                "redis_errors_total",
+                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online).",
+                &["op"],
+            ),
             bus_up: gauge(
                 r,
                 "bus_up",
@@ -329,8 +337,7 @@ impl Metrics {
                 .with_label_values(&[] as &[&str]);
         // The process's own figures (CPU seconds, resident memory, open descriptors and their
         // limit, threads, start time), read from /proc at each scrape.
-        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-            .expect("unique metric");
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("unique metric");
         // Which build is running: a constant 1 with the version as a label (the Prometheus
         // convention for joining versions onto other series).
         gauge(r, "build_info", "The running build: always 1, its version in the labels.", &["version"])

@@ -121,8 +121,15 @@ impl Edge {
                     edge_id: cfg.edge_name(ws_addr),
                     ttl: Duration::from_millis(cfg.presence.ttl_ms),
                 };
-                let bridge = crate::bus::redis::start(url, bus.clone(), limits, presence, metrics.bus.bus_up.clone())
-                    .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
+                let bridge = crate::bus::redis::start(
+                    url,
+                    bus.clone(),
+                    limits,
+                    presence,
+                    metrics.bus.bus_up.clone(),
+                    metrics.bus.redis_errors.clone(),
+                )
+                .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
                 tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");
                 Some(bridge)
             }

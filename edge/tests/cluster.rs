@@ -433,6 +433,17 @@ async fn healthz_reports_the_bus_and_draining() {
     assert_eq!((code, h["status"].as_str()), (200, Some("degraded")), "{h}");
     assert!(h["reasons"].to_string().contains("redis is unreachable"), "{h}");
     assert_eq!(metric(&p).await.as_deref(), Some("0"));
+    // A publish meanwhile is refused (503, retry), and counted; so are the failed connects.
+    let (code, body) = p.post_raw("/v1/rooms/h/messages", br#"{"kind":"gift","body":1}"#.to_vec()).await;
+    assert_eq!(code, 503, "{body}");
+    let (_, text) = p.get("/metrics").await;
+    assert!(text.lines().any(|l| l.starts_with("roomcast_publish_rejected_total{reason=\"bus_unavailable\"} ")), "refusal counted");
+    drop(text);
+    let errors = || async {
+        let (_, text) = p.get("/metrics").await;
+        text.lines().any(|l| l.starts_with("roomcast_redis_errors_total{op=\"connect\"} "))
+    };
+    assert!(wait_until(Duration::from_secs(10), errors).await, "failed reconnects are counted");
     redis.restart();
     assert!(wait_until(Duration::from_secs(15), || async { health(&p).await.1["bus"] == "up" }).await);
     assert_eq!(health(&p).await.1["status"], "ok");

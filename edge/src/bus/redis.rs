@@ -344,11 +344,23 @@ pub fn start(
     limits: StreamLimits,
     presence: Presence,
     up: prometheus::IntGauge,
+    errors: prometheus::IntCounterVec,
 ) -> Result<Bridge, ::redis::RedisError> {
+    let _ = ERRORS.set(errors);
     let client = ::redis::Client::open(url)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(run(client, rx, bus, limits, presence, up));
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
+}
+
+/// `roomcast_redis_errors_total{op}` (one bridge per process; set when it starts).
+static ERRORS: std::sync::OnceLock<prometheus::IntCounterVec> = std::sync::OnceLock::new();
+
+/// Counts a failed Redis operation.
+fn failed(op: &str) {
+    if let Some(e) = ERRORS.get() {
+        e.with_label_values(&[op]).inc();
+    }
 }
 
 /// Who this edge is in the rooms' online hashes, and how long its counts live there.
@@ -377,6 +389,7 @@ async fn report_online(
         .await;
     if let Err(e) = r {
         tracing::debug!(room = %room, error = %e, "online count not written");
+        failed("online");
     }
 }
 
@@ -410,6 +423,7 @@ async fn run(
                 up.set(0);
                 bus.send_async(EngineCmd::Redis { up: false }).await;
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis unreachable");
+                failed("connect");
                 // Keep answering commands (publishes get 503) while we wait.
                 let sleep = tokio::time::sleep(backoff);
                 tokio::pin!(sleep);
@@ -437,6 +451,7 @@ async fn run(
         for room in &rooms {
             if let Err(e) = sink.subscribe(&keys(room)[3]).await {
                 tracing::warn!(error = %e, "redis resubscribe failed");
+                failed("subscribe");
                 ok = false;
                 break;
             }
@@ -485,6 +500,7 @@ async fn run(
                     }
                     None => {
                         tracing::warn!("redis subscriber connection lost; reconnecting");
+                        failed("connection_lost");
                         up.set(0);
                 bus.send_async(EngineCmd::Redis { up: false }).await;
                         break;
@@ -497,6 +513,7 @@ async fn run(
                             if rooms.insert(room.clone()) {
                                 if let Err(e) = sink.subscribe(&keys(&room)[3]).await {
                                     tracing::warn!(error = %e, "redis subscribe failed");
+                failed("subscribe");
                                 }
                                 // Read the seq only once subscribed: nothing after it is missed.
                                 tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
@@ -594,7 +611,10 @@ async fn renumber(mut cm: ConnectionManager, room: RoomName, epoch: Epoch, below
             tracing::error!(room = %room, below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)")
         }
         Ok(_) => {}
-        Err(e) => tracing::warn!(room = %room, error = %e, "cannot start a new epoch in redis"),
+        Err(e) => {
+            tracing::warn!(room = %room, error = %e, "cannot start a new epoch in redis");
+            failed("renumber");
+        }
     }
     sync_room(cm, room, bus).await;
 }
@@ -625,7 +645,10 @@ async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
                 .collect();
             bus.send_async(EngineCmd::Synced { room, seq, epoch, latest }).await;
         }
-        Err(e) => tracing::warn!(room = %room, error = %e, "cannot read room seq"),
+        Err(e) => {
+            tracing::warn!(room = %room, error = %e, "cannot read room seq");
+            failed("sync");
+        }
     }
 }
 
@@ -670,6 +693,7 @@ async fn publish(
         Ok((seq, ts_us, replayed)) => Ok(Ack { seq, ts_us, replayed: replayed == 1 }),
         Err(e) => {
             tracing::warn!(error = %e, "redis publish failed");
+            failed("publish");
             Err(PublishError::BusUnavailable)
         }
     };
@@ -708,6 +732,7 @@ async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus
         }
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(room = %room, error = %e, "redis fill failed");
+            failed("fill");
             bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
         }
     }
@@ -732,6 +757,7 @@ async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u6
         }
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(room = %room, error = %e, "redis recovery failed");
+            failed("recover");
             bus.send_async(recovery_failed(room, since, upto, join)).await;
         }
     }

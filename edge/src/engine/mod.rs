@@ -20,8 +20,8 @@
 pub mod adaptive;
 mod admission;
 mod batch;
-pub mod idem;
 pub mod host;
+pub mod idem;
 mod joins;
 mod latest;
 mod presence;
@@ -452,6 +452,7 @@ impl Engine {
                     Some(bridge) => match self.admit(&room, &msg, now) {
                         Err(e) => self.answer(out, reply, &room, Err(e)),
                         Ok(_) if !self.remote_up => {
+                            self.stats.publish_rejected.with_label_values(&["bus_unavailable"]).inc();
                             self.answer(out, reply, &room, Err(crate::bus::PublishError::BusUnavailable));
                         }
                         Ok(must_deliver) => {
@@ -460,7 +461,8 @@ impl Engine {
                                 .conflate
                                 .get(&msg.kind)
                                 .map(|field| latest::entry_key(field.as_deref(), &msg.body));
-                            let cmd = BridgeCmd::Publish { room, msg: *msg, must_deliver, conflate, reply, permit: None };
+                            let cmd =
+                                BridgeCmd::Publish { room, msg: *msg, must_deliver, conflate, reply, permit: None };
                             if let Err(BridgeCmd::Publish { room, reply, .. }) = bridge.send(cmd) {
                                 // Too many publishes waiting for Redis already.
                                 self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
@@ -497,7 +499,12 @@ impl Engine {
             EngineCmd::Recovered { room, since, upto, join, messages, evicted_upto, ok } => {
                 self.recovered(&room, since, upto, join, messages, evicted_upto, ok, out);
             }
-            EngineCmd::PublishDone { room, reply, result } => self.answer(out, reply, &room, result),
+            EngineCmd::PublishDone { room, reply, result } => {
+                if matches!(result, Err(crate::bus::PublishError::BusUnavailable)) {
+                    self.stats.publish_rejected.with_label_values(&["bus_unavailable"]).inc();
+                }
+                self.answer(out, reply, &room, result);
+            }
             EngineCmd::Redis { up } => {
                 if up != self.remote_up && self.id == 0 {
                     tracing::info!(up, "redis bus state");
