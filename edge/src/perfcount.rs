@@ -5,7 +5,7 @@
 //! context switches and migrations, which every Linux kernel has in software, and CPU cycles,
 //! instructions and cache misses where the CPU exposes hardware counters (this VM does not).
 //! A counter the kernel refuses (no PMU, `perf_event_paranoid`, a seccomp filter) is absent:
-//! its series is not exported and `roomcast_perf_counter_available{counter}` says 0; nothing
+//! its series is not exported and `roomcast_perf_event_available{event}` says 0; nothing
 //! stops the edge from starting. /metrics gets the totals per thread
 //! (`roomcast_thread_cpu_seconds_total{thread}` from task-clock, `roomcast_thread_<counter>_total`
 //! for the others), so a benchmark reads CPU per delivery per thread from task-clock instead of
@@ -32,9 +32,9 @@ pub struct PerfFamilies {
 impl PerfFamilies {
     pub fn register(r: &Registry) -> Self {
         let available = IntGaugeVec::new(
-            Opts::new("perf_counter_available", "Per-thread perf counters this kernel and CPU allow (1) or refuse (0).")
+            Opts::new("perf_event_available", "Per-thread perf events this kernel and CPU allow (1) or refuse (0).")
                 .namespace("roomcast"),
-            &["counter"],
+            &["event"],
         )
         .expect("valid metric");
         r.register(Box::new(available.clone())).expect("unique metric");
