@@ -480,9 +480,11 @@ pub struct WsConfig {
     pub max_message: usize,
     /// A connection that has not completed its upgrade within this time is closed.
     pub handshake_timeout_ms: u64,
-    /// The server pings each open connection this often; 0 disables pings.
+    /// The server pings each open connection this often; 0 disables pings. SSE streams get a
+    /// heartbeat comment (`:`) as often, which keeps proxies and NAT tables from timing them out.
     pub ping_interval_ms: u64,
     /// A connection that has sent nothing (not even a pong) for this long is closed (1001).
+    /// Not for SSE streams, whose clients never send: a dead one shows as a failed write.
     pub idle_timeout_ms: u64,
     /// Connections per shard; 0 = as many as the kernel allows (RLIMIT_NOFILE caps each ring's
     /// direct-descriptor table: 20000 here, so 10^5 connections need 6 shards).
@@ -499,7 +501,9 @@ pub struct WsConfig {
     /// Origins browsers may connect from (RFC 6455 §10.2): exact (`https://example.com`) or a
     /// wildcard subdomain (`https://*.example.com`). Empty (default): any. A request whose
     /// `Origin` is not listed gets 403; one without `Origin` (not a browser: Origin protects
-    /// only against pages in browsers) is let through to token checks.
+    /// only against pages in browsers) is let through to token checks. `GET /sse` applies the
+    /// same list and answers CORS for it (`Access-Control-Allow-Origin`: the origin, or `*` when
+    /// the list is empty).
     pub allowed_origins: Vec<String>,
 }
 

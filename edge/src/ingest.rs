@@ -133,11 +133,32 @@ pub async fn route_answer(src: &RouteSource, draining: bool, overloaded: bool, r
             }
         }
     };
-    let url = match room {
-        Some(r) => format!("{url}?room={r}"),
-        None => url,
+    let sse = sse_url(&url);
+    let with_room = |u: String| match room {
+        Some(r) => format!("{u}?room={r}"),
+        None => u,
     };
-    Json(serde_json::json!({ "url": url, "edge": id })).into_response()
+    let url = with_room(url);
+    match sse {
+        // The same edge's SSE fallback, for browsers whose network breaks the upgrade.
+        Some(sse) if room.is_some() => {
+            Json(serde_json::json!({ "url": url, "edge": id, "sse": with_room(sse) })).into_response()
+        }
+        _ => Json(serde_json::json!({ "url": url, "edge": id })).into_response(),
+    }
+}
+
+/// The SSE endpoint beside an edge's WebSocket URL: `ws://H/P/ws` -> `http://H/P/sse` (`wss` ->
+/// `https`). None for a URL that does not end in `/ws` (a proxy's own path: no guess).
+pub(crate) fn sse_url(ws_url: &str) -> Option<String> {
+    let (scheme, rest) = ws_url.split_once("://")?;
+    let scheme = match scheme {
+        "ws" => "http",
+        "wss" => "https",
+        _ => return None,
+    };
+    let base = rest.strip_suffix("/ws")?;
+    Some(format!("{scheme}://{base}/sse"))
 }
 
 fn rand01() -> f64 {
@@ -459,6 +480,7 @@ async fn healthz(State(st): State<AppState>) -> Response {
         "draining": draining,
         "shards": st.shards,
         "connections": st.metrics.connections(),
+        "sse_connections": st.metrics.sse_connections(),
         "uptime_s": st.started.elapsed().as_secs(),
     }));
     (code, body).into_response()
@@ -829,6 +851,14 @@ mod tests {
 
     fn cfg(toml: &str) -> Config {
         Config::from_toml(toml).unwrap()
+    }
+
+    #[test]
+    fn sse_urls_sit_beside_the_websocket_url() {
+        assert_eq!(sse_url("ws://10.0.0.7:8080/ws").as_deref(), Some("http://10.0.0.7:8080/sse"));
+        assert_eq!(sse_url("wss://live.example/edge-7/ws").as_deref(), Some("https://live.example/edge-7/sse"));
+        assert_eq!(sse_url("wss://live.example/socket"), None);
+        assert_eq!(sse_url("http://x/ws"), None);
     }
 
     fn no_env(_: &str) -> Option<String> {

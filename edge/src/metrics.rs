@@ -27,6 +27,8 @@ pub struct Metrics {
 
 struct ShardFamilies {
     connections: IntGaugeVec,
+    sse_connections: IntGaugeVec,
+    sse_refused: IntCounterVec,
     accepted: IntCounterVec,
     closed: IntCounterVec,
     handshake_failures: IntCounterVec,
@@ -56,6 +58,10 @@ pub struct ShardStats {
     /// The perf counter families: the shard opens its own counters on its thread.
     pub perf: crate::perfcount::PerfFamilies,
     pub connections: IntGauge,
+    /// Open SSE streams (answered 200, not yet closed): the `/sse` share of `connections`.
+    pub sse_connections: IntGauge,
+    /// `/sse` requests refused with an HTTP error (also in `handshake_failures`).
+    pub sse_refused: IntCounter,
     pub accepted: IntCounter,
     pub closed: IntCounter,
     pub handshake_failures: IntCounter,
@@ -139,13 +145,41 @@ fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec
     g
 }
 
+/// A gauge family summed over its children.
+fn gauge_sum(g: &IntGaugeVec) -> i64 {
+    let mut total = 0;
+    for mf in g.collect() {
+        for m in mf.get_metric() {
+            total += m.get_gauge().get_value() as i64;
+        }
+    }
+    total
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
         let s = &["shard"];
         let shard = ShardFamilies {
-            connections: gauge(r, "connections", "Open WebSocket connections (accepted, not yet closed).", s),
+            connections: gauge(
+                r,
+                "connections",
+                "Open connections (accepted, not yet closed), every transport: WebSocket, SSE, and requests not yet answered.",
+                s,
+            ),
+            sse_connections: gauge(
+                r,
+                "sse_connections",
+                "Open SSE streams (GET /sse answered 200, not yet closed); the rest of roomcast_connections is WebSocket or in handshake.",
+                s,
+            ),
+            sse_refused: counter(
+                r,
+                "sse_refused_total",
+                "GET /sse requests refused with an HTTP error (bad query or Last-Event-ID, token, origin, overload); also in handshake_failures_total.",
+                s,
+            ),
             accepted: counter(r, "connections_accepted_total", "TCP connections accepted.", s),
             closed: counter(r, "connections_closed_total", "Connections closed, for any reason.", s),
             handshake_failures: counter(
@@ -355,6 +389,8 @@ impl Metrics {
         ShardStats {
             perf: self.perf.clone(),
             connections: f.connections.with_label_values(&l),
+            sse_connections: f.sse_connections.with_label_values(&l),
+            sse_refused: f.sse_refused.with_label_values(&l),
             accepted: f.accepted.with_label_values(&l),
             closed: f.closed.with_label_values(&l),
             handshake_failures: f.handshake_failures.with_label_values(&l),
@@ -383,13 +419,12 @@ impl Metrics {
 
     /// Total open connections over all shards.
     pub fn connections(&self) -> i64 {
-        let mut total = 0;
-        for mf in self.shard.connections.collect() {
-            for m in mf.get_metric() {
-                total += m.get_gauge().get_value() as i64;
-            }
-        }
-        total
+        gauge_sum(&self.shard.connections)
+    }
+
+    /// Open SSE streams over all shards (a part of `connections`).
+    pub fn sse_connections(&self) -> i64 {
+        gauge_sum(&self.shard.sse_connections)
     }
 
     /// Frames and bytes written so far, all shards.

@@ -15,7 +15,7 @@ use crate::bus::RoomName;
 #[derive(Debug, Default)]
 pub struct LocalRoom {
     pub members: Vec<u32>,
-    wanted: [u32; 2],
+    wanted: [u32; Subprotocol::COUNT],
 }
 
 /// What a membership change means for the room's engine.
@@ -85,7 +85,7 @@ impl Rooms {
         let w = &mut r.wanted[proto.index()];
         *w = w.saturating_sub(1);
         let dropped = *w == 0;
-        if r.wanted == [0, 0] && r.members.is_empty() {
+        if r.wanted.iter().all(|&w| w == 0) && r.members.is_empty() {
             self.map.remove(room);
         }
         if dropped { Interest::Dropped } else { Interest::Kept }

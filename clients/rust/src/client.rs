@@ -496,7 +496,10 @@ impl Driver {
                 // Signalling is JSON text in both subprotocols.
                 Err(_) => WsMessage::text(String::from_utf8_lossy(&envelope::encode_client_json(msg)).into_owned()),
             },
-            Encoding::Json => WsMessage::text(String::from_utf8_lossy(&envelope::encode_client_json(msg)).into_owned()),
+            // (Sse is refused by `Config::validate`: JSON text, as for Json.)
+            Encoding::Json | Encoding::Sse => {
+                WsMessage::text(String::from_utf8_lossy(&envelope::encode_client_json(msg)).into_owned())
+            }
         }
     }
 

@@ -162,6 +162,11 @@ impl Config {
         if self.event_capacity == 0 {
             return Err(ConfigError::Bound("event_capacity must be above zero"));
         }
+        if self.encoding == Encoding::Sse {
+            // The edge's SSE transport is for browsers on networks that break WebSockets; this
+            // client speaks WebSocket only.
+            return Err(ConfigError::Bound("encoding: Sse is the browsers' fallback transport; use Json or Rkyv"));
+        }
         Ok(())
     }
 }
@@ -181,5 +186,6 @@ mod tests {
             Config::url("ws://x/ws").liveness(Duration::from_millis(1)).validate(),
             Err(ConfigError::Bound(_))
         ));
+        assert!(matches!(Config::url("ws://x/ws").encoding(Encoding::Sse).validate(), Err(ConfigError::Bound(_))));
     }
 }

@@ -13,13 +13,19 @@
 
 use serde_json::value::RawValue;
 
-/// WebSocket subprotocol a connection negotiated. It picks the envelope encoding.
+/// What a connection receives: the WebSocket subprotocol it negotiated, or the Server-Sent
+/// Events transport. It picks the envelope encoding and its framing, and indexes the edge's
+/// per-encoding arrays (a room's frames are built once per value some member uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Subprotocol {
     /// `roomcast.json.v1`: JSON in text frames. The default, for browsers.
     Json,
     /// `roomcast.rkyv.v2`: rkyv archives in binary frames, for native clients.
     Rkyv,
+    /// Not a WebSocket subprotocol: the `/sse` transport (`text/event-stream`), the same JSON
+    /// as [`Subprotocol::Json`] in event-stream events ([`crate::sse`]). Never negotiated by
+    /// [`Subprotocol::from_token`].
+    Sse,
 }
 
 impl Subprotocol {
@@ -27,8 +33,10 @@ impl Subprotocol {
     pub const JSON_TOKEN: &'static str = "roomcast.json.v1";
     /// Token of the rkyv subprotocol in `Sec-WebSocket-Protocol`.
     pub const RKYV_TOKEN: &'static str = "roomcast.rkyv.v2";
-    /// Both, in a fixed order (index = [`Subprotocol::index`]).
-    pub const ALL: [Subprotocol; 2] = [Subprotocol::Json, Subprotocol::Rkyv];
+    /// Every encoding, in a fixed order (index = [`Subprotocol::index`]).
+    pub const ALL: [Subprotocol; 3] = [Subprotocol::Json, Subprotocol::Rkyv, Subprotocol::Sse];
+    /// How many there are: the length of per-encoding arrays.
+    pub const COUNT: usize = Self::ALL.len();
 
     /// Parses one token (exact, case-sensitive, as RFC 6455 asks).
     pub fn from_token(token: &str) -> Option<Self> {
@@ -39,11 +47,13 @@ impl Subprotocol {
         }
     }
 
-    /// The token to echo in the handshake response.
+    /// The token to echo in the handshake response (for [`Subprotocol::Sse`], which has no
+    /// handshake token, its media type).
     pub fn token(self) -> &'static str {
         match self {
             Self::Json => Self::JSON_TOKEN,
             Self::Rkyv => Self::RKYV_TOKEN,
+            Self::Sse => crate::sse::CONTENT_TYPE,
         }
     }
 
@@ -52,6 +62,7 @@ impl Subprotocol {
         match self {
             Self::Json => 0,
             Self::Rkyv => 1,
+            Self::Sse => 2,
         }
     }
 
@@ -200,7 +211,7 @@ pub fn encode_rkyv(msg: &ServerMsg) -> Result<Vec<u8>, EnvelopeError> {
 /// Serializes a message in the given encoding.
 pub fn encode(proto: Subprotocol, msg: &ServerMsg) -> Result<Vec<u8>, EnvelopeError> {
     match proto {
-        Subprotocol::Json => {
+        Subprotocol::Json | Subprotocol::Sse => {
             let mut v = Vec::with_capacity(128);
             encode_json(msg, &mut v)?;
             Ok(v)
@@ -228,7 +239,7 @@ pub fn decode_rkyv(bytes: &[u8]) -> Result<ServerMsg, EnvelopeError> {
 /// Decodes a server message in the given encoding.
 pub fn decode(proto: Subprotocol, bytes: &[u8]) -> Result<ServerMsg, EnvelopeError> {
     match proto {
-        Subprotocol::Json => decode_json(bytes),
+        Subprotocol::Json | Subprotocol::Sse => decode_json(bytes),
         Subprotocol::Rkyv => decode_rkyv(bytes),
     }
 }

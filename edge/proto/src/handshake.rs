@@ -25,6 +25,10 @@
 //! `Sec-WebSocket-Protocol` and `Sec-WebSocket-Extensions` may repeat (RFC 6455 §11.3.2, §11.3.4):
 //! every `Sec-WebSocket-Protocol` field is read and their lists joined in order. No extension is
 //! negotiated, so `Sec-WebSocket-Extensions` is ignored.
+//!
+//! The same port serves the SSE fallback ([`parse`]): a request whose path is [`SSE_PATH`] is
+//! held to the same request line (but `OPTIONS` is a CORS preflight), `Host`, `Origin`, body and
+//! size rules, needs none of the upgrade fields, and may carry `Last-Event-ID` at most once.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -280,6 +284,55 @@ fn once<'a>(slot: &mut Option<&'a [u8]>, value: &'a [u8], why: &str) -> Result<(
 /// request took `n` bytes (WebSocket frames may follow). `Err`: answer with [`error_response`]
 /// and close. The checks, in order, are listed in the [module documentation](self).
 pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeError> {
+    match parse(buf)? {
+        None => Ok(None),
+        Some((Request::WebSocket(up), n)) => Ok(Some((up, n))),
+        Some(_) => Err(refuse(404, "not a WebSocket endpoint: connect to /ws?room=ROOM")),
+    }
+}
+
+/// The path of the Server-Sent Events transport (`GET /sse?room=ROOM`).
+pub const SSE_PATH: &str = "/sse";
+
+/// A request for the Server-Sent Events transport (`GET /sse?...`): what the edge needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventStream {
+    /// Query parameters, percent-decoded, in order (the same as a WebSocket upgrade takes).
+    pub query: Vec<(String, String)>,
+    pub origin: Option<String>,
+    /// `Authorization: Bearer TOKEN` (non-browser clients; `EventSource` cannot set headers and
+    /// passes `?token=`).
+    pub bearer: Option<String>,
+    /// `Last-Event-ID`, as the browser sends it back when it reconnects on its own.
+    pub last_event_id: Option<String>,
+}
+
+impl EventStream {
+    /// The first value of query parameter `name`.
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A request the edge's port serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// A WebSocket upgrade (any path but [`SSE_PATH`]; the shard answers 404 for paths other
+    /// than `/ws`).
+    WebSocket(Upgrade),
+    /// `GET /sse?...`: an event stream.
+    EventStream(EventStream),
+    /// `OPTIONS /sse`: a CORS preflight (`Origin` as sent, if any).
+    Preflight { origin: Option<String> },
+}
+
+/// Parses a request on the edge's port: a WebSocket upgrade, or (path [`SSE_PATH`]) an event
+/// stream or its CORS preflight. `Ok(None)`: incomplete, read more. `Ok(Some((request, n)))`: the
+/// request took `n` bytes. `Err`: answer with [`error_response`] and close. An event-stream
+/// request follows the same rules as an upgrade for the request line, `Host`, `Origin`, a body
+/// and the size bounds; it needs no upgrade header fields, and may repeat `Last-Event-ID` at
+/// most once.
+pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HandshakeError> {
     let Some((line, line_end)) = request_line(buf)? else {
         if buf.len() > MAX_REQUEST {
             return Err(refuse(414, "request line too long"));
@@ -295,7 +348,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
     if (line.major, line.minor) < (1, 1) {
         return Err(refuse(400, "a WebSocket upgrade needs HTTP/1.1"));
     }
-    if line.method != "GET" {
+    let sse = path_and_query(line.target).is_ok_and(|(p, _)| p == SSE_PATH);
+    let preflight = sse && line.method == "OPTIONS";
+    if line.method != "GET" && !preflight {
+        if sse {
+            return Err(refuse(405, "an event stream is a GET"));
+        }
         return Err(refuse(405, "a WebSocket upgrade must be a GET"));
     }
     let (path, query_str) = path_and_query(line.target)?;
@@ -322,6 +380,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
     }
 
     let (mut host, mut version, mut key, mut origin, mut auth) = (None, None, None, None, None);
+    let mut last_event_id = None;
     let (mut upgrade, mut connection, mut body) = (false, false, false);
     let mut protocols = Vec::new();
     for h in fields {
@@ -343,6 +402,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
             once(&mut origin, value, "more than one Origin header (RFC 6454 §7.3)")?;
         } else if name.eq_ignore_ascii_case("authorization") {
             once(&mut auth, value, "more than one Authorization header")?;
+        } else if name.eq_ignore_ascii_case("last-event-id") {
+            once(&mut last_event_id, value, "more than one Last-Event-ID header")?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             body = true;
         } else if name.eq_ignore_ascii_case("content-length") {
@@ -354,6 +415,29 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
     };
     if !is_host(host, false) {
         return Err(refuse(400, "bad Host header"));
+    }
+    // An Origin that is not UTF-8 is still an Origin: kept (lossily) so that an allow-list
+    // refuses it, rather than read as absent (a non-browser client, left to the token).
+    let origin = origin.map(|o| String::from_utf8_lossy(o).into_owned());
+    // Only the Bearer scheme carries a token; anything else is as if absent.
+    let bearer = auth.and_then(|a| std::str::from_utf8(a).ok()).and_then(|a| {
+        let (scheme, token) = a.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    });
+    if sse {
+        if body {
+            return Err(refuse(400, "an event-stream request has no body (Content-Length or Transfer-Encoding)"));
+        }
+        if preflight {
+            return Ok(Some((Request::Preflight { origin }, n)));
+        }
+        let last_event_id = match last_event_id.map(std::str::from_utf8) {
+            None => None,
+            Some(Ok(v)) => Some(v.trim().to_owned()),
+            Some(Err(_)) => return Err(refuse(400, "Last-Event-ID is not text")),
+        };
+        let query = parse_query(query_str)?;
+        return Ok(Some((Request::EventStream(EventStream { query, origin, bearer, last_event_id }), n)));
     }
     if !upgrade {
         return Err(refuse(400, "missing 'Upgrade: websocket' header (this port speaks WebSocket only)"));
@@ -373,20 +457,21 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, HandshakeEr
     if body {
         return Err(refuse(400, "an upgrade request has no body (Content-Length or Transfer-Encoding)"));
     }
-    // An Origin that is not UTF-8 is still an Origin: kept (lossily) so that an allow-list
-    // refuses it, rather than read as absent (a non-browser client, left to the token).
-    let origin = origin.map(|o| String::from_utf8_lossy(o).into_owned());
-    // Only the Bearer scheme carries a token; anything else is as if absent.
-    let bearer = auth.and_then(|a| std::str::from_utf8(a).ok()).and_then(|a| {
-        let (scheme, token) = a.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
-    });
+    let query = parse_query(query_str)?;
+    Ok(Some((
+        Request::WebSocket(Upgrade { path: path.to_owned(), query, key: key.to_owned(), protocols, origin, bearer }),
+        n,
+    )))
+}
+
+/// Query parameters, percent-decoded, in order.
+fn parse_query(query_str: &str) -> Result<Vec<(String, String)>, HandshakeError> {
     let mut query = Vec::new();
     for pair in query_str.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         query.push((percent_decode(k)?, percent_decode(v)?));
     }
-    Ok(Some((Upgrade { path: path.to_owned(), query, key: key.to_owned(), protocols, origin, bearer }, n)))
+    Ok(query)
 }
 
 /// `Sec-WebSocket-Accept` for a key.
@@ -718,6 +803,53 @@ mod tests {
         assert_eq!(status(&req("").replace("Host: h\r\n", "Host: [::1]:8080\r\n")), 101);
         let r = String::from_utf8(error_response(&refuse(405, "GET only"))).unwrap();
         assert!(r.contains("\r\nAllow: GET\r\n"), "{r}");
+    }
+
+    fn sse(extra: &str) -> Result<Option<(Request, usize)>, HandshakeError> {
+        parse(
+            format!("GET /sse?room=r&since=3 HTTP/1.1\r\nHost: h\r\nAccept: text/event-stream\r\n{extra}\r\n")
+                .as_bytes(),
+        )
+    }
+
+    /// An event-stream request needs no upgrade fields; Last-Event-ID, Origin and a bearer
+    /// token are read; a body, a second Last-Event-ID or another method are refused.
+    #[test]
+    fn event_stream_requests() {
+        let Some((Request::EventStream(es), _)) =
+            sse("Last-Event-ID: 00000000000000ab:7\r\nOrigin: https://a\r\nAuthorization: Bearer t0k\r\n").unwrap()
+        else {
+            panic!("an event stream")
+        };
+        assert_eq!(es.query_param("room"), Some("r"));
+        assert_eq!(es.query_param("since"), Some("3"));
+        assert_eq!(es.last_event_id.as_deref(), Some("00000000000000ab:7"));
+        assert_eq!(es.origin.as_deref(), Some("https://a"));
+        assert_eq!(es.bearer.as_deref(), Some("t0k"));
+        assert!(matches!(sse(""), Ok(Some((Request::EventStream(EventStream { last_event_id: None, .. }), _)))));
+        assert_eq!(sse("Last-Event-ID: 1\r\nLast-Event-ID: 2\r\n").unwrap_err().status, 400);
+        assert_eq!(sse("Content-Length: 3\r\n").unwrap_err().status, 400);
+        assert_eq!(
+            sse("").unwrap().unwrap().1,
+            "GET /sse?room=r&since=3 HTTP/1.1\r\nHost: h\r\nAccept: text/event-stream\r\n\r\n".len()
+        );
+        let post = parse(b"POST /sse?room=r HTTP/1.1\r\nHost: h\r\n\r\n").unwrap_err();
+        assert_eq!(post.status, 405);
+        assert!(matches!(
+            parse(b"OPTIONS /sse HTTP/1.1\r\nHost: h\r\nOrigin: https://a\r\n\r\n"),
+            Ok(Some((Request::Preflight { origin: Some(_) }, _)))
+        ));
+        // OPTIONS elsewhere stays a 405; a /ws upgrade is unchanged.
+        assert_eq!(parse(b"OPTIONS /ws HTTP/1.1\r\nHost: h\r\n\r\n").unwrap_err().status, 405);
+        assert!(matches!(parse(req("").as_bytes()), Ok(Some((Request::WebSocket(_), _)))));
+        // Missing Host and HTTP/1.0 are refused as for an upgrade.
+        assert_eq!(parse(b"GET /sse?room=r HTTP/1.1\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(parse(b"GET /sse?room=r HTTP/1.0\r\nHost: h\r\n\r\n").unwrap_err().status, 400);
+        // Incomplete until the blank line.
+        let full = "GET /sse?room=r HTTP/1.1\r\nHost: h\r\n\r\n";
+        for cut in 0..full.len() {
+            assert_eq!(parse(&full.as_bytes()[..cut]).unwrap(), None, "cut {cut}");
+        }
     }
 
     #[test]

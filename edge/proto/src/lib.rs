@@ -7,12 +7,14 @@
 //! - [`ws`]: RFC 6455 frames: the server's per-connection decoder, server frame encoders, and
 //!   client-side helpers.
 //! - [`handshake`]: the HTTP upgrade.
+//! - [`sse`]: the Server-Sent Events framing of the `/sse` fallback transport.
 //! - [`envelope`]: what the edge pushes (`roomcast.json.v1` and `roomcast.rkyv.v2`) and the
 //!   signalling messages a client sends.
 #![forbid(unsafe_code)]
 
 pub mod envelope;
 pub mod handshake;
+pub mod sse;
 pub mod ws;
 
 pub use envelope::{ClientMsg, PushMessage, ServerMsg, Subprotocol};

@@ -133,15 +133,16 @@ pub enum MustDeliver {
     None,
     /// Some are: a slow consumer gets this frame instead (must-deliver messages only), one per
     /// encoding, with the count of messages it holds.
-    Some { frames: [Option<Bytes>; 2], messages: u32 },
+    Some { frames: [Option<Bytes>; Subprotocol::COUNT], messages: u32 },
 }
 
 /// One room flush, shared by every shard with members of the room.
 #[derive(Debug)]
 pub struct Delivery {
     pub room: RoomName,
-    /// Complete WebSocket frames, one per encoding in use (index: `Subprotocol::index`).
-    pub frames: [Option<Bytes>; 2],
+    /// Complete frames (WebSocket frames; for SSE, events with the batch's `id`), one per
+    /// encoding in use (index: `Subprotocol::index`).
+    pub frames: [Option<Bytes>; Subprotocol::COUNT],
     /// Messages in the batch (for delivery counters).
     pub messages: u32,
     pub last_seq: u64,
@@ -350,6 +351,7 @@ pub struct RoomStats {
     /// Shards with members, per encoding.
     pub shards_json: u32,
     pub shards_rkyv: u32,
+    pub shards_sse: u32,
     /// The merge window the room uses now (widened when shards fall behind).
     pub window_ms: u64,
     /// Droppable messages per second shown when sampling is on, else null.
@@ -567,8 +569,19 @@ impl BusHandle {
     }
 }
 
-/// Wraps a payload into one complete, unmasked server frame: the bytes every member gets.
+/// Wraps a payload into one complete, unmasked server frame: the bytes every member gets (for
+/// SSE, an event without an `id`).
 pub fn frame(proto: Subprotocol, payload: &[u8]) -> Bytes {
+    frame_at(proto, payload, None)
+}
+
+/// Like [`frame`]; an SSE event also carries `id: EPOCH:SEQ` when `at` is given (the position
+/// a client holds once it has this event), which WebSocket framing has no place for.
+pub fn frame_at(proto: Subprotocol, payload: &[u8], at: Option<(Epoch, u64)>) -> Bytes {
+    if proto == Subprotocol::Sse {
+        let id = at.map(|(epoch, seq)| roomcast_proto::sse::event_id(&epoch_text(epoch), seq));
+        return Bytes::from(roomcast_proto::sse::event(id.as_deref(), payload));
+    }
     let opcode = if proto.is_binary() { roomcast_proto::ws::OpCode::Binary } else { roomcast_proto::ws::OpCode::Text };
     let mut hdr = [0u8; 10];
     let n = roomcast_proto::ws::encode_header(true, opcode, payload.len(), &mut hdr);

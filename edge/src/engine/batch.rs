@@ -1,7 +1,8 @@
 //! The pending batch: a numbered message joins its room's history and batch; the first message
 //! arms the room's window; at the deadline (or when the batch is full) the batch is serialized
-//! **once per encoding some shard wants**, wrapped once into a complete WebSocket frame, and one
-//! `Arc<Delivery>` goes to every interested shard. No per-member work happens here.
+//! **once per encoding some shard wants**, wrapped once into a complete WebSocket frame (and,
+//! for SSE members, once into an event with the batch's `id`), and one `Arc<Delivery>` goes to
+//! every interested shard. No per-member work happens here.
 
 use std::cmp::Reverse;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 use super::adaptive::visible_rate;
 use super::room::{Pending, ShardSet};
 use super::{Engine, Out};
-use crate::bus::{Delivery, MustDeliver, RoomName, ShardCmd, frame};
+use crate::bus::{Delivery, Epoch, MustDeliver, RoomName, ShardCmd, frame_at};
 
 impl Engine {
     /// A numbered message becomes the room's latest: history, then the pending batch.
@@ -195,14 +196,17 @@ impl Engine {
             messages: pending.into_iter().map(|p| p.msg).collect(),
             online,
         };
-        let frames = encode_frames(&r.name, &r.interest, &all);
+        // An SSE member holds the whole batch's position once it has either variant (what a
+        // slow consumer sheds is droppable, never recovered).
+        let at = (r.epoch, last_seq);
+        let frames = encode_frames(&r.name, &r.interest, &all, at);
         let must_deliver = if must == count {
             MustDeliver::All
         } else if must == 0 {
             MustDeliver::None
         } else {
             let only = ServerMsg::Batch { room: r.name.to_string(), messages: must_msgs, online };
-            MustDeliver::Some { frames: encode_frames(&r.name, &r.interest, &only), messages: must }
+            MustDeliver::Some { frames: encode_frames(&r.name, &r.interest, &only, at), messages: must }
         };
         let delivery = Arc::new(Delivery {
             room: r.name.clone(),
@@ -222,7 +226,9 @@ impl Engine {
     /// whether a member that is behind keeps it (a reset) or sheds it like chat (a count).
     pub(super) fn notify(&mut self, room: &RoomName, msg: &ServerMsg, must: MustDeliver, out: &mut Out) {
         let Some(r) = self.rooms.get(room) else { return };
-        let frames = encode_frames(&r.name, &r.interest, msg);
+        // Every message up to the flushed seq went ahead of it on the same link: a notice (a
+        // count, a gap, a reset to seq 0 of a new epoch) leaves an SSE member there.
+        let frames = encode_frames(&r.name, &r.interest, msg, (r.epoch, r.flushed_seq));
         let delivery = Arc::new(Delivery {
             room: r.name.clone(),
             frames,
@@ -236,21 +242,36 @@ impl Engine {
     }
 }
 
-fn send_to_shards(out: &mut Out, interest: &[ShardSet; 2], delivery: &Arc<Delivery>) {
-    for s in interest[0].union_iter(&interest[1]) {
+fn send_to_shards(out: &mut Out, interest: &[ShardSet; Subprotocol::COUNT], delivery: &Arc<Delivery>) {
+    for s in ShardSet::union_of(interest) {
         out.push(s, ShardCmd::Deliver(delivery.clone()));
     }
 }
 
-/// One frame per encoding some shard wants.
-fn encode_frames(room: &str, interest: &[ShardSet; 2], msg: &ServerMsg) -> [Option<Bytes>; 2] {
-    let mut frames: [Option<Bytes>; 2] = [None, None];
-    for proto in Subprotocol::ALL {
-        if interest[proto.index()].is_empty() {
-            continue;
+/// One frame per encoding some shard wants. The SSE event carries `id: EPOCH:SEQ` for `at`
+/// (where a member stands once it has the frame), and its data is the JSON payload: when JSON
+/// members are served too, that payload is serialized once for both framings.
+fn encode_frames(
+    room: &str,
+    interest: &[ShardSet; Subprotocol::COUNT],
+    msg: &ServerMsg,
+    at: (Epoch, u64),
+) -> [Option<Bytes>; Subprotocol::COUNT] {
+    let mut frames: [Option<Bytes>; Subprotocol::COUNT] = Default::default();
+    let wants = |p: Subprotocol| !interest[p.index()].is_empty();
+    if wants(Subprotocol::Json) || wants(Subprotocol::Sse) {
+        match envelope::encode(Subprotocol::Json, msg) {
+            Ok(json) => {
+                for p in [Subprotocol::Json, Subprotocol::Sse].into_iter().filter(|&p| wants(p)) {
+                    frames[p.index()] = Some(frame_at(p, &json, Some(at)));
+                }
+            }
+            Err(e) => tracing::error!(room, error = %e, "cannot encode batch"),
         }
-        match envelope::encode(proto, msg) {
-            Ok(payload) => frames[proto.index()] = Some(frame(proto, &payload)),
+    }
+    if wants(Subprotocol::Rkyv) {
+        match envelope::encode(Subprotocol::Rkyv, msg) {
+            Ok(payload) => frames[Subprotocol::Rkyv.index()] = Some(frame_at(Subprotocol::Rkyv, &payload, None)),
             Err(e) => tracing::error!(room, error = %e, "cannot encode batch"),
         }
     }

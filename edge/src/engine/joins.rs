@@ -16,7 +16,7 @@ use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 
 use super::{Engine, Out};
 use crate::bus::redis::BridgeCmd;
-use crate::bus::{Epoch, PendingJoin, RoomName, ShardCmd, Since, frame};
+use crate::bus::{Epoch, PendingJoin, RoomName, ShardCmd, Since, frame_at};
 
 /// Reasons a join's position was void (the `reset` message's `reason`).
 pub const RESET_EPOCH: &str = "epoch changed: the room's numbering restarted";
@@ -142,7 +142,7 @@ impl Engine {
             Some(since) => {
                 let rec = r.history.recover(since, seq);
                 if let Some((from, to)) = rec.gap {
-                    push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
+                    replay.push(ServerMsg::Gap { room: r.name.to_string(), from, to });
                 }
                 rec.messages
             }
@@ -150,9 +150,10 @@ impl Engine {
         };
         let messages = r.with_latest(messages, since, seq);
         if !messages.is_empty() {
-            push_frame(&mut replay, join.proto, &ServerMsg::Batch { room: r.name.to_string(), messages, online: None });
+            replay.push(ServerMsg::Batch { room: r.name.to_string(), messages, online: None });
         }
         let name = r.name.clone();
+        let replay = encode_replay(join.proto, &replay, (r.epoch, seq));
         ack_join(out, name, join, seq, r.epoch, replay, online);
     }
 
@@ -179,19 +180,16 @@ impl Engine {
             Some((since + 1, upto))
         };
         if let Some((from, to)) = gap.filter(|(a, b)| a <= b) {
-            push_frame(&mut replay, join.proto, &ServerMsg::Gap { room: r.name.to_string(), from, to });
+            replay.push(ServerMsg::Gap { room: r.name.to_string(), from, to });
         }
         let mut all: Vec<PushMessage> = messages.into_iter().filter(|m| m.seq > since && m.seq <= upto).collect();
         all.extend(r.history.recover(upto, seq).messages);
         let all = r.with_latest(all, Some(since), seq);
         let online = (!self.cfg.presence_interval.is_zero()).then(|| r.online());
         if !all.is_empty() {
-            push_frame(
-                &mut replay,
-                join.proto,
-                &ServerMsg::Batch { room: r.name.to_string(), messages: all, online: None },
-            );
+            replay.push(ServerMsg::Batch { room: r.name.to_string(), messages: all, online: None });
         }
+        let replay = encode_replay(join.proto, &replay, (r.epoch, seq));
         ack_join(out, r.name.clone(), join, seq, r.epoch, replay, online);
     }
 
@@ -251,10 +249,17 @@ pub(super) fn ack_join(
     out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
 }
 
-/// Encodes `msg` in `proto` and appends its frame.
-pub(super) fn push_frame(out: &mut Vec<Bytes>, proto: Subprotocol, msg: &ServerMsg) {
-    match envelope::encode(proto, msg) {
-        Ok(payload) => out.push(frame(proto, &payload)),
-        Err(e) => tracing::error!(error = %e, "cannot encode message"),
+/// A join's replay (a gap notice and/or recovered messages) in `proto`. For SSE the last event
+/// carries `id: EPOCH:SEQ` of the join's seam `at`: a client cut off before it reconnects from
+/// where it was, one cut off after it from the seam (the shard puts the id on `joined` when the
+/// replay is empty).
+pub(super) fn encode_replay(proto: Subprotocol, msgs: &[ServerMsg], at: (Epoch, u64)) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(msgs.len());
+    for (i, msg) in msgs.iter().enumerate() {
+        match envelope::encode(proto, msg) {
+            Ok(payload) => out.push(frame_at(proto, &payload, (i + 1 == msgs.len()).then_some(at))),
+            Err(e) => tracing::error!(error = %e, "cannot encode message"),
+        }
     }
+    out
 }

@@ -807,6 +807,7 @@ impl Engine {
             flushed_seq: r.flushed_seq,
             shards_json: r.interest[0].len(),
             shards_rkyv: r.interest[1].len(),
+            shards_sse: r.interest[2].len(),
             window_ms: self.window_of(rate, r.members).as_millis() as u64,
             sampling_visible_rate: ((self.sampling || r.demand_sampling) && rate >= room::HOT_ROOM_RATE)
                 .then(|| adaptive::visible_rate(&self.cfg.adaptive, r.members)),

@@ -50,6 +50,22 @@ impl ShardSet {
         self.0.iter().map(|w| w.count_ones()).sum()
     }
 
+    /// The shards in any of `sets` (all sized alike), in increasing order.
+    pub fn union_of(sets: &[ShardSet]) -> impl Iterator<Item = u16> + '_ {
+        let words = sets.first().map_or(0, |s| s.0.len());
+        (0..words).flat_map(move |i| {
+            let mut w = sets.iter().fold(0u64, |acc, s| acc | s.0.get(i).copied().unwrap_or(0));
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some((i * 64 + bit) as u16)
+            })
+        })
+    }
+
     /// The shards in `self` or `other`, in increasing order.
     pub fn union_iter<'a>(&'a self, other: &'a ShardSet) -> impl Iterator<Item = u16> + 'a {
         self.0.iter().zip(other.0.iter()).enumerate().flat_map(|(i, (&a, &b))| {
@@ -95,7 +111,7 @@ pub struct Room {
     /// Last seq handed to shards (members that join now see seqs above it).
     pub flushed_seq: u64,
     /// Per encoding (`Subprotocol::index`): shards with members (or joins in flight) wanting it.
-    pub interest: [ShardSet; 2],
+    pub interest: [ShardSet; roomcast_proto::Subprotocol::COUNT],
     pub pending: Vec<Pending>,
     pub pending_bytes: usize,
     /// When the oldest pending message, and the oldest pending must-deliver one, arrived: the
@@ -167,7 +183,7 @@ impl Room {
             epoch: 0,
             seq: 0,
             flushed_seq: 0,
-            interest: [ShardSet::new(shards), ShardSet::new(shards)],
+            interest: std::array::from_fn(|_| ShardSet::new(shards)),
             pending: Vec::new(),
             pending_bytes: 0,
             opened: None,
@@ -213,7 +229,7 @@ impl Room {
     }
 
     pub fn interested(&self) -> bool {
-        !self.interest[0].is_empty() || !self.interest[1].is_empty()
+        self.interest.iter().any(|s| !s.is_empty())
     }
 
     /// Whether droppable content of this room is sampled now: the shards are behind

@@ -1088,3 +1088,82 @@ fn the_load_board_counts_shards_sharing_cpus() {
     assert!((board.busy() - 0.9).abs() < 1e-9);
     assert!((board.capacity() - 200_000.0).abs() < 1e-6, "{}", board.capacity());
 }
+
+/// An SSE event's `id` and `data` (one data line: the engine's JSON has no line breaks).
+fn sse_event(f: &Bytes) -> (Option<String>, ServerMsg) {
+    let text = std::str::from_utf8(f).unwrap();
+    assert!(text.ends_with("\n\n"), "{text:?}");
+    let mut id = None;
+    let mut data = None;
+    for line in text.trim_end_matches('\n').split('\n') {
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            assert!(data.is_none(), "one data line: {text:?}");
+            data = Some(envelope::decode_json(v.as_bytes()).unwrap());
+        } else {
+            panic!("unexpected line {line:?} in {text:?}");
+        }
+    }
+    (id, data.expect("a data line"))
+}
+
+/// SSE members get a third encoding, built once per batch only while some shard has one: the
+/// same JSON as the WebSocket text frame, in an event whose id is the room's epoch and the
+/// batch's last seq. Fails without the SSE encoding (no frame at index 2).
+#[test]
+fn sse_members_get_one_event_per_batch_with_its_position() {
+    let (mut bus, _srx) = setup(0);
+    let room: RoomName = "r".into();
+    join(&mut bus, &room, Subprotocol::Sse, None);
+    let ShardCmd::JoinAck(a) = bus.recv().unwrap() else { panic!("expected JoinAck") };
+    let epoch = crate::bus::epoch_text(a.epoch);
+    bus.publish(room.clone(), msg("gift", 1)).unwrap();
+    bus.flush_immediate();
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    assert!(d.frames[0].is_none() && d.frames[1].is_none(), "no WebSocket member: nothing else built");
+    let (id, m) = sse_event(d.frames[Subprotocol::Sse.index()].as_ref().unwrap());
+    assert_eq!(id, Some(format!("{epoch}:1")));
+    assert_eq!(seqs(&m), vec![1]);
+
+    // With a JSON member too, both carry the same JSON.
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    bus.publish(room.clone(), msg("chat", 2)).unwrap();
+    bus.flush_immediate();
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    let (id, m) = sse_event(d.frames[2].as_ref().unwrap());
+    assert_eq!(id, Some(format!("{epoch}:2")));
+    assert_eq!(m, decode(d.frames[0].as_ref().unwrap()));
+
+    // Once the SSE member is gone, the encoding is no longer built.
+    bus.handle(EngineCmd::NoInterest { room: room.clone(), shard: 0, proto: Subprotocol::Sse });
+    bus.publish(room.clone(), msg("chat", 3)).unwrap();
+    bus.flush_immediate();
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    assert!(d.frames[2].is_none());
+}
+
+/// A `since` join's replay for an SSE member: the last event carries the seam's position, so a
+/// browser cut off after it reconnects from there (and one cut off before, from its old id).
+#[test]
+fn an_sse_replay_ends_with_the_seam_as_its_id() {
+    let mut cfg = Config::default();
+    cfg.history.must_deliver = 2;
+    cfg.presence.interval_ms = 0;
+    let (mut bus, _srx) = setup_with(cfg);
+    let room: RoomName = "r".into();
+    for n in 0..4 {
+        bus.publish(room.clone(), msg("gift", n)).unwrap();
+    }
+    join(&mut bus, &room, Subprotocol::Sse, Some(0));
+    let ShardCmd::JoinAck(a) = bus.recv().unwrap() else { panic!("expected JoinAck") };
+    let epoch = crate::bus::epoch_text(a.epoch);
+    assert_eq!(a.seq, 4);
+    assert_eq!(a.replay.len(), 2, "a gap, then the gifts history still has");
+    let (id, gap) = sse_event(&a.replay[0]);
+    assert_eq!((id, gap), (None, ServerMsg::Gap { room: "r".into(), from: 1, to: 2 }));
+    let (id, m) = sse_event(&a.replay[1]);
+    assert_eq!(id, Some(format!("{epoch}:4")));
+    assert_eq!(seqs(&m), vec![3, 4]);
+}

@@ -47,9 +47,9 @@ impl OutFrame {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Waiting for the HTTP upgrade request.
+    /// Waiting for the HTTP upgrade request (or the event-stream request).
     Handshake,
-    /// WebSocket frames flow.
+    /// WebSocket frames flow (or SSE events: `proto` is `Sse`).
     Open,
 }
 
@@ -117,6 +117,8 @@ pub struct Conn {
     pub peer_counted: bool,
     /// Bytes of a `since` replay not yet written: allowed on top of the queue bound.
     pub replay_credit: usize,
+    /// SSE: bytes the client sent after its request (ignored, bounded).
+    pub ignored: usize,
 }
 
 impl Conn {
@@ -152,6 +154,7 @@ impl Conn {
             peer: None,
             peer_counted: false,
             replay_credit: 0,
+            ignored: 0,
         }
     }
 

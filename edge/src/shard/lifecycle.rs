@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use roomcast_proto::Subprotocol;
 use roomcast_proto::envelope::ServerMsg;
 use roomcast_proto::ws::{self, OpCode};
 
@@ -20,8 +21,11 @@ impl Shard {
         if c.closing != Closing::No {
             return;
         }
-        // The close frame goes after what is queued (the 101 answer among it, possibly).
-        let frame = (c.phase == Phase::Open).then(|| Bytes::from(ws::close_frame(code, reason)));
+        // The close frame goes after what is queued (the 101 answer among it, possibly). An
+        // event stream has no close frame: it ends with the connection (and the browser
+        // reconnects with `Last-Event-ID`).
+        let frame =
+            (c.phase == Phase::Open && c.proto != Subprotocol::Sse).then(|| Bytes::from(ws::close_frame(code, reason)));
         self.finish_with(slot, frame);
     }
 
@@ -262,7 +266,9 @@ impl Shard {
                 Phase::Handshake if now_ms.saturating_sub(c.opened_ms) >= hs_to => {
                     to_abort.push(slot as u32);
                 }
-                Phase::Open if now_ms.saturating_sub(c.last_rx_ms) >= idle_to => {
+                // An event stream's client never speaks: no idle timeout (a dead peer fails a
+                // write: the heartbeats below see to it that there is one).
+                Phase::Open if c.proto != Subprotocol::Sse && now_ms.saturating_sub(c.last_rx_ms) >= idle_to => {
                     to_close.push(slot as u32);
                 }
                 Phase::Open if c.identity.as_ref().and_then(|i| i.exp).is_some_and(|exp| exp <= now_s) => {
@@ -294,7 +300,11 @@ impl Shard {
             self.close_with(slot, 4001, "token expired");
         }
         for slot in to_ping {
-            self.send_control(slot, ws::encode_frame(OpCode::Ping, b""));
+            if matches!(&self.conns[slot as usize], Some(c) if c.proto == Subprotocol::Sse) {
+                self.push_frame(slot, Bytes::from_static(roomcast_proto::sse::HEARTBEAT));
+            } else {
+                self.send_control(slot, ws::encode_frame(OpCode::Ping, b""));
+            }
         }
         if let Some(url) = self.drain_url.clone() {
             for slot in to_goaway {

@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
+use roomcast_proto::Subprotocol;
 use roomcast_proto::envelope::ServerMsg;
 
 use super::Shard;
@@ -16,7 +17,7 @@ impl Shard {
     pub(super) fn deliver(&mut self, d: &Delivery) {
         let now_ms = self.now_ms();
         let Some(members) = self.rooms.members(&d.room) else { return };
-        let frames: [Option<Rc<OutFrame>>; 2] = std::array::from_fn(|p| {
+        let frames: [Option<Rc<OutFrame>>; Subprotocol::COUNT] = std::array::from_fn(|p| {
             let bytes = d.frames[p].clone()?;
             let must = match &d.must_deliver {
                 MustDeliver::All => Keep::Whole,
@@ -133,6 +134,9 @@ impl Shard {
                 c.replay_credit += replay_len;
             }
         }
+        // Where an SSE member stands once it has `joined`, when nothing follows in the replay
+        // (else the replay's last event says so).
+        let at = replay.is_empty().then_some((epoch, seq));
         let epoch = epoch_text(epoch);
         if let Some(reason) = reset {
             // The client's position is void: said before anything else of the room.
@@ -141,7 +145,7 @@ impl Shard {
                 ServerMsg::Reset { room: room.to_string(), epoch: epoch.clone(), seq: 0, reason: reason.into() };
             self.send_msg(slot, &reset);
         }
-        self.send_msg(slot, &ServerMsg::Joined { room: room.to_string(), seq, epoch, online });
+        self.send_msg_at(slot, &ServerMsg::Joined { room: room.to_string(), seq, epoch, online }, at);
         for f in replay {
             // Recovered must-deliver messages: kept whole if the connection falls behind, and
             // let in whatever the queue holds (their size is bounded by the history limits).

@@ -4,7 +4,8 @@
 //!
 //! The data path through the files: `ring` (accept, recv, send, close completions) ->
 //! `session` (upgrade, frames, signalling) -> `members` (joins, fan-out to local members) ->
-//! `outbox` (a connection's bounded queue, one send in flight) -> back to `ring`. `mail` is what
+//! `outbox` (a connection's bounded queue, one send in flight) -> back to `ring`; `sse` is the
+//! Server-Sent Events transport's own part (its request, answer and input). `mail` is what
 //! crosses threads (the mailbox, the engine's turn, one mail per peer per turn); `lifecycle` is
 //! closing, drain, shutdown and the timers; `conn` is one connection's state.
 //!
@@ -27,6 +28,7 @@ mod members;
 mod outbox;
 mod ring;
 mod session;
+mod sse;
 
 use std::io;
 use std::os::fd::OwnedFd;

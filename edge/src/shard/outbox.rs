@@ -10,11 +10,16 @@ use crate::uring::{OpKind, Sq, Token};
 
 impl Shard {
     pub(super) fn send_msg(&mut self, slot: u32, msg: &ServerMsg) {
+        self.send_msg_at(slot, msg, None);
+    }
+
+    /// Like `send_msg`; an SSE connection's event also carries `id: EPOCH:SEQ` for `at`.
+    pub(super) fn send_msg_at(&mut self, slot: u32, msg: &ServerMsg, at: Option<(crate::bus::Epoch, u64)>) {
         let Some(Some(c)) = self.conns.get(slot as usize) else { return };
         let proto = c.proto;
         match envelope::encode(proto, msg) {
             Ok(payload) => {
-                let frame = crate::bus::frame(proto, &payload);
+                let frame = crate::bus::frame_at(proto, &payload, at);
                 self.push_frame(slot, frame);
             }
             Err(e) => tracing::error!(shard = self.id, error = %e, "cannot encode message"),

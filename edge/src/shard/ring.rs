@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 
 use io_uring::cqueue;
 
+use roomcast_proto::Subprotocol;
 use roomcast_proto::handshake::HandshakeError;
 
 use super::conn::{Closing, Conn, Phase};
@@ -225,6 +226,11 @@ impl Shard {
                 self.bufring.recycle(bid);
                 self.on_handshake_bytes(slot);
             }
+            Phase::Open if c.proto == Subprotocol::Sse => {
+                // An event stream's client has nothing to say: counted, bounded, not read.
+                self.bufring.recycle(bid);
+                self.sse_input(slot, res as usize);
+            }
             Phase::Open => {
                 let mut actions = std::mem::take(&mut self.actions);
                 let r = c.decode(data, &mut actions);
@@ -306,6 +312,9 @@ impl Shard {
         {
             if let Some(c) = self.conns[slot].take() {
                 self.replay_held -= c.replay_credit;
+                if c.proto == Subprotocol::Sse {
+                    self.stats.sse_connections.dec();
+                }
                 if c.peer_counted
                     && let (Some(g), Some(ip)) = (&self.ipguard, c.peer)
                 {

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use roomcast_proto::envelope::{self, ClientMsg, ServerMsg};
-use roomcast_proto::handshake::{self, HandshakeError, Upgrade};
+use roomcast_proto::handshake::{self, HandshakeError, Request, Upgrade};
 use roomcast_proto::ws::{self, CloseReason, Decoder, Event, OpCode};
 use roomcast_proto::{Subprotocol, envelope::validate_room};
 
@@ -15,12 +15,21 @@ use crate::bus::{EngineCmd, NewMessage, Reply, RoomName, Since, parse_epoch};
 impl Shard {
     pub(super) fn on_handshake_bytes(&mut self, slot: u32) {
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
-        match handshake::parse_request(&c.hs) {
+        match handshake::parse(&c.hs) {
             Ok(None) => {}
-            Ok(Some((up, consumed))) => {
+            Ok(Some((Request::WebSocket(up), consumed))) => {
                 let rest = c.hs.split_off(consumed);
                 c.hs = Vec::new();
                 self.on_upgrade(slot, up, rest);
+            }
+            Ok(Some((Request::EventStream(es), consumed))) => {
+                let rest = c.hs.len() - consumed;
+                c.hs = Vec::new();
+                self.on_event_stream(slot, &es, rest);
+            }
+            Ok(Some((Request::Preflight { origin }, _))) => {
+                c.hs = Vec::new();
+                self.on_preflight(slot, origin.as_deref());
             }
             Err(e) => self.refuse(slot, &e),
         }
@@ -37,69 +46,89 @@ impl Shard {
         self.finish_with(slot, Some(bytes));
     }
 
-    pub(super) fn on_upgrade(&mut self, slot: u32, up: Upgrade, mut rest: Vec<u8>) {
-        let bad = |reason: &str| HandshakeError { status: 400, reason: reason.to_owned() };
-        if !self.cfg.echo && up.path != "/ws" {
-            return self.refuse(
-                slot,
-                &HandshakeError { status: 404, reason: "no such endpoint: connect to /ws?room=ROOM".into() },
-            );
-        }
+    /// What every transport checks before its own rules: the edge's health, then the `Origin`
+    /// against `ws.allowed_origins`. Returns the CORS answer for the origin (None without one;
+    /// `*` when every origin is allowed).
+    pub(super) fn check_gate(&mut self, origin: Option<&str>) -> Result<Option<String>, HandshakeError> {
         if self.refuse_when_overloaded && self.health.load(Ordering::Relaxed) >= 2 {
-            return self.refuse(
-                slot,
-                &HandshakeError {
-                    status: 503,
-                    reason: "edge overloaded: ask dispatch (GET /v1/route) for another edge".into(),
-                },
-            );
+            return Err(HandshakeError {
+                status: 503,
+                reason: "edge overloaded: ask dispatch (GET /v1/route) for another edge".into(),
+            });
         }
-        if let Some(origin) = up.origin.as_deref()
-            && !crate::auth::origin_allowed(&self.cfg.ws.allowed_origins, origin)
-        {
+        let Some(origin) = origin else { return Ok(None) };
+        if !crate::auth::origin_allowed(&self.cfg.ws.allowed_origins, origin) {
             self.stats.refused("origin");
-            return self
-                .refuse(slot, &HandshakeError { status: 403, reason: format!("origin {origin} is not allowed") });
+            return Err(HandshakeError { status: 403, reason: format!("origin {origin} is not allowed") });
         }
-        let proto = match up.select_subprotocol() {
-            Ok(p) => p,
-            Err(e) => return self.refuse(slot, &e),
-        };
+        Ok(Some(if self.cfg.ws.allowed_origins.is_empty() { "*".to_owned() } else { origin.to_owned() }))
+    }
+
+    /// The identity (token), room and `since` of a connection's query, checked the same way for
+    /// every transport.
+    pub(super) fn admit(
+        &mut self,
+        query: &[(String, String)],
+        bearer: Option<&str>,
+    ) -> Result<Admitted, HandshakeError> {
+        let bad = |reason: &str| HandshakeError { status: 400, reason: reason.to_owned() };
+        let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         // Identity is the server's: from a verified token, or a server-made anonymous id.
         let identity = match &self.auth {
             Some(v) => {
-                let token = up.query_param("token").or(up.bearer.as_deref());
+                let token = param("token").or(bearer);
                 match token.map_or(Err(crate::auth::AuthError::Missing), |t| v.verify(t, now_s())) {
                     Ok(id) => Some(Box::new(id)),
                     Err(e) => {
                         self.stats.refused(auth_reason(&e));
-                        return self.refuse(slot, &HandshakeError { status: 401, reason: e.to_string() });
+                        return Err(HandshakeError { status: 401, reason: e.to_string() });
                     }
                 }
             }
             None => None,
         };
         let anon_id = if identity.is_none() { self.next_random() } else { 0 };
-        let room = match up.query_param("room") {
+        let room = match param("room") {
             Some(r) => match validate_room(r) {
                 Ok(()) if !identity.as_ref().is_none_or(|id| id.may_join(r)) => {
                     self.stats.refused("room_forbidden");
-                    return self.refuse(
-                        slot,
-                        &HandshakeError { status: 403, reason: format!("room {r} is not allowed by your token") },
-                    );
+                    return Err(HandshakeError {
+                        status: 403,
+                        reason: format!("room {r} is not allowed by your token"),
+                    });
                 }
                 Ok(()) => Some(RoomName::from(r)),
-                Err(why) => return self.refuse(slot, &bad(&format!("bad room: {why}"))),
+                Err(why) => return Err(bad(&format!("bad room: {why}"))),
             },
             None => None,
         };
-        let since = match up.query_param("since") {
+        let since = match param("since") {
             Some(s) => match s.parse::<u64>() {
-                Ok(seq) => Some(Since { seq, epoch: up.query_param("epoch").map(parse_epoch) }),
-                Err(_) => return self.refuse(slot, &bad("bad since: not an unsigned integer")),
+                Ok(seq) => Some(Since { seq, epoch: param("epoch").map(parse_epoch) }),
+                Err(_) => return Err(bad("bad since: not an unsigned integer")),
             },
             None => None,
+        };
+        Ok(Admitted { identity, anon_id, room, since })
+    }
+
+    pub(super) fn on_upgrade(&mut self, slot: u32, up: Upgrade, mut rest: Vec<u8>) {
+        if !self.cfg.echo && up.path != "/ws" {
+            return self.refuse(
+                slot,
+                &HandshakeError { status: 404, reason: "no such endpoint: connect to /ws?room=ROOM".into() },
+            );
+        }
+        if let Err(e) = self.check_gate(up.origin.as_deref()) {
+            return self.refuse(slot, &e);
+        }
+        let proto = match up.select_subprotocol() {
+            Ok(p) => p,
+            Err(e) => return self.refuse(slot, &e),
+        };
+        let Admitted { identity, anon_id, room, since } = match self.admit(&up.query, up.bearer.as_deref()) {
+            Ok(a) => a,
+            Err(e) => return self.refuse(slot, &e),
         };
         let response = Bytes::from(handshake::response_101(&up.key, proto));
         let limits = self.limits;
@@ -264,6 +293,14 @@ impl Shard {
             }
         }
     }
+}
+
+/// A connection's query checked: who it is, and the room (and position) it joins at once.
+pub(super) struct Admitted {
+    pub identity: Option<Box<crate::auth::Identity>>,
+    pub anon_id: u64,
+    pub room: Option<RoomName>,
+    pub since: Option<Since>,
 }
 
 impl Shard {
