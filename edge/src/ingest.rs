@@ -25,7 +25,7 @@ use ::redis::aio::ConnectionManager;
 use crate::bus::{BusHandle, NewMessage, PublishError, RoomName};
 use crate::config::{Config, ConfigError, Secret};
 use crate::dispatch::{Dispatcher, EdgeHealth, registry};
-use crate::health::{KernelView, level_name};
+use crate::health::{HealthReport, KernelView, level_name};
 use crate::metrics::Metrics;
 
 /// Longest `user` accepted.
@@ -439,28 +439,24 @@ async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Res
 
 /// 200 while `ok` or `degraded`, 503 while `overloaded` (a readiness answer: send no new
 /// clients), with the policy's reasons either way.
-async fn healthz(State(st): State<AppState>) -> Response {
-    let h = st.kernel.report();
+/// The edge's health as a whole: the kernel policy's verdict, made `degraded` (with a reason)
+/// while the store or the bus refuses publishes or the edge drains. One answer for /healthz,
+/// /metrics (`roomcast_health`: what the alerts read), /v1/kernel and so the dashboard.
+fn edge_health(st: &AppState) -> (HealthReport, &'static str, &'static str, bool) {
+    let mut h = st.kernel.report();
     let draining = st.draining.load(Ordering::Relaxed);
-    // Readiness: send this edge no new clients while it is overloaded or draining.
-    let code =
-        if h.status == EdgeHealth::Overloaded || draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let store = st.store.as_ref().map_or("off", |s| s.state());
     let bus = match &*st.route {
         RouteSource::Redis { .. } if st.metrics.bus.bus_up.get() == 1 => "up",
         RouteSource::Redis { .. } => "down",
         RouteSource::Embedded { .. } => "embedded",
     };
-    let mut status = level_name(h.status);
-    let mut reasons = serde_json::to_value(&h.reasons).unwrap_or_default();
     let mut degrade = |why: String| {
         // Members are still served; publishes are refused: say so.
-        if status == "ok" {
-            status = "degraded";
+        if h.status == EdgeHealth::Ok {
+            h.status = EdgeHealth::Degraded;
         }
-        if let Some(list) = reasons.as_array_mut() {
-            list.push(why.into());
-        }
+        h.reasons.push(why);
     };
     if store != "ok" && store != "off" {
         degrade(format!("store {store}: must-deliver publishes are refused"));
@@ -471,11 +467,19 @@ async fn healthz(State(st): State<AppState>) -> Response {
     if draining {
         degrade("draining: out of dispatch, sending goaway".to_owned());
     }
+    (h, store, bus, draining)
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    let (h, store, bus, draining) = edge_health(&st);
+    // Readiness: send this edge no new clients while it is overloaded or draining.
+    let code =
+        if h.status == EdgeHealth::Overloaded || draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let body = Json(serde_json::json!({
-        "status": status,
+        "status": level_name(h.status),
         "store": store,
         "bus": bus,
-        "reasons": reasons,
+        "reasons": h.reasons,
         "probes": h.source.unwrap_or("none"),
         "draining": draining,
         "shards": st.shards,
@@ -489,7 +493,7 @@ async fn healthz(State(st): State<AppState>) -> Response {
 /// The latest kernel snapshot and health verdict, for dashboards and `edge top`.
 async fn kernel(State(st): State<AppState>) -> Response {
     Json(serde_json::json!({
-        "health": st.kernel.report(),
+        "health": edge_health(&st).0,
         "snapshot": st.kernel.snapshot().as_deref(),
         "delivery": st.metrics.delivery(),
         "connections": st.metrics.connections(),
@@ -523,7 +527,7 @@ async fn dashboard_css() -> Response {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     let mut out = String::with_capacity(16384);
-    st.metrics.render(&st.kernel, &mut out);
+    st.metrics.render(&st.kernel, &edge_health(&st).0, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 

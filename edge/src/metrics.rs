@@ -123,6 +123,8 @@ pub struct BusStats {
     pub store_bytes: IntGauge,
     /// With a shared bus: 1 while Redis is reachable (publishes get 503 while it is not).
     pub bus_up: IntGauge,
+    /// 1 when the edge runs with a shared bus (Redis), 0 alone.
+    pub bus_shared: IntGauge,
     /// Redis commands that failed, by operation.
     pub redis_errors: IntCounterVec,
 }
@@ -358,6 +360,13 @@ impl Metrics {
                 "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online).",
                 &["op"],
             ),
+            bus_shared: gauge(
+                r,
+                "bus_shared",
+                "1 when the edge shares rooms through a bus (Redis), 0 for a single-node edge (bus_up is then 0 too).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             bus_up: gauge(
                 r,
                 "bus_up",
@@ -512,9 +521,10 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every family, the kernel probes' after the edge's.
-    pub fn render(&self, kernel: &KernelView, out: &mut String) {
+    /// `health`: the edge's health as a whole (the kernel policy's, with the store and the bus).
+    pub fn render(&self, kernel: &KernelView, health: &HealthReport, out: &mut String) {
         let mut families = self.registry.gather();
-        families.extend(kernel_families(kernel.snapshot().as_deref(), &kernel.report()));
+        families.extend(kernel_families(kernel.snapshot().as_deref(), health));
         let mut buf = Vec::new();
         // Encoding well-formed families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&families, &mut buf);

@@ -131,6 +131,7 @@ impl Edge {
                 )
                 .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
                 tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");
+                metrics.bus.bus_shared.set(1);
                 Some(bridge)
             }
             None => None,

@@ -438,6 +438,8 @@ async fn healthz_reports_the_bus_and_draining() {
     assert_eq!(code, 503, "{body}");
     let (_, text) = p.get("/metrics").await;
     assert!(text.lines().any(|l| l.starts_with("roomcast_publish_rejected_total{reason=\"bus_unavailable\"} ")), "refusal counted");
+    // /metrics says what /healthz says: the alerts read it (RoomcastRedisDown).
+    assert!(text.lines().any(|l| l == "roomcast_health{state=\"degraded\"} 1"), "health on /metrics is degraded too");
     drop(text);
     let errors = || async {
         let (_, text) = p.get("/metrics").await;

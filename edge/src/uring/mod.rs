@@ -74,7 +74,7 @@ impl Token {
 #[derive(Debug, thiserror::Error)]
 pub enum UringError {
     #[error(
-        "io_uring_setup failed: {0} (io_uring needs Linux 5.1+, and must not be disabled by kernel.io_uring_disabled)"
+        "io_uring_setup failed: {0} (io_uring needs Linux 5.1+, must not be disabled by kernel.io_uring_disabled, and must be allowed by the seccomp profile: container runtimes' default profiles block it, see deploy/)"
     )]
     Setup(#[source] io::Error),
     #[error("this kernel lacks io_uring opcode {name}: {needed}")]
