@@ -18,6 +18,18 @@ pub const HOT_ROOM_RATE: f64 = 5.0;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardSet(Box<[u64]>);
 
+/// The shard numbers of the set bits of word `i` of a set, in increasing order.
+fn set_bits(i: usize, mut w: u64) -> impl Iterator<Item = u16> {
+    std::iter::from_fn(move || {
+        if w == 0 {
+            return None;
+        }
+        let bit = w.trailing_zeros() as usize;
+        w &= w - 1;
+        Some((i * 64 + bit) as u16)
+    })
+}
+
 impl ShardSet {
     pub fn new(shards: usize) -> Self {
         Self(vec![0; shards.div_ceil(64).max(1)].into_boxed_slice())
@@ -53,32 +65,12 @@ impl ShardSet {
     /// The shards in any of `sets` (all sized alike), in increasing order.
     pub fn union_of(sets: &[ShardSet]) -> impl Iterator<Item = u16> + '_ {
         let words = sets.first().map_or(0, |s| s.0.len());
-        (0..words).flat_map(move |i| {
-            let mut w = sets.iter().fold(0u64, |acc, s| acc | s.0.get(i).copied().unwrap_or(0));
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let bit = w.trailing_zeros() as usize;
-                w &= w - 1;
-                Some((i * 64 + bit) as u16)
-            })
-        })
+        (0..words).flat_map(move |i| set_bits(i, sets.iter().fold(0u64, |acc, s| acc | s.0.get(i).copied().unwrap_or(0))))
     }
 
     /// The shards in `self` or `other`, in increasing order.
     pub fn union_iter<'a>(&'a self, other: &'a ShardSet) -> impl Iterator<Item = u16> + 'a {
-        self.0.iter().zip(other.0.iter()).enumerate().flat_map(|(i, (&a, &b))| {
-            let mut w = a | b;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let bit = w.trailing_zeros() as usize;
-                w &= w - 1;
-                Some((i * 64 + bit) as u16)
-            })
-        })
+        self.0.iter().zip(other.0.iter()).enumerate().flat_map(|(i, (&a, &b))| set_bits(i, a | b))
     }
 }
 

@@ -6,26 +6,15 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
 import { serve } from "../../demo/serve.mjs";
-import { OUT_DIR, cleanup, publishGift, sleep, startEdge, startRedis, waitFor } from "./harness.mjs";
+import { CHROMIUM, OUT_DIR, launchBrowser, publishGift, sleep, startEdge, startRedis, waitFor } from "./harness.mjs";
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
 const DRAIN = "[drain]\nperiod_ms = 1500\ndeadline_ms = 10000\n";
 
 /** The demo's static server and a headless Chromium, both closed (with the edges) after the test. */
 async function demoServerAndBrowser(t) {
   const server = await serve(0, "127.0.0.1");
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-  });
-  t.after(async () => {
-    await browser.close().catch(() => {});
-    server.close();
-    await cleanup();
-  });
+  const browser = await launchBrowser(t, () => server.close());
   return { server, browser };
 }
 

@@ -7,22 +7,12 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
-import { OUT_DIR, cleanup, publishGift, sleep, startEdge, waitFor } from "./harness.mjs";
+import { CHROMIUM, OUT_DIR, launchBrowser, publishGift, sleep, startEdge, waitFor } from "./harness.mjs";
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
 
 test("dashboard in Chromium: the charts fill with a loaded edge's figures", { timeout: 90_000 }, async (t) => {
   assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (scripts/setup.sh installs Debian's chromium)`);
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-  });
-  t.after(async () => {
-    await browser.close().catch(() => {});
-    await cleanup();
-  });
+  const browser = await launchBrowser(t);
   const edge = await startEdge({ shards: 2, mergeWindowMs: 50 });
   const room = `dash-${process.pid}`;
 

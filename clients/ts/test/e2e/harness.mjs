@@ -16,6 +16,28 @@ export const OUT_DIR = process.env.ROOMCAST_E2E_OUT ?? join(REPO, "target/e2e");
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/** Debian's Chromium (scripts/setup.sh installs it), or $CHROMIUM_BIN. */
+export const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
+
+/**
+ * A headless Chromium (driven by playwright-core), closed after test `t`, then `closers` run,
+ * then every process the harness started is ended.
+ */
+export async function launchBrowser(t, ...closers) {
+  const { chromium } = await import("playwright-core");
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+  });
+  t.after(async () => {
+    await browser.close().catch(() => {});
+    for (const close of closers) close();
+    await cleanup();
+  });
+  return browser;
+}
+
 /** Polls `cond` until it returns truthy; throws with `what` (and `detail()`) after `ms`. */
 export async function waitFor(cond, ms, what, detail = () => "") {
   const end = Date.now() + ms;

@@ -6,25 +6,14 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { chromium } from "playwright-core";
 import { serve } from "../../demo/serve.mjs";
-import { cleanup, publishGift, startEdge, startRedis, waitFor } from "./harness.mjs";
+import { CHROMIUM, launchBrowser, publishGift, startEdge, startRedis, waitFor } from "./harness.mjs";
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
 
 test("EventSource in Chromium: gifts, edge killed and restarted, Last-Event-ID resumes exactly the missed gifts", { timeout: 90_000 }, async (t) => {
   assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (scripts/setup.sh installs Debian's chromium)`);
   const server = await serve(0, "127.0.0.1");
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-  });
-  t.after(async () => {
-    await browser.close().catch(() => {});
-    server.close();
-    await cleanup();
-  });
+  const browser = await launchBrowser(t, () => server.close());
   const redis = await startRedis();
   const edges = [await startEdge({ bus: redis.url }), await startEdge({ bus: redis.url })];
   const room = `sse-${process.pid}`;
