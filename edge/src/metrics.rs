@@ -692,13 +692,9 @@ pub fn kernel_families(snap: Option<&Snapshot>, report: &HealthReport) -> Vec<Me
         COUNTER,
         vec![counter_m(&[], s.retransmits as f64)],
     ));
-    let peers: Vec<String> = s.top_retransmits.iter().map(|r| r.addr.to_string()).collect();
-    out.push(family(
-        "tcp_retransmits_by_peer",
-        "Retransmits towards the worst peers (at most 10 series).",
-        GAUGE,
-        s.top_retransmits.iter().zip(&peers).map(|(r, p)| gauge_m(&[("peer", p)], r.retransmits as f64)).collect(),
-    ));
+    // The worst peers by retransmits are on /v1/kernel and the dashboard, not here: a peer
+    // label is a new series for every client that ever ranked (unbounded over time) and puts
+    // client addresses into every scrape.
     for (name, help, v) in [
         (
             "tcp_synack_retransmits_total",

@@ -70,7 +70,7 @@ pub fn render(k: &Value, prev: Option<(&Value, f64)>, http: SocketAddr) -> Strin
     if !t.is_null() {
         o.push_str(&format!(
             "\nrooms {}   messages in {}   deliveries {}   publishes refused {}   dropped {}   goaways {}   slow closes {}\n",
-            t["rooms"],
+            num(&t["rooms"]) as u64,
             per_s("messages_in"),
             per_s("messages_delivered"),
             per_s("publish_rejected"),
@@ -146,9 +146,16 @@ pub fn render(k: &Value, prev: Option<(&Value, f64)>, http: SocketAddr) -> Strin
     o
 }
 
-/// Refreshes once a second until interrupted (`once`: print one screen and return).
+/// Refreshes once a second until interrupted (`once`: print one screen and return; it reads
+/// twice, a second apart, so that it has rates).
 pub fn run(http: SocketAddr, once: bool) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
     let mut prev: Option<(Value, std::time::Instant)> = None;
+    if once {
+        prev = Some((fetch(http)?, std::time::Instant::now()));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let terminal = std::io::stdout().is_terminal();
     loop {
         let screen = match fetch(http) {
             Ok(k) => {
@@ -164,8 +171,13 @@ pub fn run(http: SocketAddr, once: bool) -> anyhow::Result<()> {
             print!("{screen}");
             return Ok(());
         }
-        // Clear the screen and home the cursor, then draw.
-        print!("\x1b[H\x1b[2J{screen}");
+        // Clear the screen and home the cursor, then draw (into a pipe or a file: screens one
+        // after another, no escape codes).
+        if terminal {
+            print!("\x1b[H\x1b[2J{screen}");
+        } else {
+            print!("{screen}\n");
+        }
         std::io::stdout().flush()?;
         std::thread::sleep(Duration::from_secs(1));
     }
