@@ -52,5 +52,8 @@ if ((node_major < 20)); then
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust with rustup first" >&2; exit 1; }
-cargo build --release --workspace
+# ROOMCAST_SETUP_NO_BUILD=1: install only (CI, whose test command builds what it runs).
+if [[ -z ${ROOMCAST_SETUP_NO_BUILD:-} ]]; then
+  cargo build --release --workspace
+fi
 echo "setup: done. Start an edge with: cargo run --release -p edge"
