@@ -90,6 +90,13 @@ impl ThreadCounters {
             .map(|i| {
                 let c = open(i).ok().map(|c| (c, 0));
                 f.available.with_label_values(&[KINDS[i]]).set(i64::from(c.is_some()));
+                if c.is_some() {
+                    // The thread's series exists from the start (at 0), not from its first count.
+                    match i {
+                        0 => drop(f.cpu_seconds.with_label_values(&[thread])),
+                        _ => drop(f.counts[i - 1].with_label_values(&[thread])),
+                    }
+                }
                 c
             })
             .collect::<Vec<_>>();
@@ -134,8 +141,14 @@ mod tests {
     /// software counter exists on every Linux kernel the edge runs on).
     #[test]
     fn task_clock_counts_this_threads_cpu() {
-        let f = PerfFamilies::register(&Registry::new());
+        let reg = Registry::new();
+        let f = PerfFamilies::register(&reg);
         let mut t = ThreadCounters::open_for_this_thread("test", &f);
+        // Every counted event has its series from the start (a scrape shows migrations at 0).
+        let series = |name: &str| {
+            reg.gather().iter().filter(|m| m.name() == name).map(|m| m.get_metric().len()).sum::<usize>()
+        };
+        assert_eq!(series("roomcast_thread_cpu_migrations_total"), 1);
         assert_eq!(f.available.with_label_values(&["task_clock"]).get(), 1, "task-clock is a software counter");
         let start = crate::sys::thread_cpu_time();
         let mut x = 0u64;
