@@ -16,7 +16,8 @@ use perf_event::{Builder, Counter};
 use prometheus::{CounterVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// The counters, in order.
-pub const KINDS: [&str; 6] = ["task_clock", "context_switches", "cpu_migrations", "cycles", "instructions", "cache_misses"];
+pub const KINDS: [&str; 6] =
+    ["task_clock", "context_switches", "cpu_migrations", "cycles", "instructions", "cache_misses"];
 
 /// The families the counters feed.
 #[derive(Clone)]
@@ -145,9 +146,8 @@ mod tests {
         let f = PerfFamilies::register(&reg);
         let mut t = ThreadCounters::open_for_this_thread("test", &f);
         // Every counted event has its series from the start (a scrape shows migrations at 0).
-        let series = |name: &str| {
-            reg.gather().iter().filter(|m| m.name() == name).map(|m| m.get_metric().len()).sum::<usize>()
-        };
+        let series =
+            |name: &str| reg.gather().iter().filter(|m| m.name() == name).map(|m| m.get_metric().len()).sum::<usize>();
         assert_eq!(series("roomcast_thread_cpu_migrations_total"), 1);
         assert_eq!(f.available.with_label_values(&["task_clock"]).get(), 1, "task-clock is a software counter");
         let start = crate::sys::thread_cpu_time();

@@ -208,7 +208,8 @@ mod tests {
         let mut k = k;
         k["totals"] = serde_json::json!({ "rooms": 2, "messages_in": 150, "messages_delivered": 3000,
             "publish_rejected": { "bad_json": 3 }, "messages_dropped": {}, "goaways": 0, "slow_consumer_closes": 0 });
-        k["top_rooms"] = serde_json::json!([{ "room": "lobby", "members": 40, "publish_rate": 9.5, "window_ms": 100, "seq": 7 }]);
+        k["top_rooms"] =
+            serde_json::json!([{ "room": "lobby", "members": 40, "publish_rate": 9.5, "window_ms": 100, "seq": 7 }]);
         let out = render(&k, Some((&before, 2.0)), "127.0.0.1:8081".parse().unwrap());
         assert!(out.contains("messages in 25/s   deliveries 1000/s   publishes refused 1/s"), "{out}");
         assert!(out.contains("lobby") && out.contains("40 members"), "{out}");

@@ -437,7 +437,10 @@ async fn healthz_reports_the_bus_and_draining() {
     let (code, body) = p.post_raw("/v1/rooms/h/messages", br#"{"kind":"gift","body":1}"#.to_vec()).await;
     assert_eq!(code, 503, "{body}");
     let (_, text) = p.get("/metrics").await;
-    assert!(text.lines().any(|l| l.starts_with("roomcast_publish_rejected_total{reason=\"bus_unavailable\"} ")), "refusal counted");
+    assert!(
+        text.lines().any(|l| l.starts_with("roomcast_publish_rejected_total{reason=\"bus_unavailable\"} ")),
+        "refusal counted"
+    );
     // /metrics says what /healthz says: the alerts read it (RoomcastRedisDown).
     assert!(text.lines().any(|l| l == "roomcast_health{state=\"degraded\"} 1"), "health on /metrics is degraded too");
     drop(text);

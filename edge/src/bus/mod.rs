@@ -222,25 +222,12 @@ pub enum EngineCmd {
     },
     /// A connection asks to join; the engine answers `JoinAck` on the shard's link, in order
     /// with the room's deliveries, and counts the shard as interested in `proto` frames.
-    Join {
-        room: RoomName,
-        shard: u16,
-        slot: u32,
-        generation: u32,
-        proto: Subprotocol,
-        since: Option<Since>,
-    },
+    Join { room: RoomName, shard: u16, slot: u32, generation: u32, proto: Subprotocol, since: Option<Since> },
     /// One member (joined or joining) of `room` left a shard: the engine counts members per
     /// room (joins in, these out) to know a room's fan-out demand.
-    Left {
-        room: RoomName,
-    },
+    Left { room: RoomName },
     /// The shard has no more members (joined or joining) of `room` in `proto`.
-    NoInterest {
-        room: RoomName,
-        shard: u16,
-        proto: Subprotocol,
-    },
+    NoInterest { room: RoomName, shard: u16, proto: Subprotocol },
     /// Redis mode: a message numbered by Redis, from the room's channel.
     Remote {
         room: RoomName,
@@ -258,13 +245,7 @@ pub enum EngineCmd {
         latest: Vec<PushMessage>,
     },
     /// Redis mode: the answer to a fill of `from..=to` (`ok: false`: Redis could not answer).
-    Filled {
-        room: RoomName,
-        from: u64,
-        to: u64,
-        messages: Vec<(PushMessage, bool)>,
-        ok: bool,
-    },
+    Filled { room: RoomName, from: u64, to: u64, messages: Vec<(PushMessage, bool)>, ok: bool },
     /// Redis mode: must-deliver messages for a joining connection's `since`.
     Recovered {
         room: RoomName,
@@ -276,35 +257,18 @@ pub enum EngineCmd {
         ok: bool,
     },
     /// Redis mode: the outcome of a publish, to answer.
-    PublishDone {
-        room: RoomName,
-        reply: Reply,
-        result: Result<Ack, PublishError>,
-    },
+    PublishDone { room: RoomName, reply: Reply, result: Result<Ack, PublishError> },
     /// Redis mode: the connection to Redis went down or came back (sent to every engine).
-    Redis {
-        up: bool,
-    },
+    Redis { up: bool },
     /// The store made every record batch of this engine up to `token` durable (as the fsync
     /// policy says).
-    Durable {
-        token: u64,
-    },
+    Durable { token: u64 },
     /// Redis mode: the room's members over every edge changed (announced on its channel).
-    Online {
-        room: RoomName,
-        total: u64,
-    },
+    Online { room: RoomName, total: u64 },
     /// Room figures for `GET /v1/rooms/{room}`.
-    RoomStats {
-        room: RoomName,
-        reply: tokio::sync::oneshot::Sender<Option<RoomStats>>,
-    },
+    RoomStats { room: RoomName, reply: tokio::sync::oneshot::Sender<Option<RoomStats>> },
     /// This engine's largest rooms by members (the dashboard's hottest rooms).
-    TopRooms {
-        n: usize,
-        reply: tokio::sync::oneshot::Sender<Vec<RoomBrief>>,
-    },
+    TopRooms { n: usize, reply: tokio::sync::oneshot::Sender<Vec<RoomBrief>> },
 }
 
 /// A room in the dashboard's list of hottest rooms.

@@ -65,7 +65,8 @@ impl ShardSet {
     /// The shards in any of `sets` (all sized alike), in increasing order.
     pub fn union_of(sets: &[ShardSet]) -> impl Iterator<Item = u16> + '_ {
         let words = sets.first().map_or(0, |s| s.0.len());
-        (0..words).flat_map(move |i| set_bits(i, sets.iter().fold(0u64, |acc, s| acc | s.0.get(i).copied().unwrap_or(0))))
+        (0..words)
+            .flat_map(move |i| set_bits(i, sets.iter().fold(0u64, |acc, s| acc | s.0.get(i).copied().unwrap_or(0))))
     }
 
     /// The shards in `self` or `other`, in increasing order.

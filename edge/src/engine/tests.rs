@@ -712,7 +712,11 @@ fn an_engine_behind_on_a_shard_refuses_publishes() {
     for _ in 0..=super::OUT_BOUND {
         bus.out.shard[0].push(ShardCmd::Shutdown);
     }
-    bus.handle(EngineCmd::Publish { room: room.clone(), msg: Box::new(msg("gift", 1)), reply: crate::bus::Reply::Http(tx) });
+    bus.handle(EngineCmd::Publish {
+        room: room.clone(),
+        msg: Box::new(msg("gift", 1)),
+        reply: crate::bus::Reply::Http(tx),
+    });
     match rx.try_recv() {
         Ok(Err(PublishError::Busy { retry_after_ms })) => assert!(retry_after_ms > 0),
         other => panic!("{other:?}"),

@@ -118,9 +118,9 @@ impl Shard {
     /// what this machine, under this load, does.
     fn estimate_capacity(&mut self, now: Instant) {
         const ALPHA: f64 = 0.3;
-        let perf = self
-            .perf
-            .get_or_insert_with(|| crate::perfcount::ThreadCounters::open_for_this_thread(&format!("shard-{}", self.id), &self.stats.perf));
+        let perf = self.perf.get_or_insert_with(|| {
+            crate::perfcount::ThreadCounters::open_for_this_thread(&format!("shard-{}", self.id), &self.stats.perf)
+        });
         perf.publish(&self.stats.perf);
         let cpu = crate::sys::thread_cpu_time();
         let wait = crate::sys::thread_run_delay().unwrap_or_default();

@@ -289,7 +289,10 @@ impl Shard {
                 // The user is the connection's identity; whatever the client wrote is ignored.
                 let generation = self.conns[slot as usize].as_ref().map_or(0, |c| c.generation);
                 let reply = Reply::Conn { shard: self.id, slot, generation };
-                self.signal(&room.clone(), EngineCmd::Publish { room, msg: Box::new(NewMessage { kind, user, body, idem: None }), reply });
+                self.signal(
+                    &room.clone(),
+                    EngineCmd::Publish { room, msg: Box::new(NewMessage { kind, user, body, idem: None }), reply },
+                );
             }
         }
     }

@@ -269,12 +269,10 @@ impl Store {
             .map(|i| StoreHandle { store: self.clone(), tx: tx.clone(), engine: i as u16, progress: progress.clone() })
             .collect();
         let store = self.clone();
-        let h = std::thread::Builder::new()
-            .name("roomcast-store".into())
-            .spawn(move || {
-                crate::sys::raise_thread_priority();
-                store.run(&rx, &engines, &progress, history_max_age)
-            })?;
+        let h = std::thread::Builder::new().name("roomcast-store".into()).spawn(move || {
+            crate::sys::raise_thread_priority();
+            store.run(&rx, &engines, &progress, history_max_age)
+        })?;
         Ok((handles, h))
     }
 
