@@ -106,14 +106,15 @@ impl Engine {
     /// that took one CPU at 10^5 members to the 2 s maximum and gift p99 from 2.6 s to 3.5 s;
     /// widening past the rule is left to the backlog safety net, which reacts to real queues.
     pub(super) fn window_of(&self, rate: f64, members: u64) -> Duration {
+        let rule = room_window(&self.cfg, self.level, rate, members);
         let Some(budget) = self.budget.filter(|_| self.cfg.adaptive.enabled && rate >= HOT_ROOM_RATE) else {
-            return room_window(&self.cfg, self.level, rate, members);
+            return rule;
         };
         let hot = self.load.hot_members().max(members) as f64;
-        let share = Duration::from_secs_f64(hot / budget.max(1.0));
-        let cap = Duration::from_secs_f64(members as f64 / self.cfg.adaptive.room_frames_per_s);
-        let max = Duration::from_millis(self.cfg.adaptive.max_window_ms);
-        window_at(&self.cfg, self.level, rate).max(share.min(cap).min(max))
+        let share =
+            Duration::from_secs_f64(hot / budget.max(1.0)).min(Duration::from_millis(self.cfg.adaptive.max_window_ms));
+        // The rule's window is at least the backlog level's: capping by it keeps that floor.
+        window_at(&self.cfg, self.level, rate).max(share).min(rule)
     }
 
     /// One step of the latency controller, at most every [`CONTROL_EVERY`] (see the module
