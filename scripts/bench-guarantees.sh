@@ -20,7 +20,9 @@
 # metrics, its adaptive-window log, box.txt).
 # Env: CONNS (10000), CHAT (2000), GIFT (20), SECS (20), EDGE_ARGS (""; e.g. --no-store),
 # SCENARIO (guarantees-10k), GIFT_STREAMS (16), CHAT_STREAMS (4), WORKERS (0: loadgen's default),
-# WT (/work/wt-store), CARGO_TARGET_DIR (/work/target-bench), KEEP_WT (0), WAIT_QUIET (20),
+# WT (${TMPDIR:-/tmp}/roomcast-bench-guarantees), CARGO_TARGET_DIR
+# ($ROOT/target/bench), EDGE_BIN + LG_BIN (prebuilt binaries: no snapshot, the commit is HEAD's),
+# KEEP_WT (0), WAIT_QUIET (20),
 # LOAD_MAX (1.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,11 +36,11 @@ SCENARIO=${SCENARIO:-guarantees-10k}
 GIFT_STREAMS=${GIFT_STREAMS:-16}
 CHAT_STREAMS=${CHAT_STREAMS:-4}
 WORKERS=${WORKERS:-0}
-WT=${WT:-/work/wt-store}
+WT=${WT:-${TMPDIR:-/tmp}/roomcast-bench-guarantees}
 KEEP_WT=${KEEP_WT:-0}
 WAIT_QUIET=${WAIT_QUIET:-20}
 LOAD_MAX=${LOAD_MAX:-1.0}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-bench}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/bench}
 
 # shellcheck source=lib/bench.sh
 . "$ROOT/scripts/lib/bench.sh"

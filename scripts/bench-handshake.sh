@@ -22,8 +22,8 @@
 # Results: $OUT (summary.md, summary.json, raw/<run>/: loadgen's result.json and README.md, its
 # output, the edge's log and /metrics). Env: CONNS (10000), MODES ("none hs256 es256 rs256"),
 # RATES ("2000 0"), REPS (2: runs per mode and rate, interleaved), WORKERS (2), SHARDS (2),
-# NEG_CONNS (200), PORT (18761; HTTP is PORT+1), WT (/work/wt-hs), CARGO_TARGET_DIR
-# (/work/target-bench), OUT (bench-results/<date>-handshake), KEEP_WT (0), WAIT_QUIET (20).
+# NEG_CONNS (200), PORT (18761; HTTP is PORT+1), WT (${TMPDIR:-/tmp}/roomcast-bench-handshake),
+# CARGO_TARGET_DIR ($ROOT/target/bench), EDGE_BIN + LG_BIN (prebuilt: no snapshot), OUT (bench-results/<date>-handshake), KEEP_WT (0), WAIT_QUIET (20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -35,11 +35,11 @@ SHARDS=${SHARDS:-2}
 NEG_CONNS=${NEG_CONNS:-200}
 PORT=${PORT:-18761}
 HPORT=$((PORT + 1))
-WT=${WT:-/work/wt-hs}
+WT=${WT:-${TMPDIR:-/tmp}/roomcast-bench-handshake}
 KEEP_WT=${KEEP_WT:-0}
 WAIT_QUIET=${WAIT_QUIET:-20}
 REPS=${REPS:-2}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-bench}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/bench}
 OUT=${OUT:-$ROOT/bench-results/$(date +%Y-%m-%d)-handshake}
 mkdir -p "$OUT/raw"
 

@@ -25,7 +25,8 @@
 # edge.log, metrics.txt, data-dir-bytes.txt, box.txt; raw/env.txt).
 # Env: POLICIES ("always 10 never nostore"), ROOMS ("1 1000"), CONC ("16 64"), REPS (2), SECS (10),
 # WARMUP (2), BODY (64: bytes of the message body), SHARDS (2), GEN_THREADS (1), FSYNC_N (200),
-# PORT (18781; HTTP is PORT+1), WT (/work/wt-store), CARGO_TARGET_DIR (/work/target-bench),
+# PORT (18781; HTTP is PORT+1), WT (${TMPDIR:-/tmp}/roomcast-bench-store), CARGO_TARGET_DIR
+# ($ROOT/target/bench), EDGE_BIN + LG_BIN (prebuilt binaries: no snapshot, the commit is HEAD's),
 # OUT (bench-results/<date>-store), KEEP_WT (0), WAIT_QUIET (20), LOAD_MAX (1.0),
 # DATA_ROOT (a temporary directory under /tmp).
 set -euo pipefail
@@ -43,11 +44,11 @@ GEN_THREADS=${GEN_THREADS:-1}
 FSYNC_N=${FSYNC_N:-200}
 PORT=${PORT:-18781}
 HPORT=$((PORT + 1))
-WT=${WT:-/work/wt-store}
+WT=${WT:-${TMPDIR:-/tmp}/roomcast-bench-store}
 KEEP_WT=${KEEP_WT:-0}
 WAIT_QUIET=${WAIT_QUIET:-20}
 LOAD_MAX=${LOAD_MAX:-1.0}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-bench}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/bench}
 OUT=${OUT:-$ROOT/bench-results/$(date +%Y-%m-%d)-store}
 mkdir -p "$OUT/raw"
 

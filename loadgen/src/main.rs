@@ -194,6 +194,24 @@ pub fn edge_thread_cpu(http: std::net::SocketAddr) -> Option<std::collections::B
     (!m.is_empty()).then_some(m)
 }
 
+/// Bytes the edge still holds for its members (every shard's send queues), from /metrics.
+pub fn edge_send_queue_bytes(http: std::net::SocketAddr) -> Option<u64> {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("http://{http}/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    let mut total = 0.0;
+    let mut found = false;
+    for l in text.lines().filter(|l| l.starts_with("roomcast_send_queue_bytes{")) {
+        total += l.rsplit_once(' ')?.1.trim().parse::<f64>().ok()?;
+        found = true;
+    }
+    found.then_some(total as u64)
+}
+
 pub fn proc_cpu_rss(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
@@ -406,13 +424,24 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let moved = |progress: &[Progress]| {
         progress.iter().map(|p| (p.deliveries, p.bytes)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     };
+    // Quiet readers alone do not mean the edge is done: a shard starved of CPU (one CPU shared
+    // with a busy loop, a non-preemptible kernel) can stall for longer than 3 s with frames
+    // queued. So the edge's own send queues must also be empty when it is the target.
     let mut seen = moved(&progress);
-    while Instant::now() < settle_end && quiet_since.elapsed() < Duration::from_secs(3) {
+    let mut edge_queued = None;
+    let mut queue_checked = Instant::now() - Duration::from_secs(1);
+    while Instant::now() < settle_end
+        && (quiet_since.elapsed() < Duration::from_secs(3) || edge_queued.is_some_and(|b| b > 0))
+    {
         drain(&rx, &mut progress, &mut Vec::new());
         let now_seen = moved(&progress);
         if now_seen != seen {
             seen = now_seen;
             quiet_since = Instant::now();
+        }
+        if a.target == Target::Edge && queue_checked.elapsed() >= Duration::from_millis(500) {
+            edge_queued = edge_send_queue_bytes(a.http);
+            queue_checked = Instant::now();
         }
         if last_sample.elapsed() >= Duration::from_secs(1) {
             sample(&progress, &mut last_deliveries, &mut last_sample, &mut samples);

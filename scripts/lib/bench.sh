@@ -19,6 +19,14 @@ ports_free() {
 # MADE_WT.
 snapshot_build() {
   MADE_WT=0
+  if [[ -n ${EDGE_BIN:-} && -n ${LG_BIN:-} ]]; then
+    COMMIT=$(git -C "$ROOT" rev-parse HEAD)
+    git -C "$ROOT" diff --quiet HEAD -- edge loadgen 2>/dev/null || COMMIT="$COMMIT+uncommitted"
+    EDGE=$EDGE_BIN
+    LG=$LG_BIN
+    echo "prebuilt edge and loadgen ($EDGE_BIN, $LG_BIN) at $COMMIT"
+    return 0
+  fi
   if [[ ! -e $WT ]]; then
     git -C "$ROOT" worktree add --detach "$WT" HEAD
     MADE_WT=1

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use roomcast_proto::envelope::{self, ServerMsg};
 
 use super::conn::{Closing, Conn, OutFrame};
-use super::{Retry, Shard};
+use super::{Retry, SENDS_PER_TURN, Shard};
 use crate::uring::{OpKind, Sq, Token};
 
 impl Shard {
@@ -79,7 +79,12 @@ impl Shard {
 
     pub(super) fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
+        let mut done = 0;
         for &slot in &dirty {
+            if self.sends_this_turn >= SENDS_PER_TURN {
+                break;
+            }
+            done += 1;
             if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
                 c.dirty = false;
                 if c.in_flight == 0 && !c.out.is_empty() && c.closing != Closing::Abort {
@@ -87,7 +92,9 @@ impl Shard {
                 }
             }
         }
-        dirty.clear();
+        // What the budget left waits for the next turn, first in line.
+        dirty.drain(..done);
+        dirty.append(&mut self.dirty);
         self.dirty = dirty;
     }
 
@@ -109,7 +116,10 @@ impl Shard {
             unsafe { Sq::new(&mut self.ring).writev(slot, c.iov.as_ptr(), n as u32, tok) }
         };
         match r {
-            Ok(()) => c.in_flight = n as u16,
+            Ok(()) => {
+                c.in_flight = n as u16;
+                self.sends_this_turn += 1;
+            }
             // The SQ is full and the kernel pushed back: the frames stay queued; next turn.
             Err(_) => self.retry.push((Retry::Send, slot)),
         }

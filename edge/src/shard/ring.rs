@@ -11,7 +11,7 @@ use roomcast_proto::Subprotocol;
 use roomcast_proto::handshake::HandshakeError;
 
 use super::conn::{Closing, Conn, Phase};
-use super::{BGID, LATENCY_SAMPLE, Retry, Shard};
+use super::{BGID, LATENCY_SAMPLE, Retry, SENDS_PER_TURN, Shard};
 use crate::ipguard::Verdict;
 use crate::uring::{OpKind, Sq, Token};
 
@@ -296,7 +296,11 @@ impl Shard {
             c.drop_unsent(0);
             self.maybe_release(slot);
         } else if !c.out.is_empty() {
-            self.issue_send(slot);
+            if self.sends_this_turn < SENDS_PER_TURN {
+                self.issue_send(slot);
+            } else {
+                self.mark_dirty(slot);
+            }
         } else if c.closing != Closing::No {
             self.maybe_release(slot);
         }
