@@ -9,7 +9,7 @@
 # generator; default: no pinning), HOG (1: a busy loop pinned to EDGE_CPUS competes with the
 # edge for its CPU), EDGE_BIN / LG_BIN (prebuilt binaries; default: cargo build --release here),
 # RAMP (connections per second, 10000), CHAT_STREAMS (1: chat publishers, one request in flight
-# each; 10^4 chat/s needs several).
+# each; 10^4 chat/s needs several), GIFT_STREAMS (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,6 +24,7 @@ LG_CPUS=${LG_CPUS:-}
 HOG=${HOG:-0}
 RAMP=${RAMP:-10000}
 CHAT_STREAMS=${CHAT_STREAMS:-1}
+GIFT_STREAMS=${GIFT_STREAMS:-1}
 if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
   cargo build -q --release -p edge -p loadgen
 fi
@@ -67,7 +68,7 @@ trap stop_edge EXIT
 for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:18712/healthz && break; sleep 0.1; done
 $(pin "$LG_CPUS") "$LG_BIN" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
-  --chat-streams "$CHAT_STREAMS" \
+  --chat-streams "$CHAT_STREAMS" --gift-streams "$GIFT_STREAMS" \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
   --note "edge --shards 6, adaptive merging (base window 100 ms, max 2 s, visible chat $VISIBLE/s); edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}, hog $HOG"
 curl -s 127.0.0.1:18712/v1/rooms/r0 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/room-stats.json" || true

@@ -542,6 +542,14 @@ pub struct SendConfig {
     /// sampled room's stream for a reader taking 8 KB/s, and still 320 KB/s per connection at
     /// a 100 ms round trip. 0 = kernel autotuning (megabytes of chat no policy can take back).
     pub socket_send_buffer: usize,
+    /// TCP_NOTSENT_LOWAT of every connection (set on the listeners, inherited): the kernel takes
+    /// more bytes from a send only while fewer than this many are still unsent, so unsent
+    /// bytes stay in user space (where policy applies) without capping the bytes in flight the
+    /// way a small SO_SNDBUF does on a long round trip. 16 KiB: a slow reader's gift p99 5.4 s,
+    /// max 5.8 s, against 7.6 / 8.7 s without it; 4 KiB does a little better for slow readers
+    /// but splits writes so finely that a saturated edge pays 2.6x the CPU per delivery
+    /// (16 KiB: 1.8x) (bench-results/2026-11-30-sndbuf-README.md). 0 = not set.
+    pub socket_notsent_lowat: usize,
     /// Frames gathered into one writev when a connection has several queued.
     pub max_iov: usize,
     /// A join's `since` replay may exceed `max_queue_bytes` (a reader catching up on many
@@ -718,6 +726,7 @@ impl Default for SendConfig {
             max_queue_frames: 1024,
             max_queue_delay_ms: 1000,
             socket_send_buffer: 16 * 1024,
+            socket_notsent_lowat: 16 * 1024,
             max_iov: 16,
             max_replay_bytes: 256 << 20,
         }
@@ -986,6 +995,9 @@ impl Config {
         }
         if s.max_queue_delay_ms < 100 {
             return Err(invalid("send.max_queue_delay_ms", "must be at least 100"));
+        }
+        if s.socket_notsent_lowat > i32::MAX as usize {
+            return Err(invalid("send.socket_notsent_lowat", "must be at most 2147483647 bytes (0: not set)"));
         }
         if s.max_iov == 0 || s.max_iov > 1024 {
             return Err(invalid("send.max_iov", "must be between 1 and 1024 (IOV_MAX)"));

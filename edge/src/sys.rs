@@ -83,13 +83,29 @@ pub fn eventfd_ring(fd: RawFd) {
 /// Opens one of the shards' listening sockets: SO_REUSEPORT so each shard has its own accept
 /// queue on the same port, TCP_NODELAY (accepted sockets inherit it: they never get a normal fd
 /// on which we could set it), and a deep backlog for connection bursts at stream start.
-pub fn listener(addr: SocketAddr, backlog: i32, send_buffer: usize) -> io::Result<Socket> {
+pub fn listener(addr: SocketAddr, backlog: i32, send_buffer: usize, notsent_lowat: usize) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_tcp_nodelay(true)?;
     if send_buffer > 0 {
         s.set_send_buffer_size(send_buffer)?;
+    }
+    if notsent_lowat > 0 {
+        let v = i32::try_from(notsent_lowat).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a valid socket and a pointer to an int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&raw const v).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     s.bind(&SockAddr::from(addr))?;
     s.listen(backlog)?;
