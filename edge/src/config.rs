@@ -1229,6 +1229,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn send_low_water_mark_is_checked() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        assert!(
+            err("[send]\nsocket_notsent_lowat = 4294967296\n").is_some_and(|e| e.contains("send.socket_notsent_lowat"))
+        );
+        assert!(err("[send]\nsocket_notsent_lowat = 0\n").is_none());
+        assert_eq!(Config::default().send.socket_notsent_lowat, 16 * 1024);
+    }
+
+    #[test]
     fn store_settings_that_cannot_work_are_refused() {
         let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
         assert!(err("data_dir = \"\"\n").is_some_and(|e| e.contains("data_dir")));

@@ -68,15 +68,25 @@ impl Edge {
             );
         }
         // The first listener picks the port when 0 is asked for; the others share it.
-        let first = crate::sys::listener(cfg.listen, cfg.ws.backlog, cfg.send.socket_send_buffer, cfg.send.socket_notsent_lowat)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", cfg.listen))?;
+        let first = crate::sys::listener(
+            cfg.listen,
+            cfg.ws.backlog,
+            cfg.send.socket_send_buffer,
+            cfg.send.socket_notsent_lowat,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", cfg.listen))?;
         let ws_addr =
             first.local_addr()?.as_socket().ok_or_else(|| anyhow::anyhow!("listen address is not an inet address"))?;
         let mut listeners = vec![first];
         for _ in 1..n {
             listeners.push(
-                crate::sys::listener(ws_addr, cfg.ws.backlog, cfg.send.socket_send_buffer, cfg.send.socket_notsent_lowat)
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {ws_addr} (listen): {e}"))?,
+                crate::sys::listener(
+                    ws_addr,
+                    cfg.ws.backlog,
+                    cfg.send.socket_send_buffer,
+                    cfg.send.socket_notsent_lowat,
+                )
+                .map_err(|e| anyhow::anyhow!("cannot listen on {ws_addr} (listen): {e}"))?,
             );
         }
 

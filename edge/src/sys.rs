@@ -151,3 +151,28 @@ pub fn thread_cpu_time() -> std::time::Duration {
     }
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted sockets never get a normal fd in the edge, so the listener's options must be
+    /// inherited: checked here on a socket accepted the ordinary way.
+    #[test]
+    fn accepted_sockets_inherit_the_send_buffer_and_low_water_mark() {
+        let l = listener("127.0.0.1:0".parse().unwrap(), 8, 16 * 1024, 12_345).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let mut v: i32 = 0;
+        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: a valid socket, an int and its length.
+        let r = unsafe {
+            libc::getsockopt(a.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, (&raw mut v).cast(), &mut len)
+        };
+        assert_eq!(r, 0);
+        assert_eq!(v, 12_345);
+        assert_eq!(a.send_buffer_size().unwrap(), 32 * 1024, "the kernel doubles SO_SNDBUF");
+        assert!(a.tcp_nodelay().unwrap());
+    }
+}
