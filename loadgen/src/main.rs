@@ -82,6 +82,10 @@ struct RunArgs {
     /// Use roomcast.json.v1 instead of roomcast.rkyv.v2.
     #[arg(long)]
     json: bool,
+    /// Members follow the room over Server-Sent Events (`GET /sse`, JSON events) instead of
+    /// WebSocket (edge only).
+    #[arg(long)]
+    sse: bool,
     /// Gifts per second per room.
     #[arg(long, default_value_t = 10.0)]
     gift_rate: f64,
@@ -283,7 +287,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             count: hi - lo,
             rooms: a.rooms,
             dist: a.dist,
-            rkyv: !a.json,
+            rkyv: !a.json && !a.sse,
+            sse: a.sse && a.target == Target::Edge,
             ramp: a.ramp / workers as f64,
             src_first: 2 + ((w as u8).wrapping_mul(a.src_addrs.max(1))) % 200,
             src_count: a.src_addrs.max(1),
@@ -525,7 +530,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         closed_during_run: closed,
         rooms: a.rooms,
         dist: format!("{:?}", a.dist).to_lowercase(),
-        encoding: if a.json { "json" } else { "rkyv" }.into(),
+        encoding: if a.sse {
+            "sse"
+        } else if a.json {
+            "json"
+        } else {
+            "rkyv"
+        }
+        .into(),
         workers: n_workers,
         connect_s,
         connect_per_s: connected as f64 / connect_s.max(1e-3),

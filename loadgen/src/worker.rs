@@ -43,6 +43,9 @@ pub struct WorkerArgs {
     pub rooms: u32,
     pub dist: crate::Dist,
     pub rkyv: bool,
+    /// Members read Server-Sent Events (`GET /sse`) instead of WebSocket frames.
+    #[serde(default)]
+    pub sse: bool,
     /// Connections per second (this worker's share).
     pub ramp: f64,
     /// First source address (127.0.0.x), and how many to use.
@@ -142,6 +145,7 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool, tokens: &[String]) -> anyhow::Result<TcpStream> {
     let dst = args.addrs[i % args.addrs.len()];
     let path = match args.target {
+        Target::Edge if args.sse => format!("/sse?room=r{room}{}", token_param(tokens, i)),
         Target::Edge => format!("/ws?room=r{room}{}", token_param(tokens, i)),
         Target::Nchan => format!("/sub/r{room}"),
     };
@@ -155,7 +159,7 @@ fn token_param(tokens: &[String], i: usize) -> String {
 
 /// Asks a dispatch URL (`http://HOST:PORT/v1/route`) where room `room` should connect; a
 /// `ws://` URL is used as it is. Returns the address and the request path.
-fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32) -> anyhow::Result<(SocketAddr, String)> {
+fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) -> anyhow::Result<(SocketAddr, String)> {
     let ws = if url.starts_with("http://") {
         // A goaway's URL names the room already; a configured dispatch URL does not.
         let ask = if url.contains("room=") {
@@ -174,6 +178,11 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32) -> anyhow::Re
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let addr = host.parse().map_err(|e| anyhow::anyhow!("bad address in {ws}: {e}"))?;
     let path = if path.contains("room=") { path.to_owned() } else { format!("/ws?room=r{room}") };
+    // Dispatch and goaways name the WebSocket path; an SSE member takes the same edge's /sse.
+    let path = match path.strip_prefix("/ws?") {
+        Some(query) if sse => format!("/sse?{query}"),
+        _ => path,
+    };
     Ok((addr, path))
 }
 
@@ -208,10 +217,15 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         Target::Nchan => "",
     };
     let proto_hdr = if proto.is_empty() { String::new() } else { format!("Sec-WebSocket-Protocol: {proto}\r\n") };
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{proto_hdr}\r\n"
-    );
+    let sse = path.starts_with("/sse?");
+    let req = if sse {
+        format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n")
+    } else {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{proto_hdr}\r\n"
+        )
+    };
     s.write_all(req.as_bytes())?;
     let mut buf = Vec::with_capacity(256);
     let mut b = [0u8; 1];
@@ -220,7 +234,8 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         buf.push(b[0]);
         anyhow::ensure!(buf.len() < 4096, "handshake answer too long");
     }
-    anyhow::ensure!(buf.starts_with(b"HTTP/1.1 101"), "upgrade refused: {}", String::from_utf8_lossy(&buf));
+    let want: &[u8] = if sse { b"HTTP/1.1 200" } else { b"HTTP/1.1 101" };
+    anyhow::ensure!(buf.starts_with(want), "refused: {}", String::from_utf8_lossy(&buf));
     s.set_nonblocking(true)?;
     Ok(s)
 }
@@ -391,7 +406,7 @@ impl Movers {
                     };
                     let mut result = Err(anyhow::anyhow!("not tried"));
                     for attempt in 0..10u32 {
-                        result = resolve(&http, &job.url, job.room).and_then(|(addr, path)| {
+                        result = resolve(&http, &job.url, job.room, args.sse).and_then(|(addr, path)| {
                             let path = format!("{path}&since={}{}", job.since, token_param(&tokens, job.i));
                             open_to(&args, args.first + job.i, addr, &path, job.slow)
                         });
@@ -423,6 +438,8 @@ struct Reader {
     closed: u64,
     /// Follow goaways and resume after 4000/1013 closes.
     follow: bool,
+    /// The stream is Server-Sent Events, not WebSocket frames.
+    sse: bool,
 }
 
 impl Reader {
@@ -444,8 +461,59 @@ impl Reader {
         self.deliveries += 1;
     }
 
+    /// One JSON envelope (a WebSocket text frame, or an SSE event's data).
+    fn envelope_json(&mut self, c: &mut Conn, payload: &[u8], now: u64) {
+        match envelope::decode_json(payload) {
+            Ok(roomcast_proto::ServerMsg::Batch { messages, .. }) => {
+                for m in messages {
+                    c.last_seq = c.last_seq.max(m.seq);
+                    self.message(&mut c.tracks, c.slow, &m.kind, m.body.as_bytes(), now);
+                }
+            }
+            Ok(roomcast_proto::ServerMsg::Joined { seq, .. }) => c.on_joined(seq),
+            Ok(roomcast_proto::ServerMsg::Goaway { url, reconnect_after_ms, .. }) => {
+                c.on_goaway(&url, reconnect_after_ms);
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles the complete events at the front of `c.buf` (Server-Sent Events: lines up to a
+    /// blank line; `data:` lines joined with LF are one JSON envelope; comments, `id:` and
+    /// `retry:` are skipped); returns bytes used.
+    fn events(&mut self, c: &mut Conn) -> usize {
+        let now = now_us();
+        let buf = std::mem::take(&mut c.buf);
+        let mut off = 0;
+        let mut data = Vec::new();
+        while let Some(end) = buf[off..].windows(2).position(|w| w == b"\n\n") {
+            let event = &buf[off..off + end];
+            off += end + 2;
+            data.clear();
+            for line in event.split(|&b| b == b'\n') {
+                if let Some(d) = line.strip_prefix(b"data:") {
+                    if !data.is_empty() {
+                        data.push(b'\n');
+                    }
+                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+                }
+            }
+            if !data.is_empty() {
+                self.frames += 1;
+                let payload = std::mem::take(&mut data);
+                self.envelope_json(c, &payload, now);
+                data = payload;
+            }
+        }
+        c.buf = buf;
+        off
+    }
+
     /// Handles the complete frames at the front of `c.buf`; returns bytes used.
     fn frames(&mut self, c: &mut Conn) -> usize {
+        if self.sse {
+            return self.events(c);
+        }
         let now = now_us();
         let mut off = 0;
         let buf = std::mem::take(&mut c.buf);
@@ -479,19 +547,7 @@ impl Reader {
                     }
                     _ => {}
                 },
-                (Target::Edge, ws::OpCode::Text) => match envelope::decode_json(payload) {
-                    Ok(roomcast_proto::ServerMsg::Batch { messages, .. }) => {
-                        for m in messages {
-                            c.last_seq = c.last_seq.max(m.seq);
-                            self.message(&mut c.tracks, c.slow, &m.kind, m.body.as_bytes(), now);
-                        }
-                    }
-                    Ok(roomcast_proto::ServerMsg::Joined { seq, .. }) => c.on_joined(seq),
-                    Ok(roomcast_proto::ServerMsg::Goaway { url, reconnect_after_ms, .. }) => {
-                        c.on_goaway(&url, reconnect_after_ms);
-                    }
-                    _ => {}
-                },
+                (Target::Edge, ws::OpCode::Text) => self.envelope_json(c, payload, now),
                 _ => {}
             }
         }
@@ -539,6 +595,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         bytes: 0,
         closed: 0,
         follow: args.follow_goaway,
+        sse: args.sse,
     };
     let t0 = Instant::now();
     let pacer = crate::stats::Pacer::new(t0, args.ramp);
