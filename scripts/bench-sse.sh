@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# SSE against WebSocket (issue #14): the same room served three ways by one edge (2 shards),
+# CONNS members (10^4) in one room, gifts GIFT/s and chat CHAT/s for SECS s: WebSocket with
+# roomcast.rkyv.v2, WebSocket with roomcast.json.v1, and Server-Sent Events (JSON events).
+# Figures: edge CPU per delivered message, deliveries/s, gift latency, loss (must be 0 for gifts).
+# Results: bench-results/<date>-sse-{rkyv,json,sse}/ and bench-results/<date>-sse.md.
+# Env: CONNS (10000), GIFT (10), CHAT (200), SECS (20), EDGE_BIN / LG_BIN (prebuilt binaries;
+# default: cargo build --release here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONNS=${CONNS:-10000}
+GIFT=${GIFT:-10}
+CHAT=${CHAT:-200}
+SECS=${SECS:-20}
+if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
+  cargo build -q --release -p edge -p loadgen
+fi
+EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
+LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
+DATE=$(date +%Y-%m-%d)
+run() {
+  local name=$1
+  shift
+  local tmp
+  tmp=$(mktemp -d)
+  "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 >"$tmp/edge.log" 2>&1 &
+  local epid=$!
+  for _ in $(seq 50); do curl -sf -o /dev/null 127.0.0.1:18742/healthz && break; sleep 0.1; done
+  "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
+    --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
+    --out "$ROOT/bench-results" --scenario "sse-$name" "$@" \
+    --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); members: $name" \
+    >"$tmp/lg.out" 2>&1 || { echo "sse-$name failed:"; tail -5 "$tmp/lg.out"; }
+  kill -INT "$epid" 2>/dev/null || true
+  wait "$epid" 2>/dev/null || true
+  rm -rf "$tmp"
+  sleep 3
+}
+run rkyv
+run json --json
+run sse --sse
+OUT=$ROOT/bench-results/$DATE-sse.md
+python3 - "$ROOT/bench-results" "$DATE" "$CONNS" "$GIFT" "$CHAT" "$SECS" >"$OUT" <<'PY'
+import json, os, sys
+root, date, conns, gift, chat, secs = sys.argv[1:]
+print(f"# SSE against WebSocket (scripts/bench-sse.sh): {conns} members in one room, gifts {gift}/s, chat {chat}/s, {secs} s\n")
+print("| members | deliveries/s | edge µs CPU per delivery | bytes per delivery | gift p50 / p99 ms | gifts lost | chat lost |")
+print("|---|---|---|---|---|---|---|")
+for name in ["rkyv", "json", "sse"]:
+    p = os.path.join(root, f"{date}-sse-{name}", "result.json")
+    if not os.path.exists(p):
+        print(f"| {name} | (no result) | | | | | |")
+        continue
+    r = json.load(open(p))
+    g = r["latency_ms"]["gift"]
+    cpu = r["server"].get("cpu_us_per_delivery") or 0
+    bpd = r["bytes"] / max(r["deliveries"], 1)
+    print(f"| {name} | {r['deliveries_per_s']:.0f} | {cpu:.3f} | {bpd:.0f} | {g['p50']:.0f} / {g['p99']:.0f} | {r['lost']['gift']} | {r['lost']['chat']} |")
+PY
+cat "$OUT"
