@@ -8,7 +8,9 @@
 # cluster-wide total and per-edge breakdown), Redis's commands processed and each edge's CPU:
 # presence.csv, and the cost of the reconnect storm in presence-summary.json (issue #14).
 # Env: PER_EDGE (15000), ROOMS (30), GIFT (1 per room per s), CHAT (4), SECS (45), DRAIN_AT (10),
-# PERIOD_MS (10000), SCEN (drain).
+# PERIOD_MS (10000), SCEN (drain), SHARDS (2 per edge; each holds at most ~20,000 connections
+# here, RLIMIT_NOFILE bounding a ring's direct descriptors: the edges left after the drain must
+# hold everyone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,6 +22,7 @@ SECS=${SECS:-45}
 DRAIN_AT=${DRAIN_AT:-10}
 PERIOD_MS=${PERIOD_MS:-10000}
 SCEN=${SCEN:-drain}
+SHARDS=${SHARDS:-2}
 TOKEN=bench-drain-admin-token
 cargo build -q --release -p edge -p loadgen
 TMP=$(mktemp -d)
@@ -33,7 +36,7 @@ for _ in $(seq 50); do redis-cli -p 18799 ping >/dev/null 2>&1 && break; sleep 0
 "$ROOT/target/release/edge" dispatch --redis redis://127.0.0.1:18799 --http 127.0.0.1:18790 >"$TMP/dispatch.log" 2>&1 &
 PIDS+=($!)
 cat >"$TMP/edge.toml" <<TOML
-shards = 2
+shards = $SHARDS
 admin_token = "$TOKEN"
 bus = "redis://127.0.0.1:18799"
 [ws]
@@ -84,7 +87,7 @@ PIDS+=("$SAMPLER")
 "$ROOT/target/release/loadgen" run --target edge --ws 127.0.0.1:18701,127.0.0.1:18702,127.0.0.1:18703 \
   --http 127.0.0.1:18711 --connections $((PER_EDGE * 3)) --rooms "$ROOMS" --dist uniform --ramp 10000 \
   --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --out "$TMP/lg" --scenario drain \
-  --note "3 edges (--shards 2) + redis + edge dispatch on this box; edge 2 drained at t=${DRAIN_AT}s, period ${PERIOD_MS} ms" \
+  --note "3 edges (--shards $SHARDS) + redis + edge dispatch on this box; edge 2 drained at t=${DRAIN_AT}s, period ${PERIOD_MS} ms" \
   | tee "$TMP/loadgen.log" &
 LG=$!
 # Drain edge 2 DRAIN_AT seconds into publishing.
