@@ -363,6 +363,7 @@ async fn a_ban_refuses_every_join_on_every_edge_until_lifted_or_expired() {
         assert!(wait_until(T, || async { upgrade_status(&url).await == 101 }).await, "allowed again");
     }
     send_json(&mut elsewhere_a, json!({ "op": "join", "room": "show-1" })).await;
+    assert_eq!(next_signal(&mut elsewhere_a).await, ServerMsg::Left { room: "show-2".into() });
     expect_joined(&mut elsewhere_a, "show-1").await;
     // A short ban takes the member out, and ends by itself.
     let (status, _) = api_b.ban("show-1", "alice", 1, Some(MOD)).await;

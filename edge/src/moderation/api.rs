@@ -66,21 +66,22 @@ fn refuse_key(st: &AppState, r: KeyRefusal) -> Response {
 }
 
 /// The caller may moderate `room` (None: every room, as a disconnect needs).
-fn authorize(st: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<Who, Response> {
+/// The refusal is boxed: an answer is large, and the happy path should not carry its size.
+fn authorize(st: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<Who, Box<Response>> {
     let admin = st.admin_token.as_ref();
     if st.keys.is_empty() && admin.is_none() {
         return Ok(Who::Open);
     }
-    let Some(given) = bearer(headers) else { return Err(refuse_key(st, KeyRefusal::NoKey)) };
+    let Some(given) = bearer(headers) else { return Err(Box::new(refuse_key(st, KeyRefusal::NoKey))) };
     // Both compared in constant time, whichever matches.
     let is_admin = admin.is_some_and(|t| ct_eq(given.as_bytes(), t.expose().as_bytes()));
     let key = st.keys.find(given);
     if is_admin {
         return Ok(Who::Admin);
     }
-    let Some(k) = key else { return Err(refuse_key(st, KeyRefusal::BadKey)) };
+    let Some(k) = key else { return Err(Box::new(refuse_key(st, KeyRefusal::BadKey))) };
     if !k.may_moderate() {
-        return Err(refuse_key(st, KeyRefusal::Scope { key: k.name.clone(), scope: SCOPE_MODERATE }));
+        return Err(Box::new(refuse_key(st, KeyRefusal::Scope { key: k.name.clone(), scope: SCOPE_MODERATE })));
     }
     let allowed = match room {
         Some(r) => k.allows_room(r),
@@ -88,7 +89,7 @@ fn authorize(st: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<W
     };
     if !allowed {
         let r = KeyRefusal::ModerateRoom { key: k.name.clone(), room: room.map(str::to_owned) };
-        return Err(refuse_key(st, r));
+        return Err(Box::new(refuse_key(st, r)));
     }
     Ok(Who::Key(k.name.clone()))
 }
@@ -114,7 +115,7 @@ fn bus_down(st: &AppState, e: &::redis::RedisError) -> Response {
 async fn disconnect(State(st): State<AppState>, Path(user): Path<String>, headers: HeaderMap) -> Response {
     let who = match authorize(&st, &headers, None) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Err(why) = check_user(&user) {
         return refuse(&st, StatusCode::BAD_REQUEST, "bad_request", format!("bad user: {why}"));
@@ -147,7 +148,7 @@ struct BanRequest {
 async fn ban(State(st): State<AppState>, Path(room): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
     let who = match authorize(&st, &headers, Some(&room)) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Err(why) = validate_room(&room) {
         return refuse(&st, StatusCode::BAD_REQUEST, "bad_request", format!("bad room: {why}"));
@@ -204,7 +205,7 @@ async fn ban(State(st): State<AppState>, Path(room): Path<String>, headers: Head
 /// `GET /v1/rooms/{room}/bans`: the room's bans in force.
 async fn list_bans(State(st): State<AppState>, Path(room): Path<String>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&st, &headers, Some(&room)) {
-        return r;
+        return *r;
     }
     if let Err(why) = validate_room(&room) {
         return refuse(&st, StatusCode::BAD_REQUEST, "bad_request", format!("bad room: {why}"));
@@ -223,7 +224,7 @@ async fn list_bans(State(st): State<AppState>, Path(room): Path<String>, headers
 async fn unban(State(st): State<AppState>, Path((room, user)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let who = match authorize(&st, &headers, Some(&room)) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Err(why) =
         validate_room(&room).map_err(str::to_owned).and_then(|()| check_user(&user).map_err(str::to_owned))
@@ -254,7 +255,7 @@ async fn delete_message(
 ) -> Response {
     let who = match authorize(&st, &headers, Some(&room)) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Err(why) = validate_room(&room) {
         return refuse(&st, StatusCode::BAD_REQUEST, "bad_request", format!("bad room: {why}"));

@@ -41,11 +41,14 @@ pub struct Ban {
 #[error("too many bans in force (moderation.max_bans = {0}): lift some, or wait for them to expire")]
 pub struct BansFull(pub usize);
 
+/// Room -> user -> the ban's end (ms since the Unix epoch).
+type Table = HashMap<Box<str>, HashMap<Box<str>, u64>>;
+
 /// The bans in force, by room then user. Bounded (`max`); expired entries are ignored at once
 /// and removed by the next sweep (every insert into a full table sweeps first). Pure but for
 /// its lock: callers pass the wall clock.
 pub struct Bans {
-    map: RwLock<HashMap<Box<str>, HashMap<Box<str>, u64>>>,
+    map: RwLock<Table>,
     len: AtomicUsize,
     max: usize,
     gauge: Option<IntGauge>,
@@ -56,11 +59,11 @@ impl Bans {
         Self { map: RwLock::new(HashMap::new()), len: AtomicUsize::new(0), max: max.max(1), gauge }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Box<str>, HashMap<Box<str>, u64>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
         self.map.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, HashMap<Box<str>, u64>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
         self.map.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -127,7 +130,7 @@ impl Bans {
     /// bans that were not in force here before: their rooms' members must be removed.
     pub fn replace_all(&self, bans: Vec<Ban>, now_ms: u64) -> Vec<Ban> {
         let mut map = self.write();
-        let mut next: HashMap<Box<str>, HashMap<Box<str>, u64>> = HashMap::new();
+        let mut next = Table::new();
         let mut added = Vec::new();
         let mut n = 0;
         for b in bans.into_iter().filter(|b| b.until_ms > now_ms).take(self.max) {
@@ -174,7 +177,7 @@ impl Bans {
     }
 }
 
-fn sweep_map(map: &mut HashMap<Box<str>, HashMap<Box<str>, u64>>, now_ms: u64) -> usize {
+fn sweep_map(map: &mut Table, now_ms: u64) -> usize {
     map.retain(|_, users| {
         users.retain(|_, until| *until > now_ms);
         !users.is_empty()
