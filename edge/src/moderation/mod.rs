@@ -267,8 +267,8 @@ impl Moderation {
     }
 
     /// Sends `action` to every shard; returns the connections they closed or removed (those
-    /// that answered within [`SHARD_ANSWER`]).
-    pub async fn to_shards(&self, action: ModAction) -> u32 {
+    /// that answered within `SHARD_ANSWER`).
+    async fn to_shards(&self, action: ModAction) -> u32 {
         let mut waits = Vec::with_capacity(self.shards.len());
         for mb in &self.shards {
             let (tx, rx) = tokio::sync::oneshot::channel();
