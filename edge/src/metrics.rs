@@ -370,7 +370,7 @@ impl Metrics {
             redis_errors: counter(
                 r,
                 "redis_errors_total",
-                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online).",
+                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online, delete, moderation).",
                 &["op"],
             ),
             bus_shared: gauge(

@@ -75,8 +75,8 @@ impl Shard {
         slots.len() as u32
     }
 
-    /// Until when the connection in `slot` (or, at the handshake, `user`) is banned from `room`
-    /// (None: it may join). One atomic load while no ban is in force.
+    /// Until when `user` is banned from `room` (None: it may join). One atomic load while no
+    /// ban is in force.
     pub(super) fn banned(&self, room: &str, user: &str) -> Option<u64> {
         if self.bans.is_empty() {
             return None;
