@@ -61,6 +61,29 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub store: StoreConfig,
     pub presence: PresenceConfig,
+    pub moderation: ModerationConfig,
+}
+
+/// The moderation API (`POST /v1/users/{user}/disconnect`, `/v1/rooms/{room}/bans`,
+/// `DELETE /v1/rooms/{room}/messages/{seq}`; docs/PROTOCOL.md, "Moderation"). Who may use it:
+/// a publish key with the `moderate` scope, or `admin_token`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModerationConfig {
+    /// Bans in force this edge keeps at most (every room together; with Redis, the cluster's,
+    /// which every edge mirrors). A ban is about 200 bytes: the default bounds the table at
+    /// about 20 MiB. Past it a new ban is refused (507) until bans expire or are lifted: a
+    /// moderation tool gone wrong cannot grow the edge without bound.
+    pub max_bans: usize,
+    /// Longest ban, seconds (default a year). Every ban has an end: a permanent one is a
+    /// matter for the application's own user records, not for the push edge.
+    pub max_ban_s: u64,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        Self { max_bans: 100_000, max_ban_s: 365 * 86_400 }
+    }
 }
 
 /// The online count (occupancy) members see and `GET /v1/rooms/{room}` reports.
@@ -638,6 +661,10 @@ pub struct ApiKeyConfig {
     pub rooms: Option<Vec<String>>,
     /// Kinds it may publish (each a configured kind). Unset: every kind.
     pub kinds: Option<Vec<String>>,
+    /// What the key may do: `publish` (the publish API) and/or `moderate` (the moderation API:
+    /// disconnect users, ban them from rooms, delete messages; within `rooms`, and only a key
+    /// with no `rooms` may disconnect a user, which reaches every room). Unset: `["publish"]`.
+    pub scopes: Option<Vec<String>>,
 }
 
 /// A credential from the config (an API key, the admin token). `Debug` prints `<redacted>`, so
@@ -693,6 +720,7 @@ impl Default for Config {
             data_dir: PathBuf::from("roomcast-data"),
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
+            moderation: ModerationConfig::default(),
         }
     }
 }
@@ -1058,6 +1086,18 @@ impl Config {
             if roomcast_proto::envelope::validate_kind(name).is_err() {
                 return Err(invalid("kinds", format!("bad kind name {name:?}: 1 to 32 bytes of a-z 0-9 _")));
             }
+            if name == roomcast_proto::envelope::DELETED_KIND {
+                return Err(invalid(
+                    "kinds",
+                    format!("{name:?} is reserved: it is the kind of moderation's tombstones (docs/PROTOCOL.md)"),
+                ));
+            }
+        }
+        if self.moderation.max_bans == 0 || self.moderation.max_bans > 10_000_000 {
+            return Err(invalid("moderation.max_bans", "must be between 1 and 10000000"));
+        }
+        if self.moderation.max_ban_s == 0 || self.moderation.max_ban_s > 10 * 365 * 86_400 {
+            return Err(invalid("moderation.max_ban_s", "must be between 1 and 315360000 (ten years)"));
         }
         let l = &self.limits;
         for (key, v) in [
@@ -1227,6 +1267,16 @@ pub fn url_host(url: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `deleted` is moderation's tombstone kind: nobody may configure (and so publish) it.
+    #[test]
+    fn the_tombstone_kind_is_reserved() {
+        let c = Config::from_toml("[kinds.deleted]\nmust_deliver = true\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("kinds:") && e.contains("reserved"), "{e}");
+        let c = Config::from_toml("[moderation]\nmax_bans = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().starts_with("moderation.max_bans"));
+    }
 
     #[test]
     fn send_low_water_mark_is_checked() {

@@ -55,6 +55,12 @@ pub struct AppState {
     pub cors_origins: Arc<[String]>,
     /// The single-node store, for `/healthz` (None: Redis mode or `--no-store`).
     pub store: Option<Arc<crate::store::Store>>,
+    /// Moderation: bans, the shards' connections, and its figures.
+    pub moderation: Arc<crate::moderation::Moderation>,
+    /// The room streams' bounds (Redis mode's delete script trims as the publish script does).
+    pub stream_limits: crate::bus::redis::StreamLimits,
+    /// Longest ban (`moderation.max_ban_s`).
+    pub max_ban_s: u64,
 }
 
 impl AppState {
@@ -91,6 +97,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        .merge(crate::moderation::api::routes())
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -252,6 +259,11 @@ async fn publish_inner(st: &AppState, room: String, request: Request) -> Respons
         st.metrics.bus.publish_rejected.with_label_values(&[reason]).inc();
     };
     let key = match st.keys.authenticate(request.headers()) {
+        Ok(Some(k)) if !k.may_publish() => {
+            let r = KeyRefusal::Scope { key: k.name.clone(), scope: SCOPE_PUBLISH };
+            reject(r.reason());
+            return r.into_response();
+        }
         Ok(k) => k,
         Err(r) => {
             reject(r.reason());
@@ -588,9 +600,31 @@ pub struct PublishKey {
     rooms: Option<Vec<String>>,
     /// None: every kind.
     kinds: Option<Vec<String>>,
+    /// Its scopes: the publish API, the moderation API.
+    publish: bool,
+    moderate: bool,
 }
 
+/// The scopes a key may carry (`[[ingest.keys]] scopes`).
+pub const SCOPE_PUBLISH: &str = "publish";
+pub const SCOPE_MODERATE: &str = "moderate";
+
 impl PublishKey {
+    /// Whether the key may use the publish API (scope `publish`).
+    pub fn may_publish(&self) -> bool {
+        self.publish
+    }
+
+    /// Whether the key may use the moderation API (scope `moderate`).
+    pub fn may_moderate(&self) -> bool {
+        self.moderate
+    }
+
+    /// Whether the key reaches every room (no `rooms` list): a user's disconnect touches them all.
+    pub fn all_rooms(&self) -> bool {
+        self.rooms.is_none()
+    }
+
     pub fn allows_room(&self, room: &str) -> bool {
         self.rooms.as_ref().is_none_or(|pats| pats.iter().any(|p| crate::auth::room_matches(p, room)))
     }
@@ -625,6 +659,11 @@ pub enum KeyRefusal {
     Room { key: String, room: String },
     /// A known key, not for this kind.
     Kind { key: String, kind: String },
+    /// A known key without the scope this endpoint needs (`publish` or `moderate`).
+    Scope { key: String, scope: &'static str },
+    /// A moderator's key used outside its rooms (None: a disconnect, which reaches every room,
+    /// by a key limited to some).
+    ModerateRoom { key: String, room: Option<String> },
 }
 
 impl KeyRefusal {
@@ -633,8 +672,9 @@ impl KeyRefusal {
         match self {
             Self::NoKey => "no_key",
             Self::BadKey => "bad_key",
-            Self::Room { .. } => "key_room",
+            Self::Room { .. } | Self::ModerateRoom { .. } => "key_room",
             Self::Kind { .. } => "key_kind",
+            Self::Scope { .. } => "key_scope",
         }
     }
 }
@@ -663,6 +703,23 @@ impl IntoResponse for KeyRefusal {
                 StatusCode::FORBIDDEN,
                 "Bearer realm=\"roomcast\", error=\"insufficient_scope\"",
                 format!("key {key:?} may not publish kind {kind:?}"),
+            ),
+            Self::ModerateRoom { key, room: Some(room) } => (
+                StatusCode::FORBIDDEN,
+                "Bearer realm=\"roomcast\", error=\"insufficient_scope\"",
+                format!("key {key:?} may not moderate room {room:?}"),
+            ),
+            Self::ModerateRoom { key, room: None } => (
+                StatusCode::FORBIDDEN,
+                "Bearer realm=\"roomcast\", error=\"insufficient_scope\"",
+                format!(
+                    "key {key:?} is limited to some rooms: a disconnect reaches every room (use a key without rooms)"
+                ),
+            ),
+            Self::Scope { key, scope } => (
+                StatusCode::FORBIDDEN,
+                "Bearer realm=\"roomcast\", error=\"insufficient_scope\"",
+                format!("key {key:?} lacks the {scope:?} scope this endpoint needs"),
             ),
         };
         (
@@ -752,7 +809,30 @@ impl PublishKeys {
                     }
                 }
             }
-            keys.push(PublishKey { name: k.name.clone(), secret, rooms: k.rooms.clone(), kinds: k.kinds.clone() });
+            let (publish, moderate) = match &k.scopes {
+                None => (true, false),
+                Some(scopes) => {
+                    if scopes.is_empty() {
+                        return Err(bad(format!(
+                            "scopes is empty: list {SCOPE_PUBLISH:?} and/or {SCOPE_MODERATE:?}, or leave it out for publish only"
+                        )));
+                    }
+                    if let Some(other) = scopes.iter().find(|s| *s != SCOPE_PUBLISH && *s != SCOPE_MODERATE) {
+                        return Err(bad(format!(
+                            "scopes: unknown scope {other:?} (known: {SCOPE_PUBLISH:?}, {SCOPE_MODERATE:?})"
+                        )));
+                    }
+                    (scopes.iter().any(|s| s == SCOPE_PUBLISH), scopes.iter().any(|s| s == SCOPE_MODERATE))
+                }
+            };
+            keys.push(PublishKey {
+                name: k.name.clone(),
+                secret,
+                rooms: k.rooms.clone(),
+                kinds: k.kinds.clone(),
+                publish,
+                moderate,
+            });
         }
         if let Some(list) = env(API_KEYS_ENV) {
             let entries = list.split(',').map(str::trim).filter(|e| !e.is_empty());
@@ -764,7 +844,16 @@ impl PublishKeys {
                 };
                 check_key_name(name).map_err(|m| bad(&m))?;
                 check_secret(secret).map_err(bad)?;
-                keys.push(PublishKey { name: name.to_owned(), secret: Secret::new(secret), rooms: None, kinds: None });
+                // Publish only: moderation needs a key from the config, with its scope said
+                // there, or the admin token.
+                keys.push(PublishKey {
+                    name: name.to_owned(),
+                    secret: Secret::new(secret),
+                    rooms: None,
+                    kinds: None,
+                    publish: true,
+                    moderate: false,
+                });
             }
         }
         for (i, a) in keys.iter().enumerate() {
@@ -814,13 +903,19 @@ impl PublishKeys {
             return Ok(None);
         }
         let given = bearer(headers).ok_or(KeyRefusal::NoKey)?;
+        self.find(given).map(Some).ok_or(KeyRefusal::BadKey)
+    }
+
+    /// The configured key equal to `given`, comparing every key in constant time without
+    /// stopping at a match.
+    pub fn find(&self, given: &str) -> Option<&PublishKey> {
         let mut found = None;
         for k in &self.keys {
             if ct_eq(given.as_bytes(), k.secret.expose().as_bytes()) {
                 found = Some(k);
             }
         }
-        found.map(Some).ok_or(KeyRefusal::BadKey)
+        found
     }
 
     /// Says at start-up, once, how the publish API is protected: the key names (never the
@@ -931,6 +1026,37 @@ mod tests {
         assert_eq!(keys.authenticate(&auth("Token x")).err(), Some(KeyRefusal::NoKey));
         assert_eq!(keys.authenticate(&auth(&format!("Bearer {K1}x"))).err(), Some(KeyRefusal::BadKey));
         assert_eq!(keys.authenticate(&auth(&format!("Bearer {}", &K1[1..]))).err(), Some(KeyRefusal::BadKey));
+    }
+
+    /// Scopes: `publish` by default, `moderate` on request; an unknown or empty list is a
+    /// configuration error naming the key; environment keys publish only.
+    #[test]
+    fn scopes_say_what_a_key_may_do() {
+        let c = cfg(&format!(
+            "[[ingest.keys]]\nname = \"pub\"\nkey = \"{K1}\"\n\
+             [[ingest.keys]]\nname = \"mod\"\nkey = \"{K2}\"\nscopes = [\"moderate\"]\nrooms = [\"show-*\"]\n"
+        ));
+        let env = |n: &str| (n == API_KEYS_ENV).then(|| "ops:ops-0123456789abcdef".to_owned());
+        let keys = PublishKeys::from_config_env(&c, &env).unwrap();
+        let p = keys.find(K1).unwrap();
+        assert!(p.may_publish() && !p.may_moderate() && p.all_rooms());
+        let m = keys.find(K2).unwrap();
+        assert!(!m.may_publish() && m.may_moderate() && !m.all_rooms() && m.allows_room("show-1"));
+        let ops = keys.find("ops-0123456789abcdef").unwrap();
+        assert!(ops.may_publish() && !ops.may_moderate());
+        assert!(keys.find("nope-0123456789abcdef").is_none());
+        for bad in ["[]", "[\"admin\"]"] {
+            let c = cfg(&format!("[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\nscopes = {bad}\n"));
+            let e = err(&c, &no_env);
+            assert!(e.starts_with("ingest.keys:") && e.contains("scope"), "{e}");
+        }
+        let both =
+            cfg(&format!("[[ingest.keys]]\nname = \"a\"\nkey = \"{K1}\"\nscopes = [\"publish\", \"moderate\"]\n"));
+        let k = PublishKeys::from_config_env(&both, &no_env).unwrap();
+        assert!(k.find(K1).is_some_and(|k| k.may_publish() && k.may_moderate()));
+        let r = KeyRefusal::Scope { key: "pub".into(), scope: SCOPE_MODERATE };
+        assert_eq!(r.reason(), "key_scope");
+        assert_eq!(r.into_response().status(), StatusCode::FORBIDDEN);
     }
 
     #[test]

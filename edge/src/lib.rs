@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod ipguard;
 pub mod listen_guard;
 pub mod metrics;
+pub mod moderation;
 pub mod perfcount;
 pub mod room;
 pub mod server;

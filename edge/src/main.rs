@@ -349,6 +349,13 @@ fn main() -> anyhow::Result<()> {
         report_now,
         cors_origins: cfg.ws.allowed_origins.clone().into(),
         store: edge.store.clone(),
+        moderation: edge.moderation.clone(),
+        stream_limits: edge::bus::redis::StreamLimits {
+            must_deliver: cfg.history.must_deliver,
+            droppable: cfg.history.droppable,
+            idempotency_ttl_s: cfg.ingest.idempotency_ttl_s,
+        },
+        max_ban_s: cfg.moderation.max_ban_s,
     };
     edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);

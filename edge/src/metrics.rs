@@ -23,6 +23,9 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// Per-thread perf counters (crate::perfcount).
     pub perf: crate::perfcount::PerfFamilies,
+    /// The moderation API's requests and refusals, and the bans in force.
+    pub moderation: crate::moderation::ModerationStats,
+    pub bans: IntGauge,
 }
 
 struct ShardFamilies {
@@ -50,6 +53,7 @@ struct ShardFamilies {
     resets: IntCounterVec,
     signals_refused: IntCounterVec,
     refused: IntCounterVec,
+    moderated: IntCounterVec,
 }
 
 /// One shard's handles (cheap clones of the shared atomics).
@@ -92,6 +96,9 @@ pub struct ShardStats {
     /// Signalling messages refused: over the connection's rate, or a join the engine refused.
     pub signals_refused: IntCounter,
     refused: IntCounterVec,
+    /// Connections closed by a moderator's disconnect, and removed from a room by a ban.
+    pub kicked: IntCounter,
+    pub banned_out: IntCounter,
     shard_label: String,
 }
 
@@ -271,8 +278,14 @@ impl Metrics {
             refused: counter(
                 r,
                 "connections_refused_total",
-                "Upgrades and signalling refused by the trust rules, by reason (token_missing, token_invalid, token_expired, origin, room_forbidden, publish_forbidden, publish_too_large, refresh_other_user, ip_connections, ip_connect_rate).",
+                "Upgrades and signalling refused by the trust rules, by reason (token_missing, token_invalid, token_expired, origin, room_forbidden, banned, publish_forbidden, publish_too_large, refresh_other_user, ip_connections, ip_connect_rate).",
                 &["shard", "reason"],
+            ),
+            moderated: counter(
+                r,
+                "moderated_connections_total",
+                "Connections acted on by moderation, by action: kick (closed with 4002 by a disconnect) and ban (removed from a room the user was banned from).",
+                &["shard", "action"],
             ),
             signals_refused: counter(
                 r,
@@ -357,7 +370,7 @@ impl Metrics {
             redis_errors: counter(
                 r,
                 "redis_errors_total",
-                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online).",
+                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online, delete, moderation).",
                 &["op"],
             ),
             bus_shared: gauge(
@@ -387,7 +400,31 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         let perf = crate::perfcount::PerfFamilies::register(r);
-        Self { registry, shard, bus, draining, perf }
+        let moderation = crate::moderation::ModerationStats {
+            actions: counter(
+                r,
+                "moderation_actions_total",
+                "Moderation requests carried out by this edge's API, by action (disconnect, ban, unban, delete).",
+                &["action"],
+            ),
+            refused: counter(
+                r,
+                "moderation_refused_total",
+                "Moderation requests refused, by reason (no_key, bad_key, key_scope, key_room, bad_request, not_found, not_deletable, bans_full, bus_unavailable, store_unavailable, engine_busy, shutting_down).",
+                &["reason"],
+            ),
+        };
+        // Every series from the start: a rate over a series that appears at its first event
+        // misses that event.
+        for a in crate::moderation::ACTIONS {
+            moderation.actions.with_label_values(&[a]);
+        }
+        for why in crate::moderation::REFUSALS {
+            moderation.refused.with_label_values(&[why]);
+        }
+        let bans = gauge(r, "bans", "Moderation bans in force known to this edge (with Redis: every edge's).", &[])
+            .with_label_values(&[] as &[&str]);
+        Self { registry, shard, bus, draining, perf, moderation, bans }
     }
 
     /// The handles shard `id` increments.
@@ -422,6 +459,8 @@ impl Metrics {
             resets: f.resets.with_label_values(&l),
             signals_refused: f.signals_refused.with_label_values(&l),
             refused: f.refused.clone(),
+            kicked: f.moderated.with_label_values(&[l[0], "kick"]),
+            banned_out: f.moderated.with_label_values(&[l[0], "ban"]),
             shard_label: l[0].to_owned(),
         }
     }

@@ -43,6 +43,8 @@ pub struct Edge {
     store_thread: Option<JoinHandle<()>>,
     /// The single-node store (None: Redis mode or `--no-store`).
     pub store: Option<Arc<crate::store::Store>>,
+    /// Moderation: bans, and the way to the shards' connections.
+    pub moderation: Arc<crate::moderation::Moderation>,
 }
 
 impl Edge {
@@ -119,6 +121,34 @@ impl Edge {
         };
         let busy = metrics.bus.publish_rejected.with_label_values(&["engine_busy"]);
         let bus = BusHandle::new(engine_mailboxes.clone(), busy);
+        // The durable store: single-node mode only (in Redis mode, Redis with AOF is the
+        // authority for numbering and history; a local copy could only disagree with it).
+        let mut store_handles = Vec::new();
+        let mut store_ref = None;
+        let store_thread = if cfg.bus.is_none() && cfg.store.enabled {
+            let store = crate::store::Store::open(&cfg.data_dir, &cfg.store)
+                .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
+            store_ref = Some(store.clone());
+            tracing::info!(dir = %cfg.data_dir.display(), fsync = ?cfg.store.fsync, bytes = store.bytes(), "store open");
+            let max_age = std::time::Duration::from_millis(cfg.history.max_age_ms);
+            let (handles, h) = store.start(engine_mailboxes.clone(), max_age, metrics.bus.store_bytes.clone())?;
+            store_handles = handles;
+            Some(h)
+        } else {
+            if cfg.bus.is_none() {
+                tracing::warn!("store off: a restart gives every room a new epoch (clients are told with reset)");
+            }
+            None
+        };
+        // Moderation: the bans the shards read at joins, and the way to the shards' connections.
+        let bans = Arc::new(crate::moderation::Bans::new(cfg.moderation.max_bans, Some(metrics.bans.clone())));
+        let moderation = Arc::new(crate::moderation::Moderation::new(
+            bans,
+            mailboxes.clone(),
+            store_ref.clone(),
+            metrics.moderation.clone(),
+        ));
+        moderation.load_stored(crate::bus::now_us() / 1000);
         let bridge = match &cfg.bus {
             Some(url) => {
                 let _guard = rt.enter();
@@ -138,6 +168,7 @@ impl Edge {
                     presence,
                     metrics.bus.bus_up.clone(),
                     metrics.bus.redis_errors.clone(),
+                    moderation.clone(),
                 )
                 .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
                 tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");
@@ -145,25 +176,6 @@ impl Edge {
                 Some(bridge)
             }
             None => None,
-        };
-        // The durable store: single-node mode only (in Redis mode, Redis with AOF is the
-        // authority for numbering and history; a local copy could only disagree with it).
-        let mut store_handles = Vec::new();
-        let mut store_ref = None;
-        let store_thread = if cfg.bus.is_none() && cfg.store.enabled {
-            let store = crate::store::Store::open(&cfg.data_dir, &cfg.store)
-                .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
-            store_ref = Some(store.clone());
-            tracing::info!(dir = %cfg.data_dir.display(), fsync = ?cfg.store.fsync, bytes = store.bytes(), "store open");
-            let max_age = std::time::Duration::from_millis(cfg.history.max_age_ms);
-            let (handles, h) = store.start(engine_mailboxes.clone(), max_age, metrics.bus.store_bytes.clone())?;
-            store_handles = handles;
-            Some(h)
-        } else {
-            if cfg.bus.is_none() {
-                tracing::warn!("store off: a restart gives every room a new epoch (clients are told with reset)");
-            }
-            None
         };
         let mut store_handles = store_handles.into_iter();
         let engine_cfg = EngineConfig::from_config(&cfg);
@@ -226,6 +238,7 @@ impl Edge {
                 refuse_when_overloaded: cfg.health.refuse_when_overloaded,
                 auth: auth.clone(),
                 ipguard: ipguard.clone(),
+                bans: moderation.bans.clone(),
             });
         }
 
@@ -264,6 +277,7 @@ impl Edge {
             engine_threads,
             store_thread,
             store: store_ref,
+            moderation,
         })
     }
 

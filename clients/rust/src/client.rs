@@ -315,6 +315,10 @@ impl Driver {
                     tracing::debug!(%url, ?wait, "goaway: moving");
                     self.goaway = Some((url, 0));
                 }
+                End::Lost(r) if r.stop => {
+                    tracing::debug!("disconnected by a moderator: not reconnecting");
+                    break;
+                }
                 End::Lost(r) => {
                     if opened.elapsed() >= self.cfg.backoff.reset_after {
                         self.attempt = 0;
@@ -636,6 +640,9 @@ impl Driver {
                         ServerMsg::Error { code, message, .. } => {
                             match code.as_str() {
                                 "bad_room" | "room_forbidden" | "join_refused" => self.rooms.join_refused(),
+                                // Refused a join, or taken out of the room (a `left` follows):
+                                // the client stops wanting the room.
+                                "banned" => self.rooms.banned(),
                                 "refresh_refused" => {
                                     sent_token = None;
                                     refresh_at = Some(Instant::now() + REFRESH_RETRY);

@@ -14,6 +14,10 @@ pub enum Kind {
     Chat,
     /// `like`: droppable.
     Like,
+    /// `deleted`: a moderator's tombstone (must-deliver). Its body is `{"seq":N}`: remove
+    /// message N of the room if it is shown ([`Message::deletes`]); never show the tombstone
+    /// itself. A replay carries one in place of a deleted message (then N is its own seq).
+    Deleted,
     /// Any other kind the edge is configured with.
     Custom(String),
 }
@@ -26,6 +30,7 @@ impl Kind {
             "system" => Self::System,
             "chat" => Self::Chat,
             "like" => Self::Like,
+            roomcast_proto::envelope::DELETED_KIND => Self::Deleted,
             other => Self::Custom(other.to_owned()),
         }
     }
@@ -37,6 +42,7 @@ impl Kind {
             Self::System => "system",
             Self::Chat => "chat",
             Self::Like => "like",
+            Self::Deleted => roomcast_proto::envelope::DELETED_KIND,
             Self::Custom(s) => s,
         }
     }
@@ -63,6 +69,20 @@ pub struct Message {
 }
 
 impl Message {
+    /// For a tombstone ([`Kind::Deleted`]): the seq of the message a moderator deleted, which
+    /// the application removes from what it shows (its own seq for a tombstone standing in a
+    /// replay in place of the deleted message: nothing to remove). None for other kinds.
+    pub fn deletes(&self) -> Option<u64> {
+        if self.kind != Kind::Deleted {
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Body {
+            seq: u64,
+        }
+        serde_json::from_str::<Body>(&self.body).ok().map(|b| b.seq)
+    }
+
     /// Parses the body into a type of the application's.
     pub fn body_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_str(&self.body)
@@ -109,8 +129,8 @@ pub enum ErrorEvent {
     #[error("edge error {code}: {message}")]
     Server { code: String, message: String },
     /// The edge closed the connection with this WebSocket close code (4000 slow consumer,
-    /// 4001 token expired, 1013 try later, 1001 going away, 1002/1007/1008/1009 protocol
-    /// errors).
+    /// 4001 token expired, 4002 disconnected by a moderator: the client stops, 1013 try later,
+    /// 1001 going away, 1002/1007/1008/1009 protocol errors).
     #[error("closed by the edge: {code} {reason}")]
     Closed { code: u16, reason: String },
     /// The edge refused the upgrade with this HTTP status (401 token, 403 room or origin, 429

@@ -12,6 +12,10 @@ pub(crate) struct Retry {
     pub protocol: bool,
     /// The token is refused or expired: fetch a new one first.
     pub new_token: bool,
+    /// Do not come back at all: a moderator disconnected this user (4002). The client stops
+    /// (`ConnectionState::Closed`); the application decides what to tell the user, and whether
+    /// to start a new client.
+    pub stop: bool,
 }
 
 /// Delay the edge asks for with close 1013 ("try again later": a join's replay over the
@@ -29,6 +33,8 @@ pub(crate) fn after_close(code: Option<u16>) -> Retry {
         Some(1013) => Retry { floor: TRY_LATER_FLOOR, ..Retry::default() },
         // Token expired without a refresh: a new token, then the same `since`.
         Some(4001) => Retry { new_token: true, ..Retry::default() },
+        // Disconnected by a moderator: coming back on its own would undo the kick.
+        Some(roomcast_proto::ws::app_close::KICKED) => Retry { stop: true, ..Retry::default() },
         // Protocol errors (1002 frames, 1003 data, 1007 UTF-8, 1008 policy: signalling flood,
         // 1009 too big, 1010 extension): the same bytes would be refused again.
         Some(1002 | 1003 | 1007 | 1008 | 1009 | 1010) => Retry { protocol: true, ..Retry::default() },
@@ -65,6 +71,8 @@ mod tests {
         assert_eq!(after_close(None), Retry::default());
         assert_eq!(after_close(Some(1013)).floor, Duration::from_secs(1));
         assert!(after_close(Some(4001)).new_token);
+        assert!(after_close(Some(4002)).stop, "kicked: no reconnect");
+        assert!(!after_close(Some(4000)).stop && !after_close(None).stop);
         for c in [1002, 1007, 1008, 1009] {
             assert!(after_close(Some(c)).protocol, "{c}");
         }

@@ -89,6 +89,18 @@ impl Rooms {
         self.want.take().map(|_| ClientMsg::Leave)
     }
 
+    /// The user is banned from a room (`error` `banned`): a join to it was refused (as in
+    /// [`Rooms::join_refused`]), or the edge took the connection out of the room it was in (a
+    /// `left` follows). Either way the client stops wanting that room: a reconnect would be
+    /// refused while the ban lasts.
+    pub fn banned(&mut self) {
+        if self.want.is_some() && self.want == self.member_of {
+            self.want = None;
+        } else {
+            self.join_refused();
+        }
+    }
+
     /// A join was refused by the edge (`bad_room`, `room_forbidden`, `join_refused`): the client
     /// stops asking for it (the application decides whether to try again). The edge keeps the
     /// connection where it was: after a refused switch that is the previous room, which becomes
@@ -389,6 +401,24 @@ mod tests {
         assert_eq!(msg, Some(ClientMsg::Join { room: "a".into(), since: Some(7), epoch: Some("e".into()) }));
         let ev = feed(&mut r, vec![joined("a", 9, "e"), batch("a", &[7, 8, 9, 10])]);
         assert_eq!(delivered(&ev), vec![(8, true), (9, true), (10, false)]);
+    }
+
+    /// Taken out of a room by a ban (`error` `banned`, then `left`): the room is no longer
+    /// wanted, so a reconnect does not ask for it; a banned switch goes back where it was.
+    #[test]
+    fn a_ban_drops_the_room() {
+        let mut r = Rooms::default();
+        r.want_join("a", None);
+        feed(&mut r, vec![joined("a", 0, "e"), batch("a", &[1])]);
+        r.banned();
+        let ev = feed(&mut r, vec![ServerMsg::Left { room: "a".into() }]);
+        assert_eq!(ev, vec![Event::Left { room: "a".into() }]);
+        assert_eq!(r.on_connect().0, None, "not asked for again");
+        r.want_join("b", None);
+        feed(&mut r, vec![joined("b", 0, "e")]);
+        r.want_join("c", None);
+        r.banned();
+        assert_eq!(r.on_connect().0.map(|p| p.room), Some("b".to_owned()), "refused switch: back to b");
     }
 
     #[test]

@@ -100,6 +100,7 @@ client.on("gift", (m) => {
   li.innerHTML = `<span class="user"></span><span class="text"></span>`;
   li.querySelector(".user").textContent = m.user;
   li.querySelector(".text").textContent = `sent ${describe(m.body)} (#${m.seq})`;
+  li.dataset.seq = String(m.seq);
   if (m.recovered) li.insertAdjacentHTML("beforeend", `<span class="rec">recovered</span>`);
   addLine($("chat"), li);
   figures();
@@ -111,8 +112,14 @@ client.on("chat", (m) => {
   li.innerHTML = `<span class="user"></span><span class="text"></span>`;
   li.querySelector(".user").textContent = m.user;
   li.querySelector(".text").textContent = typeof m.body === "string" ? m.body : JSON.stringify(m.body);
+  li.dataset.seq = String(m.seq);
   addLine($("chat"), li);
   figures();
+});
+
+// A moderator deleted a message: it leaves the list.
+client.on("deleted", (d) => {
+  if (d.room === client.room) $("chat").querySelector(`li[data-seq="${d.seq}"]`)?.remove();
 });
 
 client.on("online", (o) => {
@@ -124,7 +131,10 @@ client.on("reset", (r) =>
 );
 client.on("goaway", (g) => notice("goaway", `edge going away (${g.reason}): moving in ${g.reconnectAfterMs} ms`));
 client.on("disconnected", (d) =>
-  notice("info", `disconnected (${d.code}${d.reason ? ` ${d.reason}` : ""}), retry in ${d.delayMs} ms`),
+  notice(
+    "info",
+    `disconnected (${d.code}${d.reason ? ` ${d.reason}` : ""})${d.reconnect ? `, retry in ${d.delayMs} ms` : ": not reconnecting"}`,
+  ),
 );
 client.on("error", (e) => {
   demo.errors.push({ code: e.code, source: e.source, message: e.message });

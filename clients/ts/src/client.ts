@@ -5,7 +5,7 @@
 import { backoffDelay, goawayDelay, parseRetryAfter } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { RoomcastError } from "./errors.js";
-import { CLIENT_FAULT_CODES, CloseCode, SUBPROTOCOL, parseServerMsg } from "./protocol.js";
+import { CLIENT_FAULT_CODES, CloseCode, SUBPROTOCOL, deletedSeq, parseServerMsg } from "./protocol.js";
 import type { ClientMsg, ServerMsg } from "./protocol.js";
 import { RoomTracker } from "./rooms.js";
 import type { GapInfo, JoinedInfo, ResetInfo, RoomMessage } from "./rooms.js";
@@ -159,6 +159,12 @@ export interface ClientEvents {
   /** The room's members over every edge: on join, then when it changes (at most every
    * `presence.interval_ms` of the edge). */
   online: { room: string; count: number };
+  /**
+   * A moderator deleted message `seq` of `room`: remove it if it is shown. `tombstone` is the
+   * message that said so (kind `deleted`; it also reaches `message` listeners). Not emitted for
+   * a tombstone that stands in a replay in place of a deleted message (nothing to remove).
+   */
+  deleted: { room: string; seq: number; tombstone: RoomMessage };
   error: RoomcastError;
 }
 
@@ -171,7 +177,9 @@ const PUBLISH_ERRORS = new Set([
   "publish_forbidden",
   "publish_refused",
 ]);
-const JOIN_ERRORS = new Set(["bad_room", "room_forbidden", "join_refused"]);
+// `banned`: a join refused, or the connection taken out of its room by a moderator's ban (a
+// `left` follows); either way the room is dropped, so a reconnect does not ask for it again.
+const JOIN_ERRORS = new Set(["bad_room", "room_forbidden", "join_refused", "banned"]);
 
 interface PendingPublish {
   msg: ClientMsg;
@@ -675,6 +683,8 @@ export class RoomcastClient extends Emitter<ClientEvents> {
 
   private deliver(m: RoomMessage): void {
     this.emit("message", m);
+    const target = deletedSeq(m);
+    if (target !== undefined && target !== m.seq) this.emit("deleted", { room: m.room, seq: target, tombstone: m });
     if (BUILTIN_KINDS.has(m.kind)) this.emit(m.kind as "gift", m);
     const set = this.kindListeners.get(m.kind);
     if (set) {
@@ -751,6 +761,18 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     this.failPublishes("disconnected", `connection closed (${code})`);
     this.clearConnTimers();
     if (!this.wanted) {
+      this.setState("disconnected");
+      return;
+    }
+    if (code === CloseCode.Kicked) {
+      // Disconnected by a moderator: coming back on our own would undo it. Positions are
+      // kept: the app may `connect()` again (and tell the user) if it decides to.
+      this.wanted = false;
+      this.goawayPlan = undefined;
+      this.detachBrowser?.();
+      this.detachBrowser = undefined;
+      this.emitError(new RoomcastError("close_4002", `disconnected by a moderator: ${reason}`, "close", code));
+      this.emit("disconnected", { code, reason, reconnect: false, delayMs: undefined });
       this.setState("disconnected");
       return;
     }

@@ -24,6 +24,6 @@ export { backoffDelay, goawayDelay, parseRetryAfter } from "./backoff.js";
 export type { BackoffOptions } from "./backoff.js";
 export { buildWsUrl, goawayTarget, normalizeDispatch, routeRequestUrl } from "./urls.js";
 export type { Target, WsParams } from "./urls.js";
-export { CLIENT_FAULT_CODES, CloseCode, SUBPROTOCOL, parseServerMsg } from "./protocol.js";
+export { CLIENT_FAULT_CODES, CloseCode, DELETED_KIND, SUBPROTOCOL, deletedSeq, parseServerMsg } from "./protocol.js";
 export type { ClientMsg, PushMessage, ServerMsg } from "./protocol.js";
 export { jwtExp, refreshDelay } from "./token.js";

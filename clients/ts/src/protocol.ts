@@ -55,7 +55,23 @@ export const CloseCode = {
   SlowConsumer: 4000,
   /** Token expired without a refresh: fetch a new token and reconnect. */
   TokenExpired: 4001,
+  /** Disconnected by a moderator: the client stops (no reconnect); the app decides what next. */
+  Kicked: 4002,
 } as const;
+
+/**
+ * The kind of a moderator's tombstone. Its body is `{"seq": N}`: remove message N of the room
+ * if it is shown, never show the tombstone itself. Live, it has a seq of its own; in a replay
+ * one stands in place of each deleted message (then N is its own seq: nothing to remove).
+ */
+export const DELETED_KIND = "deleted";
+
+/** For a tombstone, the seq of the message it deletes; `undefined` for any other message. */
+export function deletedSeq(m: { kind: string; body: unknown }): number | undefined {
+  if (m.kind !== DELETED_KIND || typeof m.body !== "object" || m.body === null) return undefined;
+  const seq = (m.body as { seq?: unknown }).seq;
+  return typeof seq === "number" ? seq : undefined;
+}
 
 /** Close codes that say the client itself misbehaved: retrying fast would only repeat it. */
 export const CLIENT_FAULT_CODES: ReadonlySet<number> = new Set([1002, 1003, 1007, 1008, 1009]);

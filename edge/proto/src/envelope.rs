@@ -274,6 +274,49 @@ pub fn encode_client_rkyv(msg: &ClientMsg) -> Result<Vec<u8>, EnvelopeError> {
     rkyv::to_bytes::<rkyv::rancor::Error>(msg).map(|v| v.into_vec()).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
 
+/// The kind of a tombstone: a message deleted by moderation (docs/PROTOCOL.md, "Moderation").
+/// Reserved: no configured kind may take the name, so nothing but the edge publishes it.
+///
+/// A tombstone is an ordinary [`PushMessage`] (both encodings, no schema change) whose body is
+/// `{"seq":N}`, N being the deleted message's seq. It comes two ways:
+/// - **live**, numbered like any message (its own seq, above N), must-deliver (recovered with
+///   `since`): members remove message N from what they show;
+/// - **in place** of message N in the room's history: a replay (`since`, `join_last`) carries
+///   at seq N a tombstone whose body names N itself, so seqs stay as dense as they were and no
+///   gap is reported. Its `ts_us` is the deleted message's, its `user` empty.
+///
+/// Clients handle both the same way: never show a tombstone; drop message `body.seq` if shown.
+pub const DELETED_KIND: &str = "deleted";
+
+/// The body of a tombstone for message `seq`.
+pub fn tombstone_body(seq: u64) -> String {
+    format!("{{\"seq\":{seq}}}")
+}
+
+/// The tombstone that stands in the history in place of `deleted` (same seq and timestamp).
+pub fn tombstone_in_place(deleted: &PushMessage) -> PushMessage {
+    PushMessage {
+        seq: deleted.seq,
+        ts_us: deleted.ts_us,
+        kind: DELETED_KIND.to_owned(),
+        user: String::new(),
+        body: tombstone_body(deleted.seq),
+    }
+}
+
+/// If `msg` is a tombstone, the seq of the message it deletes (its own seq for a tombstone in
+/// place of a deleted message).
+pub fn deleted_seq(msg: &PushMessage) -> Option<u64> {
+    if msg.kind != DELETED_KIND {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        seq: u64,
+    }
+    serde_json::from_str::<Body>(&msg.body).ok().map(|b| b.seq)
+}
+
 /// Longest room name accepted.
 pub const MAX_ROOM_LEN: usize = 64;
 
@@ -730,6 +773,29 @@ mod tests {
         }
         assert!(decode_json(br#"{"type":"joined","room":"r"}"#).is_err());
         assert!(decode_json(br#"{"type":"nope"}"#).is_err());
+    }
+
+    /// A tombstone is a plain message in both encodings: it round-trips, and names its target.
+    #[test]
+    fn tombstones_are_plain_messages_naming_their_target() {
+        let gift = PushMessage { seq: 7, ts_us: 70, kind: "gift".into(), user: "a".into(), body: "{}".into() };
+        let in_place = tombstone_in_place(&gift);
+        assert_eq!((in_place.seq, in_place.ts_us, in_place.user.as_str()), (7, 70, ""));
+        assert_eq!(deleted_seq(&in_place), Some(7));
+        let live =
+            PushMessage { seq: 9, ts_us: 90, kind: DELETED_KIND.into(), user: String::new(), body: tombstone_body(7) };
+        assert_eq!(deleted_seq(&live), Some(7));
+        assert_eq!(deleted_seq(&gift), None);
+        assert!(validate_kind(DELETED_KIND).is_ok(), "a valid kind name, reserved by configuration");
+        let b = ServerMsg::Batch { room: "r".into(), messages: vec![in_place, live], online: None };
+        let mut json = Vec::new();
+        encode_json(&b, &mut json).unwrap();
+        assert!(
+            String::from_utf8_lossy(&json)
+                .contains(r#"{"seq":9,"ts_us":90,"kind":"deleted","user":"","body":{"seq":7}}"#)
+        );
+        assert_eq!(decode_json(&json).unwrap(), b);
+        assert_eq!(decode_rkyv(&encode_rkyv(&b).unwrap()).unwrap(), b);
     }
 
     #[test]

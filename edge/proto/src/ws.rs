@@ -405,6 +405,18 @@ impl Decoder {
     }
 }
 
+/// The application close codes (RFC 6455 §7.4.2: 4000-4999 are private use) the edge sends;
+/// docs/PROTOCOL.md, "Heartbeats and closing", says what each asks of a client.
+pub mod app_close {
+    /// Slow consumer: the send queue passed its bound. Reconnect with `since`.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// The token expired without a refresh. Reconnect with a new token.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// Disconnected by a moderator (every connection of the user, on every edge). Do not
+    /// reconnect on your own: the application decides (and tells the user).
+    pub const KICKED: u16 = 4002;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -209,7 +209,48 @@ pub enum ShardCmd {
     },
     /// Close every connection with 1001 and stop.
     Shutdown,
+    /// Moderation: close a user's connections, or remove a banned user from a room.
+    Moderate(Box<Moderate>),
 }
+
+/// A moderation action for a shard's connections, and where its count goes (the connections
+/// it closed or removed from the room).
+pub struct Moderate {
+    pub action: ModAction,
+    pub reply: Option<tokio::sync::oneshot::Sender<u32>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ModAction {
+    /// Close every connection of `user`: an `error` `kicked`, then close 4002 (an SSE stream
+    /// gets the event and ends).
+    Kick { user: Arc<str> },
+    /// `user` is banned from `room` until `until_ms`: its connections there (members, or
+    /// joining) leave it: an `error` `banned`, then `left` (an SSE stream ends).
+    Ban { room: RoomName, user: Arc<str>, until_ms: u64 },
+}
+
+/// What a moderator's delete did: the tombstone published (None: the message was deleted
+/// already, nothing was published again), and whether the message was still in the room's
+/// history (else only members who saw it live have anything to remove).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    pub tombstone: Option<Ack>,
+    pub in_history: bool,
+}
+
+/// Why a message could not be deleted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeleteError {
+    #[error("no message with this seq in the room (its current numbering)")]
+    NotFound,
+    #[error("a tombstone cannot be deleted")]
+    Tombstone,
+    #[error(transparent)]
+    Publish(PublishError),
+}
+
+pub type DeleteReply = tokio::sync::oneshot::Sender<Result<Deleted, DeleteError>>;
 
 /// What a room engine handles. Every command about a room goes to the engine that owns the room
 /// (see [`engine_of`]), so one engine sees all of a room's events in one order.
@@ -269,6 +310,9 @@ pub enum EngineCmd {
     RoomStats { room: RoomName, reply: tokio::sync::oneshot::Sender<Option<RoomStats>> },
     /// This engine's largest rooms by members (the dashboard's hottest rooms).
     TopRooms { n: usize, reply: tokio::sync::oneshot::Sender<Vec<RoomBrief>> },
+    /// Moderation (single node): delete message `seq` of `room`: a tombstone takes its place in
+    /// history and a numbered tombstone goes to members.
+    Delete { room: RoomName, seq: u64, reply: DeleteReply },
 }
 
 /// A room in the dashboard's list of hottest rooms.
@@ -296,6 +340,7 @@ impl EngineCmd {
             | Self::Recovered { room, .. }
             | Self::RoomStats { room, .. }
             | Self::Online { room, .. }
+            | Self::Delete { room, .. }
             | Self::PublishDone { room, .. } => Some(room),
             Self::Redis { .. } | Self::Durable { .. } | Self::TopRooms { .. } => None,
         }
@@ -515,6 +560,18 @@ impl BusHandle {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.try_send(EngineCmd::RoomStats { room, reply: tx }).ok()?;
         rx.await.ok().flatten()
+    }
+
+    /// Deletes message `seq` of `room` (single node: the room's engine does it), answered once
+    /// the tombstone is stored.
+    pub async fn delete(&self, room: RoomName, seq: u64) -> Result<Deleted, DeleteError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.try_send(EngineCmd::Delete { room, seq, reply: tx }) {
+            Ok(()) => {}
+            Err((MailError::Full, _)) => return Err(DeleteError::Publish(PublishError::Busy { retry_after_ms: 100 })),
+            Err((MailError::Gone, _)) => return Err(DeleteError::Publish(PublishError::ShuttingDown)),
+        }
+        rx.await.unwrap_or(Err(DeleteError::Publish(PublishError::ShuttingDown)))
     }
 
     /// Publishes and waits for the seq (from async code). A full engine mailbox is refused at

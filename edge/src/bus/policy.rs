@@ -158,6 +158,31 @@ impl History {
         self.trim(now, lim);
     }
 
+    /// The message with `seq`, if history holds it.
+    pub fn get(&self, seq: u64) -> Option<&PushMessage> {
+        for q in [&self.must, &self.droppable] {
+            if let Ok(i) = q.binary_search_by_key(&seq, |(_, m)| m.seq) {
+                return Some(&q[i].1);
+            }
+        }
+        None
+    }
+
+    /// Replaces the message with `seq` by `with` (the same seq: a moderator's tombstone in its
+    /// place). Returns whether it was a must-deliver one, None if history does not hold it.
+    pub fn replace(&mut self, seq: u64, with: PushMessage) -> Option<bool> {
+        for (must, q, bytes) in
+            [(true, &mut self.must, &mut self.must_bytes), (false, &mut self.droppable, &mut self.droppable_bytes)]
+        {
+            if let Ok(i) = q.binary_search_by_key(&seq, |(_, m)| m.seq) {
+                *bytes = *bytes - cost(&q[i].1) + cost(&with);
+                q[i].1 = with;
+                return Some(must);
+            }
+        }
+        None
+    }
+
     /// Every must-deliver message after `since` up to `upto`, and the gap if some are gone.
     pub fn recover(&self, since: u64, upto: u64) -> Recovery {
         let messages = self.must.iter().map(|(_, m)| m).filter(|m| m.seq > since && m.seq <= upto).cloned().collect();
@@ -255,6 +280,31 @@ mod tests {
         h.trim(now + Duration::from_secs(61), &lim);
         assert_eq!(h.len(), (0, 0));
         assert_eq!(h.recover(3, 5).gap, Some((4, 5)));
+    }
+
+    /// A replaced message keeps its place: recovery returns the replacement at the same seq,
+    /// with no gap, and the byte count follows.
+    #[test]
+    fn replaced_messages_keep_their_place() {
+        let now = Instant::now();
+        let lim = HistoryLimits::counts(10, 10, Duration::from_secs(60));
+        let mut h = History::default();
+        for s in 1..=4 {
+            h.push(m(s, if s % 2 == 0 { "gift" } else { "chat" }), s % 2 == 0, true, now, &lim);
+        }
+        let with =
+            |seq| PushMessage { seq, ts_us: seq, kind: "deleted".into(), user: String::new(), body: "{}".into() };
+        assert_eq!(h.replace(2, with(2)), Some(true));
+        assert_eq!(h.replace(3, with(3)), Some(false));
+        assert_eq!(h.replace(9, with(9)), None);
+        let r = h.recover(0, 4);
+        assert_eq!(
+            r.messages.iter().map(|m| (m.seq, m.kind.as_str())).collect::<Vec<_>>(),
+            vec![(2, "deleted"), (4, "gift")]
+        );
+        assert_eq!(r.gap, None);
+        assert_eq!(h.get(3).map(|m| m.kind.as_str()), Some("deleted"));
+        assert_eq!(h.must_bytes, 2 * 64 + "deleted".len() + 2 + "gift".len() + 1);
     }
 
     #[test]

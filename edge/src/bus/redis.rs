@@ -132,7 +132,8 @@ pub struct StreamLimits {
 
 const PUBLISH_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
---       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none)
+--       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none),
+--       tombstones in place (hash: seq -> message)
 -- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max, conflate (0|1), entry key,
 --       idempotency TTL in seconds (0: no key)
 -- Returns {seq, ts_us, replayed (0|1)}.
@@ -151,7 +152,7 @@ if not ep then
   -- old numbering left is void.
   ep = string.format('%d', ts)
   redis.call('HSET', KEYS[1], 'epoch', ep)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[5], KEYS[6])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[8])
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local msg = '{"ep":' .. ep .. ',"seq":' .. string.format('%d', seq) .. ',"ts_us":' .. string.format('%d', ts)
@@ -189,13 +190,13 @@ return {seq, ts, 0}
 /// joins before the first publish is told the numbering the first publish will use).
 const SYNC_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
---       latest hash
+--       latest hash, tombstones in place
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 if not ep then
   local t = redis.call('TIME')
   ep = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
   redis.call('HSET', KEYS[1], 'epoch', ep)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
 return {redis.call('HGET', KEYS[1], 'seq') or '0', ep, redis.call('HVALS', KEYS[5])}
 "#;
@@ -204,18 +205,233 @@ return {redis.call('HGET', KEYS[1], 'seq') or '0', ep, redis.call('HVALS', KEYS[
 /// same epoch (Redis lost writes). Only if it is still so: another edge may have done it.
 const RENUMBER_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
---       latest hash
+--       latest hash, tombstones in place
 -- ARGV: the epoch seen, the seq handed out under it
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'epoch', string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])), 'seq', 0)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
   return 1
 end
 return 0
 "#;
+
+/// Moderation's delete (docs/PROTOCOL.md, "Moderation"): the message leaves its stream and a
+/// tombstone takes its place (in the `deleted` hash: a stream cannot take an entry under an id
+/// it has passed), it stops being the room's latest state, and a live tombstone is numbered,
+/// added to the must-deliver stream and published like a gift, in one script: atomic with the
+/// room's numbering, so every edge puts the tombstone in place before it sees a later message.
+const DELETE_LUA: &str = r#"
+-- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
+--       latest hash, tombstones in place (hash: seq -> message)
+-- ARGV: the seq to delete, md_max
+-- Returns {status, tombstone seq, tombstone ts_us, in history (0|1)}; status 0: no such seq,
+-- 1: deleted, 2: deleted already (nothing published), 3: it is a tombstone (not deletable).
+local ep = redis.call('HGET', KEYS[1], 'epoch')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local n = tonumber(ARGV[1])
+if (not ep) or (not n) or n < 1 or n > cur then return {0, 0, 0, 0} end
+if redis.call('HEXISTS', KEYS[7], ARGV[1]) == 1 then return {2, 0, 0, 1} end
+local id = ARGV[1] .. '-0'
+local found, md, ts0 = 0, '0', '0'
+for i, key in ipairs({KEYS[2], KEYS[3]}) do
+  local e = redis.call('XRANGE', key, id, id)
+  if #e > 0 then
+    local m = e[1][2][2]
+    if string.match(m, '^{"ep":%d+,"seq":%d+,"ts_us":%d+,"kind":"deleted",') then return {3, 0, 0, 1} end
+    ts0 = string.match(m, '^{"ep":%d+,"seq":%d+,"ts_us":(%d+),')
+    redis.call('XDEL', key, id)
+    found = 1
+    if i == 1 then md = '1' end
+    break
+  end
+end
+local body = '{"seq":' .. ARGV[1] .. '}'
+if found == 1 then
+  redis.call('HSET', KEYS[7], ARGV[1], '{"ep":' .. ep .. ',"seq":' .. ARGV[1] .. ',"ts_us":' .. ts0
+    .. ',"kind":"deleted","user":"","md":' .. md .. ',"body":' .. body .. '}')
+end
+local latest = redis.call('HGETALL', KEYS[6])
+for i = 1, #latest, 2 do
+  if string.match(latest[i + 1], '^{"ep":%d+,"seq":(%d+),') == ARGV[1] then redis.call('HDEL', KEYS[6], latest[i]) end
+end
+local t = redis.call('TIME')
+local ts = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local msg = '{"ep":' .. ep .. ',"seq":' .. string.format('%d', seq) .. ',"ts_us":' .. string.format('%d', ts)
+  .. ',"kind":"deleted","user":"","md":1,"body":' .. body .. '}'
+redis.call('XADD', KEYS[2], string.format('%d', seq) .. '-0', 'm', msg)
+local over = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[2])
+if over > 0 then
+  local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)
+  local last = string.match(old[#old][1], '^(%d+)')
+  redis.call('SET', KEYS[5], last)
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', tonumber(ARGV[2]))
+end
+if redis.call('HLEN', KEYS[7]) > 256 then
+  -- Tombstones in place of seqs both streams have let go of serve nobody: bounded.
+  local floor = seq
+  for _, key in ipairs({KEYS[2], KEYS[3]}) do
+    local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)
+    if #first > 0 then floor = math.min(floor, tonumber(string.match(first[1][1], '^(%d+)'))) end
+  end
+  for _, f in ipairs(redis.call('HKEYS', KEYS[7])) do
+    if tonumber(f) < floor then redis.call('HDEL', KEYS[7], f) end
+  end
+end
+redis.call('PUBLISH', KEYS[4], msg)
+return {1, seq, ts, found}
+"#;
+
+/// Deletes message `seq` of `room` (Redis mode): see `DELETE_LUA`.
+pub async fn delete_message(
+    cm: &mut ConnectionManager,
+    room: &str,
+    seq: u64,
+    limits: StreamLimits,
+) -> ::redis::RedisResult<Result<super::Deleted, super::DeleteError>> {
+    let k = keys(room);
+    let (status, tseq, ts_us, found): (u8, u64, u64, u8) = ::redis::Script::new(DELETE_LUA)
+        .key(&k[0])
+        .key(&k[1])
+        .key(&k[2])
+        .key(&k[3])
+        .key(&k[4])
+        .key(&k[5])
+        .key(&k[6])
+        .arg(seq)
+        .arg(limits.must_deliver.max(1))
+        .invoke_async(cm)
+        .await
+        .inspect_err(|_| failed("delete"))?;
+    Ok(match status {
+        1 => Ok(super::Deleted { tombstone: Some(Ack { seq: tseq, ts_us, replayed: false }), in_history: found == 1 }),
+        2 => Ok(super::Deleted { tombstone: None, in_history: true }),
+        3 => Err(super::DeleteError::Tombstone),
+        _ => Err(super::DeleteError::NotFound),
+    })
+}
+
+/// The channel every edge subscribes to for moderation that reaches beyond rooms it follows: a
+/// user's disconnect (every edge may hold a connection of theirs) and bans (every edge checks
+/// them at joins). Classic pub/sub: on Redis Cluster it reaches every node.
+pub const MOD_CHANNEL: &str = "rc:mod";
+/// Every ban in force: members `ROOM\nUSER`, scored by the ban's end (ms since the Unix epoch).
+/// What an edge loads when it (re)connects; each ban also has its own key in its room's slot,
+/// `rc:{ROOM}:ban:USER`, expiring with it.
+const BANS_KEY: &str = "rc:bans";
+
+fn ban_key(room: &str, user: &str) -> String {
+    format!("rc:{{{room}}}:ban:{user}")
+}
+
+/// What travels on [`MOD_CHANNEL`]. `from`: the edge that took the request (it has applied it
+/// already and skips its own message).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ModEvent {
+    Kick { user: String, from: String },
+    Ban { room: String, user: String, until_ms: u64, from: String },
+    Unban { room: String, user: String, from: String },
+}
+
+/// Publishes a moderation event to every edge; returns how many received it (edges whose bus
+/// is up, this one included).
+pub async fn publish_event(cm: &mut ConnectionManager, ev: &ModEvent) -> ::redis::RedisResult<u64> {
+    let text = serde_json::to_string(ev).unwrap_or_default();
+    cm.publish(MOD_CHANNEL, text).await.inspect_err(|_| failed("moderation"))
+}
+
+/// Why Redis refused a ban.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanOutcome {
+    Done { edges: u64 },
+    Full,
+}
+
+/// Bans `user` from `room` until `until_ms` in Redis (its key, the index, pruned of expired
+/// bans first, at most `max` bans in force) and tells every edge.
+pub async fn ban(
+    cm: &mut ConnectionManager,
+    ev: &ModEvent,
+    now_ms: u64,
+    max: usize,
+) -> ::redis::RedisResult<BanOutcome> {
+    let ModEvent::Ban { room, user, until_ms, .. } = ev else { return Ok(BanOutcome::Full) };
+    let member = format!("{room}\n{user}");
+    let (n, exists): (u64, Option<f64>) = ::redis::pipe()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(BANS_KEY)
+        .arg("-inf")
+        .arg(now_ms)
+        .ignore()
+        .zcard(BANS_KEY)
+        .zscore(BANS_KEY, &member)
+        .query_async(cm)
+        .await
+        .inspect_err(|_| failed("moderation"))?;
+    if exists.is_none() && n >= max as u64 {
+        return Ok(BanOutcome::Full);
+    }
+    let ttl_ms = until_ms.saturating_sub(now_ms).max(1);
+    let () = ::redis::pipe()
+        .cmd("SET")
+        .arg(ban_key(room, user))
+        .arg(until_ms)
+        .arg("PX")
+        .arg(ttl_ms)
+        .ignore()
+        .zadd(BANS_KEY, &member, *until_ms)
+        .ignore()
+        .query_async(cm)
+        .await
+        .inspect_err(|_| failed("moderation"))?;
+    Ok(BanOutcome::Done { edges: publish_event(cm, ev).await? })
+}
+
+/// Lifts a ban in Redis and tells every edge; returns how many received it.
+pub async fn unban(cm: &mut ConnectionManager, ev: &ModEvent) -> ::redis::RedisResult<u64> {
+    let ModEvent::Unban { room, user, .. } = ev else { return Ok(0) };
+    let () = ::redis::pipe()
+        .del(ban_key(room, user))
+        .ignore()
+        .zrem(BANS_KEY, format!("{room}\n{user}"))
+        .ignore()
+        .query_async(cm)
+        .await
+        .inspect_err(|_| failed("moderation"))?;
+    publish_event(cm, ev).await
+}
+
+/// Every ban in force in Redis (expired ones are pruned on the way), at most `max`.
+pub async fn load_bans(
+    cm: &mut ConnectionManager,
+    now_ms: u64,
+    max: usize,
+) -> ::redis::RedisResult<Vec<crate::moderation::Ban>> {
+    let (all,): (Vec<(String, f64)>,) = ::redis::pipe()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(BANS_KEY)
+        .arg("-inf")
+        .arg(now_ms)
+        .ignore()
+        .cmd("ZRANGE")
+        .arg(BANS_KEY)
+        .arg(0)
+        .arg(max.saturating_sub(1))
+        .arg("WITHSCORES")
+        .query_async(cm)
+        .await?;
+    Ok(all
+        .into_iter()
+        .filter_map(|(member, until)| {
+            let (room, user) = member.split_once('\n')?;
+            Some(crate::moderation::Ban { room: room.to_owned(), user: user.to_owned(), until_ms: until as u64 })
+        })
+        .collect())
+}
 
 /// One edge's count of a room's members, and the room's total over every edge.
 ///
@@ -291,7 +507,7 @@ pub async fn room_meta(cm: &mut ConnectionManager, room: &str) -> ::redis::Redis
     Ok(epoch.map(|e| (seq.unwrap_or(0), e)))
 }
 
-fn keys(room: &str) -> [String; 6] {
+fn keys(room: &str) -> [String; 7] {
     [
         format!("rc:{{{room}}}:meta"),
         format!("rc:{{{room}}}:md"),
@@ -300,6 +516,9 @@ fn keys(room: &str) -> [String; 6] {
         format!("rc:{{{room}}}:evicted"),
         // Latest state: conflated kinds' newest message per kind and key.
         format!("rc:{{{room}}}:latest"),
+        // Moderation: tombstones in place of deleted messages (seq -> message), which the
+        // streams cannot hold (an entry cannot be written again under its id once deleted).
+        format!("rc:{{{room}}}:deleted"),
     ]
 }
 
@@ -345,11 +564,12 @@ pub fn start(
     presence: Presence,
     up: prometheus::IntGauge,
     errors: prometheus::IntCounterVec,
+    moderation: Arc<crate::moderation::Moderation>,
 ) -> Result<Bridge, ::redis::RedisError> {
     let _ = ERRORS.set(errors);
     let client = ::redis::Client::open(url)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(run(client, rx, bus, limits, presence, up));
+    tokio::spawn(run(client, rx, bus, limits, presence, up, moderation));
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
 }
 
@@ -393,6 +613,47 @@ async fn report_online(
     }
 }
 
+/// A moderation event from another edge, applied here: the table of bans at once (in the
+/// order events arrive), the shards' part in a task of its own.
+fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
+    let now_ms = super::now_us() / 1000;
+    match ev {
+        ModEvent::Kick { from, .. } | ModEvent::Ban { from, .. } | ModEvent::Unban { from, .. }
+            if from == moderation.origin => {}
+        ModEvent::Kick { user, .. } => {
+            let m = moderation.clone();
+            tokio::spawn(async move { m.kick_local(&user).await });
+        }
+        ModEvent::Ban { room, user, until_ms, .. } => {
+            if let Err(e) = moderation.bans.insert(&room, &user, until_ms, now_ms) {
+                tracing::warn!(room, error = %e, "moderation: a ban from another edge does not fit here");
+            }
+            let m = moderation.clone();
+            tokio::spawn(async move { m.remove_from_room(&room, &user, until_ms).await });
+        }
+        ModEvent::Unban { room, user, .. } => {
+            moderation.bans.remove(&room, &user, now_ms);
+        }
+    }
+}
+
+/// After (re)connecting: the bans in force as Redis holds them replace this edge's (some may
+/// have come or gone while it was away); members of rooms newly banned leave them.
+async fn load_all_bans(mut cm: ConnectionManager, moderation: Arc<crate::moderation::Moderation>) {
+    let now_ms = super::now_us() / 1000;
+    match load_bans(&mut cm, now_ms, moderation.bans.max()).await {
+        Ok(bans) => {
+            for b in moderation.bans.replace_all(bans, now_ms) {
+                moderation.remove_from_room(&b.room, &b.user, b.until_ms).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "moderation: cannot read the bans in force from redis");
+            failed("moderation");
+        }
+    }
+}
+
 async fn run(
     client: ::redis::Client,
     mut rx: UnboundedReceiver<BridgeCmd>,
@@ -400,6 +661,7 @@ async fn run(
     limits: StreamLimits,
     presence: Presence,
     up: prometheus::IntGauge,
+    moderation: Arc<crate::moderation::Moderation>,
 ) {
     let script = ::redis::Script::new(PUBLISH_LUA);
     let online_script = ::redis::Script::new(ONLINE_LUA);
@@ -448,6 +710,11 @@ async fn run(
         let (mut sink, mut stream) = ps.split();
         // Resubscribe everything, then re-read each room's seq: the engine fills any gap.
         let mut ok = true;
+        if let Err(e) = sink.subscribe(MOD_CHANNEL).await {
+            tracing::warn!(error = %e, "redis subscribe (moderation) failed");
+            failed("subscribe");
+            continue;
+        }
         for room in &rooms {
             if let Err(e) = sink.subscribe(&keys(room)[3]).await {
                 tracing::warn!(error = %e, "redis resubscribe failed");
@@ -466,6 +733,7 @@ async fn run(
         }
         tracing::info!(rooms = rooms.len(), "redis bus connected");
         tokio::spawn(check_persistence(cm.clone()));
+        tokio::spawn(load_all_bans(cm.clone(), moderation.clone()));
         use futures_util::StreamExt;
         let mut refresh = tokio::time::interval(presence.ttl / 3);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -486,6 +754,13 @@ async fn run(
                 }
                 msg = stream.next() => match msg {
                     Some(m) => {
+                        if m.get_channel_name() == MOD_CHANNEL {
+                            match serde_json::from_slice::<ModEvent>(m.get_payload_bytes()) {
+                                Ok(ev) => apply_event(&moderation, ev),
+                                Err(_) => tracing::warn!("unreadable message on the moderation channel"),
+                            }
+                            continue;
+                        }
                         let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
                         match parse(m.get_payload_bytes()) {
                             Some((msg, must_deliver, epoch)) => {
@@ -602,6 +877,7 @@ async fn renumber(mut cm: ConnectionManager, room: RoomName, epoch: Epoch, below
         .key(&k[2])
         .key(&k[4])
         .key(&k[5])
+        .key(&k[6])
         .arg(epoch)
         .arg(below)
         .invoke_async(&mut cm)
@@ -632,6 +908,7 @@ async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
         .key(&k[2])
         .key(&k[4])
         .key(&k[5])
+        .key(&k[6])
         .invoke_async(&mut cm)
         .await;
     match r {
@@ -677,6 +954,7 @@ async fn publish(
         .key(&k[4])
         .key(&k[5])
         .key(idem)
+        .key(&k[6])
         .arg(&msg.kind)
         .arg(&msg.user)
         .arg(&msg.body)
@@ -720,17 +998,37 @@ async fn range(
     Ok(out)
 }
 
+/// The tombstones in place of deleted messages with seqs in `from..=to` (both classes), as
+/// (message, must-deliver).
+async fn tombstones(
+    cm: &mut ConnectionManager,
+    key: &str,
+    from: u64,
+    to: u64,
+) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
+    // Bounded: the delete script drops those the streams no longer cover.
+    let all: Vec<(u64, Vec<u8>)> = cm.hgetall(key).await?;
+    Ok(all
+        .into_iter()
+        .filter(|(seq, _)| (from..=to).contains(seq))
+        .filter_map(|(_, b)| parse(&b).map(|(m, md, _)| (m, md)))
+        .collect())
+}
+
 async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus: BusHandle) {
     let k = keys(&room);
     let md = range(&mut cm, &k[1], from, to).await;
     let dr = range(&mut cm, &k[2], from, to).await;
-    match (md, dr) {
-        (Ok(mut a), Ok(b)) => {
+    let gone = tombstones(&mut cm, &k[6], from, to).await;
+    match (md, dr, gone) {
+        (Ok(mut a), Ok(b), Ok(c)) => {
+            // A deleted message's seq is filled by its tombstone: no false gap.
             a.extend(b);
+            a.extend(c);
             a.sort_by_key(|(m, _)| m.seq);
             bus.send_async(EngineCmd::Filled { room, from, to, messages: a, ok: true }).await;
         }
-        (Err(e), _) | (_, Err(e)) => {
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
             tracing::warn!(room = %room, error = %e, "redis fill failed");
             failed("fill");
             bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
@@ -741,9 +1039,13 @@ async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus
 async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
     let k = keys(&room);
     let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
+    let gone = if since < upto { tombstones(&mut cm, &k[6], since + 1, upto).await } else { Ok(Vec::new()) };
     let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
-    match (md, evicted) {
-        (Ok(md), Ok(ev)) => {
+    match (md.and_then(|md| gone.map(|g| (md, g))), evicted) {
+        (Ok((mut md, gone)), Ok(ev)) => {
+            // A deleted gift's place holds its tombstone (deleted chat is not replayed anyway).
+            md.extend(gone.into_iter().filter(|(_, must)| *must));
+            md.sort_by_key(|(m, _)| m.seq);
             bus.send_async(EngineCmd::Recovered {
                 room,
                 since,
@@ -773,6 +1075,16 @@ mod tests {
         assert_eq!(k[3], "rc:{lobby-1}:ch");
         assert_eq!(room_of_channel(&k[3]), Some("lobby-1"));
         assert_eq!(room_of_channel("other"), None);
+    }
+
+    #[test]
+    fn moderation_events_round_trip() {
+        let ev = ModEvent::Ban { room: "r".into(), user: "a\"b".into(), until_ms: 5, from: "x".into() };
+        let text = serde_json::to_string(&ev).unwrap();
+        assert_eq!(text, r#"{"op":"ban","room":"r","user":"a\"b","until_ms":5,"from":"x"}"#);
+        assert_eq!(serde_json::from_str::<ModEvent>(&text).unwrap(), ev);
+        assert_eq!(room_of_channel(MOD_CHANNEL), None, "never taken for a room's channel");
+        assert_eq!(ban_key("r", "u"), "rc:{r}:ban:u", "in the room's hash slot");
     }
 
     #[test]

@@ -37,6 +37,10 @@ impl Engine {
         if r.parked.iter().any(|&(_, since, _)| since <= r.seq) {
             self.unpark(room, now, false, out);
         }
+        if must_deliver && pm.kind == roomcast_proto::envelope::DELETED_KIND {
+            // A moderator's tombstone: the message it names gives way first.
+            self.apply_tombstone(room, &pm, now);
+        }
         if self.store.is_some() {
             self.store_message(room, &pm, must_deliver, idem, now);
         }

@@ -55,6 +55,12 @@ impl Keys {
         self.order.push_back((at, key));
     }
 
+    /// The key a publish numbered `seq` carried, if it is remembered (a linear walk: for
+    /// moderation's deletes, which keep it with the tombstone in the store).
+    pub fn key_of(&self, seq: u64) -> Option<Box<str>> {
+        self.map.iter().find(|(_, a)| a.seq == seq).map(|(k, _)| k.clone())
+    }
+
     fn expire(&mut self, now: Instant, ttl: Duration) {
         while let Some((at, _)) = self.order.front() {
             if now.saturating_duration_since(*at) < ttl {

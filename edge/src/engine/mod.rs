@@ -24,6 +24,7 @@ pub mod host;
 pub mod idem;
 mod joins;
 mod latest;
+mod moderation;
 mod presence;
 mod remote;
 pub mod room;
@@ -327,6 +328,8 @@ pub struct Engine {
     store_sent: u64,
     store_durable: u64,
     held: VecDeque<(u64, Reply, RoomName, Ack)>,
+    /// Moderators' deletes waiting for their tombstone to be durable.
+    held_deletes: VecDeque<(u64, crate::bus::DeleteReply, crate::bus::Deleted)>,
     store_blocked: Vec<RoomName>,
 }
 
@@ -379,6 +382,7 @@ impl Engine {
             store_sent: 0,
             store_durable: 0,
             held: VecDeque::new(),
+            held_deletes: VecDeque::new(),
             store_blocked: Vec::new(),
             cfg,
         }
@@ -518,6 +522,7 @@ impl Engine {
             EngineCmd::TopRooms { n, reply } => {
                 let _ = reply.send(self.top_rooms(n, now));
             }
+            EngineCmd::Delete { room, seq, reply } => self.delete_message(room, seq, reply, now, out),
         }
     }
 
@@ -553,6 +558,10 @@ impl Engine {
         while self.held.front().is_some_and(|(t, ..)| *t <= self.store_durable) {
             let (_, reply, room, ack) = self.held.pop_front().expect("peeked");
             self.answer(out, reply, &room, Ok(ack));
+        }
+        while self.held_deletes.front().is_some_and(|(t, ..)| *t <= self.store_durable) {
+            let (_, reply, done) = self.held_deletes.pop_front().expect("peeked");
+            let _ = reply.send(Ok(done));
         }
         let durable = self.store_durable;
         let (ready, wait): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut self.store_blocked)

@@ -1171,3 +1171,106 @@ fn an_sse_replay_ends_with_the_seam_as_its_id() {
     assert_eq!(id, Some(format!("{epoch}:4")));
     assert_eq!(seqs(&m), vec![3, 4]);
 }
+
+/// Messages of one room's deliveries and replays, as (seq, kind, body).
+fn messages_of(cmds: Vec<ShardCmd>) -> Vec<(u64, String, String)> {
+    let mut out = Vec::new();
+    for c in cmds {
+        let frames: Vec<Bytes> = match c {
+            ShardCmd::Deliver(d) => d.frames[0].iter().cloned().collect(),
+            ShardCmd::JoinAck(a) => a.replay,
+            _ => Vec::new(),
+        };
+        for f in frames {
+            if let ServerMsg::Batch { messages, .. } = decode(&f) {
+                out.extend(messages.into_iter().map(|m| (m.seq, m.kind, m.body)));
+            }
+        }
+    }
+    out
+}
+
+fn delete(bus: &mut H, room: &RoomName, seq: u64) -> Result<crate::bus::Deleted, crate::bus::DeleteError> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    bus.handle(EngineCmd::Delete { room: room.clone(), seq, reply: tx });
+    rx.try_recv().expect("answered at once without a store")
+}
+
+/// A moderator's delete: the message leaves the pending batch (members never get it) and
+/// history (a `since` replay gets a tombstone at its seq, no gap), a live tombstone naming it
+/// is numbered like a gift; a retry publishes nothing more; a tombstone cannot be deleted; an
+/// unknown seq or room is not found (and no room is made for it). Failed before: no delete.
+#[test]
+fn a_deleted_message_gives_way_to_a_tombstone_in_place() {
+    let (mut bus, _) = setup(100);
+    let room: RoomName = "m".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ = ack(&mut bus);
+    for n in 1..=3 {
+        bus.publish(room.clone(), msg(if n == 2 { "chat" } else { "gift" }, n)).unwrap();
+    }
+    bus.flush_all();
+    let live = messages_of(bus.drain());
+    assert_eq!(live.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    // 3 (a gift) while still pending, 1 once delivered.
+    bus.publish(room.clone(), msg("gift", 4)).unwrap();
+    let d = delete(&mut bus, &room, 4).unwrap();
+    assert_eq!((d.tombstone.map(|a| a.seq), d.in_history), (Some(5), true));
+    let d = delete(&mut bus, &room, 1).unwrap();
+    assert_eq!(d.tombstone.map(|a| a.seq), Some(6));
+    bus.flush_all();
+    let t = |seq: u64, target: u64| (seq, "deleted".to_owned(), format!("{{\"seq\":{target}}}"));
+    assert_eq!(messages_of(bus.drain()), vec![t(4, 4), t(5, 4), t(6, 1)], "the pending gift never went out");
+    // A replay from the start: tombstones in place, seqs as dense as before, no gap.
+    join(&mut bus, &room, Subprotocol::Json, Some(0));
+    let a = ack(&mut bus);
+    assert_eq!(a.replay.len(), 1, "no gap notice");
+    let replay = messages_of(vec![ShardCmd::JoinAck(Box::new(a))]);
+    assert_eq!(replay, vec![t(1, 1), (3, "gift".into(), r#"{"n":3}"#.into()), t(4, 4), t(5, 4), t(6, 1)]);
+    // A retry publishes nothing; a tombstone and unknown seqs or rooms are refused.
+    assert_eq!(delete(&mut bus, &room, 1).unwrap(), crate::bus::Deleted { tombstone: None, in_history: true });
+    assert_eq!(delete(&mut bus, &room, 5), Err(crate::bus::DeleteError::Tombstone));
+    assert_eq!(delete(&mut bus, &room, 7), Err(crate::bus::DeleteError::NotFound));
+    assert_eq!(delete(&mut bus, &room, 0), Err(crate::bus::DeleteError::NotFound));
+    assert_eq!(delete(&mut bus, &"nowhere".into(), 1), Err(crate::bus::DeleteError::NotFound));
+    assert!(!bus.rooms.contains_key("nowhere"), "no room made to look");
+    // Chat outside history (none kept by default) is still announced: members who saw it drop it.
+    let d = delete(&mut bus, &room, 2).unwrap();
+    assert_eq!((d.tombstone.map(|a| a.seq), d.in_history), (Some(7), false));
+    assert_eq!(bus.rooms[&room].seq, 7);
+}
+
+/// Redis mode: the live tombstone arrives from the bus like any message, and each edge puts
+/// the tombstone in place in its own history (and latest state) as it accepts it.
+#[test]
+fn a_tombstone_from_the_bus_deletes_in_place_here_too() {
+    let (bus, _) = setup(0);
+    let (tx, _bridge_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel(tx));
+    let room: RoomName = "rm".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 0, epoch: 3, latest: Vec::new() });
+    let _ = ack(&mut bus);
+    let remote = |seq: u64, kind: &str, body: String| EngineCmd::Remote {
+        room: room.clone(),
+        msg: Box::new(PushMessage { seq, ts_us: 10 * seq, kind: kind.into(), user: "u".into(), body }),
+        must_deliver: kind != "chat",
+        epoch: 3,
+    };
+    bus.handle(remote(1, "gift", "1".into()));
+    bus.handle(remote(2, "gift", "2".into()));
+    bus.handle(remote(3, "deleted", envelope::tombstone_body(1)));
+    bus.flush_immediate();
+    let _ = bus.drain();
+    join(&mut bus, &room, Subprotocol::Json, Some(0));
+    let replay = messages_of(vec![ShardCmd::JoinAck(Box::new(ack(&mut bus)))]);
+    assert_eq!(
+        replay,
+        vec![
+            (1, "deleted".into(), r#"{"seq":1}"#.into()),
+            (2, "gift".into(), "2".into()),
+            (3, "deleted".into(), r#"{"seq":1}"#.into()),
+        ]
+    );
+    assert_eq!(bus.rooms[&room].history.get(1).map(|m| (m.ts_us, m.user.as_str())), Some((10, "")));
+}

@@ -158,6 +158,26 @@ impl Conn {
         }
     }
 
+    /// The user this connection is: its token's `sub`, or its anonymous id.
+    pub fn user(&self) -> std::borrow::Cow<'_, str> {
+        match &self.identity {
+            Some(id) => std::borrow::Cow::Borrowed(&id.user),
+            None => std::borrow::Cow::Owned(crate::auth::Identity::anonymous(self.anon_id).user.to_string()),
+        }
+    }
+
+    /// Whether this connection is `user` (without building an anonymous id's text).
+    pub fn is_user(&self, user: &str) -> bool {
+        match &self.identity {
+            Some(id) => &*id.user == user,
+            None => user
+                .strip_prefix("anon-")
+                .filter(|hex| hex.len() == 16)
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .is_some_and(|id| id == self.anon_id),
+        }
+    }
+
     /// Takes a signalling token (`rate` per second, at most `burst` saved up).
     pub fn take_signal(&mut self, rate: f64, burst: f64, now_ms: u64) -> bool {
         let dt = now_ms.saturating_sub(self.signal_at_ms) as f64 / 1000.0;
@@ -337,6 +357,21 @@ mod tests {
         assert_eq!(c.out.len(), 1);
         let (_, len) = c.head_slice();
         assert_eq!(len, 70);
+    }
+
+    #[test]
+    fn users_are_told_apart_by_identity_or_anonymous_id() {
+        let mut c = Conn::new(1, 0);
+        c.anon_id = 0xab;
+        assert_eq!(c.user(), "anon-00000000000000ab");
+        assert!(c.is_user("anon-00000000000000ab"));
+        assert!(!c.is_user("anon-ab") && !c.is_user("anon-00000000000000ac") && !c.is_user("alice"));
+        let mut id = crate::auth::Identity::anonymous(0);
+        id.user = "alice".into();
+        id.anonymous = false;
+        c.identity = Some(Box::new(id));
+        assert!(c.is_user("alice") && !c.is_user("anon-00000000000000ab"));
+        assert_eq!(c.user(), "alice");
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl Shard {
             ShardCmd::JoinRefused(r) => self.join_refused(&r),
             ShardCmd::Drain { url, period_ms } => self.begin_drain(url, period_ms),
             ShardCmd::Shutdown => self.begin_shutdown(),
+            ShardCmd::Moderate(m) => self.moderate(*m),
         }
     }
 }

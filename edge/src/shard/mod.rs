@@ -25,6 +25,7 @@ mod conn;
 mod lifecycle;
 mod mail;
 mod members;
+mod moderation;
 mod outbox;
 mod ring;
 mod session;
@@ -104,6 +105,8 @@ pub struct ShardSpec {
     pub auth: Option<Arc<crate::auth::Verifier>>,
     /// Per-address connection bounds, shared by every shard; None when off.
     pub ipguard: Option<Arc<crate::ipguard::IpGuard>>,
+    /// Moderation's bans in force, shared by every shard (read at every join).
+    pub bans: Arc<crate::moderation::Bans>,
 }
 
 /// Builds the ring, probes it and registers its tables. Done on the shard thread itself
@@ -199,6 +202,7 @@ struct Shard {
     health: Arc<AtomicU8>,
     refuse_when_overloaded: bool,
     auth: Option<Arc<crate::auth::Verifier>>,
+    bans: Arc<crate::moderation::Bans>,
     rng: u64,
     /// Operations the SQ could not take this turn (the kernel pushed back): retried next turn.
     retry: Vec<(Retry, u32)>,
@@ -269,6 +273,7 @@ impl Shard {
             health: spec.health,
             refuse_when_overloaded: spec.refuse_when_overloaded,
             auth: spec.auth,
+            bans: spec.bans,
             retry: Vec::new(),
             rng: (u64::from(spec.id) << 32)
                 ^ (now.elapsed().as_nanos() as u64)

@@ -97,6 +97,23 @@ impl Shard {
                         reason: format!("room {r} is not allowed by your token"),
                     });
                 }
+                Ok(()) if !self.bans.is_empty() => {
+                    // A moderator's ban: refused before the upgrade (an `EventSource` refused
+                    // with an HTTP error does not retry).
+                    let user = match &identity {
+                        Some(id) => id.user.to_string(),
+                        None => crate::auth::Identity::anonymous(anon_id).user.to_string(),
+                    };
+                    if let Some(until) = self.banned(r, &user) {
+                        self.stats.refused("banned");
+                        let now_ms = crate::bus::now_us() / 1000;
+                        return Err(HandshakeError {
+                            status: 403,
+                            reason: super::moderation::ban_message(r, until, now_ms),
+                        });
+                    }
+                    Some(RoomName::from(r))
+                }
                 Ok(()) => Some(RoomName::from(r)),
                 Err(why) => return Err(bad(&format!("bad room: {why}"))),
             },
@@ -228,6 +245,13 @@ impl Shard {
                     self.send_error(slot, "room_forbidden", "this room is not allowed by your token");
                 }
                 Ok(()) => {
+                    if let Some(until) = self.join_banned(slot, &room) {
+                        // Refused like a room the token does not allow: the connection stays
+                        // where it was.
+                        self.stats.refused("banned");
+                        let message = super::moderation::ban_message(&room, until, crate::bus::now_us() / 1000);
+                        return self.send_error(slot, "banned", &message);
+                    }
                     let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
                     let since = since.map(|seq| Since { seq, epoch: epoch.as_deref().map(parse_epoch) });
                     self.join(slot, name, since);
@@ -307,6 +331,15 @@ pub(super) struct Admitted {
 }
 
 impl Shard {
+    /// Until when the connection in `slot` is banned from `room` (None: it may join).
+    fn join_banned(&self, slot: u32, room: &str) -> Option<u64> {
+        if self.bans.is_empty() {
+            return None;
+        }
+        let c = self.conns.get(slot as usize)?.as_ref()?;
+        self.banned(room, &c.user())
+    }
+
     /// The connection's token identity (None: anonymous, or no such connection).
     fn identity(&self, slot: u32) -> Option<&crate::auth::Identity> {
         self.conns.get(slot as usize)?.as_ref()?.identity.as_deref()

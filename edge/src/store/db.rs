@@ -4,6 +4,9 @@
 //! - `msgs`: room name, 0x00, seq (big-endian u64) -> ts_us (u64), kind, user (u16-length
 //!   prefixed), body. Room names never hold 0x00, so a room's messages are one key range in
 //!   seq order.
+//! - `bans`: room name, 0x00, user -> the ban's end (ms since the Unix epoch, u64 LE):
+//!   moderation's bans, so that a restart does not lift them. Written by the HTTP runtime
+//!   directly (rare, and independent of the rooms' message order), fsynced.
 //!
 //! Why fjall (bench-results/2026-11-30-store-choice): writes go to its journal, which reaches
 //! the kernel at each commit (a process crash loses nothing written) and is fsynced only when
@@ -36,6 +39,7 @@ pub struct Db {
     db: Database,
     meta: Keyspace,
     msgs: Keyspace,
+    bans: Keyspace,
     /// Held for the process's life: one edge per directory.
     _lock: File,
     /// Where the sweep's walk over the rooms resumes.
@@ -82,7 +86,8 @@ impl Db {
         }
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let msgs = db.keyspace("msgs", KeyspaceCreateOptions::default)?;
-        Ok(Self { db, meta, msgs, _lock: lock, cursor: std::sync::Mutex::new(Vec::new()) })
+        let bans = db.keyspace("bans", KeyspaceCreateOptions::default)?;
+        Ok(Self { db, meta, msgs, bans, _lock: lock, cursor: std::sync::Mutex::new(Vec::new()) })
     }
 
     pub fn disk_bytes(&self) -> u64 {
@@ -133,6 +138,48 @@ impl Db {
         }
         batch.commit()?;
         Ok(())
+    }
+
+    /// Keeps a ban (replacing one for the same room and user), durably.
+    pub fn put_ban(&self, ban: &crate::moderation::Ban) -> Result<(), DbError> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        batch.insert(&self.bans, ban_key(&ban.room, &ban.user), ban.until_ms.to_le_bytes());
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a ban, durably.
+    pub fn remove_ban(&self, room: &str, user: &str) -> Result<(), DbError> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        batch.remove(&self.bans, ban_key(room, user));
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// The bans still in force at `now_ms`; expired ones are deleted on the way.
+    pub fn bans(&self, now_ms: u64) -> Result<Vec<crate::moderation::Ban>, DbError> {
+        let (mut out, mut expired) = (Vec::new(), Vec::new());
+        for kv in self.bans.iter() {
+            let (k, v) = kv.into_inner()?;
+            let until = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+            let split = k.iter().position(|&b| b == 0);
+            match (until, split) {
+                (Some(until), Some(i)) if until > now_ms => out.push(crate::moderation::Ban {
+                    room: String::from_utf8_lossy(&k[..i]).into_owned(),
+                    user: String::from_utf8_lossy(&k[i + 1..]).into_owned(),
+                    until_ms: until,
+                }),
+                _ => expired.push(k),
+            }
+        }
+        if !expired.is_empty() {
+            let mut batch = self.db.batch();
+            for k in expired {
+                batch.remove(&self.bans, k);
+            }
+            batch.commit()?;
+        }
+        Ok(out)
     }
 
     /// Rewrites the tables without what retention deleted (tombstones take space until a
@@ -264,6 +311,12 @@ fn room_prefix(room: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(room.len() + 1);
     k.extend_from_slice(room.as_bytes());
     k.push(0);
+    k
+}
+
+fn ban_key(room: &str, user: &str) -> Vec<u8> {
+    let mut k = room_prefix(room);
+    k.extend_from_slice(user.as_bytes());
     k
 }
 
@@ -439,6 +492,26 @@ mod tests {
         let old = [&[20u8, 0, 0, 0, 0, 0, 0, 0][..], &[4, 0], b"gift", &[1, 0], b"u", b"{}"].concat();
         let (m, key) = decode_msg(7, &old).unwrap();
         assert_eq!((m.kind.as_str(), m.user.as_str(), m.body.as_str(), key), ("gift", "u", "{}", None));
+    }
+
+    /// Bans survive a reopen; expired ones are not read back (and are deleted).
+    #[test]
+    fn bans_are_kept_until_they_expire() {
+        use crate::moderation::Ban;
+        let dir = tempdir("bans");
+        let ban = |room: &str, user: &str, until_ms| Ban { room: room.into(), user: user.into(), until_ms };
+        {
+            let db = Db::open(&dir).unwrap();
+            db.put_ban(&ban("show", "alice", 5_000)).unwrap();
+            db.put_ban(&ban("show", "bob\u{0}x", 9_000)).unwrap();
+            db.put_ban(&ban("show-2", "alice", 100)).unwrap();
+            db.put_ban(&ban("show", "carol", 9_000)).unwrap();
+            db.remove_ban("show", "carol").unwrap();
+        }
+        let db = Db::open(&dir).unwrap();
+        assert_eq!(db.bans(1_000).unwrap(), vec![ban("show", "alice", 5_000), ban("show", "bob\u{0}x", 9_000)]);
+        assert_eq!(db.bans(6_000).unwrap(), vec![ban("show", "bob\u{0}x", 9_000)]);
+        assert_eq!(db.bans(1_000).unwrap().len(), 1, "expired bans were deleted");
     }
 
     #[test]

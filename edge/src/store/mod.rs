@@ -243,6 +243,21 @@ impl Store {
         }
     }
 
+    /// Keeps a moderation ban (durably, before it is answered).
+    pub fn put_ban(&self, ban: &crate::moderation::Ban) -> Result<(), DbError> {
+        self.with_db(|db| db.put_ban(ban))
+    }
+
+    /// Forgets a moderation ban.
+    pub fn remove_ban(&self, room: &str, user: &str) -> Result<(), DbError> {
+        self.with_db(|db| db.remove_ban(room, user))
+    }
+
+    /// The moderation bans still in force at `now_ms`.
+    pub fn bans(&self, now_ms: u64) -> Result<Vec<crate::moderation::Ban>, DbError> {
+        self.with_db(|db| db.bans(now_ms))
+    }
+
     /// Bytes the store uses on disk (sampled after each commit and sweep).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)

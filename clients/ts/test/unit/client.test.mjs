@@ -266,6 +266,52 @@ test("close codes that blame the client never loop hot", async () => {
   }
 });
 
+test("4002: kicked by a moderator, the client stops and says so", async () => {
+  const { c, clock, log } = make();
+  c.connect();
+  await clock.advance(0);
+  const ws = accept(0, "E");
+  ws.recv(batch("lobby", 1));
+  ws.recv({ type: "error", code: "kicked", message: "disconnected by a moderator" });
+  ws.serverClose(4002, "kicked by a moderator");
+  assert.equal(c.state, "disconnected");
+  assert.deepEqual(log.disconnected.at(-1), { code: 4002, reason: "kicked by a moderator", reconnect: false, delayMs: undefined });
+  assert.equal(log.errors.at(-1).code, "close_4002");
+  const sockets = FakeWebSocket.all.length;
+  await clock.advance(60_000);
+  assert.equal(FakeWebSocket.all.length, sockets, "no reconnect on its own");
+  c.connect();
+  await clock.advance(0);
+  assert.equal(FakeWebSocket.last.params.get("since"), "1", "the app may come back: positions kept");
+});
+
+test("banned from the room: dropped, not asked for again on reconnect", async () => {
+  const { c, clock, log } = make({ random: () => 0 });
+  c.connect();
+  await clock.advance(0);
+  const ws = accept(0, "E");
+  ws.recv({ type: "error", code: "banned", message: "banned from room lobby by a moderator for 60 s more" });
+  ws.recv({ type: "left", room: "lobby" });
+  assert.equal(c.room, undefined);
+  assert.equal(log.errors.at(-1).code, "banned");
+  ws.serverClose(1006);
+  await clock.advance(clock.nextDelay());
+  assert.equal(FakeWebSocket.last.params.get("room"), null, "the banned room is not joined again");
+});
+
+test("tombstones: deleted events name the message to remove; tombstones in place do not", async () => {
+  const { c, clock, log } = make();
+  const deleted = [];
+  c.on("deleted", (d) => deleted.push([d.room, d.seq, d.tombstone.seq]));
+  c.connect();
+  await clock.advance(0);
+  const ws = accept(0, "E");
+  const m = (seq, kind, body) => ({ seq, ts_us: seq, kind, user: "", body });
+  ws.recv({ type: "batch", room: "lobby", messages: [m(1, "deleted", { seq: 1 }), m(2, "chat", "hi"), m(3, "deleted", { seq: 2 })] });
+  assert.deepEqual(deleted, [["lobby", 2, 3]]);
+  assert.deepEqual(log.messages.map((x) => x.seq), [1, 2, 3]);
+});
+
 test("4001: a new token is fetched before reconnecting", async () => {
   const asked = [];
   let n = 0;
