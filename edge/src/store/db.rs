@@ -254,7 +254,7 @@ impl Db {
 
 /// Each journal file under `path` and where its written bytes end (past the last non-zero
 /// byte: journals are preallocated with zeros).
-fn journal_data_ends(path: &Path) -> Vec<(PathBuf, u64)> {
+pub(super) fn journal_data_ends(path: &Path) -> Vec<(PathBuf, u64)> {
     fn data_end(file: &Path) -> std::io::Result<u64> {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = File::open(file)?;

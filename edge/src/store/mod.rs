@@ -694,3 +694,114 @@ impl StoreHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "roomcast-store-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn gift(room: &str, seq: u64) -> Record {
+        let m = PushMessage { seq, ts_us: seq, kind: "gift".into(), user: "u".into(), body: "{}".into() };
+        Record::Msg(RoomName::from(room), m)
+    }
+
+    #[test]
+    fn the_marker_round_trips_and_names_its_own_file() {
+        let dir = tempdir("marker");
+        let path = dir.join("RUN");
+        let m = RunMarker {
+            boot: "b".into(),
+            fsync: "always".into(),
+            clean: true,
+            batches: Some(42),
+            file: None,
+            renumber_before: Some(7),
+        };
+        m.write(&path).unwrap();
+        let back = RunMarker::parse(&std::fs::read_to_string(&path).unwrap());
+        let here = identity(&std::fs::metadata(&path).unwrap());
+        assert_eq!(back, RunMarker { file: Some(here.clone()), ..m });
+        assert!(same_file(back.file.as_deref().unwrap(), &here));
+        // Birth times decide where both have one; the inode alone where either lacks it.
+        assert!(!same_file("12:100", "12:200"));
+        assert!(same_file("12:-", "12:200") && !same_file("12:-", "13:-"));
+        assert!(!same_file("", &here));
+    }
+
+    /// The decisions at open, one by one: a store that stopped cleanly is trusted; one with
+    /// fewer batches than RUN's mark, a RUN that is a copy (a new file, or the old text
+    /// written back over the current file), or batches without any RUN are not.
+    #[test]
+    fn check_run_trusts_only_the_directory_it_left() {
+        let dir = tempdir("check");
+        let path = dir.join("RUN");
+        let check = |found| check_run(&dir, Fsync::Always, 1_000, found).unwrap();
+        assert_eq!(check(0), (None, None), "a new store");
+        assert_eq!(check(5), (None, None), "as it was left (mark 0)");
+        assert_eq!(check(5), (None, None), "as it was left (mark 5)");
+        assert_eq!(check(9), (None, None), "more than the mark: written after it");
+        assert_eq!(check(3), (Some(Distrust::Rollback { found: 3, mark: 9 }), Some(1_000)));
+        // Carried on: rooms last written before that second are still renumbered later.
+        assert_eq!(check(3), (None, Some(1_000)));
+
+        // A copy of RUN (what cp, rsync or a restore makes: a new file with the same text).
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Copied));
+        // An older RUN written back over the current file (same inode, old text).
+        let older = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(check(3).0, None);
+        std::fs::write(&path, older).unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Copied));
+
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Unmarked { found: 3 }));
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Unmarked { found: 3 }), "an empty RUN vouches for nothing");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A journal cut after its batches were fsynced (a disk that lied about fsync): the store
+    /// comes back with fewer batches than RUN's mark and says so; a clean reopen does not.
+    #[test]
+    fn a_journal_cut_after_fsync_is_detected() {
+        let dir = tempdir("cut");
+        let cfg = StoreConfig::default();
+        let mut cut_at = Vec::new();
+        {
+            let s = Store::open(&dir, &cfg).unwrap();
+            assert!(s.distrust().is_none());
+            for seq in 1..=6 {
+                s.with_db(|db| db.write(&[&gift("r", seq)], true)).unwrap();
+                if seq == 3 {
+                    cut_at = db::journal_data_ends(&dir.join("db"));
+                }
+            }
+            let batches = s.with_db(|db| Ok(db.batches())).unwrap();
+            assert_eq!(batches, 6);
+            s.marker(true, batches).write(&dir.join("RUN")).unwrap();
+        }
+        {
+            let s = Store::open(&dir, &cfg).unwrap();
+            assert!(s.distrust().is_none(), "a clean reopen is trusted");
+        }
+        assert_eq!(cut_at.len(), 1, "one journal: {cut_at:?}");
+        let (jnl, end) = &cut_at[0];
+        std::fs::OpenOptions::new().write(true).open(jnl).unwrap().set_len(*end).unwrap();
+        let s = Store::open(&dir, &cfg).unwrap();
+        assert_eq!(s.distrust(), Some(&Distrust::Rollback { found: 3, mark: 6 }));
+        assert_eq!(s.with_db(|db| db.load("r")).unwrap(), None, "no meta record was written");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
