@@ -695,6 +695,53 @@ impl StoreHandle {
     }
 }
 
+/// A store without its thread, for the engine's tests: they read what the engine sends and
+/// answer for the store themselves (`EngineCmd::Durable`, `EngineCmd::StoreFailed`).
+#[cfg(test)]
+pub(crate) struct Detached {
+    pub store: Arc<Store>,
+    rx: Receiver<Batch>,
+}
+
+#[cfg(test)]
+impl Detached {
+    /// A store in a fresh directory under `name`, and one engine's handle on it.
+    pub(crate) fn new(name: &str) -> (StoreHandle, Self) {
+        let dir = std::env::temp_dir().join(format!(
+            "roomcast-detached-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir, &StoreConfig::default()).expect("store");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let progress = Arc::new(Progress {
+            durable: vec![AtomicU64::new(0)].into_boxed_slice(),
+            lock: std::sync::Mutex::new(()),
+            cond: std::sync::Condvar::new(),
+        });
+        let h = StoreHandle { store: store.clone(), tx, engine: 0, progress };
+        (h, Self { store, rx })
+    }
+
+    /// The batches sent so far: (token, records).
+    pub(crate) fn sent(&self) -> Vec<(u64, Vec<Record>)> {
+        self.rx.try_iter().map(|b| (b.token, b.records)).collect()
+    }
+
+    /// Writes fail (or work again), as the store thread would say.
+    pub(crate) fn set_failing(&self, on: bool) {
+        self.store.failed.store(on, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.store.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
