@@ -31,9 +31,9 @@ use crate::config::{Fsync, StoreConfig};
 
 pub use db::{Db, DbError};
 
-/// Seqs reserved at a time: the store is written once per this many messages of a room (beyond
-/// its must-deliver messages, which are written one by one), and a crash skips at most this
-/// many numbers.
+/// Seqs reserved at a time: the store is written once per half to a whole block of a room's
+/// messages (beyond its must-deliver messages, which are written one by one: a reservation is
+/// renewed once half of it is used), and a crash skips at most this many numbers.
 pub const SEQ_RESERVE: u64 = 1024;
 
 /// A room's numbering as stored.
