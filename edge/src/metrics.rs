@@ -128,6 +128,9 @@ pub struct BusStats {
     pub publish_seconds: HistogramVec,
     /// Bytes the store uses on disk.
     pub store_bytes: IntGauge,
+    /// Starts at which the store found it could not vouch for what is on disk, by reason:
+    /// every room read back takes a new epoch.
+    pub store_renumbered: IntCounterVec,
     /// With a shared bus: 1 while Redis is reachable (publishes get 503 while it is not).
     pub bus_up: IntGauge,
     /// 1 when the edge runs with a shared bus (Redis), 0 alone.
@@ -367,6 +370,18 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            store_renumbered: {
+                let c = counter(
+                    r,
+                    "store_renumbered_total",
+                    "Starts at which the store could not vouch for what is on disk, so that every room read back takes a new epoch (clients are reset), by reason: reboot (an unclean stop and a reboot under a lossy fsync policy), rollback (fewer durable batches than RUN's mark), copied (the data directory is a copy), unmarked (RUN missing).",
+                    &["reason"],
+                );
+                for reason in ["reboot", "rollback", "copied", "unmarked"] {
+                    let _ = c.with_label_values(&[reason]);
+                }
+                c
+            },
             redis_errors: counter(
                 r,
                 "redis_errors_total",

@@ -129,6 +129,9 @@ impl Edge {
             let store = crate::store::Store::open(&cfg.data_dir, &cfg.store)
                 .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
             store_ref = Some(store.clone());
+            if let Some(d) = store.distrust() {
+                metrics.bus.store_renumbered.with_label_values(&[d.label()]).inc();
+            }
             tracing::info!(dir = %cfg.data_dir.display(), fsync = ?cfg.store.fsync, bytes = store.bytes(), "store open");
             let max_age = std::time::Duration::from_millis(cfg.history.max_age_ms);
             let (handles, h) = store.start(engine_mailboxes.clone(), max_age, metrics.bus.store_bytes.clone())?;

@@ -180,6 +180,7 @@ async fn sigterm_restart_keeps_numbering_and_gifts() {
     assert!(before.is_empty(), "no reset: same numbering ({before:?})");
     assert_eq!((seq, e.as_str(), replay), (7, epoch.as_str(), vec![6, 7]));
     assert_eq!(gift(&p, "show", 8).await, 8, "numbering continues without a skip");
+    assert_eq!(metric(&p, "roomcast_store_renumbered_total").await, 0.0, "a clean restart is trusted");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -241,6 +242,7 @@ async fn kill_9_during_a_burst_loses_no_acknowledged_gift() {
     assert!(lost.is_empty(), "acknowledged gifts lost: {lost:?} (of {})", acked.len());
     let next = gift(&p, "burst", 0).await;
     assert!(next > max_acked && next > seen_max, "seq {next} reused (acked up to {max_acked}, seen {seen_max})");
+    assert_eq!(metric(&p, "roomcast_store_renumbered_total").await, 0.0, "a process crash is trusted");
     // A plain crash leaves no torn batch (the journal's preallocated zeros are not one).
     assert!(!log.lock().unwrap().contains("torn write"), "{}", log.lock().unwrap());
     let _ = std::fs::remove_dir_all(dir);
@@ -420,6 +422,8 @@ async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly(
         let p = Publisher::new(edge.http);
         let (before, _, e, _) = rejoin(&edge, "pc", 3, &epoch, 0).await;
         let log = log.lock().unwrap().clone();
+        let counted = metric(&p, "roomcast_store_renumbered_total").await;
+        assert_eq!(counted, if renumbered { 1.0 } else { 0.0 }, "{policy} reboot={reboot}");
         if renumbered {
             assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{policy} reboot={reboot}: {before:?}");
             assert_ne!(e, epoch);
@@ -506,4 +510,61 @@ async fn a_client_at_seq_0_is_not_reset_when_a_quiet_room_comes_back_anew() {
     gift(&p, "quiet", 1).await;
     let (before, _, _, _) = rejoin(&edge, "quiet", 1, &epoch, 0).await;
     assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{before:?}");
+}
+
+/// A data directory that comes back with less than it acknowledged: an older copy restored
+/// (taken while the edge ran, as a live backup would be, then more gifts, a clean stop, and
+/// the copy put back), whole or only its database files. Before, the edge continued the old
+/// numbering in the same epoch: a member resuming at a seq the copy has was silently given
+/// new messages under seqs it may have held for others. Now every room takes a new epoch:
+/// members resuming with their since/epoch get `reset`, loudly logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_older_copy_of_the_data_dir_resets_members_with_a_new_epoch() {
+    for (whole, reason) in [(true, "copied"), (false, "rollback")] {
+        let dir = data_dir("restore");
+        let old = data_dir("restore-old");
+        let args = ["--shards", "1", "--merge-window-ms", "0"];
+        let (mut edge, _) = EdgeProc::start_on(&dir, &args, "warn");
+        let p = Publisher::new(edge.http);
+        let mut ws = connect(&edge.url("?room=show"), None).await;
+        let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
+        for n in 1..=3 {
+            gift(&p, "show", n).await;
+        }
+        let ok = std::process::Command::new("cp").arg("-a").arg(&dir).arg(&old).status().unwrap().success();
+        assert!(ok, "cp -a");
+        for n in 4..=6 {
+            gift(&p, "show", n).await;
+        }
+        assert_eq!(batch_seqs(&mut ws, 6).await, vec![1, 2, 3, 4, 5, 6]);
+        edge.sigterm();
+        assert_eq!(edge.wait_exit(Duration::from_secs(30)), Some(0));
+        if whole {
+            std::fs::remove_dir_all(&dir).unwrap();
+            std::fs::rename(&old, &dir).unwrap();
+        } else {
+            std::fs::remove_dir_all(dir.join("db")).unwrap();
+            std::fs::rename(old.join("db"), dir.join("db")).unwrap();
+            let _ = std::fs::remove_dir_all(&old);
+        }
+
+        let (edge, log) = EdgeProc::start_on(&dir, &args, "warn");
+        let p = Publisher::new(edge.http);
+        // A member that saw everything, and one that saw only what the copy has: both reset.
+        for since in [6, 2] {
+            let (before, _, e, _) = rejoin(&edge, "show", since, &epoch, 0).await;
+            assert!(
+                matches!(&before[..], [ServerMsg::Reset { epoch: r, .. }] if *r == e),
+                "whole={whole} since={since}: {before:?}"
+            );
+            assert_ne!(e, epoch, "whole={whole}: a new epoch");
+        }
+        let log = log.lock().unwrap().clone();
+        assert!(log.contains("ERROR") && log.contains("new epoch"), "whole={whole}: {log}");
+        let (_, text) = p.get("/metrics").await;
+        let line = format!("roomcast_store_renumbered_total{{reason=\"{reason}\"}} 1");
+        assert!(text.contains(&line), "whole={whole}: no {line}");
+        drop(edge);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

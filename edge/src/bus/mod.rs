@@ -304,6 +304,9 @@ pub enum EngineCmd {
     /// The store made every record batch of this engine up to `token` durable (as the fsync
     /// policy says).
     Durable { token: u64 },
+    /// The store could not write this engine's record batches up to `token` (a full disk):
+    /// their must-deliver messages are refused (what they numbered is written once it can be).
+    StoreFailed { token: u64 },
     /// Redis mode: the room's members over every edge changed (announced on its channel).
     Online { room: RoomName, total: u64 },
     /// Room figures for `GET /v1/rooms/{room}`.
@@ -342,7 +345,7 @@ impl EngineCmd {
             | Self::Online { room, .. }
             | Self::Delete { room, .. }
             | Self::PublishDone { room, .. } => Some(room),
-            Self::Redis { .. } | Self::Durable { .. } | Self::TopRooms { .. } => None,
+            Self::Redis { .. } | Self::Durable { .. } | Self::StoreFailed { .. } | Self::TopRooms { .. } => None,
         }
     }
 }

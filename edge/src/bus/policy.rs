@@ -183,6 +183,23 @@ impl History {
         None
     }
 
+    /// Takes out every message whose seq `gone` picks (messages that never reached a member:
+    /// a refused publish's, or numbered past what the store could reserve); returns them.
+    pub fn remove(&mut self, gone: impl Fn(u64) -> bool) -> Vec<PushMessage> {
+        let mut out = Vec::new();
+        for (q, bytes) in [(&mut self.must, &mut self.must_bytes), (&mut self.droppable, &mut self.droppable_bytes)] {
+            q.retain(|(_, m)| {
+                if gone(m.seq) {
+                    *bytes -= cost(m);
+                    out.push(m.clone());
+                    return false;
+                }
+                true
+            });
+        }
+        out
+    }
+
     /// Every must-deliver message after `since` up to `upto`, and the gap if some are gone.
     pub fn recover(&self, since: u64, upto: u64) -> Recovery {
         let messages = self.must.iter().map(|(_, m)| m).filter(|m| m.seq > since && m.seq <= upto).cloned().collect();

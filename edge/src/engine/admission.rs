@@ -11,6 +11,7 @@ use super::adaptive::visible_rate;
 use super::{Engine, MAX_USERS, Out};
 use crate::bus::policy::Bucket;
 use crate::bus::{Ack, NewMessage, PublishError, Reply, RoomName, ShardCmd};
+use crate::store::StoreHandle;
 
 impl Engine {
     pub(super) fn drop_counted(&self, kind: &str, reason: &str) {
@@ -83,6 +84,14 @@ impl Engine {
         let must_deliver = self.admit(room, &msg, now)?;
         let ts_us = self.wall_us(now);
         let r = self.rooms.get_mut(room).expect("admit creates the room");
+        if self.store.as_ref().is_some_and(StoreHandle::failing) && r.seq + 1 > r.durable_hi(self.store_durable) {
+            // Writes fail, so no reservation can be made durable: a seq past the durable one
+            // could be handed out again after a crash. Refused, not queued without bound
+            // behind a disk that may stay full for hours (must-deliver kinds were refused
+            // before they got here).
+            self.stats.publish_rejected.with_label_values(&["store_unavailable"]).inc();
+            return Err(PublishError::StoreUnavailable);
+        }
         if must_deliver {
             r.bump_rate(now);
         }

@@ -109,9 +109,13 @@ impl Engine {
         }
     }
 
-    /// With a store: a must-deliver message is written, and a seq past the room's reservation
-    /// reserves the next block first. Either makes the room's deliveries and joins wait for
-    /// this turn's batch to be durable.
+    /// With a store: a must-deliver message is written, and the room's reservation of seqs is
+    /// renewed once half of it is used. A must-deliver message, or a seq past the reservation
+    /// the store has made durable, makes the room's deliveries and joins wait for its batch.
+    ///
+    /// Renewing at half (not when the block runs out) keeps the reservation off the delivery
+    /// path (the next one is durable long before it is needed), and leaves every room at least
+    /// half a block to number within when the store starts failing.
     fn store_message(
         &mut self,
         room: &RoomName,
@@ -121,15 +125,21 @@ impl Engine {
         now: Instant,
     ) {
         let token = self.store_sent + 1;
+        let durable = self.store_durable;
         let touched_s = self.wall_us(now) / 1_000_000;
         let Some(r) = self.rooms.get_mut(room) else { return };
-        if pm.seq > r.seq_hi {
+        let renewing = r.reserve_token > durable;
+        if pm.seq > r.seq_hi || (pm.seq + crate::store::SEQ_RESERVE / 2 > r.seq_hi && !renewing) {
+            r.reserved_before = r.durable_hi(durable);
             r.seq_hi = pm.seq + crate::store::SEQ_RESERVE - 1;
+            r.reserve_token = token;
             r.meta_s = touched_s;
             let meta =
                 crate::store::RoomMeta { epoch: r.epoch, seq_hi: r.seq_hi, evicted_upto: r.stored_evicted, touched_s };
             self.store_out.push(crate::store::Record::Meta(room.clone(), meta));
-            r.wait_token = token;
+        }
+        if pm.seq > r.durable_hi(durable) {
+            r.wait_token = r.wait_token.max(r.reserve_token);
         }
         if must_deliver {
             self.store_out.push(match idem {

@@ -61,6 +61,14 @@ impl Keys {
         self.map.iter().find(|(_, a)| a.seq == seq).map(|(k, _)| k.clone())
     }
 
+    /// Forgets the keys of publishes whose seq `gone` picks (they were refused after all: a
+    /// retry with the key is a new publish).
+    pub fn forget(&mut self, gone: impl Fn(u64) -> bool) {
+        self.map.retain(|_, ack| !gone(ack.seq));
+        let map = &self.map;
+        self.order.retain(|(_, k)| map.contains_key(k));
+    }
+
     fn expire(&mut self, now: Instant, ttl: Duration) {
         while let Some((at, _)) = self.order.front() {
             if now.saturating_duration_since(*at) < ttl {

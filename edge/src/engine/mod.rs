@@ -516,6 +516,7 @@ impl Engine {
                 self.remote_up = up;
             }
             EngineCmd::Durable { token } => self.durable(token, now, out),
+            EngineCmd::StoreFailed { token } => self.store_failed(token, now, out),
             EngineCmd::RoomStats { room, reply } => {
                 let _ = reply.send(self.room_stats(&room, now));
             }
@@ -579,6 +580,41 @@ impl Engine {
                 self.answer_join(&room, join, since, now, out);
             }
         }
+    }
+
+    /// The store could not write this engine's batches up to `token` (a full disk): nothing
+    /// waits for them any more. Publishes held for them are refused (503) and their messages
+    /// taken back (the store turns them into deletions); what rooms numbered past their
+    /// durable reservation is shed (a crash could number it again), counted; the rest of their
+    /// batches goes out and their joins are answered. Held until the disk has room, a gift's
+    /// publisher would get no answer and its room would deliver nothing, for hours maybe.
+    fn store_failed(&mut self, token: u64, now: Instant, out: &mut Out) {
+        let durable = self.store_durable;
+        while self.held.front().is_some_and(|(t, ..)| *t <= token) {
+            let (_, reply, room, ack) = self.held.pop_front().expect("peeked");
+            self.stats.publish_rejected.with_label_values(&["store_unavailable"]).inc();
+            if !ack.replayed
+                && let Some(r) = self.rooms.get_mut(&room)
+            {
+                r.take_back(|seq| seq == ack.seq);
+            }
+            self.answer(out, reply, &room, Err(crate::bus::PublishError::StoreUnavailable));
+        }
+        let stats = &self.stats;
+        for r in self.rooms.values_mut() {
+            if r.wait_token <= durable || r.wait_token > token {
+                continue;
+            }
+            let hi = r.durable_hi(durable);
+            for kind in r.take_back(|seq| seq > hi) {
+                stats.messages_dropped.with_label_values(&[kind.as_str(), "store_unavailable"]).inc();
+            }
+            r.wait_token = durable;
+            if r.pending.is_empty() {
+                r.flushed_seq = r.seq;
+            }
+        }
+        self.durable(durable, now, out);
     }
 
     /// Whether `room` has records the store has not made durable yet (its deliveries and joins

@@ -146,6 +146,10 @@ pub struct Room {
     /// batch this room's latest records went in: its batches are not delivered, nor its joins
     /// answered, before that batch is durable.
     pub seq_hi: u64,
+    /// The store batch that carries the reservation `seq_hi`, and the reservation known
+    /// durable before it (see `durable_hi`).
+    pub reserve_token: u64,
+    pub reserved_before: u64,
     pub stored_evicted: u64,
     /// When (Unix seconds) the room's record was last written.
     pub meta_s: u64,
@@ -199,6 +203,8 @@ impl Room {
             parked: Vec::new(),
             members: 0,
             seq_hi: 0,
+            reserve_token: 0,
+            reserved_before: 0,
             stored_evicted: 0,
             meta_s: 0,
             wait_token: 0,
@@ -213,6 +219,41 @@ impl Room {
             presence_due: None,
             latest: Vec::new(),
         }
+    }
+
+    /// The highest seq a durable reservation covers, the store having made its batches up to
+    /// `store_durable` durable: no seq above it may reach a member (a crash could number it
+    /// again).
+    pub fn durable_hi(&self, store_durable: u64) -> u64 {
+        if self.reserve_token <= store_durable { self.seq_hi } else { self.reserved_before }
+    }
+
+    /// Takes back every message whose seq `gone` picks that has not reached a member: out of
+    /// the pending batch, history, latest state and idempotency keys. Returns the kinds of
+    /// those taken from the pending batch or history.
+    pub fn take_back(&mut self, gone: impl Fn(u64) -> bool) -> Vec<String> {
+        let mut taken = BTreeMap::new();
+        self.pending.retain(|p| {
+            if gone(p.msg.seq) {
+                self.pending_bytes =
+                    self.pending_bytes.saturating_sub(p.msg.body.len() + p.msg.kind.len() + p.msg.user.len() + 32);
+                taken.insert(p.msg.seq, p.msg.kind.clone());
+                return false;
+            }
+            true
+        });
+        if self.pending.is_empty() {
+            self.opened = None;
+        }
+        if !self.pending.iter().any(|p| p.must_deliver) {
+            self.must_opened = None;
+        }
+        for m in self.history.remove(&gone) {
+            taken.entry(m.seq).or_insert(m.kind);
+        }
+        self.latest.retain(|l| !gone(l.msg.seq));
+        self.idem.forget(&gone);
+        taken.into_values().collect()
     }
 
     /// The online count members see: the total over every edge in Redis mode (once announced),

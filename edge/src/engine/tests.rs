@@ -52,6 +52,16 @@ impl H {
         self
     }
 
+    fn with_store(mut self, store: crate::store::StoreHandle) -> Self {
+        self.e = self.e.with_store(store);
+        self
+    }
+
+    /// One turn of the host's loop: due flushes, then this turn's records to the store.
+    fn turn(&mut self) {
+        self.e.poll(self.now, &mut self.out);
+    }
+
     /// The next command the engine sent to shard 0.
     pub(super) fn recv(&mut self) -> Result<ShardCmd, ()> {
         self.inbox.extend(self.out.shard[0].drain(..));
@@ -1273,4 +1283,142 @@ fn a_tombstone_from_the_bus_deletes_in_place_here_too() {
         ]
     );
     assert_eq!(bus.rooms[&room].history.get(1).map(|m| (m.ts_us, m.user.as_str())), Some((10, "")));
+}
+
+/// An engine on a store it answers for by hand (`Detached`): fast rooms, no sampling.
+fn stored(name: &str) -> (H, crate::store::Detached) {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 0;
+    cfg.presence.interval_ms = 0;
+    cfg.adaptive.enabled = false;
+    cfg.limits.room_rate = 1e9;
+    cfg.limits.room_burst = 1e9;
+    let (h, store) = crate::store::Detached::new(name);
+    (H::new(&cfg, 1).with_store(h), store)
+}
+
+/// Seqs delivered to shard 0 since the last look.
+fn delivered(bus: &mut H) -> Vec<u64> {
+    bus.drain()
+        .iter()
+        .filter_map(|c| match c {
+            ShardCmd::Deliver(d) => Some(seqs(&decode(d.frames[0].as_ref().unwrap()))),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn gift_publish(bus: &mut H, room: &RoomName, n: u32) -> tokio::sync::oneshot::Receiver<Result<Ack, PublishError>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    bus.handle(EngineCmd::Publish {
+        room: room.clone(),
+        msg: Box::new(msg("gift", n)),
+        reply: crate::bus::Reply::Http(tx),
+    });
+    rx
+}
+
+/// A store write that fails (a full disk) refuses the gifts it carried, 503, and takes them
+/// back, instead of holding their publishers and their room (chat included) for as long as the
+/// disk stays full; the room's other messages go out; while writes fail gifts are refused
+/// before they are numbered and chat within the room's durable reservation flows.
+#[test]
+fn a_failed_store_write_refuses_its_gifts_and_the_room_goes_on() {
+    let (mut bus, store) = stored("failed-write");
+    let room: RoomName = "r".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    ack(&mut bus);
+    bus.publish(room.clone(), msg("chat", 1)).unwrap();
+    bus.turn();
+    assert!(delivered(&mut bus).is_empty(), "the room's first reservation is not durable yet");
+    let sent = store.sent();
+    assert!(matches!(&sent[..], [(1, r)] if matches!(&r[..], [crate::store::Record::Meta(_, m)] if m.seq_hi == 1024)));
+    bus.handle(EngineCmd::Durable { token: 1 });
+    assert_eq!(delivered(&mut bus), vec![1]);
+
+    let mut held = gift_publish(&mut bus, &room, 2);
+    assert_eq!(bus.publish(room.clone(), msg("chat", 3)).unwrap().1.seq, 3);
+    bus.turn();
+    assert!(held.try_recv().is_err(), "held until stored");
+    assert!(delivered(&mut bus).is_empty(), "behind the gift");
+    store.set_failing(true);
+    bus.handle(EngineCmd::StoreFailed { token: 2 });
+    assert!(matches!(held.try_recv(), Ok(Err(PublishError::StoreUnavailable))));
+    assert_eq!(delivered(&mut bus), vec![3], "the room goes on without the refused gift");
+    join(&mut bus, &room, Subprotocol::Json, Some(0));
+    let a = ack(&mut bus);
+    assert!(a.replay.is_empty(), "the refused gift is not in history: {:?}", a.replay.len());
+    assert_eq!(bus.stats.publish_rejected.with_label_values(&["store_unavailable"]).get(), 1);
+
+    let mut refused = gift_publish(&mut bus, &room, 4);
+    assert!(matches!(refused.try_recv(), Ok(Err(PublishError::StoreUnavailable))), "refused before numbering");
+    assert_eq!(bus.publish(room.clone(), msg("chat", 5)).unwrap().1.seq, 4);
+    bus.turn();
+    assert_eq!(delivered(&mut bus), vec![4], "chat within the durable reservation flows");
+}
+
+/// Reservations are renewed at half a block, so deliveries never wait for one once a room
+/// runs; while writes fail, a room numbers up to its durable reservation and refuses (503)
+/// past it, never queueing; once the kept reservation is written, it numbers on.
+#[test]
+fn while_writes_fail_rooms_number_only_within_their_durable_reservation() {
+    let (mut bus, store) = stored("reserve");
+    let room: RoomName = "r".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    ack(&mut bus);
+    bus.publish(room.clone(), msg("chat", 1)).unwrap();
+    bus.turn();
+    bus.handle(EngineCmd::Durable { token: 1 });
+    let _ = store.sent();
+    for n in 2..=512 {
+        bus.publish(room.clone(), msg("chat", n)).unwrap();
+    }
+    bus.turn();
+    assert!(store.sent().is_empty(), "no record before half the block is used");
+    assert_eq!(delivered(&mut bus).len(), 512);
+    bus.publish(room.clone(), msg("chat", 513)).unwrap();
+    bus.turn();
+    let sent = store.sent();
+    let renewal = sent[0].0;
+    assert!(matches!(&sent[0].1[..], [crate::store::Record::Meta(_, m)] if m.seq_hi == 513 + 1023), "{sent:?}");
+    assert_eq!(delivered(&mut bus), vec![513], "delivered without waiting for the renewal");
+
+    store.set_failing(true);
+    bus.handle(EngineCmd::StoreFailed { token: renewal });
+    for n in 514..=1024 {
+        bus.publish(room.clone(), msg("chat", n)).unwrap();
+    }
+    assert!(matches!(bus.publish(room.clone(), msg("chat", 1025)), Err(PublishError::StoreUnavailable)));
+    bus.turn();
+    assert_eq!(delivered(&mut bus).last(), Some(&1024));
+    assert_eq!(bus.rooms[&room].pending.len(), 0, "nothing queued behind the disk");
+
+    // The store writes again, the kept renewal first.
+    store.set_failing(false);
+    bus.handle(EngineCmd::Durable { token: renewal });
+    assert_eq!(bus.publish(room.clone(), msg("chat", 1025)).unwrap().1.seq, 1025);
+    bus.turn();
+    assert_eq!(delivered(&mut bus), vec![1025]);
+}
+
+/// A new room whose first reservation was in the failed batch: what it numbered is shed
+/// (counted) and the joins that waited are answered, instead of waiting for the disk.
+#[test]
+fn a_room_whose_first_reservation_failed_sheds_and_answers_its_joins() {
+    let (mut bus, store) = stored("first");
+    let room: RoomName = "r".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    ack(&mut bus);
+    bus.publish(room.clone(), msg("chat", 1)).unwrap();
+    bus.turn();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    assert!(bus.drain().is_empty(), "the join waits for the room's first reservation");
+    store.set_failing(true);
+    bus.handle(EngineCmd::StoreFailed { token: 1 });
+    let a = ack(&mut bus);
+    assert!(a.replay.is_empty());
+    assert!(delivered(&mut bus).is_empty(), "seq 1 was never reserved on disk: shed, not delivered");
+    assert_eq!(bus.stats.messages_dropped.with_label_values(&["chat", "store_unavailable"]).get(), 1);
+    assert!(matches!(bus.publish(room.clone(), msg("chat", 2)), Err(PublishError::StoreUnavailable)));
 }

@@ -1,6 +1,9 @@
 //! The store's database: fjall (an LSM tree with a checksummed journal), two keyspaces.
 //!
-//! - `meta`: room name -> epoch, seq_hi, evicted_upto, touched_s (four little-endian u64).
+//! - `meta`: room name -> epoch, seq_hi, evicted_upto, touched_s (four little-endian u64);
+//!   and `BATCHES_KEY` (0x00 first: no room name holds it) -> how many record batches the
+//!   store has committed (u64 LE), written with each batch: what `RUN`'s high-water mark is
+//!   compared with on open.
 //! - `msgs`: room name, 0x00, seq (big-endian u64) -> ts_us (u64), kind, user (u16-length
 //!   prefixed), body. Room names never hold 0x00, so a room's messages are one key range in
 //!   seq order.
@@ -40,11 +43,16 @@ pub struct Db {
     meta: Keyspace,
     msgs: Keyspace,
     bans: Keyspace,
+    /// Record batches committed (the value under `BATCHES_KEY`, as of the last commit).
+    batches: std::sync::atomic::AtomicU64,
     /// Held for the process's life: one edge per directory.
     _lock: File,
     /// Where the sweep's walk over the rooms resumes.
     cursor: std::sync::Mutex<Vec<u8>>,
 }
+
+/// The key of the committed-batch count in `meta` (room names never hold 0x00).
+const BATCHES_KEY: &[u8] = b"\0batches";
 
 /// Rooms the retention sweep visits per call (it runs every few seconds; a walk over very many
 /// rooms is spread over several calls).
@@ -81,13 +89,27 @@ impl Db {
         if torn > 0 {
             tracing::warn!(
                 dropped_bytes = torn,
-                "store: a torn write at the journal's tail (a crash during a write) was detected and cut off; every batch before it is kept"
+                "store: a torn write at the journal's tail (a crash, or a write that failed, such as on a full disk) was detected and cut off; every batch before it is kept"
             );
         }
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let msgs = db.keyspace("msgs", KeyspaceCreateOptions::default)?;
         let bans = db.keyspace("bans", KeyspaceCreateOptions::default)?;
-        Ok(Self { db, meta, msgs, bans, _lock: lock, cursor: std::sync::Mutex::new(Vec::new()) })
+        let batches = meta.get(BATCHES_KEY)?.and_then(|v| Some(u64::from_le_bytes(v.get(..8)?.try_into().ok()?)));
+        Ok(Self {
+            db,
+            meta,
+            msgs,
+            bans,
+            batches: std::sync::atomic::AtomicU64::new(batches.unwrap_or(0)),
+            _lock: lock,
+            cursor: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Record batches committed so far (over the store's life: what it holds).
+    pub fn batches(&self) -> u64 {
+        self.batches.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn disk_bytes(&self) -> u64 {
@@ -134,9 +156,14 @@ impl Db {
                 Record::KeyedMsg(room, msg, key) => {
                     batch.insert(&self.msgs, msg_key(room, msg.seq), encode_msg(msg, Some(key)));
                 }
+                Record::Forget(room, seq) => batch.remove(&self.msgs, msg_key(room, *seq)),
             }
         }
+        // Only the store thread writes: no other commit comes between the read and the store.
+        let n = self.batches() + 1;
+        batch.insert(&self.meta, BATCHES_KEY, n.to_le_bytes());
         batch.commit()?;
+        self.batches.store(n, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -234,6 +261,9 @@ impl Db {
                 next = room.to_vec();
                 break;
             }
+            if room.first() == Some(&0) {
+                continue;
+            }
             let Some(mut m) = decode_meta(&v) else { continue };
             let name = String::from_utf8_lossy(&room).into_owned();
             if m.touched_s < untouched_s {
@@ -272,7 +302,7 @@ impl Db {
 
 /// Each journal file under `path` and where its written bytes end (past the last non-zero
 /// byte: journals are preallocated with zeros).
-fn journal_data_ends(path: &Path) -> Vec<(PathBuf, u64)> {
+pub(super) fn journal_data_ends(path: &Path) -> Vec<(PathBuf, u64)> {
     fn data_end(file: &Path) -> std::io::Result<u64> {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = File::open(file)?;

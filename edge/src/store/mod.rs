@@ -31,9 +31,9 @@ use crate::config::{Fsync, StoreConfig};
 
 pub use db::{Db, DbError};
 
-/// Seqs reserved at a time: the store is written once per this many messages of a room (beyond
-/// its must-deliver messages, which are written one by one), and a crash skips at most this
-/// many numbers.
+/// Seqs reserved at a time: the store is written once per half to a whole block of a room's
+/// messages (beyond its must-deliver messages, which are written one by one: a reservation is
+/// renewed once half of it is used), and a crash skips at most this many numbers.
 pub const SEQ_RESERVE: u64 = 1024;
 
 /// A room's numbering as stored.
@@ -70,10 +70,69 @@ pub enum Record {
     /// A must-deliver message published with an idempotency key (kept with it, so that a
     /// retry after a restart is still recognised).
     KeyedMsg(RoomName, PushMessage, Box<str>),
+    /// A must-deliver message whose write failed and whose publish was refused: gone, also if
+    /// the failed write did reach the journal whole.
+    Forget(RoomName, u64),
 }
 
 /// How long writes keep failing before the store is reopened (and then between reopens).
 const REOPEN_AFTER: Duration = Duration::from_secs(2);
+
+/// How often, at most, `RUN`'s high-water mark of durable batches is brought up to date (a
+/// small file written and fsynced: never per batch).
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Why the rooms on disk cannot be trusted to hold everything that was acknowledged, so that
+/// every room read back takes a new epoch (clients are reset instead of recovering a history
+/// with silent holes, or seqs that meant other messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Distrust {
+    /// The last run did not stop cleanly under a policy that acknowledges before fsync, and
+    /// the machine restarted since (the page cache is gone).
+    Reboot,
+    /// The database holds fewer record batches than `RUN` recorded as durable: a journal cut
+    /// after its fsync (a disk or a virtual disk that lied about it), or database files put
+    /// back from an older copy.
+    Rollback { found: u64, mark: u64 },
+    /// `RUN` is not the file the last run wrote (another inode or birth time): the data
+    /// directory was copied, or restored from a copy or a backup, which may be older.
+    Copied,
+    /// `RUN` is missing while the database holds record batches: nothing vouches for it.
+    Unmarked { found: u64 },
+}
+
+impl Distrust {
+    /// The label of `roomcast_store_renumbered_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Reboot => "reboot",
+            Self::Rollback { .. } => "rollback",
+            Self::Copied => "copied",
+            Self::Unmarked { .. } => "unmarked",
+        }
+    }
+}
+
+impl std::fmt::Display for Distrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reboot => f.write_str(
+                "the last run did not stop cleanly and the machine restarted since, under a policy that acknowledges before fsync: acknowledged gifts may be lost",
+            ),
+            Self::Rollback { found, mark } => write!(
+                f,
+                "the database holds {found} record batches but {mark} were durable before (RUN's mark): it came back with less than it acknowledged (a journal cut after fsync, or database files restored from an older copy)",
+            ),
+            Self::Copied => f.write_str(
+                "RUN is not the file the last run wrote (another inode or birth time): the data directory was copied or restored from a copy, which may be older than what clients were given",
+            ),
+            Self::Unmarked { found } => write!(
+                f,
+                "RUN is missing but the database holds {found} record batches: nothing vouches that it is the latest state",
+            ),
+        }
+    }
+}
 
 /// What an engine sends at the end of a turn.
 struct Batch {
@@ -94,55 +153,149 @@ pub struct Store {
     failed: AtomicBool,
     bytes: AtomicU64,
     gauge: std::sync::OnceLock<prometheus::IntGauge>,
-    /// What is on disk may lack acknowledged messages (see `unclean_after_reboot`): rooms last
+    /// What is on disk may lack acknowledged messages (see `Distrust`): rooms last
     /// written before this second get a new epoch when read back. Kept in `RUN` until then:
     /// a room nobody loads in the first run after the reboot must still be renumbered in a
     /// later one.
     renumber_before: Option<u64>,
+    /// Why this run renumbers the rooms it reads back, when it was found at open.
+    distrust: Option<Distrust>,
     last_compact: std::sync::Mutex<Option<Instant>>,
     dir: std::path::PathBuf,
 }
 
-/// The run marker (`data_dir/RUN`): the boot this store was last opened in, the fsync policy,
-/// and whether that run stopped cleanly. A run that did not stop cleanly, under a policy that
-/// acknowledges before fsync, followed by a reboot (a power cut or a kernel crash: the page
-/// cache is gone), may have lost acknowledged messages; after a mere process crash the kernel
-/// still had everything. Returns whether that happened, and marks this run as running.
+/// The run marker, `data_dir/RUN`, a few `key=value` lines outside the database:
 ///
-/// Returns the second before which rooms on disk must be renumbered: now after such a stop,
-/// else what an earlier run recorded (carried on in `RUN`: renumbering is lazy, per room as it
-/// is read, and a room not read in the first run after the reboot still needs it), else None.
-fn unclean_after_reboot(dir: &Path, fsync: Fsync, opened_s: u64) -> Result<(bool, Option<u64>), DbError> {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned();
-    let path = dir.join("RUN");
-    let prev = std::fs::read_to_string(&path).unwrap_or_default();
-    let field = |k: &str| prev.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("").to_owned();
-    let lossy = field("fsync=") != "always" && !prev.is_empty();
-    let unsafe_stop = !prev.is_empty() && field("clean=") != "1" && field("boot=") != boot && lossy;
-    let carried = field("renumber_before=").parse::<u64>().ok();
-    let before = if unsafe_stop { Some(opened_s) } else { carried };
-    write_run(&path, &boot, fsync, false, before)?;
-    Ok((unsafe_stop, before))
+/// - `boot`, `fsync`, `clean`: the boot this store was last opened in, the fsync policy, and
+///   whether that run stopped cleanly. A run that did not stop cleanly, under a policy that
+///   acknowledges before fsync, followed by a reboot (a power cut or a kernel crash: the page
+///   cache is gone), may have lost acknowledged messages; after a mere process crash the kernel
+///   still had everything.
+/// - `batches`: a high-water mark, record batches known durable (fsynced) when it was written:
+///   at open, at most every `MARK_EVERY` while batches are made durable, and at a clean stop.
+///   The database counts its batches (`Db::batches`); holding fewer than the mark means it
+///   lost batches that were durable.
+/// - `file`: the inode and birth time of `RUN` itself, as written (each write is a new file
+///   renamed into place). A `RUN` whose own identity differs was not written here: the
+///   directory is a copy, or was restored from one, and copies can be older than what clients
+///   hold; restoring in place over the current file leaves the old text with the new file's
+///   identity, which differs too.
+/// - `renumber_before`: rooms last written before this second take a new epoch when read back
+///   (renumbering is lazy, per room as it is read, so it is carried on until every such room
+///   was read or forgotten).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RunMarker {
+    boot: String,
+    fsync: String,
+    clean: bool,
+    batches: Option<u64>,
+    file: Option<String>,
+    renumber_before: Option<u64>,
 }
 
-fn write_run(path: &Path, boot: &str, fsync: Fsync, clean: bool, renumber_before: Option<u64>) -> Result<(), DbError> {
-    let policy = match fsync {
+impl RunMarker {
+    fn parse(text: &str) -> Self {
+        let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(str::to_owned);
+        Self {
+            boot: field("boot=").unwrap_or_default(),
+            fsync: field("fsync=").unwrap_or_default(),
+            clean: field("clean=").as_deref() == Some("1"),
+            batches: field("batches=").and_then(|v| v.parse().ok()),
+            file: field("file="),
+            renumber_before: field("renumber_before=").and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// Writes it to `path` atomically (a new file, fsynced, renamed into place), with the new
+    /// file's own identity in `file`.
+    fn write(&self, path: &Path) -> Result<(), DbError> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            let file = identity(&f.metadata()?);
+            write!(f, "boot={}\nfsync={}\nclean={}\nfile={file}\n", self.boot, self.fsync, u8::from(self.clean))?;
+            if let Some(b) = self.batches {
+                writeln!(f, "batches={b}")?;
+            }
+            if let Some(b) = self.renumber_before {
+                writeln!(f, "renumber_before={b}")?;
+            }
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
+
+/// A file's identity: its inode, and its birth time where the filesystem keeps one
+/// (`ino:btime_ns`, or `ino:-`). A copy gets a new one, whatever tool made it.
+fn identity(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match m.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+        Some(b) => format!("{}:{}", m.ino(), b.as_nanos()),
+        None => format!("{}:-", m.ino()),
+    }
+}
+
+/// Whether `found` (the file as it is) is the file `recorded` names. Birth times are compared
+/// where both sides have one (inode numbers are reused: a directory deleted and copied back
+/// can get the same ones); without, the inode alone.
+fn same_file(recorded: &str, found: &str) -> bool {
+    let split = |s: &str| s.split_once(':').map(|(i, b)| (i.to_owned(), (b != "-").then(|| b.to_owned())));
+    match (split(recorded), split(found)) {
+        (Some((ri, Some(rb))), Some((fi, Some(fb)))) => ri == fi && rb == fb,
+        (Some((ri, _)), Some((fi, _))) => ri == fi,
+        _ => false,
+    }
+}
+
+fn policy_name(fsync: Fsync) -> String {
+    match fsync {
         Fsync::Always => "always".to_owned(),
         Fsync::Never => "never".to_owned(),
         Fsync::IntervalMs(ms) => ms.to_string(),
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "boot={boot}\nfsync={policy}\nclean={}", u8::from(clean))?;
-        if let Some(b) = renumber_before {
-            writeln!(f, "renumber_before={b}")?;
-        }
-        f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned()
+}
+
+/// Reads the last run's marker and decides whether the rooms on disk can be trusted (see
+/// `Distrust`); `found`: the record batches the database holds now, made durable before this
+/// is called. Marks this run as running, with `found` as its first high-water mark.
+///
+/// Returns why not, if not, and the second before which rooms on disk must be renumbered:
+/// `opened_s` when distrusted now, else what an earlier run recorded, else None.
+fn check_run(dir: &Path, fsync: Fsync, opened_s: u64, found: u64) -> Result<(Option<Distrust>, Option<u64>), DbError> {
+    let path = dir.join("RUN");
+    let text = std::fs::read_to_string(&path).ok().filter(|t| !t.trim().is_empty());
+    let prev = RunMarker::parse(text.as_deref().unwrap_or(""));
+    let boot = boot_id();
+    let distrust = match &text {
+        // A store made before the database counted its batches has none, and no mark either.
+        None if found > 0 => Some(Distrust::Unmarked { found }),
+        None => None,
+        Some(_) => {
+            let lossy = prev.fsync != "always";
+            let here = std::fs::metadata(&path).map(|m| identity(&m)).unwrap_or_default();
+            if prev.file.as_deref().is_some_and(|f| !same_file(f, &here)) {
+                Some(Distrust::Copied)
+            } else if let Some(mark) = prev.batches.filter(|&m| m > found) {
+                Some(Distrust::Rollback { found, mark })
+            } else if !prev.clean && prev.boot != boot && lossy {
+                Some(Distrust::Reboot)
+            } else {
+                None
+            }
+        }
+    };
+    let renumber_before = if distrust.is_some() { Some(opened_s) } else { prev.renumber_before };
+    let now =
+        RunMarker { boot, fsync: policy_name(fsync), clean: false, batches: Some(found), file: None, renumber_before };
+    now.write(&path)?;
+    Ok((distrust, renumber_before))
 }
 
 impl Store {
@@ -154,11 +307,19 @@ impl Store {
         // Everything up to the end of this second counts as the last run's (a room this run
         // writes in its first second and reloads at once would only be reset twice).
         let opened_s = crate::bus::now_us() / 1_000_000 + 1;
-        let (renumber, renumber_before) = unclean_after_reboot(dir, cfg.fsync, opened_s)?;
-        if renumber {
-            tracing::warn!(
-                "store: the last run did not stop cleanly and the machine restarted since, under a policy that acknowledges before fsync: acknowledged gifts may be lost, so every room starts a new epoch (clients are told with reset); numbering continues above every seq handed out"
-            );
+        // What a process crash left in the page cache is made durable before it is marked so.
+        db.sync()?;
+        let (distrust, renumber_before) = check_run(dir, cfg.fsync, opened_s, db.batches())?;
+        match &distrust {
+            Some(Distrust::Reboot) => tracing::warn!(
+                "store: {}, so every room starts a new epoch (clients are told with reset); numbering continues above every seq on disk",
+                Distrust::Reboot
+            ),
+            Some(d) => tracing::error!(
+                reason = d.label(),
+                "store: {d}; every room starts a new epoch (clients are told with reset), numbering continues above every seq on disk"
+            ),
+            None => {}
         }
         let bytes = db.disk_bytes();
         let s = Arc::new(Self {
@@ -169,11 +330,18 @@ impl Store {
             bytes: AtomicU64::new(bytes),
             gauge: std::sync::OnceLock::new(),
             renumber_before,
+            distrust,
             last_compact: std::sync::Mutex::new(None),
             dir: dir.to_owned(),
         });
         s.check_full();
         Ok(s)
+    }
+
+    /// Why every room read back in this run takes a new epoch, if that was decided at open
+    /// (counted in `roomcast_store_renumbered_total`).
+    pub fn distrust(&self) -> Option<&Distrust> {
+        self.distrust.as_ref()
     }
 
     /// For `/healthz`: "ok", "full" (at `store.max_bytes`: must-deliver publishes get 507) or
@@ -258,6 +426,18 @@ impl Store {
         self.with_db(|db| db.bans(now_ms))
     }
 
+    /// This run's marker: `batches` known durable, and whether it stopped cleanly.
+    fn marker(&self, clean: bool, batches: u64) -> RunMarker {
+        RunMarker {
+            boot: boot_id(),
+            fsync: policy_name(self.cfg.fsync),
+            clean,
+            batches: Some(batches),
+            file: None,
+            renumber_before: self.renumber_before,
+        }
+    }
+
     /// Bytes the store uses on disk (sampled after each commit and sweep).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
@@ -294,12 +474,17 @@ impl Store {
     fn run(&self, rx: &Receiver<Batch>, engines: &[Mailbox], progress: &Progress, max_age: Duration) {
         let mut durable = vec![0u64; engines.len()];
         let mut written = vec![0u64; engines.len()];
+        // The highest token of each engine whose batch failed, and of those it was told about.
+        let (mut failed, mut told) = (vec![0u64; engines.len()], vec![0u64; engines.len()]);
         let mut last_sync = Instant::now();
         let mut dirty = false;
         let mut last_sweep = Instant::now();
         let (mut wrote, mut last_check) = (false, Instant::now());
         let mut pending: Vec<Batch> = Vec::new();
         let (mut failed_since, mut last_reopen): (Option<Instant>, Option<Instant>) = (None, None);
+        // RUN's high-water mark: batches known durable, and what RUN says now.
+        let mut synced = self.with_db(|db| Ok(db.batches())).unwrap_or(0);
+        let (mut marked, mut last_mark, mut mark_ok) = (synced, Instant::now(), true);
         loop {
             let wait = match self.cfg.fsync {
                 Fsync::IntervalMs(ms) if dirty => Duration::from_millis(ms).saturating_sub(last_sync.elapsed()),
@@ -317,12 +502,12 @@ impl Store {
             if !pending.is_empty() {
                 let records: Vec<&Record> = pending.iter().flat_map(|b| b.records.iter()).collect();
                 // A room's numbering (its seq reservation, its epoch) is fsynced whatever the
-                // policy: it is written once per 1,024 seqs, and a reservation lost to a power
-                // cut would let the numbering restart below seqs clients already hold.
+                // policy: a reservation lost to a power cut would let the numbering restart
+                // below seqs clients already hold.
                 let numbering = records.iter().any(|r| matches!(r, Record::Meta(..)));
                 let sync_now = matches!(self.cfg.fsync, Fsync::Always) || closed || numbering;
-                match self.with_db(|db| db.write(&records, sync_now)) {
-                    Ok(()) => {
+                match self.with_db(|db| db.write(&records, sync_now).map(|()| db.batches())) {
+                    Ok(batches) => {
                         if self.failed.swap(false, Ordering::Relaxed) {
                             tracing::info!("store writes again");
                             failed_since = None;
@@ -335,12 +520,33 @@ impl Store {
                         dirty = !sync_now;
                         if sync_now {
                             last_sync = Instant::now();
+                            synced = batches;
                         }
                     }
                     Err(e) => {
                         if !self.failed.swap(true, Ordering::Relaxed) {
                             tracing::error!(error = %e, "store write failed: must-deliver publishes are refused until it works again");
                             failed_since = Some(Instant::now());
+                        }
+                        // What the batches numbered stays to be written (a room's numbering
+                        // must reach the disk before it goes further); their must-deliver
+                        // messages are refused now, not held for as long as the disk is full
+                        // (their rooms' deliveries and joins wait for them): each becomes a
+                        // deletion, in case the failed write did reach the journal whole.
+                        for b in &mut pending {
+                            for r in &mut b.records {
+                                if let Record::Msg(room, m) | Record::KeyedMsg(room, m, _) = r {
+                                    *r = Record::Forget(room.clone(), m.seq);
+                                }
+                            }
+                            let e = usize::from(b.engine);
+                            failed[e] = failed[e].max(b.token);
+                        }
+                        for (e, mb) in engines.iter().enumerate() {
+                            if failed[e] > told[e] {
+                                told[e] = failed[e];
+                                mb.send_blocking(Mail::Engine(EngineCmd::StoreFailed { token: failed[e] }));
+                            }
                         }
                         // Keep the batches and try again shortly; every few seconds from a
                         // fresh open (after one failed persist fjall refuses every write).
@@ -365,11 +571,27 @@ impl Store {
                 && dirty
                 && last_sync.elapsed() >= Duration::from_millis(ms)
             {
-                if let Err(e) = self.with_db(Db::sync) {
-                    tracing::error!(error = %e, "store fsync failed");
-                } else {
-                    dirty = false;
-                    last_sync = Instant::now();
+                match self.with_db(|db| db.sync().map(|()| db.batches())) {
+                    Err(e) => tracing::error!(error = %e, "store fsync failed"),
+                    Ok(batches) => {
+                        dirty = false;
+                        last_sync = Instant::now();
+                        synced = batches;
+                    }
+                }
+            }
+            if synced > marked && last_mark.elapsed() >= MARK_EVERY && !closed {
+                last_mark = Instant::now();
+                match self.marker(false, synced).write(&self.dir.join("RUN")) {
+                    Ok(()) => {
+                        marked = synced;
+                        mark_ok = true;
+                    }
+                    Err(e) if mark_ok => {
+                        mark_ok = false;
+                        tracing::warn!(error = %e, "store: cannot bring RUN's mark of durable batches up to date");
+                    }
+                    Err(_) => {}
                 }
             }
             // Written counts as durable for `interval` and `never` (a process crash loses
@@ -401,14 +623,12 @@ impl Store {
                 self.check_full();
             }
             if closed {
-                if let Err(e) = self.with_db(Db::sync) {
-                    tracing::error!(error = %e, "store fsync at stop failed");
-                } else {
-                    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-                    if let Err(e) =
-                        write_run(&self.dir.join("RUN"), boot.trim(), self.cfg.fsync, true, self.renumber_before)
-                    {
-                        tracing::warn!(error = %e, "store: cannot mark the clean stop");
+                match self.with_db(|db| db.sync().map(|()| db.batches())) {
+                    Err(e) => tracing::error!(error = %e, "store fsync at stop failed"),
+                    Ok(batches) => {
+                        if let Err(e) = self.marker(true, batches).write(&self.dir.join("RUN")) {
+                            tracing::warn!(error = %e, "store: cannot mark the clean stop");
+                        }
                     }
                 }
                 tracing::info!(bytes = self.disk_bytes_now(), "store closed");
@@ -440,8 +660,8 @@ impl StoreHandle {
         self.store.with_db(|db| db.load(room))
     }
 
-    /// Rooms last written before this second must take a new epoch when read back (the last
-    /// run may have lost acknowledged messages: see `unclean_after_reboot`); None: no need.
+    /// Rooms last written before this second must take a new epoch when read back (the disk
+    /// may lack acknowledged messages: see `Distrust`); None: no need.
     pub fn renumber_before(&self) -> Option<u64> {
         self.store.renumber_before
     }
@@ -472,6 +692,12 @@ impl StoreHandle {
         }
     }
 
+    /// Whether writes fail now (nothing can be made durable: rooms number no further than
+    /// their durable reservation, see `Engine::publish`).
+    pub fn failing(&self) -> bool {
+        self.store.failed.load(Ordering::Relaxed)
+    }
+
     /// Why must-deliver publishes are refused now, if they are.
     pub fn refusal(&self) -> Option<crate::bus::PublishError> {
         if self.store.failed.load(Ordering::Relaxed) {
@@ -481,5 +707,163 @@ impl StoreHandle {
         } else {
             None
         }
+    }
+}
+
+/// A store without its thread, for the engine's tests: they read what the engine sends and
+/// answer for the store themselves (`EngineCmd::Durable`, `EngineCmd::StoreFailed`).
+#[cfg(test)]
+pub(crate) struct Detached {
+    pub store: Arc<Store>,
+    rx: Receiver<Batch>,
+}
+
+#[cfg(test)]
+impl Detached {
+    /// A store in a fresh directory under `name`, and one engine's handle on it.
+    pub(crate) fn new(name: &str) -> (StoreHandle, Self) {
+        let dir = std::env::temp_dir().join(format!(
+            "roomcast-detached-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir, &StoreConfig::default()).expect("store");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let progress = Arc::new(Progress {
+            durable: vec![AtomicU64::new(0)].into_boxed_slice(),
+            lock: std::sync::Mutex::new(()),
+            cond: std::sync::Condvar::new(),
+        });
+        let h = StoreHandle { store: store.clone(), tx, engine: 0, progress };
+        (h, Self { store, rx })
+    }
+
+    /// The batches sent so far: (token, records).
+    pub(crate) fn sent(&self) -> Vec<(u64, Vec<Record>)> {
+        self.rx.try_iter().map(|b| (b.token, b.records)).collect()
+    }
+
+    /// Writes fail (or work again), as the store thread would say.
+    pub(crate) fn set_failing(&self, on: bool) {
+        self.store.failed.store(on, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.store.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "roomcast-store-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn gift(room: &str, seq: u64) -> Record {
+        let m = PushMessage { seq, ts_us: seq, kind: "gift".into(), user: "u".into(), body: "{}".into() };
+        Record::Msg(RoomName::from(room), m)
+    }
+
+    #[test]
+    fn the_marker_round_trips_and_names_its_own_file() {
+        let dir = tempdir("marker");
+        let path = dir.join("RUN");
+        let m = RunMarker {
+            boot: "b".into(),
+            fsync: "always".into(),
+            clean: true,
+            batches: Some(42),
+            file: None,
+            renumber_before: Some(7),
+        };
+        m.write(&path).unwrap();
+        let back = RunMarker::parse(&std::fs::read_to_string(&path).unwrap());
+        let here = identity(&std::fs::metadata(&path).unwrap());
+        assert_eq!(back, RunMarker { file: Some(here.clone()), ..m });
+        assert!(same_file(back.file.as_deref().unwrap(), &here));
+        // Birth times decide where both have one; the inode alone where either lacks it.
+        assert!(!same_file("12:100", "12:200"));
+        assert!(same_file("12:-", "12:200") && !same_file("12:-", "13:-"));
+        assert!(!same_file("", &here));
+    }
+
+    /// The decisions at open, one by one: a store that stopped cleanly is trusted; one with
+    /// fewer batches than RUN's mark, a RUN that is a copy (a new file, or the old text
+    /// written back over the current file), or batches without any RUN are not.
+    #[test]
+    fn check_run_trusts_only_the_directory_it_left() {
+        let dir = tempdir("check");
+        let path = dir.join("RUN");
+        let check = |found| check_run(&dir, Fsync::Always, 1_000, found).unwrap();
+        assert_eq!(check(0), (None, None), "a new store");
+        assert_eq!(check(5), (None, None), "as it was left (mark 0)");
+        assert_eq!(check(5), (None, None), "as it was left (mark 5)");
+        assert_eq!(check(9), (None, None), "more than the mark: written after it");
+        assert_eq!(check(3), (Some(Distrust::Rollback { found: 3, mark: 9 }), Some(1_000)));
+        // Carried on: rooms last written before that second are still renumbered later.
+        assert_eq!(check(3), (None, Some(1_000)));
+
+        // A copy of RUN (what cp, rsync or a restore makes: a new file with the same text).
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Copied));
+        // An older RUN written back over the current file (same inode, old text).
+        let older = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(check(3).0, None);
+        std::fs::write(&path, older).unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Copied));
+
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Unmarked { found: 3 }));
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(check(3).0, Some(Distrust::Unmarked { found: 3 }), "an empty RUN vouches for nothing");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A journal cut after its batches were fsynced (a disk that lied about fsync): the store
+    /// comes back with fewer batches than RUN's mark and says so; a clean reopen does not.
+    #[test]
+    fn a_journal_cut_after_fsync_is_detected() {
+        let dir = tempdir("cut");
+        let cfg = StoreConfig::default();
+        let mut cut_at = Vec::new();
+        {
+            let s = Store::open(&dir, &cfg).unwrap();
+            assert!(s.distrust().is_none());
+            for seq in 1..=6 {
+                s.with_db(|db| db.write(&[&gift("r", seq)], true)).unwrap();
+                if seq == 3 {
+                    cut_at = db::journal_data_ends(&dir.join("db"));
+                }
+            }
+            let batches = s.with_db(|db| Ok(db.batches())).unwrap();
+            assert_eq!(batches, 6);
+            s.marker(true, batches).write(&dir.join("RUN")).unwrap();
+        }
+        {
+            let s = Store::open(&dir, &cfg).unwrap();
+            assert!(s.distrust().is_none(), "a clean reopen is trusted");
+        }
+        assert_eq!(cut_at.len(), 1, "one journal: {cut_at:?}");
+        let (jnl, end) = &cut_at[0];
+        std::fs::OpenOptions::new().write(true).open(jnl).unwrap().set_len(*end).unwrap();
+        let s = Store::open(&dir, &cfg).unwrap();
+        assert_eq!(s.distrust(), Some(&Distrust::Rollback { found: 3, mark: 6 }));
+        assert_eq!(s.with_db(|db| db.load("r")).unwrap(), None, "no meta record was written");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
