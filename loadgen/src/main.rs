@@ -177,16 +177,15 @@ pub fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
     }
 }
 
+/// The edge's /metrics text.
+fn edge_metrics(http: std::net::SocketAddr, timeout: Duration) -> Option<String> {
+    reqwest::blocking::Client::new().get(format!("http://{http}/metrics")).timeout(timeout).send().ok()?.text().ok()
+}
+
 /// The edge's CPU time per thread from its perf counters (`roomcast_thread_cpu_seconds_total`
 /// on /metrics): task-clock, kernel included, per shard thread.
 pub fn edge_thread_cpu(http: std::net::SocketAddr) -> Option<std::collections::BTreeMap<String, f64>> {
-    let text = reqwest::blocking::Client::new()
-        .get(format!("http://{http}/metrics"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .ok()?
-        .text()
-        .ok()?;
+    let text = edge_metrics(http, Duration::from_secs(5))?;
     let m: std::collections::BTreeMap<String, f64> = text
         .lines()
         .filter_map(|l| {
@@ -200,13 +199,7 @@ pub fn edge_thread_cpu(http: std::net::SocketAddr) -> Option<std::collections::B
 
 /// Bytes the edge still holds for its members (every shard's send queues), from /metrics.
 pub fn edge_send_queue_bytes(http: std::net::SocketAddr) -> Option<u64> {
-    let text = reqwest::blocking::Client::new()
-        .get(format!("http://{http}/metrics"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .ok()?
-        .text()
-        .ok()?;
+    let text = edge_metrics(http, Duration::from_secs(2))?;
     let mut total = 0.0;
     let mut found = false;
     for l in text.lines().filter(|l| l.starts_with("roomcast_send_queue_bytes{")) {
