@@ -82,6 +82,14 @@ impl Keys {
     pub fn len(&self) -> usize {
         self.map.len()
     }
+
+    /// Whether a key is still within its window at `now` (the expired ones are let go). A room
+    /// holding one stays in memory: leaving it would forget the key, and a retry would publish
+    /// a second time.
+    pub fn live(&mut self, now: Instant, ttl: Duration) -> bool {
+        self.expire(now, ttl);
+        !self.map.is_empty()
+    }
 }
 
 #[cfg(test)]

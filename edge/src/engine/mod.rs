@@ -878,6 +878,7 @@ impl Engine {
         let touched_s = self.wall_us(now) / 1_000_000;
         let idle = self.cfg.room_idle;
         let refresh_s = self.cfg.room_ttl_s / 4;
+        let idem_ttl = self.cfg.idem_ttl;
         let store_out = &mut self.store_out;
         self.rooms.retain(|name, r| {
             r.history.trim(now, &lim);
@@ -898,7 +899,8 @@ impl Engine {
                 || !r.pending.is_empty()
                 || r.history.len() != (0, 0)
                 || r.wait_token > durable
-                || now.saturating_duration_since(r.last_active) < idle;
+                || now.saturating_duration_since(r.last_active) < idle
+                || r.idem.live(now, idem_ttl);
             if !keep && stored && r.seq_hi > r.seq {
                 let meta = RoomMeta { epoch: r.epoch, seq_hi: r.seq, evicted_upto: r.stored_evicted, touched_s };
                 store_out.push(Record::Meta(name.clone(), meta));

@@ -805,6 +805,39 @@ fn a_forgotten_room_comes_back_with_a_new_epoch() {
     assert_eq!(after.reset, Some(super::joins::RESET_EPOCH));
 }
 
+/// A room holding an idempotency key within its window stays in memory, however idle, so a
+/// retry is answered, not published again; once the window has passed it may go. Found by a
+/// new user's trial with room_idle_ms and max_age_ms under idempotency_ttl_s: a retry 8 s later
+/// was numbered anew.
+#[test]
+fn an_idle_room_keeps_its_idempotency_keys_for_their_window() {
+    let mut cfg = Config::default();
+    cfg.history.max_age_ms = 1000;
+    cfg.history.room_idle_ms = 1000;
+    cfg.ingest.idempotency_ttl_s = 600;
+    let (mut bus, _) = setup_with(cfg);
+    let room: RoomName = "keyed".into();
+    let publish = |bus: &mut H| {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let msg =
+            NewMessage { kind: "gift".into(), user: String::new(), body: "1".into(), idem: Some("order-7".into()) };
+        bus.handle(EngineCmd::Publish { room: "keyed".into(), msg: Box::new(msg), reply: crate::bus::Reply::Http(tx) });
+        rx.try_recv().expect("answered at once without a store").unwrap()
+    };
+    let first = publish(&mut bus);
+    bus.flush_all();
+    bus.sleep(Duration::from_secs(30));
+    let now = bus.now;
+    bus.e.sweep(now);
+    assert!(bus.room_stats("keyed").is_some(), "kept for its key");
+    let again = publish(&mut bus);
+    assert_eq!((again.seq, again.replayed), (first.seq, true), "answered, not published again");
+    bus.sleep(Duration::from_secs(600));
+    let now = bus.now;
+    bus.e.sweep(now);
+    assert!(bus.room_stats("keyed").is_none(), "let go once the window has passed");
+}
+
 /// Redis mode: a message of another epoch (Redis emptied under the edges) resets the members
 /// (a `reset` frame with the new epoch, position 0) before it is delivered.
 #[test]
