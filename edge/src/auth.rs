@@ -20,6 +20,18 @@ use crate::config::{AuthConfig, KeyAlg};
 /// Longest `sub` accepted (it is the `user` of every message the connection publishes).
 pub const MAX_SUB_LEN: usize = 64;
 
+/// Whether `user` can be a user id: 1 to MAX_SUB_LEN bytes and no control characters (a line
+/// break in an id would forge lines in the edge's text logs and in a moderator's tools).
+pub fn check_user_id(user: &str) -> Result<(), &'static str> {
+    if user.is_empty() || user.len() > MAX_SUB_LEN {
+        return Err("must be 1 to 64 bytes");
+    }
+    if user.chars().any(char::is_control) {
+        return Err("must not contain control characters");
+    }
+    Ok(())
+}
+
 /// Why a token was refused. The text goes to the client (401 body or `error` message): it
 /// names the problem, never the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,7 +46,7 @@ pub enum AuthError {
     NotYet,
     #[error("token has no usable key: unknown kid {0:?}")]
     UnknownKid(String),
-    #[error("bad sub: 1 to 64 bytes")]
+    #[error("bad sub: 1 to 64 bytes, no control characters")]
     BadSub,
 }
 
@@ -316,7 +328,7 @@ fn identity(c: Claims, now_s: u64, leeway_s: u64) -> Result<Identity, AuthError>
     if c.nbf.is_some_and(|nbf| nbf > now_s.saturating_add(leeway_s)) {
         return Err(AuthError::NotYet);
     }
-    if c.sub.is_empty() || c.sub.len() > MAX_SUB_LEN {
+    if check_user_id(&c.sub).is_err() {
         return Err(AuthError::BadSub);
     }
     Ok(Identity {
@@ -435,6 +447,10 @@ mod tests {
         assert!(v.verify(none, 1).is_err());
         assert_eq!(v.verify(&token(&"x".repeat(65), 5000, None, None), 1), Err(AuthError::BadSub));
         assert_eq!(v.verify(&token("", 5000, None, None), 1), Err(AuthError::BadSub));
+        // A line break would forge lines in text logs (found by a new user's trial).
+        assert_eq!(v.verify(&token("a\nb", 5000, None, None), 1), Err(AuthError::BadSub));
+        assert_eq!(v.verify(&token("a\u{7f}", 5000, None, None), 1), Err(AuthError::BadSub));
+        assert!(v.verify(&token("caf\u{e9} 42", 5000, None, None), 1).is_ok());
         let later = Claims { sub: "early".into(), exp: 5000, rooms: None, publish: None, nbf: Some(2000) };
         let later = sign_hs256(SECRET.as_bytes(), &later).unwrap();
         assert_eq!(v.verify(&later, 1000), Err(AuthError::NotYet), "nbf in the future");

@@ -338,6 +338,10 @@ async fn publish_inner(st: &AppState, room: String, request: Request) -> Respons
         reject("bad_user");
         return error(StatusCode::BAD_REQUEST, "bad user: longer than 64 bytes");
     }
+    if req.user.chars().any(char::is_control) {
+        reject("bad_user");
+        return error(StatusCode::BAD_REQUEST, "bad user: control characters");
+    }
     let room: RoomName = RoomName::from(room.as_str());
     let msg = NewMessage { kind: req.kind, user: req.user, body: req.body.get().to_owned(), idem };
     match st.bus.publish(room.clone(), msg).await {

@@ -169,8 +169,8 @@ fn print_token(cli: &Cli, sub: &str, rooms: &[String], publish: &[String], ttl: 
             anyhow::bail!("--pub {k:?}: not a configured kind");
         }
     }
-    if sub.is_empty() || sub.len() > edge::auth::MAX_SUB_LEN {
-        anyhow::bail!("--sub: 1 to 64 bytes");
+    if let Err(why) = edge::auth::check_user_id(sub) {
+        anyhow::bail!("--sub: {why}");
     }
     let claims = edge::auth::Claims {
         sub: sub.to_owned(),

@@ -133,7 +133,7 @@ async fn disconnect(State(st): State<AppState>, Path(user): Path<String>, header
         None => 1,
     };
     st.moderation.stats.actions.with_label_values(&["disconnect"]).inc();
-    tracing::info!(by = who.name(), user = %user, closed, edges, "moderation: disconnect");
+    tracing::info!(by = who.name(), user = ?user, closed, edges, "moderation: disconnect");
     Json(serde_json::json!({ "user": user, "closed": closed, "edges": edges })).into_response()
 }
 
@@ -191,7 +191,7 @@ async fn ban(State(st): State<AppState>, Path(room): Path<String>, headers: Head
         Err(e) => return refuse(&st, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()),
     };
     st.moderation.stats.actions.with_label_values(&["ban"]).inc();
-    tracing::info!(by = who.name(), room = %room, user = %req.user, duration_s = req.duration_s, removed, "moderation: ban");
+    tracing::info!(by = who.name(), room = %room, user = ?req.user, duration_s = req.duration_s, removed, "moderation: ban");
     Json(serde_json::json!({
         "room": room,
         "user": req.user,
@@ -243,7 +243,7 @@ async fn unban(State(st): State<AppState>, Path((room, user)): Path<(String, Str
         Err(e) => return refuse(&st, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()),
     };
     st.moderation.stats.actions.with_label_values(&["unban"]).inc();
-    tracing::info!(by = who.name(), room = %room, user = %user, lifted, "moderation: unban");
+    tracing::info!(by = who.name(), room = %room, user = ?user, lifted, "moderation: unban");
     Json(serde_json::json!({ "room": room, "user": user, "lifted": lifted })).into_response()
 }
 

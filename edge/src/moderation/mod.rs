@@ -188,10 +188,7 @@ fn sweep_map(map: &mut Table, now_ms: u64) -> usize {
 /// Whether a user id is one the edge can know: a token's `sub` (1 to 64 bytes) or an
 /// anonymous id.
 pub fn check_user(user: &str) -> Result<(), &'static str> {
-    if user.is_empty() || user.len() > crate::auth::MAX_SUB_LEN {
-        return Err("user must be 1 to 64 bytes");
-    }
-    Ok(())
+    crate::auth::check_user_id(user).map_err(|_| "user must be 1 to 64 bytes, without control characters")
 }
 
 /// The moderation API's figures.
@@ -357,6 +354,18 @@ pub enum BanError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user id a moderator names follows the same rule as a token's `sub`: a line break in
+    /// one forged lines in the moderation log (found by a new user's trial).
+    #[test]
+    fn user_ids_are_checked_like_token_subjects() {
+        assert!(check_user("alice").is_ok());
+        assert!(check_user("caf\u{e9} 42").is_ok());
+        assert!(check_user("a\nb").is_err());
+        assert!(check_user("a\tb").is_err());
+        assert!(check_user("").is_err());
+        assert!(check_user(&"u".repeat(65)).is_err());
+    }
 
     #[test]
     fn bans_expire_and_are_bounded() {
