@@ -98,6 +98,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .merge(crate::moderation::api::routes())
+        // Unknown paths and methods get a reason too, not an empty body.
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here") })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

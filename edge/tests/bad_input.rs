@@ -139,6 +139,11 @@ async fn bad_inputs_get_their_answers_and_others_keep_receiving() {
             format!(r#"{{"kind":"chat","body":"{}"}}"#, "x".repeat(70_000)).into_bytes(),
             413,
         ),
+        // No such endpoint, or not this method: a reason too, not an empty body (found by a
+        // new user's trial).
+        ("/v1/nowhere".into(), ok.clone(), 404),
+        ("/v1/rooms/calm/bans/a/b".into(), ok.clone(), 404),
+        ("/metrics".into(), ok.clone(), 405),
     ];
     for (path, body, want) in cases {
         let (status, v) = publisher.post_raw(&path, body).await;
