@@ -118,8 +118,9 @@ pub struct BusStats {
     pub batch_messages: IntCounter,
     pub rooms: IntGauge,
     pub publish_rejected: IntCounterVec,
-    pub hot_window_seconds: Gauge,
-    pub sampling: IntGauge,
+    /// By engine (label `engine`): each engine reports its own rooms.
+    pub hot_window_seconds: GaugeVec,
+    pub sampling: IntGaugeVec,
     /// Rooms read back from the store (after a restart, or after leaving memory when idle).
     pub rooms_restored: IntCounter,
     /// Publishes answered from an earlier one with the same idempotency key (nothing published).
@@ -325,17 +326,15 @@ impl Metrics {
             hot_window_seconds: fgauge(
                 r,
                 "hot_room_merge_window_seconds",
-                "Merge window hot rooms use now (adaptive: widened while shards are behind).",
-                &[],
-            )
-            .with_label_values(&[] as &[&str]),
+                "The widest merge window among the engine's hot rooms (publishing 5/s or more) now, from room size, measured capacity and the backlog rule; the configured window when none is hot. Updated every second.",
+                &["engine"],
+            ),
             sampling: gauge(
                 r,
                 "chat_sampling",
-                "1 while hot rooms' droppable messages are sampled down to the visible rate.",
-                &[],
-            )
-            .with_label_values(&[] as &[&str]),
+                "1 while some hot room of the engine has its droppable messages sampled down to the visible rate (by demand or by the backlog rule). Updated every second.",
+                &["engine"],
+            ),
             rooms_restored: counter(
                 r,
                 "rooms_restored_total",

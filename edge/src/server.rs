@@ -182,7 +182,15 @@ impl Edge {
         };
         let mut store_handles = store_handles.into_iter();
         let engine_cfg = EngineConfig::from_config(&cfg);
-        metrics.bus.hot_window_seconds.set(cfg.fanout.merge_window_ms as f64 / 1000.0);
+        for e in 0..n {
+            let e = e.to_string();
+            metrics
+                .bus
+                .hot_window_seconds
+                .with_label_values(&[e.as_str()])
+                .set(cfg.fanout.merge_window_ms as f64 / 1000.0);
+            metrics.bus.sampling.with_label_values(&[e.as_str()]).set(0);
+        }
         let parallel = std::thread::available_parallelism().map_or(n, std::num::NonZeroUsize::get);
         let load = Arc::new(LoadBoard::new(n).with_cpus(parallel));
         let (now, wall) = (Instant::now(), crate::bus::now_us());

@@ -150,6 +150,19 @@ impl Engine {
             self.budget = None;
         }
         self.cfg.adaptive.room_deliveries_per_s = self.deliveries_base * self.chat_factor;
+        // What hot rooms use now, for /metrics (the same figures as GET /v1/rooms/{room}).
+        let mut widest = self.cfg.window;
+        let mut sampling = false;
+        for r in self.rooms.values() {
+            let rate = r.current_rate(now);
+            if rate >= HOT_ROOM_RATE {
+                widest = widest.max(self.window_of(rate, r.members));
+                sampling |= self.sampling || r.demand_sampling;
+            }
+        }
+        let engine = self.id.to_string();
+        self.stats.hot_window_seconds.with_label_values(&[engine.as_str()]).set(widest.as_secs_f64());
+        self.stats.sampling.with_label_values(&[engine.as_str()]).set(i64::from(sampling));
         if self.id == 0 && before != (self.rho, self.chat_factor) {
             tracing::debug!(rho = self.rho, chat = self.chat_factor, budget = ?self.budget, "latency controller");
         }
@@ -187,8 +200,6 @@ impl Engine {
                     sampling = self.sampling,
                     "adaptive merge window"
                 );
-                self.stats.hot_window_seconds.set(w.as_secs_f64());
-                self.stats.sampling.set(i64::from(self.sampling));
             }
         }
     }

@@ -389,6 +389,18 @@ fn a_room_whose_demand_is_over_budget_is_sampled_without_backlog() {
     assert_eq!(room_window(&bc, 0, 1.0, 200), bc.window, "quiet rooms too");
     assert_eq!(room_window(&bc, 0, 100.0, 1_000_000), Duration::from_millis(bc.adaptive.max_window_ms));
     assert!(bus.room_stats("big").unwrap().sampling_visible_rate.is_some());
+    // /metrics says what GET /v1/rooms/{room} says (found by a new user's trial: the gauges
+    // followed only the backlog rule, so they read "not sampling" while the room was).
+    for i in 0..20 {
+        let _ = bus.publish(room.clone(), msg("chat", i));
+    }
+    bus.sleep(super::adaptive::CONTROL_EVERY);
+    let now = bus.now;
+    bus.e.control(now);
+    let stats = bus.room_stats("big").unwrap();
+    assert!(stats.sampling_visible_rate.is_some());
+    assert_eq!(bus.stats.sampling.with_label_values(&["0"]).get(), 1);
+    assert_eq!(bus.stats.hot_window_seconds.with_label_values(&["0"]).get(), stats.window_ms as f64 / 1000.0);
     // Gifts are never sampled.
     for n in 0..50 {
         bus.publish(room.clone(), msg("gift", n)).unwrap();
