@@ -468,8 +468,9 @@ pub struct AdaptiveConfig {
     /// the measured capacity is used up to this rule's (a faster machine gets narrower windows;
     /// wider ones come from the backlog rule, see engine/adaptive.rs).
     pub room_frames_per_s: f64,
-    /// The latency the controller steers gifts to (p99, from a batch's flush to the completion
-    /// of its write to a member, measured by the shards). Over it, hot rooms merge over longer
+    /// The latency the controller steers gifts to (p99, from a message's arrival at its room's
+    /// batch to the completion of its write to a member, so the merge window counts; measured
+    /// by the shards). Between max(200, 2 x fanout.merge_window_ms) and 9,000. Over it, hot rooms merge over longer
     /// windows and chat is sampled harder; well under it (below half), they relax again.
     pub gift_latency_target_ms: u64,
 }
@@ -1021,8 +1022,20 @@ impl Config {
         if s.max_queue_frames < 2 {
             return Err(invalid("send.max_queue_frames", "must be at least 2"));
         }
-        if s.max_queue_delay_ms < 100 {
-            return Err(invalid("send.max_queue_delay_ms", "must be at least 100"));
+        if !(100..=8_000).contains(&s.max_queue_delay_ms) {
+            return Err(invalid(
+                "send.max_queue_delay_ms",
+                "must be between 100 and 8000 (a slow reader's gifts wait behind its queue: within 10 s)",
+            ));
+        }
+        if s.socket_send_buffer > 1 << 30 {
+            return Err(invalid("send.socket_send_buffer", "must be at most 1073741824 bytes (0: kernel autotuning)"));
+        }
+        if s.max_replay_bytes < s.max_queue_bytes {
+            return Err(invalid(
+                "send.max_replay_bytes",
+                "must be at least send.max_queue_bytes (below it every since replay past the queue bound is refused)",
+            ));
         }
         if s.socket_notsent_lowat > i32::MAX as usize {
             return Err(invalid("send.socket_notsent_lowat", "must be at most 2147483647 bytes (0: not set)"));
@@ -1134,17 +1147,26 @@ impl Config {
         if a.low_water_bytes >= a.high_water_bytes {
             return Err(invalid("adaptive.low_water_bytes", "must be below adaptive.high_water_bytes"));
         }
-        if a.visible_rate.is_nan() || a.visible_rate <= 0.0 {
-            return Err(invalid("adaptive.visible_rate", "must be above 0"));
+        if !a.visible_rate.is_finite() || a.visible_rate <= 0.0 {
+            return Err(invalid("adaptive.visible_rate", "must be a finite number above 0"));
         }
         if !(a.min_visible_rate > 0.0 && a.min_visible_rate <= a.visible_rate) {
             return Err(invalid("adaptive.min_visible_rate", "must be above 0 and at most adaptive.visible_rate"));
         }
-        if a.room_frames_per_s.is_nan() || a.room_frames_per_s <= 0.0 {
-            return Err(invalid("adaptive.room_frames_per_s", "must be above 0"));
+        if !a.room_frames_per_s.is_finite() || a.room_frames_per_s <= 0.0 {
+            return Err(invalid("adaptive.room_frames_per_s", "must be a finite number above 0"));
         }
-        if a.room_deliveries_per_s.is_nan() || a.room_deliveries_per_s <= 0.0 {
-            return Err(invalid("adaptive.room_deliveries_per_s", "must be above 0"));
+        if !a.room_deliveries_per_s.is_finite() || a.room_deliveries_per_s <= 0.0 {
+            return Err(invalid("adaptive.room_deliveries_per_s", "must be a finite number above 0"));
+        }
+        // Below twice the merge window the controller can never see gifts early enough to
+        // relax chat again (a new user's trial at 50 ms: chat pinned at the floor, rho
+        // swinging); over 9 s it would steer gifts to the edge of their 10 s promise.
+        if a.gift_latency_target_ms < (2 * self.fanout.merge_window_ms).max(200) || a.gift_latency_target_ms > 9_000 {
+            return Err(invalid(
+                "adaptive.gift_latency_target_ms",
+                "must be between max(200, 2 x fanout.merge_window_ms) and 9000",
+            ));
         }
         if !(10..=60_000).contains(&self.probes.interval_ms) {
             return Err(invalid("probes.interval_ms", "must be between 10 and 60000"));
@@ -1276,6 +1298,32 @@ mod tests {
         assert!(e.starts_with("kinds:") && e.contains("reserved"), "{e}");
         let c = Config::from_toml("[moderation]\nmax_bans = 0\n").unwrap();
         assert!(c.validate().unwrap_err().to_string().starts_with("moderation.max_bans"));
+    }
+
+    /// Values that pass a type check but cannot work or would break the 10 s promise (found
+    /// by a new user's trial: each started the edge).
+    #[test]
+    fn latency_settings_that_break_the_promise_are_refused() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        for (text, key) in [
+            ("[send]\nsocket_send_buffer = 4294967296\n", "send.socket_send_buffer"),
+            ("[send]\nmax_queue_delay_ms = 18446744073709551615\n", "send.max_queue_delay_ms"),
+            ("[send]\nmax_replay_bytes = 0\n", "send.max_replay_bytes"),
+            ("[adaptive]\ngift_latency_target_ms = 50\n", "adaptive.gift_latency_target_ms"),
+            ("[adaptive]\ngift_latency_target_ms = 60000\n", "adaptive.gift_latency_target_ms"),
+            (
+                "[fanout]\nmerge_window_ms = 500\n[adaptive]\ngift_latency_target_ms = 900\n",
+                "adaptive.gift_latency_target_ms",
+            ),
+            ("[adaptive]\nvisible_rate = inf\n", "adaptive.visible_rate"),
+            ("[adaptive]\nroom_deliveries_per_s = inf\n", "adaptive.room_deliveries_per_s"),
+            ("[adaptive]\nroom_frames_per_s = inf\n", "adaptive.room_frames_per_s"),
+        ] {
+            assert!(err(text).is_some_and(|e| e.contains(key)), "{text:?}: {:?}", err(text));
+        }
+        assert_eq!(err("[adaptive]\ngift_latency_target_ms = 200\n"), None);
+        assert_eq!(err("[send]\nmax_queue_delay_ms = 8000\nsocket_send_buffer = 0\n"), None);
+        assert_eq!(err(""), None, "the defaults pass");
     }
 
     #[test]

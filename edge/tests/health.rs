@@ -28,7 +28,7 @@ async fn handshake(url: &str) -> Result<(), u16> {
 /// Slow readers: Send-Q thresholds low, the edge's own slow-consumer cut-off out of the way.
 const SLOW_CONFIG: &str = "[probes]\ninterval_ms = 100\n\
     [health]\nsend_queue_p99_degraded_bytes = 4096\nsend_queue_p99_overloaded_bytes = 12288\nsend_queue_min_sockets = 1\nrecover_after = 2\n\
-    [send]\nmax_queue_bytes = 67108864\nmax_queue_delay_ms = 600000\n";
+    [send]\nmax_queue_bytes = 67108864\nmax_queue_delay_ms = 8000\n";
 
 async fn publish_until_overloaded(p: &Publisher, room: &str) -> Value {
     let pad = "x".repeat(8000);
