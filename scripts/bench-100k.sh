@@ -31,6 +31,10 @@ fi
 EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
 LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
 pin() { if [[ -n $1 ]]; then echo "taskset -c $1"; fi; }
+# shellcheck source=lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+ports_free 18711 18712
+[[ -x $EDGE_BIN && -x $LG_BIN ]] || { echo "EDGE_BIN ($EDGE_BIN) or LG_BIN ($LG_BIN) is not an executable" >&2; exit 1; }
 TMP=$(mktemp -d)
 cat >"$TMP/edge.toml" <<TOML
 shards = 6
@@ -65,7 +69,7 @@ stop_edge() {
   rm -rf "$TMP"
 }
 trap stop_edge EXIT
-for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:18712/healthz && break; sleep 0.1; done
+edge_up "$EPID" 127.0.0.1:18712 "$TMP/edge.log"
 $(pin "$LG_CPUS") "$LG_BIN" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
   --chat-streams "$CHAT_STREAMS" --gift-streams "$GIFT_STREAMS" \

@@ -49,6 +49,7 @@ snapshot_build
 BOX=$(wait_quiet)
 echo "$BOX"
 
+ports_free 18771 18772
 TMP=$(mktemp -d)
 # shellcheck disable=SC2086 # EDGE_ARGS is a list of flags
 "$EDGE" --data-dir "$TMP/data" --shards 2 --listen 127.0.0.1:18771 --http 127.0.0.1:18772 $EDGE_ARGS >"$TMP/edge.log" 2>&1 &
@@ -60,7 +61,7 @@ cleanup() {
   snapshot_remove
 }
 trap cleanup EXIT
-for _ in $(seq 50); do curl -sf 127.0.0.1:18772/healthz >/dev/null && break; sleep 0.2; done
+edge_up "$EPID" 127.0.0.1:18772 "$TMP/edge.log"
 "$LG" run --target edge --ws 127.0.0.1:18771 --http 127.0.0.1:18772 \
   --connections "$CONNS" --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --slow-every 10 \
   --gift-streams "$GIFT_STREAMS" --chat-streams "$CHAT_STREAMS" --workers "$WORKERS" \

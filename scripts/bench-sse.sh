@@ -19,6 +19,14 @@ fi
 EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
 LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
 DATE=$(date +%Y-%m-%d)
+# shellcheck source=lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+ports_free 18741 18742
+for v in CONNS GIFT CHAT SECS; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
+done
+FAILED=0
+STARTED=$(date +%s)
 run() {
   local name=$1
   shift
@@ -26,12 +34,12 @@ run() {
   tmp=$(mktemp -d)
   "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 >"$tmp/edge.log" 2>&1 &
   local epid=$!
-  for _ in $(seq 50); do curl -sf -o /dev/null 127.0.0.1:18742/healthz && break; sleep 0.1; done
+  edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
   "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
     --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
     --out "$ROOT/bench-results" --scenario "sse-$name" "$@" \
     --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); members: $name" \
-    >"$tmp/lg.out" 2>&1 || { echo "sse-$name failed:"; tail -5 "$tmp/lg.out"; }
+    >"$tmp/lg.out" 2>&1 || { echo "sse-$name failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
   kill -INT "$epid" 2>/dev/null || true
   wait "$epid" 2>/dev/null || true
   rm -rf "$tmp"
@@ -41,15 +49,19 @@ run rkyv
 run json --json
 run sse --sse
 OUT=$ROOT/bench-results/$DATE-sse.md
-python3 - "$ROOT/bench-results" "$DATE" "$CONNS" "$GIFT" "$CHAT" "$SECS" >"$OUT" <<'PY'
+if ((FAILED)); then
+  echo "a case failed: no table written" >&2
+  exit 1
+fi
+python3 - "$ROOT/bench-results" "$DATE" "$CONNS" "$GIFT" "$CHAT" "$SECS" "$STARTED" >"$OUT" <<'PY'
 import json, os, sys
-root, date, conns, gift, chat, secs = sys.argv[1:]
+root, date, conns, gift, chat, secs, started = sys.argv[1:]
 print(f"# SSE against WebSocket (scripts/bench-sse.sh): {conns} members in one room, gifts {gift}/s, chat {chat}/s, {secs} s\n")
 print("| members | deliveries/s | edge µs CPU per delivery | bytes per delivery | gift p50 / p99 ms | gifts lost | chat lost |")
 print("|---|---|---|---|---|---|---|")
 for name in ["rkyv", "json", "sse"]:
     p = os.path.join(root, f"{date}-sse-{name}", "result.json")
-    if not os.path.exists(p):
+    if not os.path.exists(p) or os.path.getmtime(p) < float(started):
         print(f"| {name} | (no result) | | | | | |")
         continue
     r = json.load(open(p))
