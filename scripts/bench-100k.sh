@@ -96,5 +96,5 @@ for c in ("must_deliver", "droppable"):
     q = lambda p: next(le for le, n in bs if n >= p * total)
     print(f"  {c}: samples {int(total)}, p50 <= {q(0.5)} s, p99 <= {q(0.99)} s, p99.9 <= {q(0.999)} s")
 ' >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/edge-latency.txt" || true
-grep -E "adaptive merge window" "$TMP/edge.log" | tail -20 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/adaptive.log" || true
+grep -E "adaptive merge window|latency controller" "$TMP/edge.log" | tail -40 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/adaptive.log" || true
 sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/edge-warnings.log" || true

@@ -72,6 +72,6 @@ echo "$BOX" >"$OUT/box.txt"
 curl -s 127.0.0.1:18772/metrics |
   grep -E "^roomcast_(messages_dropped|shed_bytes|slow_consumer|publish_rejected|hot_room|chat_sampling|messages_in|store_bytes|connections_closed)" \
     >"$OUT/edge-metrics.txt" || true
-grep -E "adaptive merge window|health changed" "$TMP/edge.log" | sed -E "s/\x1b\[[0-9;]*m//g" | tail -30 >"$OUT/edge-adaptive.log" || true
-sed -E "s/\x1b\[[0-9;]*m//g" "$TMP/edge.log" | grep -vE "adaptive merge window" | head -n 100 >"$OUT/edge.log" || true
+grep -E "adaptive merge window|latency controller|health changed" "$TMP/edge.log" | sed -E "s/\x1b\[[0-9;]*m//g" | tail -30 >"$OUT/edge-adaptive.log" || true
+sed -E "s/\x1b\[[0-9;]*m//g" "$TMP/edge.log" | grep -vE "adaptive merge window|latency controller" | head -n 100 >"$OUT/edge.log" || true
 echo "results in $OUT"

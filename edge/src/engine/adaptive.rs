@@ -164,7 +164,7 @@ impl Engine {
         self.stats.hot_window_seconds.with_label_values(&[engine.as_str()]).set(widest.as_secs_f64());
         self.stats.sampling.with_label_values(&[engine.as_str()]).set(i64::from(sampling));
         if self.id == 0 && before != (self.rho, self.chat_factor) {
-            tracing::debug!(rho = self.rho, chat = self.chat_factor, budget = ?self.budget, "latency controller");
+            tracing::info!(rho = self.rho, chat = self.chat_factor, budget = ?self.budget, "latency controller");
         }
     }
 
