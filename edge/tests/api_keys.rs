@@ -274,8 +274,16 @@ async fn insecure_no_keys_starts_and_warns() {
     let http = SocketAddr::from(([127, 0, 0, 1], edge.http.port()));
     let ok = publish(http, "open", "gift", None).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
-    let text = log.lock().unwrap().clone();
-    assert!(text.contains("WARN") && text.contains("INSECURE") && text.contains("insecure_no_keys"), "{text}");
+    // The log is collected by a thread of its own: wait for the line rather than read once
+    // (a full run caught the read ahead of the collector).
+    let want = |t: &str| t.contains("WARN") && t.contains("INSECURE") && t.contains("insecure_no_keys");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut text = log.lock().unwrap().clone();
+    while !want(&text) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = log.lock().unwrap().clone();
+    }
+    assert!(want(&text), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
