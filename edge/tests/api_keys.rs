@@ -244,7 +244,7 @@ async fn loopback_without_keys_is_open_and_says_so() {
     assert_eq!(ok.status, 200, "{}", ok.body);
     // A header is ignored when there is nothing to check it against.
     assert_eq!(publish(edge.http, "open", "gift", Some("whatever")).await.status, 200);
-    let text = log.lock().unwrap().clone();
+    let text = log_when(&log, |t| t.contains("publish API has no keys")).await;
     assert_eq!(text.matches("publish API has no keys").count(), 1, "{text}");
     assert!(text.contains("WARN"), "{text}");
 }
@@ -274,16 +274,22 @@ async fn insecure_no_keys_starts_and_warns() {
     let http = SocketAddr::from(([127, 0, 0, 1], edge.http.port()));
     let ok = publish(http, "open", "gift", None).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
-    // The log is collected by a thread of its own: wait for the line rather than read once
-    // (a full run caught the read ahead of the collector).
     let want = |t: &str| t.contains("WARN") && t.contains("INSECURE") && t.contains("insecure_no_keys");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut text = log.lock().unwrap().clone();
-    while !want(&text) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        text = log.lock().unwrap().clone();
-    }
+    let text = log_when(&log, want).await;
     assert!(want(&text), "{text}");
+}
+
+/// The edge's log once `want` holds (at most 10 s): it is collected by a thread of its own,
+/// and a single read can come before the line does (a full run caught one).
+async fn log_when(log: &std::sync::Mutex<String>, want: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = log.lock().unwrap().clone();
+        if want(&text) || std::time::Instant::now() >= deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
