@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Per-thread sampler (used for bench-results/2026-11-30-100k-budget-1cpu-hog/threads.txt): every 0.5 s,
-Prints, per thread name, the longest stretch it was runnable-but-not-running (run_delay grew
-while cpu did not) and totals. Usage: scripts/thread-sampler.py PID OUT (stops when PID exits)."""
+"""Per-thread sampler of a running process (behind
+bench-results/2026-11-30-100k-budget-1cpu-hog/threads.txt). Every 0.5 s it reads each thread's
+state, CPU time and run-queue wait (/proc/PID/task/*/{stat,schedstat}); when PID exits it writes
+the samples to OUT and, per thread, the longest stretch it was runnable but not running (its
+run-queue wait grew while its CPU time did not).
+
+Usage: scripts/thread-sampler.py PID OUT"""
 import os, sys, time, collections
 pid, out = sys.argv[1], sys.argv[2]
 hz = os.sysconf('SC_CLK_TCK')
