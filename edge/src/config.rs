@@ -29,8 +29,12 @@ pub struct Config {
     /// process holding the port, because with SO_REUSEPORT the kernel would otherwise split new
     /// connections between the two silently (`edge --takeover`).
     pub takeover: bool,
-    /// Message bus shared by several edges: `redis://HOST:PORT`. Unset: the embedded
-    /// single-node bus (no other service needed).
+    /// Message bus shared by several edges: one Redis, `redis://HOST:PORT`, or a Redis Cluster,
+    /// `redis-cluster://HOST:PORT,HOST:PORT,...` (a few seed nodes; the rest are discovered:
+    /// rooms are spread over the primaries by slot, followed with sharded pub/sub). Unset: the
+    /// embedded single-node bus (no other service needed). Credentials go in the URL
+    /// (`redis://:PASSWORD@HOST:PORT`; for a cluster once, before the seeds), and are redacted in
+    /// logs.
     pub bus: Option<String>,
     /// This edge's name in load reports (default: the advertised URL).
     pub edge_id: Option<String>,
@@ -1016,9 +1020,9 @@ impl Config {
         // or with ingest.insecure_no_keys.
         crate::ingest::PublishKeys::from_config(self)?;
         if let Some(bus) = &self.bus
-            && !bus.starts_with("redis://")
+            && let Err(why) = crate::bus::redis::BusUrl::parse(bus)
         {
-            return Err(invalid("bus", "must be a redis://HOST:PORT URL (or unset for the embedded bus)"));
+            return Err(invalid("bus", format!("{why} (or unset for the embedded bus)")));
         }
         if let Some(a) = &self.advertise
             && let Err(why) = check_url(a, &["ws://", "wss://"], false)

@@ -48,7 +48,8 @@ struct Cli {
     /// Bytes queued per connection before it is closed as a slow consumer.
     #[arg(long)]
     max_queue_bytes: Option<usize>,
-    /// Shared bus for several edges (redis://HOST:PORT); unset: embedded single node.
+    /// Shared bus for several edges (redis://HOST:PORT, or redis-cluster://HOST:PORT,HOST:PORT,...);
+    /// unset: embedded single node.
     #[arg(long)]
     bus: Option<String>,
     /// The ws:// URL dispatch hands out for this edge.
@@ -90,7 +91,7 @@ struct Cli {
 enum Cmd {
     /// Run only the dispatch endpoint, from the load reports in Redis.
     Dispatch {
-        /// Redis holding the edges' load reports.
+        /// Redis holding the edges' load reports (redis:// or redis-cluster://, as the edges' bus).
         #[arg(long)]
         redis: String,
         /// Listen address for GET /v1/route.
@@ -307,8 +308,7 @@ fn main() -> anyhow::Result<()> {
     let route = match &cfg.bus {
         None => RouteSource::Embedded { url: ws_url.clone() },
         Some(url) => {
-            let client = redis::Client::open(url.as_str())?;
-            let cm = rt.block_on(redis::aio::ConnectionManager::new(client)).context("bus: cannot connect to redis")?;
+            let cm = rt.block_on(edge::bus::redis::Conn::connect(url)).context("bus: cannot connect to redis")?;
             let id = cfg.edge_name(edge.ws_addr);
             rt.spawn(edge::server::report_load(
                 cm.clone(),
@@ -429,8 +429,7 @@ fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyho
     let origins: Arc<[String]> = origins.into();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
-        let client = redis::Client::open(redis_url)?;
-        let cm = redis::aio::ConnectionManager::new(client).await.context("cannot connect to redis")?;
+        let cm = edge::bus::redis::Conn::connect(redis_url).await.context("cannot connect to redis")?;
         let src = Arc::new(RouteSource::Redis {
             cm,
             dispatcher: std::sync::Mutex::new(Dispatcher::default()),

@@ -127,6 +127,8 @@ pub struct BusStats {
     pub bus_shared: IntGauge,
     /// Redis commands that failed, by operation.
     pub redis_errors: IntCounterVec,
+    /// Redis Cluster: each node as this edge sees it (`roomcast_redis_node_up{node,role}`).
+    pub redis_nodes: crate::bus::cluster::NodeBoard,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -357,7 +359,7 @@ impl Metrics {
             redis_errors: counter(
                 r,
                 "redis_errors_total",
-                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online).",
+                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online, topology).",
                 &["op"],
             ),
             bus_shared: gauge(
@@ -374,6 +376,12 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            redis_nodes: crate::bus::cluster::NodeBoard::new(gauge(
+                r,
+                "redis_node_up",
+                "Redis Cluster: 1 while this edge reaches the node (PING each second), 0 while not; one series per node and role (primary, replica).",
+                &["node", "role"],
+            )),
         };
         let draining =
             gauge(r, "draining", "1 while this edge drains (out of dispatch, not accepting, sending goaway).", &[])

@@ -128,6 +128,7 @@ impl Edge {
                     presence,
                     metrics.bus.bus_up.clone(),
                     metrics.bus.redis_errors.clone(),
+                    metrics.bus.redis_nodes.clone(),
                 )
                 .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
                 tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");
@@ -289,7 +290,7 @@ impl Edge {
 /// Publishes this edge's load to Redis every second, until the process ends.
 #[expect(clippy::too_many_arguments, reason = "each is a separate handle the spawned task owns")]
 pub async fn report_load(
-    mut cm: ::redis::aio::ConnectionManager,
+    mut cm: crate::bus::redis::Conn,
     id: String,
     ws_url: String,
     metrics: Arc<Metrics>,

@@ -7,8 +7,10 @@
 //! (connections' signalling), so one engine sees all of a room's events in one order. Every
 //! mailbox is bounded; nothing on the data path blocks on a full one.
 
+pub mod cluster;
 pub mod policy;
 pub mod redis;
+pub mod slots;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;

@@ -20,10 +20,10 @@
 //!   seq space between edges. On reconnect the bridge resubscribes and re-reads every room's
 //!   seq; the engine fills whatever it missed.
 //!
-//! Redis Cluster's sharded pub/sub (SSUBSCRIBE/SPUBLISH) is what would let the bus itself scale
-//! out; the keys are already slot-local. What stands in the way: redis-rs 1.x offers
-//! `ssubscribe` only on its cluster connection (RESP3 push), not on the stand-alone `PubSub` we
-//! use here, so cluster mode needs a second transport; see ARCHITECTURE.md.
+//! On a Redis Cluster (`redis-cluster://host:port,host:port`) the same scripts run in the
+//! room's slot (every key, and the channel, carry the hash tag `{room}`), messages go out with
+//! `SPUBLISH` and edges follow rooms with `SSUBSCRIBE` on the primary that owns the slot:
+//! `bus::cluster` runs that transport, `bus::slots` holds its pure parts.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -130,11 +130,11 @@ pub struct StreamLimits {
     pub idempotency_ttl_s: u64,
 }
 
-const PUBLISH_LUA: &str = r#"
+pub(super) const PUBLISH_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none)
 -- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max, conflate (0|1), entry key,
---       idempotency TTL in seconds (0: no key)
+--       idempotency TTL in seconds (0: no key), publish command (PUBLISH, or SPUBLISH on a cluster)
 -- Returns {seq, ts_us, replayed (0|1)}.
 if ARGV[9] ~= '0' then
   local prev = redis.call('GET', KEYS[7])
@@ -178,7 +178,7 @@ if ARGV[7] == '1' then
     if f ~= ARGV[1] .. '\n' .. ARGV[8] then redis.call('HDEL', KEYS[6], f) end
   end
 end
-redis.call('PUBLISH', KEYS[4], msg)
+redis.call(ARGV[10], KEYS[4], msg)
 if ARGV[9] ~= '0' then
   redis.call('SET', KEYS[7], string.format('%d', seq) .. ':' .. string.format('%d', ts), 'EX', tonumber(ARGV[9]))
 end
@@ -224,9 +224,9 @@ return 0
 /// fields not expired (deleting expired ones: a crashed edge's members leave the total within
 /// the TTL, at the next report of any edge), and publishes `{"online":N}` on the room's channel
 /// only when the total changed. Cost per call: O(edges serving the room).
-const ONLINE_LUA: &str = r#"
+pub(super) const ONLINE_LUA: &str = r#"
 -- KEYS: online hash, channel
--- ARGV: edge id, count, ttl ms
+-- ARGV: edge id, count, ttl ms, publish command (PUBLISH, or SPUBLISH on a cluster)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local field = 'e:' .. ARGV[1]
@@ -251,7 +251,7 @@ end
 local prev = redis.call('HGET', KEYS[1], 'total')
 if prev ~= string.format('%d', total) then
   redis.call('HSET', KEYS[1], 'total', total)
-  redis.call('PUBLISH', KEYS[2], '{"online":' .. string.format('%d', total) .. '}')
+  redis.call(ARGV[4], KEYS[2], '{"online":' .. string.format('%d', total) .. '}')
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
 return total
@@ -264,11 +264,7 @@ pub fn online_key(room: &str) -> String {
 
 /// A room's members per edge and in total, as the online hash holds them at `now_ms` (expired
 /// fields left out): for `GET /v1/rooms/{room}` on any edge.
-pub async fn online(
-    cm: &mut ConnectionManager,
-    room: &str,
-    now_ms: u64,
-) -> ::redis::RedisResult<(u64, Vec<(String, u64)>)> {
+pub async fn online(cm: &mut Conn, room: &str, now_ms: u64) -> ::redis::RedisResult<(u64, Vec<(String, u64)>)> {
     let all: Vec<(String, String)> = cm.hgetall(online_key(room)).await?;
     let mut edges = Vec::new();
     for (field, value) in all {
@@ -285,13 +281,13 @@ pub async fn online(
 }
 
 /// A room's seq and epoch as Redis holds them (None: Redis has no such room).
-pub async fn room_meta(cm: &mut ConnectionManager, room: &str) -> ::redis::RedisResult<Option<(u64, String)>> {
+pub async fn room_meta(cm: &mut Conn, room: &str) -> ::redis::RedisResult<Option<(u64, String)>> {
     let (seq, epoch): (Option<u64>, Option<String>) =
         ::redis::cmd("HMGET").arg(&keys(room)[0]).arg("seq").arg("epoch").query_async(cm).await?;
     Ok(epoch.map(|e| (seq.unwrap_or(0), e)))
 }
 
-fn keys(room: &str) -> [String; 6] {
+pub(super) fn keys(room: &str) -> [String; 6] {
     [
         format!("rc:{{{room}}}:meta"),
         format!("rc:{{{room}}}:md"),
@@ -303,7 +299,7 @@ fn keys(room: &str) -> [String; 6] {
     ]
 }
 
-fn room_of_channel(ch: &str) -> Option<&str> {
+pub(super) fn room_of_channel(ch: &str) -> Option<&str> {
     ch.strip_prefix("rc:{")?.strip_suffix("}:ch")
 }
 
@@ -323,12 +319,12 @@ struct Wire<'a> {
 /// A presence announcement on a room's channel (ONLINE_LUA).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OnlineWire {
-    online: u64,
+pub(super) struct OnlineWire {
+    pub(super) online: u64,
 }
 
 /// A message as the script wrote it: the message, whether it must be delivered, its epoch.
-fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
+pub(super) fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     let w: Wire<'_> = serde_json::from_slice(bytes).ok()?;
     Some((
         PushMessage { seq: w.seq, ts_us: w.ts_us, kind: w.kind, user: w.user, body: w.body.get().to_owned() },
@@ -337,7 +333,8 @@ fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     ))
 }
 
-/// Starts the bridge on the current tokio runtime.
+/// Starts the bridge on the current tokio runtime: one Redis (`redis://`) or a Redis Cluster
+/// (`redis-cluster://host:port,host:port`, see `bus::cluster`).
 pub fn start(
     url: &str,
     bus: BusHandle,
@@ -345,19 +342,135 @@ pub fn start(
     presence: Presence,
     up: prometheus::IntGauge,
     errors: prometheus::IntCounterVec,
+    nodes: super::cluster::NodeBoard,
 ) -> Result<Bridge, ::redis::RedisError> {
     let _ = ERRORS.set(errors);
-    let client = ::redis::Client::open(url)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(run(client, rx, bus, limits, presence, up));
+    match BusUrl::parse(url)
+        .map_err(|e| ::redis::RedisError::from((::redis::ErrorKind::InvalidClientConfig, "bus", e)))?
+    {
+        BusUrl::Single(url) => {
+            let client = ::redis::Client::open(url)?;
+            tokio::spawn(run(client, rx, bus, limits, presence, up));
+        }
+        BusUrl::Cluster(seeds) => {
+            // Fail early on a malformed seed, as `Client::open` does for one Redis.
+            for s in &seeds {
+                ::redis::Client::open(s.as_str())?;
+            }
+            tokio::spawn(super::cluster::run(seeds, rx, bus, limits, presence, up, nodes));
+        }
+    }
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
+}
+
+/// Where the bus is, from its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusUrl {
+    /// `redis://` or `rediss://`: one Redis (or a primary behind a stable address).
+    Single(String),
+    /// `redis-cluster://[user:password@]host:port,host:port[/?query]`: a Redis Cluster, given
+    /// by seed nodes (any few; the rest are discovered), each as a `redis://` URL.
+    Cluster(Vec<String>),
+}
+
+impl BusUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return Ok(Self::Single(url.to_owned()));
+        }
+        let Some(rest) = url.strip_prefix("redis-cluster://") else {
+            return Err("must be redis://HOST:PORT or redis-cluster://HOST:PORT,HOST:PORT,...".into());
+        };
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let mut seeds = Vec::new();
+        for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let Some((host, port)) = h.rsplit_once(':') else {
+                return Err(format!("seed {h:?}: HOST:PORT expected"));
+            };
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("seed {h:?}: HOST:PORT expected"));
+            }
+            let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+            seeds.push(format!("redis://{auth}{h}{tail}"));
+        }
+        if seeds.is_empty() {
+            return Err("redis-cluster:// needs at least one seed node HOST:PORT".into());
+        }
+        Ok(Self::Cluster(seeds))
+    }
+}
+
+/// A command connection to the bus. One Redis: redis-rs's `ConnectionManager` (reconnects by
+/// itself). A cluster: redis-rs's cluster connection, which routes each command by its first
+/// key's slot, follows `MOVED` and `ASK` and refreshes the slot map; it never subscribes (see
+/// `bus::slots` for why), so no push can be taken for a command's reply.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    /// Connects to the bus at `url` (publishers' load reports, dispatch, room figures).
+    pub async fn connect(url: &str) -> ::redis::RedisResult<Self> {
+        match BusUrl::parse(url)
+            .map_err(|e| ::redis::RedisError::from((::redis::ErrorKind::InvalidClientConfig, "bus", e)))?
+        {
+            BusUrl::Single(url) => Ok(Self::Single(ConnectionManager::new(::redis::Client::open(url)?).await?)),
+            BusUrl::Cluster(seeds) => super::cluster::command_connection(&seeds).await.map(Self::Cluster),
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// How a room's channel is published to: sharded pub/sub on a cluster (the message stays
+    /// within the slot's shard instead of crossing every node's bus).
+    pub fn publish_command(&self) -> &'static str {
+        if self.is_cluster() { "SPUBLISH" } else { "PUBLISH" }
+    }
+}
+
+impl ::redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a ::redis::Cmd) -> ::redis::RedisFuture<'a, ::redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// `roomcast_redis_errors_total{op}` (one bridge per process; set when it starts).
 static ERRORS: std::sync::OnceLock<prometheus::IntCounterVec> = std::sync::OnceLock::new();
 
 /// Counts a failed Redis operation.
-fn failed(op: &str) {
+pub(super) fn failed(op: &str) {
     if let Some(e) = ERRORS.get() {
         e.with_label_values(&[op]).inc();
     }
@@ -371,8 +484,8 @@ pub struct Presence {
 }
 
 /// Writes this edge's count of `room` and lets the script announce a changed total.
-async fn report_online(
-    mut cm: ConnectionManager,
+pub(super) async fn report_online(
+    mut cm: Conn,
     script: ::redis::Script,
     room: RoomName,
     count: u64,
@@ -385,6 +498,7 @@ async fn report_online(
         .arg(&presence.edge_id)
         .arg(count)
         .arg(presence.ttl.as_millis() as u64)
+        .arg(cm.publish_command())
         .invoke_async(&mut cm)
         .await;
     if let Err(e) = r {
@@ -412,7 +526,7 @@ async fn run(
     loop {
         // (Re)connect: a command connection and a subscriber connection.
         let conn = async {
-            let cm = ConnectionManager::new(client.clone()).await?;
+            let cm = Conn::Single(ConnectionManager::new(client.clone()).await?);
             let ps = client.get_async_pubsub().await?;
             Ok::<_, ::redis::RedisError>((cm, ps))
         }
@@ -552,7 +666,7 @@ async fn run(
 }
 
 /// While Redis is away: track interest, refuse publishes, fail fills and recoveries explicitly.
-async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
+pub(super) async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
     match cmd {
         BridgeCmd::Subscribe(room) => {
             rooms.insert(room);
@@ -577,7 +691,7 @@ async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle)
 /// Says (once per connection) when Redis can lose acknowledged writes at a restart: only
 /// `appendonly yes` with `appendfsync always` keeps every acknowledged gift (with `everysec`,
 /// up to a second of them; edges then start a new epoch and reset members, see `Renumber`).
-async fn check_persistence(mut cm: ConnectionManager) {
+pub(super) async fn check_persistence(mut cm: Conn) {
     let get = |key: &'static str| ::redis::cmd("CONFIG").arg("GET").arg(key).clone();
     let aof: ::redis::RedisResult<Vec<String>> = get("appendonly").query_async(&mut cm).await;
     let fsync: ::redis::RedisResult<Vec<String>> = get("appendfsync").query_async(&mut cm).await;
@@ -594,7 +708,7 @@ async fn check_persistence(mut cm: ConnectionManager) {
     }
 }
 
-async fn renumber(mut cm: ConnectionManager, room: RoomName, epoch: Epoch, below: u64, bus: BusHandle) {
+pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: u64, bus: BusHandle) {
     let k = keys(&room);
     let r: ::redis::RedisResult<u8> = ::redis::Script::new(RENUMBER_LUA)
         .key(&k[0])
@@ -624,7 +738,8 @@ fn recovery_failed(room: RoomName, since: u64, upto: u64, join: PendingJoin) -> 
     EngineCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false }
 }
 
-async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
+/// Reads the room's seq, epoch and latest state for its engine; false if Redis did not answer.
+pub(super) async fn sync_room(mut cm: Conn, room: RoomName, bus: BusHandle) -> bool {
     let k = keys(&room);
     let r: Result<(u64, u64, Vec<Vec<u8>>), _> = ::redis::Script::new(SYNC_LUA)
         .key(&k[0])
@@ -644,17 +759,19 @@ async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
                 .map(|(m, _, _)| m)
                 .collect();
             bus.send_async(EngineCmd::Synced { room, seq, epoch, latest }).await;
+            true
         }
         Err(e) => {
             tracing::warn!(room = %room, error = %e, "cannot read room seq");
             failed("sync");
+            false
         }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn publish(
-    mut cm: ConnectionManager,
+pub(super) async fn publish(
+    mut cm: Conn,
     script: ::redis::Script,
     room: RoomName,
     msg: NewMessage,
@@ -686,6 +803,7 @@ async fn publish(
         .arg(if conflate.is_some() { "1" } else { "0" })
         .arg(conflate.unwrap_or_default())
         .arg(ttl)
+        .arg(cm.publish_command())
         .invoke_async(&mut cm)
         .await;
     drop(permit);
@@ -701,12 +819,7 @@ async fn publish(
 }
 
 /// Reads `from..=to` from a stream (ids are `seq-0`).
-async fn range(
-    cm: &mut ConnectionManager,
-    key: &str,
-    from: u64,
-    to: u64,
-) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
+async fn range(cm: &mut Conn, key: &str, from: u64, to: u64) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
     let reply: ::redis::streams::StreamRangeReply = cm.xrange(key, format!("{from}-0"), format!("{to}-0")).await?;
     let mut out = Vec::with_capacity(reply.ids.len());
     for id in reply.ids {
@@ -720,7 +833,7 @@ async fn range(
     Ok(out)
 }
 
-async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus: BusHandle) {
+pub(super) async fn fill(mut cm: Conn, room: RoomName, from: u64, to: u64, bus: BusHandle) {
     let k = keys(&room);
     let md = range(&mut cm, &k[1], from, to).await;
     let dr = range(&mut cm, &k[2], from, to).await;
@@ -738,7 +851,7 @@ async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus
     }
 }
 
-async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
+pub(super) async fn recover(mut cm: Conn, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
     let k = keys(&room);
     let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
     let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
@@ -766,6 +879,19 @@ async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bus_urls_parse() {
+        assert_eq!(BusUrl::parse("redis://h:1"), Ok(BusUrl::Single("redis://h:1".into())));
+        assert_eq!(
+            BusUrl::parse("redis-cluster://:pw@10.0.0.1:7000, 10.0.0.2:7001/?x=1"),
+            Ok(BusUrl::Cluster(vec!["redis://:pw@10.0.0.1:7000/?x=1".into(), "redis://:pw@10.0.0.2:7001/?x=1".into()]))
+        );
+        assert!(BusUrl::parse("redis-cluster://").is_err());
+        assert!(BusUrl::parse("redis-cluster://h").is_err());
+        assert!(BusUrl::parse("redis-cluster://h:x").is_err());
+        assert!(BusUrl::parse("http://h:1").is_err());
+    }
 
     #[test]
     fn channel_names_round_trip() {

@@ -389,3 +389,136 @@ impl Drop for RedisProc {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A free loopback TCP port (bound and released: another process may take it meanwhile, as
+/// with every test here that starts a server on a chosen port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs redis-cli against `port` and returns its standard output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Redis Cluster of real redis-server processes on loopback ports (3 primaries with one
+/// replica each, made by `redis-cli --cluster create`), each in its own temporary directory,
+/// with AOF fsynced always; every process is killed and the directory removed when dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<(u16, Option<Child>)>,
+    pub dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize, replicas: usize) -> Self {
+        let n = primaries * (1 + replicas);
+        let dir = std::env::temp_dir().join(format!("roomcast-rcluster-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Self { nodes: Vec::new(), dir };
+        for _ in 0..n {
+            let (port, bus) = (free_port(), free_port());
+            let d = c.dir.join(port.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "1500", "--save", "", "--appendonly", "yes"])
+                .args(["--appendfsync", "always", "--dir", d.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("redis-server (installed by scripts/setup.sh)");
+            c.nodes.push((port, Some(child)));
+        }
+        for &(port, _) in &c.nodes {
+            let end = Instant::now() + Duration::from_secs(10);
+            while redis_cli(port, &["PING"]).trim() != "PONG" {
+                assert!(Instant::now() < end, "redis-server on {port} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = c.nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        c.wait_ok(Duration::from_secs(20));
+        c
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and sees every slot served.
+    pub fn wait_ok(&self, d: Duration) {
+        let end = Instant::now() + d;
+        for (port, child) in &self.nodes {
+            if child.is_none() {
+                continue;
+            }
+            loop {
+                let info = redis_cli(*port, &["CLUSTER", "INFO"]);
+                if info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384") {
+                    break;
+                }
+                assert!(Instant::now() < end, "cluster not ok on {port}: {info}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// `redis-cluster://` URL with two seeds.
+    pub fn url(&self) -> String {
+        format!("redis-cluster://127.0.0.1:{},127.0.0.1:{}", self.nodes[0].0, self.nodes[1].0)
+    }
+
+    /// A live node's port.
+    pub fn any_port(&self) -> u16 {
+        self.nodes.iter().find(|(_, c)| c.is_some()).expect("a live node").0
+    }
+
+    /// The port of the primary serving `slot`, as the cluster says now.
+    pub fn owner_of(&self, slot: u16) -> u16 {
+        for line in redis_cli(self.any_port(), &["CLUSTER", "NODES"]).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            for r in &f[8..] {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>())
+                    && (a..=b).contains(&slot)
+                {
+                    let addr = f[1].split('@').next().unwrap();
+                    return addr.rsplit_once(':').unwrap().1.parse().unwrap();
+                }
+            }
+        }
+        panic!("no owner of slot {slot}");
+    }
+
+    /// SIGKILL the node on `port` (as a crash would).
+    pub fn kill(&mut self, port: u16) {
+        for (p, child) in &mut self.nodes {
+            if *p == port
+                && let Some(mut c) = child.take()
+            {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
