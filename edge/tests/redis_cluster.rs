@@ -123,3 +123,97 @@ async fn three_edges_on_a_cluster_deliver_every_gift_once_in_order() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!((code, v["seq"].as_u64()), (200, Some(GIFTS)), "{v}");
 }
+
+/// Members of `room` on every edge that read until `stop` and `want` say they have it all.
+fn spawn_members(
+    edges: &[EdgeProc],
+    room: &str,
+    per_edge: usize,
+    want: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<Vec<u64>>> {
+    let mut out = Vec::new();
+    for e in edges {
+        for _ in 0..per_edge {
+            let (url, room) = (e.url(&format!("?room={room}")), room.to_owned());
+            let want = want.clone();
+            out.push(tokio::spawn(async move {
+                let mut ws = connect(&url, None).await;
+                expect_joined(&mut ws, &room).await;
+                let mut seen = Vec::new();
+                let end = std::time::Instant::now() + Duration::from_secs(90);
+                loop {
+                    let w = want.load(std::sync::atomic::Ordering::Relaxed);
+                    if seen.last().is_some_and(|&s| s >= w) {
+                        return seen;
+                    }
+                    assert!(std::time::Instant::now() < end, "{room}: only {seen:?}");
+                    match tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws)).await {
+                        Err(_) => {}
+                        Ok(Some(ServerMsg::Batch { messages, .. })) => seen.extend(messages.iter().map(|m| m.seq)),
+                        Ok(other) => panic!("{room}: {other:?} after {seen:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    out
+}
+
+/// Moves slots with live traffic (`redis-cli --cluster reshard`, the operator's tool): the
+/// room's slot leaves its primary, whose server unsubscribes the edges (`sunsubscribe` push);
+/// they follow the slot to its new owner, read the room again and fill from the stream what
+/// was published meanwhile. Every gift reaches every member once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_a_hot_rooms_slot_loses_no_gift() {
+    let cluster = RedisCluster::start(3, 1);
+    let edges: Vec<EdgeProc> = (0..2).map(|_| edge_on(&cluster)).collect();
+    let pubs: Vec<Publisher> = edges.iter().map(|e| Publisher::new(e.http)).collect();
+    // A room in the first 200 slots of the primary serving slot 0: reshard moves a source's
+    // slots from its lowest.
+    let room = (0..).map(|i| format!("hot-{i}")).find(|r| slot_of(r.as_bytes()) < 200).unwrap();
+    let slot = slot_of(room.as_bytes());
+    let (from, to) = (cluster.owner_of(0), cluster.owner_of(16383));
+    let want = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let members = spawn_members(&edges, &room, 3, want.clone());
+    // Let them join before traffic starts.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (_, body) = pubs[0].get(&format!("/v1/rooms/{room}")).await;
+            serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["online"].as_u64() == Some(6))
+        })
+        .await,
+        "members joined"
+    );
+    let publisher = {
+        let (pubs, room) = (pubs.clone(), room.clone());
+        tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for n in 0..300u64 {
+                seqs.push(publish_gift(&pubs[n as usize % 2], &room, n).await);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seqs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = |port: u16| redis_cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+    let (from_id, to_id) = (id(from), id(to));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &from_id, "--cluster-to", &to_id, "--cluster-slots", "200", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster reshard")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "reshard: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(cluster.owner_of(slot), to, "the room's slot moved");
+    let seqs = publisher.await.unwrap();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>(), "one seq space across the move");
+    want.store(300, std::sync::atomic::Ordering::Relaxed);
+    for (i, m) in members.into_iter().enumerate() {
+        let seen = tokio::time::timeout(Duration::from_secs(30), m).await.expect("member finished").unwrap();
+        assert_eq!(seen, seqs, "member {i}: every gift once, in order");
+    }
+}
