@@ -365,7 +365,7 @@ fn publish_error(e: &PublishError) -> Response {
             (StatusCode::INSUFFICIENT_STORAGE, Json(serde_json::json!({ "error": e.to_string(), "dropped": false })))
                 .into_response()
         }
-        PublishError::BusUnavailable | PublishError::StoreUnavailable => (
+        PublishError::BusUnavailable | PublishError::StoreUnavailable | PublishError::NotReplicated { .. } => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1".to_owned())],
             Json(serde_json::json!({ "error": e.to_string(), "dropped": false })),

@@ -52,6 +52,9 @@ struct Cli {
     /// unset: embedded single node.
     #[arg(long)]
     bus: Option<String>,
+    /// Acknowledge a must-deliver publish only once this many replicas hold it (bus.min_replicas_acked).
+    #[arg(long)]
+    min_replicas_acked: Option<u32>,
     /// The ws:// URL dispatch hands out for this edge.
     #[arg(long)]
     advertise: Option<String>,
@@ -212,7 +215,17 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         cfg.send.max_queue_bytes = v;
     }
     if let Some(v) = &cli.bus {
-        cfg.bus = Some(v.clone());
+        let kept = cfg.bus.take().unwrap_or_else(|| edge::config::BusConfig::new(""));
+        cfg.bus = Some(edge::config::BusConfig { url: v.clone(), ..kept });
+    }
+    if let Some(n) = cli.min_replicas_acked {
+        match &mut cfg.bus {
+            Some(b) => b.min_replicas_acked = n,
+            None => {
+                eprintln!("edge: invalid configuration: --min-replicas-acked needs a bus (--bus or bus in the config)");
+                std::process::exit(2);
+            }
+        }
     }
     if let Some(v) = &cli.advertise {
         cfg.advertise = Some(v.clone());
@@ -308,7 +321,7 @@ fn main() -> anyhow::Result<()> {
     let route = match &cfg.bus {
         None => RouteSource::Embedded { url: ws_url.clone() },
         Some(url) => {
-            let cm = rt.block_on(edge::bus::redis::Conn::connect(url)).context("bus: cannot connect to redis")?;
+            let cm = rt.block_on(edge::bus::redis::Conn::connect(&url.url)).context("bus: cannot connect to redis")?;
             let id = cfg.edge_name(edge.ws_addr);
             rt.spawn(edge::server::report_load(
                 cm.clone(),

@@ -110,12 +110,15 @@ impl Edge {
         let busy = metrics.bus.publish_rejected.with_label_values(&["engine_busy"]);
         let bus = BusHandle::new(engine_mailboxes.clone(), busy);
         let bridge = match &cfg.bus {
-            Some(url) => {
+            Some(bus_cfg) => {
+                let url = &bus_cfg.url;
                 let _guard = rt.enter();
                 let limits = StreamLimits {
                     must_deliver: cfg.history.must_deliver,
                     droppable: cfg.history.droppable,
                     idempotency_ttl_s: cfg.ingest.idempotency_ttl_s,
+                    min_replicas_acked: bus_cfg.min_replicas_acked,
+                    replicas_timeout_ms: bus_cfg.replicas_timeout_ms,
                 };
                 let presence = crate::bus::redis::Presence {
                     edge_id: cfg.edge_name(ws_addr),
@@ -129,6 +132,7 @@ impl Edge {
                     metrics.bus.bus_up.clone(),
                     metrics.bus.redis_errors.clone(),
                     metrics.bus.redis_nodes.clone(),
+                    metrics.bus.redis_replication_seconds.clone(),
                 )
                 .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
                 tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");

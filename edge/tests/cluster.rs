@@ -461,3 +461,36 @@ async fn healthz_reports_the_bus_and_draining() {
     assert_eq!(h["draining"], true, "{h}");
     assert_eq!(p.get("/livez").await.0, 200);
 }
+
+/// `bus.min_replicas_acked` on one Redis: a gift is acknowledged only once a replica holds it.
+/// Without a replica it is refused (503: numbered, not acknowledged) while chat, which never
+/// waits, flows; once a replica syncs, the publisher's retry with the same Idempotency-Key is
+/// acknowledged with the seq the first attempt took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gifts_wait_for_a_replica_on_one_redis() {
+    let redis = RedisProc::start();
+    let edge = edge_on(&redis, &["--min-replicas-acked", "1"]);
+    let p = Publisher::new(edge.http);
+    let key = [("Idempotency-Key", "gift-1")];
+    let (code, _, body) = p.publish_with("w", "gift", json!({ "n": 1 }), &key).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("replicas"), "{body}");
+    assert_eq!(p.publish("w", "chat", json!("hi")).await, 2, "droppable kinds do not wait");
+    let port = redis.port.to_string();
+    let _replica = RedisProc::start_with(&["--replicaof", "127.0.0.1", &port]);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let out =
+                std::process::Command::new("redis-cli").args(["-p", &port, "INFO", "replication"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("state=online")
+        })
+        .await,
+        "replica in sync"
+    );
+    let (code, _, body) = p.publish_with("w", "gift", json!({ "n": 1 }), &key).await;
+    assert_eq!((code, body["seq"].as_u64(), body["replayed"].as_bool()), (200, Some(1), Some(true)), "{body}");
+    let (code, _, body) = p.publish_with("w", "gift", json!({ "n": 2 }), &[]).await;
+    assert_eq!((code, body["seq"].as_u64()), (200, Some(3)), "{body}");
+    let (_, text) = p.get("/metrics").await;
+    assert!(text.contains("roomcast_publish_rejected_total{reason=\"not_replicated\"} 1"), "refusal counted");
+}

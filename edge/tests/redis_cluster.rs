@@ -217,3 +217,191 @@ async fn resharding_a_hot_rooms_slot_loses_no_gift() {
         assert_eq!(seen, seqs, "member {i}: every gift once, in order");
     }
 }
+
+/// Publishes gift `n` with the Idempotency-Key `g-n`, retrying every refusal and failed request
+/// (as a publisher that must not lose a gift does) until it is acknowledged. Returns the seq.
+async fn publish_until_acked(pubs: &[Publisher], room: &str, n: u64) -> u64 {
+    let body = json!({ "kind": "gift", "body": { "n": n } }).to_string();
+    let key = format!("g-{n}");
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        let p = &pubs[(n as usize + attempt) % pubs.len()];
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            p.publish_with(room, "gift", json!({ "n": n }), &[("Idempotency-Key", key.as_str())]),
+        )
+        .await;
+        if let Ok((200, _, v)) = r {
+            return v["seq"].as_u64().unwrap();
+        }
+        assert!(std::time::Instant::now() < end, "gift {n} never acknowledged: {r:?} ({body})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
+}
+
+/// Each member's (seq, n) in the order received.
+fn spawn_gift_members(
+    edges: &[EdgeProc],
+    room: &str,
+    per_edge: usize,
+    want: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<Vec<(u64, u64)>>> {
+    let mut out = Vec::new();
+    for e in edges {
+        for _ in 0..per_edge {
+            let (url, room) = (e.url(&format!("?room={room}")), room.to_owned());
+            let want = want.clone();
+            out.push(tokio::spawn(async move {
+                let mut ws = connect(&url, None).await;
+                expect_joined(&mut ws, &room).await;
+                let mut seen: Vec<(u64, u64)> = Vec::new();
+                let end = std::time::Instant::now() + Duration::from_secs(120);
+                loop {
+                    let w = want.load(std::sync::atomic::Ordering::Relaxed);
+                    if seen.last().is_some_and(|&(s, _)| s >= w) {
+                        return seen;
+                    }
+                    assert!(std::time::Instant::now() < end, "{room}: only {seen:?}");
+                    match tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws)).await {
+                        Err(_) => {}
+                        Ok(Some(ServerMsg::Batch { messages, .. })) => {
+                            for m in messages {
+                                let body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+                                seen.push((m.seq, body["n"].as_u64().unwrap()));
+                            }
+                        }
+                        Ok(other) => panic!("{room}: {other:?} after {seen:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    out
+}
+
+/// The primary that owns a hot room's slot is killed mid-stream (SIGKILL). With
+/// `bus.min_replicas_acked = 1` a gift is acknowledged only once its replica holds it, so the
+/// replica that takes over has every acknowledged gift: the publisher retries what was not
+/// acknowledged (same Idempotency-Key), the edges follow the slot to the new primary and fill
+/// from its stream. Every member gets every acknowledged gift exactly once, in order, each seq
+/// with the gift it was acknowledged for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_hot_rooms_primary_loses_no_acknowledged_gift() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let url = cluster.url();
+    let edges: Vec<EdgeProc> = (0..3)
+        .map(|_| {
+            EdgeProc::start(&[
+                "--shards",
+                "1",
+                "--merge-window-ms",
+                "10",
+                "--bus",
+                url.as_str(),
+                "--min-replicas-acked",
+                "1",
+            ])
+        })
+        .collect();
+    let pubs: Vec<Publisher> = edges.iter().map(|e| Publisher::new(e.http)).collect();
+    let room = "hot";
+    let primary = cluster.owner_of(slot_of(room.as_bytes()));
+    let want = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let members = spawn_gift_members(&edges, room, 2, want.clone());
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (_, body) = pubs[0].get(&format!("/v1/rooms/{room}")).await;
+            serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["online"].as_u64() == Some(6))
+        })
+        .await,
+        "members joined"
+    );
+    const GIFTS: u64 = 300;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let publisher = {
+        let (pubs, acked) = (pubs.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for n in 0..GIFTS {
+                seqs.push((publish_until_acked(&pubs, room, n).await, n));
+                acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seqs
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || async { acked.load(std::sync::atomic::Ordering::Relaxed) >= 100 }).await
+    );
+    cluster.kill(primary);
+    let at_kill = acked.load(std::sync::atomic::Ordering::Relaxed);
+    // Its replica takes over; the old primary comes back as the new one's replica (without a
+    // replica the new primary cannot acknowledge gifts: min_replicas_acked = 1).
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            cluster.owner(slot_of(room.as_bytes())).is_some_and(|p| p != primary)
+        })
+        .await,
+        "failover"
+    );
+    cluster.restart(primary);
+    let gifts = publisher.await.unwrap();
+    assert!(at_kill < GIFTS, "the primary died mid-stream");
+    let seqs: Vec<u64> = gifts.iter().map(|&(s, _)| s).collect();
+    assert_eq!(seqs, (1..=GIFTS).collect::<Vec<_>>(), "every gift acknowledged once, seqs dense");
+    want.store(GIFTS, std::sync::atomic::Ordering::Relaxed);
+    for (i, m) in members.into_iter().enumerate() {
+        let seen = tokio::time::timeout(Duration::from_secs(60), m).await.expect("member finished").unwrap();
+        assert_eq!(seen, gifts, "member {i}: every acknowledged gift once, in order, as acknowledged");
+    }
+    // The edges saw the node go and come back.
+    let (_, body) = pubs[0].get("/healthz").await;
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let old = format!("127.0.0.1:{primary}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (_, body) = pubs[0].get("/healthz").await;
+            let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+            h["redis_nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["node"] == old.as_str() && n["role"] == "replica" && n["up"] == true)
+        })
+        .await,
+        "the old primary is back as a replica: {h}"
+    );
+}
+
+/// The cost of `bus.min_replicas_acked`: a gift's publish latency with and without waiting for
+/// a replica, on the same cluster (loopback, one replica per primary). Printed; recorded in
+/// ARCHITECTURE.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_gifts_cost_one_replication_round_trip() {
+    let cluster = RedisCluster::start(3, 1);
+    let url = cluster.url();
+    let plain = EdgeProc::start(&["--shards", "1", "--bus", url.as_str()]);
+    let waited = EdgeProc::start(&["--shards", "1", "--bus", url.as_str(), "--min-replicas-acked", "1"]);
+    let mut report = Vec::new();
+    for (i, (name, e)) in [("min_replicas_acked=0", &plain), ("min_replicas_acked=1", &waited)].into_iter().enumerate()
+    {
+        let p = Publisher::new(e.http);
+        for n in 0..50 {
+            publish_gift(&p, &format!("warm-{i}"), n).await;
+        }
+        let mut lat = Vec::new();
+        for n in 0..500u64 {
+            let t = std::time::Instant::now();
+            // A 503 (a busy machine past the replicas' timeout) is retried, and counted in.
+            publish_gift(&p, &format!("lat-{i}-{}", n % 30), n).await;
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        lat.sort_by(f64::total_cmp);
+        let q = |f: f64| lat[((lat.len() as f64 - 1.0) * f) as usize];
+        report.push(format!("{name}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms", q(0.5), q(0.99), q(1.0)));
+    }
+    let (_, text) = Publisher::new(waited.http).get("/metrics").await;
+    assert!(text.contains("roomcast_redis_replicated_publish_seconds_count 5"), "waited publishes measured");
+    eprintln!("gift publish latency over HTTP (30 rooms on 3 primaries):\n  {}", report.join("\n  "));
+}

@@ -84,9 +84,13 @@ impl NodeBoard {
 /// The command connection: redis-rs's cluster client with bounded retries, so that a publish
 /// during a failover is answered (503, retry) within seconds rather than minutes.
 pub async fn command_connection(seeds: &[String]) -> ::redis::RedisResult<ClusterConnection> {
+    connection_with(seeds, Duration::from_secs(3)).await
+}
+
+async fn connection_with(seeds: &[String], response_timeout: Duration) -> ::redis::RedisResult<ClusterConnection> {
     ::redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
         .connection_timeout(Duration::from_secs(1))
-        .response_timeout(Duration::from_secs(3))
+        .response_timeout(response_timeout)
         .retries(6)
         .min_retry_wait(50)
         .max_retry_wait(1_000)
@@ -313,6 +317,16 @@ pub(super) async fn run(
         }
     };
     tracing::info!(seeds = seeds.len(), "redis cluster bus connected");
+    // Waited publishes on connections of their own (WAIT holds its node's connection for a
+    // replication round trip).
+    let wcm = if limits.min_replicas_acked > 0 {
+        match connection_with(&seeds, limits.waited_response_timeout()).await {
+            Ok(c) => Conn::Cluster(c),
+            Err(_) => cm.clone(),
+        }
+    } else {
+        cm.clone()
+    };
     tokio::spawn(check_persistence(cm.clone()));
     let (itx, mut irx) = unbounded_channel::<Internal>();
     let (ptx, mut prx) = unbounded_channel::<(NodeAddr, PushInfo)>();
@@ -446,7 +460,8 @@ pub(super) async fn run(
                         }
                     }
                     BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
-                        tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
+                        let c = if must_deliver { wcm.clone() } else { cm.clone() };
+                        tokio::spawn(publish(c, script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
                     }
                     BridgeCmd::Fill { room, from, to } => {
                         tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));

@@ -69,6 +69,13 @@ pub enum PublishError {
     /// Redis (the seq authority in cluster mode) is unreachable; retry.
     #[error("the message bus (redis) is unavailable; retry shortly")]
     BusUnavailable,
+    /// `bus.min_replicas_acked`: Redis numbered the message, but fewer replicas than required
+    /// confirmed it in time. Not acknowledged: retry with the same Idempotency-Key (the retry
+    /// gets the same seq once replicas hold it).
+    #[error(
+        "the message is not yet held by enough redis replicas ({acked} of {wanted}); retry with the same Idempotency-Key"
+    )]
+    NotReplicated { acked: u32, wanted: u32 },
     /// The store is at `store.max_bytes` (must-deliver kinds only: nothing was numbered).
     #[error(
         "the edge's store is full (store.max_bytes); must-deliver messages are refused until retention frees space"

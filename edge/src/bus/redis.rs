@@ -128,6 +128,19 @@ pub struct StreamLimits {
     pub droppable: usize,
     /// How long a publish's idempotency key is remembered (`ingest.idempotency_ttl_s`).
     pub idempotency_ttl_s: u64,
+    /// `bus.min_replicas_acked`: replicas that must hold a must-deliver message before it is
+    /// acknowledged (0: none).
+    pub min_replicas_acked: u32,
+    /// `bus.replicas_timeout_ms`: how long to wait for them.
+    pub replicas_timeout_ms: u64,
+}
+
+impl StreamLimits {
+    /// How long a waited publish's connection waits for an answer: WAIT's own timeout and
+    /// room for the script and the round trip.
+    pub fn waited_response_timeout(&self) -> Duration {
+        Duration::from_millis(self.replicas_timeout_ms + 2_000)
+    }
 }
 
 pub(super) const PUBLISH_LUA: &str = r#"
@@ -343,8 +356,10 @@ pub fn start(
     up: prometheus::IntGauge,
     errors: prometheus::IntCounterVec,
     nodes: super::cluster::NodeBoard,
+    replication: prometheus::Histogram,
 ) -> Result<Bridge, ::redis::RedisError> {
     let _ = ERRORS.set(errors);
+    let _ = REPLICATION.set(replication);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     match BusUrl::parse(url)
         .map_err(|e| ::redis::RedisError::from((::redis::ErrorKind::InvalidClientConfig, "bus", e)))?
@@ -527,11 +542,20 @@ async fn run(
         // (Re)connect: a command connection and a subscriber connection.
         let conn = async {
             let cm = Conn::Single(ConnectionManager::new(client.clone()).await?);
+            // Waited publishes on a connection of their own: WAIT holds its connection (and
+            // so everything queued behind it) for a replication round trip.
+            let wcm = if limits.min_replicas_acked > 0 {
+                let config = ::redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(limits.waited_response_timeout()));
+                Conn::Single(ConnectionManager::new_with_config(client.clone(), config).await?)
+            } else {
+                cm.clone()
+            };
             let ps = client.get_async_pubsub().await?;
-            Ok::<_, ::redis::RedisError>((cm, ps))
+            Ok::<_, ::redis::RedisError>((cm, wcm, ps))
         }
         .await;
-        let (cm, ps) = match conn {
+        let (cm, wcm, ps) = match conn {
             Ok(c) => c,
             Err(e) => {
                 up.set(0);
@@ -639,7 +663,8 @@ async fn run(
                             }
                         }
                         BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
-                            tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
+                            let c = if must_deliver { wcm.clone() } else { cm.clone() };
+                            tokio::spawn(publish(c, script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
                         }
                         BridgeCmd::Fill { room, from, to } => {
                             tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
@@ -786,37 +811,103 @@ pub(super) async fn publish(
     // The key's own name, in the room's hash slot; with no key the script does not read it.
     let idem = msg.idem.as_deref().map_or_else(|| k[0].clone(), |key| format!("rc:{{{room}}}:idem:{key}"));
     let ttl = if msg.idem.is_some() { limits.idempotency_ttl_s } else { 0 };
-    let r: Result<(u64, u64, u8), _> = script
-        .key(&k[0])
-        .key(&k[1])
-        .key(&k[2])
-        .key(&k[3])
-        .key(&k[4])
-        .key(&k[5])
-        .key(idem)
-        .arg(&msg.kind)
-        .arg(&msg.user)
-        .arg(&msg.body)
-        .arg(if must_deliver { "1" } else { "0" })
-        .arg(limits.must_deliver.max(1))
-        .arg(limits.droppable.max(1))
-        .arg(if conflate.is_some() { "1" } else { "0" })
-        .arg(conflate.unwrap_or_default())
-        .arg(ttl)
-        .arg(cm.publish_command())
-        .invoke_async(&mut cm)
-        .await;
-    drop(permit);
-    let result = match r {
-        Ok((seq, ts_us, replayed)) => Ok(Ack { seq, ts_us, replayed: replayed == 1 }),
-        Err(e) => {
-            tracing::warn!(error = %e, "redis publish failed");
-            failed("publish");
-            Err(PublishError::BusUnavailable)
+    use ::redis::ToRedisArgs;
+    let mut keys_: Vec<Vec<u8>> = k[..6].iter().map(|k| k.clone().into_bytes()).collect();
+    keys_.push(idem.into_bytes());
+    let mut args: Vec<Vec<u8>> = Vec::with_capacity(10);
+    for a in [&msg.kind, &msg.user, &msg.body] {
+        args.extend(a.to_redis_args());
+    }
+    args.extend((if must_deliver { "1" } else { "0" }).to_redis_args());
+    args.extend(limits.must_deliver.max(1).to_redis_args());
+    args.extend(limits.droppable.max(1).to_redis_args());
+    args.extend((if conflate.is_some() { "1" } else { "0" }).to_redis_args());
+    args.extend(conflate.unwrap_or_default().to_redis_args());
+    args.extend(ttl.to_redis_args());
+    args.extend(cm.publish_command().to_redis_args());
+    let result = if must_deliver && limits.min_replicas_acked > 0 {
+        replicated(&mut cm, &script, &keys_, &args, &msg, limits).await
+    } else {
+        let mut invocation = script.prepare_invoke();
+        for key in &keys_ {
+            invocation.key(key);
+        }
+        for a in &args {
+            invocation.arg(a);
+        }
+        match invocation.invoke_async::<(u64, u64, u8)>(&mut cm).await {
+            Ok((seq, ts_us, replayed)) => Ok(Ack { seq, ts_us, replayed: replayed == 1 }),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis publish failed");
+                failed("publish");
+                Err(PublishError::BusUnavailable)
+            }
         }
     };
+    drop(permit);
     bus.send_async(EngineCmd::PublishDone { room, reply, result }).await;
 }
+
+/// Runs the publish script and `WAIT` in one pipeline: the same connection, so `WAIT` counts
+/// the replicas that hold this script's writes (on a cluster the pipeline goes to the room's
+/// primary; a `MOVED` sends it whole to the new owner). Too few within the timeout: not
+/// acknowledged (503); the publisher's retry with its Idempotency-Key gets the same seq and
+/// waits again. A script Redis has not cached yet is loaded (on every node) and the pipeline
+/// sent again: `NOSCRIPT` means it did not run.
+async fn replicated(
+    cm: &mut Conn,
+    script: &::redis::Script,
+    keys: &[Vec<u8>],
+    args: &[Vec<u8>],
+    msg: &NewMessage,
+    limits: StreamLimits,
+) -> Result<Ack, PublishError> {
+    let mut evalsha = ::redis::cmd("EVALSHA");
+    evalsha.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
+    let mut wait = ::redis::cmd("WAIT");
+    wait.arg(limits.min_replicas_acked).arg(limits.replicas_timeout_ms);
+    let mut pipe = ::redis::pipe();
+    pipe.add_command(evalsha).add_command(wait);
+    let started = std::time::Instant::now();
+    let mut loaded = false;
+    loop {
+        match pipe.query_async::<((u64, u64, u8), u32)>(cm).await {
+            Ok(((seq, ts_us, replayed), acked)) => {
+                if let Some(h) = REPLICATION.get() {
+                    h.observe(started.elapsed().as_secs_f64());
+                }
+                if acked >= limits.min_replicas_acked {
+                    return Ok(Ack { seq, ts_us, replayed: replayed == 1 });
+                }
+                tracing::warn!(
+                    seq,
+                    acked,
+                    wanted = limits.min_replicas_acked,
+                    idempotency_key = msg.idem.is_some(),
+                    "gift not acknowledged: too few redis replicas hold it in time"
+                );
+                failed("not_replicated");
+                return Err(PublishError::NotReplicated { acked, wanted: limits.min_replicas_acked });
+            }
+            Err(e) if !loaded && e.to_string().to_ascii_uppercase().contains("NOSCRIPT") => {
+                loaded = true;
+                let r: ::redis::RedisResult<::redis::Value> =
+                    ::redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).query_async(cm).await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot load the publish script");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis publish failed");
+                failed("publish");
+                return Err(PublishError::BusUnavailable);
+            }
+        }
+    }
+}
+
+/// `roomcast_redis_replication_seconds`: a waited publish, script and `WAIT` together.
+static REPLICATION: std::sync::OnceLock<prometheus::Histogram> = std::sync::OnceLock::new();
 
 /// Reads `from..=to` from a stream (ids are `seq-0`).
 async fn range(cm: &mut Conn, key: &str, from: u64, to: u64) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {

@@ -335,16 +335,22 @@ pub struct RedisProc {
 
 impl RedisProc {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra redis-server arguments (`--replicaof 127.0.0.1 PORT` for a replica).
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = std::env::temp_dir().join(format!("roomcast-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        Self::start_at(port, dir)
+        Self::start_at(port, dir, extra)
     }
 
-    fn start_at(port: u16, dir: std::path::PathBuf) -> Self {
+    fn start_at(port: u16, dir: std::path::PathBuf, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", "always", "--dir", dir.to_str().unwrap()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -372,7 +378,7 @@ impl RedisProc {
     /// Kills the server (SIGKILL) and starts a new one on the same port and data directory.
     pub fn restart(&mut self) {
         self.kill();
-        let next = Self::start_at(self.port, self.dir.clone());
+        let next = Self::start_at(self.port, self.dir.clone(), &[]);
         let old = std::mem::replace(self, next);
         std::mem::forget(old);
     }
@@ -406,7 +412,8 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
 /// replica each, made by `redis-cli --cluster create`), each in its own temporary directory,
 /// with AOF fsynced always; every process is killed and the directory removed when dropped.
 pub struct RedisCluster {
-    pub nodes: Vec<(u16, Option<Child>)>,
+    /// (client port, cluster bus port, process while it runs)
+    pub nodes: Vec<(u16, u16, Option<Child>)>,
     pub dir: std::path::PathBuf,
 }
 
@@ -418,27 +425,10 @@ impl RedisCluster {
         let mut c = Self { nodes: Vec::new(), dir };
         for _ in 0..n {
             let (port, bus) = (free_port(), free_port());
-            let d = c.dir.join(port.to_string());
-            std::fs::create_dir_all(&d).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "1500", "--save", "", "--appendonly", "yes"])
-                .args(["--appendfsync", "always", "--dir", d.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("redis-server (installed by scripts/setup.sh)");
-            c.nodes.push((port, Some(child)));
+            let child = c.spawn_node(port, bus);
+            c.nodes.push((port, bus, Some(child)));
         }
-        for &(port, _) in &c.nodes {
-            let end = Instant::now() + Duration::from_secs(10);
-            while redis_cli(port, &["PING"]).trim() != "PONG" {
-                assert!(Instant::now() < end, "redis-server on {port} did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let addrs: Vec<String> = c.nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        let addrs: Vec<String> = c.nodes.iter().map(|(p, _, _)| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
@@ -447,13 +437,57 @@ impl RedisCluster {
             .expect("redis-cli --cluster create");
         assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
         c.wait_ok(Duration::from_secs(20));
+        // Replicas in sync (their first full sync done), so that WAIT can count them.
+        let end = Instant::now() + Duration::from_secs(20);
+        for &(port, _, _) in &c.nodes {
+            loop {
+                let info = redis_cli(port, &["INFO", "replication"]);
+                let online = info.lines().filter(|l| l.starts_with("slave") && l.contains("state=online")).count();
+                if info.contains("role:slave") || online >= replicas {
+                    break;
+                }
+                assert!(Instant::now() < end, "replicas of {port} not in sync: {info}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         c
+    }
+
+    /// Starts (or restarts, keeping its identity in nodes.conf and its AOF) the node on `port`
+    /// and waits until it answers.
+    fn spawn_node(&self, port: u16, bus: u16) -> Child {
+        let d = self.dir.join(port.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", "1500", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--dir", d.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server (installed by scripts/setup.sh)");
+        let end = Instant::now() + Duration::from_secs(10);
+        while redis_cli(port, &["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < end, "redis-server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// Starts the node on `port` again after `kill` (it rejoins; a primary that failed over
+    /// comes back as a replica of its successor).
+    pub fn restart(&mut self, port: u16) {
+        let i = self.nodes.iter().position(|(p, _, _)| *p == port).expect("a node of this cluster");
+        assert!(self.nodes[i].2.is_none(), "node {port} is running");
+        let child = self.spawn_node(port, self.nodes[i].1);
+        self.nodes[i].2 = Some(child);
     }
 
     /// Waits until every live node says `cluster_state:ok` and sees every slot served.
     pub fn wait_ok(&self, d: Duration) {
         let end = Instant::now() + d;
-        for (port, child) in &self.nodes {
+        for (port, _, child) in &self.nodes {
             if child.is_none() {
                 continue;
             }
@@ -475,11 +509,17 @@ impl RedisCluster {
 
     /// A live node's port.
     pub fn any_port(&self) -> u16 {
-        self.nodes.iter().find(|(_, c)| c.is_some()).expect("a live node").0
+        self.nodes.iter().find(|(_, _, c)| c.is_some()).expect("a live node").0
     }
 
     /// The port of the primary serving `slot`, as the cluster says now.
     pub fn owner_of(&self, slot: u16) -> u16 {
+        self.owner(slot).unwrap_or_else(|| panic!("no owner of slot {slot}"))
+    }
+
+    /// The port of the primary serving `slot` (None while its primary fails and no replica
+    /// has taken over yet).
+    pub fn owner(&self, slot: u16) -> Option<u16> {
         for line in redis_cli(self.any_port(), &["CLUSTER", "NODES"]).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 8 || !f[2].contains("master") || f[2].contains("fail") {
@@ -491,16 +531,16 @@ impl RedisCluster {
                     && (a..=b).contains(&slot)
                 {
                     let addr = f[1].split('@').next().unwrap();
-                    return addr.rsplit_once(':').unwrap().1.parse().unwrap();
+                    return addr.rsplit_once(':').unwrap().1.parse().ok();
                 }
             }
         }
-        panic!("no owner of slot {slot}");
+        None
     }
 
     /// SIGKILL the node on `port` (as a crash would).
     pub fn kill(&mut self, port: u16) {
-        for (p, child) in &mut self.nodes {
+        for (p, _, child) in &mut self.nodes {
             if *p == port
                 && let Some(mut c) = child.take()
             {
@@ -513,7 +553,7 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for (_, child) in &mut self.nodes {
+        for (_, _, child) in &mut self.nodes {
             if let Some(mut c) = child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
