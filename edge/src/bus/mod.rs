@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod policy;
 pub mod redis;
+pub mod sentinel;
 pub mod slots;
 
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -147,12 +147,21 @@ pub(super) const PUBLISH_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none)
 -- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max, conflate (0|1), entry key,
---       idempotency TTL in seconds (0: no key), publish command (PUBLISH, or SPUBLISH on a cluster)
--- Returns {seq, ts_us, replayed (0|1)}.
+--       idempotency TTL in seconds (0: no key), publish command (PUBLISH, or SPUBLISH on a cluster),
+--       publish now (1), or leave it to the caller (0: it publishes once replicas hold the message)
+-- Returns {seq, ts_us, replayed (0|1)}, and the message when the caller publishes it.
 if ARGV[9] ~= '0' then
   local prev = redis.call('GET', KEYS[7])
   if prev then
     local s, t0 = string.match(prev, '^(%d+):(%d+)$')
+    if ARGV[11] == '0' then
+      -- The first attempt may never have been published (its replicas were late): the caller
+      -- publishes it now, from the stream (members ignore a seq they have).
+      local e = redis.call('XRANGE', KEYS[2], s .. '-0', s .. '-0')
+      local m = ''
+      if #e > 0 then m = e[1][2][2] end
+      return {tonumber(s), tonumber(t0), 1, m}
+    end
     return {tonumber(s), tonumber(t0), 1}
   end
 end
@@ -191,9 +200,14 @@ if ARGV[7] == '1' then
     if f ~= ARGV[1] .. '\n' .. ARGV[8] then redis.call('HDEL', KEYS[6], f) end
   end
 end
-redis.call(ARGV[10], KEYS[4], msg)
+if ARGV[11] == '1' then
+  redis.call(ARGV[10], KEYS[4], msg)
+end
 if ARGV[9] ~= '0' then
   redis.call('SET', KEYS[7], string.format('%d', seq) .. ':' .. string.format('%d', ts), 'EX', tonumber(ARGV[9]))
+end
+if ARGV[11] == '0' then
+  return {seq, ts, 0, msg}
 end
 return {seq, ts, 0}
 "#;
@@ -366,7 +380,11 @@ pub fn start(
     {
         BusUrl::Single(url) => {
             let client = ::redis::Client::open(url)?;
-            tokio::spawn(run(client, rx, bus, limits, presence, up));
+            tokio::spawn(run(Target::Fixed(client), rx, bus, limits, presence, up));
+        }
+        BusUrl::Sentinel(t) => {
+            ::redis::Client::open(t.node_url("h:1"))?;
+            tokio::spawn(run(Target::Sentinel(t), rx, bus, limits, presence, up));
         }
         BusUrl::Cluster(seeds) => {
             // Fail early on a malformed seed, as `Client::open` does for one Redis.
@@ -387,6 +405,9 @@ pub enum BusUrl {
     /// `redis-cluster://[user:password@]host:port,host:port[/?query]`: a Redis Cluster, given
     /// by seed nodes (any few; the rest are discovered), each as a `redis://` URL.
     Cluster(Vec<String>),
+    /// `redis-sentinel://[user:password@]host:port,host:port/MASTER`: one Redis and its
+    /// replicas, whose master the sentinels name (`bus::sentinel`).
+    Sentinel(super::sentinel::SentinelTarget),
 }
 
 impl BusUrl {
@@ -394,8 +415,26 @@ impl BusUrl {
         if url.starts_with("redis://") || url.starts_with("rediss://") {
             return Ok(Self::Single(url.to_owned()));
         }
+        if let Some(rest) = url.strip_prefix("redis-sentinel://") {
+            let (authority, name) = rest.split_once('/').unwrap_or((rest, ""));
+            let name = name.trim_end_matches('/');
+            if name.is_empty() || name.contains(['/', '?', '#']) {
+                return Err(
+                    "redis-sentinel:// needs the master's name: redis-sentinel://HOST:PORT,HOST:PORT/NAME".into()
+                );
+            }
+            let (auth, hosts) = match authority.rsplit_once('@') {
+                Some((u, h)) => (format!("{u}@"), h),
+                None => (String::new(), authority),
+            };
+            let sentinels = hosts_of(hosts)?;
+            return Ok(Self::Sentinel(super::sentinel::SentinelTarget { sentinels, master: name.to_owned(), auth }));
+        }
         let Some(rest) = url.strip_prefix("redis-cluster://") else {
-            return Err("must be redis://HOST:PORT or redis-cluster://HOST:PORT,HOST:PORT,...".into());
+            return Err(
+                "must be redis://HOST:PORT, redis-cluster://HOST:PORT,HOST:PORT,... or redis-sentinel://HOST:PORT,.../MASTER"
+                    .into(),
+            );
         };
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(end);
@@ -403,22 +442,34 @@ impl BusUrl {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
-        let mut seeds = Vec::new();
-        for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
-            let Some((host, port)) = h.rsplit_once(':') else {
-                return Err(format!("seed {h:?}: HOST:PORT expected"));
-            };
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(format!("seed {h:?}: HOST:PORT expected"));
-            }
-            let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-            seeds.push(format!("redis://{auth}{h}{tail}"));
-        }
-        if seeds.is_empty() {
-            return Err("redis-cluster:// needs at least one seed node HOST:PORT".into());
-        }
+        let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        let seeds = hosts_of(hosts)?.into_iter().map(|h| format!("redis://{auth}{h}{tail}")).collect();
         Ok(Self::Cluster(seeds))
     }
+}
+
+/// `host:port,host:port` (at least one).
+fn hosts_of(hosts: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        let Some((host, port)) = h.rsplit_once(':') else {
+            return Err(format!("node {h:?}: HOST:PORT expected"));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("node {h:?}: HOST:PORT expected"));
+        }
+        out.push(h.to_owned());
+    }
+    if out.is_empty() {
+        return Err("at least one node HOST:PORT is needed".into());
+    }
+    Ok(out)
+}
+
+/// Where the single-Redis bridge connects: a fixed address, or the master Sentinel names.
+enum Target {
+    Fixed(::redis::Client),
+    Sentinel(super::sentinel::SentinelTarget),
 }
 
 /// A command connection to the bus. One Redis: redis-rs's `ConnectionManager` (reconnects by
@@ -429,6 +480,7 @@ impl BusUrl {
 pub enum Conn {
     Single(ConnectionManager),
     Cluster(::redis::cluster_async::ClusterConnection),
+    Sentinel(super::sentinel::SentinelConn),
 }
 
 impl Conn {
@@ -439,6 +491,12 @@ impl Conn {
         {
             BusUrl::Single(url) => Ok(Self::Single(ConnectionManager::new(::redis::Client::open(url)?).await?)),
             BusUrl::Cluster(seeds) => super::cluster::command_connection(&seeds).await.map(Self::Cluster),
+            BusUrl::Sentinel(t) => {
+                let c = super::sentinel::SentinelConn::new(t, Duration::from_secs(3));
+                // Fail now, as the others do, when no sentinel names a reachable master.
+                let _: String = ::redis::cmd("PING").query_async(&mut c.clone()).await?;
+                Ok(Self::Sentinel(c))
+            }
         }
     }
 
@@ -458,6 +516,7 @@ impl ::redis::aio::ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -470,6 +529,7 @@ impl ::redis::aio::ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
             Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -477,6 +537,7 @@ impl ::redis::aio::ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
+            Self::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -523,7 +584,7 @@ pub(super) async fn report_online(
 }
 
 async fn run(
-    client: ::redis::Client,
+    target: Target,
     mut rx: UnboundedReceiver<BridgeCmd>,
     bus: BusHandle,
     limits: StreamLimits,
@@ -541,6 +602,13 @@ async fn run(
     loop {
         // (Re)connect: a command connection and a subscriber connection.
         let conn = async {
+            let (client, master) = match &target {
+                Target::Fixed(c) => (c.clone(), None),
+                Target::Sentinel(t) => {
+                    let addr = t.master().await?;
+                    (::redis::Client::open(t.node_url(&addr))?, Some(addr))
+                }
+            };
             let cm = Conn::Single(ConnectionManager::new(client.clone()).await?);
             // Waited publishes on a connection of their own: WAIT holds its connection (and
             // so everything queued behind it) for a replication round trip.
@@ -552,10 +620,10 @@ async fn run(
                 cm.clone()
             };
             let ps = client.get_async_pubsub().await?;
-            Ok::<_, ::redis::RedisError>((cm, wcm, ps))
+            Ok::<_, ::redis::RedisError>((cm, wcm, ps, master))
         }
         .await;
-        let (cm, wcm, ps) = match conn {
+        let (cm, wcm, ps, master) = match conn {
             Ok(c) => c,
             Err(e) => {
                 up.set(0);
@@ -604,11 +672,45 @@ async fn run(
         }
         tracing::info!(rooms = rooms.len(), "redis bus connected");
         tokio::spawn(check_persistence(cm.clone()));
+        // Sentinel: ask each second which node is the master; another answer is a failover.
+        let (moved_tx, mut moved) = tokio::sync::oneshot::channel::<String>();
+        // Held here when nobody watches, so that `moved` stays pending.
+        let mut moved_tx = Some(moved_tx);
+        let watcher = match (&target, master, moved_tx.take()) {
+            (Target::Sentinel(t), Some(current), Some(moved_tx)) => {
+                tracing::info!(master = %current, "sentinel names the redis master");
+                let t = t.clone();
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if let Ok(addr) = t.master().await
+                            && addr != current
+                        {
+                            let _ = moved_tx.send(addr);
+                            return;
+                        }
+                    }
+                }))
+            }
+            (_, _, tx) => {
+                moved_tx = tx;
+                None
+            }
+        };
+        let _watcher = AbortOnDrop(watcher);
+        let _keep = moved_tx;
         use futures_util::StreamExt;
         let mut refresh = tokio::time::interval(presence.ttl / 3);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                Ok(addr) = &mut moved => {
+                    tracing::warn!(master = %addr, "sentinel announced a failover: following the new master");
+                    failed("connection_lost");
+                    up.set(0);
+                    bus.send_async(EngineCmd::Redis { up: false }).await;
+                    break;
+                }
                 _ = refresh.tick() => {
                     // One task walks every room with members here, a bounded number of scripts
                     // in flight: the counts of a live edge never expire.
@@ -686,6 +788,17 @@ async fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Ends a task when its owner goes (the sentinel watcher of one connection).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
         }
     }
 }
@@ -825,8 +938,11 @@ pub(super) async fn publish(
     args.extend(conflate.unwrap_or_default().to_redis_args());
     args.extend(ttl.to_redis_args());
     args.extend(cm.publish_command().to_redis_args());
-    let result = if must_deliver && limits.min_replicas_acked > 0 {
-        replicated(&mut cm, &script, &keys_, &args, &msg, limits).await
+    let waited = must_deliver && limits.min_replicas_acked > 0;
+    // A waited message goes to members only once replicas hold it: published by `replicated`.
+    args.extend((if waited { "0" } else { "1" }).to_redis_args());
+    let result = if waited {
+        replicated(&mut cm, &script, &keys_, &args, &k[3], &msg, limits).await
     } else {
         let mut invocation = script.prepare_invoke();
         for key in &keys_ {
@@ -852,13 +968,17 @@ pub(super) async fn publish(
 /// the replicas that hold this script's writes (on a cluster the pipeline goes to the room's
 /// primary; a `MOVED` sends it whole to the new owner). Too few within the timeout: not
 /// acknowledged (503); the publisher's retry with its Idempotency-Key gets the same seq and
-/// waits again. A script Redis has not cached yet is loaded (on every node) and the pipeline
-/// sent again: `NOSCRIPT` means it did not run.
+/// waits again. The script does not publish the message: it goes on the room's channel only
+/// once the replicas hold it, so what members saw live is what a failover keeps (Sentinel's
+/// switchover showed why: an old primary still answers for a moment after its replica took
+/// over, and members of a gift it numbered then were reset). A script Redis has not cached yet
+/// is loaded (on every node) and the pipeline sent again: `NOSCRIPT` means it did not run.
 async fn replicated(
     cm: &mut Conn,
     script: &::redis::Script,
     keys: &[Vec<u8>],
     args: &[Vec<u8>],
+    channel: &str,
     msg: &NewMessage,
     limits: StreamLimits,
 ) -> Result<Ack, PublishError> {
@@ -871,12 +991,23 @@ async fn replicated(
     let started = std::time::Instant::now();
     let mut loaded = false;
     loop {
-        match pipe.query_async::<((u64, u64, u8), u32)>(cm).await {
-            Ok(((seq, ts_us, replayed), acked)) => {
+        match pipe.query_async::<((u64, u64, u8, Vec<u8>), u32)>(cm).await {
+            Ok(((seq, ts_us, replayed, text), acked)) => {
                 if let Some(h) = REPLICATION.get() {
                     h.observe(started.elapsed().as_secs_f64());
                 }
                 if acked >= limits.min_replicas_acked {
+                    // Now members may see it: a message they saw is one a failover keeps.
+                    if !text.is_empty() {
+                        let r: ::redis::RedisResult<::redis::Value> =
+                            ::redis::cmd(cm.publish_command()).arg(channel).arg(&text).query_async(cm).await;
+                        if let Err(e) = r {
+                            // Members get it from the stream with the room's next message or
+                            // the next re-read.
+                            tracing::warn!(seq, error = %e, "cannot publish a replicated gift on its channel");
+                            failed("publish");
+                        }
+                    }
                     return Ok(Ack { seq, ts_us, replayed: replayed == 1 });
                 }
                 tracing::warn!(

@@ -562,3 +562,77 @@ impl Drop for RedisCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Redis Sentinels (`redis-server FILE --sentinel`) watching the master on `master_port` under
+/// the name `roomcast`, on free loopback ports, each with its config in a temporary directory
+/// (sentinels rewrite it); killed and removed when dropped.
+pub struct Sentinels {
+    pub children: Vec<Child>,
+    pub ports: Vec<u16>,
+    pub dir: std::path::PathBuf,
+}
+
+impl Sentinels {
+    pub fn start(master_port: u16, n: usize, quorum: usize) -> Self {
+        let dir = std::env::temp_dir().join(format!("roomcast-sentinel-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Self { children: Vec::new(), ports: Vec::new(), dir };
+        for _ in 0..n {
+            let port = free_port();
+            let conf = s.dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor roomcast 127.0.0.1 {master_port} {quorum}\n\
+                     sentinel down-after-milliseconds roomcast 1000\nsentinel failover-timeout roomcast 5000\n",
+                    s.dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("redis-server --sentinel (installed by scripts/setup.sh)");
+            s.children.push(child);
+            s.ports.push(port);
+        }
+        for &port in &s.ports {
+            let end = Instant::now() + Duration::from_secs(10);
+            while !redis_cli(port, &["SENTINEL", "get-master-addr-by-name", "roomcast"])
+                .contains(&master_port.to_string())
+            {
+                assert!(Instant::now() < end, "sentinel on {port} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        s
+    }
+
+    /// `redis-sentinel://` URL naming the first two sentinels.
+    pub fn url(&self) -> String {
+        format!("redis-sentinel://127.0.0.1:{},127.0.0.1:{}/roomcast", self.ports[0], self.ports[1])
+    }
+
+    /// The master's port as the first sentinel names it.
+    pub fn master_port(&self) -> Option<u16> {
+        redis_cli(self.ports[0], &["SENTINEL", "get-master-addr-by-name", "roomcast"])
+            .lines()
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
