@@ -99,10 +99,13 @@ pub enum Fsync {
 /// The shared bus (`bus = "URL"`, or `[bus]` with `url` and the settings below).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusConfig {
-    /// One Redis, `redis://HOST:PORT`, or a Redis Cluster, `redis-cluster://HOST:PORT,HOST:PORT,...`
+    /// One Redis, `redis://HOST:PORT`; a Redis Cluster, `redis-cluster://HOST:PORT,HOST:PORT,...`
     /// (a few seed nodes; the rest are discovered: rooms are spread over the primaries by slot,
-    /// followed with sharded pub/sub). Credentials go in the URL (`redis://:PASSWORD@HOST:PORT`;
-    /// for a cluster once, before the seeds), and are redacted in logs.
+    /// followed with sharded pub/sub); or one Redis with replicas under Sentinel,
+    /// `redis-sentinel://HOST:PORT,HOST:PORT/MASTER` (the sentinels and the master's name: the
+    /// edge follows the master they announce). Credentials go in the URL
+    /// (`redis://:PASSWORD@HOST:PORT`; for a cluster or the Sentinel's data nodes once, before
+    /// the hosts), and are redacted in logs.
     pub url: String,
     /// A must-deliver publish is acknowledged only once at least this many replicas of the
     /// room's primary hold it (Redis `WAIT`), so that a failover cannot lose an acknowledged

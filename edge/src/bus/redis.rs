@@ -1113,6 +1113,15 @@ mod tests {
         assert!(BusUrl::parse("redis-cluster://h").is_err());
         assert!(BusUrl::parse("redis-cluster://h:x").is_err());
         assert!(BusUrl::parse("http://h:1").is_err());
+        assert_eq!(
+            BusUrl::parse("redis-sentinel://:pw@s1:26379,s2:26379/main"),
+            Ok(BusUrl::Sentinel(crate::bus::sentinel::SentinelTarget {
+                sentinels: vec!["s1:26379".into(), "s2:26379".into()],
+                master: "main".into(),
+                auth: ":pw@".into(),
+            }))
+        );
+        assert!(BusUrl::parse("redis-sentinel://s1:26379").is_err(), "the master's name is needed");
     }
 
     #[test]
