@@ -32,8 +32,8 @@ use ::redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::redis::{
-    BridgeCmd, Conn, ONLINE_LUA, OnlineWire, PUBLISH_LUA, Presence, StreamLimits, check_persistence, failed, fill,
-    offline, parse, publish, recover, renumber, report_online, room_of_channel, sync_room,
+    BridgeCmd, Conn, ONLINE_LUA, OnlineWire, PUBLISH_LUA, Presence, StreamLimits, failed, fill, offline, parse,
+    publish, recover, renumber, report_online, room_of_channel, sync_room,
 };
 use super::slots::{NodeAddr, SubAction, Subscriptions, Topology, channel_key};
 use super::{BusHandle, EngineCmd, RoomName};
@@ -202,8 +202,12 @@ async fn watch(
     board: NodeBoard,
     internal: UnboundedSender<Internal>,
     refresh: Arc<tokio::sync::Notify>,
+    min_replicas_acked: u32,
 ) {
     let mut pings: HashMap<String, MultiplexedConnection> = HashMap::new();
+    // Said once per node (persistence) and per primary while it lacks replicas.
+    let mut checked: HashSet<String> = HashSet::new();
+    let mut short: HashSet<String> = HashSet::new();
     loop {
         let nodes: ::redis::RedisResult<String> = ::redis::cmd("CLUSTER").arg("NODES").query_async(&mut cm).await;
         let info: ::redis::RedisResult<String> = ::redis::cmd("CLUSTER").arg("INFO").query_async(&mut cm).await;
@@ -222,6 +226,23 @@ async fn watch(
                     });
                 }
                 pings.retain(|addr, _| topo.nodes.iter().any(|n| &n.addr == addr));
+                for n in &topo.nodes {
+                    if let Some(c) = pings.get_mut(&n.addr)
+                        && checked.insert(n.addr.clone())
+                    {
+                        check_node_persistence(c, &n.addr).await;
+                    }
+                    if n.primary && !n.slots.is_empty() && min_replicas_acked > 0 {
+                        let live = topo.live_replicas(n);
+                        if live < min_replicas_acked as usize {
+                            if short.insert(n.addr.clone()) {
+                                tracing::warn!(node = %n.addr, replicas = live, min_replicas_acked, "redis primary has fewer replicas than bus.min_replicas_acked: gifts to its rooms are refused (503) until one is back");
+                            }
+                        } else {
+                            short.remove(&n.addr);
+                        }
+                    }
+                }
                 board.set(health);
                 if internal.send(Internal::Topology(topo, ok)).is_err() {
                     return;
@@ -243,6 +264,20 @@ async fn watch(
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             () = refresh.notified() => {}
+        }
+    }
+}
+
+/// Says when a node can lose acknowledged writes at a restart (as `check_persistence` does for
+/// one Redis): every node, since any may be promoted.
+async fn check_node_persistence(c: &mut MultiplexedConnection, addr: &str) {
+    let get = |key: &'static str| ::redis::cmd("CONFIG").arg("GET").arg(key).clone();
+    let aof: ::redis::RedisResult<Vec<String>> = get("appendonly").query_async(c).await;
+    let fsync: ::redis::RedisResult<Vec<String>> = get("appendfsync").query_async(c).await;
+    if let (Ok(a), Ok(f)) = (aof, fsync) {
+        let (a, f) = (a.get(1).cloned().unwrap_or_default(), f.get(1).cloned().unwrap_or_default());
+        if a != "yes" || f != "always" {
+            tracing::warn!(node = addr, appendonly = %a, appendfsync = %f, "redis node can lose acknowledged publishes at a restart (only appendonly yes with appendfsync always cannot)");
         }
     }
 }
@@ -327,12 +362,11 @@ pub(super) async fn run(
     } else {
         cm.clone()
     };
-    tokio::spawn(check_persistence(cm.clone()));
     let (itx, mut irx) = unbounded_channel::<Internal>();
     let (ptx, mut prx) = unbounded_channel::<(NodeAddr, PushInfo)>();
     let refresh = Arc::new(tokio::sync::Notify::new());
     let seed = seeds[0].clone();
-    tokio::spawn(watch(cm.clone(), seed.clone(), board, itx.clone(), refresh.clone()));
+    tokio::spawn(watch(cm.clone(), seed.clone(), board, itx.clone(), refresh.clone(), limits.min_replicas_acked));
     let mut subs = Subscriptions::default();
     let now = Instant::now();
     for room in early.drain() {

@@ -58,6 +58,8 @@ pub struct ClusterNode {
     /// `host:port` (the client port).
     pub addr: String,
     pub primary: bool,
+    /// A replica's primary (its node id).
+    pub replica_of: Option<String>,
     /// The cluster has flagged it failing (`fail` or `fail?` as seen by the node asked).
     pub failing: bool,
     /// Slot ranges it serves (primaries), inclusive.
@@ -109,6 +111,7 @@ impl Topology {
                 id: f[0].to_owned(),
                 addr: addr.to_owned(),
                 primary: flags.contains(&"master"),
+                replica_of: (f[3] != "-").then(|| f[3].to_owned()),
                 failing: flags.contains(&"fail") || flags.contains(&"fail?"),
                 slots,
             };
@@ -136,6 +139,11 @@ impl Topology {
     /// Every slot has a primary the cluster does not flag as failing.
     pub fn covered(&self) -> bool {
         self.owner.iter().all(|&i| self.nodes.get(usize::from(i)).is_some_and(|n| !n.failing))
+    }
+
+    /// Replicas of a primary the cluster does not flag as failing.
+    pub fn live_replicas(&self, primary: &ClusterNode) -> usize {
+        self.nodes.iter().filter(|n| n.replica_of.as_deref() == Some(primary.id.as_str()) && !n.failing).count()
     }
 
     /// Slots a node serves.
@@ -354,6 +362,8 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
         assert!(!t.covered(), "a failing primary's slots are not served");
         assert_eq!(t.nodes.iter().filter(|n| n.primary).count(), 3);
         assert_eq!(Topology::slot_count(t.owner(0).unwrap()), 5461);
+        assert_eq!(t.live_replicas(t.owner(0).unwrap()), 1);
+        assert_eq!(t.live_replicas(t.owner(16383).unwrap()), 1);
         assert!(Topology::parse("").is_err());
         assert!(Topology::parse("id 1.2.3.4:5@6 master - 0 0 1 connected 9-x").is_err());
         let ok = NODES.replace("master,fail", "master");
