@@ -334,15 +334,12 @@ async fn killing_a_hot_rooms_primary_loses_no_acknowledged_gift() {
     assert!(
         wait_until(Duration::from_secs(30), || async { acked.load(std::sync::atomic::Ordering::Relaxed) >= 100 }).await
     );
-    // The replica falls behind first (SIGSTOP, shorter than the node timeout): what the
-    // primary numbers now reaches no replica. Without bus.min_replicas_acked those gifts would
-    // be acknowledged, shown to members, and gone with the primary; with it they are refused
-    // (503) and retried.
-    let replica = cluster.replica_of(primary);
-    cluster.signal(replica, "STOP");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // On loopback the replica keeps up, so this run passes without bus.min_replicas_acked too
+    // (tried: stopping the replica first does not open a window, the kernel's socket buffers
+    // take the stream); that the setting refuses what no replica holds is shown on one Redis
+    // (tests/cluster.rs, gifts_wait_for_a_replica_on_one_redis). What this checks is the path:
+    // failover, following the slot, filling, and acknowledged gifts all there, once.
     cluster.kill(primary);
-    cluster.signal(replica, "CONT");
     let at_kill = acked.load(std::sync::atomic::Ordering::Relaxed);
     // Its replica takes over; the old primary comes back as the new one's replica (without a
     // replica the new primary cannot acknowledge gifts: min_replicas_acked = 1).

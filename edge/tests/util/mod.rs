@@ -538,24 +538,6 @@ impl RedisCluster {
         None
     }
 
-    /// The port of a replica of the primary on `port`.
-    pub fn replica_of(&self, port: u16) -> u16 {
-        let nodes = redis_cli(self.any_port(), &["CLUSTER", "NODES"]);
-        let lines: Vec<Vec<&str>> = nodes.lines().map(|l| l.split_whitespace().collect()).collect();
-        let port_of =
-            |f: &Vec<&str>| -> u16 { f[1].split('@').next().unwrap().rsplit_once(':').unwrap().1.parse().unwrap() };
-        let id = lines.iter().find(|f| f.len() > 3 && port_of(f) == port).expect("the primary")[0];
-        let replica = lines.iter().find(|f| f.len() > 3 && f[3] == id).expect("a replica");
-        port_of(replica)
-    }
-
-    /// Sends a signal (`STOP`, `CONT`) to the node on `port`.
-    pub fn signal(&self, port: u16, sig: &str) {
-        let (_, _, child) = self.nodes.iter().find(|(p, _, _)| *p == port).expect("a node of this cluster");
-        let pid = child.as_ref().expect("running").id().to_string();
-        assert!(Command::new("kill").args([&format!("-{sig}"), &pid]).status().unwrap().success());
-    }
-
     /// SIGKILL the node on `port` (as a crash would).
     pub fn kill(&mut self, port: u16) {
         for (p, _, child) in &mut self.nodes {
