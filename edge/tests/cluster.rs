@@ -671,4 +671,18 @@ async fn sentinel_failover(kill: bool) {
         }
     }
     assert_eq!(recovered, gifts, "recovered from Redis after the failover");
+    // /healthz lists the nodes the sentinels name: the promoted replica is the primary now.
+    let new_primary = format!("127.0.0.1:{}", replica.port);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (_, body) = pubs[0].get("/healthz").await;
+            let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+            h["redis_nodes"].as_array().is_some_and(|n| {
+                n.iter().any(|n| n["node"] == new_primary.as_str() && n["role"] == "primary" && n["up"] == true)
+            })
+        })
+        .await,
+        "{}",
+        pubs[0].get("/healthz").await.1
+    );
 }

@@ -67,7 +67,7 @@ impl NodeBoard {
     }
 
     /// Replaces the list; series of nodes (or roles) no longer listed are removed.
-    fn set(&self, now: Vec<NodeHealth>) {
+    pub(super) fn set(&self, now: Vec<NodeHealth>) {
         let mut cur = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         for old in cur.iter() {
             if !now.iter().any(|n| n.node == old.node && n.role == old.role) {

@@ -384,6 +384,7 @@ pub fn start(
         }
         BusUrl::Sentinel(t) => {
             ::redis::Client::open(t.node_url("h:1"))?;
+            tokio::spawn(super::sentinel::watch_nodes(t.clone(), nodes));
             tokio::spawn(run(Target::Sentinel(t), rx, bus, limits, presence, up));
         }
         BusUrl::Cluster(seeds) => {

@@ -85,6 +85,46 @@ async fn role(url: &str) -> RedisResult<String> {
     }
 }
 
+/// The nodes as the sentinels list them (the master and its replicas), each PINGed from this
+/// edge, every second, into `board` (/healthz `redis_nodes`, `roomcast_redis_node_up`).
+pub async fn watch_nodes(target: SentinelTarget, board: super::cluster::NodeBoard) {
+    loop {
+        let mut nodes = Vec::new();
+        for s in &target.sentinels {
+            let Ok(Some(master)) = ask(s, &target.master).await else { continue };
+            nodes.push((master, "primary", false));
+            if let Ok(mut c) = connect(&format!("redis://{s}")).await {
+                let replicas: RedisResult<Vec<Vec<String>>> =
+                    ::redis::cmd("SENTINEL").arg("replicas").arg(&target.master).query_async(&mut c).await;
+                for fields in replicas.unwrap_or_default() {
+                    let get = |k: &str| fields.chunks(2).find(|kv| kv[0] == k).and_then(|kv| kv.get(1)).cloned();
+                    if let (Some(ip), Some(port)) = (get("ip"), get("port")) {
+                        let flags = get("flags").unwrap_or_default();
+                        nodes.push((
+                            format!("{ip}:{port}"),
+                            "replica",
+                            flags.contains("s_down") || flags.contains("o_down"),
+                        ));
+                    }
+                }
+            }
+            break;
+        }
+        let mut health = Vec::new();
+        for (addr, role, failing) in nodes {
+            let up = match connect(&target.node_url(&addr)).await {
+                Ok(mut c) => ::redis::cmd("PING").query_async::<String>(&mut c).await.is_ok(),
+                Err(_) => false,
+            };
+            health.push(super::cluster::NodeHealth { node: addr, role, up, failing, slots: 0 });
+        }
+        if !health.is_empty() {
+            board.set(health);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// A command connection that follows the master Sentinel names: connected to it on first use,
 /// and asked again after a connection error or a `READONLY` (the node was demoted).
 #[derive(Clone)]
