@@ -360,8 +360,10 @@ pub(super) fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     ))
 }
 
-/// Starts the bridge on the current tokio runtime: one Redis (`redis://`) or a Redis Cluster
-/// (`redis-cluster://host:port,host:port`, see `bus::cluster`).
+/// Starts the bridge on the current tokio runtime: one Redis (`redis://`), a Redis Cluster
+/// (`redis-cluster://host:port,host:port`, see `bus::cluster`) or one Redis under Sentinel
+/// (`redis-sentinel://host:port,host:port/NAME`, see `bus::sentinel`).
+#[expect(clippy::too_many_arguments, reason = "each is a separate handle the bridge owns")]
 pub fn start(
     url: &str,
     bus: BusHandle,
