@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 # Debian packages:
 #   clang llvm libbpf-dev   compile the eBPF C programs (ebpf/build.rs)
 #   bpftool                 inspect loaded programs (operators; not needed to build)
-#   redis-server            the multi-edge bus and its tests
+#   redis-server            the multi-edge bus and its tests (also redis-cli --cluster for the
+#                           cluster tests, and `redis-server FILE --sentinel` for the Sentinel
+#                           tests: no redis-sentinel package needed)
 #   iproute2                `ss`, which the probe tests compare against
 #   python3-venv            virtualenvs for the conformance suite
 #   chromium                the TypeScript client's browser test (clients/ts, driven by playwright-core)

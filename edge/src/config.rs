@@ -29,9 +29,10 @@ pub struct Config {
     /// process holding the port, because with SO_REUSEPORT the kernel would otherwise split new
     /// connections between the two silently (`edge --takeover`).
     pub takeover: bool,
-    /// Message bus shared by several edges: `redis://HOST:PORT`. Unset: the embedded
-    /// single-node bus (no other service needed).
-    pub bus: Option<String>,
+    /// Message bus shared by several edges: `bus = "URL"`, or a `[bus]` table with `url` and the
+    /// replication settings of [`BusConfig`]. Unset: the embedded single-node bus (no other
+    /// service needed).
+    pub bus: Option<BusConfig>,
     /// This edge's name in load reports (default: the advertised URL).
     pub edge_id: Option<String>,
     /// The WebSocket URL clients should use to reach this edge, as dispatch hands it out
@@ -116,6 +117,68 @@ pub enum Fsync {
     Always,
     IntervalMs(u64),
     Never,
+}
+
+/// The shared bus (`bus = "URL"`, or `[bus]` with `url` and the settings below).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusConfig {
+    /// One Redis, `redis://HOST:PORT`; a Redis Cluster, `redis-cluster://HOST:PORT,HOST:PORT,...`
+    /// (a few seed nodes; the rest are discovered: rooms are spread over the primaries by slot,
+    /// followed with sharded pub/sub); or one Redis with replicas under Sentinel,
+    /// `redis-sentinel://HOST:PORT,HOST:PORT/MASTER` (the sentinels and the master's name: the
+    /// edge follows the master they announce). Credentials go in the URL
+    /// (`redis://:PASSWORD@HOST:PORT`; for a cluster or the Sentinel's data nodes once, before
+    /// the hosts), and are redacted in logs.
+    pub url: String,
+    /// A must-deliver publish is acknowledged only once at least this many replicas of the
+    /// room's primary hold it (Redis `WAIT`), so that a failover cannot lose an acknowledged
+    /// gift. Default 0: acknowledged once the primary ran it (replication is asynchronous: a
+    /// primary that dies right after may take the last gifts with it). Droppable kinds never
+    /// wait. Costs a replication round trip per gift; see ARCHITECTURE.md.
+    pub min_replicas_acked: u32,
+    /// How long a publish waits for those replicas (default 1000 ms). Fewer within it: the
+    /// publisher gets 503 and retries with its Idempotency-Key (the gift is numbered already:
+    /// the retry gets the same seq once it is replicated).
+    pub replicas_timeout_ms: u64,
+}
+
+impl BusConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), min_replicas_acked: 0, replicas_timeout_ms: 1000 }
+    }
+}
+
+impl<'de> Deserialize<'de> for BusConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            url: String,
+            #[serde(default)]
+            min_replicas_acked: u32,
+            #[serde(default = "default_replicas_timeout_ms")]
+            replicas_timeout_ms: u64,
+        }
+        fn default_replicas_timeout_ms() -> u64 {
+            1000
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Url(String),
+            Table(Table),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a URL, or a table with url, min_replicas_acked and replicas_timeout_ms")
+        })? {
+            Raw::Url(url) => Ok(Self::new(url)),
+            Raw::Table(t) => Ok(Self {
+                url: t.url,
+                min_replicas_acked: t.min_replicas_acked,
+                replicas_timeout_ms: t.replicas_timeout_ms,
+            }),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Fsync {
@@ -1068,10 +1131,16 @@ impl Config {
         // Publish keys (file and ROOMCAST_API_KEYS) well-formed; none only on loopback `http`
         // or with ingest.insecure_no_keys.
         crate::ingest::PublishKeys::from_config(self)?;
-        if let Some(bus) = &self.bus
-            && !bus.starts_with("redis://")
-        {
-            return Err(invalid("bus", "must be a redis://HOST:PORT URL (or unset for the embedded bus)"));
+        if let Some(bus) = &self.bus {
+            if let Err(why) = crate::bus::redis::BusUrl::parse(&bus.url) {
+                return Err(invalid("bus", format!("{why} (or unset for the embedded bus)")));
+            }
+            if bus.min_replicas_acked > 16 {
+                return Err(invalid("bus.min_replicas_acked", "must be at most 16"));
+            }
+            if bus.min_replicas_acked > 0 && !(10..=60_000).contains(&bus.replicas_timeout_ms) {
+                return Err(invalid("bus.replicas_timeout_ms", "must be 10..=60000"));
+            }
         }
         if let Some(a) = &self.advertise
             && let Err(why) = check_url(a, &["ws://", "wss://"], false)
@@ -1375,6 +1444,26 @@ mod tests {
 
     /// However a secret is spelled, a config error never quotes it (the value appeared through
     /// serde's "invalid type: integer `...`" for quoted keys, inline tables and dotted keys).
+    #[test]
+    fn the_bus_is_a_url_or_a_table() {
+        let c = Config::from_toml("bus = \"redis-cluster://10.0.0.1:7000,10.0.0.2:7000\"\n").unwrap();
+        assert_eq!(c.bus, Some(BusConfig::new("redis-cluster://10.0.0.1:7000,10.0.0.2:7000")));
+        c.validate().unwrap();
+        let c = Config::from_toml("[bus]\nurl = \"redis://h:6379\"\nmin_replicas_acked = 1\n").unwrap();
+        let b = c.bus.clone().unwrap();
+        assert_eq!((b.url.as_str(), b.min_replicas_acked, b.replicas_timeout_ms), ("redis://h:6379", 1, 1000));
+        c.validate().unwrap();
+        assert!(
+            Config::from_toml("[bus]\nurl = \"redis://h:1\"\nmin_replica_acked = 1\n").is_err(),
+            "typos are refused"
+        );
+        let c = Config::from_toml("bus = \"redis-cluster://h\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("bus"));
+        let c = Config::from_toml("[bus]\nurl = \"redis://h:1\"\nmin_replicas_acked = 1\nreplicas_timeout_ms = 0\n")
+            .unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("replicas_timeout_ms"));
+    }
+
     #[test]
     fn config_errors_never_quote_a_secret() {
         let secret = "98765432109876543210";

@@ -177,9 +177,9 @@ mod tests {
 /// range query and one MGET, without SCAN.
 pub mod registry {
     use redis::AsyncCommands;
-    use redis::aio::ConnectionManager;
 
     use super::EdgeLoad;
+    use crate::bus::redis::Conn;
 
     pub const EDGES: &str = "rc:edges";
 
@@ -187,16 +187,22 @@ pub mod registry {
         format!("rc:edge:{id}")
     }
 
-    /// Publishes one report, valid for `ttl_ms`.
-    pub async fn report(cm: &mut ConnectionManager, load: &EdgeLoad, ttl_ms: u64) -> redis::RedisResult<()> {
+    /// Publishes one report, valid for `ttl_ms`. On one Redis in one transaction; on a cluster
+    /// the report and the index live in different slots, so the report is written first (an
+    /// index entry without its report is skipped by `live`, a report without one is not found).
+    pub async fn report(cm: &mut Conn, load: &EdgeLoad, ttl_ms: u64) -> redis::RedisResult<()> {
         let json = serde_json::to_string(load).unwrap_or_default();
+        let mut set = redis::cmd("SET");
+        set.arg(key(&load.id)).arg(json).arg("PX").arg(ttl_ms);
+        if cm.is_cluster() {
+            let () = set.query_async(cm).await?;
+            let _: i64 = cm.zadd(EDGES, &load.id, load.at_ms).await?;
+            let _: i64 = cm.zrembyscore(EDGES, 0, load.at_ms.saturating_sub(ttl_ms * 10)).await?;
+            return Ok(());
+        }
         redis::pipe()
             .atomic()
-            .cmd("SET")
-            .arg(key(&load.id))
-            .arg(json)
-            .arg("PX")
-            .arg(ttl_ms)
+            .add_command(set)
             .ignore()
             .zadd(EDGES, &load.id, load.at_ms)
             .ignore()
@@ -206,8 +212,8 @@ pub mod registry {
             .await
     }
 
-    /// Reports younger than `max_age_ms`.
-    pub async fn live(cm: &mut ConnectionManager, now_ms: u64, max_age_ms: u64) -> redis::RedisResult<Vec<EdgeLoad>> {
+    /// Reports younger than `max_age_ms` (on a cluster the MGET is split by slot by redis-rs).
+    pub async fn live(cm: &mut Conn, now_ms: u64, max_age_ms: u64) -> redis::RedisResult<Vec<EdgeLoad>> {
         let ids: Vec<String> = cm.zrangebyscore(EDGES, now_ms.saturating_sub(max_age_ms), "+inf").await?;
         if ids.is_empty() {
             return Ok(Vec::new());

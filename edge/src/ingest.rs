@@ -20,7 +20,7 @@ use roomcast_proto::envelope::{validate_kind, validate_room};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use ::redis::aio::ConnectionManager;
+use crate::bus::redis::Conn;
 
 use crate::bus::{BusHandle, NewMessage, PublishError, RoomName};
 use crate::config::{Config, ConfigError, Secret};
@@ -81,7 +81,7 @@ pub enum RouteSource {
     /// Single node: this edge, unless it drains.
     Embedded { url: String },
     /// Every edge's load report in Redis.
-    Redis { cm: ConnectionManager, dispatcher: Mutex<Dispatcher>, max_age_ms: u64 },
+    Redis { cm: Conn, dispatcher: Mutex<Dispatcher>, max_age_ms: u64 },
 }
 
 pub fn router(state: AppState, max_body: usize) -> Router {
@@ -384,7 +384,7 @@ fn publish_error(e: &PublishError) -> Response {
             (StatusCode::INSUFFICIENT_STORAGE, Json(serde_json::json!({ "error": e.to_string(), "dropped": false })))
                 .into_response()
         }
-        PublishError::BusUnavailable | PublishError::StoreUnavailable => (
+        PublishError::BusUnavailable | PublishError::StoreUnavailable | PublishError::NotReplicated { .. } => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1".to_owned())],
             Json(serde_json::json!({ "error": e.to_string(), "dropped": false })),
@@ -489,6 +489,12 @@ fn edge_health(st: &AppState) -> (HealthReport, &'static str, &'static str, bool
     (h, store, bus, draining)
 }
 
+/// Redis Cluster: every node as this edge last saw it (null on one Redis or alone).
+fn redis_nodes(st: &AppState) -> serde_json::Value {
+    let nodes = st.metrics.bus.redis_nodes.nodes();
+    if nodes.is_empty() { serde_json::Value::Null } else { serde_json::to_value(nodes).unwrap_or_default() }
+}
+
 async fn healthz(State(st): State<AppState>) -> Response {
     let (h, store, bus, draining) = edge_health(&st);
     // Readiness: send this edge no new clients while it is overloaded or draining.
@@ -498,6 +504,7 @@ async fn healthz(State(st): State<AppState>) -> Response {
         "status": level_name(h.status),
         "store": store,
         "bus": bus,
+        "redis_nodes": redis_nodes(&st),
         "reasons": h.reasons,
         "probes": h.source.unwrap_or("none"),
         "draining": draining,

@@ -48,9 +48,13 @@ struct Cli {
     /// Bytes queued per connection before it is closed as a slow consumer.
     #[arg(long)]
     max_queue_bytes: Option<usize>,
-    /// Shared bus for several edges (redis://HOST:PORT); unset: embedded single node.
+    /// Shared bus for several edges (redis://HOST:PORT, or redis-cluster://HOST:PORT,HOST:PORT,...);
+    /// unset: embedded single node.
     #[arg(long)]
     bus: Option<String>,
+    /// Acknowledge a must-deliver publish only once this many replicas hold it (bus.min_replicas_acked).
+    #[arg(long)]
+    min_replicas_acked: Option<u32>,
     /// The ws:// URL dispatch hands out for this edge.
     #[arg(long)]
     advertise: Option<String>,
@@ -90,7 +94,7 @@ struct Cli {
 enum Cmd {
     /// Run only the dispatch endpoint, from the load reports in Redis.
     Dispatch {
-        /// Redis holding the edges' load reports.
+        /// Redis holding the edges' load reports (redis:// or redis-cluster://, as the edges' bus).
         #[arg(long)]
         redis: String,
         /// Listen address for GET /v1/route.
@@ -211,7 +215,17 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         cfg.send.max_queue_bytes = v;
     }
     if let Some(v) = &cli.bus {
-        cfg.bus = Some(v.clone());
+        let kept = cfg.bus.take().unwrap_or_else(|| edge::config::BusConfig::new(""));
+        cfg.bus = Some(edge::config::BusConfig { url: v.clone(), ..kept });
+    }
+    if let Some(n) = cli.min_replicas_acked {
+        match &mut cfg.bus {
+            Some(b) => b.min_replicas_acked = n,
+            None => {
+                eprintln!("edge: invalid configuration: --min-replicas-acked needs a bus (--bus or bus in the config)");
+                std::process::exit(2);
+            }
+        }
     }
     if let Some(v) = &cli.advertise {
         cfg.advertise = Some(v.clone());
@@ -307,8 +321,7 @@ fn main() -> anyhow::Result<()> {
     let route = match &cfg.bus {
         None => RouteSource::Embedded { url: ws_url.clone() },
         Some(url) => {
-            let client = redis::Client::open(url.as_str())?;
-            let cm = rt.block_on(redis::aio::ConnectionManager::new(client)).context("bus: cannot connect to redis")?;
+            let cm = rt.block_on(edge::bus::redis::Conn::connect(&url.url)).context("bus: cannot connect to redis")?;
             let id = cfg.edge_name(edge.ws_addr);
             rt.spawn(edge::server::report_load(
                 cm.clone(),
@@ -354,6 +367,8 @@ fn main() -> anyhow::Result<()> {
             must_deliver: cfg.history.must_deliver,
             droppable: cfg.history.droppable,
             idempotency_ttl_s: cfg.ingest.idempotency_ttl_s,
+            min_replicas_acked: cfg.bus.as_ref().map_or(0, |b| b.min_replicas_acked),
+            replicas_timeout_ms: cfg.bus.as_ref().map_or(1000, |b| b.replicas_timeout_ms),
         },
         max_ban_s: cfg.moderation.max_ban_s,
     };
@@ -436,8 +451,7 @@ fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyho
     let origins: Arc<[String]> = origins.into();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
-        let client = redis::Client::open(redis_url)?;
-        let cm = redis::aio::ConnectionManager::new(client).await.context("cannot connect to redis")?;
+        let cm = edge::bus::redis::Conn::connect(redis_url).await.context("cannot connect to redis")?;
         let src = Arc::new(RouteSource::Redis {
             cm,
             dispatcher: std::sync::Mutex::new(Dispatcher::default()),

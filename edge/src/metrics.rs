@@ -138,6 +138,10 @@ pub struct BusStats {
     pub bus_shared: IntGauge,
     /// Redis commands that failed, by operation.
     pub redis_errors: IntCounterVec,
+    /// Redis Cluster: each node as this edge sees it (`roomcast_redis_node_up{node,role}`).
+    pub redis_nodes: crate::bus::cluster::NodeBoard,
+    /// `bus.min_replicas_acked`: a waited publish (script and WAIT) from sending to answer.
+    pub redis_replication_seconds: prometheus::Histogram,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -384,7 +388,7 @@ impl Metrics {
             redis_errors: counter(
                 r,
                 "redis_errors_total",
-                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online, delete, moderation).",
+                "Redis operations that failed, by operation (connect, connection_lost, subscribe, publish, fill, recover, sync, renumber, online, delete, moderation, topology).",
                 &["op"],
             ),
             bus_shared: gauge(
@@ -401,6 +405,23 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            redis_replication_seconds: {
+                let opts = HistogramOpts::new(
+                    "redis_replicated_publish_seconds",
+                    "With bus.min_replicas_acked: a must-deliver publish in Redis, script and WAIT for the replicas together (the cost of the replication promise).",
+                )
+                .namespace("roomcast")
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+                let h = prometheus::Histogram::with_opts(opts).expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            redis_nodes: crate::bus::cluster::NodeBoard::new(gauge(
+                r,
+                "redis_node_up",
+                "Redis Cluster: 1 while this edge reaches the node (PING each second), 0 while not; one series per node and role (primary, replica).",
+                &["node", "role"],
+            )),
         };
         let draining =
             gauge(r, "draining", "1 while this edge drains (out of dispatch, not accepting, sending goaway).", &[])

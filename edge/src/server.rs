@@ -153,12 +153,15 @@ impl Edge {
         ));
         moderation.load_stored(crate::bus::now_us() / 1000);
         let bridge = match &cfg.bus {
-            Some(url) => {
+            Some(bus_cfg) => {
+                let url = &bus_cfg.url;
                 let _guard = rt.enter();
                 let limits = StreamLimits {
                     must_deliver: cfg.history.must_deliver,
                     droppable: cfg.history.droppable,
                     idempotency_ttl_s: cfg.ingest.idempotency_ttl_s,
+                    min_replicas_acked: bus_cfg.min_replicas_acked,
+                    replicas_timeout_ms: bus_cfg.replicas_timeout_ms,
                 };
                 let presence = crate::bus::redis::Presence {
                     edge_id: cfg.edge_name(ws_addr),
@@ -172,6 +175,8 @@ impl Edge {
                     metrics.bus.bus_up.clone(),
                     metrics.bus.redis_errors.clone(),
                     moderation.clone(),
+                    metrics.bus.redis_nodes.clone(),
+                    metrics.bus.redis_replication_seconds.clone(),
                 )
                 .map_err(|e| anyhow::anyhow!("bus: cannot use {}: {e}", crate::config::redact_url(url)))?;
                 tracing::info!(url = %crate::config::redact_url(url), "shared bus: redis");
@@ -324,7 +329,7 @@ impl Edge {
 /// Publishes this edge's load to Redis every second, until the process ends.
 #[expect(clippy::too_many_arguments, reason = "each is a separate handle the spawned task owns")]
 pub async fn report_load(
-    mut cm: ::redis::aio::ConnectionManager,
+    mut cm: crate::bus::redis::Conn,
     id: String,
     ws_url: String,
     metrics: Arc<Metrics>,

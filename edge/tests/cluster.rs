@@ -16,6 +16,10 @@ use util::*;
 const TOKEN: &str = "test-admin-token-0123456789";
 
 fn edge_on(redis: &RedisProc, extra: &[&str]) -> EdgeProc {
+    edge_at(&redis.url(), extra)
+}
+
+fn edge_at(url: &str, extra: &[&str]) -> EdgeProc {
     // One file per edge: tests run in parallel, and a file rewritten while another edge reads
     // it can be read empty (that edge then has no admin token).
     static N: AtomicU64 = AtomicU64::new(0);
@@ -24,9 +28,7 @@ fn edge_on(redis: &RedisProc, extra: &[&str]) -> EdgeProc {
     let cfg = dir.join(format!("edge-{}.toml", N.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n"))
         .unwrap();
-    let url = redis.url();
-    let mut args =
-        vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url.as_str(), "--config", cfg.to_str().unwrap()];
+    let mut args = vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url, "--config", cfg.to_str().unwrap()];
     args.extend_from_slice(extra);
     EdgeProc::start(&args)
 }
@@ -460,4 +462,227 @@ async fn healthz_reports_the_bus_and_draining() {
     let (_, h) = health(&p).await;
     assert_eq!(h["draining"], true, "{h}");
     assert_eq!(p.get("/livez").await.0, 200);
+}
+
+/// `bus.min_replicas_acked` on one Redis: a gift is acknowledged only once a replica holds it.
+/// Without a replica it is refused (503: numbered, not acknowledged) while chat, which never
+/// waits, flows; once a replica syncs, the publisher's retry with the same Idempotency-Key is
+/// acknowledged with the seq the first attempt took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gifts_wait_for_a_replica_on_one_redis() {
+    let redis = RedisProc::start();
+    let edge = edge_on(&redis, &["--min-replicas-acked", "1"]);
+    let p = Publisher::new(edge.http);
+    let key = [("Idempotency-Key", "gift-1")];
+    let (code, _, body) = p.publish_with("w", "gift", json!({ "n": 1 }), &key).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("replicas"), "{body}");
+    assert_eq!(p.publish("w", "chat", json!("hi")).await, 2, "droppable kinds do not wait");
+    let port = redis.port.to_string();
+    let _replica = RedisProc::start_with(&["--replicaof", "127.0.0.1", &port]);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let out =
+                std::process::Command::new("redis-cli").args(["-p", &port, "INFO", "replication"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("state=online")
+        })
+        .await,
+        "replica in sync"
+    );
+    let (code, _, body) = p.publish_with("w", "gift", json!({ "n": 1 }), &key).await;
+    assert_eq!((code, body["seq"].as_u64(), body["replayed"].as_bool()), (200, Some(1), Some(true)), "{body}");
+    let (code, _, body) = p.publish_with("w", "gift", json!({ "n": 2 }), &[]).await;
+    assert_eq!((code, body["seq"].as_u64()), (200, Some(3)), "{body}");
+    let (_, text) = p.get("/metrics").await;
+    assert!(text.contains("roomcast_publish_rejected_total{reason=\"not_replicated\"} 1"), "refusal counted");
+}
+
+/// One Redis with a replica and three Sentinels, the smaller HA option: the master is killed
+/// mid-stream, Sentinel promotes the replica, the edges follow the announced master (resubscribe,
+/// re-read, fill), and with `bus.min_replicas_acked = 1` no acknowledged gift is lost: every
+/// member gets every acknowledged gift once, in order, each seq with its gift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_loses_no_acknowledged_gift() {
+    sentinel_failover(true).await;
+}
+
+/// The same with the master alive: an operator's `SENTINEL FAILOVER` demotes it to a replica
+/// (its connections stay up, writes get READONLY); the edges see Sentinel name another master
+/// within a second and move to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_switchover_is_followed() {
+    sentinel_failover(false).await;
+}
+
+/// A TCP relay between a replica and its master that can stop passing the replication stream
+/// (what the master sends is then read and dropped: the replica never gets it, and never
+/// acknowledges it), as a replica that lags when its master dies. Returns the relay's port.
+async fn replication_relay(master: u16, cut: Arc<AtomicBool>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((replica, _)) = l.accept().await {
+            let cut = cut.clone();
+            tokio::spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", master)).await else { return };
+                let (mut rr, mut rw) = replica.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut rr, &mut uw).await });
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = match ur.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if !cut.load(Ordering::Relaxed) && rw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+async fn sentinel_failover(kill: bool) {
+    let mut master = RedisProc::start();
+    let port = master.port.to_string();
+    // The replica follows its master through a relay the test can cut.
+    let cut = Arc::new(AtomicBool::new(false));
+    let relay = replication_relay(master.port, cut.clone()).await.to_string();
+    let replica = RedisProc::start_with(&["--replicaof", "127.0.0.1", &relay]);
+    let online = |p: &str| {
+        let out = std::process::Command::new("redis-cli").args(["-p", p, "INFO", "replication"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("state=online")
+    };
+    assert!(wait_until(Duration::from_secs(10), || async { online(&port) }).await, "replica in sync");
+    let sentinels = Sentinels::start(master.port, 3, 2);
+    let url = sentinels.url();
+    let edges: Vec<EdgeProc> = (0..2).map(|_| edge_at(&url, &["--min-replicas-acked", "1"])).collect();
+    let pubs: Vec<Publisher> = edges.iter().map(|e| Publisher::new(e.http)).collect();
+    let room = "sent";
+    let want = Arc::new(AtomicU64::new(u64::MAX));
+    let mut members = Vec::new();
+    for e in &edges {
+        for _ in 0..3 {
+            let (url, want) = (e.url(&format!("?room={room}")), want.clone());
+            members.push(tokio::spawn(async move {
+                let mut ws = connect(&url, None).await;
+                expect_joined(&mut ws, room).await;
+                let mut seen: Vec<(u64, u64)> = Vec::new();
+                let end = Instant::now() + Duration::from_secs(120);
+                while seen.last().is_none_or(|&(s, _)| s < want.load(Ordering::Relaxed)) {
+                    assert!(Instant::now() < end, "only {seen:?}");
+                    match tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws)).await {
+                        Err(_) => {}
+                        Ok(Some(ServerMsg::Batch { messages, .. })) => {
+                            for m in messages {
+                                let body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+                                seen.push((m.seq, body["n"].as_u64().unwrap()));
+                            }
+                        }
+                        Ok(other) => panic!("{other:?} after {seen:?}"),
+                    }
+                }
+                seen
+            }));
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (_, body) = pubs[0].get(&format!("/v1/rooms/{room}")).await;
+            serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["online"].as_u64() == Some(6))
+        })
+        .await,
+        "members joined"
+    );
+    const GIFTS: u64 = 300;
+    let acked = Arc::new(AtomicU64::new(0));
+    let publisher = {
+        let (pubs, acked) = (pubs.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut gifts = Vec::new();
+            for n in 0..GIFTS {
+                let key = format!("s-{n}");
+                let end = Instant::now() + Duration::from_secs(60);
+                let seq = loop {
+                    let p = &pubs[n as usize % 2];
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        p.publish_with(room, "gift", json!({ "n": n }), &[("Idempotency-Key", key.as_str())]),
+                    )
+                    .await;
+                    if let Ok((200, _, v)) = r {
+                        break v["seq"].as_u64().unwrap();
+                    }
+                    assert!(Instant::now() < end, "gift {n} never acknowledged: {r:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                gifts.push((seq, n));
+                acked.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            gifts
+        })
+    };
+    assert!(wait_until(Duration::from_secs(30), || async { acked.load(Ordering::Relaxed) >= 60 }).await);
+    if kill {
+        // The replica falls behind first: nothing the master numbers now reaches it. Without
+        // bus.min_replicas_acked those gifts would be acknowledged, shown to members, and gone
+        // with the master (this test then fails: members are reset); with it they are refused
+        // (503) and retried until the promoted replica has a replica again.
+        cut.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        master.kill();
+    } else {
+        redis_cli(sentinels.ports[0], &["SENTINEL", "FAILOVER", "roomcast"]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || async { sentinels.master_port() == Some(replica.port) }).await,
+        "sentinel promoted the replica"
+    );
+    if kill {
+        // The old master comes back; Sentinel makes it the new master's replica
+        // (min_replicas_acked needs one).
+        master.restart();
+    }
+    let gifts = publisher.await.unwrap();
+    let seqs: Vec<u64> = gifts.iter().map(|&(s, _)| s).collect();
+    assert_eq!(seqs, (1..=GIFTS).collect::<Vec<_>>(), "every gift acknowledged once, seqs dense");
+    want.store(GIFTS, Ordering::Relaxed);
+    for (i, m) in members.into_iter().enumerate() {
+        let seen = tokio::time::timeout(Duration::from_secs(60), m).await.expect("member finished").unwrap();
+        assert_eq!(seen, gifts, "member {i}: every acknowledged gift once, in order");
+    }
+    // And Redis has them all: a member joining now with `since=0` recovers every one.
+    let mut late = connect(&edges[1].url(&format!("?room={room}&since=0")), None).await;
+    let mut recovered = Vec::new();
+    while recovered.len() < gifts.len() {
+        match next_msg_within(&mut late, Duration::from_secs(10)).await {
+            Some(ServerMsg::Joined { .. }) => {}
+            Some(ServerMsg::Batch { messages, .. }) => {
+                for m in messages {
+                    let body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+                    recovered.push((m.seq, body["n"].as_u64().unwrap()));
+                }
+            }
+            other => panic!("late member: {other:?} after {recovered:?}"),
+        }
+    }
+    assert_eq!(recovered, gifts, "recovered from Redis after the failover");
+    // /healthz lists the nodes the sentinels name: the promoted replica is the primary now.
+    let new_primary = format!("127.0.0.1:{}", replica.port);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (_, body) = pubs[0].get("/healthz").await;
+            let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+            h["redis_nodes"].as_array().is_some_and(|n| {
+                n.iter().any(|n| n["node"] == new_primary.as_str() && n["role"] == "primary" && n["up"] == true)
+            })
+        })
+        .await,
+        "{}",
+        pubs[0].get("/healthz").await.1
+    );
 }

@@ -7,8 +7,11 @@
 //! (connections' signalling), so one engine sees all of a room's events in one order. Every
 //! mailbox is bounded; nothing on the data path blocks on a full one.
 
+pub mod cluster;
 pub mod policy;
 pub mod redis;
+pub mod sentinel;
+pub mod slots;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -67,6 +70,13 @@ pub enum PublishError {
     /// Redis (the seq authority in cluster mode) is unreachable; retry.
     #[error("the message bus (redis) is unavailable; retry shortly")]
     BusUnavailable,
+    /// `bus.min_replicas_acked`: Redis numbered the message, but fewer replicas than required
+    /// confirmed it in time. Not acknowledged: retry with the same Idempotency-Key (the retry
+    /// gets the same seq once replicas hold it).
+    #[error(
+        "the message is not yet held by enough redis replicas ({acked} of {wanted}); retry with the same Idempotency-Key"
+    )]
+    NotReplicated { acked: u32, wanted: u32 },
     /// The store is at `store.max_bytes` (must-deliver kinds only: nothing was numbered).
     #[error(
         "the edge's store is full (store.max_bytes); must-deliver messages are refused until retention frees space"

@@ -20,10 +20,10 @@
 //!   seq space between edges. On reconnect the bridge resubscribes and re-reads every room's
 //!   seq; the engine fills whatever it missed.
 //!
-//! Redis Cluster's sharded pub/sub (SSUBSCRIBE/SPUBLISH) is what would let the bus itself scale
-//! out; the keys are already slot-local. What stands in the way: redis-rs 1.x offers
-//! `ssubscribe` only on its cluster connection (RESP3 push), not on the stand-alone `PubSub` we
-//! use here, so cluster mode needs a second transport; see ARCHITECTURE.md.
+//! On a Redis Cluster (`redis-cluster://host:port,host:port`) the same scripts run in the
+//! room's slot (every key, and the channel, carry the hash tag `{room}`), messages go out with
+//! `SPUBLISH` and edges follow rooms with `SSUBSCRIBE` on the primary that owns the slot:
+//! `bus::cluster` runs that transport, `bus::slots` holds its pure parts.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -128,19 +128,41 @@ pub struct StreamLimits {
     pub droppable: usize,
     /// How long a publish's idempotency key is remembered (`ingest.idempotency_ttl_s`).
     pub idempotency_ttl_s: u64,
+    /// `bus.min_replicas_acked`: replicas that must hold a must-deliver message before it is
+    /// acknowledged (0: none).
+    pub min_replicas_acked: u32,
+    /// `bus.replicas_timeout_ms`: how long to wait for them.
+    pub replicas_timeout_ms: u64,
 }
 
-const PUBLISH_LUA: &str = r#"
+impl StreamLimits {
+    /// How long a waited publish's connection waits for an answer: WAIT's own timeout and
+    /// room for the script and the round trip.
+    pub fn waited_response_timeout(&self) -> Duration {
+        Duration::from_millis(self.replicas_timeout_ms + 2_000)
+    }
+}
+
+pub(super) const PUBLISH_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none),
 --       tombstones in place (hash: seq -> message)
 -- ARGV: kind, user, body (raw JSON), must_deliver (0|1), md_max, dr_max, conflate (0|1), entry key,
---       idempotency TTL in seconds (0: no key)
--- Returns {seq, ts_us, replayed (0|1)}.
+--       idempotency TTL in seconds (0: no key), publish command (PUBLISH, or SPUBLISH on a cluster),
+--       publish now (1), or leave it to the caller (0: it publishes once replicas hold the message)
+-- Returns {seq, ts_us, replayed (0|1)}, and the message when the caller publishes it.
 if ARGV[9] ~= '0' then
   local prev = redis.call('GET', KEYS[7])
   if prev then
     local s, t0 = string.match(prev, '^(%d+):(%d+)$')
+    if ARGV[11] == '0' then
+      -- The first attempt may never have been published (its replicas were late): the caller
+      -- publishes it now, from the stream (members ignore a seq they have).
+      local e = redis.call('XRANGE', KEYS[2], s .. '-0', s .. '-0')
+      local m = ''
+      if #e > 0 then m = e[1][2][2] end
+      return {tonumber(s), tonumber(t0), 1, m}
+    end
     return {tonumber(s), tonumber(t0), 1}
   end
 end
@@ -179,9 +201,14 @@ if ARGV[7] == '1' then
     if f ~= ARGV[1] .. '\n' .. ARGV[8] then redis.call('HDEL', KEYS[6], f) end
   end
 end
-redis.call('PUBLISH', KEYS[4], msg)
+if ARGV[11] == '1' then
+  redis.call(ARGV[10], KEYS[4], msg)
+end
 if ARGV[9] ~= '0' then
   redis.call('SET', KEYS[7], string.format('%d', seq) .. ':' .. string.format('%d', ts), 'EX', tonumber(ARGV[9]))
+end
+if ARGV[11] == '0' then
+  return {seq, ts, 0, msg}
 end
 return {seq, ts, 0}
 "#;
@@ -287,7 +314,7 @@ return {1, seq, ts, found}
 
 /// Deletes message `seq` of `room` (Redis mode): see `DELETE_LUA`.
 pub async fn delete_message(
-    cm: &mut ConnectionManager,
+    cm: &mut Conn,
     room: &str,
     seq: u64,
     limits: StreamLimits,
@@ -339,7 +366,7 @@ pub enum ModEvent {
 
 /// Publishes a moderation event to every edge; returns how many received it (edges whose bus
 /// is up, this one included).
-pub async fn publish_event(cm: &mut ConnectionManager, ev: &ModEvent) -> ::redis::RedisResult<u64> {
+pub async fn publish_event(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult<u64> {
     let text = serde_json::to_string(ev).unwrap_or_default();
     cm.publish(MOD_CHANNEL, text).await.inspect_err(|_| failed("moderation"))
 }
@@ -353,12 +380,7 @@ pub enum BanOutcome {
 
 /// Bans `user` from `room` until `until_ms` in Redis (its key, the index, pruned of expired
 /// bans first, at most `max` bans in force) and tells every edge.
-pub async fn ban(
-    cm: &mut ConnectionManager,
-    ev: &ModEvent,
-    now_ms: u64,
-    max: usize,
-) -> ::redis::RedisResult<BanOutcome> {
+pub async fn ban(cm: &mut Conn, ev: &ModEvent, now_ms: u64, max: usize) -> ::redis::RedisResult<BanOutcome> {
     let ModEvent::Ban { room, user, until_ms, .. } = ev else { return Ok(BanOutcome::Full) };
     let member = format!("{room}\n{user}");
     let (n, exists): (u64, Option<f64>) = ::redis::pipe()
@@ -392,7 +414,7 @@ pub async fn ban(
 }
 
 /// Lifts a ban in Redis and tells every edge; returns how many received it.
-pub async fn unban(cm: &mut ConnectionManager, ev: &ModEvent) -> ::redis::RedisResult<u64> {
+pub async fn unban(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult<u64> {
     let ModEvent::Unban { room, user, .. } = ev else { return Ok(0) };
     let () = ::redis::pipe()
         .del(ban_key(room, user))
@@ -406,11 +428,7 @@ pub async fn unban(cm: &mut ConnectionManager, ev: &ModEvent) -> ::redis::RedisR
 }
 
 /// Every ban in force in Redis (expired ones are pruned on the way), at most `max`.
-pub async fn load_bans(
-    cm: &mut ConnectionManager,
-    now_ms: u64,
-    max: usize,
-) -> ::redis::RedisResult<Vec<crate::moderation::Ban>> {
+pub async fn load_bans(cm: &mut Conn, now_ms: u64, max: usize) -> ::redis::RedisResult<Vec<crate::moderation::Ban>> {
     let (all,): (Vec<(String, f64)>,) = ::redis::pipe()
         .cmd("ZREMRANGEBYSCORE")
         .arg(BANS_KEY)
@@ -440,9 +458,9 @@ pub async fn load_bans(
 /// fields not expired (deleting expired ones: a crashed edge's members leave the total within
 /// the TTL, at the next report of any edge), and publishes `{"online":N}` on the room's channel
 /// only when the total changed. Cost per call: O(edges serving the room).
-const ONLINE_LUA: &str = r#"
+pub(super) const ONLINE_LUA: &str = r#"
 -- KEYS: online hash, channel
--- ARGV: edge id, count, ttl ms
+-- ARGV: edge id, count, ttl ms, publish command (PUBLISH, or SPUBLISH on a cluster)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local field = 'e:' .. ARGV[1]
@@ -467,7 +485,7 @@ end
 local prev = redis.call('HGET', KEYS[1], 'total')
 if prev ~= string.format('%d', total) then
   redis.call('HSET', KEYS[1], 'total', total)
-  redis.call('PUBLISH', KEYS[2], '{"online":' .. string.format('%d', total) .. '}')
+  redis.call(ARGV[4], KEYS[2], '{"online":' .. string.format('%d', total) .. '}')
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
 return total
@@ -480,11 +498,7 @@ pub fn online_key(room: &str) -> String {
 
 /// A room's members per edge and in total, as the online hash holds them at `now_ms` (expired
 /// fields left out): for `GET /v1/rooms/{room}` on any edge.
-pub async fn online(
-    cm: &mut ConnectionManager,
-    room: &str,
-    now_ms: u64,
-) -> ::redis::RedisResult<(u64, Vec<(String, u64)>)> {
+pub async fn online(cm: &mut Conn, room: &str, now_ms: u64) -> ::redis::RedisResult<(u64, Vec<(String, u64)>)> {
     let all: Vec<(String, String)> = cm.hgetall(online_key(room)).await?;
     let mut edges = Vec::new();
     for (field, value) in all {
@@ -501,13 +515,13 @@ pub async fn online(
 }
 
 /// A room's seq and epoch as Redis holds them (None: Redis has no such room).
-pub async fn room_meta(cm: &mut ConnectionManager, room: &str) -> ::redis::RedisResult<Option<(u64, String)>> {
+pub async fn room_meta(cm: &mut Conn, room: &str) -> ::redis::RedisResult<Option<(u64, String)>> {
     let (seq, epoch): (Option<u64>, Option<String>) =
         ::redis::cmd("HMGET").arg(&keys(room)[0]).arg("seq").arg("epoch").query_async(cm).await?;
     Ok(epoch.map(|e| (seq.unwrap_or(0), e)))
 }
 
-fn keys(room: &str) -> [String; 7] {
+pub(super) fn keys(room: &str) -> [String; 7] {
     [
         format!("rc:{{{room}}}:meta"),
         format!("rc:{{{room}}}:md"),
@@ -522,7 +536,7 @@ fn keys(room: &str) -> [String; 7] {
     ]
 }
 
-fn room_of_channel(ch: &str) -> Option<&str> {
+pub(super) fn room_of_channel(ch: &str) -> Option<&str> {
     ch.strip_prefix("rc:{")?.strip_suffix("}:ch")
 }
 
@@ -542,12 +556,12 @@ struct Wire<'a> {
 /// A presence announcement on a room's channel (ONLINE_LUA).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OnlineWire {
-    online: u64,
+pub(super) struct OnlineWire {
+    pub(super) online: u64,
 }
 
 /// A message as the script wrote it: the message, whether it must be delivered, its epoch.
-fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
+pub(super) fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     let w: Wire<'_> = serde_json::from_slice(bytes).ok()?;
     Some((
         PushMessage { seq: w.seq, ts_us: w.ts_us, kind: w.kind, user: w.user, body: w.body.get().to_owned() },
@@ -556,7 +570,10 @@ fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     ))
 }
 
-/// Starts the bridge on the current tokio runtime.
+/// Starts the bridge on the current tokio runtime: one Redis (`redis://`), a Redis Cluster
+/// (`redis-cluster://host:port,host:port`, see `bus::cluster`) or one Redis under Sentinel
+/// (`redis-sentinel://host:port,host:port/NAME`, see `bus::sentinel`).
+#[expect(clippy::too_many_arguments, reason = "each is a separate handle the bridge owns")]
 pub fn start(
     url: &str,
     bus: BusHandle,
@@ -565,19 +582,187 @@ pub fn start(
     up: prometheus::IntGauge,
     errors: prometheus::IntCounterVec,
     moderation: Arc<crate::moderation::Moderation>,
+    nodes: super::cluster::NodeBoard,
+    replication: prometheus::Histogram,
 ) -> Result<Bridge, ::redis::RedisError> {
     let _ = ERRORS.set(errors);
-    let client = ::redis::Client::open(url)?;
+    let _ = REPLICATION.set(replication);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(run(client, rx, bus, limits, presence, up, moderation));
+    match BusUrl::parse(url)
+        .map_err(|e| ::redis::RedisError::from((::redis::ErrorKind::InvalidClientConfig, "bus", e)))?
+    {
+        BusUrl::Single(url) => {
+            let client = ::redis::Client::open(url)?;
+            tokio::spawn(run(Target::Fixed(client), rx, bus, limits, presence, up, moderation));
+        }
+        BusUrl::Sentinel(t) => {
+            ::redis::Client::open(t.node_url("h:1"))?;
+            tokio::spawn(super::sentinel::watch_nodes(t.clone(), nodes));
+            tokio::spawn(run(Target::Sentinel(t), rx, bus, limits, presence, up, moderation));
+        }
+        BusUrl::Cluster(seeds) => {
+            // Fail early on a malformed seed, as `Client::open` does for one Redis.
+            for s in &seeds {
+                ::redis::Client::open(s.as_str())?;
+            }
+            // Moderation's bus channel and bans index are not wired into cluster mode yet.
+            drop(moderation);
+            tokio::spawn(super::cluster::run(seeds, rx, bus, limits, presence, up, nodes));
+        }
+    }
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
+}
+
+/// Where the bus is, from its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusUrl {
+    /// `redis://` or `rediss://`: one Redis (or a primary behind a stable address).
+    Single(String),
+    /// `redis-cluster://[user:password@]host:port,host:port[/?query]`: a Redis Cluster, given
+    /// by seed nodes (any few; the rest are discovered), each as a `redis://` URL.
+    Cluster(Vec<String>),
+    /// `redis-sentinel://[user:password@]host:port,host:port/MASTER`: one Redis and its
+    /// replicas, whose master the sentinels name (`bus::sentinel`).
+    Sentinel(super::sentinel::SentinelTarget),
+}
+
+impl BusUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return Ok(Self::Single(url.to_owned()));
+        }
+        if let Some(rest) = url.strip_prefix("redis-sentinel://") {
+            let (authority, name) = rest.split_once('/').unwrap_or((rest, ""));
+            let name = name.trim_end_matches('/');
+            if name.is_empty() || name.contains(['/', '?', '#']) {
+                return Err(
+                    "redis-sentinel:// needs the master's name: redis-sentinel://HOST:PORT,HOST:PORT/NAME".into()
+                );
+            }
+            let (auth, hosts) = match authority.rsplit_once('@') {
+                Some((u, h)) => (format!("{u}@"), h),
+                None => (String::new(), authority),
+            };
+            let sentinels = hosts_of(hosts)?;
+            return Ok(Self::Sentinel(super::sentinel::SentinelTarget { sentinels, master: name.to_owned(), auth }));
+        }
+        let Some(rest) = url.strip_prefix("redis-cluster://") else {
+            return Err(
+                "must be redis://HOST:PORT, redis-cluster://HOST:PORT,HOST:PORT,... or redis-sentinel://HOST:PORT,.../MASTER"
+                    .into(),
+            );
+        };
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        let seeds = hosts_of(hosts)?.into_iter().map(|h| format!("redis://{auth}{h}{tail}")).collect();
+        Ok(Self::Cluster(seeds))
+    }
+}
+
+/// `host:port,host:port` (at least one).
+fn hosts_of(hosts: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        let Some((host, port)) = h.rsplit_once(':') else {
+            return Err(format!("node {h:?}: HOST:PORT expected"));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("node {h:?}: HOST:PORT expected"));
+        }
+        out.push(h.to_owned());
+    }
+    if out.is_empty() {
+        return Err("at least one node HOST:PORT is needed".into());
+    }
+    Ok(out)
+}
+
+/// Where the single-Redis bridge connects: a fixed address, or the master Sentinel names.
+enum Target {
+    Fixed(::redis::Client),
+    Sentinel(super::sentinel::SentinelTarget),
+}
+
+/// A command connection to the bus. One Redis: redis-rs's `ConnectionManager` (reconnects by
+/// itself). A cluster: redis-rs's cluster connection, which routes each command by its first
+/// key's slot, follows `MOVED` and `ASK` and refreshes the slot map; it never subscribes (see
+/// `bus::slots` for why), so no push can be taken for a command's reply.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(::redis::cluster_async::ClusterConnection),
+    Sentinel(super::sentinel::SentinelConn),
+}
+
+impl Conn {
+    /// Connects to the bus at `url` (publishers' load reports, dispatch, room figures).
+    pub async fn connect(url: &str) -> ::redis::RedisResult<Self> {
+        match BusUrl::parse(url)
+            .map_err(|e| ::redis::RedisError::from((::redis::ErrorKind::InvalidClientConfig, "bus", e)))?
+        {
+            BusUrl::Single(url) => Ok(Self::Single(ConnectionManager::new(::redis::Client::open(url)?).await?)),
+            BusUrl::Cluster(seeds) => super::cluster::command_connection(&seeds).await.map(Self::Cluster),
+            BusUrl::Sentinel(t) => {
+                let c = super::sentinel::SentinelConn::new(t, Duration::from_secs(3));
+                // Fail now, as the others do, when no sentinel names a reachable master.
+                let _: String = ::redis::cmd("PING").query_async(&mut c.clone()).await?;
+                Ok(Self::Sentinel(c))
+            }
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// How a room's channel is published to: sharded pub/sub on a cluster (the message stays
+    /// within the slot's shard instead of crossing every node's bus).
+    pub fn publish_command(&self) -> &'static str {
+        if self.is_cluster() { "SPUBLISH" } else { "PUBLISH" }
+    }
+}
+
+impl ::redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a ::redis::Cmd) -> ::redis::RedisFuture<'a, ::redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+            Self::Sentinel(c) => c.get_db(),
+        }
+    }
 }
 
 /// `roomcast_redis_errors_total{op}` (one bridge per process; set when it starts).
 static ERRORS: std::sync::OnceLock<prometheus::IntCounterVec> = std::sync::OnceLock::new();
 
 /// Counts a failed Redis operation.
-fn failed(op: &str) {
+pub(super) fn failed(op: &str) {
     if let Some(e) = ERRORS.get() {
         e.with_label_values(&[op]).inc();
     }
@@ -591,8 +776,8 @@ pub struct Presence {
 }
 
 /// Writes this edge's count of `room` and lets the script announce a changed total.
-async fn report_online(
-    mut cm: ConnectionManager,
+pub(super) async fn report_online(
+    mut cm: Conn,
     script: ::redis::Script,
     room: RoomName,
     count: u64,
@@ -605,6 +790,7 @@ async fn report_online(
         .arg(&presence.edge_id)
         .arg(count)
         .arg(presence.ttl.as_millis() as u64)
+        .arg(cm.publish_command())
         .invoke_async(&mut cm)
         .await;
     if let Err(e) = r {
@@ -639,7 +825,7 @@ fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
 
 /// After (re)connecting: the bans in force as Redis holds them replace this edge's (some may
 /// have come or gone while it was away); members of rooms newly banned leave them.
-async fn load_all_bans(mut cm: ConnectionManager, moderation: Arc<crate::moderation::Moderation>) {
+async fn load_all_bans(mut cm: Conn, moderation: Arc<crate::moderation::Moderation>) {
     let now_ms = super::now_us() / 1000;
     match load_bans(&mut cm, now_ms, moderation.bans.max()).await {
         Ok(bans) => {
@@ -655,7 +841,7 @@ async fn load_all_bans(mut cm: ConnectionManager, moderation: Arc<crate::moderat
 }
 
 async fn run(
-    client: ::redis::Client,
+    target: Target,
     mut rx: UnboundedReceiver<BridgeCmd>,
     bus: BusHandle,
     limits: StreamLimits,
@@ -674,12 +860,28 @@ async fn run(
     loop {
         // (Re)connect: a command connection and a subscriber connection.
         let conn = async {
-            let cm = ConnectionManager::new(client.clone()).await?;
+            let (client, master) = match &target {
+                Target::Fixed(c) => (c.clone(), None),
+                Target::Sentinel(t) => {
+                    let addr = t.master().await?;
+                    (::redis::Client::open(t.node_url(&addr))?, Some(addr))
+                }
+            };
+            let cm = Conn::Single(ConnectionManager::new(client.clone()).await?);
+            // Waited publishes on a connection of their own: WAIT holds its connection (and
+            // so everything queued behind it) for a replication round trip.
+            let wcm = if limits.min_replicas_acked > 0 {
+                let config = ::redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(limits.waited_response_timeout()));
+                Conn::Single(ConnectionManager::new_with_config(client.clone(), config).await?)
+            } else {
+                cm.clone()
+            };
             let ps = client.get_async_pubsub().await?;
-            Ok::<_, ::redis::RedisError>((cm, ps))
+            Ok::<_, ::redis::RedisError>((cm, wcm, ps, master))
         }
         .await;
-        let (cm, ps) = match conn {
+        let (cm, wcm, ps, master) = match conn {
             Ok(c) => c,
             Err(e) => {
                 up.set(0);
@@ -734,11 +936,45 @@ async fn run(
         tracing::info!(rooms = rooms.len(), "redis bus connected");
         tokio::spawn(check_persistence(cm.clone()));
         tokio::spawn(load_all_bans(cm.clone(), moderation.clone()));
+        // Sentinel: ask each second which node is the master; another answer is a failover.
+        let (moved_tx, mut moved) = tokio::sync::oneshot::channel::<String>();
+        // Held here when nobody watches, so that `moved` stays pending.
+        let mut moved_tx = Some(moved_tx);
+        let watcher = match (&target, master, moved_tx.take()) {
+            (Target::Sentinel(t), Some(current), Some(moved_tx)) => {
+                tracing::info!(master = %current, "sentinel names the redis master");
+                let t = t.clone();
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if let Ok(addr) = t.master().await
+                            && addr != current
+                        {
+                            let _ = moved_tx.send(addr);
+                            return;
+                        }
+                    }
+                }))
+            }
+            (_, _, tx) => {
+                moved_tx = tx;
+                None
+            }
+        };
+        let _watcher = AbortOnDrop(watcher);
+        let _keep = moved_tx;
         use futures_util::StreamExt;
         let mut refresh = tokio::time::interval(presence.ttl / 3);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                Ok(addr) = &mut moved => {
+                    tracing::warn!(master = %addr, "sentinel announced a failover: following the new master");
+                    failed("connection_lost");
+                    up.set(0);
+                    bus.send_async(EngineCmd::Redis { up: false }).await;
+                    break;
+                }
                 _ = refresh.tick() => {
                     // One task walks every room with members here, a bounded number of scripts
                     // in flight: the counts of a live edge never expire.
@@ -800,7 +1036,8 @@ async fn run(
                             }
                         }
                         BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
-                            tokio::spawn(publish(cm.clone(), script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
+                            let c = if must_deliver { wcm.clone() } else { cm.clone() };
+                            tokio::spawn(publish(c, script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
                         }
                         BridgeCmd::Fill { room, from, to } => {
                             tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
@@ -826,8 +1063,19 @@ async fn run(
     }
 }
 
+/// Ends a task when its owner goes (the sentinel watcher of one connection).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
 /// While Redis is away: track interest, refuse publishes, fail fills and recoveries explicitly.
-async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
+pub(super) async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle) {
     match cmd {
         BridgeCmd::Subscribe(room) => {
             rooms.insert(room);
@@ -852,7 +1100,7 @@ async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: &BusHandle)
 /// Says (once per connection) when Redis can lose acknowledged writes at a restart: only
 /// `appendonly yes` with `appendfsync always` keeps every acknowledged gift (with `everysec`,
 /// up to a second of them; edges then start a new epoch and reset members, see `Renumber`).
-async fn check_persistence(mut cm: ConnectionManager) {
+pub(super) async fn check_persistence(mut cm: Conn) {
     let get = |key: &'static str| ::redis::cmd("CONFIG").arg("GET").arg(key).clone();
     let aof: ::redis::RedisResult<Vec<String>> = get("appendonly").query_async(&mut cm).await;
     let fsync: ::redis::RedisResult<Vec<String>> = get("appendfsync").query_async(&mut cm).await;
@@ -869,7 +1117,7 @@ async fn check_persistence(mut cm: ConnectionManager) {
     }
 }
 
-async fn renumber(mut cm: ConnectionManager, room: RoomName, epoch: Epoch, below: u64, bus: BusHandle) {
+pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: u64, bus: BusHandle) {
     let k = keys(&room);
     let r: ::redis::RedisResult<u8> = ::redis::Script::new(RENUMBER_LUA)
         .key(&k[0])
@@ -900,7 +1148,8 @@ fn recovery_failed(room: RoomName, since: u64, upto: u64, join: PendingJoin) -> 
     EngineCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false }
 }
 
-async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
+/// Reads the room's seq, epoch and latest state for its engine; false if Redis did not answer.
+pub(super) async fn sync_room(mut cm: Conn, room: RoomName, bus: BusHandle) -> bool {
     let k = keys(&room);
     let r: Result<(u64, u64, Vec<Vec<u8>>), _> = ::redis::Script::new(SYNC_LUA)
         .key(&k[0])
@@ -921,17 +1170,19 @@ async fn sync_room(mut cm: ConnectionManager, room: RoomName, bus: BusHandle) {
                 .map(|(m, _, _)| m)
                 .collect();
             bus.send_async(EngineCmd::Synced { room, seq, epoch, latest }).await;
+            true
         }
         Err(e) => {
             tracing::warn!(room = %room, error = %e, "cannot read room seq");
             failed("sync");
+            false
         }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn publish(
-    mut cm: ConnectionManager,
+pub(super) async fn publish(
+    mut cm: Conn,
     script: ::redis::Script,
     room: RoomName,
     msg: NewMessage,
@@ -946,45 +1197,125 @@ async fn publish(
     // The key's own name, in the room's hash slot; with no key the script does not read it.
     let idem = msg.idem.as_deref().map_or_else(|| k[0].clone(), |key| format!("rc:{{{room}}}:idem:{key}"));
     let ttl = if msg.idem.is_some() { limits.idempotency_ttl_s } else { 0 };
-    let r: Result<(u64, u64, u8), _> = script
-        .key(&k[0])
-        .key(&k[1])
-        .key(&k[2])
-        .key(&k[3])
-        .key(&k[4])
-        .key(&k[5])
-        .key(idem)
-        .key(&k[6])
-        .arg(&msg.kind)
-        .arg(&msg.user)
-        .arg(&msg.body)
-        .arg(if must_deliver { "1" } else { "0" })
-        .arg(limits.must_deliver.max(1))
-        .arg(limits.droppable.max(1))
-        .arg(if conflate.is_some() { "1" } else { "0" })
-        .arg(conflate.unwrap_or_default())
-        .arg(ttl)
-        .invoke_async(&mut cm)
-        .await;
-    drop(permit);
-    let result = match r {
-        Ok((seq, ts_us, replayed)) => Ok(Ack { seq, ts_us, replayed: replayed == 1 }),
-        Err(e) => {
-            tracing::warn!(error = %e, "redis publish failed");
-            failed("publish");
-            Err(PublishError::BusUnavailable)
+    use ::redis::ToRedisArgs;
+    let mut keys_: Vec<Vec<u8>> = k[..6].iter().map(|k| k.clone().into_bytes()).collect();
+    keys_.push(idem.into_bytes());
+    keys_.push(k[6].clone().into_bytes());
+    let mut args: Vec<Vec<u8>> = Vec::with_capacity(10);
+    for a in [&msg.kind, &msg.user, &msg.body] {
+        args.extend(a.to_redis_args());
+    }
+    args.extend((if must_deliver { "1" } else { "0" }).to_redis_args());
+    args.extend(limits.must_deliver.max(1).to_redis_args());
+    args.extend(limits.droppable.max(1).to_redis_args());
+    args.extend((if conflate.is_some() { "1" } else { "0" }).to_redis_args());
+    args.extend(conflate.unwrap_or_default().to_redis_args());
+    args.extend(ttl.to_redis_args());
+    args.extend(cm.publish_command().to_redis_args());
+    let waited = must_deliver && limits.min_replicas_acked > 0;
+    // A waited message goes to members only once replicas hold it: published by `replicated`.
+    args.extend((if waited { "0" } else { "1" }).to_redis_args());
+    let result = if waited {
+        replicated(&mut cm, &script, &keys_, &args, &k[3], &msg, limits).await
+    } else {
+        let mut invocation = script.prepare_invoke();
+        for key in &keys_ {
+            invocation.key(key);
+        }
+        for a in &args {
+            invocation.arg(a);
+        }
+        match invocation.invoke_async::<(u64, u64, u8)>(&mut cm).await {
+            Ok((seq, ts_us, replayed)) => Ok(Ack { seq, ts_us, replayed: replayed == 1 }),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis publish failed");
+                failed("publish");
+                Err(PublishError::BusUnavailable)
+            }
         }
     };
+    drop(permit);
     bus.send_async(EngineCmd::PublishDone { room, reply, result }).await;
 }
 
+/// Runs the publish script and `WAIT` in one pipeline: the same connection, so `WAIT` counts
+/// the replicas that hold this script's writes (on a cluster the pipeline goes to the room's
+/// primary; a `MOVED` sends it whole to the new owner). Too few within the timeout: not
+/// acknowledged (503); the publisher's retry with its Idempotency-Key gets the same seq and
+/// waits again. The script does not publish the message: it goes on the room's channel only
+/// once the replicas hold it, so what members saw live is what a failover keeps (Sentinel's
+/// switchover showed why: an old primary still answers for a moment after its replica took
+/// over, and members of a gift it numbered then were reset). A script Redis has not cached yet
+/// is loaded (on every node) and the pipeline sent again: `NOSCRIPT` means it did not run.
+async fn replicated(
+    cm: &mut Conn,
+    script: &::redis::Script,
+    keys: &[Vec<u8>],
+    args: &[Vec<u8>],
+    channel: &str,
+    msg: &NewMessage,
+    limits: StreamLimits,
+) -> Result<Ack, PublishError> {
+    let mut evalsha = ::redis::cmd("EVALSHA");
+    evalsha.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
+    let mut wait = ::redis::cmd("WAIT");
+    wait.arg(limits.min_replicas_acked).arg(limits.replicas_timeout_ms);
+    let mut pipe = ::redis::pipe();
+    pipe.add_command(evalsha).add_command(wait);
+    let started = std::time::Instant::now();
+    let mut loaded = false;
+    loop {
+        match pipe.query_async::<((u64, u64, u8, Vec<u8>), u32)>(cm).await {
+            Ok(((seq, ts_us, replayed, text), acked)) => {
+                if let Some(h) = REPLICATION.get() {
+                    h.observe(started.elapsed().as_secs_f64());
+                }
+                if acked >= limits.min_replicas_acked {
+                    // Now members may see it: a message they saw is one a failover keeps.
+                    if !text.is_empty() {
+                        let r: ::redis::RedisResult<::redis::Value> =
+                            ::redis::cmd(cm.publish_command()).arg(channel).arg(&text).query_async(cm).await;
+                        if let Err(e) = r {
+                            // Members get it from the stream with the room's next message or
+                            // the next re-read.
+                            tracing::warn!(seq, error = %e, "cannot publish a replicated gift on its channel");
+                            failed("publish");
+                        }
+                    }
+                    return Ok(Ack { seq, ts_us, replayed: replayed == 1 });
+                }
+                tracing::warn!(
+                    seq,
+                    acked,
+                    wanted = limits.min_replicas_acked,
+                    idempotency_key = msg.idem.is_some(),
+                    "gift not acknowledged: too few redis replicas hold it in time"
+                );
+                failed("not_replicated");
+                return Err(PublishError::NotReplicated { acked, wanted: limits.min_replicas_acked });
+            }
+            Err(e) if !loaded && e.to_string().to_ascii_uppercase().contains("NOSCRIPT") => {
+                loaded = true;
+                let r: ::redis::RedisResult<::redis::Value> =
+                    ::redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).query_async(cm).await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot load the publish script");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis publish failed");
+                failed("publish");
+                return Err(PublishError::BusUnavailable);
+            }
+        }
+    }
+}
+
+/// `roomcast_redis_replication_seconds`: a waited publish, script and `WAIT` together.
+static REPLICATION: std::sync::OnceLock<prometheus::Histogram> = std::sync::OnceLock::new();
+
 /// Reads `from..=to` from a stream (ids are `seq-0`).
-async fn range(
-    cm: &mut ConnectionManager,
-    key: &str,
-    from: u64,
-    to: u64,
-) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
+async fn range(cm: &mut Conn, key: &str, from: u64, to: u64) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
     let reply: ::redis::streams::StreamRangeReply = cm.xrange(key, format!("{from}-0"), format!("{to}-0")).await?;
     let mut out = Vec::with_capacity(reply.ids.len());
     for id in reply.ids {
@@ -1000,12 +1331,7 @@ async fn range(
 
 /// The tombstones in place of deleted messages with seqs in `from..=to` (both classes), as
 /// (message, must-deliver).
-async fn tombstones(
-    cm: &mut ConnectionManager,
-    key: &str,
-    from: u64,
-    to: u64,
-) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
+async fn tombstones(cm: &mut Conn, key: &str, from: u64, to: u64) -> ::redis::RedisResult<Vec<(PushMessage, bool)>> {
     // Bounded: the delete script drops those the streams no longer cover.
     let all: Vec<(u64, Vec<u8>)> = cm.hgetall(key).await?;
     Ok(all
@@ -1015,7 +1341,7 @@ async fn tombstones(
         .collect())
 }
 
-async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus: BusHandle) {
+pub(super) async fn fill(mut cm: Conn, room: RoomName, from: u64, to: u64, bus: BusHandle) {
     let k = keys(&room);
     let md = range(&mut cm, &k[1], from, to).await;
     let dr = range(&mut cm, &k[2], from, to).await;
@@ -1036,7 +1362,7 @@ async fn fill(mut cm: ConnectionManager, room: RoomName, from: u64, to: u64, bus
     }
 }
 
-async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
+pub(super) async fn recover(mut cm: Conn, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
     let k = keys(&room);
     let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
     let gone = if since < upto { tombstones(&mut cm, &k[6], since + 1, upto).await } else { Ok(Vec::new()) };
@@ -1068,6 +1394,28 @@ async fn recover(mut cm: ConnectionManager, room: RoomName, since: u64, upto: u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bus_urls_parse() {
+        assert_eq!(BusUrl::parse("redis://h:1"), Ok(BusUrl::Single("redis://h:1".into())));
+        assert_eq!(
+            BusUrl::parse("redis-cluster://:pw@10.0.0.1:7000, 10.0.0.2:7001/?x=1"),
+            Ok(BusUrl::Cluster(vec!["redis://:pw@10.0.0.1:7000/?x=1".into(), "redis://:pw@10.0.0.2:7001/?x=1".into()]))
+        );
+        assert!(BusUrl::parse("redis-cluster://").is_err());
+        assert!(BusUrl::parse("redis-cluster://h").is_err());
+        assert!(BusUrl::parse("redis-cluster://h:x").is_err());
+        assert!(BusUrl::parse("http://h:1").is_err());
+        assert_eq!(
+            BusUrl::parse("redis-sentinel://:pw@s1:26379,s2:26379/main"),
+            Ok(BusUrl::Sentinel(crate::bus::sentinel::SentinelTarget {
+                sentinels: vec!["s1:26379".into(), "s2:26379".into()],
+                master: "main".into(),
+                auth: ":pw@".into(),
+            }))
+        );
+        assert!(BusUrl::parse("redis-sentinel://s1:26379").is_err(), "the master's name is needed");
+    }
 
     #[test]
     fn channel_names_round_trip() {

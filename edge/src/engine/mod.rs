@@ -504,8 +504,14 @@ impl Engine {
                 self.recovered(&room, since, upto, join, messages, evicted_upto, ok, out);
             }
             EngineCmd::PublishDone { room, reply, result } => {
-                if matches!(result, Err(crate::bus::PublishError::BusUnavailable)) {
-                    self.stats.publish_rejected.with_label_values(&["bus_unavailable"]).inc();
+                match result {
+                    Err(crate::bus::PublishError::BusUnavailable) => {
+                        self.stats.publish_rejected.with_label_values(&["bus_unavailable"]).inc();
+                    }
+                    Err(crate::bus::PublishError::NotReplicated { .. }) => {
+                        self.stats.publish_rejected.with_label_values(&["not_replicated"]).inc();
+                    }
+                    _ => {}
                 }
                 self.answer(out, reply, &room, result);
             }
