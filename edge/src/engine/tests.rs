@@ -828,7 +828,6 @@ fn an_idle_room_keeps_its_idempotency_keys_for_their_window() {
     cfg.history.room_idle_ms = 1000;
     cfg.ingest.idempotency_ttl_s = 600;
     let (mut bus, _) = setup_with(cfg);
-    let room: RoomName = "keyed".into();
     let publish = |bus: &mut H| {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let msg =
