@@ -32,8 +32,8 @@ use ::redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::redis::{
-    BridgeCmd, Conn, ONLINE_LUA, OnlineWire, PUBLISH_LUA, Presence, StreamLimits, failed, fill, offline, parse,
-    publish, recover, renumber, report_online, room_of_channel, sync_room,
+    BridgeCmd, Conn, ONLINE_LUA, OnlineWire, PUBLISH_LUA, Presence, StreamLimits, failed, offline, parse,
+    report_online, room_of_channel, sync_room,
 };
 use super::slots::{NodeAddr, SubAction, Subscriptions, Topology, channel_key};
 use super::{BusHandle, EngineCmd, RoomName};
@@ -493,26 +493,9 @@ pub(super) async fn run(
                             node_cmd(&mut nodes, &node, NodeCmd::Unsubscribe(room));
                         }
                     }
-                    BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
-                        let c = if must_deliver { wcm.clone() } else { cm.clone() };
-                        tokio::spawn(publish(c, script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
-                    }
-                    BridgeCmd::Fill { room, from, to } => {
-                        tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
-                    }
-                    BridgeCmd::Recover { room, since, upto, join } => {
-                        tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
-                    }
-                    BridgeCmd::Renumber { room, epoch, below } => {
-                        tokio::spawn(renumber(cm.clone(), room, epoch, below, bus.clone()));
-                    }
-                    BridgeCmd::Occupancy { room, count } => {
-                        if count > 0 {
-                            occupancy.insert(room.clone(), count);
-                        } else {
-                            occupancy.remove(&room);
-                        }
-                        tokio::spawn(report_online(cm.clone(), online_script.clone(), room, count, presence.clone()));
+                    other => {
+                        let work = super::redis::Work { cm: &cm, wcm: &wcm, script: &script, online: &online_script, bus: &bus, limits, presence: &presence };
+                        work.spawn(other, &mut occupancy);
                     }
                 }
             }

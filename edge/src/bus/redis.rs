@@ -840,6 +840,52 @@ async fn load_all_bans(mut cm: Conn, moderation: Arc<crate::moderation::Moderati
     }
 }
 
+/// What both bridges (one Redis or Sentinel, and a cluster) need to carry out the commands they
+/// handle alike: publish, fill, recover, renumber and the online count, each on a task of its own.
+pub(super) struct Work<'a> {
+    pub cm: &'a Conn,
+    /// The connection for publishes that wait for replicas (`WAIT` must see only their writes).
+    pub wcm: &'a Conn,
+    pub script: &'a ::redis::Script,
+    pub online: &'a ::redis::Script,
+    pub bus: &'a BusHandle,
+    pub limits: StreamLimits,
+    pub presence: &'a Arc<Presence>,
+}
+
+impl Work<'_> {
+    /// Starts `cmd`'s work. Subscriptions are each bridge's own: they are ignored here.
+    pub(super) fn spawn(&self, cmd: BridgeCmd, occupancy: &mut std::collections::HashMap<RoomName, u64>) {
+        let (cm, bus) = (self.cm, self.bus);
+        match cmd {
+            BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
+                let c = if must_deliver { self.wcm.clone() } else { cm.clone() };
+                let (script, limits) = (self.script.clone(), self.limits);
+                tokio::spawn(publish(c, script, room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
+            }
+            BridgeCmd::Fill { room, from, to } => {
+                tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
+            }
+            BridgeCmd::Recover { room, since, upto, join } => {
+                tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
+            }
+            BridgeCmd::Renumber { room, epoch, below } => {
+                tokio::spawn(renumber(cm.clone(), room, epoch, below, bus.clone()));
+            }
+            BridgeCmd::Occupancy { room, count } => {
+                if count > 0 {
+                    occupancy.insert(room.clone(), count);
+                } else {
+                    occupancy.remove(&room);
+                }
+                let (online, presence) = (self.online.clone(), self.presence.clone());
+                tokio::spawn(report_online(cm.clone(), online, room, count, presence));
+            }
+            BridgeCmd::Subscribe(_) | BridgeCmd::Unsubscribe(_) => {}
+        }
+    }
+}
+
 async fn run(
     target: Target,
     mut rx: UnboundedReceiver<BridgeCmd>,
@@ -1035,26 +1081,9 @@ async fn run(
                                 let _ = sink.unsubscribe(&keys(&room)[3]).await;
                             }
                         }
-                        BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
-                            let c = if must_deliver { wcm.clone() } else { cm.clone() };
-                            tokio::spawn(publish(c, script.clone(), room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
-                        }
-                        BridgeCmd::Fill { room, from, to } => {
-                            tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
-                        }
-                        BridgeCmd::Recover { room, since, upto, join } => {
-                            tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
-                        }
-                        BridgeCmd::Renumber { room, epoch, below } => {
-                            tokio::spawn(renumber(cm.clone(), room, epoch, below, bus.clone()));
-                        }
-                        BridgeCmd::Occupancy { room, count } => {
-                            if count > 0 {
-                                occupancy.insert(room.clone(), count);
-                            } else {
-                                occupancy.remove(&room);
-                            }
-                            tokio::spawn(report_online(cm.clone(), online_script.clone(), room, count, presence.clone()));
+                        other => {
+                            let work = Work { cm: &cm, wcm: &wcm, script: &script, online: &online_script, bus: &bus, limits, presence: &presence };
+                            work.spawn(other, &mut occupancy);
                         }
                     }
                 }
