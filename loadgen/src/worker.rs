@@ -259,6 +259,8 @@ struct Conn {
     peer: Option<SocketAddr>,
     /// The pending move follows a 4000/1013 close, not a goaway.
     resuming: bool,
+    /// Pong bytes the socket did not take yet (sent before the next read's frames).
+    pong: Vec<u8>,
 }
 
 struct Epoll(OwnedFd);
@@ -306,6 +308,7 @@ impl Conn {
             moving: false,
             peer: sock.peer_addr().ok(),
             resuming: false,
+            pong: Vec::new(),
             sock,
         }
     }
@@ -322,6 +325,27 @@ impl Conn {
     fn on_goaway(&mut self, url: &str, after_ms: u32) {
         let now = Instant::now();
         self.goaway = Some((url.to_owned(), now + Duration::from_millis(u64::from(after_ms)), now));
+    }
+
+    /// Answers a ping with a pong carrying its payload (RFC 6455 5.5.3), masked as a client's
+    /// frames must be. What the socket does not take now is written before the next reads.
+    fn on_ping(&mut self, payload: &[u8], salt: u64) {
+        let mask = (salt as u32 ^ 0x5bd1_e995).to_le_bytes();
+        self.pong.extend_from_slice(&ws::encode_client_frame(ws::OpCode::Pong, payload, mask));
+        self.flush_pong();
+    }
+
+    fn flush_pong(&mut self) {
+        while !self.pong.is_empty() {
+            match (&self.sock).write(&self.pong) {
+                Ok(0) => return,
+                Ok(n) => {
+                    self.pong.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
     }
 
     /// A close frame: after 4000 (slow consumer) or 1013 (replay budget), come back to the same
@@ -435,6 +459,9 @@ struct Reader {
     deliveries: u64,
     frames: u64,
     bytes: u64,
+    /// Of `bytes`, those of pings: they keep coming while a run settles, so "bytes still
+    /// moving" (a slow reader inside a large frame) counts the others only.
+    ping_bytes: u64,
     closed: u64,
     /// Follow goaways and resume after 4000/1013 closes.
     follow: bool,
@@ -526,6 +553,12 @@ impl Reader {
             off += total;
             self.frames += 1;
             match (self.target, h.opcode) {
+                // A client answers pings as browsers do; without it the edge's idle timeout
+                // (ws.idle_timeout_ms, 90 s) closes every member of a longer run.
+                (_, ws::OpCode::Ping) => {
+                    self.ping_bytes += total as u64;
+                    c.on_ping(payload, self.frames);
+                }
                 (Target::Edge, ws::OpCode::Close) if self.follow => c.on_close(payload),
                 (_, ws::OpCode::Close) => c.open = false,
                 (Target::Nchan, ws::OpCode::Text) => {
@@ -593,6 +626,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         deliveries: 0,
         frames: 0,
         bytes: 0,
+        ping_bytes: 0,
         closed: 0,
         follow: args.follow_goaway,
         sse: args.sse,
@@ -621,6 +655,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         if args.slow_every > 0 && Instant::now() >= next_slow_read {
             next_slow_read = Instant::now() + Duration::from_millis(500);
             for c in conns.iter_mut().filter(|c| c.slow && c.open) {
+                c.flush_pong();
                 let budget = args.slow_bytes.min(tmp.len());
                 match c.sock.read(&mut tmp[..budget]) {
                     Ok(0) => {
@@ -670,6 +705,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         ep.wait(&mut ready, if next == rooms.len() && !connects_reported { 0 } else { 50 });
         for &i in &ready {
             let c = &mut conns[i];
+            c.flush_pong();
             loop {
                 match c.sock.read(&mut tmp) {
                     Ok(0) => {
@@ -722,6 +758,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         c.peer = sock.peer_addr().ok();
                         c.sock = sock;
                         c.buf.clear();
+                        c.pong.clear();
                         c.open = true;
                         reconnects += 1;
                         resumed += u64::from(std::mem::take(&mut c.resuming));
@@ -745,7 +782,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 failed,
                 deliveries: reader.deliveries,
                 frames: reader.frames,
-                bytes: reader.bytes,
+                bytes: reader.bytes - reader.ping_bytes,
                 p50_us: reader.interval.value_at_quantile(0.5),
                 p99_us: reader.interval.value_at_quantile(0.99),
                 first_kind_p99_us: reader.interval_first.value_at_quantile(0.99),
@@ -756,8 +793,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             reader.interval_first.reset();
             emit(&erased::Tagged("progress", &p));
         }
-        if reader.bytes != last_bytes {
-            last_bytes = reader.bytes;
+        if reader.bytes - reader.ping_bytes != last_bytes {
+            last_bytes = reader.bytes - reader.ping_bytes;
             last_bytes_at = Instant::now();
         }
         loop {

@@ -209,3 +209,37 @@ fn readers_closed_as_slow_consumers_resume_and_lose_no_gift() {
     assert_eq!(v["published"]["gift"], 100);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The edge pings every 200 ms and closes a connection it has not heard from for 1 s: the
+/// generator's members answer pings (as browsers do), so a run longer than the idle timeout
+/// keeps every member and loses nothing. Without pongs every member is closed ("1001 idle
+/// timeout") within the first seconds and misses the rest of the run.
+#[test]
+fn members_answer_pings_and_outlive_the_idle_timeout() {
+    let dir = std::env::temp_dir().join(format!("loadgen-e2e-ping-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, "[ws]\nping_interval_ms = 200\nidle_timeout_ms = 1000\n").unwrap();
+    let (mut edge, ws, http) = edge(&["--shards", "2", "--config", cfg.to_str().unwrap()]);
+    let out = dir.join("out");
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &ws, "--http", &http, "--connections", "200", "--workers", "1"])
+        .args(["--duration", "4", "--gift-rate", "5", "--chat-rate", "0", "--scenario", "e2e-ping"])
+        .args(["--out", out.to_str().unwrap()])
+        .status()
+        .expect("loadgen");
+    let _ = Command::new("kill").args(["-INT", &edge.id().to_string()]).status();
+    let _ = edge.wait();
+    assert!(status.success());
+    let res = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(res.join("result.json")).unwrap()).unwrap();
+    assert_eq!(v["connections"], 200, "{v}");
+    assert_eq!(v["published"]["gift"], 20, "{v}");
+    assert_eq!(v["lost"]["gift"], 0, "{v}");
+    assert_eq!(v["deliveries"].as_u64().unwrap(), 200 * 20, "{v}");
+    // Nobody was closed by the edge during the run, so nobody came back.
+    assert_eq!(v["reconnects"], 0, "{v}");
+    assert_eq!(v["closed_during_run"], 0, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
