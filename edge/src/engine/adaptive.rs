@@ -10,6 +10,8 @@
 //! [`super::LoadBoard`]. Feedforward: hot rooms may spend a share rho of the measured capacity
 //! on frames, shared by every hot member on the edge, so each hot room merges over
 //! W = hot members / (rho x capacity): the window follows the machine, not a constant.
+//! That window narrows below the configured rule only while gifts are measured and no shard
+//! is saturated (more frames on saturated shards only lengthen the flush).
 //! Feedback on the measured p99 against `adaptive.gift_latency_target_ms`, by cause:
 //! - late and a shard saturated (busy over `BUSY_HIGH`, busy counting the time it waited for a
 //!   CPU): the frames are too many for the machine: rho falls 10% (wider windows, down to
@@ -107,7 +109,8 @@ impl Engine {
     /// widening past the rule is left to the backlog safety net, which reacts to real queues.
     pub(super) fn window_of(&self, rate: f64, members: u64) -> Duration {
         let rule = room_window(&self.cfg, self.level, rate, members);
-        let Some(budget) = self.budget.filter(|_| self.cfg.adaptive.enabled && rate >= HOT_ROOM_RATE) else {
+        let Some(budget) = self.budget.filter(|_| self.narrow && self.cfg.adaptive.enabled && rate >= HOT_ROOM_RATE)
+        else {
             return rule;
         };
         let hot = self.load.hot_members().max(members) as f64;
@@ -129,7 +132,14 @@ impl Engine {
         let target = Duration::from_millis(self.cfg.adaptive.gift_latency_target_ms);
         let before = (self.rho, self.chat_factor);
         let saturated = self.load.busy() > BUSY_HIGH;
-        match self.load.gift_p99() {
+        let p99 = self.load.gift_p99();
+        // Narrowing below the rule adds frames: only with gifts measured (the estimate then
+        // counts the frames being written now, not the connect phase's small ones) and CPU to
+        // spare. At the onset of the seed's room (10^5 members, 10^4 chat/s offered) an estimate
+        // from the connect phase narrowed the window to 790 ms on saturated shards and gift p99
+        // rose to 3.0 s for three seconds (bench-results/2026-11-30-100k-budgets-README.md).
+        self.narrow = p99.is_some() && !saturated;
+        match p99 {
             Some(p99) if p99 > target && saturated => {
                 self.rho = (self.rho * 0.9).max(RHO_MIN);
                 self.chat_factor = (self.chat_factor * 0.7).max(CHAT_MIN);

@@ -301,6 +301,9 @@ pub struct Engine {
     rho: f64,
     chat_factor: f64,
     budget: Option<f64>,
+    /// Whether the budget may narrow a hot room's window below the configured rule: only while
+    /// gifts are being measured and the shards are not saturated (adaptive.rs).
+    narrow: bool,
     last_control: Instant,
     /// The configured room_deliveries_per_s (the controller scales the one in `cfg`).
     deliveries_base: f64,
@@ -366,6 +369,7 @@ impl Engine {
             rho: adaptive::RHO_START,
             chat_factor: 1.0,
             budget: None,
+            narrow: false,
             last_control: now,
             deliveries_base: cfg.adaptive.room_deliveries_per_s,
             sampling: false,

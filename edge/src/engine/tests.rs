@@ -988,6 +988,38 @@ fn the_latency_controller_converges_without_flapping() {
     }
 }
 
+/// The capacity budget narrows a hot room's window below the configured rule only when gifts
+/// are measured and the shards have CPU to spare: with no gift measured yet (the estimate is
+/// the connect phase's) or saturated shards, the rule's window stands. The input of the
+/// seed's room (a 10^5 room whose first estimate allowed 790 ms on saturated shards).
+#[test]
+fn the_budget_narrows_windows_only_on_measured_unsaturated_shards() {
+    let (mut bus, _) = setup_with(Config::default());
+    let room: RoomName = "live".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ = bus.drain();
+    let members = 100_000u64;
+    bus.e.rooms.get_mut(&room).unwrap().members = members;
+    for n in 0..50 {
+        let _ = bus.publish(room.clone(), msg("chat", n));
+    }
+    let rate = bus.e.rooms[&room].current_rate(bus.now);
+    let rule = room_window(&bus.e.cfg, bus.e.level, rate, members);
+    assert!(rule >= Duration::from_millis(500), "a 10^5 room merges widely by the rule ({rule:?})");
+    // A fast estimate (10^6 frames per CPU-second) would allow a far narrower window.
+    let mut window_after = |bus: &mut H, busy: f64, p99: Option<Duration>| {
+        bus.load.set_delivery(0, 1_000_000.0, 1.0, busy, p99);
+        bus.sleep(super::adaptive::CONTROL_EVERY);
+        let now = bus.now;
+        bus.e.control(now);
+        bus.e.window_of(bus.e.rooms[&room].current_rate(now), members)
+    };
+    assert_eq!(window_after(&mut bus, 0.6, None), rule, "no gift measured: the rule stands");
+    assert_eq!(window_after(&mut bus, 0.95, Some(Duration::from_millis(900))), rule, "saturated: the rule stands");
+    let narrow = window_after(&mut bus, 0.6, Some(Duration::from_millis(900)));
+    assert!(narrow < rule, "measured, CPU to spare: the budget narrows it ({narrow:?} < {rule:?})");
+}
+
 /// Online counts: a change is pushed no sooner than the interval after the last push, a burst
 /// of joins and leaves costs one push per interval, an unchanged count is not pushed again,
 /// and a pending batch carries the count instead of a batch of its own.
