@@ -14,6 +14,91 @@ use roomcast_ebpf::{QueueStats, Snapshot};
 
 use crate::health::{HealthReport, KernelView};
 
+/// Why a connection closed: the `reason` label of `roomcast_connections_closed_total`. The
+/// first cause wins (a member closed for idleness whose peer then resets stays `idle_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseWhy {
+    /// The client closed (a close frame, or end of stream).
+    PeerClosed,
+    /// The connection failed under us: reset, or a read or write error.
+    PeerReset,
+    /// No complete upgrade within `ws.handshake_timeout_ms`.
+    HandshakeTimeout,
+    /// The upgrade was answered with an HTTP error (bad request, token, origin...).
+    HandshakeRefused,
+    /// Refused with 503 because the edge is overloaded, unhealthy or draining.
+    Overloaded,
+    /// Nothing heard from the client within `ws.idle_timeout_ms`.
+    IdleTimeout,
+    /// Its send queue passed its bound (4000).
+    SlowConsumer,
+    /// Its `since` replay did not fit the shard's replay budget (1013).
+    ReplayBudget,
+    /// A WebSocket protocol violation, a signalling flood, or an event stream's client talking.
+    ProtocolError,
+    /// Its token expired without a refresh (4001).
+    TokenExpired,
+    /// A moderator's disconnect, or a ban of an event stream.
+    Moderated,
+    /// Sent away by a drain (goaway, then 1001).
+    Drain,
+    /// The edge stopped.
+    Shutdown,
+    /// A request answered in full and closed (an SSE preflight).
+    Answered,
+}
+
+impl CloseWhy {
+    /// Every reason, in declaration order (the index of each is its discriminant).
+    pub const ALL: [CloseWhy; 14] = [
+        Self::PeerClosed,
+        Self::PeerReset,
+        Self::HandshakeTimeout,
+        Self::HandshakeRefused,
+        Self::Overloaded,
+        Self::IdleTimeout,
+        Self::SlowConsumer,
+        Self::ReplayBudget,
+        Self::ProtocolError,
+        Self::TokenExpired,
+        Self::Moderated,
+        Self::Drain,
+        Self::Shutdown,
+        Self::Answered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PeerClosed => "peer_closed",
+            Self::PeerReset => "peer_reset",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::HandshakeRefused => "handshake_refused",
+            Self::Overloaded => "overloaded",
+            Self::IdleTimeout => "idle_timeout",
+            Self::SlowConsumer => "slow_consumer",
+            Self::ReplayBudget => "replay_budget",
+            Self::ProtocolError => "protocol_error",
+            Self::TokenExpired => "token_expired",
+            Self::Moderated => "moderated",
+            Self::Drain => "drain",
+            Self::Shutdown => "shutdown",
+            Self::Answered => "answered",
+        }
+    }
+}
+
+/// A shard's `connections_closed_total` children, one per reason, made up front.
+#[derive(Clone)]
+pub struct ClosedBy(Vec<IntCounter>);
+
+impl ClosedBy {
+    pub fn inc(&self, why: CloseWhy) {
+        if let Some(c) = self.0.get(why as usize) {
+            c.inc();
+        }
+    }
+}
+
 /// Every family the edge exports.
 pub struct Metrics {
     registry: Registry,
@@ -67,7 +152,7 @@ pub struct ShardStats {
     /// `/sse` requests refused with an HTTP error (also in `handshake_failures`).
     pub sse_refused: IntCounter,
     pub accepted: IntCounter,
-    pub closed: IntCounter,
+    pub closed: ClosedBy,
     pub handshake_failures: IntCounter,
     pub protocol_errors: IntCounter,
     pub frames_written: IntCounter,
@@ -198,7 +283,12 @@ impl Metrics {
                 s,
             ),
             accepted: counter(r, "connections_accepted_total", "TCP connections accepted.", s),
-            closed: counter(r, "connections_closed_total", "Connections closed, for any reason.", s),
+            closed: counter(
+                r,
+                "connections_closed_total",
+                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, protocol_error, token_expired, moderated, drain, shutdown, answered).",
+                &["shard", "reason"],
+            ),
             handshake_failures: counter(
                 r,
                 "handshake_failures_total",
@@ -473,7 +563,7 @@ impl Metrics {
             sse_connections: f.sse_connections.with_label_values(&l),
             sse_refused: f.sse_refused.with_label_values(&l),
             accepted: f.accepted.with_label_values(&l),
-            closed: f.closed.with_label_values(&l),
+            closed: ClosedBy(CloseWhy::ALL.iter().map(|w| f.closed.with_label_values(&[l[0], w.as_str()])).collect()),
             handshake_failures: f.handshake_failures.with_label_values(&l),
             protocol_errors: f.protocol_errors.with_label_values(&l),
             frames_written: f.frames_written.with_label_values(&l),

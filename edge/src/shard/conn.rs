@@ -119,6 +119,8 @@ pub struct Conn {
     pub replay_credit: usize,
     /// SSE: bytes the client sent after its request (ignored, bounded).
     pub ignored: usize,
+    /// Why it is closing (the first cause wins), for `connections_closed_total{reason}`.
+    pub why: Option<crate::metrics::CloseWhy>,
 }
 
 impl Conn {
@@ -127,6 +129,7 @@ impl Conn {
             generation,
             phase: Phase::Handshake,
             closing: Closing::No,
+            why: None,
             proto: Subprotocol::Json,
             hs: Vec::new(),
             decoder: None,

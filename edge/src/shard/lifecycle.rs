@@ -12,9 +12,17 @@ use roomcast_proto::ws::{self, OpCode};
 
 use super::conn::{Closing, OutFrame, Phase};
 use super::{CLOSE_FLUSH_TIMEOUT, GOAWAY_MAX_DELAY_MS, Retry, SHUTDOWN_TIMEOUT, Shard};
+use crate::metrics::CloseWhy;
 use crate::uring::{OpKind, Sq, Token};
 
 impl Shard {
+    /// Records why `slot` is about to close, unless a cause was recorded already.
+    pub(super) fn closing_for(&mut self, slot: u32, why: CloseWhy) {
+        if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
+            c.why.get_or_insert(why);
+        }
+    }
+
     /// Sends a close frame with `code`, then closes once it is written.
     pub(super) fn close_with(&mut self, slot: u32, code: u16, reason: &str) {
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
@@ -217,8 +225,14 @@ impl Shard {
                 _ => continue,
             };
             match phase {
-                Phase::Open => self.close_with(slot, 1001, "server shutting down"),
-                Phase::Handshake => self.abort(slot),
+                Phase::Open => {
+                    self.closing_for(slot, CloseWhy::Shutdown);
+                    self.close_with(slot, 1001, "server shutting down");
+                }
+                Phase::Handshake => {
+                    self.closing_for(slot, CloseWhy::Shutdown);
+                    self.abort(slot);
+                }
             }
         }
     }
@@ -287,16 +301,19 @@ impl Shard {
             if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No)
             {
                 self.stats.handshake_failures.inc();
+                self.closing_for(slot, CloseWhy::HandshakeTimeout);
             }
             self.abort(slot);
         }
         for slot in to_close {
+            self.closing_for(slot, CloseWhy::IdleTimeout);
             self.close_with(slot, 1001, "idle timeout");
         }
         for slot in to_expire {
             // No refresh before `exp`: say so, then close with 4001 (reconnect with a new token).
             self.stats.refused("token_expired");
             self.send_error(slot, "token_expired", "the connection's token expired: reconnect with a new one");
+            self.closing_for(slot, CloseWhy::TokenExpired);
             self.close_with(slot, 4001, "token expired");
         }
         for slot in to_ping {
@@ -318,8 +335,10 @@ impl Shard {
                     let msg = ServerMsg::Goaway { url, reason: "edge draining".into(), reconnect_after_ms };
                     self.send_msg(slot, &msg);
                     self.stats.goaways.inc();
+                    self.closing_for(slot, CloseWhy::Drain);
                     self.close_with(slot, 1001, "edge draining");
                 } else {
+                    self.closing_for(slot, CloseWhy::Drain);
                     self.abort(slot);
                 }
             }

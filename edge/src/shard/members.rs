@@ -80,6 +80,7 @@ impl Shard {
             if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
                 c.drop_unsent(c.in_flight as usize);
             }
+            self.closing_for(slot, crate::metrics::CloseWhy::SlowConsumer);
             self.close_with(slot, 4000, "slow consumer: reconnect with since");
         }
     }
@@ -127,6 +128,7 @@ impl Shard {
         if replay_len > 0 {
             if self.replay_held + replay_len > self.cfg.send.max_replay_bytes {
                 self.stats.refused("replay_budget");
+                self.closing_for(slot, crate::metrics::CloseWhy::ReplayBudget);
                 return self.close_with(slot, 1013, "busy replaying: reconnect with the same since shortly");
             }
             self.replay_held += replay_len;

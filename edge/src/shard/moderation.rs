@@ -44,6 +44,7 @@ impl Shard {
         let slots = self.connections_of(user, None);
         for &slot in &slots {
             self.send_error(slot, "kicked", "disconnected by a moderator");
+            self.closing_for(slot, crate::metrics::CloseWhy::Moderated);
             self.close_with(slot, app_close::KICKED, "kicked by a moderator");
             self.stats.kicked.inc();
         }
@@ -66,6 +67,7 @@ impl Shard {
             self.leave(slot);
             self.send_error(slot, "banned", &message);
             if sse {
+                self.closing_for(slot, crate::metrics::CloseWhy::Moderated);
                 self.finish_with(slot, None);
             } else if member {
                 self.send_msg(slot, &ServerMsg::Left { room: room.to_owned() });

@@ -60,6 +60,7 @@ impl Shard {
                     "closing slow consumer (4000): its own frames over the queue bound"
                 );
                 c.drop_unsent(c.in_flight as usize);
+                self.closing_for(slot, crate::metrics::CloseWhy::SlowConsumer);
                 return self.close_with(slot, 4000, "slow consumer: reconnect with since");
             }
         }

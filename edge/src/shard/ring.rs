@@ -13,6 +13,7 @@ use roomcast_proto::handshake::HandshakeError;
 use super::conn::{Closing, Conn, Phase};
 use super::{BGID, LATENCY_SAMPLE, Retry, SENDS_PER_TURN, Shard};
 use crate::ipguard::Verdict;
+use crate::metrics::CloseWhy;
 use crate::uring::{OpKind, Sq, Token};
 
 /// Accepts kept in flight on the listener. Single-shot, each with its own address buffer:
@@ -202,11 +203,13 @@ impl Shard {
                 }
             } else {
                 // 0: the peer closed; <0: reset or error.
+                self.closing_for(slot, if res == 0 { CloseWhy::PeerClosed } else { CloseWhy::PeerReset });
                 self.abort(slot);
             }
             return;
         }
         let Some(bid) = bid else {
+            self.closing_for(slot, CloseWhy::PeerReset);
             self.abort(slot);
             return;
         };
@@ -257,6 +260,7 @@ impl Shard {
                 self.stats.send_errors.inc();
             }
             c.drop_unsent(0);
+            self.closing_for(slot, CloseWhy::PeerReset);
             self.abort(slot);
             return;
         }
@@ -314,7 +318,9 @@ impl Shard {
         if let Some(c) = self.conns.get(slot).and_then(Option::as_ref)
             && c.generation == tok.generation
         {
+            let mut why = CloseWhy::PeerClosed;
             if let Some(c) = self.conns[slot].take() {
+                why = c.why.unwrap_or(CloseWhy::PeerClosed);
                 self.replay_held -= c.replay_credit;
                 if c.proto == Subprotocol::Sse {
                     self.stats.sse_connections.dec();
@@ -327,7 +333,7 @@ impl Shard {
             }
             self.open -= 1;
             self.stats.connections.dec();
-            self.stats.closed.inc();
+            self.stats.closed.inc(why);
             // A free slot again: if accepting stopped on a full table, resume.
             self.arm_accept();
         }

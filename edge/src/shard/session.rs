@@ -11,6 +11,7 @@ use roomcast_proto::{Subprotocol, envelope::validate_room};
 use super::Shard;
 use super::conn::{Action, Closing, Conn, OutFrame, Phase};
 use crate::bus::{EngineCmd, NewMessage, Reply, RoomName, Since, parse_epoch};
+use crate::metrics::CloseWhy;
 
 impl Shard {
     pub(super) fn on_handshake_bytes(&mut self, slot: u32) {
@@ -43,6 +44,8 @@ impl Shard {
             tracing::info!(shard = self.id, slot, peer = %peer, status = e.status, reason = %e.reason, "handshake refused");
         }
         let bytes = Bytes::from(handshake::error_response(e));
+        let why = if e.status == 503 { CloseWhy::Overloaded } else { CloseWhy::HandshakeRefused };
+        self.closing_for(slot, why);
         self.finish_with(slot, Some(bytes));
     }
 
@@ -186,6 +189,7 @@ impl Shard {
                         Some(code) => ws::close_frame(code, std::str::from_utf8(&reason).unwrap_or("")),
                         None => ws::encode_frame(OpCode::Close, &[]),
                     };
+                    self.closing_for(slot, CloseWhy::PeerClosed);
                     self.finish_with(slot, Some(Bytes::from(frame)));
                 }
                 Action::Message(opcode, payload) => {
@@ -202,6 +206,7 @@ impl Shard {
             if self.log_refusal() {
                 tracing::info!(shard = self.id, slot, code = reason.code, reason = reason.reason, "protocol violation");
             }
+            self.closing_for(slot, CloseWhy::ProtocolError);
             self.close_with(slot, reason.code, reason.reason);
         }
     }
@@ -218,6 +223,7 @@ impl Shard {
                 if self.log_refusal() {
                     tracing::info!(shard = self.id, slot, "closing a signalling flood (1008)");
                 }
+                self.closing_for(slot, CloseWhy::ProtocolError);
                 return self.close_with(slot, 1008, "signalling flood");
             }
             return self.send_error(slot, "rate_limited", "signalling over ws.signal_rate: slow down");

@@ -78,7 +78,10 @@ impl Shard {
     /// `OPTIONS /sse`: a browser asking whether it may send `Last-Event-ID` from its origin.
     pub(super) fn on_preflight(&mut self, slot: u32, origin: Option<&str>) {
         match self.check_gate(origin) {
-            Ok(Some(allow)) => self.finish_with(slot, Some(Bytes::from(sse::preflight_204(&allow)))),
+            Ok(Some(allow)) => {
+                self.closing_for(slot, crate::metrics::CloseWhy::Answered);
+                self.finish_with(slot, Some(Bytes::from(sse::preflight_204(&allow))));
+            }
             Ok(None) => {
                 let e = HandshakeError { status: 400, reason: "a CORS preflight needs an Origin".into() };
                 self.refuse_sse(slot, &e);
@@ -104,6 +107,7 @@ impl Shard {
         if self.log_refusal() {
             tracing::info!(shard = self.id, slot, bytes = n, "closing an event stream whose client keeps sending");
         }
+        self.closing_for(slot, crate::metrics::CloseWhy::ProtocolError);
         self.finish_with(slot, None);
     }
 }
