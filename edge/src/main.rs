@@ -480,8 +480,22 @@ fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyho
                 .route("/healthz", axum::routing::get(|| async { "ok\n" }))
                 .with_state(src);
         let listener = tokio::net::TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http}"))?;
+        // SIGINT or SIGTERM: stop taking requests, finish those under way, exit 0. Handlers of
+        // our own, installed before the ready line (a script's background job starts with SIGINT
+        // ignored, and a signal right after the ready line must find them).
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("SIGINT handler")?;
+        let stop = async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("dispatch stopping");
+        };
         println!("roomcast dispatch ready http={}", listener.local_addr()?);
-        axum::serve(listener, app).await?;
+        axum::serve(listener, app).with_graceful_shutdown(stop).await?;
         Ok(())
     })
 }
