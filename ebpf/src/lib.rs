@@ -14,7 +14,6 @@ pub mod bpf;
 pub mod procfs;
 pub mod snapshot;
 pub mod sock_diag;
-mod sys;
 
 pub use snapshot::{Listener, QueueStats, RemoteRetransmits, STATE_NAMES, Snapshot, Source, state};
 

@@ -12,8 +12,37 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use crate::snapshot::{RemoteRetransmits, Snapshot, Source, state, top_n};
-use crate::sys::NetlinkSocket;
 use crate::{ProbeError, TOP_REMOTES};
+
+/// A NETLINK_SOCK_DIAG socket talking to the kernel (port id 0): `netlink-sys` owns the
+/// descriptor and makes the syscalls; this retries the ones a signal interrupted.
+struct NetlinkSocket(netlink_sys::Socket);
+
+impl NetlinkSocket {
+    fn sock_diag() -> std::io::Result<Self> {
+        netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG).map(Self)
+    }
+
+    /// Sends one request to the kernel.
+    fn send(&self, msg: &[u8]) -> std::io::Result<()> {
+        let kernel = netlink_sys::SocketAddr::new(0, 0);
+        retry_interrupted(|| self.0.send_to(msg, &kernel, 0)).map(drop)
+    }
+
+    /// Receives one datagram (one batch of a dump) into `buf`.
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        retry_interrupted(|| self.0.recv(&mut &mut *buf, 0))
+    }
+}
+
+fn retry_interrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
 
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;

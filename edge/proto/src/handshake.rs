@@ -115,34 +115,24 @@ fn header_has_token(value: &[u8], token: &str) -> bool {
     std::str::from_utf8(value).map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
 }
 
-/// Decodes `%XX` escapes and `+` (a space, as in HTML forms). A truncated or non-hex escape, or
-/// a result that is not UTF-8, is a 400; it never panics, whatever the bytes.
+/// Decodes `%XX` escapes (the `percent-encoding` crate) and `+` (a space, as in HTML forms). A
+/// truncated or non-hex escape, or a result that is not UTF-8, is a 400: the crate, like the
+/// WHATWG URL parser, keeps a malformed escape as it is, which would let `a%zz` and `a%25zz`
+/// name one room; it never panics, whatever the bytes.
 fn percent_decode(s: &str) -> Result<String, HandshakeError> {
-    let hex = |c: Option<&u8>| c.and_then(|&c| (c as char).to_digit(16));
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'%' => {
-                let (Some(h), Some(l)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) else {
-                    return Err(refuse(400, "bad percent-encoding in the query"));
-                };
-                // Both are below 16: the value fits a byte.
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
+    let escapes_ok = s
+        .split('%')
+        .skip(1)
+        .all(|after| after.as_bytes().get(..2).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)));
+    if !escapes_ok {
+        return Err(refuse(400, "bad percent-encoding in the query"));
     }
-    String::from_utf8(out).map_err(|_| refuse(400, "query is not UTF-8 after percent-decoding"))
+    // `+` first: an escaped one (`%2B`) stays a plus.
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| refuse(400, "query is not UTF-8 after percent-decoding"))
 }
 
 /// `tchar` of RFC 7230 §3.2.6: the bytes of a method.
