@@ -15,13 +15,34 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Health as the edge judges it (from the kernel probes when present).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Health as the edge judges it (from the kernel probes when present). Ordered from best to
+/// worst (the derived order follows the declaration), so the worse of two is their `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum EdgeHealth {
+    /// Serving normally.
     Ok,
+    /// Serving, with a kernel figure past its `degraded` threshold: dispatch prefers others.
     Degraded,
+    /// Past an `overloaded` threshold: handshakes may be refused, dispatch skips the edge.
     Overloaded,
+}
+
+impl EdgeHealth {
+    /// The state as one byte (its place in the order), for an `AtomicU8` shared with shards.
+    pub const fn level(self) -> u8 {
+        self as u8
+    }
+
+    /// The state a [`level`](Self::level) byte stands for (anything past the last: the worst).
+    pub const fn from_level(level: u8) -> Self {
+        match level {
+            0 => Self::Ok,
+            1 => Self::Degraded,
+            _ => Self::Overloaded,
+        }
+    }
 }
 
 /// One edge's load report.

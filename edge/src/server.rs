@@ -93,7 +93,7 @@ impl Edge {
         }
 
         let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(AtomicU8::new(0));
+        let health = Arc::new(AtomicU8::new(crate::dispatch::EdgeHealth::Ok.level()));
         // One mailbox per shard; the shard's engine reads the same one.
         let mut mailboxes = Vec::new();
         let mut receivers = Vec::new();

@@ -263,16 +263,12 @@ impl Shard {
         // Delivery latency, sampled: one message frame in LATENCY_SAMPLE at random (a fixed
         // stride aliases with periodic traffic: gifts and chat alternating on 4 members per
         // shard put every 16th frame on chat), the clock read only for those.
-        let (stats, n) = (&self.stats, &mut self.latency_n);
+        let (stats, rng) = (&self.stats, &mut self.rng);
         let mut now = None;
         let queued_before = c.out_bytes;
         let (frames, messages) = c.consume(res as usize, in_flight, |f| {
             let Some(since) = f.since.filter(|_| f.messages > 0) else { return };
-            // xorshift32
-            *n ^= *n << 13;
-            *n ^= *n >> 17;
-            *n ^= *n << 5;
-            if *n % LATENCY_SAMPLE != 0 {
+            if rng.u32(..LATENCY_SAMPLE) != 0 {
                 return;
             }
             let secs = now.get_or_insert_with(std::time::Instant::now).saturating_duration_since(since).as_secs_f64();
