@@ -676,7 +676,7 @@ impl Default for EngineSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UringConfig {
-    /// Submission queue entries per shard (the completion queue is 4x).
+    /// Submission queue entries per shard (the completion queue is 16x, at most 65,536).
     pub sq_entries: u32,
     /// Receive buffers per shard (power of two), shared by all its connections.
     pub recv_buffers: u16,

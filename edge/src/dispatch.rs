@@ -6,8 +6,8 @@
 //!
 //! Simultaneous arrivals must not all land on the one least-loaded edge (the report is up to a
 //! period old, so they would all see the same "least loaded" edge and stampede it). Two guards:
-//! - *power of two choices*: pick two candidates at random, weighted toward lighter edges, and
-//!   keep the lighter one: provably near-balanced without global coordination;
+//! - *power of two choices*: pick two eligible candidates uniformly at random and keep the lower
+//!   [`EdgeLoad::score`]: provably near-balanced without global coordination;
 //! - *local accounting*: each answer adds one expected connection to the chosen edge's figures
 //!   until the edge's next report replaces them.
 
@@ -63,7 +63,9 @@ pub struct EdgeLoad {
 }
 
 impl EdgeLoad {
-    /// Load in [0, inf): connection fill, with bandwidth pressure and health folded in.
+    /// Load in [0, inf): connection fill (connections / capacity) plus a health penalty (0.5
+    /// degraded, 10 overloaded; an overloaded edge is not [`eligible`](Self::eligible) anyway).
+    /// `frames_per_s` and `bytes_per_s` are reported, not weighed.
     pub fn score(&self) -> f64 {
         let fill = self.connections as f64 / self.capacity.max(1) as f64;
         let health = match self.health {

@@ -10,7 +10,7 @@
 //! look like one address) are not counted.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -154,25 +154,6 @@ impl IpGuard {
     }
 }
 
-/// The peer address an accept wrote, if it is an IP one.
-pub fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    match i32::from(addr.ss_family) {
-        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family says the storage holds a sockaddr_in, and it is long enough.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(a.sin6_port)))
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,22 +231,5 @@ mod tests {
     #[test]
     fn both_bounds_off_means_no_guard() {
         assert!(IpGuard::new(&limits(0, 0.0, 1.0, &[])).is_none());
-    }
-
-    #[test]
-    fn peer_addresses_decode() {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 8080u16.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::new(127, 0, 0, 9)).to_be() },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: sockaddr_in fits in sockaddr_storage.
-        unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
-        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(peer_of(&ss, len), Some("127.0.0.9:8080".parse().unwrap()));
-        assert_eq!(peer_of(&ss, 2), None, "too short");
     }
 }

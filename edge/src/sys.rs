@@ -2,7 +2,7 @@
 //! with its safety argument, so the rest of the crate stays safe code.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -152,6 +152,31 @@ pub fn thread_cpu_time() -> std::time::Duration {
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// An all-zero `sockaddr_storage`, for the kernel to fill (an accept's peer address).
+pub fn sockaddr_storage() -> libc::sockaddr_storage {
+    // SAFETY: all-zero is a valid sockaddr_storage (plain data, any bytes allowed).
+    unsafe { std::mem::zeroed() }
+}
+
+/// The peer address an accept wrote, if it is an IP one.
+pub fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    match i32::from(addr.ss_family) {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and it is long enough.
+            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(a.sin6_port)))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +199,22 @@ mod tests {
         assert_eq!(v, 12_345);
         assert_eq!(a.send_buffer_size().unwrap(), 32 * 1024, "the kernel doubles SO_SNDBUF");
         assert!(a.tcp_nodelay().unwrap());
+    }
+
+    #[test]
+    fn peer_addresses_decode() {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 8080u16.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::new(127, 0, 0, 9)).to_be() },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in fits in sockaddr_storage.
+        unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(peer_of(&ss, len), Some("127.0.0.9:8080".parse().unwrap()));
+        assert_eq!(peer_of(&ss, 2), None, "too short");
     }
 }

@@ -28,8 +28,7 @@ pub(super) struct AcceptBuf {
 
 impl Default for AcceptBuf {
     fn default() -> Self {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        Self { addr: unsafe { std::mem::zeroed() }, len: 0 }
+        Self { addr: crate::sys::sockaddr_storage(), len: 0 }
     }
 }
 
@@ -128,7 +127,7 @@ impl Shard {
             let _ = Sq::new(&mut self.ring).close_fixed(slot, Token::new(OpKind::Cancel, 0, slot));
             return;
         }
-        let peer = self.accepts.get(idx).and_then(|b| crate::ipguard::peer_of(&b.addr, b.len)).map(|a| a.ip());
+        let peer = self.accepts.get(idx).and_then(|b| crate::sys::peer_of(&b.addr, b.len)).map(|a| a.ip());
         let verdict = match (&self.ipguard, peer) {
             (Some(g), Some(ip)) => g.admit(ip),
             _ => Verdict::Admit { counted: false },

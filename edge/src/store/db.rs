@@ -63,8 +63,8 @@ impl Db {
         std::fs::create_dir_all(dir)?;
         let lock_path = dir.join("LOCK");
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path)?;
-        // SAFETY: flock on a file we own; no memory is involved.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // flock(LOCK_EX | LOCK_NB) on Linux; held until `lock` is dropped with the Db.
+        if lock.try_lock().is_err() {
             return Err(DbError::Locked(lock_path));
         }
         let path = dir.join("db");
