@@ -62,13 +62,21 @@ const TCPI_TOTAL_RETRANS: usize = 100;
 /// One socket of the dump, as much as the probes use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiagSocket {
+    /// TCP state (include/net/tcp_states.h, see [`crate::state`]).
     pub state: u8,
+    /// Local port.
     pub sport: u16,
+    /// Peer port.
     pub dport: u16,
+    /// Peer address.
     pub dst: IpAddr,
+    /// Recv-Q: bytes received, not yet read (a listener: its accept queue).
     pub rqueue: u32,
+    /// Send-Q: bytes sent, not yet acknowledged (a listener: its accept queue limit).
     pub wqueue: u32,
+    /// The kernel's socket cookie (stable for the socket's life).
     pub cookie: u64,
+    /// `tcp_info.tcpi_total_retrans`, when the kernel sent tcp_info.
     pub total_retrans: Option<u32>,
 }
 
@@ -207,6 +215,7 @@ pub struct SockDiag {
 }
 
 impl SockDiag {
+    /// Opens the netlink socket for a dump of the sockets on `ports`.
     pub fn open(ports: &[u16]) -> Result<Self, ProbeError> {
         let nl = NetlinkSocket::sock_diag().map_err(|source| ProbeError::Io { what: "netlink socket", source })?;
         Ok(Self {
@@ -236,6 +245,7 @@ impl SockDiag {
         Ok(())
     }
 
+    /// One look: both address families dumped and summarised.
     pub fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
         let started = Instant::now();
         let ports = self.ports.clone();

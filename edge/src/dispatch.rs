@@ -168,11 +168,8 @@ mod tests {
         let mut d = Dispatcher::default();
         let edges = vec![edge("a", 100), edge("b", 110), edge("c", 120)];
         let mut counts: HashMap<String, u32> = HashMap::new();
-        let mut x: u64 = 12345;
-        let mut rnd = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (x >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut rng = fastrand::Rng::with_seed(12345);
+        let mut rnd = || rng.f64();
         for _ in 0..300 {
             let e = d.pick(&edges, 1000, 600, rnd(), rnd()).unwrap();
             *counts.entry(e.id.clone()).or_default() += 1;

@@ -101,14 +101,14 @@ impl IpGuard {
     pub fn admit(&self, ip: IpAddr) -> Verdict {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
+            v4 @ IpAddr::V4(_) => v4,
         };
         if self.exempt.iter().any(|n| n.contains(&ip)) {
             return Verdict::Admit { counted: false };
         }
         let key = Self::key(ip);
         let now = self.now_ms();
-        let mut map = self.stripe(key).lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.stripe(key).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let e = map.entry(key).or_insert(Entry { open: 0, tokens: self.burst, at_ms: now });
         if self.max_open > 0 && e.open >= self.max_open {
             return Verdict::TooMany;
@@ -128,7 +128,7 @@ impl IpGuard {
     /// A counted connection from `ip` closed.
     pub fn release(&self, ip: IpAddr) {
         let key = Self::key(ip);
-        let mut map = self.stripe(key).lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.stripe(key).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(e) = map.get_mut(&key) {
             e.open = e.open.saturating_sub(1);
         }
@@ -140,7 +140,7 @@ impl IpGuard {
     pub fn sweep(&self, i: usize) {
         let now = self.now_ms();
         let (rate, burst) = (self.rate, self.burst);
-        let mut map = self.stripes[i % STRIPES].lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.stripes[i % STRIPES].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.retain(|_, e| e.open > 0 || (rate > 0.0 && e.tokens + (now - e.at_ms) as f64 * rate / 1000.0 < burst));
     }
 

@@ -267,10 +267,13 @@ impl Edge {
                 .name(format!("roomcast-shard-{id}"))
                 .spawn(move || shard::run(spec, ready_tx))?;
             match ready_rx.recv() {
-                Ok(Ok(())) => match cpu {
-                    Some(cpu) => tracing::info!(shard = id, cpu, max_conns, "shard ready"),
-                    None => tracing::info!(shard = id, cpu = "unpinned", max_conns, "shard ready"),
-                },
+                Ok(Ok(())) => {
+                    if let Some(cpu) = cpu {
+                        tracing::info!(shard = id, cpu, max_conns, "shard ready");
+                    } else {
+                        tracing::info!(shard = id, cpu = "unpinned", max_conns, "shard ready");
+                    }
+                }
                 Ok(Err(e)) => return Err(anyhow::anyhow!("shard {id} cannot start: {e}")),
                 Err(_) => return Err(anyhow::anyhow!("shard {id} died during start-up")),
             }

@@ -12,7 +12,7 @@ pub fn kernel_release() -> String {
     // SAFETY: `utsname` is plain old data; `uname` fills it and we read a NUL-terminated field.
     unsafe {
         let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
+        if libc::uname(&raw mut u) != 0 {
             return String::from("unknown");
         }
         std::ffi::CStr::from_ptr(u.release.as_ptr()).to_string_lossy().into_owned()
@@ -24,13 +24,13 @@ pub fn kernel_release() -> String {
 pub fn raise_nofile() -> io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid pointer to an rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: valid pointer to an rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -42,8 +42,8 @@ pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: `cpu_set_t` is plain old data, filled by the kernel.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).collect();
         }
         (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
     }
@@ -55,7 +55,7 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -146,7 +146,7 @@ pub fn thread_run_delay() -> Option<std::time::Duration> {
 pub fn thread_cpu_time() -> std::time::Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid out-pointer for the call's duration.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) } != 0 {
         return std::time::Duration::ZERO;
     }
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -163,13 +163,13 @@ pub fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<So
     match i32::from(addr.ss_family) {
         libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
             // SAFETY: the family says the storage holds a sockaddr_in, and it is long enough.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let a = unsafe { &*std::ptr::from_ref::<libc::sockaddr_storage>(addr).cast::<libc::sockaddr_in>() };
             let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
             Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(a.sin_port)))
         }
         libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
             // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a = unsafe { &*std::ptr::from_ref::<libc::sockaddr_storage>(addr).cast::<libc::sockaddr_in6>() };
             let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
             Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(a.sin6_port)))
         }
@@ -193,7 +193,13 @@ mod tests {
         let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
         // SAFETY: a valid socket, an int and its length.
         let r = unsafe {
-            libc::getsockopt(a.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, (&raw mut v).cast(), &mut len)
+            libc::getsockopt(
+                a.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&raw mut v).cast(),
+                &raw mut len,
+            )
         };
         assert_eq!(r, 0);
         assert_eq!(v, 12_345);

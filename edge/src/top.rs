@@ -172,7 +172,7 @@ pub fn run(http: SocketAddr, once: bool) -> anyhow::Result<()> {
         if terminal {
             print!("\x1b[H\x1b[2J{screen}");
         } else {
-            print!("{screen}\n");
+            println!("{screen}");
         }
         std::io::stdout().flush()?;
         std::thread::sleep(Duration::from_secs(1));

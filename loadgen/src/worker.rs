@@ -431,10 +431,7 @@ impl Movers {
                 // One client per thread: keep-alive to dispatch.
                 let http = reqwest::blocking::Client::new();
                 loop {
-                    let job = match job_rx.lock().map(|rx| rx.recv()) {
-                        Ok(Ok(job)) => job,
-                        _ => return,
-                    };
+                    let Ok(Ok(job)) = job_rx.lock().map(|rx| rx.recv()) else { return };
                     let mut result = Err(anyhow::anyhow!("not tried"));
                     for attempt in 0..10u32 {
                         result = resolve(&http, &job.url, job.room, args.sse).and_then(|(addr, path)| {

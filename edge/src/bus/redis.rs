@@ -100,6 +100,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Sends `cmd`; a publish over the bound is handed back so the engine can refuse it.
+    #[expect(clippy::result_large_err, reason = "the command itself comes back, unboxed, on the rare refusal")]
     pub fn send(&self, cmd: BridgeCmd) -> Result<(), BridgeCmd> {
         if let BridgeCmd::Publish { permit, .. } = &cmd
             && permit.is_none()
@@ -215,7 +216,7 @@ return {seq, ts, 0}
 
 /// Reads a room's seq and epoch, making the epoch if the room has none yet (so a member that
 /// joins before the first publish is told the numbering the first publish will use).
-const SYNC_LUA: &str = r#"
+const SYNC_LUA: &str = r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
 local ep = redis.call('HGET', KEYS[1], 'epoch')
@@ -226,11 +227,11 @@ if not ep then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
 return {redis.call('HGET', KEYS[1], 'seq') or '0', ep, redis.call('HVALS', KEYS[5])}
-"#;
+";
 
 /// A new epoch for a room whose seq in Redis went below what an edge handed out under the
 /// same epoch (Redis lost writes). Only if it is still so: another edge may have done it.
-const RENUMBER_LUA: &str = r#"
+const RENUMBER_LUA: &str = r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
 -- ARGV: the epoch seen, the seq handed out under it
@@ -243,7 +244,7 @@ if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
   return 1
 end
 return 0
-"#;
+";
 
 /// Moderation's delete (docs/PROTOCOL.md, "Moderation"): the message leaves its stream and a
 /// tombstone takes its place (in the `deleted` hash: a stream cannot take an entry under an id
@@ -1034,35 +1035,26 @@ async fn run(
                         while calls.next().await.is_some() {}
                     });
                 }
-                msg = stream.next() => match msg {
-                    Some(m) => {
-                        if m.get_channel_name() == MOD_CHANNEL {
-                            match serde_json::from_slice::<ModEvent>(m.get_payload_bytes()) {
-                                Ok(ev) => apply_event(&moderation, ev),
-                                Err(_) => tracing::warn!("unreadable message on the moderation channel"),
-                            }
-                            continue;
-                        }
-                        let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
-                        match parse(m.get_payload_bytes()) {
-                            Some((msg, must_deliver, epoch)) => {
-                                let room = RoomName::from(room);
-                                bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
-                            }
-                            None => match serde_json::from_slice::<OnlineWire>(m.get_payload_bytes()) {
-                                Ok(o) => bus.send_async(EngineCmd::Online { room: RoomName::from(room), total: o.online }).await,
-                                Err(_) => tracing::warn!(room, "unreadable message on the redis channel"),
-                            },
-                        }
+                msg = stream.next() => if let Some(m) = msg {
+                    if m.get_channel_name() == MOD_CHANNEL {
+                        if let Ok(ev) = serde_json::from_slice::<ModEvent>(m.get_payload_bytes()) { apply_event(&moderation, ev) } else { tracing::warn!("unreadable message on the moderation channel") }
+                        continue;
                     }
-                    None => {
+                    let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
+                    match parse(m.get_payload_bytes()) {
+                        Some((msg, must_deliver, epoch)) => {
+                            let room = RoomName::from(room);
+                            bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
+                        }
+                        None => if let Ok(o) = serde_json::from_slice::<OnlineWire>(m.get_payload_bytes()) { bus.send_async(EngineCmd::Online { room: RoomName::from(room), total: o.online }).await } else { tracing::warn!(room, "unreadable message on the redis channel") },
+                    }
+                } else {
                         tracing::warn!("redis subscriber connection lost; reconnecting");
                         failed("connection_lost");
                         up.set(0);
                 bus.send_async(EngineCmd::Redis { up: false }).await;
                         break;
-                    }
-                },
+                    },
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { return };
                     match cmd {
@@ -1133,16 +1125,15 @@ pub(super) async fn check_persistence(mut cm: Conn) {
     let get = |key: &'static str| ::redis::cmd("CONFIG").arg("GET").arg(key).clone();
     let aof: ::redis::RedisResult<Vec<String>> = get("appendonly").query_async(&mut cm).await;
     let fsync: ::redis::RedisResult<Vec<String>> = get("appendfsync").query_async(&mut cm).await;
-    match (aof, fsync) {
-        (Ok(a), Ok(f)) => {
-            let (a, f) = (a.get(1).cloned().unwrap_or_default(), f.get(1).cloned().unwrap_or_default());
-            if a != "yes" || f != "always" {
-                tracing::warn!(appendonly = %a, appendfsync = %f, "redis can lose acknowledged publishes at a restart (only appendonly yes with appendfsync always cannot): rooms that lose writes take a new epoch and their members are reset");
-            }
+    if let (Ok(a), Ok(f)) = (aof, fsync) {
+        let (a, f) = (a.get(1).cloned().unwrap_or_default(), f.get(1).cloned().unwrap_or_default());
+        if a != "yes" || f != "always" {
+            tracing::warn!(appendonly = %a, appendfsync = %f, "redis can lose acknowledged publishes at a restart (only appendonly yes with appendfsync always cannot): rooms that lose writes take a new epoch and their members are reset");
         }
-        _ => tracing::info!(
+    } else {
+        tracing::info!(
             "redis persistence settings unreadable (CONFIG GET refused): make sure it runs with appendonly yes and appendfsync always"
-        ),
+        );
     }
 }
 
@@ -1161,7 +1152,7 @@ pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: 
         .await;
     match r {
         Ok(1) => {
-            tracing::error!(room = %room, below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)")
+            tracing::error!(room = %room, below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)");
         }
         Ok(_) => {}
         Err(e) => {

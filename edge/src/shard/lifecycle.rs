@@ -156,9 +156,13 @@ impl Shard {
         }
         let m = self.stats.latency_must.metric();
         let h = m.get_histogram();
-        let counts: Vec<u64> =
-            h.get_bucket().iter().map(|b| b.cumulative_count()).chain([h.get_sample_count()]).collect();
-        let bounds: Vec<f64> = h.get_bucket().iter().map(|b| b.upper_bound()).collect();
+        let counts: Vec<u64> = h
+            .get_bucket()
+            .iter()
+            .map(prometheus::proto::Bucket::cumulative_count)
+            .chain([h.get_sample_count()])
+            .collect();
+        let bounds: Vec<f64> = h.get_bucket().iter().map(prometheus::proto::Bucket::upper_bound).collect();
         let p99 = self.latency_snap.as_ref().and_then(|(before, _)| {
             let d: Vec<u64> = counts.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)).collect();
             let total = *d.last()?;

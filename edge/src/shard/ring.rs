@@ -57,7 +57,7 @@ impl Shard {
 
     pub(super) fn arm_doorbell(&mut self) {
         let fd = self.doorbell.as_raw_fd();
-        let buf: *mut u64 = &mut *self.doorbell_buf;
+        let buf: *mut u64 = &raw mut *self.doorbell_buf;
         // SAFETY: `doorbell_buf` is a heap allocation owned by the shard, which outlives the ring's
         // operations (the ring is dropped first); it is only re-armed after the last read completed.
         if unsafe { Sq::new(&mut self.ring).read_eventfd(fd, buf, Token::new(OpKind::Wake, 0, 0)) }.is_err() {
