@@ -432,7 +432,10 @@ pub(super) async fn run(
                             Some((msg, must_deliver, epoch)) => {
                                 bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
                             }
-                            None => if let Ok(o) = serde_json::from_slice::<OnlineWire>(payload) { bus.send_async(EngineCmd::Online { room, total: o.online }).await } else { tracing::warn!(room = %room, "unreadable message on the redis channel") },
+                            None => match serde_json::from_slice::<OnlineWire>(payload) {
+                                Ok(o) => bus.send_async(EngineCmd::Online { room, total: o.online }).await,
+                                Err(_) => tracing::warn!(room = %room, "unreadable message on the redis channel"),
+                            },
                         }
                     }
                     (PushKind::SSubscribe, Some(room)) => match subs.confirmed(&node, &room) {

@@ -1035,26 +1035,35 @@ async fn run(
                         while calls.next().await.is_some() {}
                     });
                 }
-                msg = stream.next() => if let Some(m) = msg {
-                    if m.get_channel_name() == MOD_CHANNEL {
-                        if let Ok(ev) = serde_json::from_slice::<ModEvent>(m.get_payload_bytes()) { apply_event(&moderation, ev) } else { tracing::warn!("unreadable message on the moderation channel") }
-                        continue;
-                    }
-                    let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
-                    match parse(m.get_payload_bytes()) {
-                        Some((msg, must_deliver, epoch)) => {
-                            let room = RoomName::from(room);
-                            bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
+                msg = stream.next() => match msg {
+                    Some(m) => {
+                        if m.get_channel_name() == MOD_CHANNEL {
+                            match serde_json::from_slice::<ModEvent>(m.get_payload_bytes()) {
+                                Ok(ev) => apply_event(&moderation, ev),
+                                Err(_) => tracing::warn!("unreadable message on the moderation channel"),
+                            }
+                            continue;
                         }
-                        None => if let Ok(o) = serde_json::from_slice::<OnlineWire>(m.get_payload_bytes()) { bus.send_async(EngineCmd::Online { room: RoomName::from(room), total: o.online }).await } else { tracing::warn!(room, "unreadable message on the redis channel") },
+                        let Some(room) = room_of_channel(m.get_channel_name()) else { continue };
+                        match parse(m.get_payload_bytes()) {
+                            Some((msg, must_deliver, epoch)) => {
+                                let room = RoomName::from(room);
+                                bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
+                            }
+                            None => match serde_json::from_slice::<OnlineWire>(m.get_payload_bytes()) {
+                                Ok(o) => bus.send_async(EngineCmd::Online { room: RoomName::from(room), total: o.online }).await,
+                                Err(_) => tracing::warn!(room, "unreadable message on the redis channel"),
+                            },
+                        }
                     }
-                } else {
+                    None => {
                         tracing::warn!("redis subscriber connection lost; reconnecting");
                         failed("connection_lost");
                         up.set(0);
                 bus.send_async(EngineCmd::Redis { up: false }).await;
                         break;
-                    },
+                    }
+                },
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { return };
                     match cmd {
@@ -1125,15 +1134,16 @@ pub(super) async fn check_persistence(mut cm: Conn) {
     let get = |key: &'static str| ::redis::cmd("CONFIG").arg("GET").arg(key).clone();
     let aof: ::redis::RedisResult<Vec<String>> = get("appendonly").query_async(&mut cm).await;
     let fsync: ::redis::RedisResult<Vec<String>> = get("appendfsync").query_async(&mut cm).await;
-    if let (Ok(a), Ok(f)) = (aof, fsync) {
-        let (a, f) = (a.get(1).cloned().unwrap_or_default(), f.get(1).cloned().unwrap_or_default());
-        if a != "yes" || f != "always" {
-            tracing::warn!(appendonly = %a, appendfsync = %f, "redis can lose acknowledged publishes at a restart (only appendonly yes with appendfsync always cannot): rooms that lose writes take a new epoch and their members are reset");
+    match (aof, fsync) {
+        (Ok(a), Ok(f)) => {
+            let (a, f) = (a.get(1).cloned().unwrap_or_default(), f.get(1).cloned().unwrap_or_default());
+            if a != "yes" || f != "always" {
+                tracing::warn!(appendonly = %a, appendfsync = %f, "redis can lose acknowledged publishes at a restart (only appendonly yes with appendfsync always cannot): rooms that lose writes take a new epoch and their members are reset");
+            }
         }
-    } else {
-        tracing::info!(
+        _ => tracing::info!(
             "redis persistence settings unreadable (CONFIG GET refused): make sure it runs with appendonly yes and appendfsync always"
-        );
+        ),
     }
 }
 
