@@ -224,6 +224,7 @@ impl BpfProbe {
         Ok(per_cpu.iter().sum())
     }
 
+    /// One look: the iterator's summary, the maps' counters and the listeners.
     pub fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
         let started = Instant::now();
         let s = self.scan()?;

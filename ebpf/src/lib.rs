@@ -10,39 +10,62 @@
 //! [`Probes::open`] tries eBPF first and falls back with one log line naming the reason; it
 //! never fails. Sockets count when their local port is one of the watched ports.
 
+#![warn(missing_docs)]
+
 pub mod bpf;
 pub mod procfs;
 pub mod snapshot;
 pub mod sock_diag;
-mod sys;
 
 pub use snapshot::{Listener, QueueStats, RemoteRetransmits, STATE_NAMES, Snapshot, Source, state};
 
 /// How many peers [`Snapshot::top_retransmits`] lists.
 pub const TOP_REMOTES: usize = 10;
 
+/// Why a probe source could not open or take a look.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The build had no clang: no eBPF object is embedded.
     #[error("this build has no eBPF object (clang was missing when it was compiled)")]
     NotBuilt,
+    /// More ports than the programs' table holds.
     #[error("at most {max} ports can be watched, {0} asked", max = bpf::MAX_PORTS)]
     TooManyPorts(usize),
+    /// The kernel has no BTF, which CO-RE relocation needs.
     #[error("kernel BTF unavailable (/sys/kernel/btf/vmlinux): {0}")]
     Btf(String),
+    /// The verifier or the attach call refused a program.
     #[error("the kernel refused to load or attach {program}: {detail}")]
-    Load { program: &'static str, detail: String },
+    Load {
+        /// The program.
+        program: &'static str,
+        /// The loader's error chain.
+        detail: String,
+    },
+    /// A map could not be read or written.
     #[error("map {map}: {detail}")]
-    Map { map: &'static str, detail: String },
+    Map {
+        /// The map.
+        map: &'static str,
+        /// The loader's error chain.
+        detail: String,
+    },
+    /// The object lacks a program or map the loader expects.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    /// The iterator's output is not one summary.
     #[error("the tcp iterator wrote {0} bytes, not one summary (object and loader out of step?)")]
     BadSummary(usize),
+    /// A system call failed (`what` names it).
     #[error("{what}: {source}")]
     Io {
+        /// The call or file.
         what: &'static str,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
+    /// The kernel answered a sock_diag dump with an error.
     #[error("sock_diag: {0}")]
     Netlink(String),
 }
@@ -57,7 +80,9 @@ fn finish(snap: &mut Snapshot, started: std::time::Instant) -> Result<(), ProbeE
 
 /// The probes for a set of local ports, from whichever source could be opened.
 pub enum Probes {
+    /// The eBPF programs (iterator and tracepoints).
     Ebpf(Box<bpf::BpfProbe>),
+    /// The netlink sock_diag fallback.
     SockDiag(sock_diag::SockDiag),
 }
 
@@ -86,14 +111,17 @@ impl Probes {
         }
     }
 
+    /// The eBPF source only (no fallback).
     pub fn open_ebpf(ports: &[u16]) -> Result<Self, ProbeError> {
         Ok(Self::Ebpf(Box::new(bpf::BpfProbe::load(ports)?)))
     }
 
+    /// The sock_diag source only.
     pub fn open_sock_diag(ports: &[u16]) -> Result<Self, ProbeError> {
         Ok(Self::SockDiag(sock_diag::SockDiag::open(ports)?))
     }
 
+    /// Which source these probes are.
     pub fn source(&self) -> Source {
         match self {
             Self::Ebpf(_) => Source::Ebpf,

@@ -28,12 +28,19 @@ pub const STATE_NAMES: [&str; 12] = [
 
 /// Kernel state numbers used by the policy and tests (include/net/tcp_states.h).
 pub mod state {
+    /// `TCP_ESTABLISHED`.
     pub const ESTABLISHED: usize = 1;
+    /// `TCP_SYN_SENT`.
     pub const SYN_SENT: usize = 2;
+    /// `TCP_SYN_RECV`.
     pub const SYN_RECV: usize = 3;
+    /// `TCP_TIME_WAIT`.
     pub const TIME_WAIT: usize = 6;
+    /// `TCP_CLOSE_WAIT`.
     pub const CLOSE_WAIT: usize = 8;
+    /// `TCP_LISTEN`.
     pub const LISTEN: usize = 10;
+    /// `TCP_NEW_SYN_RECV`.
     pub const NEW_SYN_RECV: usize = 12;
 }
 
@@ -48,6 +55,7 @@ pub enum Source {
 }
 
 impl Source {
+    /// The name in `/healthz` and `/v1/kernel` (`ebpf`, `sock_diag`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ebpf => "ebpf",
@@ -61,7 +69,9 @@ impl Source {
 pub struct QueueStats {
     /// Sockets counted (established and closing states; not listeners, TIME_WAIT or SYN_RECV).
     pub sockets: u64,
+    /// Bytes queued, summed over those sockets.
     pub sum: u64,
+    /// The largest queue, bytes.
     pub max: u64,
     /// Non-cumulative counts per bucket; see [`QueueStats::upper_bound`].
     pub buckets: [u64; QUEUE_BUCKETS],
@@ -117,7 +127,9 @@ impl QueueStats {
 /// The listening sockets on one watched port (several with SO_REUSEPORT).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Listener {
+    /// The local port.
     pub port: u16,
+    /// Listening sockets on it.
     pub sockets: u64,
     /// Connections completed but not yet accepted (`ss` Recv-Q of a listener).
     pub backlog: u64,
@@ -126,6 +138,7 @@ pub struct Listener {
     /// The fullest single listener (by queue / limit): its queue and its limit. With one
     /// listener per shard, a shard that stops accepting shows here while the sums look fine.
     pub fullest: u64,
+    /// The fullest listener's limit.
     pub fullest_max: u64,
 }
 
@@ -147,13 +160,16 @@ impl Listener {
 /// Retransmits towards one peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RemoteRetransmits {
+    /// The peer's address.
     pub addr: IpAddr,
+    /// Segments retransmitted towards it.
     pub retransmits: u64,
 }
 
 /// One look at the kernel's TCP state for the watched ports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
+    /// Which mechanism took it.
     pub source: Source,
     /// Local ports watched.
     pub ports: Vec<u16>,
@@ -161,11 +177,15 @@ pub struct Snapshot {
     pub scan_us: u64,
     /// TCP sockets seen in the namespace, and those on a watched port.
     pub visited: u64,
+    /// TCP sockets on a watched port.
     pub sockets: u64,
     /// Sockets per state, indexed like [`STATE_NAMES`].
     pub states: [u64; 12],
+    /// Send-Q (bytes not yet acknowledged by the peer) over the watched sockets.
     pub send_queue: QueueStats,
+    /// Recv-Q (bytes not yet read by the edge) over the watched sockets.
     pub recv_queue: QueueStats,
+    /// The watched ports' listening sockets and accept queues.
     pub listeners: Vec<Listener>,
     /// Retransmitted segments on watched sockets since the probes started (a counter).
     pub retransmits: u64,
@@ -176,10 +196,13 @@ pub struct Snapshot {
     /// Connections that reached ESTABLISHED / CLOSE, and entered CLOSE_WAIT (eBPF only: no
     /// snapshot of sockets can see transitions).
     pub opened: Option<u64>,
+    /// Connections that reached CLOSE (eBPF only).
     pub closed: Option<u64>,
+    /// Connections that entered CLOSE_WAIT (eBPF only).
     pub close_wait_entered: Option<u64>,
     /// The namespace's TcpExt ListenOverflows and ListenDrops (/proc/net/netstat).
     pub listen_overflows: u64,
+    /// The namespace's TcpExt ListenDrops.
     pub listen_drops: u64,
     /// Peers with the most retransmits, worst first (bounded).
     pub top_retransmits: Vec<RemoteRetransmits>,

@@ -12,8 +12,37 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use crate::snapshot::{RemoteRetransmits, Snapshot, Source, state, top_n};
-use crate::sys::NetlinkSocket;
 use crate::{ProbeError, TOP_REMOTES};
+
+/// A NETLINK_SOCK_DIAG socket talking to the kernel (port id 0): `netlink-sys` owns the
+/// descriptor and makes the syscalls; this retries the ones a signal interrupted.
+struct NetlinkSocket(netlink_sys::Socket);
+
+impl NetlinkSocket {
+    fn sock_diag() -> std::io::Result<Self> {
+        netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG).map(Self)
+    }
+
+    /// Sends one request to the kernel.
+    fn send(&self, msg: &[u8]) -> std::io::Result<()> {
+        let kernel = netlink_sys::SocketAddr::new(0, 0);
+        retry_interrupted(|| self.0.send_to(msg, &kernel, 0)).map(drop)
+    }
+
+    /// Receives one datagram (one batch of a dump) into `buf`.
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        retry_interrupted(|| self.0.recv(&mut &mut *buf, 0))
+    }
+}
+
+fn retry_interrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
 
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
@@ -33,13 +62,21 @@ const TCPI_TOTAL_RETRANS: usize = 100;
 /// One socket of the dump, as much as the probes use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiagSocket {
+    /// TCP state (include/net/tcp_states.h, see [`crate::state`]).
     pub state: u8,
+    /// Local port.
     pub sport: u16,
+    /// Peer port.
     pub dport: u16,
+    /// Peer address.
     pub dst: IpAddr,
+    /// Recv-Q: bytes received, not yet read (a listener: its accept queue).
     pub rqueue: u32,
+    /// Send-Q: bytes sent, not yet acknowledged (a listener: its accept queue limit).
     pub wqueue: u32,
+    /// The kernel's socket cookie (stable for the socket's life).
     pub cookie: u64,
+    /// `tcp_info.tcpi_total_retrans`, when the kernel sent tcp_info.
     pub total_retrans: Option<u32>,
 }
 
@@ -178,6 +215,7 @@ pub struct SockDiag {
 }
 
 impl SockDiag {
+    /// Opens the netlink socket for a dump of the sockets on `ports`.
     pub fn open(ports: &[u16]) -> Result<Self, ProbeError> {
         let nl = NetlinkSocket::sock_diag().map_err(|source| ProbeError::Io { what: "netlink socket", source })?;
         Ok(Self {
@@ -207,6 +245,7 @@ impl SockDiag {
         Ok(())
     }
 
+    /// One look: both address families dumped and summarised.
     pub fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
         let started = Instant::now();
         let ports = self.ports.clone();

@@ -34,7 +34,7 @@ fn encode(c: &mut Criterion) {
                 b.iter(|| {
                     let payload = envelope::encode(proto, msg).expect("encode");
                     edge::bus::frame(proto, &payload)
-                })
+                });
             });
         }
     }

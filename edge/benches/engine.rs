@@ -157,7 +157,7 @@ impl Setup {
         }
         self.engine.poll(now, &mut self.out);
         let len = match self.out.shard[0].first() {
-            Some(ShardCmd::Deliver(d)) => d.frames[Subprotocol::Json.index()].as_ref().map_or(0, |f| f.len()),
+            Some(ShardCmd::Deliver(d)) => d.frames[Subprotocol::Json.index()].as_ref().map_or(0, bytes::Bytes::len),
             _ => 0,
         };
         let delivered = self.drain_checked();
@@ -194,7 +194,7 @@ impl Clock {
             Self::ThreadCpu => {
                 let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
                 // SAFETY: `ts` is a valid, writable timespec; the call only writes to it.
-                let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
                 assert_eq!(r, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
                 Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
             }
@@ -222,7 +222,7 @@ fn conditions(cfg: &Config, clock: Clock) {
         .lines()
         .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
         .unwrap_or_default();
-    let ncpu = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let ncpu = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("engine bench conditions:");
     eprintln!("  machine: {ncpu} cpus ({cpu}), linux {}, loadavg at start {}", kernel.trim(), load.trim());
@@ -289,7 +289,7 @@ fn engine(c: &mut Criterion) {
                     }
                     timed += total;
                     total
-                })
+                });
             });
             eprintln!(
                 "  rooms={rooms} shards={shards}: checked {turns} turns, {} flushes, {} deliveries; \

@@ -13,6 +13,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,12 +76,12 @@ fn readers(
         let stop = stop.clone();
         hs.push(std::thread::spawn(move || {
             // One epoll set per thread.
-            let ep = unsafe_free_epoll::Epoll::new(&part);
+            let mut ep = Readiness::new(&part);
             let mut bufs: Vec<Vec<u8>> = part.iter().map(|_| Vec::new()).collect();
             let mut part = part;
             let mut tmp = vec![0u8; 64 * 1024];
             while stop.load(Ordering::Relaxed) == 0 {
-                for i in ep.wait(100) {
+                for i in ep.wait(Duration::from_millis(100)) {
                     let s = &mut part[i];
                     loop {
                         match s.read(&mut tmp) {
@@ -121,38 +122,30 @@ fn count(buf: &[u8], delivered: &AtomicU64) -> usize {
     off
 }
 
-/// Readiness for thousands of sockets on one thread: a small epoll wrapper.
-mod unsafe_free_epoll {
-    use std::net::TcpStream;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+/// Readiness for thousands of sockets on one thread: mio's `Poll` (epoll, edge-triggered: a
+/// ready socket is read until it would block, as [`readers`] does).
+struct Readiness {
+    poll: mio::Poll,
+    events: mio::Events,
+}
 
-    pub struct Epoll {
-        fd: OwnedFd,
+impl Readiness {
+    fn new(socks: &[TcpStream]) -> Self {
+        let poll = mio::Poll::new().expect("epoll");
+        for (i, s) in socks.iter().enumerate() {
+            s.set_nonblocking(true).unwrap();
+            poll.registry()
+                .register(&mut mio::unix::SourceFd(&s.as_raw_fd()), mio::Token(i), mio::Interest::READABLE)
+                .expect("register");
+        }
+        Self { poll, events: mio::Events::with_capacity(512) }
     }
 
-    impl Epoll {
-        pub fn new(socks: &[TcpStream]) -> Self {
-            // SAFETY: epoll_create1 returns a new descriptor or -1 (checked).
-            let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-            assert!(raw >= 0, "epoll_create1");
-            // SAFETY: `raw` is a fresh descriptor nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            for (i, s) in socks.iter().enumerate() {
-                s.set_nonblocking(true).unwrap();
-                let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
-                // SAFETY: valid epoll fd, socket fd and event pointer.
-                let r = unsafe { libc::epoll_ctl(fd.as_raw_fd(), libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
-                assert_eq!(r, 0, "epoll_ctl");
-            }
-            Self { fd }
-        }
-
-        /// Indexes of readable sockets (waits up to `ms`).
-        pub fn wait(&self, ms: i32) -> Vec<usize> {
-            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 512];
-            // SAFETY: the buffer holds 512 events.
-            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), evs.as_mut_ptr(), 512, ms) };
-            evs[..n.max(0) as usize].iter().map(|e| e.u64 as usize).collect()
+    /// Indexes of readable sockets (waits up to `timeout`; none when a signal cut the wait).
+    fn wait(&mut self, timeout: Duration) -> Vec<usize> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Ok(()) => self.events.iter().map(|e| e.token().0).collect(),
+            Err(_) => Vec::new(),
         }
     }
 }

@@ -676,7 +676,7 @@ impl Default for EngineSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UringConfig {
-    /// Submission queue entries per shard (the completion queue is 4x).
+    /// Submission queue entries per shard (the completion queue is 16x, at most 65,536).
     pub sq_entries: u32,
     /// Receive buffers per shard (power of two), shared by all its connections.
     pub recv_buffers: u16,
@@ -1145,14 +1145,14 @@ impl Config {
         if let Some(a) = &self.advertise
             && let Err(why) = check_url(a, &["ws://", "wss://"], false)
         {
-            return Err(invalid("advertise", &format!("must be a ws:// or wss:// URL with a host: {why}")));
+            return Err(invalid("advertise", format!("must be a ws:// or wss:// URL with a host: {why}")));
         }
         if let Some(d) = &self.drain.dispatch_url
             && let Err(why) = check_url(d, &["http://", "https://"], true)
         {
             return Err(invalid(
                 "drain.dispatch_url",
-                &format!("must be an http:// or https:// URL with a host: {why}"),
+                format!("must be an http:// or https:// URL with a host: {why}"),
             ));
         }
         if self.drain.deadline_ms < self.drain.period_ms {
@@ -1305,7 +1305,7 @@ impl Config {
         if !http.ip().is_unspecified() {
             let host = match http.ip() {
                 std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-                v4 => v4.to_string(),
+                v4 @ std::net::IpAddr::V4(_) => v4.to_string(),
             };
             return (format!("http://{host}:{}/v1/route", http.port()), false);
         }
@@ -1335,7 +1335,7 @@ impl Config {
 fn check_url(url: &str, schemes: &[&str], query: bool) -> Result<(), &'static str> {
     let Some(scheme) = schemes.iter().find(|s| url.starts_with(**s)) else { return Err("wrong scheme") };
     let rest = &url[scheme.len()..];
-    if url_host(url).is_none_or(|h| h.is_empty()) || rest.starts_with(':') {
+    if url_host(url).is_none_or(str::is_empty) || rest.starts_with(':') {
         return Err("no host");
     }
     if rest.contains('#') || rest.contains(char::is_whitespace) || (!query && rest.contains('?')) {

@@ -6,8 +6,8 @@
 //!
 //! Simultaneous arrivals must not all land on the one least-loaded edge (the report is up to a
 //! period old, so they would all see the same "least loaded" edge and stampede it). Two guards:
-//! - *power of two choices*: pick two candidates at random, weighted toward lighter edges, and
-//!   keep the lighter one: provably near-balanced without global coordination;
+//! - *power of two choices*: pick two eligible candidates uniformly at random and keep the lower
+//!   [`EdgeLoad::score`]: provably near-balanced without global coordination;
 //! - *local accounting*: each answer adds one expected connection to the chosen edge's figures
 //!   until the edge's next report replaces them.
 
@@ -15,13 +15,34 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Health as the edge judges it (from the kernel probes when present).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Health as the edge judges it (from the kernel probes when present). Ordered from best to
+/// worst (the derived order follows the declaration), so the worse of two is their `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum EdgeHealth {
+    /// Serving normally.
     Ok,
+    /// Serving, with a kernel figure past its `degraded` threshold: dispatch prefers others.
     Degraded,
+    /// Past an `overloaded` threshold: handshakes may be refused, dispatch skips the edge.
     Overloaded,
+}
+
+impl EdgeHealth {
+    /// The state as one byte (its place in the order), for an `AtomicU8` shared with shards.
+    pub const fn level(self) -> u8 {
+        self as u8
+    }
+
+    /// The state a [`level`](Self::level) byte stands for (anything past the last: the worst).
+    pub const fn from_level(level: u8) -> Self {
+        match level {
+            0 => Self::Ok,
+            1 => Self::Degraded,
+            _ => Self::Overloaded,
+        }
+    }
 }
 
 /// One edge's load report.
@@ -42,7 +63,9 @@ pub struct EdgeLoad {
 }
 
 impl EdgeLoad {
-    /// Load in [0, inf): connection fill, with bandwidth pressure and health folded in.
+    /// Load in [0, inf): connection fill (connections / capacity) plus a health penalty (0.5
+    /// degraded, 10 overloaded; an overloaded edge is not [`eligible`](Self::eligible) anyway).
+    /// `frames_per_s` and `bytes_per_s` are reported, not weighed.
     pub fn score(&self) -> f64 {
         let fill = self.connections as f64 / self.capacity.max(1) as f64;
         let health = match self.health {
@@ -145,11 +168,8 @@ mod tests {
         let mut d = Dispatcher::default();
         let edges = vec![edge("a", 100), edge("b", 110), edge("c", 120)];
         let mut counts: HashMap<String, u32> = HashMap::new();
-        let mut x: u64 = 12345;
-        let mut rnd = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (x >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut rng = fastrand::Rng::with_seed(12345);
+        let mut rnd = || rng.f64();
         for _ in 0..300 {
             let e = d.pick(&edges, 1000, 600, rnd(), rnd()).unwrap();
             *counts.entry(e.id.clone()).or_default() += 1;

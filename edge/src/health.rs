@@ -90,7 +90,7 @@ pub fn assess(cfg: &HealthConfig, i: &Inputs) -> (EdgeHealth, Vec<String>) {
         };
         let limit = if l == EdgeHealth::Overloaded { overloaded } else { degraded };
         reasons.push(format!("{name} {shown} >= {limit} ({})", level_name(l)));
-        level = worst(level, l);
+        level = level.max(l);
     };
     rule(
         "close_wait",
@@ -125,26 +125,6 @@ pub fn assess(cfg: &HealthConfig, i: &Inputs) -> (EdgeHealth, Vec<String>) {
     (level, reasons)
 }
 
-fn rank(h: EdgeHealth) -> u8 {
-    match h {
-        EdgeHealth::Ok => 0,
-        EdgeHealth::Degraded => 1,
-        EdgeHealth::Overloaded => 2,
-    }
-}
-
-fn from_rank(r: u8) -> EdgeHealth {
-    match r {
-        0 => EdgeHealth::Ok,
-        1 => EdgeHealth::Degraded,
-        _ => EdgeHealth::Overloaded,
-    }
-}
-
-fn worst(a: EdgeHealth, b: EdgeHealth) -> EdgeHealth {
-    if rank(b) > rank(a) { b } else { a }
-}
-
 pub fn level_name(h: EdgeHealth) -> &'static str {
     match h {
         EdgeHealth::Ok => "ok",
@@ -172,7 +152,7 @@ impl Policy {
 
     /// Feeds one raw verdict; returns the state to act on.
     pub fn step(&mut self, raw: EdgeHealth) -> EdgeHealth {
-        if rank(raw) >= rank(self.current) {
+        if raw >= self.current {
             self.current = raw;
             self.better = 0;
         } else {
@@ -217,7 +197,7 @@ impl HealthReport {
 pub struct KernelView {
     latest: Mutex<Option<Arc<Snapshot>>>,
     report: Mutex<HealthReport>,
-    /// rank() of the current state, read by the shards at every handshake.
+    /// `EdgeHealth::level()` of the current state, read by the shards at every handshake.
     level: Arc<AtomicU8>,
     /// Whether shards refuse handshakes while overloaded.
     pub refuse_when_overloaded: bool,
@@ -246,7 +226,7 @@ impl KernelView {
     }
 
     pub fn status(&self) -> EdgeHealth {
-        from_rank(self.level.load(Ordering::Relaxed))
+        EdgeHealth::from_level(self.level.load(Ordering::Relaxed))
     }
 
     /// Where the policy sends its drain request (`health.drain_after_overloaded_s`).
@@ -255,7 +235,7 @@ impl KernelView {
     }
 
     fn publish(&self, snap: Arc<Snapshot>, report: HealthReport) {
-        self.level.store(rank(report.status), Ordering::Relaxed);
+        self.level.store(report.status.level(), Ordering::Relaxed);
         *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = Some(snap);
         *self.report.lock().unwrap_or_else(PoisonError::into_inner) = report;
     }

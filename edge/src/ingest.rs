@@ -135,7 +135,7 @@ pub async fn route_answer(src: &RouteSource, draining: bool, overloaded: bool, r
                 Ok(e) => e,
                 Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("load reports unavailable: {e}")),
             };
-            let (r1, r2) = (rand01(), rand01());
+            let (r1, r2) = (fastrand::f64(), fastrand::f64());
             let mut d = dispatcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match d.pick(&edges, now, *max_age_ms, r1, r2) {
                 Some(e) => (e.ws_url.clone(), e.id.clone()),
@@ -169,14 +169,6 @@ pub(crate) fn sse_url(ws_url: &str) -> Option<String> {
     };
     let base = rest.strip_suffix("/ws")?;
     Some(format!("{scheme}://{base}/sse"))
-}
-
-fn rand01() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    // A fresh SipHash key per call (std's RandomState): enough entropy to spread arrivals.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(crate::bus::now_us());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 async fn route(State(st): State<AppState>, headers: HeaderMap, Query(q): Query<RouteQuery>) -> Response {

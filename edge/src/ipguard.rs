@@ -10,7 +10,7 @@
 //! look like one address) are not counted.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -101,14 +101,14 @@ impl IpGuard {
     pub fn admit(&self, ip: IpAddr) -> Verdict {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
+            v4 @ IpAddr::V4(_) => v4,
         };
         if self.exempt.iter().any(|n| n.contains(&ip)) {
             return Verdict::Admit { counted: false };
         }
         let key = Self::key(ip);
         let now = self.now_ms();
-        let mut map = self.stripe(key).lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.stripe(key).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let e = map.entry(key).or_insert(Entry { open: 0, tokens: self.burst, at_ms: now });
         if self.max_open > 0 && e.open >= self.max_open {
             return Verdict::TooMany;
@@ -128,7 +128,7 @@ impl IpGuard {
     /// A counted connection from `ip` closed.
     pub fn release(&self, ip: IpAddr) {
         let key = Self::key(ip);
-        let mut map = self.stripe(key).lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.stripe(key).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(e) = map.get_mut(&key) {
             e.open = e.open.saturating_sub(1);
         }
@@ -140,7 +140,7 @@ impl IpGuard {
     pub fn sweep(&self, i: usize) {
         let now = self.now_ms();
         let (rate, burst) = (self.rate, self.burst);
-        let mut map = self.stripes[i % STRIPES].lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.stripes[i % STRIPES].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.retain(|_, e| e.open > 0 || (rate > 0.0 && e.tokens + (now - e.at_ms) as f64 * rate / 1000.0 < burst));
     }
 
@@ -151,25 +151,6 @@ impl IpGuard {
     /// Addresses in the table (for tests and the sweep's accounting).
     pub fn tracked(&self) -> usize {
         self.stripes.iter().map(|s| s.lock().map_or(0, |m| m.len())).sum()
-    }
-}
-
-/// The peer address an accept wrote, if it is an IP one.
-pub fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    match i32::from(addr.ss_family) {
-        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family says the storage holds a sockaddr_in, and it is long enough.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(a.sin6_port)))
-        }
-        _ => None,
     }
 }
 
@@ -250,22 +231,5 @@ mod tests {
     #[test]
     fn both_bounds_off_means_no_guard() {
         assert!(IpGuard::new(&limits(0, 0.0, 1.0, &[])).is_none());
-    }
-
-    #[test]
-    fn peer_addresses_decode() {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 8080u16.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::new(127, 0, 0, 9)).to_be() },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: sockaddr_in fits in sockaddr_storage.
-        unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
-        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(peer_of(&ss, len), Some("127.0.0.9:8080".parse().unwrap()));
-        assert_eq!(peer_of(&ss, 2), None, "too short");
     }
 }

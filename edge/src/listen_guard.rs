@@ -220,8 +220,7 @@ fn processes_holding(inodes: &[u64]) -> Vec<Holder> {
         });
         if holds {
             let comm = std::fs::read_to_string(entry.path().join("comm"))
-                .map(|c| c.trim_end().to_owned())
-                .unwrap_or_else(|_| "?".to_owned());
+                .map_or_else(|_| "?".to_owned(), |c| c.trim_end().to_owned());
             let cmdline = std::fs::read(entry.path().join("cmdline")).map(|c| cmdline_text(&c)).unwrap_or_default();
             out.push(Holder { pid, comm, cmdline });
         }

@@ -219,12 +219,11 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         cfg.bus = Some(edge::config::BusConfig { url: v.clone(), ..kept });
     }
     if let Some(n) = cli.min_replicas_acked {
-        match &mut cfg.bus {
-            Some(b) => b.min_replicas_acked = n,
-            None => {
-                eprintln!("edge: invalid configuration: --min-replicas-acked needs a bus (--bus or bus in the config)");
-                std::process::exit(2);
-            }
+        if let Some(b) = &mut cfg.bus {
+            b.min_replicas_acked = n;
+        } else {
+            eprintln!("edge: invalid configuration: --min-replicas-acked needs a bus (--bus or bus in the config)");
+            std::process::exit(2);
         }
     }
     if let Some(v) = &cli.advertise {
@@ -244,7 +243,7 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         cfg.takeover = true;
     }
     if let Some(v) = &cli.data_dir {
-        cfg.data_dir = v.clone();
+        cfg.data_dir.clone_from(v);
     }
     if cli.no_store {
         cfg.store.enabled = false;

@@ -259,6 +259,11 @@ fn gauge_sum(g: &IntGaugeVec) -> i64 {
 }
 
 impl Metrics {
+    /// Every family, registered in a fresh registry.
+    ///
+    /// # Panics
+    ///
+    /// If two families share a name or a help text is invalid: a bug the unit tests catch.
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
@@ -619,7 +624,7 @@ impl Metrics {
                 let class = m.get_label().iter().find(|l| l.name() == "class").map_or("", |l| l.value()).to_owned();
                 let buckets = m.get_histogram().get_bucket();
                 if bounds.is_empty() {
-                    bounds = buckets.iter().map(|b| b.upper_bound()).collect();
+                    bounds = buckets.iter().map(prometheus::proto::Bucket::upper_bound).collect();
                 }
                 let counts = classes.entry(class).or_insert_with(|| vec![0; buckets.len() + 1]);
                 for (i, b) in buckets.iter().enumerate() {

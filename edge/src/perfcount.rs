@@ -31,6 +31,11 @@ pub struct PerfFamilies {
 }
 
 impl PerfFamilies {
+    /// Creates the families and registers them in `r`.
+    ///
+    /// # Panics
+    ///
+    /// If `r` already holds a family of the same name (registered twice: a bug).
     pub fn register(r: &Registry) -> Self {
         let available = IntGaugeVec::new(
             Opts::new("perf_event_available", "Per-thread perf events this kernel and CPU allow (1) or refuse (0).")
@@ -152,11 +157,11 @@ mod tests {
         assert_eq!(f.available.with_label_values(&["task_clock"]).get(), 1, "task-clock is a software counter");
         let start = crate::sys::thread_cpu_time();
         let mut x = 0u64;
-        while crate::sys::thread_cpu_time() - start < std::time::Duration::from_millis(50) {
+        while crate::sys::thread_cpu_time().checked_sub(start).unwrap() < std::time::Duration::from_millis(50) {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
         t.publish(&f);
-        let cpu = (crate::sys::thread_cpu_time() - start).as_secs_f64();
+        let cpu = crate::sys::thread_cpu_time().checked_sub(start).unwrap().as_secs_f64();
         let secs = f.cpu_seconds.with_label_values(&["test"]).get();
         assert!(secs >= 0.9 * 0.05 && secs <= cpu * 1.1 + 0.01, "task-clock {secs} s, thread CPU {cpu} s");
         assert!(t.task_clock_ns().is_some_and(|ns| ns >= 45_000_000));

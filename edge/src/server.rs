@@ -93,7 +93,7 @@ impl Edge {
         }
 
         let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(AtomicU8::new(0));
+        let health = Arc::new(AtomicU8::new(crate::dispatch::EdgeHealth::Ok.level()));
         // One mailbox per shard; the shard's engine reads the same one.
         let mut mailboxes = Vec::new();
         let mut receivers = Vec::new();
@@ -267,10 +267,13 @@ impl Edge {
                 .name(format!("roomcast-shard-{id}"))
                 .spawn(move || shard::run(spec, ready_tx))?;
             match ready_rx.recv() {
-                Ok(Ok(())) => match cpu {
-                    Some(cpu) => tracing::info!(shard = id, cpu, max_conns, "shard ready"),
-                    None => tracing::info!(shard = id, cpu = "unpinned", max_conns, "shard ready"),
-                },
+                Ok(Ok(())) => {
+                    if let Some(cpu) = cpu {
+                        tracing::info!(shard = id, cpu, max_conns, "shard ready");
+                    } else {
+                        tracing::info!(shard = id, cpu = "unpinned", max_conns, "shard ready");
+                    }
+                }
                 Ok(Err(e)) => return Err(anyhow::anyhow!("shard {id} cannot start: {e}")),
                 Err(_) => return Err(anyhow::anyhow!("shard {id} died during start-up")),
             }

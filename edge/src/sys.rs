@@ -2,7 +2,7 @@
 //! with its safety argument, so the rest of the crate stays safe code.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -12,7 +12,7 @@ pub fn kernel_release() -> String {
     // SAFETY: `utsname` is plain old data; `uname` fills it and we read a NUL-terminated field.
     unsafe {
         let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
+        if libc::uname(&raw mut u) != 0 {
             return String::from("unknown");
         }
         std::ffi::CStr::from_ptr(u.release.as_ptr()).to_string_lossy().into_owned()
@@ -24,13 +24,13 @@ pub fn kernel_release() -> String {
 pub fn raise_nofile() -> io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid pointer to an rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: valid pointer to an rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -42,8 +42,8 @@ pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: `cpu_set_t` is plain old data, filled by the kernel.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).collect();
         }
         (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
     }
@@ -55,7 +55,7 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -146,10 +146,35 @@ pub fn thread_run_delay() -> Option<std::time::Duration> {
 pub fn thread_cpu_time() -> std::time::Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid out-pointer for the call's duration.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) } != 0 {
         return std::time::Duration::ZERO;
     }
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// An all-zero `sockaddr_storage`, for the kernel to fill (an accept's peer address).
+pub fn sockaddr_storage() -> libc::sockaddr_storage {
+    // SAFETY: all-zero is a valid sockaddr_storage (plain data, any bytes allowed).
+    unsafe { std::mem::zeroed() }
+}
+
+/// The peer address an accept wrote, if it is an IP one.
+pub fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    match i32::from(addr.ss_family) {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and it is long enough.
+            let a = unsafe { &*std::ptr::from_ref::<libc::sockaddr_storage>(addr).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*std::ptr::from_ref::<libc::sockaddr_storage>(addr).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(a.sin6_port)))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -168,11 +193,34 @@ mod tests {
         let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
         // SAFETY: a valid socket, an int and its length.
         let r = unsafe {
-            libc::getsockopt(a.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, (&raw mut v).cast(), &mut len)
+            libc::getsockopt(
+                a.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&raw mut v).cast(),
+                &raw mut len,
+            )
         };
         assert_eq!(r, 0);
         assert_eq!(v, 12_345);
         assert_eq!(a.send_buffer_size().unwrap(), 32 * 1024, "the kernel doubles SO_SNDBUF");
         assert!(a.tcp_nodelay().unwrap());
+    }
+
+    #[test]
+    fn peer_addresses_decode() {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 8080u16.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::new(127, 0, 0, 9)).to_be() },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in fits in sockaddr_storage.
+        unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(peer_of(&ss, len), Some("127.0.0.9:8080".parse().unwrap()));
+        assert_eq!(peer_of(&ss, 2), None, "too short");
     }
 }

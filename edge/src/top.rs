@@ -3,29 +3,25 @@
 //! It reads the edge's `GET /v1/kernel` (so it needs no privileges and shows exactly what the
 //! health policy sees) and renders one screen of text.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
 
 /// Fetches `/v1/kernel` from the edge's HTTP address.
 pub fn fetch(http: SocketAddr) -> anyhow::Result<Value> {
-    let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /v1/kernel HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    let n = match resp.parse(&buf)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => anyhow::bail!("truncated answer from {http}"),
-    };
-    if resp.code != Some(200) {
-        anyhow::bail!("{http} answered {:?}", resp.code);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(2)))
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.get(format!("http://{http}/v1/kernel")).call()?;
+    if resp.status() != 200 {
+        anyhow::bail!("{http} answered {}", resp.status());
     }
-    Ok(serde_json::from_slice(&buf[n..])?)
+    Ok(serde_json::from_reader(resp.body_mut().as_reader())?)
 }
 
 fn num(v: &Value) -> f64 {
@@ -176,7 +172,7 @@ pub fn run(http: SocketAddr, once: bool) -> anyhow::Result<()> {
         if terminal {
             print!("\x1b[H\x1b[2J{screen}");
         } else {
-            print!("{screen}\n");
+            println!("{screen}");
         }
         std::io::stdout().flush()?;
         std::thread::sleep(Duration::from_secs(1));
@@ -220,5 +216,45 @@ mod tests {
         assert!(out.contains("8080"));
         assert!(out.contains("10.0.0.1"));
         assert!(out.contains("retransmits 7 (1.5/s)"));
+    }
+
+    /// One canned HTTP answer on a local listener; returns its address.
+    fn serve_once(answer: &'static str) -> SocketAddr {
+        use std::io::{BufRead, BufReader};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "GET /v1/kernel HTTP/1.1\r\n");
+            while line != "\r\n" {
+                line.clear();
+                r.read_line(&mut line).unwrap();
+            }
+            s.write_all(answer.as_bytes()).unwrap();
+        });
+        addr
+    }
+
+    #[test]
+    fn fetch_reads_the_kernel_answer_and_refuses_an_error_status() {
+        let body = r#"{"connections":3,"health":{"status":"ok"}}"#;
+        let ok: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let k = fetch(serve_once(ok)).unwrap();
+        assert_eq!(k["connections"], 3);
+        assert_eq!(k["health"]["status"], "ok");
+        let err = fetch(serve_once("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")).unwrap_err();
+        assert!(err.to_string().contains("answered 503"), "{err}");
+        // Nothing listening: an error, not a hang.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(fetch(closed).is_err());
     }
 }

@@ -427,7 +427,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     // queued. So the edge's own send queues must also be empty when it is the target.
     let mut seen = moved(&progress);
     let mut edge_queued = None;
-    let mut queue_checked = Instant::now() - Duration::from_secs(1);
+    let mut queue_checked = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
     while Instant::now() < settle_end
         && (quiet_since.elapsed() < Duration::from_secs(3) || edge_queued.is_some_and(|b| b > 0))
     {

@@ -21,15 +21,17 @@ pub struct KindTrack {
 impl KindTrack {
     pub fn on_message(&mut self, k: u64) {
         self.received += 1;
-        if k == self.next {
-            self.next += 1;
-        } else if k > self.next {
-            self.lost += k - self.next;
-            self.next = k + 1;
-        } else {
-            // Seen before (or out of order, which the edge must never do): a duplicate.
-            self.dup += 1;
-            self.received -= 1;
+        match k.cmp(&self.next) {
+            std::cmp::Ordering::Equal => self.next += 1,
+            std::cmp::Ordering::Greater => {
+                self.lost += k - self.next;
+                self.next = k + 1;
+            }
+            std::cmp::Ordering::Less => {
+                // Seen before (or out of order, which the edge must never do): a duplicate.
+                self.dup += 1;
+                self.received -= 1;
+            }
         }
     }
 

@@ -84,7 +84,7 @@ pub fn sign(a: &TokensArgs) -> anyhow::Result<()> {
         jsonwebtoken::encode(&header, &c, &key).context("sign")
     };
     // ES256 and RS256 signatures take up to milliseconds each: one thread per CPU.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let per = a.count.div_ceil(threads).max(1);
     let chunks: Vec<Vec<String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..a.count)

@@ -7,12 +7,13 @@
 
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use mio::unix::SourceFd;
 use roomcast_proto::envelope::{self, ArchivedServerMsg};
 use roomcast_proto::ws;
 use serde::{Deserialize, Serialize};
@@ -140,8 +141,6 @@ pub fn own_cpu_s() -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
-const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
 fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool, tokens: &[String]) -> anyhow::Result<TcpStream> {
     let dst = args.addrs[i % args.addrs.len()];
     let path = match args.target {
@@ -216,17 +215,16 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         Target::Edge => "roomcast.json.v1",
         Target::Nchan => "",
     };
-    let proto_hdr = if proto.is_empty() { String::new() } else { format!("Sec-WebSocket-Protocol: {proto}\r\n") };
     let sse = path.starts_with("/sse?");
-    let req = if sse {
-        format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n")
+    let (req, key) = if sse {
+        (format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n").into_bytes(), None)
     } else {
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{proto_hdr}\r\n"
-        )
+        let (req, key) = upgrade_request(dst, path, proto)?;
+        (req, Some(key))
     };
-    s.write_all(req.as_bytes())?;
+    s.write_all(&req)?;
+    // Byte by byte up to the blank line: what follows (the edge's `joined`, at once) is the
+    // reading loop's.
     let mut buf = Vec::with_capacity(256);
     let mut b = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -234,10 +232,42 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         buf.push(b[0]);
         anyhow::ensure!(buf.len() < 4096, "handshake answer too long");
     }
-    let want: &[u8] = if sse { b"HTTP/1.1 200" } else { b"HTTP/1.1 101" };
-    anyhow::ensure!(buf.starts_with(want), "refused: {}", String::from_utf8_lossy(&buf));
+    match key {
+        Some(key) => check_upgrade(&buf, &key, proto)?,
+        None => anyhow::ensure!(buf.starts_with(b"HTTP/1.1 200"), "refused: {}", String::from_utf8_lossy(&buf)),
+    }
     s.set_nonblocking(true)?;
     Ok(s)
+}
+
+/// An upgrade request for `path` on `dst` from tungstenite's client handshake: the headers RFC
+/// 6455 §4.1 asks for and a fresh random `Sec-WebSocket-Key`, returned with the request.
+fn upgrade_request(dst: SocketAddr, path: &str, proto: &str) -> anyhow::Result<(Vec<u8>, String)> {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{dst}{path}").into_client_request()?;
+    if !proto.is_empty() {
+        req.headers_mut().insert("Sec-WebSocket-Protocol", tungstenite::http::HeaderValue::from_str(proto)?);
+    }
+    Ok(tungstenite::handshake::client::generate_request(req)?)
+}
+
+/// Checks an upgrade answer (`head`: up to its blank line) as RFC 6455 §4.1 tells a client to:
+/// 101, `Upgrade: websocket`, `Connection: Upgrade`, the `Sec-WebSocket-Accept` derived from our
+/// `key` (tungstenite's `derive_accept_key`), and the subprotocol we offered (none if none).
+fn check_upgrade(head: &[u8], key: &str, proto: &str) -> anyhow::Result<()> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    anyhow::ensure!(resp.parse(head)?.is_complete(), "incomplete handshake answer");
+    anyhow::ensure!(resp.code == Some(101), "refused: {}", String::from_utf8_lossy(head));
+    let header = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+    anyhow::ensure!(header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket")), "no Upgrade: websocket");
+    let upgrade_token = |v: &[u8]| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    anyhow::ensure!(header("Connection").is_some_and(upgrade_token), "no Connection: Upgrade");
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    anyhow::ensure!(header("Sec-WebSocket-Accept") == Some(accept.as_bytes()), "wrong Sec-WebSocket-Accept");
+    let offered = Some(proto.as_bytes()).filter(|p| !p.is_empty());
+    anyhow::ensure!(header("Sec-WebSocket-Protocol") == offered, "subprotocol {offered:?} not agreed");
+    Ok(())
 }
 
 struct Conn {
@@ -263,34 +293,35 @@ struct Conn {
     pong: Vec<u8>,
 }
 
-struct Epoll(OwnedFd);
+/// Readiness of the connections read in the loop (mio's `Poll`: epoll). mio registers
+/// edge-triggered: a ready socket is read until `WouldBlock` (the loop in [`run`] does), and a
+/// socket registered with data already waiting is reported at once.
+struct Readiness {
+    poll: mio::Poll,
+    events: mio::Events,
+}
 
-impl Epoll {
-    fn new() -> Self {
-        // SAFETY: returns a new descriptor or -1 (checked).
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        assert!(fd >= 0, "epoll_create1");
-        // SAFETY: a fresh descriptor nothing else owns.
-        Self(unsafe { OwnedFd::from_raw_fd(fd) })
+impl Readiness {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self { poll: mio::Poll::new()?, events: mio::Events::with_capacity(1024) })
     }
 
-    fn add(&self, fd: i32, token: u64) {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
-        // SAFETY: valid descriptors and event pointer.
-        unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    fn add(&self, fd: RawFd, token: usize) {
+        let r = self.poll.registry().register(&mut SourceFd(&fd), mio::Token(token), mio::Interest::READABLE);
+        debug_assert!(r.is_ok(), "register: {r:?}");
     }
 
-    fn del(&self, fd: i32) {
-        // SAFETY: valid descriptors; a null event is allowed for EPOLL_CTL_DEL.
-        unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    fn del(&self, fd: RawFd) {
+        let r = self.poll.registry().deregister(&mut SourceFd(&fd));
+        debug_assert!(r.is_ok(), "deregister: {r:?}");
     }
 
-    fn wait(&self, out: &mut Vec<usize>, ms: i32) {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 1024];
-        // SAFETY: the buffer holds 1024 events.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 1024, ms) };
+    /// The tokens of the sockets ready within `timeout` (none when a signal cut the wait).
+    fn wait(&mut self, out: &mut Vec<usize>, timeout: Duration) {
         out.clear();
-        out.extend(evs[..n.max(0) as usize].iter().map(|e| e.u64 as usize));
+        if self.poll.poll(&mut self.events, Some(timeout)).is_ok() {
+            out.extend(self.events.iter().map(|e| e.token().0));
+        }
     }
 }
 
@@ -366,7 +397,7 @@ impl Conn {
         }
         let Some(peer) = self.peer else { return false };
         let now = Instant::now();
-        let jitter = Duration::from_micros(now_us() % 1_000_000);
+        let jitter = Duration::from_micros(fastrand::u64(..1_000_000));
         self.goaway = Some((format!("ws://{peer}/ws?room=r{}", self.room), now + jitter, now));
         self.resuming = true;
         true
@@ -424,10 +455,7 @@ impl Movers {
                 // One client per thread: keep-alive to dispatch.
                 let http = reqwest::blocking::Client::new();
                 loop {
-                    let job = match job_rx.lock().map(|rx| rx.recv()) {
-                        Ok(Ok(job)) => job,
-                        _ => return,
-                    };
+                    let Ok(Ok(job)) = job_rx.lock().map(|rx| rx.recv()) else { return };
                     let mut result = Err(anyhow::anyhow!("not tried"));
                     for attempt in 0..10u32 {
                         result = resolve(&http, &job.url, job.room, args.sse).and_then(|(addr, path)| {
@@ -605,7 +633,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let _ = writeln!(o, "{}", v.json());
         let _ = o.flush();
     };
-    let ep = Epoll::new();
+    let mut ep = Readiness::new()?;
     let tokens: Arc<[String]> = match &args.tokens {
         Some(path) => crate::tokens::load(path, args.first, args.count)?.into(),
         None => Arc::from([]),
@@ -686,7 +714,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 Ok(sock) => {
                     let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
                     if !slow {
-                        ep.add(sock.as_raw_fd(), conns.len() as u64);
+                        ep.add(sock.as_raw_fd(), conns.len());
                     }
                     conns.push(Conn::new(sock, slow, rooms[next], &streams));
                 }
@@ -702,7 +730,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        ep.wait(&mut ready, if next == rooms.len() && !connects_reported { 0 } else { 50 });
+        ep.wait(&mut ready, Duration::from_millis(if next == rooms.len() && !connects_reported { 0 } else { 50 }));
         for &i in &ready {
             let c = &mut conns[i];
             c.flush_pong();
@@ -753,7 +781,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 match done.result {
                     Ok(sock) => {
                         if !c.slow {
-                            ep.add(sock.as_raw_fd(), done.i as u64);
+                            ep.add(sock.as_raw_fd(), done.i);
                         }
                         c.peer = sock.peer_addr().ok();
                         c.sock = sock;
@@ -909,5 +937,43 @@ mod erased {
         fn json(&self) -> String {
             serde_json::json!({ "type": self.0, "data": self.1 }).to_string()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use roomcast_proto::envelope::Subprotocol;
+    use roomcast_proto::handshake::{parse_request, response_101};
+
+    use super::{check_upgrade, upgrade_request};
+
+    /// The request tungstenite builds is one the edge's own parser takes, with a fresh key each
+    /// time; the edge's answer to it passes the check, and an answer with another key, without
+    /// the offered subprotocol, or refusing, does not.
+    #[test]
+    fn upgrade_round_trip_against_the_edge_parser() {
+        let dst = "127.0.0.1:8080".parse().unwrap();
+        let (req, key) = upgrade_request(dst, "/ws?room=r7&token=a.b.c", "roomcast.rkyv.v2").unwrap();
+        let (up, used) = parse_request(&req).unwrap().unwrap();
+        assert_eq!(used, req.len());
+        assert_eq!(up.key, key);
+        assert_eq!(up.path, "/ws");
+        assert_eq!(up.query[0], ("room".to_owned(), "r7".to_owned()));
+        assert_eq!(up.select_subprotocol().unwrap(), Some(Subprotocol::Rkyv));
+        assert_ne!(upgrade_request(dst, "/ws?room=r7", "").unwrap().1, key, "a fresh key per connection");
+
+        let answer = response_101(&key, Some(Subprotocol::Rkyv));
+        check_upgrade(&answer, &key, "roomcast.rkyv.v2").unwrap();
+        // Another connection's key: the accept key does not match.
+        let (_, other) = upgrade_request(dst, "/ws?room=r7", "roomcast.rkyv.v2").unwrap();
+        assert!(check_upgrade(&response_101(&other, Some(Subprotocol::Rkyv)), &key, "roomcast.rkyv.v2").is_err());
+        // Subprotocol offered, none agreed; none offered, one agreed.
+        assert!(check_upgrade(&response_101(&key, None), &key, "roomcast.rkyv.v2").is_err());
+        assert!(check_upgrade(&answer, &key, "").is_err());
+        check_upgrade(&response_101(&key, None), &key, "").unwrap();
+        // Not a 101, or not an upgrade.
+        assert!(check_upgrade(b"HTTP/1.1 503 Service Unavailable\r\n\r\n", &key, "").is_err());
+        let no_upgrade = String::from_utf8(response_101(&key, None)).unwrap().replace("Upgrade: websocket\r\n", "");
+        assert!(check_upgrade(no_upgrade.as_bytes(), &key, "").is_err());
     }
 }

@@ -40,12 +40,16 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// Why a request of the application's was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
+    /// A room name the edge would refuse.
     #[error("bad room name: {0}")]
     Room(&'static str),
+    /// A kind name the edge would refuse.
     #[error("bad kind: {0}")]
     Kind(&'static str),
+    /// A body that is not JSON.
     #[error("body is not JSON: {0}")]
     Body(String),
+    /// The client was closed.
     #[error("the client is closed")]
     Closed,
 }
@@ -351,7 +355,7 @@ impl Driver {
     async fn idle(&mut self, until: Instant) -> bool {
         loop {
             tokio::select! {
-                _ = sleep_until(until) => return true,
+                () = sleep_until(until) => return true,
                 _ = self.closed.changed() => return false,
                 cmd = self.cmds.recv() => match cmd {
                     None => return false,
@@ -568,7 +572,7 @@ impl Driver {
                             if !self.emit(Event::Error(ErrorEvent::Transport(e))).await {
                                 return End::Stop;
                             }
-                            return self.lost(goaway, None);
+                            return Self::lost(goaway, None);
                         }
                     }
                 }
@@ -581,9 +585,9 @@ impl Driver {
                             {
                                 return End::Stop;
                             }
-                            return self.lost(goaway, close_code);
+                            return Self::lost(goaway, close_code);
                         }
-                        None => return self.lost(goaway, close_code),
+                        None => return Self::lost(goaway, close_code),
                     };
                     last_rx = Instant::now();
                     pinged = false;
@@ -659,32 +663,31 @@ impl Driver {
                         return End::Stop;
                     }
                 }
-                _ = sleep_until(timer) => {
+                () = sleep_until(timer) => {
                     if closing.is_some() {
-                        return self.lost(goaway, close_code);
+                        return Self::lost(goaway, close_code);
                     }
                     if let Some((url, at)) = goaway.take() {
                         let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
                         let _ = timeout(CLOSE_GRACE, ws.close(Some(frame))).await;
                         return End::Goaway { url, at };
                     }
-                    if !pinged {
-                        pinged = true;
-                        if let Err(e) = self.send_ws(&mut ws, WsMessage::Ping(Default::default())).await {
-                            if !self.emit(Event::Error(ErrorEvent::Transport(e))).await {
-                                return End::Stop;
-                            }
-                            return End::Lost(Retry::default());
-                        }
-                    } else {
+                    if pinged {
                         let e = ErrorEvent::Transport(format!("nothing received for {liveness:?}: connection dead"));
                         if !self.emit(Event::Error(e)).await {
                             return End::Stop;
                         }
                         return End::Lost(Retry::default());
                     }
+                    pinged = true;
+                    if let Err(e) = self.send_ws(&mut ws, WsMessage::Ping(tokio_tungstenite::tungstenite::Bytes::default())).await {
+                        if !self.emit(Event::Error(ErrorEvent::Transport(e))).await {
+                            return End::Stop;
+                        }
+                        return End::Lost(Retry::default());
+                    }
                 }
-                _ = sleep_until(refresh_at.unwrap_or_else(far)), if refresh_at.is_some() && refreshing.is_none() => {
+                () = sleep_until(refresh_at.unwrap_or_else(far)), if refresh_at.is_some() && refreshing.is_none() => {
                     refresh_at = None;
                     if let Some(src) = &self.cfg.token {
                         refreshing = Some(src.fetch());
@@ -721,7 +724,7 @@ impl Driver {
     }
 
     /// The connection is gone: after a goaway, move; else come back as the close code says.
-    fn lost(&mut self, goaway: Option<(String, Instant)>, close_code: Option<u16>) -> End {
+    fn lost(goaway: Option<(String, Instant)>, close_code: Option<u16>) -> End {
         match goaway {
             Some((url, at)) => End::Goaway { url, at },
             None => End::Lost(after_close(close_code)),

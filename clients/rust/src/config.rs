@@ -57,10 +57,18 @@ pub struct Config {
 /// Why a configuration cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    /// The endpoint URL is unusable.
     #[error("endpoint: {0}")]
     Endpoint(#[from] UrlError),
+    /// A room the edge would refuse.
     #[error("room {room:?}: {why}")]
-    Room { room: String, why: &'static str },
+    Room {
+        /// The room.
+        room: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A bound (backoff, liveness, queue) out of range.
     #[error("{0}")]
     Bound(&'static str),
 }

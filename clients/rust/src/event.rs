@@ -105,7 +105,10 @@ pub struct Position {
 pub enum ConnectionState {
     /// Asking dispatch and opening a connection; `attempt` counts failures since the last
     /// stable connection.
-    Connecting { attempt: u32 },
+    Connecting {
+        /// Failures since the last stable connection.
+        attempt: u32,
+    },
     /// The WebSocket is open.
     Connected {
         /// The WebSocket URL (without the token).
@@ -114,7 +117,10 @@ pub enum ConnectionState {
         edge: Option<String>,
     },
     /// The connection was lost (or refused); the next attempt starts after `retry_in`.
-    Disconnected { retry_in: Duration },
+    Disconnected {
+        /// When the next attempt starts.
+        retry_in: Duration,
+    },
     /// [`Client::close`](crate::Client::close) was called, or the application dropped the event
     /// stream; no more events follow.
     Closed,
@@ -127,19 +133,39 @@ pub enum ErrorEvent {
     /// (`bad_room`, `room_forbidden`, `join_refused`, `rate_limited`, `refresh_refused`,
     /// `token_expired`, ...).
     #[error("edge error {code}: {message}")]
-    Server { code: String, message: String },
+    Server {
+        /// The protocol's error code.
+        code: String,
+        /// What went wrong, in words.
+        message: String,
+    },
     /// The edge closed the connection with this WebSocket close code (4000 slow consumer,
     /// 4001 token expired, 4002 disconnected by a moderator: the client stops, 1013 try later,
     /// 1001 going away, 1002/1007/1008/1009 protocol errors).
     #[error("closed by the edge: {code} {reason}")]
-    Closed { code: u16, reason: String },
+    Closed {
+        /// The WebSocket close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
     /// The edge refused the upgrade with this HTTP status (401 token, 403 room or origin, 429
     /// too many, 503 overloaded, 400-class malformed).
     #[error("upgrade refused: {status} {body}")]
-    Refused { status: u16, body: String },
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The answer body.
+        body: String,
+    },
     /// The dispatch endpoint did not give an edge (`status` 0: no answer).
     #[error("dispatch failed: {status} {message}")]
-    Dispatch { status: u16, message: String },
+    Dispatch {
+        /// The HTTP status (0: no answer).
+        status: u16,
+        /// What went wrong.
+        message: String,
+    },
     /// The token callback failed.
     #[error("token callback failed: {0}")]
     Token(String),
@@ -177,25 +203,75 @@ pub enum Event {
     State(ConnectionState),
     /// The client is a member of `room`. `seq` is where the live stream starts; `resumed` is
     /// true when the client asked for what it missed (`since`): recovered messages follow.
-    Joined { room: String, epoch: String, seq: u64, resumed: bool },
+    Joined {
+        /// The room.
+        room: String,
+        /// The room's numbering (opaque).
+        epoch: String,
+        /// Where the live stream starts.
+        seq: u64,
+        /// The client asked for what it missed (`since`).
+        resumed: bool,
+    },
     /// The client left `room` (on request, or before joining another).
-    Left { room: String },
+    Left {
+        /// The room left.
+        room: String,
+    },
     /// A room message. Never a duplicate; in seq order within a room's epoch.
     Message(Message),
     /// The room's members across every edge (sent by the edge when it changes).
-    Online { room: String, count: u64 },
+    Online {
+        /// The room.
+        room: String,
+        /// The room's members across every edge.
+        count: u64,
+    },
     /// Messages `from..=to` of `room` cannot be recovered: said by the edge, never guessed.
-    Gap { room: String, from: u64, to: u64 },
+    Gap {
+        /// The room.
+        room: String,
+        /// The first seq missing.
+        from: u64,
+        /// The last seq missing.
+        to: u64,
+    },
     /// The room's numbering restarted (its `epoch` changed: edge restarted without its store,
     /// room forgotten, Redis lost): what was missed of the old numbering is gone. From now on
     /// the position is `seq` in `epoch`; messages of the new numbering follow.
-    Reset { room: String, epoch: String, seq: u64, reason: String },
+    Reset {
+        /// The room.
+        room: String,
+        /// The new numbering.
+        epoch: String,
+        /// The position in it.
+        seq: u64,
+        /// Why, in words.
+        reason: String,
+    },
     /// The edge is draining; the client reconnects through `url` after `reconnect_after`.
-    Goaway { url: String, reason: String, reconnect_after: Duration },
+    Goaway {
+        /// Where to reconnect (the dispatch endpoint).
+        url: String,
+        /// Why, in words.
+        reason: String,
+        /// Wait this long (drawn at random by the edge) first.
+        reconnect_after: Duration,
+    },
     /// A [`Client::publish`](crate::Client::publish) was accepted and numbered.
-    Published { room: String, seq: u64, ts_us: u64 },
+    Published {
+        /// The room published to.
+        room: String,
+        /// The seq the message got.
+        seq: u64,
+        /// Server timestamp of the publish, µs since the Unix epoch.
+        ts_us: u64,
+    },
     /// A token refresh was accepted: the connection's token now expires at `exp` (Unix s).
-    Refreshed { exp: u64 },
+    Refreshed {
+        /// Expiry, seconds since the Unix epoch.
+        exp: u64,
+    },
     /// Something failed; the client carries on (reconnecting if the connection is gone).
     Error(ErrorEvent),
 }

@@ -25,6 +25,7 @@
 //! Modules by layer: [`backoff`], `rooms` (positions, dedup, gaps, resets), `retry` (close
 //! codes and refusals) and `urls` are pure and unit-tested; `client` is the one task that owns
 //! the socket and the timers.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod backoff;

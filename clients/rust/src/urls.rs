@@ -7,10 +7,24 @@ use crate::rooms::JoinParams;
 /// Why a URL cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
+    /// Not a URL.
     #[error("bad URL {url:?}: {why}")]
-    Parse { url: String, why: String },
+    Parse {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A URL of the wrong scheme.
     #[error("URL {url:?} has scheme {scheme:?}; expected {expected}")]
-    Scheme { url: String, scheme: String, expected: &'static str },
+    Scheme {
+        /// The URL as given.
+        url: String,
+        /// The scheme it has.
+        scheme: String,
+        /// The schemes allowed.
+        expected: &'static str,
+    },
 }
 
 fn parse(s: &str) -> Result<Url, UrlError> {

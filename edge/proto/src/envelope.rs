@@ -104,8 +104,11 @@ pub enum ServerMsg {
     /// members across every edge, when it changed (at most every `presence.interval_ms`); a
     /// batch may carry only that (`messages` empty).
     Batch {
+        /// The room.
         room: String,
+        /// The messages, in seq order (may be empty when only `online` changed).
         messages: Vec<PushMessage>,
+        /// The room's members over every edge, when it changed.
         #[serde(skip_serializing_if = "Option::is_none")]
         online: Option<u64>,
     },
@@ -116,27 +119,63 @@ pub enum ServerMsg {
     /// `online`: the room's members over every edge when the edge shows counts
     /// (`presence.interval_ms` above 0); later changes come in batches.
     Joined {
+        /// The room joined.
         room: String,
+        /// The room's last seq when the join took effect.
         seq: u64,
+        /// The room's numbering (opaque).
         epoch: String,
+        /// The room's members over every edge, when the edge shows counts.
         #[serde(skip_serializing_if = "Option::is_none")]
         online: Option<u64>,
     },
     /// The connection left `room` (on request, or before joining another).
-    Left { room: String },
+    Left {
+        /// The room left.
+        room: String,
+    },
     /// Answer to a publish sent over the socket.
-    Published { room: String, seq: u64, ts_us: u64 },
+    Published {
+        /// The room published to.
+        room: String,
+        /// The seq the message got.
+        seq: u64,
+        /// Server timestamp of the publish, µs since the Unix epoch.
+        ts_us: u64,
+    },
     /// A signalling message was refused; the connection stays open.
-    Error { code: String, message: String },
+    Error {
+        /// The protocol code (`bad_room`, `rate_limited`, ...).
+        code: String,
+        /// What went wrong, in words.
+        message: String,
+    },
     /// The edge is draining: reconnect through `url` (the dispatch endpoint) after
     /// `reconnect_after_ms`, with `since` set to the last seq seen.
-    Goaway { url: String, reason: String, reconnect_after_ms: u32 },
+    Goaway {
+        /// Where to reconnect (the dispatch endpoint).
+        url: String,
+        /// Why, in words.
+        reason: String,
+        /// Wait this long (ms, drawn at random by the edge) first.
+        reconnect_after_ms: u32,
+    },
     /// Messages with seq in `from..=to` of `room` cannot be recovered (older than history, or
     /// lost by the bus). Said explicitly, never silently.
-    Gap { room: String, from: u64, to: u64 },
+    Gap {
+        /// The room.
+        room: String,
+        /// The first seq missing.
+        from: u64,
+        /// The last seq missing.
+        to: u64,
+    },
     /// A `refresh` was accepted: the connection's token now expires at `exp` (seconds since the
     /// Unix epoch).
-    Refreshed { exp: u64 },
+    Refreshed {
+        /// Expiry, seconds since the Unix epoch.
+        exp: u64,
+    },
     /// The answer to a client's `ping`.
     Pong,
     /// The client's position in `room` is void: the room's numbering restarted (the `epoch`
@@ -144,7 +183,16 @@ pub enum ServerMsg {
     /// of the old numbering cannot be recovered. From now on its position is `seq` in `epoch`:
     /// what follows (replay, then live batches) carries seqs above it. Sent before anything
     /// else of the room: on a join, before `joined`.
-    Reset { room: String, epoch: String, seq: u64, reason: String },
+    Reset {
+        /// The room.
+        room: String,
+        /// The numbering the client is now in.
+        epoch: String,
+        /// Its position in that numbering.
+        seq: u64,
+        /// Why, in words.
+        reason: String,
+    },
 }
 
 /// Everything a client may send (text JSON in both subprotocols; binary rkyv in `rkyv.v1`).
@@ -160,7 +208,9 @@ pub enum ClientMsg {
     /// Join `room`, leaving the current room first (so this is also "switch").
     /// `since`: deliver what is still in history after this seq first.
     Join {
+        /// The room to join.
         room: String,
+        /// Deliver what history still holds after this seq first.
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<u64>,
         /// The room's `epoch` from the `joined` that `since` counts in (optional; with it, a
@@ -172,14 +222,19 @@ pub enum ClientMsg {
     Leave,
     /// Publish to the current room over the long connection.
     Publish {
+        /// The message kind (`chat`, or another kind the token allows).
         kind: String,
+        /// The user as the client names it (ignored: the edge uses the token's identity).
         user: String,
         /// The body: JSON text, exactly as the client sent it (validated, not re-encoded).
         #[serde(serialize_with = "raw_json::serialize")]
         body: String,
     },
     /// A new token for the same user, before the current one expires.
-    Refresh { token: String },
+    Refresh {
+        /// The new token (JWT).
+        token: String,
+    },
     /// Liveness probe for clients that cannot send WebSocket pings (browsers): answered with
     /// `pong`. Counts against the signalling rate like any message.
     Ping,
@@ -188,8 +243,10 @@ pub enum ClientMsg {
 /// Why an envelope could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
+    /// Not a JSON envelope.
     #[error("invalid JSON envelope: {0}")]
     Json(#[from] serde_json::Error),
+    /// Not a valid rkyv archive of an envelope.
     #[error("invalid rkyv envelope: {0}")]
     Rkyv(String),
 }
@@ -205,7 +262,9 @@ pub fn encode_json(msg: &ServerMsg, out: &mut Vec<u8>) -> Result<(), EnvelopeErr
 
 /// Serializes a server message as an rkyv archive (`roomcast.rkyv.v2`).
 pub fn encode_rkyv(msg: &ServerMsg) -> Result<Vec<u8>, EnvelopeError> {
-    rkyv::to_bytes::<rkyv::rancor::Error>(msg).map(|v| v.into_vec()).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+    rkyv::to_bytes::<rkyv::rancor::Error>(msg)
+        .map(rkyv::util::AlignedVec::into_vec)
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
 
 /// Serializes a message in the given encoding.
@@ -271,7 +330,9 @@ pub fn encode_client_json(msg: &ClientMsg) -> Vec<u8> {
 
 /// Serializes a client message as rkyv (for clients and tests).
 pub fn encode_client_rkyv(msg: &ClientMsg) -> Result<Vec<u8>, EnvelopeError> {
-    rkyv::to_bytes::<rkyv::rancor::Error>(msg).map(|v| v.into_vec()).map_err(|e| EnvelopeError::Rkyv(e.to_string()))
+    rkyv::to_bytes::<rkyv::rancor::Error>(msg)
+        .map(rkyv::util::AlignedVec::into_vec)
+        .map_err(|e| EnvelopeError::Rkyv(e.to_string()))
 }
 
 /// The kind of a tombstone: a message deleted by moderation (docs/PROTOCOL.md, "Moderation").

@@ -70,10 +70,12 @@ pub struct Upgrade {
     pub path: String,
     /// Query parameters, percent-decoded, in order.
     pub query: Vec<(String, String)>,
+    /// `Sec-WebSocket-Key`: base64 of 16 bytes (checked), the input of the accept key.
     pub key: String,
     /// Subprotocols offered, in the client's order of preference, from every
     /// `Sec-WebSocket-Protocol` field in order.
     pub protocols: Vec<String>,
+    /// The `Origin` header (browsers send it; checked against `ws.allowed_origins`).
     pub origin: Option<String>,
     /// The token of an `Authorization: Bearer TOKEN` header (native clients; browsers pass
     /// `?token=` instead, as they cannot set headers on an upgrade).
@@ -83,7 +85,9 @@ pub struct Upgrade {
 /// Why an upgrade is refused: the HTTP status and a reason for the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeError {
+    /// The HTTP status of the refusal (400, 403, 405, 426, 431, 503...).
     pub status: u16,
+    /// Why, in words: the body of the answer.
     pub reason: String,
 }
 
@@ -112,37 +116,27 @@ impl Upgrade {
 }
 
 fn header_has_token(value: &[u8], token: &str) -> bool {
-    std::str::from_utf8(value).map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
+    std::str::from_utf8(value).is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
-/// Decodes `%XX` escapes and `+` (a space, as in HTML forms). A truncated or non-hex escape, or
-/// a result that is not UTF-8, is a 400; it never panics, whatever the bytes.
+/// Decodes `%XX` escapes (the `percent-encoding` crate) and `+` (a space, as in HTML forms). A
+/// truncated or non-hex escape, or a result that is not UTF-8, is a 400: the crate, like the
+/// WHATWG URL parser, keeps a malformed escape as it is, which would let `a%zz` and `a%25zz`
+/// name one room; it never panics, whatever the bytes.
 fn percent_decode(s: &str) -> Result<String, HandshakeError> {
-    let hex = |c: Option<&u8>| c.and_then(|&c| (c as char).to_digit(16));
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'%' => {
-                let (Some(h), Some(l)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) else {
-                    return Err(refuse(400, "bad percent-encoding in the query"));
-                };
-                // Both are below 16: the value fits a byte.
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
+    let escapes_ok = s
+        .split('%')
+        .skip(1)
+        .all(|after| after.as_bytes().get(..2).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)));
+    if !escapes_ok {
+        return Err(refuse(400, "bad percent-encoding in the query"));
     }
-    String::from_utf8(out).map_err(|_| refuse(400, "query is not UTF-8 after percent-decoding"))
+    // `+` first: an escaped one (`%2B`) stays a plus.
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| refuse(400, "query is not UTF-8 after percent-decoding"))
 }
 
 /// `tchar` of RFC 7230 §3.2.6: the bytes of a method.
@@ -299,6 +293,7 @@ pub const SSE_PATH: &str = "/sse";
 pub struct EventStream {
     /// Query parameters, percent-decoded, in order (the same as a WebSocket upgrade takes).
     pub query: Vec<(String, String)>,
+    /// The `Origin` header (browsers send it; checked against `ws.allowed_origins`).
     pub origin: Option<String>,
     /// `Authorization: Bearer TOKEN` (non-browser clients; `EventSource` cannot set headers and
     /// passes `?token=`).
@@ -323,7 +318,10 @@ pub enum Request {
     /// `GET /sse?...`: an event stream.
     EventStream(EventStream),
     /// `OPTIONS /sse`: a CORS preflight (`Origin` as sent, if any).
-    Preflight { origin: Option<String> },
+    Preflight {
+        /// The `Origin` header, if sent.
+        origin: Option<String>,
+    },
 }
 
 /// Parses a request on the edge's port: a WebSocket upgrade, or (path [`SSE_PATH`]) an event
@@ -538,6 +536,8 @@ pub fn error_response(err: &HandshakeError) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use super::*;
 
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -609,7 +609,10 @@ mod tests {
         assert_eq!(status(&req("").replace(KEY, "short")), 400);
         assert_eq!(status(&req("").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), "")), 400);
         assert_eq!(status(&req("").replace("a%20b", "a%zz")), 400);
-        let many: String = (0..MAX_HEADERS).map(|i| format!("X-{i}: y\r\n")).collect();
+        let many: String = (0..MAX_HEADERS).fold(String::new(), |mut s, i| {
+            let _ = write!(s, "X-{i}: y\r\n");
+            s
+        });
         assert_eq!(status(&req(&many)), 431);
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_REQUEST));
         assert_eq!(status(&big), 431);

@@ -57,6 +57,7 @@ pub fn event_id(epoch_text: &str, seq: u64) -> String {
 pub struct Position<'a> {
     /// The epoch text as sent (None for a bare seq).
     pub epoch: Option<&'a str>,
+    /// The last seq the client received.
     pub seq: u64,
 }
 

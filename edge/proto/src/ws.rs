@@ -11,11 +11,17 @@
 /// protocol error.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum OpCode {
+    /// 0x0: a later fragment of a message.
     Continuation,
+    /// 0x1: text (UTF-8).
     Text,
+    /// 0x2: binary.
     Binary,
+    /// 0x8: close.
     Close,
+    /// 0x9: ping.
     Ping,
+    /// 0xA: pong.
     Pong,
 }
 
@@ -68,7 +74,9 @@ impl Default for Limits {
 /// A close the server must send, with its status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseReason {
+    /// The close code (RFC 6455 §7.4: 1002 protocol error, 1007 bad UTF-8, 1009 too big...).
     pub code: u16,
+    /// The reason text sent in the close frame.
     pub reason: &'static str,
 }
 
@@ -85,11 +93,15 @@ pub enum Event<'a> {
     Text(&'a [u8]),
     /// A complete binary message.
     Binary(&'a [u8]),
+    /// A ping and its payload (to be echoed in a pong).
     Ping(&'a [u8]),
+    /// A pong and its payload.
     Pong(&'a [u8]),
     /// The peer's close: its code (checked to be one a peer may send) and reason (UTF-8).
     Close {
+        /// The close code (None: the frame had no body).
         code: Option<u16>,
+        /// The reason, UTF-8.
         reason: &'a [u8],
     },
 }
@@ -97,11 +109,17 @@ pub enum Event<'a> {
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// The final fragment of its message.
     pub fin: bool,
+    /// The frame's opcode.
     pub opcode: OpCode,
+    /// Whether the payload is masked (every client frame must be).
     pub masked: bool,
+    /// The masking key (zeros when not masked).
     pub mask: [u8; 4],
+    /// Payload length in bytes, as the header says.
     pub payload_len: u64,
+    /// Header length in bytes (2 to 14): the payload starts there.
     pub header_len: usize,
 }
 
@@ -245,6 +263,7 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// A decoder for one connection's stream, bounded by `limits`.
     pub fn new(limits: Limits) -> Self {
         Self { limits, partial: Vec::new(), message: Vec::new(), message_op: None, utf8_valid: 0, closed: false }
     }
@@ -440,7 +459,7 @@ mod tests {
                 Event::Ping(p) => Ev::Ping(p.to_vec()),
                 Event::Pong(p) => Ev::Pong(p.to_vec()),
                 Event::Close { code, reason } => Ev::Close(code, reason.to_vec()),
-            })
+            });
         });
         (evs, r)
     }

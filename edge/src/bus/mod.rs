@@ -499,23 +499,20 @@ impl BusHandle {
     /// the engine is behind; the command is handed back.
     pub fn try_send(&self, cmd: EngineCmd) -> Result<(), (MailError, EngineCmd)> {
         let n = self.engines.len();
-        match cmd.room() {
-            Some(room) => {
-                let e = engine_of(room, n);
-                self.engines[e].try_send(Mail::Engine(cmd)).map_err(|(err, m)| match m {
-                    Mail::Engine(c) => (err, c),
-                    _ => unreachable!("handed back what was sent"),
-                })
+        if let Some(room) = cmd.room() {
+            let e = engine_of(room, n);
+            self.engines[e].try_send(Mail::Engine(cmd)).map_err(|(err, m)| match m {
+                Mail::Engine(c) => (err, c),
+                _ => unreachable!("handed back what was sent"),
+            })
+        } else {
+            // Best effort here; the Redis bridge uses `send_async`, which waits for room.
+            // Other room-less commands name their engine: they go to its mailbox directly.
+            let EngineCmd::Redis { up } = cmd else { return Err((MailError::Gone, cmd)) };
+            for mb in self.engines.iter() {
+                let _ = mb.try_send(Mail::Engine(EngineCmd::Redis { up }));
             }
-            None => {
-                // Best effort here; the Redis bridge uses `send_async`, which waits for room.
-                // Other room-less commands name their engine: they go to its mailbox directly.
-                let EngineCmd::Redis { up } = cmd else { return Err((MailError::Gone, cmd)) };
-                for mb in self.engines.iter() {
-                    let _ = mb.try_send(Mail::Engine(EngineCmd::Redis { up }));
-                }
-                Ok(())
-            }
+            Ok(())
         }
     }
 

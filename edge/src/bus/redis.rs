@@ -100,6 +100,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Sends `cmd`; a publish over the bound is handed back so the engine can refuse it.
+    #[expect(clippy::result_large_err, reason = "the command itself comes back, unboxed, on the rare refusal")]
     pub fn send(&self, cmd: BridgeCmd) -> Result<(), BridgeCmd> {
         if let BridgeCmd::Publish { permit, .. } = &cmd
             && permit.is_none()
@@ -215,7 +216,7 @@ return {seq, ts, 0}
 
 /// Reads a room's seq and epoch, making the epoch if the room has none yet (so a member that
 /// joins before the first publish is told the numbering the first publish will use).
-const SYNC_LUA: &str = r#"
+const SYNC_LUA: &str = r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
 local ep = redis.call('HGET', KEYS[1], 'epoch')
@@ -226,11 +227,11 @@ if not ep then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
 return {redis.call('HGET', KEYS[1], 'seq') or '0', ep, redis.call('HVALS', KEYS[5])}
-"#;
+";
 
 /// A new epoch for a room whose seq in Redis went below what an edge handed out under the
 /// same epoch (Redis lost writes). Only if it is still so: another edge may have done it.
-const RENUMBER_LUA: &str = r#"
+const RENUMBER_LUA: &str = r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
 -- ARGV: the epoch seen, the seq handed out under it
@@ -243,7 +244,7 @@ if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
   return 1
 end
 return 0
-"#;
+";
 
 /// Moderation's delete (docs/PROTOCOL.md, "Moderation"): the message leaves its stream and a
 /// tombstone takes its place (in the `deleted` hash: a stream cannot take an entry under an id
@@ -1161,7 +1162,7 @@ pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: 
         .await;
     match r {
         Ok(1) => {
-            tracing::error!(room = %room, below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)")
+            tracing::error!(room = %room, below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)");
         }
         Ok(_) => {}
         Err(e) => {

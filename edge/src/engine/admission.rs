@@ -136,6 +136,7 @@ impl Engine {
     }
 
     /// Answers a publish: the HTTP handler's oneshot, or the publishing connection's shard.
+    #[expect(clippy::unused_self, reason = "one of the engine's steps, called as the others are")]
     pub(super) fn answer(&self, out: &mut Out, reply: Reply, room: &RoomName, result: Result<Ack, PublishError>) {
         match reply {
             Reply::Http(tx) => {

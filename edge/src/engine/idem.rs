@@ -83,6 +83,11 @@ impl Keys {
         self.map.len()
     }
 
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     /// Whether a key is still within its window at `now` (the expired ones are let go). A room
     /// holding one stays in memory: leaving it would forget the key, and a retry would publish
     /// a second time.

@@ -57,7 +57,7 @@ impl Engine {
                 // Deleted already (a moderator's retry): nothing is published again.
                 let _ = reply.send(Ok(Deleted { tombstone: None, in_history: true }));
             } else {
-                refuse(reply, DeleteError::Tombstone)
+                refuse(reply, DeleteError::Tombstone);
             };
         }
         let ack = Ack { seq: r.seq + 1, ts_us: self.wall_us(now), replayed: false };

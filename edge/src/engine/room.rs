@@ -185,7 +185,7 @@ impl Room {
             pending_bytes: 0,
             opened: None,
             must_opened: None,
-            idem: Default::default(),
+            idem: super::idem::Keys::default(),
             deadline: None,
             last_active: now,
             history: History::default(),

@@ -221,11 +221,11 @@ fn a_batch_waiting_when_the_last_member_leaves_is_not_sent_after_a_later_join() 
     bus.flush_due_now();
     bus.flush_immediate();
     let mut seen = Vec::new();
-    for cmd in bus.drain().into_iter() {
+    for cmd in bus.drain() {
         match cmd {
             ShardCmd::Deliver(d) => seen.extend(seqs(&decode(d.frames[0].as_ref().unwrap()))),
             ShardCmd::JoinAck(a) => {
-                for f in a.replay.iter() {
+                for f in &a.replay {
                     if let ServerMsg::Batch { messages, .. } = decode(f) {
                         seen.extend(messages.iter().map(|m| m.seq));
                     }
@@ -716,7 +716,7 @@ fn poll_timeout_names_the_window_deadline() {
     bus.publish(room.clone(), msg("gift", 1)).unwrap();
     let due = bus.poll_timeout().expect("a window is open");
     assert_eq!(due, t0 + Duration::from_millis(40));
-    let before = due - Duration::from_micros(1);
+    let before = due.checked_sub(Duration::from_micros(1)).unwrap();
     bus.e.poll(before, &mut bus.out);
     assert!(bus.recv().is_err(), "not before the deadline");
     bus.e.poll(due, &mut bus.out);
@@ -764,7 +764,7 @@ fn ack(bus: &mut H) -> crate::bus::JoinAck {
 /// and the room's must-deliver history from its start: never silently.
 #[test]
 fn epochs_void_positions_of_another_numbering_explicitly() {
-    let (mut bus, _) = setup(0);
+    let (mut bus, ()) = setup(0);
     let room: RoomName = "r".into();
     for n in 1..=3 {
         bus.publish(room.clone(), msg("gift", n)).unwrap();
@@ -801,7 +801,7 @@ fn epochs_void_positions_of_another_numbering_explicitly() {
 fn a_forgotten_room_comes_back_with_a_new_epoch() {
     let mut cfg = Config::default();
     cfg.history.max_age_ms = 1000;
-    let (mut bus, _) = setup_with(cfg);
+    let (mut bus, ()) = setup_with(cfg);
     let room: RoomName = "idle".into();
     bus.publish(room.clone(), msg("gift", 1)).unwrap();
     join(&mut bus, &room, Subprotocol::Json, None);
@@ -827,7 +827,7 @@ fn an_idle_room_keeps_its_idempotency_keys_for_their_window() {
     cfg.history.max_age_ms = 1000;
     cfg.history.room_idle_ms = 1000;
     cfg.ingest.idempotency_ttl_s = 600;
-    let (mut bus, _) = setup_with(cfg);
+    let (mut bus, ()) = setup_with(cfg);
     let publish = |bus: &mut H| {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let msg =
@@ -855,7 +855,7 @@ fn an_idle_room_keeps_its_idempotency_keys_for_their_window() {
 fn redis_numbering_restart_resets_members() {
     let mut cfg = Config::default();
     cfg.fanout.merge_window_ms = 0;
-    let (bus, _) = setup_with(cfg);
+    let (bus, ()) = setup_with(cfg);
     let (tx, _bridge_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel(tx));
     let room: RoomName = "re".into();
@@ -903,7 +903,7 @@ fn the_latency_controller_converges_without_flapping() {
     let cfg = Config::default();
     let target = Duration::from_millis(cfg.adaptive.gift_latency_target_ms);
     let batch = cfg.fanout.max_batch_messages;
-    let (mut bus, _) = setup_with(cfg);
+    let (mut bus, ()) = setup_with(cfg);
     // The edge's batch bound, not the harness's 3: full batches flush early.
     bus.e.cfg.max_batch_messages = batch;
     let room: RoomName = "live".into();
@@ -1028,7 +1028,7 @@ fn online_counts_are_pushed_on_change_at_most_once_per_interval() {
     let mut cfg = Config::default();
     cfg.fanout.merge_window_ms = 50;
     cfg.presence.interval_ms = 300;
-    let (mut bus, _) = setup_with(cfg);
+    let (mut bus, ()) = setup_with(cfg);
     let room: RoomName = "p".into();
     join(&mut bus, &room, Subprotocol::Json, None);
     match bus.recv().unwrap() {
@@ -1060,7 +1060,7 @@ fn online_counts_are_pushed_on_change_at_most_once_per_interval() {
     let _acks = bus.drain();
     let due = bus.poll_timeout().expect("a presence step is scheduled");
     assert_eq!(due, now + Duration::from_millis(300));
-    bus.e.poll(due - Duration::from_millis(1), &mut bus.out);
+    bus.e.poll(due.checked_sub(Duration::from_millis(1)).unwrap(), &mut bus.out);
     assert!(online_pushes(&mut bus).is_empty(), "not before the interval");
     bus.sleep(Duration::from_millis(300));
     let now = bus.now;
@@ -1101,7 +1101,7 @@ fn conflated_kinds_keep_only_the_newest_per_key_and_joiners_get_it() {
             conflate_key: Some("slot".into()),
         },
     );
-    let (mut bus, _) = setup_with(cfg);
+    let (mut bus, ()) = setup_with(cfg);
     let room: RoomName = "c".into();
     join(&mut bus, &room, Subprotocol::Json, None);
     let _ack = bus.recv().unwrap();
@@ -1288,7 +1288,7 @@ fn delete(bus: &mut H, room: &RoomName, seq: u64) -> Result<crate::bus::Deleted,
 /// unknown seq or room is not found (and no room is made for it). Failed before: no delete.
 #[test]
 fn a_deleted_message_gives_way_to_a_tombstone_in_place() {
-    let (mut bus, _) = setup(100);
+    let (mut bus, ()) = setup(100);
     let room: RoomName = "m".into();
     join(&mut bus, &room, Subprotocol::Json, None);
     let _ = ack(&mut bus);
@@ -1330,7 +1330,7 @@ fn a_deleted_message_gives_way_to_a_tombstone_in_place() {
 /// the tombstone in place in its own history (and latest state) as it accepts it.
 #[test]
 fn a_tombstone_from_the_bus_deletes_in_place_here_too() {
-    let (bus, _) = setup(0);
+    let (bus, ()) = setup(0);
     let (tx, _bridge_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel(tx));
     let room: RoomName = "rm".into();

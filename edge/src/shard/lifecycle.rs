@@ -164,9 +164,13 @@ impl Shard {
         }
         let m = self.stats.latency_must.metric();
         let h = m.get_histogram();
-        let counts: Vec<u64> =
-            h.get_bucket().iter().map(|b| b.cumulative_count()).chain([h.get_sample_count()]).collect();
-        let bounds: Vec<f64> = h.get_bucket().iter().map(|b| b.upper_bound()).collect();
+        let counts: Vec<u64> = h
+            .get_bucket()
+            .iter()
+            .map(prometheus::proto::Bucket::cumulative_count)
+            .chain([h.get_sample_count()])
+            .collect();
+        let bounds: Vec<f64> = h.get_bucket().iter().map(prometheus::proto::Bucket::upper_bound).collect();
         let p99 = self.latency_snap.as_ref().and_then(|(before, _)| {
             let d: Vec<u64> = counts.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)).collect();
             let total = *d.last()?;
@@ -187,16 +191,6 @@ impl Shard {
         self.latency_snap = Some((counts, now));
     }
 
-    pub(super) fn next_random(&mut self) -> u64 {
-        // xorshift64*: good enough to spread goaways, no dependency.
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     pub(super) fn begin_drain(&mut self, url: Arc<str>, period_ms: u64) {
         if self.drain_url.is_some() {
             return;
@@ -206,7 +200,7 @@ impl Shard {
         self.stop_accepting();
         let now = self.now_ms();
         for slot in 0..self.conns.len() {
-            let jitter = if period_ms == 0 { 0 } else { self.next_random() % period_ms };
+            let jitter = if period_ms == 0 { 0 } else { self.rng.u64(..period_ms) };
             if let Some(Some(c)) = self.conns.get_mut(slot) {
                 c.goaway_at_ms = Some(now + jitter);
             }
@@ -330,7 +324,7 @@ impl Shard {
                     None => (None, None),
                 };
                 if phase == Some(Phase::Open) {
-                    let reconnect_after_ms = (self.next_random() % GOAWAY_MAX_DELAY_MS) as u32;
+                    let reconnect_after_ms = self.rng.u32(..GOAWAY_MAX_DELAY_MS as u32);
                     let url = goaway_url(&url, room.as_deref());
                     let msg = ServerMsg::Goaway { url, reason: "edge draining".into(), reconnect_after_ms };
                     self.send_msg(slot, &msg);

@@ -184,8 +184,6 @@ struct Shard {
     sweep_stripe: usize,
     /// Replay bytes not yet written, all connections (bounded by `send.max_replay_bytes`).
     replay_held: usize,
-    /// The latency sampler's random state (xorshift32, never 0).
-    latency_n: u32,
     /// The capacity estimate's last reading: thread CPU time and frames written at a time.
     capacity_at: Option<(Duration, Duration, u64, Instant)>,
     /// This shard's thread's perf counters, opened on its first capacity tick (on its thread).
@@ -203,7 +201,8 @@ struct Shard {
     refuse_when_overloaded: bool,
     auth: Option<Arc<crate::auth::Verifier>>,
     bans: Arc<crate::moderation::Bans>,
-    rng: u64,
+    /// Random draws: the latency sample, goaway and SSE retry jitter, anonymous member ids.
+    rng: fastrand::Rng,
     /// Operations the SQ could not take this turn (the kernel pushed back): retried next turn.
     retry: Vec<(Retry, u32)>,
 }
@@ -260,7 +259,6 @@ impl Shard {
             log_window_ms: 0,
             log_suppressed: 0,
             sweep_stripe: usize::from(spec.id),
-            latency_n: 0x9e37_79b9 ^ u32::from(spec.id),
             replay_held: 0,
             capacity_at: None,
             perf: None,
@@ -275,10 +273,7 @@ impl Shard {
             auth: spec.auth,
             bans: spec.bans,
             retry: Vec::new(),
-            rng: (u64::from(spec.id) << 32)
-                ^ (now.elapsed().as_nanos() as u64)
-                ^ 0x9e37_79b9_7f4a_7c15
-                ^ std::process::id() as u64,
+            rng: fastrand::Rng::new(),
         })
     }
 

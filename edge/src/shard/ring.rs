@@ -29,8 +29,7 @@ pub(super) struct AcceptBuf {
 
 impl Default for AcceptBuf {
     fn default() -> Self {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        Self { addr: unsafe { std::mem::zeroed() }, len: 0 }
+        Self { addr: crate::sys::sockaddr_storage(), len: 0 }
     }
 }
 
@@ -59,7 +58,7 @@ impl Shard {
 
     pub(super) fn arm_doorbell(&mut self) {
         let fd = self.doorbell.as_raw_fd();
-        let buf: *mut u64 = &mut *self.doorbell_buf;
+        let buf: *mut u64 = &raw mut *self.doorbell_buf;
         // SAFETY: `doorbell_buf` is a heap allocation owned by the shard, which outlives the ring's
         // operations (the ring is dropped first); it is only re-armed after the last read completed.
         if unsafe { Sq::new(&mut self.ring).read_eventfd(fd, buf, Token::new(OpKind::Wake, 0, 0)) }.is_err() {
@@ -129,7 +128,7 @@ impl Shard {
             let _ = Sq::new(&mut self.ring).close_fixed(slot, Token::new(OpKind::Cancel, 0, slot));
             return;
         }
-        let peer = self.accepts.get(idx).and_then(|b| crate::ipguard::peer_of(&b.addr, b.len)).map(|a| a.ip());
+        let peer = self.accepts.get(idx).and_then(|b| crate::sys::peer_of(&b.addr, b.len)).map(|a| a.ip());
         let verdict = match (&self.ipguard, peer) {
             (Some(g), Some(ip)) => g.admit(ip),
             _ => Verdict::Admit { counted: false },
@@ -267,16 +266,12 @@ impl Shard {
         // Delivery latency, sampled: one message frame in LATENCY_SAMPLE at random (a fixed
         // stride aliases with periodic traffic: gifts and chat alternating on 4 members per
         // shard put every 16th frame on chat), the clock read only for those.
-        let (stats, n) = (&self.stats, &mut self.latency_n);
+        let (stats, rng) = (&self.stats, &mut self.rng);
         let mut now = None;
         let queued_before = c.out_bytes;
         let (frames, messages) = c.consume(res as usize, in_flight, |f| {
             let Some(since) = f.since.filter(|_| f.messages > 0) else { return };
-            // xorshift32
-            *n ^= *n << 13;
-            *n ^= *n >> 17;
-            *n ^= *n << 5;
-            if *n % LATENCY_SAMPLE != 0 {
+            if rng.u32(..LATENCY_SAMPLE) != 0 {
                 return;
             }
             let secs = now.get_or_insert_with(std::time::Instant::now).saturating_duration_since(since).as_secs_f64();

@@ -53,7 +53,9 @@ impl Shard {
     /// against `ws.allowed_origins`. Returns the CORS answer for the origin (None without one;
     /// `*` when every origin is allowed).
     pub(super) fn check_gate(&mut self, origin: Option<&str>) -> Result<Option<String>, HandshakeError> {
-        if self.refuse_when_overloaded && self.health.load(Ordering::Relaxed) >= 2 {
+        if self.refuse_when_overloaded
+            && self.health.load(Ordering::Relaxed) >= crate::dispatch::EdgeHealth::Overloaded.level()
+        {
             return Err(HandshakeError {
                 status: 503,
                 reason: "edge overloaded: ask dispatch (GET /v1/route) for another edge".into(),
@@ -90,7 +92,7 @@ impl Shard {
             }
             None => None,
         };
-        let anon_id = if identity.is_none() { self.next_random() } else { 0 };
+        let anon_id = if identity.is_none() { self.rng.u64(..) } else { 0 };
         let room = match param("room") {
             Some(r) => match validate_room(r) {
                 Ok(()) if !identity.as_ref().is_none_or(|id| id.may_join(r)) => {

@@ -20,7 +20,7 @@ use crate::bus::{Since, parse_epoch};
 /// [`RETRY_JITTER_MS`], chosen per connection, so that an edge's streams cut at once do not all
 /// come back in the same millisecond).
 const RETRY_MS: u32 = 1000;
-const RETRY_JITTER_MS: u64 = 1000;
+const RETRY_JITTER_MS: u32 = 1000;
 
 /// Bytes a stream's client may send after its request before it is closed: an `EventSource`
 /// sends none; a client that pipelines one more request fits, one that streams data does not.
@@ -55,7 +55,7 @@ impl Shard {
                 return self.refuse_sse(slot, &HandshakeError { status: 400, reason: why.into() });
             }
         };
-        let retry = RETRY_MS + (self.next_random() % RETRY_JITTER_MS) as u32;
+        let retry = RETRY_MS + self.rng.u32(..RETRY_JITTER_MS);
         let mut head = sse::response_200(cors.as_deref());
         head.extend_from_slice(&sse::retry(retry));
         {

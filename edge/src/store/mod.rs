@@ -384,7 +384,7 @@ impl Store {
         let mut b = self.disk_bytes_now();
         if b >= self.cfg.max_bytes {
             // Retention deletes by marking: reclaim what it marked before calling it full.
-            let mut last = self.last_compact.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.last_compact.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 *last = Some(Instant::now());
                 if let Err(e) = self.with_db(Db::compact) {
@@ -466,7 +466,7 @@ impl Store {
         let store = self.clone();
         let h = std::thread::Builder::new().name("roomcast-store".into()).spawn(move || {
             crate::sys::raise_thread_priority();
-            store.run(&rx, &engines, &progress, history_max_age)
+            store.run(&rx, &engines, &progress, history_max_age);
         })?;
         Ok((handles, h))
     }
@@ -604,7 +604,7 @@ impl Store {
                 }
             }
             {
-                let _g = progress.lock.lock().unwrap_or_else(|p| p.into_inner());
+                let _g = progress.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 progress.cond.notify_all();
             }
             if last_sweep.elapsed() >= Duration::from_secs(10) || closed {
@@ -676,7 +676,7 @@ impl StoreHandle {
     pub fn wait_durable(&self, token: u64, timeout: Duration) -> u64 {
         let d = &self.progress.durable[usize::from(self.engine)];
         let end = Instant::now() + timeout;
-        let mut g = self.progress.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.progress.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             let now = d.load(Ordering::Acquire);
             let left = end.saturating_duration_since(Instant::now());
@@ -687,7 +687,7 @@ impl StoreHandle {
                 .progress
                 .cond
                 .wait_timeout(g, left.min(Duration::from_millis(50)))
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
     }

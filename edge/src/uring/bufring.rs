@@ -24,6 +24,10 @@ pub struct BufRing {
 
 impl BufRing {
     /// Allocates and registers the ring. `count` must be a power of two, at most 32768.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: only if a successful `mmap` returned a null address.
     pub fn new(ring: &IoUring, bgid: u16, count: u16, size: usize) -> Result<Self, UringError> {
         if !count.is_power_of_two() || count > 32768 {
             return Err(UringError::Register {
