@@ -173,8 +173,7 @@ fn members_answer_pings_and_outlive_the_idle_timeout() {
         .args(["--out", out.to_str().unwrap()])
         .status()
         .expect("loadgen");
-    let _ = Command::new("kill").args(["-INT", &edge.id().to_string()]).status();
-    let _ = edge.wait();
+    stop(&mut edge);
     assert!(status.success());
     let res = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
     let v: serde_json::Value =
