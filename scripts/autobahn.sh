@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Autobahn|Testsuite fuzzingclient against the edge's echo mode. Fails if any case is FAILED
-# (or missing). Cases 12.* and 13.* (permessage-deflate) are excluded: the edge does not
-# negotiate compression (frames are serialized once and shared; per-connection deflate would
-# undo that).
+# Autobahn|Testsuite fuzzingclient against the edge's echo mode. Fails if any case is FAILED,
+# and if any case's result differs from scripts/autobahn/expected.txt (behaviour and close
+# behaviour per case: OK, NON-STRICT, INFORMATIONAL, UNIMPLEMENTED), so that a case moving from
+# OK to NON-STRICT, or a case appearing or vanishing, fails the run. When a change is meant
+# (a case fixed, say), rewrite the file from a run with AUTOBAHN_UPDATE=1 and commit the diff.
+# Cases 12.* and 13.* (permessage-deflate) are excluded: the edge does not negotiate
+# compression (frames are serialized once and shared; per-connection deflate would undo that).
 #
 # Needs Python 2.7 (pyenv 2.7.18 on our machines); makes its own virtualenv under scripts/.
 # Writes the report to $AUTOBAHN_OUT (default target/autobahn) and a summary next to it.
@@ -46,18 +49,21 @@ grep -q "roomcast edge ready" "$OUT/edge.log" || { cat "$OUT/edge.log"; echo "au
 sed -e "s#REPORT_DIR#$OUT/report#" -e "s#PORT#$PORT#" scripts/autobahn/fuzzingclient.json >"$OUT/fuzzingclient.json"
 (cd "$OUT" && "$VENV/bin/wstest" -m fuzzingclient -s "$OUT/fuzzingclient.json" >"$OUT/wstest.log" 2>&1)
 
-python3 - "$OUT/report/index.json" "$OUT/summary.txt" <<'PY'
+python3 - "$OUT/report/index.json" "$OUT/summary.txt" scripts/autobahn/expected.txt "${AUTOBAHN_UPDATE:-0}" <<'PY'
 import json, sys, collections
 index = json.load(open(sys.argv[1]))["roomcast"]
+expected_path, update = sys.argv[3], sys.argv[4] == "1"
 counts = collections.Counter()
 bad = []
 lines = []
+results = {}
 def key(c):
     return [int(p) for p in c.split(".")]
 for case in sorted(index, key=key):
     r = index[case]
     b, bc = r["behavior"], r["behaviorClose"]
     counts[b] += 1
+    results[case] = (b, bc)
     lines.append("%-8s %-13s %s" % (case, b, bc))
     if b == "FAILED" or bc == "FAILED":
         bad.append(case)
@@ -72,5 +78,34 @@ if bad:
 if len(index) < 300:
     print("autobahn: only %d cases ran" % len(index))
     sys.exit(1)
+if update:
+    with open(expected_path, "w") as f:
+        f.write("# Autobahn|Testsuite results the edge's echo mode is held to (scripts/autobahn.sh diffs\n")
+        f.write("# every run against this file). Columns: case, behaviour, close behaviour.\n")
+        f.write("# Rewrite with AUTOBAHN_UPDATE=1 scripts/autobahn.sh only for a change that is meant.\n")
+        f.write("\n".join(lines) + "\n")
+    print("autobahn: wrote %s" % expected_path)
+    sys.exit(0)
+# A line is: case, behaviour, close behaviour. A case whose result depends on timing (how the
+# test's chunks meet the edge's reads) lists each result seen, separated by '|', and says why
+# in a comment above it.
+expected = {}
+for line in open(expected_path):
+    if line.startswith("#") or not line.strip():
+        continue
+    case, b, bc = line.split(None, 2)
+    expected[case] = (b.split("|"), [x.strip() for x in bc.split("|")])
+diff = []
+for case in sorted(set(expected) | set(results), key=key):
+    want, got = expected.get(case), results.get(case)
+    if want is None or got is None or got[0] not in want[0] or got[1] not in want[1]:
+        diff.append("  %-8s expected %-28s got %s" % (
+            case, "%s %s" % ("|".join(want[0]), "|".join(want[1])) if want else "(no such case)",
+            " ".join(got) if got else "(did not run)"))
+if diff:
+    print("autobahn: %d case(s) differ from %s:" % (len(diff), expected_path))
+    print("\n".join(diff))
+    sys.exit(1)
+print("autobahn: every case as expected (%s)" % expected_path)
 PY
 echo "autobahn: summary in $OUT/summary.txt"

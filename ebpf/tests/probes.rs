@@ -308,7 +308,48 @@ fn open_prefers_ebpf_and_reports_the_source() {
     assert_eq!(snap.source, Source::Ebpf);
     assert_eq!(snap.listeners[0].sockets, 1);
     assert_eq!(snap.listeners[0].backlog_max, 8);
-    // Unwatched sockets are walked but not counted.
     let json = serde_json::to_value(&snap).unwrap();
     assert_eq!(json["source"], "ebpf");
+}
+
+/// Sockets on ports nobody watches (a listener, an established pair and one in CLOSE_WAIT,
+/// one with a Send-Q) are walked but not counted: the snapshot holds exactly the watched
+/// listener, whatever else the namespace has.
+fn unwatched_sockets_are_not_counted(source: Source) {
+    let (_watched, port) = listener(8);
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other.local_addr().unwrap().port();
+    let client = TcpStream::connect(("127.0.0.1", other_port)).unwrap();
+    let (mut server, _) = other.accept().unwrap();
+    let gone = TcpStream::connect(("127.0.0.1", other_port)).unwrap();
+    let (half_closed, _) = other.accept().unwrap();
+    drop(gone);
+    server.write_all(&[1u8; 1000]).unwrap();
+    wait_for("the unwatched sockets", || {
+        let rows = ss(&[other_port]);
+        rows.iter().any(|r| r.state == "CLOSE-WAIT") && rows.iter().any(|r| r.state == "ESTAB")
+    });
+    let mut probes = open(source, &[port]);
+    let (snap, rows) = settled(&mut probes, &[port]);
+    assert_eq!(rows.len(), 1, "ss: only the watched listener on {port}: {rows:?}");
+    assert_eq!(snap.sockets, 1, "{}: only the watched listener counted", source.as_str());
+    assert_eq!(snap.in_state(state::LISTEN), 1);
+    assert_eq!(snap.states.iter().sum::<u64>(), 1, "{}: {:?}", source.as_str(), snap.states);
+    assert_eq!((snap.in_state(state::CLOSE_WAIT), snap.in_state(state::ESTABLISHED)), (0, 0));
+    assert_eq!(snap.send_queue.sockets + snap.recv_queue.sockets, 0, "no queue of an unwatched socket");
+    if source == Source::Ebpf {
+        // The iterator walks every TCP socket of the namespace: ours at least.
+        assert!(snap.visited >= 5, "{}: walked {} sockets", source.as_str(), snap.visited);
+    }
+    drop((other, client, server, half_closed));
+}
+
+#[test]
+fn ebpf_unwatched_sockets_are_not_counted() {
+    unwatched_sockets_are_not_counted(Source::Ebpf);
+}
+
+#[test]
+fn sock_diag_unwatched_sockets_are_not_counted() {
+    unwatched_sockets_are_not_counted(Source::SockDiag);
 }

@@ -192,25 +192,23 @@ impl Run {
 }
 
 fn edge_run(conns: usize, secs: u64, rate: u64, window: u64) -> Run {
-    let exe = env!("CARGO_BIN_EXE_edge");
-    let mut child = Command::new(exe)
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "1"])
-        .args(["--merge-window-ms", &window.to_string(), "--max-queue-bytes", "16777216"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("edge");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let field =
-        |p: &str| -> SocketAddr { line.split_whitespace().find_map(|w| w.strip_prefix(p)).unwrap().parse().unwrap() };
-    let (wsa, http) = (field("ws="), field("http="));
+    // The edge on its own data directory, its addresses from its ready line.
+    let window_s = window.to_string();
+    let mut edge = roomcast_testsupport::EdgeProc::start(&[
+        "--shards",
+        "1",
+        "--merge-window-ms",
+        &window_s,
+        "--max-queue-bytes",
+        "16777216",
+    ]);
+    let (wsa, http) = (edge.ws, edge.http);
     let socks: Vec<TcpStream> = (0..conns).map(|_| connect(wsa, "/ws?room=bench")).collect();
     let delivered = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
     let hs = readers(socks, 1, delivered.clone(), stop.clone());
     std::thread::sleep(Duration::from_millis(500));
-    let (u0, s0) = cpu_of(child.id());
+    let (u0, s0) = cpu_of(edge.child.id());
     let d0 = delivered.load(Ordering::Relaxed);
     let t0 = Instant::now();
     let total = secs * rate;
@@ -228,13 +226,13 @@ fn edge_run(conns: usize, secs: u64, rate: u64, window: u64) -> Run {
         std::thread::sleep(Duration::from_millis(10));
     }
     let wall = t0.elapsed().as_secs_f64();
-    let (u1, s1) = cpu_of(child.id());
+    let (u1, s1) = cpu_of(edge.child.id());
     stop.store(1, Ordering::Relaxed);
     for h in hs {
         let _ = h.join();
     }
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    let _ = child.wait();
+    let _ = Command::new("kill").args(["-INT", &edge.child.id().to_string()]).status();
+    let _ = edge.wait_exit(Duration::from_secs(30));
     Run {
         label: format!("edge window={window}ms"),
         window_ms: Some(window),

@@ -4,8 +4,6 @@
 //! open, and the start-up rule: no key is allowed only on a loopback address, or with
 //! `ingest.insecure_no_keys`.
 
-mod util;
-
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -13,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 const BACKEND: &str = "backend-0123456789abcdef";
 const ROOMS_A: &str = "roomsa-0123456789abcdef";

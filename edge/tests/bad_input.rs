@@ -1,26 +1,36 @@
 //! Every bad input gets its answer, and the other connections keep receiving.
 
-mod util;
-
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use util::*;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-/// Sends raw bytes, returns everything the edge sends back before closing.
+/// Sends raw bytes, returns everything the edge sends back before closing. Fails if the edge
+/// has not closed the connection within 10 s (a reset after its answer counts as closed).
 async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(bytes).await.expect("write");
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    out
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+            Ok(Ok(0)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Ok(Err(e)) => panic!("reading the edge's answer: {e}"),
+            Err(_) => {
+                panic!("the edge did not close the connection within 10 s; it sent {:?}", String::from_utf8_lossy(&out))
+            }
+        }
+    }
 }
 
 fn upgrade(path: &str) -> String {
@@ -172,9 +182,10 @@ async fn silent_connections_time_out() {
     let cfg = dir.join("edge.toml");
     std::fs::write(&cfg, "[ws]\nhandshake_timeout_ms = 300\nidle_timeout_ms = 600\nping_interval_ms = 0\n").unwrap();
     let edge = EdgeProc::start(&["--shards", "1", "--config", cfg.to_str().unwrap()]);
-    // Never sends a request: cut after the handshake timeout.
+    // Never sends a request: cut after the handshake timeout (raw_exchange fails if the edge
+    // never closes), with nothing sent.
     let resp = raw_exchange(edge.ws, b"").await;
-    assert!(resp.is_empty());
+    assert!(resp.is_empty(), "{:?}", String::from_utf8_lossy(&resp));
     // Upgraded but silent: closed with 1001 after the idle timeout. tungstenite answers pings
     // but sends nothing on its own, so the edge sees an idle connection.
     let mut ws = connect(&edge.url("?room=idle"), None).await;
@@ -194,17 +205,21 @@ async fn pings_keep_a_connection_alive_and_are_answered() {
     expect_joined(&mut ws, "p").await;
     // Our pong answers (sent by tungstenite while we read) keep us alive past the idle timeout.
     ws.send(Message::Ping(b"hello".to_vec().into())).await.unwrap();
-    let mut pong = false;
+    // Read for more than twice the idle timeout: the edge's pings (every 200 ms) and our pongs
+    // must keep the connection up the whole time.
+    let (mut pong, mut pings) = (false, 0);
     let end = std::time::Instant::now() + Duration::from_millis(2000);
     while std::time::Instant::now() < end {
         use futures_util::StreamExt;
         match tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
             Ok(Some(Ok(Message::Pong(p)))) => pong |= &p[..] == b"hello",
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
             Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => panic!("closed while answering pings"),
             _ => {}
         }
     }
     assert!(pong, "the edge answers pings with the same payload");
+    assert!(pings >= 1, "the edge pings a connection that sends nothing (interval 200 ms, read for 2 s)");
     let seq = publisher.publish("p", "chat", json!(1)).await;
     match next_msg_within(&mut ws, Duration::from_secs(5)).await {
         Some(ServerMsg::Batch { messages, .. }) => assert_eq!(messages[0].seq, seq),

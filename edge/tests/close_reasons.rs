@@ -3,12 +3,10 @@
 //! /metrics about why). Each case below closes one connection for one reason and checks that
 //! exactly that reason's count moved.
 
-mod util;
-
 use std::time::Duration;
 
+use roomcast_testsupport::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use util::*;
 
 /// `roomcast_connections_closed_total` for one reason, summed over shards.
 async fn closed(p: &Publisher, reason: &str) -> f64 {

@@ -1,17 +1,15 @@
 //! Several edges on one real Redis: shared rooms, dispatch, drain without loss, Redis restarts.
 
-mod util;
-
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use util::*;
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -40,20 +38,6 @@ async fn route(p: &Publisher, room: &str) -> Option<String> {
     }
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v["url"].as_str().map(str::to_owned)
-}
-
-/// Publishes a gift, retrying while the bus is unavailable (503) so nothing is lost.
-async fn publish_gift(p: &Publisher, room: &str, n: u64) -> u64 {
-    let body = json!({ "kind": "gift", "body": { "n": n } }).to_string().into_bytes();
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, v) = p.post_raw(&format!("/v1/rooms/{room}/messages"), body.clone()).await;
-        match status {
-            200 => return v["seq"].as_u64().unwrap(),
-            503 if Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
-            _ => panic!("publish failed: {status} {v}"),
-        }
-    }
 }
 
 /// A member that follows goaway through dispatch and reconnects with `since`.
@@ -165,10 +149,17 @@ async fn member(first_url: String, room: &'static str, ctl: Ctl) -> Member {
     }
 }
 
+/// A member that joined before the first gift was published owes every gift, once, in order
+/// (nothing else is published in its room).
 fn assert_every_gift_once(seen: &[u64], gifts: &BTreeSet<u64>, who: usize) {
-    let got: Vec<u64> = seen.iter().copied().filter(|s| gifts.contains(s)).collect();
-    let want: Vec<u64> = gifts.iter().copied().filter(|&s| s > *got.first().unwrap_or(&0) - 1).collect();
-    assert_eq!(got, want, "member {who}: every gift once, in order");
+    let want: Vec<u64> = gifts.iter().copied().collect();
+    assert_eq!(seen, want, "member {who}: every gift once, in order");
+}
+
+/// How many subscribers Redis counts on a room's channel (`PUBSUB NUMSUB`).
+fn subscribers(redis: &RedisProc, room: &str) -> u64 {
+    let out = redis_cli(redis.port, &["PUBSUB", "NUMSUB", &format!("rc:{{{room}}}:ch")]);
+    out.lines().nth(1).and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("PUBSUB NUMSUB: {out:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,9 +208,25 @@ async fn three_edges_share_rooms_and_dispatch_spreads_clients() {
         }
         assert_eq!(got, gifts, "client {i}");
     }
-    // Edges subscribe only to rooms with local members: a room nobody joined is not delivered.
-    let (status, _) = pubs[1].get("/v1/rooms/shared").await;
-    assert_eq!(status, 200);
+    // Edges subscribe only to rooms with local members: every edge follows "shared"; a room
+    // with a member on one edge is followed by that edge alone, until the member leaves; a
+    // room nobody joined is followed by none, whatever is published in it.
+    assert_eq!(subscribers(&redis, "shared"), 3, "every edge with members follows the room");
+    let mut lonely = connect(&edges[0].url("?room=lonely"), None).await;
+    expect_joined(&mut lonely, "lonely").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async { subscribers(&redis, "lonely") == 1 }).await,
+        "the edge with a member follows the room"
+    );
+    assert_eq!(subscribers(&redis, "lonely"), 1, "only the edge with a member follows the room");
+    publish_gift(&pubs[2], "nobody", 0).await;
+    assert_eq!(subscribers(&redis, "nobody"), 0, "no edge follows a room without members");
+    drop(lonely);
+    assert!(
+        wait_until(Duration::from_secs(10), || async { subscribers(&redis, "lonely") == 0 }).await,
+        "the edge stops following a room when its last member leaves"
+    );
+    assert_eq!(subscribers(&redis, "shared"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +280,8 @@ async fn draining_an_edge_under_load_loses_no_gift() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Drain while gifts flow: some published already, most still to come.
+    assert!(wait_until(Duration::from_secs(20), || async { gifts.lock().await.len() >= 20 }).await, "gifts flow");
     let (status, _) = pubs[0].post_raw("/v1/admin/drain", Vec::new()).await;
     assert_eq!(status, 401, "drain needs the token");
     let r = reqwest::Client::new()
@@ -633,7 +641,12 @@ async fn sentinel_failover(kill: bool) {
         // with the master (this test then fails: members are reset); with it they are refused
         // (503) and retried until the promoted replica has a replica again.
         cut.store(true, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let seq_on =
+            |port: u16| redis_cli(port, &["HGET", &format!("rc:{{{room}}}:meta"), "seq"]).trim().parse::<u64>().ok();
+        assert!(
+            wait_until(Duration::from_secs(30), || async { seq_on(master.port) > seq_on(replica.port) }).await,
+            "the master numbered gifts its replica never got"
+        );
         master.kill();
     } else {
         redis_cli(sentinels.ports[0], &["SENTINEL", "FAILOVER", "roomcast"]);

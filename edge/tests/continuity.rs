@@ -2,13 +2,11 @@
 //! belongs to another numbering, or is ahead of the room, is told (`reset`) before anything
 //! else, in local mode and when Redis loses the room under the edges.
 
-mod util;
-
 use std::time::Duration;
 
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 /// The next messages up to and including the first `joined`.
 async fn until_joined(ws: &mut Ws) -> Vec<ServerMsg> {
@@ -500,13 +498,17 @@ async fn a_client_at_seq_0_is_not_reset_when_a_quiet_room_comes_back_anew() {
     let mut ws = connect(&edge.url("?room=quiet"), None).await;
     let epoch = epoch_of(until_joined(&mut ws).await.last().unwrap());
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The room held nothing: the edge forgets it once its last member is gone.
+    let p = Publisher::new(edge.http);
+    assert!(
+        wait_until(Duration::from_secs(10), || async { p.get("/v1/rooms/quiet").await.0 == 404 }).await,
+        "the quiet room was forgotten"
+    );
     let (before, seq, new_epoch, _) = rejoin(&edge, "quiet", 0, &epoch, 0).await;
     assert!(before.is_empty(), "no reset for a client that held nothing: {before:?}");
     assert_eq!(seq, 0);
     assert_ne!(new_epoch, epoch, "the room was made anew (the case this covers)");
     // A client that did hold seqs of the old numbering still is reset.
-    let p = Publisher::new(edge.http);
     gift(&p, "quiet", 1).await;
     let (before, _, _, _) = rejoin(&edge, "quiet", 1, &epoch, 0).await;
     assert!(matches!(&before[..], [ServerMsg::Reset { .. }]), "{before:?}");

@@ -2,13 +2,11 @@
 //! they are (room included), browsers on other origins may read the route answer (CORS), and an
 //! edge whose advertised address nobody else could use says so, or refuses with a shared bus.
 
-mod util;
-
 use std::process::Command;
 use std::time::Duration;
 
 use roomcast_proto::envelope::ServerMsg;
-use util::*;
+use roomcast_testsupport::*;
 
 async fn get(url: &str, origin: Option<&str>) -> (u16, reqwest::header::HeaderMap, String) {
     let mut req = reqwest::Client::new().get(url);

@@ -2,12 +2,10 @@
 //! which begins with SIGINT ignored (found by bench-drain.sh: its cleanup's SIGINT left the
 //! dispatch process running).
 
-mod util;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::*;
+use roomcast_testsupport::*;
 
 fn stops_on(signal: &str) {
     let redis = RedisProc::start();

@@ -1,16 +1,14 @@
 //! Room engines on the shard threads, through the real edge: no shard cap, signalling order,
 //! bounds on what one client can make the edge hold, and a drain that really stops accepting.
 
-mod util;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 /// Connections per shard, from /metrics (`roomcast_connections{shard="N"}`).
 async fn per_shard(p: &Publisher) -> HashMap<String, f64> {

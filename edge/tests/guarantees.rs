@@ -1,14 +1,12 @@
 //! Delivery guarantees: gifts survive floods and slow readers, `since` recovery is exact.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 /// Reads batches until `done` says so or the deadline passes; returns (seq, kind) in order.
 async fn read_until(ws: &mut Ws, d: Duration, mut done: impl FnMut(&[(u64, String)]) -> bool) -> Vec<(u64, String)> {

@@ -2,14 +2,12 @@
 //! absolute-form targets, fields that must not repeat, the version answer, and requests the size
 //! of a browser's behind a CDN and proxies.
 
-mod util;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use roomcast_proto::envelope::{self, ServerMsg};
-use util::EdgeProc;
+use roomcast_testsupport::EdgeProc;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const ACCEPT: &str = "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n";

@@ -2,14 +2,12 @@
 //! health policy moves with Send-Q, an overloaded edge refuses handshakes and leaves dispatch,
 //! recovers, and (when configured) drains itself. Both probe sources.
 
-mod util;
-
 use std::process::Command;
 use std::time::Duration;
 
+use roomcast_testsupport::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
-use util::*;
 
 async fn healthz(p: &Publisher) -> (u16, Value) {
     let (code, text) = p.get("/healthz").await;
@@ -202,8 +200,14 @@ fn the_policy_moves_on_real_close_wait_and_accept_queue_figures() {
     let small_port = small.local_addr().unwrap().as_socket().unwrap().port();
     let mut both = Probes::open_ebpf(&[port, small_port]).unwrap();
     let queued: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", small_port)).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(100));
-    let (level, reasons) = look(&mut both);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (level, reasons) = loop {
+        let v = look(&mut both);
+        if v.1.iter().any(|r| r.starts_with("accept_queue_fill 1.00")) || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(level, EdgeHealth::Degraded, "{reasons:?}");
     assert!(reasons.iter().any(|r| r.starts_with("accept_queue_fill 1.00 >= 0.5")), "{reasons:?}");
     drop((half_closed, queued, small));

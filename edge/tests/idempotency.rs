@@ -2,13 +2,11 @@
 //! first answer and members get the message once: on one edge, across its restart (the key is
 //! stored with the gift), and across edges sharing Redis (a retry that reaches another edge).
 
-mod util;
-
 use std::time::Duration;
 
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 /// Every message a member receives within `d`, as (seq, kind).
 async fn received(ws: &mut Ws, d: Duration) -> Vec<(u64, String)> {

@@ -2,13 +2,11 @@
 //! batch (so the merge window counts) to the completion of the write to each member (sampled),
 //! by class, and each shard's capacity (frames per CPU-second).
 
-mod util;
-
 use std::time::Duration;
 
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 /// One metric's value for the series whose labels contain `labels`.
 async fn series(p: &Publisher, name: &str, labels: &str) -> f64 {

@@ -2,13 +2,11 @@
 //! messages, on one edge and across edges through Redis; within a window only the newest of a
 //! key goes out.
 
-mod util;
-
 use std::time::Duration;
 
 use roomcast_proto::envelope::{PushMessage, ServerMsg};
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 const KINDS: &str = "[kinds.board]\nmust_deliver = false\nconflate = true\nconflate_key = \"slot\"\n\
                      [kinds.gift]\nmust_deliver = true\n[kinds.chat]\nmust_deliver = false\n";

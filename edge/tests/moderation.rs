@@ -5,17 +5,15 @@
 //! every `since` replay: single node with its store, and Redis), and who may do any of it.
 //! Every test here fails without the moderation API (its endpoints answer 404).
 
-mod util;
-
 use std::pin::Pin;
 use std::time::Duration;
 
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::{Stream, StreamExt};
 use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
+use roomcast_testsupport::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use util::*;
 
 const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
 /// A key with the `moderate` scope, for every room.

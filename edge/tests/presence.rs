@@ -2,12 +2,10 @@
 //! batches when it changes, in `joined`, and in `GET /v1/rooms/{room}` from any edge; a crashed
 //! edge's members leave the total within the TTL.
 
-mod util;
-
 use std::time::{Duration, Instant};
 
 use roomcast_proto::envelope::ServerMsg;
-use util::*;
+use roomcast_testsupport::*;
 
 /// Reads until a batch shows `want` members (other traffic passes); the counts seen on the way.
 async fn until_online(ws: &mut Ws, want: u64, within: Duration) -> Vec<u64> {

@@ -2,15 +2,13 @@
 //! 3 replicas) made by `redis-cli --cluster create`, started by each test on free loopback ports
 //! in a temporary directory and killed when it ends (also on failure).
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use edge::bus::slots::slot_of;
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
-use util::*;
 
 fn edge_on(cluster: &RedisCluster) -> EdgeProc {
     let url = cluster.url();
@@ -32,21 +30,6 @@ fn rooms_per_primary(cluster: &RedisCluster, n: usize) -> Vec<(String, u16)> {
         }
     }
     by_owner.into_iter().flat_map(|(port, rooms)| rooms.into_iter().map(move |r| (r, port))).collect()
-}
-
-/// Publishes a gift, retrying while the bus is unavailable (503): the publisher's side of "no
-/// acknowledged gift lost".
-async fn publish_gift(p: &Publisher, room: &str, n: u64) -> u64 {
-    let body = json!({ "kind": "gift", "body": { "n": n } }).to_string().into_bytes();
-    let end = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, v) = p.post_raw(&format!("/v1/rooms/{room}/messages"), body.clone()).await;
-        match status {
-            200 => return v["seq"].as_u64().unwrap(),
-            503 if std::time::Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
-            _ => panic!("publish failed: {status} {v}"),
-        }
-    }
 }
 
 /// Reads batches until `want` seqs arrived; panics on anything else (gap, reset, close).
@@ -198,7 +181,15 @@ async fn resharding_a_hot_rooms_slot_loses_no_gift() {
             seqs
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Reshard while gifts flow: some numbered already, most still to come.
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            let (_, body) = pubs[0].get(&format!("/v1/rooms/{room}")).await;
+            serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["seq"].as_u64() >= Some(30))
+        })
+        .await,
+        "gifts flow"
+    );
     let id = |port: u16| redis_cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
     let (from_id, to_id) = (id(from), id(to));
     let out = tokio::task::spawn_blocking(move || {

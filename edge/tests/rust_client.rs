@@ -6,8 +6,6 @@
 //!   clients come back and recover what was published while they were away with `since`; restarted
 //!   on a wiped data dir, they are told `reset` and follow the new numbering.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -16,8 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use roomcast_client::{Backoff, Client, Config, ConnectionState, Event, Events, Kind};
-use serde_json::json;
-use util::*;
+use roomcast_testsupport::*;
 
 /// What one client saw, in order.
 #[derive(Default, Debug)]
@@ -99,20 +96,6 @@ async fn wait_all(clients: &[(Client, Arc<Mutex<Record>>)], d: Duration, what: &
     }
 }
 
-/// Publishes a gift, retrying while the edge says 503 (nothing numbered), and returns its seq.
-async fn gift(p: &Publisher, room: &str, n: u64) -> u64 {
-    let body = json!({ "kind": "gift", "body": { "n": n } }).to_string().into_bytes();
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, v) = p.post_raw(&format!("/v1/rooms/{room}/messages"), body.clone()).await;
-        match status {
-            200 => return v["seq"].as_u64().expect("seq"),
-            503 if Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
-            _ => panic!("publish failed: {status} {v}"),
-        }
-    }
-}
-
 fn edge_on_redis(redis: &RedisProc, name: &str) -> EdgeProc {
     // Goaways spread over 2 s; the test has gifts in flight all along.
     let cfg = config(name, "[drain]\nperiod_ms = 2000\ndeadline_ms = 15000\n");
@@ -162,14 +145,14 @@ async fn clients_follow_a_drain_with_every_gift_once() {
     // Before: gifts through both edges' publish APIs.
     let mut gifts = Vec::new();
     for n in 0..20u64 {
-        gifts.push(gift(if n % 2 == 0 { &pa } else { &pb }, ROOM, n).await);
+        gifts.push(publish_gift(if n % 2 == 0 { &pa } else { &pb }, ROOM, n).await);
     }
     // During: SIGTERM the edge, keep publishing through the other until it has exited.
     a.sigterm();
     let drained_at = Instant::now();
     let mut n = 20u64;
     let status = loop {
-        gifts.push(gift(&pb, ROOM, n).await);
+        gifts.push(publish_gift(&pb, ROOM, n).await);
         n += 1;
         if let Ok(Some(st)) = a.child.try_wait() {
             break st;
@@ -181,7 +164,7 @@ async fn clients_follow_a_drain_with_every_gift_once() {
     let during = gifts.len() - 20;
     // After.
     for _ in 0..20 {
-        gifts.push(gift(&pb, ROOM, n).await);
+        gifts.push(publish_gift(&pb, ROOM, n).await);
         n += 1;
     }
     let last = *gifts.last().unwrap();
@@ -295,7 +278,7 @@ async fn clients_recover_across_restarts_and_are_reset_on_a_wiped_store() {
     let first_epoch = clients[0].1.lock().unwrap().joined[0].0.clone();
 
     for n in 0..10 {
-        assert_eq!(gift(&p, ROOM, n).await, n + 1);
+        assert_eq!(publish_gift(&p, ROOM, n).await, n + 1);
     }
     wait_all(&clients, Duration::from_secs(10), "gifts 1..=10", |r| r.last_gift(0) >= 10).await;
 
@@ -305,7 +288,7 @@ async fn clients_recover_across_restarts_and_are_reset_on_a_wiped_store() {
     // A crash skips at most the block of seqs the store had reserved (never reuses one).
     let mut gifts: Vec<u64> = (1..=10).collect();
     for n in 10..20 {
-        gifts.push(gift(&p, ROOM, n).await);
+        gifts.push(publish_gift(&p, ROOM, n).await);
     }
     assert!(gifts.windows(2).all(|w| w[0] < w[1]) && gifts[10] <= 10 + 1025, "numbering continues: {gifts:?}");
     let last = gifts[19];
@@ -338,7 +321,7 @@ async fn clients_recover_across_restarts_and_are_reset_on_a_wiped_store() {
     })
     .await;
     for n in 0..5 {
-        assert_eq!(gift(&p, ROOM, n).await, n + 1, "a wiped store numbers from 1");
+        assert_eq!(publish_gift(&p, ROOM, n).await, n + 1, "a wiped store numbers from 1");
     }
     wait_all(&clients, Duration::from_secs(10), "gifts of the new numbering", |r| r.last_gift(1) >= 5).await;
     for (i, (_, r)) in clients.iter().enumerate() {

@@ -3,8 +3,6 @@
 //! `EventSource` follows): every gift, resume with `Last-Event-ID`, gaps and resets, goaway on
 //! drain, and refusals. The browser's own `EventSource` is tested in clients/ts (sse.e2e).
 
-mod util;
-
 use std::io::{Read, Write};
 use std::pin::Pin;
 use std::time::Duration;
@@ -12,9 +10,9 @@ use std::time::Duration;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::{Stream, StreamExt};
 use roomcast_proto::envelope::{self, ServerMsg};
+use roomcast_testsupport::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use util::*;
 
 const T: Duration = Duration::from_secs(10);
 

@@ -1,22 +1,20 @@
 //! A second edge on a port another edge serves refuses to start and names it, unless
 //! `--takeover` asks for a rolling restart.
 
-mod util;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use util::EdgeProc;
+use roomcast_testsupport::EdgeProc;
 
 /// Starts another edge on `ws` with both outputs piped; lines arrive on the receivers.
 fn second_edge(ws: std::net::SocketAddr, extra: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
-    let mut child = Command::new(util::edge_bin())
+    let mut child = Command::new(roomcast_testsupport::edge_bin())
         .args(["--listen", &ws.to_string(), "--http", "127.0.0.1:0"])
         // Its own data directory: the first edge holds the lock on its own.
         .arg("--data-dir")
-        .arg(util::data_dir("takeover"))
+        .arg(roomcast_testsupport::data_dir("takeover"))
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

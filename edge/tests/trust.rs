@@ -1,16 +1,14 @@
 //! Trust through the real edge: identity from a signed token, who may publish which kind,
 //! rooms a token allows, refresh and expiry, origins, and the anonymous quick start.
 
-mod util;
-
 use std::time::Duration;
 
 use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use util::*;
 
 const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
 

@@ -2,21 +2,10 @@
 //! connections for a few seconds, zero loss, and a complete result file.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-fn edge_binary() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; the edge binary sits in target/<profile>.
-    let me = std::env::current_exe().expect("test path");
-    let profile_dir = me.parent().and_then(|p| p.parent()).expect("target/<profile>");
-    let edge = profile_dir.join("edge");
-    assert!(
-        edge.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        edge.display()
-    );
-    edge
-}
+use roomcast_testsupport::{EdgeProc, RedisProc};
 
 #[test]
 fn two_thousand_connections_no_loss_and_a_complete_result() {
@@ -25,11 +14,10 @@ fn two_thousand_connections_no_loss_and_a_complete_result() {
     let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &ws, "--http", &http, "--connections", "2000", "--workers", "2"])
         .args(["--duration", "3", "--gift-rate", "10", "--chat-rate", "50", "--scenario", "e2e"])
-        .args(["--server-pid", &edge.id().to_string(), "--out", out.to_str().unwrap()])
+        .args(["--server-pid", &edge.child.id().to_string(), "--out", out.to_str().unwrap()])
         .status()
         .expect("loadgen");
-    let _ = Command::new("kill").args(["-INT", &edge.id().to_string()]).status();
-    let _ = edge.wait();
+    stop(&mut edge);
     assert!(status.success());
     let dir = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
     let v: serde_json::Value =
@@ -55,66 +43,25 @@ fn two_thousand_connections_no_loss_and_a_complete_result() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// A real redis-server on a free loopback port, killed when dropped.
-struct Redis(std::process::Child, u16);
-
-impl Redis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/setup.sh installs it)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self(child, port);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("redis-server did not start");
-    }
+/// Starts an edge with `args` (later flags win) on its own data directory; returns it and its
+/// (ws, http) addresses.
+fn edge(args: &[&str]) -> (EdgeProc, String, String) {
+    let e = EdgeProc::start(args);
+    let (ws, http) = (e.ws.to_string(), e.http.to_string());
+    (e, ws, http)
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts an edge with `args` (later flags win); returns it and its (ws, http) addresses.
-fn edge(args: &[&str]) -> (std::process::Child, String, String) {
-    // Each edge its own data directory (the default would be in the working directory).
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let data = std::env::temp_dir().join(format!(
-        "roomcast-lg-data-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&data);
-    let mut child = Command::new(edge_binary())
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("edge");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let field = |p: &str| line.split_whitespace().find_map(|w| w.strip_prefix(p)).expect("address").to_owned();
-    let (ws, http) = (field("ws="), field("http="));
-    (child, ws, http)
+/// Stops an edge as an operator's Ctrl-C would, and waits for it.
+fn stop(e: &mut EdgeProc) {
+    let _ = Command::new("kill").args(["-INT", &e.child.id().to_string()]).status();
+    let _ = e.wait_exit(Duration::from_secs(30));
 }
 
 #[test]
 fn connections_follow_goaway_to_another_edge_without_losing_a_gift() {
     const TOKEN: &str = "loadgen-e2e-drain-token";
-    let redis = Redis::start();
-    let bus = format!("redis://127.0.0.1:{}", redis.1);
+    let redis = RedisProc::start();
+    let bus = redis.url();
     let dir = std::env::temp_dir().join(format!("loadgen-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
@@ -159,9 +106,8 @@ fn connections_follow_goaway_to_another_edge_without_losing_a_gift() {
     }
     assert!(drained, "the run reached the drain point");
     assert!(lg.wait().unwrap().success(), "loadgen run");
-    assert_eq!(a.wait().unwrap().code(), Some(0), "the drained edge exits 0");
-    let _ = Command::new("kill").args(["-INT", &b.id().to_string()]).status();
-    let _ = b.wait();
+    assert_eq!(a.wait_exit(Duration::from_secs(60)), Some(0), "the drained edge exits 0");
+    stop(&mut b);
     let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
@@ -196,8 +142,7 @@ fn readers_closed_as_slow_consumers_resume_and_lose_no_gift() {
         .args(["--out", out.to_str().unwrap()])
         .status()
         .expect("loadgen");
-    let _ = Command::new("kill").args(["-INT", &edge.id().to_string()]).status();
-    let _ = edge.wait();
+    stop(&mut edge);
     assert!(status.success());
     let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
     let v: serde_json::Value =
@@ -228,8 +173,7 @@ fn members_answer_pings_and_outlive_the_idle_timeout() {
         .args(["--out", out.to_str().unwrap()])
         .status()
         .expect("loadgen");
-    let _ = Command::new("kill").args(["-INT", &edge.id().to_string()]).status();
-    let _ = edge.wait();
+    stop(&mut edge);
     assert!(status.success());
     let res = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
     let v: serde_json::Value =

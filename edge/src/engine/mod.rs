@@ -26,6 +26,8 @@ mod joins;
 mod latest;
 mod moderation;
 mod presence;
+#[cfg(test)]
+mod proptests;
 mod remote;
 pub mod room;
 #[cfg(test)]
