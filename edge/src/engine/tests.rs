@@ -1007,7 +1007,7 @@ fn the_budget_narrows_windows_only_on_measured_unsaturated_shards() {
     let rule = room_window(&bus.e.cfg, bus.e.level, rate, members);
     assert!(rule >= Duration::from_millis(500), "a 10^5 room merges widely by the rule ({rule:?})");
     // A fast estimate (10^6 frames per CPU-second) would allow a far narrower window.
-    let mut window_after = |bus: &mut H, busy: f64, p99: Option<Duration>| {
+    let window_after = |bus: &mut H, busy: f64, p99: Option<Duration>| {
         bus.load.set_delivery(0, 1_000_000.0, 1.0, busy, p99);
         bus.sleep(super::adaptive::CONTROL_EVERY);
         let now = bus.now;
