@@ -255,11 +255,17 @@ pub fn decode_client_json(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
 pub fn decode_client_rkyv(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
     let archived = rkyv::access::<ArchivedClientMsg, rkyv::rancor::Error>(bytes)
         .map_err(|e| EnvelopeError::Rkyv(e.to_string()))?;
-    let msg = rkyv::deserialize::<ClientMsg, rkyv::rancor::Error>(archived)
+    let mut msg = rkyv::deserialize::<ClientMsg, rkyv::rancor::Error>(archived)
         .map_err(|e| EnvelopeError::Rkyv(e.to_string()))?;
-    if let ClientMsg::Publish { body, .. } = &msg {
-        // The JSON encoding checks bodies while parsing; do the same for rkyv.
-        serde_json::from_str::<&RawValue>(body)?;
+    if let ClientMsg::Publish { body, .. } = &mut msg {
+        // The JSON encoding checks bodies while parsing; do the same for rkyv. The body is the
+        // value's text, as the JSON encoding takes it: without the whitespace around it (the
+        // JSON envelope drops that on the way out; the rkyv one, the store and Redis would
+        // have kept it, so members would have seen different bodies by encoding).
+        let value = serde_json::from_str::<&RawValue>(body)?.get();
+        if value.len() != body.len() {
+            *body = value.to_owned();
+        }
     }
     Ok(msg)
 }
@@ -354,12 +360,21 @@ pub fn validate_kind(kind: &str) -> Result<(), &'static str> {
 /// beside it. 32 levels is far more than any payload needs.
 pub const MAX_BODY_DEPTH: usize = 32;
 
-/// Checks a body's (valid JSON text) nesting depth.
-pub fn check_body_depth(body: &str) -> Result<(), &'static str> {
+/// Checks what a published body (valid JSON text) may not hold although JSON allows it, because
+/// common parsers refuse it, and with it the whole batch the body travels in:
+/// - nesting deeper than [`MAX_BODY_DEPTH`];
+/// - a number beyond the range of a double (`1e400`; about ±1.8e308): JSON's grammar has no
+///   bound, but serde_json and Go's `encoding/json` refuse such a number when they read it as
+///   one (RFC 8259 §6 names binary64 as the range that interoperates). Integers beyond 64 bits
+///   but within that range (`12345678901234567890123`) are fine, and kept exactly as sent.
+pub fn check_body(body: &str) -> Result<(), &'static str> {
+    let b = body.as_bytes();
     let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
-    for b in body.bytes() {
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        i += 1;
         if in_str {
-            match b {
+            match c {
                 _ if escaped => escaped = false,
                 b'\\' => escaped = true,
                 b'"' => in_str = false,
@@ -367,7 +382,7 @@ pub fn check_body_depth(body: &str) -> Result<(), &'static str> {
             }
             continue;
         }
-        match b {
+        match c {
             b'"' => in_str = true,
             b'[' | b'{' => {
                 depth += 1;
@@ -376,6 +391,16 @@ pub fn check_body_depth(body: &str) -> Result<(), &'static str> {
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                // A number: its token runs to the next byte that cannot be part of one.
+                let start = i - 1;
+                while b.get(i).is_some_and(|c| matches!(c, b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')) {
+                    i += 1;
+                }
+                if !body[start..i].parse::<f64>().is_ok_and(f64::is_finite) {
+                    return Err("body holds a number beyond the range of a double (about 1.8e308)");
+                }
+            }
             _ => {}
         }
     }
@@ -613,14 +638,32 @@ mod tests {
     #[test]
     fn body_depth_is_bounded_outside_strings_only() {
         let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
-        assert!(check_body_depth(&deep(32)).is_ok());
-        assert!(check_body_depth(&deep(33)).is_err());
-        assert!(check_body_depth(&format!("{{\"a\":{}}}", deep(31))).is_ok());
-        assert!(check_body_depth(&format!("{{\"a\":{}}}", deep(32))).is_err());
+        assert!(check_body(&deep(32)).is_ok());
+        assert!(check_body(&deep(33)).is_err());
+        assert!(check_body(&format!("{{\"a\":{}}}", deep(31))).is_ok());
+        assert!(check_body(&format!("{{\"a\":{}}}", deep(32))).is_err());
         // Brackets inside strings (escaped quotes included) do not count.
         let s = format!("\"{}\\\"{}\"", "[".repeat(100), "{".repeat(100));
-        assert!(check_body_depth(&s).is_ok(), "{s}");
-        assert!(check_body_depth("12345").is_ok());
+        assert!(check_body(&s).is_ok(), "{s}");
+        assert!(check_body("12345").is_ok());
+    }
+
+    /// Found by the fuzz target `publish_body`: `1e400` is JSON, and the edge took it, but
+    /// serde_json (and Go) refuse to read it as a number, so a client reading the batch it
+    /// travelled in as values lost the batch. Every way of writing a number is checked.
+    #[test]
+    fn body_numbers_stay_within_a_double() {
+        for ok in ["0", "-0", "1.5e308", "-1.7976931348623157e308", "12345678901234567890123", "1e-400", "[1,2.5E+3]"] {
+            assert_eq!(check_body(ok), Ok(()), "{ok}");
+        }
+        let huge = format!("1{}", "0".repeat(400));
+        for bad in ["1e400", "-1E+309", "[0,{\"a\":2e308}]", huge.as_str(), "1.8e308"] {
+            assert!(check_body(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<serde_json::Value>(bad).is_err(), "serde_json reads {bad}");
+        }
+        // Inside strings nothing is a number.
+        assert_eq!(check_body("\"1e400\""), Ok(()));
+        assert_eq!(check_body("{\"1e999\":\"-9e999\"}"), Ok(()));
     }
 
     #[test]
@@ -637,6 +680,12 @@ mod tests {
         assert_eq!(p, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() });
         assert!(decode_client_json(br#"{"op":"dance"}"#).is_err());
         assert!(decode_client_json(b"not json").is_err());
+        // Found by the fuzz target `signalling`: a body with whitespace around it, sent in
+        // rkyv, is the value alone, as in JSON (and so the same in both encodings).
+        let spaced = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: " \t{\"t\":1}\r\n ".into() };
+        let got = decode_client_rkyv(&encode_client_rkyv(&spaced).unwrap()).unwrap();
+        assert_eq!(got, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() });
+        assert_eq!(decode_client_json(&encode_client_json(&got)).unwrap(), got);
         let bin = encode_client_rkyv(&p).unwrap();
         assert_eq!(decode_client_rkyv(&bin).unwrap(), p);
         let bad_body = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: "{".into() };
@@ -698,10 +747,17 @@ mod tests {
     /// Passed before the fix (a check of the rkyv path): the body is validated, kept as sent.
     #[test]
     fn rkyv_publish_bodies_are_validated_not_rewritten() {
-        for body in ["12345678901234567890123", "1e2", r#" { "a" : [1.0, "\u00e9"] } "#] {
+        for body in ["12345678901234567890123", "1e2", r#"{ "a" : [1.0, "\u00e9"] }"#] {
             let p = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: body.into() };
             assert_eq!(decode_client_rkyv(&encode_client_rkyv(&p).unwrap()).unwrap(), p);
         }
+        // Whitespace around the value is not part of it (JSON cannot carry it: its encoding
+        // drops it), so it is not kept in rkyv either; inside the value nothing changes.
+        let spaced = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#" { "a" : 1 } "#.into() };
+        let ClientMsg::Publish { body, .. } = decode_client_rkyv(&encode_client_rkyv(&spaced).unwrap()).unwrap() else {
+            panic!("not a publish")
+        };
+        assert_eq!(body, r#"{ "a" : 1 }"#);
     }
 
     fn every_server_msg() -> Vec<ServerMsg> {
