@@ -35,12 +35,18 @@ fn bodies(msg: &ServerMsg) -> impl Iterator<Item = &str> {
 }
 
 fn server_round_trip(msg: &ServerMsg) {
-    // The rkyv reader does not check that bodies are JSON (the edge checked them at publish,
-    // and clients read batches in place for speed): a body that is not cannot travel as JSON.
-    let json_bodies = bodies(msg).all(|b| serde_json::from_str::<&serde_json::value::RawValue>(b).is_ok());
+    // The rkyv reader does not check bodies (the edge checked them at publish, and clients
+    // read batches in place for speed): a body that is not JSON cannot travel as JSON, and one
+    // with whitespace around its value (which the edge never sends) loses it there.
+    let value_text = |b: &str| serde_json::from_str::<&serde_json::value::RawValue>(b).map(|r| r.get() == b);
+    let json_bodies = bodies(msg).all(|b| value_text(b).is_ok());
+    let exact_bodies = bodies(msg).all(|b| value_text(b).unwrap_or(false));
     let mut json = Vec::new();
     match encode_json(msg, &mut json) {
-        Ok(()) => assert_eq!(&decode_json(&json).expect("own JSON decodes"), msg),
+        Ok(()) => {
+            let back = decode_json(&json).expect("own JSON decodes");
+            assert!(!exact_bodies || &back == msg, "JSON round trip: {back:?}");
+        }
         Err(e) => assert!(!json_bodies, "a message with JSON bodies does not encode as JSON: {e}"),
     }
     let rkyv = encode_rkyv(msg).expect("encodes as rkyv");

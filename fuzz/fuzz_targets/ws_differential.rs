@@ -65,7 +65,7 @@ fn header_len(b1: u8) -> usize {
 /// is there, whatever else is wrong with it.
 fn raw_len(tail: &[u8]) -> Option<u64> {
     let hl = header_len(*tail.get(1)?);
-    (tail.len() >= hl).then(|| hl as u64 + declared_len(tail))
+    (tail.len() >= hl).then(|| (hl as u64).saturating_add(declared_len(tail)))
 }
 
 /// The length a frame header declares, read as far as its bytes go (missing bytes as zeros).
