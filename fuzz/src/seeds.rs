@@ -223,6 +223,7 @@ fn sock_diag() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("other-dump-ignored", batch(&[nlmsg(8, 20, &diag_socket(2)), nlmsg(9, 3, &[0; 4])])),
         ("error-eperm", batch(&[nlmsg(9, 2, &(-1i32).to_ne_bytes())])),
+        ("error-errno-min", batch(&[nlmsg(9, 2, &i32::MIN.to_ne_bytes())])),
         ("short-body", batch(&[nlmsg(9, 20, &[1, 2, 3])])),
         ("ports", cat(&[&[1u8], &8080u16.to_ne_bytes(), &8081u16.to_ne_bytes(), &443u16.to_ne_bytes()])),
         ("one-port", cat(&[&[1u8], &80u16.to_ne_bytes()])),
