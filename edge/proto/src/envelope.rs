@@ -360,51 +360,90 @@ pub fn validate_kind(kind: &str) -> Result<(), &'static str> {
 /// beside it. 32 levels is far more than any payload needs.
 pub const MAX_BODY_DEPTH: usize = 32;
 
-/// Checks what a published body (valid JSON text) may not hold although JSON allows it, because
-/// common parsers refuse it, and with it the whole batch the body travels in:
+/// Checks what a published body (valid JSON text) may not hold although JSON's grammar allows
+/// it, because common parsers refuse it, and with it the whole batch the body travels in:
 /// - nesting deeper than [`MAX_BODY_DEPTH`];
-/// - a number beyond the range of a double (`1e400`; about ±1.8e308): JSON's grammar has no
-///   bound, but serde_json and Go's `encoding/json` refuse such a number when they read it as
-///   one (RFC 8259 §6 names binary64 as the range that interoperates). Integers beyond 64 bits
-///   but within that range (`12345678901234567890123`) are fine, and kept exactly as sent.
+/// - anything serde_json refuses when it reads the body as a value: a number beyond the range
+///   of a double (`1e400`; Go's `encoding/json` refuses it too; RFC 8259 §6 names binary64 as
+///   the range that interoperates) and an unpaired surrogate escape (`"\ud800"`; RFC 8259 §8.2:
+///   "unpredictable" behaviour). Integers beyond 64 bits within a double's range
+///   (`12345678901234567890123`) are fine, and kept exactly as sent.
+///
+/// The body is read as a reader building values would read it (every string decoded, every
+/// number converted), keeping nothing.
 pub fn check_body(body: &str) -> Result<(), &'static str> {
-    let b = body.as_bytes();
-    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        i += 1;
-        if in_str {
-            match c {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            b'"' => in_str = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_BODY_DEPTH {
-                    return Err("body nested deeper than 32 levels");
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b'-' | b'0'..=b'9' => {
-                // A number: its token runs to the next byte that cannot be part of one.
-                let start = i - 1;
-                while b.get(i).is_some_and(|c| matches!(c, b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')) {
-                    i += 1;
-                }
-                if !body[start..i].parse::<f64>().is_ok_and(f64::is_finite) {
-                    return Err("body holds a number beyond the range of a double (about 1.8e308)");
-                }
-            }
-            _ => {}
-        }
+    let deep = std::cell::Cell::new(false);
+    match serde::de::DeserializeSeed::deserialize(
+        Walk { depth: 0, deep: &deep },
+        &mut serde_json::Deserializer::from_str(body),
+    ) {
+        Ok(()) => Ok(()),
+        Err(_) if deep.get() => Err("body nested deeper than 32 levels"),
+        Err(_) => Err(
+            "body holds what JSON readers refuse: a number beyond a double's range (about 1.8e308) or an unpaired surrogate escape",
+        ),
     }
-    Ok(())
+}
+
+/// [`check_body`]'s walk over a value: `depth` arrays and objects are open around it.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    depth: usize,
+    deep: &'a std::cell::Cell<bool>,
+}
+
+impl Walk<'_> {
+    fn inner<E: serde::de::Error>(self) -> Result<Self, E> {
+        if self.depth == MAX_BODY_DEPTH {
+            self.deep.set(true);
+            return Err(E::custom("nested too deep"));
+        }
+        Ok(Self { depth: self.depth + 1, ..self })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Walk<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while a.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while a.next_key_seed(inner)?.is_some() {
+            a.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
 }
 
 /// Serde adapter: a `String` holding JSON text travels as raw JSON.
@@ -664,6 +703,20 @@ mod tests {
         // Inside strings nothing is a number.
         assert_eq!(check_body("\"1e400\""), Ok(()));
         assert_eq!(check_body("{\"1e999\":\"-9e999\"}"), Ok(()));
+    }
+
+    /// Found by the fuzz target `publish_body`, the same kind as `1e400`: an unpaired
+    /// surrogate escape is in JSON's grammar, but serde_json refuses the string, in a value or
+    /// a key; a pair, or escapes of other characters, are fine.
+    #[test]
+    fn body_strings_hold_no_unpaired_surrogates() {
+        for ok in [r#""\ud83d\ude00""#, r#"{"\u00e9":"\u2028\uffff"}"#, r#"["a\"\\ud800"]"#] {
+            assert_eq!(check_body(ok), Ok(()), "{ok}");
+        }
+        for bad in [r#""\ud800""#, r#"["x\udc00y"]"#, r#"{"\ud800":1}"#, r#""\ud800\u0041""#] {
+            assert!(check_body(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<serde_json::Value>(bad).is_err(), "serde_json reads {bad}");
+        }
     }
 
     #[test]
