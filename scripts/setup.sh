@@ -54,6 +54,12 @@ if ((node_major < 20)); then
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust with rustup first" >&2; exit 1; }
+# cargo-fuzz builds and runs the fuzz targets (scripts/fuzz.sh; a short run is part of
+# scripts/test.sh). On the stable toolchain: scripts/fuzz.sh sets RUSTC_BOOTSTRAP=1 for it.
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "setup: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
 # ROOMCAST_SETUP_NO_BUILD=1: install only (CI, whose test command builds what it runs).
 if [[ -z ${ROOMCAST_SETUP_NO_BUILD:-} ]]; then
   cargo build --release --workspace

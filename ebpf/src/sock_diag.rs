@@ -140,7 +140,10 @@ pub fn parse_batch(buf: &[u8], seq: u32, mut each: impl FnMut(&DiagSocket)) -> R
         match ty {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
-                let errno = if body.len() >= 4 { -(u32_at(body, 0) as i32) } else { 0 };
+                // `struct nlmsgerr`: a negative errno. Read as what it is, and negated without
+                // overflow: i32::MIN has no positive (a kernel never sends it, a test or a
+                // corrupt buffer may).
+                let errno = if body.len() >= 4 { (u32_at(body, 0) as i32).wrapping_neg() } else { 0 };
                 return Err(ProbeError::Io {
                     what: "sock_diag dump",
                     source: std::io::Error::from_raw_os_error(errno),
@@ -355,6 +358,10 @@ mod tests {
 
         assert!(parse_batch(&msg(1, NLMSG_DONE, &[0; 4]), 1, |_| {}).unwrap());
         let e = parse_batch(&msg(1, NLMSG_ERROR, &(-1i32).to_ne_bytes()), 1, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("sock_diag"), "{e}");
+        // Found by reading the parser for the fuzz target `sock_diag` (its binary panicked on
+        // it): an error code with no positive, an error, never a panic.
+        let e = parse_batch(&msg(1, NLMSG_ERROR, &i32::MIN.to_ne_bytes()), 1, |_| {}).unwrap_err();
         assert!(e.to_string().contains("sock_diag"), "{e}");
         // A lying length is an error, never a panic.
         let mut bad = msg(1, SOCK_DIAG_BY_FAMILY, &body);

@@ -11,6 +11,8 @@ pub mod bus;
 pub mod config;
 pub mod dispatch;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod ingest;
 pub mod ipguard;

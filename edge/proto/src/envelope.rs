@@ -314,11 +314,17 @@ pub fn decode_client_json(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
 pub fn decode_client_rkyv(bytes: &[u8]) -> Result<ClientMsg, EnvelopeError> {
     let archived = rkyv::access::<ArchivedClientMsg, rkyv::rancor::Error>(bytes)
         .map_err(|e| EnvelopeError::Rkyv(e.to_string()))?;
-    let msg = rkyv::deserialize::<ClientMsg, rkyv::rancor::Error>(archived)
+    let mut msg = rkyv::deserialize::<ClientMsg, rkyv::rancor::Error>(archived)
         .map_err(|e| EnvelopeError::Rkyv(e.to_string()))?;
-    if let ClientMsg::Publish { body, .. } = &msg {
-        // The JSON encoding checks bodies while parsing; do the same for rkyv.
-        serde_json::from_str::<&RawValue>(body)?;
+    if let ClientMsg::Publish { body, .. } = &mut msg {
+        // The JSON encoding checks bodies while parsing; do the same for rkyv. The body is the
+        // value's text, as the JSON encoding takes it: without the whitespace around it (the
+        // JSON envelope drops that on the way out; the rkyv one, the store and Redis would
+        // have kept it, so members would have seen different bodies by encoding).
+        let value = serde_json::from_str::<&RawValue>(body)?.get();
+        if value.len() != body.len() {
+            *body = value.to_owned();
+        }
     }
     Ok(msg)
 }
@@ -415,32 +421,90 @@ pub fn validate_kind(kind: &str) -> Result<(), &'static str> {
 /// beside it. 32 levels is far more than any payload needs.
 pub const MAX_BODY_DEPTH: usize = 32;
 
-/// Checks a body's (valid JSON text) nesting depth.
-pub fn check_body_depth(body: &str) -> Result<(), &'static str> {
-    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
-    for b in body.bytes() {
-        if in_str {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_str = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_BODY_DEPTH {
-                    return Err("body nested deeper than 32 levels");
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+/// Checks what a published body (valid JSON text) may not hold although JSON's grammar allows
+/// it, because common parsers refuse it, and with it the whole batch the body travels in:
+/// - nesting deeper than [`MAX_BODY_DEPTH`];
+/// - anything serde_json refuses when it reads the body as a value: a number beyond the range
+///   of a double (`1e400`; Go's `encoding/json` refuses it too; RFC 8259 §6 names binary64 as
+///   the range that interoperates) and an unpaired surrogate escape (`"\ud800"`; RFC 8259 §8.2:
+///   "unpredictable" behaviour). Integers beyond 64 bits within a double's range
+///   (`12345678901234567890123`) are fine, and kept exactly as sent.
+///
+/// The body is read as a reader building values would read it (every string decoded, every
+/// number converted), keeping nothing.
+pub fn check_body(body: &str) -> Result<(), &'static str> {
+    let deep = std::cell::Cell::new(false);
+    match serde::de::DeserializeSeed::deserialize(
+        Walk { depth: 0, deep: &deep },
+        &mut serde_json::Deserializer::from_str(body),
+    ) {
+        Ok(()) => Ok(()),
+        Err(_) if deep.get() => Err("body nested deeper than 32 levels"),
+        Err(_) => Err(
+            "body holds what JSON readers refuse: a number beyond a double's range (about 1.8e308) or an unpaired surrogate escape",
+        ),
     }
-    Ok(())
+}
+
+/// [`check_body`]'s walk over a value: `depth` arrays and objects are open around it.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    depth: usize,
+    deep: &'a std::cell::Cell<bool>,
+}
+
+impl Walk<'_> {
+    fn inner<E: serde::de::Error>(self) -> Result<Self, E> {
+        if self.depth == MAX_BODY_DEPTH {
+            self.deep.set(true);
+            return Err(E::custom("nested too deep"));
+        }
+        Ok(Self { depth: self.depth + 1, ..self })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Walk<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while a.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while a.next_key_seed(inner)?.is_some() {
+            a.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
 }
 
 /// Serde adapter: a `String` holding JSON text travels as raw JSON.
@@ -674,14 +738,46 @@ mod tests {
     #[test]
     fn body_depth_is_bounded_outside_strings_only() {
         let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
-        assert!(check_body_depth(&deep(32)).is_ok());
-        assert!(check_body_depth(&deep(33)).is_err());
-        assert!(check_body_depth(&format!("{{\"a\":{}}}", deep(31))).is_ok());
-        assert!(check_body_depth(&format!("{{\"a\":{}}}", deep(32))).is_err());
+        assert!(check_body(&deep(32)).is_ok());
+        assert!(check_body(&deep(33)).is_err());
+        assert!(check_body(&format!("{{\"a\":{}}}", deep(31))).is_ok());
+        assert!(check_body(&format!("{{\"a\":{}}}", deep(32))).is_err());
         // Brackets inside strings (escaped quotes included) do not count.
         let s = format!("\"{}\\\"{}\"", "[".repeat(100), "{".repeat(100));
-        assert!(check_body_depth(&s).is_ok(), "{s}");
-        assert!(check_body_depth("12345").is_ok());
+        assert!(check_body(&s).is_ok(), "{s}");
+        assert!(check_body("12345").is_ok());
+    }
+
+    /// Found by the fuzz target `publish_body`: `1e400` is JSON, and the edge took it, but
+    /// serde_json (and Go) refuse to read it as a number, so a client reading the batch it
+    /// travelled in as values lost the batch. Every way of writing a number is checked.
+    #[test]
+    fn body_numbers_stay_within_a_double() {
+        for ok in ["0", "-0", "1.5e308", "-1.7976931348623157e308", "12345678901234567890123", "1e-400", "[1,2.5E+3]"] {
+            assert_eq!(check_body(ok), Ok(()), "{ok}");
+        }
+        let huge = format!("1{}", "0".repeat(400));
+        for bad in ["1e400", "-1E+309", "[0,{\"a\":2e308}]", huge.as_str(), "1.8e308"] {
+            assert!(check_body(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<serde_json::Value>(bad).is_err(), "serde_json reads {bad}");
+        }
+        // Inside strings nothing is a number.
+        assert_eq!(check_body("\"1e400\""), Ok(()));
+        assert_eq!(check_body("{\"1e999\":\"-9e999\"}"), Ok(()));
+    }
+
+    /// Found by the fuzz target `publish_body`, the same kind as `1e400`: an unpaired
+    /// surrogate escape is in JSON's grammar, but serde_json refuses the string, in a value or
+    /// a key; a pair, or escapes of other characters, are fine.
+    #[test]
+    fn body_strings_hold_no_unpaired_surrogates() {
+        for ok in [r#""\ud83d\ude00""#, r#"{"\u00e9":"\u2028\uffff"}"#, r#"["a\"\\ud800"]"#] {
+            assert_eq!(check_body(ok), Ok(()), "{ok}");
+        }
+        for bad in [r#""\ud800""#, r#"["x\udc00y"]"#, r#"{"\ud800":1}"#, r#""\ud800\u0041""#] {
+            assert!(check_body(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<serde_json::Value>(bad).is_err(), "serde_json reads {bad}");
+        }
     }
 
     #[test]
@@ -698,6 +794,12 @@ mod tests {
         assert_eq!(p, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() });
         assert!(decode_client_json(br#"{"op":"dance"}"#).is_err());
         assert!(decode_client_json(b"not json").is_err());
+        // Found by the fuzz target `signalling`: a body with whitespace around it, sent in
+        // rkyv, is the value alone, as in JSON (and so the same in both encodings).
+        let spaced = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: " \t{\"t\":1}\r\n ".into() };
+        let got = decode_client_rkyv(&encode_client_rkyv(&spaced).unwrap()).unwrap();
+        assert_eq!(got, ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#"{"t":1}"#.into() });
+        assert_eq!(decode_client_json(&encode_client_json(&got)).unwrap(), got);
         let bin = encode_client_rkyv(&p).unwrap();
         assert_eq!(decode_client_rkyv(&bin).unwrap(), p);
         let bad_body = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: "{".into() };
@@ -759,10 +861,17 @@ mod tests {
     /// Passed before the fix (a check of the rkyv path): the body is validated, kept as sent.
     #[test]
     fn rkyv_publish_bodies_are_validated_not_rewritten() {
-        for body in ["12345678901234567890123", "1e2", r#" { "a" : [1.0, "\u00e9"] } "#] {
+        for body in ["12345678901234567890123", "1e2", r#"{ "a" : [1.0, "\u00e9"] }"#] {
             let p = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: body.into() };
             assert_eq!(decode_client_rkyv(&encode_client_rkyv(&p).unwrap()).unwrap(), p);
         }
+        // Whitespace around the value is not part of it (JSON cannot carry it: its encoding
+        // drops it), so it is not kept in rkyv either; inside the value nothing changes.
+        let spaced = ClientMsg::Publish { kind: "chat".into(), user: String::new(), body: r#" { "a" : 1 } "#.into() };
+        let ClientMsg::Publish { body, .. } = decode_client_rkyv(&encode_client_rkyv(&spaced).unwrap()).unwrap() else {
+            panic!("not a publish")
+        };
+        assert_eq!(body, r#"{ "a" : 1 }"#);
     }
 
     fn every_server_msg() -> Vec<ServerMsg> {

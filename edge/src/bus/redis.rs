@@ -537,7 +537,7 @@ pub(super) fn keys(room: &str) -> [String; 7] {
     ]
 }
 
-pub(super) fn room_of_channel(ch: &str) -> Option<&str> {
+pub(crate) fn room_of_channel(ch: &str) -> Option<&str> {
     ch.strip_prefix("rc:{")?.strip_suffix("}:ch")
 }
 
@@ -557,12 +557,12 @@ struct Wire<'a> {
 /// A presence announcement on a room's channel (ONLINE_LUA).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct OnlineWire {
-    pub(super) online: u64,
+pub(crate) struct OnlineWire {
+    pub(crate) online: u64,
 }
 
 /// A message as the script wrote it: the message, whether it must be delivered, its epoch.
-pub(super) fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
+pub(crate) fn parse(bytes: &[u8]) -> Option<(PushMessage, bool, Epoch)> {
     let w: Wire<'_> = serde_json::from_slice(bytes).ok()?;
     Some((
         PushMessage { seq: w.seq, ts_us: w.ts_us, kind: w.kind, user: w.user, body: w.body.get().to_owned() },

@@ -288,7 +288,7 @@ impl Shard {
                 if let Err(why) = envelope::validate_kind(&kind) {
                     return self.send_error(slot, "bad_kind", why);
                 }
-                if let Err(why) = envelope::check_body_depth(&body) {
+                if let Err(why) = envelope::check_body(&body) {
                     self.stats.refused("publish_bad_body");
                     return self.send_error(slot, "bad_body", why);
                 }

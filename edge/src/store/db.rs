@@ -350,18 +350,18 @@ fn ban_key(room: &str, user: &str) -> Vec<u8> {
     k
 }
 
-fn msg_key(room: &str, seq: u64) -> Vec<u8> {
+pub(crate) fn msg_key(room: &str, seq: u64) -> Vec<u8> {
     let mut k = room_prefix(room);
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-fn seq_of(key: &[u8]) -> Option<u64> {
+pub(crate) fn seq_of(key: &[u8]) -> Option<u64> {
     let b: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(b))
 }
 
-fn encode_meta(m: &RoomMeta) -> Vec<u8> {
+pub(crate) fn encode_meta(m: &RoomMeta) -> Vec<u8> {
     let mut v = Vec::with_capacity(32);
     for x in [m.epoch, m.seq_hi, m.evicted_upto, m.touched_s] {
         v.extend_from_slice(&x.to_le_bytes());
@@ -369,7 +369,7 @@ fn encode_meta(m: &RoomMeta) -> Vec<u8> {
     v
 }
 
-fn decode_meta(v: &[u8]) -> Option<RoomMeta> {
+pub(crate) fn decode_meta(v: &[u8]) -> Option<RoomMeta> {
     let u = |i: usize| Some(u64::from_le_bytes(v.get(i * 8..i * 8 + 8)?.try_into().ok()?));
     Some(RoomMeta { epoch: u(0)?, seq_hi: u(1)?, evicted_upto: u(2)?, touched_s: u(3)? })
 }
@@ -380,7 +380,7 @@ const KEYED: u16 = 0x8000;
 
 /// ts (u64 LE), kind and user (u16 LE length, bytes each; the kind's length carries `KEYED`),
 /// the key if any (u16 LE length, bytes), then the body.
-fn encode_msg(m: &PushMessage, key: Option<&str>) -> Vec<u8> {
+pub(crate) fn encode_msg(m: &PushMessage, key: Option<&str>) -> Vec<u8> {
     let extra = key.map_or(0, |k| 2 + k.len());
     let mut v = Vec::with_capacity(12 + m.kind.len() + m.user.len() + m.body.len() + extra);
     v.extend_from_slice(&m.ts_us.to_le_bytes());
@@ -395,7 +395,7 @@ fn encode_msg(m: &PushMessage, key: Option<&str>) -> Vec<u8> {
     v
 }
 
-fn decode_msg(seq: u64, v: &[u8]) -> Option<(PushMessage, Option<Box<str>>)> {
+pub(crate) fn decode_msg(seq: u64, v: &[u8]) -> Option<(PushMessage, Option<Box<str>>)> {
     let ts_us = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
     let mut at = 8;
     let mut text = |mask: u16| {

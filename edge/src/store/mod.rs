@@ -15,7 +15,7 @@
 //! crash can skip at most a block of numbers but never reuse one. A clean stop writes the
 //! exact seq.
 
-mod db;
+pub(crate) mod db;
 
 use std::path::Path;
 use std::sync::Arc;
