@@ -478,6 +478,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut connect_hist = histogram();
     let mut reconnect_hist = histogram();
     let (mut reconnects, mut reconnect_failed, mut resumed) = (0u64, 0u64, 0u64);
+    let mut closes_by_code: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut lost = [0u64; 2];
     let mut fast_lost = [0u64; 2];
     let mut slow = 0u64;
@@ -512,6 +513,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         connected += f.connected;
         failed += f.failed;
         closed += f.closed;
+        for (code, n) in &f.close_codes {
+            let k = if *code == 0 { "none".to_owned() } else { code.to_string() };
+            *closes_by_code.entry(k).or_default() += n;
+        }
         gen_cpu += f.cpu_s;
     }
     let measured_deliveries = deliveries.saturating_sub(deliveries_before);
@@ -521,6 +526,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         connections: connected,
         failed_connections: failed,
         closed_during_run: closed,
+        closes_by_code,
         rooms: a.rooms,
         dist: format!("{:?}", a.dist).to_lowercase(),
         encoding: if a.sse {

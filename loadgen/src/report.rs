@@ -108,6 +108,8 @@ pub struct Report {
     pub connections: u64,
     pub failed_connections: u64,
     pub closed_during_run: u64,
+    /// Close frames the members received from the server, by close code ("none": no code).
+    pub closes_by_code: BTreeMap<String, u64>,
     pub rooms: u32,
     pub dist: String,
     pub encoding: String,
@@ -247,6 +249,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | figure | value |\n|---|---|\n\
          | connections (failed) | {conns} ({failed}) |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
+         | closes received, by code | {closes} |\n\
          | reconnected with since: after goaway or 4000/1013 close (failed; of which after a close); to upgraded p50/p99 | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
          | offered gift / chat per second (streams) | {og:.1} ({sg}) / {oc:.1} ({sc}) |\n\
@@ -289,6 +292,11 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         oc = r.publish_offered_per_s.get("chat").copied().unwrap_or(0.0),
         sg = r.publish_streams.get("gift").copied().unwrap_or(1),
         sc = r.publish_streams.get("chat").copied().unwrap_or(1),
+        closes = if r.closes_by_code.is_empty() {
+            "none".to_owned()
+        } else {
+            r.closes_by_code.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        },
         by_status = if r.publish_refused_by_status.is_empty() {
             "none".to_owned()
         } else {

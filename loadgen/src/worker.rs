@@ -98,6 +98,9 @@ pub struct Final {
     pub connected: u64,
     pub failed: u64,
     pub closed: u64,
+    /// Close frames received from the server, by close code (0: a close frame without one).
+    #[serde(default)]
+    pub close_codes: std::collections::BTreeMap<u16, u64>,
     pub deliveries: u64,
     pub frames: u64,
     pub bytes: u64,
@@ -490,6 +493,8 @@ struct Reader {
     /// Of `bytes`, those of pings: they keep coming while a run settles, so "bytes still
     /// moving" (a slow reader inside a large frame) counts the others only.
     ping_bytes: u64,
+    /// Close frames received, by code (0: none given).
+    close_codes: std::collections::BTreeMap<u16, u64>,
     closed: u64,
     /// Follow goaways and resume after 4000/1013 closes.
     follow: bool,
@@ -587,8 +592,15 @@ impl Reader {
                     self.ping_bytes += total as u64;
                     c.on_ping(payload, self.frames);
                 }
-                (Target::Edge, ws::OpCode::Close) if self.follow => c.on_close(payload),
-                (_, ws::OpCode::Close) => c.open = false,
+                (_, ws::OpCode::Close) => {
+                    let code = payload.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                    *self.close_codes.entry(code).or_default() += 1;
+                    if self.target == Target::Edge && self.follow {
+                        c.on_close(payload);
+                    } else {
+                        c.open = false;
+                    }
+                }
                 (Target::Nchan, ws::OpCode::Text) => {
                     if let Some(kind) = body_kind(payload) {
                         let kind = kind.to_owned();
@@ -655,6 +667,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         frames: 0,
         bytes: 0,
         ping_bytes: 0,
+        close_codes: std::collections::BTreeMap::new(),
         closed: 0,
         follow: args.follow_goaway,
         sse: args.sse,
@@ -902,6 +915,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 connected: conns.len() as u64,
                 failed,
                 closed: reader.closed,
+                close_codes: std::mem::take(&mut reader.close_codes),
                 deliveries: reader.deliveries,
                 frames: reader.frames,
                 bytes: reader.bytes,

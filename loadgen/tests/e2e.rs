@@ -148,6 +148,11 @@ fn readers_closed_as_slow_consumers_resume_and_lose_no_gift() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
     assert!(v["resumed_after_close"].as_u64().unwrap() > 0, "slow readers were closed and resumed: {v}");
+    // The closes are in the results by code: slow-consumer closes (4000), maybe replay-budget
+    // ones (1013), nothing else.
+    let codes = v["closes_by_code"].as_object().expect("closes_by_code");
+    assert!(codes.get("4000").and_then(serde_json::Value::as_u64).unwrap_or(0) > 0, "{v}");
+    assert!(codes.keys().all(|k| k == "4000" || k == "1013"), "{v}");
     assert_eq!(v["reconnect_failed"], 0, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "every gift reached every reader: {v}");
     assert_eq!(v["duplicates"]["gift"], 0, "{v}");
@@ -185,5 +190,6 @@ fn members_answer_pings_and_outlive_the_idle_timeout() {
     // Nobody was closed by the edge during the run, so nobody came back.
     assert_eq!(v["reconnects"], 0, "{v}");
     assert_eq!(v["closed_during_run"], 0, "{v}");
+    assert_eq!(v["closes_by_code"], serde_json::json!({}), "no close frame during the run: {v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
