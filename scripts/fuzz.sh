@@ -19,7 +19,8 @@ cd "$(dirname "$0")/.."
 
 secs=${1:-20}
 shift || true
-[[ $secs =~ ^[0-9]+$ ]] || { echo "usage: $0 [SECONDS] [TARGET...]" >&2; exit 2; }
+# At least 1: libFuzzer reads -max_total_time=0 as "no limit".
+[[ $secs =~ ^[0-9]+$ && $secs -ge 1 ]] || { echo "usage: $0 [SECONDS >= 1] [TARGET...]" >&2; exit 2; }
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz not found: run scripts/setup.sh" >&2; exit 1; }
 
 export RUSTC_BOOTSTRAP=1
@@ -28,10 +29,14 @@ export RUSTC_BOOTSTRAP=1
 out="${CARGO_TARGET_DIR:-$PWD/target}/fuzz"
 opts=(--fuzz-dir fuzz --target-dir "$out" --sanitizer none --debug-assertions)
 
+mapfile -t known < <(cargo fuzz list --fuzz-dir fuzz)
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  mapfile -t targets < <(cargo fuzz list --fuzz-dir fuzz)
+  targets=("${known[@]}")
 fi
+for t in "${targets[@]}"; do
+  [[ " ${known[*]} " == *" $t "* ]] || { echo "fuzz: no target '$t' (targets: ${known[*]})" >&2; exit 2; }
+done
 
 cargo fuzz build "${opts[@]}"
 

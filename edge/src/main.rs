@@ -439,6 +439,9 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str) {
     }
 }
 
+/// How long `edge dispatch` lets requests under way finish once told to stop.
+const DISPATCH_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyhow::Result<()> {
     // The same checks as ws.allowed_origins in a config file.
     let mut check = Config::default();
@@ -486,15 +489,27 @@ fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyho
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("SIGINT handler")?;
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let notify = stopping.clone();
         let stop = async move {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             tracing::info!("dispatch stopping");
+            notify.notify_one();
         };
         println!("roomcast dispatch ready http={}", listener.local_addr()?);
-        axum::serve(listener, app).with_graceful_shutdown(stop).await?;
+        // Requests under way get DISPATCH_GRACE to finish; a client holding a half-sent request
+        // does not keep the process alive past it.
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop);
+        tokio::select! {
+            r = serve => r?,
+            () = async {
+                stopping.notified().await;
+                tokio::time::sleep(DISPATCH_GRACE).await;
+            } => tracing::warn!(grace_s = DISPATCH_GRACE.as_secs(), "dispatch stopped with requests still open"),
+        }
         Ok(())
     })
 }

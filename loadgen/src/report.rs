@@ -250,7 +250,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | connections (failed) | {conns} ({failed}) |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
          | closes received, by code | {closes} |\n\
-         | reconnected with since: after goaway or 4000/1013 close (failed; of which after a close); to upgraded p50/p99 | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms |\n\
+         | reconnected with since: after goaway or a server close (failed; of which after a close); to upgraded p50/p99 | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
          | offered gift / chat per second (streams) | {og:.1} ({sg}) / {oc:.1} ({sc}) |\n\
          | refusals by status | {by_status} |\n\

@@ -384,12 +384,16 @@ impl Conn {
 
     /// A close frame: after 4000 (slow consumer) or 1013 (replay budget), come back to the same
     /// edge with `since` after a random delay under a second, as a client would.
-    fn on_close(&mut self, payload: &[u8]) {
-        self.open = false;
+    /// Other closes a client would come back from (1001 going away or idle, 1011 server
+    /// error, 1012 restart) resume the same way; the rest (a kick, an expired token, a protocol
+    /// error) end the member. Returns whether the member is gone for good (counted as closed).
+    fn on_close(&mut self, payload: &[u8]) -> bool {
+        let was_open = std::mem::replace(&mut self.open, false);
         let code = payload.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-        if matches!(code, Some(4000 | 1013)) {
-            self.resume();
+        if matches!(code, Some(4000 | 1013 | 1001 | 1011 | 1012)) && self.resume() {
+            return false;
         }
+        was_open && self.goaway.is_none()
     }
 
     /// Comes back to the same edge with `since` after a random delay under a second (unless a
@@ -595,10 +599,13 @@ impl Reader {
                 (_, ws::OpCode::Close) => {
                     let code = payload.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
                     *self.close_codes.entry(code).or_default() += 1;
-                    if self.target == Target::Edge && self.follow {
-                        c.on_close(payload);
+                    let gone = if self.target == Target::Edge && self.follow {
+                        c.on_close(payload)
                     } else {
-                        c.open = false;
+                        std::mem::replace(&mut c.open, false)
+                    };
+                    if gone {
+                        self.closed += 1;
                     }
                 }
                 (Target::Nchan, ws::OpCode::Text) => {

@@ -193,3 +193,34 @@ fn members_answer_pings_and_outlive_the_idle_timeout() {
     assert_eq!(v["closes_by_code"], serde_json::json!({}), "no close frame during the run: {v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Members the edge closes with a close frame other than 4000/1013 (here 1001, idle: the edge
+/// sends no pings and times members out after 1 s) are counted by code and come back with
+/// `since`, as a client would, instead of silently dropping out while the results still said
+/// every member was connected.
+#[test]
+fn members_closed_for_idleness_are_counted_and_come_back() {
+    let dir = std::env::temp_dir().join(format!("loadgen-e2e-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, "[ws]\nping_interval_ms = 0\nidle_timeout_ms = 1000\n").unwrap();
+    let (mut edge, ws, http) = edge(&["--shards", "2", "--config", cfg.to_str().unwrap()]);
+    let out = dir.join("out");
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &ws, "--http", &http, "--connections", "100", "--workers", "1"])
+        .args(["--duration", "4", "--gift-rate", "5", "--chat-rate", "0", "--scenario", "e2e-idle"])
+        .args(["--out", out.to_str().unwrap()])
+        .status()
+        .expect("loadgen");
+    stop(&mut edge);
+    assert!(status.success());
+    let res = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(res.join("result.json")).unwrap()).unwrap();
+    assert!(v["closes_by_code"]["1001"].as_u64().unwrap_or(0) >= 100, "every member idled out at least once: {v}");
+    assert!(v["reconnects"].as_u64().unwrap() >= 100, "and came back: {v}");
+    assert_eq!(v["closed_during_run"], 0, "none dropped out for good: {v}");
+    let readme = std::fs::read_to_string(res.join("README.md")).unwrap();
+    assert!(readme.contains("| closes received, by code | 1001: "), "{readme}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
