@@ -70,6 +70,7 @@ pub enum AuthConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// A key file does not hold a public key of its algorithm in PEM.
     #[error("auth.keys[{index}].file: not a {alg:?} public key in PEM: {message}")]
     BadKey {
         /// The key's place in `auth.keys`.
