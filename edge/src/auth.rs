@@ -36,16 +36,22 @@ pub fn check_user_id(user: &str) -> Result<(), &'static str> {
 /// names the problem, never the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// No token in the query or the Authorization header.
     #[error("missing token: pass ?token=JWT or Authorization: Bearer JWT")]
     Missing,
+    /// Not a JWT this edge accepts: malformed, bad signature or wrong algorithm (the reason follows).
     #[error("invalid token: {0}")]
     Invalid(String),
+    /// Its `exp` has passed (leeway included).
     #[error("token expired")]
     Expired,
+    /// Its `nbf` is still ahead (leeway included).
     #[error("token not valid yet (nbf)")]
     NotYet,
+    /// Its `kid` names no configured key.
     #[error("token has no usable key: unknown kid {0:?}")]
     UnknownKid(String),
+    /// Its `sub` is empty, longer than 64 bytes or holds control characters.
     #[error("bad sub: 1 to 64 bytes, no control characters")]
     BadSub,
 }
@@ -53,15 +59,28 @@ pub enum AuthError {
 /// Why the auth configuration cannot be used (start-up errors name the key).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
+    /// A key file could not be read.
     #[error("auth.keys[{index}].file: cannot read {path}: {source}")]
     ReadKey {
+        /// The key's place in `auth.keys`.
         index: usize,
+        /// The file named.
         path: String,
+        /// The read error.
         #[source]
         source: std::io::Error,
     },
+    /// A key file does not hold a public key of its algorithm in PEM.
     #[error("auth.keys[{index}].file: not a {alg:?} public key in PEM: {message}")]
-    BadKey { index: usize, alg: KeyAlg, message: String },
+    BadKey {
+        /// The key's place in `auth.keys`.
+        index: usize,
+        /// The algorithm the key was configured for.
+        alg: KeyAlg,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// The HS256 secret is too short to resist brute force.
     #[error("auth.hs256_secret: at least 32 bytes (a shorter HMAC secret can be brute-forced)")]
     ShortSecret,
 }
@@ -151,6 +170,7 @@ pub struct Identity {
     pub rooms: Option<Arc<[String]>>,
     /// Kinds the connection may publish over the socket (None: the kinds configured for clients).
     pub publish: Option<Arc<[String]>>,
+    /// No token: the edge made up the user id (anonymous mode).
     pub anonymous: bool,
 }
 
@@ -160,6 +180,7 @@ impl Identity {
         Self { user: Arc::from(format!("anon-{id:016x}")), exp: None, rooms: None, publish: None, anonymous: true }
     }
 
+    /// Whether the token's room patterns (if any) let this connection join `room`.
     pub fn may_join(&self, room: &str) -> bool {
         self.rooms.as_ref().is_none_or(|r| r.iter().any(|p| room_matches(p, room)))
     }
@@ -177,10 +198,14 @@ impl Identity {
 /// The claims a connection token carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
+    /// The user id (1 to 64 bytes, no control characters).
     pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Room patterns the connection may join (exact names or `prefix*`); absent: every room.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rooms: Option<Vec<String>>,
+    /// Kinds the connection may publish over its socket (claim `pub`); absent: the configured defaults.
     #[serde(default, rename = "pub", skip_serializing_if = "Option::is_none")]
     pub publish: Option<Vec<String>>,
     /// Not before (RFC 7519 §4.1.5), seconds since the Unix epoch.

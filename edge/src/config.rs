@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The edge's configuration as the TOML file lays it out, every key with its default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -41,27 +42,43 @@ pub struct Config {
     /// Bearer token for `POST /v1/admin/*`. Unset: admin endpoints are refused (403). Never
     /// printed (`Debug` shows `<redacted>`); compared in constant time.
     pub admin_token: Option<Secret>,
+    /// `[drain]`: how a draining edge sends its clients away.
     pub drain: DrainConfig,
+    /// `[ws]`: the WebSocket listener's bounds, origins and signalling limits.
     pub ws: WsConfig,
+    /// `[fanout]`: how rooms' messages are merged into frames.
     pub fanout: FanoutConfig,
+    /// `[send]`: per-connection send queues and socket buffers.
     pub send: SendConfig,
+    /// `[uring]`: each shard's ring and receive buffers.
     pub uring: UringConfig,
+    /// `[engine]`: where the room engines run.
     pub engine: EngineSection,
+    /// `[ingest]`: the publish API's threads, keys, body bound and idempotency.
     pub ingest: IngestConfig,
     /// Message kinds and whether each must be delivered. Publishing an unlisted kind is a 400.
     pub kinds: BTreeMap<String, KindConfig>,
+    /// `[limits]`: publish rates, room counts and per-address connection bounds.
     pub limits: LimitsConfig,
+    /// `[history]`: what rooms keep for recovery and join replays.
     pub history: HistoryConfig,
+    /// `[adaptive]`: adaptive merging and sampling of hot rooms.
     pub adaptive: AdaptiveConfig,
+    /// `[probes]`: where the kernel figures come from and how often.
     pub probes: ProbesConfig,
+    /// `[health]`: the thresholds of the health policy.
     pub health: HealthConfig,
+    /// `[auth]`: connection tokens.
     pub auth: AuthConfig,
     /// Where the single-node edge keeps its durable state (rooms' epochs and seqs, must-deliver
     /// history): `--data-dir`. Relative paths are from the working directory. Unused in Redis
     /// mode (Redis, run with AOF, is the authority).
     pub data_dir: PathBuf,
+    /// `[store]`: the single-node store's durability and retention.
     pub store: StoreConfig,
+    /// `[presence]`: online counts.
     pub presence: PresenceConfig,
+    /// `[moderation]`: bans and their bounds.
     pub moderation: ModerationConfig,
 }
 
@@ -114,8 +131,11 @@ impl Default for PresenceConfig {
 /// likes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
+    /// fsync before acknowledging.
     Always,
+    /// Acknowledge once written; fsync at most every this many milliseconds.
     IntervalMs(u64),
+    /// Never fsync: the kernel flushes when it likes.
     Never,
 }
 
@@ -143,6 +163,7 @@ pub struct BusConfig {
 }
 
 impl BusConfig {
+    /// A bus on `url` with the default replica settings (none waited for).
     pub fn new(url: impl Into<String>) -> Self {
         Self { url: url.into(), min_replicas_acked: 0, replicas_timeout_ms: 1000 }
     }
@@ -200,12 +221,14 @@ impl<'de> Deserialize<'de> for Fsync {
     }
 }
 
+/// `[store]`: whether the single-node edge keeps rooms on disk, how durably, and for how long.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Keep rooms' numbering and must-deliver history on disk (single-node mode). Off: a
     /// restart gives every room a new epoch (clients are told with `reset`).
     pub enabled: bool,
+    /// When a must-deliver message counts as stored (see `Fsync`).
     pub fsync: Fsync,
     /// Disk the store may use. At the bound, must-deliver publishes are refused (507, the
     /// publisher retries or alerts) until retention frees space; nothing stored is dropped
@@ -281,9 +304,11 @@ pub enum ProbeSource {
     Off,
 }
 
+/// `[probes]`: the kernel probes' source and period.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbesConfig {
+    /// Where socket figures come from (eBPF, sock_diag, or off); `auto` picks the best available.
     pub source: ProbeSource,
     /// How often the probe thread looks at the kernel (and the health policy runs). A look at
     /// 10^5 sockets costs a few ms of one core (bench-results/*-probes); 1 s keeps that under 1%.
@@ -304,20 +329,24 @@ pub struct HealthConfig {
     /// Sockets in CLOSE_WAIT: the peer has gone and the edge has not closed. A few are normal for
     /// an instant; thousands mean a shard is not getting round to its closes.
     pub close_wait_degraded: u64,
+    /// CLOSE_WAIT sockets at which the edge is overloaded.
     pub close_wait_overloaded: u64,
     /// The 99th percentile of Send-Q over the edge's sockets, bytes: clients falling behind.
     /// The defaults sit at 1/4 and 3/4 of the kernel's buffer for the default
     /// send.socket_send_buffer (16 KiB, doubled by the kernel).
     pub send_queue_p99_degraded_bytes: u64,
+    /// Send-Q 99th percentile (bytes) at which the edge is overloaded.
     pub send_queue_p99_overloaded_bytes: u64,
     /// The Send-Q rule applies from this many connected sockets: the 99th percentile of a
     /// handful of sockets is simply the busiest one (a single bulk transfer would flag the edge).
     pub send_queue_min_sockets: u64,
     /// The fullest accept queue as a fraction of its limit: shards not accepting fast enough.
     pub accept_queue_degraded: f64,
+    /// Accept-queue fill (0 to 1) at which the edge is overloaded.
     pub accept_queue_overloaded: f64,
     /// Retransmitted segments per second on the edge's sockets: a lossy or congested path.
     pub retransmits_degraded_per_s: f64,
+    /// Retransmits per second at which the edge is overloaded.
     pub retransmits_overloaded_per_s: f64,
     /// Consecutive better looks needed before the state improves (it worsens at once), so a
     /// state at a threshold does not flap.
@@ -353,6 +382,7 @@ impl Default for HealthConfig {
 /// buffers (4 MiB by default), so past this a box runs out of memory before it runs out of cores.
 pub const MAX_SHARDS: usize = 1024;
 
+/// One message kind (`[kinds.NAME]`): its delivery class, publishers and conflation.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KindConfig {
@@ -377,6 +407,7 @@ pub struct KindConfig {
 }
 
 impl KindConfig {
+    /// Who may publish the kind: as configured, else by its delivery class.
     pub fn publishers(&self) -> Publishers {
         self.publishers.unwrap_or(if self.must_deliver { Publishers::Api } else { Publishers::Both })
     }
@@ -386,16 +417,21 @@ impl KindConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Publishers {
+    /// The publish API only.
     Api,
+    /// Clients over their socket only.
     Clients,
+    /// Both the publish API and clients.
     Both,
 }
 
 impl Publishers {
+    /// Whether clients may publish the kind over their socket.
     pub fn clients(self) -> bool {
         matches!(self, Self::Clients | Self::Both)
     }
 
+    /// Whether the publish API may publish the kind.
     pub fn api(self) -> bool {
         matches!(self, Self::Api | Self::Both)
     }
@@ -426,36 +462,45 @@ impl Default for AuthConfig {
     }
 }
 
+/// One public key for RS256/ES256 tokens (`[[auth.keys]]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublicKeyConfig {
     /// Matched against the token header's `kid` (absent: tried for every token of its alg).
     pub kid: Option<String>,
+    /// The algorithm tokens signed with this key use.
     pub alg: KeyAlg,
     /// PEM file with the public key.
     pub file: String,
 }
 
+/// The signature algorithms accepted for public keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum KeyAlg {
+    /// RSA PKCS#1 v1.5 with SHA-256.
     #[serde(rename = "RS256")]
     Rs256,
+    /// ECDSA P-256 with SHA-256.
     #[serde(rename = "ES256")]
     Es256,
 }
 
+/// `[limits]`: rate limits on publishing and bounds on rooms and per-address connections.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Droppable messages per second per room (token bucket); over it: 429, counted as dropped.
     pub room_rate: f64,
+    /// Burst of the per-room droppable bucket.
     pub room_burst: f64,
     /// Droppable messages per second per user, across rooms.
     pub user_rate: f64,
+    /// Burst of the per-user droppable bucket.
     pub user_burst: f64,
     /// Must-deliver messages per second per room: a separate, higher limit that rejects (429,
     /// the publisher retries) and never silently drops.
     pub must_deliver_room_rate: f64,
+    /// Burst of the per-room must-deliver bucket.
     pub must_deliver_room_burst: f64,
     /// Rooms this edge keeps at most (split evenly over its engines), whether they were
     /// created by a publish or by a client's join: beyond it, publishes get 503 and joins an
@@ -470,12 +515,14 @@ pub struct LimitsConfig {
     /// New connections per second one address may open (token bucket; 0: no limit). Over
     /// either bound the connection gets a 429 and is closed at once, before its request is read.
     pub per_ip_connect_rate: f64,
+    /// Burst of the per-address connect bucket.
     pub per_ip_connect_burst: f64,
     /// Networks the per-address bounds skip. Loopback by default: behind a TLS terminator on
     /// the same host every client would look like 127.0.0.1.
     pub ip_exempt: Vec<ipnet::IpNet>,
 }
 
+/// `[history]`: what each room keeps for `since` recovery and join replays.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
@@ -487,6 +534,7 @@ pub struct HistoryConfig {
     /// Bytes of must-deliver (droppable) history per room: the oldest go first (an evicted
     /// must-deliver seq is a `gap` to a `since` below it).
     pub must_deliver_bytes: usize,
+    /// Bytes of droppable history per room (see `must_deliver_bytes`).
     pub droppable_bytes: usize,
     /// Bytes of droppable history the whole edge keeps: beyond, new droppable messages are
     /// delivered but not kept (rooms times `droppable_bytes` could otherwise be anything).
@@ -501,6 +549,7 @@ pub struct HistoryConfig {
     pub room_idle_ms: u64,
 }
 
+/// `[adaptive]`: how hot rooms' windows widen and their droppable messages are sampled under load.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdaptiveConfig {
@@ -538,6 +587,7 @@ pub struct AdaptiveConfig {
     pub gift_latency_target_ms: u64,
 }
 
+/// `[drain]`: how a draining edge sends its clients away: pace, deadline, dispatch.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
@@ -559,6 +609,7 @@ impl Default for DrainConfig {
     }
 }
 
+/// `[ws]`: the WebSocket listener's bounds, timeouts, origins and signalling limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WsConfig {
@@ -584,6 +635,7 @@ pub struct WsConfig {
     /// of refused messages in a row is closed with 1008. Default 20/s, burst 40: a
     /// person switches rooms and chats far slower; a bot that needs more gets its own limits.
     pub signal_rate: f64,
+    /// Burst of the per-connection signalling bucket.
     pub signal_burst: f64,
     /// Origins browsers may connect from (RFC 6455 §10.2): exact (`https://example.com`) or a
     /// wildcard subdomain (`https://*.example.com`). Empty (default): any. A request whose
@@ -594,6 +646,7 @@ pub struct WsConfig {
     pub allowed_origins: Vec<String>,
 }
 
+/// `[fanout]`: the merge window and the bounds of one merged frame.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FanoutConfig {
@@ -610,6 +663,7 @@ pub struct FanoutConfig {
     pub max_batch_bytes: usize,
 }
 
+/// `[send]`: per-connection send queue bounds and socket buffers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SendConfig {
@@ -660,6 +714,7 @@ pub enum Placement {
     Beside,
 }
 
+/// `[engine]`: whether room engines run on the shards' threads or beside them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
@@ -673,6 +728,7 @@ impl Default for EngineSection {
     }
 }
 
+/// `[uring]`: the size of each shard's ring and receive-buffer pool.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UringConfig {
@@ -684,6 +740,7 @@ pub struct UringConfig {
     pub recv_buffer_size: usize,
 }
 
+/// `[ingest]`: the publish API's threads, keys, body bound and idempotency keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
@@ -739,10 +796,12 @@ pub struct ApiKeyConfig {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret read from the environment or a file.
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }
 
+    /// The secret's text, for the one place that must compare or send it.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -906,16 +965,31 @@ impl Default for IngestConfig {
 /// A config that cannot be used, naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file cannot be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file named.
         path: String,
+        /// The read error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not valid TOML, or a value has the wrong type.
     #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The file named.
+        path: String,
+        /// The TOML parser's complaint.
+        message: String,
+    },
+    /// A value is out of range or contradicts another.
     #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The key at fault (`section.key`).
+        key: &'static str,
+        /// What is wrong, and what is allowed.
+        message: String,
+    },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -1325,6 +1399,7 @@ impl Config {
         if self.shards == 0 { crate::sys::allowed_cpus().len().clamp(1, MAX_SHARDS) } else { self.shards }
     }
 
+    /// The merge window as a Duration (`fanout.merge_window_ms`).
     pub fn merge_window(&self) -> Duration {
         Duration::from_millis(self.fanout.merge_window_ms)
     }

@@ -48,15 +48,21 @@ impl EdgeHealth {
 /// One edge's load report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EdgeLoad {
+    /// The edge's id, unique in the cluster (its registry key is `rc:edge:{id}`).
     pub id: String,
     /// Where clients connect (`ws://host:port/ws`).
     pub ws_url: String,
+    /// WebSocket connections it holds now.
     pub connections: u64,
     /// Most connections this edge should hold (shards x table size, or configured).
     pub capacity: u64,
+    /// WebSocket frames it wrote per second since its previous report.
     pub frames_per_s: f64,
+    /// Bytes it wrote per second since its previous report.
     pub bytes_per_s: f64,
+    /// Its health policy's verdict: an overloaded edge gets no new clients.
     pub health: EdgeHealth,
+    /// Shutting down: dispatch sends it no new clients.
     pub draining: bool,
     /// When the report was made, ms since the epoch.
     pub at_ms: u64,
@@ -201,8 +207,10 @@ pub mod registry {
     use super::EdgeLoad;
     use crate::bus::redis::Conn;
 
+    /// The sorted set of edge ids, scored by their last report time (ms).
     pub const EDGES: &str = "rc:edges";
 
+    /// The key of the edge's JSON load report.
     pub fn key(id: &str) -> String {
         format!("rc:edge:{id}")
     }

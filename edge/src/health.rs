@@ -31,25 +31,35 @@ use crate::dispatch::EdgeHealth;
 /// What the policy looks at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Inputs {
+    /// Sockets in CLOSE_WAIT: peers closed and the edge has not yet.
     pub close_wait: u64,
+    /// 99th percentile of the connected sockets' unsent bytes (Send-Q).
     pub send_queue_p99_bytes: u64,
     /// Connected sockets the Send-Q percentile is taken over.
     pub send_queue_sockets: u64,
+    /// Fullest listener accept queue, as a share of its backlog (0 to 1).
     pub accept_queue_fill: f64,
+    /// TCP retransmits per second, as the probe source counts them.
     pub retransmits_per_s: f64,
 }
 
 /// Per-second rates between two snapshots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Rates {
+    /// TCP retransmits per second.
     pub retransmits_per_s: f64,
+    /// Connections opened per second (None where the probe source does not count them).
     pub opened_per_s: Option<f64>,
+    /// Connections closed per second (None where the probe source does not count them).
     pub closed_per_s: Option<f64>,
+    /// Sockets entering CLOSE_WAIT per second (None where the probe source does not count them).
     pub close_wait_entered_per_s: Option<f64>,
+    /// The namespace's TcpExt ListenDrops per second: connections dropped before any accept.
     pub listen_drops_per_s: f64,
 }
 
 impl Rates {
+    /// Rates from the counters of two snapshots taken `dt` apart.
     pub fn between(prev: &Snapshot, now: &Snapshot, dt: Duration) -> Self {
         let dt = dt.as_secs_f64().max(1e-3);
         let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / dt;
@@ -65,6 +75,7 @@ impl Rates {
 }
 
 impl Inputs {
+    /// The policy's inputs from a snapshot and the rates leading to it.
     pub fn from_snapshot(s: &Snapshot, rates: &Rates) -> Self {
         Self {
             close_wait: s.in_state(state::CLOSE_WAIT),
@@ -125,6 +136,7 @@ pub fn assess(cfg: &HealthConfig, i: &Inputs) -> (EdgeHealth, Vec<String>) {
     (level, reasons)
 }
 
+/// The level as /healthz and the metrics label name it.
 pub fn level_name(h: EdgeHealth) -> &'static str {
     match h {
         EdgeHealth::Ok => "ok",
@@ -142,10 +154,12 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Starts at `ok`, improving only after `recover_after` better looks in a row.
     pub fn new(recover_after: u32) -> Self {
         Self { current: EdgeHealth::Ok, better: 0, recover_after }
     }
 
+    /// The state in force.
     pub fn current(&self) -> EdgeHealth {
         self.current
     }
@@ -169,10 +183,13 @@ impl Policy {
 /// The published verdict.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
+    /// The state in force (after hysteresis).
     pub status: EdgeHealth,
     /// Rules past a threshold at the last look (may be empty while recovering).
     pub reasons: Vec<String>,
+    /// The figures the rules looked at.
     pub inputs: Inputs,
+    /// The rates the figures came with.
     pub rates: Rates,
     /// Where the figures come from (`None`: no kernel probes).
     pub source: Option<&'static str>,
@@ -206,6 +223,7 @@ pub struct KernelView {
 }
 
 impl KernelView {
+    /// A view with no snapshot yet that publishes the state into `level`, shared with the shards.
     pub fn new(level: Arc<AtomicU8>, refuse_when_overloaded: bool) -> Self {
         Self {
             latest: Mutex::new(None),
@@ -217,14 +235,17 @@ impl KernelView {
         }
     }
 
+    /// The latest kernel snapshot, if one was taken.
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
         self.latest.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// The latest verdict (a copy), for /healthz.
     pub fn report(&self) -> HealthReport {
         self.report.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// The state in force, as the shards read it.
     pub fn status(&self) -> EdgeHealth {
         EdgeHealth::from_level(self.level.load(Ordering::Relaxed))
     }
@@ -264,6 +285,7 @@ fn open(cfg: &ProbesConfig, ports: &[u16]) -> Option<Probes> {
 
 /// The probe thread.
 pub struct Monitor {
+    /// What the probe thread found, shared with the HTTP API and the shards.
     pub view: Arc<KernelView>,
     thread: Option<JoinHandle<()>>,
 }
@@ -286,6 +308,7 @@ impl Monitor {
         Self { view, thread }
     }
 
+    /// Stops the probe thread and waits for it to end.
     pub fn stop(&mut self) {
         self.view.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {

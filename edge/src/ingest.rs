@@ -31,14 +31,20 @@ use crate::metrics::Metrics;
 /// Longest `user` accepted.
 pub const MAX_USER_LEN: usize = 64;
 
+/// What every publish API handler shares: the bus, the figures, the keys and the edge's switches.
 #[derive(Clone)]
 pub struct AppState {
+    /// Where publishes and room queries go.
     pub bus: BusHandle,
+    /// The edge's metric families (for /metrics and the publish counters).
     pub metrics: Arc<Metrics>,
     /// Kernel probes and health (crate::health).
     pub kernel: Arc<KernelView>,
+    /// Number of shards, for /healthz.
     pub shards: usize,
+    /// When the edge started, for uptime in /healthz.
     pub started: Instant,
+    /// Where `GET /v1/route` finds edges.
     pub route: Arc<RouteSource>,
     /// Bearer token for admin endpoints (None: refused).
     pub admin_token: Option<Secret>,
@@ -48,6 +54,7 @@ pub struct AppState {
     pub clients_only_kinds: Arc<Vec<String>>,
     /// Asks the main thread to start a drain.
     pub drain: tokio::sync::mpsc::UnboundedSender<()>,
+    /// Set once the edge drains: /v1/route stops sending clients here.
     pub draining: Arc<AtomicBool>,
     /// Asks the load reporter to publish now (None: no shared bus).
     pub report_now: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,
@@ -79,11 +86,22 @@ impl AppState {
 /// Where `GET /v1/route` finds edges.
 pub enum RouteSource {
     /// Single node: this edge, unless it drains.
-    Embedded { url: String },
+    Embedded {
+        /// This edge's WebSocket URL.
+        url: String,
+    },
     /// Every edge's load report in Redis.
-    Redis { cm: Conn, dispatcher: Mutex<Dispatcher>, max_age_ms: u64 },
+    Redis {
+        /// The connection the reports are read over.
+        cm: Conn,
+        /// Chooses among the live edges.
+        dispatcher: Mutex<Dispatcher>,
+        /// Edges whose last report is older than this (ms) count as gone.
+        max_age_ms: u64,
+    },
 }
 
+/// The HTTP API: publish, room stats, route, admin drain, kernel view, dashboard, health, metrics and moderation.
 pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/rooms/{room}/messages", post(publish))
@@ -105,6 +123,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .with_state(state)
 }
 
+/// The query of `GET /v1/route`: the room the client means to join, if given.
 #[derive(Deserialize)]
 pub struct RouteQuery {
     room: Option<String>,
@@ -235,7 +254,9 @@ async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
+    /// The message's kind (1 to 32 bytes of `[a-z0-9_]`).
     pub kind: String,
+    /// The user the message is attributed to (at most 64 bytes, no control characters; may be empty).
     #[serde(default)]
     pub user: String,
     /// The body, the exact JSON text sent (validated JSON: a `RawValue` only holds that).
@@ -248,8 +269,11 @@ pub struct PublishRequest {
 pub enum BodyRefusal {
     /// Not JSON, or not the request's shape.
     Json(String),
+    /// The kind's name is not 1 to 32 bytes of `[a-z0-9_]`.
     Kind(&'static str),
+    /// The body holds what no message may (see `envelope::check_body`).
     Body(&'static str),
+    /// The user is longer than 64 bytes or holds control characters.
     User(&'static str),
 }
 
@@ -297,6 +321,7 @@ impl PublishRequest {
     }
 }
 
+/// An error answer: `status` with the JSON body `{"error": reason}`.
 pub fn error(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
 }
@@ -650,6 +675,7 @@ pub fn is_loopback(addr: SocketAddr) -> bool {
 
 /// One publish key, resolved (`key_env` read) and checked.
 pub struct PublishKey {
+    /// The key's name, shown in answers and logs instead of its value.
     pub name: String,
     secret: Secret,
     /// Exact names, or prefixes ending in `*`; None: every room.
@@ -663,6 +689,7 @@ pub struct PublishKey {
 
 /// The scopes a key may carry (`[[ingest.keys]] scopes`).
 pub const SCOPE_PUBLISH: &str = "publish";
+/// The scope of the moderation API (kick, ban, delete).
 pub const SCOPE_MODERATE: &str = "moderate";
 
 impl PublishKey {
@@ -681,10 +708,12 @@ impl PublishKey {
         self.rooms.is_none()
     }
 
+    /// Whether the key may publish to (or moderate) `room`.
     pub fn allows_room(&self, room: &str) -> bool {
         self.rooms.as_ref().is_none_or(|pats| pats.iter().any(|p| crate::auth::room_matches(p, room)))
     }
 
+    /// Whether the key may publish `kind`.
     pub fn allows_kind(&self, kind: &str) -> bool {
         self.kinds.as_ref().is_none_or(|ks| ks.iter().any(|k| k == kind))
     }
@@ -712,14 +741,34 @@ pub enum KeyRefusal {
     /// A key that is not configured.
     BadKey,
     /// A known key, not for this room.
-    Room { key: String, room: String },
+    Room {
+        /// The key's name.
+        key: String,
+        /// The room asked for.
+        room: String,
+    },
     /// A known key, not for this kind.
-    Kind { key: String, kind: String },
+    Kind {
+        /// The key's name.
+        key: String,
+        /// The kind asked for.
+        kind: String,
+    },
     /// A known key without the scope this endpoint needs (`publish` or `moderate`).
-    Scope { key: String, scope: &'static str },
+    Scope {
+        /// The key's name.
+        key: String,
+        /// The scope it lacks.
+        scope: &'static str,
+    },
     /// A moderator's key used outside its rooms (None: a disconnect, which reaches every room,
     /// by a key limited to some).
-    ModerateRoom { key: String, room: Option<String> },
+    ModerateRoom {
+        /// The key's name.
+        key: String,
+        /// The room asked for (None: all of them).
+        room: Option<String>,
+    },
 }
 
 impl KeyRefusal {
@@ -939,14 +988,17 @@ impl PublishKeys {
         Ok(Self { keys })
     }
 
+    /// True when no key is configured: the publish API is open.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 
+    /// How many keys are configured.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// The keys' names (never their values), for logs and Debug.
     pub fn names(&self) -> Vec<&str> {
         self.keys.iter().map(|k| k.name.as_str()).collect()
     }

@@ -27,7 +27,10 @@ pub type IpKey = u128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Let it in; `counted`: the guard counts it (release it on close with its key).
-    Admit { counted: bool },
+    Admit {
+        /// The guard counts it: release it on close with its key.
+        counted: bool,
+    },
     /// The address holds `limits.per_ip_connections` connections already.
     TooMany,
     /// The address opens connections faster than `limits.per_ip_connect_rate`.
@@ -51,6 +54,8 @@ struct Entry {
     at_ms: u64,
 }
 
+/// Per-address open-connection counts and connect-rate token buckets, shared by the shards and
+/// striped across mutexes so that they rarely contend.
 pub struct IpGuard {
     max_open: u32,
     rate: f64,
@@ -144,6 +149,7 @@ impl IpGuard {
         map.retain(|_, e| e.open > 0 || (rate > 0.0 && e.tokens + (now - e.at_ms) as f64 * rate / 1000.0 < burst));
     }
 
+    /// How many stripes the table has: callers sweep `0..stripes()` one stripe at a time.
     pub fn stripes() -> usize {
         STRIPES
     }

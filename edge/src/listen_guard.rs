@@ -27,6 +27,7 @@ const CMDLINE_MAX_CHARS: usize = 200;
 /// One socket line of /proc/net/tcp or /proc/net/tcp6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpEntry {
+    /// The socket's local address (the port a listener would take).
     pub local: SocketAddr,
     /// Kernel TCP state (`TCP_ESTABLISHED` = 0x01 ... [`TCP_LISTEN`] = 0x0A).
     pub state: u8,
@@ -38,6 +39,7 @@ pub struct TcpEntry {
 /// A process holding a listening socket on the port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
+    /// The holding process's id.
     pub pid: u32,
     /// /proc/[pid]/comm ("?" when unreadable).
     pub comm: String,
@@ -89,6 +91,7 @@ impl fmt::Display for Holders {
     }
 }
 
+/// Why the edge will not start listening on its port.
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
     /// Another listener holds the port and no takeover was asked for.
@@ -96,11 +99,18 @@ pub enum GuardError {
         "port {addr} is already served by {holders}; refusing to share it (SO_REUSEPORT would split \
          new connections between the two). Stop that process, or pass --takeover for a rolling restart"
     )]
-    PortHeld { addr: SocketAddr, holders: Holders },
+    PortHeld {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The processes listening on it.
+        holders: Holders,
+    },
     /// Not even a probe socket could be made, so whether the port is free is unknown.
     #[error("cannot check whether {addr} is free (listen): probe socket: {source}")]
     Probe {
+        /// The address that was to be checked.
         addr: SocketAddr,
+        /// Why the probe socket failed.
         #[source]
         source: io::Error,
     },

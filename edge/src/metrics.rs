@@ -67,6 +67,7 @@ impl CloseWhy {
         Self::Answered,
     ];
 
+    /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::PeerClosed => "peer_closed",
@@ -92,6 +93,7 @@ impl CloseWhy {
 pub struct ClosedBy(Vec<IntCounter>);
 
 impl ClosedBy {
+    /// Counts one close for `why`.
     pub fn inc(&self, why: CloseWhy) {
         if let Some(c) = self.0.get(why as usize) {
             c.inc();
@@ -103,6 +105,7 @@ impl ClosedBy {
 pub struct Metrics {
     registry: Registry,
     shard: ShardFamilies,
+    /// The engines' and the publish API's families.
     pub bus: BusStats,
     /// 1 while the edge drains.
     pub draining: IntGauge,
@@ -110,6 +113,7 @@ pub struct Metrics {
     pub perf: crate::perfcount::PerfFamilies,
     /// The moderation API's requests and refusals, and the bans in force.
     pub moderation: crate::moderation::ModerationStats,
+    /// Moderation bans in force known to this edge (with Redis: every edge's).
     pub bans: IntGauge,
 }
 
@@ -146,35 +150,52 @@ struct ShardFamilies {
 pub struct ShardStats {
     /// The perf counter families: the shard opens its own counters on its thread.
     pub perf: crate::perfcount::PerfFamilies,
+    /// Open connections (accepted, not yet closed): WebSocket, SSE and requests not yet answered.
     pub connections: IntGauge,
     /// Open SSE streams (answered 200, not yet closed): the `/sse` share of `connections`.
     pub sse_connections: IntGauge,
     /// `/sse` requests refused with an HTTP error (also in `handshake_failures`).
     pub sse_refused: IntCounter,
+    /// TCP connections accepted.
     pub accepted: IntCounter,
+    /// Connections closed, by reason.
     pub closed: ClosedBy,
+    /// Upgrades refused with an HTTP error or timed out.
     pub handshake_failures: IntCounter,
+    /// Connections closed for a WebSocket protocol violation (1002, 1007, 1009).
     pub protocol_errors: IntCounter,
+    /// WebSocket frames fully written to sockets.
     pub frames_written: IntCounter,
+    /// Bytes written to sockets.
     pub bytes_written: IntCounter,
+    /// Published messages written to member sockets (one per message per member).
     pub messages_delivered: IntCounter,
+    /// Connections closed (4000) because their send queue passed its bound.
     pub slow_consumer_closes: IntCounter,
+    /// Queued bytes of droppable messages dropped for connections that fell behind.
     pub shed_bytes: IntCounter,
     /// Delivery latency (the oldest message's arrival at its batch to the completion of the
     /// write to a member), sampled: frames
     /// carrying must-deliver messages, and droppable-only frames.
     pub latency_must: Histogram,
+    /// Delivery latency of droppable-only frames (see `latency_must`).
     pub latency_droppable: Histogram,
     /// The shard's measured capacity: frames written per second of its thread's CPU time
-    /// (EWMA), and the share of wall time its thread was busy.
+    /// (EWMA).
     pub frames_per_cpu_s: Gauge,
+    /// The share of wall time the shard's thread was busy (EWMA).
     pub busy: Gauge,
     /// The share of the CPU the shard's thread got while it wanted to run (EWMA).
     pub cpu_share: Gauge,
+    /// Sends that failed (peer reset, broken pipe).
     pub send_errors: IntCounter,
+    /// Rooms with at least one member on this shard.
     pub rooms: IntGauge,
+    /// Bytes queued for sending over all the shard's connections, sampled each tick.
     pub send_queue_bytes: IntGauge,
+    /// Accept completions with an error (ENFILE: direct descriptor table full).
     pub accept_errors: IntCounter,
+    /// goaway messages sent while draining.
     pub goaways: IntCounter,
     /// Joins answered with a `reset` (the client's epoch or since was void).
     pub resets: IntCounter,
@@ -183,6 +204,7 @@ pub struct ShardStats {
     refused: IntCounterVec,
     /// Connections closed by a moderator's disconnect, and removed from a room by a ban.
     pub kicked: IntCounter,
+    /// Members removed from a room because a ban covers them.
     pub banned_out: IntCounter,
     shard_label: String,
 }
@@ -197,14 +219,21 @@ impl ShardStats {
 /// The room engines' figures (all engines add to the same children) and the publish API's.
 #[derive(Clone)]
 pub struct BusStats {
+    /// Messages accepted for publishing, by kind.
     pub messages_in: IntCounterVec,
+    /// Messages dropped, by kind and reason.
     pub messages_dropped: IntCounterVec,
+    /// Merged batches flushed (each serialized once per encoding in use).
     pub batches: IntCounter,
+    /// Messages flushed in batches (their ratio to `batches` is the merge factor).
     pub batch_messages: IntCounter,
+    /// Rooms known to the engines (with members or a sequence).
     pub rooms: IntGauge,
+    /// Publish requests refused, by reason.
     pub publish_rejected: IntCounterVec,
     /// By engine (label `engine`): each engine reports its own rooms.
     pub hot_window_seconds: GaugeVec,
+    /// 1 while some hot room of the engine has its droppable messages sampled down, by engine.
     pub sampling: IntGaugeVec,
     /// Rooms read back from the store (after a restart, or after leaving memory when idle).
     pub rooms_restored: IntCounter,

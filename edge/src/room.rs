@@ -12,8 +12,10 @@ use roomcast_proto::Subprotocol;
 
 use crate::bus::RoomName;
 
+/// A room's members on one shard, and how many of them want each encoding.
 #[derive(Debug, Default)]
 pub struct LocalRoom {
+    /// The members' connection slots on this shard.
     pub members: Vec<u32>,
     wanted: [u32; Subprotocol::COUNT],
 }
@@ -27,16 +29,19 @@ pub enum Interest {
     Dropped,
 }
 
+/// This shard's rooms, by name.
 #[derive(Debug, Default)]
 pub struct Rooms {
     map: HashMap<RoomName, LocalRoom>,
 }
 
 impl Rooms {
+    /// Rooms with at least one member here.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    /// True when no room has a member here.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -91,6 +96,7 @@ impl Rooms {
         if dropped { Interest::Dropped } else { Interest::Kept }
     }
 
+    /// The slots of the room's members on this shard; None if it has none here.
     pub fn members(&self, room: &str) -> Option<&[u32]> {
         self.map.get(room).map(|r| r.members.as_slice())
     }

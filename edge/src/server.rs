@@ -24,12 +24,17 @@ const MAILBOX_CAPACITY: usize = 8192;
 
 /// A running edge's data plane (shards + bus). The publish API runs on the caller's runtime.
 pub struct Edge {
+    /// Where the WebSocket listener is bound (the actual port when 0 was asked).
     pub ws_addr: SocketAddr,
+    /// Handle to the bus: publish, moderate and query rooms from outside the shards.
     pub bus: BusHandle,
+    /// The edge's Prometheus registry and its counters.
     pub metrics: Arc<Metrics>,
+    /// Number of shard threads.
     pub shards: usize,
     /// Connections this edge can hold (shards x direct-descriptor table).
     pub capacity: u64,
+    /// When the edge started, for uptime.
     pub started: Instant,
     /// The kernel probes' latest figures and the health policy's verdict.
     pub kernel: Arc<KernelView>,

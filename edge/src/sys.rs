@@ -143,6 +143,7 @@ pub fn thread_run_delay() -> Option<std::time::Duration> {
     Some(std::time::Duration::from_nanos(ns))
 }
 
+/// CPU time the calling thread has used (CLOCK_THREAD_CPUTIME_ID); zero if the clock fails.
 pub fn thread_cpu_time() -> std::time::Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid out-pointer for the call's duration.

@@ -36,7 +36,7 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> (EdgeProc, Log) {
     let line = loop {
         match lines.next() {
             Some(Ok(l)) if l.starts_with("roomcast edge ready") => break l,
-            Some(Ok(_)) => continue,
+            Some(Ok(_)) => {}
             _ => {
                 let st = child.wait();
                 panic!("edge exited before it was ready ({st:?}): {}", log.lock().unwrap());

@@ -26,9 +26,10 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
             Ok(Err(e)) => panic!("reading the edge's answer: {e}"),
-            Err(_) => {
-                panic!("the edge did not close the connection within 10 s; it sent {:?}", String::from_utf8_lossy(&out))
-            }
+            Err(elapsed) => panic!(
+                "the edge did not close the connection within 10 s ({elapsed}); it sent {:?}",
+                String::from_utf8_lossy(&out)
+            ),
         }
     }
 }
@@ -214,7 +215,7 @@ async fn pings_keep_a_connection_alive_and_are_answered() {
         match tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
             Ok(Some(Ok(Message::Pong(p)))) => pong |= &p[..] == b"hello",
             Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => panic!("closed while answering pings"),
+            Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => panic!("closed while answering pings"),
             _ => {}
         }
     }

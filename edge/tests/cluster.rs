@@ -390,7 +390,7 @@ async fn redis_losing_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
     let reset = loop {
         match next_msg_within(&mut ws, Duration::from_secs(10)).await {
             Some(ServerMsg::Reset { epoch, .. }) => break epoch,
-            Some(ServerMsg::Batch { .. }) => continue,
+            Some(ServerMsg::Batch { .. }) => {}
             other => panic!("expected a reset, got {other:?}"),
         }
     };

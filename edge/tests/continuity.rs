@@ -482,7 +482,7 @@ async fn a_slow_reader_catches_up_on_a_replay_larger_than_the_queue_bound() {
                 total += n;
             }
             Ok(Err(e)) => panic!("{e} after {total} bytes"),
-            Err(_) => panic!("stalled after {total} bytes"),
+            Err(elapsed) => panic!("stalled after {total} bytes ({elapsed})"),
         }
         tokio::time::sleep(Duration::from_millis(12)).await;
     }

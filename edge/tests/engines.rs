@@ -141,8 +141,8 @@ fn a_ping_flood_that_never_reads_is_closed_not_buffered() {
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
     .unwrap();
-    // A masked ping with a 125-byte payload, over and over; never read anything.
-    let mut ping = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+    // A masked (0x80) ping with a 125-byte (0x7d) payload, over and over; never read anything.
+    let mut ping = vec![0x89, 0x80 | 0x7d, 1, 2, 3, 4];
     ping.extend((0..125u8).map(|i| i ^ [1, 2, 3, 4][usize::from(i) % 4]));
     let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 64).collect();
     s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();

@@ -66,7 +66,7 @@ async fn gifts_survive_a_chat_flood_past_the_limit() {
         let chat_seqs: BTreeSet<u64> = got.iter().filter(|g| g.1 == "chat").map(|g| g.0).collect();
         assert_eq!(chat_seqs, chats, "and exactly the accepted chat");
     }
-    assert!(metric(&publisher, "roomcast_messages_dropped_total").await >= limited as f64);
+    assert!(metric(&publisher, "roomcast_messages_dropped_total").await >= f64::from(limited));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,7 +128,7 @@ async fn until_close(ws: &mut Ws) -> (Vec<ServerMsg>, Option<u16>) {
             Ok(Some(Ok(Message::Close(f)))) => return (got, f.map(|f| u16::from(f.code))),
             Ok(Some(Ok(_))) => {}
             Ok(Some(Err(_)) | None) => return (got, None),
-            Err(_) => panic!("no close within {T:?}; got {got:?}"),
+            Err(elapsed) => panic!("no close within {T:?} ({elapsed}); got {got:?}"),
         }
     }
 }
@@ -191,7 +191,7 @@ fn is_error(m: &ServerMsg, want: &str) -> bool {
 }
 
 /// Two edges on one real Redis, with the bus up on both (the moderation channel is subscribed).
-async fn two_edges(name: &str) -> (RedisProc, EdgeProc, EdgeProc) {
+fn two_edges(name: &str) -> (RedisProc, EdgeProc, EdgeProc) {
     let redis = RedisProc::start();
     let a = redis_edge(&redis, &format!("{name}-a"));
     let b = redis_edge(&redis, &format!("{name}-b"));
@@ -215,7 +215,7 @@ async fn bus_up(e: &EdgeProc) {
 /// users stay. The Rust client takes 4002 as "do not come back". Failed before: 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_closes_every_connection_of_the_user_on_every_edge() {
-    let (_redis, a, b) = two_edges("kick").await;
+    let (_redis, a, b) = two_edges("kick");
     bus_up(&a).await;
     bus_up(&b).await;
     let (api_a, api_b) = (Api::new(&a), Api::new(&b));
@@ -304,7 +304,7 @@ async fn a_disconnect_closes_every_connection_of_the_user_on_every_edge() {
 /// the ban endpoint answered 404 and every join went through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ban_refuses_every_join_on_every_edge_until_lifted_or_expired() {
-    let (redis, a, b) = two_edges("ban").await;
+    let (redis, a, b) = two_edges("ban");
     bus_up(&a).await;
     bus_up(&b).await;
     let (api_a, api_b) = (Api::new(&a), Api::new(&b));
@@ -490,7 +490,7 @@ async fn a_deleted_message_is_never_replayed_single_node() {
 /// starts later), carries the tombstone in place. Failed before: 404, the gift replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_message_is_never_replayed_with_redis() {
-    let (redis, a, b) = two_edges("delete").await;
+    let (redis, a, b) = two_edges("delete");
     bus_up(&a).await;
     bus_up(&b).await;
     let api_a = Api::new(&a);

@@ -34,9 +34,7 @@ async fn get(url: &str, headers: &[(&str, &str)]) -> reqwest::Response {
 
 async fn open(url: &str, headers: &[(&str, &str)]) -> Sse {
     let r = get(url, headers).await;
-    if r.status() != 200 {
-        panic!("{url}: {} {:?}", r.status(), r.text().await);
-    }
+    assert!(r.status() == 200, "{url}: {} {:?}", r.status(), r.text().await);
     let h = r.headers();
     assert_eq!(h.get("content-type").unwrap(), "text/event-stream");
     assert_eq!(h.get("cache-control").unwrap(), "no-cache");
@@ -49,7 +47,7 @@ impl Sse {
     async fn next_raw(&mut self) -> Option<(String, ServerMsg)> {
         let ev = self.events.next().await?.ok()?;
         if !ev.id.is_empty() {
-            self.last_id = ev.id.clone();
+            self.last_id.clone_from(&ev.id);
         }
         let m = envelope::decode_json(ev.data.as_bytes()).unwrap_or_else(|e| panic!("{e}: {:?}", ev.data));
         Some((ev.data, m))
@@ -60,7 +58,7 @@ impl Sse {
         let fut = async {
             loop {
                 match self.next_raw().await? {
-                    (_, ServerMsg::Batch { messages, online: Some(_), .. }) if messages.is_empty() => continue,
+                    (_, ServerMsg::Batch { messages, online: Some(_), .. }) if messages.is_empty() => {}
                     (_, m) => return Some(m),
                 }
             }
@@ -200,7 +198,7 @@ async fn gaps_and_resets_are_explicit() {
     let mut b = open(&url, &[("Last-Event-ID", &format!("{other}:2"))]).await;
     match b.next(T).await {
         Some(ServerMsg::Reset { room, epoch: e, seq: 0, .. }) => {
-            assert_eq!((room.as_str(), e.as_str()), ("g", &*epoch))
+            assert_eq!((room.as_str(), e.as_str()), ("g", &*epoch));
         }
         other => panic!("expected reset, got {other:?}"),
     }

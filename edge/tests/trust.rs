@@ -17,8 +17,8 @@ fn token(sub: &str, ttl_s: i64, rooms: &[&str], publish: &[&str]) -> String {
     let claims = edge::auth::Claims {
         sub: sub.into(),
         exp: (now + ttl_s) as u64,
-        rooms: (!rooms.is_empty()).then(|| rooms.iter().map(|r| r.to_string()).collect()),
-        publish: (!publish.is_empty()).then(|| publish.iter().map(|r| r.to_string()).collect()),
+        rooms: (!rooms.is_empty()).then(|| rooms.iter().map(ToString::to_string).collect()),
+        publish: (!publish.is_empty()).then(|| publish.iter().map(ToString::to_string).collect()),
         nbf: None,
     };
     edge::auth::sign_hs256(SECRET.as_bytes(), &claims).unwrap()

@@ -114,7 +114,7 @@ impl EdgeProc {
         let line = loop {
             match lines.next() {
                 Some(Ok(l)) if l.starts_with("roomcast edge ready") => break l,
-                Some(Ok(_)) => continue,
+                Some(Ok(_)) => {}
                 _ => panic!("edge exited before it was ready (status {:?})", child.wait()),
             }
         };

@@ -45,7 +45,7 @@ pub async fn connect(url: &str, proto: Option<&str>) -> Ws {
 pub async fn next_msg(ws: &mut Ws) -> Option<ServerMsg> {
     loop {
         match next_any(ws).await? {
-            ServerMsg::Batch { messages, online: Some(_), .. } if messages.is_empty() => continue,
+            ServerMsg::Batch { messages, online: Some(_), .. } if messages.is_empty() => {}
             m => return Some(m),
         }
     }
@@ -58,7 +58,7 @@ pub async fn next_any(ws: &mut Ws) -> Option<ServerMsg> {
             Ok(Message::Text(t)) => return Some(envelope::decode_json(t.as_bytes()).expect("json envelope")),
             Ok(Message::Binary(b)) => return Some(envelope::decode_rkyv(&b).expect("rkyv envelope")),
             Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
+            Ok(_) => {}
         }
     }
 }
@@ -75,7 +75,7 @@ pub async fn close_code(ws: &mut Ws, d: Duration) -> Option<u16> {
             match ws.next().await {
                 Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
                 Some(Ok(Message::Close(None))) => return None,
-                Some(Ok(_)) => continue,
+                Some(Ok(_)) => {}
                 Some(Err(_)) | None => return None,
             }
         }

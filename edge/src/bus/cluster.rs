@@ -41,12 +41,15 @@ use super::{BusHandle, EngineCmd, RoomName};
 /// How a node looks from this edge, for /healthz and /metrics.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NodeHealth {
+    /// Its address as the cluster names it (host:port).
     pub node: String,
+    /// "primary" or "replica".
     pub role: &'static str,
     /// This edge reached it (PING) at the last look.
     pub up: bool,
     /// The cluster flags it failing (`fail` / `fail?`).
     pub failing: bool,
+    /// Hash slots it serves (0 for a replica).
     pub slots: usize,
 }
 
@@ -58,10 +61,12 @@ pub struct NodeBoard {
 }
 
 impl NodeBoard {
+    /// An empty board that sets the `up` gauge, labelled by node, each time it is updated.
     pub fn new(up: prometheus::IntGaugeVec) -> Self {
         Self { nodes: Arc::default(), up }
     }
 
+    /// The nodes as of the last look (a copy), for /healthz.
     pub fn nodes(&self) -> Vec<NodeHealth> {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }

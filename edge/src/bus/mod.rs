@@ -28,7 +28,9 @@ pub type RoomName = Arc<str>;
 /// A message as a publisher sent it, before its engine (or Redis) numbers it.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
+    /// The message's kind (a configured kind).
     pub kind: String,
+    /// The user it is attributed to (may be empty).
     pub user: String,
     /// Validated JSON text.
     pub body: String,
@@ -40,7 +42,9 @@ pub struct NewMessage {
 /// What a publisher learns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Ack {
+    /// The seq the room gave the message.
     pub seq: u64,
+    /// When it was numbered, microseconds since the Unix epoch.
     pub ts_us: u64,
     /// The answer to an earlier publish with the same idempotency key: nothing was published.
     pub replayed: bool,
@@ -49,16 +53,26 @@ pub struct Ack {
 /// Why a publish was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
+    /// The edge is stopping and takes no more publishes.
     #[error("the edge is shutting down")]
     ShuttingDown,
+    /// Publishing would create a room past `limits.max_rooms` (the bound given).
     #[error("too many rooms ({0}); refusing to create another")]
     TooManyRooms(usize),
+    /// The kind is not configured.
     #[error("unknown kind {0:?}: publish one of the configured kinds")]
     UnknownKind(String),
     /// Over a token bucket. Droppable kinds: the message is dropped (and counted). Must-deliver
     /// kinds: rejected, so the publisher retries; never silently dropped.
     #[error("rate limited ({scope}); retry after {retry_after_ms} ms")]
-    RateLimited { scope: &'static str, retry_after_ms: u64, must_deliver: bool },
+    RateLimited {
+        /// Which limit: `room` or `user`.
+        scope: &'static str,
+        /// When the bucket holds a token again.
+        retry_after_ms: u64,
+        /// The message was must-deliver (rejected, not dropped).
+        must_deliver: bool,
+    },
     /// The room is so hot that even the widest merge window is not enough: droppable messages
     /// are sampled down to the visible rate and this one was not kept.
     #[error("sampled out: the room shows at most its visible rate of droppable messages")]
@@ -66,7 +80,10 @@ pub enum PublishError {
     /// The room's engine is behind (its mailbox, or its output to some shard, is at its
     /// bound): nothing was numbered; retry after the given time.
     #[error("the room engine is busy; retry after {retry_after_ms} ms")]
-    Busy { retry_after_ms: u64 },
+    Busy {
+        /// When to try again.
+        retry_after_ms: u64,
+    },
     /// Redis (the seq authority in cluster mode) is unreachable; retry.
     #[error("the message bus (redis) is unavailable; retry shortly")]
     BusUnavailable,
@@ -76,7 +93,12 @@ pub enum PublishError {
     #[error(
         "the message is not yet held by enough redis replicas ({acked} of {wanted}); retry with the same Idempotency-Key"
     )]
-    NotReplicated { acked: u32, wanted: u32 },
+    NotReplicated {
+        /// Replicas that confirmed it in time.
+        acked: u32,
+        /// Replicas required (`bus.min_replicas_acked`).
+        wanted: u32,
+    },
     /// The store is at `store.max_bytes` (must-deliver kinds only: nothing was numbered).
     #[error(
         "the edge's store is full (store.max_bytes); must-deliver messages are refused until retention frees space"
@@ -90,9 +112,13 @@ pub enum PublishError {
 /// A join waiting for its engine (room sync or remote recovery) before it can be acknowledged.
 #[derive(Debug, Clone, Copy)]
 pub struct PendingJoin {
+    /// The joining connection's shard.
     pub shard: u16,
+    /// Its slot on that shard.
     pub slot: u32,
+    /// Its slot's generation, so a stale answer is dropped.
     pub generation: u32,
+    /// The encoding it reads.
     pub proto: Subprotocol,
     /// The client's position was void (why): its answer starts with a `reset`.
     pub reset: Option<&'static str>,
@@ -120,7 +146,9 @@ pub fn parse_epoch(s: &str) -> Epoch {
 /// numbering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Since {
+    /// The last seq the client saw.
     pub seq: u64,
+    /// The numbering that seq belongs to (None: the client did not say).
     pub epoch: Option<Epoch>,
 }
 
@@ -129,7 +157,14 @@ pub enum Reply {
     /// The HTTP handler awaiting it.
     Http(tokio::sync::oneshot::Sender<Result<Ack, PublishError>>),
     /// A connection that published over its socket.
-    Conn { shard: u16, slot: u32, generation: u32 },
+    Conn {
+        /// The connection's shard.
+        shard: u16,
+        /// Its slot on that shard.
+        slot: u32,
+        /// Its slot's generation, so an answer for a closed connection is dropped.
+        generation: u32,
+    },
     /// Nobody (tests, internal notices).
     None,
 }
@@ -143,25 +178,34 @@ pub enum MustDeliver {
     None,
     /// Some are: a slow consumer gets this frame instead (must-deliver messages only), one per
     /// encoding, with the count of messages it holds.
-    Some { frames: [Option<Bytes>; Subprotocol::COUNT], messages: u32 },
+    Some {
+        /// The must-deliver-only frame per encoding (index: `Subprotocol::index`).
+        frames: [Option<Bytes>; Subprotocol::COUNT],
+        /// Messages in those frames.
+        messages: u32,
+    },
 }
 
 /// One room flush, shared by every shard with members of the room.
 #[derive(Debug)]
 pub struct Delivery {
+    /// The room flushed.
     pub room: RoomName,
     /// Complete frames (WebSocket frames; for SSE, events with the batch's `id`), one per
     /// encoding in use (index: `Subprotocol::index`).
     pub frames: [Option<Bytes>; Subprotocol::COUNT],
     /// Messages in the batch (for delivery counters).
     pub messages: u32,
+    /// The highest seq in the batch.
     pub last_seq: u64,
+    /// What the batch holds of must-deliver messages.
     pub must_deliver: MustDeliver,
     /// When the oldest message it carries reached its room's batch, and the oldest must-deliver
     /// one (`since` when it carries none): delivery latency, what a member waits for a message at
     /// this edge (the merge window, then the shard's queue and the socket), is measured from
     /// here to the completion of the write to each member.
     pub since: std::time::Instant,
+    /// When the oldest must-deliver message it carries reached its room's batch (see `since`).
     pub must_since: std::time::Instant,
 }
 
@@ -170,13 +214,19 @@ pub struct Delivery {
 /// `Joined` and before any live batch.
 #[derive(Debug)]
 pub struct JoinAck {
+    /// The joining connection's slot on the shard.
     pub slot: u32,
+    /// Its slot's generation, so an answer for a closed connection is dropped.
     pub generation: u32,
+    /// The room joined.
     pub room: RoomName,
+    /// The member receives seqs above this one.
     pub seq: u64,
+    /// The room's numbering, for `joined`.
     pub epoch: Epoch,
     /// The client's position was void: a `reset` (position 0 in `epoch`) goes before `joined`.
     pub reset: Option<&'static str>,
+    /// Frames to send before any live batch: a gap notice and/or recovered messages.
     pub replay: Vec<Bytes>,
     /// The room's online count for `joined` (None: counts are not shown).
     pub online: Option<u64>,
@@ -185,23 +235,32 @@ pub struct JoinAck {
 /// The answer to a publish over a socket.
 #[derive(Debug)]
 pub struct Published {
+    /// The publishing connection's slot on the shard.
     pub slot: u32,
+    /// Its slot's generation, so an answer for a closed connection is dropped.
     pub generation: u32,
+    /// The room published to.
     pub room: RoomName,
+    /// The seq given, or why the publish was refused.
     pub result: Result<Ack, PublishError>,
 }
 
 /// A join the engine refused.
 #[derive(Debug)]
 pub struct JoinRefused {
+    /// The joining connection's slot on the shard.
     pub slot: u32,
+    /// Its slot's generation, so an answer for a closed connection is dropped.
     pub generation: u32,
+    /// The room it asked to join.
     pub room: RoomName,
+    /// The refusal's reason, sent to the client in an `error`.
     pub reason: &'static str,
 }
 
 /// What a shard's mailbox carries.
 pub enum ShardCmd {
+    /// A room flush: write its frame to the room's members on this shard.
     Deliver(Arc<Delivery>),
     /// The join of connection `slot` took effect after `seq` (boxed, as the rarer variants
     /// are: a `ShardCmd` is pushed once per shard per room flush, and 32 bytes rather than 64
@@ -214,7 +273,9 @@ pub enum ShardCmd {
     /// Drain: stop accepting, and send every connection a `goaway` to `url` at a random moment
     /// within `period_ms`, then close it (1001).
     Drain {
+        /// Where the clients are sent (dispatch's route URL).
         url: Arc<str>,
+        /// Over how long the goaways are spread.
         period_ms: u64,
     },
     /// Close every connection with 1001 and stop.
@@ -226,18 +287,31 @@ pub enum ShardCmd {
 /// A moderation action for a shard's connections, and where its count goes (the connections
 /// it closed or removed from the room).
 pub struct Moderate {
+    /// What to do.
     pub action: ModAction,
+    /// Where the shard sends the count of connections it closed or removed (None: nobody asks).
     pub reply: Option<tokio::sync::oneshot::Sender<u32>>,
 }
 
+/// A moderation action as shards carry it out.
 #[derive(Debug, Clone)]
 pub enum ModAction {
     /// Close every connection of `user`: an `error` `kicked`, then close 4002 (an SSE stream
     /// gets the event and ends).
-    Kick { user: Arc<str> },
+    Kick {
+        /// The user, as their token's `sub` names them.
+        user: Arc<str>,
+    },
     /// `user` is banned from `room` until `until_ms`: its connections there (members, or
     /// joining) leave it: an `error` `banned`, then `left` (an SSE stream ends).
-    Ban { room: RoomName, user: Arc<str>, until_ms: u64 },
+    Ban {
+        /// The room banned from.
+        room: RoomName,
+        /// The user, as their token's `sub` names them.
+        user: Arc<str>,
+        /// When the ban ends, ms since the Unix epoch.
+        until_ms: u64,
+    },
 }
 
 /// What a moderator's delete did: the tombstone published (None: the message was deleted
@@ -245,97 +319,195 @@ pub enum ModAction {
 /// history (else only members who saw it live have anything to remove).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deleted {
+    /// The tombstone published (None: the message was deleted already).
     pub tombstone: Option<Ack>,
+    /// The message was still in the room's history.
     pub in_history: bool,
 }
 
 /// Why a message could not be deleted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeleteError {
+    /// No message with this seq in the room's current numbering.
     #[error("no message with this seq in the room (its current numbering)")]
     NotFound,
+    /// The seq is a tombstone itself.
     #[error("a tombstone cannot be deleted")]
     Tombstone,
+    /// Publishing the tombstone failed.
     #[error(transparent)]
     Publish(PublishError),
 }
 
+/// Where the answer to a delete goes.
 pub type DeleteReply = tokio::sync::oneshot::Sender<Result<Deleted, DeleteError>>;
 
 /// What a room engine handles. Every command about a room goes to the engine that owns the room
 /// (see [`engine_of`]), so one engine sees all of a room's events in one order.
 pub enum EngineCmd {
+    /// Publish a message (from the publish API or a connection) to the room.
     Publish {
+        /// The room.
         room: RoomName,
         /// Boxed: commands stay small (the mailboxes hold them by value).
         msg: Box<NewMessage>,
+        /// Where the answer goes.
         reply: Reply,
     },
     /// A connection asks to join; the engine answers `JoinAck` on the shard's link, in order
     /// with the room's deliveries, and counts the shard as interested in `proto` frames.
-    Join { room: RoomName, shard: u16, slot: u32, generation: u32, proto: Subprotocol, since: Option<Since> },
+    Join {
+        /// The room.
+        room: RoomName,
+        /// The joining connection's shard.
+        shard: u16,
+        /// Its slot on that shard.
+        slot: u32,
+        /// Its slot's generation, so a stale answer is dropped.
+        generation: u32,
+        /// The encoding it reads.
+        proto: Subprotocol,
+        /// Where the client says it was, for recovery (None: a fresh join).
+        since: Option<Since>,
+    },
     /// One member (joined or joining) of `room` left a shard: the engine counts members per
     /// room (joins in, these out) to know a room's fan-out demand.
-    Left { room: RoomName },
+    Left {
+        /// The room.
+        room: RoomName,
+    },
     /// The shard has no more members (joined or joining) of `room` in `proto`.
-    NoInterest { room: RoomName, shard: u16, proto: Subprotocol },
+    NoInterest {
+        /// The room.
+        room: RoomName,
+        /// The shard.
+        shard: u16,
+        /// The encoding nobody there reads any more.
+        proto: Subprotocol,
+    },
     /// Redis mode: a message numbered by Redis, from the room's channel.
     Remote {
+        /// The room.
         room: RoomName,
         /// Boxed: the one large variant would make every mail larger.
         msg: Box<PushMessage>,
+        /// Its kind is must-deliver.
         must_deliver: bool,
+        /// The numbering Redis gave it.
         epoch: Epoch,
     },
     /// Redis mode: the room's seq and epoch in Redis, read right after (re)subscribing.
     Synced {
+        /// The room.
         room: RoomName,
+        /// The room's seq in Redis.
         seq: u64,
+        /// The room's epoch in Redis.
         epoch: Epoch,
         /// The room's latest-state messages (conflated kinds) in Redis, of this epoch.
         latest: Vec<PushMessage>,
     },
     /// Redis mode: the answer to a fill of `from..=to` (`ok: false`: Redis could not answer).
-    Filled { room: RoomName, from: u64, to: u64, messages: Vec<(PushMessage, bool)>, ok: bool },
+    Filled {
+        /// The room.
+        room: RoomName,
+        /// First seq asked for.
+        from: u64,
+        /// Last seq asked for.
+        to: u64,
+        /// The messages found, each with whether it is must-deliver.
+        messages: Vec<(PushMessage, bool)>,
+        /// False when Redis could not answer.
+        ok: bool,
+    },
     /// Redis mode: must-deliver messages for a joining connection's `since`.
     Recovered {
+        /// The room.
         room: RoomName,
+        /// The joiner's last seen seq.
         since: u64,
+        /// The last seq fetched.
         upto: u64,
+        /// The join to answer.
         join: PendingJoin,
+        /// The must-deliver messages after `since`, in seq order.
         messages: Vec<PushMessage>,
+        /// Redis's stream no longer holds seqs at or below this: the joiner gets a gap.
         evicted_upto: u64,
+        /// False when Redis could not answer.
         ok: bool,
     },
     /// Redis mode: the outcome of a publish, to answer.
-    PublishDone { room: RoomName, reply: Reply, result: Result<Ack, PublishError> },
+    PublishDone {
+        /// The room.
+        room: RoomName,
+        /// Where the answer goes.
+        reply: Reply,
+        /// The seq Redis gave, or why the publish failed.
+        result: Result<Ack, PublishError>,
+    },
     /// Redis mode: the connection to Redis went down or came back (sent to every engine).
-    Redis { up: bool },
+    Redis {
+        /// True when the connection is back.
+        up: bool,
+    },
     /// The store made every record batch of this engine up to `token` durable (as the fsync
     /// policy says).
-    Durable { token: u64 },
+    Durable {
+        /// The last record batch now durable.
+        token: u64,
+    },
     /// The store could not write this engine's record batches up to `token` (a full disk):
     /// their must-deliver messages are refused (what they numbered is written once it can be).
-    StoreFailed { token: u64 },
+    StoreFailed {
+        /// The last record batch that failed.
+        token: u64,
+    },
     /// Redis mode: the room's members over every edge changed (announced on its channel).
-    Online { room: RoomName, total: u64 },
+    Online {
+        /// The room.
+        room: RoomName,
+        /// Its members over every edge.
+        total: u64,
+    },
     /// Room figures for `GET /v1/rooms/{room}`.
-    RoomStats { room: RoomName, reply: tokio::sync::oneshot::Sender<Option<RoomStats>> },
+    RoomStats {
+        /// The room.
+        room: RoomName,
+        /// Where the figures go (None: the engine does not know the room).
+        reply: tokio::sync::oneshot::Sender<Option<RoomStats>>,
+    },
     /// This engine's largest rooms by members (the dashboard's hottest rooms).
-    TopRooms { n: usize, reply: tokio::sync::oneshot::Sender<Vec<RoomBrief>> },
+    TopRooms {
+        /// How many rooms at most.
+        n: usize,
+        /// Where the list goes, largest first.
+        reply: tokio::sync::oneshot::Sender<Vec<RoomBrief>>,
+    },
     /// Moderation (single node): delete message `seq` of `room`: a tombstone takes its place in
     /// history and a numbered tombstone goes to members.
-    Delete { room: RoomName, seq: u64, reply: DeleteReply },
+    Delete {
+        /// The room.
+        room: RoomName,
+        /// The message to delete.
+        seq: u64,
+        /// Where the outcome goes.
+        reply: DeleteReply,
+    },
 }
 
 /// A room in the dashboard's list of hottest rooms.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoomBrief {
+    /// The room's name.
     pub room: String,
+    /// Members on this edge.
     pub members: u64,
     /// Messages published per second (EWMA).
     pub publish_rate: f64,
+    /// The merge window the room uses now.
     pub window_ms: u64,
+    /// Last seq assigned.
     pub seq: u64,
 }
 
@@ -363,6 +535,7 @@ impl EngineCmd {
 /// What `GET /v1/rooms/{room}` shows.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoomStats {
+    /// The room's name.
     pub room: String,
     /// The room's numbering (as clients see it in `joined`).
     pub epoch: String,
@@ -372,7 +545,9 @@ pub struct RoomStats {
     pub flushed_seq: u64,
     /// Shards with members, per encoding.
     pub shards_json: u32,
+    /// Shards with rkyv members.
     pub shards_rkyv: u32,
+    /// Shards with SSE members.
     pub shards_sse: u32,
     /// The merge window the room uses now (widened when shards fall behind).
     pub window_ms: u64,
@@ -380,6 +555,7 @@ pub struct RoomStats {
     pub sampling_visible_rate: Option<f64>,
     /// Messages kept for recovery: must-deliver, droppable.
     pub history_must_deliver: usize,
+    /// Droppable messages kept for join replays.
     pub history_droppable: usize,
     /// Highest must-deliver seq evicted from history (a `since` below it gets a gap).
     pub history_evicted_upto: u64,
@@ -397,7 +573,12 @@ pub enum Mail {
     /// Everything one shard thread produced for this one during a turn: its connections'
     /// signalling for this shard's engine, and its engine's output for this shard's
     /// connections. One message (and at most one doorbell) per peer per turn.
-    Turn { engine: Vec<EngineCmd>, shard: Vec<ShardCmd> },
+    Turn {
+        /// Commands for this shard's engine.
+        engine: Vec<EngineCmd>,
+        /// Commands for this shard's connections.
+        shard: Vec<ShardCmd>,
+    },
     /// From outside the shards (publish API, Redis bridge).
     Engine(EngineCmd),
     /// Control from the main thread (drain, shutdown).
@@ -423,6 +604,7 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
+    /// A mailbox from the channel's sender and the shard's doorbell and parked flag.
     pub fn new(tx: Sender<Mail>, doorbell: Arc<OwnedFd>, parked: Arc<AtomicBool>) -> Self {
         Self { tx, doorbell, parked }
     }
@@ -483,14 +665,17 @@ pub struct BusHandle {
 }
 
 impl BusHandle {
+    /// A handle over the engines' mailboxes, by engine id; `rejected_busy` counts commands refused for a full mailbox.
     pub fn new(engines: Vec<Mailbox>, rejected_busy: prometheus::IntCounter) -> Self {
         Self { engines: engines.into(), rejected_busy }
     }
 
+    /// How many engines there are.
     pub fn engines(&self) -> usize {
         self.engines.len()
     }
 
+    /// Engine `i`'s mailbox.
     pub fn mailbox(&self, i: usize) -> Option<&Mailbox> {
         self.engines.get(i)
     }
@@ -566,6 +751,7 @@ impl BusHandle {
         all
     }
 
+    /// The room's figures from its engine (None: the engine is busy or gone).
     pub async fn room_stats(&self, room: RoomName) -> Option<RoomStats> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.try_send(EngineCmd::RoomStats { room, reply: tx }).ok()?;

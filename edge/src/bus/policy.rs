@@ -14,6 +14,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A bucket holding `burst` tokens as of `now`: the first burst passes at once.
     pub fn full(burst: f64, now: Instant) -> Self {
         Self { tokens: burst, last: now }
     }
@@ -42,12 +43,16 @@ impl Bucket {
 /// Limits on a room's history.
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryLimits {
+    /// Must-deliver messages a room keeps, at most.
     pub must_deliver: usize,
+    /// Droppable messages a room keeps, at most.
     pub droppable: usize,
+    /// Age after which a message leaves history, whatever its kind.
     pub max_age: Duration,
     /// Bytes a room's must-deliver (droppable) history may hold; the oldest go first (an
     /// evicted must-deliver seq is reported as a gap to a `since` below it).
     pub must_deliver_bytes: usize,
+    /// Bytes a room's droppable history may hold; the oldest go first.
     pub droppable_bytes: usize,
 }
 
@@ -73,6 +78,7 @@ pub struct History {
     pub must_evicted_upto: u64,
     /// Bytes held (see `cost`).
     pub must_bytes: usize,
+    /// Bytes the droppable history holds (see `cost`).
     pub droppable_bytes: usize,
 }
 
@@ -130,6 +136,7 @@ impl History {
         }
     }
 
+    /// Messages held: (must-deliver, droppable).
     pub fn len(&self) -> (usize, usize) {
         (self.must.len(), self.droppable.len())
     }

@@ -42,30 +42,44 @@ use super::{Ack, BusHandle, EngineCmd, Epoch, NewMessage, PendingJoin, PublishEr
 
 /// What the engine asks of Redis.
 pub enum BridgeCmd {
+    /// Start following the room: subscribe to its channel.
     Subscribe(RoomName),
+    /// Stop following the room: nobody here wants it any more.
     Unsubscribe(RoomName),
+    /// Publish a message to the room (numbered by the Redis script); the answer goes to `reply`.
     Publish {
+        /// The room.
         room: RoomName,
+        /// The message as the publisher sent it.
         msg: NewMessage,
+        /// Its kind is must-deliver: it goes to the must-deliver stream.
         must_deliver: bool,
         /// A conflated kind's entry key: the message is also the room's latest of its kind and
         /// key in Redis (what edges give joiners).
         conflate: Option<String>,
+        /// Where the publisher's answer (seq or error) goes.
         reply: Reply,
         /// Held until Redis answers: bounds publishes in flight.
         permit: Option<OwnedSemaphorePermit>,
     },
     /// Fetch seqs `from..=to` of `room` (both streams).
     Fill {
+        /// The room.
         room: RoomName,
+        /// First seq wanted.
         from: u64,
+        /// Last seq wanted.
         to: u64,
     },
     /// Fetch must-deliver messages after `since` up to `upto` for a joining connection.
     Recover {
+        /// The room.
         room: RoomName,
+        /// The joiner's last seen seq: fetch what follows it.
         since: u64,
+        /// Last seq to fetch.
         upto: u64,
+        /// The join to answer.
         join: PendingJoin,
     },
     /// Redis holds `room` under the epoch this edge knows but below a seq it handed out
@@ -73,14 +87,19 @@ pub enum BridgeCmd {
     /// promoted): numbering on would reuse seqs clients hold. Start a new epoch in Redis (if
     /// the room is still in that state), then read the room again.
     Renumber {
+        /// The room.
         room: RoomName,
+        /// The epoch this edge knows.
         epoch: Epoch,
+        /// A seq this edge handed out, above what Redis holds.
         below: u64,
     },
     /// This edge's members of `room` (0: none left): written to the room's online hash, kept
     /// fresh by the bridge until it says 0.
     Occupancy {
+        /// The room.
         room: RoomName,
+        /// This edge's members of the room.
         count: u64,
     },
 }
@@ -125,7 +144,9 @@ impl Bridge {
 /// Limits the bridge applies to the room streams.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {
+    /// Must-deliver messages a room's stream keeps (trimmed beyond).
     pub must_deliver: usize,
+    /// Droppable messages a room's stream keeps (trimmed beyond).
     pub droppable: usize,
     /// How long a publish's idempotency key is remembered (`ingest.idempotency_ttl_s`).
     pub idempotency_ttl_s: u64,
@@ -360,9 +381,33 @@ fn ban_key(room: &str, user: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ModEvent {
-    Kick { user: String, from: String },
-    Ban { room: String, user: String, until_ms: u64, from: String },
-    Unban { room: String, user: String, from: String },
+    /// Close every connection of `user` on every edge.
+    Kick {
+        /// The user, as their token's `sub` names them.
+        user: String,
+        /// The edge that took the request.
+        from: String,
+    },
+    /// Ban `user` from `room` and remove them from it.
+    Ban {
+        /// The room.
+        room: String,
+        /// The user, as their token's `sub` names them.
+        user: String,
+        /// When the ban ends, ms since the Unix epoch.
+        until_ms: u64,
+        /// The edge that took the request.
+        from: String,
+    },
+    /// Lift the ban of `user` from `room`.
+    Unban {
+        /// The room.
+        room: String,
+        /// The user, as their token's `sub` names them.
+        user: String,
+        /// The edge that took the request.
+        from: String,
+    },
 }
 
 /// Publishes a moderation event to every edge; returns how many received it (edges whose bus
@@ -375,7 +420,12 @@ pub async fn publish_event(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult
 /// Why Redis refused a ban.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BanOutcome {
-    Done { edges: u64 },
+    /// Banned; the event reached this many edges (this one included).
+    Done {
+        /// Edges that received the ban event.
+        edges: u64,
+    },
+    /// The table of bans is at its bound (`moderation.max_bans`).
     Full,
 }
 
@@ -628,6 +678,7 @@ pub enum BusUrl {
 }
 
 impl BusUrl {
+    /// Reads a bus URL by its scheme; the error names what is wrong.
     pub fn parse(url: &str) -> Result<Self, String> {
         if url.starts_with("redis://") || url.starts_with("rediss://") {
             return Ok(Self::Single(url.to_owned()));
@@ -695,8 +746,11 @@ enum Target {
 /// `bus::slots` for why), so no push can be taken for a command's reply.
 #[derive(Clone)]
 pub enum Conn {
+    /// One Redis.
     Single(ConnectionManager),
+    /// A Redis Cluster.
     Cluster(::redis::cluster_async::ClusterConnection),
+    /// One Redis whose master Sentinels name.
     Sentinel(super::sentinel::SentinelConn),
 }
 
@@ -717,6 +771,7 @@ impl Conn {
         }
     }
 
+    /// Whether this is a cluster connection (keys of one command must share a slot).
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
     }
@@ -772,7 +827,9 @@ pub(super) fn failed(op: &str) {
 /// Who this edge is in the rooms' online hashes, and how long its counts live there.
 #[derive(Debug, Clone)]
 pub struct Presence {
+    /// This edge's field in the rooms' online hashes.
     pub edge_id: String,
+    /// How long this edge's counts live without a refresh (a stopped edge's counts expire).
     pub ttl: Duration,
 }
 

@@ -135,6 +135,7 @@ pub struct SentinelConn {
 }
 
 impl SentinelConn {
+    /// Nothing is connected until the first command; each reply waits at most `response_timeout`.
     pub fn new(target: SentinelTarget, response_timeout: Duration) -> Self {
         Self { target: Arc::new(target), current: Arc::default(), response_timeout }
     }

@@ -54,9 +54,11 @@ pub fn slot_of(key: &[u8]) -> u16 {
 /// One node as `CLUSTER NODES` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterNode {
+    /// The node's id (40 hex characters), as replicas name their primary.
     pub id: String,
     /// `host:port` (the client port).
     pub addr: String,
+    /// A primary (serves slots) rather than a replica.
     pub primary: bool,
     /// A replica's primary (its node id).
     pub replica_of: Option<String>,
@@ -69,6 +71,7 @@ pub struct ClusterNode {
 /// The cluster as one node described it: its nodes and the owner of each slot.
 #[derive(Debug, Clone)]
 pub struct Topology {
+    /// Every node listed, primaries and replicas.
     pub nodes: Vec<ClusterNode>,
     /// Index into `nodes` of each slot's primary (`u16::MAX`: unassigned).
     owner: Vec<u16>,
@@ -170,7 +173,12 @@ pub enum SubAction {
     /// became live.
     Sync(RoomName),
     /// Drop a subscription nobody wants any more on this node.
-    Unsubscribe { node: NodeAddr, room: RoomName },
+    Unsubscribe {
+        /// The node holding the subscription.
+        node: NodeAddr,
+        /// The room no longer wanted.
+        room: RoomName,
+    },
 }
 
 /// The rooms this edge follows and where each is subscribed. Pure: callers pass `now`.
@@ -189,18 +197,22 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 pub const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 impl Subscriptions {
+    /// Rooms followed, live or not.
     pub fn len(&self) -> usize {
         self.rooms.len()
     }
 
+    /// True when no room is followed.
     pub fn is_empty(&self) -> bool {
         self.rooms.is_empty()
     }
 
+    /// Whether the room's subscription is confirmed: its messages reach this edge.
     pub fn is_live(&self, room: &str) -> bool {
         matches!(self.rooms.get(room), Some(Sub::Live { .. }))
     }
 
+    /// Every room followed, live or not.
     pub fn rooms(&self) -> impl Iterator<Item = &RoomName> {
         self.rooms.keys()
     }

@@ -47,8 +47,12 @@ pub const MIN_ADAPTIVE_BASE: Duration = Duration::from_millis(10);
 /// a floor of 0.05, then of 0.3, let the window widen to its 2 s maximum and gift p99 rise from
 /// 2.6 s to 3.6 s.
 pub const RHO_START: f64 = 0.7;
+/// Floor of rho: late on saturated shards, rho falls by 10% down to here (see `RHO_START`).
 pub const RHO_MIN: f64 = 0.6;
+/// Ceiling of rho: late with CPU to spare, rho rises by 0.05 up to here, keeping headroom.
 pub const RHO_MAX: f64 = 0.8;
+/// Busy share (waiting for a CPU included) over which a shard counts as saturated: more frames
+/// would only lengthen the flush, so windows widen instead of narrowing.
 pub const BUSY_HIGH: f64 = 0.85;
 /// The floor of chat's deliveries-budget factor.
 pub const CHAT_MIN: f64 = 0.05;
@@ -86,6 +90,8 @@ pub fn room_window(cfg: &EngineConfig, level: u32, rate: f64, members: u64) -> D
     w.max(demand.min(Duration::from_millis(cfg.adaptive.max_window_ms)))
 }
 
+/// The window at adaptive `level` alone, without the frame-rate demand: the configured window
+/// for quiet rooms or at level 0, else the base doubled per level, capped at `max_window_ms`.
 pub fn window_at(cfg: &EngineConfig, level: u32, rate: f64) -> Duration {
     if level == 0 || rate < HOT_ROOM_RATE {
         return cfg.window;

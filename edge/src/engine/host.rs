@@ -17,11 +17,15 @@ const STALLED_RETRY: Duration = Duration::from_millis(1);
 /// Mails handled before the engine's timers get a turn, so a flood cannot starve them.
 const MAX_MAILS_PER_TURN: usize = 4096;
 
+/// What `run_beside` needs to run one engine on its own thread.
 pub struct BesideSpec {
+    /// The engine it drives.
     pub engine: Engine,
+    /// Where shards and the bus send it mail.
     pub mailbox: Receiver<Mail>,
     /// Every shard's mailbox, by shard id.
     pub shards: Vec<Mailbox>,
+    /// CPU to pin the thread to, if any.
     pub cpu: Option<usize>,
 }
 

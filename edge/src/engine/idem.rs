@@ -79,6 +79,7 @@ impl Keys {
         }
     }
 
+    /// Keys remembered now (expired ones are dropped on the next `get`).
     pub fn len(&self) -> usize {
         self.map.len()
     }

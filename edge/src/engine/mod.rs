@@ -59,17 +59,24 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The engine's share of the configuration.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// How long a room collects messages before it sends them as one frame (`fanout.merge_window_ms`).
     pub window: Duration,
+    /// Most messages in one merged frame (`fanout.max_batch_messages`).
     pub max_batch_messages: usize,
+    /// Most bytes in one merged frame (`fanout.max_batch_bytes`).
     pub max_batch_bytes: usize,
     /// kind -> must deliver.
     pub kinds: HashMap<String, bool>,
     /// Conflated (latest-state) kinds -> the body field telling entries apart (None: one per
     /// room).
     pub conflate: HashMap<String, Option<String>>,
+    /// Per-room and per-user publish limits.
     pub limits: LimitsConfig,
+    /// What each room keeps for `since` recovery.
     pub history: HistoryLimits,
+    /// Messages replayed to a join without `since` (`history.join_last`).
     pub join_last: usize,
+    /// The adaptive merging and sampling settings.
     pub adaptive: AdaptiveConfig,
     /// Rooms idle this long with no member anywhere (and nothing left in history) leave memory.
     pub room_idle: Duration,
@@ -82,10 +89,12 @@ pub struct EngineConfig {
     pub presence_interval: Duration,
     /// Idempotency keys each room remembers: for how long, and how many at most.
     pub idem_ttl: Duration,
+    /// How many idempotency keys each room remembers at most.
     pub idem_keys: usize,
 }
 
 impl EngineConfig {
+    /// Takes the engine's settings out of the validated configuration.
     pub fn from_config(cfg: &crate::config::Config) -> Self {
         Self {
             window: cfg.merge_window(),
@@ -122,10 +131,12 @@ impl EngineConfig {
 /// What an engine has for each shard: appended during a turn, shipped by the host (one mail
 /// per shard per turn). A shard whose mailbox is full keeps its vector here until it has room.
 pub struct Out {
+    /// Commands for each shard, indexed by shard id.
     pub shard: Vec<Vec<ShardCmd>>,
 }
 
 impl Out {
+    /// Empty vectors for `shards` shards.
     pub fn new(shards: usize) -> Self {
         Self { shard: (0..shards).map(|_| Vec::new()).collect() }
     }
@@ -166,6 +177,7 @@ pub struct LoadBoard {
 }
 
 impl LoadBoard {
+    /// A board for `shards` shards, all backlogs at zero.
     pub fn new(shards: usize) -> Self {
         let zeros = || (0..shards).map(|_| AtomicU64::new(0)).collect();
         Self {
@@ -255,12 +267,14 @@ impl LoadBoard {
         self.hot_members.iter().map(|a| a.load(Ordering::Relaxed)).sum()
     }
 
+    /// Records shard `shard`'s send backlog, in bytes, as of its last tick.
     pub fn set(&self, shard: u16, bytes: usize) {
         if let Some(a) = self.backlog.get(usize::from(shard)) {
             a.store(bytes, Ordering::Relaxed);
         }
     }
 
+    /// The largest send backlog of any shard, in bytes.
     pub fn max(&self) -> usize {
         self.backlog.iter().map(|a| a.load(Ordering::Relaxed)).max().unwrap_or(0)
     }
@@ -406,6 +420,7 @@ impl Engine {
         self
     }
 
+    /// This engine's id: the rooms that hash to it are its own.
     pub fn id(&self) -> u16 {
         self.id
     }

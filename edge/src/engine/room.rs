@@ -31,10 +31,12 @@ fn set_bits(i: usize, mut w: u64) -> impl Iterator<Item = u16> {
 }
 
 impl ShardSet {
+    /// An empty set sized for `shards` shards.
     pub fn new(shards: usize) -> Self {
         Self(vec![0; shards.div_ceil(64).max(1)].into_boxed_slice())
     }
 
+    /// Adds shard `s` (ignored past the set's size).
     pub fn insert(&mut self, s: u16) {
         let s = usize::from(s);
         if let Some(w) = self.0.get_mut(s / 64) {
@@ -42,6 +44,7 @@ impl ShardSet {
         }
     }
 
+    /// Removes shard `s`.
     pub fn remove(&mut self, s: u16) {
         let s = usize::from(s);
         if let Some(w) = self.0.get_mut(s / 64) {
@@ -49,15 +52,18 @@ impl ShardSet {
         }
     }
 
+    /// Whether shard `s` is in the set.
     pub fn contains(&self, s: u16) -> bool {
         let s = usize::from(s);
         self.0.get(s / 64).is_some_and(|w| w & (1 << (s % 64)) != 0)
     }
 
+    /// True when no shard is in the set.
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|&w| w == 0)
     }
 
+    /// How many shards are in the set.
     pub fn len(&self) -> u32 {
         self.0.iter().map(|w| w.count_ones()).sum()
     }
@@ -77,7 +83,9 @@ impl ShardSet {
 
 /// A message waiting in the room's batch.
 pub struct Pending {
+    /// The numbered message.
     pub msg: PushMessage,
+    /// Its kind is must-deliver: never sampled, never shed.
     pub must_deliver: bool,
     /// A conflated kind's entry key: a newer message with the same kind and key replaces it.
     pub conflate: Option<String>,
@@ -85,8 +93,11 @@ pub struct Pending {
 
 /// The newest message of a conflated kind (and key) in a room.
 pub struct Latest {
+    /// The conflated kind.
     pub kind: String,
+    /// The entry key: the configured body field's value (empty for one entry per room).
     pub key: String,
+    /// The newest message for that kind and key.
     pub msg: PushMessage,
 }
 
@@ -94,7 +105,9 @@ pub struct Latest {
 /// inventing keys can make every joiner receive.
 pub const MAX_LATEST: usize = 64;
 
+/// One room in its engine: numbering, the batch being merged, history, rate limits and presence.
 pub struct Room {
+    /// The room's name.
     pub name: RoomName,
     /// The room's numbering: a new one whenever its seq restarts (a room made anew in local
     /// mode; Redis's in Redis mode, 0 until synced).
@@ -105,19 +118,28 @@ pub struct Room {
     pub flushed_seq: u64,
     /// Per encoding (`Subprotocol::index`): shards with members (or joins in flight) wanting it.
     pub interest: [ShardSet; roomcast_proto::Subprotocol::COUNT],
+    /// Messages merged into the next frame, in seq order.
     pub pending: Vec<Pending>,
+    /// Bytes of `pending` (against `fanout.max_batch_bytes`).
     pub pending_bytes: usize,
     /// When the oldest pending message, and the oldest pending must-deliver one, arrived: the
     /// start of their delivery latency (`Delivery::since`).
     pub opened: Option<Instant>,
+    /// When the oldest pending must-deliver message arrived.
     pub must_opened: Option<Instant>,
     /// Idempotency keys of recent publishes, with their answers.
     pub idem: super::idem::Keys,
+    /// When the pending batch is due to be flushed (None: nothing pending).
     pub deadline: Option<Instant>,
+    /// Last activity (publishes, joins): rooms idle past `room_idle` may be swept.
     pub last_active: Instant,
+    /// Recent messages for `since` recovery and join replays.
     pub history: History,
+    /// The room's droppable publish rate limit (`limits.room_rate`).
     pub droppable_bucket: Bucket,
+    /// The room's must-deliver publish rate limit (`limits.must_deliver_room_rate`).
     pub must_bucket: Bucket,
+    /// The visible rate droppable messages are sampled down to while the room is sampled.
     pub visible_bucket: Bucket,
     /// Redis mode: the visible rate on this edge's fan-out (apart from `visible_bucket`, which
     /// the publishing edge spends at admission).
@@ -149,13 +171,17 @@ pub struct Room {
     /// The store batch that carries the reservation `seq_hi`, and the reservation known
     /// durable before it (see `durable_hi`).
     pub reserve_token: u64,
+    /// The reservation known durable before `reserve_token`'s batch.
     pub reserved_before: u64,
+    /// Must-deliver seqs evicted, as the store last heard.
     pub stored_evicted: u64,
     /// When (Unix seconds) the room's record was last written.
     pub meta_s: u64,
+    /// The store batch this room's latest records went in: nothing waits past it once it is durable.
     pub wait_token: u64,
     /// A flush or joins that wait for the store.
     pub flush_after_store: bool,
+    /// Joins waiting until the room's latest store batch is durable.
     pub joins_after_store: Vec<(PendingJoin, Option<Since>)>,
     /// Sampled because offered rate x members is over `adaptive.room_deliveries_per_s`.
     pub demand_sampling: bool,
@@ -163,9 +189,11 @@ pub struct Room {
     pub cluster_online: Option<u64>,
     /// The count members were last shown, and when (presence).
     pub online_shown: Option<u64>,
+    /// When the online count was last shown.
     pub online_at: Option<Instant>,
     /// Redis mode: this edge's count as last reported to Redis, and when.
     pub reported: u64,
+    /// When this edge's count was last reported to Redis.
     pub reported_at: Option<Instant>,
     /// A presence step is scheduled for then.
     pub presence_due: Option<Instant>,
@@ -174,6 +202,7 @@ pub struct Room {
 }
 
 impl Room {
+    /// A fresh room (epoch 0, seq 0) with full rate buckets and no members.
     pub fn new(name: RoomName, shards: usize, now: Instant, cfg: &EngineConfig) -> Self {
         Self {
             name,
@@ -262,6 +291,7 @@ impl Room {
         self.cluster_online.unwrap_or(self.members)
     }
 
+    /// Whether any shard has members (or joins in flight) wanting the room's frames.
     pub fn interested(&self) -> bool {
         self.interest.iter().any(|s| !s.is_empty())
     }
@@ -282,6 +312,7 @@ impl Room {
         (backlog_sampling || self.demand_sampling) && rate >= HOT_ROOM_RATE
     }
 
+    /// Counts one publish in the room's rate (EWMA with a 1 s time constant).
     pub fn bump_rate(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
         self.rate_at = now;
@@ -289,6 +320,7 @@ impl Room {
         self.rate = self.rate * (-dt).exp() + 1.0;
     }
 
+    /// The room's publish rate now, messages per second, decayed since the last publish.
     pub fn current_rate(&self, now: Instant) -> f64 {
         let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
         self.rate * (-dt).exp()

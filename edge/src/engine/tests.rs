@@ -994,7 +994,7 @@ fn the_latency_controller_converges_without_flapping() {
 /// seed's room (a 10^5 room whose first estimate allowed 790 ms on saturated shards).
 #[test]
 fn the_budget_narrows_windows_only_on_measured_unsaturated_shards() {
-    let (mut bus, _) = setup_with(Config::default());
+    let (mut bus, ()) = setup_with(Config::default());
     let room: RoomName = "live".into();
     join(&mut bus, &room, Subprotocol::Json, None);
     let _ = bus.drain();

@@ -28,6 +28,7 @@ use crate::bus::redis::{self, BanOutcome, ModEvent};
 use crate::bus::{DeleteError, PublishError, RoomName};
 use crate::ingest::{AppState, KeyRefusal, RouteSource, SCOPE_MODERATE, bearer, ct_eq};
 
+/// The moderation endpoints (kick, ban, delete), merged into the publish API's router.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/users/{user}/disconnect", post(disconnect))

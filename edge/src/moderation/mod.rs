@@ -31,8 +31,11 @@ use crate::bus::{Mail, MailError, Mailbox, ModAction, Moderate, RoomName, ShardC
 /// One ban in force: `user` may not join `room` until `until_ms` (ms since the Unix epoch).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ban {
+    /// The room the ban applies to.
     pub room: String,
+    /// The banned user, as their token's `sub` names them.
     pub user: String,
+    /// When the ban ends, ms since the Unix epoch.
     pub until_ms: u64,
 }
 
@@ -55,6 +58,7 @@ pub struct Bans {
 }
 
 impl Bans {
+    /// An empty table holding at most `max` bans (at least one), kept in `gauge` if given.
     pub fn new(max: usize, gauge: Option<IntGauge>) -> Self {
         Self { map: RwLock::new(HashMap::new()), len: AtomicUsize::new(0), max: max.max(1), gauge }
     }
@@ -84,6 +88,7 @@ impl Bans {
         self.len.load(Ordering::Relaxed)
     }
 
+    /// True when no ban is in force.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -221,9 +226,11 @@ pub const REFUSALS: [&str; 12] = [
 /// What carries moderation to this edge's connections: the table of bans the shards read, the
 /// shards' mailboxes, and the store a single-node edge keeps bans in.
 pub struct Moderation {
+    /// The bans in force, which the shards check on every join.
     pub bans: Arc<Bans>,
     shards: Vec<Mailbox>,
     store: Option<Arc<crate::store::Store>>,
+    /// Requests carried out and refused, counted for /metrics.
     pub stats: ModerationStats,
     /// This process on the moderation channel (its own messages come back to it: skipped).
     pub origin: String,
@@ -233,6 +240,7 @@ pub struct Moderation {
 const SHARD_ANSWER: Duration = Duration::from_secs(2);
 
 impl Moderation {
+    /// Moderation for this edge, with a fresh origin id (unique per process) for the moderation channel.
     pub fn new(
         bans: Arc<Bans>,
         shards: Vec<Mailbox>,
@@ -343,10 +351,13 @@ impl Moderation {
 /// Why a ban could not be made or lifted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BanError {
+    /// The table of bans is at its bound.
     #[error(transparent)]
     Full(BansFull),
+    /// The store could not write the ban (single-node edge); retrying may succeed.
     #[error("the edge's store cannot write; retry shortly")]
     Store,
+    /// Redis could not carry the ban to the other edges; retrying may succeed.
     #[error("the message bus (redis) is unavailable; retry shortly")]
     Bus,
 }

@@ -81,9 +81,13 @@ pub const GOAWAY_MAX_DELAY_MS: u64 = 1000;
 
 /// Everything a shard thread needs; built on the main thread.
 pub struct ShardSpec {
+    /// The shard's index: its place in every mailbox list and its metric label.
     pub id: u16,
+    /// CPU to pin the shard's thread to, if any.
     pub cpu: Option<usize>,
+    /// Its own SO_REUSEPORT listening socket on the WebSocket port.
     pub listener: Socket,
+    /// The whole configuration, shared by every shard.
     pub cfg: Arc<Config>,
     /// This shard's room engine (engine `id`: the rooms that hash to it), or None when the
     /// engines run beside the shards on threads of their own.
@@ -91,15 +95,22 @@ pub struct ShardSpec {
     /// Every engine's mailbox, by engine id: the shards' own mailboxes when the shards host
     /// the engines (this one's included).
     pub engines: Vec<Mailbox>,
+    /// The backlogs and room count every shard and engine share.
     pub load: Arc<LoadBoard>,
+    /// This shard's end of its mailbox (mail from engines, peers and the bus).
     pub mailbox: Receiver<Mail>,
+    /// The eventfd senders write to wake this shard while it is parked in the kernel.
     pub doorbell: Arc<OwnedFd>,
+    /// Set while the shard waits in the kernel, so senders know to ring the doorbell.
     pub parked: Arc<AtomicBool>,
+    /// This shard's metric handles.
     pub stats: ShardStats,
+    /// Connection slots (registered file descriptors) in this shard's ring.
     pub max_conns: u32,
     /// The health policy's state (crate::health), and whether to refuse handshakes while it is
     /// `overloaded` (2).
     pub health: Arc<AtomicU8>,
+    /// Refuse new handshakes while the health state is overloaded.
     pub refuse_when_overloaded: bool,
     /// Token verification; None: anonymous mode.
     pub auth: Option<Arc<crate::auth::Verifier>>,

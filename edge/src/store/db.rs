@@ -24,20 +24,27 @@ use roomcast_proto::envelope::PushMessage;
 
 use super::{Loaded, Record, RoomMeta};
 
+/// What can go wrong opening, reading or writing the room store.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// The storage engine (fjall) failed.
     #[error("{0}")]
     Db(#[from] fjall::Error),
+    /// A file operation on the data directory failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Another process holds the directory's LOCK file.
     #[error("in use by another edge (lock {0}): give each edge its own data_dir")]
     Locked(PathBuf),
+    /// A stored record for the room does not decode: the data is damaged.
     #[error("unreadable record for room {0}")]
     Corrupt(String),
+    /// fjall could not open the database (damaged): the message says how to start empty.
     #[error("cannot open the store: {0}")]
     Open(String),
 }
 
+/// The room store on disk: room numbering, must-deliver messages and bans, in a fjall database.
 pub struct Db {
     db: Database,
     meta: Keyspace,
@@ -59,6 +66,7 @@ const BATCHES_KEY: &[u8] = b"\0batches";
 const SWEEP_ROOMS: usize = 20_000;
 
 impl Db {
+    /// Opens (creating it if needed) the database in `dir`, taking its LOCK file for the process's life.
     pub fn open(dir: &Path) -> Result<Self, DbError> {
         std::fs::create_dir_all(dir)?;
         let lock_path = dir.join("LOCK");
@@ -112,6 +120,7 @@ impl Db {
         self.batches.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Bytes the database takes on disk (0 if unknown).
     pub fn disk_bytes(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
     }
@@ -225,6 +234,7 @@ impl Db {
         self.meta.approximate_len()
     }
 
+    /// Makes everything written so far durable (fsync of the journal).
     pub fn sync(&self) -> Result<(), DbError> {
         self.db.persist(PersistMode::SyncData)?;
         Ok(())

@@ -39,6 +39,7 @@ pub const SEQ_RESERVE: u64 = 1024;
 /// A room's numbering as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomMeta {
+    /// The room's current epoch: a new one means the seq numbering restarted.
     pub epoch: Epoch,
     /// Every seq handed out is at or below it (a reservation while the edge runs; exact after
     /// a clean stop).
@@ -53,6 +54,7 @@ pub struct RoomMeta {
 /// What a room has on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
+    /// Its numbering.
     pub meta: RoomMeta,
     /// Its must-deliver messages, in seq order.
     pub messages: Vec<PushMessage>,
@@ -93,12 +95,20 @@ pub enum Distrust {
     /// The database holds fewer record batches than `RUN` recorded as durable: a journal cut
     /// after its fsync (a disk or a virtual disk that lied about it), or database files put
     /// back from an older copy.
-    Rollback { found: u64, mark: u64 },
+    Rollback {
+        /// Record batches the database holds.
+        found: u64,
+        /// Batches `RUN` recorded as durable.
+        mark: u64,
+    },
     /// `RUN` is not the file the last run wrote (another inode or birth time): the data
     /// directory was copied, or restored from a copy or a backup, which may be older.
     Copied,
     /// `RUN` is missing while the database holds record batches: nothing vouches for it.
-    Unmarked { found: u64 },
+    Unmarked {
+        /// Record batches the database holds.
+        found: u64,
+    },
 }
 
 impl Distrust {

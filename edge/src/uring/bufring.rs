@@ -67,10 +67,12 @@ impl BufRing {
         Ok(this)
     }
 
+    /// The buffer group id that recv SQEs name to draw a buffer from this ring.
     pub fn bgid(&self) -> u16 {
         self.bgid
     }
 
+    /// Bytes in each buffer: the most one recv completion can deliver.
     pub fn buf_size(&self) -> usize {
         self.size
     }

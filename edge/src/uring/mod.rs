@@ -20,12 +20,19 @@ pub use bufring::BufRing;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum OpKind {
+    /// The multishot accept on the shard's listener (one per shard).
     Accept = 1,
+    /// A connection's multishot receive into the buffer ring.
     Recv = 2,
+    /// A write of queued frames to a connection.
     Send = 3,
+    /// Closing a connection's direct descriptor.
     Close = 4,
+    /// Cancelling another operation, or closing a slot whose result nobody waits for.
     Cancel = 5,
+    /// The read of the shard's eventfd doorbell: mail has arrived.
     Wake = 6,
+    /// A write-side socket shutdown (SHUT_WR); its completion is ignored.
     Shutdown = 7,
 }
 
@@ -48,22 +55,29 @@ impl OpKind {
 /// The generation tells a completion for a connection that has since been replaced in its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
+    /// Which operation completed.
     pub kind: OpKind,
+    /// The slot's generation when the operation was submitted (low 24 bits).
     pub generation: u32,
+    /// The connection slot (direct-descriptor index) it concerns.
     pub slot: u32,
 }
 
 impl Token {
+    /// The bits of a generation that fit in `user_data`: generations wrap at 2^24.
     pub const GENERATION_MASK: u32 = 0x00ff_ffff;
 
+    /// A token for an operation on `slot`, the generation cut to 24 bits.
     pub fn new(kind: OpKind, generation: u32, slot: u32) -> Self {
         Self { kind, generation: generation & Self::GENERATION_MASK, slot }
     }
 
+    /// Packs the token into a `user_data` value.
     pub fn encode(self) -> u64 {
         (u64::from(self.kind as u8) << 56) | (u64::from(self.generation) << 32) | u64::from(self.slot)
     }
 
+    /// Unpacks a `user_data` value; None if its kind byte is none of ours.
     pub fn decode(v: u64) -> Option<Self> {
         let kind = OpKind::from_u8((v >> 56) as u8)?;
         Some(Self { kind, generation: ((v >> 32) as u32) & Self::GENERATION_MASK, slot: v as u32 })
@@ -76,14 +90,30 @@ pub enum UringError {
     #[error(
         "io_uring_setup failed: {0} (io_uring needs Linux 5.1+, must not be disabled by kernel.io_uring_disabled, and must be allowed by the seccomp profile: container runtimes' default profiles block it, see deploy/)"
     )]
+    /// io_uring_setup refused (old kernel, disabled, or blocked by seccomp).
     Setup(#[source] io::Error),
+    /// The kernel's probe lacks an opcode the shards use.
     #[error("this kernel lacks io_uring opcode {name}: {needed}")]
-    MissingOpcode { name: &'static str, needed: &'static str },
+    MissingOpcode {
+        /// The opcode.
+        name: &'static str,
+        /// What the edge needs it for.
+        needed: &'static str,
+    },
+    /// The kernel release is older than `MIN_KERNEL`.
     #[error("this kernel ({release}) is too old: roomcast needs {needed}")]
-    KernelTooOld { release: String, needed: &'static str },
+    KernelTooOld {
+        /// The running kernel's release (uname).
+        release: String,
+        /// The features and the release that has them.
+        needed: &'static str,
+    },
+    /// Registering descriptors or buffers with the ring failed.
     #[error("cannot register {what}: {source}")]
     Register {
+        /// What was being registered.
         what: &'static str,
+        /// The kernel's error.
         #[source]
         source: io::Error,
     },
@@ -150,6 +180,7 @@ pub struct Sq<'a> {
 }
 
 impl<'a> Sq<'a> {
+    /// Wraps the ring for pushing SQEs.
     pub fn new(ring: &'a mut IoUring) -> Self {
         Self { ring }
     }
