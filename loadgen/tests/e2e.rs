@@ -160,29 +160,37 @@ fn readers_closed_as_slow_consumers_resume_and_lose_no_gift() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The edge pings every 200 ms and closes a connection it has not heard from for 1 s: the
-/// generator's members answer pings (as browsers do), so a run longer than the idle timeout
-/// keeps every member and loses nothing. Without pongs every member is closed ("1001 idle
-/// timeout") within the first seconds and misses the rest of the run.
-#[test]
-fn members_answer_pings_and_outlive_the_idle_timeout() {
-    let dir = std::env::temp_dir().join(format!("loadgen-e2e-ping-{}", std::process::id()));
+/// Runs the generator (one worker, gifts 5/s for 4 s, no chat) against an edge with the `[ws]`
+/// settings `ws_cfg`; returns result.json and the result's README.
+fn run_against(name: &str, ws_cfg: &str, connections: u32) -> (serde_json::Value, String) {
+    let dir = std::env::temp_dir().join(format!("loadgen-e2e-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
-    std::fs::write(&cfg, "[ws]\nping_interval_ms = 200\nidle_timeout_ms = 1000\n").unwrap();
+    std::fs::write(&cfg, format!("[ws]\n{ws_cfg}")).unwrap();
     let (mut edge, ws, http) = edge(&["--shards", "2", "--config", cfg.to_str().unwrap()]);
     let out = dir.join("out");
     let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["run", "--ws", &ws, "--http", &http, "--connections", "200", "--workers", "1"])
-        .args(["--duration", "4", "--gift-rate", "5", "--chat-rate", "0", "--scenario", "e2e-ping"])
+        .args(["run", "--ws", &ws, "--http", &http, "--connections", &connections.to_string(), "--workers", "1"])
+        .args(["--duration", "4", "--gift-rate", "5", "--chat-rate", "0", "--scenario", &format!("e2e-{name}")])
         .args(["--out", out.to_str().unwrap()])
         .status()
         .expect("loadgen");
     stop(&mut edge);
     assert!(status.success());
     let res = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(res.join("result.json")).unwrap()).unwrap();
+    let v = serde_json::from_str(&std::fs::read_to_string(res.join("result.json")).unwrap()).unwrap();
+    let readme = std::fs::read_to_string(res.join("README.md")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (v, readme)
+}
+
+/// The edge pings every 200 ms and closes a connection it has not heard from for 1 s: the
+/// generator's members answer pings (as browsers do), so a run longer than the idle timeout
+/// keeps every member and loses nothing. Without pongs every member is closed ("1001 idle
+/// timeout") within the first seconds and misses the rest of the run.
+#[test]
+fn members_answer_pings_and_outlive_the_idle_timeout() {
+    let (v, _) = run_against("ping", "ping_interval_ms = 200\nidle_timeout_ms = 1000\n", 200);
     assert_eq!(v["connections"], 200, "{v}");
     assert_eq!(v["published"]["gift"], 20, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "{v}");
@@ -191,7 +199,6 @@ fn members_answer_pings_and_outlive_the_idle_timeout() {
     assert_eq!(v["reconnects"], 0, "{v}");
     assert_eq!(v["closed_during_run"], 0, "{v}");
     assert_eq!(v["closes_by_code"], serde_json::json!({}), "no close frame during the run: {v}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Members the edge closes with a close frame other than 4000/1013 (here 1001, idle: the edge
@@ -200,27 +207,9 @@ fn members_answer_pings_and_outlive_the_idle_timeout() {
 /// every member was connected.
 #[test]
 fn members_closed_for_idleness_are_counted_and_come_back() {
-    let dir = std::env::temp_dir().join(format!("loadgen-e2e-idle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("edge.toml");
-    std::fs::write(&cfg, "[ws]\nping_interval_ms = 0\nidle_timeout_ms = 1000\n").unwrap();
-    let (mut edge, ws, http) = edge(&["--shards", "2", "--config", cfg.to_str().unwrap()]);
-    let out = dir.join("out");
-    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["run", "--ws", &ws, "--http", &http, "--connections", "100", "--workers", "1"])
-        .args(["--duration", "4", "--gift-rate", "5", "--chat-rate", "0", "--scenario", "e2e-idle"])
-        .args(["--out", out.to_str().unwrap()])
-        .status()
-        .expect("loadgen");
-    stop(&mut edge);
-    assert!(status.success());
-    let res = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(res.join("result.json")).unwrap()).unwrap();
+    let (v, readme) = run_against("idle", "ping_interval_ms = 0\nidle_timeout_ms = 1000\n", 100);
     assert!(v["closes_by_code"]["1001"].as_u64().unwrap_or(0) >= 100, "every member idled out at least once: {v}");
     assert!(v["reconnects"].as_u64().unwrap() >= 100, "and came back: {v}");
     assert_eq!(v["closed_during_run"], 0, "none dropped out for good: {v}");
-    let readme = std::fs::read_to_string(res.join("README.md")).unwrap();
     assert!(readme.contains("| closes received, by code | 1001: "), "{readme}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
