@@ -275,7 +275,7 @@ return 0
 const DELETE_LUA: &str = r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, tombstones in place (hash: seq -> message)
--- ARGV: the seq to delete, md_max
+-- ARGV: the seq to delete, md_max, publish command (PUBLISH, or SPUBLISH on a cluster)
 -- Returns {status, tombstone seq, tombstone ts_us, in history (0|1)}; status 0: no such seq,
 -- 1: deleted, 2: deleted already (nothing published), 3: it is a tombstone (not deletable).
 local ep = redis.call('HGET', KEYS[1], 'epoch')
@@ -330,7 +330,7 @@ if redis.call('HLEN', KEYS[7]) > 256 then
     if tonumber(f) < floor then redis.call('HDEL', KEYS[7], f) end
   end
 end
-redis.call('PUBLISH', KEYS[4], msg)
+redis.call(ARGV[3], KEYS[4], msg)
 return {1, seq, ts, found}
 "#;
 
@@ -352,6 +352,7 @@ pub async fn delete_message(
         .key(&k[6])
         .arg(seq)
         .arg(limits.must_deliver.max(1))
+        .arg(cm.publish_command())
         .invoke_async(cm)
         .await
         .inspect_err(|_| failed("delete"))?;
@@ -365,16 +366,17 @@ pub async fn delete_message(
 
 /// The channel every edge subscribes to for moderation that reaches beyond rooms it follows: a
 /// user's disconnect (every edge may hold a connection of theirs) and bans (every edge checks
-/// them at joins). Classic pub/sub: on Redis Cluster it reaches every node.
+/// them at joins). Classic pub/sub on one Redis; a cluster uses [`MOD_ROOM`]'s channel instead.
 pub const MOD_CHANNEL: &str = "rc:mod";
-/// Every ban in force: members `ROOM\nUSER`, scored by the ban's end (ms since the Unix epoch).
-/// What an edge loads when it (re)connects; each ban also has its own key in its room's slot,
-/// `rc:{ROOM}:ban:USER`, expiring with it.
+/// On a Redis Cluster, moderation events travel on this pseudo-room's channel (`rc:{#mod}:ch`,
+/// sharded pub/sub in its slot), which every edge follows as it follows a room: subscribed on
+/// the slot's owner, followed across slot moves and failovers, and each time it goes live the
+/// bans in force are read again. `#` cannot be in a room's name, so no room can take it.
+pub const MOD_ROOM: &str = "#mod";
+/// Every ban in force: members `ROOM\nUSER`, scored by the ban's end (ms since the Unix epoch),
+/// pruned of expired bans as it is used. What an edge loads when it (re)connects. One key, so
+/// on a cluster every pipeline on it runs on one node.
 const BANS_KEY: &str = "rc:bans";
-
-fn ban_key(room: &str, user: &str) -> String {
-    format!("rc:{{{room}}}:ban:{user}")
-}
 
 /// What travels on [`MOD_CHANNEL`]. `from`: the edge that took the request (it has applied it
 /// already and skips its own message).
@@ -414,7 +416,13 @@ pub enum ModEvent {
 /// is up, this one included).
 pub async fn publish_event(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult<u64> {
     let text = serde_json::to_string(ev).unwrap_or_default();
-    cm.publish(MOD_CHANNEL, text).await.inspect_err(|_| failed("moderation"))
+    let r = if cm.is_cluster() {
+        // Every edge is subscribed on the owner of the pseudo-room's slot: SPUBLISH counts them.
+        ::redis::cmd("SPUBLISH").arg(super::slots::channel_key(MOD_ROOM)).arg(text).query_async(cm).await
+    } else {
+        cm.publish(MOD_CHANNEL, text).await
+    };
+    r.inspect_err(|_| failed("moderation"))
 }
 
 /// Why Redis refused a ban.
@@ -429,8 +437,8 @@ pub enum BanOutcome {
     Full,
 }
 
-/// Bans `user` from `room` until `until_ms` in Redis (its key, the index, pruned of expired
-/// bans first, at most `max` bans in force) and tells every edge.
+/// Bans `user` from `room` until `until_ms` in Redis (the index, pruned of expired bans first,
+/// at most `max` bans in force) and tells every edge.
 pub async fn ban(cm: &mut Conn, ev: &ModEvent, now_ms: u64, max: usize) -> ::redis::RedisResult<BanOutcome> {
     let ModEvent::Ban { room, user, until_ms, .. } = ev else { return Ok(BanOutcome::Full) };
     let member = format!("{room}\n{user}");
@@ -448,14 +456,7 @@ pub async fn ban(cm: &mut Conn, ev: &ModEvent, now_ms: u64, max: usize) -> ::red
     if exists.is_none() && n >= max as u64 {
         return Ok(BanOutcome::Full);
     }
-    let ttl_ms = until_ms.saturating_sub(now_ms).max(1);
     let () = ::redis::pipe()
-        .cmd("SET")
-        .arg(ban_key(room, user))
-        .arg(until_ms)
-        .arg("PX")
-        .arg(ttl_ms)
-        .ignore()
         .zadd(BANS_KEY, &member, *until_ms)
         .ignore()
         .query_async(cm)
@@ -468,8 +469,6 @@ pub async fn ban(cm: &mut Conn, ev: &ModEvent, now_ms: u64, max: usize) -> ::red
 pub async fn unban(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult<u64> {
     let ModEvent::Unban { room, user, .. } = ev else { return Ok(0) };
     let () = ::redis::pipe()
-        .del(ban_key(room, user))
-        .ignore()
         .zrem(BANS_KEY, format!("{room}\n{user}"))
         .ignore()
         .query_async(cm)
@@ -656,9 +655,7 @@ pub fn start(
             for s in &seeds {
                 ::redis::Client::open(s.as_str())?;
             }
-            // Moderation's bus channel and bans index are not wired into cluster mode yet.
-            drop(moderation);
-            tokio::spawn(super::cluster::run(seeds, rx, bus, limits, presence, up, nodes));
+            tokio::spawn(super::cluster::run(seeds, rx, bus, limits, presence, up, nodes, moderation));
         }
     }
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
@@ -859,7 +856,7 @@ pub(super) async fn report_online(
 
 /// A moderation event from another edge, applied here: the table of bans at once (in the
 /// order events arrive), the shards' part in a task of its own.
-fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
+pub(super) fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
     let now_ms = super::now_us() / 1000;
     match ev {
         ModEvent::Kick { from, .. } | ModEvent::Ban { from, .. } | ModEvent::Unban { from, .. }
@@ -883,17 +880,19 @@ fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
 
 /// After (re)connecting: the bans in force as Redis holds them replace this edge's (some may
 /// have come or gone while it was away); members of rooms newly banned leave them.
-async fn load_all_bans(mut cm: Conn, moderation: Arc<crate::moderation::Moderation>) {
+pub(super) async fn load_all_bans(mut cm: Conn, moderation: Arc<crate::moderation::Moderation>) -> bool {
     let now_ms = super::now_us() / 1000;
     match load_bans(&mut cm, now_ms, moderation.bans.max()).await {
         Ok(bans) => {
             for b in moderation.bans.replace_all(bans, now_ms) {
                 moderation.remove_from_room(&b.room, &b.user, b.until_ms).await;
             }
+            true
         }
         Err(e) => {
             tracing::warn!(error = %e, "moderation: cannot read the bans in force from redis");
             failed("moderation");
+            false
         }
     }
 }
@@ -1512,6 +1511,18 @@ mod tests {
         assert_eq!(room_of_channel("other"), None);
     }
 
+    /// A script that publishes with a fixed `PUBLISH` reaches nobody on a cluster (edges
+    /// follow rooms with `SSUBSCRIBE` there): each takes the command as an argument. The
+    /// delete script did not (its live tombstone never reached a cluster's members).
+    #[test]
+    fn no_script_hardcodes_its_publish_command() {
+        for (name, lua) in [("publish", PUBLISH_LUA), ("delete", DELETE_LUA), ("online", ONLINE_LUA)] {
+            let upper = lua.to_ascii_uppercase();
+            assert!(!upper.contains("'PUBLISH'") && !upper.contains("\"PUBLISH\""), "{name} hardcodes PUBLISH");
+            assert!(!upper.contains("'SPUBLISH'") && !upper.contains("\"SPUBLISH\""), "{name} hardcodes SPUBLISH");
+        }
+    }
+
     #[test]
     fn moderation_events_round_trip() {
         let ev = ModEvent::Ban { room: "r".into(), user: "a\"b".into(), until_ms: 5, from: "x".into() };
@@ -1519,7 +1530,8 @@ mod tests {
         assert_eq!(text, r#"{"op":"ban","room":"r","user":"a\"b","until_ms":5,"from":"x"}"#);
         assert_eq!(serde_json::from_str::<ModEvent>(&text).unwrap(), ev);
         assert_eq!(room_of_channel(MOD_CHANNEL), None, "never taken for a room's channel");
-        assert_eq!(ban_key("r", "u"), "rc:{r}:ban:u", "in the room's hash slot");
+        assert_eq!(room_of_channel(&super::super::slots::channel_key(MOD_ROOM)), Some(MOD_ROOM));
+        assert!(roomcast_proto::envelope::validate_room(MOD_ROOM).is_err(), "no room can take its name");
     }
 
     #[test]
