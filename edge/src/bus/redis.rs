@@ -165,7 +165,45 @@ impl StreamLimits {
     }
 }
 
-pub(super) const PUBLISH_LUA: &str = r#"
+/// How far a room's seq moves on at the first script after a failover (`fence_lua!`): past
+/// every seq the lost primary can have handed out without its replica getting it. That is at
+/// most what one room publishes in the window a primary may number alone: with
+/// `min-replicas-max-lag` (10 s by default) plus the failover time, 10^6 covers a room at
+/// 10^4 messages/s for 100 s. What the skipped range held (droppable messages, gifts that
+/// were never acknowledged) is announced to members as a `gap`.
+pub const FAILOVER_SEQ_SKIP: u64 = 1_000_000;
+
+/// The failover fence every script that numbers or reads a room's seq runs first, as
+/// `rc_fence(meta key)`. A room's meta remembers the replication history (`master_replid`)
+/// that last numbered or read it. A replica promoted to primary (Cluster failover, Sentinel)
+/// keeps its old primary's history as `master_replid2`: writes the old primary numbered and
+/// never replicated are gone, and numbering on from the seq the replica holds would hand
+/// their seqs out again, to messages that edges and clients which saw the lost ones skip as
+/// already seen (a gift silently lost: measured in the failover benchmark before this fence).
+/// So on a promoted primary the room's seq first moves on by `FAILOVER_SEQ_SKIP`. A restart
+/// (a new history, nothing lost with `appendfsync always`) or a slot migration (`MIGRATE`
+/// copies everything the old owner numbered) only records the new history.
+macro_rules! fence_lua {
+    () => {
+        r"
+local function rc_fence(meta)
+  local info = redis.call('INFO', 'replication')
+  local rid = string.match(info, 'master_replid:(%x+)')
+  if not rid then return end
+  local had = redis.call('HGET', meta, 'rid')
+  if had == rid then return end
+  if had and had == string.match(info, 'master_replid2:(%x+)') and redis.call('HEXISTS', meta, 'seq') == 1 then
+    redis.call('HINCRBY', meta, 'seq', 1000000)
+  end
+  redis.call('HSET', meta, 'rid', rid)
+end
+"
+    };
+}
+
+pub(super) const PUBLISH_LUA: &str = concat!(
+    fence_lua!(),
+    r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none),
 --       tombstones in place (hash: seq -> message)
@@ -173,6 +211,7 @@ pub(super) const PUBLISH_LUA: &str = r#"
 --       idempotency TTL in seconds (0: no key), publish command (PUBLISH, or SPUBLISH on a cluster),
 --       publish now (1), or leave it to the caller (0: it publishes once replicas hold the message)
 -- Returns {seq, ts_us, replayed (0|1)}, and the message when the caller publishes it.
+rc_fence(KEYS[1])
 if ARGV[9] ~= '0' then
   local prev = redis.call('GET', KEYS[7])
   if prev then
@@ -233,13 +272,17 @@ if ARGV[11] == '0' then
   return {seq, ts, 0, msg}
 end
 return {seq, ts, 0}
-"#;
+"#
+);
 
 /// Reads a room's seq and epoch, making the epoch if the room has none yet (so a member that
 /// joins before the first publish is told the numbering the first publish will use).
-const SYNC_LUA: &str = r"
+const SYNC_LUA: &str = concat!(
+    fence_lua!(),
+    r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
+rc_fence(KEYS[1])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 if not ep then
   local t = redis.call('TIME')
@@ -248,14 +291,18 @@ if not ep then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
 return {redis.call('HGET', KEYS[1], 'seq') or '0', ep, redis.call('HVALS', KEYS[5])}
-";
+"
+);
 
 /// A new epoch for a room whose seq in Redis went below what an edge handed out under the
 /// same epoch (Redis lost writes). Only if it is still so: another edge may have done it.
-const RENUMBER_LUA: &str = r"
+const RENUMBER_LUA: &str = concat!(
+    fence_lua!(),
+    r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
 -- ARGV: the epoch seen, the seq handed out under it
+rc_fence(KEYS[1])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
@@ -265,19 +312,23 @@ if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
   return 1
 end
 return 0
-";
+"
+);
 
 /// Moderation's delete (docs/PROTOCOL.md, "Moderation"): the message leaves its stream and a
 /// tombstone takes its place (in the `deleted` hash: a stream cannot take an entry under an id
 /// it has passed), it stops being the room's latest state, and a live tombstone is numbered,
 /// added to the must-deliver stream and published like a gift, in one script: atomic with the
 /// room's numbering, so every edge puts the tombstone in place before it sees a later message.
-const DELETE_LUA: &str = r#"
+const DELETE_LUA: &str = concat!(
+    fence_lua!(),
+    r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, tombstones in place (hash: seq -> message)
 -- ARGV: the seq to delete, md_max, publish command (PUBLISH, or SPUBLISH on a cluster)
 -- Returns {status, tombstone seq, tombstone ts_us, in history (0|1)}; status 0: no such seq,
 -- 1: deleted, 2: deleted already (nothing published), 3: it is a tombstone (not deletable).
+rc_fence(KEYS[1])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local n = tonumber(ARGV[1])
@@ -332,7 +383,8 @@ if redis.call('HLEN', KEYS[7]) > 256 then
 end
 redis.call(ARGV[3], KEYS[4], msg)
 return {1, seq, ts, found}
-"#;
+"#
+);
 
 /// Deletes message `seq` of `room` (Redis mode): see `DELETE_LUA`.
 pub async fn delete_message(
@@ -921,10 +973,10 @@ impl Work<'_> {
                 tokio::spawn(publish(c, script, room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
             }
             BridgeCmd::Fill { room, from, to } => {
-                tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
+                tokio::spawn(fill(cm.clone(), self.wcm.clone(), room, from, to, bus.clone(), self.limits));
             }
             BridgeCmd::Recover { room, since, upto, join } => {
-                tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
+                tokio::spawn(recover(cm.clone(), self.wcm.clone(), room, since, upto, join, bus.clone(), self.limits));
             }
             BridgeCmd::Renumber { room, epoch, below } => {
                 tokio::spawn(renumber(cm.clone(), room, epoch, below, bus.clone()));
@@ -1427,52 +1479,148 @@ async fn tombstones(cm: &mut Conn, key: &str, from: u64, to: u64) -> ::redis::Re
         .collect())
 }
 
-pub(super) async fn fill(mut cm: Conn, room: RoomName, from: u64, to: u64, bus: BusHandle) {
+/// How long a fill or a recovery keeps trying (Redis not answering, a primary failing over, or
+/// replicas not holding what was read yet) before it gives up: the engine then reports the
+/// range as a gap. A failed read is not an answer that the range is gone.
+const SETTLE_FOR: Duration = Duration::from_secs(30);
+
+/// With `bus.min_replicas_acked = N`, whether what this edge read from the room's primary
+/// before the call is held by N replicas: a small write in the room's slot (`rc:{room}:rd`),
+/// then `WAIT N` on the same connection, which waits for the replication offset after that
+/// write and so for every write the reads saw (a primary's replication stream is one order).
+/// Fills and recoveries deliver from the streams only once it says so: a gift numbered but
+/// not acknowledged yet (its publish still waiting for its replica) could otherwise reach
+/// members from a fill, be lost with its primary, and come again under another seq when the
+/// publisher retries it (a duplicate). `wcm`, the waited publishes' connection: `WAIT` holds
+/// it for a replication round trip. Always true with N = 0.
+async fn settled(wcm: &mut Conn, room: &str, limits: StreamLimits) -> bool {
+    if limits.min_replicas_acked == 0 {
+        return true;
+    }
+    let r: ::redis::RedisResult<(u32,)> = ::redis::pipe()
+        .cmd("SET")
+        .arg(format!("rc:{{{room}}}:rd"))
+        .arg(1)
+        .arg("EX")
+        .arg(60)
+        .ignore()
+        .cmd("WAIT")
+        .arg(limits.min_replicas_acked)
+        .arg(limits.replicas_timeout_ms)
+        .query_async(wcm)
+        .await;
+    matches!(r, Ok((acked,)) if acked >= limits.min_replicas_acked)
+}
+
+/// Reads `from..=to` of the room from its streams and tombstones for the engine, once what was
+/// read is replicated (`settled`); retried while it is not, for up to `SETTLE_FOR`.
+pub(super) async fn fill(
+    mut cm: Conn,
+    mut wcm: Conn,
+    room: RoomName,
+    from: u64,
+    to: u64,
+    bus: BusHandle,
+    limits: StreamLimits,
+) {
     let k = keys(&room);
-    let md = range(&mut cm, &k[1], from, to).await;
-    let dr = range(&mut cm, &k[2], from, to).await;
-    let gone = tombstones(&mut cm, &k[6], from, to).await;
-    match (md, dr, gone) {
-        (Ok(mut a), Ok(b), Ok(c)) => {
-            // A deleted message's seq is filled by its tombstone: no false gap.
-            a.extend(b);
-            a.extend(c);
-            a.sort_by_key(|(m, _)| m.seq);
-            bus.send_async(EngineCmd::Filled { room, from, to, messages: a, ok: true }).await;
-        }
-        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
-            tracing::warn!(room = %room, error = %e, "redis fill failed");
-            failed("fill");
-            bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
+    let end = tokio::time::Instant::now() + SETTLE_FOR;
+    loop {
+        let md = range(&mut cm, &k[1], from, to).await;
+        let dr = range(&mut cm, &k[2], from, to).await;
+        let gone = tombstones(&mut cm, &k[6], from, to).await;
+        match (md, dr, gone) {
+            (Ok(mut a), Ok(b), Ok(c)) => {
+                if !settled(&mut wcm, &room, limits).await {
+                    if tokio::time::Instant::now() < end {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    tracing::warn!(room = %room, from, to, "redis fill: replicas do not hold what was read");
+                    failed("fill");
+                    bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
+                    return;
+                }
+                // A deleted message's seq is filled by its tombstone: no false gap.
+                a.extend(b);
+                a.extend(c);
+                a.sort_by_key(|(m, _)| m.seq);
+                bus.send_async(EngineCmd::Filled { room, from, to, messages: a, ok: true }).await;
+                return;
+            }
+            (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
+                // Not an answer that the range is gone: a primary failing over, a connection
+                // being made again. Retried; only a Redis that stays away makes it a gap.
+                failed("fill");
+                if tokio::time::Instant::now() < end {
+                    tracing::debug!(room = %room, error = %e, "redis fill failed: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                tracing::warn!(room = %room, error = %e, "redis fill failed");
+                bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
+                return;
+            }
         }
     }
 }
 
-pub(super) async fn recover(mut cm: Conn, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
+/// Reads what a joiner with `since` missed (up to `upto`), once replicated (as `fill`).
+#[expect(clippy::too_many_arguments, reason = "the fields of BridgeCmd::Recover and the bridge's handles")]
+pub(super) async fn recover(
+    mut cm: Conn,
+    mut wcm: Conn,
+    room: RoomName,
+    since: u64,
+    upto: u64,
+    join: PendingJoin,
+    bus: BusHandle,
+    limits: StreamLimits,
+) {
     let k = keys(&room);
-    let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
-    let gone = if since < upto { tombstones(&mut cm, &k[6], since + 1, upto).await } else { Ok(Vec::new()) };
-    let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
-    match (md.and_then(|md| gone.map(|g| (md, g))), evicted) {
-        (Ok((mut md, gone)), Ok(ev)) => {
-            // A deleted gift's place holds its tombstone (deleted chat is not replayed anyway).
-            md.extend(gone.into_iter().filter(|(_, must)| *must));
-            md.sort_by_key(|(m, _)| m.seq);
-            bus.send_async(EngineCmd::Recovered {
-                room,
-                since,
-                upto,
-                join,
-                messages: md.into_iter().map(|(m, _)| m).collect(),
-                evicted_upto: ev.unwrap_or(0),
-                ok: true,
-            })
-            .await;
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(room = %room, error = %e, "redis recovery failed");
-            failed("recover");
-            bus.send_async(recovery_failed(room, since, upto, join)).await;
+    let end = tokio::time::Instant::now() + SETTLE_FOR;
+    loop {
+        let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
+        let gone = if since < upto { tombstones(&mut cm, &k[6], since + 1, upto).await } else { Ok(Vec::new()) };
+        let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
+        match (md.and_then(|md| gone.map(|g| (md, g))), evicted) {
+            (Ok((mut md, gone)), Ok(ev)) => {
+                if !settled(&mut wcm, &room, limits).await {
+                    if tokio::time::Instant::now() < end {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    tracing::warn!(room = %room, since, upto, "redis recovery: replicas do not hold what was read");
+                    failed("recover");
+                    bus.send_async(recovery_failed(room, since, upto, join)).await;
+                    return;
+                }
+                // A deleted gift's place holds its tombstone (deleted chat is not replayed anyway).
+                md.extend(gone.into_iter().filter(|(_, must)| *must));
+                md.sort_by_key(|(m, _)| m.seq);
+                bus.send_async(EngineCmd::Recovered {
+                    room,
+                    since,
+                    upto,
+                    join,
+                    messages: md.into_iter().map(|(m, _)| m).collect(),
+                    evicted_upto: ev.unwrap_or(0),
+                    ok: true,
+                })
+                .await;
+                return;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                failed("recover");
+                if tokio::time::Instant::now() < end {
+                    tracing::debug!(room = %room, error = %e, "redis recovery failed: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                tracing::warn!(room = %room, error = %e, "redis recovery failed");
+                bus.send_async(recovery_failed(room, since, upto, join)).await;
+                return;
+            }
         }
     }
 }
@@ -1521,6 +1669,22 @@ mod tests {
             assert!(!upper.contains("'PUBLISH'") && !upper.contains("\"PUBLISH\""), "{name} hardcodes PUBLISH");
             assert!(!upper.contains("'SPUBLISH'") && !upper.contains("\"SPUBLISH\""), "{name} hardcodes SPUBLISH");
         }
+    }
+
+    /// Every script that numbers or reads a room's seq runs the failover fence first, and the
+    /// fence moves the seq on by `FAILOVER_SEQ_SKIP`.
+    #[test]
+    fn scripts_that_number_run_the_failover_fence() {
+        for (name, lua) in
+            [("publish", PUBLISH_LUA), ("sync", SYNC_LUA), ("renumber", RENUMBER_LUA), ("delete", DELETE_LUA)]
+        {
+            let body = lua.split_once("\nend\n").map_or("", |(_, b)| b);
+            assert!(body.contains("rc_fence(KEYS[1])"), "{name} runs the fence");
+            let fence_at = body.find("rc_fence(KEYS[1])").unwrap();
+            let seq_at = body.find("'seq'").unwrap_or(usize::MAX);
+            assert!(fence_at < seq_at, "{name}: the fence runs before the seq is read");
+        }
+        assert!(fence_lua!().contains(&format!("'seq', {FAILOVER_SEQ_SKIP})")));
     }
 
     #[test]
