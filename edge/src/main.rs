@@ -82,6 +82,12 @@ struct Cli {
     /// Keep nothing on disk: a restart gives every room a new epoch (`store.enabled = false`).
     #[arg(long)]
     no_store: bool,
+    /// Serve wss:// (TLS) with this PEM certificate chain (`tls.cert`; needs --tls-key).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key (`tls.key`). Both files are read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -248,6 +254,18 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if cli.no_store {
         cfg.store.enabled = false;
     }
+    match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => cfg.tls = Some(edge::tls::TlsConfig { cert: cert.clone(), key: key.clone() }),
+        (None, None) => {}
+        (Some(cert), None) => match &mut cfg.tls {
+            Some(t) => t.cert.clone_from(cert),
+            None => anyhow::bail!("tls.key: --tls-cert needs --tls-key (or [tls] key in the config)"),
+        },
+        (None, Some(key)) => match &mut cfg.tls {
+            Some(t) => t.key.clone_from(key),
+            None => anyhow::bail!("tls.cert: --tls-key needs --tls-cert (or [tls] cert in the config)"),
+        },
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -280,6 +298,13 @@ fn main() -> anyhow::Result<()> {
     };
     // The token keys are files: read them now, so --check-config says what start-up would.
     if let Err(e) = edge::auth::Verifier::from_config(&cfg.auth, std::env::var("ROOMCAST_AUTH_SECRET").ok()) {
+        eprintln!("edge: invalid configuration: {e}");
+        std::process::exit(2);
+    }
+    // The same for the TLS certificate and key: a bad file names its key (tls.cert, tls.key).
+    if let Some(files) = &cfg.tls
+        && let Err(e) = edge::tls::Tls::load(files)
+    {
         eprintln!("edge: invalid configuration: {e}");
         std::process::exit(2);
     }
@@ -386,6 +411,24 @@ fn main() -> anyhow::Result<()> {
     // A line for scripts and tests that start the edge on port 0.
     println!("roomcast edge ready ws={} http={}", edge.ws_addr, http_addr);
 
+    // SIGHUP: new TLS handshakes get the certificate and key read again from their files;
+    // sessions under way keep theirs. A file that does not load keeps the old pair in use.
+    // Installed with or without TLS: a stray SIGHUP must not stop an edge.
+    let tls = edge.tls.clone();
+    let mut hup = rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")
+    })?;
+    rt.spawn(async move {
+        while hup.recv().await.is_some() {
+            match &tls {
+                Some(t) => match t.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes use it"),
+                    Err(e) => tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                },
+                None => tracing::info!("SIGHUP: nothing to reload (no [tls])"),
+            }
+        }
+    });
     let drain = rt.block_on(async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

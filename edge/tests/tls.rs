@@ -1,0 +1,227 @@
+//! wss: the edge serving TLS itself (issue #18). Real edge processes with a CA and server
+//! certificates made at test time (rcgen); rustls clients (tokio-tungstenite) that trust that
+//! CA only.
+//!
+//! - every gift of a published sequence arrives over wss, and dispatch hands out wss:// URLs;
+//! - a plain ws:// client on the TLS port is answered 400 and closed; garbage and a stalled
+//!   handshake are closed too; each counted (`tls_error`, `handshake_timeout`), no panic;
+//! - SIGHUP reloads the certificate: connections under way keep going, new ones see the new
+//!   certificate; a bad file keeps the old one;
+//! - the kTLS probe's answer is in the log (this kernel has none: the kTLS path is skipped).
+
+use std::time::Duration;
+
+use roomcast_proto::envelope::ServerMsg;
+use roomcast_testsupport::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `roomcast_connections_closed_total` for one reason, summed over shards.
+async fn closed(p: &Publisher, reason: &str) -> f64 {
+    let (_, text) = p.get("/metrics").await;
+    let label = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("roomcast_connections_closed_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn wss_url(edge: &EdgeProc, query: &str) -> String {
+    format!("wss://127.0.0.1:{}/ws{query}", edge.ws.port())
+}
+
+/// Reads gifts until `n` distinct ones arrived (or the deadline); returns their `n` values.
+async fn gifts(ws: &mut Ws, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match next_msg_within(ws, Duration::from_secs(20)).await {
+            Some(ServerMsg::Batch { messages, .. }) => {
+                got.extend(
+                    messages
+                        .iter()
+                        .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.body).ok()?["n"].as_u64()),
+                );
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    got
+}
+
+fn start_tls_edge(pki: &TestPki, extra: &[&str]) -> EdgeProc {
+    let (cert, key) = (pki.cert_path(), pki.key_path());
+    let mut args = vec!["--shards", "2", "--tls-cert", &cert, "--tls-key", &key];
+    args.extend_from_slice(extra);
+    EdgeProc::start(&args)
+}
+
+#[tokio::test]
+async fn every_gift_arrives_over_wss_and_dispatch_hands_out_wss() {
+    let pki = TestPki::new("gifts");
+    let leaf = pki.issue(1, "edge-1", KeyAlg::EcdsaP256);
+    let edge = start_tls_edge(&pki, &[]);
+    let p = Publisher::new(edge.http);
+
+    // Dispatch (this edge's own /v1/route) hands out wss://.
+    let (status, body) = p.get("/v1/route?room=tls").await;
+    assert_eq!(status, 200, "{body}");
+    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let url = route["url"].as_str().unwrap();
+    assert!(url.starts_with("wss://"), "dispatch answered {url}");
+
+    let mut ws = pki.connect(&wss_url(&edge, "?room=tls"), None).await;
+    assert_eq!(peer_leaf(&ws).as_ref(), Some(&leaf.der), "the edge presents the configured certificate");
+    expect_joined(&mut ws, "tls").await;
+    // rkyv over wss too (binary frames), in the same room.
+    let mut bin = pki.connect(&wss_url(&edge, "?room=tls"), Some("roomcast.rkyv.v2")).await;
+    expect_joined(&mut bin, "tls").await;
+
+    const N: u64 = 300;
+    for n in 1..=N {
+        publish_gift(&p, "tls", n).await;
+    }
+    for (name, ws) in [("json", &mut ws), ("rkyv", &mut bin)] {
+        let got = gifts(ws, N as usize).await;
+        assert_eq!(got, (1..=N).collect::<Vec<_>>(), "{name}: every gift, in order, once");
+    }
+    // A big message (several TLS records per frame) arrives whole.
+    let big = "x".repeat(60_000);
+    p.publish("tls", "gift", serde_json::json!({ "n": N + 1, "pad": big })).await;
+    assert_eq!(gifts(&mut ws, 1).await, vec![N + 1]);
+    assert_eq!(metric(&p, "roomcast_connections_closed_total").await, 0.0, "nothing closed");
+}
+
+#[tokio::test]
+async fn bad_input_on_the_tls_port_is_closed_and_counted() {
+    let pki = TestPki::new("bad-input");
+    pki.issue(1, "edge-1", KeyAlg::EcdsaP256);
+    let cfg = config("tls-bad-input", "[ws]\nhandshake_timeout_ms = 1000\n");
+    let edge = start_tls_edge(&pki, &["--config", &cfg]);
+    let p = Publisher::new(edge.http);
+
+    // A plain ws:// client: answered in its own language (400) and closed.
+    let mut raw = tokio::net::TcpStream::connect(edge.ws).await.unwrap();
+    raw.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer)).await.expect("closed").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("wss://"), "{answer}");
+    // tokio-tungstenite speaking ws:// to it gets the same refusal, as an error, not a hang.
+    let e = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(edge.url("")))
+        .await
+        .expect("answered");
+    assert!(e.is_err(), "a ws:// handshake on the TLS port must fail");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { closed(&p, "tls_error").await >= 2.0 }).await,
+        "both counted as tls_error"
+    );
+
+    // Garbage bytes: closed (with an alert), counted, no panic.
+    for garbage in [&b"\x16\x03\x01\x00\x05hello-garbage"[..], &[0xffu8; 64][..], b"\x16\x03\x03\xff\xff"] {
+        let mut raw = tokio::net::TcpStream::connect(edge.ws).await.unwrap();
+        raw.write_all(garbage).await.unwrap();
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "closed, not left open: {garbage:?}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async { closed(&p, "tls_error").await >= 4.0 }).await,
+        "garbage counted as tls_error: {}",
+        closed(&p, "tls_error").await
+    );
+
+    // A client that connects and never says hello: the handshake timeout.
+    let mut raw = tokio::net::TcpStream::connect(edge.ws).await.unwrap();
+    let mut sink = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut sink)).await;
+    assert!(r.is_ok(), "a silent client is closed by the handshake timeout");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { closed(&p, "handshake_timeout").await >= 1.0 }).await,
+        "counted as handshake_timeout"
+    );
+
+    // A client that trusts another CA fails its handshake (it sends the alert).
+    let other = TestPki::new("bad-input-other");
+    assert!(other.try_connect(&wss_url(&edge, ""), None).await.is_err(), "an untrusted certificate is refused");
+
+    // And the edge still serves.
+    let mut ws = pki.connect(&wss_url(&edge, "?room=ok"), None).await;
+    expect_joined(&mut ws, "ok").await;
+    publish_gift(&p, "ok", 7).await;
+    assert_eq!(gifts(&mut ws, 1).await, vec![7]);
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_and_keeps_connections() {
+    let pki = TestPki::new("reload");
+    let first = pki.issue(1, "edge-gen-1", KeyAlg::EcdsaP256);
+    let cert = pki.cert_path();
+    let key = pki.key_path();
+    let data = data_dir("tls-reload");
+    let (edge, log) = EdgeProc::start_on(&data, &["--shards", "2", "--tls-cert", &cert, "--tls-key", &key], "info");
+    let p = Publisher::new(edge.http);
+    // The kTLS probe's answer is reported, whichever it is.
+    let text = log.lock().unwrap().clone();
+    if text.contains("kTLS unavailable") {
+        eprintln!(
+            "kTLS path skipped: this kernel has no kTLS (the probe's answer is in the log); the user-space path is tested"
+        );
+    } else {
+        assert!(text.contains("kTLS available"), "the kTLS probe's answer is logged: {text}");
+        eprintln!("kTLS is available here, but its data path is not built: the user-space path is tested");
+    }
+
+    let mut old = pki.connect(&wss_url(&edge, "?room=r"), None).await;
+    assert_eq!(peer_leaf(&old).as_ref(), Some(&first.der));
+    expect_joined(&mut old, "r").await;
+
+    let hup = |pid: u32| {
+        std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().expect("kill");
+    };
+    let second = pki.issue(2, "edge-gen-2", KeyAlg::Rsa2048);
+    hup(edge.child.id());
+    let fresh_sees = |want: rustls::pki_types::CertificateDer<'static>| {
+        let (pki, url) = (&pki, wss_url(&edge, ""));
+        async move {
+            wait_until(Duration::from_secs(10), || {
+                let (url, want) = (url.clone(), want.clone());
+                async move {
+                    match pki.try_connect(&url, None).await {
+                        Ok(ws) => peer_leaf(&ws) == Some(want),
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await
+        }
+    };
+    assert!(fresh_sees(second.der.clone()).await, "a new connection sees the new certificate");
+
+    // A bad file: the old (second) certificate stays, and the log says why.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    hup(edge.child.id());
+    assert!(
+        wait_until(Duration::from_secs(10), || async { log.lock().unwrap().contains("TLS reload failed") }).await,
+        "the failed reload is logged"
+    );
+    let ws = pki.connect(&wss_url(&edge, ""), None).await;
+    assert_eq!(peer_leaf(&ws), Some(second.der.clone()), "the old certificate stays in use");
+    drop(ws);
+    let third = pki.issue(3, "edge-gen-3", KeyAlg::EcdsaP256);
+    hup(edge.child.id());
+    assert!(fresh_sees(third.der.clone()).await, "the next good reload is taken");
+
+    // The connection from before every reload still gets every gift.
+    for n in 1..=50 {
+        publish_gift(&p, "r", n).await;
+    }
+    assert_eq!(gifts(&mut old, 50).await, (1..=50).collect::<Vec<_>>());
+    assert_eq!(closed(&p, "tls_error").await, 0.0);
+    drop(edge);
+    let _ = std::fs::remove_dir_all(data);
+}
