@@ -225,3 +225,56 @@ async fn sighup_reloads_the_certificate_and_keeps_connections() {
     drop(edge);
     let _ = std::fs::remove_dir_all(data);
 }
+
+#[tokio::test]
+async fn the_rust_client_follows_dispatch_to_wss() {
+    use roomcast_client::{Client, ConnectionState, Event};
+    let pki = TestPki::new("rust-client");
+    pki.issue(1, "edge-1", KeyAlg::EcdsaP256);
+    let edge = start_tls_edge(&pki, &[]);
+    let p = Publisher::new(edge.http);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let dispatch = format!("http://{}/v1/route", edge.http);
+
+    // Without the test CA (the default web PKI roots) the wss handshake fails: reported.
+    let (untrusting, mut ev) = Client::start(roomcast_client::Config::dispatch(dispatch.clone()).room("c")).unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(e) = ev.recv().await {
+            if let Event::Error(e) = e {
+                return Some(e.to_string());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    assert!(failed.is_some(), "a client that does not trust the CA reports an error");
+    untrusting.close().await;
+
+    let cfg = roomcast_client::Config::dispatch(dispatch).room("c").tls_roots(roots);
+    let (client, mut ev) = Client::start(cfg).unwrap();
+    let mut url = None;
+    let mut got = Vec::new();
+    let mut published = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < 20 {
+        let e = tokio::time::timeout_at(deadline, ev.recv()).await.expect("20 gifts in time").expect("events");
+        match e {
+            Event::State(ConnectionState::Connected { url: u, .. }) => url = Some(u),
+            Event::Joined { .. } if !published => {
+                published = true;
+                for n in 1..=20 {
+                    publish_gift(&p, "c", n).await;
+                }
+            }
+            Event::Message(m) => got.push(m.seq),
+            _ => {}
+        }
+    }
+    let url = url.expect("connected");
+    assert!(url.starts_with("wss://"), "dispatch sent the client to {url}");
+    assert_eq!(got.len(), 20);
+    client.close().await;
+}

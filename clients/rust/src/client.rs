@@ -438,8 +438,12 @@ impl Driver {
         {
             req.headers_mut().insert("Authorization", v);
         }
-        let connecting =
-            timeout(self.cfg.connect_timeout, tokio_tungstenite::connect_async_with_config(req, None, true));
+        // wss:// with the configured roots (else tokio-tungstenite's: the webpki bundle).
+        let connector = self.cfg.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let connecting = timeout(
+            self.cfg.connect_timeout,
+            tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector),
+        );
         let res = tokio::select! {
             r = connecting => r,
             _ = self.closed.changed() => return Attempt::Stop,
