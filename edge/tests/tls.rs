@@ -89,6 +89,24 @@ async fn every_gift_arrives_over_wss_and_dispatch_hands_out_wss() {
     p.publish("tls", "gift", serde_json::json!({ "n": N + 1, "pad": big })).await;
     assert_eq!(gifts(&mut ws, 1).await, vec![N + 1]);
     assert_eq!(metric(&p, "roomcast_connections_closed_total").await, 0.0, "nothing closed");
+
+    // The SSE fallback is on the same listener: an https:// event stream.
+    let mut sse = pki.https_get(edge.ws, "/sse?room=tls", "Accept: text/event-stream\r\n").await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut published = false;
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&seen).contains("\"n\":999") {
+        let n = tokio::time::timeout_at(end, sse.read(&mut buf)).await.expect("the gift over https SSE").unwrap();
+        assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        // Published once the stream is answered (it joined).
+        if !published && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            published = true;
+            publish_gift(&p, "tls", 999).await;
+        }
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
 }
 
 #[tokio::test]

@@ -126,6 +126,28 @@ impl TestPki {
     }
 }
 
+impl TestPki {
+    /// Opens a TLS connection to `addr` (trusting this CA, server name 127.0.0.1) and sends a
+    /// plain HTTP/1.1 GET of `path` on it (an `https://` request by hand: the event stream,
+    /// the HTTP API over TLS). The caller reads the answer.
+    pub async fn https_get(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &str,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let mut s =
+            tokio_rustls::TlsConnector::from(self.client_config()).connect(name, tcp).await.expect("TLS handshake");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n");
+        s.write_all(req.as_bytes()).await.expect("request");
+        s.flush().await.expect("flush");
+        s
+    }
+}
+
 /// The certificate a `wss` connection's server presented (its leaf), if it is one.
 pub fn peer_leaf(ws: &Ws) -> Option<CertificateDer<'static>> {
     match ws.get_ref() {
