@@ -1396,16 +1396,18 @@ impl Config {
         if let Some(d) = &self.drain.dispatch_url {
             return (d.clone(), false);
         }
+        // The HTTP API over TLS (`tls.http`): https.
+        let scheme = if self.tls.as_ref().is_some_and(|t| t.http) { "https" } else { "http" };
         if !http.ip().is_unspecified() {
             let host = match http.ip() {
                 std::net::IpAddr::V6(v6) => format!("[{v6}]"),
                 v4 @ std::net::IpAddr::V4(_) => v4.to_string(),
             };
-            return (format!("http://{host}:{}/v1/route", http.port()), false);
+            return (format!("{scheme}://{host}:{}/v1/route", http.port()), false);
         }
         match self.advertise.as_deref().and_then(url_host) {
-            Some(host) => (format!("http://{host}:{}/v1/route", http.port()), false),
-            None => (format!("http://127.0.0.1:{}/v1/route", http.port()), true),
+            Some(host) => (format!("{scheme}://{host}:{}/v1/route", http.port()), false),
+            None => (format!("{scheme}://127.0.0.1:{}/v1/route", http.port()), true),
         }
     }
 

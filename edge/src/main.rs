@@ -88,6 +88,9 @@ struct Cli {
     /// The certificate's PEM private key (`tls.key`). Both files are read again on SIGHUP.
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Serve the HTTP API (--http) over TLS too, with the same certificate (`tls.http`).
+    #[arg(long)]
+    tls_http: bool,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -110,6 +113,12 @@ enum Cmd {
         /// the flag for several. None: any origin.
         #[arg(long = "allow-origin")]
         allow_origins: Vec<String>,
+        /// Serve https with this PEM certificate chain (needs --tls-key; reloaded on SIGHUP).
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's PEM private key.
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<PathBuf>,
     },
     /// Watch a running edge's kernel figures and health, refreshed every second (like `ss` +
     /// `top`): TCP states, Send-Q/Recv-Q histograms, accept queues, retransmits.
@@ -255,7 +264,10 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         cfg.store.enabled = false;
     }
     match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => cfg.tls = Some(edge::tls::TlsConfig { cert: cert.clone(), key: key.clone() }),
+        (Some(cert), Some(key)) => {
+            let http = cfg.tls.as_ref().is_some_and(|t| t.http);
+            cfg.tls = Some(edge::tls::TlsConfig { cert: cert.clone(), key: key.clone(), http });
+        }
         (None, None) => {}
         (Some(cert), None) => match &mut cfg.tls {
             Some(t) => t.cert.clone_from(cert),
@@ -265,6 +277,12 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
             Some(t) => t.key.clone_from(key),
             None => anyhow::bail!("tls.cert: --tls-key needs --tls-cert (or [tls] cert in the config)"),
         },
+    }
+    if cli.tls_http {
+        match &mut cfg.tls {
+            Some(t) => t.http = true,
+            None => anyhow::bail!("tls.http: --tls-http needs --tls-cert and --tls-key (or [tls])"),
+        }
     }
     cfg.validate()?;
     Ok(cfg)
@@ -284,7 +302,26 @@ fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_ansi(ansi).with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     match &cli.cmd {
-        Some(Cmd::Dispatch { redis, http, allow_origins }) => return dispatch_only(redis, *http, allow_origins),
+        Some(Cmd::Dispatch { redis, http, allow_origins, tls_cert, tls_key }) => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => {
+                    let files = edge::tls::TlsConfig { cert: cert.clone(), key: key.clone(), http: true };
+                    match edge::tls::Tls::load(&files) {
+                        Ok(t) => Some(Arc::new(t)),
+                        Err(e) => {
+                            eprintln!("edge dispatch: {e}");
+                            std::process::exit(2);
+                        }
+                    }
+                }
+                (None, None) => None,
+                _ => {
+                    eprintln!("edge dispatch: --tls-cert and --tls-key go together");
+                    std::process::exit(2);
+                }
+            };
+            return dispatch_only(redis, *http, allow_origins, tls);
+        }
         Some(Cmd::Top { http, once }) => return edge::top::run(*http, *once),
         Some(Cmd::Token { sub, rooms, publish, ttl }) => return print_token(&cli, sub, rooms, publish, ttl),
         None => {}
@@ -398,11 +435,25 @@ fn main() -> anyhow::Result<()> {
     };
     edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);
-    rt.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "publish API stopped");
+    match edge.tls.as_ref().filter(|_| cfg.tls.as_ref().is_some_and(|t| t.http)) {
+        // `tls.http`: the same certificate (and SIGHUP reloads) as the WebSocket listener.
+        Some(tls) => {
+            let hs_timeout = Duration::from_millis(cfg.ws.handshake_timeout_ms);
+            let listener = rt.block_on(async { edge::tls::HttpsListener::new(listener, tls, hs_timeout) })?;
+            rt.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "publish API stopped");
+                }
+            });
         }
-    });
+        None => {
+            rt.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "publish API stopped");
+                }
+            });
+        }
+    }
     let (dispatch_url, guessed) = cfg.dispatch_url(http_addr);
     if guessed {
         tracing::warn!(http = %http_addr, dispatch = %dispatch_url, "goaway will send clients to a loopback dispatch URL: set drain.dispatch_url (--dispatch-url) or advertise");
@@ -485,7 +536,12 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str) {
 /// How long `edge dispatch` lets requests under way finish once told to stop.
 const DISPATCH_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyhow::Result<()> {
+fn dispatch_only(
+    redis_url: &str,
+    http: SocketAddr,
+    origins: &[String],
+    tls: Option<Arc<edge::tls::Tls>>,
+) -> anyhow::Result<()> {
     // The same checks as ws.allowed_origins in a config file.
     let mut check = Config::default();
     check.ws.allowed_origins = origins.to_vec();
@@ -545,7 +601,27 @@ fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyho
         println!("roomcast dispatch ready http={}", listener.local_addr()?);
         // Requests under way get DISPATCH_GRACE to finish; a client holding a half-sent request
         // does not keep the process alive past it.
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop);
+        let serve: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+            Some(tls) => {
+                // https, reloaded on SIGHUP like an edge's.
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
+                let reload = tls.clone();
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match reload.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate")
+                            }
+                        }
+                    }
+                });
+                let listener = edge::tls::HttpsListener::new(listener, &tls, Duration::from_secs(10))?;
+                Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+            }
+            None => Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),
+        };
         tokio::select! {
             r = serve => r?,
             () = async {

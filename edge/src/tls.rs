@@ -32,6 +32,13 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM file with the private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) (`--tls-key`).
     pub key: PathBuf,
+    /// Serve the HTTP API (`http`: publish, `/v1/route`, /metrics...) over TLS too, with the
+    /// same certificate (`--tls-http`). Default false: the API is internal (loopback by
+    /// default), and `edge top`, Prometheus and health probes keep plain HTTP. Set it when
+    /// browsers on https pages ask this edge's `/v1/route` directly (dispatch must be https
+    /// for them, like the WebSocket).
+    #[serde(default)]
+    pub http: bool,
 }
 
 /// A certificate or key that cannot be used, naming the config key and the file.
@@ -109,6 +116,71 @@ impl Tls {
     }
 }
 
+/// Most TLS handshakes the HTTP API runs at once; more wait in the kernel's accept queue.
+const HTTP_HANDSHAKES: usize = 256;
+
+/// The HTTP API's listener over TLS, for `axum::serve`: accepts on the tokio runtime and runs
+/// each handshake in a task of its own (bounded in time and number), so a slow client does not
+/// hold up the others; finished sessions are handed to axum.
+pub struct HttpsListener {
+    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::net::SocketAddr)>,
+    addr: std::net::SocketAddr,
+}
+
+impl HttpsListener {
+    /// Starts accepting on `tcp` (on the current tokio runtime); `timeout` bounds a handshake.
+    pub fn new(tcp: tokio::net::TcpListener, tls: &Tls, timeout: std::time::Duration) -> std::io::Result<Self> {
+        let addr = tcp.local_addr()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(HTTP_HANDSHAKES);
+        let permits = Arc::new(tokio::sync::Semaphore::new(HTTP_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let (tcp, peer) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off a little, as axum's own listener does.
+                        tracing::warn!(error = %e, "https accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "https handshake failed"),
+                        Err(_) => tracing::debug!(peer = %peer, "https handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { rx, addr })
+    }
+}
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept task ended (its runtime is stopping): nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
 fn show(p: &Path) -> String {
     p.display().to_string()
 }
@@ -174,9 +246,10 @@ mod tests {
 
     #[test]
     fn a_missing_file_names_its_key() {
-        let e = Tls::load(&TlsConfig { cert: "/nonexistent/c.pem".into(), key: "/nonexistent/k.pem".into() })
-            .unwrap_err()
-            .to_string();
+        let e =
+            Tls::load(&TlsConfig { cert: "/nonexistent/c.pem".into(), key: "/nonexistent/k.pem".into(), http: false })
+                .unwrap_err()
+                .to_string();
         assert!(e.starts_with("tls.cert: /nonexistent/c.pem"), "{e}");
     }
 
@@ -187,7 +260,7 @@ mod tests {
         let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
         std::fs::write(&c, "hello").unwrap();
         std::fs::write(&k, "hello").unwrap();
-        let e = Tls::load(&TlsConfig { cert: c.clone(), key: k.clone() }).unwrap_err().to_string();
+        let e = Tls::load(&TlsConfig { cert: c.clone(), key: k.clone(), http: false }).unwrap_err().to_string();
         assert!(e.starts_with("tls.cert:") && e.contains("no CERTIFICATE"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -296,3 +296,68 @@ async fn the_rust_client_follows_dispatch_to_wss() {
     assert_eq!(got.len(), 20);
     client.close().await;
 }
+
+#[tokio::test]
+async fn the_http_api_over_tls_and_goaway_name_https_dispatch() {
+    let pki = TestPki::new("https-api");
+    pki.issue(1, "edge-1", KeyAlg::EcdsaP256);
+    let cfg = config("tls-https-api", "[drain]\nperiod_ms = 200\ndeadline_ms = 5000\n");
+    let mut edge = start_tls_edge(&pki, &["--tls-http", "--config", &cfg]);
+
+    // /v1/route over https answers a wss:// URL.
+    let mut s = pki.https_get(edge.http, "/v1/route?room=g", "Connection: close\r\n").await;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer)).await.expect("answer").ok();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(&format!("\"url\":\"wss://127.0.0.1:{}/ws?room=g\"", edge.ws.port())), "{answer}");
+    // Plain HTTP to it gets no answer: the listener speaks TLS only.
+    let mut plain = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut got)).await;
+    assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP answered on a TLS API port");
+
+    // A drain's goaway sends the client to this edge's https dispatch URL.
+    let mut ws = pki.connect(&wss_url(&edge, "?room=g"), None).await;
+    expect_joined(&mut ws, "g").await;
+    edge.sigterm();
+    let goaway = loop {
+        match next_msg_within(&mut ws, Duration::from_secs(10)).await {
+            Some(ServerMsg::Goaway { url, .. }) => break url,
+            Some(_) => {}
+            None => panic!("no goaway"),
+        }
+    };
+    assert_eq!(goaway, format!("https://127.0.0.1:{}/v1/route?room=g", edge.http.port()));
+    assert_eq!(edge.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[tokio::test]
+async fn stand_alone_dispatch_over_https_hands_out_the_edges_wss_url() {
+    let pki = TestPki::new("dispatch");
+    pki.issue(1, "edge-1", KeyAlg::EcdsaP256);
+    let redis = RedisProc::start();
+    let edge = start_tls_edge(&pki, &["--bus", &redis.url(), "--no-store"]);
+    let mut child = std::process::Command::new(edge_bin())
+        .args(["dispatch", "--redis", &redis.url(), "--http", "127.0.0.1:0"])
+        .args(["--tls-cert", &pki.cert_path(), "--tls-key", &pki.key_path()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("edge dispatch");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let addr: std::net::SocketAddr =
+        line.split_whitespace().find_map(|w| w.strip_prefix("http=")).expect("http=").parse().unwrap();
+    let want = format!("\"url\":\"wss://127.0.0.1:{}/ws?room=d\"", edge.ws.port());
+    // The edge's first load report reaches Redis within a second or so: poll.
+    let ok = wait_until(Duration::from_secs(15), || async {
+        let mut s = pki.https_get(addr, "/v1/route?room=d", "Connection: close\r\n").await;
+        let mut answer = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await;
+        answer.starts_with("HTTP/1.1 200") && answer.contains(&want)
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "dispatch over https never answered {want}");
+}
