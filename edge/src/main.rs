@@ -612,7 +612,7 @@ fn dispatch_only(
                         match reload.reload() {
                             Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
                             Err(e) => {
-                                tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate")
+                                tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate");
                             }
                         }
                     }
