@@ -5,7 +5,9 @@
 //! The data path through the files: `ring` (accept, recv, send, close completions) ->
 //! `session` (upgrade, frames, signalling) -> `members` (joins, fan-out to local members) ->
 //! `outbox` (a connection's bounded queue, one send in flight) -> back to `ring`; `sse` is the
-//! Server-Sent Events transport's own part (its request, answer and input). `mail` is what
+//! Server-Sent Events transport's own part (its request, answer and input); `tls` sits between
+//! `ring` and the rest for a wss connection (decrypt what is received, encrypt what is sent).
+//! `mail` is what
 //! crosses threads (the mailbox, the engine's turn, one mail per peer per turn); `lifecycle` is
 //! closing, drain, shutdown and the timers; `conn` is one connection's state.
 //!
