@@ -55,7 +55,8 @@ struct Cli {
     /// Acknowledge a must-deliver publish only once this many replicas hold it (bus.min_replicas_acked).
     #[arg(long)]
     min_replicas_acked: Option<u32>,
-    /// The ws:// URL dispatch hands out for this edge.
+    /// The ws:// or wss:// URL dispatch hands out for this edge (default: ws://LISTEN/ws, or
+    /// wss:// with --tls-cert).
     #[arg(long)]
     advertise: Option<String>,
     /// The public dispatch endpoint `goaway` sends clients to (`drain.dispatch_url`; default:

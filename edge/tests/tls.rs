@@ -361,3 +361,54 @@ async fn stand_alone_dispatch_over_https_hands_out_the_edges_wss_url() {
     let _ = child.wait();
     assert!(ok, "dispatch over https never answered {want}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_member_that_never_reads_is_cut_off_while_another_keeps_up() {
+    let pki = TestPki::new("slow");
+    pki.issue(1, "edge-1", KeyAlg::EcdsaP256);
+    let cfg = config("tls-slow", "[send]\nmax_queue_bytes = 262144\n[fanout]\nmax_batch_bytes = 16384\n");
+    let edge = start_tls_edge(&pki, &["--merge-window-ms", "5", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+
+    // TLS handshake and upgrade, then never a read again (4 KiB receive buffer).
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&edge.ws.into()).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(s.into()).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut slow = tokio_rustls::TlsConnector::from(pki.client_config()).connect(name, tcp).await.unwrap();
+    slow.write_all(
+        b"GET /ws?room=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    slow.flush().await.unwrap();
+    let mut fast = pki.connect(&wss_url(&edge, "?room=slow"), None).await;
+    expect_joined(&mut fast, "slow").await;
+    let reader = tokio::spawn(async move { gifts(&mut fast, 400).await });
+
+    let big = "g".repeat(4000);
+    let mut cut = false;
+    for n in 0..400u64 {
+        p.publish("slow", "gift", serde_json::json!({ "n": n, "pad": big })).await;
+        if !cut && n % 20 == 19 {
+            cut = metric(&p, "roomcast_slow_consumer_closes_total").await >= 1.0;
+        }
+    }
+    assert!(
+        cut || wait_until(Duration::from_secs(10), || async {
+            metric(&p, "roomcast_slow_consumer_closes_total").await >= 1.0
+        })
+        .await,
+        "the wss member that never reads is cut off (its queue is bounded like a plain one's)"
+    );
+    assert_eq!(reader.await.unwrap(), (0..400).collect::<Vec<_>>(), "the reading member gets every gift");
+    // Closed once its close frame's flush times out (it never reads): counted then.
+    assert!(
+        wait_until(Duration::from_secs(10), || async { closed(&p, "slow_consumer").await >= 1.0 }).await,
+        "counted as slow_consumer"
+    );
+    drop(slow);
+}

@@ -170,7 +170,8 @@ async fn delivery() {
         let rss0 = rss_of(pid);
         let read = members(edge.ws, n, tls.then(|| no_resumption(&pki))).await;
         assert!(
-            wait_until(Duration::from_secs(120), || async { metric(&p, "roomcast_connections").await >= n as f64 }).await,
+            wait_until(Duration::from_secs(120), || async { metric(&p, "roomcast_connections").await >= n as f64 })
+                .await,
             "members connected"
         );
         // Every member joined: its `joined` frame was written.
