@@ -23,7 +23,7 @@ use crate::uring::{OpKind, Sq, Token};
 
 /// `wire` keeps at most this much capacity between sends (a large batch's ciphertext is not
 /// held for the life of an idle connection: 10^5 members pay for every byte kept).
-const WIRE_KEEP: usize = 16 * 1024;
+const WIRE_KEEP: usize = 4 * 1024;
 
 /// One connection's TLS session and its outgoing ciphertext.
 pub struct TlsConn {
