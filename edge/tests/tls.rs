@@ -412,3 +412,32 @@ async fn a_wss_member_that_never_reads_is_cut_off_while_another_keeps_up() {
     );
     drop(slow);
 }
+
+#[tokio::test]
+async fn the_rust_client_asks_https_dispatch_and_follows_it_to_wss() {
+    use roomcast_client::{Client, ConnectionState, Event};
+    let pki = TestPki::new("rust-client-https");
+    pki.issue(1, "edge-1", KeyAlg::EcdsaP256);
+    let edge = start_tls_edge(&pki, &["--tls-http"]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let cfg = roomcast_client::Config::dispatch(format!("https://127.0.0.1:{}/v1/route", edge.http.port()))
+        .room("h")
+        .tls_roots(roots);
+    let (client, mut ev) = Client::start(cfg).unwrap();
+    let url = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(e) = ev.recv().await {
+            match e {
+                Event::State(ConnectionState::Connected { url, .. }) => return Ok(url),
+                Event::Error(e) => return Err(e.to_string()),
+                _ => {}
+            }
+        }
+        Err("events ended".to_owned())
+    })
+    .await
+    .expect("connected in time")
+    .expect("no error");
+    assert!(url.starts_with("wss://"), "{url}");
+    client.close().await;
+}
