@@ -211,8 +211,8 @@ async fn delivery() {
             cpu * 1e9 / delivered,
             cpu * 1e9 / frames,
             bytes / delivered,
-            rss0 as f64 / 1048576.0,
-            rss1 as f64 / 1048576.0,
+            rss0 as f64 / 1_048_576.0,
+            rss1 as f64 / 1_048_576.0,
             (rss1.saturating_sub(rss0)) as f64 / 1024.0 / n as f64,
         );
         drop(edge);
