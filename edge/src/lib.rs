@@ -28,5 +28,6 @@ pub mod server;
 pub mod shard;
 pub mod store;
 pub mod sys;
+pub mod tls;
 pub mod top;
 pub mod uring;
