@@ -10,7 +10,10 @@
 //! `00 00 ff ff` of the empty stored block that flush ends with (RFC 7692 §7.2.1); the receiver
 //! appends those four bytes before inflating (§7.2.2).
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, FlushCompress, FlushDecompress, Status};
+
+/// flate2's raw-DEFLATE inflater, as [`new_inflater`] makes it and [`inflate`] takes it.
+pub use flate2::Decompress;
 
 /// The extension's token.
 pub const PERMESSAGE_DEFLATE: &str = "permessage-deflate";
