@@ -14,9 +14,10 @@ cd "$(dirname "$0")/.."
 #   python3-venv            virtualenvs for the conformance suite
 #   chromium                the TypeScript client's browser test (clients/ts, driven by playwright-core)
 #   prometheus              promtool and a real Prometheus for the deploy tests (scripts/test-deploy.sh)
+#   openssl                 the browser wss test's CA and certificate (clients/ts/test/e2e/tls.test.mjs)
 #   nodejs npm              the TypeScript client (only when no node/npm is on the PATH: an
 #                           existing Node.js, e.g. a newer one from elsewhere, is left alone)
-PKGS=(clang llvm libbpf-dev bpftool redis-server iproute2 python3-venv curl chromium prometheus)
+PKGS=(clang llvm libbpf-dev bpftool redis-server iproute2 python3-venv curl chromium prometheus openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -42,6 +42,9 @@ pub struct Config {
     /// Bearer token for `POST /v1/admin/*`. Unset: admin endpoints are refused (403). Never
     /// printed (`Debug` shows `<redacted>`); compared in constant time.
     pub admin_token: Option<Secret>,
+    /// `[tls]`: serve `wss://` on `listen` (`cert` and `key`, PEM files; `--tls-cert`,
+    /// `--tls-key`; reloaded on SIGHUP). Unset: plain `ws://`.
+    pub tls: Option<crate::tls::TlsConfig>,
     /// `[drain]`: how a draining edge sends its clients away.
     pub drain: DrainConfig,
     /// `[ws]`: the WebSocket listener's bounds, origins and signalling limits.
@@ -841,6 +844,7 @@ impl Default for Config {
             bus: None,
             edge_id: None,
             advertise: None,
+            tls: None,
             admin_token: None,
             drain: DrainConfig::default(),
             ws: WsConfig::default(),
@@ -1239,6 +1243,20 @@ impl Config {
         {
             return Err(invalid("advertise", format!("must be a ws:// or wss:// URL with a host: {why}")));
         }
+        if let Some(a) = &self.advertise
+            && self.tls.is_some()
+            && !a.starts_with("wss://")
+        {
+            return Err(invalid("advertise", "must be a wss:// URL: the edge serves TLS ([tls])"));
+        }
+        if let Some(t) = &self.tls {
+            if t.cert.as_os_str().is_empty() {
+                return Err(invalid("tls.cert", "must name a PEM certificate file"));
+            }
+            if t.key.as_os_str().is_empty() {
+                return Err(invalid("tls.key", "must name a PEM private key file"));
+            }
+        }
         if let Some(d) = &self.drain.dispatch_url
             && let Err(why) = check_url(d, &["http://", "https://"], true)
         {
@@ -1370,7 +1388,8 @@ impl Config {
         Ok(())
     }
 
-    /// The URL dispatch hands out for this edge (a bare `ws://host:port` gets the `/ws` path).
+    /// The URL dispatch hands out for this edge (a bare `ws://host:port` gets the `/ws` path;
+    /// without `advertise`, `wss://` when the edge serves TLS).
     pub fn advertised_url(&self, ws: SocketAddr) -> String {
         if let Some(a) = &self.advertise {
             let a = a.trim_end_matches('/');
@@ -1378,7 +1397,8 @@ impl Config {
             return if after_scheme.contains('/') { a.to_owned() } else { format!("{a}/ws") };
         }
         let host = if ws.ip().is_unspecified() { "127.0.0.1".to_owned() } else { ws.ip().to_string() };
-        format!("ws://{host}:{}/ws", ws.port())
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{host}:{}/ws", ws.port())
     }
 
     /// This edge's name in load reports and online counts: `edge_id`, else the advertised URL.
@@ -1394,16 +1414,18 @@ impl Config {
         if let Some(d) = &self.drain.dispatch_url {
             return (d.clone(), false);
         }
+        // The HTTP API over TLS (`tls.http`): https.
+        let scheme = if self.tls.as_ref().is_some_and(|t| t.http) { "https" } else { "http" };
         if !http.ip().is_unspecified() {
             let host = match http.ip() {
                 std::net::IpAddr::V6(v6) => format!("[{v6}]"),
                 v4 @ std::net::IpAddr::V4(_) => v4.to_string(),
             };
-            return (format!("http://{host}:{}/v1/route", http.port()), false);
+            return (format!("{scheme}://{host}:{}/v1/route", http.port()), false);
         }
         match self.advertise.as_deref().and_then(url_host) {
-            Some(host) => (format!("http://{host}:{}/v1/route", http.port()), false),
-            None => (format!("http://127.0.0.1:{}/v1/route", http.port()), true),
+            Some(host) => (format!("{scheme}://{host}:{}/v1/route", http.port()), false),
+            None => (format!("{scheme}://127.0.0.1:{}/v1/route", http.port()), true),
         }
     }
 
@@ -1523,6 +1545,11 @@ mod tests {
         let ws: SocketAddr = "0.0.0.0:9000".parse().unwrap();
         assert_eq!(c("advertise = \"wss://live.example\"\n").advertised_url(ws), "wss://live.example/ws");
         assert_eq!(c("advertise = \"ws://[::1]:9/\"\n").advertised_url(ws), "ws://[::1]:9/ws");
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert!(c(tls).advertised_url(ws).starts_with("wss://"), "TLS without advertise: wss");
+        let e = err(&format!("advertise = \"ws://h:1/ws\"\n{tls}")).expect("ws:// advertised for a TLS edge");
+        assert!(e.contains("advertise") && e.contains("wss://"), "{e}");
+        assert!(err("[tls]\ncert = \"c.pem\"\n").is_some_and(|e| e.contains("key")), "[tls] without key");
         assert_eq!(c("advertise = \"wss://e.example/edge7/ws\"\n").advertised_url(ws), "wss://e.example/edge7/ws");
         // goaway's dispatch URL: the HTTP address, or the advertised host when HTTP is on every
         // interface, or a loopback guess that is flagged.

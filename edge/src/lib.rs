@@ -29,5 +29,6 @@ pub mod server;
 pub mod shard;
 pub mod store;
 pub mod sys;
+pub mod tls;
 pub mod top;
 pub mod uring;

@@ -55,7 +55,8 @@ struct Cli {
     /// Acknowledge a must-deliver publish only once this many replicas hold it (bus.min_replicas_acked).
     #[arg(long)]
     min_replicas_acked: Option<u32>,
-    /// The ws:// URL dispatch hands out for this edge.
+    /// The ws:// or wss:// URL dispatch hands out for this edge (default: ws://LISTEN/ws, or
+    /// wss:// with --tls-cert).
     #[arg(long)]
     advertise: Option<String>,
     /// The public dispatch endpoint `goaway` sends clients to (`drain.dispatch_url`; default:
@@ -85,6 +86,15 @@ struct Cli {
     /// Keep nothing on disk: a restart gives every room a new epoch (`store.enabled = false`).
     #[arg(long)]
     no_store: bool,
+    /// Serve wss:// (TLS) with this PEM certificate chain (`tls.cert`; needs --tls-key).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key (`tls.key`). Both files are read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Serve the HTTP API (--http) over TLS too, with the same certificate (`tls.http`).
+    #[arg(long)]
+    tls_http: bool,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -107,6 +117,12 @@ enum Cmd {
         /// the flag for several. None: any origin.
         #[arg(long = "allow-origin")]
         allow_origins: Vec<String>,
+        /// Serve https with this PEM certificate chain (needs --tls-key; reloaded on SIGHUP).
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's PEM private key.
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<PathBuf>,
     },
     /// Watch a running edge's kernel figures and health, refreshed every second (like `ss` +
     /// `top`): TCP states, Send-Q/Recv-Q histograms, accept queues, retransmits.
@@ -254,6 +270,27 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if cli.no_store {
         cfg.store.enabled = false;
     }
+    match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            let http = cfg.tls.as_ref().is_some_and(|t| t.http);
+            cfg.tls = Some(edge::tls::TlsConfig { cert: cert.clone(), key: key.clone(), http });
+        }
+        (None, None) => {}
+        (Some(cert), None) => match &mut cfg.tls {
+            Some(t) => t.cert.clone_from(cert),
+            None => anyhow::bail!("tls.key: --tls-cert needs --tls-key (or [tls] key in the config)"),
+        },
+        (None, Some(key)) => match &mut cfg.tls {
+            Some(t) => t.key.clone_from(key),
+            None => anyhow::bail!("tls.cert: --tls-key needs --tls-cert (or [tls] cert in the config)"),
+        },
+    }
+    if cli.tls_http {
+        match &mut cfg.tls {
+            Some(t) => t.http = true,
+            None => anyhow::bail!("tls.http: --tls-http needs --tls-cert and --tls-key (or [tls])"),
+        }
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -272,7 +309,26 @@ fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_ansi(ansi).with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     match &cli.cmd {
-        Some(Cmd::Dispatch { redis, http, allow_origins }) => return dispatch_only(redis, *http, allow_origins),
+        Some(Cmd::Dispatch { redis, http, allow_origins, tls_cert, tls_key }) => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => {
+                    let files = edge::tls::TlsConfig { cert: cert.clone(), key: key.clone(), http: true };
+                    match edge::tls::Tls::load(&files) {
+                        Ok(t) => Some(Arc::new(t)),
+                        Err(e) => {
+                            eprintln!("edge dispatch: {e}");
+                            std::process::exit(2);
+                        }
+                    }
+                }
+                (None, None) => None,
+                _ => {
+                    eprintln!("edge dispatch: --tls-cert and --tls-key go together");
+                    std::process::exit(2);
+                }
+            };
+            return dispatch_only(redis, *http, allow_origins, tls);
+        }
         Some(Cmd::Top { http, once }) => return edge::top::run(*http, *once),
         Some(Cmd::Token { sub, rooms, publish, ttl }) => return print_token(&cli, sub, rooms, publish, ttl),
         None => {}
@@ -286,6 +342,13 @@ fn main() -> anyhow::Result<()> {
     };
     // The token keys are files: read them now, so --check-config says what start-up would.
     if let Err(e) = edge::auth::Verifier::from_config(&cfg.auth, std::env::var("ROOMCAST_AUTH_SECRET").ok()) {
+        eprintln!("edge: invalid configuration: {e}");
+        std::process::exit(2);
+    }
+    // The same for the TLS certificate and key: a bad file names its key (tls.cert, tls.key).
+    if let Some(files) = &cfg.tls
+        && let Err(e) = edge::tls::Tls::load(files)
+    {
         eprintln!("edge: invalid configuration: {e}");
         std::process::exit(2);
     }
@@ -379,11 +442,25 @@ fn main() -> anyhow::Result<()> {
     };
     edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);
-    rt.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "publish API stopped");
+    match edge.tls.as_ref().filter(|_| cfg.tls.as_ref().is_some_and(|t| t.http)) {
+        // `tls.http`: the same certificate (and SIGHUP reloads) as the WebSocket listener.
+        Some(tls) => {
+            let hs_timeout = Duration::from_millis(cfg.ws.handshake_timeout_ms);
+            let listener = rt.block_on(async { edge::tls::HttpsListener::new(listener, tls, hs_timeout) })?;
+            rt.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "publish API stopped");
+                }
+            });
         }
-    });
+        None => {
+            rt.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "publish API stopped");
+                }
+            });
+        }
+    }
     let (dispatch_url, guessed) = cfg.dispatch_url(http_addr);
     if guessed {
         tracing::warn!(http = %http_addr, dispatch = %dispatch_url, "goaway will send clients to a loopback dispatch URL: set drain.dispatch_url (--dispatch-url) or advertise");
@@ -392,6 +469,24 @@ fn main() -> anyhow::Result<()> {
     // A line for scripts and tests that start the edge on port 0.
     println!("roomcast edge ready ws={} http={}", edge.ws_addr, http_addr);
 
+    // SIGHUP: new TLS handshakes get the certificate and key read again from their files;
+    // sessions under way keep theirs. A file that does not load keeps the old pair in use.
+    // Installed with or without TLS: a stray SIGHUP must not stop an edge.
+    let tls = edge.tls.clone();
+    let mut hup = rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")
+    })?;
+    rt.spawn(async move {
+        while hup.recv().await.is_some() {
+            match &tls {
+                Some(t) => match t.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes use it"),
+                    Err(e) => tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                },
+                None => tracing::info!("SIGHUP: nothing to reload (no [tls])"),
+            }
+        }
+    });
     let drain = rt.block_on(async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -448,7 +543,12 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str) {
 /// How long `edge dispatch` lets requests under way finish once told to stop.
 const DISPATCH_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyhow::Result<()> {
+fn dispatch_only(
+    redis_url: &str,
+    http: SocketAddr,
+    origins: &[String],
+    tls: Option<Arc<edge::tls::Tls>>,
+) -> anyhow::Result<()> {
     // The same checks as ws.allowed_origins in a config file.
     let mut check = Config::default();
     check.ws.allowed_origins = origins.to_vec();
@@ -508,7 +608,27 @@ fn dispatch_only(redis_url: &str, http: SocketAddr, origins: &[String]) -> anyho
         println!("roomcast dispatch ready http={}", listener.local_addr()?);
         // Requests under way get DISPATCH_GRACE to finish; a client holding a half-sent request
         // does not keep the process alive past it.
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop);
+        let serve: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+            Some(tls) => {
+                // https, reloaded on SIGHUP like an edge's.
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
+                let reload = tls.clone();
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match reload.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate");
+                            }
+                        }
+                    }
+                });
+                let listener = edge::tls::HttpsListener::new(listener, &tls, Duration::from_secs(10))?;
+                Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+            }
+            None => Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }),
+        };
         tokio::select! {
             r = serve => r?,
             () = async {

@@ -46,11 +46,14 @@ pub enum CloseWhy {
     Shutdown,
     /// A request answered in full and closed (an SSE preflight).
     Answered,
+    /// Bad TLS input on a `wss` listener: not TLS (a plain `ws://` client), a failed
+    /// handshake, or a record that does not decrypt.
+    TlsError,
 }
 
 impl CloseWhy {
     /// Every reason, in declaration order (the index of each is its discriminant).
-    pub const ALL: [CloseWhy; 14] = [
+    pub const ALL: [CloseWhy; 15] = [
         Self::PeerClosed,
         Self::PeerReset,
         Self::HandshakeTimeout,
@@ -65,6 +68,7 @@ impl CloseWhy {
         Self::Drain,
         Self::Shutdown,
         Self::Answered,
+        Self::TlsError,
     ];
 
     /// The `reason` label value.
@@ -84,6 +88,7 @@ impl CloseWhy {
             Self::Drain => "drain",
             Self::Shutdown => "shutdown",
             Self::Answered => "answered",
+            Self::TlsError => "tls_error",
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct Edge {
     pub store: Option<Arc<crate::store::Store>>,
     /// Moderation: bans, and the way to the shards' connections.
     pub moderation: Arc<crate::moderation::Moderation>,
+    /// `[tls]`: the shards' TLS (reload it on SIGHUP: [`crate::tls::Tls::reload`]); None: ws.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Edge {
@@ -65,6 +67,15 @@ impl Edge {
         };
         let max_conns = u32::try_from(table.max(RESERVED_SLOTS * 2)).unwrap_or(u32::MAX);
         let cpus = crate::sys::allowed_cpus();
+        let tls = match &cfg.tls {
+            Some(files) => {
+                let tls = crate::tls::Tls::load(files)?;
+                // Which path encrypts: the kernel (kTLS) or each shard in user space.
+                tracing::info!(cert = %files.cert.display(), "TLS (wss) on the WebSocket listener: {}", crate::tls::probe_ktls());
+                Some(Arc::new(tls))
+            }
+            None => None,
+        };
 
         // Another process on the port would silently get part of the new connections.
         if let Some(held) = crate::listen_guard::check_port(cfg.listen, cfg.takeover)? {
@@ -260,6 +271,7 @@ impl Edge {
                 auth: auth.clone(),
                 ipguard: ipguard.clone(),
                 bans: moderation.bans.clone(),
+                tls: tls.as_ref().map(|t| t.config.clone()),
             });
         }
 
@@ -302,6 +314,7 @@ impl Edge {
             store_thread,
             store: store_ref,
             moderation,
+            tls,
         })
     }
 

@@ -112,6 +112,20 @@ pub fn listener(addr: SocketAddr, backlog: i32, send_buffer: usize, notsent_lowa
     Ok(s)
 }
 
+/// Attaches the `tls` upper-layer protocol (kTLS) to a connected loopback TCP socket: the
+/// kTLS probe (crate::tls::probe_ktls). ENOENT: no `tls` module (CONFIG_TLS off).
+pub fn try_tls_ulp() -> io::Result<()> {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let c = std::net::TcpStream::connect(l.local_addr()?)?;
+    let _server = l.accept()?;
+    // SAFETY: a valid connected socket, and a pointer to the 3 bytes given as the length.
+    let r = unsafe { libc::setsockopt(c.as_raw_fd(), libc::SOL_TCP, libc::TCP_ULP, b"tls".as_ptr().cast(), 3) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The fd of a socket, for io_uring operations that take one.
 pub fn raw(s: &Socket) -> RawFd {
     s.as_raw_fd()

@@ -190,15 +190,54 @@ fn is_error(m: &ServerMsg, want: &str) -> bool {
     matches!(m, ServerMsg::Error { code, .. } if code == want)
 }
 
-/// Two edges on one real Redis, with the bus up on both (the moderation channel is subscribed).
-fn two_edges(name: &str) -> (RedisProc, EdgeProc, EdgeProc) {
-    let redis = RedisProc::start();
+/// The shared bus of a test: one real Redis, or a real Redis Cluster.
+enum Shared {
+    One(RedisProc),
+    Cluster(RedisCluster),
+}
+
+impl Shared {
+    /// One Redis, or a cluster of 3 primaries (`replicas` each).
+    fn start(cluster: bool, replicas: usize) -> Self {
+        if cluster { Self::Cluster(RedisCluster::start(3, replicas)) } else { Self::One(RedisProc::start()) }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::One(r) => r.url(),
+            Self::Cluster(c) => c.url(),
+        }
+    }
+
+    /// Waits until `n` edges are subscribed to the moderation channel (the bus being up comes
+    /// first: the subscription follows within a tick).
+    async fn on_mod_channel(&self, n: u64) {
+        let (port, args) = match self {
+            Self::One(r) => (r.port, vec!["PUBSUB", "NUMSUB", edge::bus::redis::MOD_CHANNEL]),
+            Self::Cluster(c) => {
+                let slot = edge::bus::slots::slot_of(edge::bus::redis::MOD_ROOM.as_bytes());
+                (c.owner_of(slot), vec!["PUBSUB", "SHARDNUMSUB", "rc:{#mod}:ch"])
+            }
+        };
+        let counted = wait_until(T, || {
+            let out = redis_cli(port, &args);
+            async move { out.lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()) == Some(n) }
+        })
+        .await;
+        assert!(counted, "{n} edges on the moderation channel");
+    }
+}
+
+/// Two edges on one real Redis or a Redis Cluster, with the bus up on both (the moderation
+/// channel is subscribed).
+fn two_edges(name: &str, cluster: bool) -> (Shared, EdgeProc, EdgeProc) {
+    let redis = Shared::start(cluster, 0);
     let a = redis_edge(&redis, &format!("{name}-a"));
     let b = redis_edge(&redis, &format!("{name}-b"));
     (redis, a, b)
 }
 
-fn redis_edge(redis: &RedisProc, name: &str) -> EdgeProc {
+fn redis_edge(redis: &Shared, name: &str) -> EdgeProc {
     let cfg = edge_config(name);
     let url = redis.url();
     EdgeProc::start(&["--shards", "2", "--merge-window-ms", "10", "--bus", url.as_str(), "--config", cfg.as_str()])
@@ -215,9 +254,20 @@ async fn bus_up(e: &EdgeProc) {
 /// users stay. The Rust client takes 4002 as "do not come back". Failed before: 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_closes_every_connection_of_the_user_on_every_edge() {
-    let (_redis, a, b) = two_edges("kick");
+    disconnect_on_every_edge(false).await;
+}
+
+/// The same on a Redis Cluster (sharded pub/sub): failed before with 501 `cluster_unsupported`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_closes_every_connection_of_the_user_on_every_edge_of_a_cluster() {
+    disconnect_on_every_edge(true).await;
+}
+
+async fn disconnect_on_every_edge(cluster: bool) {
+    let (redis, a, b) = two_edges("kick", cluster);
     bus_up(&a).await;
     bus_up(&b).await;
+    redis.on_mod_channel(2).await;
     let (api_a, api_b) = (Api::new(&a), Api::new(&b));
     let alice = token("alice");
     let mut in_room_a = connect(&a.url(&format!("?room=show-1&token={alice}")), None).await;
@@ -304,9 +354,20 @@ async fn a_disconnect_closes_every_connection_of_the_user_on_every_edge() {
 /// the ban endpoint answered 404 and every join went through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ban_refuses_every_join_on_every_edge_until_lifted_or_expired() {
-    let (redis, a, b) = two_edges("ban");
+    ban_on_every_edge(false).await;
+}
+
+/// The same on a Redis Cluster: failed before with 501 `cluster_unsupported`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_refuses_every_join_on_every_edge_of_a_cluster_until_lifted_or_expired() {
+    ban_on_every_edge(true).await;
+}
+
+async fn ban_on_every_edge(cluster: bool) {
+    let (redis, a, b) = two_edges("ban", cluster);
     bus_up(&a).await;
     bus_up(&b).await;
+    redis.on_mod_channel(2).await;
     let (api_a, api_b) = (Api::new(&a), Api::new(&b));
     let (alice, bob) = (token("alice"), token("bob"));
     let mut member_b = connect(&b.url(&format!("?room=show-1&token={alice}")), None).await;
@@ -350,6 +411,7 @@ async fn a_ban_refuses_every_join_on_every_edge_until_lifted_or_expired() {
     assert_eq!(v["bans"][0]["user"], "alice", "{v}");
     let c = redis_edge(&redis, "ban-c");
     bus_up(&c).await;
+    redis.on_mod_channel(3).await;
     let refused_on_c =
         wait_until(T, || async { upgrade_status(&c.url(&format!("?room=show-1&token={alice}"))).await == 403 }).await;
     assert!(refused_on_c, "a later edge knows the ban");
@@ -375,6 +437,58 @@ async fn a_ban_refuses_every_join_on_every_edge_until_lifted_or_expired() {
     assert!(api_b.metric("roomcast_moderated_connections_total", "action=\"ban\"").await >= 2.0);
     assert_eq!(api_a.metric("roomcast_moderation_actions_total", "action=\"ban\"").await, 1.0);
     assert_eq!(api_b.metric("roomcast_moderation_actions_total", "action=\"unban\"").await, 1.0);
+}
+
+/// On a cluster the moderation channel lives in one slot: when that slot's primary dies, the
+/// edges follow the channel to the replica that takes over, and a ban taken meanwhile (503
+/// until Redis takes it; retried as a publisher would) holds on both edges (read again when
+/// the channel is live again), as does one taken after. Failed before: 501 for every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderation_follows_its_channel_across_a_cluster_failover() {
+    use edge::bus::{redis::MOD_ROOM, slots::slot_of};
+    let shared = Shared::start(true, 1);
+    let url = shared.url();
+    let (ca, cb) = (edge_config("mod-failover-a"), edge_config("mod-failover-b"));
+    let a = EdgeProc::start(&["--shards", "1", "--bus", url.as_str(), "--config", ca.as_str()]);
+    let b = EdgeProc::start(&["--shards", "1", "--bus", url.as_str(), "--config", cb.as_str()]);
+    bus_up(&a).await;
+    bus_up(&b).await;
+    shared.on_mod_channel(2).await;
+    let Shared::Cluster(mut cluster) = shared else { unreachable!() };
+    let (api_a, api_b) = (Api::new(&a), Api::new(&b));
+    // Both edges are on the channel: a ban reaches both.
+    let (status, v) = api_a.ban("show-1", "alice", 600, Some(MOD)).await;
+    assert_eq!((status, v["edges"].as_u64()), (200, Some(2)), "{v}");
+    let channel_primary = cluster.owner_of(slot_of(MOD_ROOM.as_bytes()));
+    cluster.kill(channel_primary);
+    // A ban while the channel's primary is gone: refused (503, retry) until Redis takes it.
+    let taken =
+        wait_until(Duration::from_secs(30), || async { api_b.ban("show-1", "carol", 600, Some(MOD)).await.0 == 200 })
+            .await;
+    assert!(taken, "the ban was taken once the cluster healed");
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            cluster.owner(slot_of(MOD_ROOM.as_bytes())).is_some_and(|p| p != channel_primary)
+        })
+        .await,
+        "failover"
+    );
+    for (e, who) in [(&a, "a"), (&b, "b")] {
+        for user in ["alice", "carol"] {
+            let url = e.url(&format!("?room=show-1&token={}", token(user)));
+            let refused = wait_until(T, || async { upgrade_status(&url).await == 403 }).await;
+            assert!(refused, "{user} banned on edge {who} after the failover");
+        }
+    }
+    // And the channel is followed: a ban now reaches both edges (each resubscribed on the
+    // promoted replica).
+    let reached =
+        wait_until(T, || async { api_a.ban("show-1", "dave", 600, Some(MOD)).await.1["edges"].as_u64() == Some(2) })
+            .await;
+    assert!(reached, "a ban after the failover reaches both edges");
+    let url = b.url(&format!("?room=show-1&token={}", token("dave")));
+    assert_eq!(upgrade_status(&url).await, 403);
+    assert_eq!(upgrade_status(&b.url(&format!("?room=show-1&token={}", token("erin")))).await, 101);
 }
 
 /// Single node: a ban is kept in the store, so a restart does not lift it. Failed before: 404.
@@ -490,7 +604,17 @@ async fn a_deleted_message_is_never_replayed_single_node() {
 /// starts later), carries the tombstone in place. Failed before: 404, the gift replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_message_is_never_replayed_with_redis() {
-    let (redis, a, b) = two_edges("delete");
+    delete_with_a_shared_bus(false).await;
+}
+
+/// The same on a Redis Cluster: failed before with 501 `cluster_unsupported`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_message_is_never_replayed_on_a_cluster() {
+    delete_with_a_shared_bus(true).await;
+}
+
+async fn delete_with_a_shared_bus(cluster: bool) {
+    let (redis, a, b) = two_edges("delete", cluster);
     bus_up(&a).await;
     bus_up(&b).await;
     let api_a = Api::new(&a);

@@ -144,6 +144,10 @@ struct RunArgs {
     /// Scenario name (folder: `<date>-<scenario>`).
     #[arg(long, default_value = "run")]
     scenario: String,
+    /// Connect with TLS (`wss://`, `https://` event streams), trusting this PEM CA certificate
+    /// (the edge runs with `--tls-cert`). Dispatch and goaway URLs may then be `wss://`.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     /// Do not follow the edge's `goaway` (by default a connection told to go asks the dispatch
     /// URL in it for another edge and reconnects there with `since`), nor come back with `since`
     /// after a close with 4000 (slow consumer) or 1013 (try again later).
@@ -299,6 +303,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             follow_goaway: !a.no_follow_goaway && a.target == Target::Edge,
             tokens: a.tokens.clone(),
             streams: vec![a.gift_streams.max(1), a.chat_streams.max(1)],
+            tls_ca: a.tls_ca.clone(),
         };
         let mut child = Command::new(&exe)
             .args(["worker", &serde_json::to_string(&wa)?])

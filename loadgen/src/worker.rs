@@ -73,6 +73,82 @@ pub struct WorkerArgs {
     /// Publishing streams per kind (`"s"` in the body): order and loss are checked per stream.
     #[serde(default)]
     pub streams: Vec<usize>,
+    /// Members connect with TLS, trusting this PEM CA (`--tls-ca`); None: plain.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// A member's socket: plain, or TLS (rustls over the same nonblocking socket: reads return
+/// `WouldBlock` once the socket has nothing and rustls nothing decrypted; what a write leaves
+/// in rustls goes out with the next read or write).
+pub enum Sock {
+    /// ws://
+    Plain(TcpStream),
+    /// wss://
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Sock {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => s.get_ref(),
+        }
+    }
+
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.tcp().as_raw_fd()
+    }
+
+    fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp().peer_addr()
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// The worker's TLS client configuration (`--tls-ca`), built once.
+fn tls_config(ca: &std::path::Path) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    static CFG: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    if let Some(c) = CFG.get() {
+        return Ok(c.clone());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| anyhow::anyhow!("--tls-ca {}: {e}", ca.display()))?
+    {
+        roots.add(cert.map_err(|e| anyhow::anyhow!("--tls-ca {}: {e}", ca.display()))?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(CFG.get_or_init(|| std::sync::Arc::new(cfg)).clone())
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -150,7 +226,7 @@ pub fn own_cpu_s() -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
-fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool, tokens: &[String]) -> anyhow::Result<TcpStream> {
+fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool, tokens: &[String]) -> anyhow::Result<Sock> {
     let dst = args.addrs[i % args.addrs.len()];
     let path = match args.target {
         Target::Edge if args.sse => format!("/sse?room=r{room}{}", token_param(tokens, i)),
@@ -182,7 +258,11 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
     } else {
         url.to_owned()
     };
-    let rest = ws.strip_prefix("ws://").ok_or_else(|| anyhow::anyhow!("not a ws:// URL: {ws}"))?;
+    // wss:// when the edge serves TLS (the member then connects with `--tls-ca`).
+    let rest = ws
+        .strip_prefix("ws://")
+        .or_else(|| ws.strip_prefix("wss://"))
+        .ok_or_else(|| anyhow::anyhow!("not a ws:// or wss:// URL: {ws}"))?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let addr = host.parse().map_err(|e| anyhow::anyhow!("bad address in {ws}: {e}"))?;
     let path = if path.contains("room=") { path.to_owned() } else { format!("/ws?room=r{room}") };
@@ -194,7 +274,7 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
     Ok((addr, path))
 }
 
-fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<TcpStream> {
+fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<Sock> {
     let src_octet = args.src_first + (i % usize::from(args.src_count.max(1))) as u8;
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     let rcvbuf = if slow { args.slow_rcvbuf } else { args.rcvbuf };
@@ -217,8 +297,17 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
     let [a, b, c] = args.src_net;
     sock.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, src_octet)), 0).into())?;
     sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let tcp: TcpStream = sock.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut s = match &args.tls_ca {
+        // The TLS handshake runs inside the first write and read below (blocking, bounded by
+        // the read timeout), before the socket turns nonblocking.
+        Some(ca) => {
+            let name = rustls::pki_types::ServerName::from(dst.ip());
+            Sock::Tls(Box::new(rustls::StreamOwned::new(rustls::ClientConnection::new(tls_config(ca)?, name)?, tcp)))
+        }
+        None => Sock::Plain(tcp),
+    };
     let proto = match args.target {
         Target::Edge if args.rkyv => "roomcast.rkyv.v2",
         Target::Edge => "roomcast.json.v1",
@@ -245,7 +334,7 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         Some(key) => check_upgrade(&buf, &key, proto)?,
         None => anyhow::ensure!(buf.starts_with(b"HTTP/1.1 200"), "refused: {}", String::from_utf8_lossy(&buf)),
     }
-    s.set_nonblocking(true)?;
+    s.tcp().set_nonblocking(true)?;
     Ok(s)
 }
 
@@ -288,7 +377,7 @@ fn check_upgrade(head: &[u8], key: &str, proto: &str) -> anyhow::Result<()> {
 
 struct Conn {
     slow: bool,
-    sock: TcpStream,
+    sock: Sock,
     buf: Vec<u8>,
     /// Per kind and publishing stream.
     tracks: Vec<Vec<KindTrack>>,
@@ -342,7 +431,7 @@ impl Readiness {
 }
 
 impl Conn {
-    fn new(sock: TcpStream, slow: bool, room: u32, streams: &[usize]) -> Self {
+    fn new(sock: Sock, slow: bool, room: u32, streams: &[usize]) -> Self {
         Self {
             slow,
             buf: Vec::new(),
@@ -384,7 +473,7 @@ impl Conn {
 
     fn flush_pong(&mut self) {
         while !self.pong.is_empty() {
-            match (&self.sock).write(&self.pong) {
+            match self.sock.write(&self.pong) {
                 Ok(0) => return,
                 Ok(n) => {
                     self.pong.drain(..n);
@@ -450,7 +539,7 @@ struct MoveJob {
 
 struct MoveDone {
     i: usize,
-    result: anyhow::Result<TcpStream>,
+    result: anyhow::Result<Sock>,
     got_at: Instant,
 }
 

@@ -43,6 +43,32 @@ fn two_thousand_connections_no_loss_and_a_complete_result() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+#[test]
+fn members_over_tls_lose_nothing() {
+    let pki = roomcast_testsupport::TestPki::new("loadgen-tls");
+    pki.issue(1, "edge", roomcast_testsupport::KeyAlg::EcdsaP256);
+    let (cert, key) = (pki.cert_path(), pki.key_path());
+    let (mut edge, ws, http) = edge(&["--shards", "2", "--tls-cert", &cert, "--tls-key", &key]);
+    let ca = pki.dir.join("ca.pem");
+    let out = std::env::temp_dir().join(format!("loadgen-tls-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &ws, "--http", &http, "--connections", "500", "--workers", "2"])
+        .args(["--duration", "3", "--gift-rate", "10", "--chat-rate", "50", "--scenario", "tls"])
+        .args(["--tls-ca", ca.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .status()
+        .expect("loadgen");
+    stop(&mut edge);
+    assert!(status.success());
+    let dir = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    assert_eq!(v["connections"], 500);
+    assert_eq!(v["lost"]["gift"], 0, "{v}");
+    assert_eq!(v["lost"]["chat"], 0, "{v}");
+    assert_eq!(v["deliveries"].as_u64().unwrap(), 500 * (30 + 150), "every member got every message over wss");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// Starts an edge with `args` (later flags win) on its own data directory; returns it and its
 /// (ws, http) addresses.
 fn edge(args: &[&str]) -> (EdgeProc, String, String) {

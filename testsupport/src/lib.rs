@@ -10,11 +10,13 @@
 mod edge;
 mod http;
 mod redis;
+mod tls;
 mod ws;
 
 pub use edge::*;
 pub use http::*;
 pub use redis::*;
+pub use tls::*;
 pub use ws::*;
 
 use std::time::{Duration, Instant};

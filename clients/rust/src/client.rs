@@ -127,12 +127,15 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity);
         let (closed_tx, closed_rx) = watch::channel(false);
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(config.connect_timeout)
             // One dispatch request per reconnect: no idle connections kept for it.
-            .pool_max_idle_per_host(0)
-            .build()
-            .map_err(|_| ConfigError::Bound("cannot build the HTTP client for dispatch"))?;
+            .pool_max_idle_per_host(0);
+        if let Some(tls) = &config.tls {
+            // https dispatch trusts what the WebSocket trusts (a private CA, in tests).
+            http = http.tls_backend_preconfigured((**tls).clone());
+        }
+        let http = http.build().map_err(|_| ConfigError::Bound("cannot build the HTTP client for dispatch"))?;
         let mut rooms = Rooms::default();
         if let Some(r) = &config.room {
             rooms.want_join(r, None);
@@ -438,8 +441,12 @@ impl Driver {
         {
             req.headers_mut().insert("Authorization", v);
         }
-        let connecting =
-            timeout(self.cfg.connect_timeout, tokio_tungstenite::connect_async_with_config(req, None, true));
+        // wss:// with the configured roots (else tokio-tungstenite's: the webpki bundle).
+        let connector = self.cfg.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let connecting = timeout(
+            self.cfg.connect_timeout,
+            tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector),
+        );
         let res = tokio::select! {
             r = connecting => r,
             _ = self.closed.changed() => return Attempt::Stop,

@@ -52,6 +52,10 @@ pub struct Config {
     /// client resumes with `since`: must-deliver messages are not lost, but the application
     /// should keep up. Default 4096.
     pub event_capacity: usize,
+    /// TLS for `wss://` edges (what dispatch hands out when the edge serves TLS): a rustls
+    /// client configuration, e.g. trusting a private CA ([`Config::tls_roots`]). Default: None,
+    /// the web PKI roots of the `webpki-roots` bundle.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Why a configuration cannot be used.
@@ -85,6 +89,7 @@ impl Config {
             token: None,
             refresh_before: Duration::from_secs(60),
             event_capacity: 4096,
+            tls: None,
         }
     }
 
@@ -138,6 +143,28 @@ impl Config {
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
         self
+    }
+
+    /// Use this rustls configuration for `wss://` connections.
+    #[must_use]
+    pub fn tls(mut self, c: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(c);
+        self
+    }
+
+    /// Trust these roots (a private CA, a test CA) for `wss://`, instead of the web PKI's.
+    ///
+    /// # Panics
+    /// Never: the built-in aws-lc-rs provider supports the default protocol versions.
+    #[must_use]
+    pub fn tls_roots(self, roots: rustls::RootCertStore) -> Self {
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let c = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("the provider's defaults support TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        self.tls(std::sync::Arc::new(c))
     }
 
     /// Connection tokens from an async callback.

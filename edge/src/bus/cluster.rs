@@ -32,8 +32,8 @@ use ::redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::redis::{
-    BridgeCmd, Conn, ONLINE_LUA, OnlineWire, PUBLISH_LUA, Presence, StreamLimits, failed, offline, parse,
-    report_online, room_of_channel, sync_room,
+    BridgeCmd, Conn, MOD_ROOM, ModEvent, ONLINE_LUA, OnlineWire, PUBLISH_LUA, Presence, StreamLimits, apply_event,
+    failed, load_all_bans, offline, parse, report_online, room_of_channel, sync_room,
 };
 use super::slots::{NodeAddr, SubAction, Subscriptions, Topology, channel_key};
 use super::{BusHandle, EngineCmd, RoomName};
@@ -314,6 +314,7 @@ async fn ping(pings: &mut HashMap<String, MultiplexedConnection>, seed: &str, ad
 }
 
 /// The cluster bridge: see the module's documentation.
+#[expect(clippy::too_many_arguments, reason = "each is a separate handle the bridge owns")]
 pub(super) async fn run(
     seeds: Vec<String>,
     mut rx: UnboundedReceiver<BridgeCmd>,
@@ -322,6 +323,7 @@ pub(super) async fn run(
     presence: Presence,
     up: prometheus::IntGauge,
     board: NodeBoard,
+    moderation: Arc<crate::moderation::Moderation>,
 ) {
     let script = ::redis::Script::new(PUBLISH_LUA);
     let online_script = ::redis::Script::new(ONLINE_LUA);
@@ -374,6 +376,8 @@ pub(super) async fn run(
     tokio::spawn(watch(cm.clone(), seed.clone(), board, itx.clone(), refresh.clone(), limits.min_replicas_acked));
     let mut subs = Subscriptions::default();
     let now = Instant::now();
+    // Moderation's channel, followed as a room is (see `MOD_ROOM`).
+    subs.want(RoomName::from(MOD_ROOM), now);
     for room in early.drain() {
         subs.want(room, now);
     }
@@ -433,6 +437,13 @@ pub(super) async fn run(
                 match (push.kind, room) {
                     (PushKind::SMessage, Some(room)) => {
                         let Some(Value::BulkString(payload)) = push.data.get(1) else { continue };
+                        if &*room == MOD_ROOM {
+                            match serde_json::from_slice::<ModEvent>(payload) {
+                                Ok(ev) => apply_event(&moderation, ev),
+                                Err(_) => tracing::warn!("unreadable message on the moderation channel"),
+                            }
+                            continue;
+                        }
                         match parse(payload) {
                             Some((msg, must_deliver, epoch)) => {
                                 bus.send_async(EngineCmd::Remote { room, msg: Box::new(msg), must_deliver, epoch }).await;
@@ -444,6 +455,16 @@ pub(super) async fn run(
                         }
                     }
                     (PushKind::SSubscribe, Some(room)) => match subs.confirmed(&node, &room) {
+                        Some(SubAction::Sync(room)) if &*room == MOD_ROOM => {
+                            // Events sent while it was not live are lost: the bans in force
+                            // are read again (a disconnect meanwhile is not replayed).
+                            let (cm, moderation, itx) = (cm.clone(), moderation.clone(), itx.clone());
+                            tokio::spawn(async move {
+                                if !load_all_bans(cm, moderation).await {
+                                    let _ = itx.send(Internal::SyncFailed(room));
+                                }
+                            });
+                        }
                         Some(SubAction::Sync(room)) => {
                             let (cm, bus, itx) = (cm.clone(), bus.clone(), itx.clone());
                             tokio::spawn(async move {

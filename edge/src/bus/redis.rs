@@ -165,7 +165,45 @@ impl StreamLimits {
     }
 }
 
-pub(super) const PUBLISH_LUA: &str = r#"
+/// How far a room's seq moves on at the first script after a failover (`fence_lua!`): past
+/// every seq the lost primary can have handed out without its replica getting it. That is at
+/// most what one room publishes in the window a primary may number alone: with
+/// `min-replicas-max-lag` (10 s by default) plus the failover time, 10^6 covers a room at
+/// 10^4 messages/s for 100 s. What the skipped range held (droppable messages, gifts that
+/// were never acknowledged) is announced to members as a `gap`.
+pub const FAILOVER_SEQ_SKIP: u64 = 1_000_000;
+
+/// The failover fence every script that numbers or reads a room's seq runs first, as
+/// `rc_fence(meta key)`. A room's meta remembers the replication history (`master_replid`)
+/// that last numbered or read it. A replica promoted to primary (Cluster failover, Sentinel)
+/// keeps its old primary's history as `master_replid2`: writes the old primary numbered and
+/// never replicated are gone, and numbering on from the seq the replica holds would hand
+/// their seqs out again, to messages that edges and clients which saw the lost ones skip as
+/// already seen (a gift silently lost: measured in the failover benchmark before this fence).
+/// So on a promoted primary the room's seq first moves on by `FAILOVER_SEQ_SKIP`. A restart
+/// (a new history, nothing lost with `appendfsync always`) or a slot migration (`MIGRATE`
+/// copies everything the old owner numbered) only records the new history.
+macro_rules! fence_lua {
+    () => {
+        r"
+local function rc_fence(meta)
+  local info = redis.call('INFO', 'replication')
+  local rid = string.match(info, 'master_replid:(%x+)')
+  if not rid then return end
+  local had = redis.call('HGET', meta, 'rid')
+  if had == rid then return end
+  if had and had == string.match(info, 'master_replid2:(%x+)') and redis.call('HEXISTS', meta, 'seq') == 1 then
+    redis.call('HINCRBY', meta, 'seq', 1000000)
+  end
+  redis.call('HSET', meta, 'rid', rid)
+end
+"
+    };
+}
+
+pub(super) const PUBLISH_LUA: &str = concat!(
+    fence_lua!(),
+    r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, idempotency key (rc:{room}:idem:KEY, or the meta key when there is none),
 --       tombstones in place (hash: seq -> message)
@@ -173,6 +211,7 @@ pub(super) const PUBLISH_LUA: &str = r#"
 --       idempotency TTL in seconds (0: no key), publish command (PUBLISH, or SPUBLISH on a cluster),
 --       publish now (1), or leave it to the caller (0: it publishes once replicas hold the message)
 -- Returns {seq, ts_us, replayed (0|1)}, and the message when the caller publishes it.
+rc_fence(KEYS[1])
 if ARGV[9] ~= '0' then
   local prev = redis.call('GET', KEYS[7])
   if prev then
@@ -233,13 +272,17 @@ if ARGV[11] == '0' then
   return {seq, ts, 0, msg}
 end
 return {seq, ts, 0}
-"#;
+"#
+);
 
 /// Reads a room's seq and epoch, making the epoch if the room has none yet (so a member that
 /// joins before the first publish is told the numbering the first publish will use).
-const SYNC_LUA: &str = r"
+const SYNC_LUA: &str = concat!(
+    fence_lua!(),
+    r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
+rc_fence(KEYS[1])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 if not ep then
   local t = redis.call('TIME')
@@ -248,14 +291,18 @@ if not ep then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
 return {redis.call('HGET', KEYS[1], 'seq') or '0', ep, redis.call('HVALS', KEYS[5])}
-";
+"
+);
 
 /// A new epoch for a room whose seq in Redis went below what an edge handed out under the
 /// same epoch (Redis lost writes). Only if it is still so: another edge may have done it.
-const RENUMBER_LUA: &str = r"
+const RENUMBER_LUA: &str = concat!(
+    fence_lua!(),
+    r"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, evicted-seq key,
 --       latest hash, tombstones in place
 -- ARGV: the epoch seen, the seq handed out under it
+rc_fence(KEYS[1])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
@@ -265,19 +312,23 @@ if ep == ARGV[1] and seq < tonumber(ARGV[2]) then
   return 1
 end
 return 0
-";
+"
+);
 
 /// Moderation's delete (docs/PROTOCOL.md, "Moderation"): the message leaves its stream and a
 /// tombstone takes its place (in the `deleted` hash: a stream cannot take an entry under an id
 /// it has passed), it stops being the room's latest state, and a live tombstone is numbered,
 /// added to the must-deliver stream and published like a gift, in one script: atomic with the
 /// room's numbering, so every edge puts the tombstone in place before it sees a later message.
-const DELETE_LUA: &str = r#"
+const DELETE_LUA: &str = concat!(
+    fence_lua!(),
+    r#"
 -- KEYS: meta (hash: seq, epoch), must-deliver stream, droppable stream, channel, evicted-seq key,
 --       latest hash, tombstones in place (hash: seq -> message)
--- ARGV: the seq to delete, md_max
+-- ARGV: the seq to delete, md_max, publish command (PUBLISH, or SPUBLISH on a cluster)
 -- Returns {status, tombstone seq, tombstone ts_us, in history (0|1)}; status 0: no such seq,
 -- 1: deleted, 2: deleted already (nothing published), 3: it is a tombstone (not deletable).
+rc_fence(KEYS[1])
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local n = tonumber(ARGV[1])
@@ -330,9 +381,10 @@ if redis.call('HLEN', KEYS[7]) > 256 then
     if tonumber(f) < floor then redis.call('HDEL', KEYS[7], f) end
   end
 end
-redis.call('PUBLISH', KEYS[4], msg)
+redis.call(ARGV[3], KEYS[4], msg)
 return {1, seq, ts, found}
-"#;
+"#
+);
 
 /// Deletes message `seq` of `room` (Redis mode): see `DELETE_LUA`.
 pub async fn delete_message(
@@ -352,6 +404,7 @@ pub async fn delete_message(
         .key(&k[6])
         .arg(seq)
         .arg(limits.must_deliver.max(1))
+        .arg(cm.publish_command())
         .invoke_async(cm)
         .await
         .inspect_err(|_| failed("delete"))?;
@@ -365,16 +418,17 @@ pub async fn delete_message(
 
 /// The channel every edge subscribes to for moderation that reaches beyond rooms it follows: a
 /// user's disconnect (every edge may hold a connection of theirs) and bans (every edge checks
-/// them at joins). Classic pub/sub: on Redis Cluster it reaches every node.
+/// them at joins). Classic pub/sub on one Redis; a cluster uses [`MOD_ROOM`]'s channel instead.
 pub const MOD_CHANNEL: &str = "rc:mod";
-/// Every ban in force: members `ROOM\nUSER`, scored by the ban's end (ms since the Unix epoch).
-/// What an edge loads when it (re)connects; each ban also has its own key in its room's slot,
-/// `rc:{ROOM}:ban:USER`, expiring with it.
+/// On a Redis Cluster, moderation events travel on this pseudo-room's channel (`rc:{#mod}:ch`,
+/// sharded pub/sub in its slot), which every edge follows as it follows a room: subscribed on
+/// the slot's owner, followed across slot moves and failovers, and each time it goes live the
+/// bans in force are read again. `#` cannot be in a room's name, so no room can take it.
+pub const MOD_ROOM: &str = "#mod";
+/// Every ban in force: members `ROOM\nUSER`, scored by the ban's end (ms since the Unix epoch),
+/// pruned of expired bans as it is used. What an edge loads when it (re)connects. One key, so
+/// on a cluster every pipeline on it runs on one node.
 const BANS_KEY: &str = "rc:bans";
-
-fn ban_key(room: &str, user: &str) -> String {
-    format!("rc:{{{room}}}:ban:{user}")
-}
 
 /// What travels on [`MOD_CHANNEL`]. `from`: the edge that took the request (it has applied it
 /// already and skips its own message).
@@ -414,7 +468,13 @@ pub enum ModEvent {
 /// is up, this one included).
 pub async fn publish_event(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult<u64> {
     let text = serde_json::to_string(ev).unwrap_or_default();
-    cm.publish(MOD_CHANNEL, text).await.inspect_err(|_| failed("moderation"))
+    let r = if cm.is_cluster() {
+        // Every edge is subscribed on the owner of the pseudo-room's slot: SPUBLISH counts them.
+        ::redis::cmd("SPUBLISH").arg(super::slots::channel_key(MOD_ROOM)).arg(text).query_async(cm).await
+    } else {
+        cm.publish(MOD_CHANNEL, text).await
+    };
+    r.inspect_err(|_| failed("moderation"))
 }
 
 /// Why Redis refused a ban.
@@ -429,8 +489,8 @@ pub enum BanOutcome {
     Full,
 }
 
-/// Bans `user` from `room` until `until_ms` in Redis (its key, the index, pruned of expired
-/// bans first, at most `max` bans in force) and tells every edge.
+/// Bans `user` from `room` until `until_ms` in Redis (the index, pruned of expired bans first,
+/// at most `max` bans in force) and tells every edge.
 pub async fn ban(cm: &mut Conn, ev: &ModEvent, now_ms: u64, max: usize) -> ::redis::RedisResult<BanOutcome> {
     let ModEvent::Ban { room, user, until_ms, .. } = ev else { return Ok(BanOutcome::Full) };
     let member = format!("{room}\n{user}");
@@ -448,14 +508,7 @@ pub async fn ban(cm: &mut Conn, ev: &ModEvent, now_ms: u64, max: usize) -> ::red
     if exists.is_none() && n >= max as u64 {
         return Ok(BanOutcome::Full);
     }
-    let ttl_ms = until_ms.saturating_sub(now_ms).max(1);
     let () = ::redis::pipe()
-        .cmd("SET")
-        .arg(ban_key(room, user))
-        .arg(until_ms)
-        .arg("PX")
-        .arg(ttl_ms)
-        .ignore()
         .zadd(BANS_KEY, &member, *until_ms)
         .ignore()
         .query_async(cm)
@@ -468,8 +521,6 @@ pub async fn ban(cm: &mut Conn, ev: &ModEvent, now_ms: u64, max: usize) -> ::red
 pub async fn unban(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult<u64> {
     let ModEvent::Unban { room, user, .. } = ev else { return Ok(0) };
     let () = ::redis::pipe()
-        .del(ban_key(room, user))
-        .ignore()
         .zrem(BANS_KEY, format!("{room}\n{user}"))
         .ignore()
         .query_async(cm)
@@ -656,9 +707,7 @@ pub fn start(
             for s in &seeds {
                 ::redis::Client::open(s.as_str())?;
             }
-            // Moderation's bus channel and bans index are not wired into cluster mode yet.
-            drop(moderation);
-            tokio::spawn(super::cluster::run(seeds, rx, bus, limits, presence, up, nodes));
+            tokio::spawn(super::cluster::run(seeds, rx, bus, limits, presence, up, nodes, moderation));
         }
     }
     Ok(Bridge { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) })
@@ -859,7 +908,7 @@ pub(super) async fn report_online(
 
 /// A moderation event from another edge, applied here: the table of bans at once (in the
 /// order events arrive), the shards' part in a task of its own.
-fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
+pub(super) fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
     let now_ms = super::now_us() / 1000;
     match ev {
         ModEvent::Kick { from, .. } | ModEvent::Ban { from, .. } | ModEvent::Unban { from, .. }
@@ -883,17 +932,19 @@ fn apply_event(moderation: &Arc<crate::moderation::Moderation>, ev: ModEvent) {
 
 /// After (re)connecting: the bans in force as Redis holds them replace this edge's (some may
 /// have come or gone while it was away); members of rooms newly banned leave them.
-async fn load_all_bans(mut cm: Conn, moderation: Arc<crate::moderation::Moderation>) {
+pub(super) async fn load_all_bans(mut cm: Conn, moderation: Arc<crate::moderation::Moderation>) -> bool {
     let now_ms = super::now_us() / 1000;
     match load_bans(&mut cm, now_ms, moderation.bans.max()).await {
         Ok(bans) => {
             for b in moderation.bans.replace_all(bans, now_ms) {
                 moderation.remove_from_room(&b.room, &b.user, b.until_ms).await;
             }
+            true
         }
         Err(e) => {
             tracing::warn!(error = %e, "moderation: cannot read the bans in force from redis");
             failed("moderation");
+            false
         }
     }
 }
@@ -922,10 +973,10 @@ impl Work<'_> {
                 tokio::spawn(publish(c, script, room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
             }
             BridgeCmd::Fill { room, from, to } => {
-                tokio::spawn(fill(cm.clone(), room, from, to, bus.clone()));
+                tokio::spawn(fill(cm.clone(), self.wcm.clone(), room, from, to, bus.clone(), self.limits));
             }
             BridgeCmd::Recover { room, since, upto, join } => {
-                tokio::spawn(recover(cm.clone(), room, since, upto, join, bus.clone()));
+                tokio::spawn(recover(cm.clone(), self.wcm.clone(), room, since, upto, join, bus.clone(), self.limits));
             }
             BridgeCmd::Renumber { room, epoch, below } => {
                 tokio::spawn(renumber(cm.clone(), room, epoch, below, bus.clone()));
@@ -1428,52 +1479,148 @@ async fn tombstones(cm: &mut Conn, key: &str, from: u64, to: u64) -> ::redis::Re
         .collect())
 }
 
-pub(super) async fn fill(mut cm: Conn, room: RoomName, from: u64, to: u64, bus: BusHandle) {
+/// How long a fill or a recovery keeps trying (Redis not answering, a primary failing over, or
+/// replicas not holding what was read yet) before it gives up: the engine then reports the
+/// range as a gap. A failed read is not an answer that the range is gone.
+const SETTLE_FOR: Duration = Duration::from_secs(30);
+
+/// With `bus.min_replicas_acked = N`, whether what this edge read from the room's primary
+/// before the call is held by N replicas: a small write in the room's slot (`rc:{room}:rd`),
+/// then `WAIT N` on the same connection, which waits for the replication offset after that
+/// write and so for every write the reads saw (a primary's replication stream is one order).
+/// Fills and recoveries deliver from the streams only once it says so: a gift numbered but
+/// not acknowledged yet (its publish still waiting for its replica) could otherwise reach
+/// members from a fill, be lost with its primary, and come again under another seq when the
+/// publisher retries it (a duplicate). `wcm`, the waited publishes' connection: `WAIT` holds
+/// it for a replication round trip. Always true with N = 0.
+async fn settled(wcm: &mut Conn, room: &str, limits: StreamLimits) -> bool {
+    if limits.min_replicas_acked == 0 {
+        return true;
+    }
+    let r: ::redis::RedisResult<(u32,)> = ::redis::pipe()
+        .cmd("SET")
+        .arg(format!("rc:{{{room}}}:rd"))
+        .arg(1)
+        .arg("EX")
+        .arg(60)
+        .ignore()
+        .cmd("WAIT")
+        .arg(limits.min_replicas_acked)
+        .arg(limits.replicas_timeout_ms)
+        .query_async(wcm)
+        .await;
+    matches!(r, Ok((acked,)) if acked >= limits.min_replicas_acked)
+}
+
+/// Reads `from..=to` of the room from its streams and tombstones for the engine, once what was
+/// read is replicated (`settled`); retried while it is not, for up to `SETTLE_FOR`.
+pub(super) async fn fill(
+    mut cm: Conn,
+    mut wcm: Conn,
+    room: RoomName,
+    from: u64,
+    to: u64,
+    bus: BusHandle,
+    limits: StreamLimits,
+) {
     let k = keys(&room);
-    let md = range(&mut cm, &k[1], from, to).await;
-    let dr = range(&mut cm, &k[2], from, to).await;
-    let gone = tombstones(&mut cm, &k[6], from, to).await;
-    match (md, dr, gone) {
-        (Ok(mut a), Ok(b), Ok(c)) => {
-            // A deleted message's seq is filled by its tombstone: no false gap.
-            a.extend(b);
-            a.extend(c);
-            a.sort_by_key(|(m, _)| m.seq);
-            bus.send_async(EngineCmd::Filled { room, from, to, messages: a, ok: true }).await;
-        }
-        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
-            tracing::warn!(room = %room, error = %e, "redis fill failed");
-            failed("fill");
-            bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
+    let end = tokio::time::Instant::now() + SETTLE_FOR;
+    loop {
+        let md = range(&mut cm, &k[1], from, to).await;
+        let dr = range(&mut cm, &k[2], from, to).await;
+        let gone = tombstones(&mut cm, &k[6], from, to).await;
+        match (md, dr, gone) {
+            (Ok(mut a), Ok(b), Ok(c)) => {
+                if !settled(&mut wcm, &room, limits).await {
+                    if tokio::time::Instant::now() < end {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    tracing::warn!(room = %room, from, to, "redis fill: replicas do not hold what was read");
+                    failed("fill");
+                    bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
+                    return;
+                }
+                // A deleted message's seq is filled by its tombstone: no false gap.
+                a.extend(b);
+                a.extend(c);
+                a.sort_by_key(|(m, _)| m.seq);
+                bus.send_async(EngineCmd::Filled { room, from, to, messages: a, ok: true }).await;
+                return;
+            }
+            (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
+                // Not an answer that the range is gone: a primary failing over, a connection
+                // being made again. Retried; only a Redis that stays away makes it a gap.
+                failed("fill");
+                if tokio::time::Instant::now() < end {
+                    tracing::debug!(room = %room, error = %e, "redis fill failed: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                tracing::warn!(room = %room, error = %e, "redis fill failed");
+                bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
+                return;
+            }
         }
     }
 }
 
-pub(super) async fn recover(mut cm: Conn, room: RoomName, since: u64, upto: u64, join: PendingJoin, bus: BusHandle) {
+/// Reads what a joiner with `since` missed (up to `upto`), once replicated (as `fill`).
+#[expect(clippy::too_many_arguments, reason = "the fields of BridgeCmd::Recover and the bridge's handles")]
+pub(super) async fn recover(
+    mut cm: Conn,
+    mut wcm: Conn,
+    room: RoomName,
+    since: u64,
+    upto: u64,
+    join: PendingJoin,
+    bus: BusHandle,
+    limits: StreamLimits,
+) {
     let k = keys(&room);
-    let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
-    let gone = if since < upto { tombstones(&mut cm, &k[6], since + 1, upto).await } else { Ok(Vec::new()) };
-    let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
-    match (md.and_then(|md| gone.map(|g| (md, g))), evicted) {
-        (Ok((mut md, gone)), Ok(ev)) => {
-            // A deleted gift's place holds its tombstone (deleted chat is not replayed anyway).
-            md.extend(gone.into_iter().filter(|(_, must)| *must));
-            md.sort_by_key(|(m, _)| m.seq);
-            bus.send_async(EngineCmd::Recovered {
-                room,
-                since,
-                upto,
-                join,
-                messages: md.into_iter().map(|(m, _)| m).collect(),
-                evicted_upto: ev.unwrap_or(0),
-                ok: true,
-            })
-            .await;
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(room = %room, error = %e, "redis recovery failed");
-            failed("recover");
-            bus.send_async(recovery_failed(room, since, upto, join)).await;
+    let end = tokio::time::Instant::now() + SETTLE_FOR;
+    loop {
+        let md = if since < upto { range(&mut cm, &k[1], since + 1, upto).await } else { Ok(Vec::new()) };
+        let gone = if since < upto { tombstones(&mut cm, &k[6], since + 1, upto).await } else { Ok(Vec::new()) };
+        let evicted: ::redis::RedisResult<Option<u64>> = cm.get(&k[4]).await;
+        match (md.and_then(|md| gone.map(|g| (md, g))), evicted) {
+            (Ok((mut md, gone)), Ok(ev)) => {
+                if !settled(&mut wcm, &room, limits).await {
+                    if tokio::time::Instant::now() < end {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    tracing::warn!(room = %room, since, upto, "redis recovery: replicas do not hold what was read");
+                    failed("recover");
+                    bus.send_async(recovery_failed(room, since, upto, join)).await;
+                    return;
+                }
+                // A deleted gift's place holds its tombstone (deleted chat is not replayed anyway).
+                md.extend(gone.into_iter().filter(|(_, must)| *must));
+                md.sort_by_key(|(m, _)| m.seq);
+                bus.send_async(EngineCmd::Recovered {
+                    room,
+                    since,
+                    upto,
+                    join,
+                    messages: md.into_iter().map(|(m, _)| m).collect(),
+                    evicted_upto: ev.unwrap_or(0),
+                    ok: true,
+                })
+                .await;
+                return;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                failed("recover");
+                if tokio::time::Instant::now() < end {
+                    tracing::debug!(room = %room, error = %e, "redis recovery failed: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                tracing::warn!(room = %room, error = %e, "redis recovery failed");
+                bus.send_async(recovery_failed(room, since, upto, join)).await;
+                return;
+            }
         }
     }
 }
@@ -1512,6 +1659,34 @@ mod tests {
         assert_eq!(room_of_channel("other"), None);
     }
 
+    /// A script that publishes with a fixed `PUBLISH` reaches nobody on a cluster (edges
+    /// follow rooms with `SSUBSCRIBE` there): each takes the command as an argument. The
+    /// delete script did not (its live tombstone never reached a cluster's members).
+    #[test]
+    fn no_script_hardcodes_its_publish_command() {
+        for (name, lua) in [("publish", PUBLISH_LUA), ("delete", DELETE_LUA), ("online", ONLINE_LUA)] {
+            let upper = lua.to_ascii_uppercase();
+            assert!(!upper.contains("'PUBLISH'") && !upper.contains("\"PUBLISH\""), "{name} hardcodes PUBLISH");
+            assert!(!upper.contains("'SPUBLISH'") && !upper.contains("\"SPUBLISH\""), "{name} hardcodes SPUBLISH");
+        }
+    }
+
+    /// Every script that numbers or reads a room's seq runs the failover fence first, and the
+    /// fence moves the seq on by `FAILOVER_SEQ_SKIP`.
+    #[test]
+    fn scripts_that_number_run_the_failover_fence() {
+        for (name, lua) in
+            [("publish", PUBLISH_LUA), ("sync", SYNC_LUA), ("renumber", RENUMBER_LUA), ("delete", DELETE_LUA)]
+        {
+            let body = lua.split_once("\nend\n").map_or("", |(_, b)| b);
+            assert!(body.contains("rc_fence(KEYS[1])"), "{name} runs the fence");
+            let fence_at = body.find("rc_fence(KEYS[1])").unwrap();
+            let seq_at = body.find("'seq'").unwrap_or(usize::MAX);
+            assert!(fence_at < seq_at, "{name}: the fence runs before the seq is read");
+        }
+        assert!(fence_lua!().contains(&format!("'seq', {FAILOVER_SEQ_SKIP})")));
+    }
+
     #[test]
     fn moderation_events_round_trip() {
         let ev = ModEvent::Ban { room: "r".into(), user: "a\"b".into(), until_ms: 5, from: "x".into() };
@@ -1519,7 +1694,8 @@ mod tests {
         assert_eq!(text, r#"{"op":"ban","room":"r","user":"a\"b","until_ms":5,"from":"x"}"#);
         assert_eq!(serde_json::from_str::<ModEvent>(&text).unwrap(), ev);
         assert_eq!(room_of_channel(MOD_CHANNEL), None, "never taken for a room's channel");
-        assert_eq!(ban_key("r", "u"), "rc:{r}:ban:u", "in the room's hash slot");
+        assert_eq!(room_of_channel(&super::super::slots::channel_key(MOD_ROOM)), Some(MOD_ROOM));
+        assert!(roomcast_proto::envelope::validate_room(MOD_ROOM).is_err(), "no room can take its name");
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl Engine {
         r.ahead.clear();
         r.latest.clear();
         r.filling = false;
+        r.fill_want = 0;
         let parked = std::mem::take(&mut r.parked);
         let notice =
             ServerMsg::Reset { room: r.name.to_string(), epoch: epoch_text(epoch), seq: 0, reason: RESET_EPOCH.into() };
@@ -101,7 +102,12 @@ impl Engine {
 
     fn request_fill(&mut self, room: &RoomName, from: u64, to: u64) {
         let Some(r) = self.rooms.get_mut(room) else { return };
-        if r.filling || from > to {
+        if from > to {
+            return;
+        }
+        if r.filling {
+            // One fill at a time: this range is fetched when the one in flight is back.
+            r.fill_want = r.fill_want.max(to);
             return;
         }
         r.filling = true;
@@ -187,10 +193,12 @@ impl Engine {
         loop {
             self.drain_ahead(room, now, out);
             let Some(r) = self.rooms.get_mut(room) else { return };
-            // Whatever is still missing up to `to` (or up to the next message we hold) is lost.
+            // Whatever this fill covered and is still missing (up to `to`, or to the next
+            // message held) is lost. Not beyond `to`: a range this fill did not read may well
+            // be in Redis (a gift waiting for its replica while later chat arrived live).
             let next_held = r.ahead.keys().next().copied();
             let missing_to = match next_held {
-                Some(h) => h - 1,
+                Some(h) => (h - 1).min(to),
                 None if to > r.seq => to,
                 None => break,
             };
@@ -208,5 +216,11 @@ impl Engine {
                 break;
             }
         }
+        // What is still missing before a message held, or was asked for meanwhile: fetched.
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        let want = std::mem::take(&mut r.fill_want);
+        let upto = r.ahead.keys().next().map_or(want, |&h| (h - 1).max(want));
+        let from = r.seq + 1;
+        self.request_fill(room, from, upto);
     }
 }

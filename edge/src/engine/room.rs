@@ -158,6 +158,9 @@ pub struct Room {
     pub ahead: BTreeMap<u64, (PushMessage, bool)>,
     /// Redis mode: a fill is in flight.
     pub filling: bool,
+    /// Redis mode: the highest seq a fill was asked for while another was in flight (fetched
+    /// once that one is back).
+    pub fill_want: u64,
     /// Redis mode: joins whose `since` is ahead of what this edge has received (the client saw
     /// it on another edge), waiting until it has, so the seam has no duplicate.
     pub parked: Vec<(PendingJoin, u64, Instant)>,
@@ -229,6 +232,7 @@ impl Room {
             waiting: Vec::new(),
             ahead: BTreeMap::new(),
             filling: false,
+            fill_want: 0,
             parked: Vec::new(),
             members: 0,
             seq_hi: 0,

@@ -69,16 +69,6 @@ fn refuse_key(st: &AppState, r: KeyRefusal) -> Response {
 /// The caller may moderate `room` (None: every room, as a disconnect needs).
 /// The refusal is boxed: an answer is large, and the happy path should not carry its size.
 fn authorize(st: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<Who, Box<Response>> {
-    // Not wired into cluster mode yet (its bans index and channel span slots, and edges there
-    // follow rooms with sharded pub/sub): refused plainly rather than half done.
-    if shared_bus(st).is_some_and(|c| c.is_cluster()) {
-        return Err(Box::new(refuse(
-            st,
-            StatusCode::NOT_IMPLEMENTED,
-            "cluster_unsupported",
-            "moderation is not available on a Redis Cluster bus yet (it is on one Redis or Sentinel)",
-        )));
-    }
     let admin = st.admin_token.as_ref();
     if st.keys.is_empty() && admin.is_none() {
         return Ok(Who::Open);

@@ -124,6 +124,8 @@ pub struct Conn {
     pub ignored: usize,
     /// Why it is closing (the first cause wins), for `connections_closed_total{reason}`.
     pub why: Option<crate::metrics::CloseWhy>,
+    /// A `wss` connection's TLS session (None: plain). Boxed: plain members pay one pointer.
+    pub tls: Option<Box<super::tls::TlsConn>>,
 }
 
 impl Conn {
@@ -162,6 +164,7 @@ impl Conn {
             peer_counted: false,
             replay_credit: 0,
             ignored: 0,
+            tls: None,
         }
     }
 
@@ -248,7 +251,9 @@ impl Conn {
     /// a frame partly written already (`head_off` counts into it; replacing or dropping it would
     /// splice half a frame into the stream).
     pub fn pinned(&self) -> usize {
-        usize::from(self.in_flight).max(usize::from(self.head_off > 0))
+        // A TLS connection's frames encrypted into a `wire` not yet all written are pinned too.
+        let encrypted = self.tls.as_ref().filter(|t| t.wire_off < t.wire.len()).map_or(0, |t| t.frames);
+        usize::from(self.in_flight).max(usize::from(self.head_off > 0)).max(usize::from(encrypted))
     }
 
     /// When the oldest frame not yet handed to the kernel was queued.

@@ -296,6 +296,13 @@ impl Shard {
             {
                 self.stats.handshake_failures.inc();
                 self.closing_for(slot, CloseWhy::HandshakeTimeout);
+                if self.log_refusal() {
+                    let c = self.conns[slot as usize].as_ref();
+                    let peer = c.and_then(|c| c.peer).map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+                    // With TLS: the TLS handshake and the upgrade together took too long.
+                    let tls = c.is_some_and(|c| c.tls.is_some());
+                    tracing::info!(shard = self.id, slot, peer = %peer, tls, timeout_ms = hs_to, "handshake timed out: closed");
+                }
             }
             self.abort(slot);
         }

@@ -5,7 +5,9 @@
 //! The data path through the files: `ring` (accept, recv, send, close completions) ->
 //! `session` (upgrade, frames, signalling) -> `members` (joins, fan-out to local members) ->
 //! `outbox` (a connection's bounded queue, one send in flight) -> back to `ring`; `sse` is the
-//! Server-Sent Events transport's own part (its request, answer and input). `mail` is what
+//! Server-Sent Events transport's own part (its request, answer and input); `tls` sits between
+//! `ring` and the rest for a wss connection (decrypt what is received, encrypt what is sent).
+//! `mail` is what
 //! crosses threads (the mailbox, the engine's turn, one mail per peer per turn); `lifecycle` is
 //! closing, drain, shutdown and the timers; `conn` is one connection's state.
 //!
@@ -30,6 +32,7 @@ mod outbox;
 mod ring;
 mod session;
 mod sse;
+mod tls;
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -118,6 +121,8 @@ pub struct ShardSpec {
     pub ipguard: Option<Arc<crate::ipguard::IpGuard>>,
     /// Moderation's bans in force, shared by every shard (read at every join).
     pub bans: Arc<crate::moderation::Bans>,
+    /// `[tls]`: every accepted connection gets a TLS session from this (None: plain ws).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Builds the ring, probes it and registers its tables. Done on the shard thread itself
@@ -216,6 +221,10 @@ struct Shard {
     rng: fastrand::Rng,
     /// Operations the SQ could not take this turn (the kernel pushed back): retried next turn.
     retry: Vec<(Retry, u32)>,
+    /// `wss`: the TLS configuration new sessions are made from (None: plain ws).
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Decrypted bytes of one receive (reused).
+    tls_plain: Vec<u8>,
 }
 
 /// An operation to queue again next turn.
@@ -285,6 +294,8 @@ impl Shard {
             bans: spec.bans,
             retry: Vec::new(),
             rng: fastrand::Rng::new(),
+            tls: spec.tls,
+            tls_plain: Vec::new(),
         })
     }
 

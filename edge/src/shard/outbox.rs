@@ -139,6 +139,9 @@ impl Shard {
         let max_iov = self.cfg.send.max_iov;
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
         debug_assert_eq!(c.in_flight, 0);
+        if c.tls.is_some() {
+            return self.tls_issue_send(slot);
+        }
         let tok = Token::new(OpKind::Send, c.generation, slot);
         let n = c.out.len().min(max_iov);
         let r = if n == 1 {

@@ -144,12 +144,25 @@ impl Shard {
         }
         debug_assert!(self.conns[idx].is_none(), "kernel reused a slot we have not released");
         let mut conn = Conn::new(generation, self.now_ms());
+        if let Some(cfg) = &self.tls {
+            match super::tls::TlsConn::new(cfg) {
+                Ok(t) => conn.tls = Some(t),
+                // Not expected (a server session needs nothing but the config): refused below.
+                Err(e) => tracing::error!(shard = self.id, error = %e, "cannot start a TLS session"),
+            }
+        }
+        let tls_failed = self.tls.is_some() && conn.tls.is_none();
         conn.peer = peer;
         conn.peer_counted = verdict == Verdict::Admit { counted: true };
         self.conns[idx] = Some(conn);
         self.open += 1;
         self.stats.accepted.inc();
         self.stats.connections.inc();
+        if tls_failed {
+            self.closing_for(slot, CloseWhy::TlsError);
+            self.abort(slot);
+            return self.arm_accept();
+        }
         match verdict.reason() {
             None => self.arm_recv(slot),
             // Over a per-address bound: answer 429 at once and close, without reading the
@@ -219,6 +232,18 @@ impl Shard {
             self.maybe_release(slot);
             return;
         }
+        if let Some(t) = c.tls.as_mut() {
+            // wss: decrypted first, then the same path as below (shard/tls.rs).
+            let data = self.bufring.get_mut(bid, res as usize);
+            self.tls_plain.clear();
+            let fed = t.feed(data, &mut self.tls_plain).map_err(|e| (e, super::tls::looks_like_http(data)));
+            self.bufring.recycle(bid);
+            self.tls_recv(slot, fed);
+            if !more {
+                self.arm_recv(slot);
+            }
+            return;
+        }
         let data = self.bufring.get_mut(bid, res as usize);
         match c.phase {
             Phase::Handshake => {
@@ -258,18 +283,34 @@ impl Shard {
             if res != -libc::ECANCELED {
                 self.stats.send_errors.inc();
             }
+            if let Some(t) = c.tls.as_mut() {
+                // The ciphertext is void with its connection.
+                t.wire.clear();
+                t.wire_off = 0;
+            }
             c.drop_unsent(0);
             self.closing_for(slot, CloseWhy::PeerReset);
             self.abort(slot);
             return;
         }
+        self.stats.bytes_written.inc_by(res as u64);
+        // wss: `res` is ciphertext; the frames count once all of theirs is written.
+        let written = if c.tls.is_some() {
+            match self.tls_sent(slot, in_flight, res as usize) {
+                Some(plain) => plain,
+                None => return,
+            }
+        } else {
+            res as usize
+        };
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
         // Delivery latency, sampled: one message frame in LATENCY_SAMPLE at random (a fixed
         // stride aliases with periodic traffic: gifts and chat alternating on 4 members per
         // shard put every 16th frame on chat), the clock read only for those.
         let (stats, rng) = (&self.stats, &mut self.rng);
         let mut now = None;
         let queued_before = c.out_bytes;
-        let (frames, messages) = c.consume(res as usize, in_flight, |f| {
+        let (frames, messages) = c.consume(written, in_flight, |f| {
             let Some(since) = f.since.filter(|_| f.messages > 0) else { return };
             if rng.u32(..LATENCY_SAMPLE) != 0 {
                 return;
@@ -281,7 +322,6 @@ impl Shard {
                 stats.latency_droppable.observe(secs);
             }
         });
-        self.stats.bytes_written.inc_by(res as u64);
         // Frames written whole pay the replay credit back first (the replay was queued
         // ahead). By frames, not bytes: a frame partly written still counts whole in
         // `out_bytes`, and paying for its written part early left a slow reader catching up

@@ -24,11 +24,16 @@ export const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
  * then every process the harness started is ended.
  */
 export async function launchBrowser(t, ...closers) {
+  return launchBrowserWith(t, [], ...closers);
+}
+
+/** `launchBrowser` with extra Chromium flags (`extraArgs`). */
+export async function launchBrowserWith(t, extraArgs, ...closers) {
   const { chromium } = await import("playwright-core");
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", ...extraArgs],
   });
   t.after(async () => {
     await browser.close().catch(() => {});

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# TLS against plain WebSocket (issue #18): the same room served by one edge (2 shards) over ws://
+# and over wss:// (rustls in the shards, user-space encryption; test CA and ECDSA P-256
+# certificate made here with openssl), CONNS members (10^4) in one room with roomcast.rkyv.v2,
+# gifts GIFT/s and chat CHAT/s for SECS s. The load generator's members decrypt on the same CPUs.
+# Figures: edge CPU per delivered message, deliveries/s, gift latency, loss (must be 0 for gifts).
+# Results: bench-results/<date>-tls-{ws,wss}/ and bench-results/<date>-tls-loadgen.md.
+# Env: CONNS (10000), GIFT (10), CHAT (200), SECS (20), EDGE_BIN / LG_BIN (prebuilt binaries;
+# default: cargo build --release here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONNS=${CONNS:-10000}
+GIFT=${GIFT:-10}
+CHAT=${CHAT:-200}
+SECS=${SECS:-20}
+if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
+  cargo build -q --release -p edge -p loadgen
+fi
+EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
+LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
+DATE=$(date +%Y-%m-%d)
+# shellcheck source=lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+ports_free 18741 18742
+PKI=$(mktemp -d)
+trap 'rm -rf "$PKI"' EXIT
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+openssl req -x509 "${ec[@]}" -keyout "$PKI/ca.key" -out "$PKI/ca.pem" -days 1 -subj "/CN=roomcast bench CA" 2>/dev/null
+openssl req "${ec[@]}" -keyout "$PKI/key.pem" -out "$PKI/leaf.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+echo "subjectAltName=IP:127.0.0.1" >"$PKI/ext.cnf"
+openssl x509 -req -in "$PKI/leaf.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" -CAcreateserial \
+  -out "$PKI/cert.pem" -days 1 -extfile "$PKI/ext.cnf" 2>/dev/null
+for v in CONNS GIFT CHAT SECS; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
+done
+FAILED=0
+STARTED=$(date +%s)
+run() {
+  local name=$1 edge_tls=()
+  shift
+  [[ $name == wss ]] && edge_tls=(--tls-cert "$PKI/cert.pem" --tls-key "$PKI/key.pem")
+  local tmp
+  tmp=$(mktemp -d)
+  "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 "${edge_tls[@]}" >"$tmp/edge.log" 2>&1 &
+  local epid=$!
+  edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
+  "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
+    --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
+    --out "$ROOT/bench-results" --scenario "tls-$name" "$@" \
+    --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); members: $name" \
+    >"$tmp/lg.out" 2>&1 || { echo "tls-$name failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
+  kill -INT "$epid" 2>/dev/null || true
+  wait "$epid" 2>/dev/null || true
+  rm -rf "$tmp"
+  sleep 3
+}
+run ws
+run wss --tls-ca "$PKI/ca.pem"
+OUT=$ROOT/bench-results/$DATE-tls-loadgen.md
+if ((FAILED)); then
+  echo "a case failed: no table written" >&2
+  exit 1
+fi
+python3 - "$ROOT/bench-results" "$DATE" "$CONNS" "$GIFT" "$CHAT" "$SECS" "$STARTED" >"$OUT" <<'PY'
+import json, os, sys
+root, date, conns, gift, chat, secs, started = sys.argv[1:]
+print(f"# wss against ws (scripts/bench-tls.sh): {conns} members in one room (rkyv), gifts {gift}/s, chat {chat}/s, {secs} s\n")
+print("| members | deliveries/s | edge µs CPU per delivery | plaintext bytes per delivery | gift p50 / p99 ms | gifts lost | chat lost |")
+print("|---|---|---|---|---|---|---|")
+for name in ["ws", "wss"]:
+    p = os.path.join(root, f"{date}-tls-{name}", "result.json")
+    if not os.path.exists(p) or os.path.getmtime(p) < float(started):
+        print(f"| {name} | (no result) | | | | | |")
+        continue
+    r = json.load(open(p))
+    g = r["latency_ms"]["gift"]
+    cpu = r["server"].get("cpu_us_per_delivery") or 0
+    bpd = r["bytes"] / max(r["deliveries"], 1)
+    print(f"| {name} | {r['deliveries_per_s']:.0f} | {cpu:.3f} | {bpd:.0f} | {g['p50']:.0f} / {g['p99']:.0f} | {r['lost']['gift']} | {r['lost']['chat']} |")
+PY
+cat "$OUT"
