@@ -50,7 +50,7 @@ impl Raw {
     }
 
     fn fill_until(&mut self, done: impl Fn(&[u8]) -> bool) {
-        let mut buf = [0u8; 65536];
+        let mut buf = vec![0u8; 65536];
         while !done(&self.got) {
             match self.s.read(&mut buf) {
                 Ok(0) | Err(_) => break,

@@ -254,13 +254,13 @@ async fn bus_up(e: &EdgeProc) {
 /// users stay. The Rust client takes 4002 as "do not come back". Failed before: 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_closes_every_connection_of_the_user_on_every_edge() {
-    disconnect_on_every_edge(false).await;
+    Box::pin(disconnect_on_every_edge(false)).await;
 }
 
 /// The same on a Redis Cluster (sharded pub/sub): failed before with 501 `cluster_unsupported`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_closes_every_connection_of_the_user_on_every_edge_of_a_cluster() {
-    disconnect_on_every_edge(true).await;
+    Box::pin(disconnect_on_every_edge(true)).await;
 }
 
 async fn disconnect_on_every_edge(cluster: bool) {

@@ -290,7 +290,11 @@ struct Inflate {
 
 impl std::fmt::Debug for Inflate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inflate").field("takeover", &self.takeover).field("compressed", &self.compressed).finish()
+        f.debug_struct("Inflate")
+            .field("ctx", &self.ctx.as_ref().map(|_| "flate2::Decompress"))
+            .field("takeover", &self.takeover)
+            .field("compressed", &self.compressed)
+            .finish()
     }
 }
 
@@ -471,7 +475,7 @@ impl Decoder {
             }
             OpCode::Text | OpCode::Binary if h.fin && h.rsv1 => {
                 let inflated = self.inflate(payload)?;
-                self.emit(h.opcode, &inflated, on_event)?;
+                Self::emit(h.opcode, &inflated, on_event)?;
             }
             OpCode::Text | OpCode::Binary if h.fin => {
                 if h.opcode == OpCode::Text && simdutf8::basic::from_utf8(payload).is_err() {
@@ -498,7 +502,7 @@ impl Decoder {
                         self.message = msg;
                         self.message.clear();
                     }
-                    self.emit(op, &inflated?, on_event)?;
+                    Self::emit(op, &inflated?, on_event)?;
                 } else if h.fin {
                     let op = self.message_op.take().expect("checked in check_header");
                     if op == OpCode::Text && self.utf8_valid != self.message.len() {
@@ -518,7 +522,7 @@ impl Decoder {
     }
 
     /// Hands out an inflated message, text checked to be UTF-8.
-    fn emit(&self, op: OpCode, msg: &[u8], on_event: &mut dyn FnMut(Event<'_>)) -> Result<(), CloseReason> {
+    fn emit(op: OpCode, msg: &[u8], on_event: &mut dyn FnMut(Event<'_>)) -> Result<(), CloseReason> {
         if op == OpCode::Text {
             if simdutf8::basic::from_utf8(msg).is_err() {
                 return Err(CloseReason { code: 1007, reason: "text message is not UTF-8" });
