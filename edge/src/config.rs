@@ -647,6 +647,22 @@ pub struct WsConfig {
     /// same list and answers CORS for it (`Access-Control-Allow-Origin`: the origin, or `*` when
     /// the list is empty).
     pub allowed_origins: Vec<String>,
+    /// permessage-deflate (RFC 7692): accept a client's offer (browsers make one by default).
+    /// The edge answers with `server_no_context_takeover`, so each room batch is compressed once
+    /// per window size and the same compressed frame goes to every member that negotiated it
+    /// (serialize-once holds); members without it get the plain frame. Live-room JSON shrinks
+    /// 3 to 10 times (bench-results/2026-11-30-deflate.md). Costs: one compression per batch
+    /// per window size in use, and inflating what clients send compressed. Default true;
+    /// `--permessage-deflate false` turns it off.
+    pub permessage_deflate: bool,
+    /// Let a client that does not offer `client_no_context_takeover` keep its compression
+    /// context between the messages it sends. Off (default): the answer always carries
+    /// `client_no_context_takeover` (RFC 7692 §7.1.1.2 lets a server ask it), so a client's
+    /// messages are inflated by one inflater per shard and no inflate state lives per
+    /// connection. On: a connection that sends compressed messages holds an inflater of about
+    /// 40 KiB (a 32 KiB window) for its life, 4 GB for 10^5 such connections, for little: clients
+    /// send short signalling and chat.
+    pub deflate_client_context: bool,
 }
 
 /// `[fanout]`: the merge window and the bounds of one merged frame.
@@ -864,6 +880,8 @@ impl Default for WsConfig {
             signal_rate: 20.0,
             signal_burst: 40.0,
             allowed_origins: Vec::new(),
+            permessage_deflate: true,
+            deflate_client_context: false,
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod deflate;
 pub mod dispatch;
 pub mod engine;
 #[doc(hidden)]

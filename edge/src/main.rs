@@ -69,6 +69,9 @@ struct Cli {
     /// Pin shard i to the i-th allowed CPU (`pin` in the config; default true).
     #[arg(long, value_name = "BOOL")]
     pin: Option<bool>,
+    /// Accept permessage-deflate offers (`ws.permessage_deflate` in the config; default true).
+    #[arg(long, value_name = "BOOL")]
+    permessage_deflate: Option<bool>,
     /// Echo every message back (conformance testing with the Autobahn suite).
     #[arg(long)]
     echo: bool,
@@ -226,6 +229,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = cli.max_message {
         cfg.ws.max_message = v;
+    }
+    if let Some(v) = cli.permessage_deflate {
+        cfg.ws.permessage_deflate = v;
     }
     if let Some(v) = cli.max_queue_bytes {
         cfg.send.max_queue_bytes = v;

@@ -120,6 +120,8 @@ pub struct Metrics {
     pub moderation: crate::moderation::ModerationStats,
     /// Moderation bans in force known to this edge (with Redis: every edge's).
     pub bans: IntGauge,
+    /// permessage-deflate's counters.
+    pub deflate: crate::deflate::DeflateStats,
 }
 
 struct ShardFamilies {
@@ -211,6 +213,8 @@ pub struct ShardStats {
     pub kicked: IntCounter,
     /// Members removed from a room because a ban covers them.
     pub banned_out: IntCounter,
+    /// permessage-deflate's counters (edge-wide).
+    pub deflate: crate::deflate::DeflateStats,
     shard_label: String,
 }
 
@@ -588,7 +592,8 @@ impl Metrics {
         }
         let bans = gauge(r, "bans", "Moderation bans in force known to this edge (with Redis: every edge's).", &[])
             .with_label_values(&[] as &[&str]);
-        Self { registry, shard, bus, draining, perf, moderation, bans }
+        let deflate = crate::deflate::DeflateStats::register(r);
+        Self { registry, shard, bus, draining, perf, moderation, bans, deflate }
     }
 
     /// The handles shard `id` increments.
@@ -625,6 +630,7 @@ impl Metrics {
             refused: f.refused.clone(),
             kicked: f.moderated.with_label_values(&[l[0], "kick"]),
             banned_out: f.moderated.with_label_values(&[l[0], "ban"]),
+            deflate: self.deflate.clone(),
             shard_label: l[0].to_owned(),
         }
     }

@@ -86,6 +86,10 @@ struct RunArgs {
     /// WebSocket (edge only).
     #[arg(long)]
     sse: bool,
+    /// Members offer permessage-deflate (as browsers do) and inflate compressed frames: bytes
+    /// per delivered message and the edge's CPU per delivery with compression (edge only).
+    #[arg(long)]
+    deflate: bool,
     /// Gifts per second per room.
     #[arg(long, default_value_t = 10.0)]
     gift_rate: f64,
@@ -286,6 +290,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             dist: a.dist,
             rkyv: !a.json && !a.sse,
             sse: a.sse && a.target == Target::Edge,
+            deflate: a.deflate && !a.sse && a.target == Target::Edge,
             ramp: a.ramp / workers as f64,
             src_first: 2 + ((w as u8).wrapping_mul(a.src_addrs.max(1))) % 200,
             src_count: a.src_addrs.max(1),
@@ -492,6 +497,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut received = [0u64; 2];
     let (mut deliveries, mut frames, mut bytes, mut connected, mut failed, mut closed, mut gen_cpu) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
+    let mut compressed_frames = 0u64;
     for f in &finals {
         for k in 0..KINDS.len() {
             let (fast, slow) = (decode_hist(&f.hist[k])?, decode_hist(&f.hist_slow[k])?);
@@ -514,6 +520,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         partial += f.partial;
         deliveries += f.deliveries;
         frames += f.frames;
+        compressed_frames += f.compressed_frames;
         bytes += f.bytes;
         connected += f.connected;
         failed += f.failed;
@@ -525,6 +532,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         gen_cpu += f.cpu_s;
     }
     let measured_deliveries = deliveries.saturating_sub(deliveries_before);
+    let deflate = if a.deflate { "+deflate" } else { "" };
     let r = report::Report {
         scenario: a.scenario.clone(),
         target: a.target,
@@ -535,13 +543,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         rooms: a.rooms,
         dist: format!("{:?}", a.dist).to_lowercase(),
         encoding: if a.sse {
-            "sse"
+            "sse".to_owned()
         } else if a.json {
-            "json"
+            format!("json{deflate}")
         } else {
-            "rkyv"
-        }
-        .into(),
+            format!("rkyv{deflate}")
+        },
         workers: n_workers,
         connect_s,
         connect_per_s: connected as f64 / connect_s.max(1e-3),
@@ -574,6 +581,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         deliveries,
         deliveries_per_s: measured_deliveries as f64 / pub_secs,
         frames,
+        compressed_frames,
         bytes,
         received: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), received[k])).collect(),
         lost: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), lost[k])).collect(),

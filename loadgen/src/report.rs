@@ -137,6 +137,9 @@ pub struct Report {
     pub deliveries: u64,
     pub deliveries_per_s: f64,
     pub frames: u64,
+    /// Of `frames`, those that arrived compressed (`--deflate`).
+    #[serde(default)]
+    pub compressed_frames: u64,
     pub bytes: u64,
     pub received: BTreeMap<String, u64>,
     pub lost: BTreeMap<String, u64>,

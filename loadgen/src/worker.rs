@@ -47,6 +47,9 @@ pub struct WorkerArgs {
     /// Members read Server-Sent Events (`GET /sse`) instead of WebSocket frames.
     #[serde(default)]
     pub sse: bool,
+    /// Members offer permessage-deflate and inflate compressed frames.
+    #[serde(default)]
+    pub deflate: bool,
     /// Connections per second (this worker's share).
     pub ramp: f64,
     /// First source address (127.0.0.x), and how many to use.
@@ -179,6 +182,9 @@ pub struct Final {
     pub close_codes: std::collections::BTreeMap<u16, u64>,
     pub deliveries: u64,
     pub frames: u64,
+    /// Of `frames`, those that arrived compressed (permessage-deflate).
+    #[serde(default)]
+    pub compressed_frames: u64,
     pub bytes: u64,
     /// Per kind: latency histogram (base64 V2) on the full-speed readers, and on the slow
     /// readers; received, lost, duplicates.
@@ -311,7 +317,7 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
     let (req, key) = if sse {
         (format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n").into_bytes(), None)
     } else {
-        let (req, key) = upgrade_request(dst, path, proto)?;
+        let (req, key) = upgrade_request(dst, path, proto, args.deflate)?;
         (req, Some(key))
     };
     s.write_all(&req)?;
@@ -334,11 +340,18 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
 
 /// An upgrade request for `path` on `dst` from tungstenite's client handshake: the headers RFC
 /// 6455 §4.1 asks for and a fresh random `Sec-WebSocket-Key`, returned with the request.
-fn upgrade_request(dst: SocketAddr, path: &str, proto: &str) -> anyhow::Result<(Vec<u8>, String)> {
+/// With `deflate`, it offers permessage-deflate as Chromium does.
+fn upgrade_request(dst: SocketAddr, path: &str, proto: &str, deflate: bool) -> anyhow::Result<(Vec<u8>, String)> {
     use tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{dst}{path}").into_client_request()?;
     if !proto.is_empty() {
         req.headers_mut().insert("Sec-WebSocket-Protocol", tungstenite::http::HeaderValue::from_str(proto)?);
+    }
+    if deflate {
+        req.headers_mut().insert(
+            "Sec-WebSocket-Extensions",
+            tungstenite::http::HeaderValue::from_static("permessage-deflate; client_max_window_bits"),
+        );
     }
     Ok(tungstenite::handshake::client::generate_request(req)?)
 }
@@ -593,6 +606,12 @@ struct Reader {
     follow: bool,
     /// The stream is Server-Sent Events, not WebSocket frames.
     sse: bool,
+    /// permessage-deflate offered: compressed frames (RSV1) are inflated with this (the edge
+    /// answers server_no_context_takeover: reset after each message), into `inflated`.
+    inflater: Option<roomcast_proto::deflate::Decompress>,
+    inflated: Vec<u8>,
+    /// Frames that arrived compressed.
+    compressed_frames: u64,
 }
 
 impl Reader {
@@ -670,14 +689,25 @@ impl Reader {
         let now = now_us();
         let mut off = 0;
         let buf = std::mem::take(&mut c.buf);
+        let mut inflated = std::mem::take(&mut self.inflated);
         while let Ok(Some(h)) = ws::parse_header(&buf[off..]) {
             let total = h.header_len + h.payload_len as usize;
             if buf.len() - off < total {
                 break;
             }
-            let payload = &buf[off + h.header_len..off + total];
+            let mut payload = &buf[off + h.header_len..off + total];
             off += total;
             self.frames += 1;
+            if h.rsv1 {
+                let Some(d) = self.inflater.as_mut() else { continue };
+                let r = roomcast_proto::deflate::inflate(d, payload, 64 << 20, &mut inflated);
+                d.reset(false);
+                if r.is_err() {
+                    continue;
+                }
+                self.compressed_frames += 1;
+                payload = &inflated;
+            }
             match (self.target, h.opcode) {
                 // A client answers pings as browsers do; without it the edge's idle timeout
                 // (ws.idle_timeout_ms, 90 s) closes every member of a longer run.
@@ -720,6 +750,7 @@ impl Reader {
                 _ => {}
             }
         }
+        self.inflated = inflated;
         c.buf = buf;
         off
     }
@@ -767,6 +798,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         closed: 0,
         follow: args.follow_goaway,
         sse: args.sse,
+        inflater: args.deflate.then(roomcast_proto::deflate::new_inflater),
+        inflated: Vec::new(),
+        compressed_frames: 0,
     };
     let t0 = Instant::now();
     let pacer = crate::stats::Pacer::new(t0, args.ramp);
@@ -1014,6 +1048,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 close_codes: std::mem::take(&mut reader.close_codes),
                 deliveries: reader.deliveries,
                 frames: reader.frames,
+                compressed_frames: reader.compressed_frames,
                 bytes: reader.bytes,
                 hist: reader.hist.iter().map(encode_hist).collect(),
                 hist_slow: reader.hist_slow.iter().map(encode_hist).collect(),
@@ -1063,19 +1098,22 @@ mod tests {
     #[test]
     fn upgrade_round_trip_against_the_edge_parser() {
         let dst = "127.0.0.1:8080".parse().unwrap();
-        let (req, key) = upgrade_request(dst, "/ws?room=r7&token=a.b.c", "roomcast.rkyv.v2").unwrap();
+        let (req, key) = upgrade_request(dst, "/ws?room=r7&token=a.b.c", "roomcast.rkyv.v2", true).unwrap();
         let (up, used) = parse_request(&req).unwrap().unwrap();
         assert_eq!(used, req.len());
         assert_eq!(up.key, key);
         assert_eq!(up.path, "/ws");
         assert_eq!(up.query[0], ("room".to_owned(), "r7".to_owned()));
         assert_eq!(up.select_subprotocol().unwrap(), Some(Subprotocol::Rkyv));
-        assert_ne!(upgrade_request(dst, "/ws?room=r7", "").unwrap().1, key, "a fresh key per connection");
+        assert_ne!(upgrade_request(dst, "/ws?room=r7", "", false).unwrap().1, key, "a fresh key per connection");
+        // --deflate offers permessage-deflate, which the edge accepts.
+        let agreed = roomcast_proto::deflate::negotiate(&up.extensions, false).expect("deflate offered");
+        assert_eq!(agreed.server_window_bits, 15);
 
         let answer = response_101(&key, Some(Subprotocol::Rkyv));
         check_upgrade(&answer, &key, "roomcast.rkyv.v2").unwrap();
         // Another connection's key: the accept key does not match.
-        let (_, other) = upgrade_request(dst, "/ws?room=r7", "roomcast.rkyv.v2").unwrap();
+        let (_, other) = upgrade_request(dst, "/ws?room=r7", "roomcast.rkyv.v2", false).unwrap();
         assert!(check_upgrade(&response_101(&other, Some(Subprotocol::Rkyv)), &key, "roomcast.rkyv.v2").is_err());
         // Subprotocol offered, none agreed; none offered, one agreed.
         assert!(check_upgrade(&response_101(&key, None), &key, "roomcast.rkyv.v2").is_err());

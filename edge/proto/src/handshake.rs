@@ -23,8 +23,10 @@
 //! | head within [`MAX_REQUEST`] bytes and [`MAX_HEADERS`] fields | | 431 (414 when the request line alone does not end) |
 //!
 //! `Sec-WebSocket-Protocol` and `Sec-WebSocket-Extensions` may repeat (RFC 6455 §11.3.2, §11.3.4):
-//! every `Sec-WebSocket-Protocol` field is read and their lists joined in order. No extension is
-//! negotiated, so `Sec-WebSocket-Extensions` is ignored.
+//! every `Sec-WebSocket-Protocol` field is read and their lists joined in order, and so is every
+//! `Sec-WebSocket-Extensions` field ([`Upgrade::extensions`]; a list that does not follow the
+//! grammar of RFC 6455 §9.1 is a 400). Which extension is accepted is the server's call
+//! ([`crate::deflate::negotiate`]).
 //!
 //! The same port serves the SSE fallback ([`parse`]): a request whose path is [`SSE_PATH`] is
 //! held to the same request line (but `OPTIONS` is a CORS preflight), `Host`, `Origin`, body and
@@ -80,6 +82,8 @@ pub struct Upgrade {
     /// The token of an `Authorization: Bearer TOKEN` header (native clients; browsers pass
     /// `?token=` instead, as they cannot set headers on an upgrade).
     pub bearer: Option<String>,
+    /// Extensions offered in `Sec-WebSocket-Extensions`, from every such field in order.
+    pub extensions: Vec<crate::deflate::Extension>,
 }
 
 /// Why an upgrade is refused: the HTTP status and a reason for the body.
@@ -381,6 +385,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HandshakeError> {
     let mut last_event_id = None;
     let (mut upgrade, mut connection, mut body) = (false, false, false);
     let mut protocols = Vec::new();
+    let mut extensions = Vec::new();
     for h in fields {
         let (name, value) = (h.name, h.value);
         if name.eq_ignore_ascii_case("host") {
@@ -396,6 +401,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HandshakeError> {
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             let v = std::str::from_utf8(value).map_err(|_| refuse(400, "Sec-WebSocket-Protocol is not text"))?;
             protocols.extend(v.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()));
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            crate::deflate::parse_extensions(value, &mut extensions).map_err(|why| refuse(400, why))?;
         } else if name.eq_ignore_ascii_case("origin") {
             once(&mut origin, value, "more than one Origin header (RFC 6454 §7.3)")?;
         } else if name.eq_ignore_ascii_case("authorization") {
@@ -457,7 +464,15 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HandshakeError> {
     }
     let query = parse_query(query_str)?;
     Ok(Some((
-        Request::WebSocket(Upgrade { path: path.to_owned(), query, key: key.to_owned(), protocols, origin, bearer }),
+        Request::WebSocket(Upgrade {
+            path: path.to_owned(),
+            query,
+            key: key.to_owned(),
+            protocols,
+            origin,
+            bearer,
+            extensions,
+        }),
         n,
     )))
 }
@@ -482,6 +497,11 @@ pub fn accept_key(key: &str) -> String {
 
 /// The 101 answer.
 pub fn response_101(key: &str, subprotocol: Option<Subprotocol>) -> Vec<u8> {
+    response_101_with(key, subprotocol, None)
+}
+
+/// The 101 answer, with the accepted extensions' `Sec-WebSocket-Extensions` value if any.
+pub fn response_101_with(key: &str, subprotocol: Option<Subprotocol>, extensions: Option<&str>) -> Vec<u8> {
     let mut r = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         accept_key(key)
@@ -489,6 +509,11 @@ pub fn response_101(key: &str, subprotocol: Option<Subprotocol>) -> Vec<u8> {
     if let Some(p) = subprotocol {
         r.push_str("Sec-WebSocket-Protocol: ");
         r.push_str(p.token());
+        r.push_str("\r\n");
+    }
+    if let Some(e) = extensions {
+        r.push_str("Sec-WebSocket-Extensions: ");
+        r.push_str(e);
         r.push_str("\r\n");
     }
     r.push_str("\r\n");
@@ -689,6 +714,25 @@ mod tests {
         let (up, _) = parse_request(r.as_bytes()).unwrap().unwrap();
         assert_eq!(up.protocols, ["mqtt", "x", "roomcast.rkyv.v2"]);
         assert_eq!(up.select_subprotocol().unwrap(), Some(Subprotocol::Rkyv));
+    }
+
+    #[test]
+    fn extension_fields_are_joined_and_malformed_ones_refused() {
+        let r = req(
+            "Sec-WebSocket-Extensions: x-foo\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+        );
+        let (up, _) = parse_request(r.as_bytes()).unwrap().unwrap();
+        let names: Vec<&str> = up.extensions.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["x-foo", "permessage-deflate"]);
+        let a = crate::deflate::negotiate(&up.extensions, false).unwrap();
+        let resp = String::from_utf8(response_101_with(&up.key, None, Some(&a.response_value()))).unwrap();
+        assert!(resp.contains(
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n\r\n"
+        ));
+        assert_eq!(status(&req("Sec-WebSocket-Extensions: permessage-deflate; =15\r\n")), 400);
+        assert_eq!(status(&req("Sec-WebSocket-Extensions: permessage-deflate; a=\"b c\"\r\n")), 400);
+        // Well-formed but not honourable: declined, not refused.
+        assert_eq!(status(&req("Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=99\r\n")), 101);
     }
 
     /// Failed before the fix: HTTP/1.2 was a malformed request (400) though a server SHOULD

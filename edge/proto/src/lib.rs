@@ -7,6 +7,7 @@
 //! - [`ws`]: RFC 6455 frames: the server's per-connection decoder, server frame encoders, and
 //!   client-side helpers.
 //! - [`handshake`]: the HTTP upgrade.
+//! - [`deflate`]: permessage-deflate (RFC 7692): offers, the answer, compressing and inflating.
 //! - [`sse`]: the Server-Sent Events framing of the `/sse` fallback transport.
 //! - [`envelope`]: what the edge pushes (`roomcast.json.v1` and `roomcast.rkyv.v2`) and the
 //!   signalling messages a client sends.
@@ -16,6 +17,7 @@
 // rkyv 0.8's derive generates resolver enums (ServerMsgResolver, ClientMsgResolver) whose
 // fields carry no docs and take no attributes: the lint is off for this module alone. Its own
 // items are documented all the same.
+pub mod deflate;
 #[allow(missing_docs)]
 pub mod envelope;
 pub mod handshake;

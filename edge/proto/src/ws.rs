@@ -111,6 +111,9 @@ pub enum Event<'a> {
 pub struct FrameHeader {
     /// The final fragment of its message.
     pub fin: bool,
+    /// RSV1: with permessage-deflate, the first frame of a compressed message (RFC 7692 §6).
+    /// Whether it is allowed is the [`Decoder`]'s call (it knows what was negotiated).
+    pub rsv1: bool,
     /// The frame's opcode.
     pub opcode: OpCode,
     /// Whether the payload is masked (every client frame must be).
@@ -123,14 +126,15 @@ pub struct FrameHeader {
     pub header_len: usize,
 }
 
-/// Parses a frame header. `Ok(None)`: more bytes needed. Errors on reserved bits or opcodes,
-/// and on a 64-bit length with its top bit set.
+/// Parses a frame header. `Ok(None)`: more bytes needed. Errors on RSV2, RSV3 (no extension
+/// defines them) or reserved opcodes, and on a 64-bit length with its top bit set; RSV1 is
+/// returned in [`FrameHeader::rsv1`].
 pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, CloseReason> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    if b0 & 0x30 != 0 {
         return Err(CloseReason::protocol("reserved bits set without a negotiated extension"));
     }
     let opcode = OpCode::from_u8(b0 & 0x0f).ok_or(CloseReason::protocol("reserved opcode"))?;
@@ -165,7 +169,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, CloseReason> {
         mask.copy_from_slice(&buf[n..n + 4]);
         n += 4;
     }
-    Ok(Some(FrameHeader { fin, opcode, masked, mask, payload_len, header_len: n }))
+    Ok(Some(FrameHeader { fin, rsv1: b0 & 0x40 != 0, opcode, masked, mask, payload_len, header_len: n }))
 }
 
 /// XORs `buf` with `mask`, where `buf` starts `offset` bytes into the payload.
@@ -215,6 +219,14 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A complete unmasked (server) frame whose payload is one compressed message
+/// (permessage-deflate: RSV1 set, RFC 7692 §6).
+pub fn encode_compressed_frame(opcode: OpCode, compressed: &[u8]) -> Vec<u8> {
+    let mut v = encode_frame(opcode, compressed);
+    v[0] |= 0x40;
+    v
+}
+
 /// A close frame with `code` and `reason` (truncated at a character boundary to fit 125 bytes).
 pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let mut end = reason.len().min(123);
@@ -260,17 +272,94 @@ pub struct Decoder {
     utf8_valid: usize,
     /// A close was received: everything after it is ignored.
     closed: bool,
+    /// permessage-deflate, when negotiated (boxed: most connections never send compressed).
+    deflate: Option<Box<Inflate>>,
+}
+
+/// The receive side of permessage-deflate on one connection.
+struct Inflate {
+    /// The client keeps its context between messages: so does this inflater (created at the
+    /// first compressed message, kept for the connection's life). None while `takeover` is
+    /// false: every message is inflated by the thread's shared inflater, reset after each, so
+    /// no inflate state lives per connection.
+    ctx: Option<flate2::Decompress>,
+    takeover: bool,
+    /// The message being assembled is compressed (RSV1 on its first frame).
+    compressed: bool,
+}
+
+impl std::fmt::Debug for Inflate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflate")
+            .field("ctx", &self.ctx.as_ref().map(|_| "flate2::Decompress"))
+            .field("takeover", &self.takeover)
+            .field("compressed", &self.compressed)
+            .finish()
+    }
+}
+
+thread_local! {
+    /// The inflater of messages compressed without context takeover, shared by every
+    /// connection of the thread (reset after each message): about 40 KiB per thread rather than
+    /// per connection.
+    static SHARED_INFLATER: std::cell::RefCell<Option<flate2::Decompress>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Decoder {
     /// A decoder for one connection's stream, bounded by `limits`.
     pub fn new(limits: Limits) -> Self {
-        Self { limits, partial: Vec::new(), message: Vec::new(), message_op: None, utf8_valid: 0, closed: false }
+        Self {
+            limits,
+            partial: Vec::new(),
+            message: Vec::new(),
+            message_op: None,
+            utf8_valid: 0,
+            closed: false,
+            deflate: None,
+        }
+    }
+
+    /// permessage-deflate was negotiated: frames with RSV1 carry compressed messages, inflated
+    /// here within `Limits::max_message`. `client_no_context_takeover`: the client compresses
+    /// each message on its own (else its context is kept between messages, and so is an
+    /// inflater of about 40 KiB for this connection, from its first compressed message on).
+    pub fn enable_deflate(&mut self, client_no_context_takeover: bool) {
+        self.deflate = Some(Box::new(Inflate { ctx: None, takeover: !client_no_context_takeover, compressed: false }));
     }
 
     /// Bytes held for partial frames and messages.
     pub fn buffered_bytes(&self) -> usize {
         self.partial.capacity() + self.message.capacity()
+    }
+
+    /// Inflates a compressed message, bounded by `max_message`: a deflate bomb is a 1009 as
+    /// soon as its output passes the bound, whatever it would grow to.
+    fn inflate(&mut self, data: &[u8]) -> Result<Vec<u8>, CloseReason> {
+        let max = self.limits.max_message;
+        let mut out = Vec::new();
+        let Some(inf) = self.deflate.as_mut() else {
+            return Err(CloseReason::protocol("compressed message without permessage-deflate"));
+        };
+        let r = if inf.takeover {
+            let d = inf.ctx.get_or_insert_with(crate::deflate::new_inflater);
+            crate::deflate::inflate(d, data, max, &mut out)
+        } else {
+            SHARED_INFLATER.with_borrow_mut(|d| {
+                let d = d.get_or_insert_with(crate::deflate::new_inflater);
+                let r = crate::deflate::inflate(d, data, max, &mut out);
+                d.reset(false);
+                r
+            })
+        };
+        match r {
+            Ok(()) => Ok(out),
+            Err(crate::deflate::InflateError::TooBig) => {
+                Err(CloseReason { code: 1009, reason: "message too big once inflated" })
+            }
+            Err(crate::deflate::InflateError::Corrupt) => {
+                Err(CloseReason { code: 1007, reason: "compressed message is not valid DEFLATE data" })
+            }
+        }
     }
 
     /// Feeds bytes; calls `on_event` for each complete event, in order. An `Err` is a protocol
@@ -320,6 +409,17 @@ impl Decoder {
     fn check_header(&self, h: &FrameHeader) -> Result<(), CloseReason> {
         if !h.masked {
             return Err(CloseReason::protocol("client frames must be masked"));
+        }
+        if h.rsv1 {
+            if self.deflate.is_none() {
+                return Err(CloseReason::protocol("reserved bits set without a negotiated extension"));
+            }
+            if h.opcode.is_control() {
+                return Err(CloseReason::protocol("RSV1 set on a control frame"));
+            }
+            if h.opcode == OpCode::Continuation {
+                return Err(CloseReason::protocol("RSV1 set on a continuation frame"));
+            }
         }
         if h.opcode.is_control() {
             if !h.fin {
@@ -373,6 +473,10 @@ impl Decoder {
                 self.closed = true;
                 on_event(event);
             }
+            OpCode::Text | OpCode::Binary if h.fin && h.rsv1 => {
+                let inflated = self.inflate(payload)?;
+                Self::emit(h.opcode, &inflated, on_event)?;
+            }
             OpCode::Text | OpCode::Binary if h.fin => {
                 if h.opcode == OpCode::Text && simdutf8::basic::from_utf8(payload).is_err() {
                     return Err(CloseReason { code: 1007, reason: "text message is not UTF-8" });
@@ -383,11 +487,23 @@ impl Decoder {
                 self.message_op = Some(h.opcode);
                 self.message.clear();
                 self.utf8_valid = 0;
+                if let Some(inf) = self.deflate.as_mut() {
+                    inf.compressed = h.rsv1;
+                }
                 self.append(payload)?;
             }
             OpCode::Continuation => {
                 self.append(payload)?;
-                if h.fin {
+                if h.fin && self.deflate.as_ref().is_some_and(|d| d.compressed) {
+                    let op = self.message_op.take().expect("checked in check_header");
+                    let msg = std::mem::take(&mut self.message);
+                    let inflated = self.inflate(&msg);
+                    if msg.capacity() <= 4096 {
+                        self.message = msg;
+                        self.message.clear();
+                    }
+                    Self::emit(op, &inflated?, on_event)?;
+                } else if h.fin {
                     let op = self.message_op.take().expect("checked in check_header");
                     if op == OpCode::Text && self.utf8_valid != self.message.len() {
                         return Err(CloseReason { code: 1007, reason: "text message ends inside a UTF-8 sequence" });
@@ -405,10 +521,24 @@ impl Decoder {
         Ok(())
     }
 
-    /// Adds a fragment, validating text as it arrives so that invalid UTF-8 fails at once.
+    /// Hands out an inflated message, text checked to be UTF-8.
+    fn emit(op: OpCode, msg: &[u8], on_event: &mut dyn FnMut(Event<'_>)) -> Result<(), CloseReason> {
+        if op == OpCode::Text {
+            if simdutf8::basic::from_utf8(msg).is_err() {
+                return Err(CloseReason { code: 1007, reason: "text message is not UTF-8" });
+            }
+            on_event(Event::Text(msg));
+        } else {
+            on_event(Event::Binary(msg));
+        }
+        Ok(())
+    }
+
+    /// Adds a fragment, validating text as it arrives so that invalid UTF-8 fails at once
+    /// (compressed text is checked once inflated).
     fn append(&mut self, payload: &[u8]) -> Result<(), CloseReason> {
         self.message.extend_from_slice(payload);
-        if self.message_op == Some(OpCode::Text) {
+        if self.message_op == Some(OpCode::Text) && !self.deflate.as_ref().is_some_and(|d| d.compressed) {
             match simdutf8::compat::from_utf8(&self.message[self.utf8_valid..]) {
                 Ok(_) => self.utf8_valid = self.message.len(),
                 Err(e) => {
@@ -596,6 +726,77 @@ mod tests {
             assert_eq!(err(&frame(true, 0x8, &code.to_be_bytes())), 1002, "code {code}");
         }
         assert_eq!(err(&frame(true, 0x8, &[0x03, 0xe8, 0xff])), 1007);
+    }
+
+    fn deflated(text: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        assert!(crate::deflate::Compressor::default().compress(15, text, &mut out));
+        out
+    }
+
+    fn with_rsv1(mut f: Vec<u8>) -> Vec<u8> {
+        f[0] |= 0x40;
+        f
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_whole_or_fragmented() {
+        let text = "{\"op\":\"publish\",\"kind\":\"chat\",\"body\":\"hello hello hello hello hello hello hello\"}";
+        let z = deflated(text.as_bytes());
+        for takeover in [false, true] {
+            let mut d = dec();
+            d.enable_deflate(!takeover);
+            let mut stream = with_rsv1(frame(true, 0x1, &z));
+            // Fragmented: RSV1 on the first frame only.
+            stream.extend(with_rsv1(frame(false, 0x1, &z[..3])));
+            stream.extend(frame(true, 0x9, b"p"));
+            stream.extend(frame(true, 0x0, &z[3..]));
+            // A plain message in between is fine (RSV1 clear: not compressed).
+            stream.extend(frame(true, 0x1, b"plain"));
+            let (evs, r) = run(&mut d, &stream);
+            assert_eq!(r, Ok(()));
+            let t = Ev::Text(text.as_bytes().to_vec());
+            assert_eq!(evs, vec![t.clone(), Ev::Ping(b"p".to_vec()), t, Ev::Text(b"plain".to_vec())]);
+        }
+    }
+
+    #[test]
+    fn rsv1_rules_and_the_inflated_bound() {
+        let z = deflated(&[b'a'; 500]);
+        // Not negotiated: 1002 (as every reserved bit).
+        assert_eq!(err(&with_rsv1(frame(true, 0x1, &z))), 1002);
+        let on = || {
+            let mut d = dec();
+            d.enable_deflate(true);
+            d
+        };
+        // RSV1 on a control frame, on a continuation frame.
+        assert_eq!(run(&mut on(), &with_rsv1(frame(true, 0x9, b"x"))).1.unwrap_err().code, 1002);
+        let mut s = frame(false, 0x1, b"a");
+        s.extend(with_rsv1(frame(true, 0x0, b"b")));
+        assert_eq!(run(&mut on(), &s).1.unwrap_err().code, 1002);
+        // A bomb: 4 KiB of zeros is a few bytes; the bound is 2000 inflated bytes.
+        let bomb = deflated(&[0u8; 4096]);
+        assert!(bomb.len() < 100);
+        let mut d = on();
+        assert_eq!(run(&mut d, &with_rsv1(frame(true, 0x2, &bomb))).1.unwrap_err().code, 1009);
+        assert!(d.buffered_bytes() < 4096);
+        // Not DEFLATE: 1007; compressed text that is not UTF-8: 1007.
+        assert_eq!(run(&mut on(), &with_rsv1(frame(true, 0x2, &[0xff, 0xff, 0xff]))).1.unwrap_err().code, 1007);
+        let bad = deflated(&[0xff; 200]);
+        assert_eq!(run(&mut on(), &with_rsv1(frame(true, 0x1, &bad))).1.unwrap_err().code, 1007);
+        // The same bytes as binary are fine.
+        assert_eq!(run(&mut on(), &with_rsv1(frame(true, 0x2, &bad))).0, vec![Ev::Binary(vec![0xff; 200])]);
+    }
+
+    #[test]
+    fn compressed_server_frames_set_rsv1() {
+        let f = encode_compressed_frame(OpCode::Text, b"zz");
+        assert_eq!(f, vec![0xC1, 2, b'z', b'z']);
+        let h = parse_header(&f).unwrap().unwrap();
+        assert!(h.rsv1 && h.fin);
+        // RSV2 and RSV3 stay errors at the header.
+        assert!(parse_header(&[0xA1, 0]).is_err() && parse_header(&[0x91, 0]).is_err());
     }
 
     #[test]

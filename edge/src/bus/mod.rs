@@ -207,6 +207,9 @@ pub struct Delivery {
     pub since: std::time::Instant,
     /// When the oldest must-deliver message it carries reached its room's batch (see `since`).
     pub must_since: std::time::Instant,
+    /// The frames compressed for permessage-deflate members, made by the first shard that
+    /// needs each form and shared by the others.
+    pub deflated: crate::deflate::Deflated,
 }
 
 /// The join of connection `slot` took effect after `seq`; `replay` (frames in the

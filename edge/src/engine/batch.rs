@@ -230,6 +230,7 @@ impl Engine {
             must_deliver,
             since: opened,
             must_since: must_opened.unwrap_or(opened),
+            deflated: crate::deflate::Deflated::default(),
         });
         send_to_shards(out, &r.interest, &delivery);
         self.stats.batches.inc();
@@ -251,6 +252,7 @@ impl Engine {
             must_deliver: must,
             since: self.now,
             must_since: self.now,
+            deflated: crate::deflate::Deflated::default(),
         });
         send_to_shards(out, &r.interest, &delivery);
     }

@@ -77,6 +77,9 @@ pub struct Conn {
     pub phase: Phase,
     pub closing: Closing,
     pub proto: Subprotocol,
+    /// permessage-deflate: the window (9 to 15 bits) this connection's frames are compressed
+    /// with; 0 when it was not negotiated.
+    pub deflate_bits: u8,
     /// The upgrade request as it arrives (freed once parsed).
     pub hs: Vec<u8>,
     pub decoder: Option<Box<Decoder>>,
@@ -133,6 +136,7 @@ impl Conn {
             closing: Closing::No,
             why: None,
             proto: Subprotocol::Json,
+            deflate_bits: 0,
             hs: Vec::new(),
             decoder: None,
             room: None,

@@ -13,6 +13,41 @@ use super::conn::{Closing, Keep, OutFrame};
 use crate::bus::{Delivery, EngineCmd, JoinAck, JoinRefused, MustDeliver, RoomName, Since, epoch_text};
 use crate::room::Interest;
 
+/// The compressed form of `plain` (the delivery's frame in encoding `p`) for window `bits`, with
+/// its must-deliver part compressed too: made once for the edge (`Delivery::deflated`), by
+/// whichever shard asks first. `made` counts the compressions this call did.
+fn deflated_frame(d: &Delivery, plain: &Rc<OutFrame>, p: usize, bits: u8, made: &mut u64) -> Option<Rc<OutFrame>> {
+    let (frame, must, fresh) = d.deflated.get_or_make(p, bits, || {
+        let frame = d.frames[p].as_deref().and_then(|f| crate::deflate::compress_frame(f, bits));
+        let must = match &d.must_deliver {
+            MustDeliver::Some { frames, .. } => {
+                frames[p].as_deref().and_then(|f| crate::deflate::compress_frame(f, bits))
+            }
+            _ => None,
+        };
+        (frame, must)
+    });
+    if fresh {
+        *made += u64::from(frame.is_some()) + u64::from(must.is_some());
+    }
+    let bytes = frame?;
+    let must = match &plain.must {
+        Keep::Whole => Keep::Whole,
+        Keep::Nothing => Keep::Nothing,
+        Keep::Instead(g) => Keep::Instead(match must {
+            Some(bytes) => Rc::new(OutFrame {
+                bytes,
+                messages: g.messages,
+                must: Keep::Whole,
+                queued_ms: g.queued_ms,
+                since: g.since,
+            }),
+            None => g.clone(),
+        }),
+    };
+    Some(Rc::new(OutFrame { bytes, messages: plain.messages, must, queued_ms: plain.queued_ms, since: plain.since }))
+}
+
 impl Shard {
     pub(super) fn deliver(&mut self, d: &Delivery) {
         let now_ms = self.now_ms();
@@ -41,13 +76,34 @@ impl Shard {
         let max_frames = self.cfg.send.max_queue_frames;
         let max_delay = self.cfg.send.max_queue_delay_ms;
         let mut slow = Vec::new();
+        // permessage-deflate: the compressed frame of each (encoding, window) in use among this
+        // shard's members, fetched once per delivery from the edge-wide cache (which compresses
+        // it once for every shard). None: compression did not pay, members get the plain frame.
+        let mut compressed: Vec<(usize, u8, Option<Rc<OutFrame>>)> = Vec::new();
+        let (mut z_sent, mut z_plain, mut z_made) = (0u64, 0u64, 0u64);
         for &slot in members {
             let Some(Some(c)) = self.conns.get_mut(slot as usize) else { continue };
             if c.closing != Closing::No {
                 continue;
             }
-            let Some(f) = &frames[c.proto.index()] else { continue };
-            let mut f = f.clone();
+            let p = c.proto.index();
+            let Some(plain) = &frames[p] else { continue };
+            let mut f = plain.clone();
+            if c.deflate_bits != 0 {
+                let bits = c.deflate_bits;
+                let z = if let Some((_, _, z)) = compressed.iter().find(|v| v.0 == p && v.1 == bits) {
+                    z.clone()
+                } else {
+                    let z = deflated_frame(d, plain, p, bits, &mut z_made);
+                    compressed.push((p, bits, z.clone()));
+                    z
+                };
+                z_plain += plain.bytes.len() as u64;
+                if let Some(z) = z {
+                    f = z;
+                }
+                z_sent += f.bytes.len() as u64;
+            }
             // Behind by bytes, by frames, or by time (the oldest unsent frame waited too long:
             // its reader cannot keep up, and gifts must not queue behind seconds of chat).
             let late = c.oldest_unsent_ms().is_some_and(|t| now_ms.saturating_sub(t) > max_delay);
@@ -71,6 +127,12 @@ impl Shard {
                 c.dirty = true;
                 self.dirty.push(slot);
             }
+        }
+        if z_plain > 0 {
+            let s = &self.stats.deflate;
+            s.compressions.inc_by(z_made);
+            s.bytes_compressed.inc_by(z_sent);
+            s.bytes_uncompressed.inc_by(z_plain);
         }
         for slot in slow {
             self.stats.slow_consumer_closes.inc();

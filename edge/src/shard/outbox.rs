@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use roomcast_proto::envelope::{self, ServerMsg};
+use roomcast_proto::ws::{self, OpCode};
 
 use super::conn::{Closing, Conn, OutFrame};
 use super::{Retry, SENDS_PER_TURN, Shard};
@@ -19,11 +20,46 @@ impl Shard {
         let proto = c.proto;
         match envelope::encode(proto, msg) {
             Ok(payload) => {
-                let frame = crate::bus::frame_at(proto, &payload, at);
+                let frame = if proto == roomcast_proto::Subprotocol::Sse {
+                    crate::bus::frame_at(proto, &payload, at)
+                } else {
+                    let opcode = if proto.is_binary() { OpCode::Binary } else { OpCode::Text };
+                    self.own_frame(slot, opcode, &payload)
+                };
                 self.push_frame(slot, frame);
             }
             Err(e) => tracing::error!(shard = self.id, error = %e, "cannot encode message"),
         }
+    }
+
+    /// A WebSocket frame of the connection's own (an answer, an error, an echo): compressed
+    /// (with the thread's compressor: no per-connection state, as the edge never keeps context)
+    /// when the connection negotiated permessage-deflate and it pays, else plain. Most of these
+    /// are under `deflate::MIN_COMPRESS` bytes and go plain.
+    pub(super) fn own_frame(&self, slot: u32, opcode: OpCode, payload: &[u8]) -> Bytes {
+        let bits = match self.conns.get(slot as usize) {
+            Some(Some(c)) => c.deflate_bits,
+            _ => 0,
+        };
+        if bits != 0 {
+            let plain_len = payload.len()
+                + if payload.len() < 126 {
+                    2
+                } else if payload.len() <= 0xffff {
+                    4
+                } else {
+                    10
+                };
+            let d = &self.stats.deflate;
+            d.bytes_uncompressed.inc_by(plain_len as u64);
+            if let Some(z) = crate::deflate::compress_payload(opcode, payload, bits) {
+                d.compressions.inc();
+                d.bytes_compressed.inc_by(z.len() as u64);
+                return z;
+            }
+            d.bytes_compressed.inc_by(plain_len as u64);
+        }
+        Bytes::from(ws::encode_frame(opcode, payload))
     }
 
     pub(super) fn send_error(&mut self, slot: u32, code: &str, message: &str) {

@@ -152,13 +152,29 @@ impl Shard {
             Ok(a) => a,
             Err(e) => return self.refuse(slot, &e),
         };
-        let response = Bytes::from(handshake::response_101(&up.key, proto));
+        // permessage-deflate: the first offer the edge can honour (malformed offers were refused
+        // with 400 by the parser; well-formed ones it cannot honour are passed over).
+        let deflate = if self.cfg.ws.permessage_deflate {
+            roomcast_proto::deflate::negotiate(&up.extensions, self.cfg.ws.deflate_client_context)
+        } else {
+            None
+        };
+        let extensions = deflate.map(|a| a.response_value());
+        let response = Bytes::from(handshake::response_101_with(&up.key, proto, extensions.as_deref()));
         let limits = self.limits;
+        if deflate.is_some() {
+            self.stats.deflate.negotiated.inc();
+        }
         {
             let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
             c.phase = Phase::Open;
             c.proto = proto.unwrap_or(Subprotocol::Json);
-            c.decoder = Some(Box::new(Decoder::new(limits)));
+            let mut decoder = Decoder::new(limits);
+            if let Some(a) = deflate {
+                decoder.enable_deflate(a.client_no_context_takeover);
+                c.deflate_bits = a.server_window_bits;
+            }
+            c.decoder = Some(Box::new(decoder));
             c.identity = identity;
             c.anon_id = anon_id;
             c.push(OutFrame::control(response));
@@ -196,7 +212,8 @@ impl Shard {
                 }
                 Action::Message(opcode, payload) => {
                     if self.cfg.echo {
-                        self.send_control(slot, ws::encode_frame(opcode, &payload));
+                        let frame = self.own_frame(slot, opcode, &payload);
+                        self.push_frame(slot, frame);
                     } else {
                         self.on_client_message(slot, opcode, &payload);
                     }

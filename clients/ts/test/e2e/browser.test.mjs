@@ -58,6 +58,16 @@ test("demo page in Chromium: gifts, drain to the other edge, restart, every gift
   let d = await demo();
   assert.equal(d.stateText, "connected");
   assert.equal(d.online, "1", "the page shows the room's online count (its own member)");
+  // Chromium offers permessage-deflate by default and the edge accepts it: the gifts below
+  // reach the page as compressed frames (one compression per batch, shared by every member).
+  const negotiated = await Promise.all(
+    edges.map(async (e) => {
+      const text = await (await fetch(`http://${e.http}/metrics`)).text();
+      const line = text.split("\n").find((l) => l.startsWith("roomcast_ws_deflate_connections_total "));
+      return line ? Number(line.split(" ")[1]) : 0;
+    }),
+  );
+  assert.ok(negotiated[0] + negotiated[1] >= 1, `the page negotiated permessage-deflate (${negotiated})`);
 
   // 1. Gifts arrive and show.
   const published = [];
