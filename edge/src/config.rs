@@ -173,35 +173,34 @@ impl BusConfig {
 }
 
 impl<'de> Deserialize<'de> for BusConfig {
+    /// A URL, or a table whose errors name the key (`bus.min_replicas_acked: ...`).
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Table {
-            url: String,
-            #[serde(default)]
-            min_replicas_acked: u32,
-            #[serde(default = "default_replicas_timeout_ms")]
-            replicas_timeout_ms: u64,
+        use serde::de::Error;
+        const KEYS: &str = "url, min_replicas_acked, replicas_timeout_ms";
+        let table = match toml::Value::deserialize(d)? {
+            toml::Value::String(url) => return Ok(Self::new(url)),
+            toml::Value::Table(t) => t,
+            _ => return Err(D::Error::custom(format!("bus: expected a URL, or a table with {KEYS}"))),
+        };
+        if let Some(k) = table.keys().find(|k| !KEYS.split(", ").any(|known| known == k.as_str())) {
+            return Err(D::Error::custom(format!("bus.{k}: unknown key (known: {KEYS})")));
         }
-        fn default_replicas_timeout_ms() -> u64 {
-            1000
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Url(String),
-            Table(Table),
-        }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a URL, or a table with url, min_replicas_acked and replicas_timeout_ms")
-        })? {
-            Raw::Url(url) => Ok(Self::new(url)),
-            Raw::Table(t) => Ok(Self {
-                url: t.url,
-                min_replicas_acked: t.min_replicas_acked,
-                replicas_timeout_ms: t.replicas_timeout_ms,
-            }),
-        }
+        let whole = |key: &str, default: u64| -> Result<u64, D::Error> {
+            match table.get(key) {
+                None => Ok(default),
+                Some(toml::Value::Integer(n)) if *n >= 0 => Ok(n.unsigned_abs()),
+                Some(other) => Err(D::Error::custom(format!("bus.{key}: expected a whole number, not {other}"))),
+            }
+        };
+        let url = match table.get("url") {
+            Some(toml::Value::String(u)) => u.clone(),
+            Some(other) => return Err(D::Error::custom(format!("bus.url: expected a URL string, not {other}"))),
+            None => return Err(D::Error::custom("bus.url: missing (the bus's redis URL)")),
+        };
+        let acked = whole("min_replicas_acked", 0)?;
+        let min_replicas_acked = u32::try_from(acked)
+            .map_err(|_| D::Error::custom(format!("bus.min_replicas_acked: {acked} is too large")))?;
+        Ok(Self { url, min_replicas_acked, replicas_timeout_ms: whole("replicas_timeout_ms", 1000)? })
     }
 }
 
@@ -1570,6 +1569,11 @@ mod tests {
         assert_eq!(c.bus, Some(BusConfig::new("redis-cluster://10.0.0.1:7000,10.0.0.2:7000")));
         c.validate().unwrap();
         let c = Config::from_toml("[bus]\nurl = \"redis://h:6379\"\nmin_replicas_acked = 1\n").unwrap();
+        // Errors name the key (a trial got "expected a URL, or a table ..." for both).
+        let typo = Config::from_toml("[bus]\nurl = \"redis://h:6379\"\nmin_replica_acked = 1\n").unwrap_err();
+        assert!(typo.to_string().contains("bus.min_replica_acked: unknown key"), "{typo}");
+        let negative = Config::from_toml("[bus]\nurl = \"redis://h:6379\"\nmin_replicas_acked = -1\n").unwrap_err();
+        assert!(negative.to_string().contains("bus.min_replicas_acked: expected a whole number"), "{negative}");
         let b = c.bus.clone().unwrap();
         assert_eq!((b.url.as_str(), b.min_replicas_acked, b.replicas_timeout_ms), ("redis://h:6379", 1, 1000));
         c.validate().unwrap();

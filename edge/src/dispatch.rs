@@ -210,6 +210,13 @@ pub mod registry {
     /// The sorted set of edge ids, scored by their last report time (ms).
     pub const EDGES: &str = "rc:edges";
 
+    /// How long an edge stays in the index after its last successful index write. Liveness is
+    /// judged by the report itself (its key's TTL and its `at_ms`), not by the index score: the
+    /// index is one key, so on a Redis whose primary for it refuses writes for a while
+    /// (`min-replicas-to-write` with its replica gone: a trial found dispatch answering 503 on
+    /// every edge for every room then) reports written elsewhere still route clients.
+    pub const INDEX_KEEP_MS: u64 = 10 * 60 * 1000;
+
     /// The key of the edge's JSON load report.
     pub fn key(id: &str) -> String {
         format!("rc:edge:{id}")
@@ -225,7 +232,7 @@ pub mod registry {
         if cm.is_cluster() {
             let () = set.query_async(cm).await?;
             let _: i64 = cm.zadd(EDGES, &load.id, load.at_ms).await?;
-            let _: i64 = cm.zrembyscore(EDGES, 0, load.at_ms.saturating_sub(ttl_ms * 10)).await?;
+            let _: i64 = cm.zrembyscore(EDGES, 0, load.at_ms.saturating_sub(INDEX_KEEP_MS.max(ttl_ms))).await?;
             return Ok(());
         }
         redis::pipe()
@@ -234,20 +241,27 @@ pub mod registry {
             .ignore()
             .zadd(EDGES, &load.id, load.at_ms)
             .ignore()
-            .zrembyscore(EDGES, 0, load.at_ms.saturating_sub(ttl_ms * 10))
+            .zrembyscore(EDGES, 0, load.at_ms.saturating_sub(INDEX_KEEP_MS.max(ttl_ms)))
             .ignore()
             .query_async(cm)
             .await
     }
 
-    /// Reports younger than `max_age_ms` (on a cluster the MGET is split by slot by redis-rs).
+    /// Reports younger than `max_age_ms` (on a cluster the MGET is split by slot by redis-rs):
+    /// every edge indexed within `INDEX_KEEP_MS` whose report is still there and recent.
     pub async fn live(cm: &mut Conn, now_ms: u64, max_age_ms: u64) -> redis::RedisResult<Vec<EdgeLoad>> {
-        let ids: Vec<String> = cm.zrangebyscore(EDGES, now_ms.saturating_sub(max_age_ms), "+inf").await?;
+        let since = now_ms.saturating_sub(INDEX_KEEP_MS.max(max_age_ms));
+        let ids: Vec<String> = cm.zrangebyscore(EDGES, since, "+inf").await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = ids.iter().map(|i| key(i)).collect();
         let vals: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(cm).await?;
-        Ok(vals.into_iter().flatten().filter_map(|v| serde_json::from_str(&v).ok()).collect())
+        Ok(vals
+            .into_iter()
+            .flatten()
+            .filter_map(|v| serde_json::from_str::<EdgeLoad>(&v).ok())
+            .filter(|e| e.at_ms.saturating_add(max_age_ms) >= now_ms)
+            .collect())
     }
 }

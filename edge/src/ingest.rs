@@ -550,6 +550,23 @@ fn edge_health(st: &AppState) -> (HealthReport, &'static str, &'static str, bool
     if bus == "down" {
         degrade("bus down: redis is unreachable, publishes are refused (503)".to_owned());
     }
+    // With bus.min_replicas_acked = N (and Redis's min-replicas-to-write N, as the docs ask), a
+    // primary with fewer than N replicas up acknowledges no gift and, with that Redis setting,
+    // takes no write at all: its rooms' publishes get 503 and their first joins wait.
+    let wanted = st.stream_limits.min_replicas_acked as usize;
+    if wanted > 0 {
+        let nodes = st.metrics.bus.redis_nodes.nodes();
+        // On a cluster only primaries that serve slots count; Sentinel's master serves all.
+        let cluster = nodes.iter().any(|n| n.slots > 0);
+        for n in nodes {
+            if n.role == "primary" && n.up && (n.slots > 0 || !cluster) && n.replicas < wanted {
+                degrade(format!(
+                    "redis primary {} has {} replicas up, fewer than bus.min_replicas_acked = {wanted}: publishes to its rooms are refused (503) until one is back",
+                    n.node, n.replicas
+                ));
+            }
+        }
+    }
     if draining {
         degrade("draining: out of dispatch, sending goaway".to_owned());
     }

@@ -350,6 +350,14 @@ async fn killing_a_hot_rooms_primary_loses_no_acknowledged_gift() {
         .await,
         "failover"
     );
+    // The promoted replica has no replica of its own: it acknowledges no gift, and /healthz
+    // says so (a trial found it saying "ok" while that primary's rooms got 503).
+    let says_why = wait_until(Duration::from_secs(10), || async {
+        let (_, body) = pubs[0].get("/healthz").await;
+        body.contains("fewer than bus.min_replicas_acked") && body.contains("\"degraded\"")
+    })
+    .await;
+    assert!(says_why, "{}", pubs[0].get("/healthz").await.1);
     cluster.restart(primary);
     let gifts = publisher.await.unwrap();
     assert!(at_kill < GIFTS, "the primary died mid-stream");
@@ -415,4 +423,71 @@ async fn replicated_gifts_cost_one_replication_round_trip() {
     let (_, text) = Publisher::new(waited.http).get("/metrics").await;
     assert!(text.contains("roomcast_redis_replicated_publish_seconds_count 5"), "waited publishes measured");
     eprintln!("gift publish latency over HTTP (30 rooms on 3 primaries):\n  {}", report.join("\n  "));
+}
+
+/// `--bus redis://` naming a node of a Redis Cluster is refused at start with what to use
+/// instead (a trial found such an edge up, /healthz "bus up", and every publish to a slot the
+/// node does not own answered 503).
+#[test]
+fn a_single_redis_url_at_a_cluster_node_is_refused_at_start() {
+    let cluster = RedisCluster::start(3, 0);
+    let url = format!("redis://127.0.0.1:{}", cluster.any_port());
+    let out = std::process::Command::new(edge_bin())
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-store", "--bus", url.as_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("redis-cluster://"), "says what to use: {err}");
+}
+
+/// The node's port that replicates `primary` (as `CLUSTER NODES` says).
+fn replica_of(cluster: &RedisCluster, primary: u16) -> u16 {
+    let id = redis_cli(primary, &["CLUSTER", "MYID"]).trim().to_owned();
+    for line in redis_cli(cluster.any_port(), &["CLUSTER", "NODES"]).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 3 && f[2].contains("slave") && f[3] == id {
+            let addr = f[1].split('@').next().unwrap();
+            return addr.rsplit_once(':').unwrap().1.parse().unwrap();
+        }
+    }
+    panic!("no replica of {primary}");
+}
+
+/// With `min-replicas-to-write 1` (as the docs ask) the primary holding the load-report index
+/// loses its replica: it refuses writes, but dispatch keeps routing (liveness is each report's
+/// own, the index only lists edges), and the bans in force can still be loaded (a read). A
+/// trial found `/v1/route` answering 503 "no healthy edge" on every edge for every room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_keeps_routing_when_the_index_primary_refuses_writes() {
+    let mut cluster = RedisCluster::start(3, 1);
+    for (port, _, _) in &cluster.nodes {
+        redis_cli(*port, &["CONFIG", "SET", "min-replicas-to-write", "1"]);
+    }
+    let url = cluster.url();
+    let edges: Vec<EdgeProc> = (0..2)
+        .map(|_| EdgeProc::start(&["--shards", "1", "--bus", url.as_str(), "--min-replicas-acked", "1"]))
+        .collect();
+    let pubs: Vec<Publisher> = edges.iter().map(|e| Publisher::new(e.http)).collect();
+    let routed = |p: &Publisher| {
+        let p = p.clone();
+        async move { p.get("/v1/route?room=r0").await.0 == 200 }
+    };
+    assert!(wait_until(Duration::from_secs(10), || routed(&pubs[0])).await, "routing before");
+    let index_primary = cluster.owner_of(slot_of(edge::dispatch::registry::EDGES.as_bytes()));
+    cluster.kill(replica_of(&cluster, index_primary));
+    // Past several report lifetimes (3 s) with the index unwritable.
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            let (_, body) = pubs[0].get("/healthz").await;
+            body.contains(&format!("127.0.0.1:{index_primary} has 0 replicas up"))
+        })
+        .await,
+        "the edge sees the primary without its replica"
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for p in &pubs {
+        let (status, body) = p.get("/v1/route?room=r0").await;
+        assert_eq!(status, 200, "{body}");
+    }
 }

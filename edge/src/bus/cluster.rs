@@ -51,6 +51,8 @@ pub struct NodeHealth {
     pub failing: bool,
     /// Hash slots it serves (0 for a replica).
     pub slots: usize,
+    /// A primary's replicas that are up (as the cluster or the sentinels say; 0 for a replica).
+    pub replicas: usize,
 }
 
 /// The nodes' health as last seen, shared with the HTTP API; empty without a cluster.
@@ -228,6 +230,7 @@ async fn watch(
                         up,
                         failing: n.failing,
                         slots: Topology::slot_count(n),
+                        replicas: if n.primary { topo.live_replicas(n) } else { 0 },
                     });
                 }
                 pings.retain(|addr, _| topo.nodes.iter().any(|n| &n.addr == addr));

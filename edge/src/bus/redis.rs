@@ -529,18 +529,18 @@ pub async fn unban(cm: &mut Conn, ev: &ModEvent) -> ::redis::RedisResult<u64> {
     publish_event(cm, ev).await
 }
 
-/// Every ban in force in Redis (expired ones are pruned on the way), at most `max`.
+/// Every ban in force in Redis, at most `max`.
 pub async fn load_bans(cm: &mut Conn, now_ms: u64, max: usize) -> ::redis::RedisResult<Vec<crate::moderation::Ban>> {
-    let (all,): (Vec<(String, f64)>,) = ::redis::pipe()
-        .cmd("ZREMRANGEBYSCORE")
+    // A read only (expired bans are pruned by the next ban): a primary that refuses writes
+    // (`min-replicas-to-write` with its replica gone) still lets edges load the bans in force.
+    let all: Vec<(String, f64)> = ::redis::cmd("ZRANGE")
         .arg(BANS_KEY)
-        .arg("-inf")
-        .arg(now_ms)
-        .ignore()
-        .cmd("ZRANGE")
-        .arg(BANS_KEY)
+        .arg(format!("({now_ms}"))
+        .arg("+inf")
+        .arg("BYSCORE")
+        .arg("LIMIT")
         .arg(0)
-        .arg(max.saturating_sub(1))
+        .arg(max)
         .arg("WITHSCORES")
         .query_async(cm)
         .await?;
@@ -809,7 +809,21 @@ impl Conn {
         match BusUrl::parse(url)
             .map_err(|e| ::redis::RedisError::from((::redis::ErrorKind::InvalidClientConfig, "bus", e)))?
         {
-            BusUrl::Single(url) => Ok(Self::Single(ConnectionManager::new(::redis::Client::open(url)?).await?)),
+            BusUrl::Single(url) => {
+                let mut cm = ConnectionManager::new(::redis::Client::open(url)?).await?;
+                // A cluster node answers keys of its own slots only: as one Redis, publishes to
+                // every other slot would get 503 while the bus looked up (a trial found it).
+                let info: String = ::redis::cmd("INFO").arg("cluster").query_async(&mut cm).await.unwrap_or_default();
+                if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+                    return Err(::redis::RedisError::from((
+                        ::redis::ErrorKind::InvalidClientConfig,
+                        "bus",
+                        "this Redis is a Redis Cluster node: use redis-cluster://host:port,host:port as the bus"
+                            .to_owned(),
+                    )));
+                }
+                Ok(Self::Single(cm))
+            }
             BusUrl::Cluster(seeds) => super::cluster::command_connection(&seeds).await.map(Self::Cluster),
             BusUrl::Sentinel(t) => {
                 let c = super::sentinel::SentinelConn::new(t, Duration::from_secs(3));

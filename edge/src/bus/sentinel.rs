@@ -116,7 +116,13 @@ pub async fn watch_nodes(target: SentinelTarget, board: super::cluster::NodeBoar
                 Ok(mut c) => ::redis::cmd("PING").query_async::<String>(&mut c).await.is_ok(),
                 Err(_) => false,
             };
-            health.push(super::cluster::NodeHealth { node: addr, role, up, failing, slots: 0 });
+            health.push(super::cluster::NodeHealth { node: addr, role, up, failing, slots: 0, replicas: 0 });
+        }
+        let live_replicas = health.iter().filter(|n| n.role == "replica" && n.up && !n.failing).count();
+        for n in &mut health {
+            if n.role == "primary" {
+                n.replicas = live_replicas;
+            }
         }
         if !health.is_empty() {
             board.set(health);
