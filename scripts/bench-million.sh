@@ -5,7 +5,7 @@
 # edge's RSS and CPU, the kernel's memory per connection (/proc/net/sockstat, /proc/slabinfo,
 # /proc/meminfo), the accept queues (ListenOverflows/ListenDrops, the edge's listen_backlog
 # gauges) and the generator's own memory. Results: bench-results/<date>-SCEN/ (loadgen's
-# result.json and README.md, plus kernel.json, samples.jsonl, edge-metrics-*.txt, summary.md).
+# result.json and README.md, plus kernel.json, samples.jsonl.gz, edge-metrics-*.txt, summary.md).
 #
 # Why so many shards: this kernel caps each io_uring's table of direct descriptors at
 # RLIMIT_NOFILE, and this box's hard RLIMIT_NOFILE is 20,000 (no CAP_SYS_RESOURCE to raise it),
@@ -18,7 +18,10 @@
 #
 # Env: CONNS (1000000), SHARDS (see above), RAMP (connections/s in all, 10000), SECS (60),
 # GIFT_EVERY (10 s), SRC_ADDRS (8 per worker), PING_MS (30000), IDLE_MS (90000), PROBES
-# (auto|ebpf|sock_diag|off: the edge's kernel probes), PROBE_MS (1000), SCEN (million, or
+# (auto|ebpf|sock_diag|off: the edge's kernel probes), PROBE_MS (1000), PRESENCE_MS (0: the room's
+# online count is not pushed to members; the edge's default, 1000, pushes it to every member each
+# second while it changes, which is every second of a ramp: at 2x10^5 members that was ~10^5
+# sends/s and the connect rate fell from 7,800/s to under 1,000/s at 110,000 members), SCEN (million, or
 # CONNS-derived), MAX_SECS (900: the whole run is stopped after this), EDGE_BIN / LG_BIN
 # (prebuilt binaries; default: cargo build --release here), EDGE_CPUS / LG_CPUS (taskset lists).
 set -euo pipefail
@@ -36,6 +39,7 @@ PING_MS=${PING_MS:-30000}
 IDLE_MS=${IDLE_MS:-90000}
 PROBES=${PROBES:-auto}
 PROBE_MS=${PROBE_MS:-1000}
+PRESENCE_MS=${PRESENCE_MS:-0}
 MAX_SECS=${MAX_SECS:-900}
 EDGE_CPUS=${EDGE_CPUS:-}
 LG_CPUS=${LG_CPUS:-}
@@ -61,6 +65,8 @@ shards = $SHARDS
 backlog = 65535
 ping_interval_ms = $PING_MS
 idle_timeout_ms = $IDLE_MS
+[presence]
+interval_ms = $PRESENCE_MS
 [probes]
 source = "$PROBES"
 interval_ms = $PROBE_MS
@@ -151,7 +157,7 @@ $(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --
   --connections "$CONNS" --ramp "$RAMP" --src-addrs "$SRC_ADDRS" --duration "$SECS" \
   --gift-rate "$GIFT_RATE" --chat-rate 0 --gift-streams 1 --chat-streams 1 \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
-  --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms; one room; a gift every $GIFT_EVERY s; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
+  --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
   > >(tee "$OUT/loadgen-output.txt") 2> >(tee "$OUT/loadgen-stderr.txt" >&2) &
 LGPID=$!
 # The edge's /metrics once every member is in (the generator's "connected ..." line).
@@ -251,4 +257,5 @@ with open(f"{out}/summary.md", "w") as f:
     for name, v in rows:
         f.write(f"| {name} | {v} |\n")
 PY
+gzip -f "$OUT/samples.jsonl"
 exit "$RC"
