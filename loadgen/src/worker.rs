@@ -321,15 +321,7 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         (req, Some(key))
     };
     s.write_all(&req)?;
-    // Byte by byte up to the blank line: what follows (the edge's `joined`, at once) is the
-    // reading loop's.
-    let mut buf = Vec::with_capacity(256);
-    let mut b = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b)?;
-        buf.push(b[0]);
-        anyhow::ensure!(buf.len() < 4096, "handshake answer too long");
-    }
+    let buf = read_head(&mut s)?;
     match key {
         Some(key) => check_upgrade(&buf, &key, proto)?,
         None if buf.starts_with(b"HTTP/1.1 200") => {}
@@ -337,6 +329,55 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
     }
     s.tcp().set_nonblocking(true)?;
     Ok(s)
+}
+
+/// Reads the server's answer up to and with its blank line, and nothing after it (what follows,
+/// the edge's `joined` at once, is the reading loop's). A plain socket peeks and then takes
+/// exactly the answer's bytes: two or three system calls instead of one a byte (~130 per
+/// member, 1.3 x 10^8 for a 10^6 run). TLS reads a byte at a time from rustls's plaintext.
+fn read_head(s: &mut Sock) -> anyhow::Result<Vec<u8>> {
+    const LIMIT: usize = 4096;
+    let mut buf = Vec::with_capacity(256);
+    match s {
+        Sock::Plain(tcp) => {
+            let mut peeked = [0u8; 1024];
+            // How much of "\r\n\r\n" the bytes so far end with.
+            let mut matched = 0usize;
+            loop {
+                let n = tcp.peek(&mut peeked)?;
+                anyhow::ensure!(n > 0, std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                let mut take = n;
+                for (i, &b) in peeked[..n].iter().enumerate() {
+                    matched = match (matched, b) {
+                        (0 | 2, b'\r') => matched + 1,
+                        (1 | 3, b'\n') => matched + 1,
+                        (_, b'\r') => 1,
+                        _ => 0,
+                    };
+                    if matched == 4 {
+                        take = i + 1;
+                        break;
+                    }
+                }
+                let start = buf.len();
+                buf.resize(start + take, 0);
+                tcp.read_exact(&mut buf[start..])?;
+                if matched == 4 {
+                    return Ok(buf);
+                }
+                anyhow::ensure!(buf.len() < LIMIT, "handshake answer too long");
+            }
+        }
+        Sock::Tls(_) => {
+            let mut b = [0u8; 1];
+            while !buf.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b)?;
+                buf.push(b[0]);
+                anyhow::ensure!(buf.len() < LIMIT, "handshake answer too long");
+            }
+            Ok(buf)
+        }
+    }
 }
 
 /// An upgrade request for `path` on `dst` from tungstenite's client handshake: the headers RFC
@@ -1161,7 +1202,36 @@ mod tests {
     use roomcast_proto::envelope::Subprotocol;
     use roomcast_proto::handshake::{parse_request, response_101};
 
-    use super::{check_upgrade, upgrade_request};
+    use super::{Sock, check_upgrade, read_head, upgrade_request};
+
+    /// The answer is taken up to its blank line and not a byte further, even when the blank
+    /// line arrives split across writes and the next frame comes in the same segment.
+    #[test]
+    fn the_answer_is_read_to_its_blank_line_and_no_further() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let writer = std::thread::spawn(move || {
+            server.write_all(b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\n\r").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            server.write_all(b"\nNEXT").unwrap();
+            server
+        });
+        let mut s = Sock::Plain(client);
+        let head = read_head(&mut s).unwrap();
+        assert_eq!(head, b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\n\r\n");
+        let _server = writer.join().unwrap();
+        let mut rest = [0u8; 4];
+        s.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"NEXT");
+        // "\r\r\n\r\n" ends the head too (a CR before the terminator).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        server.write_all(b"HTTP/1.1 101 X\r\r\n\r\nZ").unwrap();
+        assert_eq!(read_head(&mut Sock::Plain(client)).unwrap(), b"HTTP/1.1 101 X\r\r\n\r\n");
+    }
 
     /// The request tungstenite builds is one the edge's own parser takes, with a fresh key each
     /// time; the edge's answer to it passes the check, and an answer with another key, without
