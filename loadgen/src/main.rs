@@ -114,12 +114,15 @@ struct RunArgs {
     /// Worker processes (0: one per 15,000 connections).
     #[arg(long, default_value_t = 0)]
     workers: usize,
-    /// Source addresses NET.2 .. NET.(1+N) (each worker its own range), NET from --src-net.
+    /// Source addresses per worker (the kernel picks the port per 4-tuple, so each address
+    /// gives up to ~28,000 connections to one edge address). No two workers share one.
     #[arg(long, default_value_t = 8)]
     src_addrs: u8,
-    /// The first three octets of the source addresses: 127.0.0 (loopback), or a network the
-    /// generator has addresses on (a veth in its own namespace, say).
-    #[arg(long, default_value = "127.0.0")]
+    /// Where source addresses come from. `127` (default): loopback's whole 127.0.0.0/8,
+    /// worker w taking 127.(w+1).0.2 .. 127.(w+1).0.(1+N) (up to 254 workers). `A.B.C`: a /24
+    /// the generator has addresses on (a veth in its own namespace, say), worker w taking
+    /// A.B.C.(2 + w*N) .. A.B.C.(1 + (w+1)*N); refused when the workers would not fit.
+    #[arg(long, default_value = "127")]
     src_net: String,
     /// SO_RCVBUF per connection, like a mobile client's window (0: kernel autotuning, which on
     /// loopback grows to tens of MiB and hides a slow generator's backlog in the kernel).
@@ -229,11 +232,177 @@ pub fn proc_cpu_rss(pid: u32) -> Option<(f64, u64)> {
 struct WorkerProc {
     child: Child,
     stdin: std::process::ChildStdin,
+    /// Its connections: global indexes `first..first + count`.
+    first: usize,
+    count: usize,
+}
+
+/// The worker processes of a run. Dropping it (the run ended, by success or by an error) kills
+/// and reaps every worker still running: nothing outlives the coordinator. A coordinator killed
+/// outright (SIGTERM, SIGINT, SIGKILL) takes them too, by the kernel's parent-death signal
+/// each worker is started with ([`spawn_worker`]).
+struct Workers {
+    procs: Vec<WorkerProc>,
+    /// Last progress of each.
+    progress: Vec<Progress>,
+    /// Final reports, by worker.
+    finals: Vec<Option<Final>>,
+    died: Vec<report::WorkerDeath>,
+    start: Instant,
+}
+
+impl Workers {
+    /// Takes in what the workers said; a worker whose output ended before its final report
+    /// has died: reaped, reported on stderr and kept in `died`.
+    fn pump(&mut self, rx: &mpsc::Receiver<Msg>) {
+        while let Ok(m) = rx.try_recv() {
+            self.on(m);
+        }
+    }
+
+    fn on(&mut self, m: Msg) {
+        match m {
+            Msg::Progress(p) => {
+                let id = p.id;
+                if let Some(slot) = self.progress.get_mut(id) {
+                    *slot = p;
+                }
+            }
+            Msg::Final(f) => {
+                let id = f.id;
+                if let Some(slot) = self.finals.get_mut(id) {
+                    *slot = Some(*f);
+                }
+            }
+            Msg::Eof(id) => {
+                if self.finals.get(id).is_some_and(Option::is_some) {
+                    return;
+                }
+                let Some(p) = self.procs.get_mut(id) else { return };
+                let status = reap(&mut p.child);
+                let d = report::WorkerDeath {
+                    id,
+                    first: p.first,
+                    count: p.count,
+                    connected: self.progress[id].connected,
+                    status,
+                    at_s: self.start.elapsed().as_secs_f64(),
+                };
+                eprintln!(
+                    "loadgen: worker {id} (connections {}..{}) died ({}) at {:.1} s holding {} connections; \
+                     they are out of the results",
+                    d.first,
+                    d.first + d.count,
+                    d.status,
+                    d.at_s,
+                    d.connected
+                );
+                self.died.push(d);
+            }
+        }
+    }
+
+    fn is_dead(&self, id: usize) -> bool {
+        self.died.iter().any(|d| d.id == id)
+    }
+
+    /// Workers that have neither reported their final figures nor died.
+    fn running(&self) -> usize {
+        (0..self.procs.len()).filter(|&i| self.finals[i].is_none() && !self.is_dead(i)).count()
+    }
+
+    /// Connections attempted so far (a dead worker's whole share counts as settled), failed
+    /// attempts by reason, and connected.
+    fn connect_state(&self) -> (u64, std::collections::BTreeMap<String, u64>, u64) {
+        let mut settled = 0;
+        let mut by = std::collections::BTreeMap::new();
+        let mut connected = 0;
+        for (i, p) in self.progress.iter().enumerate() {
+            if self.is_dead(i) {
+                settled += self.procs[i].count as u64;
+            } else {
+                settled += p.connected + p.failed;
+                connected += p.connected;
+            }
+            for (k, v) in &p.failed_by {
+                *by.entry(k.clone()).or_default() += v;
+            }
+        }
+        (settled, by, connected)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Every kill first, then every wait: a worker takes seconds to close 15,000 sockets,
+        // and one at a time the 67 workers of a 10^6 run took minutes to go.
+        for p in &mut self.procs {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                let _ = p.child.kill();
+            }
+        }
+        for p in &mut self.procs {
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// Waits for a worker whose output ended (at most 5 s, then kills it) and says how it ended.
+fn reap(child: &mut Child) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let until = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            Err(_) => break None,
+        }
+    };
+    match status {
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            _ => format!("{s}"),
+        },
+        None => "unknown".into(),
+    }
+}
+
+/// Starts one worker. It gets SIGKILL when the coordinator dies (PR_SET_PDEATHSIG), however
+/// that happens, so no worker is left holding its sockets (the 10^6 trial in #19 left 67).
+/// The signal follows the *thread* that forked: workers are spawned from the main thread,
+/// which lives as long as the process.
+fn spawn_worker(exe: &std::path::Path, json: &str) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    let mut cmd = Command::new(exe);
+    cmd.args(["worker", json]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The coordinator died before the prctl: nobody will ever stop this worker.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 enum Msg {
     Progress(Progress),
     Final(Box<Final>),
+    /// The worker's output ended (it exited, or died).
+    Eof(usize),
 }
 
 /// Per-second sample for the plots.
@@ -272,9 +441,17 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let (tx, rx) = mpsc::channel::<Msg>();
     let server_before = a.server_pid.and_then(proc_cpu_rss);
-    let mut procs = Vec::new();
     let per = a.connections.div_ceil(workers);
-    for w in 0..workers {
+    let spawned = (0..workers).filter(|w| w * per < a.connections).count();
+    let sources = source_addrs(&a.src_net, spawned, a.src_addrs.max(1))?;
+    let mut sup = Workers {
+        procs: Vec::new(),
+        progress: Vec::new(),
+        finals: Vec::new(),
+        died: Vec::new(),
+        start: Instant::now(),
+    };
+    for (w, src) in sources.into_iter().enumerate() {
         let lo = w * per;
         let hi = ((w + 1) * per).min(a.connections);
         if lo >= hi {
@@ -292,9 +469,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             sse: a.sse && a.target == Target::Edge,
             deflate: a.deflate && !a.sse && a.target == Target::Edge,
             ramp: a.ramp / workers as f64,
-            src_first: 2 + ((w as u8).wrapping_mul(a.src_addrs.max(1))) % 200,
-            src_count: a.src_addrs.max(1),
-            src_net: parse_net(&a.src_net)?,
+            src,
             kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
             rcvbuf: a.rcvbuf,
             slow_rcvbuf: a.slow_rcvbuf,
@@ -305,13 +480,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             streams: vec![a.gift_streams.max(1), a.chat_streams.max(1)],
             tls_ca: a.tls_ca.clone(),
         };
-        let mut child = Command::new(&exe)
-            .args(["worker", &serde_json::to_string(&wa)?])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawn worker")?;
+        let mut child = spawn_worker(&exe, &serde_json::to_string(&wa)?).context("spawn worker")?;
         let stdout = child.stdout.take().expect("piped");
         let stdin = child.stdin.take().expect("piped");
         let tx = tx.clone();
@@ -327,27 +496,58 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 if let Some(m) = msg
                     && tx.send(m).is_err()
                 {
-                    break;
+                    return;
                 }
             }
+            let _ = tx.send(Msg::Eof(w));
         });
-        procs.push(WorkerProc { child, stdin });
+        sup.procs.push(WorkerProc { child, stdin, first: lo, count: hi - lo });
+        sup.progress.push(Progress { id: w, ..Progress::default() });
+        sup.finals.push(None);
     }
     drop(tx);
-    let n_workers = procs.len();
-    let mut progress: Vec<Progress> = (0..n_workers).map(|_| Progress::default()).collect();
+    let n_workers = sup.procs.len();
+    // Every worker is up: start the ramp on all at once.
+    for p in &mut sup.procs {
+        // A worker that died already is reported by its reader thread.
+        let _ = writeln!(p.stdin, "go").and_then(|()| p.stdin.flush());
+    }
     let start = Instant::now();
+    sup.start = start;
     let mut samples = Vec::new();
 
-    // 1. Connect.
+    // 1. Connect, with a line a second: connected, rate, failures by reason.
     let connect_deadline = Instant::now() + Duration::from_secs_f64(a.connections as f64 / a.ramp * 2.0 + 30.0);
+    let mut last_line = Instant::now();
+    let mut last_connected = 0u64;
     loop {
-        drain(&rx, &mut progress, &mut Vec::new());
-        let connected: u64 = progress.iter().map(|p| p.connected).sum();
-        let failed: u64 = progress.iter().map(|p| p.failed).sum();
-        if connected + failed >= a.connections as u64 {
-            println!("connected {connected} (failed {failed}) in {:.1}s", start.elapsed().as_secs_f64());
+        sup.pump(&rx);
+        let (settled, failed_by, connected) = sup.connect_state();
+        let failed: u64 = failed_by.values().sum();
+        let by = || failed_by.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
+        if settled >= a.connections as u64 {
+            println!(
+                "connected {connected} (failed {failed}{}{}) in {:.1}s",
+                if failed > 0 { format!(": {}", by()) } else { String::new() },
+                if sup.died.is_empty() { String::new() } else { format!("; {} workers died", sup.died.len()) },
+                start.elapsed().as_secs_f64()
+            );
             break;
+        }
+        if last_line.elapsed() >= Duration::from_secs(1) {
+            let dt = last_line.elapsed().as_secs_f64();
+            println!(
+                "connecting t={:.0}s connected={connected}/{} ({:.0}/s) failed={failed}{} reconnected={} workers={}/{}",
+                start.elapsed().as_secs_f64(),
+                a.connections,
+                connected.saturating_sub(last_connected) as f64 / dt,
+                if failed > 0 { format!(" ({})", by()) } else { String::new() },
+                sup.progress.iter().map(|p| p.reconnects).sum::<u64>(),
+                n_workers - sup.died.len(),
+                n_workers
+            );
+            last_line = Instant::now();
+            last_connected = connected;
         }
         anyhow::ensure!(Instant::now() < connect_deadline, "connect phase timed out at {connected}/{}", a.connections);
         std::thread::sleep(Duration::from_millis(20));
@@ -356,7 +556,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let server_connected = a.server_pid.and_then(proc_cpu_rss);
     let threads_connected = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
-    let gen_cpu_before: f64 = progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
+    let gen_cpu_before: f64 = sup.progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
 
     // 2. Publish (stream threads), sampling progress every second on this thread.
     let rates = [a.gift_rate, a.chat_rate];
@@ -373,7 +573,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         pub_start,
         end,
     )?;
-    let deliveries_before: u64 = progress.iter().map(|p| p.deliveries).sum();
+    let deliveries_before: u64 = sup.progress.iter().map(|p| p.deliveries).sum();
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
     let sample =
@@ -415,9 +615,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             *last_sample = Instant::now();
         };
     while Instant::now() < end && !publisher.failed() {
-        drain(&rx, &mut progress, &mut Vec::new());
+        sup.pump(&rx);
         if last_sample.elapsed() >= Duration::from_secs(1) {
-            sample(&progress, &mut last_deliveries, &mut last_sample, &mut samples);
+            sample(&sup.progress, &mut last_deliveries, &mut last_sample, &mut samples);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -435,14 +635,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     // Quiet readers alone do not mean the edge is done: a shard starved of CPU (one CPU shared
     // with a busy loop, a non-preemptible kernel) can stall for longer than 3 s with frames
     // queued. So the edge's own send queues must also be empty when it is the target.
-    let mut seen = moved(&progress);
+    let mut seen = moved(&sup.progress);
     let mut edge_queued = None;
     let mut queue_checked = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
     while Instant::now() < settle_end
         && (quiet_since.elapsed() < Duration::from_secs(3) || edge_queued.is_some_and(|b| b > 0))
     {
-        drain(&rx, &mut progress, &mut Vec::new());
-        let now_seen = moved(&progress);
+        sup.pump(&rx);
+        let now_seen = moved(&sup.progress);
         if now_seen != seen {
             seen = now_seen;
             quiet_since = Instant::now();
@@ -452,7 +652,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             queue_checked = Instant::now();
         }
         if last_sample.elapsed() >= Duration::from_secs(1) {
-            sample(&progress, &mut last_deliveries, &mut last_sample, &mut samples);
+            sample(&sup.progress, &mut last_deliveries, &mut last_sample, &mut samples);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -460,26 +660,29 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let threads_after = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
     let stop = Stop { published: outcome.published.clone() };
     let line = serde_json::to_string(&stop)?;
-    for p in &mut procs {
-        writeln!(p.stdin, "{line}")?;
-        p.stdin.flush()?;
+    for (i, p) in sup.procs.iter_mut().enumerate() {
+        // A dead worker's pipe is closed; it is reported already.
+        if let Err(e) = writeln!(p.stdin, "{line}").and_then(|()| p.stdin.flush())
+            && !sup.died.iter().any(|d| d.id == i)
+        {
+            eprintln!("loadgen: cannot stop worker {i}: {e}");
+        }
     }
     let run_secs = start.elapsed().as_secs_f64();
-    let mut finals = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
-    while finals.len() < n_workers && Instant::now() < deadline {
+    while sup.running() > 0 && Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Msg::Final(f)) => finals.push(*f),
-            Ok(Msg::Progress(_)) => {}
+            Ok(m) => sup.on(m),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    for mut p in procs {
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-    }
-    anyhow::ensure!(finals.len() == n_workers, "only {}/{} workers reported", finals.len(), n_workers);
+    let silent = sup.running();
+    anyhow::ensure!(silent == 0, "{silent}/{n_workers} workers neither reported nor died within 90 s");
+    let finals: Vec<Final> = sup.finals.iter_mut().filter_map(Option::take).collect();
+    let died = std::mem::take(&mut sup.died);
+    // Reaps them all (they exit after their final report).
+    drop(sup);
 
     // 4. Merge and report.
     let mut hists: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
@@ -489,6 +692,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut reconnect_hist = histogram();
     let (mut reconnects, mut reconnect_failed, mut resumed) = (0u64, 0u64, 0u64);
     let mut closes_by_code: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut failed_by_reason: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut lost = [0u64; 2];
     let mut fast_lost = [0u64; 2];
     let mut slow = 0u64;
@@ -525,6 +729,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         connected += f.connected;
         failed += f.failed;
         closed += f.closed;
+        for (reason, n) in &f.failed_by {
+            *failed_by_reason.entry(reason.clone()).or_default() += n;
+        }
         for (code, n) in &f.close_codes {
             let k = if *code == 0 { "none".to_owned() } else { code.to_string() };
             *closes_by_code.entry(k).or_default() += n;
@@ -538,6 +745,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         target: a.target,
         connections: connected,
         failed_connections: failed,
+        failed_by_reason,
+        workers_died: died.clone(),
         closed_during_run: closed,
         closes_by_code,
         rooms: a.rooms,
@@ -627,26 +836,64 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let dir = report::write(&a.out, &r)?;
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     println!("results in {}", dir.display());
+    // A run that lost workers wrote what it measured, and says it is not whole.
+    anyhow::ensure!(
+        died.is_empty(),
+        "{} of {n_workers} workers died ({}); results in {}",
+        died.len(),
+        died.iter().map(|d| format!("worker {}: {}", d.id, d.status)).collect::<Vec<_>>().join(", "),
+        dir.display()
+    );
     Ok(())
 }
 
-/// "A.B.C" -> [A, B, C].
-fn parse_net(s: &str) -> anyhow::Result<[u8; 3]> {
-    let parts: Vec<u8> = s.split('.').map(str::parse).collect::<Result<_, _>>().context("--src-net: A.B.C")?;
-    anyhow::ensure!(parts.len() == 3, "--src-net: three octets, like 127.0.0");
-    Ok([parts[0], parts[1], parts[2]])
+/// Each worker's source addresses, no two workers sharing one (see `--src-net`).
+fn source_addrs(net: &str, workers: usize, per: u8) -> anyhow::Result<Vec<Vec<std::net::Ipv4Addr>>> {
+    use std::net::Ipv4Addr;
+    let parts: Vec<u8> =
+        net.split('.').map(str::parse).collect::<Result<_, _>>().context("--src-net: 127, or three octets A.B.C")?;
+    let per = usize::from(per.max(1));
+    match parts[..] {
+        [127] => {
+            anyhow::ensure!(workers <= 254, "--src-net 127: at most 254 workers (127.1 .. 127.254), not {workers}");
+            anyhow::ensure!(per <= 253, "--src-addrs: at most 253 per worker");
+            Ok((0..workers)
+                .map(|w| (0..per).map(|j| Ipv4Addr::new(127, (w + 1) as u8, 0, (2 + j) as u8)).collect())
+                .collect())
+        }
+        [a, b, c] => {
+            anyhow::ensure!(
+                2 + workers * per <= 255,
+                "--src-net {net}: {workers} workers x {per} addresses do not fit in one /24 without sharing \
+                 (at most 253 addresses): lower --src-addrs or --workers"
+            );
+            Ok((0..workers)
+                .map(|w| (0..per).map(|j| Ipv4Addr::new(a, b, c, (2 + w * per + j) as u8)).collect())
+                .collect())
+        }
+        _ => anyhow::bail!("--src-net: 127 (loopback, 127.0.0.0/8), or three octets A.B.C"),
+    }
 }
 
-fn drain(rx: &mpsc::Receiver<Msg>, progress: &mut [Progress], finals: &mut Vec<Final>) {
-    while let Ok(m) = rx.try_recv() {
-        match m {
-            Msg::Progress(p) => {
-                let id = p.id;
-                if let Some(slot) = progress.get_mut(id) {
-                    *slot = p;
-                }
-            }
-            Msg::Final(f) => finals.push(*f),
-        }
+#[cfg(test)]
+mod tests {
+    use super::source_addrs;
+
+    /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit
+    /// is refused rather than wrapped around onto another worker's addresses.
+    #[test]
+    fn source_addresses_never_overlap() {
+        let all = source_addrs("127", 67, 48).unwrap();
+        let flat: Vec<_> = all.iter().flatten().collect();
+        let set: std::collections::HashSet<_> = flat.iter().collect();
+        assert_eq!(set.len(), 67 * 48);
+        assert_eq!(all[0][0], std::net::Ipv4Addr::new(127, 1, 0, 2));
+        assert_eq!(all[66][47], std::net::Ipv4Addr::new(127, 67, 0, 49));
+        let net = source_addrs("10.77.0", 3, 16).unwrap();
+        assert_eq!(net[2][15], std::net::Ipv4Addr::new(10, 77, 0, 49));
+        assert_eq!(net.iter().flatten().collect::<std::collections::HashSet<_>>().len(), 48);
+        assert!(source_addrs("10.77.0", 67, 48).is_err(), "67 x 48 cannot fit in a /24");
+        assert!(source_addrs("127", 255, 1).is_err());
+        assert!(source_addrs("127.0", 1, 1).is_err());
     }
 }

@@ -101,12 +101,32 @@ impl ServerFigures {
     }
 }
 
+/// A worker process that ended before its final report.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerDeath {
+    /// Worker index (its connections are global indexes `first..first + count`).
+    pub id: usize,
+    pub first: usize,
+    pub count: usize,
+    /// Connections it held at its last progress report.
+    pub connected: u64,
+    /// How it ended: "exit status N" or "signal N".
+    pub status: String,
+    /// Seconds into the run.
+    pub at_s: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: String,
     pub target: Target,
     pub connections: u64,
     pub failed_connections: u64,
+    /// Failed connection attempts by reason (refused, reset, timeout, http_503, ...).
+    pub failed_by_reason: BTreeMap<String, u64>,
+    /// Workers that died before their final report (their members are out of every other
+    /// figure: connections, deliveries and loss count the workers that reported).
+    pub workers_died: Vec<WorkerDeath>,
     pub closed_during_run: u64,
     /// Close frames the members received from the server, by close code ("none": no code).
     pub closes_by_code: BTreeMap<String, u64>,
@@ -178,6 +198,9 @@ impl Report {
             "scenario": self.scenario,
             "target": self.target,
             "connections": self.connections,
+            "failed_connections": self.failed_connections,
+            "failed_by_reason": self.failed_by_reason,
+            "workers_died": self.workers_died,
             "deliveries": self.deliveries,
             "deliveries_per_s": self.deliveries_per_s,
             "lost": self.lost,
@@ -251,6 +274,8 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         "# {scenario}\n\n- Date: {date}\n- Machine: {machine}\n- Target: {target:?}; {note}\n- loadgen: {args}\n\n\
          | figure | value |\n|---|---|\n\
          | connections (failed) | {conns} ({failed}) |\n\
+         | failed connections by reason | {failed_by} |\n\
+         | workers died (their connections) | {died} |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
          | closes received, by code | {closes} |\n\
          | reconnected with since: after goaway or a server close (failed; of which after a close); to upgraded p50/p99 | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms |\n\
@@ -280,6 +305,22 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         args = r.args,
         conns = r.connections,
         failed = r.failed_connections,
+        failed_by = if r.failed_by_reason.is_empty() {
+            "none".to_owned()
+        } else {
+            r.failed_by_reason.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        },
+        died = if r.workers_died.is_empty() {
+            "none".to_owned()
+        } else {
+            r.workers_died
+                .iter()
+                .map(|d| {
+                    format!("worker {} ({} held of {}): {} at {:.1} s", d.id, d.connected, d.count, d.status, d.at_s)
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
         cps = r.connect_per_s,
         hs50 = r.handshake_ms.p50,
         hs99 = r.handshake_ms.p99,

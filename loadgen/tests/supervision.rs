@@ -1,0 +1,157 @@
+//! The coordinator supervises its worker processes: a worker that dies is reported (which one,
+//! how it ended) in the results, and a coordinator that is killed takes its workers with it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use roomcast_testsupport::EdgeProc;
+
+/// The processes whose parent is `pid` (from /proc/*/stat).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+        let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Whether `pid` is still a live process (a zombie waiting to be reaped is not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|r| r.1.split_whitespace().next().map(str::to_owned)))
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Starts `loadgen run` against `edge` with 2 workers of 200 connections each; returns it once
+/// it prints its first publishing line (every worker connected), with its workers' pids.
+fn start_run(edge: &EdgeProc, out: &std::path::Path, duration: &str) -> (Child, Vec<u32>) {
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &edge.ws.to_string(), "--http", &edge.http.to_string()])
+        .args(["--connections", "400", "--workers", "2", "--duration", duration])
+        .args(["--gift-rate", "5", "--chat-rate", "10", "--scenario", "supervision"])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("loadgen");
+    let mut lines = BufReader::new(lg.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("t=") {
+            break;
+        }
+    }
+    // Keep reading (and printing) the rest so the coordinator never blocks on a full pipe.
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| println!("{l}")));
+    let workers = children(lg.id());
+    assert_eq!(workers.len(), 2, "two worker processes under the coordinator");
+    (lg, workers)
+}
+
+/// A worker killed in the middle of a run is reported: the run still writes its results,
+/// naming the dead worker and how it ended, counts the survivor's members, and exits with an
+/// error because the results are not whole.
+#[test]
+fn a_worker_killed_mid_run_is_reported_in_the_results() {
+    let mut edge = EdgeProc::start(&["--shards", "2"]);
+    let out = std::env::temp_dir().join(format!("loadgen-supervision-{}", std::process::id()));
+    let (mut lg, workers) = start_run(&edge, &out, "4");
+    signal(workers[0], "-KILL");
+    let status = lg.wait().unwrap();
+    let _ = Command::new("kill").args(["-INT", &edge.child.id().to_string()]).status();
+    let _ = edge.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "a run that lost a worker does not exit 0");
+    let dir = std::fs::read_dir(&out).unwrap().next().expect("results written").unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let died = v["workers_died"].as_array().unwrap();
+    assert_eq!(died.len(), 1, "{v}");
+    assert_eq!(died[0]["status"], "signal 9", "{v}");
+    assert_eq!(died[0]["count"], 200, "{v}");
+    assert_eq!(died[0]["connected"], 200, "it held its connections when it died: {v}");
+    assert_eq!(v["connections"], 200, "the survivor's members: {v}");
+    assert_eq!(v["lost"]["gift"], 0, "the survivor lost nothing: {v}");
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    assert!(readme.contains("| workers died (their connections) | worker "), "{readme}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A coordinator stopped with SIGTERM (no handler: the default action ends it at once) leaves
+/// no worker behind, even one stuck in a blocking handshake: the server here answers one byte
+/// every 2 s, so each worker's first upgrade never completes (each read is within the 10 s
+/// read timeout) and the worker never gets back to its loop to notice the coordinator is gone.
+/// Only the parent-death signal each worker is started with ends it.
+#[test]
+fn a_coordinator_killed_with_sigterm_leaves_no_worker() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                for b in b"HTTP/1.1 101 Switching Protocols, slowly".iter().cycle() {
+                    if std::io::Write::write_all(&mut s, &[*b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            });
+        }
+    });
+    let out = std::env::temp_dir().join(format!("loadgen-sigterm-{}", std::process::id()));
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &addr, "--http", &addr, "--connections", "2", "--workers", "2"])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("loadgen");
+    // Both workers are inside their first handshake.
+    let until = Instant::now() + Duration::from_secs(60);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let workers = children(lg.id());
+    assert_eq!(workers.len(), 2, "two worker processes under the coordinator");
+    signal(lg.id(), "-TERM");
+    let _ = lg.wait();
+    let until = Instant::now() + Duration::from_secs(30);
+    while workers.iter().any(|&w| alive(w)) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = workers.iter().copied().filter(|&w| alive(w)).collect();
+    for &w in &left {
+        let _ = Command::new("kill").args(["-KILL", &w.to_string()]).status();
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    assert!(left.is_empty(), "workers left running after the coordinator died: {left:?}");
+}
+
+/// Connections that fail are counted by reason, in the connect phase's lines: nothing listens
+/// on the port, so every attempt is refused.
+#[test]
+fn failed_connections_are_counted_by_reason() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = std::env::temp_dir().join(format!("loadgen-refused-{}", std::process::id()));
+    let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &format!("127.0.0.1:{port}"), "--http", &format!("127.0.0.1:{port}")])
+        .args(["--connections", "30", "--workers", "2", "--duration", "1", "--out", out.to_str().unwrap()])
+        .output()
+        .expect("loadgen");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("connected 0 (failed 30: refused: 30)"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}
