@@ -329,7 +329,7 @@ impl Metrics {
             closed: counter(
                 r,
                 "connections_closed_total",
-                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, protocol_error, token_expired, moderated, drain, shutdown, answered).",
+                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error).",
                 &["shard", "reason"],
             ),
             handshake_failures: counter(
