@@ -56,8 +56,16 @@ impl Raw {
         };
         self.read_until(|b| frame_len(b).is_some_and(|n| b.len() >= n));
         let n = frame_len(&self.got).expect("a frame after the 101");
-        assert_eq!(self.got[0], 0x81, "an unfragmented text frame");
+        // A text frame, whole; RSV1 set when the request offered permessage-deflate (as the
+        // browser-like request does) and the frame was worth compressing.
+        assert!(matches!(self.got[0], 0x81 | 0xC1), "an unfragmented text frame: {:#x}", self.got[0]);
         let header = if self.got[1] == 126 { 4 } else { 2 };
+        if self.got[0] & 0x40 != 0 {
+            let mut inflated = Vec::new();
+            let mut d = roomcast_proto::deflate::new_inflater();
+            roomcast_proto::deflate::inflate(&mut d, &self.got[header..n], 1 << 20, &mut inflated).expect("inflates");
+            return envelope::decode_json(&inflated).expect("json envelope");
+        }
         envelope::decode_json(&self.got[header..n]).expect("json envelope")
     }
 
