@@ -132,6 +132,17 @@ fn decode(f: &Bytes) -> ServerMsg {
     envelope::decode_json(&f[off..]).unwrap()
 }
 
+/// Every frame delivered since the last drain, decoded (the first of each delivery).
+fn delivered_msgs(bus: &mut H) -> Vec<ServerMsg> {
+    bus.drain()
+        .into_iter()
+        .filter_map(|c| match c {
+            ShardCmd::Deliver(d) => Some(decode(d.frames[0].as_ref().unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn seqs(msg: &ServerMsg) -> Vec<u64> {
     match msg {
         ServerMsg::Batch { messages, .. } => messages.iter().map(|m| m.seq).collect(),
@@ -872,14 +883,7 @@ fn redis_numbering_restart_resets_members() {
     bus.flush_immediate();
     bus.handle(remote(1, 8));
     bus.flush_immediate();
-    let frames: Vec<ServerMsg> = bus
-        .drain()
-        .into_iter()
-        .filter_map(|c| match c {
-            ShardCmd::Deliver(d) => Some(decode(d.frames[0].as_ref().unwrap())),
-            _ => None,
-        })
-        .collect();
+    let frames: Vec<ServerMsg> = delivered_msgs(&mut bus);
     assert_eq!(frames.len(), 3, "{frames:?}");
     assert_eq!(seqs(&frames[0]), vec![6]);
     assert!(
@@ -1119,13 +1123,8 @@ fn conflated_kinds_keep_only_the_newest_per_key_and_joiners_get_it() {
     bus.sleep(Duration::from_millis(100));
     let now = bus.now;
     bus.e.poll(now, &mut bus.out);
-    let delivered: Vec<(String, String)> = bus
-        .drain()
+    let delivered: Vec<(String, String)> = delivered_msgs(&mut bus)
         .into_iter()
-        .filter_map(|c| match c {
-            ShardCmd::Deliver(d) => Some(decode(d.frames[0].as_ref().unwrap())),
-            _ => None,
-        })
         .flat_map(|m| match m {
             ServerMsg::Batch { messages, .. } => messages,
             _ => Vec::new(),
@@ -1375,14 +1374,7 @@ fn stored(name: &str) -> (H, crate::store::Detached) {
 
 /// Seqs delivered to shard 0 since the last look.
 fn delivered(bus: &mut H) -> Vec<u64> {
-    bus.drain()
-        .iter()
-        .filter_map(|c| match c {
-            ShardCmd::Deliver(d) => Some(seqs(&decode(d.frames[0].as_ref().unwrap()))),
-            _ => None,
-        })
-        .flatten()
-        .collect()
+    delivered_msgs(bus).iter().flat_map(seqs).collect()
 }
 
 fn gift_publish(bus: &mut H, room: &RoomName, n: u32) -> tokio::sync::oneshot::Receiver<Result<Ack, PublishError>> {
@@ -1560,14 +1552,7 @@ fn a_fill_reports_as_lost_only_the_range_it_read() {
         ok: true,
     });
     bus.flush_immediate();
-    let frames: Vec<ServerMsg> = bus
-        .drain()
-        .into_iter()
-        .filter_map(|c| match c {
-            ShardCmd::Deliver(d) => Some(decode(d.frames[0].as_ref().unwrap())),
-            _ => None,
-        })
-        .collect();
+    let frames: Vec<ServerMsg> = delivered_msgs(&mut bus);
     let gaps: Vec<(u64, u64)> = frames
         .iter()
         .filter_map(|f| if let ServerMsg::Gap { from, to, .. } = f { Some((*from, *to)) } else { None })
