@@ -764,6 +764,11 @@ pub struct UringConfig {
 pub struct IngestConfig {
     /// Largest publish request body (413 above).
     pub max_body_bytes: usize,
+    /// Most messages in one `POST /v1/messages` batch (400 above).
+    pub max_batch: usize,
+    /// Largest `POST /v1/messages` body (413 above); each message in it is held to
+    /// `max_body_bytes` as well.
+    pub max_batch_bytes: usize,
     /// Threads of the HTTP runtime (publish API, metrics). Never the shards' CPUs' work.
     pub threads: usize,
     /// Publish API keys (`[[ingest.keys]]`), added to those in the environment variable
@@ -974,6 +979,8 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 64 * 1024,
+            max_batch: 1000,
+            max_batch_bytes: 1024 * 1024,
             threads: 1,
             keys: Vec::new(),
             insecure_no_keys: false,
@@ -1213,6 +1220,12 @@ impl Config {
         }
         if self.ingest.max_body_bytes < 256 {
             return Err(invalid("ingest.max_body_bytes", "must be at least 256"));
+        }
+        if self.ingest.max_batch == 0 || self.ingest.max_batch > 100_000 {
+            return Err(invalid("ingest.max_batch", "must be between 1 and 100000"));
+        }
+        if self.ingest.max_batch_bytes < self.ingest.max_body_bytes || self.ingest.max_batch_bytes > 64 * 1024 * 1024 {
+            return Err(invalid("ingest.max_batch_bytes", "must be between ingest.max_body_bytes and 67108864"));
         }
         if self.ingest.threads == 0 || self.ingest.threads > 64 {
             return Err(invalid("ingest.threads", "must be between 1 and 64"));

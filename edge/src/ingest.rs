@@ -3,6 +3,8 @@
 //!
 //! - `POST /v1/rooms/{room}/messages` `{"kind","user","body"}` -> `{"room","seq","ts_us"}`,
 //!   with `Authorization: Bearer KEY` once any publish key is configured ([`PublishKeys`])
+//! - `POST /v1/messages` `{"messages": [{"room","kind","user","body","idempotency_key"}]}` ->
+//!   `{"results": [..]}`, one answer per message, in order
 //! - `GET /healthz`, `GET /metrics` (Prometheus text), and the other GET endpoints: open
 
 use std::net::SocketAddr;
@@ -68,6 +70,8 @@ pub struct AppState {
     pub stream_limits: crate::bus::redis::StreamLimits,
     /// Longest ban (`moderation.max_ban_s`).
     pub max_ban_s: u64,
+    /// The bounds of `POST /v1/messages`.
+    pub batch: BatchLimits,
 }
 
 impl AppState {
@@ -103,8 +107,10 @@ pub enum RouteSource {
 
 /// The HTTP API: publish, room stats, route, admin drain, kernel view, dashboard, health, metrics and moderation.
 pub fn router(state: AppState, max_body: usize) -> Router {
+    let batch_bytes = state.batch.max_bytes;
     Router::new()
         .route("/v1/rooms/{room}/messages", post(publish))
+        .route("/v1/messages", post(publish_batch).layer(DefaultBodyLimit::max(batch_bytes)))
         .route("/v1/rooms/{room}", get(room_stats))
         .route("/v1/route", get(route).options(route_options))
         .route("/v1/admin/drain", post(admin_drain))
@@ -121,6 +127,18 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here") })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// The bounds of `POST /v1/messages` (`ingest.max_batch`, `ingest.max_batch_bytes`), and of
+/// each message in it (`ingest.max_body_bytes`, as for one message).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most messages in one batch.
+    pub max_messages: usize,
+    /// Largest batch body (413 above).
+    pub max_bytes: usize,
+    /// Largest message in a batch, as for `POST /v1/rooms/{room}/messages`.
+    pub max_message_bytes: usize,
 }
 
 /// The query of `GET /v1/route`: the room the client means to join, if given.
@@ -437,46 +455,235 @@ async fn publish_inner(st: &AppState, room: String, request: Request) -> Respons
 /// rejected and must be retried (`"dropped": false`); the status tells the publisher to slow
 /// down either way, and the flag tells it whether retrying is worth it.
 fn publish_error(e: &PublishError) -> Response {
+    let (status, retry_after_s, body) = publish_refusal(e);
+    match retry_after_s {
+        Some(secs) => (status, [(header::RETRY_AFTER, secs.to_string())], Json(body)).into_response(),
+        None => (status, Json(body)).into_response(),
+    }
+}
+
+/// A refused publish's status, `Retry-After` (seconds) and JSON body: one message's answer,
+/// or one entry of a batch's.
+fn publish_refusal(e: &PublishError) -> (StatusCode, Option<u64>, serde_json::Value) {
     match e {
         PublishError::ShuttingDown | PublishError::TooManyRooms(_) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            (StatusCode::SERVICE_UNAVAILABLE, None, serde_json::json!({ "error": e.to_string() }))
         }
         PublishError::Busy { retry_after_ms } => (
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, retry_after_ms.div_ceil(1000).max(1).to_string())],
-            Json(serde_json::json!({ "error": e.to_string(), "dropped": false, "retry_after_ms": retry_after_ms })),
-        )
-            .into_response(),
+            Some(retry_after_ms.div_ceil(1000).max(1)),
+            serde_json::json!({ "error": e.to_string(), "dropped": false, "retry_after_ms": retry_after_ms }),
+        ),
         PublishError::StoreFull => {
-            (StatusCode::INSUFFICIENT_STORAGE, Json(serde_json::json!({ "error": e.to_string(), "dropped": false })))
-                .into_response()
+            (StatusCode::INSUFFICIENT_STORAGE, None, serde_json::json!({ "error": e.to_string(), "dropped": false }))
         }
-        PublishError::BusUnavailable | PublishError::StoreUnavailable | PublishError::NotReplicated { .. } => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1".to_owned())],
-            Json(serde_json::json!({ "error": e.to_string(), "dropped": false })),
-        )
-            .into_response(),
-        PublishError::UnknownKind(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        PublishError::RateLimited { retry_after_ms, must_deliver, .. } => {
-            let secs = retry_after_ms.div_ceil(1000).max(1);
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, secs.to_string())],
-                Json(serde_json::json!({
-                    "error": e.to_string(),
-                    "dropped": !must_deliver,
-                    "retry_after_ms": retry_after_ms,
-                })),
-            )
-                .into_response()
+        PublishError::BusUnavailable | PublishError::StoreUnavailable | PublishError::NotReplicated { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, Some(1), serde_json::json!({ "error": e.to_string(), "dropped": false }))
         }
+        PublishError::UnknownKind(_) => (StatusCode::BAD_REQUEST, None, serde_json::json!({ "error": e.to_string() })),
+        PublishError::RateLimited { retry_after_ms, must_deliver, .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(retry_after_ms.div_ceil(1000).max(1)),
+            serde_json::json!({
+                "error": e.to_string(),
+                "dropped": !must_deliver,
+                "retry_after_ms": retry_after_ms,
+            }),
+        ),
         PublishError::Sampled => (
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "dropped": true, "reason": "sampled", "error": e.to_string() })),
-        )
-            .into_response(),
+            None,
+            serde_json::json!({ "dropped": true, "reason": "sampled", "error": e.to_string() }),
+        ),
     }
+}
+
+/// One message of a `POST /v1/messages` batch: [`PublishRequest`]'s fields, the room, and an
+/// optional idempotency key (the `Idempotency-Key` header's, per message).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    room: String,
+    kind: String,
+    #[serde(default)]
+    user: String,
+    body: Box<RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// The body of `POST /v1/messages`: `{"messages": [..]}`. Each message is parsed on its own,
+/// so that one malformed message is refused alone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    messages: Vec<&'a RawValue>,
+}
+
+/// `POST /v1/messages`: several messages, to any rooms, in one request. A back end that
+/// publishes thousands of messages a second pays one request (and one wait) per batch instead
+/// of one per message. Each message is checked as `POST /v1/rooms/{room}/messages` checks one
+/// (key, room, kind, fields, rate limits, sampling) and answered on its own, in order:
+/// `{"results": [{"status": 200, "room", "seq", "ts_us", "replayed"} | {"status": 4xx/5xx,
+/// "error", ..}]}`. The request fails as a whole only for what concerns all of it: the key
+/// (401/403 before the body is read), a body that is not `{"messages": [..]}` (400), too many
+/// messages (400) or too many bytes (413).
+async fn publish_batch(State(st): State<AppState>, request: Request) -> Response {
+    let started = Instant::now();
+    let answer = publish_batch_inner(&st, request).await;
+    st.metrics.bus.publish_seconds.with_label_values(&["batch"]).observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+async fn publish_batch_inner(st: &AppState, request: Request) -> Response {
+    let reject = |reason: &str| {
+        st.metrics.bus.publish_rejected.with_label_values(&[reason]).inc();
+    };
+    let key = match st.keys.authenticate(request.headers()) {
+        Ok(Some(k)) if !k.may_publish() => {
+            let r = KeyRefusal::Scope { key: k.name.clone(), scope: SCOPE_PUBLISH };
+            reject(r.reason());
+            return r.into_response();
+        }
+        Ok(k) => k,
+        Err(r) => {
+            reject(r.reason());
+            return r.into_response();
+        }
+    };
+    let body = match Bytes::from_request(request, st).await {
+        Ok(b) => b,
+        Err(rejection) => {
+            reject(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_body" });
+            return rejection.into_response();
+        }
+    };
+    let batch: BatchBody<'_> = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            reject("bad_json");
+            return error(StatusCode::BAD_REQUEST, format!("bad JSON: {e} (expected {{\"messages\": [..]}})"));
+        }
+    };
+    if batch.messages.len() > st.batch.max_messages {
+        reject("batch_too_large");
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} messages in one batch: at most {} (ingest.max_batch)",
+                batch.messages.len(),
+                st.batch.max_messages
+            ),
+        );
+    }
+    // Checked first, every one: the refused get their answer, the admitted go to the bus
+    // together.
+    let mut results: Vec<Option<serde_json::Value>> = Vec::with_capacity(batch.messages.len());
+    let mut admitted = Vec::new();
+    for raw in &batch.messages {
+        match admit(st, key, raw) {
+            Ok(m) => {
+                admitted.push(m);
+                results.push(None);
+            }
+            Err((reason, status, mut v)) => {
+                reject(reason);
+                v["status"] = status.as_u16().into();
+                results.push(Some(v));
+            }
+        }
+    }
+    let rooms: Vec<RoomName> = admitted.iter().map(|(room, _)| room.clone()).collect();
+    let mut answers = st.bus.publish_many(admitted).await.into_iter().zip(rooms);
+    for slot in &mut results {
+        if slot.is_some() {
+            continue;
+        }
+        let Some((answer, room)) = answers.next() else { break };
+        *slot = Some(match answer {
+            Ok(ack) => serde_json::json!({
+                "status": 200,
+                "room": &*room,
+                "seq": ack.seq,
+                "ts_us": ack.ts_us,
+                "replayed": ack.replayed,
+            }),
+            Err(e) => {
+                let (status, _, mut v) = publish_refusal(&e);
+                v["status"] = status.as_u16().into();
+                v
+            }
+        });
+    }
+    Json(serde_json::json!({ "results": results })).into_response()
+}
+
+/// Checks one message of a batch as the one-message endpoint checks its request; a refusal
+/// is its metric reason, status and answer.
+fn admit(
+    st: &AppState,
+    key: Option<&PublishKey>,
+    raw: &RawValue,
+) -> Result<(RoomName, NewMessage), (&'static str, StatusCode, serde_json::Value)> {
+    let bad = |reason: &'static str, message: String| {
+        Err((reason, StatusCode::BAD_REQUEST, serde_json::json!({ "error": message })))
+    };
+    if raw.get().len() > st.batch.max_message_bytes {
+        return Err((
+            "too_large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            serde_json::json!({ "error": format!("message over {} bytes (ingest.max_body_bytes)", st.batch.max_message_bytes) }),
+        ));
+    }
+    let item: BatchItem = match serde_json::from_str(raw.get()) {
+        Ok(i) => i,
+        Err(e) => return bad("bad_json", format!("bad JSON: {e}")),
+    };
+    if let Err(why) = validate_room(&item.room) {
+        return bad("bad_room", format!("bad room: {why}"));
+    }
+    let key_refusal = |r: KeyRefusal| {
+        let (status, _, message) = r.parts();
+        Err((r.reason(), status, serde_json::json!({ "error": message, "reason": r.reason() })))
+    };
+    if let Some(k) = key
+        && !k.allows_room(&item.room)
+    {
+        return key_refusal(KeyRefusal::Room { key: k.name.clone(), room: item.room });
+    }
+    let idem = match &item.idempotency_key {
+        None => None,
+        Some(k) => match crate::engine::idem::check_key(k) {
+            Ok(()) => Some(match key {
+                Some(pk) => Box::<str>::from(format!("{}:{k}", pk.name)),
+                None => Box::<str>::from(k.as_str()),
+            }),
+            Err(why) => return bad("bad_idempotency_key", format!("bad idempotency_key: {why}")),
+        },
+    };
+    let req = PublishRequest { kind: item.kind, user: item.user, body: item.body };
+    if let Err(why) = validate_kind(&req.kind) {
+        let r = BodyRefusal::Kind(why);
+        return bad(r.reason(), r.message());
+    }
+    if let Some(k) = key
+        && !k.allows_kind(&req.kind)
+    {
+        return key_refusal(KeyRefusal::Kind { key: k.name.clone(), kind: req.kind });
+    }
+    if st.clients_only_kinds.contains(&req.kind) {
+        return Err((
+            "kind_clients_only",
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": format!("kind {} is published by clients only", req.kind) }),
+        ));
+    }
+    if let Err(r) = req.check_fields() {
+        return bad(r.reason(), r.message());
+    }
+    let room = RoomName::from(item.room.as_str());
+    Ok((room, NewMessage { kind: req.kind, user: req.user, body: req.body.get().to_owned(), idem }))
 }
 
 async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Response {
@@ -801,11 +1008,11 @@ impl KeyRefusal {
     }
 }
 
-impl IntoResponse for KeyRefusal {
-    /// 401 (with `WWW-Authenticate: Bearer`, as RFC 7235 requires) for no key or an unknown
-    /// one, 403 for a key used outside its rooms or kinds (RFC 6750 §3.1 error codes).
-    fn into_response(self) -> Response {
-        let (status, challenge, message) = match &self {
+impl KeyRefusal {
+    /// The status, the `WWW-Authenticate` challenge and the message: 401 for no key or an
+    /// unknown one, 403 for a key used outside its rooms or kinds (RFC 6750 §3.1 error codes).
+    pub fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
             Self::NoKey => (
                 StatusCode::UNAUTHORIZED,
                 "Bearer realm=\"roomcast\"",
@@ -843,7 +1050,14 @@ impl IntoResponse for KeyRefusal {
                 "Bearer realm=\"roomcast\", error=\"insufficient_scope\"",
                 format!("key {key:?} lacks the {scope:?} scope this endpoint needs"),
             ),
-        };
+        }
+    }
+}
+
+impl IntoResponse for KeyRefusal {
+    /// [`KeyRefusal::parts`], with `WWW-Authenticate: Bearer` as RFC 7235 requires.
+    fn into_response(self) -> Response {
+        let (status, challenge, message) = self.parts();
         (
             status,
             [(header::WWW_AUTHENTICATE, challenge)],

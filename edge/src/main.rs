@@ -439,6 +439,11 @@ fn main() -> anyhow::Result<()> {
             replicas_timeout_ms: cfg.bus.as_ref().map_or(1000, |b| b.replicas_timeout_ms),
         },
         max_ban_s: cfg.moderation.max_ban_s,
+        batch: ingest::BatchLimits {
+            max_messages: cfg.ingest.max_batch,
+            max_bytes: cfg.ingest.max_batch_bytes,
+            max_message_bytes: cfg.ingest.max_body_bytes,
+        },
     };
     edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);

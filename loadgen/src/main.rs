@@ -111,6 +111,12 @@ struct RunArgs {
     /// Publishing threads for chat (as for gifts).
     #[arg(long, default_value_t = 1)]
     chat_streams: usize,
+    /// Chat messages per request, at most (edge only): above 1, each chat stream sends the
+    /// messages due in one `POST /v1/messages` batch instead of one request each, as a back
+    /// end relaying thousands of chat messages a second would. Gifts are always sent one per
+    /// request (each is retried on its own until acknowledged).
+    #[arg(long, default_value_t = 1)]
+    chat_batch: usize,
     /// Worker processes (0: one per 15,000 connections).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -570,6 +576,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         a.pad,
         &rates,
         &[a.gift_streams, a.chat_streams],
+        &[1, a.chat_batch.max(1)],
         pub_start,
         end,
     )?;
@@ -658,7 +665,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let server_after = a.server_pid.and_then(proc_cpu_rss);
     let threads_after = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
-    let stop = Stop { published: outcome.published.clone() };
+    let stop = Stop { published: outcome.published.clone(), holes: outcome.holes.clone() };
     let line = serde_json::to_string(&stop)?;
     for (i, p) in sup.procs.iter_mut().enumerate() {
         // A dead worker's pipe is closed; it is reported already.

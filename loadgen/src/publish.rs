@@ -23,6 +23,9 @@ use crate::worker::Target;
 pub struct Outcome {
     /// Messages accepted, per room, kind and stream (the next `k`).
     pub published: Vec<Vec<Vec<u64>>>,
+    /// Of the `k`s below `published`, those never accepted, per room, kind and stream: a
+    /// batched stream numbers its messages before the edge answers for them.
+    pub holes: Vec<Vec<Vec<u64>>>,
     /// Messages attempted (accepted, dropped by the server, or given up), per kind.
     pub offered: Vec<u64>,
     /// Refusals (every answer that was not an acceptance, retries included), by "kind status".
@@ -39,8 +42,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Messages of `kind` accepted, all rooms and streams.
     pub fn total(&self, kind: usize) -> u64 {
-        self.published.iter().map(|r| r[kind].iter().sum::<u64>()).sum()
+        let numbered: u64 = self.published.iter().map(|r| r[kind].iter().sum::<u64>()).sum();
+        let holes: u64 = self.holes.iter().map(|r| r[kind].iter().sum::<u64>()).sum();
+        numbered - holes
     }
 
     /// Refusals, all kinds and statuses.
@@ -77,6 +83,10 @@ struct Stream {
     s: usize,
     pad: String,
     published: Vec<u64>,
+    /// Numbers taken by messages never accepted, per room (batched streams only).
+    holes: Vec<u64>,
+    /// Most messages per request: 1 sends each on its own (`/v1/rooms/{room}/messages`).
+    batch: usize,
     refused: BTreeMap<String, u64>,
     not_accepted: u64,
     gave_up: u64,
@@ -98,6 +108,7 @@ impl Publisher {
         pad: usize,
         rates: &[f64],
         streams: &[usize],
+        batches: &[usize],
         start: Instant,
         end: Instant,
     ) -> anyhow::Result<Self> {
@@ -106,6 +117,7 @@ impl Publisher {
         let shared = Arc::new(Shared {
             outcome: Mutex::new(Outcome {
                 published: vec![vec![vec![0; max_streams]; kinds.len()]; rooms as usize],
+                holes: vec![vec![vec![0; max_streams]; kinds.len()]; rooms as usize],
                 offered: vec![0; kinds.len()],
                 refused: BTreeMap::new(),
                 not_accepted: vec![0; kinds.len()],
@@ -115,6 +127,10 @@ impl Publisher {
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
         });
+        anyhow::ensure!(
+            target == Target::Edge || batches.iter().all(|&b| b <= 1),
+            "batched publishing (--chat-batch) is the edge's POST /v1/messages"
+        );
         let mut threads = Vec::new();
         for (ki, &rate) in rates.iter().enumerate() {
             let n = streams.get(ki).copied().unwrap_or(1).max(1);
@@ -138,6 +154,9 @@ impl Publisher {
                     s,
                     pad: "x".repeat(pad),
                     published: vec![0; rooms as usize],
+                    holes: vec![0; rooms as usize],
+                    // Must-deliver messages are retried one by one until acknowledged.
+                    batch: if ki == 0 { 1 } else { batches.get(ki).copied().unwrap_or(1).max(1) },
                     refused: BTreeMap::new(),
                     not_accepted: 0,
                     gave_up: 0,
@@ -152,6 +171,7 @@ impl Publisher {
                     let mut o = shared.outcome.lock().expect("not poisoned");
                     for (room, &k) in st.published.iter().enumerate() {
                         o.published[room][ki][s] = k;
+                        o.holes[room][ki][s] = st.holes[room];
                     }
                     o.offered[ki] += st.offered;
                     o.not_accepted[ki] += st.not_accepted;
@@ -201,11 +221,81 @@ impl Stream {
             if due > now {
                 std::thread::sleep(due - now);
             }
+            if self.batch > 1 {
+                n = self.send_batch(pacer, n, end)?;
+                continue;
+            }
             let room = (n % u64::from(self.rooms)) as u32;
             n += 1;
             self.offered += 1;
             self.send(room)?;
         }
+    }
+
+    /// Sends every message due by now (message `n` onwards, at most `batch`) in one
+    /// `POST /v1/messages`; returns the next message's number. Droppable messages only: a
+    /// refused one is not sent again. Each is numbered before the answer, so a refused one
+    /// leaves a hole in its room's `k`s, which receivers are told about at the end.
+    fn send_batch(&mut self, pacer: &Pacer, mut n: u64, end: Instant) -> anyhow::Result<u64> {
+        let now = Instant::now();
+        let mut items = String::from(r#"{"messages":["#);
+        let mut rooms = Vec::with_capacity(self.batch);
+        while rooms.len() < self.batch && (rooms.is_empty() || pacer.due(n) <= now) && pacer.due(n) < end {
+            let room = (n % u64::from(self.rooms)) as u32;
+            n += 1;
+            self.offered += 1;
+            let k = self.published[room as usize];
+            self.published[room as usize] += 1;
+            if !rooms.is_empty() {
+                items.push(',');
+            }
+            items.push_str(&format!(
+                r#"{{"room":"r{room}","kind":"{kind}","user":"","body":{{"t":{t},"k":{k},"s":{s},"kind":"{kind}","p":"{pad}"}}}}"#,
+                kind = self.kind,
+                t = now_us(),
+                s = self.s,
+                pad = self.pad,
+            ));
+            rooms.push(room);
+        }
+        items.push_str("]}");
+        let first = Instant::now();
+        let resp = self
+            .client
+            .post(format!("{}/v1/messages", self.base))
+            .header("Content-Type", "application/json")
+            .body(items)
+            .send();
+        let statuses: Vec<u16> = match resp {
+            Ok(r) if r.status().is_success() => {
+                let v: serde_json::Value = serde_json::from_str(&r.text()?)?;
+                let results =
+                    v["results"].as_array().ok_or_else(|| anyhow::anyhow!("batch answer without results: {v}"))?;
+                anyhow::ensure!(
+                    results.len() == rooms.len(),
+                    "batch of {} answered with {} results",
+                    rooms.len(),
+                    results.len()
+                );
+                results.iter().map(|x| x["status"].as_u64().map_or(0, |s| s as u16)).collect()
+            }
+            Ok(r) => vec![r.status().as_u16(); rooms.len()],
+            Err(e) => {
+                eprintln!("batch publish error (dropped): {e}");
+                vec![0; rooms.len()]
+            }
+        };
+        let took = first.elapsed().as_micros().max(1) as u64;
+        for (room, status) in rooms.into_iter().zip(statuses) {
+            if status == 200 {
+                let _ = self.ack.record(took);
+            } else {
+                self.refusal(&if status == 0 { "error".to_owned() } else { status.to_string() });
+                self.not_accepted += 1;
+                self.holes[room as usize] += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn refusal(&mut self, status: &str) {

@@ -42,6 +42,13 @@ impl KindTrack {
             self.next = published;
         }
     }
+
+    /// After [`finish`](Self::finish): `holes` numbers below `published` were never accepted
+    /// by the server (a batch numbers its messages before the answer), so no member could get
+    /// them; they were counted lost, and are not.
+    pub fn forgive(&mut self, holes: u64) {
+        self.lost = self.lost.saturating_sub(holes);
+    }
 }
 
 /// A latency histogram in microseconds, 1 µs to 10 min, 3 significant digits.
@@ -120,6 +127,26 @@ pub fn body_kind(body: &[u8]) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batched stream numbered 0..6 and the server refused 1 and 5 (sampled): a member that
+    /// got every accepted message lost nothing; one that also missed 3 lost one.
+    #[test]
+    fn holes_the_server_refused_are_not_lost() {
+        let mut all = KindTrack::default();
+        for k in [0, 2, 3, 4] {
+            all.on_message(k);
+        }
+        all.finish(6);
+        all.forgive(2);
+        assert_eq!((all.received, all.lost), (4, 0));
+        let mut missed = KindTrack::default();
+        for k in [0, 2, 4] {
+            missed.on_message(k);
+        }
+        missed.finish(6);
+        missed.forgive(2);
+        assert_eq!((missed.received, missed.lost), (3, 1));
+    }
 
     #[test]
     fn gaps_duplicates_and_tail_loss() {

@@ -216,10 +216,13 @@ pub struct Final {
     pub cpu_s: f64,
 }
 
-/// Stop: the final `k` published per (room, kind, stream).
+/// Stop: the final `k` published per (room, kind, stream), and of those the ones never
+/// accepted (batched streams number a message before the edge answers for it).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stop {
     pub published: Vec<Vec<Vec<u64>>>,
+    #[serde(default)]
+    pub holes: Vec<Vec<Vec<u64>>>,
 }
 
 fn now_us() -> u64 {
@@ -1162,6 +1165,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                             .copied()
                             .unwrap_or(0);
                         t.finish(published);
+                        let holes = s
+                            .holes
+                            .get(c.room as usize)
+                            .and_then(|r| r.get(ki))
+                            .and_then(|r| r.get(st))
+                            .copied()
+                            .unwrap_or(0);
+                        t.forgive(holes);
                         lost[ki] += t.lost;
                         if !c.slow {
                             fast_lost[ki] += t.lost;

@@ -69,6 +69,42 @@ fn members_over_tls_lose_nothing() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// Chat offered in batches (`--chat-batch`, the edge's `POST /v1/messages`) to a room hot
+/// enough to be sampled: the sampled-out messages are refused (202) and leave holes in the
+/// publisher's numbering, which are not counted lost; every accepted message reaches every
+/// member, and gifts go one per request as before.
+#[test]
+fn batched_chat_is_sampled_and_nothing_accepted_is_lost() {
+    let cfg = roomcast_testsupport::config(
+        "loadgen-batch",
+        "[adaptive]\nroom_deliveries_per_s = 10000\nvisible_rate = 20\nmin_visible_rate = 5\n",
+    );
+    let (mut edge, ws, http) = edge(&["--shards", "2", "--config", &cfg]);
+    let out = std::env::temp_dir().join(format!("loadgen-batch-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &ws, "--http", &http, "--connections", "500", "--workers", "1"])
+        .args(["--duration", "3", "--gift-rate", "10", "--chat-rate", "400", "--chat-batch", "50"])
+        .args(["--scenario", "batch", "--out", out.to_str().unwrap()])
+        .status()
+        .expect("loadgen");
+    stop(&mut edge);
+    assert!(status.success());
+    let dir = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let published = |k: &str| v["published"][k].as_u64().unwrap();
+    assert_eq!(published("gift"), 30, "{v}");
+    assert!(published("chat") > 0, "{v}");
+    assert!(
+        v["publish_refused_by_status"]["chat 202"].as_u64().unwrap_or(0) > 0,
+        "the hot room's chat was sampled: {v}"
+    );
+    assert_eq!(v["lost"]["gift"], 0, "{v}");
+    assert_eq!(v["lost"]["chat"], 0, "sampled-out chat is not lost: {v}");
+    assert_eq!(v["deliveries"].as_u64().unwrap(), 500 * (published("gift") + published("chat")), "{v}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// Starts an edge with `args` (later flags win) on its own data directory; returns it and its
 /// (ws, http) addresses.
 fn edge(args: &[&str]) -> (EdgeProc, String, String) {

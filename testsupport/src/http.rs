@@ -21,6 +21,18 @@ impl Publisher {
         (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
     }
 
+    /// POSTs `body` to `path` with extra request headers; returns the status and the JSON body.
+    pub async fn post_with(&self, path: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        let mut r = self.client.post(format!("{}{path}", self.base)).body(body);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let r = r.send().await.expect("http");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
     /// Publishes with extra request headers; returns the status, the response's headers and
     /// its JSON body.
     pub async fn publish_with(

@@ -789,6 +789,50 @@ impl BusHandle {
     }
 }
 
+impl BusHandle {
+    /// Publishes several messages and waits for every answer, in order (from async code).
+    /// Every message is handed to its room's engine before any answer is awaited, so a batch
+    /// costs one wait, not one per message, and messages to one room keep the batch's order
+    /// (an engine's mailbox is a queue). Once an engine's mailbox is full, that message and
+    /// every one after it are refused as busy without being sent, so that none sent after a
+    /// refused one overtakes it when the publisher retries.
+    pub async fn publish_many(
+        &self,
+        msgs: impl IntoIterator<Item = (RoomName, NewMessage)>,
+    ) -> Vec<Result<Ack, PublishError>> {
+        let mut waits = Vec::new();
+        let mut refused: Option<PublishError> = None;
+        for (room, msg) in msgs {
+            if let Some(e) = &refused {
+                waits.push(Err(e.clone()));
+                continue;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match self.try_send(EngineCmd::Publish { room, msg: Box::new(msg), reply: Reply::Http(tx) }) {
+                Ok(()) => waits.push(Ok(rx)),
+                Err((MailError::Full, _)) => {
+                    self.rejected_busy.inc();
+                    let e = PublishError::Busy { retry_after_ms: 100 };
+                    refused = Some(e.clone());
+                    waits.push(Err(e));
+                }
+                Err((MailError::Gone, _)) => {
+                    refused = Some(PublishError::ShuttingDown);
+                    waits.push(Err(PublishError::ShuttingDown));
+                }
+            }
+        }
+        let mut answers = Vec::with_capacity(waits.len());
+        for w in waits {
+            answers.push(match w {
+                Ok(rx) => rx.await.unwrap_or(Err(PublishError::ShuttingDown)),
+                Err(e) => Err(e),
+            });
+        }
+        answers
+    }
+}
+
 /// Wraps a payload into one complete, unmasked server frame: the bytes every member gets (for
 /// SSE, an event without an `id`).
 pub fn frame(proto: Subprotocol, payload: &[u8]) -> Bytes {
