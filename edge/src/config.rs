@@ -119,11 +119,20 @@ pub struct PresenceConfig {
     /// the edge reports it again (it re-reports every third of it), so a crashed edge's members
     /// leave the total within `ttl_ms`.
     pub ttl_ms: u64,
+    /// A batch that carries only the count (the room had no message to carry it) is a write
+    /// to every member: a room of N members gets one at most every N / this seconds (and never
+    /// more often than `interval_ms`). 20,000 keeps rooms up to 2 x 10^4 members at the
+    /// interval, shows a 10^5 room its count every 5 s and a 10^6 room every 50 s while it is
+    /// silent, at a tenth of what one core writes; a room with traffic shows it every
+    /// `interval_ms` in its message batches, at no cost. At 2 x 10^5 members the former
+    /// every-second count-only batch took ~10^5 writes a second and cut a ramp's connect rate
+    /// from 7,800/s to under 1,000/s (bench-results/2026-11-30-million-README.md).
+    pub max_writes_per_s: f64,
 }
 
 impl Default for PresenceConfig {
     fn default() -> Self {
-        Self { interval_ms: 1000, ttl_ms: 15_000 }
+        Self { interval_ms: 1000, ttl_ms: 15_000, max_writes_per_s: 20_000.0 }
     }
 }
 
@@ -1097,6 +1106,9 @@ impl Config {
         }
         if self.presence.interval_ms > 0 && self.presence.interval_ms < 100 {
             return Err(invalid("presence.interval_ms", "must be 0 (off) or at least 100"));
+        }
+        if !(self.presence.max_writes_per_s.is_finite() && self.presence.max_writes_per_s >= 1.0) {
+            return Err(invalid("presence.max_writes_per_s", "must be a finite number of at least 1"));
         }
         if self.history.room_idle_ms == 0 {
             return Err(invalid("history.room_idle_ms", "must be above 0"));

@@ -87,6 +87,9 @@ pub struct EngineConfig {
     /// Online count pushes at most this often (zero: never pushed); in Redis mode also how
     /// often this edge's count is reported per room (one second when pushes are off).
     pub presence_interval: Duration,
+    /// A batch carrying only a room's count costs one write per member: at most this many
+    /// such writes a second per room (`presence.max_writes_per_s`).
+    pub presence_writes_per_s: f64,
     /// Idempotency keys each room remembers: for how long, and how many at most.
     pub idem_ttl: Duration,
     /// How many idempotency keys each room remembers at most.
@@ -122,6 +125,7 @@ impl EngineConfig {
             room_idle: Duration::from_millis(cfg.history.room_idle_ms),
             adaptive: cfg.adaptive.clone(),
             presence_interval: Duration::from_millis(cfg.presence.interval_ms),
+            presence_writes_per_s: cfg.presence.max_writes_per_s,
             idem_ttl: Duration::from_secs(cfg.ingest.idempotency_ttl_s),
             idem_keys: cfg.ingest.idempotency_keys,
         }

@@ -9,7 +9,10 @@
 //! - shows members the count (the cluster's total once announced, else this edge's) if it
 //!   changed since they were last shown it: in the room's next batch when one is pending
 //!   (serialized once with it), else in a batch of its own that carries only the count. That
-//!   batch is droppable: a member behind sheds it like chat.
+//!   batch is droppable: a member behind sheds it like chat. It is also a write to every
+//!   member, so a large silent room gets one at most every members / `presence.max_writes_per_s`
+//!   seconds; until then the step comes back each interval (reporting to Redis, and handing
+//!   the count to a batch that may have come meanwhile).
 
 use std::cmp::Reverse;
 use std::time::{Duration, Instant};
@@ -19,6 +22,13 @@ use roomcast_proto::envelope::ServerMsg;
 use super::{Engine, Out};
 use crate::bus::redis::BridgeCmd;
 use crate::bus::{MustDeliver, RoomName};
+
+/// How long after the count was last shown a batch carrying only the count may go: the push
+/// interval, or longer for a room whose members that often would cost more than
+/// `writes_per_s` writes a second.
+fn solo_every(interval: Duration, writes_per_s: f64, members: u64) -> Duration {
+    interval.max(Duration::from_secs_f64(members as f64 / writes_per_s.max(1.0)))
+}
 
 impl Engine {
     /// How often a room's presence step may run: the push interval, or a second when pushes
@@ -54,6 +64,7 @@ impl Engine {
                 break;
             }
             let Reverse((due, room)) = self.presence_timers.pop().expect("peeked");
+            let every = self.presence_every();
             let Some(r) = self.rooms.get_mut(&room) else { continue };
             if r.presence_due != Some(due) {
                 continue;
@@ -67,10 +78,25 @@ impl Engine {
                 r.reported_at = Some(now);
                 let _ = bridge.send(BridgeCmd::Occupancy { room: room.clone(), count: r.members });
             }
-            if r.pending.is_empty() {
-                self.push_online(&room, out);
+            if !r.pending.is_empty() {
+                // The pending batch carries the count when it flushes (`online_update`).
+                continue;
             }
-            // Otherwise the pending batch carries the count when it flushes (`online_update`).
+            let solo_at = r
+                .online_at
+                .map(|t| t + solo_every(self.cfg.presence_interval, self.cfg.presence_writes_per_s, r.members));
+            match solo_at {
+                Some(at) if at > now => {
+                    if r.online_shown != Some(r.online())
+                        && let Some(every) = every
+                    {
+                        let next = at.min(now + every);
+                        r.presence_due = Some(next);
+                        self.presence_timers.push(Reverse((next, room.clone())));
+                    }
+                }
+                _ => self.push_online(&room, out),
+            }
         }
     }
 

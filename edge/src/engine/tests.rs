@@ -1088,6 +1088,64 @@ fn online_counts_are_pushed_on_change_at_most_once_per_interval() {
     assert_eq!(online_pushes(&mut bus), vec![(1, Some(3))]);
 }
 
+/// A count-only batch is a write to every member: a silent room of N members gets one at most
+/// every N / `presence.max_writes_per_s` seconds, while a batch with messages carries a changed
+/// count at the plain interval.
+#[test]
+fn a_large_silent_room_gets_count_only_batches_less_often() {
+    let mut cfg = Config::default();
+    cfg.fanout.merge_window_ms = 50;
+    cfg.presence.interval_ms = 300;
+    // About 20 members / 10 writes a second: a count-only batch at most every ~2 s.
+    cfg.presence.max_writes_per_s = 10.0;
+    let (mut bus, ()) = setup_with(cfg);
+    let room: RoomName = "big".into();
+    let pushes = |bus: &mut H| -> Vec<(usize, Option<u64>)> {
+        bus.drain()
+            .into_iter()
+            .filter_map(|c| match c {
+                ShardCmd::Deliver(d) => match decode(d.frames[0].as_ref().unwrap()) {
+                    ServerMsg::Batch { messages, online, .. } => Some((messages.len(), online)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    for _ in 0..20 {
+        join(&mut bus, &room, Subprotocol::Json, None);
+    }
+    let _acks = bus.drain();
+    let now = bus.now;
+    bus.e.poll(now, &mut bus.out);
+    assert_eq!(pushes(&mut bus), vec![(0, Some(20))], "the first count goes at once");
+    let shown_at = bus.now;
+    // A leave: the step comes each interval, but the count-only batch waits for 2 s.
+    bus.handle(EngineCmd::Left { room: room.clone() });
+    let mut seen = Vec::new();
+    while bus.now < shown_at + Duration::from_millis(2500) {
+        bus.sleep(Duration::from_millis(100));
+        let now = bus.now;
+        bus.e.poll(now, &mut bus.out);
+        for p in pushes(&mut bus) {
+            seen.push((bus.now.duration_since(shown_at), p));
+        }
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    // 19 members by then: 1.9 s.
+    assert!(seen[0].0 >= Duration::from_millis(1900), "not before N / max_writes_per_s: {seen:?}");
+    assert_eq!(seen[0].1, (0, Some(19)));
+    // With traffic, a change rides on the next message batch after the plain interval.
+    bus.handle(EngineCmd::Left { room: room.clone() });
+    bus.sleep(Duration::from_millis(300));
+    bus.publish(room.clone(), msg("gift", 1)).unwrap();
+    let _ = bus.drain();
+    bus.sleep(Duration::from_millis(50));
+    let now = bus.now;
+    bus.e.poll(now, &mut bus.out);
+    assert_eq!(pushes(&mut bus), vec![(1, Some(18))]);
+}
+
 /// A conflated kind: within a window a newer message replaces the older one of the same key
 /// (others stay), it is never sampled, and a joiner gets the newest of each key (and only what
 /// it has not seen with `since`) in its replay, before live messages.
