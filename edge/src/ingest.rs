@@ -354,21 +354,26 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: 
     answer
 }
 
+/// The caller's publish key (None: keys are off), or the refusal to answer (counted).
+fn publish_key<'a>(st: &'a AppState, headers: &HeaderMap) -> Result<Option<&'a PublishKey>, KeyRefusal> {
+    let refuse = |r: KeyRefusal| {
+        st.metrics.bus.publish_rejected.with_label_values(&[r.reason()]).inc();
+        r
+    };
+    match st.keys.authenticate(headers) {
+        Ok(Some(k)) if !k.may_publish() => Err(refuse(KeyRefusal::Scope { key: k.name.clone(), scope: SCOPE_PUBLISH })),
+        Ok(k) => Ok(k),
+        Err(r) => Err(refuse(r)),
+    }
+}
+
 async fn publish_inner(st: &AppState, room: String, request: Request) -> Response {
     let reject = |reason: &str| {
         st.metrics.bus.publish_rejected.with_label_values(&[reason]).inc();
     };
-    let key = match st.keys.authenticate(request.headers()) {
-        Ok(Some(k)) if !k.may_publish() => {
-            let r = KeyRefusal::Scope { key: k.name.clone(), scope: SCOPE_PUBLISH };
-            reject(r.reason());
-            return r.into_response();
-        }
+    let key = match publish_key(st, request.headers()) {
         Ok(k) => k,
-        Err(r) => {
-            reject(r.reason());
-            return r.into_response();
-        }
+        Err(refused) => return refused.into_response(),
     };
     if let Err(why) = validate_room(&room) {
         reject("bad_room");
@@ -540,17 +545,9 @@ async fn publish_batch_inner(st: &AppState, request: Request) -> Response {
     let reject = |reason: &str| {
         st.metrics.bus.publish_rejected.with_label_values(&[reason]).inc();
     };
-    let key = match st.keys.authenticate(request.headers()) {
-        Ok(Some(k)) if !k.may_publish() => {
-            let r = KeyRefusal::Scope { key: k.name.clone(), scope: SCOPE_PUBLISH };
-            reject(r.reason());
-            return r.into_response();
-        }
+    let key = match publish_key(st, request.headers()) {
         Ok(k) => k,
-        Err(r) => {
-            reject(r.reason());
-            return r.into_response();
-        }
+        Err(refused) => return refused.into_response(),
     };
     let body = match Bytes::from_request(request, st).await {
         Ok(b) => b,

@@ -1157,22 +1157,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             for c in &mut conns {
                 for (ki, ts) in c.tracks.iter_mut().enumerate() {
                     for (st, t) in ts.iter_mut().enumerate() {
-                        let published = s
-                            .published
-                            .get(c.room as usize)
-                            .and_then(|r| r.get(ki))
-                            .and_then(|r| r.get(st))
-                            .copied()
-                            .unwrap_or(0);
-                        t.finish(published);
-                        let holes = s
-                            .holes
-                            .get(c.room as usize)
-                            .and_then(|r| r.get(ki))
-                            .and_then(|r| r.get(st))
-                            .copied()
-                            .unwrap_or(0);
-                        t.forgive(holes);
+                        let at = |v: &[Vec<Vec<u64>>]| {
+                            v.get(c.room as usize).and_then(|r| r.get(ki)).and_then(|r| r.get(st)).copied().unwrap_or(0)
+                        };
+                        t.finish(at(&s.published));
+                        t.forgive(at(&s.holes));
                         lost[ki] += t.lost;
                         if !c.slow {
                             fast_lost[ki] += t.lost;

@@ -19,9 +19,7 @@ fn two_thousand_connections_no_loss_and_a_complete_result() {
         .expect("loadgen");
     stop(&mut edge);
     assert!(status.success());
-    let dir = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let (dir, v) = result(&out);
     assert_eq!(v["connections"], 2000);
     assert_eq!(v["lost"]["gift"], 0, "{v}");
     assert_eq!(v["lost"]["chat"], 0, "{v}");
@@ -59,9 +57,7 @@ fn members_over_tls_lose_nothing() {
         .expect("loadgen");
     stop(&mut edge);
     assert!(status.success());
-    let dir = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let (_, v) = result(&out);
     assert_eq!(v["connections"], 500);
     assert_eq!(v["lost"]["gift"], 0, "{v}");
     assert_eq!(v["lost"]["chat"], 0, "{v}");
@@ -89,9 +85,7 @@ fn batched_chat_is_sampled_and_nothing_accepted_is_lost() {
         .expect("loadgen");
     stop(&mut edge);
     assert!(status.success());
-    let dir = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let (_, v) = result(&out);
     let published = |k: &str| v["published"][k].as_u64().unwrap();
     assert_eq!(published("gift"), 30, "{v}");
     assert!(published("chat") > 0, "{v}");
@@ -103,6 +97,13 @@ fn batched_chat_is_sampled_and_nothing_accepted_is_lost() {
     assert_eq!(v["lost"]["chat"], 0, "sampled-out chat is not lost: {v}");
     assert_eq!(v["deliveries"].as_u64().unwrap(), 500 * (published("gift") + published("chat")), "{v}");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The one run's folder under `out` and its result.json.
+fn result(out: &std::path::Path) -> (std::path::PathBuf, serde_json::Value) {
+    let dir = std::fs::read_dir(out).unwrap().next().unwrap().unwrap().path();
+    let v = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    (dir, v)
 }
 
 /// Starts an edge with `args` (later flags win) on its own data directory; returns it and its

@@ -1024,6 +1024,20 @@ fn the_budget_narrows_windows_only_on_measured_unsaturated_shards() {
     assert!(narrow < rule, "measured, CPU to spare: the budget narrows it ({narrow:?} < {rule:?})");
 }
 
+/// The batches delivered since the last look, as (messages, online count).
+fn online_pushes(bus: &mut H) -> Vec<(usize, Option<u64>)> {
+    bus.drain()
+        .into_iter()
+        .filter_map(|c| match c {
+            ShardCmd::Deliver(d) => match decode(d.frames[0].as_ref().unwrap()) {
+                ServerMsg::Batch { messages, online, .. } => Some((messages.len(), online)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// Online counts: a change is pushed no sooner than the interval after the last push, a burst
 /// of joins and leaves costs one push per interval, an unchanged count is not pushed again,
 /// and a pending batch carries the count instead of a batch of its own.
@@ -1039,18 +1053,6 @@ fn online_counts_are_pushed_on_change_at_most_once_per_interval() {
         ShardCmd::JoinAck(a) => assert_eq!(a.online, Some(1), "the joiner is told at once"),
         _ => panic!("expected JoinAck"),
     }
-    let online_pushes = |bus: &mut H| -> Vec<(usize, Option<u64>)> {
-        bus.drain()
-            .into_iter()
-            .filter_map(|c| match c {
-                ShardCmd::Deliver(d) => match decode(d.frames[0].as_ref().unwrap()) {
-                    ServerMsg::Batch { messages, online, .. } => Some((messages.len(), online)),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect()
-    };
     let now = bus.now;
     bus.e.poll(now, &mut bus.out);
     assert_eq!(online_pushes(&mut bus), vec![(0, Some(1))]);
@@ -1100,25 +1102,13 @@ fn a_large_silent_room_gets_count_only_batches_less_often() {
     cfg.presence.max_writes_per_s = 10.0;
     let (mut bus, ()) = setup_with(cfg);
     let room: RoomName = "big".into();
-    let pushes = |bus: &mut H| -> Vec<(usize, Option<u64>)> {
-        bus.drain()
-            .into_iter()
-            .filter_map(|c| match c {
-                ShardCmd::Deliver(d) => match decode(d.frames[0].as_ref().unwrap()) {
-                    ServerMsg::Batch { messages, online, .. } => Some((messages.len(), online)),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect()
-    };
     for _ in 0..20 {
         join(&mut bus, &room, Subprotocol::Json, None);
     }
     let _acks = bus.drain();
     let now = bus.now;
     bus.e.poll(now, &mut bus.out);
-    assert_eq!(pushes(&mut bus), vec![(0, Some(20))], "the first count goes at once");
+    assert_eq!(online_pushes(&mut bus), vec![(0, Some(20))], "the first count goes at once");
     let shown_at = bus.now;
     // A leave: the step comes each interval, but the count-only batch waits for 2 s.
     bus.handle(EngineCmd::Left { room: room.clone() });
@@ -1127,7 +1117,7 @@ fn a_large_silent_room_gets_count_only_batches_less_often() {
         bus.sleep(Duration::from_millis(100));
         let now = bus.now;
         bus.e.poll(now, &mut bus.out);
-        for p in pushes(&mut bus) {
+        for p in online_pushes(&mut bus) {
             seen.push((bus.now.duration_since(shown_at), p));
         }
     }
@@ -1143,7 +1133,7 @@ fn a_large_silent_room_gets_count_only_batches_less_often() {
     bus.sleep(Duration::from_millis(50));
     let now = bus.now;
     bus.e.poll(now, &mut bus.out);
-    assert_eq!(pushes(&mut bus), vec![(1, Some(18))]);
+    assert_eq!(online_pushes(&mut bus), vec![(1, Some(18))]);
 }
 
 /// A conflated kind: within a window a newer message replaces the older one of the same key
