@@ -47,6 +47,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsConfig>,
     /// `[drain]`: how a draining edge sends its clients away.
     pub drain: DrainConfig,
+    /// `[dispatch]`: what this edge tells dispatch about its capacity.
+    pub dispatch: DispatchConfig,
     /// `[ws]`: the WebSocket listener's bounds, origins and signalling limits.
     pub ws: WsConfig,
     /// `[fanout]`: how rooms' messages are merged into frames.
@@ -620,6 +622,17 @@ impl Default for DrainConfig {
     }
 }
 
+/// `[dispatch]`: what this edge reports to dispatch besides what it measures (connections
+/// against its descriptor tables, frames a second against its shards' measured capacity).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// The bytes a second this edge's link carries out (a 10 Gbit/s NIC: 1250000000): dispatch
+    /// then weighs the bytes the edge writes against it. 0 (default): bandwidth is reported,
+    /// not weighed (nothing on the box says what share of a shared link is this edge's).
+    pub egress_bytes_per_s: f64,
+}
+
 /// `[ws]`: the WebSocket listener's bounds, timeouts, origins and signalling limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -860,6 +873,7 @@ impl Default for Config {
             tls: None,
             admin_token: None,
             drain: DrainConfig::default(),
+            dispatch: DispatchConfig::default(),
             ws: WsConfig::default(),
             fanout: FanoutConfig::default(),
             send: SendConfig::default(),
@@ -1103,6 +1117,9 @@ impl Config {
         }
         if self.presence.ttl_ms < 3_000 || self.presence.ttl_ms > 3_600_000 {
             return Err(invalid("presence.ttl_ms", "must be between 3000 and 3600000"));
+        }
+        if !(self.dispatch.egress_bytes_per_s.is_finite() && self.dispatch.egress_bytes_per_s >= 0.0) {
+            return Err(invalid("dispatch.egress_bytes_per_s", "must be a finite number, 0 or more"));
         }
         if self.presence.interval_ms > 0 && self.presence.interval_ms < 100 {
             return Err(invalid("presence.interval_ms", "must be 0 (off) or at least 100"));

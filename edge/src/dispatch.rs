@@ -60,6 +60,13 @@ pub struct EdgeLoad {
     pub frames_per_s: f64,
     /// Bytes it wrote per second since its previous report.
     pub bytes_per_s: f64,
+    /// Frames a second its shards could write with all the CPU they can get, as they measure
+    /// it (0: not measured yet, or an edge from before this field).
+    #[serde(default)]
+    pub frames_capacity_per_s: f64,
+    /// Bytes a second its link carries (`dispatch.egress_bytes_per_s`; 0: not configured).
+    #[serde(default)]
+    pub egress_capacity_bytes_per_s: f64,
     /// Its health policy's verdict: an overloaded edge gets no new clients.
     pub health: EdgeHealth,
     /// Shutting down: dispatch sends it no new clients.
@@ -69,11 +76,17 @@ pub struct EdgeLoad {
 }
 
 impl EdgeLoad {
-    /// Load in [0, inf): connection fill (connections / capacity) plus a health penalty (0.5
-    /// degraded, 10 overloaded; an overloaded edge is not [`eligible`](Self::eligible) anyway).
-    /// `frames_per_s` and `bytes_per_s` are reported, not weighed.
+    /// Load in [0, inf): the fullest of its resources, plus a health penalty (0.5 degraded, 10
+    /// overloaded; an overloaded edge is not [`eligible`](Self::eligible) anyway). Resources:
+    /// connections (against its descriptor tables), packets (frames written a second against
+    /// what its shards measured they can write: an edge holding one hot room is busy with few
+    /// connections) and bandwidth (bytes a second against its link, when configured). The
+    /// fullest one decides, as it is the one a new client would run out of.
     pub fn score(&self) -> f64 {
-        let fill = self.connections as f64 / self.capacity.max(1) as f64;
+        let ratio = |used: f64, cap: f64| if cap > 0.0 { used / cap } else { 0.0 };
+        let fill = (self.connections as f64 / self.capacity.max(1) as f64)
+            .max(ratio(self.frames_per_s, self.frames_capacity_per_s))
+            .max(ratio(self.bytes_per_s, self.egress_capacity_bytes_per_s));
         let health = match self.health {
             EdgeHealth::Ok => 0.0,
             EdgeHealth::Degraded => 0.5,
@@ -145,6 +158,8 @@ mod tests {
             capacity: 1000,
             frames_per_s: 0.0,
             bytes_per_s: 0.0,
+            frames_capacity_per_s: 0.0,
+            egress_capacity_bytes_per_s: 0.0,
             health: EdgeHealth::Ok,
             draining: false,
             at_ms: 1000,
@@ -185,6 +200,36 @@ mod tests {
         let (a, b, c) = (total("a", 100), total("b", 110), total("c", 120));
         assert!(a.abs_diff(b) < 40 && b.abs_diff(c) < 40 && a.abs_diff(c) < 40, "{a} {b} {c}");
         assert!(counts.len() == 3, "{counts:?}");
+    }
+
+    /// An edge with few connections but busy writing (a hot room) or near its link's limit
+    /// is fuller than one with more connections and idle shards; capacities not known (0)
+    /// are not weighed.
+    #[test]
+    fn packets_and_bandwidth_count_as_well_as_connections() {
+        let many = edge("many", 500);
+        let mut busy = edge("busy", 100);
+        busy.frames_per_s = 180_000.0;
+        busy.frames_capacity_per_s = 200_000.0;
+        assert!(busy.score() > many.score(), "{} vs {}", busy.score(), many.score());
+        let mut link = edge("link", 100);
+        link.bytes_per_s = 1.0e9;
+        link.egress_capacity_bytes_per_s = 1.25e9;
+        assert!(link.score() > many.score());
+        let mut unknown = edge("unknown", 100);
+        unknown.frames_per_s = 180_000.0;
+        unknown.bytes_per_s = 1.0e9;
+        assert!(unknown.score() < many.score(), "unmeasured capacities are not weighed");
+        let mut d = Dispatcher::default();
+        let edges = vec![many, busy, link];
+        // Whichever it is drawn against, "many" wins.
+        for r in [0.1, 0.5, 0.9] {
+            assert_eq!(d.pick(&edges, 1500, 600, r, 0.0).unwrap().id, "many", "r = {r}");
+        }
+        // A report from an edge without the new fields still reads (rolling upgrades).
+        let old = r#"{"id":"o","ws_url":"ws://o/ws","connections":1,"capacity":10,"frames_per_s":5.0,"bytes_per_s":9.0,"health":"ok","draining":false,"at_ms":1}"#;
+        let e: EdgeLoad = serde_json::from_str(old).unwrap();
+        assert_eq!((e.frames_capacity_per_s, e.egress_capacity_bytes_per_s), (0.0, 0.0));
     }
 
     #[test]

@@ -398,6 +398,8 @@ fn main() -> anyhow::Result<()> {
                 edge.metrics.clone(),
                 edge.kernel.clone(),
                 edge.capacity,
+                edge.load.clone(),
+                cfg.dispatch.egress_bytes_per_s,
                 draining.clone(),
                 report_rx,
             ));

@@ -52,6 +52,8 @@ pub struct Edge {
     pub moderation: Arc<crate::moderation::Moderation>,
     /// `[tls]`: the shards' TLS (reload it on SIGHUP: [`crate::tls::Tls::reload`]); None: ws.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The shards' measured capacity and load, as the engines' latency controller sees them.
+    pub load: Arc<LoadBoard>,
 }
 
 impl Edge {
@@ -315,6 +317,7 @@ impl Edge {
             store: store_ref,
             moderation,
             tls,
+            load,
         })
     }
 
@@ -356,6 +359,8 @@ pub async fn report_load(
     metrics: Arc<Metrics>,
     kernel: Arc<KernelView>,
     capacity: u64,
+    board: Arc<LoadBoard>,
+    egress_bytes_per_s: f64,
     draining: Arc<std::sync::atomic::AtomicBool>,
     mut now: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
 ) {
@@ -377,6 +382,8 @@ pub async fn report_load(
             capacity,
             frames_per_s: frames.saturating_sub(last_frames) as f64 / dt,
             bytes_per_s: bytes.saturating_sub(last_bytes) as f64 / dt,
+            frames_capacity_per_s: board.capacity(),
+            egress_capacity_bytes_per_s: egress_bytes_per_s,
             health: kernel.status(),
             draining: draining.load(std::sync::atomic::Ordering::Relaxed),
             at_ms: crate::bus::now_us() / 1000,
