@@ -142,3 +142,58 @@ fn an_unusable_advertised_address_is_refused_with_a_shared_bus_and_warned_about_
     assert!(err.contains("no advertise URL"), "{err}");
     assert!(err.contains("loopback dispatch URL"), "{err}");
 }
+
+/// Dispatch weighs bandwidth, not only connections: an edge writing more bytes a second than
+/// its `dispatch.egress_bytes_per_s` is fuller than one holding more (idle) connections, so
+/// new clients go to the other one (by power of two choices: whenever it is drawn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_near_its_link_limit_gets_fewer_new_clients_than_connections_alone_would_give_it() {
+    let redis = RedisProc::start();
+    let bus = redis.url();
+    let cfg = config("dispatch-egress", "[dispatch]\negress_bytes_per_s = 2000\n");
+    let busy = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "10", "--bus", &bus, "--config", &cfg]);
+    let idle = EdgeProc::start(&["--shards", "1", "--bus", &bus]);
+    // The busy edge holds one member, the idle one three: by connections alone, the busy one
+    // is the lighter.
+    let mut member = connect(&busy.url("?room=hot"), None).await;
+    expect_joined(&mut member, "hot").await;
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(&idle.url("?room=quiet"), None).await;
+        expect_joined(&mut ws, "quiet").await;
+        others.push(ws);
+    }
+    // About 10 KB a second to the busy edge's member, five times its link, for the test's length.
+    let p = Publisher::new(busy.http);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pumping = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                p.publish("hot", "chat", serde_json::json!("x".repeat(500))).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let reader = tokio::spawn(async move { while next_msg_within(&mut member, Duration::from_secs(5)).await.is_some() {} });
+    // Two reports (one a second) so that the busy edge's bytes/s covers a whole second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (mut to_busy, mut to_idle) = (0, 0);
+    for _ in 0..100 {
+        let (status, _, body) = get(&format!("http://{}/v1/route?room=new", idle.http), None).await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let url = v["url"].as_str().unwrap();
+        if url.contains(&busy.ws.to_string()) {
+            to_busy += 1;
+        } else if url.contains(&idle.ws.to_string()) {
+            to_idle += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = pumping.await;
+    reader.abort();
+    // Two edges, two draws: the lighter one wins unless both draws are the other (1 in 4).
+    assert_eq!(to_busy + to_idle, 100);
+    assert!(to_idle >= 55, "the edge past its link limit should lose most draws: {to_busy} busy, {to_idle} idle");
+}
