@@ -788,8 +788,8 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// Most messages in one `POST /v1/messages` batch (400 above).
     pub max_batch: usize,
-    /// Largest `POST /v1/messages` body (413 above); each message in it is held to
-    /// `max_body_bytes` as well.
+    /// Largest `POST /v1/messages` body (413 above), and never less than `max_body_bytes` (a
+    /// batch can always hold one message); each message in it is held to `max_body_bytes`.
     pub max_batch_bytes: usize,
     /// Threads of the HTTP runtime (publish API, metrics). Never the shards' CPUs' work.
     pub threads: usize,
@@ -1253,8 +1253,8 @@ impl Config {
         if self.ingest.max_batch == 0 || self.ingest.max_batch > 100_000 {
             return Err(invalid("ingest.max_batch", "must be between 1 and 100000"));
         }
-        if self.ingest.max_batch_bytes < self.ingest.max_body_bytes || self.ingest.max_batch_bytes > 64 * 1024 * 1024 {
-            return Err(invalid("ingest.max_batch_bytes", "must be between ingest.max_body_bytes and 67108864"));
+        if self.ingest.max_batch_bytes < 256 || self.ingest.max_batch_bytes > 64 * 1024 * 1024 {
+            return Err(invalid("ingest.max_batch_bytes", "must be between 256 and 67108864"));
         }
         if self.ingest.threads == 0 || self.ingest.threads > 64 {
             return Err(invalid("ingest.threads", "must be between 1 and 64"));

@@ -317,9 +317,19 @@ impl BodyRefusal {
     }
 }
 
+/// A request must be a JSON object: serde would also take a struct's fields as a positional
+/// array (`["gift", "alice", 1]`), which the API does not promise and whose errors confuse.
+fn object_only(bytes: &[u8]) -> Result<(), BodyRefusal> {
+    match bytes.trim_ascii_start().first() {
+        Some(b'{') => Ok(()),
+        _ => Err(BodyRefusal::Json("expected a JSON object".into())),
+    }
+}
+
 impl PublishRequest {
     /// Step one: the JSON and the kind's name.
     pub fn parse(bytes: &[u8]) -> Result<Self, BodyRefusal> {
+        object_only(bytes)?;
         let req: Self = serde_json::from_slice(bytes).map_err(|e| BodyRefusal::Json(e.to_string()))?;
         validate_kind(&req.kind).map_err(BodyRefusal::Kind)?;
         Ok(req)
@@ -352,6 +362,23 @@ async fn publish(State(st): State<AppState>, Path(room): Path<String>, request: 
     let outcome = if answer.status() == StatusCode::OK { "accepted" } else { "refused" };
     st.metrics.bus.publish_seconds.with_label_values(&[outcome]).observe(started.elapsed().as_secs_f64());
     answer
+}
+
+/// A body that could not be read: over its bound (413, naming the setting), or cut short (400).
+/// Counted.
+fn body_refused(
+    st: &AppState,
+    rejection: &axum::extract::rejection::BytesRejection,
+    key: &str,
+    limit: usize,
+) -> Response {
+    let too_large = rejection.status() == StatusCode::PAYLOAD_TOO_LARGE;
+    st.metrics.bus.publish_rejected.with_label_values(&[if too_large { "too_large" } else { "bad_body" }]).inc();
+    if too_large {
+        error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes ({key})"))
+    } else {
+        error(rejection.status(), format!("cannot read the body: {}", rejection.body_text()))
+    }
 }
 
 /// The caller's publish key (None: keys are off), or the refusal to answer (counted).
@@ -409,8 +436,7 @@ async fn publish_inner(st: &AppState, room: String, request: Request) -> Respons
         Ok(b) => b,
         Err(rejection) => {
             // Over ingest.max_body_bytes (413), or a body that could not be read.
-            reject(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_body" });
-            return rejection.into_response();
+            return body_refused(st, &rejection, "ingest.max_body_bytes", st.batch.max_message_bytes);
         }
     };
     let refused = |r: BodyRefusal| {
@@ -552,15 +578,17 @@ async fn publish_batch_inner(st: &AppState, request: Request) -> Response {
     let body = match Bytes::from_request(request, st).await {
         Ok(b) => b,
         Err(rejection) => {
-            reject(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_body" });
-            return rejection.into_response();
+            return body_refused(st, &rejection, "ingest.max_batch_bytes", st.batch.max_bytes);
         }
     };
-    let batch: BatchBody<'_> = match serde_json::from_slice(&body) {
+    let batch: BatchBody<'_> = match object_only(&body)
+        .map_err(|r| r.message())
+        .and_then(|()| serde_json::from_slice(&body).map_err(|e| format!("bad JSON: {e}")))
+    {
         Ok(b) => b,
-        Err(e) => {
+        Err(why) => {
             reject("bad_json");
-            return error(StatusCode::BAD_REQUEST, format!("bad JSON: {e} (expected {{\"messages\": [..]}})"));
+            return error(StatusCode::BAD_REQUEST, format!("{why} (expected {{\"messages\": [..]}})"));
         }
     };
     if batch.messages.len() > st.batch.max_messages {
@@ -632,6 +660,9 @@ fn admit(
             StatusCode::PAYLOAD_TOO_LARGE,
             serde_json::json!({ "error": format!("message over {} bytes (ingest.max_body_bytes)", st.batch.max_message_bytes) }),
         ));
+    }
+    if let Err(r) = object_only(raw.get().as_bytes()) {
+        return bad(r.reason(), r.message());
     }
     let item: BatchItem = match serde_json::from_str(raw.get()) {
         Ok(i) => i,

@@ -443,7 +443,7 @@ fn main() -> anyhow::Result<()> {
         max_ban_s: cfg.moderation.max_ban_s,
         batch: ingest::BatchLimits {
             max_messages: cfg.ingest.max_batch,
-            max_bytes: cfg.ingest.max_batch_bytes,
+            max_bytes: cfg.ingest.max_batch_bytes.max(cfg.ingest.max_body_bytes),
             max_message_bytes: cfg.ingest.max_body_bytes,
         },
     };

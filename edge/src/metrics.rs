@@ -482,7 +482,7 @@ impl Metrics {
             publish_seconds: {
                 let opts = HistogramOpts::new(
                     "publish_duration_seconds",
-                    "Publish API requests from their arrival to their answer (a must-deliver message is answered once stored), by outcome: accepted (200) or refused (any other status) for one message, batch for POST /v1/messages (each of its refused messages is counted in publish_rejected_total).",
+                    "Publish API requests from their arrival to their answer (a must-deliver message is answered once stored), by outcome: accepted (200) or refused (any other status) for one message, batch for POST /v1/messages (its messages refused are counted as single ones are: publish_rejected_total, or messages_dropped_total for rate limits and sampling).",
                 )
                 .namespace("roomcast")
                 .buckets(vec![

@@ -75,8 +75,12 @@ pub fn render(k: &Value, prev: Option<(&Value, f64)>, http: SocketAddr) -> Strin
             per_s("slow_consumer_closes"),
         ));
         for r in k["top_rooms"].as_array().into_iter().flatten().take(5) {
+            let shown = match r["sampling_visible_rate"].as_f64() {
+                Some(v) => format!("  chat shown {v:.1}/s"),
+                None => String::new(),
+            };
             o.push_str(&format!(
-                "  {:<24} {:>8} members {:>8.1} msgs/s  window {} ms\n",
+                "  {:<24} {:>8} members {:>8.1} msgs/s  window {} ms{shown}\n",
                 r["room"].as_str().unwrap_or("?"),
                 r["members"],
                 num(&r["publish_rate"]),

@@ -144,13 +144,50 @@ async fn a_batch_is_held_to_keys_and_bounds() {
     }
     let (s, v) = p.post_with("/v1/messages", vec![b'['; 2 << 20], &auth).await;
     assert_eq!(s, 413, "over ingest.max_batch_bytes: {v}");
+    assert!(v["error"].as_str().unwrap().contains("ingest.max_batch_bytes"), "{v}");
+    // A message's fields as a positional array are not a message (nor is the batch one).
+    let (s, v) = batch(&p, &json!([["shop-1", "gift", "", 1]]), &auth).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["results"][0]["status"], 400, "{v}");
+    assert!(v["results"][0]["error"].as_str().unwrap().contains("JSON object"), "{v}");
+    let (s, v) = p.post_with("/v1/messages", json!([["shop-1", "gift", "", 1]]).to_string().into_bytes(), &auth).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = p.post_with("/v1/rooms/shop-1/messages", json!(["gift", "", 1]).to_string().into_bytes(), &auth).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("JSON object"), "{v}");
+    // One message over ingest.max_body_bytes on its own endpoint: JSON naming the setting.
+    let body = json!({ "kind": "chat", "body": "x".repeat(2000) }).to_string().into_bytes();
+    let (s, v) = p.post_with("/v1/rooms/shop-1/messages", body, &auth).await;
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("ingest.max_body_bytes"), "{v}");
+}
+
+/// A batch larger than an engine's mailbox (8,192 commands) on an idle edge: every message is
+/// published, in order, not the first 8,192 and 503 for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_engine_mailbox_is_published_whole() {
+    let cfg = config(
+        "batch-big",
+        "[ingest]\nmax_batch = 20000\nmax_batch_bytes = 4194304\n[limits]\nmust_deliver_room_burst = 20000\n",
+    );
+    let edge = EdgeProc::start(&["--shards", "1", "--no-store", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    let msgs: Vec<Value> = (0..12_000).map(|n| json!({ "room": "big", "kind": "gift", "body": n })).collect();
+    let (s, v) = batch(&p, &Value::Array(msgs), &[]).await;
+    assert_eq!(s, 200);
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 12_000);
+    let refused: Vec<&Value> = r.iter().filter(|x| x["status"] != 200).take(3).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let seqs: Vec<u64> = r.iter().map(|x| x["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] + 1 == w[1]), "numbered in the batch's order");
 }
 
 #[test]
 fn batch_bounds_in_the_config_are_checked() {
     for (text, key) in [
         ("[ingest]\nmax_batch = 0\n", "ingest.max_batch"),
-        ("[ingest]\nmax_body_bytes = 4096\nmax_batch_bytes = 1024\n", "ingest.max_batch_bytes"),
+        ("[ingest]\nmax_batch_bytes = 100\n", "ingest.max_batch_bytes"),
     ] {
         let cfg = config("batch-cfg", text);
         let out = std::process::Command::new(edge_bin()).args(["--check-config", "--config", &cfg]).output().unwrap();

@@ -175,7 +175,8 @@ async fn an_edge_near_its_link_limit_gets_fewer_new_clients_than_connections_alo
             }
         })
     };
-    let reader = tokio::spawn(async move { while next_msg_within(&mut member, Duration::from_secs(5)).await.is_some() {} });
+    let reader =
+        tokio::spawn(async move { while next_msg_within(&mut member, Duration::from_secs(5)).await.is_some() {} });
     // Two reports (one a second) so that the busy edge's bytes/s covers a whole second.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (mut to_busy, mut to_idle) = (0, 0);

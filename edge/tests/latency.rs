@@ -68,6 +68,7 @@ async fn delivery_latency_and_capacity_are_measured() {
     assert!(k["totals"]["messages_in"].as_f64().unwrap() >= 160.0, "{}", k["totals"]);
     assert_eq!(k["top_rooms"][0]["room"], "lat");
     assert_eq!(k["top_rooms"][0]["members"], 8);
+    assert!(k["top_rooms"][0]["sampling_visible_rate"].is_null(), "a room of 8 is not sampled");
 }
 
 /// The merge window is part of what a member waits: with a 300 ms window, a gift alone in its

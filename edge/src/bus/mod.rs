@@ -510,6 +510,8 @@ pub struct RoomBrief {
     pub publish_rate: f64,
     /// The merge window the room uses now.
     pub window_ms: u64,
+    /// Droppable messages a second the room shows while sampled (None: not sampled).
+    pub sampling_visible_rate: Option<f64>,
     /// Last seq assigned.
     pub seq: u64,
 }
@@ -791,45 +793,64 @@ impl BusHandle {
 
 impl BusHandle {
     /// Publishes several messages and waits for every answer, in order (from async code).
-    /// Every message is handed to its room's engine before any answer is awaited, so a batch
-    /// costs one wait, not one per message, and messages to one room keep the batch's order
-    /// (an engine's mailbox is a queue). Once an engine's mailbox is full, that message and
-    /// every one after it are refused as busy without being sent, so that none sent after a
-    /// refused one overtakes it when the publisher retries.
+    /// Every message is handed to its room's engine before its answer is awaited, so a batch
+    /// costs about one wait, not one per message, and messages to one room keep the batch's
+    /// order (an engine's mailbox is a queue). A mailbox filled by the batch itself (more
+    /// messages than it holds) is waited on: the batch's oldest message still unanswered is
+    /// awaited, which frees its place, and the next is sent. A mailbox full while none of the
+    /// batch is in flight is an engine behind: that message and every one after it are
+    /// refused as busy without being sent (each counted), so that none sent after a refused
+    /// one overtakes it when the publisher retries.
     pub async fn publish_many(
         &self,
         msgs: impl IntoIterator<Item = (RoomName, NewMessage)>,
     ) -> Vec<Result<Ack, PublishError>> {
-        let mut waits = Vec::new();
+        type Answer = tokio::sync::oneshot::Receiver<Result<Ack, PublishError>>;
+        let mut answers: Vec<Option<Result<Ack, PublishError>>> = Vec::new();
+        let mut in_flight: std::collections::VecDeque<(usize, Answer)> = std::collections::VecDeque::new();
         let mut refused: Option<PublishError> = None;
         for (room, msg) in msgs {
+            let i = answers.len();
+            answers.push(None);
             if let Some(e) = &refused {
-                waits.push(Err(e.clone()));
+                if matches!(e, PublishError::Busy { .. }) {
+                    self.rejected_busy.inc();
+                }
+                answers[i] = Some(Err(e.clone()));
                 continue;
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
-            match self.try_send(EngineCmd::Publish { room, msg: Box::new(msg), reply: Reply::Http(tx) }) {
-                Ok(()) => waits.push(Ok(rx)),
-                Err((MailError::Full, _)) => {
-                    self.rejected_busy.inc();
-                    let e = PublishError::Busy { retry_after_ms: 100 };
-                    refused = Some(e.clone());
-                    waits.push(Err(e));
-                }
-                Err((MailError::Gone, _)) => {
-                    refused = Some(PublishError::ShuttingDown);
-                    waits.push(Err(PublishError::ShuttingDown));
+            let mut cmd = EngineCmd::Publish { room, msg: Box::new(msg), reply: Reply::Http(tx) };
+            loop {
+                match self.try_send(cmd) {
+                    Ok(()) => {
+                        in_flight.push_back((i, rx));
+                        break;
+                    }
+                    Err((MailError::Full, back)) => {
+                        if let Some((j, oldest)) = in_flight.pop_front() {
+                            answers[j] = Some(oldest.await.unwrap_or(Err(PublishError::ShuttingDown)));
+                            cmd = back;
+                            continue;
+                        }
+                        self.rejected_busy.inc();
+                        let e = PublishError::Busy { retry_after_ms: 100 };
+                        answers[i] = Some(Err(e.clone()));
+                        refused = Some(e);
+                        break;
+                    }
+                    Err((MailError::Gone, _)) => {
+                        answers[i] = Some(Err(PublishError::ShuttingDown));
+                        refused = Some(PublishError::ShuttingDown);
+                        break;
+                    }
                 }
             }
         }
-        let mut answers = Vec::with_capacity(waits.len());
-        for w in waits {
-            answers.push(match w {
-                Ok(rx) => rx.await.unwrap_or(Err(PublishError::ShuttingDown)),
-                Err(e) => Err(e),
-            });
+        for (j, rx) in in_flight {
+            answers[j] = Some(rx.await.unwrap_or(Err(PublishError::ShuttingDown)));
         }
-        answers
+        answers.into_iter().map(|a| a.unwrap_or(Err(PublishError::ShuttingDown))).collect()
     }
 }
 
@@ -890,6 +911,44 @@ mod tests {
         assert_eq!(engine_of("lobby", 1), 0);
         assert_eq!(engine_of("lobby", 80), engine_of("lobby", 80));
         assert!((0..1000).all(|n| engine_of(&n.to_string(), 80) < 80));
+    }
+
+    /// A batch larger than the engine's mailbox waits for its own earlier messages to be
+    /// answered instead of refusing the rest; a mailbox full of other work refuses the message
+    /// and all after it, each counted.
+    #[tokio::test]
+    async fn a_batch_waits_on_itself_but_not_on_an_engine_behind() {
+        let (tx, rx) = crossbeam_channel::bounded::<Mail>(4);
+        let mb = Mailbox::new(tx, Arc::new(crate::sys::eventfd().unwrap()), Arc::new(AtomicBool::new(false)));
+        let busy = prometheus::IntCounter::new("busy", "busy").unwrap();
+        let bus = BusHandle::new(vec![mb], busy.clone());
+        let msg = |n: u64| NewMessage { kind: "gift".into(), user: String::new(), body: n.to_string(), idem: None };
+        // An engine that numbers what it gets, until told to stop answering.
+        let engine = std::thread::spawn(move || {
+            let mut seq = 0;
+            while let Ok(mail) = rx.recv() {
+                if let Mail::Engine(EngineCmd::Publish { reply: Reply::Http(tx), .. }) = mail {
+                    seq += 1;
+                    let _ = tx.send(Ok(Ack { seq, ts_us: seq, replayed: false }));
+                }
+            }
+        });
+        let answers = bus.publish_many((0..50).map(|n| (RoomName::from("r"), msg(n)))).await;
+        let seqs: Vec<u64> = answers.iter().map(|a| a.as_ref().map(|ack| ack.seq).unwrap()).collect();
+        assert_eq!(seqs, (1..=50).collect::<Vec<u64>>(), "all 50 through a mailbox of 4, in order");
+        assert_eq!(busy.get(), 0);
+        drop(bus);
+        engine.join().unwrap();
+
+        // A mailbox already full with others' work: refused, every one counted.
+        let (tx, _rx) = crossbeam_channel::bounded::<Mail>(1);
+        let mb = Mailbox::new(tx, Arc::new(crate::sys::eventfd().unwrap()), Arc::new(AtomicBool::new(false)));
+        let bus = BusHandle::new(vec![mb], busy.clone());
+        let (otx, _orx) = tokio::sync::oneshot::channel();
+        assert!(bus.try_send(EngineCmd::RoomStats { room: "r".into(), reply: otx }).is_ok());
+        let answers = bus.publish_many((0..3).map(|n| (RoomName::from("r"), msg(n)))).await;
+        assert!(answers.iter().all(|a| matches!(a, Err(PublishError::Busy { .. }))), "{answers:?}");
+        assert_eq!(busy.get(), 3);
     }
 
     /// A full engine mailbox refuses a publish at once (503 + Retry-After), counted, and hands

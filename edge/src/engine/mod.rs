@@ -866,10 +866,17 @@ impl Engine {
                     members: r.members,
                     publish_rate: rate,
                     window_ms: self.window_of(rate, r.members).as_millis() as u64,
+                    sampling_visible_rate: self.sampling_of(r, rate),
                     seq: r.seq,
                 }
             })
             .collect()
+    }
+
+    /// The droppable messages a second the room shows while it is sampled (None: not sampled).
+    fn sampling_of(&self, r: &room::Room, rate: f64) -> Option<f64> {
+        ((self.sampling || r.demand_sampling) && rate >= room::HOT_ROOM_RATE)
+            .then(|| adaptive::visible_rate(&self.cfg.adaptive, r.members))
     }
 
     fn room_stats(&self, room: &str, now: Instant) -> Option<RoomStats> {
@@ -885,8 +892,7 @@ impl Engine {
             shards_rkyv: r.interest[1].len(),
             shards_sse: r.interest[2].len(),
             window_ms: self.window_of(rate, r.members).as_millis() as u64,
-            sampling_visible_rate: ((self.sampling || r.demand_sampling) && rate >= room::HOT_ROOM_RATE)
-                .then(|| adaptive::visible_rate(&self.cfg.adaptive, r.members)),
+            sampling_visible_rate: self.sampling_of(r, rate),
             members: r.members,
             online: r.online(),
             history_must_deliver: md,

@@ -410,6 +410,10 @@ fn a_room_whose_demand_is_over_budget_is_sampled_without_backlog() {
     bus.e.control(now);
     let stats = bus.room_stats("big").unwrap();
     assert!(stats.sampling_visible_rate.is_some());
+    // And the dashboard's rooms table (`top_rooms`) says the same.
+    let now = bus.now;
+    let top = bus.e.top_rooms(1, now);
+    assert_eq!(top[0].sampling_visible_rate, stats.sampling_visible_rate);
     assert_eq!(bus.stats.sampling.with_label_values(&["0"]).get(), 1);
     assert_eq!(bus.stats.hot_window_seconds.with_label_values(&["0"]).get(), stats.window_ms as f64 / 1000.0);
     // Gifts are never sampled.
