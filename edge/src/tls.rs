@@ -310,7 +310,8 @@ fn load_pair(files: &TlsConfig, provider: &CryptoProvider) -> Result<(CertifiedK
     let key = PrivateKeyDer::from_pem_slice(&text)
         .map_err(|e| key_err(format!("no PKCS#8, PKCS#1 or SEC1 private key in PEM: {e}")))?;
     // Loaded on its own so that a key whose DER is damaged is reported as the key's fault.
-    let key = provider.key_provider.load_private_key(key).map_err(|e| key_err(format!("not a usable private key: {e}")))?;
+    let key =
+        provider.key_provider.load_private_key(key).map_err(|e| key_err(format!("not a usable private key: {e}")))?;
     let pair = CertifiedKey::new(chain, key);
     // As CertifiedKey::from_der: a key that cannot tell its public half is let through.
     match pair.keys_match() {
@@ -366,8 +367,8 @@ fn read_chain(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 /// The leaf's notBefore/notAfter (the chain is parsed already; this cannot fail on it, but
 /// says so if it does rather than panic).
 fn leaf_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<Validity, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(leaf).map_err(|e| format!("CERTIFICATE 1 is not an X.509 certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("CERTIFICATE 1 is not an X.509 certificate: {e}"))?;
     let v = cert.validity();
     Ok(Validity {
         cert: show(path),
@@ -453,7 +454,8 @@ mod tests {
         let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
         std::fs::write(&c, cert).unwrap();
         std::fs::write(&k, key).unwrap();
-        let e = Tls::load(&TlsConfig { cert: c.clone(), key: k.clone(), http: false }).map(|_| ()).unwrap_err().to_string();
+        let e =
+            Tls::load(&TlsConfig { cert: c.clone(), key: k.clone(), http: false }).map(|_| ()).unwrap_err().to_string();
         let _ = std::fs::remove_dir_all(dir);
         (e, show(&c), show(&k))
     }

@@ -31,6 +31,9 @@ pub struct ServerCert {
     pub spki_der: Vec<u8>,
 }
 
+/// A date: year, month, day (UTC midnight).
+pub type Ymd = (i32, u8, u8);
+
 /// The key algorithm of a server certificate.
 #[derive(Debug, Clone, Copy)]
 pub enum KeyAlg {
@@ -80,13 +83,19 @@ impl TestPki {
         serial: u64,
         cn: &str,
         alg: KeyAlg,
-        not_before: (i32, u8, u8),
-        not_after: (i32, u8, u8),
+        not_before: Ymd,
+        not_after: Ymd,
     ) -> ServerCert {
         self.issue_params(serial, cn, alg, Some((not_before, not_after)))
     }
 
-    fn issue_params(&self, serial: u64, cn: &str, alg: KeyAlg, dates: Option<((i32, u8, u8), (i32, u8, u8))>) -> ServerCert {
+    fn issue_params(
+        &self,
+        serial: u64,
+        cn: &str,
+        alg: KeyAlg,
+        dates: Option<(Ymd, Ymd)>,
+    ) -> ServerCert {
         let key = match alg {
             KeyAlg::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
             KeyAlg::Rsa2048 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048),
