@@ -337,7 +337,7 @@ fn read_chain(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
         }
         let n = chain.len() + 1;
         match x509_parser::parse_x509_certificate(&der) {
-            Ok((rest, _)) if rest.is_empty() => chain.push(CertificateDer::from(der)),
+            Ok(([], _)) => chain.push(CertificateDer::from(der)),
             Ok((rest, _)) => {
                 return Err(format!("CERTIFICATE {n} has {} bytes after the certificate", rest.len()));
             }

@@ -78,24 +78,11 @@ impl TestPki {
 
     /// Like [`issue`](Self::issue), valid only from `not_before` to `not_after` (year, month,
     /// day, UTC midnight): an expired or not-yet-valid certificate for the expiry warnings.
-    pub fn issue_dated(
-        &self,
-        serial: u64,
-        cn: &str,
-        alg: KeyAlg,
-        not_before: Ymd,
-        not_after: Ymd,
-    ) -> ServerCert {
+    pub fn issue_dated(&self, serial: u64, cn: &str, alg: KeyAlg, not_before: Ymd, not_after: Ymd) -> ServerCert {
         self.issue_params(serial, cn, alg, Some((not_before, not_after)))
     }
 
-    fn issue_params(
-        &self,
-        serial: u64,
-        cn: &str,
-        alg: KeyAlg,
-        dates: Option<(Ymd, Ymd)>,
-    ) -> ServerCert {
+    fn issue_params(&self, serial: u64, cn: &str, alg: KeyAlg, dates: Option<(Ymd, Ymd)>) -> ServerCert {
         let key = match alg {
             KeyAlg::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
             KeyAlg::Rsa2048 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048),
