@@ -447,7 +447,8 @@ mod tests {
         (cert, key)
     }
 
-    /// Loads `cert` and `key` (file contents) from a fresh directory named `case`; the error.
+    /// Loads `cert` and `key` (file contents) from a fresh directory named `case` (unique across
+    /// the tests, which run in parallel); the error.
     fn load_err(case: &str, cert: &[u8], key: &[u8]) -> (String, String, String) {
         let dir = std::env::temp_dir().join(format!("roomcast-tls-unit-{case}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -505,7 +506,7 @@ mod tests {
             ("der-unarmoured", der.clone(), "DER without PEM armour"),
         ];
         for (case, file, why) in cases {
-            let (e, c, _) = load_err(case, &file, key_pem.as_bytes());
+            let (e, c, _) = load_err(&format!("cert-{case}"), &file, key_pem.as_bytes());
             assert!(e.starts_with(&format!("tls.cert: {c}: ")), "{case}: {e}");
             assert!(e.contains(why), "{case}: wanted {why:?} in {e}");
         }
@@ -525,12 +526,12 @@ mod tests {
             ("empty", Vec::new(), "no PKCS#8"),
         ];
         for (case, file, why) in cases {
-            let (e, _, k) = load_err(case, cert_pem.as_bytes(), &file);
+            let (e, _, k) = load_err(&format!("key-{case}"), cert_pem.as_bytes(), &file);
             assert!(e.starts_with(&format!("tls.key: {k}: ")), "{case}: {e}");
             assert!(e.contains(why) && !e.contains("does not go with"), "{case}: wanted {why:?} in {e}");
         }
         let (_, other) = pair();
-        let (e, _, k) = load_err("mismatch", cert_pem.as_bytes(), other.serialize_pem().as_bytes());
+        let (e, _, k) = load_err("key-mismatch", cert_pem.as_bytes(), other.serialize_pem().as_bytes());
         assert!(e.starts_with(&format!("tls.key: {k} does not go with tls.cert")), "{e}");
     }
 
