@@ -72,6 +72,8 @@ pub struct AppState {
     pub max_ban_s: u64,
     /// The bounds of `POST /v1/messages`.
     pub batch: BatchLimits,
+    /// `[tls]`: the certificate's dates for /healthz and /metrics (None: plain ws).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl AppState {
@@ -805,6 +807,25 @@ fn edge_health(st: &AppState) -> (HealthReport, &'static str, &'static str, bool
     if draining {
         degrade("draining: out of dispatch, sending goaway".to_owned());
     }
+    // Outside its dates the certificate fails every new wss handshake that checks them (every
+    // browser): members already connected stay, new ones cannot join, so dispatch should prefer
+    // other edges. Degraded rather than overloaded: plain-HTTP work (publish, SSE over http)
+    // still goes on, and the 503 of overloaded would take it out of a load balancer. Close to
+    // expiry it still serves everyone: the WARN and the gauge are for that.
+    if let Some(tls) = &st.tls {
+        let v = tls.validity();
+        match v.state(crate::tls::unix_now()) {
+            crate::tls::CertState::Expired => degrade(format!(
+                "tls.cert {} expired {}: new wss handshakes fail; install a new certificate and send SIGHUP",
+                v.cert, v.not_after_text
+            )),
+            crate::tls::CertState::NotYetValid => degrade(format!(
+                "tls.cert {} is not valid before {}: new wss handshakes fail",
+                v.cert, v.not_before_text
+            )),
+            crate::tls::CertState::Valid | crate::tls::CertState::Expiring => {}
+        }
+    }
     (h, store, bus, draining)
 }
 
@@ -812,6 +833,25 @@ fn edge_health(st: &AppState) -> (HealthReport, &'static str, &'static str, bool
 fn redis_nodes(st: &AppState) -> serde_json::Value {
     let nodes = st.metrics.bus.redis_nodes.nodes();
     if nodes.is_empty() { serde_json::Value::Null } else { serde_json::to_value(nodes).unwrap_or_default() }
+}
+
+/// The certificate's file, dates and state for /healthz (null without TLS).
+fn tls_cert(st: &AppState) -> serde_json::Value {
+    let Some(tls) = &st.tls else { return serde_json::Value::Null };
+    let (v, now) = (tls.validity(), crate::tls::unix_now());
+    let state = match v.state(now) {
+        crate::tls::CertState::Valid => "valid",
+        crate::tls::CertState::Expiring => "expiring",
+        crate::tls::CertState::Expired => "expired",
+        crate::tls::CertState::NotYetValid => "not_yet_valid",
+    };
+    serde_json::json!({
+        "file": v.cert,
+        "not_before": v.not_before_text,
+        "not_after": v.not_after_text,
+        "expires_in_s": v.expires_in_s(now),
+        "state": state,
+    })
 }
 
 async fn healthz(State(st): State<AppState>) -> Response {
@@ -831,6 +871,7 @@ async fn healthz(State(st): State<AppState>) -> Response {
         "connections": st.metrics.connections(),
         "sse_connections": st.metrics.sse_connections(),
         "uptime_s": st.started.elapsed().as_secs(),
+        "tls_cert": tls_cert(&st),
     }));
     (code, body).into_response()
 }
@@ -872,7 +913,8 @@ async fn dashboard_css() -> Response {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     let mut out = String::with_capacity(16384);
-    st.metrics.render(&st.kernel, &edge_health(&st).0, &mut out);
+    let cert = st.tls.as_ref().map(|t| t.validity());
+    st.metrics.render(&st.kernel, &edge_health(&st).0, cert.as_deref(), &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 

@@ -314,7 +314,10 @@ fn main() -> anyhow::Result<()> {
                 (Some(cert), Some(key)) => {
                     let files = edge::tls::TlsConfig { cert: cert.clone(), key: key.clone(), http: true };
                     match edge::tls::Tls::load(&files) {
-                        Ok(t) => Some(Arc::new(t)),
+                        Ok(t) => {
+                            t.log_validity("start");
+                            Some(Arc::new(t))
+                        }
                         Err(e) => {
                             eprintln!("edge dispatch: {e}");
                             std::process::exit(2);
@@ -346,11 +349,21 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     // The same for the TLS certificate and key: a bad file names its key (tls.cert, tls.key).
-    if let Some(files) = &cfg.tls
-        && let Err(e) = edge::tls::Tls::load(files)
-    {
-        eprintln!("edge: invalid configuration: {e}");
-        std::process::exit(2);
+    // An expired certificate is not an invalid configuration (an edge starts with one: the
+    // operator may be mid-rotation), but --check-config says so.
+    if let Some(files) = &cfg.tls {
+        match edge::tls::Tls::load(files) {
+            Err(e) => {
+                eprintln!("edge: invalid configuration: {e}");
+                std::process::exit(2);
+            }
+            Ok(t) if cli.check_config => {
+                if let Some(w) = t.validity().warning(edge::tls::unix_now()) {
+                    eprintln!("edge: warning: {w}");
+                }
+            }
+            Ok(_) => {}
+        }
     }
     if cli.check_config {
         println!("configuration ok");
@@ -446,6 +459,7 @@ fn main() -> anyhow::Result<()> {
             max_bytes: cfg.ingest.max_batch_bytes.max(cfg.ingest.max_body_bytes),
             max_message_bytes: cfg.ingest.max_body_bytes,
         },
+        tls: edge.tls.clone(),
     };
     edge.kernel.set_drain_trigger(state.drain.clone());
     let app = ingest::router(state.clone(), cfg.ingest.max_body_bytes);
@@ -487,7 +501,10 @@ fn main() -> anyhow::Result<()> {
         while hup.recv().await.is_some() {
             match &tls {
                 Some(t) => match t.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes use it"),
+                    Ok(()) => {
+                        tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes use it");
+                        t.log_validity("SIGHUP");
+                    }
                     Err(e) => tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
                 },
                 None => tracing::info!("SIGHUP: nothing to reload (no [tls])"),
@@ -624,7 +641,10 @@ fn dispatch_only(
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
                         match reload.reload() {
-                            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                            Ok(()) => {
+                                tracing::info!("SIGHUP: TLS certificate reloaded");
+                                reload.log_validity("SIGHUP");
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate");
                             }

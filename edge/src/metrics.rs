@@ -731,14 +731,33 @@ impl Metrics {
 
     /// The Prometheus text exposition of every family, the kernel probes' after the edge's.
     /// `health`: the edge's health as a whole (the kernel policy's, with the store and the bus).
-    pub fn render(&self, kernel: &KernelView, health: &HealthReport, out: &mut String) {
+    /// `cert`: the TLS leaf's dates (`roomcast_tls_cert_expiry_seconds`; None: no TLS).
+    pub fn render(
+        &self,
+        kernel: &KernelView,
+        health: &HealthReport,
+        cert: Option<&crate::tls::Validity>,
+        out: &mut String,
+    ) {
         let mut families = self.registry.gather();
         families.extend(kernel_families(kernel.snapshot().as_deref(), health));
+        families.extend(cert.map(|v| tls_cert_family(v, crate::tls::unix_now())));
         let mut buf = Vec::new();
         // Encoding well-formed families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&families, &mut buf);
         out.push_str(&String::from_utf8_lossy(&buf));
     }
+}
+
+/// `roomcast_tls_cert_expiry_seconds`: computed at each scrape, so it counts down between
+/// reloads and follows the file a SIGHUP loaded.
+fn tls_cert_family(v: &crate::tls::Validity, now: i64) -> MetricFamily {
+    family(
+        "tls_cert_expiry_seconds",
+        "Seconds until the TLS leaf certificate's notAfter (negative once expired), for the file labelled; follows SIGHUP reloads. Alert well before 0: at 0 every new wss handshake fails.",
+        MetricType::GAUGE,
+        vec![gauge_m(&[("cert", &v.cert)], v.expires_in_s(now) as f64)],
+    )
 }
 
 fn family(name: &str, help: &str, ty: MetricType, metrics: Vec<Metric>) -> MetricFamily {

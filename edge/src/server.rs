@@ -74,6 +74,8 @@ impl Edge {
                 let tls = crate::tls::Tls::load(files)?;
                 // Which path encrypts: the kernel (kTLS) or each shard in user space.
                 tracing::info!(cert = %files.cert.display(), "TLS (wss) on the WebSocket listener: {}", crate::tls::probe_ktls());
+                // An expired or nearly expired leaf is a WARN, not a refusal (ARCHITECTURE.md).
+                tls.log_validity("start");
                 Some(Arc::new(tls))
             }
             None => None,

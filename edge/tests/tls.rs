@@ -7,7 +7,10 @@
 //!   handshake are closed too; each counted (`tls_error`, `handshake_timeout`), no panic;
 //! - SIGHUP reloads the certificate: connections under way keep going, new ones see the new
 //!   certificate; a bad file keeps the old one;
-//! - the kTLS probe's answer is in the log (this kernel has none: the kTLS path is skipped).
+//! - the kTLS probe's answer is in the log (this kernel has none: the kTLS path is skipped);
+//! - an expired certificate: the edge starts, warns naming the file and the date, exports a
+//!   negative `roomcast_tls_cert_expiry_seconds` and is `degraded`; SIGHUP to a fresh one moves
+//!   the gauge positive and clears the reason.
 
 use std::time::Duration;
 
@@ -244,6 +247,59 @@ async fn sighup_reloads_the_certificate_and_keeps_connections() {
     }
     assert_eq!(gifts(&mut old, 50).await, (1..=50).collect::<Vec<_>>());
     assert_eq!(closed(&p, "tls_error").await, 0.0);
+    drop(edge);
+    let _ = std::fs::remove_dir_all(data);
+}
+
+/// `roomcast_tls_cert_expiry_seconds` (None: not exported).
+async fn cert_expiry(p: &Publisher) -> Option<f64> {
+    let (_, text) = p.get("/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with("roomcast_tls_cert_expiry_seconds{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_warned_about_measured_and_cleared_by_sighup() {
+    let pki = TestPki::new("expired");
+    let old = pki.issue_dated(1, "edge-expired", KeyAlg::EcdsaP256, (2020, 1, 1), (2021, 1, 1));
+    let (cert, key) = (pki.cert_path(), pki.key_path());
+    let data = data_dir("tls-expired");
+    // It starts (an operator may be mid-rotation) ...
+    let (edge, log) = EdgeProc::start_on(&data, &["--shards", "1", "--tls-cert", &cert, "--tls-key", &key], "info");
+    let p = Publisher::new(edge.http);
+    // ... and says so, naming the file and the date.
+    let text = log.lock().unwrap().clone();
+    let warn = text
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&format!("tls.cert: {cert} expired")))
+        .unwrap_or_else(|| panic!("a WARN names the file and says expired: {text}"));
+    assert!(warn.contains("2021"), "the WARN gives the date: {warn}");
+    let left = cert_expiry(&p).await.expect("roomcast_tls_cert_expiry_seconds is exported");
+    assert!(left < 0.0, "expired: the gauge is negative ({left})");
+    // The server still presents it (clients that check dates refuse it: ours does).
+    assert!(pki.try_connect(&wss_url(&edge, ""), None).await.is_err(), "a date-checking client refuses it");
+    let (_, body) = p.get("/healthz").await;
+    let h: serde_json::Value = serde_json::from_str(&body).expect("healthz json");
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["tls_cert"]["state"], "expired", "{h}");
+    assert!(h["reasons"].to_string().contains("expired"), "{h}");
+    drop(old);
+
+    // A fresh certificate and SIGHUP: the gauge goes positive, the reason goes, clients connect.
+    let fresh = pki.issue(2, "edge-fresh", KeyAlg::EcdsaP256);
+    std::process::Command::new("kill").args(["-HUP", &edge.child.id().to_string()]).status().expect("kill");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { cert_expiry(&p).await.is_some_and(|s| s > 0.0) }).await,
+        "after SIGHUP to a fresh certificate the gauge is positive"
+    );
+    let ws = pki.connect(&wss_url(&edge, ""), None).await;
+    assert_eq!(peer_leaf(&ws), Some(fresh.der.clone()));
+    let (_, body) = p.get("/healthz").await;
+    let h: serde_json::Value = serde_json::from_str(&body).expect("healthz json");
+    assert_eq!(h["tls_cert"]["state"], "valid", "{h}");
+    assert!(!h["reasons"].to_string().contains("tls.cert"), "{h}");
+    drop(ws);
     drop(edge);
     let _ = std::fs::remove_dir_all(data);
 }

@@ -31,6 +31,9 @@ pub struct ServerCert {
     pub spki_der: Vec<u8>,
 }
 
+/// A date: year, month, day (UTC midnight).
+pub type Ymd = (i32, u8, u8);
+
 /// The key algorithm of a server certificate.
 #[derive(Debug, Clone, Copy)]
 pub enum KeyAlg {
@@ -70,6 +73,16 @@ impl TestPki {
     /// Issues a server certificate for `localhost` and `127.0.0.1` with this serial and common
     /// name, and writes it (cert.pem, key.pem) where the edge reads them.
     pub fn issue(&self, serial: u64, cn: &str, alg: KeyAlg) -> ServerCert {
+        self.issue_params(serial, cn, alg, None)
+    }
+
+    /// Like [`issue`](Self::issue), valid only from `not_before` to `not_after` (year, month,
+    /// day, UTC midnight): an expired or not-yet-valid certificate for the expiry warnings.
+    pub fn issue_dated(&self, serial: u64, cn: &str, alg: KeyAlg, not_before: Ymd, not_after: Ymd) -> ServerCert {
+        self.issue_params(serial, cn, alg, Some((not_before, not_after)))
+    }
+
+    fn issue_params(&self, serial: u64, cn: &str, alg: KeyAlg, dates: Option<(Ymd, Ymd)>) -> ServerCert {
         let key = match alg {
             KeyAlg::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
             KeyAlg::Rsa2048 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048),
@@ -79,6 +92,10 @@ impl TestPki {
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("server params");
         params.serial_number = Some(SerialNumber::from(serial));
         params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(((y0, m0, d0), (y1, m1, d1))) = dates {
+            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
+        }
         let cert = params.signed_by(&key, &self.issuer).expect("server certificate");
         // Written whole then renamed: the edge may read them at any time (SIGHUP).
         let write = |name: &str, text: &str| {

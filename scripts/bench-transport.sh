@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The four transports of issue #18 side by side, in one run: plain ws, wss (rustls in the shards,
+# user-space encryption), ws + permessage-deflate, wss + permessage-deflate. One edge (2 shards)
+# per case, CONNS members (10^4) in one room on ENCODING (rkyv: roomcast.rkyv.v2, or json:
+# roomcast.json.v1, what browsers use), gifts GIFT/s and chat CHAT/s for SECS s; the load
+# generator's members decrypt and inflate on the same CPUs. Test CA and ECDSA P-256 certificate
+# made here with openssl (as scripts/bench-tls.sh).
+# Figures per case: edge CPU per delivered message, bytes on the wire per delivered message (the
+# edge's roomcast_bytes_written_total over roomcast_messages_delivered_total, read just before
+# it stops: ciphertext for wss, compressed for deflate), gift latency, loss (must be 0 for gifts).
+# Results: bench-results/<date>-transport-{plain,tls,deflate,tls-deflate}/ and
+# bench-results/<date>-transport-table.md.
+# Env: CONNS (10000), GIFT (10), CHAT (200), SECS (20), ENCODING (rkyv), EDGE_BIN / LG_BIN
+# (prebuilt binaries; default: cargo build --release here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONNS=${CONNS:-10000}
+GIFT=${GIFT:-10}
+CHAT=${CHAT:-200}
+SECS=${SECS:-20}
+ENCODING=${ENCODING:-rkyv}
+if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
+  cargo build -q --release -p edge -p loadgen
+fi
+EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
+LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
+DATE=$(date +%Y-%m-%d)
+# shellcheck source=lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+ports_free 18741 18742
+for v in CONNS GIFT CHAT SECS; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
+done
+case $ENCODING in
+  rkyv) enc=() ;;
+  json) enc=(--json) ;;
+  *) echo "ENCODING must be rkyv or json, not '$ENCODING'" >&2; exit 1 ;;
+esac
+PKI=$(mktemp -d)
+trap 'rm -rf "$PKI"' EXIT
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+openssl req -x509 "${ec[@]}" -keyout "$PKI/ca.key" -out "$PKI/ca.pem" -days 1 -subj "/CN=roomcast bench CA" 2>/dev/null
+openssl req "${ec[@]}" -keyout "$PKI/key.pem" -out "$PKI/leaf.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+echo "subjectAltName=IP:127.0.0.1" >"$PKI/ext.cnf"
+openssl x509 -req -in "$PKI/leaf.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" -CAcreateserial \
+  -out "$PKI/cert.pem" -days 1 -extfile "$PKI/ext.cnf" 2>/dev/null
+FAILED=0
+STARTED=$(date +%s)
+# One case: its name, then loadgen's extra flags. The edge serves TLS when the name has "tls".
+run() {
+  local name=$1 edge_tls=()
+  shift
+  [[ $name == tls* ]] && edge_tls=(--tls-cert "$PKI/cert.pem" --tls-key "$PKI/key.pem")
+  local tmp out=$ROOT/bench-results/$DATE-transport-$name
+  tmp=$(mktemp -d)
+  "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 "${edge_tls[@]}" >"$tmp/edge.log" 2>&1 &
+  local epid=$!
+  edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
+  "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
+    --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
+    --out "$ROOT/bench-results" --scenario "transport-$name" "${enc[@]}" "$@" \
+    --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); members: $name, $ENCODING" \
+    >"$tmp/lg.out" 2>&1 || { echo "transport-$name failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
+  # The edge's own counters: bytes it wrote (ciphertext, compressed) and messages delivered.
+  curl -sf http://127.0.0.1:18742/metrics >"$tmp/metrics.txt" || true
+  [[ -d $out ]] && cp "$tmp/metrics.txt" "$out/edge-metrics.txt"
+  kill -INT "$epid" 2>/dev/null || true
+  wait "$epid" 2>/dev/null || true
+  rm -rf "$tmp"
+  sleep 3
+}
+run plain
+run tls --tls-ca "$PKI/ca.pem"
+run deflate --deflate
+run tls-deflate --tls-ca "$PKI/ca.pem" --deflate
+OUT=$ROOT/bench-results/$DATE-transport-table.md
+if ((FAILED)); then
+  echo "a case failed: no table written" >&2
+  exit 1
+fi
+python3 - "$ROOT/bench-results" "$DATE" "$CONNS" "$GIFT" "$CHAT" "$SECS" "$STARTED" "$ENCODING" >"$OUT" <<'PY'
+import json, os, sys
+root, date, conns, gift, chat, secs, started, encoding = sys.argv[1:]
+
+def counter(text, name):
+    """A counter summed over its label sets, from Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+print(f"# ws, wss, deflate, wss + deflate in one run (scripts/bench-transport.sh): {conns} members in one room ({encoding}), gifts {gift}/s, chat {chat}/s, {secs} s\n")
+print("| case | deliveries/s | edge µs CPU per delivery | wire bytes per delivery (edge) | plaintext bytes per delivery (members) | frames compressed | gift p50 / p99 ms | gifts lost | chat lost | generator saturated |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for name in ["plain", "tls", "deflate", "tls-deflate"]:
+    d = os.path.join(root, f"{date}-transport-{name}")
+    p = os.path.join(d, "result.json")
+    if not os.path.exists(p) or os.path.getmtime(p) < float(started):
+        print(f"| {name} | (no result) | | | | | | | | |")
+        continue
+    r = json.load(open(p))
+    g = r["latency_ms"]["gift"]
+    cpu = r["server"].get("cpu_us_per_delivery") or 0
+    bpd = r["bytes"] / max(r["deliveries"], 1)
+    wire = "?"
+    m = os.path.join(d, "edge-metrics.txt")
+    if os.path.exists(m):
+        text = open(m).read()
+        delivered = counter(text, "roomcast_messages_delivered_total")
+        if delivered:
+            wire = f"{counter(text, 'roomcast_bytes_written_total') / delivered:.1f}"
+    z = r.get("compressed_frames", 0) / max(r["frames"], 1)
+    print(f"| {name} | {r['deliveries_per_s']:.0f} | {cpu:.3f} | {wire} | {bpd:.1f} | {z:.0%} | {g['p50']:.0f} / {g['p99']:.0f} | {r['lost']['gift']} | {r['lost']['chat']} | {r.get('generator_saturated')} |")
+PY
+cat "$OUT"
