@@ -19,6 +19,7 @@ use roomcast_proto::ws;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
+use crate::connect::{Pending, Step, TOKEN_BASE, Window};
 use crate::stats::{KindTrack, body_fields, body_kind, body_stream, encode_hist, histogram};
 
 /// What the worker connects to.
@@ -74,6 +75,34 @@ pub struct WorkerArgs {
     /// Members connect with TLS, trusting this PEM CA (`--tls-ca`); None: plain.
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
+    /// First connects in flight at once (plain members; TLS members connect one at a time).
+    #[serde(default = "one")]
+    pub connect_inflight: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Failed first connects: how many, by reason ([`failure_reason`]).
+struct Failures {
+    worker: usize,
+    total: u64,
+    by: std::collections::BTreeMap<String, u64>,
+}
+
+impl Failures {
+    /// Counts connection `conn`'s (global index) failure; the first of each reason is printed
+    /// with its detail.
+    fn count(&mut self, e: &anyhow::Error, conn: usize) {
+        self.total += 1;
+        let reason = failure_reason(e);
+        let n = self.by.entry(reason.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            eprintln!("worker {}: connection {conn} failed ({reason}): {e:#}", self.worker);
+        }
+    }
 }
 
 /// A member's socket: plain, or TLS (rustls over the same nonblocking socket: reads return
@@ -205,6 +234,9 @@ pub struct Final {
     pub slow: u64,
     pub dup: Vec<u64>,
     pub connect_hist: String,
+    /// The most first connects this worker had in flight at once (`--connect-inflight`).
+    #[serde(default)]
+    pub connect_inflight_peak: u64,
     /// Reconnects after goaway, those that failed, and goaway-to-upgraded times (base64 V2).
     pub reconnects: u64,
     pub reconnect_failed: u64,
@@ -233,14 +265,15 @@ pub fn own_cpu_s() -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
-fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool, tokens: &[String]) -> anyhow::Result<Sock> {
+/// Where connection `i` (this worker's index) first goes: its edge address and request path.
+fn first_target(args: &WorkerArgs, i: usize, room: u32, tokens: &[String]) -> (SocketAddr, String) {
     let dst = args.addrs[i % args.addrs.len()];
     let path = match args.target {
         Target::Edge if args.sse => format!("/sse?room=r{room}{}", token_param(tokens, i)),
         Target::Edge => format!("/ws?room=r{room}{}", token_param(tokens, i)),
         Target::Nchan => format!("/sub/r{room}"),
     };
-    open_to(args, i, dst, &path, slow)
+    (dst, path)
 }
 
 /// `&token=JWT` for this worker's connection `i`, or nothing when the run has no tokens.
@@ -281,7 +314,9 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
     Ok((addr, path))
 }
 
-fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<Sock> {
+/// A new socket for connection `i` (global index): its receive buffer, bound to this worker's
+/// source address for it with the port left to the kernel per 4-tuple.
+pub(crate) fn member_socket(args: &WorkerArgs, i: usize, slow: bool) -> anyhow::Result<Socket> {
     let src = args.src.get(i % args.src.len().max(1)).copied().unwrap_or(Ipv4Addr::LOCALHOST);
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     let rcvbuf = if slow { args.slow_rcvbuf } else { args.rcvbuf };
@@ -302,6 +337,45 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         );
     }
     sock.bind(&SocketAddr::new(IpAddr::V4(src), 0).into())?;
+    Ok(sock)
+}
+
+/// What a member sends once connected: the upgrade request (or the event stream's GET) for
+/// `path` on `dst`, the key its answer must derive from (None for SSE) and the subprotocol.
+pub(crate) fn member_request(
+    args: &WorkerArgs,
+    dst: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(Vec<u8>, Option<String>, &'static str)> {
+    let proto = match args.target {
+        Target::Edge if args.rkyv => "roomcast.rkyv.v2",
+        Target::Edge => "roomcast.json.v1",
+        Target::Nchan => "",
+    };
+    if path.starts_with("/sse?") {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n");
+        return Ok((req.into_bytes(), None, proto));
+    }
+    let (req, key) = upgrade_request(dst, path, proto, args.deflate)?;
+    Ok((req, Some(key), proto))
+}
+
+/// Checks the answer `head` (up to its blank line) to [`member_request`]: a valid upgrade, or
+/// for an event stream a 200.
+pub(crate) fn check_answer(head: &[u8], key: Option<&str>, proto: &str) -> anyhow::Result<()> {
+    match key {
+        Some(key) => check_upgrade(head, key, proto),
+        None if head.starts_with(b"HTTP/1.1 200") => Ok(()),
+        None => Err(Refused::of(head).into()),
+    }
+}
+
+/// Connects and upgrades one member, blocking (connect and answer bounded by 10 s each). The
+/// movers use it (a thread each), and the first connects of TLS members: the rustls handshake
+/// runs inside the blocking write and read here. Plain members' first connects go through
+/// [`crate::connect::Pending`] instead, many at a time on the worker's loop.
+fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<Sock> {
+    let sock = member_socket(args, i, slow)?;
     sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
     let tcp: TcpStream = sock.into();
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -314,25 +388,10 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         }
         None => Sock::Plain(tcp),
     };
-    let proto = match args.target {
-        Target::Edge if args.rkyv => "roomcast.rkyv.v2",
-        Target::Edge => "roomcast.json.v1",
-        Target::Nchan => "",
-    };
-    let sse = path.starts_with("/sse?");
-    let (req, key) = if sse {
-        (format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n").into_bytes(), None)
-    } else {
-        let (req, key) = upgrade_request(dst, path, proto, args.deflate)?;
-        (req, Some(key))
-    };
+    let (req, key, proto) = member_request(args, dst, path)?;
     s.write_all(&req)?;
     let buf = read_head(&mut s)?;
-    match key {
-        Some(key) => check_upgrade(&buf, &key, proto)?,
-        None if buf.starts_with(b"HTTP/1.1 200") => {}
-        None => return Err(Refused::of(&buf).into()),
-    }
+    check_answer(&buf, key.as_deref(), proto)?;
     s.tcp().set_nonblocking(true)?;
     Ok(s)
 }
@@ -533,6 +592,20 @@ impl Readiness {
     fn add(&self, fd: RawFd, token: usize) {
         let r = self.poll.registry().register(&mut SourceFd(&fd), mio::Token(token), mio::Interest::READABLE);
         debug_assert!(r.is_ok(), "register: {r:?}");
+    }
+
+    /// A socket whose connect is under way: its token hears writability (connected, or
+    /// failed) as well as the answer.
+    fn add_connecting(&self, fd: RawFd, token: usize) {
+        let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+        let r = self.poll.registry().register(&mut SourceFd(&fd), mio::Token(token), interest);
+        debug_assert!(r.is_ok(), "register: {r:?}");
+    }
+
+    /// A connected member's socket, now read under `token`.
+    fn modify(&self, fd: RawFd, token: usize) {
+        let r = self.poll.registry().reregister(&mut SourceFd(&fd), mio::Token(token), mio::Interest::READABLE);
+        debug_assert!(r.is_ok(), "reregister: {r:?}");
     }
 
     fn del(&self, fd: RawFd) {
@@ -911,7 +984,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let streams: Vec<usize> = (0..args.kinds.len()).map(|k| args.streams.get(k).copied().unwrap_or(1).max(1)).collect();
     let mut conns: Vec<Conn> = Vec::with_capacity(rooms.len());
     let mut connect_hist = histogram();
-    let mut failed = 0u64;
+    let mut fails = Failures { worker: args.id, total: 0, by: std::collections::BTreeMap::new() };
+    let tls = args.tls_ca.is_some();
+    let mut window = Window::new(args.connect_inflight);
+    let mut last_expiry_check = Instant::now();
     let mut reader = Reader {
         target: args.target,
         kinds: args.kinds.clone(),
@@ -941,7 +1017,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         Duration::ZERO
     };
     let mut next_due = Instant::now();
-    let mut failed_by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut last_progress = Instant::now();
     let mut ready = Vec::new();
     let mut tmp = vec![0u8; 256 * 1024];
@@ -987,27 +1062,32 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        // Connect what is due.
-        while next < rooms.len() && next_due <= Instant::now() {
-            let started = Instant::now();
+        // Connect what is due: plain members start a nonblocking connect (at most
+        // `connect_inflight` in flight; the loop below finishes them), TLS members connect
+        // and upgrade blocking, one at a time.
+        while next < rooms.len() && next_due <= Instant::now() && (tls || window.has_room()) {
             let slow = args.slow_every > 0 && (args.first + next).is_multiple_of(args.slow_every);
-            match open(&args, next, rooms[next], slow, &tokens) {
-                Ok(sock) => {
-                    let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
-                    if !slow {
-                        ep.add(sock.as_raw_fd(), conns.len());
+            let (dst, path) = first_target(&args, next, rooms[next], &tokens);
+            if tls {
+                let started = Instant::now();
+                match open_to(&args, next, dst, &path, slow) {
+                    Ok(sock) => {
+                        let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
+                        if !slow {
+                            ep.add(sock.as_raw_fd(), conns.len());
+                        }
+                        conns.push(Conn::new(sock, slow, rooms[next], &streams));
                     }
-                    conns.push(Conn::new(sock, slow, rooms[next], &streams));
+                    Err(e) => fails.count(&e, args.first + next),
                 }
-                Err(e) => {
-                    failed += 1;
-                    let reason = failure_reason(&e);
-                    let n = failed_by.entry(reason.clone()).or_default();
-                    *n += 1;
-                    // The first of each reason, with its detail.
-                    if *n == 1 {
-                        eprintln!("worker {}: connection {} failed ({reason}): {e:#}", args.id, args.first + next);
+            } else {
+                match Pending::start(&args, next, dst, &path, slow) {
+                    Ok(p) => {
+                        let fd = p.fd();
+                        let token = window.insert(p);
+                        ep.add_connecting(fd, token);
                     }
+                    Err(e) => fails.count(&e, args.first + next),
                 }
             }
             next += 1;
@@ -1017,8 +1097,60 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        ep.wait(&mut ready, Duration::from_millis(if next == rooms.len() && !connects_reported { 0 } else { 50 }));
-        for &i in &ready {
+        // Members whose handshake ran out of time.
+        if window.len() > 0 && last_expiry_check.elapsed() >= Duration::from_millis(100) {
+            last_expiry_check = Instant::now();
+            for token in window.expired(last_expiry_check) {
+                if let Some(p) = window.remove(token) {
+                    ep.del(p.fd());
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no upgrade answer within 10 s");
+                    fails.count(&e.into(), args.first + p.i);
+                }
+            }
+        }
+        let connecting = next < rooms.len() || window.len() > 0;
+        let wait = if !connecting && !connects_reported {
+            Duration::ZERO
+        } else if next < rooms.len() && (tls || window.has_room()) {
+            // The next connect's turn (the ramp), within the usual 50 ms.
+            next_due.saturating_duration_since(Instant::now()).min(Duration::from_millis(50))
+        } else {
+            Duration::from_millis(50)
+        };
+        ep.wait(&mut ready, wait);
+        for &token in ready.iter().filter(|&&t| t >= TOKEN_BASE) {
+            let Some(p) = window.get_mut(token) else { continue };
+            match p.drive(&mut tmp) {
+                Step::Wait => {}
+                Step::Done => {
+                    let p = window.remove(token).expect("in flight");
+                    let _ = connect_hist.record(p.started.elapsed().as_micros().max(1) as u64);
+                    let (i, slow) = (p.i, p.slow);
+                    let (tcp, rest) = p.finish();
+                    if slow {
+                        ep.del(tcp.as_raw_fd());
+                    } else {
+                        // Now a member: its index is its token (epoll reports it at once if
+                        // more has arrived meanwhile).
+                        ep.modify(tcp.as_raw_fd(), conns.len());
+                    }
+                    let mut c = Conn::new(Sock::Plain(tcp), slow, rooms[i], &streams);
+                    if !rest.is_empty() {
+                        reader.bytes += rest.len() as u64;
+                        c.buf = rest;
+                        let used = reader.frames(&mut c);
+                        c.buf.drain(..used);
+                    }
+                    conns.push(c);
+                }
+                Step::Failed(e) => {
+                    let p = window.remove(token).expect("in flight");
+                    ep.del(p.fd());
+                    fails.count(&e, args.first + p.i);
+                }
+            }
+        }
+        for &i in ready.iter().filter(|&&t| t < TOKEN_BASE) {
             let c = &mut conns[i];
             c.flush_pong();
             loop {
@@ -1087,16 +1219,16 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        let connects_done = next == rooms.len() && !connects_reported;
+        let connects_done = next == rooms.len() && window.len() == 0 && !connects_reported;
         if last_progress.elapsed() >= Duration::from_secs(1) || connects_done {
             connects_reported |= connects_done;
             last_progress = Instant::now();
             let p = Progress {
                 id: args.id,
                 connected: conns.len() as u64,
-                failed,
-                failed_by: failed_by.clone(),
-                pending: (rooms.len() - next) as u64,
+                failed: fails.total,
+                failed_by: fails.by.clone(),
+                pending: (rooms.len() - next + window.len()) as u64,
                 deliveries: reader.deliveries,
                 frames: reader.frames,
                 bytes: reader.bytes - reader.ping_bytes,
@@ -1189,8 +1321,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 partial,
                 id: args.id,
                 connected: conns.len() as u64,
-                failed,
-                failed_by: std::mem::take(&mut failed_by),
+                failed: fails.total,
+                failed_by: std::mem::take(&mut fails.by),
+                connect_inflight_peak: window.peak as u64,
                 closed: reader.closed,
                 close_codes: std::mem::take(&mut reader.close_codes),
                 deliveries: reader.deliveries,
