@@ -431,6 +431,10 @@ pub struct Sample {
     pub gift_p99_ms: f64,
     /// Connections moved to another edge after a goaway, so far.
     pub reconnects: u64,
+    /// Members open at this moment (not between a goaway or a lost connection and their new
+    /// socket), and messages delivered so far.
+    pub open: u64,
+    pub deliveries: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -601,44 +605,48 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let deliveries_before: u64 = sup.progress.iter().map(|p| p.deliveries).sum();
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
-    let sample =
-        |progress: &[Progress], last_deliveries: &mut u64, last_sample: &mut Instant, samples: &mut Vec<Sample>| {
-            let d: u64 = progress.iter().map(|p| p.deliveries).sum();
-            let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
-            let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
-            let p99 = progress.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64 / 1000.0;
-            let gift_p99 = progress.iter().map(|p| p.first_kind_p99_us).max().unwrap_or(0) as f64 / 1000.0;
-            let stats: Option<serde_json::Value> = (a.target == Target::Edge)
-                .then(|| {
-                    reqwest::blocking::Client::new()
-                        .get(format!("http://{}/v1/rooms/r0", a.http))
-                        .timeout(Duration::from_millis(500))
-                        .send()
-                        .ok()?
-                        .text()
-                        .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok())
-                })
-                .flatten();
-            let s = Sample {
-                window_ms: stats.as_ref().and_then(|v| v["window_ms"].as_u64()),
-                sampling_visible_rate: stats.as_ref().and_then(|v| v["sampling_visible_rate"].as_f64()),
-                t_s: pub_start.elapsed().as_secs_f64(),
-                connected: progress.iter().map(|p| p.connected).sum(),
-                deliveries_per_s: (d - *last_deliveries) as f64 / dt,
-                p50_ms: p50,
-                p99_ms: p99,
-                gift_p99_ms: gift_p99,
-                reconnects: progress.iter().map(|p| p.reconnects).sum(),
-            };
-            println!(
-                "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={}",
-                s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms, s.gift_p99_ms, s.reconnects
-            );
-            samples.push(s);
-            *last_deliveries = d;
-            *last_sample = Instant::now();
+    let sample = |progress: &[Progress],
+                  last_deliveries: &mut u64,
+                  last_sample: &mut Instant,
+                  samples: &mut Vec<Sample>| {
+        let d: u64 = progress.iter().map(|p| p.deliveries).sum();
+        let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
+        let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
+        let p99 = progress.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64 / 1000.0;
+        let gift_p99 = progress.iter().map(|p| p.first_kind_p99_us).max().unwrap_or(0) as f64 / 1000.0;
+        let stats: Option<serde_json::Value> = (a.target == Target::Edge)
+            .then(|| {
+                reqwest::blocking::Client::new()
+                    .get(format!("http://{}/v1/rooms/r0", a.http))
+                    .timeout(Duration::from_millis(500))
+                    .send()
+                    .ok()?
+                    .text()
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+            })
+            .flatten();
+        let s = Sample {
+            window_ms: stats.as_ref().and_then(|v| v["window_ms"].as_u64()),
+            sampling_visible_rate: stats.as_ref().and_then(|v| v["sampling_visible_rate"].as_f64()),
+            t_s: pub_start.elapsed().as_secs_f64(),
+            connected: progress.iter().map(|p| p.connected).sum(),
+            deliveries_per_s: (d - *last_deliveries) as f64 / dt,
+            p50_ms: p50,
+            p99_ms: p99,
+            gift_p99_ms: gift_p99,
+            reconnects: progress.iter().map(|p| p.reconnects).sum(),
+            open: progress.iter().map(|p| p.open).sum(),
+            deliveries: d,
         };
+        println!(
+            "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={} open={} delivered={}",
+            s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms, s.gift_p99_ms, s.reconnects, s.open, d
+        );
+        samples.push(s);
+        *last_deliveries = d;
+        *last_sample = Instant::now();
+    };
     while Instant::now() < end && !publisher.failed() {
         sup.pump(&rx);
         if last_sample.elapsed() >= Duration::from_secs(1) {
@@ -715,6 +723,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut hists_slow: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
     let mut connect_hist = histogram();
     let mut reconnect_hist = histogram();
+    let mut reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let (mut reconnects, mut reconnect_failed, mut resumed) = (0u64, 0u64, 0u64);
     let mut closes_by_code: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut failed_by_reason: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
@@ -742,6 +751,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
         merge(&mut reconnect_hist, &decode_hist(&f.reconnect_hist)?);
         reconnects += f.reconnects;
+        for (reason, n) in &f.reconnect_attempts_failed_by {
+            *reconnect_attempts_failed_by.entry(reason.clone()).or_default() += n;
+        }
         resumed += f.resumed;
         reconnect_failed += f.reconnect_failed;
         slow += f.slow;
@@ -844,6 +856,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         connect_inflight_peak: finals.iter().map(|f| f.connect_inflight_peak).max().unwrap_or(0),
         reconnects,
         reconnect_failed,
+        reconnect_attempts_failed_by_reason: reconnect_attempts_failed_by,
         resumed_after_close: resumed,
         reconnect_ms: report::Percentiles::of(&reconnect_hist),
         server: report::ServerFigures::new(

@@ -185,6 +185,9 @@ pub struct Report {
     /// that could not, and the time from goaway to the new upgrade.
     pub reconnects: u64,
     pub reconnect_failed: u64,
+    /// Failed attempts of the moves, retried with jittered backoff, by reason.
+    #[serde(default)]
+    pub reconnect_attempts_failed_by_reason: BTreeMap<String, u64>,
     /// Of `reconnects`, those that came back with `since` after a close with 4000 or 1013.
     #[serde(default)]
     pub resumed_after_close: u64,
@@ -210,6 +213,7 @@ impl Report {
             "connect_inflight_peak": self.connect_inflight_peak,
             "reconnects": self.reconnects,
             "reconnect_failed": self.reconnect_failed,
+            "reconnect_attempts_failed_by_reason": self.reconnect_attempts_failed_by_reason,
             "workers_died": self.workers_died,
             "deliveries": self.deliveries,
             "deliveries_per_s": self.deliveries_per_s,

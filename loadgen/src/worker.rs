@@ -198,6 +198,9 @@ pub struct Progress {
     /// Interval p99 of the first kind (gifts), µs.
     pub first_kind_p99_us: u64,
     pub reconnects: u64,
+    /// Members open now (connected, not closed nor between a goaway and their new socket).
+    #[serde(default)]
+    pub open: u64,
     pub cpu_s: f64,
 }
 
@@ -241,6 +244,10 @@ pub struct Final {
     pub reconnects: u64,
     pub reconnect_failed: u64,
     pub reconnect_hist: String,
+    /// Failed attempts of the moves (retried), by reason (`dispatch_` prefixed when asking the
+    /// dispatch URL failed: `dispatch_http_503` while no edge takes members).
+    #[serde(default)]
+    pub reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64>,
     /// Of the reconnects, those after a close with 4000 (slow consumer) or 1013 (try again
     /// later) rather than a goaway: a real client resumes with `since` after those too.
     #[serde(default)]
@@ -292,7 +299,10 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
             format!("{url}{}room=r{room}", if url.contains('?') { '&' } else { '?' })
         };
         let resp = http.get(ask).timeout(Duration::from_secs(5)).send()?;
-        anyhow::ensure!(resp.status().is_success(), "dispatch answered {}", resp.status());
+        if !resp.status().is_success() {
+            let line = format!("dispatch answered {}", resp.status());
+            return Err(Refused { status: resp.status().as_u16(), line }.into());
+        }
         let v: serde_json::Value = serde_json::from_str(&resp.text()?)?;
         v["url"].as_str().ok_or_else(|| anyhow::anyhow!("dispatch answer without url: {v}"))?.to_owned()
     } else {
@@ -733,6 +743,26 @@ struct MoveDone {
     i: usize,
     result: anyhow::Result<Sock>,
     got_at: Instant,
+    /// Why the attempts before the last failed ([`failure_reason`]; `dispatch_` prefixed when
+    /// asking the dispatch URL failed).
+    errors: Vec<String>,
+}
+
+/// A move's retries: exponential from `MOVE_BACKOFF_BASE`, capped at `MOVE_BACKOFF_CAP`, each
+/// wait drawn uniformly below its ceiling (full jitter, as the JavaScript client does), given
+/// up after `MOVE_GIVE_UP`. Without jitter every member a restarted edge sent away at the same
+/// moment retries at the same moments, and the accept queues see waves; a bound of 10 attempts
+/// (~19 s) gave up on members whose only edge was still restarting.
+const MOVE_BACKOFF_BASE: Duration = Duration::from_millis(100);
+const MOVE_BACKOFF_CAP: Duration = Duration::from_secs(5);
+const MOVE_GIVE_UP: Duration = Duration::from_secs(120);
+
+/// The wait before retry `attempt` (0: the first retry): uniform in [ceiling / 10, ceiling],
+/// ceiling = min(cap, base x 2^attempt). The tenth keeps a retry from spinning at 0.
+fn move_backoff(attempt: u32) -> Duration {
+    let ceiling = MOVE_BACKOFF_BASE.saturating_mul(1 << attempt.min(16)).min(MOVE_BACKOFF_CAP);
+    let ceiling_us = ceiling.as_micros() as u64;
+    Duration::from_micros(fastrand::u64(ceiling_us / 10..=ceiling_us))
 }
 
 /// Threads that make the new sockets for connections told to go: a dispatch request, a connect
@@ -757,18 +787,27 @@ impl Movers {
                 let http = reqwest::blocking::Client::new();
                 loop {
                     let Ok(Ok(job)) = job_rx.lock().map(|rx| rx.recv()) else { return };
-                    let mut result = Err(anyhow::anyhow!("not tried"));
-                    for attempt in 0..10u32 {
-                        result = resolve(&http, &job.url, job.room, args.sse).and_then(|(addr, path)| {
-                            let path = format!("{path}&since={}{}", job.since, token_param(&tokens, job.i));
-                            open_to(&args, args.first + job.i, addr, &path, job.slow)
-                        });
-                        if result.is_ok() {
-                            break;
+                    let first = Instant::now();
+                    let mut errors = Vec::new();
+                    let mut attempt = 0u32;
+                    let result = loop {
+                        let result = match resolve(&http, &job.url, job.room, args.sse) {
+                            Err(e) => Err((format!("dispatch_{}", failure_reason(&e)), e)),
+                            Ok((addr, path)) => {
+                                let path = format!("{path}&since={}{}", job.since, token_param(&tokens, job.i));
+                                open_to(&args, args.first + job.i, addr, &path, job.slow)
+                                    .map_err(|e| (failure_reason(&e), e))
+                            }
+                        };
+                        match result {
+                            Ok(sock) => break Ok(sock),
+                            Err((_, e)) if first.elapsed() >= MOVE_GIVE_UP => break Err(e),
+                            Err((reason, _)) => errors.push(reason),
                         }
-                        std::thread::sleep(Duration::from_millis(100 << attempt.min(5)));
-                    }
-                    if done_tx.send(MoveDone { i: job.i, result, got_at: job.got_at }).is_err() {
+                        std::thread::sleep(move_backoff(attempt));
+                        attempt += 1;
+                    };
+                    if done_tx.send(MoveDone { i: job.i, result, got_at: job.got_at, errors }).is_err() {
                         return;
                     }
                 }
@@ -1030,6 +1069,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut resumed = 0u64;
     let mut reconnect_failed = 0u64;
     let mut reconnect_hist = histogram();
+    let mut move_errors: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let movers = Movers::start(&args, 32, &tokens);
     // The progress line that says the last connection is done goes out at once (the
     // coordinator times the connect phase by it), not at the next whole second.
@@ -1197,6 +1237,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             while let Ok(done) = movers.done.try_recv() {
                 let c = &mut conns[done.i];
                 c.moving = false;
+                for reason in done.errors {
+                    *move_errors.entry(reason).or_default() += 1;
+                }
                 match done.result {
                     Ok(sock) => {
                         if !c.slow {
@@ -1236,6 +1279,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 p99_us: reader.interval.value_at_quantile(0.99),
                 first_kind_p99_us: reader.interval_first.value_at_quantile(0.99),
                 reconnects,
+                open: conns.iter().filter(|c| c.open).count() as u64,
                 cpu_s: own_cpu_s(),
             };
             reader.interval.reset();
@@ -1341,6 +1385,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 reconnects,
                 reconnect_failed,
                 reconnect_hist: encode_hist(&reconnect_hist),
+                reconnect_attempts_failed_by: std::mem::take(&mut move_errors),
                 resumed,
                 cpu_s: own_cpu_s(),
             };
