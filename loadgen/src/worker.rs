@@ -686,12 +686,31 @@ impl Conn {
         }
     }
 
+    /// Lets go of a socket the member no longer uses (the server closed it, it ended, or the
+    /// member was told to go): answers a close frame with its code (RFC 6455 5.5.1, masked as
+    /// a client's frames are) when `close` has one, then shuts the socket down, so the server
+    /// sees it closed now rather than when the member's new socket replaces it. Keeping it
+    /// open (CLOSE_WAIT here) held a draining edge until its deadline: 200,000 members whose
+    /// only edge was restarting kept their old sockets for the whole restart (the edge exited
+    /// after 53 s of a 10 s drain, bench-results/2026-12-01-restart-storm-README.md).
+    fn release(&mut self, close: Option<&[u8]>) {
+        if let Some(payload) = close {
+            let code = payload.get(..2).unwrap_or(&[]);
+            let mask = (self.last_seq as u32 ^ 0x2545_f491).to_le_bytes();
+            self.pong.extend_from_slice(&ws::encode_client_frame(ws::OpCode::Close, code, mask));
+            self.flush_pong();
+        }
+        self.pong.clear();
+        let _ = self.sock.tcp().shutdown(std::net::Shutdown::Both);
+    }
+
     /// A close frame: after 4000 (slow consumer) or 1013 (replay budget), come back to the same
     /// edge with `since` after a random delay under a second, as a client would.
     /// Other closes a client would come back from (1001 going away or idle, 1011 server
     /// error, 1012 restart) resume the same way; the rest (a kick, an expired token, a protocol
     /// error) end the member. Returns whether the member is gone for good (counted as closed).
     fn on_close(&mut self, payload: &[u8]) -> bool {
+        self.release(Some(payload));
         let was_open = std::mem::replace(&mut self.open, false);
         let code = payload.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
         if matches!(code, Some(4000 | 1013 | 1001 | 1011 | 1012)) && self.resume() {
@@ -718,6 +737,7 @@ impl Conn {
     /// do after any lost connection (a slow consumer whose close frame could not be written is
     /// reset); one that does not counts as closed. Returns whether it counts as closed.
     fn on_lost(&mut self, follow: bool) -> bool {
+        self.release(None);
         let was_open = std::mem::replace(&mut self.open, false);
         if self.moving || self.goaway.is_some() {
             return false;
@@ -952,6 +972,7 @@ impl Reader {
                     let gone = if self.target == Target::Edge && self.follow {
                         c.on_close(payload)
                     } else {
+                        c.release(Some(payload));
                         std::mem::replace(&mut c.open, false)
                     };
                     if gone {
@@ -1230,6 +1251,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 if c.open && !c.slow {
                     ep.del(c.sock.as_raw_fd());
                 }
+                // The edge closes it right after its goaway; the new socket comes from the mover.
+                c.release(None);
                 c.open = false;
                 c.moving = true;
                 let _ = movers.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.last_seq, got_at });
