@@ -22,8 +22,24 @@
 # online count is not pushed to members; the edge's default, 1000, pushes it to every member each
 # second while it changes, which is every second of a ramp: at 2x10^5 members that was ~10^5
 # sends/s and the connect rate fell from 7,800/s to under 1,000/s at 110,000 members), SCEN (million, or
-# CONNS-derived), MAX_SECS (900: the whole run is stopped after this), EDGE_BIN / LG_BIN
-# (prebuilt binaries; default: cargo build --release here), EDGE_CPUS / LG_CPUS (taskset lists).
+# CONNS-derived), MAX_SECS (CONNECT_DEADLINE + SECS + 300: the whole run is
+# stopped after this), EDGE_BIN / LG_BIN
+# (prebuilt binaries; default: cargo build --release here), EDGE_CPUS / LG_CPUS (taskset lists),
+# INFLIGHT (32: first connects each generator worker keeps in flight), CONNECT_DEADLINE (seconds
+# the connect phase may take: default 4 x CONNS / RAMP + 120, so a ramp that slows down at 10^6
+# still gets there; the generator's own default, 2 x + 30, ended the 10^6 attempt at 363 s).
+#
+# RESTART (0 | term | kill): the reconnect storm after an edge restart (#19 item 4). Once every
+# member is connected and one gift reached them all, the edge is stopped, with SIGTERM (`term`:
+# a drain, each member sent a `goaway` at a random moment within DRAIN_MS, 10000, then closed
+# with 1001; the generator follows it, retrying dispatch until the edge is back) or SIGKILL
+# (`kill`: members see their sockets reset and come back to the same address), started again
+# on the same ports and data directory, and the script measures: time from the signal until
+# every member is open again, reconnects per second, the accept-queue overflows and SYN drops
+# (TcpExt), the new edge's fullest accept queue (listen_backlog gauges, scraped each second),
+# the generator's failed attempts by reason, and that the gifts published after the restart
+# reached every member with none lost across it (the generator resumes each member with
+# `since`). Results in restart.json and restart-timeline.tsv; SECS defaults to 90 then.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,7 +48,12 @@ NOFILE=$(ulimit -Hn)
 PER_RING=$((NOFILE - 16))
 SHARDS=${SHARDS:-$(((CONNS * 6 / 5 + PER_RING - 1) / PER_RING))}
 RAMP=${RAMP:-10000}
-SECS=${SECS:-60}
+RESTART=${RESTART:-0}
+[[ $RESTART == 1 ]] && RESTART=term
+case $RESTART in 0 | term | kill) ;; *) echo "RESTART: 0, term or kill" >&2; exit 1 ;; esac
+if [[ $RESTART == 0 ]]; then SECS=${SECS:-60}; else SECS=${SECS:-90}; fi
+DRAIN_MS=${DRAIN_MS:-10000}
+INFLIGHT=${INFLIGHT:-32}
 GIFT_EVERY=${GIFT_EVERY:-10}
 SRC_ADDRS=${SRC_ADDRS:-8}
 PING_MS=${PING_MS:-30000}
@@ -40,10 +61,12 @@ IDLE_MS=${IDLE_MS:-90000}
 PROBES=${PROBES:-auto}
 PROBE_MS=${PROBE_MS:-1000}
 PRESENCE_MS=${PRESENCE_MS:-0}
-MAX_SECS=${MAX_SECS:-900}
+CONNECT_DEADLINE=${CONNECT_DEADLINE:-$((4 * CONNS / RAMP + 120))}
+MAX_SECS=${MAX_SECS:-$((CONNECT_DEADLINE + SECS + 300))}
 EDGE_CPUS=${EDGE_CPUS:-}
 LG_CPUS=${LG_CPUS:-}
 if ((CONNS >= 1000000)); then DEF_SCEN=million; else DEF_SCEN=$((CONNS / 1000))k-million-script; fi
+[[ $RESTART != 0 ]] && DEF_SCEN=restart-storm-$RESTART-$((CONNS / 1000))k
 SCEN=${SCEN:-$DEF_SCEN}
 if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
   cargo build -q --release -p edge -p loadgen
@@ -70,9 +93,18 @@ interval_ms = $PRESENCE_MS
 [probes]
 source = "$PROBES"
 interval_ms = $PROBE_MS
+[drain]
+period_ms = $DRAIN_MS
+deadline_ms = $((DRAIN_MS * 3 > 30000 ? DRAIN_MS * 3 : 30000))
 TOML
-$(pin "$EDGE_CPUS") "$EDGE_BIN" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen 127.0.0.1:18911 --http 127.0.0.1:18912 >"$TMP/edge.log" 2>&1 &
-EPID=$!
+# The edge (again after a restart: same ports, same data directory, so its rooms' numbering and
+# gift history carry over); its pid in $TMP/epid for the sampler.
+start_edge() {
+  $(pin "$EDGE_CPUS") "$EDGE_BIN" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen 127.0.0.1:18911 --http 127.0.0.1:18912 >>"$TMP/edge.log" 2>&1 &
+  EPID=$!
+  echo "$EPID" >"$TMP/epid"
+}
+start_edge
 SPID=
 LGPID=
 stop_all() {
@@ -95,7 +127,7 @@ mkdir -p "$OUT"
 # slab caches, meminfo, TcpExt listen counters, the edge's RSS and CPU, the generator's RSS.
 cat >"$TMP/sample.py" <<'PY'
 import json, os, sys, time
-epid, out, every = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+epid_file, out, every = sys.argv[1], sys.argv[2], float(sys.argv[3])
 tick = os.sysconf("SC_CLK_TCK")
 def sockstat():
     for l in open("/proc/net/sockstat"):
@@ -139,6 +171,8 @@ def loadgen_rss():
 t0 = time.time()
 with open(out, "a") as f:
     while True:
+        # The edge's pid, which changes when RESTART starts it again.
+        epid = int(open(epid_file).read())
         lg, nlg = loadgen_rss()
         f.write(json.dumps({"t": round(time.time() - t0, 1), "sockstat": sockstat(), "slab": slabs(), "mem": meminfo(),
                             "tcpext": tcpext(), "edge": proc(epid), "loadgen_rss": lg, "loadgen_procs": nlg,
@@ -146,15 +180,116 @@ with open(out, "a") as f:
         f.flush()
         time.sleep(every)
 PY
-python3 "$TMP/sample.py" "$EPID" "$OUT/samples.jsonl" 2 &
+python3 "$TMP/sample.py" "$TMP/epid" "$OUT/samples.jsonl" 2 &
 SPID=$!
 curl -s 127.0.0.1:18912/metrics >"$OUT/edge-metrics-idle.txt" || true
+# The generator's last progress line's value of KEY (open, moved, delivered; 0 before one).
+lg_last() { grep -a '^t=' "$OUT/loadgen-output.txt" 2>/dev/null | tail -1 | sed -nE "s/.* $1=([0-9]+).*/\1/p" | grep . || echo 0; }
+tcpext() { awk '/^TcpExt:/ { if (!h) { split($0, k); h = 1 } else { for (i = 2; i <= NF; i++) printf "%s=%s ", k[i], $i } }' /proc/net/netstat; }
+# See RESTART in the header. Runs while the generator publishes; records restart.json and a
+# timeline (one line a second: since the signal, members open, moved so far, the new edge's
+# fullest accept queue, ListenOverflows, ListenDrops).
+restart_storm() {
+  local now t0 texit tup tback open moved fullest lo ld moved0 gone
+  # Every member connected and one gift delivered to each.
+  while (($(lg_last delivered) < CONNS)); do
+    kill -0 "$LGPID" 2>/dev/null || return 0
+    sleep 0.5
+  done
+  moved0=$(lg_last moved)
+  tcpext >"$OUT/restart-tcpext-before.txt"
+  curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-before-restart.txt" || true
+  t0=$(date +%s.%N)
+  echo "restart: SIG${RESTART^^} to the edge (pid $EPID) at $(date -u +%T), $(lg_last open) members open"
+  if [[ $RESTART == term ]]; then kill -TERM "$EPID"; else kill -KILL "$EPID"; fi
+  # The draining edge's own counters, as late as it answers.
+  while kill -0 "$EPID" 2>/dev/null; do
+    curl -s -m 2 127.0.0.1:18912/metrics >"$TMP/m.txt" 2>/dev/null && [[ -s $TMP/m.txt ]] && cp "$TMP/m.txt" "$OUT/edge-metrics-at-exit.txt"
+    sleep 0.5
+  done
+  wait "$EPID" 2>/dev/null
+  echo "edge exit status $?" >"$OUT/restart-old-edge-exit.txt"
+  texit=$(date +%s.%N)
+  gone=$(lg_last open)
+  start_edge
+  edge_up "$EPID" 127.0.0.1:18912 "$TMP/edge.log"
+  tup=$(date +%s.%N)
+  echo "restart: edge back (pid $EPID) $(echo "$tup - $t0" | bc) s after the signal; $gone members were open when the old one exited"
+  printf 't_s\topen\tmoved\tlisten_backlog_fullest_ratio\tListenOverflows_cumulative\tListenDrops_cumulative\n' >"$OUT/restart-timeline.tsv"
+  fullest=0
+  tback=
+  while kill -0 "$LGPID" 2>/dev/null; do
+    now=$(date +%s.%N)
+    open=$(lg_last open)
+    moved=$(lg_last moved)
+    local f
+    f=$(curl -s -m 1 127.0.0.1:18912/metrics 2>/dev/null | awk '/^roomcast_listen_backlog_fullest_ratio/ { if ($NF > m) m = $NF } END { print m + 0 }')
+    fullest=$(echo "$f $fullest" | awk '{ print ($1 > $2) ? $1 : $2 }')
+    read -r lo ld < <(tcpext | tr ' ' '\n' | awk -F= '$1 == "ListenOverflows" { o = $2 } $1 == "ListenDrops" { d = $2 } END { print o, d }')
+    printf '%.1f\t%s\t%s\t%s\t%s\t%s\n' "$(echo "$now - $t0" | bc)" "$open" "$moved" "$f" "$lo" "$ld" >>"$OUT/restart-timeline.tsv"
+    if [[ -z $tback ]] && ((open >= CONNS)); then
+      tback=$now
+      echo "restart: all $CONNS members open again $(echo "$tback - $t0" | bc) s after the signal"
+      break
+    fi
+    sleep 1
+  done
+  tcpext >"$OUT/restart-tcpext-after.txt"
+  curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-after-restart.txt" || true
+  python3 - "$OUT" "$RESTART" "$CONNS" "$t0" "$texit" "$tup" "${tback:-}" "$moved0" "$(lg_last moved)" "$fullest" "$gone" "$DRAIN_MS" <<'PY'
+import json, sys
+out, mode, conns, t0, texit, tup, tback, moved0, moved1, fullest, gone, drain_ms = sys.argv[1:]
+conns, t0, texit, tup = int(conns), float(t0), float(texit), float(tup)
+def ext(name):
+    return dict(kv.split("=") for kv in open(f"{out}/restart-tcpext-{name}.txt").read().split())
+b, a = ext("before"), ext("after")
+keys = ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies", "SyncookiesSent", "TCPTimeouts", "TCPSynRetrans"]
+back = float(tback) - t0 if tback else None
+moves = int(moved1) - int(moved0)
+r = {
+    "mode": {"term": "SIGTERM (drain with goaway)", "kill": "SIGKILL"}[mode],
+    "drain_period_ms": int(drain_ms) if mode == "term" else None,
+    "members": conns,
+    "old_edge_exited_after_s": round(texit - t0, 2),
+    "members_open_when_it_exited": int(gone),
+    "new_edge_answering_after_s": round(tup - t0, 2),
+    "all_members_open_again_after_s": round(back, 2) if back else None,
+    "reconnects": moves,
+    "reconnects_per_s_from_signal": round(moves / back, 1) if back else None,
+    "reconnects_per_s_from_new_edge_up": round(moves / (float(tback) - tup), 1) if back and float(tback) > tup else None,
+    "tcpext_during_restart": {k: int(a.get(k, 0)) - int(b.get(k, 0)) for k in keys},
+    "new_edge_listen_backlog_fullest_ratio": float(fullest),
+}
+# The old edge's closes by reason, from its last answer to /metrics before it exited.
+import os, re
+closes = {}
+path = f"{out}/edge-metrics-at-exit.txt"
+for l in open(path) if os.path.exists(path) else []:
+    m = re.match(r'roomcast_connections_closed_total\{.*reason="(\w+)".*\} (\S+)', l)
+    if m and float(m.group(2)):
+        closes[m.group(1)] = closes.get(m.group(1), 0) + int(float(m.group(2)))
+r["old_edge_closes_by_reason_at_its_last_scrape"] = closes
+# Connections the edge accepted before the signal, against members and their reconnects so far:
+# more accepts than that are connections the generator opened and closed without counting them.
+def total(path, name):
+    if not os.path.exists(path):
+        return None
+    return int(sum(float(l.split()[-1]) for l in open(path) if l.startswith(name + "{") or l.startswith(name + " ")))
+acc = total(f"{out}/edge-metrics-before-restart.txt", "roomcast_connections_accepted_total")
+r["accepted_before_signal"] = acc
+r["generator_reconnects_before_signal"] = int(moved0)
+r["accepted_beyond_members_and_reconnects"] = acc - conns - int(moved0) if acc is not None else None
+json.dump(r, open(f"{out}/restart.json", "w"), indent=2)
+print(json.dumps(r, indent=2))
+PY
+}
 BUDGET=$((MAX_SECS - ($(date +%s) - START) - 30))
 GIFT_RATE=$(python3 -c "print(1 / $GIFT_EVERY)")
 set +e
 # The generator's own limit: stopped (SIGTERM, its workers with it) past the run's budget.
 $(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --ws 127.0.0.1:18911 --http 127.0.0.1:18912 \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs "$SRC_ADDRS" --duration "$SECS" \
+  --connect-inflight "$INFLIGHT" --connect-deadline "$CONNECT_DEADLINE" \
   --gift-rate "$GIFT_RATE" --chat-rate 0 --gift-streams 1 --chat-streams 1 \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
   --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
@@ -169,6 +304,9 @@ LGPID=$!
   done
   curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-connected.txt"
 ) &
+if [[ $RESTART != 0 ]]; then
+  restart_storm
+fi
 wait "$LGPID"
 RC=$?
 LGPID=
@@ -183,7 +321,7 @@ echo "loadgen exit status $RC" >>"$OUT/loadgen-output.txt"
 # Summary: the kernel's memory per connection (each member is two sockets on this box: the
 # edge's and the generator's), from the sample before any member and the one with the most.
 python3 - "$OUT" "$CONNS" "$SHARDS" "$RC" <<'PY'
-import json, re, sys
+import json, os, re, sys
 out, conns, shards, rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 S = [json.loads(l) for l in open(f"{out}/samples.jsonl")]
 base = S[0]
@@ -222,6 +360,15 @@ def gauge(path, name):
     except Exception:
         return []
 k["listen_backlog_fullest_ratio_connected"] = gauge(f"{out}/edge-metrics-connected.txt", "roomcast_listen_backlog_fullest_ratio")
+# Connections the edge accepted by the time every member was in, against the members and the
+# generator's reconnects by then (its last connect line): more accepts than both are sockets
+# the generator opened and closed without counting them (the 10^6 attempt's edge counted
+# 973,605 accepts for 859,587 members).
+acc = gauge(f"{out}/edge-metrics-connected.txt", "roomcast_connections_accepted_total")
+lines = [l for l in open(f"{out}/loadgen-output.txt") if l.startswith("connecting t=")] if os.path.exists(f"{out}/loadgen-output.txt") else []
+rec = int(re.search(r"reconnected=(\d+)", lines[-1]).group(1)) if lines and "reconnected=" in lines[-1] else None
+k["edge_accepted_when_connected"] = int(sum(acc)) if acc else None
+k["generator_reconnects_when_connected"] = rec
 closes = {}
 import os
 for l in open(f"{out}/edge-metrics-end.txt") if os.path.exists(f"{out}/edge-metrics-end.txt") else []:
@@ -250,8 +397,22 @@ rows = [
     ("generator RSS per member (B; processes)", f"{k['loadgen_rss_bytes_per_connection']} ({k['loadgen_processes']})"),
     ("ListenOverflows / ListenDrops / syncookies", f"{k['listen_overflows']} / {k['listen_drops']} / {k['syncookies_sent']}"),
     ("fullest accept queue when connected (ratio)", max(k["listen_backlog_fullest_ratio_connected"] or [0])),
+    ("edge accepts when connected; generator reconnects by then", f"{k['edge_accepted_when_connected']}; {k['generator_reconnects_when_connected']}"),
     ("generator exit status", rc),
 ]
+if os.path.exists(f"{out}/restart.json"):
+    rs = json.load(open(f"{out}/restart.json"))
+    rows += [
+        ("restart: how", rs["mode"]),
+        ("restart: old edge exited / new edge answering / all members open again (s after the signal)",
+         f"{rs['old_edge_exited_after_s']} / {rs['new_edge_answering_after_s']} / {rs['all_members_open_again_after_s']}"),
+        ("restart: reconnects; per s from the signal; per s from the new edge up",
+         f"{rs['reconnects']}; {rs['reconnects_per_s_from_signal']}; {rs['reconnects_per_s_from_new_edge_up']}"),
+        ("restart: TcpExt deltas", rs["tcpext_during_restart"]),
+        ("restart: new edge's fullest accept queue (ratio)", rs["new_edge_listen_backlog_fullest_ratio"]),
+        ("restart: generator's failed attempts by reason", r.get("reconnect_attempts_failed_by_reason", "-")),
+        ("restart: moves given up", r.get("reconnect_failed", "-")),
+    ]
 with open(f"{out}/summary.md", "w") as f:
     f.write(f"# {conns} members, {shards} shards\n\n| figure | value |\n|---|---|\n")
     for name, v in rows:

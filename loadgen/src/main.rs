@@ -7,6 +7,7 @@
 //! `loadgen tokens` signs a connection token (JWT) per connection for `run --tokens`.
 //! `loadgen pubbench` finds the publish rate the edge sustains (closed loop, over HTTP).
 
+mod connect;
 mod pubbench;
 mod publish;
 mod report;
@@ -162,6 +163,16 @@ struct RunArgs {
     /// after a close with 4000 (slow consumer) or 1013 (try again later).
     #[arg(long)]
     no_follow_goaway: bool,
+    /// First connects each worker keeps in flight (connect sent, upgrade answer not yet in),
+    /// within the ramp: one blocking connect at a time held a worker to 1 / handshake time
+    /// (~2,000/s over 67 workers once handshakes took ~30 ms at 8x10^5 members). TLS members
+    /// connect one at a time regardless.
+    #[arg(long, default_value_t = 32)]
+    connect_inflight: usize,
+    /// Seconds the connect phase may take before the run gives up (default: twice the ramp's
+    /// time, plus 30 s).
+    #[arg(long, value_name = "SECS")]
+    connect_deadline: Option<f64>,
     /// Free text recorded in the summary (the command that started the server, say).
     #[arg(long, default_value = "")]
     note: String,
@@ -426,6 +437,10 @@ pub struct Sample {
     pub gift_p99_ms: f64,
     /// Connections moved to another edge after a goaway, so far.
     pub reconnects: u64,
+    /// Members open at this moment (not between a goaway or a lost connection and their new
+    /// socket), and messages delivered so far.
+    pub open: u64,
+    pub deliveries: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -485,6 +500,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             tokens: a.tokens.clone(),
             streams: vec![a.gift_streams.max(1), a.chat_streams.max(1)],
             tls_ca: a.tls_ca.clone(),
+            connect_inflight: a.connect_inflight.max(1),
         };
         let mut child = spawn_worker(&exe, &serde_json::to_string(&wa)?).context("spawn worker")?;
         let stdout = child.stdout.take().expect("piped");
@@ -523,9 +539,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut samples = Vec::new();
 
     // 1. Connect, with a line a second: connected, rate, failures by reason.
-    let connect_deadline = Instant::now() + Duration::from_secs_f64(a.connections as f64 / a.ramp * 2.0 + 30.0);
+    let deadline_s = a.connect_deadline.unwrap_or(a.connections as f64 / a.ramp * 2.0 + 30.0);
+    let connect_deadline = Instant::now() + Duration::from_secs_f64(deadline_s.clamp(0.0, 1e9));
     let mut last_line = Instant::now();
     let mut last_connected = 0u64;
+    let mut last_rate = 0.0f64;
     loop {
         sup.pump(&rx);
         let (settled, failed_by, connected) = sup.connect_state();
@@ -552,10 +570,21 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 n_workers - sup.died.len(),
                 n_workers
             );
+            last_rate = connected.saturating_sub(last_connected) as f64 / dt;
             last_line = Instant::now();
             last_connected = connected;
         }
-        anyhow::ensure!(Instant::now() < connect_deadline, "connect phase timed out at {connected}/{}", a.connections);
+        if Instant::now() >= connect_deadline {
+            let pending: u64 = sup.progress.iter().map(|p| p.pending).sum();
+            anyhow::bail!(
+                "connect phase timed out after {deadline_s:.0} s: {connected} of {} connected, {failed} failed{}, \
+                 {pending} not yet connected ({} s at the last second's rate); give it longer with \
+                 --connect-deadline SECS",
+                a.connections,
+                if failed > 0 { format!(" ({})", by()) } else { String::new() },
+                if last_rate > 0.0 { format!("~{:.0}", pending as f64 / last_rate) } else { "unknown".to_owned() },
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let connect_s = start.elapsed().as_secs_f64();
@@ -583,44 +612,48 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let deliveries_before: u64 = sup.progress.iter().map(|p| p.deliveries).sum();
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
-    let sample =
-        |progress: &[Progress], last_deliveries: &mut u64, last_sample: &mut Instant, samples: &mut Vec<Sample>| {
-            let d: u64 = progress.iter().map(|p| p.deliveries).sum();
-            let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
-            let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
-            let p99 = progress.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64 / 1000.0;
-            let gift_p99 = progress.iter().map(|p| p.first_kind_p99_us).max().unwrap_or(0) as f64 / 1000.0;
-            let stats: Option<serde_json::Value> = (a.target == Target::Edge)
-                .then(|| {
-                    reqwest::blocking::Client::new()
-                        .get(format!("http://{}/v1/rooms/r0", a.http))
-                        .timeout(Duration::from_millis(500))
-                        .send()
-                        .ok()?
-                        .text()
-                        .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok())
-                })
-                .flatten();
-            let s = Sample {
-                window_ms: stats.as_ref().and_then(|v| v["window_ms"].as_u64()),
-                sampling_visible_rate: stats.as_ref().and_then(|v| v["sampling_visible_rate"].as_f64()),
-                t_s: pub_start.elapsed().as_secs_f64(),
-                connected: progress.iter().map(|p| p.connected).sum(),
-                deliveries_per_s: (d - *last_deliveries) as f64 / dt,
-                p50_ms: p50,
-                p99_ms: p99,
-                gift_p99_ms: gift_p99,
-                reconnects: progress.iter().map(|p| p.reconnects).sum(),
-            };
-            println!(
-                "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={}",
-                s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms, s.gift_p99_ms, s.reconnects
-            );
-            samples.push(s);
-            *last_deliveries = d;
-            *last_sample = Instant::now();
+    let sample = |progress: &[Progress],
+                  last_deliveries: &mut u64,
+                  last_sample: &mut Instant,
+                  samples: &mut Vec<Sample>| {
+        let d: u64 = progress.iter().map(|p| p.deliveries).sum();
+        let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
+        let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
+        let p99 = progress.iter().map(|p| p.p99_us).max().unwrap_or(0) as f64 / 1000.0;
+        let gift_p99 = progress.iter().map(|p| p.first_kind_p99_us).max().unwrap_or(0) as f64 / 1000.0;
+        let stats: Option<serde_json::Value> = (a.target == Target::Edge)
+            .then(|| {
+                reqwest::blocking::Client::new()
+                    .get(format!("http://{}/v1/rooms/r0", a.http))
+                    .timeout(Duration::from_millis(500))
+                    .send()
+                    .ok()?
+                    .text()
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+            })
+            .flatten();
+        let s = Sample {
+            window_ms: stats.as_ref().and_then(|v| v["window_ms"].as_u64()),
+            sampling_visible_rate: stats.as_ref().and_then(|v| v["sampling_visible_rate"].as_f64()),
+            t_s: pub_start.elapsed().as_secs_f64(),
+            connected: progress.iter().map(|p| p.connected).sum(),
+            deliveries_per_s: (d - *last_deliveries) as f64 / dt,
+            p50_ms: p50,
+            p99_ms: p99,
+            gift_p99_ms: gift_p99,
+            reconnects: progress.iter().map(|p| p.reconnects).sum(),
+            open: progress.iter().map(|p| p.open).sum(),
+            deliveries: d,
         };
+        println!(
+            "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={} open={} delivered={}",
+            s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms, s.gift_p99_ms, s.reconnects, s.open, d
+        );
+        samples.push(s);
+        *last_deliveries = d;
+        *last_sample = Instant::now();
+    };
     while Instant::now() < end && !publisher.failed() {
         sup.pump(&rx);
         if last_sample.elapsed() >= Duration::from_secs(1) {
@@ -697,6 +730,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut hists_slow: Vec<Histogram<u64>> = KINDS.iter().map(|_| histogram()).collect();
     let mut connect_hist = histogram();
     let mut reconnect_hist = histogram();
+    let mut reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let (mut reconnects, mut reconnect_failed, mut resumed) = (0u64, 0u64, 0u64);
     let mut closes_by_code: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut failed_by_reason: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
@@ -724,6 +758,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
         merge(&mut reconnect_hist, &decode_hist(&f.reconnect_hist)?);
         reconnects += f.reconnects;
+        for (reason, n) in &f.reconnect_attempts_failed_by {
+            *reconnect_attempts_failed_by.entry(reason.clone()).or_default() += n;
+        }
         resumed += f.resumed;
         reconnect_failed += f.reconnect_failed;
         slow += f.slow;
@@ -822,8 +859,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&hists_slow[k])))
             .collect(),
         handshake_ms: report::Percentiles::of(&connect_hist),
+        connect_inflight: if a.tls_ca.is_some() { 1 } else { a.connect_inflight.max(1) },
+        connect_inflight_peak: finals.iter().map(|f| f.connect_inflight_peak).max().unwrap_or(0),
         reconnects,
         reconnect_failed,
+        reconnect_attempts_failed_by_reason: reconnect_attempts_failed_by,
         resumed_after_close: resumed,
         reconnect_ms: report::Percentiles::of(&reconnect_hist),
         server: report::ServerFigures::new(

@@ -175,10 +175,19 @@ pub struct Report {
     pub latency_fast_readers_ms: BTreeMap<String, Percentiles>,
     pub latency_slow_readers_ms: BTreeMap<String, Percentiles>,
     pub handshake_ms: Percentiles,
+    /// First connects allowed in flight per worker (`--connect-inflight`), and the most one
+    /// worker had at once.
+    #[serde(default)]
+    pub connect_inflight: usize,
+    #[serde(default)]
+    pub connect_inflight_peak: u64,
     /// Connections that followed a goaway to another edge (reconnecting with `since`), those
     /// that could not, and the time from goaway to the new upgrade.
     pub reconnects: u64,
     pub reconnect_failed: u64,
+    /// Failed attempts of the moves, retried with jittered backoff, by reason.
+    #[serde(default)]
+    pub reconnect_attempts_failed_by_reason: BTreeMap<String, u64>,
     /// Of `reconnects`, those that came back with `since` after a close with 4000 or 1013.
     #[serde(default)]
     pub resumed_after_close: u64,
@@ -200,6 +209,11 @@ impl Report {
             "connections": self.connections,
             "failed_connections": self.failed_connections,
             "failed_by_reason": self.failed_by_reason,
+            "connect_per_s": self.connect_per_s,
+            "connect_inflight_peak": self.connect_inflight_peak,
+            "reconnects": self.reconnects,
+            "reconnect_failed": self.reconnect_failed,
+            "reconnect_attempts_failed_by_reason": self.reconnect_attempts_failed_by_reason,
             "workers_died": self.workers_died,
             "deliveries": self.deliveries,
             "deliveries_per_s": self.deliveries_per_s,
@@ -276,7 +290,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | connections (failed) | {conns} ({failed}) |\n\
          | failed connections by reason | {failed_by} |\n\
          | workers died (their connections) | {died} |\n\
-         | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms |\n\
+         | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms; in flight per worker at most {inflight_peak} of {inflight} |\n\
          | closes received, by code | {closes} |\n\
          | reconnected with since: after goaway or a server close (failed; of which after a close); to upgraded p50/p99 | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
@@ -324,6 +338,8 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         cps = r.connect_per_s,
         hs50 = r.handshake_ms.p50,
         hs99 = r.handshake_ms.p99,
+        inflight = r.connect_inflight,
+        inflight_peak = r.connect_inflight_peak,
         moved = r.reconnects,
         resumed = r.resumed_after_close,
         mfail = r.reconnect_failed,

@@ -19,6 +19,7 @@ use roomcast_proto::ws;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
+use crate::connect::{Pending, Step, TOKEN_BASE, Window};
 use crate::stats::{KindTrack, body_fields, body_kind, body_stream, encode_hist, histogram};
 
 /// What the worker connects to.
@@ -74,6 +75,34 @@ pub struct WorkerArgs {
     /// Members connect with TLS, trusting this PEM CA (`--tls-ca`); None: plain.
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
+    /// First connects in flight at once (plain members; TLS members connect one at a time).
+    #[serde(default = "one")]
+    pub connect_inflight: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Failed first connects: how many, by reason ([`failure_reason`]).
+struct Failures {
+    worker: usize,
+    total: u64,
+    by: std::collections::BTreeMap<String, u64>,
+}
+
+impl Failures {
+    /// Counts connection `conn`'s (global index) failure; the first of each reason is printed
+    /// with its detail.
+    fn count(&mut self, e: &anyhow::Error, conn: usize) {
+        self.total += 1;
+        let reason = failure_reason(e);
+        let n = self.by.entry(reason.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            eprintln!("worker {}: connection {conn} failed ({reason}): {e:#}", self.worker);
+        }
+    }
 }
 
 /// A member's socket: plain, or TLS (rustls over the same nonblocking socket: reads return
@@ -169,6 +198,9 @@ pub struct Progress {
     /// Interval p99 of the first kind (gifts), µs.
     pub first_kind_p99_us: u64,
     pub reconnects: u64,
+    /// Members open now (connected, not closed nor between a goaway and their new socket).
+    #[serde(default)]
+    pub open: u64,
     pub cpu_s: f64,
 }
 
@@ -205,10 +237,17 @@ pub struct Final {
     pub slow: u64,
     pub dup: Vec<u64>,
     pub connect_hist: String,
+    /// The most first connects this worker had in flight at once (`--connect-inflight`).
+    #[serde(default)]
+    pub connect_inflight_peak: u64,
     /// Reconnects after goaway, those that failed, and goaway-to-upgraded times (base64 V2).
     pub reconnects: u64,
     pub reconnect_failed: u64,
     pub reconnect_hist: String,
+    /// Failed attempts of the moves (retried), by reason (`dispatch_` prefixed when asking the
+    /// dispatch URL failed: `dispatch_http_503` while no edge takes members).
+    #[serde(default)]
+    pub reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64>,
     /// Of the reconnects, those after a close with 4000 (slow consumer) or 1013 (try again
     /// later) rather than a goaway: a real client resumes with `since` after those too.
     #[serde(default)]
@@ -236,14 +275,15 @@ pub fn own_cpu_s() -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
-fn open(args: &WorkerArgs, i: usize, room: u32, slow: bool, tokens: &[String]) -> anyhow::Result<Sock> {
+/// Where connection `i` (this worker's index) first goes: its edge address and request path.
+fn first_target(args: &WorkerArgs, i: usize, room: u32, tokens: &[String]) -> (SocketAddr, String) {
     let dst = args.addrs[i % args.addrs.len()];
     let path = match args.target {
         Target::Edge if args.sse => format!("/sse?room=r{room}{}", token_param(tokens, i)),
         Target::Edge => format!("/ws?room=r{room}{}", token_param(tokens, i)),
         Target::Nchan => format!("/sub/r{room}"),
     };
-    open_to(args, i, dst, &path, slow)
+    (dst, path)
 }
 
 /// `&token=JWT` for this worker's connection `i`, or nothing when the run has no tokens.
@@ -262,7 +302,10 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
             format!("{url}{}room=r{room}", if url.contains('?') { '&' } else { '?' })
         };
         let resp = http.get(ask).timeout(Duration::from_secs(5)).send()?;
-        anyhow::ensure!(resp.status().is_success(), "dispatch answered {}", resp.status());
+        if !resp.status().is_success() {
+            let line = format!("dispatch answered {}", resp.status());
+            return Err(Refused { status: resp.status().as_u16(), line }.into());
+        }
         let v: serde_json::Value = serde_json::from_str(&resp.text()?)?;
         v["url"].as_str().ok_or_else(|| anyhow::anyhow!("dispatch answer without url: {v}"))?.to_owned()
     } else {
@@ -284,7 +327,9 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
     Ok((addr, path))
 }
 
-fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<Sock> {
+/// A new socket for connection `i` (global index): its receive buffer, bound to this worker's
+/// source address for it with the port left to the kernel per 4-tuple.
+pub(crate) fn member_socket(args: &WorkerArgs, i: usize, slow: bool) -> anyhow::Result<Socket> {
     let src = args.src.get(i % args.src.len().max(1)).copied().unwrap_or(Ipv4Addr::LOCALHOST);
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     let rcvbuf = if slow { args.slow_rcvbuf } else { args.rcvbuf };
@@ -305,6 +350,45 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         );
     }
     sock.bind(&SocketAddr::new(IpAddr::V4(src), 0).into())?;
+    Ok(sock)
+}
+
+/// What a member sends once connected: the upgrade request (or the event stream's GET) for
+/// `path` on `dst`, the key its answer must derive from (None for SSE) and the subprotocol.
+pub(crate) fn member_request(
+    args: &WorkerArgs,
+    dst: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(Vec<u8>, Option<String>, &'static str)> {
+    let proto = match args.target {
+        Target::Edge if args.rkyv => "roomcast.rkyv.v2",
+        Target::Edge => "roomcast.json.v1",
+        Target::Nchan => "",
+    };
+    if path.starts_with("/sse?") {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n");
+        return Ok((req.into_bytes(), None, proto));
+    }
+    let (req, key) = upgrade_request(dst, path, proto, args.deflate)?;
+    Ok((req, Some(key), proto))
+}
+
+/// Checks the answer `head` (up to its blank line) to [`member_request`]: a valid upgrade, or
+/// for an event stream a 200.
+pub(crate) fn check_answer(head: &[u8], key: Option<&str>, proto: &str) -> anyhow::Result<()> {
+    match key {
+        Some(key) => check_upgrade(head, key, proto),
+        None if head.starts_with(b"HTTP/1.1 200") => Ok(()),
+        None => Err(Refused::of(head).into()),
+    }
+}
+
+/// Connects and upgrades one member, blocking (connect and answer bounded by 10 s each). The
+/// movers use it (a thread each), and the first connects of TLS members: the rustls handshake
+/// runs inside the blocking write and read here. Plain members' first connects go through
+/// [`crate::connect::Pending`] instead, many at a time on the worker's loop.
+fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<Sock> {
+    let sock = member_socket(args, i, slow)?;
     sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
     let tcp: TcpStream = sock.into();
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -317,25 +401,10 @@ fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool)
         }
         None => Sock::Plain(tcp),
     };
-    let proto = match args.target {
-        Target::Edge if args.rkyv => "roomcast.rkyv.v2",
-        Target::Edge => "roomcast.json.v1",
-        Target::Nchan => "",
-    };
-    let sse = path.starts_with("/sse?");
-    let (req, key) = if sse {
-        (format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n").into_bytes(), None)
-    } else {
-        let (req, key) = upgrade_request(dst, path, proto, args.deflate)?;
-        (req, Some(key))
-    };
+    let (req, key, proto) = member_request(args, dst, path)?;
     s.write_all(&req)?;
     let buf = read_head(&mut s)?;
-    match key {
-        Some(key) => check_upgrade(&buf, &key, proto)?,
-        None if buf.starts_with(b"HTTP/1.1 200") => {}
-        None => return Err(Refused::of(&buf).into()),
-    }
+    check_answer(&buf, key.as_deref(), proto)?;
     s.tcp().set_nonblocking(true)?;
     Ok(s)
 }
@@ -538,6 +607,20 @@ impl Readiness {
         debug_assert!(r.is_ok(), "register: {r:?}");
     }
 
+    /// A socket whose connect is under way: its token hears writability (connected, or
+    /// failed) as well as the answer.
+    fn add_connecting(&self, fd: RawFd, token: usize) {
+        let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+        let r = self.poll.registry().register(&mut SourceFd(&fd), mio::Token(token), interest);
+        debug_assert!(r.is_ok(), "register: {r:?}");
+    }
+
+    /// A connected member's socket, now read under `token`.
+    fn modify(&self, fd: RawFd, token: usize) {
+        let r = self.poll.registry().reregister(&mut SourceFd(&fd), mio::Token(token), mio::Interest::READABLE);
+        debug_assert!(r.is_ok(), "reregister: {r:?}");
+    }
+
     fn del(&self, fd: RawFd) {
         let r = self.poll.registry().deregister(&mut SourceFd(&fd));
         debug_assert!(r.is_ok(), "deregister: {r:?}");
@@ -606,12 +689,31 @@ impl Conn {
         }
     }
 
+    /// Lets go of a socket the member no longer uses (the server closed it, it ended, or the
+    /// member was told to go): answers a close frame with its code (RFC 6455 5.5.1, masked as
+    /// a client's frames are) when `close` has one, then shuts the socket down, so the server
+    /// sees it closed now rather than when the member's new socket replaces it. Keeping it
+    /// open (CLOSE_WAIT here) held a draining edge until its deadline: 200,000 members whose
+    /// only edge was restarting kept their old sockets for the whole restart (the edge exited
+    /// after 53 s of a 10 s drain, bench-results/2026-12-01-restart-storm-README.md).
+    fn release(&mut self, close: Option<&[u8]>) {
+        if let Some(payload) = close {
+            let code = payload.get(..2).unwrap_or(&[]);
+            let mask = (self.last_seq as u32 ^ 0x2545_f491).to_le_bytes();
+            self.pong.extend_from_slice(&ws::encode_client_frame(ws::OpCode::Close, code, mask));
+            self.flush_pong();
+        }
+        self.pong.clear();
+        let _ = self.sock.tcp().shutdown(std::net::Shutdown::Both);
+    }
+
     /// A close frame: after 4000 (slow consumer) or 1013 (replay budget), come back to the same
     /// edge with `since` after a random delay under a second, as a client would.
     /// Other closes a client would come back from (1001 going away or idle, 1011 server
     /// error, 1012 restart) resume the same way; the rest (a kick, an expired token, a protocol
     /// error) end the member. Returns whether the member is gone for good (counted as closed).
     fn on_close(&mut self, payload: &[u8]) -> bool {
+        self.release(Some(payload));
         let was_open = std::mem::replace(&mut self.open, false);
         let code = payload.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
         if matches!(code, Some(4000 | 1013 | 1001 | 1011 | 1012)) && self.resume() {
@@ -638,6 +740,7 @@ impl Conn {
     /// do after any lost connection (a slow consumer whose close frame could not be written is
     /// reset); one that does not counts as closed. Returns whether it counts as closed.
     fn on_lost(&mut self, follow: bool) -> bool {
+        self.release(None);
         let was_open = std::mem::replace(&mut self.open, false);
         if self.moving || self.goaway.is_some() {
             return false;
@@ -663,6 +766,26 @@ struct MoveDone {
     i: usize,
     result: anyhow::Result<Sock>,
     got_at: Instant,
+    /// Why the attempts before the last failed ([`failure_reason`]; `dispatch_` prefixed when
+    /// asking the dispatch URL failed).
+    errors: Vec<String>,
+}
+
+/// A move's retries: exponential from `MOVE_BACKOFF_BASE`, capped at `MOVE_BACKOFF_CAP`, each
+/// wait drawn uniformly below its ceiling (full jitter, as the JavaScript client does), given
+/// up after `MOVE_GIVE_UP`. Without jitter every member a restarted edge sent away at the same
+/// moment retries at the same moments, and the accept queues see waves; a bound of 10 attempts
+/// (~19 s) gave up on members whose only edge was still restarting.
+const MOVE_BACKOFF_BASE: Duration = Duration::from_millis(100);
+const MOVE_BACKOFF_CAP: Duration = Duration::from_secs(5);
+const MOVE_GIVE_UP: Duration = Duration::from_secs(120);
+
+/// The wait before retry `attempt` (0: the first retry): uniform in [ceiling / 10, ceiling],
+/// ceiling = min(cap, base x 2^attempt). The tenth keeps a retry from spinning at 0.
+fn move_backoff(attempt: u32) -> Duration {
+    let ceiling = MOVE_BACKOFF_BASE.saturating_mul(1 << attempt.min(16)).min(MOVE_BACKOFF_CAP);
+    let ceiling_us = ceiling.as_micros() as u64;
+    Duration::from_micros(fastrand::u64(ceiling_us / 10..=ceiling_us))
 }
 
 /// Threads that make the new sockets for connections told to go: a dispatch request, a connect
@@ -687,18 +810,27 @@ impl Movers {
                 let http = reqwest::blocking::Client::new();
                 loop {
                     let Ok(Ok(job)) = job_rx.lock().map(|rx| rx.recv()) else { return };
-                    let mut result = Err(anyhow::anyhow!("not tried"));
-                    for attempt in 0..10u32 {
-                        result = resolve(&http, &job.url, job.room, args.sse).and_then(|(addr, path)| {
-                            let path = format!("{path}&since={}{}", job.since, token_param(&tokens, job.i));
-                            open_to(&args, args.first + job.i, addr, &path, job.slow)
-                        });
-                        if result.is_ok() {
-                            break;
+                    let first = Instant::now();
+                    let mut errors = Vec::new();
+                    let mut attempt = 0u32;
+                    let result = loop {
+                        let result = match resolve(&http, &job.url, job.room, args.sse) {
+                            Err(e) => Err((format!("dispatch_{}", failure_reason(&e)), e)),
+                            Ok((addr, path)) => {
+                                let path = format!("{path}&since={}{}", job.since, token_param(&tokens, job.i));
+                                open_to(&args, args.first + job.i, addr, &path, job.slow)
+                                    .map_err(|e| (failure_reason(&e), e))
+                            }
+                        };
+                        match result {
+                            Ok(sock) => break Ok(sock),
+                            Err((_, e)) if first.elapsed() >= MOVE_GIVE_UP => break Err(e),
+                            Err((reason, _)) => errors.push(reason),
                         }
-                        std::thread::sleep(Duration::from_millis(100 << attempt.min(5)));
-                    }
-                    if done_tx.send(MoveDone { i: job.i, result, got_at: job.got_at }).is_err() {
+                        std::thread::sleep(move_backoff(attempt));
+                        attempt += 1;
+                    };
+                    if done_tx.send(MoveDone { i: job.i, result, got_at: job.got_at, errors }).is_err() {
                         return;
                     }
                 }
@@ -843,6 +975,7 @@ impl Reader {
                     let gone = if self.target == Target::Edge && self.follow {
                         c.on_close(payload)
                     } else {
+                        c.release(Some(payload));
                         std::mem::replace(&mut c.open, false)
                     };
                     if gone {
@@ -914,7 +1047,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let streams: Vec<usize> = (0..args.kinds.len()).map(|k| args.streams.get(k).copied().unwrap_or(1).max(1)).collect();
     let mut conns: Vec<Conn> = Vec::with_capacity(rooms.len());
     let mut connect_hist = histogram();
-    let mut failed = 0u64;
+    let mut fails = Failures { worker: args.id, total: 0, by: std::collections::BTreeMap::new() };
+    let tls = args.tls_ca.is_some();
+    let mut window = Window::new(args.connect_inflight);
+    let mut last_expiry_check = Instant::now();
     let mut reader = Reader {
         target: args.target,
         kinds: args.kinds.clone(),
@@ -944,7 +1080,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         Duration::ZERO
     };
     let mut next_due = Instant::now();
-    let mut failed_by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut last_progress = Instant::now();
     let mut ready = Vec::new();
     let mut tmp = vec![0u8; 256 * 1024];
@@ -958,6 +1093,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut resumed = 0u64;
     let mut reconnect_failed = 0u64;
     let mut reconnect_hist = histogram();
+    let mut move_errors: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let movers = Movers::start(&args, 32, &tokens);
     // The progress line that says the last connection is done goes out at once (the
     // coordinator times the connect phase by it), not at the next whole second.
@@ -990,27 +1126,32 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        // Connect what is due.
-        while next < rooms.len() && next_due <= Instant::now() {
-            let started = Instant::now();
+        // Connect what is due: plain members start a nonblocking connect (at most
+        // `connect_inflight` in flight; the loop below finishes them), TLS members connect
+        // and upgrade blocking, one at a time.
+        while next < rooms.len() && next_due <= Instant::now() && (tls || window.has_room()) {
             let slow = args.slow_every > 0 && (args.first + next).is_multiple_of(args.slow_every);
-            match open(&args, next, rooms[next], slow, &tokens) {
-                Ok(sock) => {
-                    let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
-                    if !slow {
-                        ep.add(sock.as_raw_fd(), conns.len());
+            let (dst, path) = first_target(&args, next, rooms[next], &tokens);
+            if tls {
+                let started = Instant::now();
+                match open_to(&args, next, dst, &path, slow) {
+                    Ok(sock) => {
+                        let _ = connect_hist.record(started.elapsed().as_micros().max(1) as u64);
+                        if !slow {
+                            ep.add(sock.as_raw_fd(), conns.len());
+                        }
+                        conns.push(Conn::new(sock, slow, rooms[next], &streams));
                     }
-                    conns.push(Conn::new(sock, slow, rooms[next], &streams));
+                    Err(e) => fails.count(&e, args.first + next),
                 }
-                Err(e) => {
-                    failed += 1;
-                    let reason = failure_reason(&e);
-                    let n = failed_by.entry(reason.clone()).or_default();
-                    *n += 1;
-                    // The first of each reason, with its detail.
-                    if *n == 1 {
-                        eprintln!("worker {}: connection {} failed ({reason}): {e:#}", args.id, args.first + next);
+            } else {
+                match Pending::start(&args, next, dst, &path, slow) {
+                    Ok(p) => {
+                        let fd = p.fd();
+                        let token = window.insert(p);
+                        ep.add_connecting(fd, token);
                     }
+                    Err(e) => fails.count(&e, args.first + next),
                 }
             }
             next += 1;
@@ -1020,8 +1161,60 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        ep.wait(&mut ready, Duration::from_millis(if next == rooms.len() && !connects_reported { 0 } else { 50 }));
-        for &i in &ready {
+        // Members whose handshake ran out of time.
+        if window.len() > 0 && last_expiry_check.elapsed() >= Duration::from_millis(100) {
+            last_expiry_check = Instant::now();
+            for token in window.expired(last_expiry_check) {
+                if let Some(p) = window.remove(token) {
+                    ep.del(p.fd());
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no upgrade answer within 10 s");
+                    fails.count(&e.into(), args.first + p.i);
+                }
+            }
+        }
+        let connecting = next < rooms.len() || window.len() > 0;
+        let wait = if !connecting && !connects_reported {
+            Duration::ZERO
+        } else if next < rooms.len() && (tls || window.has_room()) {
+            // The next connect's turn (the ramp), within the usual 50 ms.
+            next_due.saturating_duration_since(Instant::now()).min(Duration::from_millis(50))
+        } else {
+            Duration::from_millis(50)
+        };
+        ep.wait(&mut ready, wait);
+        for &token in ready.iter().filter(|&&t| t >= TOKEN_BASE) {
+            let Some(p) = window.get_mut(token) else { continue };
+            match p.drive(&mut tmp) {
+                Step::Wait => {}
+                Step::Done => {
+                    let p = window.remove(token).expect("in flight");
+                    let _ = connect_hist.record(p.started.elapsed().as_micros().max(1) as u64);
+                    let (i, slow) = (p.i, p.slow);
+                    let (tcp, rest) = p.finish();
+                    if slow {
+                        ep.del(tcp.as_raw_fd());
+                    } else {
+                        // Now a member: its index is its token (epoll reports it at once if
+                        // more has arrived meanwhile).
+                        ep.modify(tcp.as_raw_fd(), conns.len());
+                    }
+                    let mut c = Conn::new(Sock::Plain(tcp), slow, rooms[i], &streams);
+                    if !rest.is_empty() {
+                        reader.bytes += rest.len() as u64;
+                        c.buf = rest;
+                        let used = reader.frames(&mut c);
+                        c.buf.drain(..used);
+                    }
+                    conns.push(c);
+                }
+                Step::Failed(e) => {
+                    let p = window.remove(token).expect("in flight");
+                    ep.del(p.fd());
+                    fails.count(&e, args.first + p.i);
+                }
+            }
+        }
+        for &i in ready.iter().filter(|&&t| t < TOKEN_BASE) {
             let c = &mut conns[i];
             c.flush_pong();
             loop {
@@ -1061,6 +1254,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 if c.open && !c.slow {
                     ep.del(c.sock.as_raw_fd());
                 }
+                // The edge closes it right after its goaway; the new socket comes from the mover.
+                c.release(None);
                 c.open = false;
                 c.moving = true;
                 let _ = movers.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.last_seq, got_at });
@@ -1068,6 +1263,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             while let Ok(done) = movers.done.try_recv() {
                 let c = &mut conns[done.i];
                 c.moving = false;
+                for reason in done.errors {
+                    *move_errors.entry(reason).or_default() += 1;
+                }
                 match done.result {
                     Ok(sock) => {
                         if !c.slow {
@@ -1090,16 +1288,16 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        let connects_done = next == rooms.len() && !connects_reported;
+        let connects_done = next == rooms.len() && window.len() == 0 && !connects_reported;
         if last_progress.elapsed() >= Duration::from_secs(1) || connects_done {
             connects_reported |= connects_done;
             last_progress = Instant::now();
             let p = Progress {
                 id: args.id,
                 connected: conns.len() as u64,
-                failed,
-                failed_by: failed_by.clone(),
-                pending: (rooms.len() - next) as u64,
+                failed: fails.total,
+                failed_by: fails.by.clone(),
+                pending: (rooms.len() - next + window.len()) as u64,
                 deliveries: reader.deliveries,
                 frames: reader.frames,
                 bytes: reader.bytes - reader.ping_bytes,
@@ -1107,6 +1305,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 p99_us: reader.interval.value_at_quantile(0.99),
                 first_kind_p99_us: reader.interval_first.value_at_quantile(0.99),
                 reconnects,
+                open: conns.iter().filter(|c| c.open).count() as u64,
                 cpu_s: own_cpu_s(),
             };
             reader.interval.reset();
@@ -1189,8 +1388,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 partial,
                 id: args.id,
                 connected: conns.len() as u64,
-                failed,
-                failed_by: std::mem::take(&mut failed_by),
+                failed: fails.total,
+                failed_by: std::mem::take(&mut fails.by),
+                connect_inflight_peak: window.peak as u64,
                 closed: reader.closed,
                 close_codes: std::mem::take(&mut reader.close_codes),
                 deliveries: reader.deliveries,
@@ -1208,6 +1408,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 reconnects,
                 reconnect_failed,
                 reconnect_hist: encode_hist(&reconnect_hist),
+                reconnect_attempts_failed_by: std::mem::take(&mut move_errors),
                 resumed,
                 cpu_s: own_cpu_s(),
             };

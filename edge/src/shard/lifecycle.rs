@@ -82,7 +82,20 @@ impl Shard {
             if !c.cancel_issued {
                 c.cancel_issued = true;
                 let tok = Token::new(OpKind::Cancel, c.generation, slot);
-                if Sq::new(&mut self.ring).cancel_fixed(slot, tok).is_err() {
+                // The usual case, a flushed connection with only its multishot recv armed, cancels
+                // that recv by its token: the kernel finds it in its cancel hash. Cancelling by
+                // descriptor walks every armed poll of the ring, twice with `all` (io_uring's
+                // `io_poll_file_find`), so closing n connections of a ring cost O(n^2) kernel
+                // time: a drain of 15,400 connections per ring kept 13 shards busy in the kernel
+                // for 79 s, past the drain's deadline, and starved every other process on this
+                // non-preemptible kernel (bench-results/2026-12-01-restart-storm-README.md).
+                // With sends in flight (an abort), by descriptor: every operation on it.
+                let r = if c.in_flight == 0 {
+                    Sq::new(&mut self.ring).cancel_token(Token::new(OpKind::Recv, c.generation, slot), tok)
+                } else {
+                    Sq::new(&mut self.ring).cancel_fixed(slot, tok)
+                };
+                if r.is_err() {
                     c.cancel_issued = false;
                     self.retry.push((Retry::Release, slot));
                 }

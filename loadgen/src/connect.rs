@@ -1,0 +1,200 @@
+//! Members' first connects, many in flight per worker, without blocking its loop.
+//!
+//! A worker keeps up to `--connect-inflight` members between their `connect` and their upgrade
+//! answer. Each is a nonblocking socket registered with the worker's own epoll (the one that
+//! reads the members): the connect completes as writability, the request goes out, the answer
+//! comes in as readability, and the member then joins the reading loop under its own token.
+//! Why this rather than connector threads: a member in flight costs its socket, its request
+//! and the answer read so far (a few hundred bytes, freed once it is a member), where a thread
+//! costs a stack and a scheduler entity, and still waits on one socket at a time; the loop
+//! already has the epoll. One blocking connect at a time per worker held the 10^6 attempt to
+//! 2,000 connects/s once a handshake took ~30 ms on the loaded box (bench-results/
+//! 2026-11-30-million-README.md). TLS members keep the blocking path (`open_to`: rustls's
+//! handshake inside a blocking write and read), one at a time.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::worker::{WorkerArgs, check_answer, member_request, member_socket};
+
+/// How long a member may take from its connect to the end of its upgrade answer (the blocking
+/// path allows 10 s for each; a SYN dropped by a full accept queue is resent after 1 s, 3 s...).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest upgrade answer taken.
+const ANSWER_LIMIT: usize = 4096;
+
+/// One member between its connect and its upgrade answer.
+pub struct Pending {
+    sock: Socket,
+    /// This worker's connection index.
+    pub i: usize,
+    /// A slow reader (read outside epoll once upgraded).
+    pub slow: bool,
+    /// When its connect started.
+    pub started: Instant,
+    req: Vec<u8>,
+    sent: usize,
+    key: Option<String>,
+    proto: &'static str,
+    /// The answer so far.
+    head: Vec<u8>,
+}
+
+/// Where a pending member stands after its socket was ready.
+pub enum Step {
+    /// Waiting for the socket (connect, room to write, the rest of the answer).
+    Wait,
+    /// Upgraded: take it out of the window and [`Pending::finish`] it.
+    Done,
+    /// Refused, reset, or not a valid answer.
+    Failed(anyhow::Error),
+}
+
+impl Pending {
+    /// Starts connection `i` to `dst` (nonblocking: the connect is under way when this returns).
+    pub fn start(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let sock = member_socket(args, i, slow)?;
+        sock.set_nonblocking(true)?;
+        match sock.connect(&dst.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (req, key, proto) = member_request(args, dst, path)?;
+        Ok(Self { sock, i, slow, started, req, sent: 0, key, proto, head: Vec::new() })
+    }
+
+    /// Its socket, for epoll.
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Whether it has been in flight longer than [`HANDSHAKE_TIMEOUT`].
+    pub fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.started) > HANDSHAKE_TIMEOUT
+    }
+
+    /// Takes it as far as its socket allows now (`tmp`: scratch space for reading).
+    pub fn drive(&mut self, tmp: &mut [u8]) -> Step {
+        match self.advance(tmp) {
+            Ok(false) => Step::Wait,
+            Ok(true) => Step::Done,
+            Err(e) => Step::Failed(e),
+        }
+    }
+
+    /// An upgraded member's stream (nonblocking) and the bytes that came after the answer (the
+    /// edge's `joined` may arrive in the same segment), which are the reading loop's.
+    pub fn finish(mut self) -> (TcpStream, Vec<u8>) {
+        let rest = self.head.split_off(self.answer_len());
+        (self.sock.into(), rest)
+    }
+
+    /// The answer's length once complete (`head` ends with its blank line or goes past it).
+    fn answer_len(&self) -> usize {
+        self.head.windows(4).position(|w| w == b"\r\n\r\n").map_or(self.head.len(), |p| p + 4)
+    }
+
+    /// Returns whether the answer is complete and valid.
+    fn advance(&mut self, tmp: &mut [u8]) -> anyhow::Result<bool> {
+        use std::io::ErrorKind as K;
+        // A failed connect (refused, reset, unreachable) is the socket's pending error.
+        if let Some(e) = self.sock.take_error()? {
+            return Err(e.into());
+        }
+        while self.sent < self.req.len() {
+            match self.sock.send(&self.req[self.sent..]) {
+                Ok(n) => self.sent += n,
+                // Still connecting (EAGAIN; ENOTCONN on some kernels), or no room yet.
+                Err(e) if e.kind() == K::WouldBlock || e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(false),
+                Err(e) if e.kind() == K::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        loop {
+            match (&self.sock).read(tmp) {
+                Ok(0) => return Err(std::io::Error::from(K::UnexpectedEof).into()),
+                Ok(n) => {
+                    let from = self.head.len().saturating_sub(3);
+                    self.head.extend_from_slice(&tmp[..n]);
+                    if self.head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+                        let end = self.answer_len();
+                        check_answer(&self.head[..end], self.key.as_deref(), self.proto)?;
+                        return Ok(true);
+                    }
+                    anyhow::ensure!(self.head.len() < ANSWER_LIMIT, "handshake answer too long");
+                }
+                Err(e) if e.kind() == K::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == K::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Up to `cap` pending members, each under a slot number (its epoll token is [`TOKEN_BASE`] +
+/// slot, apart from members' tokens, which are their indexes).
+pub struct Window {
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// The most in flight at once so far (reported: shows the window was used).
+    pub peak: usize,
+}
+
+/// Epoll tokens from here on are pending members' slots.
+pub const TOKEN_BASE: usize = 1 << 40;
+
+impl Window {
+    /// A window of `cap` (at least 1).
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
+        Self { slots: (0..cap).map(|_| None).collect(), free: (0..cap).rev().collect(), peak: 0 }
+    }
+
+    /// Members in flight.
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Whether another member may start.
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Puts `p` in a free slot; returns its token. Call only with room.
+    pub fn insert(&mut self, p: Pending) -> usize {
+        let slot = self.free.pop().expect("a free slot");
+        self.slots[slot] = Some(p);
+        self.peak = self.peak.max(self.len());
+        TOKEN_BASE + slot
+    }
+
+    /// The member under `token`, if still in flight.
+    pub fn get_mut(&mut self, token: usize) -> Option<&mut Pending> {
+        self.slots.get_mut(token.checked_sub(TOKEN_BASE)?)?.as_mut()
+    }
+
+    /// Takes the member under `token` out.
+    pub fn remove(&mut self, token: usize) -> Option<Pending> {
+        let slot = token.checked_sub(TOKEN_BASE)?;
+        let p = self.slots.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        Some(p)
+    }
+
+    /// Tokens of the members in flight longer than [`HANDSHAKE_TIMEOUT`].
+    pub fn expired(&self, now: Instant) -> Vec<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.as_ref().is_some_and(|p| p.expired(now)))
+            .map(|(slot, _)| TOKEN_BASE + slot)
+            .collect()
+    }
+}
