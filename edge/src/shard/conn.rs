@@ -100,6 +100,9 @@ pub struct Conn {
     pub close_issued: bool,
     pub opened_ms: u64,
     pub last_rx_ms: u64,
+    /// When a write to the peer last made progress: a peer still taking the bytes queued to
+    /// it (our ping among them) is not idle, however long since it last spoke.
+    pub last_tx_ms: u64,
     pub next_ping_ms: u64,
     /// Draining: when this connection gets its `goaway`.
     pub goaway_at_ms: Option<u64>,
@@ -153,6 +156,7 @@ impl Conn {
             close_issued: false,
             opened_ms: now_ms,
             last_rx_ms: now_ms,
+            last_tx_ms: now_ms,
             next_ping_ms: now_ms,
             goaway_at_ms: None,
             signal_tokens: f64::INFINITY,

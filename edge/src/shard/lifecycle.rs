@@ -288,8 +288,16 @@ impl Shard {
                     to_abort.push(slot as u32);
                 }
                 // An event stream's client never speaks: no idle timeout (a dead peer fails a
-                // write: the heartbeats below see to it that there is one).
-                Phase::Open if c.proto != Subprotocol::Sse && now_ms.saturating_sub(c.last_rx_ms) >= idle_to => {
+                // write: the heartbeats below see to it that there is one). A peer with bytes
+                // queued to it that it is still taking is not idle: our ping may sit behind
+                // them, and it cannot answer what it has not got (at 10^6 members a gift's
+                // fan-out queued pings for tens of seconds and 898,935 members who were
+                // reading were closed as idle). One whose queue has not moved for the timeout
+                // is stalled, and closed as idle all the same.
+                Phase::Open
+                    if c.proto != Subprotocol::Sse
+                        && is_idle(now_ms, c.last_rx_ms, c.last_tx_ms, c.out_bytes, idle_to) =>
+                {
                     to_close.push(slot as u32);
                 }
                 Phase::Open if c.identity.as_ref().and_then(|i| i.exp).is_some_and(|exp| exp <= now_s) => {
@@ -368,5 +376,28 @@ pub(crate) fn goaway_url(dispatch: &str, room: Option<&str>) -> String {
         // Room names are URL-safe (A-Z a-z 0-9 _ . : -): no escaping needed.
         Some(r) => format!("{dispatch}{}room={r}", if dispatch.contains('?') { '&' } else { '?' }),
         None => dispatch.to_owned(),
+    }
+}
+
+/// Whether an open connection is idle: nothing heard from the peer for `idle_to`, and nothing
+/// queued to it that it is still taking (a write made progress within `idle_to`).
+fn is_idle(now_ms: u64, last_rx_ms: u64, last_tx_ms: u64, out_bytes: usize, idle_to: u64) -> bool {
+    now_ms.saturating_sub(last_rx_ms) >= idle_to && (out_bytes == 0 || now_ms.saturating_sub(last_tx_ms) >= idle_to)
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::is_idle;
+
+    #[test]
+    fn a_peer_still_taking_its_queue_is_not_idle_a_stalled_one_is() {
+        // Silent for 100 s with nothing queued: idle.
+        assert!(is_idle(100_000, 0, 0, 0, 90_000));
+        // Silent as long, but our queue to it (its ping behind a gift) moved a second ago.
+        assert!(!is_idle(100_000, 0, 99_000, 4096, 90_000));
+        // Its queue has not moved for the timeout: stalled, idle all the same.
+        assert!(is_idle(100_000, 0, 9_000, 4096, 90_000));
+        // Heard from recently: never idle.
+        assert!(!is_idle(100_000, 50_000, 0, 0, 90_000));
     }
 }

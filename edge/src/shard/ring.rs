@@ -303,7 +303,9 @@ impl Shard {
         } else {
             res as usize
         };
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        c.last_tx_ms = now_ms;
         // Delivery latency, sampled: one message frame in LATENCY_SAMPLE at random (a fixed
         // stride aliases with periodic traffic: gifts and chat alternating on 4 members per
         // shard put every 16th frame on chat), the clock read only for those.
