@@ -8,30 +8,44 @@
 # Figures per case: edge CPU per delivered message, bytes on the wire per delivered message (the
 # edge's roomcast_bytes_written_total over roomcast_messages_delivered_total, read just before
 # it stops: ciphertext for wss, compressed for deflate), gift latency, loss (must be 0 for gifts).
-# Results: bench-results/<date>-transport-{plain,tls,deflate,tls-deflate}/ and
-# bench-results/<date>-transport-table.md.
-# Env: CONNS (10000), GIFT (10), CHAT (200), SECS (20), ENCODING (rkyv), EDGE_BIN / LG_BIN
-# (prebuilt binaries; default: cargo build --release here).
+# Results: bench-results/<date>-SCEN-{plain,tls,deflate,tls-deflate}/ and
+# bench-results/<date>-SCEN-table.md; existing results are never overwritten (the run stops).
+# Env: CONNS (10000), GIFT (10), CHAT (200), SECS (20), ENCODING (rkyv), SCEN (transport; another
+# name for a smoke run), EDGE_BIN / LG_BIN (prebuilt binaries; default: cargo build --release
+# here). Ports 18741-18742.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
+(($# == 0)) || { echo "no arguments: settings are environment variables (--help)" >&2; exit 1; }
 ROOT=$PWD
+SCEN=${SCEN:-transport}
+[[ $SCEN =~ ^[a-z0-9-]+$ ]] || { echo "SCEN must be lowercase letters, digits and dashes, not '$SCEN'" >&2; exit 1; }
 CONNS=${CONNS:-10000}
 GIFT=${GIFT:-10}
 CHAT=${CHAT:-200}
 SECS=${SECS:-20}
 ENCODING=${ENCODING:-rkyv}
+for v in CONNS GIFT CHAT SECS; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
+done
+DATE=$(date +%Y-%m-%d)
+for name in plain tls deflate tls-deflate; do
+  [[ ! -e $ROOT/bench-results/$DATE-$SCEN-$name ]] || {
+    echo "bench-results/$DATE-$SCEN-$name exists: set SCEN to another name, or remove it" >&2
+    exit 1
+  }
+done
 if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
   cargo build -q --release -p edge -p loadgen
 fi
 EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
 LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
-DATE=$(date +%Y-%m-%d)
 # shellcheck source=lib/bench.sh
 . "$ROOT/scripts/lib/bench.sh"
 ports_free 18741 18742
-for v in CONNS GIFT CHAT SECS; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
-done
 case $ENCODING in
   rkyv) enc=() ;;
   json) enc=(--json) ;;
@@ -52,16 +66,16 @@ run() {
   local name=$1 edge_tls=()
   shift
   [[ $name == tls* ]] && edge_tls=(--tls-cert "$PKI/cert.pem" --tls-key "$PKI/key.pem")
-  local tmp out=$ROOT/bench-results/$DATE-transport-$name
+  local tmp out=$ROOT/bench-results/$DATE-$SCEN-$name
   tmp=$(mktemp -d)
   "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 "${edge_tls[@]}" >"$tmp/edge.log" 2>&1 &
   local epid=$!
   edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
   "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
     --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
-    --out "$ROOT/bench-results" --scenario "transport-$name" "${enc[@]}" "$@" \
+    --out "$ROOT/bench-results" --scenario "$SCEN-$name" "${enc[@]}" "$@" \
     --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); members: $name, $ENCODING" \
-    >"$tmp/lg.out" 2>&1 || { echo "transport-$name failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
+    >"$tmp/lg.out" 2>&1 || { echo "$SCEN-$name failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
   # The edge's own counters: bytes it wrote (ciphertext, compressed) and messages delivered.
   curl -sf http://127.0.0.1:18742/metrics >"$tmp/metrics.txt" || true
   [[ -d $out ]] && cp "$tmp/metrics.txt" "$out/edge-metrics.txt"
@@ -74,14 +88,14 @@ run plain
 run tls --tls-ca "$PKI/ca.pem"
 run deflate --deflate
 run tls-deflate --tls-ca "$PKI/ca.pem" --deflate
-OUT=$ROOT/bench-results/$DATE-transport-table.md
+OUT=$ROOT/bench-results/$DATE-$SCEN-table.md
 if ((FAILED)); then
   echo "a case failed: no table written" >&2
   exit 1
 fi
-python3 - "$ROOT/bench-results" "$DATE" "$CONNS" "$GIFT" "$CHAT" "$SECS" "$STARTED" "$ENCODING" >"$OUT" <<'PY'
+python3 - "$ROOT/bench-results" "$DATE" "$CONNS" "$GIFT" "$CHAT" "$SECS" "$STARTED" "$ENCODING" "$SCEN" >"$OUT" <<'PY'
 import json, os, sys
-root, date, conns, gift, chat, secs, started, encoding = sys.argv[1:]
+root, date, conns, gift, chat, secs, started, encoding, scen = sys.argv[1:]
 
 def counter(text, name):
     """A counter summed over its label sets, from Prometheus text."""
@@ -95,7 +109,7 @@ print(f"# ws, wss, deflate, wss + deflate in one run (scripts/bench-transport.sh
 print("| case | deliveries/s | edge µs CPU per delivery | wire bytes per delivery (edge) | plaintext bytes per delivery (members) | frames compressed | gift p50 / p99 ms | gifts lost | chat lost | generator saturated |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for name in ["plain", "tls", "deflate", "tls-deflate"]:
-    d = os.path.join(root, f"{date}-transport-{name}")
+    d = os.path.join(root, f"{date}-{scen}-{name}")
     p = os.path.join(d, "result.json")
     if not os.path.exists(p) or os.path.getmtime(p) < float(started):
         print(f"| {name} | (no result) | | | | | | | | |")

@@ -217,8 +217,8 @@ impl Validity {
         match self.state(now) {
             CertState::Valid => None,
             CertState::Expiring => Some(format!(
-                "tls.cert: {cert} expires {until} (in {} h): renew it and send SIGHUP",
-                self.expires_in_s(now) / 3600
+                "tls.cert: {cert} expires {until} (in {}): renew it and send SIGHUP",
+                time_left(self.expires_in_s(now))
             )),
             CertState::Expired => Some(format!(
                 "tls.cert: {cert} expired {until}: clients refuse the handshake; install a new certificate and send SIGHUP"
@@ -296,6 +296,16 @@ impl axum::serve::Listener for HttpsListener {
     }
 }
 
+/// Seconds as the largest whole unit that is at least 1: "3 d 4 h", "5 h 10 min", "50 s".
+fn time_left(s: i64) -> String {
+    match s {
+        s if s >= 86_400 => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
 fn show(p: &Path) -> String {
     p.display().to_string()
 }
@@ -307,8 +317,11 @@ fn load_pair(files: &TlsConfig, provider: &CryptoProvider) -> Result<(CertifiedK
     let chain = read_chain(&text).map_err(cert_err)?;
     let validity = leaf_validity(&chain[0], &files.cert).map_err(cert_err)?;
     let text = std::fs::read(&files.key).map_err(|e| key_err(e.to_string()))?;
+    if let Some(why) = key_file_problem(&text) {
+        return Err(key_err(why));
+    }
     let key = PrivateKeyDer::from_pem_slice(&text)
-        .map_err(|e| key_err(format!("no PKCS#8, PKCS#1 or SEC1 private key in PEM: {e}")))?;
+        .map_err(|e| key_err(format!("no PKCS#8, PKCS#1 or SEC1 private key in PEM: {}", pem_error(&e))))?;
     // Loaded on its own so that a key whose DER is damaged is reported as the key's fault.
     let key =
         provider.key_provider.load_private_key(key).map_err(|e| key_err(format!("not a usable private key: {e}")))?;
@@ -324,12 +337,40 @@ fn load_pair(files: &TlsConfig, provider: &CryptoProvider) -> Result<(CertifiedK
     }
 }
 
+/// A PEM error in words (the library prints a missing END marker as a list of bytes).
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => {
+            format!("cut short: no \"-----END {}-----\" line", String::from_utf8_lossy(end_marker))
+        }
+        Error::IllegalSectionStart { line } => format!("bad BEGIN line {:?}", String::from_utf8_lossy(line)),
+        other => other.to_string(),
+    }
+}
+
+/// What a key file holds that the edge cannot use, said plainly (None: try to read it): an
+/// encrypted key (the edge has no passphrase to give), or certificates only.
+fn key_file_problem(text: &[u8]) -> Option<String> {
+    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    if has(b"ENCRYPTED PRIVATE KEY") || has(b"Proc-Type: 4,ENCRYPTED") {
+        return Some(
+            "an encrypted private key: the edge needs it unencrypted (openssl pkey -in KEY -out PLAIN, kept readable by the edge only)"
+                .into(),
+        );
+    }
+    if has(b"-----BEGIN CERTIFICATE-----") && !has(b"PRIVATE KEY-----") {
+        return Some("holds certificates and no private key: a certificate given as tls.key?".into());
+    }
+    None
+}
+
 /// The CERTIFICATE sections of a PEM file, each checked to be an X.509 certificate; the error
 /// says what the file holds instead.
 fn read_chain(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let sections = <(SectionKind, Vec<u8>)>::pem_slice_iter(text)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM: {e}"))?;
+        .map_err(|e| format!("not PEM: {}", pem_error(&e)))?;
     let mut chain = Vec::new();
     for (kind, der) in sections {
         if kind != SectionKind::Certificate {
@@ -522,8 +563,22 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("truncated", armour("PRIVATE KEY", &der[..der.len() / 2]), "not a usable private key"),
             ("garbage-der", armour("PRIVATE KEY", b"hello world, not DER"), "not a usable private key"),
-            ("cert-as-key", cert_pem.clone().into_bytes(), "no PKCS#8"),
+            ("cert-as-key", cert_pem.clone().into_bytes(), "a certificate given as tls.key?"),
             ("empty", Vec::new(), "no PKCS#8"),
+            // From a new user's trial: an encrypted key said "no items found" or "base64 decode
+            // error", and a cut-short file listed the END marker's bytes as numbers.
+            (
+                "encrypted-pkcs8",
+                b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n".to_vec(),
+                "an encrypted private key",
+            ),
+            (
+                "encrypted-sec1",
+                b"-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,00\n\nMIIB\n-----END EC PRIVATE KEY-----\n"
+                    .to_vec(),
+                "an encrypted private key",
+            ),
+            ("cut-short", key.serialize_pem().as_bytes()[..100].to_vec(), "cut short: no \"-----END PRIVATE KEY-----\" line"),
         ];
         for (case, file, why) in cases {
             let (e, _, k) = load_err(&format!("key-{case}"), cert_pem.as_bytes(), &file);
@@ -556,7 +611,7 @@ mod tests {
         assert_eq!(v.warning(76 * DAY), None);
         assert_eq!(v.state(76 * DAY + 1), CertState::Expiring);
         let w = v.warning(80 * DAY).unwrap();
-        assert!(w.contains("/etc/roomcast/cert.pem expires Jan  1 00:00:00 2027 +00:00 (in 240 h)"), "{w}");
+        assert!(w.contains("/etc/roomcast/cert.pem expires Jan  1 00:00:00 2027 +00:00 (in 10 d 0 h)"), "{w}");
         assert_eq!(v.state(90 * DAY), CertState::Expiring, "valid up to and including notAfter");
         assert_eq!(v.state(90 * DAY + 1), CertState::Expired);
         assert!(v.warning(91 * DAY).unwrap().contains("/etc/roomcast/cert.pem expired Jan  1 00:00:00 2027"));

@@ -8,7 +8,7 @@ ports_free() {
   local p
   for p in "$@"; do
     if ss -Htln "sport = :$p" | grep -q .; then
-      echo "port $p is in use; set PORT" >&2
+      echo "port $p is in use: another benchmark may be running (ss -ltnp 'sport = :$p' says what listens)" >&2
       exit 1
     fi
   done
