@@ -18,10 +18,11 @@
 #
 # Env: CONNS (1000000), SHARDS (see above), RAMP (connections/s in all, 10000), SECS (60),
 # GIFT_EVERY (10 s), SRC_ADDRS (8 per worker), PING_MS (30000), IDLE_MS (90000), PROBES
-# (auto|ebpf|sock_diag|off: the edge's kernel probes), PROBE_MS (1000), PRESENCE_MS (0: the room's
-# online count is not pushed to members; the edge's default, 1000, pushes it to every member each
-# second while it changes, which is every second of a ramp: at 2x10^5 members that was ~10^5
-# sends/s and the connect rate fell from 7,800/s to under 1,000/s at 110,000 members), SCEN (million, or
+# (auto|ebpf|sock_diag|off: the edge's kernel probes), PROBE_MS (1000), PRESENCE_MS (1000, the
+# edge's default: the online count rides on the room's batches and a silent room gets a
+# count-only batch at most every members / presence.max_writes_per_s s; 0 turns pushes off. Before
+# that cap, a count-only batch to every member each second of a ramp cut the connect rate from
+# 7,800/s to under 1,000/s at 110,000 members), SCEN (million, or
 # CONNS-derived), MAX_SECS (CONNECT_DEADLINE + SECS + 300: the whole run is
 # stopped after this), EDGE_BIN / LG_BIN
 # (prebuilt binaries; default: cargo build --release here), EDGE_CPUS / LG_CPUS (taskset lists),
@@ -60,7 +61,7 @@ PING_MS=${PING_MS:-30000}
 IDLE_MS=${IDLE_MS:-90000}
 PROBES=${PROBES:-auto}
 PROBE_MS=${PROBE_MS:-1000}
-PRESENCE_MS=${PRESENCE_MS:-0}
+PRESENCE_MS=${PRESENCE_MS:-1000}
 CONNECT_DEADLINE=${CONNECT_DEADLINE:-$((4 * CONNS / RAMP + 120))}
 MAX_SECS=${MAX_SECS:-$((CONNECT_DEADLINE + SECS + 300))}
 EDGE_CPUS=${EDGE_CPUS:-}
