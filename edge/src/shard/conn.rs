@@ -100,8 +100,9 @@ pub struct Conn {
     pub close_issued: bool,
     pub opened_ms: u64,
     pub last_rx_ms: u64,
-    /// When a write to the peer last made progress: a peer still taking the bytes queued to
-    /// it (our ping among them) is not idle, however long since it last spoke.
+    /// When a write to the peer was last issued or last made progress: a peer still taking
+    /// the bytes queued to it (our ping among them) is not idle, however long since it last
+    /// spoke; one that has not taken a write issued `idle_timeout` ago is stalled.
     pub last_tx_ms: u64,
     pub next_ping_ms: u64,
     /// Draining: when this connection gets its `goaway`.

@@ -296,7 +296,7 @@ impl Shard {
                 // is stalled, and closed as idle all the same.
                 Phase::Open
                     if c.proto != Subprotocol::Sse
-                        && is_idle(now_ms, c.last_rx_ms, c.last_tx_ms, c.out_bytes, idle_to) =>
+                        && is_idle(now_ms, c.last_rx_ms, c.last_tx_ms, c.out_bytes, c.in_flight, idle_to) =>
                 {
                     to_close.push(slot as u32);
                 }
@@ -380,9 +380,12 @@ pub(crate) fn goaway_url(dispatch: &str, room: Option<&str>) -> String {
 }
 
 /// Whether an open connection is idle: nothing heard from the peer for `idle_to`, and nothing
-/// queued to it that it is still taking (a write made progress within `idle_to`).
-fn is_idle(now_ms: u64, last_rx_ms: u64, last_tx_ms: u64, out_bytes: usize, idle_to: u64) -> bool {
-    now_ms.saturating_sub(last_rx_ms) >= idle_to && (out_bytes == 0 || now_ms.saturating_sub(last_tx_ms) >= idle_to)
+/// queued to it, or a write to it issued (or last progressing) `idle_to` ago and still not
+/// taken: stalled. Frames queued that this shard has not issued yet are its own delay.
+fn is_idle(now_ms: u64, last_rx_ms: u64, last_tx_ms: u64, out_bytes: usize, in_flight: u16, idle_to: u64) -> bool {
+    let silent = now_ms.saturating_sub(last_rx_ms) >= idle_to;
+    let stalled = in_flight > 0 && now_ms.saturating_sub(last_tx_ms) >= idle_to;
+    silent && (out_bytes == 0 || stalled)
 }
 
 #[cfg(test)]
@@ -392,12 +395,14 @@ mod idle_tests {
     #[test]
     fn a_peer_still_taking_its_queue_is_not_idle_a_stalled_one_is() {
         // Silent for 100 s with nothing queued: idle.
-        assert!(is_idle(100_000, 0, 0, 0, 90_000));
-        // Silent as long, but our queue to it (its ping behind a gift) moved a second ago.
-        assert!(!is_idle(100_000, 0, 99_000, 4096, 90_000));
-        // Its queue has not moved for the timeout: stalled, idle all the same.
-        assert!(is_idle(100_000, 0, 9_000, 4096, 90_000));
+        assert!(is_idle(100_000, 0, 0, 0, 0, 90_000));
+        // Silent as long, but our write to it (its ping behind a gift) moved a second ago.
+        assert!(!is_idle(100_000, 0, 99_000, 4096, 1, 90_000));
+        // A write issued 91 s ago and still not taken: stalled, idle all the same.
+        assert!(is_idle(100_000, 0, 9_000, 4096, 1, 90_000));
+        // Frames this shard has not issued yet (its own backlog): not the peer's silence.
+        assert!(!is_idle(100_000, 0, 9_000, 4096, 0, 90_000));
         // Heard from recently: never idle.
-        assert!(!is_idle(100_000, 50_000, 0, 0, 90_000));
+        assert!(!is_idle(100_000, 50_000, 0, 0, 0, 90_000));
     }
 }

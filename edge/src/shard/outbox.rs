@@ -137,8 +137,12 @@ impl Shard {
 
     pub(super) fn issue_send(&mut self, slot: u32) {
         let max_iov = self.cfg.send.max_iov;
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
         debug_assert_eq!(c.in_flight, 0);
+        // The peer's time to take these bytes starts now, not when it last took some: frames
+        // that waited for this shard are the shard's delay, not the peer's (`is_idle`).
+        c.last_tx_ms = now_ms;
         if c.tls.is_some() {
             return self.tls_issue_send(slot);
         }
