@@ -494,6 +494,7 @@ fn main() -> anyhow::Result<()> {
     // sessions under way keep theirs. A file that does not load keeps the old pair in use.
     // Installed with or without TLS: a stray SIGHUP must not stop an edge.
     let tls = edge.tls.clone();
+    let reloads = edge.metrics.tls_reloads.clone();
     let mut hup = rt.block_on(async {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")
     })?;
@@ -502,10 +503,14 @@ fn main() -> anyhow::Result<()> {
             match &tls {
                 Some(t) => match t.reload() {
                     Ok(()) => {
+                        reloads.with_label_values(&["ok"]).inc();
                         tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes use it");
                         t.log_validity("SIGHUP");
                     }
-                    Err(e) => tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                    Err(e) => {
+                        reloads.with_label_values(&["failed"]).inc();
+                        tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate");
+                    }
                 },
                 None => tracing::info!("SIGHUP: nothing to reload (no [tls])"),
             }

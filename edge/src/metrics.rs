@@ -122,6 +122,8 @@ pub struct Metrics {
     pub bans: IntGauge,
     /// permessage-deflate's counters.
     pub deflate: crate::deflate::DeflateStats,
+    /// SIGHUP reloads of the TLS certificate, by outcome (ok, failed: the old one stays).
+    pub tls_reloads: IntCounterVec,
 }
 
 struct ShardFamilies {
@@ -593,7 +595,13 @@ impl Metrics {
         let bans = gauge(r, "bans", "Moderation bans in force known to this edge (with Redis: every edge's).", &[])
             .with_label_values(&[] as &[&str]);
         let deflate = crate::deflate::DeflateStats::register(r);
-        Self { registry, shard, bus, draining, perf, moderation, bans, deflate }
+        let tls_reloads = counter(
+            r,
+            "tls_reloads_total",
+            "SIGHUP reloads of the TLS certificate and key, by outcome: ok, or failed (the edge keeps serving the old pair; the log says why).",
+            &["outcome"],
+        );
+        Self { registry, shard, bus, draining, perf, moderation, bans, deflate, tls_reloads }
     }
 
     /// The handles shard `id` increments.

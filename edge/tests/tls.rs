@@ -247,6 +247,14 @@ async fn sighup_reloads_the_certificate_and_keeps_connections() {
     }
     assert_eq!(gifts(&mut old, 50).await, (1..=50).collect::<Vec<_>>());
     assert_eq!(closed(&p, "tls_error").await, 0.0);
+    // Every reload counted by its outcome (two good, one failed), for a renewal hook to check.
+    let (_, text) = p.get("/metrics").await;
+    let reloads = |outcome: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("roomcast_tls_reloads_total{{outcome=\"{outcome}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!((reloads("ok"), reloads("failed")), (Some(2.0), Some(1.0)), "{text}");
     drop(edge);
     let _ = std::fs::remove_dir_all(data);
 }
