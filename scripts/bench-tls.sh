@@ -25,12 +25,7 @@ DATE=$(date +%Y-%m-%d)
 ports_free 18741 18742
 PKI=$(mktemp -d)
 trap 'rm -rf "$PKI"' EXIT
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
-openssl req -x509 "${ec[@]}" -keyout "$PKI/ca.key" -out "$PKI/ca.pem" -days 1 -subj "/CN=roomcast bench CA" 2>/dev/null
-openssl req "${ec[@]}" -keyout "$PKI/key.pem" -out "$PKI/leaf.csr" -subj "/CN=127.0.0.1" 2>/dev/null
-echo "subjectAltName=IP:127.0.0.1" >"$PKI/ext.cnf"
-openssl x509 -req -in "$PKI/leaf.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" -CAcreateserial \
-  -out "$PKI/cert.pem" -days 1 -extfile "$PKI/ext.cnf" 2>/dev/null
+test_pki "$PKI"
 for v in CONNS GIFT CHAT SECS; do
   [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
 done

@@ -53,12 +53,7 @@ case $ENCODING in
 esac
 PKI=$(mktemp -d)
 trap 'rm -rf "$PKI"' EXIT
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
-openssl req -x509 "${ec[@]}" -keyout "$PKI/ca.key" -out "$PKI/ca.pem" -days 1 -subj "/CN=roomcast bench CA" 2>/dev/null
-openssl req "${ec[@]}" -keyout "$PKI/key.pem" -out "$PKI/leaf.csr" -subj "/CN=127.0.0.1" 2>/dev/null
-echo "subjectAltName=IP:127.0.0.1" >"$PKI/ext.cnf"
-openssl x509 -req -in "$PKI/leaf.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" -CAcreateserial \
-  -out "$PKI/cert.pem" -days 1 -extfile "$PKI/ext.cnf" 2>/dev/null
+test_pki "$PKI"
 FAILED=0
 STARTED=$(date +%s)
 # One case: its name, then loadgen's extra flags. The edge serves TLS when the name has "tls".

@@ -81,3 +81,14 @@ edge_up() {
   tail -5 "$log" >&2
   exit 1
 }
+
+# A test CA (DIR/ca.pem) and an ECDSA P-256 certificate for 127.0.0.1 signed by it
+# (DIR/cert.pem, DIR/key.pem), valid one day: what the TLS benchmarks serve and trust.
+test_pki() {
+  local dir=$1 ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  openssl req -x509 "${ec[@]}" -keyout "$dir/ca.key" -out "$dir/ca.pem" -days 1 -subj "/CN=roomcast bench CA" 2>/dev/null
+  openssl req "${ec[@]}" -keyout "$dir/key.pem" -out "$dir/leaf.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+  echo "subjectAltName=IP:127.0.0.1" >"$dir/ext.cnf"
+  openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+    -out "$dir/cert.pem" -days 1 -extfile "$dir/ext.cnf" 2>/dev/null
+}
