@@ -26,29 +26,15 @@ ports_free 18741 18742
 PKI=$(mktemp -d)
 trap 'rm -rf "$PKI"' EXIT
 test_pki "$PKI"
-for v in CONNS GIFT CHAT SECS; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
-done
+whole_numbers CONNS GIFT CHAT SECS
 FAILED=0
 STARTED=$(date +%s)
 run() {
-  local name=$1 edge_tls=()
+  local name=$1
   shift
-  [[ $name == wss ]] && edge_tls=(--tls-cert "$PKI/cert.pem" --tls-key "$PKI/key.pem")
-  local tmp
-  tmp=$(mktemp -d)
-  "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 "${edge_tls[@]}" >"$tmp/edge.log" 2>&1 &
-  local epid=$!
-  edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
-  "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
-    --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
-    --out "$ROOT/bench-results" --scenario "tls-$name" "$@" \
-    --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); members: $name" \
-    >"$tmp/lg.out" 2>&1 || { echo "tls-$name failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
-  kill -INT "$epid" 2>/dev/null || true
-  wait "$epid" 2>/dev/null || true
-  rm -rf "$tmp"
-  sleep 3
+  EDGE_EXTRA=()
+  [[ $name == wss ]] && EDGE_EXTRA=(--tls-cert "$PKI/cert.pem" --tls-key "$PKI/key.pem")
+  one_edge_case "tls-$name" "members: $name" "$@"
 }
 run ws
 run wss --tls-ca "$PKI/ca.pem"

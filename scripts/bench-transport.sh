@@ -28,9 +28,9 @@ GIFT=${GIFT:-10}
 CHAT=${CHAT:-200}
 SECS=${SECS:-20}
 ENCODING=${ENCODING:-rkyv}
-for v in CONNS GIFT CHAT SECS; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
-done
+# shellcheck source=lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+whole_numbers CONNS GIFT CHAT SECS
 DATE=$(date +%Y-%m-%d)
 for name in plain tls deflate tls-deflate; do
   [[ ! -e $ROOT/bench-results/$DATE-$SCEN-$name ]] || {
@@ -43,8 +43,6 @@ if [[ -z ${EDGE_BIN:-} || -z ${LG_BIN:-} ]]; then
 fi
 EDGE_BIN=${EDGE_BIN:-$ROOT/target/release/edge}
 LG_BIN=${LG_BIN:-$ROOT/target/release/loadgen}
-# shellcheck source=lib/bench.sh
-. "$ROOT/scripts/lib/bench.sh"
 ports_free 18741 18742
 case $ENCODING in
   rkyv) enc=() ;;
@@ -58,26 +56,11 @@ FAILED=0
 STARTED=$(date +%s)
 # One case: its name, then loadgen's extra flags. The edge serves TLS when the name has "tls".
 run() {
-  local name=$1 edge_tls=()
+  local name=$1
   shift
-  [[ $name == tls* ]] && edge_tls=(--tls-cert "$PKI/cert.pem" --tls-key "$PKI/key.pem")
-  local tmp out=$ROOT/bench-results/$DATE-$SCEN-$name
-  tmp=$(mktemp -d)
-  "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 "${edge_tls[@]}" >"$tmp/edge.log" 2>&1 &
-  local epid=$!
-  edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
-  "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
-    --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
-    --out "$ROOT/bench-results" --scenario "$SCEN-$name" "${enc[@]}" "$@" \
-    --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); members: $name, $ENCODING" \
-    >"$tmp/lg.out" 2>&1 || { echo "$SCEN-$name failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
-  # The edge's own counters: bytes it wrote (ciphertext, compressed) and messages delivered.
-  curl -sf http://127.0.0.1:18742/metrics >"$tmp/metrics.txt" || true
-  [[ -d $out ]] && cp "$tmp/metrics.txt" "$out/edge-metrics.txt"
-  kill -INT "$epid" 2>/dev/null || true
-  wait "$epid" 2>/dev/null || true
-  rm -rf "$tmp"
-  sleep 3
+  EDGE_EXTRA=()
+  [[ $name == tls* ]] && EDGE_EXTRA=(--tls-cert "$PKI/cert.pem" --tls-key "$PKI/key.pem")
+  one_edge_case "$SCEN-$name" "members: $name, $ENCODING" ${enc[@]+"${enc[@]}"} "$@"
 }
 run plain
 run tls --tls-ca "$PKI/ca.pem"

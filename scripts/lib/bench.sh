@@ -92,3 +92,40 @@ test_pki() {
   openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
     -out "$dir/cert.pem" -days 1 -extfile "$dir/ext.cnf" 2>/dev/null
 }
+
+# Exits naming the first of the named variables that does not hold a whole number.
+whole_numbers() {
+  local v
+  for v in "$@"; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number, not '${!v}'" >&2; exit 1; }
+  done
+}
+
+# One case of the one-edge comparisons (bench-sse, bench-deflate, bench-tls, bench-transport):
+# an edge (--no-store, 2 shards, ports 18741-18742, plus the caller's EDGE_EXTRA array) and
+# CONNS members for SECS s at GIFT gifts and CHAT chat messages a second; the rest of the
+# arguments go to loadgen. Usage: one_edge_case SCENARIO NOTE [LOADGEN ARGS...]. Results in
+# bench-results/DATE-SCENARIO/, with the edge's /metrics just before it stopped
+# (edge-metrics.txt); FAILED=1 when the generator fails.
+one_edge_case() {
+  local scenario=$1 note=$2 tmp epid
+  shift 2
+  tmp=$(mktemp -d)
+  "$EDGE_BIN" --no-store --shards 2 --listen 127.0.0.1:18741 --http 127.0.0.1:18742 \
+    ${EDGE_EXTRA[@]+"${EDGE_EXTRA[@]}"} >"$tmp/edge.log" 2>&1 &
+  epid=$!
+  edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
+  "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
+    --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
+    --out "$ROOT/bench-results" --scenario "$scenario" "$@" \
+    --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); $note" \
+    >"$tmp/lg.out" 2>&1 || { echo "$scenario failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
+  curl -sf http://127.0.0.1:18742/metrics >"$tmp/metrics.txt" || true
+  if [[ -d $ROOT/bench-results/$DATE-$scenario ]]; then
+    cp "$tmp/metrics.txt" "$ROOT/bench-results/$DATE-$scenario/edge-metrics.txt"
+  fi
+  kill -INT "$epid" 2>/dev/null || true
+  wait "$epid" 2>/dev/null || true
+  rm -rf "$tmp"
+  sleep 3
+}
