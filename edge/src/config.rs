@@ -584,6 +584,9 @@ pub struct AdaptiveConfig {
     /// Backlog-driven sampling reacts only after the socket buffers, which shedding cannot
     /// reach, are already full of chat that gifts must queue behind. 500,000 deliveries/s is
     /// about a fifth of what one core delivers merged (bench-results/2026-11-24-fanout).
+    /// It is where sampling starts, not a ceiling: while gifts are well inside
+    /// `gift_latency_target_ms` the latency controller lets sampled rooms show up to 10 times
+    /// this / members (never over `visible_rate`), and cuts it when gifts run late on busy shards.
     pub room_deliveries_per_s: f64,
     /// Until the shards have measured their capacity (the first seconds after start, and while
     /// they are lightly loaded), a hot room's merge window is at least members / this, seconds

@@ -66,7 +66,9 @@ impl Engine {
         let r = self.rooms.get_mut(room).expect("ensured above");
         let a = &self.cfg.adaptive;
         let visible = visible_rate(a, r.members);
-        if r.sampling_now(a, self.sampling, now) && r.visible_bucket.take(visible, visible, now).is_err() {
+        if r.sampling_now(a, super::adaptive::sampling_threshold(self.deliveries_base, a), self.sampling, now)
+            && r.visible_bucket.take(visible, visible, now).is_err()
+        {
             self.drop_counted(&msg.kind, "sampled");
             return Err(PublishError::Sampled);
         }

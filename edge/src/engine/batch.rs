@@ -61,7 +61,7 @@ impl Engine {
         if !must_deliver
             && conflate.is_none()
             && self.remote.is_some()
-            && r.sampling_now(a, self.sampling, now)
+            && r.sampling_now(a, super::adaptive::sampling_threshold(self.deliveries_base, a), self.sampling, now)
             && r.fanout_bucket.take(visible, visible, now).is_err()
         {
             // Redis mode: the publishing edge sampled by its own members; this edge's members

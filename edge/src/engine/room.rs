@@ -302,14 +302,16 @@ impl Room {
 
     /// Whether droppable content of this room is sampled now: the shards are behind
     /// (`backlog_sampling`), or the room's demand (offered messages/s x members) is over
-    /// `adaptive.room_deliveries_per_s` (on above it, off below half of it); hot rooms only.
-    pub fn sampling_now(&mut self, a: &AdaptiveConfig, backlog_sampling: bool, now: Instant) -> bool {
+    /// `threshold` deliveries/s (on above it, off below half of it); hot rooms only. The
+    /// threshold is the lower of the configured `adaptive.room_deliveries_per_s` and the
+    /// latency controller's current budget ([`super::adaptive::sampling_threshold`]).
+    pub fn sampling_now(&mut self, a: &AdaptiveConfig, threshold: f64, backlog_sampling: bool, now: Instant) -> bool {
         let rate = self.current_rate(now);
         if a.enabled {
             let demand = rate * self.members as f64;
-            if demand > a.room_deliveries_per_s {
+            if demand > threshold {
                 self.demand_sampling = true;
-            } else if demand < a.room_deliveries_per_s / 2.0 {
+            } else if demand < threshold / 2.0 {
                 self.demand_sampling = false;
             }
         }

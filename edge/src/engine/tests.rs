@@ -1028,6 +1028,71 @@ fn the_budget_narrows_windows_only_on_measured_unsaturated_shards() {
     assert!(narrow < rule, "measured, CPU to spare: the budget narrows it ({narrow:?} < {rule:?})");
 }
 
+/// Chat is sampled only as far as gifts need: with gifts well inside the target, a sampled
+/// room of 10^5 shows more than the configured budget's 5 chat/s, up to the visible rate, even
+/// on saturated shards (the generator shares the CPUs in every benchmark here, so "idle" never
+/// comes); late gifts on saturated shards cut it back; the grown budget never switches demand
+/// sampling off for a room the configured budget samples. The input: a 3x10^4 room whose gifts
+/// took 0.56 s at p99 and which stayed at the configured budget's chat rate.
+#[test]
+fn chat_is_sampled_only_as_far_as_gifts_need() {
+    let (mut bus, ()) = setup_with(Config::default());
+    let (big, mid): (RoomName, RoomName) = ("big".into(), "mid".into());
+    join(&mut bus, &big, Subprotocol::Json, None);
+    join(&mut bus, &mid, Subprotocol::Json, None);
+    let _ = bus.drain();
+    bus.e.rooms.get_mut(&big).unwrap().members = 100_000;
+    // 10^4 members x 100 chat/s = 10^6 deliveries/s: over the configured 500,000.
+    bus.e.rooms.get_mut(&mid).unwrap().members = 10_000;
+    let configured = visible_rate(&bus.e.cfg.adaptive, 100_000);
+    assert_eq!(configured, 5.0, "500,000 / 10^5");
+    // One second of the controller: chat offered at 100/s to both rooms, the shards report
+    // `busy` and gift p99 `p99`; returns the chat each room let through.
+    let second = |bus: &mut H, busy: f64, p99: Duration| -> (usize, usize) {
+        let mut through = (0, 0);
+        for n in 0..10 {
+            for i in 0..10 {
+                through.0 += usize::from(bus.publish(big.clone(), msg("chat", n * 10 + i)).is_ok());
+                through.1 += usize::from(bus.publish(mid.clone(), msg("chat", n * 10 + i)).is_ok());
+            }
+            bus.sleep(Duration::from_millis(100));
+            let now = bus.now;
+            bus.e.poll(now, &mut bus.out);
+        }
+        let _ = bus.drain();
+        bus.load.set_delivery(0, 400_000.0, 1.0, busy, Some(p99));
+        let now = bus.now;
+        bus.e.control(now);
+        through
+    };
+    // Warm up the rooms' rates at the configured budget (gifts in the hold band).
+    for _ in 0..5 {
+        second(&mut bus, 0.95, Duration::from_millis(1500));
+    }
+    assert!(bus.rooms[&big].demand_sampling && bus.rooms[&mid].demand_sampling);
+    let (held, _) = second(&mut bus, 0.95, Duration::from_millis(1500));
+    assert!(held <= 7, "in the hold band the configured budget stands: {held} chat/s");
+    // Gifts early on saturated shards: chat's budget grows.
+    let mut rates = Vec::new();
+    for _ in 0..40 {
+        rates.push(visible_rate(&bus.e.cfg.adaptive, 100_000));
+        let (_, mid_through) = second(&mut bus, 0.95, Duration::from_millis(500));
+        assert!(mid_through <= 51, "the 10^4 room is still sampled to the visible rate: {mid_through}");
+    }
+    let grown = visible_rate(&bus.e.cfg.adaptive, 100_000);
+    assert_eq!(grown, bus.e.cfg.adaptive.visible_rate, "up to the visible rate: {rates:?}");
+    assert!(rates.windows(2).all(|w| w[1] >= w[0]), "it only grows while gifts are early: {rates:?}");
+    let (shown, _) = second(&mut bus, 0.95, Duration::from_millis(500));
+    assert!(shown >= 40, "the room of 10^5 shows {shown} chat/s, not the configured 5");
+    assert!(bus.rooms[&mid].demand_sampling, "the grown budget did not switch the 10^4 room's sampling off");
+    // Gifts late on saturated shards: cut back under the configured budget within seconds.
+    for _ in 0..8 {
+        second(&mut bus, 0.95, Duration::from_millis(2500));
+    }
+    let cut = visible_rate(&bus.e.cfg.adaptive, 100_000);
+    assert!(cut <= configured, "late gifts on saturated shards: chat back to {cut}/s");
+}
+
 /// The batches delivered since the last look, as (messages, online count).
 fn online_pushes(bus: &mut H) -> Vec<(usize, Option<u64>)> {
     bus.drain()
