@@ -1473,6 +1473,14 @@ impl Config {
         }
     }
 
+    /// The kinds delivery latency is measured for
+    /// (`roomcast_delivery_latency_kind_seconds{kind}`), in index order (`KindSince::kind`):
+    /// the configured kinds, then moderation's tombstones (`deleted`). A fixed set, known at
+    /// start: a kind no one configured (another edge's, with a shared bus) adds no series.
+    pub fn latency_kinds(&self) -> Vec<String> {
+        self.kinds.keys().cloned().chain([roomcast_proto::envelope::DELETED_KIND.to_owned()]).collect()
+    }
+
     /// Whether `kind` must be delivered; None if the kind is not configured.
     pub fn must_deliver(&self, kind: &str) -> Option<bool> {
         self.kinds.get(kind).map(|k| k.must_deliver)

@@ -124,7 +124,21 @@ pub struct Metrics {
     pub deflate: crate::deflate::DeflateStats,
     /// SIGHUP reloads of the TLS certificate, by outcome (ok, failed: the old one stays).
     pub tls_reloads: IntCounterVec,
+    /// The kinds the per-kind delivery latency has series for (`Config::latency_kinds`).
+    kinds: Vec<String>,
 }
+
+/// Delivery latency's bucket bounds, seconds: by class and by kind alike.
+const LATENCY_BUCKETS: [f64; 21] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 7.5, 10.0,
+    20.0,
+];
+
+/// `roomcast_delivery_latency_kind_seconds`'s name and help, for the family summed at scrapes.
+const KIND_LATENCY: (&str, &str) = (
+    "delivery_latency_kind_seconds",
+    "Delivery latency by kind, edge-wide (the shards summed): from the arrival of the oldest message of the kind a frame carries at its room's batch to the completion of the frame's write to the member (sampled 1 in 16, the frames roomcast_delivery_latency_seconds samples). One series per configured kind, and deleted for moderation's tombstones.",
+);
 
 struct ShardFamilies {
     connections: IntGaugeVec,
@@ -140,6 +154,9 @@ struct ShardFamilies {
     slow_consumer_closes: IntCounterVec,
     shed_bytes: IntCounterVec,
     latency: HistogramVec,
+    /// By shard and kind, not registered: each shard observes into children of its own (no
+    /// cache line shared with another core), and a scrape sums them into one series per kind.
+    latency_kind: HistogramVec,
     frames_per_cpu_s: GaugeVec,
     busy: GaugeVec,
     cpu_share: GaugeVec,
@@ -189,6 +206,9 @@ pub struct ShardStats {
     pub latency_must: Histogram,
     /// Delivery latency of droppable-only frames (see `latency_must`).
     pub latency_droppable: Histogram,
+    /// Delivery latency per kind, indexed by `KindSince::kind`, on the same sampled frames:
+    /// each kind from its own oldest message in the frame.
+    pub latency_kind: Vec<Histogram>,
     /// The shard's measured capacity: frames written per second of its thread's CPU time
     /// (EWMA).
     pub frames_per_cpu_s: Gauge,
@@ -372,12 +392,16 @@ impl Metrics {
                     "What a member waits at this edge: from the arrival of the oldest message a frame carries at its room's batch (for frames carrying must-deliver messages, the oldest of those) to the completion of the frame's write to the member, so the merge window, the shard's queue and the socket (sampled 1 in 16), by class: frames carrying must-deliver messages, and droppable-only frames.",
                 )
                 .namespace("roomcast")
-                .buckets(vec![
-                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 7.5, 10.0, 20.0,
-                ]);
+                .buckets(LATENCY_BUCKETS.to_vec());
                 let h = HistogramVec::new(opts, &["shard", "class"]).expect("valid metric");
                 r.register(Box::new(h.clone())).expect("unique metric");
                 h
+            },
+            latency_kind: {
+                let opts = HistogramOpts::new(KIND_LATENCY.0, KIND_LATENCY.1)
+                    .namespace("roomcast")
+                    .buckets(LATENCY_BUCKETS.to_vec());
+                HistogramVec::new(opts, &["shard", "kind"]).expect("valid metric")
             },
             frames_per_cpu_s: fgauge(
                 r,
@@ -601,7 +625,15 @@ impl Metrics {
             "SIGHUP reloads of the TLS certificate and key, by outcome: ok, or failed (the edge keeps serving the old pair; the log says why).",
             &["outcome"],
         );
-        Self { registry, shard, bus, draining, perf, moderation, bans, deflate, tls_reloads }
+        Self { registry, shard, bus, draining, perf, moderation, bans, deflate, tls_reloads, kinds: Vec::new() }
+    }
+
+    /// The same, with per-kind delivery latency for `kinds` (`Config::latency_kinds`, in index
+    /// order): each shard's handles, made by `shard`, have a series for every one of them from
+    /// the start.
+    pub fn with_kinds(mut self, kinds: Vec<String>) -> Self {
+        self.kinds = kinds;
+        self
     }
 
     /// The handles shard `id` increments.
@@ -625,6 +657,7 @@ impl Metrics {
             shed_bytes: f.shed_bytes.with_label_values(&l),
             latency_must: f.latency.with_label_values(&[l[0], "must_deliver"]),
             latency_droppable: f.latency.with_label_values(&[l[0], "droppable"]),
+            latency_kind: self.kinds.iter().map(|k| f.latency_kind.with_label_values(&[l[0], k.as_str()])).collect(),
             frames_per_cpu_s: f.frames_per_cpu_s.with_label_values(&l),
             busy: f.busy.with_label_values(&l),
             cpu_share: f.cpu_share.with_label_values(&l),
@@ -698,7 +731,56 @@ impl Metrics {
             .map(|(s, fps)| serde_json::json!({ "shard": s, "frames_per_cpu_s": fps, "busy": busy.get(&s).copied().unwrap_or(0.0) }))
             .collect();
         shards.sort_by_key(|v| v["shard"].as_str().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0));
-        serde_json::json!({ "bounds_s": bounds, "cumulative": classes, "shards": shards })
+        // Per kind, the same bounds: cumulative counts, then the sample count.
+        let kinds: std::collections::BTreeMap<String, Vec<u64>> = self
+            .kind_latency()
+            .into_iter()
+            .map(|(kind, h)| {
+                let mut counts: Vec<u64> =
+                    h.get_bucket().iter().map(prometheus::proto::Bucket::cumulative_count).collect();
+                counts.push(h.get_sample_count());
+                (kind, counts)
+            })
+            .collect();
+        serde_json::json!({ "bounds_s": bounds, "cumulative": classes, "kinds": kinds, "shards": shards })
+    }
+
+    /// Each kind's delivery latency, summed over the shards.
+    fn kind_latency(&self) -> std::collections::BTreeMap<String, proto::Histogram> {
+        let mut kinds: std::collections::BTreeMap<String, proto::Histogram> = std::collections::BTreeMap::new();
+        for mf in self.shard.latency_kind.collect() {
+            for m in mf.get_metric() {
+                let kind = m.get_label().iter().find(|l| l.name() == "kind").map_or("", |l| l.value());
+                let h = m.get_histogram();
+                let Some(sum) = kinds.get_mut(kind) else {
+                    kinds.insert(kind.to_owned(), h.clone());
+                    continue;
+                };
+                let mut buckets = sum.get_bucket().to_vec();
+                for (b, add) in buckets.iter_mut().zip(h.get_bucket()) {
+                    b.set_cumulative_count(b.cumulative_count() + add.cumulative_count());
+                }
+                sum.set_bucket(buckets);
+                sum.set_sample_count(sum.get_sample_count() + h.get_sample_count());
+                sum.set_sample_sum(sum.get_sample_sum() + h.get_sample_sum());
+            }
+        }
+        kinds
+    }
+
+    /// `roomcast_delivery_latency_kind_seconds{kind}` (None before any shard made its series:
+    /// a family without metrics would fail the whole exposition).
+    fn kind_latency_family(&self) -> Option<MetricFamily> {
+        let metrics: Vec<Metric> = self
+            .kind_latency()
+            .into_iter()
+            .map(|(kind, h)| {
+                let mut m = Metric::from_label(labels(&[("kind", &kind)]));
+                m.set_histogram(h);
+                m
+            })
+            .collect();
+        (!metrics.is_empty()).then(|| family(KIND_LATENCY.0, KIND_LATENCY.1, MetricType::HISTOGRAM, metrics))
     }
 
     /// Cumulative counters and current gauges the dashboard and `edge top` turn into rates: the
@@ -748,6 +830,7 @@ impl Metrics {
         out: &mut String,
     ) {
         let mut families = self.registry.gather();
+        families.extend(self.kind_latency_family());
         families.extend(kernel_families(kernel.snapshot().as_deref(), health));
         families.extend(cert.map(|v| tls_cert_family(v, crate::tls::unix_now())));
         let mut buf = Vec::new();
@@ -964,5 +1047,54 @@ pub fn kernel_families(snap: Option<&Snapshot>, report: &HealthReport) -> Vec<Me
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    /// Per-kind latency is one series per kind, edge-wide: each shard observes into its own
+    /// children and a scrape sums them, with no shard label; every kind has its series from the
+    /// start; the dashboard's source has the same counts.
+    #[test]
+    fn kind_latency_is_summed_over_shards_into_one_series_per_kind() {
+        let m = Metrics::new().with_kinds(vec!["chat".into(), "gift".into(), "deleted".into()]);
+        let (a, b) = (m.shard(0), m.shard(1));
+        a.latency_kind[1].observe(0.25);
+        b.latency_kind[1].observe(1.25);
+        b.latency_kind[0].observe(0.004);
+        let view = crate::health::KernelView::new(std::sync::Arc::default(), false);
+        let render = |m: &Metrics| {
+            let mut text = String::new();
+            m.render(&view, &view.report(), None, &mut text);
+            text
+        };
+        let text = render(&m);
+        let line = |prefix: &str| {
+            text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in\n{text}")).to_owned()
+        };
+        assert_eq!(
+            line("roomcast_delivery_latency_kind_seconds_count{kind=\"gift\"}"),
+            "roomcast_delivery_latency_kind_seconds_count{kind=\"gift\"} 2"
+        );
+        assert_eq!(
+            line("roomcast_delivery_latency_kind_seconds_sum{kind=\"gift\"}"),
+            "roomcast_delivery_latency_kind_seconds_sum{kind=\"gift\"} 1.5"
+        );
+        assert!(line("roomcast_delivery_latency_kind_seconds_bucket{kind=\"gift\",le=\"0.5\"}").ends_with(" 1"));
+        assert!(line("roomcast_delivery_latency_kind_seconds_count{kind=\"chat\"}").ends_with(" 1"));
+        assert!(line("roomcast_delivery_latency_kind_seconds_count{kind=\"deleted\"}").ends_with(" 0"));
+        assert!(!text.lines().any(|l| l.starts_with("roomcast_delivery_latency_kind_seconds") && l.contains("shard=")));
+        assert_eq!(text.matches("# TYPE roomcast_delivery_latency_kind_seconds histogram").count(), 1);
+        let d = m.delivery();
+        let gift = d["kinds"]["gift"].as_array().unwrap();
+        assert_eq!(gift.len(), d["bounds_s"].as_array().unwrap().len() + 1);
+        assert_eq!(gift.last().unwrap(), 2);
+        // No kinds (a registry for tests): no family, and the exposition is still whole.
+        let bare = Metrics::new();
+        let _ = bare.shard(0);
+        let text = render(&bare);
+        assert!(!text.contains("delivery_latency_kind") && text.contains("roomcast_build_info"));
     }
 }

@@ -112,7 +112,7 @@ impl Edge {
             );
         }
 
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new().with_kinds(cfg.latency_kinds()));
         let health = Arc::new(AtomicU8::new(crate::dispatch::EdgeHealth::Ok.level()));
         // One mailbox per shard; the shard's engine reads the same one.
         let mut mailboxes = Vec::new();

@@ -46,6 +46,10 @@ async fn delivery_latency_and_capacity_are_measured() {
     let must = series(&p, "roomcast_delivery_latency_seconds_count", "class=\"must_deliver\"").await;
     let chat = series(&p, "roomcast_delivery_latency_seconds_count", "class=\"droppable\"").await;
     assert!(must >= 10.0 && chat >= 10.0, "sampled 1 in 16 of 640 frames each: {must} {chat}");
+    // By kind too, edge-wide (one series per kind, no shard label).
+    let gift_k = series(&p, "roomcast_delivery_latency_kind_seconds_count", "kind=\"gift\"").await;
+    let chat_k = series(&p, "roomcast_delivery_latency_kind_seconds_count", "kind=\"chat\"").await;
+    assert!(gift_k >= 10.0 && chat_k >= 10.0, "per kind, the same sampled frames: {gift_k} {chat_k}");
     let sum = series(&p, "roomcast_delivery_latency_seconds_sum", "class=\"must_deliver\"").await;
     assert!(sum / must < 5.0, "mean latency on loopback is well under 5 s: {}", sum / must);
     // The capacity estimate updates on the shards' timers (every 250 ms).
@@ -60,8 +64,12 @@ async fn delivery_latency_and_capacity_are_measured() {
     assert_eq!(counts.len(), k["delivery"]["bounds_s"].as_array().unwrap().len() + 1);
     assert!(counts.last().unwrap().as_u64().unwrap() >= 10);
     assert_eq!(k["delivery"]["shards"].as_array().unwrap().len(), 2);
+    let gifts = k["delivery"]["kinds"]["gift"].as_array().unwrap();
+    assert_eq!(gifts.len(), counts.len());
+    assert!(gifts.last().unwrap().as_u64().unwrap() >= 10);
     let (_, page) = p.get("/dashboard").await;
     assert!(page.contains("Delivery latency at the edge"));
+    assert!(page.contains("p99 by kind"));
     let (status, js) = p.get("/dashboard/uplot.js").await;
     assert_eq!(status, 200, "the chart library is served from the binary");
     assert!(js.contains("uPlot"));
@@ -106,4 +114,67 @@ async fn delivery_latency_includes_the_merge_window() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(early, 0.0, "no gift is measured under its 300 ms window");
+}
+
+/// Each kind is timed from its own oldest message in the frame: a chat that opens a 1 s window
+/// and a gift published 250 ms later go out in one frame; the chat is measured at the whole
+/// window (the class figure counts that frame as must-deliver, from the gift, and shows no
+/// chat at all), the gift 250 ms less on every sampled frame. Before per-kind timing there was
+/// no chat figure for mixed frames, and a per-kind figure taken from the batch's oldest message
+/// would give the gift the chat's second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_is_timed_from_its_own_arrival() {
+    let edge = EdgeProc::start(&["--shards", "2", "--merge-window-ms", "1000"]);
+    let p = Publisher::new(edge.http);
+    let mut members = Vec::new();
+    for _ in 0..32 {
+        let mut ws = connect(&edge.url("?room=kinds"), None).await;
+        expect_joined(&mut ws, "kinds").await;
+        members.push(ws);
+    }
+    // Six rounds of one mixed frame to 32 members: 192 frames, about 12 sampled (none has a
+    // chance near 4 x 10^-6).
+    for n in 0..6 {
+        p.publish("kinds", "chat", json!(n)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        p.publish("kinds", "gift", json!({ "n": n })).await;
+        for ws in &mut members {
+            loop {
+                match next_msg_within(ws, Duration::from_secs(10)).await {
+                    // An online count alone (the joins changed it) is not this round's frame.
+                    Some(ServerMsg::Batch { messages, .. }) if messages.is_empty() => {}
+                    Some(ServerMsg::Batch { messages, .. }) => {
+                        assert_eq!(messages.len(), 2, "chat and gift in one frame");
+                        break;
+                    }
+                    other => panic!("expected round {n}, got {other:?}"),
+                }
+            }
+        }
+    }
+    let count = |kind: &'static str| {
+        let p = &p;
+        async move { series(p, "roomcast_delivery_latency_kind_seconds_count", &format!("kind=\"{kind}\"")).await }
+    };
+    let sum = |kind: &'static str| {
+        let p = &p;
+        async move { series(p, "roomcast_delivery_latency_kind_seconds_sum", &format!("kind=\"{kind}\"")).await }
+    };
+    let (chats, gifts) = (count("chat").await, count("gift").await);
+    assert!(chats >= 3.0, "sampled 1 in 16 of 192 frames: {chats}");
+    assert_eq!(chats, gifts, "every sampled frame carries both kinds");
+    let droppable = series(&p, "roomcast_delivery_latency_seconds_count", "class=\"droppable\"").await;
+    assert_eq!(droppable, 0.0, "by class, a frame with a gift is must-deliver");
+    let (_, text) = p.get("/metrics").await;
+    let early: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("roomcast_delivery_latency_kind_seconds_bucket{kind=\"chat\",le=\"0.75\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(early, 0.0, "no chat is measured under its window");
+    let (chat_s, gift_s) = (sum("chat").await, sum("gift").await);
+    assert!(
+        chat_s - gift_s >= 0.24 * chats,
+        "the gift from its own arrival, 250 ms later: chat {chat_s} s, gift {gift_s} s"
+    );
 }

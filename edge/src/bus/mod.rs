@@ -207,10 +207,30 @@ pub struct Delivery {
     pub since: std::time::Instant,
     /// When the oldest must-deliver message it carries reached its room's batch (see `since`).
     pub must_since: std::time::Instant,
+    /// Per kind it carries, when that kind's oldest message (and oldest must-deliver one)
+    /// reached the batch: each kind's latency counts from its own messages, not the batch's
+    /// oldest. Made once per batch (None: a notice, no messages).
+    pub kinds: Option<KindTimes>,
     /// The frames compressed for permessage-deflate members, made by the first shard that
     /// needs each form and shared by the others.
     pub deflated: crate::deflate::Deflated,
 }
+
+/// When one kind's messages in a batch reached their room's batch (`Delivery::kinds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindSince {
+    /// The kind's index in the edge's latency kinds (`Config::latency_kinds`).
+    pub kind: u16,
+    /// When its oldest message in the batch arrived.
+    pub since: std::time::Instant,
+    /// When its oldest must-deliver message in the batch arrived (None: none is). A kind is
+    /// one class by configuration; only `deleted` mixes them: a tombstone is must-deliver, and
+    /// a pending droppable message a tombstone takes the place of keeps its class.
+    pub must_since: Option<std::time::Instant>,
+}
+
+/// The kinds of one batch, shared by every shard and by both variants of its frame.
+pub type KindTimes = Arc<[KindSince]>;
 
 /// The join of connection `slot` took effect after `seq`; `replay` (frames in the
 /// connection's encoding: a gap notice and/or recovered messages) goes out right after

@@ -5,6 +5,7 @@
 //! every interested shard. No per-member work happens here.
 
 use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 use super::adaptive::visible_rate;
 use super::room::{Pending, ShardSet};
 use super::{Engine, Out};
-use crate::bus::{Delivery, Epoch, MustDeliver, RoomName, ShardCmd, frame_at};
+use crate::bus::{Delivery, Epoch, KindSince, KindTimes, MustDeliver, RoomName, ShardCmd, frame_at};
 
 impl Engine {
     /// A numbered message becomes the room's latest: history, then the pending batch.
@@ -90,7 +91,7 @@ impl Engine {
         if must_deliver && r.must_opened.is_none() {
             r.must_opened = Some(now);
         }
-        r.pending.push(Pending { msg: pm, must_deliver, conflate });
+        r.pending.push(Pending { msg: pm, must_deliver, conflate, at: now });
         let full = r.pending.len() >= self.cfg.max_batch_messages || r.pending_bytes >= self.cfg.max_batch_bytes;
         if full {
             self.flush(room, out);
@@ -197,6 +198,7 @@ impl Engine {
             return;
         }
         let online = self.online_update(room);
+        let kinds = kind_times(&pending, &self.cfg.kind_ids);
         let Some(r) = self.rooms.get_mut(room) else { return };
         let count = pending.len() as u32;
         let must = pending.iter().filter(|p| p.must_deliver).count() as u32;
@@ -230,6 +232,7 @@ impl Engine {
             must_deliver,
             since: opened,
             must_since: must_opened.unwrap_or(opened),
+            kinds,
             deflated: crate::deflate::Deflated::default(),
         });
         send_to_shards(out, &r.interest, &delivery);
@@ -252,10 +255,34 @@ impl Engine {
             must_deliver: must,
             since: self.now,
             must_since: self.now,
+            kinds: None,
             deflated: crate::deflate::Deflated::default(),
         });
         send_to_shards(out, &r.interest, &delivery);
     }
+}
+
+/// Per kind in the batch, when its oldest message (and its oldest must-deliver one) arrived:
+/// one short list per batch (a handful of kinds), shared by every shard and member. A kind
+/// missing from `ids` (not configured here: another edge's, with a shared bus) is left out.
+fn kind_times(pending: &[Pending], ids: &HashMap<String, u16>) -> Option<KindTimes> {
+    let mut kinds: Vec<KindSince> = Vec::new();
+    for p in pending {
+        let Some(&kind) = ids.get(&p.msg.kind) else { continue };
+        let must = p.must_deliver.then_some(p.at);
+        match kinds.iter_mut().find(|k| k.kind == kind) {
+            Some(k) => {
+                // Pushed as they arrive, so the first is the oldest; min holds whatever the order.
+                k.since = k.since.min(p.at);
+                k.must_since = match (k.must_since, must) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            None => kinds.push(KindSince { kind, since: p.at, must_since: must }),
+        }
+    }
+    (!kinds.is_empty()).then(|| KindTimes::from(kinds))
 }
 
 fn send_to_shards(out: &mut Out, interest: &[ShardSet; Subprotocol::COUNT], delivery: &Arc<Delivery>) {

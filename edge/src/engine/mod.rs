@@ -67,6 +67,8 @@ pub struct EngineConfig {
     pub max_batch_bytes: usize,
     /// kind -> must deliver.
     pub kinds: HashMap<String, bool>,
+    /// kind -> its index in `Config::latency_kinds` (the per-kind delivery latency's series).
+    pub kind_ids: HashMap<String, u16>,
     /// Conflated (latest-state) kinds -> the body field telling entries apart (None: one per
     /// room).
     pub conflate: HashMap<String, Option<String>>,
@@ -104,6 +106,7 @@ impl EngineConfig {
             max_batch_messages: cfg.fanout.max_batch_messages,
             max_batch_bytes: cfg.fanout.max_batch_bytes,
             kinds: cfg.kinds.iter().map(|(k, v)| (k.clone(), v.must_deliver)).collect(),
+            kind_ids: cfg.latency_kinds().into_iter().zip(0..=u16::MAX).collect(),
             conflate: cfg
                 .kinds
                 .iter()

@@ -89,6 +89,8 @@ pub struct Pending {
     pub must_deliver: bool,
     /// A conflated kind's entry key: a newer message with the same kind and key replaces it.
     pub conflate: Option<String>,
+    /// When it reached the batch: the start of its kind's delivery latency (`Delivery::kinds`).
+    pub at: Instant,
 }
 
 /// The newest message of a conflated kind (and key) in a room.

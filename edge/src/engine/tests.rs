@@ -263,6 +263,51 @@ fn mixed_batch_carries_a_must_deliver_only_variant() {
     assert_eq!(seqs(&decode(frames[0].as_ref().unwrap())), vec![2]);
 }
 
+/// Each kind's delivery latency starts at its own oldest message in the batch, not the
+/// batch's: chat opens the window, a like and a gift arrive later and a second chat last; the
+/// delivery says chat from 0 ms, like from 30 ms, gift from 40 ms (the class figures cannot:
+/// droppable counts from 0 ms for the like too). A notice carries no kinds.
+#[test]
+fn a_batch_times_each_kind_from_its_own_oldest_message() {
+    let (mut bus, ()) = setup(100);
+    let room: RoomName = "k".into();
+    join(&mut bus, &room, Subprotocol::Json, None);
+    let _ack = bus.recv().unwrap();
+    let t0 = bus.now;
+    bus.publish(room.clone(), msg("chat", 0)).unwrap();
+    bus.sleep(Duration::from_millis(30));
+    bus.publish(room.clone(), msg("like", 1)).unwrap();
+    bus.sleep(Duration::from_millis(10));
+    bus.publish(room.clone(), msg("gift", 2)).unwrap();
+    bus.sleep(Duration::from_millis(20));
+    // max_batch_messages is 3 here: the gift filled the batch; the second chat opens another.
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    let ids = Config::default().latency_kinds();
+    let id = |k: &str| ids.iter().position(|n| n == k).unwrap() as u16;
+    let ms = |t: Instant| t.duration_since(t0).as_millis();
+    let mut kinds: Vec<(u16, u128, Option<u128>)> =
+        d.kinds.as_deref().unwrap().iter().map(|k| (k.kind, ms(k.since), k.must_since.map(ms))).collect();
+    kinds.sort_unstable();
+    let mut want = vec![(id("chat"), 0, None), (id("like"), 30, None), (id("gift"), 40, Some(40))];
+    want.sort_unstable();
+    assert_eq!(kinds, want);
+    assert_eq!((ms(d.since), ms(d.must_since)), (0, 40), "the class figures as before");
+    // Two chats in one batch: the older one's arrival.
+    bus.publish(room.clone(), msg("chat", 3)).unwrap();
+    bus.sleep(Duration::from_millis(50));
+    bus.publish(room.clone(), msg("chat", 4)).unwrap();
+    bus.sleep(Duration::from_millis(60));
+    bus.flush_due_now();
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    let kinds: Vec<_> = d.kinds.as_deref().unwrap().iter().map(|k| (k.kind, ms(k.since), k.must_since)).collect();
+    assert_eq!(kinds, vec![(id("chat"), 60, None)]);
+    // A notice (a gap, a count) has no messages and no kinds.
+    let notice = ServerMsg::Left { room: room.to_string() };
+    bus.e.notify(&room, &notice, MustDeliver::None, &mut bus.out);
+    let ShardCmd::Deliver(d) = bus.recv().unwrap() else { panic!("expected Deliver") };
+    assert!(d.kinds.is_none());
+}
+
 #[test]
 fn no_interest_stops_deliveries() {
     let (mut bus, _srx) = setup(0);

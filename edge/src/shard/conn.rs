@@ -7,7 +7,7 @@ use bytes::Bytes;
 use roomcast_proto::Subprotocol;
 use roomcast_proto::ws::{Decoder, OpCode};
 
-use crate::bus::RoomName;
+use crate::bus::{KindTimes, RoomName};
 
 /// A frame queued for a connection. Deliveries share one per shard (an `Rc`, so queueing it on
 /// 10^4 members costs no atomic operation); control frames are the connection's own.
@@ -22,6 +22,12 @@ pub struct OutFrame {
     /// When the oldest message it carries (of its class) reached its room's batch (deliveries
     /// only): the start of its delivery latency (`Delivery::since`).
     pub since: Option<std::time::Instant>,
+    /// The kinds of its batch and when each arrived (deliveries only), for the per-kind latency:
+    /// the batch's one list, shared by its frames on every shard.
+    pub kinds: Option<KindTimes>,
+    /// It is the must-deliver part of its batch (`Keep::Instead`): only the kinds' must-deliver
+    /// messages are in it.
+    pub must_part: bool,
 }
 
 /// What of a queued frame survives when its connection falls behind.
@@ -36,7 +42,24 @@ pub enum Keep {
 
 impl OutFrame {
     pub fn control(bytes: Bytes) -> Rc<Self> {
-        Rc::new(Self { bytes, messages: 0, must: Keep::Whole, queued_ms: 0, since: None })
+        Rc::new(Self {
+            bytes,
+            messages: 0,
+            must: Keep::Whole,
+            queued_ms: 0,
+            since: None,
+            kinds: None,
+            must_part: false,
+        })
+    }
+
+    /// Each kind it carries (its index in `Config::latency_kinds`), with when that kind's
+    /// oldest message in it reached its room's batch.
+    pub fn kind_times(&self) -> impl Iterator<Item = (u16, std::time::Instant)> + '_ {
+        self.kinds
+            .iter()
+            .flat_map(|k| k.iter())
+            .filter_map(|k| if self.must_part { k.must_since.map(|t| (k.kind, t)) } else { Some((k.kind, k.since)) })
     }
 
     /// Whether it carries must-deliver messages (the latency class it counts in).
@@ -307,6 +330,8 @@ mod tests {
             must: Keep::Nothing,
             queued_ms: 0,
             since: None,
+            kinds: None,
+            must_part: false,
         })
     }
 
@@ -321,6 +346,8 @@ mod tests {
             must: Keep::Whole,
             queued_ms: 0,
             since: None,
+            kinds: None,
+            must_part: false,
         });
         c.push(Rc::new(OutFrame {
             bytes: Bytes::from(vec![2u8; 100]),
@@ -328,6 +355,8 @@ mod tests {
             must: Keep::Instead(gift),
             queued_ms: 0,
             since: None,
+            kinds: None,
+            must_part: false,
         }));
         c.push(OutFrame::control(Bytes::from_static(b"ctl")));
         c.in_flight = 1;
@@ -389,6 +418,37 @@ mod tests {
         c.identity = Some(Box::new(id));
         assert!(c.is_user("alice") && !c.is_user("anon-00000000000000ab"));
         assert_eq!(c.user(), "alice");
+    }
+
+    /// A batch's frame times every kind it carries; its must-deliver part (what a slow
+    /// consumer keeps) only the must-deliver messages, from the oldest of those.
+    #[test]
+    fn the_must_deliver_part_times_only_must_deliver_messages() {
+        use crate::bus::KindSince;
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let kinds: crate::bus::KindTimes = vec![
+            KindSince { kind: 1, since: at(0), must_since: None },
+            KindSince { kind: 0, since: at(30), must_since: Some(at(30)) },
+            // `deleted`: a droppable message's tombstone in place at 10, a live tombstone at 50.
+            KindSince { kind: 4, since: at(10), must_since: Some(at(50)) },
+        ]
+        .into();
+        let frame = |must_part| OutFrame {
+            bytes: Bytes::from_static(b"x"),
+            messages: 4,
+            must: Keep::Whole,
+            queued_ms: 0,
+            since: Some(t0),
+            kinds: Some(kinds.clone()),
+            must_part,
+        };
+        let times =
+            |f: &OutFrame| f.kind_times().map(|(k, t)| (k, t.duration_since(t0).as_millis())).collect::<Vec<_>>();
+        assert_eq!(times(&frame(false)), vec![(1, 0), (0, 30), (4, 10)]);
+        assert_eq!(times(&frame(true)), vec![(0, 30), (4, 50)]);
+        assert_eq!(OutFrame::control(Bytes::from_static(b"c")).kind_times().count(), 0);
     }
 
     #[test]

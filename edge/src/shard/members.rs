@@ -41,11 +41,21 @@ fn deflated_frame(d: &Delivery, plain: &Rc<OutFrame>, p: usize, bits: u8, made: 
                 must: Keep::Whole,
                 queued_ms: g.queued_ms,
                 since: g.since,
+                kinds: g.kinds.clone(),
+                must_part: true,
             }),
             None => g.clone(),
         }),
     };
-    Some(Rc::new(OutFrame { bytes, messages: plain.messages, must, queued_ms: plain.queued_ms, since: plain.since }))
+    Some(Rc::new(OutFrame {
+        bytes,
+        messages: plain.messages,
+        must,
+        queued_ms: plain.queued_ms,
+        since: plain.since,
+        kinds: plain.kinds.clone(),
+        must_part: false,
+    }))
 }
 
 impl Shard {
@@ -64,13 +74,23 @@ impl Shard {
                         must: Keep::Whole,
                         queued_ms: now_ms,
                         since: Some(d.must_since),
+                        kinds: d.kinds.clone(),
+                        must_part: true,
                     })),
                     None => Keep::Nothing,
                 },
             };
             // A frame carrying must-deliver messages is timed from the oldest of those.
             let since = if matches!(d.must_deliver, MustDeliver::None) { d.since } else { d.must_since };
-            Some(Rc::new(OutFrame { bytes, messages: d.messages, must, queued_ms: now_ms, since: Some(since) }))
+            Some(Rc::new(OutFrame {
+                bytes,
+                messages: d.messages,
+                must,
+                queued_ms: now_ms,
+                since: Some(since),
+                kinds: d.kinds.clone(),
+                must_part: false,
+            }))
         });
         let max_bytes = self.cfg.send.max_queue_bytes;
         let max_frames = self.cfg.send.max_queue_frames;

@@ -317,11 +317,18 @@ impl Shard {
             if rng.u32(..LATENCY_SAMPLE) != 0 {
                 return;
             }
-            let secs = now.get_or_insert_with(std::time::Instant::now).saturating_duration_since(since).as_secs_f64();
+            let now = *now.get_or_insert_with(std::time::Instant::now);
+            let secs = now.saturating_duration_since(since).as_secs_f64();
             if f.carries_must_deliver() {
                 stats.latency_must.observe(secs);
             } else {
                 stats.latency_droppable.observe(secs);
+            }
+            // The same sample per kind, each from its own oldest message in the frame.
+            for (kind, since) in f.kind_times() {
+                if let Some(h) = stats.latency_kind.get(usize::from(kind)) {
+                    h.observe(now.saturating_duration_since(since).as_secs_f64());
+                }
             }
         });
         // Frames written whole pay the replay credit back first (the replay was queued

@@ -57,6 +57,12 @@ test("dashboard in Chromium: the charts fill with a loaded edge's figures", { ti
       deliveries: last("c_rates", 2),
       messagesIn: last("c_rates", 1),
       giftP99: last("c_lat", 2),
+      // The per-kind chart: one line per kind, made at the first read.
+      kindGiftP99: (() => {
+        const c = window.__charts.c_kinds;
+        const i = c ? c.series.findIndex((s) => s.label === "gift p99") : -1;
+        return i > 0 ? last("c_kinds", i) : [];
+      })(),
       status: document.getElementById("status").textContent,
       rooms: document.getElementById("rooms").textContent,
       canvases: document.querySelectorAll(".uplot canvas").length,
@@ -66,12 +72,13 @@ test("dashboard in Chromium: the charts fill with a loaded edge's figures", { ti
   await page.screenshot({ path: join(OUT_DIR, "dashboard.png"), fullPage: true });
 
   assert.deepEqual(errors, [], "no script errors on the page");
-  assert.ok(seen.canvases >= 7, `seven charts drawn: ${JSON.stringify(seen)}`);
+  assert.ok(seen.canvases >= 8, `eight charts drawn: ${JSON.stringify(seen)}`);
   assert.ok(seen.points >= 3, `a point a second: ${JSON.stringify(seen)}`);
   assert.ok(Math.max(...seen.conns) >= 40, `40 members: ${JSON.stringify(seen)}`);
   assert.ok(Math.max(...seen.messagesIn) > 0, `messages in per second: ${JSON.stringify(seen)}`);
   assert.ok(Math.max(...seen.deliveries) > 0, `deliveries per second: ${JSON.stringify(seen)}`);
   assert.ok(seen.giftP99.length > 0 && Math.max(...seen.giftP99) > 0, `gift latency: ${JSON.stringify(seen)}`);
+  assert.ok(seen.kindGiftP99.length > 0 && Math.max(...seen.kindGiftP99) > 0, `gift latency by kind: ${JSON.stringify(seen)}`);
   assert.match(seen.rooms, new RegExp(room), "the hottest rooms name the loaded room");
   assert.match(seen.status, /ok|degraded|overloaded/);
 });
