@@ -645,11 +645,15 @@ pub struct WsConfig {
     pub max_message: usize,
     /// A connection that has not completed its upgrade within this time is closed.
     pub handshake_timeout_ms: u64,
-    /// The server pings each open connection this often; 0 disables pings. SSE streams get a
-    /// heartbeat comment (`:`) as often, which keeps proxies and NAT tables from timing them out.
+    /// The server pings each open connection this often, unless it took one of the room's
+    /// message frames within the interval (the room's traffic is its heartbeat); 0 disables
+    /// pings. SSE streams get a heartbeat comment (`:`) likewise, which keeps proxies and NAT
+    /// tables from timing them out.
     pub ping_interval_ms: u64,
-    /// A connection that has sent nothing (not even a pong) for this long is closed (1001).
-    /// Not for SSE streams, whose clients never send: a dead one shows as a failed write.
+    /// A connection that has sent nothing (not even a pong) and taken no message frame for this
+    /// long is closed (1001). Also the listeners' TCP_USER_TIMEOUT: the kernel fails a
+    /// connection whose written bytes stay unacknowledged this long. Not for SSE streams, whose
+    /// clients never send: a dead one shows as a failed write.
     pub idle_timeout_ms: u64,
     /// Connections per shard; 0 = as many as the kernel allows (RLIMIT_NOFILE caps each ring's
     /// direct-descriptor table: 20000 here, so 10^5 connections need 6 shards).

@@ -95,6 +95,7 @@ impl Edge {
             cfg.ws.backlog,
             cfg.send.socket_send_buffer,
             cfg.send.socket_notsent_lowat,
+            Some(std::time::Duration::from_millis(cfg.ws.idle_timeout_ms)),
         )
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", cfg.listen))?;
         let ws_addr =
@@ -107,6 +108,7 @@ impl Edge {
                     cfg.ws.backlog,
                     cfg.send.socket_send_buffer,
                     cfg.send.socket_notsent_lowat,
+                    Some(std::time::Duration::from_millis(cfg.ws.idle_timeout_ms)),
                 )
                 .map_err(|e| anyhow::anyhow!("cannot listen on {ws_addr} (listen): {e}"))?,
             );

@@ -83,11 +83,22 @@ pub fn eventfd_ring(fd: RawFd) {
 /// Opens one of the shards' listening sockets: SO_REUSEPORT so each shard has its own accept
 /// queue on the same port, TCP_NODELAY (accepted sockets inherit it: they never get a normal fd
 /// on which we could set it), and a deep backlog for connection bursts at stream start.
-pub fn listener(addr: SocketAddr, backlog: i32, send_buffer: usize, notsent_lowat: usize) -> io::Result<Socket> {
+/// `user_timeout` (TCP_USER_TIMEOUT, inherited likewise; `ws.idle_timeout_ms`): the kernel fails
+/// a connection whose written bytes stay unacknowledged that long, so a member taking the
+/// room's messages needs no ping to be known alive (`shard::lifecycle::is_idle`). A peer that
+/// acknowledges with a zero window (a slow reader) is not failed by it.
+pub fn listener(
+    addr: SocketAddr,
+    backlog: i32,
+    send_buffer: usize,
+    notsent_lowat: usize,
+    user_timeout: Option<std::time::Duration>,
+) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_tcp_nodelay(true)?;
+    s.set_tcp_user_timeout(user_timeout)?;
     if send_buffer > 0 {
         s.set_send_buffer_size(send_buffer)?;
     }
@@ -199,8 +210,9 @@ mod tests {
     /// Accepted sockets never get a normal fd in the edge, so the listener's options must be
     /// inherited: checked here on a socket accepted the ordinary way.
     #[test]
-    fn accepted_sockets_inherit_the_send_buffer_and_low_water_mark() {
-        let l = listener("127.0.0.1:0".parse().unwrap(), 8, 16 * 1024, 12_345).unwrap();
+    fn accepted_sockets_inherit_the_send_buffer_low_water_mark_and_user_timeout() {
+        let idle = std::time::Duration::from_millis(90_000);
+        let l = listener("127.0.0.1:0".parse().unwrap(), 8, 16 * 1024, 12_345, Some(idle)).unwrap();
         let addr = l.local_addr().unwrap().as_socket().unwrap();
         let _c = std::net::TcpStream::connect(addr).unwrap();
         let (a, _) = l.accept().unwrap();
@@ -220,6 +232,7 @@ mod tests {
         assert_eq!(v, 12_345);
         assert_eq!(a.send_buffer_size().unwrap(), 32 * 1024, "the kernel doubles SO_SNDBUF");
         assert!(a.tcp_nodelay().unwrap());
+        assert_eq!(a.tcp_user_timeout().unwrap(), Some(idle), "TCP_USER_TIMEOUT is the idle timeout");
     }
 
     #[test]

@@ -255,3 +255,93 @@ fn check_config_names_the_bad_key() {
         .unwrap();
     assert!(out.status.success());
 }
+
+/// What a raw client that reads everything and never writes (so never answers a ping) saw:
+/// pings, message frames, and when the edge closed it (ms after it started reading).
+#[derive(Debug, Default)]
+struct Silent {
+    pings: Vec<u64>,
+    messages: Vec<u64>,
+    closed_at: Option<u64>,
+}
+
+/// Reads `s` (its upgrade answer, then frames) until the edge closes it or `for_ms` passes.
+async fn read_silently(mut s: TcpStream, for_ms: u64) -> Silent {
+    use roomcast_proto::ws::{OpCode, parse_header};
+    let start = std::time::Instant::now();
+    let (mut buf, mut out) = (Vec::new(), Silent::default());
+    let mut upgraded = false;
+    let mut tmp = vec![0u8; 16 * 1024];
+    while start.elapsed() < Duration::from_millis(for_ms) {
+        let n = match tokio::time::timeout(Duration::from_millis(50), s.read(&mut tmp)).await {
+            Err(_) => continue,
+            Ok(Ok(0) | Err(_)) => {
+                out.closed_at.get_or_insert(start.elapsed().as_millis() as u64);
+                break;
+            }
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&tmp[..n]);
+        if !upgraded {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            assert!(buf.starts_with(b"HTTP/1.1 101"), "{:?}", String::from_utf8_lossy(&buf));
+            buf.drain(..end + 4);
+            upgraded = true;
+        }
+        while let Ok(Some(h)) = parse_header(&buf) {
+            let total = h.header_len + h.payload_len as usize;
+            if buf.len() < total {
+                break;
+            }
+            let at = start.elapsed().as_millis() as u64;
+            match h.opcode {
+                OpCode::Ping => out.pings.push(at),
+                OpCode::Close => {
+                    out.closed_at.get_or_insert(at);
+                }
+                _ => out.messages.push(at),
+            }
+            buf.drain(..total);
+        }
+    }
+    out
+}
+
+/// A member taking its room's messages is not pinged and is not idle, though it never answers
+/// a ping; once the room falls quiet it is pinged again and, not answering, closed as idle.
+/// A member of a quiet room that does not answer is closed as idle as before. The input: the
+/// 10^6 run, where pings every 30 s were a third of a gift's writes and 840,681 members who
+/// were reading, behind, answered late and were closed as idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_taking_messages_needs_no_ping_and_is_not_idle() {
+    let dir = std::env::temp_dir().join(format!("roomcast-busy-pings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, "[ws]\nidle_timeout_ms = 800\nping_interval_ms = 200\n").unwrap();
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", cfg.to_str().unwrap()]);
+    let publisher = Publisher::new(edge.http);
+    let busy = tokio::spawn(read_silently(never_reader(edge.ws, "busy").await, 6000));
+    let quiet = tokio::spawn(read_silently(never_reader(edge.ws, "quiet").await, 6000));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A message every 100 ms for 3 s: almost four idle timeouts.
+    for n in 0..30 {
+        publisher.publish("busy", "chat", json!(n)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (busy, quiet) = (busy.await.unwrap(), quiet.await.unwrap());
+    let last = *busy.messages.last().expect("the busy member got the room's messages");
+    assert!(busy.messages.len() >= 30, "{busy:?}");
+    let first = busy.messages[1];
+    // While the room's messages flowed: no ping (the first message frame is `joined`).
+    let during: Vec<u64> = busy.pings.iter().copied().filter(|&t| t > first + 250 && t < last).collect();
+    assert!(during.is_empty(), "pinged while taking a message every 100 ms: {busy:?}");
+    let closed = busy.closed_at.expect("closed as idle once the room fell quiet");
+    assert!(closed > last, "not closed while taking messages: {busy:?}");
+    assert!(busy.pings.iter().any(|&t| t > last), "pinged again once quiet: {busy:?}");
+    // The quiet room's member: pinged, never answered, closed after the idle timeout.
+    assert!(quiet.pings.len() >= 2, "{quiet:?}");
+    let q = quiet.closed_at.expect("the quiet member, who never answered, was closed");
+    assert!(q < first + 2000, "closed as idle about 800 ms after its last word: {quiet:?}");
+    let closes = metric(&publisher, "roomcast_connections_closed_total").await;
+    assert!(closes >= 2.0, "{closes}");
+}

@@ -127,6 +127,10 @@ pub struct Conn {
     /// the bytes queued to it (our ping among them) is not idle, however long since it last
     /// spoke; one that has not taken a write issued `idle_timeout` ago is stalled.
     pub last_tx_ms: u64,
+    /// When the peer last took a whole message frame: a peer taking the room's messages needs
+    /// no ping and is not idle (`lifecycle::is_idle`; TCP_USER_TIMEOUT has the kernel fail one
+    /// whose bytes go unacknowledged).
+    pub last_data_ms: Option<u64>,
     pub next_ping_ms: u64,
     /// Draining: when this connection gets its `goaway`.
     pub goaway_at_ms: Option<u64>,
@@ -181,6 +185,7 @@ impl Conn {
             opened_ms: now_ms,
             last_rx_ms: now_ms,
             last_tx_ms: now_ms,
+            last_data_ms: None,
             next_ping_ms: now_ms,
             goaway_at_ms: None,
             signal_tokens: f64::INFINITY,

@@ -288,24 +288,36 @@ impl Shard {
                     to_abort.push(slot as u32);
                 }
                 // An event stream's client never speaks: no idle timeout (a dead peer fails a
-                // write: the heartbeats below see to it that there is one). A peer with bytes
-                // queued to it that it is still taking is not idle: our ping may sit behind
-                // them, and it cannot answer what it has not got (at 10^6 members a gift's
-                // fan-out queued pings for tens of seconds and 898,935 members who were
-                // reading were closed as idle). One whose queue has not moved for the timeout
-                // is stalled, and closed as idle all the same.
+                // write: the heartbeats below see to it that there is one). See `is_idle`.
                 Phase::Open
                     if c.proto != Subprotocol::Sse
-                        && is_idle(now_ms, c.last_rx_ms, c.last_tx_ms, c.out_bytes, c.in_flight, idle_to) =>
+                        && is_idle(
+                            now_ms,
+                            Activity {
+                                rx: c.last_rx_ms,
+                                tx: c.last_tx_ms,
+                                data: c.last_data_ms,
+                                out_bytes: c.out_bytes,
+                                in_flight: c.in_flight,
+                            },
+                            idle_to,
+                        ) =>
                 {
                     to_close.push(slot as u32);
                 }
                 Phase::Open if c.identity.as_ref().and_then(|i| i.exp).is_some_and(|exp| exp <= now_s) => {
                     to_expire.push(slot as u32);
                 }
+                // A member that took a message frame within the interval needs no ping (nor an
+                // event stream a heartbeat): the room's traffic keeps NAT and proxies open, and
+                // TCP_USER_TIMEOUT fails the connection if those bytes go unacknowledged. At 10^6
+                // members, pings every 30 s were 33,000 writes and 33,000 pongs a second beside
+                // a gift's 10^6 writes every 10 s.
                 Phase::Open if ping_every > 0 && now_ms >= c.next_ping_ms => {
                     c.next_ping_ms = now_ms + ping_every;
-                    to_ping.push(slot as u32);
+                    if c.last_data_ms.is_none_or(|t| now_ms.saturating_sub(t) >= ping_every) {
+                        to_ping.push(slot as u32);
+                    }
                 }
                 _ => {}
             }
@@ -379,30 +391,68 @@ pub(crate) fn goaway_url(dispatch: &str, room: Option<&str>) -> String {
     }
 }
 
-/// Whether an open connection is idle: nothing heard from the peer for `idle_to`, and nothing
-/// queued to it, or a write to it issued (or last progressing) `idle_to` ago and still not
-/// taken: stalled. Frames queued that this shard has not issued yet are its own delay.
-fn is_idle(now_ms: u64, last_rx_ms: u64, last_tx_ms: u64, out_bytes: usize, in_flight: u16, idle_to: u64) -> bool {
-    let silent = now_ms.saturating_sub(last_rx_ms) >= idle_to;
-    let stalled = in_flight > 0 && now_ms.saturating_sub(last_tx_ms) >= idle_to;
-    silent && (out_bytes == 0 || stalled)
+/// What a connection's idleness is judged by (times in ms since the shard started).
+#[derive(Clone, Copy)]
+struct Activity {
+    /// The peer last sent something (a pong, a message, signalling).
+    rx: u64,
+    /// A write to it was last issued or last made progress.
+    tx: u64,
+    /// It last took a whole message frame (None: never).
+    data: Option<u64>,
+    /// Bytes queued to it, and whether a write to it is in flight.
+    out_bytes: usize,
+    in_flight: u16,
+}
+
+/// Whether an open connection is idle. Not while the peer spoke within `idle_to`, nor while it
+/// takes the room's messages: it took a message frame within `idle_to` (a member of a busy
+/// room is pinged only when its room falls quiet, so it has nothing to answer; one whose kernel
+/// stops acknowledging is failed by TCP_USER_TIMEOUT, set to `idle_to` on the listeners, and one
+/// whose reader stops shows as a stalled write). Otherwise idle when nothing is queued to it (a
+/// quiet member that did not answer its pings), or when a write to it was issued (or last
+/// progressed) `idle_to` ago and is still not taken: stalled. Frames queued that this shard has
+/// not issued yet are the shard's own delay, not the peer's (at 10^6 members a gift's fan-out
+/// queued pings for tens of seconds, and 898,935 members who were reading were closed as idle).
+fn is_idle(now_ms: u64, a: Activity, idle_to: u64) -> bool {
+    let silent = now_ms.saturating_sub(a.rx) >= idle_to;
+    let taking = a.data.is_some_and(|t| now_ms.saturating_sub(t) < idle_to);
+    let stalled = a.in_flight > 0 && now_ms.saturating_sub(a.tx) >= idle_to;
+    silent && !taking && (a.out_bytes == 0 || stalled)
 }
 
 #[cfg(test)]
 mod idle_tests {
-    use super::is_idle;
+    use super::{Activity, is_idle};
+
+    fn at(rx: u64, tx: u64, data: Option<u64>, out_bytes: usize, in_flight: u16) -> Activity {
+        Activity { rx, tx, data, out_bytes, in_flight }
+    }
 
     #[test]
     fn a_peer_still_taking_its_queue_is_not_idle_a_stalled_one_is() {
         // Silent for 100 s with nothing queued: idle.
-        assert!(is_idle(100_000, 0, 0, 0, 0, 90_000));
+        assert!(is_idle(100_000, at(0, 0, None, 0, 0), 90_000));
         // Silent as long, but our write to it (its ping behind a gift) moved a second ago.
-        assert!(!is_idle(100_000, 0, 99_000, 4096, 1, 90_000));
+        assert!(!is_idle(100_000, at(0, 99_000, None, 4096, 1), 90_000));
         // A write issued 91 s ago and still not taken: stalled, idle all the same.
-        assert!(is_idle(100_000, 0, 9_000, 4096, 1, 90_000));
+        assert!(is_idle(100_000, at(0, 9_000, None, 4096, 1), 90_000));
         // Frames this shard has not issued yet (its own backlog): not the peer's silence.
-        assert!(!is_idle(100_000, 0, 9_000, 4096, 0, 90_000));
+        assert!(!is_idle(100_000, at(0, 9_000, None, 4096, 0), 90_000));
         // Heard from recently: never idle.
-        assert!(!is_idle(100_000, 50_000, 0, 0, 0, 90_000));
+        assert!(!is_idle(100_000, at(50_000, 0, None, 0, 0), 90_000));
+    }
+
+    /// A member of a busy room is not pinged, so it has nothing to answer: taking the room's
+    /// messages keeps it. The input: the 10^6 run's members, whose pongs came 60-77 s late
+    /// behind the gifts in their receive buffers, closed as idle by the 840,000.
+    #[test]
+    fn a_peer_taking_the_rooms_messages_is_not_idle() {
+        // Silent for 100 s, nothing queued, but it took a gift 5 s ago.
+        assert!(!is_idle(100_000, at(0, 95_000, Some(95_000), 0, 0), 90_000));
+        // The last message it took was 91 s ago and it never answered the pings since.
+        assert!(is_idle(100_000, at(0, 70_000, Some(9_000), 0, 0), 90_000));
+        // A message write stalled for 91 s: its last taken frame is as old.
+        assert!(is_idle(100_000, at(0, 9_000, Some(9_000), 4096, 1), 90_000));
     }
 }

@@ -340,6 +340,9 @@ impl Shard {
         self.replay_held -= paid;
         self.stats.frames_written.inc_by(frames);
         self.stats.messages_delivered.inc_by(messages);
+        if messages > 0 {
+            c.last_data_ms = Some(now_ms);
+        }
         if c.closing == Closing::Abort {
             c.drop_unsent(0);
             self.maybe_release(slot);
