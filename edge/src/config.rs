@@ -395,6 +395,9 @@ impl Default for HealthConfig {
 /// buffers (4 MiB by default), so past this a box runs out of memory before it runs out of cores.
 pub const MAX_SHARDS: usize = 1024;
 
+/// The longest `ws.idle_timeout_ms`: one day (it is also TCP_USER_TIMEOUT, a C int of ms).
+pub const MAX_IDLE_TIMEOUT_MS: u64 = 86_400_000;
+
 /// One message kind (`[kinds.NAME]`): its delivery class, publishers and conflation.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1194,6 +1197,11 @@ impl Config {
         if ws.idle_timeout_ms == 0 {
             return Err(invalid("ws.idle_timeout_ms", "must be above 0"));
         }
+        if ws.idle_timeout_ms > MAX_IDLE_TIMEOUT_MS {
+            // It is also the listeners' TCP_USER_TIMEOUT, a C int of milliseconds: 2^31 or more
+            // failed the edge's start with "Invalid argument" after the check had passed.
+            return Err(invalid("ws.idle_timeout_ms", format!("at most {MAX_IDLE_TIMEOUT_MS} (one day)")));
+        }
         if ws.ping_interval_ms != 0 && ws.ping_interval_ms >= ws.idle_timeout_ms {
             return Err(invalid(
                 "ws.ping_interval_ms",
@@ -1574,6 +1582,16 @@ mod tests {
         );
         assert!(err("[send]\nsocket_notsent_lowat = 0\n").is_none());
         assert_eq!(Config::default().send.socket_notsent_lowat, 16 * 1024);
+    }
+
+    /// The idle timeout is also the listeners' TCP_USER_TIMEOUT (a C int of ms): a value the
+    /// kernel refuses is refused here, naming the key (the trial's 3,000,000,000 passed the
+    /// check and then failed the start with "Invalid argument").
+    #[test]
+    fn an_idle_timeout_the_kernel_would_refuse_is_refused_by_name() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        assert!(err("[ws]\nidle_timeout_ms = 3000000000\n").is_some_and(|e| e.contains("ws.idle_timeout_ms")));
+        assert!(err("[ws]\nidle_timeout_ms = 86400000\n").is_none());
     }
 
     #[test]

@@ -28,7 +28,8 @@ pub enum CloseWhy {
     HandshakeRefused,
     /// Refused with 503 because the edge is overloaded, unhealthy or draining.
     Overloaded,
-    /// Nothing heard from the client within `ws.idle_timeout_ms`.
+    /// Nothing heard from the client and no message frame taken within `ws.idle_timeout_ms`,
+    /// a write stalled that long, or our bytes unacknowledged that long (TCP_USER_TIMEOUT).
     IdleTimeout,
     /// Its send queue passed its bound (4000).
     SlowConsumer,

@@ -85,8 +85,9 @@ pub fn eventfd_ring(fd: RawFd) {
 /// on which we could set it), and a deep backlog for connection bursts at stream start.
 /// `user_timeout` (TCP_USER_TIMEOUT, inherited likewise; `ws.idle_timeout_ms`): the kernel fails
 /// a connection whose written bytes stay unacknowledged that long, so a member taking the
-/// room's messages needs no ping to be known alive (`shard::lifecycle::is_idle`). A peer that
-/// acknowledges with a zero window (a slow reader) is not failed by it.
+/// room's messages needs no ping to be known alive (`shard::lifecycle::is_idle`). On this kernel
+/// it also fails a peer that holds a zero window that long (a reader that stopped): counted as
+/// an idle timeout, which is what the stall rule would have closed it for.
 pub fn listener(
     addr: SocketAddr,
     backlog: i32,

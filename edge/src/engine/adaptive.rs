@@ -168,6 +168,13 @@ impl Engine {
         // from the connect phase narrowed the window to 790 ms on saturated shards and gift p99
         // rose to 3.0 s for three seconds (bench-results/2026-11-30-100k-budgets-README.md).
         self.narrow = p99.is_some() && !saturated;
+        // Whether chat's budget holds some sampled hot room under the visible rate: growing it
+        // further helps no room otherwise (and would only leave stale headroom behind).
+        let binding = self.rooms.values().any(|r| {
+            (self.sampling || r.demand_sampling)
+                && r.current_rate(now) >= HOT_ROOM_RATE
+                && visible_rate(&self.cfg.adaptive, r.members) < self.cfg.adaptive.visible_rate
+        });
         match p99 {
             Some(p99) if p99 > target && saturated => {
                 self.rho = (self.rho * 0.9).max(RHO_MIN);
@@ -176,11 +183,17 @@ impl Engine {
             Some(p99) if p99 > target => self.rho = (self.rho + 0.05).min(RHO_MAX),
             Some(p99) if p99 < target / 2 => {
                 // Back to the configured budget slowly (it was cut for a reason), past it by
-                // 10% a second: +0.05 from 1 would take 3 minutes to reach the ceiling.
-                self.chat_factor =
-                    if self.chat_factor < 1.0 { (self.chat_factor + 0.05).min(1.0) } else { self.chat_factor * 1.1 }
-                        .min(CHAT_MAX);
+                // 10% a second while some sampled room is held under the visible rate: +0.05
+                // from 1 would take 3 minutes to reach the ceiling.
+                if self.chat_factor < 1.0 {
+                    self.chat_factor = (self.chat_factor + 0.05).min(1.0);
+                } else if binding {
+                    self.chat_factor = (self.chat_factor * 1.1).min(CHAT_MAX);
+                }
             }
+            // No gift measured: nothing says chat may show more than configured. A grown budget
+            // decays back (10% a second), so a burst hours later starts from the configuration.
+            None if self.chat_factor > 1.0 => self.chat_factor = (self.chat_factor * 0.9).max(1.0),
             _ => {}
         }
         // The capacity estimate (frames per CPU-second) is trustworthy only when frames are

@@ -1093,7 +1093,7 @@ fn chat_is_sampled_only_as_far_as_gifts_need() {
     assert_eq!(configured, 5.0, "500,000 / 10^5");
     // One second of the controller: chat offered at 100/s to both rooms, the shards report
     // `busy` and gift p99 `p99`; returns the chat each room let through.
-    let second = |bus: &mut H, busy: f64, p99: Duration| -> (usize, usize) {
+    let second = |bus: &mut H, busy: f64, p99: Option<Duration>| -> (usize, usize) {
         let mut through = (0, 0);
         for n in 0..10 {
             for i in 0..10 {
@@ -1105,34 +1105,55 @@ fn chat_is_sampled_only_as_far_as_gifts_need() {
             bus.e.poll(now, &mut bus.out);
         }
         let _ = bus.drain();
-        bus.load.set_delivery(0, 400_000.0, 1.0, busy, Some(p99));
+        bus.load.set_delivery(0, 400_000.0, 1.0, busy, p99);
         let now = bus.now;
         bus.e.control(now);
         through
     };
     // Warm up the rooms' rates at the configured budget (gifts in the hold band).
+    let (hold, early, late) =
+        (Some(Duration::from_millis(1500)), Some(Duration::from_millis(500)), Some(Duration::from_millis(2500)));
     for _ in 0..5 {
-        second(&mut bus, 0.95, Duration::from_millis(1500));
+        second(&mut bus, 0.95, hold);
     }
     assert!(bus.rooms[&big].demand_sampling && bus.rooms[&mid].demand_sampling);
-    let (held, _) = second(&mut bus, 0.95, Duration::from_millis(1500));
+    let (held, _) = second(&mut bus, 0.95, hold);
     assert!(held <= 7, "in the hold band the configured budget stands: {held} chat/s");
     // Gifts early on saturated shards: chat's budget grows.
     let mut rates = Vec::new();
     for _ in 0..40 {
         rates.push(visible_rate(&bus.e.cfg.adaptive, 100_000));
-        let (_, mid_through) = second(&mut bus, 0.95, Duration::from_millis(500));
+        let (_, mid_through) = second(&mut bus, 0.95, early);
         assert!(mid_through <= 51, "the 10^4 room is still sampled to the visible rate: {mid_through}");
     }
     let grown = visible_rate(&bus.e.cfg.adaptive, 100_000);
     assert_eq!(grown, bus.e.cfg.adaptive.visible_rate, "up to the visible rate: {rates:?}");
     assert!(rates.windows(2).all(|w| w[1] >= w[0]), "it only grows while gifts are early: {rates:?}");
-    let (shown, _) = second(&mut bus, 0.95, Duration::from_millis(500));
+    let (shown, _) = second(&mut bus, 0.95, early);
     assert!(shown >= 40, "the room of 10^5 shows {shown} chat/s, not the configured 5");
     assert!(bus.rooms[&mid].demand_sampling, "the grown budget did not switch the 10^4 room's sampling off");
+    // No gift measured for a while: the grown budget decays to the configured one (found by a
+    // new user's trial: it stayed grown for good, so a burst hours later started from it).
+    for _ in 0..30 {
+        second(&mut bus, 0.5, None);
+    }
+    assert_eq!(visible_rate(&bus.e.cfg.adaptive, 100_000), configured, "decayed without a gift signal");
+    // Growth stops once no sampled room is held under the visible rate (the trial: it grew on
+    // to the ceiling, leaving headroom no room used). A room of 2x10^4 shows 25 x factor chat/s:
+    // the visible rate's 50 at a factor of 2.
+    bus.e.rooms.get_mut(&big).unwrap().members = 20_000;
+    for _ in 0..20 {
+        second(&mut bus, 0.95, early);
+    }
+    assert_eq!(visible_rate(&bus.e.cfg.adaptive, 20_000), 50.0);
+    assert!(bus.e.chat_factor < 2.2, "stopped near 2, not at the ceiling: {}", bus.e.chat_factor);
+    bus.e.rooms.get_mut(&big).unwrap().members = 100_000;
+    for _ in 0..30 {
+        second(&mut bus, 0.95, early);
+    }
     // Gifts late on saturated shards: cut back under the configured budget within seconds.
     for _ in 0..8 {
-        second(&mut bus, 0.95, Duration::from_millis(2500));
+        second(&mut bus, 0.95, late);
     }
     let cut = visible_rate(&bus.e.cfg.adaptive, 100_000);
     assert!(cut <= configured, "late gifts on saturated shards: chat back to {cut}/s");

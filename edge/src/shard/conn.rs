@@ -131,7 +131,8 @@ pub struct Conn {
     /// no ping and is not idle (`lifecycle::is_idle`; TCP_USER_TIMEOUT has the kernel fail one
     /// whose bytes go unacknowledged).
     pub last_data_ms: Option<u64>,
-    pub next_ping_ms: u64,
+    /// When it was last pinged (0: never).
+    pub last_ping_ms: u64,
     /// Draining: when this connection gets its `goaway`.
     pub goaway_at_ms: Option<u64>,
     /// Signalling token bucket (`ws.signal_rate`): tokens, and when they were last counted.
@@ -186,7 +187,7 @@ impl Conn {
             last_rx_ms: now_ms,
             last_tx_ms: now_ms,
             last_data_ms: None,
-            next_ping_ms: now_ms,
+            last_ping_ms: 0,
             goaway_at_ms: None,
             signal_tokens: f64::INFINITY,
             signal_at_ms: now_ms,

@@ -312,12 +312,17 @@ impl Shard {
                 // event stream a heartbeat): the room's traffic keeps NAT and proxies open, and
                 // TCP_USER_TIMEOUT fails the connection if those bytes go unacknowledged. At 10^6
                 // members, pings every 30 s were 33,000 writes and 33,000 pongs a second beside
-                // a gift's 10^6 writes every 10 s.
-                Phase::Open if ping_every > 0 && now_ms >= c.next_ping_ms => {
-                    c.next_ping_ms = now_ms + ping_every;
-                    if c.last_data_ms.is_none_or(|t| now_ms.saturating_sub(t) >= ping_every) {
-                        to_ping.push(slot as u32);
-                    }
+                // a gift's 10^6 writes every 10 s. Due one interval after whatever came last of
+                // its opening, its last message frame and its last ping: not on a fixed beat, or
+                // a room falling quiet just after a skipped beat would get its first ping up to
+                // two intervals later, past an idle timeout under twice the interval (a new
+                // user's trial: 8 s pings, 9 s timeout, members who answered every ping closed).
+                Phase::Open
+                    if ping_every > 0
+                        && now_ms >= ping_due(c.opened_ms, c.last_data_ms, c.last_ping_ms, ping_every) =>
+                {
+                    c.last_ping_ms = now_ms;
+                    to_ping.push(slot as u32);
                 }
                 _ => {}
             }
@@ -391,6 +396,12 @@ pub(crate) fn goaway_url(dispatch: &str, room: Option<&str>) -> String {
     }
 }
 
+/// When a connection is due its next ping: one interval after the latest of its opening, the
+/// last message frame it took and its last ping (see the ping arm in `tick`).
+fn ping_due(opened_ms: u64, last_data_ms: Option<u64>, last_ping_ms: u64, ping_every: u64) -> u64 {
+    opened_ms.max(last_data_ms.unwrap_or(0)).max(last_ping_ms) + ping_every
+}
+
 /// What a connection's idleness is judged by (times in ms since the shard started).
 #[derive(Clone, Copy)]
 struct Activity {
@@ -424,6 +435,19 @@ fn is_idle(now_ms: u64, a: Activity, idle_to: u64) -> bool {
 #[cfg(test)]
 mod idle_tests {
     use super::{Activity, is_idle};
+
+    /// The next ping follows the room's traffic, not a fixed beat: a room quiet since 10 s
+    /// pings its members at 10 s + the interval (the trial's fixed beat, 8 s pings and a 9 s
+    /// idle timeout, pinged up to 16 s after the last message and closed members who answered
+    /// every ping), and a connection just opened is not pinged at once.
+    #[test]
+    fn the_next_ping_is_due_an_interval_after_the_last_traffic() {
+        use super::ping_due;
+        assert_eq!(ping_due(1_000, None, 0, 8_000), 9_000, "not at once on opening");
+        assert_eq!(ping_due(1_000, Some(10_000), 0, 8_000), 18_000, "an interval after the last message");
+        assert_eq!(ping_due(1_000, Some(10_000), 18_000, 8_000), 26_000, "then an interval after the ping");
+        assert_eq!(ping_due(1_000, Some(30_000), 26_000, 8_000), 38_000, "traffic again pushes it back");
+    }
 
     fn at(rx: u64, tx: u64, data: Option<u64>, out_bytes: usize, in_flight: u16) -> Activity {
         Activity { rx, tx, data, out_bytes, in_flight }

@@ -215,7 +215,7 @@ impl Shard {
                 }
             } else {
                 // 0: the peer closed; <0: reset or error.
-                self.closing_for(slot, if res == 0 { CloseWhy::PeerClosed } else { CloseWhy::PeerReset });
+                self.closing_for(slot, failed_why(res));
                 self.abort(slot);
             }
             return;
@@ -289,7 +289,7 @@ impl Shard {
                 t.wire_off = 0;
             }
             c.drop_unsent(0);
-            self.closing_for(slot, CloseWhy::PeerReset);
+            self.closing_for(slot, failed_why(res));
             self.abort(slot);
             return;
         }
@@ -384,5 +384,30 @@ impl Shard {
             // A free slot again: if accepting stopped on a full table, resume.
             self.arm_accept();
         }
+    }
+}
+
+/// Why a receive or send that ended with `res` (0 or a negative errno) ended the connection.
+/// ETIMEDOUT is TCP_USER_TIMEOUT (`ws.idle_timeout_ms`): the peer acknowledged none of our
+/// bytes for the idle timeout, because it vanished or, on this kernel, held a zero window that
+/// long (a reader that stopped): the idle timeout's business, not a reset by the network.
+fn failed_why(res: i32) -> CloseWhy {
+    match res {
+        0 => CloseWhy::PeerClosed,
+        r if r == -libc::ETIMEDOUT => CloseWhy::IdleTimeout,
+        _ => CloseWhy::PeerReset,
+    }
+}
+
+#[cfg(test)]
+mod failed_why_tests {
+    use super::{CloseWhy, failed_why};
+
+    #[test]
+    fn a_user_timeout_counts_as_idle_not_as_a_reset() {
+        assert_eq!(failed_why(0), CloseWhy::PeerClosed);
+        assert_eq!(failed_why(-libc::ETIMEDOUT), CloseWhy::IdleTimeout);
+        assert_eq!(failed_why(-libc::ECONNRESET), CloseWhy::PeerReset);
+        assert_eq!(failed_why(-libc::EPIPE), CloseWhy::PeerReset);
     }
 }
