@@ -21,6 +21,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 /// The `st` column of /proc/net/tcp for a listening socket (`TCP_LISTEN`).
 pub const TCP_LISTEN: u8 = 0x0A;
 
+/// How long a start waits for a listener no process owns to go away (see [`check_port`]).
+const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The most of a holder's command line kept for messages, in characters.
 const CMDLINE_MAX_CHARS: usize = 200;
 
@@ -128,17 +131,26 @@ pub enum GuardError {
 /// is also left to it: there is nothing to take over.
 pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, GuardError> {
     // A listener held by no process is one being torn down (a process just killed: its
-    // io_uring lets go of the sockets a few milliseconds later, longer on a loaded machine). A
-    // supervisor restarting at once meets it: look again for up to 5 s before calling the port
-    // held (only a holder in another user's or PID namespace's process waits that long).
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // io_uring lets go of the sockets after it exits, in a kernel worker that closes every
+    // connection the rings held: milliseconds for a few, more than 5 s for an edge of 10^6
+    // members, whose restart after SIGKILL failed here). A supervisor restarting at once meets
+    // it: look again for up to ORPHAN_WAIT before calling the port held (only a holder in
+    // another user's or PID namespace's process waits that long), and say so once.
+    let start = std::time::Instant::now();
+    let mut told = false;
     loop {
         match check_port_once(addr, takeover) {
-            Err(GuardError::PortHeld { holders, .. })
-                if holders.procs.is_empty() && std::time::Instant::now() < end =>
-            {
+            Err(GuardError::PortHeld { holders, .. }) if holders.procs.is_empty() && start.elapsed() < ORPHAN_WAIT => {
+                if !told && start.elapsed() >= std::time::Duration::from_secs(1) {
+                    told = true;
+                    tracing::warn!(
+                        %addr,
+                        wait_s = ORPHAN_WAIT.as_secs(),
+                        "the port is held by a listener no process owns (one being torn down, as after a crash): waiting for it to go"
+                    );
+                }
                 drop(holders);
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
             other => return other,
         }
