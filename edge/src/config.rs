@@ -395,6 +395,10 @@ impl Default for HealthConfig {
 /// buffers (4 MiB by default), so past this a box runs out of memory before it runs out of cores.
 pub const MAX_SHARDS: usize = 1024;
 
+/// How far below `ws.idle_timeout_ms` `ws.ping_interval_ms` must be: the sweep that sends a
+/// due ping runs every 250 ms, and the pong must be back before the sweep that judges idleness.
+pub const PING_MARGIN_MS: u64 = 500;
+
 /// The longest `ws.idle_timeout_ms`: one day (it is also TCP_USER_TIMEOUT, a C int of ms).
 pub const MAX_IDLE_TIMEOUT_MS: u64 = 86_400_000;
 
@@ -1202,10 +1206,14 @@ impl Config {
             // failed the edge's start with "Invalid argument" after the check had passed.
             return Err(invalid("ws.idle_timeout_ms", format!("at most {MAX_IDLE_TIMEOUT_MS} (one day)")));
         }
-        if ws.ping_interval_ms != 0 && ws.ping_interval_ms >= ws.idle_timeout_ms {
+        if ws.ping_interval_ms != 0 && ws.ping_interval_ms + PING_MARGIN_MS > ws.idle_timeout_ms {
+            // A ping goes out on the shards' 250 ms sweep after it is due, and its pong needs
+            // time to come back before the idle timeout is judged on the same sweep.
             return Err(invalid(
                 "ws.ping_interval_ms",
-                "must be below ws.idle_timeout_ms, or pings cannot keep a connection alive",
+                format!(
+                    "must be at least {PING_MARGIN_MS} ms below ws.idle_timeout_ms, or pings cannot keep a connection alive"
+                ),
             ));
         }
         if ws.backlog <= 0 {
@@ -1592,6 +1600,10 @@ mod tests {
         let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
         assert!(err("[ws]\nidle_timeout_ms = 3000000000\n").is_some_and(|e| e.contains("ws.idle_timeout_ms")));
         assert!(err("[ws]\nidle_timeout_ms = 86400000\n").is_none());
+        // A ping must be able to go out on the 250 ms sweep and its pong come back in time.
+        let close = "[ws]\nping_interval_ms = 8800\nidle_timeout_ms = 9000\n";
+        assert!(err(close).is_some_and(|e| e.contains("ws.ping_interval_ms") && e.contains("500 ms below")));
+        assert!(err("[ws]\nping_interval_ms = 8500\nidle_timeout_ms = 9000\n").is_none());
     }
 
     #[test]
