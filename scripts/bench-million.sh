@@ -17,6 +17,7 @@
 # fanned out to 61 shards) is in summary.md.
 #
 # Env: CONNS (1000000), SHARDS (see above), RAMP (connections/s in all, 10000), SECS (60),
+# GIVE_UP (the generator's retry time for a gift: 30 s, 300 s with RESTART),
 # GIFT_EVERY (10 s), SRC_ADDRS (8 per worker), PING_MS (30000), IDLE_MS (90000), PROBES
 # (auto|ebpf|sock_diag|off: the edge's kernel probes), PROBE_MS (1000), PRESENCE_MS (1000, the
 # edge's default: the online count rides on the room's batches and a silent room gets a
@@ -82,6 +83,10 @@ RESTART=${RESTART:-0}
 case $RESTART in 0 | term | kill) ;; *) echo "RESTART: 0, term or kill" >&2; exit 1 ;; esac
 if [[ $RESTART == 0 ]]; then SECS=${SECS:-60}; else SECS=${SECS:-90}; fi
 DRAIN_MS=${DRAIN_MS:-10000}
+# How long the generator retries a gift before giving it up (loadgen --gift-give-up): above any
+# outage a restart causes (a 10^6 edge answered 32 s after SIGKILL), or a gift whose first
+# attempt reached the old edge and the next one share a number (counted as duplicates).
+if [[ $RESTART == 0 ]]; then GIVE_UP=${GIVE_UP:-30}; else GIVE_UP=${GIVE_UP:-300}; fi
 INFLIGHT=${INFLIGHT:-32}
 GIFT_EVERY=${GIFT_EVERY:-10}
 SRC_ADDRS=${SRC_ADDRS:-8}
@@ -319,7 +324,7 @@ set +e
 $(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --ws 127.0.0.1:18911 --http 127.0.0.1:18912 \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs "$SRC_ADDRS" --duration "$SECS" \
   --connect-inflight "$INFLIGHT" --connect-deadline "$CONNECT_DEADLINE" \
-  --gift-rate "$GIFT_RATE" --chat-rate 0 --gift-streams 1 --chat-streams 1 \
+  --gift-rate "$GIFT_RATE" --chat-rate 0 --gift-streams 1 --chat-streams 1 --gift-give-up "$GIVE_UP" \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
   --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s${ROOMCAST_IN_NETNS:+; own network namespace with $EHASH established-hash buckets}; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
   > >(tee "$OUT/loadgen-output.txt") 2> >(tee "$OUT/loadgen-stderr.txt" >&2) &

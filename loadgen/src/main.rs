@@ -169,6 +169,13 @@ struct RunArgs {
     /// connect one at a time regardless.
     #[arg(long, default_value_t = 32)]
     connect_inflight: usize,
+    /// Seconds a gift is retried (the edge refusing or unreachable) before the publisher gives
+    /// it up; a gift given up takes no number, so the next one reuses it. An edge restart longer
+    /// than this (a 10^6 edge after SIGKILL answered again after 32 s) makes a gift whose first
+    /// attempt did reach the old edge's store and its successor share a number, which the
+    /// receivers count as a duplicate: benchmarks of restarts set it above the outage.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    gift_give_up: f64,
     /// Seconds the connect phase may take before the run gives up (default: twice the ramp's
     /// time, plus 30 s).
     #[arg(long, value_name = "SECS")]
@@ -606,6 +613,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         &rates,
         &[a.gift_streams, a.chat_streams],
         &[1, a.chat_batch.max(1)],
+        Duration::from_secs_f64(a.gift_give_up.clamp(1.0, 86_400.0)),
         pub_start,
         end,
     )?;

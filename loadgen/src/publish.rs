@@ -94,6 +94,8 @@ struct Stream {
     ack: Histogram<u64>,
     /// Makes this run's idempotency keys its own.
     run_id: u64,
+    /// How long a must-deliver message is retried before it is given up (`--gift-give-up`).
+    give_up: Duration,
 }
 
 impl Publisher {
@@ -109,6 +111,7 @@ impl Publisher {
         rates: &[f64],
         streams: &[usize],
         batches: &[usize],
+        give_up: Duration,
         start: Instant,
         end: Instant,
     ) -> anyhow::Result<Self> {
@@ -139,7 +142,8 @@ impl Publisher {
             }
             for s in 0..n {
                 // A request not answered in 3 s is sent again (with the same idempotency key,
-                // so the edge publishes it once), within the message's 30 s.
+                // so the edge publishes it once), within the message's give-up time
+                // (`--gift-give-up`, 30 s by default).
                 let client = reqwest::blocking::Client::builder()
                     .timeout(Duration::from_secs(3))
                     .pool_max_idle_per_host(2)
@@ -163,6 +167,7 @@ impl Publisher {
                     offered: 0,
                     ack: histogram(),
                     run_id: now_us(),
+                    give_up,
                 };
                 let shared = shared.clone();
                 let pacer = Pacer::new(start, rate * f64::from(rooms) / n as f64);
@@ -315,12 +320,12 @@ impl Stream {
             Target::Nchan => (format!("{}/pub/r{room}", self.base), body),
         };
         // Must-deliver messages are retried while the server says so (429, 503, 507) or does
-        // not answer, for up to 30 s, with the same Idempotency-Key (a retry of a publish that
+        // not answer, for up to `give_up` (30 s by default), with the same Idempotency-Key (a retry of a publish that
         // went through but whose answer was lost is not a second message); a message given up
         // takes no `k`, so the receivers' sequence has no hole the publisher made. Droppable
         // ones refused are dropped by the server: not numbered either.
         let first = Instant::now();
-        let end = first + Duration::from_secs(30);
+        let end = first + self.give_up;
         // Unique per message offered (a message given up does not take a `k`: the next reuses
         // it), and per run (the edge remembers keys for minutes).
         let idem = format!("lg-{}-{kind}-{s}-{}", self.run_id, self.offered);
