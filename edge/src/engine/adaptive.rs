@@ -156,8 +156,15 @@ impl Engine {
             return;
         }
         self.last_control = now;
-        let hot: u64 = self.rooms.values().filter(|r| r.current_rate(now) >= HOT_ROOM_RATE).map(|r| r.members).sum();
-        self.load.set_hot_members(self.id, hot);
+        // The hot rooms (rate, members, sampled), from one pass over the rooms: the hot members
+        // on the board, whether chat's budget binds, and the /metrics figures all read it.
+        let hot_rooms: Vec<(f64, u64, bool)> = self
+            .rooms
+            .values()
+            .map(|r| (r.current_rate(now), r.members, self.sampling || r.demand_sampling))
+            .filter(|&(rate, _, _)| rate >= HOT_ROOM_RATE)
+            .collect();
+        self.load.set_hot_members(self.id, hot_rooms.iter().map(|&(_, members, _)| members).sum());
         let target = Duration::from_millis(self.cfg.adaptive.gift_latency_target_ms);
         let before = (self.rho, self.chat_factor);
         let saturated = self.load.busy() > BUSY_HIGH;
@@ -170,10 +177,8 @@ impl Engine {
         self.narrow = p99.is_some() && !saturated;
         // Whether chat's budget holds some sampled hot room under the visible rate: growing it
         // further helps no room otherwise (and would only leave stale headroom behind).
-        let binding = self.rooms.values().any(|r| {
-            (self.sampling || r.demand_sampling)
-                && r.current_rate(now) >= HOT_ROOM_RATE
-                && visible_rate(&self.cfg.adaptive, r.members) < self.cfg.adaptive.visible_rate
+        let binding = hot_rooms.iter().any(|&(_, members, sampled)| {
+            sampled && visible_rate(&self.cfg.adaptive, members) < self.cfg.adaptive.visible_rate
         });
         match p99 {
             Some(p99) if p99 > target && saturated => {
@@ -211,12 +216,9 @@ impl Engine {
         // What hot rooms use now, for /metrics (the same figures as GET /v1/rooms/{room}).
         let mut widest = self.cfg.window;
         let mut sampling = false;
-        for r in self.rooms.values() {
-            let rate = r.current_rate(now);
-            if rate >= HOT_ROOM_RATE {
-                widest = widest.max(self.window_of(rate, r.members));
-                sampling |= self.sampling || r.demand_sampling;
-            }
+        for &(rate, members, sampled) in &hot_rooms {
+            widest = widest.max(self.window_of(rate, members));
+            sampling |= sampled;
         }
         let engine = self.id.to_string();
         self.stats.hot_window_seconds.with_label_values(&[engine.as_str()]).set(widest.as_secs_f64());
