@@ -314,11 +314,8 @@ async fn read_silently(mut s: TcpStream, for_ms: u64) -> Silent {
 /// were reading, behind, answered late and were closed as idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_taking_messages_needs_no_ping_and_is_not_idle() {
-    let dir = std::env::temp_dir().join(format!("roomcast-busy-pings-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("edge.toml");
-    std::fs::write(&cfg, "[ws]\nidle_timeout_ms = 800\nping_interval_ms = 200\n").unwrap();
-    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", cfg.to_str().unwrap()]);
+    let cfg = config("busy-pings", "[ws]\nidle_timeout_ms = 800\nping_interval_ms = 200\n");
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0", "--config", &cfg]);
     let publisher = Publisher::new(edge.http);
     let busy = tokio::spawn(read_silently(never_reader(edge.ws, "busy").await, 6000));
     let quiet = tokio::spawn(read_silently(never_reader(edge.ws, "quiet").await, 6000));
