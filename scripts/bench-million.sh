@@ -43,6 +43,20 @@
 # reached every member with none lost across it (the generator resumes each member with
 # `since`). Results in restart.json and restart-timeline.tsv; SECS defaults to 90 then.
 #
+# RESTART=peer: the rolling restart of a fleet, where members are "back within the drain
+# spread". Redis (the bus; a redis-server this script starts on 127.0.0.1:18919), a
+# stand-alone dispatch (`edge dispatch`, 18913) and a second edge B (18921/18922, same shards)
+# run beside edge A (18911/18912); members connect to A; the generator publishes through B (a
+# gift reaches A's members over the bus). SIGTERM to A: it drains over DRAIN_MS (default
+# 240000 here), each member asks dispatch, which answers B (A reports itself draining), and
+# moves with `since`; A exits once empty and is started again (empty). Measured as above, plus
+# how long after the signal every member had moved, against DRAIN_MS. SECS defaults to the
+# drain period + 120 s.
+#
+# SOMAXCONN (NETNS=1 only; default 65535): the namespace's net.core.somaxconn, the kernel's cap
+# on each listener's backlog (the edge asks for 65,535 here; the host's 4,096 capped the
+# queues of the first 10^6 storm, which overflowed 63,381 times). The host's is not touched.
+#
 # NETNS (0 | 1): run the whole benchmark (edge, generator, sampler) in a network namespace of
 # its own, whose table of established TCP connections has EHASH buckets (default: the power of
 # two at or above 2.5 x CONNS, since every member is two sockets on this box) instead of the
@@ -61,7 +75,8 @@ if [[ ${NETNS:-0} == 1 && -z ${ROOMCAST_IN_NETNS:-} ]]; then
   old_ehash=$(sysctl -n net.ipv4.tcp_child_ehash_entries)
   sysctl -qw net.ipv4.tcp_child_ehash_entries="$EHASH"
   me=$(readlink /proc/self/ns/net)
-  ROOMCAST_IN_NETNS=1 EHASH=$EHASH unshare --net -- bash -c 'ip link set lo up && exec "$0" "$@"' "$0" "$@" &
+  ROOMCAST_IN_NETNS=1 EHASH=$EHASH SOMAXCONN=${SOMAXCONN:-65535} unshare --net -- \
+    bash -c 'ip link set lo up && sysctl -qw net.core.somaxconn="$SOMAXCONN" && exec "$0" "$@"' "$0" "$@" &
   child=$!
   for _ in $(seq 100); do
     ns=$(readlink "/proc/$child/ns/net" 2>/dev/null || true)
@@ -80,9 +95,9 @@ SHARDS=${SHARDS:-$(((CONNS * 6 / 5 + PER_RING - 1) / PER_RING))}
 RAMP=${RAMP:-10000}
 RESTART=${RESTART:-0}
 [[ $RESTART == 1 ]] && RESTART=term
-case $RESTART in 0 | term | kill) ;; *) echo "RESTART: 0, term or kill" >&2; exit 1 ;; esac
-if [[ $RESTART == 0 ]]; then SECS=${SECS:-60}; else SECS=${SECS:-90}; fi
-DRAIN_MS=${DRAIN_MS:-10000}
+case $RESTART in 0 | term | kill | peer) ;; *) echo "RESTART: 0, term, kill or peer" >&2; exit 1 ;; esac
+if [[ $RESTART == peer ]]; then DRAIN_MS=${DRAIN_MS:-240000}; else DRAIN_MS=${DRAIN_MS:-10000}; fi
+case $RESTART in 0) SECS=${SECS:-60} ;; peer) SECS=${SECS:-$((DRAIN_MS / 1000 + 120))} ;; *) SECS=${SECS:-90} ;; esac
 # How long the generator retries a gift before giving it up (loadgen --gift-give-up): above any
 # outage a restart causes (a 10^6 edge answered 32 s after SIGKILL), or a gift whose first
 # attempt reached the old edge and the next one share a number (counted as duplicates).
@@ -112,12 +127,21 @@ pin() { if [[ -n $1 ]]; then echo "taskset -c $1"; fi; }
 # shellcheck source=lib/bench.sh
 . "$ROOT/scripts/lib/bench.sh"
 ports_free 18911 18912
+[[ $RESTART == peer ]] && ports_free 18913 18919 18921 18922
 [[ -x $EDGE_BIN && -x $LG_BIN ]] || { echo "EDGE_BIN ($EDGE_BIN) or LG_BIN ($LG_BIN) is not an executable" >&2; exit 1; }
 OUT="$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN"
 TMP=$(mktemp -d)
 START=$(date +%s)
+# In RESTART=peer: the bus (top-level key, so before the tables) and the fleet's dispatch.
+BUS_LINE=
+DISPATCH_LINE=
+if [[ $RESTART == peer ]]; then
+  BUS_LINE='bus = "redis://127.0.0.1:18919"'
+  DISPATCH_LINE='dispatch_url = "http://127.0.0.1:18913/v1/route"'
+fi
 cat >"$TMP/edge.toml" <<TOML
 shards = $SHARDS
+$BUS_LINE
 [ws]
 backlog = 65535
 ping_interval_ms = $PING_MS
@@ -130,31 +154,64 @@ interval_ms = $PROBE_MS
 [drain]
 period_ms = $DRAIN_MS
 deadline_ms = $((DRAIN_MS * 3 > 30000 ? DRAIN_MS * 3 : 30000))
+$DISPATCH_LINE
 TOML
+RPID=
+DPID=
+BPID=
+if [[ $RESTART == peer ]]; then
+  redis-server --port 18919 --bind 127.0.0.1 --save "" --appendonly no >"$TMP/redis.log" 2>&1 &
+  RPID=$!
+  for _ in $(seq 50); do redis-cli -p 18919 ping >/dev/null 2>&1 && break; sleep 0.1; done
+  "$EDGE_BIN" dispatch --redis redis://127.0.0.1:18919 --http 127.0.0.1:18913 >"$TMP/dispatch.log" 2>&1 &
+  DPID=$!
+  ADVERTISE=(--advertise ws://127.0.0.1:18911/ws)
+else
+  ADVERTISE=()
+fi
 # The edge (again after a restart: same ports, same data directory, so its rooms' numbering and
 # gift history carry over); its pid in $TMP/epid for the sampler.
 start_edge() {
-  $(pin "$EDGE_CPUS") "$EDGE_BIN" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen 127.0.0.1:18911 --http 127.0.0.1:18912 >>"$TMP/edge.log" 2>&1 &
+  $(pin "$EDGE_CPUS") "$EDGE_BIN" --data-dir "$TMP/data" --config "$TMP/edge.toml" --listen 127.0.0.1:18911 --http 127.0.0.1:18912 "${ADVERTISE[@]}" >>"$TMP/edge.log" 2>&1 &
   EPID=$!
   echo "$EPID" >"$TMP/epid"
 }
 start_edge
+if [[ $RESTART == peer ]]; then
+  $(pin "$EDGE_CPUS") "$EDGE_BIN" --data-dir "$TMP/data-b" --config "$TMP/edge.toml" --listen 127.0.0.1:18921 --http 127.0.0.1:18922 \
+    --advertise ws://127.0.0.1:18921/ws >>"$TMP/edge-b.log" 2>&1 &
+  BPID=$!
+  echo "$BPID" >"$TMP/bpid"
+fi
+# Where the generator publishes: edge B in RESTART=peer (it stays up; A's members get the gifts
+# over the bus), else the edge itself.
+PUB_HTTP=127.0.0.1:18912
+[[ $RESTART == peer ]] && PUB_HTTP=127.0.0.1:18922
 SPID=
 LGPID=
 stop_all() {
   [[ -n $LGPID ]] && kill -TERM "$LGPID" 2>/dev/null
   [[ -n $SPID ]] && kill "$SPID" 2>/dev/null
-  kill -INT "$EPID" 2>/dev/null || true
-  for _ in $(seq 300); do kill -0 "$EPID" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$EPID" 2>/dev/null || true
-  wait "$EPID" 2>/dev/null || true
+  local p
+  for p in "$EPID" $BPID; do
+    kill -INT "$p" 2>/dev/null || true
+    for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  for p in $DPID $RPID; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   mkdir -p "$OUT"
   sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog|shard)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$OUT/edge-warnings.log" || true
   cp "$TMP/edge.log" "/tmp/$SCEN-edge.log" 2>/dev/null
+  if [[ -n $BPID ]]; then
+    sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge-b.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog|shard)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$OUT/edge-b-warnings.log" || true
+    cp "$TMP/edge-b.log" "/tmp/$SCEN-edge-b.log" 2>/dev/null
+  fi
   rm -rf "$TMP"
 }
 trap stop_all EXIT
 edge_up "$EPID" 127.0.0.1:18912 "$TMP/edge.log"
+[[ -n $BPID ]] && edge_up "$BPID" 127.0.0.1:18922 "$TMP/edge-b.log"
 mkdir -p "$OUT"
 
 # Kernel and process figures every 2 s (and at once now, before any member): sockstat, the
@@ -162,6 +219,8 @@ mkdir -p "$OUT"
 cat >"$TMP/sample.py" <<'PY'
 import json, os, sys, time
 epid_file, out, every = sys.argv[1], sys.argv[2], float(sys.argv[3])
+# RESTART=peer: edge B's pid file (the edge members move to).
+bpid_file = sys.argv[4] if len(sys.argv) > 4 else None
 tick = os.sysconf("SC_CLK_TCK")
 def sockstat():
     for l in open("/proc/net/sockstat"):
@@ -208,13 +267,16 @@ with open(out, "a") as f:
         # The edge's pid, which changes when RESTART starts it again.
         epid = int(open(epid_file).read())
         lg, nlg = loadgen_rss()
-        f.write(json.dumps({"t": round(time.time() - t0, 1), "sockstat": sockstat(), "slab": slabs(), "mem": meminfo(),
-                            "tcpext": tcpext(), "edge": proc(epid), "loadgen_rss": lg, "loadgen_procs": nlg,
-                            "load": open("/proc/loadavg").read().split()[:3]}) + "\n")
+        row = {"t": round(time.time() - t0, 1), "sockstat": sockstat(), "slab": slabs(), "mem": meminfo(),
+               "tcpext": tcpext(), "edge": proc(epid), "loadgen_rss": lg, "loadgen_procs": nlg,
+               "load": open("/proc/loadavg").read().split()[:3]}
+        if bpid_file:
+            row["edge_b"] = proc(int(open(bpid_file).read()))
+        f.write(json.dumps(row) + "\n")
         f.flush()
         time.sleep(every)
 PY
-python3 "$TMP/sample.py" "$TMP/epid" "$OUT/samples.jsonl" 2 &
+python3 "$TMP/sample.py" "$TMP/epid" "$OUT/samples.jsonl" 2 ${BPID:+"$TMP/bpid"} &
 SPID=$!
 curl -s 127.0.0.1:18912/metrics >"$OUT/edge-metrics-idle.txt" || true
 # The generator's last progress line's value of KEY (open, moved, delivered; 0 before one).
@@ -234,7 +296,21 @@ restart_storm() {
   tcpext >"$OUT/restart-tcpext-before.txt"
   curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-before-restart.txt" || true
   t0=$(date +%s.%N)
-  echo "restart: SIG${RESTART^^} to the edge (pid $EPID) at $(date -u +%T), $(lg_last open) members open"
+  echo "restart: ${RESTART} restart of the edge (pid $EPID) at $(date -u +%T), $(lg_last open) members open"
+  if [[ $RESTART == peer ]]; then
+    peer_restart
+  else
+    storm_restart
+  fi
+  tcpext >"$OUT/restart-tcpext-after.txt"
+  curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-after-restart.txt" || true
+  [[ $RESTART == peer ]] && { curl -s -m 20 127.0.0.1:18922/metrics >"$OUT/edge-b-metrics-after-restart.txt" || true; }
+  restart_report
+}
+# RESTART=term|kill (called by restart_storm, whose locals it sets): the signal, the old edge's
+# exit, the new one on the same ports, then one timeline line a second until every member is
+# open again.
+storm_restart() {
   if [[ $RESTART == term ]]; then kill -TERM "$EPID"; else kill -KILL "$EPID"; fi
   # The draining edge's own counters, as late as it answers.
   while kill -0 "$EPID" 2>/dev/null; do
@@ -268,12 +344,60 @@ restart_storm() {
     fi
     sleep 1
   done
-  tcpext >"$OUT/restart-tcpext-after.txt"
-  curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-after-restart.txt" || true
-  python3 - "$OUT" "$RESTART" "$CONNS" "$t0" "$texit" "$tup" "${tback:-}" "$moved0" "$(lg_last moved)" "$fullest" "$gone" "$DRAIN_MS" <<'PY'
+}
+# RESTART=peer (called by restart_storm, whose locals it sets): SIGTERM to A, whose members
+# move to B through dispatch while A drains; once A has exited it is started again, empty. One
+# timeline line a second (B's fullest accept queue) until every member has moved and is open,
+# and A answers again.
+peer_restart() {
+  local f
+  kill -TERM "$EPID"
+  texit=
+  tup=
+  gone=
+  fullest=0
+  tback=
+  printf 't_s\topen\tmoved\tlisten_backlog_fullest_ratio\tListenOverflows_cumulative\tListenDrops_cumulative\n' >"$OUT/restart-timeline.tsv"
+  while kill -0 "$LGPID" 2>/dev/null; do
+    now=$(date +%s.%N)
+    open=$(lg_last open)
+    moved=$(lg_last moved)
+    if [[ -z $texit ]]; then
+      if kill -0 "$EPID" 2>/dev/null; then
+        curl -s -m 1 127.0.0.1:18912/metrics >"$TMP/m.txt" 2>/dev/null && [[ -s $TMP/m.txt ]] && cp "$TMP/m.txt" "$OUT/edge-metrics-at-exit.txt"
+      else
+        wait "$EPID" 2>/dev/null
+        echo "edge exit status $?" >"$OUT/restart-old-edge-exit.txt"
+        texit=$now
+        # Members A still held at its last answer (its drain deadline closes those).
+        gone=$(awk '/^roomcast_connections\{/ { n += $NF } END { print n + 0 }' "$OUT/edge-metrics-at-exit.txt" 2>/dev/null || echo 0)
+        echo "restart: edge A exited $(echo "$texit - $t0" | bc) s after the signal, holding $gone members at its last answer; starting it again"
+        start_edge
+      fi
+    elif [[ -z $tup ]] && curl -sf -m 1 -o /dev/null 127.0.0.1:18912/healthz; then
+      tup=$now
+      echo "restart: edge A answering again $(echo "$tup - $t0" | bc) s after the signal"
+    fi
+    f=$(curl -s -m 1 127.0.0.1:18922/metrics 2>/dev/null | awk '/^roomcast_listen_backlog_fullest_ratio/ { if ($NF > m) m = $NF } END { print m + 0 }')
+    fullest=$(echo "$f $fullest" | awk '{ print ($1 > $2) ? $1 : $2 }')
+    read -r lo ld < <(tcpext | tr ' ' '\n' | awk -F= '$1 == "ListenOverflows" { o = $2 } $1 == "ListenDrops" { d = $2 } END { print o, d }')
+    printf '%.1f\t%s\t%s\t%s\t%s\t%s\n' "$(echo "$now - $t0" | bc)" "$open" "$moved" "$f" "$lo" "$ld" >>"$OUT/restart-timeline.tsv"
+    if [[ -z $tback ]] && ((moved - moved0 >= CONNS && open >= CONNS)); then
+      tback=$now
+      echo "restart: all $CONNS members moved and open $(echo "$tback - $t0" | bc) s after the signal (drain period $((DRAIN_MS / 1000)) s)"
+    fi
+    [[ -n $tback && -n $tup ]] && break
+    sleep 1
+  done
+}
+# restart.json from restart_storm's locals.
+restart_report() {
+  python3 - "$OUT" "$RESTART" "$CONNS" "$t0" "${texit:-}" "${tup:-}" "${tback:-}" "$moved0" "$(lg_last moved)" "$fullest" "${gone:-}" "$DRAIN_MS" <<'PY'
 import json, sys
 out, mode, conns, t0, texit, tup, tback, moved0, moved1, fullest, gone, drain_ms = sys.argv[1:]
-conns, t0, texit, tup = int(conns), float(t0), float(texit), float(tup)
+conns, t0 = int(conns), float(t0)
+texit = float(texit) if texit else None
+tup = float(tup) if tup else None
 def ext(name):
     return dict(kv.split("=") for kv in open(f"{out}/restart-tcpext-{name}.txt").read().split())
 b, a = ext("before"), ext("after")
@@ -281,16 +405,18 @@ keys = ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCooki
 back = float(tback) - t0 if tback else None
 moves = int(moved1) - int(moved0)
 r = {
-    "mode": {"term": "SIGTERM (drain with goaway)", "kill": "SIGKILL"}[mode],
-    "drain_period_ms": int(drain_ms) if mode == "term" else None,
+    "mode": {"term": "SIGTERM (drain with goaway)", "kill": "SIGKILL",
+             "peer": "SIGTERM (drain with goaway) to edge A, members moved to edge B through dispatch (Redis bus)"}[mode],
+    "drain_period_ms": int(drain_ms) if mode in ("term", "peer") else None,
     "members": conns,
-    "old_edge_exited_after_s": round(texit - t0, 2),
-    "members_open_when_it_exited": int(gone),
-    "new_edge_answering_after_s": round(tup - t0, 2),
+    "old_edge_exited_after_s": round(texit - t0, 2) if texit else None,
+    # peer: the members A held at its last answer before it exited.
+    "members_open_when_it_exited": int(gone) if gone else None,
+    "new_edge_answering_after_s": round(tup - t0, 2) if tup else None,
     "all_members_open_again_after_s": round(back, 2) if back else None,
     "reconnects": moves,
     "reconnects_per_s_from_signal": round(moves / back, 1) if back else None,
-    "reconnects_per_s_from_new_edge_up": round(moves / (float(tback) - tup), 1) if back and float(tback) > tup else None,
+    "reconnects_per_s_from_new_edge_up": round(moves / (float(tback) - tup), 1) if back and tup and mode != "peer" and float(tback) > tup else None,
     "tcpext_during_restart": {k: int(a.get(k, 0)) - int(b.get(k, 0)) for k in keys},
     "new_edge_listen_backlog_fullest_ratio": float(fullest),
 }
@@ -321,12 +447,12 @@ BUDGET=$((MAX_SECS - ($(date +%s) - START) - 30))
 GIFT_RATE=$(python3 -c "print(1 / $GIFT_EVERY)")
 set +e
 # The generator's own limit: stopped (SIGTERM, its workers with it) past the run's budget.
-$(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --ws 127.0.0.1:18911 --http 127.0.0.1:18912 \
+$(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --ws 127.0.0.1:18911 --http "$PUB_HTTP" \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs "$SRC_ADDRS" --duration "$SECS" \
   --connect-inflight "$INFLIGHT" --connect-deadline "$CONNECT_DEADLINE" \
   --gift-rate "$GIFT_RATE" --chat-rate 0 --gift-streams 1 --chat-streams 1 --gift-give-up "$GIVE_UP" \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
-  --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s${ROOMCAST_IN_NETNS:+; own network namespace with $EHASH established-hash buckets}; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
+  --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s${ROOMCAST_IN_NETNS:+; own network namespace with $EHASH established-hash buckets and somaxconn $(sysctl -n net.core.somaxconn)}${BPID:+; RESTART=peer: edge B and Redis beside it, published through B}; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
   > >(tee "$OUT/loadgen-output.txt") 2> >(tee "$OUT/loadgen-stderr.txt" >&2) &
 LGPID=$!
 # The edge's /metrics once every member is in (the generator's "connected ..." line).
@@ -347,6 +473,10 @@ LGPID=
 set -e
 curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-end.txt" || true
 curl -s -m 20 127.0.0.1:18912/v1/rooms/r0 >"$OUT/room-stats.json" || true
+if [[ $RESTART == peer ]]; then
+  curl -s -m 20 127.0.0.1:18922/metrics >"$OUT/edge-b-metrics-end.txt" || true
+  curl -s -m 20 127.0.0.1:18922/v1/rooms/r0 >"$OUT/room-stats-b.json" || true
+fi
 sleep 2
 kill "$SPID" 2>/dev/null || true
 SPID=

@@ -665,7 +665,10 @@ pub struct WsConfig {
     /// Connections per shard; 0 = as many as the kernel allows (RLIMIT_NOFILE caps each ring's
     /// direct-descriptor table: 20000 here, so 10^5 connections need 6 shards).
     pub max_connections_per_shard: u32,
-    /// Listen backlog per shard.
+    /// Listen backlog per shard (each shard has its own listener on the port). The kernel caps
+    /// it at `net.core.somaxconn` without a word (4096 by default): the edge warns at start
+    /// when this is above it. A reconnect storm of 10^6 members overflowed 61 queues of 4096
+    /// (bench-results/2026-12-01-restart-storm-README.md).
     pub backlog: i32,
     /// Signalling messages (join, switch, leave, publish) a connection may send per second,
     /// and its burst. Over it, the message is refused with an `error` (`rate_limited`) and

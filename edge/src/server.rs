@@ -81,6 +81,18 @@ impl Edge {
             None => None,
         };
 
+        // The kernel caps every listener's backlog at net.core.somaxconn (per network
+        // namespace) without a word: a configured backlog above it is not the one in force.
+        if let Some(cap) = crate::sys::somaxconn()
+            && i64::from(cfg.ws.backlog) > cap
+        {
+            tracing::warn!(
+                backlog = cfg.ws.backlog,
+                somaxconn = cap,
+                "ws.backlog is above net.core.somaxconn: each shard's accept queue holds {cap}; raise net.core.somaxconn to {} for the configured depth",
+                cfg.ws.backlog
+            );
+        }
         // Another process on the port would silently get part of the new connections.
         if let Some(held) = crate::listen_guard::check_port(cfg.listen, cfg.takeover)? {
             tracing::warn!(

@@ -80,6 +80,12 @@ pub fn eventfd_ring(fd: RawFd) {
     let _ = unsafe { libc::write(fd, (&raw const one).cast(), 8) };
 }
 
+/// `net.core.somaxconn` of this process's network namespace: the kernel's cap on every
+/// listen backlog. None when it cannot be read.
+pub fn somaxconn() -> Option<i64> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok()?.trim().parse().ok()
+}
+
 /// Opens one of the shards' listening sockets: SO_REUSEPORT so each shard has its own accept
 /// queue on the same port, TCP_NODELAY (accepted sockets inherit it: they never get a normal fd
 /// on which we could set it), and a deep backlog for connection bursts at stream start.

@@ -342,3 +342,25 @@ async fn a_member_taking_messages_needs_no_ping_and_is_not_idle() {
     let closes = metric(&publisher, "roomcast_connections_closed_total").await;
     assert!(closes >= 2.0, "{closes}");
 }
+
+/// The kernel caps a listen backlog at net.core.somaxconn without a word; an edge configured
+/// deeper than that says so at start (the 10^6 reconnect storm overflowed queues it believed
+/// were 65,535 deep), and one within it does not.
+#[test]
+fn a_backlog_above_somaxconn_is_named_at_start() {
+    let cap: i64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    for (backlog, warned) in [(cap + 1, true), (cap, false)] {
+        let cfg = config(&format!("backlog-{backlog}"), &format!("[ws]\nbacklog = {backlog}\n"));
+        let data = data_dir("backlog");
+        let (edge, log) = EdgeProc::start_on(&data, &["--config", &cfg, "--shards", "1"], "warn");
+        drop(edge);
+        let _ = std::fs::remove_dir_all(&data);
+        // The log is read by a thread: let it take the last lines.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !log.lock().unwrap().contains("net.core.somaxconn") && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log.contains("net.core.somaxconn"), warned, "backlog {backlog}, somaxconn {cap}: {log}");
+    }
+}
