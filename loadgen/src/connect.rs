@@ -11,6 +11,9 @@
 //! 2,000 connects/s once a handshake took ~30 ms on the loaded box (bench-results/
 //! 2026-11-30-million-README.md). TLS members keep the blocking path (`open_to`: rustls's
 //! handshake inside a blocking write and read), one at a time.
+//!
+//! Moves (after a goaway or a lost socket) end in the same [`Pending`] connect and upgrade, in a
+//! window of their own ([`MOVE_TOKEN_BASE`]; see the worker's `moves` module).
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
@@ -138,11 +141,13 @@ impl Pending {
     }
 }
 
-/// Up to `cap` pending members, each under a slot number (its epoll token is [`TOKEN_BASE`] +
-/// slot, apart from members' tokens, which are their indexes).
-pub struct Window {
-    slots: Vec<Option<Pending>>,
+/// Up to `cap` sockets in flight, each under a slot number: its epoll token is the window's
+/// base + slot, apart from members' tokens, which are their indexes. Pending first connects use
+/// [`TOKEN_BASE`]; moves ([`crate::worker`]'s dispatch request then connect) [`MOVE_TOKEN_BASE`].
+pub struct Window<T> {
+    slots: Vec<Option<T>>,
     free: Vec<usize>,
+    base: usize,
     /// The most in flight at once so far (reported: shows the window was used).
     pub peak: usize,
 }
@@ -150,51 +155,54 @@ pub struct Window {
 /// Epoll tokens from here on are pending members' slots.
 pub const TOKEN_BASE: usize = 1 << 40;
 
-impl Window {
-    /// A window of `cap` (at least 1).
-    pub fn new(cap: usize) -> Self {
+/// Epoll tokens from here on are moves' slots (above every pending member's).
+pub const MOVE_TOKEN_BASE: usize = 1 << 41;
+
+impl<T> Window<T> {
+    /// A window of `cap` (at least 1) whose tokens start at `base`.
+    pub fn new(cap: usize, base: usize) -> Self {
         let cap = cap.max(1);
-        Self { slots: (0..cap).map(|_| None).collect(), free: (0..cap).rev().collect(), peak: 0 }
+        Self { slots: (0..cap).map(|_| None).collect(), free: (0..cap).rev().collect(), base, peak: 0 }
     }
 
-    /// Members in flight.
+    /// Sockets in flight.
     pub fn len(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 
-    /// Whether another member may start.
+    /// Whether another may start.
     pub fn has_room(&self) -> bool {
         !self.free.is_empty()
     }
 
     /// Puts `p` in a free slot; returns its token. Call only with room.
-    pub fn insert(&mut self, p: Pending) -> usize {
+    pub fn insert(&mut self, p: T) -> usize {
         let slot = self.free.pop().expect("a free slot");
         self.slots[slot] = Some(p);
         self.peak = self.peak.max(self.len());
-        TOKEN_BASE + slot
+        self.base + slot
     }
 
-    /// The member under `token`, if still in flight.
-    pub fn get_mut(&mut self, token: usize) -> Option<&mut Pending> {
-        self.slots.get_mut(token.checked_sub(TOKEN_BASE)?)?.as_mut()
+    /// The one under `token`, if still in flight.
+    pub fn get_mut(&mut self, token: usize) -> Option<&mut T> {
+        self.slots.get_mut(token.checked_sub(self.base)?)?.as_mut()
     }
 
-    /// Takes the member under `token` out.
-    pub fn remove(&mut self, token: usize) -> Option<Pending> {
-        let slot = token.checked_sub(TOKEN_BASE)?;
+    /// Takes the one under `token` out.
+    pub fn remove(&mut self, token: usize) -> Option<T> {
+        let slot = token.checked_sub(self.base)?;
         let p = self.slots.get_mut(slot)?.take()?;
         self.free.push(slot);
         Some(p)
     }
 
-    /// Tokens of the members in flight longer than [`HANDSHAKE_TIMEOUT`].
-    pub fn expired(&self, now: Instant) -> Vec<usize> {
+    /// Tokens of those for which `expired` holds (run out of time).
+    pub fn expired(&self, expired: impl Fn(&T) -> bool) -> Vec<usize> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.as_ref().is_some_and(|p| p.expired(now)))
-            .map(|(slot, _)| TOKEN_BASE + slot)
+            .filter(|(_, p)| p.as_ref().is_some_and(&expired))
+            .map(|(slot, _)| self.base + slot)
             .collect()
     }
 }

@@ -8,6 +8,7 @@
 //! `loadgen pubbench` finds the publish rate the edge sustains (closed loop, over HTTP).
 
 mod connect;
+mod dispatch;
 mod pubbench;
 mod publish;
 mod report;
@@ -166,7 +167,9 @@ struct RunArgs {
     /// First connects each worker keeps in flight (connect sent, upgrade answer not yet in),
     /// within the ramp: one blocking connect at a time held a worker to 1 / handshake time
     /// (~2,000/s over 67 workers once handshakes took ~30 ms at 8x10^5 members). TLS members
-    /// connect one at a time regardless.
+    /// connect one at a time regardless. The same bound, in a window of its own, holds the moves
+    /// in flight (a dispatch request, then a connect and upgrade, after a goaway or a lost
+    /// socket); moves waiting out their delay or backoff do not count.
     #[arg(long, default_value_t = 32)]
     connect_inflight: usize,
     /// Seconds a gift is retried (the edge refusing or unreachable) before the publisher gives
@@ -869,6 +872,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         handshake_ms: report::Percentiles::of(&connect_hist),
         connect_inflight: if a.tls_ca.is_some() { 1 } else { a.connect_inflight.max(1) },
         connect_inflight_peak: finals.iter().map(|f| f.connect_inflight_peak).max().unwrap_or(0),
+        move_inflight_peak: finals.iter().map(|f| f.move_inflight_peak).max().unwrap_or(0),
         reconnects,
         reconnect_failed,
         reconnect_attempts_failed_by_reason: reconnect_attempts_failed_by,

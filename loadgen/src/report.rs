@@ -181,6 +181,10 @@ pub struct Report {
     pub connect_inflight: usize,
     #[serde(default)]
     pub connect_inflight_peak: u64,
+    /// The most moves (dispatch request or connect and upgrade, after a goaway or a lost
+    /// socket) one worker had in flight at once; at most `connect_inflight` (plain members).
+    #[serde(default)]
+    pub move_inflight_peak: u64,
     /// Connections that followed a goaway to another edge (reconnecting with `since`), those
     /// that could not, and the time from goaway to the new upgrade.
     pub reconnects: u64,
@@ -211,6 +215,7 @@ impl Report {
             "failed_by_reason": self.failed_by_reason,
             "connect_per_s": self.connect_per_s,
             "connect_inflight_peak": self.connect_inflight_peak,
+            "move_inflight_peak": self.move_inflight_peak,
             "reconnects": self.reconnects,
             "reconnect_failed": self.reconnect_failed,
             "reconnect_attempts_failed_by_reason": self.reconnect_attempts_failed_by_reason,
@@ -292,7 +297,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | workers died (their connections) | {died} |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms; in flight per worker at most {inflight_peak} of {inflight} |\n\
          | closes received, by code | {closes} |\n\
-         | reconnected with since: after goaway or a server close (failed; of which after a close); to upgraded p50/p99 | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms |\n\
+         | reconnected with since: after goaway or a server close (failed; of which after a close); to upgraded p50/p99; moves in flight per worker at most | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms; {move_peak} |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
          | offered gift / chat per second (streams) | {og:.1} ({sg}) / {oc:.1} ({sc}) |\n\
          | refusals by status | {by_status} |\n\
@@ -341,6 +346,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         inflight = r.connect_inflight,
         inflight_peak = r.connect_inflight_peak,
         moved = r.reconnects,
+        move_peak = r.move_inflight_peak,
         resumed = r.resumed_after_close,
         mfail = r.reconnect_failed,
         rc50 = r.reconnect_ms.p50,

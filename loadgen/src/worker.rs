@@ -1,5 +1,6 @@
 //! A worker process: opens its share of the connections (spread over source addresses), then
-//! reads every frame with one epoll thread, measuring latency and loss per kind.
+//! reads every frame with one epoll thread, measuring latency and loss per kind. Members told
+//! to go, or whose socket ended, move on the same loop ([`moves`]).
 //!
 //! Workers are separate processes because RLIMIT_NOFILE (20000 here) bounds each process's
 //! sockets; the coordinator starts as many as the connection count needs. Each reports progress
@@ -19,8 +20,10 @@ use roomcast_proto::ws;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
-use crate::connect::{Pending, Step, TOKEN_BASE, Window};
+use crate::connect::{MOVE_TOKEN_BASE, Pending, Step, TOKEN_BASE, Window};
 use crate::stats::{KindTrack, body_fields, body_kind, body_stream, encode_hist, histogram};
+
+mod moves;
 
 /// What the worker connects to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -240,6 +243,10 @@ pub struct Final {
     /// The most first connects this worker had in flight at once (`--connect-inflight`).
     #[serde(default)]
     pub connect_inflight_peak: u64,
+    /// The most moves this worker had in flight at once (dispatch request or connect and
+    /// upgrade; `--connect-inflight` bounds them).
+    #[serde(default)]
+    pub move_inflight_peak: u64,
     /// Reconnects after goaway, those that failed, and goaway-to-upgraded times (base64 V2).
     pub reconnects: u64,
     pub reconnect_failed: u64,
@@ -291,8 +298,10 @@ fn token_param(tokens: &[String], i: usize) -> String {
     tokens.get(i).map_or_else(String::new, |t| format!("&token={t}"))
 }
 
-/// Asks a dispatch URL (`http://HOST:PORT/v1/route`) where room `room` should connect; a
-/// `ws://` URL is used as it is. Returns the address and the request path.
+/// Asks a dispatch URL (`http://HOST:PORT/v1/route`) where room `room` should connect, with a
+/// blocking client; a `ws://` URL is used as it is. Returns the address and the request path.
+/// Only the blocking movers of TLS members use it; plain members ask with
+/// [`crate::dispatch`] on the worker's loop, sending and reading the same.
 fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) -> anyhow::Result<(SocketAddr, String)> {
     let ws = if url.starts_with("http://") {
         // A goaway's URL names the room already; a configured dispatch URL does not.
@@ -301,7 +310,7 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
         } else {
             format!("{url}{}room=r{room}", if url.contains('?') { '&' } else { '?' })
         };
-        let resp = http.get(ask).timeout(Duration::from_secs(5)).send()?;
+        let resp = http.get(ask).timeout(crate::dispatch::DISPATCH_TIMEOUT).send()?;
         if !resp.status().is_success() {
             let line = format!("dispatch answered {}", resp.status());
             return Err(Refused { status: resp.status().as_u16(), line }.into());
@@ -311,6 +320,12 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
     } else {
         url.to_owned()
     };
+    ws_target(&ws, room, sse)
+}
+
+/// Where a WebSocket URL (from dispatch, or a resume's `ws://PEER/ws?room=R`) sends room
+/// `room`'s member: the address and the request path (`/sse?...` for an SSE member).
+fn ws_target(ws: &str, room: u32, sse: bool) -> anyhow::Result<(SocketAddr, String)> {
     // wss:// when the edge serves TLS (the member then connects with `--tls-ca`).
     let rest = ws
         .strip_prefix("ws://")
@@ -330,9 +345,17 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
 /// A new socket for connection `i` (global index): its receive buffer, bound to this worker's
 /// source address for it with the port left to the kernel per 4-tuple.
 pub(crate) fn member_socket(args: &WorkerArgs, i: usize, slow: bool) -> anyhow::Result<Socket> {
+    let rcvbuf = if slow { args.slow_rcvbuf } else { args.rcvbuf };
+    source_socket(args, i, rcvbuf)
+}
+
+/// A new socket bound to this worker's source address for connection `i` (port left to the
+/// kernel per 4-tuple), with receive buffer `rcvbuf` (0: autotuning). Moves' dispatch requests
+/// use it too: one connection per request (`Connection: close`), so at 10^6 moves they need
+/// the same spread of 4-tuples as the members.
+pub(crate) fn source_socket(args: &WorkerArgs, i: usize, rcvbuf: usize) -> anyhow::Result<Socket> {
     let src = args.src.get(i % args.src.len().max(1)).copied().unwrap_or(Ipv4Addr::LOCALHOST);
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    let rcvbuf = if slow { args.slow_rcvbuf } else { args.rcvbuf };
     if rcvbuf > 0 {
         sock.set_recv_buffer_size(rcvbuf)?;
     }
@@ -383,10 +406,10 @@ pub(crate) fn check_answer(head: &[u8], key: Option<&str>, proto: &str) -> anyho
     }
 }
 
-/// Connects and upgrades one member, blocking (connect and answer bounded by 10 s each). The
-/// movers use it (a thread each), and the first connects of TLS members: the rustls handshake
-/// runs inside the blocking write and read here. Plain members' first connects go through
-/// [`crate::connect::Pending`] instead, many at a time on the worker's loop.
+/// Connects and upgrades one member, blocking (connect and answer bounded by 10 s each). TLS
+/// members use it, for their first connects and (on the blocking movers) their moves: the
+/// rustls handshake runs inside the blocking write and read here. Plain members' connects and
+/// moves go through [`crate::connect::Pending`] instead, many at a time on the worker's loop.
 fn open_to(args: &WorkerArgs, i: usize, dst: SocketAddr, path: &str, slow: bool) -> anyhow::Result<Sock> {
     let sock = member_socket(args, i, slow)?;
     sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
@@ -579,10 +602,11 @@ struct Conn {
     joined: bool,
     /// A goaway received: where to go and when (its `reconnect_after_ms`), and when it came.
     goaway: Option<(String, Instant, Instant)>,
-    /// Handed to a mover: its new socket is being made.
+    /// Moving: its goaway was due, its old socket let go, its new socket is being made.
     moving: bool,
-    /// On the worker's list of members with a goaway pending (see [`watch_goaway`]).
-    goaway_listed: bool,
+    /// The due time under which its pending goaway is in the moves' timers (see
+    /// [`moves::Moves::watch`]).
+    goaway_listed: Option<Instant>,
     /// The edge this connection reached (where it resumes after a 4000 or 1013 close).
     peer: Option<SocketAddr>,
     /// The pending move follows a 4000/1013 close, not a goaway.
@@ -649,7 +673,7 @@ impl Conn {
             joined: false,
             goaway: None,
             moving: false,
-            goaway_listed: false,
+            goaway_listed: None,
             peer: sock.peer_addr().ok(),
             resuming: false,
             pong: Vec::new(),
@@ -755,7 +779,8 @@ impl Conn {
     }
 }
 
-/// A connection to move: ask `url` (dispatch) where to go, connect there with `since`.
+/// A TLS member to move on the blocking movers: ask `url` (dispatch) where to go, connect there
+/// with `since`.
 struct MoveJob {
     i: usize,
     slow: bool,
@@ -791,11 +816,12 @@ fn move_backoff(attempt: u32) -> Duration {
     Duration::from_micros(fastrand::u64(ceiling_us / 10..=ceiling_us))
 }
 
-/// Threads that make the new sockets for connections told to go: a dispatch request, a connect
-/// and an upgrade block for a millisecond or more, which the reading loop must not wait for
-/// (at 1,000 moves a second it would stop reading everyone else). 32 per worker: on a loaded
-/// 2-vCPU box one move waits 5-30 ms for the scheduler, and 8 movers fell behind a 10 s drain
-/// of 15,000 connections (bench-results/2026-11-25-drain).
+/// Threads that make the new sockets of TLS members told to go (plain members move on the
+/// worker's loop, [`moves::Moves`]): rustls's handshake runs inside [`open_to`]'s blocking write
+/// and read, which the reading loop must not wait for. Each thread holds its move through its
+/// backoff too, so 32 per worker bound the moves to 32 at a time: at 2x10^5 plain members that
+/// held a restart's reconnects to ~4,000/s (bench-results/2026-12-01-restart-storm-README.md,
+/// finding 4), which is why plain members no longer use them.
 struct Movers {
     jobs: mpsc::Sender<MoveJob>,
     done: mpsc::Receiver<MoveDone>,
@@ -1014,16 +1040,6 @@ impl Reader {
     }
 }
 
-/// Puts member `i` on the list of members with a goaway pending, once, if it has one. The loop
-/// looks for due goaways on that list only: scanning every member at each wake-up (thousands a
-/// second under fan-out) was 9% of the box's CPU at 2x10^5 members, in the generator's loop.
-fn watch_goaway(list: &mut Vec<usize>, c: &mut Conn, i: usize) {
-    if c.goaway.is_some() && !c.goaway_listed {
-        c.goaway_listed = true;
-        list.push(i);
-    }
-}
-
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -1062,7 +1078,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut connect_hist = histogram();
     let mut fails = Failures { worker: args.id, total: 0, by: std::collections::BTreeMap::new() };
     let tls = args.tls_ca.is_some();
-    let mut window = Window::new(args.connect_inflight);
+    let mut window = Window::new(args.connect_inflight, TOKEN_BASE);
     let mut last_expiry_check = Instant::now();
     let mut reader = Reader {
         target: args.target,
@@ -1102,13 +1118,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut next_slow_read = Instant::now();
     let mut last_bytes = 0u64;
     let mut last_bytes_at = Instant::now();
-    let mut reconnects = 0u64;
-    let mut resumed = 0u64;
-    let mut reconnect_failed = 0u64;
-    let mut reconnect_hist = histogram();
-    let mut move_errors: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    let movers = Movers::start(&args, 32, &tokens);
-    let mut goaways: Vec<usize> = Vec::new();
+    let mut moves = moves::Moves::new(&args, &tokens);
     // The progress line that says the last connection is done goes out at once (the
     // coordinator times the connect phase by it), not at the next whole second.
     let mut connects_reported = false;
@@ -1138,7 +1148,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         }
                     }
                 }
-                watch_goaway(&mut goaways, c, i);
+                moves.watch(c, i);
             }
         }
         // Connect what is due: plain members start a nonblocking connect (at most
@@ -1179,7 +1189,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         // Members whose handshake ran out of time.
         if window.len() > 0 && last_expiry_check.elapsed() >= Duration::from_millis(100) {
             last_expiry_check = Instant::now();
-            for token in window.expired(last_expiry_check) {
+            for token in window.expired(|p| p.expired(last_expiry_check)) {
                 if let Some(p) = window.remove(token) {
                     ep.del(p.fd());
                     let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no upgrade answer within 10 s");
@@ -1196,8 +1206,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         } else {
             Duration::from_millis(50)
         };
+        // Or the next move's turn (a goaway's delay or a retry's backoff run out).
+        let wait = moves.next_wake().map_or(wait, |at| wait.min(at.saturating_duration_since(Instant::now())));
         ep.wait(&mut ready, wait);
-        for &token in ready.iter().filter(|&&t| t >= TOKEN_BASE) {
+        for &token in ready.iter().filter(|&&t| t >= MOVE_TOKEN_BASE) {
+            moves.on_ready(token, &mut moves::Ctx { ep: &ep, conns: &mut conns, reader: &mut reader, tmp: &mut tmp });
+        }
+        for &token in ready.iter().filter(|&&t| (TOKEN_BASE..MOVE_TOKEN_BASE).contains(&t)) {
             let Some(p) = window.get_mut(token) else { continue };
             match p.drive(&mut tmp) {
                 Step::Wait => {}
@@ -1220,7 +1235,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         let used = reader.frames(&mut c);
                         c.buf.drain(..used);
                     }
-                    watch_goaway(&mut goaways, &mut c, conns.len());
+                    moves.watch(&mut c, conns.len());
                     conns.push(c);
                 }
                 Step::Failed(e) => {
@@ -1260,64 +1275,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 // Stop watching it (dropping the socket would reuse its fd under epoll's token).
                 ep.del(c.sock.as_raw_fd());
             }
-            watch_goaway(&mut goaways, c, i);
+            moves.watch(c, i);
         }
-        // Follow due goaways: dispatch picks another edge; reconnect there with `since`.
-        if args.follow_goaway {
-            // Hand due goaways to the movers; install the sockets they bring back.
-            let now = Instant::now();
-            let mut k = 0;
-            while k < goaways.len() {
-                let i = goaways[k];
-                let c = &mut conns[i];
-                let Some((url, _, got_at)) = c.goaway.take_if(|g| g.1 <= now) else {
-                    if c.goaway.is_none() {
-                        c.goaway_listed = false;
-                        goaways.swap_remove(k);
-                    } else {
-                        k += 1;
-                    }
-                    continue;
-                };
-                c.goaway_listed = false;
-                goaways.swap_remove(k);
-                if c.open && !c.slow {
-                    ep.del(c.sock.as_raw_fd());
-                }
-                // The edge closes it right after its goaway; the new socket comes from the mover.
-                c.release(None);
-                c.open = false;
-                c.moving = true;
-                let _ = movers.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.last_seq, got_at });
-            }
-            while let Ok(done) = movers.done.try_recv() {
-                let c = &mut conns[done.i];
-                c.moving = false;
-                for reason in done.errors {
-                    *move_errors.entry(reason).or_default() += 1;
-                }
-                match done.result {
-                    Ok(sock) => {
-                        if !c.slow {
-                            ep.add(sock.as_raw_fd(), done.i);
-                        }
-                        c.peer = sock.peer_addr().ok();
-                        c.sock = sock;
-                        c.buf.clear();
-                        c.pong.clear();
-                        c.open = true;
-                        reconnects += 1;
-                        resumed += u64::from(std::mem::take(&mut c.resuming));
-                        let _ = reconnect_hist.record(done.got_at.elapsed().as_micros().max(1) as u64);
-                    }
-                    Err(e) => {
-                        eprintln!("worker {}: giving up moving connection {}: {e}", args.id, done.i);
-                        reconnect_failed += 1;
-                        reader.closed += 1;
-                    }
-                }
-            }
-        }
+        // Follow due goaways and lost sockets: dispatch picks another edge; reconnect there
+        // with `since`.
+        moves.turn(&mut moves::Ctx { ep: &ep, conns: &mut conns, reader: &mut reader, tmp: &mut tmp });
         let connects_done = next == rooms.len() && window.len() == 0 && !connects_reported;
         if last_progress.elapsed() >= Duration::from_secs(1) || connects_done {
             connects_reported |= connects_done;
@@ -1334,7 +1296,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 p50_us: reader.interval.value_at_quantile(0.5),
                 p99_us: reader.interval.value_at_quantile(0.99),
                 first_kind_p99_us: reader.interval_first.value_at_quantile(0.99),
-                reconnects,
+                reconnects: moves.stats.reconnects,
                 open: conns.iter().filter(|c| c.open).count() as u64,
                 cpu_s: own_cpu_s(),
             };
@@ -1435,11 +1397,12 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 slow: conns.iter().filter(|c| c.slow).count() as u64,
                 dup,
                 connect_hist: encode_hist(&connect_hist),
-                reconnects,
-                reconnect_failed,
-                reconnect_hist: encode_hist(&reconnect_hist),
-                reconnect_attempts_failed_by: std::mem::take(&mut move_errors),
-                resumed,
+                reconnects: moves.stats.reconnects,
+                reconnect_failed: moves.stats.gave_up,
+                reconnect_hist: encode_hist(&moves.stats.hist),
+                reconnect_attempts_failed_by: std::mem::take(&mut moves.stats.errors),
+                resumed: moves.stats.resumed,
+                move_inflight_peak: moves.peak() as u64,
                 cpu_s: own_cpu_s(),
             };
             emit(&erased::Tagged("final", &f));

@@ -90,7 +90,7 @@ fn a_worker_killed_mid_run_is_reported_in_the_results() {
 /// A coordinator stopped with SIGTERM (no handler: the default action ends it at once) leaves
 /// no worker behind while its members are still inside their upgrade: the server here answers
 /// one byte every 2 s, so no first upgrade ever completes. (Workers whose handshakes block, TLS
-/// members and moves, only end by the parent-death signal each worker is started with.)
+/// members' connects and moves, only end by the parent-death signal each worker is started with.)
 #[test]
 fn a_coordinator_killed_with_sigterm_leaves_no_worker() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1,0 +1,433 @@
+//! Moves: a member told to go (`goaway`), closed with a code a client comes back from, or whose
+//! socket ended, gets its new socket on the worker's own loop, each member on its own, as real
+//! clients do.
+//!
+//! A move is a small state machine:
+//! 1. **Waiting** for its due time (the goaway's `reconnect_after_ms`, a resume's jitter, or a
+//!    retry's backoff) in a timer heap of `(due, member)`: the loop looks at the earliest only,
+//!    never at every member.
+//! 2. **Ready**: due, queued (first in, first out) for a place in the window of moves in flight
+//!    (`--connect-inflight`, a window apart from the first connects').
+//! 3. **In flight**: the dispatch request ([`crate::dispatch::Ask`]) when the URL is an
+//!    `http://` dispatch URL, then the connect and upgrade with `since`
+//!    ([`crate::connect::Pending`]), both nonblocking sockets on the worker's epoll under the
+//!    move's slot token. Upgraded: the member reads its new socket under its own token. Failed:
+//!    back to 1 with [`super::move_backoff`], or given up after [`super::MOVE_GIVE_UP`].
+//!
+//! Why not threads: the blocking movers (32 per worker, each holding its move through its
+//! backoff sleep) capped a 2x10^5-member restart at ~4,000 reconnects/s
+//! (bench-results/2026-12-01-restart-storm-README.md, finding 4). A move waiting costs a heap
+//! entry and ~100 bytes here; one in flight, its socket and buffers. TLS members still move on
+//! the blocking movers ([`super::Movers`]): their rustls handshake runs inside blocking reads
+//! and writes ([`super::open_to`]); only their due times come from the heap here.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::{
+    Conn, MOVE_GIVE_UP, MoveJob, Movers, Reader, Readiness, Sock, WorkerArgs, failure_reason, histogram, move_backoff,
+    source_socket, token_param, ws_target,
+};
+use crate::connect::{MOVE_TOKEN_BASE, Pending, Step, Window};
+use crate::dispatch::{self, Ask, AskStep};
+
+/// The worker's state a move touches.
+pub(super) struct Ctx<'a> {
+    pub ep: &'a Readiness,
+    pub conns: &'a mut [Conn],
+    pub reader: &'a mut Reader,
+    /// Scratch space for reading.
+    pub tmp: &'a mut [u8],
+}
+
+/// What the moves did, for the worker's progress and final figures.
+pub(super) struct MoveStats {
+    /// Members on their new socket (after a goaway, a close or a lost socket).
+    pub reconnects: u64,
+    /// Of those, after a close or a lost socket rather than a goaway.
+    pub resumed: u64,
+    /// Moves given up after [`MOVE_GIVE_UP`] (the member counts as closed).
+    pub gave_up: u64,
+    /// Goaway (or loss) to upgraded, µs.
+    pub hist: Histogram<u64>,
+    /// Failed attempts (retried) by reason: `dispatch_`-prefixed when asking dispatch failed.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl MoveStats {
+    /// Puts member `c` on its new socket (already registered with epoll, unless slow).
+    fn installed(&mut self, c: &mut Conn, sock: Sock, got_at: Instant) {
+        c.moving = false;
+        c.peer = sock.peer_addr().ok();
+        c.sock = sock;
+        c.buf.clear();
+        c.pong.clear();
+        c.open = true;
+        self.reconnects += 1;
+        self.resumed += u64::from(std::mem::take(&mut c.resuming));
+        let _ = self.hist.record(got_at.elapsed().as_micros().max(1) as u64);
+    }
+}
+
+/// One member's move, from its due goaway to its new socket.
+struct Move {
+    /// Where to ask: a dispatch URL (`http://`), or a WebSocket URL used as it is (a resume).
+    url: String,
+    /// The last seq the member saw, sent as `since`.
+    since: u64,
+    /// When the goaway came (or the socket was lost): the start of the reconnect time.
+    got_at: Instant,
+    /// When its first attempt started: the give-up clock.
+    first: Option<Instant>,
+    /// Failed attempts so far (the next backoff's exponent).
+    attempt: u32,
+    /// Waiting in the timers for a retry due then (None: ready or in flight).
+    retry_at: Option<Instant>,
+}
+
+/// A move in flight, under its slot token.
+struct InFlight {
+    /// The member's index.
+    i: usize,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Asking dispatch where to go.
+    Ask(Ask),
+    /// Connecting and upgrading there.
+    Connect(Pending),
+}
+
+impl InFlight {
+    fn fd(&self) -> RawFd {
+        match &self.stage {
+            Stage::Ask(a) => a.fd(),
+            Stage::Connect(p) => p.fd(),
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        match &self.stage {
+            Stage::Ask(a) => a.expired(now),
+            Stage::Connect(p) => p.expired(now),
+        }
+    }
+}
+
+/// The worker's moves: timers, the ready queue and the window in flight.
+pub(super) struct Moves {
+    args: WorkerArgs,
+    tokens: Arc<[String]>,
+    /// `goaway`s are followed (and lost sockets resumed) at all.
+    follow: bool,
+    /// Due times: members' pending goaways (`Conn::goaway_listed` says which entry is current)
+    /// and moves' retries (`Move::retry_at`). Entries that no longer match are skipped.
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Members moving (plain members; TLS members' moves are on the blocking movers).
+    moving: HashMap<usize, Move>,
+    /// Due moves waiting for room in the window.
+    ready: VecDeque<usize>,
+    window: Window<InFlight>,
+    /// Dispatch hosts resolved so far (a name is looked up once, blocking; IPs are parsed).
+    hosts: HashMap<String, SocketAddr>,
+    last_expiry_check: Instant,
+    /// TLS members' movers.
+    blocking: Option<Movers>,
+    pub stats: MoveStats,
+}
+
+impl Moves {
+    /// The moves of a worker with `args`; `tokens`: its connection tokens.
+    pub fn new(args: &WorkerArgs, tokens: &Arc<[String]>) -> Self {
+        let follow = args.follow_goaway;
+        Self {
+            args: args.clone(),
+            tokens: tokens.clone(),
+            follow,
+            timers: BinaryHeap::new(),
+            moving: HashMap::new(),
+            ready: VecDeque::new(),
+            window: Window::new(args.connect_inflight, MOVE_TOKEN_BASE),
+            hosts: HashMap::new(),
+            last_expiry_check: Instant::now(),
+            blocking: (follow && args.tls_ca.is_some()).then(|| Movers::start(args, 32, tokens)),
+            stats: MoveStats { reconnects: 0, resumed: 0, gave_up: 0, hist: histogram(), errors: BTreeMap::new() },
+        }
+    }
+
+    /// The most moves in flight at once so far.
+    pub fn peak(&self) -> usize {
+        self.window.peak
+    }
+
+    /// Puts member `i`'s pending goaway (if any) in the timers, once per due time: again only if
+    /// a later goaway moved it earlier (one that moved it later is found when the earlier entry
+    /// comes up).
+    pub fn watch(&mut self, c: &mut Conn, i: usize) {
+        if !self.follow {
+            return;
+        }
+        let Some((_, due, _)) = &c.goaway else { return };
+        if c.goaway_listed.is_none_or(|listed| *due < listed) {
+            self.timers.push(Reverse((*due, i)));
+            c.goaway_listed = Some(*due);
+        }
+    }
+
+    /// When the loop must next wake for a move (the earliest due time), if any.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// The loop's turn: due goaways let go of their old socket and become moves, due moves
+    /// start as the window has room, moves in flight too long fail, and the blocking movers'
+    /// results (TLS members) are installed.
+    pub fn turn(&mut self, cx: &mut Ctx<'_>) {
+        if !self.follow {
+            return;
+        }
+        let now = Instant::now();
+        while let Some(&Reverse((due, i))) = self.timers.peek() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(m) = self.moving.get_mut(&i) {
+                if m.retry_at == Some(due) {
+                    m.retry_at = None;
+                    self.ready.push_back(i);
+                }
+                continue;
+            }
+            let c = &mut cx.conns[i];
+            if c.goaway_listed != Some(due) {
+                continue;
+            }
+            c.goaway_listed = None;
+            let Some((url, at, got_at)) = c.goaway.take() else { continue };
+            if at > now {
+                // A later goaway put it off.
+                c.goaway = Some((url, at, got_at));
+                self.watch(c, i);
+                continue;
+            }
+            if c.open && !c.slow {
+                cx.ep.del(c.sock.as_raw_fd());
+            }
+            // The edge closes it right after its goaway; the new socket comes from the move.
+            c.release(None);
+            c.open = false;
+            c.moving = true;
+            if let Some(b) = &self.blocking {
+                let _ = b.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.last_seq, got_at });
+                continue;
+            }
+            let m = Move { url, since: c.last_seq, got_at, first: None, attempt: 0, retry_at: None };
+            self.moving.insert(i, m);
+            self.ready.push_back(i);
+        }
+        while self.window.has_room()
+            && let Some(i) = self.ready.pop_front()
+        {
+            self.attempt(i, now, cx);
+        }
+        if self.window.len() > 0 && now.duration_since(self.last_expiry_check) >= Duration::from_millis(100) {
+            self.last_expiry_check = now;
+            for token in self.window.expired(|f| f.expired(now)) {
+                let Some(f) = self.window.remove(token) else { continue };
+                cx.ep.del(f.fd());
+                let (reason, what) = match f.stage {
+                    Stage::Ask(_) => ("dispatch_timeout", "no dispatch answer within 5 s"),
+                    Stage::Connect(_) => ("timeout", "no upgrade answer within 10 s"),
+                };
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, what);
+                self.fail(f.i, reason.to_owned(), &e.into(), now, cx);
+            }
+        }
+        if let Some(b) = &self.blocking {
+            while let Ok(done) = b.done.try_recv() {
+                let c = &mut cx.conns[done.i];
+                c.moving = false;
+                for reason in done.errors {
+                    *self.stats.errors.entry(reason).or_default() += 1;
+                }
+                match done.result {
+                    Ok(sock) => {
+                        if !c.slow {
+                            cx.ep.add(sock.as_raw_fd(), done.i);
+                        }
+                        self.stats.installed(c, sock, done.got_at);
+                    }
+                    Err(e) => {
+                        eprintln!("worker {}: giving up moving connection {}: {e}", self.args.id, done.i);
+                        self.stats.gave_up += 1;
+                        cx.reader.closed += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts member `i`'s next attempt: ask dispatch, or (a WebSocket URL) connect at once.
+    fn attempt(&mut self, i: usize, now: Instant, cx: &mut Ctx<'_>) {
+        let Some(m) = self.moving.get_mut(&i) else { return };
+        m.first.get_or_insert(now);
+        let (url, since) = (m.url.clone(), m.since);
+        let (room, slow) = (cx.conns[i].room, cx.conns[i].slow);
+        let stage = if url.starts_with("http://") {
+            self.ask(i, &url, room).map(Stage::Ask).map_err(|e| (format!("dispatch_{}", failure_reason(&e)), e))
+        } else {
+            self.connect(i, &url, room, slow, since).map(Stage::Connect)
+        };
+        match stage {
+            Ok(stage) => {
+                let f = InFlight { i, stage };
+                let fd = f.fd();
+                let token = self.window.insert(f);
+                cx.ep.add_connecting(fd, token);
+            }
+            Err((reason, e)) => self.fail(i, reason, &e, now, cx),
+        }
+    }
+
+    /// A dispatch request for member `i` (room `room`) to `url`, under way.
+    fn ask(&mut self, i: usize, url: &str, room: u32) -> anyhow::Result<Ask> {
+        let (authority, req) = dispatch::request(url, room)?;
+        let dst = self.host(&authority)?;
+        Ask::start(source_socket(&self.args, self.args.first + i, 0)?, dst, req)
+    }
+
+    /// The address of `authority` (`host:port`): parsed, or looked up once.
+    fn host(&mut self, authority: &str) -> anyhow::Result<SocketAddr> {
+        if let Ok(a) = authority.parse() {
+            return Ok(a);
+        }
+        if let Some(a) = self.hosts.get(authority) {
+            return Ok(*a);
+        }
+        // Members' sockets are IPv4 (their source addresses are).
+        let a = authority
+            .to_socket_addrs()?
+            .find(SocketAddr::is_ipv4)
+            .ok_or_else(|| anyhow::anyhow!("no IPv4 address for {authority}"))?;
+        self.hosts.insert(authority.to_owned(), a);
+        Ok(a)
+    }
+
+    /// Member `i`'s connect and upgrade to WebSocket URL `ws` with `since` (and its token),
+    /// under way. A URL that does not parse is counted as the dispatch's failure, as before.
+    fn connect(
+        &self,
+        i: usize,
+        ws: &str,
+        room: u32,
+        slow: bool,
+        since: u64,
+    ) -> Result<Pending, (String, anyhow::Error)> {
+        let (addr, path) =
+            ws_target(ws, room, self.args.sse).map_err(|e| (format!("dispatch_{}", failure_reason(&e)), e))?;
+        let path = format!("{path}&since={since}{}", token_param(&self.tokens, i));
+        Pending::start(&self.args, self.args.first + i, addr, &path, slow).map_err(|e| (failure_reason(&e), e))
+    }
+
+    /// The move under `token` had its socket ready: takes it as far as it goes.
+    pub fn on_ready(&mut self, token: usize, cx: &mut Ctx<'_>) {
+        let now = Instant::now();
+        let Some(f) = self.window.get_mut(token) else { return };
+        let i = f.i;
+        match &mut f.stage {
+            Stage::Ask(a) => match a.drive(cx.tmp) {
+                AskStep::Wait => {}
+                AskStep::Done(url) => {
+                    cx.ep.del(a.fd());
+                    let (room, slow) = (cx.conns[i].room, cx.conns[i].slow);
+                    let since = self.moving.get(&i).map_or(0, |m| m.since);
+                    match self.connect(i, &url, room, slow, since) {
+                        Ok(p) => {
+                            let fd = p.fd();
+                            if let Some(f) = self.window.get_mut(token) {
+                                // Drops the answered request's socket (deregistered above).
+                                f.stage = Stage::Connect(p);
+                            }
+                            cx.ep.add_connecting(fd, token);
+                        }
+                        Err((reason, e)) => {
+                            self.window.remove(token);
+                            self.fail(i, reason, &e, now, cx);
+                        }
+                    }
+                }
+                AskStep::Failed(e) => {
+                    cx.ep.del(a.fd());
+                    self.window.remove(token);
+                    self.fail(i, format!("dispatch_{}", failure_reason(&e)), &e, now, cx);
+                }
+            },
+            Stage::Connect(p) => match p.drive(cx.tmp) {
+                Step::Wait => {}
+                Step::Done => {
+                    if let Some(InFlight { stage: Stage::Connect(p), .. }) = self.window.remove(token) {
+                        self.arrived(i, p, cx);
+                    }
+                }
+                Step::Failed(e) => {
+                    cx.ep.del(p.fd());
+                    self.window.remove(token);
+                    self.fail(i, failure_reason(&e), &e, now, cx);
+                }
+            },
+        }
+    }
+
+    /// Member `i` upgraded on its new socket `p`: it reads it under its own token from now on.
+    fn arrived(&mut self, i: usize, p: Pending, cx: &mut Ctx<'_>) {
+        let Some(m) = self.moving.remove(&i) else { return };
+        let (tcp, rest) = p.finish();
+        let c = &mut cx.conns[i];
+        if c.slow {
+            // Slow readers are read outside epoll.
+            cx.ep.del(tcp.as_raw_fd());
+        } else {
+            cx.ep.modify(tcp.as_raw_fd(), i);
+        }
+        self.stats.installed(c, Sock::Plain(tcp), m.got_at);
+        // What came after the answer (the edge's `joined`, maybe more) is the reading loop's.
+        if !rest.is_empty() {
+            cx.reader.bytes += rest.len() as u64;
+            c.buf = rest;
+            let used = cx.reader.frames(c);
+            c.buf.drain(..used);
+            if !c.open && !c.slow {
+                cx.ep.del(c.sock.as_raw_fd());
+            }
+        }
+        self.watch(c, i);
+    }
+
+    /// Member `i`'s attempt failed (`reason`: its name in the counts): retried after its
+    /// backoff, or given up once the move has been trying for [`MOVE_GIVE_UP`] (that last
+    /// attempt's reason is not counted, as with the blocking movers).
+    fn fail(&mut self, i: usize, reason: String, e: &anyhow::Error, now: Instant, cx: &mut Ctx<'_>) {
+        let Some(m) = self.moving.get_mut(&i) else { return };
+        if m.first.is_some_and(|first| now.duration_since(first) >= MOVE_GIVE_UP) {
+            self.moving.remove(&i);
+            cx.conns[i].moving = false;
+            eprintln!("worker {}: giving up moving connection {i}: {e}", self.args.id);
+            self.stats.gave_up += 1;
+            cx.reader.closed += 1;
+            return;
+        }
+        *self.stats.errors.entry(reason).or_default() += 1;
+        let at = now + move_backoff(m.attempt);
+        m.attempt += 1;
+        m.retry_at = Some(at);
+        self.timers.push(Reverse((at, i)));
+    }
+}

@@ -1,0 +1,178 @@
+//! Moves on the worker's loop: members told to go ask dispatch and reconnect each on its own,
+//! bounded by the window of moves in flight (`--connect-inflight`), not by a pool of threads.
+//!
+//! Edge A drains (SIGTERM) with `--dispatch-url` naming a stand-in dispatch here, which sends
+//! every member to edge B (same Redis bus, so `since` replays what a member missed).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use roomcast_testsupport::{EdgeProc, RedisProc};
+
+/// What the stand-in dispatch saw.
+#[derive(Default)]
+struct Seen {
+    /// Requests answered so far, and held right now.
+    asked: usize,
+    held: usize,
+    /// The most requests held at once.
+    peak: usize,
+    /// Every member's request has been held at once: answer all, hold none from now on.
+    released: bool,
+}
+
+/// How the stand-in answers.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Hold each request until `n` are held at once (then answer them all), or for at most
+    /// `hold`: a dispatch that answers slowly, or only when everyone asks together.
+    Gather { n: usize, hold: Duration },
+    /// Answer the first `n` requests 503 (no edge takes members), the rest at once.
+    RefuseFirst { n: usize },
+}
+
+/// A stand-in for `/v1/route` sending every room to `ws` (edge B), one thread per request;
+/// returns its URL and what it saw.
+fn dispatch(ws: SocketAddr, mode: Mode) -> (String, Arc<(Mutex<Seen>, Condvar)>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1/route", l.local_addr().unwrap());
+    let seen = Arc::new((Mutex::new(Seen::default()), Condvar::new()));
+    let shared = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let seen = shared.clone();
+            std::thread::spawn(move || answer(s, ws, mode, &seen));
+        }
+    });
+    (url, seen)
+}
+
+fn answer(mut s: TcpStream, ws: SocketAddr, mode: Mode, seen: &(Mutex<Seen>, Condvar)) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&b[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let room = head.split(['?', '&', ' ']).find_map(|p| p.strip_prefix("room=")).unwrap_or("r0").to_owned();
+    let (lock, cv) = seen;
+    let mut g = lock.lock().unwrap();
+    g.asked += 1;
+    let refuse = matches!(mode, Mode::RefuseFirst { n } if g.asked <= n);
+    if let Mode::Gather { n, hold } = mode {
+        g.held += 1;
+        g.peak = g.peak.max(g.held);
+        if g.held >= n {
+            g.released = true;
+            cv.notify_all();
+        }
+        let until = Instant::now() + hold;
+        while !g.released && Instant::now() < until {
+            g = cv.wait_timeout(g, until.saturating_duration_since(Instant::now())).unwrap().0;
+        }
+        g.held -= 1;
+    }
+    drop(g);
+    let answer = if refuse {
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+    } else {
+        let body = format!("{{\"url\":\"ws://{ws}/ws?room={room}\"}}");
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let _ = s.write_all(answer.as_bytes());
+}
+
+/// Runs `members` members (one worker, `inflight` connects and moves in flight) on edge A,
+/// drains A once publishing has run a second and a half, with its goaways naming the stand-in
+/// dispatch in `mode`; returns result.json and what the stand-in saw.
+fn drain_through(name: &str, members: usize, inflight: usize, mode: Mode) -> (serde_json::Value, Seen) {
+    let redis = RedisProc::start();
+    let bus = redis.url();
+    let dir = std::env::temp_dir().join(format!("loadgen-moves-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, "[drain]\nperiod_ms = 500\ndeadline_ms = 10000\n").unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let mut b = EdgeProc::start(&["--shards", "1", "--bus", &bus, "--config", cfg]);
+    let (url, seen) = dispatch(b.ws, mode);
+    let mut a = EdgeProc::start(&["--shards", "1", "--bus", &bus, "--config", cfg, "--dispatch-url", &url]);
+    let out = dir.join("out");
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &a.ws.to_string(), "--http", &b.http.to_string()])
+        .args(["--connections", &members.to_string(), "--workers", "1"])
+        .args(["--connect-inflight", &inflight.to_string()])
+        .args(["--duration", "6", "--gift-rate", "5", "--chat-rate", "0", "--scenario", name])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("loadgen");
+    let mut drained = false;
+    for line in BufReader::new(lg.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        println!("{line}");
+        if !drained && line.starts_with("t=") && line.contains("s conns=") {
+            let t: f64 = line[2..].split('s').next().unwrap().trim().parse().unwrap();
+            if t >= 1.5 {
+                a.sigterm();
+                drained = true;
+            }
+        }
+    }
+    assert!(drained, "the run reached the drain point");
+    assert!(lg.wait().unwrap().success(), "loadgen run");
+    assert_eq!(a.wait_exit(Duration::from_secs(60)), Some(0), "the drained edge exits 0");
+    let _ = Command::new("kill").args(["-INT", &b.child.id().to_string()]).status();
+    let _ = b.wait_exit(Duration::from_secs(30));
+    let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let seen = std::mem::take(&mut *seen.0.lock().unwrap());
+    (v, seen)
+}
+
+/// 120 members sent away at once, and a dispatch that answers no one until all 120 have asked
+/// (holding each request at most 4 s, under the old blocking client's 5 s timeout): every
+/// member asks at the same time, because each move proceeds on its own. With a pool of 32
+/// blocking movers per worker, at most 32 asked at once and the rest waited their turn.
+#[test]
+fn members_sent_away_together_all_ask_dispatch_at_once() {
+    const MEMBERS: usize = 120;
+    let mode = Mode::Gather { n: MEMBERS, hold: Duration::from_secs(4) };
+    let (v, seen) = drain_through("together", MEMBERS, 128, mode);
+    assert_eq!(seen.peak, MEMBERS, "dispatch requests in flight at once: {} of {MEMBERS}", seen.peak);
+    assert_eq!(seen.asked, MEMBERS, "one request per member, none retried: {v}");
+    assert_eq!(v["reconnects"], MEMBERS, "every member moved: {v}");
+    assert_eq!(v["reconnect_failed"], 0, "{v}");
+    assert_eq!(v["move_inflight_peak"], MEMBERS, "moves in flight at once in the worker: {v}");
+    assert_eq!(v["lost"]["gift"], 0, "no gift lost across the move: {v}");
+    assert_eq!(v["duplicates"]["gift"], 0, "{v}");
+}
+
+/// The window bounds the moves in flight: with `--connect-inflight 8`, a dispatch that waits for
+/// everyone never sees more than 8 at once (each is answered after a 300 ms hold), and every
+/// member still moves. And dispatch answering 503 is counted by reason and retried.
+#[test]
+fn moves_in_flight_stay_within_the_window_and_refusals_are_retried() {
+    let (v, seen) = drain_through("window", 40, 8, Mode::Gather { n: 40, hold: Duration::from_millis(300) });
+    assert!(seen.peak <= 8, "at most the window in flight: {}", seen.peak);
+    assert!(v["move_inflight_peak"].as_u64().unwrap() <= 8, "{v}");
+    assert_eq!(v["reconnects"], 40, "{v}");
+    assert_eq!(v["lost"]["gift"], 0, "{v}");
+
+    let (v, seen) = drain_through("refused", 40, 32, Mode::RefuseFirst { n: 40 });
+    assert_eq!(seen.asked, 80, "each member asked twice: refused, then sent to B");
+    assert_eq!(v["reconnects"], 40, "{v}");
+    assert_eq!(v["reconnect_failed"], 0, "{v}");
+    assert_eq!(v["reconnect_attempts_failed_by_reason"], serde_json::json!({ "dispatch_http_503": 40 }), "{v}");
+    assert_eq!(v["lost"]["gift"], 0, "{v}");
+}
