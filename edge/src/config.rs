@@ -665,7 +665,8 @@ pub struct WsConfig {
     /// Connections per shard; 0 = as many as the kernel allows (RLIMIT_NOFILE caps each ring's
     /// direct-descriptor table: 20000 here, so 10^5 connections need 6 shards).
     pub max_connections_per_shard: u32,
-    /// Listen backlog per shard (each shard has its own listener on the port). The kernel caps
+    /// Listen backlog per shard (each shard has its own listener on the port), and of the HTTP
+    /// API's listener (clients of a reconnect storm ask `/v1/route` first; it was 128). The kernel caps
     /// it at `net.core.somaxconn` without a word (4096 by default): the edge warns at start
     /// when this is above it. A reconnect storm of 10^6 members overflowed 61 queues of 4096
     /// (bench-results/2026-12-01-restart-storm-README.md).

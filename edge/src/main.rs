@@ -123,6 +123,10 @@ enum Cmd {
         /// The certificate's PEM private key.
         #[arg(long, value_name = "FILE")]
         tls_key: Option<PathBuf>,
+        /// Listen backlog (capped by net.core.somaxconn): every client of a reconnect storm
+        /// asks here first, on a new connection.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i32).range(1..))]
+        backlog: i32,
     },
     /// Watch a running edge's kernel figures and health, refreshed every second (like `ss` +
     /// `top`): TCP states, Send-Q/Recv-Q histograms, accept queues, retransmits.
@@ -309,7 +313,7 @@ fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_ansi(ansi).with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     match &cli.cmd {
-        Some(Cmd::Dispatch { redis, http, allow_origins, tls_cert, tls_key }) => {
+        Some(Cmd::Dispatch { redis, http, allow_origins, tls_cert, tls_key, backlog }) => {
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => {
                     let files = edge::tls::TlsConfig { cert: cert.clone(), key: key.clone(), http: true };
@@ -330,7 +334,7 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(2);
                 }
             };
-            return dispatch_only(redis, *http, allow_origins, tls);
+            return dispatch_only(redis, *http, *backlog, allow_origins, tls);
         }
         Some(Cmd::Top { http, once }) => return edge::top::run(*http, *once),
         Some(Cmd::Token { sub, rooms, publish, ttl }) => return print_token(&cli, sub, rooms, publish, ttl),
@@ -420,9 +424,13 @@ fn main() -> anyhow::Result<()> {
             RouteSource::Redis { cm, dispatcher: std::sync::Mutex::new(Dispatcher::default()), max_age_ms: 3000 }
         }
     };
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(cfg.http))
-        .with_context(|| format!("cannot listen on {} (http)", cfg.http))?;
+    // The same depth as the WebSocket listeners': clients of a storm ask /v1/route first.
+    let listener = {
+        let _rt = rt.enter();
+        edge::sys::http_listener(cfg.http, cfg.ws.backlog)
+            .and_then(tokio::net::TcpListener::from_std)
+            .with_context(|| format!("cannot listen on {} (http)", cfg.http))?
+    };
     let http_addr = listener.local_addr()?;
     // Checked by cfg.validate() already; read again here for the live table.
     let keys = ingest::PublishKeys::from_config(&cfg)?;
@@ -575,6 +583,7 @@ const DISPATCH_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 fn dispatch_only(
     redis_url: &str,
     http: SocketAddr,
+    backlog: i32,
     origins: &[String],
     tls: Option<Arc<edge::tls::Tls>>,
 ) -> anyhow::Result<()> {
@@ -616,7 +625,9 @@ fn dispatch_only(
                 )
                 .route("/healthz", axum::routing::get(|| async { "ok\n" }))
                 .with_state(src);
-        let listener = tokio::net::TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http}"))?;
+        let listener = edge::sys::http_listener(http, backlog)
+            .and_then(tokio::net::TcpListener::from_std)
+            .with_context(|| format!("cannot listen on {http}"))?;
         // SIGINT or SIGTERM: stop taking requests, finish those under way, exit 0. Handlers of
         // our own, installed before the ready line (a script's background job starts with SIGINT
         // ignored, and a signal right after the ready line must find them).

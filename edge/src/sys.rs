@@ -86,6 +86,19 @@ pub fn somaxconn() -> Option<i64> {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok()?.trim().parse().ok()
 }
 
+/// Opens the HTTP API's listening socket (tokio takes it with `TcpListener::from_std`) with
+/// `backlog`: tokio's own `bind` asks for 1,024, and in a reconnect storm every client asks
+/// `/v1/route` on a new connection; at 2x10^5 members those overflowed it 2,709 times
+/// (bench-results/2026-12-01-restart-storm-README.md). SO_REUSEADDR as tokio sets it.
+pub fn http_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
 /// Opens one of the shards' listening sockets: SO_REUSEPORT so each shard has its own accept
 /// queue on the same port, TCP_NODELAY (accepted sockets inherit it: they never get a normal fd
 /// on which we could set it), and a deep backlog for connection bursts at stream start.

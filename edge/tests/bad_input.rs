@@ -364,3 +364,21 @@ fn a_backlog_above_somaxconn_is_named_at_start() {
         assert_eq!(log.contains("net.core.somaxconn"), warned, "backlog {backlog}, somaxconn {cap}: {log}");
     }
 }
+
+/// The HTTP API's listener gets `ws.backlog` too, not tokio's 1,024: in a reconnect storm every
+/// client asks `/v1/route` on a new connection first (a 2x10^5 storm overflowed 1,024). `ss`
+/// shows a listener's backlog as its Send-Q.
+#[test]
+fn the_http_listener_takes_the_configured_backlog() {
+    let cap: i64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    let backlog = 1777.min(cap);
+    let cfg = config("http-backlog", &format!("[ws]\nbacklog = {backlog}\n"));
+    let edge = EdgeProc::start(&["--config", &cfg, "--shards", "1"]);
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", edge.http.port())])
+        .output()
+        .expect("ss (iproute2, installed by scripts/setup.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let send_q: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    assert_eq!(send_q, [backlog.to_string()], "ss: {text}");
+}
