@@ -163,7 +163,7 @@ if [[ $RESTART == peer ]]; then
   redis-server --port 18919 --bind 127.0.0.1 --save "" --appendonly no >"$TMP/redis.log" 2>&1 &
   RPID=$!
   for _ in $(seq 50); do redis-cli -p 18919 ping >/dev/null 2>&1 && break; sleep 0.1; done
-  "$EDGE_BIN" dispatch --redis redis://127.0.0.1:18919 --http 127.0.0.1:18913 >"$TMP/dispatch.log" 2>&1 &
+  "$EDGE_BIN" dispatch --redis redis://127.0.0.1:18919 --http 127.0.0.1:18913 --backlog 65535 >"$TMP/dispatch.log" 2>&1 &
   DPID=$!
   ADVERTISE=(--advertise ws://127.0.0.1:18911/ws)
 else
