@@ -51,7 +51,7 @@
 # 240000 here), each member asks dispatch, which answers B (A reports itself draining), and
 # moves with `since`; A exits once empty and is started again (empty). Measured as above, plus
 # how long after the signal every member had moved, against DRAIN_MS. SECS defaults to the
-# drain period + 120 s.
+# drain period + 300 s (the generator publishes until every member can be back).
 #
 # SOMAXCONN (NETNS=1 only; default 65535): the namespace's net.core.somaxconn, the kernel's cap
 # on each listener's backlog (the edge asks for 65,535 here; the host's 4,096 capped the
@@ -97,7 +97,7 @@ RESTART=${RESTART:-0}
 [[ $RESTART == 1 ]] && RESTART=term
 case $RESTART in 0 | term | kill | peer) ;; *) echo "RESTART: 0, term, kill or peer" >&2; exit 1 ;; esac
 if [[ $RESTART == peer ]]; then DRAIN_MS=${DRAIN_MS:-240000}; else DRAIN_MS=${DRAIN_MS:-10000}; fi
-case $RESTART in 0) SECS=${SECS:-60} ;; peer) SECS=${SECS:-$((DRAIN_MS / 1000 + 120))} ;; *) SECS=${SECS:-90} ;; esac
+case $RESTART in 0) SECS=${SECS:-60} ;; peer) SECS=${SECS:-$((DRAIN_MS / 1000 + 300))} ;; *) SECS=${SECS:-90} ;; esac
 # How long the generator retries a gift before giving it up (loadgen --gift-give-up): above any
 # outage a restart causes (a 10^6 edge answered 32 s after SIGKILL), or a gift whose first
 # attempt reached the old edge and the next one share a number (counted as duplicates).
@@ -160,10 +160,14 @@ RPID=
 DPID=
 BPID=
 if [[ $RESTART == peer ]]; then
-  redis-server --port 18919 --bind 127.0.0.1 --save "" --appendonly no >"$TMP/redis.log" 2>&1 &
+  # Redis and dispatch run on machines of their own in a fleet; here they share two CPUs with
+  # 2 x 61 shard threads and 67 generator workers, where the scheduler's fair share gave the
+  # dispatch's one thread ~1% of the box: it took 3.7 s to answer, 2,127 moves waited on it, and
+  # members moved at ~800/s. Their weight (nice -20, ~87x a thread at 0) stands in for their own machines.
+  nice -n -20 redis-server --port 18919 --bind 127.0.0.1 --save "" --appendonly no >"$TMP/redis.log" 2>&1 &
   RPID=$!
   for _ in $(seq 50); do redis-cli -p 18919 ping >/dev/null 2>&1 && break; sleep 0.1; done
-  "$EDGE_BIN" dispatch --redis redis://127.0.0.1:18919 --http 127.0.0.1:18913 --backlog 65535 >"$TMP/dispatch.log" 2>&1 &
+  nice -n -20 "$EDGE_BIN" dispatch --redis redis://127.0.0.1:18919 --http 127.0.0.1:18913 --backlog 65535 >"$TMP/dispatch.log" 2>&1 &
   DPID=$!
   ADVERTISE=(--advertise ws://127.0.0.1:18911/ws)
 else
