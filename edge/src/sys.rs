@@ -87,7 +87,7 @@ pub fn somaxconn() -> Option<i64> {
 }
 
 /// Opens the HTTP API's listening socket (tokio takes it with `TcpListener::from_std`) with
-/// `backlog`: tokio's own `bind` asks for 1,024, and in a reconnect storm every client asks
+/// `backlog`: the listener tokio's own `bind` made had 128 (`ss`), and in a reconnect storm every client asks
 /// `/v1/route` on a new connection; at 2x10^5 members those overflowed it 2,709 times
 /// (bench-results/2026-12-01-restart-storm-README.md). SO_REUSEADDR as tokio sets it.
 pub fn http_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
