@@ -31,6 +31,26 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest upgrade answer taken.
 const ANSWER_LIMIT: usize = 4096;
 
+/// Writes what is left of `req` (from `*sent`) to a nonblocking socket whose connect may still
+/// be under way: true once all of it is written, false to wait for writability, an error for a
+/// failed connect (the socket's pending error: refused, reset, unreachable) or write.
+pub(crate) fn send_request(sock: &Socket, req: &[u8], sent: &mut usize) -> anyhow::Result<bool> {
+    use std::io::ErrorKind as K;
+    if let Some(e) = sock.take_error()? {
+        return Err(e.into());
+    }
+    while *sent < req.len() {
+        match sock.send(&req[*sent..]) {
+            Ok(n) => *sent += n,
+            // Still connecting (EAGAIN; ENOTCONN on some kernels), or no room yet.
+            Err(e) if e.kind() == K::WouldBlock || e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(false),
+            Err(e) if e.kind() == K::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
 /// One member between its connect and its upgrade answer.
 pub struct Pending {
     sock: Socket,
@@ -107,18 +127,8 @@ impl Pending {
     /// Returns whether the answer is complete and valid.
     fn advance(&mut self, tmp: &mut [u8]) -> anyhow::Result<bool> {
         use std::io::ErrorKind as K;
-        // A failed connect (refused, reset, unreachable) is the socket's pending error.
-        if let Some(e) = self.sock.take_error()? {
-            return Err(e.into());
-        }
-        while self.sent < self.req.len() {
-            match self.sock.send(&self.req[self.sent..]) {
-                Ok(n) => self.sent += n,
-                // Still connecting (EAGAIN; ENOTCONN on some kernels), or no room yet.
-                Err(e) if e.kind() == K::WouldBlock || e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(false),
-                Err(e) if e.kind() == K::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        if !send_request(&self.sock, &self.req, &mut self.sent)? {
+            return Ok(false);
         }
         loop {
             match (&self.sock).read(tmp) {

@@ -158,18 +158,8 @@ impl Ask {
 
     fn advance(&mut self, tmp: &mut [u8]) -> anyhow::Result<Option<String>> {
         use std::io::ErrorKind as K;
-        // A failed connect (refused, reset, unreachable) is the socket's pending error.
-        if let Some(e) = self.sock.take_error()? {
-            return Err(e.into());
-        }
-        while self.sent < self.req.len() {
-            match self.sock.send(&self.req[self.sent..]) {
-                Ok(n) => self.sent += n,
-                // Still connecting (EAGAIN; ENOTCONN on some kernels), or no room yet.
-                Err(e) if e.kind() == K::WouldBlock || e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(None),
-                Err(e) if e.kind() == K::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        if !crate::connect::send_request(&self.sock, &self.req, &mut self.sent)? {
+            return Ok(None);
         }
         loop {
             match (&self.sock).read(tmp) {
