@@ -360,7 +360,12 @@ async fn a_torn_tail_is_truncated_and_logged() {
     // After a crash the numbering resumes past the reservation: no seq can be reused.
     assert!(seq >= 4, "{seq}");
     assert_eq!((e.as_str(), replay), (epoch.as_str(), vec![1, 2, 3, 4]));
-    assert!(log.lock().unwrap().contains("torn write"), "{}", log.lock().unwrap());
+    // The log comes through a reader thread, which may be behind the edge's ready line.
+    assert!(
+        wait_until(Duration::from_secs(10), || async { log.lock().unwrap().contains("torn write") }).await,
+        "{}",
+        log.lock().unwrap()
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
