@@ -424,6 +424,10 @@ async fn an_unclean_stop_and_a_reboot_under_a_lossy_policy_renumbers_explicitly(
         let (edge, log) = EdgeProc::start_on(&dir, &args, "warn");
         let p = Publisher::new(edge.http);
         let (before, _, e, _) = rejoin(&edge, "pc", 3, &epoch, 0).await;
+        if renumbered {
+            // Through a reader thread: the line may come a moment after the edge is ready.
+            wait_until(Duration::from_secs(10), || async { log.lock().unwrap().contains("new epoch") }).await;
+        }
         let log = log.lock().unwrap().clone();
         let counted = metric(&p, "roomcast_store_renumbered_total").await;
         assert_eq!(counted, if renumbered { 1.0 } else { 0.0 }, "{policy} reboot={reboot}");
@@ -566,6 +570,11 @@ async fn a_restored_older_copy_of_the_data_dir_resets_members_with_a_new_epoch()
             );
             assert_ne!(e, epoch, "whole={whole}: a new epoch");
         }
+        wait_until(Duration::from_secs(10), || async {
+            let l = log.lock().unwrap();
+            l.contains("ERROR") && l.contains("new epoch")
+        })
+        .await;
         let log = log.lock().unwrap().clone();
         assert!(log.contains("ERROR") && log.contains("new epoch"), "whole={whole}: {log}");
         let (_, text) = p.get("/metrics").await;
