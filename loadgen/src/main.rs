@@ -249,6 +249,18 @@ pub fn edge_thread_cpu(http: std::net::SocketAddr) -> Option<std::collections::B
     (!m.is_empty()).then_some(m)
 }
 
+/// How long the edge has been up, seconds (`uptime_s` of its /healthz answer).
+fn edge_uptime_s(http: std::net::SocketAddr) -> Option<u64> {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("http://{http}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["uptime_s"].as_u64()
+}
+
 /// Bytes the edge still holds for its members (every shard's send queues), from /metrics.
 pub fn edge_send_queue_bytes(http: std::net::SocketAddr) -> Option<u64> {
     let text = edge_metrics(http, Duration::from_secs(2))?;
@@ -615,6 +627,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let server_connected = a.server_pid.and_then(proc_cpu_rss);
     let threads_connected = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
+    let uptime_connected = (a.target == Target::Edge).then(|| edge_uptime_s(a.http)).flatten();
     let gen_cpu_before: f64 = sup.progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
 
     // 2. Publish (stream threads), sampling progress every second on this thread.
@@ -722,7 +735,19 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let server_after = a.server_pid.and_then(proc_cpu_rss);
-    let threads_after = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
+    let mut threads_after = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
+    // An edge up for less time than at the connect: restarted meanwhile (RESTART runs), so its
+    // thread counters are another process's; CPU per delivery from them would mix the two.
+    let uptime_after = (a.target == Target::Edge).then(|| edge_uptime_s(a.http)).flatten();
+    if let (Some(was), Some(now)) = (uptime_connected, uptime_after)
+        && now < was
+    {
+        eprintln!(
+            "loadgen: the edge at {} restarted during the run: its CPU per delivery per thread is not reported",
+            a.http
+        );
+        threads_after = None;
+    }
     let stop = Stop { published: outcome.published.clone(), holes: outcome.holes.clone() };
     let line = serde_json::to_string(&stop)?;
     for (i, p) in sup.procs.iter_mut().enumerate() {
