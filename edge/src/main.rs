@@ -587,6 +587,17 @@ fn dispatch_only(
     origins: &[String],
     tls: Option<Arc<edge::tls::Tls>>,
 ) -> anyhow::Result<()> {
+    // The kernel caps the backlog at net.core.somaxconn without a word, as it does the edge's
+    // (which warns too): RESTART=peer asked for 65,535 and got the host's 4,096.
+    if let Some(cap) = edge::sys::somaxconn()
+        && i64::from(backlog) > cap
+    {
+        tracing::warn!(
+            backlog,
+            somaxconn = cap,
+            "--backlog is above net.core.somaxconn: the accept queue holds {cap}; raise net.core.somaxconn to {backlog} for the configured depth"
+        );
+    }
     // The same checks as ws.allowed_origins in a config file.
     let mut check = Config::default();
     check.ws.allowed_origins = origins.to_vec();

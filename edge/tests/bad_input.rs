@@ -365,6 +365,31 @@ fn a_backlog_above_somaxconn_is_named_at_start() {
     }
 }
 
+/// `edge dispatch --backlog` above net.core.somaxconn is named at start too (said before
+/// Redis is reached, so an unusable Redis URL ends the run at once here); within it, nothing.
+#[test]
+fn a_dispatch_backlog_above_somaxconn_is_named_at_start() {
+    let cap: i64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    for (backlog, warned) in [(cap + 1, true), (cap, false)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+            .args([
+                "dispatch",
+                "--redis",
+                "not-a-redis-url",
+                "--http",
+                "127.0.0.1:0",
+                "--backlog",
+                &backlog.to_string(),
+            ])
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "no Redis, no dispatch: {err}");
+        assert_eq!(err.contains("net.core.somaxconn"), warned, "backlog {backlog}, somaxconn {cap}: {err}");
+    }
+}
+
 /// The HTTP API's listener gets `ws.backlog` too, not tokio's 1,024: in a reconnect storm every
 /// client asks `/v1/route` on a new connection first (a 2x10^5 storm overflowed 1,024). `ss`
 /// shows a listener's backlog as its Send-Q.

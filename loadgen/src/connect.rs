@@ -155,8 +155,13 @@ impl Pending {
 /// base + slot, apart from members' tokens, which are their indexes. Pending first connects use
 /// [`TOKEN_BASE`]; moves ([`crate::worker`]'s dispatch request then connect) [`MOVE_TOKEN_BASE`].
 pub struct Window<T> {
+    /// Slots made so far: grown one at a time up to `cap`, never made up front, so a large
+    /// `--connect-inflight` costs only the slots actually used (made up front, 10^12 of them
+    /// aborted every worker on allocation, and 10^7 would have taken GiBs per worker).
     slots: Vec<Option<T>>,
+    /// Made slots now empty.
     free: Vec<usize>,
+    cap: usize,
     base: usize,
     /// The most in flight at once so far (reported: shows the window was used).
     pub peak: usize,
@@ -171,8 +176,7 @@ pub const MOVE_TOKEN_BASE: usize = 1 << 41;
 impl<T> Window<T> {
     /// A window of `cap` (at least 1) whose tokens start at `base`.
     pub fn new(cap: usize, base: usize) -> Self {
-        let cap = cap.max(1);
-        Self { slots: (0..cap).map(|_| None).collect(), free: (0..cap).rev().collect(), base, peak: 0 }
+        Self { slots: Vec::new(), free: Vec::new(), cap: cap.max(1), base, peak: 0 }
     }
 
     /// Sockets in flight.
@@ -182,12 +186,20 @@ impl<T> Window<T> {
 
     /// Whether another may start.
     pub fn has_room(&self) -> bool {
-        !self.free.is_empty()
+        !self.free.is_empty() || self.slots.len() < self.cap
     }
 
-    /// Puts `p` in a free slot; returns its token. Call only with room.
+    /// Puts `p` in a free slot (a new one if none is free); returns its token. Call only with
+    /// room.
     pub fn insert(&mut self, p: T) -> usize {
-        let slot = self.free.pop().expect("a free slot");
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                assert!(self.slots.len() < self.cap, "Window::insert without room");
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
         self.slots[slot] = Some(p);
         self.peak = self.peak.max(self.len());
         self.base + slot
@@ -214,5 +226,39 @@ impl<T> Window<T> {
             .filter(|(_, p)| p.as_ref().is_some_and(&expired))
             .map(|(slot, _)| self.base + slot)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TOKEN_BASE, Window};
+
+    /// A window holds at most `cap`, reuses freed slots (tokens stay below the next base), and
+    /// makes no slot before it is used: `--connect-inflight` far above what a worker ever has
+    /// in flight (usize::MAX here) is a bound, not an allocation.
+    #[test]
+    fn a_window_makes_slots_as_they_are_used_up_to_its_cap() {
+        let mut w: Window<u32> = Window::new(usize::MAX, TOKEN_BASE);
+        assert_eq!(w.slots.capacity(), 0, "nothing made up front");
+        let tokens: Vec<usize> = (0..3).map(|i| w.insert(i)).collect();
+        assert_eq!(tokens, [TOKEN_BASE, TOKEN_BASE + 1, TOKEN_BASE + 2]);
+        assert_eq!((w.len(), w.peak, w.slots.len()), (3, 3, 3));
+        assert_eq!(w.remove(TOKEN_BASE + 1), Some(1));
+        assert_eq!(w.insert(7), TOKEN_BASE + 1, "a freed slot is used before a new one");
+        assert_eq!(w.slots.len(), 3);
+
+        let mut w: Window<u32> = Window::new(2, TOKEN_BASE);
+        assert!(w.has_room());
+        let a = w.insert(1);
+        w.insert(2);
+        assert!(!w.has_room(), "at its cap");
+        assert_eq!(w.remove(a), Some(1));
+        assert!(w.has_room());
+        assert_eq!(w.insert(3), a);
+        assert_eq!(w.expired(|v| *v == 3), vec![a]);
+        // 0 means 1.
+        let mut w: Window<u32> = Window::new(0, TOKEN_BASE);
+        w.insert(1);
+        assert!(!w.has_room());
     }
 }

@@ -78,8 +78,9 @@ struct RunArgs {
     rooms: u32,
     #[arg(long, value_enum, default_value = "hot")]
     dist: Dist,
-    /// Connections per second (all workers together).
-    #[arg(long, default_value_t = 5000.0)]
+    /// Connections per second (all workers together; 0: no pacing, as fast as the connect
+    /// window allows).
+    #[arg(long, default_value_t = 5000.0, value_parser = finite_non_negative)]
     ramp: f64,
     /// Use roomcast.json.v1 instead of roomcast.rkyv.v2.
     #[arg(long)]
@@ -93,13 +94,13 @@ struct RunArgs {
     #[arg(long)]
     deflate: bool,
     /// Gifts per second per room.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = finite_non_negative)]
     gift_rate: f64,
     /// Chat messages per second per room.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = finite_non_negative)]
     chat_rate: f64,
     /// Publishing duration (seconds).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(..=MAX_DURATION_S))]
     duration: u64,
     /// Body padding, bytes (message size).
     #[arg(long, default_value_t = 64)]
@@ -177,11 +178,11 @@ struct RunArgs {
     /// than this (a 10^6 edge after SIGKILL answered again after 32 s) makes a gift whose first
     /// attempt did reach the old edge's store and its successor share a number, which the
     /// receivers count as a duplicate: benchmarks of restarts set it above the outage.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = finite_non_negative)]
     gift_give_up: f64,
     /// Seconds the connect phase may take before the run gives up (default: twice the ramp's
     /// time, plus 30 s).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = finite_non_negative)]
     connect_deadline: Option<f64>,
     /// Free text recorded in the summary (the command that started the server, say).
     #[arg(long, default_value = "")]
@@ -193,6 +194,19 @@ struct RunArgs {
 }
 
 const KINDS: [&str; 2] = ["gift", "chat"];
+
+/// The longest `--duration`, in seconds (a year): the run's end is an `Instant` that far ahead,
+/// and u64::MAX seconds overflowed it (a panic after every member had connected).
+const MAX_DURATION_S: u64 = 365 * 86_400;
+
+/// Rates and times in seconds: finite and not negative. NaN got past every clamp and panicked
+/// the run when it became a `Duration` (`--ramp NaN` at the start, `--gift-give-up NaN` once
+/// every member had connected), and `--ramp inf` reached the workers as JSON `null`, which
+/// killed every one of them.
+fn finite_non_negative(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(format!("must be a finite number, 0 or above, not {s}")) }
+}
 
 pub fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
     match dist {
@@ -233,6 +247,18 @@ pub fn edge_thread_cpu(http: std::net::SocketAddr) -> Option<std::collections::B
         })
         .collect();
     (!m.is_empty()).then_some(m)
+}
+
+/// How long the edge has been up, seconds (`uptime_s` of its /healthz answer).
+fn edge_uptime_s(http: std::net::SocketAddr) -> Option<u64> {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("http://{http}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["uptime_s"].as_u64()
 }
 
 /// Bytes the edge still holds for its members (every shard's send queues), from /metrics.
@@ -601,6 +627,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let server_connected = a.server_pid.and_then(proc_cpu_rss);
     let threads_connected = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
+    let uptime_connected = (a.target == Target::Edge).then(|| edge_uptime_s(a.http)).flatten();
     let gen_cpu_before: f64 = sup.progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
 
     // 2. Publish (stream threads), sampling progress every second on this thread.
@@ -708,7 +735,19 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let server_after = a.server_pid.and_then(proc_cpu_rss);
-    let threads_after = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
+    let mut threads_after = (a.target == Target::Edge).then(|| edge_thread_cpu(a.http)).flatten();
+    // An edge up for less time than at the connect: restarted meanwhile (RESTART runs), so its
+    // thread counters are another process's; CPU per delivery from them would mix the two.
+    let uptime_after = (a.target == Target::Edge).then(|| edge_uptime_s(a.http)).flatten();
+    if let (Some(was), Some(now)) = (uptime_connected, uptime_after)
+        && now < was
+    {
+        eprintln!(
+            "loadgen: the edge at {} restarted during the run: its CPU per delivery per thread is not reported",
+            a.http
+        );
+        threads_after = None;
+    }
     let stop = Stop { published: outcome.published.clone(), holes: outcome.holes.clone() };
     let line = serde_json::to_string(&stop)?;
     for (i, p) in sup.procs.iter_mut().enumerate() {
@@ -940,6 +979,29 @@ mod tests {
 
     /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit
     /// is refused rather than wrapped around onto another worker's addresses.
+    /// Rates and times that cannot be honoured are refused by the parser, with the flag named,
+    /// instead of panicking the run (NaN, a duration past what an `Instant` holds) or killing its
+    /// workers (inf, which JSON carries as null).
+    #[test]
+    fn odd_rates_and_times_are_refused_up_front() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2"];
+            argv.extend_from_slice(extra);
+            super::Cli::try_parse_from(argv).map(|_| ()).map_err(|e| e.to_string())
+        };
+        for flag in ["--ramp", "--gift-rate", "--chat-rate", "--gift-give-up", "--connect-deadline"] {
+            for bad in ["NaN", "inf", "-1"] {
+                let e = parse(&[&format!("{flag}={bad}")]).expect_err(&format!("{flag}={bad} refused"));
+                assert!(e.contains(flag), "{flag}={bad}: {e}");
+            }
+            parse(&[flag, "0"]).unwrap_or_else(|e| panic!("{flag} 0 is taken: {e}"));
+            parse(&[flag, "2.5"]).unwrap_or_else(|e| panic!("{flag} 2.5 is taken: {e}"));
+        }
+        assert!(parse(&["--duration", "18446744073709551615"]).is_err());
+        parse(&["--duration", "31536000"]).expect("a year is taken");
+    }
+
     #[test]
     fn source_addresses_never_overlap() {
         let all = source_addrs("127", 67, 48).unwrap();

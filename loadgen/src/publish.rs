@@ -219,7 +219,10 @@ impl Stream {
         let mut n = 0u64;
         loop {
             let due = pacer.due(n);
-            if due >= end || failed.load(Ordering::Relaxed) {
+            // Past the end, messages due before it are not sent late: behind an edge that no
+            // longer answers, each would wait out its give-up time (100 chat messages due in a
+            // 1 s run took 3,000 s).
+            if due >= end || Instant::now() >= end || failed.load(Ordering::Relaxed) {
                 return Ok(());
             }
             let now = Instant::now();
@@ -366,8 +369,57 @@ impl Stream {
                     eprintln!("publish error (retrying): {e}");
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => return Err(e.into()),
+                // Unreachable for the whole give-up time (an edge killed and not back): given
+                // up as a refused message is, and the run goes on to its report. Failing the
+                // run here ended it without results, members' failures by reason included.
+                Err(e) => {
+                    self.refusal("error");
+                    eprintln!("publish {kind} to r{room}: given up, unreachable for {:?}: {e}", self.give_up);
+                    self.not_accepted += 1;
+                    if self.must_deliver {
+                        self.gave_up += 1;
+                    }
+                    return Ok(());
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::Publisher;
+    use crate::worker::Target;
+
+    /// An edge that stops answering for good (killed, not restarted) costs the gifts due
+    /// meanwhile, counted as given up; the publisher still ends with its outcome, so the run
+    /// writes its report (it used to end the run with the connection error and no results).
+    #[test]
+    fn an_unreachable_edge_gives_gifts_up_and_the_outcome_stays() {
+        // A port nothing listens on: connects are refused.
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let start = Instant::now();
+        let end = start + Duration::from_millis(300);
+        let p = Publisher::start(
+            Target::Edge,
+            http,
+            1,
+            &["gift", "chat"],
+            8,
+            &[10.0, 0.0],
+            &[1, 1],
+            &[1, 1],
+            Duration::from_millis(200),
+            start,
+            end,
+        )
+        .unwrap();
+        let o = p.finish().expect("an outcome, not the connection error");
+        assert_eq!(o.total(0), 0);
+        assert!(o.gave_up[0] >= 1, "gifts given up: {:?}", o.gave_up);
+        assert_eq!(o.not_accepted[0], o.gave_up[0]);
+        assert!(o.refused.get("gift error").copied().unwrap_or(0) >= o.gave_up[0], "{:?}", o.refused);
     }
 }
