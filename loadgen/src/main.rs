@@ -208,6 +208,13 @@ fn finite_non_negative(s: &str) -> Result<f64, String> {
     if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(format!("must be a finite number, 0 or above, not {s}")) }
 }
 
+/// A number of seconds a flag gives: finite, 0 or above, at most a year (a `Duration` made
+/// from NaN, infinity or 10^20 s panics).
+pub(crate) fn seconds(s: &str) -> Result<f64, String> {
+    let v = finite_non_negative(s)?;
+    if v <= MAX_DURATION_S as f64 { Ok(v) } else { Err(format!("at most {MAX_DURATION_S} s (a year), not {s}")) }
+}
+
 pub fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
     match dist {
         Dist::Hot => 0,
@@ -977,8 +984,6 @@ fn source_addrs(net: &str, workers: usize, per: u8) -> anyhow::Result<Vec<Vec<st
 mod tests {
     use super::source_addrs;
 
-    /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit
-    /// is refused rather than wrapped around onto another worker's addresses.
     /// Rates and times that cannot be honoured are refused by the parser, with the flag named,
     /// instead of panicking the run (NaN, a duration past what an `Instant` holds) or killing its
     /// workers (inf, which JSON carries as null).
@@ -1000,8 +1005,23 @@ mod tests {
         }
         assert!(parse(&["--duration", "18446744073709551615"]).is_err());
         parse(&["--duration", "31536000"]).expect("a year is taken");
+        // pubbench's seconds likewise (a Duration from NaN, inf or 1e20 s panics).
+        let pubbench = |extra: &[&str]| {
+            let mut argv = vec!["loadgen", "pubbench", "--http", "127.0.0.1:2"];
+            argv.extend_from_slice(extra);
+            super::Cli::try_parse_from(argv).map(|_| ()).map_err(|e| e.to_string())
+        };
+        for flag in ["--duration", "--warmup"] {
+            for bad in ["NaN", "inf", "-1", "1e20"] {
+                let e = pubbench(&[&format!("{flag}={bad}")]).expect_err(&format!("pubbench {flag}={bad} refused"));
+                assert!(e.contains(flag), "{flag}={bad}: {e}");
+            }
+            pubbench(&[flag, "2.5"]).unwrap_or_else(|e| panic!("pubbench {flag} 2.5 is taken: {e}"));
+        }
     }
 
+    /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit
+    /// is refused rather than wrapped around onto another worker's addresses.
     #[test]
     fn source_addresses_never_overlap() {
         let all = source_addrs("127", 67, 48).unwrap();

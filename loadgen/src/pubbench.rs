@@ -36,10 +36,10 @@ pub struct PubbenchArgs {
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// Measured seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::seconds)]
     duration: f64,
     /// Seconds published before measuring (not counted).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::seconds)]
     warmup: f64,
     /// Kind published (the edge's default config makes `gift` must-deliver).
     #[arg(long, default_value = "gift")]
