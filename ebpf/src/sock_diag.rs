@@ -68,6 +68,8 @@ pub struct DiagSocket {
     pub sport: u16,
     /// Peer port.
     pub dport: u16,
+    /// Local address.
+    pub src: IpAddr,
     /// Peer address.
     pub dst: IpAddr,
     /// Recv-Q: bytes received, not yet read (a listener: its accept queue).
@@ -78,6 +80,11 @@ pub struct DiagSocket {
     pub cookie: u64,
     /// `tcp_info.tcpi_total_retrans`, when the kernel sent tcp_info.
     pub total_retrans: Option<u32>,
+    /// The socket's owner (the uid of the process that made it).
+    pub uid: u32,
+    /// The socket's inode: `socket:[inode]` in the /proc/[pid]/fd links of the processes that
+    /// hold it; 0 when no file refers to it any more.
+    pub inode: u32,
 }
 
 /// inet_diag bytecode accepting sockets whose local port is one of `ports`: for each port an
@@ -102,6 +109,19 @@ pub fn port_filter(ports: &[u16]) -> Vec<u8> {
 
 /// A dump request for every TCP socket of `family` on `ports`, with tcp_info.
 pub fn dump_request(family: u8, ports: &[u16], seq: u32) -> Vec<u8> {
+    request(family, ports, seq, u32::MAX, 1 << (INET_DIAG_INFO - 1))
+}
+
+/// A dump request for the listening TCP sockets of `family` on `port`, without tcp_info.
+///
+/// Asking for the LISTEN state alone keeps the kernel to its listening hash: it never walks the
+/// established table, which after an edge of 10^6 members was killed still holds their sockets
+/// (walking them through /proc/net/tcp took seconds per look).
+pub fn listen_request(family: u8, port: u16, seq: u32) -> Vec<u8> {
+    request(family, &[port], seq, 1 << state::LISTEN, 0)
+}
+
+fn request(family: u8, ports: &[u16], seq: u32, states: u32, ext: u8) -> Vec<u8> {
     let bc = port_filter(ports);
     let attr_len = 4 + bc.len();
     let len = NLMSG_HDRLEN + 56 + attr_len.next_multiple_of(4);
@@ -111,9 +131,10 @@ pub fn dump_request(family: u8, ports: &[u16], seq: u32) -> Vec<u8> {
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
-    // inet_diag_req_v2: family, protocol, ext (1 << (INET_DIAG_INFO - 1)), pad, states, sockid.
-    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 1 << (INET_DIAG_INFO - 1), 0]);
-    m.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // inet_diag_req_v2: family, protocol, ext (attributes wanted), pad, states (a bit per TCP
+    // state), sockid.
+    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, ext, 0]);
+    m.extend_from_slice(&states.to_ne_bytes());
     m.extend_from_slice(&[0u8; 48]);
     m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
     m.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
@@ -172,12 +193,17 @@ fn parse_socket(b: &[u8]) -> Option<DiagSocket> {
     let family = b[0];
     let sport = u16::from_be_bytes([b[4], b[5]]);
     let dport = u16::from_be_bytes([b[6], b[7]]);
-    let dst_raw: [u8; 16] = b[24..40].try_into().ok()?;
-    let dst = if family == libc::AF_INET6 as u8 {
-        IpAddr::V6(Ipv6Addr::from(dst_raw))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(dst_raw[0], dst_raw[1], dst_raw[2], dst_raw[3]))
+    // Addresses are in network order, four words each; IPv4 uses the first.
+    let addr = |raw: &[u8]| -> Option<IpAddr> {
+        let raw: [u8; 16] = raw.try_into().ok()?;
+        Some(if family == libc::AF_INET6 as u8 {
+            IpAddr::V6(Ipv6Addr::from(raw))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+        })
     };
+    let src = addr(&b[8..24])?;
+    let dst = addr(&b[24..40])?;
     let cookie = u64::from(u32_at(b, 44)) | (u64::from(u32_at(b, 48)) << 32);
     let mut total_retrans = None;
     let mut off = DIAG_MSG_LEN;
@@ -196,12 +222,41 @@ fn parse_socket(b: &[u8]) -> Option<DiagSocket> {
         state: b[1],
         sport,
         dport,
+        src,
         dst,
         rqueue: u32_at(b, 56),
         wqueue: u32_at(b, 60),
         cookie,
         total_retrans,
+        uid: u32_at(b, 64),
+        inode: u32_at(b, 68),
     })
+}
+
+/// The listening TCP sockets on `port`, both address families (a netlink sock_diag dump of the
+/// LISTEN state only; see [`listen_request`]).
+pub fn listeners(port: u16) -> Result<Vec<DiagSocket>, ProbeError> {
+    let nl = NetlinkSocket::sock_diag().map_err(|source| ProbeError::Io { what: "netlink socket", source })?;
+    // Listeners are few: one batch each family, as a rule.
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut out = Vec::new();
+    for (seq, family) in [(1, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
+        nl.send(&listen_request(family, port, seq))
+            .map_err(|source| ProbeError::Io { what: "sock_diag request", source })?;
+        loop {
+            let n = nl.recv(&mut buf).map_err(|source| ProbeError::Io { what: "sock_diag recv", source })?;
+            // The kernel filters by state and port; checked again, as it costs nothing.
+            let done = parse_batch(&buf[..n], seq, |s| {
+                if usize::from(s.state) == state::LISTEN && s.sport == port {
+                    out.push(s.clone());
+                }
+            })?;
+            if n == 0 || done {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The sock_diag probe: a netlink socket, a receive buffer, and what it needs to turn per-socket
@@ -338,7 +393,10 @@ mod tests {
         body[1] = 8;
         body[4..6].copy_from_slice(&8080u16.to_be_bytes());
         body[6..8].copy_from_slice(&5555u16.to_be_bytes());
+        body[8..12].copy_from_slice(&[127, 0, 0, 1]);
         body[24..28].copy_from_slice(&[127, 0, 0, 9]);
+        body[64..68].copy_from_slice(&1000u32.to_ne_bytes());
+        body[68..72].copy_from_slice(&41234u32.to_ne_bytes());
         body[56..60].copy_from_slice(&3u32.to_ne_bytes());
         body[60..64].copy_from_slice(&1000u32.to_ne_bytes());
         let mut info = vec![0u8; 4 + 104];
@@ -354,6 +412,8 @@ mod tests {
         let s = &got[0];
         assert_eq!((s.state, s.sport, s.dport, s.rqueue, s.wqueue), (8, 8080, 5555, 3, 1000));
         assert_eq!(s.dst, "127.0.0.9".parse::<IpAddr>().unwrap());
+        assert_eq!(s.src, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!((s.uid, s.inode), (1000, 41234));
         assert_eq!(s.total_retrans, Some(6));
 
         assert!(parse_batch(&msg(1, NLMSG_DONE, &[0; 4]), 1, |_| {}).unwrap());
@@ -369,5 +429,32 @@ mod tests {
         assert!(parse_batch(&bad, 1, |_| {}).is_err());
         // A short body is skipped.
         assert!(!parse_batch(&msg(1, SOCK_DIAG_BY_FAMILY, &[1, 2, 3]), 1, |_| panic!()).unwrap());
+    }
+
+    /// The inode of a socket this process holds, from its /proc/self/fd link.
+    fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u32 {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        let link = link.to_str().unwrap();
+        link.strip_prefix("socket:[").and_then(|l| l.strip_suffix(']')).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn listeners_are_listed_alone_with_their_inodes() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        // An established pair on the port: the accepted socket has the port as its local one.
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _s = v4.accept().unwrap();
+        let v6 = std::net::TcpListener::bind(("::1", port)).ok();
+        let got = listeners(port).unwrap();
+        let mut want = vec![(IpAddr::from([127, 0, 0, 1]), inode_of(&v4))];
+        if let Some(v6) = &v6 {
+            want.push((IpAddr::V6(Ipv6Addr::LOCALHOST), inode_of(v6)));
+        }
+        let mut seen: Vec<(IpAddr, u32)> = got.iter().map(|s| (s.src, s.inode)).collect();
+        seen.sort();
+        want.sort();
+        assert_eq!(seen, want, "{got:?}");
+        assert!(got.iter().all(|s| usize::from(s.state) == state::LISTEN && s.sport == port));
     }
 }

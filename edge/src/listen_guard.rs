@@ -4,9 +4,10 @@
 //! same user that sets SO_REUSEPORT) bind the same port, and then quietly gives it part of the new
 //! connections. Before the first listener is bound, [`check_port`] binds a probe socket *without*
 //! SO_REUSEPORT (with SO_REUSEADDR, so TIME_WAIT sockets do not count): EADDRINUSE means some
-//! listener already holds the port. That listener is then looked up in /proc/net/tcp and
-//! /proc/net/tcp6 (LISTEN state, same port, an overlapping address) and its process found by the
-//! socket's inode among the /proc/[pid]/fd links. Starting anyway takes an explicit `takeover`
+//! listener already holds the port. That listener is then looked up with a netlink sock_diag
+//! dump of the port's LISTEN sockets (an overlapping address; /proc/net/tcp{,6} when netlink is
+//! refused, which lists every socket as text and takes seconds beside 10^6 of them) and its
+//! process found by the socket's inode among the /proc/[pid]/fd links. Starting anyway takes an explicit `takeover`
 //! (a rolling restart: the new edge starts, then the old one drains).
 //!
 //! The /proc text is parsed by pure functions ([`parse_proc_net_tcp`], [`listening_inodes`],
@@ -138,8 +139,13 @@ pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, G
     // another user's or PID namespace's process waits that long), and say so once.
     let start = std::time::Instant::now();
     let mut told = false;
+    // Listening sockets found held by no process. A socket does not gain a holder later (short
+    // of fd passing), so while the port's listeners are all among these, a look needs no new walk
+    // of every /proc/[pid]/fd: that walk readlinks every descriptor of every process (10^6 of
+    // them in a load generator beside the edge: seconds a walk), and this loop looks every 50 ms.
+    let mut orphans: Vec<u64> = Vec::new();
     loop {
-        match check_port_once(addr, takeover) {
+        match check_port_once(addr, takeover, &mut orphans) {
             Err(GuardError::PortHeld { holders, .. }) if holders.procs.is_empty() && start.elapsed() < ORPHAN_WAIT => {
                 if !told && start.elapsed() >= std::time::Duration::from_secs(1) {
                     told = true;
@@ -152,12 +158,17 @@ pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, G
                 drop(holders);
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            other => return other,
+            other => {
+                if told {
+                    tracing::info!(%addr, waited_ms = start.elapsed().as_millis() as u64, "the orphaned listener is gone");
+                }
+                return other;
+            }
         }
     }
 }
 
-fn check_port_once(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, GuardError> {
+fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Vec<u64>) -> Result<Option<Holders>, GuardError> {
     if addr.port() == 0 {
         return Ok(None);
     }
@@ -169,12 +180,19 @@ fn check_port_once(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, 
         }
         Probe::InUse => {}
     }
-    let holders = match listeners_in_proc(addr) {
+    let holders = match listeners(addr) {
         Some(inodes) if inodes.is_empty() => {
-            tracing::debug!(%addr, "listen guard: port in use but no listener on it in /proc/net/tcp{{,6}}");
+            tracing::debug!(%addr, "listen guard: port in use but no listener on it");
             return Ok(None);
         }
-        Some(inodes) => Holders { procs: processes_holding(&inodes), inodes },
+        Some(inodes) if inodes.iter().all(|i| orphans.contains(i)) => Holders { procs: Vec::new(), inodes },
+        Some(inodes) => {
+            let procs = processes_holding(&inodes);
+            if procs.is_empty() {
+                orphans.extend_from_slice(&inodes);
+            }
+            Holders { procs, inodes }
+        }
         None => Holders::default(),
     };
     if takeover { Ok(Some(holders)) } else { Err(GuardError::PortHeld { addr, holders }) }
@@ -200,7 +218,35 @@ fn probe(addr: SocketAddr) -> Result<Probe, GuardError> {
     })
 }
 
-/// Inodes of the listening sockets that overlap `addr`; None if neither table could be read.
+/// Inodes of the listening sockets that overlap `addr`, from a sock_diag dump of the port's
+/// listeners; from /proc/net/tcp{,6} when netlink is not available (a seccomp profile that
+/// forbids it, say). None if neither could be read.
+fn listeners(addr: SocketAddr) -> Option<Vec<u64>> {
+    match roomcast_ebpf::sock_diag::listeners(addr.port()) {
+        Ok(sockets) => {
+            let entries: Vec<TcpEntry> = sockets
+                .iter()
+                .map(|s| TcpEntry {
+                    local: SocketAddr::new(s.src, s.sport),
+                    state: TCP_LISTEN,
+                    inode: u64::from(s.inode),
+                })
+                .collect();
+            let mut inodes = listening_inodes(&entries, addr);
+            inodes.sort_unstable();
+            inodes.dedup();
+            Some(inodes)
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "listen guard: sock_diag failed; reading /proc/net/tcp");
+            listeners_in_proc(addr)
+        }
+    }
+}
+
+/// Inodes of the listening sockets that overlap `addr`, from /proc/net/tcp{,6} (every socket
+/// of the namespace, read as text: slow with many connections open); None if neither table
+/// could be read.
 fn listeners_in_proc(addr: SocketAddr) -> Option<Vec<u64>> {
     let mut read_any = false;
     let mut inodes = Vec::new();
@@ -219,9 +265,17 @@ fn listeners_in_proc(addr: SocketAddr) -> Option<Vec<u64>> {
     read_any.then_some(inodes)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Walks of /proc/*/fd made on this thread, for the tests.
+    static PROC_WALKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// The processes with any of `inodes` among their open files. A socket can be open in several
 /// processes (inherited over fork), so every process is looked at.
 fn processes_holding(inodes: &[u64]) -> Vec<Holder> {
+    #[cfg(test)]
+    PROC_WALKS.with(|w| w.set(w.get() + 1));
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -502,6 +556,41 @@ mod tests {
         // The probe closed its socket: the listener still works.
         let _c = std::net::TcpStream::connect(addr).unwrap();
         drop(l.accept().unwrap());
+    }
+
+    #[test]
+    fn netlink_and_proc_see_the_same_listeners() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // An established connection on the port is no listener to either.
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let _s = l.accept().unwrap();
+        let from_netlink = listeners(addr).unwrap();
+        assert_eq!(from_netlink.len(), 1, "{from_netlink:?}");
+        assert_eq!(Some(from_netlink), listeners_in_proc(addr));
+    }
+
+    /// A listener no process holds, as after a crash: a ring's registered file is its only
+    /// reference (what a killed edge's rings leave while the kernel tears them down).
+    #[test]
+    fn an_orphaned_listener_is_waited_for_with_one_walk_of_proc() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let ring = io_uring::IoUring::new(4).unwrap();
+        ring.submitter().register_files(&[std::os::fd::AsRawFd::as_raw_fd(&l)]).unwrap();
+        drop(l);
+        // The ring goes (and the listener with it) after several of the guard's looks.
+        let dropper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(600));
+            drop(ring);
+        });
+        PROC_WALKS.with(|w| w.set(0));
+        let started = Instant::now();
+        assert!(check_port(addr, false).unwrap().is_none(), "the port is free once the ring is gone");
+        dropper.join().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(500), "it waited for the orphan");
+        // One walk of every /proc/[pid]/fd found no holder; the later looks did not walk again.
+        assert_eq!(PROC_WALKS.with(|w| w.get()), 1);
     }
 
     #[test]
