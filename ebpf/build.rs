@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["tcp_probes"];
+const PROGRAMS: &[&str] = &["tcp_probes", "file_holders"];
 const HEADERS: &[&str] = &["bpf/vmlinux.h", "bpf/tcp_probes.h"];
 
 fn main() {

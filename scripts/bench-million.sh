@@ -326,7 +326,8 @@ storm_restart() {
   texit=$(date +%s.%N)
   gone=$(lg_last open)
   start_edge
-  edge_up "$EPID" 127.0.0.1:18912 "$TMP/edge.log"
+  # After SIGKILL the new edge waits (up to 120 s) for the dead one's listeners to be torn down.
+  edge_up "$EPID" 127.0.0.1:18912 "$TMP/edge.log" 300
   tup=$(date +%s.%N)
   echo "restart: edge back (pid $EPID) $(echo "$tup - $t0" | bc) s after the signal; $gone members were open when the old one exited"
   printf 't_s\topen\tmoved\tlisten_backlog_fullest_ratio\tListenOverflows_cumulative\tListenDrops_cumulative\n' >"$OUT/restart-timeline.tsv"

@@ -127,12 +127,12 @@ pub struct BpfProbe {
     buf: Vec<u8>,
 }
 
-fn load_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> ProbeError {
+pub(crate) fn load_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> ProbeError {
     move |e| ProbeError::Load { program, detail: error_chain(&e) }
 }
 
 /// An error and its sources on one line (the verifier's complaint is in a source).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod bpf;
+pub mod holders;
 pub mod procfs;
 pub mod snapshot;
 pub mod sock_diag;
@@ -31,6 +32,9 @@ pub enum ProbeError {
     /// More ports than the programs' table holds.
     #[error("at most {max} ports can be watched, {0} asked", max = bpf::MAX_PORTS)]
     TooManyPorts(usize),
+    /// More socket inodes than one holder search takes.
+    #[error("at most {max} sockets can be looked for at once, {0} asked", max = holders::MAX_HOLDER_INODES)]
+    TooManyInodes(usize),
     /// The kernel has no BTF, which CO-RE relocation needs.
     #[error("kernel BTF unavailable (/sys/kernel/btf/vmlinux): {0}")]
     Btf(String),

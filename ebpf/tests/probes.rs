@@ -353,3 +353,40 @@ fn ebpf_unwatched_sockets_are_not_counted() {
 fn sock_diag_unwatched_sockets_are_not_counted() {
     unwatched_sockets_are_not_counted(Source::SockDiag);
 }
+
+/// The inode of a socket this process holds, from its /proc/self/fd link.
+fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    let link = link.to_str().unwrap().to_owned();
+    link.strip_prefix("socket:[").and_then(|l| l.strip_suffix(']')).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_holder_iterator_names_the_processes_holding_a_socket() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let inode = socket_inode(&l);
+    // A child holding a socket of its own, and one inherited copy of nothing else.
+    let mut child = Command::new("python3")
+        .args(["-c", "import socket,sys,os; s=socket.socket(); print(os.readlink(f'/proc/self/fd/{s.fileno()}'), flush=True); sys.stdin.read()"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let child_inode: u64 =
+        line.trim().strip_prefix("socket:[").and_then(|l| l.strip_suffix(']')).unwrap().parse().unwrap();
+    let me = std::process::id();
+
+    let found = roomcast_ebpf::holders::socket_holders(&[inode]).expect("the kernel takes iter/task_file");
+    assert_eq!(found, vec![me]);
+    let found = roomcast_ebpf::holders::socket_holders(&[inode, child_inode]).unwrap();
+    let mut want = vec![me, child.id()];
+    want.sort_unstable();
+    assert_eq!(found, want);
+    // An inode nobody holds (a file of another kind can share the number: only sockets count).
+    let found = roomcast_ebpf::holders::socket_holders(&[u64::MAX]).unwrap();
+    assert!(found.is_empty(), "{found:?}");
+    drop(child.stdin.take());
+    child.wait().unwrap();
+}

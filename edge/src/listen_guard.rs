@@ -7,8 +7,10 @@
 //! listener already holds the port. That listener is then looked up with a netlink sock_diag
 //! dump of the port's LISTEN sockets (an overlapping address; /proc/net/tcp{,6} when netlink is
 //! refused, which lists every socket as text and takes seconds beside 10^6 of them) and its
-//! process found by the socket's inode among the /proc/[pid]/fd links. Starting anyway takes an explicit `takeover`
-//! (a rolling restart: the new edge starts, then the old one drains).
+//! process found by the socket's inode: by an eBPF iterator over every open file
+//! (`roomcast_ebpf::holders`), or, where the kernel refuses it, among the /proc/[pid]/fd links.
+//! Starting anyway takes an explicit `takeover` (a rolling restart: the new edge starts, then the
+//! old one drains).
 //!
 //! The /proc text is parsed by pure functions ([`parse_proc_net_tcp`], [`listening_inodes`],
 //! [`socket_inode`], [`cmdline_text`]); only [`check_port`] and the readers below it do I/O.
@@ -272,10 +274,46 @@ thread_local! {
 }
 
 /// The processes with any of `inodes` among their open files. A socket can be open in several
-/// processes (inherited over fork), so every process is looked at.
+/// processes (inherited over fork), so every process is looked at: by an eBPF iterator over
+/// every open file where the kernel allows it, else by a walk of every /proc/[pid]/fd.
 fn processes_holding(inodes: &[u64]) -> Vec<Holder> {
     #[cfg(test)]
     PROC_WALKS.with(|w| w.set(w.get() + 1));
+    let started = std::time::Instant::now();
+    match roomcast_ebpf::holders::socket_holders(inodes) {
+        Ok(pids) => {
+            tracing::debug!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "listen guard: holders from the eBPF file iterator"
+            );
+            return pids
+                .into_iter()
+                .map(|pid| holder(pid, &std::path::Path::new("/proc").join(pid.to_string())))
+                .collect();
+        }
+        Err(e) => tracing::debug!(error = %e, "listen guard: no eBPF file iterator; walking /proc/*/fd"),
+    }
+    let walked = walk_proc_fds(inodes);
+    let took = started.elapsed();
+    // Seconds beside a process holding 10^6 descriptors on a busy box: say where a slow start went.
+    if took >= std::time::Duration::from_secs(1) {
+        tracing::info!(
+            took_ms = took.as_millis() as u64,
+            "listen guard: walked every /proc/[pid]/fd to name the port's holder"
+        );
+    }
+    walked
+}
+
+/// A process's name and command line for messages.
+fn holder(pid: u32, dir: &std::path::Path) -> Holder {
+    let comm = std::fs::read_to_string(dir.join("comm")).map_or_else(|_| "?".to_owned(), |c| c.trim_end().to_owned());
+    let cmdline = std::fs::read(dir.join("cmdline")).map(|c| cmdline_text(&c)).unwrap_or_default();
+    Holder { pid, comm, cmdline }
+}
+
+/// [`processes_holding`] through /proc: every /proc/[pid]/fd link read.
+fn walk_proc_fds(inodes: &[u64]) -> Vec<Holder> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -295,10 +333,7 @@ fn processes_holding(inodes: &[u64]) -> Vec<Holder> {
                 .is_some_and(|inode| inodes.contains(&inode))
         });
         if holds {
-            let comm = std::fs::read_to_string(entry.path().join("comm"))
-                .map_or_else(|_| "?".to_owned(), |c| c.trim_end().to_owned());
-            let cmdline = std::fs::read(entry.path().join("cmdline")).map(|c| cmdline_text(&c)).unwrap_or_default();
-            out.push(Holder { pid, comm, cmdline });
+            out.push(holder(pid, &entry.path()));
         }
     }
     out.sort_by_key(|h| h.pid);
@@ -568,6 +603,17 @@ mod tests {
         let from_netlink = listeners(addr).unwrap();
         assert_eq!(from_netlink.len(), 1, "{from_netlink:?}");
         assert_eq!(Some(from_netlink), listeners_in_proc(addr));
+    }
+
+    #[test]
+    fn the_file_iterator_and_the_proc_walk_name_the_same_holders() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inodes = listeners(l.local_addr().unwrap()).unwrap();
+        let walked = walk_proc_fds(&inodes);
+        assert!(walked.iter().any(|h| h.pid == std::process::id()), "{walked:?}");
+        let pids = roomcast_ebpf::holders::socket_holders(&inodes).expect("this kernel takes iter/task_file");
+        assert_eq!(pids, walked.iter().map(|h| h.pid).collect::<Vec<_>>());
+        assert_eq!(processes_holding(&inodes), walked);
     }
 
     /// A listener no process holds, as after a crash: a ring's registered file is its only

@@ -64,20 +64,22 @@ wait_quiet() {
   echo "quiet after ${waited}s; load average $(cut -d' ' -f1-3 /proc/loadavg); others busy: 0 processes"
 }
 
-# Waits for the edge started as PID to answer on HTTP (host:port), at most 20 s; exits with its
+# Waits for the edge started as PID to answer on HTTP (host:port), at most SECS (20) s; exits with its
 # log's tail (LOG) when it died or never answered, so a run never measures somebody else's edge.
 edge_up() {
-  local pid=$1 http=$2 log=$3
-  for _ in $(seq 200); do
+  local pid=$1 http=$2 log=$3 secs=${4:-20}
+  local deadline=$((SECONDS + secs))
+  # A deadline in seconds, not a count of tries: on a loaded box each curl takes its own time.
+  while ((SECONDS < deadline)); do
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "the edge exited at start:" >&2
       tail -5 "$log" >&2
       exit 1
     fi
-    curl -sf -o /dev/null "$http/healthz" && return 0
+    curl -sf -m 2 -o /dev/null "$http/healthz" && return 0
     sleep 0.1
   done
-  echo "the edge did not answer on $http within 20 s:" >&2
+  echo "the edge did not answer on $http within $secs s:" >&2
   tail -5 "$log" >&2
   exit 1
 }
