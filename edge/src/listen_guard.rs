@@ -174,7 +174,10 @@ fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Vec<u64>) -> 
     if addr.port() == 0 {
         return Ok(None);
     }
-    match probe(addr)? {
+    let started = std::time::Instant::now();
+    let probed = probe(addr)?;
+    let probe_ms = started.elapsed().as_millis() as u64;
+    match probed {
         Probe::Free => return Ok(None),
         Probe::Other(e) => {
             tracing::debug!(%addr, error = %e, "listen guard: probe bind failed; the real bind will say why");
@@ -182,7 +185,9 @@ fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Vec<u64>) -> 
         }
         Probe::InUse => {}
     }
-    let holders = match listeners(addr) {
+    let found = listeners(addr);
+    let listeners_ms = started.elapsed().as_millis() as u64 - probe_ms;
+    let holders = match found {
         Some(inodes) if inodes.is_empty() => {
             tracing::debug!(%addr, "listen guard: port in use but no listener on it");
             return Ok(None);
@@ -197,6 +202,11 @@ fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Vec<u64>) -> 
         }
         None => Holders::default(),
     };
+    // A look takes milliseconds; after a crash at 10^6 members one took seconds: say where.
+    let took_ms = started.elapsed().as_millis() as u64;
+    if took_ms >= 1000 {
+        tracing::info!(%addr, took_ms, probe_ms, listeners_ms, holders_ms = took_ms - probe_ms - listeners_ms, "listen guard: a slow look at the port");
+    }
     if takeover { Ok(Some(holders)) } else { Err(GuardError::PortHeld { addr, holders }) }
 }
 
