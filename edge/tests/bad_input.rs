@@ -372,10 +372,7 @@ fn check_config_names_a_backlog_above_somaxconn() {
     let cap: i64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
     for (backlog, warned) in [(cap + 1, true), (cap, false)] {
         let cfg = config(&format!("check-backlog-{backlog}"), &format!("[ws]\nbacklog = {backlog}\n"));
-        let out = std::process::Command::new(edge_bin())
-            .args(["--check-config", "--config", &cfg])
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(edge_bin()).args(["--check-config", "--config", &cfg]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "a warning, not an error: {err}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
