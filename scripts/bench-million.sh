@@ -5,7 +5,11 @@
 # edge's RSS and CPU, the kernel's memory per connection (/proc/net/sockstat, /proc/slabinfo,
 # /proc/meminfo), the accept queues (ListenOverflows/ListenDrops, the edge's listen_backlog
 # gauges) and the generator's own memory. Results: bench-results/<date>-SCEN/ (loadgen's
-# result.json and README.md, plus kernel.json, samples.jsonl.gz, edge-metrics-*.txt, summary.md).
+# result.json and README.md, plus kernel.json, samples.jsonl.gz, edge-metrics-*.txt, summary.md,
+# and the logs: edge.log, edge-b.log, dispatch.log, redis.log; nothing is left in /tmp). The
+# edge's CPU is reported per process (an edge started again is a new process, counting from 0)
+# and summed only when every process's is known. Exits with the generator's status, which is
+# not 0 when members were down at the end (an edge that died and never came back).
 #
 # Why so many shards: this kernel caps each io_uring's table of direct descriptors at
 # RLIMIT_NOFILE, and this box's hard RLIMIT_NOFILE is 20,000 (no CAP_SYS_RESOURCE to raise it),
@@ -41,7 +45,10 @@
 # (TcpExt), the new edge's fullest accept queue (listen_backlog gauges, scraped each second),
 # the generator's failed attempts by reason, and that the gifts published after the restart
 # reached every member with none lost across it (the generator resumes each member with
-# `since`). Results in restart.json and restart-timeline.tsv; SECS defaults to 90 then.
+# `since`). Results in restart.json and restart-timeline.tsv (one line a second from the
+# signal on, the old edge's drain and the time nothing listens included); SECS defaults to 90
+# then. The members the old edge held when it exited are its own count at its last /metrics
+# answer (for SIGKILL, the one just before the signal), beside the generator's count then.
 #
 # RESTART=peer: the rolling restart of a fleet, where members are "back within the drain
 # spread". Redis (the bus; a redis-server this script starts on 127.0.0.1:18919), a
@@ -50,7 +57,9 @@
 # gift reaches A's members over the bus). SIGTERM to A: it drains over DRAIN_MS (default
 # 240000 here), each member asks dispatch, which answers B (A reports itself draining), and
 # moves with `since`; A exits once empty and is started again (empty). Measured as above, plus
-# how long after the signal every member had moved, against DRAIN_MS. SECS defaults to the
+# how long after the signal every member had moved, against DRAIN_MS; the fullest accept queue
+# is B's (where members move), and the closes by reason are given for the old A (its last
+# /metrics answer), the restarted A and B. SECS defaults to the
 # drain period + 300 s (the generator publishes until every member can be back).
 #
 # SOMAXCONN (NETNS=1 only; default 65535): the namespace's net.core.somaxconn, the kernel's cap
@@ -132,6 +141,46 @@ ports_free 18911 18912
 OUT="$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN"
 TMP=$(mktemp -d)
 START=$(date +%s)
+RPID=
+DPID=
+EPID=
+BPID=
+SPID=
+LGPID=
+# Everything this script started is stopped, its logs kept in the results folder (edge.log,
+# edge-b.log, dispatch.log, redis.log) and its temporary folder ($TMP: configs, data
+# directories, sampler) removed: nothing of it is left in /tmp.
+# shellcheck disable=SC2317 # called by the EXIT trap
+stop_all() {
+  set +e
+  [[ -n $LGPID ]] && kill -TERM "$LGPID" 2>/dev/null
+  [[ -n $SPID ]] && kill "$SPID" 2>/dev/null
+  local p
+  for p in $EPID $BPID; do
+    kill -INT "$p" 2>/dev/null || true
+    for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  for p in $DPID $RPID; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  mkdir -p "$OUT"
+  if [[ -s $TMP/edge.log ]]; then
+    sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog|shard)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$OUT/edge-warnings.log"
+  fi
+  if [[ -n $BPID && -s $TMP/edge-b.log ]]; then
+    sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge-b.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog|shard)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$OUT/edge-b-warnings.log"
+  fi
+  # The logs themselves (tens of KB at 10^6: the edge logs warnings, not connections), without
+  # colour codes.
+  for p in edge edge-b dispatch redis; do
+    [[ -s $TMP/$p.log ]] && sed -E "s/\x1b\[[0-9;]*m//g" "$TMP/$p.log" >"$OUT/$p.log"
+  done
+  rm -rf "$TMP"
+}
+trap stop_all EXIT
+# A signal ends the script through its EXIT trap (bash runs none when SIGTERM kills it).
+trap 'exit 130' INT
+trap 'exit 143' TERM
 # In RESTART=peer: the bus (top-level key, so before the tables) and the fleet's dispatch.
 BUS_LINE=
 DISPATCH_LINE=
@@ -156,9 +205,6 @@ period_ms = $DRAIN_MS
 deadline_ms = $((DRAIN_MS * 3 > 30000 ? DRAIN_MS * 3 : 30000))
 $DISPATCH_LINE
 TOML
-RPID=
-DPID=
-BPID=
 if [[ $RESTART == peer ]]; then
   # Redis and dispatch run on machines of their own in a fleet; here they share two CPUs with
   # 2 x 61 shard threads and 67 generator workers, where the scheduler's fair share gave the
@@ -191,29 +237,6 @@ fi
 # over the bus), else the edge itself.
 PUB_HTTP=127.0.0.1:18912
 [[ $RESTART == peer ]] && PUB_HTTP=127.0.0.1:18922
-SPID=
-LGPID=
-stop_all() {
-  [[ -n $LGPID ]] && kill -TERM "$LGPID" 2>/dev/null
-  [[ -n $SPID ]] && kill "$SPID" 2>/dev/null
-  local p
-  for p in "$EPID" $BPID; do
-    kill -INT "$p" 2>/dev/null || true
-    for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  for p in $DPID $RPID; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  mkdir -p "$OUT"
-  sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog|shard)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$OUT/edge-warnings.log" || true
-  cp "$TMP/edge.log" "/tmp/$SCEN-edge.log" 2>/dev/null
-  if [[ -n $BPID ]]; then
-    sed -E "s/\x1b\[[0-9;]*m//g; s/^[^ ]+ +//" "$TMP/edge-b.log" | grep -E "WARN|ERROR" | sed -E "s/(slot|open|left|backlog|shard)=[0-9]+/\1=N/g" | sort | uniq -c | sort -rn | head -30 >"$OUT/edge-b-warnings.log" || true
-    cp "$TMP/edge-b.log" "/tmp/$SCEN-edge-b.log" 2>/dev/null
-  fi
-  rm -rf "$TMP"
-}
-trap stop_all EXIT
 edge_up "$EPID" 127.0.0.1:18912 "$TMP/edge.log"
 [[ -n $BPID ]] && edge_up "$BPID" 127.0.0.1:18922 "$TMP/edge-b.log"
 mkdir -p "$OUT"
@@ -272,10 +295,12 @@ with open(out, "a") as f:
         epid = int(open(epid_file).read())
         lg, nlg = loadgen_rss()
         row = {"t": round(time.time() - t0, 1), "sockstat": sockstat(), "slab": slabs(), "mem": meminfo(),
-               "tcpext": tcpext(), "edge": proc(epid), "loadgen_rss": lg, "loadgen_procs": nlg,
+               "tcpext": tcpext(), "edge": proc(epid), "edge_pid": epid, "loadgen_rss": lg, "loadgen_procs": nlg,
                "load": open("/proc/loadavg").read().split()[:3]}
         if bpid_file:
-            row["edge_b"] = proc(int(open(bpid_file).read()))
+            bpid = int(open(bpid_file).read())
+            row["edge_b"] = proc(bpid)
+            row["edge_b_pid"] = bpid
         f.write(json.dumps(row) + "\n")
         f.flush()
         time.sleep(every)
@@ -286,11 +311,14 @@ curl -s 127.0.0.1:18912/metrics >"$OUT/edge-metrics-idle.txt" || true
 # The generator's last progress line's value of KEY (open, moved, delivered; 0 before one).
 lg_last() { grep -a '^t=' "$OUT/loadgen-output.txt" 2>/dev/null | tail -1 | sed -nE "s/.* $1=([0-9]+).*/\1/p" | grep . || echo 0; }
 tcpext() { awk '/^TcpExt:/ { if (!h) { split($0, k); h = 1 } else { for (i = 2; i <= NF; i++) printf "%s=%s ", k[i], $i } }' /proc/net/netstat; }
+# CPU seconds (user + system) PID has used so far, from /proc/PID/stat; nothing once it is gone.
+proc_cpu_s() { awk -v tck="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13) / tck }' "/proc/$1/stat" 2>/dev/null || true; }
+# The members an edge's /metrics text (file $1) says it holds (roomcast_connections, summed).
+metrics_members() { awk '/^roomcast_connections\{/ { n += $NF } END { print n + 0 }' "$1" 2>/dev/null || echo 0; }
 # See RESTART in the header. Runs while the generator publishes; records restart.json and a
-# timeline (one line a second: since the signal, members open, moved so far, the new edge's
-# fullest accept queue, ListenOverflows, ListenDrops).
+# timeline (restart-timeline.tsv) from the signal on.
 restart_storm() {
-  local now t0 texit tup tback open moved fullest lo ld moved0 gone
+  local now t0 texit tup tback open moved fullest moved0 gone gone_gen scrape_t old_pid old_cpu
   # Every member connected and one gift delivered to each.
   while (($(lg_last delivered) < CONNS)); do
     kill -0 "$LGPID" 2>/dev/null || return 0
@@ -298,108 +326,124 @@ restart_storm() {
   done
   moved0=$(lg_last moved)
   tcpext >"$OUT/restart-tcpext-before.txt"
+  # The edge's last /metrics answer so far (a SIGKILLed edge answers no other).
+  scrape_t=$(date +%s.%N)
   curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-before-restart.txt" || true
+  cp "$OUT/edge-metrics-before-restart.txt" "$OUT/edge-metrics-at-exit.txt"
+  old_pid=$EPID
+  old_cpu=$(proc_cpu_s "$old_pid")
   t0=$(date +%s.%N)
   echo "restart: ${RESTART} restart of the edge (pid $EPID) at $(date -u +%T), $(lg_last open) members open"
-  if [[ $RESTART == peer ]]; then
-    peer_restart
-  else
-    storm_restart
-  fi
+  case $RESTART in
+    kill) kill -KILL "$EPID" ;;
+    *) kill -TERM "$EPID" ;;
+  esac
+  restart_loop
   tcpext >"$OUT/restart-tcpext-after.txt"
   curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-after-restart.txt" || true
   [[ $RESTART == peer ]] && { curl -s -m 20 127.0.0.1:18922/metrics >"$OUT/edge-b-metrics-after-restart.txt" || true; }
   restart_report
 }
-# RESTART=term|kill (called by restart_storm, whose locals it sets): the signal, the old edge's
-# exit, the new one on the same ports, then one timeline line a second until every member is
-# open again.
-storm_restart() {
-  if [[ $RESTART == term ]]; then kill -TERM "$EPID"; else kill -KILL "$EPID"; fi
-  # The draining edge's own counters, as late as it answers.
-  while kill -0 "$EPID" 2>/dev/null; do
-    curl -s -m 2 127.0.0.1:18912/metrics >"$TMP/m.txt" 2>/dev/null && [[ -s $TMP/m.txt ]] && cp "$TMP/m.txt" "$OUT/edge-metrics-at-exit.txt"
-    sleep 0.5
-  done
-  wait "$EPID" 2>/dev/null
-  echo "edge exit status $?" >"$OUT/restart-old-edge-exit.txt"
-  texit=$(date +%s.%N)
-  gone=$(lg_last open)
-  start_edge
-  # After SIGKILL the new edge waits (up to 120 s) for the dead one's listeners to be torn down.
-  edge_up "$EPID" 127.0.0.1:18912 "$TMP/edge.log" 300
-  tup=$(date +%s.%N)
-  echo "restart: edge back (pid $EPID) $(echo "$tup - $t0" | bc) s after the signal; $gone members were open when the old one exited"
-  printf 't_s\topen\tmoved\tlisten_backlog_fullest_ratio\tListenOverflows_cumulative\tListenDrops_cumulative\n' >"$OUT/restart-timeline.tsv"
-  fullest=0
-  tback=
-  while kill -0 "$LGPID" 2>/dev/null; do
-    now=$(date +%s.%N)
-    open=$(lg_last open)
-    moved=$(lg_last moved)
-    local f
-    f=$(curl -s -m 1 127.0.0.1:18912/metrics 2>/dev/null | awk '/^roomcast_listen_backlog_fullest_ratio/ { if ($NF > m) m = $NF } END { print m + 0 }')
-    fullest=$(echo "$f $fullest" | awk '{ print ($1 > $2) ? $1 : $2 }')
-    read -r lo ld < <(tcpext | tr ' ' '\n' | awk -F= '$1 == "ListenOverflows" { o = $2 } $1 == "ListenDrops" { d = $2 } END { print o, d }')
-    printf '%.1f\t%s\t%s\t%s\t%s\t%s\n' "$(echo "$now - $t0" | bc)" "$open" "$moved" "$f" "$lo" "$ld" >>"$OUT/restart-timeline.tsv"
-    if [[ -z $tback ]] && ((open >= CONNS)); then
-      tback=$now
-      echo "restart: all $CONNS members open again $(echo "$tback - $t0" | bc) s after the signal"
-      break
-    fi
-    sleep 1
-  done
-}
-# RESTART=peer (called by restart_storm, whose locals it sets): SIGTERM to A, whose members
-# move to B through dispatch while A drains; once A has exited it is started again, empty. One
-# timeline line a second (B's fullest accept queue) until every member has moved and is open,
-# and A answers again.
-peer_restart() {
-  local f
-  kill -TERM "$EPID"
+# After the signal (called by restart_storm, whose locals it sets), checked every 0.1 s: the
+# old edge's exit (its /metrics and CPU read until then), the edge started again on the same
+# ports (RESTART=peer: empty, its members having moved to B), the new edge answering; and from
+# the signal on, one timeline line a second: since the signal, members open, moved so far, edge
+# A's state (old: the signalled one still up; down; starting; new: the new one answering), whose
+# accept queues the ratio is of (term/kill: the edge on A's ports, old or new; peer: B, where
+# members move) and its fullest one, ListenOverflows, ListenDrops. Ends once every member is
+# open again (term/kill: on the new edge, with reconnects seen) or, in peer mode, has moved and
+# A answers again; or when the generator ends.
+restart_loop() {
+  local next state of ratio lo ld c
   texit=
   tup=
-  gone=
-  fullest=0
   tback=
-  printf 't_s\topen\tmoved\tlisten_backlog_fullest_ratio\tListenOverflows_cumulative\tListenDrops_cumulative\n' >"$OUT/restart-timeline.tsv"
+  gone=
+  gone_gen=
+  fullest=0
+  next=$t0
+  printf 't_s\topen\tmoved\tedge_a\tfullest_ratio_of\tlisten_backlog_fullest_ratio\tListenOverflows_cumulative\tListenDrops_cumulative\n' >"$OUT/restart-timeline.tsv"
   while kill -0 "$LGPID" 2>/dev/null; do
     now=$(date +%s.%N)
-    open=$(lg_last open)
-    moved=$(lg_last moved)
-    if [[ -z $texit ]]; then
-      if kill -0 "$EPID" 2>/dev/null; then
-        curl -s -m 1 127.0.0.1:18912/metrics >"$TMP/m.txt" 2>/dev/null && [[ -s $TMP/m.txt ]] && cp "$TMP/m.txt" "$OUT/edge-metrics-at-exit.txt"
-      else
-        wait "$EPID" 2>/dev/null
-        echo "edge exit status $?" >"$OUT/restart-old-edge-exit.txt"
-        texit=$now
-        # Members A still held at its last answer (its drain deadline closes those).
-        gone=$(awk '/^roomcast_connections\{/ { n += $NF } END { print n + 0 }' "$OUT/edge-metrics-at-exit.txt" 2>/dev/null || echo 0)
-        echo "restart: edge A exited $(echo "$texit - $t0" | bc) s after the signal, holding $gone members at its last answer; starting it again"
-        start_edge
+    if [[ -z $texit ]] && ! kill -0 "$old_pid" 2>/dev/null; then
+      wait "$old_pid" 2>/dev/null
+      echo "edge exit status $?" >"$OUT/restart-old-edge-exit.txt"
+      texit=$now
+      # The members the edge held at its last /metrics answer (scraped at scrape_t; before the
+      # signal for a SIGKILL), and the generator's open count when the script saw it gone.
+      gone=$(metrics_members "$OUT/edge-metrics-at-exit.txt")
+      gone_gen=$(lg_last open)
+      echo "restart: edge A (pid $old_pid) exited $(echo "$texit - $t0" | bc) s after the signal, holding $gone members at its last /metrics answer ($(echo "$scrape_t - $t0" | bc) s after the signal); starting it again"
+      start_edge
+    elif [[ -n $texit && -z $tup ]]; then
+      if ! kill -0 "$EPID" 2>/dev/null; then
+        echo "the restarted edge exited at start:" >&2
+        tail -5 "$TMP/edge.log" >&2
+        exit 1
       fi
-    elif [[ -z $tup ]] && curl -sf -m 1 -o /dev/null 127.0.0.1:18912/healthz; then
-      tup=$now
-      echo "restart: edge A answering again $(echo "$tup - $t0" | bc) s after the signal"
+      if curl -sf -m 1 -o /dev/null 127.0.0.1:18912/healthz; then
+        tup=$now
+        echo "restart: edge A answering again (pid $EPID) $(echo "$tup - $t0" | bc) s after the signal"
+      fi
     fi
-    f=$(curl -s -m 1 127.0.0.1:18922/metrics 2>/dev/null | awk '/^roomcast_listen_backlog_fullest_ratio/ { if ($NF > m) m = $NF } END { print m + 0 }')
-    fullest=$(echo "$f $fullest" | awk '{ print ($1 > $2) ? $1 : $2 }')
-    read -r lo ld < <(tcpext | tr ' ' '\n' | awk -F= '$1 == "ListenOverflows" { o = $2 } $1 == "ListenDrops" { d = $2 } END { print o, d }')
-    printf '%.1f\t%s\t%s\t%s\t%s\t%s\n' "$(echo "$now - $t0" | bc)" "$open" "$moved" "$f" "$lo" "$ld" >>"$OUT/restart-timeline.tsv"
-    if [[ -z $tback ]] && ((moved - moved0 >= CONNS && open >= CONNS)); then
-      tback=$now
-      echo "restart: all $CONNS members moved and open $(echo "$tback - $t0" | bc) s after the signal (drain period $((DRAIN_MS / 1000)) s)"
+    if [[ $(echo "$now >= $next" | bc) == 1 ]]; then
+      while [[ $(echo "$next <= $now" | bc) == 1 ]]; do next=$(echo "$next + 1" | bc); done
+      open=$(lg_last open)
+      moved=$(lg_last moved)
+      if [[ -z $texit ]]; then
+        state=old
+        # The old edge's counters and CPU, as late as it answers.
+        if curl -s -m 1 127.0.0.1:18912/metrics >"$TMP/m.txt" 2>/dev/null && [[ -s $TMP/m.txt ]]; then
+          cp "$TMP/m.txt" "$OUT/edge-metrics-at-exit.txt"
+          scrape_t=$now
+        fi
+        # The highest reading: a process being torn down may show less.
+        c=$(proc_cpu_s "$old_pid")
+        [[ -n $c ]] && old_cpu=$(echo "$c ${old_cpu:-0}" | awk '{ print ($1 > $2) ? $1 : $2 }')
+      elif [[ -z $tup ]]; then
+        state=starting
+      else
+        state=new
+      fi
+      if [[ $RESTART == peer ]]; then
+        of=B
+        ratio=$(curl -s -m 1 127.0.0.1:18922/metrics 2>/dev/null | awk '/^roomcast_listen_backlog_fullest_ratio/ { if ($NF > m) m = $NF } END { print m + 0 }')
+        fullest=$(echo "$ratio $fullest" | awk '{ print ($1 > $2) ? $1 : $2 }')
+      elif [[ $state == old ]]; then
+        of=A-old
+        ratio=$(awk '/^roomcast_listen_backlog_fullest_ratio/ { if ($NF > m) m = $NF } END { print m + 0 }' "$TMP/m.txt" 2>/dev/null)
+      elif [[ $state == new ]]; then
+        of=A-new
+        ratio=$(curl -s -m 1 127.0.0.1:18912/metrics 2>/dev/null | awk '/^roomcast_listen_backlog_fullest_ratio/ { if ($NF > m) m = $NF } END { print m + 0 }')
+        fullest=$(echo "$ratio $fullest" | awk '{ print ($1 > $2) ? $1 : $2 }')
+      else
+        of=-
+        ratio=
+      fi
+      read -r lo ld < <(tcpext | tr ' ' '\n' | awk -F= '$1 == "ListenOverflows" { o = $2 } $1 == "ListenDrops" { d = $2 } END { print o, d }')
+      printf '%.1f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(echo "$now - $t0" | bc)" "$open" "$moved" "$state" "$of" "$ratio" "$lo" "$ld" >>"$OUT/restart-timeline.tsv"
+      if [[ -z $tback ]]; then
+        if [[ $RESTART == peer ]] && ((moved - moved0 >= CONNS && open >= CONNS)); then
+          tback=$now
+          echo "restart: all $CONNS members moved and open $(echo "$tback - $t0" | bc) s after the signal (drain period $((DRAIN_MS / 1000)) s)"
+        elif [[ $RESTART != peer && -n $tup ]] && ((open >= CONNS && moved > moved0)); then
+          # moved > moved0: a progress line from after the signal, not one from before it.
+          tback=$now
+          echo "restart: all $CONNS members open again $(echo "$tback - $t0" | bc) s after the signal"
+        fi
+      fi
+      [[ -n $tback && -n $tup ]] && break
     fi
-    [[ -n $tback && -n $tup ]] && break
-    sleep 1
+    sleep 0.1
   done
 }
 # restart.json from restart_storm's locals.
 restart_report() {
-  python3 - "$OUT" "$RESTART" "$CONNS" "$t0" "${texit:-}" "${tup:-}" "${tback:-}" "$moved0" "$(lg_last moved)" "$fullest" "${gone:-}" "$DRAIN_MS" <<'PY'
-import json, sys
-out, mode, conns, t0, texit, tup, tback, moved0, moved1, fullest, gone, drain_ms = sys.argv[1:]
+  python3 - "$OUT" "$RESTART" "$CONNS" "$t0" "${texit:-}" "${tup:-}" "${tback:-}" "$moved0" "$(lg_last moved)" "$fullest" \
+    "${gone:-}" "${gone_gen:-}" "$scrape_t" "$DRAIN_MS" "$old_pid" "${old_cpu:-}" <<'PY'
+import json, os, re, sys
+(out, mode, conns, t0, texit, tup, tback, moved0, moved1, fullest, gone, gone_gen, scrape_t, drain_ms,
+ old_pid, old_cpu) = sys.argv[1:]
 conns, t0 = int(conns), float(t0)
 texit = float(texit) if texit else None
 tup = float(tup) if tup else None
@@ -415,25 +459,40 @@ r = {
     "drain_period_ms": int(drain_ms) if mode in ("term", "peer") else None,
     "members": conns,
     "old_edge_exited_after_s": round(texit - t0, 2) if texit else None,
-    # peer: the members A held at its last answer before it exited.
-    "members_open_when_it_exited": int(gone) if gone else None,
+    # The old edge's own count (roomcast_connections) at its last /metrics answer before it
+    # exited, and when that answer came (s after the signal; a SIGKILLed edge's last answer is
+    # the one just before the signal). Until 2026-12-01 this was `members_open_when_it_exited`,
+    # which in RESTART=term/kill was the generator's count, not the edge's.
+    "old_edge_members_at_its_last_scrape": int(gone) if gone else None,
+    "old_edge_last_scrape_after_s": round(float(scrape_t) - t0, 2),
+    # The generator's members open at its last progress line when the script saw the old edge
+    # gone (members whose socket the kernel reset may not have noticed yet).
+    "generator_members_open_when_old_edge_exited": int(gone_gen) if gone_gen else None,
+    "old_edge_pid": int(old_pid),
+    # Its CPU (user + system since it started) at the last reading of /proc/PID/stat before it
+    # exited (each second while it was up, and just before a SIGKILL).
+    "old_edge_cpu_s_at_last_reading": float(old_cpu) if old_cpu else None,
     "new_edge_answering_after_s": round(tup - t0, 2) if tup else None,
     "all_members_open_again_after_s": round(back, 2) if back else None,
     "reconnects": moves,
     "reconnects_per_s_from_signal": round(moves / back, 1) if back else None,
     "reconnects_per_s_from_new_edge_up": round(moves / (float(tback) - tup), 1) if back and tup and mode != "peer" and float(tback) > tup else None,
     "tcpext_during_restart": {k: int(a.get(k, 0)) - int(b.get(k, 0)) for k in keys},
-    "new_edge_listen_backlog_fullest_ratio": float(fullest),
 }
+# Whose accept queues: in peer mode members move to B (A comes back empty).
+if mode == "peer":
+    r["edge_b_listen_backlog_fullest_ratio"] = float(fullest)
+else:
+    r["new_edge_listen_backlog_fullest_ratio"] = float(fullest)
+def closes(path):
+    c = {}
+    for l in open(path) if os.path.exists(path) else []:
+        m = re.match(r'roomcast_connections_closed_total\{.*reason="(\w+)".*\} (\S+)', l)
+        if m and float(m.group(2)):
+            c[m.group(1)] = c.get(m.group(1), 0) + int(float(m.group(2)))
+    return c
 # The old edge's closes by reason, from its last answer to /metrics before it exited.
-import os, re
-closes = {}
-path = f"{out}/edge-metrics-at-exit.txt"
-for l in open(path) if os.path.exists(path) else []:
-    m = re.match(r'roomcast_connections_closed_total\{.*reason="(\w+)".*\} (\S+)', l)
-    if m and float(m.group(2)):
-        closes[m.group(1)] = closes.get(m.group(1), 0) + int(float(m.group(2)))
-r["old_edge_closes_by_reason_at_its_last_scrape"] = closes
+r["old_edge_closes_by_reason_at_its_last_scrape"] = closes(f"{out}/edge-metrics-at-exit.txt")
 # Connections the edge accepted before the signal, against members and their reconnects so far:
 # more accepts than that are connections the generator opened and closed without counting them.
 def total(path, name):
@@ -489,9 +548,10 @@ echo "loadgen exit status $RC" >>"$OUT/loadgen-output.txt"
 
 # Summary: the kernel's memory per connection (each member is two sockets on this box: the
 # edge's and the generator's), from the sample before any member and the one with the most.
-python3 - "$OUT" "$CONNS" "$SHARDS" "$RC" <<'PY'
+python3 - "$OUT" "$CONNS" "$SHARDS" "$RC" "$RESTART" <<'PY'
 import json, os, re, sys
-out, conns, shards, rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out, conns, shards, rc, restart = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+rs = json.load(open(f"{out}/restart.json")) if os.path.exists(f"{out}/restart.json") else None
 S = [json.loads(l) for l in open(f"{out}/samples.jsonl")]
 base = S[0]
 peak = max(S, key=lambda s: s["sockstat"].get("inuse", 0))
@@ -500,8 +560,40 @@ pairs = n / 2
 slab_d = sorted(((k, peak["slab"].get(k, 0) - base["slab"].get(k, 0)) for k in peak["slab"]), key=lambda x: -x[1])
 mem_d = {k: peak["mem"][k] - base["mem"][k] for k in ("Slab", "SUnreclaim", "SReclaimable", "KernelStack", "Percpu", "PageTables", "MemAvailable")}
 edge_rss = (peak["edge"] or {}).get("rss", 0) - (base["edge"] or {}).get("rss", 0)
-ends = [s for s in S if s["edge"]]
-edge_cpu = ends[-1]["edge"]["cpu_s"] - ends[0]["edge"]["cpu_s"] if ends else 0
+# The edge's CPU per process (user + system since each started, at its last sample): a
+# restart starts a new process whose counters begin at 0, so one difference across the run
+# mixed two processes (and left edge B out in RESTART=peer). Edge A before the restart: its
+# last reading before it exited (the sampler's, every 2 s, or the restart loop's, each second
+# and just before a SIGKILL, whichever is later).
+def cpu_of(key, pid_key):
+    by = {}
+    for s in S:
+        if s.get(key) and s.get(pid_key) is not None:
+            by[s[pid_key]] = max(by.get(s[pid_key], 0.0), s[key]["cpu_s"])
+    return by
+a_cpu = cpu_of("edge", "edge_pid")
+a_pids = list(dict.fromkeys(s["edge_pid"] for s in S if s.get("edge_pid") is not None))
+cpu_rows, missing = [], []
+if restart == "0":
+    expected = [("edge", a_pids[0] if a_pids else None, "to its last sample")]
+else:
+    old_pid = rs["old_edge_pid"] if rs else (a_pids[0] if a_pids else None)
+    new_pid = next((p for p in a_pids if p != old_pid), None)
+    expected = [("edge A before the restart", old_pid, "to its last reading before it exited"),
+                ("edge A restarted", new_pid, "to its last sample")]
+    if rs and rs.get("old_edge_cpu_s_at_last_reading") is not None and old_pid is not None:
+        a_cpu[old_pid] = max(a_cpu.get(old_pid, 0.0), rs["old_edge_cpu_s_at_last_reading"])
+if restart == "peer":
+    b_cpu = cpu_of("edge_b", "edge_b_pid")
+    b_pid = next(iter(b_cpu), None)
+    a_cpu.update(b_cpu)
+    expected.append(("edge B", b_pid, "to its last sample"))
+for label, pid, until in expected:
+    if pid is None or pid not in a_cpu:
+        missing.append(f"{label}: no sample of its CPU" + ("" if pid is None else f" (pid {pid})"))
+        continue
+    cpu_rows.append({"process": label, "pid": pid, "cpu_s": round(a_cpu[pid], 1), "until": until})
+edge_cpu = round(sum(r["cpu_s"] for r in cpu_rows), 1) if not missing else None
 k = {
     "sockets_at_peak": peak["sockstat"].get("inuse", 0),
     "sockets_added": n,
@@ -513,7 +605,10 @@ k = {
     "edge_rss_bytes_per_connection": round(edge_rss / pairs, 1),
     "edge_rss_idle_bytes": (base["edge"] or {}).get("rss"),
     "edge_threads": (peak["edge"] or {}).get("threads"),
-    "edge_cpu_s_whole_run": round(edge_cpu, 1),
+    "edge_cpu_s_by_process": cpu_rows,
+    # The sum over the processes above, only when every one is known.
+    "edge_cpu_s_whole_run": edge_cpu,
+    "edge_cpu_s_whole_run_omitted_because": "; ".join(missing) or None,
     "loadgen_rss_bytes_per_connection": round(peak["loadgen_rss"] / pairs, 1),
     "loadgen_processes": peak["loadgen_procs"],
     "listen_overflows": S[-1]["tcpext"]["ListenOverflows"] - base["tcpext"]["ListenOverflows"],
@@ -538,14 +633,21 @@ lines = [l for l in open(f"{out}/loadgen-output.txt") if l.startswith("connectin
 rec = int(re.search(r"reconnected=(\d+)", lines[-1]).group(1)) if lines and "reconnected=" in lines[-1] else None
 k["edge_accepted_when_connected"] = int(sum(acc)) if acc else None
 k["generator_reconnects_when_connected"] = rec
-closes = {}
-import os
-for l in open(f"{out}/edge-metrics-end.txt") if os.path.exists(f"{out}/edge-metrics-end.txt") else []:
-    m = re.match(r'roomcast_connections_closed_total\{(.*)\} (\S+)', l)
-    if m:
-        r = re.search(r'reason="(\w+)"', m.group(1)).group(1)
-        closes[r] = closes.get(r, 0) + float(m.group(2))
-k["edge_closes_by_reason"] = {r: int(v) for r, v in closes.items() if v}
+def closes_of(path):
+    closes = {}
+    for l in open(path) if os.path.exists(path) else []:
+        m = re.match(r'roomcast_connections_closed_total\{(.*)\} (\S+)', l)
+        if m:
+            r = re.search(r'reason="(\w+)"', m.group(1)).group(1)
+            closes[r] = closes.get(r, 0) + float(m.group(2))
+    return {r: int(v) for r, v in closes.items() if v}
+# The edge on A's ports at the end: with RESTART, the restarted one (empty in peer mode, its
+# members on B). The old A's are from its last /metrics answer before it exited, B's to the end.
+k["edge_closes_by_reason"] = closes_of(f"{out}/edge-metrics-end.txt")
+if rs:
+    k["old_edge_closes_by_reason_at_its_last_scrape"] = rs.get("old_edge_closes_by_reason_at_its_last_scrape", {})
+if restart == "peer":
+    k["edge_b_closes_by_reason"] = closes_of(f"{out}/edge-b-metrics-end.txt")
 json.dump(k, open(f"{out}/kernel.json", "w"), indent=2)
 print(json.dumps(k, indent=2))
 r = json.load(open(f"{out}/result.json")) if os.path.exists(f"{out}/result.json") else {}
@@ -557,28 +659,43 @@ rows = [
     ("gifts published; deliveries; lost", f"{r.get('published', {}).get('gift', '-')}; {r.get('deliveries', '-')}; {r.get('lost', {}).get('gift', '-')}"),
     ("gift p50 / p99 / max (ms)", f"{g.get('p50', '-')} / {g.get('p99', '-')} / {g.get('max', '-')}"),
     ("closes received by members, by code", r.get("closes_by_code", "-")),
-    ("edge closes by reason (to the end, teardown included)", k["edge_closes_by_reason"]),
+    *([("edge closes by reason (to the end, teardown included)", k["edge_closes_by_reason"])] if not rs else [
+        ("edge closes by reason: edge A before the restart (its last /metrics answer before it exited)", k["old_edge_closes_by_reason_at_its_last_scrape"]),
+        ("edge closes by reason: edge A restarted" + (" (empty: its members moved to B)" if restart == "peer" else "") + " (to the end, teardown included)", k["edge_closes_by_reason"]),
+    ]),
+    *([("edge closes by reason: edge B (to the end, teardown included)", k["edge_b_closes_by_reason"])] if restart == "peer" else []),
     ("edge RSS per connection (B; idle RSS)", f"{k['edge_rss_bytes_per_connection']} ({k['edge_rss_idle_bytes']})"),
     ("kernel slab per socket (B); per member (2 sockets)", f"{k['slab_total_bytes_per_socket']}; {k['kernel_bytes_per_connection_pair']['Slab']}"),
     ("top slab caches per socket (B)", k["slab_bytes_per_socket"]),
     ("TCP buffer pages at peak (sockstat mem)", k["tcp_buffer_pages_at_peak"]),
-    ("edge CPU s (whole run); threads", f"{k['edge_cpu_s_whole_run']}; {k['edge_threads']}"),
+    ("edge CPU s by process (since it started)", "; ".join(f"{c['process']} (pid {c['pid']}, {c['until']}): {c['cpu_s']}" for c in cpu_rows) or "-"),
+    ("edge CPU s (whole run: the sum); threads", f"{edge_cpu if edge_cpu is not None else 'omitted: ' + k['edge_cpu_s_whole_run_omitted_because']}; {k['edge_threads']}"),
     ("generator RSS per member (B; processes)", f"{k['loadgen_rss_bytes_per_connection']} ({k['loadgen_processes']})"),
     ("ListenOverflows / ListenDrops / syncookies", f"{k['listen_overflows']} / {k['listen_drops']} / {k['syncookies_sent']}"),
     ("fullest accept queue when connected (ratio)", max(k["listen_backlog_fullest_ratio_connected"] or [0])),
     ("edge accepts when connected; generator reconnects by then", f"{k['edge_accepted_when_connected']}; {k['generator_reconnects_when_connected']}"),
     ("generator exit status", rc),
 ]
-if os.path.exists(f"{out}/restart.json"):
-    rs = json.load(open(f"{out}/restart.json"))
+# Why the generator failed, in its own words (its last `Error:` line).
+err = [l.strip() for l in open(f"{out}/loadgen-stderr.txt")] if os.path.exists(f"{out}/loadgen-stderr.txt") else []
+err = [l for l in err if l.startswith("Error:")]
+if rc and err:
+    rows.append(("generator's error", err[-1]))
+if rs:
+    peer = restart == "peer"
     rows += [
         ("restart: how", rs["mode"]),
         ("restart: old edge exited / new edge answering / all members open again (s after the signal)",
          f"{rs['old_edge_exited_after_s']} / {rs['new_edge_answering_after_s']} / {rs['all_members_open_again_after_s']}"),
+        ("restart: members the old edge held at its last /metrics answer (the edge's count; answer at s after the signal)",
+         f"{rs['old_edge_members_at_its_last_scrape']} ({rs['old_edge_last_scrape_after_s']})"),
+        ("restart: members open at the generator's last line when the old edge was seen gone (the generator's count)",
+         rs["generator_members_open_when_old_edge_exited"]),
         ("restart: reconnects; per s from the signal; per s from the new edge up",
          f"{rs['reconnects']}; {rs['reconnects_per_s_from_signal']}; {rs['reconnects_per_s_from_new_edge_up']}"),
         ("restart: TcpExt deltas", rs["tcpext_during_restart"]),
-        ("restart: new edge's fullest accept queue (ratio)", rs["new_edge_listen_backlog_fullest_ratio"]),
+        ("restart: edge B's fullest accept queue (ratio; where members moved)", rs["edge_b_listen_backlog_fullest_ratio"]) if peer
+        else ("restart: new edge's fullest accept queue (ratio)", rs["new_edge_listen_backlog_fullest_ratio"]),
         ("restart: generator's failed attempts by reason", r.get("reconnect_attempts_failed_by_reason", "-")),
         ("restart: moves given up", r.get("reconnect_failed", "-")),
     ]

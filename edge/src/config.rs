@@ -668,7 +668,7 @@ pub struct WsConfig {
     /// Listen backlog per shard (each shard has its own listener on the port), and of the HTTP
     /// API's listener (clients of a reconnect storm ask `/v1/route` first; it was 128). The kernel caps
     /// it at `net.core.somaxconn` without a word (4096 by default): the edge warns at start
-    /// when this is above it. A reconnect storm of 10^6 members overflowed 61 queues of 4096
+    /// (and `--check-config` prints the same warning) when this is above it. A reconnect storm of 10^6 members overflowed 61 queues of 4096
     /// (bench-results/2026-12-01-restart-storm-README.md).
     pub backlog: i32,
     /// Signalling messages (join, switch, leave, publish) a connection may send per second,

@@ -370,6 +370,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if cli.check_config {
+        // What a running edge warns at start (server.rs): a warning, not an invalid
+        // configuration, since the operator may raise net.core.somaxconn before starting it.
+        if let Some(cap) = edge::sys::somaxconn()
+            && i64::from(cfg.ws.backlog) > cap
+        {
+            eprintln!(
+                "edge: warning: ws.backlog {} is above net.core.somaxconn {cap}: each shard's accept queue holds {cap}; raise net.core.somaxconn to {} for the configured depth",
+                cfg.ws.backlog, cfg.ws.backlog
+            );
+        }
         println!("configuration ok");
         return Ok(());
     }

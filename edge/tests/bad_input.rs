@@ -365,6 +365,24 @@ fn a_backlog_above_somaxconn_is_named_at_start() {
     }
 }
 
+/// `--check-config` says what start-up would: a backlog above net.core.somaxconn is named (as a
+/// warning: the status stays 0, the configuration is valid), and one within it is not.
+#[test]
+fn check_config_names_a_backlog_above_somaxconn() {
+    let cap: i64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    for (backlog, warned) in [(cap + 1, true), (cap, false)] {
+        let cfg = config(&format!("check-backlog-{backlog}"), &format!("[ws]\nbacklog = {backlog}\n"));
+        let out = std::process::Command::new(edge_bin()).args(["--check-config", "--config", &cfg]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "a warning, not an error: {err}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+        assert_eq!(err.contains("net.core.somaxconn"), warned, "backlog {backlog}, somaxconn {cap}: {err}");
+        if warned {
+            assert!(err.contains(&format!("ws.backlog {backlog} is above net.core.somaxconn {cap}")), "{err}");
+        }
+    }
+}
+
 /// `edge dispatch --backlog` above net.core.somaxconn is named at start too (said before
 /// Redis is reached, so an unusable Redis URL ends the run at once here); within it, nothing.
 #[test]

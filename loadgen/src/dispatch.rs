@@ -8,9 +8,12 @@
 //! error, not something half read. The error classification is the one the blocking client
 //! (reqwest) gave: a status other than 2xx is a [`Refused`] (`dispatch_http_503` in the counts),
 //! a refused or reset connect the socket's own error (`dispatch_refused`, `dispatch_reset`).
+//! An answer that cannot be used (not HTTP, a body without a usable URL) is a [`BadAnswer`]
+//! (`dispatch_bad_answer`), and a host name the resolver does not know an [`Unresolved`]
+//! (`dispatch_unresolved_host`): both used to fall under the catch-all `dispatch_handshake`.
 
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -25,12 +28,77 @@ pub const DISPATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest dispatch answer taken, head and body (`/v1/route` answers ~100 bytes).
 const ANSWER_LIMIT: usize = 64 * 1024;
 
+/// An answer that cannot be used: a dispatch answer that is not HTTP, is chunked, or whose body
+/// is not JSON or has no string `url`; or a URL (from dispatch or a goaway) that is not
+/// `http://HOST...` / `ws://HOST[:PORT]/...`. Counted as `bad_answer` (`dispatch_bad_answer`).
+#[derive(Debug)]
+pub struct BadAnswer(pub String);
+
+impl std::fmt::Display for BadAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadAnswer {}
+
+fn bad(what: impl Into<String>) -> anyhow::Error {
+    BadAnswer(what.into()).into()
+}
+
+/// A host name (in a dispatch URL, or the WebSocket URL dispatch answered) that the system's
+/// resolver gave no IPv4 address for: counted as `unresolved_host` (`dispatch_unresolved_host`).
+#[derive(Debug)]
+pub struct Unresolved {
+    /// The `HOST:PORT` looked up.
+    pub authority: String,
+    /// What the resolver said.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no IPv4 address for {}: {}", self.authority, self.detail)
+    }
+}
+
+impl std::error::Error for Unresolved {}
+
+/// The address of `authority` (`HOST:PORT`): an IP parsed as it is, a name looked up with the
+/// system's resolver (blocking: callers on a loop cache the answer), IPv4 only since members'
+/// sockets are (their source addresses are). Fleets advertise names (`ws://edge-3.internal/ws`),
+/// so a name in dispatch's answer is followed, not counted as a failure.
+pub fn lookup(authority: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = authority.parse() {
+        return Ok(a);
+    }
+    let unresolved = |detail: String| anyhow::Error::from(Unresolved { authority: authority.to_owned(), detail });
+    match authority.to_socket_addrs() {
+        Ok(mut addrs) => {
+            addrs.find(SocketAddr::is_ipv4).ok_or_else(|| unresolved("none of its addresses is IPv4".into()))
+        }
+        Err(e) => Err(unresolved(e.to_string())),
+    }
+}
+
+/// `HOST:PORT` from a URL's host part, with `port` when it names none (`[::1]` is a host
+/// without a port; `[::1]:9` has one).
+pub fn with_port(host: &str, port: u16) -> String {
+    if host.rsplit_once(':').is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && !host.ends_with(']')
+    {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// The request asking dispatch URL `url` (`http://HOST[:PORT]/PATH?QUERY`) where room `room`
 /// should connect, and the URL's authority (`HOST:PORT`, port 80 when none) to connect to. A
 /// goaway's URL names the room already; a configured dispatch URL does not, and gets
 /// `room=r<room>` added, as the blocking client did.
 pub fn request(url: &str, room: u32) -> anyhow::Result<(String, Vec<u8>)> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("not an http:// dispatch URL: {url}"))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| bad(format!("not an http:// dispatch URL: {url}")))?;
     let ask = if rest.contains("room=") {
         rest.to_owned()
     } else {
@@ -38,14 +106,11 @@ pub fn request(url: &str, room: u32) -> anyhow::Result<(String, Vec<u8>)> {
     };
     let end = ask.find(['/', '?']).unwrap_or(ask.len());
     let (host, target) = ask.split_at(end);
-    anyhow::ensure!(!host.is_empty(), "no host in dispatch URL {url}");
+    if host.is_empty() {
+        return Err(bad(format!("no host in dispatch URL {url}")));
+    }
     let target = if target.starts_with('/') { target.to_owned() } else { format!("/{target}") };
-    let authority =
-        if host.rsplit_once(':').is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())) && !host.ends_with(']') {
-            host.to_owned()
-        } else {
-            format!("{host}:80")
-        };
+    let authority = with_port(host, 80);
     let req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\nConnection: close\r\n\r\n");
     Ok((authority, req.into_bytes()))
 }
@@ -53,8 +118,9 @@ pub fn request(url: &str, room: u32) -> anyhow::Result<(String, Vec<u8>)> {
 /// Reads a dispatch answer from its bytes so far (`eof`: the server closed after them).
 /// `Ok(None)`: incomplete, read more. `Ok(Some(url))`: a 2xx whose JSON body has a string
 /// `url` (the WebSocket URL to connect to). Errors: another status ([`Refused`], as soon as the
-/// head is in), a head that does not parse, a chunked or otherwise encoded body, a body that is
-/// not JSON or has no `url`, or an answer cut short (`UnexpectedEof`). Never panics on input.
+/// head is in); a head that does not parse, a chunked or otherwise encoded body, a body that is
+/// not JSON or has no `url` ([`BadAnswer`]); or an answer cut short (`UnexpectedEof`). Never
+/// panics on input.
 pub fn parse_answer(buf: &[u8], eof: bool) -> anyhow::Result<Option<String>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
@@ -62,7 +128,7 @@ pub fn parse_answer(buf: &[u8], eof: bool) -> anyhow::Result<Option<String>> {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if eof => return Err(cut_short("head")),
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => anyhow::bail!("dispatch answer does not parse: {e}"),
+        Err(e) => return Err(bad(format!("dispatch answer does not parse: {e}"))),
     };
     let code = resp.code.unwrap_or(0);
     if !(200..300).contains(&code) {
@@ -71,10 +137,10 @@ pub fn parse_answer(buf: &[u8], eof: bool) -> anyhow::Result<Option<String>> {
     }
     let header = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
     if let Some(te) = header("Transfer-Encoding") {
-        anyhow::bail!(
+        return Err(bad(format!(
             "dispatch answered with Transfer-Encoding {:?}: only Content-Length bodies are read",
             String::from_utf8_lossy(te)
-        );
+        )));
     }
     let body = &buf[head_len..];
     let body = match header("Content-Length") {
@@ -82,8 +148,10 @@ pub fn parse_answer(buf: &[u8], eof: bool) -> anyhow::Result<Option<String>> {
             let len: usize = std::str::from_utf8(v)
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("bad Content-Length {:?}", String::from_utf8_lossy(v)))?;
-            anyhow::ensure!(len <= ANSWER_LIMIT, "dispatch answer body of {len} bytes is too long");
+                .ok_or_else(|| bad(format!("bad Content-Length {:?}", String::from_utf8_lossy(v))))?;
+            if len > ANSWER_LIMIT {
+                return Err(bad(format!("dispatch answer body of {len} bytes is too long")));
+            }
             match body.get(..len) {
                 Some(b) => b,
                 None if eof => return Err(cut_short("body")),
@@ -94,9 +162,15 @@ pub fn parse_answer(buf: &[u8], eof: bool) -> anyhow::Result<Option<String>> {
         None if eof => body,
         None => return Ok(None),
     };
-    let v: serde_json::Value = serde_json::from_slice(body)?;
-    let url = v["url"].as_str().ok_or_else(|| anyhow::anyhow!("dispatch answer without url: {v}"))?;
-    Ok(Some(url.to_owned()))
+    Ok(Some(url_of(body)?))
+}
+
+/// The string `url` of a dispatch answer's JSON body.
+pub fn url_of(body: &[u8]) -> anyhow::Result<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("dispatch answer body is not JSON: {e}")))?;
+    let url = v["url"].as_str().ok_or_else(|| bad(format!("dispatch answer without url: {v}")))?;
+    Ok(url.to_owned())
 }
 
 /// The server closed before the whole answer: counted as `closed_in_handshake`.
@@ -172,7 +246,9 @@ impl Ask {
                     if let Some(url) = parse_answer(&self.answer, false)? {
                         return Ok(Some(url));
                     }
-                    anyhow::ensure!(self.answer.len() <= ANSWER_LIMIT, "dispatch answer too long");
+                    if self.answer.len() > ANSWER_LIMIT {
+                        return Err(bad("dispatch answer too long"));
+                    }
                 }
                 Err(e) if e.kind() == K::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == K::Interrupted => {}
@@ -184,7 +260,7 @@ impl Ask {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_answer, request};
+    use super::{lookup, parse_answer, request, with_port};
     use crate::worker::failure_reason;
 
     /// The reason a move's failed dispatch is counted under (`dispatch_` + this).
@@ -262,8 +338,33 @@ mod tests {
             reason(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}", true)),
             "closed_in_handshake"
         );
-        // And the rest under the catch-all name, as the blocking client's were.
-        assert_eq!(reason(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", false)), "handshake");
+        // The rest are answers that cannot be used, under a name of their own (they were
+        // under the catch-all `handshake`).
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+            b"\x16\x03\x01\x02\x00garbage\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+        ] {
+            assert_eq!(reason(parse_answer(answer, false)), "bad_answer", "{}", String::from_utf8_lossy(answer));
+        }
+        assert_eq!(reason(request("http:///v1/route", 1).map(|_| None)), "bad_answer");
+    }
+
+    /// IPs are taken as they are, names through the resolver (`localhost` is in every
+    /// /etc/hosts); a name it does not know is `unresolved_host`, not the catch-all.
+    #[test]
+    fn hosts_are_parsed_or_looked_up() {
+        assert_eq!(lookup("10.1.2.3:9").unwrap(), "10.1.2.3:9".parse::<std::net::SocketAddr>().unwrap());
+        assert_eq!(lookup("localhost:9").unwrap(), "127.0.0.1:9".parse::<std::net::SocketAddr>().unwrap());
+        let e = lookup("no-such-host.invalid:9").expect_err("RFC 2606 .invalid never resolves");
+        assert_eq!(failure_reason(&e), "unresolved_host");
+        assert!(e.to_string().contains("no-such-host.invalid:9"), "{e}");
+        assert_eq!(with_port("h", 80), "h:80");
+        assert_eq!(with_port("h:81", 80), "h:81");
+        assert_eq!(with_port("[::1]", 80), "[::1]:80");
+        assert_eq!(with_port("[::1]:9", 80), "[::1]:9");
     }
 
     /// Every prefix of every answer above, and arbitrary bytes, give an answer or an error.

@@ -800,6 +800,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let (mut deliveries, mut frames, mut bytes, mut connected, mut failed, mut closed, mut gen_cpu) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
     let mut compressed_frames = 0u64;
+    let (mut open_at_end, mut moving_at_end, mut reconnecting_at_end) = (0u64, 0u64, 0u64);
     for f in &finals {
         for k in 0..KINDS.len() {
             let (fast, slow) = (decode_hist(&f.hist[k])?, decode_hist(&f.hist_slow[k])?);
@@ -830,6 +831,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         connected += f.connected;
         failed += f.failed;
         closed += f.closed;
+        open_at_end += f.open_at_end;
+        moving_at_end += f.moving_at_end;
+        reconnecting_at_end += f.reconnecting_at_end;
         for (reason, n) in &f.failed_by {
             *failed_by_reason.entry(reason.clone()).or_default() += n;
         }
@@ -849,6 +853,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         failed_by_reason,
         workers_died: died.clone(),
         closed_during_run: closed,
+        members_open_at_end: open_at_end,
+        members_moving_at_end: moving_at_end,
+        members_reconnecting_at_end: reconnecting_at_end,
         closes_by_code,
         rooms: a.rooms,
         dist: format!("{:?}", a.dist).to_lowercase(),
@@ -949,7 +956,43 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         died.iter().map(|d| format!("worker {}: {}", d.id, d.status)).collect::<Vec<_>>().join(", "),
         dir.display()
     );
+    // So does a run whose members did not last (an edge that died and never came back): its
+    // figures describe fewer members than it says it held.
+    let end = EndCounts { connected, open: open_at_end, moving: moving_at_end, reconnecting: reconnecting_at_end };
+    if let Some(why) = end.not_connected(reconnect_failed, closed) {
+        anyhow::bail!("{why}; results in {}", dir.display());
+    }
     Ok(())
+}
+
+/// The members at a run's end: of those that `connected`, the ones `open`, `moving` (without a
+/// socket for less than 10 s: on their way back) and `reconnecting` (without one for longer).
+struct EndCounts {
+    connected: u64,
+    open: u64,
+    moving: u64,
+    reconnecting: u64,
+}
+
+impl EndCounts {
+    /// Why the run failed when members were down at its end (neither open nor on their way),
+    /// or None: how many were still reconnecting (an edge that never came back leaves every
+    /// member retrying), how many moves were given up (`gave_up`), and how many were closed
+    /// and not followed (`closed` counts those and the given up: `--no-follow-goaway`, a close
+    /// code a client does not come back from, or a target whose members do not follow).
+    fn not_connected(&self, gave_up: u64, closed: u64) -> Option<String> {
+        let down = self.connected.saturating_sub(self.open + self.moving);
+        (down > 0).then(|| {
+            format!(
+                "{down} of {} members were not connected at the end ({} still reconnecting 10 s or more after \
+                 losing their socket, {gave_up} moves given up after {} s, {} closed and not followed)",
+                self.connected,
+                self.reconnecting,
+                worker::MOVE_GIVE_UP.as_secs(),
+                closed.saturating_sub(gave_up)
+            )
+        })
+    }
 }
 
 /// Each worker's source addresses, no two workers sharing one (see `--src-net`).
@@ -1022,6 +1065,27 @@ mod tests {
 
     /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit
     /// is refused rather than wrapped around onto another worker's addresses.
+    /// A run ends in error when members were down at its end, saying how many and why; one
+    /// whose members all came back (an edge restarted under them) does not.
+    #[test]
+    fn members_down_at_the_end_fail_the_run() {
+        let end = |open, moving, reconnecting| super::EndCounts { connected: 1000, open, moving, reconnecting };
+        assert_eq!(end(1000, 0, 0).not_connected(0, 0), None);
+        // Members closed a moment ago (an edge closing idle members every second) are on their way.
+        assert_eq!(end(990, 10, 0).not_connected(0, 0), None);
+        let why = end(0, 0, 1000).not_connected(0, 0).expect("an edge that died");
+        assert!(
+            why.starts_with("1000 of 1000 members were not connected at the end (1000 still reconnecting"),
+            "{why}"
+        );
+        let why = end(993, 2, 1).not_connected(2, 4).unwrap();
+        assert_eq!(
+            why,
+            "5 of 1000 members were not connected at the end (1 still reconnecting 10 s or more after losing their \
+             socket, 2 moves given up after 120 s, 2 closed and not followed)"
+        );
+    }
+
     #[test]
     fn source_addresses_never_overlap() {
         let all = source_addrs("127", 67, 48).unwrap();

@@ -135,6 +135,14 @@ pub struct Report {
     /// figure: connections, deliveries and loss count the workers that reported).
     pub workers_died: Vec<WorkerDeath>,
     pub closed_during_run: u64,
+    /// Of `connections`, the members open when the run ended (each worker waits up to 10 s past
+    /// the publishing's end for members between sockets to land); those between sockets then
+    /// for less than 10 s (on their way back: an edge closing idle members every second); and
+    /// those between sockets for longer (an edge that died and never came back leaves every
+    /// member reconnecting). Members neither open nor on their way fail the run.
+    pub members_open_at_end: u64,
+    pub members_moving_at_end: u64,
+    pub members_reconnecting_at_end: u64,
     /// Close frames the members received from the server, by close code ("none": no code).
     pub closes_by_code: BTreeMap<String, u64>,
     pub rooms: u32,
@@ -220,6 +228,7 @@ impl Report {
             "connections": self.connections,
             "failed_connections": self.failed_connections,
             "failed_by_reason": self.failed_by_reason,
+            "members_open_at_end": self.members_open_at_end,
             "connect_per_s": self.connect_per_s,
             "connect_inflight_peak": self.connect_inflight_peak,
             "move_inflight_peak": self.move_inflight_peak,
@@ -300,6 +309,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         "# {scenario}\n\n- Date: {date}\n- Machine: {machine}\n- Target: {target:?}; {note}\n- loadgen: {args}\n\n\
          | figure | value |\n|---|---|\n\
          | connections (failed) | {conns} ({failed}) |\n\
+         | members open at the end; on their way back; reconnecting 10 s or more | {open_end}; {moving_end}; {reconnecting_end} |\n\
          | failed connections by reason | {failed_by} |\n\
          | workers died (their connections) | {died} |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms; in flight per worker at most {inflight_peak} of {inflight} |\n\
@@ -331,6 +341,9 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         args = r.args,
         conns = r.connections,
         failed = r.failed_connections,
+        open_end = r.members_open_at_end,
+        moving_end = r.members_moving_at_end,
+        reconnecting_end = r.members_reconnecting_at_end,
         failed_by = if r.failed_by_reason.is_empty() {
             "none".to_owned()
         } else {

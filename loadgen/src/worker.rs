@@ -259,6 +259,15 @@ pub struct Final {
     /// later) rather than a goaway: a real client resumes with `since` after those too.
     #[serde(default)]
     pub resumed: u64,
+    /// Of `connected`, the members open at the end; those between sockets then for less than
+    /// [`MOVES_AT_END`] (on their way back: an edge closing idle members every second); and
+    /// those between sockets for longer (retrying: an edge that never came back).
+    #[serde(default)]
+    pub open_at_end: u64,
+    #[serde(default)]
+    pub moving_at_end: u64,
+    #[serde(default)]
+    pub reconnecting_at_end: u64,
     pub cpu_s: f64,
 }
 
@@ -315,25 +324,39 @@ fn resolve(http: &reqwest::blocking::Client, url: &str, room: u32, sse: bool) ->
             let line = format!("dispatch answered {}", resp.status());
             return Err(Refused { status: resp.status().as_u16(), line }.into());
         }
-        let v: serde_json::Value = serde_json::from_str(&resp.text()?)?;
-        v["url"].as_str().ok_or_else(|| anyhow::anyhow!("dispatch answer without url: {v}"))?.to_owned()
+        crate::dispatch::url_of(resp.text()?.as_bytes())?
     } else {
         url.to_owned()
     };
-    ws_target(&ws, room, sse)
+    let (authority, path) = ws_target(&ws, room, sse)?;
+    Ok((crate::dispatch::lookup(&authority)?, path))
 }
 
 /// Where a WebSocket URL (from dispatch, or a resume's `ws://PEER/ws?room=R`) sends room
-/// `room`'s member: the address and the request path (`/sse?...` for an SSE member).
-fn ws_target(ws: &str, room: u32, sse: bool) -> anyhow::Result<(SocketAddr, String)> {
+/// `room`'s member: the edge's `HOST:PORT` (an IP, or a name for [`crate::dispatch::lookup`];
+/// port 80, or 443 for `wss://`, when none is named) and the request path (`/sse?...` for an
+/// SSE member). A URL that is not `ws://` or `wss://` with a host is a
+/// [`crate::dispatch::BadAnswer`].
+fn ws_target(ws: &str, room: u32, sse: bool) -> anyhow::Result<(String, String)> {
+    let bad = |what: &str| anyhow::Error::from(crate::dispatch::BadAnswer(format!("{what}: {ws}")));
     // wss:// when the edge serves TLS (the member then connects with `--tls-ca`).
-    let rest = ws
-        .strip_prefix("ws://")
-        .or_else(|| ws.strip_prefix("wss://"))
-        .ok_or_else(|| anyhow::anyhow!("not a ws:// or wss:// URL: {ws}"))?;
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let addr = host.parse().map_err(|e| anyhow::anyhow!("bad address in {ws}: {e}"))?;
-    let path = if path.contains("room=") { path.to_owned() } else { format!("/ws?room=r{room}") };
+    let (rest, port) = match (ws.strip_prefix("ws://"), ws.strip_prefix("wss://")) {
+        (Some(rest), _) => (rest, 80),
+        (_, Some(rest)) => (rest, 443),
+        _ => return Err(bad("not a ws:// or wss:// URL")),
+    };
+    let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    if host.is_empty() {
+        return Err(bad("no host in WebSocket URL"));
+    }
+    let addr = crate::dispatch::with_port(host, port);
+    let path = if !path.contains("room=") {
+        format!("/ws?room=r{room}")
+    } else if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_owned()
+    };
     // Dispatch and goaways name the WebSocket path; an SSE member takes the same edge's /sse.
     let path = match path.strip_prefix("/ws?") {
         Some(query) if sse => format!("/sse?{query}"),
@@ -549,12 +572,20 @@ impl std::error::Error for Refused {}
 /// (nothing listening, or the accept queue's SYN answered with RST), `reset`, `timeout` (the
 /// connect or the handshake's answer took over 10 s: a full accept queue drops SYNs), `http_N`
 /// (the edge answered N: 503 overloaded, 401 token...), `closed_in_handshake`, `no_source_port`
-/// (the source address's ephemeral ports are used up), `fd_limit`, `tls`, `handshake` (an
-/// answer that is not a valid upgrade), `io_other`.
+/// (the source address's ephemeral ports are used up), `fd_limit`, `tls`, `bad_answer` (a
+/// dispatch answer, or a URL in one or in a goaway, that cannot be used), `unresolved_host` (a
+/// host name the resolver does not know), `handshake` (an answer that is not a valid upgrade),
+/// `io_other`. A fixed set, but for `http_N` (N one of the statuses: at most a few hundred).
 pub fn failure_reason(e: &anyhow::Error) -> String {
     for cause in e.chain() {
         if let Some(r) = cause.downcast_ref::<Refused>() {
             return format!("http_{}", r.status);
+        }
+        if cause.is::<crate::dispatch::BadAnswer>() {
+            return "bad_answer".into();
+        }
+        if cause.is::<crate::dispatch::Unresolved>() {
+            return "unresolved_host".into();
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             if io.get_ref().is_some_and(<dyn std::error::Error + Send + Sync>::is::<rustls::Error>) {
@@ -613,6 +644,10 @@ struct Conn {
     resuming: bool,
     /// Pong bytes the socket did not take yet (sent before the next read's frames).
     pong: Vec<u8>,
+    /// Since when it has been without a socket (lost, closed or let go after a goaway; None
+    /// while open): at the end, a member down for [`MOVES_AT_END`] or more counts as not
+    /// connected, one down for less as on its way (an edge closing idle members every second).
+    down_since: Option<Instant>,
 }
 
 /// Readiness of the connections read in the loop (mio's `Poll`: epoll). mio registers
@@ -677,6 +712,7 @@ impl Conn {
             peer: sock.peer_addr().ok(),
             resuming: false,
             pong: Vec::new(),
+            down_since: None,
             sock,
         }
     }
@@ -741,7 +777,7 @@ impl Conn {
     /// error) end the member. Returns whether the member is gone for good (counted as closed).
     fn on_close(&mut self, payload: &[u8]) -> bool {
         self.release(Some(payload));
-        let was_open = std::mem::replace(&mut self.open, false);
+        let was_open = self.went_down();
         let code = payload.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
         if matches!(code, Some(4000 | 1013 | 1001 | 1011 | 1012)) && self.resume() {
             return false;
@@ -763,12 +799,32 @@ impl Conn {
         true
     }
 
+    /// Lost or sent away, and its new socket not made yet (waiting its delay, retrying, or in
+    /// flight).
+    fn between_sockets(&self) -> bool {
+        !self.open && (self.moving || self.goaway.is_some())
+    }
+
+    /// No longer open (from now, if it was): returns whether it was.
+    fn went_down(&mut self) -> bool {
+        let was_open = std::mem::replace(&mut self.open, false);
+        if was_open {
+            self.down_since = Some(Instant::now());
+        }
+        was_open
+    }
+
+    /// Between sockets for less than [`MOVES_AT_END`] at `now`: on its way back, not down.
+    fn on_its_way(&self, now: Instant) -> bool {
+        self.between_sockets() && self.down_since.is_none_or(|at| now.duration_since(at) < MOVES_AT_END)
+    }
+
     /// The socket ended (EOF or error): a client that follows the edge resumes, as real clients
     /// do after any lost connection (a slow consumer whose close frame could not be written is
     /// reset); one that does not counts as closed. Returns whether it counts as closed.
     fn on_lost(&mut self, follow: bool) -> bool {
         self.release(None);
-        let was_open = std::mem::replace(&mut self.open, false);
+        let was_open = self.went_down();
         if self.moving || self.goaway.is_some() {
             return false;
         }
@@ -806,7 +862,11 @@ struct MoveDone {
 /// (~19 s) gave up on members whose only edge was still restarting.
 const MOVE_BACKOFF_BASE: Duration = Duration::from_millis(100);
 const MOVE_BACKOFF_CAP: Duration = Duration::from_secs(5);
-const MOVE_GIVE_UP: Duration = Duration::from_secs(120);
+pub(crate) const MOVE_GIVE_UP: Duration = Duration::from_secs(120);
+/// How long past the stop a worker waits for members between sockets to land before its final
+/// report (a slow reader closed by the last gifts resumes within a second or two); a member
+/// without a socket for this long at the end counts as not connected, which fails the run.
+const MOVES_AT_END: Duration = Duration::from_secs(10);
 
 /// The wait before retry `attempt` (0: the first retry): uniform in [ceiling / 10, ceiling],
 /// ceiling = min(cap, base x 2^attempt). The tenth keeps a retry from spinning at 0.
@@ -1115,6 +1175,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut next = 0usize;
     let mut stop: Option<Stop> = None;
     let mut stop_at: Option<Instant> = None;
+    // Until then, members between sockets at the stop may still land (see MOVES_AT_END).
+    let mut moves_until: Option<Instant> = None;
     let mut next_slow_read = Instant::now();
     let mut last_bytes = 0u64;
     let mut last_bytes_at = Instant::now();
@@ -1317,6 +1379,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         // room (what is still queued or in kernel buffers is late, not lost),
                         // at most 60 s.
                         stop_at = Some(Instant::now() + Duration::from_secs(60));
+                        moves_until = Some(Instant::now() + MOVES_AT_END);
                     }
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
@@ -1338,8 +1401,12 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     .all(|(st, t)| t.next >= want.and_then(|w| w.get(st)).copied().unwrap_or(0))
             })
         };
+        let landed = |conns: &[Conn]| {
+            !conns.iter().any(Conn::between_sockets) || moves_until.is_some_and(|until| Instant::now() >= until)
+        };
         if let (Some(s), Some(at)) = (&stop, stop_at)
-            && (Instant::now() >= at || (complete(s, &conns) && last_bytes_at.elapsed() >= Duration::from_millis(300)))
+            && (Instant::now() >= at
+                || (complete(s, &conns) && landed(&conns) && last_bytes_at.elapsed() >= Duration::from_millis(300)))
         {
             let mut lost = vec![0u64; args.kinds.len()];
             let mut dup = vec![0u64; args.kinds.len()];
@@ -1375,6 +1442,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             if corrupt > 0 {
                 eprintln!("worker {}: {corrupt} connections with a corrupt stream", args.id);
             }
+            let now = Instant::now();
             let f = Final {
                 corrupt,
                 partial,
@@ -1402,6 +1470,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 reconnect_hist: encode_hist(&moves.stats.hist),
                 reconnect_attempts_failed_by: std::mem::take(&mut moves.stats.errors),
                 resumed: moves.stats.resumed,
+                open_at_end: conns.iter().filter(|c| c.open).count() as u64,
+                moving_at_end: conns.iter().filter(|c| c.on_its_way(now)).count() as u64,
+                reconnecting_at_end: conns.iter().filter(|c| c.between_sockets() && !c.on_its_way(now)).count() as u64,
                 move_inflight_peak: moves.peak() as u64,
                 cpu_s: own_cpu_s(),
             };

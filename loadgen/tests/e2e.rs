@@ -99,6 +99,46 @@ fn batched_chat_is_sampled_and_nothing_accepted_is_lost() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// An edge killed mid-run and never started again: every member loses its socket and retries
+/// to the end. The run still writes its results, then exits non-zero saying how many members
+/// were down at the end (it exited 0: only lost workers failed a run).
+#[test]
+fn a_run_whose_edge_died_fails_and_names_the_members_down() {
+    let (mut edge, ws, http) = edge(&["--shards", "1"]);
+    let dir = std::env::temp_dir().join(format!("loadgen-died-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &ws, "--http", &http, "--connections", "50", "--workers", "1"])
+        .args(["--duration", "3", "--gift-rate", "5", "--chat-rate", "0", "--gift-give-up", "1"])
+        .args(["--scenario", "died", "--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
+        .spawn()
+        .expect("loadgen");
+    let mut killed = false;
+    for line in BufReader::new(lg.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if !killed && line.starts_with("t=") {
+            edge.kill9();
+            killed = true;
+        }
+    }
+    assert!(killed, "the run reached publishing");
+    let status = lg.wait().unwrap();
+    let stderr = std::fs::read_to_string(dir.join("stderr.txt")).unwrap();
+    assert!(!status.success(), "a run whose members were down at the end does not exit 0: {stderr}");
+    assert!(
+        stderr.contains("50 of 50 members were not connected at the end (50 still reconnecting 10 s or more"),
+        "{stderr}"
+    );
+    let (_, v) = result(&out);
+    assert_eq!(v["connections"], 50, "{v}");
+    assert_eq!(v["members_open_at_end"], 0, "{v}");
+    assert_eq!(v["members_reconnecting_at_end"], 50, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The one run's folder under `out` and its result.json.
 fn result(out: &std::path::Path) -> (std::path::PathBuf, serde_json::Value) {
     let dir = std::fs::read_dir(out).unwrap().next().unwrap().unwrap().path();

@@ -32,6 +32,11 @@ enum Mode {
     Gather { n: usize, hold: Duration },
     /// Answer the first `n` requests 503 (no edge takes members), the rest at once.
     RefuseFirst { n: usize },
+    /// Answer every request with these bytes (garbage: not HTTP, or a body without a URL).
+    Raw(&'static [u8]),
+    /// Send every room to edge B by a host name (`ws://localhost:PORT/...`), as a fleet that
+    /// advertises names does.
+    ByName,
 }
 
 /// A stand-in for `/v1/route` sending every room to `ws` (edge B), one thread per request;
@@ -80,10 +85,15 @@ fn answer(mut s: TcpStream, ws: SocketAddr, mode: Mode, seen: &(Mutex<Seen>, Con
         g.held -= 1;
     }
     drop(g);
+    if let Mode::Raw(bytes) = mode {
+        let _ = s.write_all(bytes);
+        return;
+    }
     let answer = if refuse {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
     } else {
-        let body = format!("{{\"url\":\"ws://{ws}/ws?room={room}\"}}");
+        let host = if matches!(mode, Mode::ByName) { format!("localhost:{}", ws.port()) } else { ws.to_string() };
+        let body = format!("{{\"url\":\"ws://{host}/ws?room={room}\"}}");
         format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
@@ -94,8 +104,21 @@ fn answer(mut s: TcpStream, ws: SocketAddr, mode: Mode, seen: &(Mutex<Seen>, Con
 
 /// Runs `members` members (one worker, `inflight` connects and moves in flight) on edge A,
 /// drains A once publishing has run a second and a half, with its goaways naming the stand-in
-/// dispatch in `mode`; returns result.json and what the stand-in saw.
+/// dispatch in `mode`, and expects the run to exit 0; returns result.json and what the
+/// stand-in saw.
 fn drain_through(name: &str, members: usize, inflight: usize, mode: Mode) -> (serde_json::Value, Seen) {
+    let (v, seen, ok, stderr) = drain_through_ending(name, members, inflight, mode);
+    assert!(ok, "loadgen run: {stderr}");
+    (v, seen)
+}
+
+/// As [`drain_through`], however the run ends: also whether it exited 0, and its stderr.
+fn drain_through_ending(
+    name: &str,
+    members: usize,
+    inflight: usize,
+    mode: Mode,
+) -> (serde_json::Value, Seen, bool, String) {
     let redis = RedisProc::start();
     let bus = redis.url();
     let dir = std::env::temp_dir().join(format!("loadgen-moves-{name}-{}", std::process::id()));
@@ -114,6 +137,7 @@ fn drain_through(name: &str, members: usize, inflight: usize, mode: Mode) -> (se
         .args(["--duration", "6", "--gift-rate", "5", "--chat-rate", "0", "--scenario", name])
         .args(["--out", out.to_str().unwrap()])
         .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
         .spawn()
         .expect("loadgen");
     let mut drained = false;
@@ -129,7 +153,8 @@ fn drain_through(name: &str, members: usize, inflight: usize, mode: Mode) -> (se
         }
     }
     assert!(drained, "the run reached the drain point");
-    assert!(lg.wait().unwrap().success(), "loadgen run");
+    let ok = lg.wait().unwrap().success();
+    let stderr = std::fs::read_to_string(dir.join("stderr.txt")).unwrap_or_default();
     assert_eq!(a.wait_exit(Duration::from_secs(60)), Some(0), "the drained edge exits 0");
     let _ = Command::new("kill").args(["-INT", &b.child.id().to_string()]).status();
     let _ = b.wait_exit(Duration::from_secs(30));
@@ -137,7 +162,7 @@ fn drain_through(name: &str, members: usize, inflight: usize, mode: Mode) -> (se
     let v = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let seen = std::mem::take(&mut *seen.0.lock().unwrap());
-    (v, seen)
+    (v, seen, ok, stderr)
 }
 
 /// 120 members sent away at once, and a dispatch that answers no one until all 120 have asked
@@ -174,5 +199,42 @@ fn moves_in_flight_stay_within_the_window_and_refusals_are_retried() {
     assert_eq!(v["reconnects"], 40, "{v}");
     assert_eq!(v["reconnect_failed"], 0, "{v}");
     assert_eq!(v["reconnect_attempts_failed_by_reason"], serde_json::json!({ "dispatch_http_503": 40 }), "{v}");
+    assert_eq!(v["lost"]["gift"], 0, "{v}");
+}
+
+/// A dispatch answering garbage (not HTTP; or a 200 whose body has no `url`) is counted under a
+/// reason of its own, `dispatch_bad_answer`, not the catch-all `dispatch_handshake` (which says
+/// "the upgrade answer was wrong"); the members never move, so the run ends in error saying
+/// they were not connected at the end.
+#[test]
+fn garbage_from_dispatch_is_counted_as_a_bad_answer() {
+    const MEMBERS: usize = 20;
+    let cases: [(&str, &[u8]); 2] = [
+        ("not-http", b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
+        ("no-url", b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{\"where\":\"b\"}  "),
+    ];
+    for (name, answer) in cases {
+        let (v, seen, ok, stderr) = drain_through_ending(name, MEMBERS, 32, Mode::Raw(answer));
+        assert!(seen.asked >= MEMBERS, "{name}: every member asked: {}", seen.asked);
+        let by = v["reconnect_attempts_failed_by_reason"].as_object().expect("by reason");
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["dispatch_bad_answer"], "{name}: {v}");
+        assert!(by["dispatch_bad_answer"].as_u64().unwrap() >= MEMBERS as u64, "{name}: {v}");
+        assert_eq!(v["reconnects"], 0, "{name}: {v}");
+        assert_eq!(v["members_open_at_end"], 0, "{name}: {v}");
+        assert!(!ok, "{name}: members down at the end fail the run");
+        assert!(stderr.contains(&format!("{MEMBERS} of {MEMBERS} members were not connected at the end")), "{stderr}");
+    }
+}
+
+/// A dispatch answering a host name (`ws://localhost:PORT`) rather than an IP: the name is
+/// looked up once and every member moves (it was counted as `dispatch_handshake`, retried until
+/// given up).
+#[test]
+fn a_host_name_from_dispatch_is_looked_up_and_followed() {
+    let (v, seen) = drain_through("by-name", 30, 32, Mode::ByName);
+    assert_eq!(seen.asked, 30, "one request per member: {v}");
+    assert_eq!(v["reconnects"], 30, "{v}");
+    assert_eq!(v["reconnect_attempts_failed_by_reason"], serde_json::json!({}), "{v}");
+    assert_eq!(v["members_open_at_end"], 30, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "{v}");
 }

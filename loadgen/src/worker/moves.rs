@@ -23,7 +23,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ use super::{
 };
 use crate::connect::{MOVE_TOKEN_BASE, Pending, Step, Window};
 use crate::dispatch::{self, Ask, AskStep};
+
+/// How long a host name the resolver did not know is taken as unknown before it is asked again.
+const UNRESOLVED_RETRY: Duration = Duration::from_secs(30);
 
 /// The worker's state a move touches.
 pub(super) struct Ctx<'a> {
@@ -69,6 +72,7 @@ impl MoveStats {
         c.buf.clear();
         c.pong.clear();
         c.open = true;
+        c.down_since = None;
         self.reconnects += 1;
         self.resumed += u64::from(std::mem::take(&mut c.resuming));
         let _ = self.hist.record(got_at.elapsed().as_micros().max(1) as u64);
@@ -135,8 +139,11 @@ pub(super) struct Moves {
     /// Due moves waiting for room in the window.
     ready: VecDeque<usize>,
     window: Window<InFlight>,
-    /// Dispatch hosts resolved so far (a name is looked up once, blocking; IPs are parsed).
-    hosts: HashMap<String, SocketAddr>,
+    /// Dispatch and edge hosts looked up so far (IPs are parsed, not kept): a name is looked up
+    /// once, blocking the loop; one the resolver did not know is not asked again for
+    /// [`UNRESOLVED_RETRY`] (when, and what it said), or a resolver that times out would stall
+    /// the loop at every attempt of every member.
+    hosts: HashMap<String, Result<SocketAddr, (Instant, String)>>,
     last_expiry_check: Instant,
     /// TLS members' movers.
     blocking: Option<Movers>,
@@ -223,7 +230,7 @@ impl Moves {
             }
             // The edge closes it right after its goaway; the new socket comes from the move.
             c.release(None);
-            c.open = false;
+            c.went_down();
             c.moving = true;
             if let Some(b) = &self.blocking {
                 let _ = b.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.last_seq, got_at });
@@ -300,39 +307,48 @@ impl Moves {
     /// A dispatch request for member `i` (room `room`) to `url`, under way.
     fn ask(&mut self, i: usize, url: &str, room: u32) -> anyhow::Result<Ask> {
         let (authority, req) = dispatch::request(url, room)?;
-        let dst = self.host(&authority)?;
+        let dst = self.host(&authority, Instant::now())?;
         Ask::start(source_socket(&self.args, self.args.first + i, 0)?, dst, req)
     }
 
-    /// The address of `authority` (`host:port`): parsed, or looked up once.
-    fn host(&mut self, authority: &str) -> anyhow::Result<SocketAddr> {
+    /// The address of `authority` (`host:port`): parsed, or looked up once
+    /// ([`dispatch::lookup`]; an unknown name again after [`UNRESOLVED_RETRY`]).
+    fn host(&mut self, authority: &str, now: Instant) -> anyhow::Result<SocketAddr> {
         if let Ok(a) = authority.parse() {
             return Ok(a);
         }
-        if let Some(a) = self.hosts.get(authority) {
-            return Ok(*a);
+        match self.hosts.get(authority) {
+            Some(Ok(a)) => return Ok(*a),
+            Some(Err((at, detail))) if now.duration_since(*at) < UNRESOLVED_RETRY => {
+                return Err(dispatch::Unresolved { authority: authority.to_owned(), detail: detail.clone() }.into());
+            }
+            _ => {}
         }
-        // Members' sockets are IPv4 (their source addresses are).
-        let a = authority
-            .to_socket_addrs()?
-            .find(SocketAddr::is_ipv4)
-            .ok_or_else(|| anyhow::anyhow!("no IPv4 address for {authority}"))?;
-        self.hosts.insert(authority.to_owned(), a);
-        Ok(a)
+        let r = dispatch::lookup(authority);
+        let kept = match &r {
+            Ok(a) => Ok(*a),
+            Err(e) => {
+                Err((now, e.downcast_ref::<dispatch::Unresolved>().map_or_else(|| e.to_string(), |u| u.detail.clone())))
+            }
+        };
+        self.hosts.insert(authority.to_owned(), kept);
+        r
     }
 
     /// Member `i`'s connect and upgrade to WebSocket URL `ws` with `since` (and its token),
-    /// under way. A URL that does not parse is counted as the dispatch's failure, as before.
+    /// under way. A URL that does not parse (`dispatch_bad_answer`) or whose host name does not
+    /// resolve (`dispatch_unresolved_host`) is counted as the dispatch's failure.
     fn connect(
-        &self,
+        &mut self,
         i: usize,
         ws: &str,
         room: u32,
         slow: bool,
         since: u64,
     ) -> Result<Pending, (String, anyhow::Error)> {
-        let (addr, path) =
-            ws_target(ws, room, self.args.sse).map_err(|e| (format!("dispatch_{}", failure_reason(&e)), e))?;
+        let as_dispatch = |e: anyhow::Error| (format!("dispatch_{}", failure_reason(&e)), e);
+        let (authority, path) = ws_target(ws, room, self.args.sse).map_err(as_dispatch)?;
+        let addr = self.host(&authority, Instant::now()).map_err(as_dispatch)?;
         let path = format!("{path}&since={since}{}", token_param(&self.tokens, i));
         Pending::start(&self.args, self.args.first + i, addr, &path, slow).map_err(|e| (failure_reason(&e), e))
     }
