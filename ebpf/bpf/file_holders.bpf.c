@@ -9,12 +9,17 @@
  *    lookup, in the kernel: no dentry or proc inode is made per descriptor, as each readlink
  *    of /proc/[pid]/fd/N makes.
  *
+ * The id written is the one the reader's /proc knows the process by, not the kernel's global
+ * tgid: in a container (a pid namespace of its own, with its /proc) the global id is another
+ * process's or none, and the guard named "pid 6791 (?)" for an edge that was pid 2 there.
+ *
  * The edge's listen guard asks it which process holds the listeners on its port (an edge of
  * 10^6 members beside a load generator holding as many descriptors made that walk seconds long).
  * GPL because bpf_seq_write is GPL-only.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
@@ -28,6 +33,36 @@ struct {
 	__type(value, __u8);
 } want SEC(".maps");
 
+/* How many pid namespaces the reader's /proc sits above the reader's own: the entries of NSpid
+ * in /proc/self/status less one (0 where /proc belongs to the reader's namespace, as in a
+ * container; 1 after `unshare --pid --fork` without a /proc of its own). Set by the loader. */
+const volatile __u32 proc_ns_up = 0;
+
+/* MAX_PID_NS_LEVEL (include/linux/pid_namespace.h): no pid has more levels. */
+#define MAX_PID_LEVEL 32
+
+/* The id of `task`'s process in the pid namespace `level` levels below the root; 0 when it has
+ * none there. */
+static __always_inline __u32 pid_at_level(struct task_struct *task, __u32 level)
+{
+	struct pid *p = BPF_CORE_READ(task, group_leader, thread_pid);
+	__u32 deepest;
+	int nr = 0;
+
+	if (!p || level >= MAX_PID_LEVEL)
+		return 0;
+	deepest = BPF_CORE_READ(p, level);
+	if (level > deepest)
+		return 0;
+	/* numbers[] is sized at run time (level + 1 entries): the address is computed from the
+	 * running kernel's offsets and sizes, then read. */
+	bpf_probe_read_kernel(&nr, sizeof(nr),
+			      (const char *)p + bpf_core_field_offset(struct pid, numbers) +
+				      (__u64)level * bpf_core_type_size(struct upid) +
+				      bpf_core_field_offset(struct upid, nr));
+	return nr > 0 ? (__u32)nr : 0;
+}
+
 SEC("iter/task_file")
 int rc_file_holders(struct bpf_iter__task_file *ctx)
 {
@@ -35,7 +70,7 @@ int rc_file_holders(struct bpf_iter__task_file *ctx)
 	struct task_struct *task = ctx->task;
 	struct inode *inode;
 	__u64 ino;
-	__u32 pid;
+	__u32 pid, reader_level;
 
 	if (!file || !task)
 		return 0;
@@ -45,7 +80,14 @@ int rc_file_holders(struct bpf_iter__task_file *ctx)
 	ino = inode->i_ino;
 	if (!bpf_map_lookup_elem(&want, &ino))
 		return 0;
-	pid = task->tgid;
+	/* The reader's level, less the levels its /proc sits above it: the namespace whose ids the
+	 * reader looks up. */
+	reader_level = BPF_CORE_READ((struct task_struct *)bpf_get_current_task(), thread_pid, level);
+	if (proc_ns_up > reader_level)
+		return 0;
+	pid = pid_at_level(task, reader_level - proc_ns_up);
+	if (!pid)
+		return 0;
 	bpf_seq_write(ctx->meta->seq, &pid, sizeof(pid));
 	return 0;
 }

@@ -122,8 +122,27 @@ struct file {
 	struct inode *f_inode;
 };
 
+struct pid_namespace;
+
+/* One of a process's ids: its number in one pid namespace. Declared whole (an int and a
+ * pointer) because the holder iterator indexes struct pid's numbers[] with it; the loader's
+ * size relocation (bpf_core_type_size) is what the index is scaled by. */
+struct upid {
+	int nr;
+	struct pid_namespace *ns;
+};
+
+/* A process's ids in every pid namespace from the root (numbers[0]) down to its own
+ * (numbers[level]). */
+struct pid {
+	unsigned int level;
+	struct upid numbers[1];
+};
+
 struct task_struct {
 	pid_t tgid;
+	struct task_struct *group_leader;
+	struct pid *thread_pid;
 };
 
 struct bpf_iter__task_file {

@@ -36,8 +36,12 @@ pub fn socket_holders(inodes: &[u64]) -> Result<Vec<u32>, ProbeError> {
         return Err(ProbeError::TooManyInodes(inodes.len()));
     }
     let btf = Btf::from_sys_fs().map_err(|e| ProbeError::Btf(error_chain(&e)))?;
+    // The ids come back as this process's /proc knows them (see bpf/file_holders.bpf.c): the
+    // program is told how far above this process's pid namespace that /proc's sits.
+    let up = std::fs::read_to_string("/proc/self/status").map_or(0, |s| proc_ns_up(&s));
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
+        .override_global("proc_ns_up", &up, true)
         .load(OBJECT)
         .map_err(|e| ProbeError::Load { program: "file_holders.bpf.o", detail: error_chain(&e) })?;
     {
@@ -68,6 +72,16 @@ pub fn socket_holders(inodes: &[u64]) -> Result<Vec<u32>, ProbeError> {
     Ok(pids(&out))
 }
 
+/// How many pid namespaces above this process's own the /proc that printed `status` (the text of
+/// /proc/self/status) belongs to: the ids on its `NSpid:` line less one; 0 without that line
+/// (kernels before 4.1, which print only the /proc's own id).
+fn proc_ns_up(status: &str) -> u32 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map_or(0, |ids| u32::try_from(ids.split_whitespace().count().saturating_sub(1)).unwrap_or(0))
+}
+
 /// The iterator's output (native-endian u32 process ids, one per matching file) as sorted,
 /// distinct ids; a torn tail is ignored.
 fn pids(bytes: &[u8]) -> Vec<u32> {
@@ -90,5 +104,16 @@ mod tests {
         b.push(9);
         assert_eq!(pids(&b), vec![1, 3, 7]);
         assert!(pids(&[]).is_empty());
+    }
+
+    #[test]
+    fn proc_ns_up_counts_the_namespaces_between_proc_and_this_process() {
+        // /proc of this process's own namespace (the host, or a container with its /proc).
+        assert_eq!(proc_ns_up("Name:\tedge\nTgid:\t2\nNSpid:\t2\nNSpgid:\t2\n"), 0);
+        // The host's /proc read from a child namespace (unshare --pid --fork, no --mount-proc).
+        assert_eq!(proc_ns_up("Tgid:\t6791\nNSpid:\t6791\t2\n"), 1);
+        assert_eq!(proc_ns_up("NSpid:\t9\t5\t1\n"), 2);
+        assert_eq!(proc_ns_up("Name:\tedge\nPid:\t7\n"), 0);
+        assert_eq!(proc_ns_up(""), 0);
     }
 }

@@ -390,3 +390,39 @@ fn the_holder_iterator_names_the_processes_holding_a_socket() {
     drop(child.stdin.take());
     child.wait().unwrap();
 }
+
+/// Set in the copy of this test binary that [`the_holder_iterator_names_processes_by_their_id_in_a_container`]
+/// runs in a pid namespace of its own.
+const IN_PID_NS: &str = "ROOMCAST_TEST_IN_PID_NS";
+
+#[test]
+fn the_holder_iterator_names_processes_by_their_id_in_a_container() {
+    // This test binary again, as the first process of a new pid namespace with its own /proc
+    // (a container's view): the ids found must be the ones that /proc lists, not the kernel's
+    // global ones (which named "pid 6791 (?)" for an edge that was pid 2 there).
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--"])
+        .arg(&exe)
+        .args(["--exact", "holders_inside_a_pid_namespace", "--nocapture", "--test-threads=1"])
+        .env(IN_PID_NS, "1")
+        .output()
+        .expect("run unshare (util-linux)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "in a pid namespace: {text}");
+    assert!(text.contains("holders in the pid namespace: ok"), "the inner test did not run: {text}");
+}
+
+/// The inside of the test above; does nothing when run on its own.
+#[test]
+fn holders_inside_a_pid_namespace() {
+    if std::env::var_os(IN_PID_NS).is_none() {
+        return;
+    }
+    let me = std::process::id();
+    assert!(me < 100, "not the first processes of a new pid namespace: pid {me}");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let found = roomcast_ebpf::holders::socket_holders(&[socket_inode(&l)]).expect("the kernel takes iter/task_file");
+    assert_eq!(found, vec![me], "ids as /proc in the namespace knows them");
+    println!("holders in the pid namespace: ok");
+}

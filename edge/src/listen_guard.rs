@@ -72,18 +72,24 @@ pub struct Holders {
     pub procs: Vec<Holder>,
     /// Inodes of the listening sockets found in /proc/net/tcp{,6}.
     pub inodes: Vec<u64>,
+    /// Why a holder may have gone unseen, when the search could not look at every process
+    /// (the eBPF iterator refused and some /proc/[pid]/fd unreadable); None when it could, so
+    /// that no holder means none exists (a listener being torn down).
+    pub unseen: Option<String>,
 }
 
 impl fmt::Display for Holders {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.procs.is_empty() {
             f.write_str("an unknown process")?;
-            if let Some(inode) = self.inodes.first() {
-                write!(
+            match (self.inodes.first(), &self.unseen) {
+                (Some(inode), Some(why)) => write!(f, " (listening socket inode {inode}; not found: {why})")?,
+                (Some(inode), None) => write!(
                     f,
                     " (listening socket inode {inode} is in no /proc/*/fd this process can read: \
                      another user or PID namespace)"
-                )?;
+                )?,
+                (None, _) => {}
             }
             return Ok(());
         }
@@ -141,21 +147,35 @@ pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, G
     // another user's or PID namespace's process waits that long), and say so once.
     let start = std::time::Instant::now();
     let mut told = false;
-    // Listening sockets found held by no process. A socket does not gain a holder later (short
+    // Listening sockets found held by no process (with why the search may have missed one). A socket does not gain a holder later (short
     // of fd passing), so while the port's listeners are all among these, a look needs no new walk
     // of every /proc/[pid]/fd: that walk readlinks every descriptor of every process (10^6 of
     // them in a load generator beside the edge: seconds a walk), and this loop looks every 50 ms.
-    let mut orphans: Vec<u64> = Vec::new();
+    let mut orphans = Orphans::default();
     loop {
         match check_port_once(addr, takeover, &mut orphans) {
             Err(GuardError::PortHeld { holders, .. }) if holders.procs.is_empty() && start.elapsed() < ORPHAN_WAIT => {
                 if !told && start.elapsed() >= std::time::Duration::from_secs(1) {
                     told = true;
-                    tracing::warn!(
-                        %addr,
-                        wait_s = ORPHAN_WAIT.as_secs(),
-                        "the port is held by a listener no process owns (one being torn down, as after a crash): waiting for it to go"
-                    );
+                    match &holders.unseen {
+                        // Without the eBPF iterator or the right to read every process's
+                        // descriptors, a live holder (another user's, a process with more
+                        // privileges) looks the same as a dead one: this said "no process owns"
+                        // of a running edge and waited 120 s before naming nobody.
+                        Some(why) => tracing::warn!(
+                            %addr,
+                            wait_s = ORPHAN_WAIT.as_secs(),
+                            why = why.as_str(),
+                            "the port is held by a listener this edge cannot name (a process it cannot see, or one being \
+                             torn down after a crash): waiting for it to go; with CAP_BPF and CAP_PERFMON (or \
+                             CAP_SYS_PTRACE) it could tell"
+                        ),
+                        None => tracing::warn!(
+                            %addr,
+                            wait_s = ORPHAN_WAIT.as_secs(),
+                            "the port is held by a listener no process owns (one being torn down, as after a crash): waiting for it to go"
+                        ),
+                    }
                 }
                 drop(holders);
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -170,7 +190,15 @@ pub fn check_port(addr: SocketAddr, takeover: bool) -> Result<Option<Holders>, G
     }
 }
 
-fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Vec<u64>) -> Result<Option<Holders>, GuardError> {
+/// Listening sockets a look found held by no process it could see, and why it may have missed
+/// the holder (see [`Holders::unseen`]).
+#[derive(Default)]
+struct Orphans {
+    inodes: Vec<u64>,
+    unseen: Option<String>,
+}
+
+fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Orphans) -> Result<Option<Holders>, GuardError> {
     if addr.port() == 0 {
         return Ok(None);
     }
@@ -192,13 +220,16 @@ fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Vec<u64>) -> 
             tracing::debug!(%addr, "listen guard: port in use but no listener on it");
             return Ok(None);
         }
-        Some(inodes) if inodes.iter().all(|i| orphans.contains(i)) => Holders { procs: Vec::new(), inodes },
+        Some(inodes) if inodes.iter().all(|i| orphans.inodes.contains(i)) => {
+            Holders { procs: Vec::new(), inodes, unseen: orphans.unseen.clone() }
+        }
         Some(inodes) => {
-            let procs = processes_holding(&inodes);
+            let (procs, unseen) = processes_holding(&inodes);
             if procs.is_empty() {
-                orphans.extend_from_slice(&inodes);
+                orphans.inodes.extend_from_slice(&inodes);
+                orphans.unseen.clone_from(&unseen);
             }
-            Holders { procs, inodes }
+            Holders { procs, inodes, unseen }
         }
         None => Holders::default(),
     };
@@ -285,25 +316,28 @@ thread_local! {
 
 /// The processes with any of `inodes` among their open files. A socket can be open in several
 /// processes (inherited over fork), so every process is looked at: by an eBPF iterator over
-/// every open file where the kernel allows it, else by a walk of every /proc/[pid]/fd.
-fn processes_holding(inodes: &[u64]) -> Vec<Holder> {
+/// every open file where the kernel allows it, else by a walk of every /proc/[pid]/fd. With
+/// them, why a holder may have been missed (see [`Holders::unseen`]).
+fn processes_holding(inodes: &[u64]) -> (Vec<Holder>, Option<String>) {
     #[cfg(test)]
     PROC_WALKS.with(|w| w.set(w.get() + 1));
     let started = std::time::Instant::now();
-    match roomcast_ebpf::holders::socket_holders(inodes) {
+    let ebpf_refused = match roomcast_ebpf::holders::socket_holders(inodes) {
         Ok(pids) => {
             tracing::debug!(
                 took_ms = started.elapsed().as_millis() as u64,
                 "listen guard: holders from the eBPF file iterator"
             );
-            return pids
-                .into_iter()
-                .map(|pid| holder(pid, &std::path::Path::new("/proc").join(pid.to_string())))
-                .collect();
+            let procs =
+                pids.into_iter().map(|pid| holder(pid, &std::path::Path::new("/proc").join(pid.to_string()))).collect();
+            return (procs, None);
         }
-        Err(e) => tracing::debug!(error = %e, "listen guard: no eBPF file iterator; walking /proc/*/fd"),
-    }
-    let walked = walk_proc_fds(inodes);
+        Err(e) => {
+            tracing::debug!(error = %e, "listen guard: no eBPF file iterator; walking /proc/*/fd");
+            e.to_string()
+        }
+    };
+    let (walked, unreadable) = walk_proc_fds(inodes);
     let took = started.elapsed();
     // Seconds beside a process holding 10^6 descriptors on a busy box: say where a slow start went.
     if took >= std::time::Duration::from_secs(1) {
@@ -312,7 +346,17 @@ fn processes_holding(inodes: &[u64]) -> Vec<Holder> {
             "listen guard: walked every /proc/[pid]/fd to name the port's holder"
         );
     }
-    walked
+    let unseen = (unreadable > 0).then(|| unseen_why(&ebpf_refused, unreadable));
+    (walked, unseen)
+}
+
+/// Why a search for a holder may have missed it: the iterator's refusal, and how many
+/// processes' descriptors could not be read.
+fn unseen_why(ebpf_refused: &str, unreadable: usize) -> String {
+    format!(
+        "no eBPF file iterator ({ebpf_refused}), and the descriptors of {unreadable} processes are unreadable \
+         (another user's, or more privileged: CAP_SYS_PTRACE reads them)"
+    )
 }
 
 /// A process's name and command line for messages.
@@ -322,32 +366,48 @@ fn holder(pid: u32, dir: &std::path::Path) -> Holder {
     Holder { pid, comm, cmdline }
 }
 
-/// [`processes_holding`] through /proc: every /proc/[pid]/fd link read.
-fn walk_proc_fds(inodes: &[u64]) -> Vec<Holder> {
+/// [`processes_holding`] through /proc: every /proc/[pid]/fd link read. With the holders, how
+/// many processes' descriptors could not be read (all of them when /proc cannot be).
+fn walk_proc_fds(inodes: &[u64]) -> (Vec<Holder>, usize) {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return (Vec::new(), usize::MAX);
     };
     let mut out = Vec::new();
+    let mut unreadable = 0;
     for entry in dir.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        // Unreadable for other users' processes without CAP_SYS_PTRACE; they stay unknown.
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
+        // Unreadable for other users' processes without CAP_SYS_PTRACE; they stay unknown, and
+        // are counted (a process gone meanwhile is not).
+        let fds = match std::fs::read_dir(entry.path().join("fd")) {
+            Ok(fds) => fds,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    unreadable += 1;
+                }
+                continue;
+            }
         };
-        let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .ok()
-                .and_then(|link| link.to_str().and_then(socket_inode))
-                .is_some_and(|inode| inodes.contains(&inode))
+        // The directory of a more privileged process of the same user lists, but its links do
+        // not read (ptrace access): that process is unseen too.
+        let mut denied = false;
+        let holds = fds.flatten().any(|fd| match std::fs::read_link(fd.path()) {
+            Ok(link) => link.to_str().and_then(socket_inode).is_some_and(|inode| inodes.contains(&inode)),
+            Err(e) => {
+                denied |= e.kind() == io::ErrorKind::PermissionDenied;
+                false
+            }
         });
+        if denied && !holds {
+            unreadable += 1;
+        }
         if holds {
             out.push(holder(pid, &entry.path()));
         }
     }
     out.sort_by_key(|h| h.pid);
-    out
+    (out, unreadable)
 }
 
 /// Parses the text of /proc/net/tcp or /proc/net/tcp6; the header and malformed lines are
@@ -559,6 +619,7 @@ mod tests {
         let holders = Holders {
             procs: vec![Holder { pid: 1234, comm: "edge".into(), cmdline: "/path/edge --listen 0.0.0.0:8080".into() }],
             inodes: vec![41234],
+            unseen: None,
         };
         let e = GuardError::PortHeld { addr: sa("127.0.0.1:8080"), holders }.to_string();
         assert!(
@@ -569,8 +630,14 @@ mod tests {
             "{e}"
         );
         assert!(e.ends_with("pass --takeover for a rolling restart"), "{e}");
-        let unknown = Holders { procs: Vec::new(), inodes: vec![7] }.to_string();
+        let unknown = Holders { procs: Vec::new(), inodes: vec![7], unseen: None }.to_string();
         assert!(unknown.starts_with("an unknown process (listening socket inode 7"), "{unknown}");
+        let unseen = Holders { procs: Vec::new(), inodes: vec![7], unseen: Some(unseen_why("EPERM", 3)) }.to_string();
+        assert_eq!(
+            unseen,
+            "an unknown process (listening socket inode 7; not found: no eBPF file iterator (EPERM), and the \
+             descriptors of 3 processes are unreadable (another user's, or more privileged: CAP_SYS_PTRACE reads them))"
+        );
         assert_eq!(Holders::default().to_string(), "an unknown process");
     }
 
@@ -619,11 +686,12 @@ mod tests {
     fn the_file_iterator_and_the_proc_walk_name_the_same_holders() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let inodes = listeners(l.local_addr().unwrap()).unwrap();
-        let walked = walk_proc_fds(&inodes);
+        let (walked, _unreadable) = walk_proc_fds(&inodes);
         assert!(walked.iter().any(|h| h.pid == std::process::id()), "{walked:?}");
         let pids = roomcast_ebpf::holders::socket_holders(&inodes).expect("this kernel takes iter/task_file");
         assert_eq!(pids, walked.iter().map(|h| h.pid).collect::<Vec<_>>());
-        assert_eq!(processes_holding(&inodes), walked);
+        // The iterator sees every process: nothing is unseen.
+        assert_eq!(processes_holding(&inodes), (walked, None));
     }
 
     /// A listener no process holds, as after a crash: a ring's registered file is its only

@@ -116,3 +116,41 @@ fn a_restart_right_after_kill_9_gets_the_port() {
         assert!(ready.starts_with("roomcast edge ready"), "{ready}\n{}", errs.join("\n"));
     }
 }
+
+/// An edge that cannot see the port's holder (no capabilities: the eBPF file iterator is
+/// refused and a full-root process's /proc/[pid]/fd is unreadable) says so while it waits,
+/// instead of calling a running edge "a listener no process owns (one being torn down)".
+#[test]
+fn an_edge_without_capabilities_says_it_cannot_name_the_holder() {
+    let first = EdgeProc::start(&["--shards", "1"]);
+    let mut second = Command::new("setpriv")
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(roomcast_testsupport::edge_bin())
+        .args(["--listen", &first.ws.to_string(), "--http", "127.0.0.1:0", "--shards", "1"])
+        .arg("--data-dir")
+        .arg(roomcast_testsupport::data_dir("takeover-nocaps"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn setpriv (util-linux)");
+    let err = child_lines(second.stderr.take().expect("stderr"));
+    // The guard speaks after its first second of looking.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut lines = Vec::new();
+    let warned = loop {
+        match err.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains("listen_guard") && line.contains("WARN") => break line,
+            Ok(line) => lines.push(line),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break String::new(),
+        }
+        if Instant::now() >= deadline {
+            break String::new();
+        }
+    };
+    kill(&mut second);
+    assert!(warned.contains("cannot name"), "no warning that the holder is unseen: {warned}\n{}", lines.join("\n"));
+    assert!(warned.contains("no eBPF file iterator"), "{warned}");
+    assert!(!warned.contains("no process owns"), "{warned}");
+}

@@ -962,7 +962,32 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     if let Some(why) = end.not_connected(reconnect_failed, closed) {
         anyhow::bail!("{why}; results in {}", dir.display());
     }
+    // A run none of whose members connected measured nothing (it exited 0 with every connect
+    // refused); nor did one whose publishes were refused for good (a 401 for a missing key, a
+    // --http that is not the edge's): its members "lost" what was never published.
+    if let Some(why) = nothing_connected(r.connections, &r.failed_by_reason) {
+        anyhow::bail!("{why}; results in {}", dir.display());
+    }
+    let for_good = publish::refused_for_good(&r.publish_refused_by_status);
+    anyhow::ensure!(
+        for_good.is_empty(),
+        "publishes refused for good ({}: not retried, given up; see publish_refused_by_status); results in {}",
+        for_good.join(", "),
+        dir.display()
+    );
     Ok(())
+}
+
+/// Why a run failed when none of its members connected (every attempt failed: by reason), or
+/// None.
+fn nothing_connected(connected: u64, failed_by_reason: &std::collections::BTreeMap<String, u64>) -> Option<String> {
+    let failed: u64 = failed_by_reason.values().sum();
+    (connected == 0 && failed > 0).then(|| {
+        format!(
+            "no member connected ({failed} failed: {})",
+            failed_by_reason.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 /// The members at a run's end: of those that `connected`, the ones `open`, `moving` (without a
@@ -1063,8 +1088,6 @@ mod tests {
         }
     }
 
-    /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit
-    /// is refused rather than wrapped around onto another worker's addresses.
     /// A run ends in error when members were down at its end, saying how many and why; one
     /// whose members all came back (an edge restarted under them) does not.
     #[test]
@@ -1086,6 +1109,22 @@ mod tests {
         );
     }
 
+    /// A run none of whose members connected fails, naming why they did not; one with any
+    /// member in does not on this count.
+    #[test]
+    fn a_run_with_no_member_connected_fails() {
+        let by: std::collections::BTreeMap<String, u64> =
+            [("refused".to_owned(), 1990), ("timeout".to_owned(), 10)].into_iter().collect();
+        assert_eq!(
+            super::nothing_connected(0, &by).as_deref(),
+            Some("no member connected (2000 failed: refused: 1990, timeout: 10)")
+        );
+        assert_eq!(super::nothing_connected(1, &by), None);
+        assert_eq!(super::nothing_connected(0, &std::collections::BTreeMap::new()), None);
+    }
+
+    /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit
+    /// is refused rather than wrapped around onto another worker's addresses.
     #[test]
     fn source_addresses_never_overlap() {
         let all = source_addrs("127", 67, 48).unwrap();

@@ -276,7 +276,10 @@ impl Stream {
             .send();
         let statuses: Vec<u16> = match resp {
             Ok(r) if r.status().is_success() => {
-                let v: serde_json::Value = serde_json::from_str(&r.text()?)?;
+                let text = r.text()?;
+                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("POST /v1/messages: 200 without the edge's answer ({e}): {}", excerpt(&text))
+                })?;
                 let results =
                     v["results"].as_array().ok_or_else(|| anyhow::anyhow!("batch answer without results: {v}"))?;
                 anyhow::ensure!(
@@ -343,6 +346,27 @@ impl Stream {
             let accepted =
                 |s: reqwest::StatusCode| s.is_success() && (self.target == Target::Nchan || s.as_u16() != 202);
             match r {
+                // The edge's 200 carries the message's seq: a 200 without one (a proxy's page, a
+                // wrong --http) numbered nothing, and counting it as published blamed the edge
+                // for every "lost" delivery of a message it never saw, in a run that exited 0.
+                Ok(resp) if self.target == Target::Edge && resp.status().as_u16() == 200 => {
+                    let text = resp.text().unwrap_or_default();
+                    if is_edge_ack(&text) {
+                        self.published[room as usize] += 1;
+                        let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
+                    } else {
+                        self.refusal(BAD_ANSWER);
+                        eprintln!(
+                            "publish {kind} to r{room}: given up: 200 without the edge's answer ({})",
+                            excerpt(&text)
+                        );
+                        self.not_accepted += 1;
+                        if self.must_deliver {
+                            self.gave_up += 1;
+                        }
+                    }
+                    return Ok(());
+                }
                 Ok(resp) if accepted(resp.status()) => {
                     self.published[room as usize] += 1;
                     let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
@@ -386,12 +410,134 @@ impl Stream {
     }
 }
 
+/// The refusal reason of a 200 that is not the edge's acknowledgement (see [`is_edge_ack`]).
+pub const BAD_ANSWER: &str = "bad_answer";
+
+/// Whether `body` is the edge's answer to an accepted publish: a JSON object with the
+/// message's `seq` (docs/PROTOCOL.md, "The publish API").
+fn is_edge_ack(body: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(body).is_ok_and(|v| v["seq"].is_u64())
+}
+
+/// The start of an answer for a message: at most 80 characters, control characters escaped.
+fn excerpt(body: &str) -> String {
+    let cut: String = body.chars().take(80).collect();
+    let more = if body.chars().count() > 80 { "..." } else { "" };
+    format!("{cut:?}{more}")
+}
+
+/// The refusals that retrying or waiting would not have changed, as "kind status: count":
+/// answers that are not the edge's (a wrong --http) and 4xx other than 429 (a missing or
+/// wrong key, a kind the edge does not know). A run with any of them measured a misconfigured
+/// setup, and says so by its exit status.
+pub fn refused_for_good(refused: &BTreeMap<String, u64>) -> Vec<String> {
+    refused
+        .iter()
+        .filter(|(key, n)| {
+            let status = key.rsplit(' ').next().unwrap_or("");
+            **n > 0
+                && (status == BAD_ANSWER || status.parse::<u16>().is_ok_and(|c| (400..500).contains(&c) && c != 429))
+        })
+        .map(|(key, n)| format!("{key}: {n}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::Publisher;
+    use std::collections::BTreeMap;
+    use std::io::{Read, Write};
+
+    use super::{Publisher, refused_for_good};
     use crate::worker::Target;
+
+    /// An HTTP server on loopback answering every request with `200 OK` and `body`.
+    fn answering(body: &'static str) -> std::net::SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    // One request per connection; its body arrives with its head on loopback.
+                    let _ = c.read(&mut buf);
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        addr
+    }
+
+    /// A 200 that is not the edge's acknowledgement (no `seq`) publishes nothing: the gift is
+    /// given up as a `bad_answer`, not counted as published (and then as lost by every member).
+    #[test]
+    fn a_200_without_the_edges_answer_is_not_a_publish() {
+        let http = answering("\u{0}not json {{");
+        let start = Instant::now();
+        let p = Publisher::start(
+            Target::Edge,
+            http,
+            1,
+            &["gift", "chat"],
+            8,
+            &[20.0, 0.0],
+            &[1, 1],
+            &[1, 1],
+            Duration::from_secs(5),
+            start,
+            start + Duration::from_millis(300),
+        )
+        .unwrap();
+        let o = p.finish().unwrap();
+        assert_eq!(o.total(0), 0, "nothing was numbered");
+        assert!(o.gave_up[0] >= 1, "{:?}", o.gave_up);
+        assert_eq!(o.refused.get("gift bad_answer").copied(), Some(o.gave_up[0]), "{:?}", o.refused);
+        assert_eq!(refused_for_good(&o.refused), vec![format!("gift bad_answer: {}", o.gave_up[0])]);
+
+        // The edge's answer is one.
+        let http = answering(r#"{"room":"r0","seq":7,"ts_us":1,"replayed":false}"#);
+        let start = Instant::now();
+        let p = Publisher::start(
+            Target::Edge,
+            http,
+            1,
+            &["gift", "chat"],
+            8,
+            &[20.0, 0.0],
+            &[1, 1],
+            &[1, 1],
+            Duration::from_secs(5),
+            start,
+            start + Duration::from_millis(300),
+        )
+        .unwrap();
+        let o = p.finish().unwrap();
+        assert!(o.total(0) >= 1 && o.gave_up[0] == 0, "{:?} {:?}", o.gave_up, o.refused);
+    }
+
+    #[test]
+    fn refusals_for_good_are_bad_answers_and_4xx_but_429() {
+        let refused: BTreeMap<String, u64> = [
+            ("gift 401", 20),
+            ("gift error", 597),
+            ("gift 503", 3),
+            ("chat 429", 9),
+            ("chat 202", 4),
+            ("chat 403", 0),
+            ("gift bad_answer", 2),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(refused_for_good(&refused), vec!["gift 401: 20", "gift bad_answer: 2"]);
+        assert!(refused_for_good(&BTreeMap::new()).is_empty());
+    }
 
     /// An edge that stops answering for good (killed, not restarted) costs the gifts due
     /// meanwhile, counted as given up; the publisher still ends with its outcome, so the run
