@@ -117,6 +117,18 @@ pub enum GuardError {
         /// The processes listening on it.
         holders: Holders,
     },
+    /// Another process's listener holds the port and does not share it (no SO_REUSEPORT, or
+    /// another user's): no edge can start beside it, `takeover` or not.
+    #[error(
+        "port {addr} is held by {holders}, which does not share it (its listener has no SO_REUSEPORT, or is \
+         another user's): stop that process (--takeover cannot start beside it)"
+    )]
+    PortTaken {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The processes listening on it.
+        holders: Holders,
+    },
     /// Not even a probe socket could be made, so whether the port is free is unknown.
     #[error("cannot check whether {addr} is free (listen): probe socket: {source}")]
     Probe {
@@ -133,6 +145,9 @@ pub enum GuardError {
 /// - Port 0, or the port is free: `Ok(None)`.
 /// - Held, `takeover` false: [`GuardError::PortHeld`], naming the holders.
 /// - Held, `takeover` true: `Ok(Some(holders))`, for the caller to log that it shares the port.
+/// - Held by a named process whose listener would not share the port (no SO_REUSEPORT, or
+///   another user's): [`GuardError::PortTaken`] either way; `takeover` ended in the shards' bind
+///   failing with a bare "Address already in use" and no name.
 ///
 /// A probe bind failing for another reason than EADDRINUSE (a privileged port, an address that is
 /// not local) is left to the real bind, which fails the same way with its own message. A probe
@@ -233,6 +248,12 @@ fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Orphans) -> R
         }
         None => Holders::default(),
     };
+    // A named holder whose listener the shards could not join: say so, and by name, whatever
+    // `takeover` asks (a python http.server on the port got "pass --takeover", and with it a
+    // bare EADDRINUSE from the shards' bind).
+    if !holders.procs.is_empty() && !shares(addr) {
+        return Err(GuardError::PortTaken { addr, holders });
+    }
     // A look takes milliseconds; after a crash at 10^6 members one took seconds: say where.
     let took_ms = started.elapsed().as_millis() as u64;
     if took_ms >= 1000 {
@@ -259,6 +280,20 @@ fn probe(addr: SocketAddr) -> Result<Probe, GuardError> {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Probe::InUse,
         Err(e) => Probe::Other(e),
     })
+}
+
+/// Whether a listener the shards make (SO_REUSEPORT, this user) could bind `addr` beside the
+/// ones there: a bind without listen, so the probe never joins the group and takes no
+/// connection. An error other than EADDRINUSE says nothing: taken as sharing, for the real bind
+/// to report.
+fn shares(addr: SocketAddr) -> bool {
+    let Ok(s) = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP)) else {
+        return true;
+    };
+    if s.set_reuse_address(true).and_then(|()| s.set_reuse_port(true)).is_err() {
+        return true;
+    }
+    !matches!(s.bind(&SockAddr::from(addr)), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
 }
 
 /// Inodes of the listening sockets that overlap `addr`, from a sock_diag dump of the port's
@@ -648,7 +683,12 @@ mod tests {
 
     #[test]
     fn a_held_port_names_this_process() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // A listener that shares the port (SO_REUSEPORT), as an edge's shards do.
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&SockAddr::from(sa("127.0.0.1:0"))).unwrap();
+        s.listen(8).unwrap();
+        let l: std::net::TcpListener = s.into();
         let addr = l.local_addr().unwrap();
         let me = std::process::id();
         match check_port(addr, false) {
@@ -715,6 +755,34 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(500), "it waited for the orphan");
         // One walk of every /proc/[pid]/fd found no holder; the later looks did not walk again.
         assert_eq!(PROC_WALKS.with(std::cell::Cell::get), 1);
+    }
+
+    /// A listener without SO_REUSEPORT (a python http.server, say) cannot be shared: the
+    /// guard names it and refuses even with takeover; a SO_REUSEPORT one is taken over.
+    #[test]
+    fn a_holder_that_does_not_share_is_refused_even_with_takeover() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let me = std::process::id();
+        for takeover in [false, true] {
+            match check_port(addr, takeover) {
+                Err(e @ GuardError::PortTaken { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&format!("pid {me} (")), "{msg}");
+                    assert!(msg.contains("does not share it"), "{msg}");
+                }
+                other => panic!("takeover {takeover}: expected PortTaken, got {other:?}"),
+            }
+        }
+        // A sharing listener, as an edge's shards are.
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&SockAddr::from(sa("127.0.0.1:0"))).unwrap();
+        s.listen(8).unwrap();
+        let shared = s.local_addr().unwrap().as_socket().unwrap();
+        assert!(matches!(check_port(shared, false), Err(GuardError::PortHeld { .. })));
+        let taken = check_port(shared, true).unwrap().expect("holders with takeover");
+        assert!(taken.procs.iter().any(|h| h.pid == me), "{taken:?}");
     }
 
     #[test]
