@@ -76,8 +76,19 @@ impl Drop for RedisProc {
 }
 
 /// A free loopback TCP port (bound and released: another process may take it meanwhile, as
-/// with every test here that starts a server on a chosen port).
+/// with every test here that starts a server on a chosen port), below the kernel's ephemeral
+/// range (32768-60999 here): a node restarted on its port after a kill found it taken as the
+/// source port of a client's reconnect when the port came from that range.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
