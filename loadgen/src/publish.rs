@@ -474,11 +474,8 @@ mod tests {
         addr
     }
 
-    /// A 200 that is not the edge's acknowledgement (no `seq`) publishes nothing: the gift is
-    /// given up as a `bad_answer`, not counted as published (and then as lost by every member).
-    #[test]
-    fn a_200_without_the_edges_answer_is_not_a_publish() {
-        let http = answering("\u{0}not json {{");
+    /// Gifts at 20/s to the edge target at `http` for 300 ms; what the publisher made of them.
+    fn gifts_for_300_ms(http: std::net::SocketAddr) -> super::Outcome {
         let start = Instant::now();
         let p = Publisher::start(
             Target::Edge,
@@ -494,7 +491,15 @@ mod tests {
             start + Duration::from_millis(300),
         )
         .unwrap();
-        let o = p.finish().unwrap();
+        p.finish().unwrap()
+    }
+
+    /// A 200 that is not the edge's acknowledgement (no `seq`) publishes nothing: the gift is
+    /// given up as a `bad_answer`, not counted as published (and then as lost by every member).
+    #[test]
+    fn a_200_without_the_edges_answer_is_not_a_publish() {
+        let http = answering("\u{0}not json {{");
+        let o = gifts_for_300_ms(http);
         assert_eq!(o.total(0), 0, "nothing was numbered");
         assert!(o.gave_up[0] >= 1, "{:?}", o.gave_up);
         assert_eq!(o.refused.get("gift bad_answer").copied(), Some(o.gave_up[0]), "{:?}", o.refused);
@@ -502,22 +507,7 @@ mod tests {
 
         // The edge's answer is one.
         let http = answering(r#"{"room":"r0","seq":7,"ts_us":1,"replayed":false}"#);
-        let start = Instant::now();
-        let p = Publisher::start(
-            Target::Edge,
-            http,
-            1,
-            &["gift", "chat"],
-            8,
-            &[20.0, 0.0],
-            &[1, 1],
-            &[1, 1],
-            Duration::from_secs(5),
-            start,
-            start + Duration::from_millis(300),
-        )
-        .unwrap();
-        let o = p.finish().unwrap();
+        let o = gifts_for_300_ms(http);
         assert!(o.total(0) >= 1 && o.gave_up[0] == 0, "{:?} {:?}", o.gave_up, o.refused);
     }
 
