@@ -155,6 +155,9 @@ struct ShardFamilies {
     slow_consumer_closes: IntCounterVec,
     shed_bytes: IntCounterVec,
     latency: HistogramVec,
+    /// Edge-wide (one series: handshakes are rare beside deliveries, and a histogram per shard
+    /// would be 61 x 21 series at 10^6 members).
+    handshake: Histogram,
     /// By shard and kind, not registered: each shard observes into children of its own (no
     /// cache line shared with another core), and a scrape sums them into one series per kind.
     latency_kind: HistogramVec,
@@ -210,6 +213,8 @@ pub struct ShardStats {
     /// Delivery latency per kind, indexed by `KindSince::kind`, on the same sampled frames:
     /// each kind from its own oldest message in the frame.
     pub latency_kind: Vec<Histogram>,
+    /// From a connection's accept to the completion of the write of its 101 answer.
+    pub handshake_seconds: Histogram,
     /// The shard's measured capacity: frames written per second of its thread's CPU time
     /// (EWMA).
     pub frames_per_cpu_s: Gauge,
@@ -395,6 +400,17 @@ impl Metrics {
                 .namespace("roomcast")
                 .buckets(LATENCY_BUCKETS.to_vec());
                 let h = HistogramVec::new(opts, &["shard", "class"]).expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            handshake: {
+                let opts = HistogramOpts::new(
+                    "handshake_seconds",
+                    "From the accept of a WebSocket connection to the completion of the write of its 101 answer (the upgrade request's arrival, the shard's turn, and the answer's wait for a send), all shards. Clients give up an upgrade after their own timeout (10 s in roomcast's clients and load generator).",
+                )
+                .namespace("roomcast")
+                .buckets(LATENCY_BUCKETS.to_vec());
+                let h = Histogram::with_opts(opts).expect("valid metric");
                 r.register(Box::new(h.clone())).expect("unique metric");
                 h
             },
@@ -659,6 +675,7 @@ impl Metrics {
             latency_must: f.latency.with_label_values(&[l[0], "must_deliver"]),
             latency_droppable: f.latency.with_label_values(&[l[0], "droppable"]),
             latency_kind: self.kinds.iter().map(|k| f.latency_kind.with_label_values(&[l[0], k.as_str()])).collect(),
+            handshake_seconds: f.handshake.clone(),
             frames_per_cpu_s: f.frames_per_cpu_s.with_label_values(&l),
             busy: f.busy.with_label_values(&l),
             cpu_share: f.cpu_share.with_label_values(&l),

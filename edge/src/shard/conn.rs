@@ -118,7 +118,13 @@ pub struct Conn {
     pub in_flight: u16,
     pub iov: Vec<libc::iovec>,
     pub recv_armed: bool,
+    /// In the shard's `dirty` line (room deliveries, first come first served).
     pub dirty: bool,
+    /// In the shard's `urgent` line: an answer of the connection's own is queued (101, joined
+    /// and its replay, pong, error, goaway), which goes ahead of the room deliveries.
+    pub urgent: bool,
+    /// The 101 answer is queued and not yet written (`roomcast_handshake_seconds` times it).
+    pub upgrade_unsent: bool,
     pub cancel_issued: bool,
     pub close_issued: bool,
     pub opened_ms: u64,
@@ -181,6 +187,8 @@ impl Conn {
             iov: Vec::new(),
             recv_armed: false,
             dirty: false,
+            urgent: false,
+            upgrade_unsent: false,
             cancel_issued: false,
             close_issued: false,
             opened_ms: now_ms,

@@ -145,7 +145,7 @@ impl Shard {
             c.push(f);
             if !c.dirty && c.in_flight == 0 {
                 c.dirty = true;
-                self.dirty.push(slot);
+                self.lines.deliveries.push(slot);
             }
         }
         if z_plain > 0 {
@@ -237,7 +237,7 @@ impl Shard {
                 c.push(OutFrame::control(f));
             }
         }
-        self.mark_dirty(slot);
+        self.mark_urgent(slot);
     }
 
     /// The engine refused a join (the edge is at its room bound): undo it and tell the client.

@@ -181,7 +181,8 @@ struct Shard {
     stats: ShardStats,
     conns: Vec<Option<Conn>>,
     rooms: Rooms,
-    dirty: Vec<u32>,
+    /// Connections waiting for a send: answers of their own first, then room deliveries.
+    lines: outbox::SendLines,
     /// Sends issued this loop turn (bounded by SENDS_PER_TURN).
     sends_this_turn: u32,
     cqes: Vec<(u64, i32, u32)>,
@@ -266,7 +267,7 @@ impl Shard {
             stats: spec.stats,
             conns: Vec::new(),
             rooms: Rooms::default(),
-            dirty: Vec::new(),
+            lines: outbox::SendLines::default(),
             sends_this_turn: 0,
             cqes: Vec::with_capacity(1024),
             actions: Vec::new(),
@@ -323,7 +324,7 @@ impl Shard {
             // Always enter with GETEVENTS (want = 1): with DEFER_TASKRUN that is the only way
             // completions get posted. With mail waiting, the timeout is zero: just a poll.
             let own_sig = self.engine.is_some() && !self.sig[usize::from(self.id)].is_empty();
-            let ts = if self.mailbox.is_empty() && !own_sig && self.dirty.is_empty() {
+            let ts = if self.mailbox.is_empty() && !own_sig && self.lines.is_empty() {
                 let mut wait = TICK;
                 if let Some(at) = self.engine.as_ref().and_then(Engine::poll_timeout) {
                     wait = wait.min(at.saturating_duration_since(Instant::now()));

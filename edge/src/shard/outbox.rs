@@ -101,7 +101,7 @@ impl Shard {
             }
         }
         c.push(OutFrame::control(bytes));
-        self.mark_dirty(slot);
+        self.mark_urgent(slot);
     }
 
     pub(super) fn mark_dirty(&mut self, slot: u32) {
@@ -110,29 +110,46 @@ impl Shard {
             && c.in_flight == 0
         {
             c.dirty = true;
-            self.dirty.push(slot);
+            self.lines.deliveries.push(slot);
         }
     }
 
+    /// Puts the connection in the answer line, ahead of the room deliveries: it has an answer of
+    /// its own queued (a 101, `joined` and its replay, a pong, an error, a `goaway`). See
+    /// [`SendLines`] for why.
+    pub(super) fn mark_urgent(&mut self, slot: u32) {
+        if let Some(Some(c)) = self.conns.get_mut(slot as usize)
+            && !c.urgent
+            && c.in_flight == 0
+        {
+            c.urgent = true;
+            self.lines.answers.push(slot);
+        }
+    }
+
+    /// Hands the kernel one send per waiting connection, up to `SENDS_PER_TURN`, in the order
+    /// [`SendLines::turn`] gives. A connection in both lines is sent once (from the answer
+    /// line); its delivery-line entry then finds the send in flight and passes.
     pub(super) fn flush_dirty(&mut self) {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        let mut done = 0;
-        for &slot in &dirty {
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.turn(|slot, line| {
             if self.sends_this_turn >= SENDS_PER_TURN {
-                break;
+                return false;
             }
-            done += 1;
             if let Some(Some(c)) = self.conns.get_mut(slot as usize) {
-                c.dirty = false;
+                match line {
+                    Line::Answers => c.urgent = false,
+                    Line::Deliveries => c.dirty = false,
+                }
                 if c.in_flight == 0 && !c.out.is_empty() && c.closing != Closing::Abort {
                     self.issue_send(slot);
                 }
             }
-        }
-        // What the budget left waits for the next turn, first in line.
-        dirty.drain(..done);
-        dirty.append(&mut self.dirty);
-        self.dirty = dirty;
+            true
+        });
+        // Anything marked during the turn waits behind what the budget left, in its line.
+        lines.append(&mut self.lines);
+        self.lines = lines;
     }
 
     pub(super) fn issue_send(&mut self, slot: u32) {
@@ -167,5 +184,119 @@ impl Shard {
             // The SQ is full and the kernel pushed back: the frames stay queued; next turn.
             Err(_) => self.retry.push((Retry::Send, slot)),
         }
+    }
+}
+
+/// Which line a waiting connection is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Line {
+    /// An answer of the connection's own is queued.
+    Answers,
+    /// Room deliveries are queued.
+    Deliveries,
+}
+
+/// The connections waiting for a send, in two lines: answers of their own (a 101, `joined` and
+/// its replay, a pong, an error, a `goaway`) ahead of room deliveries.
+///
+/// Why two: a shard fanning a gift out to its 16k members needs ~16 turns of `SENDS_PER_TURN`,
+/// and on a busy box each turn can wait a scheduler round. With one line, a 101 queued behind
+/// that fan-out reached a moving client after its 10 s upgrade timeout: in every 10^6 rolling
+/// restart, once edge B held ~70% of the members, upgrades there timed out and the moves fell
+/// behind the goaways. The answer line costs nothing per delivery, and what goes in it is
+/// bounded by what the connection itself sends (signalling is rate-limited, pongs answer
+/// pings, replays are bounded by the history limits).
+#[derive(Default)]
+pub(super) struct SendLines {
+    pub answers: Vec<u32>,
+    pub deliveries: Vec<u32>,
+}
+
+impl SendLines {
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty() && self.deliveries.is_empty()
+    }
+
+    /// One turn: offers `send` the answer line, then the delivery line, first come first
+    /// served, until it declines one (the turn's budget is spent); the declined and the rest
+    /// stay, first in their lines.
+    pub fn turn(&mut self, mut send: impl FnMut(u32, Line) -> bool) {
+        for (line, which) in [(&mut self.answers, Line::Answers), (&mut self.deliveries, Line::Deliveries)] {
+            let done = line.iter().take_while(|&&slot| send(slot, which)).count();
+            line.drain(..done);
+            if !line.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Appends `later`'s lines behind these.
+    pub fn append(&mut self, later: &mut SendLines) {
+        self.answers.append(&mut later.answers);
+        self.deliveries.append(&mut later.deliveries);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Line, SendLines};
+
+    /// A turn that takes up to `budget` sends; what it took, in order.
+    fn turn(lines: &mut SendLines, budget: usize) -> Vec<(u32, Line)> {
+        let mut took = Vec::new();
+        lines.turn(|slot, line| {
+            if took.len() == budget {
+                return false;
+            }
+            took.push((slot, line));
+            true
+        });
+        took
+    }
+
+    #[test]
+    fn an_answer_goes_ahead_of_a_fan_out_in_progress() {
+        // A gift's fan-out to 3,000 members is queued; then a new connection's 101.
+        let mut lines = SendLines { deliveries: (0..3000).collect(), answers: Vec::new() };
+        let first = turn(&mut lines, 1024);
+        assert_eq!(first.len(), 1024);
+        assert!(first.iter().enumerate().all(|(i, &(s, l))| s == i as u32 && l == Line::Deliveries));
+        lines.answers.push(5000);
+        let second = turn(&mut lines, 1024);
+        // The answer is the turn's first send, not the one after the remaining 1,976 deliveries.
+        assert_eq!(second[0], (5000, Line::Answers));
+        assert_eq!(second[1], (1024, Line::Deliveries));
+        assert_eq!(second.len(), 1024);
+        // The deliveries keep their order across turns, and all of them go.
+        let rest: Vec<u32> = std::iter::from_fn(|| {
+            let t = turn(&mut lines, 1024);
+            (!t.is_empty()).then_some(t)
+        })
+        .flatten()
+        .map(|(s, _)| s)
+        .collect();
+        assert_eq!(rest, (2047..3000).collect::<Vec<u32>>());
+        assert!(lines.is_empty());
+    }
+
+    #[test]
+    fn answers_over_the_budget_wait_first_in_their_line_and_hold_the_deliveries() {
+        let mut lines = SendLines { answers: (0..5).collect(), deliveries: vec![100, 101] };
+        assert_eq!(turn(&mut lines, 3), vec![(0, Line::Answers), (1, Line::Answers), (2, Line::Answers)]);
+        // Marked during the turn: behind what the budget left.
+        let mut later = SendLines { answers: vec![9], deliveries: vec![102] };
+        lines.append(&mut later);
+        assert_eq!(
+            turn(&mut lines, 10),
+            vec![
+                (3, Line::Answers),
+                (4, Line::Answers),
+                (9, Line::Answers),
+                (100, Line::Deliveries),
+                (101, Line::Deliveries),
+                (102, Line::Deliveries)
+            ]
+        );
+        assert!(lines.is_empty());
     }
 }

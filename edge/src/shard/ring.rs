@@ -338,6 +338,11 @@ impl Shard {
         let paid = c.replay_credit.min(queued_before - c.out_bytes);
         c.replay_credit -= paid;
         self.replay_held -= paid;
+        if c.upgrade_unsent && frames > 0 {
+            // The 101 is the first frame a WebSocket connection is sent.
+            c.upgrade_unsent = false;
+            stats.handshake_seconds.observe(now_ms.saturating_sub(c.opened_ms) as f64 / 1000.0);
+        }
         self.stats.frames_written.inc_by(frames);
         self.stats.messages_delivered.inc_by(messages);
         if messages > 0 {

@@ -178,8 +178,9 @@ impl Shard {
             c.identity = identity;
             c.anon_id = anon_id;
             c.push(OutFrame::control(response));
+            c.upgrade_unsent = true;
         }
-        self.mark_dirty(slot);
+        self.mark_urgent(slot);
         if let Some(room) = room {
             self.join(slot, room, since);
         }

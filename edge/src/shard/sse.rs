@@ -68,7 +68,7 @@ impl Shard {
             c.push(OutFrame::control(Bytes::from(head)));
         }
         self.stats.sse_connections.inc();
-        self.mark_dirty(slot);
+        self.mark_urgent(slot);
         self.join(slot, room, since);
         if rest > 0 {
             self.sse_input(slot, rest);
