@@ -19,7 +19,8 @@ impl RedisProc {
 
     /// With extra redis-server arguments (`--replicaof 127.0.0.1 PORT` for a replica).
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Below the ephemeral range, as `free_port` says: `restart` takes the same port again.
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("roomcast-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self::start_at(port, dir, extra)
@@ -29,6 +30,7 @@ impl RedisProc {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", "always", "--dir", dir.to_str().unwrap()])
+            .args(["--logfile", dir.join("redis.log").to_str().unwrap()])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -44,7 +46,7 @@ impl RedisProc {
                     break;
                 }
             }
-            assert!(Instant::now() < end, "redis-server did not start");
+            assert!(Instant::now() < end, "redis-server on {port} did not start; its log ends:\n{}", log_tail(&dir));
             std::thread::sleep(Duration::from_millis(20));
         }
         Self { child, port, dir }
@@ -73,6 +75,14 @@ impl Drop for RedisProc {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The last lines of the redis-server log in `dir` (why a node did not start: a port taken,
+/// an AOF it could not load...), for a failed test's message.
+fn log_tail(dir: &std::path::Path) -> String {
+    let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_else(|e| format!("(no log: {e})"));
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// A free loopback TCP port (bound and released: another process may take it meanwhile, as
@@ -153,13 +163,14 @@ impl RedisCluster {
             .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", "1500", "--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", "always", "--dir", d.to_str().unwrap()])
+            .args(["--logfile", d.join("redis.log").to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("redis-server (installed by scripts/setup.sh)");
         let end = Instant::now() + Duration::from_secs(10);
         while redis_cli(port, &["PING"]).trim() != "PONG" {
-            assert!(Instant::now() < end, "redis-server on {port} did not start");
+            assert!(Instant::now() < end, "redis-server on {port} did not start; its log ends:\n{}", log_tail(&d));
             std::thread::sleep(Duration::from_millis(20));
         }
         child
