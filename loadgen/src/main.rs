@@ -198,6 +198,13 @@ struct RunArgs {
     /// sends line N as `&token=` (edge target). A refused upgrade (401) counts as failed.
     #[arg(long)]
     tokens: Option<PathBuf>,
+    /// The publish API key (an edge with `[[ingest.keys]]` or `ROOMCAST_API_KEYS` answers 401
+    /// without one), sent as `Authorization: Bearer KEY` on every publish: this file's first
+    /// line, trimmed. Without the flag, the key is taken from the environment variable
+    /// ROOMCAST_API_KEY, if set. Never on the command line (every user's `ps` shows it), never
+    /// printed: the results record where it came from, not the key.
+    #[arg(long, value_name = "PATH")]
+    api_key_file: Option<PathBuf>,
 }
 
 const KINDS: [&str; 2] = ["gift", "chat"];
@@ -505,6 +512,17 @@ fn main() -> anyhow::Result<()> {
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let workers = if a.workers == 0 { a.connections.div_ceil(15_000).max(1) } else { a.workers };
+    // Read before any connection: a key that cannot be read fails the run at once.
+    let key = publish::ApiKey::load(a.api_key_file.as_deref(), std::env::var_os(publish::API_KEY_ENV))?;
+    if let Some(k) = &key {
+        let also = if a.api_key_file.is_some() && std::env::var_os(publish::API_KEY_ENV).is_some_and(|v| !v.is_empty())
+        {
+            format!(" ({} is set too, not used)", publish::API_KEY_ENV)
+        } else {
+            String::new()
+        };
+        println!("publishing with the API key from {}{also}", k.source());
+    }
     if let Some(path) = &a.tokens {
         anyhow::ensure!(a.target == Target::Edge, "--tokens: the edge target only");
         tokens::load(path, 0, a.connections)?;
@@ -659,6 +677,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         &[a.gift_streams, a.chat_streams],
         &[1, a.chat_batch.max(1)],
         Duration::from_secs_f64(a.gift_give_up.clamp(1.0, 86_400.0)),
+        key.as_ref(),
         pub_start,
         end,
     )?;
@@ -952,6 +971,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         samples,
         note: a.note.clone(),
         args: format!("{a:?}"),
+        publish_api_key: key.as_ref().map(|k| k.source().to_owned()),
     };
     let dir = report::write(&a.out, &r)?;
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
@@ -979,8 +999,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let for_good = publish::refused_for_good(&r.publish_refused_by_status);
     anyhow::ensure!(
         for_good.is_empty(),
-        "publishes refused for good ({}: not retried, given up; see publish_refused_by_status); results in {}",
+        "publishes refused for good ({}: not retried, given up; see publish_refused_by_status){}; results in {}",
         for_good.join(", "),
+        publish::key_hint(&for_good, key.as_ref()),
         dir.display()
     );
     Ok(())
