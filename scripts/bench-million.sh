@@ -21,7 +21,10 @@
 # fanned out to 61 shards) is in summary.md.
 #
 # Env: CONNS (1000000), SHARDS (see above), RAMP (connections/s in all, 10000), SECS (60),
-# GIVE_UP (the generator's retry time for a gift: 30 s, 300 s with RESTART),
+# GIVE_UP (the generator's retry time for a gift: 30 s, 300 s with RESTART), MOVE_GIVE_UP (how
+# long a member's move retries before the generator gives it up, loadgen --move-give-up: its
+# default, 120 s, without RESTART; 600 s with RESTART, since a 10^6 restart took 241 s to bring
+# every member back; 0: never, as a real client),
 # GIFT_EVERY (10 s), SRC_ADDRS (8 per worker), PING_MS (30000), IDLE_MS (90000), PROBES
 # (auto|ebpf|sock_diag|off: the edge's kernel probes), PROBE_MS (1000), PRESENCE_MS (1000, the
 # edge's default: the online count rides on the room's batches and a silent room gets a
@@ -111,6 +114,11 @@ case $RESTART in 0) SECS=${SECS:-60} ;; peer) SECS=${SECS:-$((DRAIN_MS / 1000 + 
 # outage a restart causes (a 10^6 edge answered 32 s after SIGKILL), or a gift whose first
 # attempt reached the old edge and the next one share a number (counted as duplicates).
 if [[ $RESTART == 0 ]]; then GIVE_UP=${GIVE_UP:-30}; else GIVE_UP=${GIVE_UP:-300}; fi
+# How long a member's move retries before it is given up (loadgen --move-give-up): members given
+# up count as down at the end, so a restart's storm needs longer than loadgen's 120 s default.
+if [[ $RESTART == 0 ]]; then MOVE_GIVE_UP=${MOVE_GIVE_UP:-}; else MOVE_GIVE_UP=${MOVE_GIVE_UP:-600}; fi
+MOVE_ARGS=()
+[[ -n $MOVE_GIVE_UP ]] && MOVE_ARGS=(--move-give-up "$MOVE_GIVE_UP")
 INFLIGHT=${INFLIGHT:-32}
 GIFT_EVERY=${GIFT_EVERY:-10}
 SRC_ADDRS=${SRC_ADDRS:-8}
@@ -515,6 +523,7 @@ $(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --
   --connections "$CONNS" --ramp "$RAMP" --src-addrs "$SRC_ADDRS" --duration "$SECS" \
   --connect-inflight "$INFLIGHT" --connect-deadline "$CONNECT_DEADLINE" \
   --gift-rate "$GIFT_RATE" --chat-rate 0 --gift-streams 1 --chat-streams 1 --gift-give-up "$GIVE_UP" \
+  "${MOVE_ARGS[@]}" \
   --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
   --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s${ROOMCAST_IN_NETNS:+; own network namespace with $EHASH established-hash buckets and somaxconn $(sysctl -n net.core.somaxconn)}${BPID:+; RESTART=peer: edge B and Redis beside it, published through B}; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
   > >(tee "$OUT/loadgen-output.txt") 2> >(tee "$OUT/loadgen-stderr.txt" >&2) &
@@ -548,9 +557,10 @@ echo "loadgen exit status $RC" >>"$OUT/loadgen-output.txt"
 
 # Summary: the kernel's memory per connection (each member is two sockets on this box: the
 # edge's and the generator's), from the sample before any member and the one with the most.
-python3 - "$OUT" "$CONNS" "$SHARDS" "$RC" "$RESTART" <<'PY'
+python3 - "$OUT" "$CONNS" "$SHARDS" "$RC" "$RESTART" "$MOVE_GIVE_UP" <<'PY'
 import json, os, re, sys
 out, conns, shards, rc, restart = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+move_give_up = sys.argv[6] or "loadgen's default"
 rs = json.load(open(f"{out}/restart.json")) if os.path.exists(f"{out}/restart.json") else None
 S = [json.loads(l) for l in open(f"{out}/samples.jsonl")]
 base = S[0]
@@ -703,7 +713,7 @@ if rs:
         ("restart: edge B's fullest accept queue (ratio; where members moved)", rs["edge_b_listen_backlog_fullest_ratio"]) if peer
         else ("restart: new edge's fullest accept queue (ratio)", rs["new_edge_listen_backlog_fullest_ratio"]),
         ("restart: generator's failed attempts by reason", r.get("reconnect_attempts_failed_by_reason", "-")),
-        ("restart: moves given up", r.get("reconnect_failed", "-")),
+        (f"restart: moves given up (--move-give-up: {move_give_up}; 0: never)", r.get("reconnect_failed", "-")),
     ]
 with open(f"{out}/summary.md", "w") as f:
     f.write(f"# {conns} members, {shards} shards\n\n| figure | value |\n|---|---|\n")

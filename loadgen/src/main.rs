@@ -180,6 +180,13 @@ struct RunArgs {
     /// receivers count as a duplicate: benchmarks of restarts set it above the outage.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = finite_non_negative)]
     gift_give_up: f64,
+    /// Seconds a member's move (after a goaway, a close it comes back from, or a lost socket)
+    /// keeps retrying, with its backoff capped at 5 s, before it is given up and the member
+    /// counts as closed. 0: never (as a real client): the member retries until the run ends,
+    /// and then counts as still reconnecting. A 10^6-member restart takes minutes to bring every
+    /// member back: benchmarks of restarts set it above that.
+    #[arg(long, value_name = "SECS", default_value_t = worker::DEFAULT_MOVE_GIVE_UP_S, value_parser = seconds)]
+    move_give_up: f64,
     /// Seconds the connect phase may take before the run gives up (default: twice the ramp's
     /// time, plus 30 s).
     #[arg(long, value_name = "SECS", value_parser = finite_non_negative)]
@@ -191,6 +198,13 @@ struct RunArgs {
     /// sends line N as `&token=` (edge target). A refused upgrade (401) counts as failed.
     #[arg(long)]
     tokens: Option<PathBuf>,
+    /// The publish API key (an edge with `[[ingest.keys]]` or `ROOMCAST_API_KEYS` answers 401
+    /// without one), sent as `Authorization: Bearer KEY` on every publish: this file's first
+    /// line, trimmed. Without the flag, the key is taken from the environment variable
+    /// ROOMCAST_API_KEY, if set. Never on the command line (every user's `ps` shows it), never
+    /// printed: the results record where it came from, not the key.
+    #[arg(long, value_name = "PATH")]
+    api_key_file: Option<PathBuf>,
 }
 
 const KINDS: [&str; 2] = ["gift", "chat"];
@@ -498,6 +512,17 @@ fn main() -> anyhow::Result<()> {
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let workers = if a.workers == 0 { a.connections.div_ceil(15_000).max(1) } else { a.workers };
+    // Read before any connection: a key that cannot be read fails the run at once.
+    let key = publish::ApiKey::load(a.api_key_file.as_deref(), std::env::var_os(publish::API_KEY_ENV))?;
+    if let Some(k) = &key {
+        let also = if a.api_key_file.is_some() && std::env::var_os(publish::API_KEY_ENV).is_some_and(|v| !v.is_empty())
+        {
+            format!(" ({} is set too, not used)", publish::API_KEY_ENV)
+        } else {
+            String::new()
+        };
+        println!("publishing with the API key from {}{also}", k.source());
+    }
     if let Some(path) = &a.tokens {
         anyhow::ensure!(a.target == Target::Edge, "--tokens: the edge target only");
         tokens::load(path, 0, a.connections)?;
@@ -544,6 +569,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             streams: vec![a.gift_streams.max(1), a.chat_streams.max(1)],
             tls_ca: a.tls_ca.clone(),
             connect_inflight: a.connect_inflight.max(1),
+            move_give_up_s: a.move_give_up,
         };
         let mut child = spawn_worker(&exe, &serde_json::to_string(&wa)?).context("spawn worker")?;
         let stdout = child.stdout.take().expect("piped");
@@ -651,6 +677,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         &[a.gift_streams, a.chat_streams],
         &[1, a.chat_batch.max(1)],
         Duration::from_secs_f64(a.gift_give_up.clamp(1.0, 86_400.0)),
+        key.as_ref(),
         pub_start,
         end,
     )?;
@@ -944,6 +971,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         samples,
         note: a.note.clone(),
         args: format!("{a:?}"),
+        publish_api_key: key.as_ref().map(|k| k.source().to_owned()),
     };
     let dir = report::write(&a.out, &r)?;
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
@@ -959,7 +987,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     // So does a run whose members did not last (an edge that died and never came back): its
     // figures describe fewer members than it says it held.
     let end = EndCounts { connected, open: open_at_end, moving: moving_at_end, reconnecting: reconnecting_at_end };
-    if let Some(why) = end.not_connected(reconnect_failed, closed) {
+    if let Some(why) = end.not_connected(reconnect_failed, closed, a.move_give_up) {
         anyhow::bail!("{why}; results in {}", dir.display());
     }
     // A run none of whose members connected measured nothing (it exited 0 with every connect
@@ -971,8 +999,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let for_good = publish::refused_for_good(&r.publish_refused_by_status);
     anyhow::ensure!(
         for_good.is_empty(),
-        "publishes refused for good ({}: not retried, given up; see publish_refused_by_status); results in {}",
+        "publishes refused for good ({}: not retried, given up; see publish_refused_by_status){}; results in {}",
         for_good.join(", "),
+        publish::key_hint(&for_good, key.as_ref()),
         dir.display()
     );
     Ok(())
@@ -1005,15 +1034,17 @@ impl EndCounts {
     /// member retrying), how many moves were given up (`gave_up`), and how many were closed
     /// and not followed (`closed` counts those and the given up: `--no-follow-goaway`, a close
     /// code a client does not come back from, or a target whose members do not follow).
-    fn not_connected(&self, gave_up: u64, closed: u64) -> Option<String> {
+    /// `give_up_s`: the run's `--move-give-up` (0: moves are never given up).
+    fn not_connected(&self, gave_up: u64, closed: u64, give_up_s: f64) -> Option<String> {
         let down = self.connected.saturating_sub(self.open + self.moving);
+        let after =
+            if give_up_s > 0.0 { format!("after {give_up_s} s") } else { "(never: --move-give-up 0)".to_owned() };
         (down > 0).then(|| {
             format!(
                 "{down} of {} members were not connected at the end ({} still reconnecting 10 s or more after \
-                 losing their socket, {gave_up} moves given up after {} s, {} closed and not followed)",
+                 losing their socket, {gave_up} moves given up {after}, {} closed and not followed)",
                 self.connected,
                 self.reconnecting,
-                worker::MOVE_GIVE_UP.as_secs(),
                 closed.saturating_sub(gave_up)
             )
         })
@@ -1063,7 +1094,7 @@ mod tests {
             argv.extend_from_slice(extra);
             super::Cli::try_parse_from(argv).map(|_| ()).map_err(|e| e.to_string())
         };
-        for flag in ["--ramp", "--gift-rate", "--chat-rate", "--gift-give-up", "--connect-deadline"] {
+        for flag in ["--ramp", "--gift-rate", "--chat-rate", "--gift-give-up", "--move-give-up", "--connect-deadline"] {
             for bad in ["NaN", "inf", "-1"] {
                 let e = parse(&[&format!("{flag}={bad}")]).expect_err(&format!("{flag}={bad} refused"));
                 assert!(e.contains(flag), "{flag}={bad}: {e}");
@@ -1093,20 +1124,25 @@ mod tests {
     #[test]
     fn members_down_at_the_end_fail_the_run() {
         let end = |open, moving, reconnecting| super::EndCounts { connected: 1000, open, moving, reconnecting };
-        assert_eq!(end(1000, 0, 0).not_connected(0, 0), None);
+        assert_eq!(end(1000, 0, 0).not_connected(0, 0, 120.0), None);
         // Members closed a moment ago (an edge closing idle members every second) are on their way.
-        assert_eq!(end(990, 10, 0).not_connected(0, 0), None);
-        let why = end(0, 0, 1000).not_connected(0, 0).expect("an edge that died");
+        assert_eq!(end(990, 10, 0).not_connected(0, 0, 120.0), None);
+        let why = end(0, 0, 1000).not_connected(0, 0, 120.0).expect("an edge that died");
         assert!(
             why.starts_with("1000 of 1000 members were not connected at the end (1000 still reconnecting"),
             "{why}"
         );
-        let why = end(993, 2, 1).not_connected(2, 4).unwrap();
+        let why = end(993, 2, 1).not_connected(2, 4, 120.0).unwrap();
         assert_eq!(
             why,
             "5 of 1000 members were not connected at the end (1 still reconnecting 10 s or more after losing their \
              socket, 2 moves given up after 120 s, 2 closed and not followed)"
         );
+        // The give-up named is the run's (`--move-give-up`), not a constant.
+        let why = end(993, 2, 1).not_connected(2, 4, 2.5).unwrap();
+        assert!(why.contains(", 2 moves given up after 2.5 s, "), "{why}");
+        let why = end(0, 0, 1000).not_connected(0, 0, 0.0).unwrap();
+        assert!(why.contains(", 0 moves given up (never: --move-give-up 0), "), "{why}");
     }
 
     /// A run none of whose members connected fails, naming why they did not; one with any

@@ -7,9 +7,17 @@
 //! `{"t":..,"k":..,"s":..,"kind":..}`. Within a stream the next message is sent only once the
 //! previous one is acknowledged, so `k` follows the room's seq order per stream and receivers
 //! check order and loss per stream; across streams the order is not defined.
+//!
+//! An edge with publish keys wants `Authorization: Bearer KEY` on every publish: the key comes
+//! from `ROOMCAST_API_KEY` or `--api-key-file` ([`ApiKey`]), never from the command line (which
+//! `ps` shows to every user), and is never printed. A stream whose attempts fail (the edge
+//! unreachable) says so on stderr at most once per [`DIGEST_EVERY`] ([`ErrorDigest`]): an
+//! outage of 30 s printed ~600 lines per gift stream.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +79,172 @@ fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// The environment variable holding the publish API key (`Authorization: Bearer KEY`).
+pub const API_KEY_ENV: &str = "ROOMCAST_API_KEY";
+
+/// The publish API key sent on every publish, and where it came from. Its `Debug` names the
+/// source only: nothing loadgen prints or writes (logs, result.json) carries the key.
+pub struct ApiKey {
+    /// `Bearer KEY`, marked sensitive (reqwest's `Debug` of it hides the value).
+    header: reqwest::header::HeaderValue,
+    source: String,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey").field("source", &self.source).finish_non_exhaustive()
+    }
+}
+
+impl ApiKey {
+    /// The key from `file` (`--api-key-file`: its first line, trimmed) if given, else from
+    /// `env` (the value of [`API_KEY_ENV`], unset or empty: none). Errors name the source,
+    /// never the key: a key is printable ASCII without spaces (what a header carries and the
+    /// edge's keys are made of).
+    pub fn load(file: Option<&Path>, env: Option<OsString>) -> anyhow::Result<Option<Self>> {
+        let (key, source) = if let Some(path) = file {
+            let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", path.display()))?;
+            let text = String::from_utf8(text)
+                .map_err(|_| anyhow::anyhow!("--api-key-file {}: not text (UTF-8)", path.display()))?;
+            (text.lines().next().unwrap_or("").trim().to_owned(), format!("--api-key-file {}", path.display()))
+        } else {
+            match env {
+                None => return Ok(None),
+                Some(v) if v.is_empty() => return Ok(None),
+                Some(v) => {
+                    let v = v.into_string().map_err(|_| anyhow::anyhow!("{API_KEY_ENV}: not text (UTF-8)"))?;
+                    (v.trim().to_owned(), API_KEY_ENV.to_owned())
+                }
+            }
+        };
+        anyhow::ensure!(!key.is_empty(), "{source}: empty, no key in it (a file: its first line)");
+        if let Some(at) = key.bytes().position(|b| !b.is_ascii_graphic()) {
+            anyhow::bail!("{source}: a key is printable ASCII without spaces (character {} is not)", at + 1);
+        }
+        let mut header = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| anyhow::anyhow!("{source}: the key does not fit in a header"))?;
+        header.set_sensitive(true);
+        Ok(Some(Self { header, source }))
+    }
+
+    /// Where the key came from (`ROOMCAST_API_KEY`, or `--api-key-file PATH`): what the
+    /// results record.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// How often, at most, a failing stream says so on stderr (see [`ErrorDigest`]).
+pub const DIGEST_EVERY: Duration = Duration::from_secs(5);
+
+/// The lines a stream prints about its failed attempts (transport errors: the endpoint
+/// refusing connections or not answering): the first at once, then at most one per
+/// [`DIGEST_EVERY`] with how many failed since and the last error, and one when the endpoint
+/// answers again. A gift retried every 50 ms through a 30 s outage printed ~600 lines; the
+/// counts stay in the results (`publish_refused_by_status`, "error"). Takes time as an
+/// argument; returns the line to print, if any.
+#[derive(Debug)]
+pub struct ErrorDigest {
+    /// Who is speaking: `publish gift stream 0`.
+    label: String,
+    /// When the failures began (None: the last attempt was answered).
+    failing_since: Option<Instant>,
+    /// Failures since then.
+    failures: u64,
+    /// When the last line was printed, the failures after it and the last one's text.
+    printed_at: Instant,
+    unprinted: u64,
+    last: String,
+}
+
+impl ErrorDigest {
+    /// The digest of the stream named `label`.
+    pub fn new(label: String, now: Instant) -> Self {
+        Self { label, failing_since: None, failures: 0, printed_at: now, unprinted: 0, last: String::new() }
+    }
+
+    /// An attempt failed at `now` with `error`; `then` says what happens to the message
+    /// ("retrying", "dropped").
+    pub fn failed(&mut self, now: Instant, then: &str, error: &str) -> Option<String> {
+        self.failures += 1;
+        if self.failing_since.is_none() {
+            self.failing_since = Some(now);
+            self.printed_at = now;
+            self.unprinted = 0;
+            return Some(format!(
+                "{}: error ({then}): {error} (while it lasts: one line per {} s)",
+                self.label,
+                DIGEST_EVERY.as_secs()
+            ));
+        }
+        self.unprinted += 1;
+        error.clone_into(&mut self.last);
+        if now.duration_since(self.printed_at) < DIGEST_EVERY {
+            return None;
+        }
+        let line = self.summary(now, then);
+        self.printed_at = now;
+        self.unprinted = 0;
+        Some(line)
+    }
+
+    /// An attempt was answered at `now` (whatever the status): the endpoint is back.
+    pub fn answered(&mut self, now: Instant) -> Option<String> {
+        let since = self.failing_since.take()?;
+        let line = format!(
+            "{}: answered again after {:.1} s of errors ({} attempts failed)",
+            self.label,
+            now.duration_since(since).as_secs_f64(),
+            self.failures
+        );
+        self.failures = 0;
+        self.unprinted = 0;
+        Some(line)
+    }
+
+    /// The stream ends at `now`: the failures not yet told, if any.
+    pub fn finish(&mut self, now: Instant) -> Option<String> {
+        let since = self.failing_since.filter(|_| self.unprinted > 0)?;
+        let line = format!(
+            "{}: {} more errors in the last {:.0} s, still failing at the end ({:.0} s since the first); last: {}",
+            self.label,
+            self.unprinted,
+            now.duration_since(self.printed_at).as_secs_f64(),
+            now.duration_since(since).as_secs_f64(),
+            self.last
+        );
+        self.unprinted = 0;
+        Some(line)
+    }
+
+    fn summary(&self, now: Instant, then: &str) -> String {
+        format!(
+            "{}: {} more errors ({then}) in the last {:.0} s, {:.0} s since the first; last: {}",
+            self.label,
+            self.unprinted,
+            now.duration_since(self.printed_at).as_secs_f64(),
+            self.failing_since.map_or(0.0, |at| now.duration_since(at).as_secs_f64()),
+            self.last
+        )
+    }
+}
+
+/// An error and its causes, `: ` between them (reqwest's own text is "error sending request
+/// for url (...)"; the cause, "Connection refused", is in its sources).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// One stream: kind `ki`, stream `s` of `streams`, paced at `rate` per second (all rooms).
 struct Stream {
     client: reqwest::blocking::Client,
@@ -96,11 +270,16 @@ struct Stream {
     run_id: u64,
     /// How long a must-deliver message is retried before it is given up (`--gift-give-up`).
     give_up: Duration,
+    /// `Authorization: Bearer KEY` (`ROOMCAST_API_KEY`, `--api-key-file`), on every request.
+    auth: Option<reqwest::header::HeaderValue>,
+    /// Its failed attempts, told on stderr at most every [`DIGEST_EVERY`].
+    errors: ErrorDigest,
 }
 
 impl Publisher {
     /// Starts one thread per (kind, stream) with a non-zero rate; each publishes from `start`
-    /// until `end`. `rates` are per room and second, `streams` the threads per kind.
+    /// until `end`. `rates` are per room and second, `streams` the threads per kind; `key`, if
+    /// any, goes on every request.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         target: Target,
@@ -112,6 +291,7 @@ impl Publisher {
         streams: &[usize],
         batches: &[usize],
         give_up: Duration,
+        key: Option<&ApiKey>,
         start: Instant,
         end: Instant,
     ) -> anyhow::Result<Self> {
@@ -168,6 +348,8 @@ impl Publisher {
                     ack: histogram(),
                     run_id: now_us(),
                     give_up,
+                    auth: key.map(|k| k.header.clone()),
+                    errors: ErrorDigest::new(format!("publish {} stream {s}", kinds[ki]), Instant::now()),
                 };
                 let shared = shared.clone();
                 let pacer = Pacer::new(start, rate * f64::from(rooms) / n as f64);
@@ -223,6 +405,9 @@ impl Stream {
             // longer answers, each would wait out its give-up time (100 chat messages due in a
             // 1 s run took 3,000 s).
             if due >= end || Instant::now() >= end || failed.load(Ordering::Relaxed) {
+                if let Some(line) = self.errors.finish(Instant::now()) {
+                    eprintln!("{line}");
+                }
                 return Ok(());
             }
             let now = Instant::now();
@@ -268,12 +453,16 @@ impl Stream {
         }
         items.push_str("]}");
         let first = Instant::now();
-        let resp = self
-            .client
-            .post(format!("{}/v1/messages", self.base))
-            .header("Content-Type", "application/json")
-            .body(items)
-            .send();
+        let mut req = self.client.post(format!("{}/v1/messages", self.base)).header("Content-Type", "application/json");
+        if let Some(auth) = &self.auth {
+            req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
+        }
+        let resp = req.body(items).send();
+        if resp.is_ok()
+            && let Some(line) = self.errors.answered(Instant::now())
+        {
+            eprintln!("{line}");
+        }
         let statuses: Vec<u16> = match resp {
             Ok(r) if r.status().is_success() => {
                 let text = r.text()?;
@@ -292,7 +481,9 @@ impl Stream {
             }
             Ok(r) => vec![r.status().as_u16(); rooms.len()],
             Err(e) => {
-                eprintln!("batch publish error (dropped): {e}");
+                if let Some(line) = self.errors.failed(Instant::now(), "batch dropped", &chain(&e)) {
+                    eprintln!("{line}");
+                }
                 vec![0; rooms.len()]
             }
         };
@@ -340,7 +531,15 @@ impl Stream {
             if self.target == Target::Edge {
                 req = req.header("Idempotency-Key", &idem);
             }
+            if let Some(auth) = &self.auth {
+                req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
+            }
             let r = req.body(payload.clone()).send();
+            if r.is_ok()
+                && let Some(line) = self.errors.answered(Instant::now())
+            {
+                eprintln!("{line}");
+            }
             // Nchan answers 201 (delivered to subscribers) or 202 (queued): both accepted. The
             // edge answers 202 only for a droppable message it sampled out.
             let accepted =
@@ -390,7 +589,9 @@ impl Stream {
                 }
                 Err(e) if Instant::now() < end => {
                     self.refusal("error");
-                    eprintln!("publish error (retrying): {e}");
+                    if let Some(line) = self.errors.failed(Instant::now(), "retrying", &chain(&e)) {
+                        eprintln!("{line}");
+                    }
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 // Unreachable for the whole give-up time (an edge killed and not back): given
@@ -398,7 +599,12 @@ impl Stream {
                 // run here ended it without results, members' failures by reason included.
                 Err(e) => {
                     self.refusal("error");
-                    eprintln!("publish {kind} to r{room}: given up, unreachable for {:?}: {e}", self.give_up);
+                    // Counted in the digest (the outage goes on; its line, if due, first), and
+                    // told on a line of its own: it costs a message, at most one per give-up time.
+                    if let Some(line) = self.errors.failed(Instant::now(), "retrying", &chain(&e)) {
+                        eprintln!("{line}");
+                    }
+                    eprintln!("publish {kind} to r{room}: given up, unreachable for {:?}: {}", self.give_up, chain(&e));
                     self.not_accepted += 1;
                     if self.must_deliver {
                         self.gave_up += 1;
@@ -442,6 +648,22 @@ pub fn refused_for_good(refused: &BTreeMap<String, u64>) -> Vec<String> {
         .collect()
 }
 
+/// What a 401 among the refusals for good (as [`refused_for_good`] gives them) says about the
+/// key: the edge wants one and none was given, or it refused the one given (named by where it
+/// came from). Empty without a 401.
+pub fn key_hint(for_good: &[String], key: Option<&ApiKey>) -> String {
+    if !for_good.iter().any(|r| r.contains(" 401: ")) {
+        return String::new();
+    }
+    match key {
+        None => format!(
+            "; a 401 is an edge with publish keys asking for one: give it in {API_KEY_ENV} or in a file named by \
+             --api-key-file"
+        ),
+        Some(k) => format!("; a 401 is the edge refusing the key from {}", k.source()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -449,7 +671,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::io::{Read, Write};
 
-    use super::{Publisher, refused_for_good};
+    use super::{ApiKey, ErrorDigest, Publisher, key_hint, refused_for_good};
     use crate::worker::Target;
 
     /// An HTTP server on loopback answering every request with `200 OK` and `body`.
@@ -476,6 +698,11 @@ mod tests {
 
     /// Gifts at 20/s to the edge target at `http` for 300 ms; what the publisher made of them.
     fn gifts_for_300_ms(http: std::net::SocketAddr) -> super::Outcome {
+        gifts_for_300_ms_with(http, None)
+    }
+
+    /// As [`gifts_for_300_ms`], with `key` on every publish.
+    fn gifts_for_300_ms_with(http: std::net::SocketAddr, key: Option<&ApiKey>) -> super::Outcome {
         let start = Instant::now();
         let p = Publisher::start(
             Target::Edge,
@@ -487,6 +714,7 @@ mod tests {
             &[1, 1],
             &[1, 1],
             Duration::from_secs(5),
+            key,
             start,
             start + Duration::from_millis(300),
         )
@@ -548,6 +776,7 @@ mod tests {
             &[1, 1],
             &[1, 1],
             Duration::from_millis(200),
+            None,
             start,
             end,
         )
@@ -557,5 +786,123 @@ mod tests {
         assert!(o.gave_up[0] >= 1, "gifts given up: {:?}", o.gave_up);
         assert_eq!(o.not_accepted[0], o.gave_up[0]);
         assert!(o.refused.get("gift error").copied().unwrap_or(0) >= o.gave_up[0], "{:?}", o.refused);
+    }
+
+    /// An outage of 30 s, a failed attempt every 50 ms (600): the first error at once, then at
+    /// most one line per 5 s saying how many failed since and the last error, one line when the
+    /// endpoint answers again, and nothing more while it does (every failure was one line).
+    #[test]
+    fn a_long_outage_is_told_in_a_few_lines() {
+        let t0 = Instant::now();
+        let mut d = ErrorDigest::new("publish gift stream 0".to_owned(), t0);
+        let mut lines = Vec::new();
+        for i in 0..600u32 {
+            let at = t0 + Duration::from_millis(50) * i;
+            lines.extend(d.failed(at, "retrying", &format!("connection refused #{i}")));
+        }
+        assert!(lines.len() <= 1 + 30 / 5, "{} lines: {lines:#?}", lines.len());
+        assert!(lines.len() >= 5, "a summary every 5 s: {lines:#?}");
+        assert_eq!(
+            lines[0],
+            "publish gift stream 0: error (retrying): connection refused #0 (while it lasts: one line per 5 s)"
+        );
+        assert!(
+            lines[1].starts_with("publish gift stream 0: 100 more errors (retrying) in the last 5 s"),
+            "{lines:#?}"
+        );
+        // The counts add up: every failure after the first is in one summary or still untold.
+        let told: u64 = lines[1..]
+            .iter()
+            .map(|l| l.split(": ").nth(1).unwrap().split(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        let end = t0 + Duration::from_millis(50 * 600);
+        let rest = d.finish(end).expect("failures since the last summary");
+        assert!(rest.contains("still failing at the end"), "{rest}");
+        assert!(rest.ends_with("last: connection refused #599"), "{rest}");
+        let untold: u64 = rest.split(": ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert_eq!(told + untold, 599, "{lines:#?} {rest}");
+        assert_eq!(d.finish(end), None, "told once");
+        let back = d.answered(end).expect("a line when it answers again");
+        assert_eq!(back, "publish gift stream 0: answered again after 30.0 s of errors (600 attempts failed)");
+        assert_eq!(d.answered(end), None, "nothing while it answers");
+        // The next outage starts over with its first error told at once.
+        assert!(d.failed(end, "retrying", "reset").is_some_and(|l| l.contains("error (retrying): reset")));
+    }
+
+    /// The key comes from `--api-key-file` (first line, trimmed) or else `ROOMCAST_API_KEY`;
+    /// it is sent as `Bearer KEY`; nothing printable about it (its Debug, an error about it)
+    /// carries the key.
+    #[test]
+    fn the_api_key_comes_from_a_file_or_the_environment_and_is_never_shown() {
+        const KEY: &str = "s3cret-publish-key-0123456789";
+        let dir = std::env::temp_dir().join(format!("loadgen-apikey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, format!("  {KEY}  \nsecond line ignored\n")).unwrap();
+        let bearer = |k: &ApiKey| k.header.to_str().unwrap().to_owned();
+
+        let k = ApiKey::load(Some(&file), None).unwrap().expect("a key");
+        assert_eq!(bearer(&k), format!("Bearer {KEY}"));
+        assert_eq!(k.source(), format!("--api-key-file {}", file.display()));
+        assert!(!format!("{k:?}").contains(KEY), "{k:?}");
+        assert!(!format!("{:?}", k.header).contains(KEY), "reqwest hides a sensitive header");
+        // The file wins over the environment.
+        let k = ApiKey::load(Some(&file), Some("other-key-0123456789".into())).unwrap().unwrap();
+        assert_eq!(bearer(&k), format!("Bearer {KEY}"));
+        let k = ApiKey::load(None, Some(KEY.into())).unwrap().unwrap();
+        assert_eq!((bearer(&k).as_str(), k.source()), (format!("Bearer {KEY}").as_str(), "ROOMCAST_API_KEY"));
+        assert!(ApiKey::load(None, None).unwrap().is_none());
+        assert!(ApiKey::load(None, Some("".into())).unwrap().is_none(), "set but empty: none");
+
+        // Refusals name the source, never the key.
+        std::fs::write(&file, "\nkey on the second line\n").unwrap();
+        let e = ApiKey::load(Some(&file), None).unwrap_err().to_string();
+        assert!(e.contains("--api-key-file") && e.contains("empty"), "{e}");
+        let e = ApiKey::load(None, Some(format!("{KEY} with spaces").into())).unwrap_err().to_string();
+        assert!(e.starts_with("ROOMCAST_API_KEY: ") && !e.contains(KEY), "{e}");
+        let e = ApiKey::load(None, Some(format!("{KEY}\u{7}").into())).unwrap_err().to_string();
+        assert!(!e.contains(KEY), "{e}");
+        let e = ApiKey::load(Some(&dir.join("missing")), None).unwrap_err().to_string();
+        assert!(e.starts_with("--api-key-file ") && e.contains("missing"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A 401 in the refusals says what to do about the key.
+        let for_good = vec!["gift 401: 12".to_owned()];
+        assert!(key_hint(&for_good, None).contains("ROOMCAST_API_KEY"), "{}", key_hint(&for_good, None));
+        let k = ApiKey::load(None, Some(KEY.into())).unwrap().unwrap();
+        assert_eq!(key_hint(&for_good, Some(&k)), "; a 401 is the edge refusing the key from ROOMCAST_API_KEY");
+        assert_eq!(key_hint(&["gift bad_answer: 2".to_owned()], None), "");
+    }
+
+    /// Every publish carries the key as `Authorization: Bearer KEY`.
+    #[test]
+    fn every_publish_carries_the_key() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = l.local_addr().unwrap();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = heads.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let n = c.read(&mut buf).unwrap_or(0);
+                    seen.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).to_lowercase());
+                    let body = r#"{"room":"r0","seq":1,"ts_us":1,"replayed":false}"#;
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        let key = ApiKey::load(None, Some("k-0123456789abcdef".into())).unwrap().unwrap();
+        let o = gifts_for_300_ms_with(http, Some(&key));
+        assert!(o.total(0) >= 1, "{:?}", o.refused);
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len() as u64, o.total(0));
+        assert!(heads.iter().all(|h| h.contains("\r\nauthorization: bearer k-0123456789abcdef\r\n")), "{heads:?}");
     }
 }

@@ -217,6 +217,9 @@ pub struct Report {
     pub samples: Vec<Sample>,
     pub note: String,
     pub args: String,
+    /// Where the publish API key came from (`ROOMCAST_API_KEY`, or `--api-key-file PATH`), never
+    /// the key; None: publishes went without one.
+    pub publish_api_key: Option<String>,
 }
 
 impl Report {

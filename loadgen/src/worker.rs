@@ -81,10 +81,25 @@ pub struct WorkerArgs {
     /// First connects in flight at once (plain members; TLS members connect one at a time).
     #[serde(default = "one")]
     pub connect_inflight: usize,
+    /// Seconds a move keeps retrying before it is given up (`--move-give-up`); 0: never (the
+    /// member retries until the run ends, and then counts as still reconnecting).
+    #[serde(default = "default_move_give_up")]
+    pub move_give_up_s: f64,
+}
+
+impl WorkerArgs {
+    /// How long a move is retried before it is given up; None: never ([`Self::move_give_up_s`] 0).
+    pub fn move_give_up(&self) -> Option<Duration> {
+        (self.move_give_up_s > 0.0).then(|| Duration::from_secs_f64(self.move_give_up_s))
+    }
 }
 
 fn one() -> usize {
     1
+}
+
+fn default_move_give_up() -> f64 {
+    DEFAULT_MOVE_GIVE_UP_S
 }
 
 /// Failed first connects: how many, by reason ([`failure_reason`]).
@@ -857,12 +872,16 @@ struct MoveDone {
 
 /// A move's retries: exponential from `MOVE_BACKOFF_BASE`, capped at `MOVE_BACKOFF_CAP`, each
 /// wait drawn uniformly below its ceiling (full jitter, as the JavaScript client does), given
-/// up after `MOVE_GIVE_UP`. Without jitter every member a restarted edge sent away at the same
-/// moment retries at the same moments, and the accept queues see waves; a bound of 10 attempts
-/// (~19 s) gave up on members whose only edge was still restarting.
+/// up after `--move-give-up` ([`DEFAULT_MOVE_GIVE_UP_S`] by default; 0: never, as a real
+/// client). Without jitter every member a restarted edge sent away at the same moment retries
+/// at the same moments, and the accept queues see waves; a bound of 10 attempts (~19 s) gave up
+/// on members whose only edge was still restarting.
 const MOVE_BACKOFF_BASE: Duration = Duration::from_millis(100);
 const MOVE_BACKOFF_CAP: Duration = Duration::from_secs(5);
-pub(crate) const MOVE_GIVE_UP: Duration = Duration::from_secs(120);
+/// `--move-give-up`'s default, seconds: above a small edge's restart, below a run's length. A
+/// 10^6-member restart takes minutes (241 s after SIGKILL to have every member back), so its
+/// benchmarks set more (scripts/bench-million.sh: 600 s with RESTART).
+pub(crate) const DEFAULT_MOVE_GIVE_UP_S: f64 = 120.0;
 /// How long past the stop a worker waits for members between sockets to land before its final
 /// report (a slow reader closed by the last gifts resumes within a second or two); a member
 /// without a socket for this long at the end counts as not connected, which fails the run.
@@ -897,6 +916,7 @@ impl Movers {
             std::thread::spawn(move || {
                 // One client per thread: keep-alive to dispatch.
                 let http = reqwest::blocking::Client::new();
+                let give_up = args.move_give_up();
                 loop {
                     let Ok(Ok(job)) = job_rx.lock().map(|rx| rx.recv()) else { return };
                     let first = Instant::now();
@@ -913,7 +933,7 @@ impl Movers {
                         };
                         match result {
                             Ok(sock) => break Ok(sock),
-                            Err((_, e)) if first.elapsed() >= MOVE_GIVE_UP => break Err(e),
+                            Err((_, e)) if give_up.is_some_and(|g| first.elapsed() >= g) => break Err(e),
                             Err((reason, _)) => errors.push(reason),
                         }
                         std::thread::sleep(move_backoff(attempt));

@@ -104,14 +104,51 @@ fn batched_chat_is_sampled_and_nothing_accepted_is_lost() {
 /// were down at the end (it exited 0: only lost workers failed a run).
 #[test]
 fn a_run_whose_edge_died_fails_and_names_the_members_down() {
+    let (ok, stderr, v) = run_whose_edge_dies("died", &[]);
+    assert!(!ok, "a run whose members were down at the end does not exit 0: {stderr}");
+    assert!(
+        stderr.contains("50 of 50 members were not connected at the end (50 still reconnecting 10 s or more"),
+        "{stderr}"
+    );
+    assert_eq!(v["connections"], 50, "{v}");
+    assert_eq!(v["members_open_at_end"], 0, "{v}");
+    assert_eq!(v["members_reconnecting_at_end"], 50, "{v}");
+}
+
+/// `--move-give-up` bounds a member's retries: with 2 s, the members of an edge that never
+/// comes back are given up a few seconds after it died (not after a fixed 120 s, which no run
+/// this short ever reached), and the error names the run's 2 s; with 0 they are never given
+/// up and end the run still reconnecting, as a real client would.
+#[test]
+fn moves_are_given_up_after_the_runs_move_give_up() {
+    let (ok, stderr, v) = run_whose_edge_dies("give-up-2", &["--move-give-up", "2"]);
+    assert!(!ok, "{stderr}");
+    assert_eq!(v["reconnect_failed"], 50, "every member's move was given up: {v}");
+    assert_eq!(v["members_reconnecting_at_end"], 0, "{v}");
+    assert!(stderr.contains("50 of 50 members were not connected at the end (0 still reconnecting"), "{stderr}");
+    assert!(stderr.contains(", 50 moves given up after 2 s, 0 closed and not followed)"), "{stderr}");
+    assert!(v["args"].as_str().unwrap().contains("move_give_up: 2.0"), "the flag is in the results: {v}");
+
+    let (ok, stderr, v) = run_whose_edge_dies("give-up-0", &["--move-give-up", "0"]);
+    assert!(!ok, "{stderr}");
+    assert_eq!(v["reconnect_failed"], 0, "no move is ever given up: {v}");
+    assert_eq!(v["members_reconnecting_at_end"], 50, "{v}");
+    assert!(stderr.contains(", 0 moves given up (never: --move-give-up 0), "), "{stderr}");
+}
+
+/// Runs 50 members (one worker, gifts 5/s for 3 s, each given up after 1 s unacknowledged) on
+/// an edge killed once publishing starts and never started again, with `extra` flags; returns
+/// whether the run exited 0, its stderr and its result.json.
+fn run_whose_edge_dies(name: &str, extra: &[&str]) -> (bool, String, serde_json::Value) {
     let (mut edge, ws, http) = edge(&["--shards", "1"]);
-    let dir = std::env::temp_dir().join(format!("loadgen-died-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("loadgen-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("out");
     let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &ws, "--http", &http, "--connections", "50", "--workers", "1"])
         .args(["--duration", "3", "--gift-rate", "5", "--chat-rate", "0", "--gift-give-up", "1"])
-        .args(["--scenario", "died", "--out", out.to_str().unwrap()])
+        .args(["--scenario", name, "--out", out.to_str().unwrap()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
         .spawn()
@@ -127,16 +164,9 @@ fn a_run_whose_edge_died_fails_and_names_the_members_down() {
     assert!(killed, "the run reached publishing");
     let status = lg.wait().unwrap();
     let stderr = std::fs::read_to_string(dir.join("stderr.txt")).unwrap();
-    assert!(!status.success(), "a run whose members were down at the end does not exit 0: {stderr}");
-    assert!(
-        stderr.contains("50 of 50 members were not connected at the end (50 still reconnecting 10 s or more"),
-        "{stderr}"
-    );
     let (_, v) = result(&out);
-    assert_eq!(v["connections"], 50, "{v}");
-    assert_eq!(v["members_open_at_end"], 0, "{v}");
-    assert_eq!(v["members_reconnecting_at_end"], 50, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
+    (status.success(), stderr, v)
 }
 
 /// The one run's folder under `out` and its result.json.

@@ -12,7 +12,7 @@
 //!    `http://` dispatch URL, then the connect and upgrade with `since`
 //!    ([`crate::connect::Pending`]), both nonblocking sockets on the worker's epoll under the
 //!    move's slot token. Upgraded: the member reads its new socket under its own token. Failed:
-//!    back to 1 with [`super::move_backoff`], or given up after [`super::MOVE_GIVE_UP`].
+//!    back to 1 with [`super::move_backoff`], or given up after `--move-give-up` (never with 0).
 //!
 //! Why not threads: the blocking movers (32 per worker, each holding its move through its
 //! backoff sleep) capped a 2x10^5-member restart at ~4,000 reconnects/s
@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::{
-    Conn, MOVE_GIVE_UP, MoveJob, Movers, Reader, Readiness, Sock, WorkerArgs, failure_reason, histogram, move_backoff,
-    source_socket, token_param, ws_target,
+    Conn, MoveJob, Movers, Reader, Readiness, Sock, WorkerArgs, failure_reason, histogram, move_backoff, source_socket,
+    token_param, ws_target,
 };
 use crate::connect::{MOVE_TOKEN_BASE, Pending, Step, Window};
 use crate::dispatch::{self, Ask, AskStep};
@@ -55,7 +55,7 @@ pub(super) struct MoveStats {
     pub reconnects: u64,
     /// Of those, after a close or a lost socket rather than a goaway.
     pub resumed: u64,
-    /// Moves given up after [`MOVE_GIVE_UP`] (the member counts as closed).
+    /// Moves given up after `--move-give-up` (the member counts as closed).
     pub gave_up: u64,
     /// Goaway (or loss) to upgraded, µs.
     pub hist: Histogram<u64>,
@@ -147,6 +147,8 @@ pub(super) struct Moves {
     last_expiry_check: Instant,
     /// TLS members' movers.
     blocking: Option<Movers>,
+    /// How long a move is retried before it is given up (`--move-give-up`); None: never.
+    give_up: Option<Duration>,
     pub stats: MoveStats,
 }
 
@@ -165,6 +167,7 @@ impl Moves {
             hosts: HashMap::new(),
             last_expiry_check: Instant::now(),
             blocking: (follow && args.tls_ca.is_some()).then(|| Movers::start(args, 32, tokens)),
+            give_up: args.move_give_up(),
             stats: MoveStats { reconnects: 0, resumed: 0, gave_up: 0, hist: histogram(), errors: BTreeMap::new() },
         }
     }
@@ -428,11 +431,13 @@ impl Moves {
     }
 
     /// Member `i`'s attempt failed (`reason`: its name in the counts): retried after its
-    /// backoff, or given up once the move has been trying for [`MOVE_GIVE_UP`] (that last
-    /// attempt's reason is not counted, as with the blocking movers).
+    /// backoff, or given up once the move has been trying for `--move-give-up` (never when it
+    /// is 0; that last attempt's reason is not counted, as with the blocking movers).
     fn fail(&mut self, i: usize, reason: String, e: &anyhow::Error, now: Instant, cx: &mut Ctx<'_>) {
         let Some(m) = self.moving.get_mut(&i) else { return };
-        if m.first.is_some_and(|first| now.duration_since(first) >= MOVE_GIVE_UP) {
+        if let (Some(first), Some(give_up)) = (m.first, self.give_up)
+            && now.duration_since(first) >= give_up
+        {
             self.moving.remove(&i);
             cx.conns[i].moving = false;
             eprintln!("worker {}: giving up moving connection {i}: {e}", self.args.id);
