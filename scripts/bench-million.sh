@@ -253,9 +253,9 @@ mkdir -p "$OUT"
 # slab caches, meminfo, TcpExt listen counters, the edge's RSS and CPU, the generator's RSS.
 cat >"$TMP/sample.py" <<'PY'
 import json, os, sys, time
-epid_file, out, every = sys.argv[1], sys.argv[2], float(sys.argv[3])
+epid_file, out, every, lgpid_file = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 # RESTART=peer: edge B's pid file (the edge members move to).
-bpid_file = sys.argv[4] if len(sys.argv) > 4 else None
+bpid_file = sys.argv[5] if len(sys.argv) > 5 else None
 tick = os.sysconf("SC_CLK_TCK")
 def sockstat():
     for l in open("/proc/net/sockstat"):
@@ -283,11 +283,29 @@ def proc(pid):
         return {"cpu_s": (int(st[11]) + int(st[12])) / tick, "rss": rss, "threads": thr}
     except Exception:
         return None
+# This run's generator only: the loadgen processes under the pid the script writes to lgpid
+# once it starts it (its `timeout`), found through /proc/PID/task/TID/children. Every process
+# named loadgen on the box, as before, counted the test suite's generators too (7 processes
+# and 4.5x the RSS per member in a 3,000-member trial beside a CI run), and read every pid.
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                kids = [int(c) for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+                out += kids
+                todo += kids
+        except Exception:
+            pass
+    return out
 def loadgen_rss():
     total, n = 0, 0
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
+    try:
+        root = int(open(lgpid_file).read())
+    except Exception:
+        return 0, 0
+    for p in descendants(root):
         try:
             if open(f"/proc/{p}/comm").read().strip() != "loadgen":
                 continue
@@ -313,7 +331,7 @@ with open(out, "a") as f:
         f.flush()
         time.sleep(every)
 PY
-python3 "$TMP/sample.py" "$TMP/epid" "$OUT/samples.jsonl" 2 ${BPID:+"$TMP/bpid"} &
+python3 "$TMP/sample.py" "$TMP/epid" "$OUT/samples.jsonl" 2 "$TMP/lgpid" ${BPID:+"$TMP/bpid"} &
 SPID=$!
 curl -s 127.0.0.1:18912/metrics >"$OUT/edge-metrics-idle.txt" || true
 # The generator's last progress line's value of KEY (open, moved, delivered; 0 before one).
@@ -528,6 +546,7 @@ $(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --
   --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s${ROOMCAST_IN_NETNS:+; own network namespace with $EHASH established-hash buckets and somaxconn $(sysctl -n net.core.somaxconn)}${BPID:+; RESTART=peer: edge B and Redis beside it, published through B}; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
   > >(tee "$OUT/loadgen-output.txt") 2> >(tee "$OUT/loadgen-stderr.txt" >&2) &
 LGPID=$!
+echo "$LGPID" >"$TMP/lgpid"
 # The edge's /metrics once every member is in (the generator's "connected ..." line).
 (
   for _ in $(seq "$BUDGET"); do
@@ -544,6 +563,16 @@ wait "$LGPID"
 RC=$?
 LGPID=
 set -e
+# The closes "to the end, teardown included": the generator's members are gone once it has
+# exited, but the edge counts each close as its shard gets to it, and a scrape at once found
+# 2,119 of 5,000 still open (RESTART=kill, 5,000 members). Wait (up to 30 s) for the edges on
+# A's and B's ports to hold none.
+for _ in $(seq 300); do
+  held=$(curl -s -m 2 127.0.0.1:18912/metrics | awk '/^roomcast_connections\{/ { n += $NF } END { print n + 0 }')
+  [[ $RESTART == peer ]] && held=$((held + $(curl -s -m 2 127.0.0.1:18922/metrics | awk '/^roomcast_connections\{/ { n += $NF } END { print n + 0 }')))
+  ((held == 0)) && break
+  sleep 0.1
+done
 curl -s -m 20 127.0.0.1:18912/metrics >"$OUT/edge-metrics-end.txt" || true
 curl -s -m 20 127.0.0.1:18912/v1/rooms/r0 >"$OUT/room-stats.json" || true
 if [[ $RESTART == peer ]]; then

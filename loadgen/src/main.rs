@@ -372,6 +372,12 @@ impl Workers {
                     d.connected
                 );
                 self.died.push(d);
+                // Its members are gone: the per-second lines and samples no longer count them
+                // as connected or open, nor its last latencies (a 2-of-3 trial kept printing
+                // open=4000 for the rest of the run). Deliveries stay: they are a running total.
+                let slot = &mut self.progress[id];
+                (slot.connected, slot.open, slot.pending) = (0, 0, 0);
+                (slot.p50_us, slot.p99_us, slot.first_kind_p99_us) = (0, 0, 0);
             }
         }
     }

@@ -147,6 +147,9 @@ pub const DIGEST_EVERY: Duration = Duration::from_secs(5);
 pub struct ErrorDigest {
     /// Who is speaking: `publish gift stream 0`.
     label: String,
+    /// What the line that ends a spell of failures says: "answered again" (transport errors),
+    /// "accepted again" (refusals).
+    back: &'static str,
     /// When the failures began (None: the last attempt was answered).
     failing_since: Option<Instant>,
     /// Failures since then.
@@ -160,7 +163,22 @@ pub struct ErrorDigest {
 impl ErrorDigest {
     /// The digest of the stream named `label`.
     pub fn new(label: String, now: Instant) -> Self {
-        Self { label, failing_since: None, failures: 0, printed_at: now, unprinted: 0, last: String::new() }
+        Self {
+            label,
+            back: "answered again",
+            failing_since: None,
+            failures: 0,
+            printed_at: now,
+            unprinted: 0,
+            last: String::new(),
+        }
+    }
+
+    /// The digest of a stream's messages given up on an answer (a 401 to every gift, a 200
+    /// that is not the edge's): the endpoint answers, so the spell ends when one is accepted.
+    /// One line per gift flooded stderr (a 10 gifts/s run refused 401 printed 600 a minute).
+    pub fn for_refusals(label: String, now: Instant) -> Self {
+        Self { back: "accepted again", ..Self::new(label, now) }
     }
 
     /// An attempt failed at `now` with `error`; `then` says what happens to the message
@@ -192,8 +210,9 @@ impl ErrorDigest {
     pub fn answered(&mut self, now: Instant) -> Option<String> {
         let since = self.failing_since.take()?;
         let line = format!(
-            "{}: answered again after {:.1} s of errors ({} attempts failed)",
+            "{}: {} after {:.1} s of errors ({} attempts failed)",
             self.label,
+            self.back,
             now.duration_since(since).as_secs_f64(),
             self.failures
         );
@@ -274,6 +293,8 @@ struct Stream {
     auth: Option<reqwest::header::HeaderValue>,
     /// Its failed attempts, told on stderr at most every [`DIGEST_EVERY`].
     errors: ErrorDigest,
+    /// Messages given up on an answer (see [`ErrorDigest::for_refusals`]).
+    refusals: ErrorDigest,
 }
 
 impl Publisher {
@@ -350,6 +371,7 @@ impl Publisher {
                     give_up,
                     auth: key.map(|k| k.header.clone()),
                     errors: ErrorDigest::new(format!("publish {} stream {s}", kinds[ki]), Instant::now()),
+                    refusals: ErrorDigest::for_refusals(format!("publish {} stream {s}", kinds[ki]), Instant::now()),
                 };
                 let shared = shared.clone();
                 let pacer = Pacer::new(start, rate * f64::from(rooms) / n as f64);
@@ -405,8 +427,10 @@ impl Stream {
             // longer answers, each would wait out its give-up time (100 chat messages due in a
             // 1 s run took 3,000 s).
             if due >= end || Instant::now() >= end || failed.load(Ordering::Relaxed) {
-                if let Some(line) = self.errors.finish(Instant::now()) {
-                    eprintln!("{line}");
+                for digest in [&mut self.errors, &mut self.refusals] {
+                    if let Some(line) = digest.finish(Instant::now()) {
+                        eprintln!("{line}");
+                    }
                 }
                 return Ok(());
             }
@@ -500,6 +524,13 @@ impl Stream {
         Ok(n)
     }
 
+    /// A message was accepted: a spell of messages given up on an answer, if any, has ended.
+    fn accepted_again(&mut self) {
+        if let Some(line) = self.refusals.answered(Instant::now()) {
+            eprintln!("{line}");
+        }
+    }
+
     fn refusal(&mut self, status: &str) {
         *self.refused.entry(format!("{} {status}", self.kind)).or_default() += 1;
     }
@@ -553,12 +584,13 @@ impl Stream {
                     if is_edge_ack(&text) {
                         self.published[room as usize] += 1;
                         let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
+                        self.accepted_again();
                     } else {
                         self.refusal(BAD_ANSWER);
-                        eprintln!(
-                            "publish {kind} to r{room}: given up: 200 without the edge's answer ({})",
-                            excerpt(&text)
-                        );
+                        let why = format!("r{room}: 200 without the edge's answer ({})", excerpt(&text));
+                        if let Some(line) = self.refusals.failed(Instant::now(), "given up", &why) {
+                            eprintln!("{line}");
+                        }
                         self.not_accepted += 1;
                         if self.must_deliver {
                             self.gave_up += 1;
@@ -569,6 +601,7 @@ impl Stream {
                 Ok(resp) if accepted(resp.status()) => {
                     self.published[room as usize] += 1;
                     let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
+                    self.accepted_again();
                     return Ok(());
                 }
                 Ok(resp) => {
@@ -580,7 +613,10 @@ impl Stream {
                         return Ok(());
                     }
                     if !retriable || Instant::now() >= end {
-                        eprintln!("publish {kind} to r{room}: given up after {code}");
+                        let why = format!("r{room} answered {code}");
+                        if let Some(line) = self.refusals.failed(Instant::now(), "given up", &why) {
+                            eprintln!("{line}");
+                        }
                         self.not_accepted += 1;
                         self.gave_up += 1;
                         return Ok(());
@@ -827,6 +863,24 @@ mod tests {
         assert_eq!(d.answered(end), None, "nothing while it answers");
         // The next outage starts over with its first error told at once.
         assert!(d.failed(end, "retrying", "reset").is_some_and(|l| l.contains("error (retrying): reset")));
+    }
+
+    /// Gifts given up on an answer (10/s refused 401 for 60 s): a few lines, the spell ended by
+    /// the first gift accepted, in those words (the endpoint answered all along).
+    #[test]
+    fn gifts_given_up_on_an_answer_are_told_in_a_few_lines() {
+        let t0 = Instant::now();
+        let mut d = ErrorDigest::for_refusals("publish gift stream 0".to_owned(), t0);
+        let lines: Vec<String> = (0..600u32)
+            .filter_map(|i| d.failed(t0 + Duration::from_millis(100) * i, "given up", "r0 answered 401"))
+            .collect();
+        assert!(lines.len() <= 1 + 60 / 5, "{lines:#?}");
+        assert_eq!(
+            lines[0],
+            "publish gift stream 0: error (given up): r0 answered 401 (while it lasts: one line per 5 s)"
+        );
+        let back = d.answered(t0 + Duration::from_secs(60)).expect("a line when one is accepted");
+        assert_eq!(back, "publish gift stream 0: accepted again after 60.0 s of errors (600 attempts failed)");
     }
 
     /// The key comes from `--api-key-file` (first line, trimmed) or else `ROOMCAST_API_KEY`;

@@ -72,7 +72,13 @@ fn an_edge_with_publish_keys_gets_the_key_from_the_environment_or_a_file() {
         stderr.contains("ROOMCAST_API_KEY") && stderr.contains("--api-key-file"),
         "says where a key goes: {stderr}"
     );
+    // Each of the 10 gifts is given up on its 401, told in a digest (the first at once, what
+    // followed at the end), not in a line per gift.
+    let told: Vec<&str> = stderr.lines().filter(|l| l.starts_with("publish gift ")).collect();
+    assert!(told.len() <= 3, "a few lines, not one per gift: {told:#?}");
+    assert!(told.first().is_some_and(|l| l.contains("answered 401")), "{told:#?}");
     let (_, v) = result(&dir);
+    assert_eq!(v["publish_refused_by_status"]["gift 401"], 10, "every refusal still counted: {v}");
     assert_eq!(v["published"]["gift"], 0, "{v}");
     assert_eq!(v["publish_api_key"], serde_json::Value::Null, "{v}");
 

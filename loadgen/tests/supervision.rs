@@ -82,6 +82,11 @@ fn a_worker_killed_mid_run_is_reported_in_the_results() {
     assert_eq!(died[0]["connected"], 200, "it held its connections when it died: {v}");
     assert_eq!(v["connections"], 200, "the survivor's members: {v}");
     assert_eq!(v["lost"]["gift"], 0, "the survivor lost nothing: {v}");
+    // The per-second samples (and the lines printed from them) stop counting the dead worker's
+    // members once it is reported: they are neither connected nor open.
+    let last = v["samples"].as_array().unwrap().last().cloned().expect("samples");
+    assert_eq!(last["connected"], 200, "the last sample counts the survivor only: {last}");
+    assert_eq!(last["open"], 200, "the last sample counts the survivor only: {last}");
     let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
     assert!(readme.contains("| workers died (their connections) | worker "), "{readme}");
     let _ = std::fs::remove_dir_all(&out);

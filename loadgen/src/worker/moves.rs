@@ -149,7 +149,51 @@ pub(super) struct Moves {
     blocking: Option<Movers>,
     /// How long a move is retried before it is given up (`--move-give-up`); None: never.
     give_up: Option<Duration>,
+    /// The lines saying members were given up.
+    gave_up_lines: GiveUpLines,
     pub stats: MoveStats,
+}
+
+/// How often, at most, a worker says it gave members up, after its first such line.
+const GIVE_UP_LINE_EVERY: Duration = Duration::from_secs(5);
+
+/// The stderr lines about members given up: the first at once, then at most one per
+/// [`GIVE_UP_LINE_EVERY`] with how many since and the last. An edge killed and never back gave
+/// up every member within the same second, each on its own line (2,979 lines for 2,980
+/// members; 10^6 at the million's scale); the count is in the results (`reconnect_failed`).
+#[derive(Debug)]
+struct GiveUpLines {
+    worker: usize,
+    /// When the last line went out (None: none yet).
+    printed_at: Option<Instant>,
+    untold: u64,
+}
+
+impl GiveUpLines {
+    /// Member `i` was given up at `now` with `error`: the line to print, if one is due.
+    fn gave_up(&mut self, now: Instant, i: usize, error: &str) -> Option<String> {
+        let Some(at) = self.printed_at else {
+            self.printed_at = Some(now);
+            return Some(format!(
+                "worker {}: giving up moving connection {i}: {error} (more: one line per {} s)",
+                self.worker,
+                GIVE_UP_LINE_EVERY.as_secs()
+            ));
+        };
+        self.untold += 1;
+        if now.duration_since(at) < GIVE_UP_LINE_EVERY {
+            return None;
+        }
+        let line = format!(
+            "worker {}: gave up moving {} more connections in the last {:.0} s; last: connection {i}: {error}",
+            self.worker,
+            self.untold,
+            now.duration_since(at).as_secs_f64()
+        );
+        self.printed_at = Some(now);
+        self.untold = 0;
+        Some(line)
+    }
 }
 
 impl Moves {
@@ -168,6 +212,7 @@ impl Moves {
             last_expiry_check: Instant::now(),
             blocking: (follow && args.tls_ca.is_some()).then(|| Movers::start(args, 32, tokens)),
             give_up: args.move_give_up(),
+            gave_up_lines: GiveUpLines { worker: args.id, printed_at: None, untold: 0 },
             stats: MoveStats { reconnects: 0, resumed: 0, gave_up: 0, hist: histogram(), errors: BTreeMap::new() },
         }
     }
@@ -276,7 +321,9 @@ impl Moves {
                         self.stats.installed(c, sock, done.got_at);
                     }
                     Err(e) => {
-                        eprintln!("worker {}: giving up moving connection {}: {e}", self.args.id, done.i);
+                        if let Some(line) = self.gave_up_lines.gave_up(Instant::now(), done.i, &e.to_string()) {
+                            eprintln!("{line}");
+                        }
                         self.stats.gave_up += 1;
                         cx.reader.closed += 1;
                     }
@@ -440,7 +487,9 @@ impl Moves {
         {
             self.moving.remove(&i);
             cx.conns[i].moving = false;
-            eprintln!("worker {}: giving up moving connection {i}: {e}", self.args.id);
+            if let Some(line) = self.gave_up_lines.gave_up(now, i, &e.to_string()) {
+                eprintln!("{line}");
+            }
             self.stats.gave_up += 1;
             cx.reader.closed += 1;
             return;
@@ -450,5 +499,27 @@ impl Moves {
         m.attempt += 1;
         m.retry_at = Some(at);
         self.timers.push(Reverse((at, i)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every member of a worker given up within seconds (an edge killed and never back): the
+    /// first line at once, then one line per 5 s with how many since, not a line each.
+    #[test]
+    fn members_given_up_are_told_in_a_few_lines() {
+        let t0 = Instant::now();
+        let mut g = GiveUpLines { worker: 3, printed_at: None, untold: 0 };
+        let lines: Vec<String> = (0..3_000u32)
+            .filter_map(|i| g.gave_up(t0 + Duration::from_millis(4) * i, i as usize, "Connection refused"))
+            .collect();
+        assert_eq!(lines.len(), 3, "at 0, 5 and 10 s of 12 s: {lines:#?}");
+        assert_eq!(lines[0], "worker 3: giving up moving connection 0: Connection refused (more: one line per 5 s)");
+        assert_eq!(
+            lines[1],
+            "worker 3: gave up moving 1250 more connections in the last 5 s; last: connection 1250: Connection refused"
+        );
     }
 }
