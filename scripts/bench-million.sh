@@ -704,6 +704,7 @@ rows = [
     ("gifts published; deliveries; lost; given up unacknowledged (refusals by status)", f"{r.get('published', {}).get('gift', '-')}; {r.get('deliveries', '-')}; {r.get('lost', {}).get('gift', '-')}; {r.get('publish_gave_up', {}).get('gift', '-')} ({r.get('publish_refused_by_status', {})})"),
     ("gift p50 / p99 / max (ms)", f"{g.get('p50', '-')} / {g.get('p99', '-')} / {g.get('max', '-')}"),
     ("closes received by members, by code", r.get("closes_by_code", "-")),
+    ("members' sockets lost without a close frame, by how", r.get("sockets_lost_by_reason", "-")),
     *([("edge closes by reason (to the end, teardown included)", k["edge_closes_by_reason"])] if not rs else [
         ("edge closes by reason: edge A before the restart (its last /metrics answer before it exited)", k["old_edge_closes_by_reason_at_its_last_scrape"]),
         ("edge closes by reason: edge A restarted" + (f" (started empty; members dispatch sent it afterwards: {k['restarted_edge_accepted']} accepted)" if restart == "peer" else "") + " (to the end, teardown included)", k["edge_closes_by_reason"]),

@@ -663,7 +663,9 @@ pub struct WsConfig {
     /// clients never send: a dead one shows as a failed write.
     pub idle_timeout_ms: u64,
     /// Connections per shard; 0 = as many as the kernel allows (RLIMIT_NOFILE caps each ring's
-    /// direct-descriptor table: 20000 here, so 10^5 connections need 6 shards).
+    /// direct-descriptor table: 20000 here, so 10^5 connections need 6 shards); else at least
+    /// [`MIN_CONNECTIONS_PER_SHARD`]. A connection that finds its shard's table full is closed
+    /// by the kernel at once (`connections_closed_total{reason="table_full"}`).
     pub max_connections_per_shard: u32,
     /// Listen backlog per shard (each shard has its own listener on the port), and of the HTTP
     /// API's listener (clients of a reconnect storm ask `/v1/route` first; it was 128). The kernel caps
@@ -1061,6 +1063,10 @@ pub enum ConfigError {
     },
 }
 
+/// The smallest `ws.max_connections_per_shard` other than 0: the table's size, of which the
+/// shard keeps 16 descriptors for itself.
+pub const MIN_CONNECTIONS_PER_SHARD: u32 = 32;
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
@@ -1222,6 +1228,15 @@ impl Config {
         }
         if ws.backlog <= 0 {
             return Err(invalid("ws.backlog", "must be above 0"));
+        }
+        if (1..MIN_CONNECTIONS_PER_SHARD).contains(&ws.max_connections_per_shard) {
+            // It was raised to 32 without a word (a trial's 500-slot shards were fine; a 10 was not).
+            return Err(invalid(
+                "ws.max_connections_per_shard",
+                format!(
+                    "0 (as many as RLIMIT_NOFILE allows) or at least {MIN_CONNECTIONS_PER_SHARD}: a shard keeps 16 slots of its descriptor table for itself"
+                ),
+            ));
         }
         let f = &self.fanout;
         if f.merge_window_ms > 5_000 {
@@ -1584,6 +1599,17 @@ mod tests {
         assert_eq!(err("[adaptive]\ngift_latency_target_ms = 200\n"), None);
         assert_eq!(err("[send]\nmax_queue_delay_ms = 8000\nsocket_send_buffer = 0\n"), None);
         assert_eq!(err(""), None, "the defaults pass");
+    }
+
+    /// A trial's `max_connections_per_shard = 10` was raised to 32 without a word.
+    #[test]
+    fn a_shard_table_too_small_is_refused_by_name() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        assert!(
+            err("[ws]\nmax_connections_per_shard = 10\n").is_some_and(|e| e.contains("ws.max_connections_per_shard"))
+        );
+        assert!(err("[ws]\nmax_connections_per_shard = 32\n").is_none());
+        assert!(err("[ws]\nmax_connections_per_shard = 0\n").is_none());
     }
 
     #[test]

@@ -50,11 +50,14 @@ pub enum CloseWhy {
     /// Bad TLS input on a `wss` listener: not TLS (a plain `ws://` client), a failed
     /// handshake, or a record that does not decrypt.
     TlsError,
+    /// Never held: the kernel accepted it for a shard whose table of direct descriptors was
+    /// full (`ws.max_connections_per_shard`, or RLIMIT_NOFILE) and closed it at once.
+    TableFull,
 }
 
 impl CloseWhy {
     /// Every reason, in declaration order (the index of each is its discriminant).
-    pub const ALL: [CloseWhy; 15] = [
+    pub const ALL: [CloseWhy; 16] = [
         Self::PeerClosed,
         Self::PeerReset,
         Self::HandshakeTimeout,
@@ -70,6 +73,7 @@ impl CloseWhy {
         Self::Shutdown,
         Self::Answered,
         Self::TlsError,
+        Self::TableFull,
     ];
 
     /// The `reason` label value.
@@ -90,6 +94,7 @@ impl CloseWhy {
             Self::Shutdown => "shutdown",
             Self::Answered => "answered",
             Self::TlsError => "tls_error",
+            Self::TableFull => "table_full",
         }
     }
 }
@@ -357,7 +362,7 @@ impl Metrics {
             closed: counter(
                 r,
                 "connections_closed_total",
-                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error).",
+                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error, table_full: never held, the shard's descriptor table was full).",
                 &["shard", "reason"],
             ),
             handshake_failures: counter(
@@ -449,7 +454,7 @@ impl Metrics {
             accept_errors: counter(
                 r,
                 "accept_errors_total",
-                "Accept completions with an error (ENFILE: direct descriptor table full).",
+                "Accept completions with an error (ENFILE: the direct descriptor table was full, and the kernel closed the connection: also in connections_closed_total{reason=\"table_full\"}).",
                 s,
             ),
             goaways: counter(r, "goaway_sent_total", "goaway messages sent while draining.", s),

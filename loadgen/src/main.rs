@@ -823,6 +823,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let (mut reconnects, mut reconnect_failed, mut resumed) = (0u64, 0u64, 0u64);
     let mut closes_by_code: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut sockets_lost: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut failed_by_reason: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut lost = [0u64; 2];
     let mut fast_lost = [0u64; 2];
@@ -874,6 +875,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             let k = if *code == 0 { "none".to_owned() } else { code.to_string() };
             *closes_by_code.entry(k).or_default() += n;
         }
+        for (how, n) in &f.sockets_lost {
+            *sockets_lost.entry(how.clone()).or_default() += n;
+        }
         gen_cpu += f.cpu_s;
     }
     let measured_deliveries = deliveries.saturating_sub(deliveries_before);
@@ -890,6 +894,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         members_moving_at_end: moving_at_end,
         members_reconnecting_at_end: reconnecting_at_end,
         closes_by_code,
+        sockets_lost_by_reason: sockets_lost,
         rooms: a.rooms,
         dist: format!("{:?}", a.dist).to_lowercase(),
         encoding: if a.sse {

@@ -145,6 +145,9 @@ pub struct Report {
     pub members_reconnecting_at_end: u64,
     /// Close frames the members received from the server, by close code ("none": no code).
     pub closes_by_code: BTreeMap<String, u64>,
+    /// Members' open sockets that ended without a close frame, by how: `eof` (the peer's FIN),
+    /// `reset`, ... (an edge killed, a connection the kernel refused for the edge).
+    pub sockets_lost_by_reason: BTreeMap<String, u64>,
     pub rooms: u32,
     pub dist: String,
     pub encoding: String,
@@ -317,6 +320,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | workers died (their connections) | {died} |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms; in flight per worker at most {inflight_peak} of {inflight} |\n\
          | closes received, by code | {closes} |\n\
+         | sockets lost without a close frame, by how | {lost} |\n\
          | reconnected with since: after goaway or a server close (failed; of which after a close); to upgraded p50/p99; moves in flight per worker at most | {moved} ({mfail}; {resumed}); {rc50:.1}/{rc99:.1} ms; {move_peak} |\n\
          | published gift / chat (refused) | {pg} / {pc} ({refused}) |\n\
          | offered gift / chat per second (streams) | {og:.1} ({sg}) / {oc:.1} ({sc}) |\n\
@@ -381,6 +385,11 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         oc = r.publish_offered_per_s.get("chat").copied().unwrap_or(0.0),
         sg = r.publish_streams.get("gift").copied().unwrap_or(1),
         sc = r.publish_streams.get("chat").copied().unwrap_or(1),
+        lost = if r.sockets_lost_by_reason.is_empty() {
+            "none".to_owned()
+        } else {
+            r.sockets_lost_by_reason.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        },
         closes = if r.closes_by_code.is_empty() {
             "none".to_owned()
         } else {

@@ -237,6 +237,9 @@ pub struct Final {
     /// Close frames received from the server, by close code (0: a close frame without one).
     #[serde(default)]
     pub close_codes: std::collections::BTreeMap<u16, u64>,
+    /// Open sockets that ended without a close frame, by how (`eof`, `reset`, ...).
+    #[serde(default)]
+    pub sockets_lost: std::collections::BTreeMap<String, u64>,
     pub deliveries: u64,
     pub frames: u64,
     /// Of `frames`, those that arrived compressed (permessage-deflate).
@@ -964,6 +967,9 @@ struct Reader {
     ping_bytes: u64,
     /// Close frames received, by code (0: none given).
     close_codes: std::collections::BTreeMap<u16, u64>,
+    /// Open sockets that ended without a close frame, by how (`eof`, or the error's reason:
+    /// `reset`, `timeout`...): an edge killed, or the kernel resetting a connection.
+    lost: std::collections::BTreeMap<&'static str, u64>,
     closed: u64,
     /// Follow goaways and resume after 4000/1013 closes.
     follow: bool,
@@ -978,6 +984,14 @@ struct Reader {
 }
 
 impl Reader {
+    /// Counts `c`'s socket ending without a close frame (`how`: `eof` or an error's reason)
+    /// if the member was open on it: the edge killed, a reset, a full descriptor table.
+    fn lost_socket(&mut self, c: &Conn, how: &'static str) {
+        if c.open {
+            *self.lost.entry(how).or_default() += 1;
+        }
+    }
+
     fn kind_index(&self, kind: &str) -> Option<usize> {
         self.kinds.iter().position(|k| k == kind)
     }
@@ -1172,6 +1186,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         bytes: 0,
         ping_bytes: 0,
         close_codes: std::collections::BTreeMap::new(),
+        lost: std::collections::BTreeMap::new(),
         closed: 0,
         follow: args.follow_goaway,
         sse: args.sse,
@@ -1213,6 +1228,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 let budget = args.slow_bytes.min(tmp.len());
                 match c.sock.read(&mut tmp[..budget]) {
                     Ok(0) => {
+                        reader.lost_socket(c, "eof");
                         if c.on_lost(args.follow_goaway) {
                             reader.closed += 1;
                         }
@@ -1224,7 +1240,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         c.buf.drain(..used);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
+                    Err(e) => {
+                        reader.lost_socket(c, io_reason(&e));
                         if c.on_lost(args.follow_goaway) {
                             reader.closed += 1;
                         }
@@ -1333,6 +1350,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             loop {
                 match c.sock.read(&mut tmp) {
                     Ok(0) => {
+                        reader.lost_socket(c, "eof");
                         if c.on_lost(args.follow_goaway) {
                             reader.closed += 1;
                         }
@@ -1345,7 +1363,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         c.buf.drain(..used);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                    Err(e) => {
+                        reader.lost_socket(c, io_reason(&e));
                         if c.on_lost(args.follow_goaway) {
                             reader.closed += 1;
                         }
@@ -1473,6 +1492,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 connect_inflight_peak: window.peak as u64,
                 closed: reader.closed,
                 close_codes: std::mem::take(&mut reader.close_codes),
+                sockets_lost: std::mem::take(&mut reader.lost).into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
                 deliveries: reader.deliveries,
                 frames: reader.frames,
                 compressed_frames: reader.compressed_frames,

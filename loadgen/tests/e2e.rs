@@ -113,6 +113,16 @@ fn a_run_whose_edge_died_fails_and_names_the_members_down() {
     assert_eq!(v["connections"], 50, "{v}");
     assert_eq!(v["members_open_at_end"], 0, "{v}");
     assert_eq!(v["members_reconnecting_at_end"], 50, "{v}");
+    // Killed, the edge sent no close frame: each member's socket ended once, counted by how
+    // (a trial found these runs' results saying "closes received: none" and nothing else).
+    assert_eq!(v["closes_by_code"], serde_json::json!({}), "{v}");
+    let lost: u64 = v["sockets_lost_by_reason"]
+        .as_object()
+        .expect("sockets_lost_by_reason")
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(lost, 50, "every member's socket, lost once: {v}");
 }
 
 /// `--move-give-up` bounds a member's retries: with 2 s, the members of an edge that never

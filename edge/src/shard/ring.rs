@@ -113,7 +113,16 @@ impl Shard {
         if res < 0 {
             self.stats.accept_errors.inc();
             if res == -libc::ENFILE {
-                tracing::warn!(shard = self.id, open = self.open, "direct descriptor table full; connection refused");
+                // The kernel took the connection off the queue and closed it (no descriptor to
+                // put it in): the client sees it reset. A close like any other, by its reason.
+                self.stats.closed.inc(CloseWhy::TableFull);
+                if self.log_refusal() {
+                    tracing::warn!(
+                        shard = self.id,
+                        open = self.open,
+                        "direct descriptor table full; connection refused"
+                    );
+                }
             } else if res != -libc::ECANCELED {
                 tracing::warn!(shard = self.id, error = %io::Error::from_raw_os_error(-res), "accept failed");
             }
