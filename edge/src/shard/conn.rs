@@ -118,10 +118,12 @@ pub struct Conn {
     pub in_flight: u16,
     pub iov: Vec<libc::iovec>,
     pub recv_armed: bool,
-    /// In the shard's `dirty` line (room deliveries, first come first served).
+    /// In the shard's delivery line (`SendLines::deliveries`: room deliveries, first come first
+    /// served).
     pub dirty: bool,
-    /// In the shard's `urgent` line: an answer of the connection's own is queued (101, joined
-    /// and its replay, pong, error, goaway), which goes ahead of the room deliveries.
+    /// In the shard's answer line (`SendLines::answers`): an answer of the connection's own is
+    /// queued (101, joined and its replay, pong, error, goaway), which goes ahead of the room
+    /// deliveries.
     pub urgent: bool,
     /// The 101 answer is queued and not yet written (`roomcast_handshake_seconds` times it).
     pub upgrade_unsent: bool,
