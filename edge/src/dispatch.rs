@@ -1,8 +1,9 @@
 //! Entry dispatch: which edge a new client should connect to.
 //!
-//! Edges publish an [`EdgeLoad`] report with a TTL; dispatch reads the live reports and answers
-//! with the least-loaded healthy edge. Pure selection logic lives here (callers pass `now` and
-//! the random numbers), the Redis plumbing in `bus::redis`.
+//! Edges publish an [`EdgeLoad`] report with a TTL; dispatch reads the live reports (at most
+//! once per [`registry::CACHE_MS`]) and answers with the least-loaded healthy edge. The selection
+//! logic is pure (callers pass `now` and the random numbers); the reports' keys, reads and cache
+//! are in [`registry`], over `bus::redis`'s connection.
 //!
 //! Simultaneous arrivals must not all land on the one least-loaded edge (the report is up to a
 //! period old, so they would all see the same "least loaded" edge and stampede it). Two guards:
@@ -290,6 +291,53 @@ pub mod registry {
             .ignore()
             .query_async(cm)
             .await
+    }
+
+    /// How long one read of the reports answers `/v1/route` (ms). Reports change once a second,
+    /// so reading them for every request (a range query and an MGET: two round trips to Redis
+    /// and a JSON parse of every report) bought nothing but Redis traffic and latency growing
+    /// with the arrival rate, and a storm of 10^6 reconnecting clients is exactly when dispatch
+    /// is asked most. A draining edge waits this long after its `draining` report is written
+    /// (`AppState::leave_dispatch`), so no dispatch answers it from a read made before.
+    pub const CACHE_MS: u64 = 200;
+
+    /// The live reports as last read, shared by every request of one dispatch endpoint: read at
+    /// most once per [`CACHE_MS`] whatever the request rate, by one request while the others
+    /// wait for its answer (no stampede on Redis when the cache expires under load).
+    #[derive(Default)]
+    pub struct Cache {
+        /// When the last read started, and what it found.
+        last: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<[EdgeLoad]>)>>,
+        /// Held by the one request reading Redis.
+        reading: tokio::sync::Mutex<()>,
+    }
+
+    impl Cache {
+        /// The live reports (as [`live`]), from a read started less than [`CACHE_MS`] ago, or
+        /// read now. The age is measured from the read's start, so a report written before a
+        /// read started is in every answer given more than `CACHE_MS` after the write.
+        pub async fn live(&self, cm: &Conn, max_age_ms: u64) -> redis::RedisResult<std::sync::Arc<[EdgeLoad]>> {
+            if let Some(e) = self.fresh() {
+                return Ok(e);
+            }
+            let _one = self.reading.lock().await;
+            // The request that held the lock before may have just read them.
+            if let Some(e) = self.fresh() {
+                return Ok(e);
+            }
+            let started = std::time::Instant::now();
+            let edges: std::sync::Arc<[EdgeLoad]> =
+                live(&mut cm.clone(), crate::bus::now_us() / 1000, max_age_ms).await?.into();
+            *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((started, edges.clone()));
+            Ok(edges)
+        }
+
+        fn fresh(&self) -> Option<std::sync::Arc<[EdgeLoad]>> {
+            match &*self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                Some((at, e)) if at.elapsed() < std::time::Duration::from_millis(CACHE_MS) => Some(e.clone()),
+                _ => None,
+            }
+        }
     }
 
     /// Reports younger than `max_age_ms` (on a cluster the MGET is split by slot by redis-rs):

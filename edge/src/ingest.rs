@@ -83,7 +83,11 @@ impl AppState {
         if let Some(tx) = &self.report_now {
             let (done, wait) = tokio::sync::oneshot::channel();
             if tx.send(done).is_ok() {
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await;
+                if let Ok(Ok(())) = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await {
+                    // Dispatch answers from reads up to CACHE_MS old: after this, none made
+                    // before the `draining` report was written.
+                    tokio::time::sleep(std::time::Duration::from_millis(registry::CACHE_MS)).await;
+                }
             }
         }
     }
@@ -104,8 +108,26 @@ pub enum RouteSource {
         dispatcher: Mutex<Dispatcher>,
         /// Edges whose last report is older than this (ms) count as gone.
         max_age_ms: u64,
+        /// The reports as last read (at most [`registry::CACHE_MS`] old).
+        reports: registry::Cache,
     },
 }
+
+impl RouteSource {
+    /// Dispatch over the load reports in the Redis behind `cm`.
+    pub fn redis(cm: Conn) -> Self {
+        RouteSource::Redis {
+            cm,
+            dispatcher: Mutex::new(Dispatcher::default()),
+            max_age_ms: REPORT_MAX_AGE_MS,
+            reports: registry::Cache::default(),
+        }
+    }
+}
+
+/// Edges whose last load report is older than this count as gone (reports are written each
+/// second with a TTL of as long).
+pub const REPORT_MAX_AGE_MS: u64 = 3000;
 
 /// The HTTP API: publish, room stats, route, admin drain, kernel view, dashboard, health, metrics and moderation.
 pub fn router(state: AppState, max_body: usize) -> Router {
@@ -167,13 +189,12 @@ pub async fn route_answer(src: &RouteSource, draining: bool, overloaded: bool, r
             }
             (url.clone(), String::from("local"))
         }
-        RouteSource::Redis { cm, dispatcher, max_age_ms } => {
-            let now = crate::bus::now_us() / 1000;
-            let mut cm = cm.clone();
-            let edges = match registry::live(&mut cm, now, *max_age_ms).await {
+        RouteSource::Redis { cm, dispatcher, max_age_ms, reports } => {
+            let edges = match reports.live(cm, *max_age_ms).await {
                 Ok(e) => e,
                 Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("load reports unavailable: {e}")),
             };
+            let now = crate::bus::now_us() / 1000;
             let (r1, r2) = (fastrand::f64(), fastrand::f64());
             let mut d = dispatcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match d.pick(&edges, now, *max_age_ms, r1, r2) {

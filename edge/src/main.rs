@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edge::config::Config;
-use edge::dispatch::Dispatcher;
 use edge::ingest::{self, AppState, RouteSource};
 use edge::server::Edge;
 
@@ -431,7 +430,7 @@ fn main() -> anyhow::Result<()> {
                 report_rx,
             ));
             report_now = Some(report_tx);
-            RouteSource::Redis { cm, dispatcher: std::sync::Mutex::new(Dispatcher::default()), max_age_ms: 3000 }
+            RouteSource::redis(cm)
         }
     };
     // The same depth as the WebSocket listeners': clients of a storm ask /v1/route first.
@@ -619,11 +618,7 @@ fn dispatch_only(
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
         let cm = edge::bus::redis::Conn::connect(redis_url).await.context("cannot connect to redis")?;
-        let src = Arc::new(RouteSource::Redis {
-            cm,
-            dispatcher: std::sync::Mutex::new(Dispatcher::default()),
-            max_age_ms: 3000,
-        });
+        let src = Arc::new(RouteSource::redis(cm));
         let preflight_origins = origins.clone();
         let app =
             axum::Router::new()

@@ -405,7 +405,7 @@ pub async fn report_load(
             at_ms: crate::bus::now_us() / 1000,
         };
         (last_frames, last_bytes, last_at) = (frames, bytes, Instant::now());
-        if let Err(e) = registry::report(&mut cm, &load, 3000).await {
+        if let Err(e) = registry::report(&mut cm, &load, crate::ingest::REPORT_MAX_AGE_MS).await {
             tracing::warn!(error = %e, "cannot publish load report");
         }
         if let Some(done) = done {

@@ -198,3 +198,130 @@ async fn an_edge_near_its_link_limit_gets_fewer_new_clients_than_connections_alo
     assert_eq!(to_busy + to_idle, 100);
     assert!(to_idle >= 55, "the edge past its link limit should lose most draws: {to_busy} busy, {to_idle} idle");
 }
+
+/// Calls of one command Redis has served so far (`INFO commandstats`).
+fn redis_calls(port: u16, command: &str) -> u64 {
+    let info = redis_cli(port, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A storm of reconnecting clients asks dispatch most when everything else is busy too: the load
+/// reports are read from Redis at most once per `registry::CACHE_MS` (200 ms), however many ask
+/// at once, not twice per request (a range query and an MGET each, before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_reads_the_load_reports_once_per_period_however_many_clients_ask() {
+    let redis = RedisProc::start();
+    let bus = redis.url();
+    let a = EdgeProc::start(&["--shards", "1", "--bus", &bus]);
+    let b = EdgeProc::start(&["--shards", "1", "--bus", &bus]);
+    let url = format!("http://{}/v1/route?room=storm", a.http);
+    // Both edges reported.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..20 {
+                let (_, _, body) = get(&url, None).await;
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                seen.insert(v["edge"].as_str().map(str::to_owned));
+            }
+            seen.len() == 2
+        })
+        .await,
+        "dispatch answers with both edges"
+    );
+    let before = redis_calls(redis.port, "mget");
+    let started = std::time::Instant::now();
+    let client = reqwest::Client::new();
+    let mut answered = 0;
+    for _ in 0..10 {
+        let asks: Vec<_> = (0..50).map(|_| client.get(&url).send()).collect();
+        for r in futures_join(asks).await {
+            let r = r.expect("route request");
+            assert_eq!(r.status().as_u16(), 200);
+            answered += 1;
+        }
+    }
+    let periods = started.elapsed().as_millis() as u64 / 200 + 1;
+    let reads = redis_calls(redis.port, "mget") - before;
+    assert_eq!(answered, 500);
+    // At most one read per period begun while the requests ran (and one begun just before).
+    assert!(reads <= periods + 1, "{reads} report reads for {answered} requests in {periods} periods of 200 ms");
+    drop(b);
+}
+
+async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+/// Dispatch answers from a read of the reports up to 200 ms old, so a draining edge waits that
+/// long after its `draining` report is written before it answers the drain request: from then
+/// on no dispatch answer names it, however busy dispatch was (a cache kept warm by clients
+/// asking every few milliseconds, as in a storm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_names_a_draining_edge_once_its_drain_is_accepted() {
+    const TOKEN: &str = "test-admin-token-0123456789";
+    let redis = RedisProc::start();
+    let bus = redis.url();
+    let cfg = config("dispatch-drain", &format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 2000\n"));
+    let drained = EdgeProc::start(&["--shards", "1", "--bus", &bus, "--config", &cfg]);
+    let other = EdgeProc::start(&["--shards", "1", "--bus", &bus]);
+    let url = format!("http://{}/v1/route?room=r", other.http);
+    let drained_ws = drained.ws.to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let mut named = false;
+            for _ in 0..20 {
+                named |= get(&url, None).await.2.contains(&drained_ws);
+            }
+            named
+        })
+        .await,
+        "dispatch answers with the edge to drain"
+    );
+    // Ask continuously, noting when the requests answered with the drained edge were sent.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asker = {
+        let (stop, url, drained_ws) = (stop.clone(), url.clone(), drained_ws.clone());
+        tokio::spawn(async move {
+            let mut named_at = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = std::time::Instant::now();
+                let (_, _, body) = get(&url, None).await;
+                if body.contains(&drained_ws) {
+                    named_at.push(asked);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            named_at
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/admin/drain", drained.http))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let accepted = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let named_at = asker.await.unwrap();
+    assert!(!named_at.is_empty(), "the asker saw the drained edge before its drain");
+    let late = named_at.iter().filter(|t| **t > accepted).count();
+    assert_eq!(late, 0, "{late} requests sent after the drain was accepted were answered with the draining edge");
+}
