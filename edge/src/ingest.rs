@@ -82,12 +82,12 @@ impl AppState {
         self.draining.store(true, Ordering::Relaxed);
         if let Some(tx) = &self.report_now {
             let (done, wait) = tokio::sync::oneshot::channel();
-            if tx.send(done).is_ok() {
-                if let Ok(Ok(())) = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await {
-                    // Dispatch answers from reads up to CACHE_MS old: after this, none made
-                    // before the `draining` report was written.
-                    tokio::time::sleep(std::time::Duration::from_millis(registry::CACHE_MS)).await;
-                }
+            if tx.send(done).is_ok()
+                && let Ok(Ok(())) = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await
+            {
+                // Dispatch answers from reads up to CACHE_MS old: after this, none made
+                // before the `draining` report was written.
+                tokio::time::sleep(std::time::Duration::from_millis(registry::CACHE_MS)).await;
             }
         }
     }

@@ -239,9 +239,9 @@ async fn dispatch_reads_the_load_reports_once_per_period_however_many_clients_as
     let client = reqwest::Client::new();
     let mut answered = 0;
     for _ in 0..10 {
-        let asks: Vec<_> = (0..50).map(|_| client.get(&url).send()).collect();
-        for r in futures_join(asks).await {
-            let r = r.expect("route request");
+        let asks: Vec<_> = (0..50).map(|_| tokio::spawn(client.get(&url).send())).collect();
+        for ask in asks {
+            let r = ask.await.expect("task").expect("route request");
             assert_eq!(r.status().as_u16(), 200);
             answered += 1;
         }
@@ -252,19 +252,6 @@ async fn dispatch_reads_the_load_reports_once_per_period_however_many_clients_as
     // At most one read per period begun while the requests ran (and one begun just before).
     assert!(reads <= periods + 1, "{reads} report reads for {answered} requests in {periods} periods of 200 ms");
     drop(b);
-}
-
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output>
-where
-    F: Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.expect("task"));
-    }
-    out
 }
 
 /// Dispatch answers from a read of the reports up to 200 ms old, so a draining edge waits that
