@@ -262,6 +262,18 @@ fn check_port_once(addr: SocketAddr, takeover: bool, orphans: &mut Orphans) -> R
     if takeover { Ok(Some(holders)) } else { Err(GuardError::PortHeld { addr, holders }) }
 }
 
+/// Who listens on `addr`, for a port this process failed to bind with EADDRINUSE and does not
+/// share (the HTTP API's): one look, no waiting for orphans. None when no listener overlaps it
+/// (an outgoing connection on the port, say) or the socket tables cannot be read.
+pub fn holders_of(addr: SocketAddr) -> Option<Holders> {
+    let inodes = listeners(addr)?;
+    if inodes.is_empty() {
+        return None;
+    }
+    let (procs, unseen) = processes_holding(&inodes);
+    Some(Holders { procs, inodes, unseen })
+}
+
 enum Probe {
     Free,
     InUse,

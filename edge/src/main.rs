@@ -406,6 +406,13 @@ fn main() -> anyhow::Result<()> {
     } else if cfg.advertise.is_none() && cfg.listen.ip().is_loopback() && cfg.bus.is_some() {
         tracing::warn!(listen = %cfg.listen, "listening on loopback with a shared bus: only clients on this machine can reach this edge through dispatch");
     }
+    // The same depth as the WebSocket listeners': clients of a storm ask /v1/route first. Bound
+    // before the shards listen, so a takeover whose HTTP port is taken fails before its shards
+    // join the WebSocket port and take connections they would then drop.
+    let listener = {
+        let _rt = rt.enter();
+        http_listener(cfg.http, cfg.ws.backlog, if cfg.takeover { TAKEOVER_HTTP } else { "" })?
+    };
     let edge = Edge::start(cfg.clone(), rt.handle())?;
     let ws_url = cfg.advertised_url(edge.ws_addr);
     let draining = Arc::new(AtomicBool::new(false));
@@ -432,13 +439,6 @@ fn main() -> anyhow::Result<()> {
             report_now = Some(report_tx);
             RouteSource::redis(cm)
         }
-    };
-    // The same depth as the WebSocket listeners': clients of a storm ask /v1/route first.
-    let listener = {
-        let _rt = rt.enter();
-        edge::sys::http_listener(cfg.http, cfg.ws.backlog)
-            .and_then(tokio::net::TcpListener::from_std)
-            .with_context(|| format!("cannot listen on {} (http)", cfg.http))?
     };
     let http_addr = listener.local_addr()?;
     // Checked by cfg.validate() already; read again here for the live table.
@@ -586,6 +586,23 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str) {
     }
 }
 
+/// What a `--takeover` edge is told when its HTTP port is held (by the edge it replaces).
+const TAKEOVER_HTTP: &str = "; --takeover shares the WebSocket port only: give the new edge its own --http port";
+
+/// The HTTP API's listener (in the runtime entered), with the holder named when the port is
+/// held: the WebSocket port's guard names its holder, and a bare "Address already in use" here
+/// left an operator starting a takeover beside the old edge guessing which port and whose.
+fn http_listener(addr: SocketAddr, backlog: i32, hint: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    match edge::sys::http_listener(addr, backlog).and_then(tokio::net::TcpListener::from_std) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => match edge::listen_guard::holders_of(addr) {
+            Some(holders) => anyhow::bail!("cannot listen on {addr} (http): the port is held by {holders}{hint}"),
+            None => Err(anyhow::Error::new(e).context(format!("cannot listen on {addr} (http){hint}"))),
+        },
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot listen on {addr} (http)"))),
+    }
+}
+
 /// How long `edge dispatch` lets requests under way finish once told to stop.
 const DISPATCH_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -641,9 +658,7 @@ fn dispatch_only(
                 )
                 .route("/healthz", axum::routing::get(|| async { "ok\n" }))
                 .with_state(src);
-        let listener = edge::sys::http_listener(http, backlog)
-            .and_then(tokio::net::TcpListener::from_std)
-            .with_context(|| format!("cannot listen on {http}"))?;
+        let listener = http_listener(http, backlog, "")?;
         // SIGINT or SIGTERM: stop taking requests, finish those under way, exit 0. Handlers of
         // our own, installed before the ready line (a script's background job starts with SIGINT
         // ignored, and a signal right after the ready line must find them).

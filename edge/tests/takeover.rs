@@ -10,8 +10,17 @@ use roomcast_testsupport::EdgeProc;
 
 /// Starts another edge on `ws` with both outputs piped; lines arrive on the receivers.
 fn second_edge(ws: std::net::SocketAddr, extra: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
+    second_edge_on(ws, "127.0.0.1:0", extra)
+}
+
+/// [`second_edge`] with its HTTP API on `http`.
+fn second_edge_on(
+    ws: std::net::SocketAddr,
+    http: &str,
+    extra: &[&str],
+) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
     let mut child = Command::new(roomcast_testsupport::edge_bin())
-        .args(["--listen", &ws.to_string(), "--http", "127.0.0.1:0"])
+        .args(["--listen", &ws.to_string(), "--http", http])
         // Its own data directory: the first edge holds the lock on its own.
         .arg("--data-dir")
         .arg(roomcast_testsupport::data_dir("takeover"))
@@ -97,6 +106,47 @@ fn second_edge_refuses_the_port_unless_taking_over() {
         }
     }
     kill(&mut third);
+    assert!(first.child.try_wait().expect("try_wait").is_none(), "the first edge stopped");
+}
+
+/// A takeover started with the old edge's own `--http` (an in-place restart's first try): the
+/// HTTP API's port is not shared, so the new edge exits naming who holds it and what to do,
+/// before its shards join the WebSocket port (a trial got a bare "Address already in use").
+#[test]
+fn a_takeover_on_the_old_edges_http_port_names_its_holder_and_takes_no_connection() {
+    let mut first = EdgeProc::start(&["--shards", "1"]);
+    let first_pid = first.child.id();
+    let (mut second, out, err) = second_edge_on(first.ws, &first.http.to_string(), &["--shards", "1", "--takeover"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = second.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            kill(&mut second);
+            panic!("the takeover on the first edge's HTTP port did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "the takeover started on a held HTTP port: {status:?}");
+    let lines = |rx: &mpsc::Receiver<String>| {
+        let mut text = String::new();
+        let end = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    };
+    let (stdout, stderr) = (lines(&out), lines(&err));
+    assert!(
+        stderr.contains(&format!("{} (http): the port is held by pid {first_pid} (", first.http)),
+        "stderr does not name the HTTP port's holder, pid {first_pid}:\n{stderr}"
+    );
+    assert!(stderr.contains("its own --http port"), "stderr does not say what to do:\n{stderr}");
+    // It failed before its shards listened: no shard took the WebSocket port's connections.
+    assert!(!stderr.contains("taking over"), "the shards joined the WebSocket port first:\n{stderr}");
+    assert!(!stdout.contains("ready"), "{stdout}");
     assert!(first.child.try_wait().expect("try_wait").is_none(), "the first edge stopped");
 }
 
