@@ -248,6 +248,8 @@ mod tests {
 /// `rc:edges` scores each id by its last report time, so dispatch reads live edges with one
 /// range query and one MGET, without SCAN.
 pub mod registry {
+    use std::sync::Arc;
+
     use redis::AsyncCommands;
 
     use super::EdgeLoad;
@@ -303,38 +305,76 @@ pub mod registry {
 
     /// The live reports as last read, shared by every request of one dispatch endpoint: read at
     /// most once per [`CACHE_MS`] whatever the request rate, by one request while the others
-    /// wait for its answer (no stampede on Redis when the cache expires under load).
+    /// wait for its outcome (no stampede on Redis when the cache expires under load).
     #[derive(Default)]
     pub struct Cache {
-        /// When the last read started, and what it found.
-        last: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<[EdgeLoad]>)>>,
+        /// The last read: when it started and ended, and what it found or why it failed.
+        last: std::sync::Mutex<Option<Read>>,
         /// Held by the one request reading Redis.
         reading: tokio::sync::Mutex<()>,
     }
 
+    /// The live edges' reports, shared by the answers made from one read.
+    pub type Reports = Arc<[EdgeLoad]>;
+
+    /// One read of the reports.
+    struct Read {
+        started: std::time::Instant,
+        ended: std::time::Instant,
+        outcome: Result<Reports, Arc<str>>,
+    }
+
     impl Cache {
-        /// The live reports (as [`live`]), from a read started less than [`CACHE_MS`] ago, or
-        /// read now. The age is measured from the read's start, so a report written before a
-        /// read started is in every answer given more than `CACHE_MS` after the write.
-        pub async fn live(&self, cm: &Conn, max_age_ms: u64) -> redis::RedisResult<std::sync::Arc<[EdgeLoad]>> {
+        /// The live reports (as [`live`]): from a read started less than [`CACHE_MS`] ago, or
+        /// read now; a read that failed after this request asked fails it too. The age is
+        /// measured from the read's start, so a report written before a read started is in
+        /// every answer given more than `CACHE_MS` after the write.
+        pub async fn live(&self, cm: &Conn, max_age_ms: u64) -> Result<Reports, Arc<str>> {
+            self.read_with(|| async move {
+                live(&mut cm.clone(), crate::bus::now_us() / 1000, max_age_ms).await.map_err(|e| e.to_string())
+            })
+            .await
+        }
+
+        /// [`Cache::live`] with the read given (tests read without Redis).
+        async fn read_with<F, Fut>(&self, read: F) -> Result<Reports, Arc<str>>
+        where
+            F: FnOnce() -> Fut,
+            Fut: std::future::Future<Output = Result<Vec<EdgeLoad>, String>>,
+        {
+            let asked = std::time::Instant::now();
             if let Some(e) = self.fresh() {
                 return Ok(e);
             }
             let _one = self.reading.lock().await;
-            // The request that held the lock before may have just read them.
+            // The requests queued behind a read share its outcome: a failure (Redis timing out
+            // on a saturated box) is not tried again by each of them in turn, which would make
+            // the last wait for as many timeouts as there were requests before it.
             if let Some(e) = self.fresh() {
                 return Ok(e);
             }
+            if let Some(Read { ended, outcome: Err(e), .. }) =
+                &*self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+                && *ended >= asked
+            {
+                return Err(e.clone());
+            }
             let started = std::time::Instant::now();
-            let edges: std::sync::Arc<[EdgeLoad]> =
-                live(&mut cm.clone(), crate::bus::now_us() / 1000, max_age_ms).await?.into();
-            *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((started, edges.clone()));
-            Ok(edges)
+            let outcome = read().await.map(Reports::from).map_err(Arc::from);
+            let ended = std::time::Instant::now();
+            *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(Read { started, ended, outcome: outcome.clone() });
+            outcome
         }
 
-        fn fresh(&self) -> Option<std::sync::Arc<[EdgeLoad]>> {
+        /// The last read's reports, if it succeeded and started less than [`CACHE_MS`] ago.
+        fn fresh(&self) -> Option<Reports> {
             match &*self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
-                Some((at, e)) if at.elapsed() < std::time::Duration::from_millis(CACHE_MS) => Some(e.clone()),
+                Some(Read { started, outcome: Ok(e), .. })
+                    if started.elapsed() < std::time::Duration::from_millis(CACHE_MS) =>
+                {
+                    Some(e.clone())
+                }
                 _ => None,
             }
         }
@@ -356,5 +396,60 @@ pub mod registry {
             .filter_map(|v| serde_json::from_str::<EdgeLoad>(&v).ok())
             .filter(|e| e.at_ms.saturating_add(max_age_ms) >= now_ms)
             .collect())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::time::Duration;
+
+        use super::*;
+
+        /// 20 requests at once while Redis times out: one read fails and all 20 are told, instead
+        /// of each trying again in turn behind the lock (the 20th waiting 20 timeouts).
+        #[tokio::test]
+        async fn requests_waiting_behind_a_failed_read_share_its_failure() {
+            let cache = Arc::new(Cache::default());
+            let reads = Arc::new(AtomicU32::new(0));
+            let asks: Vec<_> = (0..20)
+                .map(|_| {
+                    let (cache, reads) = (cache.clone(), reads.clone());
+                    tokio::spawn(async move {
+                        cache
+                            .read_with(|| async {
+                                reads.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                Err::<Vec<EdgeLoad>, _>("timed out".to_owned())
+                            })
+                            .await
+                    })
+                })
+                .collect();
+            for a in asks {
+                assert_eq!(a.await.unwrap().unwrap_err().as_ref(), "timed out");
+            }
+            assert_eq!(reads.load(Ordering::Relaxed), 1, "every request waiting read again");
+            // A request after the failed read reads again (a failure is not cached).
+            let again = cache.read_with(|| async { Ok(Vec::new()) }).await;
+            assert_eq!(again.unwrap().len(), 0);
+        }
+
+        /// Successful reads answer for CACHE_MS, then the next request reads again.
+        #[tokio::test]
+        async fn a_read_answers_for_its_period_then_is_read_again() {
+            let cache = Cache::default();
+            let reads = AtomicU32::new(0);
+            let read = || async {
+                reads.fetch_add(1, Ordering::Relaxed);
+                Ok(Vec::new())
+            };
+            for _ in 0..10 {
+                cache.read_with(read).await.unwrap();
+            }
+            assert_eq!(reads.load(Ordering::Relaxed), 1);
+            std::thread::sleep(Duration::from_millis(CACHE_MS + 10));
+            cache.read_with(read).await.unwrap();
+            assert_eq!(reads.load(Ordering::Relaxed), 2);
+        }
     }
 }
