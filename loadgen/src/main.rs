@@ -319,6 +319,8 @@ struct Workers {
     procs: Vec<WorkerProc>,
     /// Last progress of each.
     progress: Vec<Progress>,
+    /// Progress reports each has sent (the connect phase's lines wait for them).
+    reports: Vec<u64>,
     /// Final reports, by worker.
     finals: Vec<Option<Final>>,
     died: Vec<report::WorkerDeath>,
@@ -340,6 +342,7 @@ impl Workers {
                 let id = p.id;
                 if let Some(slot) = self.progress.get_mut(id) {
                     *slot = p;
+                    self.reports[id] += 1;
                 }
             }
             Msg::Final(f) => {
@@ -384,6 +387,11 @@ impl Workers {
 
     fn is_dead(&self, id: usize) -> bool {
         self.died.iter().any(|d| d.id == id)
+    }
+
+    /// For each worker, the progress reports it has sent, or None if it died.
+    fn reports_of_the_living(&self) -> Vec<Option<u64>> {
+        (0..self.procs.len()).map(|i| (!self.is_dead(i)).then_some(self.reports[i])).collect()
     }
 
     /// Workers that have neither reported their final figures nor died.
@@ -460,7 +468,7 @@ fn spawn_worker(exe: &std::path::Path, json: &str) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id();
     let mut cmd = Command::new(exe);
-    cmd.args(["worker", json]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.args(["worker", json]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
     unsafe {
@@ -476,6 +484,70 @@ fn spawn_worker(exe: &std::path::Path, json: &str) -> std::io::Result<Child> {
         });
     }
     cmd.spawn()
+}
+
+/// Copies worker `id`'s stderr (`from`) to `to` a line at a time, each line prefixed `w{id}: `
+/// and written with one `write_all` (to our stderr: one write, under its lock), so lines from
+/// several workers never mix. Workers used to write to the terminal themselves, and `eprintln!`
+/// writes a line in pieces: two workers' pieces came out interleaved mid-line. A last line
+/// without its newline gets one; what `to` refuses is dropped, and reading goes on (a worker
+/// must never block on a full pipe).
+fn relay_lines(id: usize, mut from: impl BufRead, mut to: impl Write) {
+    let prefix = format!("w{id}: ");
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        line.extend_from_slice(prefix.as_bytes());
+        match from.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let _ = to.write_all(&line);
+    }
+}
+
+/// When the connect phase's per-second line is due, and the connect rate it shows. Workers
+/// report once a second on their own clocks: a line printed on the coordinator's first second
+/// came before any report and read 0/s (and a later one, with two reports of a worker in, twice
+/// the rate). So a line waits until every living worker has reported since the last one (the
+/// first: since the start), at least a second after it, or for [`ConnectLines::AT_MOST`] when
+/// one is silent (a worker inside a blocking TLS handshake); the rate is over the time since
+/// the last line. Takes time as an argument.
+struct ConnectLines {
+    last_at: Instant,
+    last_connected: u64,
+    /// Each worker's reports when the last line went out.
+    seen: Vec<u64>,
+}
+
+impl ConnectLines {
+    /// The longest wait for a silent worker's report.
+    const AT_MOST: Duration = Duration::from_secs(3);
+
+    /// Lines of a phase started at `start` with `workers` workers.
+    fn new(start: Instant, workers: usize) -> Self {
+        Self { last_at: start, last_connected: 0, seen: vec![0; workers] }
+    }
+
+    /// At `now`, with each worker's reports so far (None: it died) and `connected` members in
+    /// them: the rate to print if a line is due.
+    fn due(&mut self, now: Instant, reports: &[Option<u64>], connected: u64) -> Option<f64> {
+        let since = now.duration_since(self.last_at);
+        let all_in = reports.iter().zip(&self.seen).all(|(r, seen)| r.is_none_or(|r| r > *seen));
+        if since < Duration::from_secs(1) || (!all_in && since < Self::AT_MOST) {
+            return None;
+        }
+        let rate = connected.saturating_sub(self.last_connected) as f64 / since.as_secs_f64();
+        self.last_at = now;
+        self.last_connected = connected;
+        for (seen, r) in self.seen.iter_mut().zip(reports) {
+            *seen = r.unwrap_or(*seen);
+        }
+        Some(rate)
+    }
 }
 
 enum Msg {
@@ -506,13 +578,25 @@ pub struct Sample {
     pub deliveries: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Expected errors (a flag or a key refused, a run that did not do what was asked) are told
+/// as their message and causes on one line, `Error: what: why`, and exit 1. `main` returning
+/// the `anyhow::Result` printed its `Debug`, which under RUST_BACKTRACE=1 (set on this box)
+/// added a backtrace of where the error was made to every such message; panics, which are
+/// bugs, keep theirs.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Worker { json } => worker::run(serde_json::from_str(&json)?),
+    let result = match cli.cmd {
+        Cmd::Worker { json } => serde_json::from_str(&json).map_err(anyhow::Error::from).and_then(worker::run),
         Cmd::Run(a) => run(*a),
         Cmd::Tokens(a) => tokens::sign(&a),
         Cmd::Pubbench(a) => pubbench::run(&a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
@@ -542,6 +626,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut sup = Workers {
         procs: Vec::new(),
         progress: Vec::new(),
+        reports: Vec::new(),
         finals: Vec::new(),
         died: Vec::new(),
         start: Instant::now(),
@@ -580,6 +665,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         let mut child = spawn_worker(&exe, &serde_json::to_string(&wa)?).context("spawn worker")?;
         let stdout = child.stdout.take().expect("piped");
         let stdin = child.stdin.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        std::thread::spawn(move || relay_lines(w, BufReader::new(stderr), std::io::stderr()));
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -600,6 +687,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         });
         sup.procs.push(WorkerProc { child, stdin, first: lo, count: hi - lo });
         sup.progress.push(Progress { id: w, ..Progress::default() });
+        sup.reports.push(0);
         sup.finals.push(None);
     }
     drop(tx);
@@ -616,8 +704,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     // 1. Connect, with a line a second: connected, rate, failures by reason.
     let deadline_s = a.connect_deadline.unwrap_or(a.connections as f64 / a.ramp * 2.0 + 30.0);
     let connect_deadline = Instant::now() + Duration::from_secs_f64(deadline_s.clamp(0.0, 1e9));
-    let mut last_line = Instant::now();
-    let mut last_connected = 0u64;
+    let mut lines = ConnectLines::new(start, n_workers);
     let mut last_rate = 0.0f64;
     loop {
         sup.pump(&rx);
@@ -633,21 +720,17 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             );
             break;
         }
-        if last_line.elapsed() >= Duration::from_secs(1) {
-            let dt = last_line.elapsed().as_secs_f64();
+        if let Some(rate) = lines.due(Instant::now(), &sup.reports_of_the_living(), connected) {
             println!(
-                "connecting t={:.0}s connected={connected}/{} ({:.0}/s) failed={failed}{} reconnected={} workers={}/{}",
+                "connecting t={:.0}s connected={connected}/{} ({rate:.0}/s) failed={failed}{} reconnected={} workers={}/{}",
                 start.elapsed().as_secs_f64(),
                 a.connections,
-                connected.saturating_sub(last_connected) as f64 / dt,
                 if failed > 0 { format!(" ({})", by()) } else { String::new() },
                 sup.progress.iter().map(|p| p.reconnects).sum::<u64>(),
                 n_workers - sup.died.len(),
                 n_workers
             );
-            last_rate = connected.saturating_sub(last_connected) as f64 / dt;
-            last_line = Instant::now();
-            last_connected = connected;
+            last_rate = rate;
         }
         if Instant::now() >= connect_deadline {
             let pending: u64 = sup.progress.iter().map(|p| p.pending).sum();
@@ -1168,6 +1251,67 @@ mod tests {
         );
         assert_eq!(super::nothing_connected(1, &by), None);
         assert_eq!(super::nothing_connected(0, &std::collections::BTreeMap::new()), None);
+    }
+
+    /// The connect phase's first line waits for every living worker's first report (at the
+    /// coordinator's first second, none had come: 0/s), and each next one for a report of every
+    /// worker since; a silent worker holds a line back for at most 3 s. The rate is over the
+    /// time since the last line.
+    #[test]
+    fn connect_lines_wait_for_the_workers_reports() {
+        use super::ConnectLines;
+        use std::time::Duration;
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut lines = ConnectLines::new(t0, 2);
+        assert_eq!(lines.due(at(500), &[Some(0), Some(0)], 0), None, "under a second");
+        assert_eq!(lines.due(at(1000), &[Some(0), Some(0)], 0), None, "no report yet: no 0/s line");
+        assert_eq!(lines.due(at(1010), &[Some(1), Some(0)], 400), None, "one of two reported");
+        assert_eq!(lines.due(at(1020), &[Some(1), Some(1)], 1020), Some(1000.0));
+        assert_eq!(lines.due(at(2020), &[Some(1), Some(1)], 1020), None, "no new report");
+        assert_eq!(lines.due(at(2040), &[Some(2), Some(2)], 3060), Some(2000.0));
+        // A dead worker (None) is not waited for; a silent one for 3 s at most.
+        assert_eq!(lines.due(at(3050), &[None, Some(3)], 4000), Some(940.0 / 1.01));
+        assert_eq!(lines.due(at(5000), &[Some(3), Some(3)], 4000), None);
+        assert_eq!(lines.due(at(6050), &[Some(3), Some(3)], 4300), Some(100.0));
+    }
+
+    /// Each line a worker writes to its stderr comes out whole, prefixed with the worker, in
+    /// one write (what makes lines from several workers never mix), however its bytes arrive.
+    #[test]
+    fn worker_lines_are_relayed_whole_and_prefixed() {
+        /// Records each write.
+        struct Writes(Vec<Vec<u8>>);
+        impl std::io::Write for Writes {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        /// Gives its bytes a few at a time.
+        struct Dribble(std::io::Cursor<Vec<u8>>);
+        impl std::io::Read for Dribble {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                let n = b.len().min(3);
+                self.0.read(&mut b[..n])
+            }
+        }
+        let text = b"connection 7 failed (refused): Connection refused (os error 111)\n\nError: last\xff words";
+        let mut out = Writes(Vec::new());
+        let from = std::io::BufReader::with_capacity(4, Dribble(std::io::Cursor::new(text.to_vec())));
+        super::relay_lines(3, from, &mut out);
+        let writes: Vec<String> = out.0.iter().map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+        assert_eq!(
+            writes,
+            [
+                "w3: connection 7 failed (refused): Connection refused (os error 111)\n",
+                "w3: \n",
+                "w3: Error: last\u{fffd} words\n"
+            ]
+        );
     }
 
     /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit

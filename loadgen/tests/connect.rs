@@ -43,7 +43,8 @@ fn many_members_connect_with_several_in_flight() {
 
 /// A connect phase that cannot finish in time (2,000 members at 100/s, given 2 s) ends at the
 /// deadline it was given rather than the default (70 s), saying how far it got and how to give
-/// it longer.
+/// it longer. Its per-second lines show the rate members connect at from the first one (which
+/// read 0/s: printed before any worker had reported).
 #[test]
 fn the_connect_deadline_is_honoured() {
     let mut edge = EdgeProc::start(&["--shards", "1"]);
@@ -62,5 +63,9 @@ fn the_connect_deadline_is_honoured() {
     let connected: u64 =
         stderr.split("timed out after 2 s: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(connected < 2000, "{stderr}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let first = stdout.lines().find(|l| l.starts_with("connecting t=")).expect("a connect line");
+    let rate: f64 = first.split(" (").nth(1).unwrap().split("/s)").next().unwrap().parse().unwrap();
+    assert!(rate > 0.0, "the first line's rate: {stdout}");
     let _ = std::fs::remove_dir_all(&out);
 }
