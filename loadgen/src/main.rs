@@ -198,13 +198,8 @@ struct RunArgs {
     /// sends line N as `&token=` (edge target). A refused upgrade (401) counts as failed.
     #[arg(long)]
     tokens: Option<PathBuf>,
-    /// The publish API key (an edge with `[[ingest.keys]]` or `ROOMCAST_API_KEYS` answers 401
-    /// without one), sent as `Authorization: Bearer KEY` on every publish: this file's first
-    /// line, trimmed. Without the flag, the key is taken from the environment variable
-    /// ROOMCAST_API_KEY, if set. Never on the command line (every user's `ps` shows it), never
-    /// printed: the results record where it came from, not the key.
-    #[arg(long, value_name = "PATH")]
-    api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    key: publish::KeyArgs,
 }
 
 const KINDS: [&str; 2] = ["gift", "chat"];
@@ -603,16 +598,10 @@ fn main() -> std::process::ExitCode {
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let workers = if a.workers == 0 { a.connections.div_ceil(15_000).max(1) } else { a.workers };
     // Read before any connection: a key that cannot be read fails the run at once.
-    let key = publish::ApiKey::load(a.api_key_file.as_deref(), std::env::var_os(publish::API_KEY_ENV))?;
-    if let Some(k) = &key {
-        let also = if a.api_key_file.is_some() && std::env::var_os(publish::API_KEY_ENV).is_some_and(|v| !v.is_empty())
-        {
-            format!(" ({} is set too, not used)", publish::API_KEY_ENV)
-        } else {
-            String::new()
-        };
-        println!("publishing with the API key from {}{also}", k.source());
-    }
+    let key = a.key.load()?.map(|(k, line)| {
+        println!("{line}");
+        k
+    });
     if let Some(path) = &a.tokens {
         anyhow::ensure!(a.target == Target::Edge, "--tokens: the edge target only");
         tokens::load(path, 0, a.connections)?;

@@ -98,26 +98,33 @@ impl std::fmt::Debug for ApiKey {
 
 impl ApiKey {
     /// The key from `file` (`--api-key-file`: its first line, trimmed) if given, else from
-    /// `env` (the value of [`API_KEY_ENV`], unset or empty: none). Errors name the source,
-    /// never the key: a key is printable ASCII without spaces (what a header carries and the
-    /// edge's keys are made of).
+    /// `env` (the value of [`API_KEY_ENV`]; unset: none). Errors name the source, never the
+    /// key: a key is printable ASCII without spaces (what a header carries and the edge's keys
+    /// are made of). An empty or blank key is refused, not taken for "no key": a variable set
+    /// from a script's empty source (`ROOMCAST_API_KEY=$KEY` with KEY unset) or a file whose
+    /// first line is blank is a mistake, which publishing without a key hid behind 401s.
     pub fn load(file: Option<&Path>, env: Option<OsString>) -> anyhow::Result<Option<Self>> {
         let (key, source) = if let Some(path) = file {
             let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", path.display()))?;
             let text = String::from_utf8(text)
                 .map_err(|_| anyhow::anyhow!("--api-key-file {}: not text (UTF-8)", path.display()))?;
-            (text.lines().next().unwrap_or("").trim().to_owned(), format!("--api-key-file {}", path.display()))
+            let key = text.lines().next().unwrap_or("").trim().to_owned();
+            anyhow::ensure!(
+                !key.is_empty(),
+                "--api-key-file {}: its first line is empty or blank (the key goes on the first line)",
+                path.display()
+            );
+            (key, format!("--api-key-file {}", path.display()))
         } else {
-            match env {
-                None => return Ok(None),
-                Some(v) if v.is_empty() => return Ok(None),
-                Some(v) => {
-                    let v = v.into_string().map_err(|_| anyhow::anyhow!("{API_KEY_ENV}: not text (UTF-8)"))?;
-                    (v.trim().to_owned(), API_KEY_ENV.to_owned())
-                }
-            }
+            let Some(v) = env else { return Ok(None) };
+            let v = v.into_string().map_err(|_| anyhow::anyhow!("{API_KEY_ENV}: not text (UTF-8)"))?;
+            let key = v.trim().to_owned();
+            anyhow::ensure!(
+                !key.is_empty(),
+                "{API_KEY_ENV} is set but empty or blank: set it to the key, or unset it to publish without one"
+            );
+            (key, API_KEY_ENV.to_owned())
         };
-        anyhow::ensure!(!key.is_empty(), "{source}: empty, no key in it (a file: its first line)");
         if let Some(at) = key.bytes().position(|b| !b.is_ascii_graphic()) {
             anyhow::bail!("{source}: a key is printable ASCII without spaces (character {} is not)", at + 1);
         }
@@ -131,6 +138,42 @@ impl ApiKey {
     /// results record.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// `Bearer KEY`, for the `Authorization` header (marked sensitive: its `Debug` hides it).
+    pub fn header(&self) -> reqwest::header::HeaderValue {
+        self.header.clone()
+    }
+}
+
+/// Where the publish API key comes from, for `run` and `pubbench` alike.
+#[derive(clap::Args, Clone, Debug)]
+pub struct KeyArgs {
+    /// The publish API key (an edge with `[[ingest.keys]]` or `ROOMCAST_API_KEYS` answers 401
+    /// without one), sent as `Authorization: Bearer KEY` on every publish: this file's first
+    /// line, trimmed. Without the flag, the key is taken from the environment variable
+    /// ROOMCAST_API_KEY, if set (set but empty or blank is refused, as is a file whose first
+    /// line is). Never on the command line (every user's `ps` shows it), never printed: the
+    /// results record where it came from, not the key.
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<std::path::PathBuf>,
+}
+
+impl KeyArgs {
+    /// The key from `--api-key-file`, else from [`API_KEY_ENV`] (see [`ApiKey::load`]), and the
+    /// line that says where it came from (to print), if there is a key.
+    pub fn load(&self) -> anyhow::Result<Option<(ApiKey, String)>> {
+        let env = std::env::var_os(API_KEY_ENV);
+        let also = if self.api_key_file.is_some() && env.is_some() {
+            format!(" ({API_KEY_ENV} is set too, not used)")
+        } else {
+            String::new()
+        };
+        let key = ApiKey::load(self.api_key_file.as_deref(), env)?;
+        Ok(key.map(|k| {
+            let line = format!("publishing with the API key from {}{also}", k.source());
+            (k, line)
+        }))
     }
 }
 
@@ -906,7 +949,6 @@ mod tests {
         let k = ApiKey::load(None, Some(KEY.into())).unwrap().unwrap();
         assert_eq!((bearer(&k).as_str(), k.source()), (format!("Bearer {KEY}").as_str(), "ROOMCAST_API_KEY"));
         assert!(ApiKey::load(None, None).unwrap().is_none());
-        assert!(ApiKey::load(None, Some("".into())).unwrap().is_none(), "set but empty: none");
 
         // Refusals name the source, never the key.
         std::fs::write(&file, "\nkey on the second line\n").unwrap();
@@ -958,5 +1000,28 @@ mod tests {
         let heads = heads.lock().unwrap();
         assert_eq!(heads.len() as u64, o.total(0));
         assert!(heads.iter().all(|h| h.contains("\r\nauthorization: bearer k-0123456789abcdef\r\n")), "{heads:?}");
+    }
+
+    /// A key variable set but empty or blank (a script's `ROOMCAST_API_KEY=$KEY` with KEY
+    /// unset), or a key file whose first line is blank, is refused naming where it came from: it
+    /// meant publishing without a key, and a run refused 401 throughout. Unset is no key.
+    #[test]
+    fn an_empty_or_blank_key_is_refused() {
+        for empty in ["", "   ", "\t"] {
+            let e = ApiKey::load(None, Some(empty.into())).expect_err("an empty key is refused").to_string();
+            assert!(e.starts_with("ROOMCAST_API_KEY is set but empty or blank"), "{e:?}");
+        }
+        assert!(ApiKey::load(None, None).unwrap().is_none(), "unset: no key");
+        let dir = std::env::temp_dir().join(format!("loadgen-emptykey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        for text in ["", "\n", "   \nk-0123456789abcdef\n", " \t \n"] {
+            std::fs::write(&file, text).unwrap();
+            let e = ApiKey::load(Some(&file), None).expect_err("a blank first line is refused").to_string();
+            assert!(e.starts_with(&format!("--api-key-file {}: ", file.display())), "{e:?}");
+            assert!(e.contains("first line is empty or blank"), "{e:?}");
+            assert!(!e.contains("k-0123456789abcdef"), "{e:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
