@@ -72,7 +72,8 @@ struct RunArgs {
     /// Publish endpoint (host:port): the edge's HTTP API or Nchan's server.
     #[arg(long)]
     http: SocketAddr,
-    #[arg(long, default_value_t = 1000)]
+    /// Members (WebSocket or SSE connections), at least 1.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
     connections: usize,
     #[arg(long, default_value_t = 1)]
     rooms: u32,
@@ -174,11 +175,14 @@ struct RunArgs {
     #[arg(long, default_value_t = 32)]
     connect_inflight: usize,
     /// Seconds a gift is retried (the edge refusing or unreachable) before the publisher gives
-    /// it up; a gift given up takes no number, so the next one reuses it. An edge restart longer
-    /// than this (a 10^6 edge after SIGKILL answered again after 32 s) makes a gift whose first
-    /// attempt did reach the old edge's store and its successor share a number, which the
-    /// receivers count as a duplicate: benchmarks of restarts set it above the outage.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = finite_non_negative)]
+    /// it up; a gift given up takes no number, so the next one reuses it. 0: never (as
+    /// --move-give-up 0): a gift is retried until acknowledged or until the publishing ends
+    /// (--duration), when the one still retried is given up. Above 0, any time up to a year
+    /// is taken as given (0.5 is half a second). An edge restart longer than this (a 10^6 edge
+    /// after SIGKILL answered again after 32 s) makes a gift whose first attempt did reach the
+    /// old edge's store and its successor share a number, which the receivers count as a
+    /// duplicate: benchmarks of restarts set it above the outage.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
     gift_give_up: f64,
     /// Seconds a member's move (after a goaway, a close it comes back from, or a lost socket)
     /// keeps retrying, with its backoff capped at 5 s, before it is given up and the member
@@ -202,6 +206,13 @@ struct RunArgs {
     key: publish::KeyArgs,
 }
 
+impl RunArgs {
+    /// How long a gift is retried before it is given up (`--gift-give-up`); None: never (0).
+    fn gift_give_up(&self) -> Option<Duration> {
+        (self.gift_give_up > 0.0).then(|| Duration::from_secs_f64(self.gift_give_up))
+    }
+}
+
 const KINDS: [&str; 2] = ["gift", "chat"];
 
 /// The longest `--duration`, in seconds (a year): the run's end is an `Instant` that far ahead,
@@ -215,6 +226,16 @@ const MAX_DURATION_S: u64 = 365 * 86_400;
 fn finite_non_negative(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
     if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(format!("must be a finite number, 0 or above, not {s}")) }
+}
+
+/// A count that must be 1 or more (`--connections 0` ran no member, published to nobody for
+/// its whole --duration and exited 0).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1, not 0".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A number of seconds a flag gives: finite, 0 or above, at most a year (a `Duration` made
@@ -695,7 +716,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let connect_deadline = Instant::now() + Duration::from_secs_f64(deadline_s.clamp(0.0, 1e9));
     let mut lines = ConnectLines::new(start, n_workers);
     let mut last_rate = 0.0f64;
-    loop {
+    let connected_after_connects = loop {
         sup.pump(&rx);
         let (settled, failed_by, connected) = sup.connect_state();
         let failed: u64 = failed_by.values().sum();
@@ -707,7 +728,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 if sup.died.is_empty() { String::new() } else { format!("; {} workers died", sup.died.len()) },
                 start.elapsed().as_secs_f64()
             );
-            break;
+            break connected;
         }
         if let Some(rate) = lines.due(Instant::now(), &sup.reports_of_the_living(), connected) {
             println!(
@@ -733,7 +754,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     let connect_s = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
     let server_connected = a.server_pid.and_then(proc_cpu_rss);
@@ -741,24 +762,34 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let uptime_connected = (a.target == Target::Edge).then(|| edge_uptime_s(a.http)).flatten();
     let gen_cpu_before: f64 = sup.progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
 
-    // 2. Publish (stream threads), sampling progress every second on this thread.
+    // 2. Publish (stream threads), sampling progress every second on this thread. A run none of
+    // whose members connected (no edge there, every upgrade refused) stops here: publishing for
+    // its whole --duration to nobody measured nothing. One whose publishes are all refused for
+    // good stops once the publisher says so (see publish::RefusalSpell). Both still write their
+    // results and exit non-zero.
+    let nobody = connected_after_connects == 0;
     let rates = [a.gift_rate, a.chat_rate];
+    let streams = [a.gift_streams, a.chat_streams];
     let pub_start = Instant::now();
-    let end = pub_start + Duration::from_secs(a.duration);
-    let publisher = publish::Publisher::start(
-        a.target,
-        a.http,
-        a.rooms,
-        &KINDS,
-        a.pad,
-        &rates,
-        &[a.gift_streams, a.chat_streams],
-        &[1, a.chat_batch.max(1)],
-        Duration::from_secs_f64(a.gift_give_up.clamp(1.0, 86_400.0)),
-        key.as_ref(),
-        pub_start,
-        end,
-    )?;
+    let end = if nobody { pub_start } else { pub_start + Duration::from_secs(a.duration) };
+    let publisher = if nobody {
+        None
+    } else {
+        Some(publish::Publisher::start(
+            a.target,
+            a.http,
+            a.rooms,
+            &KINDS,
+            a.pad,
+            &rates,
+            &streams,
+            &[1, a.chat_batch.max(1)],
+            a.gift_give_up(),
+            key.as_ref(),
+            pub_start,
+            end,
+        )?)
+    };
     let deliveries_before: u64 = sup.progress.iter().map(|p| p.deliveries).sum();
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
@@ -804,7 +835,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         *last_deliveries = d;
         *last_sample = Instant::now();
     };
-    while Instant::now() < end && !publisher.failed() {
+    while Instant::now() < end && !publisher.as_ref().is_some_and(publish::Publisher::stopping) {
         sup.pump(&rx);
         if last_sample.elapsed() >= Duration::from_secs(1) {
             sample(&sup.progress, &mut last_deliveries, &mut last_sample, &mut samples);
@@ -812,12 +843,27 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     // Streams stop at `end`; one may be waiting for an acknowledgement (at most 10 s).
-    let outcome = publisher.finish()?;
+    let outcome = match publisher {
+        Some(p) => p.finish()?,
+        None => publish::Outcome::empty(a.rooms, KINDS.len(), streams.iter().copied().max().unwrap_or(1)),
+    };
     let pub_secs = pub_start.elapsed().as_secs_f64();
+    let stopped_early = if nobody {
+        Some("no member connected in the connect phase: nothing was published".to_owned())
+    } else {
+        outcome
+            .stopped_early
+            .clone()
+            .map(|why| format!("stopped publishing at {pub_secs:.1} s of {} s: {why}", a.duration))
+    };
+    if let Some(why) = &stopped_early {
+        eprintln!("loadgen: stopping early: {why}");
+    }
     // 3. Let everything in flight arrive (until deliveries and bytes stop moving for 3 s, at
     // most 60 s), then stop the workers with the published counts: late is not lost. Bytes
     // too: a slow reader spends seconds inside one large replay frame, delivering nothing.
-    let settle_end = Instant::now() + Duration::from_secs(60);
+    // Nothing is in flight to nobody.
+    let settle_end = Instant::now() + if nobody { Duration::ZERO } else { Duration::from_secs(60) };
     let mut quiet_since = Instant::now();
     let moved = |progress: &[Progress]| {
         progress.iter().map(|p| (p.deliveries, p.bytes)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
@@ -1055,6 +1101,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         note: a.note.clone(),
         args: format!("{a:?}"),
         publish_api_key: key.as_ref().map(|k| k.source().to_owned()),
+        stopped_early,
     };
     let dir = report::write(&a.out, &r)?;
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
@@ -1240,6 +1287,39 @@ mod tests {
         );
         assert_eq!(super::nothing_connected(1, &by), None);
         assert_eq!(super::nothing_connected(0, &std::collections::BTreeMap::new()), None);
+    }
+
+    /// `--gift-give-up 0` is "never", as `--move-give-up 0` is (it silently meant 1 s); any
+    /// other time up to a year is taken as given, not clamped to [1 s, 1 day]; what no time can
+    /// be is refused naming the flag.
+    #[test]
+    fn gift_give_up_zero_is_never_and_other_times_are_as_given() {
+        use clap::Parser;
+        let give_up = |v: &str| -> Result<Option<std::time::Duration>, String> {
+            let flag = format!("--gift-give-up={v}");
+            let argv = ["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2", &flag];
+            match super::Cli::try_parse_from(argv).map_err(|e| e.to_string())?.cmd {
+                super::Cmd::Run(a) => Ok(a.gift_give_up()),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(give_up("0"), Ok(None));
+        assert_eq!(give_up("0.25"), Ok(Some(std::time::Duration::from_millis(250))));
+        assert_eq!(give_up("100000"), Ok(Some(std::time::Duration::from_secs(100_000))));
+        for bad in ["-1", "NaN", "1e20"] {
+            let e = give_up(bad).expect_err(bad);
+            assert!(e.contains("--gift-give-up"), "{e}");
+        }
+    }
+
+    /// `--connections 0` is refused naming the flag: it ran no member, published to nobody for
+    /// its whole --duration, and exited 0.
+    #[test]
+    fn a_run_of_no_members_is_refused_up_front() {
+        use clap::Parser;
+        let argv = ["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2", "--connections", "0"];
+        let e = super::Cli::try_parse_from(argv).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("--connections") && e.contains("at least 1"), "{e}");
     }
 
     /// The connect phase's first line waits for every living worker's first report (at the

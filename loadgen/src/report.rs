@@ -223,6 +223,9 @@ pub struct Report {
     /// Where the publish API key came from (`ROOMCAST_API_KEY`, or `--api-key-file PATH`), never
     /// the key; None: publishes went without one.
     pub publish_api_key: Option<String>,
+    /// Why the run stopped before its `--duration` (no member connected; every publish refused
+    /// for good), or None.
+    pub stopped_early: Option<String>,
 }
 
 impl Report {
@@ -234,6 +237,7 @@ impl Report {
             "connections": self.connections,
             "failed_connections": self.failed_connections,
             "failed_by_reason": self.failed_by_reason,
+            "stopped_early": self.stopped_early,
             "members_open_at_end": self.members_open_at_end,
             "connect_per_s": self.connect_per_s,
             "connect_inflight_peak": self.connect_inflight_peak,
@@ -314,6 +318,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
     let md = format!(
         "# {scenario}\n\n- Date: {date}\n- Machine: {machine}\n- Target: {target:?}; {note}\n- loadgen: {args}\n\n\
          | figure | value |\n|---|---|\n\
+         | stopped early | {stopped} |\n\
          | connections (failed) | {conns} ({failed}) |\n\
          | members open at the end; on their way back; reconnecting 10 s or more | {open_end}; {moving_end}; {reconnecting_end} |\n\
          | failed connections by reason | {failed_by} |\n\
@@ -346,6 +351,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         target = r.target,
         note = r.note,
         args = r.args,
+        stopped = r.stopped_early.as_deref().unwrap_or("no"),
         conns = r.connections,
         failed = r.failed_connections,
         open_end = r.members_open_at_end,

@@ -1,7 +1,7 @@
 //! The publisher against real endpoints: an edge with publish keys (the key given through
 //! `ROOMCAST_API_KEY` or `--api-key-file`, never shown, to `run` and `pubbench` alike; an empty
-//! one refused), and a publish endpoint that refuses every connection (its errors told in a few
-//! lines, not one per retry).
+//! one refused), publishes refused for good (the run stops early), and a publish endpoint that
+//! refuses every connection (its errors told in a few lines, not one per retry; no early stop).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -140,6 +140,39 @@ fn an_unreachable_publish_endpoint_is_told_in_a_few_lines() {
     let errors = v["publish_refused_by_status"]["gift error"].as_u64().unwrap_or(0);
     assert!(errors >= 50, "every failed attempt is counted: {v}");
     assert_eq!(v["publish_gave_up"]["gift"], 1, "{v}");
+    // An endpoint that does not answer may be an edge restarting: not a reason to stop early.
+    assert_eq!(v["stopped_early"], serde_json::Value::Null, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An edge with a publish key, a run without it asked to publish for 60 s: every gift is
+/// refused 401, so the run stops a few seconds in rather than being refused for its whole
+/// duration, writes its results saying why, and exits non-zero.
+#[test]
+fn publishes_refused_for_good_stop_the_run_early() {
+    let cfg = roomcast_testsupport::config(
+        "loadgen-keys-early",
+        &format!("[[ingest.keys]]\nname = \"loadgen\"\nkey = \"{KEY}\"\n"),
+    );
+    let mut edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let dir = std::env::temp_dir().join(format!("loadgen-publish-early-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = run(&dir, &edge.ws.to_string(), &edge.http.to_string(), "60", &[], &[]);
+    stop(&mut edge);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("publishes refused for good (gift 401: "), "{stderr}");
+    assert!(
+        stderr.contains("loadgen: stopping early: stopped publishing at ")
+            && stderr.contains(" s of 60 s: publish gift stream 0: every answer for "),
+        "{stderr}"
+    );
+    let (_, v) = result(&dir);
+    let why = v["stopped_early"].as_str().expect("stopped_early");
+    assert!(why.ends_with(" answered 401)"), "{v}");
+    let offered = v["publish_offered"]["gift"].as_u64().unwrap();
+    assert!(offered < 60 * 5 / 2, "stopped long before its 300 gifts: {v}");
+    assert_eq!(v["publish_refused_by_status"]["gift 401"], offered, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

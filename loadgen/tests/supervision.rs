@@ -145,31 +145,37 @@ fn a_coordinator_killed_with_sigterm_leaves_no_worker() {
 }
 
 /// `loadgen run` of 30 members over `workers` workers, all to a port nothing listens on (every
-/// connect refused), publishing for 1 s, into `out`, under RUST_BACKTRACE=1 (as on this
+/// connect refused), asked to publish for 30 s, into `out`, under RUST_BACKTRACE=1 (as on this
 /// box); its output.
 fn run_refused(out: &std::path::Path, workers: &str) -> std::process::Output {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &format!("127.0.0.1:{port}"), "--http", &format!("127.0.0.1:{port}")])
-        .args(["--connections", "30", "--workers", workers, "--duration", "1", "--out", out.to_str().unwrap()])
+        .args(["--connections", "30", "--workers", workers, "--duration", "30", "--out", out.to_str().unwrap()])
         .env("RUST_BACKTRACE", "1")
         .output()
         .expect("loadgen")
 }
 
 /// Connections that fail are counted by reason, in the connect phase's lines: nothing listens
-/// on the port, so every attempt is refused.
+/// on the port, so every attempt is refused. With no member connected the run cannot measure
+/// anything: it stops after the connect phase instead of publishing to nobody for its 30 s,
+/// writes its results saying so, and exits non-zero.
 #[test]
-fn failed_connections_are_counted_by_reason() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+fn a_run_with_no_member_connected_stops_early_and_fails() {
     let out = std::env::temp_dir().join(format!("loadgen-refused-{}", std::process::id()));
-    let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["run", "--ws", &format!("127.0.0.1:{port}"), "--http", &format!("127.0.0.1:{port}")])
-        .args(["--connections", "30", "--workers", "2", "--duration", "1", "--out", out.to_str().unwrap()])
-        .output()
-        .expect("loadgen");
+    let o = run_refused(&out, "2");
     let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stdout.contains("connected 0 (failed 30: refused: 30)"), "{stdout}");
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("Error: no member connected (30 failed: refused: 30)"), "{stderr}");
+    let dir = std::fs::read_dir(&out).unwrap().next().expect("results written").unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    assert_eq!(v["stopped_early"], "no member connected in the connect phase: nothing was published", "{v}");
+    assert_eq!(v["publish_offered"]["gift"], 0, "nothing published to nobody: {v}");
+    assert_eq!(v["publish_refused"], 0, "{v}");
     let _ = std::fs::remove_dir_all(&out);
 }
 
