@@ -195,6 +195,13 @@ struct RunArgs {
     /// time, plus 30 s).
     #[arg(long, value_name = "SECS", value_parser = finite_non_negative)]
     connect_deadline: Option<f64>,
+    /// Members whose first connect may fail (refused, reset, timed out, answered 503 or 401,
+    /// closed in the handshake: never established) without failing the run: a number (`25`) or
+    /// a share of --connections (`0.5%`). By default none may: a run whose members did not all
+    /// connect did not do what was asked, and exits non-zero (after writing its results, with
+    /// the failures by reason). A run none of whose members connected fails whatever this says.
+    #[arg(long, value_name = "N|P%", default_value = "0", value_parser = Allowance::parse)]
+    allow_connect_failures: Allowance,
     /// Free text recorded in the summary (the command that started the server, say).
     #[arg(long, default_value = "")]
     note: String,
@@ -210,6 +217,49 @@ impl RunArgs {
     /// How long a gift is retried before it is given up (`--gift-give-up`); None: never (0).
     fn gift_give_up(&self) -> Option<Duration> {
         (self.gift_give_up > 0.0).then(|| Duration::from_secs_f64(self.gift_give_up))
+    }
+}
+
+/// How many members' first connects may fail without failing the run
+/// (`--allow-connect-failures`): a number, or a share of the members asked for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Allowance {
+    /// At most this many.
+    Members(u64),
+    /// At most this percentage of `--connections` (rounded down).
+    Percent(f64),
+}
+
+impl Allowance {
+    /// `N` (members) or `P%` (0 to 100, fractions taken).
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|e| format!("{e}: a number of members, or a percentage (0.5%)"))?;
+            return if v.is_finite() && (0.0..=100.0).contains(&v) {
+                Ok(Self::Percent(v))
+            } else {
+                Err(format!("a percentage from 0% to 100%, not {s}"))
+            };
+        }
+        s.parse().map(Self::Members).map_err(|e| format!("{e}: a number of members (25), or a percentage (0.5%)"))
+    }
+
+    /// The members allowed to fail out of `asked`.
+    fn of(self, asked: u64) -> u64 {
+        match self {
+            Self::Members(n) => n,
+            Self::Percent(p) => (asked as f64 * p / 100.0).floor() as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for Allowance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Members(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
     }
 }
 
@@ -999,6 +1049,58 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         gen_cpu += f.cpu_s;
     }
     let measured_deliveries = deliveries.saturating_sub(deliveries_before);
+    // What the run did not do that it was asked to, if anything: in the results, in the
+    // summary, and as the error it exits with once they are written.
+    let mut run_errors = Vec::new();
+    // A run that lost workers wrote what it measured, and says it is not whole.
+    if !died.is_empty() {
+        run_errors.push(format!(
+            "{} of {n_workers} workers died ({})",
+            died.len(),
+            died.iter().map(|d| format!("worker {}: {}", d.id, d.status)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    // A run none of whose members connected measured nothing (it exited 0 with every connect
+    // refused); one some of whose members never connected measured fewer than it was asked
+    // to (it exited 0 too), unless the user accepted that (--allow-connect-failures).
+    let allowed = a.allow_connect_failures.of(a.connections as u64);
+    if let Some(why) = nothing_connected(connected, &failed_by_reason) {
+        run_errors.push(why);
+    } else if let Some(why) =
+        connect_failures_beyond(failed, a.connections as u64, &failed_by_reason, a.allow_connect_failures)
+    {
+        run_errors.push(why);
+    } else if failed > 0 {
+        println!(
+            "{failed} of {} members never connected ({}): accepted, within --allow-connect-failures {} ({allowed})",
+            a.connections,
+            by_reason(&failed_by_reason),
+            a.allow_connect_failures
+        );
+    }
+    // So does a run whose members did not last (an edge that died and never came back): its
+    // figures describe fewer members than it says it held.
+    let end_counts =
+        EndCounts { connected, open: open_at_end, moving: moving_at_end, reconnecting: reconnecting_at_end };
+    if let Some(why) = end_counts.not_connected(reconnect_failed, closed, a.move_give_up) {
+        run_errors.push(why);
+    }
+    // And one whose publishes were refused for good (a 401 for a missing key, a --http that is
+    // not the edge's): its members "lost" what was never published.
+    let for_good = publish::refused_for_good(&outcome.refused);
+    if !for_good.is_empty() {
+        run_errors.push(format!(
+            "publishes refused for good ({}: not retried, given up; see publish_refused_by_status){}",
+            for_good.join(", "),
+            publish::key_hint(&for_good, key.as_ref())
+        ));
+    }
+    // A publisher that stopped early says why (a run with nobody connected has said so above).
+    if outcome.stopped_early.is_some()
+        && let Some(why) = &stopped_early
+    {
+        run_errors.push(format!("the run stopped early: {why}"));
+    }
     let deflate = if a.deflate { "+deflate" } else { "" };
     let r = report::Report {
         scenario: a.scenario.clone(),
@@ -1101,40 +1203,43 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         note: a.note.clone(),
         args: format!("{a:?}"),
         publish_api_key: key.as_ref().map(|k| k.source().to_owned()),
+        connect_failures_allowed: allowed,
         stopped_early,
+        run_errors,
     };
     let dir = report::write(&a.out, &r)?;
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     println!("results in {}", dir.display());
-    // A run that lost workers wrote what it measured, and says it is not whole.
-    anyhow::ensure!(
-        died.is_empty(),
-        "{} of {n_workers} workers died ({}); results in {}",
-        died.len(),
-        died.iter().map(|d| format!("worker {}: {}", d.id, d.status)).collect::<Vec<_>>().join(", "),
-        dir.display()
-    );
-    // So does a run whose members did not last (an edge that died and never came back): its
-    // figures describe fewer members than it says it held.
-    let end = EndCounts { connected, open: open_at_end, moving: moving_at_end, reconnecting: reconnecting_at_end };
-    if let Some(why) = end.not_connected(reconnect_failed, closed, a.move_give_up) {
-        anyhow::bail!("{why}; results in {}", dir.display());
-    }
-    // A run none of whose members connected measured nothing (it exited 0 with every connect
-    // refused); nor did one whose publishes were refused for good (a 401 for a missing key, a
-    // --http that is not the edge's): its members "lost" what was never published.
-    if let Some(why) = nothing_connected(r.connections, &r.failed_by_reason) {
-        anyhow::bail!("{why}; results in {}", dir.display());
-    }
-    let for_good = publish::refused_for_good(&r.publish_refused_by_status);
-    anyhow::ensure!(
-        for_good.is_empty(),
-        "publishes refused for good ({}: not retried, given up; see publish_refused_by_status){}; results in {}",
-        for_good.join(", "),
-        publish::key_hint(&for_good, key.as_ref()),
-        dir.display()
-    );
+    anyhow::ensure!(r.run_errors.is_empty(), "{}; results in {}", r.run_errors.join("; "), dir.display());
     Ok(())
+}
+
+/// `reason: count, ...`, or `none`.
+fn by_reason(by: &std::collections::BTreeMap<String, u64>) -> String {
+    if by.is_empty() {
+        return "none".to_owned();
+    }
+    by.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Why a run failed when more of the `asked` members' first connects failed (`failed`, by
+/// reason) than `allow` (`--allow-connect-failures`) accepts, or None. Each failed first connect
+/// is a member never established: first connects are not retried.
+fn connect_failures_beyond(
+    failed: u64,
+    asked: u64,
+    by: &std::collections::BTreeMap<String, u64>,
+    allow: Allowance,
+) -> Option<String> {
+    let allowed = allow.of(asked);
+    (failed > allowed).then(|| {
+        let limit = if allow == Allowance::Members(0) {
+            "a run fails when any does, unless --allow-connect-failures (N, or P%) accepts some".to_owned()
+        } else {
+            format!("more than the {allowed} that --allow-connect-failures {allow} accepts")
+        };
+        format!("{failed} of {asked} members never connected (first connects failed: {}); {limit}", by_reason(by))
+    })
 }
 
 /// Why a run failed when none of its members connected (every attempt failed: by reason), or
@@ -1310,6 +1415,53 @@ mod tests {
             let e = give_up(bad).expect_err(bad);
             assert!(e.contains("--gift-give-up"), "{e}");
         }
+    }
+
+    /// `--allow-connect-failures` takes a number of members or a percentage of --connections;
+    /// by default none may fail.
+    #[test]
+    fn connect_failures_allowed_are_a_number_or_a_share() {
+        use super::Allowance;
+        assert_eq!(Allowance::parse("0"), Ok(Allowance::Members(0)));
+        assert_eq!(Allowance::parse("25"), Ok(Allowance::Members(25)));
+        assert_eq!(Allowance::parse("0.5%"), Ok(Allowance::Percent(0.5)));
+        assert_eq!(Allowance::Percent(0.5).of(1_000_000), 5000);
+        assert_eq!(Allowance::Percent(50.0).of(21), 10, "rounded down");
+        assert_eq!(Allowance::Percent(1.0).of(30), 0);
+        assert_eq!(Allowance::Members(7).of(3), 7);
+        for bad in ["-1", "x", "101%", "-1%", "NaN%", "1.5"] {
+            assert!(Allowance::parse(bad).is_err(), "{bad}");
+        }
+        use clap::Parser;
+        let argv = ["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2", "--allow-connect-failures", "2x"];
+        let e = super::Cli::try_parse_from(argv).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("--allow-connect-failures"), "{e}");
+    }
+
+    /// Some members never connected: the run fails saying how many and why, unless the
+    /// allowance covers them; the allowance named is the run's.
+    #[test]
+    fn members_that_never_connected_fail_the_run_unless_allowed() {
+        use super::{Allowance, connect_failures_beyond};
+        let by: std::collections::BTreeMap<String, u64> =
+            [("refused".to_owned(), 10), ("http_503".to_owned(), 2)].into_iter().collect();
+        assert_eq!(
+            connect_failures_beyond(12, 40, &by, Allowance::Members(0)).as_deref(),
+            Some(
+                "12 of 40 members never connected (first connects failed: http_503: 2, refused: 10); a run fails \
+                 when any does, unless --allow-connect-failures (N, or P%) accepts some"
+            )
+        );
+        assert_eq!(
+            connect_failures_beyond(12, 40, &by, Allowance::Percent(25.0)).as_deref(),
+            Some(
+                "12 of 40 members never connected (first connects failed: http_503: 2, refused: 10); more than \
+                 the 10 that --allow-connect-failures 25% accepts"
+            )
+        );
+        assert_eq!(connect_failures_beyond(12, 40, &by, Allowance::Members(12)), None);
+        assert_eq!(connect_failures_beyond(12, 40, &by, Allowance::Percent(30.0)), None);
+        assert_eq!(connect_failures_beyond(0, 40, &std::collections::BTreeMap::new(), Allowance::Members(0)), None);
     }
 
     /// `--connections 0` is refused naming the flag: it ran no member, published to nobody for
