@@ -72,7 +72,8 @@ struct RunArgs {
     /// Publish endpoint (host:port): the edge's HTTP API or Nchan's server.
     #[arg(long)]
     http: SocketAddr,
-    #[arg(long, default_value_t = 1000)]
+    /// Members (WebSocket or SSE connections), at least 1.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
     connections: usize,
     #[arg(long, default_value_t = 1)]
     rooms: u32,
@@ -174,11 +175,14 @@ struct RunArgs {
     #[arg(long, default_value_t = 32)]
     connect_inflight: usize,
     /// Seconds a gift is retried (the edge refusing or unreachable) before the publisher gives
-    /// it up; a gift given up takes no number, so the next one reuses it. An edge restart longer
-    /// than this (a 10^6 edge after SIGKILL answered again after 32 s) makes a gift whose first
-    /// attempt did reach the old edge's store and its successor share a number, which the
-    /// receivers count as a duplicate: benchmarks of restarts set it above the outage.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = finite_non_negative)]
+    /// it up; a gift given up takes no number, so the next one reuses it. 0: never (as
+    /// --move-give-up 0): a gift is retried until acknowledged or until the publishing ends
+    /// (--duration), when the one still retried is given up. Above 0, any time up to a year
+    /// is taken as given (0.5 is half a second). An edge restart longer than this (a 10^6 edge
+    /// after SIGKILL answered again after 32 s) makes a gift whose first attempt did reach the
+    /// old edge's store and its successor share a number, which the receivers count as a
+    /// duplicate: benchmarks of restarts set it above the outage.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
     gift_give_up: f64,
     /// Seconds a member's move (after a goaway, a close it comes back from, or a lost socket)
     /// keeps retrying, with its backoff capped at 5 s, before it is given up and the member
@@ -191,6 +195,13 @@ struct RunArgs {
     /// time, plus 30 s).
     #[arg(long, value_name = "SECS", value_parser = finite_non_negative)]
     connect_deadline: Option<f64>,
+    /// Members whose first connect may fail (refused, reset, timed out, answered 503 or 401,
+    /// closed in the handshake: never established) without failing the run: a number (`25`) or
+    /// a share of --connections (`0.5%`). By default none may: a run whose members did not all
+    /// connect did not do what was asked, and exits non-zero (after writing its results, with
+    /// the failures by reason). A run none of whose members connected fails whatever this says.
+    #[arg(long, value_name = "N|P%", default_value = "0", value_parser = Allowance::parse)]
+    allow_connect_failures: Allowance,
     /// Free text recorded in the summary (the command that started the server, say).
     #[arg(long, default_value = "")]
     note: String,
@@ -198,13 +209,58 @@ struct RunArgs {
     /// sends line N as `&token=` (edge target). A refused upgrade (401) counts as failed.
     #[arg(long)]
     tokens: Option<PathBuf>,
-    /// The publish API key (an edge with `[[ingest.keys]]` or `ROOMCAST_API_KEYS` answers 401
-    /// without one), sent as `Authorization: Bearer KEY` on every publish: this file's first
-    /// line, trimmed. Without the flag, the key is taken from the environment variable
-    /// ROOMCAST_API_KEY, if set. Never on the command line (every user's `ps` shows it), never
-    /// printed: the results record where it came from, not the key.
-    #[arg(long, value_name = "PATH")]
-    api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    key: publish::KeyArgs,
+}
+
+impl RunArgs {
+    /// How long a gift is retried before it is given up (`--gift-give-up`); None: never (0).
+    fn gift_give_up(&self) -> Option<Duration> {
+        (self.gift_give_up > 0.0).then(|| Duration::from_secs_f64(self.gift_give_up))
+    }
+}
+
+/// How many members' first connects may fail without failing the run
+/// (`--allow-connect-failures`): a number, or a share of the members asked for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Allowance {
+    /// At most this many.
+    Members(u64),
+    /// At most this percentage of `--connections` (rounded down).
+    Percent(f64),
+}
+
+impl Allowance {
+    /// `N` (members) or `P%` (0 to 100, fractions taken).
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|e| format!("{e}: a number of members, or a percentage (0.5%)"))?;
+            return if v.is_finite() && (0.0..=100.0).contains(&v) {
+                Ok(Self::Percent(v))
+            } else {
+                Err(format!("a percentage from 0% to 100%, not {s}"))
+            };
+        }
+        s.parse().map(Self::Members).map_err(|e| format!("{e}: a number of members (25), or a percentage (0.5%)"))
+    }
+
+    /// The members allowed to fail out of `asked`.
+    fn of(self, asked: u64) -> u64 {
+        match self {
+            Self::Members(n) => n,
+            Self::Percent(p) => (asked as f64 * p / 100.0).floor() as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for Allowance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Members(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
 }
 
 const KINDS: [&str; 2] = ["gift", "chat"];
@@ -220,6 +276,16 @@ const MAX_DURATION_S: u64 = 365 * 86_400;
 fn finite_non_negative(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
     if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(format!("must be a finite number, 0 or above, not {s}")) }
+}
+
+/// A count that must be 1 or more (`--connections 0` ran no member, published to nobody for
+/// its whole --duration and exited 0).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1, not 0".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A number of seconds a flag gives: finite, 0 or above, at most a year (a `Duration` made
@@ -319,6 +385,8 @@ struct Workers {
     procs: Vec<WorkerProc>,
     /// Last progress of each.
     progress: Vec<Progress>,
+    /// Progress reports each has sent (the connect phase's lines wait for them).
+    reports: Vec<u64>,
     /// Final reports, by worker.
     finals: Vec<Option<Final>>,
     died: Vec<report::WorkerDeath>,
@@ -340,6 +408,7 @@ impl Workers {
                 let id = p.id;
                 if let Some(slot) = self.progress.get_mut(id) {
                     *slot = p;
+                    self.reports[id] += 1;
                 }
             }
             Msg::Final(f) => {
@@ -384,6 +453,11 @@ impl Workers {
 
     fn is_dead(&self, id: usize) -> bool {
         self.died.iter().any(|d| d.id == id)
+    }
+
+    /// For each worker, the progress reports it has sent, or None if it died.
+    fn reports_of_the_living(&self) -> Vec<Option<u64>> {
+        (0..self.procs.len()).map(|i| (!self.is_dead(i)).then_some(self.reports[i])).collect()
     }
 
     /// Workers that have neither reported their final figures nor died.
@@ -460,7 +534,7 @@ fn spawn_worker(exe: &std::path::Path, json: &str) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id();
     let mut cmd = Command::new(exe);
-    cmd.args(["worker", json]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.args(["worker", json]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
     unsafe {
@@ -476,6 +550,70 @@ fn spawn_worker(exe: &std::path::Path, json: &str) -> std::io::Result<Child> {
         });
     }
     cmd.spawn()
+}
+
+/// Copies worker `id`'s stderr (`from`) to `to` a line at a time, each line prefixed `w{id}: `
+/// and written with one `write_all` (to our stderr: one write, under its lock), so lines from
+/// several workers never mix. Workers used to write to the terminal themselves, and `eprintln!`
+/// writes a line in pieces: two workers' pieces came out interleaved mid-line. A last line
+/// without its newline gets one; what `to` refuses is dropped, and reading goes on (a worker
+/// must never block on a full pipe).
+fn relay_lines(id: usize, mut from: impl BufRead, mut to: impl Write) {
+    let prefix = format!("w{id}: ");
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        line.extend_from_slice(prefix.as_bytes());
+        match from.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let _ = to.write_all(&line);
+    }
+}
+
+/// When the connect phase's per-second line is due, and the connect rate it shows. Workers
+/// report once a second on their own clocks: a line printed on the coordinator's first second
+/// came before any report and read 0/s (and a later one, with two reports of a worker in, twice
+/// the rate). So a line waits until every living worker has reported since the last one (the
+/// first: since the start), at least a second after it, or for [`ConnectLines::AT_MOST`] when
+/// one is silent (a worker inside a blocking TLS handshake); the rate is over the time since
+/// the last line. Takes time as an argument.
+struct ConnectLines {
+    last_at: Instant,
+    last_connected: u64,
+    /// Each worker's reports when the last line went out.
+    seen: Vec<u64>,
+}
+
+impl ConnectLines {
+    /// The longest wait for a silent worker's report.
+    const AT_MOST: Duration = Duration::from_secs(3);
+
+    /// Lines of a phase started at `start` with `workers` workers.
+    fn new(start: Instant, workers: usize) -> Self {
+        Self { last_at: start, last_connected: 0, seen: vec![0; workers] }
+    }
+
+    /// At `now`, with each worker's reports so far (None: it died) and `connected` members in
+    /// them: the rate to print if a line is due.
+    fn due(&mut self, now: Instant, reports: &[Option<u64>], connected: u64) -> Option<f64> {
+        let since = now.duration_since(self.last_at);
+        let all_in = reports.iter().zip(&self.seen).all(|(r, seen)| r.is_none_or(|r| r > *seen));
+        if since < Duration::from_secs(1) || (!all_in && since < Self::AT_MOST) {
+            return None;
+        }
+        let rate = connected.saturating_sub(self.last_connected) as f64 / since.as_secs_f64();
+        self.last_at = now;
+        self.last_connected = connected;
+        for (seen, r) in self.seen.iter_mut().zip(reports) {
+            *seen = r.unwrap_or(*seen);
+        }
+        Some(rate)
+    }
 }
 
 enum Msg {
@@ -506,29 +644,35 @@ pub struct Sample {
     pub deliveries: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Expected errors (a flag or a key refused, a run that did not do what was asked) are told
+/// as their message and causes on one line, `Error: what: why`, and exit 1. `main` returning
+/// the `anyhow::Result` printed its `Debug`, which under RUST_BACKTRACE=1 (set on this box)
+/// added a backtrace of where the error was made to every such message; panics, which are
+/// bugs, keep theirs.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Worker { json } => worker::run(serde_json::from_str(&json)?),
+    let result = match cli.cmd {
+        Cmd::Worker { json } => serde_json::from_str(&json).map_err(anyhow::Error::from).and_then(worker::run),
         Cmd::Run(a) => run(*a),
         Cmd::Tokens(a) => tokens::sign(&a),
         Cmd::Pubbench(a) => pubbench::run(&a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let workers = if a.workers == 0 { a.connections.div_ceil(15_000).max(1) } else { a.workers };
     // Read before any connection: a key that cannot be read fails the run at once.
-    let key = publish::ApiKey::load(a.api_key_file.as_deref(), std::env::var_os(publish::API_KEY_ENV))?;
-    if let Some(k) = &key {
-        let also = if a.api_key_file.is_some() && std::env::var_os(publish::API_KEY_ENV).is_some_and(|v| !v.is_empty())
-        {
-            format!(" ({} is set too, not used)", publish::API_KEY_ENV)
-        } else {
-            String::new()
-        };
-        println!("publishing with the API key from {}{also}", k.source());
-    }
+    let key = a.key.load()?.map(|(k, line)| {
+        println!("{line}");
+        k
+    });
     if let Some(path) = &a.tokens {
         anyhow::ensure!(a.target == Target::Edge, "--tokens: the edge target only");
         tokens::load(path, 0, a.connections)?;
@@ -542,6 +686,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut sup = Workers {
         procs: Vec::new(),
         progress: Vec::new(),
+        reports: Vec::new(),
         finals: Vec::new(),
         died: Vec::new(),
         start: Instant::now(),
@@ -580,6 +725,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         let mut child = spawn_worker(&exe, &serde_json::to_string(&wa)?).context("spawn worker")?;
         let stdout = child.stdout.take().expect("piped");
         let stdin = child.stdin.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        std::thread::spawn(move || relay_lines(w, BufReader::new(stderr), std::io::stderr()));
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -600,6 +747,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         });
         sup.procs.push(WorkerProc { child, stdin, first: lo, count: hi - lo });
         sup.progress.push(Progress { id: w, ..Progress::default() });
+        sup.reports.push(0);
         sup.finals.push(None);
     }
     drop(tx);
@@ -616,10 +764,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     // 1. Connect, with a line a second: connected, rate, failures by reason.
     let deadline_s = a.connect_deadline.unwrap_or(a.connections as f64 / a.ramp * 2.0 + 30.0);
     let connect_deadline = Instant::now() + Duration::from_secs_f64(deadline_s.clamp(0.0, 1e9));
-    let mut last_line = Instant::now();
-    let mut last_connected = 0u64;
+    let mut lines = ConnectLines::new(start, n_workers);
     let mut last_rate = 0.0f64;
-    loop {
+    let connected_after_connects = loop {
         sup.pump(&rx);
         let (settled, failed_by, connected) = sup.connect_state();
         let failed: u64 = failed_by.values().sum();
@@ -631,23 +778,19 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 if sup.died.is_empty() { String::new() } else { format!("; {} workers died", sup.died.len()) },
                 start.elapsed().as_secs_f64()
             );
-            break;
+            break connected;
         }
-        if last_line.elapsed() >= Duration::from_secs(1) {
-            let dt = last_line.elapsed().as_secs_f64();
+        if let Some(rate) = lines.due(Instant::now(), &sup.reports_of_the_living(), connected) {
             println!(
-                "connecting t={:.0}s connected={connected}/{} ({:.0}/s) failed={failed}{} reconnected={} workers={}/{}",
+                "connecting t={:.0}s connected={connected}/{} ({rate:.0}/s) failed={failed}{} reconnected={} workers={}/{}",
                 start.elapsed().as_secs_f64(),
                 a.connections,
-                connected.saturating_sub(last_connected) as f64 / dt,
                 if failed > 0 { format!(" ({})", by()) } else { String::new() },
                 sup.progress.iter().map(|p| p.reconnects).sum::<u64>(),
                 n_workers - sup.died.len(),
                 n_workers
             );
-            last_rate = connected.saturating_sub(last_connected) as f64 / dt;
-            last_line = Instant::now();
-            last_connected = connected;
+            last_rate = rate;
         }
         if Instant::now() >= connect_deadline {
             let pending: u64 = sup.progress.iter().map(|p| p.pending).sum();
@@ -661,7 +804,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     let connect_s = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
     let server_connected = a.server_pid.and_then(proc_cpu_rss);
@@ -669,24 +812,34 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let uptime_connected = (a.target == Target::Edge).then(|| edge_uptime_s(a.http)).flatten();
     let gen_cpu_before: f64 = sup.progress.iter().map(|p| p.cpu_s).sum::<f64>() + worker::own_cpu_s();
 
-    // 2. Publish (stream threads), sampling progress every second on this thread.
+    // 2. Publish (stream threads), sampling progress every second on this thread. A run none of
+    // whose members connected (no edge there, every upgrade refused) stops here: publishing for
+    // its whole --duration to nobody measured nothing. One whose publishes are all refused for
+    // good stops once the publisher says so (see publish::RefusalSpell). Both still write their
+    // results and exit non-zero.
+    let nobody = connected_after_connects == 0;
     let rates = [a.gift_rate, a.chat_rate];
+    let streams = [a.gift_streams, a.chat_streams];
     let pub_start = Instant::now();
-    let end = pub_start + Duration::from_secs(a.duration);
-    let publisher = publish::Publisher::start(
-        a.target,
-        a.http,
-        a.rooms,
-        &KINDS,
-        a.pad,
-        &rates,
-        &[a.gift_streams, a.chat_streams],
-        &[1, a.chat_batch.max(1)],
-        Duration::from_secs_f64(a.gift_give_up.clamp(1.0, 86_400.0)),
-        key.as_ref(),
-        pub_start,
-        end,
-    )?;
+    let end = if nobody { pub_start } else { pub_start + Duration::from_secs(a.duration) };
+    let publisher = if nobody {
+        None
+    } else {
+        Some(publish::Publisher::start(
+            a.target,
+            a.http,
+            a.rooms,
+            &KINDS,
+            a.pad,
+            &rates,
+            &streams,
+            &[1, a.chat_batch.max(1)],
+            a.gift_give_up(),
+            key.as_ref(),
+            pub_start,
+            end,
+        )?)
+    };
     let deliveries_before: u64 = sup.progress.iter().map(|p| p.deliveries).sum();
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
@@ -732,7 +885,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         *last_deliveries = d;
         *last_sample = Instant::now();
     };
-    while Instant::now() < end && !publisher.failed() {
+    while Instant::now() < end && !publisher.as_ref().is_some_and(publish::Publisher::stopping) {
         sup.pump(&rx);
         if last_sample.elapsed() >= Duration::from_secs(1) {
             sample(&sup.progress, &mut last_deliveries, &mut last_sample, &mut samples);
@@ -740,12 +893,27 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     // Streams stop at `end`; one may be waiting for an acknowledgement (at most 10 s).
-    let outcome = publisher.finish()?;
+    let outcome = match publisher {
+        Some(p) => p.finish()?,
+        None => publish::Outcome::empty(a.rooms, KINDS.len(), streams.iter().copied().max().unwrap_or(1)),
+    };
     let pub_secs = pub_start.elapsed().as_secs_f64();
+    let stopped_early = if nobody {
+        Some("no member connected in the connect phase: nothing was published".to_owned())
+    } else {
+        outcome
+            .stopped_early
+            .clone()
+            .map(|why| format!("stopped publishing at {pub_secs:.1} s of {} s: {why}", a.duration))
+    };
+    if let Some(why) = &stopped_early {
+        eprintln!("loadgen: stopping early: {why}");
+    }
     // 3. Let everything in flight arrive (until deliveries and bytes stop moving for 3 s, at
     // most 60 s), then stop the workers with the published counts: late is not lost. Bytes
     // too: a slow reader spends seconds inside one large replay frame, delivering nothing.
-    let settle_end = Instant::now() + Duration::from_secs(60);
+    // Nothing is in flight to nobody.
+    let settle_end = Instant::now() + if nobody { Duration::ZERO } else { Duration::from_secs(60) };
     let mut quiet_since = Instant::now();
     let moved = |progress: &[Progress]| {
         progress.iter().map(|p| (p.deliveries, p.bytes)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
@@ -881,6 +1049,58 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         gen_cpu += f.cpu_s;
     }
     let measured_deliveries = deliveries.saturating_sub(deliveries_before);
+    // What the run did not do that it was asked to, if anything: in the results, in the
+    // summary, and as the error it exits with once they are written.
+    let mut run_errors = Vec::new();
+    // A run that lost workers wrote what it measured, and says it is not whole.
+    if !died.is_empty() {
+        run_errors.push(format!(
+            "{} of {n_workers} workers died ({})",
+            died.len(),
+            died.iter().map(|d| format!("worker {}: {}", d.id, d.status)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    // A run none of whose members connected measured nothing (it exited 0 with every connect
+    // refused); one some of whose members never connected measured fewer than it was asked
+    // to (it exited 0 too), unless the user accepted that (--allow-connect-failures).
+    let allowed = a.allow_connect_failures.of(a.connections as u64);
+    if let Some(why) = nothing_connected(connected, &failed_by_reason) {
+        run_errors.push(why);
+    } else if let Some(why) =
+        connect_failures_beyond(failed, a.connections as u64, &failed_by_reason, a.allow_connect_failures)
+    {
+        run_errors.push(why);
+    } else if failed > 0 {
+        println!(
+            "{failed} of {} members never connected ({}): accepted, within --allow-connect-failures {} ({allowed})",
+            a.connections,
+            by_reason(&failed_by_reason),
+            a.allow_connect_failures
+        );
+    }
+    // So does a run whose members did not last (an edge that died and never came back): its
+    // figures describe fewer members than it says it held.
+    let end_counts =
+        EndCounts { connected, open: open_at_end, moving: moving_at_end, reconnecting: reconnecting_at_end };
+    if let Some(why) = end_counts.not_connected(reconnect_failed, closed, a.move_give_up) {
+        run_errors.push(why);
+    }
+    // And one whose publishes were refused for good (a 401 for a missing key, a --http that is
+    // not the edge's): its members "lost" what was never published.
+    let for_good = publish::refused_for_good(&outcome.refused);
+    if !for_good.is_empty() {
+        run_errors.push(format!(
+            "publishes refused for good ({}: not retried, given up; see publish_refused_by_status){}",
+            for_good.join(", "),
+            publish::key_hint(&for_good, key.as_ref())
+        ));
+    }
+    // A publisher that stopped early says why (a run with nobody connected has said so above).
+    if outcome.stopped_early.is_some()
+        && let Some(why) = &stopped_early
+    {
+        run_errors.push(format!("the run stopped early: {why}"));
+    }
     let deflate = if a.deflate { "+deflate" } else { "" };
     let r = report::Report {
         scenario: a.scenario.clone(),
@@ -983,39 +1203,43 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         note: a.note.clone(),
         args: format!("{a:?}"),
         publish_api_key: key.as_ref().map(|k| k.source().to_owned()),
+        connect_failures_allowed: allowed,
+        stopped_early,
+        run_errors,
     };
     let dir = report::write(&a.out, &r)?;
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     println!("results in {}", dir.display());
-    // A run that lost workers wrote what it measured, and says it is not whole.
-    anyhow::ensure!(
-        died.is_empty(),
-        "{} of {n_workers} workers died ({}); results in {}",
-        died.len(),
-        died.iter().map(|d| format!("worker {}: {}", d.id, d.status)).collect::<Vec<_>>().join(", "),
-        dir.display()
-    );
-    // So does a run whose members did not last (an edge that died and never came back): its
-    // figures describe fewer members than it says it held.
-    let end = EndCounts { connected, open: open_at_end, moving: moving_at_end, reconnecting: reconnecting_at_end };
-    if let Some(why) = end.not_connected(reconnect_failed, closed, a.move_give_up) {
-        anyhow::bail!("{why}; results in {}", dir.display());
-    }
-    // A run none of whose members connected measured nothing (it exited 0 with every connect
-    // refused); nor did one whose publishes were refused for good (a 401 for a missing key, a
-    // --http that is not the edge's): its members "lost" what was never published.
-    if let Some(why) = nothing_connected(r.connections, &r.failed_by_reason) {
-        anyhow::bail!("{why}; results in {}", dir.display());
-    }
-    let for_good = publish::refused_for_good(&r.publish_refused_by_status);
-    anyhow::ensure!(
-        for_good.is_empty(),
-        "publishes refused for good ({}: not retried, given up; see publish_refused_by_status){}; results in {}",
-        for_good.join(", "),
-        publish::key_hint(&for_good, key.as_ref()),
-        dir.display()
-    );
+    anyhow::ensure!(r.run_errors.is_empty(), "{}; results in {}", r.run_errors.join("; "), dir.display());
     Ok(())
+}
+
+/// `reason: count, ...`, or `none`.
+fn by_reason(by: &std::collections::BTreeMap<String, u64>) -> String {
+    if by.is_empty() {
+        return "none".to_owned();
+    }
+    by.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Why a run failed when more of the `asked` members' first connects failed (`failed`, by
+/// reason) than `allow` (`--allow-connect-failures`) accepts, or None. Each failed first connect
+/// is a member never established: first connects are not retried.
+fn connect_failures_beyond(
+    failed: u64,
+    asked: u64,
+    by: &std::collections::BTreeMap<String, u64>,
+    allow: Allowance,
+) -> Option<String> {
+    let allowed = allow.of(asked);
+    (failed > allowed).then(|| {
+        let limit = if allow == Allowance::Members(0) {
+            "a run fails when any does, unless --allow-connect-failures (N, or P%) accepts some".to_owned()
+        } else {
+            format!("more than the {allowed} that --allow-connect-failures {allow} accepts")
+        };
+        format!("{failed} of {asked} members never connected (first connects failed: {}); {limit}", by_reason(by))
+    })
 }
 
 /// Why a run failed when none of its members connected (every attempt failed: by reason), or
@@ -1168,6 +1392,147 @@ mod tests {
         );
         assert_eq!(super::nothing_connected(1, &by), None);
         assert_eq!(super::nothing_connected(0, &std::collections::BTreeMap::new()), None);
+    }
+
+    /// `--gift-give-up 0` is "never", as `--move-give-up 0` is (it silently meant 1 s); any
+    /// other time up to a year is taken as given, not clamped to [1 s, 1 day]; what no time can
+    /// be is refused naming the flag.
+    #[test]
+    fn gift_give_up_zero_is_never_and_other_times_are_as_given() {
+        use clap::Parser;
+        let give_up = |v: &str| -> Result<Option<std::time::Duration>, String> {
+            let flag = format!("--gift-give-up={v}");
+            let argv = ["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2", &flag];
+            match super::Cli::try_parse_from(argv).map_err(|e| e.to_string())?.cmd {
+                super::Cmd::Run(a) => Ok(a.gift_give_up()),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(give_up("0"), Ok(None));
+        assert_eq!(give_up("0.25"), Ok(Some(std::time::Duration::from_millis(250))));
+        assert_eq!(give_up("100000"), Ok(Some(std::time::Duration::from_secs(100_000))));
+        for bad in ["-1", "NaN", "1e20"] {
+            let e = give_up(bad).expect_err(bad);
+            assert!(e.contains("--gift-give-up"), "{e}");
+        }
+    }
+
+    /// `--allow-connect-failures` takes a number of members or a percentage of --connections;
+    /// by default none may fail.
+    #[test]
+    fn connect_failures_allowed_are_a_number_or_a_share() {
+        use super::Allowance;
+        assert_eq!(Allowance::parse("0"), Ok(Allowance::Members(0)));
+        assert_eq!(Allowance::parse("25"), Ok(Allowance::Members(25)));
+        assert_eq!(Allowance::parse("0.5%"), Ok(Allowance::Percent(0.5)));
+        assert_eq!(Allowance::Percent(0.5).of(1_000_000), 5000);
+        assert_eq!(Allowance::Percent(50.0).of(21), 10, "rounded down");
+        assert_eq!(Allowance::Percent(1.0).of(30), 0);
+        assert_eq!(Allowance::Members(7).of(3), 7);
+        for bad in ["-1", "x", "101%", "-1%", "NaN%", "1.5"] {
+            assert!(Allowance::parse(bad).is_err(), "{bad}");
+        }
+        use clap::Parser;
+        let argv = ["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2", "--allow-connect-failures", "2x"];
+        let e = super::Cli::try_parse_from(argv).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("--allow-connect-failures"), "{e}");
+    }
+
+    /// Some members never connected: the run fails saying how many and why, unless the
+    /// allowance covers them; the allowance named is the run's.
+    #[test]
+    fn members_that_never_connected_fail_the_run_unless_allowed() {
+        use super::{Allowance, connect_failures_beyond};
+        let by: std::collections::BTreeMap<String, u64> =
+            [("refused".to_owned(), 10), ("http_503".to_owned(), 2)].into_iter().collect();
+        assert_eq!(
+            connect_failures_beyond(12, 40, &by, Allowance::Members(0)).as_deref(),
+            Some(
+                "12 of 40 members never connected (first connects failed: http_503: 2, refused: 10); a run fails \
+                 when any does, unless --allow-connect-failures (N, or P%) accepts some"
+            )
+        );
+        assert_eq!(
+            connect_failures_beyond(12, 40, &by, Allowance::Percent(25.0)).as_deref(),
+            Some(
+                "12 of 40 members never connected (first connects failed: http_503: 2, refused: 10); more than \
+                 the 10 that --allow-connect-failures 25% accepts"
+            )
+        );
+        assert_eq!(connect_failures_beyond(12, 40, &by, Allowance::Members(12)), None);
+        assert_eq!(connect_failures_beyond(12, 40, &by, Allowance::Percent(30.0)), None);
+        assert_eq!(connect_failures_beyond(0, 40, &std::collections::BTreeMap::new(), Allowance::Members(0)), None);
+    }
+
+    /// `--connections 0` is refused naming the flag: it ran no member, published to nobody for
+    /// its whole --duration, and exited 0.
+    #[test]
+    fn a_run_of_no_members_is_refused_up_front() {
+        use clap::Parser;
+        let argv = ["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2", "--connections", "0"];
+        let e = super::Cli::try_parse_from(argv).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("--connections") && e.contains("at least 1"), "{e}");
+    }
+
+    /// The connect phase's first line waits for every living worker's first report (at the
+    /// coordinator's first second, none had come: 0/s), and each next one for a report of every
+    /// worker since; a silent worker holds a line back for at most 3 s. The rate is over the
+    /// time since the last line.
+    #[test]
+    fn connect_lines_wait_for_the_workers_reports() {
+        use super::ConnectLines;
+        use std::time::Duration;
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut lines = ConnectLines::new(t0, 2);
+        assert_eq!(lines.due(at(500), &[Some(0), Some(0)], 0), None, "under a second");
+        assert_eq!(lines.due(at(1000), &[Some(0), Some(0)], 0), None, "no report yet: no 0/s line");
+        assert_eq!(lines.due(at(1010), &[Some(1), Some(0)], 400), None, "one of two reported");
+        assert_eq!(lines.due(at(1020), &[Some(1), Some(1)], 1020), Some(1000.0));
+        assert_eq!(lines.due(at(2020), &[Some(1), Some(1)], 1020), None, "no new report");
+        assert_eq!(lines.due(at(2040), &[Some(2), Some(2)], 3060), Some(2000.0));
+        // A dead worker (None) is not waited for; a silent one for 3 s at most.
+        assert_eq!(lines.due(at(3050), &[None, Some(3)], 4000), Some(940.0 / 1.01));
+        assert_eq!(lines.due(at(5000), &[Some(3), Some(3)], 4000), None);
+        assert_eq!(lines.due(at(6050), &[Some(3), Some(3)], 4300), Some(100.0));
+    }
+
+    /// Each line a worker writes to its stderr comes out whole, prefixed with the worker, in
+    /// one write (what makes lines from several workers never mix), however its bytes arrive.
+    #[test]
+    fn worker_lines_are_relayed_whole_and_prefixed() {
+        /// Records each write.
+        struct Writes(Vec<Vec<u8>>);
+        impl std::io::Write for Writes {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        /// Gives its bytes a few at a time.
+        struct Dribble(std::io::Cursor<Vec<u8>>);
+        impl std::io::Read for Dribble {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                let n = b.len().min(3);
+                self.0.read(&mut b[..n])
+            }
+        }
+        let text = b"connection 7 failed (refused): Connection refused (os error 111)\n\nError: last\xff words";
+        let mut out = Writes(Vec::new());
+        let from = std::io::BufReader::with_capacity(4, Dribble(std::io::Cursor::new(text.to_vec())));
+        super::relay_lines(3, from, &mut out);
+        let writes: Vec<String> = out.0.iter().map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+        assert_eq!(
+            writes,
+            [
+                "w3: connection 7 failed (refused): Connection refused (os error 111)\n",
+                "w3: \n",
+                "w3: Error: last\u{fffd} words\n"
+            ]
+        );
     }
 
     /// No two workers share a source address, on loopback's /8 as in a /24; what does not fit

@@ -9,6 +9,10 @@
 //! sent to answer read, hdrhistogram), every other answer by status (no retries: a refusal is
 //! counted and the client goes on), and the edge's CPU (utime + stime of `--server-pid`, all
 //! threads, from /proc/PID/stat) per accepted publish, beside the generator's own.
+//!
+//! An edge with publish keys answers 401 without one: the key comes from the same places as
+//! `run`'s (`ROOMCAST_API_KEY`, or `--api-key-file`: [`crate::publish::KeyArgs`]), never from
+//! the command line, and is never printed; the result records where it came from.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -59,6 +63,8 @@ pub struct PubbenchArgs {
     /// Free text recorded in the result.
     #[arg(long, default_value = "")]
     label: String,
+    #[command(flatten)]
+    key: crate::publish::KeyArgs,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -95,15 +101,21 @@ fn clk_tck() -> f64 {
 pub fn run(a: &PubbenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.concurrency > 0 && a.rooms > 0 && a.duration > 0.0, "concurrency, rooms, duration: above 0");
     anyhow::ensure!(a.body_bytes >= 8, "--body-bytes: at least 8");
+    // On stderr: stdout is the result (JSON).
+    let key = a.key.load()?.map(|(k, line)| {
+        eprintln!("{line}");
+        k
+    });
     let rt = if a.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
         tokio::runtime::Builder::new_multi_thread().worker_threads(a.threads).enable_all().build()?
     };
-    rt.block_on(bench(a))
+    rt.block_on(bench(a, key.as_ref()))
 }
 
-async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
+async fn bench(a: &PubbenchArgs, key: Option<&crate::publish::ApiKey>) -> anyhow::Result<()> {
+    let auth = key.map(crate::publish::ApiKey::header);
     let client =
         reqwest::Client::builder().pool_max_idle_per_host(a.concurrency).timeout(Duration::from_secs(10)).build()?;
     // `{"kind":K,"user":"","body":{"p":"xxx"}}`, the body value exactly body_bytes long.
@@ -122,6 +134,7 @@ async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
     let mut tasks = Vec::with_capacity(a.concurrency);
     for _ in 0..a.concurrency {
         let (client, urls, payload, next) = (client.clone(), urls.clone(), payload.clone(), next.clone());
+        let auth = auth.clone();
         let (accepted_now, other_now, max_now) = (accepted_now.clone(), other_now.clone(), max_now.clone());
         tasks.push(tokio::spawn(async move {
             let mut r = ClientResult { hist: Some(histogram()), ..ClientResult::default() };
@@ -131,12 +144,11 @@ async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
                     return r;
                 }
                 let room = (next.fetch_add(1, Ordering::Relaxed) % urls.len() as u64) as usize;
-                let answer = client
-                    .post(&urls[room])
-                    .header("Content-Type", "application/json")
-                    .body(payload.clone())
-                    .send()
-                    .await;
+                let mut req = client.post(&urls[room]).header("Content-Type", "application/json");
+                if let Some(auth) = &auth {
+                    req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
+                }
+                let answer = req.body(payload.clone()).send().await;
                 // The answer's body is read: the acknowledgement is complete only then.
                 let status = match answer {
                     Ok(resp) => {
@@ -242,11 +254,18 @@ async fn bench(a: &PubbenchArgs) -> anyhow::Result<()> {
         "generator_cpu_us_per_publish": per(own_cpu_s),
         "clock_ticks_per_s": hz,
         "per_second": seconds,
+        "publish_api_key": key.map(crate::publish::ApiKey::source),
     });
     let text = serde_json::to_string_pretty(&result)?;
     if let Some(path) = &a.out {
         std::fs::write(path, &text)?;
     }
     println!("{text}");
+    // A 401 says what to do about the key (the counts are in other_answers).
+    let refused: Vec<String> = answers.iter().map(|(s, n)| format!("{} {s}: {n}", a.kind)).collect();
+    let hint = crate::publish::key_hint(&refused, key);
+    if !hint.is_empty() {
+        eprintln!("pubbench: publishes were refused 401{hint}");
+    }
     Ok(())
 }

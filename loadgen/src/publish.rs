@@ -13,6 +13,13 @@
 //! `ps` shows to every user), and is never printed. A stream whose attempts fail (the edge
 //! unreachable) says so on stderr at most once per [`DIGEST_EVERY`] ([`ErrorDigest`]): an
 //! outage of 30 s printed ~600 lines per gift stream.
+//!
+//! A run whose publishes cannot succeed stops early: when every answer a stream got for
+//! [`HOPELESS_AFTER`] was a refusal for good (a 401 for a missing key, a `--http` that is not
+//! the edge's: see [`is_for_good`]), the publisher stops every stream and says why
+//! ([`Outcome::stopped_early`]); a 60 s run refused 401 published (and was refused) for all
+//! 60 s. Transient failures (no answer, 429, 503: an edge restarting under a restart
+//! benchmark) never stop it.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -47,9 +54,27 @@ pub struct Outcome {
     /// Send-to-acknowledgement latency of accepted messages (µs), per kind, first attempt to
     /// acceptance (retries included).
     pub ack: Vec<Histogram<u64>>,
+    /// Why the publisher stopped before the run's end (every answer a stream got for
+    /// [`HOPELESS_AFTER`] was a refusal for good), or None.
+    pub stopped_early: Option<String>,
 }
 
 impl Outcome {
+    /// Nothing published: `rooms` rooms, `kinds` kinds, up to `streams` streams per kind.
+    pub fn empty(rooms: u32, kinds: usize, streams: usize) -> Self {
+        let (rooms, streams) = (rooms.max(1) as usize, streams.max(1));
+        Self {
+            published: vec![vec![vec![0; streams]; kinds]; rooms],
+            holes: vec![vec![vec![0; streams]; kinds]; rooms],
+            offered: vec![0; kinds],
+            refused: BTreeMap::new(),
+            not_accepted: vec![0; kinds],
+            gave_up: vec![0; kinds],
+            ack: (0..kinds).map(|_| histogram()).collect(),
+            stopped_early: None,
+        }
+    }
+
     /// Messages of `kind` accepted, all rooms and streams.
     pub fn total(&self, kind: usize) -> u64 {
         let numbered: u64 = self.published.iter().map(|r| r[kind].iter().sum::<u64>()).sum();
@@ -65,9 +90,11 @@ impl Outcome {
 
 struct Shared {
     outcome: Mutex<Outcome>,
-    /// Set by the first stream that fails for good; the others stop.
-    failed: AtomicBool,
+    /// Set by the first stream that fails (`error`) or finds publishing hopeless
+    /// (`stopped_early`); the others stop.
+    stop: AtomicBool,
     error: Mutex<Option<anyhow::Error>>,
+    stopped_early: Mutex<Option<String>>,
 }
 
 pub struct Publisher {
@@ -98,26 +125,33 @@ impl std::fmt::Debug for ApiKey {
 
 impl ApiKey {
     /// The key from `file` (`--api-key-file`: its first line, trimmed) if given, else from
-    /// `env` (the value of [`API_KEY_ENV`], unset or empty: none). Errors name the source,
-    /// never the key: a key is printable ASCII without spaces (what a header carries and the
-    /// edge's keys are made of).
+    /// `env` (the value of [`API_KEY_ENV`]; unset: none). Errors name the source, never the
+    /// key: a key is printable ASCII without spaces (what a header carries and the edge's keys
+    /// are made of). An empty or blank key is refused, not taken for "no key": a variable set
+    /// from a script's empty source (`ROOMCAST_API_KEY=$KEY` with KEY unset) or a file whose
+    /// first line is blank is a mistake, which publishing without a key hid behind 401s.
     pub fn load(file: Option<&Path>, env: Option<OsString>) -> anyhow::Result<Option<Self>> {
         let (key, source) = if let Some(path) = file {
             let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", path.display()))?;
             let text = String::from_utf8(text)
                 .map_err(|_| anyhow::anyhow!("--api-key-file {}: not text (UTF-8)", path.display()))?;
-            (text.lines().next().unwrap_or("").trim().to_owned(), format!("--api-key-file {}", path.display()))
+            let key = text.lines().next().unwrap_or("").trim().to_owned();
+            anyhow::ensure!(
+                !key.is_empty(),
+                "--api-key-file {}: its first line is empty or blank (the key goes on the first line)",
+                path.display()
+            );
+            (key, format!("--api-key-file {}", path.display()))
         } else {
-            match env {
-                None => return Ok(None),
-                Some(v) if v.is_empty() => return Ok(None),
-                Some(v) => {
-                    let v = v.into_string().map_err(|_| anyhow::anyhow!("{API_KEY_ENV}: not text (UTF-8)"))?;
-                    (v.trim().to_owned(), API_KEY_ENV.to_owned())
-                }
-            }
+            let Some(v) = env else { return Ok(None) };
+            let v = v.into_string().map_err(|_| anyhow::anyhow!("{API_KEY_ENV}: not text (UTF-8)"))?;
+            let key = v.trim().to_owned();
+            anyhow::ensure!(
+                !key.is_empty(),
+                "{API_KEY_ENV} is set but empty or blank: set it to the key, or unset it to publish without one"
+            );
+            (key, API_KEY_ENV.to_owned())
         };
-        anyhow::ensure!(!key.is_empty(), "{source}: empty, no key in it (a file: its first line)");
         if let Some(at) = key.bytes().position(|b| !b.is_ascii_graphic()) {
             anyhow::bail!("{source}: a key is printable ASCII without spaces (character {} is not)", at + 1);
         }
@@ -131,6 +165,86 @@ impl ApiKey {
     /// results record.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// `Bearer KEY`, for the `Authorization` header (marked sensitive: its `Debug` hides it).
+    pub fn header(&self) -> reqwest::header::HeaderValue {
+        self.header.clone()
+    }
+}
+
+/// Where the publish API key comes from, for `run` and `pubbench` alike.
+#[derive(clap::Args, Clone, Debug)]
+pub struct KeyArgs {
+    /// The publish API key (an edge with `[[ingest.keys]]` or `ROOMCAST_API_KEYS` answers 401
+    /// without one), sent as `Authorization: Bearer KEY` on every publish: this file's first
+    /// line, trimmed. Without the flag, the key is taken from the environment variable
+    /// ROOMCAST_API_KEY, if set (set but empty or blank is refused, as is a file whose first
+    /// line is). Never on the command line (every user's `ps` shows it), never printed: the
+    /// results record where it came from, not the key.
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<std::path::PathBuf>,
+}
+
+impl KeyArgs {
+    /// The key from `--api-key-file`, else from [`API_KEY_ENV`] (see [`ApiKey::load`]), and the
+    /// line that says where it came from (to print), if there is a key.
+    pub fn load(&self) -> anyhow::Result<Option<(ApiKey, String)>> {
+        let env = std::env::var_os(API_KEY_ENV);
+        let also = if self.api_key_file.is_some() && env.is_some() {
+            format!(" ({API_KEY_ENV} is set too, not used)")
+        } else {
+            String::new()
+        };
+        let key = ApiKey::load(self.api_key_file.as_deref(), env)?;
+        Ok(key.map(|k| {
+            let line = format!("publishing with the API key from {}{also}", k.source());
+            (k, line)
+        }))
+    }
+}
+
+/// How long every answer a stream gets must be a refusal for good before the run stops early
+/// (see [`RefusalSpell`]).
+pub const HOPELESS_AFTER: Duration = Duration::from_secs(3);
+
+/// Whether a refusal (`status`: an HTTP status, [`BAD_ANSWER`], or `error` for no answer) is
+/// one that retrying or waiting would not change: an answer that is not the edge's, or a 4xx
+/// other than 429 (a missing or wrong key, a kind the edge does not know).
+pub fn is_for_good(status: &str) -> bool {
+    status == BAD_ANSWER || status.parse::<u16>().is_ok_and(|c| (400..500).contains(&c) && c != 429)
+}
+
+/// A stream's spell of answers that were all refusals for good ([`is_for_good`]): it begins at
+/// the first such answer after the last acceptance and ends at the next acceptance. Answers that
+/// are neither (no answer, 429, 503, a sampled-out 202: an edge restarting, or busy) neither
+/// extend nor end it. Once it has lasted [`HOPELESS_AFTER`] with at least two refusals, the
+/// stream's publishing is hopeless. Takes time as an argument.
+#[derive(Debug, Default)]
+pub struct RefusalSpell {
+    since: Option<Instant>,
+    refusals: u64,
+}
+
+impl RefusalSpell {
+    /// A message was accepted: publishing works.
+    pub fn accepted(&mut self) {
+        *self = Self::default();
+    }
+
+    /// A refusal for good at `now` (`what`: the answer, as "r3 answered 401"): why publishing
+    /// is hopeless, once it is.
+    pub fn refused(&mut self, now: Instant, what: &str) -> Option<String> {
+        let since = *self.since.get_or_insert(now);
+        self.refusals += 1;
+        let lasted = now.duration_since(since);
+        (lasted >= HOPELESS_AFTER && self.refusals >= 2).then(|| {
+            format!(
+                "every answer for {:.1} s was a refusal for good ({} refusals, nothing accepted; last: {what})",
+                lasted.as_secs_f64(),
+                self.refusals
+            )
+        })
     }
 }
 
@@ -287,20 +401,26 @@ struct Stream {
     ack: Histogram<u64>,
     /// Makes this run's idempotency keys its own.
     run_id: u64,
-    /// How long a must-deliver message is retried before it is given up (`--gift-give-up`).
-    give_up: Duration,
+    /// How long a must-deliver message is retried before it is given up (`--gift-give-up`;
+    /// None: until the publishing's end).
+    give_up: Option<Duration>,
     /// `Authorization: Bearer KEY` (`ROOMCAST_API_KEY`, `--api-key-file`), on every request.
     auth: Option<reqwest::header::HeaderValue>,
     /// Its failed attempts, told on stderr at most every [`DIGEST_EVERY`].
     errors: ErrorDigest,
     /// Messages given up on an answer (see [`ErrorDigest::for_refusals`]).
     refusals: ErrorDigest,
+    /// Its answers since the last acceptance, all refusals for good?
+    spell: RefusalSpell,
+    /// Why its publishing is hopeless, once the spell says so (the run then stops early).
+    hopeless: Option<String>,
 }
 
 impl Publisher {
     /// Starts one thread per (kind, stream) with a non-zero rate; each publishes from `start`
-    /// until `end`. `rates` are per room and second, `streams` the threads per kind; `key`, if
-    /// any, goes on every request.
+    /// until `end`. `rates` are per room and second, `streams` the threads per kind; a
+    /// must-deliver message is retried for `give_up` (None: until `end`); `key`, if any, goes
+    /// on every request.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         target: Target,
@@ -311,7 +431,7 @@ impl Publisher {
         rates: &[f64],
         streams: &[usize],
         batches: &[usize],
-        give_up: Duration,
+        give_up: Option<Duration>,
         key: Option<&ApiKey>,
         start: Instant,
         end: Instant,
@@ -319,17 +439,10 @@ impl Publisher {
         let rooms = rooms.max(1);
         let max_streams = streams.iter().copied().max().unwrap_or(1).max(1);
         let shared = Arc::new(Shared {
-            outcome: Mutex::new(Outcome {
-                published: vec![vec![vec![0; max_streams]; kinds.len()]; rooms as usize],
-                holes: vec![vec![vec![0; max_streams]; kinds.len()]; rooms as usize],
-                offered: vec![0; kinds.len()],
-                refused: BTreeMap::new(),
-                not_accepted: vec![0; kinds.len()],
-                gave_up: vec![0; kinds.len()],
-                ack: kinds.iter().map(|_| histogram()).collect(),
-            }),
-            failed: AtomicBool::new(false),
+            outcome: Mutex::new(Outcome::empty(rooms, kinds.len(), max_streams)),
+            stop: AtomicBool::new(false),
             error: Mutex::new(None),
+            stopped_early: Mutex::new(None),
         });
         anyhow::ensure!(
             target == Target::Edge || batches.iter().all(|&b| b <= 1),
@@ -372,11 +485,13 @@ impl Publisher {
                     auth: key.map(|k| k.header.clone()),
                     errors: ErrorDigest::new(format!("publish {} stream {s}", kinds[ki]), Instant::now()),
                     refusals: ErrorDigest::for_refusals(format!("publish {} stream {s}", kinds[ki]), Instant::now()),
+                    spell: RefusalSpell::default(),
+                    hopeless: None,
                 };
                 let shared = shared.clone();
                 let pacer = Pacer::new(start, rate * f64::from(rooms) / n as f64);
                 threads.push(std::thread::spawn(move || {
-                    let result = st.run(&pacer, end, &shared.failed);
+                    let result = st.run(&pacer, end, &shared.stop);
                     let mut o = shared.outcome.lock().expect("not poisoned");
                     for (room, &k) in st.published.iter().enumerate() {
                         o.published[room][ki][s] = k;
@@ -390,9 +505,17 @@ impl Publisher {
                     }
                     o.ack[ki].add(&st.ack).expect("same bounds");
                     drop(o);
-                    if let Err(e) = result {
-                        shared.failed.store(true, Ordering::Relaxed);
-                        shared.error.lock().expect("not poisoned").get_or_insert(e);
+                    match result {
+                        Ok(()) => {}
+                        Err(Stopped::Hopeless(why)) => {
+                            let why = format!("publish {} stream {s}: {why}", st.kind);
+                            shared.stopped_early.lock().expect("not poisoned").get_or_insert(why);
+                            shared.stop.store(true, Ordering::Relaxed);
+                        }
+                        Err(Stopped::Failed(e)) => {
+                            shared.error.lock().expect("not poisoned").get_or_insert(e);
+                            shared.stop.store(true, Ordering::Relaxed);
+                        }
                     }
                 }));
             }
@@ -400,12 +523,14 @@ impl Publisher {
         Ok(Self { threads, shared })
     }
 
-    /// Whether a stream failed for good (the run should stop).
-    pub fn failed(&self) -> bool {
-        self.shared.failed.load(Ordering::Relaxed)
+    /// Whether the streams are stopping before the end: one failed, or found publishing
+    /// hopeless (the run should stop publishing).
+    pub fn stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed)
     }
 
-    /// Waits for every stream (they stop at `end`) and returns what they did.
+    /// Waits for every stream (they stop at `end`, or once one stops the others) and returns
+    /// what they did; an error if a stream failed.
     pub fn finish(self) -> anyhow::Result<Outcome> {
         for t in self.threads {
             let _ = t.join();
@@ -414,25 +539,49 @@ impl Publisher {
             return Err(e);
         }
         let shared = Arc::try_unwrap(self.shared).map_err(|_| anyhow::anyhow!("publisher still shared"))?;
-        Ok(shared.outcome.into_inner().expect("not poisoned"))
+        let mut outcome = shared.outcome.into_inner().expect("not poisoned");
+        outcome.stopped_early = shared.stopped_early.into_inner().expect("not poisoned");
+        Ok(outcome)
+    }
+}
+
+/// Why a stream stopped before the end.
+enum Stopped {
+    /// Every answer for [`HOPELESS_AFTER`] was a refusal for good: the run stops early, and
+    /// still writes its results.
+    Hopeless(String),
+    /// Something the publisher cannot go on from (a batch answer without results): the run ends
+    /// on this error.
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Stopped {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl From<reqwest::Error> for Stopped {
+    fn from(e: reqwest::Error) -> Self {
+        Self::Failed(e.into())
     }
 }
 
 impl Stream {
-    fn run(&mut self, pacer: &Pacer, end: Instant, failed: &AtomicBool) -> anyhow::Result<()> {
+    fn run(&mut self, pacer: &Pacer, end: Instant, stop: &AtomicBool) -> Result<(), Stopped> {
         let mut n = 0u64;
         loop {
             let due = pacer.due(n);
             // Past the end, messages due before it are not sent late: behind an edge that no
             // longer answers, each would wait out its give-up time (100 chat messages due in a
             // 1 s run took 3,000 s).
-            if due >= end || Instant::now() >= end || failed.load(Ordering::Relaxed) {
+            if due >= end || Instant::now() >= end || stop.load(Ordering::Relaxed) || self.hopeless.is_some() {
                 for digest in [&mut self.errors, &mut self.refusals] {
                     if let Some(line) = digest.finish(Instant::now()) {
                         eprintln!("{line}");
                     }
                 }
-                return Ok(());
+                return self.hopeless.take().map_or(Ok(()), |why| Err(Stopped::Hopeless(why)));
             }
             let now = Instant::now();
             if due > now {
@@ -445,7 +594,7 @@ impl Stream {
             let room = (n % u64::from(self.rooms)) as u32;
             n += 1;
             self.offered += 1;
-            self.send(room)?;
+            self.send(room, end, stop);
         }
     }
 
@@ -453,7 +602,7 @@ impl Stream {
     /// `POST /v1/messages`; returns the next message's number. Droppable messages only: a
     /// refused one is not sent again. Each is numbered before the answer, so a refused one
     /// leaves a hole in its room's `k`s, which receivers are told about at the end.
-    fn send_batch(&mut self, pacer: &Pacer, mut n: u64, end: Instant) -> anyhow::Result<u64> {
+    fn send_batch(&mut self, pacer: &Pacer, mut n: u64, end: Instant) -> Result<u64, Stopped> {
         let now = Instant::now();
         let mut items = String::from(r#"{"messages":["#);
         let mut rooms = Vec::with_capacity(self.batch);
@@ -495,12 +644,11 @@ impl Stream {
                 })?;
                 let results =
                     v["results"].as_array().ok_or_else(|| anyhow::anyhow!("batch answer without results: {v}"))?;
-                anyhow::ensure!(
-                    results.len() == rooms.len(),
-                    "batch of {} answered with {} results",
-                    rooms.len(),
-                    results.len()
-                );
+                if results.len() != rooms.len() {
+                    return Err(
+                        anyhow::anyhow!("batch of {} answered with {} results", rooms.len(), results.len()).into()
+                    );
+                }
                 results.iter().map(|x| x["status"].as_u64().map_or(0, |s| s as u16)).collect()
             }
             Ok(r) => vec![r.status().as_u16(); rooms.len()],
@@ -512,22 +660,41 @@ impl Stream {
             }
         };
         let took = first.elapsed().as_micros().max(1) as u64;
+        let mut for_good = None;
         for (room, status) in rooms.into_iter().zip(statuses) {
             if status == 200 {
                 let _ = self.ack.record(took);
+                self.spell.accepted();
             } else {
-                self.refusal(&if status == 0 { "error".to_owned() } else { status.to_string() });
+                let status_text = if status == 0 { "error".to_owned() } else { status.to_string() };
+                if is_for_good(&status_text) {
+                    for_good = Some(format!("r{room} answered {status}"));
+                }
+                self.refusal(&status_text);
                 self.not_accepted += 1;
                 self.holes[room as usize] += 1;
             }
+        }
+        // One answer, one step of the spell: a batch refused for good whole is one refusal.
+        if let Some(what) = for_good {
+            self.refused_for_good(&what);
         }
         Ok(n)
     }
 
     /// A message was accepted: a spell of messages given up on an answer, if any, has ended.
     fn accepted_again(&mut self) {
+        self.spell.accepted();
         if let Some(line) = self.refusals.answered(Instant::now()) {
             eprintln!("{line}");
+        }
+    }
+
+    /// An answer refused a message for good (`what`: "r3 answered 401"): once every answer
+    /// for [`HOPELESS_AFTER`] was one, the stream's publishing is hopeless.
+    fn refused_for_good(&mut self, what: &str) {
+        if self.hopeless.is_none() {
+            self.hopeless = self.spell.refused(Instant::now(), what);
         }
     }
 
@@ -535,7 +702,9 @@ impl Stream {
         *self.refused.entry(format!("{} {status}", self.kind)).or_default() += 1;
     }
 
-    fn send(&mut self, room: u32) -> anyhow::Result<()> {
+    /// Publishes one message to `room`: a must-deliver one is retried until acknowledged, given
+    /// up after `give_up` (or at `run_end` when there is none), or when the publisher `stop`s.
+    fn send(&mut self, room: u32, run_end: Instant, stop: &AtomicBool) {
         let kind = self.kind.clone();
         let k = self.published[room as usize];
         let s = self.s;
@@ -548,12 +717,17 @@ impl Stream {
             Target::Nchan => (format!("{}/pub/r{room}", self.base), body),
         };
         // Must-deliver messages are retried while the server says so (429, 503, 507) or does
-        // not answer, for up to `give_up` (30 s by default), with the same Idempotency-Key (a retry of a publish that
-        // went through but whose answer was lost is not a second message); a message given up
-        // takes no `k`, so the receivers' sequence has no hole the publisher made. Droppable
-        // ones refused are dropped by the server: not numbered either.
+        // not answer, for up to `give_up` (30 s by default; none: until the publishing ends),
+        // with the same Idempotency-Key (a retry of a publish that went through but whose
+        // answer was lost is not a second message); a message given up takes no `k`, so the
+        // receivers' sequence has no hole the publisher made. Droppable ones refused are
+        // dropped by the server: not numbered either.
         let first = Instant::now();
-        let end = first + self.give_up;
+        let end = self.give_up.map_or(run_end, |g| first + g);
+        let unreachable_for = self.give_up.map_or_else(
+            || "until the publishing's end (--gift-give-up 0)".to_owned(),
+            |g| format!("for {:.1} s", g.as_secs_f64()),
+        );
         // Unique per message offered (a message given up does not take a `k`: the next reuses
         // it), and per run (the edge remembers keys for minutes).
         let idem = format!("lg-{}-{kind}-{s}-{}", self.run_id, self.offered);
@@ -575,6 +749,9 @@ impl Stream {
             // edge answers 202 only for a droppable message it sampled out.
             let accepted =
                 |s: reqwest::StatusCode| s.is_success() && (self.target == Target::Nchan || s.as_u16() != 202);
+            // The publisher is stopping (another stream found publishing hopeless, or failed):
+            // a message still being retried is given up now rather than at its give-up time.
+            let stopping = stop.load(Ordering::Relaxed);
             match r {
                 // The edge's 200 carries the message's seq: a 200 without one (a proxy's page, a
                 // wrong --http) numbered nothing, and counting it as published blamed the edge
@@ -591,39 +768,43 @@ impl Stream {
                         if let Some(line) = self.refusals.failed(Instant::now(), "given up", &why) {
                             eprintln!("{line}");
                         }
+                        self.refused_for_good(&why);
                         self.not_accepted += 1;
                         if self.must_deliver {
                             self.gave_up += 1;
                         }
                     }
-                    return Ok(());
+                    return;
                 }
                 Ok(resp) if accepted(resp.status()) => {
                     self.published[room as usize] += 1;
                     let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
                     self.accepted_again();
-                    return Ok(());
+                    return;
                 }
                 Ok(resp) => {
                     let code = resp.status().as_u16();
                     self.refusal(&code.to_string());
+                    let why = format!("r{room} answered {code}");
+                    if is_for_good(&code.to_string()) {
+                        self.refused_for_good(&why);
+                    }
                     let retriable = matches!(code, 429 | 503 | 507);
                     if !self.must_deliver || code == 202 {
                         self.not_accepted += 1;
-                        return Ok(());
+                        return;
                     }
-                    if !retriable || Instant::now() >= end {
-                        let why = format!("r{room} answered {code}");
+                    if !retriable || stopping || Instant::now() >= end {
                         if let Some(line) = self.refusals.failed(Instant::now(), "given up", &why) {
                             eprintln!("{line}");
                         }
                         self.not_accepted += 1;
                         self.gave_up += 1;
-                        return Ok(());
+                        return;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) if Instant::now() < end => {
+                Err(e) if Instant::now() < end && !stopping => {
                     self.refusal("error");
                     if let Some(line) = self.errors.failed(Instant::now(), "retrying", &chain(&e)) {
                         eprintln!("{line}");
@@ -640,12 +821,13 @@ impl Stream {
                     if let Some(line) = self.errors.failed(Instant::now(), "retrying", &chain(&e)) {
                         eprintln!("{line}");
                     }
-                    eprintln!("publish {kind} to r{room}: given up, unreachable for {:?}: {}", self.give_up, chain(&e));
+                    let when = if stopping { "the publisher stopping".to_owned() } else { unreachable_for.clone() };
+                    eprintln!("publish {kind} to r{room}: given up, unreachable ({when}): {}", chain(&e));
                     self.not_accepted += 1;
                     if self.must_deliver {
                         self.gave_up += 1;
                     }
-                    return Ok(());
+                    return;
                 }
             }
         }
@@ -675,11 +857,7 @@ fn excerpt(body: &str) -> String {
 pub fn refused_for_good(refused: &BTreeMap<String, u64>) -> Vec<String> {
     refused
         .iter()
-        .filter(|(key, n)| {
-            let status = key.rsplit(' ').next().unwrap_or("");
-            **n > 0
-                && (status == BAD_ANSWER || status.parse::<u16>().is_ok_and(|c| (400..500).contains(&c) && c != 429))
-        })
+        .filter(|(key, n)| **n > 0 && is_for_good(key.rsplit(' ').next().unwrap_or("")))
         .map(|(key, n)| format!("{key}: {n}"))
         .collect()
 }
@@ -707,11 +885,17 @@ mod tests {
     use std::collections::BTreeMap;
     use std::io::{Read, Write};
 
-    use super::{ApiKey, ErrorDigest, Publisher, key_hint, refused_for_good};
+    use super::{ApiKey, ErrorDigest, HOPELESS_AFTER, Publisher, RefusalSpell, key_hint, refused_for_good};
     use crate::worker::Target;
 
     /// An HTTP server on loopback answering every request with `200 OK` and `body`.
     fn answering(body: &'static str) -> std::net::SocketAddr {
+        answering_with("200 OK", body)
+    }
+
+    /// An HTTP server on loopback answering every request with `status` (`401 Unauthorized`)
+    /// and `body`.
+    fn answering_with(status: &'static str, body: &'static str) -> std::net::SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -723,13 +907,35 @@ mod tests {
                     let _ = c.read(&mut buf);
                     let _ = write!(
                         c,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     );
                 });
             }
         });
         addr
+    }
+
+    /// Gifts at 20/s to the edge target at `http` for at most `secs`, each retried for
+    /// `give_up`; what the publisher made of them.
+    fn gifts_for(http: std::net::SocketAddr, secs: f64, give_up: Option<Duration>) -> super::Outcome {
+        let start = Instant::now();
+        let p = Publisher::start(
+            Target::Edge,
+            http,
+            1,
+            &["gift", "chat"],
+            8,
+            &[20.0, 0.0],
+            &[1, 1],
+            &[1, 1],
+            give_up,
+            None,
+            start,
+            start + Duration::from_secs_f64(secs),
+        )
+        .unwrap();
+        p.finish().unwrap()
     }
 
     /// Gifts at 20/s to the edge target at `http` for 300 ms; what the publisher made of them.
@@ -749,7 +955,7 @@ mod tests {
             &[20.0, 0.0],
             &[1, 1],
             &[1, 1],
-            Duration::from_secs(5),
+            Some(Duration::from_secs(5)),
             key,
             start,
             start + Duration::from_millis(300),
@@ -811,7 +1017,7 @@ mod tests {
             &[10.0, 0.0],
             &[1, 1],
             &[1, 1],
-            Duration::from_millis(200),
+            Some(Duration::from_millis(200)),
             None,
             start,
             end,
@@ -906,7 +1112,6 @@ mod tests {
         let k = ApiKey::load(None, Some(KEY.into())).unwrap().unwrap();
         assert_eq!((bearer(&k).as_str(), k.source()), (format!("Bearer {KEY}").as_str(), "ROOMCAST_API_KEY"));
         assert!(ApiKey::load(None, None).unwrap().is_none());
-        assert!(ApiKey::load(None, Some("".into())).unwrap().is_none(), "set but empty: none");
 
         // Refusals name the source, never the key.
         std::fs::write(&file, "\nkey on the second line\n").unwrap();
@@ -958,5 +1163,90 @@ mod tests {
         let heads = heads.lock().unwrap();
         assert_eq!(heads.len() as u64, o.total(0));
         assert!(heads.iter().all(|h| h.contains("\r\nauthorization: bearer k-0123456789abcdef\r\n")), "{heads:?}");
+    }
+
+    /// A key variable set but empty or blank (a script's `ROOMCAST_API_KEY=$KEY` with KEY
+    /// unset), or a key file whose first line is blank, is refused naming where it came from: it
+    /// meant publishing without a key, and a run refused 401 throughout. Unset is no key.
+    #[test]
+    fn an_empty_or_blank_key_is_refused() {
+        for empty in ["", "   ", "\t"] {
+            let e = ApiKey::load(None, Some(empty.into())).expect_err("an empty key is refused").to_string();
+            assert!(e.starts_with("ROOMCAST_API_KEY is set but empty or blank"), "{e:?}");
+        }
+        assert!(ApiKey::load(None, None).unwrap().is_none(), "unset: no key");
+        let dir = std::env::temp_dir().join(format!("loadgen-emptykey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        for text in ["", "\n", "   \nk-0123456789abcdef\n", " \t \n"] {
+            std::fs::write(&file, text).unwrap();
+            let e = ApiKey::load(Some(&file), None).expect_err("a blank first line is refused").to_string();
+            assert!(e.starts_with(&format!("--api-key-file {}: ", file.display())), "{e:?}");
+            assert!(e.contains("first line is empty or blank"), "{e:?}");
+            assert!(!e.contains("k-0123456789abcdef"), "{e:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `--gift-give-up 0` (None) never gives a gift up before the publishing ends: against an
+    /// endpoint refusing every connection, the first gift is retried the whole time and given up
+    /// only at the end, where a give-up time gives up one gift after another.
+    #[test]
+    fn a_gift_never_given_up_is_retried_until_the_publishing_ends() {
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let o = gifts_for(http, 0.5, None);
+        assert_eq!(o.offered[0], 1, "one gift, retried to the end: {:?}", o.refused);
+        assert_eq!(o.gave_up[0], 1, "given up at the end");
+        assert!(o.refused.get("gift error").copied().unwrap_or(0) >= 3, "retried: {:?}", o.refused);
+        let o = gifts_for(http, 0.5, Some(Duration::from_millis(60)));
+        assert!(o.offered[0] >= 2, "given up after 60 ms each: {:?}", o.offered);
+    }
+
+    /// A spell of refusals for good ends the stream's hope once it has lasted HOPELESS_AFTER
+    /// with two refusals or more; an acceptance ends the spell, and starts it over.
+    #[test]
+    fn publishing_is_hopeless_after_a_spell_of_refusals_for_good() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut spell = RefusalSpell::default();
+        let mut ms = 0;
+        while ms < HOPELESS_AFTER.as_millis() as u64 {
+            assert_eq!(spell.refused(at(ms), "r0 answered 401"), None, "at {ms} ms");
+            ms += 100;
+        }
+        let why = spell.refused(at(ms), "r0 answered 401").expect("hopeless");
+        assert_eq!(
+            why,
+            "every answer for 3.0 s was a refusal for good (31 refusals, nothing accepted; last: r0 answered 401)"
+        );
+        // One refusal, then one 3 s later (nothing answered in between: an edge down).
+        let mut spell = RefusalSpell::default();
+        assert_eq!(spell.refused(at(0), "x"), None);
+        assert!(spell.refused(at(3000), "x").is_some());
+        // An acceptance in between starts it over.
+        let mut spell = RefusalSpell::default();
+        assert_eq!(spell.refused(at(0), "x"), None);
+        spell.accepted();
+        assert_eq!(spell.refused(at(2900), "x"), None);
+        assert_eq!(spell.refused(at(5000), "x"), None, "2.1 s since it began again");
+        // A lone refusal is not a spell, however late.
+        assert_eq!(RefusalSpell::default().refused(at(10_000), "x"), None);
+    }
+
+    /// Every gift refused 401: the publisher stops after HOPELESS_AFTER, saying why, instead of
+    /// publishing (and being refused) for the whole run. A 503 to every gift (an edge busy or
+    /// restarting) is retried and never stops it.
+    #[test]
+    fn publishes_refused_for_good_stop_the_publisher_and_transient_ones_do_not() {
+        let o = gifts_for(answering_with("401 Unauthorized", ""), 30.0, Some(Duration::from_secs(5)));
+        let why = o.stopped_early.as_deref().expect("stopped early");
+        assert!(why.starts_with("publish gift stream 0: every answer for 3."), "{why}");
+        assert!(why.ends_with("last: r0 answered 401)"), "{why}");
+        assert!(o.offered[0] < 30 * 20 / 2, "stopped long before its 600 gifts: {}", o.offered[0]);
+        assert_eq!(refused_for_good(&o.refused), vec![format!("gift 401: {}", o.offered[0])]);
+
+        let o = gifts_for(answering_with("503 Service Unavailable", ""), 3.5, Some(Duration::from_secs(1)));
+        assert_eq!(o.stopped_early, None, "{:?}", o.refused);
+        assert!(o.gave_up[0] >= 2, "{:?}", o.gave_up);
     }
 }

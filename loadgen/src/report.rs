@@ -223,6 +223,16 @@ pub struct Report {
     /// Where the publish API key came from (`ROOMCAST_API_KEY`, or `--api-key-file PATH`), never
     /// the key; None: publishes went without one.
     pub publish_api_key: Option<String>,
+    /// Members whose first connect could fail without failing the run
+    /// (`--allow-connect-failures`, as a number of members).
+    pub connect_failures_allowed: u64,
+    /// Why the run stopped before its `--duration` (no member connected; every publish refused
+    /// for good), or None.
+    pub stopped_early: Option<String>,
+    /// What the run did not do that it was asked to, one sentence each (workers died, members
+    /// never connected or down at the end, publishes refused for good, stopped early): the
+    /// error it exits non-zero with. Empty: it did what it was asked.
+    pub run_errors: Vec<String>,
 }
 
 impl Report {
@@ -234,6 +244,9 @@ impl Report {
             "connections": self.connections,
             "failed_connections": self.failed_connections,
             "failed_by_reason": self.failed_by_reason,
+            "connect_failures_allowed": self.connect_failures_allowed,
+            "stopped_early": self.stopped_early,
+            "run_errors": self.run_errors,
             "members_open_at_end": self.members_open_at_end,
             "connect_per_s": self.connect_per_s,
             "connect_inflight_peak": self.connect_inflight_peak,
@@ -314,7 +327,9 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
     let md = format!(
         "# {scenario}\n\n- Date: {date}\n- Machine: {machine}\n- Target: {target:?}; {note}\n- loadgen: {args}\n\n\
          | figure | value |\n|---|---|\n\
-         | connections (failed) | {conns} ({failed}) |\n\
+         | outcome | {run_errors} |\n\
+         | stopped early | {stopped} |\n\
+         | connections (failed; failures allowed) | {conns} ({failed}; {allowed}) |\n\
          | members open at the end; on their way back; reconnecting 10 s or more | {open_end}; {moving_end}; {reconnecting_end} |\n\
          | failed connections by reason | {failed_by} |\n\
          | workers died (their connections) | {died} |\n\
@@ -346,8 +361,15 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         target = r.target,
         note = r.note,
         args = r.args,
+        run_errors = if r.run_errors.is_empty() {
+            "did what it was asked".to_owned()
+        } else {
+            format!("failed: {}", r.run_errors.join("; "))
+        },
+        stopped = r.stopped_early.as_deref().unwrap_or("no"),
         conns = r.connections,
         failed = r.failed_connections,
+        allowed = r.connect_failures_allowed,
         open_end = r.members_open_at_end,
         moving_end = r.members_moving_at_end,
         reconnecting_end = r.members_reconnecting_at_end,

@@ -5,6 +5,9 @@
 //! Workers are separate processes because RLIMIT_NOFILE (20000 here) bounds each process's
 //! sockets; the coordinator starts as many as the connection count needs. Each reports progress
 //! every second and its final figures on stdout as JSON lines, and takes commands on stdin.
+//! What it tells people goes to stderr, a line at a time: the coordinator reads each worker's
+//! stderr and prefixes its lines with the worker (`w3: `), so the lines say nothing of which
+//! worker they come from.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -104,7 +107,6 @@ fn default_move_give_up() -> f64 {
 
 /// Failed first connects: how many, by reason ([`failure_reason`]).
 struct Failures {
-    worker: usize,
     total: u64,
     by: std::collections::BTreeMap<String, u64>,
 }
@@ -118,7 +120,7 @@ impl Failures {
         let n = self.by.entry(reason.clone()).or_default();
         *n += 1;
         if *n == 1 {
-            eprintln!("worker {}: connection {conn} failed ({reason}): {e:#}", self.worker);
+            eprintln!("connection {conn} failed ({reason}): {e:#}");
         }
     }
 }
@@ -1156,7 +1158,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     match rx.recv() {
         Ok(line) if line.trim() == "go" => {}
         _ => {
-            eprintln!("worker {}: no go from the coordinator; stopping", args.id);
+            eprintln!("no go from the coordinator; stopping");
             std::process::exit(1);
         }
     }
@@ -1170,7 +1172,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let streams: Vec<usize> = (0..args.kinds.len()).map(|k| args.streams.get(k).copied().unwrap_or(1).max(1)).collect();
     let mut conns: Vec<Conn> = Vec::with_capacity(rooms.len());
     let mut connect_hist = histogram();
-    let mut fails = Failures { worker: args.id, total: 0, by: std::collections::BTreeMap::new() };
+    let mut fails = Failures { total: 0, by: std::collections::BTreeMap::new() };
     let tls = args.tls_ca.is_some();
     let mut window = Window::new(args.connect_inflight, TOKEN_BASE);
     let mut last_expiry_check = Instant::now();
@@ -1425,7 +1427,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 // The coordinator is gone (it ended the run on an error): nobody will read a
                 // result, and a worker left behind would hold its 14,000 sockets.
                 Err(mpsc::TryRecvError::Disconnected) if stop.is_none() => {
-                    eprintln!("worker {}: the coordinator went away; stopping", args.id);
+                    eprintln!("the coordinator went away; stopping");
                     std::process::exit(1);
                 }
                 Err(mpsc::TryRecvError::Disconnected) => break,
@@ -1479,7 +1481,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
             if corrupt > 0 {
-                eprintln!("worker {}: {corrupt} connections with a corrupt stream", args.id);
+                eprintln!("{corrupt} connections with a corrupt stream");
             }
             let now = Instant::now();
             let f = Final {

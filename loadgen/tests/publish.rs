@@ -1,6 +1,7 @@
 //! The publisher against real endpoints: an edge with publish keys (the key given through
-//! `ROOMCAST_API_KEY` or `--api-key-file`, never shown), and a publish endpoint that refuses
-//! every connection (its errors told in a few lines, not one per retry).
+//! `ROOMCAST_API_KEY` or `--api-key-file`, never shown, to `run` and `pubbench` alike; an empty
+//! one refused), publishes refused for good (the run stops early), and a publish endpoint that
+//! refuses every connection (its errors told in a few lines, not one per retry; no early stop).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -139,5 +140,104 @@ fn an_unreachable_publish_endpoint_is_told_in_a_few_lines() {
     let errors = v["publish_refused_by_status"]["gift error"].as_u64().unwrap_or(0);
     assert!(errors >= 50, "every failed attempt is counted: {v}");
     assert_eq!(v["publish_gave_up"]["gift"], 1, "{v}");
+    // An endpoint that does not answer may be an edge restarting: not a reason to stop early.
+    assert_eq!(v["stopped_early"], serde_json::Value::Null, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An edge with a publish key, a run without it asked to publish for 60 s: every gift is
+/// refused 401, so the run stops a few seconds in rather than being refused for its whole
+/// duration, writes its results saying why, and exits non-zero.
+#[test]
+fn publishes_refused_for_good_stop_the_run_early() {
+    let cfg = roomcast_testsupport::config(
+        "loadgen-keys-early",
+        &format!("[[ingest.keys]]\nname = \"loadgen\"\nkey = \"{KEY}\"\n"),
+    );
+    let mut edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let dir = std::env::temp_dir().join(format!("loadgen-publish-early-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = run(&dir, &edge.ws.to_string(), &edge.http.to_string(), "60", &[], &[]);
+    stop(&mut edge);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("publishes refused for good (gift 401: "), "{stderr}");
+    assert!(
+        stderr.contains("loadgen: stopping early: stopped publishing at ")
+            && stderr.contains(" s of 60 s: publish gift stream 0: every answer for "),
+        "{stderr}"
+    );
+    let (_, v) = result(&dir);
+    let why = v["stopped_early"].as_str().expect("stopped_early");
+    assert!(why.ends_with(" answered 401)"), "{v}");
+    let offered = v["publish_offered"]["gift"].as_u64().unwrap();
+    assert!(offered < 60 * 5 / 2, "stopped long before its 300 gifts: {v}");
+    assert_eq!(v["publish_refused_by_status"]["gift 401"], offered, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An empty `ROOMCAST_API_KEY` (a script's `ROOMCAST_API_KEY=$KEY` with KEY unset) is refused
+/// at once, by `run` and `pubbench`, naming the variable, before any member connects: it meant
+/// publishing without a key.
+#[test]
+fn an_empty_key_variable_is_refused() {
+    let dir = std::env::temp_dir().join(format!("loadgen-emptykey-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = run(&dir, "127.0.0.1:9", "127.0.0.1:9", "1", &[], &[("ROOMCAST_API_KEY", "")]);
+    let pb = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["pubbench", "--http", "127.0.0.1:9", "--duration", "1"])
+        .env("ROOMCAST_API_KEY", " ")
+        .output()
+        .expect("loadgen");
+    for o in [o, pb] {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{stderr}");
+        assert!(stderr.contains("Error: ROOMCAST_API_KEY is set but empty or blank"), "{stderr}");
+    }
+    assert!(!dir.join("out").exists(), "refused before the run started");
+}
+
+/// `loadgen pubbench` against an edge with a publish key: without it every publish is answered
+/// 401 and stderr says where a key goes; given it in `ROOMCAST_API_KEY` or `--api-key-file`,
+/// publishes are accepted. The result records where the key came from, never the key.
+#[test]
+fn pubbench_takes_the_key_from_the_environment_or_a_file() {
+    let cfg = roomcast_testsupport::config(
+        "loadgen-pubbench-keys",
+        &format!("[[ingest.keys]]\nname = \"loadgen\"\nkey = \"{KEY}\"\n"),
+    );
+    let mut edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let dir = std::env::temp_dir().join(format!("loadgen-pubbench-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("publish.key");
+    std::fs::write(&file, format!("{KEY}\n")).unwrap();
+    let pubbench = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+        cmd.args(["pubbench", "--http", &edge.http.to_string(), "--concurrency", "2"])
+            .args(["--duration", "1", "--warmup", "0.2"])
+            .args(extra)
+            .env_remove("ROOMCAST_API_KEY");
+        if let Some(k) = env {
+            cmd.env("ROOMCAST_API_KEY", k);
+        }
+        let o = cmd.output().expect("loadgen");
+        let all = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{all}");
+        assert!(!all.contains(KEY), "the key is never printed: {all}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("the result");
+        (v, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (v, stderr) = pubbench(&[], None);
+    assert_eq!(v["accepted"], 0, "{v}");
+    assert!(v["other_answers"]["401"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert!(stderr.contains("ROOMCAST_API_KEY") && stderr.contains("--api-key-file"), "{stderr}");
+    let (v, _) = pubbench(&[], Some(KEY));
+    assert!(v["accepted"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["other_answers"], serde_json::json!({}), "{v}");
+    assert_eq!(v["publish_api_key"], "ROOMCAST_API_KEY", "{v}");
+    let (v, _) = pubbench(&["--api-key-file", file.to_str().unwrap()], None);
+    assert!(v["accepted"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["publish_api_key"], format!("--api-key-file {}", file.display()), "{v}");
+    stop(&mut edge);
     let _ = std::fs::remove_dir_all(&dir);
 }

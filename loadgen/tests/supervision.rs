@@ -144,18 +144,84 @@ fn a_coordinator_killed_with_sigterm_leaves_no_worker() {
     assert!(left.is_empty(), "workers left running after the coordinator died: {left:?}");
 }
 
-/// Connections that fail are counted by reason, in the connect phase's lines: nothing listens
-/// on the port, so every attempt is refused.
-#[test]
-fn failed_connections_are_counted_by_reason() {
+/// `loadgen run` of 30 members over `workers` workers, all to a port nothing listens on (every
+/// connect refused), asked to publish for 30 s, into `out`, under RUST_BACKTRACE=1 (as on this
+/// box); its output.
+fn run_refused(out: &std::path::Path, workers: &str) -> std::process::Output {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let out = std::env::temp_dir().join(format!("loadgen-refused-{}", std::process::id()));
-    let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &format!("127.0.0.1:{port}"), "--http", &format!("127.0.0.1:{port}")])
-        .args(["--connections", "30", "--workers", "2", "--duration", "1", "--out", out.to_str().unwrap()])
+        .args(["--connections", "30", "--workers", workers, "--duration", "30", "--out", out.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("loadgen")
+}
+
+/// Connections that fail are counted by reason, in the connect phase's lines: nothing listens
+/// on the port, so every attempt is refused. With no member connected the run cannot measure
+/// anything: it stops after the connect phase instead of publishing to nobody for its 30 s,
+/// writes its results saying so, and exits non-zero.
+#[test]
+fn a_run_with_no_member_connected_stops_early_and_fails() {
+    let out = std::env::temp_dir().join(format!("loadgen-refused-{}", std::process::id()));
+    let o = run_refused(&out, "2");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stdout.contains("connected 0 (failed 30: refused: 30)"), "{stdout}");
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("Error: no member connected (30 failed: refused: 30)"), "{stderr}");
+    let dir = std::fs::read_dir(&out).unwrap().next().expect("results written").unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    assert_eq!(v["stopped_early"], "no member connected in the connect phase: nothing was published", "{v}");
+    assert_eq!(v["publish_offered"]["gift"], 0, "nothing published to nobody: {v}");
+    assert_eq!(v["publish_refused"], 0, "{v}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Each worker's stderr reaches ours through the coordinator, a whole line at a time, prefixed
+/// with its worker (`w2: `): lines from several workers no longer interleave mid-line, and say
+/// which worker spoke. Every line of the run's stderr is a worker's so prefixed, or the
+/// coordinator's own (`loadgen: `, its publishing streams' `publish `, `Error: `).
+#[test]
+fn worker_lines_come_whole_and_prefixed_with_their_worker() {
+    let out = std::env::temp_dir().join(format!("loadgen-prefixed-{}", std::process::id()));
+    let o = run_refused(&out, "3");
+    let _ = std::fs::remove_dir_all(&out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    for line in stderr.lines() {
+        let worker = line.strip_prefix('w').and_then(|l| l.split_once(": ")).map(|(n, _)| n.parse::<usize>());
+        assert!(
+            matches!(worker, Some(Ok(0..=2)))
+                || ["loadgen: ", "publish ", "Error: "].iter().any(|p| line.starts_with(p)),
+            "a line neither a worker's nor the coordinator's: {line:?} in {stderr}"
+        );
+    }
+    // Each worker's first failure, told once with its connection (global index) and reason.
+    for (w, conn) in [(0, 0), (1, 10), (2, 20)] {
+        let first = format!("w{w}: connection {conn} failed (refused): ");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with(&first)).count(), 1, "{first:?} in {stderr}");
+    }
+}
+
+/// Expected errors (a run that failed, a key refused) print their message, causes included,
+/// on one `Error: ` line, with no backtrace even under RUST_BACKTRACE=1; the exit status is 1.
+#[test]
+fn expected_errors_print_no_backtrace() {
+    let out = std::env::temp_dir().join(format!("loadgen-expected-error-{}", std::process::id()));
+    let o = run_refused(&out, "1");
+    let _ = std::fs::remove_dir_all(&out);
+    let key = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", "127.0.0.1:9", "--http", "127.0.0.1:9", "--api-key-file", "/nonexistent/key"])
+        .env("RUST_BACKTRACE", "1")
         .output()
         .expect("loadgen");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("connected 0 (failed 30: refused: 30)"), "{stdout}");
-    let _ = std::fs::remove_dir_all(&out);
+    for o in [o, key] {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(last.starts_with("Error: "), "the error, on the last line: {stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("Error: ")).count(), 1, "{stderr}");
+    }
 }

@@ -163,7 +163,6 @@ const GIVE_UP_LINE_EVERY: Duration = Duration::from_secs(5);
 /// members; 10^6 at the million's scale); the count is in the results (`reconnect_failed`).
 #[derive(Debug)]
 struct GiveUpLines {
-    worker: usize,
     /// When the last line went out (None: none yet).
     printed_at: Option<Instant>,
     untold: u64,
@@ -175,8 +174,7 @@ impl GiveUpLines {
         let Some(at) = self.printed_at else {
             self.printed_at = Some(now);
             return Some(format!(
-                "worker {}: giving up moving connection {i}: {error} (more: one line per {} s)",
-                self.worker,
+                "giving up moving connection {i}: {error} (more: one line per {} s)",
                 GIVE_UP_LINE_EVERY.as_secs()
             ));
         };
@@ -185,8 +183,7 @@ impl GiveUpLines {
             return None;
         }
         let line = format!(
-            "worker {}: gave up moving {} more connections in the last {:.0} s; last: connection {i}: {error}",
-            self.worker,
+            "gave up moving {} more connections in the last {:.0} s; last: connection {i}: {error}",
             self.untold,
             now.duration_since(at).as_secs_f64()
         );
@@ -212,7 +209,7 @@ impl Moves {
             last_expiry_check: Instant::now(),
             blocking: (follow && args.tls_ca.is_some()).then(|| Movers::start(args, 32, tokens)),
             give_up: args.move_give_up(),
-            gave_up_lines: GiveUpLines { worker: args.id, printed_at: None, untold: 0 },
+            gave_up_lines: GiveUpLines { printed_at: None, untold: 0 },
             stats: MoveStats { reconnects: 0, resumed: 0, gave_up: 0, hist: histogram(), errors: BTreeMap::new() },
         }
     }
@@ -511,15 +508,15 @@ mod tests {
     #[test]
     fn members_given_up_are_told_in_a_few_lines() {
         let t0 = Instant::now();
-        let mut g = GiveUpLines { worker: 3, printed_at: None, untold: 0 };
+        let mut g = GiveUpLines { printed_at: None, untold: 0 };
         let lines: Vec<String> = (0..3_000u32)
             .filter_map(|i| g.gave_up(t0 + Duration::from_millis(4) * i, i as usize, "Connection refused"))
             .collect();
         assert_eq!(lines.len(), 3, "at 0, 5 and 10 s of 12 s: {lines:#?}");
-        assert_eq!(lines[0], "worker 3: giving up moving connection 0: Connection refused (more: one line per 5 s)");
+        assert_eq!(lines[0], "giving up moving connection 0: Connection refused (more: one line per 5 s)");
         assert_eq!(
             lines[1],
-            "worker 3: gave up moving 1250 more connections in the last 5 s; last: connection 1250: Connection refused"
+            "gave up moving 1250 more connections in the last 5 s; last: connection 1250: Connection refused"
         );
     }
 }
