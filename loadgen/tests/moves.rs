@@ -220,7 +220,7 @@ fn answers_after_the_deadline_are_timeouts_and_retried() {
     let (v, seen) = drain_through("slow", MEMBERS, 32, Mode::SlowFirst { n: MEMBERS, hold: Duration::from_secs(7) });
     assert_eq!(seen.asked, 2 * MEMBERS, "each member asked twice: too late, then sent to B");
     let by = v["reconnect_attempts_failed_by_reason"].as_object().expect("by reason");
-    assert_eq!(by.get("dispatch_timeout").and_then(serde_json::Value::as_u64), Some(MEMBERS as u64), "{v}");
+    assert_eq!(by.get("dispatch_timeout").and_then(|n| n.as_u64()), Some(MEMBERS as u64), "{v}");
     assert_eq!(v["move_answers_read_late"], 0, "nothing had arrived when the attempts expired: {v}");
     assert_eq!(v["reconnects"], MEMBERS, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "{v}");
