@@ -32,6 +32,8 @@ enum Mode {
     Gather { n: usize, hold: Duration },
     /// Answer the first `n` requests 503 (no edge takes members), the rest at once.
     RefuseFirst { n: usize },
+    /// Answer the first `n` requests after `hold` (past the generator's 5 s), the rest at once.
+    SlowFirst { n: usize, hold: Duration },
     /// Answer every request with these bytes (garbage: not HTTP, or a body without a URL).
     Raw(&'static [u8]),
     /// Send every room to edge B by a host name (`ws://localhost:PORT/...`), as a fleet that
@@ -71,6 +73,10 @@ fn answer(mut s: TcpStream, ws: SocketAddr, mode: Mode, seen: &(Mutex<Seen>, Con
     let mut g = lock.lock().unwrap();
     g.asked += 1;
     let refuse = matches!(mode, Mode::RefuseFirst { n } if g.asked <= n);
+    let slow = match mode {
+        Mode::SlowFirst { n, hold } if g.asked <= n => Some(hold),
+        _ => None,
+    };
     if let Mode::Gather { n, hold } = mode {
         g.held += 1;
         g.peak = g.peak.max(g.held);
@@ -85,6 +91,9 @@ fn answer(mut s: TcpStream, ws: SocketAddr, mode: Mode, seen: &(Mutex<Seen>, Con
         g.held -= 1;
     }
     drop(g);
+    if let Some(hold) = slow {
+        std::thread::sleep(hold);
+    }
     if let Mode::Raw(bytes) = mode {
         let _ = s.write_all(bytes);
         return;
@@ -199,6 +208,19 @@ fn moves_in_flight_stay_within_the_window_and_refusals_are_retried() {
     assert_eq!(v["reconnects"], 40, "{v}");
     assert_eq!(v["reconnect_failed"], 0, "{v}");
     assert_eq!(v["reconnect_attempts_failed_by_reason"], serde_json::json!({ "dispatch_http_503": 40 }), "{v}");
+    assert_eq!(v["lost"]["gift"], 0, "{v}");
+}
+
+/// A dispatch that answers after the generator's 5 s is a timeout (`dispatch_timeout`),
+/// retried, and the members still move.
+#[test]
+fn answers_after_the_deadline_are_timeouts_and_retried() {
+    const MEMBERS: usize = 10;
+    let (v, seen) = drain_through("slow", MEMBERS, 32, Mode::SlowFirst { n: MEMBERS, hold: Duration::from_secs(7) });
+    assert_eq!(seen.asked, 2 * MEMBERS, "each member asked twice: too late, then sent to B");
+    let by = v["reconnect_attempts_failed_by_reason"].as_object().expect("by reason");
+    assert_eq!(by.get("dispatch_timeout").and_then(serde_json::Value::as_u64), Some(MEMBERS as u64), "{v}");
+    assert_eq!(v["reconnects"], MEMBERS, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "{v}");
 }
 
