@@ -1095,6 +1095,15 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             publish::key_hint(&for_good, key.as_ref())
         ));
     }
+    // Gifts are must-deliver: a run that measured one lost broke the promise it measures, and
+    // exited 0 (a 10^6 restart lost 130,950 deliveries and said so only in its figures).
+    let gift = KINDS.iter().position(|k| *k == "gift").unwrap_or(0);
+    if lost[gift] > 0 {
+        run_errors.push(format!(
+            "{} gift deliveries lost (must-deliver: none may be; members given up, if any, are told above)",
+            lost[gift]
+        ));
+    }
     // A publisher that stopped early says why (a run with nobody connected has said so above).
     if outcome.stopped_early.is_some()
         && let Some(why) = &stopped_early

@@ -128,12 +128,23 @@ fn drain_through_ending(
     inflight: usize,
     mode: Mode,
 ) -> (serde_json::Value, Seen, bool, String) {
+    drain_through_config(name, members, inflight, mode, "")
+}
+
+/// As [`drain_through_ending`], with `config` (TOML tables) added to both edges' config.
+fn drain_through_config(
+    name: &str,
+    members: usize,
+    inflight: usize,
+    mode: Mode,
+    config: &str,
+) -> (serde_json::Value, Seen, bool, String) {
     let redis = RedisProc::start();
     let bus = redis.url();
     let dir = std::env::temp_dir().join(format!("loadgen-moves-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
-    std::fs::write(&cfg, "[drain]\nperiod_ms = 500\ndeadline_ms = 10000\n").unwrap();
+    std::fs::write(&cfg, format!("[drain]\nperiod_ms = 500\ndeadline_ms = 10000\n{config}")).unwrap();
     let cfg = cfg.to_str().unwrap();
     let mut b = EdgeProc::start(&["--shards", "1", "--bus", &bus, "--config", cfg]);
     let (url, seen) = dispatch(b.ws, mode);
@@ -222,6 +233,21 @@ fn answers_after_the_deadline_are_timeouts_and_retried() {
     assert_eq!(by.get("dispatch_timeout").and_then(serde_json::Value::as_u64), Some(MEMBERS as u64), "{v}");
     assert_eq!(v["reconnects"], MEMBERS, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "{v}");
+}
+
+/// Gifts are must-deliver, so a run that measured one lost fails: here the edges keep one gift
+/// of history and the members are away for 3 s (dispatch holds their requests) while gifts
+/// flow at 5 a second, so each resumes past a `gap`. It exited 0, the loss only in its figures.
+#[test]
+fn a_run_that_lost_a_gift_fails() {
+    const MEMBERS: usize = 10;
+    let mode = Mode::Gather { n: usize::MAX, hold: Duration::from_secs(3) };
+    let (v, _, ok, stderr) = drain_through_config("lost", MEMBERS, 32, mode, "[history]\nmust_deliver = 1\n");
+    let lost = v["lost"]["gift"].as_u64().expect("lost gifts");
+    assert!(lost > 0, "members away 3 s with one gift of history lost some: {v}");
+    assert_eq!(v["reconnects"], MEMBERS, "every member moved: {v}");
+    assert!(!ok, "a run that lost gifts exited 0");
+    assert!(stderr.contains(&format!("{lost} gift deliveries lost")), "{stderr}");
 }
 
 /// A dispatch answering garbage (not HTTP; or a 200 whose body has no `url`) is counted under a
