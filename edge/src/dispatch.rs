@@ -325,10 +325,11 @@ pub mod registry {
     }
 
     impl Cache {
-        /// The live reports (as [`live`]): from a read started less than [`CACHE_MS`] ago, or
-        /// read now; a read that failed after this request asked fails it too. The age is
-        /// measured from the read's start, so a report written before a read started is in
-        /// every answer given more than `CACHE_MS` after the write.
+        /// The live reports (as [`live`]): from a read started less than [`CACHE_MS`] before
+        /// this request asked (or after), or read now; a read that failed after this request
+        /// asked fails it too. The age is measured from the read's start to the request's
+        /// arrival, so a request that arrives more than `CACHE_MS` after a report was written
+        /// is answered from a read that started after the write.
         pub async fn live(&self, cm: &Conn, max_age_ms: u64) -> Result<Reports, Arc<str>> {
             self.read_with(|| async move {
                 live(&mut cm.clone(), crate::bus::now_us() / 1000, max_age_ms).await.map_err(|e| e.to_string())
@@ -343,14 +344,16 @@ pub mod registry {
             Fut: std::future::Future<Output = Result<Vec<EdgeLoad>, String>>,
         {
             let asked = std::time::Instant::now();
-            if let Some(e) = self.fresh() {
+            if let Some(e) = self.fresh(asked) {
                 return Ok(e);
             }
             let _one = self.reading.lock().await;
             // The requests queued behind a read share its outcome: a failure (Redis timing out
             // on a saturated box) is not tried again by each of them in turn, which would make
-            // the last wait for as many timeouts as there were requests before it.
-            if let Some(e) = self.fresh() {
+            // the last wait for as many timeouts as there were requests before it. So does a
+            // success that took longer than CACHE_MS: judged by its age now rather than at
+            // their arrival, each waiter read again in turn, one slow read after another.
+            if let Some(e) = self.fresh(asked) {
                 return Ok(e);
             }
             if let Some(Read { ended, outcome: Err(e), .. }) =
@@ -367,11 +370,12 @@ pub mod registry {
             outcome
         }
 
-        /// The last read's reports, if it succeeded and started less than [`CACHE_MS`] ago.
-        fn fresh(&self) -> Option<Reports> {
+        /// The last read's reports, if it succeeded and started less than [`CACHE_MS`] before
+        /// `asked` (or after it).
+        fn fresh(&self, asked: std::time::Instant) -> Option<Reports> {
             match &*self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
                 Some(Read { started, outcome: Ok(e), .. })
-                    if started.elapsed() < std::time::Duration::from_millis(CACHE_MS) =>
+                    if asked.saturating_duration_since(*started) < std::time::Duration::from_millis(CACHE_MS) =>
                 {
                     Some(e.clone())
                 }
@@ -432,6 +436,66 @@ pub mod registry {
             // A request after the failed read reads again (a failure is not cached).
             let again = cache.read_with(|| async { Ok(Vec::new()) }).await;
             assert_eq!(again.unwrap().len(), 0);
+        }
+
+        /// 20 requests at once while a read takes longer than CACHE_MS (Redis slow on a
+        /// saturated box): the one read answers them all. Judged by the read's age when each
+        /// got the lock, every waiter found it stale and read again in turn: 20 slow reads,
+        /// the last request answered after all of them.
+        #[tokio::test]
+        async fn requests_waiting_behind_a_slow_read_share_its_answer() {
+            let cache = Arc::new(Cache::default());
+            let reads = Arc::new(AtomicU32::new(0));
+            let asks: Vec<_> = (0..20)
+                .map(|_| {
+                    let (cache, reads) = (cache.clone(), reads.clone());
+                    tokio::spawn(async move {
+                        cache
+                            .read_with(|| async {
+                                reads.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(CACHE_MS + 100)).await;
+                                Ok(Vec::new())
+                            })
+                            .await
+                    })
+                })
+                .collect();
+            for a in asks {
+                a.await.unwrap().unwrap();
+            }
+            assert_eq!(reads.load(Ordering::Relaxed), 1, "requests waiting behind a slow read read again");
+        }
+
+        /// A request arriving more than CACHE_MS after a read started is not answered from it,
+        /// even while it is still under way (the drain's promise: an edge waits CACHE_MS after
+        /// its `draining` report, and a read started before the report must not answer later
+        /// requests).
+        #[tokio::test]
+        async fn a_request_arriving_past_a_reads_period_reads_again() {
+            let cache = Arc::new(Cache::default());
+            let reads = Arc::new(AtomicU32::new(0));
+            let slow = {
+                let (cache, reads) = (cache.clone(), reads.clone());
+                tokio::spawn(async move {
+                    cache
+                        .read_with(|| async {
+                            reads.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(CACHE_MS + 200)).await;
+                            Ok(Vec::new())
+                        })
+                        .await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(CACHE_MS + 50)).await;
+            cache
+                .read_with(|| async {
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    Ok(Vec::new())
+                })
+                .await
+                .unwrap();
+            slow.await.unwrap().unwrap();
+            assert_eq!(reads.load(Ordering::Relaxed), 2, "a late request was answered from a read started too early");
         }
 
         /// Successful reads answer for CACHE_MS, then the next request reads again.
