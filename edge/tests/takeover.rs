@@ -26,6 +26,8 @@ fn second_edge_on(
         .arg(roomcast_testsupport::data_dir("takeover"))
         .args(extra)
         .env("RUST_LOG", "info")
+        // As on the boxes we test on: an expected error must still be one line, no backtrace.
+        .env("RUST_BACKTRACE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -144,6 +146,7 @@ fn a_takeover_on_the_old_edges_http_port_names_its_holder_and_takes_no_connectio
         "stderr does not name the HTTP port's holder, pid {first_pid}:\n{stderr}"
     );
     assert!(stderr.contains("its own --http port"), "stderr does not say what to do:\n{stderr}");
+    assert!(!stderr.to_lowercase().contains("backtrace"), "an expected error printed a backtrace:\n{stderr}");
     // It failed before its shards listened: no shard took the WebSocket port's connections.
     assert!(!stderr.contains("taking over"), "the shards joined the WebSocket port first:\n{stderr}");
     assert!(!stdout.contains("ready"), "{stdout}");
