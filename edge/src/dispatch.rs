@@ -409,11 +409,13 @@ pub mod registry {
 
         use super::*;
 
-        /// 20 requests at once while Redis times out: one read fails and all 20 are told, instead
-        /// of each trying again in turn behind the lock (the 20th waiting 20 timeouts).
-        #[tokio::test]
-        async fn requests_waiting_behind_a_failed_read_share_its_failure() {
-            let cache = Arc::new(Cache::default());
+        /// 20 requests at once on `cache`, each read taking `takes` and finding `found()`: their
+        /// outcomes, and how many reads were made.
+        async fn twenty_at_once(
+            cache: &Arc<Cache>,
+            takes: Duration,
+            found: fn() -> Result<Vec<EdgeLoad>, String>,
+        ) -> (Vec<Result<Reports, Arc<str>>>, u32) {
             let reads = Arc::new(AtomicU32::new(0));
             let asks: Vec<_> = (0..20)
                 .map(|_| {
@@ -422,17 +424,31 @@ pub mod registry {
                         cache
                             .read_with(|| async {
                                 reads.fetch_add(1, Ordering::Relaxed);
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                Err::<Vec<EdgeLoad>, _>("timed out".to_owned())
+                                tokio::time::sleep(takes).await;
+                                found()
                             })
                             .await
                     })
                 })
                 .collect();
+            let mut outcomes = Vec::new();
             for a in asks {
-                assert_eq!(a.await.unwrap().unwrap_err().as_ref(), "timed out");
+                outcomes.push(a.await.unwrap());
             }
-            assert_eq!(reads.load(Ordering::Relaxed), 1, "every request waiting read again");
+            (outcomes, reads.load(Ordering::Relaxed))
+        }
+
+        /// 20 requests at once while Redis times out: one read fails and all 20 are told, instead
+        /// of each trying again in turn behind the lock (the 20th waiting 20 timeouts).
+        #[tokio::test]
+        async fn requests_waiting_behind_a_failed_read_share_its_failure() {
+            let cache = Arc::new(Cache::default());
+            let (outcomes, reads) =
+                twenty_at_once(&cache, Duration::from_millis(50), || Err("timed out".to_owned())).await;
+            for o in outcomes {
+                assert_eq!(o.unwrap_err().as_ref(), "timed out");
+            }
+            assert_eq!(reads, 1, "every request waiting read again");
             // A request after the failed read reads again (a failure is not cached).
             let again = cache.read_with(|| async { Ok(Vec::new()) }).await;
             assert_eq!(again.unwrap().len(), 0);
@@ -445,25 +461,12 @@ pub mod registry {
         #[tokio::test]
         async fn requests_waiting_behind_a_slow_read_share_its_answer() {
             let cache = Arc::new(Cache::default());
-            let reads = Arc::new(AtomicU32::new(0));
-            let asks: Vec<_> = (0..20)
-                .map(|_| {
-                    let (cache, reads) = (cache.clone(), reads.clone());
-                    tokio::spawn(async move {
-                        cache
-                            .read_with(|| async {
-                                reads.fetch_add(1, Ordering::Relaxed);
-                                tokio::time::sleep(Duration::from_millis(CACHE_MS + 100)).await;
-                                Ok(Vec::new())
-                            })
-                            .await
-                    })
-                })
-                .collect();
-            for a in asks {
-                a.await.unwrap().unwrap();
+            let (outcomes, reads) =
+                twenty_at_once(&cache, Duration::from_millis(CACHE_MS + 100), || Ok(Vec::new())).await;
+            for o in outcomes {
+                o.unwrap();
             }
-            assert_eq!(reads.load(Ordering::Relaxed), 1, "requests waiting behind a slow read read again");
+            assert_eq!(reads, 1, "requests waiting behind a slow read read again");
         }
 
         /// A request arriving more than CACHE_MS after a read started is not answered from it,

@@ -50,6 +50,32 @@ fn child_lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
+/// Waits up to 20 s for `child` to exit (killing it and panicking with `what` if it does not).
+fn exit_status(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() >= deadline {
+            kill(child);
+            panic!("{what} did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every line of an exited child's output (its pipe reaches end of file soon), at most 5 s.
+fn all_lines(rx: &mpsc::Receiver<String>) -> String {
+    let mut text = String::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
 fn kill(child: &mut Child) {
     if let Ok(None) = child.try_wait() {
         let _ = child.kill();
@@ -64,25 +90,9 @@ fn second_edge_refuses_the_port_unless_taking_over() {
 
     // Without --takeover: exits non-zero and names the first edge.
     let (mut second, _out, err) = second_edge(first.ws, &["--shards", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = second.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            kill(&mut second);
-            panic!("the second edge on {} did not exit within 20 s", first.ws);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status(&mut second, &format!("the second edge on {}", first.ws));
     assert!(!status.success(), "the second edge started on a port the first serves: {status:?}");
-    // The process has exited, so its stderr reaches end of file soon.
-    let mut stderr = String::new();
-    let end = Instant::now() + Duration::from_secs(5);
-    while let Ok(line) = err.recv_timeout(end.saturating_duration_since(Instant::now())) {
-        stderr.push_str(&line);
-        stderr.push('\n');
-    }
+    let stderr = all_lines(&err);
     assert!(stderr.contains(&format!("pid {first_pid} (")), "stderr does not name pid {first_pid}:\n{stderr}");
     assert!(stderr.contains("--takeover"), "stderr does not mention --takeover:\n{stderr}");
     assert!(first.child.try_wait().expect("try_wait").is_none(), "the first edge stopped");
@@ -119,28 +129,9 @@ fn a_takeover_on_the_old_edges_http_port_names_its_holder_and_takes_no_connectio
     let mut first = EdgeProc::start(&["--shards", "1"]);
     let first_pid = first.child.id();
     let (mut second, out, err) = second_edge_on(first.ws, &first.http.to_string(), &["--shards", "1", "--takeover"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = second.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            kill(&mut second);
-            panic!("the takeover on the first edge's HTTP port did not exit within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status(&mut second, "the takeover on the first edge's HTTP port");
     assert!(!status.success(), "the takeover started on a held HTTP port: {status:?}");
-    let lines = |rx: &mpsc::Receiver<String>| {
-        let mut text = String::new();
-        let end = Instant::now() + Duration::from_secs(5);
-        while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    };
-    let (stdout, stderr) = (lines(&out), lines(&err));
+    let (stdout, stderr) = (all_lines(&out), all_lines(&err));
     assert!(
         stderr.contains(&format!("{} (http): the port is held by pid {first_pid} (", first.http)),
         "stderr does not name the HTTP port's holder, pid {first_pid}:\n{stderr}"
