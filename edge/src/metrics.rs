@@ -35,6 +35,9 @@ pub enum CloseWhy {
     SlowConsumer,
     /// Its `since` replay did not fit the shard's replay budget (1013).
     ReplayBudget,
+    /// Redis did not answer the read of its `since` replay (1013: it comes back with the same
+    /// `since`).
+    RecoveryUnavailable,
     /// A WebSocket protocol violation, a signalling flood, or an event stream's client talking.
     ProtocolError,
     /// Its token expired without a refresh (4001).
@@ -57,7 +60,7 @@ pub enum CloseWhy {
 
 impl CloseWhy {
     /// Every reason, in declaration order (the index of each is its discriminant).
-    pub const ALL: [CloseWhy; 16] = [
+    pub const ALL: [CloseWhy; 17] = [
         Self::PeerClosed,
         Self::PeerReset,
         Self::HandshakeTimeout,
@@ -66,6 +69,7 @@ impl CloseWhy {
         Self::IdleTimeout,
         Self::SlowConsumer,
         Self::ReplayBudget,
+        Self::RecoveryUnavailable,
         Self::ProtocolError,
         Self::TokenExpired,
         Self::Moderated,
@@ -87,6 +91,7 @@ impl CloseWhy {
             Self::IdleTimeout => "idle_timeout",
             Self::SlowConsumer => "slow_consumer",
             Self::ReplayBudget => "replay_budget",
+            Self::RecoveryUnavailable => "recovery_unavailable",
             Self::ProtocolError => "protocol_error",
             Self::TokenExpired => "token_expired",
             Self::Moderated => "moderated",
@@ -281,6 +286,12 @@ pub struct BusStats {
     pub rooms_restored: IntCounter,
     /// Publishes answered from an earlier one with the same idempotency key (nothing published).
     pub publish_replayed: IntCounter,
+    /// Redis mode: reads of Redis for joins whose `since` is older than the edge's history
+    /// (one per room at a time, shared by the joins waiting on it).
+    pub recovery_reads: IntCounter,
+    /// Redis mode: joins answered through such a read (their ratio to `recovery_reads` is the
+    /// sharing).
+    pub recovery_joins: IntCounter,
     /// Publish API requests, from the handler's start to its answer, by outcome.
     pub publish_seconds: HistogramVec,
     /// Bytes the store uses on disk.
@@ -362,7 +373,7 @@ impl Metrics {
             closed: counter(
                 r,
                 "connections_closed_total",
-                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error, table_full: never held, the shard's descriptor table was full).",
+                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, recovery_unavailable, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error, table_full: never held, the shard's descriptor table was full).",
                 &["shard", "reason"],
             ),
             handshake_failures: counter(
@@ -544,6 +555,20 @@ impl Metrics {
                 r,
                 "publish_replayed_total",
                 "Publishes answered with the seq of an earlier one carrying the same Idempotency-Key (nothing published again).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            recovery_reads: counter(
+                r,
+                "recovery_reads_total",
+                "Redis mode: reads of Redis for joins whose since is older than this edge's history (one per room at a time, shared by every join waiting on it).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            recovery_joins: counter(
+                r,
+                "recovery_joins_total",
+                "Redis mode: joins whose since was recovered from Redis (or, when Redis did not answer, sent back with 1013 to retry).",
                 &[],
             )
             .with_label_values(&[] as &[&str]),

@@ -730,3 +730,65 @@ async fn sentinel_failover(kill: bool) {
         pubs[0].get("/healthz").await.1
     );
 }
+
+/// Members sent from a drained edge to one that never followed their room come back with a
+/// `since` older than anything it has: what they missed is read from Redis. A restarted edge
+/// given 34,674 of them at 10^6 read Redis once per join, all at once: the reads timed out and
+/// 130,950 gift deliveries were lost (bench-results/2026-12-01-restart-storm-README.md). Here
+/// 200 members come back together while Redis is held for 2 s: every one gets exactly the
+/// gifts after its own `since`, from a few reads of Redis rather than one (or more) each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_coming_back_together_share_their_reads_of_redis() {
+    let redis = RedisProc::start();
+    let old = edge_on(&redis, &[]);
+    let p = Publisher::new(old.http);
+    let mut gifts = Vec::new();
+    for n in 0..20 {
+        gifts.push(publish_gift(&p, "back", n).await);
+    }
+    assert_eq!(gifts, (1..=20).collect::<Vec<_>>());
+    let fresh = edge_on(&redis, &[]);
+    // The room is followed (synced) on the fresh edge before the others come back.
+    let mut opener = connect(&fresh.url("?room=back"), None).await;
+    assert_eq!(expect_joined(&mut opener, "back").await, 20);
+    let xranges = || {
+        let stats = redis_cli(redis.port, &["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_xrange:calls="))
+            .and_then(|l| l.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = xranges();
+    assert_eq!(redis_cli(redis.port, &["CLIENT", "PAUSE", "2000", "ALL"]).trim(), "OK");
+    let members: Vec<_> = (0..200u64)
+        .map(|i| {
+            let since = [3, 5, 8][i as usize % 3];
+            let url = fresh.url(&format!("?room=back&since={since}"));
+            tokio::spawn(async move {
+                let mut ws = connect(&url, None).await;
+                let mut seen = Vec::new();
+                while seen.last() != Some(&20) {
+                    match next_msg_within(&mut ws, Duration::from_secs(20)).await {
+                        Some(ServerMsg::Joined { .. }) => {}
+                        Some(ServerMsg::Batch { messages, .. }) => seen.extend(messages.iter().map(|m| m.seq)),
+                        other => panic!("member {i} (since {since}): {other:?} after {seen:?}"),
+                    }
+                }
+                (since, seen)
+            })
+        })
+        .collect();
+    for m in members {
+        let (since, seen) = m.await.unwrap();
+        assert_eq!(seen, (since + 1..=20).collect::<Vec<_>>(), "since {since}");
+    }
+    // Redis's own count (a read retried while Redis is held counts again): one per join before.
+    let calls = xranges() - before;
+    assert!(calls < 100, "{calls} XRANGE calls for 200 joins");
+    let fp = Publisher::new(fresh.http);
+    let reads = metric(&fp, "roomcast_recovery_reads_total").await;
+    let joins = metric(&fp, "roomcast_recovery_joins_total").await;
+    assert_eq!(joins, 200.0);
+    assert!((1.0..=10.0).contains(&reads), "{reads} reads for 200 joins");
+}

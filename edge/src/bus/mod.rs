@@ -253,6 +253,9 @@ pub struct JoinAck {
     pub replay: Vec<Bytes>,
     /// The room's online count for `joined` (None: counts are not shown).
     pub online: Option<u64>,
+    /// The join's `since` could not be recovered now (Redis did not answer): the shard closes
+    /// it with 1013, and the client comes back with the same `since`.
+    pub retry: bool,
 }
 
 /// The answer to a publish over a socket.
@@ -443,16 +446,15 @@ pub enum EngineCmd {
         /// False when Redis could not answer.
         ok: bool,
     },
-    /// Redis mode: must-deliver messages for a joining connection's `since`.
+    /// Redis mode: must-deliver messages for the room's joins with an old `since` (one read
+    /// serves every join waiting on the room).
     Recovered {
         /// The room.
         room: RoomName,
-        /// The joiner's last seen seq.
+        /// The read's lowest `since`.
         since: u64,
         /// The last seq fetched.
         upto: u64,
-        /// The join to answer.
-        join: PendingJoin,
         /// The must-deliver messages after `since`, in seq order.
         messages: Vec<PushMessage>,
         /// Redis's stream no longer holds seqs at or below this: the joiner gets a gap.

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{Ack, BusHandle, EngineCmd, Epoch, NewMessage, PendingJoin, PublishError, Reply, RoomName};
+use super::{Ack, BusHandle, EngineCmd, Epoch, NewMessage, PublishError, Reply, RoomName};
 
 /// What the engine asks of Redis.
 pub enum BridgeCmd {
@@ -71,16 +71,15 @@ pub enum BridgeCmd {
         /// Last seq wanted.
         to: u64,
     },
-    /// Fetch must-deliver messages after `since` up to `upto` for a joining connection.
+    /// Fetch must-deliver messages after `since` up to `upto` for the room's joining
+    /// connections (the engine holds the joins; one read per room at a time).
     Recover {
         /// The room.
         room: RoomName,
-        /// The joiner's last seen seq: fetch what follows it.
+        /// The lowest of the joiners' last seen seqs: fetch what follows it.
         since: u64,
         /// Last seq to fetch.
         upto: u64,
-        /// The join to answer.
-        join: PendingJoin,
     },
     /// Redis holds `room` under the epoch this edge knows but below a seq it handed out
     /// (Redis lost its last writes: AOF without `appendfsync always`, or a lagging replica
@@ -989,8 +988,8 @@ impl Work<'_> {
             BridgeCmd::Fill { room, from, to } => {
                 tokio::spawn(fill(cm.clone(), self.wcm.clone(), room, from, to, bus.clone(), self.limits));
             }
-            BridgeCmd::Recover { room, since, upto, join } => {
-                tokio::spawn(recover(cm.clone(), self.wcm.clone(), room, since, upto, join, bus.clone(), self.limits));
+            BridgeCmd::Recover { room, since, upto } => {
+                tokio::spawn(recover(cm.clone(), self.wcm.clone(), room, since, upto, bus.clone(), self.limits));
             }
             BridgeCmd::Renumber { room, epoch, below } => {
                 tokio::spawn(renumber(cm.clone(), room, epoch, below, bus.clone()));
@@ -1241,8 +1240,8 @@ pub(super) async fn offline(cmd: BridgeCmd, rooms: &mut HashSet<RoomName>, bus: 
         BridgeCmd::Fill { room, from, to } => {
             bus.send_async(EngineCmd::Filled { room, from, to, messages: Vec::new(), ok: false }).await;
         }
-        BridgeCmd::Recover { room, since, upto, join } => {
-            bus.send_async(recovery_failed(room, since, upto, join)).await;
+        BridgeCmd::Recover { room, since, upto } => {
+            bus.send_async(recovery_failed(room, since, upto)).await;
         }
         // Done when Redis is back: the resync after reconnecting sees the same state again.
         BridgeCmd::Occupancy { .. } | BridgeCmd::Renumber { .. } => {}
@@ -1295,9 +1294,10 @@ pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: 
     sync_room(cm, room, bus).await;
 }
 
-/// Redis could not answer a recovery: the engine reports the whole range as a gap.
-fn recovery_failed(room: RoomName, since: u64, upto: u64, join: PendingJoin) -> EngineCmd {
-    EngineCmd::Recovered { room, since, upto, join, messages: Vec::new(), evicted_upto: 0, ok: false }
+/// Redis could not answer a recovery: the engine sends its joins away to come back with the
+/// same `since` (Redis still holds what they missed: not a gap).
+fn recovery_failed(room: RoomName, since: u64, upto: u64) -> EngineCmd {
+    EngineCmd::Recovered { room, since, upto, messages: Vec::new(), evicted_upto: 0, ok: false }
 }
 
 /// Reads the room's seq, epoch and latest state for its engine; false if Redis did not answer.
@@ -1494,8 +1494,10 @@ async fn tombstones(cm: &mut Conn, key: &str, from: u64, to: u64) -> ::redis::Re
 }
 
 /// How long a fill or a recovery keeps trying (Redis not answering, a primary failing over, or
-/// replicas not holding what was read yet) before it gives up: the engine then reports the
-/// range as a gap. A failed read is not an answer that the range is gone.
+/// replicas not holding what was read yet) before it gives up: the engine then reports a
+/// fill's range to live members as a gap (the room's stream cannot wait longer), and sends a
+/// recovery's joins back to retry with their `since` (1013). A failed read is not an answer
+/// that the range is gone.
 const SETTLE_FOR: Duration = Duration::from_secs(30);
 
 /// With `bus.min_replicas_acked = N`, whether what this edge read from the room's primary
@@ -1579,15 +1581,13 @@ pub(super) async fn fill(
     }
 }
 
-/// Reads what a joiner with `since` missed (up to `upto`), once replicated (as `fill`).
-#[expect(clippy::too_many_arguments, reason = "the fields of BridgeCmd::Recover and the bridge's handles")]
+/// Reads what joiners with `since` (the lowest of them) missed, up to `upto`, once replicated (as `fill`).
 pub(super) async fn recover(
     mut cm: Conn,
     mut wcm: Conn,
     room: RoomName,
     since: u64,
     upto: u64,
-    join: PendingJoin,
     bus: BusHandle,
     limits: StreamLimits,
 ) {
@@ -1606,7 +1606,7 @@ pub(super) async fn recover(
                     }
                     tracing::warn!(room = %room, since, upto, "redis recovery: replicas do not hold what was read");
                     failed("recover");
-                    bus.send_async(recovery_failed(room, since, upto, join)).await;
+                    bus.send_async(recovery_failed(room, since, upto)).await;
                     return;
                 }
                 // A deleted gift's place holds its tombstone (deleted chat is not replayed anyway).
@@ -1616,7 +1616,6 @@ pub(super) async fn recover(
                     room,
                     since,
                     upto,
-                    join,
                     messages: md.into_iter().map(|(m, _)| m).collect(),
                     evicted_upto: ev.unwrap_or(0),
                     ok: true,
@@ -1632,7 +1631,7 @@ pub(super) async fn recover(
                     continue;
                 }
                 tracing::warn!(room = %room, error = %e, "redis recovery failed");
-                bus.send_async(recovery_failed(room, since, upto, join)).await;
+                bus.send_async(recovery_failed(room, since, upto)).await;
                 return;
             }
         }

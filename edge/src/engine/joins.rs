@@ -131,7 +131,17 @@ impl Engine {
             && (since < r.base_seq || since < r.history.must_evicted_upto)
             && since < r.flushed_seq
         {
-            let _ = bridge.send(BridgeCmd::Recover { room: r.name.clone(), since, upto: r.flushed_seq, join });
+            let rec = &mut r.recovery;
+            match rec.reading {
+                Some((from, _)) if since >= from => rec.covered.push((join, since)),
+                Some(_) => rec.next.push((join, since)),
+                None => {
+                    rec.reading = Some((since, r.flushed_seq));
+                    rec.covered.push((join, since));
+                    self.stats.recovery_reads.inc();
+                    let _ = bridge.send(BridgeCmd::Recover { room: r.name.clone(), since, upto: r.flushed_seq });
+                }
+            }
             return;
         }
         let seq = r.flushed_seq;
@@ -157,40 +167,76 @@ impl Engine {
         ack_join(out, name, join, seq, r.epoch, replay, online);
     }
 
-    /// Redis answered a recovery: Redis's must-deliver messages in `(since, upto]`, then this
-    /// edge's own for what was flushed meanwhile, so the join's seam is exact.
+    /// Redis answered the room's recovery read `(since, upto]`: every join it covers gets
+    /// Redis's must-deliver messages above its own `since`, then this edge's own for what was
+    /// flushed meanwhile, so each seam is exact; joins that came with an older `since` while it
+    /// was read start the next read. A read Redis did not answer is not a gap (Redis still holds
+    /// those gifts): its joins are closed with 1013 and come back with the same `since`.
     #[expect(clippy::too_many_arguments, reason = "the fields of EngineCmd::Recovered")]
     pub(super) fn recovered(
         &mut self,
         room: &RoomName,
         since: u64,
         upto: u64,
-        join: PendingJoin,
         messages: Vec<PushMessage>,
         evicted_upto: u64,
         ok: bool,
+        now: Instant,
         out: &mut Out,
     ) {
-        let Some(r) = self.rooms.get(room) else { return };
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if r.recovery.reading != Some((since, upto)) {
+            // Not the read in flight: the room's numbering restarted meanwhile (its joins were
+            // answered with a reset then).
+            return;
+        }
+        r.recovery.reading = None;
+        let mut covered = std::mem::take(&mut r.recovery.covered);
+        let mut next = std::mem::take(&mut r.recovery.next);
+        if !ok {
+            self.stats.recovery_joins.inc_by((covered.len() + next.len()) as u64);
+            for (join, _) in covered.into_iter().chain(next) {
+                retry_join(out, r.name.clone(), join, r.flushed_seq, r.epoch);
+            }
+            return;
+        }
+        self.stats.recovery_joins.inc_by(covered.len() as u64);
         let seq = r.flushed_seq;
-        let mut replay = Vec::new();
-        let gap = if ok {
-            (since < evicted_upto).then(|| (since + 1, evicted_upto.min(upto)))
-        } else {
-            Some((since + 1, upto))
-        };
-        if let Some((from, to)) = gap.filter(|(a, b)| a <= b) {
-            replay.push(ServerMsg::Gap { room: r.name.to_string(), from, to });
-        }
-        let mut all: Vec<PushMessage> = messages.into_iter().filter(|m| m.seq > since && m.seq <= upto).collect();
-        all.extend(r.history.recover(upto, seq).messages);
-        let all = r.with_latest(all, Some(since), seq);
+        let local = r.history.recover(upto, seq).messages;
         let online = (!self.cfg.presence_interval.is_zero()).then(|| r.online());
-        if !all.is_empty() {
-            replay.push(ServerMsg::Batch { room: r.name.to_string(), messages: all, online: None });
+        // Members sent away together share their last seq: one replay is encoded per `since`
+        // and encoding, and handed to each of them (the frames are reference-counted).
+        covered.sort_by_key(|(join, s)| (*s, join.proto.index()));
+        let mut last: Option<((u64, usize), Vec<Bytes>)> = None;
+        for (join, s) in covered {
+            let key = (s, join.proto.index());
+            let replay = match &last {
+                Some((k, replay)) if *k == key => replay.clone(),
+                _ => {
+                    let mut replay = Vec::new();
+                    let gap = (s < evicted_upto).then(|| (s + 1, evicted_upto.min(upto)));
+                    if let Some((from, to)) = gap.filter(|(a, b)| a <= b) {
+                        replay.push(ServerMsg::Gap { room: r.name.to_string(), from, to });
+                    }
+                    let mut all: Vec<PushMessage> =
+                        messages.iter().filter(|m| m.seq > s && m.seq <= upto).cloned().collect();
+                    all.extend(local.iter().cloned());
+                    let all = r.with_latest(all, Some(s), seq);
+                    if !all.is_empty() {
+                        replay.push(ServerMsg::Batch { room: r.name.to_string(), messages: all, online: None });
+                    }
+                    let replay = encode_replay(join.proto, &replay, (r.epoch, seq));
+                    last = Some((key, replay.clone()));
+                    replay
+                }
+            };
+            ack_join(out, r.name.clone(), join, seq, r.epoch, replay, online);
         }
-        let replay = encode_replay(join.proto, &replay, (r.epoch, seq));
-        ack_join(out, r.name.clone(), join, seq, r.epoch, replay, online);
+        // The lowest `since` first: it starts the next read, which covers all the others.
+        next.sort_by_key(|&(_, s)| s);
+        for (join, s) in next {
+            self.answer_join(room, join, Some(Since { seq: s, epoch: None }), now, out);
+        }
     }
 
     /// Answers parked joins whose `since` has been reached (or, with `expire`, whose wait is
@@ -245,8 +291,55 @@ pub(super) fn ack_join(
         reset: join.reset,
         replay,
         online,
+        retry: false,
     };
     out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
+}
+
+/// Answers a join whose `since` could not be recovered now: its shard closes it with 1013 and
+/// the client comes back with the same `since` (nothing is declared lost).
+pub(super) fn retry_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, epoch: Epoch) {
+    let ack = crate::bus::JoinAck {
+        slot: join.slot,
+        generation: join.generation,
+        room,
+        seq,
+        epoch,
+        reset: None,
+        replay: Vec::new(),
+        online: None,
+        retry: true,
+    };
+    out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
+}
+
+/// A room's joins recovering from Redis (their `since` is older than this edge's history): one
+/// read in flight per room, shared by every join whose `since` it covers. With a read per join,
+/// a restarted edge given 34,674 returning members of one room sent Redis that many `XRANGE`s of
+/// the same gifts at once; the answers timed out for 30 s and the joins were told `gap` for
+/// gifts Redis held (bench-results/2026-12-01-restart-storm-README.md).
+#[derive(Default)]
+pub struct Recovery {
+    /// The read in flight: `(since, upto]`.
+    reading: Option<(u64, u64)>,
+    /// Joins it answers, each with its own `since` (at or above the read's).
+    covered: Vec<(PendingJoin, u64)>,
+    /// Joins whose `since` is below it: the next read's.
+    next: Vec<(PendingJoin, u64)>,
+}
+
+impl Recovery {
+    /// No join waits for a read.
+    pub fn is_idle(&self) -> bool {
+        self.reading.is_none() && self.covered.is_empty() && self.next.is_empty()
+    }
+
+    /// Every waiting join, the read in flight forgotten (its answer is ignored).
+    pub fn take_joins(&mut self) -> Vec<PendingJoin> {
+        self.reading = None;
+        let covered = std::mem::take(&mut self.covered);
+        covered.into_iter().chain(std::mem::take(&mut self.next)).map(|(j, _)| j).collect()
+    }
 }
 
 /// A join's replay (a gap notice and/or recovered messages) in `proto`. For SSE the last event

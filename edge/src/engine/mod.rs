@@ -528,8 +528,8 @@ impl Engine {
             }
             EngineCmd::Synced { room, seq, epoch, latest } => self.synced(&room, seq, epoch, latest, now, out),
             EngineCmd::Filled { room, from, to, messages, ok } => self.filled(&room, from, to, messages, ok, now, out),
-            EngineCmd::Recovered { room, since, upto, join, messages, evicted_upto, ok } => {
-                self.recovered(&room, since, upto, join, messages, evicted_upto, ok, out);
+            EngineCmd::Recovered { room, since, upto, messages, evicted_upto, ok } => {
+                self.recovered(&room, since, upto, messages, evicted_upto, ok, now, out);
             }
             EngineCmd::PublishDone { room, reply, result } => {
                 match result {
@@ -752,6 +752,7 @@ impl Engine {
             && r.history.len() == (0, 0)
             && r.waiting.is_empty()
             && r.parked.is_empty()
+            && r.recovery.is_idle()
             && r.joins_after_store.is_empty()
             && r.wait_token <= self.store_durable;
         if unused {

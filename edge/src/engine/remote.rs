@@ -91,10 +91,11 @@ impl Engine {
         r.filling = false;
         r.fill_want = 0;
         let parked = std::mem::take(&mut r.parked);
+        let recovering = r.recovery.take_joins();
         let notice =
             ServerMsg::Reset { room: r.name.to_string(), epoch: epoch_text(epoch), seq: 0, reason: RESET_EPOCH.into() };
         self.notify(room, &notice, MustDeliver::All, out);
-        for (mut join, _, _) in parked {
+        for mut join in parked.into_iter().map(|(j, _, _)| j).chain(recovering) {
             join.reset = Some(RESET_EPOCH);
             self.answer_join(room, join, Some(Since { seq: 0, epoch: None }), now, out);
         }

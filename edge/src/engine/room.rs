@@ -166,6 +166,9 @@ pub struct Room {
     /// Redis mode: joins whose `since` is ahead of what this edge has received (the client saw
     /// it on another edge), waiting until it has, so the seam has no duplicate.
     pub parked: Vec<(PendingJoin, u64, Instant)>,
+    /// Redis mode: joins whose `since` is older than this edge's history, answered from one
+    /// read of Redis at a time.
+    pub recovery: super::joins::Recovery,
     /// Members on every shard (joined or joining).
     pub members: u64,
     /// With a store: the highest seq reserved on disk (numbering past it needs a new
@@ -236,6 +239,7 @@ impl Room {
             filling: false,
             fill_want: 0,
             parked: Vec::new(),
+            recovery: super::joins::Recovery::default(),
             members: 0,
             seq_hi: 0,
             reserve_token: 0,

@@ -186,7 +186,7 @@ impl Shard {
     }
 
     pub(super) fn join_ack(&mut self, ack: JoinAck) {
-        let JoinAck { slot, generation, room, seq, epoch, reset, replay, online } = ack;
+        let JoinAck { slot, generation, room, seq, epoch, reset, replay, online, retry } = ack;
         let waiting = matches!(
             self.conns.get(slot as usize),
             Some(Some(c)) if c.generation == generation && c.closing == Closing::No
@@ -203,6 +203,13 @@ impl Shard {
             c.joining = None;
             c.room = Some(room.clone());
             c.room_idx = idx;
+        }
+        if retry {
+            // Redis did not answer the read of what it missed: not lost, so not a `gap`; it
+            // comes back with the same `since` (members so closed leave the room as any other).
+            self.stats.refused("recovery_unavailable");
+            self.closing_for(slot, crate::metrics::CloseWhy::RecoveryUnavailable);
+            return self.close_with(slot, 1013, "cannot read your since now: reconnect with the same since shortly");
         }
         // The replay (a `since` catching up) may go past the queue bound as credit, within the
         // shard's replay budget; past the budget the join is closed with 1013 (try again).
