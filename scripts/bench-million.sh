@@ -749,6 +749,7 @@ if rs:
         ("restart: edge B's fullest accept queue (ratio; where members moved)", rs["edge_b_listen_backlog_fullest_ratio"]) if peer
         else ("restart: new edge's fullest accept queue (ratio)", rs["new_edge_listen_backlog_fullest_ratio"]),
         ("restart: generator's failed attempts by reason", r.get("reconnect_attempts_failed_by_reason", "-")),
+        ("restart: answers past their deadline read late by the generator (taken, not failures)", r.get("move_answers_read_late", "-")),
         (f"restart: moves given up (--move-give-up: {move_give_up}; 0: never)", r.get("reconnect_failed", "-")),
     ]
 with open(f"{out}/summary.md", "w") as f:

@@ -989,7 +989,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut connect_hist = histogram();
     let mut reconnect_hist = histogram();
     let mut reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    let (mut reconnects, mut reconnect_failed, mut resumed) = (0u64, 0u64, 0u64);
+    let (mut reconnects, mut reconnect_failed, mut resumed, mut move_answers_read_late) = (0u64, 0u64, 0u64, 0u64);
     let mut closes_by_code: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut sockets_lost: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut failed_by_reason: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
@@ -1022,6 +1022,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             *reconnect_attempts_failed_by.entry(reason.clone()).or_default() += n;
         }
         resumed += f.resumed;
+        move_answers_read_late += f.move_answers_read_late;
         reconnect_failed += f.reconnect_failed;
         slow += f.slow;
         corrupt += f.corrupt;
@@ -1197,6 +1198,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         reconnect_failed,
         reconnect_attempts_failed_by_reason: reconnect_attempts_failed_by,
         resumed_after_close: resumed,
+        move_answers_read_late,
         reconnect_ms: report::Percentiles::of(&reconnect_hist),
         server: report::ServerFigures::new(
             server_before,

@@ -210,6 +210,11 @@ pub struct Report {
     /// Failed attempts of the moves, retried with jittered backoff, by reason.
     #[serde(default)]
     pub reconnect_attempts_failed_by_reason: BTreeMap<String, u64>,
+    /// Move attempts past their deadline (5 s dispatch, 10 s upgrade) whose answer had arrived
+    /// but waited for the generator's worker to read it: taken, not counted as failures. Many
+    /// of them say the generator, not the server, is late.
+    #[serde(default)]
+    pub move_answers_read_late: u64,
     /// Of `reconnects`, those that came back with `since` after a close with 4000 or 1013.
     #[serde(default)]
     pub resumed_after_close: u64,
@@ -254,6 +259,7 @@ impl Report {
             "reconnects": self.reconnects,
             "reconnect_failed": self.reconnect_failed,
             "reconnect_attempts_failed_by_reason": self.reconnect_attempts_failed_by_reason,
+            "move_answers_read_late": self.move_answers_read_late,
             "workers_died": self.workers_died,
             "deliveries": self.deliveries,
             "deliveries_per_s": self.deliveries_per_s,

@@ -275,6 +275,10 @@ pub struct Final {
     /// dispatch URL failed: `dispatch_http_503` while no edge takes members).
     #[serde(default)]
     pub reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64>,
+    /// Move attempts past their deadline whose answer had arrived and waited for this worker
+    /// to read it: taken, not counted as timeouts.
+    #[serde(default)]
+    pub move_answers_read_late: u64,
     /// Of the reconnects, those after a close with 4000 (slow consumer) or 1013 (try again
     /// later) rather than a goaway: a real client resumes with `since` after those too.
     #[serde(default)]
@@ -1511,6 +1515,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 reconnect_failed: moves.stats.gave_up,
                 reconnect_hist: encode_hist(&moves.stats.hist),
                 reconnect_attempts_failed_by: std::mem::take(&mut moves.stats.errors),
+                move_answers_read_late: moves.stats.late_reads,
                 resumed: moves.stats.resumed,
                 open_at_end: conns.iter().filter(|c| c.open).count() as u64,
                 moving_at_end: conns.iter().filter(|c| c.on_its_way(now)).count() as u64,

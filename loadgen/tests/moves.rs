@@ -222,8 +222,9 @@ fn moves_in_flight_stay_within_the_window_and_refusals_are_retried() {
     assert_eq!(v["lost"]["gift"], 0, "{v}");
 }
 
-/// A dispatch that answers after the generator's 5 s is a timeout (`dispatch_timeout`),
-/// retried, and the members still move.
+/// A dispatch that answers after the generator's 5 s is a timeout, retried, and the members
+/// still move: taking an answer that waited for the worker to read it before calling an attempt
+/// timed out must not hide a server that really answered late.
 #[test]
 fn answers_after_the_deadline_are_timeouts_and_retried() {
     const MEMBERS: usize = 10;
@@ -231,6 +232,7 @@ fn answers_after_the_deadline_are_timeouts_and_retried() {
     assert_eq!(seen.asked, 2 * MEMBERS, "each member asked twice: too late, then sent to B");
     let by = v["reconnect_attempts_failed_by_reason"].as_object().expect("by reason");
     assert_eq!(by.get("dispatch_timeout").and_then(serde_json::Value::as_u64), Some(MEMBERS as u64), "{v}");
+    assert_eq!(v["move_answers_read_late"], 0, "nothing had arrived when the attempts expired: {v}");
     assert_eq!(v["reconnects"], MEMBERS, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "{v}");
 }
