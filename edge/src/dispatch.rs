@@ -98,10 +98,23 @@ impl EdgeLoad {
 
     /// Whether dispatch may send new clients here.
     pub fn eligible(&self, now_ms: u64, max_age_ms: u64) -> bool {
-        !self.draining
-            && self.health != EdgeHealth::Overloaded
-            && now_ms.saturating_sub(self.at_ms) <= max_age_ms
-            && self.connections < self.capacity
+        self.why_not(now_ms, max_age_ms).is_none()
+    }
+
+    /// Why dispatch may not send new clients here (None: it may), for a refusal's reason.
+    pub fn why_not(&self, now_ms: u64, max_age_ms: u64) -> Option<String> {
+        let age = now_ms.saturating_sub(self.at_ms);
+        if self.draining {
+            Some("draining".into())
+        } else if self.health == EdgeHealth::Overloaded {
+            Some("overloaded".into())
+        } else if age > max_age_ms {
+            Some(format!("report {age} ms old (the limit is {max_age_ms})"))
+        } else if self.connections >= self.capacity {
+            Some(format!("full ({} of {} connections)", self.connections, self.capacity))
+        } else {
+            None
+        }
     }
 }
 

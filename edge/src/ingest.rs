@@ -110,17 +110,43 @@ pub enum RouteSource {
         max_age_ms: u64,
         /// The reports as last read (at most [`registry::CACHE_MS`] old).
         reports: registry::Cache,
+        /// `roomcast_dispatch_answers_total{outcome}`: routed, or why not.
+        answers: prometheus::IntCounterVec,
     },
 }
 
+/// The outcomes of `GET /v1/route` over Redis: an edge named, the reports unreadable, no
+/// report at all, or reports whose edges were all draining, overloaded, full or silent.
+const ROUTE_OUTCOMES: [&str; 4] = ["routed", "reports_unavailable", "no_edge_reported", "none_eligible"];
+
 impl RouteSource {
-    /// Dispatch over the load reports in the Redis behind `cm`.
-    pub fn redis(cm: Conn) -> Self {
+    /// Dispatch over the load reports in the Redis behind `cm`; its answers are counted in
+    /// `registry` (`roomcast_dispatch_answers_total`).
+    ///
+    /// # Panics
+    ///
+    /// If the family's name or help text were invalid: a bug any dispatch test catches.
+    pub fn redis(cm: Conn, registry: &prometheus::Registry) -> Self {
+        let answers = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "dispatch_answers_total",
+                "GET /v1/route answers from the load reports in Redis, by outcome: routed, reports_unavailable (Redis did not answer), no_edge_reported, none_eligible (every edge draining, overloaded, full or its report too old; the 503 names each).",
+            )
+            .namespace("roomcast"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for o in ROUTE_OUTCOMES {
+            answers.with_label_values(&[o]);
+        }
+        // A second registration (a test building two sources on one registry) keeps the first.
+        let _ = registry.register(Box::new(answers.clone()));
         RouteSource::Redis {
             cm,
             dispatcher: Mutex::new(Dispatcher::default()),
             max_age_ms: REPORT_MAX_AGE_MS,
             reports: registry::Cache::default(),
+            answers,
         }
     }
 }
@@ -189,17 +215,42 @@ pub async fn route_answer(src: &RouteSource, draining: bool, overloaded: bool, r
             }
             (url.clone(), String::from("local"))
         }
-        RouteSource::Redis { cm, dispatcher, max_age_ms, reports } => {
+        RouteSource::Redis { cm, dispatcher, max_age_ms, reports, answers } => {
+            let count = |outcome: &str| answers.with_label_values(&[outcome]).inc();
             let edges = match reports.live(cm, *max_age_ms).await {
                 Ok(e) => e,
-                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("load reports unavailable: {e}")),
+                Err(e) => {
+                    count("reports_unavailable");
+                    return error(StatusCode::SERVICE_UNAVAILABLE, format!("load reports unavailable: {e}"));
+                }
             };
             let now = crate::bus::now_us() / 1000;
             let (r1, r2) = (fastrand::f64(), fastrand::f64());
             let mut d = dispatcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match d.pick(&edges, now, *max_age_ms, r1, r2) {
-                Some(e) => (e.ws_url.clone(), e.id.clone()),
-                None => return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy edge available"),
+                Some(e) => {
+                    count("routed");
+                    (e.ws_url.clone(), e.id.clone())
+                }
+                None if edges.is_empty() => {
+                    count("no_edge_reported");
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy edge available: no edge has reported");
+                }
+                None => {
+                    count("none_eligible");
+                    // Why each edge was passed over (the first few: ids are operators' names).
+                    let why: Vec<String> = edges
+                        .iter()
+                        .take(8)
+                        .map(|e| format!("{}: {}", e.id, e.why_not(now, *max_age_ms).unwrap_or_default()))
+                        .collect();
+                    let more = edges.len().saturating_sub(why.len());
+                    let more = if more > 0 { format!("; {more} more") } else { String::new() };
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("no healthy edge available: {}{more}", why.join("; ")),
+                    );
+                }
             }
         }
     };

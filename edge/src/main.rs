@@ -450,7 +450,7 @@ fn run_edge() -> anyhow::Result<()> {
                 report_rx,
             ));
             report_now = Some(report_tx);
-            RouteSource::redis(cm)
+            RouteSource::redis(cm, edge.metrics.registry())
         }
     };
     let http_addr = listener.local_addr()?;
@@ -648,7 +648,8 @@ fn dispatch_only(
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
         let cm = edge::bus::redis::Conn::connect(redis_url).await.context("cannot connect to redis")?;
-        let src = Arc::new(RouteSource::redis(cm));
+        let registry = prometheus::Registry::new();
+        let src = Arc::new(RouteSource::redis(cm, &registry));
         let preflight_origins = origins.clone();
         let app =
             axum::Router::new()
@@ -670,6 +671,17 @@ fn dispatch_only(
                     }),
                 )
                 .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+                // Its answers by outcome (`roomcast_dispatch_answers_total`): why clients were
+                // refused is the first thing to ask of a dispatch.
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || async move {
+                        let mut buf = Vec::new();
+                        let _ =
+                            prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut buf);
+                        ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
+                    }),
+                )
                 .with_state(src);
         let listener = http_listener(http, backlog, "")?;
         // SIGINT or SIGTERM: stop taking requests, finish those under way, exit 0. Handlers of

@@ -867,6 +867,11 @@ impl Metrics {
         })
     }
 
+    /// The registry every family is in (for families made elsewhere, such as dispatch's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every family, the kernel probes' after the edge's.
     /// `health`: the edge's health as a whole (the kernel policy's, with the store and the bus).
     /// `cert`: the TLS leaf's dates (`roomcast_tls_cert_expiry_seconds`; None: no TLS).

@@ -312,3 +312,58 @@ async fn no_answer_names_a_draining_edge_once_its_drain_is_accepted() {
     let late = named_at.iter().filter(|t| **t > accepted).count();
     assert_eq!(late, 0, "{late} requests sent after the drain was accepted were answered with the draining edge");
 }
+
+/// Dispatch's refusals say why, and `edge dispatch` counts its answers by outcome on /metrics:
+/// 10^6 rolling restarts saw 29, 4,262 and 26,223 refused routes for one command, with nothing
+/// but a bare "no healthy edge available" to tell them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_says_why_it_refused_and_counts_its_answers() {
+    const TOKEN: &str = "test-admin-token-0123456789";
+    let redis = RedisProc::start();
+    /// Killed when the test ends, failed or not.
+    struct Dispatch(std::process::Child);
+    impl Drop for Dispatch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Dispatch(
+        std::process::Command::new(edge_bin())
+            .args(["dispatch", "--redis", &redis.url(), "--http", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("edge dispatch"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.0.stdout.take().unwrap()), &mut line).unwrap();
+    let http = line.split_whitespace().find_map(|w| w.strip_prefix("http=")).expect("http=").to_owned();
+    let url = format!("http://{http}/v1/route?room=r");
+    let (status, _, body) = get(&url, None).await;
+    assert_eq!((status, body.contains("no edge has reported")), (503, true), "{body}");
+    let cfg = config("dispatch-why", &format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 500\n"));
+    let edge = EdgeProc::start(&["--shards", "1", "--bus", &redis.url(), "--config", &cfg]);
+    assert!(wait_until(Duration::from_secs(10), || async { get(&url, None).await.0 == 200 }).await, "routed");
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/admin/drain", edge.http))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // The reports are read at most every 200 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, body) = get(&url, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no healthy edge available: ") && body.contains(": draining"), "{body}");
+    let (_, _, metrics) = get(&format!("http://{http}/metrics"), None).await;
+    let count = |outcome: &str| {
+        let prefix = format!("roomcast_dispatch_answers_total{{outcome=\"{outcome}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|n| n.parse::<u64>().ok())
+    };
+    assert!(count("no_edge_reported").is_some_and(|n| n >= 1), "{metrics}");
+    assert!(count("routed").is_some_and(|n| n >= 1), "{metrics}");
+    assert_eq!(count("none_eligible"), Some(1), "{metrics}");
+    assert_eq!(count("reports_unavailable"), Some(0), "{metrics}");
+}

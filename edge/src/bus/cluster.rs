@@ -91,7 +91,7 @@ impl NodeBoard {
 /// The command connection: redis-rs's cluster client with bounded retries, so that a publish
 /// during a failover is answered (503, retry) within seconds rather than minutes.
 pub async fn command_connection(seeds: &[String]) -> ::redis::RedisResult<ClusterConnection> {
-    connection_with(seeds, Duration::from_secs(3)).await
+    connection_with(seeds, super::redis::COMMAND_TIMEOUT).await
 }
 
 async fn connection_with(seeds: &[String], response_timeout: Duration) -> ::redis::RedisResult<ClusterConnection> {
