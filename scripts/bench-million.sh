@@ -584,6 +584,8 @@ curl -s -m 20 127.0.0.1:18912/v1/rooms/r0 >"$OUT/room-stats.json" || true
 if [[ $RESTART == peer ]]; then
   curl -s -m 20 127.0.0.1:18922/metrics >"$OUT/edge-b-metrics-end.txt" || true
   curl -s -m 20 127.0.0.1:18922/v1/rooms/r0 >"$OUT/room-stats-b.json" || true
+  # Dispatch's answers by outcome (why members were refused a route).
+  curl -s -m 20 127.0.0.1:18913/metrics >"$OUT/dispatch-metrics-end.txt" || true
 fi
 sleep 2
 kill "$SPID" 2>/dev/null || true
@@ -697,6 +699,21 @@ if rs:
     k["old_edge_closes_by_reason_at_its_last_scrape"] = rs.get("old_edge_closes_by_reason_at_its_last_scrape", {})
 if restart == "peer":
     k["edge_b_closes_by_reason"] = closes_of(f"{out}/edge-b-metrics-end.txt")
+    def counted(path, name, label=None):
+        got = {}
+        for l in open(path) if os.path.exists(path) else []:
+            m = re.match(name + r'(\{(.*)\})? (\S+)$', l.strip())
+            if m:
+                key = re.search(label + r'="(\w+)"', m.group(2)).group(1) if label else name
+                got[key] = got.get(key, 0) + int(float(m.group(3)))
+        return got
+    k["dispatch_answers_by_outcome"] = counted(f"{out}/dispatch-metrics-end.txt", "roomcast_dispatch_answers_total", "outcome")
+    # Joins with a since older than the edge's history, and the reads of Redis they shared.
+    k["recovery_reads_joins"] = {
+        e: (counted(p, "roomcast_recovery_reads_total").get("roomcast_recovery_reads_total"),
+            counted(p, "roomcast_recovery_joins_total").get("roomcast_recovery_joins_total"))
+        for e, p in (("A restarted", f"{out}/edge-metrics-end.txt"), ("B", f"{out}/edge-b-metrics-end.txt"))
+    }
 json.dump(k, open(f"{out}/kernel.json", "w"), indent=2)
 print(json.dumps(k, indent=2))
 r = json.load(open(f"{out}/result.json")) if os.path.exists(f"{out}/result.json") else {}
@@ -749,6 +766,8 @@ if rs:
         ("restart: edge B's fullest accept queue (ratio; where members moved)", rs["edge_b_listen_backlog_fullest_ratio"]) if peer
         else ("restart: new edge's fullest accept queue (ratio)", rs["new_edge_listen_backlog_fullest_ratio"]),
         ("restart: generator's failed attempts by reason", r.get("reconnect_attempts_failed_by_reason", "-")),
+        *([("restart: dispatch answers by outcome", k.get("dispatch_answers_by_outcome") or "-"),
+           ("restart: joins recovered from Redis: (reads, joins) by edge", k.get("recovery_reads_joins") or "-")] if peer else []),
         ("restart: answers past their deadline read late by the generator (taken, not failures)", r.get("move_answers_read_late", "-")),
         (f"restart: moves given up (--move-give-up: {move_give_up}; 0: never)", r.get("reconnect_failed", "-")),
     ]
