@@ -282,24 +282,20 @@ pub(super) fn ack_join(
     replay: Vec<Bytes>,
     online: Option<u64>,
 ) {
-    let ack = crate::bus::JoinAck {
-        slot: join.slot,
-        generation: join.generation,
-        room,
-        seq,
-        epoch,
-        reset: join.reset,
-        replay,
-        online,
-        retry: false,
-    };
+    let ack = crate::bus::JoinAck { reset: join.reset, replay, online, ..bare_ack(room, &join, seq, epoch) };
     out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
 }
 
 /// Answers a join whose `since` could not be recovered now: its shard closes it with 1013 and
 /// the client comes back with the same `since` (nothing is declared lost).
 pub(super) fn retry_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, epoch: Epoch) {
-    let ack = crate::bus::JoinAck {
+    let ack = crate::bus::JoinAck { retry: true, ..bare_ack(room, &join, seq, epoch) };
+    out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
+}
+
+/// `join`'s answer at `seq` in `epoch`, with nothing more to say.
+fn bare_ack(room: RoomName, join: &PendingJoin, seq: u64, epoch: Epoch) -> crate::bus::JoinAck {
+    crate::bus::JoinAck {
         slot: join.slot,
         generation: join.generation,
         room,
@@ -308,9 +304,8 @@ pub(super) fn retry_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: 
         reset: None,
         replay: Vec::new(),
         online: None,
-        retry: true,
-    };
-    out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
+        retry: false,
+    }
 }
 
 /// A room's joins recovering from Redis (their `since` is older than this edge's history): one

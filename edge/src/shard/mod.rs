@@ -240,10 +240,13 @@ enum Retry {
 
 impl Shard {
     fn new(spec: ShardSpec) -> Result<Self, UringError> {
-        let ring = crate::uring::build_ring(spec.cfg.uring.sq_entries)?;
-        crate::uring::probe(&ring)?;
-        crate::uring::register_files(&ring, spec.max_conns)?;
-        let bufring = BufRing::new(&ring, BGID, spec.cfg.uring.recv_buffers, spec.cfg.uring.recv_buffer_size)?;
+        let (ring, bufring) = crate::uring::while_short_of_memory(spec.id, crate::uring::SETUP_RETRY_FOR, || {
+            let ring = crate::uring::build_ring(spec.cfg.uring.sq_entries)?;
+            crate::uring::probe(&ring)?;
+            crate::uring::register_files(&ring, spec.max_conns)?;
+            let bufring = BufRing::new(&ring, BGID, spec.cfg.uring.recv_buffers, spec.cfg.uring.recv_buffer_size)?;
+            Ok((ring, bufring))
+        })?;
         let limits = Limits { max_frame: spec.cfg.ws.max_message, max_message: spec.cfg.ws.max_message };
         let now = Instant::now();
         Ok(Self {

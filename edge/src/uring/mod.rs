@@ -11,6 +11,7 @@ pub mod bufring;
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
@@ -135,6 +136,59 @@ pub fn build_ring(sq_entries: u32) -> Result<IoUring, UringError> {
         .setup_cqsize((sq_entries * 16).min(65536))
         .build(sq_entries)
         .map_err(UringError::Setup)
+}
+
+impl UringError {
+    /// The kernel was short of memory it charges to this user (ENOMEM: the locked-memory
+    /// limit, or the memory cgroup), as opposed to refusing io_uring altogether.
+    pub fn short_of_memory(&self) -> bool {
+        let (Self::Setup(e) | Self::Register { source: e, .. }) = self else { return false };
+        e.raw_os_error() == Some(libc::ENOMEM)
+    }
+}
+
+/// How long a shard keeps trying to set its ring up while the kernel is short of memory.
+pub const SETUP_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Runs `setup` (a shard's ring and its registrations) until it succeeds, fails otherwise than
+/// short of memory, or has been short of memory for `retry_for`. An edge started on a box whose
+/// previous edge just exited finds the kernel still freeing the old rings (their memory is
+/// charged until the teardown, which runs after the exit, is done: a 10^6-member edge's took
+/// long enough that the new edge's 28th ring got ENOMEM and the restart failed). Said once.
+pub fn while_short_of_memory<T>(
+    shard: u16,
+    retry_for: Duration,
+    mut setup: impl FnMut() -> Result<T, UringError>,
+) -> Result<T, UringError> {
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match setup() {
+            Err(e) if e.short_of_memory() && start.elapsed() < retry_for => {
+                if !said {
+                    tracing::warn!(shard, error = %e, retry_for_s = retry_for.as_secs(), "io_uring is short of memory (an edge that just exited may still be having its rings freed, or RLIMIT_MEMLOCK is low): retrying");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) if e.short_of_memory() => {
+                return Err(UringError::Register {
+                    what: "the ring: still short of memory after retrying (raise RLIMIT_MEMLOCK, ulimit -l, or the memory cgroup's limit, or use fewer or smaller shards: uring.sq_entries, uring.recv_buffers)",
+                    source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                });
+            }
+            r => {
+                if said {
+                    tracing::info!(
+                        shard,
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        "io_uring set up after waiting for memory"
+                    );
+                }
+                return r;
+            }
+        }
+    }
 }
 
 /// Checks the running kernel for what the shards need, naming what is missing.
@@ -318,6 +372,37 @@ pub fn register_files(ring: &IoUring, n: u32) -> Result<(), UringError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ring set up while the kernel is short of memory (an edge restarted while its
+    /// predecessor's rings are still being freed) is tried again until it works; past the
+    /// retry time the error says what to raise; any other failure is not retried.
+    #[test]
+    fn ring_setup_waits_out_a_shortage_of_memory_only() {
+        let enomem = || UringError::Setup(io::Error::from_raw_os_error(libc::ENOMEM));
+        let mut tries = 0;
+        let r = while_short_of_memory(3, Duration::from_secs(10), || {
+            tries += 1;
+            if tries < 3 { Err(enomem()) } else { Ok(tries) }
+        });
+        assert_eq!(r.unwrap(), 3);
+
+        let mut tries = 0;
+        let r: Result<(), _> = while_short_of_memory(3, Duration::from_millis(300), || {
+            tries += 1;
+            Err(enomem())
+        });
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("short of memory") && e.contains("RLIMIT_MEMLOCK"), "{e}");
+        assert!(tries >= 2, "tried again before giving up: {tries}");
+
+        let mut tries = 0;
+        let r: Result<(), _> = while_short_of_memory(3, Duration::from_secs(10), || {
+            tries += 1;
+            Err(UringError::Setup(io::Error::from_raw_os_error(libc::EPERM)))
+        });
+        assert!(matches!(r, Err(UringError::Setup(_))));
+        assert_eq!(tries, 1, "a refusal is not retried");
+    }
 
     #[test]
     fn token_round_trip() {
