@@ -892,7 +892,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Streams stop at `end`; one may be waiting for an acknowledgement (at most 10 s).
+    // Streams stop at `end`; a gift still retried then is given up at most
+    // publish::GIFT_GRACE_PAST_END (5 s) later, plus the attempt under way (3 s at most).
     let outcome = match publisher {
         Some(p) => p.finish()?,
         None => publish::Outcome::empty(a.rooms, KINDS.len(), streams.iter().copied().max().unwrap_or(1)),
