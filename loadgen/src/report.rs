@@ -153,6 +153,8 @@ pub struct Report {
     pub encoding: String,
     pub workers: usize,
     pub connect_s: f64,
+    /// The connect phase's deadline (`--connect-deadline`, or its default), seconds.
+    pub connect_deadline_s: f64,
     pub connect_per_s: f64,
     pub publish_secs: f64,
     pub published: BTreeMap<String, u64>,
