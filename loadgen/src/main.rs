@@ -1033,6 +1033,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
     let mut compressed_frames = 0u64;
     let (mut open_at_end, mut moving_at_end, mut reconnecting_at_end) = (0u64, 0u64, 0u64);
+    let (mut closed_by_generator_at_end, mut close_unanswered_at_end) = (0u64, 0u64);
     for f in &finals {
         for k in 0..KINDS.len() {
             let (fast, slow) = (decode_hist(&f.hist[k])?, decode_hist(&f.hist_slow[k])?);
@@ -1067,6 +1068,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         open_at_end += f.open_at_end;
         moving_at_end += f.moving_at_end;
         reconnecting_at_end += f.reconnecting_at_end;
+        closed_by_generator_at_end += f.closed_by_generator_at_end;
+        close_unanswered_at_end += f.close_unanswered_at_end;
         for (reason, n) in &f.failed_by {
             *failed_by_reason.entry(reason.clone()).or_default() += n;
         }
@@ -1153,6 +1156,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         members_open_at_end: open_at_end,
         members_moving_at_end: moving_at_end,
         members_reconnecting_at_end: reconnecting_at_end,
+        closed_by_generator_at_end,
+        close_unanswered_at_end,
         closes_by_code,
         sockets_lost_by_reason: sockets_lost,
         rooms: a.rooms,
