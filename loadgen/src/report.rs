@@ -173,7 +173,8 @@ pub struct Report {
     /// Refusals by "kind status" ("gift 429", "chat 202", "gift error" for a transport error).
     pub publish_refused_by_status: BTreeMap<String, u64>,
     /// Messages never accepted (dropped by the server, or must-deliver given up), per kind, and
-    /// the must-deliver ones given up after 10 s of refusals or on a final answer.
+    /// the must-deliver ones given up (after --gift-give-up, at most 5 s past --duration, or on
+    /// a final answer).
     pub publish_not_accepted: BTreeMap<String, u64>,
     pub publish_gave_up: BTreeMap<String, u64>,
     /// Publish to acknowledgement, accepted messages (first attempt to acceptance), per kind.
