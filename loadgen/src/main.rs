@@ -61,6 +61,9 @@ pub enum Dist {
     Uniform,
 }
 
+// Numeric flags take a value with a leading '-' (`allow_negative_numbers`): `--connections -5`
+// then gets the flag's own error ("invalid value '-5' for '--connections <CONNECTIONS>'") where
+// clap took `-5` for a flag and said only "unexpected argument '-5' found".
 #[derive(clap::Args, Clone, Debug)]
 struct RunArgs {
     /// What the connections talk to.
@@ -73,15 +76,15 @@ struct RunArgs {
     #[arg(long)]
     http: SocketAddr,
     /// Members (WebSocket or SSE connections), at least 1.
-    #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one, allow_negative_numbers = true)]
     connections: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     rooms: u32,
     #[arg(long, value_enum, default_value = "hot")]
     dist: Dist,
     /// Connections per second (all workers together; 0: no pacing, as fast as the connect
     /// window allows).
-    #[arg(long, default_value_t = 5000.0, value_parser = finite_non_negative)]
+    #[arg(long, default_value_t = 5000.0, value_parser = finite_non_negative, allow_negative_numbers = true)]
     ramp: f64,
     /// Use roomcast.json.v1 instead of roomcast.rkyv.v2.
     #[arg(long)]
@@ -95,38 +98,38 @@ struct RunArgs {
     #[arg(long)]
     deflate: bool,
     /// Gifts per second per room.
-    #[arg(long, default_value_t = 10.0, value_parser = finite_non_negative)]
+    #[arg(long, default_value_t = 10.0, value_parser = finite_non_negative, allow_negative_numbers = true)]
     gift_rate: f64,
     /// Chat messages per second per room.
-    #[arg(long, default_value_t = 100.0, value_parser = finite_non_negative)]
+    #[arg(long, default_value_t = 100.0, value_parser = finite_non_negative, allow_negative_numbers = true)]
     chat_rate: f64,
     /// Publishing duration (seconds).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(..=MAX_DURATION_S))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(..=MAX_DURATION_S), allow_negative_numbers = true)]
     duration: u64,
     /// Body padding, bytes (message size).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pad: usize,
     /// Publishing threads for gifts, each with its own connection and one request in flight
     /// (its share of the rate): with the store on, a gift is acknowledged once fsynced, so one
     /// stream offers at most 1 / (fsync + round trip) gifts a second. Receivers check order and
     /// loss per stream.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     gift_streams: usize,
     /// Publishing threads for chat (as for gifts).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     chat_streams: usize,
     /// Chat messages per request, at most (edge only): above 1, each chat stream sends the
     /// messages due in one `POST /v1/messages` batch instead of one request each, as a back
     /// end relaying thousands of chat messages a second would. Gifts are always sent one per
     /// request (each is retried on its own until acknowledged).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     chat_batch: usize,
     /// Worker processes (0: one per 15,000 connections).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     workers: usize,
     /// Source addresses per worker (the kernel picks the port per 4-tuple, so each address
     /// gives up to ~28,000 connections to one edge address). No two workers share one.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     src_addrs: u8,
     /// Where source addresses come from. `127` (default): loopback's whole 127.0.0.0/8,
     /// worker w taking 127.(w+1).0.2 .. 127.(w+1).0.(1+N) (up to 254 workers). `A.B.C`: a /24
@@ -136,20 +139,20 @@ struct RunArgs {
     src_net: String,
     /// SO_RCVBUF per connection, like a mobile client's window (0: kernel autotuning, which on
     /// loopback grows to tens of MiB and hides a slow generator's backlog in the kernel).
-    #[arg(long, default_value_t = 131072)]
+    #[arg(long, default_value_t = 131072, allow_negative_numbers = true)]
     rcvbuf: usize,
     /// Every n-th connection reads slowly (0: none; 10: one in ten).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     slow_every: usize,
     /// SO_RCVBUF of the slow readers (a constrained client: what its kernel holds unread is
     /// latency the reader adds itself).
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = 16384, allow_negative_numbers = true)]
     slow_rcvbuf: usize,
     /// Bytes a slow reader reads per half second.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, allow_negative_numbers = true)]
     slow_bytes: usize,
     /// Server process to measure (CPU, RSS): the edge, or Nchan's worker.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     server_pid: Option<u32>,
     /// Results folder root.
     #[arg(long, default_value = "bench-results")]
@@ -172,7 +175,7 @@ struct RunArgs {
     /// connect one at a time regardless. The same bound, in a window of its own, holds the moves
     /// in flight (a dispatch request, then a connect and upgrade, after a goaway or a lost
     /// socket); moves waiting out their delay or backoff do not count.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
     connect_inflight: usize,
     /// Seconds a gift is retried (the edge refusing or unreachable) before the publisher gives
     /// it up; a gift given up takes no number, so the next one reuses it. 0: never (as
@@ -181,26 +184,28 @@ struct RunArgs {
     /// is taken as given (0.5 is half a second). An edge restart longer than this (a 10^6 edge
     /// after SIGKILL answered again after 32 s) makes a gift whose first attempt did reach the
     /// old edge's store and its successor share a number, which the receivers count as a
-    /// duplicate: benchmarks of restarts set it above the outage.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
+    /// duplicate: benchmarks of restarts set it above the outage. Whatever it says, a gift is
+    /// not retried more than 5 s past the publishing's end (--duration): a run whose edge is
+    /// gone ends soon after its duration. Chat is never retried: one that fails is dropped.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds, allow_negative_numbers = true)]
     gift_give_up: f64,
     /// Seconds a member's move (after a goaway, a close it comes back from, or a lost socket)
     /// keeps retrying, with its backoff capped at 5 s, before it is given up and the member
     /// counts as closed. 0: never (as a real client): the member retries until the run ends,
     /// and then counts as still reconnecting. A 10^6-member restart takes minutes to bring every
     /// member back: benchmarks of restarts set it above that.
-    #[arg(long, value_name = "SECS", default_value_t = worker::DEFAULT_MOVE_GIVE_UP_S, value_parser = seconds)]
+    #[arg(long, value_name = "SECS", default_value_t = worker::DEFAULT_MOVE_GIVE_UP_S, value_parser = seconds, allow_negative_numbers = true)]
     move_give_up: f64,
-    /// Seconds the connect phase may take before the run gives up (default: twice the ramp's
-    /// time, plus 30 s).
-    #[arg(long, value_name = "SECS", value_parser = finite_non_negative)]
+    /// Seconds the connect phase may take before the run gives up, above 0 (default: twice the
+    /// ramp's time, plus 30 s; with --ramp 0, as for a 1,000/s ramp).
+    #[arg(long, value_name = "SECS", value_parser = positive_seconds, allow_negative_numbers = true)]
     connect_deadline: Option<f64>,
     /// Members whose first connect may fail (refused, reset, timed out, answered 503 or 401,
     /// closed in the handshake: never established) without failing the run: a number (`25`) or
     /// a share of --connections (`0.5%`). By default none may: a run whose members did not all
     /// connect did not do what was asked, and exits non-zero (after writing its results, with
     /// the failures by reason). A run none of whose members connected fails whatever this says.
-    #[arg(long, value_name = "N|P%", default_value = "0", value_parser = Allowance::parse)]
+    #[arg(long, value_name = "N|P%", default_value = "0", value_parser = Allowance::parse, allow_hyphen_values = true)]
     allow_connect_failures: Allowance,
     /// Free text recorded in the summary (the command that started the server, say).
     #[arg(long, default_value = "")]
@@ -218,7 +223,24 @@ impl RunArgs {
     fn gift_give_up(&self) -> Option<Duration> {
         (self.gift_give_up > 0.0).then(|| Duration::from_secs_f64(self.gift_give_up))
     }
+
+    /// Seconds the connect phase may take (`--connect-deadline`): by default twice the ramp's
+    /// time plus 30 s. An unpaced ramp (`--ramp 0`: as fast as each worker's connect window
+    /// allows) has no time of its own: connections / 0 made the default infinite (clamped to
+    /// 10^9 s), so a stalled connect phase never ended. It gets the default of a ramp of
+    /// [`UNPACED_RATE_FOR_DEADLINE`] instead. At most a year, as every time here.
+    fn connect_deadline_s(&self) -> f64 {
+        let rate = if self.ramp > 0.0 { self.ramp } else { UNPACED_RATE_FOR_DEADLINE };
+        let s = self.connect_deadline.unwrap_or(self.connections as f64 / rate * 2.0 + 30.0);
+        s.min(MAX_DURATION_S as f64)
+    }
 }
+
+/// The connect rate the default `--connect-deadline` assumes for an unpaced run (`--ramp 0`),
+/// per second: well below what first connects reach unpaced on a 2-vCPU box shared with the
+/// edge (~10^4/s at 10^6 members), so a slower box still fits, while a stalled connect phase of
+/// 10^6 members ends after ~34 minutes rather than never.
+const UNPACED_RATE_FOR_DEADLINE: f64 = 1000.0;
 
 /// How many members' first connects may fail without failing the run
 /// (`--allow-connect-failures`): a number, or a share of the members asked for.
@@ -293,6 +315,13 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 pub(crate) fn seconds(s: &str) -> Result<f64, String> {
     let v = finite_non_negative(s)?;
     if v <= MAX_DURATION_S as f64 { Ok(v) } else { Err(format!("at most {MAX_DURATION_S} s (a year), not {s}")) }
+}
+
+/// A number of seconds above 0 (as [`seconds`]): `--connect-deadline 0` left the connect phase
+/// no time at all, and the run failed at once with a count taken before any worker reported.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let v = seconds(s)?;
+    if v > 0.0 { Ok(v) } else { Err(format!("must be above 0 seconds, not {s} (leave the flag out for the default)")) }
 }
 
 pub fn room_of(i: usize, rooms: u32, dist: Dist) -> u32 {
@@ -762,8 +791,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut samples = Vec::new();
 
     // 1. Connect, with a line a second: connected, rate, failures by reason.
-    let deadline_s = a.connect_deadline.unwrap_or(a.connections as f64 / a.ramp * 2.0 + 30.0);
-    let connect_deadline = Instant::now() + Duration::from_secs_f64(deadline_s.clamp(0.0, 1e9));
+    let deadline_s = a.connect_deadline_s();
+    let connect_deadline = Instant::now() + Duration::from_secs_f64(deadline_s);
     let mut lines = ConnectLines::new(start, n_workers);
     let mut last_rate = 0.0f64;
     let connected_after_connects = loop {
@@ -892,7 +921,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Streams stop at `end`; one may be waiting for an acknowledgement (at most 10 s).
+    // Streams stop at `end`; a gift still retried then is given up at most
+    // publish::GIFT_GRACE_PAST_END (5 s) later, plus the attempt under way (3 s at most).
     let outcome = match publisher {
         Some(p) => p.finish()?,
         None => publish::Outcome::empty(a.rooms, KINDS.len(), streams.iter().copied().max().unwrap_or(1)),
@@ -1003,6 +1033,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
     let mut compressed_frames = 0u64;
     let (mut open_at_end, mut moving_at_end, mut reconnecting_at_end) = (0u64, 0u64, 0u64);
+    let (mut closed_by_generator_at_end, mut close_unanswered_at_end) = (0u64, 0u64);
     for f in &finals {
         for k in 0..KINDS.len() {
             let (fast, slow) = (decode_hist(&f.hist[k])?, decode_hist(&f.hist_slow[k])?);
@@ -1037,6 +1068,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         open_at_end += f.open_at_end;
         moving_at_end += f.moving_at_end;
         reconnecting_at_end += f.reconnecting_at_end;
+        closed_by_generator_at_end += f.closed_by_generator_at_end;
+        close_unanswered_at_end += f.close_unanswered_at_end;
         for (reason, n) in &f.failed_by {
             *failed_by_reason.entry(reason.clone()).or_default() += n;
         }
@@ -1123,6 +1156,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         members_open_at_end: open_at_end,
         members_moving_at_end: moving_at_end,
         members_reconnecting_at_end: reconnecting_at_end,
+        closed_by_generator_at_end,
+        close_unanswered_at_end,
         closes_by_code,
         sockets_lost_by_reason: sockets_lost,
         rooms: a.rooms,
@@ -1136,6 +1171,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         },
         workers: n_workers,
         connect_s,
+        connect_deadline_s: deadline_s,
         connect_per_s: connected as f64 / connect_s.max(1e-3),
         publish_secs: pub_secs,
         published: KINDS.iter().enumerate().map(|(k, name)| ((*name).to_owned(), outcome.total(k))).collect(),
@@ -1345,8 +1381,18 @@ mod tests {
                 let e = parse(&[&format!("{flag}={bad}")]).expect_err(&format!("{flag}={bad} refused"));
                 assert!(e.contains(flag), "{flag}={bad}: {e}");
             }
-            parse(&[flag, "0"]).unwrap_or_else(|e| panic!("{flag} 0 is taken: {e}"));
+            if flag == "--connect-deadline" {
+                // No time at all for the connect phase is refused (see positive_seconds).
+                let e = parse(&[flag, "0"]).expect_err("--connect-deadline 0 refused");
+                assert!(e.contains("--connect-deadline") && e.contains("above 0"), "{e}");
+            } else {
+                parse(&[flag, "0"]).unwrap_or_else(|e| panic!("{flag} 0 is taken: {e}"));
+            }
             parse(&[flag, "2.5"]).unwrap_or_else(|e| panic!("{flag} 2.5 is taken: {e}"));
+            // A negative number written apart from its flag is the flag's value (and refused
+            // by the flag's parser), not an unknown flag.
+            let e = parse(&[flag, "-1"]).expect_err(&format!("{flag} -1 refused"));
+            assert!(e.contains(&format!("invalid value '-1' for '{flag} <")), "{flag} -1: {e}");
         }
         assert!(parse(&["--duration", "18446744073709551615"]).is_err());
         parse(&["--duration", "31536000"]).expect("a year is taken");
@@ -1426,6 +1472,29 @@ mod tests {
             let e = give_up(bad).expect_err(bad);
             assert!(e.contains("--gift-give-up"), "{e}");
         }
+    }
+
+    /// The connect phase's default deadline is twice the ramp's time plus 30 s; an unpaced run
+    /// (`--ramp 0`) gets a 1,000/s ramp's, not connections / 0 (10^9 s once clamped); a deadline
+    /// given is taken as it is.
+    #[test]
+    fn the_default_connect_deadline_is_finite_even_unpaced() {
+        use clap::Parser;
+        let deadline = |extra: &[&str]| {
+            let mut argv = vec!["loadgen", "run", "--ws", "127.0.0.1:1", "--http", "127.0.0.1:2"];
+            argv.extend_from_slice(extra);
+            match super::Cli::try_parse_from(argv).expect("parses").cmd {
+                super::Cmd::Run(a) => a.connect_deadline_s(),
+                _ => unreachable!(),
+            }
+        };
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(near(deadline(&["--connections", "10000", "--ramp", "1000"]), 50.0));
+        assert!(near(deadline(&["--connections", "1000000", "--ramp", "0"]), 2030.0));
+        assert!(near(deadline(&["--connections", "20", "--ramp", "0"]), 30.04));
+        assert!(near(deadline(&["--ramp", "0", "--connect-deadline", "7.5"]), 7.5));
+        // A ramp so slow that its time overflows is held to a year, as every time here.
+        assert_eq!(deadline(&["--ramp", "1e-300"]), super::MAX_DURATION_S as f64);
     }
 
     /// `--allow-connect-failures` takes a number of members or a percentage of --connections;

@@ -26,36 +26,38 @@ use hdrhistogram::Histogram;
 use crate::report::Percentiles;
 use crate::stats::histogram;
 
+// Numeric flags take a value with a leading '-', so a negative number gets the flag's own
+// error rather than clap's "unexpected argument" (as `run`'s do).
 #[derive(clap::Args, Clone, Debug)]
 pub struct PubbenchArgs {
     /// The edge's HTTP API (host:port).
     #[arg(long)]
     http: SocketAddr,
     /// Rooms, taken round robin: `<room-prefix>0` .. `<room-prefix>N-1`.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     rooms: u32,
     #[arg(long, default_value = "pb")]
     room_prefix: String,
     /// Clients, each with one request in flight.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true)]
     concurrency: usize,
     /// Measured seconds.
-    #[arg(long, default_value_t = 10.0, value_parser = crate::seconds)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::seconds, allow_negative_numbers = true)]
     duration: f64,
     /// Seconds published before measuring (not counted).
-    #[arg(long, default_value_t = 1.0, value_parser = crate::seconds)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::seconds, allow_negative_numbers = true)]
     warmup: f64,
     /// Kind published (the edge's default config makes `gift` must-deliver).
     #[arg(long, default_value = "gift")]
     kind: String,
     /// Size of the message body (the JSON value of `body`), bytes, at least 8.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     body_bytes: usize,
     /// Edge process whose CPU is measured.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     server_pid: Option<u32>,
     /// Generator threads (tokio workers); 1 leaves the other CPU of a 2-vCPU box to the edge.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     threads: usize,
     /// Writes the result (JSON) here too.
     #[arg(long)]

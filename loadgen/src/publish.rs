@@ -39,15 +39,17 @@ pub struct Outcome {
     /// Messages accepted, per room, kind and stream (the next `k`).
     pub published: Vec<Vec<Vec<u64>>>,
     /// Of the `k`s below `published`, those never accepted, per room, kind and stream: a
-    /// batched stream numbers its messages before the edge answers for them.
+    /// batched stream numbers its messages before the edge answers for them, and a droppable
+    /// message sent alone that got no answer keeps its number (it may have gone through).
     pub holes: Vec<Vec<Vec<u64>>>,
     /// Messages attempted (accepted, dropped by the server, or given up), per kind.
     pub offered: Vec<u64>,
     /// Refusals (every answer that was not an acceptance, retries included), by "kind status".
     pub refused: BTreeMap<String, u64>,
-    /// Messages never accepted, per kind: droppables the server dropped (429/503/202) and
-    /// must-deliver messages given up after 10 s of refusals or on an answer not worth retrying.
-    /// They take no `k`: receivers do not expect them.
+    /// Messages never accepted, per kind: droppables the server dropped (429/503/202) or that
+    /// got no answer (not retried), and must-deliver messages given up after `--gift-give-up`
+    /// (or a short grace past the publishing's end, [`GIFT_GRACE_PAST_END`]) or on an answer not
+    /// worth retrying. Receivers do not expect them (they take no `k`, or leave a hole).
     pub not_accepted: Vec<u64>,
     /// Must-deliver messages given up (a subset of `not_accepted`), per kind.
     pub gave_up: Vec<u64>,
@@ -248,6 +250,13 @@ impl RefusalSpell {
     }
 }
 
+/// How long past the publishing's end (`--duration`) a gift still unacknowledged is retried,
+/// at most, before it is given up (when `--gift-give-up` would retry it longer): long enough for
+/// a blip (an edge's accept queue full for a moment, a restart of a small edge), short enough
+/// that a run whose edge is gone ends a few seconds after its duration rather than
+/// `--gift-give-up` (30 s by default) after it. `--gift-give-up 0` gives it up at the end itself.
+pub const GIFT_GRACE_PAST_END: Duration = Duration::from_secs(5);
+
 /// How often, at most, a failing stream says so on stderr (see [`ErrorDigest`]).
 pub const DIGEST_EVERY: Duration = Duration::from_secs(5);
 
@@ -390,7 +399,8 @@ struct Stream {
     s: usize,
     pad: String,
     published: Vec<u64>,
-    /// Numbers taken by messages never accepted, per room (batched streams only).
+    /// Numbers taken by messages never accepted, per room: batched messages refused, and
+    /// droppable ones that got no answer.
     holes: Vec<u64>,
     /// Most messages per request: 1 sends each on its own (`/v1/rooms/{room}/messages`).
     batch: usize,
@@ -703,7 +713,9 @@ impl Stream {
     }
 
     /// Publishes one message to `room`: a must-deliver one is retried until acknowledged, given
-    /// up after `give_up` (or at `run_end` when there is none), or when the publisher `stop`s.
+    /// up after `give_up` (or at `run_end` when there is none, and at the latest
+    /// [`GIFT_GRACE_PAST_END`] after `run_end`), or when the publisher `stop`s; a droppable one
+    /// is sent once.
     fn send(&mut self, room: u32, run_end: Instant, stop: &AtomicBool) {
         let kind = self.kind.clone();
         let k = self.published[room as usize];
@@ -721,13 +733,18 @@ impl Stream {
         // with the same Idempotency-Key (a retry of a publish that went through but whose
         // answer was lost is not a second message); a message given up takes no `k`, so the
         // receivers' sequence has no hole the publisher made. Droppable ones refused are
-        // dropped by the server: not numbered either.
+        // dropped by the server: not numbered either (one that got no answer is, below).
         let first = Instant::now();
-        let end = self.give_up.map_or(run_end, |g| first + g);
-        let unreachable_for = self.give_up.map_or_else(
-            || "until the publishing's end (--gift-give-up 0)".to_owned(),
-            |g| format!("for {:.1} s", g.as_secs_f64()),
-        );
+        // Retried until its give-up time, but not past the publishing's end by more than
+        // GIFT_GRACE_PAST_END: a gift retried at the end of --duration against an edge gone
+        // held the run up to --gift-give-up (30 s) past it.
+        let grace_end = run_end + GIFT_GRACE_PAST_END;
+        let end = self.give_up.map_or(run_end, |g| (first + g).min(grace_end));
+        let unreachable_for = match self.give_up {
+            None => "until the publishing's end (--gift-give-up 0)".to_owned(),
+            Some(g) if first + g <= grace_end => format!("for {:.1} s", g.as_secs_f64()),
+            Some(_) => format!("the run's end and its {} s grace", GIFT_GRACE_PAST_END.as_secs()),
+        };
         // Unique per message offered (a message given up does not take a `k`: the next reuses
         // it), and per run (the edge remembers keys for minutes).
         let idem = format!("lg-{}-{kind}-{s}-{}", self.run_id, self.offered);
@@ -803,6 +820,22 @@ impl Stream {
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(20));
+                }
+                // A droppable message (chat) is not retried: a client's chat that did not go
+                // through is gone, and retrying one held its stream (each retry up to the 3 s
+                // timeout, for up to --gift-give-up) while the rest of its messages waited. It
+                // takes its number and leaves a hole, as a batched one does: with no answer it
+                // may have gone through (a timeout), and a later message reusing its number
+                // would then be a duplicate to every member.
+                Err(e) if !self.must_deliver => {
+                    self.refusal("error");
+                    if let Some(line) = self.errors.failed(Instant::now(), "dropped", &chain(&e)) {
+                        eprintln!("{line}");
+                    }
+                    self.published[room as usize] += 1;
+                    self.holes[room as usize] += 1;
+                    self.not_accepted += 1;
+                    return;
                 }
                 Err(e) if Instant::now() < end && !stopping => {
                     self.refusal("error");
@@ -1028,6 +1061,40 @@ mod tests {
         assert!(o.gave_up[0] >= 1, "gifts given up: {:?}", o.gave_up);
         assert_eq!(o.not_accepted[0], o.gave_up[0]);
         assert!(o.refused.get("gift error").copied().unwrap_or(0) >= o.gave_up[0], "{:?}", o.refused);
+    }
+
+    /// Chat (droppable) sent to an endpoint nobody listens on is tried once per message and
+    /// dropped, never retried: each keeps its pace, each failure is one refusal, one message
+    /// not accepted and one hole in the numbering (it got no answer, so it might have gone
+    /// through). It was retried like a gift, for the whole give-up time, with the stream's
+    /// next messages waiting behind it.
+    #[test]
+    fn chat_that_gets_no_answer_is_dropped_not_retried() {
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let start = Instant::now();
+        let p = Publisher::start(
+            Target::Edge,
+            http,
+            1,
+            &["gift", "chat"],
+            8,
+            &[0.0, 40.0],
+            &[1, 1],
+            &[1, 1],
+            Some(Duration::from_secs(30)),
+            None,
+            start,
+            start + Duration::from_millis(500),
+        )
+        .unwrap();
+        let o = p.finish().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(3), "not held by retries: {:?}", start.elapsed());
+        assert!(o.offered[1] >= 15, "every message due was sent: {:?}", o.offered);
+        assert_eq!(o.refused.get("chat error").copied(), Some(o.offered[1]), "each tried once: {:?}", o.refused);
+        assert_eq!(o.not_accepted[1], o.offered[1]);
+        assert_eq!(o.gave_up[1], 0, "droppables are not given up, they are dropped");
+        assert_eq!(o.holes[0][1][0], o.offered[1], "each left a hole");
+        assert_eq!(o.total(1), 0);
     }
 
     /// An outage of 30 s, a failed attempt every 50 ms (600): the first error at once, then at

@@ -143,6 +143,12 @@ pub struct Report {
     pub members_open_at_end: u64,
     pub members_moving_at_end: u64,
     pub members_reconnecting_at_end: u64,
+    /// Of `members_open_at_end`, those the generator closed as a client leaving does: a close
+    /// frame with 1000 written whole (an event stream: its socket shut), then its write side
+    /// shut (the edge counts them `peer_closed`); and those whose server had not closed its side
+    /// within 3 s (dropped then).
+    pub closed_by_generator_at_end: u64,
+    pub close_unanswered_at_end: u64,
     /// Close frames the members received from the server, by close code ("none": no code).
     pub closes_by_code: BTreeMap<String, u64>,
     /// Members' open sockets that ended without a close frame, by how: `eof` (the peer's FIN),
@@ -153,6 +159,8 @@ pub struct Report {
     pub encoding: String,
     pub workers: usize,
     pub connect_s: f64,
+    /// The connect phase's deadline (`--connect-deadline`, or its default), seconds.
+    pub connect_deadline_s: f64,
     pub connect_per_s: f64,
     pub publish_secs: f64,
     pub published: BTreeMap<String, u64>,
@@ -165,7 +173,8 @@ pub struct Report {
     /// Refusals by "kind status" ("gift 429", "chat 202", "gift error" for a transport error).
     pub publish_refused_by_status: BTreeMap<String, u64>,
     /// Messages never accepted (dropped by the server, or must-deliver given up), per kind, and
-    /// the must-deliver ones given up after 10 s of refusals or on a final answer.
+    /// the must-deliver ones given up (after --gift-give-up, at most 5 s past --duration, or on
+    /// a final answer).
     pub publish_not_accepted: BTreeMap<String, u64>,
     pub publish_gave_up: BTreeMap<String, u64>,
     /// Publish to acknowledgement, accepted messages (first attempt to acceptance), per kind.
@@ -253,6 +262,7 @@ impl Report {
             "stopped_early": self.stopped_early,
             "run_errors": self.run_errors,
             "members_open_at_end": self.members_open_at_end,
+            "closed_by_generator_at_end": self.closed_by_generator_at_end,
             "connect_per_s": self.connect_per_s,
             "connect_inflight_peak": self.connect_inflight_peak,
             "move_inflight_peak": self.move_inflight_peak,
@@ -337,6 +347,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | stopped early | {stopped} |\n\
          | connections (failed; failures allowed) | {conns} ({failed}; {allowed}) |\n\
          | members open at the end; on their way back; reconnecting 10 s or more | {open_end}; {moving_end}; {reconnecting_end} |\n\
+         | members closed by the generator at the end (close frame 1000 out); left without the server's close after 3 s | {closed_end}; {unanswered_end} |\n\
          | failed connections by reason | {failed_by} |\n\
          | workers died (their connections) | {died} |\n\
          | connect rate | {cps:.0}/s; handshake p50/p99 {hs50:.1}/{hs99:.1} ms; in flight per worker at most {inflight_peak} of {inflight} |\n\
@@ -379,6 +390,8 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         open_end = r.members_open_at_end,
         moving_end = r.members_moving_at_end,
         reconnecting_end = r.members_reconnecting_at_end,
+        closed_end = r.closed_by_generator_at_end,
+        unanswered_end = r.close_unanswered_at_end,
         failed_by = if r.failed_by_reason.is_empty() {
             "none".to_owned()
         } else {

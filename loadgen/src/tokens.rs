@@ -21,6 +21,8 @@ pub enum Alg {
     Rs256,
 }
 
+// Numeric flags take a value with a leading '-', so a negative number gets the flag's own
+// error rather than clap's "unexpected argument" (as `run`'s do).
 #[derive(clap::Args, Clone, Debug)]
 pub struct TokensArgs {
     #[arg(long, value_enum)]
@@ -32,13 +34,13 @@ pub struct TokensArgs {
     #[arg(long)]
     kid: Option<String>,
     /// How many tokens (lines).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     count: usize,
     /// `sub` of token N is this prefix followed by N.
     #[arg(long, default_value = "u")]
     sub_prefix: String,
     /// Seconds until `exp`.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
     ttl: u64,
     /// `rooms` claim: room names or `prefix*`, comma separated (absent: every room).
     #[arg(long, value_delimiter = ',')]

@@ -292,11 +292,22 @@ pub struct Final {
     pub moving_at_end: u64,
     #[serde(default)]
     pub reconnecting_at_end: u64,
+    /// Of `open_at_end`, the members the generator closed as a client leaving does
+    /// ([`close_at_end`]): a close frame with 1000 written whole (an event stream has none: its
+    /// socket shut), then the write side shut. Without it the workers exited with the sockets
+    /// open, and the edge counted most of them as resets (`peer_reset`).
+    #[serde(default)]
+    pub closed_by_generator_at_end: u64,
+    /// Of `open_at_end`, those whose server had not closed its side within [`CLOSE_DRAIN`]
+    /// (dropped then: the kernel resets a socket closed with bytes unread).
+    #[serde(default)]
+    pub close_unanswered_at_end: u64,
     pub cpu_s: f64,
 }
 
 /// Stop: the final `k` published per (room, kind, stream), and of those the ones never
-/// accepted (batched streams number a message before the edge answers for it).
+/// accepted (batched streams number a message before the edge answers for it; a droppable
+/// message that got no answer keeps its number).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stop {
     pub published: Vec<Vec<Vec<u64>>>,
@@ -794,6 +805,37 @@ impl Conn {
         let _ = self.sock.tcp().shutdown(std::net::Shutdown::Both);
     }
 
+    /// Closes an open member at the run's end as a client leaving does: after any pong still
+    /// owed (a frame cut in two would corrupt the stream), a close frame with 1000 (normal
+    /// closure; masked as a client's frames are), for TLS the close_notify, then the write side
+    /// shut (FIN after what is queued). The socket stays open for reading: the server's answer
+    /// and close are read by [`close_at_end`] so that nothing is left unread when it is dropped
+    /// (that makes the kernel reset it). Nonblocking and best effort: returns whether the close
+    /// frame went out whole (`sse`: an event stream has no close frame, and nothing to write
+    /// before its FIN).
+    fn close_at_end(&mut self, sse: bool) -> bool {
+        if !sse {
+            let mask = (self.last_seq as u32 ^ 0x6b43_a9b5).to_le_bytes();
+            self.pong.extend_from_slice(&ws::encode_client_frame(ws::OpCode::Close, &1000u16.to_be_bytes(), mask));
+            self.flush_pong();
+        }
+        let mut out = self.pong.is_empty();
+        if let Sock::Tls(s) = &mut self.sock {
+            s.conn.send_close_notify();
+            while s.conn.wants_write() {
+                match s.conn.write_tls(&mut s.sock) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+            out &= !s.conn.wants_write();
+        }
+        // Fails only when the socket is gone already (ENOTCONN: the server, having read the
+        // close, may reset before this): the close went out all the same.
+        let _ = self.sock.tcp().shutdown(std::net::Shutdown::Write);
+        out
+    }
+
     /// A close frame: after 4000 (slow consumer) or 1013 (replay budget), come back to the same
     /// edge with `since` after a random delay under a second, as a client would.
     /// Other closes a client would come back from (1001 going away or idle, 1011 server
@@ -895,6 +937,71 @@ pub(crate) const DEFAULT_MOVE_GIVE_UP_S: f64 = 120.0;
 /// report (a slow reader closed by the last gifts resumes within a second or two); a member
 /// without a socket for this long at the end counts as not connected, which fails the run.
 const MOVES_AT_END: Duration = Duration::from_secs(10);
+
+/// How long, at most, a worker waits at the run's end for the server to close the members it
+/// closed ([`close_at_end`]) before it drops what is left: the edge answers a close frame and
+/// closes at once (a few ms at 2,000 members; 15,000 members a worker at 10^6 on a shared box
+/// take longer), and a run's end must not wait long on a server that does not.
+const CLOSE_DRAIN: Duration = Duration::from_secs(3);
+
+/// What [`close_at_end`] did: members whose close went out whole, and members whose server had
+/// not closed its side by the deadline.
+struct EndCloses {
+    sent: u64,
+    unanswered: u64,
+}
+
+/// Closes every member open at the run's end ([`Conn::close_at_end`]), then reads their
+/// sockets (what the server still sends, its close frame, its FIN) until the server has closed
+/// each or [`CLOSE_DRAIN`] has passed. What is read is dropped: the figures are final. Members
+/// between sockets have none to close; their moves' sockets go with the process.
+fn close_at_end(conns: &mut [Conn], ep: &mut Readiness, tmp: &mut [u8], sse: bool) -> EndCloses {
+    let deadline = Instant::now() + CLOSE_DRAIN;
+    let mut sent = 0u64;
+    let mut draining = vec![false; conns.len()];
+    for (i, c) in conns.iter_mut().enumerate().filter(|(_, c)| c.open) {
+        sent += u64::from(c.close_at_end(sse));
+        // Slow readers are read outside epoll; they too are now read as answers come.
+        if c.slow {
+            ep.add(c.sock.as_raw_fd(), i);
+        }
+        draining[i] = true;
+    }
+    // Whether the server has closed the member's socket (EOF, or an error: nothing more will
+    // come), reading what is there.
+    let ended = |c: &mut Conn, tmp: &mut [u8]| loop {
+        match c.sock.read(tmp) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    };
+    // Once over all of them (what came before its epoll event was taken), then as epoll says.
+    let mut left = 0u64;
+    for (i, c) in conns.iter_mut().enumerate() {
+        if draining[i] {
+            draining[i] = !ended(c, tmp);
+            left += u64::from(draining[i]);
+        }
+    }
+    let mut ready = Vec::new();
+    while left > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        ep.wait(&mut ready, (deadline - now).min(Duration::from_millis(50)));
+        for &i in &ready {
+            if i < conns.len() && draining[i] && ended(&mut conns[i], tmp) {
+                draining[i] = false;
+                left -= 1;
+            }
+        }
+    }
+    EndCloses { sent, unanswered: left }
+}
 
 /// The wait before retry `attempt` (0: the first retry): uniform in [ceiling / 10, ceiling],
 /// ceiling = min(cap, base x 2^attempt). The tenth keeps a retry from spinning at 0.
@@ -1053,7 +1160,13 @@ impl Reader {
                     data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
                 }
             }
-            if !data.is_empty() {
+            if data.is_empty() {
+                // A heartbeat (a comment, at the edge's ws.ping_interval_ms): counted as pings
+                // are, so a run's end sees the stream quiet. Counted as data, heartbeats every
+                // 100 ms held each end of a run for the full 60 s twice (the coordinator's
+                // settling, then the workers' wait for bytes to stop).
+                self.ping_bytes += (end + 2) as u64;
+            } else {
                 self.frames += 1;
                 let payload = std::mem::take(&mut data);
                 self.envelope_json(c, &payload, now);
@@ -1487,7 +1600,15 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             if corrupt > 0 {
                 eprintln!("{corrupt} connections with a corrupt stream");
             }
+            // Who was open, on the way or down is as of now, before the closes below take
+            // their time.
             let now = Instant::now();
+            let open_at_end = conns.iter().filter(|c| c.open).count() as u64;
+            let moving_at_end = conns.iter().filter(|c| c.on_its_way(now)).count() as u64;
+            let reconnecting_at_end = conns.iter().filter(|c| c.between_sockets() && !c.on_its_way(now)).count() as u64;
+            // Members leave as clients do (a close frame, then FIN), so the server counts them
+            // closed by their peer, not reset by it.
+            let closes = close_at_end(&mut conns, &mut ep, &mut tmp, args.sse);
             let f = Final {
                 corrupt,
                 partial,
@@ -1517,9 +1638,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 reconnect_attempts_failed_by: std::mem::take(&mut moves.stats.errors),
                 move_answers_read_late: moves.stats.late_reads,
                 resumed: moves.stats.resumed,
-                open_at_end: conns.iter().filter(|c| c.open).count() as u64,
-                moving_at_end: conns.iter().filter(|c| c.on_its_way(now)).count() as u64,
-                reconnecting_at_end: conns.iter().filter(|c| c.between_sockets() && !c.on_its_way(now)).count() as u64,
+                open_at_end,
+                moving_at_end,
+                reconnecting_at_end,
+                closed_by_generator_at_end: closes.sent,
+                close_unanswered_at_end: closes.unanswered,
                 move_inflight_peak: moves.peak() as u64,
                 cpu_s: own_cpu_s(),
             };
@@ -1578,6 +1701,45 @@ mod tests {
         let (mut server, _) = l.accept().unwrap();
         server.write_all(b"HTTP/1.1 101 X\r\r\n\r\nZ").unwrap();
         assert_eq!(read_head(&mut Sock::Plain(client)).unwrap(), b"HTTP/1.1 101 X\r\r\n\r\n");
+    }
+
+    /// A member closed at the run's end sends what a leaving client sends: a masked close frame
+    /// with 1000 after the pong it still owed (whole, not cut by the close), then FIN; its
+    /// socket still reads what the server sends after that.
+    #[test]
+    fn a_member_closed_at_the_end_sends_a_close_frame_then_fin() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut c = super::Conn::new(Sock::Plain(client), false, 0, &[1, 1]);
+        c.pong.extend_from_slice(&[0x8a, 0x80, 1, 2, 3, 4]);
+        assert!(c.close_at_end(false), "the close frame went out whole");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(&got[..6], &[0x8a, 0x80, 1, 2, 3, 4], "the pong owed first");
+        let close = &got[6..];
+        assert_eq!((close[0], close[1], close.len()), (0x88, 0x82, 8), "FIN + close, masked, 2 bytes: {close:?}");
+        let code = [close[6] ^ close[2], close[7] ^ close[3]];
+        assert_eq!(u16::from_be_bytes(code), 1000);
+        // The read side stays open for the server's answer.
+        server.write_all(&[0x88, 0x02, 0x03, 0xe8]).unwrap();
+        drop(server);
+        let mut answer = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut b = [0u8; 16];
+            match c.sock.read(&mut b) {
+                Ok(0) => break,
+                Ok(n) => answer.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(answer, [0x88, 0x02, 0x03, 0xe8]);
     }
 
     /// The request tungstenite builds is one the edge's own parser takes, with a fresh key each
