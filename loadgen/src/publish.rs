@@ -1088,7 +1088,8 @@ mod tests {
         )
         .unwrap();
         let o = p.finish().unwrap();
-        assert!(start.elapsed() < Duration::from_secs(3), "not held by retries: {:?}", start.elapsed());
+        // Retries would hold it for the 30 s give-up time; a generous bound on a shared box.
+        assert!(start.elapsed() < Duration::from_secs(20), "not held by retries: {:?}", start.elapsed());
         assert!(o.offered[1] >= 15, "every message due was sent: {:?}", o.offered);
         assert_eq!(o.refused.get("chat error").copied(), Some(o.offered[1]), "each tried once: {:?}", o.refused);
         assert_eq!(o.not_accepted[1], o.offered[1]);

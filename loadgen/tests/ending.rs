@@ -115,8 +115,8 @@ fn a_dead_publish_endpoint_does_not_hold_the_end_of_the_run() {
     let took = started.elapsed();
     stop(&mut edge);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    // Generous: the connect phase, the 3 s, the 5 s grace, the settling; not the 30 s give-up.
-    assert!(took < Duration::from_secs(3 + 15), "took {took:?}: {stderr}");
+    // Generous: the connect phase, the 3 s, the 5 s grace, the settling; not the 30 s give-up (33.6 s before).
+    assert!(took < Duration::from_secs(3 + 22), "took {took:?}: {stderr}");
     let v = result(&out);
     assert_eq!(v["published"]["gift"], 0, "{v}");
     assert_eq!(v["published"]["chat"], 0, "{v}");
