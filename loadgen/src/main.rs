@@ -1138,6 +1138,15 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             lost[gift]
         ));
     }
+    // A gift given up was never acknowledged, so no member was owed it and it is not "lost";
+    // but the run did not deliver what it was asked to (a trial's run whose --http pointed at
+    // nothing exited 0, "did what it was asked", with every gift given up).
+    if outcome.gave_up[gift] > 0 {
+        run_errors.push(format!(
+            "gifts given up unacknowledged: {} (the publish endpoint did not take them in time; see publish_refused_by_status)",
+            outcome.gave_up[gift]
+        ));
+    }
     // A publisher that stopped early says why (a run with nobody connected has said so above).
     if outcome.stopped_early.is_some()
         && let Some(why) = &stopped_early

@@ -1133,7 +1133,7 @@ impl Reader {
                 }
             }
             Ok(roomcast_proto::ServerMsg::Joined { seq, .. }) => c.on_joined(seq),
-            Ok(roomcast_proto::ServerMsg::Goaway { url, reconnect_after_ms, .. }) => {
+            Ok(roomcast_proto::ServerMsg::Goaway { url, reconnect_after_ms, .. }) if self.follow => {
                 c.on_goaway(&url, reconnect_after_ms);
             }
             _ => {}
@@ -1238,7 +1238,9 @@ impl Reader {
                         }
                     }
                     Ok(ArchivedServerMsg::Joined { seq, .. }) => c.on_joined(seq.to_native()),
-                    Ok(ArchivedServerMsg::Goaway { url, reconnect_after_ms, .. }) => {
+                    // Not followed (`--no-follow-goaway`): the member is not on its way
+                    // anywhere, and its close counts as closed.
+                    Ok(ArchivedServerMsg::Goaway { url, reconnect_after_ms, .. }) if self.follow => {
                         c.on_goaway(url.as_str(), reconnect_after_ms.to_native());
                     }
                     _ => {}

@@ -129,5 +129,9 @@ fn a_dead_publish_endpoint_does_not_hold_the_end_of_the_run() {
     assert_eq!(v["publish_offered"]["gift"], 1, "{v}");
     assert_eq!(v["publish_gave_up"]["gift"], 1, "{v}");
     assert!(stderr.contains("given up, unreachable (the run's end"), "{stderr}");
+    // And the run did not do what it was asked: it fails (it exited 0, "did what it was asked").
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("gifts given up unacknowledged: 1 "), "{stderr}");
+    assert!(v["run_errors"].to_string().contains("gifts given up unacknowledged: 1 "), "{v}");
     let _ = std::fs::remove_dir_all(&out);
 }

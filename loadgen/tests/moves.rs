@@ -139,6 +139,18 @@ fn drain_through_config(
     mode: Mode,
     config: &str,
 ) -> (serde_json::Value, Seen, bool, String) {
+    drain_through_args(name, members, inflight, mode, config, &[])
+}
+
+/// As [`drain_through_config`], with `extra` arguments to `loadgen run`.
+fn drain_through_args(
+    name: &str,
+    members: usize,
+    inflight: usize,
+    mode: Mode,
+    config: &str,
+    extra: &[&str],
+) -> (serde_json::Value, Seen, bool, String) {
     let redis = RedisProc::start();
     let bus = redis.url();
     let dir = std::env::temp_dir().join(format!("loadgen-moves-{name}-{}", std::process::id()));
@@ -156,6 +168,7 @@ fn drain_through_config(
         .args(["--connect-inflight", &inflight.to_string()])
         .args(["--duration", "6", "--gift-rate", "5", "--chat-rate", "0", "--scenario", name])
         .args(["--out", out.to_str().unwrap()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
         .spawn()
@@ -287,4 +300,23 @@ fn a_host_name_from_dispatch_is_looked_up_and_followed() {
     assert_eq!(v["reconnect_attempts_failed_by_reason"], serde_json::json!({}), "{v}");
     assert_eq!(v["members_open_at_end"], 30, "{v}");
     assert_eq!(v["lost"]["gift"], 0, "{v}");
+}
+
+/// Members run with `--no-follow-goaway` stay away when their edge drains: the run fails
+/// saying they were closed and not followed. A trial found them counted as "on their way back"
+/// (1,000 of 2,000 `members_moving_at_end`), so that error never fired.
+#[test]
+fn members_that_do_not_follow_a_goaway_are_not_on_their_way_back() {
+    const MEMBERS: usize = 10;
+    let mode = Mode::RefuseFirst { n: 0 };
+    let (v, seen, ok, stderr) = drain_through_args("nofollow", MEMBERS, 32, mode, "", &["--no-follow-goaway"]);
+    assert!(!ok, "members gone for good: {stderr}");
+    assert_eq!(seen.asked, 0, "nobody asked dispatch: {v}");
+    assert_eq!(v["members_moving_at_end"], 0, "{v}");
+    assert_eq!(v["reconnects"], 0, "{v}");
+    assert!(
+        stderr.contains(&format!("{MEMBERS} of {MEMBERS} members were not connected at the end"))
+            && stderr.contains(&format!("{MEMBERS} closed and not followed")),
+        "{stderr}"
+    );
 }
