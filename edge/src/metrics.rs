@@ -38,6 +38,9 @@ pub enum CloseWhy {
     /// Redis did not answer the read of its `since` replay (1013: it comes back with the same
     /// `since`).
     RecoveryUnavailable,
+    /// Redis did not give the seq of a room this edge did not follow yet within 10 s of its
+    /// join (1013: it comes back).
+    RoomUnavailable,
     /// A WebSocket protocol violation, a signalling flood, or an event stream's client talking.
     ProtocolError,
     /// Its token expired without a refresh (4001).
@@ -60,7 +63,7 @@ pub enum CloseWhy {
 
 impl CloseWhy {
     /// Every reason, in declaration order (the index of each is its discriminant).
-    pub const ALL: [CloseWhy; 17] = [
+    pub const ALL: [CloseWhy; 18] = [
         Self::PeerClosed,
         Self::PeerReset,
         Self::HandshakeTimeout,
@@ -70,6 +73,7 @@ impl CloseWhy {
         Self::SlowConsumer,
         Self::ReplayBudget,
         Self::RecoveryUnavailable,
+        Self::RoomUnavailable,
         Self::ProtocolError,
         Self::TokenExpired,
         Self::Moderated,
@@ -92,6 +96,7 @@ impl CloseWhy {
             Self::SlowConsumer => "slow_consumer",
             Self::ReplayBudget => "replay_budget",
             Self::RecoveryUnavailable => "recovery_unavailable",
+            Self::RoomUnavailable => "room_unavailable",
             Self::ProtocolError => "protocol_error",
             Self::TokenExpired => "token_expired",
             Self::Moderated => "moderated",
@@ -373,7 +378,7 @@ impl Metrics {
             closed: counter(
                 r,
                 "connections_closed_total",
-                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, recovery_unavailable, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error, table_full: never held, the shard's descriptor table was full).",
+                "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, recovery_unavailable, room_unavailable, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error, table_full: never held, the shard's descriptor table was full).",
                 &["shard", "reason"],
             ),
             handshake_failures: counter(

@@ -792,3 +792,38 @@ async fn members_coming_back_together_share_their_reads_of_redis() {
     assert_eq!(joins, 200.0);
     assert!((1.0..=10.0).contains(&reads), "{reads} reads for 200 joins");
 }
+
+/// A join on a room this edge does not follow yet waits for Redis to give the room's seq. A
+/// read Redis leaves unanswered past the command timeout (3 s) is made again, and a join kept
+/// waiting past its bound (10 s) is sent back with 1013, counted, to come again. A new user's
+/// trial froze Redis: the first joins on a room waited without end, with no answer, and the
+/// room's read was never made again while the connection stayed up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_on_a_room_redis_does_not_answer_for_are_read_again_then_sent_back() {
+    let redis = RedisProc::start();
+    let edge = edge_on(&redis, &[]);
+    let p = Publisher::new(edge.http);
+    // Scripts (the room's read among them) held 5 s: the first read times out, the next one is
+    // answered once Redis is back, well within the join's bound.
+    assert_eq!(redis_cli(redis.port, &["CLIENT", "PAUSE", "5000", "WRITE"]).trim(), "OK");
+    let mut ws = connect(&edge.url("?room=late"), None).await;
+    match next_msg_within(&mut ws, Duration::from_secs(9)).await {
+        Some(ServerMsg::Joined { room, .. }) => assert_eq!(room, "late"),
+        other => panic!("expected joined once Redis answered the room's read again: {other:?}"),
+    }
+    // Held past the join's bound: sent back, with the reason counted.
+    assert_eq!(redis_cli(redis.port, &["CLIENT", "PAUSE", "30000", "WRITE"]).trim(), "OK");
+    let mut ws = connect(&edge.url("?room=later"), None).await;
+    assert_eq!(close_code(&mut ws, Duration::from_secs(15)).await, Some(1013));
+    let (_, text) = p.get("/metrics").await;
+    let closed: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("roomcast_connections_closed_total{") && l.contains("reason=\"room_unavailable\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(closed, 1.0, "{text}");
+    // Back: it comes again and joins.
+    assert_eq!(redis_cli(redis.port, &["CLIENT", "UNPAUSE"]).trim(), "OK");
+    let mut ws = connect(&edge.url("?room=later"), None).await;
+    assert_eq!(expect_joined(&mut ws, "later").await, 0);
+}

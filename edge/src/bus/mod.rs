@@ -253,9 +253,19 @@ pub struct JoinAck {
     pub replay: Vec<Bytes>,
     /// The room's online count for `joined` (None: counts are not shown).
     pub online: Option<u64>,
-    /// The join's `since` could not be recovered now (Redis did not answer): the shard closes
-    /// it with 1013, and the client comes back with the same `since`.
-    pub retry: bool,
+    /// The join could not be answered now (Redis did not answer): the shard closes it with
+    /// 1013, and the client comes back with the same `since`.
+    pub retry: Option<JoinRetry>,
+}
+
+/// Why a join is sent back to come again (1013): nothing is lost, Redis did not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRetry {
+    /// The read of what it missed since its `since`.
+    Recovery,
+    /// The room's seq and epoch, which a join waits for on a room this edge does not follow
+    /// yet (bounded: [`crate::engine`]'s `SYNC_WAIT_FOR`).
+    Sync,
 }
 
 /// The answer to a publish over a socket.

@@ -1038,6 +1038,8 @@ async fn run(
     // (and after a reconnect) so that the counts of live edges never expire.
     let mut occupancy: std::collections::HashMap<RoomName, u64> = std::collections::HashMap::new();
     let mut rooms: HashSet<RoomName> = HashSet::new();
+    // Rooms whose read of seq and epoch Redis did not answer, to read again.
+    let (resync_tx, mut resync_rx) = tokio::sync::mpsc::unbounded_channel::<RoomName>();
     let mut backoff = Duration::from_millis(100);
     loop {
         // (Re)connect: a command connection and a subscriber connection.
@@ -1113,7 +1115,7 @@ async fn run(
         up.set(1);
         bus.send_async(EngineCmd::Redis { up: true }).await;
         for room in rooms.clone() {
-            tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
+            tokio::spawn(sync_or_again(cm.clone(), room, bus.clone(), resync_tx.clone()));
         }
         tracing::info!(rooms = rooms.len(), "redis bus connected");
         tokio::spawn(check_persistence(cm.clone()));
@@ -1156,6 +1158,13 @@ async fn run(
                     up.set(0);
                     bus.send_async(EngineCmd::Redis { up: false }).await;
                     break;
+                }
+                Some(room) = resync_rx.recv() => {
+                    // Still followed: read again (a reconnect meanwhile read it already; a
+                    // second answer of the same state changes nothing).
+                    if rooms.contains(&room) {
+                        tokio::spawn(sync_or_again(cm.clone(), room, bus.clone(), resync_tx.clone()));
+                    }
                 }
                 _ = refresh.tick() => {
                     // One task walks every room with members here, a bounded number of scripts
@@ -1209,7 +1218,7 @@ async fn run(
                 failed("subscribe");
                                 }
                                 // Read the seq only once subscribed: nothing after it is missed.
-                                tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
+                                tokio::spawn(sync_or_again(cm.clone(), room, bus.clone(), resync_tx.clone()));
                             }
                         }
                         BridgeCmd::Unsubscribe(room) => {
@@ -1312,6 +1321,20 @@ pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: 
 /// same `since` (Redis still holds what they missed: not a gap).
 fn recovery_failed(room: RoomName, since: u64, upto: u64) -> EngineCmd {
     EngineCmd::Recovered { room, since, upto, messages: Vec::new(), evicted_upto: 0, ok: false }
+}
+
+/// How long after an unanswered read of a room's seq it is read again.
+const RESYNC_AFTER: Duration = Duration::from_secs(1);
+
+/// Reads the room's seq, epoch and latest state for its engine; if Redis does not answer, hands
+/// the room back to be read again after [`RESYNC_AFTER`]. Without it, a read that timed out
+/// while the connection stayed up (a frozen or saturated Redis) was never made again: the joins
+/// of a room this edge did not follow yet waited for it without end.
+async fn sync_or_again(cm: Conn, room: RoomName, bus: BusHandle, again: tokio::sync::mpsc::UnboundedSender<RoomName>) {
+    if !sync_room(cm, room.clone(), bus).await {
+        tokio::time::sleep(RESYNC_AFTER).await;
+        let _ = again.send(room);
+    }
 }
 
 /// Reads the room's seq, epoch and latest state for its engine; false if Redis did not answer.

@@ -16,7 +16,7 @@ use roomcast_proto::envelope::{self, PushMessage, ServerMsg};
 
 use super::{Engine, Out};
 use crate::bus::redis::BridgeCmd;
-use crate::bus::{Epoch, PendingJoin, RoomName, ShardCmd, Since, frame_at};
+use crate::bus::{Epoch, JoinRetry, PendingJoin, RoomName, ShardCmd, Since, frame_at};
 
 /// Reasons a join's position was void (the `reset` message's `reason`).
 pub const RESET_EPOCH: &str = "epoch changed: the room's numbering restarted";
@@ -24,6 +24,13 @@ pub const RESET_AHEAD: &str = "since is ahead of the room: its numbering restart
 
 /// How long a join whose `since` is ahead of this edge waits for Redis to catch up.
 const PARK_FOR: Duration = Duration::from_secs(2);
+
+/// How long a join on a room this edge does not follow yet waits for Redis to give the room's
+/// seq and epoch (the bridge reads them again until it does). Past this the join is sent back
+/// with 1013, to come again (through dispatch, maybe to an edge whose Redis answers): a client
+/// kept waiting without an answer while Redis is frozen sees neither its room nor why. Three
+/// of Redis's command timeouts, so a read lost to one slow moment is read again in time.
+pub(super) const SYNC_WAIT_FOR: Duration = Duration::from_secs(10);
 
 impl Engine {
     pub(super) fn join(
@@ -65,7 +72,10 @@ impl Engine {
                 let _ = bridge.send(BridgeCmd::Subscribe(r.name.clone()));
             }
             if !r.synced {
-                r.waiting.push((join, since));
+                r.waiting.push((join, since, now + SYNC_WAIT_FOR));
+                if !self.syncing_rooms.contains(&room) {
+                    self.syncing_rooms.push(room);
+                }
                 return;
             }
         }
@@ -196,7 +206,7 @@ impl Engine {
         if !ok {
             self.stats.recovery_joins.inc_by((covered.len() + next.len()) as u64);
             for (join, _) in covered.into_iter().chain(next) {
-                retry_join(out, r.name.clone(), join, r.flushed_seq, r.epoch);
+                retry_join(out, r.name.clone(), join, r.flushed_seq, r.epoch, JoinRetry::Recovery);
             }
             return;
         }
@@ -260,6 +270,23 @@ impl Engine {
         }
     }
 
+    /// Sends back (1013) the joins that waited [`SYNC_WAIT_FOR`] for their room's sync.
+    pub(super) fn expire_waiting(&mut self, now: Instant, out: &mut Out) {
+        if self.syncing_rooms.is_empty() {
+            return;
+        }
+        for room in std::mem::take(&mut self.syncing_rooms) {
+            let Some(r) = self.rooms.get_mut(&room) else { continue };
+            let due = r.waiting.partition_point(|&(_, _, at)| at <= now);
+            for (join, _, _) in r.waiting.drain(..due) {
+                retry_join(out, r.name.clone(), join, r.flushed_seq, r.epoch, JoinRetry::Sync);
+            }
+            if !r.waiting.is_empty() {
+                self.syncing_rooms.push(room);
+            }
+        }
+    }
+
     pub(super) fn expire_parked(&mut self, now: Instant, out: &mut Out) {
         if self.parked_rooms.is_empty() {
             return;
@@ -286,10 +313,10 @@ pub(super) fn ack_join(
     out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
 }
 
-/// Answers a join whose `since` could not be recovered now: its shard closes it with 1013 and
-/// the client comes back with the same `since` (nothing is declared lost).
-pub(super) fn retry_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, epoch: Epoch) {
-    let ack = crate::bus::JoinAck { retry: true, ..bare_ack(room, &join, seq, epoch) };
+/// Answers a join that Redis could not serve now: its shard closes it with 1013 and the client
+/// comes back with the same `since` (nothing is declared lost).
+pub(super) fn retry_join(out: &mut Out, room: RoomName, join: PendingJoin, seq: u64, epoch: Epoch, why: JoinRetry) {
+    let ack = crate::bus::JoinAck { retry: Some(why), ..bare_ack(room, &join, seq, epoch) };
     out.push(join.shard, ShardCmd::JoinAck(Box::new(ack)));
 }
 
@@ -304,7 +331,7 @@ fn bare_ack(room: RoomName, join: &PendingJoin, seq: u64, epoch: Epoch) -> crate
         reset: None,
         replay: Vec::new(),
         online: None,
-        retry: false,
+        retry: None,
     }
 }
 

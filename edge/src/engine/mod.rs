@@ -335,6 +335,8 @@ pub struct Engine {
     remote_up: bool,
     /// Rooms with parked joins.
     parked_rooms: Vec<RoomName>,
+    /// Rooms with joins waiting for their sync (some may have been answered since).
+    syncing_rooms: Vec<RoomName>,
     /// Wall clock at `epoch` (µs since the Unix epoch): message timestamps are
     /// `wall_at_epoch + (now - epoch)`, so the engine never reads a clock itself.
     epoch: Instant,
@@ -399,6 +401,7 @@ impl Engine {
             remote: None,
             remote_up: false,
             parked_rooms: Vec::new(),
+            syncing_rooms: Vec::new(),
             epoch: now,
             wall_at_epoch: wall_us,
             epochs_made: 0,
@@ -561,14 +564,15 @@ impl Engine {
         }
     }
 
-    /// Runs what is due at `now`: batches whose window closed, parked joins whose wait is over,
-    /// the adaptive step and the idle sweep.
+    /// Runs what is due at `now`: batches whose window closed, parked joins and joins waiting
+    /// for a sync whose wait is over, the adaptive step and the idle sweep.
     pub fn poll(&mut self, now: Instant, out: &mut Out) {
         self.now = now;
         self.flush_immediate(out);
         self.flush_due(now, out);
         self.presence_due(now, out);
         self.expire_parked(now, out);
+        self.expire_waiting(now, out);
         self.adapt(now);
         self.control(now);
         self.sweep(now);
@@ -687,6 +691,11 @@ impl Engine {
         }
         for room in &self.parked_rooms {
             if let Some(p) = self.rooms.get(room).and_then(|r| r.parked.iter().map(|&(_, _, at)| at).min()) {
+                t = Some(t.map_or(p, |t| t.min(p)));
+            }
+        }
+        for room in &self.syncing_rooms {
+            if let Some(&(_, _, p)) = self.rooms.get(room).and_then(|r| r.waiting.first()) {
                 t = Some(t.map_or(p, |t| t.min(p)));
             }
         }

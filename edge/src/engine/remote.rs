@@ -39,7 +39,7 @@ impl Engine {
             r.base_seq = seq;
             r.ahead.retain(|&s, _| s > seq);
             let waiting = std::mem::take(&mut r.waiting);
-            for (join, since) in waiting {
+            for (join, since, _) in waiting {
                 self.answer_join(room, join, since, now, out);
             }
             self.drain_ahead(room, now, out);
@@ -80,7 +80,7 @@ impl Engine {
     fn restart_numbering(&mut self, room: &RoomName, epoch: Epoch, now: Instant, out: &mut Out) {
         self.flush(room, out);
         let Some(r) = self.rooms.get_mut(room) else { return };
-        tracing::error!(room = %room, old_seq = r.seq, old_epoch = r.epoch, epoch, "redis lost this room's numbering (run redis with appendonly): members are reset");
+        tracing::error!(room = %room, old_seq = r.seq, old_epoch = %epoch_text(r.epoch), epoch = %epoch_text(epoch), "redis lost this room's numbering (run redis with appendonly): members are reset");
         r.epoch = epoch;
         r.seq = 0;
         r.flushed_seq = 0;

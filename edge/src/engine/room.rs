@@ -154,8 +154,8 @@ pub struct Room {
     /// Redis mode: seq at which this edge started following the room; local history covers
     /// only what came after it.
     pub base_seq: u64,
-    /// Redis mode: joins waiting for the room to sync.
-    pub waiting: Vec<(PendingJoin, Option<Since>)>,
+    /// Redis mode: joins waiting for the room to sync, each until its deadline (in order).
+    pub waiting: Vec<(PendingJoin, Option<Since>, Instant)>,
     /// Redis mode: messages that arrived ahead of a gap, by seq.
     pub ahead: BTreeMap<u64, (PushMessage, bool)>,
     /// Redis mode: a fill is in flight.

@@ -1803,7 +1803,7 @@ fn joins_recovering_from_redis_share_one_read_and_an_unanswered_read_is_no_gap()
     let mut got = std::collections::BTreeMap::new();
     for cmd in bus.drain() {
         if let ShardCmd::JoinAck(a) = cmd {
-            assert!(!a.retry);
+            assert_eq!(a.retry, None);
             let msgs: Vec<ServerMsg> = a.replay.iter().map(decode).collect();
             assert!(!msgs.iter().any(|m| matches!(m, ServerMsg::Gap { .. })), "{msgs:?}");
             got.insert(a.slot, (a.seq, msgs.iter().flat_map(seqs).collect::<Vec<_>>()));
@@ -1822,8 +1822,54 @@ fn joins_recovering_from_redis_share_one_read_and_an_unanswered_read_is_no_gap()
     });
     let a = ack(&mut bus);
     assert_eq!(a.slot, 10);
-    assert!(a.retry, "Redis did not answer: the join comes back later");
+    assert_eq!(a.retry, Some(crate::bus::JoinRetry::Recovery), "Redis did not answer: the join comes back later");
     assert!(a.replay.is_empty(), "no gap is claimed for gifts Redis holds");
     assert_eq!(bus.stats.recovery_reads.get(), 2);
     assert_eq!(bus.stats.recovery_joins.get(), 5);
+}
+
+/// Redis mode: a join on a room this edge does not follow yet waits for the room's seq from
+/// Redis, bounded. A new user's trial froze Redis and the joins waited without end, with no
+/// answer and no reason. Past `SYNC_WAIT_FOR` each is sent back (1013) to come again; one that
+/// came later waits its own full time; and once Redis answers, a join is answered at once.
+#[test]
+fn a_join_waits_for_its_rooms_sync_for_a_bounded_time() {
+    let mut cfg = Config::default();
+    cfg.presence.interval_ms = 0;
+    let (bus, ()) = setup_with(cfg);
+    let (tx, _bridge) = tokio::sync::mpsc::unbounded_channel();
+    let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel(tx));
+    let room: RoomName = "frozen".into();
+    let join_at = |bus: &mut H, slot: u32| {
+        bus.handle(EngineCmd::Join {
+            room: room.clone(),
+            shard: 0,
+            slot,
+            generation: 1,
+            proto: Subprotocol::Json,
+            since: Some(Since { seq: 3, epoch: None }),
+        });
+    };
+    join_at(&mut bus, 1);
+    bus.turn();
+    assert!(bus.drain().is_empty(), "the join waits");
+    assert_eq!(bus.poll_timeout(), Some(bus.now + super::joins::SYNC_WAIT_FOR), "the engine wakes for the deadline");
+    bus.sleep(super::joins::SYNC_WAIT_FOR / 2);
+    join_at(&mut bus, 2);
+    bus.turn();
+    assert!(bus.drain().is_empty(), "nothing is due yet");
+    bus.sleep(super::joins::SYNC_WAIT_FOR / 2);
+    bus.turn();
+    let acks: Vec<_> = bus
+        .drain()
+        .into_iter()
+        .filter_map(|c| if let ShardCmd::JoinAck(a) = c { Some((a.slot, a.retry)) } else { None })
+        .collect();
+    assert_eq!(acks, vec![(1, Some(crate::bus::JoinRetry::Sync))], "the first join's wait is over, not the second's");
+    bus.handle(EngineCmd::Synced { room: room.clone(), seq: 3, epoch: 7, latest: Vec::new() });
+    let a = ack(&mut bus);
+    assert_eq!((a.slot, a.retry, a.seq), (2, None, 3), "Redis answered: the join that still waited is answered");
+    bus.sleep(super::joins::SYNC_WAIT_FOR);
+    bus.turn();
+    assert!(bus.drain().is_empty(), "an answered join is not sent back later");
 }

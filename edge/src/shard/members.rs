@@ -10,7 +10,8 @@ use roomcast_proto::envelope::ServerMsg;
 
 use super::Shard;
 use super::conn::{Closing, Keep, OutFrame};
-use crate::bus::{Delivery, EngineCmd, JoinAck, JoinRefused, MustDeliver, RoomName, Since, epoch_text};
+use crate::bus::{Delivery, EngineCmd, JoinAck, JoinRefused, JoinRetry, MustDeliver, RoomName, Since, epoch_text};
+use crate::metrics::CloseWhy;
 use crate::room::Interest;
 
 /// The compressed form of `plain` (the delivery's frame in encoding `p`) for window `bits`, with
@@ -204,12 +205,19 @@ impl Shard {
             c.room = Some(room.clone());
             c.room_idx = idx;
         }
-        if retry {
-            // Redis did not answer the read of what it missed: not lost, so not a `gap`; it
-            // comes back with the same `since` (members so closed leave the room as any other).
-            self.stats.refused("recovery_unavailable");
-            self.closing_for(slot, crate::metrics::CloseWhy::RecoveryUnavailable);
-            return self.close_with(slot, 1013, "cannot read your since now: reconnect with the same since shortly");
+        if let Some(why) = retry {
+            // Redis did not answer (the read of what it missed, or the room's seq): not lost,
+            // so not a `gap`; it comes back with the same `since` (members so closed leave the
+            // room as any other).
+            let (close, text) = match why {
+                JoinRetry::Recovery => {
+                    (CloseWhy::RecoveryUnavailable, "cannot read your since now: reconnect with the same since shortly")
+                }
+                JoinRetry::Sync => (CloseWhy::RoomUnavailable, "cannot read this room now: reconnect shortly"),
+            };
+            self.stats.refused(close.as_str());
+            self.closing_for(slot, close);
+            return self.close_with(slot, 1013, text);
         }
         // The replay (a `since` catching up) may go past the queue bound as credit, within the
         // shard's replay budget; past the budget the join is closed with 1013 (try again).
