@@ -624,11 +624,18 @@ pub struct DrainConfig {
     /// Where `goaway` sends clients (a dispatch endpoint); default: this edge's `/v1/route`,
     /// which answers with another edge once this one is draining.
     pub dispatch_url: Option<String>,
+    /// With a bus: hold the goaways not sent yet while no other edge takes members, or while
+    /// more than `max_moving` are on their way (sent away, not yet on another edge), within
+    /// the slack between `period_ms` and `deadline_ms` (`edge/src/drain.rs`).
+    pub pace: bool,
+    /// Most members on their way before goaways wait; 0: what `period_ms` sends in 10 s, at
+    /// least 1,000.
+    pub max_moving: u64,
 }
 
 impl Default for DrainConfig {
     fn default() -> Self {
-        Self { period_ms: 10_000, threshold: 0, deadline_ms: 30_000, dispatch_url: None }
+        Self { period_ms: 10_000, threshold: 0, deadline_ms: 30_000, dispatch_url: None, pace: true, max_moving: 0 }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod bus;
 pub mod config;
 pub mod deflate;
 pub mod dispatch;
+pub mod drain;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;

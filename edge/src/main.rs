@@ -557,7 +557,13 @@ fn run_edge() -> anyhow::Result<()> {
     });
     if drain {
         rt.block_on(state.leave_dispatch());
-        run_drain(&cfg, &edge, &draining, &dispatch_url);
+        let fleet = match &*state.route {
+            RouteSource::Redis { cm, .. } if cfg.drain.pace => {
+                Some(Fleet { rt: &rt, cm: cm.clone(), me: cfg.edge_name(edge.ws_addr) })
+            }
+            _ => None,
+        };
+        run_drain(&cfg, &edge, &draining, &dispatch_url, fleet);
         if cfg.drain.dispatch_url.is_none() {
             // Our own /v1/route is the dispatch URL in the goaways just sent, and clients wait
             // up to a second (reconnect_after_ms) before asking it: keep answering a while.
@@ -570,14 +576,105 @@ fn run_edge() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Leaves dispatch, stops accepting, spreads goaway over the period, waits for connections to
-/// fall to the threshold (or the deadline), logging progress; the caller then closes the rest.
-fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str) {
+/// What a drain reads the fleet's load reports with (`drain.pace`, with a bus).
+struct Fleet<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    cm: edge::bus::redis::Conn,
+    /// This edge's id in the reports.
+    me: String,
+}
+
+/// The drain's pacing (`edge::drain`): judged once a second from the fleet's reports; holds
+/// take at most the slack between the period and the deadline, less a second.
+struct Pacing<'a> {
+    fleet: Fleet<'a>,
+    pacer: edge::drain::Pacer,
+    budget: Duration,
+    held_for: Duration,
+    held_at: Option<Instant>,
+    judged: Option<Instant>,
+}
+
+impl Pacing<'_> {
+    fn step(&mut self, edge: &Edge, open: u64) {
+        if self.judged.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.judged = Some(Instant::now());
+        let used = self.held_for + self.held_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let verdict = if used >= self.budget {
+            None
+        } else {
+            let now_ms = edge::bus::now_us() / 1000;
+            let max_age = ingest::REPORT_MAX_AGE_MS;
+            let mut cm = self.fleet.cm.clone();
+            let read = self.fleet.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(1), edge::dispatch::registry::live(&mut cm, now_ms, max_age))
+                    .await
+            });
+            match read {
+                Ok(Ok(reports)) => self.pacer.judge(open, &reports, now_ms, max_age),
+                // Unread: as judged last.
+                _ => return,
+            }
+        };
+        match (verdict, self.held_at) {
+            (Some(why), None) => {
+                tracing::warn!(left = open, why = %why, "drain: goaways wait for the fleet");
+                edge.hold_drain(true);
+                edge.metrics.drain_held.set(1);
+                edge.metrics.drain_holds.inc();
+                self.held_at = Some(Instant::now());
+            }
+            (None, Some(at)) => {
+                self.held_for += at.elapsed();
+                let spent = self.held_for >= self.budget;
+                tracing::info!(
+                    left = open,
+                    held_ms = at.elapsed().as_millis() as u64,
+                    slack_left_ms = self.budget.saturating_sub(self.held_for).as_millis() as u64,
+                    "drain: goaways go on{}",
+                    if spent {
+                        " (the slack before drain.deadline_ms is spent: the schedule runs to its end)"
+                    } else {
+                        ""
+                    }
+                );
+                edge.hold_drain(false);
+                edge.metrics.drain_held.set(0);
+                self.held_at = None;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Leaves dispatch, stops accepting, spreads goaway over the period (held while the fleet does
+/// not take members, `edge::drain`), waits for connections to fall to the threshold (or the
+/// deadline), logging progress; the caller then closes the rest.
+fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str, fleet: Option<Fleet<'_>>) {
     draining.store(true, Ordering::Relaxed);
     edge.metrics.draining.set(1);
     let start = Instant::now();
     let before = edge.metrics.connections();
-    tracing::info!(connections = before, period_ms = cfg.drain.period_ms, dispatch = %url, "drain started");
+    let period = Duration::from_millis(cfg.drain.period_ms);
+    let mut pacing = fleet.map(|fleet| Pacing {
+        pacer: edge::drain::Pacer::new(fleet.me.clone(), before.max(0) as u64, period, cfg.drain.max_moving),
+        fleet,
+        budget: Duration::from_millis(cfg.drain.deadline_ms.saturating_sub(cfg.drain.period_ms))
+            .saturating_sub(Duration::from_secs(1)),
+        held_for: Duration::ZERO,
+        held_at: None,
+        judged: None,
+    });
+    tracing::info!(
+        connections = before,
+        period_ms = cfg.drain.period_ms,
+        dispatch = %url,
+        paced_by_fleet = pacing.is_some(),
+        max_moving = pacing.as_ref().map(|p| p.pacer.max_moving()),
+        "drain started"
+    );
     edge.drain(url, cfg.drain.period_ms);
     let deadline = start + Duration::from_millis(cfg.drain.deadline_ms);
     let mut last_log = Instant::now();
@@ -594,6 +691,9 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str) {
         if last_log.elapsed() >= Duration::from_secs(1) {
             tracing::info!(left = open, of = before, "draining");
             last_log = Instant::now();
+        }
+        if let Some(p) = &mut pacing {
+            p.step(edge, open.max(0) as u64);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -130,6 +130,10 @@ pub struct Metrics {
     pub bus: BusStats,
     /// 1 while the edge drains.
     pub draining: IntGauge,
+    /// 1 while a drain's goaways wait for the fleet (`edge/src/drain.rs`).
+    pub drain_held: IntGauge,
+    /// Times a drain's goaways began to wait for the fleet.
+    pub drain_holds: IntCounter,
     /// Per-thread perf counters (crate::perfcount).
     pub perf: crate::perfcount::PerfFamilies,
     /// The moderation API's requests and refusals, and the bans in force.
@@ -637,6 +641,16 @@ impl Metrics {
         let draining =
             gauge(r, "draining", "1 while this edge drains (out of dispatch, not accepting, sending goaway).", &[])
                 .with_label_values(&[] as &[&str]);
+        let drain_held = gauge(
+            r,
+            "drain_held",
+            "1 while a drain's goaways wait because no other edge takes members or too many are on their way (drain.pace).",
+            &[],
+        )
+        .with_label_values(&[] as &[&str]);
+        let drain_holds =
+            counter(r, "drain_holds_total", "Times a drain's goaways began to wait for the fleet (drain.pace).", &[])
+                .with_label_values(&[] as &[&str]);
         // The process's own figures (CPU seconds, resident memory, open descriptors and their
         // limit, threads, start time), read from /proc at each scrape.
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("unique metric");
@@ -677,7 +691,20 @@ impl Metrics {
             "SIGHUP reloads of the TLS certificate and key, by outcome: ok, or failed (the edge keeps serving the old pair; the log says why).",
             &["outcome"],
         );
-        Self { registry, shard, bus, draining, perf, moderation, bans, deflate, tls_reloads, kinds: Vec::new() }
+        Self {
+            registry,
+            shard,
+            bus,
+            draining,
+            drain_held,
+            drain_holds,
+            perf,
+            moderation,
+            bans,
+            deflate,
+            tls_reloads,
+            kinds: Vec::new(),
+        }
     }
 
     /// The same, with per-kind delivery latency for `kinds` (`Config::latency_kinds`, in index

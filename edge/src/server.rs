@@ -345,6 +345,13 @@ impl Edge {
         }
     }
 
+    /// Holds the drain's goaways not sent yet (`true`), or lets them go on (`false`).
+    pub fn hold_drain(&self, hold: bool) {
+        for mb in &self.mailboxes {
+            mb.send_blocking(Mail::Shard(ShardCmd::DrainHold(hold)));
+        }
+    }
+
     /// Closes every connection with 1001 and waits for the shards (bounded).
     pub fn shutdown(mut self) {
         self.monitor.stop();

@@ -18,13 +18,18 @@ fn edge_on(redis: &RedisProc, extra: &[&str]) -> EdgeProc {
 }
 
 fn edge_at(url: &str, extra: &[&str]) -> EdgeProc {
+    edge_at_with(url, "", extra)
+}
+
+/// An edge on `url` with `toml` added to its config file (after its `[drain]` table).
+fn edge_at_with(url: &str, toml: &str, extra: &[&str]) -> EdgeProc {
     // One file per edge: tests run in parallel, and a file rewritten while another edge reads
     // it can be read empty (that edge then has no admin token).
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!("roomcast-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join(format!("edge-{}.toml", N.fetch_add(1, Ordering::Relaxed)));
-    std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n"))
+    std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n{toml}"))
         .unwrap();
     let mut args = vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url, "--config", cfg.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -826,4 +831,67 @@ async fn joins_on_a_room_redis_does_not_answer_for_are_read_again_then_sent_back
     assert_eq!(redis_cli(redis.port, &["CLIENT", "UNPAUSE"]).trim(), "OK");
     let mut ws = connect(&edge.url("?room=later"), None).await;
     assert_eq!(expect_joined(&mut ws, "later").await, 0);
+}
+
+/// A drain's goaways wait while no other edge takes members: sent away, they would only meet
+/// dispatch's refusals, between sockets, while the draining edge still serves them. Here the
+/// only other edge is full: the members stay (and get their gifts) past the drain's period;
+/// once it has room, the goaways go and every member moves there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_while_no_other_edge_takes_members() {
+    let redis = RedisProc::start();
+    let mut a = edge_on(&redis, &["--drain-period-ms", "2000"]);
+    let b = edge_at_with(&redis.url(), "[ws]\nmax_connections_per_shard = 32\n", &[]);
+    let (pa, pb) = (Publisher::new(a.http), Publisher::new(b.http));
+    // B's load report, as dispatch reads it.
+    let report = || {
+        let v = redis_cli(redis.port, &["GET", &format!("rc:edge:ws://{}/ws", b.ws)]);
+        serde_json::from_str::<serde_json::Value>(v.trim()).ok()
+    };
+    assert!(wait_until(Duration::from_secs(10), || async { report().is_some() }).await, "B reports");
+    let capacity = report().unwrap()["capacity"].as_u64().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..capacity {
+        let mut ws = connect(&b.url("?room=other"), None).await;
+        expect_joined(&mut ws, "other").await;
+        fillers.push(ws);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async { report().is_some_and(|r| r["connections"] == capacity) }).await,
+        "B reports itself full"
+    );
+    let mut members = Vec::new();
+    for _ in 0..10 {
+        let mut ws = connect(&a.url("?room=p"), None).await;
+        expect_joined(&mut ws, "p").await;
+        members.push(ws);
+    }
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/admin/drain", a.http))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // Twice the period: held, every member still here and served.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(metric(&pa, "roomcast_goaway_sent_total").await, 0.0, "no goaway while B is full");
+    assert_eq!(metric(&pa, "roomcast_drain_held").await, 1.0);
+    let seq = publish_gift(&pb, "p", 1).await;
+    for ws in &mut members {
+        match next_msg_within(ws, Duration::from_secs(5)).await {
+            Some(ServerMsg::Batch { messages, .. }) => assert_eq!(messages[0].seq, seq),
+            other => panic!("a held member is served: {other:?}"),
+        }
+    }
+    // Room on B: the goaways go, and each member is sent there.
+    fillers.truncate(capacity as usize - 12);
+    for ws in &mut members {
+        match next_msg_within(ws, Duration::from_secs(15)).await {
+            Some(ServerMsg::Goaway { .. }) => {}
+            other => panic!("expected goaway once B has room: {other:?}"),
+        }
+    }
+    assert_eq!(metric(&pa, "roomcast_drain_holds_total").await, 1.0);
+    assert_eq!(a.wait_exit(Duration::from_secs(15)), Some(0), "the drained edge exits 0");
 }

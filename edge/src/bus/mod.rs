@@ -314,6 +314,9 @@ pub enum ShardCmd {
         /// Over how long the goaways are spread.
         period_ms: u64,
     },
+    /// Drain: hold the goaways not sent yet (`true`: the fleet is not taking members), or send
+    /// them again (`false`), each as much later as the hold lasted, so the spread is kept.
+    DrainHold(bool),
     /// Close every connection with 1001 and stop.
     Shutdown,
     /// Moderation: close a user's connections, or remove a banned user from a room.

@@ -220,6 +220,25 @@ impl Shard {
         }
     }
 
+    /// Holds the goaways not sent yet, or lets them go again, each as much later as the hold
+    /// lasted (the drain's pacing, `main.rs`'s `run_drain`).
+    pub(super) fn hold_drain(&mut self, hold: bool) {
+        let now = self.now_ms();
+        match (hold, self.drain_held_since) {
+            (true, None) => self.drain_held_since = Some(now),
+            (false, Some(since)) => {
+                self.drain_held_since = None;
+                let held = now.saturating_sub(since);
+                for c in self.conns.iter_mut().flatten() {
+                    if let Some(t) = &mut c.goaway_at_ms {
+                        *t += held;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     pub(super) fn begin_shutdown(&mut self) {
         if self.shutdown_at.is_some() {
             return;
@@ -268,10 +287,11 @@ impl Shard {
         let mut to_expire = Vec::new();
         // Expiry with the same clock-skew leeway the handshake and refresh allow.
         let now_s = super::session::now_s().saturating_sub(self.cfg.auth.leeway_s);
+        let held = self.drain_held_since;
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let Some(c) = c else { continue };
             queued += c.out_bytes;
-            if c.closing == Closing::No && c.goaway_at_ms.is_some_and(|t| now_ms >= t) {
+            if c.closing == Closing::No && held.is_none() && c.goaway_at_ms.is_some_and(|t| now_ms >= t) {
                 to_goaway.push(slot as u32);
                 continue;
             }

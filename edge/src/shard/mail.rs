@@ -92,6 +92,7 @@ impl Shard {
             }
             ShardCmd::JoinRefused(r) => self.join_refused(&r),
             ShardCmd::Drain { url, period_ms } => self.begin_drain(url, period_ms),
+            ShardCmd::DrainHold(hold) => self.hold_drain(hold),
             ShardCmd::Shutdown => self.begin_shutdown(),
             ShardCmd::Moderate(m) => self.moderate(*m),
         }

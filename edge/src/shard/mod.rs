@@ -214,6 +214,8 @@ struct Shard {
     open: u32,
     /// Draining: where `goaway` sends clients.
     drain_url: Option<Arc<str>>,
+    /// Draining: goaways are held since this moment (ms, the shard's clock).
+    drain_held_since: Option<u64>,
     health: Arc<AtomicU8>,
     refuse_when_overloaded: bool,
     auth: Option<Arc<crate::auth::Verifier>>,
@@ -292,6 +294,7 @@ impl Shard {
             last_sweep: now,
             open: 0,
             drain_url: None,
+            drain_held_since: None,
             health: spec.health,
             refuse_when_overloaded: spec.refuse_when_overloaded,
             auth: spec.auth,

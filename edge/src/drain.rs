@@ -1,0 +1,144 @@
+//! Drain pacing: the goaways go out on the drain period's schedule only while the fleet takes
+//! the members they send away. A draining edge reads the other edges' load reports (the ones
+//! dispatch routes by) each second and holds its goaways not sent yet while
+//!
+//! - no other edge takes members (every one draining, overloaded, full or silent): a member
+//!   sent away then only meets dispatch's 503s, between sockets and without its gifts, while
+//!   here it is still served; or
+//! - more members are on their way than `drain.max_moving`: sent away (gone from here) and not
+//!   yet counted on another edge. At 10^6 on this box the fleet took ~1,000 moves a second and
+//!   a 900 s period sent 1,111 a second: members queued between sockets for minutes
+//!   (bench-results/2026-12-01-restart-storm-README.md).
+//!
+//! A hold shifts the rest of the schedule by its length (the spread is kept, no burst at its
+//! end) and never past the drain's deadline: holds take at most the slack between
+//! `drain.period_ms` and `drain.deadline_ms` (less a second), after which the schedule runs
+//! to its end whatever the fleet does. With no other edge at all in Redis there is nothing to
+//! pace against (a fleet of one): the schedule runs as set.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::dispatch::EdgeLoad;
+
+/// Members on their way when `drain.max_moving` is 0: what the schedule sends in this long ...
+const AUTO_MOVING_FOR: Duration = Duration::from_secs(10);
+/// ... and at least this many.
+const AUTO_MOVING_MIN: u64 = 1000;
+
+/// Decides, from the fleet's load reports, whether a drain's goaways wait.
+#[derive(Debug)]
+pub struct Pacer {
+    /// This edge's id in the reports.
+    me: String,
+    /// Connections here when the drain began.
+    before: u64,
+    /// The other edges' connections in the first reports read (an edge first seen later
+    /// started at 0).
+    start: Option<HashMap<String, u64>>,
+    /// Most members on their way before the goaways wait.
+    max_moving: u64,
+    /// Held now.
+    held: bool,
+}
+
+impl Pacer {
+    /// A drain of `before` connections over `period`; `max_moving` 0 takes what the period
+    /// sends in 10 s (at least 1,000).
+    pub fn new(me: String, before: u64, period: Duration, max_moving: u64) -> Self {
+        let max_moving = if max_moving > 0 {
+            max_moving
+        } else {
+            let per_s = before as f64 / period.as_secs_f64().max(0.001);
+            ((per_s * AUTO_MOVING_FOR.as_secs_f64()) as u64).max(AUTO_MOVING_MIN)
+        };
+        Self { me, before, start: None, max_moving, held: false }
+    }
+
+    /// The bound on members on their way.
+    pub fn max_moving(&self) -> u64 {
+        self.max_moving
+    }
+
+    /// Judges the fleet from `reports` (live, as dispatch reads them) with `open` connections
+    /// left here at `now_ms`: `Some(why)` holds the goaways, `None` lets them go. A hold for
+    /// members on their way ends once they are down to half the bound (no flapping at it).
+    pub fn judge(&mut self, open: u64, reports: &[EdgeLoad], now_ms: u64, max_age_ms: u64) -> Option<String> {
+        let others: Vec<&EdgeLoad> = reports.iter().filter(|e| e.id != self.me).collect();
+        let start = self.start.get_or_insert_with(|| others.iter().map(|e| (e.id.clone(), e.connections)).collect());
+        let verdict = if others.is_empty() {
+            None
+        } else if !others.iter().any(|e| e.eligible(now_ms, max_age_ms)) {
+            let why: Vec<String> = others
+                .iter()
+                .map(|e| format!("{}: {}", e.id, e.why_not(now_ms, max_age_ms).unwrap_or_default()))
+                .collect();
+            Some(format!("no other edge takes members ({})", why.join("; ")))
+        } else {
+            let moved = self.before.saturating_sub(open);
+            let taken: u64 =
+                others.iter().map(|e| e.connections.saturating_sub(start.get(&e.id).copied().unwrap_or(0))).sum();
+            let moving = moved.saturating_sub(taken);
+            let bound = if self.held { self.max_moving / 2 } else { self.max_moving };
+            (moving > bound).then(|| {
+                format!("{moving} members sent away are not on another edge yet (the bound is {})", self.max_moving)
+            })
+        };
+        self.held = verdict.is_some();
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::EdgeHealth;
+
+    fn edge(id: &str, connections: u64, capacity: u64) -> EdgeLoad {
+        EdgeLoad {
+            id: id.into(),
+            ws_url: format!("ws://{id}/ws"),
+            connections,
+            capacity,
+            frames_per_s: 0.0,
+            bytes_per_s: 0.0,
+            frames_capacity_per_s: 0.0,
+            egress_capacity_bytes_per_s: 0.0,
+            health: EdgeHealth::Ok,
+            draining: false,
+            at_ms: 1_000,
+        }
+    }
+
+    /// Goaways wait while no other edge takes members, and while more members are on their way
+    /// than the bound (down to half of it); a fleet of one is not paced.
+    #[test]
+    fn goaways_wait_for_the_fleet_to_take_members() {
+        let me = || edge("me", 5_000, 10_000);
+        let p = Pacer::new("me".into(), 5_000, Duration::from_secs(10), 0);
+        assert_eq!(p.max_moving(), 5_000, "what 10 s of a 10 s schedule sends");
+        let mut p = Pacer::new("me".into(), 5_000, Duration::from_secs(100), 0);
+        assert_eq!(p.max_moving(), 1_000, "at least 1,000");
+        assert_eq!(p.judge(5_000, &[me()], 1_000, 3_000), None, "alone: nothing to pace against");
+
+        let mut p = Pacer::new("me".into(), 5_000, Duration::from_secs(100), 0);
+        let full = edge("b", 100, 100);
+        let why = p.judge(5_000, &[me(), full.clone()], 1_000, 3_000).expect("held");
+        assert!(why.contains("b: full (100 of 100 connections)"), "{why}");
+        let mut draining = edge("b", 0, 100);
+        draining.draining = true;
+        assert!(p.judge(5_000, &[me(), draining], 1_000, 3_000).is_some());
+        let silent = edge("b", 0, 100);
+        assert!(p.judge(5_000, &[me(), silent], 10_000, 3_000).is_some(), "a report too old");
+
+        // Edge c appears with room: members go, and what c holds counts as taken.
+        let c = |n: u64| edge("c", n, 10_000);
+        assert_eq!(p.judge(4_000, &[me(), full.clone(), c(500)], 1_000, 3_000), None, "500 on their way");
+        let why = p.judge(3_000, &[me(), full.clone(), c(900)], 1_000, 3_000).expect("1,100 on their way");
+        assert!(why.contains("1100 members"), "{why}");
+        assert!(p.judge(3_000, &[me(), full.clone(), c(1_400)], 1_000, 3_000).is_some(), "600: above half");
+        assert_eq!(p.judge(3_000, &[me(), full, c(1_600)], 1_000, 3_000), None, "400: below half");
+        // b had 100 at the start: its own clients leaving is not members taken elsewhere.
+        assert!(p.judge(2_000, &[me(), edge("b", 0, 100), c(1_600)], 1_000, 3_000).is_some());
+    }
+}
