@@ -79,7 +79,7 @@ edge_up "$EPID" 127.0.0.1:18712 "$TMP/edge.log"
 $(pin "$LG_CPUS") "$LG_BIN" run --target edge --ws 127.0.0.1:18711 --http 127.0.0.1:18712 \
   --connections "$CONNS" --ramp "$RAMP" --src-addrs 16 --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" \
   --chat-streams "$CHAT_STREAMS" --gift-streams "$GIFT_STREAMS" --chat-batch "$CHAT_BATCH" \
-  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
+  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" --replace \
   --note "edge --shards 6, adaptive merging (base window 100 ms, max 2 s, visible chat $VISIBLE/s); edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}, hog $HOG"
 curl -s 127.0.0.1:18712/v1/rooms/r0 >"$ROOT/bench-results/$(date +%Y-%m-%d)-$SCEN/room-stats.json" || true
 # What the edge itself measured (a message's arrival at its room's batch to the completion of

@@ -33,6 +33,9 @@ trap cleanup EXIT
 one() {
   local bin=$1 name=$2 dir=$OUT/$2
   mkdir -p "$dir"
+  # A rerun regenerates the build's results: loadgen refuses to write over an earlier run's
+  # (and the builds compared may predate its --replace).
+  rm -rf "$dir/base" "$dir/late"
   rm -rf "$WORK/data" && mkdir -p "$WORK/data"
   (cd "$WORK/data" && exec "$bin/edge" --listen 127.0.0.1:$WS_PORT --http 127.0.0.1:$HTTP_PORT --shards 1 --pin false) \
     >"$dir/edge.log" 2>&1 &

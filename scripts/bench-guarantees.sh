@@ -65,7 +65,7 @@ edge_up "$EPID" 127.0.0.1:18772 "$TMP/edge.log"
 "$LG" run --target edge --ws 127.0.0.1:18771 --http 127.0.0.1:18772 \
   --connections "$CONNS" --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --slow-every 10 \
   --gift-streams "$GIFT_STREAMS" --chat-streams "$CHAT_STREAMS" --workers "$WORKERS" \
-  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCENARIO" \
+  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCENARIO" --replace \
   --note "edge $COMMIT --shards 2 ${EDGE_ARGS:-(store on, fsync always)} (defaults: window 100 ms, adaptive, visible chat 50/s, room_deliveries_per_s 500000, SO_SNDBUF 16 KiB); one reader in ten reads 4 KiB per 0.5 s; $BOX"
 OUT="$ROOT/bench-results/$(date +%Y-%m-%d)-$SCENARIO"
 echo "$BOX" >"$OUT/box.txt"

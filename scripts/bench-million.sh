@@ -550,7 +550,7 @@ $(pin "$LG_CPUS") timeout --signal=TERM "$BUDGET" "$LG_BIN" run --target edge --
   --connect-inflight "$INFLIGHT" --connect-deadline "$CONNECT_DEADLINE" --allow-connect-failures "$ALLOW_CONNECT_FAILURES" \
   --gift-rate "$GIFT_RATE" --chat-rate 0 --gift-streams 1 --chat-streams 1 --gift-give-up "$GIVE_UP" \
   "${MOVE_ARGS[@]}" \
-  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
+  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" --replace \
   --note "edge --shards $SHARDS (ring cap $PER_RING = RLIMIT_NOFILE $NOFILE - 16), pings every $PING_MS ms (idle timeout $IDLE_MS), probes $PROBES/${PROBE_MS}ms, presence push every $PRESENCE_MS ms (0: off); one room; a gift every $GIFT_EVERY s${ROOMCAST_IN_NETNS:+; own network namespace with $EHASH established-hash buckets and somaxconn $(sysctl -n net.core.somaxconn)}${BPID:+; RESTART=peer: edge B and Redis beside it, published through B}; edge CPUs ${EDGE_CPUS:-all}, generator CPUs ${LG_CPUS:-all}" \
   > >(tee "$OUT/loadgen-output.txt") 2> >(tee "$OUT/loadgen-stderr.txt" >&2) &
 LGPID=$!

@@ -40,7 +40,7 @@ run_edge() { # name window chat
   sleep 1
   "$LG" run --target edge --ws 127.0.0.1:18701 --http 127.0.0.1:18702 --connections "$CONNS" \
     --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$chat" --server-pid "$pid" --out "$OUT" \
-    --scenario "peers-$name" --note "edge --shards 1 --merge-window-ms $window, demand sampling off" | tail -n 3
+    --scenario "peers-$name" --replace --note "edge --shards 1 --merge-window-ms $window, demand sampling off" | tail -n 3
   kill -INT $pid; wait $pid || true
 }
 
@@ -54,7 +54,7 @@ run_nchan() { # name chat
   worker=$(pgrep -P "$master" | head -1)
   "$LG" run --target nchan --ws 127.0.0.1:18801 --http 127.0.0.1:18801 --connections "$CONNS" \
     --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$chat" --server-pid "$worker" --out "$OUT" \
-    --scenario "peers-$name" --note "nginx $(nginx -v 2>&1 | cut -d/ -f2) + libnginx-mod-nchan, 1 worker" | tail -n 3
+    --scenario "peers-$name" --replace --note "nginx $(nginx -v 2>&1 | cut -d/ -f2) + libnginx-mod-nchan, 1 worker" | tail -n 3
   kill "$master"; sleep 1
 }
 

@@ -108,7 +108,7 @@ if ((CONNS > 15000)); then SRC=(--ramp 10000 --src-addrs 16); fi
 LG_RC=0
 "$LOADGEN_BIN" run --target edge --ws "127.0.0.1:$PORT" --http "127.0.0.1:$HPORT" --dist zipf --rooms "$ROOMS" \
   --connections "$CONNS" "${SRC[@]}" --gift-rate "$GIFT" --chat-rate "$CHAT" --duration "$SECS" \
-  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" \
+  --server-pid "$EPID" --out "$ROOT/bench-results" --scenario "$SCEN" --replace \
   --note "edge $(basename "$(dirname "$(dirname "$EDGE_BIN")")")/release/edge, shards $SHARDS, limits out of reach, [ws] backlog 16384; $ROOMS rooms (zipf), gift $GIFT/s + chat $CHAT/s per room; load average at start $LOAD_AT_START${NOTE:+; $NOTE}" ||
   LG_RC=$?
 

@@ -76,9 +76,10 @@ struct RunArgs {
     #[arg(long)]
     http: SocketAddr,
     /// Members (WebSocket or SSE connections), at least 1.
-    #[arg(long, default_value_t = 1000, value_parser = at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     connections: usize,
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    /// Rooms the members are spread over (`--dist`), and published to, at least 1.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<u32>, allow_negative_numbers = true)]
     rooms: u32,
     #[arg(long, value_enum, default_value = "hot")]
     dist: Dist,
@@ -103,8 +104,9 @@ struct RunArgs {
     /// Chat messages per second per room.
     #[arg(long, default_value_t = 100.0, value_parser = finite_non_negative, allow_negative_numbers = true)]
     chat_rate: f64,
-    /// Publishing duration (seconds).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(..=MAX_DURATION_S), allow_negative_numbers = true)]
+    /// Publishing duration (seconds), at least 1 (a run that only connects: `--gift-rate 0
+    /// --chat-rate 0 --duration 1`).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_S), allow_negative_numbers = true)]
     duration: u64,
     /// Body padding, bytes (message size).
     #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
@@ -112,24 +114,24 @@ struct RunArgs {
     /// Publishing threads for gifts, each with its own connection and one request in flight
     /// (its share of the rate): with the store on, a gift is acknowledged once fsynced, so one
     /// stream offers at most 1 / (fsync + round trip) gifts a second. Receivers check order and
-    /// loss per stream.
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    /// loss per stream. At least 1 (no gifts: `--gift-rate 0`).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     gift_streams: usize,
-    /// Publishing threads for chat (as for gifts).
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    /// Publishing threads for chat (as for gifts), at least 1 (no chat: `--chat-rate 0`).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     chat_streams: usize,
     /// Chat messages per request, at most (edge only): above 1, each chat stream sends the
     /// messages due in one `POST /v1/messages` batch instead of one request each, as a back
     /// end relaying thousands of chat messages a second would. Gifts are always sent one per
-    /// request (each is retried on its own until acknowledged).
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    /// request (each is retried on its own until acknowledged). At least 1.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     chat_batch: usize,
     /// Worker processes (0: one per 15,000 connections).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     workers: usize,
     /// Source addresses per worker (the kernel picks the port per 4-tuple, so each address
-    /// gives up to ~28,000 connections to one edge address). No two workers share one.
-    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
+    /// gives up to ~28,000 connections to one edge address). No two workers share one. 1 to 253.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=253), allow_negative_numbers = true)]
     src_addrs: u8,
     /// Where source addresses come from. `127` (default): loopback's whole 127.0.0.0/8,
     /// worker w taking 127.(w+1).0.2 .. 127.(w+1).0.(1+N) (up to 254 workers). `A.B.C`: a /24
@@ -148,18 +150,24 @@ struct RunArgs {
     /// latency the reader adds itself).
     #[arg(long, default_value_t = 16384, allow_negative_numbers = true)]
     slow_rcvbuf: usize,
-    /// Bytes a slow reader reads per half second.
-    #[arg(long, default_value_t = 4096, allow_negative_numbers = true)]
+    /// Bytes a slow reader reads per half second, at least 1 (0: slow readers that never read).
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     slow_bytes: usize,
-    /// Server process to measure (CPU, RSS): the edge, or Nchan's worker.
-    #[arg(long, allow_negative_numbers = true)]
+    /// Server process to measure (CPU, RSS): the edge, or Nchan's worker. Refused when no such
+    /// process is running (its figures would all read "not measured").
+    #[arg(long, value_parser = process_id, allow_negative_numbers = true)]
     server_pid: Option<u32>,
     /// Results folder root.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
-    /// Scenario name (folder: `<date>-<scenario>`).
+    /// Scenario name (folder: `<date>-<scenario>`, the date the run started).
     #[arg(long, default_value = "run")]
     scenario: String,
+    /// Replace the results of an earlier run in the run's folder (the same --scenario and --out
+    /// on the same day). Without it such a run is refused at its start, before any connection,
+    /// naming the folder: it overwrote them silently.
+    #[arg(long)]
+    replace: bool,
     /// Connect with TLS (`wss://`, `https://` event streams), trusting this PEM CA certificate
     /// (the edge runs with `--tls-cert`). Dispatch and goaway URLs may then be `wss://`.
     #[arg(long, value_name = "FILE")]
@@ -174,8 +182,8 @@ struct RunArgs {
     /// (~2,000/s over 67 workers once handshakes took ~30 ms at 8x10^5 members). TLS members
     /// connect one at a time regardless. The same bound, in a window of its own, holds the moves
     /// in flight (a dispatch request, then a connect and upgrade, after a goaway or a lost
-    /// socket); moves waiting out their delay or backoff do not count.
-    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
+    /// socket); moves waiting out their delay or backoff do not count. At least 1.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     connect_inflight: usize,
     /// Seconds a gift is retried (the edge refusing or unreachable) before the publisher gives
     /// it up; a gift given up takes no number, so the next one reuses it. 0: never (as
@@ -300,13 +308,27 @@ fn finite_non_negative(s: &str) -> Result<f64, String> {
     if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(format!("must be a finite number, 0 or above, not {s}")) }
 }
 
-/// A count that must be 1 or more (`--connections 0` ran no member, published to nobody for
-/// its whole --duration and exited 0).
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err("at least 1, not 0".to_owned()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
+/// A count that must be 1 or more. Zeros used to be taken silently: `--connections 0` ran no
+/// member, published to nobody for its whole --duration and exited 0; `--rooms 0`,
+/// `--gift-streams 0`, `--src-addrs 0`, `--connect-inflight 0`, ... were quietly run as 1; and
+/// `--slow-bytes 0` made slow readers that never read.
+pub(crate) fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialEq + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    let v: T = s.trim().parse().map_err(|e: T::Err| e.to_string())?;
+    if v == T::from(0) { Err("at least 1, not 0".to_owned()) } else { Ok(v) }
+}
+
+/// A process to measure (`--server-pid`): one that is running now. A pid with no process (0,
+/// a typo, an edge that already exited) was taken, and every server figure of the run read
+/// "not measured".
+pub(crate) fn process_id(s: &str) -> Result<u32, String> {
+    let pid: u32 = at_least_one(s)?;
+    match std::fs::metadata(format!("/proc/{pid}/stat")) {
+        Ok(_) => Ok(pid),
+        Err(_) => Err(format!("no process {pid} is running (its CPU and memory could not be measured)")),
     }
 }
 
@@ -319,7 +341,7 @@ pub(crate) fn seconds(s: &str) -> Result<f64, String> {
 
 /// A number of seconds above 0 (as [`seconds`]): `--connect-deadline 0` left the connect phase
 /// no time at all, and the run failed at once with a count taken before any worker reported.
-fn positive_seconds(s: &str) -> Result<f64, String> {
+pub(crate) fn positive_seconds(s: &str) -> Result<f64, String> {
     let v = seconds(s)?;
     if v > 0.0 { Ok(v) } else { Err(format!("must be above 0 seconds, not {s} (leave the flag out for the default)")) }
 }
@@ -671,6 +693,9 @@ pub struct Sample {
     /// socket), and messages delivered so far.
     pub open: u64,
     pub deliveries: u64,
+    /// `gap` and `reset` messages the members received so far.
+    pub gaps: u64,
+    pub resets: u64,
 }
 
 /// Expected errors (a flag or a key refused, a run that did not do what was asked) are told
@@ -696,6 +721,25 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
+    // The folder is named, and checked, before anything else: a run of hours must not learn at
+    // its end that it would overwrite (or, as it did, silently overwrote) an earlier run's
+    // results.
+    let dir = report::folder(&a.out, &a.scenario);
+    let earlier = report::earlier_results(&dir);
+    if !earlier.is_empty() {
+        anyhow::ensure!(
+            a.replace,
+            "{} holds an earlier run's results ({}): pass --replace to replace them, or give another --scenario \
+             or --out",
+            dir.display(),
+            earlier.join(", ")
+        );
+        eprintln!(
+            "loadgen: --replace: this run's results will replace the earlier run's in {} ({})",
+            dir.display(),
+            earlier.join(", ")
+        );
+    }
     let workers = if a.workers == 0 { a.connections.div_ceil(15_000).max(1) } else { a.workers };
     // Read before any connection: a key that cannot be read fails the run at once.
     let key = a.key.load()?.map(|(k, line)| {
@@ -711,7 +755,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let server_before = a.server_pid.and_then(proc_cpu_rss);
     let per = a.connections.div_ceil(workers);
     let spawned = (0..workers).filter(|w| w * per < a.connections).count();
-    let sources = source_addrs(&a.src_net, spawned, a.src_addrs.max(1))?;
+    let sources = source_addrs(&a.src_net, spawned, a.src_addrs)?;
     let mut sup = Workers {
         procs: Vec::new(),
         progress: Vec::new(),
@@ -746,9 +790,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             slow_bytes: a.slow_bytes,
             follow_goaway: !a.no_follow_goaway && a.target == Target::Edge,
             tokens: a.tokens.clone(),
-            streams: vec![a.gift_streams.max(1), a.chat_streams.max(1)],
+            streams: vec![a.gift_streams, a.chat_streams],
             tls_ca: a.tls_ca.clone(),
-            connect_inflight: a.connect_inflight.max(1),
+            connect_inflight: a.connect_inflight,
             move_give_up_s: a.move_give_up,
         };
         let mut child = spawn_worker(&exe, &serde_json::to_string(&wa)?).context("spawn worker")?;
@@ -862,7 +906,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             a.pad,
             &rates,
             &streams,
-            &[1, a.chat_batch.max(1)],
+            &[1, a.chat_batch],
             a.gift_give_up(),
             key.as_ref(),
             pub_start,
@@ -905,10 +949,23 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             reconnects: progress.iter().map(|p| p.reconnects).sum(),
             open: progress.iter().map(|p| p.open).sum(),
             deliveries: d,
+            gaps: progress.iter().map(|p| p.gaps).sum(),
+            resets: progress.iter().map(|p| p.resets).sum(),
         };
         println!(
-            "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={} open={} delivered={}",
-            s.t_s, s.connected, s.deliveries_per_s, s.p50_ms, s.p99_ms, s.gift_p99_ms, s.reconnects, s.open, d
+            "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={} open={} delivered={} \
+             gaps={} resets={}",
+            s.t_s,
+            s.connected,
+            s.deliveries_per_s,
+            s.p50_ms,
+            s.p99_ms,
+            s.gift_p99_ms,
+            s.reconnects,
+            s.open,
+            d,
+            s.gaps,
+            s.resets
         );
         samples.push(s);
         *last_deliveries = d;
@@ -1032,6 +1089,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let (mut deliveries, mut frames, mut bytes, mut connected, mut failed, mut closed, mut gen_cpu) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
     let mut compressed_frames = 0u64;
+    let (mut gaps, mut gap_seqs, mut resets) = (0u64, 0u64, 0u64);
     let (mut open_at_end, mut moving_at_end, mut reconnecting_at_end) = (0u64, 0u64, 0u64);
     let (mut closed_by_generator_at_end, mut close_unanswered_at_end) = (0u64, 0u64);
     for f in &finals {
@@ -1061,6 +1119,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         deliveries += f.deliveries;
         frames += f.frames;
         compressed_frames += f.compressed_frames;
+        (gaps, gap_seqs, resets) = (gaps + f.gaps, gap_seqs + f.gap_seqs, resets + f.resets);
         bytes += f.bytes;
         connected += f.connected;
         failed += f.failed;
@@ -1205,7 +1264,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             .collect(),
         publish_streams: KINDS
             .iter()
-            .zip([a.gift_streams.max(1), a.chat_streams.max(1)])
+            .zip([a.gift_streams, a.chat_streams])
             .map(|(n, s)| ((*n).to_owned(), s))
             .collect(),
         deliveries,
@@ -1220,6 +1279,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         corrupt_streams: corrupt,
         partial_frames_at_end: partial,
         duplicates: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), dup[k])).collect(),
+        gaps_and_resets: [("gap".to_owned(), gaps), ("reset".to_owned(), resets)].into_iter().collect(),
+        gap_seqs,
         latency_ms: KINDS
             .iter()
             .enumerate()
@@ -1236,7 +1297,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             .map(|(k, n)| ((*n).to_owned(), report::Percentiles::of(&hists_slow[k])))
             .collect(),
         handshake_ms: report::Percentiles::of(&connect_hist),
-        connect_inflight: if a.tls_ca.is_some() { 1 } else { a.connect_inflight.max(1) },
+        connect_inflight: if a.tls_ca.is_some() { 1 } else { a.connect_inflight },
         connect_inflight_peak: finals.iter().map(|f| f.connect_inflight_peak).max().unwrap_or(0),
         move_inflight_peak: finals.iter().map(|f| f.move_inflight_peak).max().unwrap_or(0),
         reconnects,
@@ -1263,7 +1324,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         stopped_early,
         run_errors,
     };
-    let dir = report::write(&a.out, &r)?;
+    report::write(&dir, &r)?;
     println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     println!("results in {}", dir.display());
     anyhow::ensure!(r.run_errors.is_empty(), "{}; results in {}", r.run_errors.join("; "), dir.display());

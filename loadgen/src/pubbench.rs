@@ -33,16 +33,16 @@ pub struct PubbenchArgs {
     /// The edge's HTTP API (host:port).
     #[arg(long)]
     http: SocketAddr,
-    /// Rooms, taken round robin: `<room-prefix>0` .. `<room-prefix>N-1`.
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    /// Rooms, taken round robin: `<room-prefix>0` .. `<room-prefix>N-1`; at least 1.
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least_one::<u32>, allow_negative_numbers = true)]
     rooms: u32,
     #[arg(long, default_value = "pb")]
     room_prefix: String,
-    /// Clients, each with one request in flight.
-    #[arg(long, default_value_t = 16, allow_negative_numbers = true)]
+    /// Clients, each with one request in flight; at least 1.
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one::<usize>, allow_negative_numbers = true)]
     concurrency: usize,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 10.0, value_parser = crate::seconds, allow_negative_numbers = true)]
+    /// Measured seconds, above 0.
+    #[arg(long, default_value_t = 10.0, value_parser = crate::positive_seconds, allow_negative_numbers = true)]
     duration: f64,
     /// Seconds published before measuring (not counted).
     #[arg(long, default_value_t = 1.0, value_parser = crate::seconds, allow_negative_numbers = true)]
@@ -51,13 +51,14 @@ pub struct PubbenchArgs {
     #[arg(long, default_value = "gift")]
     kind: String,
     /// Size of the message body (the JSON value of `body`), bytes, at least 8.
-    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 64, value_parser = body_bytes, allow_negative_numbers = true)]
     body_bytes: usize,
-    /// Edge process whose CPU is measured.
-    #[arg(long, allow_negative_numbers = true)]
+    /// Edge process whose CPU is measured (refused when no such process is running).
+    #[arg(long, value_parser = crate::process_id, allow_negative_numbers = true)]
     server_pid: Option<u32>,
-    /// Generator threads (tokio workers); 1 leaves the other CPU of a 2-vCPU box to the edge.
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    /// Generator threads (tokio workers), at least 1; 1 leaves the other CPU of a 2-vCPU box
+    /// to the edge.
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least_one::<usize>, allow_negative_numbers = true)]
     threads: usize,
     /// Writes the result (JSON) here too.
     #[arg(long)]
@@ -100,9 +101,13 @@ fn clk_tck() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
+/// `--body-bytes`: at least 8 (the body is `{"p":"..."}`), refused as the flag's own error.
+fn body_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if n >= 8 { Ok(n) } else { Err(format!("at least 8 (the body is {{\"p\":\"...\"}}), not {n}")) }
+}
+
 pub fn run(a: &PubbenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.concurrency > 0 && a.rooms > 0 && a.duration > 0.0, "concurrency, rooms, duration: above 0");
-    anyhow::ensure!(a.body_bytes >= 8, "--body-bytes: at least 8");
     // On stderr: stdout is the result (JSON).
     let key = a.key.load()?.map(|(k, line)| {
         eprintln!("{line}");

@@ -197,6 +197,13 @@ pub struct Report {
     pub corrupt_streams: u64,
     pub partial_frames_at_end: u64,
     pub duplicates: BTreeMap<String, u64>,
+    /// `gap` and `reset` messages the members received, by type (both keys always there): a
+    /// `gap` says seqs of the member's room cannot be recovered (a `since` older than history,
+    /// or lost by the bus), a `reset` that its position is void (the room's numbering
+    /// restarted, or its `since` was ahead of the room). Over WebSocket and event streams alike.
+    pub gaps_and_resets: BTreeMap<String, u64>,
+    /// The seqs the `gap` messages named, in all (`to - from + 1` each).
+    pub gap_seqs: u64,
     pub latency_ms: BTreeMap<String, Percentiles>,
     /// The same, for the connections that read at full speed and for the slow readers.
     pub latency_fast_readers_ms: BTreeMap<String, Percentiles>,
@@ -216,7 +223,8 @@ pub struct Report {
     /// that could not, and the time from goaway to the new upgrade.
     pub reconnects: u64,
     pub reconnect_failed: u64,
-    /// Failed attempts of the moves, retried with jittered backoff, by reason.
+    /// Failed attempts of the moves by reason, each one: retried with jittered backoff, or the
+    /// last of a move given up (`dispatch_http_503`: every refusal dispatch answered).
     #[serde(default)]
     pub reconnect_attempts_failed_by_reason: BTreeMap<String, u64>,
     /// Move attempts past their deadline (5 s dispatch, 10 s upgrade) whose answer had arrived
@@ -275,6 +283,8 @@ impl Report {
             "deliveries_per_s": self.deliveries_per_s,
             "lost": self.lost,
             "duplicates": self.duplicates,
+            "gaps_and_resets": self.gaps_and_resets,
+            "gap_seqs": self.gap_seqs,
             "latency_ms": self.latency_ms,
             "edge_cpu_us_per_delivery": self.server.cpu_us_per_delivery,
             "edge_shards_task_clock_us_per_delivery": self.server.task_clock_us_per_delivery,
@@ -309,9 +319,27 @@ fn machine() -> String {
     format!("{cpus} vCPUs ({model}), Linux {}", kernel.trim())
 }
 
-pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
-    let dir = root.join(format!("{}-{}", date(), r.scenario));
-    std::fs::create_dir_all(&dir)?;
+/// The files a run writes into its folder (`window.svg` only when the edge reported a merge
+/// window).
+pub const FILES: [&str; 5] = ["result.json", "README.md", "latency.svg", "throughput.svg", "window.svg"];
+
+/// The folder of a run of `scenario` under `root` started today: `<root>/<date>-<scenario>/`.
+pub fn folder(root: &Path, scenario: &str) -> PathBuf {
+    root.join(format!("{}-{scenario}", date()))
+}
+
+/// Of the files a run writes ([`FILES`]), those `dir` holds already: an earlier run's results,
+/// which writing this run's would overwrite. Other files (a script's logs beside them) are not
+/// the generator's and do not count.
+pub fn earlier_results(dir: &Path) -> Vec<&'static str> {
+    FILES.into_iter().filter(|f| dir.join(f).exists()).collect()
+}
+
+/// Writes the results into `dir` ([`folder`], named when the run started), replacing the
+/// generator's files an earlier run left there (the caller has refused that without
+/// `--replace`).
+pub fn write(dir: &Path, r: &Report) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
     let mut full = serde_json::to_value(r)?;
     if let (Some(obj), serde_json::Value::Object(sum)) = (full.as_object_mut(), r.summary_json()) {
         for (k, v) in sum {
@@ -319,7 +347,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         }
     }
     std::fs::write(dir.join("result.json"), serde_json::to_string_pretty(&full)?)?;
-    plot(&dir, r)?;
+    plot(dir, r)?;
     let lat_of = |m: &BTreeMap<String, Percentiles>, k: &str| {
         m.get(k)
             .filter(|p| p.count > 0)
@@ -363,6 +391,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
          | lost gift / chat | {lg} / {lc} |\n\
          | slow readers; lost gift / chat on the others | {slow}; {flg} / {flc} |\n\
          | duplicates gift / chat | {dg} / {dc} |\n\
+         | gap / reset messages received (seqs the gaps named) | {gaps} / {resets} ({gap_seqs}) |\n\
          | gift latency p50 / p99 / p99.9 / max (ms) | {lgift} |\n\
          | gift latency, full-speed readers / slow readers (same percentiles) | {lgf} ; {lgs} |\n\
          | chat latency p50 / p99 / p99.9 / max (ms) | {lchat} |\n\
@@ -453,6 +482,9 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
         lc = r.lost.get("chat").copied().unwrap_or(0),
         dg = r.duplicates.get("gift").copied().unwrap_or(0),
         dc = r.duplicates.get("chat").copied().unwrap_or(0),
+        gaps = r.gaps_and_resets.get("gap").copied().unwrap_or(0),
+        resets = r.gaps_and_resets.get("reset").copied().unwrap_or(0),
+        gap_seqs = r.gap_seqs,
         lgift = lat("gift"),
         lgf = lat_of(&r.latency_fast_readers_ms, "gift"),
         lgs = lat_of(&r.latency_slow_readers_ms, "gift"),
@@ -469,7 +501,7 @@ pub fn write(root: &Path, r: &Report) -> anyhow::Result<PathBuf> {
     if !warn.is_empty() {
         eprintln!("warning: a load generator worker saturated a core; figures may understate the server");
     }
-    Ok(dir)
+    Ok(())
 }
 
 fn plot(dir: &Path, r: &Report) -> anyhow::Result<()> {
@@ -518,6 +550,9 @@ fn plot(dir: &Path, r: &Report) -> anyhow::Result<()> {
                 .filter_map(|s| Some(Circle::new((s.t_s, s.window_ms? as f64), 4, RED.filled()))),
         )?;
         root.present()?;
+    } else {
+        // An earlier run's (replaced) would otherwise stay beside this run's results.
+        let _ = std::fs::remove_file(dir.join("window.svg"));
     }
     {
         let path = dir.join("throughput.svg");

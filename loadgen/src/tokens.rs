@@ -33,14 +33,14 @@ pub struct TokensArgs {
     /// `kid` header, matched by the edge against `auth.keys[].kid`.
     #[arg(long)]
     kid: Option<String>,
-    /// How many tokens (lines).
-    #[arg(long, allow_negative_numbers = true)]
+    /// How many tokens (lines), at least 1.
+    #[arg(long, value_parser = crate::at_least_one::<usize>, allow_negative_numbers = true)]
     count: usize,
     /// `sub` of token N is this prefix followed by N.
     #[arg(long, default_value = "u")]
     sub_prefix: String,
-    /// Seconds until `exp`.
-    #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+    /// Seconds until `exp`, at least 1 (0 signed tokens that had expired when written).
+    #[arg(long, default_value_t = 3600, value_parser = crate::at_least_one::<u64>, allow_negative_numbers = true)]
     ttl: u64,
     /// `rooms` claim: room names or `prefix*`, comma separated (absent: every room).
     #[arg(long, value_delimiter = ',')]
@@ -80,7 +80,7 @@ pub fn sign(a: &TokensArgs) -> anyhow::Result<()> {
     };
     let mut header = Header::new(alg);
     header.kid.clone_from(&a.kid);
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + a.ttl;
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs().saturating_add(a.ttl);
     let one = |n: usize| {
         let c = Claims { sub: format!("{}{n}", a.sub_prefix), exp, rooms: &a.rooms, publish: &a.publish };
         jsonwebtoken::encode(&header, &c, &key).context("sign")

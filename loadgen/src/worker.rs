@@ -221,6 +221,11 @@ pub struct Progress {
     /// Members open now (connected, not closed nor between a goaway and their new socket).
     #[serde(default)]
     pub open: u64,
+    /// `gap` and `reset` messages received so far (see [`Final::gaps`]).
+    #[serde(default)]
+    pub gaps: u64,
+    #[serde(default)]
+    pub resets: u64,
     pub cpu_s: f64,
 }
 
@@ -271,8 +276,9 @@ pub struct Final {
     pub reconnects: u64,
     pub reconnect_failed: u64,
     pub reconnect_hist: String,
-    /// Failed attempts of the moves (retried), by reason (`dispatch_` prefixed when asking the
-    /// dispatch URL failed: `dispatch_http_503` while no edge takes members).
+    /// Failed attempts of the moves by reason, each one (retried, or the last of a move given
+    /// up): `dispatch_` prefixed when asking the dispatch URL failed (`dispatch_http_503` while
+    /// no edge takes members: as many as dispatch's own count of its refusals).
     #[serde(default)]
     pub reconnect_attempts_failed_by: std::collections::BTreeMap<String, u64>,
     /// Move attempts past their deadline whose answer had arrived and waited for this worker
@@ -302,6 +308,16 @@ pub struct Final {
     /// (dropped then: the kernel resets a socket closed with bytes unread).
     #[serde(default)]
     pub close_unanswered_at_end: u64,
+    /// `gap` messages the members received (seqs `from..=to` of their room cannot be
+    /// recovered: a `since` older than history, or lost by the bus), and the seqs they named
+    /// in all; `reset` messages (a member's position void: the room's numbering restarted, or
+    /// its `since` was ahead of the room). WebSocket (both encodings) and event streams alike.
+    #[serde(default)]
+    pub gaps: u64,
+    #[serde(default)]
+    pub gap_seqs: u64,
+    #[serde(default)]
+    pub resets: u64,
     pub cpu_s: f64,
 }
 
@@ -916,8 +932,8 @@ struct MoveDone {
     i: usize,
     result: anyhow::Result<Sock>,
     got_at: Instant,
-    /// Why the attempts before the last failed ([`failure_reason`]; `dispatch_` prefixed when
-    /// asking the dispatch URL failed).
+    /// Why each failed attempt failed, the last of a move given up too ([`failure_reason`];
+    /// `dispatch_` prefixed when asking the dispatch URL failed).
     errors: Vec<String>,
 }
 
@@ -1049,8 +1065,12 @@ impl Movers {
                         };
                         match result {
                             Ok(sock) => break Ok(sock),
-                            Err((_, e)) if give_up.is_some_and(|g| first.elapsed() >= g) => break Err(e),
-                            Err((reason, _)) => errors.push(reason),
+                            Err((reason, e)) => {
+                                errors.push(reason);
+                                if give_up.is_some_and(|g| first.elapsed() >= g) {
+                                    break Err(e);
+                                }
+                            }
                         }
                         std::thread::sleep(move_backoff(attempt));
                         attempt += 1;
@@ -1094,6 +1114,10 @@ struct Reader {
     inflated: Vec<u8>,
     /// Frames that arrived compressed.
     compressed_frames: u64,
+    /// `gap` messages, the seqs they named, and `reset` messages received ([`Final::gaps`]).
+    gaps: u64,
+    gap_seqs: u64,
+    resets: u64,
 }
 
 impl Reader {
@@ -1103,6 +1127,20 @@ impl Reader {
         if c.open {
             *self.lost.entry(how).or_default() += 1;
         }
+    }
+
+    /// A `gap`: seqs `from..=to` of the member's room cannot be recovered.
+    fn on_gap(&mut self, from: u64, to: u64) {
+        self.gaps += 1;
+        self.gap_seqs += to.saturating_sub(from).saturating_add(1);
+    }
+
+    /// A `reset`: the member's position is void; from now on it is `seq` (of the room's new
+    /// numbering), which is what it must resume from, not the old numbering's last seq (a
+    /// `since` ahead of the room, reset again at its next move).
+    fn on_reset(&mut self, c: &mut Conn, seq: u64) {
+        self.resets += 1;
+        c.last_seq = seq;
     }
 
     fn kind_index(&self, kind: &str) -> Option<usize> {
@@ -1133,6 +1171,8 @@ impl Reader {
                 }
             }
             Ok(roomcast_proto::ServerMsg::Joined { seq, .. }) => c.on_joined(seq),
+            Ok(roomcast_proto::ServerMsg::Gap { from, to, .. }) => self.on_gap(from, to),
+            Ok(roomcast_proto::ServerMsg::Reset { seq, .. }) => self.on_reset(c, seq),
             Ok(roomcast_proto::ServerMsg::Goaway { url, reconnect_after_ms, .. }) if self.follow => {
                 c.on_goaway(&url, reconnect_after_ms);
             }
@@ -1238,6 +1278,8 @@ impl Reader {
                         }
                     }
                     Ok(ArchivedServerMsg::Joined { seq, .. }) => c.on_joined(seq.to_native()),
+                    Ok(ArchivedServerMsg::Gap { from, to, .. }) => self.on_gap(from.to_native(), to.to_native()),
+                    Ok(ArchivedServerMsg::Reset { seq, .. }) => self.on_reset(c, seq.to_native()),
                     // Not followed (`--no-follow-goaway`): the member is not on its way
                     // anywhere, and its close counts as closed.
                     Ok(ArchivedServerMsg::Goaway { url, reconnect_after_ms, .. }) if self.follow => {
@@ -1314,6 +1356,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         inflater: args.deflate.then(roomcast_proto::deflate::new_inflater),
         inflated: Vec::new(),
         compressed_frames: 0,
+        gaps: 0,
+        gap_seqs: 0,
+        resets: 0,
     };
     // The ramp, held: connection n is due one interval after the one before; a worker behind
     // (a connect that blocked up to its 10 s timeout) catches up at most CATCH_UP's worth at
@@ -1520,6 +1565,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 first_kind_p99_us: reader.interval_first.value_at_quantile(0.99),
                 reconnects: moves.stats.reconnects,
                 open: conns.iter().filter(|c| c.open).count() as u64,
+                gaps: reader.gaps,
+                resets: reader.resets,
                 cpu_s: own_cpu_s(),
             };
             reader.interval.reset();
@@ -1646,6 +1693,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 closed_by_generator_at_end: closes.sent,
                 close_unanswered_at_end: closes.unanswered,
                 move_inflight_peak: moves.peak() as u64,
+                gaps: reader.gaps,
+                gap_seqs: reader.gap_seqs,
+                resets: reader.resets,
                 cpu_s: own_cpu_s(),
             };
             emit(&erased::Tagged("final", &f));

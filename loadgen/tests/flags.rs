@@ -97,3 +97,84 @@ fn an_unpaced_ramp_gets_a_finite_connect_deadline() {
     assert!((deadline - 30.04).abs() < 1e-9, "{deadline}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A zero (or a value past what the flag can mean) that made a run meaningless was taken
+/// silently: `--rooms 0`, `--gift-streams 0`, `--src-addrs 0`, `--connect-inflight 0` and
+/// `--chat-batch 0` were quietly run as 1, `--slow-bytes 0` made slow readers that never read,
+/// `--duration 0` published nothing, a `--server-pid` with no process behind it left every
+/// server figure "not measured"; `pubbench`'s and `tokens`' zeros likewise (`--threads 0` ran
+/// one thread, `--ttl 0` signed tokens expired when written). Each is refused as a usage error
+/// naming the flag (exit status 2), before anything starts.
+#[test]
+fn values_that_make_a_run_meaningless_get_the_flags_own_error() {
+    // A pid with no process: a child's, reaped.
+    let mut gone = Command::new("true").spawn().expect("true");
+    gone.wait().unwrap();
+    let gone = gone.id().to_string();
+    let run = |extra: &[&str]| {
+        let mut a = vec!["run", "--ws", "127.0.0.1:9", "--http", "127.0.0.1:9"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let other = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let mut cases: Vec<(Vec<String>, &str, &str)> = [
+        ("--rooms", "0"),
+        ("--gift-streams", "0"),
+        ("--chat-streams", "0"),
+        ("--chat-batch", "0"),
+        ("--src-addrs", "0"),
+        ("--src-addrs", "254"),
+        ("--connect-inflight", "0"),
+        ("--slow-bytes", "0"),
+        ("--duration", "0"),
+        ("--server-pid", "0"),
+    ]
+    .into_iter()
+    .map(|(flag, value)| (run(&[flag, value]), flag, value))
+    .collect();
+    cases.push((run(&["--server-pid", &gone]), "--server-pid", &gone));
+    let pubbench = |flag: &str, value: &str| other(&["pubbench", "--http", "127.0.0.1:9", flag, value]);
+    for (flag, value) in [
+        ("--rooms", "0"),
+        ("--concurrency", "0"),
+        ("--duration", "0"),
+        ("--threads", "0"),
+        ("--body-bytes", "7"),
+        ("--server-pid", "0"),
+    ] {
+        cases.push((pubbench(flag, value), flag, value));
+    }
+    let tokens = |extra: &[&str]| other(&[&["tokens", "--alg", "hs256", "--out", "/dev/null"][..], extra].concat());
+    cases.push((tokens(&["--count", "0"]), "--count", "0"));
+    cases.push((tokens(&["--count", "3", "--ttl", "0"]), "--ttl", "0"));
+    for (args, flag, value) in &cases {
+        let o = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("loadgen");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(&format!("invalid value '{value}' for '{flag} <")), "{args:?}: {stderr}");
+    }
+    // What zero does mean is still taken: no pacing, autotuned buffers, no slow readers,
+    // workers by the connection count, gifts never given up (here a run that fails only for
+    // having nowhere to connect, not for a flag; its results go to a folder of its own).
+    let out = std::env::temp_dir().join(format!("loadgen-zeros-{}", std::process::id()));
+    let o = run_with(&[
+        "--connections",
+        "5",
+        "--ramp",
+        "0",
+        "--rcvbuf",
+        "0",
+        "--slow-every",
+        "0",
+        "--workers",
+        "0",
+        "--gift-give-up",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_dir_all(&out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Error: no member connected"), "{stderr}");
+}

@@ -263,6 +263,33 @@ fn a_run_that_lost_a_gift_fails() {
     assert_eq!(v["reconnects"], MEMBERS, "every member moved: {v}");
     assert!(!ok, "a run that lost gifts exited 0");
     assert!(stderr.contains(&format!("{lost} gift deliveries lost")), "{stderr}");
+    // The edge said so: one `gap` per member's resume, naming every gift it lost (the
+    // generator did not count them).
+    assert_eq!(v["gaps_and_resets"], serde_json::json!({ "gap": MEMBERS, "reset": 0 }), "{v}");
+    // Seqs, not gifts: a gap may name a seq that is not a gift this member is counted to
+    // have lost (one run's gaps named 150 seqs for 149 gifts lost), never fewer.
+    let named = v["gap_seqs"].as_u64().expect("gap_seqs");
+    assert!(named >= lost, "every gift lost was named by a gap ({named} seqs named, {lost} lost): {v}");
+}
+
+/// The same over event streams (`--sse`: the `gap` comes as an event's JSON envelope, where
+/// WebSocket members above read it from an rkyv frame).
+#[test]
+fn gaps_are_counted_over_event_streams() {
+    const MEMBERS: usize = 10;
+    let mode = Mode::Gather { n: usize::MAX, hold: Duration::from_secs(3) };
+    let config = "[history]\nmust_deliver = 1\n";
+    let (v, _, ok, _) = drain_through_args("gap-sse", MEMBERS, 32, mode, config, &["--sse"]);
+    assert!(!ok, "gifts were lost: {v}");
+    assert_eq!(v["encoding"], "sse", "{v}");
+    assert_eq!(v["reconnects"], MEMBERS, "every member moved: {v}");
+    let lost = v["lost"]["gift"].as_u64().expect("lost gifts");
+    assert!(lost > 0, "{v}");
+    assert_eq!(v["gaps_and_resets"], serde_json::json!({ "gap": MEMBERS, "reset": 0 }), "{v}");
+    // Seqs, not gifts: a gap may name a seq that is not a gift this member is counted to
+    // have lost (one run's gaps named 150 seqs for 149 gifts lost), never fewer.
+    let named = v["gap_seqs"].as_u64().expect("gap_seqs");
+    assert!(named >= lost, "every gift lost was named by a gap ({named} seqs named, {lost} lost): {v}");
 }
 
 /// A dispatch answering garbage (not HTTP; or a 200 whose body has no `url`) is counted under a
@@ -319,4 +346,97 @@ fn members_that_do_not_follow_a_goaway_are_not_on_their_way_back() {
             && stderr.contains(&format!("{MEMBERS} closed and not followed")),
         "{stderr}"
     );
+}
+
+/// A real `edge dispatch` whose only edge drains (so every route it answers is a 503) and
+/// members that give up after 2 s: each member's every refused request is counted, the last
+/// one before it gave up included, so the run's `dispatch_http_503` is dispatch's own count of
+/// its refusals (`roomcast_dispatch_answers_total{outcome!="routed"}`). It was one fewer per
+/// member: the attempt a move was given up on went uncounted.
+#[test]
+fn every_refusal_dispatch_answered_is_counted() {
+    const MEMBERS: u64 = 10;
+    let redis = RedisProc::start();
+    /// `edge dispatch`, killed when the test ends, failed or not.
+    struct Dispatch(std::process::Child);
+    impl Drop for Dispatch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut dispatch = Dispatch(
+        Command::new(roomcast_testsupport::edge_bin())
+            .args(["dispatch", "--redis", &redis.url(), "--http", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("edge dispatch"),
+    );
+    let mut line = String::new();
+    BufReader::new(dispatch.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let http = line.split_whitespace().find_map(|w| w.strip_prefix("http=")).expect("http=").to_owned();
+    let dir = std::env::temp_dir().join(format!("loadgen-moves-dispatch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, "[drain]\nperiod_ms = 500\ndeadline_ms = 10000\n").unwrap();
+    let url = format!("http://{http}/v1/route");
+    let mut a = EdgeProc::start(&[
+        "--shards",
+        "1",
+        "--bus",
+        &redis.url(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--dispatch-url",
+        &url,
+    ]);
+    let out = dir.join("out");
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--ws", &a.ws.to_string(), "--http", &a.http.to_string()])
+        .args(["--connections", &MEMBERS.to_string(), "--workers", "1", "--move-give-up", "2"])
+        .args(["--duration", "6", "--gift-rate", "5", "--chat-rate", "0", "--gift-give-up", "1"])
+        .args(["--scenario", "dispatch-refuses", "--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
+        .spawn()
+        .expect("loadgen");
+    let mut drained = false;
+    for line in BufReader::new(lg.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        println!("{line}");
+        if !drained && line.starts_with("t=") && line.contains("s conns=") {
+            let t: f64 = line[2..].split('s').next().unwrap().trim().parse().unwrap();
+            if t >= 1.5 {
+                a.sigterm();
+                drained = true;
+            }
+        }
+    }
+    assert!(drained, "the run reached the drain point");
+    assert!(!lg.wait().unwrap().success(), "members given up fail the run");
+    let _ = a.wait_exit(Duration::from_secs(60));
+    let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    // Dispatch's own count of the routes it refused.
+    let mut s = TcpStream::connect(&http).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut metrics = String::new();
+    s.read_to_string(&mut metrics).unwrap();
+    let count = |outcome: &str| {
+        let prefix = format!("roomcast_dispatch_answers_total{{outcome=\"{outcome}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let refused: u64 = ["reports_unavailable", "no_edge_reported", "none_eligible"].into_iter().map(count).sum();
+    assert_eq!(count("routed"), 0, "{metrics}");
+    assert_eq!(v["reconnect_failed"], MEMBERS, "every member's move was given up: {v}");
+    assert!(refused > MEMBERS, "each member asked more than once: {refused}");
+    assert_eq!(
+        v["reconnect_attempts_failed_by_reason"],
+        serde_json::json!({ "dispatch_http_503": refused }),
+        "the generator's count is dispatch's: {v}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -119,7 +119,7 @@ one_edge_case() {
   edge_up "$epid" 127.0.0.1:18742 "$tmp/edge.log"
   "$LG_BIN" run --target edge --ws 127.0.0.1:18741 --http 127.0.0.1:18742 --connections "$CONNS" \
     --duration "$SECS" --gift-rate "$GIFT" --chat-rate "$CHAT" --server-pid "$epid" \
-    --out "$ROOT/bench-results" --scenario "$scenario" "$@" \
+    --out "$ROOT/bench-results" --scenario "$scenario" --replace "$@" \
     --note "one edge --no-store --shards 2, defaults (window 100 ms, adaptive, visible chat 50/s); $note" \
     >"$tmp/lg.out" 2>&1 || { echo "$scenario failed:"; tail -5 "$tmp/lg.out"; FAILED=1; }
   curl -sf http://127.0.0.1:18742/metrics >"$tmp/metrics.txt" || true

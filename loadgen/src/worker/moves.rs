@@ -59,7 +59,8 @@ pub(super) struct MoveStats {
     pub gave_up: u64,
     /// Goaway (or loss) to upgraded, µs.
     pub hist: Histogram<u64>,
-    /// Failed attempts (retried) by reason: `dispatch_`-prefixed when asking dispatch failed.
+    /// Failed attempts by reason, every one (retried, or the last of a move given up):
+    /// `dispatch_`-prefixed when asking dispatch failed.
     pub errors: BTreeMap<String, u64>,
     /// Attempts past their deadline whose answer had arrived, unread while the worker was busy:
     /// taken, not counted as timeouts (how late the generator itself reads).
@@ -492,11 +493,14 @@ impl Moves {
         self.watch(c, i);
     }
 
-    /// Member `i`'s attempt failed (`reason`: its name in the counts): retried after its
-    /// backoff, or given up once the move has been trying for `--move-give-up` (never when it
-    /// is 0; that last attempt's reason is not counted, as with the blocking movers).
+    /// Member `i`'s attempt failed (`reason`: its name in the counts, whatever follows): retried
+    /// after its backoff, or given up once the move has been trying for `--move-give-up` (never
+    /// when it is 0). The last attempt of a move given up was not counted, so every member given
+    /// up after dispatch refused it showed one `dispatch_http_503` fewer than dispatch's own
+    /// count of its refusals (`roomcast_dispatch_answers_total`).
     fn fail(&mut self, i: usize, reason: String, e: &anyhow::Error, now: Instant, cx: &mut Ctx<'_>) {
         let Some(m) = self.moving.get_mut(&i) else { return };
+        *self.stats.errors.entry(reason).or_default() += 1;
         if let (Some(first), Some(give_up)) = (m.first, self.give_up)
             && now.duration_since(first) >= give_up
         {
@@ -509,7 +513,6 @@ impl Moves {
             cx.reader.closed += 1;
             return;
         }
-        *self.stats.errors.entry(reason).or_default() += 1;
         let at = now + move_backoff(m.attempt);
         m.attempt += 1;
         m.retry_at = Some(at);
