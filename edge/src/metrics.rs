@@ -253,7 +253,8 @@ pub struct ShardStats {
     pub goaways: IntCounter,
     /// Joins answered with a `reset` (the client's epoch or since was void).
     pub resets: IntCounter,
-    /// Signalling messages refused: over the connection's rate, or a join the engine refused.
+    /// Signalling messages refused: over the connection's rate, a join the engine refused, or a
+    /// malformed message (`bad_message`, `bad_room`).
     pub signals_refused: IntCounter,
     refused: IntCounterVec,
     /// Connections closed by a moderator's disconnect, and removed from a room by a ban.
@@ -499,7 +500,7 @@ impl Metrics {
             signals_refused: counter(
                 r,
                 "signals_refused_total",
-                "Client signalling refused: over ws.signal_rate, or a join over limits.max_rooms.",
+                "Client signalling refused: over ws.signal_rate, a join over limits.max_rooms, or a malformed message (error bad_message or bad_room: a malformed epoch in a join among them).",
                 s,
             ),
         };

@@ -84,6 +84,91 @@ async fn stale_positions_are_reset_explicitly() {
     assert_eq!(resets, 2.0);
 }
 
+/// What an upgrade is answered: the status and the reason in the body (101 and empty when it
+/// was accepted).
+async fn upgrade_answer(url: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok(_) => (101, String::new()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// A malformed position is refused, never taken for another numbering (found by a new user's
+/// trial: `epoch=00ab` got `reset` "epoch changed"): at the upgrade a 400 naming the field, as
+/// SSE refuses a malformed `Last-Event-ID`; in a `join` an `error` `bad_message`, the connection
+/// staying in its room. Both are counted; a well-formed epoch of another numbering still resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_position_is_refused_not_reset() {
+    let edge = EdgeProc::start(&["--shards", "1", "--merge-window-ms", "0"]);
+    let p = Publisher::new(edge.http);
+    p.publish("show", "gift", json!({ "n": 1 })).await;
+    let mut member = connect(&edge.url("?room=show"), None).await;
+    let epoch = epoch_of(until_joined(&mut member).await.last().unwrap());
+    // The epoch in decimal (as Redis keeps it; a local epoch is random, so 19 or 20 digits:
+    // malformed), upper case, cut short, with a digit more.
+    let decimal = u64::from_str_radix(&epoch, 16).unwrap().to_string();
+    let decimal = if decimal.len() == 16 { format!("{decimal}0") } else { decimal };
+    let cases = [
+        (format!("?room=show&since=1&epoch={decimal}"), "bad epoch"),
+        (format!("?room=show&since=1&epoch={}", epoch.to_uppercase()), "bad epoch"),
+        (format!("?room=show&since=1&epoch={}", &epoch[4..]), "bad epoch"),
+        (format!("?room=show&since=1&epoch={epoch}0"), "bad epoch"),
+        ("?room=show&since=1&epoch=".to_owned(), "bad epoch"),
+        ("?room=show&epoch=xyz".to_owned(), "bad epoch"),
+        (format!("?room=show&since=%2B1&epoch={epoch}"), "bad since"),
+        (format!("?room=show&since=1.0&epoch={epoch}"), "bad since"),
+        (format!("?room=show&since=1&since=2&epoch={epoch}"), "bad since"),
+        (format!("?room=show&since=1&epoch={epoch}&epoch=00000000000000aa"), "bad epoch"),
+    ];
+    let before = metric(&p, "roomcast_handshake_failures_total").await;
+    for (query, reason) in &cases {
+        let (status, body) = upgrade_answer(&edge.url(query)).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(reason), "{query}: {body}");
+    }
+    let refused = metric(&p, "roomcast_handshake_failures_total").await - before;
+    assert_eq!(refused, cases.len() as f64, "every refusal counted");
+    assert_eq!(metric(&p, "roomcast_join_resets_total").await, 0.0, "no reset for a malformed epoch");
+
+    // The same over the socket: a join with a malformed epoch is a bad message; the member
+    // stays where it was and keeps receiving.
+    let signals_before = metric(&p, "roomcast_signals_refused_total").await;
+    for bad in [decimal.as_str(), "00ab", ""] {
+        send_json(&mut member, json!({"op": "join", "room": "other", "since": 1, "epoch": bad})).await;
+        match next_msg_within(&mut member, Duration::from_secs(5)).await {
+            Some(ServerMsg::Error { code, message }) => {
+                assert_eq!(code, "bad_message", "{bad}: {message}");
+                assert!(message.contains("bad epoch"), "{bad}: {message}");
+            }
+            other => panic!("{bad}: expected an error, got {other:?}"),
+        }
+    }
+    // `since` is a number in JSON: a string or a negative one is refused as malformed.
+    for bad in [json!("1"), json!(-1), json!(1.5)] {
+        send_json(&mut member, json!({"op": "join", "room": "other", "since": bad, "epoch": epoch})).await;
+        match next_msg_within(&mut member, Duration::from_secs(5)).await {
+            Some(ServerMsg::Error { code, .. }) => assert_eq!(code, "bad_message", "{bad}"),
+            other => panic!("{bad}: expected an error, got {other:?}"),
+        }
+    }
+    let signals = metric(&p, "roomcast_signals_refused_total").await - signals_before;
+    assert_eq!(signals, 6.0, "every refused join counted");
+    let seq = p.publish("show", "gift", json!({ "n": 2 })).await;
+    assert_eq!(batch_seqs(&mut member, 1).await, vec![seq], "still in its room");
+    assert_eq!(metric(&p, "roomcast_join_resets_total").await, 0.0);
+
+    // Well-formed but not the room's: still a reset, at the upgrade and in a join.
+    let (status, _) = upgrade_answer(&edge.url("?room=show&since=1&epoch=00000000000000aa")).await;
+    assert_eq!(status, 101);
+    send_json(&mut member, json!({"op": "join", "room": "show", "since": 1, "epoch": "00000000000000aa"})).await;
+    let got = until_joined(&mut member).await;
+    assert!(matches!(&got[..], [.., ServerMsg::Reset { .. }, ServerMsg::Joined { .. }]), "{got:?}");
+}
+
 /// Redis emptied under two edges: the next publish starts a new numbering; members get
 /// `reset` with its epoch, then its messages from seq 1; a client holding the old epoch is
 /// reset at its join.

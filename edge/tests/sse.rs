@@ -277,6 +277,10 @@ async fn bad_requests_are_refused_with_a_reason() {
         (format!("/sse?room=a%20b&token={tok}"), vec![], 400, "bad room"),
         (format!("/sse?room=r&since=x&token={tok}"), vec![], 400, "bad since"),
         (format!("/sse?room=r&token={tok}"), vec![("Last-Event-ID", "nope")], 400, "Last-Event-ID"),
+        // An epoch other than the edge's 16 lowercase hex digits, in the header or the query:
+        // refused, not taken for another numbering (a reset the client did not cause).
+        (format!("/sse?room=r&token={tok}"), vec![("Last-Event-ID", "ab:5")], 400, "Last-Event-ID"),
+        (format!("/sse?room=r&since=1&epoch=00ab&token={tok}"), vec![], 400, "bad epoch"),
         ("/sse?room=r".into(), vec![], 401, "missing token"),
         (format!("/sse?room=r&token={tok}"), vec![("Origin", "https://evil.example")], 403, "origin"),
     ];

@@ -384,6 +384,30 @@ pub fn deleted_seq(msg: &PushMessage) -> Option<u64> {
     serde_json::from_str::<Body>(&msg.body).ok().map(|b| b.seq)
 }
 
+/// Length of an epoch as the edge writes it: 16 hex digits (a `u64`).
+pub const EPOCH_TEXT_LEN: usize = 16;
+
+/// Checks an epoch a client sends back (`?epoch=`, a `join`'s `epoch`, the `EPOCH` of a
+/// `Last-Event-ID`): exactly the text the edge sent, 16 lowercase hex digits. Anything else is
+/// malformed and refused; read as some other epoch it would earn the client a `reset` it did not
+/// cause.
+pub fn validate_epoch(epoch: &str) -> Result<(), &'static str> {
+    if epoch.len() == EPOCH_TEXT_LEN && epoch.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err("an epoch is 16 lowercase hex digits, sent back exactly as the edge sent it")
+    }
+}
+
+/// Reads a seq a client sends in text (`?since=`, a `Last-Event-ID`): decimal digits only, so
+/// `+5`, ` 5` or `5.0`, which `u64::from_str` or a lenient reader might take, are refused.
+pub fn parse_seq(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// Longest room name accepted.
 pub const MAX_ROOM_LEN: usize = 64;
 
@@ -976,5 +1000,21 @@ mod tests {
         assert!(validate_room(&"x".repeat(65)).is_err());
         assert!(validate_kind("gift").is_ok());
         assert!(validate_kind("Gift").is_err());
+    }
+
+    #[test]
+    fn epochs_and_seqs_are_read_strictly() {
+        assert!(validate_epoch("00000000000000ab").is_ok());
+        assert!(validate_epoch("0123456789abcdef").is_ok());
+        for bad in
+            ["", "ab", "00ab", "00000000000000AB", "000000000000000g", "00000000000000ab0", " 0000000000000ab", "x"]
+        {
+            assert!(validate_epoch(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_seq("0"), Some(0));
+        assert_eq!(parse_seq("18446744073709551615"), Some(u64::MAX));
+        for bad in ["", "+5", "-1", " 5", "5 ", "5.0", "1e3", "0x5", "18446744073709551616"] {
+            assert_eq!(parse_seq(bad), None, "{bad:?}");
+        }
     }
 }

@@ -72,15 +72,15 @@ pub fn parse_last_event_id(s: &str) -> Result<Option<Position<'_>>, &'static str
         Some((e, q)) => (Some(e), q),
         None => (None, s),
     };
-    if epoch.is_some_and(|e| e.is_empty() || !e.bytes().all(|b| b.is_ascii_hexdigit())) {
-        return Err("bad Last-Event-ID: expected EPOCH:SEQ (16 hex digits, a colon, a number) or SEQ");
+    const BAD: &str = "bad Last-Event-ID: expected EPOCH:SEQ (16 lowercase hex digits, a colon, a number) or SEQ";
+    // The epoch exactly as the edge sent it: another text would read as another numbering.
+    if epoch.is_some_and(|e| crate::envelope::validate_epoch(e).is_err()) {
+        return Err(BAD);
     }
     // Digits only: `u64::from_str` would also take a leading `+`, which no id of ours has.
-    match seq.parse::<u64>() {
-        Ok(seq_n) if !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()) => {
-            Ok(Some(Position { epoch, seq: seq_n }))
-        }
-        _ => Err("bad Last-Event-ID: expected EPOCH:SEQ (16 hex digits, a colon, a number) or SEQ"),
+    match crate::envelope::parse_seq(seq) {
+        Some(seq) => Ok(Some(Position { epoch, seq })),
+        None => Err(BAD),
     }
 }
 
@@ -159,7 +159,22 @@ mod tests {
         assert_eq!(parse_last_event_id("7"), Ok(Some(Position { epoch: None, seq: 7 })));
         assert_eq!(parse_last_event_id(" 7 "), Ok(Some(Position { epoch: None, seq: 7 })));
         assert_eq!(parse_last_event_id(""), Ok(None));
-        for bad in ["x", ":5", "ab:", "ab:x", "zz:5", "-1", "+5", "1:2:3", "99999999999999999999"] {
+        for bad in [
+            "x",
+            ":5",
+            "ab:",
+            "ab:x",
+            "zz:5",
+            "-1",
+            "+5",
+            "1:2:3",
+            "99999999999999999999",
+            // An epoch other than the edge's 16 lowercase hex digits would read as another
+            // numbering (a reset the client did not cause).
+            "ab:5",
+            "00000000000000AB:5",
+            "000000000000000ab:5",
+        ] {
             assert!(parse_last_event_id(bad).is_err(), "{bad}");
         }
         let id = event_id("00000000000000ab", 9);

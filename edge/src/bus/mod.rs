@@ -132,14 +132,13 @@ pub fn epoch_text(e: Epoch) -> String {
     format!("{e:016x}")
 }
 
-/// A client's epoch text, back: anything that is not one of ours reads as 0, which no room has.
-pub fn parse_epoch(s: &str) -> Epoch {
-    // Exactly the text the edge sent: 16 lowercase hex digits.
-    if s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        u64::from_str_radix(s, 16).unwrap_or(0)
-    } else {
-        0
-    }
+/// A client's epoch text, back. Only the text the edge sends ([`epoch_text`]: 16 lowercase hex
+/// digits) is an epoch; anything else is malformed, and the caller refuses it (400 at a
+/// handshake, `error` `bad_message` for a `join`) with the reason given, rather than taking it
+/// for another numbering and resetting the client.
+pub fn parse_epoch(s: &str) -> Result<Epoch, &'static str> {
+    roomcast_proto::envelope::validate_epoch(s)?;
+    u64::from_str_radix(s, 16).map_err(|_| "an epoch is 16 lowercase hex digits")
 }
 
 /// Where a joining client says it was: the last seq it saw, and (optionally) in which
@@ -932,6 +931,19 @@ mod tests {
     #[test]
     fn engine_commands_stay_small() {
         assert!(std::mem::size_of::<EngineCmd>() <= 112, "{}", std::mem::size_of::<EngineCmd>());
+    }
+
+    /// What the edge writes reads back as the same epoch; anything else is refused, never taken
+    /// for some other numbering (it was read as 0, and the client got a `reset`).
+    #[test]
+    fn epochs_read_back_exactly_what_was_sent() {
+        for e in [1, 0xab, 1_764_000_000_000_000, u64::MAX] {
+            assert_eq!(parse_epoch(&epoch_text(e)), Ok(e));
+        }
+        for bad in ["", "1", "00ab", "00000000000000AB", "1764000000000000000", "000000000000000z", "-000000000000001"]
+        {
+            assert!(parse_epoch(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

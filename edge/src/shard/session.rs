@@ -93,6 +93,20 @@ impl Shard {
             None => None,
         };
         let anon_id = if identity.is_none() { self.rng.u64(..) } else { 0 };
+        // The position's fields are read strictly, like SSE's `Last-Event-ID`: a value given
+        // twice (which one did the client mean?) or malformed is refused with the reason, not
+        // read as some other position (a malformed epoch read as another numbering earned the
+        // client a `reset` it did not cause).
+        for name in ["room", "since", "epoch"] {
+            if query.iter().filter(|(k, _)| k == name).nth(1).is_some() {
+                return Err(bad(&format!("bad {name}: given more than once")));
+            }
+        }
+        let epoch = match param("epoch").map(parse_epoch) {
+            Some(Ok(e)) => Some(e),
+            Some(Err(why)) => return Err(bad(&format!("bad epoch: {why}"))),
+            None => None,
+        };
         let room = match param("room") {
             Some(r) => match validate_room(r) {
                 Ok(()) if !identity.as_ref().is_none_or(|id| id.may_join(r)) => {
@@ -125,9 +139,9 @@ impl Shard {
             None => None,
         };
         let since = match param("since") {
-            Some(s) => match s.parse::<u64>() {
-                Ok(seq) => Some(Since { seq, epoch: param("epoch").map(parse_epoch) }),
-                Err(_) => return Err(bad("bad since: not an unsigned integer")),
+            Some(s) => match envelope::parse_seq(s) {
+                Some(seq) => Some(Since { seq, epoch }),
+                None => return Err(bad("bad since: not an unsigned integer (decimal digits)")),
             },
             None => None,
         };
@@ -262,28 +276,46 @@ impl Shard {
         };
         let msg = match parsed {
             Ok(m) => m,
-            Err(e) => return self.send_error(slot, "bad_message", &e.to_string()),
+            Err(e) => {
+                self.stats.signals_refused.inc();
+                return self.send_error(slot, "bad_message", &e.to_string());
+            }
         };
         match msg {
-            ClientMsg::Join { room, since, epoch } => match validate_room(&room) {
-                Ok(()) if !self.identity(slot).is_none_or(|id| id.may_join(&room)) => {
-                    self.stats.refused("room_forbidden");
-                    self.send_error(slot, "room_forbidden", "this room is not allowed by your token");
-                }
-                Ok(()) => {
-                    if let Some(until) = self.join_banned(slot, &room) {
-                        // Refused like a room the token does not allow: the connection stays
-                        // where it was.
-                        self.stats.refused("banned");
-                        let message = super::moderation::ban_message(&room, until, crate::bus::now_us() / 1000);
-                        return self.send_error(slot, "banned", &message);
+            ClientMsg::Join { room, since, epoch } => {
+                // A malformed epoch is a malformed message, refused as one (the connection stays
+                // where it was); read as another numbering it would reset the client. `since`
+                // needs no check here: JSON and rkyv decode it as a u64 or refuse the message.
+                let epoch = match epoch.as_deref().map(parse_epoch).transpose() {
+                    Ok(e) => e,
+                    Err(why) => {
+                        self.stats.signals_refused.inc();
+                        return self.send_error(slot, "bad_message", &format!("bad epoch: {why}"));
                     }
-                    let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
-                    let since = since.map(|seq| Since { seq, epoch: epoch.as_deref().map(parse_epoch) });
-                    self.join(slot, name, since);
+                };
+                match validate_room(&room) {
+                    Ok(()) if !self.identity(slot).is_none_or(|id| id.may_join(&room)) => {
+                        self.stats.refused("room_forbidden");
+                        self.send_error(slot, "room_forbidden", "this room is not allowed by your token");
+                    }
+                    Ok(()) => {
+                        if let Some(until) = self.join_banned(slot, &room) {
+                            // Refused like a room the token does not allow: the connection stays
+                            // where it was.
+                            self.stats.refused("banned");
+                            let message = super::moderation::ban_message(&room, until, crate::bus::now_us() / 1000);
+                            return self.send_error(slot, "banned", &message);
+                        }
+                        let name = self.rooms.name(&room).unwrap_or_else(|| RoomName::from(room.as_str()));
+                        let since = since.map(|seq| Since { seq, epoch });
+                        self.join(slot, name, since);
+                    }
+                    Err(why) => {
+                        self.stats.signals_refused.inc();
+                        self.send_error(slot, "bad_room", why);
+                    }
                 }
-                Err(why) => self.send_error(slot, "bad_room", why),
-            },
+            }
             ClientMsg::Leave => {
                 if let Some(room) = self.leave(slot) {
                     self.send_msg(slot, &ServerMsg::Left { room: room.to_string() });

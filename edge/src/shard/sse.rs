@@ -50,7 +50,14 @@ impl Shard {
         let since = match (since, es.last_event_id.as_deref().map(sse::parse_last_event_id)) {
             (Some(s), _) => Some(s),
             (None, None | Some(Ok(None))) => None,
-            (None, Some(Ok(Some(p)))) => Some(Since { seq: p.seq, epoch: p.epoch.map(parse_epoch) }),
+            // The parser checked the epoch's form; refused here too should the two rules part.
+            (None, Some(Ok(Some(p)))) => match p.epoch.map(parse_epoch).transpose() {
+                Ok(epoch) => Some(Since { seq: p.seq, epoch }),
+                Err(why) => {
+                    let e = HandshakeError { status: 400, reason: format!("bad Last-Event-ID: {why}") };
+                    return self.refuse_sse(slot, &e);
+                }
+            },
             (None, Some(Err(why))) => {
                 return self.refuse_sse(slot, &HandshakeError { status: 400, reason: why.into() });
             }
