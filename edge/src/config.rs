@@ -546,10 +546,15 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
-    /// Must-deliver messages kept per room for `since` recovery.
+    /// Must-deliver messages kept per room for `since` recovery. With a Redis bus this is the
+    /// fleet's, not this edge's alone: a room's must-deliver stream in Redis is shared, and
+    /// each publish trims it to the value of the edge that took the publish, so the smallest
+    /// value in the fleet is what recovery can count on. Give every edge the same; an edge
+    /// warns at connect when the last edge to connect before it had another.
     pub must_deliver: usize,
     /// Droppable messages kept per room. They serve only the last-`join_last` replay on join,
-    /// so no more than `join_last` are kept (none by default).
+    /// so no more than `join_last` are kept (none by default). With a Redis bus, shared like
+    /// `must_deliver`: each publish trims the room's droppable stream to this (approximately).
     pub droppable: usize,
     /// Bytes of must-deliver (droppable) history per room: the oldest go first (an evicted
     /// must-deliver seq is a `gap` to a `since` below it).

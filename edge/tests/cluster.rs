@@ -23,6 +23,21 @@ fn edge_at(url: &str, extra: &[&str]) -> EdgeProc {
 
 /// An edge on `url` with `toml` added to its config file (after its `[drain]` table).
 fn edge_at_with(url: &str, toml: &str, extra: &[&str]) -> EdgeProc {
+    let cfg = edge_config(toml);
+    let mut args = vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url, "--config", &cfg];
+    args.extend_from_slice(extra);
+    EdgeProc::start(&args)
+}
+
+/// As [`edge_on`], with the edge's log (at warn) collected.
+fn edge_on_logged(redis: &RedisProc) -> (EdgeProc, std::sync::Arc<std::sync::Mutex<String>>) {
+    let (cfg, url) = (edge_config(""), redis.url());
+    let args = ["--shards", "1", "--merge-window-ms", "10", "--bus", &url, "--config", &cfg];
+    EdgeProc::start_on(&data_dir("cluster-logged"), &args, "warn")
+}
+
+/// A config file of its own for one edge: the admin token, a short drain, then `toml`.
+fn edge_config(toml: &str) -> String {
     // One file per edge: tests run in parallel, and a file rewritten while another edge reads
     // it can be read empty (that edge then has no admin token).
     static N: AtomicU64 = AtomicU64::new(0);
@@ -31,9 +46,7 @@ fn edge_at_with(url: &str, toml: &str, extra: &[&str]) -> EdgeProc {
     let cfg = dir.join(format!("edge-{}.toml", N.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n{toml}"))
         .unwrap();
-    let mut args = vec!["--shards", "1", "--merge-window-ms", "10", "--bus", url, "--config", cfg.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    EdgeProc::start(&args)
+    cfg.to_str().unwrap().to_owned()
 }
 
 async fn route(p: &Publisher, room: &str) -> Option<String> {
@@ -365,7 +378,7 @@ async fn redis_restart_mid_stream_loses_no_gift() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
     let redis = RedisProc::start();
-    let edge = edge_on(&redis, &[]);
+    let (edge, log) = edge_on_logged(&redis);
     let p = Publisher::new(edge.http);
     let mut ws = connect(&edge.url("?room=lossy"), None).await;
     expect_joined(&mut ws, "lossy").await;
@@ -400,6 +413,13 @@ async fn redis_losing_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
         }
     };
     assert_ne!(reset, old_epoch, "a new epoch, not the one clients hold seqs 6-7 in");
+    // The log names the epoch given up as clients know it (hex), not as Redis keeps it
+    // (decimal): an operator matches it with a client's report.
+    let logged =
+        || log.lock().unwrap().lines().find(|l| l.contains("redis lost writes of this room")).map(str::to_owned);
+    assert!(wait_until(Duration::from_secs(5), || async { logged().is_some() }).await, "the renumbering is logged");
+    let line = logged().unwrap_or_default();
+    assert!(line.contains(&format!("old_epoch={old_epoch}")), "{line}");
     let seq = publish_gift(&p, "lossy", 8).await;
     assert_eq!(seq, 1, "the new numbering starts at 1");
     match next_msg_within(&mut ws, Duration::from_secs(5)).await {
@@ -412,6 +432,35 @@ async fn redis_losing_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
         Some(ServerMsg::Reset { epoch, .. }) => assert_eq!(epoch, reset),
         other => panic!("expected a reset, got {other:?}"),
     }
+}
+
+/// `[history]` counts are the fleet's: each publish trims the shared streams to the counts of
+/// the edge that took it. An edge connecting after one with other counts says so in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_with_other_history_counts_than_the_fleet_says_so() {
+    let redis = RedisProc::start();
+    let url = redis.url();
+    let start = |name: &str, must_deliver: u32| {
+        let cfg = config(name, &format!("[history]\nmust_deliver = {must_deliver}\n"));
+        let args = ["--shards", "1", "--bus", &url, "--config", &cfg];
+        EdgeProc::start_on(&data_dir(name), &args, "warn")
+    };
+    let get = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "GET", "rc:history"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (_a, a_log) = start("history-a", 100);
+    assert!(wait_until(Duration::from_secs(10), || async { get().contains("must_deliver=100") }).await, "{}", get());
+    let (_b, b_log) = start("history-b", 50);
+    let said = |log: &std::sync::Mutex<String>| log.lock().unwrap().contains("had other [history] counts");
+    assert!(wait_until(Duration::from_secs(10), || async { said(&b_log) }).await, "b says so");
+    let b_text = b_log.lock().unwrap().clone();
+    assert!(b_text.contains("must_deliver=50") && b_text.contains("must_deliver=100"), "{b_text}");
+    // a, the first, found no counts to compare with.
+    assert!(!said(&a_log), "{}", a_log.lock().unwrap());
 }
 
 /// /healthz tells the truth about what the edge can do: Redis down is `degraded` with the

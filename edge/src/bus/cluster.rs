@@ -33,7 +33,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::redis::{
     BridgeCmd, Conn, MOD_ROOM, ModEvent, ONLINE_LUA, OnlineWire, PUBLISH_LUA, Presence, StreamLimits, apply_event,
-    failed, load_all_bans, offline, parse, report_online, room_of_channel, sync_room,
+    check_history_counts, failed, load_all_bans, offline, parse, report_online, room_of_channel, sync_room,
 };
 use super::slots::{NodeAddr, SubAction, Subscriptions, Topology, channel_key};
 use super::{BusHandle, EngineCmd, RoomName};
@@ -362,6 +362,7 @@ pub(super) async fn run(
         }
     };
     tracing::info!(seeds = seeds.len(), "redis cluster bus connected");
+    tokio::spawn(check_history_counts(cm.clone(), limits));
     // Waited publishes on connections of their own (WAIT holds its node's connection for a
     // replication round trip).
     let wcm = if limits.min_replicas_acked > 0 {

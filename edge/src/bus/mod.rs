@@ -129,7 +129,19 @@ pub type Epoch = u64;
 
 /// An epoch as clients see it: 16 hex digits (a string, so JavaScript keeps every bit).
 pub fn epoch_text(e: Epoch) -> String {
-    format!("{e:016x}")
+    ShowEpoch(e).to_string()
+}
+
+/// An epoch shown as clients see it ([`epoch_text`]), for log fields without an allocation
+/// (`old_epoch = %ShowEpoch(e)`): an operator matches a log line with a client's report only if
+/// both show the same text. An epoch logged as the bare `u64` shows in decimal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShowEpoch(pub Epoch);
+
+impl std::fmt::Display for ShowEpoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 /// A client's epoch text, back. Only the text the edge sends ([`epoch_text`]: 16 lowercase hex
@@ -940,6 +952,8 @@ mod tests {
         for e in [1, 0xab, 1_764_000_000_000_000, u64::MAX] {
             assert_eq!(parse_epoch(&epoch_text(e)), Ok(e));
         }
+        assert_eq!(epoch_text(0xab), "00000000000000ab");
+        assert_eq!(format!("{}", ShowEpoch(1_764_000_000_000_000)), "0006445941624000");
         for bad in ["", "1", "00ab", "00000000000000AB", "1764000000000000000", "000000000000000z", "-000000000000001"]
         {
             assert!(parse_epoch(bad).is_err(), "{bad:?}");

@@ -1119,6 +1119,7 @@ async fn run(
         }
         tracing::info!(rooms = rooms.len(), "redis bus connected");
         tokio::spawn(check_persistence(cm.clone()));
+        tokio::spawn(check_history_counts(cm.clone(), limits));
         tokio::spawn(load_all_bans(cm.clone(), moderation.clone()));
         // Sentinel: ask each second which node is the master; another answer is a failover.
         let (moved_tx, mut moved) = tokio::sync::oneshot::channel::<String>();
@@ -1291,6 +1292,34 @@ pub(super) async fn check_persistence(mut cm: Conn) {
     }
 }
 
+/// Where each edge leaves, at connect, the `[history]` counts it trims the shared streams to.
+const HISTORY_KEY: &str = "rc:history";
+
+/// The `[history]` counts as this edge applies them to the shared streams.
+fn history_counts(limits: StreamLimits) -> String {
+    format!("must_deliver={} droppable={}", limits.must_deliver.max(1), limits.droppable.max(1))
+}
+
+/// Says (once per connection) when the edge that connected before this one trims the shared
+/// room streams to other `[history]` counts. The streams are the fleet's and every publish
+/// trims them to the counts of the edge that took it, so the smallest `must_deliver` in the
+/// fleet is all that `since` recovery can count on, on every edge. One command: it sees only
+/// the previous edge to connect (which may have left the fleet since), not every edge.
+pub(super) async fn check_history_counts(mut cm: Conn, limits: StreamLimits) {
+    let mine = history_counts(limits);
+    let previous: ::redis::RedisResult<Option<String>> =
+        ::redis::cmd("SET").arg(HISTORY_KEY).arg(&mine).arg("GET").query_async(&mut cm).await;
+    match previous {
+        Ok(Some(theirs)) if theirs != mine => tracing::warn!(
+            this_edge = %mine,
+            other_edge = %theirs,
+            "the last edge to connect to this redis before this one (another edge, or this one's previous run) had other [history] counts: each publish trims the shared redis streams to the counts of the edge that took it, so since recovery can count only on the smallest must_deliver; give every edge the same [history] must_deliver and droppable"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot compare [history] counts with the fleet's"),
+    }
+}
+
 pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: u64, bus: BusHandle) {
     let k = keys(&room);
     let r: ::redis::RedisResult<u8> = ::redis::Script::new(RENUMBER_LUA)
@@ -1306,7 +1335,7 @@ pub(super) async fn renumber(mut cm: Conn, room: RoomName, epoch: Epoch, below: 
         .await;
     match r {
         Ok(1) => {
-            tracing::error!(room = %room, below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)");
+            tracing::error!(room = %room, old_epoch = %super::ShowEpoch(epoch), below, "redis lost writes of this room (its seq went back under the same epoch): a new epoch is started so that no seq is reused; members are reset (run redis with appendonly yes and appendfsync always)");
         }
         Ok(_) => {}
         Err(e) => {
