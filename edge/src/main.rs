@@ -2,7 +2,7 @@
 //!
 //! - `edge [flags]`: run an edge.
 //! - `edge dispatch --redis URL --http ADDR`: run only the dispatch endpoint (`GET /v1/route`),
-//!   reading every edge's load report from Redis.
+//!   reading every edge's load report from Redis; `GET /metrics` and `GET /healthz` beside it.
 //!
 //! Signals: SIGTERM drains (out of dispatch, stop accepting, `goaway` spread over
 //! `drain.period_ms`, then 1001 for the rest) and exits 0; SIGINT closes everything with 1001 at
@@ -104,12 +104,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run only the dispatch endpoint, from the load reports in Redis.
+    /// Run only the dispatch endpoint (GET /v1/route), from the load reports in Redis. The same
+    /// address serves GET /metrics (answers by outcome, roomcast_dispatch_answers_total) and
+    /// GET /healthz.
     Dispatch {
         /// Redis holding the edges' load reports (redis:// or redis-cluster://, as the edges' bus).
         #[arg(long)]
         redis: String,
-        /// Listen address for GET /v1/route.
+        /// Listen address for GET /v1/route, GET /metrics and GET /healthz.
         #[arg(long, default_value = "127.0.0.1:8090")]
         http: SocketAddr,
         /// Browser origins allowed to read the answer (CORS), as `ws.allowed_origins`; repeat
@@ -305,10 +307,29 @@ fn main() -> std::process::ExitCode {
     match run_edge() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once. `{:#}` prints every cause after the
+/// error's own text, and some errors already say their cause in it: redis-rs's refused
+/// connection read "cannot connect to redis: Connection refused (os error 111): Connection
+/// refused (os error 111)" (a new user's trial of `edge dispatch` with Redis down).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if cause.is_empty() || text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn run_edge() -> anyhow::Result<()> {

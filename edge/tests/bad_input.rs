@@ -408,6 +408,30 @@ fn a_dispatch_backlog_above_somaxconn_is_named_at_start() {
     }
 }
 
+/// `edge dispatch` with Redis down at start says why once (a new user's trial: the cause was
+/// printed twice, "Connection refused (os error 111): Connection refused (os error 111)"), and
+/// its help names every endpoint it serves, `/metrics` included.
+#[test]
+fn dispatch_says_once_why_it_cannot_start_and_its_help_names_metrics() {
+    // A port nothing listens on: taken, then let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["dispatch", "--redis", &format!("redis://127.0.0.1:{port}"), "--http", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "no Redis, no dispatch: {err}");
+    assert!(err.contains("cannot connect to redis"), "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "the cause once: {err}");
+
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_edge")).args(["dispatch", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for endpoint in ["/v1/route", "/metrics", "/healthz"] {
+        assert!(help.contains(endpoint), "{endpoint} in: {help}");
+    }
+}
+
 /// The HTTP API's listener gets `ws.backlog` too, not tokio's 1,024: in a reconnect storm every
 /// client asks `/v1/route` on a new connection first (a 2x10^5 storm overflowed 1,024). `ss`
 /// shows a listener's backlog as its Send-Q.
