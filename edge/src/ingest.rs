@@ -832,8 +832,6 @@ async fn room_stats(State(st): State<AppState>, Path(room): Path<String>) -> Res
     Json(v).into_response()
 }
 
-/// 200 while `ok` or `degraded`, 503 while `overloaded` (a readiness answer: send no new
-/// clients), with the policy's reasons either way.
 /// The edge's health as a whole: the kernel policy's verdict, made `degraded` (with a reason)
 /// while the store or the bus refuses publishes or the edge drains. One answer for /healthz,
 /// /metrics (`roomcast_health`: what the alerts read), /v1/kernel and so the dashboard.
@@ -926,13 +924,18 @@ fn tls_cert(st: &AppState) -> serde_json::Value {
     })
 }
 
+/// Readiness: 200 while `ok` or `degraded`, 503 while `overloaded` or `draining` (send no new
+/// clients), with the reasons either way.
 async fn healthz(State(st): State<AppState>) -> Response {
     let (h, store, bus, draining) = edge_health(&st);
     // Readiness: send this edge no new clients while it is overloaded or draining.
     let code =
         if h.status == EdgeHealth::Overloaded || draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    // A draining edge is leaving whatever the policy says: its 503 is for that, and the status
+    // says so (it said `degraded`, which a reader takes for a problem to look into).
+    let status = if draining { "draining" } else { level_name(h.status) };
     let body = Json(serde_json::json!({
-        "status": level_name(h.status),
+        "status": status,
         "store": store,
         "bus": bus,
         "redis_nodes": redis_nodes(&st),

@@ -107,6 +107,27 @@ async fn staying_overloaded_starts_a_drain_when_configured() {
     assert_eq!(edge.wait_exit(Duration::from_secs(15)), Some(0), "the edge drained and exited");
 }
 
+/// A draining edge's /healthz says `draining` (it said `degraded`, which reads as a problem to
+/// look into): still 503, what load balancers act on, with the reason; /livez stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_says_draining_while_the_edge_drains() {
+    let cfg = config("health-draining", "[drain]\nperiod_ms = 5000\ndeadline_ms = 10000\n");
+    let mut edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
+    let p = Publisher::new(edge.http);
+    let (code, h) = healthz(&p).await;
+    assert_eq!(code, 200, "{h}");
+    assert_ne!(h["status"], "draining", "{h}");
+    // A member keeps the drain going for its period.
+    let mut member = connect(&edge.url("?room=d"), None).await;
+    expect_joined(&mut member, "d").await;
+    edge.sigterm();
+    assert!(wait_until(Duration::from_secs(5), || async { healthz(&p).await.0 == 503 }).await, "503 while draining");
+    let (_, h) = healthz(&p).await;
+    assert_eq!((h["status"].as_str(), h["draining"].as_bool()), (Some("draining"), Some(true)), "{h}");
+    assert!(h["reasons"].to_string().contains("draining"), "{h}");
+    assert_eq!(p.get("/livez").await.0, 200);
+}
+
 /// The listening sockets on `port` as `ss` sees them: (accept queue, limit) summed.
 fn ss_listen(port: u16) -> (u64, u64) {
     let out = Command::new("ss").args(["-tlnH", &format!("sport = :{port}")]).output().expect("ss");
