@@ -402,6 +402,9 @@ pub const PING_MARGIN_MS: u64 = 500;
 /// The longest `ws.idle_timeout_ms`: one day (it is also TCP_USER_TIMEOUT, a C int of ms).
 pub const MAX_IDLE_TIMEOUT_MS: u64 = 86_400_000;
 
+/// The longest `ws.close_linger_ms`: a closed connection's slot is held at most this long.
+pub const MAX_CLOSE_LINGER_MS: u64 = 30_000;
+
 /// One message kind (`[kinds.NAME]`): its delivery class, publishers and conflation.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -716,6 +719,17 @@ pub struct WsConfig {
     /// 40 KiB (a 32 KiB window) for its life, 4 GB for 10^5 such connections, for little: clients
     /// send short signalling and chat.
     pub deflate_client_context: bool,
+    /// Lingering close: after the edge's last bytes of a connection (its close frame, an HTTP
+    /// error, the end of an event stream; over TLS then its close_notify) it shuts its write
+    /// side (FIN) and reads and discards what the peer still sends, until the peer's FIN, this
+    /// long, or 64 KiB, whichever comes first; then it closes. Linux answers a close with bytes
+    /// unread, and bytes that arrive after it, with a reset, which can destroy the close frame
+    /// before the client reads it: a client's close_notify after its close frame, and a
+    /// client's close frame answering the edge's, were reset. A peer that has nothing more to
+    /// say closes at once (an RTT); this bounds one that does not: its slot is held this long
+    /// (a drain's or shutdown's wait included). Default 2000, as Apache's lingering close;
+    /// 0 turns lingering off (close once the last bytes are written); at most 30000.
+    pub close_linger_ms: u64,
 }
 
 /// `[fanout]`: the merge window and the bounds of one merged frame.
@@ -941,6 +955,7 @@ impl Default for WsConfig {
             allowed_origins: Vec::new(),
             permessage_deflate: true,
             deflate_client_context: false,
+            close_linger_ms: 2_000,
         }
     }
 }
@@ -1236,6 +1251,12 @@ impl Config {
                 format!(
                     "must be at least {PING_MARGIN_MS} ms below ws.idle_timeout_ms, or pings cannot keep a connection alive"
                 ),
+            ));
+        }
+        if ws.close_linger_ms > MAX_CLOSE_LINGER_MS {
+            return Err(invalid(
+                "ws.close_linger_ms",
+                format!("at most {MAX_CLOSE_LINGER_MS} (0: no lingering close)"),
             ));
         }
         if ws.backlog <= 0 {
@@ -1646,6 +1667,16 @@ mod tests {
         let close = "[ws]\nping_interval_ms = 8800\nidle_timeout_ms = 9000\n";
         assert!(err(close).is_some_and(|e| e.contains("ws.ping_interval_ms") && e.contains("500 ms below")));
         assert!(err("[ws]\nping_interval_ms = 8500\nidle_timeout_ms = 9000\n").is_none());
+    }
+
+    /// The lingering close holds a closed connection's slot: bounded, and 0 turns it off.
+    #[test]
+    fn the_close_linger_is_bounded() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        assert_eq!(Config::default().ws.close_linger_ms, 2_000);
+        assert!(err("[ws]\nclose_linger_ms = 30001\n").is_some_and(|e| e.contains("ws.close_linger_ms")));
+        assert!(err("[ws]\nclose_linger_ms = 30000\n").is_none());
+        assert!(err("[ws]\nclose_linger_ms = 0\n").is_none());
     }
 
     #[test]

@@ -122,6 +122,48 @@ impl ClosedBy {
     }
 }
 
+/// How a lingering close ended: the `outcome` label of `roomcast_close_lingers_total`
+/// (`ws.close_linger_ms`; shard/lifecycle.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LingerEnd {
+    /// The peer's FIN came: everything it sent was read, the close is clean (no reset).
+    Fin,
+    /// `ws.close_linger_ms` ran out first (a peer that neither answered nor closed).
+    Timeout,
+    /// The peer sent more than the byte bound after the edge's close: cut (reset).
+    Bytes,
+    /// The peer reset the connection, or a read failed.
+    Error,
+}
+
+impl LingerEnd {
+    /// Every outcome, in declaration order (the index of each is its discriminant).
+    pub const ALL: [LingerEnd; 4] = [Self::Fin, Self::Timeout, Self::Bytes, Self::Error];
+
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fin => "fin",
+            Self::Timeout => "timeout",
+            Self::Bytes => "bytes",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// A shard's `close_lingers_total` children, one per outcome, made up front.
+#[derive(Clone)]
+pub struct LingersBy(Vec<IntCounter>);
+
+impl LingersBy {
+    /// Counts one lingering close that ended with `end`.
+    pub fn inc(&self, end: LingerEnd) {
+        if let Some(c) = self.0.get(end as usize) {
+            c.inc();
+        }
+    }
+}
+
 /// Every family the edge exports.
 pub struct Metrics {
     registry: Registry,
@@ -166,6 +208,7 @@ struct ShardFamilies {
     sse_refused: IntCounterVec,
     accepted: IntCounterVec,
     closed: IntCounterVec,
+    lingers: IntCounterVec,
     handshake_failures: IntCounterVec,
     protocol_errors: IntCounterVec,
     frames_written: IntCounterVec,
@@ -209,6 +252,8 @@ pub struct ShardStats {
     pub accepted: IntCounter,
     /// Connections closed, by reason.
     pub closed: ClosedBy,
+    /// Lingering closes (after the edge's last bytes and FIN), by how they ended.
+    pub lingers: LingersBy,
     /// Upgrades refused with an HTTP error or timed out.
     pub handshake_failures: IntCounter,
     /// Connections closed for a WebSocket protocol violation (1002, 1007, 1009).
@@ -385,6 +430,12 @@ impl Metrics {
                 "connections_closed_total",
                 "Connections closed, by reason (peer_closed, peer_reset, handshake_timeout, handshake_refused, overloaded, idle_timeout, slow_consumer, replay_budget, recovery_unavailable, room_unavailable, protocol_error, token_expired, moderated, drain, shutdown, answered, tls_error, table_full: never held, the shard's descriptor table was full).",
                 &["shard", "reason"],
+            ),
+            lingers: counter(
+                r,
+                "close_lingers_total",
+                "Lingering closes: after a connection's last bytes (close frame, HTTP error, end of stream; over TLS then close_notify) the edge sends FIN and reads and discards what the peer still sends before closing, so that the close is not a reset. By outcome: fin (the peer closed: clean), timeout (ws.close_linger_ms ran out), bytes (the peer sent over 64 KiB more: cut), error (a reset or read error).",
+                &["shard", "outcome"],
             ),
             handshake_failures: counter(
                 r,
@@ -728,6 +779,9 @@ impl Metrics {
             sse_refused: f.sse_refused.with_label_values(&l),
             accepted: f.accepted.with_label_values(&l),
             closed: ClosedBy(CloseWhy::ALL.iter().map(|w| f.closed.with_label_values(&[l[0], w.as_str()])).collect()),
+            lingers: LingersBy(
+                LingerEnd::ALL.iter().map(|e| f.lingers.with_label_values(&[l[0], e.as_str()])).collect(),
+            ),
             handshake_failures: f.handshake_failures.with_label_values(&l),
             protocol_errors: f.protocol_errors.with_label_values(&l),
             frames_written: f.frames_written.with_label_values(&l),
@@ -1139,6 +1193,28 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::Metrics;
+
+    /// Each lingering outcome has its series from the start, and counts in its own.
+    #[test]
+    fn lingering_closes_are_counted_by_outcome() {
+        use super::LingerEnd;
+        use prometheus::Encoder as _;
+        for (i, e) in LingerEnd::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "ALL is in declaration order");
+        }
+        let m = Metrics::new();
+        let s = m.shard(0);
+        s.lingers.inc(LingerEnd::Fin);
+        s.lingers.inc(LingerEnd::Fin);
+        s.lingers.inc(LingerEnd::Bytes);
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new().encode(&m.registry().gather(), &mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        for (outcome, n) in [("fin", 2), ("timeout", 0), ("bytes", 1), ("error", 0)] {
+            let line = format!("roomcast_close_lingers_total{{outcome=\"{outcome}\",shard=\"0\"}} {n}");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+    }
 
     /// Per-kind latency is one series per kind, edge-wide: each shard observes into its own
     /// children and a scrape sums them, with no shard label; every kind has its series from the

@@ -79,9 +79,18 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closing {
     No,
-    /// Write what is queued (ending with a close frame or an HTTP error), then close.
+    /// Write what is queued (ending with a close frame or an HTTP error), then linger (if
+    /// `linger`) or close. Cut (`Abort`) if the flush is not done by `deadline_ms`.
     AfterFlush {
         deadline_ms: u64,
+        linger: bool,
+    },
+    /// Everything is written and the write side shut (FIN after it): what the peer still sends
+    /// is read and discarded, so that closing finds nothing unread (which would make it a
+    /// reset), until the peer's FIN, `deadline_ms`, or `left` more bytes (lifecycle.rs).
+    Lingering {
+        deadline_ms: u64,
+        left: u32,
     },
     /// Close without writing anything more.
     Abort,
@@ -129,6 +138,11 @@ pub struct Conn {
     pub upgrade_unsent: bool,
     pub cancel_issued: bool,
     pub close_issued: bool,
+    /// The lingering close's SHUT_WR is in flight. io_uring runs a shutdown on a worker
+    /// thread, which looks the direct descriptor up only when it runs: were the slot closed
+    /// first and taken by a new connection, the shutdown would end that one (seen: clients
+    /// whose upgrade got EOF). The slot is closed only after its completion.
+    pub shutdown_issued: bool,
     pub opened_ms: u64,
     pub last_rx_ms: u64,
     /// When a write to the peer was last issued or last made progress: a peer still taking
@@ -193,6 +207,7 @@ impl Conn {
             upgrade_unsent: false,
             cancel_issued: false,
             close_issued: false,
+            shutdown_issued: false,
             opened_ms: now_ms,
             last_rx_ms: now_ms,
             last_tx_ms: now_ms,

@@ -11,8 +11,8 @@ use roomcast_proto::envelope::ServerMsg;
 use roomcast_proto::ws::{self, OpCode};
 
 use super::conn::{Closing, OutFrame, Phase};
-use super::{CLOSE_FLUSH_TIMEOUT, GOAWAY_MAX_DELAY_MS, Retry, SHUTDOWN_TIMEOUT, Shard};
-use crate::metrics::CloseWhy;
+use super::{CLOSE_FLUSH_TIMEOUT, GOAWAY_MAX_DELAY_MS, LINGER_BYTES, Retry, SHUTDOWN_TIMEOUT, Shard};
+use crate::metrics::{CloseWhy, LingerEnd};
 use crate::uring::{OpKind, Sq, Token};
 
 impl Shard {
@@ -37,24 +37,91 @@ impl Shard {
         self.finish_with(slot, frame);
     }
 
-    /// Queues `last` (a close frame or an HTTP error), stops reading, and closes after the flush.
+    /// Queues `last` (a close frame or an HTTP error), stops decoding, and closes after the
+    /// flush, lingering (see `begin_linger`).
     pub(super) fn finish_with(&mut self, slot: u32, last: Option<Bytes>) {
+        self.finish(slot, last, true);
+    }
+
+    /// `finish_with`, lingering or not. Not: a connection refused at accept, whose request the
+    /// edge chose never to read (it must not hold a slot while it takes its time).
+    pub(super) fn finish(&mut self, slot: u32, last: Option<Bytes>, linger: bool) {
         self.leave(slot);
         let deadline = self.now_ms() + CLOSE_FLUSH_TIMEOUT.as_millis() as u64;
+        let linger = linger && self.cfg.ws.close_linger_ms > 0;
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
         if c.closing != Closing::No {
             return;
         }
         if let Some(bytes) = last {
             c.push(OutFrame::control(bytes));
+        } else if c.tls.as_ref().is_some_and(|t| !t.session.is_handshaking()) && c.out.len() <= usize::from(c.in_flight)
+        {
+            // Nothing of ours left to encrypt (the end of an event stream, an answer to the
+            // peer's close_notify): an empty frame, so that a send carries our close_notify
+            // (`tls_issue_send` adds it to a closing connection's last frames).
+            c.push(OutFrame::control(Bytes::new()));
         }
-        c.closing = Closing::AfterFlush { deadline_ms: deadline };
+        c.closing = Closing::AfterFlush { deadline_ms: deadline, linger };
         c.decoder = None;
         if c.in_flight == 0 && !c.out.is_empty() {
             self.issue_send(slot);
         } else {
             self.maybe_release(slot);
         }
+    }
+
+    /// A closing connection's last bytes are written (close frame, HTTP error or end of stream;
+    /// over TLS its close_notify last): shut the write side, so a FIN follows them, and keep
+    /// reading, discarding, until the peer's FIN (`on_recv`: `LingerEnd::Fin`),
+    /// `ws.close_linger_ms` (`tick`) or `LINGER_BYTES` more, whichever comes first.
+    ///
+    /// Why: Linux resets a connection closed with bytes unread in its receive queue, or that
+    /// receives bytes once closed, and a reset can destroy what the peer has not read yet.
+    /// A wss client's close_notify after its close frame, and a client's close frame answering
+    /// ours (goaway, idle, slow consumer, protocol errors), came in after the edge had stopped
+    /// reading: reset. nginx's lingering_close and Apache's do the same for HTTP.
+    fn begin_linger(&mut self, slot: u32) {
+        let deadline_ms = self.now_ms() + self.cfg.ws.close_linger_ms;
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        c.closing = Closing::Lingering { deadline_ms, left: LINGER_BYTES };
+        let tok = Token::new(OpKind::Shutdown, c.generation, slot);
+        if Sq::new(&mut self.ring).shutdown_write(slot, tok).is_err() {
+            // The kernel pushed back: no FIN went out, so the peer has no cue to close. Close
+            // now, as without lingering.
+            c.closing = Closing::Abort;
+            return self.maybe_release(slot);
+        }
+        c.shutdown_issued = true;
+        if !c.recv_armed {
+            self.arm_recv(slot);
+        }
+    }
+
+    /// The lingering close's SHUT_WR completed: the slot may be closed now (`maybe_release`).
+    /// Failed (the peer reset meanwhile), no FIN went out: nothing to wait for.
+    pub(super) fn on_shutdown(&mut self, tok: Token, res: i32) {
+        let slot = tok.slot;
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if c.generation != tok.generation {
+            return;
+        }
+        c.shutdown_issued = false;
+        if res < 0 {
+            self.end_linger(slot, LingerEnd::Error);
+        }
+        self.maybe_release(slot);
+    }
+
+    /// Ends a lingering close (`end` says how, counted): on to the release.
+    pub(super) fn end_linger(&mut self, slot: u32, end: LingerEnd) {
+        let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
+        if !matches!(c.closing, Closing::Lingering { .. }) {
+            return;
+        }
+        self.stats.lingers.inc(end);
+        c.closing = Closing::Abort;
+        self.maybe_release(slot);
     }
 
     /// Closes at once: nothing more is sent.
@@ -71,12 +138,16 @@ impl Shard {
     /// none is in flight (an operation owns its file and buffers until it completes).
     pub(super) fn maybe_release(&mut self, slot: u32) {
         let Some(Some(c)) = self.conns.get_mut(slot as usize) else { return };
-        if c.closing == Closing::No || c.close_issued {
+        // A lingering connection moves on only through `end_linger`.
+        if matches!(c.closing, Closing::No | Closing::Lingering { .. }) || c.close_issued {
             return;
         }
         let flushed = c.closing == Closing::Abort || (c.out.is_empty() && c.in_flight == 0);
         if !flushed {
             return;
+        }
+        if let Closing::AfterFlush { linger: true, .. } = c.closing {
+            return self.begin_linger(slot);
         }
         if c.recv_armed || c.in_flight > 0 {
             if !c.cancel_issued {
@@ -101,6 +172,9 @@ impl Shard {
                 }
             }
             return;
+        }
+        if c.shutdown_issued {
+            return; // on_shutdown comes back here
         }
         c.close_issued = true;
         let tok = Token::new(OpKind::Close, c.generation, slot);
@@ -285,6 +359,7 @@ impl Shard {
         let mut to_ping = Vec::new();
         let mut to_goaway = Vec::new();
         let mut to_expire = Vec::new();
+        let mut to_unlinger = Vec::new();
         // Expiry with the same clock-skew leeway the handshake and refresh allow.
         let now_s = super::session::now_s().saturating_sub(self.cfg.auth.leeway_s);
         let held = self.drain_held_since;
@@ -296,8 +371,12 @@ impl Shard {
                 continue;
             }
             match c.closing {
-                Closing::AfterFlush { deadline_ms } if now_ms >= deadline_ms && !c.close_issued => {
+                Closing::AfterFlush { deadline_ms, .. } if now_ms >= deadline_ms && !c.close_issued => {
                     to_abort.push(slot as u32);
+                    continue;
+                }
+                Closing::Lingering { deadline_ms, .. } if now_ms >= deadline_ms => {
+                    to_unlinger.push(slot as u32);
                     continue;
                 }
                 Closing::No => {}
@@ -363,6 +442,9 @@ impl Shard {
                 }
             }
             self.abort(slot);
+        }
+        for slot in to_unlinger {
+            self.end_linger(slot, LingerEnd::Timeout);
         }
         for slot in to_close {
             self.closing_for(slot, CloseWhy::IdleTimeout);

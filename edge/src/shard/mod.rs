@@ -58,6 +58,10 @@ use conn::{Action, Closing, Conn};
 const BGID: u16 = 0;
 /// How long a closing connection may take to flush its close frame before it is cut.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a peer may still send once the edge has closed its side (lingering close, after its
+/// last bytes and FIN) before it is cut: a close frame, a close_notify and a few messages in
+/// flight are far less; a peer that keeps sending is not closing.
+const LINGER_BYTES: u32 = 64 * 1024;
 /// How long shutdown waits for connections to take their 1001 close.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a shard sleeps in the kernel without a completion (drives the timers).
@@ -246,6 +250,7 @@ impl Shard {
             let ring = crate::uring::build_ring(spec.cfg.uring.sq_entries)?;
             crate::uring::probe(&ring)?;
             crate::uring::register_files(&ring, spec.max_conns)?;
+            crate::uring::limit_workers(&ring)?;
             let bufring = BufRing::new(&ring, BGID, spec.cfg.uring.recv_buffers, spec.cfg.uring.recv_buffer_size)?;
             Ok((ring, bufring))
         })?;

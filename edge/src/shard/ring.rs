@@ -13,7 +13,7 @@ use roomcast_proto::handshake::HandshakeError;
 use super::conn::{Closing, Conn, Phase};
 use super::{BGID, LATENCY_SAMPLE, Retry, SENDS_PER_TURN, Shard};
 use crate::ipguard::Verdict;
-use crate::metrics::CloseWhy;
+use crate::metrics::{CloseWhy, LingerEnd};
 use crate::uring::{OpKind, Sq, Token};
 
 /// Accepts kept in flight on the listener. Single-shot, each with its own address buffer:
@@ -68,7 +68,8 @@ impl Shard {
 
     pub(super) fn arm_recv(&mut self, slot: u32) {
         let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
-        if c.recv_armed || c.closing != Closing::No {
+        // A lingering connection reads too (what it reads is discarded).
+        if c.recv_armed || !matches!(c.closing, Closing::No | Closing::Lingering { .. }) {
             return;
         }
         let tok = Token::new(OpKind::Recv, c.generation, slot);
@@ -95,7 +96,8 @@ impl Shard {
                     }
                     self.arm_doorbell();
                 }
-                OpKind::Cancel | OpKind::Shutdown => {}
+                OpKind::Shutdown => self.on_shutdown(tok, res),
+                OpKind::Cancel => {}
             }
         }
         self.cqes = cqes;
@@ -182,7 +184,7 @@ impl Shard {
                     Verdict::TooMany => "too many connections from your address",
                     _ => "connecting too fast from your address",
                 };
-                self.refuse(slot, &HandshakeError { status: 429, reason: why.into() });
+                self.refuse_as(slot, &HandshakeError { status: 429, reason: why.into() }, false);
             }
         }
         self.arm_accept();
@@ -211,21 +213,40 @@ impl Shard {
             if let Some(bid) = bid {
                 self.bufring.recycle(bid);
             }
-            if c.closing != Closing::No {
-                // Whatever ended the receive (ECANCELED, ENOBUFS, EOF...), a closing
-                // connection moves on to its release: re-arming is refused while closing, so
-                // waiting for anything else here would leak the slot.
-                self.maybe_release(slot);
-            } else if res == -libc::ENOBUFS {
-                // Every receive buffer is in use: this shard is behind. Re-arm; the buffers
-                // come back as soon as the completions ahead of this one are processed.
-                if !more {
-                    self.arm_recv(slot);
+            match c.closing {
+                Closing::No if res == -libc::ENOBUFS => {
+                    // Every receive buffer is in use: this shard is behind. Re-arm; the buffers
+                    // come back as soon as the completions ahead of this one are processed.
+                    if !more {
+                        self.arm_recv(slot);
+                    }
                 }
-            } else {
-                // 0: the peer closed; <0: reset or error.
-                self.closing_for(slot, failed_why(res));
-                self.abort(slot);
+                Closing::No => {
+                    // 0: the peer closed; <0: reset or error.
+                    self.closing_for(slot, failed_why(res));
+                    self.abort(slot);
+                }
+                // Lingering: the peer's FIN is what it waits for; out of buffers, read on.
+                Closing::Lingering { .. } if res == -libc::ENOBUFS => {
+                    if !more {
+                        self.arm_recv(slot);
+                    }
+                }
+                Closing::Lingering { .. } => {
+                    self.end_linger(slot, if res == 0 { LingerEnd::Fin } else { LingerEnd::Error });
+                }
+                Closing::AfterFlush { deadline_ms, linger } => {
+                    // The peer has closed its side (or failed): nothing more can come, so no
+                    // lingering once flushed. (Out of buffers: `begin_linger` re-arms.)
+                    if linger && res != -libc::ENOBUFS {
+                        c.closing = Closing::AfterFlush { deadline_ms, linger: false };
+                    }
+                    self.maybe_release(slot);
+                }
+                // Whatever ended the receive (ECANCELED, EOF...), an aborted connection moves
+                // on to its release: re-arming is refused, so waiting for anything else here
+                // would leak the slot.
+                Closing::Abort => self.maybe_release(slot),
             }
             return;
         }
@@ -235,11 +256,30 @@ impl Shard {
             return;
         };
         c.last_rx_ms = self.epoch.elapsed().as_millis() as u64;
-        if c.closing != Closing::No {
-            // Input after we decided to close is ignored (the close handshake is best effort).
-            self.bufring.recycle(bid);
-            self.maybe_release(slot);
-            return;
+        match c.closing {
+            Closing::No => {}
+            Closing::Lingering { deadline_ms, left } => {
+                // Read so that the close finds nothing unread; discarded, and bounded: a peer
+                // that keeps sending after our close is cut.
+                self.bufring.recycle(bid);
+                match left.checked_sub(res as u32) {
+                    Some(left) => {
+                        c.closing = Closing::Lingering { deadline_ms, left };
+                        if !more {
+                            self.arm_recv(slot);
+                        }
+                    }
+                    None => self.end_linger(slot, LingerEnd::Bytes),
+                }
+                return;
+            }
+            Closing::AfterFlush { .. } | Closing::Abort => {
+                // Input after we decided to close is ignored (the close handshake is best
+                // effort); it is read on while lingering.
+                self.bufring.recycle(bid);
+                self.maybe_release(slot);
+                return;
+            }
         }
         if let Some(t) = c.tls.as_mut() {
             // wss: decrypted first, then the same path as below (shard/tls.rs).

@@ -37,6 +37,11 @@ impl Shard {
     }
 
     pub(super) fn refuse(&mut self, slot: u32, e: &HandshakeError) {
+        self.refuse_as(slot, e, true);
+    }
+
+    /// `refuse`, lingering after the answer or not (`finish`).
+    pub(super) fn refuse_as(&mut self, slot: u32, e: &HandshakeError, linger: bool) {
         self.stats.handshake_failures.inc();
         if self.log_refusal() {
             let peer = self.conns.get(slot as usize).and_then(|c| c.as_ref()?.peer);
@@ -46,7 +51,7 @@ impl Shard {
         let bytes = Bytes::from(handshake::error_response(e));
         let why = if e.status == 503 { CloseWhy::Overloaded } else { CloseWhy::HandshakeRefused };
         self.closing_for(slot, why);
-        self.finish_with(slot, Some(bytes));
+        self.finish(slot, Some(bytes), linger);
     }
 
     /// What every transport checks before its own rules: the edge's health, then the `Origin`

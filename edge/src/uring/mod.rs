@@ -33,7 +33,9 @@ pub enum OpKind {
     Cancel = 5,
     /// The read of the shard's eventfd doorbell: mail has arrived.
     Wake = 6,
-    /// A write-side socket shutdown (SHUT_WR); its completion is ignored.
+    /// A write-side socket shutdown (SHUT_WR: FIN after what is written), which starts a
+    /// lingering close. The kernel runs it on an io-wq worker and resolves the direct
+    /// descriptor there: the slot stays open until this completes.
     Shutdown = 7,
 }
 
@@ -138,6 +140,22 @@ pub fn build_ring(sq_entries: u32) -> Result<IoUring, UringError> {
         .map_err(UringError::Setup)
 }
 
+/// io-wq workers one ring may run for socket operations (its "unbounded" pool, per NUMA
+/// node). The shards' only work there is the lingering close's SHUT_WR: io_uring always hands
+/// a shutdown to io-wq, which may start a worker for each one no worker is free for, and a
+/// drain closes a ring's ~15,000 connections within its period: without a cap, hundreds of
+/// kernel threads. A shutdown is quick; two workers keep up.
+pub const IOWQ_MAX_UNBOUND: u32 = 2;
+
+/// Caps the ring's io-wq socket workers at [`IOWQ_MAX_UNBOUND`] (Linux 5.15; the bounded
+/// pool, for regular files, is left alone). Called on the ring's own thread (SINGLE_ISSUER).
+pub fn limit_workers(ring: &IoUring) -> Result<(), UringError> {
+    let mut max = [0, IOWQ_MAX_UNBOUND];
+    ring.submitter()
+        .register_iowq_max_workers(&mut max)
+        .map_err(|source| UringError::Register { what: "io-wq worker limits", source })
+}
+
 impl UringError {
     /// The kernel was short of memory it charges to this user (ENOMEM: the locked-memory
     /// limit, or the memory cgroup), as opposed to refusing io_uring altogether.
@@ -204,7 +222,7 @@ pub fn probe(ring: &IoUring) -> Result<(), UringError> {
     }
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe).map_err(|source| UringError::Register { what: "probe", source })?;
-    let needed: [(u8, &'static str, &'static str); 7] = [
+    let needed: [(u8, &'static str, &'static str); 8] = [
         (opcode::AcceptMulti::CODE, "ACCEPT", "Linux 5.5 (multishot: 5.19)"),
         (opcode::RecvMulti::CODE, "RECV", "Linux 5.6 (multishot: 6.0)"),
         (opcode::Send::CODE, "SEND", "Linux 5.6"),
@@ -212,6 +230,7 @@ pub fn probe(ring: &IoUring) -> Result<(), UringError> {
         (opcode::Close::CODE, "CLOSE", "Linux 5.6 (direct descriptors: 5.15)"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL", "Linux 5.5 (by fd: 5.19)"),
         (opcode::Read::CODE, "READ", "Linux 5.6"),
+        (opcode::Shutdown::CODE, "SHUTDOWN", "Linux 5.11 (the lingering close's FIN)"),
     ];
     for (code, name, needed) in needed {
         if !probe.is_supported(code) {
@@ -337,7 +356,8 @@ impl<'a> Sq<'a> {
         unsafe { self.push(&e) }
     }
 
-    /// Half-closes the write side (FIN after what is queued), used after a close frame.
+    /// Half-closes the write side (FIN after what is queued): a lingering close, once the
+    /// close frame is written.
     pub fn shutdown_write(&mut self, fixed: u32, token: Token) -> io::Result<()> {
         let e = opcode::Shutdown::new(types::Fixed(fixed), libc::SHUT_WR).build().user_data(token.encode());
         // SAFETY: no buffer.
