@@ -121,11 +121,39 @@ impl EdgeLoad {
 /// Chooses edges for arriving clients.
 #[derive(Debug, Default)]
 pub struct Dispatcher {
-    /// Clients sent to each edge since its last report.
-    assigned: HashMap<String, (u64, u64)>,
+    /// Clients sent to each edge lately: (the second, clients sent in it, in the one before).
+    /// An answered client connects up to a second or two later (a goaway's delay, its
+    /// handshake), so a report made meanwhile does not count it yet: resetting the count at
+    /// each report let a trial's dispatch send 339 moving members to edges it had just
+    /// filled, which the kernel refused (`table_full`) instead of dispatch saying `full`.
+    assigned: HashMap<String, (u64, u64, u64)>,
 }
 
 impl Dispatcher {
+    /// Clients sent to `id` in this second and the one before.
+    fn recent(&self, id: &str, now_ms: u64) -> u64 {
+        let now_s = now_ms / 1000;
+        match self.assigned.get(id) {
+            Some(&(s, cur, prev)) if s == now_s => cur + prev,
+            Some(&(s, cur, _)) if s + 1 == now_s => cur,
+            _ => 0,
+        }
+    }
+
+    /// Why no client may be sent to `e` now (None: it may): [`EdgeLoad::why_not`], or full
+    /// with the clients sent to it lately that its report may not count yet.
+    pub fn why_not(&self, e: &EdgeLoad, now_ms: u64, max_age_ms: u64) -> Option<String> {
+        e.why_not(now_ms, max_age_ms).or_else(|| {
+            let recent = self.recent(&e.id, now_ms);
+            (e.connections + recent >= e.capacity).then(|| {
+                format!(
+                    "full ({} of {} connections, and {recent} clients sent there in the last seconds)",
+                    e.connections, e.capacity
+                )
+            })
+        })
+    }
+
     /// Picks an edge for one client. `r1`, `r2` are uniform random numbers in [0, 1).
     pub fn pick<'a>(
         &mut self,
@@ -135,25 +163,24 @@ impl Dispatcher {
         r1: f64,
         r2: f64,
     ) -> Option<&'a EdgeLoad> {
-        let live: Vec<&EdgeLoad> = edges.iter().filter(|e| e.eligible(now_ms, max_age_ms)).collect();
+        let live: Vec<&EdgeLoad> = edges.iter().filter(|e| self.why_not(e, now_ms, max_age_ms).is_none()).collect();
         if live.is_empty() {
             return None;
         }
-        let score = |e: &EdgeLoad, assigned: &HashMap<String, (u64, u64)>| {
-            let extra = match assigned.get(&e.id) {
-                Some(&(at, n)) if at == e.at_ms => n,
-                _ => 0,
-            };
+        let score = |e: &EdgeLoad| {
             let mut e2 = e.clone();
-            e2.connections += extra;
+            e2.connections += self.recent(&e.id, now_ms);
             e2.score()
         };
         let a = live[((r1 * live.len() as f64) as usize).min(live.len() - 1)];
         let b = live[((r2 * live.len() as f64) as usize).min(live.len() - 1)];
-        let best = if score(a, &self.assigned) <= score(b, &self.assigned) { a } else { b };
-        let entry = self.assigned.entry(best.id.clone()).or_insert((best.at_ms, 0));
-        if entry.0 != best.at_ms {
-            *entry = (best.at_ms, 0);
+        let best = if score(a) <= score(b) { a } else { b };
+        let now_s = now_ms / 1000;
+        let entry = self.assigned.entry(best.id.clone()).or_insert((now_s, 0, 0));
+        match entry.0 {
+            s if s == now_s => {}
+            s if s + 1 == now_s => *entry = (now_s, 0, entry.1),
+            _ => *entry = (now_s, 0, 0),
         }
         entry.1 += 1;
         Some(best)
@@ -214,6 +241,29 @@ mod tests {
         let (a, b, c) = (total("a", 100), total("b", 110), total("c", 120));
         assert!(a.abs_diff(b) < 40 && b.abs_diff(c) < 40 && a.abs_diff(c) < 40, "{a} {b} {c}");
         assert!(counts.len() == 3, "{counts:?}");
+    }
+
+    /// Clients sent to an edge count against its room until two seconds have passed, whatever
+    /// reports come meanwhile (they connect a second or two after their answer, so a report
+    /// made in between does not hold them): an edge filled by recent answers is `full` for
+    /// dispatch, not for the kernel. A trial's dispatch, which forgot them at each report, sent
+    /// 339 moving members to edges with no slot left.
+    #[test]
+    fn clients_sent_lately_count_against_an_edges_room_across_reports() {
+        let mut d = Dispatcher::default();
+        let mut a = edge("a", 990);
+        for _ in 0..10 {
+            assert_eq!(d.pick(std::slice::from_ref(&a), 1500, 600, 0.0, 0.0).unwrap().id, "a");
+        }
+        // A new report that does not count them yet.
+        a.at_ms = 2000;
+        assert!(d.pick(std::slice::from_ref(&a), 2100, 600, 0.0, 0.0).is_none(), "the ten sent count");
+        let why = d.why_not(&a, 2100, 600).unwrap();
+        assert!(why.contains("full (990 of 1000 connections, and 10 clients sent there"), "{why}");
+        // Two seconds on, the reports hold whoever came.
+        a.at_ms = 3000;
+        assert_eq!(d.why_not(&a, 3100, 600), None);
+        assert!(d.pick(std::slice::from_ref(&a), 3100, 600, 0.0, 0.0).is_some());
     }
 
     /// An edge with few connections but busy writing (a hot room) or near its link's limit

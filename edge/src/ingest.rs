@@ -242,7 +242,7 @@ pub async fn route_answer(src: &RouteSource, draining: bool, overloaded: bool, r
                     let why: Vec<String> = edges
                         .iter()
                         .take(8)
-                        .map(|e| format!("{}: {}", e.id, e.why_not(now, *max_age_ms).unwrap_or_default()))
+                        .map(|e| format!("{}: {}", e.id, d.why_not(e, now, *max_age_ms).unwrap_or_default()))
                         .collect();
                     let more = edges.len().saturating_sub(why.len());
                     let more = if more > 0 { format!("; {more} more") } else { String::new() };
@@ -282,7 +282,18 @@ pub(crate) fn sse_url(ws_url: &str) -> Option<String> {
     Some(format!("{scheme}://{base}/sse"))
 }
 
-async fn route(State(st): State<AppState>, headers: HeaderMap, Query(q): Query<RouteQuery>) -> Response {
+async fn route(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    // A query that does not read (`room` twice) gets the API's JSON error, like any other.
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return with_cors(error(StatusCode::BAD_REQUEST, e.body_text()), &st.cors_origins, &headers);
+        }
+    };
     let overloaded = st.kernel.status() == EdgeHealth::Overloaded;
     let answer = route_answer(&st.route, st.draining.load(Ordering::Relaxed), overloaded, q.room.as_deref()).await;
     with_cors(answer, &st.cors_origins, &headers)

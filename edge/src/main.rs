@@ -618,10 +618,16 @@ struct Pacing<'a> {
 
 impl Pacing<'_> {
     fn step(&mut self, edge: &Edge, open: u64) {
-        if self.judged.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        if open == 0 || self.judged.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             return;
         }
         self.judged = Some(Instant::now());
+        let verdict = self.verdict(open);
+        self.apply(edge, open, verdict);
+    }
+
+    /// Whether the goaways wait now, and why.
+    fn verdict(&mut self, open: u64) -> Option<String> {
         let used = self.held_for + self.held_at.map_or(Duration::ZERO, |t| t.elapsed());
         let verdict = if used >= self.budget {
             None
@@ -635,10 +641,17 @@ impl Pacing<'_> {
             });
             match read {
                 Ok(Ok(reports)) => self.pacer.judge(open, &reports, now_ms, max_age),
-                // Unread: as judged last.
-                _ => return,
+                // Dispatch reads the same reports: it cannot route anyone either (a trial froze
+                // Redis during a drain, and members sent away waited 15 s between sockets).
+                Ok(Err(e)) => Some(format!("the fleet's load reports cannot be read (nor can dispatch route): {e}")),
+                Err(_) => Some("the fleet's load reports cannot be read in 1 s (nor can dispatch route)".into()),
             }
         };
+        verdict
+    }
+
+    /// Holds the goaways or lets them go, as `verdict` says.
+    fn apply(&mut self, edge: &Edge, open: u64, verdict: Option<String>) {
         match (verdict, self.held_at) {
             (Some(why), None) => {
                 tracing::warn!(left = open, why = %why, "drain: goaways wait for the fleet");
@@ -696,7 +709,17 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str, fleet:
         max_moving = pacing.as_ref().map(|p| p.pacer.max_moving()),
         "drain started"
     );
+    // The first look before the first goaway (the shards take the hold right behind the
+    // drain, in order): with Redis frozen, a look taken after would have let the first second
+    // of the schedule go.
+    let first = pacing.as_mut().map(|p| {
+        p.judged = Some(Instant::now());
+        p.verdict(before.max(0) as u64)
+    });
     edge.drain(url, cfg.drain.period_ms);
+    if let (Some(p), Some(verdict)) = (&mut pacing, first) {
+        p.apply(edge, before.max(0) as u64, verdict);
+    }
     let deadline = start + Duration::from_millis(cfg.drain.deadline_ms);
     let mut last_log = Instant::now();
     loop {

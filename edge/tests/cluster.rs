@@ -944,3 +944,39 @@ async fn a_drain_waits_while_no_other_edge_takes_members() {
     assert_eq!(metric(&pa, "roomcast_drain_holds_total").await, 1.0);
     assert_eq!(a.wait_exit(Duration::from_secs(15)), Some(0), "the drained edge exits 0");
 }
+
+/// Reports that cannot be read hold a drain's goaways too: dispatch routes by the same
+/// reports, so members sent away would wait between sockets (a trial froze Redis mid-drain:
+/// the drain sent everyone away on schedule and they waited 15 s for a route).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_while_the_fleets_reports_cannot_be_read() {
+    let redis = RedisProc::start();
+    let mut a = edge_on(&redis, &["--drain-period-ms", "2000"]);
+    let _b = edge_on(&redis, &[]);
+    let pa = Publisher::new(a.http);
+    let mut members = Vec::new();
+    for _ in 0..5 {
+        let mut ws = connect(&a.url("?room=p"), None).await;
+        expect_joined(&mut ws, "p").await;
+        members.push(ws);
+    }
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/admin/drain", a.http))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(redis_cli(redis.port, &["CLIENT", "PAUSE", "8000", "ALL"]).trim(), "OK");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(metric(&pa, "roomcast_goaway_sent_total").await, 0.0, "no goaway while the reports are unread");
+    assert_eq!(metric(&pa, "roomcast_drain_held").await, 1.0);
+    assert_eq!(redis_cli(redis.port, &["CLIENT", "UNPAUSE"]).trim(), "OK");
+    for ws in &mut members {
+        match next_msg_within(ws, Duration::from_secs(15)).await {
+            Some(ServerMsg::Goaway { .. }) => {}
+            other => panic!("expected goaway once the reports read again: {other:?}"),
+        }
+    }
+    assert_eq!(a.wait_exit(Duration::from_secs(15)), Some(0), "the drained edge exits 0");
+}

@@ -36,6 +36,11 @@ async fn a_goaway_url_leads_back_to_the_same_room() {
     let mut other = connect(&url, None).await;
     expect_joined(&mut other, "stage.1").await;
     drop(other);
+    // A query that does not read gets the API's JSON error (it was plain text).
+    let (status, _, body) = get(&format!("http://{}/v1/route?room=a&room=b", edge.http), None).await;
+    assert_eq!(status, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("duplicate field")), "{body}");
 
     edge.sigterm();
     let mut goaway = None;

@@ -137,7 +137,7 @@ struct RunArgs {
     /// worker w taking 127.(w+1).0.2 .. 127.(w+1).0.(1+N) (up to 254 workers). `A.B.C`: a /24
     /// the generator has addresses on (a veth in its own namespace, say), worker w taking
     /// A.B.C.(2 + w*N) .. A.B.C.(1 + (w+1)*N); refused when the workers would not fit.
-    #[arg(long, default_value = "127")]
+    #[arg(long, default_value = "127", value_parser = src_net_form)]
     src_net: String,
     /// SO_RCVBUF per connection, like a mobile client's window (0: kernel autotuning, which on
     /// loopback grows to tens of MiB and hides a slow generator's backlog in the kernel).
@@ -319,6 +319,17 @@ where
 {
     let v: T = s.trim().parse().map_err(|e: T::Err| e.to_string())?;
     if v == T::from(0) { Err("at least 1, not 0".to_owned()) } else { Ok(v) }
+}
+
+/// `--src-net`'s form, checked with the other flags (a usage error, before anything starts):
+/// `127`, or three octets `A.B.C`. It was checked once the workers were planned, after the
+/// results folder, and failed with status 1.
+fn src_net_form(s: &str) -> Result<String, String> {
+    let parts: Result<Vec<u8>, _> = s.split('.').map(str::parse::<u8>).collect();
+    match parts.as_deref() {
+        Ok([127] | [_, _, _]) => Ok(s.to_owned()),
+        _ => Err("127 (loopback, 127.0.0.0/8), or three octets A.B.C".to_owned()),
+    }
 }
 
 /// A process to measure (`--server-pid`): one that is running now. A pid with no process (0,

@@ -124,6 +124,8 @@ fn values_that_make_a_run_meaningless_get_the_flags_own_error() {
         ("--chat-batch", "0"),
         ("--src-addrs", "0"),
         ("--src-addrs", "254"),
+        ("--src-net", "10.0"),
+        ("--src-net", "300.1.1"),
         ("--connect-inflight", "0"),
         ("--slow-bytes", "0"),
         ("--duration", "0"),

@@ -278,6 +278,14 @@ impl Engine {
         for room in std::mem::take(&mut self.syncing_rooms) {
             let Some(r) = self.rooms.get_mut(&room) else { continue };
             let due = r.waiting.partition_point(|&(_, _, at)| at <= now);
+            if due > 0 {
+                // One line per room and turn, however many joins (clients cannot make more).
+                tracing::warn!(
+                    room = %room,
+                    joins = due,
+                    "redis gave no seq for this room within 10 s of these joins: sent back to come again (1013, room_unavailable)"
+                );
+            }
             for (join, _, _) in r.waiting.drain(..due) {
                 retry_join(out, r.name.clone(), join, r.flushed_seq, r.epoch, JoinRetry::Sync);
             }
