@@ -629,7 +629,7 @@ impl Pacing<'_> {
     /// Whether the goaways wait now, and why.
     fn verdict(&mut self, open: u64) -> Option<String> {
         let used = self.held_for + self.held_at.map_or(Duration::ZERO, |t| t.elapsed());
-        let verdict = if used >= self.budget {
+        if used >= self.budget {
             None
         } else {
             let now_ms = edge::bus::now_us() / 1000;
@@ -646,8 +646,7 @@ impl Pacing<'_> {
                 Ok(Err(e)) => Some(format!("the fleet's load reports cannot be read (nor can dispatch route): {e}")),
                 Err(_) => Some("the fleet's load reports cannot be read in 1 s (nor can dispatch route)".into()),
             }
-        };
-        verdict
+        }
     }
 
     /// Holds the goaways or lets them go, as `verdict` says.
