@@ -846,8 +846,9 @@ impl Conn {
             }
             out &= !s.conn.wants_write();
         }
-        // Fails only when the socket is gone already (ENOTCONN: the server, having read the
-        // close, may reset before this): the close went out all the same.
+        // Fails only when the socket is gone already (ENOTCONN: a server that closes without
+        // lingering may reset once it has read the close; roomcast lingers): the close went
+        // out all the same.
         let _ = self.sock.tcp().shutdown(std::net::Shutdown::Write);
         out
     }
