@@ -6,6 +6,9 @@
 //!   reports cannot be read (nor can dispatch, which routes by them): a member sent away then
 //!   only meets dispatch's 503s, between sockets and without its gifts, while here it is
 //!   still served; or
+//! - the members on their way would take the room the other edges have left (a trial's drain
+//!   sent 72 of 200 members into two edges with room for 11 more, and they waited 40 s for a
+//!   route, where here they were served); or
 //! - more members are on their way than `drain.max_moving`: sent away (gone from here) and not
 //!   yet counted on another edge. At 10^6 on this box the fleet took ~1,000 moves a second and
 //!   a 900 s period sent 1,111 a second: members queued between sockets for minutes
@@ -83,9 +86,22 @@ impl Pacer {
                 others.iter().map(|e| e.connections.saturating_sub(start.get(&e.id).copied().unwrap_or(0))).sum();
             let moving = moved.saturating_sub(taken);
             let bound = if self.held { self.max_moving / 2 } else { self.max_moving };
-            (moving > bound).then(|| {
-                format!("{moving} members sent away are not on another edge yet (the bound is {})", self.max_moving)
-            })
+            // Room the eligible edges have left, once the members on their way are in.
+            let room: u64 = others
+                .iter()
+                .filter(|e| e.eligible(now_ms, max_age_ms))
+                .map(|e| e.capacity.saturating_sub(e.connections))
+                .sum();
+            if moving > bound {
+                Some(format!(
+                    "{moving} members sent away are not on another edge yet (the bound is {})",
+                    self.max_moving
+                ))
+            } else if moving >= room {
+                Some(format!("the other edges have room for {room} members and {moving} are on their way there"))
+            } else {
+                None
+            }
         };
         self.held = verdict.is_some();
         verdict
@@ -143,5 +159,13 @@ mod tests {
         assert_eq!(p.judge(3_000, &[me(), full, c(1_600)], 1_000, 3_000), None, "400: below half");
         // b had 100 at the start: its own clients leaving is not members taken elsewhere.
         assert!(p.judge(2_000, &[me(), edge("b", 0, 100), c(1_600)], 1_000, 3_000).is_some());
+
+        // Room for fewer than are on their way: held before the others are full.
+        let mut p = Pacer::new("me".into(), 200, Duration::from_secs(10), 0);
+        let small = |n: u64| edge("s", n, 64);
+        assert_eq!(p.judge(200, &[me(), small(0)], 1_000, 3_000), None);
+        assert_eq!(p.judge(180, &[me(), small(10)], 1_000, 3_000), None, "10 on their way, room for 54");
+        let why = p.judge(130, &[me(), small(20)], 1_000, 3_000).expect("50 on their way, room for 44");
+        assert!(why.contains("room for 44 members and 50 are on their way"), "{why}");
     }
 }

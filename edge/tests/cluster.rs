@@ -869,13 +869,17 @@ async fn joins_on_a_room_redis_does_not_answer_for_are_read_again_then_sent_back
     assert_eq!(redis_cli(redis.port, &["CLIENT", "PAUSE", "30000", "WRITE"]).trim(), "OK");
     let mut ws = connect(&edge.url("?room=later"), None).await;
     assert_eq!(close_code(&mut ws, Duration::from_secs(15)).await, Some(1013));
-    let (_, text) = p.get("/metrics").await;
-    let closed: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("roomcast_connections_closed_total{") && l.contains("reason=\"room_unavailable\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(closed, 1.0, "{text}");
+    // Counted once the edge has closed the socket, after the close's linger.
+    let closed = || async {
+        let (_, text) = p.get("/metrics").await;
+        text.lines()
+            .filter(|l| {
+                l.starts_with("roomcast_connections_closed_total{") && l.contains("reason=\"room_unavailable\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(wait_until(Duration::from_secs(10), || async { closed().await == 1.0 }).await, "{}", closed().await);
     // Back: it comes again and joins.
     assert_eq!(redis_cli(redis.port, &["CLIENT", "UNPAUSE"]).trim(), "OK");
     let mut ws = connect(&edge.url("?room=later"), None).await;
@@ -909,19 +913,8 @@ async fn a_drain_waits_while_no_other_edge_takes_members() {
         wait_until(Duration::from_secs(10), || async { report().is_some_and(|r| r["connections"] == capacity) }).await,
         "B reports itself full"
     );
-    let mut members = Vec::new();
-    for _ in 0..10 {
-        let mut ws = connect(&a.url("?room=p"), None).await;
-        expect_joined(&mut ws, "p").await;
-        members.push(ws);
-    }
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/v1/admin/drain", a.http))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    let mut members = joined(&a, "p", 10).await;
+    admin_drain(&a).await;
     // Twice the period: held, every member still here and served.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(metric(&pa, "roomcast_goaway_sent_total").await, 0.0, "no goaway while B is full");
@@ -954,19 +947,8 @@ async fn a_drain_waits_while_the_fleets_reports_cannot_be_read() {
     let mut a = edge_on(&redis, &["--drain-period-ms", "2000"]);
     let _b = edge_on(&redis, &[]);
     let pa = Publisher::new(a.http);
-    let mut members = Vec::new();
-    for _ in 0..5 {
-        let mut ws = connect(&a.url("?room=p"), None).await;
-        expect_joined(&mut ws, "p").await;
-        members.push(ws);
-    }
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/v1/admin/drain", a.http))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    let mut members = joined(&a, "p", 5).await;
+    admin_drain(&a).await;
     assert_eq!(redis_cli(redis.port, &["CLIENT", "PAUSE", "8000", "ALL"]).trim(), "OK");
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(metric(&pa, "roomcast_goaway_sent_total").await, 0.0, "no goaway while the reports are unread");
@@ -979,4 +961,26 @@ async fn a_drain_waits_while_the_fleets_reports_cannot_be_read() {
         }
     }
     assert_eq!(a.wait_exit(Duration::from_secs(15)), Some(0), "the drained edge exits 0");
+}
+
+/// `n` members of `room` on `e`, each joined.
+async fn joined(e: &EdgeProc, room: &str, n: usize) -> Vec<Ws> {
+    let mut members = Vec::new();
+    for _ in 0..n {
+        let mut ws = connect(&e.url(&format!("?room={room}")), None).await;
+        expect_joined(&mut ws, room).await;
+        members.push(ws);
+    }
+    members
+}
+
+/// Starts `e`'s drain through the admin API.
+async fn admin_drain(e: &EdgeProc) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/admin/drain", e.http))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
 }

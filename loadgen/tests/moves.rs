@@ -111,6 +111,23 @@ fn answer(mut s: TcpStream, ws: SocketAddr, mode: Mode, seen: &(Mutex<Seen>, Con
     let _ = s.write_all(answer.as_bytes());
 }
 
+/// Relays the run's lines and drains `a` (SIGTERM) once the run is `at` seconds in.
+fn drain_past(lg: &mut std::process::Child, a: &mut EdgeProc, at: f64) {
+    let mut drained = false;
+    for line in BufReader::new(lg.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        println!("{line}");
+        if !drained && line.starts_with("t=") && line.contains("s conns=") {
+            let t: f64 = line[2..].split('s').next().unwrap().trim().parse().unwrap();
+            if t >= at {
+                a.sigterm();
+                drained = true;
+            }
+        }
+    }
+    assert!(drained, "the run reached the drain point");
+}
+
 /// Runs `members` members (one worker, `inflight` connects and moves in flight) on edge A,
 /// drains A once publishing has run a second and a half, with its goaways naming the stand-in
 /// dispatch in `mode`, and expects the run to exit 0; returns result.json and what the
@@ -173,19 +190,7 @@ fn drain_through_args(
         .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
         .spawn()
         .expect("loadgen");
-    let mut drained = false;
-    for line in BufReader::new(lg.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        println!("{line}");
-        if !drained && line.starts_with("t=") && line.contains("s conns=") {
-            let t: f64 = line[2..].split('s').next().unwrap().trim().parse().unwrap();
-            if t >= 1.5 {
-                a.sigterm();
-                drained = true;
-            }
-        }
-    }
-    assert!(drained, "the run reached the drain point");
+    drain_past(&mut lg, &mut a, 1.5);
     let ok = lg.wait().unwrap().success();
     let stderr = std::fs::read_to_string(dir.join("stderr.txt")).unwrap_or_default();
     assert_eq!(a.wait_exit(Duration::from_secs(60)), Some(0), "the drained edge exits 0");
@@ -402,19 +407,7 @@ fn every_refusal_dispatch_answered_is_counted() {
         .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
         .spawn()
         .expect("loadgen");
-    let mut drained = false;
-    for line in BufReader::new(lg.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        println!("{line}");
-        if !drained && line.starts_with("t=") && line.contains("s conns=") {
-            let t: f64 = line[2..].split('s').next().unwrap().trim().parse().unwrap();
-            if t >= 1.5 {
-                a.sigterm();
-                drained = true;
-            }
-        }
-    }
-    assert!(drained, "the run reached the drain point");
+    drain_past(&mut lg, &mut a, 1.5);
     assert!(!lg.wait().unwrap().success(), "members given up fail the run");
     let _ = a.wait_exit(Duration::from_secs(60));
     let run = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap().path();

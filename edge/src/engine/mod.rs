@@ -337,6 +337,9 @@ pub struct Engine {
     parked_rooms: Vec<RoomName>,
     /// Rooms with joins waiting for their sync (some may have been answered since).
     syncing_rooms: Vec<RoomName>,
+    /// Joins sent back for want of their room's sync since the last log line, and its time.
+    sync_sent_back: u64,
+    sync_logged_at: Option<Instant>,
     /// Wall clock at `epoch` (µs since the Unix epoch): message timestamps are
     /// `wall_at_epoch + (now - epoch)`, so the engine never reads a clock itself.
     epoch: Instant,
@@ -402,6 +405,8 @@ impl Engine {
             remote_up: false,
             parked_rooms: Vec::new(),
             syncing_rooms: Vec::new(),
+            sync_sent_back: 0,
+            sync_logged_at: None,
             epoch: now,
             wall_at_epoch: wall_us,
             epochs_made: 0,
