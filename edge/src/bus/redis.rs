@@ -1114,8 +1114,10 @@ async fn run(
         }
         up.set(1);
         bus.send_async(EngineCmd::Redis { up: true }).await;
+        // Rooms followed already are read once here (a read lost now is made good by the
+        // fills that follow live messages); rooms whose first read failed are read again.
         for room in rooms.clone() {
-            tokio::spawn(sync_or_again(cm.clone(), room, bus.clone(), resync_tx.clone()));
+            tokio::spawn(sync_room(cm.clone(), room, bus.clone()));
         }
         tracing::info!(rooms = rooms.len(), "redis bus connected");
         tokio::spawn(check_persistence(cm.clone()));
