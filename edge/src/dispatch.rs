@@ -188,10 +188,11 @@ impl Dispatcher {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn edge(id: &str, connections: u64) -> EdgeLoad {
+    /// A healthy report from `id` with `connections` of 1000, made at 1000 ms.
+    pub(crate) fn edge(id: &str, connections: u64) -> EdgeLoad {
         EdgeLoad {
             id: id.into(),
             ws_url: format!("ws://{id}/ws"),
@@ -317,6 +318,7 @@ pub mod registry {
 
     use super::EdgeLoad;
     use crate::bus::redis::Conn;
+    use crate::bus::slots::{SLOTS, slot_of};
 
     /// The sorted set of edge ids, scored by their last report time (ms).
     pub const EDGES: &str = "rc:edges";
@@ -333,15 +335,55 @@ pub mod registry {
         format!("rc:edge:{id}")
     }
 
+    /// On a cluster, the second key the edge's report is written to: hash-tagged to the slot
+    /// half the slot space away from [`key`]'s. A primary with `min-replicas-to-write` and its
+    /// replica gone refuses writes, and an edge whose one report key lived there could not be
+    /// routed to at all (CI found `/v1/route` answering "no edge has reported" when both test
+    /// edges' keys hashed to that primary). Slots half the space apart are on different
+    /// primaries whenever each primary holds one contiguous range smaller than half the slots,
+    /// which is how `redis-cli --cluster create` lays out two or more primaries. Dispatch reads
+    /// both keys and keeps the fresher report.
+    pub fn alt_key(id: &str) -> String {
+        let slot = usize::from(slot_of(key(id).as_bytes()));
+        let tag = tag_for_slot((slot + SLOTS / 2) % SLOTS);
+        format!("rc:edge:{id}:{{{tag}}}")
+    }
+
+    /// A hash tag (a decimal number) whose slot is `slot`: the smallest such number, from a
+    /// table built once (about 170,000 hashes, a few milliseconds).
+    fn tag_for_slot(slot: usize) -> u32 {
+        static TAGS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+        let tags = TAGS.get_or_init(|| {
+            let mut tags = vec![u32::MAX; SLOTS];
+            let mut left = SLOTS;
+            let mut n = 0u32;
+            while left > 0 {
+                let s = usize::from(slot_of(format!("{{{n}}}").as_bytes()));
+                if tags[s] == u32::MAX {
+                    tags[s] = n;
+                    left -= 1;
+                }
+                n += 1;
+            }
+            tags
+        });
+        tags[slot % SLOTS]
+    }
+
     /// Publishes one report, valid for `ttl_ms`. On one Redis in one transaction; on a cluster
     /// the report and the index live in different slots, so the report is written first (an
     /// index entry without its report is skipped by `live`, a report without one is not found).
     pub async fn report(cm: &mut Conn, load: &EdgeLoad, ttl_ms: u64) -> redis::RedisResult<()> {
         let json = serde_json::to_string(load).unwrap_or_default();
         let mut set = redis::cmd("SET");
-        set.arg(key(&load.id)).arg(json).arg("PX").arg(ttl_ms);
+        set.arg(key(&load.id)).arg(&json).arg("PX").arg(ttl_ms);
         if cm.is_cluster() {
-            let () = set.query_async(cm).await?;
+            // Both keys, in different slots: the report is published if either is written.
+            let mut alt = redis::cmd("SET");
+            alt.arg(alt_key(&load.id)).arg(&json).arg("PX").arg(ttl_ms);
+            let first: redis::RedisResult<()> = set.query_async(cm).await;
+            let second: redis::RedisResult<()> = alt.query_async(cm).await;
+            first.or(second)?;
             let _: i64 = cm.zadd(EDGES, &load.id, load.at_ms).await?;
             let _: i64 = cm.zrembyscore(EDGES, 0, load.at_ms.saturating_sub(INDEX_KEEP_MS.max(ttl_ms))).await?;
             return Ok(());
@@ -455,14 +497,25 @@ pub mod registry {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = ids.iter().map(|i| key(i)).collect();
+        let cluster = cm.is_cluster();
+        let keys: Vec<String> = if cluster {
+            ids.iter().flat_map(|i| [key(i), alt_key(i)]).collect()
+        } else {
+            ids.iter().map(|i| key(i)).collect()
+        };
         let vals: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(cm).await?;
-        Ok(vals
-            .into_iter()
-            .flatten()
-            .filter_map(|v| serde_json::from_str::<EdgeLoad>(&v).ok())
+        Ok(freshest(vals.chunks(if cluster { 2 } else { 1 }), now_ms, max_age_ms))
+    }
+
+    /// One report per edge from its keys' values (`copies`: the values of one edge's keys):
+    /// the one written last, if it is younger than `max_age_ms`.
+    fn freshest<'a>(copies: impl Iterator<Item = &'a [Option<String>]>, now_ms: u64, max_age_ms: u64) -> Vec<EdgeLoad> {
+        copies
+            .filter_map(|c| {
+                c.iter().flatten().filter_map(|v| serde_json::from_str::<EdgeLoad>(v).ok()).max_by_key(|e| e.at_ms)
+            })
             .filter(|e| e.at_ms.saturating_add(max_age_ms) >= now_ms)
-            .collect())
+            .collect()
     }
 
     #[cfg(test)]
@@ -471,6 +524,46 @@ pub mod registry {
         use std::time::Duration;
 
         use super::*;
+
+        /// The second report key is on the slot half the slot space away, so on any even,
+        /// contiguous layout of two to sixteen primaries the two copies are on different ones.
+        #[test]
+        fn the_two_report_keys_are_on_different_primaries() {
+            for id in ["a", "edge-1", "7f3c9e0b2a41d6e8", ""] {
+                let (one, two) =
+                    (usize::from(slot_of(key(id).as_bytes())), usize::from(slot_of(alt_key(id).as_bytes())));
+                assert_eq!((one + SLOTS / 2) % SLOTS, two, "{id}");
+            }
+            for primaries in 2..=16 {
+                let owner = |slot: usize| slot * primaries / SLOTS;
+                for slot in 0..SLOTS {
+                    assert_ne!(owner(slot), owner((slot + SLOTS / 2) % SLOTS), "{primaries} primaries, slot {slot}");
+                }
+            }
+        }
+
+        /// Dispatch keeps the copy written last, and only if it is recent.
+        #[test]
+        fn the_fresher_copy_of_a_report_counts() {
+            let at = |id: &str, at_ms: u64, connections: u64| {
+                let mut e = crate::dispatch::tests::edge(id, connections);
+                e.at_ms = at_ms;
+                Some(serde_json::to_string(&e).unwrap())
+            };
+            let vals = [
+                at("a", 9_000, 1),
+                at("a", 10_000, 2), // both written, the second later
+                None,
+                at("b", 9_500, 3), // the first key refused writes
+                at("c", 5_000, 4),
+                None, // too old
+                Some("{".into()),
+                at("d", 9_800, 5), // a copy that is not a report
+            ];
+            let live = freshest(vals.chunks(2), 10_000, 3_000);
+            let seen: Vec<(&str, u64)> = live.iter().map(|e| (e.id.as_str(), e.connections)).collect();
+            assert_eq!(seen, [("a", 2), ("b", 3), ("d", 5)]);
+        }
 
         /// 20 requests at once on `cache`, each read taking `takes` and finding `found()`: their
         /// outcomes, and how many reads were made.
