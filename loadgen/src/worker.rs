@@ -353,6 +353,11 @@ fn first_target(args: &WorkerArgs, i: usize, room: u32, tokens: &[String]) -> (S
     (dst, path)
 }
 
+/// The `since` query parameter for a member's position (none without one).
+fn since_param(since: Option<u64>) -> String {
+    since.map(|s| format!("&since={s}")).unwrap_or_default()
+}
+
 /// `&token=JWT` for this worker's connection `i`, or nothing when the run has no tokens.
 fn token_param(tokens: &[String], i: usize) -> String {
     tokens.get(i).map_or_else(String::new, |t| format!("&token={t}"))
@@ -768,6 +773,15 @@ impl Conn {
         }
     }
 
+    /// Where it resumes from: the last seq seen, once its first `joined` said where its stream
+    /// starts. A member closed before that (a 1013 while the edge could not read the room) has
+    /// no position: `since=0` would ask for the room's whole history (a trial counted 360,300
+    /// duplicates on a Redis holding earlier runs' gifts), so it joins afresh, as its first
+    /// connection did.
+    fn position(&self) -> Option<u64> {
+        self.joined.then_some(self.last_seq)
+    }
+
     /// The first join sets where the stream starts; a join after a move (with `since`) does
     /// not, since history after `since` is still to come.
     fn on_joined(&mut self, seq: u64) {
@@ -925,7 +939,7 @@ struct MoveJob {
     slow: bool,
     url: String,
     room: u32,
-    since: u64,
+    since: Option<u64>,
     got_at: Instant,
 }
 
@@ -1059,7 +1073,7 @@ impl Movers {
                         let result = match resolve(&http, &job.url, job.room, args.sse) {
                             Err(e) => Err((format!("dispatch_{}", failure_reason(&e)), e)),
                             Ok((addr, path)) => {
-                                let path = format!("{path}&since={}{}", job.since, token_param(&tokens, job.i));
+                                let path = format!("{path}{}{}", since_param(job.since), token_param(&tokens, job.i));
                                 open_to(&args, args.first + job.i, addr, &path, job.slow)
                                     .map_err(|e| (failure_reason(&e), e))
                             }

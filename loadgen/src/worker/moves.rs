@@ -87,8 +87,9 @@ impl MoveStats {
 struct Move {
     /// Where to ask: a dispatch URL (`http://`), or a WebSocket URL used as it is (a resume).
     url: String,
-    /// The last seq the member saw, sent as `since`.
-    since: u64,
+    /// The last seq the member saw, sent as `since` (None: it never got its `joined`, so it
+    /// has no position and joins afresh).
+    since: Option<u64>,
     /// When the goaway came (or the socket was lost): the start of the reconnect time.
     got_at: Instant,
     /// When its first attempt started: the give-up clock.
@@ -289,10 +290,10 @@ impl Moves {
             c.went_down();
             c.moving = true;
             if let Some(b) = &self.blocking {
-                let _ = b.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.last_seq, got_at });
+                let _ = b.jobs.send(MoveJob { i, slow: c.slow, url, room: c.room, since: c.position(), got_at });
                 continue;
             }
-            let m = Move { url, since: c.last_seq, got_at, first: None, attempt: 0, retry_at: None };
+            let m = Move { url, since: c.position(), got_at, first: None, attempt: 0, retry_at: None };
             self.moving.insert(i, m);
             self.ready.push_back(i);
         }
@@ -410,12 +411,12 @@ impl Moves {
         ws: &str,
         room: u32,
         slow: bool,
-        since: u64,
+        since: Option<u64>,
     ) -> Result<Pending, (String, anyhow::Error)> {
         let as_dispatch = |e: anyhow::Error| (format!("dispatch_{}", failure_reason(&e)), e);
         let (authority, path) = ws_target(ws, room, self.args.sse).map_err(as_dispatch)?;
         let addr = self.host(&authority, Instant::now()).map_err(as_dispatch)?;
-        let path = format!("{path}&since={since}{}", token_param(&self.tokens, i));
+        let path = format!("{path}{}{}", super::since_param(since), token_param(&self.tokens, i));
         Pending::start(&self.args, self.args.first + i, addr, &path, slow).map_err(|e| (failure_reason(&e), e))
     }
 
@@ -430,7 +431,7 @@ impl Moves {
                 AskStep::Done(url) => {
                     cx.ep.del(a.fd());
                     let (room, slow) = (cx.conns[i].room, cx.conns[i].slow);
-                    let since = self.moving.get(&i).map_or(0, |m| m.since);
+                    let since = self.moving.get(&i).and_then(|m| m.since);
                     match self.connect(i, &url, room, slow, since) {
                         Ok(p) => {
                             let fd = p.fd();
