@@ -533,6 +533,18 @@ def total(path, name):
     if not os.path.exists(path):
         return None
     return int(sum(float(l.split()[-1]) for l in open(path) if l.startswith(name + "{") or l.startswith(name + " ")))
+# Drain pacing (drain.pace): how often the old edge's goaways waited for the fleet, and how its
+# graceful closes ended (lingering close: the peer's FIN, the linger's timeout, and so on).
+r["old_edge_drain_holds_at_its_last_scrape"] = total(f"{out}/edge-metrics-at-exit.txt", "roomcast_drain_holds_total")
+def by_label(path, name, label):
+    c = {}
+    for l in open(path) if os.path.exists(path) else []:
+        m = re.match(name + r'\{.*' + label + r'="(\w+)".*\} (\S+)', l)
+        if m and float(m.group(2)):
+            c[m.group(1)] = c.get(m.group(1), 0) + int(float(m.group(2)))
+    return c
+r["old_edge_close_lingers_by_outcome_at_its_last_scrape"] = by_label(
+    f"{out}/edge-metrics-at-exit.txt", "roomcast_close_lingers_total", "outcome")
 acc = total(f"{out}/edge-metrics-before-restart.txt", "roomcast_connections_accepted_total")
 r["accepted_before_signal"] = acc
 r["generator_reconnects_before_signal"] = int(moved0)

@@ -641,6 +641,9 @@ pub struct DrainConfig {
     pub max_moving: u64,
 }
 
+/// The longest `drain.deadline_ms` (and so `drain.period_ms`): a day.
+pub const DRAIN_MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
 impl Default for DrainConfig {
     fn default() -> Self {
         Self { period_ms: 10_000, threshold: 0, deadline_ms: 30_000, dispatch_url: None, pace: true, max_moving: 0 }
@@ -1384,6 +1387,12 @@ impl Config {
         if self.drain.deadline_ms < self.drain.period_ms {
             return Err(invalid("drain.deadline_ms", "must be at least drain.period_ms"));
         }
+        // A drain is a rolling restart's step, not a state to stay in: a day is far past any
+        // spread clients need, and the timers add these to clocks (an unbounded value such as
+        // u64::MAX was accepted and left the drain's end nowhere in time).
+        if self.drain.deadline_ms > DRAIN_MAX_MS {
+            return Err(invalid("drain.deadline_ms", format!("must be at most {DRAIN_MAX_MS} (a day)")));
+        }
         if self.admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             return Err(invalid("admin_token", "must be at least 16 characters"));
         }
@@ -1686,6 +1695,17 @@ mod tests {
         assert!(err("data_dir = \"\"\n[store]\nenabled = false\n").is_none(), "no store, no directory needed");
         assert!(err("[store]\nfsync = 18446744073709551615\n").is_some_and(|e| e.contains("store.fsync")));
         assert!(err("[store]\nfsync = 60000\n").is_none());
+    }
+
+    /// A drain's deadline is bounded (a day); a trial's u64::MAX was accepted.
+    #[test]
+    fn a_drain_lasts_at_most_a_day() {
+        let err = |text: &str| Config::from_toml(text).and_then(|c| c.validate()).err().map(|e| e.to_string());
+        let e = err("[drain]\ndeadline_ms = 18446744073709551615\n").expect("u64::MAX accepted");
+        assert!(e.contains("drain.deadline_ms") && e.contains("at most 86400000"), "{e}");
+        let e = err("[drain]\nperiod_ms = 86400001\ndeadline_ms = 86400001\n").expect("over a day accepted");
+        assert!(e.contains("drain.deadline_ms"), "{e}");
+        assert_eq!(err("[drain]\nperiod_ms = 3600000\ndeadline_ms = 86400000\n"), None);
     }
 
     #[test]

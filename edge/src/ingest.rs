@@ -330,7 +330,7 @@ pub fn route_preflight(allowed: &[String], headers: &HeaderMap) -> Response {
     with_cors(answer, allowed, headers)
 }
 
-async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response {
+async fn admin_drain(State(st): State<AppState>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
     let Some(token) = &st.admin_token else {
         return error(StatusCode::FORBIDDEN, "admin endpoints are disabled: set admin_token in the config");
     };
@@ -341,6 +341,14 @@ async fn admin_drain(State(st): State<AppState>, headers: HeaderMap) -> Response
             Json(serde_json::json!({ "error": "missing or wrong bearer token" })),
         )
             .into_response();
+    }
+    // It takes no parameters: a query (`?period_ms=...`) would otherwise be ignored and the
+    // drain started on the config's schedule while the operator believed they had set another.
+    if uri.query().is_some() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "this endpoint takes no parameters: a drain follows the config's [drain] (period_ms, deadline_ms); nothing was started",
+        );
     }
     let already = st.draining.load(Ordering::Relaxed);
     st.leave_dispatch().await;

@@ -213,6 +213,14 @@ async fn keys_guard_the_publish_api() {
         assert_eq!(a.status, 401, "{}", a.body);
         assert!(a.challenge.is_some_and(|c| c.starts_with("Bearer")));
     }
+    // It takes no parameters: one given is refused, not ignored (a trial's `?period_ms=abc`
+    // started a drain on the config's schedule), and nothing starts.
+    let a = post(http, "/v1/admin/drain?period_ms=60000", Some(&format!("Bearer {ADMIN}")), json!({})).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body["error"].as_str().is_some_and(|e| e.contains("takes no parameters")), "{}", a.body);
+    let (status, health) = p.get("/healthz").await;
+    assert_eq!(status, 200, "not draining: {health}");
+    assert!(health.contains("\"draining\":false"), "{health}");
     let a = post(http, "/v1/admin/drain", Some(&format!("Bearer {ADMIN}")), json!({})).await;
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(edge.wait_exit(Duration::from_secs(30)), Some(0));
