@@ -178,7 +178,7 @@ async fn bad_inputs_get_their_answers_and_others_keep_receiving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_time_out() {
-    let dir = std::env::temp_dir().join(format!("roomcast-timeouts-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("roomcast-timeouts-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
     std::fs::write(&cfg, "[ws]\nhandshake_timeout_ms = 300\nidle_timeout_ms = 600\nping_interval_ms = 0\n").unwrap();
@@ -196,7 +196,7 @@ async fn silent_connections_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_keep_a_connection_alive_and_are_answered() {
-    let dir = std::env::temp_dir().join(format!("roomcast-pings-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("roomcast-pings-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
     std::fs::write(&cfg, "[ws]\nidle_timeout_ms = 800\nping_interval_ms = 200\n").unwrap();
@@ -230,7 +230,7 @@ async fn pings_keep_a_connection_alive_and_are_answered() {
 
 #[test]
 fn check_config_names_the_bad_key() {
-    let dir = std::env::temp_dir().join(format!("roomcast-cfg-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("roomcast-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("bad.toml");
     std::fs::write(&cfg, "[fanout]\nmerge_window_ms = 99999\n").unwrap();

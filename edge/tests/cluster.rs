@@ -41,7 +41,7 @@ fn edge_config(toml: &str) -> String {
     // One file per edge: tests run in parallel, and a file rewritten while another edge reads
     // it can be read empty (that edge then has no admin token).
     static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!("roomcast-cluster-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("roomcast-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join(format!("edge-{}.toml", N.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 600\ndeadline_ms = 10000\n{toml}"))

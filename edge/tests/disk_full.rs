@@ -32,7 +32,7 @@ impl Tmpfs {
             Some("0"),
             "this test mounts a tmpfs to fill a real disk and needs root (CI runs it as root); run it as root, or leave it out with `--skip full_disk`"
         );
-        let path = std::env::temp_dir().join(format!("roomcast-mnt-{name}-{}", std::process::id()));
+        let path = roomcast_testsupport::scratch().join(format!("roomcast-mnt-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0700"), "roomcast-test"])

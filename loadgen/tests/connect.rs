@@ -19,7 +19,7 @@ fn stop(e: &mut EdgeProc) {
 #[test]
 fn many_members_connect_with_several_in_flight() {
     let mut edge = EdgeProc::start(&["--shards", "2"]);
-    let out = std::env::temp_dir().join(format!("loadgen-inflight-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-inflight-{}", std::process::id()));
     let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &edge.ws.to_string(), "--http", &edge.http.to_string()])
         .args(["--connections", "3000", "--workers", "2", "--ramp", "30000", "--connect-inflight", "16"])
@@ -50,7 +50,7 @@ fn many_members_connect_with_several_in_flight() {
 #[test]
 fn the_connect_deadline_is_honoured() {
     let mut edge = EdgeProc::start(&["--shards", "1"]);
-    let out = std::env::temp_dir().join(format!("loadgen-deadline-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-deadline-{}", std::process::id()));
     let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &edge.ws.to_string(), "--http", &edge.http.to_string()])
         .args(["--connections", "2000", "--workers", "1", "--ramp", "100", "--connect-deadline", "2"])
@@ -80,7 +80,7 @@ fn the_connect_deadline_is_honoured() {
 fn members_that_never_connected_fail_the_run_unless_allowed() {
     let mut edge = EdgeProc::start(&["--shards", "1"]);
     let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let base = std::env::temp_dir().join(format!("loadgen-partial-{}", std::process::id()));
+    let base = roomcast_testsupport::scratch().join(format!("loadgen-partial-{}", std::process::id()));
     let run = |name: &str, extra: &[&str]| {
         let out = base.join(name);
         let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))

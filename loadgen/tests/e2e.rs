@@ -10,7 +10,7 @@ use roomcast_testsupport::{EdgeProc, RedisProc};
 #[test]
 fn two_thousand_connections_no_loss_and_a_complete_result() {
     let (mut edge, ws, http) = edge(&["--shards", "2"]);
-    let out = std::env::temp_dir().join(format!("loadgen-e2e-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-e2e-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &ws, "--http", &http, "--connections", "2000", "--workers", "2"])
         .args(["--duration", "3", "--gift-rate", "10", "--chat-rate", "50", "--scenario", "e2e"])
@@ -48,7 +48,7 @@ fn members_over_tls_lose_nothing() {
     let (cert, key) = (pki.cert_path(), pki.key_path());
     let (mut edge, ws, http) = edge(&["--shards", "2", "--tls-cert", &cert, "--tls-key", &key]);
     let ca = pki.dir.join("ca.pem");
-    let out = std::env::temp_dir().join(format!("loadgen-tls-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-tls-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &ws, "--http", &http, "--connections", "500", "--workers", "2"])
         .args(["--duration", "3", "--gift-rate", "10", "--chat-rate", "50", "--scenario", "tls"])
@@ -76,7 +76,7 @@ fn batched_chat_is_sampled_and_nothing_accepted_is_lost() {
         "[adaptive]\nroom_deliveries_per_s = 10000\nvisible_rate = 20\nmin_visible_rate = 5\n",
     );
     let (mut edge, ws, http) = edge(&["--shards", "2", "--config", &cfg]);
-    let out = std::env::temp_dir().join(format!("loadgen-batch-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-batch-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &ws, "--http", &http, "--connections", "500", "--workers", "1"])
         .args(["--duration", "3", "--gift-rate", "10", "--chat-rate", "400", "--chat-batch", "50"])
@@ -151,7 +151,7 @@ fn moves_are_given_up_after_the_runs_move_give_up() {
 /// whether the run exited 0, its stderr and its result.json.
 fn run_whose_edge_dies(name: &str, extra: &[&str]) -> (bool, String, serde_json::Value) {
     let (mut edge, ws, http) = edge(&["--shards", "1"]);
-    let dir = std::env::temp_dir().join(format!("loadgen-{name}-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("out");
     let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
@@ -205,7 +205,7 @@ fn connections_follow_goaway_to_another_edge_without_losing_a_gift() {
     const TOKEN: &str = "loadgen-e2e-drain-token";
     let redis = RedisProc::start();
     let bus = redis.url();
-    let dir = std::env::temp_dir().join(format!("loadgen-drain-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
     std::fs::write(&cfg, format!("admin_token = \"{TOKEN}\"\n[drain]\nperiod_ms = 1000\ndeadline_ms = 10000\n"))
@@ -267,7 +267,7 @@ fn connections_follow_goaway_to_another_edge_without_losing_a_gift() {
 /// and end with every gift: loss in a result means gifts no client could get, not closes.
 #[test]
 fn readers_closed_as_slow_consumers_resume_and_lose_no_gift() {
-    let dir = std::env::temp_dir().join(format!("loadgen-resume-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-resume-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
     // A tiny queue and kernel buffer: 30 KB/s of gifts overflow an 8 KB/s reader within a second.
@@ -306,7 +306,7 @@ fn readers_closed_as_slow_consumers_resume_and_lose_no_gift() {
 /// Runs the generator (one worker, gifts 5/s for 4 s, no chat) against an edge with the `[ws]`
 /// settings `ws_cfg`; returns result.json and the result's README.
 fn run_against(name: &str, ws_cfg: &str, connections: u32) -> (serde_json::Value, String) {
-    let dir = std::env::temp_dir().join(format!("loadgen-e2e-{name}-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-e2e-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
     std::fs::write(&cfg, format!("[ws]\n{ws_cfg}")).unwrap();

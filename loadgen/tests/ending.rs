@@ -61,7 +61,7 @@ fn end_of_run(name: &str, edge_args: &[&str], extra: &[&str], members: u64) {
     let mut args = vec!["--shards", "2", "--config", &cfg];
     args.extend_from_slice(edge_args);
     let mut edge = EdgeProc::start(&args);
-    let out = std::env::temp_dir().join(format!("loadgen-end-{name}-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-end-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let started = Instant::now();
     let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
@@ -103,7 +103,7 @@ fn end_of_run(name: &str, edge_args: &[&str], extra: &[&str], members: u64) {
 fn a_dead_publish_endpoint_does_not_hold_the_end_of_the_run() {
     let mut edge = EdgeProc::start(&["--shards", "1"]);
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let out = std::env::temp_dir().join(format!("loadgen-end-dead-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-end-dead-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let started = Instant::now();
     let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))

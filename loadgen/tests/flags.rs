@@ -78,7 +78,7 @@ fn a_connect_deadline_of_zero_is_refused() {
 #[test]
 fn an_unpaced_ramp_gets_a_finite_connect_deadline() {
     let mut edge = EdgeProc::start(&["--shards", "1"]);
-    let out = std::env::temp_dir().join(format!("loadgen-ramp0-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-ramp0-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &edge.ws.to_string(), "--http", &edge.http.to_string()])
@@ -158,7 +158,7 @@ fn values_that_make_a_run_meaningless_get_the_flags_own_error() {
     // What zero does mean is still taken: no pacing, autotuned buffers, no slow readers,
     // workers by the connection count, gifts never given up (here a run that fails only for
     // having nowhere to connect, not for a flag; its results go to a folder of its own).
-    let out = std::env::temp_dir().join(format!("loadgen-zeros-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-zeros-{}", std::process::id()));
     let o = run_with(&[
         "--connections",
         "5",

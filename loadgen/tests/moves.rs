@@ -170,7 +170,7 @@ fn drain_through_args(
 ) -> (serde_json::Value, Seen, bool, String) {
     let redis = RedisProc::start();
     let bus = redis.url();
-    let dir = std::env::temp_dir().join(format!("loadgen-moves-{name}-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-moves-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");
     std::fs::write(&cfg, format!("[drain]\nperiod_ms = 500\ndeadline_ms = 10000\n{config}")).unwrap();
@@ -381,7 +381,7 @@ fn every_refusal_dispatch_answered_is_counted() {
     let mut line = String::new();
     BufReader::new(dispatch.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let http = line.split_whitespace().find_map(|w| w.strip_prefix("http=")).expect("http=").to_owned();
-    let dir = std::env::temp_dir().join(format!("loadgen-moves-dispatch-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-moves-dispatch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("edge.toml");

@@ -61,7 +61,7 @@ fn an_edge_with_publish_keys_gets_the_key_from_the_environment_or_a_file() {
     );
     let mut edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
     let (ws, http) = (edge.ws.to_string(), edge.http.to_string());
-    let base = std::env::temp_dir().join(format!("loadgen-publish-keys-{}", std::process::id()));
+    let base = roomcast_testsupport::scratch().join(format!("loadgen-publish-keys-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
 
     let dir = base.join("none");
@@ -127,7 +127,7 @@ fn an_unreachable_publish_endpoint_is_told_in_a_few_lines() {
     let mut edge = EdgeProc::start(&["--shards", "1"]);
     // A port nothing listens on: connects are refused at once.
     let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let dir = std::env::temp_dir().join(format!("loadgen-publish-outage-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-publish-outage-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let o = run(&dir, &edge.ws.to_string(), &refusing, "6", &["--gift-give-up", "6"], &[]);
     stop(&mut edge);
@@ -155,7 +155,7 @@ fn publishes_refused_for_good_stop_the_run_early() {
         &format!("[[ingest.keys]]\nname = \"loadgen\"\nkey = \"{KEY}\"\n"),
     );
     let mut edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
-    let dir = std::env::temp_dir().join(format!("loadgen-publish-early-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-publish-early-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let o = run(&dir, &edge.ws.to_string(), &edge.http.to_string(), "60", &[], &[]);
     stop(&mut edge);
@@ -181,7 +181,7 @@ fn publishes_refused_for_good_stop_the_run_early() {
 /// publishing without a key.
 #[test]
 fn an_empty_key_variable_is_refused() {
-    let dir = std::env::temp_dir().join(format!("loadgen-emptykey-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-emptykey-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let o = run(&dir, "127.0.0.1:9", "127.0.0.1:9", "1", &[], &[("ROOMCAST_API_KEY", "")]);
     let pb = Command::new(env!("CARGO_BIN_EXE_loadgen"))
@@ -207,7 +207,7 @@ fn pubbench_takes_the_key_from_the_environment_or_a_file() {
         &format!("[[ingest.keys]]\nname = \"loadgen\"\nkey = \"{KEY}\"\n"),
     );
     let mut edge = EdgeProc::start(&["--shards", "1", "--config", &cfg]);
-    let dir = std::env::temp_dir().join(format!("loadgen-pubbench-keys-{}", std::process::id()));
+    let dir = roomcast_testsupport::scratch().join(format!("loadgen-pubbench-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("publish.key");
     std::fs::write(&file, format!("{KEY}\n")).unwrap();

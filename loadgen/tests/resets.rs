@@ -24,7 +24,7 @@ fn resets_are_counted_over_websocket_and_event_streams() {
     for (name, extra) in [("rkyv", &[][..]), ("json", &["--json"][..]), ("sse", &["--sse"][..])] {
         let redis = RedisProc::start();
         let mut edge = EdgeProc::start(&["--shards", "1", "--bus", &redis.url()]);
-        let dir = std::env::temp_dir().join(format!("loadgen-resets-{name}-{}", std::process::id()));
+        let dir = roomcast_testsupport::scratch().join(format!("loadgen-resets-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
             .args(["run", "--ws", &edge.ws.to_string(), "--http", &edge.http.to_string()])

@@ -28,7 +28,7 @@ fn run(out: &Path, ws: &str, http: &str, extra: &[&str]) -> Output {
 fn a_second_run_into_the_same_folder_is_refused_unless_it_replaces_the_first() {
     let mut edge = EdgeProc::start(&["--shards", "1"]);
     let (ws, http) = (edge.ws.to_string(), edge.http.to_string());
-    let out = std::env::temp_dir().join(format!("loadgen-results-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-results-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let date = String::from_utf8(Command::new("date").arg("+%Y-%m-%d").output().unwrap().stdout).unwrap();
     let folder = out.join(format!("{}-again", date.trim()));

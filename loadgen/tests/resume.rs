@@ -27,6 +27,8 @@ fn urls_after_a_1013(joined_at: Option<u64>) -> Vec<String> {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut uri = String::new();
+                // tungstenite's callback type: its error is the HTTP answer to refuse with.
+                #[allow(clippy::result_large_err)]
                 let cb = |req: &Request, mut resp: Response| {
                     uri = req.uri().to_string();
                     // Agree to the encoding the member asks for, as the edge does.
@@ -52,7 +54,8 @@ fn urls_after_a_1013(joined_at: Option<u64>) -> Vec<String> {
         }
     });
     let dead = TcpListener::bind("127.0.0.1:0").unwrap();
-    let out = std::env::temp_dir().join(format!("loadgen-resume-{}-{}", joined_at.is_some(), std::process::id()));
+    let out =
+        roomcast_testsupport::scratch().join(format!("loadgen-resume-{}-{}", joined_at.is_some(), std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &addr.to_string(), "--http", &dead.local_addr().unwrap().to_string()])

@@ -65,7 +65,7 @@ fn start_run(edge: &EdgeProc, out: &std::path::Path, duration: &str) -> (Child, 
 #[test]
 fn a_worker_killed_mid_run_is_reported_in_the_results() {
     let mut edge = EdgeProc::start(&["--shards", "2"]);
-    let out = std::env::temp_dir().join(format!("loadgen-supervision-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-supervision-{}", std::process::id()));
     let (mut lg, workers) = start_run(&edge, &out, "4");
     signal(workers[0], "-KILL");
     let status = lg.wait().unwrap();
@@ -116,7 +116,7 @@ fn a_coordinator_killed_with_sigterm_leaves_no_worker() {
             });
         }
     });
-    let out = std::env::temp_dir().join(format!("loadgen-sigterm-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-sigterm-{}", std::process::id()));
     let mut lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["run", "--ws", &addr, "--http", &addr, "--connections", "2", "--workers", "2"])
         .args(["--out", out.to_str().unwrap()])
@@ -163,7 +163,7 @@ fn run_refused(out: &std::path::Path, workers: &str) -> std::process::Output {
 /// writes its results saying so, and exits non-zero.
 #[test]
 fn a_run_with_no_member_connected_stops_early_and_fails() {
-    let out = std::env::temp_dir().join(format!("loadgen-refused-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-refused-{}", std::process::id()));
     let o = run_refused(&out, "2");
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -185,7 +185,7 @@ fn a_run_with_no_member_connected_stops_early_and_fails() {
 /// coordinator's own (`loadgen: `, its publishing streams' `publish `, `Error: `).
 #[test]
 fn worker_lines_come_whole_and_prefixed_with_their_worker() {
-    let out = std::env::temp_dir().join(format!("loadgen-prefixed-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-prefixed-{}", std::process::id()));
     let o = run_refused(&out, "3");
     let _ = std::fs::remove_dir_all(&out);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -208,7 +208,7 @@ fn worker_lines_come_whole_and_prefixed_with_their_worker() {
 /// on one `Error: ` line, with no backtrace even under RUST_BACKTRACE=1; the exit status is 1.
 #[test]
 fn expected_errors_print_no_backtrace() {
-    let out = std::env::temp_dir().join(format!("loadgen-expected-error-{}", std::process::id()));
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-expected-error-{}", std::process::id()));
     let o = run_refused(&out, "1");
     let _ = std::fs::remove_dir_all(&out);
     let key = Command::new(env!("CARGO_BIN_EXE_loadgen"))

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// Writes a config file for one test and returns its path.
 pub fn config(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("roomcast-{name}-{}", std::process::id()));
+    let dir = crate::scratch().join(format!("roomcast-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("edge.toml");
     std::fs::write(&p, text).unwrap();
@@ -49,7 +49,7 @@ pub struct EdgeProc {
 pub fn data_dir(name: &str) -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
+    let d = crate::scratch().join(format!(
         "roomcast-data-{name}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)

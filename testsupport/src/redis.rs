@@ -21,7 +21,7 @@ impl RedisProc {
     pub fn start_with(extra: &[&str]) -> Self {
         // Below the ephemeral range, as `free_port` says: `restart` takes the same port again.
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("roomcast-redis-{}-{port}", std::process::id()));
+        let dir = crate::scratch().join(format!("roomcast-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self::start_at(port, dir, extra)
     }
@@ -120,7 +120,7 @@ pub struct RedisCluster {
 impl RedisCluster {
     pub fn start(primaries: usize, replicas: usize) -> Self {
         let n = primaries * (1 + replicas);
-        let dir = std::env::temp_dir().join(format!("roomcast-rcluster-{}-{}", std::process::id(), free_port()));
+        let dir = crate::scratch().join(format!("roomcast-rcluster-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut c = Self { nodes: Vec::new(), dir };
         for _ in 0..n {
@@ -275,7 +275,7 @@ pub struct Sentinels {
 
 impl Sentinels {
     pub fn start(master_port: u16, n: usize, quorum: usize) -> Self {
-        let dir = std::env::temp_dir().join(format!("roomcast-sentinel-{}-{}", std::process::id(), free_port()));
+        let dir = crate::scratch().join(format!("roomcast-sentinel-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut s = Self { children: Vec::new(), ports: Vec::new(), dir };
         for _ in 0..n {

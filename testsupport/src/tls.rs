@@ -52,7 +52,7 @@ impl TestPki {
         params.distinguished_name.push(DnType::CommonName, "roomcast test CA");
         params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
         let cert = params.self_signed(&key).expect("CA certificate");
-        let dir = std::env::temp_dir().join(format!("roomcast-tls-{name}-{}", std::process::id()));
+        let dir = crate::scratch().join(format!("roomcast-tls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("tls dir");
         let ca_pem = cert.pem();
