@@ -9,10 +9,10 @@
 //! - the members on their way would take the room the other edges have left (a trial's drain
 //!   sent 72 of 200 members into two edges with room for 11 more, and they waited 40 s for a
 //!   route, where here they were served); or
-//! - more members are on their way than `drain.max_moving`: sent away (gone from here) and not
-//!   yet counted on another edge. At 10^6 on this box the fleet took ~1,000 moves a second and
-//!   a 900 s period sent 1,111 a second: members queued between sockets for minutes
-//!   (bench-results/2026-12-01-restart-storm-README.md).
+//! - more members are on their way than `drain.max_moving`: sent away (gone from here within
+//!   the last [`MOVE_FORGOTTEN_AFTER`]) and not yet counted on another edge. At 10^6 on this
+//!   box the fleet took ~1,000 moves a second and a 900 s period sent 1,111 a second: members
+//!   queued between sockets for minutes (bench-results/2026-12-01-restart-storm-README.md).
 //!
 //! A hold shifts the rest of the schedule by its length (the spread is kept, no burst at its
 //! end) and never past the drain's deadline: holds take at most the slack between
@@ -31,6 +31,13 @@ use crate::dispatch::EdgeLoad;
 const AUTO_MOVING_FOR: Duration = Duration::from_secs(5);
 /// ... and at least this many.
 const AUTO_MOVING_MIN: u64 = 1000;
+/// A member that left this long ago and arrived at no other edge is no longer counted as on its
+/// way: it gave up, or closed its app on the goaway. Without this, such members counted
+/// forever and held the drain until its slack ran out: a 10^6 rolling restart here had 8,754
+/// members give up their moves while the kernel's TCP memory was exhausted, and the goaways
+/// then waited 20 minutes for members that would never arrive
+/// (bench-results/2026-12-01-restart-storm-README.md, the paced run).
+pub const MOVE_FORGOTTEN_AFTER: Duration = Duration::from_secs(30);
 
 /// Decides, from the fleet's load reports, whether a drain's goaways wait.
 #[derive(Debug)]
@@ -46,6 +53,10 @@ pub struct Pacer {
     max_moving: u64,
     /// Held now.
     held: bool,
+    /// (ms, members gone from here by then) at each judgement of the last
+    /// [`MOVE_FORGOTTEN_AFTER`], and the last one before that: members on their way are at
+    /// most those that left within it.
+    left: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl Pacer {
@@ -58,7 +69,7 @@ impl Pacer {
             let per_s = before as f64 / period.as_secs_f64().max(0.001);
             ((per_s * AUTO_MOVING_FOR.as_secs_f64()) as u64).max(AUTO_MOVING_MIN)
         };
-        Self { me, before, start: None, max_moving, held: false }
+        Self { me, before, start: None, max_moving, held: false, left: std::collections::VecDeque::new() }
     }
 
     /// The bound on members on their way.
@@ -84,7 +95,7 @@ impl Pacer {
             let moved = self.before.saturating_sub(open);
             let taken: u64 =
                 others.iter().map(|e| e.connections.saturating_sub(start.get(&e.id).copied().unwrap_or(0))).sum();
-            let moving = moved.saturating_sub(taken);
+            let moving = moved.saturating_sub(taken).min(self.left_lately(now_ms, moved));
             let bound = if self.held { self.max_moving / 2 } else { self.max_moving };
             // Room the eligible edges have left, once the members on their way are in.
             let room: u64 = others
@@ -105,6 +116,20 @@ impl Pacer {
         };
         self.held = verdict.is_some();
         verdict
+    }
+
+    /// Members that left here within [`MOVE_FORGOTTEN_AFTER`] of `now_ms`, `moved` having left
+    /// in all: what left since the last judgement made that long ago or more (since the start
+    /// when there is none).
+    fn left_lately(&mut self, now_ms: u64, moved: u64) -> u64 {
+        let window = MOVE_FORGOTTEN_AFTER.as_millis() as u64;
+        self.left.push_back((now_ms, moved));
+        // Keep one judgement at or before the window's start: the baseline.
+        while self.left.len() > 1 && self.left[1].0.saturating_add(window) <= now_ms {
+            self.left.pop_front();
+        }
+        let base = self.left.front().filter(|(at, _)| at.saturating_add(window) <= now_ms).map_or(0, |&(_, m)| m);
+        moved.saturating_sub(base)
     }
 }
 
@@ -167,5 +192,30 @@ mod tests {
         assert_eq!(p.judge(180, &[me(), small(10)], 1_000, 3_000), None, "10 on their way, room for 54");
         let why = p.judge(130, &[me(), small(20)], 1_000, 3_000).expect("50 on their way, room for 44");
         assert!(why.contains("room for 44 members and 50 are on their way"), "{why}");
+    }
+
+    /// Members that left and arrived nowhere stop counting as on their way after
+    /// MOVE_FORGOTTEN_AFTER: they gave up (or closed the app), and the goaways go on.
+    #[test]
+    fn members_that_never_arrive_stop_holding_the_drain() {
+        let me = |n: u64| edge("me", n, 100_000);
+        let b = |n: u64, at_ms: u64| EdgeLoad { at_ms, ..edge("b", n, 100_000) };
+        let mut p = Pacer::new("me".into(), 10_000, Duration::from_secs(10), 1_000);
+        let s = 1_000;
+        assert_eq!(p.judge(10_000, &[me(10_000), b(0, s)], s, 3_000), None);
+        // 1,500 leave; 300 arrive at b; 1,200 on their way: held.
+        assert!(p.judge(8_500, &[me(8_500), b(300, s + 1_000)], s + 1_000, 3_000).is_some());
+        // Held, nothing more leaves or arrives: still held within the window ...
+        let w = MOVE_FORGOTTEN_AFTER.as_millis() as u64;
+        for t in (2_000..w).step_by(1_000) {
+            assert!(p.judge(8_500, &[me(8_500), b(300, s + t)], s + t, 3_000).is_some(), "at {t} ms");
+        }
+        // ... and once the departures are older than it, the 1,200 are no longer waited for.
+        let t = s + 1_000 + w;
+        assert_eq!(p.judge(8_500, &[me(8_500), b(300, t)], t, 3_000), None);
+        // New departures count again: 1,100 leave within the window and none arrive.
+        let t = t + 1_000;
+        let why = p.judge(7_400, &[me(7_400), b(300, t)], t, 3_000).expect("1,100 on their way");
+        assert!(why.contains("1100 members"), "{why}");
     }
 }
