@@ -346,7 +346,8 @@ pub mod registry {
     pub fn alt_key(id: &str) -> String {
         let slot = usize::from(slot_of(key(id).as_bytes()));
         let tag = tag_for_slot((slot + SLOTS / 2) % SLOTS);
-        format!("rc:edge:{id}:{{{tag}}}")
+        // The tag first: Redis hashes a key's first `{...}`, and an `edge_id` may hold braces.
+        format!("rc:edge:{{{tag}}}:{id}")
     }
 
     /// A hash tag (a decimal number) whose slot is `slot`: the smallest such number, from a
@@ -529,7 +530,7 @@ pub mod registry {
         /// contiguous layout of two to sixteen primaries the two copies are on different ones.
         #[test]
         fn the_two_report_keys_are_on_different_primaries() {
-            for id in ["a", "edge-1", "7f3c9e0b2a41d6e8", ""] {
+            for id in ["a", "edge-1", "7f3c9e0b2a41d6e8", "", "{tagged}", "ws://h:1/ws"] {
                 let (one, two) =
                     (usize::from(slot_of(key(id).as_bytes())), usize::from(slot_of(alt_key(id).as_bytes())));
                 assert_eq!((one + SLOTS / 2) % SLOTS, two, "{id}");
