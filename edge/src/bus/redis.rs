@@ -180,8 +180,10 @@ pub const FAILOVER_SEQ_SKIP: u64 = 1_000_000;
 /// their seqs out again, to messages that edges and clients which saw the lost ones skip as
 /// already seen (a gift silently lost: measured in the failover benchmark before this fence).
 /// So on a promoted primary the room's seq first moves on by `FAILOVER_SEQ_SKIP`. A restart
-/// (a new history, nothing lost with `appendfsync always`) or a slot migration (`MIGRATE`
-/// copies everything the old owner numbered) only records the new history.
+/// of a primary that never had replicas (a new history) or a slot migration (`MIGRATE` copies
+/// everything the old owner numbered) only records the new history; a primary that had
+/// replicas keeps its old history as `master_replid2` across a restart from its RDB, and is
+/// fenced as a promoted one would be (needed if the snapshot lacks the last writes).
 macro_rules! fence_lua {
     () => {
         r"
