@@ -330,11 +330,23 @@ pub fn route_preflight(allowed: &[String], headers: &HeaderMap) -> Response {
     with_cors(answer, allowed, headers)
 }
 
-async fn admin_drain(State(st): State<AppState>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+async fn admin_drain(State(st): State<AppState>, headers: HeaderMap, uri: axum::http::Uri, body: Bytes) -> Response {
+    let refused = |reason: &str| {
+        st.metrics.bus.admin_refused.with_label_values(&[reason]).inc();
+        // A line per refusal, at most one a second (someone guessing the token would otherwise
+        // write the log as fast as they guess); the count is on /metrics.
+        static LOGGED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = crate::bus::now_us() / 1_000_000;
+        if LOGGED_AT.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(reason, "admin request refused (roomcast_admin_refused_total counts each)");
+        }
+    };
     let Some(token) = &st.admin_token else {
+        refused("disabled");
         return error(StatusCode::FORBIDDEN, "admin endpoints are disabled: set admin_token in the config");
     };
     if !bearer(&headers).is_some_and(|given| ct_eq(given.as_bytes(), token.expose().as_bytes())) {
+        refused("unauthorized");
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer realm=\"roomcast\"")],
@@ -344,7 +356,11 @@ async fn admin_drain(State(st): State<AppState>, headers: HeaderMap, uri: axum::
     }
     // It takes no parameters: a query (`?period_ms=...`) would otherwise be ignored and the
     // drain started on the config's schedule while the operator believed they had set another.
-    if uri.query().is_some() {
+    // Nor a body (`{"period_ms":5}` was taken and ignored alike); an empty one, or `{}` as
+    // HTTP clients send by habit, is no parameter.
+    let body = body.trim_ascii();
+    if uri.query().is_some() || !(body.is_empty() || body == b"{}") {
+        refused("parameters");
         return error(
             StatusCode::BAD_REQUEST,
             "this endpoint takes no parameters: a drain follows the config's [drain] (period_ms, deadline_ms); nothing was started",

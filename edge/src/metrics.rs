@@ -333,6 +333,9 @@ pub struct BusStats {
     pub rooms: IntGauge,
     /// Publish requests refused, by reason.
     pub publish_rejected: IntCounterVec,
+    /// Admin API requests refused, by reason: `disabled` (no admin_token), `unauthorized`
+    /// (missing or wrong token), `parameters` (a query or body the endpoint does not take).
+    pub admin_refused: IntCounterVec,
     /// By engine (label `engine`): each engine reports its own rooms.
     pub hot_window_seconds: GaugeVec,
     /// 1 while some hot room of the engine has its droppable messages sampled down, by engine.
@@ -580,6 +583,12 @@ impl Metrics {
             rooms: gauge(r, "rooms", "Rooms known to the engines (with members or a sequence).", &[])
                 .with_label_values(&[] as &[&str]),
             publish_rejected: counter(r, "publish_rejected_total", "Publish requests refused, by reason.", &["reason"]),
+            admin_refused: counter(
+                r,
+                "admin_refused_total",
+                "Admin API requests refused, by reason: disabled (no admin_token), unauthorized (missing or wrong token), parameters (a query or body the endpoint does not take).",
+                &["reason"],
+            ),
             hot_window_seconds: fgauge(
                 r,
                 "hot_room_merge_window_seconds",

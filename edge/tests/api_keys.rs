@@ -218,6 +218,12 @@ async fn keys_guard_the_publish_api() {
     let a = post(http, "/v1/admin/drain?period_ms=60000", Some(&format!("Bearer {ADMIN}")), json!({})).await;
     assert_eq!(a.status, 400, "{}", a.body);
     assert!(a.body["error"].as_str().is_some_and(|e| e.contains("takes no parameters")), "{}", a.body);
+    let a = post(http, "/v1/admin/drain", Some(&format!("Bearer {ADMIN}")), json!({ "period_ms": 5 })).await;
+    assert_eq!(a.status, 400, "a body is a parameter too: {}", a.body);
+    // Every refusal counted by reason: three wrong tokens, two parameters.
+    let (_, m) = p.get("/metrics").await;
+    assert!(m.contains("roomcast_admin_refused_total{reason=\"unauthorized\"} 3"), "{m}");
+    assert!(m.contains("roomcast_admin_refused_total{reason=\"parameters\"} 2"), "{m}");
     let (status, health) = p.get("/healthz").await;
     assert_eq!(status, 200, "not draining: {health}");
     assert!(health.contains("\"draining\":false"), "{health}");

@@ -108,9 +108,11 @@ struct RunArgs {
     /// --chat-rate 0 --duration 1`).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_S), allow_negative_numbers = true)]
     duration: u64,
-    /// Body padding, bytes (message size).
-    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
-    pad: usize,
+    /// Body padding, bytes (message size), at most 16 MiB: far past any edge's
+    /// `ingest.max_body_bytes` (64 KiB by default); a trial's 99,999,999,999 aborted the
+    /// generator on the allocation.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=MAX_PAD), allow_negative_numbers = true)]
+    pad: u64,
     /// Publishing threads for gifts, each with its own connection and one request in flight
     /// (its share of the rate): with the store on, a gift is acknowledged once fsynced, so one
     /// stream offers at most 1 / (fsync + round trip) gifts a second. Receivers check order and
@@ -298,6 +300,9 @@ const KINDS: [&str; 2] = ["gift", "chat"];
 /// The longest `--duration`, in seconds (a year): the run's end is an `Instant` that far ahead,
 /// and u64::MAX seconds overflowed it (a panic after every member had connected).
 const MAX_DURATION_S: u64 = 365 * 86_400;
+
+/// The largest `--pad` (bytes).
+const MAX_PAD: u64 = 16 * 1024 * 1024;
 
 /// Rates and times in seconds: finite and not negative. NaN got past every clamp and panicked
 /// the run when it became a `Duration` (`--ramp NaN` at the start, `--gift-give-up NaN` once
@@ -914,7 +919,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             a.http,
             a.rooms,
             &KINDS,
-            a.pad,
+            a.pad as usize,
             &rates,
             &streams,
             &[1, a.chat_batch],

@@ -57,6 +57,17 @@ fn negative_numbers_get_the_flags_own_error() {
     }
 }
 
+/// A padding no edge would take (`--pad 99999999999`) is a usage error naming the flag; a
+/// trial's aborted the generator on the allocation (SIGABRT, exit 134).
+#[test]
+fn a_pad_past_16_mib_is_refused() {
+    let o = run_with(&["--pad", "99999999999"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid value '99999999999' for '--pad <"), "{stderr}");
+    assert_eq!(run_with(&["--pad", "16777217"]).status.code(), Some(2));
+}
+
 /// `--connect-deadline 0` gave the connect phase no time at all: it was accepted and the run
 /// failed at once reporting a count taken before any worker had said anything. It is refused,
 /// naming the flag and what it takes.
