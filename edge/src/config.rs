@@ -1390,6 +1390,11 @@ impl Config {
         // A drain is a rolling restart's step, not a state to stay in: a day is far past any
         // spread clients need, and the timers add these to clocks (an unbounded value such as
         // u64::MAX was accepted and left the drain's end nowhere in time).
+        // The period first: `--drain-period-ms` raises the deadline to it, and the error must
+        // name what the operator set (a trial got `drain.deadline_ms` for its period).
+        if self.drain.period_ms > DRAIN_MAX_MS {
+            return Err(invalid("drain.period_ms", format!("must be at most {DRAIN_MAX_MS} (a day)")));
+        }
         if self.drain.deadline_ms > DRAIN_MAX_MS {
             return Err(invalid("drain.deadline_ms", format!("must be at most {DRAIN_MAX_MS} (a day)")));
         }
@@ -1704,7 +1709,7 @@ mod tests {
         let e = err("[drain]\ndeadline_ms = 18446744073709551615\n").expect("u64::MAX accepted");
         assert!(e.contains("drain.deadline_ms") && e.contains("at most 86400000"), "{e}");
         let e = err("[drain]\nperiod_ms = 86400001\ndeadline_ms = 86400001\n").expect("over a day accepted");
-        assert!(e.contains("drain.deadline_ms"), "{e}");
+        assert!(e.contains("drain.period_ms"), "names the period, the longer of the two set: {e}");
         assert_eq!(err("[drain]\nperiod_ms = 3600000\ndeadline_ms = 86400000\n"), None);
     }
 
