@@ -471,7 +471,7 @@ mod tests {
 
     #[test]
     fn a_file_without_pem_names_its_key() {
-        let dir = std::env::temp_dir().join(format!("roomcast-tls-unit-{}", std::process::id()));
+        let dir = roomcast_testsupport::scratch().join(format!("roomcast-tls-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
         std::fs::write(&c, "hello").unwrap();
@@ -491,7 +491,7 @@ mod tests {
     /// Loads `cert` and `key` (file contents) from a fresh directory named `case` (unique across
     /// the tests, which run in parallel); the error.
     fn load_err(case: &str, cert: &[u8], key: &[u8]) -> (String, String, String) {
-        let dir = std::env::temp_dir().join(format!("roomcast-tls-unit-{case}-{}", std::process::id()));
+        let dir = roomcast_testsupport::scratch().join(format!("roomcast-tls-unit-{case}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
         std::fs::write(&c, cert).unwrap();
@@ -509,7 +509,7 @@ mod tests {
     #[test]
     fn a_good_pair_loads_and_its_dates_are_read() {
         let (cert, key) = pair();
-        let dir = std::env::temp_dir().join(format!("roomcast-tls-unit-good-{}", std::process::id()));
+        let dir = roomcast_testsupport::scratch().join(format!("roomcast-tls-unit-good-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
         std::fs::write(&c, cert.pem()).unwrap();

@@ -1163,7 +1163,7 @@ mod tests {
     #[test]
     fn the_api_key_comes_from_a_file_or_the_environment_and_is_never_shown() {
         const KEY: &str = "s3cret-publish-key-0123456789";
-        let dir = std::env::temp_dir().join(format!("loadgen-apikey-{}", std::process::id()));
+        let dir = roomcast_testsupport::scratch().join(format!("loadgen-apikey-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("key");
         std::fs::write(&file, format!("  {KEY}  \nsecond line ignored\n")).unwrap();
@@ -1243,7 +1243,7 @@ mod tests {
             assert!(e.starts_with("ROOMCAST_API_KEY is set but empty or blank"), "{e:?}");
         }
         assert!(ApiKey::load(None, None).unwrap().is_none(), "unset: no key");
-        let dir = std::env::temp_dir().join(format!("loadgen-emptykey-{}", std::process::id()));
+        let dir = roomcast_testsupport::scratch().join(format!("loadgen-emptykey-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("key");
         for text in ["", "\n", "   \nk-0123456789abcdef\n", " \t \n"] {

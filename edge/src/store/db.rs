@@ -562,7 +562,7 @@ mod tests {
     }
 
     fn tempdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
+        let d = roomcast_testsupport::scratch().join(format!(
             "roomcast-db-{name}-{}-{:?}",
             std::process::id(),
             std::thread::current().id()

@@ -732,7 +732,7 @@ pub(crate) struct Detached {
 impl Detached {
     /// A store in a fresh directory under `name`, and one engine's handle on it.
     pub(crate) fn new(name: &str) -> (StoreHandle, Self) {
-        let dir = std::env::temp_dir().join(format!(
+        let dir = roomcast_testsupport::scratch().join(format!(
             "roomcast-detached-{name}-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
@@ -772,7 +772,7 @@ mod tests {
     use super::*;
 
     fn tempdir(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
+        let d = roomcast_testsupport::scratch().join(format!(
             "roomcast-store-{name}-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
