@@ -70,6 +70,10 @@
 # /metrics answer), the restarted A and B. SECS defaults to the
 # drain period + 300 s (the generator publishes until every member can be back).
 #
+# PACE (RESTART=peer; 1 or 0, default 1): `drain.pace` of both edges (goaways wait while the
+# fleet does not take members, edge/src/drain.rs); MAX_MOVING (default 0: the bound on members on
+# their way follows the fleet's uptake): `drain.max_moving`. Both are in restart.json.
+#
 # SOMAXCONN (NETNS=1 only; default 65535): the namespace's net.core.somaxconn, the kernel's cap
 # on each listener's backlog (the edge asks for 65,535 here; the host's 4,096 capped the
 # queues of the first 10^6 storm, which overflowed 63,381 times). The host's is not touched.
@@ -114,6 +118,10 @@ RESTART=${RESTART:-0}
 [[ $RESTART == 1 ]] && RESTART=term
 case $RESTART in 0 | term | kill | peer) ;; *) echo "RESTART: 0, term, kill or peer" >&2; exit 1 ;; esac
 if [[ $RESTART == peer ]]; then DRAIN_MS=${DRAIN_MS:-240000}; else DRAIN_MS=${DRAIN_MS:-10000}; fi
+PACE=${PACE:-1}
+case $PACE in 1) PACE_TOML=true ;; 0) PACE_TOML=false ;; *) echo "PACE: 1 or 0" >&2; exit 1 ;; esac
+MAX_MOVING=${MAX_MOVING:-0}
+[[ $MAX_MOVING =~ ^[0-9]+$ ]] || { echo "MAX_MOVING: a whole number" >&2; exit 1; }
 case $RESTART in 0) SECS=${SECS:-60} ;; peer) SECS=${SECS:-$((DRAIN_MS / 1000 + 300))} ;; *) SECS=${SECS:-90} ;; esac
 # How long the generator retries a gift before giving it up (loadgen --gift-give-up): above any
 # outage a restart causes (a 10^6 edge answered 32 s after SIGKILL), or a gift whose first
@@ -217,6 +225,8 @@ interval_ms = $PROBE_MS
 [drain]
 period_ms = $DRAIN_MS
 deadline_ms = $((DRAIN_MS * 3 > 30000 ? DRAIN_MS * 3 : 30000))
+pace = $PACE_TOML
+max_moving = $MAX_MOVING
 $DISPATCH_LINE
 TOML
 if [[ $RESTART == peer ]]; then
@@ -472,10 +482,10 @@ restart_loop() {
 # restart.json from restart_storm's locals.
 restart_report() {
   python3 - "$OUT" "$RESTART" "$CONNS" "$t0" "${texit:-}" "${tup:-}" "${tback:-}" "$moved0" "$(lg_last moved)" "$fullest" \
-    "${gone:-}" "${gone_gen:-}" "$scrape_t" "$DRAIN_MS" "$old_pid" "${old_cpu:-}" <<'PY'
+    "${gone:-}" "${gone_gen:-}" "$scrape_t" "$DRAIN_MS" "$old_pid" "${old_cpu:-}" "$PACE_TOML" "$MAX_MOVING" <<'PY'
 import json, os, re, sys
 (out, mode, conns, t0, texit, tup, tback, moved0, moved1, fullest, gone, gone_gen, scrape_t, drain_ms,
- old_pid, old_cpu) = sys.argv[1:]
+ old_pid, old_cpu, pace, max_moving) = sys.argv[1:]
 conns, t0 = int(conns), float(t0)
 texit = float(texit) if texit else None
 tup = float(tup) if tup else None
@@ -489,6 +499,9 @@ r = {
     "mode": {"term": "SIGTERM (drain with goaway)", "kill": "SIGKILL",
              "peer": "SIGTERM (drain with goaway) to edge A, members moved to edge B through dispatch (Redis bus)"}[mode],
     "drain_period_ms": int(drain_ms) if mode in ("term", "peer") else None,
+    # drain.pace and drain.max_moving (0: the bound follows the fleet's uptake) of the edges.
+    "drain_pace": pace == "true" if mode in ("term", "peer") else None,
+    "drain_max_moving": int(max_moving) if mode in ("term", "peer") else None,
     "members": conns,
     # When the signal went (Unix time): the memory figures are from the samples before it.
     "signal_at": t0,

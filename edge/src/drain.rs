@@ -9,10 +9,17 @@
 //! - the members on their way would take the room the other edges have left (a trial's drain
 //!   sent 72 of 200 members into two edges with room for 11 more, and they waited 40 s for a
 //!   route, where here they were served); or
-//! - more members are on their way than `drain.max_moving`: sent away (gone from here within
-//!   the last [`MOVE_FORGOTTEN_AFTER`]) and not yet counted on another edge. At 10^6 on this
-//!   box the fleet took ~1,000 moves a second and a 900 s period sent 1,111 a second: members
-//!   queued between sockets for minutes (bench-results/2026-12-01-restart-storm-README.md).
+//! - more members are on their way than the bound: sent away (gone from here within the last
+//!   [`MOVE_FORGOTTEN_AFTER`]) and not yet counted on another edge. At 10^6 on this box the
+//!   fleet took ~1,000 moves a second and a 900 s period sent 1,111 a second: members queued
+//!   between sockets for minutes (bench-results/2026-12-01-restart-storm-README.md). The bound
+//!   is `drain.max_moving` when set; by default it is what the other edges took in the last
+//!   [`MOVE_FORGOTTEN_AFTER`], and at least what the schedule sends in 5 s (1,000 or more).
+//!   By Little's law, members on their way are the uptake times a move's time, so that bound
+//!   holds once moves take longer than [`MOVE_FORGOTTEN_AFTER`] (or once the uptake stops),
+//!   whatever a move takes when the fleet is healthy. A fixed bound of 5 s of the schedule
+//!   throttled a 10^6 drain here to ~270-620 moves a second: each move took ~20 s in the
+//!   saturated load generator, and 5,554 on their way let through 5,554 / 20 s.
 //!
 //! A hold shifts the rest of the schedule by its length (the spread is kept, no burst at its
 //! end) and never past the drain's deadline: holds take at most the slack between
@@ -49,30 +56,36 @@ pub struct Pacer {
     /// The other edges' connections in the first reports read (an edge first seen later
     /// started at 0).
     start: Option<HashMap<String, u64>>,
-    /// Most members on their way before the goaways wait.
+    /// Most members on their way before the goaways wait (the least, with `adaptive`).
     max_moving: u64,
+    /// `drain.max_moving` was 0: the bound is also the fleet's uptake of the last
+    /// [`MOVE_FORGOTTEN_AFTER`].
+    adaptive: bool,
     /// Held now.
     held: bool,
-    /// (ms, members gone from here by then) at each judgement of the last
-    /// [`MOVE_FORGOTTEN_AFTER`], and the last one before that: members on their way are at
-    /// most those that left within it.
-    left: std::collections::VecDeque<(u64, u64)>,
+    /// (ms, members gone from here by then, members the other edges took by then) at each
+    /// judgement of the last [`MOVE_FORGOTTEN_AFTER`], and the last one before that: members
+    /// on their way are at most those that left within it, and the uptake is what was taken
+    /// within it.
+    left: std::collections::VecDeque<(u64, u64, u64)>,
 }
 
 impl Pacer {
-    /// A drain of `before` connections over `period`; `max_moving` 0 takes what the period
-    /// sends in 5 s (at least 1,000).
+    /// A drain of `before` connections over `period`; `max_moving` 0 bounds the members on
+    /// their way by the fleet's uptake of the last [`MOVE_FORGOTTEN_AFTER`], and at least by
+    /// what the period sends in 5 s (at least 1,000).
     pub fn new(me: String, before: u64, period: Duration, max_moving: u64) -> Self {
+        let adaptive = max_moving == 0;
         let max_moving = if max_moving > 0 {
             max_moving
         } else {
             let per_s = before as f64 / period.as_secs_f64().max(0.001);
             ((per_s * AUTO_MOVING_FOR.as_secs_f64()) as u64).max(AUTO_MOVING_MIN)
         };
-        Self { me, before, start: None, max_moving, held: false, left: std::collections::VecDeque::new() }
+        Self { me, before, start: None, max_moving, adaptive, held: false, left: std::collections::VecDeque::new() }
     }
 
-    /// The bound on members on their way.
+    /// The bound on members on their way (its floor when it follows the fleet's uptake).
     pub fn max_moving(&self) -> u64 {
         self.max_moving
     }
@@ -95,8 +108,13 @@ impl Pacer {
             let moved = self.before.saturating_sub(open);
             let taken: u64 =
                 others.iter().map(|e| e.connections.saturating_sub(start.get(&e.id).copied().unwrap_or(0))).sum();
-            let moving = moved.saturating_sub(taken).min(self.left_lately(now_ms, moved));
-            let bound = if self.held { self.max_moving / 2 } else { self.max_moving };
+            let (left_lately, taken_lately) = self.lately(now_ms, moved, taken);
+            let moving = moved.saturating_sub(taken).min(left_lately);
+            // Held, the fixed part of the bound halves (no flapping at it); the uptake does
+            // not: it already falls as members stop arriving.
+            let fixed = if self.held { self.max_moving / 2 } else { self.max_moving };
+            let uptake = if self.adaptive { taken_lately } else { 0 };
+            let bound = fixed.max(uptake);
             // Room the eligible edges have left, once the members on their way are in.
             let room: u64 = others
                 .iter()
@@ -104,10 +122,16 @@ impl Pacer {
                 .map(|e| e.capacity.saturating_sub(e.connections))
                 .sum();
             if moving > bound {
-                Some(format!(
-                    "{moving} members sent away are not on another edge yet (the bound is {})",
-                    self.max_moving
-                ))
+                Some(if self.adaptive {
+                    format!(
+                        "{moving} members sent away are not on another edge yet (the bound is the {taken_lately} \
+                         the other edges took in the last {} s, at least {})",
+                        MOVE_FORGOTTEN_AFTER.as_secs(),
+                        self.max_moving
+                    )
+                } else {
+                    format!("{moving} members sent away are not on another edge yet (the bound is {})", self.max_moving)
+                })
             } else if moving >= room {
                 Some(format!("the other edges have room for {room} members and {moving} are on their way there"))
             } else {
@@ -118,18 +142,22 @@ impl Pacer {
         verdict
     }
 
-    /// Members that left here within [`MOVE_FORGOTTEN_AFTER`] of `now_ms`, `moved` having left
-    /// in all: what left since the last judgement made that long ago or more (since the start
-    /// when there is none).
-    fn left_lately(&mut self, now_ms: u64, moved: u64) -> u64 {
+    /// Members that left here, and that the other edges took, within [`MOVE_FORGOTTEN_AFTER`]
+    /// of `now_ms`, `moved` having left and `taken` been taken in all: what changed since the
+    /// last judgement made that long ago or more (since the start when there is none).
+    fn lately(&mut self, now_ms: u64, moved: u64, taken: u64) -> (u64, u64) {
         let window = MOVE_FORGOTTEN_AFTER.as_millis() as u64;
-        self.left.push_back((now_ms, moved));
+        self.left.push_back((now_ms, moved, taken));
         // Keep one judgement at or before the window's start: the baseline.
         while self.left.len() > 1 && self.left[1].0.saturating_add(window) <= now_ms {
             self.left.pop_front();
         }
-        let base = self.left.front().filter(|(at, _)| at.saturating_add(window) <= now_ms).map_or(0, |&(_, m)| m);
-        moved.saturating_sub(base)
+        let (m0, t0) = self
+            .left
+            .front()
+            .filter(|(at, ..)| at.saturating_add(window) <= now_ms)
+            .map_or((0, 0), |&(_, m, t)| (m, t));
+        (moved.saturating_sub(m0), taken.saturating_sub(t0))
     }
 }
 
@@ -165,7 +193,7 @@ mod tests {
         assert_eq!(p.max_moving(), 1_000, "at least 1,000");
         assert_eq!(p.judge(5_000, &[me()], 1_000, 3_000), None, "alone: nothing to pace against");
 
-        let mut p = Pacer::new("me".into(), 5_000, Duration::from_secs(100), 0);
+        let mut p = Pacer::new("me".into(), 5_000, Duration::from_secs(100), 1_000);
         let full = edge("b", 100, 100);
         let why = p.judge(5_000, &[me(), full.clone()], 1_000, 3_000).expect("held");
         assert!(why.contains("b: full (100 of 100 connections)"), "{why}");
@@ -217,5 +245,43 @@ mod tests {
         let t = t + 1_000;
         let why = p.judge(7_400, &[me(7_400), b(300, t)], t, 3_000).expect("1,100 on their way");
         assert!(why.contains("1100 members"), "{why}");
+    }
+
+    /// A drain of 10^6 over 900 s whose moves take 20 s each (as in the saturated load
+    /// generator here) runs `seconds` of judgements, once a second, with the other edge taking
+    /// what left 20 s before (nothing after `stall_at` s): how many left in all, and in the
+    /// last 60 s.
+    fn slow_moves(max_moving: u64, seconds: u64, stall_at: u64) -> (u64, u64) {
+        const MOVE_S: usize = 20;
+        let mut p = Pacer::new("me".into(), 1_000_000, Duration::from_secs(900), max_moving);
+        let mut sent: Vec<u64> = Vec::new();
+        for t in 0..seconds {
+            let arrived: u64 = sent.iter().take((t.min(stall_at) as usize).saturating_sub(MOVE_S)).sum();
+            let moved: u64 = sent.iter().sum();
+            let now = 1_000 + t * 1_000;
+            let reports =
+                [edge("me", 1_000_000 - moved, 2_000_000), EdgeLoad { at_ms: now, ..edge("b", arrived, 2_000_000) }];
+            let reports = reports.map(|e| EdgeLoad { at_ms: now, ..e });
+            sent.push(if p.judge(1_000_000 - moved, &reports, now, 3_000).is_some() { 0 } else { 1_111 });
+        }
+        (sent.iter().sum(), sent.iter().rev().take(60).sum())
+    }
+
+    /// By default the bound on members on their way follows the fleet's uptake: moves that take
+    /// 20 s but arrive do not throttle the drain (a fixed 5 s of schedule let 5,555 / 20 s = 278
+    /// a second through: the paced 10^6 run here), and a fleet that stops taking members still
+    /// holds it.
+    #[test]
+    fn slow_moves_that_arrive_do_not_throttle_the_drain() {
+        let scheduled = 300 * 1_111;
+        let (adaptive, _) = slow_moves(0, 300, u64::MAX);
+        let (fixed, _) = slow_moves(5_555, 300, u64::MAX);
+        assert!(adaptive > scheduled * 3 / 4, "{adaptive} of {scheduled} sent");
+        assert!(fixed < scheduled / 3, "the fixed bound throttles: {fixed} of {scheduled}");
+        // The other edge stops taking members at 120 s: past the 30 s window the goaways stop,
+        // bar the floor's worth (and the second that crosses it) each time the departures on
+        // their way are forgotten, once every 30 s: 13,332 of the 66,660 the schedule sends.
+        let (_, last_minute) = slow_moves(0, 300, 120);
+        assert!(last_minute <= 2 * (5_555 + 1_111), "{last_minute} sent in the last minute of a stalled fleet");
     }
 }

@@ -436,6 +436,13 @@ pub fn proc_cpu_rss(pid: u32) -> Option<(f64, u64)> {
     Some(((t(11) + t(12)) / 100.0, rss_kb * 1024))
 }
 
+/// A worker that says nothing (no progress, no final report) this long after the stop is
+/// stuck: killed, reported as dead.
+const WORKER_SILENT_AFTER: Duration = Duration::from_secs(90);
+/// A worker whose final report has not come this long after the stop is killed, reported as
+/// dead.
+const WORKER_FINAL_WITHIN: Duration = Duration::from_secs(300);
+
 struct WorkerProc {
     child: Child,
     stdin: std::process::ChildStdin,
@@ -454,6 +461,8 @@ struct Workers {
     progress: Vec<Progress>,
     /// Progress reports each has sent (the connect phase's lines wait for them).
     reports: Vec<u64>,
+    /// When each last sent a report (progress or final).
+    heard: Vec<Instant>,
     /// Final reports, by worker.
     finals: Vec<Option<Final>>,
     died: Vec<report::WorkerDeath>,
@@ -476,46 +485,73 @@ impl Workers {
                 if let Some(slot) = self.progress.get_mut(id) {
                     *slot = p;
                     self.reports[id] += 1;
+                    self.heard[id] = Instant::now();
                 }
             }
             Msg::Final(f) => {
                 let id = f.id;
                 if let Some(slot) = self.finals.get_mut(id) {
                     *slot = Some(*f);
+                    self.heard[id] = Instant::now();
                 }
             }
             Msg::Eof(id) => {
-                if self.finals.get(id).is_some_and(Option::is_some) {
+                if self.finals.get(id).is_some_and(Option::is_some) || self.is_dead(id) {
                     return;
                 }
                 let Some(p) = self.procs.get_mut(id) else { return };
                 let status = reap(&mut p.child);
-                let d = report::WorkerDeath {
-                    id,
-                    first: p.first,
-                    count: p.count,
-                    connected: self.progress[id].connected,
-                    status,
-                    at_s: self.start.elapsed().as_secs_f64(),
-                };
-                eprintln!(
-                    "loadgen: worker {id} (connections {}..{}) died ({}) at {:.1} s holding {} connections; \
-                     they are out of the results",
-                    d.first,
-                    d.first + d.count,
-                    d.status,
-                    d.at_s,
-                    d.connected
-                );
-                self.died.push(d);
-                // Its members are gone: the per-second lines and samples no longer count them
-                // as connected or open, nor its last latencies (a 2-of-3 trial kept printing
-                // open=4000 for the rest of the run). Deliveries stay: they are a running total.
-                let slot = &mut self.progress[id];
-                (slot.connected, slot.open, slot.pending) = (0, 0, 0);
-                (slot.p50_us, slot.p99_us, slot.first_kind_p99_us) = (0, 0, 0);
+                self.dead(id, status);
             }
         }
+    }
+
+    /// Records worker `id` as dead (`status`: how it ended): reported on stderr and kept in
+    /// `died`, its members out of the figures from now on.
+    fn dead(&mut self, id: usize, status: String) {
+        let p = &self.procs[id];
+        let d = report::WorkerDeath {
+            id,
+            first: p.first,
+            count: p.count,
+            connected: self.progress[id].connected,
+            status,
+            at_s: self.start.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "loadgen: worker {id} (connections {}..{}) died ({}) at {:.1} s holding {} connections; \
+             they are out of the results",
+            d.first,
+            d.first + d.count,
+            d.status,
+            d.at_s,
+            d.connected
+        );
+        self.died.push(d);
+        // Its members are gone: the per-second lines and samples no longer count them
+        // as connected or open, nor its last latencies (a 2-of-3 trial kept printing
+        // open=4000 for the rest of the run). Deliveries stay: they are a running total.
+        let slot = &mut self.progress[id];
+        (slot.connected, slot.open, slot.pending) = (0, 0, 0);
+        (slot.p50_us, slot.p99_us, slot.first_kind_p99_us) = (0, 0, 0);
+    }
+
+    /// Kills every worker that has neither sent its final report nor died and has said nothing
+    /// for `silent_for` (or at all, with `Duration::ZERO`), and records each as dead: its
+    /// members are out of the results, which the others' figures still make. A 10^6 run whose
+    /// workers stalled under the kernel's TCP memory pressure ended with "67/67 workers neither
+    /// reported nor died within 90 s" and wrote no results at all.
+    fn kill_the_silent(&mut self, silent_for: Duration, why: &str) -> usize {
+        let silent: Vec<usize> = (0..self.procs.len())
+            .filter(|&i| self.finals[i].is_none() && !self.is_dead(i) && self.heard[i].elapsed() >= silent_for)
+            .collect();
+        for &i in &silent {
+            let child = &mut self.procs[i].child;
+            let _ = child.kill();
+            let _ = child.wait();
+            self.dead(i, format!("{why}: killed"));
+        }
+        silent.len()
     }
 
     fn is_dead(&self, id: usize) -> bool {
@@ -776,6 +812,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         procs: Vec::new(),
         progress: Vec::new(),
         reports: Vec::new(),
+        heard: Vec::new(),
         finals: Vec::new(),
         died: Vec::new(),
         start: Instant::now(),
@@ -837,6 +874,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         sup.procs.push(WorkerProc { child, stdin, first: lo, count: hi - lo });
         sup.progress.push(Progress { id: w, ..Progress::default() });
         sup.reports.push(0);
+        sup.heard.push(Instant::now());
         sup.finals.push(None);
     }
     drop(tx);
@@ -1070,16 +1108,27 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         }
     }
     let run_secs = start.elapsed().as_secs_f64();
-    let deadline = Instant::now() + Duration::from_secs(90);
+    // A worker takes up to ~63 s to its final report (60 s for the last gifts, 3 s of closes),
+    // longer on a saturated box, and reports its progress each second meanwhile: one that says
+    // nothing for WORKER_SILENT_AFTER is stuck, and one not done in WORKER_FINAL_WITHIN is
+    // given up; either is killed and reported as dead.
+    let deadline = Instant::now() + WORKER_FINAL_WITHIN;
     while sup.running() > 0 && Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(m) => sup.on(m),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        sup.kill_the_silent(
+            WORKER_SILENT_AFTER,
+            &format!("said nothing for {} s after the stop", WORKER_SILENT_AFTER.as_secs()),
+        );
     }
-    let silent = sup.running();
-    anyhow::ensure!(silent == 0, "{silent}/{n_workers} workers neither reported nor died within 90 s");
+    sup.kill_the_silent(
+        Duration::ZERO,
+        &format!("sent no final report within {} s of the stop", WORKER_FINAL_WITHIN.as_secs()),
+    );
+    anyhow::ensure!(!sup.finals.iter().all(Option::is_none), "no worker sent its final figures: there are no results");
     let finals: Vec<Final> = sup.finals.iter_mut().filter_map(Option::take).collect();
     let died = std::mem::take(&mut sup.died);
     // Reaps them all (they exit after their final report).

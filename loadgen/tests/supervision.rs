@@ -92,6 +92,33 @@ fn a_worker_killed_mid_run_is_reported_in_the_results() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// A worker that stops saying anything (stopped here with SIGSTOP: as the 67 workers of a 10^6
+/// run stalled under the kernel's TCP memory pressure) is killed 90 s after its last report and
+/// reported as dead; the run still writes the others' results. Before, the run ended with
+/// "workers neither reported nor died within 90 s" and wrote nothing.
+#[test]
+fn a_worker_that_goes_silent_is_killed_and_the_results_are_written() {
+    let mut edge = EdgeProc::start(&["--shards", "2"]);
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-silent-{}", std::process::id()));
+    let (mut lg, workers) = start_run(&edge, &out, "3");
+    signal(workers[1], "-STOP");
+    let status = lg.wait().unwrap();
+    let _ = Command::new("kill").args(["-INT", &edge.child.id().to_string()]).status();
+    let _ = edge.wait_exit(Duration::from_secs(30));
+    assert!(!alive(workers[1]), "the silent worker was killed");
+    assert!(!status.success(), "a run that lost a worker does not exit 0");
+    let dir = std::fs::read_dir(&out).unwrap().next().expect("results written").unwrap().path();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let died = v["workers_died"].as_array().unwrap();
+    assert_eq!(died.len(), 1, "{v}");
+    assert_eq!(died[0]["id"], 1, "{v}");
+    assert!(died[0]["status"].as_str().unwrap().contains("said nothing for 90 s"), "{v}");
+    assert_eq!(v["connections"], 200, "the survivor's members: {v}");
+    assert_eq!(v["lost"]["gift"], 0, "the survivor lost nothing: {v}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// A coordinator stopped with SIGTERM (no handler: the default action ends it at once) leaves
 /// no worker behind while its members are still inside their upgrade: the server here answers
 /// one byte every 2 s, so no first upgrade ever completes. (Workers whose handshakes block, TLS
