@@ -636,8 +636,8 @@ pub struct DrainConfig {
     /// more than `max_moving` are on their way (sent away, not yet on another edge), within
     /// the slack between `period_ms` and `deadline_ms` (`edge/src/drain.rs`).
     pub pace: bool,
-    /// Most members on their way before goaways wait; 0: what `period_ms` sends in 5 s, at
-    /// least 1,000.
+    /// Most members on their way before goaways wait; 0: what the other edges took in the
+    /// last 30 s, and at least what `period_ms` sends in 5 s (at least 1,000).
     pub max_moving: u64,
 }
 

@@ -847,6 +847,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             tls_ca: a.tls_ca.clone(),
             connect_inflight: a.connect_inflight,
             move_give_up_s: a.move_give_up,
+            run: publish::run_id(),
         };
         let mut child = spawn_worker(&exe, &serde_json::to_string(&wa)?).context("spawn worker")?;
         let stdout = child.stdout.take().expect("piped");
@@ -1151,6 +1152,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let (mut corrupt, mut partial) = (0u64, 0u64);
     let mut dup = [0u64; 2];
     let mut received = [0u64; 2];
+    let mut not_owed = [0u64; 2];
+    let mut fresh_starts = 0u64;
+    let mut foreign = 0u64;
     let (mut deliveries, mut frames, mut bytes, mut connected, mut failed, mut closed, mut gen_cpu) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, worker::own_cpu_s());
     let mut compressed_frames = 0u64;
@@ -1168,7 +1172,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             fast_lost[k] += f.fast_lost[k];
             dup[k] += f.dup[k];
             received[k] += f.received[k];
+            not_owed[k] += f.not_owed.get(k).copied().unwrap_or(0);
         }
+        fresh_starts += f.fresh_starts;
+        foreign += f.foreign;
         merge(&mut connect_hist, &decode_hist(&f.connect_hist)?);
         merge(&mut reconnect_hist, &decode_hist(&f.reconnect_hist)?);
         reconnects += f.reconnects;
@@ -1344,6 +1351,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         corrupt_streams: corrupt,
         partial_frames_at_end: partial,
         duplicates: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), dup[k])).collect(),
+        fresh_starts,
+        foreign_messages: foreign,
+        not_owed: KINDS.iter().enumerate().map(|(k, n)| ((*n).to_owned(), not_owed[k])).collect(),
         gaps_and_resets: [("gap".to_owned(), gaps), ("reset".to_owned(), resets)].into_iter().collect(),
         gap_seqs,
         latency_ms: KINDS

@@ -3,8 +3,10 @@
 //! Each kind is published by `streams` threads of its own (one by default), each paced at its
 //! share of the kind's rate and sending one request at a time, so a slow acknowledgement (a gift
 //! held until it is fsynced) delays only its own stream, not the other kind nor the other
-//! streams. Each body carries its send time, its stream and a per-(room, kind, stream) counter:
-//! `{"t":..,"k":..,"s":..,"kind":..}`. Within a stream the next message is sent only once the
+//! streams. Each body carries its send time, its stream, a per-(room, kind, stream) counter and
+//! the run's id ([`run_id`]): `{"t":..,"k":..,"s":..,"r":..,"kind":..}`. Members count only
+//! their own run's messages: two runs on the same rooms each counted the other's as losses and
+//! duplicates. Within a stream the next message is sent only once the
 //! previous one is acknowledged, so `k` follows the room's seq order per stream and receivers
 //! check order and loss per stream; across streams the order is not defined.
 //!
@@ -102,6 +104,13 @@ struct Shared {
 pub struct Publisher {
     threads: Vec<std::thread::JoinHandle<()>>,
     shared: Arc<Shared>,
+}
+
+/// This run's id in every body it publishes (`"r"`), and in its workers' arguments: the time
+/// its publishing began, µs (below 2^53, so exact in any JSON reader).
+pub fn run_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(now_us)
 }
 
 fn now_us() -> u64 {
@@ -626,10 +635,11 @@ impl Stream {
                 items.push(',');
             }
             items.push_str(&format!(
-                r#"{{"room":"r{room}","kind":"{kind}","user":"","body":{{"t":{t},"k":{k},"s":{s},"kind":"{kind}","p":"{pad}"}}}}"#,
+                r#"{{"room":"r{room}","kind":"{kind}","user":"","body":{{"t":{t},"k":{k},"s":{s},"r":{r},"kind":"{kind}","p":"{pad}"}}}}"#,
                 kind = self.kind,
                 t = now_us(),
                 s = self.s,
+                r = run_id(),
                 pad = self.pad,
             ));
             rooms.push(room);
@@ -708,6 +718,16 @@ impl Stream {
         }
     }
 
+    /// A message given up whose fate is unknown (an attempt got no answer) takes its number
+    /// and leaves a hole: receivers that got it count it once, and the others do not count it
+    /// lost.
+    fn take_a_hole_if(&mut self, fate_unknown: bool, room: u32) {
+        if fate_unknown {
+            self.published[room as usize] += 1;
+            self.holes[room as usize] += 1;
+        }
+    }
+
     fn refusal(&mut self, status: &str) {
         *self.refused.entry(format!("{} {status}", self.kind)).or_default() += 1;
     }
@@ -720,7 +740,8 @@ impl Stream {
         let kind = self.kind.clone();
         let k = self.published[room as usize];
         let s = self.s;
-        let body = format!(r#"{{"t":{},"k":{k},"s":{s},"kind":"{kind}","p":"{}"}}"#, now_us(), self.pad);
+        let body =
+            format!(r#"{{"t":{},"k":{k},"s":{s},"r":{},"kind":"{kind}","p":"{}"}}"#, now_us(), run_id(), self.pad);
         let (url, payload) = match self.target {
             Target::Edge => (
                 format!("{}/v1/rooms/r{room}/messages", self.base),
@@ -748,6 +769,12 @@ impl Stream {
         // Unique per message offered (a message given up does not take a `k`: the next reuses
         // it), and per run (the edge remembers keys for minutes).
         let idem = format!("lg-{}-{kind}-{s}-{}", self.run_id, self.offered);
+        // An attempt sent that got no answer (a timeout, not a refused connect) may have gone
+        // through: a gift given up after one takes its number and leaves a hole, as a
+        // droppable one does. A 10^6 run gave up a gift after 300 s of timeouts from an
+        // overloaded edge that had published it, and the next gift reused its number: 970,369
+        // "duplicates", one per member.
+        let mut fate_unknown = false;
         loop {
             let mut req = self.client.post(&url).header("Content-Type", "application/json");
             if self.target == Target::Edge {
@@ -817,6 +844,7 @@ impl Stream {
                         }
                         self.not_accepted += 1;
                         self.gave_up += 1;
+                        self.take_a_hole_if(fate_unknown, room);
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -838,6 +866,7 @@ impl Stream {
                     return;
                 }
                 Err(e) if Instant::now() < end && !stopping => {
+                    fate_unknown |= !e.is_connect();
                     self.refusal("error");
                     if let Some(line) = self.errors.failed(Instant::now(), "retrying", &chain(&e)) {
                         eprintln!("{line}");
@@ -860,6 +889,7 @@ impl Stream {
                     if self.must_deliver {
                         self.gave_up += 1;
                     }
+                    self.take_a_hole_if(fate_unknown || !e.is_connect(), room);
                     return;
                 }
             }
@@ -1061,6 +1091,47 @@ mod tests {
         assert!(o.gave_up[0] >= 1, "gifts given up: {:?}", o.gave_up);
         assert_eq!(o.not_accepted[0], o.gave_up[0]);
         assert!(o.refused.get("gift error").copied().unwrap_or(0) >= o.gave_up[0], "{:?}", o.refused);
+    }
+
+    /// A gift given up after attempts that got no answer (an edge that reads the request and
+    /// never answers: it may have published it) takes its number and leaves a hole, so the
+    /// next gift does not reuse the number (every member that got both counted a duplicate).
+    #[test]
+    fn a_gift_given_up_unanswered_keeps_its_number_as_a_hole() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = silent.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in silent.incoming() {
+                // Read what comes, never answer.
+                let Ok(mut s) = s else { return };
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut s, &mut buf);
+                held.push(s);
+            }
+        });
+        let start = Instant::now();
+        let end = start + Duration::from_millis(200);
+        let p = Publisher::start(
+            Target::Edge,
+            http,
+            1,
+            &["gift", "chat"],
+            8,
+            &[10.0, 0.0],
+            &[1, 1],
+            &[1, 1],
+            Some(Duration::from_millis(100)),
+            None,
+            start,
+            end,
+        )
+        .unwrap();
+        let o = p.finish().unwrap();
+        assert!(o.gave_up[0] >= 1, "{:?}", o.gave_up);
+        assert_eq!(o.published[0][0][0], o.gave_up[0], "each took its number: {:?}", o.published);
+        assert_eq!(o.total(0), 0, "none counted as published");
+        assert_eq!(o.holes[0][0][0], o.gave_up[0], "each left a hole: {:?}", o.holes);
     }
 
     /// Chat (droppable) sent to an endpoint nobody listens on is tried once per message and

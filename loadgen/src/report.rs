@@ -197,6 +197,20 @@ pub struct Report {
     pub corrupt_streams: u64,
     pub partial_frames_at_end: u64,
     pub duplicates: BTreeMap<String, u64>,
+    /// Members that joined afresh on a new socket (the first was lost before its `joined`:
+    /// no position to resume from, so no `since`, as the clients do) ...
+    #[serde(default)]
+    pub fresh_starts: u64,
+    /// ... and, by kind, the messages published before such a join: not owed to those
+    /// members, so neither lost nor received (each member's stream starts at the first
+    /// message it got after the join; one that got none is owed all).
+    #[serde(default)]
+    pub not_owed: BTreeMap<String, u64>,
+    /// Messages another run published to these rooms (another run id in the body): in no
+    /// other figure (two runs on the same rooms each counted the other's as lost and
+    /// duplicated).
+    #[serde(default)]
+    pub foreign_messages: u64,
     /// `gap` and `reset` messages the members received, by type (both keys always there): a
     /// `gap` says seqs of the member's room cannot be recovered (a `since` older than history,
     /// or lost by the bus), a `reset` that its position is void (the room's numbering
@@ -283,6 +297,9 @@ impl Report {
             "deliveries_per_s": self.deliveries_per_s,
             "lost": self.lost,
             "duplicates": self.duplicates,
+            "fresh_starts": self.fresh_starts,
+            "not_owed": self.not_owed,
+            "foreign_messages": self.foreign_messages,
             "gaps_and_resets": self.gaps_and_resets,
             "gap_seqs": self.gap_seqs,
             "latency_ms": self.latency_ms,
@@ -391,6 +408,8 @@ pub fn write(dir: &Path, r: &Report) -> anyhow::Result<()> {
          | lost gift / chat | {lg} / {lc} |\n\
          | slow readers; lost gift / chat on the others | {slow}; {flg} / {flc} |\n\
          | duplicates gift / chat | {dg} / {dc} |\n\
+         | members that joined afresh (no position); gift / chat published before, not owed | {fresh}; {nog} / {noc} |\n\
+         | messages of another run (not counted) | {foreign} |\n\
          | gap / reset messages received (seqs the gaps named) | {gaps} / {resets} ({gap_seqs}) |\n\
          | gift latency p50 / p99 / p99.9 / max (ms) | {lgift} |\n\
          | gift latency, full-speed readers / slow readers (same percentiles) | {lgf} ; {lgs} |\n\
@@ -481,6 +500,10 @@ pub fn write(dir: &Path, r: &Report) -> anyhow::Result<()> {
         flc = r.lost_fast_readers.get("chat").copied().unwrap_or(0),
         lc = r.lost.get("chat").copied().unwrap_or(0),
         dg = r.duplicates.get("gift").copied().unwrap_or(0),
+        fresh = r.fresh_starts,
+        foreign = r.foreign_messages,
+        nog = r.not_owed.get("gift").copied().unwrap_or(0),
+        noc = r.not_owed.get("chat").copied().unwrap_or(0),
         dc = r.duplicates.get("chat").copied().unwrap_or(0),
         gaps = r.gaps_and_resets.get("gap").copied().unwrap_or(0),
         resets = r.gaps_and_resets.get("reset").copied().unwrap_or(0),

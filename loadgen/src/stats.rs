@@ -16,10 +16,28 @@ pub struct KindTrack {
     pub received: u64,
     pub lost: u64,
     pub dup: u64,
+    /// The member joined afresh (no `since`: its socket was lost before its first `joined`),
+    /// so what was published before that join is not owed to it: the next message received
+    /// sets where its numbering starts ([`Self::start_afresh`]).
+    pub from_next: bool,
+    /// Numbers skipped that way: published before the member's fresh join, never owed.
+    pub not_owed: u64,
 }
 
 impl KindTrack {
+    /// The member joins afresh: what was published before is not owed. Where its stream
+    /// starts is the first message it receives from now (a member that receives nothing more
+    /// is still owed everything at the end: nothing is forgiven without a message to show
+    /// where the stream began).
+    pub fn start_afresh(&mut self) {
+        self.from_next = true;
+    }
+
     pub fn on_message(&mut self, k: u64) {
+        if std::mem::take(&mut self.from_next) && k > self.next {
+            self.not_owed += k - self.next;
+            self.next = k;
+        }
         self.received += 1;
         match k.cmp(&self.next) {
             std::cmp::Ordering::Equal => self.next += 1,
@@ -46,8 +64,13 @@ impl KindTrack {
     /// After [`finish`](Self::finish): `holes` numbers below `published` were never accepted
     /// by the server (a batch numbers its messages before the answer), so no member could get
     /// them; they were counted lost, and are not.
+    /// A stream that started afresh past some numbers forgives none: where the holes were is
+    /// not known, and one before its start would hide a loss after it (its loss may then
+    /// count a hole, which shows; a hidden loss would not).
     pub fn forgive(&mut self, holes: u64) {
-        self.lost = self.lost.saturating_sub(holes);
+        if self.not_owed == 0 {
+            self.lost = self.lost.saturating_sub(holes);
+        }
     }
 }
 
@@ -108,6 +131,15 @@ pub fn body_fields(body: &[u8]) -> Option<(u64, u64)> {
     Some((num(body, b"\"t\":")?, num(body, b"\"k\":")?))
 }
 
+/// Reads the run id `"r":N` from a body ([`crate::publish::run_id`]; None when absent: a body
+/// from another publisher, counted as the run's own).
+pub fn body_run(body: &[u8]) -> Option<u64> {
+    let key = b"\"r\":";
+    let i = body.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&body[i..i + digits]).ok()?.parse().ok()
+}
+
 /// Reads the publishing stream `"s":N` from a body (0 when absent: one stream).
 pub fn body_stream(body: &[u8]) -> usize {
     let key = b"\"s\":";
@@ -146,6 +178,33 @@ mod tests {
         missed.finish(6);
         missed.forgive(2);
         assert_eq!((missed.received, missed.lost), (3, 1));
+    }
+
+    /// A member that joined afresh (its first socket lost before its `joined`) is owed what was
+    /// published from its first message on, not from 0; one that receives nothing more is
+    /// still owed all; and a loss after the fresh start is not hidden by holes.
+    #[test]
+    fn a_fresh_start_owes_from_the_first_message_received() {
+        let mut t = KindTrack::default();
+        t.start_afresh();
+        for k in [4, 5, 7] {
+            t.on_message(k);
+        }
+        t.finish(9);
+        assert_eq!((t.received, t.not_owed, t.lost), (3, 4, 2), "6 and 8 lost; 0..4 never owed");
+        t.forgive(1);
+        assert_eq!(t.lost, 2, "a hole may have been before the start: nothing forgiven");
+
+        let mut silent = KindTrack::default();
+        silent.start_afresh();
+        silent.finish(9);
+        assert_eq!((silent.not_owed, silent.lost), (0, 9), "nothing received: everything owed");
+
+        let mut late = KindTrack::default();
+        late.on_message(0);
+        late.start_afresh();
+        late.on_message(3);
+        assert_eq!((late.not_owed, late.lost, late.next), (2, 0, 4));
     }
 
     #[test]
@@ -194,6 +253,11 @@ mod tests {
     fn body_parsing() {
         assert_eq!(body_fields(br#"{"t":1764000000123456,"k":42,"kind":"gift"}"#), Some((1_764_000_000_123_456, 42)));
         assert_eq!(body_kind(br#"{"t":1,"k":2,"kind":"chat"}"#), Some("chat"));
+        assert_eq!(
+            body_run(br#"{"t":1,"k":2,"s":0,"r":1764000000123456,"kind":"chat","p":"xx"}"#),
+            Some(1_764_000_000_123_456)
+        );
+        assert_eq!(body_run(br#"{"t":1,"k":2,"kind":"chat"}"#), None);
         assert_eq!(body_fields(b"{}"), None);
         assert_eq!(body_stream(br#"{"t":1,"k":2,"s":13,"kind":"gift","p":"xx"}"#), 13);
         assert_eq!(body_stream(br#"{"t":1,"k":2,"kind":"gift"}"#), 0);

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
 use crate::connect::{MOVE_TOKEN_BASE, Pending, Step, TOKEN_BASE, Window};
-use crate::stats::{KindTrack, body_fields, body_kind, body_stream, encode_hist, histogram};
+use crate::stats::{KindTrack, body_fields, body_kind, body_run, body_stream, encode_hist, histogram};
 
 mod moves;
 
@@ -88,6 +88,10 @@ pub struct WorkerArgs {
     /// member retries until the run ends, and then counts as still reconnecting).
     #[serde(default = "default_move_give_up")]
     pub move_give_up_s: f64,
+    /// The run's id in the bodies it publishes ([`crate::publish::run_id`]): a message with
+    /// another is another run's, not counted.
+    #[serde(default)]
+    pub run: u64,
 }
 
 impl WorkerArgs {
@@ -264,6 +268,16 @@ pub struct Final {
     /// Slow-reader connections in this worker.
     pub slow: u64,
     pub dup: Vec<u64>,
+    /// Members that joined afresh on a new socket (their first was lost before its `joined`,
+    /// so they had no position to resume from), and per kind the numbers published before
+    /// such a join, which were not owed to them ([`KindTrack::start_afresh`]).
+    #[serde(default)]
+    pub fresh_starts: u64,
+    #[serde(default)]
+    pub not_owed: Vec<u64>,
+    /// Messages another run published (another `"r"` in the body): in no other figure.
+    #[serde(default)]
+    pub foreign: u64,
     pub connect_hist: String,
     /// The most first connects this worker had in flight at once (`--connect-inflight`).
     #[serde(default)]
@@ -1133,6 +1147,10 @@ struct Reader {
     gaps: u64,
     gap_seqs: u64,
     resets: u64,
+    /// This run's id ([`WorkerArgs::run`]), and the messages of another run received (not
+    /// counted in any figure but this).
+    run: u64,
+    foreign: u64,
 }
 
 impl Reader {
@@ -1165,6 +1183,10 @@ impl Reader {
     fn message(&mut self, tracks: &mut [Vec<KindTrack>], slow: bool, kind: &str, body: &[u8], now: u64) {
         let Some(ki) = self.kind_index(kind) else { return };
         let Some((t, k)) = body_fields(body) else { return };
+        if body_run(body).is_some_and(|r| r != self.run) {
+            self.foreign += 1;
+            return;
+        }
         let Some(track) = tracks[ki].get_mut(body_stream(body)) else { return };
         track.on_message(k);
         let lat = now.saturating_sub(t).max(1);
@@ -1374,6 +1396,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         gaps: 0,
         gap_seqs: 0,
         resets: 0,
+        run: args.run,
+        foreign: 0,
     };
     // The ramp, held: connection n is due one interval after the one before; a worker behind
     // (a connect that blocked up to its 10 s timeout) catches up at most CATCH_UP's worth at
@@ -1634,6 +1658,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             let mut dup = vec![0u64; args.kinds.len()];
             let mut received = vec![0u64; args.kinds.len()];
             let mut fast_lost = vec![0u64; args.kinds.len()];
+            let mut not_owed = vec![0u64; args.kinds.len()];
             for c in &mut conns {
                 for (ki, ts) in c.tracks.iter_mut().enumerate() {
                     for (st, t) in ts.iter_mut().enumerate() {
@@ -1648,6 +1673,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         }
                         dup[ki] += t.dup;
                         received[ki] += t.received;
+                        not_owed[ki] += t.not_owed;
                     }
                 }
             }
@@ -1701,6 +1727,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 reconnect_hist: encode_hist(&moves.stats.hist),
                 reconnect_attempts_failed_by: std::mem::take(&mut moves.stats.errors),
                 move_answers_read_late: moves.stats.late_reads,
+                fresh_starts: moves.stats.fresh_starts,
+                not_owed,
+                foreign: reader.foreign,
                 resumed: moves.stats.resumed,
                 open_at_end,
                 moving_at_end,

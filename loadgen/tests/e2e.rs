@@ -41,6 +41,44 @@ fn two_thousand_connections_no_loss_and_a_complete_result() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// Two runs on the same room at once: each counts only its own messages (the run id in each
+/// body), so neither reports the other's gifts as losses or duplicates; the other's are counted
+/// apart. Before, both numbered gifts 0, 1, 2... in the same room and each counted the other's
+/// as duplicates.
+#[test]
+fn two_runs_on_the_same_room_count_only_their_own_messages() {
+    let (mut edge, ws, http) = edge(&["--shards", "2"]);
+    let runs: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let out = roomcast_testsupport::scratch().join(format!("loadgen-two-runs-{name}-{}", std::process::id()));
+            let child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+                .args(["run", "--ws", &ws, "--http", &http, "--connections", "100", "--workers", "1"])
+                .args(["--duration", "4", "--gift-rate", "10", "--chat-rate", "20", "--scenario", "two-runs"])
+                .args(["--out", out.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("loadgen");
+            (out, child)
+        })
+        .collect();
+    let mut results = Vec::new();
+    for (out, mut child) in runs {
+        let status = child.wait().unwrap();
+        let (_, v) = result(&out);
+        let _ = std::fs::remove_dir_all(&out);
+        results.push((status, v));
+    }
+    stop(&mut edge);
+    for (status, v) in &results {
+        assert_eq!(v["lost"]["gift"], 0, "{v}");
+        assert_eq!(v["duplicates"]["gift"], 0, "{v}");
+        assert_eq!(v["duplicates"]["chat"], 0, "{v}");
+        assert!(v["foreign_messages"].as_u64().unwrap() > 0, "the other run's messages reached it: {v}");
+        assert!(status.success(), "{v}");
+    }
+}
+
 #[test]
 fn members_over_tls_lose_nothing() {
     let pki = roomcast_testsupport::TestPki::new("loadgen-tls");

@@ -36,6 +36,7 @@ use super::{
 };
 use crate::connect::{MOVE_TOKEN_BASE, Pending, Step, Window};
 use crate::dispatch::{self, Ask, AskStep};
+use crate::stats::KindTrack;
 
 /// How long a host name the resolver did not know is taken as unknown before it is asked again.
 const UNRESOLVED_RETRY: Duration = Duration::from_secs(30);
@@ -65,6 +66,8 @@ pub(super) struct MoveStats {
     /// Attempts past their deadline whose answer had arrived, unread while the worker was busy:
     /// taken, not counted as timeouts (how late the generator itself reads).
     pub late_reads: u64,
+    /// Members that joined afresh (no position to resume from) on a new socket.
+    pub fresh_starts: u64,
 }
 
 impl MoveStats {
@@ -77,6 +80,13 @@ impl MoveStats {
         c.pong.clear();
         c.open = true;
         c.down_since = None;
+        // Without a position (its socket was lost before its first `joined`) it joins afresh,
+        // as the clients do: what was published before is not owed to it (a trial counted 334
+        // gifts "lost" to such members).
+        if !c.joined {
+            self.fresh_starts += 1;
+            c.tracks.iter_mut().flatten().for_each(KindTrack::start_afresh);
+        }
         self.reconnects += 1;
         self.resumed += u64::from(std::mem::take(&mut c.resuming));
         let _ = self.hist.record(got_at.elapsed().as_micros().max(1) as u64);
@@ -222,6 +232,7 @@ impl Moves {
                 hist: histogram(),
                 errors: BTreeMap::new(),
                 late_reads: 0,
+                fresh_starts: 0,
             },
         }
     }
