@@ -1062,15 +1062,11 @@ mod tests {
         assert!(refused_for_good(&BTreeMap::new()).is_empty());
     }
 
-    /// An edge that stops answering for good (killed, not restarted) costs the gifts due
-    /// meanwhile, counted as given up; the publisher still ends with its outcome, so the run
-    /// writes its report (it used to end the run with the connection error and no results).
-    #[test]
-    fn an_unreachable_edge_gives_gifts_up_and_the_outcome_stays() {
-        // A port nothing listens on: connects are refused.
-        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    /// Publishes gifts only (10 a second to one room, one stream) to `http` for `run_ms`, each
+    /// retried for `give_up_ms`; the outcome.
+    fn gifts_to(http: std::net::SocketAddr, run_ms: u64, give_up_ms: u64) -> anyhow::Result<super::Outcome> {
         let start = Instant::now();
-        let end = start + Duration::from_millis(300);
+        let end = start + Duration::from_millis(run_ms);
         let p = Publisher::start(
             Target::Edge,
             http,
@@ -1080,13 +1076,22 @@ mod tests {
             &[10.0, 0.0],
             &[1, 1],
             &[1, 1],
-            Some(Duration::from_millis(200)),
+            Some(Duration::from_millis(give_up_ms)),
             None,
             start,
             end,
-        )
-        .unwrap();
-        let o = p.finish().expect("an outcome, not the connection error");
+        )?;
+        p.finish()
+    }
+
+    /// An edge that stops answering for good (killed, not restarted) costs the gifts due
+    /// meanwhile, counted as given up; the publisher still ends with its outcome, so the run
+    /// writes its report (it used to end the run with the connection error and no results).
+    #[test]
+    fn an_unreachable_edge_gives_gifts_up_and_the_outcome_stays() {
+        // A port nothing listens on: connects are refused.
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let o = gifts_to(http, 300, 200).expect("an outcome, not the connection error");
         assert_eq!(o.total(0), 0);
         assert!(o.gave_up[0] >= 1, "gifts given up: {:?}", o.gave_up);
         assert_eq!(o.not_accepted[0], o.gave_up[0]);
@@ -1110,24 +1115,7 @@ mod tests {
                 held.push(s);
             }
         });
-        let start = Instant::now();
-        let end = start + Duration::from_millis(200);
-        let p = Publisher::start(
-            Target::Edge,
-            http,
-            1,
-            &["gift", "chat"],
-            8,
-            &[10.0, 0.0],
-            &[1, 1],
-            &[1, 1],
-            Some(Duration::from_millis(100)),
-            None,
-            start,
-            end,
-        )
-        .unwrap();
-        let o = p.finish().unwrap();
+        let o = gifts_to(http, 200, 100).unwrap();
         assert!(o.gave_up[0] >= 1, "{:?}", o.gave_up);
         assert_eq!(o.published[0][0][0], o.gave_up[0], "each took its number: {:?}", o.published);
         assert_eq!(o.total(0), 0, "none counted as published");

@@ -59,22 +59,35 @@ fn start_run(edge: &EdgeProc, out: &std::path::Path, duration: &str) -> (Child, 
     (lg, workers)
 }
 
-/// A worker killed in the middle of a run is reported: the run still writes its results,
-/// naming the dead worker and how it ended, counts the survivor's members, and exits with an
-/// error because the results are not whole.
-#[test]
-fn a_worker_killed_mid_run_is_reported_in_the_results() {
+/// Runs `loadgen run` (`duration` s) against a new edge and sends `sig` to its worker
+/// `which` once every member connected; checks the run failed (a run that lost a worker does
+/// not exit 0) and returns its results folder, the run's folder in it, its result.json and the
+/// worker's pid.
+fn run_signalling_a_worker(
+    name: &str,
+    duration: &str,
+    which: usize,
+    sig: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, serde_json::Value, u32) {
     let mut edge = EdgeProc::start(&["--shards", "2"]);
-    let out = roomcast_testsupport::scratch().join(format!("loadgen-supervision-{}", std::process::id()));
-    let (mut lg, workers) = start_run(&edge, &out, "4");
-    signal(workers[0], "-KILL");
+    let out = roomcast_testsupport::scratch().join(format!("loadgen-{name}-{}", std::process::id()));
+    let (mut lg, workers) = start_run(&edge, &out, duration);
+    signal(workers[which], sig);
     let status = lg.wait().unwrap();
     let _ = Command::new("kill").args(["-INT", &edge.child.id().to_string()]).status();
     let _ = edge.wait_exit(Duration::from_secs(30));
     assert!(!status.success(), "a run that lost a worker does not exit 0");
     let dir = std::fs::read_dir(&out).unwrap().next().expect("results written").unwrap().path();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let v = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    (out, dir, v, workers[which])
+}
+
+/// A worker killed in the middle of a run is reported: the run still writes its results,
+/// naming the dead worker and how it ended, counts the survivor's members, and exits with an
+/// error because the results are not whole.
+#[test]
+fn a_worker_killed_mid_run_is_reported_in_the_results() {
+    let (out, dir, v, _) = run_signalling_a_worker("supervision", "4", 0, "-KILL");
     let died = v["workers_died"].as_array().unwrap();
     assert_eq!(died.len(), 1, "{v}");
     assert_eq!(died[0]["status"], "signal 9", "{v}");
@@ -98,18 +111,8 @@ fn a_worker_killed_mid_run_is_reported_in_the_results() {
 /// "workers neither reported nor died within 90 s" and wrote nothing.
 #[test]
 fn a_worker_that_goes_silent_is_killed_and_the_results_are_written() {
-    let mut edge = EdgeProc::start(&["--shards", "2"]);
-    let out = roomcast_testsupport::scratch().join(format!("loadgen-silent-{}", std::process::id()));
-    let (mut lg, workers) = start_run(&edge, &out, "3");
-    signal(workers[1], "-STOP");
-    let status = lg.wait().unwrap();
-    let _ = Command::new("kill").args(["-INT", &edge.child.id().to_string()]).status();
-    let _ = edge.wait_exit(Duration::from_secs(30));
-    assert!(!alive(workers[1]), "the silent worker was killed");
-    assert!(!status.success(), "a run that lost a worker does not exit 0");
-    let dir = std::fs::read_dir(&out).unwrap().next().expect("results written").unwrap().path();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let (out, _, v, worker) = run_signalling_a_worker("silent", "3", 1, "-STOP");
+    assert!(!alive(worker), "the silent worker was killed");
     let died = v["workers_died"].as_array().unwrap();
     assert_eq!(died.len(), 1, "{v}");
     assert_eq!(died[0]["id"], 1, "{v}");
