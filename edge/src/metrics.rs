@@ -155,6 +155,22 @@ impl LingerEnd {
 #[derive(Clone)]
 pub struct LingersBy(Vec<IntCounter>);
 
+/// Refused or timed-out upgrades of one shard, by the HTTP status answered (`timeout` for a
+/// handshake that did not complete in time): a 401 (token) is told from a 403 (origin), a 400
+/// (bad request) and a 503 (overloaded). The statuses are the edge's own, a handful.
+#[derive(Clone)]
+pub struct RefusalsBy {
+    vec: IntCounterVec,
+    shard: String,
+}
+
+impl RefusalsBy {
+    /// Counts one refusal answered with `status` (or `timeout`).
+    pub fn inc(&self, status: &str) {
+        self.vec.with_label_values(&[self.shard.as_str(), status]).inc();
+    }
+}
+
 impl LingersBy {
     /// Counts one lingering close that ended with `end`.
     pub fn inc(&self, end: LingerEnd) {
@@ -210,6 +226,7 @@ struct ShardFamilies {
     closed: IntCounterVec,
     lingers: IntCounterVec,
     handshake_failures: IntCounterVec,
+    handshake_refusals: IntCounterVec,
     protocol_errors: IntCounterVec,
     frames_written: IntCounterVec,
     bytes_written: IntCounterVec,
@@ -256,6 +273,8 @@ pub struct ShardStats {
     pub lingers: LingersBy,
     /// Upgrades refused with an HTTP error or timed out.
     pub handshake_failures: IntCounter,
+    /// The same, by the status answered (`handshake_refusals_total{status}`).
+    pub handshake_refusals: RefusalsBy,
     /// Connections closed for a WebSocket protocol violation (1002, 1007, 1009).
     pub protocol_errors: IntCounter,
     /// WebSocket frames fully written to sockets.
@@ -445,6 +464,12 @@ impl Metrics {
                 "handshake_failures_total",
                 "Upgrades refused with an HTTP error or timed out.",
                 s,
+            ),
+            handshake_refusals: counter(
+                r,
+                "handshake_refusals_total",
+                "Upgrades refused with an HTTP error or timed out, by status: the HTTP status answered (400 bad request, 401 token, 403 origin, 404 path, 426 version, 429 too many, 431 too large, 503 overloaded or draining), or timeout.",
+                &["shard", "status"],
             ),
             protocol_errors: counter(
                 r,
@@ -792,6 +817,7 @@ impl Metrics {
                 LingerEnd::ALL.iter().map(|e| f.lingers.with_label_values(&[l[0], e.as_str()])).collect(),
             ),
             handshake_failures: f.handshake_failures.with_label_values(&l),
+            handshake_refusals: RefusalsBy { vec: f.handshake_refusals.clone(), shard: l[0].to_owned() },
             protocol_errors: f.protocol_errors.with_label_values(&l),
             frames_written: f.frames_written.with_label_values(&l),
             bytes_written: f.bytes_written.with_label_values(&l),

@@ -174,6 +174,19 @@ async fn bad_inputs_get_their_answers_and_others_keep_receiving() {
     }
     assert!(metric(&publisher, "roomcast_protocol_errors_total").await >= 4.0);
     assert!(metric(&publisher, "roomcast_handshake_failures_total").await >= 8.0);
+    // ... and by the status answered.
+    let (_, text) = publisher.get("/metrics").await;
+    let refused = |status: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("roomcast_handshake_refusals_total{") && l.contains(&format!("status=\"{status}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    for (status, least) in [("400", 4.0), ("404", 1.0), ("426", 1.0), ("431", 1.0)] {
+        assert!(refused(status) >= least, "handshake_refusals_total{{status={status}}}: {}", refused(status));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -432,6 +432,7 @@ impl Shard {
             if matches!(&self.conns[slot as usize], Some(c) if c.phase == Phase::Handshake && c.closing == Closing::No)
             {
                 self.stats.handshake_failures.inc();
+                self.stats.handshake_refusals.inc("timeout");
                 self.closing_for(slot, CloseWhy::HandshakeTimeout);
                 if self.log_refusal() {
                     let c = self.conns[slot as usize].as_ref();

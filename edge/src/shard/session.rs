@@ -43,6 +43,7 @@ impl Shard {
     /// `refuse`, lingering after the answer or not (`finish`).
     pub(super) fn refuse_as(&mut self, slot: u32, e: &HandshakeError, linger: bool) {
         self.stats.handshake_failures.inc();
+        self.stats.handshake_refusals.inc(&e.status.to_string());
         if self.log_refusal() {
             let peer = self.conns.get(slot as usize).and_then(|c| c.as_ref()?.peer);
             let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
