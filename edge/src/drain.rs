@@ -63,6 +63,8 @@ pub struct Pacer {
     adaptive: bool,
     /// Held now.
     held: bool,
+    /// The other edges seen since the drain began, by their last report.
+    seen: std::collections::BTreeMap<String, EdgeLoad>,
     /// (ms, members gone from here by then, members the other edges took by then) at each
     /// judgement of the last [`MOVE_FORGOTTEN_AFTER`], and the last one before that: members
     /// on their way are at most those that left within it, and the uptake is what was taken
@@ -82,7 +84,16 @@ impl Pacer {
             let per_s = before as f64 / period.as_secs_f64().max(0.001);
             ((per_s * AUTO_MOVING_FOR.as_secs_f64()) as u64).max(AUTO_MOVING_MIN)
         };
-        Self { me, before, start: None, max_moving, adaptive, held: false, left: std::collections::VecDeque::new() }
+        Self {
+            me,
+            before,
+            start: None,
+            max_moving,
+            adaptive,
+            held: false,
+            seen: std::collections::BTreeMap::new(),
+            left: std::collections::VecDeque::new(),
+        }
     }
 
     /// The bound on members on their way (its floor when it follows the fleet's uptake).
@@ -94,7 +105,14 @@ impl Pacer {
     /// left here at `now_ms`: `Some(why)` holds the goaways, `None` lets them go. A hold for
     /// members on their way ends once they are down to half the bound (no flapping at it).
     pub fn judge(&mut self, open: u64, reports: &[EdgeLoad], now_ms: u64, max_age_ms: u64) -> Option<String> {
-        let others: Vec<&EdgeLoad> = reports.iter().filter(|e| e.id != self.me).collect();
+        // Every other edge seen since the drain began, by its last report: one whose report
+        // expired (silent: stopped, killed, cut off from Redis) is judged on that old report,
+        // as not taking members, rather than dropping out of the fleet.
+        for e in reports.iter().filter(|e| e.id != self.me) {
+            self.seen.insert(e.id.clone(), e.clone());
+        }
+        let seen: Vec<EdgeLoad> = self.seen.values().cloned().collect();
+        let others: Vec<&EdgeLoad> = seen.iter().collect();
         let start = self.start.get_or_insert_with(|| others.iter().map(|e| (e.id.clone(), e.connections)).collect());
         let verdict = if others.is_empty() {
             None
@@ -220,6 +238,25 @@ mod tests {
         assert_eq!(p.judge(180, &[me(), small(10)], 1_000, 3_000), None, "10 on their way, room for 54");
         let why = p.judge(130, &[me(), small(20)], 1_000, 3_000).expect("50 on their way, room for 44");
         assert!(why.contains("room for 44 members and 50 are on their way"), "{why}");
+    }
+
+    /// An edge that goes silent (stopped, killed, cut off) has its report expire in Redis and
+    /// drops out of the live reports: it is still an edge of the fleet that does not take
+    /// members, not a fleet of one. A trial froze B mid-drain and A, seeing no other report,
+    /// sent 2,000 members into dispatch's 503s without a hold.
+    #[test]
+    fn an_edge_whose_report_expired_still_counts_as_not_taking_members() {
+        let me = edge("me", 3_000, 10_000);
+        let mut p = Pacer::new("me".into(), 3_000, Duration::from_secs(30), 0);
+        assert_eq!(p.judge(3_000, &[me.clone(), edge("b", 0, 10_000)], 1_000, 3_000), None);
+        let why = p.judge(2_900, std::slice::from_ref(&me), 5_000, 3_000).expect("held: b said nothing for 4 s");
+        assert!(why.contains("b: "), "{why}");
+        // b reports again: the goaways go on.
+        let b = EdgeLoad { at_ms: 6_000, ..edge("b", 100, 10_000) };
+        assert_eq!(p.judge(2_900, &[me.clone(), b], 6_000, 3_000), None);
+        // A pacer that never saw another edge is a fleet of one.
+        let mut alone = Pacer::new("me".into(), 3_000, Duration::from_secs(30), 0);
+        assert_eq!(alone.judge(3_000, &[me], 5_000, 3_000), None);
     }
 
     /// Members that left and arrived nowhere stop counting as on their way after

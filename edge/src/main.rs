@@ -700,6 +700,16 @@ fn run_drain(cfg: &Config, edge: &Edge, draining: &AtomicBool, url: &str, fleet:
         held_at: None,
         judged: None,
     });
+    // Holds take the slack between the period and the deadline: with none (a deadline at the
+    // period, as --drain-period-ms alone leaves it), pacing can hold nothing, and says so.
+    if pacing.as_ref().is_some_and(|p| p.budget.is_zero()) {
+        tracing::warn!(
+            period_ms = cfg.drain.period_ms,
+            deadline_ms = cfg.drain.deadline_ms,
+            "drain: pacing has no slack (drain.deadline_ms is within a second of drain.period_ms): goaways go on the \
+             schedule whatever the fleet takes; set drain.deadline_ms above the period"
+        );
+    }
     tracing::info!(
         connections = before,
         period_ms = cfg.drain.period_ms,

@@ -188,13 +188,14 @@ struct RunArgs {
     #[arg(long, default_value_t = 32, value_parser = at_least_one::<usize>, allow_negative_numbers = true)]
     connect_inflight: usize,
     /// Seconds a gift is retried (the edge refusing or unreachable) before the publisher gives
-    /// it up; a gift given up takes no number, so the next one reuses it. 0: never (as
+    /// it up; a gift given up takes no number, so the next one reuses it, unless an attempt got
+    /// no answer (it may have been published): then it keeps its number as a hole. 0: never (as
     /// --move-give-up 0): a gift is retried until acknowledged or until the publishing ends
     /// (--duration), when the one still retried is given up. Above 0, any time up to a year
     /// is taken as given (0.5 is half a second). An edge restart longer than this (a 10^6 edge
     /// after SIGKILL answered again after 32 s) makes a gift whose first attempt did reach the
-    /// old edge's store and its successor share a number, which the receivers count as a
-    /// duplicate: benchmarks of restarts set it above the outage. Whatever it says, a gift is
+    /// old edge's store but was refused afterwards and its successor share a number, which the
+    /// receivers count as a duplicate: benchmarks of restarts set it above the outage. Whatever it says, a gift is
     /// not retried more than 5 s past the publishing's end (--duration): a run whose edge is
     /// gone ends soon after its duration. Chat is never retried: one that fails is dropped.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds, allow_negative_numbers = true)]
@@ -1122,7 +1123,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         sup.kill_the_silent(
             WORKER_SILENT_AFTER,
-            &format!("said nothing for {} s after the stop", WORKER_SILENT_AFTER.as_secs()),
+            &format!("said nothing for {} s (checked from the stop on)", WORKER_SILENT_AFTER.as_secs()),
         );
     }
     sup.kill_the_silent(
