@@ -103,7 +103,8 @@ impl Pacer {
 
     /// Judges the fleet from `reports` (live, as dispatch reads them) with `open` connections
     /// left here at `now_ms`: `Some(why)` holds the goaways, `None` lets them go. A hold for
-    /// members on their way ends once they are down to half the bound (no flapping at it).
+    /// members on their way ends once they are down to the uptake bound, or to half the fixed
+    /// one (no flapping at it).
     pub fn judge(&mut self, open: u64, reports: &[EdgeLoad], now_ms: u64, max_age_ms: u64) -> Option<String> {
         // Every other edge seen since the drain began, by its last report: one whose report
         // expired (silent: stopped, killed, cut off from Redis) is judged on that old report,
@@ -111,8 +112,7 @@ impl Pacer {
         for e in reports.iter().filter(|e| e.id != self.me) {
             self.seen.insert(e.id.clone(), e.clone());
         }
-        let seen: Vec<EdgeLoad> = self.seen.values().cloned().collect();
-        let others: Vec<&EdgeLoad> = seen.iter().collect();
+        let others: Vec<EdgeLoad> = self.seen.values().cloned().collect();
         let start = self.start.get_or_insert_with(|| others.iter().map(|e| (e.id.clone(), e.connections)).collect());
         let verdict = if others.is_empty() {
             None
