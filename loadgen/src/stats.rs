@@ -123,29 +123,25 @@ impl Pacer {
 
 /// Reads `"t":N` and `"k":N` from a body the publisher wrote (`{"t":..,"k":..,"kind":".."}`).
 pub fn body_fields(body: &[u8]) -> Option<(u64, u64)> {
-    fn num(body: &[u8], key: &[u8]) -> Option<u64> {
-        let i = body.windows(key.len()).position(|w| w == key)? + key.len();
-        let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
-        std::str::from_utf8(&body[i..i + digits]).ok()?.parse().ok()
-    }
-    Some((num(body, b"\"t\":")?, num(body, b"\"k\":")?))
+    Some((body_num(body, b"\"t\":")?, body_num(body, b"\"k\":")?))
 }
 
-/// Reads the run id `"r":N` from a body ([`crate::publish::run_id`]; None when absent: a body
-/// from another publisher, counted as the run's own).
-pub fn body_run(body: &[u8]) -> Option<u64> {
-    let key = b"\"r\":";
+/// The number after `key` (`"name":`) in a body the publisher wrote, if there is one.
+fn body_num(body: &[u8], key: &[u8]) -> Option<u64> {
     let i = body.windows(key.len()).position(|w| w == key)? + key.len();
     let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&body[i..i + digits]).ok()?.parse().ok()
 }
 
+/// Reads the run id `"r":N` from a body ([`crate::publish::run_id`]; None when absent: a body
+/// from another publisher, counted as the run's own).
+pub fn body_run(body: &[u8]) -> Option<u64> {
+    body_num(body, b"\"r\":")
+}
+
 /// Reads the publishing stream `"s":N` from a body (0 when absent: one stream).
 pub fn body_stream(body: &[u8]) -> usize {
-    let key = b"\"s\":";
-    let Some(i) = body.windows(key.len()).position(|w| w == key).map(|i| i + key.len()) else { return 0 };
-    let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&body[i..i + digits]).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    body_num(body, b"\"s\":").map_or(0, |s| s as usize)
 }
 
 /// Reads `"kind":"..."` from a body (Nchan frames carry no envelope).
