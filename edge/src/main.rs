@@ -21,6 +21,9 @@ use edge::ingest::{self, AppState, RouteSource};
 use edge::server::Edge;
 
 /// roomcast push edge.
+// Numeric flags take a value with a leading '-' (`allow_negative_numbers`): `--shards -5` is
+// then refused by the value's own parser ("invalid digit found in string"), naming the flag,
+// instead of clap's "unexpected argument '-5'", which named no flag.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
@@ -36,23 +39,23 @@ struct Cli {
     #[arg(long)]
     http: Option<SocketAddr>,
     /// Shard threads (0 = one per CPU).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     shards: Option<usize>,
     /// Merge window in milliseconds (0 = no merging).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     merge_window_ms: Option<u64>,
     /// Largest client message in bytes.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_message: Option<usize>,
     /// Bytes queued per connection before it is closed as a slow consumer.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_queue_bytes: Option<usize>,
     /// Shared bus for several edges (redis://HOST:PORT, or redis-cluster://HOST:PORT,HOST:PORT,...);
     /// unset: embedded single node.
     #[arg(long)]
     bus: Option<String>,
     /// Acknowledge a must-deliver publish only once this many replicas hold it (bus.min_replicas_acked).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_replicas_acked: Option<u32>,
     /// The ws:// or wss:// URL dispatch hands out for this edge (default: ws://LISTEN/ws, or
     /// wss:// with --tls-cert).
@@ -63,7 +66,7 @@ struct Cli {
     #[arg(long)]
     dispatch_url: Option<String>,
     /// Spread goaway messages over this many milliseconds when draining.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     drain_period_ms: Option<u64>,
     /// Pin shard i to the i-th allowed CPU (`pin` in the config; default true).
     #[arg(long, value_name = "BOOL")]
@@ -126,7 +129,7 @@ enum Cmd {
         tls_key: Option<PathBuf>,
         /// Listen backlog (capped by net.core.somaxconn): every client of a reconnect storm
         /// asks here first, on a new connection.
-        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i32).range(1..))]
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i32).range(1..), allow_negative_numbers = true)]
         backlog: i32,
     },
     /// Watch a running edge's kernel figures and health, refreshed every second (like `ss` +
@@ -152,7 +155,7 @@ enum Cmd {
         #[arg(long = "pub")]
         publish: Vec<String>,
         /// Lifetime: seconds, or with a unit (90s, 15m, 1h, 7d).
-        #[arg(long, default_value = "1h")]
+        #[arg(long, default_value = "1h", allow_hyphen_values = true)]
         ttl: String,
     },
 }

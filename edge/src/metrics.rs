@@ -352,6 +352,10 @@ pub struct BusStats {
     pub rooms: IntGauge,
     /// Publish requests refused, by reason.
     pub publish_rejected: IntCounterVec,
+    /// Publishes refused as `engine_busy`, by cause: `upstream_full` (the engine's publish
+    /// lane is full), `output_backlog` (its output for some shard is at its bound),
+    /// `redis_queue` (too many publishes wait for Redis).
+    pub engine_busy: IntCounterVec,
     /// Admin API requests refused, by reason: `disabled` (no admin_token), `unauthorized`
     /// (missing or wrong token), `parameters` (a query or body the endpoint does not take).
     pub admin_refused: IntCounterVec,
@@ -608,6 +612,18 @@ impl Metrics {
             rooms: gauge(r, "rooms", "Rooms known to the engines (with members or a sequence).", &[])
                 .with_label_values(&[] as &[&str]),
             publish_rejected: counter(r, "publish_rejected_total", "Publish requests refused, by reason.", &["reason"]),
+            engine_busy: {
+                let c = counter(
+                    r,
+                    "engine_busy_total",
+                    "Publishes refused as engine_busy, by cause: upstream_full (the room engine's publish lane is full), output_backlog (its output for some shard is at its bound; higher for must-deliver kinds), redis_queue (too many publishes wait for Redis).",
+                    &["cause"],
+                );
+                for cause in ["upstream_full", "output_backlog", "redis_queue"] {
+                    c.with_label_values(&[cause]);
+                }
+                c
+            },
             admin_refused: counter(
                 r,
                 "admin_refused_total",

@@ -21,6 +21,9 @@ const RESERVED_SLOTS: u64 = 16;
 /// at most one mail per turn, so this is reached only when a shard is stuck, or when the
 /// publish API offers more than an engine turn can take: publishes then get 503 + Retry-After.
 const MAILBOX_CAPACITY: usize = 8192;
+/// Each mailbox's upstream lane (the publish API's publishes and deletes): publishes waiting
+/// for one engine beyond this are refused as busy (503, Retry-After).
+const UPSTREAM_CAPACITY: usize = 4096;
 
 /// A running edge's data plane (shards + bus). The publish API runs on the caller's runtime.
 pub struct Edge {
@@ -132,11 +135,11 @@ impl Edge {
         let mut mailboxes = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..n {
-            let (tx, rx) = crossbeam_channel::bounded::<Mail>(MAILBOX_CAPACITY);
             let doorbell = Arc::new(crate::sys::eventfd()?);
             let parked = Arc::new(AtomicBool::new(false));
-            mailboxes.push(Mailbox::new(tx, doorbell.clone(), parked.clone()));
-            receivers.push((rx, doorbell, parked));
+            let (mailbox, inbox) = Mailbox::pair(MAILBOX_CAPACITY, UPSTREAM_CAPACITY, doorbell.clone(), parked.clone());
+            mailboxes.push(mailbox);
+            receivers.push((inbox, doorbell, parked));
         }
         let beside = cfg.engine.placement == Placement::Beside;
         // Beside: each engine gets a mailbox of its own (no doorbell: its thread blocks on the
@@ -145,16 +148,19 @@ impl Edge {
         let engine_mailboxes = if beside {
             let mut v = Vec::new();
             for _ in 0..n {
-                let (tx, rx) = crossbeam_channel::bounded::<Mail>(MAILBOX_CAPACITY);
-                v.push(Mailbox::new(tx, Arc::new(crate::sys::eventfd()?), Arc::new(AtomicBool::new(false))));
-                engine_rx.push(rx);
+                let doorbell = Arc::new(crate::sys::eventfd()?);
+                let (mailbox, inbox) =
+                    Mailbox::pair(MAILBOX_CAPACITY, UPSTREAM_CAPACITY, doorbell, Arc::new(AtomicBool::new(false)));
+                v.push(mailbox);
+                engine_rx.push(inbox);
             }
             v
         } else {
             mailboxes.clone()
         };
         let busy = metrics.bus.publish_rejected.with_label_values(&["engine_busy"]);
-        let bus = BusHandle::new(engine_mailboxes.clone(), busy);
+        let lane_full = metrics.bus.engine_busy.with_label_values(&["upstream_full"]);
+        let bus = BusHandle::new(engine_mailboxes.clone(), busy, lane_full);
         // The durable store: single-node mode only (in Redis mode, Redis with AOF is the
         // authority for numbering and history; a local copy could only disagree with it).
         let mut store_handles = Vec::new();

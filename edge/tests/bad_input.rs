@@ -269,6 +269,34 @@ fn check_config_names_the_bad_key() {
     assert!(out.status.success());
 }
 
+/// A negative number (or a negative lifetime) given to a flag is refused naming that flag, with
+/// status 2 and no panic; clap used to answer "unexpected argument '-5'" without the flag.
+#[test]
+fn a_negative_number_to_a_flag_is_refused_naming_the_flag() {
+    let cases: [&[&str]; 8] = [
+        &["--check-config", "--shards", "-5"],
+        &["--check-config", "--merge-window-ms", "-1"],
+        &["--check-config", "--max-message", "-1"],
+        &["--check-config", "--max-queue-bytes", "-1"],
+        &["--check-config", "--min-replicas-acked", "-1"],
+        &["--check-config", "--drain-period-ms", "-100"],
+        &["dispatch", "--redis", "redis://127.0.0.1:1", "--backlog", "-3"],
+        &["token", "--sub", "u", "--ttl", "-1h"],
+    ];
+    for args in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+            .args(args)
+            .env("ROOMCAST_AUTH_SECRET", "0123456789abcdef0123456789abcdef")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let flag = args.iter().rev().nth(1).unwrap();
+        assert_ne!(out.status.code(), Some(0), "{args:?} accepted: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.contains(flag) && !err.contains("unexpected argument"), "{args:?} must name {flag}: {err}");
+    }
+}
+
 /// What a raw client that reads everything and never writes (so never answers a ping) saw:
 /// pings, message frames, and when the edge closed it (ms after it started reading).
 #[derive(Debug, Default)]

@@ -440,6 +440,9 @@ pub fn proc_cpu_rss(pid: u32) -> Option<(f64, u64)> {
 /// A worker that says nothing (no progress, no final report) this long after the stop is
 /// stuck: killed, reported as dead.
 const WORKER_SILENT_AFTER: Duration = Duration::from_secs(90);
+/// A worker reports every second: one not heard for this long is named in the per-second
+/// lines (its figures there are its last).
+const SILENT_IN_LINES: Duration = Duration::from_secs(5);
 /// A worker whose final report has not come this long after the stop is killed, reported as
 /// dead.
 const WORKER_FINAL_WITHIN: Duration = Duration::from_secs(300);
@@ -543,9 +546,7 @@ impl Workers {
     /// workers stalled under the kernel's TCP memory pressure ended with "67/67 workers neither
     /// reported nor died within 90 s" and wrote no results at all.
     fn kill_the_silent(&mut self, silent_for: Duration, why: &str) -> usize {
-        let silent: Vec<usize> = (0..self.procs.len())
-            .filter(|&i| self.finals[i].is_none() && !self.is_dead(i) && self.heard[i].elapsed() >= silent_for)
-            .collect();
+        let silent = self.silent(silent_for);
         for &i in &silent {
             let child = &mut self.procs[i].child;
             let _ = child.kill();
@@ -553,6 +554,13 @@ impl Workers {
             self.dead(i, format!("{why}: killed"));
         }
         silent.len()
+    }
+
+    /// Workers still running (no final report) that have said nothing for `for_`.
+    fn silent(&self, for_: Duration) -> Vec<usize> {
+        (0..self.procs.len())
+            .filter(|&i| self.finals[i].is_none() && !self.is_dead(i) && self.heard[i].elapsed() >= for_)
+            .collect()
     }
 
     fn is_dead(&self, id: usize) -> bool {
@@ -973,6 +981,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
     let sample = |progress: &[Progress],
+                  silent: usize,
                   last_deliveries: &mut u64,
                   last_sample: &mut Instant,
                   samples: &mut Vec<Sample>| {
@@ -1008,9 +1017,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             gaps: progress.iter().map(|p| p.gaps).sum(),
             resets: progress.iter().map(|p| p.resets).sum(),
         };
+        // A frozen worker's figures stay at its last report: say so, or its members look open.
+        let silent = if silent > 0 { format!(" silent_workers={silent} (their last figures)") } else { String::new() };
         println!(
             "t={:5.1}s conns={} deliveries/s={:.0} p50={:.1}ms p99={:.1}ms gift_p99={:.1}ms moved={} open={} delivered={} \
-             gaps={} resets={}",
+             gaps={} resets={}{silent}",
             s.t_s,
             s.connected,
             s.deliveries_per_s,
@@ -1021,7 +1032,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             s.open,
             d,
             s.gaps,
-            s.resets
+            s.resets,
         );
         samples.push(s);
         *last_deliveries = d;
@@ -1030,7 +1041,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     while Instant::now() < end && !publisher.as_ref().is_some_and(publish::Publisher::stopping) {
         sup.pump(&rx);
         if last_sample.elapsed() >= Duration::from_secs(1) {
-            sample(&sup.progress, &mut last_deliveries, &mut last_sample, &mut samples);
+            sample(
+                &sup.progress,
+                sup.silent(SILENT_IN_LINES).len(),
+                &mut last_deliveries,
+                &mut last_sample,
+                &mut samples,
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -1081,7 +1098,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             queue_checked = Instant::now();
         }
         if last_sample.elapsed() >= Duration::from_secs(1) {
-            sample(&sup.progress, &mut last_deliveries, &mut last_sample, &mut samples);
+            sample(
+                &sup.progress,
+                sup.silent(SILENT_IN_LINES).len(),
+                &mut last_deliveries,
+                &mut last_sample,
+                &mut samples,
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1099,7 +1122,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         );
         threads_after = None;
     }
-    let stop = Stop { published: outcome.published.clone(), holes: outcome.holes.clone() };
+    let stop = Stop {
+        published: outcome.published.clone(),
+        holes: outcome.holes.clone(),
+        tail_holes: outcome.tail_holes.clone(),
+    };
     let line = serde_json::to_string(&stop)?;
     for (i, p) in sup.procs.iter_mut().enumerate() {
         // A dead worker's pipe is closed; it is reported already.

@@ -44,6 +44,10 @@ pub struct Outcome {
     /// batched stream numbers its messages before the edge answers for them, and a droppable
     /// message sent alone that got no answer keeps its number (it may have gone through).
     pub holes: Vec<Vec<Vec<u64>>>,
+    /// Of those holes, the ones after the last message accepted, per room, kind and stream:
+    /// no member can receive them, so a worker waiting at the end for each stream's last
+    /// message waits for the one before them (it waited its full 60 s for a gift given up).
+    pub tail_holes: Vec<Vec<Vec<u64>>>,
     /// Messages attempted (accepted, dropped by the server, or given up), per kind.
     pub offered: Vec<u64>,
     /// Refusals (every answer that was not an acceptance, retries included), by "kind status".
@@ -70,6 +74,7 @@ impl Outcome {
         Self {
             published: vec![vec![vec![0; streams]; kinds]; rooms],
             holes: vec![vec![vec![0; streams]; kinds]; rooms],
+            tail_holes: vec![vec![vec![0; streams]; kinds]; rooms],
             offered: vec![0; kinds],
             refused: BTreeMap::new(),
             not_accepted: vec![0; kinds],
@@ -411,6 +416,8 @@ struct Stream {
     /// Numbers taken by messages never accepted, per room: batched messages refused, and
     /// droppable ones that got no answer.
     holes: Vec<u64>,
+    /// Of `holes`, those after the room's last accepted message.
+    tail_holes: Vec<u64>,
     /// Most messages per request: 1 sends each on its own (`/v1/rooms/{room}/messages`).
     batch: usize,
     refused: BTreeMap<String, u64>,
@@ -492,6 +499,7 @@ impl Publisher {
                     pad: "x".repeat(pad),
                     published: vec![0; rooms as usize],
                     holes: vec![0; rooms as usize],
+                    tail_holes: vec![0; rooms as usize],
                     // Must-deliver messages are retried one by one until acknowledged.
                     batch: if ki == 0 { 1 } else { batches.get(ki).copied().unwrap_or(1).max(1) },
                     refused: BTreeMap::new(),
@@ -515,6 +523,7 @@ impl Publisher {
                     for (room, &k) in st.published.iter().enumerate() {
                         o.published[room][ki][s] = k;
                         o.holes[room][ki][s] = st.holes[room];
+                        o.tail_holes[room][ki][s] = st.tail_holes[room];
                     }
                     o.offered[ki] += st.offered;
                     o.not_accepted[ki] += st.not_accepted;
@@ -685,6 +694,7 @@ impl Stream {
             if status == 200 {
                 let _ = self.ack.record(took);
                 self.spell.accepted();
+                self.tail_holes[room as usize] = 0;
             } else {
                 let status_text = if status == 0 { "error".to_owned() } else { status.to_string() };
                 if is_for_good(&status_text) {
@@ -692,7 +702,7 @@ impl Stream {
                 }
                 self.refusal(&status_text);
                 self.not_accepted += 1;
-                self.holes[room as usize] += 1;
+                self.hole(room);
             }
         }
         // One answer, one step of the spell: a batch refused for good whole is one refusal.
@@ -724,8 +734,20 @@ impl Stream {
     fn take_a_hole_if(&mut self, fate_unknown: bool, room: u32) {
         if fate_unknown {
             self.published[room as usize] += 1;
-            self.holes[room as usize] += 1;
+            self.hole(room);
         }
+    }
+
+    /// A number of `room` that no message accepted holds (the number is taken already).
+    fn hole(&mut self, room: u32) {
+        self.holes[room as usize] += 1;
+        self.tail_holes[room as usize] += 1;
+    }
+
+    /// Message `published[room]` was accepted: it takes its number.
+    fn accepted_as_next(&mut self, room: u32) {
+        self.published[room as usize] += 1;
+        self.tail_holes[room as usize] = 0;
     }
 
     fn refusal(&mut self, status: &str) {
@@ -803,7 +825,7 @@ impl Stream {
                 Ok(resp) if self.target == Target::Edge && resp.status().as_u16() == 200 => {
                     let text = resp.text().unwrap_or_default();
                     if is_edge_ack(&text) {
-                        self.published[room as usize] += 1;
+                        self.accepted_as_next(room);
                         let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
                         self.accepted_again();
                     } else {
@@ -821,7 +843,7 @@ impl Stream {
                     return;
                 }
                 Ok(resp) if accepted(resp.status()) => {
-                    self.published[room as usize] += 1;
+                    self.accepted_as_next(room);
                     let _ = self.ack.record(first.elapsed().as_micros().max(1) as u64);
                     self.accepted_again();
                     return;
@@ -861,7 +883,7 @@ impl Stream {
                         eprintln!("{line}");
                     }
                     self.published[room as usize] += 1;
-                    self.holes[room as usize] += 1;
+                    self.hole(room);
                     self.not_accepted += 1;
                     return;
                 }
@@ -1120,6 +1142,43 @@ mod tests {
         assert_eq!(o.published[0][0][0], o.gave_up[0], "each took its number: {:?}", o.published);
         assert_eq!(o.total(0), 0, "none counted as published");
         assert_eq!(o.holes[0][0][0], o.gave_up[0], "each left a hole: {:?}", o.holes);
+        assert_eq!(o.tail_holes, o.holes, "none accepted after them: all at the tail");
+    }
+
+    /// A gift given up unanswered before gifts that were accepted leaves a hole that is not at
+    /// the tail: members are owed the accepted gifts after it, so the end waits for them; only
+    /// holes after the last accepted gift are skipped by that wait.
+    #[test]
+    fn a_hole_before_an_accepted_gift_is_not_at_the_tail() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for (i, c) in l.incoming().enumerate() {
+                let Ok(mut c) = c else { return };
+                if i == 0 {
+                    // The first request is read and never answered (its fate unknown).
+                    held.push(c);
+                    continue;
+                }
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let body = r#"{"seq":1,"ts_us":1}"#;
+                    while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                        if c.write_all(head.as_bytes()).and_then(|()| c.write_all(body.as_bytes())).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        // The first attempt waits for the client's 3 s timeout; the gifts due meanwhile go next.
+        let o = gifts_to(http, 3_500, 100).unwrap();
+        assert_eq!(o.gave_up[0], 1, "{:?}", o.refused);
+        assert_eq!(o.holes[0][0][0], 1);
+        assert!(o.total(0) >= 1, "accepted after the hole: {:?}", o.published);
+        assert_eq!(o.tail_holes[0][0][0], 0, "the hole is not at the tail");
     }
 
     /// Chat (droppable) sent to an endpoint nobody listens on is tried once per message and
@@ -1154,6 +1213,7 @@ mod tests {
         assert_eq!(o.not_accepted[1], o.offered[1]);
         assert_eq!(o.gave_up[1], 0, "droppables are not given up, they are dropped");
         assert_eq!(o.holes[0][1][0], o.offered[1], "each left a hole");
+        assert_eq!(o.tail_holes[0][1][0], o.offered[1], "all at the tail");
         assert_eq!(o.total(1), 0);
     }
 

@@ -343,6 +343,20 @@ pub struct Stop {
     pub published: Vec<Vec<Vec<u64>>>,
     #[serde(default)]
     pub holes: Vec<Vec<Vec<u64>>>,
+    /// Of `holes`, those after each stream's last accepted message: the end waits for the
+    /// message before them.
+    #[serde(default)]
+    pub tail_holes: Vec<Vec<Vec<u64>>>,
+}
+
+impl Stop {
+    /// The first `k` of a stream (`room`, first kind, stream `st`) no member can receive:
+    /// the stream's next number less its trailing holes. A member with everything below it is
+    /// complete.
+    pub fn owed_upto(&self, room: usize, st: usize) -> u64 {
+        let at = |v: &Vec<Vec<Vec<u64>>>| v.get(room).and_then(|r| r.first()).and_then(|k| k.get(st)).copied();
+        at(&self.published).unwrap_or(0).saturating_sub(at(&self.tail_holes).unwrap_or(0))
+    }
 }
 
 fn now_us() -> u64 {
@@ -1639,13 +1653,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             }
         }
         let complete = |s: &Stop, conns: &[Conn]| {
-            conns.iter().filter(|c| c.open && !c.slow).all(|c| {
-                let want = s.published.get(c.room as usize).and_then(|r| r.first());
-                c.tracks[0]
-                    .iter()
-                    .enumerate()
-                    .all(|(st, t)| t.next >= want.and_then(|w| w.get(st)).copied().unwrap_or(0))
-            })
+            conns
+                .iter()
+                .filter(|c| c.open && !c.slow)
+                .all(|c| c.tracks[0].iter().enumerate().all(|(st, t)| t.next >= s.owed_upto(c.room as usize, st)))
         };
         let landed = |conns: &[Conn]| {
             !conns.iter().any(Conn::between_sockets) || moves_until.is_some_and(|until| Instant::now() >= until)
@@ -1768,7 +1779,21 @@ mod tests {
     use roomcast_proto::envelope::Subprotocol;
     use roomcast_proto::handshake::{parse_request, response_101};
 
-    use super::{Sock, check_upgrade, read_head, upgrade_request};
+    use super::{Sock, Stop, check_upgrade, read_head, upgrade_request};
+
+    /// A member is owed a stream's messages up to its last accepted one: trailing holes (gifts
+    /// given up unanswered after it) are not waited for, holes before it are; a stop from a
+    /// coordinator without the field owes everything published.
+    #[test]
+    fn the_end_waits_for_the_last_accepted_message_not_for_trailing_holes() {
+        let stop: Stop =
+            serde_json::from_str(r#"{"published":[[[5,9]]],"holes":[[[2,1]]],"tail_holes":[[[1,0]]]}"#).unwrap();
+        assert_eq!(stop.owed_upto(0, 0), 4, "k=4 given up last: owed up to k=3");
+        assert_eq!(stop.owed_upto(0, 1), 9, "its hole is before accepted messages");
+        assert_eq!(stop.owed_upto(1, 0), 0, "a room with nothing published");
+        let older: Stop = serde_json::from_str(r#"{"published":[[[5]]]}"#).unwrap();
+        assert_eq!(older.owed_upto(0, 0), 5);
+    }
 
     /// The answer is taken up to its blank line and not a byte further, even when the blank
     /// line arrives split across writes and the next frame comes in the same segment.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use roomcast_proto::Subprotocol;
 use roomcast_proto::envelope::PushMessage;
 
@@ -645,19 +645,78 @@ pub enum MailError {
     Gone,
 }
 
-/// A shard's mailbox: a bounded channel plus an eventfd doorbell, rung only when the shard is
-/// parked in the kernel (so a burst of mail costs one write, not one per message).
+/// A shard's (or an engine's) mailbox: two bounded lanes plus an eventfd doorbell, rung only
+/// when the receiver is parked in the kernel (so a burst of mail costs one write, not one per
+/// message).
+///
+/// The upstream lane carries the publish API's commands (publishes, deletes); the other lane
+/// everything else (peers' turns: joins, leaves, the engines' output; the Redis bridge's
+/// answers; control). The receiver takes the upstream lane first, so a storm of joins (a
+/// drained edge's members arriving) neither refuses a gift as busy nor queues it behind
+/// thousands of turns: upstream and downstream are separate inside the edge as well as
+/// outside it.
 #[derive(Clone)]
 pub struct Mailbox {
     tx: Sender<Mail>,
+    upstream: Sender<Mail>,
     doorbell: Arc<OwnedFd>,
     parked: Arc<AtomicBool>,
 }
 
+/// The receiving end of a [`Mailbox`]: both lanes, the upstream one taken first.
+pub struct Inbox {
+    upstream: Receiver<Mail>,
+    mail: Receiver<Mail>,
+}
+
+impl Inbox {
+    /// Mail waiting in the upstream lane now (a receiver takes at most this many from it
+    /// before turning to the other lane, so neither lane can starve the other).
+    pub fn upstream_len(&self) -> usize {
+        self.upstream.len()
+    }
+
+    /// The next upstream mail, if any.
+    pub fn try_recv_upstream(&self) -> Option<Mail> {
+        self.upstream.try_recv().ok()
+    }
+
+    /// The next mail of the other lane, if any.
+    pub fn try_recv_mail(&self) -> Option<Mail> {
+        self.mail.try_recv().ok()
+    }
+
+    /// The next mail, upstream first.
+    pub fn try_recv(&self) -> Option<Mail> {
+        self.try_recv_upstream().or_else(|| self.try_recv_mail())
+    }
+
+    /// Nothing waits in either lane.
+    pub fn is_empty(&self) -> bool {
+        self.upstream.is_empty() && self.mail.is_empty()
+    }
+
+    /// Waits up to `wait` for mail, upstream first. `Disconnected` once every sender is gone
+    /// (the lanes' senders live in the same [`Mailbox`], so they go together).
+    pub fn recv_timeout(&self, wait: std::time::Duration) -> Result<Mail, RecvTimeoutError> {
+        if let Some(m) = self.try_recv() {
+            return Ok(m);
+        }
+        crossbeam_channel::select_biased! {
+            recv(self.upstream) -> m => m.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(self.mail) -> m => m.map_err(|_| RecvTimeoutError::Disconnected),
+            default(wait) => Err(RecvTimeoutError::Timeout),
+        }
+    }
+}
+
 impl Mailbox {
-    /// A mailbox from the channel's sender and the shard's doorbell and parked flag.
-    pub fn new(tx: Sender<Mail>, doorbell: Arc<OwnedFd>, parked: Arc<AtomicBool>) -> Self {
-        Self { tx, doorbell, parked }
+    /// A mailbox whose lanes hold `capacity` mails (`upstream` for the publish API's lane) and
+    /// its receiving end; `doorbell` and `parked` are the receiver's.
+    pub fn pair(capacity: usize, upstream: usize, doorbell: Arc<OwnedFd>, parked: Arc<AtomicBool>) -> (Self, Inbox) {
+        let (tx, mail) = crossbeam_channel::bounded(capacity);
+        let (up_tx, up_rx) = crossbeam_channel::bounded(upstream);
+        (Self { tx, upstream: up_tx, doorbell, parked }, Inbox { upstream: up_rx, mail })
     }
 
     fn ring(&self) {
@@ -669,6 +728,22 @@ impl Mailbox {
     /// Never blocks: a full mailbox hands the mail back.
     pub fn try_send(&self, mail: Mail) -> Result<(), (MailError, Mail)> {
         match self.tx.try_send(mail) {
+            Ok(()) => {
+                self.ring();
+                Ok(())
+            }
+            Err(TrySendError::Full(m)) => {
+                self.ring();
+                Err((MailError::Full, m))
+            }
+            Err(TrySendError::Disconnected(m)) => Err((MailError::Gone, m)),
+        }
+    }
+
+    /// Never blocks, upstream lane (the publish API's commands): a full lane hands the mail
+    /// back.
+    pub fn try_send_upstream(&self, mail: Mail) -> Result<(), (MailError, Mail)> {
+        match self.upstream.try_send(mail) {
             Ok(()) => {
                 self.ring();
                 Ok(())
@@ -713,12 +788,24 @@ pub fn engine_of(room: &str, engines: usize) -> usize {
 pub struct BusHandle {
     engines: Arc<[Mailbox]>,
     rejected_busy: prometheus::IntCounter,
+    lane_full: prometheus::IntCounter,
 }
 
 impl BusHandle {
-    /// A handle over the engines' mailboxes, by engine id; `rejected_busy` counts commands refused for a full mailbox.
-    pub fn new(engines: Vec<Mailbox>, rejected_busy: prometheus::IntCounter) -> Self {
-        Self { engines: engines.into(), rejected_busy }
+    /// A handle over the engines' mailboxes, by engine id. A publish refused for a full
+    /// upstream lane counts in `rejected_busy` (publish_rejected_total{reason="engine_busy"})
+    /// and in `lane_full` (engine_busy_total{cause="upstream_full"}).
+    pub fn new(
+        engines: Vec<Mailbox>,
+        rejected_busy: prometheus::IntCounter,
+        lane_full: prometheus::IntCounter,
+    ) -> Self {
+        Self { engines: engines.into(), rejected_busy, lane_full }
+    }
+
+    fn refused_busy(&self) {
+        self.rejected_busy.inc();
+        self.lane_full.inc();
     }
 
     /// How many engines there are.
@@ -750,6 +837,16 @@ impl BusHandle {
             }
             Ok(())
         }
+    }
+
+    /// Sends a publish API command (publish, delete) to its room's engine by the upstream lane.
+    fn try_send_upstream(&self, cmd: EngineCmd) -> Result<(), (MailError, EngineCmd)> {
+        let Some(room) = cmd.room() else { return Err((MailError::Gone, cmd)) };
+        let e = engine_of(room, self.engines.len());
+        self.engines[e].try_send_upstream(Mail::Engine(cmd)).map_err(|(err, m)| match m {
+            Mail::Engine(c) => (err, c),
+            _ => unreachable!("handed back what was sent"),
+        })
     }
 
     /// Sends, waiting (asynchronously) while the engine's mailbox is full: for the Redis
@@ -813,7 +910,7 @@ impl BusHandle {
     /// the tombstone is stored.
     pub async fn delete(&self, room: RoomName, seq: u64) -> Result<Deleted, DeleteError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match self.try_send(EngineCmd::Delete { room, seq, reply: tx }) {
+        match self.try_send_upstream(EngineCmd::Delete { room, seq, reply: tx }) {
             Ok(()) => {}
             Err((MailError::Full, _)) => return Err(DeleteError::Publish(PublishError::Busy { retry_after_ms: 100 })),
             Err((MailError::Gone, _)) => return Err(DeleteError::Publish(PublishError::ShuttingDown)),
@@ -821,14 +918,15 @@ impl BusHandle {
         rx.await.unwrap_or(Err(DeleteError::Publish(PublishError::ShuttingDown)))
     }
 
-    /// Publishes and waits for the seq (from async code). A full engine mailbox is refused at
-    /// once (503 with Retry-After): publishers back off, memory stays bounded.
+    /// Publishes and waits for the seq (from async code), by the engine's upstream lane. A full
+    /// lane is refused at once (503 with Retry-After): publishers back off, memory stays
+    /// bounded. Joins and other signalling travel in the other lane and cannot fill this one.
     pub async fn publish(&self, room: RoomName, msg: NewMessage) -> Result<Ack, PublishError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match self.try_send(EngineCmd::Publish { room, msg: Box::new(msg), reply: Reply::Http(tx) }) {
+        match self.try_send_upstream(EngineCmd::Publish { room, msg: Box::new(msg), reply: Reply::Http(tx) }) {
             Ok(()) => {}
             Err((MailError::Full, _)) => {
-                self.rejected_busy.inc();
+                self.refused_busy();
                 return Err(PublishError::Busy { retry_after_ms: 100 });
             }
             Err((MailError::Gone, _)) => return Err(PublishError::ShuttingDown),
@@ -841,9 +939,9 @@ impl BusHandle {
     /// Publishes several messages and waits for every answer, in order (from async code).
     /// Every message is handed to its room's engine before its answer is awaited, so a batch
     /// costs about one wait, not one per message, and messages to one room keep the batch's
-    /// order (an engine's mailbox is a queue). A mailbox filled by the batch itself (more
+    /// order (an engine's upstream lane is a queue). A lane filled by the batch itself (more
     /// messages than it holds) is waited on: the batch's oldest message still unanswered is
-    /// awaited, which frees its place, and the next is sent. A mailbox full while none of the
+    /// awaited, which frees its place, and the next is sent. A lane full while none of the
     /// batch is in flight is an engine behind: that message and every one after it are
     /// refused as busy without being sent (each counted), so that none sent after a refused
     /// one overtakes it when the publisher retries.
@@ -860,7 +958,7 @@ impl BusHandle {
             answers.push(None);
             if let Some(e) = &refused {
                 if matches!(e, PublishError::Busy { .. }) {
-                    self.rejected_busy.inc();
+                    self.refused_busy();
                 }
                 answers[i] = Some(Err(e.clone()));
                 continue;
@@ -868,7 +966,7 @@ impl BusHandle {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let mut cmd = EngineCmd::Publish { room, msg: Box::new(msg), reply: Reply::Http(tx) };
             loop {
-                match self.try_send(cmd) {
+                match self.try_send_upstream(cmd) {
                     Ok(()) => {
                         in_flight.push_back((i, rx));
                         break;
@@ -879,7 +977,7 @@ impl BusHandle {
                             cmd = back;
                             continue;
                         }
-                        self.rejected_busy.inc();
+                        self.refused_busy();
                         let e = PublishError::Busy { retry_after_ms: 100 };
                         answers[i] = Some(Err(e.clone()));
                         refused = Some(e);
@@ -974,63 +1072,103 @@ mod tests {
         assert!((0..1000).all(|n| engine_of(&n.to_string(), 80) < 80));
     }
 
-    /// A batch larger than the engine's mailbox waits for its own earlier messages to be
-    /// answered instead of refusing the rest; a mailbox full of other work refuses the message
-    /// and all after it, each counted.
+    fn lanes(capacity: usize, upstream: usize) -> (Mailbox, Inbox) {
+        Mailbox::pair(capacity, upstream, Arc::new(crate::sys::eventfd().unwrap()), Arc::new(AtomicBool::new(false)))
+    }
+
+    fn counters() -> (prometheus::IntCounter, prometheus::IntCounter) {
+        (prometheus::IntCounter::new("busy", "busy").unwrap(), prometheus::IntCounter::new("full", "full").unwrap())
+    }
+
+    /// A batch larger than the engine's upstream lane waits for its own earlier messages to
+    /// be answered instead of refusing the rest; a lane full of other publishers' work refuses
+    /// the message and all after it, each counted.
     #[tokio::test]
     async fn a_batch_waits_on_itself_but_not_on_an_engine_behind() {
-        let (tx, rx) = crossbeam_channel::bounded::<Mail>(4);
-        let mb = Mailbox::new(tx, Arc::new(crate::sys::eventfd().unwrap()), Arc::new(AtomicBool::new(false)));
-        let busy = prometheus::IntCounter::new("busy", "busy").unwrap();
-        let bus = BusHandle::new(vec![mb], busy.clone());
+        let (mb, inbox) = lanes(4, 4);
+        let (busy, full) = counters();
+        let bus = BusHandle::new(vec![mb], busy.clone(), full.clone());
         let msg = |n: u64| NewMessage { kind: "gift".into(), user: String::new(), body: n.to_string(), idem: None };
-        // An engine that numbers what it gets, until told to stop answering.
+        // An engine that numbers what it gets, until every sender is gone.
         let engine = std::thread::spawn(move || {
             let mut seq = 0;
-            while let Ok(mail) = rx.recv() {
-                if let Mail::Engine(EngineCmd::Publish { reply: Reply::Http(tx), .. }) = mail {
-                    seq += 1;
-                    let _ = tx.send(Ok(Ack { seq, ts_us: seq, replayed: false }));
+            loop {
+                match inbox.recv_timeout(std::time::Duration::from_secs(30)) {
+                    Ok(Mail::Engine(EngineCmd::Publish { reply: Reply::Http(tx), .. })) => {
+                        seq += 1;
+                        let _ = tx.send(Ok(Ack { seq, ts_us: seq, replayed: false }));
+                    }
+                    Ok(_) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => panic!("no mail for 30 s"),
                 }
             }
         });
         let answers = bus.publish_many((0..50).map(|n| (RoomName::from("r"), msg(n)))).await;
         let seqs: Vec<u64> = answers.iter().map(|a| a.as_ref().map(|ack| ack.seq).unwrap()).collect();
-        assert_eq!(seqs, (1..=50).collect::<Vec<u64>>(), "all 50 through a mailbox of 4, in order");
+        assert_eq!(seqs, (1..=50).collect::<Vec<u64>>(), "all 50 through a lane of 4, in order");
         assert_eq!(busy.get(), 0);
         drop(bus);
         engine.join().unwrap();
 
-        // A mailbox already full with others' work: refused, every one counted.
-        let (tx, _rx) = crossbeam_channel::bounded::<Mail>(1);
-        let mb = Mailbox::new(tx, Arc::new(crate::sys::eventfd().unwrap()), Arc::new(AtomicBool::new(false)));
-        let bus = BusHandle::new(vec![mb], busy.clone());
+        // A lane already full with another publisher's work: refused, every one counted.
+        let (mb, _inbox) = lanes(4, 1);
+        let bus = BusHandle::new(vec![mb], busy.clone(), full.clone());
         let (otx, _orx) = tokio::sync::oneshot::channel();
-        assert!(bus.try_send(EngineCmd::RoomStats { room: "r".into(), reply: otx }).is_ok());
+        assert!(bus.try_send_upstream(EngineCmd::Delete { room: "r".into(), seq: 1, reply: otx }).is_ok());
         let answers = bus.publish_many((0..3).map(|n| (RoomName::from("r"), msg(n)))).await;
         assert!(answers.iter().all(|a| matches!(a, Err(PublishError::Busy { .. }))), "{answers:?}");
-        assert_eq!(busy.get(), 3);
+        assert_eq!((busy.get(), full.get()), (3, 3));
     }
 
-    /// A full engine mailbox refuses a publish at once (503 + Retry-After), counted, and hands
-    /// the command back; nothing waits without bound.
+    /// The publish API's lane is its own: a mailbox full of signalling (a storm of joins) does
+    /// not refuse a gift, and the engine takes the gift before the joins sent earlier. Only a
+    /// full upstream lane refuses (503 + Retry-After), counted; nothing waits without bound.
     #[tokio::test]
-    async fn a_full_mailbox_refuses_publishes() {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let mb = Mailbox::new(tx, Arc::new(crate::sys::eventfd().unwrap()), Arc::new(AtomicBool::new(false)));
-        let busy = prometheus::IntCounter::new("busy", "busy").unwrap();
-        let bus = BusHandle::new(vec![mb], busy.clone());
+    async fn joins_that_fill_the_mailbox_neither_refuse_nor_delay_a_publish() {
+        let (mb, inbox) = lanes(1, 1);
+        let (busy, full) = counters();
+        let bus = BusHandle::new(vec![mb.clone()], busy.clone(), full.clone());
+        let join = || EngineCmd::Join {
+            room: "r".into(),
+            shard: 0,
+            slot: 1,
+            generation: 1,
+            proto: Subprotocol::Json,
+            since: None,
+        };
+        assert!(mb.try_send(Mail::Engine(join())).is_ok());
+        assert!(matches!(mb.try_send(Mail::Engine(join())), Err((MailError::Full, _))), "signalling lane full");
+        let gift = |b: &str| NewMessage { kind: "gift".into(), user: String::new(), body: b.into(), idem: None };
+        let pending = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.publish("r".into(), gift("1")).await }
+        });
+        // The gift is in its lane (not refused) and comes out first.
+        let first = loop {
+            if inbox.upstream_len() > 0 {
+                break inbox.try_recv().unwrap();
+            }
+            tokio::task::yield_now().await;
+        };
+        let Mail::Engine(EngineCmd::Publish { reply: Reply::Http(tx), .. }) = first else {
+            panic!("the join came first")
+        };
+        assert!(matches!(inbox.try_recv(), Some(Mail::Engine(EngineCmd::Join { .. }))));
+        assert!(inbox.try_recv().is_none() && inbox.is_empty());
+        tx.send(Ok(Ack { seq: 7, ts_us: 1, replayed: false })).unwrap();
+        assert_eq!(pending.await.unwrap().map(|a| a.seq), Ok(7));
+        assert_eq!((busy.get(), full.get()), (0, 0));
+
+        // A full upstream lane refuses at once, counted in both counters.
         let (otx, _orx) = tokio::sync::oneshot::channel();
-        let first = EngineCmd::RoomStats { room: "r".into(), reply: otx };
-        assert!(bus.try_send(first).is_ok());
-        let msg = NewMessage { kind: "gift".into(), user: String::new(), body: "1".into(), idem: None };
-        match bus.publish("r".into(), msg).await {
+        assert!(bus.try_send_upstream(EngineCmd::Delete { room: "r".into(), seq: 1, reply: otx }).is_ok());
+        match bus.publish("r".into(), gift("2")).await {
             Err(PublishError::Busy { retry_after_ms }) => assert!(retry_after_ms > 0),
             other => panic!("{other:?}"),
         }
-        assert_eq!(busy.get(), 1);
-        drop(rx);
-        let msg = NewMessage { kind: "gift".into(), user: String::new(), body: "1".into(), idem: None };
-        assert_eq!(bus.publish("r".into(), msg).await, Err(PublishError::ShuttingDown), "engine gone");
+        assert_eq!((busy.get(), full.get()), (1, 1));
+        drop(inbox);
+        assert_eq!(bus.publish("r".into(), gift("3")).await, Err(PublishError::ShuttingDown), "engine gone");
     }
 }

@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::RecvTimeoutError;
 
 use super::{Engine, Out};
-use crate::bus::{Mail, MailError, Mailbox, ShardCmd};
+use crate::bus::{Inbox, Mail, MailError, Mailbox, ShardCmd};
 
 /// Longest the thread waits without mail (the adaptive step and the sweep ride on it).
 const TICK: Duration = Duration::from_millis(100);
@@ -21,8 +21,8 @@ const MAX_MAILS_PER_TURN: usize = 4096;
 pub struct BesideSpec {
     /// The engine it drives.
     pub engine: Engine,
-    /// Where shards and the bus send it mail.
-    pub mailbox: Receiver<Mail>,
+    /// Where shards and the bus send it mail (the publish API's lane is taken first).
+    pub mailbox: Inbox,
     /// Every shard's mailbox, by shard id.
     pub shards: Vec<Mailbox>,
     /// CPU to pin the thread to, if any.
@@ -69,7 +69,7 @@ pub fn run_beside(spec: BesideSpec) {
             }
             n += 1;
             if n < MAX_MAILS_PER_TURN {
-                next = mailbox.try_recv().ok();
+                next = mailbox.try_recv();
             }
         }
         engine.poll(Instant::now(), &mut out);

@@ -53,6 +53,11 @@ const MAX_USERS: usize = 1_000_000;
 /// Commands queued for one shard beyond which the engine refuses publishes (503, Retry-After):
 /// that shard's mailbox is full and its output waits here, so more input would only grow it.
 pub const OUT_BOUND: usize = 65_536;
+/// The same bound for must-deliver kinds (gifts). A backlog past `OUT_BOUND` is mostly other
+/// work (join answers during a storm of moves, droppable batches); gifts are few (admission
+/// caps their rate per room) and are what the edge promises, so they are refused only past
+/// this larger bound, which still keeps the output finite.
+pub const MUST_OUT_BOUND: usize = 4 * OUT_BOUND;
 /// How often idle rooms and users are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -337,9 +342,8 @@ pub struct Engine {
     parked_rooms: Vec<RoomName>,
     /// Rooms with joins waiting for their sync (some may have been answered since).
     syncing_rooms: Vec<RoomName>,
-    /// Joins sent back for want of their room's sync since the last log line, and its time.
-    sync_sent_back: u64,
-    sync_logged_at: Option<Instant>,
+    /// Joins sent back for want of their room's sync, for the rate-limited log line.
+    sent_back: joins::SentBackLog,
     /// Wall clock at `epoch` (µs since the Unix epoch): message timestamps are
     /// `wall_at_epoch + (now - epoch)`, so the engine never reads a clock itself.
     epoch: Instant,
@@ -405,8 +409,7 @@ impl Engine {
             remote_up: false,
             parked_rooms: Vec::new(),
             syncing_rooms: Vec::new(),
-            sync_sent_back: 0,
-            sync_logged_at: None,
+            sent_back: joins::SentBackLog::default(),
             epoch: now,
             wall_at_epoch: wall_us,
             epochs_made: 0,
@@ -461,15 +464,16 @@ impl Engine {
         self.now = now;
         match cmd {
             EngineCmd::Publish { room, msg, reply } => {
-                if out.backlog() > OUT_BOUND {
+                let must = self.cfg.kinds.get(&msg.kind).copied().unwrap_or(false);
+                if out.backlog() > if must { MUST_OUT_BOUND } else { OUT_BOUND } {
                     self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
+                    self.stats.engine_busy.with_label_values(&["output_backlog"]).inc();
                     self.answer(out, reply, &room, Err(crate::bus::PublishError::Busy { retry_after_ms: 100 }));
                     return;
                 }
                 match self.remote.clone() {
                     None => {
                         let Some(reply) = self.replay(&room, &msg, reply, now, out) else { return };
-                        let must = self.cfg.kinds.get(&msg.kind).copied().unwrap_or(false);
                         let refusal = self.store.as_ref().filter(|_| must).and_then(StoreHandle::refusal);
                         if let Some(e) = refusal {
                             let reason = if matches!(e, crate::bus::PublishError::StoreFull) {
@@ -506,6 +510,7 @@ impl Engine {
                             if let Err(BridgeCmd::Publish { room, reply, .. }) = bridge.send(cmd) {
                                 // Too many publishes waiting for Redis already.
                                 self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
+                                self.stats.engine_busy.with_label_values(&["redis_queue"]).inc();
                                 let busy = crate::bus::PublishError::Busy { retry_after_ms: 100 };
                                 self.answer(out, reply, &room, Err(busy));
                             }

@@ -10,27 +10,45 @@ use super::Shard;
 use crate::bus::{EngineCmd, Mail, MailError, ShardCmd, engine_of};
 
 impl Shard {
+    /// Takes what waits in the mailbox: first the publish API's lane, then everything else,
+    /// with the publish lane looked at again after each mail, so a publish that arrives during
+    /// a long drain (a storm of joins) goes before the rest of it.
     pub(super) fn drain_mailbox(&mut self) {
         let now = Instant::now();
-        while let Ok(mail) = self.mailbox.try_recv() {
-            match mail {
-                Mail::Turn { engine, shard } => {
-                    if let Some(e) = self.engine.as_mut() {
-                        for cmd in engine {
-                            e.handle(cmd, now, &mut self.out);
-                        }
-                    }
-                    for cmd in shard {
-                        self.apply(cmd);
-                    }
-                }
-                Mail::Engine(cmd) => {
-                    if let Some(e) = self.engine.as_mut() {
+        self.take_upstream(now);
+        while let Some(mail) = self.mailbox.try_recv_mail() {
+            self.take(mail, now);
+            self.take_upstream(now);
+        }
+    }
+
+    /// What the publish lane holds now, and no more: a flood of publishes cannot starve the
+    /// other lane.
+    fn take_upstream(&mut self, now: Instant) {
+        for _ in 0..self.mailbox.upstream_len() {
+            let Some(mail) = self.mailbox.try_recv_upstream() else { break };
+            self.take(mail, now);
+        }
+    }
+
+    fn take(&mut self, mail: Mail, now: Instant) {
+        match mail {
+            Mail::Turn { engine, shard } => {
+                if let Some(e) = self.engine.as_mut() {
+                    for cmd in engine {
                         e.handle(cmd, now, &mut self.out);
                     }
                 }
-                Mail::Shard(cmd) => self.apply(cmd),
+                for cmd in shard {
+                    self.apply(cmd);
+                }
             }
+            Mail::Engine(cmd) => {
+                if let Some(e) = self.engine.as_mut() {
+                    e.handle(cmd, now, &mut self.out);
+                }
+            }
+            Mail::Shard(cmd) => self.apply(cmd),
         }
     }
 

@@ -40,12 +40,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use io_uring::{IoUring, types};
 use roomcast_proto::ws::Limits;
 use socket2::Socket;
 
-use crate::bus::{EngineCmd, Mail, Mailbox};
+use crate::bus::{EngineCmd, Inbox, Mailbox};
 use crate::config::Config;
 use crate::engine::{Engine, LoadBoard, Out};
 use crate::metrics::ShardStats;
@@ -104,8 +103,9 @@ pub struct ShardSpec {
     pub engines: Vec<Mailbox>,
     /// The backlogs and room count every shard and engine share.
     pub load: Arc<LoadBoard>,
-    /// This shard's end of its mailbox (mail from engines, peers and the bus).
-    pub mailbox: Receiver<Mail>,
+    /// This shard's end of its mailbox (mail from engines, peers and the bus; the publish
+    /// API's lane is taken first).
+    pub mailbox: Inbox,
     /// The eventfd senders write to wake this shard while it is parked in the kernel.
     pub doorbell: Arc<OwnedFd>,
     /// Set while the shard waits in the kernel, so senders know to ring the doorbell.
@@ -178,7 +178,7 @@ struct Shard {
     load: Arc<LoadBoard>,
     /// A peer's mailbox was full this turn: come back soon to retry.
     stalled: bool,
-    mailbox: Receiver<Mail>,
+    mailbox: Inbox,
     doorbell: Arc<OwnedFd>,
     doorbell_buf: Box<u64>,
     parked: Arc<AtomicBool>,
