@@ -980,11 +980,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let deliveries_before: u64 = sup.progress.iter().map(|p| p.deliveries).sum();
     let mut last_sample = Instant::now();
     let mut last_deliveries = deliveries_before;
-    let sample = |progress: &[Progress],
-                  silent: usize,
-                  last_deliveries: &mut u64,
-                  last_sample: &mut Instant,
-                  samples: &mut Vec<Sample>| {
+    let sample = |sup: &Workers, last_deliveries: &mut u64, last_sample: &mut Instant, samples: &mut Vec<Sample>| {
+        let (progress, silent) = (&sup.progress, sup.silent(SILENT_IN_LINES).len());
         let d: u64 = progress.iter().map(|p| p.deliveries).sum();
         let dt = last_sample.elapsed().as_secs_f64().max(1e-3);
         let p50 = progress.iter().map(|p| p.p50_us).max().unwrap_or(0) as f64 / 1000.0;
@@ -1041,13 +1038,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     while Instant::now() < end && !publisher.as_ref().is_some_and(publish::Publisher::stopping) {
         sup.pump(&rx);
         if last_sample.elapsed() >= Duration::from_secs(1) {
-            sample(
-                &sup.progress,
-                sup.silent(SILENT_IN_LINES).len(),
-                &mut last_deliveries,
-                &mut last_sample,
-                &mut samples,
-            );
+            sample(&sup, &mut last_deliveries, &mut last_sample, &mut samples);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -1098,13 +1089,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             queue_checked = Instant::now();
         }
         if last_sample.elapsed() >= Duration::from_secs(1) {
-            sample(
-                &sup.progress,
-                sup.silent(SILENT_IN_LINES).len(),
-                &mut last_deliveries,
-                &mut last_sample,
-                &mut samples,
-            );
+            sample(&sup, &mut last_deliveries, &mut last_sample, &mut samples);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

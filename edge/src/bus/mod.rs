@@ -727,23 +727,17 @@ impl Mailbox {
 
     /// Never blocks: a full mailbox hands the mail back.
     pub fn try_send(&self, mail: Mail) -> Result<(), (MailError, Mail)> {
-        match self.tx.try_send(mail) {
-            Ok(()) => {
-                self.ring();
-                Ok(())
-            }
-            Err(TrySendError::Full(m)) => {
-                self.ring();
-                Err((MailError::Full, m))
-            }
-            Err(TrySendError::Disconnected(m)) => Err((MailError::Gone, m)),
-        }
+        self.send_on(&self.tx, mail)
     }
 
     /// Never blocks, upstream lane (the publish API's commands): a full lane hands the mail
     /// back.
     pub fn try_send_upstream(&self, mail: Mail) -> Result<(), (MailError, Mail)> {
-        match self.upstream.try_send(mail) {
+        self.send_on(&self.upstream, mail)
+    }
+
+    fn send_on(&self, lane: &Sender<Mail>, mail: Mail) -> Result<(), (MailError, Mail)> {
+        match lane.try_send(mail) {
             Ok(()) => {
                 self.ring();
                 Ok(())
