@@ -155,13 +155,31 @@ enum Cmd {
         #[arg(long = "pub")]
         publish: Vec<String>,
         /// Lifetime: seconds, or with a unit (90s, 15m, 1h, 7d).
-        #[arg(long, default_value = "1h", allow_hyphen_values = true)]
-        ttl: String,
+        #[arg(long, default_value = "1h", value_parser = token_ttl, allow_negative_numbers = true)]
+        ttl: u64,
     },
 }
 
 /// `edge token`: signs and prints a token.
-fn print_token(cli: &Cli, sub: &str, rooms: &[String], publish: &[String], ttl: &str) -> anyhow::Result<()> {
+/// `edge token --ttl`: seconds, or a number with a unit (90s, 15m, 1h, 7d); above 0 and at most
+/// ten years (a longer-lived connection token is a leaked credential waiting). Checked by clap,
+/// so a bad value is refused naming the flag, as the other flags' are.
+fn token_ttl(ttl: &str) -> Result<u64, String> {
+    let (num, unit) = ttl.find(|c: char| !c.is_ascii_digit()).map_or((ttl, ""), |i| ttl.split_at(i));
+    let n: u64 = num.parse().map_err(|_| "a positive number with an optional unit s, m, h, d".to_owned())?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err("the unit is s, m, h or d".to_owned()),
+    };
+    n.checked_mul(scale)
+        .filter(|&s| s > 0 && s <= 10 * 365 * 86_400)
+        .ok_or_else(|| "above 0 and at most 10 years".to_owned())
+}
+
+fn print_token(cli: &Cli, sub: &str, rooms: &[String], publish: &[String], ttl: u64) -> anyhow::Result<()> {
     let cfg = match &cli.config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
@@ -177,18 +195,7 @@ fn print_token(cli: &Cli, sub: &str, rooms: &[String], publish: &[String], ttl: 
     if secret.len() < 32 {
         anyhow::bail!("auth.hs256_secret: at least 32 bytes");
     }
-    let (num, unit) = ttl.find(|c: char| !c.is_ascii_digit()).map_or((ttl, ""), |i| ttl.split_at(i));
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--ttl: a number with an optional unit s, m, h, d"))?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => anyhow::bail!("--ttl: unit is s, m, h or d"),
-    };
-    // Ten years at most: a longer-lived connection token is a leaked credential waiting.
-    let secs = n.checked_mul(scale).filter(|&s| s > 0 && s <= 10 * 365 * 86_400);
-    let secs = secs.ok_or_else(|| anyhow::anyhow!("--ttl: above 0 and at most 10 years"))?;
+    let secs = ttl;
     for r in rooms {
         let name = r.strip_suffix('*').unwrap_or(r);
         if !name.is_empty() || !r.ends_with('*') {
@@ -373,7 +380,7 @@ fn run_edge() -> anyhow::Result<()> {
             return dispatch_only(redis, *http, *backlog, allow_origins, tls);
         }
         Some(Cmd::Top { http, once }) => return edge::top::run(*http, *once),
-        Some(Cmd::Token { sub, rooms, publish, ttl }) => return print_token(&cli, sub, rooms, publish, ttl),
+        Some(Cmd::Token { sub, rooms, publish, ttl }) => return print_token(&cli, sub, rooms, publish, *ttl),
         None => {}
     }
     let cfg = match load(&cli) {

@@ -269,11 +269,12 @@ fn check_config_names_the_bad_key() {
     assert!(out.status.success());
 }
 
-/// A negative number (or a negative lifetime) given to a flag is refused naming that flag, with
-/// status 2 and no panic; clap used to answer "unexpected argument '-5'" without the flag.
+/// A negative number (or a bad token lifetime) given to a flag is refused naming that flag,
+/// with status 2 and no panic; clap used to answer "unexpected argument '-5'" without the flag.
+/// A flag missing its value does not take the next flag as one (`--ttl --sub u`).
 #[test]
 fn a_negative_number_to_a_flag_is_refused_naming_the_flag() {
-    let cases: [&[&str]; 8] = [
+    let cases: [&[&str]; 10] = [
         &["--check-config", "--shards", "-5"],
         &["--check-config", "--merge-window-ms", "-1"],
         &["--check-config", "--max-message", "-1"],
@@ -281,7 +282,9 @@ fn a_negative_number_to_a_flag_is_refused_naming_the_flag() {
         &["--check-config", "--min-replicas-acked", "-1"],
         &["--check-config", "--drain-period-ms", "-100"],
         &["dispatch", "--redis", "redis://127.0.0.1:1", "--backlog", "-3"],
-        &["token", "--sub", "u", "--ttl", "-1h"],
+        &["token", "--sub", "u", "--ttl", "-1"],
+        &["token", "--sub", "u", "--ttl", "0"],
+        &["token", "--sub", "u", "--ttl", "1y"],
     ];
     for args in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
@@ -291,10 +294,15 @@ fn a_negative_number_to_a_flag_is_refused_naming_the_flag() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         let flag = args.iter().rev().nth(1).unwrap();
-        assert_ne!(out.status.code(), Some(0), "{args:?} accepted: {err}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert!(err.contains(flag) && !err.contains("unexpected argument"), "{args:?} must name {flag}: {err}");
     }
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_edge")).args(["token", "--ttl", "--sub", "u"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--ttl") && err.contains("value"), "{err}");
 }
 
 /// What a raw client that reads everything and never writes (so never answers a ping) saw:

@@ -332,6 +332,7 @@ pub(super) async fn run(
     let online_script = ::redis::Script::new(ONLINE_LUA);
     let presence = Arc::new(presence);
     let mut occupancy: HashMap<RoomName, u64> = HashMap::new();
+    let mut order = super::redis::PublishOrder::default();
     // Rooms followed before the first connection.
     let mut early: HashSet<RoomName> = HashSet::new();
     let mut backoff = Duration::from_millis(100);
@@ -525,7 +526,7 @@ pub(super) async fn run(
                     }
                     other => {
                         let work = super::redis::Work { cm: &cm, wcm: &wcm, script: &script, online: &online_script, bus: &bus, limits, presence: &presence };
-                        work.spawn(other, &mut occupancy);
+                        work.spawn(other, &mut occupancy, &mut order);
                     }
                 }
             }

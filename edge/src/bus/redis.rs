@@ -136,7 +136,13 @@ impl Bridge {
     /// A bridge whose commands go to `tx` (tests drive the engine's Redis mode without Redis).
     #[cfg(test)]
     pub(crate) fn to_channel(tx: UnboundedSender<BridgeCmd>) -> Self {
-        Self { tx, publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)) }
+        Self::to_channel_holding(tx, MAX_PUBLISHES_IN_FLIGHT)
+    }
+
+    /// As [`Bridge::to_channel`], holding at most `publishes` publishes in flight.
+    #[cfg(test)]
+    pub(crate) fn to_channel_holding(tx: UnboundedSender<BridgeCmd>, publishes: usize) -> Self {
+        Self { tx, publishes: Arc::new(Semaphore::new(publishes)) }
     }
 }
 
@@ -978,6 +984,45 @@ pub(super) async fn load_all_bans(mut cm: Conn, moderation: Arc<crate::moderatio
     }
 }
 
+/// Publishes to one room go to Redis one after another, in the order the engine handed them
+/// over: each waits until the room's previous one is answered. Redis numbers a room's messages
+/// in the order its scripts run, and with a task per publish racing to the connection a
+/// `POST /v1/messages` batch's messages to one room came out numbered `[2,3,4,1]` (a trial;
+/// the runtime tends to poll the newest task first), while the edge promises the batch's
+/// order. Rooms are independent of each other; a room's rate is then bounded by its round
+/// trip to Redis, which the per-room limits sit far below.
+#[derive(Default)]
+pub(super) struct PublishOrder {
+    /// Per room, the signal its newest publish gives once answered.
+    last: std::collections::HashMap<RoomName, tokio::sync::oneshot::Receiver<()>>,
+    /// Entries above which the answered ones are swept.
+    sweep_at: usize,
+}
+
+impl PublishOrder {
+    /// For a publish to `room`: what to wait for first (the room's previous publish, if one
+    /// was handed over) and the signal to give once answered.
+    pub(super) fn next(
+        &mut self,
+        room: &RoomName,
+    ) -> (Option<tokio::sync::oneshot::Receiver<()>>, tokio::sync::oneshot::Sender<()>) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let previous = self.last.insert(room.clone(), wait);
+        if self.last.len() > self.sweep_at.max(1024) {
+            // Rooms whose newest publish is answered need no entry.
+            self.last.retain(|_, w| matches!(w.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)));
+            self.sweep_at = 2 * self.last.len();
+        }
+        (previous, done)
+    }
+
+    /// Rooms with an entry (tests).
+    #[cfg(test)]
+    pub(super) fn rooms(&self) -> usize {
+        self.last.len()
+    }
+}
+
 /// What both bridges (one Redis or Sentinel, and a cluster) need to carry out the commands they
 /// handle alike: publish, fill, recover, renumber and the online count, each on a task of its own.
 pub(super) struct Work<'a> {
@@ -993,13 +1038,27 @@ pub(super) struct Work<'a> {
 
 impl Work<'_> {
     /// Starts `cmd`'s work. Subscriptions are each bridge's own: they are ignored here.
-    pub(super) fn spawn(&self, cmd: BridgeCmd, occupancy: &mut std::collections::HashMap<RoomName, u64>) {
+    pub(super) fn spawn(
+        &self,
+        cmd: BridgeCmd,
+        occupancy: &mut std::collections::HashMap<RoomName, u64>,
+        order: &mut PublishOrder,
+    ) {
         let (cm, bus) = (self.cm, self.bus);
         match cmd {
             BridgeCmd::Publish { room, msg, must_deliver, conflate, reply, permit } => {
                 let c = if must_deliver { self.wcm.clone() } else { cm.clone() };
                 let (script, limits) = (self.script.clone(), self.limits);
-                tokio::spawn(publish(c, script, room, msg, must_deliver, conflate, reply, bus.clone(), limits, permit));
+                let (previous, done) = order.next(&room);
+                let bus = bus.clone();
+                tokio::spawn(async move {
+                    if let Some(previous) = previous {
+                        // Answered or dropped (its task gone): either way its turn is over.
+                        let _ = previous.await;
+                    }
+                    let job = Publish { room, msg, must_deliver, conflate, reply, permit };
+                    publish(c, script, job, bus, limits, done).await;
+                });
             }
             BridgeCmd::Fill { room, from, to } => {
                 tokio::spawn(fill(cm.clone(), self.wcm.clone(), room, from, to, bus.clone(), self.limits));
@@ -1039,6 +1098,7 @@ async fn run(
     // This edge's last count per room with members here: re-reported every third of the TTL
     // (and after a reconnect) so that the counts of live edges never expire.
     let mut occupancy: std::collections::HashMap<RoomName, u64> = std::collections::HashMap::new();
+    let mut order = PublishOrder::default();
     let mut rooms: HashSet<RoomName> = HashSet::new();
     // Rooms whose read of seq and epoch Redis did not answer, to read again.
     let (resync_tx, mut resync_rx) = tokio::sync::mpsc::unbounded_channel::<RoomName>();
@@ -1233,7 +1293,7 @@ async fn run(
                         }
                         other => {
                             let work = Work { cm: &cm, wcm: &wcm, script: &script, online: &online_script, bus: &bus, limits, presence: &presence };
-                            work.spawn(other, &mut occupancy);
+                            work.spawn(other, &mut occupancy, &mut order);
                         }
                     }
                 }
@@ -1403,18 +1463,27 @@ pub(super) async fn sync_room(mut cm: Conn, room: RoomName, bus: BusHandle) -> b
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn publish(
-    mut cm: Conn,
-    script: ::redis::Script,
+/// One publish for Redis, as the engine handed it over.
+pub(super) struct Publish {
     room: RoomName,
     msg: NewMessage,
     must_deliver: bool,
     conflate: Option<String>,
     reply: Reply,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Runs one publish; `done` is signalled once Redis answered (the room's next publish may go),
+/// before the answer travels back through the engine.
+pub(super) async fn publish(
+    mut cm: Conn,
+    script: ::redis::Script,
+    job: Publish,
     bus: BusHandle,
     limits: StreamLimits,
-    permit: Option<OwnedSemaphorePermit>,
+    done: tokio::sync::oneshot::Sender<()>,
 ) {
+    let Publish { room, msg, must_deliver, conflate, reply, permit } = job;
     let k = keys(&room);
     // The key's own name, in the room's hash slot; with no key the script does not read it.
     let idem = msg.idem.as_deref().map_or_else(|| k[0].clone(), |key| format!("rc:{{{room}}}:idem:{key}"));
@@ -1456,6 +1525,7 @@ pub(super) async fn publish(
             }
         }
     };
+    let _ = done.send(());
     drop(permit);
     bus.send_async(EngineCmd::PublishDone { room, reply, result }).await;
 }
@@ -1711,6 +1781,33 @@ pub(super) async fn recover(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A room's publishes wait each for the one before (rooms apart do not), a publish whose
+    /// task is gone does not hold its room, and rooms whose last publish is answered are swept.
+    #[test]
+    fn a_rooms_publishes_wait_in_turn_and_answered_rooms_are_swept() {
+        let mut order = PublishOrder::default();
+        let (a, b): (RoomName, RoomName) = ("a".into(), "b".into());
+        let (none, first) = order.next(&a);
+        assert!(none.is_none(), "nothing before the first");
+        let (wait, second) = order.next(&a);
+        let mut wait = wait.expect("the second waits for the first");
+        assert!(matches!(wait.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)));
+        assert!(order.next(&b).0.is_none(), "another room does not wait");
+        first.send(()).unwrap();
+        assert!(wait.try_recv().is_ok(), "its turn once the first is answered");
+        let (wait, _third) = order.next(&a);
+        drop(second);
+        assert!(wait.unwrap().try_recv().is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Closed));
+        // 2,000 rooms, each answered but the last 10: the sweep keeps only those still waiting.
+        let mut pending = Vec::new();
+        for i in 0..2000 {
+            let (_, done) = order.next(&format!("r{i}").as_str().into());
+            if i >= 1990 { pending.push(done) } else { done.send(()).unwrap() }
+        }
+        assert!(order.rooms() < 1100, "swept: {}", order.rooms());
+        drop(pending);
+    }
 
     #[test]
     fn bus_urls_parse() {

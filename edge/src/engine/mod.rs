@@ -58,6 +58,11 @@ pub const OUT_BOUND: usize = 65_536;
 /// caps their rate per room) and are what the edge promises, so they are refused only past
 /// this larger bound, which still keeps the output finite.
 pub const MUST_OUT_BOUND: usize = 4 * OUT_BOUND;
+/// After a publish is refused because too many wait for Redis, the room's publishes are all
+/// refused for this long (the Retry-After they are given): a batch's messages to the room that
+/// follow the refused one are refused too, so a publisher retrying in order keeps its order (a
+/// trial saw 359 chat messages accepted after an earlier one of the same batch was refused).
+const REDIS_BUSY_FOR: Duration = Duration::from_millis(100);
 /// How often idle rooms and users are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -365,6 +370,9 @@ pub struct Engine {
     held: VecDeque<(u64, Reply, RoomName, Ack)>,
     /// Moderators' deletes waiting for their tombstone to be durable.
     held_deletes: VecDeque<(u64, crate::bus::DeleteReply, crate::bus::Deleted)>,
+    /// Rooms a publish was refused for a full Redis queue, until when their publishes are all
+    /// refused (see [`REDIS_BUSY_FOR`]).
+    redis_busy: HashMap<RoomName, Instant>,
     store_blocked: Vec<RoomName>,
 }
 
@@ -421,6 +429,7 @@ impl Engine {
             store_durable: 0,
             held: VecDeque::new(),
             held_deletes: VecDeque::new(),
+            redis_busy: HashMap::new(),
             store_blocked: Vec::new(),
             cfg,
         }
@@ -436,6 +445,13 @@ impl Engine {
     pub fn with_remote(mut self, bridge: Bridge) -> Self {
         self.remote = Some(bridge);
         self
+    }
+
+    fn refuse_redis_busy(&mut self, out: &mut Out, reply: crate::bus::Reply, room: &RoomName) {
+        self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
+        self.stats.engine_busy.with_label_values(&["redis_queue"]).inc();
+        let busy = crate::bus::PublishError::Busy { retry_after_ms: REDIS_BUSY_FOR.as_millis() as u64 };
+        self.answer(out, reply, room, Err(busy));
     }
 
     /// This engine's id: the rooms that hash to it are its own.
@@ -499,6 +515,9 @@ impl Engine {
                             self.stats.publish_rejected.with_label_values(&["bus_unavailable"]).inc();
                             self.answer(out, reply, &room, Err(crate::bus::PublishError::BusUnavailable));
                         }
+                        Ok(_) if self.redis_busy.get(&room).is_some_and(|&until| now < until) => {
+                            self.refuse_redis_busy(out, reply, &room);
+                        }
                         Ok(must_deliver) => {
                             let conflate = self
                                 .cfg
@@ -508,11 +527,12 @@ impl Engine {
                             let cmd =
                                 BridgeCmd::Publish { room, msg: *msg, must_deliver, conflate, reply, permit: None };
                             if let Err(BridgeCmd::Publish { room, reply, .. }) = bridge.send(cmd) {
-                                // Too many publishes waiting for Redis already.
-                                self.stats.publish_rejected.with_label_values(&["engine_busy"]).inc();
-                                self.stats.engine_busy.with_label_values(&["redis_queue"]).inc();
-                                let busy = crate::bus::PublishError::Busy { retry_after_ms: 100 };
-                                self.answer(out, reply, &room, Err(busy));
+                                // Too many publishes waiting for Redis already: this one and
+                                // the room's next for the Retry-After it is given, so a
+                                // batch's later message does not overtake it.
+                                self.redis_busy.retain(|_, until| now < *until);
+                                self.redis_busy.insert(room.clone(), now + REDIS_BUSY_FOR);
+                                self.refuse_redis_busy(out, reply, &room);
                             }
                         }
                     },

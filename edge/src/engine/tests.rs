@@ -1885,3 +1885,38 @@ fn a_join_waits_for_its_rooms_sync_for_a_bounded_time() {
     bus.turn();
     assert!(bus.drain().is_empty(), "an answered join is not sent back later");
 }
+
+/// A publish refused because too many wait for Redis refuses the room's next publishes for its
+/// Retry-After too, so a batch's later message to the room (sent before the refusal came back)
+/// cannot overtake it once a place frees up; other rooms are not held, and after the
+/// Retry-After the room publishes again.
+#[test]
+fn a_room_refused_for_a_full_redis_queue_stays_refused_for_its_retry_after() {
+    let (bus, ()) = setup(0);
+    let (tx, mut bridge_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut bus = bus.with_remote(crate::bus::redis::Bridge::to_channel_holding(tx, 1));
+    bus.handle(EngineCmd::Redis { up: true });
+    let publish = |bus: &mut H, room: &str, n: u32| {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        bus.handle(EngineCmd::Publish {
+            room: room.into(),
+            msg: Box::new(msg("chat", n)),
+            reply: crate::bus::Reply::Http(tx),
+        });
+        match rx.try_recv() {
+            Ok(Err(PublishError::Busy { retry_after_ms })) => Some(retry_after_ms),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(publish(&mut bus, "r", 1), None, "sent to Redis: the one place taken");
+    assert_eq!(publish(&mut bus, "r", 2), Some(100), "no place: refused");
+    // The first is answered: its place is free again.
+    drop(bridge_rx.try_recv().expect("the first went to the bridge"));
+    assert_eq!(publish(&mut bus, "r", 3), Some(100), "a later message does not overtake the refused one");
+    assert_eq!(publish(&mut bus, "other", 1), None, "another room is not held");
+    drop(bridge_rx.try_recv().expect("the other room's went to the bridge"));
+    bus.sleep(Duration::from_millis(100));
+    assert_eq!(publish(&mut bus, "r", 2), None, "after the Retry-After, the retry goes");
+    assert_eq!(bus.stats.engine_busy.with_label_values(&["redis_queue"]).get(), 2);
+}
