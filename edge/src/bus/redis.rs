@@ -1462,7 +1462,6 @@ pub(super) async fn sync_room(mut cm: Conn, room: RoomName, bus: BusHandle) -> b
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// One publish for Redis, as the engine handed it over.
 pub(super) struct Publish {
     room: RoomName,
